@@ -1,0 +1,64 @@
+"""Builds tiny random-init Llama models (with the bundled tokenizer) for tests and speed benchmarks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stratus_workers.models.loader import bundled_gguf, cache_dir
+from stratus_workers.models.source import BUNDLED_SMOLLM2
+
+# The SmolLM2-135M architecture; speed does not depend on weight values.
+SMOLLM2_135M: dict[str, Any] = dict(
+    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
+)
+# A ~1B-parameter member of the same family (SmolLM2-1.7B is 24 layers of 2048).
+SMOLLM2_1B: dict[str, Any] = dict(
+    hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    num_key_value_heads=32, max_position_embeddings=8192, rope_theta=130000.0, tie_word_embeddings=True,
+)
+TINY: dict[str, Any] = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=True,
+)
+
+
+def bundled_tokenizer() -> Any:
+    """The bundled SmolLM2 tokenizer, cached as a tokenizer-only directory after the first read."""
+    from transformers import AutoTokenizer
+
+    target = cache_dir() / "tokenizers" / BUNDLED_SMOLLM2
+    if (target / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(target)
+    gguf = bundled_gguf(BUNDLED_SMOLLM2)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    target.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(target)
+    return tokenizer
+
+
+def random_llama(arch: dict[str, Any] | None = None, *, vocab_size: int = 49152, seed: int = 0,
+                 init_std: float = 0.02) -> Any:
+    """A random-init LlamaForCausalLM with the given architecture (TINY by default)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        initializer_range=init_std, **(arch or TINY),
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def write_tiny_model(path: Path, *, arch: dict[str, Any] | None = None, seed: int = 0,
+                     init_std: float = 0.02) -> Path:
+    """Write a tiny random model plus the bundled tokenizer to `path` as a plain HF directory."""
+    tokenizer = bundled_tokenizer()
+    model = random_llama(arch, vocab_size=len(tokenizer), seed=seed, init_std=init_std)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
