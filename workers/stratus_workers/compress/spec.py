@@ -1,0 +1,98 @@
+"""The compression Job's input: one edge variant's recipe, evaluation settings and quality gate.
+
+These types are the single source for the `compression`, `evaluation` and `gate` fields of an
+`LLMDeployment` edge variant: the operator's spec model embeds them and the CRD schema is
+generated from them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from stratus_workers.schema import SpecModel
+
+
+class Quantization(SpecModel):
+    """Weight quantization, applied last."""
+
+    method: Literal["int8-weight", "int4-weight", "int8-dynamic"] = Field(
+        description="int8-weight: per-channel int8 weights; int4-weight: group-wise int4 weights; "
+        "int8-dynamic: int8 weights and dynamically quantized activations (CPU speed)."
+    )
+    group_size: Literal[32, 64, 128] = Field(128, description="Group size for int4-weight.")
+
+
+class Pruning(SpecModel):
+    """Weight pruning of the linear layers, applied after distillation."""
+
+    method: Literal["magnitude", "wanda"] = Field(description="magnitude, or Wanda (|W|·‖X‖, calibrated on text).")
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="Fraction of weights set to zero (unstructured).")
+    pattern: Literal["unstructured", "2:4"] = Field("unstructured", description="2:4 keeps 2 of every 4 weights.")
+    calibration_samples: int = Field(32, ge=1, le=4096, description="Calibration sequences for Wanda.")
+    recovery_steps: int = Field(0, ge=0, le=100000, description="Fine-tuning steps after pruning (0: none).")
+
+
+class Distillation(SpecModel):
+    """Knowledge distillation into a shallower student initialised from the teacher's layers."""
+
+    student_layers: int = Field(ge=1, le=512, description="Decoder layers in the student.")
+    steps: int = Field(200, ge=0, le=1000000, description="Training steps.")
+    temperature: float = Field(2.0, gt=0.0, le=100.0, description="Softmax temperature for the KL term.")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the KL term; 1-alpha weighs cross-entropy.")
+    learning_rate: float = Field(1e-4, gt=0.0, le=1.0)
+    batch_size: int = Field(4, ge=1, le=1024)
+    sequence_length: int = Field(256, ge=8, le=8192)
+
+
+class CompressionRecipe(SpecModel):
+    """Any of distillation, pruning and quantization, applied in that order."""
+
+    distillation: Distillation | None = None
+    pruning: Pruning | None = None
+    quantization: Quantization | None = None
+
+    @property
+    def summary(self) -> str:
+        """A short description such as 'distill:15L+prune:wanda-0.5+quantize:int8-weight'."""
+        parts = []
+        if self.distillation:
+            parts.append(f"distill:{self.distillation.student_layers}L")
+        if self.pruning:
+            parts.append(f"prune:{self.pruning.method}-{self.pruning.pattern if self.pruning.pattern == '2:4' else self.pruning.sparsity}")
+        if self.quantization:
+            parts.append(f"quantize:{self.quantization.method}")
+        return "+".join(parts) or "none"
+
+
+class Evaluation(SpecModel):
+    """How the variant is measured."""
+
+    perplexity_samples: int = Field(32, ge=1, le=100000, description="Held-out sequences for perplexity.")
+    sequence_length: int = Field(256, ge=8, le=8192)
+    speed_tokens: int = Field(64, ge=1, le=4096, description="Tokens generated to measure CPU tokens/s.")
+    agreement_prompts: int = Field(16, ge=0, le=10000, description="Prompts for greedy agreement with the full model.")
+    agreement_tokens: int = Field(32, ge=1, le=4096)
+
+
+class QualityGate(SpecModel):
+    """Limits a variant must meet to be deployed; unset limits are not checked."""
+
+    max_perplexity_increase: float | None = Field(
+        None, ge=0.0, description="Largest allowed relative perplexity increase (0.05 = +5%)."
+    )
+    min_agreement: float | None = Field(None, ge=0.0, le=1.0, description="Smallest greedy agreement with the full model.")
+    max_size_ratio: float | None = Field(None, gt=0.0, description="Largest allowed size relative to the fp32 model.")
+
+
+class CompressionJobSpec(SpecModel):
+    """Everything one compression Job needs: the JSON given to `python -m stratus_workers.compress --spec`."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                      description="The edge variant's name (a DNS label).")
+    model_source: str = Field(min_length=1, description="Where the full model comes from (bundled://, a path, ...).")
+    compression: CompressionRecipe = Field(default_factory=CompressionRecipe)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    gate: QualityGate = Field(default_factory=QualityGate)
+    seed: int = Field(0, ge=0)

@@ -1,0 +1,1 @@
+"""The router: the gRPC (and OpenAI-style HTTP) front door that picks a tier for each request."""
