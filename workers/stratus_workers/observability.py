@@ -36,7 +36,8 @@ class TextFormatter(logging.Formatter):
         extras = " ".join(
             f"{k}={v}" for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")
         )
-        base = f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {record.levelname[0]} {record.name}: {record.getMessage()}"
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        base = f"{stamp} {record.levelname[0]} {record.name}: {record.getMessage()}"
         out = f"{base} {extras}" if extras else base
         if record.exc_info:
             out += "\n" + self.formatException(record.exc_info)

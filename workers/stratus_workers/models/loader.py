@@ -204,7 +204,36 @@ def load_tokenizer(source: str) -> Any:
     parsed = _parse(source)
     if parsed.kind is SourceKind.HF:
         return _from_hf(parsed.ref, torch.float32)[0]
-    return AutoTokenizer.from_pretrained(local_model_dir(parsed))
+    if parsed.kind is SourceKind.BUNDLED and not (cache_dir() / "models" / parsed.ref / "config.json").is_file():
+        return bundled_tokenizer(parsed.ref)  # no need to convert the weights just to count tokens
+    path = local_model_dir(parsed)
+    if read_artifact_manifest(path) is not None and not (path / "tokenizer_config.json").is_file():
+        raise ModelLoadError(f"artifact {path} carries no tokenizer")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def bundled_tokenizer(name: str) -> Any:
+    """A bundled model's tokenizer alone, read from the GGUF once and cached as a directory."""
+    from transformers import AutoTokenizer
+
+    target = cache_dir() / "tokenizers" / name
+    if (target / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(target)
+    gguf = bundled_gguf(name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with _file_lock(cache_dir() / "locks" / f"{name}-tokenizer.lock"):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=_ensure(target.parent)))
+        tokenizer.save_pretrained(tmp)
+        if not target.exists():
+            tmp.rename(target)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer
+
+
+def _ensure(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _parse(source: str) -> ModelSource:

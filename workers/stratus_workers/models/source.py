@@ -51,7 +51,9 @@ def parse_source(source: str) -> ModelSource:
         kind = SourceKind(scheme)
     except ValueError:
         accepted = ", ".join(f"{k.value}://" for k in SourceKind if k is not SourceKind.LOCAL)
-        raise ValueError(f"unknown model source scheme {scheme!r} in {source!r}; accepted: {accepted}, file://, or a path") from None
+        raise ValueError(
+            f"unknown model source scheme {scheme!r} in {source!r}; accepted: {accepted}, file://, or a path"
+        ) from None
     if not ref:
         raise ValueError(f"model source {source!r} names nothing after {scheme}://")
     if kind is SourceKind.BUNDLED and ref not in BUNDLED_MODELS:

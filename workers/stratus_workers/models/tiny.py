@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from stratus_workers.models.loader import bundled_gguf, cache_dir
+from stratus_workers.models.loader import bundled_tokenizer as _bundled_tokenizer
 from stratus_workers.models.source import BUNDLED_SMOLLM2
 
 # The SmolLM2-135M architecture; speed does not depend on weight values.
@@ -27,17 +27,8 @@ TINY: dict[str, Any] = dict(
 
 
 def bundled_tokenizer() -> Any:
-    """The bundled SmolLM2 tokenizer, cached as a tokenizer-only directory after the first read."""
-    from transformers import AutoTokenizer
-
-    target = cache_dir() / "tokenizers" / BUNDLED_SMOLLM2
-    if (target / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(target)
-    gguf = bundled_gguf(BUNDLED_SMOLLM2)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    target.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(target)
-    return tokenizer
+    """The bundled SmolLM2 tokenizer (read from the GGUF once, then cached)."""
+    return _bundled_tokenizer(BUNDLED_SMOLLM2)
 
 
 def random_llama(arch: dict[str, Any] | None = None, *, vocab_size: int = 49152, seed: int = 0,

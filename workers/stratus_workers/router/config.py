@@ -29,6 +29,11 @@ class RoutingSpec(SpecModel):
 
     policy: Policy = Field("cascade", description="cloud-only, edge-only or cascade.")
     cascade: CascadeSettings = Field(default_factory=CascadeSettings)
+    allow_fallback: bool = Field(
+        True,
+        description="When every backend of the policy's tier is down, answer from the other tier "
+        "(marked degraded) instead of failing. Turn off when prompts must never leave the edge.",
+    )
 
 
 class Backend(SpecModel):
@@ -44,6 +49,9 @@ class RouterConfig(SpecModel):
 
     routing: RoutingSpec = Field(default_factory=RoutingSpec)
     backends: list[Backend] = Field(default_factory=list)
+    tokenizer: str | None = Field(
+        None, description="Model source whose tokenizer counts prompt tokens for maxEdgePromptTokens."
+    )
     health_interval_seconds: float = Field(2.0, gt=0.0, le=3600.0)
     request_timeout_seconds: float = Field(120.0, gt=0.0, le=86400.0)
 

@@ -1,0 +1,172 @@
+"""Thin, typed wrappers over the generated stubs: build requests, call, stream, check health."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from stratus_workers.api import inference_pb2 as pb
+from stratus_workers.api import inference_pb2_grpc as pb_grpc
+
+POLICIES = {
+    "cloud-only": pb.ROUTING_POLICY_CLOUD_ONLY,
+    "edge-only": pb.ROUTING_POLICY_EDGE_ONLY,
+    "cascade": pb.ROUTING_POLICY_CASCADE,
+}
+TIER_NAMES = {pb.TIER_EDGE: "edge", pb.TIER_CLOUD: "cloud", pb.TIER_UNSPECIFIED: "?"}
+FINISH_NAMES = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_CANCELLED: "cancelled",
+    pb.FINISH_REASON_UNSPECIFIED: "",
+}
+Message = dict[str, str]
+
+
+def build_request(
+    prompt: str | None = None,
+    *,
+    messages: Sequence[Message] | None = None,
+    max_new_tokens: int = 0,
+    temperature: float = 0.0,
+    top_p: float = 0.0,
+    stop: Sequence[str] = (),
+    seed: int | None = None,
+    logprobs: bool = False,
+    model: str = "",
+    request_id: str = "",
+    policy: str | None = None,
+) -> pb.GenerateRequest:
+    """A GenerateRequest from a prompt or chat messages ([{"role": ..., "content": ...}])."""
+    if (prompt is None) == (messages is None):
+        raise ValueError("give exactly one of prompt or messages")
+    request = pb.GenerateRequest(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        stop=list(stop),
+        return_logprobs=logprobs,
+        model=model,
+        request_id=request_id,
+    )
+    if prompt is not None:
+        request.prompt = prompt
+    else:
+        request.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages or ())
+    if seed is not None:
+        request.seed = seed
+    if policy is not None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; use one of {', '.join(POLICIES)}")
+        request.policy = POLICIES[policy]
+    return request
+
+
+def _channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+
+
+class AsyncClient:
+    """asyncio client: `async with AsyncClient("host:port") as c: r = await c.generate("Hi")`."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = 120.0,
+        max_message_bytes: int = 4 << 20,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = channel or grpc.aio.insecure_channel(target, options=_channel_options(max_message_bytes))
+        self._stub = pb_grpc.InferenceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def generate(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
+    ) -> pb.GenerateResponse:
+        request = build_request(prompt, **kwargs)
+        response: pb.GenerateResponse = await self._stub.Generate(request, timeout=timeout or self.timeout)
+        return response
+
+    async def stream(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        call = self._stub.GenerateStream(build_request(prompt, **kwargs), timeout=timeout or self.timeout)
+        try:
+            async for chunk in call:
+                yield chunk
+        finally:
+            call.cancel()
+
+    async def model_info(self, timeout: float | None = 10.0) -> pb.ModelInfoResponse:
+        info: pb.ModelInfoResponse = await self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout)
+        return info
+
+    async def healthy(self, service: str = "", timeout: float = 2.0) -> bool:
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+class Client:
+    """Blocking client with the same calls as AsyncClient, for scripts and simple devices."""
+
+    def __init__(self, target: str, *, timeout: float | None = 120.0, max_message_bytes: int = 4 << 20) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_bytes))
+        self._stub = pb_grpc.InferenceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def generate(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
+    ) -> pb.GenerateResponse:
+        response: pb.GenerateResponse = self._stub.Generate(
+            build_request(prompt, **kwargs), timeout=timeout or self.timeout
+        )
+        return response
+
+    def stream(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        call = self._stub.GenerateStream(build_request(prompt, **kwargs), timeout=timeout or self.timeout)
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
+    def model_info(self, timeout: float | None = 10.0) -> pb.ModelInfoResponse:
+        info: pb.ModelInfoResponse = self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout)
+        return info
+
+    def healthy(self, service: str = "", timeout: float = 2.0) -> bool:
+        try:
+            reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
