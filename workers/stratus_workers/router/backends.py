@@ -60,7 +60,9 @@ class BackendPool:
         check_timeout: float = 1.0,
         max_message_bytes: int = 4 << 20,
     ) -> None:
-        options = [
+        # Channels bind to the running event loop, so they are opened in start(), not here.
+        self._configs = list(backends)
+        self._options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             # Reconnect quickly after a backend restarts instead of backing off for long.
@@ -68,20 +70,22 @@ class BackendPool:
             ("grpc.max_reconnect_backoff_ms", 2000),
         ]
         self.backends: list[BackendState] = []
-        for backend in backends:
-            channel = grpc.aio.insecure_channel(backend.address, options=options)
-            self.backends.append(
-                BackendState(backend, channel, pb_grpc.InferenceStub(channel), health_pb2_grpc.HealthStub(channel))
-            )
         self.interval = interval
         self.check_timeout = check_timeout
         self._task: asyncio.Task[None] | None = None
+
+    def _open(self) -> None:
+        for backend in self._configs:
+            channel = grpc.aio.insecure_channel(backend.address, options=self._options)
+            self.backends.append(
+                BackendState(backend, channel, pb_grpc.InferenceStub(channel), health_pb2_grpc.HealthStub(channel))
+            )
 
     def tier(self, tier: Tier) -> list[BackendState]:
         return [b for b in self.backends if b.tier == tier]
 
     def has_tier(self, tier: Tier) -> bool:
-        return any(b.tier == tier for b in self.backends)
+        return any(b.tier == tier for b in self._configs)
 
     def candidates(self, tier: Tier) -> list[BackendState]:
         """Healthy backends of `tier`, least loaded first."""
@@ -113,6 +117,8 @@ class BackendPool:
             await asyncio.sleep(self.interval)
 
     def start(self) -> None:
+        if not self.backends:
+            self._open()
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="stratus-health")
 
@@ -127,3 +133,4 @@ class BackendPool:
                 await self._task
             self._task = None
         await asyncio.gather(*(b.channel.close() for b in self.backends))
+        self.backends.clear()

@@ -49,10 +49,8 @@ class ModelRunner:
         self.scale = self.head_dim**-0.5
         first = next(model.parameters())
         self.device = first.device
-        # Quantized weights may be integer tensors; activations follow the embedding's dtype.
-        self.dtype = model.model.embed_tokens.weight.dtype
-        if not self.dtype.is_floating_point:
-            self.dtype = torch.float32
+        # Quantized layers hold integer codes; activations (and the cache) follow the norms' dtype.
+        self.dtype = model.model.norm.weight.dtype
         self.lengths = [0] * max_rows
         self._capacity = 0
         self._k: list[torch.Tensor] = []

@@ -55,7 +55,7 @@ class ServerConfig:
     max_batch_size: int = field(default=8, metadata={"help": "Requests decoded together."})
     max_prompt_tokens: int = field(default=2048, metadata={"help": "Longest accepted prompt, in tokens."})
     max_new_tokens: int = field(default=512, metadata={"help": "Largest accepted max_new_tokens."})
-    default_new_tokens: int = field(default=128, metadata={"help": "max_new_tokens when a request gives 0."})
+    default_new_tokens: int = field(default=128, metadata={"help": "max_new_tokens when a request gives 0 (capped by max_new_tokens)."})
     max_queue: int = field(
         default=256, metadata={"help": "Requests waiting for a batch slot before RESOURCE_EXHAUSTED."}
     )
@@ -68,8 +68,6 @@ class ServerConfig:
         for name in ("max_batch_size", "max_prompt_tokens", "max_new_tokens", "default_new_tokens", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.default_new_tokens > self.max_new_tokens:
-            raise ValueError("default_new_tokens must not exceed max_new_tokens")
 
 
 class ServerMetrics:
@@ -141,7 +139,7 @@ def render_prompt(tokenizer: Any, request: pb.GenerateRequest) -> list[int]:
 def sampling_params(request: pb.GenerateRequest, *, max_new_tokens: int, default_new_tokens: int) -> SamplingParams:
     """Validated sampling parameters, or RequestError naming the bad field."""
     invalid = grpc.StatusCode.INVALID_ARGUMENT
-    wanted = request.max_new_tokens or default_new_tokens
+    wanted = request.max_new_tokens or min(default_new_tokens, max_new_tokens)
     if wanted > max_new_tokens:
         raise RequestError(invalid, f"max_new_tokens is {wanted}; this server allows at most {max_new_tokens}")
     if not 0.0 <= request.temperature <= 2.0:

@@ -1,0 +1,99 @@
+"""The model server over real gRPC on loopback: unary, streaming, cancellation, deadlines and every limit."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from stratus_workers.api import inference_pb2 as pb
+from stratus_workers.client import AsyncClient
+
+pytestmark = pytest.mark.integration
+
+
+async def test_unary_and_streaming_agree(model_server) -> None:  # type: ignore[no-untyped-def]
+    async with model_server(name="tiny") as server, AsyncClient(server.address) as client:
+        reply = await client.generate("Hello world", max_new_tokens=8, logprobs=True, request_id="r1")
+        assert reply.usage.completion_tokens == len(reply.logprobs) > 0
+        assert reply.finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP)
+        assert reply.route.tier == pb.TIER_CLOUD and reply.model == "tiny" and reply.request_id == "r1"
+        assert all(lp.logprob <= 0 for lp in reply.logprobs)
+        assert reply.timing.total_ms >= reply.timing.ttft_ms > 0
+        chunks = [c async for c in client.stream("Hello world", max_new_tokens=8)]
+        assert "".join(c.text for c in chunks) == reply.text
+        assert chunks[-1].HasField("route") and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+        chat = await client.generate(messages=[{"role": "user", "content": "Hi"}], max_new_tokens=4)
+        assert chat.usage.prompt_tokens > 5  # the chat template wrapped the message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code", "fragment"),
+    [
+        (dict(prompt="word " * 80), grpc.StatusCode.INVALID_ARGUMENT, "prompt too long"),
+        (dict(prompt="hi", max_new_tokens=65), grpc.StatusCode.INVALID_ARGUMENT, "at most 64"),
+        (dict(prompt="hi", temperature=3.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (dict(prompt="hi", top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (dict(prompt="hi", stop=["x"] * 9), grpc.StatusCode.INVALID_ARGUMENT, "stop sequences"),
+        (dict(prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty"),
+        (dict(messages=[{"role": "robot", "content": "x"}]), grpc.StatusCode.INVALID_ARGUMENT, "role"),
+        (dict(prompt="hi", model="other"), grpc.StatusCode.NOT_FOUND, "not served here"),
+        (dict(prompt="x" * 70_000), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+    ],
+)
+async def test_limits_give_clear_errors(model_server, kwargs, code, fragment) -> None:  # type: ignore[no-untyped-def]
+    async with (
+        model_server(name="tiny", max_prompt_tokens=64, max_new_tokens=64, max_message_bytes=65536) as server,
+        AsyncClient(server.address) as client,
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.generate(**kwargs)
+        assert caught.value.code() == code
+        assert fragment in (caught.value.details() or "")
+        # The server is still fine afterwards.
+        assert (await client.generate("ok", max_new_tokens=2)).usage.completion_tokens > 0
+
+
+async def test_client_cancel_and_deadline_free_the_batch(model_server) -> None:  # type: ignore[no-untyped-def]
+    async with model_server(max_batch_size=2, max_new_tokens=400) as server, AsyncClient(server.address) as client:
+        assert server.engine is not None
+        stream = client.stream("cancel", max_new_tokens=400)
+        await stream.__anext__()
+        assert server.engine.active == 1
+        await stream.aclose()  # the client goes away mid-stream
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.generate("slow", max_new_tokens=400, timeout=0.05)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(200):
+            if server.engine.active == 0 and server.engine.waiting == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert (server.engine.active, server.engine.waiting) == (0, 0)
+
+
+async def test_health_reflection_and_metrics(model_server) -> None:  # type: ignore[no-untyped-def]
+    async with model_server(tier="edge") as server, AsyncClient(server.address) as client:
+        info = await client.model_info()
+        assert info.tier == pb.TIER_EDGE and info.parameters > 0 and info.max_prompt_tokens == 2048
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="stratus.v1.Inference")
+            )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            replies = [r async for r in stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))]
+            names = {s.name for s in replies[0].list_services_response.service}
+            assert "stratus.v1.Inference" in names
+        await client.generate("count me", max_new_tokens=3)
+        async with aiohttp.ClientSession() as http:
+            base = f"http://127.0.0.1:{server.http_port}"
+            async with http.get(f"{base}/metrics") as resp:
+                text = await resp.text()
+            async with http.get(f"{base}/readyz") as ready:
+                assert ready.status == 200
+        assert 'stratus_server_requests_total{code="OK",method="Generate"} 1.0' in text
+        assert "stratus_server_ttft_seconds_bucket" in text

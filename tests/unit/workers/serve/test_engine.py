@@ -1,0 +1,155 @@
+"""Continuous batching: batched equals unbatched, requests join and leave mid-batch, cancellation frees rows."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from stratus_workers.models import load_model
+from stratus_workers.serve.engine import (
+    Engine,
+    EngineOverloaded,
+    FinishEvent,
+    SamplingParams,
+    TokenEvent,
+    _partial_stop_len,
+    collect,
+)
+
+pytestmark = pytest.mark.unit
+
+PROMPTS = ["The quick brown fox", "Hello", "Once upon a time in a land far away there lived", "1 2 3 4"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir: Path) -> Any:
+    return load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+
+
+def make_engine(loaded: Any, **kwargs: Any) -> Engine:
+    engine = Engine(loaded.model, loaded.tokenizer, max_len=256, **kwargs)
+    engine.start()
+    return engine
+
+
+def greedy_reference(loaded: Any, prompt: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        out = loaded.model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n)
+    return out[0, len(prompt) :].tolist()
+
+
+async def tokens_of(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[list[int], FinishEvent]:
+    ids: list[int] = []
+    async for event in engine.stream(prompt, params):
+        if isinstance(event, TokenEvent):
+            ids.extend(event.token_ids)
+        else:
+            return ids, event
+    raise AssertionError("no finish event")
+
+
+async def test_batched_greedy_equals_unbatched_and_reference(loaded: Any) -> None:
+    prompts = [loaded.tokenizer.encode(p) for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=12)
+    single = make_engine(loaded, max_batch_size=1)
+    batched = make_engine(loaded, max_batch_size=4)
+    try:
+        alone = [await tokens_of(single, p, params) for p in prompts]
+        together = await asyncio.gather(*(tokens_of(batched, p, params) for p in prompts))
+    finally:
+        single.shutdown()
+        batched.shutdown()
+    for prompt, (ids_alone, fin_alone), (ids_together, _) in zip(prompts, alone, together, strict=True):
+        assert ids_alone == ids_together
+        if fin_alone.reason == "length":  # the reference cannot stop early on EOS with min_new_tokens
+            assert ids_alone == greedy_reference(loaded, prompt, 12)
+
+
+async def test_requests_join_and_leave_mid_batch(loaded: Any) -> None:
+    engine = make_engine(loaded, max_batch_size=3)
+    prompts = [loaded.tokenizer.encode(p) for p in PROMPTS]
+    lengths = [3, 20, 7, 15]
+    try:
+        expected = []
+        for p, n in zip(prompts, lengths, strict=True):
+            expected.append(await tokens_of(engine, p, SamplingParams(max_new_tokens=n)))
+
+        async def late(i: int) -> tuple[list[int], FinishEvent]:
+            await asyncio.sleep(0.02 * i)  # arrive while others are decoding
+            return await tokens_of(engine, prompts[i], SamplingParams(max_new_tokens=lengths[i]))
+
+        results = await asyncio.gather(*(late(i) for i in range(len(prompts))))
+        assert engine.steps > 0
+    finally:
+        engine.shutdown()
+    for (ids, fin), (ref_ids, ref_fin) in zip(results, expected, strict=True):
+        assert ids == ref_ids
+        assert fin.reason == ref_fin.reason
+        assert fin.completion_tokens == len([t for t in ids if t not in engine._eos])
+
+
+async def test_cancellation_frees_the_row(loaded: Any) -> None:
+    engine = make_engine(loaded, max_batch_size=1)
+    prompt = loaded.tokenizer.encode("cancel me")
+    try:
+        stream = engine.stream(prompt, SamplingParams(max_new_tokens=200))
+        first = await stream.__anext__()
+        assert isinstance(first, TokenEvent)
+        await stream.aclose()  # the caller went away
+        # The single row must come free for the next request.
+        text, _, finish = await asyncio.wait_for(
+            collect(engine.stream(prompt, SamplingParams(max_new_tokens=3))), timeout=30
+        )
+        assert finish.reason in ("length", "stop")
+        deadline = time.monotonic() + 5
+        while engine.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert engine.active == 0 and engine.waiting == 0
+    finally:
+        engine.shutdown()
+
+
+async def test_deadline_and_overload(loaded: Any) -> None:
+    engine = make_engine(loaded, max_batch_size=1, max_queue=1)
+    prompt = loaded.tokenizer.encode("deadline")
+    try:
+        _, _, finish = await collect(engine.stream(prompt, SamplingParams(max_new_tokens=200), time.monotonic()))
+        assert finish.reason == "deadline"
+        long_stream = engine.stream(prompt, SamplingParams(max_new_tokens=200))
+        await long_stream.__anext__()  # occupies the only row
+        queued = engine.submit(prompt, SamplingParams(max_new_tokens=1), lambda e: None)
+        with pytest.raises(EngineOverloaded, match="already waiting"):
+            engine.submit(prompt, SamplingParams(max_new_tokens=1), lambda e: None)
+        queued()
+        await long_stream.aclose()
+    finally:
+        engine.shutdown()
+
+
+async def test_stop_sequences_and_sampling_seed(loaded: Any) -> None:
+    engine = make_engine(loaded, max_batch_size=2)
+    prompt = loaded.tokenizer.encode("Hello")
+    try:
+        free_text, _, _ = await collect(engine.stream(prompt, SamplingParams(max_new_tokens=16)))
+        stop = free_text[3:6]
+        if stop.strip():
+            text, _, finish = await collect(engine.stream(prompt, SamplingParams(max_new_tokens=16, stop=(stop,))))
+            assert finish.reason == "stop"
+            assert text == free_text[: free_text.find(stop)]
+        sampled = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+        first = await tokens_of(engine, prompt, sampled)
+        second = await tokens_of(engine, prompt, sampled)
+        assert first[0] == second[0]
+    finally:
+        engine.shutdown()
+
+
+def test_partial_stop_holdback() -> None:
+    assert _partial_stop_len("hello wor", ("world",)) == 3
+    assert _partial_stop_len("hello", ("xyz",)) == 0
+    assert _partial_stop_len("ab", ("b", "abc")) == 2
