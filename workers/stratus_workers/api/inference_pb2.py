@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1astratus/v1/inference.proto\x12\nstratus.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\tChatInput\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.stratus.v1.ChatMessage\"\xa0\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12%\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x15.stratus.v1.ChatInputH\x00\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x01\x88\x01\x01\x12\x17\n\x0freturn_logprobs\x18\x08 \x01(\x08\x12\r\n\x05model\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12)\n\x06policy\x18\x0b \x01(\x0e\x32\x19.stratus.v1.RoutingPolicyB\x07\n\x05inputB\x07\n\x05_seed\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"=\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xea\x01\n\tRouteInfo\x12\x1e\n\x04tier\x18\x01 \x01(\x0e\x32\x10.stratus.v1.Tier\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12)\n\x06policy\x18\x03 \x01(\x0e\x32\x19.stratus.v1.RoutingPolicy\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x17\n\nconfidence\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tthreshold\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\tescalated\x18\x07 \x01(\x08\x12\x10\n\x08\x64\x65graded\x18\x08 \x01(\x08\x42\r\n\x0b_confidenceB\x0c\n\n_threshold\"\x8c\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.stratus.v1.FinishReason\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.stratus.v1.Usage\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.stratus.v1.TokenLogprob\x12$\n\x05route\x18\x05 \x01(\x0b\x32\x15.stratus.v1.RouteInfo\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.stratus.v1.Timing\x12\r\n\x05model\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"\x92\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12*\n\x08logprobs\x18\x02 \x03(\x0b\x32\x18.stratus.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.stratus.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.stratus.v1.Usage\x12$\n\x05route\x18\x05 \x01(\x0b\x32\x15.stratus.v1.RouteInfo\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.stratus.v1.Timing\x12\r\n\x05model\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xae\x02\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x1e\n\x04tier\x18\x03 \x01(\x0e\x32\x10.stratus.v1.Tier\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x12\n\nparameters\x18\x06 \x01(\x04\x12\x1a\n\x12max_context_tokens\x18\x07 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x08 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\t \x01(\r\x12\x16\n\x0emax_batch_size\x18\n \x01(\r\x12\x13\n\x0b\x63ompression\x18\x0b \x01(\t\x12+\n\x08\x62\x61\x63kends\x18\x0c \x03(\x0b\x32\x19.stratus.v1.BackendStatus\"_\n\rBackendStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1e\n\x04tier\x18\x03 \x01(\x0e\x32\x10.stratus.v1.Tier\x12\x0f\n\x07healthy\x18\x04 \x01(\x08*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*;\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_EDGE\x10\x01\x12\x0e\n\nTIER_CLOUD\x10\x02*\x88\x01\n\rRoutingPolicy\x12\x1e\n\x1aROUTING_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19ROUTING_POLICY_CLOUD_ONLY\x10\x01\x12\x1c\n\x18ROUTING_POLICY_EDGE_ONLY\x10\x02\x12\x1a\n\x16ROUTING_POLICY_CASCADE\x10\x03\x32\xf1\x01\n\tInference\x12\x45\n\x08Generate\x12\x1b.stratus.v1.GenerateRequest\x1a\x1c.stratus.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.stratus.v1.GenerateRequest\x1a\".stratus.v1.GenerateStreamResponse0\x01\x12H\n\tModelInfo\x12\x1c.stratus.v1.ModelInfoRequest\x1a\x1d.stratus.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1astratus/v1/inference.proto\x12\nstratus.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\tChatInput\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.stratus.v1.ChatMessage\"\xa0\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12%\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x15.stratus.v1.ChatInputH\x00\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x01\x88\x01\x01\x12\x17\n\x0freturn_logprobs\x18\x08 \x01(\x08\x12\r\n\x05model\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12)\n\x06policy\x18\x0b \x01(\x0e\x32\x19.stratus.v1.RoutingPolicyB\x07\n\x05inputB\x07\n\x05_seed\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"=\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xb9\x02\n\tRouteInfo\x12\x1e\n\x04tier\x18\x01 \x01(\x0e\x32\x10.stratus.v1.Tier\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12)\n\x06policy\x18\x03 \x01(\x0e\x32\x19.stratus.v1.RoutingPolicy\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x17\n\nconfidence\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tthreshold\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\tescalated\x18\x07 \x01(\x08\x12\x10\n\x08\x64\x65graded\x18\x08 \x01(\x08\x12\x0e\n\x06\x63\x61\x63hed\x18\t \x01(\x08\x12\x14\n\x0c\x64raft_tokens\x18\n \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x0b \x01(\r\x12\x0e\n\x06rounds\x18\x0c \x01(\rB\r\n\x0b_confidenceB\x0c\n\n_threshold\"\x8c\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.stratus.v1.FinishReason\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.stratus.v1.Usage\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.stratus.v1.TokenLogprob\x12$\n\x05route\x18\x05 \x01(\x0b\x32\x15.stratus.v1.RouteInfo\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.stratus.v1.Timing\x12\r\n\x05model\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"\x92\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12*\n\x08logprobs\x18\x02 \x03(\x0b\x32\x18.stratus.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.stratus.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.stratus.v1.Usage\x12$\n\x05route\x18\x05 \x01(\x0b\x32\x15.stratus.v1.RouteInfo\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.stratus.v1.Timing\x12\r\n\x05model\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xc2\x02\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x1e\n\x04tier\x18\x03 \x01(\x0e\x32\x10.stratus.v1.Tier\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x12\n\nparameters\x18\x06 \x01(\x04\x12\x1a\n\x12max_context_tokens\x18\x07 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x08 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\t \x01(\r\x12\x16\n\x0emax_batch_size\x18\n \x01(\r\x12\x13\n\x0b\x63ompression\x18\x0b \x01(\t\x12+\n\x08\x62\x61\x63kends\x18\x0c \x03(\x0b\x32\x19.stratus.v1.BackendStatus\x12\x12\n\nvocab_size\x18\r \x01(\r\"_\n\rBackendStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1e\n\x04tier\x18\x03 \x01(\x0e\x32\x10.stratus.v1.Tier\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\"U\n\x13SpeculativeSampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"6\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\"\x9e\x01\n\x0c\x44raftRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x03(\x05\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.stratus.v1.SpeculativeSampling\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x13\n\x0b\x65nd_session\x18\x06 \x01(\x08\"c\n\rDraftResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x35\n\rdistributions\x18\x02 \x03(\x0b\x32\x1e.stratus.v1.SparseDistribution\x12\x0b\n\x03\x65os\x18\x03 \x01(\x08\"\xc2\x01\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x03(\x05\x12\r\n\x05\x64raft\x18\x03 \x03(\x05\x12\x35\n\rdistributions\x18\x04 \x03(\x0b\x32\x1e.stratus.v1.SparseDistribution\x12\x31\n\x08sampling\x18\x05 \x01(\x0b\x32\x1f.stratus.v1.SpeculativeSampling\x12\x13\n\x0b\x65nd_session\x18\x06 \x01(\x08\"U\n\x0eVerifyResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nnext_token\x18\x02 \x01(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x0b\n\x03\x65os\x18\x04 \x01(\x08*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*;\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_EDGE\x10\x01\x12\x0e\n\nTIER_CLOUD\x10\x02*\xa8\x01\n\rRoutingPolicy\x12\x1e\n\x1aROUTING_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19ROUTING_POLICY_CLOUD_ONLY\x10\x01\x12\x1c\n\x18ROUTING_POLICY_EDGE_ONLY\x10\x02\x12\x1a\n\x16ROUTING_POLICY_CASCADE\x10\x03\x12\x1e\n\x1aROUTING_POLICY_SPECULATIVE\x10\x04\x32\xf0\x02\n\tInference\x12\x45\n\x08Generate\x12\x1b.stratus.v1.GenerateRequest\x1a\x1c.stratus.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.stratus.v1.GenerateRequest\x1a\".stratus.v1.GenerateStreamResponse0\x01\x12H\n\tModelInfo\x12\x1c.stratus.v1.ModelInfoRequest\x1a\x1d.stratus.v1.ModelInfoResponse\x12<\n\x05\x44raft\x12\x18.stratus.v1.DraftRequest\x1a\x19.stratus.v1.DraftResponse\x12?\n\x06Verify\x12\x19.stratus.v1.VerifyRequest\x1a\x1a.stratus.v1.VerifyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stratus_workers.api.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1830
-  _globals['_FINISHREASON']._serialized_end=1954
-  _globals['_TIER']._serialized_start=1956
-  _globals['_TIER']._serialized_end=2015
-  _globals['_ROUTINGPOLICY']._serialized_start=2018
-  _globals['_ROUTINGPOLICY']._serialized_end=2154
+  _globals['_FINISHREASON']._serialized_start=2618
+  _globals['_FINISHREASON']._serialized_end=2742
+  _globals['_TIER']._serialized_start=2744
+  _globals['_TIER']._serialized_end=2803
+  _globals['_ROUTINGPOLICY']._serialized_start=2806
+  _globals['_ROUTINGPOLICY']._serialized_end=2974
   _globals['_CHATMESSAGE']._serialized_start=42
   _globals['_CHATMESSAGE']._serialized_end=86
   _globals['_CHATINPUT']._serialized_start=88
@@ -50,17 +50,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TIMING']._serialized_start=560
   _globals['_TIMING']._serialized_end=621
   _globals['_ROUTEINFO']._serialized_start=624
-  _globals['_ROUTEINFO']._serialized_end=858
-  _globals['_GENERATERESPONSE']._serialized_start=861
-  _globals['_GENERATERESPONSE']._serialized_end=1129
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1132
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1406
-  _globals['_MODELINFOREQUEST']._serialized_start=1408
-  _globals['_MODELINFOREQUEST']._serialized_end=1426
-  _globals['_MODELINFORESPONSE']._serialized_start=1429
-  _globals['_MODELINFORESPONSE']._serialized_end=1731
-  _globals['_BACKENDSTATUS']._serialized_start=1733
-  _globals['_BACKENDSTATUS']._serialized_end=1828
-  _globals['_INFERENCE']._serialized_start=2157
-  _globals['_INFERENCE']._serialized_end=2398
+  _globals['_ROUTEINFO']._serialized_end=937
+  _globals['_GENERATERESPONSE']._serialized_start=940
+  _globals['_GENERATERESPONSE']._serialized_end=1208
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1211
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1485
+  _globals['_MODELINFOREQUEST']._serialized_start=1487
+  _globals['_MODELINFOREQUEST']._serialized_end=1505
+  _globals['_MODELINFORESPONSE']._serialized_start=1508
+  _globals['_MODELINFORESPONSE']._serialized_end=1830
+  _globals['_BACKENDSTATUS']._serialized_start=1832
+  _globals['_BACKENDSTATUS']._serialized_end=1927
+  _globals['_SPECULATIVESAMPLING']._serialized_start=1929
+  _globals['_SPECULATIVESAMPLING']._serialized_end=2014
+  _globals['_SPARSEDISTRIBUTION']._serialized_start=2016
+  _globals['_SPARSEDISTRIBUTION']._serialized_end=2070
+  _globals['_DRAFTREQUEST']._serialized_start=2073
+  _globals['_DRAFTREQUEST']._serialized_end=2231
+  _globals['_DRAFTRESPONSE']._serialized_start=2233
+  _globals['_DRAFTRESPONSE']._serialized_end=2332
+  _globals['_VERIFYREQUEST']._serialized_start=2335
+  _globals['_VERIFYREQUEST']._serialized_end=2529
+  _globals['_VERIFYRESPONSE']._serialized_start=2531
+  _globals['_VERIFYRESPONSE']._serialized_end=2616
+  _globals['_INFERENCE']._serialized_start=2977
+  _globals['_INFERENCE']._serialized_end=3345
 # @@protoc_insertion_point(module_scope)

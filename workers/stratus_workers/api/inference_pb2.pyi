@@ -74,6 +74,8 @@ class _RoutingPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Routing
     ROUTING_POLICY_CLOUD_ONLY: _RoutingPolicy.ValueType  # 1
     ROUTING_POLICY_EDGE_ONLY: _RoutingPolicy.ValueType  # 2
     ROUTING_POLICY_CASCADE: _RoutingPolicy.ValueType  # 3
+    ROUTING_POLICY_SPECULATIVE: _RoutingPolicy.ValueType  # 4
+    """The edge drafts tokens, the cloud verifies them: the cloud's output, faster."""
 
 class RoutingPolicy(_RoutingPolicy, metaclass=_RoutingPolicyEnumTypeWrapper): ...
 
@@ -81,6 +83,8 @@ ROUTING_POLICY_UNSPECIFIED: RoutingPolicy.ValueType  # 0
 ROUTING_POLICY_CLOUD_ONLY: RoutingPolicy.ValueType  # 1
 ROUTING_POLICY_EDGE_ONLY: RoutingPolicy.ValueType  # 2
 ROUTING_POLICY_CASCADE: RoutingPolicy.ValueType  # 3
+ROUTING_POLICY_SPECULATIVE: RoutingPolicy.ValueType  # 4
+"""The edge drafts tokens, the cloud verifies them: the cloud's output, faster."""
 Global___RoutingPolicy: _TypeAlias = RoutingPolicy  # noqa: Y015
 
 @_typing.final
@@ -283,6 +287,10 @@ class RouteInfo(_message.Message):
     THRESHOLD_FIELD_NUMBER: _builtins.int
     ESCALATED_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
+    DRAFT_TOKENS_FIELD_NUMBER: _builtins.int
+    ACCEPTED_TOKENS_FIELD_NUMBER: _builtins.int
+    ROUNDS_FIELD_NUMBER: _builtins.int
     tier: Global___Tier.ValueType
     reason: _builtins.str
     """Machine-readable: "policy", "confident", "low-confidence", "prompt-too-long",
@@ -298,6 +306,12 @@ class RouteInfo(_message.Message):
     """True when the edge answered first and the cloud answered instead."""
     degraded: _builtins.bool
     """True when the preferred tier was unavailable and a fallback answered."""
+    cached: _builtins.bool
+    """True when the router answered from its output cache."""
+    draft_tokens: _builtins.int
+    """Speculative policy: draft tokens proposed and accepted, verification rounds."""
+    accepted_tokens: _builtins.int
+    rounds: _builtins.int
     def __init__(
         self,
         *,
@@ -309,10 +323,14 @@ class RouteInfo(_message.Message):
         threshold: _builtins.float | None = ...,
         escalated: _builtins.bool = ...,
         degraded: _builtins.bool = ...,
+        cached: _builtins.bool = ...,
+        draft_tokens: _builtins.int = ...,
+        accepted_tokens: _builtins.int = ...,
+        rounds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "_threshold", b"_threshold", "confidence", b"confidence", "threshold", b"threshold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "_threshold", b"_threshold", "backend", b"backend", "confidence", b"confidence", "degraded", b"degraded", "escalated", b"escalated", "policy", b"policy", "reason", b"reason", "threshold", b"threshold", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "_threshold", b"_threshold", "accepted_tokens", b"accepted_tokens", "backend", b"backend", "cached", b"cached", "confidence", b"confidence", "degraded", b"degraded", "draft_tokens", b"draft_tokens", "escalated", b"escalated", "policy", b"policy", "reason", b"reason", "rounds", b"rounds", "threshold", b"threshold", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__confidence: _TypeAlias = _typing.Literal["confidence"]  # noqa: Y015
     _WhichOneofArgType__confidence: _TypeAlias = _typing.Literal["_confidence", b"_confidence"]  # noqa: Y015
@@ -446,6 +464,7 @@ class ModelInfoResponse(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     COMPRESSION_FIELD_NUMBER: _builtins.int
     BACKENDS_FIELD_NUMBER: _builtins.int
+    VOCAB_SIZE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     source: _builtins.str
     """Where the weights came from: bundled://..., a directory, an artifact."""
@@ -459,6 +478,8 @@ class ModelInfoResponse(_message.Message):
     max_batch_size: _builtins.int
     compression: _builtins.str
     """For compressed variants: the recipe, e.g. "quantize:int8-weight"."""
+    vocab_size: _builtins.int
+    """Tokenizer vocabulary size: a draft model and its verifier must agree on it."""
     @_builtins.property
     def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___BackendStatus]:
         """For the router: the backends it knows and whether each is healthy."""
@@ -478,10 +499,11 @@ class ModelInfoResponse(_message.Message):
         max_batch_size: _builtins.int = ...,
         compression: _builtins.str = ...,
         backends: _abc.Iterable[Global___BackendStatus] | None = ...,
+        vocab_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "compression", b"compression", "device", b"device", "dtype", b"dtype", "max_batch_size", b"max_batch_size", "max_context_tokens", b"max_context_tokens", "max_new_tokens", b"max_new_tokens", "max_prompt_tokens", b"max_prompt_tokens", "model", b"model", "parameters", b"parameters", "source", b"source", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "compression", b"compression", "device", b"device", "dtype", b"dtype", "max_batch_size", b"max_batch_size", "max_context_tokens", b"max_context_tokens", "max_new_tokens", b"max_new_tokens", "max_prompt_tokens", b"max_prompt_tokens", "model", b"model", "parameters", b"parameters", "source", b"source", "tier", b"tier", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -514,3 +536,202 @@ class BackendStatus(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BackendStatus: _TypeAlias = BackendStatus  # noqa: Y015
+
+@_typing.final
+class SpeculativeSampling(_message.Message):
+    """Sampling settings of a speculative session (temperature 0 is greedy)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    TOP_P_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    temperature: _builtins.float
+    top_p: _builtins.float
+    seed: _builtins.int
+    def __init__(
+        self,
+        *,
+        temperature: _builtins.float = ...,
+        top_p: _builtins.float = ...,
+        seed: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+
+Global___SpeculativeSampling: _TypeAlias = SpeculativeSampling  # noqa: Y015
+
+@_typing.final
+class SparseDistribution(_message.Message):
+    """A sparse probability distribution over token ids (the draft's exact sampling distribution)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    PROBS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def probs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        probs: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["probs", b"probs", "token_ids", b"token_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SparseDistribution: _TypeAlias = SparseDistribution  # noqa: Y015
+
+@_typing.final
+class DraftRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    SAMPLING_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    END_SESSION_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Chosen by the caller; the server keeps this session's KV cache between calls."""
+    max_tokens: _builtins.int
+    top_k: _builtins.int
+    """Draft from at most this many most-likely tokens (keeps the shipped distribution small)."""
+    end_session: _builtins.bool
+    """Release the session after this call."""
+    @_builtins.property
+    def context(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The whole sequence so far (prompt and accepted tokens); only its new suffix is computed."""
+
+    @_builtins.property
+    def sampling(self) -> Global___SpeculativeSampling: ...
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        context: _abc.Iterable[_builtins.int] | None = ...,
+        max_tokens: _builtins.int = ...,
+        sampling: Global___SpeculativeSampling | None = ...,
+        top_k: _builtins.int = ...,
+        end_session: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "end_session", b"end_session", "max_tokens", b"max_tokens", "sampling", b"sampling", "session_id", b"session_id", "top_k", b"top_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DraftRequest: _TypeAlias = DraftRequest  # noqa: Y015
+
+@_typing.final
+class DraftResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKENS_FIELD_NUMBER: _builtins.int
+    DISTRIBUTIONS_FIELD_NUMBER: _builtins.int
+    EOS_FIELD_NUMBER: _builtins.int
+    eos: _builtins.bool
+    """The draft reached an end-of-sequence token."""
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def distributions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SparseDistribution]:
+        """For sampled drafts: the distribution each token was drawn from (empty when greedy)."""
+
+    def __init__(
+        self,
+        *,
+        tokens: _abc.Iterable[_builtins.int] | None = ...,
+        distributions: _abc.Iterable[Global___SparseDistribution] | None = ...,
+        eos: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["distributions", b"distributions", "eos", b"eos", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DraftResponse: _TypeAlias = DraftResponse  # noqa: Y015
+
+@_typing.final
+class VerifyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    DRAFT_FIELD_NUMBER: _builtins.int
+    DISTRIBUTIONS_FIELD_NUMBER: _builtins.int
+    SAMPLING_FIELD_NUMBER: _builtins.int
+    END_SESSION_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    end_session: _builtins.bool
+    @_builtins.property
+    def context(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def draft(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def distributions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SparseDistribution]:
+        """One per draft token when the draft was sampled; empty for greedy drafts."""
+
+    @_builtins.property
+    def sampling(self) -> Global___SpeculativeSampling: ...
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        context: _abc.Iterable[_builtins.int] | None = ...,
+        draft: _abc.Iterable[_builtins.int] | None = ...,
+        distributions: _abc.Iterable[Global___SparseDistribution] | None = ...,
+        sampling: Global___SpeculativeSampling | None = ...,
+        end_session: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "distributions", b"distributions", "draft", b"draft", "end_session", b"end_session", "sampling", b"sampling", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyRequest: _TypeAlias = VerifyRequest  # noqa: Y015
+
+@_typing.final
+class VerifyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    NEXT_TOKEN_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    EOS_FIELD_NUMBER: _builtins.int
+    accepted: _builtins.int
+    """How many draft tokens the verifier accepted (a prefix of the draft)."""
+    next_token: _builtins.int
+    """The verifier's own token after the accepted prefix (a correction or a bonus token)."""
+    eos: _builtins.bool
+    @_builtins.property
+    def logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The verifier's log-probabilities of the accepted tokens and of next_token."""
+
+    def __init__(
+        self,
+        *,
+        accepted: _builtins.int = ...,
+        next_token: _builtins.int = ...,
+        logprobs: _abc.Iterable[_builtins.float] | None = ...,
+        eos: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "eos", b"eos", "logprobs", b"logprobs", "next_token", b"next_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyResponse: _TypeAlias = VerifyResponse  # noqa: Y015

@@ -49,6 +49,16 @@ class InferenceStub:
                 request_serializer=stratus_dot_v1_dot_inference__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=stratus_dot_v1_dot_inference__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
+        self.Draft = channel.unary_unary(
+                '/stratus.v1.Inference/Draft',
+                request_serializer=stratus_dot_v1_dot_inference__pb2.DraftRequest.SerializeToString,
+                response_deserializer=stratus_dot_v1_dot_inference__pb2.DraftResponse.FromString,
+                _registered_method=True)
+        self.Verify = channel.unary_unary(
+                '/stratus.v1.Inference/Verify',
+                request_serializer=stratus_dot_v1_dot_inference__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=stratus_dot_v1_dot_inference__pb2.VerifyResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -75,6 +85,21 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Draft(self, request, context):
+        """Speculative decoding, draft side: propose up to k tokens after `context`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Verify(self, request, context):
+        """Speculative decoding, verify side: score a draft in one forward pass; say how much of
+        it the model accepts and which token comes next.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +117,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.ModelInfo,
                     request_deserializer=stratus_dot_v1_dot_inference__pb2.ModelInfoRequest.FromString,
                     response_serializer=stratus_dot_v1_dot_inference__pb2.ModelInfoResponse.SerializeToString,
+            ),
+            'Draft': grpc.unary_unary_rpc_method_handler(
+                    servicer.Draft,
+                    request_deserializer=stratus_dot_v1_dot_inference__pb2.DraftRequest.FromString,
+                    response_serializer=stratus_dot_v1_dot_inference__pb2.DraftResponse.SerializeToString,
+            ),
+            'Verify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=stratus_dot_v1_dot_inference__pb2.VerifyRequest.FromString,
+                    response_serializer=stratus_dot_v1_dot_inference__pb2.VerifyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +210,60 @@ class Inference:
             '/stratus.v1.Inference/ModelInfo',
             stratus_dot_v1_dot_inference__pb2.ModelInfoRequest.SerializeToString,
             stratus_dot_v1_dot_inference__pb2.ModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Draft(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stratus.v1.Inference/Draft',
+            stratus_dot_v1_dot_inference__pb2.DraftRequest.SerializeToString,
+            stratus_dot_v1_dot_inference__pb2.DraftResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stratus.v1.Inference/Verify',
+            stratus_dot_v1_dot_inference__pb2.VerifyRequest.SerializeToString,
+            stratus_dot_v1_dot_inference__pb2.VerifyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,12 @@ class InferenceStub:
     """The answer as it is produced: text deltas, then one final chunk with the totals."""
     ModelInfo: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ModelInfoRequest, _inference_pb2.ModelInfoResponse]
     """What this endpoint serves and its limits."""
+    Draft: _grpc.UnaryUnaryMultiCallable[_inference_pb2.DraftRequest, _inference_pb2.DraftResponse]
+    """Speculative decoding, draft side: propose up to k tokens after `context`."""
+    Verify: _grpc.UnaryUnaryMultiCallable[_inference_pb2.VerifyRequest, _inference_pb2.VerifyResponse]
+    """Speculative decoding, verify side: score a draft in one forward pass; say how much of
+    it the model accepts and which token comes next.
+    """
 
 @_typing.type_check_only
 class InferenceAsyncStub(InferenceStub):
@@ -52,6 +58,12 @@ class InferenceAsyncStub(InferenceStub):
     """The answer as it is produced: text deltas, then one final chunk with the totals."""
     ModelInfo: _aio.UnaryUnaryMultiCallable[_inference_pb2.ModelInfoRequest, _inference_pb2.ModelInfoResponse]  # type: ignore[assignment]
     """What this endpoint serves and its limits."""
+    Draft: _aio.UnaryUnaryMultiCallable[_inference_pb2.DraftRequest, _inference_pb2.DraftResponse]  # type: ignore[assignment]
+    """Speculative decoding, draft side: propose up to k tokens after `context`."""
+    Verify: _aio.UnaryUnaryMultiCallable[_inference_pb2.VerifyRequest, _inference_pb2.VerifyResponse]  # type: ignore[assignment]
+    """Speculative decoding, verify side: score a draft in one forward pass; say how much of
+    it the model accepts and which token comes next.
+    """
 
 class InferenceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -77,5 +89,23 @@ class InferenceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.ModelInfoResponse, _abc.Awaitable[_inference_pb2.ModelInfoResponse]]:
         """What this endpoint serves and its limits."""
+
+    @_abc_1.abstractmethod
+    def Draft(
+        self,
+        request: _inference_pb2.DraftRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.DraftResponse, _abc.Awaitable[_inference_pb2.DraftResponse]]:
+        """Speculative decoding, draft side: propose up to k tokens after `context`."""
+
+    @_abc_1.abstractmethod
+    def Verify(
+        self,
+        request: _inference_pb2.VerifyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.VerifyResponse, _abc.Awaitable[_inference_pb2.VerifyResponse]]:
+        """Speculative decoding, verify side: score a draft in one forward pass; say how much of
+        it the model accepts and which token comes next.
+        """
 
 def add_InferenceServicer_to_server(servicer: InferenceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -118,7 +118,7 @@ def materialize_bundled(name: str) -> Path:
         log.info("converting bundled model to safetensors (once)", extra={"model": name, "gguf": str(gguf)})
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The dequantized weights are plain fp32 now; drop the GGUF quantizer so they serialize.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

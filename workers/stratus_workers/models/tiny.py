@@ -41,7 +41,8 @@ def random_llama(arch: dict[str, Any] | None = None, *, vocab_size: int = 49152,
         initializer_range=init_std, **(arch or TINY),
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    model: Any = LlamaForCausalLM(config)
+    return model.eval()
 
 
 def write_tiny_model(path: Path, *, arch: dict[str, Any] | None = None, seed: int = 0,

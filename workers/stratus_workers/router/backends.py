@@ -94,7 +94,7 @@ class BackendPool:
     async def check(self, backend: BackendState) -> bool:
         try:
             reply = await backend.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.check_timeout)
-            ok = reply.status == health_pb2.HealthCheckResponse.SERVING
+            ok = bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
             reason = "" if ok else f"health status {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
         except grpc.aio.AioRpcError as exc:
             ok, reason = False, f"{exc.code().name}: {exc.details()}"

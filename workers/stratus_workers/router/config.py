@@ -10,7 +10,7 @@ from pydantic import Field
 
 from stratus_workers.schema import SpecModel
 
-Policy = Literal["cloud-only", "edge-only", "cascade"]
+Policy = Literal["cloud-only", "edge-only", "cascade", "speculative"]
 Tier = Literal["edge", "cloud"]
 
 
@@ -24,11 +24,38 @@ class CascadeSettings(SpecModel):
     edge_timeout_seconds: float = Field(5.0, gt=0.0, le=3600.0, description="Escalate when the edge takes longer.")
 
 
+class SpeculativeSettings(SpecModel):
+    """The edge drafts tokens and the cloud verifies them; the output is the cloud's own."""
+
+    draft_tokens: int = Field(4, ge=1, le=16, description="Tokens drafted per round at the start (k).")
+    max_draft_tokens: int = Field(8, ge=1, le=16, description="Upper bound for k when it adapts.")
+    adaptive: bool = Field(True, description="Adapt k to the acceptance rate seen so far in the request.")
+    top_k: int = Field(32, ge=1, le=1024, description="Sampled drafts come from the edge's top-k tokens.")
+
+
+class LinkSettings(SpecModel):
+    """Simulated latency on the edge-to-cloud link, for benchmarks (off by default)."""
+
+    delay_ms: float = Field(0.0, ge=0.0, le=10000.0, description="Added to every round trip to the cloud tier.")
+    jitter_ms: float = Field(0.0, ge=0.0, le=10000.0, description="Uniform jitter around the delay.")
+
+
+class CacheSettings(SpecModel):
+    """The router's output cache for deterministic requests (greedy, or sampled with a seed)."""
+
+    enabled: bool = True
+    max_entries: int = Field(1024, ge=1, le=1_000_000)
+    ttl_seconds: float = Field(300.0, gt=0.0, le=604800.0)
+
+
 class RoutingSpec(SpecModel):
     """The `routing` section of an LLMDeployment."""
 
-    policy: Policy = Field("cascade", description="cloud-only, edge-only or cascade.")
+    policy: Policy = Field("cascade", description="cloud-only, edge-only, cascade or speculative.")
     cascade: CascadeSettings = Field(default_factory=CascadeSettings)
+    speculative: SpeculativeSettings = Field(default_factory=SpeculativeSettings)
+    link: LinkSettings = Field(default_factory=LinkSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     allow_fallback: bool = Field(
         True,
         description="When every backend of the policy's tier is down, answer from the other tier "

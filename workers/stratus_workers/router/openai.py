@@ -131,7 +131,7 @@ def add_openai_routes(app: web.Application, router: Router, model_name: str) -> 
         if policy:
             if policy not in POLICY_TO_PB:
                 return _error(400, f"X-Stratus-Policy {policy!r} is not one of {', '.join(POLICY_TO_PB)}")
-            request.policy = POLICY_TO_PB[policy]  # type: ignore[index]
+            request.policy = POLICY_TO_PB[policy]
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"

@@ -63,6 +63,14 @@ class RouterServicer(pb_grpc.InferenceServicer):
         except RouterError as exc:
             await context.abort(exc.code, exc.message)
 
+    async def Draft(self, request: pb.DraftRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.DraftResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the router drafts through its edge servers; call one")
+        raise AssertionError("unreachable")
+
+    async def Verify(self, request: pb.VerifyRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.VerifyResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the router verifies through its cloud servers; call one")
+        raise AssertionError("unreachable")
+
     async def ModelInfo(
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelInfoResponse:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -22,6 +23,15 @@ from typing import Any, Literal
 import torch
 
 from stratus_workers.serve.runner import ModelRunner
+from stratus_workers.serve.speculative import (
+    SparseDist,
+    draft_distribution,
+    sample_sparse,
+    sampling_probs,
+    verify_greedy,
+    verify_sampled,
+)
+from stratus_workers.serve.text import TextAssembler
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +102,56 @@ class _Sequence:
     admitted: float = 0.0
     first_token: float = 0.0
     generated: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0
+    text: TextAssembler | None = None
     row: int = -1
     generator: torch.Generator | None = None
     cancelled: bool = False
     finished: bool = False
 
 
+@dataclass
+class _Session:
+    """A speculative-decoding session: one cache row kept between Draft or Verify calls."""
+
+    row: int
+    tokens: list[int] = field(default_factory=list)  # whose keys and values sit in the row
+    last_used: float = field(default_factory=time.monotonic)
+    generator: torch.Generator | None = None
+
+
+@dataclass(frozen=True)
+class DraftResult:
+    tokens: tuple[int, ...]
+    distributions: tuple[SparseDist, ...]
+    eos: bool
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    accepted: int
+    next_token: int
+    logprobs: tuple[float, ...]
+    eos: bool
+
+
+@dataclass(frozen=True)
+class SpecSampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
 class Engine:
-    """Serves one loaded model; thread-safe `submit`, asyncio-friendly `stream`."""
+    """Serves one loaded model; thread-safe `submit`, asyncio-friendly `stream`.
+
+    Rows 0..max_batch_size-1 of the runner hold the decode batch; the rows above them hold
+    speculative-decoding sessions, whose Draft and Verify calls run in the engine thread
+    between decode steps.
+    """
 
     def __init__(
         self,
@@ -111,12 +161,20 @@ class Engine:
         max_batch_size: int = 8,
         max_len: int = 4096,
         max_queue: int = 256,
+        max_sessions: int = 4,
+        session_ttl: float = 60.0,
         on_step: Callable[[int, int], None] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.runner = ModelRunner(model, max_rows=max_batch_size, max_len=max_len)
+        self.max_sessions = max_sessions
+        self.session_ttl = session_ttl
+        self.runner = ModelRunner(model, max_rows=max_batch_size + max_sessions, max_len=max_len)
+        self.vocab_size = int(model.config.vocab_size)
+        self._sessions: collections.OrderedDict[str, _Session] = collections.OrderedDict()
+        self._free_rows = list(range(max_batch_size + max_sessions - 1, max_batch_size - 1, -1))
+        self._ops: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = collections.deque()
         self.max_len = max_len
         self._eos = _eos_ids(model, tokenizer)
         self._on_step = on_step
@@ -203,16 +261,178 @@ class Engine:
             if not finished:
                 cancel()
 
+    # -- speculative sessions -----------------------------------------------------------
+
+    async def run_op(self, op: Callable[[], Any]) -> Any:
+        """Run `op` in the engine thread between decode steps (it may use the runner)."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
+            self._ops.append((op, future))
+            self._cond.notify()
+        return await asyncio.wrap_future(future)
+
+    @property
+    def sessions(self) -> int:
+        return len(self._sessions)
+
+    def _expire_sessions(self) -> None:
+        now = time.monotonic()
+        for sid in [sid for sid, s in self._sessions.items() if now - s.last_used > self.session_ttl]:
+            self._end_session(sid)
+
+    def _end_session(self, sid: str) -> None:
+        session = self._sessions.pop(sid, None)
+        if session is not None:
+            self.runner.reset(session.row)
+            self._free_rows.append(session.row)
+
+    def _session(self, sid: str, context: Sequence[int], sampling: SpecSampling) -> tuple[_Session, list[int]]:
+        """The session's row, rolled back to the longest cached prefix of `context`; returns the rest."""
+        if not context:
+            raise ValueError("context is empty: send the prompt's token ids")
+        if len(context) >= self.max_len:
+            raise ValueError(f"context of {len(context)} tokens exceeds this server's {self.max_len - 1}")
+        if any(t < 0 or t >= self.vocab_size for t in context):
+            raise ValueError(f"context holds token ids outside this model's vocabulary of {self.vocab_size}")
+        session = self._sessions.get(sid)
+        if session is None:
+            self._expire_sessions()
+            if not self._free_rows:
+                idle = next(iter(self._sessions))  # least recently used
+                if time.monotonic() - self._sessions[idle].last_used < 1.0:
+                    raise EngineOverloaded(f"all {self.max_sessions} speculative sessions are busy; try again")
+                self._end_session(idle)
+            session = _Session(self._free_rows.pop())
+            self.runner.reset(session.row)
+            if not sampling.greedy:
+                session.generator = torch.Generator(device="cpu")
+                session.generator.manual_seed(
+                    sampling.seed if sampling.seed is not None else time.time_ns() & 0x7FFFFFFF
+                )
+            self._sessions[sid] = session
+        self._sessions.move_to_end(sid)
+        session.last_used = time.monotonic()
+        common = 0
+        limit = min(len(session.tokens), len(context) - 1)  # keep at least one token to compute logits from
+        while common < limit and session.tokens[common] == context[common]:
+            common += 1
+        self.runner.truncate(session.row, common)
+        del session.tokens[common:]
+        return session, list(context[common:])
+
+    def _draft_op(
+        self, sid: str, context: Sequence[int], max_tokens: int, sampling: SpecSampling, top_k: int, end: bool
+    ) -> DraftResult:
+        session, pending = self._session(sid, context, sampling)
+        tokens: list[int] = []
+        dists: list[SparseDist] = []
+        eos = False
+        try:
+            for _ in range(max_tokens):
+                if len(session.tokens) + len(pending) + 1 >= self.max_len:
+                    break
+                logits = self.runner.forward(session.row, [pending])[0]
+                session.tokens.extend(pending)
+                if sampling.greedy:
+                    token = int(torch.argmax(logits))
+                else:
+                    dist = draft_distribution(logits, sampling.temperature, sampling.top_p, top_k)
+                    token = sample_sparse(dist, session.generator)
+                    dists.append(dist)
+                tokens.append(token)
+                if token in self._eos:
+                    eos = True
+                    break
+                pending = [token]
+        finally:
+            if end:
+                self._end_session(sid)
+        return DraftResult(tuple(tokens), tuple(dists), eos)
+
+    def _verify_op(
+        self,
+        sid: str,
+        context: Sequence[int],
+        draft: Sequence[int],
+        dists: Sequence[SparseDist],
+        sampling: SpecSampling,
+        end: bool,
+    ) -> VerifyResult:
+        if any(t < 0 or t >= self.vocab_size for t in draft):
+            raise ValueError(f"draft holds token ids outside this model's vocabulary of {self.vocab_size}")
+        if len(context) + len(draft) >= self.max_len:
+            raise ValueError(f"context plus draft ({len(context) + len(draft)} tokens) exceeds {self.max_len - 1}")
+        session, pending = self._session(sid, context, sampling)
+        try:
+            logits = self.runner.forward(session.row, [pending + list(draft)], all_logits=True)[0]
+            session.tokens.extend(pending)
+            session.tokens.extend(draft)
+            # Row j of `scores` predicts the token after context + draft[:j].
+            scores = logits[len(pending) - 1 :]
+            if sampling.greedy:
+                verdict = verify_greedy(scores, draft)
+            else:
+                verdict = verify_sampled(scores, draft, dists, sampling.temperature, sampling.top_p, session.generator)
+            keep = len(context) + verdict.accepted
+            self.runner.truncate(session.row, keep)
+            del session.tokens[keep:]
+            logprobs = torch.log_softmax(scores[: verdict.accepted + 1], dim=-1)
+            chosen = [*draft[: verdict.accepted], verdict.next_token]
+            picked = logprobs[torch.arange(len(chosen)), torch.tensor(chosen)].tolist()
+        finally:
+            if end:
+                self._end_session(sid)
+        eos = verdict.next_token in self._eos or any(t in self._eos for t in draft[: verdict.accepted])
+        return VerifyResult(verdict.accepted, verdict.next_token, tuple(float(x) for x in picked), eos)
+
+    async def draft(
+        self,
+        sid: str,
+        context: Sequence[int],
+        max_tokens: int,
+        sampling: SpecSampling,
+        top_k: int = 32,
+        end: bool = False,
+    ) -> DraftResult:
+        result: DraftResult = await self.run_op(lambda: self._draft_op(sid, context, max_tokens, sampling, top_k, end))
+        return result
+
+    async def verify(
+        self,
+        sid: str,
+        context: Sequence[int],
+        draft: Sequence[int],
+        dists: Sequence[SparseDist],
+        sampling: SpecSampling,
+        end: bool = False,
+    ) -> VerifyResult:
+        result: VerifyResult = await self.run_op(lambda: self._verify_op(sid, context, draft, dists, sampling, end))
+        return result
+
+    async def end_session(self, sid: str) -> None:
+        await self.run_op(lambda: self._end_session(sid))
+
     # -- the loop -----------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and not self._active:
-                    self._cond.wait()
+                while not self._stopping and not self._waiting and not self._active and not self._ops:
+                    self._cond.wait(timeout=self.session_ttl if self._sessions else None)
+                    self._expire_sessions()
                 if self._stopping:
                     break
                 admitted = self._admit()
+                ops = list(self._ops)
+                self._ops.clear()
+            for op, future in ops:  # speculative calls: a few forward passes each
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(op())
+                    except Exception as exc:
+                        future.set_exception(exc)
             try:
                 if admitted:
                     self._prefill(admitted)
@@ -230,6 +450,8 @@ class Engine:
                 self._on_step(len(self._active), len(self._waiting))
         for seq in [*self._active, *self._waiting]:
             self._finish(seq, "cancelled", error="server shutting down")
+        for _, future in self._ops:
+            future.cancel()
         self._active.clear()
         self._waiting.clear()
 
@@ -275,37 +497,27 @@ class Engine:
         if seq.cancelled:
             self._finish(seq, "cancelled")
             return
+        text = seq.text
+        if text is None:
+            text = seq.text = TextAssembler(self.tokenizer, seq.params.stop)
         if token in self._eos:
-            self._emit_rest(seq)
+            self._emit(seq, text.flush())
             self._finish(seq, "stop")
             return
         seq.generated.append(token)
-        full = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
         lp = (TokenLogprob(token, self.tokenizer.decode([token]), logprob),) if seq.params.logprobs else ()
-        if full.endswith("\ufffd"):
-            # A multi-byte character is split across tokens: wait for the rest of it.
-            seq.sink(TokenEvent("", (token,), lp))
-        else:
-            seq.text = full
-            stop_at = _find_stop(full, seq.params.stop, seq.emitted)
-            if stop_at is not None:
-                seq.text = full[:stop_at]
-                self._emit_rest(seq, token, lp)
-                self._finish(seq, "stop")
-                return
-            safe = len(full) - _partial_stop_len(full, seq.params.stop)
-            delta = full[seq.emitted : safe]
-            seq.emitted = max(seq.emitted, safe)
-            seq.sink(TokenEvent(delta, (token,), lp))
-        if len(seq.generated) >= seq.params.max_new_tokens or self.runner.lengths[seq.row] + 1 >= self.max_len:
-            self._emit_rest(seq)
+        delta = text.add(token)
+        seq.sink(TokenEvent(delta, (token,), lp))
+        if text.stopped:
+            self._finish(seq, "stop")
+        elif len(seq.generated) >= seq.params.max_new_tokens or self.runner.lengths[seq.row] + 1 >= self.max_len:
+            self._emit(seq, text.flush())
             self._finish(seq, "length")
 
-    def _emit_rest(self, seq: _Sequence, token: int | None = None, lp: tuple[TokenLogprob, ...] = ()) -> None:
-        rest = seq.text[seq.emitted :]
-        if rest or token is not None:
-            seq.sink(TokenEvent(rest, (token,) if token is not None else (), lp))
-        seq.emitted = len(seq.text)
+    @staticmethod
+    def _emit(seq: _Sequence, text: str) -> None:
+        if text:
+            seq.sink(TokenEvent(text, ()))
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -359,35 +571,8 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if 0.0 < params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        cut = cumulative - sorted_probs > params.top_p
-        sorted_probs[cut] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    probs = sampling_probs(logits, params.temperature, params.top_p)
     return torch.multinomial(probs.cpu(), 1, generator=generator)[0].to(logits.device)
-
-
-def _find_stop(text: str, stops: Sequence[str], emitted: int) -> int | None:
-    best: int | None = None
-    for stop in stops:
-        idx = text.find(stop, max(0, emitted - len(stop)))
-        if idx != -1 and (best is None or idx < best):
-            best = idx
-    return best
-
-
-def _partial_stop_len(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of `text` that could still grow into a stop sequence."""
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                longest = max(longest, n)
-                break
-    return longest
 
 
 async def collect(events: AsyncIterator[Event]) -> tuple[str, list[TokenLogprob], FinishEvent]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +24,11 @@ from stratus_workers.serve.engine import (
     EngineStopped,
     FinishEvent,
     SamplingParams,
+    SpecSampling,
     TokenEvent,
     TokenLogprob,
 )
+from stratus_workers.serve.speculative import SparseDist
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "can
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_LENGTH = 128
+MAX_SPECULATIVE_TOKENS = 16
+MAX_SESSION_ID = 128
 
 
 @dataclass
@@ -55,7 +59,9 @@ class ServerConfig:
     max_batch_size: int = field(default=8, metadata={"help": "Requests decoded together."})
     max_prompt_tokens: int = field(default=2048, metadata={"help": "Longest accepted prompt, in tokens."})
     max_new_tokens: int = field(default=512, metadata={"help": "Largest accepted max_new_tokens."})
-    default_new_tokens: int = field(default=128, metadata={"help": "max_new_tokens when a request gives 0 (capped by max_new_tokens)."})
+    default_new_tokens: int = field(
+        default=128, metadata={"help": "max_new_tokens when a request gives 0 (capped by max_new_tokens)."}
+    )
     max_queue: int = field(
         default=256, metadata={"help": "Requests waiting for a batch slot before RESOURCE_EXHAUSTED."}
     )
@@ -296,6 +302,102 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self.metrics.requests.labels("GenerateStream", code.name).inc()
             self.metrics.latency.labels("GenerateStream").observe(time.perf_counter() - started)
 
+    def _spec_sampling(self, sampling: pb.SpeculativeSampling) -> SpecSampling:
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        if not 0.0 <= sampling.temperature <= 2.0:
+            raise RequestError(invalid, f"sampling.temperature is {sampling.temperature}; it must be within [0, 2]")
+        if not 0.0 <= sampling.top_p <= 1.0:
+            raise RequestError(invalid, f"sampling.top_p is {sampling.top_p}; it must be within [0, 1]")
+        seed = sampling.seed if sampling.HasField("seed") else None
+        return SpecSampling(float(sampling.temperature), float(sampling.top_p) or 1.0, seed)
+
+    @staticmethod
+    def _check_session(session_id: str) -> None:
+        if not session_id or len(session_id) > MAX_SESSION_ID:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"session_id must be 1 to {MAX_SESSION_ID} characters")
+
+    async def _speculative_call(
+        self, method: str, call: Callable[[], Awaitable[Any]], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        code = grpc.StatusCode.OK
+        try:
+            try:
+                return await call()
+            except ValueError as exc:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+            except EngineOverloaded as exc:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+            except EngineStopped as exc:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+        except RequestError as exc:
+            code = exc.code
+            await context.abort(exc.code, exc.message)
+        finally:
+            self.metrics.requests.labels(method, code.name).inc()
+
+    async def Draft(self, request: pb.DraftRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.DraftResponse:
+        async def call() -> pb.DraftResponse:
+            self._check_session(request.session_id)
+            if request.end_session and not request.context:
+                await self.engine.end_session(request.session_id)
+                return pb.DraftResponse()
+            if not 1 <= request.max_tokens <= MAX_SPECULATIVE_TOKENS:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"max_tokens is {request.max_tokens}; use 1 to {MAX_SPECULATIVE_TOKENS}",
+                )
+            sampling = self._spec_sampling(request.sampling)
+            result = await self.engine.draft(
+                request.session_id,
+                list(request.context),
+                request.max_tokens,
+                sampling,
+                top_k=request.top_k or 32,
+                end=request.end_session,
+            )
+            self.metrics.generated_tokens.inc(len(result.tokens))
+            return pb.DraftResponse(
+                tokens=result.tokens,
+                distributions=[
+                    pb.SparseDistribution(token_ids=d.token_ids, probs=d.probs) for d in result.distributions
+                ],
+                eos=result.eos,
+            )
+
+        response: pb.DraftResponse = await self._speculative_call("Draft", call, context)
+        return response
+
+    async def Verify(self, request: pb.VerifyRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.VerifyResponse:
+        async def call() -> pb.VerifyResponse:
+            self._check_session(request.session_id)
+            if request.end_session and not request.context:
+                await self.engine.end_session(request.session_id)
+                return pb.VerifyResponse()
+            invalid = grpc.StatusCode.INVALID_ARGUMENT
+            if len(request.draft) > MAX_SPECULATIVE_TOKENS:
+                raise RequestError(invalid, f"{len(request.draft)} draft tokens; at most {MAX_SPECULATIVE_TOKENS}")
+            sampling = self._spec_sampling(request.sampling)
+            dists = [SparseDist(tuple(d.token_ids), tuple(d.probs)) for d in request.distributions]
+            if not sampling.greedy and len(dists) != len(request.draft):
+                raise RequestError(invalid, "a sampled draft needs one distribution per draft token")
+            if any(len(d.token_ids) != len(d.probs) for d in dists):
+                raise RequestError(invalid, "each distribution needs one probability per token id")
+            result = await self.engine.verify(
+                request.session_id,
+                list(request.context),
+                list(request.draft),
+                dists,
+                sampling,
+                end=request.end_session,
+            )
+            self.metrics.generated_tokens.inc(result.accepted + 1)
+            return pb.VerifyResponse(
+                accepted=result.accepted, next_token=result.next_token, logprobs=result.logprobs, eos=result.eos
+            )
+
+        response: pb.VerifyResponse = await self._speculative_call("Verify", call, context)
+        return response
+
     async def ModelInfo(
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelInfoResponse:
@@ -312,6 +414,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             max_new_tokens=self.config.max_new_tokens,
             max_batch_size=self.config.max_batch_size,
             compression=self.loaded.compression,
+            vocab_size=self.engine.vocab_size,
         )
 
 

@@ -17,9 +17,9 @@ from stratus_workers.serve.engine import (
     FinishEvent,
     SamplingParams,
     TokenEvent,
-    _partial_stop_len,
     collect,
 )
+from stratus_workers.serve.text import partial_stop_len as _partial_stop_len
 
 pytestmark = pytest.mark.unit
 

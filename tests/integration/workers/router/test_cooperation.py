@@ -1,0 +1,140 @@
+"""Cloud-edge cooperation through the router: speculative decoding, the output cache, the link delay."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import aiohttp
+import grpc
+import pytest
+
+from stratus_workers.api import inference_pb2 as pb
+from stratus_workers.client import AsyncClient
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = [
+    "The weather today", "Numbers: 1 2 3", "A long time ago", "Dear friend,", "def main():", "Recipe for bread",
+    "The capital of", "In the beginning", "Question: why?", "Once", "Hello hello hello", "Zebras and lions",
+]
+
+
+async def test_speculative_greedy_equals_cloud_only(model_server, draft_model_dir, tiny_model_dir,  # type: ignore[no-untyped-def]
+                                                    router_config, running_router) -> None:
+    async with model_server(tier="cloud", name="cloud") as cloud, \
+            model_server(tier="edge", name="edge", model=str(draft_model_dir)) as edge:
+        config = router_config("speculative", [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")],
+                               cache={"enabled": False})
+        config = config.model_copy(update={"tokenizer": str(tiny_model_dir)})
+        async with running_router(config) as router, AsyncClient(router.address) as client:
+            drafted = accepted = rounds = tokens = 0
+            for prompt in PROMPTS:
+                ours = await client.generate(prompt, max_new_tokens=20, logprobs=True)
+                alone = await client.generate(prompt, max_new_tokens=20, policy="cloud-only", logprobs=True)
+                assert ours.text == alone.text, prompt
+                assert [lp.token_id for lp in ours.logprobs] == [lp.token_id for lp in alone.logprobs]
+                assert ours.finish_reason == alone.finish_reason
+                route = ours.route
+                assert (route.tier, route.reason, route.policy) == (pb.TIER_CLOUD, "speculative",
+                                                                    pb.ROUTING_POLICY_SPECULATIVE)
+                assert route.backend == "edge+cloud" and route.rounds <= ours.usage.completion_tokens
+                drafted, accepted, rounds = drafted + route.draft_tokens, accepted + route.accepted_tokens, \
+                    rounds + route.rounds
+                tokens += ours.usage.completion_tokens
+            streamed = [c async for c in client.stream(PROMPTS[0], max_new_tokens=20)]
+            assert "".join(c.text for c in streamed) == (await client.generate(PROMPTS[0], max_new_tokens=20)).text
+            assert streamed[-1].route.reason == "speculative"
+        # The perturbed draft agrees often but not always: both branches of verification ran.
+        assert 0 < accepted < drafted
+        assert rounds < tokens  # fewer cloud round trips than tokens: the point of drafting
+        assert cloud.engine is not None and cloud.engine.sessions == 0  # every session was released
+
+
+async def test_speculative_sampling_with_seed_is_reproducible(model_server, draft_model_dir, tiny_model_dir,  # type: ignore[no-untyped-def]
+                                                              router_config, running_router) -> None:
+    async with model_server(tier="cloud") as cloud, model_server(tier="edge", model=str(draft_model_dir)) as edge:
+        config = router_config("speculative", [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")],
+                               cache={"enabled": False}, speculative={"topK": 8})
+        config = config.model_copy(update={"tokenizer": str(tiny_model_dir)})
+        async with running_router(config) as router, AsyncClient(router.address) as client:
+            first = await client.generate("Sample me", max_new_tokens=12, temperature=0.8, seed=5)
+            second = await client.generate("Sample me", max_new_tokens=12, temperature=0.8, seed=5)
+        assert first.text == second.text and first.route.draft_tokens > 0
+
+
+async def test_speculative_survives_the_edge_dying(model_server, server_process, tiny_model_dir,  # type: ignore[no-untyped-def]
+                                                   router_config, running_router) -> None:
+    proc, edge_address = server_process("edge")
+    async with model_server(tier="cloud") as cloud:
+        config = router_config("speculative", [("edge", edge_address, "edge"), ("cloud", cloud.address, "cloud")],
+                               cache={"enabled": False})
+        config = config.model_copy(update={"tokenizer": str(tiny_model_dir)})
+        async with running_router(config) as router, AsyncClient(router.address) as client:
+            before = await client.generate("Exact anyway", max_new_tokens=16)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            after = await client.generate("Exact anyway", max_new_tokens=16)
+            alone = await client.generate("Exact anyway", max_new_tokens=16, policy="cloud-only")
+        assert before.text == after.text == alone.text
+        assert before.route.reason == "speculative" and not before.route.degraded
+        assert after.route.degraded and after.route.reason in ("edge-unavailable", "edge-lost")
+
+
+async def test_speculative_without_tokenizer_degrades_to_cloud(model_server, router_config,  # type: ignore[no-untyped-def]
+                                                               running_router) -> None:
+    async with model_server(tier="cloud") as cloud, model_server(tier="edge") as edge:
+        config = router_config("speculative", [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")])
+        async with running_router(config) as router, AsyncClient(router.address) as client:
+            reply = await client.generate("no tokenizer", max_new_tokens=4)
+        assert (reply.route.tier, reply.route.reason, reply.route.degraded) == (pb.TIER_CLOUD, "no-tokenizer", True)
+
+
+async def test_output_cache_hits_and_expires(model_server, router_config, running_router) -> None:  # type: ignore[no-untyped-def]
+    async with model_server(tier="cloud") as cloud:
+        assert cloud.engine is not None
+        config = router_config("cloud-only", [("cloud", cloud.address, "cloud")],
+                               cache={"maxEntries": 2, "ttlSeconds": 0.5})
+        async with running_router(config) as router, AsyncClient(router.address) as client:
+            first = await client.generate("cache me", max_new_tokens=6, request_id="a")
+            steps = cloud.engine.steps
+            second = await client.generate("cache me", max_new_tokens=6, request_id="b")
+            assert cloud.engine.steps == steps  # the model did no work
+            assert second.route.cached and not first.route.cached
+            assert (second.text, second.request_id) == (first.text, "b")
+            streamed = [c async for c in client.stream("cache me", max_new_tokens=6)]
+            assert streamed[-1].route.cached and "".join(c.text for c in streamed) == first.text
+            other = await client.generate("cache me", max_new_tokens=7)  # other parameters: another entry
+            sampled = await client.generate("cache me", max_new_tokens=6, temperature=1.0)  # not deterministic
+            sampled_again = await client.generate("cache me", max_new_tokens=6, temperature=1.0)
+            assert not other.route.cached and not sampled.route.cached and not sampled_again.route.cached
+            await asyncio.sleep(0.6)
+            expired = await client.generate("cache me", max_new_tokens=6)
+            assert not expired.route.cached
+            async with aiohttp.ClientSession() as http, \
+                    http.get(f"http://127.0.0.1:{router.http_port}/metrics") as resp:
+                metrics = await resp.text()
+        assert 'stratus_router_cache_lookups_total{result="hit"} 2.0' in metrics
+        assert "stratus_router_cache_hit_ratio" in metrics
+
+
+async def test_link_delay_applies_to_the_cloud_only(model_server, router_config, running_router) -> None:  # type: ignore[no-untyped-def]
+    async with model_server(tier="cloud") as cloud, model_server(tier="edge") as edge:
+        config = router_config("cloud-only", [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")],
+                               link={"delayMs": 150}, cache={"enabled": False})
+        async with running_router(config) as router, AsyncClient(router.address) as client:
+            far = await client.generate("far", max_new_tokens=1)
+            near = await client.generate("near", max_new_tokens=1, policy="edge-only")
+        assert far.timing.total_ms >= 150  # a lower bound only: sleeping never takes less
+        assert near.route.tier == pb.TIER_EDGE
+
+
+async def test_router_refuses_draft_and_verify(model_server, router_config, running_router) -> None:  # type: ignore[no-untyped-def]
+    async with model_server(tier="cloud") as cloud:
+        async with running_router(router_config("cloud-only", [("cloud", cloud.address, "cloud")])) as router, \
+                grpc.aio.insecure_channel(router.address) as channel:
+            from stratus_workers.api import inference_pb2_grpc as pb_grpc
+
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await pb_grpc.InferenceStub(channel).Draft(pb.DraftRequest(session_id="x", context=[1], max_tokens=1))
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED

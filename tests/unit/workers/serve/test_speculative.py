@@ -1,0 +1,152 @@
+"""Speculative decoding: the acceptance rule keeps the verifier's distribution; sessions keep the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from stratus_workers.models import load_model
+from stratus_workers.models.tiny import TINY, random_llama
+from stratus_workers.serve.engine import Engine, SamplingParams, SpecSampling, collect
+from stratus_workers.serve.speculative import (
+    SparseDist,
+    draft_distribution,
+    next_draft_length,
+    sample_sparse,
+    sampling_probs,
+    verify_greedy,
+    verify_sampled,
+)
+
+pytestmark = pytest.mark.unit
+
+VOCAB = 12
+
+
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's chi-square goodness of fit (cells with expected count < 5 pooled)."""
+    from scipy.stats import chisquare
+
+    n = int(counts.sum())
+    if bool((counts[probs == 0] > 0).any()):
+        return 0.0  # an outcome the distribution cannot produce
+    expected = probs * n
+    keep = expected >= 5
+    obs = torch.cat([counts[keep], counts[~keep].sum().reshape(1)]).double()
+    exp = torch.cat([expected[keep], expected[~keep].sum().reshape(1)]).double()
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return float(chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue)
+
+
+@pytest.fixture(scope="module")
+def tiny_logits() -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token logits of a target and a different draft model (both tiny, 12-token vocabulary)."""
+    context = torch.tensor([[1, 5, 7, 3]])
+    target = random_llama(dict(TINY), vocab_size=VOCAB, init_std=0.3, seed=2)
+    draft = random_llama(dict(TINY), vocab_size=VOCAB, init_std=0.3, seed=3)
+    with torch.inference_mode():
+        return target(context).logits[0, -1], draft(context).logits[0, -1]
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_sampled_verification_preserves_the_target_distribution(tiny_logits: Any, top_p: float) -> None:
+    target_logits, draft_logits = tiny_logits
+    temperature = 1.0
+    p = sampling_probs(target_logits, temperature, top_p)
+    q = draft_distribution(draft_logits, temperature, 1.0, top_k=6)  # truncated on purpose
+    assert not torch.allclose(p, q.dense(VOCAB), atol=0.05)  # the models disagree: the rule has work to do
+    gen = torch.Generator().manual_seed(0)
+    n = 20000
+    spec = torch.zeros(VOCAB)
+    naive = torch.zeros(VOCAB)
+    # A one-token draft plus the bonus scores the first output token's distribution exactly.
+    scores = torch.stack([target_logits, target_logits])
+    for _ in range(n):
+        x = sample_sparse(q, gen)
+        verdict = verify_sampled(scores, [x], [q], temperature, top_p, gen)
+        spec[x if verdict.accepted == 1 else verdict.next_token] += 1
+        naive[x] += 1
+    assert chi_square_p_value(spec, p) > 1e-3
+    assert chi_square_p_value(naive, p) < 1e-6  # accepting drafts blindly would be detected
+
+
+def test_greedy_verification() -> None:
+    logits = torch.full((4, VOCAB), -5.0)
+    for row, best in enumerate([3, 4, 9, 1]):
+        logits[row, best] = 5.0
+    assert verify_greedy(logits, [3, 4, 9]).__dict__ == {"accepted": 3, "next_token": 1}
+    assert verify_greedy(logits, [3, 7, 9]).__dict__ == {"accepted": 1, "next_token": 4}
+    assert verify_greedy(logits[:1], []).__dict__ == {"accepted": 0, "next_token": 3}
+
+
+def test_sampled_verification_rejects_bad_input() -> None:
+    logits = torch.zeros(2, VOCAB)
+    with pytest.raises(ValueError, match="distributions"):
+        verify_sampled(logits, [1], [], 1.0, 1.0, None)
+    with pytest.raises(ValueError, match="probability 0"):
+        verify_sampled(logits, [1], [SparseDist((2,), (1.0,))], 1.0, 1.0, None)
+
+
+def test_draft_length_adapts() -> None:
+    assert next_draft_length(4, 4) == 5
+    assert next_draft_length(8, 8, maximum=8) == 8
+    assert next_draft_length(6, 1) == 2
+    assert next_draft_length(3, 0) == 1
+
+
+async def test_engine_sessions_reproduce_greedy_generation(tiny_model_dir: Path, draft_model_dir: Path) -> None:
+    """Draft on one engine, verify on another, round after round: the tokens are the verifier's own."""
+    cloud = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    edge = load_model(str(draft_model_dir), dtype="float32", device="cpu")
+    cloud_engine = Engine(cloud.model, cloud.tokenizer, max_batch_size=1, max_len=256, max_sessions=2)
+    edge_engine = Engine(edge.model, edge.tokenizer, max_batch_size=1, max_len=256, max_sessions=2)
+    cloud_engine.start()
+    edge_engine.start()
+    greedy = SpecSampling()
+    try:
+        for text in ("The weather today", "Numbers: 1 2 3", "A long time ago"):
+            prompt = cloud.tokenizer.encode(text)
+            _, _, finish = await collect(cloud_engine.stream(prompt, SamplingParams(max_new_tokens=24)))
+            reference: list[int] = []
+            async for event in cloud_engine.stream(prompt, SamplingParams(max_new_tokens=24)):
+                reference.extend(getattr(event, "token_ids", ()))
+            out: list[int] = []
+            drafted = accepted = 0
+            while len(out) < len(reference):
+                draft = await edge_engine.draft("s", prompt + out, 4, greedy)
+                verdict = await cloud_engine.verify("s", prompt + out, draft.tokens, (), greedy)
+                drafted += len(draft.tokens)
+                accepted += verdict.accepted
+                out += [*draft.tokens[: verdict.accepted], verdict.next_token]
+            assert out[: len(reference)] == reference
+            assert 0 < accepted <= drafted
+            await edge_engine.end_session("s")
+            await cloud_engine.end_session("s")
+            assert cloud_engine.sessions == 0 and edge_engine.sessions == 0
+    finally:
+        cloud_engine.shutdown()
+        edge_engine.shutdown()
+
+
+async def test_session_limits(tiny_model_dir: Path) -> None:
+    loaded = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_len=64, max_sessions=1)
+    engine.start()
+    try:
+        await engine.draft("a", [1, 2, 3], 2, SpecSampling())
+        from stratus_workers.serve.engine import EngineOverloaded
+
+        with pytest.raises(EngineOverloaded, match="sessions are busy"):
+            await engine.draft("b", [1, 2, 3], 2, SpecSampling())
+        with pytest.raises(ValueError, match="outside this model's vocabulary"):
+            await engine.verify("a", [1, 2, 10**7], [], (), SpecSampling())
+        with pytest.raises(ValueError, match="context is empty"):
+            await engine.draft("a", [], 2, SpecSampling())
+        with pytest.raises(ValueError, match="exceeds"):
+            await engine.verify("a", list(range(70)), [], (), SpecSampling())
+    finally:
+        engine.shutdown()

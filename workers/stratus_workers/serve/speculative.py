@@ -1,0 +1,120 @@
+"""Speculative decoding math: the draft's sampling distribution and the verifier's acceptance rule.
+
+Sampled drafts follow Leviathan et al. (2023): accept draft token x with probability
+min(1, p(x)/q(x)); on rejection draw from the residual max(0, p - q), renormalised; when all
+drafts are accepted draw a bonus token from p. The output is then distributed exactly as the
+verifier's own sampling distribution p. The draft distribution q may be anything as long as the
+verifier knows it exactly, so drafts come from a top-k truncation of the edge model: that keeps
+q sparse and cheap to send over the edge link without giving up exactness.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The distribution a sampler with this temperature and nucleus draws from (1-D, sums to 1)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if 0.0 < top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        sorted_probs[cumulative - sorted_probs > top_p] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        probs = probs / probs.sum()
+    return probs
+
+
+@dataclass(frozen=True)
+class SparseDist:
+    """A distribution over a few token ids (the rest have probability 0)."""
+
+    token_ids: tuple[int, ...]
+    probs: tuple[float, ...]
+
+    def dense(self, vocab_size: int, device: torch.device | None = None) -> torch.Tensor:
+        out = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+        out[torch.tensor(self.token_ids, dtype=torch.long, device=device)] = torch.tensor(
+            self.probs, dtype=torch.float32, device=device
+        )
+        return out
+
+    def prob(self, token: int) -> float:
+        try:
+            return self.probs[self.token_ids.index(token)]
+        except ValueError:
+            return 0.0
+
+
+def draft_distribution(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> SparseDist:
+    """The edge's draft distribution: its sampling distribution cut to the top_k tokens, renormalised."""
+    probs = sampling_probs(logits, temperature, top_p)
+    k = max(1, min(top_k, int((probs > 0).sum())))
+    top_probs, top_ids = torch.topk(probs, k)
+    top_probs = top_probs / top_probs.sum()
+    return SparseDist(tuple(int(i) for i in top_ids.tolist()), tuple(float(p) for p in top_probs.tolist()))
+
+
+def sample_sparse(dist: SparseDist, generator: torch.Generator | None) -> int:
+    index = int(torch.multinomial(torch.tensor(dist.probs), 1, generator=generator)[0])
+    return dist.token_ids[index]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: int
+    next_token: int
+
+
+def verify_greedy(logits: torch.Tensor, draft: Sequence[int]) -> Verdict:
+    """`logits` is [len(draft)+1, V]: row i predicts the token after draft[:i]."""
+    best = torch.argmax(logits, dim=-1).tolist()
+    accepted = 0
+    while accepted < len(draft) and best[accepted] == draft[accepted]:
+        accepted += 1
+    return Verdict(accepted, int(best[accepted]))
+
+
+def verify_sampled(
+    logits: torch.Tensor,
+    draft: Sequence[int],
+    dists: Sequence[SparseDist],
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+) -> Verdict:
+    """The rejection rule that leaves the output distributed as the verifier's own sampler."""
+    if len(dists) != len(draft):
+        raise ValueError(f"{len(draft)} draft tokens but {len(dists)} draft distributions")
+    vocab = logits.shape[-1]
+    for i, (token, dist) in enumerate(zip(draft, dists, strict=True)):
+        p = sampling_probs(logits[i], temperature, top_p)
+        q_x = dist.prob(token)
+        if q_x <= 0.0:
+            raise ValueError(f"draft token {token} at position {i} has probability 0 under its own distribution")
+        ratio = float(p[token]) / q_x
+        if ratio >= 1.0 or float(torch.rand((), generator=generator)) < ratio:
+            continue
+        residual = torch.clamp(p - dist.dense(vocab, p.device), min=0.0)
+        total = float(residual.sum())
+        if total <= 0.0:  # p == q up to rounding: any draw from p is right
+            residual, total = p, 1.0
+        token_next = int(torch.multinomial((residual / total).cpu(), 1, generator=generator)[0])
+        return Verdict(i, token_next)
+    p_bonus = sampling_probs(logits[len(draft)], temperature, top_p)
+    return Verdict(len(draft), int(torch.multinomial(p_bonus.cpu(), 1, generator=generator)[0]))
+
+
+def next_draft_length(current: int, accepted: int, *, minimum: int = 1, maximum: int = 8) -> int:
+    """Adapt k to the acceptance seen: grow after a fully accepted draft, else shrink towards what stuck.
+
+    A draft token costs edge time and link bytes; one the cloud rejects buys nothing. Growing by one
+    on full acceptance and falling to accepted+1 otherwise tracks the acceptance rate without a model.
+    """
+    if accepted >= current:
+        return min(maximum, current + 1)
+    return max(minimum, min(maximum, accepted + 1))
