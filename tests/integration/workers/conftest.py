@@ -85,8 +85,23 @@ def server_process(tiny_model_dir: Path) -> Iterator[Callable[..., tuple[subproc
 
     def start(tier: str = "edge", **flags: Any) -> tuple[subprocess.Popen[bytes], str]:
         port = free_port()
-        args = [sys.executable, "-m", "stratus_workers.serve", "--model", str(tiny_model_dir), "--tier", tier,
-                "--port", str(port), "--http-port", "0", "--threads", "1", "--log-format", "text"]
+        args = [
+            sys.executable,
+            "-m",
+            "stratus_workers.serve",
+            "--model",
+            str(tiny_model_dir),
+            "--tier",
+            tier,
+            "--port",
+            str(port),
+            "--http-port",
+            "0",
+            "--threads",
+            "1",
+            "--log-format",
+            "text",
+        ]
         for key, value in flags.items():
             args += [f"--{key.replace('_', '-')}", str(value)]
         proc = subprocess.Popen(args, env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -154,7 +154,9 @@ def read_artifact_manifest(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(manifest.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{manifest} is not valid JSON ({exc}); the artifact is corrupt, rerun compression") from exc
+        raise ModelLoadError(
+            f"{manifest} is not valid JSON ({exc}); the artifact is corrupt, rerun compression"
+        ) from exc
     if not isinstance(data, dict) or data.get("format") != ARTIFACT_FORMAT:
         return None
     return data
@@ -311,11 +313,15 @@ def _load_artifact(path: Path, dtype: torch.dtype, device: torch.device) -> tupl
     try:
         artifact = importlib.import_module("stratus_workers.compress.artifact")
     except ImportError as exc:
-        raise ModelLoadError(f"{path} is a compressed artifact, but the compress package is unavailable: {exc}") from exc
+        raise ModelLoadError(
+            f"{path} is a compressed artifact, but the compress package is unavailable: {exc}"
+        ) from exc
     try:
         model, tokenizer = artifact.load_artifact(path, dtype=dtype, device=device)
     except ModelLoadError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"compressed artifact {path} could not be loaded: {exc}; rerun its compression job") from exc
+        raise ModelLoadError(
+            f"compressed artifact {path} could not be loaded: {exc}; rerun its compression job"
+        ) from exc
     return model, tokenizer

@@ -11,8 +11,13 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-EVALUATION = {"perplexitySamples": 2, "sequenceLength": 32, "speedTokens": 4, "agreementPrompts": 2,
-              "agreementTokens": 4}
+EVALUATION = {
+    "perplexitySamples": 2,
+    "sequenceLength": 32,
+    "speedTokens": 4,
+    "agreementPrompts": 2,
+    "agreementTokens": 4,
+}
 
 
 def _run(spec: dict[str, object], tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
@@ -20,17 +25,35 @@ def _run(spec: dict[str, object], tmp_path: Path) -> tuple[subprocess.CompletedP
     spec_file.write_text(json.dumps(spec))
     out = tmp_path / "artifact"
     proc = subprocess.run(
-        [sys.executable, "-m", "stratus_workers.compress", "--spec", str(spec_file), "--out", str(out),
-         "--termination-log", str(tmp_path / "termination-log")],
-        capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-                                                          "HOME": str(Path.home())},
+        [
+            sys.executable,
+            "-m",
+            "stratus_workers.compress",
+            "--spec",
+            str(spec_file),
+            "--out",
+            str(out),
+            "--termination-log",
+            str(tmp_path / "termination-log"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
     )
     return proc, out
 
 
 def test_accepted_variant(tiny_model_dir: Path, tmp_path: Path) -> None:
-    proc, out = _run({"name": "int8", "modelSource": str(tiny_model_dir), "evaluation": EVALUATION,
-                      "compression": {"quantization": {"method": "int8-weight"}}}, tmp_path)
+    proc, out = _run(
+        {
+            "name": "int8",
+            "modelSource": str(tiny_model_dir),
+            "evaluation": EVALUATION,
+            "compression": {"quantization": {"method": "int8-weight"}},
+        },
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["status"] == "accepted" and summary["name"] == "int8"
@@ -43,8 +66,10 @@ def test_accepted_variant(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_unknown_method_exits_non_zero_naming_the_field(tiny_model_dir: Path, tmp_path: Path) -> None:
-    proc, out = _run({"name": "bad", "modelSource": str(tiny_model_dir),
-                      "compression": {"quantization": {"method": "int2-weight"}}}, tmp_path)
+    proc, out = _run(
+        {"name": "bad", "modelSource": str(tiny_model_dir), "compression": {"quantization": {"method": "int2-weight"}}},
+        tmp_path,
+    )
     assert proc.returncode == 2
     assert "compression.quantization.method" in proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["status"] == "failed"

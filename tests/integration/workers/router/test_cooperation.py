@@ -15,17 +15,31 @@ from stratus_workers.client import AsyncClient
 pytestmark = pytest.mark.integration
 
 PROMPTS = [
-    "The weather today", "Numbers: 1 2 3", "A long time ago", "Dear friend,", "def main():", "Recipe for bread",
-    "The capital of", "In the beginning", "Question: why?", "Once", "Hello hello hello", "Zebras and lions",
+    "The weather today",
+    "Numbers: 1 2 3",
+    "A long time ago",
+    "Dear friend,",
+    "def main():",
+    "Recipe for bread",
+    "The capital of",
+    "In the beginning",
+    "Question: why?",
+    "Once",
+    "Hello hello hello",
+    "Zebras and lions",
 ]
 
 
-async def test_speculative_greedy_equals_cloud_only(model_server, draft_model_dir, tiny_model_dir,  # type: ignore[no-untyped-def]
-                                                    router_config, running_router) -> None:
-    async with model_server(tier="cloud", name="cloud") as cloud, \
-            model_server(tier="edge", name="edge", model=str(draft_model_dir)) as edge:
-        config = router_config("speculative", [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")],
-                               cache={"enabled": False})
+async def test_speculative_greedy_equals_cloud_only(
+    model_server, draft_model_dir, tiny_model_dir, router_config, running_router
+) -> None:
+    async with (
+        model_server(tier="cloud", name="cloud") as cloud,
+        model_server(tier="edge", name="edge", model=str(draft_model_dir)) as edge,
+    ):
+        config = router_config(
+            "speculative", [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")], cache={"enabled": False}
+        )
         config = config.model_copy(update={"tokenizer": str(tiny_model_dir)})
         async with running_router(config) as router, AsyncClient(router.address) as client:
             drafted = accepted = rounds = tokens = 0
@@ -36,11 +50,17 @@ async def test_speculative_greedy_equals_cloud_only(model_server, draft_model_di
                 assert [lp.token_id for lp in ours.logprobs] == [lp.token_id for lp in alone.logprobs]
                 assert ours.finish_reason == alone.finish_reason
                 route = ours.route
-                assert (route.tier, route.reason, route.policy) == (pb.TIER_CLOUD, "speculative",
-                                                                    pb.ROUTING_POLICY_SPECULATIVE)
+                assert (route.tier, route.reason, route.policy) == (
+                    pb.TIER_CLOUD,
+                    "speculative",
+                    pb.ROUTING_POLICY_SPECULATIVE,
+                )
                 assert route.backend == "edge+cloud" and route.rounds <= ours.usage.completion_tokens
-                drafted, accepted, rounds = drafted + route.draft_tokens, accepted + route.accepted_tokens, \
-                    rounds + route.rounds
+                drafted, accepted, rounds = (
+                    drafted + route.draft_tokens,
+                    accepted + route.accepted_tokens,
+                    rounds + route.rounds,
+                )
                 tokens += ours.usage.completion_tokens
             streamed = [c async for c in client.stream(PROMPTS[0], max_new_tokens=20)]
             assert "".join(c.text for c in streamed) == (await client.generate(PROMPTS[0], max_new_tokens=20)).text
@@ -51,11 +71,16 @@ async def test_speculative_greedy_equals_cloud_only(model_server, draft_model_di
         assert cloud.engine is not None and cloud.engine.sessions == 0  # every session was released
 
 
-async def test_speculative_sampling_with_seed_is_reproducible(model_server, draft_model_dir, tiny_model_dir,  # type: ignore[no-untyped-def]
-                                                              router_config, running_router) -> None:
+async def test_speculative_sampling_with_seed_is_reproducible(
+    model_server, draft_model_dir, tiny_model_dir, router_config, running_router
+) -> None:
     async with model_server(tier="cloud") as cloud, model_server(tier="edge", model=str(draft_model_dir)) as edge:
-        config = router_config("speculative", [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")],
-                               cache={"enabled": False}, speculative={"topK": 8})
+        config = router_config(
+            "speculative",
+            [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")],
+            cache={"enabled": False},
+            speculative={"topK": 8},
+        )
         config = config.model_copy(update={"tokenizer": str(tiny_model_dir)})
         async with running_router(config) as router, AsyncClient(router.address) as client:
             first = await client.generate("Sample me", max_new_tokens=12, temperature=0.8, seed=5)
@@ -63,12 +88,14 @@ async def test_speculative_sampling_with_seed_is_reproducible(model_server, draf
         assert first.text == second.text and first.route.draft_tokens > 0
 
 
-async def test_speculative_survives_the_edge_dying(model_server, server_process, tiny_model_dir,  # type: ignore[no-untyped-def]
-                                                   router_config, running_router) -> None:
+async def test_speculative_survives_the_edge_dying(
+    model_server, server_process, tiny_model_dir, router_config, running_router
+) -> None:
     proc, edge_address = server_process("edge")
     async with model_server(tier="cloud") as cloud:
-        config = router_config("speculative", [("edge", edge_address, "edge"), ("cloud", cloud.address, "cloud")],
-                               cache={"enabled": False})
+        config = router_config(
+            "speculative", [("edge", edge_address, "edge"), ("cloud", cloud.address, "cloud")], cache={"enabled": False}
+        )
         config = config.model_copy(update={"tokenizer": str(tiny_model_dir)})
         async with running_router(config) as router, AsyncClient(router.address) as client:
             before = await client.generate("Exact anyway", max_new_tokens=16)
@@ -81,8 +108,7 @@ async def test_speculative_survives_the_edge_dying(model_server, server_process,
         assert after.route.degraded and after.route.reason in ("edge-unavailable", "edge-lost")
 
 
-async def test_speculative_without_tokenizer_degrades_to_cloud(model_server, router_config,  # type: ignore[no-untyped-def]
-                                                               running_router) -> None:
+async def test_speculative_without_tokenizer_degrades_to_cloud(model_server, router_config, running_router) -> None:
     async with model_server(tier="cloud") as cloud, model_server(tier="edge") as edge:
         config = router_config("speculative", [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")])
         async with running_router(config) as router, AsyncClient(router.address) as client:
@@ -90,11 +116,12 @@ async def test_speculative_without_tokenizer_degrades_to_cloud(model_server, rou
         assert (reply.route.tier, reply.route.reason, reply.route.degraded) == (pb.TIER_CLOUD, "no-tokenizer", True)
 
 
-async def test_output_cache_hits_and_expires(model_server, router_config, running_router) -> None:  # type: ignore[no-untyped-def]
+async def test_output_cache_hits_and_expires(model_server, router_config, running_router) -> None:
     async with model_server(tier="cloud") as cloud:
         assert cloud.engine is not None
-        config = router_config("cloud-only", [("cloud", cloud.address, "cloud")],
-                               cache={"maxEntries": 2, "ttlSeconds": 0.5})
+        config = router_config(
+            "cloud-only", [("cloud", cloud.address, "cloud")], cache={"maxEntries": 2, "ttlSeconds": 0.5}
+        )
         async with running_router(config) as router, AsyncClient(router.address) as client:
             first = await client.generate("cache me", max_new_tokens=6, request_id="a")
             steps = cloud.engine.steps
@@ -111,17 +138,23 @@ async def test_output_cache_hits_and_expires(model_server, router_config, runnin
             await asyncio.sleep(0.6)
             expired = await client.generate("cache me", max_new_tokens=6)
             assert not expired.route.cached
-            async with aiohttp.ClientSession() as http, \
-                    http.get(f"http://127.0.0.1:{router.http_port}/metrics") as resp:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{router.http_port}/metrics") as resp,
+            ):
                 metrics = await resp.text()
         assert 'stratus_router_cache_lookups_total{result="hit"} 2.0' in metrics
         assert "stratus_router_cache_hit_ratio" in metrics
 
 
-async def test_link_delay_applies_to_the_cloud_only(model_server, router_config, running_router) -> None:  # type: ignore[no-untyped-def]
+async def test_link_delay_applies_to_the_cloud_only(model_server, router_config, running_router) -> None:
     async with model_server(tier="cloud") as cloud, model_server(tier="edge") as edge:
-        config = router_config("cloud-only", [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")],
-                               link={"delayMs": 150}, cache={"enabled": False})
+        config = router_config(
+            "cloud-only",
+            [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")],
+            link={"delayMs": 150},
+            cache={"enabled": False},
+        )
         async with running_router(config) as router, AsyncClient(router.address) as client:
             far = await client.generate("far", max_new_tokens=1)
             near = await client.generate("near", max_new_tokens=1, policy="edge-only")
@@ -129,10 +162,12 @@ async def test_link_delay_applies_to_the_cloud_only(model_server, router_config,
         assert near.route.tier == pb.TIER_EDGE
 
 
-async def test_router_refuses_draft_and_verify(model_server, router_config, running_router) -> None:  # type: ignore[no-untyped-def]
+async def test_router_refuses_draft_and_verify(model_server, router_config, running_router) -> None:
     async with model_server(tier="cloud") as cloud:
-        async with running_router(router_config("cloud-only", [("cloud", cloud.address, "cloud")])) as router, \
-                grpc.aio.insecure_channel(router.address) as channel:
+        async with (
+            running_router(router_config("cloud-only", [("cloud", cloud.address, "cloud")])) as router,
+            grpc.aio.insecure_channel(router.address) as channel,
+        ):
             from stratus_workers.api import inference_pb2_grpc as pb_grpc
 
             with pytest.raises(grpc.aio.AioRpcError) as caught:

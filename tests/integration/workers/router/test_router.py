@@ -29,10 +29,11 @@ NEVER_EDGE = {"confidenceThreshold": -0.001}
         ("cascade", NEVER_EDGE, pb.TIER_CLOUD, "low-confidence"),
     ],
 )
-async def test_policies(model_server, policy, cascade, tier, reason, router_config, running_router) -> None:  # type: ignore[no-untyped-def]
+async def test_policies(model_server, policy, cascade, tier, reason, router_config, running_router) -> None:
     async with model_server(tier="edge", name="edge") as edge, model_server(tier="cloud", name="cloud") as cloud:
-        config = router_config(policy, [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")],
-                               cascade=cascade)
+        config = router_config(
+            policy, [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")], cascade=cascade
+        )
         async with running_router(config) as router, AsyncClient(router.address) as client:
             reply = await client.generate("Route me", max_new_tokens=6)
             assert (reply.route.tier, reply.route.reason) == (tier, reason)
@@ -48,10 +49,15 @@ async def test_policies(model_server, policy, cascade, tier, reason, router_conf
             assert "".join(c.text for c in chunks) == reply.text
 
 
-async def test_cascade_sends_long_prompts_to_the_cloud(model_server, tiny_model_dir, router_config, running_router) -> None:  # type: ignore[no-untyped-def]
+async def test_cascade_sends_long_prompts_to_the_cloud(
+    model_server, tiny_model_dir, router_config, running_router
+) -> None:
     async with model_server(tier="edge") as edge, model_server(tier="cloud") as cloud:
-        config = router_config("cascade", [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")],
-                               cascade={**ALWAYS_EDGE, "maxEdgePromptTokens": 8})
+        config = router_config(
+            "cascade",
+            [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")],
+            cascade={**ALWAYS_EDGE, "maxEdgePromptTokens": 8},
+        )
         config = config.model_copy(update={"tokenizer": str(tiny_model_dir)})
         async with running_router(config) as router, AsyncClient(router.address) as client:
             short = await client.generate("hi", max_new_tokens=2)
@@ -62,21 +68,27 @@ async def test_cascade_sends_long_prompts_to_the_cloud(model_server, tiny_model_
         assert (per_request.route.tier, per_request.route.reason) == (pb.TIER_CLOUD, "policy")
 
 
-async def test_cascade_escalates_when_edge_is_too_slow(model_server, router_config, running_router) -> None:  # type: ignore[no-untyped-def]
+async def test_cascade_escalates_when_edge_is_too_slow(model_server, router_config, running_router) -> None:
     async with model_server(tier="edge") as edge, model_server(tier="cloud") as cloud:
-        config = router_config("cascade", [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")],
-                               cascade={**ALWAYS_EDGE, "edgeTimeoutSeconds": 0.001})
+        config = router_config(
+            "cascade",
+            [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")],
+            cascade={**ALWAYS_EDGE, "edgeTimeoutSeconds": 0.001},
+        )
         async with running_router(config) as router, AsyncClient(router.address) as client:
             reply = await client.generate("hurry", max_new_tokens=50)
         assert (reply.route.tier, reply.route.reason) == (pb.TIER_CLOUD, "edge-timeout")
 
 
-async def test_failover_when_edge_process_is_killed(model_server, server_process, router_config, running_router) -> None:  # type: ignore[no-untyped-def]
+async def test_failover_when_edge_process_is_killed(
+    model_server, server_process, router_config, running_router
+) -> None:
     proc, edge_address = server_process("edge")
     async with model_server(tier="cloud", name="cloud") as cloud:
         for policy in ("cascade", "edge-only"):
-            config = router_config(policy, [("edge", edge_address, "edge"), ("cloud", cloud.address, "cloud")],
-                                   cascade=ALWAYS_EDGE)
+            config = router_config(
+                policy, [("edge", edge_address, "edge"), ("cloud", cloud.address, "cloud")], cascade=ALWAYS_EDGE
+            )
             async with running_router(config) as router, AsyncClient(router.address) as client:
                 before = await client.generate("before", max_new_tokens=3)
                 assert before.route.tier == pb.TIER_EDGE
@@ -86,8 +98,9 @@ async def test_failover_when_edge_process_is_killed(model_server, server_process
         proc.wait(10)
         failures = 0
         for policy in ("cascade", "edge-only"):
-            config = router_config(policy, [("edge", edge_address, "edge"), ("cloud", cloud.address, "cloud")],
-                                   cascade=ALWAYS_EDGE)
+            config = router_config(
+                policy, [("edge", edge_address, "edge"), ("cloud", cloud.address, "cloud")], cascade=ALWAYS_EDGE
+            )
             async with running_router(config) as router, AsyncClient(router.address) as client:
                 replies = []
                 for _ in range(5):
@@ -102,12 +115,15 @@ async def test_failover_when_edge_process_is_killed(model_server, server_process
         assert failures == 0
 
 
-async def test_router_fails_over_mid_run_without_client_errors(model_server, server_process, router_config, running_router) -> None:  # type: ignore[no-untyped-def]
+async def test_router_fails_over_mid_run_without_client_errors(
+    model_server, server_process, router_config, running_router
+) -> None:
     """The edge dies while the router is running: in-flight and later requests still succeed."""
     proc, edge_address = server_process("edge")
     async with model_server(tier="cloud", name="cloud") as cloud:
-        config = router_config("cascade", [("edge", edge_address, "edge"), ("cloud", cloud.address, "cloud")],
-                               cascade=ALWAYS_EDGE)
+        config = router_config(
+            "cascade", [("edge", edge_address, "edge"), ("cloud", cloud.address, "cloud")], cascade=ALWAYS_EDGE
+        )
         async with running_router(config) as router, AsyncClient(router.address) as client:
             tiers = []
             for i in range(12):
@@ -117,10 +133,11 @@ async def test_router_fails_over_mid_run_without_client_errors(model_server, ser
             assert tiers[:4] == [pb.TIER_EDGE] * 4 and tiers[-1] == pb.TIER_CLOUD
 
 
-async def test_no_fallback_when_disabled(model_server, router_config, running_router) -> None:  # type: ignore[no-untyped-def]
+async def test_no_fallback_when_disabled(model_server, router_config, running_router) -> None:
     async with model_server(tier="cloud") as cloud:
-        config = router_config("edge-only", [("edge", "127.0.0.1:1", "edge"), ("cloud", cloud.address, "cloud")],
-                               allowFallback=False)
+        config = router_config(
+            "edge-only", [("edge", "127.0.0.1:1", "edge"), ("cloud", cloud.address, "cloud")], allowFallback=False
+        )
         async with running_router(config) as router, AsyncClient(router.address) as client:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await client.generate("private", max_new_tokens=2)
@@ -128,10 +145,11 @@ async def test_no_fallback_when_disabled(model_server, router_config, running_ro
         assert "fallback is off" in (caught.value.details() or "")
 
 
-async def test_openai_http_api(model_server, router_config, running_router) -> None:  # type: ignore[no-untyped-def]
+async def test_openai_http_api(model_server, router_config, running_router) -> None:
     async with model_server(tier="edge") as edge, model_server(tier="cloud") as cloud:
-        config = router_config("cascade", [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")],
-                               cascade=ALWAYS_EDGE)
+        config = router_config(
+            "cascade", [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")], cascade=ALWAYS_EDGE
+        )
         async with running_router(config, model_name="smol") as router, aiohttp.ClientSession() as http:
             base = f"http://127.0.0.1:{router.http_port}"
             body = {"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
@@ -140,8 +158,9 @@ async def test_openai_http_api(model_server, router_config, running_router) -> N
                 data = await resp.json()
             assert data["object"] == "chat.completion" and data["choices"][0]["message"]["role"] == "assistant"
             assert data["usage"]["completion_tokens"] <= 5 and data["stratus"]["reason"] == "confident"
-            async with http.post(f"{base}/v1/chat/completions", json={**body, "stream": True},
-                                 headers={"X-Stratus-Policy": "cloud-only"}) as resp:
+            async with http.post(
+                f"{base}/v1/chat/completions", json={**body, "stream": True}, headers={"X-Stratus-Policy": "cloud-only"}
+            ) as resp:
                 lines = [line for line in (await resp.text()).splitlines() if line.startswith("data: ")]
             assert lines[-1] == "data: [DONE]"
             events = [json.loads(line[6:]) for line in lines[:-1]]
@@ -152,9 +171,11 @@ async def test_openai_http_api(model_server, router_config, running_router) -> N
                 completion = await resp.json()
             assert completion["object"] == "text_completion" and "text" in completion["choices"][0]
             assert isinstance(streamed, str)
-            for bad, fragment in [({"messages": []}, "messages"), ({"messages": [{"role": "user", "content": "x"}],
-                                  "max_tokens": "many"}, "max_tokens"), ({"prompt": "x", "max_tokens": 100000},
-                                  "max_new_tokens")]:
+            for bad, fragment in [
+                ({"messages": []}, "messages"),
+                ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, "max_tokens"),
+                ({"prompt": "x", "max_tokens": 100000}, "max_new_tokens"),
+            ]:
                 path = "/v1/completions" if "prompt" in bad else "/v1/chat/completions"
                 async with http.post(base + path, json=bad) as resp:
                     assert resp.status == 400

@@ -16,7 +16,7 @@ from stratus_workers.client import AsyncClient
 pytestmark = pytest.mark.integration
 
 
-async def test_unary_and_streaming_agree(model_server) -> None:  # type: ignore[no-untyped-def]
+async def test_unary_and_streaming_agree(model_server) -> None:
     async with model_server(name="tiny") as server, AsyncClient(server.address) as client:
         reply = await client.generate("Hello world", max_new_tokens=8, logprobs=True, request_id="r1")
         assert reply.usage.completion_tokens == len(reply.logprobs) > 0
@@ -45,7 +45,7 @@ async def test_unary_and_streaming_agree(model_server) -> None:  # type: ignore[
         (dict(prompt="x" * 70_000), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
     ],
 )
-async def test_limits_give_clear_errors(model_server, kwargs, code, fragment) -> None:  # type: ignore[no-untyped-def]
+async def test_limits_give_clear_errors(model_server, kwargs, code, fragment) -> None:
     async with (
         model_server(name="tiny", max_prompt_tokens=64, max_new_tokens=64, max_message_bytes=65536) as server,
         AsyncClient(server.address) as client,
@@ -58,7 +58,7 @@ async def test_limits_give_clear_errors(model_server, kwargs, code, fragment) ->
         assert (await client.generate("ok", max_new_tokens=2)).usage.completion_tokens > 0
 
 
-async def test_client_cancel_and_deadline_free_the_batch(model_server) -> None:  # type: ignore[no-untyped-def]
+async def test_client_cancel_and_deadline_free_the_batch(model_server) -> None:
     async with model_server(max_batch_size=2, max_new_tokens=400) as server, AsyncClient(server.address) as client:
         assert server.engine is not None
         stream = client.stream("cancel", max_new_tokens=400)
@@ -75,7 +75,7 @@ async def test_client_cancel_and_deadline_free_the_batch(model_server) -> None: 
         assert (server.engine.active, server.engine.waiting) == (0, 0)
 
 
-async def test_health_reflection_and_metrics(model_server) -> None:  # type: ignore[no-untyped-def]
+async def test_health_reflection_and_metrics(model_server) -> None:
     async with model_server(tier="edge") as server, AsyncClient(server.address) as client:
         info = await client.model_info()
         assert info.tier == pb.TIER_EDGE and info.parameters > 0 and info.max_prompt_tokens == 2048
@@ -85,7 +85,12 @@ async def test_health_reflection_and_metrics(model_server) -> None:  # type: ign
             )
             assert health.status == health_pb2.HealthCheckResponse.SERVING
             stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-            replies = [r async for r in stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))]
+            replies = [
+                r
+                async for r in stub.ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+                )
+            ]
             names = {s.name for s in replies[0].list_services_response.service}
             assert "stratus.v1.Inference" in names
         await client.generate("count me", max_new_tokens=3)
