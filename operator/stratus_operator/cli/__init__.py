@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from stratus_operator import __version__
 
 # Each module defines `register(subparsers)`, which adds its parser and sets `func`.
-SUBCOMMANDS = ("up", "chat", "bench", "compress", "operator")
+SUBCOMMANDS = ("up", "chat", "bench", "calibrate", "compress", "operator")
 
 
 def build_parser() -> argparse.ArgumentParser:

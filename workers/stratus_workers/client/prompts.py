@@ -17,3 +17,23 @@ SAMPLE_PROMPTS: tuple[str, ...] = (
     "Summarize the plot of Cinderella in one sentence.",
     "What does a CPU do in a computer?",
 )
+
+# Disjoint from SAMPLE_PROMPTS: a threshold is calibrated on these and measured on those.
+CALIBRATION_PROMPTS: tuple[str, ...] = (
+    "What is the capital of Italy?",
+    "How many days are in a week?",
+    "Name a mammal that lives in the ocean.",
+    "What color is a ripe banana?",
+    "Who painted the Mona Lisa?",
+    "What is 7 plus 8?",
+    "Describe a rainy day in one sentence.",
+    "What is the opposite of 'hot'?",
+    "Write a short greeting for a birthday card.",
+    "What language is spoken in Brazil?",
+    "Explain what a noun is.",
+    "Give a synonym for 'happy'.",
+    "What is the freezing point of water in Fahrenheit?",
+    "Name a famous scientist.",
+    "Why do leaves change color in autumn?",
+    "What is the main ingredient of guacamole?",
+)

@@ -1,4 +1,4 @@
-"""Fixtures that start real model servers and routers on loopback ports."""
+"""Fixtures that start real model servers and routers on loopback ports (shared by every integration test)."""
 
 from __future__ import annotations
 

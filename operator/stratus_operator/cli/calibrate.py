@@ -1,0 +1,103 @@
+"""`stratus calibrate`: measure edge confidence against cloud answers and set the cascade threshold."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from stratus_workers.client import AsyncClient
+from stratus_workers.client.prompts import CALIBRATION_PROMPTS
+from stratus_workers.router.calibration import Calibration, Sample, answer_quality, choose_threshold
+from stratus_workers.router.policy import mean_logprob
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "calibrate",
+        help="pick the cascade confidence threshold that keeps quality at a target",
+        description="Ask the edge (with log-probabilities) and the cloud each calibration prompt through a "
+        "router, then choose the threshold that serves the most prompts at the edge while quality retention "
+        "(similarity to the cloud's answers) stays at or above --retention.",
+    )
+    parser.add_argument("--target", default="127.0.0.1:50051", help="router gRPC address")
+    parser.add_argument("--retention", type=float, default=0.97, help="quality retention to keep (0-1]")
+    parser.add_argument("--prompts", type=Path, help="one prompt per line (default: the built-in calibration set)")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("-f", "--file", type=Path, help="an LLMDeployment manifest to write the threshold into")
+    parser.add_argument("--write", action="store_true", help="update --file in place")
+    parser.set_defaults(func=run)
+
+
+async def collect_samples(target: str, prompts: list[str], max_new_tokens: int) -> list[Sample]:
+    """Edge answer with its confidence and the cloud's answer, for each prompt."""
+    samples = []
+    async with AsyncClient(target, timeout=600) as client:
+        for prompt in prompts:
+            messages = [{"role": "user", "content": prompt}]
+            edge = await client.generate(
+                messages=messages, max_new_tokens=max_new_tokens, logprobs=True, policy="edge-only"
+            )
+            cloud = await client.generate(messages=messages, max_new_tokens=max_new_tokens, policy="cloud-only")
+            samples.append(
+                Sample(
+                    prompt, mean_logprob([lp.logprob for lp in edge.logprobs]), answer_quality(edge.text, cloud.text)
+                )
+            )
+    return samples
+
+
+def write_threshold(path: Path, threshold: float) -> None:
+    """Set spec.routing.cascade.confidenceThreshold in the manifest, keeping its comments where possible."""
+    text = path.read_text()
+    value = f"{threshold:.4f}"
+    pattern = re.compile(r"^(\s*confidenceThreshold:\s*)([-+0-9.eE]+)\s*$", re.M)
+    if len(pattern.findall(text)) == 1:
+        path.write_text(pattern.sub(lambda m: m.group(1) + value, text))
+        return
+    manifest = yaml.safe_load(text)
+    routing = manifest.setdefault("spec", {}).setdefault("routing", {})
+    routing.setdefault("cascade", {})["confidenceThreshold"] = float(value)
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+
+
+def report(result: Calibration, samples: list[Sample]) -> None:
+    table = Table(title=f"calibration: {len(samples)} prompts, retention target {result.target:.0%}")
+    for column in ("threshold", "served at edge", "quality retention", ""):
+        table.add_column(column, justify="right")
+    for point in result.curve:
+        mark = "← chosen" if point.threshold == result.threshold else ""
+        table.add_row(f"{point.threshold:.3f}", f"{point.edge_share:.0%}", f"{point.retention:.1%}", mark)
+    Console().print(table)
+
+
+def run(args: argparse.Namespace) -> int:
+    prompts = (
+        [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+        if args.prompts
+        else list(CALIBRATION_PROMPTS)
+    )
+    if args.write and args.file is None:
+        print("error: --write needs -f MANIFEST")
+        return 2
+    samples = asyncio.run(collect_samples(args.target, prompts, args.max_new_tokens))
+    try:
+        result = choose_threshold(samples, args.retention)
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
+    report(result, samples)
+    print(
+        f"confidenceThreshold: {result.threshold:.4f}  (edge serves {result.edge_share:.0%}, "
+        f"retention {result.retention:.1%})"
+    )
+    if args.write:
+        write_threshold(args.file, result.threshold)
+        print(f"wrote {args.file}")
+    return 0
