@@ -97,7 +97,7 @@ async def bench(args: argparse.Namespace) -> tuple[list[Run], dict[str, Any]]:
 
     deployment = load_manifest(args.manifest)
     runner = LocalRunner(deployment)
-    results = runner.compress()
+    runner.compress()
     variant = next((o for o in runner.outcomes if o.result.accepted), None)
     if variant is None:
         raise SystemExit(f"no accepted edge variant in {args.manifest}: {[o.result for o in runner.outcomes]}")

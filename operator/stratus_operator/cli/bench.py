@@ -47,8 +47,15 @@ class BenchResult:
         return statistics.quantiles(self.latencies, n=100, method="inclusive")[int(q) - 1]
 
 
-async def bench(target: str, *, concurrency: int, requests: int, max_new_tokens: int,
-                policy: str | None = None, timeout: float = 300.0) -> BenchResult:
+async def bench(
+    target: str,
+    *,
+    concurrency: int,
+    requests: int,
+    max_new_tokens: int,
+    policy: str | None = None,
+    timeout: float = 300.0,
+) -> BenchResult:
     """Send `requests` chat requests from the sample prompts, `concurrency` at a time."""
     if concurrency < 1 or requests < 1:
         raise ValueError("--concurrency and --requests must be at least 1")
@@ -64,8 +71,9 @@ async def bench(target: str, *, concurrency: int, requests: int, max_new_tokens:
                 prompt = queue.get_nowait()
                 started = time.perf_counter()
                 try:
-                    reply = await client.generate(messages=[{"role": "user", "content": prompt}],
-                                                  max_new_tokens=max_new_tokens, policy=policy)
+                    reply = await client.generate(
+                        messages=[{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens, policy=policy
+                    )
                 except grpc.aio.AioRpcError as exc:
                     result.errors[exc.code().name] += 1
                     continue
@@ -80,8 +88,16 @@ async def bench(target: str, *, concurrency: int, requests: int, max_new_tokens:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = asyncio.run(bench(args.target, concurrency=args.concurrency, requests=args.requests,
-                               max_new_tokens=args.max_new_tokens, policy=args.policy, timeout=args.timeout))
+    result = asyncio.run(
+        bench(
+            args.target,
+            concurrency=args.concurrency,
+            requests=args.requests,
+            max_new_tokens=args.max_new_tokens,
+            policy=args.policy,
+            timeout=args.timeout,
+        )
+    )
     done = len(result.latencies)
     table = Table(title=f"stratus bench → {args.target} (concurrency {args.concurrency})")
     for column in ("requests", "errors", "p50 latency", "p95 latency", "tokens/s", "requests/s", "served by"):
@@ -91,8 +107,11 @@ def run(args: argparse.Namespace) -> int:
     table.add_row(
         str(done + errors),
         str(errors) + (f" ({', '.join(f'{k} {v}' for k, v in result.errors.items())})" if errors else ""),
-        f"{result.percentile(50) * 1e3:.0f} ms", f"{result.percentile(95) * 1e3:.0f} ms",
-        f"{result.tokens / result.seconds:.1f}", f"{done / result.seconds:.2f}", share,
+        f"{result.percentile(50) * 1e3:.0f} ms",
+        f"{result.percentile(95) * 1e3:.0f} ms",
+        f"{result.tokens / result.seconds:.1f}",
+        f"{done / result.seconds:.2f}",
+        share,
     )
     Console().print(table)
     return 1 if errors else 0

@@ -30,8 +30,13 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    options: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   top_p=args.top_p, seed=args.seed, policy=args.policy)
+    options: dict[str, Any] = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        policy=args.policy,
+    )
     if args.raw:
         options["prompt"] = text
     else:
@@ -53,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     if final is not None:
         route = final.route
-        print(f"\n[{TIER_NAMES[route.tier]} · {route.reason} · {final.usage.completion_tokens} tokens · "
-              f"{FINISH_NAMES[final.finish_reason]} · {seconds:.2f} s]", file=sys.stderr)
+        print(
+            f"\n[{TIER_NAMES[route.tier]} · {route.reason} · {final.usage.completion_tokens} tokens · "
+            f"{FINISH_NAMES[final.finish_reason]} · {seconds:.2f} s]",
+            file=sys.stderr,
+        )
     return 0

@@ -16,7 +16,8 @@ from stratus_workers.client.prompts import SAMPLE_PROMPTS
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "up", help="run an LLMDeployment locally (compression, servers, router as processes)",
+        "up",
+        help="run an LLMDeployment locally (compression, servers, router as processes)",
         description="Plan FILE's LLMDeployment for this one machine and run it: compression jobs become "
         "processes, pods become servers on loopback ports. Ctrl-C stops everything.",
     )
@@ -24,7 +25,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--once", action="store_true", help="send the sample prompts through the router and exit")
     parser.add_argument("--port", type=int, default=0, help="router gRPC port (default: a free one)")
     parser.add_argument("--http-port", type=int, default=0, help="router HTTP port (default: a free one)")
-    parser.add_argument("--work-dir", type=Path, help="artifacts, logs and configs (default: ~/.cache/stratus/local/NAME)")
+    parser.add_argument(
+        "--work-dir", type=Path, help="artifacts, logs and configs (default: ~/.cache/stratus/local/NAME)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=48, help="answer length for --once")
     parser.set_defaults(func=run)
 
@@ -43,8 +46,9 @@ def _ask(runner: LocalRunner, max_new_tokens: int) -> int:
                 continue
             seconds = time.perf_counter() - started
             route = reply.route
-            why = route.reason + (f", confidence {route.confidence:.2f} vs {route.threshold:.2f}"
-                                  if route.HasField("confidence") else "")
+            why = route.reason + (
+                f", confidence {route.confidence:.2f} vs {route.threshold:.2f}" if route.HasField("confidence") else ""
+            )
             answer = " ".join(reply.text.split())
             print(f"  ? {prompt}\n    [{TIER_NAMES[route.tier]} · {why} · {seconds * 1e3:.0f} ms] {answer}", flush=True)
     return failures
@@ -81,8 +85,10 @@ def run(args: argparse.Namespace) -> int:
             while True:
                 for child in runner.children:
                     if child.process.poll() is not None:
-                        print(f"error: {child.role} {child.name} exited with {child.process.returncode}; "
-                              f"log: {child.log_path}")
+                        print(
+                            f"error: {child.role} {child.name} exited with {child.process.returncode}; "
+                            f"log: {child.log_path}"
+                        )
                         return 1
                 time.sleep(1.0)
     except LocalRunError as exc:

@@ -86,8 +86,16 @@ class JobOutcome:
 class LocalRunner:
     """Runs one LLMDeployment as processes: compression jobs, model servers and the router."""
 
-    def __init__(self, deployment: LLMDeployment, *, work_dir: Path | None = None, router_port: int = 0,
-                 http_port: int = 0, python: str = sys.executable, out: IO[str] = sys.stdout) -> None:
+    def __init__(
+        self,
+        deployment: LLMDeployment,
+        *,
+        work_dir: Path | None = None,
+        router_port: int = 0,
+        http_port: int = 0,
+        python: str = sys.executable,
+        out: IO[str] = sys.stdout,
+    ) -> None:
         self.deployment = deployment
         self.work_dir = work_dir or cache_dir() / "local" / deployment.metadata.name
         self.artifacts = self.work_dir / "artifacts"
@@ -155,15 +163,25 @@ class LocalRunner:
         when = "cached" if cached else f"{seconds:.0f} s"
         return f"compress  {result.name:<10} {result.status} ({when}): {', '.join(figures)}"
 
-    def _run_job(self, variant: str, spec_json: str, artifact: Path, summary: Path,
-                 spec_hash: str) -> CompressionResult:
+    def _run_job(
+        self, variant: str, spec_json: str, artifact: Path, summary: Path, spec_hash: str
+    ) -> CompressionResult:
         self.logs.mkdir(parents=True, exist_ok=True)
         artifact.parent.mkdir(parents=True, exist_ok=True)
         spec_path = self.work_dir / f"{variant}.spec.json"
         spec_path.write_text(spec_json)
         summary.unlink(missing_ok=True)
-        command = [self.python, "-m", "stratus_workers.compress", "--spec", str(spec_path), "--out", str(artifact),
-                   "--termination-log", str(summary)]
+        command = [
+            self.python,
+            "-m",
+            "stratus_workers.compress",
+            "--spec",
+            str(spec_path),
+            "--out",
+            str(artifact),
+            "--termination-log",
+            str(summary),
+        ]
         log_path = self.logs / f"compress-{variant}.log"
         with open(log_path, "wb") as log_file:
             # Progress bars go to the terminal (stderr); the JSON log lines and the summary to the log.
@@ -171,8 +189,9 @@ class LocalRunner:
         try:
             result = CompressionResult.from_summary(summary.read_text(), name=variant, spec_hash=spec_hash)
         except (OSError, ResultParseError) as exc:
-            raise LocalRunError(f"compression of {variant} failed (exit {proc.returncode}) without a summary: "
-                                f"{exc}; log: {log_path}") from exc
+            raise LocalRunError(
+                f"compression of {variant} failed (exit {proc.returncode}) without a summary: {exc}; log: {log_path}"
+            ) from exc
         if result.status == "failed":
             summary.unlink(missing_ok=True)  # not a verdict on the recipe: try again next time
             raise LocalRunError(f"compression of {variant} failed: {'; '.join(result.reasons)}; log: {log_path}")
@@ -214,23 +233,25 @@ class LocalRunner:
             address = f"127.0.0.1:{port}"
             addresses[server.name] = address
             replicas = f", {server.replicas} replicas planned, 1 runs here" if server.replicas > 1 else ""
-            self.children.append(Child(server.tier, server.name, address, http_port, proc, log_path,
-                                       detail + replicas))
+            self.children.append(Child(server.tier, server.name, address, http_port, proc, log_path, detail + replicas))
         router = self.plan.router
         if router is None:
             raise LocalRunError("the plan has no servers to route to: " + "; ".join(self.plan.notes))
         backends = [Backend(name=b.name, address=addresses[b.name], tier=b.tier) for b in router.config.backends]
-        config = router.config.model_copy(update={"backends": backends,
-                                                  "tokenizer": self.deployment.spec.model.source})
+        config = router.config.model_copy(update={"backends": backends, "tokenizer": self.deployment.spec.model.source})
         config_path = self.work_dir / "router.json"
         config_path.write_text(config.model_dump_json(by_alias=True, indent=2))
         port = self.router_port or free_port()
         http_port = self.http_port or free_port()
-        flags = dataclasses.replace(router.flags, config=str(config_path), host="127.0.0.1", port=port,
-                                    http_port=http_port)
+        flags = dataclasses.replace(
+            router.flags, config=str(config_path), host="127.0.0.1", port=port, http_port=http_port
+        )
         proc, log_path = self._spawn("router", router.name, [*flags.command(self.python), "--log-format", "json"])
-        self.children.append(Child("router", router.name, f"127.0.0.1:{port}", http_port, proc, log_path,
-                                   f"policy {config.routing.policy}"))
+        self.children.append(
+            Child(
+                "router", router.name, f"127.0.0.1:{port}", http_port, proc, log_path, f"policy {config.routing.policy}"
+            )
+        )
         self._wait_healthy()
         return self.plan
 
@@ -241,11 +262,14 @@ class LocalRunner:
                 while not client.healthy(timeout=1.0):
                     if child.process.poll() is not None:
                         tail = child.log_path.read_text(errors="replace").strip().splitlines()[-3:]
-                        raise LocalRunError(f"{child.role} {child.name} exited with {child.process.returncode}: "
-                                            f"{' | '.join(tail)}; full log: {child.log_path}")
+                        raise LocalRunError(
+                            f"{child.role} {child.name} exited with {child.process.returncode}: "
+                            f"{' | '.join(tail)}; full log: {child.log_path}"
+                        )
                     if time.monotonic() > deadline:
-                        raise LocalRunError(f"{child.role} {child.name} not healthy after {timeout:.0f} s; "
-                                            f"log: {child.log_path}")
+                        raise LocalRunError(
+                            f"{child.role} {child.name} not healthy after {timeout:.0f} s; log: {child.log_path}"
+                        )
                     time.sleep(0.25)
 
     @property
@@ -287,10 +311,15 @@ class LocalRunner:
         return {
             "deployment": self.deployment.metadata.name,
             "router": {"grpc": self.router.address, "http": f"http://127.0.0.1:{self.router.http_port}"},
-            "servers": [{"name": c.name, "tier": c.role, "grpc": c.address, "log": str(c.log_path)}
-                        for c in self.children if c.role != "router"],
-            "compression": [{"variant": o.variant, "status": o.result.status, "cached": o.cached,
-                             "artifact": str(o.artifact)} for o in self.outcomes],
+            "servers": [
+                {"name": c.name, "tier": c.role, "grpc": c.address, "log": str(c.log_path)}
+                for c in self.children
+                if c.role != "router"
+            ],
+            "compression": [
+                {"variant": o.variant, "status": o.result.status, "cached": o.cached, "artifact": str(o.artifact)}
+                for o in self.outcomes
+            ],
         }
 
     def write_state(self) -> Path:
