@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 
-def ops_app(registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]]) -> web.Application:
+def ops_app(
+    registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]], middlewares: Sequence[Any] = ()
+) -> web.Application:
     """An aiohttp app with liveness, readiness (from `ready`) and Prometheus metrics."""
 
     async def healthz(_: web.Request) -> web.Response:
@@ -21,7 +24,7 @@ def ops_app(registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]]) 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    app = web.Application()
+    app = web.Application(middlewares=list(middlewares))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

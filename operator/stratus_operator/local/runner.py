@@ -27,6 +27,7 @@ from stratus_operator.spec import LLMDeployment
 from stratus_workers.client import Client
 from stratus_workers.models.loader import cache_dir
 from stratus_workers.router.config import Backend
+from stratus_workers.security import TLSFiles, local_pki
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,9 @@ class LocalRunner:
         """Start the servers and the router of the plan, wait until each is healthy."""
         self.plan = plan(self.deployment, ClusterView.local(), results)
         local_cpu = not torch.cuda.is_available()
+        # A throwaway CA per run: router and servers talk mTLS, as they do in a cluster.
+        tls = local_pki(self.work_dir / "tls")
+        tls_args = self._tls_args(tls)
         addresses: dict[str, str] = {}
         for server in self.plan.servers:
             port, http_port = free_port(), free_port()
@@ -228,7 +232,7 @@ class LocalRunner:
                 flags = dataclasses.replace(flags, dtype="auto", device="cpu")
                 if server.flags.dtype not in ("auto", "float32"):
                     detail += f"; asked {server.flags.dtype} on {server.flags.device}, float32 on this CPU"
-            command = [*flags.command(self.python), "--log-format", "json"]
+            command = [*flags.command(self.python), "--log-format", "json", *tls_args]
             proc, log_path = self._spawn(server.tier, server.name, command)
             address = f"127.0.0.1:{port}"
             addresses[server.name] = address
@@ -246,7 +250,8 @@ class LocalRunner:
         flags = dataclasses.replace(
             router.flags, config=str(config_path), host="127.0.0.1", port=port, http_port=http_port
         )
-        proc, log_path = self._spawn("router", router.name, [*flags.command(self.python), "--log-format", "json"])
+        command = [*flags.command(self.python), "--log-format", "json", *tls_args]
+        proc, log_path = self._spawn("router", router.name, command)
         self.children.append(
             Child(
                 "router", router.name, f"127.0.0.1:{port}", http_port, proc, log_path, f"policy {config.routing.policy}"
@@ -255,10 +260,25 @@ class LocalRunner:
         self._wait_healthy()
         return self.plan
 
+    @staticmethod
+    def _tls_args(tls: TLSFiles) -> list[str]:
+        return ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--tls-ca", str(tls.ca)]
+
     def _wait_healthy(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
+        tls = self.work_dir / "tls"
         for child in self.children:
-            with Client(child.address) as client:
+            # Servers accept only mTLS; the router's client port is plaintext on loopback.
+            creds = (
+                {}
+                if child.role == "router"
+                else {
+                    "tls_ca": str(tls / "ca.crt"),
+                    "tls_cert": str(tls / "stratus-local.crt"),
+                    "tls_key": str(tls / "stratus-local.key"),
+                }
+            )
+            with Client(child.address, **creds) as client:
                 while not client.healthy(timeout=1.0):
                     if child.process.poll() is not None:
                         tail = child.log_path.read_text(errors="replace").strip().splitlines()[-3:]

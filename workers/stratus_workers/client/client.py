@@ -65,6 +65,26 @@ def build_request(
     return request
 
 
+def _credentials(tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> grpc.ChannelCredentials | None:
+    """TLS credentials when a CA is given (plus a client certificate when both cert and key are)."""
+    if not tls_ca:
+        if tls_cert or tls_key:
+            raise ValueError("tls_cert and tls_key need tls_ca (the CA that signed the server)")
+        return None
+    with open(tls_ca, "rb") as ca:
+        root = ca.read()
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("give tls_cert and tls_key together")
+    if tls_cert and tls_key:
+        with open(tls_cert, "rb") as cert, open(tls_key, "rb") as key:
+            return grpc.ssl_channel_credentials(root, key.read(), cert.read())
+    return grpc.ssl_channel_credentials(root)
+
+
+def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 def _channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     return [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
 
@@ -79,10 +99,21 @@ class AsyncClient:
         timeout: float | None = 120.0,
         max_message_bytes: int = 4 << 20,
         channel: grpc.aio.Channel | None = None,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = channel or grpc.aio.insecure_channel(target, options=_channel_options(max_message_bytes))
+        self._metadata = _metadata(token)
+        credentials = _credentials(tls_ca, tls_cert, tls_key)
+        options = _channel_options(max_message_bytes)
+        self._channel = channel or (
+            grpc.aio.secure_channel(target, credentials, options=options)
+            if credentials
+            else grpc.aio.insecure_channel(target, options=options)
+        )
         self._stub = pb_grpc.InferenceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -99,13 +130,17 @@ class AsyncClient:
         self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
     ) -> pb.GenerateResponse:
         request = build_request(prompt, **kwargs)
-        response: pb.GenerateResponse = await self._stub.Generate(request, timeout=timeout or self.timeout)
+        response: pb.GenerateResponse = await self._stub.Generate(
+            request, timeout=timeout or self.timeout, metadata=self._metadata
+        )
         return response
 
     async def stream(
         self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        call = self._stub.GenerateStream(build_request(prompt, **kwargs), timeout=timeout or self.timeout)
+        call = self._stub.GenerateStream(
+            build_request(prompt, **kwargs), timeout=timeout or self.timeout, metadata=self._metadata
+        )
         try:
             async for chunk in call:
                 yield chunk
@@ -113,7 +148,9 @@ class AsyncClient:
             call.cancel()
 
     async def model_info(self, timeout: float | None = 10.0) -> pb.ModelInfoResponse:
-        info: pb.ModelInfoResponse = await self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout)
+        info: pb.ModelInfoResponse = await self._stub.ModelInfo(
+            pb.ModelInfoRequest(), timeout=timeout, metadata=self._metadata
+        )
         return info
 
     async def healthy(self, service: str = "", timeout: float = 2.0) -> bool:
@@ -127,10 +164,27 @@ class AsyncClient:
 class Client:
     """Blocking client with the same calls as AsyncClient, for scripts and simple devices."""
 
-    def __init__(self, target: str, *, timeout: float | None = 120.0, max_message_bytes: int = 4 << 20) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = 120.0,
+        max_message_bytes: int = 4 << 20,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_bytes))
+        self._metadata = _metadata(token)
+        credentials = _credentials(tls_ca, tls_cert, tls_key)
+        options = _channel_options(max_message_bytes)
+        self._channel = (
+            grpc.secure_channel(target, credentials, options=options)
+            if credentials
+            else grpc.insecure_channel(target, options=options)
+        )
         self._stub = pb_grpc.InferenceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -147,21 +201,25 @@ class Client:
         self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
     ) -> pb.GenerateResponse:
         response: pb.GenerateResponse = self._stub.Generate(
-            build_request(prompt, **kwargs), timeout=timeout or self.timeout
+            build_request(prompt, **kwargs), timeout=timeout or self.timeout, metadata=self._metadata
         )
         return response
 
     def stream(
         self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
     ) -> Iterator[pb.GenerateStreamResponse]:
-        call = self._stub.GenerateStream(build_request(prompt, **kwargs), timeout=timeout or self.timeout)
+        call = self._stub.GenerateStream(
+            build_request(prompt, **kwargs), timeout=timeout or self.timeout, metadata=self._metadata
+        )
         try:
             yield from call
         finally:
             call.cancel()
 
     def model_info(self, timeout: float | None = 10.0) -> pb.ModelInfoResponse:
-        info: pb.ModelInfoResponse = self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout)
+        info: pb.ModelInfoResponse = self._stub.ModelInfo(
+            pb.ModelInfoRequest(), timeout=timeout, metadata=self._metadata
+        )
         return info
 
     def healthy(self, service: str = "", timeout: float = 2.0) -> bool:

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stratus_workers.api import inference_pb2_grpc as pb_grpc
 from stratus_workers.router.config import Backend, Tier
+from stratus_workers.security import TLSFiles
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,9 @@ class BackendPool:
         interval: float = 2.0,
         check_timeout: float = 1.0,
         max_message_bytes: int = 4 << 20,
+        tls: TLSFiles | None = None,
     ) -> None:
+        self.tls = tls
         # Channels bind to the running event loop, so they are opened in start(), not here.
         self._configs = list(backends)
         self._options = [
@@ -76,7 +79,11 @@ class BackendPool:
 
     def _open(self) -> None:
         for backend in self._configs:
-            channel = grpc.aio.insecure_channel(backend.address, options=self._options)
+            channel = (
+                grpc.aio.secure_channel(backend.address, self.tls.channel_credentials(), options=self._options)
+                if self.tls
+                else grpc.aio.insecure_channel(backend.address, options=self._options)
+            )
             self.backends.append(
                 BackendState(backend, channel, pb_grpc.InferenceStub(channel), health_pb2_grpc.HealthStub(channel))
             )

@@ -141,6 +141,12 @@ class RouterMetrics:
         self.accepted = Counter(
             "stratus_router_accepted_tokens", "Speculative draft tokens the cloud accepted.", registry=r
         )
+        self.auth_rejections = Counter(
+            "stratus_router_auth_rejections",
+            "Calls refused for a missing or bad bearer token.",
+            ["surface"],
+            registry=r,
+        )
         self.rounds = Counter("stratus_router_verify_rounds", "Speculative verification round trips.", registry=r)
         r.register(_PoolCollector(pool, cache))
 

@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.api import inference_pb2_grpc as pb_grpc
-from stratus_workers.models import load_tokenizer
+from stratus_workers.models import ModelLoadError, load_tokenizer
 from stratus_workers.ops import ops_app, start_http
 from stratus_workers.router.backends import BackendPool
 from stratus_workers.router.config import RouterConfig
 from stratus_workers.router.openai import add_openai_routes
 from stratus_workers.router.router import TIER_PB, Router, RouterError
+from stratus_workers.security import BearerAuthInterceptor, TLSFiles, TokenStore
 from stratus_workers.serve.server import SERVICE_NAME
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,11 @@ class RouterSettings:
     http_port: int = field(default=8080, metadata={"help": "HTTP port: OpenAI API, /healthz, /readyz, /metrics."})
     model_name: str = field(default="stratus", metadata={"help": "Model name the HTTP API reports."})
     max_message_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "Largest gRPC message accepted."})
+    tls_cert: str = field(default="", metadata={"help": "PEM certificate the router presents to model servers."})
+    tls_key: str = field(default="", metadata={"help": "PEM private key of tls_cert."})
+    tls_ca: str = field(default="", metadata={"help": "CA that signs the model servers' certificates (mTLS)."})
+    client_tls: bool = field(default=False, metadata={"help": "Also serve callers over TLS with tls_cert."})
+    tokens_file: str = field(default="", metadata={"help": "Accepted bearer tokens, one per line (a Secret)."})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error."})
     log_format: str = field(default="json", metadata={"help": "json or text.", "choices": ["json", "text"]})
 
@@ -93,7 +100,15 @@ class RouterServer:
         model_name: str = "stratus",
         max_message_bytes: int = 4 << 20,
         tokenizer: Any = None,
+        tls: TLSFiles | None = None,
+        client_tls: bool = False,
+        tokens: TokenStore | None = None,
     ) -> None:
+        if client_tls and tls is None:
+            raise ValueError("client_tls needs tls_cert, tls_key and tls_ca")
+        self.tls = tls
+        self.client_tls = client_tls
+        self.tokens = tokens
         self.config = config
         self.host = host
         self.port = port
@@ -102,7 +117,7 @@ class RouterServer:
         self.max_message_bytes = max_message_bytes
         self.tokenizer = tokenizer
         self.pool = BackendPool(
-            config.backends, interval=config.health_interval_seconds, max_message_bytes=max_message_bytes
+            config.backends, interval=config.health_interval_seconds, max_message_bytes=max_message_bytes, tls=tls
         )
         self.router = Router(config, self.pool, tokenizer)
         self.health = health.aio.HealthServicer()
@@ -119,6 +134,9 @@ class RouterServer:
             http_port=settings.http_port,
             model_name=settings.model_name,
             max_message_bytes=settings.max_message_bytes,
+            tls=TLSFiles.from_paths(settings.tls_cert, settings.tls_key, settings.tls_ca),
+            client_tls=settings.client_tls,
+            tokens=TokenStore(Path(settings.tokens_file)) if settings.tokens_file else None,
         )
 
     @property
@@ -134,9 +152,17 @@ class RouterServer:
     async def start(self) -> None:
         if self.tokenizer is None and self.config.tokenizer:
             loop = asyncio.get_running_loop()
-            self.tokenizer = await loop.run_in_executor(None, load_tokenizer, self.config.tokenizer)
+            try:
+                self.tokenizer = await loop.run_in_executor(None, load_tokenizer, self.config.tokenizer)
+            except ModelLoadError as exc:
+                # Routing still works without it: the edge enforces its own prompt limit, and the
+                # speculative policy answers from the cloud, marked with reason "no-tokenizer".
+                log.warning(
+                    "no tokenizer; prompt-length routing and speculative decoding are off",
+                    extra={"source": self.config.tokenizer, "error": str(exc)},
+                )
             self.router.tokenizer = self.tokenizer
-        app = ops_app(self.router.metrics.registry, self._ready)
+        app = ops_app(self.router.metrics.registry, self._ready, middlewares=[self._http_auth] if self.tokens else [])
         add_openai_routes(app, self.router, self.model_name)
         self._http, self.http_port = await start_http(app, self.host, self.http_port)
         self.pool.start()
@@ -145,11 +171,17 @@ class RouterServer:
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
         ]
-        self._grpc = grpc.aio.server(options=options)
+        interceptors = [BearerAuthInterceptor(self.tokens, self._rejected("grpc"))] if self.tokens else []
+        self._grpc = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_InferenceServicer_to_server(RouterServicer(self.router, self.model_name), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
-        self.port = self._grpc.add_insecure_port(f"{self.host}:{self.port}")
+        bind = f"{self.host}:{self.port}"
+        if self.client_tls and self.tls is not None:
+            # Edge devices authenticate with bearer tokens, not certificates: TLS without client auth.
+            self.port = self._grpc.add_secure_port(bind, self.tls.server_credentials(require_client_cert=False))
+        else:
+            self.port = self._grpc.add_insecure_port(bind)
         await self._grpc.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -162,6 +194,27 @@ class RouterServer:
                 "backends": [b.name for b in self.pool.backends],
             },
         )
+
+    def _rejected(self, surface: str) -> Callable[[str], None]:
+        def count(method: str) -> None:
+            self.router.metrics.auth_rejections.labels(surface).inc()
+            log.info("unauthenticated call rejected", extra={"surface": surface, "method": method})
+
+        return count
+
+    @web.middleware
+    async def _http_auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if (
+            request.path.startswith("/v1/")
+            and self.tokens is not None
+            and not self.tokens.check(request.headers.get("Authorization"))
+        ):
+            self._rejected("http")(request.path)
+            message = "missing or invalid bearer token: send 'Authorization: Bearer <token>'"
+            error = {"message": message, "type": "unauthenticated", "param": None, "code": None}
+            return web.json_response({"error": error}, status=401)
+        response: web.StreamResponse = await handler(request)
+        return response
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()

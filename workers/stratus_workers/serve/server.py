@@ -18,6 +18,7 @@ from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.api import inference_pb2_grpc as pb_grpc
 from stratus_workers.models import LoadedModel, load_model
 from stratus_workers.ops import ops_app, start_http
+from stratus_workers.security import TLSFiles
 from stratus_workers.serve.engine import (
     Engine,
     EngineOverloaded,
@@ -66,6 +67,9 @@ class ServerConfig:
         default=256, metadata={"help": "Requests waiting for a batch slot before RESOURCE_EXHAUSTED."}
     )
     max_message_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "Largest gRPC message accepted."})
+    tls_cert: str = field(default="", metadata={"help": "PEM certificate; with tls_key and tls_ca, serve mTLS."})
+    tls_key: str = field(default="", metadata={"help": "PEM private key of tls_cert."})
+    tls_ca: str = field(default="", metadata={"help": "CA whose certificates callers must present (mTLS)."})
     threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: torch's default)."})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error."})
     log_format: str = field(default="json", metadata={"help": "json or text.", "choices": ["json", "text"]})
@@ -424,6 +428,8 @@ class ModelServer:
     def __init__(self, config: ServerConfig, loaded: LoadedModel | None = None) -> None:
         config.validate()
         self.config = config
+        # Checked before the model loads, so a bad certificate path fails in seconds, not minutes.
+        self.tls = TLSFiles.from_paths(config.tls_cert, config.tls_key, config.tls_ca)
         self.loaded = loaded
         self.metrics = ServerMetrics()
         self.health = health.aio.HealthServicer()
@@ -476,7 +482,12 @@ class ModelServer:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
-        self.port = self._grpc.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        tls = self.tls
+        bind = f"{self.config.host}:{self.config.port}"
+        # With TLS configured only the router (holding a certificate from the same CA) may call.
+        self.port = (
+            self._grpc.add_secure_port(bind, tls.server_credentials()) if tls else self._grpc.add_insecure_port(bind)
+        )
         await self._grpc.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
