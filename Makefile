@@ -9,7 +9,7 @@ SAMPLE ?= deploy/samples/smollm2.yaml
 PYTEST_ARGS ?=
 
 .PHONY: setup run up test test-unit test-integration test-slow lint typecheck imports protos check-protos \
-        bench-serve bench-compress bench-operator bench-coop e2e images manifests clean
+        bench-serve bench-compress bench-operator bench-coop soak e2e images manifests clean
 
 setup: $(STAMP)
 
@@ -87,6 +87,10 @@ bench-operator: setup
 	$(PY) tests/bench/bench_operator.py --count $(BENCH_OPERATOR_N) --write docs/benchmarks.md
 
 # Every compression method on the bundled SmolLM2-135M (deploy/samples/smollm2-compression.yaml); ~20 min on 2 cores.
+# The local stack under a steady request rate for 10 minutes: errors and memory (docs/reliability.md).
+soak: setup
+	$(PY) tests/bench/soak.py --minutes $${SOAK_MINUTES:-10}
+
 # Cooperation policies side by side at 0/20/80 ms link RTT; writes docs/benchmarks.md.
 bench-coop: setup
 	$(PY) tests/bench/bench_coop.py --write docs/benchmarks.md

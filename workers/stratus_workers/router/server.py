@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.api import inference_pb2_grpc as pb_grpc
+from stratus_workers.api_server import add_inference_servicer
 from stratus_workers.models import ModelLoadError, load_tokenizer
 from stratus_workers.ops import ops_app, start_http
 from stratus_workers.router.backends import BackendPool
@@ -173,7 +174,7 @@ class RouterServer:
         ]
         interceptors = [BearerAuthInterceptor(self.tokens, self._rejected("grpc"))] if self.tokens else []
         self._grpc = grpc.aio.server(options=options, interceptors=interceptors)
-        pb_grpc.add_InferenceServicer_to_server(RouterServicer(self.router, self.model_name), self._grpc)
+        add_inference_servicer(RouterServicer(self.router, self.model_name), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         bind = f"{self.host}:{self.port}"

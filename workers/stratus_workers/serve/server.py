@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.api import inference_pb2_grpc as pb_grpc
+from stratus_workers.api_server import add_inference_servicer
 from stratus_workers.models import LoadedModel, load_model
 from stratus_workers.ops import ops_app, start_http
 from stratus_workers.security import TLSFiles
@@ -477,7 +478,7 @@ class ModelServer:
             ("grpc.max_send_message_length", self.config.max_message_bytes),
         ]
         self._grpc = grpc.aio.server(options=options)
-        pb_grpc.add_InferenceServicer_to_server(
+        add_inference_servicer(
             InferenceServicer(loaded, self.engine, self.config, self.metrics), self._grpc
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
