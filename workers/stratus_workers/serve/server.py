@@ -64,6 +64,7 @@ class ServerConfig:
     default_new_tokens: int = field(
         default=128, metadata={"help": "max_new_tokens when a request gives 0 (capped by max_new_tokens)."}
     )
+    max_sessions: int = field(default=8, metadata={"help": "Speculative-decoding sessions held at once."})
     max_queue: int = field(
         default=256, metadata={"help": "Requests waiting for a batch slot before RESOURCE_EXHAUSTED."}
     )
@@ -76,7 +77,14 @@ class ServerConfig:
     log_format: str = field(default="json", metadata={"help": "json or text.", "choices": ["json", "text"]})
 
     def validate(self) -> None:
-        for name in ("max_batch_size", "max_prompt_tokens", "max_new_tokens", "default_new_tokens", "max_queue"):
+        for name in (
+            "max_batch_size",
+            "max_prompt_tokens",
+            "max_new_tokens",
+            "default_new_tokens",
+            "max_queue",
+            "max_sessions",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -470,6 +478,7 @@ class ModelServer:
             max_batch_size=self.config.max_batch_size,
             max_len=max_len,
             max_queue=self.config.max_queue,
+            max_sessions=self.config.max_sessions,
             on_step=self.metrics.on_step,
         )
         self.engine.start()
@@ -478,9 +487,7 @@ class ModelServer:
             ("grpc.max_send_message_length", self.config.max_message_bytes),
         ]
         self._grpc = grpc.aio.server(options=options)
-        add_inference_servicer(
-            InferenceServicer(loaded, self.engine, self.config, self.metrics), self._grpc
-        )
+        add_inference_servicer(InferenceServicer(loaded, self.engine, self.config, self.metrics), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         tls = self.tls
