@@ -207,7 +207,7 @@ class TokenStore:
         return any([hmac.compare_digest(given, token) for token in self._tokens])
 
 
-class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
+class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Rejects calls without an accepted bearer token with UNAUTHENTICATED (health and reflection stay open)."""
 
     def __init__(self, tokens: TokenStore, on_reject: Callable[[str], None] | None = None) -> None:

@@ -247,10 +247,10 @@ class LocalRunner:
         config_path.write_text(config.model_dump_json(by_alias=True, indent=2))
         port = self.router_port or free_port()
         http_port = self.http_port or free_port()
-        flags = dataclasses.replace(
+        router_flags = dataclasses.replace(
             router.flags, config=str(config_path), host="127.0.0.1", port=port, http_port=http_port
         )
-        command = [*flags.command(self.python), "--log-format", "json", *tls_args]
+        command = [*router_flags.command(self.python), "--log-format", "json", *tls_args]
         proc, log_path = self._spawn("router", router.name, command)
         self.children.append(
             Child(
@@ -269,16 +269,13 @@ class LocalRunner:
         tls = self.work_dir / "tls"
         for child in self.children:
             # Servers accept only mTLS; the router's client port is plaintext on loopback.
-            creds = (
-                {}
-                if child.role == "router"
-                else {
-                    "tls_ca": str(tls / "ca.crt"),
-                    "tls_cert": str(tls / "stratus-local.crt"),
-                    "tls_key": str(tls / "stratus-local.key"),
-                }
-            )
-            with Client(child.address, **creds) as client:
+            mtls = child.role != "router"
+            with Client(
+                child.address,
+                tls_ca=str(tls / "ca.crt") if mtls else None,
+                tls_cert=str(tls / "stratus-local.crt") if mtls else None,
+                tls_key=str(tls / "stratus-local.key") if mtls else None,
+            ) as client:
                 while not client.healthy(timeout=1.0):
                     if child.process.poll() is not None:
                         tail = child.log_path.read_text(errors="replace").strip().splitlines()[-3:]
