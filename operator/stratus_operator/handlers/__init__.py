@@ -1,0 +1,1 @@
+"""Handler bodies, one module per `handle_<verb>_<thing>`; main.py registers them with kopf."""

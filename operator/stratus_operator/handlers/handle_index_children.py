@@ -1,0 +1,30 @@
+"""Index body for the operator's children: name, spec hash and the little status a reconcile reads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stratus_operator.observe import ready_replicas
+from stratus_operator.render import INSTANCE_LABEL, SPEC_HASH_ANNOTATION
+from stratus_operator.runtime import ChildInfo
+
+
+def index_child(body: Any, namespace: str | None, *, api_version: str, kind: str) -> dict[tuple[str, str], ChildInfo]:
+    # kind comes from the registration: list responses of a real API server omit it on items.
+    meta = body.get("metadata") or {}
+    instance = (meta.get("labels") or {}).get(INSTANCE_LABEL)
+    if not instance:
+        return {}
+    job = None
+    if kind == "Job":
+        job = {"spec": {"backoffLimit": (body.get("spec") or {}).get("backoffLimit", 6)},
+               "status": dict(body.get("status") or {})}
+    info = ChildInfo(
+        api_version=api_version,
+        kind=kind,
+        name=meta.get("name") or "",
+        spec_hash=(meta.get("annotations") or {}).get(SPEC_HASH_ANNOTATION, ""),
+        ready=ready_replicas(body) if kind == "Deployment" else 0,
+        job=job,
+    )
+    return {(namespace or "", instance): info}

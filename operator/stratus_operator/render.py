@@ -1,0 +1,491 @@
+"""Pure rendering of a Plan into Kubernetes objects: Jobs, Deployments, Services, ConfigMaps, HPAs, a PVC."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+from stratus_operator.planner import (
+    ARTIFACTS_DIR,
+    CONFIG_DIR,
+    TERMINATION_LOG,
+    CompressionJobPlan,
+    Plan,
+    RouterPlan,
+    ServerPlan,
+    child_name,
+    stable_hash,
+)
+from stratus_operator.spec import API_VERSION, KIND, Autoscaling, LLMDeployment, Toleration
+
+SPEC_HASH_ANNOTATION = "stratus.dev/spec-hash"
+CONFIG_HASH_ANNOTATION = "stratus.dev/config-hash"
+MANAGED_BY = "stratus-operator"
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+VARIANT_LABEL = "stratus.dev/variant"
+SERVER_LABEL = "stratus.dev/server"
+CACHE_DIR = "/cache"
+MODELS_DIR = "/models"
+
+
+@dataclass(frozen=True)
+class _Source:
+    kind: str  # bundled, pvc, s3, hf or local
+    ref: str
+
+    def __str__(self) -> str:
+        return self.ref if self.kind == "local" else f"{self.kind}://{self.ref}"
+
+
+def _parse_source(source: str) -> _Source:
+    # Not stratus_workers.models.parse_source: importing that package loads torch, which the operator
+    # process must not pay for (memory and start time). The scheme split is all rendering needs.
+    scheme, sep, ref = source.strip().partition("://")
+    if not sep or scheme == "file":
+        return _Source("local", ref if sep else scheme)
+    return _Source(scheme, ref)
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """Cluster-specific choices that are not part of the LLMDeployment."""
+
+    image: str = "ghcr.io/stratus-llm/stratus-workers:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    # Used only for s3:// sources and object-store artifacts.
+    s3_image: str = "amazon/aws-cli:2.17.0"
+    cache_host_path: str = "/var/cache/stratus"
+    compress_resources: dict[str, Any] = field(
+        default_factory=lambda: {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "8Gi"}}
+    )
+    router_resources: dict[str, Any] = field(
+        default_factory=lambda: {"requests": {"cpu": "100m", "memory": "256Mi"}}
+    )
+    job_active_deadline_seconds: int = 6 * 3600
+    version: str = "0.1.0"
+
+
+def labels(deployment: LLMDeployment, component: str, options: RenderOptions, **extra: str) -> dict[str, str]:
+    """The standard app.kubernetes.io/* labels of every child."""
+    out = {
+        "app.kubernetes.io/name": "stratus",
+        INSTANCE_LABEL: deployment.metadata.name,
+        COMPONENT_LABEL: component,
+        "app.kubernetes.io/part-of": "stratus",
+        MANAGED_BY_LABEL: MANAGED_BY,
+        "app.kubernetes.io/version": options.version,
+    }
+    out.update(extra)
+    return out
+
+
+def owner_reference(deployment: LLMDeployment) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": deployment.metadata.name,
+        "uid": deployment.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _meta(deployment: LLMDeployment, name: str, lbls: dict[str, str]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": deployment.metadata.namespace,
+        "labels": lbls,
+        "annotations": {},
+        "ownerReferences": [owner_reference(deployment)],
+    }
+
+
+def _with_hash(obj: dict[str, Any]) -> dict[str, Any]:
+    """Stamp the object's own hash, so an executor patches only when the desired state changed."""
+    obj["metadata"]["annotations"][SPEC_HASH_ANNOTATION] = stable_hash(obj, 16)
+    return obj
+
+
+def _tolerations(tolerations: tuple[Toleration, ...]) -> list[dict[str, Any]]:
+    return [t.model_dump(by_alias=True, exclude_none=True) for t in tolerations]
+
+
+def _resources(requests: dict[str, str], limits: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = dict(requests)
+    if limits:
+        out["limits"] = dict(limits)
+    return out
+
+
+def _cache_volume(options: RenderOptions) -> dict[str, Any]:
+    # A hostPath cache: each node fetches (or converts) a model once, whatever pods come and go.
+    return {"name": "cache", "hostPath": {"path": options.cache_host_path, "type": "DirectoryOrCreate"}}
+
+
+def _s3_env(deployment: LLMDeployment) -> list[dict[str, Any]]:
+    store = deployment.spec.storage.object_store
+    env: list[dict[str, Any]] = []
+    if store is None:
+        return env
+    if store.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": store.endpoint})
+    if store.secret_name:
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": store.secret_name, "key": key}}})
+    return env
+
+
+def _once(target: str, fetch: str) -> str:
+    # Fetch into a temporary directory and rename it, so a half-fetched model is never used.
+    t = shlex.quote(target)
+    return (f"set -eu; if [ -f {t}/.complete ]; then exit 0; fi; mkdir -p $(dirname {t}); rm -rf {t}.tmp; "
+            f"{fetch.replace('@TARGET@', t + '.tmp')}; touch {t}.tmp/.complete; rm -rf {t}; mv {t}.tmp {t}")
+
+
+@dataclass
+class _ModelMount:
+    """How a pod gets its model: init containers, volumes, mounts, and the path or source to pass."""
+
+    model: str
+    init_containers: list[dict[str, Any]] = field(default_factory=list)
+    volumes: list[dict[str, Any]] = field(default_factory=list)
+    mounts: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _full_model(deployment: LLMDeployment, options: RenderOptions) -> _ModelMount:
+    source = _parse_source(deployment.spec.model.source)
+    cache_mount = {"name": "cache", "mountPath": CACHE_DIR}
+    key = stable_hash(str(source), 12)
+    if source.kind == 'bundled':
+        script = ("from stratus_workers.models.loader import materialize_bundled; "
+                  f"print(materialize_bundled({source.ref!r}))")
+        return _ModelMount(str(source), [{
+            "name": "fetch-model", "image": options.image, "imagePullPolicy": options.image_pull_policy,
+            "command": ["python", "-c", script],
+            "env": [{"name": "STRATUS_CACHE_DIR", "value": CACHE_DIR}],
+            "volumeMounts": [cache_mount],
+        }])
+    if source.kind == 'pvc':
+        claim, _, sub = source.ref.partition("/")
+        return _ModelMount(f"{MODELS_DIR}/{claim}/{sub}".rstrip("/"), [],
+                           [{"name": "model-source", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}],
+                           [{"name": "model-source", "mountPath": f"{MODELS_DIR}/{claim}", "readOnly": True}])
+    if source.kind == 's3':
+        target = f"{CACHE_DIR}/models/{key}"
+        return _ModelMount(target, [{
+            "name": "fetch-model", "image": options.s3_image, "imagePullPolicy": options.image_pull_policy,
+            "command": ["sh", "-c", _once(target, f"aws s3 sync {shlex.quote(str(source))} @TARGET@")],
+            "env": _s3_env(deployment), "volumeMounts": [cache_mount],
+        }])
+    if source.kind == 'hf':
+        target = f"{CACHE_DIR}/models/{key}"
+        script = f"from huggingface_hub import snapshot_download as d; d({source.ref!r}, local_dir='@TARGET@')"
+        return _ModelMount(target, [{
+            "name": "fetch-model", "image": options.image, "imagePullPolicy": options.image_pull_policy,
+            "command": ["sh", "-c", _once(target, f"python -c {shlex.quote(script)}")],
+            "volumeMounts": [cache_mount],
+        }])
+    return _ModelMount(str(source))  # a path inside the image
+
+
+def _artifacts_volume(deployment: LLMDeployment) -> dict[str, Any]:
+    pvc = deployment.spec.storage.pvc
+    if deployment.spec.storage.object_store is not None:
+        return {"name": "artifacts", "emptyDir": {}}
+    claim = pvc.claim_name if pvc is not None and pvc.claim_name else child_name(deployment.metadata.name,
+                                                                                  "artifacts")
+    return {"name": "artifacts", "persistentVolumeClaim": {"claimName": claim}}
+
+
+def _artifact_prefix(deployment: LLMDeployment) -> str:
+    store = deployment.spec.storage.object_store
+    assert store is not None
+    return f"{store.url.rstrip('/')}/{deployment.metadata.namespace}/{deployment.metadata.name}"
+
+
+def _edge_model(deployment: LLMDeployment, job: CompressionJobPlan, options: RenderOptions) -> _ModelMount:
+    variant = job.variant
+    key = f"{deployment.metadata.namespace}-{deployment.metadata.name}-{variant}-{job.spec_hash}"
+    target = f"{CACHE_DIR}/artifacts/{key}"
+    cache_mount = {"name": "cache", "mountPath": CACHE_DIR}
+    if deployment.spec.storage.object_store is not None:
+        url = f"{_artifact_prefix(deployment)}/{variant}"
+        return _ModelMount(target, [{
+            "name": "fetch-model", "image": options.s3_image, "imagePullPolicy": options.image_pull_policy,
+            "command": ["sh", "-c", _once(target, f"aws s3 sync {shlex.quote(url)} @TARGET@")],
+            "env": _s3_env(deployment), "volumeMounts": [cache_mount],
+        }])
+    return _ModelMount(target, [{
+        "name": "fetch-model", "image": options.image, "imagePullPolicy": options.image_pull_policy,
+        "command": ["sh", "-c", _once(target, f"cp -r {shlex.quote(job.artifact_path)} @TARGET@")],
+        "volumeMounts": [cache_mount, {"name": "artifacts", "mountPath": ARTIFACTS_DIR,
+                                       "subPath": deployment.metadata.name, "readOnly": True}],
+    }], [_artifacts_volume(deployment)])
+
+
+def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period, "failureThreshold": failures}
+
+
+def _server_container(name: str, command: list[str], resources: dict[str, Any], options: RenderOptions,
+                      mounts: list[dict[str, Any]], env: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "image": options.image,
+        "imagePullPolicy": options.image_pull_policy,
+        "command": command,
+        "ports": [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
+                  {"name": "http", "containerPort": 8080, "protocol": "TCP"}],
+        "env": env,
+        "resources": resources,
+        "volumeMounts": mounts,
+        # Loading a model takes a while: the startup probe gives it up to 10 minutes before liveness counts.
+        "startupProbe": _probe("/healthz", "http", 5, 120),
+        "livenessProbe": _probe("/healthz", "http", 10, 3),
+        "readinessProbe": _probe("/readyz", "http", 5, 3),
+    }
+
+
+def _deployment(deployment: LLMDeployment, name: str, component: str, replicas: int | None,
+                pod_spec: dict[str, Any], options: RenderOptions, extra_labels: dict[str, str],
+                pod_annotations: dict[str, str]) -> dict[str, Any]:
+    lbls = labels(deployment, component, options, **extra_labels, **{SERVER_LABEL: name})
+    selector = {INSTANCE_LABEL: deployment.metadata.name, COMPONENT_LABEL: component, SERVER_LABEL: name}
+    spec: dict[str, Any] = {
+        "selector": {"matchLabels": selector},
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "template": {
+            "metadata": {"labels": lbls, "annotations": {
+                "prometheus.io/scrape": "true", "prometheus.io/port": "8080", "prometheus.io/path": "/metrics",
+                **pod_annotations}},
+            "spec": pod_spec,
+        },
+    }
+    if replicas is not None:  # under an HPA the replica count is the HPA's, not ours
+        spec["replicas"] = replicas
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(deployment, name, lbls), "spec": spec}
+
+
+def _service(deployment: LLMDeployment, name: str, component: str, options: RenderOptions,
+             extra_labels: dict[str, str]) -> dict[str, Any]:
+    lbls = labels(deployment, component, options, **extra_labels, **{SERVER_LABEL: name})
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(deployment, name, lbls),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {INSTANCE_LABEL: deployment.metadata.name, COMPONENT_LABEL: component, SERVER_LABEL: name},
+            "ports": [
+                {"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"},
+                {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"},
+            ],
+        },
+    }
+
+
+def _hpa(deployment: LLMDeployment, target: str, component: str, autoscaling: Autoscaling,
+         options: RenderOptions, extra_labels: dict[str, str]) -> dict[str, Any]:
+    if autoscaling.metric == "cpu":
+        metric: dict[str, Any] = {"type": "Resource", "resource": {"name": "cpu", "target": {
+            "type": "Utilization", "averageUtilization": autoscaling.target_cpu_utilization}}}
+    else:
+        metric = {"type": "Pods", "pods": {"metric": {"name": autoscaling.queue_depth_metric}, "target": {
+            "type": "AverageValue", "averageValue": autoscaling.target_queue_depth}}}
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _meta(deployment, target, labels(deployment, component, options, **extra_labels)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target},
+            "minReplicas": autoscaling.min_replicas,
+            "maxReplicas": autoscaling.max_replicas,
+            "metrics": [metric],
+        },
+    }
+
+
+def render_job(p: Plan, deployment: LLMDeployment, job: CompressionJobPlan,
+               options: RenderOptions) -> list[dict[str, Any]]:
+    """A compression Job and the ConfigMap holding its spec.json."""
+    extra = {VARIANT_LABEL: job.variant}
+    lbls = labels(deployment, "compress", options, **extra)
+    model = _full_model(deployment, options)
+    job_spec = job.spec.model_copy(update={"model_source": model.model})
+    config = {
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(deployment, job.name, lbls),
+        "data": {"spec.json": job_spec.model_dump_json(by_alias=True, indent=2)},
+    }
+    mounts = [{"name": "spec", "mountPath": CONFIG_DIR, "readOnly": True},
+              {"name": "cache", "mountPath": CACHE_DIR}, *model.mounts]
+    volumes = [{"name": "spec", "configMap": {"name": job.name}}, _cache_volume(options),
+               _artifacts_volume(deployment), *model.volumes]
+    store = deployment.spec.storage.object_store
+    if store is None:
+        mounts.append({"name": "artifacts", "mountPath": ARTIFACTS_DIR, "subPath": deployment.metadata.name})
+    else:
+        mounts.append({"name": "artifacts", "mountPath": ARTIFACTS_DIR})
+    compress = {
+        "name": "compress",
+        "image": options.image,
+        "imagePullPolicy": options.image_pull_policy,
+        "command": job.command(),
+        "env": [{"name": "STRATUS_CACHE_DIR", "value": CACHE_DIR}],
+        "resources": options.compress_resources,
+        "volumeMounts": mounts,
+        # The worker writes its one-line JSON summary here; the operator reads it from the pod status.
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    init = list(model.init_containers)
+    containers = [compress]
+    if store is not None:
+        # Compress first (as an init container), then upload the artifact from the shared emptyDir.
+        init.append(compress)
+        url = f"{_artifact_prefix(deployment)}/{job.variant}"
+        containers = [{
+            "name": "upload", "image": options.s3_image, "imagePullPolicy": options.image_pull_policy,
+            "command": ["sh", "-c", f"aws s3 sync {shlex.quote(job.artifact_path)} {shlex.quote(url)} --delete"],
+            "env": _s3_env(deployment), "volumeMounts": [{"name": "artifacts", "mountPath": ARTIFACTS_DIR}],
+        }]
+    pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": containers, "volumes": volumes}
+    if init:
+        pod_spec["initContainers"] = init
+    obj = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(deployment, job.name, lbls),
+        "spec": {
+            # A gate rejection is an answer, not a flake: never retry.
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": options.job_active_deadline_seconds,
+            "template": {"metadata": {"labels": lbls}, "spec": pod_spec},
+        },
+    }
+    return [_with_hash(config), _with_hash(obj)]
+
+
+def render_server(p: Plan, deployment: LLMDeployment, server: ServerPlan,
+                  options: RenderOptions) -> list[dict[str, Any]]:
+    """A model server's Deployment, Service and (with autoscaling) HPA."""
+    component = f"{server.tier}-server"
+    extra = {VARIANT_LABEL: server.variant} if server.variant else {}
+    if server.tier == "edge":
+        job = next(v.job for v in p.variants if v.name == server.variant and v.job is not None)
+        model = _edge_model(deployment, job, options)
+    else:
+        model = _full_model(deployment, options)
+    flags = server.flags.__class__(**{**server.flags.__dict__, "model": model.model})
+    mounts = [{"name": "cache", "mountPath": CACHE_DIR}, *model.mounts]
+    volumes = [_cache_volume(options), *model.volumes]
+    container = _server_container(
+        "server", flags.command(), _resources(dict(server.resources.requests), dict(server.resources.limits)),
+        options, mounts, [{"name": "STRATUS_CACHE_DIR", "value": CACHE_DIR}],
+    )
+    pod_spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
+    if model.init_containers:
+        pod_spec["initContainers"] = model.init_containers
+    if server.node_selector:
+        pod_spec["nodeSelector"] = dict(server.node_selector)
+    if server.tolerations:
+        pod_spec["tolerations"] = _tolerations(server.tolerations)
+    if server.tier == "edge" and server.placement.nodes:
+        # Pin to the nodes placement found room on (by node name); the scheduler picks among them.
+        pod_spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchFields": [
+                {"key": "metadata.name", "operator": "In", "values": list(server.placement.nodes)}]}]}}}
+    replicas = None if server.autoscaling is not None else server.replicas
+    out = [
+        _with_hash(_deployment(deployment, server.name, component, replicas, pod_spec, options, extra, {})),
+        _with_hash(_service(deployment, server.name, component, options, extra)),
+    ]
+    if server.autoscaling is not None:
+        out.append(_with_hash(_hpa(deployment, server.name, component, server.autoscaling, options, extra)))
+    return out
+
+
+def render_router(deployment: LLMDeployment, router: RouterPlan, options: RenderOptions) -> list[dict[str, Any]]:
+    """The router's ConfigMap (router.json), Deployment and Service."""
+    config_json = router.config_json()
+    lbls = labels(deployment, "router", options, **{SERVER_LABEL: router.name})
+    config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(deployment, router.name, lbls),
+              "data": {"router.json": config_json}}
+    container = _server_container(
+        "router", router.flags.command(), dict(options.router_resources), options,
+        [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}], [],
+    )
+    pod_spec = {"containers": [container], "volumes": [{"name": "config", "configMap": {"name": router.name}}]}
+    # A new config rolls the router pods (a ConfigMap change alone would not restart them).
+    annotations = {CONFIG_HASH_ANNOTATION: stable_hash(json.loads(config_json), 16)}
+    return [
+        _with_hash(config),
+        _with_hash(_deployment(deployment, router.name, "router", router.replicas, pod_spec, options, {},
+                               annotations)),
+        _with_hash(_service(deployment, router.name, "router", options, {})),
+    ]
+
+
+def render_storage(deployment: LLMDeployment, options: RenderOptions) -> list[dict[str, Any]]:
+    """The artifacts PVC, when the operator owns it (no object store and no existing claim named)."""
+    storage = deployment.spec.storage
+    if storage.object_store is not None or (storage.pvc is not None and storage.pvc.claim_name):
+        return []
+    pvc = storage.pvc
+    spec: dict[str, Any] = {
+        "accessModes": [pvc.access_mode if pvc else "ReadWriteMany"],
+        "resources": {"requests": {"storage": pvc.size if pvc else "20Gi"}},
+    }
+    if pvc is not None and pvc.storage_class_name:
+        spec["storageClassName"] = pvc.storage_class_name
+    name = child_name(deployment.metadata.name, "artifacts")
+    return [_with_hash({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                        "metadata": _meta(deployment, name, labels(deployment, "artifacts", options)),
+                        "spec": spec})]
+
+
+def render_plan(p: Plan, deployment: LLMDeployment, options: RenderOptions) -> list[dict[str, Any]]:
+    """Every child object of the plan, in apply order."""
+    objects: list[dict[str, Any]] = []
+    if p.compression_jobs:
+        objects += render_storage(deployment, options)
+    for job in p.compression_jobs:
+        objects += render_job(p, deployment, job, options)
+    for server in p.servers:
+        objects += render_server(p, deployment, server, options)
+    if p.router is not None:
+        objects += render_router(deployment, p.router, options)
+    return objects
+
+
+def render_cleanup(deployment: LLMDeployment, options: RenderOptions) -> list[dict[str, Any]]:
+    """A Job that deletes the deployment's artifacts from storage it does not own (run by the finalizer).
+
+    It carries no owner reference, since its owner is being deleted; it removes itself after a while.
+    """
+    storage = deployment.spec.storage
+    name = child_name(deployment.metadata.name, "cleanup")
+    lbls = labels(deployment, "cleanup", options)
+    if storage.object_store is not None:
+        container = {"name": "cleanup", "image": options.s3_image, "env": _s3_env(deployment),
+                     "command": ["sh", "-c", f"aws s3 rm --recursive {shlex.quote(_artifact_prefix(deployment))}"]}
+        volumes: list[dict[str, Any]] = []
+    elif storage.pvc is not None and storage.pvc.claim_name:
+        container = {"name": "cleanup", "image": options.image,
+                     "command": ["sh", "-c", f"rm -rf {ARTIFACTS_DIR}/{shlex.quote(deployment.metadata.name)}"],
+                     "volumeMounts": [{"name": "artifacts", "mountPath": ARTIFACTS_DIR}]}
+        volumes = [{"name": "artifacts", "persistentVolumeClaim": {"claimName": storage.pvc.claim_name}}]
+    else:
+        return []  # the operator's own PVC goes with its owner
+    meta = {"name": name, "namespace": deployment.metadata.namespace, "labels": lbls, "annotations": {}}
+    return [_with_hash({
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
+        "spec": {"backoffLimit": 2, "ttlSecondsAfterFinished": 600,
+                 "template": {"metadata": {"labels": lbls},
+                              "spec": {"restartPolicy": "Never", "containers": [container], "volumes": volumes}}},
+    })]

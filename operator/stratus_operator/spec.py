@@ -1,0 +1,385 @@
+"""The typed LLMDeployment (spec and status): the one source the CRD schema, operator and local runner share."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from stratus_workers.compress.spec import CompressionRecipe, Evaluation, QualityGate
+from stratus_workers.router.config import RoutingSpec
+from stratus_workers.schema import SpecModel
+
+GROUP = "stratus.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "LLMDeployment"
+PLURAL = "llmdeployments"
+SINGULAR = "llmdeployment"
+SHORT_NAMES = ("llmd",)
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Kubernetes resource quantities ("500m", "2Gi", "1.5", "1e3"); the CRD accepts ints or strings.
+QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+_QUANTITY_RE = re.compile(QUANTITY_PATTERN)
+
+
+def _quantity_to_str(value: Any) -> Any:
+    # YAML turns `cpu: 2` into an int; Kubernetes treats it as the quantity "2".
+    if isinstance(value, bool):
+        raise ValueError("a quantity cannot be a boolean")
+    if isinstance(value, int | float):
+        return str(value)
+    return value
+
+
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity_to_str),
+    Field(pattern=QUANTITY_PATTERN,
+          json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN}),
+]
+
+Dtype = Literal["auto", "float32", "bfloat16"]
+Device = Literal["auto", "cpu", "cuda"]
+Phase = Literal["Pending", "Compressing", "Deploying", "Ready", "Degraded", "Failed"]
+PHASES: tuple[Phase, ...] = ("Pending", "Compressing", "Deploying", "Ready", "Degraded", "Failed")
+ConditionType = Literal["Compressed", "CloudReady", "EdgeReady", "RouterReady", "Ready"]
+CONDITION_TYPES: tuple[ConditionType, ...] = ("Compressed", "CloudReady", "EdgeReady", "RouterReady", "Ready")
+
+
+def _cel(*rules: tuple[str, str]) -> dict[str, Any]:
+    """json_schema_extra carrying CEL rules; the CRD generator copies them as x-kubernetes-validations."""
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message} for rule, message in rules]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Spec
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ModelSpec(SpecModel):
+    """Which model to serve."""
+
+    source: str = Field(
+        min_length=1,
+        max_length=1024,
+        pattern=r"^((bundled|pvc|s3|hf|file)://.+|[^:]+)$",
+        description="bundled://smollm2-135m-instruct, pvc://claim/path, s3://bucket/prefix, hf://org/name or a path "
+        "inside the image.",
+    )
+
+
+class ResourceRequirements(SpecModel):
+    """Container resource requests and limits, as in a Pod spec."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict, description="e.g. {cpu: 500m, memory: 1Gi}.")
+    limits: dict[str, Quantity] = Field(default_factory=dict, description="e.g. {memory: 2Gi, nvidia.com/gpu: 1}.")
+
+
+class Toleration(SpecModel):
+    """A Pod toleration: lets a tier's pods onto nodes with a matching taint."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            ("self.operator != 'Exists' || !has(self.value) || self.value == ''", "operator Exists takes no value"),
+            ("has(self.key) || self.operator == 'Exists'", "an empty key needs operator Exists"),
+        )
+    )
+
+    key: str | None = Field(None, max_length=317, description="Taint key; empty with Exists tolerates every taint.")
+    operator: Literal["Equal", "Exists"] = Field("Equal", description="Equal compares value; Exists ignores it.")
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to tolerate; unset tolerates every effect."
+    )
+    toleration_seconds: int | None = Field(None, ge=0, description="For NoExecute: how long the pod stays bound.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("operator Exists takes no value")
+        if not self.key and self.operator != "Exists":
+            raise ValueError("an empty key needs operator Exists")
+        return self
+
+
+class ServingSpec(SpecModel):
+    """Model server limits: passed to `python -m stratus_workers.serve` as flags."""
+
+    max_batch_size: int = Field(8, ge=1, le=1024, description="Requests decoded together (continuous batching).")
+    max_prompt_tokens: int = Field(2048, ge=1, le=1048576, description="Longer prompts are rejected.")
+    max_new_tokens: int = Field(512, ge=1, le=1048576, description="Upper bound on generated tokens per request.")
+
+
+class Autoscaling(SpecModel):
+    """A HorizontalPodAutoscaler for the tier instead of a fixed replica count."""
+
+    model_config = ConfigDict(json_schema_extra=_cel(("self.minReplicas <= self.maxReplicas",
+                                                      "minReplicas must not exceed maxReplicas")))
+
+    min_replicas: int = Field(ge=1, le=1000)
+    max_replicas: int = Field(ge=1, le=1000)
+    metric: Literal["cpu", "queue-depth"] = Field(
+        "cpu", description="cpu: average CPU utilisation; queue-depth: the servers' queued requests per pod "
+        "(a Pods metric served by a custom-metrics adapter)."
+    )
+    target_cpu_utilization: int = Field(70, ge=1, le=100, description="Percent of the CPU request (metric cpu).")
+    target_queue_depth: Quantity = Field("4", description="Average queued requests per pod (metric queue-depth).")
+    queue_depth_metric: str = Field(
+        "stratus_queue_depth", min_length=1, max_length=253, description="Pods metric name for queue-depth."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("minReplicas must not exceed maxReplicas")
+        return self
+
+
+class CloudTier(SpecModel):
+    """The full model on GPU pods."""
+
+    model_config = ConfigDict(json_schema_extra=_cel(
+        ("self.gpusPerPod == 0 || self.tensorParallel <= self.gpusPerPod",
+         "tensorParallel cannot exceed gpusPerPod"),
+    ))
+
+    replicas: int = Field(1, ge=0, le=1000, description="Server pods (ignored when autoscaling is set).")
+    gpus_per_pod: int = Field(1, ge=0, le=16, description="nvidia.com/gpu per pod; 0 runs on CPU.")
+    tensor_parallel: int = Field(1, ge=1, le=16, description="Tensor-parallel degree within a pod.")
+    dtype: Dtype = Field("auto", description="Weights dtype: auto (bfloat16 on GPU, float32 on CPU).")
+    device: Device = Field("auto", description="auto picks cuda when a GPU is visible.")
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    autoscaling: Autoscaling | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> CloudTier:
+        if self.gpus_per_pod and self.tensor_parallel > self.gpus_per_pod:
+            raise ValueError("tensorParallel cannot exceed gpusPerPod")
+        return self
+
+
+class EdgeVariant(SpecModel):
+    """One compressed variant of the model, gated on quality and placed on edge nodes."""
+
+    name: str = Field(min_length=1, max_length=24, pattern=DNS_LABEL,
+                      description="A DNS label naming the variant (short: it is part of child names).")
+    compression: CompressionRecipe = Field(default_factory=CompressionRecipe)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    gate: QualityGate = Field(default_factory=QualityGate)
+    replicas: int = Field(1, ge=0, le=1000, description="Server pods (ignored when autoscaling is set).")
+    dtype: Dtype = Field("auto")
+    device: Device = Field("cpu", description="Edge nodes usually have no GPU.")
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+    resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements,
+        description="Unset memory is derived from the variant's measured size.",
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    autoscaling: Autoscaling | None = None
+
+
+class EdgeTier(SpecModel):
+    """Compressed variants for edge nodes."""
+
+    variants: Annotated[
+        list[EdgeVariant],
+        Field(json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}),
+    ] = Field(default_factory=list, max_length=16)
+
+    @model_validator(mode="after")
+    def _unique(self) -> EdgeTier:
+        names = [v.name for v in self.variants]
+        if len(names) != len(set(names)):
+            raise ValueError(f"edge variant names must be unique: {names}")
+        return self
+
+
+class PVCStorage(SpecModel):
+    """Artifacts on a PersistentVolumeClaim (ReadWriteMany when edge pods run on several nodes)."""
+
+    claim_name: str | None = Field(
+        None, max_length=253, pattern=DNS_LABEL,
+        description="An existing claim; unset makes the operator create <name>-artifacts.",
+    )
+    size: Quantity = Field("20Gi", description="Size of the claim the operator creates.")
+    storage_class_name: str | None = Field(None, max_length=253)
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"] = Field("ReadWriteMany")
+
+
+class ObjectStoreStorage(SpecModel):
+    """Artifacts in an S3-compatible bucket."""
+
+    url: str = Field(pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", description="s3://bucket/prefix")
+    endpoint: str | None = Field(None, description="S3 endpoint URL for non-AWS stores (MinIO, Ceph).")
+    secret_name: str | None = Field(
+        None, pattern=DNS_LABEL, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."
+    )
+
+
+class StorageSpec(SpecModel):
+    """Where compressed artifacts live between the compression Job and the edge pods."""
+
+    model_config = ConfigDict(json_schema_extra=_cel(("!(has(self.pvc) && has(self.objectStore))",
+                                                      "set pvc or objectStore, not both")))
+
+    pvc: PVCStorage | None = None
+    object_store: ObjectStoreStorage | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> StorageSpec:
+        if self.pvc is not None and self.object_store is not None:
+            raise ValueError("set pvc or objectStore, not both")
+        return self
+
+
+class LLMDeploymentSpec(SpecModel):
+    """What the user asks for: one model, a cloud tier, edge variants, a routing policy and storage."""
+
+    model_config = ConfigDict(json_schema_extra=_cel(
+        ("self.routing.policy != 'edge-only' || size(self.edge.variants) > 0",
+         "policy edge-only needs at least one edge variant"),
+        ("self.routing.policy == 'edge-only' || self.cloud.replicas > 0 || has(self.cloud.autoscaling)",
+         "policies cloud-only and cascade need cloud replicas"),
+    ))
+
+    model: ModelSpec
+    cloud: CloudTier = Field(default_factory=CloudTier)
+    edge: EdgeTier = Field(default_factory=EdgeTier)
+    routing: RoutingSpec = Field(default_factory=RoutingSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @model_validator(mode="after")
+    def _check(self) -> LLMDeploymentSpec:
+        if self.routing.policy == "edge-only" and not self.edge.variants:
+            raise ValueError("policy edge-only needs at least one edge variant")
+        if self.routing.policy != "edge-only" and self.cloud.replicas == 0 and self.cloud.autoscaling is None:
+            raise ValueError("policies cloud-only and cascade need cloud replicas")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Status
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Condition(SpecModel):
+    """A condition in the Kubernetes shape (metav1.Condition)."""
+
+    type: ConditionType
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = Field("", max_length=32768)
+    last_transition_time: str = Field(description="RFC 3339 time of the last status change.")
+    observed_generation: int = Field(0, ge=0)
+
+
+VariantState = Literal["Pending", "Compressing", "Accepted", "Rejected", "Failed"]
+
+
+class VariantStatus(SpecModel):
+    """One edge variant: its compression figures and where it runs."""
+
+    name: str
+    state: VariantState = "Pending"
+    recipe: str = Field("", description="Short recipe summary, e.g. quantize:int8-weight.")
+    job: str = Field("", description="The compression Job's name.")
+    size_bytes: int | None = None
+    perplexity: float | None = None
+    perplexity_increase: float | None = Field(None, description="Relative to the full model (0.05 = +5%).")
+    tokens_per_second: float | None = None
+    agreement: float | None = None
+    reasons: list[str] = Field(default_factory=list, description="Why the gate rejected it or the Job failed.")
+    placed: bool = False
+    nodes: list[str] = Field(default_factory=list)
+    placement: str = Field("", description="Why these nodes, or why none.")
+    ready_replicas: int = 0
+    replicas: int = 0
+
+
+class TierStatus(SpecModel):
+    """Ready and desired server pods of a tier."""
+
+    ready_replicas: int = 0
+    desired_replicas: int = 0
+    summary: str = Field("0/0", description="ready/desired, shown by kubectl get.")
+
+
+class RouterStatus(SpecModel):
+    """How clients reach the deployment."""
+
+    endpoint: str = Field("", description="gRPC host:port of the router Service.")
+    http_endpoint: str = Field("", description="HTTP (OpenAI-style) host:port of the router Service.")
+    ready: bool = False
+    backends: list[str] = Field(default_factory=list)
+
+
+class LLMDeploymentStatus(SpecModel):
+    """What the operator observed and did."""
+
+    phase: Phase = "Pending"
+    observed_generation: int = 0
+    effective_policy: str = Field("", description="The policy the router applies now (cloud-only when degraded).")
+    conditions: Annotated[
+        list[Condition],
+        Field(json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}),
+    ] = Field(default_factory=list)
+    variants: Annotated[
+        list[VariantStatus],
+        Field(json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}),
+    ] = Field(default_factory=list)
+    cloud: TierStatus = Field(default_factory=TierStatus)
+    edge: TierStatus = Field(default_factory=TierStatus)
+    router: RouterStatus = Field(default_factory=RouterStatus)
+    message: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The object
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metadata the planner uses; the rest of Kubernetes' metadata is ignored."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=253)
+    namespace: str = "default"
+    uid: str = ""
+    generation: int = 0
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class LLMDeployment(SpecModel):
+    """A whole LLMDeployment object as kubectl or the API server has it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: Literal["stratus.dev/v1alpha1"] = "stratus.dev/v1alpha1"
+    kind: Literal["LLMDeployment"] = "LLMDeployment"
+    metadata: ObjectMeta
+    spec: LLMDeploymentSpec
+    status: LLMDeploymentStatus | None = None
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> LLMDeployment:
+        """Validate a manifest (YAML-loaded dict or API object); raises pydantic.ValidationError."""
+        return cls.model_validate(manifest)
+
+    @classmethod
+    def from_parts(
+        cls, *, name: str, namespace: str | None, uid: str, generation: int | None, spec: dict[str, Any]
+    ) -> LLMDeployment:
+        """Build from the pieces a kopf handler receives."""
+        return cls.model_validate({
+            "metadata": {"name": name, "namespace": namespace or "default", "uid": uid,
+                         "generation": generation or 0},
+            "spec": dict(spec),
+        })
