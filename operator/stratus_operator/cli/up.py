@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stratus_operator.local import LocalRunError, LocalRunner, load_manifest
 from stratus_workers.client import Client
 from stratus_workers.client.client import TIER_NAMES
 from stratus_workers.client.prompts import SAMPLE_PROMPTS
@@ -32,7 +31,7 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def _ask(runner: LocalRunner, max_new_tokens: int) -> int:
+def _ask(runner: Any, max_new_tokens: int) -> int:
     failures = 0
     print("\nsample prompts through the router (tier · why · latency):", flush=True)
     with Client(runner.router.address, timeout=300) as client:
@@ -55,6 +54,9 @@ def _ask(runner: LocalRunner, max_new_tokens: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: it pulls in torch, which `stratus operator` (same CLI) must not pay for.
+    from stratus_operator.local import LocalRunError, LocalRunner, load_manifest
+
     try:
         deployment = load_manifest(args.file)
     except LocalRunError as exc:

@@ -182,6 +182,8 @@ class LocalRunner:
             str(artifact),
             "--termination-log",
             str(summary),
+            "--log-format",
+            "text",  # its stage lines and progress bars are what the user watches
         ]
         log_path = self.logs / f"compress-{variant}.log"
         with open(log_path, "wb") as log_file:
