@@ -14,7 +14,7 @@ from rich.table import Table
 
 from stratus_workers.client import AsyncClient
 from stratus_workers.client.prompts import CALIBRATION_PROMPTS
-from stratus_workers.router.calibration import Calibration, Sample, answer_quality, choose_threshold
+from stratus_workers.router.calibration import Calibration, Sample, choose_threshold, likelihood_quality
 from stratus_workers.router.policy import mean_logprob
 
 
@@ -24,7 +24,7 @@ def register(subparsers: Any) -> None:
         help="pick the cascade confidence threshold that keeps quality at a target",
         description="Ask the edge (with log-probabilities) and the cloud each calibration prompt through a "
         "router, then choose the threshold that serves the most prompts at the edge while quality retention "
-        "(similarity to the cloud's answers) stays at or above --retention.",
+        "(the cloud's likelihood of the edge's answers relative to its own) stays at or above --retention.",
     )
     parser.add_argument("--target", default="127.0.0.1:50051", help="router gRPC address")
     parser.add_argument("--retention", type=float, default=0.97, help="quality retention to keep (0-1]")
@@ -36,7 +36,7 @@ def register(subparsers: Any) -> None:
 
 
 async def collect_samples(target: str, prompts: list[str], max_new_tokens: int) -> list[Sample]:
-    """Edge answer with its confidence and the cloud's answer, for each prompt."""
+    """For each prompt: the edge's answer and confidence, and the cloud's judgement of that answer."""
     samples = []
     async with AsyncClient(target, timeout=600) as client:
         for prompt in prompts:
@@ -44,12 +44,14 @@ async def collect_samples(target: str, prompts: list[str], max_new_tokens: int) 
             edge = await client.generate(
                 messages=messages, max_new_tokens=max_new_tokens, logprobs=True, policy="edge-only"
             )
-            cloud = await client.generate(messages=messages, max_new_tokens=max_new_tokens, policy="cloud-only")
-            samples.append(
-                Sample(
-                    prompt, mean_logprob([lp.logprob for lp in edge.logprobs]), answer_quality(edge.text, cloud.text)
-                )
+            cloud = await client.generate(
+                messages=messages, max_new_tokens=max_new_tokens, logprobs=True, policy="cloud-only"
             )
+            # The cloud judges the edge's answer: its likelihood of it against that of its own answer.
+            judged = await client.score(edge.text, messages=messages, tier="cloud")
+            own = mean_logprob([lp.logprob for lp in cloud.logprobs])
+            quality = likelihood_quality(judged.mean_logprob, own)
+            samples.append(Sample(prompt, mean_logprob([lp.logprob for lp in edge.logprobs]), quality))
     return samples
 
 

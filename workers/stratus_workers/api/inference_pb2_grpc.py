@@ -59,6 +59,11 @@ class InferenceStub:
                 request_serializer=stratus_dot_v1_dot_inference__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=stratus_dot_v1_dot_inference__pb2.VerifyResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/stratus.v1.Inference/Score',
+                request_serializer=stratus_dot_v1_dot_inference__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=stratus_dot_v1_dot_inference__pb2.ScoreResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -100,6 +105,14 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """The model's log-probability of a given continuation of a prompt (used to judge other
+        tiers' answers: how likely the full model finds the edge's answer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +140,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Verify,
                     request_deserializer=stratus_dot_v1_dot_inference__pb2.VerifyRequest.FromString,
                     response_serializer=stratus_dot_v1_dot_inference__pb2.VerifyResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=stratus_dot_v1_dot_inference__pb2.ScoreRequest.FromString,
+                    response_serializer=stratus_dot_v1_dot_inference__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +282,33 @@ class Inference:
             '/stratus.v1.Inference/Verify',
             stratus_dot_v1_dot_inference__pb2.VerifyRequest.SerializeToString,
             stratus_dot_v1_dot_inference__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stratus.v1.Inference/Score',
+            stratus_dot_v1_dot_inference__pb2.ScoreRequest.SerializeToString,
+            stratus_dot_v1_dot_inference__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,10 @@ class InferenceStub:
     """Speculative decoding, verify side: score a draft in one forward pass; say how much of
     it the model accepts and which token comes next.
     """
+    Score: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ScoreRequest, _inference_pb2.ScoreResponse]
+    """The model's log-probability of a given continuation of a prompt (used to judge other
+    tiers' answers: how likely the full model finds the edge's answer).
+    """
 
 @_typing.type_check_only
 class InferenceAsyncStub(InferenceStub):
@@ -63,6 +67,10 @@ class InferenceAsyncStub(InferenceStub):
     Verify: _aio.UnaryUnaryMultiCallable[_inference_pb2.VerifyRequest, _inference_pb2.VerifyResponse]  # type: ignore[assignment]
     """Speculative decoding, verify side: score a draft in one forward pass; say how much of
     it the model accepts and which token comes next.
+    """
+    Score: _aio.UnaryUnaryMultiCallable[_inference_pb2.ScoreRequest, _inference_pb2.ScoreResponse]  # type: ignore[assignment]
+    """The model's log-probability of a given continuation of a prompt (used to judge other
+    tiers' answers: how likely the full model finds the edge's answer).
     """
 
 class InferenceServicer(metaclass=_abc_1.ABCMeta):
@@ -106,6 +114,16 @@ class InferenceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_inference_pb2.VerifyResponse, _abc.Awaitable[_inference_pb2.VerifyResponse]]:
         """Speculative decoding, verify side: score a draft in one forward pass; say how much of
         it the model accepts and which token comes next.
+        """
+
+    @_abc_1.abstractmethod
+    def Score(
+        self,
+        request: _inference_pb2.ScoreRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.ScoreResponse, _abc.Awaitable[_inference_pb2.ScoreResponse]]:
+        """The model's log-probability of a given continuation of a prompt (used to judge other
+        tiers' answers: how likely the full model finds the edge's answer).
         """
 
 def add_InferenceServicer_to_server(servicer: InferenceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

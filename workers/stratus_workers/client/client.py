@@ -153,6 +153,24 @@ class AsyncClient:
         )
         return info
 
+    async def score(
+        self,
+        continuation: str,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        tier: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.ScoreResponse:
+        """How likely the model (at a router: the cloud tier, or `tier`) finds `continuation` as the answer."""
+        request = pb.ScoreRequest(request=build_request(prompt, messages=messages), continuation=continuation)
+        if tier is not None:
+            request.tier = {"edge": pb.TIER_EDGE, "cloud": pb.TIER_CLOUD}[tier]
+        response: pb.ScoreResponse = await self._stub.Score(
+            request, timeout=timeout or self.timeout, metadata=self._metadata
+        )
+        return response
+
     async def healthy(self, service: str = "", timeout: float = 2.0) -> bool:
         try:
             reply = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)

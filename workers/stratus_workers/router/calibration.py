@@ -1,17 +1,26 @@
 """Cascade calibration: pick the confidence threshold that keeps quality retention at a target.
 
-Quality of an edge answer is its similarity to the cloud's answer to the same prompt (difflib's
-ratio on whitespace-normalised text: 1.0 when identical). An answer the cloud serves has quality
-1.0 by definition, so retention at a threshold t is the mean over prompts of the edge answer's
-quality where the edge's confidence reaches t and 1.0 elsewhere. The chosen threshold is the one
-that serves the most prompts at the edge while retention stays at or above the target.
+Quality of an edge answer is judged by the cloud model itself: the cloud's mean per-token
+log-likelihood of the edge's answer, relative to that of its own answer, as a probability ratio
+capped at 1 (1.0 when the cloud finds the edge's answer as likely per token as its own; identical
+answers score 1.0). An answer the cloud serves has quality 1.0 by definition, so retention at a
+threshold t is the mean over prompts of the edge answer's quality where the edge's confidence
+reaches t and 1.0 elsewhere. The chosen threshold serves the most prompts at the edge while
+retention stays at or above the target. `answer_quality` (textual similarity) is the stricter
+alternative, reported beside it by the benchmark.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+
+def likelihood_quality(edge_mean_logprob: float, cloud_mean_logprob: float) -> float:
+    """The cloud's per-token likelihood of the edge's answer relative to its own answer, capped at 1."""
+    return min(1.0, math.exp(edge_mean_logprob - cloud_mean_logprob))
 
 
 def answer_quality(edge: str, cloud: str) -> float:

@@ -431,6 +431,27 @@ class Router:
             self.metrics.requests.labels(policy, TIER_NAME[hit.route.tier], "cached", "OK").inc()
         return key, hit
 
+    async def score(self, request: pb.ScoreRequest, timeout: float | None = None) -> pb.ScoreResponse:
+        """Have one tier (the cloud unless asked) score a continuation, failing over within the tier."""
+        tier: Tier = "edge" if request.tier == pb.TIER_EDGE else "cloud"
+        deadline = time.monotonic() + min(
+            timeout or self.config.request_timeout_seconds, self.config.request_timeout_seconds
+        )
+        candidates = await self._candidates(tier)
+        if not candidates:
+            raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no healthy {tier} backend to score with")
+        for backend in candidates:
+            try:
+                if tier == "cloud":
+                    await self.link()
+                response: pb.ScoreResponse = await backend.stub.Score(request, timeout=self._timeout(deadline))
+                return response
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in BACKEND_FAILURES:
+                    raise RouterError(exc.code(), exc.details() or exc.code().name) from exc
+                backend.mark_down(f"{exc.code().name}: {exc.details()}")
+        raise RouterError(grpc.StatusCode.UNAVAILABLE, f"every {tier} backend failed to score")
+
     async def generate(self, request: pb.GenerateRequest, timeout: float | None = None) -> pb.GenerateResponse:
         started = time.monotonic()
         policy = self.policy_for(request)

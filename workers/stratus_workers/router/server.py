@@ -79,6 +79,13 @@ class RouterServicer(pb_grpc.InferenceServicer):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the router verifies through its cloud servers; call one")
         raise AssertionError("unreachable")
 
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ScoreResponse:
+        try:
+            return await self.router.score(request, context.time_remaining())
+        except RouterError as exc:
+            await context.abort(exc.code, exc.message)
+            raise
+
     async def ModelInfo(
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelInfoResponse:

@@ -387,6 +387,27 @@ class Engine:
         eos = verdict.next_token in self._eos or any(t in self._eos for t in draft[: verdict.accepted])
         return VerifyResult(verdict.accepted, verdict.next_token, tuple(float(x) for x in picked), eos)
 
+    def _score_op(self, prompt: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
+        if not continuation:
+            return ()
+        sid = f"score-{next(self._ids)}"
+        session, pending = self._session(sid, [*prompt, *continuation], SpecSampling())
+        try:
+            logits = self.runner.forward(session.row, [pending], all_logits=True)[0]
+            # Position i predicts token i+1: the continuation is predicted from len(prompt)-1 on.
+            scores = torch.log_softmax(logits[len(prompt) - 1 : len(prompt) + len(continuation) - 1], dim=-1)
+            picked = scores[torch.arange(len(continuation)), torch.tensor(list(continuation))]
+            return tuple(float(x) for x in picked.tolist())
+        finally:
+            self._end_session(sid)
+
+    async def score(self, prompt: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
+        """Log-probability of each continuation token after `prompt` (one forward pass)."""
+        if not prompt:
+            raise ValueError("the prompt has no tokens")
+        result: tuple[float, ...] = await self.run_op(lambda: self._score_op(prompt, continuation))
+        return result
+
     async def draft(
         self,
         sid: str,

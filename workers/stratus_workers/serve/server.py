@@ -73,6 +73,9 @@ class ServerConfig:
     tls_key: str = field(default="", metadata={"help": "PEM private key of tls_cert."})
     tls_ca: str = field(default="", metadata={"help": "CA whose certificates callers must present (mTLS)."})
     threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: torch's default)."})
+    tensor_parallel: int = field(
+        default=1, metadata={"help": "GPUs this server spans (tensor parallel; >1 starts one process per GPU)."}
+    )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error."})
     log_format: str = field(default="json", metadata={"help": "json or text.", "choices": ["json", "text"]})
 
@@ -84,6 +87,7 @@ class ServerConfig:
             "default_new_tokens",
             "max_queue",
             "max_sessions",
+            "tensor_parallel",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -409,6 +413,23 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             )
 
         response: pb.VerifyResponse = await self._speculative_call("Verify", call, context)
+        return response
+
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ScoreResponse:
+        async def call() -> pb.ScoreResponse:
+            prompt = render_prompt(self.loaded.tokenizer, request.request)
+            continuation = list(self.loaded.tokenizer.encode(request.continuation, add_special_tokens=False))
+            if len(prompt) + len(continuation) > self.config.max_prompt_tokens + self.config.max_new_tokens:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"prompt and continuation hold {len(prompt) + len(continuation)} tokens; this server scores "
+                    f"at most {self.config.max_prompt_tokens + self.config.max_new_tokens}",
+                )
+            logprobs = await self.engine.score(prompt, continuation)
+            mean = sum(logprobs) / len(logprobs) if logprobs else 0.0
+            return pb.ScoreResponse(logprobs=logprobs, mean_logprob=mean, tokens=len(logprobs), model=self.name)
+
+        response: pb.ScoreResponse = await self._speculative_call("Score", call, context)
         return response
 
     async def ModelInfo(

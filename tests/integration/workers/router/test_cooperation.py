@@ -173,3 +173,15 @@ async def test_router_refuses_draft_and_verify(model_server, router_config, runn
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await pb_grpc.InferenceStub(channel).Draft(pb.DraftRequest(session_id="x", context=[1], max_tokens=1))
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_router_scores_with_the_requested_tier(model_server, draft_model_dir, router_config,
+                                                     running_router) -> None:
+    async with model_server(tier="cloud", name="cloud") as cloud, \
+            model_server(tier="edge", name="edge", model=str(draft_model_dir)) as edge:
+        config = router_config("cascade", [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")])
+        async with running_router(config) as router, AsyncClient(router.address) as client:
+            by_cloud = await client.score(" an answer", "A question?")
+            by_edge = await client.score(" an answer", "A question?", tier="edge")
+        assert (by_cloud.model, by_edge.model) == ("cloud", "edge")
+        assert by_cloud.tokens == by_edge.tokens > 0 and by_cloud.logprobs != by_edge.logprobs

@@ -102,3 +102,24 @@ async def test_health_reflection_and_metrics(model_server) -> None:
                 assert ready.status == 200
         assert 'stratus_server_requests_total{code="OK",method="Generate"} 1.0' in text
         assert "stratus_server_ttft_seconds_bucket" in text
+
+
+async def test_score_matches_a_direct_forward_pass(model_server, tiny_model_dir) -> None:
+    import torch
+
+    from stratus_workers.models import load_model
+
+    loaded = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    prompt, continuation = "The sky is", " blue and wide"
+    async with model_server() as server, AsyncClient(server.address) as client:
+        scored = await client.score(continuation, prompt)
+        empty = await client.score("", prompt)
+    ids = loaded.tokenizer.encode(prompt)
+    cont = loaded.tokenizer.encode(continuation, add_special_tokens=False)
+    with torch.inference_mode():
+        logits = loaded.model(torch.tensor([ids + cont])).logits[0]
+    expected = torch.log_softmax(logits[len(ids) - 1 : -1], dim=-1)[torch.arange(len(cont)), torch.tensor(cont)]
+    assert scored.tokens == len(cont)
+    assert list(scored.logprobs) == pytest.approx(expected.tolist(), abs=1e-4)
+    assert scored.mean_logprob == pytest.approx(float(expected.mean()), abs=1e-4)
+    assert (empty.tokens, empty.mean_logprob) == (0, 0.0)

@@ -31,3 +31,11 @@ def test_choose_threshold_rejects_bad_input() -> None:
         choose_threshold([], 0.9)
     with pytest.raises(ValueError, match="within"):
         choose_threshold([Sample("a", -1.0, 1.0)], 1.5)
+
+
+def test_likelihood_quality() -> None:
+    from stratus_workers.router.calibration import likelihood_quality
+
+    assert likelihood_quality(-0.5, -0.5) == 1.0
+    assert likelihood_quality(-0.2, -0.5) == 1.0  # likelier than the cloud's own answer: capped
+    assert likelihood_quality(-1.5, -0.5) == pytest.approx(0.3679, abs=1e-4)  # e^-1
