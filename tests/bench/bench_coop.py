@@ -37,6 +37,8 @@ class Run:
     edge_answers: int = 0
     cloud_tokens: int = 0
     quality: list[float] = field(default_factory=list)
+    similarity: list[float] = field(default_factory=list)
+    mean_logprobs: list[float] = field(default_factory=list)
     drafted: int = 0
     accepted: int = 0
     rounds: int = 0
@@ -56,13 +58,14 @@ async def measure(
 ) -> Run:
     from stratus_workers.api import inference_pb2 as pb
     from stratus_workers.client import AsyncClient
-    from stratus_workers.router.calibration import answer_quality
+    from stratus_workers.router.calibration import answer_quality, likelihood_quality
+    from stratus_workers.router.policy import mean_logprob
 
     run = Run(policy, delay)
     async with AsyncClient(router_address, timeout=900) as client:
         await client.generate(messages=[{"role": "user", "content": "warm up"}], max_new_tokens=4)
         started = time.perf_counter()
-        for i, prompt in enumerate(prompts):
+        for prompt in prompts:
             t0 = time.perf_counter()
             reply = await client.generate(
                 messages=[{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens, logprobs=True
@@ -71,6 +74,7 @@ async def measure(
             run.tokens += reply.usage.completion_tokens
             run.texts.append(reply.text)
             run.token_ids.append([lp.token_id for lp in reply.logprobs])
+            run.mean_logprobs.append(mean_logprob([lp.logprob for lp in reply.logprobs]))
             route = reply.route
             if route.tier == pb.TIER_EDGE:
                 run.edge_answers += 1
@@ -81,8 +85,16 @@ async def measure(
                 run.cloud_tokens += route.draft_tokens + route.rounds
             elif route.tier == pb.TIER_CLOUD:
                 run.cloud_tokens += reply.usage.completion_tokens
-            run.quality.append(1.0 if reference is None else answer_quality(reply.text, reference.texts[i]))
         run.seconds = time.perf_counter() - started
+        # Judged after the clock stops: the cloud scores every answer against its own (see docs/cooperation.md).
+        for i, prompt in enumerate(prompts):
+            if reference is None or run.token_ids[i] == reference.token_ids[i]:
+                run.quality.append(1.0)
+                run.similarity.append(1.0)
+                continue
+            judged = await client.score(run.texts[i], messages=[{"role": "user", "content": prompt}], tier="cloud")
+            run.quality.append(likelihood_quality(judged.mean_logprob, reference.mean_logprobs[i]))
+            run.similarity.append(answer_quality(run.texts[i], reference.texts[i]))
     return run
 
 
@@ -208,15 +220,17 @@ def render(runs: list[Run], meta: dict[str, Any], seconds: float) -> str:
         f"this CPU in one process; {meta['prompts']} chat prompts one at a time, up to {meta['max_new_tokens']} new "
         "tokens, greedy, output cache off. The link delay is added to every router→cloud round trip (±10% jitter). "
         f"Cascade threshold {meta['threshold']:.3f}, calibrated for ≥97% retention on 16 other prompts. "
-        "Quality retention: similarity of each answer to cloud-only's answer at the same delay (1.0 = identical). "
+        "Quality retention: the cloud's per-token likelihood of each answer relative to its own answer to the same "
+        "prompt, capped at 1 (identical answers 1.0; the calibration's measure); text similarity to the cloud's "
+        "answer is the stricter alternative beside it. "
         "Cloud tokens per answer: tokens the cloud computed (for speculative: drafts verified plus its own token "
         f"per round). Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, 2 shared cores, "
         f"Python {platform.python_version()}, torch {torch.__version__}; {date.today().isoformat()}; "
         f"{seconds / 60:.1f} min.",
         "",
         "| link RTT | policy | tokens/s | p50 latency | p95 latency | cloud tokens/answer | served at edge | "
-        "quality retention | speed-up vs cloud-only | acceptance | mean accepted/round |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "quality retention | text similarity | speed-up vs cloud-only | acceptance | mean accepted/round |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         base = next(r for r in runs if r.policy == "cloud-only" and r.delay_ms == run.delay_ms)
@@ -226,7 +240,8 @@ def render(runs: list[Run], meta: dict[str, Any], seconds: float) -> str:
         lines.append(
             f"| {run.delay_ms:.0f} ms | {run.policy} | {run.tokens_per_second:.1f} | {run.percentile(50) * 1e3:.0f} ms "
             f"| {run.percentile(95) * 1e3:.0f} ms | {run.cloud_tokens / n:.1f} | {run.edge_answers / n:.0%} "
-            f"| {statistics.mean(run.quality):.1%} | {run.tokens_per_second / base.tokens_per_second:.1f}× "
+            f"| {statistics.mean(run.quality):.1%} | {statistics.mean(run.similarity):.1%} "
+            f"| {run.tokens_per_second / base.tokens_per_second:.1f}× "
             f"| {acceptance} | {per_round} |"
         )
     spec = [r for r in runs if r.policy == "speculative"]
