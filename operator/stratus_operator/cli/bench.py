@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import os
 import statistics
 import time
 from collections import Counter
@@ -28,6 +29,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--policy", choices=sorted(POLICIES), help="override the router's policy")
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("STRATUS_TOKEN"),
+        help="bearer token for a router that requires one [env STRATUS_TOKEN]",
+    )
+    parser.add_argument("--tls-ca", help="CA certificate, to reach a router that serves TLS")
     parser.set_defaults(func=run)
 
 
@@ -55,6 +62,8 @@ async def bench(
     max_new_tokens: int,
     policy: str | None = None,
     timeout: float = 300.0,
+    token: str | None = None,
+    tls_ca: str | None = None,
 ) -> BenchResult:
     """Send `requests` chat requests from the sample prompts, `concurrency` at a time."""
     if concurrency < 1 or requests < 1:
@@ -64,7 +73,7 @@ async def bench(
     queue: asyncio.Queue[str] = asyncio.Queue()
     for _ in range(requests):
         queue.put_nowait(next(prompts))
-    async with AsyncClient(target, timeout=timeout) as client:
+    async with AsyncClient(target, timeout=timeout, token=token, tls_ca=tls_ca) as client:
 
         async def worker() -> None:
             while not queue.empty():
@@ -94,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             requests=args.requests,
             max_new_tokens=args.max_new_tokens,
+            token=args.token,
+            tls_ca=args.tls_ca,
             policy=args.policy,
             timeout=args.timeout,
         )

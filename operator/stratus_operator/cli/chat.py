@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any
@@ -25,6 +26,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--policy", choices=sorted(POLICIES), help="override the router's policy")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds before giving up")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("STRATUS_TOKEN"),
+        help="bearer token for a router that requires one [env STRATUS_TOKEN]",
+    )
+    parser.add_argument("--tls-ca", help="CA certificate, to reach a router that serves TLS")
     parser.set_defaults(func=run)
 
 
@@ -44,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         options["messages"] = [*messages, {"role": "user", "content": text}]
     started = time.perf_counter()
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client(args.target, timeout=args.timeout, token=args.token, tls_ca=args.tls_ca) as client:
             final = None
             for chunk in client.stream(**options):
                 if chunk.text:
