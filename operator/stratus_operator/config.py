@@ -28,7 +28,10 @@ class Config:
     image_pull_policy: str = "IfNotPresent"
     # STRATUS_S3_IMAGE: image with the aws CLI, for s3:// model sources and object-store artifacts.
     s3_image: str = "amazon/aws-cli:2.17.0"
-    # STRATUS_CACHE_HOST_PATH: the per-node model cache (a hostPath) the fetch init containers fill.
+    # STRATUS_CACHE_HOST_PATH: the per-node cache (a hostPath) that init containers fetch s3:// and hf://
+    # models and object-store artifacts into; it must exist on every node and be writable by uid 65532.
+    # Empty: an emptyDir per pod instead (each pod fetches its own copy; no hostPath, as the restricted
+    # Pod Security Standard requires). Bundled models come from the image and need no cache.
     cache_host_path: str = "/var/cache/stratus"
     # STRATUS_JOB_DEADLINE_SECONDS: activeDeadlineSeconds of a compression Job.
     job_deadline_seconds: int = 6 * 3600

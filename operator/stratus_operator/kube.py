@@ -61,6 +61,9 @@ HPAS = Resource("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodA
 PODS = Resource("", "v1", "pods", "Pod", verbs=READ)
 NODES = Resource("", "v1", "nodes", "Node", namespaced=False, verbs=READ)
 EVENTS = Resource("", "v1", "events", "Event", verbs=("create", "patch"))
+# The mTLS Secret the operator issues per deployment (get, create, patch when it must be renewed); never
+# list or watch: the operator has no business reading every Secret in the cluster.
+SECRETS = Resource("", "v1", "secrets", "Secret", verbs=("get", "create", "patch"))
 # With blockOwnerDeletion on children, the OwnerReferencesPermissionEnforcement admission plugin checks
 # that the operator may update its owners' finalizers; no call of ours uses it directly.
 LLMDEPLOYMENTS_FINALIZERS = Resource(GROUP, VERSION, PLURAL, "LLMDeployment", verbs=("update",),
@@ -70,7 +73,7 @@ NAMESPACES = Resource("", "v1", "namespaces", "Namespace", namespaced=False, ver
 
 RESOURCES: tuple[Resource, ...] = (
     LLMDEPLOYMENTS, LLMDEPLOYMENTS_STATUS, LLMDEPLOYMENTS_FINALIZERS,
-    JOBS, DEPLOYMENTS, SERVICES, CONFIGMAPS, PVCS, HPAS, PODS, NODES, EVENTS, NAMESPACES,
+    JOBS, DEPLOYMENTS, SERVICES, CONFIGMAPS, PVCS, HPAS, PODS, NODES, EVENTS, NAMESPACES, SECRETS,
 )
 # The children the operator creates, by (apiVersion, kind).
 CHILD_KINDS: dict[tuple[str, str], Resource] = {

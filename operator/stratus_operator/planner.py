@@ -529,7 +529,9 @@ def plan(
         routing = spec.routing.model_copy(update={"policy": effective})
         router = RouterPlan(
             name=child_name(name, "router"),
-            config=RouterConfig(routing=routing, backends=backends),
+            # The router counts prompt tokens (cascade's maxEdgePromptTokens) and drafts (speculative)
+            # with the model's tokenizer; render maps the source to a path in the router's pod.
+            config=RouterConfig(routing=routing, backends=backends, tokenizer=spec.model.source),
             namespace=namespace,
         )
     return Plan(

@@ -30,6 +30,31 @@ VARIANT_LABEL = "stratus.dev/variant"
 SERVER_LABEL = "stratus.dev/server"
 CACHE_DIR = "/cache"
 MODELS_DIR = "/models"
+# Beside CONFIG_DIR, not inside it: no mount points within another (read-only) volume.
+TLS_DIR = "/etc/stratus-tls"
+TOKENS_DIR = "/etc/stratus-tokens"
+IMAGE_CACHE_DIR = "/opt/stratus/cache"
+COMPRESS_BACKOFF_LIMIT = 2
+# stratus_workers.compress exit codes that are verdicts: 2 bad input, 3 rejected by the gate.
+COMPRESS_FINAL_EXIT_CODES = (2, 3)  # the workers image's converted bundled models (read-only)
+TOKENS_FILE = "tokens"
+TLS_HASH_ANNOTATION = "stratus.dev/tls-hash"
+# The LLMDeployment generation a compression Job was created at: a Job that failed at an older generation
+# is run again after a spec change (outside the spec hash, which must not change with the generation).
+GENERATION_ANNOTATION = "stratus.dev/generation"
+# The workers image's user (deploy/images/workers.Dockerfile); numeric, so the kubelet can check runAsNonRoot.
+RUN_AS = 65532
+POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
+    # Large artifact volumes: chown them only when their root is not ours yet.
+    "fsGroupChangePolicy": "OnRootMismatch",
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS,
+    "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+}
 
 
 @dataclass(frozen=True)
@@ -51,6 +76,43 @@ def _parse_source(source: str) -> _Source:
 
 
 @dataclass(frozen=True)
+class SecretRefs:
+    """The Secrets pods mount: the mTLS Secret (None: plaintext) and a hash of its content (rolls pods)."""
+
+    tls_secret: str | None = None
+    tls_hash: str = ""
+
+    @classmethod
+    def of(cls, deployment: LLMDeployment, tls_hash: str = "") -> SecretRefs:
+        return cls(tls_secret_name(deployment), tls_hash)
+
+
+def tls_secret_name(deployment: LLMDeployment) -> str | None:
+    """The Secret holding the deployment's mTLS certificate: the user's, else the operator's `<name>-tls`."""
+    security = deployment.spec.security
+    if not security.mtls:
+        return None
+    return security.tls_secret_name or child_name(deployment.metadata.name, "tls")
+
+
+def _tls_volume(secret: str) -> dict[str, Any]:
+    # Only the three files a process needs: an operator-issued Secret also holds the CA's key.
+    items = [{"key": k, "path": k} for k in ("tls.crt", "tls.key", "ca.crt")]
+    return {"name": "tls", "secret": {"secretName": secret, "items": items, "defaultMode": 0o440}}
+
+
+def _tls_args() -> list[str]:
+    return ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key", "--tls-ca", f"{TLS_DIR}/ca.crt"]
+
+
+def _dedupe(volumes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen: dict[str, dict[str, Any]] = {}
+    for v in volumes:
+        seen.setdefault(v["name"], v)
+    return list(seen.values())
+
+
+@dataclass(frozen=True)
 class RenderOptions:
     """Cluster-specific choices that are not part of the LLMDeployment."""
 
@@ -58,6 +120,8 @@ class RenderOptions:
     image_pull_policy: str = "IfNotPresent"
     # Used only for s3:// sources and object-store artifacts.
     s3_image: str = "amazon/aws-cli:2.17.0"
+    # A per-node cache for fetched models (s3://, hf://, object-store artifacts); it must exist and be
+    # writable by uid 65532. Empty: an emptyDir per pod (each pod fetches its own copy).
     cache_host_path: str = "/var/cache/stratus"
     compress_resources: dict[str, Any] = field(
         default_factory=lambda: {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "8Gi"}}
@@ -124,8 +188,25 @@ def _resources(requests: dict[str, str], limits: dict[str, str]) -> dict[str, An
 
 
 def _cache_volume(options: RenderOptions) -> dict[str, Any]:
-    # A hostPath cache: each node fetches (or converts) a model once, whatever pods come and go.
-    return {"name": "cache", "hostPath": {"path": options.cache_host_path, "type": "DirectoryOrCreate"}}
+    # A prepared hostPath: each node fetches a model once, whatever pods come and go. "Directory", not
+    # "DirectoryOrCreate": the kubelet would create it root-owned, which our non-root pods cannot write.
+    if options.cache_host_path:
+        return {"name": "cache", "hostPath": {"path": options.cache_host_path, "type": "Directory"}}
+    return {"name": "cache", "emptyDir": {}}
+
+
+def harden(pod_spec: dict[str, Any]) -> dict[str, Any]:
+    """Non-root, read-only root filesystem, no capabilities, RuntimeDefault seccomp; /tmp is an emptyDir."""
+    pod_spec["securityContext"] = dict(POD_SECURITY_CONTEXT)
+    pod_spec.setdefault("volumes", []).append({"name": "tmp", "emptyDir": {}})
+    for c in [*pod_spec.get("initContainers", []), *pod_spec["containers"]]:
+        c["securityContext"] = dict(CONTAINER_SECURITY_CONTEXT)
+        c["volumeMounts"] = [*c.get("volumeMounts", []), {"name": "tmp", "mountPath": "/tmp"}]
+        env = list(c.get("env", []))
+        if not any(e["name"] == "HOME" for e in env):
+            env.append({"name": "HOME", "value": "/tmp"})  # the aws CLI writes under $HOME
+        c["env"] = env
+    return pod_spec
 
 
 def _s3_env(deployment: LLMDeployment) -> list[dict[str, Any]]:
@@ -163,14 +244,8 @@ def _full_model(deployment: LLMDeployment, options: RenderOptions) -> _ModelMoun
     cache_mount = {"name": "cache", "mountPath": CACHE_DIR}
     key = stable_hash(str(source), 12)
     if source.kind == 'bundled':
-        script = ("from stratus_workers.models.loader import materialize_bundled; "
-                  f"print(materialize_bundled({source.ref!r}))")
-        return _ModelMount(str(source), [{
-            "name": "fetch-model", "image": options.image, "imagePullPolicy": options.image_pull_policy,
-            "command": ["python", "-c", script],
-            "env": [{"name": "STRATUS_CACHE_DIR", "value": CACHE_DIR}],
-            "volumeMounts": [cache_mount],
-        }])
+        # The workers image carries it converted under /opt/stratus/cache (its STRATUS_CACHE_DIR): no fetch.
+        return _ModelMount(str(source))
     if source.kind == 'pvc':
         claim, _, sub = source.ref.partition("/")
         return _ModelMount(f"{MODELS_DIR}/{claim}/{sub}".rstrip("/"), [],
@@ -182,7 +257,7 @@ def _full_model(deployment: LLMDeployment, options: RenderOptions) -> _ModelMoun
             "name": "fetch-model", "image": options.s3_image, "imagePullPolicy": options.image_pull_policy,
             "command": ["sh", "-c", _once(target, f"aws s3 sync {shlex.quote(str(source))} @TARGET@")],
             "env": _s3_env(deployment), "volumeMounts": [cache_mount],
-        }])
+        }], [_cache_volume(options)], [cache_mount])
     if source.kind == 'hf':
         target = f"{CACHE_DIR}/models/{key}"
         script = f"from huggingface_hub import snapshot_download as d; d({source.ref!r}, local_dir='@TARGET@')"
@@ -190,17 +265,20 @@ def _full_model(deployment: LLMDeployment, options: RenderOptions) -> _ModelMoun
             "name": "fetch-model", "image": options.image, "imagePullPolicy": options.image_pull_policy,
             "command": ["sh", "-c", _once(target, f"python -c {shlex.quote(script)}")],
             "volumeMounts": [cache_mount],
-        }])
+        }], [_cache_volume(options)], [cache_mount])
     return _ModelMount(str(source))  # a path inside the image
 
 
-def _artifacts_volume(deployment: LLMDeployment) -> dict[str, Any]:
+def _artifacts_volume(deployment: LLMDeployment, *, read_only: bool = False) -> dict[str, Any]:
     pvc = deployment.spec.storage.pvc
     if deployment.spec.storage.object_store is not None:
         return {"name": "artifacts", "emptyDir": {}}
     claim = pvc.claim_name if pvc is not None and pvc.claim_name else child_name(deployment.metadata.name,
                                                                                   "artifacts")
-    return {"name": "artifacts", "persistentVolumeClaim": {"claimName": claim}}
+    source: dict[str, Any] = {"claimName": claim}
+    if read_only:
+        source["readOnly"] = True
+    return {"name": "artifacts", "persistentVolumeClaim": source}
 
 
 def _artifact_prefix(deployment: LLMDeployment) -> str:
@@ -220,13 +298,11 @@ def _edge_model(deployment: LLMDeployment, job: CompressionJobPlan, options: Ren
             "name": "fetch-model", "image": options.s3_image, "imagePullPolicy": options.image_pull_policy,
             "command": ["sh", "-c", _once(target, f"aws s3 sync {shlex.quote(url)} @TARGET@")],
             "env": _s3_env(deployment), "volumeMounts": [cache_mount],
-        }])
-    return _ModelMount(target, [{
-        "name": "fetch-model", "image": options.image, "imagePullPolicy": options.image_pull_policy,
-        "command": ["sh", "-c", _once(target, f"cp -r {shlex.quote(job.artifact_path)} @TARGET@")],
-        "volumeMounts": [cache_mount, {"name": "artifacts", "mountPath": ARTIFACTS_DIR,
-                                       "subPath": deployment.metadata.name, "readOnly": True}],
-    }], [_artifacts_volume(deployment)])
+        }], [_cache_volume(options)], [cache_mount])
+    # On the artifacts claim: read in place (read-only); the server loads it into memory once at start.
+    return _ModelMount(job.artifact_path, [], [_artifacts_volume(deployment, read_only=True)],
+                       [{"name": "artifacts", "mountPath": ARTIFACTS_DIR, "subPath": deployment.metadata.name,
+                         "readOnly": True}])
 
 
 def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
@@ -322,10 +398,11 @@ def render_job(p: Plan, deployment: LLMDeployment, job: CompressionJobPlan,
         "apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(deployment, job.name, lbls),
         "data": {"spec.json": job_spec.model_dump_json(by_alias=True, indent=2)},
     }
-    mounts = [{"name": "spec", "mountPath": CONFIG_DIR, "readOnly": True},
-              {"name": "cache", "mountPath": CACHE_DIR}, *model.mounts]
-    volumes = [{"name": "spec", "configMap": {"name": job.name}}, _cache_volume(options),
-               _artifacts_volume(deployment), *model.volumes]
+    cache_mount = {"name": "cache", "mountPath": CACHE_DIR}
+    mounts = [{"name": "spec", "mountPath": CONFIG_DIR, "readOnly": True}, cache_mount,
+              *(m for m in model.mounts if m["name"] != "cache")]
+    volumes = _dedupe([{"name": "spec", "configMap": {"name": job.name}}, _cache_volume(options),
+                       _artifacts_volume(deployment), *model.volumes])
     store = deployment.spec.storage.object_store
     if store is None:
         mounts.append({"name": "artifacts", "mountPath": ARTIFACTS_DIR, "subPath": deployment.metadata.name})
@@ -343,7 +420,18 @@ def render_job(p: Plan, deployment: LLMDeployment, job: CompressionJobPlan,
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    # The worker keeps baselines and the tokenised corpus in its (writable) cache; the bundled model it
+    # finds there through a link to the image's converted copy instead of converting it again.
+    source = _parse_source(deployment.spec.model.source)
     init = list(model.init_containers)
+    if source.kind == "bundled":
+        link, real = f"{CACHE_DIR}/models/{source.ref}", f"{IMAGE_CACHE_DIR}/models/{source.ref}"
+        init.insert(0, {
+            "name": "prepare-cache", "image": options.image, "imagePullPolicy": options.image_pull_policy,
+            "command": ["sh", "-c", f"mkdir -p {CACHE_DIR}/models && {{ [ -e {shlex.quote(link)} ] || "
+                                    f"ln -s {shlex.quote(real)} {shlex.quote(link)}; }}"],
+            "volumeMounts": [cache_mount],
+        })
     containers = [compress]
     if store is not None:
         # Compress first (as an init container), then upload the artifact from the shared emptyDir.
@@ -357,23 +445,34 @@ def render_job(p: Plan, deployment: LLMDeployment, job: CompressionJobPlan,
     pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": containers, "volumes": volumes}
     if init:
         pod_spec["initContainers"] = init
+    harden(pod_spec)
     obj = {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": _meta(deployment, job.name, lbls),
         "spec": {
-            # A gate rejection is an answer, not a flake: never retry.
-            "backoffLimit": 0,
+            # A crash (exit 1, OOM kill) is retried by the Job controller with its exponential back-off
+            # (10 s, 20 s, 40 s, ...); a gate rejection or a bad spec is an answer, not a flake: it fails
+            # the Job at once. Evictions and preemptions do not count against the limit.
+            "backoffLimit": COMPRESS_BACKOFF_LIMIT,
+            "podFailurePolicy": {"rules": [
+                {"action": "FailJob", "onExitCodes": {"containerName": "compress", "operator": "In",
+                                                      "values": list(COMPRESS_FINAL_EXIT_CODES)}},
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            ]},
             "activeDeadlineSeconds": options.job_active_deadline_seconds,
             "template": {"metadata": {"labels": lbls}, "spec": pod_spec},
         },
     }
-    return [_with_hash(config), _with_hash(obj)]
+    job_obj = _with_hash(obj)
+    job_obj["metadata"]["annotations"][GENERATION_ANNOTATION] = str(p.generation)
+    return [_with_hash(config), job_obj]
 
 
-def render_server(p: Plan, deployment: LLMDeployment, server: ServerPlan,
-                  options: RenderOptions) -> list[dict[str, Any]]:
+def render_server(p: Plan, deployment: LLMDeployment, server: ServerPlan, options: RenderOptions,
+                  secrets: SecretRefs | None = None) -> list[dict[str, Any]]:
     """A model server's Deployment, Service and (with autoscaling) HPA."""
+    secrets = secrets if secrets is not None else SecretRefs.of(deployment)
     component = f"{server.tier}-server"
     extra = {VARIANT_LABEL: server.variant} if server.variant else {}
     if server.tier == "edge":
@@ -382,11 +481,19 @@ def render_server(p: Plan, deployment: LLMDeployment, server: ServerPlan,
     else:
         model = _full_model(deployment, options)
     flags = server.flags.__class__(**{**server.flags.__dict__, "model": model.model})
-    mounts = [{"name": "cache", "mountPath": CACHE_DIR}, *model.mounts]
-    volumes = [_cache_volume(options), *model.volumes]
+    mounts = list(model.mounts)
+    volumes = _dedupe(list(model.volumes))
+    command = flags.command()
+    pod_annotations: dict[str, str] = {}
+    if secrets.tls_secret:
+        command += _tls_args()
+        mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+        volumes.append(_tls_volume(secrets.tls_secret))
+        if secrets.tls_hash:
+            pod_annotations[TLS_HASH_ANNOTATION] = secrets.tls_hash  # a new certificate restarts the pods
     container = _server_container(
-        "server", flags.command(), _resources(dict(server.resources.requests), dict(server.resources.limits)),
-        options, mounts, [{"name": "STRATUS_CACHE_DIR", "value": CACHE_DIR}],
+        "server", command, _resources(dict(server.resources.requests), dict(server.resources.limits)),
+        options, mounts, [],
     )
     pod_spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
     if model.init_containers:
@@ -400,9 +507,11 @@ def render_server(p: Plan, deployment: LLMDeployment, server: ServerPlan,
         pod_spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
             "nodeSelectorTerms": [{"matchFields": [
                 {"key": "metadata.name", "operator": "In", "values": list(server.placement.nodes)}]}]}}}
+    harden(pod_spec)
     replicas = None if server.autoscaling is not None else server.replicas
     out = [
-        _with_hash(_deployment(deployment, server.name, component, replicas, pod_spec, options, extra, {})),
+        _with_hash(_deployment(deployment, server.name, component, replicas, pod_spec, options, extra,
+                               pod_annotations)),
         _with_hash(_service(deployment, server.name, component, options, extra)),
     ]
     if server.autoscaling is not None:
@@ -410,19 +519,80 @@ def render_server(p: Plan, deployment: LLMDeployment, server: ServerPlan,
     return out
 
 
-def render_router(deployment: LLMDeployment, router: RouterPlan, options: RenderOptions) -> list[dict[str, Any]]:
+# Files AutoTokenizer reads; an s3:// model's weights stay out of the router.
+_TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "*.model", "config.json",
+                    "generation_config.json", "added_tokens.json", "chat_template*")
+
+
+def _router_tokenizer(deployment: LLMDeployment, router: RouterPlan, options: RenderOptions) -> _ModelMount:
+    """Where the router reads the tokenizer the planner named (RouterConfig.tokenizer) inside its pod."""
+    if not router.config.tokenizer:
+        return _ModelMount("")
+    source = _parse_source(router.config.tokenizer)
+    if source.kind == "pvc":
+        claim, _, sub = source.ref.partition("/")
+        return _ModelMount(f"{MODELS_DIR}/{claim}/{sub}".rstrip("/"), [],
+                           [{"name": "model-source", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}],
+                           [{"name": "model-source", "mountPath": f"{MODELS_DIR}/{claim}", "readOnly": True}])
+    target = f"{CACHE_DIR}/tokenizer"
+    volumes = [{"name": "cache", "emptyDir": {}}]
+    mounts = [{"name": "cache", "mountPath": CACHE_DIR, "readOnly": True}]
+    if source.kind == "s3":
+        patterns = " ".join(f"--include {shlex.quote(p)}" for p in _TOKENIZER_FILES)
+        return _ModelMount(target, [{
+            "name": "fetch-tokenizer", "image": options.s3_image, "imagePullPolicy": options.image_pull_policy,
+            "command": ["sh", "-c", f"aws s3 sync {shlex.quote(str(source))} {target} --exclude '*' {patterns}"],
+            "env": _s3_env(deployment), "volumeMounts": [{"name": "cache", "mountPath": CACHE_DIR}],
+        }], volumes, mounts)
+    if source.kind == "hf":
+        # The tokenizer files alone (handing the router hf:// would load the model's weights too).
+        script = (f"from huggingface_hub import snapshot_download as d; "
+                  f"d({source.ref!r}, local_dir={target!r}, allow_patterns={list(_TOKENIZER_FILES)!r})")
+        return _ModelMount(target, [{
+            "name": "fetch-tokenizer", "image": options.image, "imagePullPolicy": options.image_pull_policy,
+            "command": ["python", "-c", script], "volumeMounts": [{"name": "cache", "mountPath": CACHE_DIR}],
+        }], volumes, mounts)
+    # bundled:// is in the image (its converted copy carries the tokenizer); a path is in the image.
+    return _ModelMount(str(source))
+
+
+def render_router(deployment: LLMDeployment, router: RouterPlan, options: RenderOptions,
+                  secrets: SecretRefs | None = None) -> list[dict[str, Any]]:
     """The router's ConfigMap (router.json), Deployment and Service."""
-    config_json = router.config_json()
+    secrets = secrets if secrets is not None else SecretRefs.of(deployment)
+    security = deployment.spec.security
+    tokenizer = _router_tokenizer(deployment, router, options)
+    config_json = router.config.model_copy(update={"tokenizer": tokenizer.model or None}).model_dump_json(
+        by_alias=True, indent=2)
     lbls = labels(deployment, "router", options, **{SERVER_LABEL: router.name})
     config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(deployment, router.name, lbls),
               "data": {"router.json": config_json}}
-    container = _server_container(
-        "router", router.flags.command(), dict(options.router_resources), options,
-        [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}], [],
-    )
-    pod_spec = {"containers": [container], "volumes": [{"name": "config", "configMap": {"name": router.name}}]}
+    command = router.flags.command()
+    mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, *tokenizer.mounts]
+    volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": router.name}}, *tokenizer.volumes]
     # A new config rolls the router pods (a ConfigMap change alone would not restart them).
     annotations = {CONFIG_HASH_ANNOTATION: stable_hash(json.loads(config_json), 16)}
+    if secrets.tls_secret:
+        command += _tls_args()
+        if security.client_tls:
+            command.append("--client-tls")
+        mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+        volumes.append(_tls_volume(secrets.tls_secret))
+        if secrets.tls_hash:
+            annotations[TLS_HASH_ANNOTATION] = secrets.tls_hash
+    if security.client_tokens is not None:
+        # A directory mount, not subPath: the kubelet updates it when the Secret changes, and the router
+        # re-reads the file (token rotation without a restart).
+        command += ["--tokens-file", f"{TOKENS_DIR}/{TOKENS_FILE}"]
+        mounts.append({"name": "tokens", "mountPath": TOKENS_DIR, "readOnly": True})
+        volumes.append({"name": "tokens", "secret": {
+            "secretName": security.client_tokens.secret_name, "defaultMode": 0o440,
+            "items": [{"key": security.client_tokens.key, "path": TOKENS_FILE}]}})
+    container = _server_container("router", command, dict(options.router_resources), options, mounts, [])
+    pod_spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
+    if tokenizer.init_containers:
+        pod_spec["initContainers"] = tokenizer.init_containers
+    harden(pod_spec)
     return [
         _with_hash(config),
         _with_hash(_deployment(deployment, router.name, "router", router.replicas, pod_spec, options, {},
@@ -449,17 +619,19 @@ def render_storage(deployment: LLMDeployment, options: RenderOptions) -> list[di
                         "spec": spec})]
 
 
-def render_plan(p: Plan, deployment: LLMDeployment, options: RenderOptions) -> list[dict[str, Any]]:
-    """Every child object of the plan, in apply order."""
+def render_plan(p: Plan, deployment: LLMDeployment, options: RenderOptions,
+                secrets: SecretRefs | None = None) -> list[dict[str, Any]]:
+    """Every child object of the plan, in apply order (the mTLS Secret is the reconcile's, not here)."""
+    secrets = secrets if secrets is not None else SecretRefs.of(deployment)
     objects: list[dict[str, Any]] = []
     if p.compression_jobs:
         objects += render_storage(deployment, options)
     for job in p.compression_jobs:
         objects += render_job(p, deployment, job, options)
     for server in p.servers:
-        objects += render_server(p, deployment, server, options)
+        objects += render_server(p, deployment, server, options, secrets)
     if p.router is not None:
-        objects += render_router(deployment, p.router, options)
+        objects += render_router(deployment, p.router, options, secrets)
     return objects
 
 
@@ -486,6 +658,6 @@ def render_cleanup(deployment: LLMDeployment, options: RenderOptions) -> list[di
     return [_with_hash({
         "apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
         "spec": {"backoffLimit": 2, "ttlSecondsAfterFinished": 600,
-                 "template": {"metadata": {"labels": lbls},
-                              "spec": {"restartPolicy": "Never", "containers": [container], "volumes": volumes}}},
+                 "template": {"metadata": {"labels": lbls}, "spec": harden(
+                     {"restartPolicy": "Never", "containers": [container], "volumes": volumes})}},
     })]

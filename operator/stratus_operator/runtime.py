@@ -32,7 +32,8 @@ class ChildInfo:
     name: str
     spec_hash: str
     ready: int = 0
-    job: Mapping[str, Any] | None = None  # for Jobs: {"spec": {"backoffLimit"}, "status": {...}}
+    # For Jobs: {"spec": {"backoffLimit"}, "status": {...}, "generation": the owner's, at creation}.
+    job: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,9 @@ class Runtime:
     phases: dict[tuple[str, str], str] = field(default_factory=dict)
     # Last seen readiness signature per child uid: child events that change nothing trigger nothing.
     signatures: dict[str, Any] = field(default_factory=dict)
+    # mTLS Secrets found good, per deployment: (secret name, hosts) -> (checked until, content hash).
+    # Saves a GET per reconcile; a renewal or a rotated user Secret is seen when the entry runs out.
+    tls_checked: dict[tuple[str, str], tuple[tuple[str, tuple[str, ...]], float, str]] = field(default_factory=dict)
 
     def set_phase(self, key: tuple[str, str], phase: str | None) -> None:
         old = self.phases.pop(key, None)

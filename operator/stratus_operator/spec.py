@@ -197,7 +197,7 @@ class EdgeTier(SpecModel):
     def _unique(self) -> EdgeTier:
         names = [v.name for v in self.variants]
         if len(names) != len(set(names)):
-            raise ValueError(f"edge variant names must be unique: {names}")
+            raise ValueError(f"edge.variants[].name must be unique: {names}")
         return self
 
 
@@ -239,14 +239,50 @@ class StorageSpec(SpecModel):
         return self
 
 
+class ClientTokens(SpecModel):
+    """Bearer tokens edge devices and apps present to the router, from a Secret (one token per line)."""
+
+    secret_name: str = Field(min_length=1, max_length=253, pattern=DNS_LABEL,
+                             description="A Secret in the deployment's namespace.")
+    key: str = Field("tokens", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$",
+                     description="The Secret's key holding the tokens, one per line.")
+
+
+class SecuritySpec(SpecModel):
+    """Links between the router and the model servers, and who may call the router."""
+
+    model_config = ConfigDict(json_schema_extra=_cel(
+        ("self.mtls || !has(self.tlsSecretName)", "tlsSecretName needs mtls"),
+        ("self.mtls || !self.clientTls", "clientTls needs mtls (the router serves callers with its certificate)"),
+    ))
+
+    mtls: bool = Field(True, description="Mutual TLS between the router and the model servers.")
+    tls_secret_name: str | None = Field(
+        None, min_length=1, max_length=253, pattern=DNS_LABEL,
+        description="A Secret with tls.crt, tls.key and ca.crt whose certificate covers the servers' and the "
+        "router's Service names; unset: the operator issues a CA and a certificate into <name>-tls.",
+    )
+    client_tls: bool = Field(False, description="The router also serves its callers over TLS (its certificate).")
+    client_tokens: ClientTokens | None = Field(
+        None, description="Require a bearer token from callers of the router; unset: no token needed.")
+
+    @model_validator(mode="after")
+    def _check(self) -> SecuritySpec:
+        if not self.mtls and self.tls_secret_name:
+            raise ValueError("tlsSecretName needs mtls")
+        if not self.mtls and self.client_tls:
+            raise ValueError("clientTls needs mtls (the router serves callers with its certificate)")
+        return self
+
+
 class LLMDeploymentSpec(SpecModel):
     """What the user asks for: one model, a cloud tier, edge variants, a routing policy and storage."""
 
     model_config = ConfigDict(json_schema_extra=_cel(
         ("self.routing.policy != 'edge-only' || size(self.edge.variants) > 0",
-         "policy edge-only needs at least one edge variant"),
+         "policy edge-only needs at least one edge variant (edge.variants)"),
         ("self.routing.policy == 'edge-only' || self.cloud.replicas > 0 || has(self.cloud.autoscaling)",
-         "policies cloud-only and cascade need cloud replicas"),
+         "policies cloud-only and cascade need cloud replicas (cloud.replicas > 0 or cloud.autoscaling)"),
     ))
 
     model: ModelSpec
@@ -254,13 +290,15 @@ class LLMDeploymentSpec(SpecModel):
     edge: EdgeTier = Field(default_factory=EdgeTier)
     routing: RoutingSpec = Field(default_factory=RoutingSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    security: SecuritySpec = Field(default_factory=SecuritySpec)
 
     @model_validator(mode="after")
     def _check(self) -> LLMDeploymentSpec:
         if self.routing.policy == "edge-only" and not self.edge.variants:
-            raise ValueError("policy edge-only needs at least one edge variant")
+            raise ValueError("policy edge-only needs at least one edge variant (edge.variants)")
         if self.routing.policy != "edge-only" and self.cloud.replicas == 0 and self.cloud.autoscaling is None:
-            raise ValueError("policies cloud-only and cascade need cloud replicas")
+            raise ValueError(
+                "policies cloud-only and cascade need cloud replicas (cloud.replicas > 0 or cloud.autoscaling)")
         return self
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from stratus_operator.observe import ready_replicas
-from stratus_operator.render import INSTANCE_LABEL, SPEC_HASH_ANNOTATION
+from stratus_operator.render import GENERATION_ANNOTATION, INSTANCE_LABEL, SPEC_HASH_ANNOTATION
 from stratus_operator.runtime import ChildInfo
 
 
@@ -17,8 +17,10 @@ def index_child(body: Any, namespace: str | None, *, api_version: str, kind: str
         return {}
     job = None
     if kind == "Job":
+        generation = str((meta.get("annotations") or {}).get(GENERATION_ANNOTATION) or "")
         job = {"spec": {"backoffLimit": (body.get("spec") or {}).get("backoffLimit", 6)},
-               "status": dict(body.get("status") or {})}
+               "status": dict(body.get("status") or {}),
+               "generation": int(generation) if generation.isdigit() else None}
     info = ChildInfo(
         api_version=api_version,
         kind=kind,

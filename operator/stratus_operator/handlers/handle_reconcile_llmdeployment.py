@@ -11,7 +11,16 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from stratus_operator.kube import CHILD_KINDS, LLMDEPLOYMENTS, LLMDEPLOYMENTS_STATUS, Conflict, KubeError, NotFound
+from stratus_operator.kube import (
+    CHILD_KINDS,
+    JOBS,
+    LLMDEPLOYMENTS,
+    LLMDEPLOYMENTS_STATUS,
+    SECRETS,
+    Conflict,
+    KubeError,
+    NotFound,
+)
 from stratus_operator.observe import job_result
 from stratus_operator.planner import (
     ClusterView,
@@ -22,12 +31,15 @@ from stratus_operator.planner import (
     status_without_times,
     with_edge_defaults,
 )
-from stratus_operator.render import SPEC_HASH_ANNOTATION, render_plan
+from stratus_operator.render import SPEC_HASH_ANNOTATION, SecretRefs, render_plan, tls_secret_name
 from stratus_operator.runtime import DURATION, ERRORS, RECONCILES, ChildInfo, Observed, Runtime
 from stratus_operator.spec import LLMDeployment, LLMDeploymentStatus
+from stratus_operator.tls import check_secret, dialled_hosts, issue_secret, service_hosts
 
 log = logging.getLogger(__name__)
 CREATE_ONLY = {"Job", "PersistentVolumeClaim"}  # immutable specs: a new Job gets a new name instead
+OURS_TTL_SECONDS = 3600.0  # how long a good operator-issued Secret is trusted without a GET
+USERS_TTL_SECONDS = 300.0  # a user's Secret may be rotated under us: look again this often
 
 
 def _now() -> str:
@@ -63,10 +75,14 @@ def _result_from_status(previous: LLMDeploymentStatus | None, variant: str, job:
 
 
 def gather_results(dep: LLMDeployment, observed: Observed, children: Mapping[tuple[str, str], ChildInfo],
-                   previous: LLMDeploymentStatus | None, gpu_resource: str) -> dict[str, CompressionResult]:
-    """Compression results of the current recipes: from the Jobs and their pods, else from status."""
+                   previous: LLMDeploymentStatus | None,
+                   gpu_resource: str) -> tuple[dict[str, CompressionResult], list[str]]:
+    """Compression results of the current recipes (from the Jobs and their pods, else from status), and the
+    failed Jobs to run again: those that failed before the latest spec change (a new generation)."""
     skeleton = plan(dep, ClusterView.local(), {}, gpu_resource=gpu_resource)  # only its Jobs are read
+    generation = dep.metadata.generation
     results: dict[str, CompressionResult] = {}
+    retry: list[str] = []
     for job in skeleton.compression_jobs:
         info = children.get(("Job", job.name))
         result: CompressionResult | None = None
@@ -74,17 +90,71 @@ def gather_results(dep: LLMDeployment, observed: Observed, children: Mapping[tup
             message = observed.job_message(dep.metadata.namespace, job.name)
             result = job_result(info.job, message, variant=job.variant, spec_hash=job.spec_hash,
                                 now=datetime.datetime.now(datetime.UTC))
+            created_at = info.job.get("generation")
+            if result is not None and result.status == "failed" and isinstance(created_at, int) \
+                    and created_at < generation:
+                retry.append(job.name)
+                result = None
         if result is None and info is None:
             result = _result_from_status(previous, job.variant, job.name, job.spec_hash)
+            if result is not None and result.status == "failed" and previous is not None \
+                    and previous.observed_generation < generation:
+                result = None  # the failed Job is gone and the spec changed since: run it again
         if result is not None:
             results[job.variant] = result
-    return results
+    return results, retry
+
+
+async def ensure_tls(rt: Runtime, dep: LLMDeployment, body: Mapping[str, Any],
+                     logger: logging.Logger | kopf.Logger) -> tuple[SecretRefs, str | None]:
+    """The mTLS Secret pods mount: the user's (checked) or the operator's (issued once, renewed when it no
+    longer fits). Returns the refs for rendering and, when the Secret cannot serve, why (naming the field)."""
+    name = tls_secret_name(dep)
+    if name is None:
+        return SecretRefs(), None
+    ns = dep.metadata.namespace
+    users = dep.spec.security.tls_secret_name is not None
+    hosts = dialled_hosts(dep) if users else service_hosts(dep)
+    key, ident = (ns, dep.metadata.name), (name, tuple(hosts))
+    cached = rt.tls_checked.get(key)
+    if cached is not None and cached[0] == ident and cached[1] > time.monotonic():
+        return SecretRefs(name, cached[2]), None
+    try:
+        live: dict[str, Any] | None = await rt.kube.get(SECRETS, ns, name)
+    except NotFound:
+        live = None
+    now = datetime.datetime.now(datetime.UTC)
+    verdict = check_secret(live, hosts, now)
+    if not verdict.ok and users:
+        return SecretRefs(name), f"spec.security.tlsSecretName: Secret {ns}/{name} {verdict.problem}"
+    if not verdict.ok:
+        owners = [r.get("uid") for r in ((live or {}).get("metadata") or {}).get("ownerReferences") or []]
+        if live is not None and dep.metadata.uid not in owners:
+            return SecretRefs(name), (f"spec.security: Secret {ns}/{name} exists and is not this deployment's; "
+                                      "name it in tlsSecretName or delete it")
+        secret = issue_secret(dep, rt.options, live)
+        try:
+            if live is None:
+                await rt.kube.create(SECRETS, ns, secret)
+            else:
+                await rt.kube.patch(SECRETS, ns, name, {"data": secret["data"]})
+        except Conflict:
+            return SecretRefs(name), None  # another pass created it meanwhile; the next one adopts it
+        why = "issued" if live is None else f"renewed ({verdict.problem})"
+        logger.info(f"mTLS certificate {why} in Secret {name}")
+        ref: Any = body  # kopf types it as its Body; any mapping with metadata serves
+        kopf.info(ref, reason="CertificateIssued", message=f"mTLS certificate {why} in Secret {name}")
+        verdict = check_secret(secret, hosts, now)
+    ttl = USERS_TTL_SECONDS if users else OURS_TTL_SECONDS
+    rt.tls_checked[key] = (ident, time.monotonic() + ttl, verdict.content_hash)
+    return SecretRefs(name, verdict.content_hash), None
 
 
 async def apply_children(rt: Runtime, dep: LLMDeployment, p: Plan, children: Mapping[tuple[str, str], ChildInfo],
-                         logger: logging.Logger | kopf.Logger) -> dict[str, list[str]]:
+                         logger: logging.Logger | kopf.Logger,
+                         secrets: SecretRefs | None = None) -> dict[str, list[str]]:
     """Create what is missing, patch what drifted (by spec hash), delete what the plan no longer has."""
-    desired = render_plan(p, dep, rt.options)
+    desired = render_plan(p, dep, rt.options, secrets)
     done_jobs = {j.name for j in p.compression_jobs if j.done}
     actions: dict[str, list[str]] = {"created": [], "patched": [], "deleted": []}
     wanted: set[tuple[str, str]] = set()
@@ -157,23 +227,24 @@ async def reconcile(rt: Runtime, body: Mapping[str, Any], observed: Observed,
     started = time.perf_counter()
     previous = _previous_status(body)
     try:
+        generation = int(meta.get("generation") or 0) if isinstance(meta.get("generation"), int) else 0
         try:
             dep = LLMDeployment.from_parts(name=name, namespace=ns, uid=meta.get("uid", ""),
-                                           generation=meta.get("generation"), spec=dict(body.get("spec") or {}))
+                                           generation=generation, spec=spec_of(body))
         except ValidationError as exc:
             # kubectl would have refused this with the CRD installed; say why instead of retrying forever.
-            message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())[:2000]
-            empty = Plan(name, ns, int(meta.get("generation") or 0), "", "", [], [], None, [])
-            status = build_status(empty, {}, previous=previous, now=_now(), invalid=message)
-            await _write_status(rt, ns, name, previous, status, body)
-            RECONCILES.labels("invalid").inc()
-            return status
+            return await _invalid(rt, ns, name, generation, previous, body, invalid_message(exc))
         dep = with_edge_defaults(dep, node_selector=rt.config.edge_node_selector,
                                  tolerations=rt.config.edge_tolerations)
         children = observed.children(ns, name)
-        results = gather_results(dep, observed, children, previous, rt.config.gpu_resource_name)
+        results, retry = gather_results(dep, observed, children, previous, rt.config.gpu_resource_name)
+        if retry:
+            children = await _retry_jobs(rt, dep, retry, children, logger)
         p = plan(dep, observed.cluster(ns, name), results, gpu_resource=rt.config.gpu_resource_name)
-        await apply_children(rt, dep, p, children, logger)
+        secrets, problem = await ensure_tls(rt, dep, body, logger)
+        if problem is not None:
+            return await _invalid(rt, ns, name, generation, previous, body, problem)
+        await apply_children(rt, dep, p, children, logger, secrets)
         ready = {info.name: info.ready for info in children.values() if info.kind == "Deployment"}
         status = build_status(p, ready, previous=previous, now=_now())
         await _write_status(rt, ns, name, previous, status, body)
@@ -190,6 +261,41 @@ async def reconcile(rt: Runtime, body: Mapping[str, Any], observed: Observed,
         raise
     finally:
         DURATION.observe(time.perf_counter() - started)
+
+
+async def _retry_jobs(rt: Runtime, dep: LLMDeployment, names: list[str],
+                      children: Mapping[tuple[str, str], ChildInfo],
+                      logger: logging.Logger | kopf.Logger) -> dict[tuple[str, str], ChildInfo]:
+    """Delete Jobs that failed before the latest spec change; apply_children creates them afresh."""
+    for name in names:
+        await rt.kube.delete(JOBS, dep.metadata.namespace, name)
+        logger.info(f"compression Job {name} failed at an earlier generation: running it again")
+    return {k: v for k, v in children.items() if not (k[0] == "Job" and k[1] in names)}
+
+
+def invalid_message(exc: ValidationError) -> str:
+    """Each error as `<field path>: <message>` (the path starts at spec), so the status names the field."""
+    parts = []
+    for e in exc.errors():
+        path = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        parts.append(f"{path or 'spec'}: {e['msg']}")
+    return "; ".join(parts)[:2000]
+
+
+def spec_of(body: Mapping[str, Any]) -> dict[str, Any]:
+    spec = body.get("spec")
+    # A spec that is not an object at all (possible only without the CRD) is validated as such.
+    return dict(spec) if isinstance(spec, Mapping) else {"": spec} if spec is not None else {}
+
+
+async def _invalid(rt: Runtime, ns: str, name: str, generation: int, previous: LLMDeploymentStatus | None,
+                   body: Mapping[str, Any], message: str) -> LLMDeploymentStatus:
+    empty = Plan(name, ns, generation, "", "", [], [], None, [])
+    status = build_status(empty, {}, previous=previous, now=_now(), invalid=message)
+    await _write_status(rt, ns, name, previous, status, body)
+    rt.set_phase((ns, name), status.phase)
+    RECONCILES.labels("invalid").inc()
+    return status
 
 
 async def _write_status(rt: Runtime, ns: str, name: str, previous: LLMDeploymentStatus | None,

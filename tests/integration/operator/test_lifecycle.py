@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 from typing import Any
 
 import pytest
 import yaml
-from kube_emulator import CONFIGMAPS, DEPLOYMENTS, EVENTS, JOBS, LLMD, NODES, PODS, SERVICES, Emulator
+from kube_emulator import CONFIGMAPS, DEPLOYMENTS, EVENTS, JOBS, LLMD, NODES, PODS, SECRETS, SERVICES, Emulator
 from operator_harness import ROOT, OperatorProcess, eventually
 
 from stratus_workers.compress.spec import CompressionJobSpec
@@ -155,6 +156,15 @@ async def test_lifecycle_apply_compress_place_ready_replan_restart_delete(
     # Events are posted asynchronously (and lost with a SIGKILLed process): wait for this one first.
     await eventually(lambda: "Compressing" in event_reasons(emu), what="the Compressing event")
 
+    # --- the mTLS Secret: issued once, owned, mounted by the servers and the router ---
+    secret = await eventually(lambda: emu.read(SECRETS, NS, "smollm2-tls"), what="the mTLS Secret")
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == uid
+    assert set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt", "ca.key"}
+    for dep in owned(emu, DEPLOYMENTS):
+        assert "--tls-ca" in container(dep)["command"], dep["metadata"]["name"]
+        assert dep["spec"]["template"]["metadata"]["annotations"]["stratus.dev/tls-hash"]
+        assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
     # --- kill the operator mid-compression; the new one adopts everything and creates nothing twice ---
     before = {key: names(owned(emu, key)) for key in (JOBS, DEPLOYMENTS, SERVICES, CONFIGMAPS)}
     creates_before = len(emu.log[JOBS])
@@ -166,6 +176,9 @@ async def test_lifecycle_apply_compress_place_ready_replan_restart_delete(
     after = {key: names(owned(emu, key)) for key in (JOBS, DEPLOYMENTS, SERVICES, CONFIGMAPS)}
     assert after == before
     assert not any(e["type"] == "ADDED" for _, e in emu.log[JOBS][creates_before:])
+    # The certificate survives the restart: reused, not issued again.
+    assert emu.read(SECRETS, NS, "smollm2-tls")["metadata"]["resourceVersion"] == \
+        secret["metadata"]["resourceVersion"]  # type: ignore[index]
 
     # --- act as the Job controller: the summary arrives through the pod's termination message ---
     await finish_job(emu, job, json.dumps(SUMMARY))
@@ -179,7 +192,10 @@ async def test_lifecycle_apply_compress_place_ready_replan_restart_delete(
     # Memory follows the measured size: 180 MB * 1.25 + 512 MiB runtime, rounded up to MiB.
     assert container(edge)["resources"]["requests"] == {"cpu": "500m", "memory": "727Mi"}
     assert "--tier" in container(edge)["command"] and "edge" in container(edge)["command"]
-    assert pod["initContainers"][0]["name"] == "fetch-model"
+    # The artifact is read in place from the claim, read-only; no fetch.
+    assert "initContainers" not in pod
+    assert {"name": "artifacts", "mountPath": "/artifacts", "subPath": "smollm2", "readOnly": True} in \
+        container(edge)["volumeMounts"]
     assert edge["metadata"]["ownerReferences"][0]["uid"] == uid
     assert emu.read(SERVICES, NS, "smollm2-edge-int8") is not None
     router_cm = await eventually(
@@ -246,6 +262,21 @@ async def test_failed_job_gives_failed_condition_with_the_jobs_reason(
     manifest["metadata"]["name"] = "broken"
     await emu.create_obj(LLMD, NS, manifest)
     job = (await eventually(lambda: owned(emu, JOBS, "broken"), what="the Job", logs=operator.logs))[0]
+    # Back-off is the Job controller's: crashes retry (exponential delay) up to the limit; verdicts do not.
+    assert job["spec"]["backoffLimit"] == 2
+    assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2, 3]
+    # One crashed pod is not a failed Job: the operator waits for the controller's retries.
+    await emu.patch_status(JOBS, NS, job["metadata"]["name"], {"failed": 1, "active": 1})
+    await eventually(lambda: status(emu, "broken").get("phase") == "Compressing", what="Compressing")
+    await emu.create_obj(PODS, NS, {"metadata": {"name": job["metadata"]["name"] + "-crash", "namespace": NS,
+                                                 "labels": {**job["spec"]["template"]["metadata"]["labels"],
+                                                            "job-name": job["metadata"]["name"]}},
+                                    "spec": {**job["spec"]["template"]["spec"], "nodeName": "gpu-1"}})
+    await emu.patch_status(PODS, NS, job["metadata"]["name"] + "-crash", {"phase": "Failed", "containerStatuses": [{
+        "name": "compress", "ready": False, "restartCount": 0,
+        "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": "RuntimeError: flake"}}}]})
+    await asyncio.sleep(1.0)
+    assert status(emu, "broken").get("phase") == "Compressing"
     await finish_job(emu, job, "Traceback (most recent call last):\nMemoryError: out of memory", failed=True,
                      reason="DeadlineExceeded")
     await eventually(lambda: status(emu, "broken").get("phase") == "Failed", what="phase Failed",
@@ -258,6 +289,27 @@ async def test_failed_job_gives_failed_condition_with_the_jobs_reason(
     assert status(emu, "broken")["variants"][0]["state"] == "Failed"
     await eventually(lambda: any(e["reason"] == "Failed" and e["type"] == "Warning"
                                  for e in emu.read_all(EVENTS, NS)), what="a Warning event")
+    # It stays failed (no retry loop) until the spec changes...
+    await asyncio.sleep(1.0)
+    assert [j["metadata"]["uid"] for j in owned(emu, JOBS, "broken")] == [job["metadata"]["uid"]]
+    # ...and any spec change runs it again, even one that leaves the recipe (and the Job's name) alone.
+    spec = copy.deepcopy(emu.read(LLMD, NS, "broken"))["spec"]  # type: ignore[index]
+    spec["cloud"]["serving"]["maxBatchSize"] = 24
+    await emu.patch_obj(LLMD, NS, "broken", {"spec": spec})
+    retried = await eventually(
+        lambda: [j for j in owned(emu, JOBS, "broken") if j["metadata"]["uid"] != job["metadata"]["uid"]],
+        what="the retried Job", logs=operator.logs)
+    assert retried[0]["metadata"]["name"] == job["metadata"]["name"]
+    assert retried[0]["metadata"]["annotations"]["stratus.dev/generation"] == "2"
+    assert len(owned(emu, JOBS, "broken")) == 1
+    await eventually(lambda: status(emu, "broken").get("phase") == "Compressing", what="Compressing again",
+                     logs=operator.logs)
+    # A new recipe is a new Job (the old one goes), whatever became of the old one.
+    spec["edge"]["variants"][0]["compression"]["quantization"]["method"] = "int4-weight"
+    await emu.patch_obj(LLMD, NS, "broken", {"spec": spec})
+    await eventually(lambda: [j["metadata"]["name"] for j in owned(emu, JOBS, "broken")] not in (
+        [], [job["metadata"]["name"]]), what="the new recipe's Job", logs=operator.logs)
+    assert len(owned(emu, JOBS, "broken")) == 1
 
 
 async def test_gate_rejection_degrades_to_the_cloud(emulator: Emulator, operator: OperatorProcess) -> None:

@@ -90,20 +90,33 @@ def test_default_storage_pvc_job_and_edge_fetch() -> None:
     assert list(by_kind(objects, "PersistentVolumeClaim")) == ["smollm2-artifacts"]
     job = next(iter(by_kind(objects, "Job").values()))
     pod = job["spec"]["template"]["spec"]
-    assert job["spec"]["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"
+    assert job["spec"]["backoffLimit"] == 2 and pod["restartPolicy"] == "Never"
+    # Verdicts (bad input 2, gate rejection 3) fail the Job at once; crashes are retried with back-off.
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "compress", "operator": "In",
+                                                             "values": [2, 3]}}
+    assert rules[1]["action"] == "Ignore"
     compress = pod["containers"][0]
     assert compress["terminationMessagePath"] == "/dev/termination-log"
     assert compress["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert {"name": "artifacts", "mountPath": "/artifacts", "subPath": "smollm2"} in compress["volumeMounts"]
     assert {"name": "artifacts", "persistentVolumeClaim": {"claimName": "smollm2-artifacts"}} in pod["volumes"]
-    assert pod["initContainers"][0]["name"] == "fetch-model"  # bundled: converted once into the node cache
-    assert {"name": "cache", "hostPath": {"path": "/var/cache/stratus", "type": "DirectoryOrCreate"}} in pod["volumes"]
+    # bundled: the image's converted copy, linked into the Job's writable cache (no conversion, no fetch)
+    assert [c["name"] for c in pod["initContainers"]] == ["prepare-cache"]
+    assert "ln -s /opt/stratus/cache/models/smollm2-135m-instruct /cache/models/smollm2-135m-instruct" in \
+        pod["initContainers"][0]["command"][2]
+    assert {"name": "cache", "hostPath": {"path": "/var/cache/stratus", "type": "Directory"}} in pod["volumes"]
+    assert {"name": "STRATUS_CACHE_DIR", "value": "/cache"} in compress["env"]
 
     edge = by_kind(objects, "Deployment")["smollm2-edge-int8"]
-    init = edge["spec"]["template"]["spec"]["initContainers"][0]
-    assert init["name"] == "fetch-model" and "cp -r /artifacts/int8" in init["command"][2]
-    model = edge["spec"]["template"]["spec"]["containers"][0]["command"]
-    assert model[model.index("--model") + 1].startswith("/cache/artifacts/team-a-smollm2-int8-")
+    edge_pod = edge["spec"]["template"]["spec"]
+    assert "initContainers" not in edge_pod  # the artifact is read in place from the claim
+    assert {"name": "artifacts", "persistentVolumeClaim": {"claimName": "smollm2-artifacts", "readOnly": True}} \
+        in edge_pod["volumes"]
+    assert {"name": "artifacts", "mountPath": "/artifacts", "subPath": "smollm2", "readOnly": True} in \
+        edge_pod["containers"][0]["volumeMounts"]
+    model = edge_pod["containers"][0]["command"]
+    assert model[model.index("--model") + 1] == "/artifacts/int8"
     affinity = edge["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
     values = affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]["matchFields"]
     assert values[0]["values"] == ["edge-0"]
@@ -120,7 +133,7 @@ def test_object_store_and_existing_claim() -> None:
     objects = rendered(d)
     assert by_kind(objects, "PersistentVolumeClaim") == {}
     pod = next(iter(by_kind(objects, "Job").values()))["spec"]["template"]["spec"]
-    assert [c["name"] for c in pod["initContainers"]] == ["fetch-model", "compress"]
+    assert [c["name"] for c in pod["initContainers"]] == ["prepare-cache", "compress"]
     upload = pod["containers"][0]
     assert upload["name"] == "upload" and "s3://models/stratus/team-a/smollm2/int8" in upload["command"][2]
     assert {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "s3-creds",
@@ -147,6 +160,7 @@ def test_object_store_and_existing_claim() -> None:
     ("pvc://models-claim/smollm2", "/models/models-claim/smollm2", None),
     ("hf://HuggingFaceTB/SmolLM2-135M-Instruct", "/cache/models/", "snapshot_download"),
     ("/opt/models/smol", "/opt/models/smol", None),
+    ("bundled://smollm2-135m-instruct", "bundled://smollm2-135m-instruct", None),
 ])
 def test_model_sources(source: str, model_arg: str, init: str | None) -> None:
     d = load(ROOT / "deploy" / "samples" / "smollm2.yaml", model={"source": source})
@@ -155,8 +169,10 @@ def test_model_sources(source: str, model_arg: str, init: str | None) -> None:
     assert command[command.index("--model") + 1].startswith(model_arg)
     if init is None:
         assert "initContainers" not in cloud
+        assert not any(v["name"] == "cache" for v in cloud["volumes"])
     else:
         assert init in " ".join(cloud["initContainers"][0]["command"])
+        assert {"name": "cache", "hostPath": {"path": "/var/cache/stratus", "type": "Directory"}} in cloud["volumes"]
     kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": cloud},
                                  K8S_VERSION, strict=True)
 
@@ -195,4 +211,4 @@ def test_render_options_reach_the_pods() -> None:
             for c in spec["containers"] + spec.get("initContainers", []):
                 assert c["image"] == "registry.local/stratus-workers:dev" and c["imagePullPolicy"] == "Always"
             assert any(v.get("hostPath", {}).get("path") == "/mnt/cache" for v in spec["volumes"]) or \
-                obj["metadata"]["name"].endswith("router")
+                obj["kind"] == "Deployment"  # bundled servers and the router fetch nothing

@@ -1,0 +1,233 @@
+"""Pod security of every rendered pod, mTLS and bearer-token wiring, the router's tokenizer, the TLS Secret."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import itertools
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from stratus_operator.planner import ClusterView, CompressionResult, plan, render
+from stratus_operator.render import RenderOptions, SecretRefs, render_cleanup, render_plan
+from stratus_operator.spec import LLMDeployment
+from stratus_operator.tls import check_secret, dialled_hosts, issue_secret, service_hosts
+from stratus_workers.router.config import RouterConfig
+from stratus_workers.router.server import RouterSettings
+from stratus_workers.serve.server import ServerConfig
+from stratus_workers.settings import parse_config
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[3]
+SAMPLES = sorted((ROOT / "deploy" / "samples").glob("*.yaml"))
+SOURCES = ["bundled://smollm2-135m-instruct", "s3://bucket/models/smol", "hf://HuggingFaceTB/SmolLM2-135M-Instruct",
+           "pvc://models-claim/smollm2", "/opt/models/smol"]
+STORAGES: list[dict[str, Any]] = [{}, {"objectStore": {"url": "s3://models/stratus", "secretName": "s3-creds"}},
+                                  {"pvc": {"claimName": "shared"}}]
+# The volume types the "restricted" Pod Security Standard allows.
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+def load(path: Path = ROOT / "deploy" / "samples" / "smollm2.yaml", **spec: Any) -> LLMDeployment:
+    m = yaml.safe_load(path.read_text())
+    m["metadata"].update(uid="11111111-2222-3333-4444-555555555555", namespace="team-a")
+    m["spec"].update(spec)
+    return LLMDeployment.from_manifest(m)
+
+
+def every_object(d: LLMDeployment, options: RenderOptions) -> list[dict[str, Any]]:
+    accepted = {v.name: CompressionResult(v.name, "accepted", size_bytes=10**8) for v in d.spec.edge.variants}
+    objects = render(plan(d, ClusterView.local(), accepted), d, options) + render(plan(d, ClusterView.local(), {}),
+                                                                                  d, options)
+    return objects + render_cleanup(d, options)
+
+
+def pod_specs(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    return [(f"{o['kind']}/{o['metadata']['name']}", o["spec"]["template"]["spec"])
+            for o in objects if o["kind"] in ("Deployment", "Job")]
+
+
+def cases() -> list[LLMDeployment]:
+    out = [load(sample) for sample in SAMPLES]
+    out += [load(model={"source": s}, storage=st) for s, st in itertools.product(SOURCES, STORAGES)]
+    out.append(load(security={"clientTls": True, "clientTokens": {"secretName": "device-tokens"}}))
+    out.append(load(security={"mtls": False}))
+    return out
+
+
+@pytest.mark.parametrize("options", [RenderOptions(), RenderOptions(cache_host_path="")], ids=["hostPath", "emptyDir"])
+def test_every_pod_runs_non_root_read_only_without_capabilities(options: RenderOptions) -> None:
+    checked = 0
+    for d in cases():
+        for where, pod in pod_specs(every_object(d, options)):
+            ctx = pod["securityContext"]
+            assert ctx["runAsNonRoot"] is True and ctx["runAsUser"] == 65532 != 0, where
+            assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            assert {"name": "tmp", "emptyDir": {}} in pod["volumes"], where
+            for c in pod.get("initContainers", []) + pod["containers"]:
+                sc = c["securityContext"]
+                assert sc["runAsNonRoot"] is True and isinstance(sc["runAsUser"], int) and sc["runAsUser"] > 0
+                assert sc["readOnlyRootFilesystem"] is True, (where, c["name"])
+                assert sc["allowPrivilegeEscalation"] is False, (where, c["name"])
+                assert sc["capabilities"] == {"drop": ["ALL"]}, (where, c["name"])
+                assert sc.get("privileged") is not True
+                assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"], (where, c["name"])
+                checked += 1
+            for v in pod["volumes"]:
+                # Never a hostPath the kubelet would create root-owned.
+                assert v.get("hostPath", {}).get("type") in (None, "Directory"), where
+                if not options.cache_host_path:
+                    assert set(v) - {"name"} <= RESTRICTED_VOLUMES, (where, v)
+            kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": pod},
+                                         "1.31", strict=True)
+    assert checked > 150
+
+
+def test_only_fetched_models_use_the_cache() -> None:
+    bundled = every_object(load(), RenderOptions())
+    for where, pod in pod_specs(bundled):
+        if where.startswith("Deployment/"):
+            assert not any(v["name"] == "cache" for v in pod["volumes"]), where
+            assert not any(e["name"] == "STRATUS_CACHE_DIR" for e in pod["containers"][0]["env"]), where
+    s3 = dict(pod_specs(every_object(load(model={"source": "s3://bucket/m"}), RenderOptions(cache_host_path=""))))
+    cloud = s3["Deployment/smollm2-cloud"]
+    assert {"name": "cache", "emptyDir": {}} in cloud["volumes"]
+    assert cloud["initContainers"][0]["name"] == "fetch-model"
+
+
+def flag(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_mtls_flags_and_mounts_parse_with_the_workers() -> None:
+    d = load(security={"clientTls": True, "clientTokens": {"secretName": "device-tokens", "key": "list"}})
+    objects = render_plan(plan(d, ClusterView.local(), {"int8": CompressionResult("int8", "accepted", size_bytes=1)}),
+                          d, RenderOptions(), SecretRefs("smollm2-tls", "abcd"))
+    deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
+    assert set(deployments) == {"smollm2-cloud", "smollm2-edge-int8", "smollm2-router"}
+    for name, dep in deployments.items():
+        template = dep["spec"]["template"]
+        pod = template["spec"]
+        command = pod["containers"][0]["command"]
+        assert (flag(command, "--tls-cert"), flag(command, "--tls-key"), flag(command, "--tls-ca")) == (
+            "/etc/stratus-tls/tls.crt", "/etc/stratus-tls/tls.key", "/etc/stratus-tls/ca.crt")
+        tls = next(v for v in pod["volumes"] if v["name"] == "tls")["secret"]
+        assert tls["secretName"] == "smollm2-tls"
+        assert [i["key"] for i in tls["items"]] == ["tls.crt", "tls.key", "ca.crt"]  # never the CA's key
+        mounts = pod["containers"][0]["volumeMounts"]
+        assert {"name": "tls", "mountPath": "/etc/stratus-tls", "readOnly": True} in mounts
+        assert template["metadata"]["annotations"]["stratus.dev/tls-hash"] == "abcd"
+        if name == "smollm2-router":
+            settings = parse_config(RouterSettings, command[3:])
+            assert settings.client_tls and settings.tokens_file == "/etc/stratus-tokens/tokens"
+            assert settings.tls_ca == "/etc/stratus-tls/ca.crt"
+            tokens = next(v for v in pod["volumes"] if v["name"] == "tokens")["secret"]
+            assert tokens == {"secretName": "device-tokens", "defaultMode": 0o440,
+                              "items": [{"key": "list", "path": "tokens"}]}
+            mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "tokens")
+            assert "subPath" not in mount  # a subPath mount would never see a rotated Secret
+        else:
+            config = parse_config(ServerConfig, command[3:])
+            assert config.tls_cert == "/etc/stratus-tls/tls.crt" and config.tls_ca == "/etc/stratus-tls/ca.crt"
+
+
+def test_mtls_off_and_default_secret_name() -> None:
+    off = load(security={"mtls": False})
+    for _, pod in pod_specs(render(plan(off, ClusterView.local(), {}), off)):
+        assert "--tls-cert" not in pod["containers"][0]["command"]
+        assert not any(v["name"] == "tls" for v in pod["volumes"])
+    on = load()
+    for _, pod in pod_specs(render(plan(on, ClusterView.local(), {}), on)):
+        if pod["containers"][0]["name"] in ("server", "router"):
+            assert "--client-tls" not in pod["containers"][0]["command"]
+            assert next(v for v in pod["volumes"] if v["name"] == "tls")["secret"]["secretName"] == "smollm2-tls"
+    mine = load(security={"tlsSecretName": "corp-certs"})
+    router = next(o for o in render(plan(mine, ClusterView.local(), {}), mine) if o["kind"] == "Deployment"
+                  and o["metadata"]["name"] == "smollm2-router")
+    volumes = router["spec"]["template"]["spec"]["volumes"]
+    assert any(v.get("secret", {}).get("secretName") == "corp-certs" for v in volumes)
+
+
+@pytest.mark.parametrize(("source", "tokenizer", "init"), [
+    ("bundled://smollm2-135m-instruct", "bundled://smollm2-135m-instruct", None),
+    ("pvc://models-claim/smollm2", "/models/models-claim/smollm2", None),
+    ("/opt/models/smol", "/opt/models/smol", None),
+    ("hf://HuggingFaceTB/SmolLM2-135M-Instruct", "/cache/tokenizer", "allow_patterns=['tokenizer*'"),
+    ("s3://bucket/models/smol", "/cache/tokenizer", "--include 'tokenizer*' --include"),
+])
+def test_router_gets_the_models_tokenizer(source: str, tokenizer: str, init: str | None) -> None:
+    d = load(model={"source": source}, routing={"policy": "speculative"})
+    p = plan(d, ClusterView.local(), {"int8": CompressionResult("int8", "accepted", size_bytes=1)})
+    assert p.router is not None and p.router.config.tokenizer == source  # the planner names the model
+    objects = render(p, d)
+    cm = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "smollm2-router")
+    assert RouterConfig.model_validate_json(cm["data"]["router.json"]).tokenizer == tokenizer
+    pod = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "smollm2-router")[
+        "spec"]["template"]["spec"]
+    if init is None:
+        assert "initContainers" not in pod
+    else:
+        assert init in pod["initContainers"][0]["command"][-1]
+        assert {"name": "cache", "mountPath": "/cache", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+    if source.startswith("pvc://"):
+        assert {"name": "model-source", "mountPath": "/models/models-claim", "readOnly": True} in pod["containers"][0][
+            "volumeMounts"]
+
+
+NOW = datetime.datetime.now(datetime.UTC)
+
+
+def test_issued_secret_is_owned_covers_every_service_and_is_reused() -> None:
+    d = load()
+    secret = issue_secret(d, RenderOptions())
+    kubernetes_validate.validate(secret, "1.31", strict=True)
+    assert secret["type"] == "kubernetes.io/tls" and secret["metadata"]["name"] == "smollm2-tls"
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == d.metadata.uid
+    hosts = service_hosts(d)
+    assert "smollm2-edge-int8.team-a.svc" in hosts and "smollm2-router.team-a.svc.cluster.local" in hosts
+    verdict = check_secret(secret, hosts, NOW)
+    assert verdict.ok and len(verdict.content_hash) == 16
+    # A new variant is a Service the certificate does not cover yet: renewed under the same CA.
+    more = load(edge={"variants": [{"name": "int8"}, {"name": "int4"}]})
+    stale = check_secret(secret, service_hosts(more), NOW)
+    assert not stale.ok and "smollm2-edge-int4" in stale.problem
+    renewed = issue_secret(more, RenderOptions(), secret)
+    assert renewed["data"]["ca.crt"] == secret["data"]["ca.crt"] and renewed["data"]["tls.crt"] != secret["data"][
+        "tls.crt"]
+    assert check_secret(renewed, service_hosts(more), NOW).ok
+
+
+def test_check_secret_names_what_is_wrong() -> None:
+    d = load()
+    good = issue_secret(d, RenderOptions())
+    other = issue_secret(d, RenderOptions())
+    assert check_secret(None, None, NOW).problem == "not found"
+    missing = {"data": {k: v for k, v in good["data"].items() if k != "ca.crt"}}
+    assert "lacks ca.crt" in check_secret(missing, None, NOW).problem
+    wrong_ca = {"data": {**good["data"], "ca.crt": other["data"]["ca.crt"]}}
+    assert "not signed by ca.crt" in check_secret(wrong_ca, None, NOW).problem
+    wrong_key = {"data": {**good["data"], "tls.key": other["data"]["tls.key"]}}
+    assert "does not belong" in check_secret(wrong_key, None, NOW).problem
+    garbage = {"data": {**good["data"], "tls.crt": base64.b64encode(b"not a pem").decode()}}
+    assert "unreadable" in check_secret(garbage, None, NOW).problem
+    assert "expires" in check_secret(good, None, NOW + datetime.timedelta(days=360)).problem
+    # A user's wildcard certificate covers the names the router dials.
+    assert dialled_hosts(d) == ["smollm2-cloud.team-a.svc", "smollm2-edge-int8.team-a.svc"]
+
+
+def test_a_users_wildcard_certificate_is_accepted(tmp_path: Path) -> None:
+    from stratus_workers.security import issue_ca, issue_cert
+
+    ca, ca_key = issue_ca(tmp_path)
+    cert, key = issue_cert(tmp_path, "corp", ca, ca_key, ["*.team-a.svc"])
+    data = {"tls.crt": cert, "tls.key": key, "ca.crt": ca}
+    secret = {"data": {k: base64.b64encode(p.read_bytes()).decode() for k, p in data.items()}}
+    d = load()
+    assert check_secret(secret, dialled_hosts(d), NOW).ok
+    assert not check_secret(secret, ["smollm2-cloud.team-b.svc"], NOW).ok
