@@ -20,6 +20,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import report  # tests/bench/report.py (scripts run from this folder)
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -265,15 +266,6 @@ def render(runs: list[Run], meta: dict[str, Any], seconds: float) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    start, end = f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{body}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     runs, meta = asyncio.run(bench(args))
     body = render(runs, meta, time.perf_counter() - started)
     print(body)
-    write_section(args.write, body)
+    report.write_section(args.write, SECTION, body, "# Benchmarks")
     print(f"wrote {args.write}")
     return 0
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 import kmock
+import report  # tests/bench/report.py (scripts run from this folder)
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -195,12 +196,7 @@ starts at about 300 MiB instead.
 
 
 def write_section(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in old and END in old:
-        new = old[:old.index(START)] + text.strip() + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip() + "\n\n" + text
-    path.write_text(new if new.endswith("\n") else new + "\n")
+    report.write_section(path, "bench-operator", text.replace(START, "").replace(END, ""))
 
 
 def main() -> int:

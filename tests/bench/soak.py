@@ -19,6 +19,7 @@ from datetime import date
 from pathlib import Path
 
 import grpc
+import report  # tests/bench/report.py (scripts run from this folder)
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTION = "soak"
@@ -104,15 +105,6 @@ def render(result: dict[str, object], args: argparse.Namespace, seconds: float) 
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    start, end = f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->"
-    text = path.read_text() if path.exists() else "# Reliability\n"
-    block = f"{start}\n{body}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         result = asyncio.run(drive(runner.router.address, args.minutes, args.rate, args.users, pids))
     body = render(result, args, time.perf_counter() - started)
     print(body)
-    write_section(args.write, body)
+    report.write_section(args.write, SECTION, body, "# Reliability")
     print(f"wrote {args.write}")
     codes: Counter[str] = result["codes"]  # type: ignore[assignment]
     return 0 if sum(codes.values()) == codes["OK"] else 1

@@ -75,10 +75,21 @@ def _write(path: Path, data: bytes, private: bool = False) -> None:
         os.chmod(path, 0o600)
 
 
+def _write_pair(directory: Path, name: str, cert: Any, key: Any) -> tuple[Path, Path]:
+    """Write NAME.crt and NAME.key (PEM; the key readable by its owner only)."""
+    from cryptography.hazmat.primitives import serialization
+
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    _write(key_path, pem, private=True)
+    return cert_path, key_path
+
+
 def issue_ca(directory: Path, name: str = "stratus-local-ca", days: int = 30) -> tuple[Path, Path]:
     """A self-signed CA certificate and key in `directory` (ca.crt, ca.key)."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
@@ -110,14 +121,7 @@ def issue_ca(directory: Path, name: str = "stratus-local-ca", days: int = 30) ->
         )
         .sign(key, hashes.SHA256())
     )
-    cert_path, key_path = directory / "ca.crt", directory / "ca.key"
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-    _write(
-        key_path,
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-        private=True,
-    )
-    return cert_path, key_path
+    return _write_pair(directory, "ca", cert, key)
 
 
 def issue_cert(
@@ -153,14 +157,7 @@ def issue_cert(
         )
         .sign(signer, hashes.SHA256())  # type: ignore[arg-type]
     )
-    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-    _write(
-        key_path,
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-        private=True,
-    )
-    return cert_path, key_path
+    return _write_pair(directory, name, cert, key)
 
 
 def local_pki(directory: Path, hosts: Iterable[str] = ("127.0.0.1", "localhost")) -> TLSFiles:

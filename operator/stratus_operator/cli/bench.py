@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import os
 import statistics
 import time
 from collections import Counter
@@ -16,6 +15,7 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
+from stratus_operator.cli.common import add_connection_args
 from stratus_workers.client import AsyncClient
 from stratus_workers.client.client import POLICIES, TIER_NAMES
 from stratus_workers.client.prompts import SAMPLE_PROMPTS
@@ -23,18 +23,12 @@ from stratus_workers.client.prompts import SAMPLE_PROMPTS
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("bench", help="send concurrent requests and report latency and throughput")
-    parser.add_argument("--target", default="127.0.0.1:50051", help="router or server gRPC address")
+    add_connection_args(parser)
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
     parser.add_argument("--requests", type=int, default=32, help="requests in total")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--policy", choices=sorted(POLICIES), help="override the router's policy")
     parser.add_argument("--timeout", type=float, default=300.0)
-    parser.add_argument(
-        "--token",
-        default=os.environ.get("STRATUS_TOKEN"),
-        help="bearer token for a router that requires one [env STRATUS_TOKEN]",
-    )
-    parser.add_argument("--tls-ca", help="CA certificate, to reach a router that serves TLS")
     parser.set_defaults(func=run)
 
 
@@ -124,5 +118,5 @@ def run(args: argparse.Namespace) -> int:
         f"{done / result.seconds:.2f}",
         share,
     )
-    Console().print(table)
+    Console(width=max(120, Console().width)).print(table)
     return 1 if errors else 0

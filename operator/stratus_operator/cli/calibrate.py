@@ -12,6 +12,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from stratus_operator.cli.common import add_connection_args
 from stratus_workers.client import AsyncClient
 from stratus_workers.client.prompts import CALIBRATION_PROMPTS
 from stratus_workers.router.calibration import Calibration, Sample, choose_threshold, likelihood_quality
@@ -26,7 +27,7 @@ def register(subparsers: Any) -> None:
         "router, then choose the threshold that serves the most prompts at the edge while quality retention "
         "(the cloud's likelihood of the edge's answers relative to its own) stays at or above --retention.",
     )
-    parser.add_argument("--target", default="127.0.0.1:50051", help="router gRPC address")
+    add_connection_args(parser)
     parser.add_argument("--retention", type=float, default=0.97, help="quality retention to keep (0-1]")
     parser.add_argument("--prompts", type=Path, help="one prompt per line (default: the built-in calibration set)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -35,10 +36,12 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-async def collect_samples(target: str, prompts: list[str], max_new_tokens: int) -> list[Sample]:
+async def collect_samples(
+    target: str, prompts: list[str], max_new_tokens: int, *, token: str | None = None, tls_ca: str | None = None
+) -> list[Sample]:
     """For each prompt: the edge's answer and confidence, and the cloud's judgement of that answer."""
     samples = []
-    async with AsyncClient(target, timeout=600) as client:
+    async with AsyncClient(target, timeout=600, token=token, tls_ca=tls_ca) as client:
         for prompt in prompts:
             messages = [{"role": "user", "content": prompt}]
             edge = await client.generate(
@@ -76,7 +79,7 @@ def report(result: Calibration, samples: list[Sample]) -> None:
     for point in result.curve:
         mark = "← chosen" if point.threshold == result.threshold else ""
         table.add_row(f"{point.threshold:.3f}", f"{point.edge_share:.0%}", f"{point.retention:.1%}", mark)
-    Console().print(table)
+    Console(width=max(120, Console().width)).print(table)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
     if args.write and args.file is None:
         print("error: --write needs -f MANIFEST")
         return 2
-    samples = asyncio.run(collect_samples(args.target, prompts, args.max_new_tokens))
+    samples = asyncio.run(
+        collect_samples(args.target, prompts, args.max_new_tokens, token=args.token, tls_ca=args.tls_ca)
+    )
     try:
         result = choose_threshold(samples, args.retention)
     except ValueError as exc:

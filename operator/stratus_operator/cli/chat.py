@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Any
 
 import grpc
 
+from stratus_operator.cli.common import add_connection_args
 from stratus_workers.client import Client
 from stratus_workers.client.client import FINISH_NAMES, POLICIES, TIER_NAMES
 
@@ -17,7 +17,7 @@ from stratus_workers.client.client import FINISH_NAMES, POLICIES, TIER_NAMES
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("chat", help="ask a router or model server one question, streaming the answer")
     parser.add_argument("prompt", help="the user message ('-' reads it from standard input)")
-    parser.add_argument("--target", default="127.0.0.1:50051", help="router or server gRPC address")
+    add_connection_args(parser)
     parser.add_argument("--system", help="a system message to send first")
     parser.add_argument("--raw", action="store_true", help="send the prompt as raw text, no chat template")
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -26,12 +26,6 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--policy", choices=sorted(POLICIES), help="override the router's policy")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds before giving up")
-    parser.add_argument(
-        "--token",
-        default=os.environ.get("STRATUS_TOKEN"),
-        help="bearer token for a router that requires one [env STRATUS_TOKEN]",
-    )
-    parser.add_argument("--tls-ca", help="CA certificate, to reach a router that serves TLS")
     parser.set_defaults(func=run)
 
 

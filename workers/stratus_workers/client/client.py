@@ -81,6 +81,17 @@ def _credentials(tls_ca: str | None, tls_cert: str | None, tls_key: str | None) 
     return grpc.ssl_channel_credentials(root)
 
 
+def _dial(
+    api: Any, target: str, tls_ca: str | None, tls_cert: str | None, tls_key: str | None, max_message_bytes: int
+) -> Any:
+    """A channel from `grpc` or `grpc.aio` (`api`): TLS when a CA is given, plaintext otherwise."""
+    credentials = _credentials(tls_ca, tls_cert, tls_key)
+    options = _channel_options(max_message_bytes)
+    if credentials is not None:
+        return api.secure_channel(target, credentials, options=options)
+    return api.insecure_channel(target, options=options)
+
+
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
@@ -107,13 +118,7 @@ class AsyncClient:
         self.target = target
         self.timeout = timeout
         self._metadata = _metadata(token)
-        credentials = _credentials(tls_ca, tls_cert, tls_key)
-        options = _channel_options(max_message_bytes)
-        self._channel = channel or (
-            grpc.aio.secure_channel(target, credentials, options=options)
-            if credentials
-            else grpc.aio.insecure_channel(target, options=options)
-        )
+        self._channel = channel or _dial(grpc.aio, target, tls_ca, tls_cert, tls_key, max_message_bytes)
         self._stub = pb_grpc.InferenceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -196,13 +201,7 @@ class Client:
         self.target = target
         self.timeout = timeout
         self._metadata = _metadata(token)
-        credentials = _credentials(tls_ca, tls_cert, tls_key)
-        options = _channel_options(max_message_bytes)
-        self._channel = (
-            grpc.secure_channel(target, credentials, options=options)
-            if credentials
-            else grpc.insecure_channel(target, options=options)
-        )
+        self._channel = _dial(grpc, target, tls_ca, tls_cert, tls_key, max_message_bytes)
         self._stub = pb_grpc.InferenceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

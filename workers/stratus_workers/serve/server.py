@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.api import inference_pb2_grpc as pb_grpc
 from stratus_workers.api_server import add_inference_servicer
-from stratus_workers.models import LoadedModel, load_model
+from stratus_workers.models import LoadedModel, load_shared_model
 from stratus_workers.ops import ops_app, start_http
 from stratus_workers.security import TLSFiles
 from stratus_workers.serve.engine import (
@@ -133,6 +134,19 @@ class RequestError(Exception):
         self.message = message
 
 
+@contextlib.contextmanager
+def engine_errors() -> Iterator[None]:
+    """The engine's refusals as the gRPC status a caller should see."""
+    try:
+        yield
+    except EngineOverloaded as exc:
+        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+    except EngineStopped as exc:
+        raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+    except ValueError as exc:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+
+
 def render_prompt(tokenizer: Any, request: pb.GenerateRequest) -> list[int]:
     """Token ids for the request's prompt or chat messages (chat template applied)."""
     kind = request.WhichOneof("input")
@@ -230,15 +244,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> AsyncIterator[TokenEvent | FinishEvent]:
         prompt, params = self._prepare(request)
         self.metrics.prompt_tokens.inc(len(prompt))
-        try:
+        with engine_errors():
             async for event in self.engine.stream(prompt, params, self._deadline(context)):
                 yield event
-        except EngineOverloaded as exc:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
-        except EngineStopped as exc:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
-        except ValueError as exc:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
 
     def _finish_status(self, finish: FinishEvent) -> None:
         self.metrics.generated_tokens.inc(finish.completion_tokens)
@@ -338,14 +346,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> Any:
         code = grpc.StatusCode.OK
         try:
-            try:
+            with engine_errors():
                 return await call()
-            except ValueError as exc:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-            except EngineOverloaded as exc:
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
-            except EngineStopped as exc:
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
         except RequestError as exc:
             code = exc.code
             await context.abort(exc.code, exc.message)
@@ -487,7 +489,7 @@ class ModelServer:
             loop = asyncio.get_running_loop()
             self.loaded = await loop.run_in_executor(
                 None,
-                lambda: load_model(
+                lambda: load_shared_model(  # one copy per process, however many servers use it
                     self.config.model, dtype=self.config.dtype, device=self.config.device, name=self.config.name or None
                 ),
             )
