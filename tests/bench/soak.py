@@ -59,7 +59,10 @@ async def drive(address: str, minutes: float, rate: float, users: int, pids: dic
                 continue
             started = time.perf_counter()
             try:
-                await client.generate(messages=[{"role": "user", "content": prompt}], max_new_tokens=32)
+                # Sampled, so that the router's output cache cannot answer: every request reaches a model.
+                await client.generate(
+                    messages=[{"role": "user", "content": prompt}], max_new_tokens=32, temperature=0.7, top_p=0.9
+                )
                 codes["OK"] += 1
                 latencies.append(time.perf_counter() - started)
             except grpc.aio.AioRpcError as exc:
@@ -89,7 +92,8 @@ def render(result: dict[str, object], args: argparse.Namespace, seconds: float) 
         "## Soak (`make soak`)",
         "",
         f"`deploy/samples/smollm2.yaml` as `stratus up` runs it, {args.minutes:g} minutes at {args.rate:g} "
-        f"requests/s offered from {args.users} concurrent users, 32 new tokens each. Machine: {platform.machine()}, "
+        f"requests/s offered from {args.users} concurrent users, 32 new tokens each, sampled (temperature 0.7) so the "
+        "router's output cache answers none of them. Machine: {platform.machine()}, "
         f"2 shared cores, Python {platform.python_version()}; {date.today().isoformat()}; ran {seconds / 60:.1f} min.",
         "",
         "| requests | OK | errors | error codes | p50 latency | p95 latency |",

@@ -65,7 +65,7 @@ class ServerConfig:
     default_new_tokens: int = field(
         default=128, metadata={"help": "max_new_tokens when a request gives 0 (capped by max_new_tokens)."}
     )
-    max_sessions: int = field(default=8, metadata={"help": "Speculative-decoding sessions held at once."})
+    max_sessions: int = field(default=4, metadata={"help": "Speculative-decoding sessions held at once."})
     max_queue: int = field(
         default=256, metadata={"help": "Requests waiting for a batch slot before RESOURCE_EXHAUSTED."}
     )
