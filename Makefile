@@ -98,5 +98,11 @@ bench-coop: setup
 bench-compress: setup
 	$(PY) tests/bench/bench_compress.py --write docs/benchmarks.md
 
+# Our gRPC server (continuous batching) beside generate() baselines, concurrency 1/8/32/64; a small
+# model and sizes on the CPU, the issue's sizes on CUDA. Writes its section of docs/benchmarks.md.
+BENCH_SERVE_ARGS ?=
+bench-serve: setup
+	$(PY) tests/bench/bench_serve.py --write docs/benchmarks.md $(BENCH_SERVE_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -22,24 +22,33 @@ class _KopfNoise(logging.Filter):
         if isinstance(ref, dict):
             record.__dict__["object"] = f"{ref.get('kind')}/{ref.get('namespace', '')}/{ref.get('name')}"
         message = record.getMessage()
-        return not (record.levelno <= logging.INFO and message.startswith("Handler '")
-                    and message.endswith("succeeded."))
+        return not (
+            record.levelno <= logging.INFO and message.startswith("Handler '") and message.endswith("succeeded.")
+        )
 
 
 def register(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        "operator", help="run the LLMDeployment operator",
+        "operator",
+        help="run the LLMDeployment operator",
         description="Reconcile LLMDeployments: compression Jobs, cloud and edge servers, the router, status. "
         "Flags override the STRATUS_* environment variables (see docs/operator.md).",
     )
     scope = parser.add_mutually_exclusive_group()
-    scope.add_argument("-n", "--namespace", action="append", default=None, metavar="NS",
-                       help="watch this namespace (repeatable, globs allowed); default: STRATUS_NAMESPACES")
+    scope.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=None,
+        metavar="NS",
+        help="watch this namespace (repeatable, globs allowed); default: STRATUS_NAMESPACES",
+    )
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch the whole cluster")
     parser.add_argument("--health-port", type=int, default=None, help="liveness /healthz port (0: off)")
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (0: off)")
-    parser.add_argument("--peering", default=None,
-                        help="kopf peering name, for several replicas with one active; default standalone")
+    parser.add_argument(
+        "--peering", default=None, help="kopf peering name, for several replicas with one active; default standalone"
+    )
     parser.set_defaults(func=run)
 
 
@@ -66,8 +75,14 @@ def run(args: argparse.Namespace) -> int:
     config = Config.from_env()
     importlib.import_module("stratus_operator.main")  # registers the handlers
     namespaces = list(config.namespaces)
-    log.info("starting the operator", extra={"namespaces": namespaces or "all", "health_port": config.health_port,
-                                            "metrics_port": config.metrics_port})
+    log.info(
+        "starting the operator",
+        extra={
+            "namespaces": namespaces or "all",
+            "health_port": config.health_port,
+            "metrics_port": config.metrics_port,
+        },
+    )
     kopf.run(
         clusterwide=not namespaces,
         namespaces=namespaces,

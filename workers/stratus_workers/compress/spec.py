@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from stratus_workers.schema import SpecModel
 
@@ -21,7 +21,22 @@ class Quantization(SpecModel):
         description="int8-weight: per-channel int8 weights; int4-weight: group-wise int4 weights; "
         "int8-dynamic: int8 weights and dynamically quantized activations (CPU speed)."
     )
-    group_size: Literal[32, 64, 128] = Field(128, description="Group size for int4-weight.")
+    group_size: Literal[32, 64, 128] = Field(
+        64,
+        description="Group size for int4-weight; must divide every linear's input dimension "
+        "(SmolLM2's 576 takes 32 or 64, not 128).",
+    )
+    embedding_bits: Literal[8, 4] = Field(
+        8,
+        description="Bits for the token embedding and the tied LM head: 8 (int8 per row, any method) or 4 "
+        "(group-wise like the linears; int4-weight only).",
+    )
+
+    @model_validator(mode="after")
+    def _int4_embedding_needs_int4(self) -> Quantization:
+        if self.embedding_bits == 4 and self.method != "int4-weight":
+            raise ValueError(f"embeddingBits: 4 needs method int4-weight, not {self.method}")
+        return self
 
 
 class Pruning(SpecModel):
@@ -32,6 +47,15 @@ class Pruning(SpecModel):
     pattern: Literal["unstructured", "2:4"] = Field("unstructured", description="2:4 keeps 2 of every 4 weights.")
     calibration_samples: int = Field(32, ge=1, le=4096, description="Calibration sequences for Wanda.")
     recovery_steps: int = Field(0, ge=0, le=100000, description="Fine-tuning steps after pruning (0: none).")
+    recovery_learning_rate: float = Field(5e-5, gt=0.0, le=1.0, description="Learning rate of the recovery fine-tune.")
+    recovery_batch_size: int = Field(4, ge=1, le=1024, description="Sequences per recovery step.")
+    recovery_sequence_length: int = Field(128, ge=8, le=1024, description="Tokens per recovery sequence.")
+
+    @model_validator(mode="after")
+    def _two_four_is_half(self) -> Pruning:
+        if self.pattern == "2:4" and self.sparsity != 0.5:
+            raise ValueError(f"sparsity: the 2:4 pattern prunes exactly 0.5, got {self.sparsity}")
+        return self
 
 
 class Distillation(SpecModel):
@@ -43,7 +67,10 @@ class Distillation(SpecModel):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the KL term; 1-alpha weighs cross-entropy.")
     learning_rate: float = Field(1e-4, gt=0.0, le=1.0)
     batch_size: int = Field(4, ge=1, le=1024)
-    sequence_length: int = Field(256, ge=8, le=8192)
+    sequence_length: int = Field(256, ge=8, le=1024, description="Tokens per training sequence.")
+    checkpoint_every: int = Field(
+        25, ge=1, le=1000000, description="Steps between checkpoints; a restarted Job resumes from the last."
+    )
 
 
 class CompressionRecipe(SpecModel):
@@ -60,7 +87,8 @@ class CompressionRecipe(SpecModel):
         if self.distillation:
             parts.append(f"distill:{self.distillation.student_layers}L")
         if self.pruning:
-            parts.append(f"prune:{self.pruning.method}-{self.pruning.pattern if self.pruning.pattern == '2:4' else self.pruning.sparsity}")
+            amount = self.pruning.pattern if self.pruning.pattern == "2:4" else self.pruning.sparsity
+            parts.append(f"prune:{self.pruning.method}-{amount}")
         if self.quantization:
             parts.append(f"quantize:{self.quantization.method}")
         return "+".join(parts) or "none"
@@ -70,7 +98,7 @@ class Evaluation(SpecModel):
     """How the variant is measured."""
 
     perplexity_samples: int = Field(32, ge=1, le=100000, description="Held-out sequences for perplexity.")
-    sequence_length: int = Field(256, ge=8, le=8192)
+    sequence_length: int = Field(256, ge=8, le=1024, description="Tokens per perplexity sequence.")
     speed_tokens: int = Field(64, ge=1, le=4096, description="Tokens generated to measure CPU tokens/s.")
     agreement_prompts: int = Field(16, ge=0, le=10000, description="Prompts for greedy agreement with the full model.")
     agreement_tokens: int = Field(32, ge=1, le=4096)
@@ -82,15 +110,21 @@ class QualityGate(SpecModel):
     max_perplexity_increase: float | None = Field(
         None, ge=0.0, description="Largest allowed relative perplexity increase (0.05 = +5%)."
     )
-    min_agreement: float | None = Field(None, ge=0.0, le=1.0, description="Smallest greedy agreement with the full model.")
+    min_agreement: float | None = Field(
+        None, ge=0.0, le=1.0, description="Smallest greedy agreement with the full model."
+    )
     max_size_ratio: float | None = Field(None, gt=0.0, description="Largest allowed size relative to the fp32 model.")
 
 
 class CompressionJobSpec(SpecModel):
     """Everything one compression Job needs: the JSON given to `python -m stratus_workers.compress --spec`."""
 
-    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
-                      description="The edge variant's name (a DNS label).")
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="The edge variant's name (a DNS label).",
+    )
     model_source: str = Field(min_length=1, description="Where the full model comes from (bundled://, a path, ...).")
     compression: CompressionRecipe = Field(default_factory=CompressionRecipe)
     evaluation: Evaluation = Field(default_factory=Evaluation)

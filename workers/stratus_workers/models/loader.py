@@ -12,9 +12,10 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,9 @@ class LoadedModel:
 
     @property
     def parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        # Quantized layers keep their weights as buffers (int8 codes, packed int4): count those too.
+        stored = {id(t): t.numel() for t in (*self.model.parameters(), *self.model.buffers())}
+        return sum(stored.values())
 
     @property
     def max_context_tokens(self) -> int:
@@ -294,6 +297,34 @@ def load_model(source: str, *, dtype: str = "auto", device: str = "auto", name: 
         },
     )
     return loaded
+
+
+_SHARED: dict[tuple[str, str, str], LoadedModel] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def load_shared_model(
+    source: str, *, dtype: str = "auto", device: str = "auto", name: str | None = None
+) -> LoadedModel:
+    """`load_model`, holding one copy per process of each (source, dtype, device).
+
+    For serving, which only reads the weights: every server in a process (tests, `stratus up`
+    in one process, a router with a local model) shares the weights. Code that changes a model
+    (compression) calls `load_model` for a private copy.
+    """
+    dev = resolve_device(device)
+    key = (str(_parse(source)), str(resolve_dtype(dtype, dev)), str(dev))
+    with _SHARED_LOCK:  # held while loading, so two servers starting together load once
+        loaded = _SHARED.get(key)
+        if loaded is None:
+            loaded = _SHARED[key] = load_model(source, dtype=dtype, device=device)
+    return replace(loaded, name=name) if name else loaded
+
+
+def clear_shared_models() -> None:
+    """Forget the shared models (their memory is freed once no server holds them)."""
+    with _SHARED_LOCK:
+        _SHARED.clear()
 
 
 def _load_dir(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:

@@ -1,0 +1,132 @@
+"""Measures a variant against the full model: held-out perplexity, CPU tokens/s at batch 1, greedy agreement."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+# A fixed, general-purpose prompt set (not from the corpus) for agreement and speed.
+PROMPTS: tuple[str, ...] = (
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "The best way to learn a new language is",
+    "In computer science, a hash table is",
+    "Once upon a time, in a small village,",
+    "The main causes of climate change are",
+    "To make a cup of tea, you first",
+    "The theory of relativity states that",
+    "A healthy breakfast usually includes",
+    "The Pacific Ocean is the largest",
+    "Photosynthesis is the process by which",
+    "My favourite book is about",
+    "The most important rule of driving is",
+    "Python is a programming language that",
+    "The moon orbits the Earth because",
+    "A good manager should always",
+    "The history of the Roman Empire began",
+    "To stay healthy, doctors recommend",
+    "The recipe calls for two cups of",
+    "Machine learning models are trained by",
+    "The train to London leaves at",
+    "Dogs are popular pets because",
+    "The stock market fell sharply after",
+    "An email to a colleague should be",
+    "The human heart has four chambers:",
+    "On weekends, many families like to",
+    "The first step in solving an equation is",
+    "Mount Everest is located in",
+    "A haiku is a short poem that",
+    "Electric cars are becoming popular because",
+    "The library opens every morning at",
+    "Birds migrate south in winter to",
+)
+
+
+@torch.no_grad()
+def perplexity(model: Any, sequences: torch.Tensor, batch_size: int = 4) -> float:
+    """exp(mean next-token negative log-likelihood) over all predicted tokens of `sequences`."""
+    total_nll = 0.0
+    total_tokens = 0
+    for start in tqdm(range(0, sequences.shape[0], batch_size), desc="perplexity", disable=None):
+        batch = sequences[start : start + batch_size]
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += float(nll)
+        total_tokens += batch[:, 1:].numel()
+    return math.exp(total_nll / total_tokens)
+
+
+def _prompt_ids(tokenizer: Any, count: int) -> list[torch.Tensor]:
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(count)]
+    return [torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]]) for p in prompts]
+
+
+@torch.no_grad()
+def greedy_continuations(model: Any, tokenizer: Any, prompts: int, tokens: int) -> list[torch.Tensor]:
+    """The model's greedy continuation (exactly `tokens` tokens, EOS not stopping it) of each fixed prompt."""
+    outs = []
+    for ids in tqdm(_prompt_ids(tokenizer, prompts), desc="reference continuations", disable=None):
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id or 0,
+        )
+        outs.append(out[0])
+    return outs
+
+
+@torch.no_grad()
+def agreement(model: Any, tokenizer: Any, references: list[torch.Tensor], tokens: int) -> float:
+    """Teacher-forced greedy agreement: the fraction of the full model's greedy tokens that the variant,
+    given the same prefix, also ranks first. Unlike comparing two free-running generations it does not
+    punish every token after a first difference, and it is what a speculative verifier accepts."""
+    if not references:
+        return 1.0
+    hits = 0
+    total = 0
+    for ref in references:
+        logits = model(input_ids=ref[None, :], use_cache=False).logits[0]
+        predicted = logits[-tokens - 1 : -1].argmax(dim=-1)
+        hits += int((predicted == ref[-tokens:]).sum())
+        total += tokens
+    return hits / total
+
+
+@torch.no_grad()
+def _decode_seconds(model: Any, ids: torch.Tensor, tokens: int, pad_token_id: int) -> float:
+    started = time.perf_counter()
+    model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        do_sample=False,
+        pad_token_id=pad_token_id,
+    )
+    return time.perf_counter() - started
+
+
+def tokens_per_second(models: dict[str, Any], tokenizer: Any, tokens: int, rounds: int = 3) -> dict[str, float]:
+    """Batch-1 greedy generation speed of each model, measured in interleaved rounds (best round kept) so
+    that load from other processes on a shared CPU hits every model alike."""
+    ids = _prompt_ids(tokenizer, 1)[0]
+    pad = tokenizer.pad_token_id or 0
+    for model in models.values():
+        _decode_seconds(model, ids, min(8, tokens), pad)  # warm-up: allocator, kernel selection
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            times[name].append(_decode_seconds(model, ids, tokens, pad))
+    return {name: tokens / min(ts) for name, ts in times.items()} | {
+        f"{name}_median": tokens / statistics.median(ts) for name, ts in times.items()
+    }

@@ -1,0 +1,361 @@
+"""The compression Job: validate the spec, distill → prune → quantize, save, reload, evaluate, gate, publish."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from stratus_workers.compress import artifact as artifacts
+from stratus_workers.compress import corpus, evaluate
+from stratus_workers.compress.distill import distill
+from stratus_workers.compress.prune import check_pattern, measured_sparsity, prune_model, recover
+from stratus_workers.compress.quantize import check_group_size, quantize_model
+from stratus_workers.compress.spec import CompressionJobSpec
+from stratus_workers.models.loader import ARTIFACT_FORMAT, cache_dir, load_model
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_REJECTED = 3
+CORPUS_LICENCE = "text: public domain (Bible in Basic English, 1949/1964); package: MIT"
+
+
+class BadInput(ValueError):
+    """The spec or the model is unusable; the message names the field."""
+
+
+@dataclass
+class JobResult:
+    """What the Job reports: the exit code and the one-line summary (also the manifest's core)."""
+
+    exit_code: int
+    summary: dict[str, Any]
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def stage(name: str, timings: dict[str, float], **fields: Any) -> Iterator[None]:
+    """Log one structured line per stage with its duration."""
+    started = time.perf_counter()
+    log.info("stage started", extra={"stage": name, **fields})
+    try:
+        yield
+    finally:
+        seconds = round(time.perf_counter() - started, 2)
+        timings[name] = seconds
+        log.info("stage finished", extra={"stage": name, "seconds": seconds, **fields})
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "spec"
+
+
+def parse_spec(data: Any) -> CompressionJobSpec:
+    """Validate a spec document; BadInput names every offending field (camelCase, as in the manifest)."""
+    try:
+        return CompressionJobSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            got = (
+                f" (got {err['input']!r})"
+                if err.get("type") != "missing" and not isinstance(err.get("input"), dict)
+                else ""
+            )
+            problems.append(f"{_field_path(err['loc'])}: {err['msg']}{got}")
+        raise BadInput("invalid compression spec: " + "; ".join(problems)) from None
+
+
+def read_spec(path: Path) -> CompressionJobSpec:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise BadInput(f"--spec: {path} does not exist") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BadInput(f"--spec: {path} is not readable JSON ({exc})") from None
+    return parse_spec(data)
+
+
+def _load_full(source: str) -> Any:
+    try:
+        loaded = load_model(source, dtype="float32", device="cpu")
+    except Exception as exc:  # any failure to read the model is the input's fault, reported as such
+        raise BadInput(f"modelSource: {exc}") from None
+    model = loaded.model
+    if not hasattr(model, "model") or not hasattr(model.model, "layers") or not hasattr(model.model, "embed_tokens"):
+        raise BadInput(f"modelSource: {source} is a {type(model).__name__}; compression supports Llama-style decoders")
+    if loaded.manifest:
+        raise BadInput(f"modelSource: {source} is already a compressed artifact; compress the full model instead")
+    return loaded
+
+
+def _validate_against_model(spec: CompressionJobSpec, model: Any, slices: corpus.CorpusSlices) -> None:
+    """Checks that need the model or the corpus, done before any long step so bad input fails fast."""
+    recipe = spec.compression
+    try:
+        if recipe.distillation:
+            layers = int(model.config.num_hidden_layers)
+            if recipe.distillation.student_layers >= layers:
+                raise ValueError(
+                    f"compression.distillation.studentLayers: {recipe.distillation.student_layers} is not "
+                    f"fewer than the model's {layers} layers"
+                )
+        if recipe.pruning:
+            check_pattern(model, recipe.pruning)
+            if recipe.pruning.method == "wanda":
+                slices.sequences(
+                    "calibration",
+                    recipe.pruning.calibration_samples,
+                    spec.evaluation.sequence_length,
+                    field="compression.pruning.calibrationSamples",
+                )
+        if recipe.quantization and recipe.quantization.method == "int4-weight":
+            check_group_size(model, recipe.quantization.group_size)
+        slices.sequences(
+            "eval",
+            spec.evaluation.perplexity_samples,
+            spec.evaluation.sequence_length,
+            field="evaluation.perplexitySamples",
+        )
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+
+
+def _baseline_key(spec: CompressionJobSpec, tokenizer: Any) -> str:
+    ev = spec.evaluation
+    parts = [
+        spec.model_source,
+        ev.perplexity_samples,
+        ev.sequence_length,
+        ev.agreement_prompts,
+        ev.agreement_tokens,
+        corpus.CORPUS_NAME,
+        len(tokenizer),
+        torch.__version__,
+    ]
+    path = Path(spec.model_source)
+    if path.is_dir():  # a local model: its weights' identity is part of the key
+        parts += [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.glob("*.safetensors"))]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
+
+
+def _full_model_baseline(
+    spec: CompressionJobSpec, full: Any, tokenizer: Any, eval_ids: torch.Tensor, timings: dict[str, float]
+) -> tuple[float, list[torch.Tensor]]:
+    """The full model's perplexity and greedy continuations; cached, as every variant of a model shares them."""
+    ev = spec.evaluation
+    path = cache_dir() / "baselines" / f"{_baseline_key(spec, tokenizer)}.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            return float(data["perplexity"]), [torch.tensor(r) for r in data["references"]]
+        except (OSError, ValueError, KeyError):
+            pass
+    with stage("evaluate-full-model", timings):
+        ppl = evaluate.perplexity(full, eval_ids)
+        refs = evaluate.greedy_continuations(full, tokenizer, ev.agreement_prompts, ev.agreement_tokens)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"perplexity": ppl, "references": [r.tolist() for r in refs]}))
+    os.replace(tmp, path)
+    return ppl, refs
+
+
+def gate_reasons(spec: CompressionJobSpec, figures: dict[str, Any]) -> list[str]:
+    gate = spec.gate
+    reasons = []
+    if gate.max_perplexity_increase is not None and figures["perplexity_increase"] > gate.max_perplexity_increase:
+        reasons.append(
+            f"perplexity increase {figures['perplexity_increase']:+.2%} exceeds maxPerplexityIncrease "
+            f"{gate.max_perplexity_increase:.2%}"
+        )
+    if gate.min_agreement is not None and figures["agreement"] < gate.min_agreement:
+        reasons.append(f"agreement {figures['agreement']:.3f} is below minAgreement {gate.min_agreement:.3f}")
+    if gate.max_size_ratio is not None and figures["size_ratio"] > gate.max_size_ratio:
+        reasons.append(f"size {figures['size_ratio']:.3f}x fp32 exceeds maxSizeRatio {gate.max_size_ratio:.3f}")
+    return reasons
+
+
+def _stored_values(model: Any) -> int:
+    """Weights (codes, floats) in the model, tied tensors counted once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in model.state_dict().values():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel()
+    return total
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished artifact into place; an existing one is replaced only once the new one is whole."""
+    # mkdtemp and safetensors create owner-only modes; the model server may run as another user.
+    tmp.chmod(0o755)
+    for item in tmp.iterdir():
+        item.chmod(0o644)
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(trash)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def compress(spec: CompressionJobSpec, out: Path, *, work_dir: Path | None = None) -> JobResult:
+    """Run one compression Job end to end. Raises BadInput before writing anything when the input is bad."""
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out: {out} exists and is not a directory")
+    own_work_dir = work_dir is None  # a caller-given work dir is the caller's to keep (shared checkpoints)
+    work_dir = Path(work_dir) if work_dir else out.parent / f".{out.name}.work"
+    recipe = spec.compression
+    torch.manual_seed(spec.seed)
+    with stage("load-model", timings, source=spec.model_source):
+        loaded = _load_full(spec.model_source)
+    full, tokenizer = loaded.model, loaded.tokenizer
+    with stage("load-corpus", timings):
+        slices = corpus.load_slices(tokenizer)
+    _validate_against_model(spec, full, slices)
+    ev = spec.evaluation
+    eval_ids = slices.sequences("eval", ev.perplexity_samples, ev.sequence_length, field="evaluation.perplexitySamples")
+    figures: dict[str, Any] = {}
+
+    variant: Any
+    if recipe.distillation:
+        with stage("distill", timings, student_layers=recipe.distillation.student_layers):
+            variant, figures["distillation"] = distill(
+                full, recipe.distillation, slices, work_dir=work_dir, source=spec.model_source, seed=spec.seed
+            )
+    else:
+        variant = copy.deepcopy(full)
+    if recipe.pruning:
+        p = recipe.pruning
+        with stage("prune", timings, method=p.method, pattern=p.pattern, sparsity=p.sparsity):
+            masks = prune_model(variant, p, slices, ev.sequence_length)
+            pruned: dict[str, Any] = {"sparsity_after_pruning": measured_sparsity(variant)}
+        if p.recovery_steps:
+            with stage("prune-recovery", timings, steps=p.recovery_steps):
+                losses = recover(variant, full, masks, p, slices, spec.seed)
+                pruned["recovery_first_loss"], pruned["recovery_last_loss"] = losses[0], losses[-1]
+        pruned["sparsity"] = measured_sparsity(variant)
+        figures["pruning"] = pruned
+    if recipe.quantization:
+        q = recipe.quantization
+        with stage("quantize", timings, method=q.method):
+            figures["quantization"] = {
+                "modules": quantize_model(variant, q.method, q.group_size, q.embedding_bits),
+                "embeddings": "int8 per row" if q.embedding_bits == 8 else f"int4, groups of {q.group_size}",
+            }
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        with stage("save", timings):
+            artifacts.save_artifact(variant, tokenizer, tmp, sparse=bool(recipe.pruning) and not recipe.quantization)
+        del variant
+        # Evaluate exactly what the model server will load, not the in-memory model it came from.
+        with stage("reload", timings):
+            reloaded, _ = artifacts.load_artifact(tmp, dtype=torch.float32, device=torch.device("cpu"))
+        full_ppl, references = _full_model_baseline(spec, full, tokenizer, eval_ids, timings)
+        with stage("evaluate", timings):
+            ppl = evaluate.perplexity(reloaded, eval_ids)
+            agree = evaluate.agreement(reloaded, tokenizer, references, ev.agreement_tokens)
+            speed = evaluate.tokens_per_second({"full": full, "variant": reloaded}, tokenizer, ev.speed_tokens)
+        fp32 = artifacts.fp32_reference_bytes(full)
+        weights = artifacts.weights_bytes(tmp)
+        figures.update(
+            {
+                "bytes": weights,
+                "fp32_bytes": fp32,
+                "size_ratio": weights / fp32,
+                "perplexity": ppl,
+                "full_perplexity": full_ppl,
+                "perplexity_increase": ppl / full_ppl - 1.0,
+                "tokens_per_second": speed["variant"],
+                "full_tokens_per_second": speed["full"],
+                "speedup": speed["variant"] / speed["full"],
+                "agreement": agree,
+                "parameters": _stored_values(reloaded),
+                "layers": int(reloaded.config.num_hidden_layers),
+            }
+        )
+        reasons = gate_reasons(spec, figures)
+        status = "rejected" if reasons else "accepted"
+        figures["artifact_bytes"] = artifacts.directory_bytes(tmp)  # before the manifest: a few KB either way
+        manifest = {
+            "format": ARTIFACT_FORMAT,
+            "name": spec.name,
+            "recipe": recipe.summary,
+            "status": status,
+            "reasons": reasons,
+            "source": spec.model_source,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "spec": spec.model_dump(mode="json", by_alias=True),
+            "figures": figures,
+            "evaluation": {
+                "corpus": corpus.CORPUS_NAME,
+                "corpus_licence": CORPUS_LICENCE,
+                "perplexity_tokens": int(eval_ids[:, 1:].numel()),
+                "agreement": "teacher-forced top-1 agreement with the full model's greedy continuations of "
+                f"{ev.agreement_prompts} fixed prompts, {ev.agreement_tokens} tokens each",
+                "tokens_per_second": f"batch 1, greedy, {ev.speed_tokens} new tokens, best of 3 interleaved rounds, "
+                f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
+            },
+            "stages": timings,
+            "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
+        }
+        (tmp / artifacts.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=float) + "\n")
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # The checkpoints served their purpose once the artifact is whole.
+    if own_work_dir:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(work_dir)
+    summary = {
+        "name": spec.name,
+        "status": status,
+        "reasons": reasons,
+        "recipe": recipe.summary,
+        "artifact": str(out),
+        "bytes": weights,
+        "sizeRatio": round(figures["size_ratio"], 4),
+        "perplexity": round(ppl, 3),
+        "fullPerplexity": round(full_ppl, 3),
+        "perplexityIncrease": round(figures["perplexity_increase"], 4),
+        "tokensPerSecond": round(speed["variant"], 2),
+        "fullTokensPerSecond": round(speed["full"], 2),
+        "agreement": round(agree, 4),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    if recipe.pruning:
+        summary["sparsity"] = round(figures["pruning"]["sparsity"], 4)
+    return JobResult(EXIT_REJECTED if reasons else EXIT_OK, summary, manifest)
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return str(transformers.__version__)
