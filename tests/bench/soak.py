@@ -101,11 +101,14 @@ def render(result: dict[str, object], args: argparse.Namespace, seconds: float) 
         f"| {total} | {codes['OK']} | {errors} | {', '.join(f'{k} {v}' for k, v in codes.items() if k != 'OK') or '–'} "
         f"| {q[49] * 1e3:.0f} ms | {q[94] * 1e3:.0f} ms |",
         "",
-        "| process | RSS at start | RSS at end | peak |",
-        "|---|---|---|---|",
+        "| process | RSS at start | at 25% | at 50% | at 75% | at end | peak |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, samples in memory.items():
-        lines.append(f"| {name} | {samples[0]:.0f} MiB | {samples[-1]:.0f} MiB | {max(samples):.0f} MiB |")
+        # The quartiles tell growth that levels off (caches filling) from growth that does not (a leak).
+        marks = [samples[min(len(samples) - 1, round(q * (len(samples) - 1)))] for q in (0.0, 0.25, 0.5, 0.75, 1.0)]
+        cells = " | ".join(f"{m:.0f} MiB" for m in marks)
+        lines.append(f"| {name} | {cells} | {max(samples):.0f} MiB |")
     return "\n".join(lines)
 
 
