@@ -12,17 +12,35 @@ from stratus_workers.models.source import BUNDLED_SMOLLM2
 
 # The SmolLM2-135M architecture; speed does not depend on weight values.
 SMOLLM2_135M: dict[str, Any] = dict(
-    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-    num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
 )
 # A ~1B-parameter member of the same family (SmolLM2-1.7B is 24 layers of 2048).
 SMOLLM2_1B: dict[str, Any] = dict(
-    hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-    num_key_value_heads=32, max_position_embeddings=8192, rope_theta=130000.0, tie_word_embeddings=True,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=8192,
+    rope_theta=130000.0,
+    tie_word_embeddings=True,
 )
 TINY: dict[str, Any] = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=True,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
 )
 
 
@@ -31,22 +49,26 @@ def bundled_tokenizer() -> Any:
     return _bundled_tokenizer(BUNDLED_SMOLLM2)
 
 
-def random_llama(arch: dict[str, Any] | None = None, *, vocab_size: int = 49152, seed: int = 0,
-                 init_std: float = 0.02) -> Any:
+def random_llama(
+    arch: dict[str, Any] | None = None, *, vocab_size: int = 49152, seed: int = 0, init_std: float = 0.02
+) -> Any:
     """A random-init LlamaForCausalLM with the given architecture (TINY by default)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-        initializer_range=init_std, **(arch or TINY),
+        vocab_size=vocab_size,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        initializer_range=init_std,
+        **(arch or TINY),
     )
     torch.manual_seed(seed)
     model: Any = LlamaForCausalLM(config)
     return model.eval()
 
 
-def write_tiny_model(path: Path, *, arch: dict[str, Any] | None = None, seed: int = 0,
-                     init_std: float = 0.02) -> Path:
+def write_tiny_model(path: Path, *, arch: dict[str, Any] | None = None, seed: int = 0, init_std: float = 0.02) -> Path:
     """Write a tiny random model plus the bundled tokenizer to `path` as a plain HF directory."""
     tokenizer = bundled_tokenizer()
     model = random_llama(arch, vocab_size=len(tokenizer), seed=seed, init_std=init_std)

@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(config.threads)
     try:
         config.validate()
+        if config.tensor_parallel > 1:
+            from stratus_workers.serve import parallel  # torch.distributed only where it is used
+
+            return parallel.run(config, sys.argv[1:] if argv is None else argv)
         asyncio.run(run_until_signalled(ModelServer(config)))
     except (ModelLoadError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 
+from stratus_workers.serve.mailbox import mailbox
 from stratus_workers.serve.runner import ModelRunner
 from stratus_workers.serve.speculative import (
     SparseDist,
@@ -245,14 +246,28 @@ class Engine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
+        box = mailbox(loop)  # one loop wake-up per decode step, not one per token
+
         def sink(event: Event) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+            box.post(queue, event)
 
         cancel = self.submit(prompt, params, sink, deadline)
         finished = False
         try:
             while True:
                 event = await queue.get()
+                # When the caller falls behind (a busy event loop), send the tokens waiting as one event.
+                while isinstance(event, TokenEvent) and not queue.empty():
+                    following = queue.get_nowait()
+                    if not isinstance(following, TokenEvent):
+                        yield event
+                        event = following
+                        break
+                    event = TokenEvent(
+                        event.text + following.text,
+                        event.token_ids + following.token_ids,
+                        event.logprobs + following.logprobs,
+                    )
                 yield event
                 if isinstance(event, FinishEvent):
                     finished = True
@@ -506,8 +521,9 @@ class Engine:
         for i, seq in enumerate(seqs):
             if not seq.params.greedy:
                 chosen[i] = _sample(logits[i], seq.params, seq.generator)
-        chosen_list = chosen.tolist()
-        picked = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+        # One device-to-host copy for both (ids are exact in float64).
+        picked_t = logprobs.gather(1, chosen[:, None])[:, 0]
+        chosen_list, picked = torch.stack((chosen.double(), picked_t.double())).tolist()
         now = time.monotonic()
         for seq, token, lp in zip(seqs, chosen_list, picked, strict=True):
             if seq.first_token == 0.0:

@@ -504,6 +504,8 @@ class ModelServer:
             max_sessions=self.config.max_sessions,
             on_step=self.metrics.on_step,
         )
+        # Capture the decode graphs (CUDA) before taking traffic, so no early request pays for it.
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.runner.warmup)
         self.engine.start()
         options = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),

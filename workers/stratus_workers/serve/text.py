@@ -21,12 +21,30 @@ class TextAssembler:
         self.text = ""
         self.emitted = 0
         self.stopped = False
+        # Incremental detokenization: only tokens[_prefix:] are decoded per call, so a token costs
+        # the same at the end of a long answer as at its start (a full decode per token is O(n),
+        # and the server decodes once per token of every sequence in the batch).
+        self._decoded = ""  # text of tokens[:_read]
+        self._prefix = 0  # start of the decode window: a few tokens of context before _read
+        self._read = 0
+
+    def _decode_more(self) -> str | None:
+        """All text so far, or None while the last token ends inside a multi-byte character."""
+        decode = self.tokenizer.decode
+        before = decode(self.tokens[self._prefix : self._read], skip_special_tokens=True)
+        window = decode(self.tokens[self._prefix :], skip_special_tokens=True)
+        if window.endswith("\ufffd"):
+            return None
+        # Decoding the window with its context gives the same spacing as decoding everything.
+        self._decoded += window[len(before) :]
+        self._prefix, self._read = self._read, len(self.tokens)
+        return self._decoded
 
     def add(self, token: int) -> str:
         """Append a token; returns the new safe text. Sets `stopped` when a stop sequence matched."""
         self.tokens.append(token)
-        full: str = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if full.endswith("\ufffd"):
+        full = self._decode_more()
+        if full is None:
             return ""
         self.text = full
         stop_at = find_stop(full, self.stop, self.emitted)

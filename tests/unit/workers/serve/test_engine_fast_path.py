@@ -1,0 +1,71 @@
+"""The engine over the runner's CUDA path (fused weights, bucketed static decode), run on the CPU.
+
+test_engine.py covers continuous batching over the module path; here the same traffic goes
+through the path the GPU takes (padded batch buckets, device-side row lengths, compaction moves),
+and every answer must equal the module path's answer to the same request served alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stratus_workers.models import load_model
+from stratus_workers.serve.engine import Engine, FinishEvent, SamplingParams, TokenEvent
+
+pytestmark = pytest.mark.unit
+
+PROMPTS = ["The quick brown fox", "Hello", "Once upon a time in a land far away there lived", "1 2 3 4", "Why"]
+LENGTHS = [3, 20, 7, 15, 11]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir: Path) -> Any:
+    return load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+
+
+async def run(engine: Engine, prompt: list[int], n: int, delay: float = 0.0) -> tuple[list[int], str]:
+    await asyncio.sleep(delay)
+    ids: list[int] = []
+    async for event in engine.stream(prompt, SamplingParams(max_new_tokens=n)):
+        if isinstance(event, TokenEvent):
+            ids.extend(event.token_ids)
+        elif isinstance(event, FinishEvent):
+            return ids, event.reason
+    raise AssertionError("no finish event")
+
+
+@pytest.mark.parametrize("ahead", ["0", "1"])
+async def test_joining_and_leaving_on_the_fast_path(loaded: Any, monkeypatch: pytest.MonkeyPatch, ahead: str) -> None:
+    prompts = [loaded.tokenizer.encode(p) for p in PROMPTS]
+    alone = Engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_len=128)
+    assert not alone.runner.fast
+    alone.start()
+    try:
+        expected = [await run(alone, p, n) for p, n in zip(prompts, LENGTHS, strict=True)]
+    finally:
+        alone.shutdown()
+    monkeypatch.setenv("STRATUS_FAST_PATH", "1")
+    monkeypatch.setenv("STRATUS_DECODE_AHEAD", ahead)  # 1: each step starts on the last one's argmax
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=3, max_len=128)
+    assert engine.runner.fast and engine.runner.speculate == (ahead == "1")
+    engine.start()
+    try:
+        # Five requests over three rows, arriving while others decode: rows fill, drain and refill.
+        together = await asyncio.gather(
+            *(run(engine, p, n, 0.01 * i) for i, (p, n) in enumerate(zip(prompts, LENGTHS, strict=True)))
+        )
+        # A cancelled request frees its row for the next one.
+        stream = engine.stream(prompts[0], SamplingParams(max_new_tokens=100))
+        await stream.__anext__()
+        await stream.aclose()
+        after = await asyncio.wait_for(run(engine, prompts[1], LENGTHS[1]), 30)
+    finally:
+        engine.shutdown()
+    assert together == expected
+    assert after == expected[1]
+    if ahead == "1":
+        assert engine.runner.speculation_hits > 0
