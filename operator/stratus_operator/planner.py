@@ -200,9 +200,11 @@ class ServeFlags:
     host: str = "0.0.0.0"
     port: int = GRPC_PORT
     http_port: int = HTTP_PORT
+    # GPUs one server spans; the server starts its other ranks itself (no torchrun needed).
+    tensor_parallel: int = 1
 
     def args(self) -> list[str]:
-        return [
+        args = [
             "--model", self.model, "--name", self.name, "--tier", self.tier,
             "--host", self.host, "--port", str(self.port), "--http-port", str(self.http_port),
             "--dtype", self.dtype, "--device", self.device,
@@ -210,6 +212,9 @@ class ServeFlags:
             "--max-prompt-tokens", str(self.max_prompt_tokens),
             "--max-new-tokens", str(self.max_new_tokens),
         ]
+        if self.tensor_parallel > 1:
+            args += ["--tensor-parallel", str(self.tensor_parallel)]
+        return args
 
     def command(self, python: str = "python") -> list[str]:
         return [python, "-m", "stratus_workers.serve", *self.args()]
@@ -429,9 +434,10 @@ def plan(
             flags=ServeFlags(
                 model=spec.model.source, name=server_name, tier="cloud", dtype=cloud.dtype, device=cloud.device,
                 max_batch_size=cloud.serving.max_batch_size, max_prompt_tokens=cloud.serving.max_prompt_tokens,
-                max_new_tokens=cloud.serving.max_new_tokens,
+                max_new_tokens=cloud.serving.max_new_tokens, tensor_parallel=cloud.tensor_parallel,
             ),
-            resources=_with_gpu(cloud.resources, cloud.gpus_per_pod, gpu_resource),
+            # A tensor-parallel server needs one GPU per rank in its one pod.
+            resources=_with_gpu(cloud.resources, max(cloud.gpus_per_pod, cloud.tensor_parallel), gpu_resource),
             node_selector=dict(cloud.node_selector),
             tolerations=tuple(cloud.tolerations),
             # The cloud tier is left to the scheduler: GPU nodes are sized for the full model.

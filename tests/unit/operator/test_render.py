@@ -212,3 +212,26 @@ def test_render_options_reach_the_pods() -> None:
                 assert c["image"] == "registry.local/stratus-workers:dev" and c["imagePullPolicy"] == "Always"
             assert any(v.get("hostPath", {}).get("path") == "/mnt/cache" for v in spec["volumes"]) or \
                 obj["kind"] == "Deployment"  # bundled servers and the router fetch nothing
+
+
+def test_tensor_parallel_cloud_pod_gets_flag_gpus_and_shared_memory() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from stratus_operator.placement import ClusterView
+    from stratus_operator.planner import plan, render
+    from stratus_operator.spec import LLMDeployment
+
+    manifest = yaml.safe_load((Path(__file__).resolve().parents[3] / "deploy/samples/smollm2.yaml").read_text())
+    manifest["spec"]["cloud"].update({"gpusPerPod": 2, "tensorParallel": 2})
+    deployment = LLMDeployment.from_manifest(manifest)
+    objects = render(plan(deployment, ClusterView.local(), {}), deployment)
+    cloud = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-cloud"))
+    pod = cloud["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    command = container["command"] if "command" in container else container["args"]
+    assert command[command.index("--tensor-parallel") + 1] == "2"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] in ("2", 2)
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
