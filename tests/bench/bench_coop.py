@@ -54,49 +54,58 @@ class Run:
         return statistics.quantiles(self.latencies, n=100, method="inclusive")[q - 1]
 
 
-async def measure(
-    router_address: str, policy: str, delay: float, prompts: list[str], max_new_tokens: int, reference: Run | None
-) -> Run:
+async def measure(routers: dict[str, str], delay: float, prompts: list[str], max_new_tokens: int) -> list[Run]:
+    """Every prompt through every policy in turn, so that load from elsewhere falls on all policies alike."""
     from stratus_workers.api import inference_pb2 as pb
     from stratus_workers.client import AsyncClient
     from stratus_workers.router.calibration import answer_quality, likelihood_quality
     from stratus_workers.router.policy import mean_logprob
 
-    run = Run(policy, delay)
-    async with AsyncClient(router_address, timeout=900) as client:
-        await client.generate(messages=[{"role": "user", "content": "warm up"}], max_new_tokens=4)
-        started = time.perf_counter()
+    runs = {policy: Run(policy, delay) for policy in routers}
+    clients = {policy: AsyncClient(address, timeout=900) for policy, address in routers.items()}
+    try:
+        for client in clients.values():
+            await client.generate(messages=[{"role": "user", "content": "warm up"}], max_new_tokens=4)
         for prompt in prompts:
-            t0 = time.perf_counter()
-            reply = await client.generate(
-                messages=[{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens, logprobs=True
-            )
-            run.latencies.append(time.perf_counter() - t0)
-            run.tokens += reply.usage.completion_tokens
-            run.texts.append(reply.text)
-            run.token_ids.append([lp.token_id for lp in reply.logprobs])
-            run.mean_logprobs.append(mean_logprob([lp.logprob for lp in reply.logprobs]))
-            route = reply.route
-            if route.tier == pb.TIER_EDGE:
-                run.edge_answers += 1
-            if policy == "speculative":
-                run.drafted += route.draft_tokens
-                run.accepted += route.accepted_tokens
-                run.rounds += route.rounds
-                run.cloud_tokens += route.draft_tokens + route.rounds
-            elif route.tier == pb.TIER_CLOUD:
-                run.cloud_tokens += reply.usage.completion_tokens
-        run.seconds = time.perf_counter() - started
+            for policy, client in clients.items():
+                run = runs[policy]
+                t0 = time.perf_counter()
+                reply = await client.generate(
+                    messages=[{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens, logprobs=True
+                )
+                elapsed = time.perf_counter() - t0
+                run.latencies.append(elapsed)
+                run.seconds += elapsed
+                run.tokens += reply.usage.completion_tokens
+                run.texts.append(reply.text)
+                run.token_ids.append([lp.token_id for lp in reply.logprobs])
+                run.mean_logprobs.append(mean_logprob([lp.logprob for lp in reply.logprobs]))
+                route = reply.route
+                if route.tier == pb.TIER_EDGE:
+                    run.edge_answers += 1
+                if policy == "speculative":
+                    run.drafted += route.draft_tokens
+                    run.accepted += route.accepted_tokens
+                    run.rounds += route.rounds
+                    run.cloud_tokens += route.draft_tokens + route.rounds
+                elif route.tier == pb.TIER_CLOUD:
+                    run.cloud_tokens += reply.usage.completion_tokens
         # Judged after the clock stops: the cloud scores every answer against its own (see docs/cooperation.md).
-        for i, prompt in enumerate(prompts):
-            if reference is None or run.token_ids[i] == reference.token_ids[i]:
-                run.quality.append(1.0)
-                run.similarity.append(1.0)
-                continue
-            judged = await client.score(run.texts[i], messages=[{"role": "user", "content": prompt}], tier="cloud")
-            run.quality.append(likelihood_quality(judged.mean_logprob, reference.mean_logprobs[i]))
-            run.similarity.append(answer_quality(run.texts[i], reference.texts[i]))
-    return run
+        reference = runs["cloud-only"]
+        judge = clients["cloud-only"]
+        for run in runs.values():
+            for i, prompt in enumerate(prompts):
+                if run.token_ids[i] == reference.token_ids[i]:
+                    run.quality.append(1.0)
+                    run.similarity.append(1.0)
+                    continue
+                judged = await judge.score(run.texts[i], messages=[{"role": "user", "content": prompt}], tier="cloud")
+                run.quality.append(likelihood_quality(judged.mean_logprob, reference.mean_logprobs[i]))
+                run.similarity.append(answer_quality(run.texts[i], reference.texts[i]))
+    finally:
+        for client in clients.values():
+            await client.close()
+    return list(runs.values())
 
 
 async def bench(args: argparse.Namespace) -> tuple[list[Run], dict[str, Any]]:
@@ -185,20 +194,23 @@ async def bench(args: argparse.Namespace) -> tuple[list[Run], dict[str, Any]]:
         prompts = list(SAMPLE_PROMPTS[: args.prompts])
         runs: list[Run] = []
         for delay in args.delays:
-            reference: Run | None = None
-            for policy in POLICIES:
-                router = RouterServer(config(policy, delay, calibration.threshold))
-                await router.start()
-                try:
-                    ref = reference if policy != "cloud-only" else None
-                    run = await measure(router.address, policy, delay, prompts, args.max_new_tokens, ref)
-                finally:
-                    await router.stop(0.5)
-                if policy == "cloud-only":
-                    reference = run
-                runs.append(run)
+            servers = {policy: RouterServer(config(policy, delay, calibration.threshold)) for policy in POLICIES}
+            for server in servers.values():
+                await server.start()
+            try:
+                measured = await measure(
+                    {policy: server.address for policy, server in servers.items()},
+                    delay,
+                    prompts,
+                    args.max_new_tokens,
+                )
+            finally:
+                for server in servers.values():
+                    await server.stop(0.5)
+            runs.extend(measured)
+            for run in measured:
                 print(
-                    f"  {delay:>3.0f} ms  {policy:<12} {run.tokens_per_second:6.1f} tok/s  "
+                    f"  {delay:>3.0f} ms  {run.policy:<12} {run.tokens_per_second:6.1f} tok/s  "
                     f"p50 {run.percentile(50) * 1e3:6.0f} ms",
                     flush=True,
                 )
@@ -219,7 +231,9 @@ def render(runs: list[Run], meta: dict[str, Any], seconds: float) -> str:
         "",
         f"Bundled SmolLM2-135M-Instruct on the cloud (fp32) and its `{meta['variant']}` variant on the edge, both on "
         f"this CPU in one process; {meta['prompts']} chat prompts one at a time, up to {meta['max_new_tokens']} new "
-        "tokens, greedy, output cache off. The link delay is added to every router→cloud round trip (±10% jitter). "
+        "tokens, greedy, output cache off; the policies take turns prompt by prompt, so that load from elsewhere "
+        "on this shared machine falls on all of them alike. The link delay is added to every router→cloud round "
+        "trip (±10% jitter). "
         f"Cascade threshold {meta['threshold']:.3f}, calibrated for ≥97% retention on 16 other prompts. "
         "Quality retention: the cloud's per-token likelihood of each answer relative to its own answer to the same "
         "prompt, capped at 1 (identical answers 1.0; the calibration's measure); text similarity to the cloud's "
@@ -264,8 +278,6 @@ def render(runs: list[Run], meta: dict[str, Any], seconds: float) -> str:
         + ".",
     ]
     return "\n".join(lines)
-
-
 
 
 def main(argv: list[str] | None = None) -> int:
