@@ -6,7 +6,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import report  # tests/bench/report.py (scripts run from this folder)
 import torch
 import yaml
 
@@ -51,14 +51,7 @@ def _variants(only: list[str] | None) -> list[dict[str, Any]]:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = report.cpu_name()
     return f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
@@ -151,14 +144,7 @@ def render(rows: list[dict[str, Any]], full: dict[str, Any], seconds: float, fai
 
 
 def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if SECTION_START in text and SECTION_END in text:
-        before, rest = text.split(SECTION_START, 1)
-        after = rest.split(SECTION_END, 1)[1]
-        text = before + section + after
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    report.write_section(path, "bench-compress", section.replace(SECTION_START, "").replace(SECTION_END, ""))
 
 
 def main(argv: list[str] | None = None) -> int:

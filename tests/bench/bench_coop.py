@@ -124,11 +124,13 @@ async def bench(args: argparse.Namespace) -> tuple[list[Run], dict[str, Any]]:
     if variant is None:
         raise SystemExit(f"no accepted edge variant in {args.manifest}: {[o.result for o in runner.outcomes]}")
     source = deployment.spec.model.source
-    cloud = ModelServer(
-        ServerConfig(
-            model=source,
-            name="cloud",
-            tier="cloud",
+
+    def server(model: str, name: str, tier: str) -> ModelServer:
+        # Both tiers on this CPU in fp32 arithmetic; the edge's compression is in its artifact.
+        config = ServerConfig(
+            model=model,
+            name=name,
+            tier=tier,
             port=0,
             http_port=0,
             dtype="float32",
@@ -137,21 +139,10 @@ async def bench(args: argparse.Namespace) -> tuple[list[Run], dict[str, Any]]:
             log_format="text",
             log_level="warning",
         )
-    )
-    edge = ModelServer(
-        ServerConfig(
-            model=str(variant.artifact),
-            name=f"edge-{variant.variant}",
-            tier="edge",
-            port=0,
-            http_port=0,
-            dtype="float32",
-            device="cpu",
-            max_batch_size=4,
-            log_format="text",
-            log_level="warning",
-        )
-    )
+        return ModelServer(config)
+
+    cloud = server(source, "cloud", "cloud")
+    edge = server(str(variant.artifact), f"edge-{variant.variant}", "edge")
     await cloud.start()
     await edge.start()
     backends = [

@@ -8,6 +8,17 @@ from datetime import date
 from pathlib import Path
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (the architecture where that is not readable)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
     """One line naming this machine and its software, for the header of a result table."""
     return (
