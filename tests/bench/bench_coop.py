@@ -176,7 +176,6 @@ async def bench(args: argparse.Namespace) -> tuple[list[Run], dict[str, Any]]:
             await calibration_router.stop(0.5)
         calibration = choose_threshold(samples, args.retention)
         meta["threshold"] = calibration.threshold
-        meta["calibration"] = calibration
         print(
             f"cascade threshold {calibration.threshold:.3f}: {calibration.edge_share:.0%} at the edge, "
             f"retention {calibration.retention:.1%} on {len(samples)} calibration prompts",

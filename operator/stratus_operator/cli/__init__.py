@@ -22,13 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"stratus_operator.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"stratus_operator.cli.{name}":
-                raise
-            continue
-        module.register(subparsers)
+        importlib.import_module(f"stratus_operator.cli.{name}").register(subparsers)
     return parser
 
 

@@ -504,13 +504,14 @@ class Router:
                     yield chunk
                 return
             tiers: list[Tier] = ["cloud"]
-        elif policy == "speculative" and not self._speculative_blocker():
-            async for chunk in self._speculative_stream(request, deadline, started):
-                yield chunk
-            return
         else:
+            blocker = self._speculative_blocker() if policy == "speculative" else ""
+            if policy == "speculative" and not blocker:
+                async for chunk in self._speculative_stream(request, deadline, started):
+                    yield chunk
+                return
             first: Tier = "edge" if policy == "edge-only" else "cloud"
-            reason = "policy" if policy != "speculative" else self._speculative_blocker()
+            reason = blocker or "policy"
             decision = Decision(policy, first, reason, degraded=policy == "speculative")
             tiers = [first, OTHER[first]] if self.config.routing.allow_fallback else [first]
         async for chunk in self._proxy_stream(tiers, decision, request, deadline, started):

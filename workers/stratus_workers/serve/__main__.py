@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log_level, config.log_format)
     if config.threads:
         torch.set_num_threads(config.threads)
+    # Torch ops run on the engine thread one at a time: one inter-op thread leaves the cores to intra-op work.
+    torch.set_num_interop_threads(1)
     try:
         config.validate()
         if config.tensor_parallel > 1:

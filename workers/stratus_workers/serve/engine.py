@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import contextlib
 import itertools
 import logging
 import threading
@@ -622,7 +621,3 @@ async def collect(events: AsyncIterator[Event]) -> tuple[str, list[TokenLogprob]
         parts.append(event.text)
         logprobs.extend(event.logprobs)
     raise RuntimeError("the stream ended without a finish event")
-
-
-with contextlib.suppress(AttributeError):  # fewer intra-op threads than cores leaves room for gRPC
-    torch.set_num_interop_threads(1)

@@ -136,11 +136,11 @@ async def test_stop_sequences_and_sampling_seed(loaded: Any) -> None:
     prompt = loaded.tokenizer.encode("Hello")
     try:
         free_text, _, _ = await collect(engine.stream(prompt, SamplingParams(max_new_tokens=16)))
-        stop = free_text[3:6]
-        if stop.strip():
-            text, _, finish = await collect(engine.stream(prompt, SamplingParams(max_new_tokens=16, stop=(stop,))))
-            assert finish.reason == "stop"
-            assert text == free_text[: free_text.find(stop)]
+        assert len(free_text) >= 3
+        stop = free_text[1:3]  # whatever the random model wrote, even whitespace, is a valid stop sequence
+        text, _, finish = await collect(engine.stream(prompt, SamplingParams(max_new_tokens=16, stop=(stop,))))
+        assert finish.reason == "stop"
+        assert text == free_text[: free_text.find(stop)]
         sampled = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
         first = await tokens_of(engine, prompt, sampled)
         second = await tokens_of(engine, prompt, sampled)
