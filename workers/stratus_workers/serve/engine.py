@@ -190,7 +190,7 @@ class Engine:
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="stratus-engine", daemon=True)
+            self._thread = threading.Thread(target=self._run, name="stratus-engine", daemon=True)
             self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -450,6 +450,12 @@ class Engine:
         await self.run_op(lambda: self._end_session(sid))
 
     # -- the loop -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        # Everything the engine thread does is inference: no autograd bookkeeping, and tensors the
+        # runner makes in one call are updated in place by the next without a mode mismatch.
+        with torch.inference_mode():
+            self._loop()
 
     def _loop(self) -> None:
         while True:

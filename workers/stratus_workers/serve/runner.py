@@ -257,11 +257,14 @@ class ModelRunner:
 
     def _allocate(self, capacity: int, kv_heads: int) -> None:
         shape = (self.max_rows, kv_heads, capacity, self.head_dim)
-        new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        if self._capacity:
-            for old, new in zip((*self._k, *self._v), (*new_k, *new_v), strict=True):
-                new[:, :, : self._capacity].copy_(old)
+        # Ordinary tensors even when forward() grows the cache inside inference mode: an inference
+        # tensor refuses in-place updates outside it, which killed the engine thread (issue 12).
+        with torch.inference_mode(False):
+            new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+            new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+            if self._capacity:
+                for old, new in zip((*self._k, *self._v), (*new_k, *new_v), strict=True):
+                    new[:, :, : self._capacity].copy_(old)
         self._k, self._v, self._capacity = new_k, new_v, capacity
 
     def _grow(self, needed: int) -> None:
@@ -277,10 +280,12 @@ class ModelRunner:
             self._len_dev[row] = length
             self._version += 1
 
+    @torch.inference_mode()
     def reset(self, row: int) -> None:
         self._lead("reset", row)
         self._set_len(row, 0)
 
+    @torch.inference_mode()
     def truncate(self, row: int, length: int) -> None:
         """Forget everything after `length` tokens in `row` (rejected speculative tokens)."""
         if not 0 <= length <= self.lengths[row]:
@@ -288,6 +293,7 @@ class ModelRunner:
         self._lead("truncate", row, length)
         self._set_len(row, length)
 
+    @torch.inference_mode()
     def move(self, src: int, dst: int) -> None:
         """Move row `src`'s cache into row `dst` (keeps active rows contiguous after one leaves)."""
         if src == dst:

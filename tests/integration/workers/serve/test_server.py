@@ -123,3 +123,20 @@ async def test_score_matches_a_direct_forward_pass(model_server, tiny_model_dir)
     assert list(scored.logprobs) == pytest.approx(expected.tolist(), abs=1e-4)
     assert scored.mean_logprob == pytest.approx(float(expected.mean()), abs=1e-4)
     assert (empty.tokens, empty.mean_logprob) == (0, 0.0)
+
+
+async def test_a_long_prompt_then_overlapping_requests_leave_the_server_answering(model_server) -> None:
+    # Issue 12's reproduction over gRPC: once a long prompt had grown the KV cache, the next row
+    # to leave mid-batch killed the engine thread, and every later request hung.
+    async with model_server(max_batch_size=4) as server, AsyncClient(server.address) as client:
+        first = await client.generate("word " * 300, max_new_tokens=1, timeout=30)
+        assert first.usage.prompt_tokens > 256
+        replies = await asyncio.gather(
+            *(client.generate(f"request {i}", max_new_tokens=n, timeout=30) for i, n in enumerate((40, 2, 40)))
+        )
+        assert [r.usage.completion_tokens for r in replies] == [40, 2, 40]
+        after = await client.generate("and then any request", max_new_tokens=3, timeout=30)
+        assert after.usage.completion_tokens == 3
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING

@@ -153,3 +153,28 @@ def test_partial_stop_holdback() -> None:
     assert _partial_stop_len("hello wor", ("world",)) == 3
     assert _partial_stop_len("hello", ("xyz",)) == 0
     assert _partial_stop_len("ab", ("b", "abc")) == 2
+
+
+async def test_rows_move_after_the_cache_grew_past_its_first_size(loaded: Any) -> None:
+    # Issue 12: a long prompt grows the module path's cache (256 tokens at first) inside the forward
+    # pass; a later compaction then moved rows of that cache and killed the engine thread.
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=4, max_len=512)
+    engine.start()
+    try:
+        long_prompt = loaded.tokenizer.encode("word " * 300)
+        _, _, first = await asyncio.wait_for(collect(engine.stream(long_prompt, SamplingParams(max_new_tokens=1))), 30)
+        assert first.reason in ("length", "stop") and first.prompt_tokens > 256
+        assert engine.runner.capacity > 256  # the cache grew
+        prompts = [loaded.tokenizer.encode(p) for p in PROMPTS[:3]]
+        # Overlapping: the middle one finishes first, so the last row moves into its place.
+        together = await asyncio.wait_for(
+            asyncio.gather(
+                *(tokens_of(engine, p, SamplingParams(max_new_tokens=n)) for p, n in zip(prompts, (40, 2, 40), strict=True))
+            ),
+            30,
+        )
+        assert [fin.reason for _, fin in together] == ["length"] * 3
+        _, _, after = await asyncio.wait_for(collect(engine.stream(prompts[0], SamplingParams(max_new_tokens=3))), 30)
+        assert after.reason == "length" and after.completion_tokens == 3
+    finally:
+        engine.shutdown()

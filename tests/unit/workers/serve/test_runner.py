@@ -144,3 +144,18 @@ def test_decoding_one_step_ahead_matches_reference(model: torch.nn.Module) -> No
             torch.testing.assert_close(logits[row], reference(model, ids)[0], atol=1e-4, rtol=1e-4)
     assert runner.speculation_hits == 4  # steps 1, 2, 6 and 7
     assert runner._len_dev.tolist()[:2] == runner.lengths[:2] == [len(s) for s in seqs]
+
+
+def test_rows_move_after_forward_grew_the_cache(model: torch.nn.Module) -> None:
+    # Issue 12: the cache grown inside forward (inference mode) was later moved by ordinary code.
+    runner = ModelRunner(model, max_rows=2, max_len=64, initial_len=16)
+    assert runner.capacity == 16
+    long = list(range(20, 40))
+    runner.forward(0, [[1, 2], long])
+    assert runner.capacity > 16
+    runner.move(1, 0)
+    runner.truncate(0, 19)
+    runner.reset(1)
+    torch.testing.assert_close(
+        runner.forward(0, [[10]])[0], reference(model, [*long[:19], 10])[0], atol=1e-4, rtol=1e-4
+    )
