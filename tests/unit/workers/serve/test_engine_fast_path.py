@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 
 from stratus_workers.models import load_model
-from stratus_workers.serve.engine import Engine, FinishEvent, SamplingParams, TokenEvent
+from stratus_workers.serve.engine import Engine, FinishEvent, SamplingParams, TokenEvent, build_engine
+from stratus_workers.serve.runner.fused import FusedRunner
+from stratus_workers.serve.runner.modules import ModuleRunner
 
 pytestmark = pytest.mark.unit
 
@@ -41,8 +43,8 @@ async def run(engine: Engine, prompt: list[int], n: int, delay: float = 0.0) -> 
 @pytest.mark.parametrize("ahead", ["0", "1"])
 async def test_joining_and_leaving_on_the_fast_path(loaded: Any, monkeypatch: pytest.MonkeyPatch, ahead: str) -> None:
     prompts = [loaded.tokenizer.encode(p) for p in PROMPTS]
-    alone = Engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_len=128)
-    assert not alone.runner.fast
+    alone = build_engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_len=128)
+    assert isinstance(alone.runner, ModuleRunner)
     alone.start()
     try:
         expected = [await run(alone, p, n) for p, n in zip(prompts, LENGTHS, strict=True)]
@@ -50,8 +52,9 @@ async def test_joining_and_leaving_on_the_fast_path(loaded: Any, monkeypatch: py
         alone.shutdown()
     monkeypatch.setenv("STRATUS_FAST_PATH", "1")
     monkeypatch.setenv("STRATUS_DECODE_AHEAD", ahead)  # 1: each step starts on the last one's argmax
-    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=3, max_len=128)
-    assert engine.runner.fast and engine.runner.speculate == (ahead == "1")
+    engine = build_engine(loaded.model, loaded.tokenizer, max_batch_size=3, max_len=128)
+    runner = engine.runner
+    assert isinstance(runner, FusedRunner) and runner.decoder.decode_ahead == (ahead == "1")
     engine.start()
     try:
         # Five requests over three rows, arriving while others decode: rows fill, drain and refill.
@@ -68,4 +71,4 @@ async def test_joining_and_leaving_on_the_fast_path(loaded: Any, monkeypatch: py
     assert together == expected
     assert after == expected[1]
     if ahead == "1":
-        assert engine.runner.speculation_hits > 0
+        assert runner.decoder.ahead_hits > 0
