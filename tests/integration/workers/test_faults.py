@@ -16,8 +16,8 @@ import pytest
 
 from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.client import AsyncClient
-from stratus_workers.compress.artifact import WEIGHTS_FILE, save_artifact
 from stratus_workers.models import load_model
+from stratus_workers.models.artifact import WEIGHTS_FILE, save_artifact
 from stratus_workers.serve.engine import _Sequence
 
 pytestmark = pytest.mark.integration

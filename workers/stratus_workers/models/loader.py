@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -21,17 +19,14 @@ from typing import Any
 
 import torch
 
+from stratus_workers.models.artifact import load_artifact, read_manifest
+from stratus_workers.models.errors import ModelLoadError as ModelLoadError
 from stratus_workers.models.source import BUNDLED_MODELS, ModelSource, SourceKind, parse_source
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_FORMAT = "stratus-artifact/v1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HF_HOST = ("huggingface.co", 443)
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message says what was wrong and how to fix it."""
 
 
 @dataclass
@@ -149,22 +144,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def read_artifact_manifest(path: Path) -> dict[str, Any] | None:
-    """The compression manifest of an artifact directory, or None for a plain model directory."""
-    manifest = path / "manifest.json"
-    if not manifest.is_file():
-        return None
-    try:
-        data = json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(
-            f"{manifest} is not valid JSON ({exc}); the artifact is corrupt, rerun compression"
-        ) from exc
-    if not isinstance(data, dict) or data.get("format") != ARTIFACT_FORMAT:
-        return None
-    return data
-
-
 def local_model_dir(source: ModelSource) -> Path:
     """The directory to load `source` from, converting or checking as needed."""
     if source.kind is SourceKind.BUNDLED:
@@ -212,7 +191,7 @@ def load_tokenizer(source: str) -> Any:
     if parsed.kind is SourceKind.BUNDLED and not (cache_dir() / "models" / parsed.ref / "config.json").is_file():
         return bundled_tokenizer(parsed.ref)  # no need to convert the weights just to count tokens
     path = local_model_dir(parsed)
-    if read_artifact_manifest(path) is not None and not (path / "tokenizer_config.json").is_file():
+    if read_manifest(path) is not None and not (path / "tokenizer_config.json").is_file():
         raise ModelLoadError(f"artifact {path} carries no tokenizer")
     return AutoTokenizer.from_pretrained(path)
 
@@ -261,12 +240,12 @@ def load_model(source: str, *, dtype: str = "auto", device: str = "auto", name: 
         default_name = parsed.ref.rsplit("/", 1)[-1]
     else:
         path = local_model_dir(parsed)
-        artifact = read_artifact_manifest(path)
-        if artifact is not None:
+        found = read_manifest(path)
+        if found is not None:
             model, tokenizer = _load_artifact(path, torch_dtype, dev)
-            manifest = artifact
-            compression = str(artifact.get("recipe", ""))
-            default_name = str(artifact.get("name") or path.name)
+            manifest = found
+            compression = str(found.get("recipe", ""))
+            default_name = str(found.get("name") or path.name)
         else:
             model, tokenizer = _load_dir(path, torch_dtype)
             default_name = parsed.ref if parsed.kind is SourceKind.BUNDLED else path.name
@@ -342,17 +321,10 @@ def _load_dir(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
 
 def _load_artifact(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
     try:
-        artifact = importlib.import_module("stratus_workers.compress.artifact")
-    except ImportError as exc:
-        raise ModelLoadError(
-            f"{path} is a compressed artifact, but the compress package is unavailable: {exc}"
-        ) from exc
-    try:
-        model, tokenizer = artifact.load_artifact(path, dtype=dtype, device=device)
+        return load_artifact(path, dtype=dtype, device=device)
     except ModelLoadError:
         raise
     except Exception as exc:
         raise ModelLoadError(
             f"compressed artifact {path} could not be loaded: {exc}; rerun its compression job"
         ) from exc
-    return model, tokenizer

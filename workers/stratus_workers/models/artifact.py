@@ -1,8 +1,9 @@
-"""Reads and writes compressed artifacts: config, tokenizer, one safetensors file with a layout, manifest.json.
+"""The compressed artifact format: config, tokenizer, one safetensors file with a layout, manifest.json.
 
 The weights file holds plain tensors only (int8 codes, packed int4 nibbles, scales, sparse values and
 bit masks), so any Stratus version loads it without pickles; `layout.json` says how each module's
-tensors are to be read back.
+tensors are to be read back. This module is the format's one owner: the compression Job writes
+artifacts with it and the loader reads them with it.
 """
 
 from __future__ import annotations
@@ -18,23 +19,40 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from stratus_workers.compress.quantize import (
+from stratus_workers.models.errors import ModelLoadError
+from stratus_workers.models.quantized import (
     DynamicInt8Linear,
     Int4Embedding,
     Int4WeightLinear,
     Int8Embedding,
     Int8WeightLinear,
-    _set_module,
+    set_module,
     target_linears,
 )
-from stratus_workers.models.loader import ARTIFACT_FORMAT, ModelLoadError
 
 log = logging.getLogger(__name__)
 
+ARTIFACT_FORMAT = "stratus-artifact/v1"  # manifest.json's "format", and the weights file's metadata
 WEIGHTS_FILE = "model.safetensors"
 LAYOUT_FILE = "layout.json"
 MANIFEST_FILE = "manifest.json"
 LAYOUT_VERSION = 1
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The compression manifest of an artifact directory, or None for a plain model directory."""
+    manifest = path / MANIFEST_FILE
+    if not manifest.is_file():
+        return None
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(
+            f"{manifest} is not valid JSON ({exc}); the artifact is corrupt, rerun compression"
+        ) from exc
+    if not isinstance(data, dict) or data.get("format") != ARTIFACT_FORMAT:
+        return None
+    return data
 
 
 def _pack_sparse(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +240,7 @@ def load_artifact(path: Path, *, dtype: torch.dtype, device: torch.device) -> tu
             new = linear
         else:
             raise ModelLoadError(f"artifact {path}: module {name} has unknown kind {kind!r}")
-        _set_module(model, name, new)
+        set_module(model, name, new)
         replaced.add(name)
     dense = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in replaced}
     result = model.load_state_dict(dense, strict=False, assign=True)
