@@ -100,6 +100,8 @@ class ModelRunner(abc.ABC):
         batch = len(tokens)
         if batch == 0:
             raise ValueError("forward needs at least one row")
+        if first_row < 0 or first_row + batch > self.max_rows:
+            raise ValueError(f"rows {first_row}..{first_row + batch - 1} are outside this runner's {self.max_rows}")
         q_lens = [len(t) for t in tokens]
         if min(q_lens) == 0:
             raise ValueError("every row needs at least one new token")

@@ -61,6 +61,8 @@ def test_limits_are_enforced(model: torch.nn.Module) -> None:
         runner.forward(0, [[]])
     with pytest.raises(ValueError, match="at least one row"):
         runner.forward(0, [])
+    with pytest.raises(ValueError, match=r"rows 0\.\.1 are outside this runner's 1"):
+        runner.forward(0, [[1], [2]])
     with pytest.raises(ValueError, match="cannot truncate"):
         runner.truncate(0, 5)
     assert runner.lengths == [0]  # nothing refused left a trace
