@@ -286,7 +286,7 @@ class Policies:
             if item.edge_lost:
                 decision.reason, decision.degraded = "edge-lost", True
             final = pb.GenerateStreamResponse(
-                finish_reason=item.finish,  # type: ignore[arg-type]
+                finish_reason=item.finish,
                 usage=pb.Usage(prompt_tokens=item.prompt_tokens, completion_tokens=len(item.tokens)),
                 timing=pb.Timing(ttft_ms=((first or time.monotonic()) - turn.started) * 1e3),
             )

@@ -33,7 +33,7 @@ class SpeculativeOutcome:
     prompt_tokens: int
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    finish: int = pb.FINISH_REASON_LENGTH
+    finish: pb.FinishReason.ValueType = pb.FINISH_REASON_LENGTH
     drafted: int = 0
     accepted: int = 0
     rounds: int = 0
