@@ -17,7 +17,7 @@ import pytest
 from stratus_workers.client import Client
 from stratus_workers.router.config import RouterConfig
 from stratus_workers.router.server import RouterServer
-from stratus_workers.serve import ModelServer, ServerConfig
+from stratus_workers.serve.server import ModelServer, ServerSettings
 
 ServerFactory = Callable[..., AbstractAsyncContextManager[ModelServer]]
 
@@ -30,7 +30,7 @@ def model_server(tiny_model_dir: Path) -> ServerFactory:
     async def start(**overrides: Any) -> AsyncIterator[ModelServer]:
         settings: dict[str, Any] = dict(model=str(tiny_model_dir), port=0, http_port=0, log_format="text")
         settings.update(overrides)
-        server = ModelServer(ServerConfig(**settings))
+        server = ModelServer(ServerSettings(**settings))
         await server.start()
         try:
             yield server

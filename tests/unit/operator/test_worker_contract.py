@@ -14,7 +14,7 @@ from stratus_workers.compress.__main__ import build_parser as compress_parser
 from stratus_workers.compress.spec import CompressionJobSpec
 from stratus_workers.router.config import RouterConfig
 from stratus_workers.router.server import RouterSettings
-from stratus_workers.serve.server import ServerConfig
+from stratus_workers.serve.server import ServerSettings
 from stratus_workers.settings import parse_config
 
 pytestmark = pytest.mark.unit
@@ -33,7 +33,7 @@ def test_server_and_router_flags_parse_with_the_workers_parsers() -> None:
     p = plan(d, ClusterView.local(), {"int8": CompressionResult("int8", "accepted", size_bytes=10)})
     assert len(p.servers) == 2
     for server in p.servers:
-        config = parse_config(ServerConfig, server.flags.args())
+        config = parse_config(ServerSettings, server.flags.args())
         assert (config.name, config.tier, config.port, config.http_port) == (server.name, server.tier, 50051, 8080)
         assert (config.max_batch_size, config.dtype, config.device) == (
             server.flags.max_batch_size, server.flags.dtype, server.flags.device)

@@ -26,7 +26,7 @@ from stratus_workers.compress.prune import check_pattern, measured_sparsity, pru
 from stratus_workers.compress.quantize import check_group_size, quantize_model
 from stratus_workers.compress.spec import CompressionJobSpec
 from stratus_workers.models import artifact as artifacts
-from stratus_workers.models.artifact import ARTIFACT_FORMAT
+from stratus_workers.models.files import ARTIFACT_FORMAT
 from stratus_workers.models.loader import cache_dir, load_model
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,8 @@
 The weights file holds plain tensors only (int8 codes, packed int4 nibbles, scales, sparse values and
 bit masks), so any Stratus version loads it without pickles; `layout.json` says how each module's
 tensors are to be read back. This module is the format's one owner: the compression Job writes
-artifacts with it and the loader reads them with it.
+artifacts with it and the loader reads them with it (the manifest's name and format tag live in the
+torch-free files.py, for processes that only need to recognise an artifact).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from stratus_workers.models.errors import ModelLoadError
+from stratus_workers.models.files import ARTIFACT_FORMAT as ARTIFACT_FORMAT
+from stratus_workers.models.files import MANIFEST_FILE as MANIFEST_FILE
+from stratus_workers.models.files import ModelLoadError
 from stratus_workers.models.quantized import (
     DynamicInt8Linear,
     Int4Embedding,
@@ -32,27 +35,9 @@ from stratus_workers.models.quantized import (
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_FORMAT = "stratus-artifact/v1"  # manifest.json's "format", and the weights file's metadata
 WEIGHTS_FILE = "model.safetensors"
 LAYOUT_FILE = "layout.json"
-MANIFEST_FILE = "manifest.json"
 LAYOUT_VERSION = 1
-
-
-def read_manifest(path: Path) -> dict[str, Any] | None:
-    """The compression manifest of an artifact directory, or None for a plain model directory."""
-    manifest = path / MANIFEST_FILE
-    if not manifest.is_file():
-        return None
-    try:
-        data = json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(
-            f"{manifest} is not valid JSON ({exc}); the artifact is corrupt, rerun compression"
-        ) from exc
-    if not isinstance(data, dict) or data.get("format") != ARTIFACT_FORMAT:
-        return None
-    return data
 
 
 def _pack_sparse(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from stratus_workers.models import ModelLoadError, load_model
 from stratus_workers.observability import setup_logging
 from stratus_workers.serve import parallel
 from stratus_workers.serve.runner.build import build_runner
-from stratus_workers.serve.server import ModelServer, ServerConfig
+from stratus_workers.serve.server import ModelServer, ServerSettings
 from stratus_workers.settings import parse_config
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(
-        ServerConfig,
+        ServerSettings,
         argv,
         prog="python -m stratus_workers.serve",
         description="Serve one model over the stratus.v1 Inference gRPC service.",
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def serve_tensor_parallel(config: ServerConfig, argv: Sequence[str]) -> int:
+def serve_tensor_parallel(config: ServerSettings, argv: Sequence[str]) -> int:
     """`--tensor-parallel N` (N > 1): spawn or join the group; rank 0 serves, the other ranks follow."""
     children: list[subprocess.Popen[bytes]] = []
     if "RANK" not in os.environ:

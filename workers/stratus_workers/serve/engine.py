@@ -23,34 +23,21 @@ from typing import Any, Literal
 
 import torch
 
+from stratus_workers.protocol.requests import Sampling
+from stratus_workers.protocol.text import TextAssembler
 from stratus_workers.serve.errors import EngineFailed, EngineOverloaded, EngineStopped
 from stratus_workers.serve.mailbox import mailbox
 from stratus_workers.serve.parallel import ParallelContext
 from stratus_workers.serve.runner import ModelRunner
 from stratus_workers.serve.runner.build import build_runner
 from stratus_workers.serve.sampling import eos_ids, seeded_generator
-from stratus_workers.serve.sessions import DraftResult, SpecSampling, SpeculativeSessions, VerifyResult
+from stratus_workers.serve.sessions import DraftResult, SpeculativeSessions, VerifyResult
 from stratus_workers.serve.speculative import SparseDist, sampling_probs
-from stratus_workers.serve.text import TextAssembler
 
 log = logging.getLogger(__name__)
 
 # "unavailable": the engine itself failed; the request may succeed on another server.
 FinishReason = Literal["stop", "length", "cancelled", "deadline", "error", "unavailable"]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    logprobs: bool = False
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
 
 
 @dataclass(frozen=True)
@@ -88,7 +75,7 @@ Sink = Callable[[Event], None]
 class _Sequence:
     seq_id: int
     prompt: list[int]
-    params: SamplingParams
+    params: Sampling
     sink: Sink
     deadline: float | None
     arrived: float = field(default_factory=time.monotonic)
@@ -182,7 +169,7 @@ class Engine:
     # -- submission ---------------------------------------------------------------------
 
     def submit(
-        self, prompt: Sequence[int], params: SamplingParams, sink: Sink, deadline: float | None = None
+        self, prompt: Sequence[int], params: Sampling, sink: Sink, deadline: float | None = None
     ) -> Callable[[], None]:
         """Queue a request; returns a function that cancels it. Events go to `sink` (engine thread)."""
         if not prompt:
@@ -213,7 +200,7 @@ class Engine:
             raise EngineStopped("the server is shutting down")
 
     async def stream(
-        self, prompt: Sequence[int], params: SamplingParams, deadline: float | None = None
+        self, prompt: Sequence[int], params: Sampling, deadline: float | None = None
     ) -> AsyncIterator[Event]:
         """Yield events for one request; leaving the iterator early cancels the request."""
         loop = asyncio.get_running_loop()
@@ -272,7 +259,7 @@ class Engine:
         sid: str,
         context: Sequence[int],
         max_tokens: int,
-        sampling: SpecSampling,
+        sampling: Sampling,
         top_k: int = 32,
         end: bool = False,
     ) -> DraftResult:
@@ -287,7 +274,7 @@ class Engine:
         context: Sequence[int],
         draft: Sequence[int],
         dists: Sequence[SparseDist],
-        sampling: SpecSampling,
+        sampling: Sampling,
         end: bool = False,
     ) -> VerifyResult:
         result: VerifyResult = await self.run_op(
@@ -504,7 +491,7 @@ def build_engine(
     )
 
 
-def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+def _sample(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     probs = sampling_probs(logits, params.temperature, params.top_p)
     return torch.multinomial(probs.cpu(), 1, generator=generator)[0].to(logits.device)
 

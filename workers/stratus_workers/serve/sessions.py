@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.errors import EngineOverloaded
 from stratus_workers.serve.runner import ModelRunner
 from stratus_workers.serve.sampling import eos_ids, seeded_generator
@@ -30,17 +31,6 @@ from stratus_workers.serve.speculative import (
 
 # A session used this recently is never evicted to make room for another: the caller is mid-round.
 BUSY_SECONDS = 1.0
-
-
-@dataclass(frozen=True)
-class SpecSampling:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
 
 
 @dataclass(frozen=True)
@@ -102,7 +92,7 @@ class SpeculativeSessions:
             self.runner.reset(session.row)
             self._free_rows.append(session.row)
 
-    def _open(self, sid: str, context: Sequence[int], sampling: SpecSampling) -> tuple[_Session, list[int]]:
+    def _open(self, sid: str, context: Sequence[int], sampling: Sampling) -> tuple[_Session, list[int]]:
         """The session's row, rolled back to the longest cached prefix of `context`; returns the rest."""
         if not context:
             raise ValueError("context is empty: send the prompt's token ids")
@@ -136,7 +126,7 @@ class SpeculativeSessions:
         return session, list(context[common:])
 
     def draft(
-        self, sid: str, context: Sequence[int], max_tokens: int, sampling: SpecSampling, top_k: int, end: bool
+        self, sid: str, context: Sequence[int], max_tokens: int, sampling: Sampling, top_k: int, end: bool
     ) -> DraftResult:
         """Up to `max_tokens` tokens after `context` (with their distributions when sampled)."""
         session, pending = self._open(sid, context, sampling)
@@ -171,7 +161,7 @@ class SpeculativeSessions:
         context: Sequence[int],
         draft: Sequence[int],
         dists: Sequence[SparseDist],
-        sampling: SpecSampling,
+        sampling: Sampling,
         end: bool,
     ) -> VerifyResult:
         """How many draft tokens this model accepts after `context`, and its own next token."""
@@ -207,7 +197,7 @@ class SpeculativeSessions:
         if not continuation:
             return ()
         sid = f"score-{next(self._ids)}"
-        session, pending = self._open(sid, [*prompt, *continuation], SpecSampling())
+        session, pending = self._open(sid, [*prompt, *continuation], Sampling())
         try:
             logits = self.runner.forward(session.row, [pending], all_logits=True)[0]
             # Position i predicts token i+1: the continuation is predicted from len(prompt)-1 on.

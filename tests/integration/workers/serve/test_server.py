@@ -151,7 +151,7 @@ async def test_a_dead_engine_loop_turns_health_off_and_requests_fail_fast(tiny_m
     import time
 
     from stratus_workers.models import load_model
-    from stratus_workers.serve import ModelServer, ServerConfig
+    from stratus_workers.serve.server import ModelServer, ServerSettings
 
     loaded = load_model(str(tiny_model_dir), dtype="float32", device="cpu")  # a private copy: it gets a fault
     armed = threading.Event()
@@ -161,7 +161,7 @@ async def test_a_dead_engine_loop_turns_health_off_and_requests_fail_fast(tiny_m
             raise EngineKilled("injected fault in the model's forward pass")
 
     loaded.model.model.layers[0].mlp.register_forward_pre_hook(fault)
-    config = ServerConfig(model=str(tiny_model_dir), port=0, http_port=0, log_format="text", max_batch_size=1)
+    config = ServerSettings(model=str(tiny_model_dir), port=0, http_port=0, log_format="text", max_batch_size=1)
     server = ModelServer(config, loaded=loaded)
     await server.start()
     try:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from stratus_workers.models import ModelLoadError, load_model
-from stratus_workers.models.artifact import ARTIFACT_FORMAT, MANIFEST_FILE, read_manifest, save_artifact
+from stratus_workers.models.artifact import save_artifact
+from stratus_workers.models.files import ARTIFACT_FORMAT, MANIFEST_FILE, read_artifact_manifest
 from stratus_workers.models.quantized import Int4WeightLinear, Int8WeightLinear, set_module, target_linears
 from stratus_workers.models.tiny import bundled_tokenizer, random_llama
 
@@ -35,7 +36,7 @@ def test_saved_modules_load_back_as_they_were(tmp_path: Path, sparse: bool) -> N
         set_module(model, linears[1][0], Int4WeightLinear.from_linear(linears[1][1], 32))
     save_artifact(model, tokenizer, tmp_path, sparse=sparse)
     (tmp_path / MANIFEST_FILE).write_text(json.dumps({"format": ARTIFACT_FORMAT, "name": "probe", "recipe": "r"}))
-    assert read_manifest(tmp_path) == {"format": ARTIFACT_FORMAT, "name": "probe", "recipe": "r"}
+    assert read_artifact_manifest(tmp_path) == {"format": ARTIFACT_FORMAT, "name": "probe", "recipe": "r"}
     loaded = load_model(str(tmp_path), dtype="float32", device="cpu")
     assert (loaded.name, loaded.compression) == ("probe", "r")
     if not sparse:
@@ -46,9 +47,9 @@ def test_saved_modules_load_back_as_they_were(tmp_path: Path, sparse: bool) -> N
 
 
 def test_manifests_that_are_not_ours(tmp_path: Path) -> None:
-    assert read_manifest(tmp_path) is None  # a plain model directory
+    assert read_artifact_manifest(tmp_path) is None  # a plain model directory
     (tmp_path / MANIFEST_FILE).write_text(json.dumps({"format": "someone-else/v3"}))
-    assert read_manifest(tmp_path) is None
+    assert read_artifact_manifest(tmp_path) is None
     (tmp_path / MANIFEST_FILE).write_text("{not json")
     with pytest.raises(ModelLoadError, match=r"not valid JSON.*rerun compression"):
-        read_manifest(tmp_path)
+        read_artifact_manifest(tmp_path)

@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from stratus_workers.models import load_model
-from stratus_workers.serve.engine import Engine, SamplingParams, build_engine, collect
+from stratus_workers.protocol.requests import Sampling
+from stratus_workers.serve.engine import Engine, build_engine, collect
 from stratus_workers.serve.errors import EngineOverloaded
 from stratus_workers.serve.runner.modules import ModuleRunner
-from stratus_workers.serve.sessions import SpecSampling, SpeculativeSessions
+from stratus_workers.serve.sessions import SpeculativeSessions
 
 pytestmark = pytest.mark.unit
 
-GREEDY = SpecSampling()
+GREEDY = Sampling()
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +98,13 @@ async def test_engine_sessions_reproduce_greedy_generation(tiny_model_dir: Path,
     edge_engine = build_engine(edge.model, edge.tokenizer, max_batch_size=1, max_len=256, max_sessions=2)
     cloud_engine.start()
     edge_engine.start()
-    greedy = SpecSampling()
+    greedy = Sampling()
     try:
         for text in ("The weather today", "Numbers: 1 2 3", "A long time ago"):
             prompt = cloud.tokenizer.encode(text)
-            _, _, finish = await collect(cloud_engine.stream(prompt, SamplingParams(max_new_tokens=24)))
+            _, _, finish = await collect(cloud_engine.stream(prompt, Sampling(max_new_tokens=24)))
             reference: list[int] = []
-            async for event in cloud_engine.stream(prompt, SamplingParams(max_new_tokens=24)):
+            async for event in cloud_engine.stream(prompt, Sampling(max_new_tokens=24)):
                 reference.extend(getattr(event, "token_ids", ()))
             out: list[int] = []
             drafted = accepted = 0
@@ -127,14 +128,14 @@ async def test_session_limits(loaded: Any) -> None:
     engine = build_engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_len=64, max_sessions=1)
     engine.start()
     try:
-        await engine.draft("a", [1, 2, 3], 2, SpecSampling())
+        await engine.draft("a", [1, 2, 3], 2, Sampling())
         with pytest.raises(EngineOverloaded, match="sessions are busy"):
-            await engine.draft("b", [1, 2, 3], 2, SpecSampling())
+            await engine.draft("b", [1, 2, 3], 2, Sampling())
         with pytest.raises(ValueError, match="outside this model's vocabulary"):
-            await engine.verify("a", [1, 2, 10**7], [], (), SpecSampling())
+            await engine.verify("a", [1, 2, 10**7], [], (), Sampling())
         with pytest.raises(ValueError, match="context is empty"):
-            await engine.draft("a", [], 2, SpecSampling())
+            await engine.draft("a", [], 2, Sampling())
         with pytest.raises(ValueError, match="exceeds"):
-            await engine.verify("a", list(range(70)), [], (), SpecSampling())
+            await engine.verify("a", list(range(70)), [], (), Sampling())
     finally:
         engine.shutdown()

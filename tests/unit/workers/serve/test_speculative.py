@@ -1,4 +1,4 @@
-"""Speculative decoding math: the acceptance rule keeps the verifier's distribution; the draft length adapts."""
+"""Speculative decoding math: the acceptance rule keeps the verifier's distribution."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from stratus_workers.models.tiny import TINY, random_llama
 from stratus_workers.serve.speculative import (
     SparseDist,
     draft_distribution,
-    next_draft_length,
     sample_sparse,
     sampling_probs,
     verify_greedy,
@@ -86,10 +85,3 @@ def test_sampled_verification_rejects_bad_input() -> None:
         verify_sampled(logits, [1], [], 1.0, 1.0, None)
     with pytest.raises(ValueError, match="probability 0"):
         verify_sampled(logits, [1], [SparseDist((2,), (1.0,))], 1.0, 1.0, None)
-
-
-def test_draft_length_adapts() -> None:
-    assert next_draft_length(4, 4) == 5
-    assert next_draft_length(8, 8, maximum=8) == 8
-    assert next_draft_length(6, 1) == 2
-    assert next_draft_length(3, 0) == 1
