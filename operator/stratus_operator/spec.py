@@ -9,7 +9,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 
 from stratus_workers.compress.spec import CompressionRecipe, Evaluation, QualityGate
 from stratus_workers.router.config import RoutingSpec
-from stratus_workers.schema import SpecModel
+from stratus_workers.spec_model import SpecModel
 
 GROUP = "stratus.dev"
 VERSION = "v1alpha1"

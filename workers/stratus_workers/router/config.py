@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from stratus_workers.schema import SpecModel
+from stratus_workers.spec_model import SpecModel
 
 Policy = Literal["cloud-only", "edge-only", "cascade", "speculative"]
 Tier = Literal["edge", "cloud"]
