@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 from stratus_operator.names import GRPC_PORT, HTTP_PORT, ROUTER_CONFIG_FILE
 from stratus_operator.planner.topology import Plan, RouterPlan, ServerPlan, Tier
-from stratus_operator.spec import Dtype
+from stratus_operator.spec import Device, Dtype
 from stratus_workers.router.config import Backend, RouterConfig
 
 
@@ -25,7 +24,7 @@ class ServeFlags:
     name: str
     tier: Tier
     dtype: Dtype
-    device: Literal["auto", "cpu", "cuda"]
+    device: Device
     max_batch_size: int
     max_prompt_tokens: int
     max_new_tokens: int

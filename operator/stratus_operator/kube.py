@@ -76,7 +76,7 @@ RESOURCES: tuple[Resource, ...] = (
     JOBS, DEPLOYMENTS, SERVICES, CONFIGMAPS, PVCS, HPAS, PODS, NODES, EVENTS, NAMESPACES, SECRETS,
 )
 # The kinds of children the operator creates (and indexes, and prunes).
-CHILDREN: tuple[Resource, ...] = (JOBS, DEPLOYMENTS, SERVICES, CONFIGMAPS, HPAS, PVCS)
+CHILDREN: tuple[Resource, ...] = (JOBS, DEPLOYMENTS, SERVICES, CONFIGMAPS, PVCS, HPAS)
 # The same, by the (apiVersion, kind) an object names.
 CHILD_RESOURCES: dict[tuple[str, str], Resource] = {(r.api_version, r.kind): r for r in CHILDREN}
 
