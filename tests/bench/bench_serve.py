@@ -198,9 +198,9 @@ async def run_server(
     loaded: Any, prompts: list[str], concurrencies: list[int], new_tokens: int, prompt_tokens: int,
     rounds: int, client_procs: int, stagger_ms: float, log: Any,
 ) -> list[dict[str, Any]]:
-    from stratus_workers.serve import ModelServer, ServerConfig
+    from stratus_workers.serve.server import ModelServer, ServerSettings
 
-    config = ServerConfig(
+    config = ServerSettings(
         model="bench", name="bench", port=0, http_port=0, max_batch_size=max(concurrencies),
         max_prompt_tokens=prompt_tokens, max_new_tokens=new_tokens, max_queue=4 * max(concurrencies),
         log_level="warning", log_format="text",

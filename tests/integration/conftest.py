@@ -16,11 +16,11 @@ import pytest
 
 from stratus_workers.client import Client
 from stratus_workers.router.config import RouterConfig
+from stratus_workers.router.server import RouterServer
 
 if TYPE_CHECKING:
     # Imported where used: the operator's integration tests share this file and never load a model.
-    from stratus_workers.router.server import RouterServer
-    from stratus_workers.serve import ModelServer
+    from stratus_workers.serve.server import ModelServer
 
 ServerFactory = Callable[..., AbstractAsyncContextManager["ModelServer"]]
 
@@ -31,7 +31,7 @@ def model_server(tiny_model_dir: Path) -> ServerFactory:
 
     import torch
 
-    from stratus_workers.serve import ModelServer, ServerConfig
+    from stratus_workers.serve.server import ModelServer, ServerSettings
 
     torch.set_num_threads(1)  # two cores are shared by everything a test starts
 
@@ -39,7 +39,7 @@ def model_server(tiny_model_dir: Path) -> ServerFactory:
     async def start(**overrides: Any) -> AsyncIterator[ModelServer]:
         settings: dict[str, Any] = dict(model=str(tiny_model_dir), port=0, http_port=0, log_format="text")
         settings.update(overrides)
-        server = ModelServer(ServerConfig(**settings))
+        server = ModelServer(ServerSettings(**settings))
         await server.start()
         try:
             yield server
@@ -73,8 +73,6 @@ def make_router_config(policy: str, backends: list[tuple[str, str, str]], **rout
 
 @asynccontextmanager
 async def start_router(config: RouterConfig, **kwargs: Any) -> AsyncIterator[RouterServer]:
-    from stratus_workers.router.server import RouterServer
-
     router = RouterServer(config, **kwargs)
     await router.start()
     try:

@@ -133,10 +133,10 @@ async def test_killing_the_cloud_keeps_cascade_answering_from_the_edge(model_ser
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             after = [await client.generate(f"escalate me {i}", max_new_tokens=4) for i in range(5)]
+            streamed = [c async for c in client.stream("escalate me streamed", max_new_tokens=4)]
         assert before.route.tier == pb.TIER_CLOUD and before.route.escalated
-        for reply in after:
-            assert (reply.route.tier, reply.route.reason, reply.route.degraded) == (
-                pb.TIER_EDGE, "cloud-unavailable", True)
+        for route in [reply.route for reply in after] + [streamed[-1].route]:
+            assert (route.tier, route.reason, route.degraded) == (pb.TIER_EDGE, "cloud-unavailable", True)
 
 
 def test_corrupt_artifact_is_refused_clearly(tiny_model_dir: Path, tmp_path: Path) -> None:

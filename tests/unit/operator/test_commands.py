@@ -10,7 +10,7 @@ from stratus_operator.placement import ClusterView
 from stratus_operator.planner import plan
 from stratus_workers.compress.__main__ import build_parser as compress_parser
 from stratus_workers.router.server import RouterSettings
-from stratus_workers.serve.server import ServerConfig
+from stratus_workers.serve.server import ServerSettings
 from stratus_workers.settings import parse_config
 
 pytestmark = pytest.mark.unit
@@ -22,7 +22,7 @@ def test_server_flags_parse_with_the_servers_parser() -> None:
     for server in p.servers:
         flags = ServeFlags.of(server, model="/models/x", host="127.0.0.1", port=7001, http_port=7002)
         assert flags.command("py")[:3] == ["py", "-m", "stratus_workers.serve"]
-        config = parse_config(ServerConfig, flags.args())
+        config = parse_config(ServerSettings, flags.args())
         assert (config.model, config.name, config.tier, config.host, config.port, config.http_port) == (
             "/models/x", server.name, server.tier, "127.0.0.1", 7001, 7002)
         assert (config.max_batch_size, config.max_prompt_tokens, config.max_new_tokens) == (

@@ -17,7 +17,7 @@ from stratus_operator.render import RenderOptions, SecretRefs, render_cleanup, r
 from stratus_operator.spec import LLMDeployment
 from stratus_workers.router.config import RouterConfig
 from stratus_workers.router.server import RouterSettings
-from stratus_workers.serve.server import ServerConfig
+from stratus_workers.serve.server import ServerSettings
 from stratus_workers.settings import parse_config
 
 pytestmark = pytest.mark.unit
@@ -134,7 +134,7 @@ def test_mtls_flags_and_mounts_parse_with_the_workers() -> None:
             mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "tokens")
             assert "subPath" not in mount  # a subPath mount would never see a rotated Secret
         else:
-            config = parse_config(ServerConfig, command[3:])
+            config = parse_config(ServerSettings, command[3:])
             assert config.tls_cert == "/etc/stratus-tls/tls.crt" and config.tls_ca == "/etc/stratus-tls/ca.crt"
 
 

@@ -1,35 +1,21 @@
 """Model sources and loading: the bundled SmolLM2, local directories and compressed artifacts.
 
-Importing the package loads nothing heavy: each name below is imported from its module on first use, so
-`stratus_workers.models.source` (what the operator needs) never drags torch in with the loader.
+The loader imports torch, so its names are re-exported lazily: `from stratus_workers.models import
+ModelLoadError` (or any submodule import) does not load it; `load_model` does.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from stratus_workers.models.loader import (
-        LoadedModel,
-        ModelLoadError,
-        load_model,
-        load_shared_model,
-        load_tokenizer,
-    )
-    from stratus_workers.models.source import ModelSource, SourceKind, parse_source
+from stratus_workers.models.files import ModelLoadError
+from stratus_workers.models.source import ModelSource, SourceKind, parse_source
+from stratus_workers.models.tokenizer import load_tokenizer
 
-# name -> the module that defines it
-_EXPORTS = {
-    "LoadedModel": "stratus_workers.models.loader",
-    "ModelLoadError": "stratus_workers.models.loader",
-    "load_model": "stratus_workers.models.loader",
-    "load_shared_model": "stratus_workers.models.loader",
-    "load_tokenizer": "stratus_workers.models.loader",
-    "ModelSource": "stratus_workers.models.source",
-    "SourceKind": "stratus_workers.models.source",
-    "parse_source": "stratus_workers.models.source",
-}
+if TYPE_CHECKING:
+    from stratus_workers.models.loader import LoadedModel, load_model, load_shared_model
+
+_FROM_LOADER = ("LoadedModel", "load_model", "load_shared_model")
 
 __all__ = [
     "LoadedModel",
@@ -44,7 +30,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+    if name in _FROM_LOADER:
+        from stratus_workers.models import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,13 +10,13 @@ import torch
 from stratus_workers.lifecycle import run_until_signalled
 from stratus_workers.models import ModelLoadError
 from stratus_workers.observability import setup_logging
-from stratus_workers.serve.server import ModelServer, ServerConfig
+from stratus_workers.serve.server import ModelServer, ServerSettings
 from stratus_workers.settings import parse_config
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(
-        ServerConfig,
+        ServerSettings,
         argv,
         prog="python -m stratus_workers.serve",
         description="Serve one model over the stratus.v1 Inference gRPC service.",

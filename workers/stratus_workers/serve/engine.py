@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import torch
 
+from stratus_workers.protocol.requests import Sampling
+from stratus_workers.protocol.text import TextAssembler
 from stratus_workers.serve.mailbox import mailbox
 from stratus_workers.serve.runner import ModelRunner
 from stratus_workers.serve.speculative import (
@@ -31,7 +33,6 @@ from stratus_workers.serve.speculative import (
     verify_greedy,
     verify_sampled,
 )
-from stratus_workers.serve.text import TextAssembler
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +45,6 @@ class EngineOverloaded(RuntimeError):
 
 class EngineStopped(RuntimeError):
     """The engine is shutting down and takes no new requests."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    logprobs: bool = False
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
 
 
 @dataclass(frozen=True)
@@ -95,7 +82,7 @@ Sink = Callable[[Event], None]
 class _Sequence:
     seq_id: int
     prompt: list[int]
-    params: SamplingParams
+    params: Sampling
     sink: Sink
     deadline: float | None
     arrived: float = field(default_factory=time.monotonic)
@@ -132,17 +119,6 @@ class VerifyResult:
     next_token: int
     logprobs: tuple[float, ...]
     eos: bool
-
-
-@dataclass(frozen=True)
-class SpecSampling:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
 
 
 class Engine:
@@ -212,7 +188,7 @@ class Engine:
     # -- submission ---------------------------------------------------------------------
 
     def submit(
-        self, prompt: Sequence[int], params: SamplingParams, sink: Sink, deadline: float | None = None
+        self, prompt: Sequence[int], params: Sampling, sink: Sink, deadline: float | None = None
     ) -> Callable[[], None]:
         """Queue a request; returns a function that cancels it. Events go to `sink` (engine thread)."""
         if not prompt:
@@ -239,7 +215,7 @@ class Engine:
         return cancel
 
     async def stream(
-        self, prompt: Sequence[int], params: SamplingParams, deadline: float | None = None
+        self, prompt: Sequence[int], params: Sampling, deadline: float | None = None
     ) -> AsyncIterator[Event]:
         """Yield events for one request; leaving the iterator early cancels the request."""
         loop = asyncio.get_running_loop()
@@ -302,7 +278,7 @@ class Engine:
             self.runner.reset(session.row)
             self._free_rows.append(session.row)
 
-    def _session(self, sid: str, context: Sequence[int], sampling: SpecSampling) -> tuple[_Session, list[int]]:
+    def _session(self, sid: str, context: Sequence[int], sampling: Sampling) -> tuple[_Session, list[int]]:
         """The session's row, rolled back to the longest cached prefix of `context`; returns the rest."""
         if not context:
             raise ValueError("context is empty: send the prompt's token ids")
@@ -337,7 +313,7 @@ class Engine:
         return session, list(context[common:])
 
     def _draft_op(
-        self, sid: str, context: Sequence[int], max_tokens: int, sampling: SpecSampling, top_k: int, end: bool
+        self, sid: str, context: Sequence[int], max_tokens: int, sampling: Sampling, top_k: int, end: bool
     ) -> DraftResult:
         session, pending = self._session(sid, context, sampling)
         tokens: list[int] = []
@@ -371,7 +347,7 @@ class Engine:
         context: Sequence[int],
         draft: Sequence[int],
         dists: Sequence[SparseDist],
-        sampling: SpecSampling,
+        sampling: Sampling,
         end: bool,
     ) -> VerifyResult:
         if any(t < 0 or t >= self.vocab_size for t in draft):
@@ -405,7 +381,7 @@ class Engine:
         if not continuation:
             return ()
         sid = f"score-{next(self._ids)}"
-        session, pending = self._session(sid, [*prompt, *continuation], SpecSampling())
+        session, pending = self._session(sid, [*prompt, *continuation], Sampling())
         try:
             logits = self.runner.forward(session.row, [pending], all_logits=True)[0]
             # Position i predicts token i+1: the continuation is predicted from len(prompt)-1 on.
@@ -427,7 +403,7 @@ class Engine:
         sid: str,
         context: Sequence[int],
         max_tokens: int,
-        sampling: SpecSampling,
+        sampling: Sampling,
         top_k: int = 32,
         end: bool = False,
     ) -> DraftResult:
@@ -440,7 +416,7 @@ class Engine:
         context: Sequence[int],
         draft: Sequence[int],
         dists: Sequence[SparseDist],
-        sampling: SpecSampling,
+        sampling: Sampling,
         end: bool = False,
     ) -> VerifyResult:
         result: VerifyResult = await self.run_op(lambda: self._verify_op(sid, context, draft, dists, sampling, end))
@@ -606,7 +582,7 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+def _sample(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     probs = sampling_probs(logits, params.temperature, params.top_p)
     return torch.multinomial(probs.cpu(), 1, generator=generator)[0].to(logits.device)
 

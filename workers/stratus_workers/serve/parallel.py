@@ -23,7 +23,7 @@ import torch.distributed as dist
 from stratus_workers.lifecycle import run_until_signalled
 from stratus_workers.models import load_model
 from stratus_workers.serve.runner import ParallelContext, follow, parallel_context
-from stratus_workers.serve.server import ModelServer, ServerConfig
+from stratus_workers.serve.server import ModelServer, ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def init_group(world_size: int) -> ParallelContext:
     return ParallelContext(rank=rank, world_size=world_size, control=control)
 
 
-def run(config: ServerConfig, argv: Sequence[str]) -> int:
+def run(config: ServerSettings, argv: Sequence[str]) -> int:
     """Entry point for `--tensor-parallel N` (N > 1): spawn or join the group, then serve or follow."""
     children = [] if "RANK" in os.environ else spawn_followers(config.tensor_parallel, argv)
     ctx = init_group(config.tensor_parallel)

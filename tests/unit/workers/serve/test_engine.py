@@ -11,15 +11,14 @@ import pytest
 import torch
 
 from stratus_workers.models import load_model
+from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.engine import (
     Engine,
     EngineOverloaded,
     FinishEvent,
-    SamplingParams,
     TokenEvent,
     collect,
 )
-from stratus_workers.serve.text import partial_stop_len as _partial_stop_len
 
 pytestmark = pytest.mark.unit
 
@@ -43,7 +42,7 @@ def greedy_reference(loaded: Any, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
-async def tokens_of(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[list[int], FinishEvent]:
+async def tokens_of(engine: Engine, prompt: list[int], params: Sampling) -> tuple[list[int], FinishEvent]:
     ids: list[int] = []
     async for event in engine.stream(prompt, params):
         if isinstance(event, TokenEvent):
@@ -55,7 +54,7 @@ async def tokens_of(engine: Engine, prompt: list[int], params: SamplingParams) -
 
 async def test_batched_greedy_equals_unbatched_and_reference(loaded: Any) -> None:
     prompts = [loaded.tokenizer.encode(p) for p in PROMPTS]
-    params = SamplingParams(max_new_tokens=12)
+    params = Sampling(max_new_tokens=12)
     single = make_engine(loaded, max_batch_size=1)
     batched = make_engine(loaded, max_batch_size=4)
     try:
@@ -77,11 +76,11 @@ async def test_requests_join_and_leave_mid_batch(loaded: Any) -> None:
     try:
         expected = []
         for p, n in zip(prompts, lengths, strict=True):
-            expected.append(await tokens_of(engine, p, SamplingParams(max_new_tokens=n)))
+            expected.append(await tokens_of(engine, p, Sampling(max_new_tokens=n)))
 
         async def late(i: int) -> tuple[list[int], FinishEvent]:
             await asyncio.sleep(0.02 * i)  # arrive while others are decoding
-            return await tokens_of(engine, prompts[i], SamplingParams(max_new_tokens=lengths[i]))
+            return await tokens_of(engine, prompts[i], Sampling(max_new_tokens=lengths[i]))
 
         results = await asyncio.gather(*(late(i) for i in range(len(prompts))))
         assert engine.steps > 0
@@ -97,13 +96,13 @@ async def test_cancellation_frees_the_row(loaded: Any) -> None:
     engine = make_engine(loaded, max_batch_size=1)
     prompt = loaded.tokenizer.encode("cancel me")
     try:
-        stream = engine.stream(prompt, SamplingParams(max_new_tokens=200))
+        stream = engine.stream(prompt, Sampling(max_new_tokens=200))
         first = await stream.__anext__()
         assert isinstance(first, TokenEvent)
         await stream.aclose()  # the caller went away
         # The single row must come free for the next request.
         text, _, finish = await asyncio.wait_for(
-            collect(engine.stream(prompt, SamplingParams(max_new_tokens=3))), timeout=30
+            collect(engine.stream(prompt, Sampling(max_new_tokens=3))), timeout=30
         )
         assert finish.reason in ("length", "stop")
         deadline = time.monotonic() + 5
@@ -118,13 +117,13 @@ async def test_deadline_and_overload(loaded: Any) -> None:
     engine = make_engine(loaded, max_batch_size=1, max_queue=1)
     prompt = loaded.tokenizer.encode("deadline")
     try:
-        _, _, finish = await collect(engine.stream(prompt, SamplingParams(max_new_tokens=200), time.monotonic()))
+        _, _, finish = await collect(engine.stream(prompt, Sampling(max_new_tokens=200), time.monotonic()))
         assert finish.reason == "deadline"
-        long_stream = engine.stream(prompt, SamplingParams(max_new_tokens=200))
+        long_stream = engine.stream(prompt, Sampling(max_new_tokens=200))
         await long_stream.__anext__()  # occupies the only row
-        queued = engine.submit(prompt, SamplingParams(max_new_tokens=1), lambda e: None)
+        queued = engine.submit(prompt, Sampling(max_new_tokens=1), lambda e: None)
         with pytest.raises(EngineOverloaded, match="already waiting"):
-            engine.submit(prompt, SamplingParams(max_new_tokens=1), lambda e: None)
+            engine.submit(prompt, Sampling(max_new_tokens=1), lambda e: None)
         queued()
         await long_stream.aclose()
     finally:
@@ -135,21 +134,16 @@ async def test_stop_sequences_and_sampling_seed(loaded: Any) -> None:
     engine = make_engine(loaded, max_batch_size=2)
     prompt = loaded.tokenizer.encode("Hello")
     try:
-        free_text, _, _ = await collect(engine.stream(prompt, SamplingParams(max_new_tokens=16)))
+        free_text, _, _ = await collect(engine.stream(prompt, Sampling(max_new_tokens=16)))
         assert len(free_text) >= 3
         stop = free_text[1:3]  # whatever the random model wrote, even whitespace, is a valid stop sequence
-        text, _, finish = await collect(engine.stream(prompt, SamplingParams(max_new_tokens=16, stop=(stop,))))
+        text, _, finish = await collect(engine.stream(prompt, Sampling(max_new_tokens=16, stop=(stop,))))
         assert finish.reason == "stop"
         assert text == free_text[: free_text.find(stop)]
-        sampled = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+        sampled = Sampling(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
         first = await tokens_of(engine, prompt, sampled)
         second = await tokens_of(engine, prompt, sampled)
         assert first[0] == second[0]
     finally:
         engine.shutdown()
 
-
-def test_partial_stop_holdback() -> None:
-    assert _partial_stop_len("hello wor", ("world",)) == 3
-    assert _partial_stop_len("hello", ("xyz",)) == 0
-    assert _partial_stop_len("ab", ("b", "abc")) == 2

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from stratus_workers.models import load_model
-from stratus_workers.serve.engine import Engine, FinishEvent, SamplingParams, TokenEvent
+from stratus_workers.protocol.requests import Sampling
+from stratus_workers.serve.engine import Engine, FinishEvent, TokenEvent
 
 pytestmark = pytest.mark.unit
 
@@ -30,7 +31,7 @@ def loaded(tiny_model_dir: Path) -> Any:
 async def run(engine: Engine, prompt: list[int], n: int, delay: float = 0.0) -> tuple[list[int], str]:
     await asyncio.sleep(delay)
     ids: list[int] = []
-    async for event in engine.stream(prompt, SamplingParams(max_new_tokens=n)):
+    async for event in engine.stream(prompt, Sampling(max_new_tokens=n)):
         if isinstance(event, TokenEvent):
             ids.extend(event.token_ids)
         elif isinstance(event, FinishEvent):
@@ -59,7 +60,7 @@ async def test_joining_and_leaving_on_the_fast_path(loaded: Any, monkeypatch: py
             *(run(engine, p, n, 0.01 * i) for i, (p, n) in enumerate(zip(prompts, LENGTHS, strict=True)))
         )
         # A cancelled request frees its row for the next one.
-        stream = engine.stream(prompts[0], SamplingParams(max_new_tokens=100))
+        stream = engine.stream(prompts[0], Sampling(max_new_tokens=100))
         await stream.__anext__()
         await stream.aclose()
         after = await asyncio.wait_for(run(engine, prompts[1], LENGTHS[1]), 30)
