@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,6 +49,20 @@ def env_flag(name: str, default: bool) -> bool:
     return value.strip().lower() not in ("0", "false", "no", "off")
 
 
+@dataclass
+class Decoded:
+    """One decode step's result: every row's logits, greedy choice, and that choice's log-probability.
+
+    `greedy` and `greedy_logprobs` come from the step itself (on the fused path, computed on the
+    device before the next step is launched ahead), so a greedy caller reads them without waiting
+    on the logits; `greedy_logprobs` is None unless the step was asked for them.
+    """
+
+    logits: torch.Tensor
+    greedy: list[int]
+    greedy_logprobs: list[float] | None
+
+
 class ModelRunner(abc.ABC):
     """One model and a KV cache of `max_rows` rows; the engine keeps its decode rows contiguous from 0.
 
@@ -58,13 +73,22 @@ class ModelRunner(abc.ABC):
 
     cache: KVCache
 
-    def __init__(self, model: Any, *, max_rows: int, max_len: int, parallel: ParallelContext | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_rows: int,
+        max_len: int,
+        parallel: ParallelContext | None = None,
+        pool_tokens: int = 0,
+    ) -> None:
         check_supported(model)
         config = model.config
         self.model = model
         self.config = config
         self.max_rows = max_rows
         self.max_len = max_len
+        self.pool_tokens = pool_tokens
         self.parallel = parallel
         self.layers = list(model.model.layers)
         self.vocab_size = int(config.vocab_size)
@@ -112,6 +136,28 @@ class ModelRunner(abc.ABC):
         return self._forward(first_row, tokens, starts, q_lens, all_logits)
 
     @torch.inference_mode()
+    def decode(self, ids: Sequence[int], *, logprobs: bool = False) -> Decoded:
+        """A decode step: feed `ids[i]` to row i (rows 0..len(ids)-1, one token each)."""
+        batch = len(ids)
+        if not 0 < batch <= self.max_rows:
+            raise ValueError(f"a decode step of {batch} rows does not fit this runner's {self.max_rows}")
+        self.cache.grow(max(self.cache.lengths[:batch]) + 1)
+        self._lead("decode", list(ids), logprobs=logprobs)
+        return self._decode(list(ids), logprobs)
+
+    @torch.inference_mode()
+    def save_prefix(self, row: int, positions: list[int], slots: list[int], block: int) -> None:
+        """Copy blocks of `row` (starting at `positions`) into the prefix pool's `slots`."""
+        self.cache.save_blocks(row, positions, slots, block)
+        self._lead("save_prefix", row, positions, slots, block)
+
+    @torch.inference_mode()
+    def load_prefix(self, row: int, slots: list[int], block: int) -> None:
+        """Fill the empty `row` with the prefix pool's blocks `slots`, in order."""
+        self.cache.load_blocks(row, slots, block)
+        self._lead("load_prefix", row, slots, block)
+
+    @torch.inference_mode()
     def reset(self, row: int) -> None:
         """Empty `row` (a request left, or a session row is taken)."""
         self.cache.reset(row)
@@ -152,6 +198,16 @@ class ModelRunner(abc.ABC):
         all_logits: bool,
     ) -> torch.Tensor:
         """Run the rows (the cache already holds room for them) and set their new lengths."""
+
+    def _decode(self, ids: list[int], logprobs: bool) -> Decoded:
+        """A decode step through `_forward`; paths with a static step of their own replace it."""
+        starts = self.cache.lengths[: len(ids)]
+        logits = self._forward(0, [[t] for t in ids], starts, [1] * len(ids), False)
+        best = logits.argmax(dim=-1)
+        picked = None
+        if logprobs:
+            picked = (logits.gather(1, best[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)).tolist()
+        return Decoded(logits, best.tolist(), picked)
 
     def _warmup(self, max_kv_len: int | None, batch_sizes: Sequence[int] | None) -> int:
         return 0

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from stratus_workers.serve import kernels
 from stratus_workers.serve.parallel import ParallelContext
-from stratus_workers.serve.runner import ModelRunner, UnsupportedModelError, env_flag
+from stratus_workers.serve.runner import Decoded, ModelRunner, UnsupportedModelError, env_flag
 from stratus_workers.serve.runner.cache import KVCache
 from stratus_workers.serve.runner.graphs import StaticDecoder
 from stratus_workers.serve.runner.modules import apply_rotary
@@ -160,8 +160,9 @@ class FusedRunner(ModelRunner):
         cuda_graphs: bool | None = None,
         compile: bool | None = None,
         parallel: ParallelContext | None = None,
+        pool_tokens: int = 0,
     ) -> None:
-        super().__init__(model, max_rows=max_rows, max_len=max_len, parallel=parallel)
+        super().__init__(model, max_rows=max_rows, max_len=max_len, parallel=parallel, pool_tokens=pool_tokens)
         if not fusable(model):
             raise UnsupportedModelError("the fast path needs plain Linear projections and a SiLU MLP")
         rank, world = (parallel.rank, parallel.world_size) if parallel is not None else (0, 1)
@@ -194,8 +195,11 @@ class FusedRunner(ModelRunner):
             max_len=max_len,
             capacity=capacity,
             device_lengths=True,
+            pool_tokens=pool_tokens,
         )
         self._rows_dev = torch.arange(max_rows, device=self.device)
+        with torch.inference_mode(False):  # written by every decode step, graphs included
+            self.greedy_logprobs = torch.zeros(max_rows, dtype=torch.float32, device=self.device)
         self._kv_ar = torch.arange(capacity, device=self.device)
         on_cuda = self.device.type == "cuda"
         want_graphs = env_flag("STRATUS_CUDA_GRAPHS", True) if cuda_graphs is None else cuda_graphs
@@ -272,9 +276,20 @@ class FusedRunner(ModelRunner):
         n_q, n_kv, d, scale = self.local_heads, self.local_kv_heads, self.head_dim, self.scale
 
         def attention_block(
-            h: torch.Tensor, delta: torch.Tensor, norm_w: torch.Tensor, eps: float, w_qkv: torch.Tensor,
-            b_qkv: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-            v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor, w_o: torch.Tensor,
+            h: torch.Tensor,
+            delta: torch.Tensor,
+            norm_w: torch.Tensor,
+            eps: float,
+            w_qkv: torch.Tensor,
+            b_qkv: torch.Tensor | None,
+            cos: torch.Tensor,
+            sin: torch.Tensor,
+            k_cache: torch.Tensor,
+            v_cache: torch.Tensor,
+            rows: torch.Tensor,
+            pos: torch.Tensor,
+            bias: torch.Tensor,
+            w_o: torch.Tensor,
         ) -> tuple[torch.Tensor, torch.Tensor]:
             """Residual add, norm, q|k|v, rotary, cache write at `pos`, attention, o-projection."""
             h, q, k, v = _qkv_rope(h, delta, norm_w, eps, w_qkv, b_qkv, cos, sin, n_q, n_kv, d)
@@ -286,16 +301,31 @@ class FusedRunner(ModelRunner):
             return h, F.linear(out, w_o)
 
         def mlp_block(
-            h: torch.Tensor, attn: torch.Tensor, b_o: torch.Tensor | None, norm_w: torch.Tensor, eps: float,
-            w_gate_up: torch.Tensor, b_gate_up: torch.Tensor | None, w_down: torch.Tensor,
+            h: torch.Tensor,
+            attn: torch.Tensor,
+            b_o: torch.Tensor | None,
+            norm_w: torch.Tensor,
+            eps: float,
+            w_gate_up: torch.Tensor,
+            b_gate_up: torch.Tensor | None,
+            w_down: torch.Tensor,
         ) -> tuple[torch.Tensor, torch.Tensor]:
             h, act = _mlp_in(h, attn, b_o, norm_w, eps, w_gate_up, b_gate_up)
             return h, F.linear(act, w_down)
 
         def store_block(
-            h: torch.Tensor, delta: torch.Tensor, norm_w: torch.Tensor, eps: float, w_qkv: torch.Tensor,
-            b_qkv: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-            v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+            h: torch.Tensor,
+            delta: torch.Tensor,
+            norm_w: torch.Tensor,
+            eps: float,
+            w_qkv: torch.Tensor,
+            b_qkv: torch.Tensor | None,
+            cos: torch.Tensor,
+            sin: torch.Tensor,
+            k_cache: torch.Tensor,
+            v_cache: torch.Tensor,
+            rows: torch.Tensor,
+            pos: torch.Tensor,
         ) -> tuple[torch.Tensor, torch.Tensor]:
             """attention_block up to the cache write; the Triton kernel does the attention itself."""
             h, q, k, v = _qkv_rope(h, delta, norm_w, eps, w_qkv, b_qkv, cos, sin, n_q, n_kv, d)
@@ -334,9 +364,12 @@ class FusedRunner(ModelRunner):
         all_logits: bool,
     ) -> torch.Tensor:
         if max(q_lens) == 1 and first_row == 0:  # a decode step of the batch's rows
-            logits = self.decoder.step(len(tokens), [t[0] for t in tokens])
+            logits = self.decoder.step(len(tokens), [t[0] for t in tokens]).logits
             return logits[:, None] if all_logits else logits
         return self._extend(first_row, tokens, starts, q_lens, all_logits)
+
+    def _decode(self, ids: list[int], logprobs: bool) -> Decoded:
+        return self.decoder.step(len(ids), ids, logprobs=logprobs)
 
     def _extend(
         self,
@@ -393,8 +426,8 @@ class FusedRunner(ModelRunner):
     def decode_body(self, tokens: torch.Tensor, batch: int, kv_len: int) -> torch.Tensor:
         """One decode step of rows 0..batch-1 reading only device buffers (what a graph captures).
 
-        Feeds `tokens[:batch]` at each row's length and leaves the step's argmax in `tokens[:batch]`:
-        the next step's input, if the caller is greedy.
+        Feeds `tokens[:batch]` at each row's length and leaves the step's argmax in `tokens[:batch]`
+        (the next step's input, if the caller is greedy) and its log-probability in `greedy_logprobs`.
         """
         lengths = self.cache.lengths_dev
         assert lengths is not None  # the fused path's cache keeps its lengths on the device
@@ -413,7 +446,19 @@ class FusedRunner(ModelRunner):
                 out = F.linear(kernels.decode_attention(q, k_cache, v_cache, pos, self.scale), lw.o)
             else:
                 h, out = self._attn_fn(
-                    h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_cache, v_cache, rows, pos, bias,
+                    h,
+                    delta,
+                    lw.in_norm,
+                    lw.eps,
+                    lw.qkv,
+                    lw.qkv_bias,
+                    cos,
+                    sin,
+                    k_cache,
+                    v_cache,
+                    rows,
+                    pos,
+                    bias,
                     lw.o,
                 )
             h, delta = self._mlp_fn(
@@ -424,7 +469,10 @@ class FusedRunner(ModelRunner):
                 delta = delta + lw.down_bias
         h = h + delta
         logits = F.linear(_rms_norm(h, self._final_norm, self._final_eps), self._lm_head).float()
-        tokens[:batch].copy_(logits.argmax(dim=-1))
+        best = logits.argmax(dim=-1)
+        tokens[:batch].copy_(best)
+        # The greedy choice's log-probability, so a caller asking for it need not wait on the logits.
+        self.greedy_logprobs[:batch].copy_(logits.gather(1, best[:, None])[:, 0] - torch.logsumexp(logits, dim=-1))
         return logits
 
     def _warmup(self, max_kv_len: int | None, batch_sizes: Sequence[int] | None) -> int:

@@ -37,8 +37,9 @@ class ModuleRunner(ModelRunner):
         max_len: int,
         initial_len: int = 256,
         parallel: ParallelContext | None = None,
+        pool_tokens: int = 0,
     ) -> None:
-        super().__init__(model, max_rows=max_rows, max_len=max_len, parallel=parallel)
+        super().__init__(model, max_rows=max_rows, max_len=max_len, parallel=parallel, pool_tokens=pool_tokens)
         if parallel is not None and parallel.sharded:
             raise UnsupportedModelError("tensor parallel needs the fast path (plain Linear layers)")
         self.cache = KVCache(
@@ -50,6 +51,7 @@ class ModuleRunner(ModelRunner):
             device=self.device,
             max_len=max_len,
             capacity=min(max_len, max(initial_len, MIN_CAPACITY)),
+            pool_tokens=pool_tokens,
         )
 
     def _forward(
