@@ -11,6 +11,7 @@ worth a dependency (docs/serving.md).
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import select
 import socket
@@ -34,10 +35,8 @@ class Channel:
         self.sock = sock
         sock.setblocking(False)
         for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            try:
+            with contextlib.suppress(OSError):  # the system's limit stands
                 sock.setsockopt(socket.SOL_SOCKET, option, BUFFER_BYTES)
-            except OSError:  # the system's limit stands
-                pass
         self._out = bytearray()
         self._in = bytearray()
         self._lock = threading.Lock()
@@ -110,7 +109,7 @@ class Channel:
     def wait(self, timeout: float | None) -> None:
         """Block until a message may have arrived (or the outbox can move), at most `timeout` seconds."""
         writers = [self.sock] if self._out else []
-        readable, writable, _ = select.select([self.sock], writers, [], timeout)
+        _, writable, _ = select.select([self.sock], writers, [], timeout)
         if writable:
             self.flush()
 

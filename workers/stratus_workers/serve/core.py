@@ -36,6 +36,7 @@ from stratus_workers.serve.prefix import PrefixCache
 from stratus_workers.serve.runner import ModelRunner
 from stratus_workers.serve.sampling import choose_tokens, seeded_generator
 from stratus_workers.serve.sessions import SpeculativeSessions
+from stratus_workers.serve.surface import FinishReason
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class Finished:
     """A request the core is done with; `admitted` and `first_token` are time.monotonic() stamps (0: never)."""
 
     seq_id: int
-    reason: str
+    reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
@@ -236,8 +237,13 @@ class EngineCore:
 
     def call(self, call_id: int, op: str, args: tuple[Any, ...]) -> None:
         """Queue a speculative call (`score`, `draft`, `verify`, `end`); its result comes in a step's output."""
-        method = {"score": self.sessions.score, "draft": self.sessions.draft, "verify": self.sessions.verify,
-                  "end": self.sessions.end}.get(op)  # fmt: skip
+        methods: dict[str, Callable[..., Any]] = {
+            "score": self.sessions.score,
+            "draft": self.sessions.draft,
+            "verify": self.sessions.verify,
+            "end": self.sessions.end,
+        }
+        method = methods.get(op)
         if method is None:
             raise ValueError(f"unknown engine call {op!r}")
         self._calls.append((call_id, lambda: method(*args)))
@@ -403,7 +409,7 @@ class EngineCore:
         if stored.slots:
             self.runner.save_prefix(seq.row, stored.positions, stored.slots, self.prefix.block_size)
 
-    def _finish(self, seq: _Seq, reason: str, error: str = "") -> None:
+    def _finish(self, seq: _Seq, reason: FinishReason, error: str = "") -> None:
         if seq.finished:
             return
         seq.finished = True

@@ -223,7 +223,7 @@ class ProcessTransport(Transport):
         self._deliver, self._dead = deliver, dead
         ours, theirs = socket.socketpair()
         with theirs:
-            self.proc = subprocess.Popen(
+            self.proc = subprocess.Popen(  # noqa: ASYNC220 - a fork and exec, not a wait
                 [sys.executable, "-m", "stratus_workers.serve.worker", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
             )
@@ -240,7 +240,7 @@ class ProcessTransport(Transport):
                 code = self.proc.poll()
                 if code is not None and not self._ready.done():
                     self._close_reader()
-                    raise EngineFailed(f"the engine process exited with status {code} before it was ready")
+                    raise EngineFailed(f"the engine process exited with status {code} before it was ready") from None
 
     def _readable(self) -> None:
         assert self.channel is not None
@@ -543,9 +543,8 @@ class AsyncEngine:
                 rest = st.text.flush()
                 if rest and finish.reason in ("stop", "length"):
                     yield TokenEvent(rest, ())
-                yield self._finish_event(
-                    st, finish.reason, finish.completion_tokens, finish.error, finish.cached_tokens
-                )  # type: ignore[arg-type]
+                f = finish
+                yield self._finish_event(st, f.reason, f.completion_tokens, f.error, f.cached_tokens)
                 return
         finally:
             self._streams.pop(st.seq_id, None)
@@ -693,7 +692,7 @@ class AsyncEngine:
                 log.exception("the engine's failure callback failed")
         self._end_all("unavailable", reason, EngineFailed(reason))
 
-    def _end_all(self, reason: str, error: str, exc: Exception) -> None:
+    def _end_all(self, reason: FinishReason, error: str, exc: Exception) -> None:
         for st in list(self._streams.values()):
             if st.finish is None:
                 st.finish = Finished(st.seq_id, reason, st.prompt_tokens, st.received, 0, 0.0, 0.0, error)

@@ -22,29 +22,17 @@ AVAILABLE = triton is not None
 
 
 if triton is not None:
+
     # No annotations on a kernel's parameters: Triton reads them as types (and knows no `Any`).
     @triton.jit  # type: ignore[misc,untyped-decorator]
     def _decode_attention_kernel(  # type: ignore[no-untyped-def]
-        q_ptr,
-        k_ptr,
-        v_ptr,
-        out_ptr,
-        pos_ptr,
-        stride_qb,
-        stride_qh,
-        stride_kr,
-        stride_kh,
-        stride_kl,
-        stride_vr,
-        stride_vh,
-        stride_vl,
-        stride_ob,
-        stride_oh,
+        q_ptr, k_ptr, v_ptr, out_ptr, pos_ptr,
+        stride_qb, stride_qh,
+        stride_kr, stride_kh, stride_kl,
+        stride_vr, stride_vh, stride_vl,
+        stride_ob, stride_oh,
         scale,
-        GROUP: tl.constexpr,
-        GROUP_PAD: tl.constexpr,
-        HEAD_DIM: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # One program per (row, kv head): the GROUP query heads that share this kv head.
         row = tl.program_id(0)

@@ -115,7 +115,10 @@ def serve(channel: Channel) -> int:
         if settings.warmup:
             core.warmup()
         channel.send(("ready", info, loaded.tokenizer))
-        loop = EngineLoop(core, channel.send)
+        def emit(message: tuple[Any, ...]) -> None:
+            channel.send(message)
+
+        loop = EngineLoop(core, emit)
         beat.loop = loop
         loop.run(ChannelInbox(channel))
         core.runner.close()  # under tensor parallel: the followers leave follow() and exit

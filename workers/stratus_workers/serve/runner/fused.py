@@ -276,20 +276,9 @@ class FusedRunner(ModelRunner):
         n_q, n_kv, d, scale = self.local_heads, self.local_kv_heads, self.head_dim, self.scale
 
         def attention_block(
-            h: torch.Tensor,
-            delta: torch.Tensor,
-            norm_w: torch.Tensor,
-            eps: float,
-            w_qkv: torch.Tensor,
-            b_qkv: torch.Tensor | None,
-            cos: torch.Tensor,
-            sin: torch.Tensor,
-            k_cache: torch.Tensor,
-            v_cache: torch.Tensor,
-            rows: torch.Tensor,
-            pos: torch.Tensor,
-            bias: torch.Tensor,
-            w_o: torch.Tensor,
+            h: torch.Tensor, delta: torch.Tensor, norm_w: torch.Tensor, eps: float, w_qkv: torch.Tensor,
+            b_qkv: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+            v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor, w_o: torch.Tensor,
         ) -> tuple[torch.Tensor, torch.Tensor]:
             """Residual add, norm, q|k|v, rotary, cache write at `pos`, attention, o-projection."""
             h, q, k, v = _qkv_rope(h, delta, norm_w, eps, w_qkv, b_qkv, cos, sin, n_q, n_kv, d)
@@ -301,31 +290,16 @@ class FusedRunner(ModelRunner):
             return h, F.linear(out, w_o)
 
         def mlp_block(
-            h: torch.Tensor,
-            attn: torch.Tensor,
-            b_o: torch.Tensor | None,
-            norm_w: torch.Tensor,
-            eps: float,
-            w_gate_up: torch.Tensor,
-            b_gate_up: torch.Tensor | None,
-            w_down: torch.Tensor,
+            h: torch.Tensor, attn: torch.Tensor, b_o: torch.Tensor | None, norm_w: torch.Tensor, eps: float,
+            w_gate_up: torch.Tensor, b_gate_up: torch.Tensor | None, w_down: torch.Tensor,
         ) -> tuple[torch.Tensor, torch.Tensor]:
             h, act = _mlp_in(h, attn, b_o, norm_w, eps, w_gate_up, b_gate_up)
             return h, F.linear(act, w_down)
 
         def store_block(
-            h: torch.Tensor,
-            delta: torch.Tensor,
-            norm_w: torch.Tensor,
-            eps: float,
-            w_qkv: torch.Tensor,
-            b_qkv: torch.Tensor | None,
-            cos: torch.Tensor,
-            sin: torch.Tensor,
-            k_cache: torch.Tensor,
-            v_cache: torch.Tensor,
-            rows: torch.Tensor,
-            pos: torch.Tensor,
+            h: torch.Tensor, delta: torch.Tensor, norm_w: torch.Tensor, eps: float, w_qkv: torch.Tensor,
+            b_qkv: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+            v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
         ) -> tuple[torch.Tensor, torch.Tensor]:
             """attention_block up to the cache write; the Triton kernel does the attention itself."""
             h, q, k, v = _qkv_rope(h, delta, norm_w, eps, w_qkv, b_qkv, cos, sin, n_q, n_kv, d)
@@ -446,19 +420,7 @@ class FusedRunner(ModelRunner):
                 out = F.linear(kernels.decode_attention(q, k_cache, v_cache, pos, self.scale), lw.o)
             else:
                 h, out = self._attn_fn(
-                    h,
-                    delta,
-                    lw.in_norm,
-                    lw.eps,
-                    lw.qkv,
-                    lw.qkv_bias,
-                    cos,
-                    sin,
-                    k_cache,
-                    v_cache,
-                    rows,
-                    pos,
-                    bias,
+                    h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_cache, v_cache, rows, pos, bias,
                     lw.o,
                 )
             h, delta = self._mlp_fn(

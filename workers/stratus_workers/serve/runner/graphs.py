@@ -45,7 +45,7 @@ class DecodeBody(Protocol):
 
 @dataclass
 class _Step:
-    """A queued decode step: its logits, its greedy choices and their log-probabilities (host copies), and when they are ready."""
+    """A queued decode step: its logits, greedy choices and their log-probabilities (host copies), and when ready."""
 
     batch: int
     version: int
