@@ -145,7 +145,9 @@ class KVCache:
             raise ValueError(f"the prefix pool holds {self.pool_tokens} tokens; asked for {tokens}")
         have = 0 if self.pool_keys is None else self.pool_keys.shape[2]
         if self.pool_keys is None or self.pool_values is None or have < tokens:
-            size = min(self.pool_tokens, max(tokens, 2 * have, 256))
+            # A GPU takes the whole pool at once (no regrowth copies, no fragmentation); a CPU grows it.
+            grow = max(tokens, 2 * have, 256) if self.device.type == "cpu" else self.pool_tokens
+            size = min(self.pool_tokens, grow)
             shape = (self.layers, self.kv_heads, size, self.head_dim)
             with torch.inference_mode(False):
                 keys = torch.zeros(shape, dtype=self.dtype, device=self.device)

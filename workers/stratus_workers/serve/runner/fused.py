@@ -141,6 +141,16 @@ def _mlp_in(
     return h, F.silu(gate) * up
 
 
+def _prefill_qkv_eager(n_q: int, n_kv: int, head_dim: int) -> Callable[..., Any]:
+    def prefill_qkv(
+        h: torch.Tensor, delta: torch.Tensor, norm_w: torch.Tensor, eps: float, w_qkv: torch.Tensor,
+        b_qkv: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _qkv_rope(h, delta, norm_w, eps, w_qkv, b_qkv, cos, sin, n_q, n_kv, head_dim)
+
+    return prefill_qkv
+
+
 class FusedRunner(ModelRunner):
     """Fused weights and a static decode step; shards over `parallel` when it spans several ranks.
 
@@ -307,11 +317,19 @@ class FusedRunner(ModelRunner):
             v_cache[rows, :, pos] = v
             return h, q
 
-        fns: list[Callable[..., Any]] = [attention_block, mlp_block, store_block]
+        def prefill_qkv(
+            h: torch.Tensor, delta: torch.Tensor, norm_w: torch.Tensor, eps: float, w_qkv: torch.Tensor,
+            b_qkv: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            return _qkv_rope(h, delta, norm_w, eps, w_qkv, b_qkv, cos, sin, n_q, n_kv, d)
+
+        # The prefill's element-wise work too: an eager prefill of a small model is a thousand kernel
+        # launches, which at 64 streams (one admission every other step) costs more than the decoding.
+        fns: list[Callable[..., Any]] = [attention_block, mlp_block, store_block, prefill_qkv, _mlp_in]
         self.compiled = compiled
         if compiled:
             fns = [torch.compile(fn, dynamic=True, fullgraph=True) for fn in fns]
-        self._attn_fn, self._mlp_fn, self._store_fn = fns
+        self._attn_fn, self._mlp_fn, self._store_fn, self._prefill_qkv, self._prefill_mlp = fns
 
     def degrade(self) -> str | None:
         """Drop the newest optimisation of the decode step after a failed capture; its name, or None if none is left.
@@ -371,10 +389,7 @@ class FusedRunner(ModelRunner):
         h = F.embedding(ids, self._embed)
         delta = torch.zeros_like(h)
         for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
-            h, q, k, v = _qkv_rope(
-                h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin,
-                self.local_heads, self.local_kv_heads, self.head_dim,
-            )  # fmt: skip
+            h, q, k, v = self._prefill_qkv(h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin)
             k_cache[write_rows, :, positions] = k
             v_cache[write_rows, :, positions] = v
             out = F.scaled_dot_product_attention(
@@ -386,7 +401,7 @@ class FusedRunner(ModelRunner):
                 enable_gqa=self.local_kv_heads != self.local_heads,
             )
             out = self._all_reduce(F.linear(out.transpose(1, 2).flatten(2), lw.o))
-            h, act = _mlp_in(h, out, lw.o_bias, lw.post_norm, lw.eps, lw.gate_up, lw.gate_up_bias)
+            h, act = self._prefill_mlp(h, out, lw.o_bias, lw.post_norm, lw.eps, lw.gate_up, lw.gate_up_bias)
             delta = self._all_reduce(F.linear(act, lw.down))
             if lw.down_bias is not None:
                 delta = delta + lw.down_bias
@@ -438,4 +453,24 @@ class FusedRunner(ModelRunner):
         return logits
 
     def _warmup(self, max_kv_len: int | None, batch_sizes: Sequence[int] | None) -> int:
-        return self.decoder.warmup(max_kv_len, batch_sizes)
+        graphs = self.decoder.warmup(max_kv_len, batch_sizes)
+        if self.compiled:
+            self._warm_prefill()
+        return graphs
+
+    def _warm_prefill(self) -> None:
+        """Compile the prefill's functions now for each shape class (sizes of one are specialised), so
+        that no request waits for a compiler; fall back to eager prefill if that fails."""
+        rows = min(3, self.max_rows)
+        try:
+            for batch, q_len in ((1, 1), (1, 5), (rows, 1), (rows, 17)):
+                batch = min(batch, rows)
+                first = self.max_rows - batch  # rows above any decode batch: nothing is running yet anyway
+                self._extend(first, [[0] * q_len] * batch, [0] * batch, [q_len] * batch, False)
+        except Exception as exc:
+            log.warning("compiled prefill failed (%s: %s); prefilling eagerly", type(exc).__name__, exc)
+            self._prefill_qkv = _prefill_qkv_eager(self.local_heads, self.local_kv_heads, self.head_dim)
+            self._prefill_mlp = _mlp_in
+        finally:
+            for row in range(self.max_rows):
+                self.cache.set_length(row, 0)
