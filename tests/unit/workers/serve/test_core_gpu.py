@@ -53,7 +53,8 @@ def serve(core: EngineCore, requests: list[tuple[list[int], Sampling]]) -> dict[
             for i, (seq_id, token) in enumerate(zip(result.seq_ids, result.tokens, strict=True)):
                 tokens, logprobs = out.setdefault(seq_id, ([], []))
                 tokens.append(token)
-                if result.logprobs is not None:
+                if requests[seq_id][1].logprobs:
+                    assert result.logprobs is not None
                     logprobs.append(result.logprobs[i])
             step += 1
     return out
@@ -67,8 +68,12 @@ def test_prefix_cache_and_chunked_prefill_on_the_cuda_path(model: Any) -> None:
     plain = serve(core_over(model, chunk=4096, pool=0), requests)
     cached_core = core_over(model, chunk=16, pool=1024)
     cached = serve(cached_core, requests)
-    assert cached_core.prefix is not None and cached_core.prefix.stats.hit_tokens >= 5 * 64
-    for seq_id in range(len(requests)):
+    # Requests 1 and 2 arrive while the first is still prefilling; 3, 4 and 5 find its system prompt cached.
+    assert cached_core.prefix is not None and cached_core.prefix.stats.hit_tokens >= 3 * 64
+    for seq_id, (_, params) in enumerate(requests):
+        assert len(cached[seq_id][0]) == params.max_new_tokens and len(cached[seq_id][1]) == (
+            params.max_new_tokens if params.logprobs else 0
+        )
         assert cached[seq_id][0] == plain[seq_id][0]
         assert cached[seq_id][1] == pytest.approx(plain[seq_id][1], abs=1e-3)
     decoder = cached_core.runner.decoder  # type: ignore[attr-defined]
