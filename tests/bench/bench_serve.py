@@ -326,7 +326,7 @@ async def start_server(args: argparse.Namespace, bench: Bench, prompt_tokens: in
         from stratus_workers.models.tiny import random_loaded
 
         loader = functools.partial(random_loaded, bench.arch, seed=0, dtype=args.dtype, device=args.device,
-                                   name="bench")
+                                   name="bench", tokenizer_dir=args.tokenizer)
         server = ModelServer(config, loader=loader)
     started = time.perf_counter()
     await server.start()

@@ -86,12 +86,19 @@ def random_loaded(
     device: str = "auto",
     name: str = "random",
     init_std: float = 0.02,
+    tokenizer_dir: str | None = None,
 ) -> Any:
-    """A random-init model with the bundled tokenizer as a models.LoadedModel (picklable as a partial:
-    a benchmark's engine process builds the same weights from the same seed)."""
+    """A random-init model with the bundled tokenizer (or the one in `tokenizer_dir`) as a
+    models.LoadedModel; picklable as a partial: a benchmark's engine process builds the same weights
+    from the same seed."""
     from stratus_workers.models.loader import LoadedModel, resolve_device, resolve_dtype
 
-    tokenizer = bundled_tokenizer()
+    if tokenizer_dir:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        tokenizer = bundled_tokenizer()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     dev = resolve_device(device)
