@@ -49,6 +49,8 @@ ARCHS = {"135m": "SMOLLM2_135M", "1b": "SMOLLM2_1B", "tiny": "TINY"}
 GOAL_SINGLE = 1000.0
 GOAL_AGGREGATE_64 = 30000.0
 GOAL_TTFT_RATIO = 3.0
+GOAL_OVER_BASELINE = 1.5  # issue 14: at 64 streams, over the best generate() baseline of the same run
+GOAL_PREFIX_TTFT = 5.0  # issue 14: TTFT p50 of the shared-prefix workload, prefix cache off over on
 SERVER = "stratus (gRPC, continuous batching)"
 TIMES = "\u00d7"  # the multiplication sign, as in "1.5x" written typographically
 
@@ -158,6 +160,12 @@ def _row(system: str, concurrency: int, tps: float, ttfts: Sequence[float], itl:
 def _client_worker(code: str, conn: Connection) -> None:
     """One client process: runs a load per command until told to exit."""
     sys.path.insert(0, code)
+    import gc
+
+    from stratus_workers.client import AsyncClient  # noqa: F401 - loaded before the heap is frozen
+
+    gc.collect()
+    gc.freeze()  # a full collection in a client would show up as server latency
     while True:
         command = conn.recv()
         if command[0] == "exit":
@@ -581,30 +589,40 @@ def bench_model(arch_name: str, args: argparse.Namespace, pool: ClientPool, log:
     return rows
 
 
+def _label(run: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """A row as the table shows it: a server row of a labelled run (another tree, `--label`) says so."""
+    label = run["settings"].get("label")
+    if label and row["system"] == SERVER:
+        return {**row, "system": f"{SERVER}, {label}"}
+    return row
+
+
 def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
     """(kind, markdown section) for one or more runs on one kind of device."""
     meta = runs[0]["meta"]
     kind = meta["kind"]
-    rows = [r for run in runs for r in run["rows"]]
+    rows = [_label(run, r) for run in runs for r in run["rows"]]
     settings = runs[0]["settings"]
+    dates = ", ".join(dict.fromkeys(run["meta"]["date"] for run in runs))
     lines = [
         f"## Serving, {'GPU' if kind == 'gpu' else 'CPU'} (`make bench-serve`)",
         "",
         f"Device: **{meta['device']}**; host {meta['cpu']} (load average {meta.get('load', '?')}); "
-        f"torch {meta['torch']}, transformers "
-        f"{meta['transformers']}; {meta['date']}. Random-init weights, greedy, "
+        f"torch {meta['torch']}, transformers {meta['transformers']}; {dates}. Random-init weights, greedy, "
         f"{settings['prompt_tokens']}-token prompts, {settings['new_tokens']} new tokens; the server's clients run "
-        f"{settings['rounds']} request(s) each, back to back, in {settings['client_procs']} process(es), starts "
-        f"staggered by {settings['stagger_ms']} ms. Speed-up: stratus over the best `generate()` baseline at the "
-        "same concurrency. Baseline TTFT/ITL are derived from their call timings (see the script's docstring).",
+        f"{settings['rounds']} request(s) each, back to back, in {settings['client_procs']} process(es) started "
+        f"before the server, starts staggered by {settings['stagger_ms']} ms. Speed-up: stratus over the best "
+        "`generate()` baseline at the same concurrency. Baseline TTFT/ITL are derived from their call timings (see "
+        "the script's docstring).",
         "",
         "| model | concurrency | system | tokens/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | speed-up |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     goals: list[str] = []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        for c in dict.fromkeys(r["concurrency"] for r in rows if r["model"] == model):
-            group = [r for r in rows if r["model"] == model and r["concurrency"] == c]
+    main_rows = [r for r in rows if not r["system"].startswith("shared prefix")]
+    for model in dict.fromkeys(r["model"] for r in main_rows):
+        for c in sorted(dict.fromkeys(r["concurrency"] for r in main_rows if r["model"] == model)):
+            group = [r for r in main_rows if r["model"] == model and r["concurrency"] == c]
             base = [r for r in group if not r["system"].startswith("stratus")]
             best = max((r["tokens_per_s"] for r in base), default=0.0)
             for r in sorted(group, key=lambda r: r["system"].startswith("stratus")):
@@ -613,11 +631,16 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
                     f"| {model} | {c} | {r['system']} | {r['tokens_per_s']:,.0f} | {r['ttft_p50_ms']:.1f} | "
                     f"{r['ttft_p95_ms']:.1f} | {r['itl_p50_ms']:.2f} | {speed} |"
                 )
-        ours = {r["concurrency"]: r for r in rows if r["model"] == model and r["system"] == SERVER}
+        ours = {r["concurrency"]: r for r in main_rows if r["model"] == model and r["system"] == SERVER}
         if 1 in ours:
             goals.append(_goal(f"{model} single stream", ours[1]["tokens_per_s"], GOAL_SINGLE, "tokens/s"))
         if 64 in ours:
             goals.append(_goal(f"{model} aggregate at 64", ours[64]["tokens_per_s"], GOAL_AGGREGATE_64, "tokens/s"))
+            base = [r["tokens_per_s"] for r in main_rows if r["model"] == model and r["concurrency"] == 64
+                    and not r["system"].startswith("stratus")]  # fmt: skip
+            if base:
+                goals.append(_goal(f"{model} at 64 over the best generate() baseline", ours[64]["tokens_per_s"] /
+                                   max(base), GOAL_OVER_BASELINE, TIMES))  # fmt: skip
         if 1 in ours and 64 in ours:
             ratio = ours[64]["ttft_p95_ms"] / ours[1]["ttft_p50_ms"]
             verdict = "met" if ratio <= GOAL_TTFT_RATIO else f"missed ({ratio / GOAL_TTFT_RATIO:.1f}{TIMES} over)"
@@ -628,48 +651,68 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
         lines += ["", "GPU time of one captured decode step (CUDA graph replay, idle server): " + "; ".join(
             f"{m} batch {c}: {ms:.3f} ms" for (m, c), ms in steps.items()
         ) + "."]
+    costs = [r for r in rows if "engine_us_per_token" in r and r["system"].startswith(("stratus", "shared"))]
+    if costs:
+        lines += [
+            "",
+            "Host cost per generated token: CPU time (user + system, from /proc) over the run divided by the tokens "
+            "generated, for the server's frontend (gRPC, tokenization, text, protobuf) and for its engine loop (its "
+            "own process, or its thread inside the server's). The engine's figure includes the time it spins "
+            "waiting for the GPU (CUDA synchronisation busy-waits), so at one stream it is about the wall time.",
+            "",
+            "| model | concurrency | system | engine runs in | frontend µs/token | engine µs/token | tokens/s |",
+            "| --- | ---: | --- | --- | ---: | ---: | ---: |",
+        ]
+        for r in costs:
+            where = "its own process" if r.get("engine") == "process" else "a thread of the server"
+            if r["system"].startswith("shared"):
+                where = "its own process" if kind == "gpu" else where
+            lines.append(
+                f"| {r['model']} | {r['concurrency']} | {r['system']} | {where} | {r['frontend_us_per_token']:.0f} | "
+                f"{r['engine_us_per_token']:.0f} | {r['tokens_per_s']:,.0f} |"
+            )
+    shared = [r for r in rows if r["system"].startswith("shared prefix")]
+    if shared:
+        lines += [
+            "",
+            f"Shared-prefix workload: a {settings.get('shared_system_tokens', '?')}-token system prompt followed by "
+            f"{settings.get('shared_turn_tokens', '?')}-token user turns that differ per request (a chat's shape), "
+            f"{settings['new_tokens']} new tokens, clients as above; the same server with its prefix cache on, and "
+            "one with `--prefix-cache-tokens 0`. The system prompt was seen once before the measured run.",
+            "",
+            "| model | concurrency | prefix cache | tokens/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | hit rate |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in shared:
+            hit = f"{r['prefix_hit_rate']:.0%}" if "prefix_hit_rate" in r else "–"
+            lines.append(
+                f"| {r['model']} | {r['concurrency']} | {r['system'].rsplit(' ', 1)[-1]} | {r['tokens_per_s']:,.0f} | "
+                f"{r['ttft_p50_ms']:.1f} | {r['ttft_p95_ms']:.1f} | {r['itl_p50_ms']:.2f} | {hit} |"
+            )
+        by = {r["system"].rsplit(" ", 1)[-1]: r for r in shared}
+        if "on" in by and "off" in by:
+            ratio = by["off"]["ttft_p50_ms"] / by["on"]["ttft_p50_ms"]
+            goals.append(_goal("shared prefix: TTFT p50 without the cache over with it", ratio, GOAL_PREFIX_TTFT,
+                               TIMES))  # fmt: skip
     if any("tensor parallel" in r["system"] for r in rows):
         lines += ["", (
             "Tensor-parallel rows: `python -m stratus_workers.serve --tensor-parallel 2` as its own process group on "
             "a machine with two H200s (NVLink), measured in a separate run against the same kind of load; their "
-            "speed-up is against the single-GPU baselines above. Each rank holds half of every layer's heads and "
-            "MLP columns, two NCCL all-reduces per layer run inside the captured graph, and rank 0 sends each "
-            "step's call to rank 1 over gloo, which is why a model this small is slower on two GPUs than on one."
+            "speed-up is against the single-GPU baselines above."
         )]
     if kind == "gpu":
-        lines += ["", (
-            "The server's GPU path (workers/stratus_workers/serve/runner/fused.py and graphs.py): bf16; q|k|v and "
-            "gate|up fused into one matrix each; the KV cache allocated once; each decode step a CUDA graph (one per "
-            "batch bucket) whose element-wise work torch.compile fuses and whose attention is one Triton kernel; row "
-            "lengths on the device; the next step launched on this step's argmax before the engine has sampled, and "
-            "used when the engine picks those tokens (greedy), so the GPU runs while the host detokenizes and "
-            "streams. Prefill runs eagerly. The clients are other processes on loopback, so every token also pays for"
-            " detokenization, an asyncio hand-off, protobuf and a gRPC message: at high concurrency that host work, "
-            "not the GPU step above, sets the pace."
-        )]
-        ref = {(r["system"], r["concurrency"]): r["tokens_per_s"] for r in rows if r["model"] == "135m"}
-        if ref:
-            lines += ["", (
-                "The issue's H200 reference for the 135m baselines: sequential 69 tokens/s, a static batch of 64 "
-                "4,025, static cache + compile 143 at batch 1 and 20,043 at 64. Here: sequential "
-                f"{ref.get(('sequential generate()', 1), 0):,.0f}, static batch of 64 "
-                f"{ref.get(('static batch generate()', 64), 0):,.0f}, static cache + compile "
-                f"{ref.get(('static cache + compile', 1), 0):,.0f} at batch 1 and "
-                f"{ref.get(('static cache + compile', 64), 0):,.0f} at 64."
-            )]
-    if kind == "gpu":
-        lines += ["", "Goals (issue 8; they were set for an H200):", "", *goals]
+        lines += ["", "Goals (issues 8 and 14; set for an H200):", "", *goals]
     else:
         lines += ["", "The CPU run checks that the whole path works and how it ranks against `generate()` on a small "
                   "machine; the issue's goals are for an H200 and are judged in the GPU section. On a host shared "
-                  "with other work, rows measured minutes apart can differ more than the systems do (here the "
-                  "batched baselines at 32 and 64); with 16 new tokens, prefill (eager on the CPU) is most of the "
-                  "work, and the server admits staggered arrivals as several small prefills."]
+                  "with other work, rows measured minutes apart can differ more than the systems do."]
     return kind, "\n".join(lines)
 
 
 def _goal(label: str, value: float, goal: float, unit: str) -> str:
     verdict = "met" if value >= goal else f"missed, at {value / goal:.0%} of it"
+    if unit == TIMES:
+        return f"- {label}: {value:.2f}{TIMES} (goal ≥ {goal:g}{TIMES}; {verdict})"
     return f"- {label}: {value:,.0f} {unit} (goal ≥ {goal:,.0f}; {verdict})"
 
 
@@ -699,6 +742,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the stratus_workers tree to measure (another checkout: before and after)")
     parser.add_argument("--baseline-concurrency", nargs="+", type=int, default=None,
                         help="concurrencies of the generate() baselines (default: those of the server)")
+    parser.add_argument("--label", help="name the server rows of this run (e.g. the tree --code measures)")
     parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--json", type=Path, help="also dump the raw rows here")
@@ -746,7 +790,8 @@ def main(argv: list[str] | None = None) -> int:
         meta=machine(resolve_device(args.device)),
         settings=dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, rounds=args.rounds,
                       client_procs=args.client_procs, stagger_ms=args.stagger_ms, engine=args.engine,
-                      shared_system_tokens=args.shared_system_tokens, shared_turn_tokens=args.shared_turn_tokens),
+                      shared_system_tokens=args.shared_system_tokens, shared_turn_tokens=args.shared_turn_tokens,
+                      label=args.label),
         rows=rows,
     )
     if args.json:

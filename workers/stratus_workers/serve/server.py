@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -578,6 +579,9 @@ class ModelServer:
             self._grpc.add_secure_port(bind, tls.server_credentials()) if tls else self._grpc.add_insecure_port(bind)
         )
         await self._grpc.start()
+        # What this process loaded stays for good: keep it out of every full collection (worker.py says why).
+        gc.collect()
+        gc.freeze()
         serving = self.engine.failure is None  # an engine that died while starting is not serving
         await self._set_health(
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -33,6 +34,17 @@ log = logging.getLogger(__name__)
 
 BEAT_SECONDS = 0.2
 PR_SET_PDEATHSIG = 1
+
+
+def freeze_heap() -> None:
+    """Move everything loaded so far (torch, the model, compiled kernels) out of the garbage collector's reach.
+
+    A full collection walks every tracked object; with a few hundred thousand objects from torch and
+    the compiler it stalls the loop for 100-600 ms (measured on the 2-core machine), long enough to
+    show in time to first token. None of these objects ever becomes garbage.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def die_with_parent() -> None:
@@ -114,6 +126,7 @@ def serve(channel: Channel) -> int:
         core, info = build_core(loaded, settings, parallel)
         if settings.warmup:
             core.warmup()
+        freeze_heap()
         channel.send(("ready", info, loaded.tokenizer))
         def emit(message: tuple[Any, ...]) -> None:
             channel.send(message)
