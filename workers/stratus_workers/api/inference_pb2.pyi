@@ -158,7 +158,9 @@ class GenerateRequest(_message.Message):
     return_logprobs: _builtins.bool
     """Return the log-probability of each generated token."""
     model: _builtins.str
-    """Optional: the model name the caller expects; a mismatch is NOT_FOUND."""
+    """Optional: the model to answer with; a name this endpoint does not serve is NOT_FOUND. A router
+    answers to its own name (routing by policy) and to each name its backends report (that model only).
+    """
     request_id: _builtins.str
     """Optional caller-chosen id, echoed back and used in logs."""
     policy: Global___RoutingPolicy.ValueType
@@ -517,10 +519,15 @@ class BackendStatus(_message.Message):
     ADDRESS_FIELD_NUMBER: _builtins.int
     TIER_FIELD_NUMBER: _builtins.int
     HEALTHY_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     address: _builtins.str
     tier: Global___Tier.ValueType
     healthy: _builtins.bool
+    model: _builtins.str
+    """The model the backend serves (its ModelInfo.model); a GenerateRequest naming it is answered by
+    backends serving that model only. Empty until the backend has answered once.
+    """
     def __init__(
         self,
         *,
@@ -528,10 +535,11 @@ class BackendStatus(_message.Message):
         address: _builtins.str = ...,
         tier: Global___Tier.ValueType = ...,
         healthy: _builtins.bool = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "healthy", b"healthy", "name", b"name", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "healthy", b"healthy", "model", b"model", "name", b"name", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -51,11 +51,13 @@ def render_prompt(tokenizer: Any, request: pb.GenerateRequest) -> list[int]:
         for i, message in enumerate(request.chat.messages):
             if message.role not in CHAT_ROLES:
                 raise ProtocolError(
-                    _INVALID, f"chat.messages[{i}].role is {message.role!r}; use one of {', '.join(CHAT_ROLES)}"
+                    _INVALID,
+                    f"chat.messages[{i}].role is {message.role!r}; use one of {', '.join(CHAT_ROLES)}",
+                    f"chat.messages[{i}].role",
                 )
             messages.append({"role": message.role, "content": message.content})
         if not messages:
-            raise ProtocolError(_INVALID, "chat.messages is empty; send at least one message")
+            raise ProtocolError(_INVALID, "chat.messages is empty; send at least one message", "chat.messages")
         if getattr(tokenizer, "chat_template", None):
             encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
             return list(encoded["input_ids"])
@@ -63,16 +65,20 @@ def render_prompt(tokenizer: Any, request: pb.GenerateRequest) -> list[int]:
         return list(tokenizer.encode(text))
     if kind == "prompt":
         if not request.prompt:
-            raise ProtocolError(_INVALID, "prompt is empty")
+            raise ProtocolError(_INVALID, "prompt is empty", "prompt")
         return list(tokenizer.encode(request.prompt))
-    raise ProtocolError(_INVALID, "the request has neither prompt nor chat; set one of them")
+    raise ProtocolError(_INVALID, "the request has neither prompt nor chat; set one of them", "prompt")
 
 
 def _check_distribution(temperature: float, top_p: float, prefix: str) -> None:
     if not 0.0 <= temperature <= 2.0:
-        raise ProtocolError(_INVALID, f"{prefix}temperature is {temperature}; it must be within [0, 2] (0 is greedy)")
+        raise ProtocolError(
+            _INVALID,
+            f"{prefix}temperature is {temperature}; it must be within [0, 2] (0 is greedy)",
+            f"{prefix}temperature",
+        )
     if not 0.0 <= top_p <= 1.0:
-        raise ProtocolError(_INVALID, f"{prefix}top_p is {top_p}; it must be within [0, 1]")
+        raise ProtocolError(_INVALID, f"{prefix}top_p is {top_p}; it must be within [0, 1]", f"{prefix}top_p")
 
 
 def generation_sampling(request: pb.GenerateRequest, *, max_new_tokens: int, default_new_tokens: int) -> Sampling:
@@ -83,13 +89,17 @@ def generation_sampling(request: pb.GenerateRequest, *, max_new_tokens: int, def
     """
     wanted = request.max_new_tokens or min(default_new_tokens, max_new_tokens)
     if wanted > max_new_tokens:
-        raise ProtocolError(_INVALID, f"max_new_tokens is {wanted}; this server allows at most {max_new_tokens}")
+        raise ProtocolError(
+            _INVALID, f"max_new_tokens is {wanted}; this server allows at most {max_new_tokens}", "max_new_tokens"
+        )
     _check_distribution(request.temperature, request.top_p, "")
     if len(request.stop) > MAX_STOP_SEQUENCES:
-        raise ProtocolError(_INVALID, f"{len(request.stop)} stop sequences given; at most {MAX_STOP_SEQUENCES}")
+        raise ProtocolError(
+            _INVALID, f"{len(request.stop)} stop sequences given; at most {MAX_STOP_SEQUENCES}", "stop"
+        )
     for i, stop in enumerate(request.stop):
         if not stop or len(stop) > MAX_STOP_LENGTH:
-            raise ProtocolError(_INVALID, f"stop[{i}] must be 1 to {MAX_STOP_LENGTH} characters")
+            raise ProtocolError(_INVALID, f"stop[{i}] must be 1 to {MAX_STOP_LENGTH} characters", f"stop[{i}]")
     return Sampling(
         max_new_tokens=wanted,
         temperature=float(request.temperature),
@@ -121,4 +131,4 @@ def speculative_sampling(request: pb.GenerateRequest) -> pb.SpeculativeSampling:
 def check_session_id(session_id: str) -> None:
     """ProtocolError unless `session_id` is 1 to MAX_SESSION_ID characters."""
     if not session_id or len(session_id) > MAX_SESSION_ID:
-        raise ProtocolError(_INVALID, f"session_id must be 1 to {MAX_SESSION_ID} characters")
+        raise ProtocolError(_INVALID, f"session_id must be 1 to {MAX_SESSION_ID} characters", "session_id")

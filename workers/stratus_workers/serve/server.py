@@ -160,6 +160,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise ProtocolError(
                 grpc.StatusCode.NOT_FOUND,
                 f"model {request.model!r} is not served here; this server hosts {self.name!r}",
+                "model",
             )
         prompt = render_prompt(self.loaded.tokenizer, request)
         if len(prompt) > self.config.max_prompt_tokens:
@@ -167,6 +168,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"prompt too long: {len(prompt)} tokens; this {self.config.tier} server accepts at most "
                 f"{self.config.max_prompt_tokens} (max_prompt_tokens); shorten it or send it to a larger tier",
+                "chat" if request.HasField("chat") else "prompt",
             )
         params = generation_sampling(
             request, max_new_tokens=self.config.max_new_tokens, default_new_tokens=self.config.default_new_tokens
@@ -227,7 +229,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise ProtocolError(grpc.StatusCode.INTERNAL, "generation ended without a result")
         except ProtocolError as exc:
             code = exc.code
-            await context.abort(exc.code, exc.message)
+            await exc.abort(context)
             raise  # unreachable: abort raises
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
@@ -258,7 +260,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 )
         except ProtocolError as exc:
             code = exc.code
-            await context.abort(exc.code, exc.message)
+            await exc.abort(context)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
@@ -275,7 +277,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 return await call()
         except ProtocolError as exc:
             code = exc.code
-            await context.abort(exc.code, exc.message)
+            await exc.abort(context)
         finally:
             self.metrics.requests.labels(method, code.name).inc()
 

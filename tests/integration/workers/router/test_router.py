@@ -174,12 +174,13 @@ async def test_openai_http_api(model_server, router_config, running_router) -> N
             for bad, fragment in [
                 ({"messages": []}, "messages"),
                 ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, "max_tokens"),
-                ({"prompt": "x", "max_tokens": 100000}, "max_new_tokens"),
+                ({"prompt": "x", "max_tokens": 100000}, "max_tokens"),  # the server's limit, in HTTP terms
             ]:
                 path = "/v1/completions" if "prompt" in bad else "/v1/chat/completions"
                 async with http.post(base + path, json=bad) as resp:
                     assert resp.status == 400
-                    assert fragment in (await resp.json())["error"]["message"]
+                    error = (await resp.json())["error"]
+                    assert fragment in error["message"] and error["param"] == fragment
             async with http.get(f"{base}/v1/models") as resp:
                 assert (await resp.json())["data"][0]["id"] == "smol"
             async with http.get(f"{base}/metrics") as resp:
