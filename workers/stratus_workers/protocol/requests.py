@@ -94,9 +94,7 @@ def generation_sampling(request: pb.GenerateRequest, *, max_new_tokens: int, def
         )
     _check_distribution(request.temperature, request.top_p, "")
     if len(request.stop) > MAX_STOP_SEQUENCES:
-        raise ProtocolError(
-            _INVALID, f"{len(request.stop)} stop sequences given; at most {MAX_STOP_SEQUENCES}", "stop"
-        )
+        raise ProtocolError(_INVALID, f"{len(request.stop)} stop sequences given; at most {MAX_STOP_SEQUENCES}", "stop")
     for i, stop in enumerate(request.stop):
         if not stop or len(stop) > MAX_STOP_LENGTH:
             raise ProtocolError(_INVALID, f"stop[{i}] must be 1 to {MAX_STOP_LENGTH} characters", f"stop[{i}]")

@@ -4,8 +4,8 @@
 OpenAI API documents for them is supported (it changes the answer the way OpenAI says) or refused with a
 400 whose `param` names it. A refused parameter may still be sent with its neutral value (`n: 1`,
 `tools: []`, `echo: false`, ...), which asks for nothing. A parameter that is not in the table is refused
-too (`unknown_parameter`), so nothing a client sends is silently ignored. docs/openai.md shows the table
-(a test checks the copy).
+too (`unknown_parameter`), so nothing a client sends is silently ignored. docs/reliability.md shows the
+table (a test checks the copy).
 """
 
 from __future__ import annotations
@@ -43,28 +43,54 @@ class Parameter:
 
 
 PARAMETERS: tuple[Parameter, ...] = (
-    Parameter("messages", CHAT, True, "text content, as a string or a list of `text` parts; roles `system`, "
-              "`developer` (as system), `user`, `assistant`; other part types, `tool`/`function` roles and a "
-              "message `name` are refused"),
-    Parameter("prompt", COMPLETIONS, True, "one string (or a list holding one); token-id prompts and several "
-              "prompts are refused"),
-    Parameter("model", BOTH, True, "the router's own name (routes by policy) or a tier's model name (that "
-              "model only), see `GET /v1/models`; unknown names get 404 `model_not_found`; omitted: the "
-              "router's own name"),
-    Parameter("max_tokens", BOTH, True, "1 to 2^32-1, and at most the answering server's limit; omitted: the "
-              "server's default"),
+    Parameter(
+        "messages",
+        CHAT,
+        True,
+        "text content, as a string or a list of `text` parts; roles `system`, "
+        "`developer` (as system), `user`, `assistant`; other part types, `tool`/`function` roles and a "
+        "message `name` are refused",
+    ),
+    Parameter(
+        "prompt",
+        COMPLETIONS,
+        True,
+        "one string (or a list holding one); token-id prompts and several prompts are refused",
+    ),
+    Parameter(
+        "model",
+        BOTH,
+        True,
+        "the router's own name (routes by policy) or a tier's model name (that "
+        "model only), see `GET /v1/models`; unknown names get 404 `model_not_found`; omitted: the "
+        "router's own name",
+    ),
+    Parameter(
+        "max_tokens", BOTH, True, "1 to 2^32-1, and at most the answering server's limit; omitted: the server's default"
+    ),
     Parameter("max_completion_tokens", CHAT, True, "as `max_tokens` (give one of them)"),
     Parameter("temperature", BOTH, True, "0 to 2; 0 is greedy"),
     Parameter("top_p", BOTH, True, "0 to 1; 0 keeps only the most likely token (greedy)"),
     Parameter("seed", BOTH, True, "0 to 2^64-1; the same seed and request give the same answer"),
-    Parameter("stop", BOTH, True, f"a string or up to {MAX_STOP_SEQUENCES} strings of 1 to {MAX_STOP_LENGTH} "
-              "characters"),
+    Parameter(
+        "stop", BOTH, True, f"a string or up to {MAX_STOP_SEQUENCES} strings of 1 to {MAX_STOP_LENGTH} characters"
+    ),
     Parameter("stream", BOTH, True, "server-sent events, ending with `data: [DONE]`"),
-    Parameter("stream_options", BOTH, True, "`include_usage` adds a last chunk with the usage and no choices; "
-              "`include_obfuscation: true` is refused; only with `stream: true`"),
+    Parameter(
+        "stream_options",
+        BOTH,
+        True,
+        "`include_usage` adds a last chunk with the usage and no choices; "
+        "`include_obfuscation: true` is refused; only with `stream: true`",
+    ),
     Parameter("logprobs", CHAT, True, "the log-probability of each generated token, streamed too"),
-    Parameter("logprobs", COMPLETIONS, True, "0: each generated token's log-probability (`tokens`, "
-              "`token_logprobs`, `text_offset`); more than 0 (alternatives per token) is refused"),
+    Parameter(
+        "logprobs",
+        COMPLETIONS,
+        True,
+        "0: each generated token's log-probability (`tokens`, "
+        "`token_logprobs`, `text_offset`); more than 0 (alternatives per token) is refused",
+    ),
     Parameter("top_logprobs", CHAT, True, "0 only (with `logprobs: true`); more is refused"),
     Parameter("user", BOTH, True, "used as the request id in the router's and servers' logs"),
     Parameter("metadata", CHAT, True, "up to 16 string pairs, returned in the response's `metadata`"),
@@ -78,8 +104,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("frequency_penalty", BOTH, False, "no penalties", neutral=(0,)),
     Parameter("presence_penalty", BOTH, False, "no penalties", neutral=(0,)),
     Parameter("logit_bias", BOTH, False, "no logit bias", neutral=({},)),
-    Parameter("response_format", CHAT, False, "plain text only: JSON modes are refused",
-              neutral=({"type": "text"},)),
+    Parameter("response_format", CHAT, False, "plain text only: JSON modes are refused", neutral=({"type": "text"},)),
     Parameter("tools", CHAT, False, "no tool calling", neutral=([],)),
     Parameter("tool_choice", CHAT, False, "no tool calling", neutral=("none",)),
     Parameter("parallel_tool_calls", CHAT, False, "no tool calling"),
@@ -91,9 +116,9 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("verbosity", CHAT, False, "no verbosity control"),
     Parameter("web_search_options", CHAT, False, "no web search"),
     Parameter("moderation", CHAT, False, "no moderation"),
-    Parameter("prompt_cache_key", CHAT, False, "the servers' prefix cache needs no key"),
-    Parameter("prompt_cache_options", CHAT, False, "the servers' prefix cache takes no options"),
-    Parameter("prompt_cache_retention", CHAT, False, "the servers' prefix cache takes no options"),
+    Parameter("prompt_cache_key", CHAT, False, "no prompt-cache controls"),
+    Parameter("prompt_cache_options", CHAT, False, "no prompt-cache controls"),
+    Parameter("prompt_cache_retention", CHAT, False, "no prompt-cache controls"),
     Parameter("safety_identifier", CHAT, False, "no abuse monitoring"),
 )
 
@@ -101,6 +126,20 @@ PARAMETERS: tuple[Parameter, ...] = (
 def parameters(endpoint: Endpoint) -> dict[str, Parameter]:
     """The parameters of one endpoint by name."""
     return {p.name: p for p in PARAMETERS if endpoint in p.endpoints}
+
+
+def parameter_table() -> str:
+    """The parameter table as markdown (docs/reliability.md holds a copy between `openai-parameters` markers)."""
+    rows = ["| parameter | endpoints | here |", "|---|---|---|"]
+    for p in PARAMETERS:
+        where = ", ".join("chat" if e == "chat" else "completions" for e in p.endpoints)
+        if p.supported:
+            here = f"supported: {p.note}"
+        else:
+            accepted = " or ".join(f"`{json.dumps(n)}`" for n in p.neutral)
+            here = f"refused with 400 (`unsupported_parameter`){' unless ' + accepted if accepted else ''}: {p.note}"
+        rows.append(f"| `{p.name}` | {where} | {here} |")
+    return "\n".join(rows) + "\n"
 
 
 # OpenAI's error `type` for each HTTP status this API answers with (one vocabulary, docs/openai.md).
@@ -253,7 +292,9 @@ def _check_names(body: dict[str, Any], endpoint: Endpoint) -> None:
         spec = known.get(key)
         if spec is None:
             where = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
-            raise bad(key, f"unknown parameter {key!r} for {where}; docs/openai.md lists them", "unknown_parameter")
+            raise bad(
+                key, f"unknown parameter {key!r} for {where}; docs/reliability.md lists them", "unknown_parameter"
+            )
         if not spec.supported and value is not None and not _neutral(value, spec.neutral):
             raise bad(
                 key,
@@ -277,10 +318,11 @@ def _text_content(content: Any, where: str) -> str:
     for j, part in enumerate(content):
         at = f"{where}[{j}]"
         if not isinstance(part, dict):
-            raise bad(at, f"{at} must be an object like {{\"type\": \"text\", \"text\": ...}}", "invalid_type")
+            raise bad(at, f'{at} must be an object like {{"type": "text", "text": ...}}', "invalid_type")
         if part.get("type") != "text":
-            raise bad(f"{at}.type", f"{at}.type is {part.get('type')!r}; only text parts are supported",
-                      "unsupported_value")
+            raise bad(
+                f"{at}.type", f"{at}.type is {part.get('type')!r}; only text parts are supported", "unsupported_value"
+            )
         extra = sorted(set(part) - {"type", "text"})
         if extra:
             raise bad(f"{at}.{extra[0]}", f"{at}.{extra[0]} is not supported here", "unsupported_parameter")
@@ -296,16 +338,22 @@ _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant"
 def _messages(body: dict[str, Any], request: pb.GenerateRequest) -> None:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise bad("messages", "messages must be a non-empty list of {role, content} objects",
-                  "missing_required_parameter" if messages is None else "invalid_type")
+        raise bad(
+            "messages",
+            "messages must be a non-empty list of {role, content} objects",
+            "missing_required_parameter" if messages is None else "invalid_type",
+        )
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise bad(where, f"{where} must be an object with role and content", "invalid_type")
         role = message.get("role")
         if role in ("tool", "function"):
-            raise bad(f"{where}.role", f"{where}.role {role!r} needs tool calling, which is not supported here",
-                      "unsupported_value")
+            raise bad(
+                f"{where}.role",
+                f"{where}.role {role!r} needs tool calling, which is not supported here",
+                "unsupported_value",
+            )
         if role not in _ROLES:
             raise bad(f"{where}.role", f"{where}.role is {role!r}; use one of {', '.join(_ROLES)}")
         for key in message:
@@ -314,9 +362,11 @@ def _messages(body: dict[str, Any], request: pb.GenerateRequest) -> None:
             if key in ("refusal", "tool_calls", "function_call", "audio") and message[key] in (None, []):
                 continue
             known = key in ("name", "refusal", "tool_calls", "function_call", "audio", "tool_call_id")
-            raise bad(f"{where}.{key}", f"{where}.{key} is not supported here" if known
-                      else f"unknown parameter {where}.{key}", "unsupported_parameter" if known
-                      else "unknown_parameter")
+            raise bad(
+                f"{where}.{key}",
+                f"{where}.{key} is not supported here" if known else f"unknown parameter {where}.{key}",
+                "unsupported_parameter" if known else "unknown_parameter",
+            )
         if "content" not in message or message["content"] is None:
             raise bad(f"{where}.content", f"{where}.content is missing", "missing_required_parameter")
         request.chat.messages.add(role=_ROLES[role], content=_text_content(message["content"], f"{where}.content"))
@@ -377,8 +427,11 @@ def _stream_options(body: dict[str, Any], stream: bool) -> bool:
         if not isinstance(value, bool):
             raise bad(f"stream_options.{key}", f"stream_options.{key} must be true or false", "invalid_type")
     if options.get("include_obfuscation"):
-        raise bad("stream_options.include_obfuscation", "stream_options.include_obfuscation is not supported "
-                  "here; leave it out or send false", "unsupported_value")
+        raise bad(
+            "stream_options.include_obfuscation",
+            "stream_options.include_obfuscation is not supported here; leave it out or send false",
+            "unsupported_value",
+        )
     return bool(options.get("include_usage"))
 
 
@@ -423,14 +476,21 @@ def parse_request(body: Any, endpoint: Endpoint) -> OpenAIRequest:
         if top is not None and not request.return_logprobs:
             raise bad("top_logprobs", "top_logprobs needs logprobs: true")
         if top:
-            raise bad("top_logprobs", "top_logprobs above 0 is not supported here; send 0 or leave it out",
-                      "unsupported_value")
+            raise bad(
+                "top_logprobs",
+                "top_logprobs above 0 is not supported here; send 0 or leave it out",
+                "unsupported_value",
+            )
         parsed.metadata = _metadata(body)
     else:
         alternatives = _integer(body, "logprobs", 0, 5)
         if alternatives:
-            raise bad("logprobs", "logprobs above 0 (alternatives per token) is not supported here; send 0 for "
-                      "the generated tokens' log-probabilities", "unsupported_value")
+            raise bad(
+                "logprobs",
+                "logprobs above 0 (alternatives per token) is not supported here; send 0 for "
+                "the generated tokens' log-probabilities",
+                "unsupported_value",
+            )
         request.return_logprobs = alternatives is not None
 
     parsed.stream = _boolean(body, "stream")
@@ -445,6 +505,7 @@ __all__ = [
     "HTTPError",
     "OpenAIRequest",
     "Parameter",
+    "parameter_table",
     "parameters",
     "parse_json",
     "parse_request",

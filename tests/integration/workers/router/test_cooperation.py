@@ -222,10 +222,13 @@ async def test_router_refuses_draft_and_verify(model_server, router_config, runn
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-async def test_router_scores_with_the_requested_tier(model_server, draft_model_dir, router_config,
-                                                     running_router) -> None:
-    async with model_server(tier="cloud", name="cloud") as cloud, \
-            model_server(tier="edge", name="edge", model=str(draft_model_dir)) as edge:
+async def test_router_scores_with_the_requested_tier(
+    model_server, draft_model_dir, router_config, running_router
+) -> None:
+    async with (
+        model_server(tier="cloud", name="cloud") as cloud,
+        model_server(tier="edge", name="edge", model=str(draft_model_dir)) as edge,
+    ):
         config = router_config("cascade", [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")])
         async with running_router(config) as router, AsyncClient(router.address) as client:
             by_cloud = await client.score(" an answer", "A question?")
