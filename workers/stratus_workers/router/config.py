@@ -9,7 +9,7 @@ from pydantic import Field
 
 from stratus_workers.protocol.names import Policy as Policy
 from stratus_workers.protocol.names import Tier as Tier
-from stratus_workers.schema import SpecModel
+from stratus_workers.spec_model import SpecModel
 
 
 class CascadeSettings(SpecModel):
