@@ -182,6 +182,13 @@ async def test_openai_http_api(model_server, router_config, running_router) -> N
                     assert resp.status == 400
                     error = (await resp.json())["error"]
                     assert fragment in error["message"] and error["param"] == fragment
+            async with http.post(f"{base}/v1/chat/completions", json=body) as resp:
+                again = await resp.json()
+            assert again["stratus"]["cached"] and again["stratus"]["policy"] == "cascade"
+            assert again["choices"] == data["choices"]
+            async with http.post(f"{base}/v1/completions", data=b'{"prompt": "' + b"x" * (2 << 20) + b'"}') as resp:
+                assert resp.status == 413
+                assert (await resp.json())["error"]["type"] == "invalid_request_error"
             async with http.get(f"{base}/v1/models") as resp:
                 assert (await resp.json())["data"][0]["id"] == "smol"
             async with http.get(f"{base}/metrics") as resp:
