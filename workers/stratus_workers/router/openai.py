@@ -9,11 +9,12 @@ backend call.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -90,93 +91,175 @@ def _finish(reason: pb.FinishReason.ValueType) -> str:
 
 
 class _Logprobs:
-    """Per-token log-probabilities in the endpoint's shape; completions' `text_offset` runs on across chunks."""
+    """One choice's per-token log-probabilities in the endpoint's shape.
+
+    Completions' `text_offset` runs on across chunks, from the start of the choice's text (the echoed
+    prompt included); each token's offset advances by the length of its text.
+    """
 
     def __init__(self, chat: bool) -> None:
         self.chat = chat
         self.offset = 0
 
-    def shape(self, items: Any) -> dict[str, Any]:
-        tokens = [(lp.token, lp.logprob) for lp in items]
+    def shape(self, items: Any, *, first_unknown: bool = False) -> dict[str, Any]:
+        """`items` (pb.TokenLogprob); with `first_unknown`, the first one has no log-probability (a prompt's)."""
+        items = list(items)
         if self.chat:
             content = [
-                {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": []}
-                for token, logprob in tokens
+                {
+                    "token": lp.token,
+                    "logprob": lp.logprob,
+                    "bytes": list(lp.token.encode()),
+                    "top_logprobs": [
+                        {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode())}
+                        for t in lp.top_logprobs
+                    ],
+                }
+                for lp in items
             ]
             return {"content": content, "refusal": None}
         offsets = []
-        for token, _ in tokens:
+        for lp in items:
             offsets.append(self.offset)
-            self.offset += len(token)
+            self.offset += len(lp.token)
+        unknown = [first_unknown] + [False] * (len(items) - 1)
         return {
-            "tokens": [t for t, _ in tokens],
-            "token_logprobs": [lp for _, lp in tokens],
-            "top_logprobs": None,
+            "tokens": [lp.token for lp in items],
+            "token_logprobs": [None if u else lp.logprob for lp, u in zip(items, unknown, strict=False)],
+            "top_logprobs": [
+                None if u else {t.token: t.logprob for t in lp.top_logprobs}
+                for lp, u in zip(items, unknown, strict=False)
+            ]
+            if any(lp.top_logprobs for lp in items)
+            else None,
             "text_offset": offsets,
         }
 
+    @staticmethod
+    def join(echoed: dict[str, Any] | None, answer: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A completion choice's echoed prompt and answer log-probabilities as one."""
+        if echoed is None or answer is None:
+            return echoed or answer
+        joined = {key: echoed[key] + answer[key] for key in ("tokens", "token_logprobs", "text_offset")}
+        tops = echoed["top_logprobs"], answer["top_logprobs"]
+        joined["top_logprobs"] = (
+            None
+            if tops == (None, None)
+            else [*(tops[0] or [None] * len(echoed["tokens"])), *(tops[1] or [None] * len(answer["tokens"]))]
+        )
+        return joined
+
+
+class _Choice:
+    """The state of one choice while its answer is shaped: its index, log-probability offsets, whether it began."""
+
+    def __init__(self, index: int, parsed: OpenAIRequest) -> None:
+        self.index = index
+        self.parsed = parsed
+        self.logprobs = _Logprobs(parsed.chat)
+        self.started = False
+
+    def _echo(self, prompt_logprobs: Any) -> tuple[str, dict[str, Any] | None]:
+        """The echoed prompt's text and, when asked for, its tokens' log-probabilities."""
+        prompt = self.parsed.request.prompt
+        shaped = self.logprobs.shape(prompt_logprobs, first_unknown=True) if prompt_logprobs else None
+        self.logprobs.offset = len(prompt)  # the answer's offsets count from the end of the prompt's text
+        return prompt, shaped
+
+    def whole(self, response: pb.GenerateResponse) -> dict[str, Any]:
+        parsed = self.parsed
+        choice: dict[str, Any] = {"index": self.index, "finish_reason": _finish(response.finish_reason)}
+        prompt, echoed = self._echo(response.prompt_logprobs) if parsed.echo else ("", None)
+        answer = self.logprobs.shape(response.logprobs) if parsed.request.return_logprobs else None
+        if parsed.chat:
+            choice["message"] = {"role": "assistant", "content": response.text, "refusal": None}
+        else:
+            choice["text"] = prompt + response.text
+        choice["logprobs"] = _Logprobs.join(echoed, answer)
+        return choice
+
+    def delta(self, chunk: pb.GenerateStreamResponse) -> dict[str, Any] | None:
+        """The choice's part of a stream event for `chunk` (None for an empty chunk in the middle)."""
+        parsed = self.parsed
+        final = chunk.HasField("route")
+        first = not self.started
+        if not (chunk.text or chunk.logprobs or chunk.prompt_logprobs or final or first):
+            return None
+        self.started = True
+        choice: dict[str, Any] = {"index": self.index}
+        prompt, echoed = self._echo(chunk.prompt_logprobs) if parsed.echo and first else ("", None)
+        wants = parsed.request.return_logprobs
+        answer = self.logprobs.shape(chunk.logprobs) if wants and chunk.logprobs else None
+        if parsed.chat:
+            choice["delta"] = (
+                {"role": "assistant", "content": chunk.text}
+                if first
+                else ({"content": chunk.text} if chunk.text else {})
+            )
+        else:
+            choice["text"] = prompt + chunk.text
+        choice["logprobs"] = _Logprobs.join(echoed, answer)
+        choice["finish_reason"] = _finish(chunk.finish_reason) if final else None
+        return choice
+
 
 class _Answer:
-    """The fixed fields of one answer's response objects."""
+    """One request's response objects: the fixed fields, and its choices as they are shaped."""
 
     def __init__(self, parsed: OpenAIRequest, fallback_model: str) -> None:
         self.parsed = parsed
         self.id = ("chatcmpl-" if parsed.chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.fallback_model = fallback_model
-        self.logprobs = _Logprobs(parsed.chat)
+        self.choices = [_Choice(i, parsed) for i in range(parsed.n)]
+        self.object = (
+            ("chat.completion.chunk" if parsed.stream else "chat.completion") if parsed.chat else "text_completion"
+        )
 
-    def envelope(self, obj: str, model: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        payload: dict[str, Any] = {"id": self.id, "object": obj, "created": self.created, "model": model}
+    def envelope(self, model: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        payload: dict[str, Any] = {"id": self.id, "object": self.object, "created": self.created}
+        payload["model"] = model or self.fallback_model
         payload["choices"] = choices
         return payload
 
-    def model(self, answered: str) -> str:
-        return answered or self.fallback_model
-
-    def whole(self, response: pb.GenerateResponse) -> dict[str, Any]:
-        parsed = self.parsed
-        choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(response.finish_reason)}
-        if parsed.chat:
-            choice["message"] = {"role": "assistant", "content": response.text, "refusal": None}
-        else:
-            choice["text"] = response.text
-        choice["logprobs"] = self.logprobs.shape(response.logprobs) if parsed.request.return_logprobs else None
-        obj = "chat.completion" if parsed.chat else "text_completion"
-        payload = self.envelope(obj, self.model(response.model), [choice])
-        payload["usage"] = _usage(response.usage)
-        if parsed.chat and parsed.metadata is not None:
-            payload["metadata"] = parsed.metadata
-        payload["stratus"] = _stratus(response.route)
+    def whole(self, responses: list[pb.GenerateResponse]) -> dict[str, Any]:
+        first = responses[0]
+        payload = self.envelope(first.model, [c.whole(r) for c, r in zip(self.choices, responses, strict=True)])
+        payload["usage"] = _total_usage([r.usage for r in responses])
+        if self.parsed.chat and self.parsed.metadata is not None:
+            payload["metadata"] = self.parsed.metadata
+        payload["stratus"] = _stratus_of([r.route for r in responses])
         return payload
 
-    def chunks(self, chunk: pb.GenerateStreamResponse, first: bool) -> list[dict[str, Any]]:
-        """The server-sent events for one chunk of the router's stream (none for an empty middle chunk)."""
-        parsed = self.parsed
-        final = chunk.HasField("route")
-        if not (chunk.text or chunk.logprobs or final or first):
-            return []
-        finish = _finish(chunk.finish_reason) if final else None
-        choice: dict[str, Any] = {"index": 0}
-        if parsed.chat:
-            delta: dict[str, Any] = {"content": chunk.text} if chunk.text else {}
-            if first:
-                delta = {"role": "assistant", "content": chunk.text}
-            choice["delta"] = delta
-        else:
-            choice["text"] = chunk.text
-        wants = parsed.request.return_logprobs
-        choice["logprobs"] = self.logprobs.shape(chunk.logprobs) if wants and chunk.logprobs else None
-        choice["finish_reason"] = finish
-        obj = "chat.completion.chunk" if parsed.chat else "text_completion"
-        events = [self.envelope(obj, self.model(chunk.model), [choice])]
-        if final:
-            events[0]["stratus"] = _stratus(chunk.route)
-            if parsed.include_usage:
-                usage = self.envelope(obj, self.model(chunk.model), [])
-                usage["usage"] = _usage(chunk.usage)
-                events.append(usage)
-        return events
+    def event(self, index: int, chunk: pb.GenerateStreamResponse) -> dict[str, Any] | None:
+        """The stream event for choice `index`'s `chunk`; its last one says how the router answered it."""
+        choice = self.choices[index].delta(chunk)
+        if choice is None:
+            return None
+        event = self.envelope(chunk.model, [choice])
+        if chunk.HasField("route"):
+            event["stratus"] = _stratus(chunk.route)
+        return event
+
+    def usage_event(self, usages: list[pb.Usage]) -> dict[str, Any]:
+        event = self.envelope("", [])
+        event["usage"] = _total_usage(usages)
+        return event
+
+
+def _total_usage(usages: list[pb.Usage]) -> dict[str, int]:
+    """The usage of all choices: the prompt counted once, every choice's completion tokens."""
+    prompt = usages[0].prompt_tokens if usages else 0
+    completion = sum(u.completion_tokens for u in usages)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _stratus_of(routes: list[pb.RouteInfo]) -> dict[str, Any]:
+    """How the router answered: the first choice's route, and with several choices each one's."""
+    info = _stratus(routes[0])
+    if len(routes) > 1:
+        info["choices"] = [_stratus(route) for route in routes]
+    return info
 
 
 def add_openai_routes(app: web.Application, router: Router) -> None:
@@ -194,31 +277,39 @@ def add_openai_routes(app: web.Application, router: Router) -> None:
             parsed.request.policy = policy_value(policy)
         return parsed
 
-    async def completions(http: web.Request, endpoint: str) -> web.StreamResponse:
-        parsed = await parse(http, endpoint)
-        answer = _Answer(parsed, router.name)
-        if not parsed.stream:
-            try:
-                response = await router.generate(parsed.request)
-            except ProtocolError as exc:
-                raise parsed.error(exc) from exc
-            tier = TIER_FROM_PB.get(response.route.tier, "")
-            return web.json_response(answer.whole(response), headers={"X-Stratus-Tier": tier})
-        async with contextlib.aclosing(router.stream(parsed.request)) as chunks:
+    async def whole(parsed: OpenAIRequest, answer: _Answer) -> web.Response:
+        try:
+            async with asyncio.TaskGroup() as group:  # one choice failing cancels the others
+                tasks = [group.create_task(router.generate(r)) for r in parsed.requests()]
+        except* ProtocolError as failed:
+            raise parsed.error(failed.exceptions[0]) from None  # type: ignore[arg-type]
+        responses = [t.result() for t in tasks]
+        tier = TIER_FROM_PB.get(responses[0].route.tier, "")
+        return web.json_response(answer.whole(responses), headers={"X-Stratus-Tier": tier})
+
+    async def streamed(http: web.Request, parsed: OpenAIRequest, answer: _Answer) -> web.StreamResponse:
+        async with contextlib.AsyncExitStack() as stack:
+            streams = [
+                await stack.enter_async_context(contextlib.aclosing(router.stream(r))) for r in parsed.requests()
+            ]
             try:
                 # Refusals come before the first chunk: answer them with their HTTP status, not a stream.
-                head = await anext(chunks)
-                first_events = answer.chunks(head, first=True)
-            except StopAsyncIteration as exc:
-                raise HTTPError(500, "the answer ended before it began", code="internal") from exc
-            except ProtocolError as exc:
-                raise parsed.error(exc) from exc
+                async with asyncio.TaskGroup() as group:
+                    heads = [group.create_task(anext(s)) for s in streams]
+            except* ProtocolError as failed:
+                raise parsed.error(failed.exceptions[0]) from None  # type: ignore[arg-type]
+            except* StopAsyncIteration:
+                raise HTTPError(500, "an answer ended before it began", code="internal") from None
             out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await out.prepare(http)
-            await _send(out, first_events)
+            usages: list[pb.Usage] = [pb.Usage()] * len(streams)
             try:
-                async for chunk in chunks:
-                    await _send(out, answer.chunks(chunk, first=False))
+                async for index, chunk in _merged([h.result() for h in heads], streams):
+                    if chunk.HasField("route"):
+                        usages[index] = chunk.usage
+                    await _send(out, [answer.event(index, chunk)])
+                if parsed.include_usage:
+                    await _send(out, [answer.usage_event(usages)])
             except ProtocolError as exc:
                 await _send(out, [parsed.error(exc).body()])
             except HTTPError as exc:
@@ -226,6 +317,13 @@ def add_openai_routes(app: web.Application, router: Router) -> None:
         await out.write(b"data: [DONE]\n\n")
         await out.write_eof()
         return out
+
+    async def completions(http: web.Request, endpoint: str) -> web.StreamResponse:
+        parsed = await parse(http, endpoint)
+        answer = _Answer(parsed, router.name)
+        if parsed.stream:
+            return await streamed(http, parsed, answer)
+        return await whole(parsed, answer)
 
     async def chat_completions(http: web.Request) -> web.StreamResponse:
         return await completions(http, "chat")
@@ -253,6 +351,44 @@ def add_openai_routes(app: web.Application, router: Router) -> None:
     app.router.add_get("/v1/models/{model:.+}", model)
 
 
-async def _send(out: web.StreamResponse, events: list[dict[str, Any]]) -> None:
+async def _merged(
+    heads: Sequence[pb.GenerateStreamResponse], streams: Sequence[AsyncIterator[pb.GenerateStreamResponse]]
+) -> AsyncIterator[tuple[int, pb.GenerateStreamResponse]]:
+    """Each stream's chunks tagged with its index, as they come (the heads first); the first failure ends it."""
+    for index, head in enumerate(heads):
+        yield index, head
+    if len(streams) == 1:
+        async for chunk in streams[0]:
+            yield 0, chunk
+        return
+    queue: asyncio.Queue[tuple[int, pb.GenerateStreamResponse | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[pb.GenerateStreamResponse]) -> None:
+        try:
+            async for chunk in stream:
+                await queue.put((index, chunk))
+        except Exception as exc:
+            await queue.put((index, exc))
+        await queue.put((index, None))
+
+    pumps = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_streams = len(streams)
+        while open_streams:
+            index, item = await queue.get()
+            if item is None:
+                open_streams -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+
+
+async def _send(out: web.StreamResponse, events: list[dict[str, Any] | None]) -> None:
     for event in events:
-        await out.write(f"data: {json.dumps(event)}\n\n".encode())
+        if event is not None:
+            await out.write(f"data: {json.dumps(event)}\n\n".encode())

@@ -19,7 +19,14 @@ import grpc
 
 from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.protocol.errors import ProtocolError
-from stratus_workers.protocol.requests import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES
+from stratus_workers.protocol.requests import (
+    MAX_BIAS,
+    MAX_LOGIT_BIAS,
+    MAX_PENALTY,
+    MAX_STOP_LENGTH,
+    MAX_STOP_SEQUENCES,
+    MAX_TOP_LOGPROBS,
+)
 
 Endpoint = Literal["chat", "completions"]
 BOTH: tuple[Endpoint, ...] = ("chat", "completions")
@@ -88,23 +95,44 @@ PARAMETERS: tuple[Parameter, ...] = (
         "logprobs",
         COMPLETIONS,
         True,
-        "0: each generated token's log-probability (`tokens`, "
-        "`token_logprobs`, `text_offset`); more than 0 (alternatives per token) is refused",
+        "0 to 5: each generated token's log-probability (`tokens`, `token_logprobs`, `text_offset`) and, above "
+        "0, that many most likely tokens per position (`top_logprobs`); streamed too",
     ),
-    Parameter("top_logprobs", CHAT, True, "0 only (with `logprobs: true`); more is refused"),
+    Parameter("top_logprobs", CHAT, True, "0 to 20 most likely tokens per position (with `logprobs: true`)"),
+    Parameter(
+        "frequency_penalty",
+        BOTH,
+        True,
+        "-2 to 2: a token's logit drops by this times the times it appeared in the answer so far",
+    ),
+    Parameter("presence_penalty", BOTH, True, "-2 to 2: a token's logit drops by this once it appeared in the answer"),
+    Parameter(
+        "logit_bias",
+        BOTH,
+        True,
+        f"up to {MAX_LOGIT_BIAS} token ids (as strings) with a bias of -100 to 100 added to their logits",
+    ),
+    Parameter("n", BOTH, True, "1 to 128 choices, generated concurrently; with a `seed`, choice i uses seed + i"),
+    Parameter(
+        "echo",
+        COMPLETIONS,
+        True,
+        "the prompt comes back before the completion; with `logprobs`, its tokens too (the first one's null)",
+    ),
     Parameter("user", BOTH, True, "used as the request id in the router's and servers' logs"),
     Parameter("metadata", CHAT, True, "up to 16 string pairs, returned in the response's `metadata`"),
     Parameter("store", CHAT, False, "nothing is stored", neutral=(False,)),
     Parameter("service_tier", CHAT, False, "there is one processing tier", neutral=("auto", "default")),
     Parameter("modalities", CHAT, False, "text only", neutral=(["text"],)),
-    Parameter("n", BOTH, False, "one choice per request", neutral=(1,)),
-    Parameter("best_of", COMPLETIONS, False, "one candidate per request", neutral=(1,)),
-    Parameter("echo", COMPLETIONS, False, "the prompt is not returned", neutral=(False,)),
+    Parameter("best_of", COMPLETIONS, False, "no server-side choice among candidates (use `n`)", neutral=(1,)),
     Parameter("suffix", COMPLETIONS, False, "no insertion", neutral=("",)),
-    Parameter("frequency_penalty", BOTH, False, "no penalties", neutral=(0,)),
-    Parameter("presence_penalty", BOTH, False, "no penalties", neutral=(0,)),
-    Parameter("logit_bias", BOTH, False, "no logit bias", neutral=({},)),
-    Parameter("response_format", CHAT, False, "plain text only: JSON modes are refused", neutral=({"type": "text"},)),
+    Parameter(
+        "response_format",
+        CHAT,
+        False,
+        "plain text only: JSON modes would need constrained decoding, which the servers do not do",
+        neutral=({"type": "text"},),
+    ),
     Parameter("tools", CHAT, False, "no tool calling", neutral=([],)),
     Parameter("tool_choice", CHAT, False, "no tool calling", neutral=("none",)),
     Parameter("parallel_tool_calls", CHAT, False, "no tool calling"),
@@ -202,6 +230,23 @@ class OpenAIRequest:
     include_usage: bool = False
     tokens_param: str = "max_tokens"
     metadata: dict[str, str] | None = None
+    n: int = 1
+    echo: bool = False  # completions: the prompt comes back before the completion
+
+    def requests(self) -> list[pb.GenerateRequest]:
+        """One GenerateRequest per choice; with a seed, choice i samples with seed + i."""
+        if self.n == 1:
+            return [self.request]
+        choices = []
+        for i in range(self.n):
+            request = pb.GenerateRequest()
+            request.CopyFrom(self.request)
+            if request.HasField("seed"):
+                request.seed = (request.seed + i) % (UINT64_MAX + 1)
+            if request.request_id:
+                request.request_id = f"{request.request_id}#{i}"
+            choices.append(request)
+        return choices
 
     @property
     def chat(self) -> bool:
@@ -402,6 +447,24 @@ def _stop(body: dict[str, Any], request: pb.GenerateRequest) -> None:
     request.stop.extend(stops)
 
 
+def _logit_bias(body: dict[str, Any], request: pb.GenerateRequest) -> None:
+    bias = body.get("logit_bias")
+    if bias is None:
+        return
+    if not isinstance(bias, dict):
+        raise bad("logit_bias", "logit_bias must be an object of token ids (as strings) to biases", "invalid_type")
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise bad("logit_bias", f"logit_bias holds {len(bias)} tokens; at most {MAX_LOGIT_BIAS}")
+    for key, value in bias.items():
+        if not key.isdigit() or int(key) > 2**31 - 1:
+            raise bad("logit_bias", f'logit_bias key {key!r} is not a token id; use token ids as strings, e.g. "42"')
+        if isinstance(value, bool) or not isinstance(value, int | float) or not -MAX_BIAS <= value <= MAX_BIAS:
+            raise bad(
+                "logit_bias", f"logit_bias[{key!r}] is {json.dumps(value)}; it must be a number within [-100, 100]"
+            )
+        request.logit_bias[int(key)] = float(value)
+
+
 def _metadata(body: dict[str, Any]) -> dict[str, str] | None:
     metadata = body.get("metadata")
     if metadata is None:
@@ -470,28 +533,23 @@ def parse_request(body: Any, endpoint: Endpoint) -> OpenAIRequest:
         request.seed = seed
     _stop(body, request)
 
+    request.presence_penalty = _number(body, "presence_penalty", -MAX_PENALTY, MAX_PENALTY) or 0.0
+    request.frequency_penalty = _number(body, "frequency_penalty", -MAX_PENALTY, MAX_PENALTY) or 0.0
+    _logit_bias(body, request)
+    parsed.n = _integer(body, "n", 1, 128) or 1
     if endpoint == "chat":
         request.return_logprobs = _boolean(body, "logprobs")
-        top = _integer(body, "top_logprobs", 0, 20)
+        top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
         if top is not None and not request.return_logprobs:
             raise bad("top_logprobs", "top_logprobs needs logprobs: true")
-        if top:
-            raise bad(
-                "top_logprobs",
-                "top_logprobs above 0 is not supported here; send 0 or leave it out",
-                "unsupported_value",
-            )
+        request.top_logprobs = top or 0
         parsed.metadata = _metadata(body)
     else:
         alternatives = _integer(body, "logprobs", 0, 5)
-        if alternatives:
-            raise bad(
-                "logprobs",
-                "logprobs above 0 (alternatives per token) is not supported here; send 0 for "
-                "the generated tokens' log-probabilities",
-                "unsupported_value",
-            )
         request.return_logprobs = alternatives is not None
+        request.top_logprobs = alternatives or 0
+        parsed.echo = _boolean(body, "echo")
+        request.echo = parsed.echo and request.return_logprobs  # the prompt's text needs no model
 
     parsed.stream = _boolean(body, "stream")
     parsed.include_usage = _stream_options(body, parsed.stream)

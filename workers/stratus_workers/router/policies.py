@@ -98,10 +98,11 @@ def time_left(deadline: float, cap: float | None = None) -> float:
 
 
 def replay(answer: pb.GenerateResponse, *, logprobs: bool) -> list[pb.GenerateStreamResponse]:
-    """A whole answer as a stream: its text (and log-probabilities, if wanted) in one chunk, then the final one."""
+    """A whole answer as a stream: its echoed prompt and its text (and log-probabilities, if wanted) in one
+    chunk, then the final one."""
     chunks = []
-    if answer.text or (logprobs and answer.logprobs):
-        chunk = pb.GenerateStreamResponse(text=answer.text)
+    if answer.text or answer.prompt_logprobs or (logprobs and answer.logprobs):
+        chunk = pb.GenerateStreamResponse(text=answer.text, prompt_logprobs=answer.prompt_logprobs)
         if logprobs:
             chunk.logprobs.extend(answer.logprobs)
         chunks.append(chunk)
@@ -253,10 +254,19 @@ class Policies:
             for chunk in replay(edge_answer, logprobs=with_logprobs):
                 yield chunk
 
-    def _speculative_blocker(self, model: str) -> str:
+    def _speculative_blocker(self, request: pb.GenerateRequest, model: str) -> str:
         """Why the speculative policy cannot run now ("" when it can)."""
         if self.tokenizer is None:
             return "no-tokenizer"
+        if (
+            request.presence_penalty
+            or request.frequency_penalty
+            or request.logit_bias
+            or request.top_logprobs
+            or request.echo
+        ):
+            # Draft and Verify carry temperature, top_p and seed only: the cloud answers these alone.
+            return "options-not-speculative"
         if not self.pool.candidates("cloud", model):
             return "cloud-unavailable"
         if not self.pool.candidates("edge", model):
@@ -268,7 +278,7 @@ class Policies:
 
         When it cannot run (no tokenizer, no healthy edge or cloud) the cloud answers alone, degraded.
         """
-        blocker = self._speculative_blocker(turn.model)
+        blocker = self._speculative_blocker(turn.request, turn.model)
         if blocker:
             async for chunk in self.single_tier(turn, "cloud", blocker):
                 yield chunk

@@ -267,11 +267,13 @@ class _Collector:
     def __init__(self) -> None:
         self.parts: list[str] = []
         self.logprobs: list[pb.TokenLogprob] = []
+        self.prompt_logprobs: list[pb.TokenLogprob] = []
         self.final: pb.GenerateStreamResponse | None = None
 
     def add(self, chunk: pb.GenerateStreamResponse) -> None:
         self.parts.append(chunk.text)
         self.logprobs.extend(chunk.logprobs)
+        self.prompt_logprobs.extend(chunk.prompt_logprobs)
         if chunk.HasField("route"):
             self.final = chunk
 
@@ -287,4 +289,5 @@ class _Collector:
             timing=self.final.timing,
             model=self.final.model,
             request_id=self.final.request_id,
+            prompt_logprobs=self.prompt_logprobs,
         )

@@ -21,6 +21,7 @@ import pytest_asyncio
 from openai.types import Completion, CompletionChoice
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import BaseModel
+from transformers import AutoTokenizer
 
 from stratus_workers.router.config import RouterConfig
 from stratus_workers.router.openai_request import PARAMETERS, parameters
@@ -34,8 +35,9 @@ HELLO = [{"role": "user", "content": "Say hello"}]
 
 
 class Stack:
-    def __init__(self, router: RouterServer) -> None:
+    def __init__(self, router: RouterServer, tokenizer: Any) -> None:
         self.router = router
+        self.tokenizer = tokenizer
         self.base = f"http://127.0.0.1:{router.http_port}/v1"
         self.client = openai.AsyncOpenAI(base_url=self.base, api_key="unused", max_retries=0, timeout=60)
 
@@ -64,7 +66,7 @@ async def stack(tiny_model_dir: Path) -> AsyncIterator[Stack]:
         router = RouterServer(config, model_name=ROUTER)
         await router.start()
         stack.push_async_callback(router.stop, 0.5)
-        yield Stack(router)
+        yield Stack(router, AutoTokenizer.from_pretrained(tiny_model_dir))
 
 
 def assert_conforms(data: dict[str, Any], model: type[BaseModel], extra: frozenset[str] = frozenset()) -> Any:
@@ -96,12 +98,28 @@ async def chat(stack: Stack, **kwargs: Any) -> tuple[ChatCompletion, dict[str, A
     return raw.parse(), data
 
 
+def echo_as_typed(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with an echoed prompt's first log-probabilities filled in for validation.
+
+    OpenAI answers `null` for the first echoed token (nothing predicts it), as this router does; the SDK's
+    type lists floats only.
+    """
+    data = json.loads(json.dumps(data))
+    for choice in data["choices"]:
+        logprobs = choice.get("logprobs") or {}
+        if logprobs.get("token_logprobs") and logprobs["token_logprobs"][0] is None:
+            logprobs["token_logprobs"][0] = 0.0
+        if logprobs.get("top_logprobs") and logprobs["top_logprobs"][0] is None:
+            logprobs["top_logprobs"][0] = {}
+    return data
+
+
 async def complete(stack: Stack, **kwargs: Any) -> tuple[Completion, dict[str, Any]]:
     kwargs.setdefault("model", ROUTER)
     kwargs.setdefault("prompt", "Once upon a time")
     raw = await stack.client.completions.with_raw_response.create(**kwargs)
     data = json.loads(raw.text)
-    assert_conforms(data, Completion, frozenset({"stratus"}))
+    assert_conforms(echo_as_typed(data) if kwargs.get("echo") else data, Completion, frozenset({"stratus"}))
     return raw.parse(), data
 
 
@@ -125,7 +143,7 @@ async def complete_stream(stack: Stack, **kwargs: Any) -> list[Completion]:
         for choice in data["choices"]:
             if choice["finish_reason"] is None and i < len(chunks) - 1:
                 choice["finish_reason"] = "length"
-        assert_conforms(data, Completion, frozenset({"stratus"}))
+        assert_conforms(echo_as_typed(data) if i == 0 else data, Completion, frozenset({"stratus"}))
     return chunks
 
 
@@ -141,13 +159,8 @@ REFUSED_SAMPLES: dict[str, Any] = {
     "store": True,
     "service_tier": "flex",
     "modalities": ["text", "audio"],
-    "n": 2,
     "best_of": 2,
-    "echo": True,
     "suffix": " the end",
-    "frequency_penalty": 0.5,
-    "presence_penalty": -0.5,
-    "logit_bias": {"42": 10},
     "response_format": {"type": "json_object"},
     "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
     "tool_choice": "auto",
@@ -244,15 +257,41 @@ async def test_completion_shape_and_logprobs(stack: Stack) -> None:
     assert len(logprobs.token_logprobs) == len(logprobs.tokens) == completion.usage.completion_tokens
     assert all(lp <= 0 for lp in logprobs.token_logprobs)
     assert logprobs.text_offset == sorted(logprobs.text_offset or []) and (logprobs.text_offset or [0])[0] == 0
+    assert logprobs.top_logprobs is None  # no alternatives asked for
     plain, _ = await complete(stack, max_tokens=6)
     assert plain.choices[0].logprobs is None and plain.choices[0].text == choice.text
     streamed = await complete_stream(stack, max_tokens=6, logprobs=0)
     tokens = [t for c in streamed for t in (c.choices[0].logprobs.tokens or [] if c.choices[0].logprobs else [])]
     assert tokens == logprobs.tokens
     assert "".join(c.choices[0].text for c in streamed) == choice.text
-    with pytest.raises(openai.BadRequestError) as caught:
-        await stack.client.completions.create(model=ROUTER, prompt="x", logprobs=2)
-    assert (caught.value.param, caught.value.code) == ("logprobs", "unsupported_value")
+    alternatives, _ = await complete(stack, max_tokens=6, logprobs=3)
+    top = alternatives.choices[0].logprobs.top_logprobs if alternatives.choices[0].logprobs else None
+    assert top is not None and len(top) == len(logprobs.tokens) and all(len(t) <= 3 for t in top)
+    assert alternatives.choices[0].text == choice.text  # alternatives change nothing that is chosen
+    for position, (token, best) in enumerate(zip(logprobs.tokens, top, strict=True)):
+        assert max(best.values()) == pytest.approx(logprobs.token_logprobs[position], abs=1e-4), token
+
+
+async def test_completion_echo(stack: Stack) -> None:
+    prompt = "Once upon a time"
+    plain, _ = await complete(stack, prompt=prompt, max_tokens=4, logprobs=1)
+    echoed, _ = await complete(stack, prompt=prompt, max_tokens=4, echo=True, logprobs=1)
+    assert echoed.choices[0].text == prompt + plain.choices[0].text
+    logprobs, answer = echoed.choices[0].logprobs, plain.choices[0].logprobs
+    assert logprobs is not None and answer is not None and echoed.usage is not None
+    assert len(logprobs.tokens or []) == echoed.usage.prompt_tokens + echoed.usage.completion_tokens
+    assert "".join((logprobs.tokens or [])[: echoed.usage.prompt_tokens]) == prompt
+    assert (logprobs.token_logprobs or [])[0] is None and (logprobs.top_logprobs or [])[0] is None
+    assert all(lp <= 0 for lp in (logprobs.token_logprobs or [])[1:])
+    assert (logprobs.tokens or [])[echoed.usage.prompt_tokens :] == answer.tokens
+    assert (logprobs.text_offset or [])[echoed.usage.prompt_tokens] == len(prompt)
+    text_only, _ = await complete(stack, prompt=prompt, max_tokens=4, echo=True)
+    assert text_only.choices[0].text == echoed.choices[0].text and text_only.choices[0].logprobs is None
+    streamed = await complete_stream(stack, prompt=prompt, max_tokens=4, echo=True, logprobs=1)
+    assert streamed[0].choices[0].text.startswith(prompt)
+    assert "".join(c.choices[0].text for c in streamed) == echoed.choices[0].text
+    streamed_tokens = [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens or []]
+    assert streamed_tokens == logprobs.tokens
 
 
 async def test_chat_logprobs_whole_and_streamed(stack: Stack) -> None:
@@ -264,9 +303,19 @@ async def test_chat_logprobs_whole_and_streamed(stack: Stack) -> None:
     streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content or []]
     assert [t.token for t in streamed] == [t.token for t in content]
     assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=1e-4)
-    with pytest.raises(openai.BadRequestError) as caught:
-        await stack.client.chat.completions.create(model=ROUTER, messages=HELLO, logprobs=True, top_logprobs=3)
-    assert (caught.value.param, caught.value.code) == ("top_logprobs", "unsupported_value")
+    with_top, _ = await chat(stack, max_tokens=6, logprobs=True, top_logprobs=3)
+    top_content = with_top.choices[0].logprobs.content if with_top.choices[0].logprobs else None
+    assert top_content is not None and [t.token for t in top_content] == [t.token for t in content]
+    for token in top_content:  # greedy: the chosen token is the most likely one
+        assert len(token.top_logprobs) == 3 and token.top_logprobs[0].token == token.token
+        assert [t.logprob for t in token.top_logprobs] == sorted((t.logprob for t in token.top_logprobs), reverse=True)
+    streamed_top = await chat_stream(stack, max_tokens=6, logprobs=True, top_logprobs=2)
+    assert all(
+        len(t.top_logprobs) == 2
+        for c in streamed_top
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.content or []
+    )
 
 
 async def test_streaming_matches_the_whole_answer(stack: Stack) -> None:
@@ -309,6 +358,55 @@ async def test_sampling_parameters(stack: Stack) -> None:
     assert text.startswith(stopped.choices[0].message.content or "")
     stopped_list, _ = await complete(stack, max_tokens=8, stop=["zzzz", "qqqq"])
     assert stopped_list.choices[0].finish_reason in ("stop", "length")
+
+
+async def test_penalties_and_logit_bias(stack: Stack) -> None:
+    plain, _ = await chat(stack, max_tokens=10, logprobs=True)
+    plain_tokens = [t.token for t in (plain.choices[0].logprobs.content or [])] if plain.choices[0].logprobs else []
+    assert len(set(plain_tokens)) < len(plain_tokens)  # the random model repeats itself when greedy
+    # Its logits spread far less than 2: a presence penalty of 2 rules out every repeat.
+    fresh, _ = await chat(stack, max_tokens=10, logprobs=True, presence_penalty=2)
+    fresh_tokens = [t.token for t in (fresh.choices[0].logprobs.content or [])] if fresh.choices[0].logprobs else []
+    assert len(set(fresh_tokens)) == len(fresh_tokens) and fresh_tokens[0] == plain_tokens[0]
+    frequent, _ = await chat(stack, max_tokens=10, frequency_penalty=2)
+    assert frequent.choices[0].message.content == fresh.choices[0].message.content
+    # Penalties add up per token: a frequency penalty of -2 undoes the presence penalty of 2 on a first repeat
+    # and rewards later ones, so the greedy answer is the plain one again.
+    cancelled, _ = await chat(stack, max_tokens=10, presence_penalty=2, frequency_penalty=-2)
+    assert cancelled.choices[0].message.content == plain.choices[0].message.content
+    forced, _ = await chat(stack, max_tokens=4, logit_bias={"42": 100})
+    forced_again, _ = await complete(stack, max_tokens=4, logit_bias={"42": 100})
+    assert forced.choices[0].message.content == forced_again.choices[0].text == stack.tokenizer.decode([42] * 4)
+    first = stack.tokenizer.encode(plain_tokens[0], add_special_tokens=False)
+    assert len(first) == 1
+    banned, _ = await chat(stack, max_tokens=10, logprobs=True, logit_bias={str(first[0]): -100})
+    assert banned.choices[0].logprobs and banned.choices[0].logprobs.content
+    assert banned.choices[0].logprobs.content[0].token != plain_tokens[0]
+    with pytest.raises(openai.BadRequestError) as caught:
+        await stack.client.chat.completions.create(model=ROUTER, messages=HELLO, logit_bias={"100000000": 5})
+    assert caught.value.param == "logit_bias" and "vocabulary" in caught.value.message
+
+
+async def test_several_choices(stack: Stack) -> None:
+    sampled, data = await complete(stack, max_tokens=5, n=3, temperature=1.5, seed=11)
+    assert [c.index for c in sampled.choices] == [0, 1, 2] and len(data["stratus"]["choices"]) == 3
+    texts = [c.text for c in sampled.choices]
+    assert len(set(texts)) == 3  # choice i samples with seed + i
+    assert [c.text for c in (await complete(stack, max_tokens=5, n=3, temperature=1.5, seed=11))[0].choices] == texts
+    assert (await complete(stack, max_tokens=5, temperature=1.5, seed=12))[0].choices[0].text == texts[1]
+    usage = sampled.usage
+    assert usage is not None and usage.completion_tokens == 15 and usage.total_tokens == usage.prompt_tokens + 15
+    greedy, _ = await chat(stack, max_tokens=5, n=2)
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content
+    chunks = await chat_stream(
+        stack, max_tokens=5, n=2, temperature=1.5, seed=3, stream_options={"include_usage": True}
+    )
+    for index in (0, 1):
+        mine = [c for c in chunks if c.choices and c.choices[0].index == index]
+        assert mine[0].choices[0].delta.role == "assistant" and mine[-1].choices[0].finish_reason == "length"
+        whole, _ = await chat(stack, max_tokens=5, temperature=1.5, seed=3 + index)
+        assert chat_text(mine) == whole.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 10
 
 
 async def test_content_parts_metadata_user_and_roles(stack: Stack) -> None:

@@ -73,9 +73,16 @@ def refused(body: Any, endpoint: str = "chat") -> HTTPError:
         ({**CHAT, "top_logprobs": 0}, "top_logprobs", "invalid_value"),  # needs logprobs: true
         ({**CHAT, "metadata": {"k": 1}}, "metadata", "invalid_type"),
         ({**CHAT, "model": 5}, "model", "invalid_type"),
-        ({**CHAT, "n": 2}, "n", "unsupported_parameter"),
-        ({**CHAT, "n": True}, "n", "unsupported_parameter"),  # true is not 1
-        ({**CHAT, "frequency_penalty": 0.1}, "frequency_penalty", "unsupported_parameter"),
+        ({**CHAT, "n": 129}, "n", "invalid_value"),
+        ({**CHAT, "n": True}, "n", "invalid_type"),  # true is not 1
+        ({**CHAT, "frequency_penalty": 2.5}, "frequency_penalty", "invalid_value"),
+        ({**CHAT, "presence_penalty": "high"}, "presence_penalty", "invalid_type"),
+        ({**CHAT, "logit_bias": {"x": 1}}, "logit_bias", "invalid_value"),
+        ({**CHAT, "logit_bias": {"99999999999": 1}}, "logit_bias", "invalid_value"),
+        ({**CHAT, "logit_bias": {"5": 101}}, "logit_bias", "invalid_value"),
+        ({**CHAT, "logit_bias": [5]}, "logit_bias", "invalid_type"),
+        ({**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
+        ({**CHAT, "response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
         ({**CHAT, "tools": [{"type": "function"}]}, "tools", "unsupported_parameter"),
         ({**CHAT, "top_k": 3}, "top_k", "unknown_parameter"),
         ({"messages": [{"role": "user"}]}, "messages[0].content", "missing_required_parameter"),
@@ -104,9 +111,9 @@ def test_chat_refusals_name_the_parameter(body: dict[str, Any], param: str, code
         ({"prompt": 5}, "prompt", "invalid_type"),
         ({}, "prompt", "missing_required_parameter"),
         ({"prompt": "x", "logprobs": 6}, "logprobs", "invalid_value"),
-        ({"prompt": "x", "logprobs": 1}, "logprobs", "unsupported_value"),
-        ({"prompt": "x", "echo": True}, "echo", "unsupported_parameter"),
+        ({"prompt": "x", "echo": 1}, "echo", "invalid_type"),
         ({"prompt": "x", "best_of": 3}, "best_of", "unsupported_parameter"),
+        ({"prompt": "x", "suffix": "y"}, "suffix", "unsupported_parameter"),
         ({"prompt": "x", "messages": []}, "messages", "unknown_parameter"),
     ],
 )
@@ -136,6 +143,8 @@ def test_a_valid_body_becomes_the_request_it_asks_for() -> None:
             "stream_options": {"include_usage": True},
             "n": 1,
             "frequency_penalty": 0.0,
+            "presence_penalty": -1.5,
+            "logit_bias": {"42": -100, "7": 3.5, "9": 0},
             "tools": [],
             "store": False,
             "metadata": {"a": "b"},
@@ -151,6 +160,8 @@ def test_a_valid_body_becomes_the_request_it_asks_for() -> None:
     assert (request.model, request.max_new_tokens, request.seed, list(request.stop)) == ("m", 7, 2**64 - 1, ["x"])
     assert (request.temperature, request.return_logprobs, request.request_id) == (0.5, True, "u")
     assert request.top_p == pytest.approx(0.9)
+    assert (request.frequency_penalty, request.presence_penalty) == (0.0, -1.5)
+    assert dict(request.logit_bias) == {42: -100.0, 7: 3.5, 9: 0.0} and parsed.n == 1
     assert (parsed.stream, parsed.include_usage, parsed.tokens_param, parsed.metadata) == (
         True,
         True,
@@ -162,6 +173,21 @@ def test_a_valid_body_becomes_the_request_it_asks_for() -> None:
     completion = parse_request({"prompt": ["one"], "logprobs": 0}, "completions")
     assert (completion.request.prompt, completion.request.return_logprobs) == ("one", True)
     assert not parse_request({"prompt": "x"}, "completions").request.return_logprobs
+    alternatives = parse_request({"prompt": "x", "logprobs": 3, "echo": True}, "completions")
+    assert (alternatives.request.top_logprobs, alternatives.request.echo, alternatives.echo) == (3, True, True)
+    # Echo without log-probabilities needs the prompt's text only: the server is not asked to score it.
+    plain_echo = parse_request({"prompt": "x", "echo": True}, "completions")
+    assert (plain_echo.echo, plain_echo.request.echo) == (True, False)
+
+
+def test_choices_get_their_own_seed() -> None:
+    parsed = parse_request({**CHAT, "n": 3, "seed": 2**64 - 2, "temperature": 1.0, "user": "u"}, "chat")
+    requests = parsed.requests()
+    assert [r.seed for r in requests] == [2**64 - 2, 2**64 - 1, 0]
+    assert [r.request_id for r in requests] == ["u#0", "u#1", "u#2"]
+    assert all(r.temperature == 1.0 and r.chat == parsed.request.chat for r in requests)
+    unseeded = parse_request({**CHAT, "n": 2}, "chat").requests()
+    assert not any(r.HasField("seed") for r in unseeded)
 
 
 def test_json_that_is_not_json_is_refused() -> None:
