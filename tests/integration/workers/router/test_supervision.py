@@ -21,6 +21,7 @@ import pytest
 
 from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.client import AsyncClient
+from stratus_workers.serve.server import ModelServer, ServerSettings
 
 pytestmark = pytest.mark.integration
 
@@ -139,3 +140,61 @@ async def frozen_and_thawed(
                         proc.send_signal(signal.SIGSTOP)
             assert received and caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "in the middle of the answer" in (caught.value.details() or "")
+
+
+class EngineKilled(BaseException):
+    """A fault the engine's per-step recovery (which catches Exception) does not handle: it ends the loop."""
+
+
+async def test_a_dead_engine_loop_behind_the_router_fails_over(
+    tiny_model_dir, model_server, router_config, running_router
+) -> None:
+    """Issue 12's must-show: the edge's engine loop dies mid-answer; the server says NOT_SERVING, the answer
+    in flight and every later one come from the cloud, and the router reports the edge down."""
+    import threading
+
+    from stratus_workers.models import load_model
+
+    loaded = load_model(str(tiny_model_dir), dtype="float32", device="cpu")  # a private copy: it gets a fault
+    armed = threading.Event()
+
+    def fault(module: object, args: object) -> None:
+        if armed.is_set():
+            raise EngineKilled("injected fault in the edge model's forward pass")
+
+    loaded.model.model.layers[0].mlp.register_forward_pre_hook(fault)
+    settings = ServerSettings(model=str(tiny_model_dir), name="edge", tier="edge", port=0, http_port=0)
+    edge = ModelServer(settings, loaded=loaded)
+    await edge.start()
+    async with (
+        contextlib.AsyncExitStack() as stack,
+        model_server(tier="cloud", name="cloud") as cloud,
+        aiohttp.ClientSession() as http,
+    ):
+        stack.push_async_callback(edge.stop, 0.5)
+        backends = [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")]
+        config = router_config("cascade", backends, cascade=ALWAYS_EDGE, cache={"enabled": False})
+        async with running_router(config) as router, AsyncClient(router.address, timeout=60) as client:
+            assert (await client.generate("fine", max_new_tokens=2)).route.tier == pb.TIER_EDGE
+            in_flight = asyncio.ensure_future(client.generate("long", max_new_tokens=LONG))
+            assert edge.engine is not None
+            for _ in range(400):
+                if edge.engine.active:
+                    break
+                await asyncio.sleep(0.01)
+            armed.set()
+            answer = await in_flight
+            assert (answer.route.tier, answer.route.reason, answer.route.degraded) == (
+                pb.TIER_CLOUD,
+                "edge-unavailable",
+                True,
+            )
+            async with AsyncClient(edge.address) as direct:
+                assert not await direct.healthy()  # NOT_SERVING
+
+            async def edge_down() -> bool:
+                return await edge_up(http, router.http_port) == 0.0
+
+            await until(edge_down, "the router reports the edge down", seconds=5)
+            later = await client.generate("later", max_new_tokens=2)
+            assert (later.route.tier, later.route.reason) == (pb.TIER_CLOUD, "edge-unavailable")
