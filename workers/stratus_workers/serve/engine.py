@@ -186,6 +186,8 @@ class Engine:
         with self._cond:
             self._check_running()
             if len(self._waiting) >= self.max_queue:
+                self._drop_abandoned()
+            if len(self._waiting) >= self.max_queue:
                 raise EngineOverloaded(f"{len(self._waiting)} requests are already waiting; try again later")
             self._waiting.append(seq)
             self._cond.notify()
@@ -196,6 +198,18 @@ class Engine:
                 self._cond.notify()
 
         return cancel
+
+    def _drop_abandoned(self) -> None:
+        """End waiting requests that were cancelled or ran out of time (caller holds the lock).
+
+        The loop would end them only when a row frees up; until then they would hold places in the queue
+        and turn live requests away as overloaded (the request-mix fuzzer found this).
+        """
+        now = time.monotonic()
+        abandoned = [s for s in self._waiting if s.cancelled or (s.deadline is not None and now > s.deadline)]
+        for seq in abandoned:
+            self._waiting.remove(seq)
+            self._finish(seq, "cancelled" if seq.cancelled else "deadline")
 
     def _check_running(self) -> None:
         if self.failure is not None:
