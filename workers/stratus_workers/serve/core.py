@@ -34,9 +34,9 @@ from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.errors import EngineOverloaded, EngineStopped
 from stratus_workers.serve.prefix import PrefixCache
 from stratus_workers.serve.runner import ModelRunner
-from stratus_workers.serve.sampling import choose_tokens, seeded_generator
+from stratus_workers.serve.sampling import Choice, choose_tokens, seeded_generator
 from stratus_workers.serve.sessions import SpeculativeSessions
-from stratus_workers.serve.surface import FinishReason
+from stratus_workers.serve.surface import Alternatives, FinishReason
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,9 @@ class StepOutput:
 
     A request that got several tokens in a step appears several times, in order. `logprobs` is
     aligned with `tokens` when any row asked for log-probabilities (0.0 where its row did not),
-    else None. `results` answer speculative calls: (call id, error kind or "", value or message).
+    else None; `top`, likewise, when any row asked for alternatives ((token id, log-probability)
+    pairs, most likely first). `results` answer speculative calls: (call id, error kind or "",
+    value or message).
     """
 
     step: int
@@ -99,14 +101,19 @@ class StepOutput:
     finished: list[Finished] = field(default_factory=list)
     results: list[tuple[int, str, Any]] = field(default_factory=list)
     stats: EngineStats = field(default_factory=EngineStats)
+    top: list[Alternatives] | None = None
 
-    def add(self, seq_id: int, token: int, logprob: float | None) -> None:
+    def add(self, seq_id: int, token: int, logprob: float | None, top: Alternatives = ()) -> None:
         if logprob is not None and self.logprobs is None:
             self.logprobs = [0.0] * len(self.tokens)
+        if top and self.top is None:
+            self.top = [()] * len(self.tokens)
         self.seq_ids.append(seq_id)
         self.tokens.append(token)
         if self.logprobs is not None:
             self.logprobs.append(0.0 if logprob is None else logprob)
+        if self.top is not None:
+            self.top.append(top)
 
     def pack(self) -> tuple[Any, ...]:
         """A plain tuple (what goes over the engine channel; cheaper to pickle than dataclasses)."""
@@ -120,12 +127,13 @@ class StepOutput:
             s.active, s.waiting, s.sessions, s.steps, s.prefix_queried_tokens, s.prefix_hit_tokens,
             s.prefix_evicted_blocks, s.prefix_blocks, s.prefill_tokens,
         )  # fmt: skip
-        return (self.step, self.seq_ids, self.tokens, self.logprobs, finished, self.results, stats)
+        return (self.step, self.seq_ids, self.tokens, self.logprobs, finished, self.results, stats, self.top)
 
     @classmethod
     def unpack(cls, packed: tuple[Any, ...]) -> StepOutput:
-        step, seq_ids, tokens, logprobs, finished, results, stats = packed
-        return cls(step, seq_ids, tokens, logprobs, [Finished(*f) for f in finished], results, EngineStats(*stats))
+        step, seq_ids, tokens, logprobs, finished, results, stats, top = packed
+        finished_ = [Finished(*f) for f in finished]
+        return cls(step, seq_ids, tokens, logprobs, finished_, results, EngineStats(*stats), top)
 
 
 # Error kinds of a speculative call's result, and the exception each becomes again in the frontend.
@@ -155,6 +163,7 @@ class _Seq:
     deadline: float | None
     generator: torch.Generator | None
     generated: list[int] = field(default_factory=list)
+    counts: dict[int, int] = field(default_factory=dict)  # generated tokens, for the penalties
     row: int = -1
     prefilled: int = 0  # prompt tokens whose keys and values the row holds
     cached: int = 0  # of those, copied from the prefix cache
@@ -224,6 +233,9 @@ class EngineCore:
             raise ValueError(
                 f"the prompt has {len(request.prompt)} tokens; this server's context holds {self.max_len - 1}"
             )
+        bias = request.params.logit_bias
+        if bias and bias[-1][0] >= self.runner.vocab_size:
+            raise ValueError(f"logit_bias names token ids outside this model's vocabulary of {self.runner.vocab_size}")
         generator = None if request.params.greedy else seeded_generator(request.params.seed)
         seq = _Seq(request.seq_id, list(request.prompt), request.params, request.deadline, generator)
         self._seqs[seq.seq_id] = seq
@@ -239,6 +251,7 @@ class EngineCore:
         """Queue a speculative call (`score`, `draft`, `verify`, `end`); its result comes in a step's output."""
         methods: dict[str, Callable[..., Any]] = {
             "score": self.sessions.score,
+            "score_with_alternatives": self.sessions.score_with_alternatives,
             "draft": self.sessions.draft,
             "verify": self.sessions.verify,
             "end": self.sessions.end,
@@ -285,6 +298,7 @@ class EngineCore:
                 out.results.append((call_id, "", run()))
             except Exception as exc:
                 out.results.append((call_id, call_error_kind(exc), str(exc)))
+        self._drop_abandoned()
         self._admit()
         try:
             if self._decoding:
@@ -321,6 +335,19 @@ class EngineCore:
         out.stats = self.stats()
         return out
 
+    def _drop_abandoned(self) -> None:
+        """End waiting requests that were cancelled or ran out of time now, not when a row frees: until
+        then they would hold places in the queue (the request-mix fuzzer found this)."""
+        now = time.monotonic()
+        if any(s.cancelled or (s.deadline is not None and now > s.deadline) for s in self._waiting):
+            keep: collections.deque[_Seq] = collections.deque()
+            for seq in self._waiting:
+                if seq.cancelled or (seq.deadline is not None and now > seq.deadline):
+                    self._finish(seq, "cancelled" if seq.cancelled else "deadline")
+                else:
+                    keep.append(seq)
+            self._waiting = keep
+
     def _admit(self) -> None:
         now = time.monotonic()
         while self._waiting and len(self._rows) < self.max_batch_size:
@@ -342,8 +369,8 @@ class EngineCore:
         seqs = self._rows[: self._decoding]
         params = [s.params for s in seqs]
         decoded = self.runner.decode([s.generated[-1] for s in seqs], logprobs=any(p.logprobs for p in params))
-        tokens, logprobs = choose_tokens(decoded.logits, params, [s.generator for s in seqs], decoded)
-        self._advance_all(seqs, tokens, logprobs)
+        choice = choose_tokens(decoded.logits, params, [s.generator for s in seqs], decoded, [s.counts for s in seqs])
+        self._advance_all(seqs, choice)
 
     def _prefill(self) -> None:
         # Prompt chunks for the first prefilling rows, in row order, within the step's budget; every
@@ -373,15 +400,16 @@ class EngineCore:
         if self.prefix is not None:
             for seq in ready:  # later requests with the same prompt start from here at once
                 self._store(seq, seq.prompt)
-        tokens, logprobs = choose_tokens(logits[:done], [s.params for s in ready], [s.generator for s in ready])
+        choice = choose_tokens(logits[:done], [s.params for s in ready], [s.generator for s in ready])
         now = time.monotonic()
         for seq in ready:
             seq.first_token = now
-        self._advance_all(ready, tokens, logprobs)
+        self._advance_all(ready, choice)
 
-    def _advance_all(self, seqs: list[_Seq], tokens: list[int], logprobs: list[float] | None) -> None:
+    def _advance_all(self, seqs: list[_Seq], choice: Choice) -> None:
         out, eos, lengths = self._out, self.eos, self.runner.lengths
-        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+        logprobs, alternatives = choice.logprobs, choice.alternatives
+        for i, (seq, token) in enumerate(zip(seqs, choice.tokens, strict=True)):
             if seq.cancelled:
                 self._finish(seq, "cancelled")
                 continue
@@ -389,7 +417,13 @@ class EngineCore:
                 self._finish(seq, "stop")
                 continue
             seq.generated.append(token)
-            out.add(seq.seq_id, token, logprobs[i] if logprobs is not None and seq.params.logprobs else None)
+            params = seq.params
+            if params.presence_penalty or params.frequency_penalty:
+                seq.counts[token] = seq.counts.get(token, 0) + 1
+            if params.logprobs and logprobs is not None:
+                out.add(seq.seq_id, token, logprobs[i], alternatives[i] if alternatives is not None else ())
+            else:
+                out.add(seq.seq_id, token, None)
             if len(seq.generated) >= seq.params.max_new_tokens or lengths[seq.row] + 1 >= self.max_len:
                 self._finish(seq, "length")
 

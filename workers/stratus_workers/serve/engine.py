@@ -38,6 +38,7 @@ from stratus_workers.serve.channel import Channel, ChannelClosed
 from stratus_workers.serve.core import CALL_ERRORS, EngineStats, Finished, StepOutput
 from stratus_workers.serve.errors import EngineFailed, EngineOverloaded, EngineStopped
 from stratus_workers.serve.surface import (
+    Alternatives,
     DraftResult,
     EngineInfo,
     Event,
@@ -378,28 +379,22 @@ class _Stream:
     """One request in flight, as the frontend tracks it."""
 
     __slots__ = (
-        "admitted",
-        "arrived",
-        "finish",
-        "first_seen",
-        "params",
-        "pending",
-        "pending_logprobs",
-        "prompt_tokens",
-        "received",
-        "seq_id",
-        "text",
-        "waiter",
+        "admitted", "arrived", "deadline", "finish", "first_seen", "params", "pending", "pending_logprobs",
+        "pending_top", "prompt_tokens", "received", "seq_id", "text", "waiter",
     )  # fmt: skip
 
-    def __init__(self, seq_id: int, params: Sampling, prompt_tokens: int, text: TextAssembler) -> None:
+    def __init__(
+        self, seq_id: int, params: Sampling, prompt_tokens: int, deadline: float | None, text: TextAssembler
+    ) -> None:
         self.seq_id = seq_id
         self.params = params
         self.prompt_tokens = prompt_tokens
+        self.deadline = deadline
         self.arrived = time.monotonic()
         self.text = text
         self.pending: list[int] = []
         self.pending_logprobs: list[float] = []
+        self.pending_top: list[Alternatives] = []
         self.finish: Finished | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.received = 0
@@ -508,10 +503,17 @@ class AsyncEngine:
             raise ValueError(
                 f"the prompt has {len(prompt)} tokens; this server's context holds {self.info.max_len - 1}"
             )
+        if params.logit_bias and params.logit_bias[-1][0] >= self.info.vocab_size:
+            raise ValueError(f"logit_bias names token ids outside this model's vocabulary of {self.info.vocab_size}")
         waiting = len(self._streams) - self.max_batch_size
         if waiting >= self.max_queue:
-            raise EngineOverloaded(f"{waiting} requests are already waiting; try again later")
-        stream = _Stream(next(self._ids), params, len(prompt), TextAssembler(self.tokenizer, params.stop))
+            # Requests whose time ran out while they waited hold no place (the engine ends them this step).
+            now = time.monotonic()
+            waiting -= sum(1 for st in self._streams.values() if st.deadline is not None and now > st.deadline)
+            if waiting >= self.max_queue:
+                raise EngineOverloaded(f"{waiting} requests are already waiting; try again later")
+        text = TextAssembler(self.tokenizer, params.stop)
+        stream = _Stream(next(self._ids), params, len(prompt), deadline, text)
         self._streams[stream.seq_id] = stream
         self.transport.send(("add", stream.seq_id, list(prompt), params, deadline))
         return stream
@@ -555,6 +557,7 @@ class AsyncEngine:
     def _text_event(self, st: _Stream) -> TokenEvent | None:
         tokens, st.pending = st.pending, []
         logprobs, st.pending_logprobs = st.pending_logprobs, []
+        tops, st.pending_top = st.pending_top, []
         text = st.text
         if text.stop:  # token by token: only that says which token completed a stop sequence
             parts = []
@@ -571,11 +574,19 @@ class AsyncEngine:
         st.received += len(tokens)
         lps: tuple[TokenLogprob, ...] = ()
         if st.params.logprobs:
-            decode = self.tokenizer.decode
-            lps = tuple(TokenLogprob(t, decode([t]), lp) for t, lp in zip(tokens, logprobs, strict=False))
+            lps = tuple(
+                TokenLogprob(t, self._token_text(t), lp, self._alternatives(tops[n]) if n < len(tops) else ())
+                for n, (t, lp) in enumerate(zip(tokens, logprobs, strict=False))
+            )
         if not delta and not tokens:
             return None
         return TokenEvent(delta, tuple(tokens), lps)
+
+    def _token_text(self, token: int) -> str:
+        return str(self.tokenizer.decode([token]))
+
+    def _alternatives(self, pairs: Alternatives) -> tuple[TokenLogprob, ...]:
+        return tuple(TokenLogprob(t, self._token_text(t), lp) for t, lp in pairs)
 
     def _finish_event(
         self, st: _Stream, reason: FinishReason, completion: int, error: str = "", cached: int = 0
@@ -613,6 +624,20 @@ class AsyncEngine:
         result: tuple[float, ...] = await self._call("score", list(prompt), list(continuation))
         return result
 
+    async def prompt_logprobs(self, prompt: Sequence[int], top: int = 0) -> tuple[TokenLogprob, ...]:
+        """Each prompt token with its log-probability after the ones before it (Score's forward pass); the
+        first token, which nothing predicts, gets 0. With `top`, the most likely tokens at each position."""
+        if not prompt:
+            raise ValueError("the prompt has no tokens")
+        logprobs, alternatives = await self._call("score_with_alternatives", list(prompt[:1]), list(prompt[1:]), top)
+        first = TokenLogprob(prompt[0], self._token_text(prompt[0]), 0.0)
+        tops = alternatives or [()] * len(logprobs)
+        rest = (
+            TokenLogprob(token, self._token_text(token), lp, self._alternatives(top))
+            for token, lp, top in zip(prompt[1:], logprobs, tops, strict=True)
+        )
+        return (first, *rest)
+
     async def draft(
         self, sid: str, context: Sequence[int], max_tokens: int, sampling: Sampling, top_k: int = 32, end: bool = False
     ) -> DraftResult:
@@ -646,7 +671,7 @@ class AsyncEngine:
                 continue
             out = StepOutput.unpack(message[1])
             now = time.monotonic()
-            logprobs = out.logprobs
+            logprobs, top = out.logprobs, out.top
             for i, (seq_id, token) in enumerate(zip(out.seq_ids, out.tokens, strict=True)):
                 st = streams.get(seq_id)
                 if st is None:
@@ -656,6 +681,7 @@ class AsyncEngine:
                 st.pending.append(token)
                 if logprobs is not None:
                     st.pending_logprobs.append(logprobs[i])
+                    st.pending_top.append(top[i] if top is not None else ())
                 touched.append(st)
             for finished in out.finished:
                 st = streams.get(finished.seq_id)

@@ -22,6 +22,7 @@ class TokenLogprob:
     token_id: int
     token: str
     logprob: float
+    top: tuple[TokenLogprob, ...] = ()  # the most likely tokens here, when asked for
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class FinishEvent:
 
 
 Event = TokenEvent | FinishEvent
+Alternatives = tuple[tuple[int, float], ...]  # (token id, log-probability) pairs, most likely first
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,11 @@ class ServingEngine(Protocol):
         ...
 
     async def score(self, prompt: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]: ...
+
+    async def prompt_logprobs(self, prompt: Sequence[int], top: int = 0) -> tuple[TokenLogprob, ...]:
+        """Each prompt token with its log-probability after the ones before it (0 for the first); with `top`,
+        the most likely tokens at each position (a completions request's echo)."""
+        ...
 
     async def draft(
         self, sid: str, context: Sequence[int], max_tokens: int, sampling: Sampling, top_k: int = 32, end: bool = False

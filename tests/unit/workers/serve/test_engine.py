@@ -212,9 +212,26 @@ async def test_deadline_and_overload(loaded: Any) -> None:
             await asyncio.sleep(0.01)
         with pytest.raises(EngineOverloaded, match="already waiting"):
             await engine.stream(prompt, Sampling(max_new_tokens=1)).__anext__()
+        # A cancelled request gives its place up at once, not when a row frees (the fuzzer found it held on).
+        waiting.cancel()  # the caller of the queued request goes away
+        await asyncio.gather(waiting, return_exceptions=True)
+        late = engine.stream(prompt, Sampling(max_new_tokens=1), time.monotonic() + 0.05)
+        late_first = asyncio.ensure_future(late.__anext__())
+        while engine.waiting == 0:
+            await asyncio.sleep(0.01)
+        assert engine.active == 1 and not late_first.done()  # queued behind the long one
+        await asyncio.sleep(0.1)
+        # So does a request whose deadline passed while it waited: it ends with its reason.
+        last = engine.stream(prompt, Sampling(max_new_tokens=1))
+        last_first = asyncio.ensure_future(last.__anext__())
+        finished = await asyncio.wait_for(late_first, 5)
+        assert isinstance(finished, FinishEvent) and finished.reason == "deadline"
+        while engine.waiting == 0:
+            await asyncio.sleep(0.01)
+        assert engine.waiting == 1
+        last_first.cancel()
+        await asyncio.gather(last_first, return_exceptions=True)
         await long_stream.aclose()
-        assert isinstance(await waiting, TokenEvent | FinishEvent)
-        await queued.aclose()
     finally:
         await engine.stop()
 

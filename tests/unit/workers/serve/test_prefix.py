@@ -1,4 +1,5 @@
-"""The prefix cache's bookkeeping: longest cached prefix, exact token keys, LRU leaves out first, shared prefixes kept."""
+"""The prefix cache's bookkeeping: the longest cached prefix, exact token keys, least recently used leaves out
+first, shared prefixes kept."""
 
 from __future__ import annotations
 
