@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from stratus_workers.serve.parallel import STOP, ParallelContext
@@ -39,6 +40,25 @@ def check_supported(model: Any) -> None:
             f"model type {model_type or '?'!r} is not supported by the serving runner; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+
+
+def new_token_slots(
+    first_row: int, starts: Sequence[int], q_lens: Sequence[int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Where each real new token of a padded [batch, q_max] forward goes: (batch index, query index, cache
+    row, cache position), one entry per token; None when no row is padded (every row has q_max tokens).
+
+    A padded slot must not be written: past a row's end it could lie past the cache (rows at different
+    lengths, as prefix-cache hits and prefill chunks make them) or on a position another write fills.
+    """
+    if min(q_lens) == max(q_lens):
+        return None
+    lens = np.asarray(q_lens, dtype=np.int64)
+    batch_idx = np.repeat(np.arange(len(lens), dtype=np.int64), lens)
+    query_idx = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+    positions = np.asarray(starts, dtype=np.int64)[batch_idx] + query_idx
+    arrays = (batch_idx, query_idx, batch_idx + first_row, positions)
+    return tuple(torch.from_numpy(a).to(device, non_blocking=True) for a in arrays)  # type: ignore[return-value]
 
 
 def env_flag(name: str, default: bool) -> bool:
@@ -130,7 +150,7 @@ class ModelRunner(abc.ABC):
         if min(q_lens) == 0:
             raise ValueError("every row needs at least one new token")
         starts = self.cache.lengths[first_row : first_row + batch]
-        self.cache.grow(max(starts) + max(q_lens))
+        self.cache.grow(max(s + q for s, q in zip(starts, q_lens, strict=True)))
         # Before computing: the other ranks must join this call's all-reduces.
         self._lead("forward", first_row, [list(t) for t in tokens], all_logits=all_logits)
         return self._forward(first_row, tokens, starts, q_lens, all_logits)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from stratus_workers.serve import kernels
 from stratus_workers.serve.parallel import ParallelContext
-from stratus_workers.serve.runner import Decoded, ModelRunner, UnsupportedModelError, env_flag
+from stratus_workers.serve.runner import Decoded, ModelRunner, UnsupportedModelError, env_flag, new_token_slots
 from stratus_workers.serve.runner.cache import KVCache
 from stratus_workers.serve.runner.graphs import StaticDecoder
 from stratus_workers.serve.runner.modules import apply_rotary
@@ -383,15 +383,23 @@ class FusedRunner(ModelRunner):
         start_t = torch.tensor(starts, dtype=torch.long).to(dev, non_blocking=True)
         positions = start_t[:, None] + torch.arange(q_max, device=dev)[None, :]  # [B, Q]
         mask = torch.arange(k_len, device=dev)[None, None, None, :] <= positions[:, None, :, None]
-        cos, sin = self._cos[positions], self._sin[positions]
+        slots = new_token_slots(first_row, starts, q_lens, dev)
+        # Padded queries may sit past the rotary table; their results are never used.
+        table = positions if slots is None else positions.clamp(max=self._cos.shape[0] - 1)
+        cos, sin = self._cos[table], self._sin[table]
         write_rows = torch.arange(first_row, first_row + batch, device=dev)[:, None].expand(batch, q_max)
         row_sl = slice(first_row, first_row + batch)
         h = F.embedding(ids, self._embed)
         delta = torch.zeros_like(h)
         for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
             h, q, k, v = self._prefill_qkv(h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin)
-            k_cache[write_rows, :, positions] = k
-            v_cache[write_rows, :, positions] = v
+            if slots is None:
+                k_cache[write_rows, :, positions] = k
+                v_cache[write_rows, :, positions] = v
+            else:
+                b, q_idx, rows, pos = slots
+                k_cache[rows, :, pos] = k[b, q_idx]
+                v_cache[rows, :, pos] = v[b, q_idx]
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2),
                 k_cache[row_sl, :, :k_len],
