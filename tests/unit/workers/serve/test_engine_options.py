@@ -15,8 +15,8 @@ from stratus_workers.models import load_model
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.engine import AsyncEngine as Engine
 from stratus_workers.serve.engine import build_engine
-from stratus_workers.serve.surface import FinishEvent, TokenEvent, TokenLogprob
 from stratus_workers.serve.sampling import eos_ids
+from stratus_workers.serve.surface import FinishEvent, TokenEvent, TokenLogprob
 
 pytestmark = pytest.mark.unit
 
