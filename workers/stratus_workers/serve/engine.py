@@ -164,13 +164,15 @@ class Engine:
         max_sessions: int = 4,
         session_ttl: float = 60.0,
         on_step: Callable[[int, int], None] | None = None,
+        runner: Any = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.max_sessions = max_sessions
         self.session_ttl = session_ttl
-        self.runner = ModelRunner(model, max_rows=max_batch_size + max_sessions, max_len=max_len)
+        # A given runner (serve.runtime.runner_for: llama.cpp for a GGUF model) needs this many rows too.
+        self.runner = runner or ModelRunner(model, max_rows=max_batch_size + max_sessions, max_len=max_len)
         self.vocab_size = int(model.config.vocab_size)
         self._sessions: collections.OrderedDict[str, _Session] = collections.OrderedDict()
         self._free_rows = list(range(max_batch_size + max_sessions - 1, max_batch_size - 1, -1))

@@ -31,6 +31,7 @@ from stratus_workers.serve.engine import (
     TokenEvent,
     TokenLogprob,
 )
+from stratus_workers.serve.runtime import runner_for
 from stratus_workers.serve.speculative import SparseDist
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,10 @@ class ServerConfig:
     tls_cert: str = field(default="", metadata={"help": "PEM certificate; with tls_key and tls_ca, serve mTLS."})
     tls_key: str = field(default="", metadata={"help": "PEM private key of tls_cert."})
     tls_ca: str = field(default="", metadata={"help": "CA whose certificates callers must present (mTLS)."})
-    threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: torch's default)."})
+    threads: int = field(
+        default=0,
+        metadata={"help": "CPU threads: torch intra-op, or llama.cpp's for a GGUF model (0: the engine's default)."},
+    )
     tensor_parallel: int = field(
         default=1, metadata={"help": "GPUs this server spans (tensor parallel; >1 starts one process per GPU)."}
     )
@@ -503,6 +507,12 @@ class ModelServer:
             max_queue=self.config.max_queue,
             max_sessions=self.config.max_sessions,
             on_step=self.metrics.on_step,
+            runner=runner_for(
+                loaded.model,
+                max_rows=self.config.max_batch_size + self.config.max_sessions,
+                max_len=max_len,
+                threads=self.config.threads,
+            ),
         )
         # Capture the decode graphs (CUDA) before taking traffic, so no early request pays for it.
         await asyncio.get_running_loop().run_in_executor(None, self.engine.runner.warmup)
