@@ -9,7 +9,7 @@ SAMPLE ?= deploy/samples/smollm2.yaml
 PYTEST_ARGS ?=
 
 .PHONY: setup run up test test-unit test-integration test-slow lint typecheck imports protos check-protos \
-        bench-serve bench-compress bench-operator bench-coop soak e2e images manifests clean
+        bench-serve bench-compress bench-operator bench-coop bench-edge soak e2e images manifests clean
 
 setup: $(STAMP)
 
@@ -97,6 +97,13 @@ bench-coop: setup
 
 bench-compress: setup
 	$(PY) tests/bench/bench_compress.py --write docs/benchmarks.md
+
+# llama.cpp on the bundled GGUF (the reference) beside our edge variants (torch int8/int4, GGUF) served
+# through our gRPC server: batch 1 and 4, greedy, 128 new tokens. Builds the variants on the first run
+# (~15 min on 2 shared cores; reused from ~/.cache/stratus/bench-edge later). Writes docs/benchmarks.md.
+BENCH_EDGE_ARGS ?=
+bench-edge: setup
+	$(PY) tests/bench/bench_edge.py --write docs/benchmarks.md $(BENCH_EDGE_ARGS)
 
 # Our gRPC server (continuous batching) beside generate() baselines, concurrency 1/8/32/64; a small
 # model and sizes on the CPU, the issue's sizes on CUDA. Writes its section of docs/benchmarks.md.
