@@ -9,13 +9,13 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from stratus_workers.serve.runtime import runner_for as serving_runner
+from stratus_workers.serve.runner import ModelRunner
+from stratus_workers.serve.runner.build import build_runner
 
 # A fixed, general-purpose prompt set (not from the corpus) for agreement and speed.
 PROMPTS: tuple[str, ...] = (
@@ -54,26 +54,17 @@ PROMPTS: tuple[str, ...] = (
 )
 
 
-class Runner(Protocol):
-    """What the measurements drive: the serving runner of either engine (serve.runner.ModelRunner, or
-    serve.llamacpp.LlamaCppRunner for a GGUF variant), so a variant is measured through the code that
-    will serve it, and every variant, whatever its engine, through the same calls."""
+def runner_for(model: Any, *, rows: int, max_len: int) -> ModelRunner:
+    """The serving runner for a loaded model (llama.cpp's for a GGUF artifact), on as many threads as torch.
 
-    def forward(self, first_row: int, tokens: Sequence[Sequence[int]], *, all_logits: bool = False) -> torch.Tensor:
-        """Logits of the last new token of each row, or of every new token with all_logits."""
-
-    def reset(self, row: int) -> None:
-        """Empty one row's cache."""
-
-
-def runner_for(model: Any, *, rows: int, max_len: int) -> Runner:
-    """The serving runner for a loaded model (llama.cpp for a GGUF artifact), on as many threads as torch."""
-    runner: Runner = serving_runner(model, max_rows=rows, max_len=max_len, threads=torch.get_num_threads())
-    return runner
+    Every figure goes through it, so a variant is measured through the code that will serve it, and every
+    variant, whatever its engine, through the same calls.
+    """
+    return build_runner(model, max_rows=rows, max_len=max_len, threads=torch.get_num_threads())
 
 
 @torch.no_grad()
-def perplexity(runner: Runner, sequences: torch.Tensor, batch_size: int = 4) -> float:
+def perplexity(runner: ModelRunner, sequences: torch.Tensor, batch_size: int = 4) -> float:
     """exp(mean next-token negative log-likelihood) over all predicted tokens of `sequences`."""
     total_nll = 0.0
     total_tokens = 0
@@ -115,7 +106,7 @@ def greedy_continuations(model: Any, tokenizer: Any, prompts: int, tokens: int) 
 
 
 @torch.no_grad()
-def agreement(runner: Runner, references: list[torch.Tensor], tokens: int) -> float:
+def agreement(runner: ModelRunner, references: list[torch.Tensor], tokens: int) -> float:
     """Teacher-forced greedy agreement: the fraction of the full model's greedy tokens that the variant,
     given the same prefix, also ranks first. Unlike comparing two free-running generations it does not
     punish every token after a first difference, and it is what a speculative verifier accepts."""
@@ -134,7 +125,7 @@ def agreement(runner: Runner, references: list[torch.Tensor], tokens: int) -> fl
 
 
 @torch.no_grad()
-def _decode_seconds(runner: Runner, prompt: list[int], tokens: int) -> float:
+def _decode_seconds(runner: ModelRunner, prompt: list[int], tokens: int) -> float:
     """Batch-1 greedy generation of `tokens` tokens (a prefill, then one step per further token)."""
     runner.reset(0)
     started = time.perf_counter()
@@ -147,7 +138,9 @@ def _decode_seconds(runner: Runner, prompt: list[int], tokens: int) -> float:
     return seconds
 
 
-def tokens_per_second(runners: dict[str, Runner], tokenizer: Any, tokens: int, rounds: int = 3) -> dict[str, float]:
+def tokens_per_second(
+    runners: dict[str, ModelRunner], tokenizer: Any, tokens: int, rounds: int = 3
+) -> dict[str, float]:
     """Batch-1 greedy generation speed of each runner, measured in interleaved rounds (best round kept) so
     that load from other processes on a shared CPU hits every model alike."""
     prompt = _prompt_ids(tokenizer, 1)[0][0].tolist()

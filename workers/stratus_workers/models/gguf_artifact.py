@@ -60,7 +60,7 @@ def load_gguf_artifact(directory: Path) -> tuple[GGUFModel, Any]:
     """The GGUF artifact in `directory` as a GGUFModel plus its Hugging Face tokenizer."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from stratus_workers.models.loader import ModelLoadError
+    from stratus_workers.models.files import ModelLoadError
 
     for required in ("config.json", GGUF_FILE, "tokenizer_config.json"):
         if not (directory / required).is_file():

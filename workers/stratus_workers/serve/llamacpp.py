@@ -1,11 +1,11 @@
 """Model runner over llama.cpp: the engine's forward passes on a GGUF model, all rows in one llama context.
 
-The engine drives a runner through a small surface: `forward(first_row, tokens)` appends tokens to
-consecutive rows and returns logits, `reset`, `truncate` and `move` edit one row's cache, and
-`lengths` says how long each row is. This runner gives the same surface over llama.cpp, so the
-engine's continuous batching, sampling, log-probabilities, speculative Draft/Verify, Score,
-deadlines and cancellation all run unchanged (and with the same arithmetic on the logits) whichever
-runner computes them.
+The engine and the speculative sessions drive a runner through `serve.runner.ModelRunner`:
+`forward(first_row, tokens)` appends tokens to consecutive rows and returns logits, `reset`,
+`truncate` and `move` edit one row's cache, and `lengths` says how long each row is. This runner
+gives that interface over llama.cpp, so the engine's continuous batching, sampling,
+log-probabilities, speculative Draft/Verify, Score, deadlines and cancellation all run unchanged
+(and with the same arithmetic on the logits) whichever runner computes them.
 
 Batching: each row is a llama.cpp sequence id in one context whose KV cache is unified (cells
 shared by every sequence), so a decode step of n rows is one `llama_decode` of n tokens, a prefill
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from stratus_workers.models.gguf_artifact import GGUFModel
+from stratus_workers.serve.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,6 @@ _log_state = {"level": logging.INFO, "threshold": logging.WARNING}
 _log_buffer: list[str] = []
 
 
-@llama_cpp.llama_log_callback  # type: ignore[misc]
 def _route_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     if level != _GGML_CONT:
         _log_state["level"] = _GGML_LEVELS.get(level, logging.INFO)
@@ -64,7 +64,8 @@ def _route_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
             log.log(_log_state["level"], "llama.cpp: %s", message)
 
 
-llama_cpp.llama_log_set(_route_log, ctypes.c_void_p(0))
+_ROUTE_LOG = llama_cpp.llama_log_callback(_route_log)  # held here: llama.cpp keeps only the pointer
+llama_cpp.llama_log_set(_ROUTE_LOG, ctypes.c_void_p(0))
 
 
 def set_log_threshold(level: int) -> int:
@@ -107,8 +108,11 @@ def load_llama_model(path: Path) -> Any:
     return model
 
 
-class LlamaCppRunner:
-    """Rows 0..max_rows-1 are llama.cpp sequences 0..max_rows-1 of one context; each holds up to max_len tokens."""
+class LlamaCppRunner(ModelRunner):
+    """Rows 0..max_rows-1 are llama.cpp sequences 0..max_rows-1 of one context; each holds up to max_len tokens.
+
+    It implements ModelRunner's public calls itself: the base class's constructor and cache are torch's.
+    """
 
     def __init__(
         self,
@@ -122,12 +126,14 @@ class LlamaCppRunner:
     ) -> None:
         if max_rows < 1 or max_len < 2:
             raise ValueError(f"max_rows must be >= 1 and max_len >= 2, got {max_rows} and {max_len}")
+        self.model = model
+        self.config = model.config
         self.max_rows = max_rows
         self.max_len = max_len
-        self.lengths = [0] * max_rows
+        self.parallel = None
+        self._lengths = [0] * max_rows
         self.threads = threads or default_threads()
         self.batch_tokens = batch_tokens
-        self.fast = False  # the torch runner's CUDA path flag; callers may read it
         self._model = load_llama_model(model.path)
         vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(vocab))
@@ -163,16 +169,36 @@ class LlamaCppRunner:
         seq_ptr = ctypes.POINTER(llama_cpp.llama_seq_id)
         base = self._seq.ctypes.data
         self._seq_ptrs = (seq_ptr * size)(*[ctypes.cast(base + 4 * i, seq_ptr) for i in range(size)])
-        batch = llama_cpp.llama_batch()
-        batch.token = self._tokens.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token))
-        batch.embd = None
-        batch.pos = self._pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
-        batch.n_seq_id = self._n_seq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        batch.seq_id = self._seq_ptrs
-        batch.logits = self._outputs.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
-        self._batch = batch
+        # Fields in llama_batch's order: n_tokens, token, embd, pos, n_seq_id, seq_id, logits.
+        self._batch = llama_cpp.llama_batch(
+            0,
+            self._tokens.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token)),
+            None,
+            self._pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos)),
+            self._n_seq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            self._seq_ptrs,
+            self._outputs.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
 
     # -- cache management ---------------------------------------------------------------
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens held by each row."""
+        return self._lengths
+
+    @property
+    def capacity(self) -> int:
+        return self.max_len
+
+    def cache_bytes(self) -> int:
+        """The KV cache llama.cpp allocated: every cell, keys and values in f16, for every layer."""
+        config = self.config
+        heads = int(config.num_attention_heads)
+        kv_width = int(getattr(config, "num_key_value_heads", None) or heads) * int(
+            getattr(config, "head_dim", None) or config.hidden_size // heads
+        )
+        return self.kv_cells * int(config.num_hidden_layers) * 2 * kv_width * 2
 
     def reset(self, row: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, row, -1, -1)
@@ -206,6 +232,11 @@ class LlamaCppRunner:
         self.forward(row, [[0]])
         self.reset(row)
         return 0
+
+    def _forward(
+        self, first_row: int, tokens: Sequence[Sequence[int]], starts: list[int], q_lens: list[int], all_logits: bool
+    ) -> torch.Tensor:
+        return self.forward(first_row, tokens, all_logits=all_logits)
 
     # -- forward ------------------------------------------------------------------------
 

@@ -78,7 +78,7 @@ async def test_draft_greedy_and_sampled(model_server, tiny_gguf_dir, gguf) -> No
             )
             for i in range(2)
         ]
-        assert server.engine is not None and server.engine.sessions == 0  # every call here ended its session
+        assert server.engine is not None and len(server.engine.sessions) == 0  # every call here ended its session
     expected, _ = _greedy(gguf, context, 5)
     assert list(greedy.tokens) == expected and not greedy.distributions
     assert list(more.tokens) == _greedy(gguf, grown, 2)[0]

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from stratus_workers.compress.job import EXIT_REJECTED, BadInput, compress
-from stratus_workers.compress.spec import CompressionJobSpec, Quantization
+from stratus_workers.compress.job import BadInput, compress
+from stratus_workers.compress.spec import CompressionJobSpec, ExitCode, Quantization
 from stratus_workers.compress.to_gguf import GGUFExportError, check_exportable, write_gguf
 from stratus_workers.models import load_model
 from stratus_workers.models.gguf_artifact import GGUF_FILE, read_gguf
@@ -51,7 +51,7 @@ def test_gguf_variant_is_measured_and_gated_like_the_others(make_spec: SpecFacto
     # A gate it cannot meet rejects it with the reason, as for any variant.
     strict = make_spec({"quantization": {"method": "gguf", "ggufType": "q4_0"}}, gate={"maxSizeRatio": 0.01})
     rejected = compress(strict, tmp_path / "strict")
-    assert rejected.exit_code == EXIT_REJECTED and "exceeds maxSizeRatio" in rejected.summary["reasons"][0]
+    assert rejected.exit_code == ExitCode.REJECTED and "exceeds maxSizeRatio" in rejected.summary.reasons[0]
 
 
 def test_gguf_artifact_serves_the_weights_torch_had(make_spec: SpecFactory, tmp_path: Path, tiny_model_dir) -> None:

@@ -11,10 +11,12 @@ import torch
 
 from stratus_workers.models import load_model
 from stratus_workers.models.gguf_artifact import GGUFModel
-from stratus_workers.serve.engine import Engine, SamplingParams, TokenEvent
+from stratus_workers.protocol.requests import Sampling
+from stratus_workers.serve.engine import Engine, TokenEvent, build_engine
 from stratus_workers.serve.llamacpp import LlamaCppRunner
 from stratus_workers.serve.runner import ModelRunner
-from stratus_workers.serve.runtime import runner_for
+from stratus_workers.serve.runner.build import build_runner
+from stratus_workers.serve.runner.modules import ModuleRunner
 
 pytestmark = pytest.mark.unit
 
@@ -40,14 +42,14 @@ def test_loader_hands_a_gguf_artifact_to_llamacpp(gguf: Any, torch_model: Any) -
     assert str(gguf.device) == "cpu" and gguf.compression == "quantize:gguf-f32"
     # The same weights, the tied embedding once (torch's count adds the rotary frequency buffers).
     assert gguf.parameters == sum(p.numel() for p in torch_model.model.parameters())
-    runner = runner_for(gguf.model, max_rows=2, max_len=64, threads=1)
+    runner = build_runner(gguf.model, max_rows=2, max_len=64, threads=1)
     assert isinstance(runner, LlamaCppRunner) and runner.vocab_size == gguf.model.config.vocab_size
-    assert isinstance(runner_for(torch_model.model, max_rows=2, max_len=64), ModelRunner)
+    assert isinstance(build_runner(torch_model.model, max_rows=2, max_len=64), ModelRunner)
 
 
 def test_logits_match_torch_on_the_same_weights(gguf: Any, torch_model: Any) -> None:
     ours = LlamaCppRunner(gguf.model, max_rows=4, max_len=128, threads=1)
-    theirs = ModelRunner(torch_model.model, max_rows=4, max_len=128)
+    theirs = ModuleRunner(torch_model.model, max_rows=4, max_len=128)
     prompts = [_ids(gguf, p) for p in PROMPTS]
     # Prefill of four rows of different lengths, every position's logits.
     a = ours.forward(0, prompts, all_logits=True)
@@ -118,14 +120,14 @@ def test_bad_calls_are_refused_and_change_nothing(
 
 async def test_engine_batches_greedy_identically_on_llamacpp(gguf: Any) -> None:
     def engine(batch: int) -> Engine:
-        runner = runner_for(gguf.model, max_rows=batch + 1, max_len=128, threads=1)
-        made = Engine(gguf.model, gguf.tokenizer, max_batch_size=batch, max_len=128, max_sessions=1, runner=runner)
+        made = build_engine(gguf.model, gguf.tokenizer, max_batch_size=batch, max_len=128, max_sessions=1, threads=1)
+        assert isinstance(made.runner, LlamaCppRunner)
         made.start()
         return made
 
     async def tokens(made: Engine, prompt: list[int]) -> list[int]:
         ids: list[int] = []
-        async for event in made.stream(prompt, SamplingParams(max_new_tokens=10)):
+        async for event in made.stream(prompt, Sampling(max_new_tokens=10)):
             if isinstance(event, TokenEvent):
                 ids.extend(event.token_ids)
         return ids
