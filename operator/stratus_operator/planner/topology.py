@@ -34,6 +34,7 @@ from stratus_operator.spec import (
     VariantState,
 )
 from stratus_workers.router.config import RoutingSpec
+from stratus_workers.runtimes import RUNTIME_TORCH, Runtime
 
 Tier = Literal["edge", "cloud"]
 
@@ -76,6 +77,9 @@ class ServerPlan:
     autoscaling: Autoscaling | None = None
     # GPUs one server spans; the server starts its other ranks itself (no torchrun needed).
     tensor_parallel: int = 1
+    # The engine that serves the model: the server picks llama.cpp itself for a GGUF artifact; the plan
+    # carries it so that status and `stratus up` say which.
+    runtime: Runtime = RUNTIME_TORCH
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class VariantPlan:
     placement: Placement | None
     server: str | None
     wanted_replicas: int = 0
+    runtime: Runtime = RUNTIME_TORCH
 
 
 @dataclass(frozen=True)
@@ -247,16 +252,17 @@ def plan(
         variant = variant_specs[job.variant]
         result = job.result
         recipe = variant.compression.summary
+        runtime = variant.runtime
         wanted = _tier_replicas(variant.replicas, variant.autoscaling)
         if result is None:
-            variants.append(VariantPlan(variant.name, "Compressing", recipe, job, None, None, wanted))
+            variants.append(VariantPlan(variant.name, "Compressing", recipe, job, None, None, wanted, runtime))
             continue
         if result.status == "failed":
-            variants.append(VariantPlan(variant.name, "Failed", recipe, job, None, None, wanted))
+            variants.append(VariantPlan(variant.name, "Failed", recipe, job, None, None, wanted, runtime))
             continue
         if result.status == "rejected":
             notes.append(f"variant {variant.name} rejected by its gate: {'; '.join(result.reasons) or 'no reason'}")
-            variants.append(VariantPlan(variant.name, "Rejected", recipe, job, None, None, wanted))
+            variants.append(VariantPlan(variant.name, "Rejected", recipe, job, None, None, wanted, runtime))
             continue
         replicas = wanted
         place_replicas = variant.autoscaling.max_replicas if variant.autoscaling is not None else replicas
@@ -292,10 +298,11 @@ def plan(
                 tolerations=tuple(variant.tolerations),
                 placement=placement,
                 autoscaling=_fit_autoscaling(variant.autoscaling, placement),
+                runtime=runtime,
             ))
         else:
             notes.append(placement.reason)
-        variants.append(VariantPlan(variant.name, "Accepted", recipe, job, placement, server, wanted))
+        variants.append(VariantPlan(variant.name, "Accepted", recipe, job, placement, server, wanted, runtime))
 
     effective = policy
     if policy not in ("cloud-only", "edge-only") and not any(s.tier == "edge" for s in servers):

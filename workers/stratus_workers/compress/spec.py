@@ -27,8 +27,8 @@ class Quantization(SpecModel):
     )
     gguf_type: GGUFType = Field(
         "q8_0",
-        description="llama.cpp weight type for method gguf (q8_0, q4_0, q4_k_m, ...); K-quants fall back to "
-        "a similar type for tensors whose rows are not a multiple of 256.",
+        description="llama.cpp weight type for method gguf (q8_0, q4_0, q4_k_m, ...; other methods ignore it); "
+        "K-quants fall back to a similar type for tensors whose rows are not a multiple of 256.",
     )
     group_size: Literal[32, 64, 128] = Field(
         64,
@@ -45,12 +45,6 @@ class Quantization(SpecModel):
     def _int4_embedding_needs_int4(self) -> Quantization:
         if self.embedding_bits == 4 and self.method != "int4-weight":
             raise ValueError(f"embeddingBits: 4 needs method int4-weight, not {self.method}")
-        return self
-
-    @model_validator(mode="after")
-    def _gguf_type_needs_gguf(self) -> Quantization:
-        if "gguf_type" in self.model_fields_set and self.method != "gguf":
-            raise ValueError(f"ggufType is for method gguf, not {self.method}")
         return self
 
 

@@ -204,3 +204,18 @@ def test_speculative_needs_an_edge_server_like_cascade() -> None:
 def test_empty_plan_runs_nothing() -> None:
     p = Plan.empty("broken", 4)
     assert (p.servers, p.router, p.compression_jobs, p.generation) == ([], None, [], 4)
+
+
+def test_the_variants_format_picks_its_runtime() -> None:
+    """A gguf quantization is served by llama.cpp: the plan and the status say so; other recipes stay torch."""
+    from stratus_operator.planner import build_status
+
+    gguf = {"name": "gguf", "compression": {"quantization": {"method": "gguf", "ggufType": "q8_0"}},
+            "nodeSelector": EDGE}
+    d = dep(spec__edge__variants=[manifest()["spec"]["edge"]["variants"][0], gguf])
+    p = plan(d, cluster(edge_node("e1", 8)), {"int8": accepted(), "gguf": accepted(name="gguf")})
+    assert {v.name: v.runtime for v in p.variants} == {"int8": "torch", "gguf": "llamacpp"}
+    assert {s.variant: s.runtime for s in p.edge} == {"int8": "torch", "gguf": "llamacpp"}
+    assert p.cloud is not None and p.cloud.runtime == "torch"
+    status = build_status(p, {}, previous=None, now="2026-01-01T00:00:00Z")
+    assert [(v.name, v.runtime) for v in status.variants] == [("int8", "torch"), ("gguf", "llamacpp")]
