@@ -107,13 +107,14 @@ class System:
 class Reference:
     """llama-cpp-python on the bundled GGUF: its high-level API at batch 1, llama.cpp's batched decode at 4."""
 
-    def __init__(self, path: Path, max_new_tokens: int) -> None:
+    def __init__(self, path: Path, max_new_tokens: int, threads: int) -> None:
         import llama_cpp
 
         self.llama_cpp = llama_cpp
         self.max_new_tokens = max_new_tokens
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, verbose=False)
-        self.threads = f"{self.llm.n_threads} (batch {self.llm.n_threads_batch})"
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads,
+                                   verbose=False)
+        self.threads = str(threads)
         self.prompts = [self.llm.tokenize(p.encode(), add_bos=False) for p in PROMPTS]
         self.eos = self.llm.token_eos()
         params = llama_cpp.llama_context_default_params()
@@ -216,7 +217,7 @@ def build_variants(work: Path, rebuild: bool) -> dict[str, dict[str, Any]]:
     return manifests
 
 
-def start_server(artifact: Path, name: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(artifact: Path, name: str, threads: int) -> tuple[subprocess.Popen[bytes], str]:
     import socket
 
     with socket.socket() as s:
@@ -224,8 +225,8 @@ def start_server(artifact: Path, name: str) -> tuple[subprocess.Popen[bytes], st
         port = s.getsockname()[1]
     args = [sys.executable, "-m", "stratus_workers.serve", "--model", str(artifact), "--name", name,
             "--tier", "edge", "--port", str(port), "--http-port", "0", "--max-batch-size", "4",
-            "--max-prompt-tokens", "256", "--max-new-tokens", "256", "--log-level", "warning",
-            "--log-format", "text"]
+            "--max-prompt-tokens", "256", "--max-new-tokens", "256", "--threads", str(threads),
+            "--log-level", "warning", "--log-format", "text"]
     proc = subprocess.Popen(args, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return proc, f"127.0.0.1:{port}"
 
@@ -285,7 +286,7 @@ async def measure(args: argparse.Namespace) -> tuple[list[System], dict[str, Any
     path = bundled_gguf(BUNDLED_SMOLLM2)
     log("reference perplexity (llama.cpp on the bundled file) ...")
     ref_ppl = reference_perplexity(path)
-    reference = Reference(path, args.tokens)
+    reference = Reference(path, args.tokens, args.threads)
     _, ref_bytes, ref_type = read_gguf(path)
     ref = System("llama.cpp direct (reference)", f"llama-cpp-python {reference.llama_cpp.__version__}",
                  f"bundled {ref_type}", ref_bytes, ref_ppl, reference.threads)
@@ -295,7 +296,7 @@ async def measure(args: argparse.Namespace) -> tuple[list[System], dict[str, Any
     clients: dict[str, AsyncClient] = {}
     try:
         for name in manifests:
-            procs[name] = start_server(work / name, name)
+            procs[name] = start_server(work / name, name, args.threads)
         for name, (proc, address) in procs.items():
             wait_healthy(proc, address)
             clients[name] = AsyncClient(address, timeout=600)
@@ -303,9 +304,8 @@ async def measure(args: argparse.Namespace) -> tuple[list[System], dict[str, Any
             m = manifests[name]
             f = m["figures"]
             runtime = m.get("runtime", "torch")
-            threads = "1 (default)" if runtime == "llamacpp" else f"{torch.get_num_threads()} (torch default)"
             systems.append(System(name, f"our server, {runtime}", m["recipe"].removeprefix("quantize:"),
-                                  int(f["bytes"]), float(f["perplexity"]), threads))
+                                  int(f["bytes"]), float(f["perplexity"]), str(args.threads)))
         reference.one(PROMPTS[0])  # warm-up
         reference.batched()
         for rnd in range(args.rounds):
@@ -398,8 +398,8 @@ def render(systems: list[System], meta: dict[str, Any]) -> str:
         "",
         *goals,
         "",
-        "Reference rows: batch 1 is `Llama.create_completion(stream=True)` (llama-cpp-python's defaults: "
-        "n_threads = cores / 2, n_ctx 512); batch 4 is llama.cpp's batched decoding called through the "
+        "Reference rows: batch 1 is `Llama.create_completion(stream=True)` (n_ctx 512, the same threads as "
+        "ours for decode and prefill); batch 4 is llama.cpp's batched decoding called through the "
         "low-level API (four sequences per `llama_decode`, greedy by argmax over the logits), the fastest "
         "llama.cpp does for four requests; the row below it is what the high-level binding gives four "
         "requests (one after another). Why the runtime is what it is: docs/edge-runtime.md.",
@@ -413,7 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=cache_dir() / "bench-edge",
                         help="artifacts of the variants; reused by later runs unless --rebuild")
     parser.add_argument("--rebuild", action="store_true")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads for every system (llama.cpp's decode and prefill, torch's intra-op): one "
+                             "thread each is what holds up on 2 shared cores (docs/edge-runtime.md)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--json", type=Path, help="also dump the raw results here")
     args = parser.parse_args(argv)
