@@ -34,7 +34,13 @@ from stratus_operator.spec import (
     VariantState,
 )
 from stratus_workers.router.config import RoutingSpec
-from stratus_workers.runtimes import RUNTIME_TORCH, Runtime
+from stratus_workers.runtimes import (
+    DEFAULT_MAX_SESSIONS,
+    RUNTIME_LLAMACPP,
+    RUNTIME_TORCH,
+    Runtime,
+    llamacpp_cache_bytes,
+)
 
 Tier = Literal["edge", "cloud"]
 
@@ -267,7 +273,14 @@ def plan(
         replicas = wanted
         place_replicas = variant.autoscaling.max_replicas if variant.autoscaling is not None else replicas
         size = result.summary.size_bytes
-        demand = edge_demand(variant.resources, size or 0, gpu_resource)
+        cache = 0
+        if runtime == RUNTIME_LLAMACPP and result.summary.kv_bytes_per_token:
+            serving = variant.serving
+            cache = llamacpp_cache_bytes(
+                result.summary.kv_bytes_per_token, max_batch_size=serving.max_batch_size,
+                max_tokens=serving.max_prompt_tokens + serving.max_new_tokens, max_sessions=DEFAULT_MAX_SESSIONS,
+            )
+        demand = edge_demand(variant.resources, size or 0, gpu_resource, cache)
         placement = place(
             cluster,
             what=f"edge variant {variant.name}" + (f" ({format_bytes(size)} model)" if size else ""),

@@ -29,7 +29,7 @@ from stratus_workers.models import artifact as artifacts
 from stratus_workers.models.files import ARTIFACT_FORMAT
 from stratus_workers.models.gguf_artifact import load_gguf_artifact
 from stratus_workers.models.loader import cache_dir, load_model
-from stratus_workers.runtimes import RUNTIME_LLAMACPP
+from stratus_workers.runtimes import LLAMACPP_KV_VALUE_BYTES, RUNTIME_LLAMACPP, kv_bytes_per_token
 
 log = logging.getLogger(__name__)
 
@@ -316,6 +316,10 @@ def compress(spec: CompressionJobSpec, out: Path, *, work_dir: Path | None = Non
                 "agreement": agree,
                 "parameters": stored,
                 "layers": int(reloaded.config.num_hidden_layers),
+                # The torch runner keeps its cache in the activations' dtype (fp32 on a CPU), llama.cpp in f16.
+                "kv_bytes_per_token": kv_bytes_per_token(
+                    reloaded.config, LLAMACPP_KV_VALUE_BYTES if recipe.runtime == RUNTIME_LLAMACPP else 4
+                ),
             }
         )
         reasons = gate_reasons(spec, figures)
@@ -369,6 +373,7 @@ def compress(spec: CompressionJobSpec, out: Path, *, work_dir: Path | None = Non
         full_tokens_per_second=round(speed["full"], 2),
         agreement=round(agree, 4),
         sparsity=round(figures["pruning"]["sparsity"], 4) if recipe.pruning else None,
+        kv_bytes_per_token=figures["kv_bytes_per_token"],
         seconds=round(time.perf_counter() - started, 1),
     )
     return JobResult(ExitCode.REJECTED if reasons else ExitCode.OK, summary, manifest)

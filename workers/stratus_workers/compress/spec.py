@@ -191,6 +191,9 @@ class CompressionSummary(SpecModel):
     full_tokens_per_second: float | None = None
     agreement: float | None = Field(None, description="Greedy agreement with the full model.")
     sparsity: float | None = Field(None, description="Measured sparsity, for pruned variants.")
+    kv_bytes_per_token: int | None = Field(
+        None, ge=0, description="KV-cache bytes per token as its engine stores them (sizes a llama.cpp server)."
+    )
     seconds: float | None = Field(None, description="Wall time of the whole run.")
 
     @property

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from stratus_workers.models.gguf_artifact import GGUFModel
+from stratus_workers.runtimes import LLAMACPP_KV_VALUE_BYTES, kv_bytes_per_token
 from stratus_workers.serve.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -193,12 +194,7 @@ class LlamaCppRunner(ModelRunner):
 
     def cache_bytes(self) -> int:
         """The KV cache llama.cpp allocated: every cell, keys and values in f16, for every layer."""
-        config = self.config
-        heads = int(config.num_attention_heads)
-        kv_width = int(getattr(config, "num_key_value_heads", None) or heads) * int(
-            getattr(config, "head_dim", None) or config.hidden_size // heads
-        )
-        return self.kv_cells * int(config.num_hidden_layers) * 2 * kv_width * 2
+        return self.kv_cells * kv_bytes_per_token(self.config, LLAMACPP_KV_VALUE_BYTES)
 
     def reset(self, row: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, row, -1, -1)

@@ -30,6 +30,7 @@ from stratus_workers.protocol.requests import (
     session_sampling,
 )
 from stratus_workers.protocol.servicer import add_inference_servicer
+from stratus_workers.runtimes import DEFAULT_MAX_SESSIONS
 from stratus_workers.security import TLSFiles
 from stratus_workers.serve.engine import Engine, FinishEvent, TokenEvent, TokenLogprob, build_engine
 from stratus_workers.serve.errors import EngineOverloaded, EngineStopped
@@ -59,7 +60,9 @@ class ServerSettings:
     default_new_tokens: int = field(
         default=128, metadata={"help": "max_new_tokens when a request gives 0 (capped by max_new_tokens)."}
     )
-    max_sessions: int = field(default=4, metadata={"help": "Speculative-decoding sessions held at once."})
+    max_sessions: int = field(
+        default=DEFAULT_MAX_SESSIONS, metadata={"help": "Speculative-decoding sessions held at once."}
+    )
     max_queue: int = field(
         default=256, metadata={"help": "Requests waiting for a batch slot before RESOURCE_EXHAUSTED."}
     )

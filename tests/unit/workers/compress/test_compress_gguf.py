@@ -48,6 +48,12 @@ def test_gguf_variant_is_measured_and_gated_like_the_others(make_spec: SpecFacto
     assert 0.25 < f["size_ratio"] < 0.3 and f["quantization"]["tensor_types"]["q8_0"] > 0
     assert f["tokens_per_second"] > 0 and f["full_tokens_per_second"] > 0
     assert "llama_cpp_python" in manifest["versions"]
+    # What one token takes in the cache llama.cpp allocates, as the operator sizes the pod's memory by it.
+    from stratus_workers.serve.llamacpp import LlamaCppRunner
+
+    runner = LlamaCppRunner(load_model(str(tmp_path / "gguf")).model, max_rows=2, max_len=16, threads=1)
+    assert f["kv_bytes_per_token"] == result.summary.kv_bytes_per_token == runner.cache_bytes() // runner.kv_cells
+    assert f["kv_bytes_per_token"] * 2 == torch_variant.manifest["figures"]["kv_bytes_per_token"]  # torch: fp32
     # A gate it cannot meet rejects it with the reason, as for any variant.
     strict = make_spec({"quantization": {"method": "gguf", "ggufType": "q4_0"}}, gate={"maxSizeRatio": 0.01})
     rejected = compress(strict, tmp_path / "strict")
