@@ -738,22 +738,32 @@ def build_engine(
     max_queue: int = 256,
     prefill_chunk: int = 512,
     prefix_cache_tokens: int = -1,
+    threads: int = 0,
     on_stats: Callable[[EngineStats], None] | None = None,
     on_failure: Callable[[str], None] | None = None,
 ) -> AsyncEngine:
-    """An engine over a model object of this process, its core in a thread (tests; `await engine.start()`)."""
+    """An engine over a model object of this process, its core in a thread (tests; `await engine.start()`).
+
+    `model` is a torch model or a GGUF artifact's `GGUFModel` (llama.cpp's runner, on `threads` threads).
+    """
     from stratus_workers.models.loader import LoadedModel
     from stratus_workers.serve.loop import EngineSettings
 
-    param = next(model.parameters())
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, name="model", source="memory", dtype=param.dtype,
-                         device=param.device)  # fmt: skip
+    if hasattr(model, "parameters"):
+        param = next(model.parameters())
+        dtype, device = param.dtype, param.device
+    else:  # a GGUFModel: llama.cpp on the CPU, float32 activations
+        import torch
+
+        dtype, device = torch.float32, torch.device("cpu")
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, name="model", source="memory", dtype=dtype, device=device)
     settings = EngineSettings(
         max_batch_size=max_batch_size,
         max_tokens=max_len,
         max_sessions=max_sessions,
         prefill_chunk=prefill_chunk,
         prefix_cache_tokens=prefix_cache_tokens,
+        threads=threads,
     )
     return AsyncEngine(
         ThreadTransport(settings, loaded=loaded),

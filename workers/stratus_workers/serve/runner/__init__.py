@@ -83,6 +83,15 @@ class Decoded:
     greedy_logprobs: list[float] | None
 
 
+def decoded(logits: torch.Tensor, logprobs: bool) -> Decoded:
+    """A decode step's result from its [rows, vocab] logits: the greedy choices (and their log-probabilities)."""
+    best = logits.argmax(dim=-1)
+    picked = None
+    if logprobs:
+        picked = (logits.gather(1, best[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)).tolist()
+    return Decoded(logits, best.tolist(), picked)
+
+
 class ModelRunner(abc.ABC):
     """One model and a KV cache of `max_rows` rows; the engine keeps its decode rows contiguous from 0.
 
@@ -222,12 +231,7 @@ class ModelRunner(abc.ABC):
     def _decode(self, ids: list[int], logprobs: bool) -> Decoded:
         """A decode step through `_forward`; paths with a static step of their own replace it."""
         starts = self.cache.lengths[: len(ids)]
-        logits = self._forward(0, [[t] for t in ids], starts, [1] * len(ids), False)
-        best = logits.argmax(dim=-1)
-        picked = None
-        if logprobs:
-            picked = (logits.gather(1, best[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)).tolist()
-        return Decoded(logits, best.tolist(), picked)
+        return decoded(self._forward(0, [[t] for t in ids], starts, [1] * len(ids), False), logprobs)
 
     def _warmup(self, max_kv_len: int | None, batch_sizes: Sequence[int] | None) -> int:
         return 0
