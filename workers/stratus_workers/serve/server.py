@@ -100,7 +100,9 @@ class ServerSettings:
     )
     engine_step_timeout: float = field(
         default=DEFAULT_STEP_TIMEOUT,
-        metadata={"help": "Seconds one engine step may take before the engine counts as hung."},
+        metadata={
+            "help": "Seconds the engine may go without finishing a step while work waits before it counts as hung."
+        },
     )
     tensor_parallel: int = field(
         default=1, metadata={"help": "GPUs this server spans (tensor parallel; >1 starts one process per GPU)."}
@@ -592,6 +594,7 @@ class ModelServer:
             max_queue=self.config.max_queue,
             on_stats=self.metrics.on_stats,
             on_failure=self._engine_failed,
+            stall_timeout=self.config.engine_step_timeout,
         )
         # Loads the model and captures the decode graphs (CUDA) before taking traffic.
         await self.engine.start()
