@@ -82,7 +82,9 @@ def _encode(tokenizer: Any, text: str, chat: bool) -> list[int]:
 
 def fingerprint(spec: TrainingText, source: str, seed: int) -> str:
     """Identifies one generated text: a Job with the same settings reuses it, another writes its own."""
-    settings = spec.model_dump(exclude={"corpus_share"})
+    # The number of sequences is left out: chunk i is the same text whatever the total, so a Job asking for more
+    # reuses the chunks already written and adds the rest.
+    settings = spec.model_dump(exclude={"corpus_share", "generated_sequences"})
     text = json.dumps({"text": settings, "source": source, "seed": seed, "prompts": len(prompt_texts())},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -159,13 +161,13 @@ def generate_text(
     was_training = teacher.training
     teacher.eval()
     for index in tqdm(range(n_chunks), desc="teacher text", disable=None):
-        path = folder / f"chunk-{index:06d}.pt"
+        rows = min(spec.generation_batch_size, spec.generated_sequences - index * spec.generation_batch_size)
+        path = folder / f"chunk-{index:06d}-{rows}.pt"  # a short last chunk is not a whole one of a longer run
         chunk = _load(path) if path.is_file() else None
         if chunk is not None:
             chunks.append(chunk)
             reused += 1
             continue
-        rows = min(spec.generation_batch_size, spec.generated_sequences - index * spec.generation_batch_size)
         # Each chunk's prompts and sampling noise depend only on (seed, chunk), so a resumed Job writes the
         # chunks it lacks as an uninterrupted one would have (up to GPU non-determinism).
         rng = random.Random(seed * 1_000_003 + index)

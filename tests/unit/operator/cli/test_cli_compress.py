@@ -17,7 +17,7 @@ pytestmark = pytest.mark.unit
 SAMPLES = Path(__file__).resolve().parents[4] / "deploy" / "samples"
 
 
-@pytest.mark.parametrize("sample", ["smollm2.yaml", "smollm2-compression.yaml"])
+@pytest.mark.parametrize("sample", ["smollm2.yaml", "smollm2-compression.yaml", "smollm2-compression-gpu.yaml"])
 def test_every_sample_variant_is_a_valid_job_spec(sample: str) -> None:
     manifest = yaml.safe_load((SAMPLES / sample).read_text())
     for variant in manifest["spec"]["edge"]["variants"]:
@@ -33,6 +33,21 @@ def test_compression_sample_exercises_every_method() -> None:
     assert {(s.pruning.method, s.pruning.pattern) for s in specs if s.pruning} >= {
         ("magnitude", "unstructured"), ("wanda", "unstructured"), ("wanda", "2:4")}
     assert any(s.distillation for s in specs)
+
+
+def test_gpu_sample_holds_the_recipes_the_gpu_bench_ran() -> None:
+    """docs/benchmarks.md's GPU rows and the gates they passed are for exactly the sample's recipes."""
+    manifest = yaml.safe_load((SAMPLES / "smollm2-compression-gpu.yaml").read_text())
+    results = SAMPLES.parents[1] / "tests" / "bench" / "results" / "compress-gpu"
+    ran: dict[str, dict[str, object]] = {}
+    # The main run, then later runs (`--as-sampled`), which replace its rows of the same variant.
+    for path in [results / "gpu-compress.json", *sorted(results.glob("gpu-compress-*.json"))]:
+        ran.update({row["name"]: row for row in json.loads(path.read_text())["rows"]})
+    assert set(ran) == {v["name"] for v in manifest["spec"]["edge"]["variants"]}
+    for name, row in ran.items():
+        spec = parse_spec(job_spec_document(manifest, name))
+        assert row["compression"] == spec.compression.model_dump(by_alias=True, exclude_none=True), name
+        assert row["gate"] == spec.gate.model_dump(by_alias=True, exclude_none=True), name
 
 
 def test_unknown_variant_is_named() -> None:

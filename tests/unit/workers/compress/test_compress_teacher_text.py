@@ -50,6 +50,12 @@ def test_generated_text_is_cached_per_chunk_and_reused(tiny_model_dir: Path, tmp
     _, figures = generate_text(loaded.model, loaded.tokenizer, spec, work_dir=tmp_path, source="tiny", seed=0,
                                device=cpu)
     assert figures["chunks_reused"] == 2
+    # Asking for more sequences keeps the whole chunks and writes the rest (the short last chunk included).
+    more, figures = generate_text(loaded.model, loaded.tokenizer, spec.model_copy(update={"generated_sequences": 6}),
+                                  work_dir=tmp_path, source="tiny", seed=0, device=cpu)
+    assert figures["chunks_reused"] == 2 and figures["chunks"] == 3
+    whole = sum(int(torch.load(c, weights_only=True).numel()) for c in chunks[:2])
+    assert torch.equal(more[:whole], stream[:whole]) and (folder / "chunk-000002-2.pt").is_file()
     # Other settings are another text; the corpus share only mixes batches and does not change it.
     assert fingerprint(spec.model_copy(update={"generation_temperature": 0.7}), "tiny", 0) != fingerprint(
         spec, "tiny", 0)
