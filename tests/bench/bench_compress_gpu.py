@@ -228,7 +228,7 @@ def sparse_model(model: Any, device: torch.device) -> dict[str, Any]:
     """A 2:4-pruned model on the GPU in bf16: dense kernels against its linears as semi-structured tensors."""
     from torch.sparse import to_sparse_semi_structured
 
-    from stratus_workers.compress.quantize import target_linears
+    from stratus_workers.models.quantized import target_linears
 
     model = model.to(device=device, dtype=torch.bfloat16).eval()
     for _, linear in target_linears(model):
@@ -313,7 +313,7 @@ def cuda_smoke(device: torch.device, sample: Path, dry_run: bool) -> dict[str, A
 
 
 def target_linears_of(model: Any) -> list[tuple[str, Any]]:
-    from stratus_workers.compress.quantize import target_linears
+    from stratus_workers.models.quantized import target_linears
 
     return list(target_linears(model))
 
