@@ -9,6 +9,7 @@ the same-shaped full model exactly as the Job measures (`evaluate.tokens_per_sec
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 from pathlib import Path
@@ -145,10 +146,10 @@ def _sparse_lines(sparse: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def render(jobs: dict[str, Any], sparse: dict[str, Any] | None, speeds: dict[str, dict[str, float]],
-           threads: int, speed_tokens: int) -> str:
+def render(jobs: dict[str, Any], sparse: dict[str, Any] | None, measured: dict[str, Any]) -> str:
     env = jobs.get("environment", {})
     rows = jobs["rows"]
+    speeds: dict[str, dict[str, float]] = measured["speeds"]
     full_ppl = rows[0]["full_perplexity"] if rows else float("nan")
     full_cpu = next(iter(speeds.values()))["full"] if speeds else float("nan")
     header = ("| variant | recipe | trained on | training tokens | training steps' time | Job wall time | perplexity "
@@ -172,6 +173,12 @@ def render(jobs: dict[str, Any], sparse: dict[str, Any] | None, speeds: dict[str
     probe = jobs.get("layer_probe", {})
     student = next((r for r in rows if r["name"] == "student-15l"), None)
     text_fig = (student or {}).get("training_text") or {}
+    student_row = next((r for r in rows if r["name"] == "student-15l"), None)
+    bound = (f" A 15-of-30-layer student in fp32 reads {student_row['size_ratio']:.3f}x the teacher's weight bytes per "
+             f"token (the tied 49,152 x 576 embedding and LM head, 21% of the teacher, are read by both), so its "
+             f"memory-bound batch-1 decode is bounded near 1/{student_row['size_ratio']:.3f} = "
+             f"{1 / student_row['size_ratio']:.2f}x: 1.8x is out of reach for its fp32 form; int8 weights "
+             "(student-15l-int8) take it there." if student_row else "")
     notes = [
         f"Trained on: {env.get('gpu', env.get('device', '?'))} ({env.get('gpu_memory_gib', '?')} GiB, compute "
         f"capability {env.get('capability', '?')}), torch {env.get('torch', '?')}, transformers "
@@ -180,12 +187,16 @@ def render(jobs: dict[str, Any], sparse: dict[str, Any] | None, speeds: dict[str
         f"of a {jobs.get('budget_seconds', 0):.0f} s budget. Real weights (the bundled GGUF), bf16 autocast, fused "
         "AdamW. Perplexity and agreement: the reloaded artifact in fp32 on that machine's CPU, the same evaluation as "
         "the CPU rows above.",
-        f"CPU tokens/s here: {report.cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__} "
-        f"({threads} threads); random weights of each variant's exact shape (see tests/bench/compress_gpu_report.py "
-        f"for why that measures the same thing), batch 1, greedy, {speed_tokens} new tokens, best of {ROUNDS} "
+        f"CPU tokens/s here: {measured['machine']} ({measured['threads']} threads), {measured['date']}, load "
+        "average "
+        f"{', '.join(map(str, measured['load_average_before']))} before and "
+        f"{', '.join(map(str, measured['load_average_after']))} after (1, 5, 15 min); random weights of each "
+        "variant's exact shape (see tests/bench/compress_gpu_report.py "
+        f"for why that measures the same thing), batch 1, greedy, {measured['speed_tokens']} new tokens, best of "
+        f"{measured['rounds']} "
         "rounds, every variant and the same-shaped full model interleaved in each round. Pruned variants run dense "
         "kernels on the CPU: no 2:4 or unstructured sparse speed-up exists "
-        "there, so their ratio is ~1.0x by construction.",
+        "there, so their ratio is ~1.0x by construction." + bound,
         f"Step counts were sized in the run from measured step times to fit its budget (plan: "
         f"{json.dumps({k: v for k, v in plan.items() if k != 'training_seconds'})}); the sample "
         "`deploy/samples/smollm2-compression-gpu.yaml` holds the same recipes.",
@@ -213,7 +224,12 @@ def render(jobs: dict[str, Any], sparse: dict[str, Any] | None, speeds: dict[str
             f"The first run's recipe ({old['compression'].get('pruning', {}).get('recoverySteps')} recovery steps, "
             f"{old['training_tokens'] / 1e6:.1f} M tokens, a quarter corpus and three quarters teacher-written "
             f"text) reached {old['perplexity_increase']:+.1%} perplexity ({old['status']}) and "
-            f"{old['agreement']:.3f} agreement.")
+            f"{old['agreement']:.3f} agreement."
+            + (f" The second run trained on the corpus' training slice alone ({new['training_tokens'] / 1e6:.1f} M "
+               "tokens): the evaluation corpus' own domain, where its perplexity gained far more than its agreement "
+               f"on general-English prompts did ({old['agreement']:.3f} -> {new['agreement']:.3f}); the gate reads "
+               "perplexity on that corpus, so read this row's +perplexity with that in mind."
+               if not new.get("training_text") else ""))
     if jobs.get("errors"):
         notes.append("Errors in the run: " + "; ".join(jobs["errors"]))
     return "\n".join([
@@ -240,10 +256,34 @@ def render(jobs: dict[str, Any], sparse: dict[str, Any] | None, speeds: dict[str
     ])
 
 
-def build(results_dir: Path, threads: int, speed_tokens: int) -> str | None:
-    """The GPU section from stored results, with CPU speeds measured here; None when there are no results."""
-    jobs, sparse = load(results_dir)
+SPEEDS_FILE = "cpu-speeds.json"
+
+
+def measure(results_dir: Path, threads: int, speed_tokens: int) -> dict[str, Any] | None:
+    """Measure the GPU rows' CPU speeds here and keep them beside the results (with the machine and its load)."""
+    jobs, _ = load(results_dir)
     if jobs is None:
         return None
     torch.set_num_threads(threads)
-    return render(jobs, sparse, cpu_speeds(jobs["rows"], speed_tokens), threads, speed_tokens)
+    load_before = os.getloadavg()
+    speeds = cpu_speeds(jobs["rows"], speed_tokens)
+    measured = {"machine": f"{report.cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__}",
+                "threads": threads, "speed_tokens": speed_tokens, "rounds": ROUNDS,
+                "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                "load_average_before": [round(v, 2) for v in load_before],
+                "load_average_after": [round(v, 2) for v in os.getloadavg()], "speeds": speeds}
+    (results_dir / SPEEDS_FILE).write_text(json.dumps(measured, indent=2) + "\n")
+    return measured
+
+
+def build(results_dir: Path, threads: int, speed_tokens: int, *, remeasure: bool = True) -> str | None:
+    """The GPU section from stored results, with CPU speeds measured here (or the last ones kept, when not
+    `remeasure`); None when there are no results."""
+    jobs, sparse = load(results_dir)
+    if jobs is None:
+        return None
+    path = results_dir / SPEEDS_FILE
+    measured = measure(results_dir, threads, speed_tokens) if remeasure or not path.is_file() else json.loads(
+        path.read_text())
+    assert measured is not None
+    return render(jobs, sparse, measured)
