@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,14 +80,47 @@ def _variant_model(row: dict[str, Any]) -> Any:
     return model.eval()
 
 
+@torch.no_grad()
+def _decode_cpu_seconds(model: Any, ids: torch.Tensor, tokens: int, pad: int) -> float:
+    started = time.thread_time()
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                   do_sample=False, pad_token_id=pad)
+    return time.thread_time() - started
+
+
+def cpu_time_speeds(models: dict[str, Any], tokenizer: Any, tokens: int, rounds: int) -> dict[str, float]:
+    """Tokens per second of this thread's CPU time, one intra-op thread: what a dedicated core would do.
+
+    On a shared machine wall-clock speed is whatever share of the cores the other work leaves; the calling
+    thread's CPU time counts only while it runs (one thread: all of torch's work runs in it).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ids = torch.tensor([tokenizer(evaluate.PROMPTS[0], add_special_tokens=False)["input_ids"]])
+        pad = tokenizer.pad_token_id or 0
+        for model in models.values():
+            _decode_cpu_seconds(model, ids, min(8, tokens), pad)
+        best = {name: math.inf for name in models}
+        for _ in range(rounds):
+            for name, model in models.items():
+                best[name] = min(best[name], _decode_cpu_seconds(model, ids, tokens, pad))
+    finally:
+        torch.set_num_threads(threads)
+    return {name: tokens / seconds for name, seconds in best.items()}
+
+
 def cpu_speeds(rows: list[dict[str, Any]], speed_tokens: int, rounds: int = ROUNDS) -> dict[str, dict[str, float]]:
-    """Per variant: its tokens/s and the full model's, all interleaved in the same rounds on this machine's CPU."""
+    """Per variant against the same-shaped full model, all interleaved in the same rounds on this machine's CPU:
+    wall-clock tokens/s as the Job measures it, and tokens per CPU-second on one thread."""
     tokenizer = bundled_tokenizer()
     models = {FULL: random_llama(SMOLLM2_135M, seed=1).eval()}
     models.update({row["name"]: _variant_model(row) for row in rows})
-    speed = evaluate.tokens_per_second(models, tokenizer, speed_tokens, rounds=rounds)
-    return {row["name"]: {"variant": speed[row["name"]], "full": speed[FULL],
-                          "speedup": speed[row["name"]] / speed[FULL]} for row in rows}
+    wall = evaluate.tokens_per_second(models, tokenizer, speed_tokens, rounds=rounds)
+    cpu = cpu_time_speeds(models, tokenizer, speed_tokens, rounds)
+    return {row["name"]: {"variant": wall[row["name"]], "full": wall[FULL], "speedup": wall[row["name"]] / wall[FULL],
+                          "cpu_time_variant": cpu[row["name"]], "cpu_time_full": cpu[FULL],
+                          "cpu_time_speedup": cpu[row["name"]] / cpu[FULL]} for row in rows}
 
 
 def _check(value: float, goal: float, *, upper: bool, fmt: str) -> str:
@@ -106,9 +141,11 @@ def _goal_lines(rows: list[dict[str, Any]], speeds: dict[str, dict[str, float]])
                  + _check(row["perplexity_increase"], max_ppl, upper=True, fmt="+.1%")]
         speed_ok = True
         if min_speed is not None:
-            speed = speeds[row["name"]]["speedup"]
+            speed = speeds[row["name"]]["cpu_time_speedup"]
             speed_ok = speed >= min_speed
-            parts.append("CPU speed vs full " + _check(speed, min_speed, upper=False, fmt=".2f"))
+            parts.append("CPU speed vs full (per CPU-second, one thread) "
+                         + _check(speed, min_speed, upper=False, fmt=".2f")
+                         + f"; wall-clock at the Job's threads {speeds[row['name']]['speedup']:.2f}x")
         verdict = "MET" if ppl_ok and speed_ok else "MISSED"
         lines.append(f"- **{row['name']}** ({text}): {verdict}: " + "; ".join(parts))
     return lines
@@ -151,12 +188,13 @@ def render(jobs: dict[str, Any], sparse: dict[str, Any] | None, measured: dict[s
     rows = jobs["rows"]
     speeds: dict[str, dict[str, float]] = measured["speeds"]
     full_ppl = rows[0]["full_perplexity"] if rows else float("nan")
-    full_cpu = next(iter(speeds.values()))["full"] if speeds else float("nan")
+    first = next(iter(speeds.values()), {})
     header = ("| variant | recipe | trained on | training tokens | training steps' time | Job wall time | perplexity "
-              "| change vs full | agreement | sparsity | CPU tok/s here (full) | vs full | gate |")
-    table = [header, "|" + "---|" * 13,
+              "| change vs full | agreement | sparsity | CPU tok/s per CPU-second, 1 thread (full) | vs full "
+              "| wall-clock tok/s (full) | vs full | gate |")
+    table = [header, "|" + "---|" * 15,
              f"| full (fp32) | none | — | — | — | — | {full_ppl:.3f} | — | 1.000 | — | "
-             f"{full_cpu:.1f} | 1.00x | — |"]
+             f"{first.get('cpu_time_full', math.nan):.1f} | 1.00x | {first.get('full', math.nan):.1f} | 1.00x | — |"]
     for r in rows:
         d, p = r.get("distillation") or {}, r.get("pruning") or {}
         reused = bool(d) and d.get("resumed_from_step") == d.get("steps")
@@ -166,8 +204,10 @@ def render(jobs: dict[str, Any], sparse: dict[str, Any] | None, measured: dict[s
         table.append(
             f"| {r['name']} | {r['recipe']} | {r['device']} | {r['training_tokens'] / 1e6:.1f} M | {train} "
             f"| {r['job_seconds']:.0f} s | {r['perplexity']:.3f} | {r['perplexity_increase']:+.1%} "
-            f"| {r['agreement']:.3f} | {sparsity} | {s.get('variant', float('nan')):.1f} "
-            f"({s.get('full', float('nan')):.1f}) | {s.get('speedup', float('nan')):.2f}x | {r['status']} |")
+            f"| {r['agreement']:.3f} | {sparsity} | {s.get('cpu_time_variant', math.nan):.1f} "
+            f"({s.get('cpu_time_full', math.nan):.1f}) | {s.get('cpu_time_speedup', math.nan):.2f}x "
+            f"| {s.get('variant', math.nan):.1f} ({s.get('full', math.nan):.1f}) | {s.get('speedup', math.nan):.2f}x "
+            f"| {r['status']} |")
     gen = jobs.get("generation", {})
     plan = jobs.get("plan", {})
     probe = jobs.get("layer_probe", {})
@@ -194,7 +234,11 @@ def render(jobs: dict[str, Any], sparse: dict[str, Any] | None, measured: dict[s
         "variant's exact shape (see tests/bench/compress_gpu_report.py "
         f"for why that measures the same thing), batch 1, greedy, {measured['speed_tokens']} new tokens, best of "
         f"{measured['rounds']} "
-        "rounds, every variant and the same-shaped full model interleaved in each round. Pruned variants run dense "
+        "rounds, every variant and the same-shaped full model interleaved in each round. Two clocks: wall-clock at "
+        "the Job's thread count (what the CPU rows above show, and what other work on this shared machine "
+        "disturbs), and tokens per second of the measuring thread's own CPU time with one intra-op thread (what "
+        "a dedicated core does; the other work's share of the machine does not count), on which the goals are "
+        "judged. Pruned variants run dense "
         "kernels on the CPU: no 2:4 or unstructured sparse speed-up exists "
         "there, so their ratio is ~1.0x by construction." + bound,
         f"Step counts were sized in the run from measured step times to fit its budget (plan: "
