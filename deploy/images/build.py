@@ -300,6 +300,7 @@ def wheelhouse(settings: Settings, flavour: str) -> Path:
         wrong = [t for t in torches if ("+cpu" in t) == (flavour == "cloud") and "+" in t]
         if wrong:
             # pip also looks in the host's find-links, which may hold only the other build.
+            shutil.rmtree(target)
             raise BuildError(f"pip found {', '.join(wrong)}, not a {flavour} build of torch: make {index} reachable "
                              f"or put a {'CUDA' if flavour == 'cloud' else 'CPU'} wheel where pip finds it")
         checked([*pip, "--find-links", str(target), *requirements], "downloading the project's dependencies")
@@ -437,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise BuildError(f"unknown flavour(s) {', '.join(unknown)}; use operator, edge, cloud")
             build_images(settings, flavours)
     except BuildError as exc:
-        print(f"make images: {exc}", file=sys.stderr)
+        print(f"images: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -119,9 +119,16 @@ def test_compression_job_ran_without_network_and_its_result_was_accepted(stack: 
     assert stack.job_exit == 0
     summary = json.loads(stack.job_message.strip().splitlines()[-1])
     assert summary["status"] == "accepted", summary
-    edge = next(s for s in stack.final.plan.servers if s.tier == "edge")
-    artifact = stack.cluster.workdir / "claims" / "smollm2-artifacts" / "smollm2" / Path(edge.model).name
-    assert (artifact / "manifest.json").is_file(), sorted(p.name for p in artifact.parent.iterdir())
+    # Where the edge server reads the artifact (its rendered --model), found on the claim's host folder.
+    edge = next(d["spec"]["template"]["spec"] for d in stack.final.of_kind("Deployment")
+                if d["metadata"]["name"] == stack.owner("edge-server"))
+    command = edge["containers"][0]["command"]
+    model = Path(command[command.index("--model") + 1])
+    mount = next(m for m in edge["containers"][0]["volumeMounts"] if model.is_relative_to(m["mountPath"]))
+    volume = next(v for v in edge["volumes"] if v["name"] == mount["name"])
+    claim = stack.cluster.workdir / "claims" / volume["persistentVolumeClaim"]["claimName"]
+    artifact = claim / mount.get("subPath", "") / model.relative_to(mount["mountPath"])
+    assert (artifact / "manifest.json").is_file(), sorted(str(p.relative_to(claim)) for p in claim.rglob("*"))[:20]
 
 
 def test_servers_and_router_have_no_route_out(stack: Stack) -> None:
