@@ -247,9 +247,9 @@ class DockerCluster:
             if "emptyDir" in volume:
                 source = f"{pod}-{name}"
                 docker("volume", "rm", "-f", source, check=False)
-                options = "mode=0777" if volume["emptyDir"].get("medium") != "Memory" else "mode=1777"
+                # tmpfs whatever the medium (a pod's scratch space); 0777 as the kubelet makes an emptyDir.
                 docker("volume", "create", "--label", self.label, "--driver", "local", "--opt", "type=tmpfs",
-                       "--opt", "device=tmpfs", "--opt", f"o={options}", source)
+                       "--opt", "device=tmpfs", "--opt", "o=mode=0777", source)
                 out[name] = ("volume", source, False)
             elif "configMap" in volume:
                 obj = self.objects[("ConfigMap", volume["configMap"]["name"])]
