@@ -9,7 +9,7 @@ SAMPLE ?= deploy/samples/smollm2.yaml
 PYTEST_ARGS ?=
 
 .PHONY: setup run up test test-unit test-integration test-slow lint typecheck imports protos check-protos \
-        bench-serve bench-compress bench-operator bench-coop soak e2e images image-cloud base-image \
+        bench-serve bench-compress bench-operator bench-coop soak fuzz e2e images image-cloud base-image \
         e2e-containers manifests clean
 
 setup: $(STAMP)
@@ -114,6 +114,10 @@ bench-operator: setup
 # The local stack under a steady request rate for 10 minutes: errors and memory (docs/reliability.md).
 soak: setup
 	$(PY) tests/bench/soak.py --minutes $${SOAK_MINUTES:-10}
+
+# The request-mix fuzzer's long run (a bounded one is part of `make test`); writes its figures to docs/reliability.md.
+fuzz: setup
+	$(PY) tests/bench/fuzz.py --examples $${STRATUS_FUZZ_EXAMPLES:-200}
 
 # Cooperation policies side by side at 0/20/80 ms link RTT; writes docs/benchmarks.md.
 bench-coop: setup

@@ -58,3 +58,40 @@ def test_up_once_compresses_serves_and_answers_naming_the_tier(tiny_model_dir: P
     # The work dir keeps the state and the verdict, so the next run reuses the artifact.
     assert (work / "endpoints.json").is_file()
     assert [p.name for p in (work / "artifacts").glob("int8-*.summary.json")]
+
+
+def test_a_second_up_of_the_same_deployment_refuses_and_says_which_run_holds_it(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    sample = tiny_sample(tiny_model_dir, tmp_path / "tiny.yaml")
+    work = tmp_path / "work"
+    holder_code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from stratus_operator.local import LocalRunner, load_manifest\n"
+        "runner = LocalRunner(load_manifest(Path(sys.argv[1])), work_dir=Path(sys.argv[2]))\n"
+        "runner.claim()\n"
+        "print('held', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", holder_code, str(sample), str(work)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        second = subprocess.run(
+            [sys.executable, "-m", "stratus_operator.cli", "up", str(sample), "--once", "--work-dir", str(work)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert f"error: tiny is already running from {work} (pid {holder.pid}, started" in second.stdout
+        assert not (work / "logs").exists() and not (work / "tls").exists()  # nothing of the first run touched
+    finally:
+        holder.kill()
+        holder.wait(10)
+    # The kernel dropped the lock with its holder: a crashed run leaves nothing behind.
+    from stratus_operator.local import LocalRunner, load_manifest
+
+    runner = LocalRunner(load_manifest(sample), work_dir=work)
+    runner.claim()
+    runner.release()
