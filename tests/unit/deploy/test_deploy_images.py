@@ -6,9 +6,12 @@ Building and running them is tests/e2e/containers (`make images && make e2e-cont
 from __future__ import annotations
 
 import importlib.util
+import io
 import re
 import subprocess
 import sys
+import tarfile
+import tomllib
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -36,6 +39,7 @@ def _load(name: str) -> ModuleType:
 
 requirements = _load("requirements")
 build = _load("build")
+llama_features = _load("llama_features")
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -110,7 +114,7 @@ def test_workers_torch_is_the_pinned_build_installed_first() -> None:
     steps = instructions(DOCKERFILES["workers"])
     runs = [args for op, args in steps if op == "RUN"]
     torch_at = next(i for i, r in enumerate(runs) if "torch==" in r)
-    package_at = next(i for i, r in enumerate(runs) if re.search(r"pip install \S* ?/src", r))
+    package_at = next(i for i, r in enumerate(runs) if re.search(r"pip install \S* ?'?/src", r))
     assert torch_at < package_at
     assert _arg(DOCKERFILES["workers"], "TORCH_VERSION") == _torch_pin()
     cpu = _arg(DOCKERFILES["workers"], "TORCH_INDEX_URL")
@@ -209,3 +213,116 @@ def test_wheelhouse_targets_the_image_python_and_platform() -> None:
     reqs = build.project_requirements()
     assert any(r.startswith("setuptools") for r in reqs), "pip builds /src offline: its backend must be there"
     assert f"torch=={_torch_pin()}" in reqs
+
+
+def _stage(path: Path, name: str) -> list[tuple[str, str]]:
+    steps = instructions(path)
+    start = next(i for i, (op, args) in enumerate(steps) if op == "FROM" and args.endswith(f" AS {name}"))
+    end = next((i for i, (op, _) in enumerate(steps) if op == "FROM" and i > start), len(steps))
+    return steps[start:end]
+
+
+def _global_arg(path: Path, name: str) -> str:
+    steps = instructions(path)
+    first_from = next(i for i, (op, _) in enumerate(steps) if op == "FROM")
+    found = [a.split("=", 1)[1].strip('"') for op, a in steps[:first_from] if op == "ARG" and a.startswith(f"{name}=")]
+    assert len(found) == 1, f"one global ARG {name} with a default before the first FROM"
+    return found[0]
+
+
+def test_llama_cpp_is_compiled_in_its_own_stage_with_portable_flags() -> None:
+    path = DOCKERFILES["workers"]
+    flags = _global_arg(path, "LLAMA_CMAKE_ARGS")
+    assert flags == build.LLAMA_CMAKE_ARGS["x86_64"], "the Dockerfile's default is build.py's amd64 choice"
+    assert set(build.LLAMA_CMAKE_ARGS) == set(build.ARCHES.values())
+    for arch_flags in build.LLAMA_CMAKE_ARGS.values():
+        assert "-DGGML_NATIVE=OFF" in arch_flags.split() and "native" not in arch_flags.replace("NATIVE=OFF", "")
+    # docs/edge-runtime.md tells users the same flags.
+    docs = " ".join((REPO / "docs" / "edge-runtime.md").read_text().split())
+    assert flags in docs
+    llama = _stage(path, "llama")
+    env = " ".join(a for op, a in llama if op == "ENV")
+    assert "PIP_NO_CACHE_DIR=1" in env, "pip's wheel cache ignores CMAKE_ARGS: no cache, no wheel with other flags"
+    runs = " ".join(a for op, a in llama if op == "RUN")
+    assert "cmake" in runs and "g++" in runs and 'CMAKE_ARGS="${LLAMA_CMAKE_ARGS}"' in runs
+    assert "pip wheel" in runs and "${EDGE_REQUIREMENTS}" in runs
+    assert ("ARG", "LLAMA_CMAKE_ARGS") in llama, "the stage takes the global default"
+
+
+def test_the_runtime_stage_gets_the_wheel_and_libgomp_but_no_compiler() -> None:
+    path = DOCKERFILES["workers"]
+    build_stage = _stage(path, "build")
+    assert ("COPY", "--from=llama /wheels /wheels") in build_stage
+    runs = [a for op, a in build_stage if op == "RUN"]
+    wheels_at = next(i for i, r in enumerate(runs) if "/wheels/*.whl" in r)
+    extra_at = next(i for i, r in enumerate(runs) if "'/src[edge]'" in r)
+    assert wheels_at < extra_at, "the compiled wheel is in before .[edge] could ask pip to build its source"
+    assert "llama_features.py ${LLAMA_CMAKE_ARGS}" in runs[extra_at], "the build checks the compiled features"
+    final = " ".join(a for op, a in final_stage(path) if op == "RUN")
+    assert "libgomp1" in final, "llama.cpp's CPU backend loads OpenMP's runtime"
+    installed = re.findall(r"apt-get install[^&]*", final)
+    assert installed and not any(tool in " ".join(installed) for tool in ("g++", "gcc", "cmake", "build-essential"))
+
+
+def test_the_edge_extra_is_read_from_pyproject() -> None:
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["edge"]
+    assert requirements.extra_requirements(REPO / "pyproject.toml", "edge") == extra == build.edge_requirements()
+    assert any(r.startswith("llama-cpp-python==") for r in extra), "pinned: the image's layer cache keys on it"
+    out = subprocess.run([sys.executable, str(IMAGES / "requirements.py"), "edge"], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == extra
+    with pytest.raises(ValueError, match="no optional-dependencies group 'gpu'"):
+        requirements.extra_requirements(REPO / "pyproject.toml", "gpu")
+
+
+def _sdist(path: Path, files: dict[str, str]) -> Path:
+    with tarfile.open(path, "w:gz") as archive:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"demo-1.0/{name}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_a_source_distribution_brings_what_it_needs_to_build_and_run(tmp_path: Path) -> None:
+    metadata = ("Metadata-Version: 2.1\nName: demo\nVersion: 1.0\nRequires-Dist: numpy>=1.20\n"
+                "Requires-Dist: jinja2>=2.11; python_version >= \"3.8\"\nProvides-Extra: server\n"
+                "Requires-Dist: uvicorn>=0.22; extra == \"server\"\nRequires-Dist: pytest; extra=='test'\n")
+    sdist = _sdist(tmp_path / "demo-1.0.tar.gz", {
+        "PKG-INFO": metadata,
+        "pyproject.toml": '[build-system]\nrequires = ["scikit-build-core[pyproject]>=0.9.2"]\n'})
+    assert build.sdist_requirements(sdist) == [
+        "scikit-build-core[pyproject]>=0.9.2", "numpy>=1.20", 'jinja2>=2.11; python_version >= "3.8"']
+    legacy = _sdist(tmp_path / "legacy-1.0.tar.gz", {"PKG-INFO": "Metadata-Version: 2.1\nName: legacy\n"})
+    assert build.sdist_requirements(legacy) == ["setuptools>=40.8.0"], "PEP 517's default backend"
+    broken = _sdist(tmp_path / "broken-1.0.tar.gz", {"setup.py": ""})
+    with pytest.raises(build.BuildError, match="broken-1.0.tar.gz has no PKG-INFO"):
+        build.sdist_requirements(broken)
+
+
+PORTABLE = build.LLAMA_CMAKE_ARGS["x86_64"].split()
+# llama_print_system_info() of llama-cpp-python 0.3.36 built natively on the development machine (AVX-512).
+NATIVE_INFO = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | AVX512 = 1 | "
+               "AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | ")
+# The same line for a build with the portable flags: the AVX-512 sets are gone.
+PORTABLE_INFO = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | LLAMAFILE = 1 | "
+                 "OPENMP = 1 | REPACK = 1 | ")
+
+
+def test_llama_features_accepts_a_build_with_exactly_the_flags_asked() -> None:
+    assert llama_features.problems(PORTABLE, PORTABLE_INFO) == []
+    assert llama_features.requested(PORTABLE) == {"NATIVE": False, "AVX": True, "AVX2": True, "FMA": True,
+                                                  "F16C": True, "BMI2": True}
+
+
+def test_llama_features_refuses_a_host_tuned_or_mismatched_build() -> None:
+    (extra,) = llama_features.problems(PORTABLE, NATIVE_INFO)
+    assert extra.startswith("compiled in but not asked for: AVX512, AVX512_BF16, AVX512_VBMI, AVX512_VNNI")
+    native = llama_features.problems([f for f in PORTABLE if "NATIVE" not in f], PORTABLE_INFO)
+    assert native == ["CMAKE_ARGS lacks -DGGML_NATIVE=OFF: llama.cpp would be tuned to the build host's CPU"]
+    (missing,) = llama_features.problems([*PORTABLE, "-DGGML_AVX512=ON"], PORTABLE_INFO)
+    assert missing.startswith("asked for but not compiled in: AVX512")
+    # Asking for AVX-512 makes it fine to find it.
+    asked = [*PORTABLE, *(f"-DGGML_{f}=ON" for f in ("AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16"))]
+    assert llama_features.problems(asked, NATIVE_INFO) == []
