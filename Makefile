@@ -65,6 +65,8 @@ check-protos: setup
 # build uses the public indexes). Two workers flavours: edge (CPU torch, TORCH_INDEX_URL) and cloud (CUDA
 # torch, TORCH_CUDA_INDEX_URL; `make image-cloud`). WORKERS_IMAGE is the edge image under the name the
 # operator's one STRATUS_IMAGE uses. PLATFORM=linux/arm64 builds for arm64 edge devices (docs/install.md).
+# The workers images compile llama.cpp for portable CPU flags chosen by PLATFORM (build.py LLAMA_CMAKE_ARGS);
+# IMAGE_LLAMA_CMAKE_ARGS replaces them (never -DGGML_NATIVE=ON: the image runs on other CPUs).
 IMAGE_TAG ?= 0.1.0
 IMAGE_REGISTRY ?= ghcr.io/stratus-llm
 OPERATOR_IMAGE ?= ghcr.io/stratus-llm/stratus-operator:$(IMAGE_TAG)
@@ -75,10 +77,11 @@ PYTHON_IMAGE ?= python:3.11-slim-bookworm
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 TORCH_CUDA_INDEX_URL ?= https://download.pytorch.org/whl/cu128
 WHEELHOUSE ?= 1
+IMAGE_LLAMA_CMAKE_ARGS ?=
 IMAGE_ENV = IMAGE_TAG=$(IMAGE_TAG) OPERATOR_IMAGE=$(OPERATOR_IMAGE) WORKERS_IMAGE=$(WORKERS_IMAGE) \
   EDGE_IMAGE=$(EDGE_IMAGE) CLOUD_IMAGE=$(CLOUD_IMAGE) PYTHON_IMAGE=$(PYTHON_IMAGE) \
   TORCH_INDEX_URL=$(TORCH_INDEX_URL) TORCH_CUDA_INDEX_URL=$(TORCH_CUDA_INDEX_URL) WHEELHOUSE=$(WHEELHOUSE) \
-  PLATFORM=$(PLATFORM)
+  PLATFORM=$(PLATFORM) IMAGE_LLAMA_CMAKE_ARGS="$(IMAGE_LLAMA_CMAKE_ARGS)"
 
 images:
 	$(IMAGE_ENV) $(PYTHON) deploy/images/build.py images --flavours operator,edge
