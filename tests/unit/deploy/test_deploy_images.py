@@ -297,7 +297,7 @@ def test_a_source_distribution_brings_what_it_needs_to_build_and_run(tmp_path: P
     legacy = _sdist(tmp_path / "legacy-1.0.tar.gz", {"PKG-INFO": "Metadata-Version: 2.1\nName: legacy\n"})
     assert build.sdist_requirements(legacy) == ["setuptools>=40.8.0"], "PEP 517's default backend"
     broken = _sdist(tmp_path / "broken-1.0.tar.gz", {"setup.py": ""})
-    with pytest.raises(build.BuildError, match="broken-1.0.tar.gz has no PKG-INFO"):
+    with pytest.raises(build.BuildError, match=r"broken-1\.0\.tar\.gz has no PKG-INFO"):
         build.sdist_requirements(broken)
 
 
