@@ -102,7 +102,7 @@ def log(message: str) -> None:
 
 def run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     shown = cmd
-    if "download" in cmd:  # pip's two dozen --platform tags say nothing a reader needs
+    if "--platform" in cmd and "download" in cmd:  # pip's two dozen --platform tags say nothing a reader needs
         shown = [a for i, a in enumerate(cmd) if a != "--platform" and cmd[i - 1] != "--platform"]
         shown.append("--platform <every manylinux tag the image's glibc runs>")
     log("$ " + shlex.join(shown))
