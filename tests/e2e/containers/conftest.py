@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from docker_pods import engine_missing
-from sample_stack import Images, Stack, deployed
+from sample_stack import Images, Stack, deployed, gguf_manifest, sample_manifest
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -36,5 +36,12 @@ def images() -> Images:
 
 @pytest.fixture(scope="session")
 def stack(images: Images, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with deployed(images, tmp_path_factory.mktemp("containers")) as running:
+    with deployed(images, tmp_path_factory.mktemp("containers"), sample_manifest(), "e2e-containers") as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def gguf_stack(images: Images, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The sample with a GGUF edge variant (test_gguf_edge.py), started after the first stack is gone."""
+    with deployed(images, tmp_path_factory.mktemp("gguf"), gguf_manifest(), "e2e-containers-gguf") as running:
         yield running

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import yaml
 from docker_pods import DockerCluster, JobRun
 from plan_adapter import (
@@ -34,13 +35,17 @@ OPERATOR_IMAGE = "ghcr.io/stratus-llm/stratus-operator:0.1.0"
 EDGE_IMAGE = "ghcr.io/stratus-llm/stratus-workers-edge:0.1.0"
 CLOUD_IMAGE = "ghcr.io/stratus-llm/stratus-workers-cloud:0.1.0"
 SAMPLE = REPO / "deploy" / "samples" / "smollm2.yaml"
+# The sample's edge variant is int8 (torch). The GGUF stack serves the same deployment with the compression
+# sample's GGUF variant in its place, so the edge image's llama.cpp runs in a pod as rendered too.
+COMPRESSION_SAMPLE = REPO / "deploy" / "samples" / "smollm2-compression.yaml"
+GGUF_VARIANT = "gguf-q8"
 NAMESPACE = "stratus-e2e"
 TOKENS_SECRET = "smollm2-client-tokens"
 # Compression of the sample's int8 variant on a shared 2-core machine takes minutes; model loads take seconds.
 JOB_TIMEOUT_S = 1800
 READY_TIMEOUT_S = 600
 BACKENDS_TIMEOUT_S = 120
-TIMINGS = REPO / "build" / "images" / "e2e-containers.json"
+TIMINGS_DIR = REPO / "build" / "images"
 
 
 def image_present(image: str) -> bool:
@@ -106,11 +111,46 @@ class Stack:
         return base64.b64decode(self.tls["data"][key])
 
 
+def server_channel(stack: Stack, component: str, *, client_cert: bool) -> grpc.Channel:
+    """A gRPC channel straight to a model server, past the router, with the CA the operator issued (and its
+    client certificate when `client_cert`), checking the server's name as its Service."""
+    key = stack.tls_bytes("tls.key") if client_cert else None
+    cert = stack.tls_bytes("tls.crt") if client_cert else None
+    credentials = grpc.ssl_channel_credentials(stack.tls_bytes("ca.crt"), key, cert)
+    host = f"{stack.owner(component)}.{NAMESPACE}.svc"
+    return grpc.secure_channel(f"{stack.ip(component)}:50051", credentials,
+                               options=[("grpc.ssl_target_name_override", host)])
+
+
 def sample_manifest() -> Manifest:
     """The sample as it is, plus a client-token Secret for the router (docs/cooperation.md)."""
     manifest: Manifest = yaml.safe_load(SAMPLE.read_text())
     manifest["spec"].setdefault("security", {})["clientTokens"] = {"secretName": TOKENS_SECRET}
     return manifest
+
+
+def gguf_manifest() -> Manifest:
+    """The sample with its edge variant served by llama.cpp: the compression sample's GGUF recipe and gate in
+    place of int8; the sample's evaluation sizes, serving limits and placement stay."""
+    manifest = sample_manifest()
+    variants = yaml.safe_load(COMPRESSION_SAMPLE.read_text())["spec"]["edge"]["variants"]
+    gguf = next(v for v in variants if v["name"] == GGUF_VARIANT)
+    [variant] = manifest["spec"]["edge"]["variants"]
+    variant.update(name=gguf["name"], compression=gguf["compression"], gate=gguf["gate"])
+    return manifest
+
+
+def edge_artifact(rendered: Rendered, claims: Path) -> Path:
+    """Where the edge server reads its artifact (its rendered --model), found on the claim's host folder."""
+    edge = next(d["spec"]["template"]["spec"] for d in rendered.of_kind("Deployment")
+                if d["metadata"]["labels"]["app.kubernetes.io/component"] == "edge-server")
+    container = edge["containers"][0]
+    command = [*container["command"], *container.get("args", [])]
+    model = Path(command[command.index("--model") + 1])
+    mount = next(m for m in container["volumeMounts"] if model.is_relative_to(m["mountPath"]))
+    volume = next(v for v in edge["volumes"] if v["name"] == mount["name"])
+    claim = claims / volume["persistentVolumeClaim"]["claimName"]
+    return claim / mount.get("subPath", "") / model.relative_to(mount["mountPath"])
 
 
 def tokens_secret(token: str = "e2e-token") -> Manifest:
@@ -144,14 +184,14 @@ def wait_backends_healthy(cluster: DockerCluster, rendered: Rendered, token: str
 
 
 @contextmanager
-def deployed(images: Images, workdir: Path) -> Iterator[Stack]:
+def deployed(images: Images, workdir: Path, manifest: Manifest, name: str) -> Iterator[Stack]:
     """Two reconcile passes, as the operator makes them: first the compression Job with the cloud server and
     a cloud-only router; then, with the Job's result, the edge server and the router rolled to cascade.
-    Everything is torn down on the way out, whatever happened."""
+    Everything is torn down on the way out, whatever happened; the timings go to build/images/<name>.json."""
     started = time.monotonic()
     timings: dict[str, float] = {}
     token = "e2e-" + uuid.uuid4().hex
-    deployment = load_deployment(sample_manifest(), namespace=NAMESPACE)
+    deployment = load_deployment(manifest, namespace=NAMESPACE)
     config = operator_config(images.edge)
     cluster = DockerCluster(uuid.uuid4().hex[:8], workdir, NAMESPACE, images.image_for)
     try:
@@ -181,8 +221,9 @@ def deployed(images: Images, workdir: Path) -> Iterator[Stack]:
         wait_backends_healthy(cluster, final, token)
         timings["edge server up, router rolled to cascade"] = time.monotonic() - rolled
         timings["stack up in all"] = time.monotonic() - started
-        TIMINGS.parent.mkdir(parents=True, exist_ok=True)
-        TIMINGS.write_text(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=2) + "\n")
+        TIMINGS_DIR.mkdir(parents=True, exist_ok=True)
+        rounded = {k: round(v, 1) for k, v in timings.items()}
+        (TIMINGS_DIR / f"{name}.json").write_text(json.dumps(rounded, indent=2) + "\n")
         yield Stack(cluster, first, final, jobs[0], exit_code, message, tls, token, images, timings)
     except BaseException:
         # pytest shows this with the failure: what ran, and every `docker run` it was started with.

@@ -11,17 +11,18 @@ import json
 import subprocess
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import grpc
+import image_scripts
 import pytest
 from docker_pods import LABEL
-from sample_stack import NAMESPACE, Images, Stack, router_config
+from sample_stack import Images, Stack, edge_artifact, router_config, server_channel
 
 from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.api import inference_pb2_grpc as pb_grpc
 from stratus_workers.client import AsyncClient, Client
+from stratus_workers.models.artifact import WEIGHTS_FILE
 from stratus_workers.router.openai_request import ERROR_TYPES
 
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(3600)]
@@ -89,6 +90,22 @@ def test_edge_image_carries_the_bundled_model_converted(images: Images) -> None:
     assert listing.stdout.split() == ["models"], "no locks or half-written conversions left in the image"
 
 
+def test_edge_image_carries_llama_cpp_built_portable_and_no_compiler(images: Images) -> None:
+    # The instruction sets llama.cpp was compiled with (not this CPU's: the build host here has AVX-512), judged
+    # by the same check the image build runs, against the flags build.py gives this architecture.
+    script = ("import llama_cpp, platform, shutil; "
+              "print(platform.machine(), *[c for c in ('cc', 'gcc', 'g++', 'cmake') if shutil.which(c)]); "
+              "print(llama_cpp.llama_print_system_info().decode())")
+    checked = _run(images.edge, "-c", script)
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    first, info = checked.stdout.split("\n", 1)
+    machine, *tools = first.split()
+    assert tools == [], "no compiler or build tool in the runtime image"
+    flags = image_scripts.build.LLAMA_CMAKE_ARGS[machine].split()
+    assert image_scripts.llama_features.problems(flags, info) == [], info
+    assert image_scripts.llama_features.compiled(info), f"llama.cpp reported no instruction sets: {info!r}"
+
+
 # -- the stack, started from the operator's rendered objects ---------------------------------------------
 
 
@@ -120,16 +137,9 @@ def test_compression_job_ran_without_network_and_its_result_was_accepted(stack: 
     assert stack.job_exit == 0
     summary = json.loads(stack.job_message.strip().splitlines()[-1])
     assert summary["status"] == "accepted", summary
-    # Where the edge server reads the artifact (its rendered --model), found on the claim's host folder.
-    edge = next(d["spec"]["template"]["spec"] for d in stack.final.of_kind("Deployment")
-                if d["metadata"]["name"] == stack.owner("edge-server"))
-    command = edge["containers"][0]["command"]
-    model = Path(command[command.index("--model") + 1])
-    mount = next(m for m in edge["containers"][0]["volumeMounts"] if model.is_relative_to(m["mountPath"]))
-    volume = next(v for v in edge["volumes"] if v["name"] == mount["name"])
-    claim = stack.cluster.workdir / "claims" / volume["persistentVolumeClaim"]["claimName"]
-    artifact = claim / mount.get("subPath", "") / model.relative_to(mount["mountPath"])
-    assert (artifact / "manifest.json").is_file(), sorted(str(p.relative_to(claim)) for p in claim.rglob("*"))[:20]
+    artifact = edge_artifact(stack.final, stack.cluster.workdir / "claims")
+    assert (artifact / "manifest.json").is_file() and (artifact / WEIGHTS_FILE).is_file(), sorted(
+        str(p) for p in artifact.parent.rglob("*"))[:20]
 
 
 def test_servers_and_router_have_no_route_out(stack: Stack) -> None:
@@ -183,22 +193,15 @@ def test_chat_through_the_router_over_http_needs_the_token(stack: Stack) -> None
     assert (status, body["error"]["type"]) == (401, ERROR_TYPES[401]) and "bearer token" in body["error"]["message"]
 
 
-def _server_channel(stack: Stack, *, client_cert: bool) -> grpc.Channel:
-    key = stack.tls_bytes("tls.key") if client_cert else None
-    cert = stack.tls_bytes("tls.crt") if client_cert else None
-    credentials = grpc.ssl_channel_credentials(stack.tls_bytes("ca.crt"), key, cert)
-    host = f"{stack.owner('cloud-server')}.{NAMESPACE}.svc"
-    return grpc.secure_channel(f"{stack.ip('cloud-server')}:50051", credentials,
-                               options=[("grpc.ssl_target_name_override", host)])
 
 
 def test_model_servers_take_only_mutual_tls(stack: Stack) -> None:
     request = pb.ModelInfoRequest()
     with grpc.insecure_channel(f"{stack.ip('cloud-server')}:50051") as plain, pytest.raises(grpc.RpcError):
         pb_grpc.InferenceStub(plain).ModelInfo(request, timeout=10)
-    with _server_channel(stack, client_cert=False) as one_way, pytest.raises(grpc.RpcError):
+    with server_channel(stack, "cloud-server", client_cert=False) as one_way, pytest.raises(grpc.RpcError):
         pb_grpc.InferenceStub(one_way).ModelInfo(request, timeout=10)
-    with _server_channel(stack, client_cert=True) as mutual:
+    with server_channel(stack, "cloud-server", client_cert=True) as mutual:
         info = pb_grpc.InferenceStub(mutual).ModelInfo(request, timeout=10)
     assert info.tier == pb.TIER_CLOUD and info.source == f"bundled://{BUNDLED}"
 
