@@ -260,6 +260,7 @@ def test_the_runtime_stage_gets_the_wheel_and_libgomp_but_no_compiler() -> None:
     assert "llama_features.py ${LLAMA_CMAKE_ARGS}" in runs[extra_at], "the build checks the compiled features"
     final = " ".join(a for op, a in final_stage(path) if op == "RUN")
     assert "libgomp1" in final, "llama.cpp's CPU backend loads OpenMP's runtime"
+    assert "rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin" in final, "apt's caches are 80 MB of nothing"
     installed = re.findall(r"apt-get install[^&]*", final)
     assert installed and not any(tool in " ".join(installed) for tool in ("g++", "gcc", "cmake", "build-essential"))
 
