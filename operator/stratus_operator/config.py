@@ -49,11 +49,12 @@ class Config:
         "imagePullPolicy of every container the operator creates"))
     s3_image: str = field(default="amazon/aws-cli:2.17.0", metadata=_doc(
         "image with the aws CLI, for s3:// model sources and object-store artifacts"))
-    # Empty: an emptyDir per pod instead (each pod fetches its own copy; no hostPath, as the restricted Pod
-    # Security Standard requires). Bundled models come from the image and need no cache.
-    cache_host_path: str = field(default="/var/cache/stratus", metadata=_doc(
-        "the per-node cache (a hostPath) init containers fetch s3:// and hf:// models and object-store "
-        "artifacts into; it must exist on every node, writable by uid 65532; empty: an emptyDir per pod"))
+    # Empty (the default): an emptyDir per pod (each pod fetches its own copy), which a namespace enforcing the
+    # restricted Pod Security Standard admits; a hostPath is opt-in. Bundled models come from the image.
+    cache_host_path: str = field(default="", metadata=_doc(
+        "a per-node cache directory (a hostPath of type Directory: it must exist on every node, writable by uid "
+        "65532) for s3:// and hf:// models, object-store artifacts and compression baselines; empty: an emptyDir "
+        "per pod. An LLMDeployment's spec.cache.hostPath overrides it"))
     job_deadline_seconds: int = field(default=6 * 3600, metadata=_doc(
         "activeDeadlineSeconds of a compression Job"))
     health_port: int = field(default=8081, metadata=_doc("port of the liveness endpoint (/healthz); 0 disables it"))

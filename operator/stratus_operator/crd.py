@@ -14,6 +14,8 @@ from stratus_operator.spec import (
     API_VERSION,
     GROUP,
     KIND,
+    NAME_MESSAGE,
+    NAME_RULE,
     PLURAL,
     SHORT_NAMES,
     SINGULAR,
@@ -200,6 +202,8 @@ def build_crd() -> dict[str, Any]:
                         "type": "object",
                         "description": f"{KIND} ({API_VERSION}) runs one LLM across a cloud and an edge tier.",
                         "required": ["spec"],
+                        # Children are named and labelled after the LLMDeployment: refuse names they cannot carry.
+                        "x-kubernetes-validations": [{"rule": NAME_RULE, "message": NAME_MESSAGE}],
                         "properties": {
                             "apiVersion": {"type": "string"},
                             "kind": {"type": "string"},

@@ -10,6 +10,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from stratus_operator.spec import ResourceRequirements, Toleration
+from stratus_workers.models.source import BUNDLED_SMOLLM2, SourceKind, parse_source
 
 GPU_RESOURCE = "nvidia.com/gpu"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
@@ -18,6 +19,12 @@ MIB = 1024 * 1024
 MODEL_MEMORY_FACTOR = 1.25
 RUNTIME_MEMORY_BYTES = 512 * MIB
 DEFAULT_EDGE_CPU_MILLI = 500
+# A cloud pod's requests when its resources name none: one core, and memory for the model held in fp32
+# (the loader's peak, before it moves the weights to the GPU) where its size is known, else 4 GiB.
+DEFAULT_CLOUD_CPU_MILLI = 1000
+DEFAULT_CLOUD_MEMORY_BYTES = 4 * 1024 * MIB
+# Parameters of the models whose size is known before anything is downloaded.
+BUNDLED_PARAMETERS = {BUNDLED_SMOLLM2: 135_000_000}
 LOCAL_NODE = "localhost"
 
 _SUFFIXES: dict[str, Decimal] = {
@@ -234,18 +241,32 @@ class Placement:
         return tuple(sorted(set(self.assignments)))
 
 
+def _requested(resources: ResourceRequirements, gpu_resource: str) -> Resources:
+    # What the API server will request: a limit without a request becomes the request too.
+    return Resources.from_mapping({**resources.limits, **resources.requests}, gpu_resource)
+
+
 def edge_demand(resources: ResourceRequirements, size_bytes: int, gpu_resource: str = GPU_RESOURCE) -> Resources:
     """One edge pod's requests: explicit values win; memory otherwise follows the variant's measured size."""
-    explicit = Resources.from_mapping(resources.requests, gpu_resource)
-    limits = Resources.from_mapping(resources.limits, gpu_resource)
-    memory = explicit.memory or (
-        math.ceil((size_bytes * MODEL_MEMORY_FACTOR + RUNTIME_MEMORY_BYTES) / MIB) * MIB
-    )
+    explicit = _requested(resources, gpu_resource)
     return Resources(
         cpu_milli=explicit.cpu_milli or DEFAULT_EDGE_CPU_MILLI,
-        memory=memory,
-        gpu=explicit.gpu or limits.gpu,
+        memory=explicit.memory or _serving_memory(size_bytes),
+        gpu=explicit.gpu,
     )
+
+
+def _serving_memory(model_bytes: int) -> int:
+    return math.ceil((model_bytes * MODEL_MEMORY_FACTOR + RUNTIME_MEMORY_BYTES) / MIB) * MIB
+
+
+def cloud_demand(resources: ResourceRequirements, source: str, gpu_resource: str = GPU_RESOURCE) -> Resources:
+    """One cloud pod's cpu and memory requests: explicit values win, else the defaults above."""
+    explicit = _requested(resources, gpu_resource)
+    parsed = parse_source(source)
+    params = BUNDLED_PARAMETERS.get(parsed.ref) if parsed.kind is SourceKind.BUNDLED else None
+    memory = explicit.memory or (_serving_memory(params * 4) if params else DEFAULT_CLOUD_MEMORY_BYTES)
+    return Resources(cpu_milli=explicit.cpu_milli or DEFAULT_CLOUD_CPU_MILLI, memory=memory, gpu=explicit.gpu)
 
 
 def _rejection(node: NodeView, selector: Mapping[str, str], tolerations: Sequence[Toleration]) -> str | None:

@@ -139,7 +139,7 @@ class RenderOptions:
     # Used only for s3:// sources and object-store artifacts.
     s3_image: str = _DEFAULTS.s3_image
     # A per-node cache for fetched models (s3://, hf://, object-store artifacts); it must exist and be
-    # writable by uid 65532. Empty: an emptyDir per pod (each pod fetches its own copy).
+    # writable by uid 65532. Empty (the default): an emptyDir per pod (each pod fetches its own copy).
     cache_host_path: str = _DEFAULTS.cache_host_path
     compress_resources: dict[str, Any] = field(
         default_factory=lambda: {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "8Gi"}}
@@ -210,12 +210,15 @@ def _resources(requests: dict[str, str], limits: dict[str, str]) -> dict[str, An
     return out
 
 
-def _cache_volume(options: RenderOptions) -> dict[str, Any]:
+def _cache_volume(deployment: LLMDeployment, options: RenderOptions) -> dict[str, Any]:
+    """The pod's cache: an emptyDir, or the node directory the spec (else the operator's config) asks for."""
+    cache = deployment.spec.cache
+    host_path = cache.host_path if cache.host_path is not None else options.cache_host_path
     # A prepared hostPath: each node fetches a model once, whatever pods come and go. "Directory", not
     # "DirectoryOrCreate": the kubelet would create it root-owned, which our non-root pods cannot write.
-    if options.cache_host_path:
-        return {"name": "cache", "hostPath": {"path": options.cache_host_path, "type": "Directory"}}
-    return {"name": "cache", "emptyDir": {}}
+    if host_path:
+        return {"name": "cache", "hostPath": {"path": host_path, "type": "Directory"}}
+    return {"name": "cache", "emptyDir": {"sizeLimit": cache.size_limit} if cache.size_limit else {}}
 
 
 def harden(pod_spec: dict[str, Any]) -> dict[str, Any]:
@@ -280,7 +283,7 @@ def _full_model(deployment: LLMDeployment, uri: str, options: RenderOptions) -> 
             "name": "fetch-model", "image": options.s3_image, "imagePullPolicy": options.image_pull_policy,
             "command": ["sh", "-c", _once(target, f"aws s3 sync {shlex.quote(str(source))} @TARGET@")],
             "env": _s3_env(deployment), "volumeMounts": [cache_mount],
-        }], [_cache_volume(options)], [cache_mount])
+        }], [_cache_volume(deployment, options)], [cache_mount])
     if source.kind == 'hf':
         target = f"{CACHE_DIR}/models/{key}"
         script = f"from huggingface_hub import snapshot_download as d; d({source.ref!r}, local_dir='@TARGET@')"
@@ -288,7 +291,7 @@ def _full_model(deployment: LLMDeployment, uri: str, options: RenderOptions) -> 
             "name": "fetch-model", "image": options.image, "imagePullPolicy": options.image_pull_policy,
             "command": ["sh", "-c", _once(target, f"python -c {shlex.quote(script)}")],
             "volumeMounts": [cache_mount],
-        }], [_cache_volume(options)], [cache_mount])
+        }], [_cache_volume(deployment, options)], [cache_mount])
     return _ModelMount(str(source))  # a path inside the image
 
 
@@ -325,7 +328,7 @@ def _edge_model(deployment: LLMDeployment, artifact: Artifact, options: RenderOp
             "name": "fetch-model", "image": options.s3_image, "imagePullPolicy": options.image_pull_policy,
             "command": ["sh", "-c", _once(target, f"aws s3 sync {shlex.quote(url)} @TARGET@")],
             "env": _s3_env(deployment), "volumeMounts": [cache_mount],
-        }], [_cache_volume(options)], [cache_mount])
+        }], [_cache_volume(deployment, options)], [cache_mount])
     # On the artifacts claim: read in place (read-only); the server loads it into memory once at start.
     return _ModelMount(artifact_path(variant), [], [_artifacts_volume(deployment, read_only=True)],
                        [{"name": "artifacts", "mountPath": ARTIFACTS_DIR, "subPath": deployment.metadata.name,
@@ -435,7 +438,7 @@ def render_job(p: Plan, deployment: LLMDeployment, job: CompressionJobPlan,
     cache_mount = {"name": "cache", "mountPath": CACHE_DIR}
     mounts = [{"name": "spec", "mountPath": CONFIG_DIR, "readOnly": True}, cache_mount,
               *(m for m in model.mounts if m["name"] != "cache")]
-    volumes = _dedupe([{"name": "spec", "configMap": {"name": job.name}}, _cache_volume(options),
+    volumes = _dedupe([{"name": "spec", "configMap": {"name": job.name}}, _cache_volume(deployment, options),
                        _artifacts_volume(deployment), *model.volumes])
     store = deployment.spec.storage.object_store
     if store is None:

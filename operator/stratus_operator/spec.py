@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from stratus_operator.names import DEPLOYMENT_NAME_PATTERN, MAX_DEPLOYMENT_NAME_LENGTH, VARIANT_NAME_MAX
 from stratus_workers.compress.spec import CompressionRecipe, Evaluation, QualityGate
 from stratus_workers.models.source import parse_source
 from stratus_workers.router.config import RoutingSpec
@@ -51,6 +52,22 @@ ConditionType = Literal["Compressed", "CloudReady", "EdgeReady", "RouterReady", 
 CONDITION_TYPES: tuple[ConditionType, ...] = ("Compressed", "CloudReady", "EdgeReady", "RouterReady", "Ready")
 
 
+# The CRD's rule on metadata.name (CEL at the root); `name_problem` is its twin for the local runner.
+NAME_RULE = (f"self.metadata.name.matches('{DEPLOYMENT_NAME_PATTERN}') && "
+             f"size(self.metadata.name) <= {MAX_DEPLOYMENT_NAME_LENGTH}")
+NAME_MESSAGE = (f"metadata.name must be at most {MAX_DEPLOYMENT_NAME_LENGTH} characters of lowercase letters, "
+                "digits and '-', starting with a letter and ending with a letter or digit (it starts every "
+                "child's name and label, e.g. <name>-edge-<variant>, a Service name)")
+_NAME_RE = re.compile(DEPLOYMENT_NAME_PATTERN)
+
+
+def name_problem(name: str) -> str | None:
+    """Why an LLMDeployment may not be called `name` (NAME_MESSAGE), or None."""
+    if len(name) > MAX_DEPLOYMENT_NAME_LENGTH or not _NAME_RE.match(name):
+        return f"{NAME_MESSAGE}; got {name!r}"
+    return None
+
+
 def _cel(*rules: tuple[str, str]) -> dict[str, Any]:
     """json_schema_extra carrying CEL rules; the CRD generator copies them as x-kubernetes-validations."""
     return {"x-kubernetes-validations": [{"rule": rule, "message": message} for rule, message in rules]}
@@ -80,11 +97,36 @@ class ModelSpec(SpecModel):
         return source
 
 
+# Extended resources (a domain-prefixed name outside kubernetes.io, or hugepages) cannot be overcommitted: the
+# API server wants a request equal to the limit. The operator writes one given alone to both sides.
+_EXTENDED = "(k.startsWith('hugepages-') || (k.contains('/') && !k.startsWith('kubernetes.io/')))"
+EXTENDED_MESSAGE = "an extended resource (e.g. nvidia.com/gpu) needs the same value in requests and limits"
+
+
+def is_extended_resource(name: str) -> bool:
+    """A resource the API server accepts only with request == limit (nvidia.com/gpu, hugepages-2Mi, ...)."""
+    return name.startswith("hugepages-") or ("/" in name and not name.startswith("kubernetes.io/"))
+
+
 class ResourceRequirements(SpecModel):
     """Container resource requests and limits, as in a Pod spec."""
 
+    model_config = ConfigDict(json_schema_extra=_cel((
+        f"!has(self.requests) || !has(self.limits) || self.requests.all(k, !{_EXTENDED} || !(k in self.limits) "
+        "|| string(self.limits[k]) == string(self.requests[k]))", EXTENDED_MESSAGE)))
+
     requests: dict[str, Quantity] = Field(default_factory=dict, description="e.g. {cpu: 500m, memory: 1Gi}.")
-    limits: dict[str, Quantity] = Field(default_factory=dict, description="e.g. {memory: 2Gi, nvidia.com/gpu: 1}.")
+    limits: dict[str, Quantity] = Field(
+        default_factory=dict, description="e.g. {memory: 2Gi, nvidia.com/gpu: 1}. An extended resource given "
+        "on one side only is written to both (request == limit).")
+
+    @model_validator(mode="after")
+    def _extended_equal(self) -> ResourceRequirements:
+        mismatched = [k for k, v in self.requests.items() if is_extended_resource(k) and k in self.limits
+                      and self.limits[k] != v]
+        if mismatched:
+            raise ValueError(f"{EXTENDED_MESSAGE}; {', '.join(mismatched)} differ")
+        return self
 
 
 class Toleration(SpecModel):
@@ -176,7 +218,7 @@ class CloudTier(SpecModel):
 class EdgeVariant(SpecModel):
     """One compressed variant of the model, gated on quality and placed on edge nodes."""
 
-    name: str = Field(min_length=1, max_length=24, pattern=DNS_LABEL,
+    name: str = Field(min_length=1, max_length=VARIANT_NAME_MAX, pattern=DNS_LABEL,
                       description="A DNS label naming the variant (short: it is part of child names).")
     compression: CompressionRecipe = Field(default_factory=CompressionRecipe)
     evaluation: Evaluation = Field(default_factory=Evaluation)
@@ -248,6 +290,19 @@ class StorageSpec(SpecModel):
         return self
 
 
+class ModelCacheSpec(SpecModel):
+    """Where pods keep the s3:// and hf:// models (and object-store artifacts) they fetch, and compression Jobs
+    their baselines: a volume of each pod by default, a per-node directory only when asked for."""
+
+    host_path: str | None = Field(
+        None, max_length=4096, pattern=r"^(/.*)?$",
+        description="A node directory (hostPath, type Directory: it must exist on every node, writable by uid "
+        "65532) shared by the pods of a node, so each node fetches a model once. Unset: the operator's default "
+        "(STRATUS_CACHE_HOST_PATH, empty unless the cluster admin set one); empty: a per-pod emptyDir. A "
+        "hostPath is refused in namespaces enforcing the baseline or restricted Pod Security Standard.")
+    size_limit: Quantity | None = Field(None, description="sizeLimit of the per-pod emptyDir; unset: none.")
+
+
 class ClientTokens(SpecModel):
     """Bearer tokens edge devices and apps present to the router, from a Secret (one token per line)."""
 
@@ -300,6 +355,7 @@ class LLMDeploymentSpec(SpecModel):
     routing: RoutingSpec = Field(default_factory=RoutingSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     security: SecuritySpec = Field(default_factory=SecuritySpec)
+    cache: ModelCacheSpec = Field(default_factory=ModelCacheSpec)
 
     @model_validator(mode="after")
     def _check(self) -> LLMDeploymentSpec:
@@ -402,6 +458,16 @@ class ObjectMeta(BaseModel):
     uid: str = ""
     generation: int = 0
     labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _child_safe(cls, name: str) -> str:
+        # The twin of the CRD's NAME_RULE: without the API server (the local runner), and for objects
+        # created before the rule, the name is refused here instead of by every child's create.
+        problem = name_problem(name)
+        if problem is not None:
+            raise ValueError(problem)
+        return name
 
 
 class LLMDeployment(SpecModel):

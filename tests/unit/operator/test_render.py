@@ -106,7 +106,9 @@ def test_default_storage_pvc_job_and_edge_fetch() -> None:
     assert [c["name"] for c in pod["initContainers"]] == ["prepare-cache"]
     assert "ln -s /opt/stratus/cache/models/smollm2-135m-instruct /cache/models/smollm2-135m-instruct" in \
         pod["initContainers"][0]["command"][2]
-    assert {"name": "cache", "hostPath": {"path": "/var/cache/stratus", "type": "Directory"}} in pod["volumes"]
+    # No hostPath by default: a stock node lacks the directory and baseline/restricted namespaces refuse it.
+    assert {"name": "cache", "emptyDir": {}} in pod["volumes"]
+    assert not any("hostPath" in v for v in pod["volumes"])
     assert {"name": "STRATUS_CACHE_DIR", "value": "/cache"} in compress["env"]
 
     edge = by_kind(objects, "Deployment")["smollm2-edge-int8"]
@@ -173,9 +175,26 @@ def test_model_sources(source: str, model_arg: str, init: str | None) -> None:
         assert not any(v["name"] == "cache" for v in cloud["volumes"])
     else:
         assert init in " ".join(cloud["initContainers"][0]["command"])
-        assert {"name": "cache", "hostPath": {"path": "/var/cache/stratus", "type": "Directory"}} in cloud["volumes"]
+        assert {"name": "cache", "emptyDir": {}} in cloud["volumes"]
     kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": cloud},
                                  K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize(("config", "spec", "volume"), [
+    ("", {}, {"emptyDir": {}}),
+    ("", {"sizeLimit": "10Gi"}, {"emptyDir": {"sizeLimit": "10Gi"}}),
+    ("/var/cache/stratus", {}, {"hostPath": {"path": "/var/cache/stratus", "type": "Directory"}}),
+    ("", {"hostPath": "/mnt/models"}, {"hostPath": {"path": "/mnt/models", "type": "Directory"}}),
+    ("/var/cache/stratus", {"hostPath": ""}, {"emptyDir": {}}),
+], ids=["default", "size-limit", "operator-hostpath", "spec-hostpath", "spec-opts-out"])
+def test_the_model_cache_is_a_pod_volume_unless_a_host_path_is_asked_for(
+        config: str, spec: dict[str, Any], volume: dict[str, Any]) -> None:
+    d = load(ROOT / "deploy" / "samples" / "smollm2.yaml", model={"source": "s3://bucket/models/smol"}, cache=spec)
+    objects = rendered(d, RenderOptions(cache_host_path=config))
+    cloud = by_kind(objects, "Deployment")["smollm2-cloud"]["spec"]["template"]["spec"]
+    job = next(iter(by_kind(objects, "Job").values()))["spec"]["template"]["spec"]
+    for pod in (cloud, job):
+        assert {"name": "cache", **volume} in pod["volumes"]
 
 
 def test_autoscaling_renders_hpas_and_leaves_replicas_to_them() -> None:

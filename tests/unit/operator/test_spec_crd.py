@@ -137,6 +137,8 @@ def test_nonsense_is_rejected_by_model_and_crd(path: tuple[Any, ...], value: Any
     ({"cloud": {"autoscaling": {"minReplicas": 3, "maxReplicas": 2}}}, "minReplicas must not exceed maxReplicas"),
     ({"storage": {"pvc": {}, "objectStore": {"url": "s3://bucket-a/x"}}}, "set pvc or objectStore, not both"),
     ({"cloud": {"tolerations": [{"operator": "Exists", "value": "x"}]}}, "operator Exists takes no value"),
+    ({"cloud": {"resources": {"requests": {"nvidia.com/gpu": "2"}, "limits": {"nvidia.com/gpu": "1"}}}},
+     "needs the same value in requests and limits"),
 ])
 def test_cel_rules_are_mirrored_by_the_model(change: dict[str, Any], message: str) -> None:
     """Each CEL rule in the CRD has a pydantic twin with the same message (the local runner has no API server)."""
@@ -147,6 +149,31 @@ def test_cel_rules_are_mirrored_by_the_model(change: dict[str, Any], message: st
         LLMDeploymentSpec.model_validate(doc["spec"])
     crd_text = render_crd_yaml()
     assert message in crd_text
+
+
+@pytest.mark.parametrize(("resources", "refused"), [
+    ({"requests": {"nvidia.com/gpu": 2}, "limits": {"nvidia.com/gpu": 1}}, True),
+    ({"requests": {"hugepages-2Mi": "1Gi"}, "limits": {"hugepages-2Mi": "2Gi"}}, True),
+    ({"requests": {"nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": "1"}}, False),
+    ({"requests": {"nvidia.com/gpu": 1}}, False),  # the operator writes the limit
+    ({"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}}, False),
+])
+def test_extended_resources_with_different_request_and_limit_are_refused(
+        resources: dict[str, Any], refused: bool) -> None:
+    from bad_manifests import crd_errors
+
+    for tier in ("cloud", "edge"):
+        doc = _sample()
+        target = doc["spec"]["cloud"] if tier == "cloud" else doc["spec"]["edge"]["variants"][0]
+        target["resources"] = resources
+        errors = crd_errors(doc)
+        assert bool(errors) is refused, (tier, errors)
+        if refused:
+            assert any("needs the same value in requests and limits" in e for e in errors), errors
+            with pytest.raises(ValidationError, match="needs the same value in requests and limits"):
+                LLMDeployment.from_manifest(doc)
+        else:
+            LLMDeployment.from_manifest(doc)
 
 
 def test_unknown_fields_are_rejected_by_the_model() -> None:
