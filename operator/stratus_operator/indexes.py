@@ -35,6 +35,8 @@ class ChildInfo:
     kind: str
     name: str
     spec_hash: str
+    # apply.live_fingerprint of the object as last seen: what drift is measured against.
+    live: str = ""
     ready: int = 0
     # For Jobs: {"spec": {"backoffLimit"}, "status": {...}, "generation": the owner's, at creation}.
     job: Mapping[str, Any] | None = None

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -48,6 +48,8 @@ class Resource:
 
 
 READ = ("get", "list", "watch")
+# The field manager of every server-side apply: the fields it owns are the operator's desired state.
+FIELD_MANAGER = "stratus-operator"
 LLMDEPLOYMENTS = Resource(GROUP, VERSION, PLURAL, "LLMDeployment", verbs=(*READ, "patch"))
 LLMDEPLOYMENTS_STATUS = Resource(GROUP, VERSION, PLURAL, "LLMDeployment", verbs=("get", "patch"),
                                  subresource="status")
@@ -186,6 +188,27 @@ class Kube:
         result: dict[str, Any] = await self.request(
             "PATCH", resource.url(namespace, name, subresource or resource.subresource), body=patch,
             content_type="application/merge-patch+json")
+        return result
+
+    async def json_patch(self, resource: Resource, namespace: str | None, name: str,
+                         operations: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """A JSON patch (RFC 6902): exact operations, with `test` ops as preconditions."""
+        _check(resource, "patch")
+        result: dict[str, Any] = await self.request(
+            "PATCH", resource.url(namespace, name), body=operations, content_type="application/json-patch+json")
+        return result
+
+    async def apply(self, resource: Resource, namespace: str | None, body: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply of `body` (the whole desired object) as FIELD_MANAGER, taking over conflicts.
+
+        The API server removes what this manager set before and `body` no longer holds, puts back what others
+        changed in fields it holds, and creates the object when it is missing.
+        """
+        _check(resource, "patch")
+        name = body["metadata"]["name"]
+        result: dict[str, Any] = await self.request(
+            "PATCH", resource.url(namespace, name), body=body, params={"fieldManager": FIELD_MANAGER, "force": "true"},
+            content_type="application/apply-patch+yaml")  # JSON is YAML
         return result
 
     async def delete(self, resource: Resource, namespace: str | None, name: str) -> None:

@@ -110,8 +110,8 @@ async def resync(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **kwargs
 
 
 @kopf.on.delete(*LLMD)
-async def delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-    await handle_delete_llmdeployment.delete(runtime_of(memo), body, logger)
+async def delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, retry: int, **_: Any) -> None:
+    await handle_delete_llmdeployment.delete(runtime_of(memo), body, logger, retry)
 
 
 # --- children: their status advances the owner's ------------------------------------------------------

@@ -56,7 +56,7 @@ from stratus_operator.planner import (
     ServerPlan,
     Source,
 )
-from stratus_operator.spec import API_VERSION, KIND, Autoscaling, LLMDeployment, Toleration
+from stratus_operator.spec import API_VERSION, KIND, Autoscaling, LLMDeployment, Toleration, is_extended_resource
 from stratus_workers.compress.spec import VERDICT_EXIT_CODES
 from stratus_workers.models.source import parse_source
 
@@ -365,6 +365,21 @@ def _server_container(name: str, command: list[str], resources: dict[str, Any], 
     }
 
 
+# A surge pod needs room beside the old one. Edge pods are pinned to nodes placement filled, and a GPU may be the
+# cluster's last: there the surge pod never schedules and the roll-out never ends. Those tiers replace a pod
+# before starting its successor instead (one pod down at a time; with one replica, a short gap).
+SURGE = {"maxUnavailable": 0, "maxSurge": 1}
+REPLACE = {"maxUnavailable": 1, "maxSurge": 0}
+
+
+def _strategy(component: str, pod_spec: dict[str, Any]) -> dict[str, Any]:
+    """REPLACE for edge servers and pods holding an extended resource (a GPU), else SURGE."""
+    extended = any(is_extended_resource(r) for c in pod_spec["containers"]
+                   for r in (c.get("resources") or {}).get("limits") or {})
+    replace = component == "edge-server" or extended
+    return {"type": "RollingUpdate", "rollingUpdate": dict(REPLACE if replace else SURGE)}
+
+
 def _deployment(deployment: LLMDeployment, name: str, component: str, replicas: int | None,
                 pod_spec: dict[str, Any], options: RenderOptions, extra_labels: dict[str, str],
                 pod_annotations: dict[str, str]) -> dict[str, Any]:
@@ -372,7 +387,7 @@ def _deployment(deployment: LLMDeployment, name: str, component: str, replicas: 
     selector = {INSTANCE_LABEL: deployment.metadata.name, COMPONENT_LABEL: component, SERVER_LABEL: name}
     spec: dict[str, Any] = {
         "selector": {"matchLabels": selector},
-        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "strategy": _strategy(component, pod_spec),
         "template": {
             "metadata": {"labels": lbls, "annotations": {
                 "prometheus.io/scrape": "true", "prometheus.io/port": str(HTTP_PORT), "prometheus.io/path": "/metrics",

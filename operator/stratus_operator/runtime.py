@@ -34,6 +34,9 @@ class Runtime:
     # mTLS Secrets found good, per deployment: (secret name, hosts) -> (checked until, content hash).
     # Saves a GET per reconcile; a renewal or a rotated user Secret is seen when the entry runs out.
     tls_checked: dict[tuple[str, str], tuple[tuple[str, tuple[str, ...]], float, str]] = field(default_factory=dict)
+    # Per deployment (namespace, name): what each child's last server-side apply left (apply.AppliedState), so
+    # an unchanged child costs no call and a drifted one is applied again.
+    applied: dict[tuple[str, str], dict[tuple[str, str], tuple[str, str, float]]] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Config, kube: Kube) -> Runtime:

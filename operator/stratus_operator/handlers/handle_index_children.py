@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from stratus_operator.apply import live_fingerprint
 from stratus_operator.indexes import ChildInfo
 from stratus_operator.kube import Resource
 from stratus_operator.names import GENERATION_ANNOTATION, INSTANCE_LABEL, SPEC_HASH_ANNOTATION
@@ -28,6 +29,7 @@ def index_child(body: Any, namespace: str | None, resource: Resource) -> dict[tu
         kind=kind,
         name=meta.get("name") or "",
         spec_hash=(meta.get("annotations") or {}).get(SPEC_HASH_ANNOTATION, ""),
+        live=live_fingerprint(body),
         ready=ready_replicas(body) if kind == "Deployment" else 0,
         job=job,
     )

@@ -98,8 +98,9 @@ async def _apply(rt: Runtime, dep: LLMDeployment, p: Plan, children: Mapping[tup
                  logger: logging.Logger | kopf.Logger, secrets: SecretRefs) -> None:
     """Render the plan and apply it; a finished compression Job (and its spec) is kept, never run again."""
     finished = {(kind, j.name) for j in p.compression_jobs if j.done for kind in ("Job", "ConfigMap")}
+    key = (dep.metadata.namespace, dep.metadata.name)
     applied = await apply_children(rt.kube, dep.metadata.namespace, render_plan(p, dep, rt.options, secrets),
-                                   children, keep=finished)
+                                   children, keep=finished, state=rt.applied.setdefault(key, {}))
     if applied:
         logger.info(f"applied: {applied}")
 

@@ -254,7 +254,8 @@ def plan(
             # CPU and memory requests by default: the pods are not BestEffort, the scheduler counts the model's
             # memory, and an HPA on CPU utilisation has a request to divide by.
             resources=_with_requests(
-                _with_gpu(cloud.resources, max(cloud.gpus_per_pod, cloud.tensor_parallel), gpu_resource),
+                # gpusPerPod GPUs (CEL keeps tensorParallel within them); 0 runs on CPU, whatever the degree.
+                _with_gpu(cloud.resources, cloud.gpus_per_pod, gpu_resource),
                 cloud_demand(cloud.resources, spec.model.source)),
             node_selector=dict(cloud.node_selector),
             tolerations=tuple(cloud.tolerations),

@@ -263,3 +263,16 @@ def test_rendered_job_and_configs_are_what_the_workers_read() -> None:
         ("smollm2-cloud", "smollm2-cloud.team-a.svc:50051", "cloud"),
         ("smollm2-edge-int8", "smollm2-edge-int8.team-a.svc:50051", "edge")}
     assert config.routing.policy == "cascade"
+
+
+def test_edge_and_gpu_pods_roll_without_a_surge_pod() -> None:
+    d = load(ROOT / "deploy" / "samples" / "smollm2.yaml")
+    deployments = by_kind(rendered(d), "Deployment")
+    replace = {"maxUnavailable": 1, "maxSurge": 0}
+    # A surge pod would need a second GPU, or room on an edge node placement filled: it would never schedule.
+    assert deployments["smollm2-cloud"]["spec"]["strategy"]["rollingUpdate"] == replace
+    assert deployments["smollm2-edge-int8"]["spec"]["strategy"]["rollingUpdate"] == replace
+    assert deployments["smollm2-router"]["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    cpu = load(ROOT / "deploy" / "samples" / "smollm2.yaml", cloud={"replicas": 2, "gpusPerPod": 0})
+    cloud = by_kind(rendered(cpu), "Deployment")["smollm2-cloud"]
+    assert cloud["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}

@@ -242,3 +242,9 @@ def test_cloud_pods_request_cpu_and_memory_by_default() -> None:
     assert mine.cloud is not None
     assert mine.cloud.resources.requests == {"cpu": "4", "nvidia.com/gpu": "1"}
     assert mine.cloud.resources.limits == {"memory": "1Gi", "nvidia.com/gpu": "1"}
+
+
+def test_gpus_per_pod_zero_requests_no_gpu() -> None:
+    # tensorParallel defaults to 1: it once made a CPU cloud tier ask for one GPU anyway.
+    p = plan(dep(spec__cloud__gpusPerPod=0), ClusterView.local(), {})
+    assert p.cloud is not None and "nvidia.com/gpu" not in {**p.cloud.resources.requests, **p.cloud.resources.limits}
