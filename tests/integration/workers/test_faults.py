@@ -16,8 +16,8 @@ import pytest
 
 from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.client import AsyncClient
-from stratus_workers.compress.artifact import WEIGHTS_FILE, save_artifact
 from stratus_workers.models import load_model
+from stratus_workers.models.artifact import WEIGHTS_FILE, save_artifact
 from stratus_workers.serve.engine import _Sequence
 
 pytestmark = pytest.mark.integration
@@ -83,7 +83,7 @@ async def test_no_leaks_after_many_bad_and_abandoned_requests(model_server) -> N
             if engine.active == 0 and engine.waiting == 0:
                 break
             await asyncio.sleep(0.02)
-        assert (engine.active, engine.waiting, engine.sessions) == (0, 0, 0)
+        assert (engine.active, engine.waiting, len(engine.sessions)) == (0, 0, 0)
         gc.collect()
         assert not [o for o in gc.get_objects() if type(o) is _Sequence]  # every request was released
         assert outcomes["INVALID_ARGUMENT"] == 40 and outcomes["ok"] == 20 and outcomes["vanished"] == 20

@@ -20,13 +20,14 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from stratus_workers.compress import artifact as artifacts
 from stratus_workers.compress import corpus, evaluate
 from stratus_workers.compress.distill import distill
 from stratus_workers.compress.prune import check_pattern, measured_sparsity, prune_model, recover
 from stratus_workers.compress.quantize import check_group_size, quantize_model
 from stratus_workers.compress.spec import CompressionJobSpec, CompressionStatus, CompressionSummary, ExitCode
-from stratus_workers.models.loader import ARTIFACT_FORMAT, cache_dir, load_model
+from stratus_workers.models import artifact as artifacts
+from stratus_workers.models.files import ARTIFACT_FORMAT
+from stratus_workers.models.loader import cache_dir, load_model
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from typing import Any
 
 from stratus_workers.models.source import BUNDLED_MODELS, ModelSource, SourceKind, parse_source
 
-ARTIFACT_FORMAT = "stratus-artifact/v1"
+ARTIFACT_FORMAT = "stratus-artifact/v1"  # manifest.json's "format", and the weights file's metadata
+MANIFEST_FILE = "manifest.json"  # an artifact directory's compression manifest (models/artifact.py writes the rest)
 HF_HOST = ("huggingface.co", 443)
 
 
@@ -98,7 +99,7 @@ def require_hub(ref: str) -> None:
 
 def read_artifact_manifest(path: Path) -> dict[str, Any] | None:
     """The compression manifest of an artifact directory, or None for a plain model directory."""
-    manifest = path / "manifest.json"
+    manifest = path / MANIFEST_FILE
     if not manifest.is_file():
         return None
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import shutil
 import tempfile
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from stratus_workers.models.artifact import load_artifact
 
 # The torch-free parts live in files.py and tokenizer.py; `as` re-exports them for existing callers.
 from stratus_workers.models.files import ARTIFACT_FORMAT as ARTIFACT_FORMAT
@@ -217,17 +218,10 @@ def _load_dir(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
 
 def _load_artifact(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
     try:
-        artifact = importlib.import_module("stratus_workers.compress.artifact")
-    except ImportError as exc:
-        raise ModelLoadError(
-            f"{path} is a compressed artifact, but the compress package is unavailable: {exc}"
-        ) from exc
-    try:
-        model, tokenizer = artifact.load_artifact(path, dtype=dtype, device=device)
+        return load_artifact(path, dtype=dtype, device=device)
     except ModelLoadError:
         raise
     except Exception as exc:
         raise ModelLoadError(
             f"compressed artifact {path} could not be loaded: {exc}; rerun its compression job"
         ) from exc
-    return model, tokenizer

@@ -31,14 +31,9 @@ from stratus_workers.protocol.requests import (
 )
 from stratus_workers.protocol.servicer import add_inference_servicer
 from stratus_workers.security import TLSFiles
-from stratus_workers.serve.engine import (
-    Engine,
-    EngineOverloaded,
-    EngineStopped,
-    FinishEvent,
-    TokenEvent,
-    TokenLogprob,
-)
+from stratus_workers.serve.engine import Engine, FinishEvent, TokenEvent, TokenLogprob, build_engine
+from stratus_workers.serve.errors import EngineOverloaded, EngineStopped
+from stratus_workers.serve.parallel import ParallelContext
 from stratus_workers.serve.speculative import SparseDist
 
 log = logging.getLogger(__name__)
@@ -197,6 +192,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             )
         if finish.reason == "error":
             raise ProtocolError(grpc.StatusCode.INTERNAL, f"generation failed: {finish.error}")
+        if finish.reason == "unavailable":
+            raise ProtocolError(grpc.StatusCode.UNAVAILABLE, finish.error)
         if finish.reason == "cancelled":
             raise ProtocolError(grpc.StatusCode.CANCELLED, finish.error or "the request was cancelled")
 
@@ -382,7 +379,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 class ModelServer:
     """Owns the model, the engine, the gRPC server and the ops HTTP server of one process."""
 
-    def __init__(self, config: ServerSettings, loaded: LoadedModel | None = None) -> None:
+    def __init__(
+        self, config: ServerSettings, loaded: LoadedModel | None = None, *, parallel: ParallelContext | None = None
+    ) -> None:
         config.validate()
         self.config = config
         # Checked before the model loads, so a bad certificate path fails in seconds, not minutes.
@@ -390,7 +389,9 @@ class ModelServer:
         self.loaded = loaded
         self.metrics = ServerMetrics()
         self.health = health.aio.HealthServicer()
+        self.parallel = parallel  # rank 0 of a tensor-parallel group: the runner shards over it
         self.engine: Engine | None = None
+        self._failure_tasks: set[asyncio.Task[None]] = set()
         self._grpc: grpc.aio.Server | None = None
         self._http: Any = None
         self.port = config.port
@@ -403,6 +404,8 @@ class ModelServer:
     def _ready(self) -> tuple[bool, str]:
         if self.engine is None:
             return False, "loading model"
+        if self.engine.failure is not None:
+            return False, self.engine.failure
         return True, f"serving {self.config.name or (self.loaded.name if self.loaded else '')}"
 
     async def start(self) -> None:
@@ -420,17 +423,25 @@ class ModelServer:
             )
         loaded = self.loaded
         max_len = min(loaded.max_context_tokens, self.config.max_prompt_tokens + self.config.max_new_tokens)
-        self.engine = Engine(
+        loop = asyncio.get_running_loop()
+
+        def engine_failed(message: str) -> None:  # called on the engine thread
+            with contextlib.suppress(RuntimeError):  # a closed loop: the server has stopped anyway
+                loop.call_soon_threadsafe(self._engine_failed, message)
+
+        self.engine = build_engine(
             loaded.model,
             loaded.tokenizer,
             max_batch_size=self.config.max_batch_size,
             max_len=max_len,
             max_queue=self.config.max_queue,
             max_sessions=self.config.max_sessions,
+            parallel=self.parallel,
             on_step=self.metrics.on_step,
+            on_failure=engine_failed,
         )
         # Capture the decode graphs (CUDA) before taking traffic, so no early request pays for it.
-        await asyncio.get_running_loop().run_in_executor(None, self.engine.runner.warmup)
+        await loop.run_in_executor(None, self.engine.warmup)
         self.engine.start()
         options = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
@@ -447,8 +458,10 @@ class ModelServer:
             self._grpc.add_secure_port(bind, tls.server_credentials()) if tls else self._grpc.add_insecure_port(bind)
         )
         await self._grpc.start()
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        serving = self.engine.failure is None  # an engine that died while starting is not serving
+        await self._set_health(
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         log.info(
             "model server ready",
             extra={
@@ -459,12 +472,24 @@ class ModelServer:
             },
         )
 
+    def _engine_failed(self, message: str) -> None:
+        # Health turns NOT_SERVING at once, so callers (the router) stop sending here and fail over.
+        log.error("model server stops serving", extra={"reason": message})
+        task = asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+        self._failure_tasks.add(task)
+        task.add_done_callback(self._failure_tasks.discard)
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         if self._grpc is not None:
             await self._grpc.stop(grace)
         if self.engine is not None:
             self.engine.shutdown()
+            self.engine.close()  # under tensor parallel: the other ranks leave follow() and exit
         if self._http is not None:
             await self._http.cleanup()
 

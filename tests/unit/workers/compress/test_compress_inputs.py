@@ -11,7 +11,7 @@ import pytest
 from stratus_workers.compress.__main__ import run
 from stratus_workers.compress.job import BadInput, compress, parse_spec
 from stratus_workers.compress.spec import CompressionJobSpec, ExitCode
-from stratus_workers.models.loader import ModelLoadError, load_model
+from stratus_workers.models import ModelLoadError, load_model
 
 pytestmark = pytest.mark.unit
 

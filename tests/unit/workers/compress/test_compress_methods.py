@@ -10,17 +10,17 @@ from typing import Any
 import pytest
 import torch
 
-from stratus_workers.compress.artifact import WEIGHTS_FILE
 from stratus_workers.compress.job import compress
-from stratus_workers.compress.quantize import (
+from stratus_workers.compress.spec import CompressionJobSpec, ExitCode
+from stratus_workers.models.artifact import WEIGHTS_FILE
+from stratus_workers.models.loader import load_model
+from stratus_workers.models.quantized import (
     DynamicInt8Linear,
     Int4Embedding,
     Int4WeightLinear,
     Int8Embedding,
     Int8WeightLinear,
 )
-from stratus_workers.compress.spec import CompressionJobSpec, ExitCode
-from stratus_workers.models.loader import load_model
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,5 @@
-"""Continuous batching: batched equals unbatched, requests join and leave mid-batch, cancellation frees rows."""
+"""Continuous batching: batched equals unbatched, requests join and leave mid-batch, cancellation frees rows,
+and a loop that dies says so instead of leaving requests waiting."""
 
 from __future__ import annotations
 
@@ -12,13 +13,10 @@ import torch
 
 from stratus_workers.models import load_model
 from stratus_workers.protocol.requests import Sampling
-from stratus_workers.serve.engine import (
-    Engine,
-    EngineOverloaded,
-    FinishEvent,
-    TokenEvent,
-    collect,
-)
+from stratus_workers.serve.engine import Engine, FinishEvent, TokenEvent, build_engine, collect
+from stratus_workers.serve.errors import EngineFailed, EngineOverloaded
+from stratus_workers.serve.runner.modules import ModuleRunner
+from stratus_workers.serve.sessions import SpeculativeSessions
 
 pytestmark = pytest.mark.unit
 
@@ -31,7 +29,7 @@ def loaded(tiny_model_dir: Path) -> Any:
 
 
 def make_engine(loaded: Any, **kwargs: Any) -> Engine:
-    engine = Engine(loaded.model, loaded.tokenizer, max_len=256, **kwargs)
+    engine = build_engine(loaded.model, loaded.tokenizer, **{"max_len": 256, **kwargs})
     engine.start()
     return engine
 
@@ -147,3 +145,78 @@ async def test_stop_sequences_and_sampling_seed(loaded: Any) -> None:
     finally:
         engine.shutdown()
 
+
+async def test_rows_move_after_the_cache_grew_past_its_first_size(loaded: Any) -> None:
+    # Issue 12: a long prompt grows the module path's cache (256 tokens at first) inside the forward
+    # pass; a later compaction then moved rows of that cache and killed the engine thread.
+    engine = make_engine(loaded, max_batch_size=4, max_len=512)
+    try:
+        long_prompt = loaded.tokenizer.encode("word " * 300)
+        _, _, first = await asyncio.wait_for(collect(engine.stream(long_prompt, Sampling(max_new_tokens=1))), 30)
+        assert first.reason in ("length", "stop") and first.prompt_tokens > 256
+        assert engine.runner.capacity > 256  # the cache grew
+        prompts = [loaded.tokenizer.encode(p) for p in PROMPTS[:3]]
+        # Overlapping: the middle one finishes first, so the last row moves into its place.
+        params = [Sampling(max_new_tokens=n) for n in (40, 2, 40)]
+        together = await asyncio.wait_for(
+            asyncio.gather(*(tokens_of(engine, p, sp) for p, sp in zip(prompts, params, strict=True))), 30
+        )
+        assert [fin.reason for _, fin in together] == ["length"] * 3
+        _, _, after = await asyncio.wait_for(collect(engine.stream(prompts[0], Sampling(max_new_tokens=3))), 30)
+        assert after.reason == "length" and after.completion_tokens == 3
+    finally:
+        engine.shutdown()
+
+
+class EngineKilled(BaseException):
+    """A fault the engine's per-step recovery (which catches Exception) does not handle: it ends the loop."""
+
+
+class FaultyRunner(ModuleRunner):
+    """The real module path, until `armed`: then every forward pass raises EngineKilled."""
+
+    armed = False
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.armed:
+            raise EngineKilled("injected fault")
+        return super()._forward(*args, **kwargs)
+
+
+async def test_a_dead_loop_fails_every_request_fast_and_says_why(loaded: Any) -> None:
+    runner = FaultyRunner(loaded.model, max_rows=2, max_len=256)
+    failures: list[str] = []
+    engine = Engine(
+        runner,
+        loaded.tokenizer,
+        SpeculativeSessions(runner, loaded.tokenizer, first_row=1),
+        max_batch_size=1,
+        on_failure=failures.append,
+    )
+    engine.start()
+    prompt = loaded.tokenizer.encode("Hello")
+    try:
+        _, _, healthy = await collect(engine.stream(prompt, Sampling(max_new_tokens=2)))
+        assert healthy.reason == "length" and engine.failure is None
+        running = engine.stream(prompt, Sampling(max_new_tokens=200))
+        assert isinstance(await running.__anext__(), TokenEvent)
+        waiting = asyncio.ensure_future(collect(engine.stream(prompt, Sampling(max_new_tokens=2))))
+        while engine.waiting == 0:  # the only row is taken: the second request queues
+            await asyncio.sleep(0.01)
+        runner.armed = True
+        started = time.monotonic()
+        events = [event async for event in running]
+        finish = events[-1]
+        assert isinstance(finish, FinishEvent) and finish.reason == "unavailable"
+        assert "EngineKilled: injected fault" in finish.error
+        _, _, queued = await asyncio.wait_for(waiting, 5)
+        assert queued.reason == "unavailable"
+        assert time.monotonic() - started < 5
+        assert engine.failure is not None and failures == [engine.failure]
+        assert (engine.active, engine.waiting) == (0, 0)
+        with pytest.raises(EngineFailed, match="injected fault"):
+            engine.submit(prompt, Sampling(max_new_tokens=1), lambda event: None)
+        with pytest.raises(EngineFailed, match="injected fault"):
+            await engine.draft("s", prompt, 2, Sampling())
+    finally:
+        engine.shutdown()
