@@ -38,6 +38,8 @@ class ChildInfo:
     # apply.live_fingerprint of the object as last seen: what drift is measured against.
     live: str = ""
     ready: int = 0
+    # For PersistentVolumeClaims: status.phase (Pending, Bound, Lost).
+    phase: str = ""
     # For Jobs: {"spec": {"backoffLimit"}, "status": {...}, "generation": the owner's, at creation}.
     job: Mapping[str, Any] | None = None
 

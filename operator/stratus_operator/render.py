@@ -673,6 +673,39 @@ def render_storage(deployment: LLMDeployment, options: RenderOptions) -> list[di
                         "spec": spec})]
 
 
+def artifacts_claim(deployment: LLMDeployment) -> str | None:
+    """The claim compression Jobs write artifacts to: the user's, the operator's own, or None (object store)."""
+    storage = deployment.spec.storage
+    if storage.object_store is not None:
+        return None
+    if storage.pvc is not None and storage.pvc.claim_name:
+        return storage.pvc.claim_name
+    return artifacts_name(deployment.metadata.name)
+
+
+def claim_problem(deployment: LLMDeployment, phase: str | None) -> str | None:
+    """Why the artifacts claim holds the compression Jobs back (`phase` is its status.phase; None: missing)."""
+    claim = artifacts_claim(deployment)
+    if claim is None or phase == "Bound":
+        return None
+    pvc = deployment.spec.storage.pvc
+    if pvc is not None and pvc.claim_name:
+        if phase is None:
+            return f"artifacts claim {claim} (storage.pvc.claimName) does not exist in {deployment.metadata.namespace}"
+        return f"artifacts claim {claim} (storage.pvc.claimName) is {phase}: no volume is bound to it"
+    if phase is None:
+        return None  # the operator creates it in this pass
+    mode = pvc.access_mode if pvc is not None else "ReadWriteMany"
+    klass = (f"storage class {pvc.storage_class_name}" if pvc is not None and pvc.storage_class_name
+             else "the cluster's default storage class")
+    return (f"artifacts claim {claim} is {phase}: no volume is bound to it. It asks {klass} for {mode}"
+            f"{' (the default)' if pvc is None or 'access_mode' not in pvc.model_fields_set else ''}, which "
+            "block storage (EBS, GCE PD, Azure Disk, local-path) does not provide; set storage.pvc.storageClassName "
+            "to a class that does, or storage.pvc.accessMode ReadWriteOnce with one edge variant of one replica, "
+            "or storage.objectStore (a WaitForFirstConsumer class binds it once the Job's pod is scheduled; "
+            f"`kubectl describe pvc {claim}` shows the provisioner's events)")
+
+
 def render_plan(p: Plan, deployment: LLMDeployment, options: RenderOptions,
                 secrets: SecretRefs | None = None) -> list[dict[str, Any]]:
     """Every child object of the plan, in apply order (the mTLS Secret is the reconcile's, not here)."""

@@ -261,7 +261,10 @@ class PVCStorage(SpecModel):
     )
     size: Quantity = Field("20Gi", description="Size of the claim the operator creates.")
     storage_class_name: str | None = Field(None, max_length=253)
-    access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"] = Field("ReadWriteMany")
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"] = Field(
+        "ReadWriteMany", description="Access mode of the claim the operator creates. ReadWriteMany (the default) "
+        "needs a class that provides it (NFS, CephFS, EFS, Filestore, Azure Files), usually not the default block "
+        "class; ReadWriteOnce/ReadWriteOncePod fit one edge variant of one replica only (CEL).")
 
 
 class ObjectStoreStorage(SpecModel):
@@ -339,10 +342,21 @@ class SecuritySpec(SpecModel):
         return self
 
 
+SINGLE_NODE_CLAIM_MESSAGE = (
+    "storage.pvc.accessMode ReadWriteOnce or ReadWriteOncePod lets one node (one pod) mount the claim, while the "
+    "compression Jobs and edge pods of several variants or replicas may run on several nodes at once: use at most "
+    "one edge variant with one replica (autoscaling maxReplicas 1), or ReadWriteMany on a class that provides it, "
+    "or storage.objectStore")
+
+
 class LLMDeploymentSpec(SpecModel):
     """What the user asks for: one model, a cloud tier, edge variants, a routing policy and storage."""
 
     model_config = ConfigDict(json_schema_extra=_cel(
+        ("!has(self.storage.pvc) || !has(self.storage.pvc.accessMode) || self.storage.pvc.accessMode == "
+         "'ReadWriteMany' || self.routing.policy == 'cloud-only' || (size(self.edge.variants) <= 1 && "
+         "self.edge.variants.all(v, (!has(v.replicas) || v.replicas <= 1) && "
+         "(!has(v.autoscaling) || v.autoscaling.maxReplicas <= 1)))", SINGLE_NODE_CLAIM_MESSAGE),
         ("self.routing.policy != 'edge-only' || size(self.edge.variants) > 0",
          "policy edge-only needs at least one edge variant (edge.variants)"),
         ("self.routing.policy == 'edge-only' || self.cloud.replicas > 0 || has(self.cloud.autoscaling)",
@@ -361,6 +375,11 @@ class LLMDeploymentSpec(SpecModel):
     def _check(self) -> LLMDeploymentSpec:
         if self.routing.policy == "edge-only" and not self.edge.variants:
             raise ValueError("policy edge-only needs at least one edge variant (edge.variants)")
+        pvc, variants = self.storage.pvc, self.edge.variants
+        several = len(variants) > 1 or any(
+            v.replicas > 1 or (v.autoscaling is not None and v.autoscaling.max_replicas > 1) for v in variants)
+        if pvc is not None and pvc.access_mode != "ReadWriteMany" and self.routing.policy != "cloud-only" and several:
+            raise ValueError(SINGLE_NODE_CLAIM_MESSAGE)
         if self.routing.policy != "edge-only" and self.cloud.replicas == 0 and self.cloud.autoscaling is None:
             raise ValueError(
                 "policies cloud-only and cascade need cloud replicas (cloud.replicas > 0 or cloud.autoscaling)")

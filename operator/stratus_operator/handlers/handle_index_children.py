@@ -31,6 +31,7 @@ def index_child(body: Any, namespace: str | None, resource: Resource) -> dict[tu
         spec_hash=(meta.get("annotations") or {}).get(SPEC_HASH_ANNOTATION, ""),
         live=live_fingerprint(body),
         ready=ready_replicas(body) if kind == "Deployment" else 0,
+        phase=str((body.get("status") or {}).get("phase") or "") if kind == "PersistentVolumeClaim" else "",
         job=job,
     )
     return {(namespace or "", instance): info}

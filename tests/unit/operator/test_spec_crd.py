@@ -176,6 +176,40 @@ def test_extended_resources_with_different_request_and_limit_are_refused(
             LLMDeployment.from_manifest(doc)
 
 
+@pytest.mark.parametrize(("change", "refused"), [
+    ({"storage": {"pvc": {"accessMode": "ReadWriteOnce"}}}, False),  # the sample: one variant, one replica
+    ({"storage": {"pvc": {"accessMode": "ReadWriteOncePod"}}}, False),
+    ({"storage": {"pvc": {"accessMode": "ReadWriteOnce"}}, "replicas": 2}, True),
+    ({"storage": {"pvc": {"accessMode": "ReadWriteOncePod"}}, "autoscaling": {"minReplicas": 1, "maxReplicas": 3}},
+     True),
+    ({"storage": {"pvc": {"accessMode": "ReadWriteOnce"}}, "second": True}, True),
+    ({"storage": {"pvc": {"accessMode": "ReadWriteMany"}}, "replicas": 2, "second": True}, False),
+    ({"storage": {"pvc": {"accessMode": "ReadWriteOnce"}}, "replicas": 2, "policy": "cloud-only"}, False),
+])
+def test_a_single_node_claim_is_refused_where_pods_may_use_it_from_several_nodes(
+        change: dict[str, Any], refused: bool) -> None:
+    from bad_manifests import crd_errors
+
+    doc = _sample()
+    doc["spec"]["storage"] = change["storage"]
+    variant = doc["spec"]["edge"]["variants"][0]
+    variant["replicas"] = change.get("replicas", 1)
+    if "autoscaling" in change:
+        variant["autoscaling"] = change["autoscaling"]
+    if change.get("second"):
+        doc["spec"]["edge"]["variants"].append({**copy.deepcopy(variant), "name": "int4"})
+    if "policy" in change:
+        doc["spec"]["routing"]["policy"] = change["policy"]
+    errors = crd_errors(doc)
+    assert bool(errors) is refused, errors
+    if refused:
+        assert any("ReadWriteOnce or ReadWriteOncePod lets one node" in e for e in errors), errors
+        with pytest.raises(ValidationError, match="ReadWriteOnce or ReadWriteOncePod lets one node"):
+            LLMDeployment.from_manifest(doc)
+    else:
+        LLMDeployment.from_manifest(doc)
+
+
 def test_unknown_fields_are_rejected_by_the_model() -> None:
     doc = _sample()
     doc["spec"]["cloud"]["replica"] = 2

@@ -149,3 +149,27 @@ def test_free_form_job_reasons_become_condition_reasons() -> None:
     compressed = next(c for c in a.conditions if c.type == "Compressed")
     assert compressed.reason == "PodEvictedNodePressure"
     build_status(planned({"int8": odd}, cluster=ClusterView.local()), {}, previous=None, now="t")  # validates
+
+
+def test_an_unbound_artifacts_claim_is_the_compressed_conditions_reason() -> None:
+    from stratus_operator.render import claim_problem
+
+    d = dep()
+    problem = claim_problem(d, "Pending")
+    assert problem is not None and "smollm2-artifacts is Pending" in problem and "ReadWriteMany (the default)" in problem
+    assert claim_problem(d, "Bound") is None and claim_problem(d, None) is None
+    status = build_status(plan(d, nodes(4), {}), {}, previous=None, now="t", storage_problem=problem)
+    compressed = next(c for c in status.conditions if c.type == "Compressed")
+    assert (compressed.status, compressed.reason) == ("False", "ArtifactsClaimPending")
+    assert "smollm2-artifacts" in compressed.message and status.phase == "Compressing"
+    assert "storage.objectStore" in status.message
+    # Once the Jobs are done the claim no longer holds anything back.
+    done = build_status(plan(d, nodes(4), {"int8": accepted()}), ALL_READY, previous=None, now="t",
+                        storage_problem=problem)
+    assert next(c for c in done.conditions if c.type == "Compressed").reason == "Accepted"
+    m = sample(uid="u")
+    m["spec"]["storage"] = {"pvc": {"claimName": "shared"}}
+    mine = LLMDeployment.from_manifest(m)
+    assert claim_problem(mine, None) == "artifacts claim shared (storage.pvc.claimName) does not exist in default"
+    m["spec"]["storage"] = {"objectStore": {"url": "s3://bucket/x"}}
+    assert claim_problem(LLMDeployment.from_manifest(m), "Pending") is None
