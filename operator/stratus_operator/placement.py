@@ -293,11 +293,14 @@ def place(
     node_selector: Mapping[str, str],
     tolerations: Sequence[Toleration],
     reserved: Mapping[str, Resources] | None = None,
+    current: Sequence[str] = (),
 ) -> Placement:
     """Place `replicas` pods needing `demand` each, spreading over the emptiest eligible nodes.
 
-    `reserved` holds what earlier placements in the same plan took from each node. The reason says
-    which nodes were chosen, or summarises why each node was rejected when some replicas did not fit.
+    `reserved` holds what earlier placements in the same plan took from each node. `current` are the nodes
+    the tier runs on now: each keeps one replica while it is eligible and still has room, so an unrelated pod
+    landing elsewhere (or on it, if room is left) does not move a healthy server. The reason says which
+    nodes were chosen, or summarises why each node was rejected when some replicas did not fit.
     """
     if cluster.is_local:
         return Placement(replicas, (LOCAL_NODE,) * replicas, "local machine: every tier fits")
@@ -318,7 +321,15 @@ def place(
 
     assignments: list[str] = []
     taken: dict[str, Resources] = {}
-    for _ in range(replicas):
+    by_name = {n.name: n for n in eligible}
+    for name in sorted(set(current)):
+        node = by_name.get(name)
+        if node is None or len(assignments) >= replicas:
+            continue
+        if demand.fits_in(node.free - reserved.get(name, Resources())):
+            assignments.append(name)
+            taken[name] = demand
+    for _ in range(replicas - len(assignments)):
         best: tuple[tuple[int, int, int], NodeView] | None = None
         for node in eligible:  # sorted by name: ties go to the first
             free = node.free - reserved.get(node.name, Resources()) - taken.get(node.name, Resources())

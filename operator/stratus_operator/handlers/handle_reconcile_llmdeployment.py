@@ -146,7 +146,10 @@ async def reconcile(rt: Runtime, body: Mapping[str, Any], observed: Observed,
         results, retry = gather_results(dep, observed, children, previous)
         if retry:
             children = await _retry_jobs(rt, dep, retry, children, logger)
-        p = plan(dep, observed.cluster(ns, name), results, gpu_resource=rt.config.gpu_resource_name)
+        # Where edge servers run now (the last status): placement keeps them there while they fit.
+        current = {v.name: v.nodes for v in (previous.variants if previous else []) if v.placed}
+        p = plan(dep, observed.cluster(ns, name), results, gpu_resource=rt.config.gpu_resource_name,
+                 current=current)
         secrets, problem = await ensure_tls(rt, dep, body, logger)
         if problem is not None:
             return await _invalid(rt, ns, name, generation, previous, body, problem)

@@ -7,7 +7,7 @@ to Kubernetes objects, `local.runner` to processes on loopback ports.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -220,8 +220,12 @@ def plan(
     results: Mapping[str, CompressionResult],
     *,
     gpu_resource: str = GPU_RESOURCE,
+    current: Mapping[str, Sequence[str]] | None = None,
 ) -> Plan:
     """The desired children of `deployment` given the nodes in `cluster` and the compression `results`.
+
+    `current` maps variant names to the nodes their edge servers run on now (the last status): placement
+    keeps them while they fit, so the pin and the pods stay put.
 
     `results` maps variant names to outcomes; a result whose spec_hash differs from the current job's
     (the recipe changed since) is ignored. Edge servers start only for accepted variants, placed by
@@ -295,6 +299,7 @@ def plan(
             node_selector=variant.node_selector,
             tolerations=variant.tolerations,
             reserved=reserved,
+            current=(current or {}).get(variant.name, ()),
         )
         for node in placement.assignments:
             reserved[node] = reserved.get(node, Resources()) + demand

@@ -248,3 +248,14 @@ def test_gpus_per_pod_zero_requests_no_gpu() -> None:
     # tensorParallel defaults to 1: it once made a CPU cloud tier ask for one GPU anyway.
     p = plan(dep(spec__cloud__gpusPerPod=0), ClusterView.local(), {})
     assert p.cloud is not None and "nvidia.com/gpu" not in {**p.cloud.resources.requests, **p.cloud.resources.limits}
+
+
+def test_edge_servers_stay_on_their_nodes_while_they_fit() -> None:
+    roomy = edge_node("e1", 8)
+    p = plan(dep(), cluster(roomy, edge_node("e2", 7)), {"int8": accepted()})
+    assert p.edge[0].placement.nodes == ("e1",)
+    # Someone else's pod fills part of e1: the fresh choice would be e2, the running server stays on e1.
+    busy = dataclasses.replace(roomy, requested=Resources(0, 5 * GI, 0))
+    assert plan(dep(), cluster(busy, edge_node("e2", 7)), {"int8": accepted()}).edge[0].placement.nodes == ("e2",)
+    kept = plan(dep(), cluster(busy, edge_node("e2", 7)), {"int8": accepted()}, current={"int8": ["e1"]})
+    assert kept.edge[0].placement.nodes == ("e1",)
