@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,10 +12,19 @@ from stratus_operator.spec import Toleration
 from stratus_workers.settings import env_name, parse_config
 
 PREFIX = env_name("")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
 def _namespaces(raw: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in raw.split(",") if n.strip())
+
+
+def _names(raw: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in raw.split(",") if n.strip())
+    bad = [n for n in names if not _DNS_SUBDOMAIN.match(n)]
+    if bad:
+        raise ValueError(f"not Secret names: {', '.join(bad)}")
+    return names
 
 
 def _node_selector(raw: str) -> dict[str, str]:
@@ -45,8 +55,18 @@ class Config:
         "comma-separated namespaces (globs allowed) to watch; empty: the whole cluster", parse=_namespaces))
     image: str = field(default="ghcr.io/stratus-llm/stratus-workers:0.1.0", metadata=_doc(
         "the image that runs the workers (serve, router, compress) and the model fetch"))
+    cloud_image: str = field(default="", metadata=_doc(
+        "the image of cloud model servers (a CUDA build); empty: STRATUS_IMAGE"))
+    edge_image: str = field(default="", metadata=_doc(
+        "the image of edge model servers (a CPU build, multi-arch for arm64 devices); empty: STRATUS_IMAGE"))
     image_pull_policy: str = field(default="IfNotPresent", metadata=_doc(
         "imagePullPolicy of every container the operator creates"))
+    image_pull_secrets: tuple[str, ...] = field(default=(), metadata=_doc(
+        "comma-separated Secrets (in each deployment's namespace) every pod the operator creates pulls with",
+        parse=_names))
+    service_account: str = field(default="", metadata=_doc(
+        "serviceAccountName of every pod the operator creates (e.g. one bound to a cloud IAM role for s3:// "
+        "access through IRSA or Workload Identity); empty: the namespace's default, with no API token mounted"))
     s3_image: str = field(default="amazon/aws-cli:2.17.0", metadata=_doc(
         "image with the aws CLI, for s3:// model sources and object-store artifacts"))
     # Empty (the default): an emptyDir per pod (each pod fetches its own copy), which a namespace enforcing the
@@ -72,6 +92,12 @@ class Config:
         parse=_node_selector))
     edge_tolerations: tuple[Mapping[str, Any], ...] = field(default=(), metadata=_doc(
         "JSON list of Pod tolerations for edge variants that set none", parse=_tolerations))
+    cloud_node_selector: Mapping[str, str] = field(default_factory=dict, metadata=_doc(
+        "JSON object: the nodeSelector of cloud tiers that set none", parse=_node_selector))
+    cloud_tolerations: tuple[Mapping[str, Any], ...] = field(default=(), metadata=_doc(
+        'JSON list of Pod tolerations for cloud tiers that set none (e.g. [{"key": "nvidia.com/gpu", "operator": '
+        '"Exists", "effect": "NoSchedule"}] where GPU nodes are tainted and no admission plugin adds it)',
+        parse=_tolerations))
     gpu_resource_name: str = field(default="nvidia.com/gpu", metadata=_doc(
         "the extended resource GPUs are requested and counted as"))
 

@@ -323,10 +323,10 @@ def place(
     taken: dict[str, Resources] = {}
     by_name = {n.name: n for n in eligible}
     for name in sorted(set(current)):
-        node = by_name.get(name)
-        if node is None or len(assignments) >= replicas:
+        kept = by_name.get(name)
+        if kept is None or len(assignments) >= replicas:
             continue
-        if demand.fits_in(node.free - reserved.get(name, Resources())):
+        if demand.fits_in(kept.free - reserved.get(name, Resources())):
             assignments.append(name)
             taken[name] = demand
     for _ in range(replicas - len(assignments)):

@@ -135,7 +135,12 @@ class RenderOptions:
     """Cluster-specific choices that are not part of the LLMDeployment (see Config for each field)."""
 
     image: str = _DEFAULTS.image
+    # The model servers' images per tier; empty: `image`.
+    cloud_image: str = _DEFAULTS.cloud_image
+    edge_image: str = _DEFAULTS.edge_image
     image_pull_policy: str = _DEFAULTS.image_pull_policy
+    image_pull_secrets: tuple[str, ...] = _DEFAULTS.image_pull_secrets
+    service_account: str = _DEFAULTS.service_account
     # Used only for s3:// sources and object-store artifacts.
     s3_image: str = _DEFAULTS.s3_image
     # A per-node cache for fetched models (s3://, hf://, object-store artifacts); it must exist and be
@@ -152,8 +157,14 @@ class RenderOptions:
 
     @classmethod
     def from_config(cls, config: Config) -> RenderOptions:
-        return cls(image=config.image, image_pull_policy=config.image_pull_policy, s3_image=config.s3_image,
+        return cls(image=config.image, cloud_image=config.cloud_image, edge_image=config.edge_image,
+                   image_pull_policy=config.image_pull_policy, image_pull_secrets=config.image_pull_secrets,
+                   service_account=config.service_account, s3_image=config.s3_image,
                    cache_host_path=config.cache_host_path, job_active_deadline_seconds=config.job_deadline_seconds)
+
+    def server_image(self, tier: str) -> str:
+        """The image of a tier's model servers."""
+        return (self.cloud_image if tier == "cloud" else self.edge_image if tier == "edge" else "") or self.image
 
 
 def labels(deployment: LLMDeployment, component: str, options: RenderOptions, **extra: str) -> dict[str, str]:
@@ -221,8 +232,16 @@ def _cache_volume(deployment: LLMDeployment, options: RenderOptions) -> dict[str
     return {"name": "cache", "emptyDir": {"sizeLimit": cache.size_limit} if cache.size_limit else {}}
 
 
-def harden(pod_spec: dict[str, Any]) -> dict[str, Any]:
-    """Non-root, read-only root filesystem, no capabilities, RuntimeDefault seccomp; /tmp is an emptyDir."""
+def harden(pod_spec: dict[str, Any], options: RenderOptions) -> dict[str, Any]:
+    """Non-root, read-only root filesystem, no capabilities, RuntimeDefault seccomp; /tmp is an emptyDir. The
+    pod's identity: the configured service account and pull Secrets; no API token (no pod of ours calls the
+    API), unless a service account is named (a cloud IAM binding may need its token)."""
+    if options.service_account:
+        pod_spec["serviceAccountName"] = options.service_account
+    else:
+        pod_spec["automountServiceAccountToken"] = False
+    if options.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in options.image_pull_secrets]
     pod_spec["securityContext"] = dict(POD_SECURITY_CONTEXT)
     pod_spec.setdefault("volumes", []).append({"name": "tmp", "emptyDir": {}})
     for c in [*pod_spec.get("initContainers", []), *pod_spec["containers"]]:
@@ -347,10 +366,10 @@ def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
 
 
 def _server_container(name: str, command: list[str], resources: dict[str, Any], options: RenderOptions,
-                      mounts: list[dict[str, Any]], env: list[dict[str, Any]]) -> dict[str, Any]:
+                      mounts: list[dict[str, Any]], env: list[dict[str, Any]], image: str = "") -> dict[str, Any]:
     return {
         "name": name,
-        "image": options.image,
+        "image": image or options.image,
         "imagePullPolicy": options.image_pull_policy,
         "command": command,
         "ports": [{"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
@@ -498,7 +517,7 @@ def render_job(p: Plan, deployment: LLMDeployment, job: CompressionJobPlan,
     pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": containers, "volumes": volumes}
     if init:
         pod_spec["initContainers"] = init
-    harden(pod_spec)
+    harden(pod_spec, options)
     obj = {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -541,7 +560,7 @@ def render_server(p: Plan, deployment: LLMDeployment, server: ServerPlan, option
             pod_annotations[TLS_HASH_ANNOTATION] = secrets.tls_hash  # a new certificate restarts the pods
     container = _server_container(
         "server", command, _resources(dict(server.resources.requests), dict(server.resources.limits)),
-        options, mounts, [],
+        options, mounts, [], image=options.server_image(server.tier),
     )
     if server.tensor_parallel > 1:
         # NCCL passes tensors through shared memory; the container default of 64 MiB is too small.
@@ -559,7 +578,7 @@ def render_server(p: Plan, deployment: LLMDeployment, server: ServerPlan, option
         pod_spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
             "nodeSelectorTerms": [{"matchFields": [
                 {"key": "metadata.name", "operator": "In", "values": list(server.placement.nodes)}]}]}}}
-    harden(pod_spec)
+    harden(pod_spec, options)
     replicas = None if server.autoscaling is not None else server.replicas
     out = [
         _with_hash(_deployment(deployment, server.name, component, replicas, pod_spec, options, extra,
@@ -646,7 +665,7 @@ def render_router(p: Plan, deployment: LLMDeployment, router: RouterPlan, option
     pod_spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
     if tokenizer.init_containers:
         pod_spec["initContainers"] = tokenizer.init_containers
-    harden(pod_spec)
+    harden(pod_spec, options)
     return [
         _with_hash(config_map),
         _with_hash(_deployment(deployment, router.name, "router", router.replicas, pod_spec, options, {},
@@ -746,5 +765,5 @@ def render_cleanup(deployment: LLMDeployment, options: RenderOptions) -> list[di
         "apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
         "spec": {"backoffLimit": 2, "ttlSecondsAfterFinished": 600,
                  "template": {"metadata": {"labels": lbls}, "spec": harden(
-                     {"restartPolicy": "Never", "containers": [container], "volumes": volumes})}},
+                     {"restartPolicy": "Never", "containers": [container], "volumes": volumes}, options)}},
     })]

@@ -179,7 +179,9 @@ class Autoscaling(SpecModel):
     target_cpu_utilization: int = Field(70, ge=1, le=100, description="Percent of the CPU request (metric cpu).")
     target_queue_depth: Quantity = Field("4", description="Average queued requests per pod (metric queue-depth).")
     queue_depth_metric: str = Field(
-        "stratus_queue_depth", min_length=1, max_length=253, description="Pods metric name for queue-depth."
+        "stratus_server_waiting_requests", min_length=1, max_length=253,
+        description="Pods metric name for queue-depth: by default the gauge every model server exports, served "
+        "to the HPA by a custom-metrics adapter (the chart's autoscaling.prometheusAdapter rule).",
     )
 
     @model_validator(mode="after")
@@ -547,4 +549,18 @@ class LLMDeployment(SpecModel):
             variants.append(v.model_copy(update=update) if update else v)
         edge = self.spec.edge.model_copy(update={"variants": variants})
         spec = self.spec.model_copy(update={"edge": edge})
+        return self.model_copy(update={"spec": spec})
+
+    def with_cloud_defaults(self, *, node_selector: Mapping[str, str],
+                            tolerations: Sequence[Mapping[str, Any]]) -> LLMDeployment:
+        """The cluster's cloud defaults (operator config) where the cloud tier sets no nodeSelector or tolerations."""
+        cloud = self.spec.cloud
+        update: dict[str, Any] = {}
+        if not cloud.node_selector and node_selector:
+            update["node_selector"] = dict(node_selector)
+        if not cloud.tolerations and tolerations:
+            update["tolerations"] = [Toleration.model_validate(t) for t in tolerations]
+        if not update:
+            return self
+        spec = self.spec.model_copy(update={"cloud": cloud.model_copy(update=update)})
         return self.model_copy(update={"spec": spec})

@@ -142,6 +142,8 @@ async def reconcile(rt: Runtime, body: Mapping[str, Any], observed: Observed,
             return await _invalid(rt, ns, name, generation, previous, body, invalid_message(exc))
         dep = dep.with_edge_defaults(node_selector=rt.config.edge_node_selector,
                                      tolerations=rt.config.edge_tolerations)
+        dep = dep.with_cloud_defaults(node_selector=rt.config.cloud_node_selector,
+                                      tolerations=rt.config.cloud_tolerations)
         children = observed.children(ns, name)
         results, retry = gather_results(dep, observed, children, previous)
         if retry:

@@ -211,7 +211,7 @@ def test_autoscaling_renders_hpas_and_leaves_replicas_to_them() -> None:
     assert cloud["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "smollm2-cloud"}
     assert cloud["metrics"][0]["resource"]["target"] == {"type": "Utilization", "averageUtilization": 60}
     edge = hpas["smollm2-edge-int8"]["spec"]
-    assert edge["metrics"][0] == {"type": "Pods", "pods": {"metric": {"name": "stratus_queue_depth"},
+    assert edge["metrics"][0] == {"type": "Pods", "pods": {"metric": {"name": "stratus_server_waiting_requests"},
                                                            "target": {"type": "AverageValue", "averageValue": "2"}}}
     deployments = by_kind(objects, "Deployment")
     assert "replicas" not in deployments["smollm2-cloud"]["spec"]
@@ -276,3 +276,42 @@ def test_edge_and_gpu_pods_roll_without_a_surge_pod() -> None:
     cpu = load(ROOT / "deploy" / "samples" / "smollm2.yaml", cloud={"replicas": 2, "gpusPerPod": 0})
     cloud = by_kind(rendered(cpu), "Deployment")["smollm2-cloud"]
     assert cloud["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+
+
+def test_pull_secrets_service_account_and_tier_images_reach_every_pod() -> None:
+    d = load(ROOT / "deploy" / "samples" / "smollm2.yaml", storage={"objectStore": {"url": "s3://bucket/x"}})
+    options = RenderOptions(image="reg/workers:1", cloud_image="reg/workers-cloud:1-cuda", edge_image="reg/edge:1",
+                            image_pull_secrets=("regcred", "mirror"), service_account="stratus-workloads")
+    objects = rendered(d, options) + render_cleanup(d, options)
+    pods = {f"{o['kind']}/{o['metadata']['name']}": o["spec"]["template"]["spec"] for o in objects
+            if o["kind"] in ("Deployment", "Job")}
+    assert len(pods) == 5
+    for where, pod in pods.items():
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}], where
+        assert pod["serviceAccountName"] == "stratus-workloads", where
+        assert "automountServiceAccountToken" not in pod, where
+    images = {where: pod["containers"][0]["image"] for where, pod in pods.items()}
+    assert images["Deployment/smollm2-cloud"] == "reg/workers-cloud:1-cuda"
+    assert images["Deployment/smollm2-edge-int8"] == "reg/edge:1"
+    assert images["Deployment/smollm2-router"] == "reg/workers:1"
+    # Without: the namespace's default account, and no API token in pods that never call the API.
+    for obj in rendered(d):
+        if obj["kind"] in ("Deployment", "Job"):
+            pod = obj["spec"]["template"]["spec"]
+            assert pod["automountServiceAccountToken"] is False and "imagePullSecrets" not in pod
+            assert "serviceAccountName" not in pod
+
+
+def test_cloud_defaults_fill_a_tier_that_sets_none() -> None:
+    gpu = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    d = load(ROOT / "deploy" / "samples" / "smollm2.yaml").with_cloud_defaults(node_selector={"pool": "gpu"},
+                                                                             tolerations=gpu)
+    cloud = by_kind(rendered(d), "Deployment")["smollm2-cloud"]["spec"]["template"]["spec"]
+    assert cloud["tolerations"] == gpu and cloud["nodeSelector"] == {"pool": "gpu"}
+    own = load(ROOT / "deploy" / "samples" / "smollm2.yaml",
+               cloud={"nodeSelector": {"pool": "a100"}, "tolerations": [{"key": "x", "operator": "Exists"}]})
+    kept = own.with_cloud_defaults(node_selector={"pool": "gpu"}, tolerations=gpu)
+    pod = by_kind(rendered(kept), "Deployment")["smollm2-cloud"]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "a100"} and pod["tolerations"] == [{"key": "x", "operator": "Exists"}]
+    plain = load(ROOT / "deploy" / "samples" / "smollm2.yaml")
+    assert plain.with_cloud_defaults(node_selector={}, tolerations=()) is plain
