@@ -76,10 +76,12 @@ e2e: setup
 	  $(PY) -m pytest -m e2e tests/e2e $(PYTEST_ARGS)
 
 # The LLMDeployment CRD, generated from the spec model (tests check the committed file is fresh),
-# and the chart's byte-for-byte copy of it (tests/unit/deploy/test_chart_crds.py checks that).
+# the chart's byte-for-byte copy of it (tests/unit/deploy/test_chart_crds.py checks that), and the
+# chart's RBAC rules from the operator's client registry (stratus_operator.rbac).
 manifests: setup
 	$(PY) -m stratus_operator.crd --out deploy/crds/stratus.dev_llmdeployments.yaml
 	cp deploy/crds/stratus.dev_llmdeployments.yaml charts/stratus/crds/
+	$(PY) -m stratus_operator.rbac --out charts/stratus/templates/_rules.tpl
 
 # Operator at scale against the API emulator: apply->children latency and memory; writes docs/benchmarks.md.
 BENCH_OPERATOR_N ?= 1000

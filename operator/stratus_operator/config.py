@@ -43,6 +43,14 @@ def _tolerations(raw: str) -> tuple[Mapping[str, Any], ...]:
     return tuple(parsed)
 
 
+def _peers(raw: str) -> tuple[Mapping[str, Any], ...]:
+    parsed = json.loads(raw or "[]")
+    allowed = {"podSelector", "namespaceSelector", "ipBlock"}
+    if not isinstance(parsed, list) or not all(isinstance(p, dict) and p and set(p) <= allowed for p in parsed):
+        raise ValueError("expected a JSON list of NetworkPolicyPeers (podSelector, namespaceSelector, ipBlock)")
+    return tuple(parsed)
+
+
 def _doc(text: str, **extra: Any) -> dict[str, Any]:
     return {"help": text, **extra}
 
@@ -98,6 +106,11 @@ class Config:
         'JSON list of Pod tolerations for cloud tiers that set none (e.g. [{"key": "nvidia.com/gpu", "operator": '
         '"Exists", "effect": "NoSchedule"}] where GPU nodes are tainted and no admission plugin adds it)',
         parse=_tolerations))
+    network_policies: bool = field(default=True, metadata=_doc(
+        "give every LLMDeployment a NetworkPolicy: its model servers accept gRPC only from its router"))
+    router_ingress_from: tuple[Mapping[str, Any], ...] = field(default=(), metadata=_doc(
+        "JSON list of NetworkPolicyPeers allowed to reach the routers (e.g. [{\"namespaceSelector\": "
+        "{\"matchLabels\": {\"team\": \"apps\"}}}]); empty: anyone", parse=_peers))
     gpu_resource_name: str = field(default="nvidia.com/gpu", metadata=_doc(
         "the extended resource GPUs are requested and counted as"))
 

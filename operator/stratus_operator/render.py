@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,9 +43,10 @@ from stratus_operator.names import (
     VERSION_LABEL,
     PortRole,
     artifacts_name,
+    child_name,
     cleanup_name,
+    server_tls_name,
     stable_hash,
-    tls_name,
 )
 from stratus_operator.planner import (
     Artifact,
@@ -91,26 +93,35 @@ def router_endpoints(p: Plan, namespace: str) -> Endpoints:
 
 @dataclass(frozen=True)
 class SecretRefs:
-    """The Secrets pods mount: the mTLS Secret (None: plaintext) and a hash of its content (rolls pods)."""
+    """The mTLS Secrets pods mount, and hashes of their content (a new certificate rolls the pods).
 
-    tls_secret: str | None = None
-    tls_hash: str = ""
+    Either one Secret every pod shares (the user's `tlsSecretName`), or one the operator issued per server and
+    router (`<child>-tls`, `names.server_tls_name`), or none (plaintext).
+    """
+
+    shared: str | None = None
+    issued: bool = False
+    # The router's or a server's child name (or "" for the shared Secret) -> its content hash.
+    hashes: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, deployment: LLMDeployment, tls_hash: str = "") -> SecretRefs:
-        return cls(tls_secret_name(deployment), tls_hash)
+    def of(cls, deployment: LLMDeployment, hashes: Mapping[str, str] | None = None) -> SecretRefs:
+        security = deployment.spec.security
+        if not security.mtls:
+            return cls()
+        return cls(shared=security.tls_secret_name, issued=security.tls_secret_name is None, hashes=dict(hashes or {}))
 
-
-def tls_secret_name(deployment: LLMDeployment) -> str | None:
-    """The Secret holding the deployment's mTLS certificate: the user's, else the operator's `<name>-tls`."""
-    security = deployment.spec.security
-    if not security.mtls:
+    def tls(self, name: str) -> tuple[str, str] | None:
+        """(Secret, content hash) the pods of child `name` mount, or None without mTLS."""
+        if self.shared:
+            return self.shared, self.hashes.get("", "")
+        if self.issued:
+            return server_tls_name(name), self.hashes.get(name, "")
         return None
-    return security.tls_secret_name or tls_name(deployment.metadata.name)
 
 
 def _tls_volume(secret: str) -> dict[str, Any]:
-    # Only the three files a process needs: an operator-issued Secret also holds the CA's key.
+    # Only the three files a process needs, by name: whatever else a user's Secret holds stays out.
     items = [{"key": k, "path": k} for k in ("tls.crt", "tls.key", "ca.crt")]
     return {"name": "tls", "secret": {"secretName": secret, "items": items, "defaultMode": 0o440}}
 
@@ -153,6 +164,8 @@ class RenderOptions:
         default_factory=lambda: {"requests": {"cpu": "100m", "memory": "256Mi"}}
     )
     job_active_deadline_seconds: int = _DEFAULTS.job_deadline_seconds
+    network_policies: bool = _DEFAULTS.network_policies
+    router_ingress_from: tuple[Mapping[str, Any], ...] = _DEFAULTS.router_ingress_from
     version: str = "0.1.0"
 
     @classmethod
@@ -160,7 +173,8 @@ class RenderOptions:
         return cls(image=config.image, cloud_image=config.cloud_image, edge_image=config.edge_image,
                    image_pull_policy=config.image_pull_policy, image_pull_secrets=config.image_pull_secrets,
                    service_account=config.service_account, s3_image=config.s3_image,
-                   cache_host_path=config.cache_host_path, job_active_deadline_seconds=config.job_deadline_seconds)
+                   cache_host_path=config.cache_host_path, job_active_deadline_seconds=config.job_deadline_seconds,
+                   network_policies=config.network_policies, router_ingress_from=config.router_ingress_from)
 
     def server_image(self, tier: str) -> str:
         """The image of a tier's model servers."""
@@ -458,6 +472,58 @@ def _hpa(deployment: LLMDeployment, target: str, component: str, autoscaling: Au
     }
 
 
+def _pdb(deployment: LLMDeployment, name: str, component: str, options: RenderOptions,
+         extra_labels: dict[str, str]) -> dict[str, Any]:
+    # One pod of the tier down at a time during drains and upgrades; never blocks a drain (no minAvailable).
+    selector = {INSTANCE_LABEL: deployment.metadata.name, COMPONENT_LABEL: component, SERVER_LABEL: name}
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(deployment, name, labels(deployment, component, options, **extra_labels)),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}},
+    }
+
+
+def render_network_policies(p: Plan, deployment: LLMDeployment, options: RenderOptions) -> list[dict[str, Any]]:
+    """The deployment's NetworkPolicies: its model servers take gRPC only from its own router (their HTTP port,
+    probes and metrics, stays open); the router takes traffic from the configured peers, else from anyone."""
+    if not options.network_policies or not p.servers:
+        return []
+    name = deployment.metadata.name
+    servers = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(deployment, child_name(name, "servers"), labels(deployment, "network-policy", options)),
+        "spec": {
+            "podSelector": {"matchLabels": {INSTANCE_LABEL: name, MANAGED_BY_LABEL: MANAGED_BY},
+                            "matchExpressions": [{"key": COMPONENT_LABEL, "operator": "In",
+                                                  "values": ["cloud-server", "edge-server"]}]},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {INSTANCE_LABEL: name, COMPONENT_LABEL: "router",
+                                                           MANAGED_BY_LABEL: MANAGED_BY}}}],
+                 "ports": [{"port": "grpc", "protocol": "TCP"}]},
+                {"ports": [{"port": "http", "protocol": "TCP"}]},
+            ],
+        },
+    }
+    out = [_with_hash(servers)]
+    if options.router_ingress_from and p.router is not None:
+        out.append(_with_hash({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta(deployment, child_name(name, "router"), labels(deployment, "network-policy", options)),
+            "spec": {
+                "podSelector": {"matchLabels": {INSTANCE_LABEL: name, COMPONENT_LABEL: "router",
+                                                MANAGED_BY_LABEL: MANAGED_BY}},
+                "policyTypes": ["Ingress"],
+                "ingress": [{"from": [dict(peer) for peer in options.router_ingress_from],
+                             "ports": [{"port": "grpc", "protocol": "TCP"}, {"port": "http", "protocol": "TCP"}]}],
+            },
+        }))
+    return out
+
+
 def render_job(p: Plan, deployment: LLMDeployment, job: CompressionJobPlan,
                options: RenderOptions) -> list[dict[str, Any]]:
     """A compression Job and the ConfigMap holding its spec.json."""
@@ -552,12 +618,13 @@ def render_server(p: Plan, deployment: LLMDeployment, server: ServerPlan, option
     volumes = _dedupe(list(model.volumes))
     command = ServeFlags.of(server, model=model.model).command()
     pod_annotations: dict[str, str] = {}
-    if secrets.tls_secret:
+    tls = secrets.tls(server.name)
+    if tls is not None:
         command += _tls_args()
         mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
-        volumes.append(_tls_volume(secrets.tls_secret))
-        if secrets.tls_hash:
-            pod_annotations[TLS_HASH_ANNOTATION] = secrets.tls_hash  # a new certificate restarts the pods
+        volumes.append(_tls_volume(tls[0]))
+        if tls[1]:
+            pod_annotations[TLS_HASH_ANNOTATION] = tls[1]  # a new certificate restarts the pods
     container = _server_container(
         "server", command, _resources(dict(server.resources.requests), dict(server.resources.limits)),
         options, mounts, [], image=options.server_image(server.tier),
@@ -587,6 +654,8 @@ def render_server(p: Plan, deployment: LLMDeployment, server: ServerPlan, option
     ]
     if server.autoscaling is not None:
         out.append(_with_hash(_hpa(deployment, server.name, component, server.autoscaling, options, extra)))
+    if server.autoscaling is not None or server.replicas > 1:
+        out.append(_with_hash(_pdb(deployment, server.name, component, options, extra)))
     return out
 
 
@@ -645,14 +714,15 @@ def render_router(p: Plan, deployment: LLMDeployment, router: RouterPlan, option
     volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": router.name}}, *tokenizer.volumes]
     # A new config rolls the router pods (a ConfigMap change alone would not restart them).
     annotations = {CONFIG_HASH_ANNOTATION: stable_hash(json.loads(config_json), 16)}
-    if secrets.tls_secret:
+    tls = secrets.tls(router.name)
+    if tls is not None:
         command += _tls_args()
         if security.client_tls:
             command.append("--client-tls")
         mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
-        volumes.append(_tls_volume(secrets.tls_secret))
-        if secrets.tls_hash:
-            annotations[TLS_HASH_ANNOTATION] = secrets.tls_hash
+        volumes.append(_tls_volume(tls[0]))
+        if tls[1]:
+            annotations[TLS_HASH_ANNOTATION] = tls[1]
     if security.client_tokens is not None:
         # A directory mount, not subPath: the kubelet updates it when the Secret changes, and the router
         # re-reads the file (token rotation without a restart).
@@ -738,6 +808,7 @@ def render_plan(p: Plan, deployment: LLMDeployment, options: RenderOptions,
         objects += render_server(p, deployment, server, options, secrets)
     if p.router is not None:
         objects += render_router(p, deployment, p.router, options, secrets)
+    objects += render_network_policies(p, deployment, options)
     return objects
 
 

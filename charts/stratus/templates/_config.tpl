@@ -39,6 +39,10 @@ The operator's STRATUS_* environment: one variable per field of stratus_operator
   value: {{ toJson .Values.cloud.nodeSelector | quote }}
 - name: STRATUS_CLOUD_TOLERATIONS
   value: {{ toJson .Values.cloud.tolerations | quote }}
+- name: STRATUS_NETWORK_POLICIES
+  value: {{ .Values.networkPolicy.enabled | quote }}
+- name: STRATUS_ROUTER_INGRESS_FROM
+  value: {{ toJson .Values.networkPolicy.routerFrom | quote }}
 - name: STRATUS_GPU_RESOURCE_NAME
   value: {{ .Values.cloud.gpuResourceName | quote }}
 {{- end }}

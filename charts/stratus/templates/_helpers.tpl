@@ -79,3 +79,19 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $ns := .Values.networkPolicy.namespaces | default .Values.watchNamespaces | default (list .Release.Namespace) }}
 {{- toJson (uniq $ns) }}
 {{- end }}
+
+{{/* Pod selectors for the labels the planner's pods carry (stratus_operator.render); see networkpolicy.yaml. */}}
+{{- define "stratus.serverSelector" -}}
+matchLabels:
+  app.kubernetes.io/managed-by: stratus-operator
+matchExpressions:
+  - key: app.kubernetes.io/component
+    operator: In
+    values: [cloud-server, edge-server]
+{{- end }}
+
+{{- define "stratus.routerSelector" -}}
+matchLabels:
+  app.kubernetes.io/managed-by: stratus-operator
+  app.kubernetes.io/component: router
+{{- end }}

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.integration
 
 NS = "default"
 KEYS = {"Job": JOBS, "Deployment": DEPLOYMENTS, "Service": SERVICES, "ConfigMap": CONFIGMAPS,
-        "PersistentVolumeClaim": PVCS}
+        "PersistentVolumeClaim": PVCS, "NetworkPolicy": ("networking.k8s.io", "v1", "networkpolicies"),
+        "PodDisruptionBudget": ("policy", "v1", "poddisruptionbudgets")}
 
 
 @pytest.fixture()

@@ -156,14 +156,18 @@ async def test_lifecycle_apply_compress_place_ready_replan_restart_delete(
     # Events are posted asynchronously (and lost with a SIGKILLed process): wait for this one first.
     await eventually(lambda: "Compressing" in event_reasons(emu), what="the Compressing event")
 
-    # --- the mTLS Secret: issued once, owned, mounted by the servers and the router ---
-    secret = await eventually(lambda: emu.read(SECRETS, NS, "smollm2-tls"), what="the mTLS Secret")
+    # --- mTLS: a CA Secret no pod mounts, and one Secret per server and router, issued once, owned ---
+    secret = await eventually(lambda: emu.read(SECRETS, NS, "smollm2-ca"), what="the CA Secret")
     assert secret["metadata"]["ownerReferences"][0]["uid"] == uid
-    assert set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt", "ca.key"}
+    assert set(secret["data"]) == {"ca.crt", "ca.key"}
     for dep in owned(emu, DEPLOYMENTS):
         assert "--tls-ca" in container(dep)["command"], dep["metadata"]["name"]
         assert dep["spec"]["template"]["metadata"]["annotations"]["stratus.dev/tls-hash"]
         assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+        mounted = {v["secret"]["secretName"] for v in dep["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+        assert mounted == {f"{dep['metadata']['name']}-tls"}, mounted
+        own = emu.read(SECRETS, NS, f"{dep['metadata']['name']}-tls")
+        assert own is not None and set(own["data"]) == {"tls.crt", "tls.key", "ca.crt"}
 
     # --- kill the operator mid-compression; the new one adopts everything and creates nothing twice ---
     before = {key: names(owned(emu, key)) for key in (JOBS, DEPLOYMENTS, SERVICES, CONFIGMAPS)}
@@ -176,8 +180,8 @@ async def test_lifecycle_apply_compress_place_ready_replan_restart_delete(
     after = {key: names(owned(emu, key)) for key in (JOBS, DEPLOYMENTS, SERVICES, CONFIGMAPS)}
     assert after == before
     assert not any(e["type"] == "ADDED" for _, e in emu.log[JOBS][creates_before:])
-    # The certificate survives the restart: reused, not issued again.
-    assert emu.read(SECRETS, NS, "smollm2-tls")["metadata"]["resourceVersion"] == \
+    # The CA survives the restart: reused, not issued again.
+    assert emu.read(SECRETS, NS, "smollm2-ca")["metadata"]["resourceVersion"] == \
         secret["metadata"]["resourceVersion"]  # type: ignore[index]
 
     # --- act as the Job controller: the summary arrives through the pod's termination message ---

@@ -122,7 +122,8 @@ def test_non_default_values_reach_every_object(render: Render) -> None:
         assert all(r["resources"] != ["nodes"] for r in role["rules"])
         assert ("NetworkPolicy", ns) in kinds
     cluster_role = objects[("ClusterRole", "", "llm-operator-cluster")]
-    assert {res for rule in cluster_role["rules"] for res in rule["resources"]} == {"nodes", "namespaces"}
+    assert {res for rule in cluster_role["rules"] for res in rule["resources"]} == {
+        "nodes", "namespaces", "customresourcedefinitions"}
     assert ("ClusterRole", "", "llm-operator") not in objects
 
     deployment = objects[("Deployment", NAMESPACE, "llm-operator")]

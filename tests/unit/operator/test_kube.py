@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from api_recorder import Recorder, api_server
 
-from stratus_operator.kube import DEPLOYMENTS, FIELD_MANAGER, NODES, Kube, KubeError, NotFound
+from stratus_operator.kube import DEPLOYMENTS, FIELD_MANAGER, LLMDEPLOYMENTS, NODES, Kube, KubeError, NotFound
 
 pytestmark = pytest.mark.unit
 
@@ -31,7 +31,7 @@ async def test_errors_carry_the_status_and_message(api_server: tuple[Recorder, K
     recorder, kube = api_server
     recorder.answers.append((404, {"kind": "Status", "reason": "NotFound", "message": "not there"}))
     with pytest.raises(NotFound):
-        await kube.get(DEPLOYMENTS, "ns", "x")
+        await kube.get(LLMDEPLOYMENTS, "ns", "x")
     recorder.answers.append((403, {"kind": "Status", "reason": "Forbidden",
                                    "message": "namespace ns is being terminated"}))
     with pytest.raises(KubeError) as caught:

@@ -315,3 +315,20 @@ def test_cloud_defaults_fill_a_tier_that_sets_none() -> None:
     assert pod["nodeSelector"] == {"pool": "a100"} and pod["tolerations"] == [{"key": "x", "operator": "Exists"}]
     plain = load(ROOT / "deploy" / "samples" / "smollm2.yaml")
     assert plain.with_cloud_defaults(node_selector={}, tolerations=()) is plain
+
+
+def test_tiers_of_several_pods_get_a_disruption_budget() -> None:
+    one = load(ROOT / "deploy" / "samples" / "smollm2.yaml")
+    assert by_kind(rendered(one), "PodDisruptionBudget") == {}  # maxUnavailable 1 of one pod would block nothing
+    m = yaml.safe_load((ROOT / "deploy" / "samples" / "smollm2.yaml").read_text())
+    m["metadata"].update(uid="u", namespace="team-a")
+    m["spec"]["cloud"]["replicas"] = 3
+    m["spec"]["edge"]["variants"][0]["autoscaling"] = {"minReplicas": 1, "maxReplicas": 2}
+    objects = rendered(LLMDeployment.from_manifest(m))
+    pdbs = by_kind(objects, "PodDisruptionBudget")
+    assert set(pdbs) == {"smollm2-cloud", "smollm2-edge-int8"}
+    deployments = by_kind(objects, "Deployment")
+    for name, pdb in pdbs.items():
+        kubernetes_validate.validate(pdb, K8S_VERSION, strict=True)
+        assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
+        assert pdb["spec"]["selector"] == deployments[name]["spec"]["selector"]
