@@ -37,6 +37,11 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Cloud", "type": "string", "jsonPath": ".status.cloud.summary",
      "description": "cloud pods ready/desired"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    # With -o wide: the policy the router applies now (cloud-only while no edge server runs), and where to call.
+    {"name": "Effective", "type": "string", "jsonPath": ".status.effectivePolicy", "priority": 1,
+     "description": "the policy the router applies now"},
+    {"name": "URL", "type": "string", "jsonPath": ".status.url", "priority": 1,
+     "description": "the router's HTTP (OpenAI-style) URL inside the cluster"},
 ]
 
 # Keys of a JSON schema that a Kubernetes structural schema accepts as they are.

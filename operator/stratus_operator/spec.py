@@ -450,6 +450,8 @@ class LLMDeploymentStatus(SpecModel):
     phase: Phase = "Pending"
     observed_generation: int = 0
     effective_policy: str = Field("", description="The policy the router applies now (cloud-only when degraded).")
+    url: str = Field("", description="The router's HTTP (OpenAI-style) URL inside the cluster; empty until a router "
+                     "exists. gRPC clients use router.endpoint.")
     conditions: Annotated[
         list[Condition],
         Field(json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}),

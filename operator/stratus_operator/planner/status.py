@@ -228,6 +228,7 @@ def build_status(
         phase=a.phase,
         observed_generation=p.generation,
         effective_policy=p.effective_policy,
+        url=f"http://{endpoints.http}" if p.router and endpoints.http else "",
         conditions=conditions,
         variants=variants,
         cloud=TierStatus(ready_replicas=a.cloud[0], desired_replicas=a.cloud[1], summary=f"{a.cloud[0]}/{a.cloud[1]}"),

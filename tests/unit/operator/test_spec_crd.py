@@ -53,7 +53,10 @@ def test_crd_shape() -> None:
     assert version["subresources"] == {"status": {}}
     assert [(c["name"], c["jsonPath"]) for c in version["additionalPrinterColumns"]] == [
         ("Phase", ".status.phase"), ("Policy", ".spec.routing.policy"), ("Edge", ".status.edge.summary"),
-        ("Cloud", ".status.cloud.summary"), ("Age", ".metadata.creationTimestamp")]
+        ("Cloud", ".status.cloud.summary"), ("Age", ".metadata.creationTimestamp"),
+        ("Effective", ".status.effectivePolicy"), ("URL", ".status.url")]
+    # The last two only with -o wide: the default table stays narrow.
+    assert [c.get("priority", 0) for c in version["additionalPrinterColumns"]] == [0, 0, 0, 0, 0, 1, 1]
 
 
 def _walk(node: dict[str, Any], path: str = "") -> list[str]:

@@ -118,6 +118,8 @@ def test_ready_when_everything_runs_and_times_are_kept() -> None:
     assert first.variants[0].nodes == ["e0"] and first.variants[0].size_bytes == 180_000_000
     assert first.variants[0].perplexity_increase == 0.02 and first.variants[0].agreement == 0.9
     assert first.router.endpoint == "smollm2-router.prod.svc:50051" and first.router.ready
+    assert first.url == "http://smollm2-router.prod.svc:8080" and first.effective_policy == "cascade"
+    assert build_status(Plan.empty("x", 1), {}, previous=None, now="t").url == ""
     assert first.router.backends == ["smollm2-cloud", "smollm2-edge-int8"]
     again = build_status(p, ALL_READY, previous=first, now="2026-01-01T00:05:00Z")
     assert {c.last_transition_time for c in again.conditions} == {"2026-01-01T00:00:00Z"}
