@@ -641,10 +641,11 @@ def render_server(p: Plan, deployment: LLMDeployment, server: ServerPlan, option
     if server.tolerations:
         pod_spec["tolerations"] = _tolerations(server.tolerations)
     if server.tier == "edge" and server.placement.nodes:
-        # Pin to the nodes placement found room on (by node name); the scheduler picks among them.
+        # Pin to the nodes placement found room on (by node name); the scheduler picks among them. A field
+        # selector on metadata.name takes exactly one value, so one term (they are ORed) per node.
         pod_spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-            "nodeSelectorTerms": [{"matchFields": [
-                {"key": "metadata.name", "operator": "In", "values": list(server.placement.nodes)}]}]}}}
+            "nodeSelectorTerms": [{"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}
+                                  for node in server.placement.nodes]}}}
     harden(pod_spec, options)
     replicas = None if server.autoscaling is not None else server.replicas
     out = [

@@ -332,3 +332,17 @@ def test_tiers_of_several_pods_get_a_disruption_budget() -> None:
         kubernetes_validate.validate(pdb, K8S_VERSION, strict=True)
         assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
         assert pdb["spec"]["selector"] == deployments[name]["spec"]["selector"]
+
+
+def test_pods_pinned_to_several_nodes_get_one_term_per_node() -> None:
+    # The API server takes one value for a metadata.name field selector ("must be only one value"): a list of
+    # nodes in one term is refused (422), as the strict emulator found.
+    m = yaml.safe_load((ROOT / "deploy" / "samples" / "smollm2.yaml").read_text())
+    m["metadata"].update(uid="u", namespace="team-a")
+    m["spec"]["edge"]["variants"][0]["replicas"] = 3
+    d = LLMDeployment.from_manifest(m)
+    edge = by_kind(rendered(d), "Deployment")["smollm2-edge-int8"]
+    terms = edge["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms == [{"matchFields": [{"key": "metadata.name", "operator": "In", "values": [f"edge-{i}"]}]}
+                     for i in range(3)]
