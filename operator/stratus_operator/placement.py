@@ -246,18 +246,21 @@ def _requested(resources: ResourceRequirements, gpu_resource: str) -> Resources:
     return Resources.from_mapping({**resources.limits, **resources.requests}, gpu_resource)
 
 
-def edge_demand(resources: ResourceRequirements, size_bytes: int, gpu_resource: str = GPU_RESOURCE) -> Resources:
-    """One edge pod's requests: explicit values win; memory otherwise follows the variant's measured size."""
+def edge_demand(
+    resources: ResourceRequirements, size_bytes: int, gpu_resource: str = GPU_RESOURCE, cache_bytes: int = 0
+) -> Resources:
+    """One edge pod's requests: explicit values win; memory otherwise follows the variant's measured size,
+    plus `cache_bytes` that its server allocates up front (a llama.cpp server's whole KV cache)."""
     explicit = _requested(resources, gpu_resource)
     return Resources(
         cpu_milli=explicit.cpu_milli or DEFAULT_EDGE_CPU_MILLI,
-        memory=explicit.memory or _serving_memory(size_bytes),
+        memory=explicit.memory or _serving_memory(size_bytes, cache_bytes),
         gpu=explicit.gpu,
     )
 
 
-def _serving_memory(model_bytes: int) -> int:
-    return math.ceil((model_bytes * MODEL_MEMORY_FACTOR + RUNTIME_MEMORY_BYTES) / MIB) * MIB
+def _serving_memory(model_bytes: int, cache_bytes: int = 0) -> int:
+    return math.ceil((model_bytes * MODEL_MEMORY_FACTOR + RUNTIME_MEMORY_BYTES + cache_bytes) / MIB) * MIB
 
 
 def cloud_demand(resources: ResourceRequirements, source: str, gpu_resource: str = GPU_RESOURCE) -> Resources:

