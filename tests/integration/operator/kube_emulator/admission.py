@@ -107,3 +107,22 @@ def extended_resource_tolerations(spec: dict[str, Any]) -> None:
             tolerations.append(toleration)
     if tolerations:
         spec["tolerations"] = tolerations
+
+
+def qos_class(spec: dict[str, Any]) -> str:
+    """The pod's QoS class as the API server sets it: BestEffort, Burstable or Guaranteed (cpu and memory only)."""
+    containers = [c for c in _containers(spec) if c.get("restartPolicy") != "Always"]
+    requests_any = False
+    guaranteed = True
+    for c in containers:
+        resources = c.get("resources") or {}
+        requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
+        for name in ("cpu", "memory"):
+            request = requests.get(name, limits.get(name))  # a limit alone defaults the request
+            if request is not None or name in limits:
+                requests_any = True
+            if name not in limits or request is None or quantity.parse(request) != quantity.parse(limits[name]):
+                guaranteed = False
+    if not requests_any:
+        return "BestEffort"
+    return "Guaranteed" if guaranteed else "Burstable"

@@ -27,6 +27,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
     from .server import Emulator
 
 TERMINAL = ("Succeeded", "Failed")
+# A generated name's random suffix: events that differ only in it are one event (the recorder aggregates them).
+_GENERATED = re.compile(r"-[a-z0-9]{5}\b")
 CSI_MODES = {"ReadWriteOnce": "SINGLE_NODE_WRITER", "ReadWriteMany": "MULTI_NODE_MULTI_WRITER",
              "ReadOnlyMany": "MULTI_NODE_READER_ONLY", "ReadWriteOncePod": "SINGLE_NODE_SINGLE_WRITER"}
 
@@ -99,7 +102,8 @@ class Step:
         namespace = meta.get("namespace") or "default"
         for e in self.emu.read_all(EVENTS, namespace):
             involved = e.get("involvedObject") or {}
-            if involved.get("uid") == meta.get("uid") and e.get("reason") == reason and e.get("message") == message:
+            if involved.get("uid") == meta.get("uid") and e.get("reason") == reason and \
+                    _GENERATED.sub("*", e.get("message") or "") == _GENERATED.sub("*", message):
                 return
         body = {"metadata": {"generateName": f"{meta.get('name')}.", "namespace": namespace},
                 "involvedObject": {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"),
@@ -541,7 +545,7 @@ class Kubelet(Step):
                 if (pod.get("status") or {}).get("containerStatuses") != statuses:
                     with self.acting():
                         await self.emu.patch_status(PODS, meta["namespace"], meta["name"],
-                                                    {"containerStatuses": statuses})
+                                                    {"phase": "Pending", "containerStatuses": statuses})
                     changed = True
                 continue
             started = _now()

@@ -175,6 +175,8 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
     def strip(o: dict[str, Any]) -> dict[str, Any]:
         meta = {k: v for k, v in (o.get("metadata") or {}).items() if k not in ("resourceVersion", "managedFields")}
+        meta["managedFields"] = [{k: v for k, v in m.items() if k != "time"}
+                                 for m in (o.get("metadata") or {}).get("managedFields") or []]
         return {**o, "metadata": meta}
 
     return strip(a) == strip(b)
@@ -478,6 +480,8 @@ class Emulator(kmock.KubernetesEmulator):
             meta.pop(server_field, None)
         if self._has_status(key) and key not in (("", "v1", "nodes"),):
             obj.pop("status", None)  # status is written only through /status
+        if key == PODS:
+            obj["status"] = {"phase": "Pending", "qosClass": admission.qos_class(obj.get("spec") or {})}
         if key == NAMESPACES:
             obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
             obj["status"] = {"phase": "Active"}
