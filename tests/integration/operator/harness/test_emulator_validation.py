@@ -159,6 +159,13 @@ CASES: list[tuple[str, Key, Callable[[], dict[str, Any]], Break, Break | None, s
      "spec.template.spec.restartPolicy: Required value"),
     ("Job restarting Always", JOBS, job, _set("spec.template.spec.restartPolicy", "Always"), None,
      'Unsupported value: "Always"'),
+    ("pod failure policy naming no container", JOBS, job,
+     _set("spec.podFailurePolicy", {"rules": [{"action": "FailJob", "onExitCodes": {
+         "containerName": "missing", "operator": "In", "values": [3]}}]}),
+     lambda o: (_set("spec.podFailurePolicy", {"rules": [{"action": "FailJob", "onExitCodes": {
+         "containerName": "fetch", "operator": "In", "values": [3]}}]})(o),
+                _set("spec.template.spec.initContainers", [{"name": "fetch", "image": "aws:1"}])(o)),
+     "must be one of the container or initContainer names in the pod template"),
     ("container without an image", PODS, pod, lambda o: o["spec"]["containers"][0].pop("image"), None,
      "spec.containers[0].image: Required value"),
     ("two volumes of one name", PODS, pod, _set("spec.volumes", [{"name": "v", "emptyDir": {}},

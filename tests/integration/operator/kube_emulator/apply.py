@@ -333,7 +333,7 @@ def apply(live: dict[str, Any] | None, config: dict[str, Any], node: Node, manag
         meta_config.pop(key, None)
     if "metadata" in applied_config:
         applied_config["metadata"] = meta_config
-    result = merge(base, applied_config, node)
+    result: dict[str, Any] = merge(base, applied_config, node)
     mine = next((e for e in entries if e.ident == (manager, "Apply", subresource)), None)
     previous = mine.fields if mine is not None else set()
     others = set().union(*(e.fields for e in entries if e.ident != (manager, "Apply", subresource)))

@@ -75,14 +75,14 @@ def _live(pod: dict[str, Any]) -> bool:
 
 def pod_requests(spec: dict[str, Any]) -> dict[str, Fraction]:
     """What the scheduler counts for a pod: the sum of its containers, or its largest init container if more."""
-    total: Counter[str] = Counter()
+    total: dict[str, Fraction] = {}
     for c in spec.get("containers") or []:
         for name, value in ((c.get("resources") or {}).get("requests") or {}).items():
-            total[name] += quantity.parse(value)
+            total[name] = total.get(name, Fraction(0)) + quantity.parse(value)
     for c in spec.get("initContainers") or []:
         for name, value in ((c.get("resources") or {}).get("requests") or {}).items():
-            total[name] = max(total[name], quantity.parse(value))
-    return dict(total)
+            total[name] = max(total.get(name, Fraction(0)), quantity.parse(value))
+    return total
 
 
 class Step:
@@ -307,16 +307,16 @@ class Scheduler(Step):
         return out
 
     def used(self, node_name: str, exclude: str = "") -> dict[str, Fraction]:
-        total: Counter[str] = Counter()
+        total: dict[str, Fraction] = {}
         for pod in self.emu.read_all(PODS):
             if (pod.get("spec") or {}).get("nodeName") != node_name or not _live(pod):
                 continue
             if _meta(pod).get("uid") == exclude:
                 continue
             for name, value in pod_requests(pod.get("spec") or {}).items():
-                total[name] += value
-            total["pods"] += 1
-        return dict(total)
+                total[name] = total.get(name, Fraction(0)) + value
+            total["pods"] = total.get("pods", Fraction(0)) + 1
+        return total
 
     def free(self, node: dict[str, Any]) -> dict[str, Fraction]:
         used = self.used(_meta(node)["name"])
@@ -455,14 +455,32 @@ class Scheduler(Step):
 
 
 class Kubelet(Step):
-    """Starts bound pods whose volumes mount; says why when they do not."""
+    """Starts bound pods whose volumes mount and images pull; says why when they do not."""
 
     component = "kubelet"
+
+    def __init__(self, emu: Emulator) -> None:
+        super().__init__(emu)
+        # Image prefixes a registry serves only with credentials (an imagePullSecrets entry naming a Secret).
+        self.private_registries: set[str] = set()
+
+    def _pull_problems(self, pod: dict[str, Any]) -> list[tuple[str, str]]:
+        spec = pod.get("spec") or {}
+        namespace = _meta(pod).get("namespace")
+        secrets = [s.get("name") for s in spec.get("imagePullSecrets") or []]
+        usable = any(self.emu.read(("", "v1", "secrets"), namespace, name or "") is not None for name in secrets)
+        out = []
+        for c in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]:
+            image = str(c.get("image") or "")
+            if any(image.startswith(prefix) for prefix in self.private_registries) and not usable:
+                out.append(("Failed", f'Failed to pull image "{image}": failed to resolve reference "{image}": '
+                                      f"failed to authorize: 401 Unauthorized"))
+        return out
 
     def _mount_problems(self, pod: dict[str, Any]) -> list[tuple[str, str]]:
         spec = pod.get("spec") or {}
         meta = _meta(pod)
-        node = spec.get("nodeName")
+        node = str(spec.get("nodeName") or "")
         namespace = meta.get("namespace")
         out: list[tuple[str, str]] = []
         for volume in spec.get("volumes") or []:
@@ -534,12 +552,13 @@ class Kubelet(Step):
                 continue
             if self.emu.read(NODES, None, spec["nodeName"]) is None:
                 continue
-            problems = self._mount_problems(pod)
+            pulls = self._pull_problems(pod)
+            problems = self._mount_problems(pod) + pulls
             if problems:
                 for reason, message in problems:
                     await self.event(pod, "Warning", reason, message)
-                waiting = "CreateContainerConfigError" if any(r == "Failed" for r, _ in problems) \
-                    else "ContainerCreating"
+                waiting = "ErrImagePull" if pulls else "CreateContainerConfigError" if any(
+                    r == "Failed" for r, _ in problems) else "ContainerCreating"
                 statuses = [{"name": c.get("name"), "ready": False, "restartCount": 0, "image": c.get("image"),
                              "state": {"waiting": {"reason": waiting}}} for c in spec.get("containers") or []]
                 if (pod.get("status") or {}).get("containerStatuses") != statuses:
@@ -733,8 +752,8 @@ class Jobs(Workloads):
                 active = [p for p in self.emu.read_all(PODS, meta["namespace"])
                           if (_meta(p).get("labels") or {}).get("batch.kubernetes.io/controller-uid") == uid
                           and _live(p)]
-            new_status = {"active": len(active), "succeeded": succeeded, "failed": len(failed),
-                          "ready": sum(_ready(p) for p in active)}
+            new_status: dict[str, Any] = {"active": len(active), "succeeded": succeeded, "failed": len(failed),
+                                          "ready": sum(_ready(p) for p in active)}
             if condition is not None:
                 new_status["conditions"] = [{**condition, "lastTransitionTime": _now()}]
                 new_status["active"] = 0

@@ -16,8 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import celpy  # type: ignore[import-untyped]
+import celpy
 import jsonschema
+from celpy.adapter import json_to_cel
+from celpy.evaluation import CELEvalError
 
 from .errors import FieldError, Raw, duplicate, invalid, not_supported, required
 from .schema import Node, crd_jsonschema, crd_node
@@ -199,14 +201,14 @@ class CustomKind:
             uses_old = "oldSelf" in expression
             if uses_old and (old is _MISSING or old is None):
                 continue  # a transition rule runs only on updates
-            activation = {"self": celpy.json_to_cel(value)}
+            activation = {"self": json_to_cel(value)}
             if uses_old:
-                activation["oldSelf"] = celpy.json_to_cel(old)
+                activation["oldSelf"] = json_to_cel(old)
             try:
                 result = _program(expression).evaluate(activation)
             except Exception as exc:
                 result = exc
-            if isinstance(result, Exception | celpy.CELEvalError) or not bool(result):
+            if isinstance(result, Exception | CELEvalError) or not bool(result):
                 where = _dotted(path) + str(rule.get("fieldPath") or "")
                 message = rule.get("message") or f"failed rule: {expression}"
                 shown = Raw('"object"') if isinstance(value, dict) else Raw('"array"') if isinstance(value, list) \

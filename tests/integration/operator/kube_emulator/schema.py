@@ -60,7 +60,7 @@ def _validator(api_version: str, kind: str) -> jsonschema.protocols.Validator | 
         (defs["$id"], referencing.Resource.from_contents(defs)),
         (top.get("$id", "urn:top"), referencing.Resource.from_contents(top)),
     ])
-    return jsonschema.Draft202012Validator(top, registry=registry)  # type: ignore[no-any-return]
+    return jsonschema.Draft202012Validator(top, registry=registry)
 
 
 def builtin_errors(obj: dict[str, Any]) -> Iterator[jsonschema.ValidationError]:
@@ -78,6 +78,7 @@ class Node:
     """One place in a schema, with `$ref`s resolved."""
 
     __slots__ = ("raw",)
+    raw: dict[str, Any]
 
     def __init__(self, raw: dict[str, Any]) -> None:
         seen = 0
@@ -127,8 +128,10 @@ class Node:
     def preserves_unknown(self) -> bool:
         if self.raw.get("x-kubernetes-preserve-unknown-fields"):
             return True
-        # A free-form object (RawExtension, a CRD field typed only "object") keeps whatever it is given.
-        return "object" in self.types and not self.properties and "additionalProperties" not in self.raw
+        # A free-form object (RawExtension, a CRD field typed only "object") keeps whatever it is given, and so
+        # does an untyped node (JSON, JSONSchemaPropsOrBool: any value).
+        free = not self.properties and "additionalProperties" not in self.raw
+        return free and ("object" in self.types or (not self.types and "items" not in self.raw))
 
     def field(self, name: str) -> Node | None:
         """The schema of a field of this object; None when the field is unknown here."""

@@ -49,9 +49,11 @@ from .errors import (
     bad_request,
     conflict,
     forbidden_object,
+    invalid,
     invalid_object,
     not_found_object,
     qualified_resource,
+    required,
 )
 from .keys import CRDS, NAMESPACES, PODS, PVCS, STORAGECLASSES, Key, ObjKey, api_version
 from .patch import APPLY, JSON, MERGE, STRATEGIC, json_patch, merge_patch, strategic_merge
@@ -191,7 +193,8 @@ class Emulator(kmock.KubernetesEmulator):
         self.log: dict[Key, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
         self.log_start: dict[Key, int] = defaultdict(int)
         self.revision = 0
-        self.changed = asyncio.Condition()
+        # Set, and replaced, at every change: watchers wait on it (no lock, so a cancelled watcher holds nothing).
+        self._tick = asyncio.Event()
         self.printer_columns: dict[Key, list[dict[str, Any]]] = {}
         self.kinds: dict[Key, str] = {}
         self.custom: dict[Key, CustomKind] = {}
@@ -294,8 +297,8 @@ class Emulator(kmock.KubernetesEmulator):
             drop = len(self.log[key]) // 2
             self.log_start[key] = self.log[key][drop - 1][0]
             del self.log[key][:drop]
-        async with self.changed:
-            self.changed.notify_all()
+        self._tick.set()
+        self._tick = asyncio.Event()
 
     def _bump(self, obj: dict[str, Any]) -> None:
         self.revision += 1
@@ -459,7 +462,7 @@ class Emulator(kmock.KubernetesEmulator):
             meta.pop("namespace", None)
         if not meta.get("name"):
             if not meta.get("generateName"):
-                raise invalid_object(self._kind(key), key, "", [validation.required(
+                raise invalid_object(self._kind(key), key, "", [required(
                     "metadata.name", "name or generateName is required")])
             # Like the API server's 5 random characters, but never a taken name (it would answer 409).
             while True:
@@ -550,7 +553,7 @@ class Emulator(kmock.KubernetesEmulator):
         if not isinstance(config, dict):
             raise bad_request("error decoding YAML: the apply configuration must be an object")
         if not ctx.helper and not ctx.explicit_manager:
-            raise invalid_object("PatchOptions", ("meta.k8s.io", "v1", "patchoptions"), "", [validation.required(
+            raise invalid_object("PatchOptions", ("meta.k8s.io", "v1", "patchoptions"), "", [required(
                 "fieldManager", "is required for apply patch")])
         for required_field in ("apiVersion", "kind"):
             if not config.get(required_field):
@@ -839,7 +842,7 @@ class Emulator(kmock.KubernetesEmulator):
             wanted = body or {}
         replicas = (wanted.get("spec") or {}).get("replicas")
         if not isinstance(replicas, int) or replicas < 0:
-            raise invalid_object("Scale", ("autoscaling", "v1", "scales"), name, [validation.invalid(
+            raise invalid_object("Scale", ("autoscaling", "v1", "scales"), name, [invalid(
                 "spec.replicas", replicas, "must be greater than or equal to 0")])
         updated = await self.patch_obj(key, namespace, name, {"spec": {"replicas": replicas}})
         return aiohttp.web.json_response(scale_of(updated))
@@ -895,51 +898,45 @@ class Emulator(kmock.KubernetesEmulator):
                 return False
             return not labels or selector_matches(labels, meta.get("labels") or {})
 
-        async with self.changed:
-            # Snapshot and subscription under one lock: nothing slips between them.
-            if since and since not in ("0",):
-                start = int(since)
-                if start < self.log_start[key]:
-                    await response.prepare(raw)
-                    gone = {"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                                         "code": 410, "reason": "Expired",
-                                                         "message": "too old resource version"}}
-                    await response.write(json.dumps(gone).encode() + b"\n")
-                    return response
-                backlog = [e for rv, e in self.log[key] if rv > start]
-            else:
-                start = self.revision
-                backlog = [{"type": "ADDED", "object": o} for o in self.read_all(key, namespace)]
+        # The snapshot and the position to follow from are taken with no await between them: nothing slips in.
+        if since and since not in ("0",):
+            start = int(since)
+            if start < self.log_start[key]:
+                await response.prepare(raw)
+                gone = {"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                                     "code": 410, "reason": "Expired",
+                                                     "message": "too old resource version"}}
+                await response.write(json.dumps(gone).encode() + b"\n")
+                return response
+            backlog = [e for rv, e in self.log[key] if rv > start]
+        else:
+            start = self.revision
+            backlog = [{"type": "ADDED", "object": o} for o in self.read_all(key, namespace)]
         await response.prepare(raw)
-        deadline = asyncio.get_running_loop().time() + timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
             for event in backlog:
                 if wanted(event):
                     await response.write(json.dumps(event).encode() + b"\n")
-            while True:
-                async with self.changed:
-                    remaining = deadline - asyncio.get_running_loop().time()
-                    if remaining <= 0:
-                        break
-                    log = self.log[key]
-                    if not log or log[-1][0] <= start:
-                        try:
-                            # Wake up now and then: aiohttp does not cancel a handler whose client left.
-                            await asyncio.wait_for(self.changed.wait(), timeout=min(remaining, 1.0))
-                        except TimeoutError:
-                            if raw.transport is None or raw.transport.is_closing():
-                                break
-                            continue
-                    # The log is ordered by revision: take everything after the last one sent.
-                    fresh = log[bisect.bisect_right(log, start, key=lambda item: item[0]):]
-                for rv, event in fresh:
+            while (remaining := deadline - loop.time()) > 0:
+                log = self.log[key]
+                if not log or log[-1][0] <= start:
+                    tick = self._tick
+                    try:
+                        # Wake up now and then: aiohttp does not cancel a handler whose client left.
+                        await asyncio.wait_for(tick.wait(), timeout=min(remaining, 1.0))
+                    except TimeoutError:
+                        if raw.transport is None or raw.transport.is_closing():
+                            break
+                    continue
+                # The log is ordered by revision: take everything after the last one sent.
+                for rv, event in log[bisect.bisect_right(log, start, key=lambda item: item[0]):]:
                     start = rv
                     if wanted(event):
                         await response.write(json.dumps(event).encode() + b"\n")
         except (ConnectionResetError, asyncio.CancelledError):
             pass
-        except RuntimeError:
-            pass  # cancelled while the condition re-acquired its lock (the client left): the stream is over
         return response
 
 

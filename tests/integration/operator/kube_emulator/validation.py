@@ -13,7 +13,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import quantity
@@ -648,8 +648,8 @@ def _job(obj: dict[str, Any]) -> Iterator[FieldError]:
                 yield invalid(where, Raw("..."), "specifying one of OnExitCodes and OnPodConditions is required")
             codes = rule.get("onExitCodes") or {}
             if has_codes:
-                containers = {c.get("name") for c in ((spec.get("template") or {}).get("spec") or {})
-                              .get("containers") or []}
+                pod = (spec.get("template") or {}).get("spec") or {}
+                containers = {c.get("name") for part in ("containers", "initContainers") for c in pod.get(part) or []}
                 if codes.get("containerName") and codes["containerName"] not in containers:
                     yield invalid(f"{where}.onExitCodes.containerName", codes["containerName"],
                                   "must be one of the container or initContainer names in the pod template")
@@ -792,7 +792,7 @@ def _event(obj: dict[str, Any]) -> Iterator[FieldError]:
         yield invalid("involvedObject.namespace", involved["namespace"], "does not match event.namespace")
 
 
-KIND_RULES = {
+KIND_RULES: dict[Key, Callable[[dict[str, Any]], Iterator[FieldError]]] = {
     DEPLOYMENTS: _deployment, REPLICASETS: _deployment, JOBS: _job, SERVICES: _service, PVCS: _pvc,
     CONFIGMAPS: lambda o: _config_keys(o, ("data", "binaryData")), SECRETS: _secret, HPAS: _hpa, EVENTS: _event,
     PODS: lambda o: pod_spec(o.get("spec"), "spec"),
