@@ -1,27 +1,36 @@
-"""Shared fixtures: a tiny random model with the bundled tokenizer, built once per session."""
+"""Shared fixtures: a tiny random model with the bundled tokenizer, built once per session.
+
+torch is imported inside the fixtures, not here: tests that never use a model (most of the operator's)
+run without loading it. The worker test folders set torch's threads in their own conftest.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import torch
 
-from stratus_workers.models.tiny import write_tiny_model
 
-# Two cores are shared by everything a test starts; one intra-op thread avoids oversubscription.
-torch.set_num_threads(1)
+def one_thread() -> None:
+    """Two cores are shared by everything a test starts; one intra-op thread avoids oversubscription."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random Llama (hidden 64) with SmolLM2's tokenizer, as a plain HF model directory."""
+    from stratus_workers.models.tiny import write_tiny_model
+
+    one_thread()
     return write_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
 
 
 @pytest.fixture(scope="session")
 def draft_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with its weights perturbed: a stand-in for a compressed edge variant that mostly agrees."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

@@ -75,10 +75,10 @@ RESOURCES: tuple[Resource, ...] = (
     LLMDEPLOYMENTS, LLMDEPLOYMENTS_STATUS, LLMDEPLOYMENTS_FINALIZERS,
     JOBS, DEPLOYMENTS, SERVICES, CONFIGMAPS, PVCS, HPAS, PODS, NODES, EVENTS, NAMESPACES, SECRETS,
 )
-# The children the operator creates, by (apiVersion, kind).
-CHILD_KINDS: dict[tuple[str, str], Resource] = {
-    (r.api_version, r.kind): r for r in (JOBS, DEPLOYMENTS, SERVICES, CONFIGMAPS, PVCS, HPAS)
-}
+# The kinds of children the operator creates (and indexes, and prunes).
+CHILDREN: tuple[Resource, ...] = (JOBS, DEPLOYMENTS, SERVICES, CONFIGMAPS, PVCS, HPAS)
+# The same, by the (apiVersion, kind) an object names.
+CHILD_RESOURCES: dict[tuple[str, str], Resource] = {(r.api_version, r.kind): r for r in CHILDREN}
 
 
 class KubeError(Exception):

@@ -17,20 +17,21 @@ from stratus_operator.handlers import (
     handle_reconcile_llmdeployment,
     handle_startup_operator,
 )
+from stratus_operator.indexes import NODES_INDEX, PODS_INDEX, ChildInfo, Observed, child_index
+from stratus_operator.kube import CONFIGMAPS, DEPLOYMENTS, HPAS, JOBS, PVCS, SERVICES
+from stratus_operator.names import OURS
 from stratus_operator.placement import NodeView
-from stratus_operator.render import MANAGED_BY, MANAGED_BY_LABEL
-from stratus_operator.runtime import ChildInfo, Observed, runtime_of
+from stratus_operator.runtime import runtime_of
 from stratus_operator.spec import GROUP, PLURAL, VERSION
 
-# Read at import: the resync interval is part of a registration.
-_CONFIG = Config.from_env()
-OURS = {MANAGED_BY_LABEL: MANAGED_BY}
+# Read once, at import: the resync interval is part of a registration; startup keeps it in memo.
+CONFIG = Config.from_env()
 LLMD = (GROUP, VERSION, PLURAL)
 
 
 @kopf.on.startup()
 async def startup(**kwargs: Any) -> None:
-    await handle_startup_operator.startup(**kwargs)
+    await handle_startup_operator.startup(config=CONFIG, **kwargs)
 
 
 @kopf.on.cleanup()
@@ -48,49 +49,49 @@ def probe(memo: kopf.Memo, **_: Any) -> dict[str, int]:
     return handle_probe_operator.probe(memo)
 
 
-# --- indexes: what reconciles read instead of listing the API ------------------------------------------
+# --- indexes: what reconciles read instead of listing the API (named in stratus_operator.indexes) --------
 # Async on purpose: kopf runs sync handlers in a thread pool, a needless hop for thousands of events.
+Children = dict[tuple[str, str], ChildInfo]
 
 
-@kopf.index("v1", "nodes")
-async def stratus_nodes(body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) -> dict[str, NodeView]:
+@kopf.index("v1", "nodes", id=NODES_INDEX)
+async def index_nodes(body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) -> dict[str, NodeView]:
     return handle_index_cluster.index_node(body, name, runtime_of(memo).config.gpu_resource_name)
 
 
-@kopf.index("v1", "pods")
-async def stratus_pods(body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> dict[tuple[str, ...], Any]:
+@kopf.index("v1", "pods", id=PODS_INDEX)
+async def index_pods(body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> dict[tuple[str, ...], Any]:
     return handle_index_cluster.index_pod(body, namespace, runtime_of(memo).config.gpu_resource_name)
 
 
-@kopf.index("batch", "v1", "jobs", labels=OURS)
-async def stratus_jobs(body: kopf.Body, namespace: str | None, **_: Any) -> dict[tuple[str, str], ChildInfo]:
-    return handle_index_children.index_child(body, namespace, api_version="batch/v1", kind="Job")
+@kopf.index("batch", "v1", "jobs", labels=OURS, id=child_index(JOBS))
+async def index_jobs(body: kopf.Body, namespace: str | None, **_: Any) -> Children:
+    return handle_index_children.index_child(body, namespace, JOBS)
 
 
-@kopf.index("apps", "v1", "deployments", labels=OURS)
-async def stratus_deployments(body: kopf.Body, namespace: str | None, **_: Any) -> dict[tuple[str, str], ChildInfo]:
-    return handle_index_children.index_child(body, namespace, api_version="apps/v1", kind="Deployment")
+@kopf.index("apps", "v1", "deployments", labels=OURS, id=child_index(DEPLOYMENTS))
+async def index_deployments(body: kopf.Body, namespace: str | None, **_: Any) -> Children:
+    return handle_index_children.index_child(body, namespace, DEPLOYMENTS)
 
 
-@kopf.index("v1", "services", labels=OURS)
-async def stratus_services(body: kopf.Body, namespace: str | None, **_: Any) -> dict[tuple[str, str], ChildInfo]:
-    return handle_index_children.index_child(body, namespace, api_version="v1", kind="Service")
+@kopf.index("v1", "services", labels=OURS, id=child_index(SERVICES))
+async def index_services(body: kopf.Body, namespace: str | None, **_: Any) -> Children:
+    return handle_index_children.index_child(body, namespace, SERVICES)
 
 
-@kopf.index("v1", "configmaps", labels=OURS)
-async def stratus_configmaps(body: kopf.Body, namespace: str | None, **_: Any) -> dict[tuple[str, str], ChildInfo]:
-    return handle_index_children.index_child(body, namespace, api_version="v1", kind="ConfigMap")
+@kopf.index("v1", "configmaps", labels=OURS, id=child_index(CONFIGMAPS))
+async def index_configmaps(body: kopf.Body, namespace: str | None, **_: Any) -> Children:
+    return handle_index_children.index_child(body, namespace, CONFIGMAPS)
 
 
-@kopf.index("autoscaling", "v2", "horizontalpodautoscalers", labels=OURS)
-async def stratus_hpas(body: kopf.Body, namespace: str | None, **_: Any) -> dict[tuple[str, str], ChildInfo]:
-    return handle_index_children.index_child(body, namespace, api_version="autoscaling/v2",
-                                             kind="HorizontalPodAutoscaler")
+@kopf.index("autoscaling", "v2", "horizontalpodautoscalers", labels=OURS, id=child_index(HPAS))
+async def index_hpas(body: kopf.Body, namespace: str | None, **_: Any) -> Children:
+    return handle_index_children.index_child(body, namespace, HPAS)
 
 
-@kopf.index("v1", "persistentvolumeclaims", labels=OURS)
-async def stratus_pvcs(body: kopf.Body, namespace: str | None, **_: Any) -> dict[tuple[str, str], ChildInfo]:
-    return handle_index_children.index_child(body, namespace, api_version="v1", kind="PersistentVolumeClaim")
+@kopf.index("v1", "persistentvolumeclaims", labels=OURS, id=child_index(PVCS))
+async def index_pvcs(body: kopf.Body, namespace: str | None, **_: Any) -> Children:
+    return handle_index_children.index_child(body, namespace, PVCS)
 
 
 # --- LLMDeployment ------------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **kwa
     await handle_reconcile_llmdeployment.reconcile_body(runtime_of(memo), body, Observed.from_kwargs(kwargs), logger)
 
 
-@kopf.timer(*LLMD, interval=_CONFIG.resync_seconds, initial_delay=_CONFIG.resync_seconds, idle=None)
+@kopf.timer(*LLMD, interval=CONFIG.resync_seconds, initial_delay=CONFIG.resync_seconds, idle=None)
 async def resync(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **kwargs: Any) -> None:
     await handle_reconcile_llmdeployment.reconcile_body(runtime_of(memo), body, Observed.from_kwargs(kwargs), logger)
 

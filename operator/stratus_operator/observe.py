@@ -6,9 +6,9 @@ import datetime
 from collections.abc import Mapping
 from typing import Any
 
-from stratus_operator.planner import CompressionResult, ResultParseError
+from stratus_operator.names import COMPRESS_CONTAINER
+from stratus_operator.planner.jobs import CompressionResult, ResultParseError
 
-COMPRESS_CONTAINER = "compress"
 # The pods and Jobs watches are separate streams: a Job may be seen finished before its pod's
 # termination message. For this long after the Job finished, a missing message means "not yet".
 MESSAGE_GRACE_SECONDS = 30.0
@@ -78,7 +78,7 @@ def job_result(
     parse_error = ""
     if message:
         try:
-            parsed = CompressionResult.from_summary(message, name=variant, spec_hash=spec_hash)
+            parsed = CompressionResult.from_output(message, name=variant, spec_hash=spec_hash)
         except ResultParseError as exc:
             parse_error = str(exc)
     if complete:

@@ -1,4 +1,8 @@
-"""Pure rendering of a Plan into Kubernetes objects: Jobs, Deployments, Services, ConfigMaps, HPAs, a PVC."""
+"""The Kubernetes executor (pure): binds a logical Plan to Jobs, Deployments, Services, ConfigMaps, HPAs, a PVC.
+
+A model reference becomes a mount or fetch and a path in the pod, a backend name a Service DNS name; the
+worker command lines come from `stratus_operator.commands`, as the local executor's do.
+"""
 
 from __future__ import annotations
 
@@ -7,41 +11,56 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-from stratus_operator.planner import (
+from stratus_operator.commands import RouterFlags, ServeFlags, compress_command, router_config
+from stratus_operator.config import Config
+from stratus_operator.names import (
     ARTIFACTS_DIR,
+    CACHE_DIR,
+    COMPONENT_LABEL,
+    COMPRESS_CONTAINER,
     CONFIG_DIR,
+    CONFIG_HASH_ANNOTATION,
+    GENERATION_ANNOTATION,
+    GRPC_PORT,
+    HTTP_PORT,
+    IMAGE_CACHE_DIR,
+    INSTANCE_LABEL,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    MODELS_DIR,
+    NAME_LABEL,
+    PART_OF_LABEL,
+    SERVER_LABEL,
+    SPEC_FILE,
+    SPEC_HASH_ANNOTATION,
     TERMINATION_LOG,
+    TLS_DIR,
+    TLS_HASH_ANNOTATION,
+    TOKENS_DIR,
+    TOKENS_FILE,
+    VARIANT_LABEL,
+    VERSION_LABEL,
+    PortRole,
+    artifacts_name,
+    cleanup_name,
+    stable_hash,
+    tls_name,
+)
+from stratus_operator.planner import (
+    Artifact,
     CompressionJobPlan,
+    Endpoints,
+    ModelRef,
     Plan,
     RouterPlan,
     ServerPlan,
-    child_name,
-    stable_hash,
+    Source,
 )
 from stratus_operator.spec import API_VERSION, KIND, Autoscaling, LLMDeployment, Toleration
+from stratus_workers.compress.spec import VERDICT_EXIT_CODES
+from stratus_workers.models.source import parse_source
 
-SPEC_HASH_ANNOTATION = "stratus.dev/spec-hash"
-CONFIG_HASH_ANNOTATION = "stratus.dev/config-hash"
-MANAGED_BY = "stratus-operator"
-INSTANCE_LABEL = "app.kubernetes.io/instance"
-COMPONENT_LABEL = "app.kubernetes.io/component"
-MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
-VARIANT_LABEL = "stratus.dev/variant"
-SERVER_LABEL = "stratus.dev/server"
-CACHE_DIR = "/cache"
-MODELS_DIR = "/models"
-# Beside CONFIG_DIR, not inside it: no mount points within another (read-only) volume.
-TLS_DIR = "/etc/stratus-tls"
-TOKENS_DIR = "/etc/stratus-tokens"
-IMAGE_CACHE_DIR = "/opt/stratus/cache"
 COMPRESS_BACKOFF_LIMIT = 2
-# stratus_workers.compress exit codes that are verdicts: 2 bad input, 3 rejected by the gate.
-COMPRESS_FINAL_EXIT_CODES = (2, 3)  # the workers image's converted bundled models (read-only)
-TOKENS_FILE = "tokens"
-TLS_HASH_ANNOTATION = "stratus.dev/tls-hash"
-# The LLMDeployment generation a compression Job was created at: a Job that failed at an older generation
-# is run again after a spec change (outside the spec hash, which must not change with the generation).
-GENERATION_ANNOTATION = "stratus.dev/generation"
 # The workers image's user (deploy/images/workers.Dockerfile); numeric, so the kubelet can check runAsNonRoot.
 RUN_AS = 65532
 POD_SECURITY_CONTEXT: dict[str, Any] = {
@@ -57,22 +76,17 @@ CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
 }
 
 
-@dataclass(frozen=True)
-class _Source:
-    kind: str  # bundled, pvc, s3, hf or local
-    ref: str
-
-    def __str__(self) -> str:
-        return self.ref if self.kind == "local" else f"{self.kind}://{self.ref}"
+def service_address(namespace: str, name: str, role: PortRole = "grpc") -> str:
+    """host:port of a child Service's port `role`, by in-cluster DNS."""
+    return f"{name}.{namespace}.svc:{GRPC_PORT if role == 'grpc' else HTTP_PORT}"
 
 
-def _parse_source(source: str) -> _Source:
-    # Not stratus_workers.models.parse_source: importing that package loads torch, which the operator
-    # process must not pay for (memory and start time). The scheme split is all rendering needs.
-    scheme, sep, ref = source.strip().partition("://")
-    if not sep or scheme == "file":
-        return _Source("local", ref if sep else scheme)
-    return _Source(scheme, ref)
+def router_endpoints(p: Plan, namespace: str) -> Endpoints:
+    """Where clients in the cluster reach the plan's router (for `.status.router`)."""
+    if p.router is None:
+        return Endpoints()
+    name = p.router.name
+    return Endpoints(service_address(namespace, name, "grpc"), service_address(namespace, name, "http"))
 
 
 @dataclass(frozen=True)
@@ -92,7 +106,7 @@ def tls_secret_name(deployment: LLMDeployment) -> str | None:
     security = deployment.spec.security
     if not security.mtls:
         return None
-    return security.tls_secret_name or child_name(deployment.metadata.name, "tls")
+    return security.tls_secret_name or tls_name(deployment.metadata.name)
 
 
 def _tls_volume(secret: str) -> dict[str, Any]:
@@ -112,36 +126,45 @@ def _dedupe(volumes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(seen.values())
 
 
+# The operator's configuration defaults are the rendering defaults (one source: Config's fields).
+_DEFAULTS = Config()
+
+
 @dataclass(frozen=True)
 class RenderOptions:
-    """Cluster-specific choices that are not part of the LLMDeployment."""
+    """Cluster-specific choices that are not part of the LLMDeployment (see Config for each field)."""
 
-    image: str = "ghcr.io/stratus-llm/stratus-workers:0.1.0"
-    image_pull_policy: str = "IfNotPresent"
+    image: str = _DEFAULTS.image
+    image_pull_policy: str = _DEFAULTS.image_pull_policy
     # Used only for s3:// sources and object-store artifacts.
-    s3_image: str = "amazon/aws-cli:2.17.0"
+    s3_image: str = _DEFAULTS.s3_image
     # A per-node cache for fetched models (s3://, hf://, object-store artifacts); it must exist and be
     # writable by uid 65532. Empty: an emptyDir per pod (each pod fetches its own copy).
-    cache_host_path: str = "/var/cache/stratus"
+    cache_host_path: str = _DEFAULTS.cache_host_path
     compress_resources: dict[str, Any] = field(
         default_factory=lambda: {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "8Gi"}}
     )
     router_resources: dict[str, Any] = field(
         default_factory=lambda: {"requests": {"cpu": "100m", "memory": "256Mi"}}
     )
-    job_active_deadline_seconds: int = 6 * 3600
+    job_active_deadline_seconds: int = _DEFAULTS.job_deadline_seconds
     version: str = "0.1.0"
+
+    @classmethod
+    def from_config(cls, config: Config) -> RenderOptions:
+        return cls(image=config.image, image_pull_policy=config.image_pull_policy, s3_image=config.s3_image,
+                   cache_host_path=config.cache_host_path, job_active_deadline_seconds=config.job_deadline_seconds)
 
 
 def labels(deployment: LLMDeployment, component: str, options: RenderOptions, **extra: str) -> dict[str, str]:
     """The standard app.kubernetes.io/* labels of every child."""
     out = {
-        "app.kubernetes.io/name": "stratus",
+        NAME_LABEL: "stratus",
         INSTANCE_LABEL: deployment.metadata.name,
         COMPONENT_LABEL: component,
-        "app.kubernetes.io/part-of": "stratus",
+        PART_OF_LABEL: "stratus",
         MANAGED_BY_LABEL: MANAGED_BY,
-        "app.kubernetes.io/version": options.version,
+        VERSION_LABEL: options.version,
     }
     out.update(extra)
     return out
@@ -239,8 +262,8 @@ class _ModelMount:
     mounts: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _full_model(deployment: LLMDeployment, options: RenderOptions) -> _ModelMount:
-    source = _parse_source(deployment.spec.model.source)
+def _full_model(deployment: LLMDeployment, uri: str, options: RenderOptions) -> _ModelMount:
+    source = parse_source(uri)
     cache_mount = {"name": "cache", "mountPath": CACHE_DIR}
     key = stable_hash(str(source), 12)
     if source.kind == 'bundled':
@@ -273,8 +296,7 @@ def _artifacts_volume(deployment: LLMDeployment, *, read_only: bool = False) -> 
     pvc = deployment.spec.storage.pvc
     if deployment.spec.storage.object_store is not None:
         return {"name": "artifacts", "emptyDir": {}}
-    claim = pvc.claim_name if pvc is not None and pvc.claim_name else child_name(deployment.metadata.name,
-                                                                                  "artifacts")
+    claim = pvc.claim_name if pvc is not None and pvc.claim_name else artifacts_name(deployment.metadata.name)
     source: dict[str, Any] = {"claimName": claim}
     if read_only:
         source["readOnly"] = True
@@ -287,9 +309,14 @@ def _artifact_prefix(deployment: LLMDeployment) -> str:
     return f"{store.url.rstrip('/')}/{deployment.metadata.namespace}/{deployment.metadata.name}"
 
 
-def _edge_model(deployment: LLMDeployment, job: CompressionJobPlan, options: RenderOptions) -> _ModelMount:
-    variant = job.variant
-    key = f"{deployment.metadata.namespace}-{deployment.metadata.name}-{variant}-{job.spec_hash}"
+def artifact_path(variant: str) -> str:
+    """Where a variant's compression Job writes its artifact, and an edge pod finds it, on the artifacts volume."""
+    return f"{ARTIFACTS_DIR}/{variant}"
+
+
+def _edge_model(deployment: LLMDeployment, artifact: Artifact, options: RenderOptions) -> _ModelMount:
+    variant = artifact.variant
+    key = f"{deployment.metadata.namespace}-{deployment.metadata.name}-{variant}-{artifact.spec_hash}"
     target = f"{CACHE_DIR}/artifacts/{key}"
     cache_mount = {"name": "cache", "mountPath": CACHE_DIR}
     if deployment.spec.storage.object_store is not None:
@@ -300,9 +327,16 @@ def _edge_model(deployment: LLMDeployment, job: CompressionJobPlan, options: Ren
             "env": _s3_env(deployment), "volumeMounts": [cache_mount],
         }], [_cache_volume(options)], [cache_mount])
     # On the artifacts claim: read in place (read-only); the server loads it into memory once at start.
-    return _ModelMount(job.artifact_path, [], [_artifacts_volume(deployment, read_only=True)],
+    return _ModelMount(artifact_path(variant), [], [_artifacts_volume(deployment, read_only=True)],
                        [{"name": "artifacts", "mountPath": ARTIFACTS_DIR, "subPath": deployment.metadata.name,
                          "readOnly": True}])
+
+
+def _model(deployment: LLMDeployment, ref: ModelRef, options: RenderOptions) -> _ModelMount:
+    """Bind a plan's model reference to this pod: the full model's fetch or mount, or the variant's artifact."""
+    if isinstance(ref, Artifact):
+        return _edge_model(deployment, ref, options)
+    return _full_model(deployment, ref.uri, options)
 
 
 def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
@@ -316,8 +350,8 @@ def _server_container(name: str, command: list[str], resources: dict[str, Any], 
         "image": options.image,
         "imagePullPolicy": options.image_pull_policy,
         "command": command,
-        "ports": [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
-                  {"name": "http", "containerPort": 8080, "protocol": "TCP"}],
+        "ports": [{"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+                  {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
         "env": env,
         "resources": resources,
         "volumeMounts": mounts,
@@ -338,7 +372,7 @@ def _deployment(deployment: LLMDeployment, name: str, component: str, replicas: 
         "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
         "template": {
             "metadata": {"labels": lbls, "annotations": {
-                "prometheus.io/scrape": "true", "prometheus.io/port": "8080", "prometheus.io/path": "/metrics",
+                "prometheus.io/scrape": "true", "prometheus.io/port": str(HTTP_PORT), "prometheus.io/path": "/metrics",
                 **pod_annotations}},
             "spec": pod_spec,
         },
@@ -359,8 +393,8 @@ def _service(deployment: LLMDeployment, name: str, component: str, options: Rend
             "type": "ClusterIP",
             "selector": {INSTANCE_LABEL: deployment.metadata.name, COMPONENT_LABEL: component, SERVER_LABEL: name},
             "ports": [
-                {"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"},
-                {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"},
+                {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"},
+                {"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"},
             ],
         },
     }
@@ -392,7 +426,7 @@ def render_job(p: Plan, deployment: LLMDeployment, job: CompressionJobPlan,
     """A compression Job and the ConfigMap holding its spec.json."""
     extra = {VARIANT_LABEL: job.variant}
     lbls = labels(deployment, "compress", options, **extra)
-    model = _full_model(deployment, options)
+    model = _full_model(deployment, job.spec.model_source, options)
     job_spec = job.spec.model_copy(update={"model_source": model.model})
     config = {
         "apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(deployment, job.name, lbls),
@@ -409,10 +443,10 @@ def render_job(p: Plan, deployment: LLMDeployment, job: CompressionJobPlan,
     else:
         mounts.append({"name": "artifacts", "mountPath": ARTIFACTS_DIR})
     compress = {
-        "name": "compress",
+        "name": COMPRESS_CONTAINER,
         "image": options.image,
         "imagePullPolicy": options.image_pull_policy,
-        "command": job.command(),
+        "command": compress_command(spec=SPEC_FILE, out=artifact_path(job.variant), termination_log=TERMINATION_LOG),
         "env": [{"name": "STRATUS_CACHE_DIR", "value": CACHE_DIR}],
         "resources": options.compress_resources,
         "volumeMounts": mounts,
@@ -422,7 +456,7 @@ def render_job(p: Plan, deployment: LLMDeployment, job: CompressionJobPlan,
     }
     # The worker keeps baselines and the tokenised corpus in its (writable) cache; the bundled model it
     # finds there through a link to the image's converted copy instead of converting it again.
-    source = _parse_source(deployment.spec.model.source)
+    source = parse_source(deployment.spec.model.source)
     init = list(model.init_containers)
     if source.kind == "bundled":
         link, real = f"{CACHE_DIR}/models/{source.ref}", f"{IMAGE_CACHE_DIR}/models/{source.ref}"
@@ -439,7 +473,8 @@ def render_job(p: Plan, deployment: LLMDeployment, job: CompressionJobPlan,
         url = f"{_artifact_prefix(deployment)}/{job.variant}"
         containers = [{
             "name": "upload", "image": options.s3_image, "imagePullPolicy": options.image_pull_policy,
-            "command": ["sh", "-c", f"aws s3 sync {shlex.quote(job.artifact_path)} {shlex.quote(url)} --delete"],
+            "command": ["sh", "-c",
+                        f"aws s3 sync {shlex.quote(artifact_path(job.variant))} {shlex.quote(url)} --delete"],
             "env": _s3_env(deployment), "volumeMounts": [{"name": "artifacts", "mountPath": ARTIFACTS_DIR}],
         }]
     pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": containers, "volumes": volumes}
@@ -456,8 +491,8 @@ def render_job(p: Plan, deployment: LLMDeployment, job: CompressionJobPlan,
             # the Job at once. Evictions and preemptions do not count against the limit.
             "backoffLimit": COMPRESS_BACKOFF_LIMIT,
             "podFailurePolicy": {"rules": [
-                {"action": "FailJob", "onExitCodes": {"containerName": "compress", "operator": "In",
-                                                      "values": list(COMPRESS_FINAL_EXIT_CODES)}},
+                {"action": "FailJob", "onExitCodes": {"containerName": COMPRESS_CONTAINER, "operator": "In",
+                                                      "values": [int(code) for code in VERDICT_EXIT_CODES]}},
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             ]},
             "activeDeadlineSeconds": options.job_active_deadline_seconds,
@@ -475,15 +510,10 @@ def render_server(p: Plan, deployment: LLMDeployment, server: ServerPlan, option
     secrets = secrets if secrets is not None else SecretRefs.of(deployment)
     component = f"{server.tier}-server"
     extra = {VARIANT_LABEL: server.variant} if server.variant else {}
-    if server.tier == "edge":
-        job = next(v.job for v in p.variants if v.name == server.variant and v.job is not None)
-        model = _edge_model(deployment, job, options)
-    else:
-        model = _full_model(deployment, options)
-    flags = server.flags.__class__(**{**server.flags.__dict__, "model": model.model})
+    model = _model(deployment, server.model, options)
     mounts = list(model.mounts)
     volumes = _dedupe(list(model.volumes))
-    command = flags.command()
+    command = ServeFlags.of(server, model=model.model).command()
     pod_annotations: dict[str, str] = {}
     if secrets.tls_secret:
         command += _tls_args()
@@ -495,7 +525,7 @@ def render_server(p: Plan, deployment: LLMDeployment, server: ServerPlan, option
         "server", command, _resources(dict(server.resources.requests), dict(server.resources.limits)),
         options, mounts, [],
     )
-    if server.flags.tensor_parallel > 1:
+    if server.tensor_parallel > 1:
         # NCCL passes tensors through shared memory; the container default of 64 MiB is too small.
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
         container["volumeMounts"] = [*container.get("volumeMounts", []), {"name": "dshm", "mountPath": "/dev/shm"}]
@@ -529,10 +559,10 @@ _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.t
 
 
 def _router_tokenizer(deployment: LLMDeployment, router: RouterPlan, options: RenderOptions) -> _ModelMount:
-    """Where the router reads the tokenizer the planner named (RouterConfig.tokenizer) inside its pod."""
-    if not router.config.tokenizer:
-        return _ModelMount("")
-    source = _parse_source(router.config.tokenizer)
+    """Where the router reads the tokenizer the planner named (the model's source) inside its pod."""
+    if not isinstance(router.tokenizer, Source):
+        return _ModelMount("")  # the planner names the full model's; an artifact would need its own fetch
+    source = parse_source(router.tokenizer.uri)
     if source.kind == "pvc":
         claim, _, sub = source.ref.partition("/")
         return _ModelMount(f"{MODELS_DIR}/{claim}/{sub}".rstrip("/"), [],
@@ -560,18 +590,20 @@ def _router_tokenizer(deployment: LLMDeployment, router: RouterPlan, options: Re
     return _ModelMount(str(source))
 
 
-def render_router(deployment: LLMDeployment, router: RouterPlan, options: RenderOptions,
+def render_router(p: Plan, deployment: LLMDeployment, router: RouterPlan, options: RenderOptions,
                   secrets: SecretRefs | None = None) -> list[dict[str, Any]]:
-    """The router's ConfigMap (router.json), Deployment and Service."""
+    """The router's ConfigMap (router.json: backends by Service DNS name), Deployment and Service."""
     secrets = secrets if secrets is not None else SecretRefs.of(deployment)
     security = deployment.spec.security
     tokenizer = _router_tokenizer(deployment, router, options)
-    config_json = router.config.model_copy(update={"tokenizer": tokenizer.model or None}).model_dump_json(
-        by_alias=True, indent=2)
+    namespace = deployment.metadata.namespace
+    config = router_config(p, router, address=lambda name: service_address(namespace, name),
+                           tokenizer=tokenizer.model)
+    config_json = config.model_dump_json(by_alias=True, indent=2)
     lbls = labels(deployment, "router", options, **{SERVER_LABEL: router.name})
-    config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(deployment, router.name, lbls),
-              "data": {"router.json": config_json}}
-    command = router.flags.command()
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(deployment, router.name, lbls),
+                  "data": {"router.json": config_json}}
+    command = RouterFlags().command()
     mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, *tokenizer.mounts]
     volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": router.name}}, *tokenizer.volumes]
     # A new config rolls the router pods (a ConfigMap change alone would not restart them).
@@ -598,7 +630,7 @@ def render_router(deployment: LLMDeployment, router: RouterPlan, options: Render
         pod_spec["initContainers"] = tokenizer.init_containers
     harden(pod_spec)
     return [
-        _with_hash(config),
+        _with_hash(config_map),
         _with_hash(_deployment(deployment, router.name, "router", router.replicas, pod_spec, options, {},
                                annotations)),
         _with_hash(_service(deployment, router.name, "router", options, {})),
@@ -617,7 +649,7 @@ def render_storage(deployment: LLMDeployment, options: RenderOptions) -> list[di
     }
     if pvc is not None and pvc.storage_class_name:
         spec["storageClassName"] = pvc.storage_class_name
-    name = child_name(deployment.metadata.name, "artifacts")
+    name = artifacts_name(deployment.metadata.name)
     return [_with_hash({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
                         "metadata": _meta(deployment, name, labels(deployment, "artifacts", options)),
                         "spec": spec})]
@@ -635,7 +667,7 @@ def render_plan(p: Plan, deployment: LLMDeployment, options: RenderOptions,
     for server in p.servers:
         objects += render_server(p, deployment, server, options, secrets)
     if p.router is not None:
-        objects += render_router(deployment, p.router, options, secrets)
+        objects += render_router(p, deployment, p.router, options, secrets)
     return objects
 
 
@@ -645,7 +677,7 @@ def render_cleanup(deployment: LLMDeployment, options: RenderOptions) -> list[di
     It carries no owner reference, since its owner is being deleted; it removes itself after a while.
     """
     storage = deployment.spec.storage
-    name = child_name(deployment.metadata.name, "cleanup")
+    name = cleanup_name(deployment.metadata.name)
     lbls = labels(deployment, "cleanup", options)
     if storage.object_store is not None:
         container = {"name": "cleanup", "image": options.s3_image, "env": _s3_env(deployment),

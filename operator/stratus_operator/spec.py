@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from stratus_workers.compress.spec import CompressionRecipe, Evaluation, QualityGate
+from stratus_workers.models.source import parse_source
 from stratus_workers.router.config import RoutingSpec
-from stratus_workers.schema import SpecModel
+from stratus_workers.spec_model import SpecModel
 
 GROUP = "stratus.dev"
 VERSION = "v1alpha1"
@@ -69,6 +71,13 @@ class ModelSpec(SpecModel):
         description="bundled://smollm2-135m-instruct, pvc://claim/path, s3://bucket/prefix, hf://org/name or a path "
         "inside the image.",
     )
+
+    @field_validator("source")
+    @classmethod
+    def _known(cls, source: str) -> str:
+        # The pattern admits the schemes; this names an unknown bundled model before a pod fails on it.
+        parse_source(source)
+        return source
 
 
 class ResourceRequirements(SpecModel):
@@ -421,3 +430,36 @@ class LLMDeployment(SpecModel):
                          "generation": generation or 0},
             "spec": dict(spec),
         })
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> LLMDeployment:
+        """From the object a kopf handler or the API hands over; its status is not read (the operator's own).
+
+        Raises pydantic.ValidationError; `spec` that is not an object at all (possible only without the CRD)
+        is validated as such, so the error names it.
+        """
+        meta = body.get("metadata") or {}
+        generation = meta.get("generation")
+        spec = body.get("spec")
+        return cls.from_parts(
+            name=meta.get("name") or "", namespace=meta.get("namespace"), uid=meta.get("uid") or "",
+            generation=generation if isinstance(generation, int) else 0,
+            spec=dict(spec) if isinstance(spec, Mapping) else {"": spec} if spec is not None else {},
+        )
+
+    def with_edge_defaults(self, *, node_selector: Mapping[str, str],
+                           tolerations: Sequence[Mapping[str, Any]]) -> LLMDeployment:
+        """The cluster's edge defaults (operator config) for variants that set no nodeSelector or tolerations."""
+        if not node_selector and not tolerations:
+            return self
+        variants = []
+        for v in self.spec.edge.variants:
+            update: dict[str, Any] = {}
+            if not v.node_selector and node_selector:
+                update["node_selector"] = dict(node_selector)
+            if not v.tolerations and tolerations:
+                update["tolerations"] = [Toleration.model_validate(t) for t in tolerations]
+            variants.append(v.model_copy(update=update) if update else v)
+        edge = self.spec.edge.model_copy(update={"variants": variants})
+        spec = self.spec.model_copy(update={"edge": edge})
+        return self.model_copy(update={"spec": spec})

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stratus_operator.planner import child_name
+from stratus_operator.names import cloud_name, edge_name, router_name, tls_name
 from stratus_operator.render import RenderOptions, labels, owner_reference, tls_secret_name
 from stratus_operator.spec import LLMDeployment
 
@@ -25,8 +25,8 @@ CA_KEY = "ca.key"
 def service_hosts(deployment: LLMDeployment) -> list[str]:
     """DNS names of every Service the deployment may have (router, cloud, each edge variant), in every form."""
     name, ns = deployment.metadata.name, deployment.metadata.namespace
-    services = [child_name(name, "router"), child_name(name, "cloud")]
-    services += [child_name(name, "edge", v.name) for v in deployment.spec.edge.variants]
+    services = [router_name(name), cloud_name(name)]
+    services += [edge_name(name, v.name) for v in deployment.spec.edge.variants]
     hosts: list[str] = []
     for svc in services:
         hosts += [svc, f"{svc}.{ns}", f"{svc}.{ns}.svc", f"{svc}.{ns}.svc.cluster.local"]
@@ -36,10 +36,10 @@ def service_hosts(deployment: LLMDeployment) -> list[str]:
 def dialled_hosts(deployment: LLMDeployment) -> list[str]:
     """The names a user-provided certificate must cover: what the router dials (and its own, with clientTls)."""
     name, ns = deployment.metadata.name, deployment.metadata.namespace
-    services = [child_name(name, "cloud")] if deployment.spec.routing.policy != "edge-only" else []
-    services += [child_name(name, "edge", v.name) for v in deployment.spec.edge.variants]
+    services = [cloud_name(name)] if deployment.spec.routing.policy != "edge-only" else []
+    services += [edge_name(name, v.name) for v in deployment.spec.edge.variants]
     if deployment.spec.security.client_tls:
-        services.append(child_name(name, "router"))
+        services.append(router_name(name))
     return [f"{svc}.{ns}.svc" for svc in services]
 
 
@@ -116,7 +116,7 @@ def issue_secret(deployment: LLMDeployment, options: RenderOptions,
     certificate for every Service name, for both server and client use (one identity for the whole set)."""
     from stratus_workers.security import issue_ca, issue_cert
 
-    name = tls_secret_name(deployment) or child_name(deployment.metadata.name, "tls")
+    name = tls_secret_name(deployment) or tls_name(deployment.metadata.name)
     with tempfile.TemporaryDirectory(prefix="stratus-tls-") as tmp:
         directory = Path(tmp)
         ca_crt, ca_key = directory / "ca.crt", directory / "ca.key"

@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             f = result.manifest["figures"]
             full = {"bytes": f["fp32_bytes"], "perplexity": f["full_perplexity"]}
             full_speeds.append(f["full_tokens_per_second"])
-            row = {"name": spec.name, "recipe": spec.compression.summary, "status": result.summary["status"],
-                   "reasons": result.summary["reasons"], "seconds": round(time.perf_counter() - t0, 1),
+            row = {"name": spec.name, "recipe": spec.compression.summary, "status": result.summary.status,
+                   "reasons": result.summary.reasons, "seconds": round(time.perf_counter() - t0, 1),
                    "sparsity": f.get("pruning", {}).get("sparsity"), **{k: f[k] for k in (
                        "bytes", "size_ratio", "perplexity", "perplexity_increase", "tokens_per_second",
                        "full_tokens_per_second", "speedup", "agreement")}}

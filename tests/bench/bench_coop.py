@@ -115,7 +115,7 @@ async def bench(args: argparse.Namespace) -> tuple[list[Run], dict[str, Any]]:
     from stratus_workers.router.calibration import choose_threshold
     from stratus_workers.router.config import RouterConfig
     from stratus_workers.router.server import RouterServer
-    from stratus_workers.serve import ModelServer, ServerConfig
+    from stratus_workers.serve.server import ModelServer, ServerSettings
 
     deployment = load_manifest(args.manifest)
     runner = LocalRunner(deployment)
@@ -127,7 +127,7 @@ async def bench(args: argparse.Namespace) -> tuple[list[Run], dict[str, Any]]:
 
     def server(model: str, name: str, tier: str) -> ModelServer:
         # Both tiers on this CPU in fp32 arithmetic; the edge's compression is in its artifact.
-        config = ServerConfig(
+        config = ServerSettings(
             model=model,
             name=name,
             tier=tier,

@@ -33,10 +33,13 @@ import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import report  # tests/bench/report.py (scripts run from this folder)
 import torch
+
+if TYPE_CHECKING:
+    from stratus_workers.serve.runner.fused import FusedRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTION = "bench-serve-{kind}"  # one section of docs/benchmarks.md per kind of device (cpu, gpu)
@@ -198,9 +201,10 @@ async def run_server(
     loaded: Any, prompts: list[str], concurrencies: list[int], new_tokens: int, prompt_tokens: int,
     rounds: int, client_procs: int, stagger_ms: float, log: Any,
 ) -> list[dict[str, Any]]:
-    from stratus_workers.serve import ModelServer, ServerConfig
+    from stratus_workers.serve.runner.fused import FusedRunner
+    from stratus_workers.serve.server import ModelServer, ServerSettings
 
-    config = ServerConfig(
+    config = ServerSettings(
         model="bench", name="bench", port=0, http_port=0, max_batch_size=max(concurrencies),
         max_prompt_tokens=prompt_tokens, max_new_tokens=new_tokens, max_queue=4 * max(concurrencies),
         log_level="warning", log_format="text",
@@ -209,11 +213,12 @@ async def run_server(
     await server.start()
     assert server.engine is not None
     runner = server.engine.runner
+    fused = runner if isinstance(runner, FusedRunner) else None
     started = time.perf_counter()
     graphs = runner.warmup(prompt_tokens + new_tokens + 1)
-    log(f"  server warm-up: {graphs} decode graphs, compiled={runner.compiled}, fast={runner.fast}, "
-        f"{time.perf_counter() - started:.1f}s")
-    step_ms = decode_step_times(runner, prompt_tokens + new_tokens, concurrencies)
+    log(f"  server warm-up: {graphs} decode graphs, {type(runner).__name__}, "
+        f"compiled={fused is not None and fused.compiled}, {time.perf_counter() - started:.1f}s")
+    step_ms = decode_step_times(fused, prompt_tokens + new_tokens, concurrencies) if fused else {}
     if step_ms:
         log(f"  decode step (graph replay, kv {prompt_tokens + new_tokens}): {step_ms}")
     rows: list[dict[str, Any]] = []
@@ -294,13 +299,14 @@ def _server_row(system: str, c: int, wall: float, results: list[dict[str, Any]])
     )
 
 
-def decode_step_times(runner: Any, kv_len: int, batches: list[int]) -> dict[str, float]:
+def decode_step_times(runner: FusedRunner, kv_len: int, batches: list[int]) -> dict[str, float]:
     """GPU time of one captured decode step per batch size (median of 50 replays; no requests in flight)."""
-    if not (runner.fast and runner.cuda_graphs):
+    decoder = runner.decoder
+    if not decoder.cuda_graphs:
         return {}
     times: dict[str, float] = {}
     for b in batches:
-        graph, _ = runner._graph(*runner._buckets(b, kv_len))
+        graph, _ = decoder.graph(*decoder.buckets(b, kv_len))
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         samples = []
         for _ in range(50):
@@ -470,13 +476,13 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
         )]
     if kind == "gpu":
         lines += ["", (
-            "The server's GPU path (workers/stratus_workers/serve/runner.py): bf16; q|k|v and gate|up fused into "
-            "one matrix each; the KV cache allocated once; each decode step a CUDA graph (one per batch bucket) "
-            "whose element-wise work torch.compile fuses and whose attention is one Triton kernel; row lengths on "
-            "the device; the next step launched on this step's argmax before the engine has sampled, and used when "
-            "the engine picks those tokens (greedy), so the GPU runs while the host detokenizes and streams. Prefill "
-            "runs eagerly. The clients are other processes on loopback, so every token also pays for "
-            "detokenization, an asyncio hand-off, protobuf and a gRPC message: at high concurrency that host work, "
+            "The server's GPU path (workers/stratus_workers/serve/runner/fused.py and graphs.py): bf16; q|k|v and "
+            "gate|up fused into one matrix each; the KV cache allocated once; each decode step a CUDA graph (one per "
+            "batch bucket) whose element-wise work torch.compile fuses and whose attention is one Triton kernel; row "
+            "lengths on the device; the next step launched on this step's argmax before the engine has sampled, and "
+            "used when the engine picks those tokens (greedy), so the GPU runs while the host detokenizes and "
+            "streams. Prefill runs eagerly. The clients are other processes on loopback, so every token also pays for"
+            " detokenization, an asyncio hand-off, protobuf and a gRPC message: at high concurrency that host work, "
             "not the GPU step above, sets the pace."
         )]
         ref = {(r["system"], r["concurrency"]): r["tokens_per_s"] for r in rows if r["model"] == "135m"}

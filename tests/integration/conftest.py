@@ -10,27 +10,36 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from stratus_workers.client import Client
 from stratus_workers.router.config import RouterConfig
 from stratus_workers.router.server import RouterServer
-from stratus_workers.serve import ModelServer, ServerConfig
 
-ServerFactory = Callable[..., AbstractAsyncContextManager[ModelServer]]
+if TYPE_CHECKING:
+    # Imported where used: the operator's integration tests share this file and never load a model.
+    from stratus_workers.serve.server import ModelServer
+
+ServerFactory = Callable[..., AbstractAsyncContextManager["ModelServer"]]
 
 
 @pytest.fixture
 def model_server(tiny_model_dir: Path) -> ServerFactory:
     """`async with model_server(tier="edge", max_prompt_tokens=...) as server:` an in-process server."""
 
+    import torch
+
+    from stratus_workers.serve.server import ModelServer, ServerSettings
+
+    torch.set_num_threads(1)  # two cores are shared by everything a test starts
+
     @asynccontextmanager
     async def start(**overrides: Any) -> AsyncIterator[ModelServer]:
         settings: dict[str, Any] = dict(model=str(tiny_model_dir), port=0, http_port=0, log_format="text")
         settings.update(overrides)
-        server = ModelServer(ServerConfig(**settings))
+        server = ModelServer(ServerSettings(**settings))
         await server.start()
         try:
             yield server

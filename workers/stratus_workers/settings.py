@@ -7,7 +7,7 @@ import dataclasses
 import os
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -17,7 +17,13 @@ def env_name(field: str) -> str:
     return "STRATUS_" + field.upper()
 
 
-def _convert(kind: Any, raw: str, name: str) -> Any:
+def _convert(kind: Any, raw: str, name: str, parse: Callable[[str], Any] | None = None) -> Any:
+    if parse is not None:
+        # A field's own parser (JSON, a list): its ValueError says what is wrong, the name says where.
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            raise ValueError(f"{name}={raw!r}: {exc}") from None
     if kind is bool:
         if raw.lower() in ("1", "true", "yes", "on"):
             return True
@@ -39,13 +45,21 @@ def _field_type(cls: type, field: dataclasses.Field[Any]) -> Any:
 
 
 def parse_config(
-    cls: type[T], argv: Sequence[str] | None = None, *, prog: str | None = None, description: str | None = None
+    cls: type[T],
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str | None = None,
+    description: str | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> T:
-    """Build `cls` from defaults < STRATUS_<FIELD> environment variables < --field flags.
+    """Build `cls` from defaults < STRATUS_<FIELD> environment variables (`environ`, else os.environ) < flags.
 
-    Each field's help text is its `metadata["help"]`; that is the documentation of the variable.
+    Each field's help text is its `metadata["help"]`; that is the documentation of the variable. A field
+    whose value is not built from one string by its type (a JSON object, a list) names its parser in
+    `metadata["parse"]`.
     """
     assert dataclasses.is_dataclass(cls)
+    environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(prog=prog, description=description)
     values: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
@@ -53,13 +67,14 @@ def parse_config(
         env = env_name(field.name)
         flag = "--" + field.name.replace("_", "-")
         help_text = f"{field.metadata.get('help', '')} [env {env}]"
-        if env in os.environ:
-            values[field.name] = _convert(kind, os.environ[env], env)
+        parse = field.metadata.get("parse")
+        if env in environ:
+            values[field.name] = _convert(kind, environ[env], env, parse)
         choices = field.metadata.get("choices")
         if kind is bool:
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(flag, dest=field.name, type=kind, choices=choices, help=help_text)
+            parser.add_argument(flag, dest=field.name, type=parse or kind, choices=choices, help=help_text)
     args = parser.parse_args(argv)
     for field in dataclasses.fields(cls):
         given = getattr(args, field.name)

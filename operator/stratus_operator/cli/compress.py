@@ -53,7 +53,8 @@ def job_spec_document(manifest: Any, variant: str, seed: int = 0) -> dict[str, A
 
 def run(args: argparse.Namespace) -> int:
     from stratus_workers.compress.__main__ import run as run_job
-    from stratus_workers.compress.job import EXIT_BAD_INPUT, BadInput, parse_spec
+    from stratus_workers.compress.job import BadInput, parse_spec
+    from stratus_workers.compress.spec import ExitCode
 
     try:
         try:
@@ -65,5 +66,5 @@ def run(args: argparse.Namespace) -> int:
         spec = parse_spec(job_spec_document(manifest, args.variant, args.seed))
     except BadInput as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     return run_job(spec, args.out, work_dir=args.work_dir)

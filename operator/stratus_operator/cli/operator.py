@@ -53,7 +53,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Config is read from the environment (by main.py at import and by the startup handler): flags go there.
+    # Config is read once from the environment, by main.py at import: flags go there first.
     if args.namespace:
         os.environ["STRATUS_NAMESPACES"] = ",".join(args.namespace)
     elif args.all_namespaces:
@@ -67,13 +67,11 @@ def run(args: argparse.Namespace) -> int:
 
     import kopf
 
-    from stratus_operator.config import Config
-
     for handler in logging.getLogger().handlers:
         handler.addFilter(_KopfNoise())
 
-    config = Config.from_env()
-    importlib.import_module("stratus_operator.main")  # registers the handlers
+    main_module = importlib.import_module("stratus_operator.main")  # registers the handlers
+    config = main_module.CONFIG
     namespaces = list(config.namespaces)
     log.info(
         "starting the operator",

@@ -9,7 +9,6 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from stratus_operator.handlers.handle_reconcile_llmdeployment import spec_of
 from stratus_operator.kube import JOBS, Conflict
 from stratus_operator.render import render_cleanup
 from stratus_operator.runtime import Runtime
@@ -22,8 +21,7 @@ async def delete(rt: Runtime, body: Any, logger: logging.Logger | kopf.Logger) -
     rt.set_phase((ns, name), None)
     rt.tls_checked.pop((ns, name), None)
     try:
-        dep = LLMDeployment.from_parts(name=name, namespace=ns, uid=meta.get("uid", ""),
-                                       generation=meta.get("generation"), spec=spec_of(body))
+        dep = LLMDeployment.from_body(body)
     except ValidationError:
         logger.info("invalid spec: no artifacts were ever written, nothing to clean")
         return

@@ -9,9 +9,10 @@ from typing import Any
 import kopf
 
 from stratus_operator.handlers.handle_reconcile_llmdeployment import reconcile_by_name
+from stratus_operator.indexes import Observed
+from stratus_operator.names import INSTANCE_LABEL
 from stratus_operator.observe import job_finished, ready_replicas, termination_message
-from stratus_operator.render import INSTANCE_LABEL
-from stratus_operator.runtime import Observed, Runtime
+from stratus_operator.runtime import Runtime
 
 
 def signature(kind: str, body: Mapping[str, Any]) -> tuple[Any, ...] | None:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from stratus_operator.indexes import ChildInfo
+from stratus_operator.kube import Resource
+from stratus_operator.names import GENERATION_ANNOTATION, INSTANCE_LABEL, SPEC_HASH_ANNOTATION
 from stratus_operator.observe import ready_replicas
-from stratus_operator.render import GENERATION_ANNOTATION, INSTANCE_LABEL, SPEC_HASH_ANNOTATION
-from stratus_operator.runtime import ChildInfo
 
 
-def index_child(body: Any, namespace: str | None, *, api_version: str, kind: str) -> dict[tuple[str, str], ChildInfo]:
-    # kind comes from the registration: list responses of a real API server omit it on items.
+def index_child(body: Any, namespace: str | None, resource: Resource) -> dict[tuple[str, str], ChildInfo]:
+    # apiVersion and kind come from the registration: list responses of a real API server omit them on items.
+    api_version, kind = resource.api_version, resource.kind
     meta = body.get("metadata") or {}
     instance = (meta.get("labels") or {}).get(INSTANCE_LABEL)
     if not instance:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from stratus_operator.indexes import PodHold
+from stratus_operator.names import INSTANCE_LABEL, JOB_NAME_LABELS, MANAGED_BY, MANAGED_BY_LABEL
 from stratus_operator.observe import termination_message
 from stratus_operator.placement import NodeView, node_view, pod_node_requests
-from stratus_operator.render import INSTANCE_LABEL, MANAGED_BY, MANAGED_BY_LABEL
-from stratus_operator.runtime import PodHold
-
-JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
 
 
 def index_node(body: Any, name: str, gpu_resource: str) -> dict[str, NodeView]:

@@ -48,8 +48,8 @@ async def _serve_metrics(port: int) -> web.AppRunner:
     return runner
 
 
-async def startup(*, settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
-    config = Config.from_env()
+async def startup(*, config: Config, settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+    """Configure kopf and keep the Runtime in memo; `config` is the one main.py read at import."""
     configure(settings, config)
 
     def credentials() -> kopf.ConnectionInfo:
@@ -58,7 +58,7 @@ async def startup(*, settings: kopf.OperatorSettings, memo: Any, **_: Any) -> No
             raise RuntimeError("no Kubernetes credentials yet (the login handler has not run)")
         return info  # type: ignore[no-any-return]
 
-    memo.runtime = Runtime(config=config, kube=Kube(credentials), options=config.render_options())
+    memo.runtime = Runtime.from_config(config, Kube(credentials))
     if config.metrics_port:
         memo.metrics_runner = await _serve_metrics(config.metrics_port)
         log.info("metrics on :%d/metrics", config.metrics_port)

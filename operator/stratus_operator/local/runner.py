@@ -1,4 +1,8 @@
-"""Local executor: applies the planner's output to processes on this machine (what `stratus up` runs)."""
+"""Local executor: binds the planner's logical plan to processes on this machine (what `stratus up` runs).
+
+A model reference becomes a path in the work directory (or the source itself), a backend name a loopback
+port; the command lines are the same ones `render` puts in pods (`stratus_operator.commands`).
+"""
 
 from __future__ import annotations
 
@@ -21,12 +25,21 @@ import torch
 import yaml
 from pydantic import ValidationError
 
+from stratus_operator.commands import RouterFlags, ServeFlags, compress_command, router_config
 from stratus_operator.placement import ClusterView
-from stratus_operator.planner import ARTIFACTS_DIR, CompressionResult, Plan, ResultParseError, plan
+from stratus_operator.planner import (
+    Artifact,
+    CompressionJobPlan,
+    CompressionResult,
+    ModelRef,
+    Plan,
+    ResultParseError,
+    plan,
+    plan_jobs,
+)
 from stratus_operator.spec import LLMDeployment
 from stratus_workers.client import Client
 from stratus_workers.models.loader import cache_dir
-from stratus_workers.router.config import Backend
 from stratus_workers.security import TLSFiles, local_pki
 
 log = logging.getLogger(__name__)
@@ -114,23 +127,26 @@ class LocalRunner:
 
     # -- compression ------------------------------------------------------------------------
 
-    def local_artifact(self, path: str, spec_hash: str) -> Path:
-        relative = Path(path).relative_to(ARTIFACTS_DIR)
-        return self.artifacts / f"{relative}-{spec_hash}"
+    def artifact_dir(self, artifact: Artifact) -> Path:
+        """Where a variant's artifact lives here: one directory per recipe, so a new recipe never reuses it."""
+        return self.artifacts / f"{artifact.variant}-{artifact.spec_hash}"
+
+    def model_path(self, ref: ModelRef) -> str:
+        """Bind a plan's model reference: an artifact's directory, or the source (the worker resolves it)."""
+        return str(self.artifact_dir(ref)) if isinstance(ref, Artifact) else ref.uri
 
     def compress(self) -> dict[str, CompressionResult]:
-        """Run every compression job of the plan (reusing finished artifacts of the same recipe)."""
-        first = plan(self.deployment, ClusterView.local(), {})
+        """Run every compression job of the deployment (reusing finished artifacts of the same recipe)."""
         results: dict[str, CompressionResult] = {}
-        for job in first.compression_jobs:
-            artifact = self.local_artifact(job.artifact_path, job.spec_hash)
+        for job in plan_jobs(self.deployment):
+            artifact = self.artifact_dir(Artifact(job.variant, job.spec_hash))
             summary = artifact.with_name(artifact.name + ".summary.json")
             started = time.monotonic()
             result = self._cached(summary, artifact, job.variant, job.spec_hash)
             cached = result is not None
             if result is None:
                 self.say(f"compress  {job.variant:<10} {job.spec.compression.summary} (runs once; cached after)")
-                result = self._run_job(job.variant, job.spec_json(), artifact, summary, job.spec_hash)
+                result = self._run_job(job, artifact, summary)
             results[job.variant] = result
             self.outcomes.append(JobOutcome(job.variant, result, artifact, cached, time.monotonic() - started))
             self.say(self._describe(result, cached, time.monotonic() - started))
@@ -141,7 +157,7 @@ class LocalRunner:
         if not summary.is_file():
             return None
         try:
-            result = CompressionResult.from_summary(summary.read_text(), name=variant, spec_hash=spec_hash)
+            result = CompressionResult.from_output(summary.read_text(), name=variant, spec_hash=spec_hash)
         except (OSError, ResultParseError):
             return None
         if result.status == "rejected" or (result.accepted and (artifact / "manifest.json").is_file()):
@@ -151,37 +167,30 @@ class LocalRunner:
     @staticmethod
     def _describe(result: CompressionResult, cached: bool, seconds: float) -> str:
         figures = []
-        if result.size_bytes:
-            figures.append(f"{result.size_bytes / 2**20:.0f} MiB")
-        if result.perplexity_increase is not None:
-            figures.append(f"ppl {result.perplexity_increase:+.1%}")
-        if result.tokens_per_second:
-            figures.append(f"{result.tokens_per_second:.0f} tok/s")
-        if result.agreement is not None:
-            figures.append(f"agreement {result.agreement:.0%}")
+        summary = result.summary
+        if summary.size_bytes:
+            figures.append(f"{summary.size_bytes / 2**20:.0f} MiB")
+        if summary.perplexity_increase is not None:
+            figures.append(f"ppl {summary.perplexity_increase:+.1%}")
+        if summary.tokens_per_second:
+            figures.append(f"{summary.tokens_per_second:.0f} tok/s")
+        if summary.agreement is not None:
+            figures.append(f"agreement {summary.agreement:.0%}")
         if result.reasons and not result.accepted:
             figures.append("; ".join(result.reasons))
         when = "cached" if cached else f"{seconds:.0f} s"
         return f"compress  {result.name:<10} {result.status} ({when}): {', '.join(figures)}"
 
-    def _run_job(
-        self, variant: str, spec_json: str, artifact: Path, summary: Path, spec_hash: str
-    ) -> CompressionResult:
+    def _run_job(self, job: CompressionJobPlan, artifact: Path, summary: Path) -> CompressionResult:
+        variant = job.variant
         self.logs.mkdir(parents=True, exist_ok=True)
         artifact.parent.mkdir(parents=True, exist_ok=True)
         spec_path = self.work_dir / f"{variant}.spec.json"
-        spec_path.write_text(spec_json)
+        spec_path.write_text(job.spec.model_dump_json(by_alias=True, indent=2))
         summary.unlink(missing_ok=True)
         command = [
-            self.python,
-            "-m",
-            "stratus_workers.compress",
-            "--spec",
-            str(spec_path),
-            "--out",
-            str(artifact),
-            "--termination-log",
-            str(summary),
+            *compress_command(spec=str(spec_path), out=str(artifact), termination_log=str(summary),
+                              python=self.python),
             "--log-format",
             "text",  # its stage lines and progress bars are what the user watches
         ]
@@ -190,7 +199,7 @@ class LocalRunner:
             # Progress bars go to the terminal (stderr); the JSON log lines and the summary to the log.
             proc = subprocess.run(command, stdout=log_file, stderr=None, check=False)
         try:
-            result = CompressionResult.from_summary(summary.read_text(), name=variant, spec_hash=spec_hash)
+            result = CompressionResult.from_output(summary.read_text(), name=variant, spec_hash=job.spec_hash)
         except (OSError, ResultParseError) as exc:
             raise LocalRunError(
                 f"compression of {variant} failed (exit {proc.returncode}) without a summary: {exc}; log: {log_path}"
@@ -222,18 +231,16 @@ class LocalRunner:
         addresses: dict[str, str] = {}
         for server in self.plan.servers:
             port, http_port = free_port(), free_port()
-            model = server.flags.model
+            model = self.model_path(server.model)
             detail = model
             if server.variant is not None:
-                job = next(j for j in self.plan.compression_jobs if j.variant == server.variant)
-                model = str(self.local_artifact(job.artifact_path, job.spec_hash))
-                detail = f"variant {server.variant}: {job.spec.compression.summary}"
-            flags = dataclasses.replace(server.flags, host="127.0.0.1", port=port, http_port=http_port, model=model)
+                detail = f"variant {server.variant}: {self.plan.job(server.variant).spec.compression.summary}"
+            flags = ServeFlags.of(server, model=model, host="127.0.0.1", port=port, http_port=http_port)
             if local_cpu:
                 # No GPU here: bf16 matmuls on a CPU are slower than fp32, so run what the CPU is good at.
                 flags = dataclasses.replace(flags, dtype="auto", device="cpu")
-                if server.flags.dtype not in ("auto", "float32"):
-                    detail += f"; asked {server.flags.dtype} on {server.flags.device}, float32 on this CPU"
+                if server.dtype not in ("auto", "float32"):
+                    detail += f"; asked {server.dtype} on {server.device}, float32 on this CPU"
             command = [*flags.command(self.python), "--log-format", "json", *tls_args]
             proc, log_path = self._spawn(server.tier, server.name, command)
             address = f"127.0.0.1:{port}"
@@ -243,15 +250,13 @@ class LocalRunner:
         router = self.plan.router
         if router is None:
             raise LocalRunError("the plan has no servers to route to: " + "; ".join(self.plan.notes))
-        backends = [Backend(name=b.name, address=addresses[b.name], tier=b.tier) for b in router.config.backends]
-        config = router.config.model_copy(update={"backends": backends, "tokenizer": self.deployment.spec.model.source})
+        config = router_config(self.plan, router, address=addresses.__getitem__,
+                               tokenizer=self.model_path(router.tokenizer))
         config_path = self.work_dir / "router.json"
         config_path.write_text(config.model_dump_json(by_alias=True, indent=2))
         port = self.router_port or free_port()
         http_port = self.http_port or free_port()
-        router_flags = dataclasses.replace(
-            router.flags, config=str(config_path), host="127.0.0.1", port=port, http_port=http_port
-        )
+        router_flags = RouterFlags(config=str(config_path), host="127.0.0.1", port=port, http_port=http_port)
         command = [*router_flags.command(self.python), "--log-format", "json", *tls_args]
         proc, log_path = self._spawn("router", router.name, command)
         self.children.append(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 from typing import Any
 
 import pytest
@@ -12,18 +11,19 @@ import yaml
 from kube_emulator import CONFIGMAPS, DEPLOYMENTS, EVENTS, JOBS, LLMD, NODES, PODS, SECRETS, SERVICES, Emulator
 from operator_harness import ROOT, OperatorProcess, eventually
 
-from stratus_workers.compress.spec import CompressionJobSpec
+from stratus_workers.compress.spec import CompressionJobSpec, CompressionSummary
 from stratus_workers.router.config import RouterConfig
 
 pytestmark = pytest.mark.integration
 
 NS = "default"
 INSTANCE = "app.kubernetes.io/instance"
-SUMMARY = {
-    "name": "int8", "status": "accepted", "reasons": [], "recipe": "quantize:int8-weight",
-    "artifact": "/artifacts/int8", "bytes": 180_000_000, "sizeRatio": 0.27, "perplexity": 13.2,
-    "fullPerplexity": 12.9, "perplexityIncrease": 0.0233, "tokensPerSecond": 41.5, "agreement": 0.94,
-}
+# What the worker would write (the contract test, tests/unit/operator/test_compression_contract.py, runs the real one).
+SUMMARY = CompressionSummary(
+    name="int8", status="accepted", recipe="quantize:int8-weight", artifact="/artifacts/int8", size_bytes=180_000_000,
+    size_ratio=0.27, perplexity=13.2, full_perplexity=12.9, perplexity_increase=0.0233, tokens_per_second=41.5,
+    agreement=0.94,
+)
 
 
 def sample() -> dict[str, Any]:
@@ -195,7 +195,7 @@ async def test_lifecycle_apply_compress_place_ready_replan_restart_delete(
         secret["metadata"]["resourceVersion"]  # type: ignore[index]
 
     # --- act as the Job controller: the summary arrives through the pod's termination message ---
-    await finish_job(emu, job, json.dumps(SUMMARY))
+    await finish_job(emu, job, SUMMARY.to_json())
     edge = await eventually(lambda: emu.read(DEPLOYMENTS, NS, "smollm2-edge-int8"), what="the edge Deployment",
                             logs=operator.logs)
     pod = edge["spec"]["template"]["spec"]
@@ -331,8 +331,9 @@ async def test_gate_rejection_degrades_to_the_cloud(emulator: Emulator, operator
     manifest["metadata"]["name"] = "strict"
     await emu.create_obj(LLMD, NS, manifest)
     job = (await eventually(lambda: owned(emu, JOBS, "strict"), what="the Job", logs=operator.logs))[0]
-    rejected = {**SUMMARY, "status": "rejected", "reasons": ["perplexity +9.0% exceeds the gate's +5.0%"]}
-    await finish_job(emu, job, json.dumps(rejected), failed=True)
+    verdict = ["perplexity +9.0% exceeds the gate's +5.0%"]
+    rejected = SUMMARY.model_copy(update={"status": "rejected", "reasons": verdict})
+    await finish_job(emu, job, rejected.to_json(), failed=True)
     await eventually(lambda: len(owned(emu, DEPLOYMENTS, "strict")) == 2, what="cloud and router")
     await roll_out_until(emu, "Degraded", "strict", what="phase Degraded", logs=operator.logs)
     conds = conditions(emu, "strict")

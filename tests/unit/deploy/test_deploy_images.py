@@ -106,11 +106,11 @@ def test_workers_image_bakes_the_converted_bundled_model() -> None:
 
 def test_exposed_ports_are_the_ones_the_code_serves() -> None:
     config = pytest.importorskip("stratus_operator.config")
-    planner = pytest.importorskip("stratus_operator.planner")
+    names = pytest.importorskip("stratus_operator.names")
     exposed = {name: {int(p) for op, args in instructions(path) if op == "EXPOSE" for p in args.split()}
                for name, path in DOCKERFILES.items()}
     assert exposed["operator"] == {config.Config.health_port, config.Config.metrics_port}
-    assert exposed["workers"] == {planner.GRPC_PORT, planner.HTTP_PORT}
+    assert exposed["workers"] == set(names.PORTS.values())
 
 
 def test_image_names_agree_everywhere(chart: Any) -> None:

@@ -9,6 +9,11 @@ import pytest
 import yaml
 from chart_support import DEPLOY_DIR
 
+from stratus_operator.placement import ClusterView
+from stratus_operator.planner import CompressionResult, plan
+from stratus_operator.spec import LLMDeployment
+from stratus_workers.compress.spec import CompressionSummary
+
 pytestmark = pytest.mark.unit
 
 KIND_CONFIG = DEPLOY_DIR / "kind" / "cluster.yaml"
@@ -85,26 +90,23 @@ def _edge_samples() -> list[Path]:
 
 @pytest.mark.parametrize("sample", _edge_samples(), ids=lambda p: p.stem)
 def test_operator_places_every_edge_variant_on_the_kind_edge_nodes(sample: Path, chart: Any) -> None:
-    planner = pytest.importorskip("stratus_operator.planner")
-    placement = pytest.importorskip("stratus_operator.placement")
-    spec = pytest.importorskip("stratus_operator.spec")
     manifest = yaml.safe_load(sample.read_text())
     manifest["metadata"].update(namespace="default", uid="0000-test")
     try:
-        deployment = spec.LLMDeployment.from_manifest(manifest)
+        deployment = LLMDeployment.from_manifest(manifest)
     except ValueError:
         pytest.skip("not a valid LLMDeployment; test_deploy_samples.py reports why")
     # As the chart-installed operator does: variants without their own nodeSelector / tolerations
     # get the chart's edge defaults (STRATUS_EDGE_NODE_SELECTOR / STRATUS_EDGE_TOLERATIONS).
     edge = chart.values["edge"]
-    deployment = planner.with_edge_defaults(deployment, node_selector=edge["nodeSelector"],
-                                            tolerations=tuple(edge["tolerations"]))
-    results = {v.name: planner.CompressionResult(name=v.name, status="accepted", size_bytes=150 * 2**20)
+    deployment = deployment.with_edge_defaults(node_selector=edge["nodeSelector"],
+                                               tolerations=tuple(edge["tolerations"]))
+    results = {v.name: CompressionResult(CompressionSummary(name=v.name, status="accepted", size_bytes=150 * 2**20))
                for v in deployment.spec.edge.variants}
-    plan = planner.plan(deployment, placement.ClusterView.from_objects(kind_nodes()), results)
+    p = plan(deployment, ClusterView.from_objects(kind_nodes()), results)
     edge_nodes = {n["metadata"]["name"] for n in _with_labels(chart.values["edge"]["nodeSelector"])}
-    for variant in plan.variants:
-        server = next(s for s in plan.servers if s.variant == variant.name)
+    for variant in p.variants:
+        server = next(s for s in p.servers if s.variant == variant.name)
         assert server.placement.nodes, f"{variant.name}: {server.placement}"
         assert set(server.placement.nodes) <= edge_nodes
 

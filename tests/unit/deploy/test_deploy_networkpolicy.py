@@ -9,11 +9,14 @@ import pytest
 import yaml
 from chart_support import DEPLOY_DIR, Manifest, Render
 
+from stratus_operator.placement import ClusterView
+from stratus_operator.planner import CompressionResult, plan
+from stratus_operator.render import RenderOptions, render_plan
+from stratus_operator.spec import LLMDeployment
+from stratus_workers.compress.spec import CompressionSummary
+
 pytestmark = pytest.mark.unit
 
-planner = pytest.importorskip("stratus_operator.planner", reason="the operator's planner is not written yet")
-placement = pytest.importorskip("stratus_operator.placement")
-spec = pytest.importorskip("stratus_operator.spec")
 
 SAMPLE_NAMESPACE = "team-a"
 
@@ -39,12 +42,12 @@ def _rendered_pods(sample: Path) -> dict[str, Manifest]:
     """component label -> pod template, for the sample planned on one machine with its variants accepted."""
     manifest = yaml.safe_load(sample.read_text())
     manifest["metadata"].update(namespace=SAMPLE_NAMESPACE, uid="0000-test")
-    deployment = spec.LLMDeployment.from_manifest(manifest)
-    results = {v.name: planner.CompressionResult(name=v.name, status="accepted", size_bytes=150 * 2**20)
+    deployment = LLMDeployment.from_manifest(manifest)
+    results = {v.name: CompressionResult(CompressionSummary(name=v.name, status="accepted", size_bytes=150 * 2**20))
                for v in deployment.spec.edge.variants}
-    plan = planner.plan(deployment, placement.ClusterView.local(), results)
+    p = plan(deployment, ClusterView.local(), results)
     pods: dict[str, Manifest] = {}
-    for obj in planner.render(plan, deployment):
+    for obj in render_plan(p, deployment, RenderOptions()):
         if obj["kind"] == "Deployment":
             template = obj["spec"]["template"]
             pods[template["metadata"]["labels"]["app.kubernetes.io/component"]] = template

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -9,16 +10,17 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from samples import ROOT, SAMPLES, all_accepted
 
-from stratus_operator.placement import Resources
-from stratus_operator.planner import ClusterView, CompressionResult, NodeView, plan, render
-from stratus_operator.render import RenderOptions, render_cleanup
+from stratus_operator.placement import ClusterView, NodeView, Resources
+from stratus_operator.planner import Plan, plan
+from stratus_operator.render import RenderOptions, render_cleanup, render_plan
 from stratus_operator.spec import LLMDeployment
+from stratus_workers.compress.spec import CompressionJobSpec
+from stratus_workers.router.config import RouterConfig
 
 pytestmark = pytest.mark.unit
 
-ROOT = Path(__file__).resolve().parents[3]
-SAMPLES = sorted((ROOT / "deploy" / "samples").glob("*.yaml"))
 K8S_VERSION = "1.31"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 NODES = ClusterView(tuple(NodeView(f"edge-{i}", {"stratus.dev/edge": "true", "kubernetes.io/hostname": f"h{i}"}, (),
@@ -32,9 +34,8 @@ def load(path: Path, **spec_changes: Any) -> LLMDeployment:
     return LLMDeployment.from_manifest(m)
 
 
-def all_accepted(d: LLMDeployment) -> dict[str, CompressionResult]:
-    return {v.name: CompressionResult(name=v.name, status="accepted", size_bytes=100_000_000)
-            for v in d.spec.edge.variants}
+def render(p: Plan, d: LLMDeployment, options: RenderOptions | None = None) -> list[dict[str, Any]]:
+    return render_plan(p, d, options or RenderOptions())
 
 
 def rendered(d: LLMDeployment, options: RenderOptions | None = None) -> list[dict[str, Any]]:
@@ -215,15 +216,7 @@ def test_render_options_reach_the_pods() -> None:
 
 
 def test_tensor_parallel_cloud_pod_gets_flag_gpus_and_shared_memory() -> None:
-    from pathlib import Path
-
-    import yaml
-
-    from stratus_operator.placement import ClusterView
-    from stratus_operator.planner import plan, render
-    from stratus_operator.spec import LLMDeployment
-
-    manifest = yaml.safe_load((Path(__file__).resolve().parents[3] / "deploy/samples/smollm2.yaml").read_text())
+    manifest = yaml.safe_load((ROOT / "deploy/samples/smollm2.yaml").read_text())
     manifest["spec"]["cloud"].update({"gpusPerPod": 2, "tensorParallel": 2})
     deployment = LLMDeployment.from_manifest(manifest)
     objects = render(plan(deployment, ClusterView.local(), {}), deployment)
@@ -235,3 +228,19 @@ def test_tensor_parallel_cloud_pod_gets_flag_gpus_and_shared_memory() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] in ("2", 2)
     assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+
+
+def test_rendered_job_and_configs_are_what_the_workers_read() -> None:
+    d = load(ROOT / "deploy" / "samples" / "smollm2.yaml")
+    objects = rendered(d)
+    job = next(o for o in objects if o["kind"] == "Job")
+    spec_cm = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == job["metadata"]["name"])
+    spec = CompressionJobSpec.model_validate(json.loads(spec_cm["data"]["spec.json"]))
+    assert spec.name == "int8" and spec.model_source == "bundled://smollm2-135m-instruct"
+    router_cm = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "smollm2-router")
+    config = RouterConfig.model_validate(json.loads(router_cm["data"]["router.json"]))
+    # render binds the plan's backend names to Service DNS names and their gRPC port.
+    assert {(b.name, b.address, b.tier) for b in config.backends} == {
+        ("smollm2-cloud", "smollm2-cloud.team-a.svc:50051", "cloud"),
+        ("smollm2-edge-int8", "smollm2-edge-int8.team-a.svc:50051", "edge")}
+    assert config.routing.policy == "cascade"

@@ -1,9 +1,7 @@
-"""Pod security of every rendered pod, mTLS and bearer-token wiring, the router's tokenizer, the TLS Secret."""
+"""Pod security of every rendered pod, mTLS and bearer-token wiring, the router's tokenizer."""
 
 from __future__ import annotations
 
-import base64
-import datetime
 import itertools
 from pathlib import Path
 from typing import Any
@@ -11,20 +9,19 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from samples import ROOT, SAMPLES, all_accepted
 
-from stratus_operator.planner import ClusterView, CompressionResult, plan, render
+from stratus_operator.placement import ClusterView
+from stratus_operator.planner import Plan, Source, plan
 from stratus_operator.render import RenderOptions, SecretRefs, render_cleanup, render_plan
 from stratus_operator.spec import LLMDeployment
-from stratus_operator.tls import check_secret, dialled_hosts, issue_secret, service_hosts
 from stratus_workers.router.config import RouterConfig
 from stratus_workers.router.server import RouterSettings
-from stratus_workers.serve.server import ServerConfig
+from stratus_workers.serve.server import ServerSettings
 from stratus_workers.settings import parse_config
 
 pytestmark = pytest.mark.unit
 
-ROOT = Path(__file__).resolve().parents[3]
-SAMPLES = sorted((ROOT / "deploy" / "samples").glob("*.yaml"))
 SOURCES = ["bundled://smollm2-135m-instruct", "s3://bucket/models/smol", "hf://HuggingFaceTB/SmolLM2-135M-Instruct",
            "pvc://models-claim/smollm2", "/opt/models/smol"]
 STORAGES: list[dict[str, Any]] = [{}, {"objectStore": {"url": "s3://models/stratus", "secretName": "s3-creds"}},
@@ -41,8 +38,12 @@ def load(path: Path = ROOT / "deploy" / "samples" / "smollm2.yaml", **spec: Any)
     return LLMDeployment.from_manifest(m)
 
 
+def render(p: Plan, d: LLMDeployment, options: RenderOptions | None = None) -> list[dict[str, Any]]:
+    return render_plan(p, d, options or RenderOptions())
+
+
 def every_object(d: LLMDeployment, options: RenderOptions) -> list[dict[str, Any]]:
-    accepted = {v.name: CompressionResult(v.name, "accepted", size_bytes=10**8) for v in d.spec.edge.variants}
+    accepted = all_accepted(d)
     objects = render(plan(d, ClusterView.local(), accepted), d, options) + render(plan(d, ClusterView.local(), {}),
                                                                                   d, options)
     return objects + render_cleanup(d, options)
@@ -107,8 +108,8 @@ def flag(command: list[str], name: str) -> str:
 
 def test_mtls_flags_and_mounts_parse_with_the_workers() -> None:
     d = load(security={"clientTls": True, "clientTokens": {"secretName": "device-tokens", "key": "list"}})
-    objects = render_plan(plan(d, ClusterView.local(), {"int8": CompressionResult("int8", "accepted", size_bytes=1)}),
-                          d, RenderOptions(), SecretRefs("smollm2-tls", "abcd"))
+    objects = render_plan(plan(d, ClusterView.local(), all_accepted(d)), d, RenderOptions(),
+                          SecretRefs("smollm2-tls", "abcd"))
     deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
     assert set(deployments) == {"smollm2-cloud", "smollm2-edge-int8", "smollm2-router"}
     for name, dep in deployments.items():
@@ -133,7 +134,7 @@ def test_mtls_flags_and_mounts_parse_with_the_workers() -> None:
             mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "tokens")
             assert "subPath" not in mount  # a subPath mount would never see a rotated Secret
         else:
-            config = parse_config(ServerConfig, command[3:])
+            config = parse_config(ServerSettings, command[3:])
             assert config.tls_cert == "/etc/stratus-tls/tls.crt" and config.tls_ca == "/etc/stratus-tls/ca.crt"
 
 
@@ -163,8 +164,8 @@ def test_mtls_off_and_default_secret_name() -> None:
 ])
 def test_router_gets_the_models_tokenizer(source: str, tokenizer: str, init: str | None) -> None:
     d = load(model={"source": source}, routing={"policy": "speculative"})
-    p = plan(d, ClusterView.local(), {"int8": CompressionResult("int8", "accepted", size_bytes=1)})
-    assert p.router is not None and p.router.config.tokenizer == source  # the planner names the model
+    p = plan(d, ClusterView.local(), all_accepted(d))
+    assert p.router is not None and p.router.tokenizer == Source(source)  # the planner names the model
     objects = render(p, d)
     cm = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "smollm2-router")
     assert RouterConfig.model_validate_json(cm["data"]["router.json"]).tokenizer == tokenizer
@@ -178,56 +179,3 @@ def test_router_gets_the_models_tokenizer(source: str, tokenizer: str, init: str
     if source.startswith("pvc://"):
         assert {"name": "model-source", "mountPath": "/models/models-claim", "readOnly": True} in pod["containers"][0][
             "volumeMounts"]
-
-
-NOW = datetime.datetime.now(datetime.UTC)
-
-
-def test_issued_secret_is_owned_covers_every_service_and_is_reused() -> None:
-    d = load()
-    secret = issue_secret(d, RenderOptions())
-    kubernetes_validate.validate(secret, "1.31", strict=True)
-    assert secret["type"] == "kubernetes.io/tls" and secret["metadata"]["name"] == "smollm2-tls"
-    assert secret["metadata"]["ownerReferences"][0]["uid"] == d.metadata.uid
-    hosts = service_hosts(d)
-    assert "smollm2-edge-int8.team-a.svc" in hosts and "smollm2-router.team-a.svc.cluster.local" in hosts
-    verdict = check_secret(secret, hosts, NOW)
-    assert verdict.ok and len(verdict.content_hash) == 16
-    # A new variant is a Service the certificate does not cover yet: renewed under the same CA.
-    more = load(edge={"variants": [{"name": "int8"}, {"name": "int4"}]})
-    stale = check_secret(secret, service_hosts(more), NOW)
-    assert not stale.ok and "smollm2-edge-int4" in stale.problem
-    renewed = issue_secret(more, RenderOptions(), secret)
-    assert renewed["data"]["ca.crt"] == secret["data"]["ca.crt"] and renewed["data"]["tls.crt"] != secret["data"][
-        "tls.crt"]
-    assert check_secret(renewed, service_hosts(more), NOW).ok
-
-
-def test_check_secret_names_what_is_wrong() -> None:
-    d = load()
-    good = issue_secret(d, RenderOptions())
-    other = issue_secret(d, RenderOptions())
-    assert check_secret(None, None, NOW).problem == "not found"
-    missing = {"data": {k: v for k, v in good["data"].items() if k != "ca.crt"}}
-    assert "lacks ca.crt" in check_secret(missing, None, NOW).problem
-    wrong_ca = {"data": {**good["data"], "ca.crt": other["data"]["ca.crt"]}}
-    assert "not signed by ca.crt" in check_secret(wrong_ca, None, NOW).problem
-    wrong_key = {"data": {**good["data"], "tls.key": other["data"]["tls.key"]}}
-    assert "does not belong" in check_secret(wrong_key, None, NOW).problem
-    garbage = {"data": {**good["data"], "tls.crt": base64.b64encode(b"not a pem").decode()}}
-    assert "unreadable" in check_secret(garbage, None, NOW).problem
-    assert "expires" in check_secret(good, None, NOW + datetime.timedelta(days=360)).problem
-    # A user's wildcard certificate covers the names the router dials.
-    assert dialled_hosts(d) == ["smollm2-cloud.team-a.svc", "smollm2-edge-int8.team-a.svc"]
-
-
-def test_a_users_wildcard_certificate_is_accepted(tmp_path: Path) -> None:
-    from stratus_workers.security import issue_ca, issue_cert
-
-    ca, ca_key = issue_ca(tmp_path)
-    cert, key = issue_cert(tmp_path, "corp", ca, ca_key, ["*.team-a.svc"])
-    data = {"tls.crt": cert, "tls.key": key, "ca.crt": ca}
-    secret = {"data": {k: base64.b64encode(p.read_bytes()).decode() for k, p in data.items()}}
-    d = load()
-    assert check_secret(secret, dialled_hosts(d), NOW).ok
-    assert not check_secret(secret, ["smollm2-cloud.team-b.svc"], NOW).ok

@@ -164,3 +164,36 @@ def test_defaults_fill_a_minimal_spec() -> None:
     assert dumped["cloud"]["serving"]["maxBatchSize"] == 8
     again = LLMDeploymentSpec.model_validate(copy.deepcopy(dumped))
     assert again == d.spec
+
+
+def test_from_body_reads_what_kopf_hands_over() -> None:
+    body = {**_sample(), "metadata": {"name": "m", "namespace": "ns", "uid": "u", "generation": 7,
+                                      "resourceVersion": "12"}, "status": {"phase": "Ready"}}
+    d = LLMDeployment.from_body(body)
+    assert (d.metadata.name, d.metadata.namespace, d.metadata.uid, d.metadata.generation) == ("m", "ns", "u", 7)
+    assert d.status is None  # the operator's own status is not an input
+    assert LLMDeployment.from_body({**body, "metadata": {"name": "m"}}).metadata.namespace == "default"
+    with pytest.raises(ValidationError, match=r"spec\.model\n  Field required"):
+        LLMDeployment.from_body({"metadata": {"name": "m"}, "spec": "not an object"})
+
+
+def test_an_unknown_bundled_model_is_named() -> None:
+    doc = _sample()
+    doc["spec"]["model"]["source"] = "bundled://gpt-5"
+    with pytest.raises(ValidationError, match="unknown bundled model 'gpt-5'; bundled models: smollm2-135m-instruct"):
+        LLMDeployment.from_manifest(doc)
+
+
+def test_edge_defaults_fill_variants_that_set_none() -> None:
+    doc = _sample()
+    del doc["spec"]["edge"]["variants"][0]["nodeSelector"]
+    tolerations = [{"key": "edge", "operator": "Exists", "effect": "NoSchedule"}]
+    d = LLMDeployment.from_manifest(doc).with_edge_defaults(node_selector={"node-role/edge": "yes"},
+                                                            tolerations=tolerations)
+    variant = d.spec.edge.variants[0]
+    assert variant.node_selector == {"node-role/edge": "yes"} and variant.tolerations[0].key == "edge"
+    # A variant's own selector wins over the cluster default.
+    own = LLMDeployment.from_manifest(_sample()).with_edge_defaults(node_selector={"x": "y"}, tolerations=())
+    assert own.spec.edge.variants[0].node_selector == {"stratus.dev/edge": "true"}
+    plain = LLMDeployment.from_manifest(_sample())
+    assert plain.with_edge_defaults(node_selector={}, tolerations=()) is plain

@@ -10,20 +10,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.api import inference_pb2_grpc as pb_grpc
+from stratus_workers.protocol.names import FINISH_FROM_PB, POLICIES, TIER_FROM_PB, policy_value, tier_value
 
-POLICIES = {
-    "cloud-only": pb.ROUTING_POLICY_CLOUD_ONLY,
-    "edge-only": pb.ROUTING_POLICY_EDGE_ONLY,
-    "cascade": pb.ROUTING_POLICY_CASCADE,
-}
-TIER_NAMES = {pb.TIER_EDGE: "edge", pb.TIER_CLOUD: "cloud", pb.TIER_UNSPECIFIED: "?"}
-FINISH_NAMES = {
-    pb.FINISH_REASON_STOP: "stop",
-    pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_CANCELLED: "cancelled",
-    pb.FINISH_REASON_UNSPECIFIED: "",
-}
+# Display tables for the CLI, derived from protocol.names so they cannot drift from what the router accepts.
+TIER_NAMES: dict[pb.Tier.ValueType, str] = {pb.TIER_UNSPECIFIED: "?", **TIER_FROM_PB}
+FINISH_NAMES: dict[pb.FinishReason.ValueType, str] = {pb.FINISH_REASON_UNSPECIFIED: "", **FINISH_FROM_PB}
 Message = dict[str, str]
+
+__all__ = ["FINISH_NAMES", "POLICIES", "TIER_NAMES", "AsyncClient", "Client", "Message", "build_request"]
 
 
 def build_request(
@@ -59,9 +53,7 @@ def build_request(
     if seed is not None:
         request.seed = seed
     if policy is not None:
-        if policy not in POLICIES:
-            raise ValueError(f"unknown policy {policy!r}; use one of {', '.join(POLICIES)}")
-        request.policy = POLICIES[policy]
+        request.policy = policy_value(policy)
     return request
 
 
@@ -170,7 +162,7 @@ class AsyncClient:
         """How likely the model (at a router: the cloud tier, or `tier`) finds `continuation` as the answer."""
         request = pb.ScoreRequest(request=build_request(prompt, messages=messages), continuation=continuation)
         if tier is not None:
-            request.tier = {"edge": pb.TIER_EDGE, "cloud": pb.TIER_CLOUD}[tier]
+            request.tier = tier_value(tier)
         response: pb.ScoreResponse = await self._stub.Score(
             request, timeout=timeout or self.timeout, metadata=self._metadata
         )

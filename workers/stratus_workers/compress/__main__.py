@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from stratus_workers.compress.job import EXIT_BAD_INPUT, EXIT_FAILED, BadInput, compress, read_spec
-from stratus_workers.compress.spec import CompressionJobSpec
+from stratus_workers.compress.job import BadInput, compress, read_spec
+from stratus_workers.compress.spec import CompressionJobSpec, CompressionSummary, ExitCode
 from stratus_workers.observability import setup_logging
 
 log = logging.getLogger("stratus_workers.compress")
@@ -31,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _emit(summary: dict[str, Any], termination_log: Path | None) -> None:
-    line = json.dumps(summary, separators=(",", ":"), default=float)
+def _emit(summary: CompressionSummary, termination_log: Path | None) -> None:
+    line = summary.to_json()
     if termination_log is not None:
         try:
             termination_log.write_text(line[:4096])  # Kubernetes keeps at most 4096 bytes of it
@@ -44,7 +42,7 @@ def _emit(summary: dict[str, Any], termination_log: Path | None) -> None:
 
 def run(
     spec: CompressionJobSpec | Path, out: Path, *, work_dir: Path | None = None, termination_log: Path | None = None
-) -> int:
+) -> ExitCode:
     """Run a Job and report as a Job does (summary last on stdout, reason on stderr); returns the exit code."""
     name = ""
     try:
@@ -54,14 +52,15 @@ def run(
     except BadInput as exc:
         log.error("bad input", extra={"reason": str(exc)})
         print(f"error: {exc}", file=sys.stderr)
-        _emit({"name": name, "status": "failed", "reasons": [str(exc)]}, termination_log)
-        return EXIT_BAD_INPUT
+        _emit(CompressionSummary(name=name, status="failed", reasons=[str(exc)]), termination_log)
+        return ExitCode.BAD_INPUT
     except Exception as exc:
         log.exception("compression failed")
-        _emit({"name": name, "status": "failed", "reasons": [f"{type(exc).__name__}: {exc}"]}, termination_log)
-        return EXIT_FAILED
-    if result.summary["status"] == "rejected":
-        print("error: rejected by the quality gate: " + "; ".join(result.summary["reasons"]), file=sys.stderr)
+        reason = f"{type(exc).__name__}: {exc}"
+        _emit(CompressionSummary(name=name, status="failed", reasons=[reason]), termination_log)
+        return ExitCode.FAILED
+    if result.summary.status == "rejected":
+        print("error: rejected by the quality gate: " + "; ".join(result.summary.reasons), file=sys.stderr)
     _emit(result.summary, termination_log)
     return result.exit_code
 

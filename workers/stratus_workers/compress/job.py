@@ -20,20 +20,17 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from stratus_workers.compress import artifact as artifacts
 from stratus_workers.compress import corpus, evaluate
 from stratus_workers.compress.distill import distill
 from stratus_workers.compress.prune import check_pattern, measured_sparsity, prune_model, recover
 from stratus_workers.compress.quantize import check_group_size, quantize_model
-from stratus_workers.compress.spec import CompressionJobSpec
-from stratus_workers.models.loader import ARTIFACT_FORMAT, cache_dir, load_model
+from stratus_workers.compress.spec import CompressionJobSpec, CompressionStatus, CompressionSummary, ExitCode
+from stratus_workers.models import artifact as artifacts
+from stratus_workers.models.files import ARTIFACT_FORMAT
+from stratus_workers.models.loader import cache_dir, load_model
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_REJECTED = 3
 CORPUS_LICENCE = "text: public domain (Bible in Basic English, 1949/1964); package: MIT"
 
 
@@ -45,8 +42,8 @@ class BadInput(ValueError):
 class JobResult:
     """What the Job reports: the exit code and the one-line summary (also the manifest's core)."""
 
-    exit_code: int
-    summary: dict[str, Any]
+    exit_code: ExitCode
+    summary: CompressionSummary
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
@@ -301,7 +298,7 @@ def compress(spec: CompressionJobSpec, out: Path, *, work_dir: Path | None = Non
             }
         )
         reasons = gate_reasons(spec, figures)
-        status = "rejected" if reasons else "accepted"
+        status: CompressionStatus = "rejected" if reasons else "accepted"
         figures["artifact_bytes"] = artifacts.directory_bytes(tmp)  # before the manifest: a few KB either way
         manifest = {
             "format": ARTIFACT_FORMAT,
@@ -334,25 +331,24 @@ def compress(spec: CompressionJobSpec, out: Path, *, work_dir: Path | None = Non
     if own_work_dir:
         with contextlib.suppress(OSError):
             shutil.rmtree(work_dir)
-    summary = {
-        "name": spec.name,
-        "status": status,
-        "reasons": reasons,
-        "recipe": recipe.summary,
-        "artifact": str(out),
-        "bytes": weights,
-        "sizeRatio": round(figures["size_ratio"], 4),
-        "perplexity": round(ppl, 3),
-        "fullPerplexity": round(full_ppl, 3),
-        "perplexityIncrease": round(figures["perplexity_increase"], 4),
-        "tokensPerSecond": round(speed["variant"], 2),
-        "fullTokensPerSecond": round(speed["full"], 2),
-        "agreement": round(agree, 4),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    if recipe.pruning:
-        summary["sparsity"] = round(figures["pruning"]["sparsity"], 4)
-    return JobResult(EXIT_REJECTED if reasons else EXIT_OK, summary, manifest)
+    summary = CompressionSummary(
+        name=spec.name,
+        status=status,
+        reasons=reasons,
+        recipe=recipe.summary,
+        artifact=str(out),
+        size_bytes=weights,
+        size_ratio=round(figures["size_ratio"], 4),
+        perplexity=round(ppl, 3),
+        full_perplexity=round(full_ppl, 3),
+        perplexity_increase=round(figures["perplexity_increase"], 4),
+        tokens_per_second=round(speed["variant"], 2),
+        full_tokens_per_second=round(speed["full"], 2),
+        agreement=round(agree, 4),
+        sparsity=round(figures["pruning"]["sparsity"], 4) if recipe.pruning else None,
+        seconds=round(time.perf_counter() - started, 1),
+    )
+    return JobResult(ExitCode.REJECTED if reasons else ExitCode.OK, summary, manifest)
 
 
 def _transformers_version() -> str:

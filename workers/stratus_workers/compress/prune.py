@@ -10,8 +10,8 @@ from torch import nn
 from tqdm import tqdm
 
 from stratus_workers.compress.corpus import CorpusSlices
-from stratus_workers.compress.quantize import target_linears
 from stratus_workers.compress.spec import Pruning
+from stratus_workers.models.quantized import target_linears
 
 log = logging.getLogger(__name__)
 

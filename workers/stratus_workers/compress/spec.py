@@ -1,17 +1,19 @@
-"""The compression Job's input: one edge variant's recipe, evaluation settings and quality gate.
+"""The compression Job's contract: its input (recipe, evaluation, gate), its summary and its exit codes.
 
 These types are the single source for the `compression`, `evaluation` and `gate` fields of an
 `LLMDeployment` edge variant: the operator's spec model embeds them and the CRD schema is
-generated from them.
+generated from them. `CompressionSummary` and `ExitCode` are what the Job reports back; the worker
+writes them and the operator reads them with the same types. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from stratus_workers.schema import SpecModel
+from stratus_workers.spec_model import SpecModel
 
 
 class Quantization(SpecModel):
@@ -130,3 +132,56 @@ class CompressionJobSpec(SpecModel):
     evaluation: Evaluation = Field(default_factory=Evaluation)
     gate: QualityGate = Field(default_factory=QualityGate)
     seed: int = Field(0, ge=0)
+
+
+class ExitCode(enum.IntEnum):
+    """How `python -m stratus_workers.compress` exits; the Job's podFailurePolicy is written from these."""
+
+    OK = 0
+    # A crash (an exception, an OOM kill reads as 137): worth a retry with the Job's back-off.
+    FAILED = 1
+    # A verdict, not a flake: the spec or the model is unusable; running it again cannot help.
+    BAD_INPUT = 2
+    # A verdict: the variant did not pass its quality gate.
+    REJECTED = 3
+
+
+# The exit codes that end a Job at once instead of being retried.
+VERDICT_EXIT_CODES: tuple[ExitCode, ...] = (ExitCode.BAD_INPUT, ExitCode.REJECTED)
+
+CompressionStatus = Literal["accepted", "rejected", "failed"]
+
+
+class CompressionSummary(SpecModel):
+    """The Job's one-line JSON report: last on stdout and its termination message; the operator parses it.
+
+    A failed run carries only name, status and reasons; a finished one every figure of its evaluation.
+    """
+
+    # An operator older than its workers image reads figures it does not know: skipped, not fatal.
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(description="The edge variant (empty when the spec could not be read).")
+    status: CompressionStatus
+    reasons: list[str] = Field(default_factory=list, description="Why the gate rejected it or the run failed.")
+    recipe: str | None = Field(None, description="The recipe summary, e.g. quantize:int8-weight.")
+    artifact: str | None = Field(None, description="The artifact directory the Job wrote.")
+    # "bytes" on the wire, as in the artifact manifest's figures.
+    size_bytes: int | None = Field(None, alias="bytes", ge=0, description="Weight bytes of the artifact.")
+    size_ratio: float | None = Field(None, description="Size relative to the fp32 model.")
+    perplexity: float | None = None
+    full_perplexity: float | None = None
+    perplexity_increase: float | None = Field(None, description="Relative to the full model (0.05 = +5%).")
+    tokens_per_second: float | None = None
+    full_tokens_per_second: float | None = None
+    agreement: float | None = Field(None, description="Greedy agreement with the full model.")
+    sparsity: float | None = Field(None, description="Measured sparsity, for pruned variants.")
+    seconds: float | None = Field(None, description="Wall time of the whole run.")
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == "accepted"
+
+    def to_json(self) -> str:
+        """The one line the worker prints: camelCase keys, unset figures left out."""
+        return self.model_dump_json(by_alias=True, exclude_none=True)

@@ -8,7 +8,7 @@ import sys
 from pydantic import ValidationError
 
 from stratus_workers.lifecycle import run_until_signalled
-from stratus_workers.models import ModelLoadError
+from stratus_workers.models.files import ModelLoadError
 from stratus_workers.observability import setup_logging
 from stratus_workers.router.server import RouterServer, RouterSettings
 from stratus_workers.settings import parse_config

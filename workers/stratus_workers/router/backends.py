@@ -1,25 +1,48 @@
-"""The router's backends: one gRPC channel per model server, health-checked, picked by load."""
+"""The router's backends: one gRPC channel per model server, health-checked, picked by load.
+
+`BackendPool.call` and `BackendPool.stream` are the one way the router calls a tier: they pick the
+least-loaded healthy backend, count it in flight, mark it down and try the next on a backend failure,
+and raise TierUnavailable when none is left.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stratus_workers.api import inference_pb2_grpc as pb_grpc
-from stratus_workers.router.config import Backend, Tier
+from stratus_workers.protocol.errors import ProtocolError
+from stratus_workers.router.config import Backend, LinkSettings, Tier
 from stratus_workers.security import TLSFiles
+
+R = TypeVar("R")
+M = TypeVar("M", covariant=True)
+
+
+class StreamingCall(Protocol[M]):
+    """What `BackendPool.stream` needs of a server-streaming call (grpc.aio.UnaryStreamCall has it)."""
+
+    def __aiter__(self) -> AsyncIterator[M]: ...
+
+    def cancel(self) -> bool: ...
 
 log = logging.getLogger(__name__)
 
 # Codes that say "this backend cannot serve now" (try another one), as opposed to
 # "this request is bad" (another backend would refuse it too).
 BACKEND_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
+
+
+class TierUnavailable(Exception):
+    """No backend of a tier could take the call."""
 
 
 @dataclass
@@ -61,8 +84,11 @@ class BackendPool:
         check_timeout: float = 1.0,
         max_message_bytes: int = 4 << 20,
         tls: TLSFiles | None = None,
+        link: LinkSettings | None = None,
     ) -> None:
         self.tls = tls
+        self.link = link or LinkSettings()
+        self._random = random.Random()
         # Channels bind to the running event loop, so they are opened in start(), not here.
         self._configs = list(backends)
         self._options = [
@@ -97,6 +123,81 @@ class BackendPool:
     def candidates(self, tier: Tier) -> list[BackendState]:
         """Healthy backends of `tier`, least loaded first."""
         return sorted((b for b in self.tier(tier) if b.healthy), key=lambda b: (b.in_flight, b.failures))
+
+    async def _pick(self, tier: Tier, prefer: BackendState | None) -> list[BackendState]:
+        found = self.candidates(tier)
+        if not found and self.has_tier(tier):
+            # Health may be stale (a backend just came back): look again before giving up.
+            for backend in self.tier(tier):
+                await self.check(backend)
+            found = self.candidates(tier)
+        if not found:
+            raise TierUnavailable(f"no healthy {tier} backend" if self.has_tier(tier) else f"no {tier} tier")
+        if prefer is not None and prefer in found:
+            found.remove(prefer)
+            found.insert(0, prefer)
+        return found
+
+    async def _cross_link(self, tier: Tier) -> None:
+        """Wait out the simulated edge-to-cloud round trip (benchmarks only; off by default)."""
+        if tier != "cloud" or (self.link.delay_ms <= 0 and self.link.jitter_ms <= 0):
+            return
+        delay = self.link.delay_ms + self._random.uniform(-self.link.jitter_ms, self.link.jitter_ms)
+        await asyncio.sleep(max(0.0, delay) / 1e3)
+
+    async def call(
+        self, tier: Tier, rpc: Callable[[BackendState], Awaitable[R]], *, prefer: BackendState | None = None
+    ) -> tuple[R, BackendState]:
+        """`rpc` on the least-loaded healthy backend of `tier` (`prefer` first when it is healthy).
+
+        A backend failure marks that backend down and tries the next; any other error is the caller's
+        (ProtocolError with the backend's code). TierUnavailable when no backend could take the call.
+        """
+        last = ""
+        for backend in await self._pick(tier, prefer):
+            backend.in_flight += 1
+            try:
+                await self._cross_link(tier)
+                return await rpc(backend), backend
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in BACKEND_FAILURES:
+                    raise ProtocolError.from_rpc(exc) from exc
+                backend.mark_down(f"{exc.code().name}: {exc.details()}")
+                last = f"{backend.name}: {exc.details()}"
+            finally:
+                backend.in_flight -= 1
+        raise TierUnavailable(f"every {tier} backend failed (last: {last})")
+
+    async def stream(
+        self, tier: Tier, rpc: Callable[[BackendState], StreamingCall[R]]
+    ) -> AsyncIterator[tuple[BackendState, R]]:
+        """The messages of a server-streaming `rpc`, each with the backend that sent it.
+
+        Fails over like `call`, but only before the first message: once a message is out, a failure is
+        the caller's (ProtocolError), since what was sent cannot be taken back.
+        """
+        last = ""
+        for backend in await self._pick(tier, None):
+            backend.in_flight += 1
+            call: StreamingCall[R] | None = None
+            sent = False
+            try:
+                await self._cross_link(tier)
+                call = rpc(backend)
+                async for message in call:
+                    sent = True
+                    yield backend, message
+                return
+            except grpc.aio.AioRpcError as exc:
+                if sent or exc.code() not in BACKEND_FAILURES:
+                    raise ProtocolError.from_rpc(exc) from exc
+                backend.mark_down(f"{exc.code().name}: {exc.details()}")
+                last = f"{backend.name}: {exc.details()}"
+            finally:
+                backend.in_flight -= 1
+                if call is not None:
+                    call.cancel()
+        raise TierUnavailable(f"every {tier} backend failed (last: {last})")
 
     async def check(self, backend: BackendState) -> bool:
         try:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 
-from stratus_workers.schema import SpecModel
-
-Policy = Literal["cloud-only", "edge-only", "cascade", "speculative"]
-Tier = Literal["edge", "cloud"]
+from stratus_workers.protocol.names import Policy as Policy
+from stratus_workers.protocol.names import Tier as Tier
+from stratus_workers.spec_model import SpecModel
 
 
 class CascadeSettings(SpecModel):

@@ -11,15 +11,10 @@ import grpc
 from aiohttp import web
 
 from stratus_workers.api import inference_pb2 as pb
-from stratus_workers.router.router import POLICY_TO_PB, Router, RouterError
+from stratus_workers.protocol.errors import ProtocolError
+from stratus_workers.protocol.names import FINISH_FROM_PB, POLICIES, TIER_FROM_PB, policy_value
+from stratus_workers.router.router import Router
 
-FINISH = {
-    pb.FINISH_REASON_STOP: "stop",
-    pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_CANCELLED: "cancelled",
-    pb.FINISH_REASON_UNSPECIFIED: None,
-}
-TIER = {pb.TIER_EDGE: "edge", pb.TIER_CLOUD: "cloud", pb.TIER_UNSPECIFIED: None}
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400,
@@ -95,7 +90,7 @@ def request_from_body(body: Any, *, chat: bool) -> tuple[pb.GenerateRequest, boo
 
 def _stratus(route: pb.RouteInfo) -> dict[str, Any]:
     info: dict[str, Any] = {
-        "tier": TIER[route.tier],
+        "tier": TIER_FROM_PB.get(route.tier),
         "reason": route.reason,
         "backend": route.backend,
         "escalated": route.escalated,
@@ -129,9 +124,9 @@ def add_openai_routes(app: web.Application, router: Router, model_name: str) -> 
             return _error(400, str(exc))
         policy = http.headers.get("X-Stratus-Policy")
         if policy:
-            if policy not in POLICY_TO_PB:
-                return _error(400, f"X-Stratus-Policy {policy!r} is not one of {', '.join(POLICY_TO_PB)}")
-            request.policy = POLICY_TO_PB[policy]
+            if policy not in POLICIES:
+                return _error(400, f"X-Stratus-Policy {policy!r} is not one of {', '.join(POLICIES)}")
+            request.policy = policy_value(policy)
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
@@ -139,9 +134,9 @@ def add_openai_routes(app: web.Application, router: Router, model_name: str) -> 
         if not stream:
             try:
                 response = await router.generate(request)
-            except RouterError as exc:
+            except ProtocolError as exc:
                 return _error(HTTP_STATUS.get(exc.code, 500), exc.message, exc.code.name.lower())
-            choice: dict[str, Any] = {"index": 0, "finish_reason": FINISH[response.finish_reason]}
+            choice: dict[str, Any] = {"index": 0, "finish_reason": FINISH_FROM_PB.get(response.finish_reason)}
             if chat:
                 choice["message"] = {"role": "assistant", "content": response.text}
             else:
@@ -160,7 +155,7 @@ def add_openai_routes(app: web.Application, router: Router, model_name: str) -> 
                     "usage": _usage(response.usage),
                     "stratus": _stratus(response.route),
                 },
-                headers={"X-Stratus-Tier": TIER[response.route.tier] or ""},
+                headers={"X-Stratus-Tier": TIER_FROM_PB.get(response.route.tier, "")},
             )
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await out.prepare(http)
@@ -180,13 +175,13 @@ def add_openai_routes(app: web.Application, router: Router, model_name: str) -> 
                     choice = {
                         "index": 0,
                         "delta": delta,
-                        "finish_reason": FINISH[chunk.finish_reason] if final else None,
+                        "finish_reason": FINISH_FROM_PB.get(chunk.finish_reason) if final else None,
                     }
                 else:
                     choice = {
                         "index": 0,
                         "text": chunk.text,
-                        "finish_reason": FINISH[chunk.finish_reason] if final else None,
+                        "finish_reason": FINISH_FROM_PB.get(chunk.finish_reason) if final else None,
                     }
                 payload: dict[str, Any] = {
                     "id": ident,
@@ -201,7 +196,7 @@ def add_openai_routes(app: web.Application, router: Router, model_name: str) -> 
                 if chunk.text or final or first:
                     await send(payload)
                 first = False
-        except RouterError as exc:
+        except ProtocolError as exc:
             await send({"error": {"message": exc.message, "type": exc.code.name.lower()}})
         await out.write(b"data: [DONE]\n\n")
         await out.write_eof()

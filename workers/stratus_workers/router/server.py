@@ -16,15 +16,17 @@ from grpc_reflection.v1alpha import reflection
 
 from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.api import inference_pb2_grpc as pb_grpc
-from stratus_workers.api_server import add_inference_servicer
-from stratus_workers.models import ModelLoadError, load_tokenizer
-from stratus_workers.ops import ops_app, start_http
+from stratus_workers.models.files import ModelLoadError
+from stratus_workers.models.tokenizer import load_tokenizer
+from stratus_workers.ops_http import ops_app, start_http
+from stratus_workers.protocol.errors import ProtocolError
+from stratus_workers.protocol.names import SERVICE_NAME, TIER_TO_PB
+from stratus_workers.protocol.servicer import add_inference_servicer
 from stratus_workers.router.backends import BackendPool
 from stratus_workers.router.config import RouterConfig
 from stratus_workers.router.openai import add_openai_routes
-from stratus_workers.router.router import TIER_PB, Router, RouterError
+from stratus_workers.router.router import Router
 from stratus_workers.security import BearerAuthInterceptor, TLSFiles, TokenStore
-from stratus_workers.serve.server import SERVICE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
     ) -> pb.GenerateResponse:
         try:
             return await self.router.generate(request, context.time_remaining())
-        except RouterError as exc:
+        except ProtocolError as exc:
             await context.abort(exc.code, exc.message)
             raise
 
@@ -68,7 +70,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
         try:
             async for chunk in self.router.stream(request, context.time_remaining()):
                 yield chunk
-        except RouterError as exc:
+        except ProtocolError as exc:
             await context.abort(exc.code, exc.message)
 
     async def Draft(self, request: pb.DraftRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.DraftResponse:
@@ -82,7 +84,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ScoreResponse:
         try:
             return await self.router.score(request, context.time_remaining())
-        except RouterError as exc:
+        except ProtocolError as exc:
             await context.abort(exc.code, exc.message)
             raise
 
@@ -91,7 +93,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
     ) -> pb.ModelInfoResponse:
         info = pb.ModelInfoResponse(model=self.model_name)
         for b in self.router.pool.backends:
-            info.backends.add(name=b.name, address=b.config.address, tier=TIER_PB[b.tier], healthy=b.healthy)
+            info.backends.add(name=b.name, address=b.config.address, tier=TIER_TO_PB[b.tier], healthy=b.healthy)
         return info
 
 
@@ -125,7 +127,11 @@ class RouterServer:
         self.max_message_bytes = max_message_bytes
         self.tokenizer = tokenizer
         self.pool = BackendPool(
-            config.backends, interval=config.health_interval_seconds, max_message_bytes=max_message_bytes, tls=tls
+            config.backends,
+            interval=config.health_interval_seconds,
+            max_message_bytes=max_message_bytes,
+            tls=tls,
+            link=config.routing.link,
         )
         self.router = Router(config, self.pool, tokenizer)
         self.health = health.aio.HealthServicer()

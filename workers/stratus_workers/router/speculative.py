@@ -17,10 +17,11 @@ from typing import Any
 import grpc
 
 from stratus_workers.api import inference_pb2 as pb
-from stratus_workers.router.backends import BACKEND_FAILURES, BackendState
+from stratus_workers.protocol.errors import ProtocolError
+from stratus_workers.protocol.requests import speculative_sampling
+from stratus_workers.protocol.text import TextAssembler
+from stratus_workers.router.backends import BackendPool, BackendState, TierUnavailable
 from stratus_workers.router.config import SpeculativeSettings
-from stratus_workers.serve.speculative import next_draft_length
-from stratus_workers.serve.text import TextAssembler
 
 log = logging.getLogger(__name__)
 
@@ -32,39 +33,59 @@ class SpeculativeOutcome:
     prompt_tokens: int
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    finish: int = pb.FINISH_REASON_LENGTH
+    finish: pb.FinishReason.ValueType = pb.FINISH_REASON_LENGTH
     drafted: int = 0
     accepted: int = 0
     rounds: int = 0
     cloud_tokens: int = 0  # positions the cloud computed (draft + its own token, every round)
     edge_lost: str = ""  # why the edge stopped drafting mid-answer, if it did
+    edge: str = ""  # the backend that drafted last
+    cloud: str = ""  # the backend that verified last
 
 
-class CloudLost(Exception):
-    """The verifying cloud backend failed mid-answer."""
+def next_draft_length(current: int, accepted: int, *, minimum: int = 1, maximum: int = 8) -> int:
+    """Adapt k to the acceptance seen: grow after a fully accepted draft, else shrink towards what stuck.
+
+    A draft token costs edge time and link bytes; one the cloud rejects buys nothing. Growing by one
+    on full acceptance and falling to accepted+1 otherwise tracks the acceptance rate without a model.
+    """
+    if accepted >= current:
+        return min(maximum, current + 1)
+    return max(minimum, min(maximum, accepted + 1))
+
+
+def _eos(tokenizer: Any) -> frozenset[int]:
+    value = getattr(tokenizer, "eos_token_id", None)
+    return frozenset([value]) if isinstance(value, int) else frozenset()
 
 
 async def speculate(
     *,
+    pool: BackendPool,
     prompt: list[int],
     request: pb.GenerateRequest,
     max_new_tokens: int,
     tokenizer: Any,
-    eos: frozenset[int],
-    edge: BackendState | None,
-    cloud: BackendState,
     settings: SpeculativeSettings,
     timeout: Callable[[], float],
-    link: Callable[[], Awaitable[None]],
 ) -> AsyncIterator[str | SpeculativeOutcome]:
-    """Yield text deltas as rounds are verified, then the outcome."""
+    """Yield text deltas as rounds are verified, then the outcome.
+
+    Each round goes through the pool like any other call, preferring the backend of the round before
+    (its session holds the sequence so far); a backend that fails is replaced by another of its tier,
+    which rebuilds the session from the full context each call carries. When no edge is left the
+    cloud verifies empty drafts; when no cloud is left the answer fails (UNAVAILABLE).
+    """
     session = uuid.uuid4().hex
-    sampling = pb.SpeculativeSampling(temperature=request.temperature, top_p=request.top_p)
-    if request.HasField("seed"):
-        sampling.seed = request.seed
+    sampling = speculative_sampling(request)
+    eos = _eos(tokenizer)
     outcome = SpeculativeOutcome(prompt_tokens=len(prompt))
     text = TextAssembler(tokenizer, tuple(request.stop))
     k = settings.draft_tokens
+    drafting = True
+    edge: BackendState | None = None
+    cloud: BackendState | None = None
+    used: dict[str, BackendState] = {}
     done = False
     try:
         while not done:
@@ -72,38 +93,33 @@ async def speculate(
             budget = max_new_tokens - len(outcome.tokens)
             draft: list[int] = []
             dists: list[pb.SparseDistribution] = []
-            if edge is not None and budget > 1:
-                try:
-                    reply = await edge.stub.Draft(
-                        pb.DraftRequest(
-                            session_id=session,
-                            context=context,
-                            max_tokens=min(k, budget - 1),
-                            sampling=sampling,
-                            top_k=settings.top_k,
-                        ),
-                        timeout=timeout(),
-                    )
-                    draft, dists = list(reply.tokens), list(reply.distributions)
-                except grpc.aio.AioRpcError as exc:
-                    # Verification alone still gives the cloud's exact answer, one token per round.
-                    if exc.code() in BACKEND_FAILURES:
-                        edge.mark_down(f"{exc.code().name}: {exc.details()}")
-                    outcome.edge_lost = f"{exc.code().name}: {exc.details()}"
-                    log.warning("edge stopped drafting", extra={"backend": edge.name, "error": outcome.edge_lost})
-                    edge = None
-            await link()
-            try:
-                verdict = await cloud.stub.Verify(
-                    pb.VerifyRequest(
-                        session_id=session, context=context, draft=draft, distributions=dists, sampling=sampling
-                    ),
-                    timeout=timeout(),
+            if drafting and budget > 1:
+                draft_request = pb.DraftRequest(
+                    session_id=session,
+                    context=context,
+                    max_tokens=min(k, budget - 1),
+                    sampling=sampling,
+                    top_k=settings.top_k,
                 )
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in BACKEND_FAILURES:
-                    cloud.mark_down(f"{exc.code().name}: {exc.details()}")
-                raise CloudLost(f"{exc.code().name}: {exc.details()}") from exc
+                try:
+                    reply, edge = await pool.call("edge", _drafting(draft_request, timeout), prefer=edge)
+                    used[edge.name] = edge
+                    outcome.edge = edge.name
+                    draft, dists = list(reply.tokens), list(reply.distributions)
+                except (TierUnavailable, ProtocolError) as exc:
+                    # Verification alone still gives the cloud's exact answer, one token per round.
+                    drafting = False
+                    outcome.edge_lost = str(exc)
+                    log.warning("edge stopped drafting", extra={"error": outcome.edge_lost})
+            verify_request = pb.VerifyRequest(
+                session_id=session, context=context, draft=draft, distributions=dists, sampling=sampling
+            )
+            try:
+                verdict, cloud = await pool.call("cloud", _verifying(verify_request, timeout), prefer=cloud)
+            except TierUnavailable as exc:
+                raise ProtocolError(grpc.StatusCode.UNAVAILABLE, f"the verifying cloud backend failed: {exc}") from exc
+            used[cloud.name] = cloud
+            outcome.cloud = cloud.name
             outcome.rounds += 1
             outcome.drafted += len(draft)
             outcome.accepted += verdict.accepted
@@ -131,11 +147,24 @@ async def speculate(
             yield rest
         yield outcome
     finally:
-        await _end_sessions(session, [b for b in (edge, cloud) if b is not None])
+        await _end_sessions(session, list(used.values()))
+
+
+def _drafting(
+    request: pb.DraftRequest, timeout: Callable[[], float]
+) -> Callable[[BackendState], Awaitable[pb.DraftResponse]]:
+    return lambda backend: backend.stub.Draft(request, timeout=timeout())
+
+
+def _verifying(
+    request: pb.VerifyRequest, timeout: Callable[[], float]
+) -> Callable[[BackendState], Awaitable[pb.VerifyResponse]]:
+    return lambda backend: backend.stub.Verify(request, timeout=timeout())
 
 
 async def _end_sessions(session: str, backends: list[BackendState]) -> None:
-    # Free the cache rows now rather than waiting for the servers' idle timeout.
+    # Free the cache rows now rather than waiting for the servers' idle timeout. Sent to the very
+    # backends that hold them, so not through the pool's failover.
     for backend in backends:
         try:
             if backend.tier == "edge":

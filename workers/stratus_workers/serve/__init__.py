@@ -1,6 +1,5 @@
-"""Model serving: the runner (forward passes), the engine (continuous batching) and the gRPC server."""
+"""Model serving: the runner (forward passes), the engine (continuous batching) and the gRPC server.
 
-from stratus_workers.serve.engine import Engine, SamplingParams
-from stratus_workers.serve.server import ModelServer, ServerConfig
-
-__all__ = ["Engine", "ModelServer", "SamplingParams", "ServerConfig"]
+This package re-exports nothing: import from its modules (`serve.server`, `serve.engine`), so that
+naming one loads only what that one needs.
+"""

@@ -1,9 +1,11 @@
-"""Engine: a continuous-batching scheduler that runs the model runner in its own thread.
+"""Engine: a continuous-batching scheduler that runs its model runner in its own thread.
 
-Requests join the running batch between decode steps and leave as soon as they finish, so
-a long answer never holds a short one back. New arrivals are prefilled before the next
-decode step, which keeps time to first token low under load. The engine thread talks to
-asyncio callers only through per-request sinks, so the event loop never waits on torch.
+The engine is given its runner (runner/build.py picks one) and the speculative sessions that
+share the runner's rows; `build_engine` wires the three as a server does. Requests join the
+running batch between decode steps and leave as soon as they finish, so a long answer never
+holds a short one back. New arrivals are prefilled before the next decode step, which keeps time
+to first token low under load. The engine thread talks to asyncio callers only through
+per-request sinks, so the event loop never waits on torch.
 """
 
 from __future__ import annotations
@@ -21,43 +23,21 @@ from typing import Any, Literal
 
 import torch
 
+from stratus_workers.protocol.requests import Sampling
+from stratus_workers.protocol.text import TextAssembler
+from stratus_workers.serve.errors import EngineFailed, EngineOverloaded, EngineStopped
 from stratus_workers.serve.mailbox import mailbox
+from stratus_workers.serve.parallel import ParallelContext
 from stratus_workers.serve.runner import ModelRunner
-from stratus_workers.serve.speculative import (
-    SparseDist,
-    draft_distribution,
-    sample_sparse,
-    sampling_probs,
-    verify_greedy,
-    verify_sampled,
-)
-from stratus_workers.serve.text import TextAssembler
+from stratus_workers.serve.runner.build import build_runner
+from stratus_workers.serve.sampling import eos_ids, seeded_generator
+from stratus_workers.serve.sessions import DraftResult, SpeculativeSessions, VerifyResult
+from stratus_workers.serve.speculative import SparseDist, sampling_probs
 
 log = logging.getLogger(__name__)
 
-FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
-
-
-class EngineOverloaded(RuntimeError):
-    """The wait queue is full; the caller should retry later or go elsewhere."""
-
-
-class EngineStopped(RuntimeError):
-    """The engine is shutting down and takes no new requests."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    logprobs: bool = False
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
+# "unavailable": the engine itself failed; the request may succeed on another server.
+FinishReason = Literal["stop", "length", "cancelled", "deadline", "error", "unavailable"]
 
 
 @dataclass(frozen=True)
@@ -95,7 +75,7 @@ Sink = Callable[[Event], None]
 class _Sequence:
     seq_id: int
     prompt: list[int]
-    params: SamplingParams
+    params: Sampling
     sink: Sink
     deadline: float | None
     arrived: float = field(default_factory=time.monotonic)
@@ -109,88 +89,61 @@ class _Sequence:
     finished: bool = False
 
 
-@dataclass
-class _Session:
-    """A speculative-decoding session: one cache row kept between Draft or Verify calls."""
-
-    row: int
-    tokens: list[int] = field(default_factory=list)  # whose keys and values sit in the row
-    last_used: float = field(default_factory=time.monotonic)
-    generator: torch.Generator | None = None
-
-
-@dataclass(frozen=True)
-class DraftResult:
-    tokens: tuple[int, ...]
-    distributions: tuple[SparseDist, ...]
-    eos: bool
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    accepted: int
-    next_token: int
-    logprobs: tuple[float, ...]
-    eos: bool
-
-
-@dataclass(frozen=True)
-class SpecSampling:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
-
-
 class Engine:
-    """Serves one loaded model; thread-safe `submit`, asyncio-friendly `stream`.
+    """Serves one model through its runner; thread-safe `submit`, asyncio-friendly `stream`.
 
-    Rows 0..max_batch_size-1 of the runner hold the decode batch; the rows above them hold
-    speculative-decoding sessions, whose Draft and Verify calls run in the engine thread
-    between decode steps.
+    Rows 0..max_batch_size-1 of the runner hold the decode batch; the rows above them belong to
+    `sessions` (speculative decoding), whose calls run in the engine thread between decode steps.
+    If the loop ever dies, `failure` says why, `on_failure` hears it at once, and every waiting,
+    running and later request ends with UNAVAILABLE instead of hanging.
     """
 
     def __init__(
         self,
-        model: Any,
+        runner: ModelRunner,
         tokenizer: Any,
+        sessions: SpeculativeSessions,
         *,
         max_batch_size: int = 8,
-        max_len: int = 4096,
         max_queue: int = 256,
-        max_sessions: int = 4,
-        session_ttl: float = 60.0,
         on_step: Callable[[int, int], None] | None = None,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
+        if sessions.runner is not runner or sessions.first_row < max_batch_size:
+            raise ValueError(
+                f"the sessions must use rows {max_batch_size} and up of this engine's runner "
+                f"(rows 0..{max_batch_size - 1} hold the decode batch)"
+            )
+        self.runner = runner
         self.tokenizer = tokenizer
+        self.sessions = sessions
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.max_sessions = max_sessions
-        self.session_ttl = session_ttl
-        self.runner = ModelRunner(model, max_rows=max_batch_size + max_sessions, max_len=max_len)
-        self.vocab_size = int(model.config.vocab_size)
-        self._sessions: collections.OrderedDict[str, _Session] = collections.OrderedDict()
-        self._free_rows = list(range(max_batch_size + max_sessions - 1, max_batch_size - 1, -1))
-        self._ops: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = collections.deque()
-        self.max_len = max_len
-        self._eos = _eos_ids(model, tokenizer)
+        self.max_len = runner.max_len
+        self.vocab_size = runner.vocab_size
+        self._eos = eos_ids(runner.model, tokenizer)
         self._on_step = on_step
+        self._on_failure = on_failure
+        self._ops: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = collections.deque()
+        self._running_ops: list[concurrent.futures.Future[Any]] = []
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.failure: str | None = None  # why the loop died; None while it runs
         self.steps = 0
 
     # -- lifecycle ----------------------------------------------------------------------
 
+    def warmup(self) -> int:
+        """Prepare the runner before traffic (decode graphs on CUDA); returns how many graphs exist."""
+        return self.runner.warmup()
+
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="stratus-engine", daemon=True)
+            self._thread = threading.Thread(target=self._run, name="stratus-engine", daemon=True)
             self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -200,6 +153,10 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+    def close(self) -> None:
+        """Release the runner after `shutdown` (under tensor parallel: the other ranks stop following)."""
+        self.runner.close()
 
     @property
     def active(self) -> int:
@@ -212,7 +169,7 @@ class Engine:
     # -- submission ---------------------------------------------------------------------
 
     def submit(
-        self, prompt: Sequence[int], params: SamplingParams, sink: Sink, deadline: float | None = None
+        self, prompt: Sequence[int], params: Sampling, sink: Sink, deadline: float | None = None
     ) -> Callable[[], None]:
         """Queue a request; returns a function that cancels it. Events go to `sink` (engine thread)."""
         if not prompt:
@@ -221,11 +178,9 @@ class Engine:
             raise ValueError(f"the prompt has {len(prompt)} tokens; this server's context holds {self.max_len - 1}")
         seq = _Sequence(next(self._ids), list(prompt), params, sink, deadline)
         if not params.greedy:
-            seq.generator = torch.Generator(device="cpu")
-            seq.generator.manual_seed(params.seed if params.seed is not None else int(time.time_ns() & 0x7FFFFFFF))
+            seq.generator = seeded_generator(params.seed)
         with self._cond:
-            if self._stopping:
-                raise EngineStopped("the server is shutting down")
+            self._check_running()
             if len(self._waiting) >= self.max_queue:
                 raise EngineOverloaded(f"{len(self._waiting)} requests are already waiting; try again later")
             self._waiting.append(seq)
@@ -238,8 +193,14 @@ class Engine:
 
         return cancel
 
+    def _check_running(self) -> None:
+        if self.failure is not None:
+            raise EngineFailed(self.failure)
+        if self._stopping:
+            raise EngineStopped("the server is shutting down")
+
     async def stream(
-        self, prompt: Sequence[int], params: SamplingParams, deadline: float | None = None
+        self, prompt: Sequence[int], params: Sampling, deadline: float | None = None
     ) -> AsyncIterator[Event]:
         """Yield events for one request; leaving the iterator early cancels the request."""
         loop = asyncio.get_running_loop()
@@ -275,151 +236,22 @@ class Engine:
             if not finished:
                 cancel()
 
-    # -- speculative sessions -----------------------------------------------------------
+    # -- work between decode steps ------------------------------------------------------
 
     async def run_op(self, op: Callable[[], Any]) -> Any:
         """Run `op` in the engine thread between decode steps (it may use the runner)."""
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._cond:
-            if self._stopping:
-                raise EngineStopped("the server is shutting down")
+            self._check_running()
             self._ops.append((op, future))
             self._cond.notify()
         return await asyncio.wrap_future(future)
-
-    @property
-    def sessions(self) -> int:
-        return len(self._sessions)
-
-    def _expire_sessions(self) -> None:
-        now = time.monotonic()
-        for sid in [sid for sid, s in self._sessions.items() if now - s.last_used > self.session_ttl]:
-            self._end_session(sid)
-
-    def _end_session(self, sid: str) -> None:
-        session = self._sessions.pop(sid, None)
-        if session is not None:
-            self.runner.reset(session.row)
-            self._free_rows.append(session.row)
-
-    def _session(self, sid: str, context: Sequence[int], sampling: SpecSampling) -> tuple[_Session, list[int]]:
-        """The session's row, rolled back to the longest cached prefix of `context`; returns the rest."""
-        if not context:
-            raise ValueError("context is empty: send the prompt's token ids")
-        if len(context) >= self.max_len:
-            raise ValueError(f"context of {len(context)} tokens exceeds this server's {self.max_len - 1}")
-        if any(t < 0 or t >= self.vocab_size for t in context):
-            raise ValueError(f"context holds token ids outside this model's vocabulary of {self.vocab_size}")
-        session = self._sessions.get(sid)
-        if session is None:
-            self._expire_sessions()
-            if not self._free_rows:
-                idle = next(iter(self._sessions))  # least recently used
-                if time.monotonic() - self._sessions[idle].last_used < 1.0:
-                    raise EngineOverloaded(f"all {self.max_sessions} speculative sessions are busy; try again")
-                self._end_session(idle)
-            session = _Session(self._free_rows.pop())
-            self.runner.reset(session.row)
-            if not sampling.greedy:
-                session.generator = torch.Generator(device="cpu")
-                session.generator.manual_seed(
-                    sampling.seed if sampling.seed is not None else time.time_ns() & 0x7FFFFFFF
-                )
-            self._sessions[sid] = session
-        self._sessions.move_to_end(sid)
-        session.last_used = time.monotonic()
-        common = 0
-        limit = min(len(session.tokens), len(context) - 1)  # keep at least one token to compute logits from
-        while common < limit and session.tokens[common] == context[common]:
-            common += 1
-        self.runner.truncate(session.row, common)
-        del session.tokens[common:]
-        return session, list(context[common:])
-
-    def _draft_op(
-        self, sid: str, context: Sequence[int], max_tokens: int, sampling: SpecSampling, top_k: int, end: bool
-    ) -> DraftResult:
-        session, pending = self._session(sid, context, sampling)
-        tokens: list[int] = []
-        dists: list[SparseDist] = []
-        eos = False
-        try:
-            for _ in range(max_tokens):
-                if len(session.tokens) + len(pending) + 1 >= self.max_len:
-                    break
-                logits = self.runner.forward(session.row, [pending])[0]
-                session.tokens.extend(pending)
-                if sampling.greedy:
-                    token = int(torch.argmax(logits))
-                else:
-                    dist = draft_distribution(logits, sampling.temperature, sampling.top_p, top_k)
-                    token = sample_sparse(dist, session.generator)
-                    dists.append(dist)
-                tokens.append(token)
-                if token in self._eos:
-                    eos = True
-                    break
-                pending = [token]
-        finally:
-            if end:
-                self._end_session(sid)
-        return DraftResult(tuple(tokens), tuple(dists), eos)
-
-    def _verify_op(
-        self,
-        sid: str,
-        context: Sequence[int],
-        draft: Sequence[int],
-        dists: Sequence[SparseDist],
-        sampling: SpecSampling,
-        end: bool,
-    ) -> VerifyResult:
-        if any(t < 0 or t >= self.vocab_size for t in draft):
-            raise ValueError(f"draft holds token ids outside this model's vocabulary of {self.vocab_size}")
-        if len(context) + len(draft) >= self.max_len:
-            raise ValueError(f"context plus draft ({len(context) + len(draft)} tokens) exceeds {self.max_len - 1}")
-        session, pending = self._session(sid, context, sampling)
-        try:
-            logits = self.runner.forward(session.row, [pending + list(draft)], all_logits=True)[0]
-            session.tokens.extend(pending)
-            session.tokens.extend(draft)
-            # Row j of `scores` predicts the token after context + draft[:j].
-            scores = logits[len(pending) - 1 :]
-            if sampling.greedy:
-                verdict = verify_greedy(scores, draft)
-            else:
-                verdict = verify_sampled(scores, draft, dists, sampling.temperature, sampling.top_p, session.generator)
-            keep = len(context) + verdict.accepted
-            self.runner.truncate(session.row, keep)
-            del session.tokens[keep:]
-            logprobs = torch.log_softmax(scores[: verdict.accepted + 1], dim=-1)
-            chosen = [*draft[: verdict.accepted], verdict.next_token]
-            picked = logprobs[torch.arange(len(chosen)), torch.tensor(chosen)].tolist()
-        finally:
-            if end:
-                self._end_session(sid)
-        eos = verdict.next_token in self._eos or any(t in self._eos for t in draft[: verdict.accepted])
-        return VerifyResult(verdict.accepted, verdict.next_token, tuple(float(x) for x in picked), eos)
-
-    def _score_op(self, prompt: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
-        if not continuation:
-            return ()
-        sid = f"score-{next(self._ids)}"
-        session, pending = self._session(sid, [*prompt, *continuation], SpecSampling())
-        try:
-            logits = self.runner.forward(session.row, [pending], all_logits=True)[0]
-            # Position i predicts token i+1: the continuation is predicted from len(prompt)-1 on.
-            scores = torch.log_softmax(logits[len(prompt) - 1 : len(prompt) + len(continuation) - 1], dim=-1)
-            picked = scores[torch.arange(len(continuation)), torch.tensor(list(continuation))]
-            return tuple(float(x) for x in picked.tolist())
-        finally:
-            self._end_session(sid)
 
     async def score(self, prompt: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
         """Log-probability of each continuation token after `prompt` (one forward pass)."""
         if not prompt:
             raise ValueError("the prompt has no tokens")
-        result: tuple[float, ...] = await self.run_op(lambda: self._score_op(prompt, continuation))
+        result: tuple[float, ...] = await self.run_op(lambda: self.sessions.score(prompt, continuation))
         return result
 
     async def draft(
@@ -427,11 +259,13 @@ class Engine:
         sid: str,
         context: Sequence[int],
         max_tokens: int,
-        sampling: SpecSampling,
+        sampling: Sampling,
         top_k: int = 32,
         end: bool = False,
     ) -> DraftResult:
-        result: DraftResult = await self.run_op(lambda: self._draft_op(sid, context, max_tokens, sampling, top_k, end))
+        result: DraftResult = await self.run_op(
+            lambda: self.sessions.draft(sid, context, max_tokens, sampling, top_k, end)
+        )
         return result
 
     async def verify(
@@ -440,26 +274,39 @@ class Engine:
         context: Sequence[int],
         draft: Sequence[int],
         dists: Sequence[SparseDist],
-        sampling: SpecSampling,
+        sampling: Sampling,
         end: bool = False,
     ) -> VerifyResult:
-        result: VerifyResult = await self.run_op(lambda: self._verify_op(sid, context, draft, dists, sampling, end))
+        result: VerifyResult = await self.run_op(
+            lambda: self.sessions.verify(sid, context, draft, dists, sampling, end)
+        )
         return result
 
     async def end_session(self, sid: str) -> None:
-        await self.run_op(lambda: self._end_session(sid))
+        await self.run_op(lambda: self.sessions.end(sid))
 
     # -- the loop -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            # Everything the engine thread does is inference: no autograd bookkeeping, and tensors
+            # the runner makes in one call are updated in place by the next without a mode mismatch.
+            with torch.inference_mode():
+                self._loop()
+        except BaseException as exc:  # the thread must never end quietly behind a serving health
+            log.critical("engine loop died; this server stops serving", exc_info=exc)
+            self._fail(exc)
 
     def _loop(self) -> None:
         while True:
             with self._cond:
                 while not self._stopping and not self._waiting and not self._active and not self._ops:
-                    self._cond.wait(timeout=self.session_ttl if self._sessions else None)
-                    self._expire_sessions()
+                    self._cond.wait(timeout=self.sessions.ttl if len(self.sessions) else None)
+                    self.sessions.expire()
                 if self._stopping:
                     break
                 admitted = self._admit()
+                self._running_ops = [future for _, future in self._ops]
                 ops = list(self._ops)
                 self._ops.clear()
             for op, future in ops:  # speculative calls: a few forward passes each
@@ -468,6 +315,7 @@ class Engine:
                         future.set_result(op())
                     except Exception as exc:
                         future.set_exception(exc)
+            self._running_ops = []
             try:
                 if admitted:
                     self._prefill(admitted)
@@ -489,6 +337,27 @@ class Engine:
             future.cancel()
         self._active.clear()
         self._waiting.clear()
+
+    def _fail(self, exc: BaseException) -> None:
+        """The loop died: refuse new work, end every request and call in flight, and say so."""
+        message = f"the model engine stopped after an internal error ({type(exc).__name__}: {exc})"
+        with self._cond:
+            self.failure = message
+            stranded = [*self._active, *self._waiting]
+            futures = [*self._running_ops, *(future for _, future in self._ops)]
+            self._active.clear()
+            self._waiting.clear()
+            self._ops.clear()
+        if self._on_failure is not None:  # first: health should turn before callers hear of it
+            try:
+                self._on_failure(message)
+            except Exception:
+                log.exception("the engine's failure callback failed")
+        for seq in stranded:
+            self._finish(seq, "unavailable", error=message)
+        for future in futures:
+            if not future.done():
+                future.set_exception(EngineFailed(message))
 
     def _admit(self) -> list[_Sequence]:
         admitted: list[_Sequence] = []
@@ -595,18 +464,34 @@ class Engine:
             self.runner.reset(len(self._active))
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(int(v) for v in value)
-    return frozenset(ids)
+def build_engine(
+    model: Any,
+    tokenizer: Any,
+    *,
+    max_batch_size: int = 8,
+    max_len: int = 4096,
+    max_sessions: int = 4,
+    max_queue: int = 256,
+    parallel: ParallelContext | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+    on_failure: Callable[[str], None] | None = None,
+) -> Engine:
+    """An engine over `model` as a server runs one: the runner `build_runner` picks, with rows
+    0..max_batch_size-1 for the decode batch and `max_sessions` rows above them for speculative sessions."""
+    runner = build_runner(model, max_rows=max_batch_size + max_sessions, max_len=max_len, parallel=parallel)
+    sessions = SpeculativeSessions(runner, tokenizer, first_row=max_batch_size)
+    return Engine(
+        runner,
+        tokenizer,
+        sessions,
+        max_batch_size=max_batch_size,
+        max_queue=max_queue,
+        on_step=on_step,
+        on_failure=on_failure,
+    )
 
 
-def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+def _sample(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     probs = sampling_probs(logits, params.temperature, params.top_p)
     return torch.multinomial(probs.cpu(), 1, generator=generator)[0].to(logits.device)
 

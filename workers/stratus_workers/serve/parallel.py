@@ -1,34 +1,83 @@
-"""Tensor-parallel serving: one model server spread over N GPUs of one pod, one process per GPU.
+"""Tensor parallel: a rank's place in the group, rank 0's repeated runner calls, the followers' loop.
 
-`python -m stratus_workers.serve --tensor-parallel N ...` starts ranks 1..N-1 itself (or joins
-the group that `torchrun --nproc-per-node N` made, when RANK and WORLD_SIZE are set). Every rank
-loads the model and keeps its shard of the heads and MLP columns (see runner.ParallelContext);
-rank 0 alone runs the engine and the gRPC server and repeats each runner call to the others.
+One model server can span N GPUs of one pod, one process per GPU. Every rank loads the model and
+keeps its shard of the heads and MLP columns (runner/fused.py); rank 0 alone runs the engine and
+the gRPC server, and repeats each runner call to the other ranks, which make the same call in
+`follow()`, so every rank issues the same all-reduces in the same order. The entrypoint
+(`python -m stratus_workers.serve --tensor-parallel N`) starts ranks 1..N-1 itself, or joins the
+group that `torchrun --nproc-per-node N` made when RANK and WORLD_SIZE are set.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from stratus_workers.lifecycle import run_until_signalled
-from stratus_workers.models import load_model
-from stratus_workers.serve.runner import ParallelContext, follow, parallel_context
-from stratus_workers.serve.server import ModelServer, ServerConfig
-
-log = logging.getLogger(__name__)
-
 # NVLink multicast (NVLS) can take a host's GPUs out of service on some machines; we never need it.
 SAFE_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+STOP = "__stop__"  # rank 0's last message: the followers leave follow()
+BUILD = "__init__"  # rank 0 built a runner: the followers build theirs with the same settings
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """This process's place in a tensor-parallel group (rank 0 serves; every rank computes)."""
+
+    rank: int
+    world_size: int
+    group: Any = None  # ProcessGroup for the activations' all-reduces (None: the default group)
+    control: Any = None  # ProcessGroup (gloo) for rank 0's calls: small pickled messages
+
+    @property
+    def leader(self) -> bool:
+        return self.world_size > 1 and self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.world_size > 1
+
+    def lead(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """On rank 0: tell the other ranks to make the same call (elsewhere: nothing)."""
+        if self.leader:
+            broadcast(self, (method, args, kwargs))
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` over the group in place (each rank holds a partial result of a sharded matmul)."""
+        if self.sharded:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+
+def broadcast(ctx: ParallelContext, message: Any) -> Any:
+    """Rank 0's `message`, on every rank (rank 0 sends, the others receive and return it)."""
+    box = [message]
+    dist.broadcast_object_list(box, src=0, group=ctx.control)
+    return box[0]
+
+
+def follow(ctx: ParallelContext, build: Callable[..., Any]) -> None:
+    """On ranks 1..N-1: build the runner rank 0 builds (`build(**settings)`), repeat its calls until it stops."""
+    method, _, kwargs = broadcast(ctx, None)
+    if method != BUILD:
+        raise RuntimeError(f"tensor-parallel follower expected the runner's construction, got {method!r}")
+    runner = build(**kwargs)
+    while True:
+        method, args, kwargs = broadcast(ctx, None)
+        if method == STOP:
+            return
+        if method == BUILD:  # rank 0 built a new runner (a server restart in-process)
+            runner = build(**kwargs)
+            continue
+        getattr(runner, method)(*args, **kwargs)
 
 
 def _free_port() -> int:
@@ -67,30 +116,3 @@ def init_group(world_size: int) -> ParallelContext:
     # a large model can take minutes on one rank before the next call, hence the long timeout.
     control = dist.new_group(backend="gloo", timeout=timedelta(hours=24))
     return ParallelContext(rank=rank, world_size=world_size, control=control)
-
-
-def run(config: ServerConfig, argv: Sequence[str]) -> int:
-    """Entry point for `--tensor-parallel N` (N > 1): spawn or join the group, then serve or follow."""
-    children = [] if "RANK" in os.environ else spawn_followers(config.tensor_parallel, argv)
-    ctx = init_group(config.tensor_parallel)
-    log.info("tensor-parallel rank %d of %d joined", ctx.rank, ctx.world_size)
-    if ctx.rank == 0:
-        server = ModelServer(config)
-        with parallel_context(ctx):
-            asyncio.run(run_until_signalled(server))
-        if server.engine is not None:
-            server.engine.runner.close()  # the other ranks leave follow() and exit
-        for child in children:
-            try:
-                child.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                child.kill()
-    else:
-        loaded = load_model(config.model, dtype=config.dtype, device=config.device, name=config.name or None)
-        follow(loaded.model, ctx)
-    # No destroy_process_group(): tearing down NCCL communicators that captured CUDA graphs still
-    # reference can hang, and the process is ending anyway.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

@@ -17,41 +17,35 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.api import inference_pb2_grpc as pb_grpc
-from stratus_workers.api_server import add_inference_servicer
 from stratus_workers.models import LoadedModel, load_shared_model
-from stratus_workers.ops import ops_app, start_http
-from stratus_workers.security import TLSFiles
-from stratus_workers.serve.engine import (
-    Engine,
-    EngineOverloaded,
-    EngineStopped,
-    FinishEvent,
-    SamplingParams,
-    SpecSampling,
-    TokenEvent,
-    TokenLogprob,
+from stratus_workers.ops_http import ops_app, start_http
+from stratus_workers.protocol.errors import ProtocolError
+from stratus_workers.protocol.names import SERVICE_NAME, TIERS, finish_value, tier_value
+from stratus_workers.protocol.requests import (
+    MAX_SPECULATIVE_TOKENS,
+    Sampling,
+    check_session_id,
+    generation_sampling,
+    render_prompt,
+    session_sampling,
 )
+from stratus_workers.protocol.servicer import add_inference_servicer
+from stratus_workers.security import TLSFiles
+from stratus_workers.serve.engine import Engine, FinishEvent, TokenEvent, TokenLogprob, build_engine
+from stratus_workers.serve.errors import EngineOverloaded, EngineStopped
+from stratus_workers.serve.parallel import ParallelContext
 from stratus_workers.serve.speculative import SparseDist
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
-TIERS = {"edge": pb.TIER_EDGE, "cloud": pb.TIER_CLOUD}
-FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "cancelled": pb.FINISH_REASON_CANCELLED}
-CHAT_ROLES = ("system", "user", "assistant")
-MAX_STOP_SEQUENCES = 8
-MAX_STOP_LENGTH = 128
-MAX_SPECULATIVE_TOKENS = 16
-MAX_SESSION_ID = 128
-
 
 @dataclass
-class ServerConfig:
+class ServerSettings:
     """Model server settings; each is also read from STRATUS_<NAME> (e.g. STRATUS_MAX_BATCH_SIZE)."""
 
     model: str = field(metadata={"help": "Model source: bundled://smollm2-135m-instruct, a directory, an artifact."})
     name: str = field(default="", metadata={"help": "Model name reported to clients (default: from the source)."})
-    tier: str = field(default="cloud", metadata={"help": "Tier this server plays.", "choices": ["edge", "cloud"]})
+    tier: str = field(default="cloud", metadata={"help": "Tier this server plays.", "choices": list(TIERS)})
     host: str = field(default="127.0.0.1", metadata={"help": "Address to bind (0.0.0.0 in a pod)."})
     port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one)."})
     http_port: int = field(default=8080, metadata={"help": "HTTP port for /healthz, /readyz, /metrics (0: free)."})
@@ -125,77 +119,17 @@ class ServerMetrics:
         self.steps.inc()
 
 
-class RequestError(Exception):
-    """A request the server refuses; carries the gRPC status code and a message for the caller."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 @contextlib.contextmanager
 def engine_errors() -> Iterator[None]:
     """The engine's refusals as the gRPC status a caller should see."""
     try:
         yield
     except EngineOverloaded as exc:
-        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+        raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
     except EngineStopped as exc:
-        raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+        raise ProtocolError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
     except ValueError as exc:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-
-
-def render_prompt(tokenizer: Any, request: pb.GenerateRequest) -> list[int]:
-    """Token ids for the request's prompt or chat messages (chat template applied)."""
-    kind = request.WhichOneof("input")
-    if kind == "chat":
-        messages = []
-        for i, message in enumerate(request.chat.messages):
-            if message.role not in CHAT_ROLES:
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"chat.messages[{i}].role is {message.role!r}; use one of {', '.join(CHAT_ROLES)}",
-                )
-            messages.append({"role": message.role, "content": message.content})
-        if not messages:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "chat.messages is empty; send at least one message")
-        if getattr(tokenizer, "chat_template", None):
-            encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
-            return list(encoded["input_ids"])
-        text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
-        return list(tokenizer.encode(text))
-    if kind == "prompt":
-        if not request.prompt:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty")
-        return list(tokenizer.encode(request.prompt))
-    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the request has neither prompt nor chat; set one of them")
-
-
-def sampling_params(request: pb.GenerateRequest, *, max_new_tokens: int, default_new_tokens: int) -> SamplingParams:
-    """Validated sampling parameters, or RequestError naming the bad field."""
-    invalid = grpc.StatusCode.INVALID_ARGUMENT
-    wanted = request.max_new_tokens or min(default_new_tokens, max_new_tokens)
-    if wanted > max_new_tokens:
-        raise RequestError(invalid, f"max_new_tokens is {wanted}; this server allows at most {max_new_tokens}")
-    if not 0.0 <= request.temperature <= 2.0:
-        raise RequestError(invalid, f"temperature is {request.temperature}; it must be within [0, 2] (0 is greedy)")
-    if not 0.0 <= request.top_p <= 1.0:
-        raise RequestError(invalid, f"top_p is {request.top_p}; it must be within [0, 1]")
-    if len(request.stop) > MAX_STOP_SEQUENCES:
-        raise RequestError(invalid, f"{len(request.stop)} stop sequences given; at most {MAX_STOP_SEQUENCES}")
-    for i, stop in enumerate(request.stop):
-        if not stop or len(stop) > MAX_STOP_LENGTH:
-            raise RequestError(invalid, f"stop[{i}] must be 1 to {MAX_STOP_LENGTH} characters")
-    return SamplingParams(
-        max_new_tokens=wanted,
-        temperature=float(request.temperature),
-        top_p=float(request.top_p) or 1.0,
-        stop=tuple(request.stop),
-        seed=request.seed if request.HasField("seed") else None,
-        logprobs=request.return_logprobs,
-    )
+        raise ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
 
 
 def _logprobs_pb(items: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> list[pb.TokenLogprob]:
@@ -205,31 +139,31 @@ def _logprobs_pb(items: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> list[p
 class InferenceServicer(pb_grpc.InferenceServicer):
     """The Inference service over one Engine."""
 
-    def __init__(self, loaded: LoadedModel, engine: Engine, config: ServerConfig, metrics: ServerMetrics) -> None:
+    def __init__(self, loaded: LoadedModel, engine: Engine, config: ServerSettings, metrics: ServerMetrics) -> None:
         self.loaded = loaded
         self.engine = engine
         self.config = config
         self.metrics = metrics
-        self.tier = TIERS[config.tier]
+        self.tier = tier_value(config.tier)
         self.name = config.name or loaded.name
 
     def _route(self) -> pb.RouteInfo:
         return pb.RouteInfo(tier=self.tier, reason="served", backend=self.name)
 
-    def _prepare(self, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
+    def _prepare(self, request: pb.GenerateRequest) -> tuple[list[int], Sampling]:
         if request.model and request.model != self.name:
-            raise RequestError(
+            raise ProtocolError(
                 grpc.StatusCode.NOT_FOUND,
                 f"model {request.model!r} is not served here; this server hosts {self.name!r}",
             )
         prompt = render_prompt(self.loaded.tokenizer, request)
         if len(prompt) > self.config.max_prompt_tokens:
-            raise RequestError(
+            raise ProtocolError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"prompt too long: {len(prompt)} tokens; this {self.config.tier} server accepts at most "
                 f"{self.config.max_prompt_tokens} (max_prompt_tokens); shorten it or send it to a larger tier",
             )
-        params = sampling_params(
+        params = generation_sampling(
             request, max_new_tokens=self.config.max_new_tokens, default_new_tokens=self.config.default_new_tokens
         )
         return prompt, params
@@ -253,13 +187,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.metrics.ttft.observe(finish.ttft_ms / 1e3)
         self.metrics.queue_wait.observe(finish.queue_ms / 1e3)
         if finish.reason == "deadline":
-            raise RequestError(
+            raise ProtocolError(
                 grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed after {finish.completion_tokens} tokens"
             )
         if finish.reason == "error":
-            raise RequestError(grpc.StatusCode.INTERNAL, f"generation failed: {finish.error}")
+            raise ProtocolError(grpc.StatusCode.INTERNAL, f"generation failed: {finish.error}")
+        if finish.reason == "unavailable":
+            raise ProtocolError(grpc.StatusCode.UNAVAILABLE, finish.error)
         if finish.reason == "cancelled":
-            raise RequestError(grpc.StatusCode.CANCELLED, finish.error or "the request was cancelled")
+            raise ProtocolError(grpc.StatusCode.CANCELLED, finish.error or "the request was cancelled")
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -277,7 +213,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 self._finish_status(event)
                 return pb.GenerateResponse(
                     text="".join(parts),
-                    finish_reason=FINISH[event.reason],
+                    finish_reason=finish_value(event.reason),
                     usage=pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
                     logprobs=_logprobs_pb(logprobs),
                     route=self._route(),
@@ -285,8 +221,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     model=self.name,
                     request_id=request.request_id,
                 )
-            raise RequestError(grpc.StatusCode.INTERNAL, "generation ended without a result")
-        except RequestError as exc:
+            raise ProtocolError(grpc.StatusCode.INTERNAL, "generation ended without a result")
+        except ProtocolError as exc:
             code = exc.code
             await context.abort(exc.code, exc.message)
             raise  # unreachable: abort raises
@@ -310,14 +246,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     continue
                 self._finish_status(event)
                 yield pb.GenerateStreamResponse(
-                    finish_reason=FINISH[event.reason],
+                    finish_reason=finish_value(event.reason),
                     usage=pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
                     route=self._route(),
                     timing=pb.Timing(queue_ms=event.queue_ms, ttft_ms=event.ttft_ms, total_ms=event.total_ms),
                     model=self.name,
                     request_id=request.request_id,
                 )
-        except RequestError as exc:
+        except ProtocolError as exc:
             code = exc.code
             await context.abort(exc.code, exc.message)
         except asyncio.CancelledError:
@@ -327,20 +263,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self.metrics.requests.labels("GenerateStream", code.name).inc()
             self.metrics.latency.labels("GenerateStream").observe(time.perf_counter() - started)
 
-    def _spec_sampling(self, sampling: pb.SpeculativeSampling) -> SpecSampling:
-        invalid = grpc.StatusCode.INVALID_ARGUMENT
-        if not 0.0 <= sampling.temperature <= 2.0:
-            raise RequestError(invalid, f"sampling.temperature is {sampling.temperature}; it must be within [0, 2]")
-        if not 0.0 <= sampling.top_p <= 1.0:
-            raise RequestError(invalid, f"sampling.top_p is {sampling.top_p}; it must be within [0, 1]")
-        seed = sampling.seed if sampling.HasField("seed") else None
-        return SpecSampling(float(sampling.temperature), float(sampling.top_p) or 1.0, seed)
-
-    @staticmethod
-    def _check_session(session_id: str) -> None:
-        if not session_id or len(session_id) > MAX_SESSION_ID:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"session_id must be 1 to {MAX_SESSION_ID} characters")
-
     async def _speculative_call(
         self, method: str, call: Callable[[], Awaitable[Any]], context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
@@ -348,7 +270,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             with engine_errors():
                 return await call()
-        except RequestError as exc:
+        except ProtocolError as exc:
             code = exc.code
             await context.abort(exc.code, exc.message)
         finally:
@@ -356,16 +278,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def Draft(self, request: pb.DraftRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.DraftResponse:
         async def call() -> pb.DraftResponse:
-            self._check_session(request.session_id)
+            check_session_id(request.session_id)
             if request.end_session and not request.context:
                 await self.engine.end_session(request.session_id)
                 return pb.DraftResponse()
             if not 1 <= request.max_tokens <= MAX_SPECULATIVE_TOKENS:
-                raise RequestError(
+                raise ProtocolError(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"max_tokens is {request.max_tokens}; use 1 to {MAX_SPECULATIVE_TOKENS}",
                 )
-            sampling = self._spec_sampling(request.sampling)
+            sampling = session_sampling(request.sampling)
             result = await self.engine.draft(
                 request.session_id,
                 list(request.context),
@@ -388,19 +310,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def Verify(self, request: pb.VerifyRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.VerifyResponse:
         async def call() -> pb.VerifyResponse:
-            self._check_session(request.session_id)
+            check_session_id(request.session_id)
             if request.end_session and not request.context:
                 await self.engine.end_session(request.session_id)
                 return pb.VerifyResponse()
             invalid = grpc.StatusCode.INVALID_ARGUMENT
             if len(request.draft) > MAX_SPECULATIVE_TOKENS:
-                raise RequestError(invalid, f"{len(request.draft)} draft tokens; at most {MAX_SPECULATIVE_TOKENS}")
-            sampling = self._spec_sampling(request.sampling)
+                raise ProtocolError(invalid, f"{len(request.draft)} draft tokens; at most {MAX_SPECULATIVE_TOKENS}")
+            sampling = session_sampling(request.sampling)
             dists = [SparseDist(tuple(d.token_ids), tuple(d.probs)) for d in request.distributions]
             if not sampling.greedy and len(dists) != len(request.draft):
-                raise RequestError(invalid, "a sampled draft needs one distribution per draft token")
+                raise ProtocolError(invalid, "a sampled draft needs one distribution per draft token")
             if any(len(d.token_ids) != len(d.probs) for d in dists):
-                raise RequestError(invalid, "each distribution needs one probability per token id")
+                raise ProtocolError(invalid, "each distribution needs one probability per token id")
             result = await self.engine.verify(
                 request.session_id,
                 list(request.context),
@@ -422,7 +344,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             prompt = render_prompt(self.loaded.tokenizer, request.request)
             continuation = list(self.loaded.tokenizer.encode(request.continuation, add_special_tokens=False))
             if len(prompt) + len(continuation) > self.config.max_prompt_tokens + self.config.max_new_tokens:
-                raise RequestError(
+                raise ProtocolError(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"prompt and continuation hold {len(prompt) + len(continuation)} tokens; this server scores "
                     f"at most {self.config.max_prompt_tokens + self.config.max_new_tokens}",
@@ -457,7 +379,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 class ModelServer:
     """Owns the model, the engine, the gRPC server and the ops HTTP server of one process."""
 
-    def __init__(self, config: ServerConfig, loaded: LoadedModel | None = None) -> None:
+    def __init__(
+        self, config: ServerSettings, loaded: LoadedModel | None = None, *, parallel: ParallelContext | None = None
+    ) -> None:
         config.validate()
         self.config = config
         # Checked before the model loads, so a bad certificate path fails in seconds, not minutes.
@@ -465,7 +389,9 @@ class ModelServer:
         self.loaded = loaded
         self.metrics = ServerMetrics()
         self.health = health.aio.HealthServicer()
+        self.parallel = parallel  # rank 0 of a tensor-parallel group: the runner shards over it
         self.engine: Engine | None = None
+        self._failure_tasks: set[asyncio.Task[None]] = set()
         self._grpc: grpc.aio.Server | None = None
         self._http: Any = None
         self.port = config.port
@@ -478,6 +404,8 @@ class ModelServer:
     def _ready(self) -> tuple[bool, str]:
         if self.engine is None:
             return False, "loading model"
+        if self.engine.failure is not None:
+            return False, self.engine.failure
         return True, f"serving {self.config.name or (self.loaded.name if self.loaded else '')}"
 
     async def start(self) -> None:
@@ -495,17 +423,25 @@ class ModelServer:
             )
         loaded = self.loaded
         max_len = min(loaded.max_context_tokens, self.config.max_prompt_tokens + self.config.max_new_tokens)
-        self.engine = Engine(
+        loop = asyncio.get_running_loop()
+
+        def engine_failed(message: str) -> None:  # called on the engine thread
+            with contextlib.suppress(RuntimeError):  # a closed loop: the server has stopped anyway
+                loop.call_soon_threadsafe(self._engine_failed, message)
+
+        self.engine = build_engine(
             loaded.model,
             loaded.tokenizer,
             max_batch_size=self.config.max_batch_size,
             max_len=max_len,
             max_queue=self.config.max_queue,
             max_sessions=self.config.max_sessions,
+            parallel=self.parallel,
             on_step=self.metrics.on_step,
+            on_failure=engine_failed,
         )
         # Capture the decode graphs (CUDA) before taking traffic, so no early request pays for it.
-        await asyncio.get_running_loop().run_in_executor(None, self.engine.runner.warmup)
+        await loop.run_in_executor(None, self.engine.warmup)
         self.engine.start()
         options = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
@@ -522,8 +458,10 @@ class ModelServer:
             self._grpc.add_secure_port(bind, tls.server_credentials()) if tls else self._grpc.add_insecure_port(bind)
         )
         await self._grpc.start()
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        serving = self.engine.failure is None  # an engine that died while starting is not serving
+        await self._set_health(
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         log.info(
             "model server ready",
             extra={
@@ -534,12 +472,24 @@ class ModelServer:
             },
         )
 
+    def _engine_failed(self, message: str) -> None:
+        # Health turns NOT_SERVING at once, so callers (the router) stop sending here and fail over.
+        log.error("model server stops serving", extra={"reason": message})
+        task = asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+        self._failure_tasks.add(task)
+        task.add_done_callback(self._failure_tasks.discard)
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         if self._grpc is not None:
             await self._grpc.stop(grace)
         if self.engine is not None:
             self.engine.shutdown()
+            self.engine.close()  # under tensor parallel: the other ranks leave follow() and exit
         if self._http is not None:
             await self._http.cleanup()
 

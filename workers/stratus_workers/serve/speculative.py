@@ -107,14 +107,3 @@ def verify_sampled(
         return Verdict(i, token_next)
     p_bonus = sampling_probs(logits[len(draft)], temperature, top_p)
     return Verdict(len(draft), int(torch.multinomial(p_bonus.cpu(), 1, generator=generator)[0]))
-
-
-def next_draft_length(current: int, accepted: int, *, minimum: int = 1, maximum: int = 8) -> int:
-    """Adapt k to the acceptance seen: grow after a fully accepted draft, else shrink towards what stuck.
-
-    A draft token costs edge time and link bytes; one the cloud rejects buys nothing. Growing by one
-    on full acceptance and falling to accepted+1 otherwise tracks the acceptance rate without a model.
-    """
-    if accepted >= current:
-        return min(maximum, current + 1)
-    return max(minimum, min(maximum, accepted + 1))

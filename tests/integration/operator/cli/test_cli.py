@@ -28,7 +28,7 @@ async def stratus(*args: str, timeout: float = 300) -> tuple[int, str, str]:
 
 
 async def test_chat_bench_and_calibrate(
-    model_server, draft_model_dir, router_config, running_router, tmp_path: Path
+    model_server, draft_model_dir, tiny_model_dir, router_config, running_router, tmp_path: Path
 ) -> None:
     async with (
         model_server(tier="cloud", name="cloud") as cloud,
@@ -39,10 +39,17 @@ async def test_chat_bench_and_calibrate(
             [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")],
             cascade={"confidenceThreshold": -100.0},
         )
+        config = config.model_copy(update={"tokenizer": str(tiny_model_dir)})
         async with running_router(config) as router:
             code, out, err = await stratus("chat", "--target", router.address, "--max-new-tokens", "8", "Hello")
             assert code == 0, err
             assert "[edge · confident · 8 tokens · length" in err and out  # random weights: any text
+            # Every policy the router takes, the CLI takes (speculative was once refused by the client).
+            code, out, err = await stratus(
+                "chat", "--target", router.address, "--max-new-tokens", "8", "--policy", "speculative", "Hello"
+            )
+            assert code == 0, err
+            assert "[cloud · speculative · 8 tokens · length" in err
 
             code, out, err = await stratus(
                 "bench", "--target", router.address, "--concurrency", "3", "--requests", "6", "--max-new-tokens", "4"

@@ -62,13 +62,15 @@ async def test_speculative_greedy_equals_cloud_only(
                     rounds + route.rounds,
                 )
                 tokens += ours.usage.completion_tokens
-            streamed = [c async for c in client.stream(PROMPTS[0], max_new_tokens=20)]
-            assert "".join(c.text for c in streamed) == (await client.generate(PROMPTS[0], max_new_tokens=20)).text
+            streamed = [c async for c in client.stream(PROMPTS[0], max_new_tokens=20, logprobs=True)]
+            whole = await client.generate(PROMPTS[0], max_new_tokens=20, logprobs=True)
+            assert "".join(c.text for c in streamed) == whole.text
+            assert [lp.token_id for c in streamed for lp in c.logprobs] == [lp.token_id for lp in whole.logprobs]
             assert streamed[-1].route.reason == "speculative"
         # The perturbed draft agrees often but not always: both branches of verification ran.
         assert 0 < accepted < drafted
         assert rounds < tokens  # fewer cloud round trips than tokens: the point of drafting
-        assert cloud.engine is not None and cloud.engine.sessions == 0  # every session was released
+        assert cloud.engine is not None and len(cloud.engine.sessions) == 0  # every session was released
 
 
 async def test_speculative_sampling_with_seed_is_reproducible(
@@ -106,6 +108,42 @@ async def test_speculative_survives_the_edge_dying(
         assert before.text == after.text == alone.text
         assert before.route.reason == "speculative" and not before.route.degraded
         assert after.route.degraded and after.route.reason in ("edge-unavailable", "edge-lost")
+
+
+async def test_speculative_moves_to_another_cloud_when_its_verifier_dies_mid_answer(
+    model_server, server_process, draft_model_dir, tiny_model_dir, router_config, running_router
+) -> None:
+    proc, doomed_address = server_process("cloud")
+    async with (
+        model_server(tier="cloud", name="spare") as spare,
+        model_server(tier="edge", name="edge", model=str(draft_model_dir)) as edge,
+    ):
+        backends = [("edge", edge.address, "edge"), ("doomed", doomed_address, "cloud")]
+        config = router_config(
+            "speculative",
+            [*backends, ("spare", spare.address, "cloud")],
+            cache={"enabled": False},
+            link={"delayMs": 400},  # each round waits this long: time to kill the verifier between rounds
+        )
+        # No health check in between: the dead verifier is found out by the next Verify, mid-answer.
+        config = config.model_copy(update={"tokenizer": str(tiny_model_dir), "health_interval_seconds": 600})
+        async with running_router(config) as router, AsyncClient(router.address) as client:
+            spare_state = next(b for b in router.pool.backends if b.name == "spare")
+            spare_state.in_flight += 1  # looks busier, so the first round goes to the doomed server
+            chunks = []
+            async for chunk in client.stream("Exact anyway", max_new_tokens=16):
+                if not chunks:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait(10)
+                    spare_state.in_flight -= 1
+                chunks.append(chunk)
+            doomed = next(b for b in router.pool.backends if b.name == "doomed")
+            assert doomed.failures == 1 and not doomed.healthy  # a Verify found it dead (health checks are off)
+            alone = await client.generate("Exact anyway", max_new_tokens=16, policy="cloud-only")
+        route = chunks[-1].route
+        assert "".join(c.text for c in chunks) == alone.text and len(chunks) > 2
+        assert (route.reason, route.degraded, route.backend) == ("speculative", False, "edge+spare")
+        assert route.rounds > 1 and alone.route.backend == "spare"
 
 
 async def test_speculative_without_tokenizer_degrades_to_cloud(model_server, router_config, running_router) -> None:
@@ -157,8 +195,10 @@ async def test_link_delay_applies_to_the_cloud_only(model_server, router_config,
         )
         async with running_router(config) as router, AsyncClient(router.address) as client:
             far = await client.generate("far", max_new_tokens=1)
+            far_streamed = [c async for c in client.stream("far away", max_new_tokens=1)]
             near = await client.generate("near", max_new_tokens=1, policy="edge-only")
         assert far.timing.total_ms >= 150  # a lower bound only: sleeping never takes less
+        assert far_streamed[-1].timing.total_ms >= 150
         assert near.route.tier == pb.TIER_EDGE
 
 

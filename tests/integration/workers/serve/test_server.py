@@ -123,3 +123,80 @@ async def test_score_matches_a_direct_forward_pass(model_server, tiny_model_dir)
     assert list(scored.logprobs) == pytest.approx(expected.tolist(), abs=1e-4)
     assert scored.mean_logprob == pytest.approx(float(expected.mean()), abs=1e-4)
     assert (empty.tokens, empty.mean_logprob) == (0, 0.0)
+
+
+async def test_a_long_prompt_then_overlapping_requests_leave_the_server_answering(model_server) -> None:
+    # Issue 12's reproduction over gRPC: once a long prompt had grown the KV cache, the next row
+    # to leave mid-batch killed the engine thread, and every later request hung.
+    async with model_server(max_batch_size=4) as server, AsyncClient(server.address) as client:
+        first = await client.generate("word " * 300, max_new_tokens=1, timeout=30)
+        assert first.usage.prompt_tokens > 256
+        replies = await asyncio.gather(
+            *(client.generate(f"request {i}", max_new_tokens=n, timeout=30) for i, n in enumerate((40, 2, 40)))
+        )
+        assert [r.usage.completion_tokens for r in replies] == [40, 2, 40]
+        after = await client.generate("and then any request", max_new_tokens=3, timeout=30)
+        assert after.usage.completion_tokens == 3
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class EngineKilled(BaseException):
+    """A fault the engine's per-step recovery (which catches Exception) does not handle: it ends the loop."""
+
+
+async def test_a_dead_engine_loop_turns_health_off_and_requests_fail_fast(tiny_model_dir) -> None:
+    import threading
+    import time
+
+    from stratus_workers.models import load_model
+    from stratus_workers.serve.server import ModelServer, ServerSettings
+
+    loaded = load_model(str(tiny_model_dir), dtype="float32", device="cpu")  # a private copy: it gets a fault
+    armed = threading.Event()
+
+    def fault(module: object, args: object) -> None:
+        if armed.is_set():
+            raise EngineKilled("injected fault in the model's forward pass")
+
+    loaded.model.model.layers[0].mlp.register_forward_pre_hook(fault)
+    config = ServerSettings(model=str(tiny_model_dir), port=0, http_port=0, log_format="text", max_batch_size=1)
+    server = ModelServer(config, loaded=loaded)
+    await server.start()
+    try:
+        async with (
+            AsyncClient(server.address) as client,
+            grpc.aio.insecure_channel(server.address) as channel,
+            aiohttp.ClientSession() as http,
+        ):
+            health = health_pb2_grpc.HealthStub(channel)
+            assert (await client.generate("fine", max_new_tokens=2)).usage.completion_tokens == 2
+            running = client.stream("in flight", max_new_tokens=400)
+            await running.__anext__()
+            waiting = asyncio.ensure_future(client.generate("waiting", max_new_tokens=4, timeout=30))
+            assert server.engine is not None
+            while server.engine.waiting == 0:  # the only row is busy: this one queues
+                await asyncio.sleep(0.01)
+            armed.set()
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as in_flight:
+                async for _ in running:
+                    pass
+            assert in_flight.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "injected fault" in (in_flight.value.details() or "")
+            with pytest.raises(grpc.aio.AioRpcError) as queued:
+                await waiting
+            assert queued.value.code() == grpc.StatusCode.UNAVAILABLE
+            for service in ("", "stratus.v1.Inference"):
+                status = await health.Check(health_pb2.HealthCheckRequest(service=service))
+                assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert time.monotonic() - started < 2
+            async with http.get(f"http://127.0.0.1:{server.http_port}/readyz") as ready:
+                assert ready.status == 503 and "injected fault" in (await ready.json())["detail"]
+            with pytest.raises(grpc.aio.AioRpcError) as later:
+                await client.generate("any later request", max_new_tokens=2, timeout=5)
+            assert later.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() - started < 2  # refused at once, not left to its deadline
+    finally:
+        await server.stop(0.5)

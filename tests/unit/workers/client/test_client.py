@@ -8,6 +8,9 @@ import pytest
 
 from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.client import build_request
+from stratus_workers.client.client import FINISH_NAMES, POLICIES, TIER_NAMES
+from stratus_workers.protocol.names import POLICY_TO_PB
+from stratus_workers.router.config import RoutingSpec
 from stratus_workers.settings import parse_config
 
 pytestmark = pytest.mark.unit
@@ -29,6 +32,20 @@ def test_build_request_refuses_ambiguity() -> None:
         build_request()
     with pytest.raises(ValueError, match="unknown policy"):
         build_request("a", policy="fastest")
+
+
+def test_build_request_accepts_every_policy_the_router_accepts() -> None:
+    """`stratus chat --policy speculative` once failed here: the client kept its own, shorter list."""
+    accepted_by_router = RoutingSpec.model_json_schema()["properties"]["policy"]["enum"]
+    assert sorted(POLICIES) == sorted(accepted_by_router)
+    for policy in accepted_by_router:
+        assert build_request("a", policy=policy).policy == POLICY_TO_PB[policy]
+    assert build_request("a", policy="speculative").policy == pb.ROUTING_POLICY_SPECULATIVE
+
+
+def test_display_names_cover_every_enum_value() -> None:
+    assert set(TIER_NAMES) == set(pb.Tier.values()) and TIER_NAMES[pb.TIER_UNSPECIFIED] == "?"
+    assert set(FINISH_NAMES) == set(pb.FinishReason.values()) and FINISH_NAMES[pb.FINISH_REASON_STOP] == "stop"
 
 
 @dataclass

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from stratus_workers.compress.job import EXIT_OK, compress, parse_spec
+from stratus_workers.compress.job import compress, parse_spec
+from stratus_workers.compress.spec import ExitCode
 from stratus_workers.models.loader import load_model
 
 pytestmark = pytest.mark.slow
@@ -22,7 +23,7 @@ def test_int8_weight_on_the_bundled_model(tmp_path: Path) -> None:
     })
     out = tmp_path / "int8"
     result = compress(spec, out)
-    assert result.exit_code == EXIT_OK, result.summary["reasons"]
+    assert result.exit_code == ExitCode.OK, result.summary.reasons
     figures = result.manifest["figures"]
     assert figures["size_ratio"] < 0.27
     assert 1.0 < figures["full_perplexity"] < 100.0  # a real model on real English text

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from stratus_workers.compress.__main__ import run
-from stratus_workers.compress.job import EXIT_BAD_INPUT, EXIT_REJECTED, BadInput, compress, parse_spec
-from stratus_workers.compress.spec import CompressionJobSpec
-from stratus_workers.models.loader import ModelLoadError, load_model
+from stratus_workers.compress.job import BadInput, compress, parse_spec
+from stratus_workers.compress.spec import CompressionJobSpec, ExitCode
+from stratus_workers.models import ModelLoadError, load_model
 
 pytestmark = pytest.mark.unit
 
@@ -70,7 +70,7 @@ def test_missing_model_names_model_source(make_spec: SpecFactory, tmp_path: Path
                                           capsys: pytest.CaptureFixture[str]) -> None:
     spec = make_spec({"quantization": {"method": "int8-weight"}}, source=str(tmp_path / "nowhere"))
     out = tmp_path / "artifact"
-    assert run(spec, out, termination_log=tmp_path / "termination-log") == EXIT_BAD_INPUT
+    assert run(spec, out, termination_log=tmp_path / "termination-log") == ExitCode.BAD_INPUT
     captured = capsys.readouterr()
     assert "modelSource:" in captured.err and "does not exist" in captured.err
     summary = json.loads(captured.out.strip().splitlines()[-1])
@@ -103,7 +103,7 @@ def test_corrupt_artifact_is_refused_by_the_loader(make_spec: SpecFactory, tmp_p
 def test_gate_rejects_with_reasons(make_spec: SpecFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = make_spec({"quantization": {"method": "int8-weight"}}, gate={"maxSizeRatio": 0.01, "minAgreement": 0.0})
     out = tmp_path / "artifact"
-    assert run(spec, out) == EXIT_REJECTED
+    assert run(spec, out) == ExitCode.REJECTED
     captured = capsys.readouterr()
     summary = json.loads(captured.out.strip().splitlines()[-1])
     assert summary["status"] == "rejected"

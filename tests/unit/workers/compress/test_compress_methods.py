@@ -10,17 +10,17 @@ from typing import Any
 import pytest
 import torch
 
-from stratus_workers.compress.artifact import WEIGHTS_FILE
-from stratus_workers.compress.job import EXIT_OK, compress
-from stratus_workers.compress.quantize import (
+from stratus_workers.compress.job import compress
+from stratus_workers.compress.spec import CompressionJobSpec, ExitCode
+from stratus_workers.models.artifact import WEIGHTS_FILE
+from stratus_workers.models.loader import load_model
+from stratus_workers.models.quantized import (
     DynamicInt8Linear,
     Int4Embedding,
     Int4WeightLinear,
     Int8Embedding,
     Int8WeightLinear,
 )
-from stratus_workers.compress.spec import CompressionJobSpec
-from stratus_workers.models.loader import load_model
 
 pytestmark = pytest.mark.unit
 
@@ -46,7 +46,7 @@ def test_quantized_artifact_is_smaller_loads_and_generates(
 ) -> None:
     out = tmp_path / "artifact"
     result = compress(make_spec({"quantization": {"method": method, "groupSize": group_size}}), out)
-    assert result.exit_code == EXIT_OK
+    assert result.exit_code == ExitCode.OK
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format"] == "stratus-artifact/v1"
     assert manifest["status"] == "accepted" and manifest["recipe"] == f"quantize:{method}"
@@ -108,8 +108,8 @@ def test_pruning_reaches_the_sparsity_and_is_stored_sparse(
     out = tmp_path / "pruned"
     pruning = {"method": method, "pattern": pattern, "sparsity": 0.5, "calibrationSamples": 4}
     result = compress(make_spec({"pruning": pruning}), out)
-    assert result.exit_code == EXIT_OK
-    assert result.summary["sparsity"] == pytest.approx(0.5, abs=0.005)
+    assert result.exit_code == ExitCode.OK
+    assert result.summary.sparsity == pytest.approx(0.5, abs=0.005)
     loaded, _ = _generate(out)
     weights = [m.weight for name, m in loaded.model.named_modules()
                if isinstance(m, torch.nn.Linear) and ".layers." in name]
@@ -150,7 +150,7 @@ def test_distilled_student_has_fewer_layers_and_generates(make_spec: SpecFactory
     out = tmp_path / "student"
     distillation = {"studentLayers": 1, "steps": 3, "batchSize": 2, "sequenceLength": 32, "learningRate": 1e-3}
     result = compress(make_spec({"distillation": distillation}), out)
-    assert result.exit_code == EXIT_OK
+    assert result.exit_code == ExitCode.OK
     assert result.manifest["figures"]["distillation"]["teacher_layers_kept"] == [1]
     loaded, _ = _generate(out)
     assert loaded.model.config.num_hidden_layers == 1 and len(loaded.model.model.layers) == 1
@@ -164,7 +164,7 @@ def test_all_three_methods_compose(make_spec: SpecFactory, tmp_path: Path) -> No
               "pruning": {"method": "magnitude", "pattern": "2:4"},
               "quantization": {"method": "int8-weight"}}
     result = compress(make_spec(recipe), out)
-    assert result.summary["recipe"] == "distill:1L+prune:magnitude-2:4+quantize:int8-weight"
+    assert result.summary.recipe == "distill:1L+prune:magnitude-2:4+quantize:int8-weight"
     loaded, _ = _generate(out)
     weight = loaded.model.model.layers[0].mlp.up_proj.qweight
     assert float((weight == 0).float().mean()) >= 0.5  # symmetric int8 keeps pruned zeros exactly zero

@@ -14,7 +14,10 @@ from typing import Any
 import pytest
 
 from stratus_workers.models import load_model
-from stratus_workers.serve.engine import Engine, FinishEvent, SamplingParams, TokenEvent
+from stratus_workers.protocol.requests import Sampling
+from stratus_workers.serve.engine import Engine, FinishEvent, TokenEvent, build_engine
+from stratus_workers.serve.runner.fused import FusedRunner
+from stratus_workers.serve.runner.modules import ModuleRunner
 
 pytestmark = pytest.mark.unit
 
@@ -30,7 +33,7 @@ def loaded(tiny_model_dir: Path) -> Any:
 async def run(engine: Engine, prompt: list[int], n: int, delay: float = 0.0) -> tuple[list[int], str]:
     await asyncio.sleep(delay)
     ids: list[int] = []
-    async for event in engine.stream(prompt, SamplingParams(max_new_tokens=n)):
+    async for event in engine.stream(prompt, Sampling(max_new_tokens=n)):
         if isinstance(event, TokenEvent):
             ids.extend(event.token_ids)
         elif isinstance(event, FinishEvent):
@@ -41,8 +44,8 @@ async def run(engine: Engine, prompt: list[int], n: int, delay: float = 0.0) -> 
 @pytest.mark.parametrize("ahead", ["0", "1"])
 async def test_joining_and_leaving_on_the_fast_path(loaded: Any, monkeypatch: pytest.MonkeyPatch, ahead: str) -> None:
     prompts = [loaded.tokenizer.encode(p) for p in PROMPTS]
-    alone = Engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_len=128)
-    assert not alone.runner.fast
+    alone = build_engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_len=128)
+    assert isinstance(alone.runner, ModuleRunner)
     alone.start()
     try:
         expected = [await run(alone, p, n) for p, n in zip(prompts, LENGTHS, strict=True)]
@@ -50,8 +53,9 @@ async def test_joining_and_leaving_on_the_fast_path(loaded: Any, monkeypatch: py
         alone.shutdown()
     monkeypatch.setenv("STRATUS_FAST_PATH", "1")
     monkeypatch.setenv("STRATUS_DECODE_AHEAD", ahead)  # 1: each step starts on the last one's argmax
-    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=3, max_len=128)
-    assert engine.runner.fast and engine.runner.speculate == (ahead == "1")
+    engine = build_engine(loaded.model, loaded.tokenizer, max_batch_size=3, max_len=128)
+    runner = engine.runner
+    assert isinstance(runner, FusedRunner) and runner.decoder.decode_ahead == (ahead == "1")
     engine.start()
     try:
         # Five requests over three rows, arriving while others decode: rows fill, drain and refill.
@@ -59,7 +63,7 @@ async def test_joining_and_leaving_on_the_fast_path(loaded: Any, monkeypatch: py
             *(run(engine, p, n, 0.01 * i) for i, (p, n) in enumerate(zip(prompts, LENGTHS, strict=True)))
         )
         # A cancelled request frees its row for the next one.
-        stream = engine.stream(prompts[0], SamplingParams(max_new_tokens=100))
+        stream = engine.stream(prompts[0], Sampling(max_new_tokens=100))
         await stream.__anext__()
         await stream.aclose()
         after = await asyncio.wait_for(run(engine, prompts[1], LENGTHS[1]), 30)
@@ -68,4 +72,4 @@ async def test_joining_and_leaving_on_the_fast_path(loaded: Any, monkeypatch: py
     assert together == expected
     assert after == expected[1]
     if ahead == "1":
-        assert engine.runner.speculation_hits > 0
+        assert runner.decoder.ahead_hits > 0

@@ -1,20 +1,16 @@
-"""Speculative decoding: the acceptance rule keeps the verifier's distribution; sessions keep the cache."""
+"""Speculative decoding math: the acceptance rule keeps the verifier's distribution."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from stratus_workers.models import load_model
 from stratus_workers.models.tiny import TINY, random_llama
-from stratus_workers.serve.engine import Engine, SamplingParams, SpecSampling, collect
 from stratus_workers.serve.speculative import (
     SparseDist,
     draft_distribution,
-    next_draft_length,
     sample_sparse,
     sampling_probs,
     verify_greedy,
@@ -89,64 +85,3 @@ def test_sampled_verification_rejects_bad_input() -> None:
         verify_sampled(logits, [1], [], 1.0, 1.0, None)
     with pytest.raises(ValueError, match="probability 0"):
         verify_sampled(logits, [1], [SparseDist((2,), (1.0,))], 1.0, 1.0, None)
-
-
-def test_draft_length_adapts() -> None:
-    assert next_draft_length(4, 4) == 5
-    assert next_draft_length(8, 8, maximum=8) == 8
-    assert next_draft_length(6, 1) == 2
-    assert next_draft_length(3, 0) == 1
-
-
-async def test_engine_sessions_reproduce_greedy_generation(tiny_model_dir: Path, draft_model_dir: Path) -> None:
-    """Draft on one engine, verify on another, round after round: the tokens are the verifier's own."""
-    cloud = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
-    edge = load_model(str(draft_model_dir), dtype="float32", device="cpu")
-    cloud_engine = Engine(cloud.model, cloud.tokenizer, max_batch_size=1, max_len=256, max_sessions=2)
-    edge_engine = Engine(edge.model, edge.tokenizer, max_batch_size=1, max_len=256, max_sessions=2)
-    cloud_engine.start()
-    edge_engine.start()
-    greedy = SpecSampling()
-    try:
-        for text in ("The weather today", "Numbers: 1 2 3", "A long time ago"):
-            prompt = cloud.tokenizer.encode(text)
-            _, _, finish = await collect(cloud_engine.stream(prompt, SamplingParams(max_new_tokens=24)))
-            reference: list[int] = []
-            async for event in cloud_engine.stream(prompt, SamplingParams(max_new_tokens=24)):
-                reference.extend(getattr(event, "token_ids", ()))
-            out: list[int] = []
-            drafted = accepted = 0
-            while len(out) < len(reference):
-                draft = await edge_engine.draft("s", prompt + out, 4, greedy)
-                verdict = await cloud_engine.verify("s", prompt + out, draft.tokens, (), greedy)
-                drafted += len(draft.tokens)
-                accepted += verdict.accepted
-                out += [*draft.tokens[: verdict.accepted], verdict.next_token]
-            assert out[: len(reference)] == reference
-            assert 0 < accepted <= drafted
-            await edge_engine.end_session("s")
-            await cloud_engine.end_session("s")
-            assert cloud_engine.sessions == 0 and edge_engine.sessions == 0
-    finally:
-        cloud_engine.shutdown()
-        edge_engine.shutdown()
-
-
-async def test_session_limits(tiny_model_dir: Path) -> None:
-    loaded = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
-    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_len=64, max_sessions=1)
-    engine.start()
-    try:
-        await engine.draft("a", [1, 2, 3], 2, SpecSampling())
-        from stratus_workers.serve.engine import EngineOverloaded
-
-        with pytest.raises(EngineOverloaded, match="sessions are busy"):
-            await engine.draft("b", [1, 2, 3], 2, SpecSampling())
-        with pytest.raises(ValueError, match="outside this model's vocabulary"):
-            await engine.verify("a", [1, 2, 10**7], [], (), SpecSampling())
-        with pytest.raises(ValueError, match="context is empty"):
-            await engine.draft("a", [], 2, SpecSampling())
-        with pytest.raises(ValueError, match="exceeds"):
-            await engine.verify("a", list(range(70)), [], (), SpecSampling())
-    finally:
-        engine.shutdown()

@@ -1,8 +1,10 @@
-"""Reads and writes compressed artifacts: config, tokenizer, one safetensors file with a layout, manifest.json.
+"""The compressed artifact format: config, tokenizer, one safetensors file with a layout, manifest.json.
 
 The weights file holds plain tensors only (int8 codes, packed int4 nibbles, scales, sparse values and
 bit masks), so any Stratus version loads it without pickles; `layout.json` says how each module's
-tensors are to be read back.
+tensors are to be read back. This module is the format's one owner: the compression Job writes
+artifacts with it and the loader reads them with it (the manifest's name and format tag live in the
+torch-free files.py, for processes that only need to recognise an artifact).
 """
 
 from __future__ import annotations
@@ -18,22 +20,23 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from stratus_workers.compress.quantize import (
+from stratus_workers.models.files import ARTIFACT_FORMAT as ARTIFACT_FORMAT
+from stratus_workers.models.files import MANIFEST_FILE as MANIFEST_FILE
+from stratus_workers.models.files import ModelLoadError
+from stratus_workers.models.quantized import (
     DynamicInt8Linear,
     Int4Embedding,
     Int4WeightLinear,
     Int8Embedding,
     Int8WeightLinear,
-    _set_module,
+    set_module,
     target_linears,
 )
-from stratus_workers.models.loader import ARTIFACT_FORMAT, ModelLoadError
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 LAYOUT_FILE = "layout.json"
-MANIFEST_FILE = "manifest.json"
 LAYOUT_VERSION = 1
 
 
@@ -222,7 +225,7 @@ def load_artifact(path: Path, *, dtype: torch.dtype, device: torch.device) -> tu
             new = linear
         else:
             raise ModelLoadError(f"artifact {path}: module {name} has unknown kind {kind!r}")
-        _set_module(model, name, new)
+        set_module(model, name, new)
         replaced.add(name)
     dense = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in replaced}
     result = model.load_state_dict(dense, strict=False, assign=True)

@@ -1,4 +1,4 @@
-"""Registers the Inference service on a gRPC server so that undecodable requests get INVALID_ARGUMENT.
+"""Hand-written registration of a stratus.v1.Inference servicer: undecodable requests get INVALID_ARGUMENT.
 
 The generated `add_InferenceServicer_to_server` lets a protobuf DecodeError (for example a string
 field holding invalid UTF-8) escape as UNKNOWN with a stack-trace-like message. Registering the same
@@ -14,9 +14,7 @@ import grpc
 from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 
-from stratus_workers.api import inference_pb2 as pb
-
-SERVICE = pb.DESCRIPTOR.services_by_name["Inference"]
+from stratus_workers.protocol.names import SERVICE
 
 
 class Undecodable:
@@ -65,8 +63,10 @@ def add_inference_servicer(servicer: Any, server: grpc.aio.Server) -> None:
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
         implementation = getattr(servicer, method.name)
-        kwargs = {"request_deserializer": _deserializer(request_class),
-                  "response_serializer": response_class.SerializeToString}
+        kwargs = {
+            "request_deserializer": _deserializer(request_class),
+            "response_serializer": response_class.SerializeToString,
+        }
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(_streaming(implementation), **kwargs)
         else:

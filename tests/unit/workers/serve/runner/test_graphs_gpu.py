@@ -1,4 +1,4 @@
-"""The CUDA fast path (fused weights, CUDA graphs, torch.compile) gives the logits of a plain forward pass."""
+"""The CUDA path (fused weights, CUDA graphs, torch.compile, decode-ahead) gives the logits of a plain forward pass."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from stratus_workers.models.tiny import TINY, random_llama
-from stratus_workers.serve.runner import ModelRunner
+from stratus_workers.serve.runner.build import build_runner
+from stratus_workers.serve.runner.fused import FusedRunner
 
 pytestmark = [
     pytest.mark.gpu,
@@ -36,8 +37,8 @@ def close_to_reference(model: torch.nn.Module, ids: list[int], logits: torch.Ten
 
 @pytest.mark.parametrize("compile_step", [False, True])
 def test_graph_decode_matches_reference(model: torch.nn.Module, compile_step: bool) -> None:
-    runner = ModelRunner(model, max_rows=6, max_len=128, compile=compile_step)
-    assert runner.fast and runner.cuda_graphs
+    runner = build_runner(model, max_rows=6, max_len=128, compile=compile_step)
+    assert isinstance(runner, FusedRunner) and runner.cuda_graphs
     seqs = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 101, 102]]
     runner.forward(0, seqs)
     for step in range(20):  # crosses no bucket edge; the batch of 3 runs in bucket 4
@@ -46,7 +47,8 @@ def test_graph_decode_matches_reference(model: torch.nn.Module, compile_step: bo
         seqs = [s + n for s, n in zip(seqs, new, strict=True)]
     for row, ids in enumerate(seqs):
         close_to_reference(model, ids, logits[row])
-    assert runner.lengths[:3] == [len(s) for s in seqs] and runner._len_dev[:3].tolist() == runner.lengths[:3]
+    assert runner.cache.lengths_dev is not None
+    assert runner.lengths[:3] == [len(s) for s in seqs] and runner.cache.lengths_dev[:3].tolist() == runner.lengths[:3]
     # Rows leave and the batch shrinks: the graph for bucket 2 reads the moved row correctly.
     runner.move(2, 0)
     runner.reset(2)
@@ -54,12 +56,12 @@ def test_graph_decode_matches_reference(model: torch.nn.Module, compile_step: bo
     logits = runner.forward(0, [[1], [2]])
     for row, ids in enumerate(s + [t] for s, t in zip(seqs, (1, 2), strict=True)):
         close_to_reference(model, ids, logits[row])
-    assert len(runner._graphs) >= 2
+    assert len(runner.decoder.graphs) >= 2
 
 
 def test_padded_rows_never_touch_session_rows(model: torch.nn.Module) -> None:
     # Row 3 plays a speculative session above the decode batch; bucket padding must not disturb it.
-    runner = ModelRunner(model, max_rows=4, max_len=64)
+    runner = build_runner(model, max_rows=4, max_len=64)
     session = [9, 8, 7, 6]
     runner.forward(3, [session])
     runner.forward(0, [[1, 2, 3], [4], [5, 6]])
@@ -71,8 +73,8 @@ def test_padded_rows_never_touch_session_rows(model: torch.nn.Module) -> None:
 
 
 def test_greedy_decoding_runs_one_step_ahead(model: torch.nn.Module) -> None:
-    runner = ModelRunner(model, max_rows=4, max_len=64)
-    assert runner.speculate
+    runner = build_runner(model, max_rows=4, max_len=64)
+    assert isinstance(runner, FusedRunner) and runner.decoder.decode_ahead
     seqs = [[5, 6, 7, 8], [3, 4]]
     logits = runner.forward(0, seqs)
     for _ in range(20):
@@ -81,4 +83,4 @@ def test_greedy_decoding_runs_one_step_ahead(model: torch.nn.Module) -> None:
         seqs = [s + n for s, n in zip(seqs, new, strict=True)]
     for row, ids in enumerate(seqs):
         close_to_reference(model, ids, logits[row])
-    assert runner.speculation_hits >= 18
+    assert runner.decoder.ahead_hits >= 18

@@ -65,6 +65,7 @@ class TextAssembler:
 
 
 def find_stop(text: str, stops: Sequence[str], emitted: int) -> int | None:
+    """Where the earliest stop sequence starts in `text`, looking only where it could overlap new text."""
     best: int | None = None
     for stop in stops:
         idx = text.find(stop, max(0, emitted - len(stop)))

@@ -1,4 +1,4 @@
-"""Incremental detokenization gives exactly the text of a full decode, also across split characters."""
+"""Incremental detokenization gives exactly the text of a full decode, also across split characters; stops cut it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
-from stratus_workers.serve.text import TextAssembler
+from stratus_workers.protocol.text import TextAssembler, find_stop, partial_stop_len
 
 pytestmark = pytest.mark.unit
 
@@ -50,3 +50,16 @@ def test_stop_sequence_still_cuts_the_text(tokenizer: Any) -> None:
         if text.stopped:
             break
     assert out == "one two" and text.stopped
+
+
+def test_partial_stop_holdback() -> None:
+    assert partial_stop_len("hello wor", ("world",)) == 3
+    assert partial_stop_len("hello", ("xyz",)) == 0
+    assert partial_stop_len("ab", ("b", "abc")) == 2
+
+
+def test_find_stop_takes_the_earliest_and_skips_what_was_checked() -> None:
+    assert find_stop("a STOP b END", ("END", "STOP"), 0) == 2
+    assert find_stop("abc", ("x",), 0) is None
+    # Text emitted before could not hold a whole stop sequence, so the search starts just before it.
+    assert find_stop("END and more END", ("END",), 10) == 13

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from stratus_workers.compress.quantize import (
+from stratus_workers.models.quantized import (
     DynamicInt8Linear,
     Int4WeightLinear,
     Int8WeightLinear,

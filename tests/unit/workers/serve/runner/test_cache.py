@@ -1,0 +1,75 @@
+"""The per-row KV cache: growth, row moves and roll-backs, and tensors usable in and out of inference mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stratus_workers.serve.runner.cache import MIN_CAPACITY, KVCache
+
+pytestmark = pytest.mark.unit
+
+
+def make(capacity: int = 4, max_len: int = 64, device_lengths: bool = False) -> KVCache:
+    return KVCache(
+        layers=2, rows=3, kv_heads=2, head_dim=4, dtype=torch.float32, device=torch.device("cpu"),
+        max_len=max_len, capacity=capacity, device_lengths=device_lengths,
+    )  # fmt: skip
+
+
+def fill(cache: KVCache, row: int, n: int, value: float) -> None:
+    for t in (*cache.keys, *cache.values):
+        t[row, :, :n] = value
+    cache.set_length(row, n)
+
+
+def test_growth_keeps_what_the_rows_hold_and_stops_at_max_len() -> None:
+    cache = make(capacity=MIN_CAPACITY, max_len=40)
+    fill(cache, 1, MIN_CAPACITY, 7.0)
+    cache.grow(MIN_CAPACITY + 1)
+    assert cache.capacity == 2 * MIN_CAPACITY  # doubles rather than creeping up a token at a time
+    assert bool((cache.keys[0][1, :, :MIN_CAPACITY] == 7.0).all()) and cache.lengths[1] == MIN_CAPACITY
+    cache.grow(2 * MIN_CAPACITY + 1)
+    assert cache.capacity == 40  # doubling, capped at max_len
+    with pytest.raises(ValueError, match="41 tokens exceeds the cache limit of 40"):
+        cache.grow(41)
+
+
+def test_move_truncate_and_reset() -> None:
+    cache = make(capacity=16, device_lengths=True)
+    fill(cache, 2, 5, 3.0)
+    cache.move(2, 0)
+    assert cache.lengths == [5, 0, 0]
+    assert cache.lengths_dev is not None and cache.lengths_dev.tolist() == [5, 0, 0]
+    assert bool((cache.values[1][0, :, :5] == 3.0).all())
+    cache.truncate(0, 2)
+    assert cache.lengths[0] == 2
+    with pytest.raises(ValueError, match="cannot truncate row 0 of length 2 to 3"):
+        cache.truncate(0, 3)
+    assert cache.lengths[0] == 2
+    cache.reset(0)
+    assert cache.lengths == [0, 0, 0] and cache.lengths_dev.tolist() == [0, 0, 0]
+
+
+def test_only_changes_of_rows_bump_the_version() -> None:
+    cache = make(capacity=16, device_lengths=True)
+    cache.set_lengths(0, [3, 4])
+    version = cache.version
+    cache.advance(2)  # a decode step: the same rows, one token longer
+    assert cache.version == version and cache.lengths == [4, 5, 0]
+    assert cache.lengths_dev is not None and cache.lengths_dev.tolist() == [4, 5, 0]
+    cache.truncate(1, 4)
+    assert cache.version > version
+
+
+def test_a_cache_grown_in_inference_mode_is_updated_outside_it() -> None:
+    # Issue 12: growth inside a forward pass made inference tensors, which refuse in-place updates
+    # outside inference mode; the engine's next row move then killed its thread.
+    cache = make(capacity=MIN_CAPACITY)
+    with torch.inference_mode():
+        cache.grow(3 * MIN_CAPACITY)
+        fill(cache, 2, 3 * MIN_CAPACITY, 1.0)
+    assert cache.capacity == 3 * MIN_CAPACITY
+    cache.move(2, 1)
+    cache.truncate(1, 5)
+    assert bool((cache.keys[1][1, :, : 3 * MIN_CAPACITY] == 1.0).all())

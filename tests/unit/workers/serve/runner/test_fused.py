@@ -1,0 +1,70 @@
+"""The fused path (CUDA's arithmetic: fused weights, bucketed static decode), run eagerly on the CPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from stratus_workers.serve.runner import UnsupportedModelError
+from stratus_workers.serve.runner.fused import FusedRunner, fusable
+
+pytestmark = pytest.mark.unit
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+def fused(model: torch.nn.Module, max_rows: int, max_len: int) -> FusedRunner:
+    return FusedRunner(model, max_rows=max_rows, max_len=max_len, cuda_graphs=False, compile=False)
+
+
+def test_fused_path_matches_reference(model: torch.nn.Module, reference) -> None:
+    runner = fused(model, 4, 64)
+    assert runner.capacity == 65  # allocated once, with the spare padding slot
+    seqs = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 101, 102]]
+    logits = runner.forward(0, seqs)
+    for row, ids in enumerate(seqs):
+        close(logits[row], reference(ids)[0])
+    for step in range(3):  # a batch of 3 decodes in bucket 4
+        new = [[20 + step], [30 + step], [40 + step]]
+        logits = runner.forward(0, new)
+        seqs = [s + n for s, n in zip(seqs, new, strict=True)]
+        for row, ids in enumerate(seqs):
+            close(logits[row], reference(ids)[0])
+    assert runner.cache.lengths_dev is not None
+    assert runner.cache.lengths_dev.tolist() == runner.lengths == [10, 5, 6, 0]
+    runner.move(2, 0)  # row 0 leaves; the last row takes its place
+    runner.truncate(0, 5)  # and drops its last token, as a rejected draft would
+    seqs = [seqs[2][:5], seqs[1]]
+    assert runner.cache.lengths_dev.tolist() == runner.lengths == [5, 5, 0, 0]
+    logits = runner.forward(0, [[7], [8]], all_logits=True)
+    for row, ids in enumerate((seqs[0] + [7], seqs[1] + [8])):
+        close(logits[row, 0], reference(ids)[0])
+
+
+def test_padding_never_touches_rows_above_the_batch(model: torch.nn.Module, reference) -> None:
+    # Row 3 holds a speculative session; a batch of 3 runs padded to 4 rows and must not disturb it.
+    runner = fused(model, 4, 32)
+    session = [9, 8, 7, 6]
+    runner.forward(3, [session])
+    runner.forward(0, [[1, 2, 3], [4], [5, 6]])
+    for t in range(4):
+        runner.forward(0, [[t], [t + 1], [t + 2]])
+    assert runner.lengths[3] == 4
+    extended = runner.forward(3, [[5, 4]], all_logits=True)
+    close(extended[0], reference([*session, 5, 4], last=2))
+
+
+def test_modules_it_cannot_fuse_are_refused(model: torch.nn.Module) -> None:
+    class Quantized(torch.nn.Linear):
+        """Stands in for a quantized layer: a Linear subclass with its own forward."""
+
+    odd = copy.deepcopy(model)
+    layer = odd.model.layers[0].mlp
+    layer.up_proj = Quantized(layer.up_proj.in_features, layer.up_proj.out_features, bias=False)
+    assert fusable(model) and not fusable(odd)
+    with pytest.raises(UnsupportedModelError, match="plain Linear"):
+        fused(odd, 1, 8)

@@ -1,0 +1,55 @@
+"""Decode-ahead: a step computed on the last step's argmax is used only when the caller sends exactly those tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stratus_workers.serve.runner.fused import FusedRunner
+from stratus_workers.serve.runner.graphs import MIN_KV_BUCKET
+
+pytestmark = pytest.mark.unit
+
+
+def test_decoding_one_step_ahead_matches_reference(model: torch.nn.Module, reference) -> None:
+    # On CUDA the runner starts step t+1 on step t's argmax before the caller has sampled; the
+    # guess must be used only when the caller really sends those tokens to the same rows.
+    runner = FusedRunner(model, max_rows=4, max_len=64, cuda_graphs=False, compile=False)
+    decoder = runner.decoder
+    decoder.decode_ahead = True
+    seqs = [[5, 6, 7], [3, 4], [100, 101, 102, 103]]
+    logits = runner.forward(0, seqs)
+    for step in range(8):
+        greedy = logits.argmax(dim=-1).tolist()
+        # Greedy steps use the guess; step 3 sends other tokens; step 5 changes the rows first.
+        new = [[(t + 1) % 512] for t in greedy] if step == 3 else [[t] for t in greedy]
+        if step == 5:
+            runner.move(2, 1)
+            runner.reset(2)
+            seqs = [seqs[0], seqs[2]]
+            new = new[::2]
+        logits = runner.forward(0, new)
+        if step == 3:
+            assert decoder._ahead_pause  # a wrong guess pauses guessing (sampling requests)...
+            decoder._ahead_pause = 0  # ...here resumed at once, so that step 5 meets a guess
+        seqs = [s + n for s, n in zip(seqs, new, strict=True)]
+        for row, ids in enumerate(seqs):
+            torch.testing.assert_close(logits[row], reference(ids)[0], atol=1e-4, rtol=1e-4)
+    assert decoder.ahead_hits == 4  # steps 1, 2, 6 and 7
+    assert runner.cache.lengths_dev is not None
+    assert runner.cache.lengths_dev.tolist()[:2] == runner.lengths[:2] == [len(s) for s in seqs]
+
+
+def test_decode_ahead_is_off_by_default_without_cuda_graphs(model: torch.nn.Module, monkeypatch) -> None:
+    monkeypatch.delenv("STRATUS_DECODE_AHEAD", raising=False)
+    assert not FusedRunner(model, max_rows=2, max_len=16, cuda_graphs=False, compile=False).decoder.decode_ahead
+    monkeypatch.setenv("STRATUS_DECODE_AHEAD", "1")
+    assert FusedRunner(model, max_rows=2, max_len=16, cuda_graphs=False, compile=False).decoder.decode_ahead
+
+
+def test_buckets_cover_the_batch_and_the_keys(model: torch.nn.Module) -> None:
+    runner = FusedRunner(model, max_rows=6, max_len=300, cuda_graphs=False, compile=False)
+    buckets = runner.decoder.buckets
+    assert buckets(3, 10) == (4, MIN_KV_BUCKET)
+    assert buckets(5, 65) == (6, 2 * MIN_KV_BUCKET)  # past the last bucket that fits: max_rows
+    assert buckets(1, 290) == (1, runner.capacity)  # never past the cache

@@ -1,0 +1,76 @@
+"""The module path's per-row KV cache gives the same logits as a plain Hugging Face forward pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stratus_workers.serve.runner import UnsupportedModelError
+from stratus_workers.serve.runner.modules import ModuleRunner
+
+pytestmark = pytest.mark.unit
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_batched_prefill_and_decode_match_reference(model: torch.nn.Module, reference) -> None:
+    runner = ModuleRunner(model, max_rows=3, max_len=64, initial_len=4)
+    a, b, c = [5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 101, 102]
+    logits = runner.forward(0, [a, b, c])
+    for row, ids in enumerate((a, b, c)):
+        close(logits[row], reference(ids)[0])
+    logits = runner.forward(0, [[12], [13], [14]])
+    for row, ids in enumerate((a + [12], b + [13], c + [14])):
+        close(logits[row], reference(ids)[0])
+    assert runner.lengths == [8, 3, 4]
+
+
+def test_extend_truncate_and_move(model: torch.nn.Module, reference) -> None:
+    runner = ModuleRunner(model, max_rows=2, max_len=64)
+    runner.forward(0, [[1, 2, 3], [4, 5]])
+    every = runner.forward(1, [[6, 7, 8]], all_logits=True)
+    close(every[0], reference([4, 5, 6, 7, 8], last=3))
+    runner.truncate(1, 3)  # drop 7, 8 as a rejected draft would be
+    close(runner.forward(1, [[9]])[0], reference([4, 5, 6, 9])[0])
+    runner.move(1, 0)
+    assert runner.lengths == [4, 0]
+    close(runner.forward(0, [[10]])[0], reference([4, 5, 6, 9, 10])[0])
+
+
+def test_rows_move_after_forward_grew_the_cache(model: torch.nn.Module, reference) -> None:
+    # Issue 12: the cache grown inside forward (inference mode) was later moved by ordinary code.
+    runner = ModuleRunner(model, max_rows=2, max_len=64, initial_len=16)
+    assert runner.capacity == 16
+    long = list(range(20, 40))
+    runner.forward(0, [[1, 2], long])
+    assert runner.capacity > 16
+    assert not torch.is_inference_mode_enabled()
+    runner.move(1, 0)
+    runner.truncate(0, 19)
+    runner.reset(1)
+    close(runner.forward(0, [[10]])[0], reference([*long[:19], 10])[0])
+
+
+def test_limits_are_enforced(model: torch.nn.Module) -> None:
+    runner = ModuleRunner(model, max_rows=1, max_len=8)
+    with pytest.raises(ValueError, match="exceeds the cache limit of 8"):
+        runner.forward(0, [list(range(9))])
+    with pytest.raises(ValueError, match="at least one new token"):
+        runner.forward(0, [[]])
+    with pytest.raises(ValueError, match="at least one row"):
+        runner.forward(0, [])
+    with pytest.raises(ValueError, match=r"rows 0\.\.1 are outside this runner's 1"):
+        runner.forward(0, [[1], [2]])
+    with pytest.raises(ValueError, match="cannot truncate"):
+        runner.truncate(0, 5)
+    assert runner.lengths == [0]  # nothing refused left a trace
+
+
+def test_unsupported_architecture_is_named() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
+    with pytest.raises(UnsupportedModelError, match="'gpt2' is not supported"):
+        ModuleRunner(gpt2, max_rows=1, max_len=8)

@@ -1,0 +1,124 @@
+"""What a valid request is: prompt rendering, sampling parameters and the limits every server enforces.
+
+The router renders prompts and validates sampling for the speculative policy with the same functions
+the model server uses, so both refuse a bad request with the same message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from stratus_workers.api import inference_pb2 as pb
+from stratus_workers.protocol.errors import ProtocolError
+
+CHAT_ROLES = ("system", "user", "assistant")
+MAX_STOP_SEQUENCES = 8
+MAX_STOP_LENGTH = 128
+MAX_SPECULATIVE_TOKENS = 16
+MAX_SESSION_ID = 128
+
+_INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """How tokens are chosen: for an answer (Generate) or for a speculative session (Draft, Verify, Score).
+
+    A speculative session only reads temperature, top_p and seed; the answer's budget, stop sequences and
+    whether to return log-probabilities belong to Generate.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+def render_prompt(tokenizer: Any, request: pb.GenerateRequest) -> list[int]:
+    """Token ids for the request's prompt or chat messages (chat template applied)."""
+    kind = request.WhichOneof("input")
+    if kind == "chat":
+        messages = []
+        for i, message in enumerate(request.chat.messages):
+            if message.role not in CHAT_ROLES:
+                raise ProtocolError(
+                    _INVALID, f"chat.messages[{i}].role is {message.role!r}; use one of {', '.join(CHAT_ROLES)}"
+                )
+            messages.append({"role": message.role, "content": message.content})
+        if not messages:
+            raise ProtocolError(_INVALID, "chat.messages is empty; send at least one message")
+        if getattr(tokenizer, "chat_template", None):
+            encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+            return list(encoded["input_ids"])
+        text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+        return list(tokenizer.encode(text))
+    if kind == "prompt":
+        if not request.prompt:
+            raise ProtocolError(_INVALID, "prompt is empty")
+        return list(tokenizer.encode(request.prompt))
+    raise ProtocolError(_INVALID, "the request has neither prompt nor chat; set one of them")
+
+
+def _check_distribution(temperature: float, top_p: float, prefix: str) -> None:
+    if not 0.0 <= temperature <= 2.0:
+        raise ProtocolError(_INVALID, f"{prefix}temperature is {temperature}; it must be within [0, 2] (0 is greedy)")
+    if not 0.0 <= top_p <= 1.0:
+        raise ProtocolError(_INVALID, f"{prefix}top_p is {top_p}; it must be within [0, 1]")
+
+
+def generation_sampling(request: pb.GenerateRequest, *, max_new_tokens: int, default_new_tokens: int) -> Sampling:
+    """The validated Sampling of a GenerateRequest, or ProtocolError naming the bad field.
+
+    `max_new_tokens` is the largest budget this server allows; a request that asks for none gets
+    `default_new_tokens` (capped by it).
+    """
+    wanted = request.max_new_tokens or min(default_new_tokens, max_new_tokens)
+    if wanted > max_new_tokens:
+        raise ProtocolError(_INVALID, f"max_new_tokens is {wanted}; this server allows at most {max_new_tokens}")
+    _check_distribution(request.temperature, request.top_p, "")
+    if len(request.stop) > MAX_STOP_SEQUENCES:
+        raise ProtocolError(_INVALID, f"{len(request.stop)} stop sequences given; at most {MAX_STOP_SEQUENCES}")
+    for i, stop in enumerate(request.stop):
+        if not stop or len(stop) > MAX_STOP_LENGTH:
+            raise ProtocolError(_INVALID, f"stop[{i}] must be 1 to {MAX_STOP_LENGTH} characters")
+    return Sampling(
+        max_new_tokens=wanted,
+        temperature=float(request.temperature),
+        top_p=float(request.top_p) or 1.0,
+        stop=tuple(request.stop),
+        seed=request.seed if request.HasField("seed") else None,
+        logprobs=request.return_logprobs,
+    )
+
+
+def session_sampling(sampling: pb.SpeculativeSampling) -> Sampling:
+    """The validated Sampling of a Draft or Verify call, or ProtocolError naming the bad field."""
+    _check_distribution(sampling.temperature, sampling.top_p, "sampling.")
+    return Sampling(
+        temperature=float(sampling.temperature),
+        top_p=float(sampling.top_p) or 1.0,
+        seed=sampling.seed if sampling.HasField("seed") else None,
+    )
+
+
+def speculative_sampling(request: pb.GenerateRequest) -> pb.SpeculativeSampling:
+    """The sampling a speculative answer asks of its Draft and Verify calls: the request's own."""
+    sampling = pb.SpeculativeSampling(temperature=request.temperature, top_p=request.top_p)
+    if request.HasField("seed"):
+        sampling.seed = request.seed
+    return sampling
+
+
+def check_session_id(session_id: str) -> None:
+    """ProtocolError unless `session_id` is 1 to MAX_SESSION_ID characters."""
+    if not session_id or len(session_id) > MAX_SESSION_ID:
+        raise ProtocolError(_INVALID, f"session_id must be 1 to {MAX_SESSION_ID} characters")

@@ -1,0 +1,161 @@
+"""Model runners: batched forward passes of one model over a per-row KV cache, the engine's only compute.
+
+`ModelRunner` is the interface the engine and the speculative sessions use. Two paths implement
+it: `modules.ModuleRunner` drives the Hugging Face modules themselves (exactly their arithmetic;
+quantized and pruned layers work unchanged), and `fused.FusedRunner` runs fused weights with a
+static decode step (`graphs.py`: batch buckets, CUDA graphs, decode-ahead) and can shard over a
+tensor-parallel group. `build.build_runner` picks one.
+
+Each row of the cache sits at its own position, which is what lets the engine add and remove
+requests between decode steps (continuous batching) and roll a row back (speculative
+verification) without rebuilding anything.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from stratus_workers.serve.parallel import STOP, ParallelContext
+from stratus_workers.serve.runner.cache import KVCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture is not one the runner can drive."""
+
+
+def check_supported(model: Any) -> None:
+    """Raise UnsupportedModelError naming the model type unless it is a Llama-family causal LM."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"model type {model_type or '?'!r} is not supported by the serving runner; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """A STRATUS_* switch: unset or empty gives `default`; 0, false, no, off turn it off."""
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+class ModelRunner(abc.ABC):
+    """One model and a KV cache of `max_rows` rows; the engine keeps its decode rows contiguous from 0.
+
+    Every entry point runs in inference mode, so tensors one call makes are updated in place by the
+    next whatever thread calls, and on rank 0 of a tensor-parallel group each is repeated to the
+    other ranks first. Subclasses provide `_forward` (and may capture work ahead in `_warmup`).
+    """
+
+    cache: KVCache
+
+    def __init__(self, model: Any, *, max_rows: int, max_len: int, parallel: ParallelContext | None = None) -> None:
+        check_supported(model)
+        config = model.config
+        self.model = model
+        self.config = config
+        self.max_rows = max_rows
+        self.max_len = max_len
+        self.parallel = parallel
+        self.layers = list(model.model.layers)
+        self.vocab_size = int(config.vocab_size)
+        self.num_heads = int(config.num_attention_heads)
+        self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.num_heads)
+        self.scale = self.head_dim**-0.5
+        self.device = next(model.parameters()).device
+        # Quantized layers hold integer codes; activations (and the cache) follow the norms' dtype.
+        self.dtype = model.model.norm.weight.dtype
+
+    # -- the interface --------------------------------------------------------------------
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens held by each row."""
+        return self.cache.lengths
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.capacity
+
+    def cache_bytes(self) -> int:
+        return self.cache.bytes()
+
+    @torch.inference_mode()
+    def forward(self, first_row: int, tokens: Sequence[Sequence[int]], *, all_logits: bool = False) -> torch.Tensor:
+        """Append `tokens[i]` to row `first_row + i` and return logits.
+
+        Returns [B, V] logits of each row's last new token, or [B, Q, V] for every new token
+        when `all_logits` (Q is the longest row; shorter rows are padded at the end).
+        """
+        batch = len(tokens)
+        if batch == 0:
+            raise ValueError("forward needs at least one row")
+        if first_row < 0 or first_row + batch > self.max_rows:
+            raise ValueError(f"rows {first_row}..{first_row + batch - 1} are outside this runner's {self.max_rows}")
+        q_lens = [len(t) for t in tokens]
+        if min(q_lens) == 0:
+            raise ValueError("every row needs at least one new token")
+        starts = self.cache.lengths[first_row : first_row + batch]
+        self.cache.grow(max(starts) + max(q_lens))
+        # Before computing: the other ranks must join this call's all-reduces.
+        self._lead("forward", first_row, [list(t) for t in tokens], all_logits=all_logits)
+        return self._forward(first_row, tokens, starts, q_lens, all_logits)
+
+    @torch.inference_mode()
+    def reset(self, row: int) -> None:
+        """Empty `row` (a request left, or a session row is taken)."""
+        self.cache.reset(row)
+        self._lead("reset", row)
+
+    @torch.inference_mode()
+    def truncate(self, row: int, length: int) -> None:
+        """Forget everything after `length` tokens in `row` (rejected speculative tokens)."""
+        self.cache.truncate(row, length)
+        self._lead("truncate", row, length)  # after: a refused call is not repeated
+
+    @torch.inference_mode()
+    def move(self, src: int, dst: int) -> None:
+        """Move row `src`'s cache into row `dst` (keeps active rows contiguous after one leaves)."""
+        if src != dst:
+            self.cache.move(src, dst)
+            self._lead("move", src, dst)
+
+    @torch.inference_mode()
+    def warmup(self, max_kv_len: int | None = None, batch_sizes: Sequence[int] | None = None) -> int:
+        """Prepare work ahead of traffic (decode graphs on CUDA); returns how many graphs exist."""
+        self._lead("warmup", max_kv_len, batch_sizes)
+        return self._warmup(max_kv_len, batch_sizes)
+
+    def close(self) -> None:
+        """On rank 0: release the other ranks from `follow()` (they return and their processes exit)."""
+        self._lead(STOP)
+
+    # -- what a path provides -------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _forward(
+        self,
+        first_row: int,
+        tokens: Sequence[Sequence[int]],
+        starts: list[int],
+        q_lens: list[int],
+        all_logits: bool,
+    ) -> torch.Tensor:
+        """Run the rows (the cache already holds room for them) and set their new lengths."""
+
+    def _warmup(self, max_kv_len: int | None, batch_sizes: Sequence[int] | None) -> int:
+        return 0
+
+    def _lead(self, method: str, *args: Any, **kwargs: Any) -> None:
+        if self.parallel is not None:
+            self.parallel.lead(method, *args, **kwargs)

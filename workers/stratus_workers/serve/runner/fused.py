@@ -1,0 +1,431 @@
+"""The fused path: fused (and, under tensor parallel, sharded) weights, eager prefill, the decode step body.
+
+Each layer's projections are fused into two matrices (q|k|v and gate|up), the KV cache is
+allocated once at full length, and row lengths live on the device as well as on the host, so a
+decode step reads only device buffers: graphs.py runs it per batch bucket, as a CUDA graph on
+CUDA, and one step ahead for greedy callers. `torch.compile` fuses the small element-wise
+kernels (norms, rotary, SiLU) inside the step, and a Triton kernel (serve/kernels.py) does its
+attention. With a sharded `ParallelContext` each rank keeps its share of the heads and MLP
+columns and the partial results are all-reduced. This is CUDA's path; `STRATUS_FAST_PATH=1`
+runs the same arithmetic on the CPU, which is how the CPU tests cover it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stratus_workers.serve import kernels
+from stratus_workers.serve.parallel import ParallelContext
+from stratus_workers.serve.runner import ModelRunner, UnsupportedModelError, env_flag
+from stratus_workers.serve.runner.cache import KVCache
+from stratus_workers.serve.runner.graphs import StaticDecoder
+from stratus_workers.serve.runner.modules import apply_rotary
+
+log = logging.getLogger(__name__)
+
+
+def fusable(model: Any) -> bool:
+    """Whether every layer is plain Linear projections, a SiLU MLP and RMS norms with weights."""
+    if getattr(model.config, "hidden_act", "silu") != "silu":
+        return False
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        # Exact type: quantized or pruned subclasses keep their own forward and take the module path.
+        if any(type(m) is not torch.nn.Linear for m in (*_attn_linears(layer), *_mlp_linears(layer))):
+            return False
+        if not hasattr(layer.input_layernorm, "weight") or getattr(attn, "q_norm", None) is not None:
+            return False
+    return True
+
+
+def _attn_linears(layer: Any) -> tuple[Any, ...]:
+    a = layer.self_attn
+    return (a.q_proj, a.k_proj, a.v_proj, a.o_proj)
+
+
+def _mlp_linears(layer: Any) -> tuple[Any, ...]:
+    m = layer.mlp
+    return (m.gate_proj, m.up_proj, m.down_proj)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # The same arithmetic as LlamaRMSNorm: normalise in float32, scale in the model dtype.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+@dataclass
+class _LayerWeights:
+    """One decoder layer's weights in fused (and, under tensor parallel, sharded) form."""
+
+    in_norm: torch.Tensor
+    post_norm: torch.Tensor
+    eps: float
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
+def _qkv_rope(
+    h: torch.Tensor,
+    delta: torch.Tensor,
+    norm_w: torch.Tensor,
+    eps: float,
+    w_qkv: torch.Tensor,
+    b_qkv: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    n_q: int,
+    n_kv: int,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Residual add of the previous layer's MLP output, norm, fused q|k|v projection, rotary.
+
+    `h` is [..., hidden]; returns the new residual and q [..., n_q, D], k and v [..., n_kv, D].
+    """
+    h = h + delta
+    x = _rms_norm(h, norm_w, eps)
+    qkv = F.linear(x, w_qkv, b_qkv)
+    q, k, v = torch.split(qkv, [n_q * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    lead = qkv.shape[:-1]
+    q = q.reshape(*lead, n_q, head_dim)
+    k = k.reshape(*lead, n_kv, head_dim)
+    v = v.reshape(*lead, n_kv, head_dim)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    return h, apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+
+def _decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One query per row against that row's keys: q [B, Hq, D], keys/values [B, Hkv, K, D], bias [B, K].
+
+    Grouped-query heads are folded into the query dimension so keys are read once per kv head.
+    """
+    batch, n_q, head_dim = q.shape
+    n_kv = keys.shape[1]
+    qg = q.view(batch, n_kv, n_q // n_kv, head_dim)
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale + bias[:, None, None, :]
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.matmul(probs, values).reshape(batch, n_q * head_dim)
+
+
+def _mlp_in(
+    h: torch.Tensor,
+    attn: torch.Tensor,
+    b_o: torch.Tensor | None,
+    norm_w: torch.Tensor,
+    eps: float,
+    w_gate_up: torch.Tensor,
+    b_gate_up: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add of the attention output, norm, fused gate|up projection and SiLU(gate) * up."""
+    if b_o is not None:
+        attn = attn + b_o
+    h = h + attn
+    gate_up = F.linear(_rms_norm(h, norm_w, eps), w_gate_up, b_gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return h, F.silu(gate) * up
+
+
+class FusedRunner(ModelRunner):
+    """Fused weights and a static decode step; shards over `parallel` when it spans several ranks.
+
+    `cuda_graphs` and `compile` default to on for CUDA (STRATUS_CUDA_GRAPHS / STRATUS_COMPILE /
+    STRATUS_TRITON_ATTENTION=0 turn a stage off, for debugging and A/B timing); decode-ahead
+    defaults to on with CUDA graphs (STRATUS_DECODE_AHEAD=0 or 1 overrides; 1 also runs it on the
+    CPU, for the tests). A tensor-parallel group's runners are built by `build_runner`, which tells
+    the other ranks to build theirs.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_rows: int,
+        max_len: int,
+        cuda_graphs: bool | None = None,
+        compile: bool | None = None,
+        parallel: ParallelContext | None = None,
+    ) -> None:
+        super().__init__(model, max_rows=max_rows, max_len=max_len, parallel=parallel)
+        if not fusable(model):
+            raise UnsupportedModelError("the fast path needs plain Linear projections and a SiLU MLP")
+        rank, world = (parallel.rank, parallel.world_size) if parallel is not None else (0, 1)
+        if self.num_heads % world or self.num_kv_heads % world:
+            raise UnsupportedModelError(
+                f"{self.num_heads} attention heads and {self.num_kv_heads} kv heads do not split over {world} ranks"
+            )
+        self.world_size = world
+        self.local_heads = self.num_heads // world
+        self.local_kv_heads = self.num_kv_heads // world
+        self._lw = self._fuse_weights(rank, world)
+        self._final_norm = self.model.model.norm.weight
+        self._final_eps = float(getattr(self.model.model.norm, "variance_epsilon", 1e-6))
+        self._embed = self.model.model.embed_tokens.weight
+        self._lm_head = self.model.lm_head.weight
+        # One spare slot past max_len: padded rows of a bucketed decode write there, never over live keys.
+        capacity = max_len + 1
+        with torch.inference_mode():
+            positions = torch.arange(capacity, device=self.device)[None]
+            probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+            cos, sin = self.model.model.rotary_emb(probe, positions)
+            self._cos, self._sin = cos[0].to(self.dtype).contiguous(), sin[0].to(self.dtype).contiguous()
+        self.cache = KVCache(
+            layers=len(self.layers),
+            rows=max_rows,
+            kv_heads=self.local_kv_heads,
+            head_dim=self.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+            max_len=max_len,
+            capacity=capacity,
+            device_lengths=True,
+        )
+        self._rows_dev = torch.arange(max_rows, device=self.device)
+        self._kv_ar = torch.arange(capacity, device=self.device)
+        on_cuda = self.device.type == "cuda"
+        want_graphs = env_flag("STRATUS_CUDA_GRAPHS", True) if cuda_graphs is None else cuda_graphs
+        self.cuda_graphs = bool(on_cuda and want_graphs)
+        self.compiled = bool(on_cuda and env_flag("STRATUS_COMPILE", True) if compile is None else compile)
+        self.triton_attention = (
+            on_cuda
+            and kernels.supports(self.head_dim, self.local_heads, self.local_kv_heads)
+            and env_flag("STRATUS_TRITON_ATTENTION", True)
+        )
+        self._set_step_fns(self.compiled)
+        # Running one step ahead pays on the GPU, where the step is asynchronous; a tensor-parallel
+        # group would have to agree on every guess, so it decodes one step at a time.
+        ahead = env_flag("STRATUS_DECODE_AHEAD", self.cuda_graphs) and world == 1
+        self.decoder = StaticDecoder(self, cuda_graphs=self.cuda_graphs, decode_ahead=ahead)
+
+    def _fuse_weights(self, rank: int, world: int) -> list[_LayerWeights]:
+        d = self.head_dim
+
+        def shard_rows(w: torch.Tensor, per_rank: int) -> torch.Tensor:
+            return w[rank * per_rank : (rank + 1) * per_rank]
+
+        fused: list[_LayerWeights] = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv_parts = [
+                shard_rows(attn.q_proj.weight, self.local_heads * d),
+                shard_rows(attn.k_proj.weight, self.local_kv_heads * d),
+                shard_rows(attn.v_proj.weight, self.local_kv_heads * d),
+            ]
+            qkv_bias = None
+            if attn.q_proj.bias is not None:
+                qkv_bias = torch.cat(
+                    [
+                        shard_rows(attn.q_proj.bias, self.local_heads * d),
+                        shard_rows(attn.k_proj.bias, self.local_kv_heads * d),
+                        shard_rows(attn.v_proj.bias, self.local_kv_heads * d),
+                    ]
+                ).contiguous()
+            inter = mlp.gate_proj.weight.shape[0] // world
+            gate_up_bias = None
+            if mlp.gate_proj.bias is not None:
+                gate_up_bias = torch.cat([shard_rows(mlp.gate_proj.bias, inter), shard_rows(mlp.up_proj.bias, inter)])
+            o_cols = attn.o_proj.weight[:, rank * self.local_heads * d : (rank + 1) * self.local_heads * d]
+            down_cols = mlp.down_proj.weight[:, rank * inter : (rank + 1) * inter]
+            fused.append(
+                _LayerWeights(
+                    in_norm=layer.input_layernorm.weight,
+                    post_norm=layer.post_attention_layernorm.weight,
+                    eps=float(getattr(layer.input_layernorm, "variance_epsilon", self.config.rms_norm_eps)),
+                    qkv=torch.cat(qkv_parts).contiguous(),
+                    qkv_bias=qkv_bias,
+                    o=o_cols.contiguous(),
+                    o_bias=attn.o_proj.bias,
+                    gate_up=torch.cat(
+                        [shard_rows(mlp.gate_proj.weight, inter), shard_rows(mlp.up_proj.weight, inter)]
+                    ).contiguous(),
+                    gate_up_bias=gate_up_bias,
+                    down=down_cols.contiguous(),
+                    down_bias=mlp.down_proj.bias,
+                )
+            )
+        if world > 1:
+            # Each rank now holds only its shard of the big projections; drop the full copies.
+            for layer in self.layers:
+                for module in (*_attn_linears(layer), *_mlp_linears(layer)):
+                    module.weight = torch.nn.Parameter(torch.empty(0, device=self.device), requires_grad=False)
+        return fused
+
+    def _set_step_fns(self, compiled: bool) -> None:
+        # Shapes and constants are baked into closures so that torch.compile sees them as constants
+        # (one compiled graph serves every layer: the weights are arguments, the sizes are not).
+        # Each layer is two compiled calls, split where tensor parallel all-reduces.
+        n_q, n_kv, d, scale = self.local_heads, self.local_kv_heads, self.head_dim, self.scale
+
+        def attention_block(
+            h: torch.Tensor, delta: torch.Tensor, norm_w: torch.Tensor, eps: float, w_qkv: torch.Tensor,
+            b_qkv: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+            v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor, w_o: torch.Tensor,
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            """Residual add, norm, q|k|v, rotary, cache write at `pos`, attention, o-projection."""
+            h, q, k, v = _qkv_rope(h, delta, norm_w, eps, w_qkv, b_qkv, cos, sin, n_q, n_kv, d)
+            # Written in place (inductor fuses the scatter with the rotary kernel, no cache copy).
+            k_cache[rows, :, pos] = k
+            v_cache[rows, :, pos] = v
+            batch, kv_len = h.shape[0], bias.shape[1]
+            out = _decode_attention(q, k_cache[:batch, :, :kv_len], v_cache[:batch, :, :kv_len], bias, scale)
+            return h, F.linear(out, w_o)
+
+        def mlp_block(
+            h: torch.Tensor, attn: torch.Tensor, b_o: torch.Tensor | None, norm_w: torch.Tensor, eps: float,
+            w_gate_up: torch.Tensor, b_gate_up: torch.Tensor | None, w_down: torch.Tensor,
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            h, act = _mlp_in(h, attn, b_o, norm_w, eps, w_gate_up, b_gate_up)
+            return h, F.linear(act, w_down)
+
+        def store_block(
+            h: torch.Tensor, delta: torch.Tensor, norm_w: torch.Tensor, eps: float, w_qkv: torch.Tensor,
+            b_qkv: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+            v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            """attention_block up to the cache write; the Triton kernel does the attention itself."""
+            h, q, k, v = _qkv_rope(h, delta, norm_w, eps, w_qkv, b_qkv, cos, sin, n_q, n_kv, d)
+            k_cache[rows, :, pos] = k
+            v_cache[rows, :, pos] = v
+            return h, q
+
+        fns: list[Callable[..., Any]] = [attention_block, mlp_block, store_block]
+        self.compiled = compiled
+        if compiled:
+            fns = [torch.compile(fn, dynamic=True, fullgraph=True) for fn in fns]
+        self._attn_fn, self._mlp_fn, self._store_fn = fns
+
+    def degrade(self) -> str | None:
+        """Drop the newest optimisation of the decode step after a failed capture; its name, or None if none is left.
+
+        A kernel or compiler problem must not take serving down: the plain torch step is still correct.
+        """
+        if self.triton_attention:
+            self.triton_attention = False
+            return "Triton attention"
+        if self.compiled:
+            self._set_step_fns(False)
+            return "torch.compile"
+        return None
+
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return self.parallel.all_reduce(x) if self.parallel is not None else x
+
+    def _forward(
+        self,
+        first_row: int,
+        tokens: Sequence[Sequence[int]],
+        starts: list[int],
+        q_lens: list[int],
+        all_logits: bool,
+    ) -> torch.Tensor:
+        if max(q_lens) == 1 and first_row == 0:  # a decode step of the batch's rows
+            logits = self.decoder.step(len(tokens), [t[0] for t in tokens])
+            return logits[:, None] if all_logits else logits
+        return self._extend(first_row, tokens, starts, q_lens, all_logits)
+
+    def _extend(
+        self,
+        first_row: int,
+        tokens: Sequence[Sequence[int]],
+        starts: list[int],
+        q_lens: list[int],
+        all_logits: bool,
+    ) -> torch.Tensor:
+        """Prefill, extend or verify (any number of new tokens per row) with the fused weights."""
+        batch, q_max = len(tokens), max(q_lens)
+        dev = self.device
+        ids_host = np.zeros((batch, q_max), dtype=np.int64)
+        for i, row_tokens in enumerate(tokens):
+            ids_host[i, : len(row_tokens)] = row_tokens
+        ends = [s + q for s, q in zip(starts, q_lens, strict=True)]
+        k_len = max(ends)
+        ids = torch.from_numpy(ids_host).to(dev, non_blocking=True)
+        start_t = torch.tensor(starts, dtype=torch.long).to(dev, non_blocking=True)
+        positions = start_t[:, None] + torch.arange(q_max, device=dev)[None, :]  # [B, Q]
+        mask = torch.arange(k_len, device=dev)[None, None, None, :] <= positions[:, None, :, None]
+        cos, sin = self._cos[positions], self._sin[positions]
+        write_rows = torch.arange(first_row, first_row + batch, device=dev)[:, None].expand(batch, q_max)
+        row_sl = slice(first_row, first_row + batch)
+        h = F.embedding(ids, self._embed)
+        delta = torch.zeros_like(h)
+        for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
+            h, q, k, v = _qkv_rope(
+                h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin,
+                self.local_heads, self.local_kv_heads, self.head_dim,
+            )  # fmt: skip
+            k_cache[write_rows, :, positions] = k
+            v_cache[write_rows, :, positions] = v
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                k_cache[row_sl, :, :k_len],
+                v_cache[row_sl, :, :k_len],
+                attn_mask=mask,
+                scale=self.scale,
+                enable_gqa=self.local_kv_heads != self.local_heads,
+            )
+            out = self._all_reduce(F.linear(out.transpose(1, 2).flatten(2), lw.o))
+            h, act = _mlp_in(h, out, lw.o_bias, lw.post_norm, lw.eps, lw.gate_up, lw.gate_up_bias)
+            delta = self._all_reduce(F.linear(act, lw.down))
+            if lw.down_bias is not None:
+                delta = delta + lw.down_bias
+        h = h + delta
+        self.cache.set_lengths(first_row, ends)
+        if not all_logits:
+            last = torch.tensor([q - 1 for q in q_lens], device=dev)
+            h = h[torch.arange(batch, device=dev), last]
+        return F.linear(_rms_norm(h, self._final_norm, self._final_eps), self._lm_head).float()
+
+    def decode_body(self, tokens: torch.Tensor, batch: int, kv_len: int) -> torch.Tensor:
+        """One decode step of rows 0..batch-1 reading only device buffers (what a graph captures).
+
+        Feeds `tokens[:batch]` at each row's length and leaves the step's argmax in `tokens[:batch]`:
+        the next step's input, if the caller is greedy.
+        """
+        lengths = self.cache.lengths_dev
+        assert lengths is not None  # the fused path's cache keeps its lengths on the device
+        pos = lengths[:batch]
+        rows = self._rows_dev[:batch]
+        h = F.embedding(tokens[:batch], self._embed)
+        cos, sin = self._cos[pos], self._sin[pos]
+        # Row b sees keys 0..pos[b] (its cache plus the key written this step).
+        bias = None if self.triton_attention else torch.where(self._kv_ar[:kv_len][None, :] <= pos[:, None], 0.0, -1e30)
+        delta = torch.zeros_like(h)
+        for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
+            if self.triton_attention:
+                h, q = self._store_fn(
+                    h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_cache, v_cache, rows, pos
+                )
+                out = F.linear(kernels.decode_attention(q, k_cache, v_cache, pos, self.scale), lw.o)
+            else:
+                h, out = self._attn_fn(
+                    h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_cache, v_cache, rows, pos, bias,
+                    lw.o,
+                )
+            h, delta = self._mlp_fn(
+                h, self._all_reduce(out), lw.o_bias, lw.post_norm, lw.eps, lw.gate_up, lw.gate_up_bias, lw.down
+            )
+            delta = self._all_reduce(delta)
+            if lw.down_bias is not None:
+                delta = delta + lw.down_bias
+        h = h + delta
+        logits = F.linear(_rms_norm(h, self._final_norm, self._final_eps), self._lm_head).float()
+        tokens[:batch].copy_(logits.argmax(dim=-1))
+        return logits
+
+    def _warmup(self, max_kv_len: int | None, batch_sizes: Sequence[int] | None) -> int:
+        return self.decoder.warmup(max_kv_len, batch_sizes)

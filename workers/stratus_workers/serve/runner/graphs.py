@@ -1,0 +1,218 @@
+"""Decode steps over fixed device buffers: batch buckets, CUDA-graph capture, and decoding one step ahead.
+
+A decode step (one new token for rows 0..n-1) reads only device buffers, so it runs padded to a
+batch bucket and, on CUDA, as a graph captured once per bucket (rows past the batch are padding,
+writing only at the cache's spare slot). The only host-device sync is the caller reading the
+sampled ids. Each step also leaves its argmax on the device, and with decode-ahead the next step
+starts on it at once: when the caller then sends exactly those tokens (greedy decoding), that
+step is already running, so the GPU works while the host samples, detokenizes and streams.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from stratus_workers.serve.runner.cache import KVCache
+
+log = logging.getLogger(__name__)
+
+# Batch sizes a decode graph is captured for; a batch runs in the smallest bucket that holds it.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+MIN_KV_BUCKET = 64
+MAX_GRAPHS = 96  # each graph holds its own activations; beyond this, decode runs eagerly
+AHEAD_PAUSE_STEPS = 32  # after a guess the caller did not take (sampling requests), steps without guessing
+
+
+class DecodeBody(Protocol):
+    """The runner side of a decode step (runner/fused.py)."""
+
+    cache: KVCache
+    max_rows: int
+    device: torch.device
+    triton_attention: bool  # its attention reads each row's length itself: one graph per batch size
+
+    def decode_body(self, tokens: torch.Tensor, batch: int, kv_len: int) -> torch.Tensor: ...
+
+    def degrade(self) -> str | None: ...
+
+
+@dataclass
+class _Step:
+    """A queued decode step: its logits, its greedy choices (host copy) and when they are ready."""
+
+    batch: int
+    version: int
+    logits: torch.Tensor
+    argmax: torch.Tensor
+    done: torch.cuda.Event | None
+
+
+class StaticDecoder:
+    """Runs `body`'s decode step for rows 0..n-1: bucketed, as CUDA graphs when asked, one step ahead when asked."""
+
+    def __init__(self, body: DecodeBody, *, cuda_graphs: bool, decode_ahead: bool) -> None:
+        self.body = body
+        self.cache = body.cache
+        self.cuda_graphs = cuda_graphs
+        self.decode_ahead = decode_ahead
+        self.ahead_hits = 0  # steps whose result was already computed when the caller asked
+        dev = body.device
+        self._on_cuda = dev.type == "cuda"
+        rows = body.max_rows
+        with torch.inference_mode(False):  # updated in place by ordinary code too (graph capture)
+            # The step's input ids; each step leaves its argmax here for the next.
+            self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)
+        self._tok_host = torch.zeros(rows, dtype=torch.long, pin_memory=self._on_cuda)
+        self._tok_np = self._tok_host.numpy()
+        self._copy_done: torch.cuda.Event | None = None
+        self._argmax_host = torch.zeros((2, rows), dtype=torch.long, pin_memory=self._on_cuda)
+        self._slot = 0
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool: Any = None
+        self._ahead_step: _Step | None = None
+        self._expected: list[int] = []
+        self._ahead_pause = 0
+
+    def buckets(self, batch: int, kv_needed: int) -> tuple[int, int]:
+        """The (batch, key length) a step of `batch` rows reading `kv_needed` keys runs at."""
+        max_rows = self.body.max_rows
+        bucket = next((b for b in BATCH_BUCKETS if b >= batch and b <= max_rows), max_rows)
+        bucket = max(bucket, batch)
+        if self.body.triton_attention:
+            return bucket, self.cache.capacity
+        kv = MIN_KV_BUCKET
+        while kv < kv_needed:
+            kv *= 2
+        return bucket, min(kv, self.cache.capacity)
+
+    def step(self, batch: int, ids: list[int]) -> torch.Tensor:
+        """Feed `ids` to rows 0..batch-1 (one token each); returns their [batch, V] logits."""
+        ahead, self._ahead_step = self._ahead_step, None
+        current = ahead is not None and ahead.batch == batch and ahead.version == self.cache.version
+        if current and ids == self._expected:
+            assert ahead is not None
+            step = ahead  # the step launched ahead, fed by the last step's greedy choices, is this one
+            self.ahead_hits += 1
+        else:
+            if current:
+                self._ahead_pause = AHEAD_PAUSE_STEPS  # sampled tokens are not the argmax: stop guessing
+            self._load_tokens(ids)
+            step = self._launch(batch)
+        self.cache.advance(batch)
+        if self._ahead_pause:
+            self._ahead_pause -= 1
+        elif self.decode_ahead:
+            # Start the next step now, on this step's argmax, so the GPU works while the caller samples,
+            # detokenizes and streams. If the caller picks other tokens or changes the rows, the next
+            # call runs the step again; the guess only wrote keys past each row's length.
+            self._ahead_step = self._launch(batch)
+        return self._finish(step)
+
+    def _load_tokens(self, ids: list[int]) -> None:
+        n = len(ids)
+        if not self._on_cuda:
+            self.tokens[:n] = torch.tensor(ids, dtype=torch.long)
+            return
+        # The pinned buffer is reused every step: wait until the last copy out of it has run.
+        if self._copy_done is not None:
+            self._copy_done.synchronize()
+        self._tok_np[:n] = ids
+        self.tokens[:n].copy_(self._tok_host[:n], non_blocking=True)
+        if self._copy_done is None:
+            self._copy_done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        self._copy_done.record()
+
+    def _launch(self, batch: int) -> _Step:
+        """Queue one decode step of rows 0..batch-1 (tokens already in `tokens`); do not wait for it."""
+        bucket, kv_len = self.buckets(batch, max(self.cache.lengths[:batch]) + 1)
+        graph = self.graph(bucket, kv_len) if self.cuda_graphs else None
+        if graph is not None:
+            graph[0].replay()
+            logits = graph[1][:batch].clone()
+        else:
+            logits = self.body.decode_body(self.tokens, bucket, kv_len)[:batch]
+        # The step left its greedy choices in `tokens` (the next step's input); keep a host copy,
+        # alternating two buffers so that a queued next step cannot overwrite one still unread.
+        self._slot ^= 1
+        host = self._argmax_host[self._slot]
+        host[:batch].copy_(self.tokens[:batch], non_blocking=True)
+        done = None
+        if self._on_cuda:
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            done.record()
+        return _Step(batch=batch, version=self.cache.version, logits=logits, argmax=host, done=done)
+
+    def _finish(self, step: _Step) -> torch.Tensor:
+        if step.done is not None:
+            # Wait with the GIL released (Event.synchronize drops it; .tolist() in the caller would
+            # hold it), so the event loop streams the last step's tokens while the GPU works.
+            step.done.synchronize()
+        self._expected = step.argmax[: step.batch].tolist()
+        return step.logits
+
+    def graph(self, batch: int, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+        """The captured step for this bucket (captured now if new), or None past MAX_GRAPHS."""
+        key = (batch, kv_len)
+        found = self.graphs.get(key)
+        if found is not None or len(self.graphs) >= MAX_GRAPHS:
+            return found
+        while True:
+            try:
+                self.graphs[key] = self._capture(batch, kv_len)
+                return self.graphs[key]
+            except Exception as exc:
+                stage = self.body.degrade()
+                if stage is None:
+                    raise
+                log.warning("decode graph capture failed (%s: %s); retrying without %s", type(exc).__name__, exc, stage)
+                self.graphs.clear()
+
+    def _capture(self, batch: int, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # Warm up on a side stream (compiles, cuBLAS handles), then capture. The warm-up's cache
+        # writes land at each row's next free slot, which the next real token overwrites; its
+        # argmax overwrites the step's input tokens, which are put back.
+        device = self.body.device
+        tokens = self.tokens.clone()
+        stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.body.decode_body(self.tokens, batch, kv_len)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.tokens.copy_(tokens)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            out = self.body.decode_body(self.tokens, batch, kv_len)
+        return graph, out
+
+    def warmup(self, max_kv_len: int | None = None, batch_sizes: Sequence[int] | None = None) -> int:
+        """Capture decode graphs ahead of traffic (so the first requests do not pay for it).
+
+        Captures every batch bucket up to `max_rows` for each key-length bucket up to
+        `max_kv_len` (default: the whole context); returns how many graphs exist.
+        """
+        if not self.cuda_graphs:
+            return 0
+        capacity = self.cache.capacity
+        limit = min(max_kv_len or capacity, capacity)
+        max_rows = self.body.max_rows
+        sizes = batch_sizes or [b for b in BATCH_BUCKETS if b <= max_rows] or [max_rows]
+        kv = MIN_KV_BUCKET
+        kv_lens = []
+        while True:
+            kv_lens.append(min(kv, capacity))
+            if kv >= limit:
+                break
+            kv *= 2
+        for kv_len in kv_lens:
+            for b in sizes:
+                self.graph(*self.buckets(b, kv_len))
+        torch.cuda.synchronize(self.body.device)
+        return len(self.graphs)

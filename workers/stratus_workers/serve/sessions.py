@@ -1,0 +1,208 @@
+"""Speculative-decoding sessions: cache rows kept between a router's Draft, Verify and Score calls.
+
+The rows above the decode batch form a pool. A session holds one row with the tokens whose keys
+and values it caches; each call rolls the row back to the longest prefix it shares with the
+context sent, so a verifier pays only for the new tokens of each round. Every method runs in the
+engine thread between decode steps (`Engine.run_op`), which is what makes touching the runner safe.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from stratus_workers.protocol.requests import Sampling
+from stratus_workers.serve.errors import EngineOverloaded
+from stratus_workers.serve.runner import ModelRunner
+from stratus_workers.serve.sampling import eos_ids, seeded_generator
+from stratus_workers.serve.speculative import (
+    SparseDist,
+    draft_distribution,
+    sample_sparse,
+    verify_greedy,
+    verify_sampled,
+)
+
+# A session used this recently is never evicted to make room for another: the caller is mid-round.
+BUSY_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class DraftResult:
+    tokens: tuple[int, ...]
+    distributions: tuple[SparseDist, ...]
+    eos: bool
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    accepted: int
+    next_token: int
+    logprobs: tuple[float, ...]
+    eos: bool
+
+
+@dataclass
+class _Session:
+    row: int
+    tokens: list[int] = field(default_factory=list)  # whose keys and values sit in the row
+    last_used: float = field(default_factory=time.monotonic)
+    generator: torch.Generator | None = None
+
+
+class SpeculativeSessions:
+    """Sessions over the runner's rows `first_row`..max_rows-1, least recently used first out.
+
+    A session idle for `ttl` seconds is ended (the engine calls `expire` when it wakes).
+    """
+
+    def __init__(self, runner: ModelRunner, tokenizer: Any, *, first_row: int, ttl: float = 60.0) -> None:
+        if not 0 <= first_row <= runner.max_rows:
+            raise ValueError(f"first_row {first_row} is outside the runner's {runner.max_rows} rows")
+        self.runner = runner
+        self.ttl = ttl
+        self.first_row = first_row
+        self.max_sessions = runner.max_rows - first_row
+        self.max_len = runner.max_len
+        self.vocab_size = runner.vocab_size
+        self._eos = eos_ids(runner.model, tokenizer)
+        self._sessions: collections.OrderedDict[str, _Session] = collections.OrderedDict()
+        self._free_rows = list(range(runner.max_rows - 1, first_row - 1, -1))
+        self._ids = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def expire(self) -> None:
+        """End the sessions idle for longer than `ttl`."""
+        now = time.monotonic()
+        for sid in [sid for sid, s in self._sessions.items() if now - s.last_used > self.ttl]:
+            self.end(sid)
+
+    def end(self, sid: str) -> None:
+        """Free the session's row (nothing happens for an unknown session)."""
+        session = self._sessions.pop(sid, None)
+        if session is not None:
+            self.runner.reset(session.row)
+            self._free_rows.append(session.row)
+
+    def _open(self, sid: str, context: Sequence[int], sampling: Sampling) -> tuple[_Session, list[int]]:
+        """The session's row, rolled back to the longest cached prefix of `context`; returns the rest."""
+        if not context:
+            raise ValueError("context is empty: send the prompt's token ids")
+        if len(context) >= self.max_len:
+            raise ValueError(f"context of {len(context)} tokens exceeds this server's {self.max_len - 1}")
+        if any(t < 0 or t >= self.vocab_size for t in context):
+            raise ValueError(f"context holds token ids outside this model's vocabulary of {self.vocab_size}")
+        session = self._sessions.get(sid)
+        if session is None:
+            self.expire()
+            if not self._free_rows:
+                if not self._sessions:
+                    raise EngineOverloaded("this server holds no speculative sessions (max_sessions is 0)")
+                idle = next(iter(self._sessions))  # least recently used
+                if time.monotonic() - self._sessions[idle].last_used < BUSY_SECONDS:
+                    raise EngineOverloaded(f"all {self.max_sessions} speculative sessions are busy; try again")
+                self.end(idle)
+            session = _Session(self._free_rows.pop())
+            self.runner.reset(session.row)
+            if not sampling.greedy:
+                session.generator = seeded_generator(sampling.seed)
+            self._sessions[sid] = session
+        self._sessions.move_to_end(sid)
+        session.last_used = time.monotonic()
+        common = 0
+        limit = min(len(session.tokens), len(context) - 1)  # keep at least one token to compute logits from
+        while common < limit and session.tokens[common] == context[common]:
+            common += 1
+        self.runner.truncate(session.row, common)
+        del session.tokens[common:]
+        return session, list(context[common:])
+
+    def draft(
+        self, sid: str, context: Sequence[int], max_tokens: int, sampling: Sampling, top_k: int, end: bool
+    ) -> DraftResult:
+        """Up to `max_tokens` tokens after `context` (with their distributions when sampled)."""
+        session, pending = self._open(sid, context, sampling)
+        tokens: list[int] = []
+        dists: list[SparseDist] = []
+        eos = False
+        try:
+            for _ in range(max_tokens):
+                if len(session.tokens) + len(pending) + 1 >= self.max_len:
+                    break
+                logits = self.runner.forward(session.row, [pending])[0]
+                session.tokens.extend(pending)
+                if sampling.greedy:
+                    token = int(torch.argmax(logits))
+                else:
+                    dist = draft_distribution(logits, sampling.temperature, sampling.top_p, top_k)
+                    token = sample_sparse(dist, session.generator)
+                    dists.append(dist)
+                tokens.append(token)
+                if token in self._eos:
+                    eos = True
+                    break
+                pending = [token]
+        finally:
+            if end:
+                self.end(sid)
+        return DraftResult(tuple(tokens), tuple(dists), eos)
+
+    def verify(
+        self,
+        sid: str,
+        context: Sequence[int],
+        draft: Sequence[int],
+        dists: Sequence[SparseDist],
+        sampling: Sampling,
+        end: bool,
+    ) -> VerifyResult:
+        """How many draft tokens this model accepts after `context`, and its own next token."""
+        if any(t < 0 or t >= self.vocab_size for t in draft):
+            raise ValueError(f"draft holds token ids outside this model's vocabulary of {self.vocab_size}")
+        if len(context) + len(draft) >= self.max_len:
+            raise ValueError(f"context plus draft ({len(context) + len(draft)} tokens) exceeds {self.max_len - 1}")
+        session, pending = self._open(sid, context, sampling)
+        try:
+            logits = self.runner.forward(session.row, [pending + list(draft)], all_logits=True)[0]
+            session.tokens.extend(pending)
+            session.tokens.extend(draft)
+            # Row j of `scores` predicts the token after context + draft[:j].
+            scores = logits[len(pending) - 1 :]
+            if sampling.greedy:
+                verdict = verify_greedy(scores, draft)
+            else:
+                verdict = verify_sampled(scores, draft, dists, sampling.temperature, sampling.top_p, session.generator)
+            keep = len(context) + verdict.accepted
+            self.runner.truncate(session.row, keep)
+            del session.tokens[keep:]
+            logprobs = torch.log_softmax(scores[: verdict.accepted + 1], dim=-1)
+            chosen = [*draft[: verdict.accepted], verdict.next_token]
+            picked = logprobs[torch.arange(len(chosen)), torch.tensor(chosen)].tolist()
+        finally:
+            if end:
+                self.end(sid)
+        eos = verdict.next_token in self._eos or any(t in self._eos for t in draft[: verdict.accepted])
+        return VerifyResult(verdict.accepted, verdict.next_token, tuple(float(x) for x in picked), eos)
+
+    def score(self, prompt: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
+        """Log-probability of each continuation token after `prompt` (one forward pass in a passing session)."""
+        if not continuation:
+            return ()
+        sid = f"score-{next(self._ids)}"
+        session, pending = self._open(sid, [*prompt, *continuation], Sampling())
+        try:
+            logits = self.runner.forward(session.row, [pending], all_logits=True)[0]
+            # Position i predicts token i+1: the continuation is predicted from len(prompt)-1 on.
+            scores = torch.log_softmax(logits[len(prompt) - 1 : len(prompt) + len(continuation) - 1], dim=-1)
+            picked = scores[torch.arange(len(continuation)), torch.tensor(list(continuation))]
+            return tuple(float(x) for x in picked.tolist())
+        finally:
+            self.end(sid)
