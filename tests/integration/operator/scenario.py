@@ -40,7 +40,7 @@ from kube_emulator import (
     Emulator,
     service_account,
 )
-from kube_emulator.keys import Key, api_version
+from kube_emulator.keys import KINDS, Key, api_version
 from operator_harness import CRD, ROOT, OperatorProcess
 
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
@@ -126,7 +126,7 @@ class ApiClient:
             return payload
 
     async def create(self, key: Key, body: dict[str, Any], namespace: str | None = None) -> dict[str, Any]:
-        body = {"apiVersion": api_version(key), **body}
+        body = {"apiVersion": api_version(key), "kind": KINDS[key], **body}
         return await self.request("POST", _url(key, namespace), body)  # type: ignore[no-any-return]
 
     async def get(self, key: Key, name: str, namespace: str | None = None) -> dict[str, Any] | None:

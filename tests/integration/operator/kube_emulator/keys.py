@@ -37,3 +37,14 @@ CLUSTERROLES: Key = ("rbac.authorization.k8s.io", "v1", "clusterroles")
 CLUSTERROLEBINDINGS: Key = ("rbac.authorization.k8s.io", "v1", "clusterrolebindings")
 ROLES: Key = ("rbac.authorization.k8s.io", "v1", "roles")
 ROLEBINDINGS: Key = ("rbac.authorization.k8s.io", "v1", "rolebindings")
+
+
+# The kind of each resource above, for clients that build bodies (the emulator itself asks kmock's discovery).
+KINDS: dict[Key, str] = {
+    LLMD: "LLMDeployment", JOBS: "Job", DEPLOYMENTS: "Deployment", REPLICASETS: "ReplicaSet", SERVICES: "Service",
+    CONFIGMAPS: "ConfigMap", PODS: "Pod", NODES: "Node", EVENTS: "Event", HPAS: "HorizontalPodAutoscaler",
+    PVCS: "PersistentVolumeClaim", PVS: "PersistentVolume", NAMESPACES: "Namespace", SECRETS: "Secret",
+    SERVICEACCOUNTS: "ServiceAccount", STORAGECLASSES: "StorageClass", NETWORKPOLICIES: "NetworkPolicy",
+    CRDS: "CustomResourceDefinition", LEASES: "Lease", CLUSTERROLES: "ClusterRole",
+    CLUSTERROLEBINDINGS: "ClusterRoleBinding", ROLES: "Role", ROLEBINDINGS: "RoleBinding",
+}
