@@ -33,7 +33,8 @@ def ops_app(
 
 async def start_http(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Start `app` on host:port (0 picks a free port); returns the runner and the bound port."""
-    runner = web.AppRunner(app, access_log=None)
+    # A client that disconnects cancels its handler, and so the work it asked for (a generation).
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

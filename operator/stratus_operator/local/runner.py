@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -121,6 +122,7 @@ class LocalRunner:
         self.children: list[Child] = []
         self.plan: Plan | None = None
         self.outcomes: list[JobOutcome] = []
+        self._lock: IO[str] | None = None
 
     def say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
@@ -234,7 +236,8 @@ class LocalRunner:
             model = self.model_path(server.model)
             detail = model
             if server.variant is not None:
-                detail = f"variant {server.variant}: {self.plan.job(server.variant).spec.compression.summary}"
+                summary = self.plan.job(server.variant).spec.compression.summary
+                detail = f"variant {server.variant}: {summary}, served by {server.runtime}"
             flags = ServeFlags.of(server, model=model, host="127.0.0.1", port=port, http_port=http_port)
             if local_cpu:
                 # No GPU here: bf16 matmuls on a CPU are slower than fp32, so run what the CPU is good at.
@@ -315,13 +318,54 @@ class LocalRunner:
                 child.process.wait(5)
         self.children.clear()
 
+    @property
+    def lock_path(self) -> Path:
+        return self.work_dir / "up.lock"
+
+    def claim(self) -> None:
+        """Hold the work directory for this run, or LocalRunError naming the run that holds it.
+
+        Two runs of one deployment would overwrite each other's logs, endpoints and certificates. The lock
+        is the kernel's (flock): it goes with the process that holds it, so a crashed run leaves none behind.
+        """
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(self.lock_path, "a+")  # noqa: SIM115 - held for the whole run
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise LocalRunError(
+                f"{self.deployment.metadata.name} is already running from {self.work_dir} ({holder}); its "
+                f"endpoints are in {self.work_dir / 'endpoints.json'}. Stop that run first (Ctrl-C in its terminal), "
+                "or give this one a work directory of its own with --work-dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        self._lock = handle
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.truncate(0)
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
     @contextlib.contextmanager
     def running(self) -> Iterator[LocalRunner]:
+        """The whole stack, for the time of the `with`; the work directory is this run's alone meanwhile."""
+        self.claim()
         try:
             self.start(self.compress())
             yield self
         finally:
-            self.stop()
+            try:
+                self.stop()
+            finally:
+                self.release()
 
     def endpoint_lines(self) -> list[str]:
         lines = []

@@ -24,59 +24,63 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1astratus/v1/inference.proto\x12\nstratus.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\tChatInput\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.stratus.v1.ChatMessage\"\xa0\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12%\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x15.stratus.v1.ChatInputH\x00\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x01\x88\x01\x01\x12\x17\n\x0freturn_logprobs\x18\x08 \x01(\x08\x12\r\n\x05model\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12)\n\x06policy\x18\x0b \x01(\x0e\x32\x19.stratus.v1.RoutingPolicyB\x07\n\x05inputB\x07\n\x05_seed\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"=\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xb9\x02\n\tRouteInfo\x12\x1e\n\x04tier\x18\x01 \x01(\x0e\x32\x10.stratus.v1.Tier\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12)\n\x06policy\x18\x03 \x01(\x0e\x32\x19.stratus.v1.RoutingPolicy\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x17\n\nconfidence\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tthreshold\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\tescalated\x18\x07 \x01(\x08\x12\x10\n\x08\x64\x65graded\x18\x08 \x01(\x08\x12\x0e\n\x06\x63\x61\x63hed\x18\t \x01(\x08\x12\x14\n\x0c\x64raft_tokens\x18\n \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x0b \x01(\r\x12\x0e\n\x06rounds\x18\x0c \x01(\rB\r\n\x0b_confidenceB\x0c\n\n_threshold\"\x8c\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.stratus.v1.FinishReason\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.stratus.v1.Usage\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.stratus.v1.TokenLogprob\x12$\n\x05route\x18\x05 \x01(\x0b\x32\x15.stratus.v1.RouteInfo\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.stratus.v1.Timing\x12\r\n\x05model\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"\x92\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12*\n\x08logprobs\x18\x02 \x03(\x0b\x32\x18.stratus.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.stratus.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.stratus.v1.Usage\x12$\n\x05route\x18\x05 \x01(\x0b\x32\x15.stratus.v1.RouteInfo\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.stratus.v1.Timing\x12\r\n\x05model\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xc2\x02\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x1e\n\x04tier\x18\x03 \x01(\x0e\x32\x10.stratus.v1.Tier\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x12\n\nparameters\x18\x06 \x01(\x04\x12\x1a\n\x12max_context_tokens\x18\x07 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x08 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\t \x01(\r\x12\x16\n\x0emax_batch_size\x18\n \x01(\r\x12\x13\n\x0b\x63ompression\x18\x0b \x01(\t\x12+\n\x08\x62\x61\x63kends\x18\x0c \x03(\x0b\x32\x19.stratus.v1.BackendStatus\x12\x12\n\nvocab_size\x18\r \x01(\r\"_\n\rBackendStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1e\n\x04tier\x18\x03 \x01(\x0e\x32\x10.stratus.v1.Tier\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\"U\n\x13SpeculativeSampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"6\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\"\x9e\x01\n\x0c\x44raftRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x03(\x05\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.stratus.v1.SpeculativeSampling\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x13\n\x0b\x65nd_session\x18\x06 \x01(\x08\"c\n\rDraftResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x35\n\rdistributions\x18\x02 \x03(\x0b\x32\x1e.stratus.v1.SparseDistribution\x12\x0b\n\x03\x65os\x18\x03 \x01(\x08\"\xc2\x01\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x03(\x05\x12\r\n\x05\x64raft\x18\x03 \x03(\x05\x12\x35\n\rdistributions\x18\x04 \x03(\x0b\x32\x1e.stratus.v1.SparseDistribution\x12\x31\n\x08sampling\x18\x05 \x01(\x0b\x32\x1f.stratus.v1.SpeculativeSampling\x12\x13\n\x0b\x65nd_session\x18\x06 \x01(\x08\"U\n\x0eVerifyResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nnext_token\x18\x02 \x01(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x0b\n\x03\x65os\x18\x04 \x01(\x08\"r\n\x0cScoreRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.stratus.v1.GenerateRequest\x12\x14\n\x0c\x63ontinuation\x18\x02 \x01(\t\x12\x1e\n\x04tier\x18\x03 \x01(\x0e\x32\x10.stratus.v1.Tier\"V\n\rScoreResponse\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x12\x14\n\x0cmean_logprob\x18\x02 \x01(\x01\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*;\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_EDGE\x10\x01\x12\x0e\n\nTIER_CLOUD\x10\x02*\xa8\x01\n\rRoutingPolicy\x12\x1e\n\x1aROUTING_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19ROUTING_POLICY_CLOUD_ONLY\x10\x01\x12\x1c\n\x18ROUTING_POLICY_EDGE_ONLY\x10\x02\x12\x1a\n\x16ROUTING_POLICY_CASCADE\x10\x03\x12\x1e\n\x1aROUTING_POLICY_SPECULATIVE\x10\x04\x32\xae\x03\n\tInference\x12\x45\n\x08Generate\x12\x1b.stratus.v1.GenerateRequest\x1a\x1c.stratus.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.stratus.v1.GenerateRequest\x1a\".stratus.v1.GenerateStreamResponse0\x01\x12H\n\tModelInfo\x12\x1c.stratus.v1.ModelInfoRequest\x1a\x1d.stratus.v1.ModelInfoResponse\x12<\n\x05\x44raft\x12\x18.stratus.v1.DraftRequest\x1a\x19.stratus.v1.DraftResponse\x12?\n\x06Verify\x12\x19.stratus.v1.VerifyRequest\x1a\x1a.stratus.v1.VerifyResponse\x12<\n\x05Score\x12\x18.stratus.v1.ScoreRequest\x1a\x19.stratus.v1.ScoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1astratus/v1/inference.proto\x12\nstratus.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\tChatInput\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.stratus.v1.ChatMessage\"\xeb\x03\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12%\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x15.stratus.v1.ChatInputH\x00\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x01\x88\x01\x01\x12\x17\n\x0freturn_logprobs\x18\x08 \x01(\x08\x12\r\n\x05model\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12)\n\x06policy\x18\x0b \x01(\x0e\x32\x19.stratus.v1.RoutingPolicy\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x02\x12>\n\nlogit_bias\x18\x0e \x03(\x0b\x32*.stratus.v1.GenerateRequest.LogitBiasEntry\x12\x14\n\x0ctop_logprobs\x18\x0f \x01(\r\x12\x0c\n\x04\x65\x63ho\x18\x10 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05inputB\x07\n\x05_seed\"p\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12.\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x18.stratus.v1.TokenLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"=\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xb9\x02\n\tRouteInfo\x12\x1e\n\x04tier\x18\x01 \x01(\x0e\x32\x10.stratus.v1.Tier\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12)\n\x06policy\x18\x03 \x01(\x0e\x32\x19.stratus.v1.RoutingPolicy\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x17\n\nconfidence\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tthreshold\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\tescalated\x18\x07 \x01(\x08\x12\x10\n\x08\x64\x65graded\x18\x08 \x01(\x08\x12\x0e\n\x06\x63\x61\x63hed\x18\t \x01(\x08\x12\x14\n\x0c\x64raft_tokens\x18\n \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x0b \x01(\r\x12\x0e\n\x06rounds\x18\x0c \x01(\rB\r\n\x0b_confidenceB\x0c\n\n_threshold\"\xbf\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.stratus.v1.FinishReason\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.stratus.v1.Usage\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.stratus.v1.TokenLogprob\x12$\n\x05route\x18\x05 \x01(\x0b\x32\x15.stratus.v1.RouteInfo\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.stratus.v1.Timing\x12\r\n\x05model\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x31\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x18.stratus.v1.TokenLogprob\"\xc5\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12*\n\x08logprobs\x18\x02 \x03(\x0b\x32\x18.stratus.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.stratus.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.stratus.v1.Usage\x12$\n\x05route\x18\x05 \x01(\x0b\x32\x15.stratus.v1.RouteInfo\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.stratus.v1.Timing\x12\r\n\x05model\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x31\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x18.stratus.v1.TokenLogprob\"\x12\n\x10ModelInfoRequest\"\xc2\x02\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x1e\n\x04tier\x18\x03 \x01(\x0e\x32\x10.stratus.v1.Tier\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x12\n\nparameters\x18\x06 \x01(\x04\x12\x1a\n\x12max_context_tokens\x18\x07 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x08 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\t \x01(\r\x12\x16\n\x0emax_batch_size\x18\n \x01(\r\x12\x13\n\x0b\x63ompression\x18\x0b \x01(\t\x12+\n\x08\x62\x61\x63kends\x18\x0c \x03(\x0b\x32\x19.stratus.v1.BackendStatus\x12\x12\n\nvocab_size\x18\r \x01(\r\"n\n\rBackendStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1e\n\x04tier\x18\x03 \x01(\x0e\x32\x10.stratus.v1.Tier\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\r\n\x05model\x18\x05 \x01(\t\"U\n\x13SpeculativeSampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"6\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\"\x9e\x01\n\x0c\x44raftRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x03(\x05\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.stratus.v1.SpeculativeSampling\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x13\n\x0b\x65nd_session\x18\x06 \x01(\x08\"c\n\rDraftResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x35\n\rdistributions\x18\x02 \x03(\x0b\x32\x1e.stratus.v1.SparseDistribution\x12\x0b\n\x03\x65os\x18\x03 \x01(\x08\"\xc2\x01\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x03(\x05\x12\r\n\x05\x64raft\x18\x03 \x03(\x05\x12\x35\n\rdistributions\x18\x04 \x03(\x0b\x32\x1e.stratus.v1.SparseDistribution\x12\x31\n\x08sampling\x18\x05 \x01(\x0b\x32\x1f.stratus.v1.SpeculativeSampling\x12\x13\n\x0b\x65nd_session\x18\x06 \x01(\x08\"U\n\x0eVerifyResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nnext_token\x18\x02 \x01(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x0b\n\x03\x65os\x18\x04 \x01(\x08\"r\n\x0cScoreRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.stratus.v1.GenerateRequest\x12\x14\n\x0c\x63ontinuation\x18\x02 \x01(\t\x12\x1e\n\x04tier\x18\x03 \x01(\x0e\x32\x10.stratus.v1.Tier\"V\n\rScoreResponse\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x12\x14\n\x0cmean_logprob\x18\x02 \x01(\x01\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*;\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_EDGE\x10\x01\x12\x0e\n\nTIER_CLOUD\x10\x02*\xa8\x01\n\rRoutingPolicy\x12\x1e\n\x1aROUTING_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19ROUTING_POLICY_CLOUD_ONLY\x10\x01\x12\x1c\n\x18ROUTING_POLICY_EDGE_ONLY\x10\x02\x12\x1a\n\x16ROUTING_POLICY_CASCADE\x10\x03\x12\x1e\n\x1aROUTING_POLICY_SPECULATIVE\x10\x04\x32\xae\x03\n\tInference\x12\x45\n\x08Generate\x12\x1b.stratus.v1.GenerateRequest\x1a\x1c.stratus.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.stratus.v1.GenerateRequest\x1a\".stratus.v1.GenerateStreamResponse0\x01\x12H\n\tModelInfo\x12\x1c.stratus.v1.ModelInfoRequest\x1a\x1d.stratus.v1.ModelInfoResponse\x12<\n\x05\x44raft\x12\x18.stratus.v1.DraftRequest\x1a\x19.stratus.v1.DraftResponse\x12?\n\x06Verify\x12\x19.stratus.v1.VerifyRequest\x1a\x1a.stratus.v1.VerifyResponse\x12<\n\x05Score\x12\x18.stratus.v1.ScoreRequest\x1a\x19.stratus.v1.ScoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stratus_workers.api.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2822
-  _globals['_FINISHREASON']._serialized_end=2946
-  _globals['_TIER']._serialized_start=2948
-  _globals['_TIER']._serialized_end=3007
-  _globals['_ROUTINGPOLICY']._serialized_start=3010
-  _globals['_ROUTINGPOLICY']._serialized_end=3178
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=3190
+  _globals['_FINISHREASON']._serialized_end=3314
+  _globals['_TIER']._serialized_start=3316
+  _globals['_TIER']._serialized_end=3375
+  _globals['_ROUTINGPOLICY']._serialized_start=3378
+  _globals['_ROUTINGPOLICY']._serialized_end=3546
   _globals['_CHATMESSAGE']._serialized_start=42
   _globals['_CHATMESSAGE']._serialized_end=86
   _globals['_CHATINPUT']._serialized_start=88
   _globals['_CHATINPUT']._serialized_end=142
   _globals['_GENERATEREQUEST']._serialized_start=145
-  _globals['_GENERATEREQUEST']._serialized_end=433
-  _globals['_TOKENLOGPROB']._serialized_start=435
-  _globals['_TOKENLOGPROB']._serialized_end=499
-  _globals['_USAGE']._serialized_start=501
-  _globals['_USAGE']._serialized_end=558
-  _globals['_TIMING']._serialized_start=560
-  _globals['_TIMING']._serialized_end=621
-  _globals['_ROUTEINFO']._serialized_start=624
-  _globals['_ROUTEINFO']._serialized_end=937
-  _globals['_GENERATERESPONSE']._serialized_start=940
-  _globals['_GENERATERESPONSE']._serialized_end=1208
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1211
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1485
-  _globals['_MODELINFOREQUEST']._serialized_start=1487
-  _globals['_MODELINFOREQUEST']._serialized_end=1505
-  _globals['_MODELINFORESPONSE']._serialized_start=1508
-  _globals['_MODELINFORESPONSE']._serialized_end=1830
-  _globals['_BACKENDSTATUS']._serialized_start=1832
-  _globals['_BACKENDSTATUS']._serialized_end=1927
-  _globals['_SPECULATIVESAMPLING']._serialized_start=1929
-  _globals['_SPECULATIVESAMPLING']._serialized_end=2014
-  _globals['_SPARSEDISTRIBUTION']._serialized_start=2016
-  _globals['_SPARSEDISTRIBUTION']._serialized_end=2070
-  _globals['_DRAFTREQUEST']._serialized_start=2073
-  _globals['_DRAFTREQUEST']._serialized_end=2231
-  _globals['_DRAFTRESPONSE']._serialized_start=2233
-  _globals['_DRAFTRESPONSE']._serialized_end=2332
-  _globals['_VERIFYREQUEST']._serialized_start=2335
-  _globals['_VERIFYREQUEST']._serialized_end=2529
-  _globals['_VERIFYRESPONSE']._serialized_start=2531
-  _globals['_VERIFYRESPONSE']._serialized_end=2616
-  _globals['_SCOREREQUEST']._serialized_start=2618
-  _globals['_SCOREREQUEST']._serialized_end=2732
-  _globals['_SCORERESPONSE']._serialized_start=2734
-  _globals['_SCORERESPONSE']._serialized_end=2820
-  _globals['_INFERENCE']._serialized_start=3181
-  _globals['_INFERENCE']._serialized_end=3611
+  _globals['_GENERATEREQUEST']._serialized_end=636
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=570
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=618
+  _globals['_TOKENLOGPROB']._serialized_start=638
+  _globals['_TOKENLOGPROB']._serialized_end=750
+  _globals['_USAGE']._serialized_start=752
+  _globals['_USAGE']._serialized_end=809
+  _globals['_TIMING']._serialized_start=811
+  _globals['_TIMING']._serialized_end=872
+  _globals['_ROUTEINFO']._serialized_start=875
+  _globals['_ROUTEINFO']._serialized_end=1188
+  _globals['_GENERATERESPONSE']._serialized_start=1191
+  _globals['_GENERATERESPONSE']._serialized_end=1510
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1513
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1838
+  _globals['_MODELINFOREQUEST']._serialized_start=1840
+  _globals['_MODELINFOREQUEST']._serialized_end=1858
+  _globals['_MODELINFORESPONSE']._serialized_start=1861
+  _globals['_MODELINFORESPONSE']._serialized_end=2183
+  _globals['_BACKENDSTATUS']._serialized_start=2185
+  _globals['_BACKENDSTATUS']._serialized_end=2295
+  _globals['_SPECULATIVESAMPLING']._serialized_start=2297
+  _globals['_SPECULATIVESAMPLING']._serialized_end=2382
+  _globals['_SPARSEDISTRIBUTION']._serialized_start=2384
+  _globals['_SPARSEDISTRIBUTION']._serialized_end=2438
+  _globals['_DRAFTREQUEST']._serialized_start=2441
+  _globals['_DRAFTREQUEST']._serialized_end=2599
+  _globals['_DRAFTRESPONSE']._serialized_start=2601
+  _globals['_DRAFTRESPONSE']._serialized_end=2700
+  _globals['_VERIFYREQUEST']._serialized_start=2703
+  _globals['_VERIFYREQUEST']._serialized_end=2897
+  _globals['_VERIFYRESPONSE']._serialized_start=2899
+  _globals['_VERIFYRESPONSE']._serialized_end=2984
+  _globals['_SCOREREQUEST']._serialized_start=2986
+  _globals['_SCOREREQUEST']._serialized_end=3100
+  _globals['_SCORERESPONSE']._serialized_start=3102
+  _globals['_SCORERESPONSE']._serialized_end=3188
+  _globals['_INFERENCE']._serialized_start=3549
+  _globals['_INFERENCE']._serialized_end=3979
 # @@protoc_insertion_point(module_scope)

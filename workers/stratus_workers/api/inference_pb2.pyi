@@ -134,6 +134,26 @@ Global___ChatInput: _TypeAlias = ChatInput  # noqa: Y015
 class GenerateRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LogitBiasEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PROMPT_FIELD_NUMBER: _builtins.int
     CHAT_FIELD_NUMBER: _builtins.int
     MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
@@ -145,6 +165,11 @@ class GenerateRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
+    PRESENCE_PENALTY_FIELD_NUMBER: _builtins.int
+    FREQUENCY_PENALTY_FIELD_NUMBER: _builtins.int
+    LOGIT_BIAS_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    ECHO_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """Raw text, tokenized as is."""
     max_new_tokens: _builtins.int
@@ -158,17 +183,32 @@ class GenerateRequest(_message.Message):
     return_logprobs: _builtins.bool
     """Return the log-probability of each generated token."""
     model: _builtins.str
-    """Optional: the model name the caller expects; a mismatch is NOT_FOUND."""
+    """Optional: the model to answer with; a name this endpoint does not serve is NOT_FOUND. A router
+    answers to its own name (routing by policy) and to each name its backends report (that model only).
+    """
     request_id: _builtins.str
     """Optional caller-chosen id, echoed back and used in logs."""
     policy: Global___RoutingPolicy.ValueType
     """Router only: override the configured policy for this request."""
+    presence_penalty: _builtins.float
+    """OpenAI's penalties on tokens already generated, -2 to 2 (0: none): the logit of a token that
+    appeared c times in the answer so far drops by c * frequency_penalty + (c > 0) * presence_penalty.
+    """
+    frequency_penalty: _builtins.float
+    top_logprobs: _builtins.int
+    """With return_logprobs: also this many most likely tokens at each position, 0 to 20."""
+    echo: _builtins.bool
+    """Also return the prompt's tokens with their log-probabilities (`prompt_logprobs`)."""
     @_builtins.property
     def chat(self) -> Global___ChatInput:
         """Chat messages, rendered with the model's chat template."""
 
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def logit_bias(self) -> _containers.ScalarMap[_builtins.int, _builtins.float]:
+        """Added to the logits of these token ids before choosing, -100 to 100 (-100 bans a token in practice)."""
+
     def __init__(
         self,
         *,
@@ -183,10 +223,15 @@ class GenerateRequest(_message.Message):
         model: _builtins.str = ...,
         request_id: _builtins.str = ...,
         policy: Global___RoutingPolicy.ValueType = ...,
+        presence_penalty: _builtins.float = ...,
+        frequency_penalty: _builtins.float = ...,
+        logit_bias: _abc.Mapping[_builtins.int, _builtins.float] | None = ...,
+        top_logprobs: _builtins.int = ...,
+        echo: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "chat", b"chat", "input", b"input", "prompt", b"prompt", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "chat", b"chat", "input", b"input", "max_new_tokens", b"max_new_tokens", "model", b"model", "policy", b"policy", "prompt", b"prompt", "request_id", b"request_id", "return_logprobs", b"return_logprobs", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "chat", b"chat", "echo", b"echo", "frequency_penalty", b"frequency_penalty", "input", b"input", "logit_bias", b"logit_bias", "max_new_tokens", b"max_new_tokens", "model", b"model", "policy", b"policy", "presence_penalty", b"presence_penalty", "prompt", b"prompt", "request_id", b"request_id", "return_logprobs", b"return_logprobs", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_logprobs", b"top_logprobs", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
@@ -206,19 +251,25 @@ class TokenLogprob(_message.Message):
     TOKEN_ID_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
     LOGPROB_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     token_id: _builtins.int
     token: _builtins.str
     logprob: _builtins.float
+    @_builtins.property
+    def top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenLogprob]:
+        """The most likely tokens at this position, most likely first (GenerateRequest.top_logprobs of them)."""
+
     def __init__(
         self,
         *,
         token_id: _builtins.int = ...,
         token: _builtins.str = ...,
         logprob: _builtins.float = ...,
+        top_logprobs: _abc.Iterable[Global___TokenLogprob] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprob", b"logprob", "token", b"token", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprob", b"logprob", "token", b"token", "token_id", b"token_id", "top_logprobs", b"top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -355,6 +406,7 @@ class GenerateResponse(_message.Message):
     TIMING_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PROMPT_LOGPROBS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     finish_reason: Global___FinishReason.ValueType
     model: _builtins.str
@@ -367,6 +419,10 @@ class GenerateResponse(_message.Message):
     def route(self) -> Global___RouteInfo: ...
     @_builtins.property
     def timing(self) -> Global___Timing: ...
+    @_builtins.property
+    def prompt_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenLogprob]:
+        """With echo: every prompt token; the first has no log-probability (0 here, nothing predicts it)."""
+
     def __init__(
         self,
         *,
@@ -378,10 +434,11 @@ class GenerateResponse(_message.Message):
         timing: Global___Timing | None = ...,
         model: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        prompt_logprobs: _abc.Iterable[Global___TokenLogprob] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["route", b"route", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "logprobs", b"logprobs", "model", b"model", "request_id", b"request_id", "route", b"route", "text", b"text", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "logprobs", b"logprobs", "model", b"model", "prompt_logprobs", b"prompt_logprobs", "request_id", b"request_id", "route", b"route", "text", b"text", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -399,6 +456,7 @@ class GenerateStreamResponse(_message.Message):
     TIMING_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PROMPT_LOGPROBS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """New text since the previous chunk (may be empty on the final chunk)."""
     finish_reason: Global___FinishReason.ValueType
@@ -413,6 +471,10 @@ class GenerateStreamResponse(_message.Message):
     def route(self) -> Global___RouteInfo: ...
     @_builtins.property
     def timing(self) -> Global___Timing: ...
+    @_builtins.property
+    def prompt_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenLogprob]:
+        """With echo, on the first chunk: as GenerateResponse.prompt_logprobs."""
+
     def __init__(
         self,
         *,
@@ -424,10 +486,11 @@ class GenerateStreamResponse(_message.Message):
         timing: Global___Timing | None = ...,
         model: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        prompt_logprobs: _abc.Iterable[Global___TokenLogprob] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["route", b"route", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "logprobs", b"logprobs", "model", b"model", "request_id", b"request_id", "route", b"route", "text", b"text", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "logprobs", b"logprobs", "model", b"model", "prompt_logprobs", b"prompt_logprobs", "request_id", b"request_id", "route", b"route", "text", b"text", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -517,10 +580,15 @@ class BackendStatus(_message.Message):
     ADDRESS_FIELD_NUMBER: _builtins.int
     TIER_FIELD_NUMBER: _builtins.int
     HEALTHY_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     address: _builtins.str
     tier: Global___Tier.ValueType
     healthy: _builtins.bool
+    model: _builtins.str
+    """The model the backend serves (its ModelInfo.model); a GenerateRequest naming it is answered by
+    backends serving that model only. Empty until the backend has answered once.
+    """
     def __init__(
         self,
         *,
@@ -528,10 +596,11 @@ class BackendStatus(_message.Message):
         address: _builtins.str = ...,
         tier: Global___Tier.ValueType = ...,
         healthy: _builtins.bool = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "healthy", b"healthy", "name", b"name", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "healthy", b"healthy", "model", b"model", "name", b"name", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

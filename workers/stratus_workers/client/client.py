@@ -33,6 +33,11 @@ def build_request(
     model: str = "",
     request_id: str = "",
     policy: str | None = None,
+    top_logprobs: int = 0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: dict[int, float] | None = None,
+    echo: bool = False,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from a prompt or chat messages ([{"role": ..., "content": ...}])."""
     if (prompt is None) == (messages is None):
@@ -45,6 +50,11 @@ def build_request(
         return_logprobs=logprobs,
         model=model,
         request_id=request_id,
+        top_logprobs=top_logprobs,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        logit_bias=logit_bias or {},
+        echo=echo,
     )
     if prompt is not None:
         request.prompt = prompt

@@ -19,6 +19,10 @@ MAX_STOP_SEQUENCES = 8
 MAX_STOP_LENGTH = 128
 MAX_SPECULATIVE_TOKENS = 16
 MAX_SESSION_ID = 128
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # token ids with a bias, per request
+MAX_PENALTY = 2.0
+MAX_BIAS = 100.0
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -27,8 +31,8 @@ _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 class Sampling:
     """How tokens are chosen: for an answer (Generate) or for a speculative session (Draft, Verify, Score).
 
-    A speculative session only reads temperature, top_p and seed; the answer's budget, stop sequences and
-    whether to return log-probabilities belong to Generate.
+    A speculative session only reads temperature, top_p and seed; the answer's budget, stop sequences,
+    penalties, logit bias and what to return besides the text belong to Generate.
     """
 
     temperature: float = 0.0
@@ -37,10 +41,20 @@ class Sampling:
     max_new_tokens: int = 0
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per position, with logprobs
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids ascending
+    echo: bool = False  # the prompt's tokens with their log-probabilities
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether penalties or a logit bias change the logits before a token is chosen."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 def render_prompt(tokenizer: Any, request: pb.GenerateRequest) -> list[int]:
@@ -51,11 +65,13 @@ def render_prompt(tokenizer: Any, request: pb.GenerateRequest) -> list[int]:
         for i, message in enumerate(request.chat.messages):
             if message.role not in CHAT_ROLES:
                 raise ProtocolError(
-                    _INVALID, f"chat.messages[{i}].role is {message.role!r}; use one of {', '.join(CHAT_ROLES)}"
+                    _INVALID,
+                    f"chat.messages[{i}].role is {message.role!r}; use one of {', '.join(CHAT_ROLES)}",
+                    f"chat.messages[{i}].role",
                 )
             messages.append({"role": message.role, "content": message.content})
         if not messages:
-            raise ProtocolError(_INVALID, "chat.messages is empty; send at least one message")
+            raise ProtocolError(_INVALID, "chat.messages is empty; send at least one message", "chat.messages")
         if getattr(tokenizer, "chat_template", None):
             encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
             return list(encoded["input_ids"])
@@ -63,16 +79,20 @@ def render_prompt(tokenizer: Any, request: pb.GenerateRequest) -> list[int]:
         return list(tokenizer.encode(text))
     if kind == "prompt":
         if not request.prompt:
-            raise ProtocolError(_INVALID, "prompt is empty")
+            raise ProtocolError(_INVALID, "prompt is empty", "prompt")
         return list(tokenizer.encode(request.prompt))
-    raise ProtocolError(_INVALID, "the request has neither prompt nor chat; set one of them")
+    raise ProtocolError(_INVALID, "the request has neither prompt nor chat; set one of them", "prompt")
 
 
 def _check_distribution(temperature: float, top_p: float, prefix: str) -> None:
     if not 0.0 <= temperature <= 2.0:
-        raise ProtocolError(_INVALID, f"{prefix}temperature is {temperature}; it must be within [0, 2] (0 is greedy)")
+        raise ProtocolError(
+            _INVALID,
+            f"{prefix}temperature is {temperature}; it must be within [0, 2] (0 is greedy)",
+            f"{prefix}temperature",
+        )
     if not 0.0 <= top_p <= 1.0:
-        raise ProtocolError(_INVALID, f"{prefix}top_p is {top_p}; it must be within [0, 1]")
+        raise ProtocolError(_INVALID, f"{prefix}top_p is {top_p}; it must be within [0, 1]", f"{prefix}top_p")
 
 
 def generation_sampling(request: pb.GenerateRequest, *, max_new_tokens: int, default_new_tokens: int) -> Sampling:
@@ -83,13 +103,36 @@ def generation_sampling(request: pb.GenerateRequest, *, max_new_tokens: int, def
     """
     wanted = request.max_new_tokens or min(default_new_tokens, max_new_tokens)
     if wanted > max_new_tokens:
-        raise ProtocolError(_INVALID, f"max_new_tokens is {wanted}; this server allows at most {max_new_tokens}")
+        raise ProtocolError(
+            _INVALID, f"max_new_tokens is {wanted}; this server allows at most {max_new_tokens}", "max_new_tokens"
+        )
     _check_distribution(request.temperature, request.top_p, "")
     if len(request.stop) > MAX_STOP_SEQUENCES:
-        raise ProtocolError(_INVALID, f"{len(request.stop)} stop sequences given; at most {MAX_STOP_SEQUENCES}")
+        raise ProtocolError(_INVALID, f"{len(request.stop)} stop sequences given; at most {MAX_STOP_SEQUENCES}", "stop")
     for i, stop in enumerate(request.stop):
         if not stop or len(stop) > MAX_STOP_LENGTH:
-            raise ProtocolError(_INVALID, f"stop[{i}] must be 1 to {MAX_STOP_LENGTH} characters")
+            raise ProtocolError(_INVALID, f"stop[{i}] must be 1 to {MAX_STOP_LENGTH} characters", f"stop[{i}]")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(request, name)
+        if not -MAX_PENALTY <= value <= MAX_PENALTY:  # NaN fails too
+            raise ProtocolError(_INVALID, f"{name} is {value}; it must be within [-2, 2] (0 is none)", name)
+    if len(request.logit_bias) > MAX_LOGIT_BIAS:
+        raise ProtocolError(
+            _INVALID, f"logit_bias holds {len(request.logit_bias)} tokens; at most {MAX_LOGIT_BIAS}", "logit_bias"
+        )
+    for token, bias in request.logit_bias.items():
+        if token < 0 or not -MAX_BIAS <= bias <= MAX_BIAS:
+            raise ProtocolError(
+                _INVALID,
+                f"logit_bias[{token}] is {bias}; token ids are non-negative and biases within [-100, 100]",
+                "logit_bias",
+            )
+    if request.top_logprobs > MAX_TOP_LOGPROBS or (request.top_logprobs and not request.return_logprobs):
+        raise ProtocolError(
+            _INVALID,
+            f"top_logprobs is {request.top_logprobs}; it must be 0 to {MAX_TOP_LOGPROBS}, with return_logprobs",
+            "top_logprobs",
+        )
     return Sampling(
         max_new_tokens=wanted,
         temperature=float(request.temperature),
@@ -97,6 +140,11 @@ def generation_sampling(request: pb.GenerateRequest, *, max_new_tokens: int, def
         stop=tuple(request.stop),
         seed=request.seed if request.HasField("seed") else None,
         logprobs=request.return_logprobs,
+        top_logprobs=request.top_logprobs,
+        presence_penalty=float(request.presence_penalty),
+        frequency_penalty=float(request.frequency_penalty),
+        logit_bias=tuple(sorted((int(t), float(b)) for t, b in request.logit_bias.items() if b)),
+        echo=request.echo,
     )
 
 
@@ -121,4 +169,4 @@ def speculative_sampling(request: pb.GenerateRequest) -> pb.SpeculativeSampling:
 def check_session_id(session_id: str) -> None:
     """ProtocolError unless `session_id` is 1 to MAX_SESSION_ID characters."""
     if not session_id or len(session_id) > MAX_SESSION_ID:
-        raise ProtocolError(_INVALID, f"session_id must be 1 to {MAX_SESSION_ID} characters")
+        raise ProtocolError(_INVALID, f"session_id must be 1 to {MAX_SESSION_ID} characters", "session_id")

@@ -79,6 +79,14 @@ class RouterConfig(SpecModel):
     )
     health_interval_seconds: float = Field(2.0, gt=0.0, le=3600.0)
     request_timeout_seconds: float = Field(120.0, gt=0.0, le=86400.0)
+    stall_timeout_seconds: float = Field(
+        10.0,
+        gt=0.0,
+        le=3600.0,
+        description="A backend that shows no progress on any call for this long, while a call waits past its "
+        "bound (this long for a stream's next message; this plus its token budget at the backend's recent "
+        "pace for a unary call), is marked down and its calls are tried elsewhere.",
+    )
 
     @classmethod
     def from_file(cls, path: Path) -> RouterConfig:

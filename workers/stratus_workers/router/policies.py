@@ -81,6 +81,7 @@ class Turn:
     started: float
     deadline: float
     streaming: bool  # whether the caller reads the answer as a stream (see the module's trade-off)
+    model: str = ""  # answer only from backends serving this model ("" for any)
     decision: Decision | None = None
 
     def timeout(self, cap: float | None = None) -> float:
@@ -97,10 +98,11 @@ def time_left(deadline: float, cap: float | None = None) -> float:
 
 
 def replay(answer: pb.GenerateResponse, *, logprobs: bool) -> list[pb.GenerateStreamResponse]:
-    """A whole answer as a stream: its text (and log-probabilities, if wanted) in one chunk, then the final one."""
+    """A whole answer as a stream: its echoed prompt and its text (and log-probabilities, if wanted) in one
+    chunk, then the final one."""
     chunks = []
-    if answer.text or (logprobs and answer.logprobs):
-        chunk = pb.GenerateStreamResponse(text=answer.text)
+    if answer.text or answer.prompt_logprobs or (logprobs and answer.logprobs):
+        chunk = pb.GenerateStreamResponse(text=answer.text, prompt_logprobs=answer.prompt_logprobs)
         if logprobs:
             chunk.logprobs.extend(answer.logprobs)
         chunks.append(chunk)
@@ -156,11 +158,19 @@ class Policies:
                 )
                 return call
 
-            async for backend, chunk in self.pool.stream(tier, generate_stream):
+            async for backend, chunk in self.pool.stream(tier, generate_stream, model=turn.model):
                 decision.backend = backend.name
+                if chunk.HasField("route"):
+                    backend.learn_pace(chunk.usage, chunk.timing)
                 yield chunk
             return
-        answer, backend = await self.pool.call(tier, lambda b: b.stub.Generate(request, timeout=turn.timeout()))
+        answer, backend = await self.pool.call(
+            tier,
+            lambda b: b.stub.Generate(request, timeout=turn.timeout()),
+            model=turn.model,
+            tokens=request.max_new_tokens or None,
+        )
+        backend.learn_pace(answer.usage, answer.timing)
         decision.backend = backend.name
         for chunk in replay(answer, logprobs=request.return_logprobs):
             yield chunk
@@ -201,7 +211,10 @@ class Policies:
             answer, backend = await self.pool.call(
                 "edge",
                 lambda b: b.stub.Generate(edge_request, timeout=turn.timeout(settings.edge_timeout_seconds)),
+                model=turn.model,
+                tokens=edge_request.max_new_tokens or None,
             )
+            backend.learn_pace(answer.usage, answer.timing)
         except TierUnavailable:
             return None, Decision("cascade", "cloud", "edge-unavailable", escalated=True, degraded=True)
         except ProtocolError as exc:
@@ -241,13 +254,22 @@ class Policies:
             for chunk in replay(edge_answer, logprobs=with_logprobs):
                 yield chunk
 
-    def _speculative_blocker(self) -> str:
+    def _speculative_blocker(self, request: pb.GenerateRequest, model: str) -> str:
         """Why the speculative policy cannot run now ("" when it can)."""
         if self.tokenizer is None:
             return "no-tokenizer"
-        if not self.pool.candidates("cloud"):
+        if (
+            request.presence_penalty
+            or request.frequency_penalty
+            or request.logit_bias
+            or request.top_logprobs
+            or request.echo
+        ):
+            # Draft and Verify carry temperature, top_p and seed only: the cloud answers these alone.
+            return "options-not-speculative"
+        if not self.pool.candidates("cloud", model):
             return "cloud-unavailable"
-        if not self.pool.candidates("edge"):
+        if not self.pool.candidates("edge", model):
             return "edge-unavailable"
         return ""
 
@@ -256,7 +278,7 @@ class Policies:
 
         When it cannot run (no tokenizer, no healthy edge or cloud) the cloud answers alone, degraded.
         """
-        blocker = self._speculative_blocker()
+        blocker = self._speculative_blocker(turn.request, turn.model)
         if blocker:
             async for chunk in self.single_tier(turn, "cloud", blocker):
                 yield chunk
@@ -276,6 +298,7 @@ class Policies:
             tokenizer=self.tokenizer,
             settings=self.routing.speculative,
             timeout=turn.timeout,
+            model=turn.model,
         ):
             if isinstance(item, str):
                 first = first or time.monotonic()
@@ -289,6 +312,7 @@ class Policies:
                 finish_reason=item.finish,
                 usage=pb.Usage(prompt_tokens=item.prompt_tokens, completion_tokens=len(item.tokens)),
                 timing=pb.Timing(ttft_ms=((first or time.monotonic()) - turn.started) * 1e3),
+                model=item.model,
             )
             if request.return_logprobs:
                 final.logprobs.extend(

@@ -24,7 +24,8 @@ from stratus_workers.protocol.names import SERVICE_NAME, TIER_TO_PB
 from stratus_workers.protocol.servicer import add_inference_servicer
 from stratus_workers.router.backends import BackendPool
 from stratus_workers.router.config import RouterConfig
-from stratus_workers.router.openai import add_openai_routes
+from stratus_workers.router.openai import add_openai_routes, openai_errors
+from stratus_workers.router.openai_request import HTTPError
 from stratus_workers.router.router import Router
 from stratus_workers.security import BearerAuthInterceptor, TLSFiles, TokenStore
 
@@ -39,7 +40,10 @@ class RouterSettings:
     host: str = field(default="127.0.0.1", metadata={"help": "Address to bind (0.0.0.0 in a pod)."})
     port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one)."})
     http_port: int = field(default=8080, metadata={"help": "HTTP port: OpenAI API, /healthz, /readyz, /metrics."})
-    model_name: str = field(default="stratus", metadata={"help": "Model name the HTTP API reports."})
+    model_name: str = field(
+        default="stratus",
+        metadata={"help": "The router's own model name (routes by policy); each tier also answers to its own."},
+    )
     max_message_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "Largest gRPC message accepted."})
     tls_cert: str = field(default="", metadata={"help": "PEM certificate the router presents to model servers."})
     tls_key: str = field(default="", metadata={"help": "PEM private key of tls_cert."})
@@ -61,7 +65,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
         try:
             return await self.router.generate(request, context.time_remaining())
         except ProtocolError as exc:
-            await context.abort(exc.code, exc.message)
+            await exc.abort(context)
             raise
 
     async def GenerateStream(
@@ -71,7 +75,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
             async for chunk in self.router.stream(request, context.time_remaining()):
                 yield chunk
         except ProtocolError as exc:
-            await context.abort(exc.code, exc.message)
+            await exc.abort(context)
 
     async def Draft(self, request: pb.DraftRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.DraftResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the router drafts through its edge servers; call one")
@@ -85,7 +89,7 @@ class RouterServicer(pb_grpc.InferenceServicer):
         try:
             return await self.router.score(request, context.time_remaining())
         except ProtocolError as exc:
-            await context.abort(exc.code, exc.message)
+            await exc.abort(context)
             raise
 
     async def ModelInfo(
@@ -93,7 +97,9 @@ class RouterServicer(pb_grpc.InferenceServicer):
     ) -> pb.ModelInfoResponse:
         info = pb.ModelInfoResponse(model=self.model_name)
         for b in self.router.pool.backends:
-            info.backends.add(name=b.name, address=b.config.address, tier=TIER_TO_PB[b.tier], healthy=b.healthy)
+            info.backends.add(
+                name=b.name, address=b.config.address, tier=TIER_TO_PB[b.tier], healthy=b.healthy, model=b.model
+            )
         return info
 
 
@@ -129,11 +135,12 @@ class RouterServer:
         self.pool = BackendPool(
             config.backends,
             interval=config.health_interval_seconds,
+            stall_timeout=config.stall_timeout_seconds,
             max_message_bytes=max_message_bytes,
             tls=tls,
             link=config.routing.link,
         )
-        self.router = Router(config, self.pool, tokenizer)
+        self.router = Router(config, self.pool, tokenizer, name=model_name)
         self.health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._http: Any = None
@@ -176,8 +183,9 @@ class RouterServer:
                     extra={"source": self.config.tokenizer, "error": str(exc)},
                 )
             self.router.tokenizer = self.tokenizer
-        app = ops_app(self.router.metrics.registry, self._ready, middlewares=[self._http_auth] if self.tokens else [])
-        add_openai_routes(app, self.router, self.model_name)
+        middlewares = [openai_errors, self._http_auth] if self.tokens else [openai_errors]
+        app = ops_app(self.router.metrics.registry, self._ready, middlewares=middlewares)
+        add_openai_routes(app, self.router)
         self._http, self.http_port = await start_http(app, self.host, self.http_port)
         self.pool.start()
         await self.pool.wait_checked()
@@ -225,8 +233,7 @@ class RouterServer:
         ):
             self._rejected("http")(request.path)
             message = "missing or invalid bearer token: send 'Authorization: Bearer <token>'"
-            error = {"message": message, "type": "unauthenticated", "param": None, "code": None}
-            return web.json_response({"error": error}, status=401)
+            raise HTTPError(401, message, code="invalid_api_key")
         response: web.StreamResponse = await handler(request)
         return response
 

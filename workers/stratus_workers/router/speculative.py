@@ -41,6 +41,7 @@ class SpeculativeOutcome:
     edge_lost: str = ""  # why the edge stopped drafting mid-answer, if it did
     edge: str = ""  # the backend that drafted last
     cloud: str = ""  # the backend that verified last
+    model: str = ""  # the model of that backend
 
 
 def next_draft_length(current: int, accepted: int, *, minimum: int = 1, maximum: int = 8) -> int:
@@ -68,13 +69,15 @@ async def speculate(
     tokenizer: Any,
     settings: SpeculativeSettings,
     timeout: Callable[[], float],
+    model: str = "",
 ) -> AsyncIterator[str | SpeculativeOutcome]:
     """Yield text deltas as rounds are verified, then the outcome.
 
     Each round goes through the pool like any other call, preferring the backend of the round before
     (its session holds the sequence so far); a backend that fails is replaced by another of its tier,
     which rebuilds the session from the full context each call carries. When no edge is left the
-    cloud verifies empty drafts; when no cloud is left the answer fails (UNAVAILABLE).
+    cloud verifies empty drafts; when no cloud is left the answer fails (UNAVAILABLE). `model`, when
+    given, limits both tiers to backends serving that model.
     """
     session = uuid.uuid4().hex
     sampling = speculative_sampling(request)
@@ -102,7 +105,9 @@ async def speculate(
                     top_k=settings.top_k,
                 )
                 try:
-                    reply, edge = await pool.call("edge", _drafting(draft_request, timeout), prefer=edge)
+                    reply, edge = await pool.call(
+                        "edge", _drafting(draft_request, timeout), prefer=edge, model=model, tokens=k
+                    )
                     used[edge.name] = edge
                     outcome.edge = edge.name
                     draft, dists = list(reply.tokens), list(reply.distributions)
@@ -115,11 +120,13 @@ async def speculate(
                 session_id=session, context=context, draft=draft, distributions=dists, sampling=sampling
             )
             try:
-                verdict, cloud = await pool.call("cloud", _verifying(verify_request, timeout), prefer=cloud)
+                verdict, cloud = await pool.call(
+                    "cloud", _verifying(verify_request, timeout), prefer=cloud, model=model
+                )
             except TierUnavailable as exc:
                 raise ProtocolError(grpc.StatusCode.UNAVAILABLE, f"the verifying cloud backend failed: {exc}") from exc
             used[cloud.name] = cloud
-            outcome.cloud = cloud.name
+            outcome.cloud, outcome.model = cloud.name, cloud.model
             outcome.rounds += 1
             outcome.drafted += len(draft)
             outcome.accepted += verdict.accepted

@@ -45,6 +45,7 @@ class TokenLogprob:
     token_id: int
     token: str
     logprob: float
+    top: tuple[TokenLogprob, ...] = ()  # the most likely tokens here, when asked for
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class _Sequence:
     text: TextAssembler | None = None
     row: int = -1
     generator: torch.Generator | None = None
+    counts: dict[int, int] = field(default_factory=dict)  # generated tokens, for the penalties
     cancelled: bool = False
     finished: bool = False
 
@@ -176,11 +178,15 @@ class Engine:
             raise ValueError("the prompt has no tokens")
         if len(prompt) >= self.max_len:
             raise ValueError(f"the prompt has {len(prompt)} tokens; this server's context holds {self.max_len - 1}")
+        if params.logit_bias and params.logit_bias[-1][0] >= self.vocab_size:
+            raise ValueError(f"logit_bias names token ids outside this model's vocabulary of {self.vocab_size}")
         seq = _Sequence(next(self._ids), list(prompt), params, sink, deadline)
         if not params.greedy:
             seq.generator = seeded_generator(params.seed)
         with self._cond:
             self._check_running()
+            if len(self._waiting) >= self.max_queue:
+                self._drop_abandoned()
             if len(self._waiting) >= self.max_queue:
                 raise EngineOverloaded(f"{len(self._waiting)} requests are already waiting; try again later")
             self._waiting.append(seq)
@@ -192,6 +198,18 @@ class Engine:
                 self._cond.notify()
 
         return cancel
+
+    def _drop_abandoned(self) -> None:
+        """End waiting requests that were cancelled or ran out of time (caller holds the lock).
+
+        The loop would end them only when a row frees up; until then they would hold places in the queue
+        and turn live requests away as overloaded (the request-mix fuzzer found this).
+        """
+        now = time.monotonic()
+        abandoned = [s for s in self._waiting if s.cancelled or (s.deadline is not None and now > s.deadline)]
+        for seq in abandoned:
+            self._waiting.remove(seq)
+            self._finish(seq, "cancelled" if seq.cancelled else "deadline")
 
     def _check_running(self) -> None:
         if self.failure is not None:
@@ -253,6 +271,26 @@ class Engine:
             raise ValueError("the prompt has no tokens")
         result: tuple[float, ...] = await self.run_op(lambda: self.sessions.score(prompt, continuation))
         return result
+
+    async def prompt_logprobs(self, prompt: Sequence[int], top: int = 0) -> tuple[TokenLogprob, ...]:
+        """Each prompt token with its log-probability after the ones before it (Score's forward pass); the
+        first token, which nothing predicts, gets 0. With `top`, the most likely tokens at each position."""
+        if not prompt:
+            raise ValueError("the prompt has no tokens")
+        scored = await self.run_op(lambda: self.sessions.score_with_alternatives(prompt[:1], prompt[1:], top))
+        logprobs, alternatives = scored
+        decode = self.tokenizer.decode
+        first = TokenLogprob(prompt[0], decode([prompt[0]]), 0.0)
+        rest = (
+            TokenLogprob(
+                token,
+                decode([token]),
+                logprob,
+                tuple(TokenLogprob(i, decode([i]), lp) for i, lp in alternatives[n]) if alternatives else (),
+            )
+            for n, (token, logprob) in enumerate(zip(prompt[1:], logprobs, strict=True))
+        )
+        return (first, *rest)
 
     async def draft(
         self,
@@ -384,21 +422,41 @@ class Engine:
         self._sample_and_emit(list(self._active), logits)
 
     def _sample_and_emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        # Log-probabilities are the model's own; penalties and bias change only which token is chosen.
         logprobs = torch.log_softmax(logits, dim=-1)
-        chosen = torch.argmax(logits, dim=-1)
+        scores = _adjusted(seqs, logits)
+        chosen = torch.argmax(scores, dim=-1)
         for i, seq in enumerate(seqs):
             if not seq.params.greedy:
-                chosen[i] = _sample(logits[i], seq.params, seq.generator)
+                chosen[i] = _sample(scores[i], seq.params, seq.generator)
         # One device-to-host copy for both (ids are exact in float64).
         picked_t = logprobs.gather(1, chosen[:, None])[:, 0]
         chosen_list, picked = torch.stack((chosen.double(), picked_t.double())).tolist()
+        tops = self._alternatives(seqs, logprobs)
         now = time.monotonic()
-        for seq, token, lp in zip(seqs, chosen_list, picked, strict=True):
+        for seq, token, lp, top in zip(seqs, chosen_list, picked, tops, strict=True):
             if seq.first_token == 0.0:
                 seq.first_token = now
-            self._advance(seq, int(token), float(lp))
+            self._advance(seq, int(token), float(lp), top)
 
-    def _advance(self, seq: _Sequence, token: int, logprob: float) -> None:
+    def _alternatives(self, seqs: list[_Sequence], logprobs: torch.Tensor) -> list[tuple[TokenLogprob, ...]]:
+        """The `top_logprobs` most likely tokens of each row that asked for them."""
+        wanted = max((s.params.top_logprobs for s in seqs if s.params.logprobs), default=0)
+        if not wanted:
+            return [()] * len(seqs)
+        values, ids = (t.tolist() for t in torch.topk(logprobs.float(), wanted, dim=-1))
+        decode = self.tokenizer.decode
+        return [
+            tuple(
+                TokenLogprob(i, decode([i]), lp)
+                for i, lp in zip(ids[n][: s.params.top_logprobs], values[n][: s.params.top_logprobs], strict=True)
+            )
+            if s.params.logprobs
+            else ()
+            for n, s in enumerate(seqs)
+        ]
+
+    def _advance(self, seq: _Sequence, token: int, logprob: float, top: tuple[TokenLogprob, ...] = ()) -> None:
         if seq.cancelled:
             self._finish(seq, "cancelled")
             return
@@ -410,7 +468,9 @@ class Engine:
             self._finish(seq, "stop")
             return
         seq.generated.append(token)
-        lp = (TokenLogprob(token, self.tokenizer.decode([token]), logprob),) if seq.params.logprobs else ()
+        if seq.params.presence_penalty or seq.params.frequency_penalty:
+            seq.counts[token] = seq.counts.get(token, 0) + 1
+        lp = (TokenLogprob(token, self.tokenizer.decode([token]), logprob, top),) if seq.params.logprobs else ()
         delta = text.add(token)
         seq.sink(TokenEvent(delta, (token,), lp))
         if text.stopped:
@@ -473,12 +533,15 @@ def build_engine(
     max_sessions: int = 4,
     max_queue: int = 256,
     parallel: ParallelContext | None = None,
+    threads: int = 0,
     on_step: Callable[[int, int], None] | None = None,
     on_failure: Callable[[str], None] | None = None,
 ) -> Engine:
     """An engine over `model` as a server runs one: the runner `build_runner` picks, with rows
     0..max_batch_size-1 for the decode batch and `max_sessions` rows above them for speculative sessions."""
-    runner = build_runner(model, max_rows=max_batch_size + max_sessions, max_len=max_len, parallel=parallel)
+    runner = build_runner(
+        model, max_rows=max_batch_size + max_sessions, max_len=max_len, parallel=parallel, threads=threads
+    )
     sessions = SpeculativeSessions(runner, tokenizer, first_row=max_batch_size)
     return Engine(
         runner,
@@ -489,6 +552,25 @@ def build_engine(
         on_step=on_step,
         on_failure=on_failure,
     )
+
+
+def _adjusted(seqs: list[_Sequence], logits: torch.Tensor) -> torch.Tensor:
+    """`logits` with each row's logit bias and penalties applied (`logits` itself when no row has any)."""
+    rows = [(i, s) for i, s in enumerate(seqs) if s.params.adjusts_logits]
+    if not rows:
+        return logits
+    scores = logits.clone()
+    for i, seq in rows:
+        params = seq.params
+        if params.logit_bias:
+            ids = torch.tensor([t for t, _ in params.logit_bias], device=scores.device)
+            bias = torch.tensor([b for _, b in params.logit_bias], dtype=scores.dtype, device=scores.device)
+            scores[i].index_add_(0, ids, bias)
+        if seq.counts:
+            ids = torch.tensor(list(seq.counts), device=scores.device)
+            counts = torch.tensor(list(seq.counts.values()), dtype=scores.dtype, device=scores.device)
+            scores[i].index_add_(0, ids, -(counts * params.frequency_penalty + params.presence_penalty))
+    return scores
 
 
 def _sample(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None) -> torch.Tensor:

@@ -30,6 +30,7 @@ from stratus_workers.protocol.requests import (
     session_sampling,
 )
 from stratus_workers.protocol.servicer import add_inference_servicer
+from stratus_workers.runtimes import DEFAULT_MAX_SESSIONS
 from stratus_workers.security import TLSFiles
 from stratus_workers.serve.engine import Engine, FinishEvent, TokenEvent, TokenLogprob, build_engine
 from stratus_workers.serve.errors import EngineOverloaded, EngineStopped
@@ -59,7 +60,9 @@ class ServerSettings:
     default_new_tokens: int = field(
         default=128, metadata={"help": "max_new_tokens when a request gives 0 (capped by max_new_tokens)."}
     )
-    max_sessions: int = field(default=4, metadata={"help": "Speculative-decoding sessions held at once."})
+    max_sessions: int = field(
+        default=DEFAULT_MAX_SESSIONS, metadata={"help": "Speculative-decoding sessions held at once."}
+    )
     max_queue: int = field(
         default=256, metadata={"help": "Requests waiting for a batch slot before RESOURCE_EXHAUSTED."}
     )
@@ -67,7 +70,10 @@ class ServerSettings:
     tls_cert: str = field(default="", metadata={"help": "PEM certificate; with tls_key and tls_ca, serve mTLS."})
     tls_key: str = field(default="", metadata={"help": "PEM private key of tls_cert."})
     tls_ca: str = field(default="", metadata={"help": "CA whose certificates callers must present (mTLS)."})
-    threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: torch's default)."})
+    threads: int = field(
+        default=0,
+        metadata={"help": "CPU threads: torch intra-op, or llama.cpp's for a GGUF model (0: the engine's default)."},
+    )
     tensor_parallel: int = field(
         default=1, metadata={"help": "GPUs this server spans (tensor parallel; >1 starts one process per GPU)."}
     )
@@ -133,7 +139,10 @@ def engine_errors() -> Iterator[None]:
 
 
 def _logprobs_pb(items: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> list[pb.TokenLogprob]:
-    return [pb.TokenLogprob(token_id=i.token_id, token=i.token, logprob=i.logprob) for i in items]
+    return [
+        pb.TokenLogprob(token_id=i.token_id, token=i.token, logprob=i.logprob, top_logprobs=_logprobs_pb(i.top))
+        for i in items
+    ]
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -155,6 +164,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise ProtocolError(
                 grpc.StatusCode.NOT_FOUND,
                 f"model {request.model!r} is not served here; this server hosts {self.name!r}",
+                "model",
             )
         prompt = render_prompt(self.loaded.tokenizer, request)
         if len(prompt) > self.config.max_prompt_tokens:
@@ -162,10 +172,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"prompt too long: {len(prompt)} tokens; this {self.config.tier} server accepts at most "
                 f"{self.config.max_prompt_tokens} (max_prompt_tokens); shorten it or send it to a larger tier",
+                "chat" if request.HasField("chat") else "prompt",
             )
         params = generation_sampling(
             request, max_new_tokens=self.config.max_new_tokens, default_new_tokens=self.config.default_new_tokens
         )
+        if params.logit_bias and params.logit_bias[-1][0] >= self.engine.vocab_size:
+            raise ProtocolError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"logit_bias names token {params.logit_bias[-1][0]}; this model's vocabulary holds "
+                f"{self.engine.vocab_size} tokens (0 to {self.engine.vocab_size - 1})",
+                "logit_bias",
+            )
         return prompt, params
 
     @staticmethod
@@ -174,13 +192,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return None if remaining is None else time.monotonic() + remaining
 
     async def _events(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, prompt: list[int], params: Sampling, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[TokenEvent | FinishEvent]:
-        prompt, params = self._prepare(request)
         self.metrics.prompt_tokens.inc(len(prompt))
         with engine_errors():
             async for event in self.engine.stream(prompt, params, self._deadline(context)):
                 yield event
+
+    async def _echo(self, prompt: list[int], params: Sampling) -> list[pb.TokenLogprob]:
+        """The prompt's tokens with their log-probabilities, when the request asks to echo it."""
+        if not params.echo:
+            return []
+        with engine_errors():
+            return _logprobs_pb(await self.engine.prompt_logprobs(prompt, params.top_logprobs))
 
     def _finish_status(self, finish: FinishEvent) -> None:
         self.metrics.generated_tokens.inc(finish.completion_tokens)
@@ -205,7 +229,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             parts: list[str] = []
             logprobs: list[TokenLogprob] = []
-            async for event in self._events(request, context):
+            prompt, params = self._prepare(request)
+            echoed = await self._echo(prompt, params)
+            async for event in self._events(prompt, params, context):
                 if isinstance(event, TokenEvent):
                     parts.append(event.text)
                     logprobs.extend(event.logprobs)
@@ -220,11 +246,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     timing=pb.Timing(queue_ms=event.queue_ms, ttft_ms=event.ttft_ms, total_ms=event.total_ms),
                     model=self.name,
                     request_id=request.request_id,
+                    prompt_logprobs=echoed,
                 )
             raise ProtocolError(grpc.StatusCode.INTERNAL, "generation ended without a result")
         except ProtocolError as exc:
             code = exc.code
-            await context.abort(exc.code, exc.message)
+            await exc.abort(context)
             raise  # unreachable: abort raises
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
@@ -239,7 +266,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            async for event in self._events(request, context):
+            prompt, params = self._prepare(request)
+            echoed = await self._echo(prompt, params)
+            if echoed:
+                yield pb.GenerateStreamResponse(prompt_logprobs=echoed)
+            async for event in self._events(prompt, params, context):
                 if isinstance(event, TokenEvent):
                     if event.text or event.logprobs:
                         yield pb.GenerateStreamResponse(text=event.text, logprobs=_logprobs_pb(event.logprobs))
@@ -255,7 +286,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 )
         except ProtocolError as exc:
             code = exc.code
-            await context.abort(exc.code, exc.message)
+            await exc.abort(context)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
@@ -272,7 +303,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 return await call()
         except ProtocolError as exc:
             code = exc.code
-            await context.abort(exc.code, exc.message)
+            await exc.abort(context)
         finally:
             self.metrics.requests.labels(method, code.name).inc()
 
@@ -437,6 +468,7 @@ class ModelServer:
             max_queue=self.config.max_queue,
             max_sessions=self.config.max_sessions,
             parallel=self.parallel,
+            threads=self.config.threads,
             on_step=self.metrics.on_step,
             on_failure=engine_failed,
         )

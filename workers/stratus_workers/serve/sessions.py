@@ -194,8 +194,14 @@ class SpeculativeSessions:
 
     def score(self, prompt: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
         """Log-probability of each continuation token after `prompt` (one forward pass in a passing session)."""
+        return self.score_with_alternatives(prompt, continuation, 0)[0]
+
+    def score_with_alternatives(
+        self, prompt: Sequence[int], continuation: Sequence[int], top: int
+    ) -> tuple[tuple[float, ...], tuple[tuple[tuple[int, float], ...], ...]]:
+        """As `score`, plus the `top` most likely (token id, log-probability) pairs at each position."""
         if not continuation:
-            return ()
+            return (), ()
         sid = f"score-{next(self._ids)}"
         session, pending = self._open(sid, [*prompt, *continuation], Sampling())
         try:
@@ -203,6 +209,13 @@ class SpeculativeSessions:
             # Position i predicts token i+1: the continuation is predicted from len(prompt)-1 on.
             scores = torch.log_softmax(logits[len(prompt) - 1 : len(prompt) + len(continuation) - 1], dim=-1)
             picked = scores[torch.arange(len(continuation)), torch.tensor(list(continuation))]
-            return tuple(float(x) for x in picked.tolist())
+            alternatives: tuple[tuple[tuple[int, float], ...], ...] = ()
+            if top:
+                values, ids = torch.topk(scores.float(), top, dim=-1)
+                alternatives = tuple(
+                    tuple(zip(row_ids, row_values, strict=True))
+                    for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)
+                )
+            return tuple(float(x) for x in picked.tolist()), alternatives
         finally:
             self.end(sid)

@@ -30,9 +30,15 @@ PROMPTS = [
 ]
 
 
+# The edge's draft model on either engine: torch, or llama.cpp serving it as a q8_0 GGUF artifact.
+EDGE_DRAFTS = pytest.mark.parametrize("edge_draft", ["draft_model_dir", "draft_gguf_dir"])
+
+
+@EDGE_DRAFTS
 async def test_speculative_greedy_equals_cloud_only(
-    model_server, draft_model_dir, tiny_model_dir, router_config, running_router
+    model_server, edge_draft, tiny_model_dir, router_config, running_router, request
 ) -> None:
+    draft_model_dir = request.getfixturevalue(edge_draft)
     async with (
         model_server(tier="cloud", name="cloud") as cloud,
         model_server(tier="edge", name="edge", model=str(draft_model_dir)) as edge,
@@ -73,9 +79,11 @@ async def test_speculative_greedy_equals_cloud_only(
         assert cloud.engine is not None and len(cloud.engine.sessions) == 0  # every session was released
 
 
+@EDGE_DRAFTS
 async def test_speculative_sampling_with_seed_is_reproducible(
-    model_server, draft_model_dir, tiny_model_dir, router_config, running_router
+    model_server, edge_draft, tiny_model_dir, router_config, running_router, request
 ) -> None:
+    draft_model_dir = request.getfixturevalue(edge_draft)
     async with model_server(tier="cloud") as cloud, model_server(tier="edge", model=str(draft_model_dir)) as edge:
         config = router_config(
             "speculative",
@@ -154,6 +162,38 @@ async def test_speculative_without_tokenizer_degrades_to_cloud(model_server, rou
         assert (reply.route.tier, reply.route.reason, reply.route.degraded) == (pb.TIER_CLOUD, "no-tokenizer", True)
 
 
+async def test_options_speculation_cannot_carry_go_to_the_cloud(
+    model_server, draft_model_dir, tiny_model_dir, router_config, running_router
+) -> None:
+    """Draft and Verify carry temperature, top_p and seed only: penalties, bias, alternatives and echo are
+    answered by the cloud alone, never silently dropped."""
+    async with (
+        model_server(tier="cloud", name="cloud") as cloud,
+        model_server(tier="edge", name="edge", model=str(draft_model_dir)) as edge,
+    ):
+        config = router_config(
+            "speculative", [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")], cache={"enabled": False}
+        )
+        config = config.model_copy(update={"tokenizer": str(tiny_model_dir)})
+        async with running_router(config) as router, AsyncClient(router.address) as client:
+            for options in (
+                {"presence_penalty": 2.0},
+                {"frequency_penalty": 1.0},
+                {"logit_bias": {42: 100.0}},
+                {"logprobs": True, "top_logprobs": 2},
+                {"echo": True},
+            ):
+                ours = await client.generate("The sky is", max_new_tokens=8, **options)
+                alone = await client.generate("The sky is", max_new_tokens=8, policy="cloud-only", **options)
+                assert (ours.route.reason, ours.route.tier) == ("options-not-speculative", pb.TIER_CLOUD), options
+                assert ours.text == alone.text and list(ours.prompt_logprobs) == list(alone.prompt_logprobs)
+                assert [list(lp.top_logprobs) for lp in ours.logprobs] == [
+                    list(lp.top_logprobs) for lp in alone.logprobs
+                ]
+            plain = await client.generate("The sky is", max_new_tokens=8)
+            assert plain.route.reason == "speculative"
+
+
 async def test_output_cache_hits_and_expires(model_server, router_config, running_router) -> None:
     async with model_server(tier="cloud") as cloud:
         assert cloud.engine is not None
@@ -162,13 +202,20 @@ async def test_output_cache_hits_and_expires(model_server, router_config, runnin
         )
         async with running_router(config) as router, AsyncClient(router.address) as client:
             first = await client.generate("cache me", max_new_tokens=6, request_id="a")
-            steps = cloud.engine.steps
+            # The server counts a call before its answer leaves (the engine's step count may still move).
+            served = cloud.metrics.registry.get_sample_value(
+                "stratus_server_requests_total", {"method": "Generate", "code": "OK"}
+            )
             second = await client.generate("cache me", max_new_tokens=6, request_id="b")
-            assert cloud.engine.steps == steps  # the model did no work
+            assert served == 1.0 and served == cloud.metrics.registry.get_sample_value(
+                "stratus_server_requests_total", {"method": "Generate", "code": "OK"}
+            )  # the model was not asked
+            assert 0 <= second.timing.ttft_ms <= second.timing.total_ms
             assert second.route.cached and not first.route.cached
             assert (second.text, second.request_id) == (first.text, "b")
             streamed = [c async for c in client.stream("cache me", max_new_tokens=6)]
             assert streamed[-1].route.cached and "".join(c.text for c in streamed) == first.text
+            assert 0 <= streamed[-1].timing.ttft_ms <= streamed[-1].timing.total_ms
             other = await client.generate("cache me", max_new_tokens=7)  # other parameters: another entry
             sampled = await client.generate("cache me", max_new_tokens=6, temperature=1.0)  # not deterministic
             sampled_again = await client.generate("cache me", max_new_tokens=6, temperature=1.0)
@@ -215,10 +262,13 @@ async def test_router_refuses_draft_and_verify(model_server, router_config, runn
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-async def test_router_scores_with_the_requested_tier(model_server, draft_model_dir, router_config,
-                                                     running_router) -> None:
-    async with model_server(tier="cloud", name="cloud") as cloud, \
-            model_server(tier="edge", name="edge", model=str(draft_model_dir)) as edge:
+async def test_router_scores_with_the_requested_tier(
+    model_server, draft_model_dir, router_config, running_router
+) -> None:
+    async with (
+        model_server(tier="cloud", name="cloud") as cloud,
+        model_server(tier="edge", name="edge", model=str(draft_model_dir)) as edge,
+    ):
         config = router_config("cascade", [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")])
         async with running_router(config) as router, AsyncClient(router.address) as client:
             by_cloud = await client.score(" an answer", "A question?")

@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from stratus_workers.api import inference_pb2 as pb
+from stratus_workers.api import inference_pb2_grpc as pb_grpc
 from stratus_workers.client import AsyncClient
 
 pytestmark = pytest.mark.integration
@@ -29,8 +30,15 @@ NEVER_EDGE = {"confidenceThreshold": -0.001}
         ("cascade", NEVER_EDGE, pb.TIER_CLOUD, "low-confidence"),
     ],
 )
-async def test_policies(model_server, policy, cascade, tier, reason, router_config, running_router) -> None:
-    async with model_server(tier="edge", name="edge") as edge, model_server(tier="cloud", name="cloud") as cloud:
+@pytest.mark.parametrize("edge_model", ["tiny_model_dir", "tiny_gguf_dir"])  # the edge on torch, or on llama.cpp
+async def test_policies(
+    model_server, policy, cascade, tier, reason, router_config, running_router, edge_model, request
+) -> None:
+    edge_source = str(request.getfixturevalue(edge_model))
+    async with (
+        model_server(tier="edge", name="edge", model=edge_source) as edge,
+        model_server(tier="cloud", name="cloud") as cloud,
+    ):
         config = router_config(
             policy, [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")], cascade=cascade
         )
@@ -174,12 +182,20 @@ async def test_openai_http_api(model_server, router_config, running_router) -> N
             for bad, fragment in [
                 ({"messages": []}, "messages"),
                 ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, "max_tokens"),
-                ({"prompt": "x", "max_tokens": 100000}, "max_new_tokens"),
+                ({"prompt": "x", "max_tokens": 100000}, "max_tokens"),  # the server's limit, in HTTP terms
             ]:
                 path = "/v1/completions" if "prompt" in bad else "/v1/chat/completions"
                 async with http.post(base + path, json=bad) as resp:
                     assert resp.status == 400
-                    assert fragment in (await resp.json())["error"]["message"]
+                    error = (await resp.json())["error"]
+                    assert fragment in error["message"] and error["param"] == fragment
+            async with http.post(f"{base}/v1/chat/completions", json=body) as resp:
+                again = await resp.json()
+            assert again["stratus"]["cached"] and again["stratus"]["policy"] == "cascade"
+            assert again["choices"] == data["choices"]
+            async with http.post(f"{base}/v1/completions", data=b'{"prompt": "' + b"x" * (2 << 20) + b'"}') as resp:
+                assert resp.status == 413
+                assert (await resp.json())["error"]["type"] == "invalid_request_error"
             async with http.get(f"{base}/v1/models") as resp:
                 assert (await resp.json())["data"][0]["id"] == "smol"
             async with http.get(f"{base}/metrics") as resp:
@@ -196,3 +212,103 @@ async def test_router_reports_unavailable_with_reasons(router_config, running_ro
         await asyncio.sleep(0)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "no healthy cloud backend" in (caught.value.details() or "")
+
+
+async def test_model_names_over_grpc(model_server, router_config, running_router) -> None:
+    """The router answers to its own name (by policy) and to each tier's model name (that model only)."""
+    async with model_server(tier="edge", name="small") as edge, model_server(tier="cloud", name="large") as cloud:
+        config = router_config(
+            "cascade", [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")], cascade=NEVER_EDGE
+        )
+        async with running_router(config, model_name="front") as router, AsyncClient(router.address) as client:
+            info = await client.model_info()
+            assert info.model == "front"
+            assert sorted((b.name, b.model) for b in info.backends) == [("cloud", "large"), ("edge", "small")]
+            by_policy = await client.generate("hi", max_new_tokens=2, model="front")
+            assert (by_policy.route.policy, by_policy.route.escalated) == (pb.ROUTING_POLICY_CASCADE, True)
+            pinned = await client.generate("hi", max_new_tokens=2, model="small")
+            assert (pinned.route.tier, pinned.route.reason, pinned.model) == (pb.TIER_EDGE, "policy", "small")
+            assert pinned.route.policy == pb.ROUTING_POLICY_EDGE_ONLY
+            streamed = [c async for c in client.stream("hi", max_new_tokens=2, model="large")]
+            assert streamed[-1].route.tier == pb.TIER_CLOUD and streamed[-1].model == "large"
+            for model, policy, code in [
+                ("nobody", None, grpc.StatusCode.NOT_FOUND),
+                ("small", "cloud-only", grpc.StatusCode.INVALID_ARGUMENT),
+            ]:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await client.generate("hi", max_new_tokens=2, model=model, policy=policy)
+                assert caught.value.code() == code
+                assert dict(caught.value.trailing_metadata() or ())["stratus-field"] in ("model", "policy")
+            scored = await client.score(" there", "hi", tier="edge")
+            assert scored.model == "small"
+
+
+async def test_unknown_enum_values_are_refused(model_server, router_config, running_router) -> None:
+    async with model_server(tier="cloud") as cloud:
+        config = router_config("cloud-only", [("cloud", cloud.address, "cloud")])
+        async with running_router(config) as router, grpc.aio.insecure_channel(router.address) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            for call in (
+                stub.Generate(pb.GenerateRequest(prompt="x", policy=99)),
+                stub.Score(pb.ScoreRequest(request=pb.GenerateRequest(prompt="x"), continuation="y", tier=99)),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "99" in (caught.value.details() or "")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in stub.GenerateStream(pb.GenerateRequest(prompt="x", policy=7)):
+                    pass
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def requests_counted(metrics: str, code: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("stratus_router_requests_total{") and f'code="{code}"' in line
+    )
+
+
+async def test_client_gone_stops_generation_and_every_request_is_counted(
+    model_server, router_config, running_router
+) -> None:
+    """An HTTP caller that disconnects cancels its generation; cancelled and timed-out requests are counted."""
+    async with model_server(tier="cloud", max_new_tokens=100000) as cloud:
+        config = router_config("cloud-only", [("cloud", cloud.address, "cloud")], cache={"enabled": False})
+        async with running_router(config) as router, aiohttp.ClientSession() as http:
+            base = f"http://127.0.0.1:{router.http_port}"
+            body = {"messages": [{"role": "user", "content": "Go on"}], "max_tokens": 100000}
+            post = asyncio.ensure_future(http.post(f"{base}/v1/chat/completions", json=body))
+            assert cloud.engine is not None
+            for _ in range(1000):
+                if cloud.engine.active:  # generating
+                    break
+                await asyncio.sleep(0.02)
+            post.cancel()  # the client hangs up
+            with pytest.raises(asyncio.CancelledError):
+                await post
+            for _ in range(600):  # 30 s; the whole answer would take minutes
+                cancelled = cloud.metrics.registry.get_sample_value(
+                    "stratus_server_requests_total", {"method": "Generate", "code": "CANCELLED"}
+                )
+                if cancelled == 1.0 and not cloud.engine.active:
+                    break
+                await asyncio.sleep(0.05)
+            assert cancelled == 1.0 and cloud.engine.active == 0
+            generated = cloud.metrics.registry.get_sample_value("stratus_server_generated_tokens_total") or 0.0
+            assert generated < 100000
+            async with AsyncClient(router.address) as client:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await client.generate("Go on", max_new_tokens=100000, timeout=0.5)
+                assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                await client.generate("fine", max_new_tokens=2)
+            counted: dict[str, float] = {}
+            for _ in range(100):  # the router counts a timed-out call when its handler unwinds
+                async with http.get(f"{base}/metrics") as resp:
+                    metrics = await resp.text()
+                counted = {code: requests_counted(metrics, code) for code in ("OK", "CANCELLED", "DEADLINE_EXCEEDED")}
+                if counted["DEADLINE_EXCEEDED"]:
+                    break
+                await asyncio.sleep(0.05)
+            assert counted == {"OK": 1.0, "CANCELLED": 1.0, "DEADLINE_EXCEEDED": 1.0}

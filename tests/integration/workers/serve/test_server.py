@@ -42,6 +42,11 @@ async def test_unary_and_streaming_agree(model_server) -> None:
         (dict(prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty"),
         (dict(messages=[{"role": "robot", "content": "x"}]), grpc.StatusCode.INVALID_ARGUMENT, "role"),
         (dict(prompt="hi", model="other"), grpc.StatusCode.NOT_FOUND, "not served here"),
+        (dict(prompt="hi", presence_penalty=2.5), grpc.StatusCode.INVALID_ARGUMENT, "presence_penalty"),
+        (dict(prompt="hi", logit_bias={10**6: 1.0}), grpc.StatusCode.INVALID_ARGUMENT, "vocabulary"),
+        (dict(prompt="hi", logit_bias={5: 101.0}), grpc.StatusCode.INVALID_ARGUMENT, "logit_bias"),
+        (dict(prompt="hi", top_logprobs=3), grpc.StatusCode.INVALID_ARGUMENT, "top_logprobs"),
+        (dict(prompt="hi", logprobs=True, top_logprobs=21), grpc.StatusCode.INVALID_ARGUMENT, "top_logprobs"),
         (dict(prompt="x" * 70_000), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
     ],
 )
@@ -54,8 +59,28 @@ async def test_limits_give_clear_errors(model_server, kwargs, code, fragment) ->
             await client.generate(**kwargs)
         assert caught.value.code() == code
         assert fragment in (caught.value.details() or "")
+        field = dict(caught.value.trailing_metadata() or ()).get("stratus-field", "")
+        if code == grpc.StatusCode.INVALID_ARGUMENT and fragment != "role":
+            assert field and field.split("[")[0] in (caught.value.details() or "") + "prompt"  # names the field
         # The server is still fine afterwards.
         assert (await client.generate("ok", max_new_tokens=2)).usage.completion_tokens > 0
+
+
+async def test_echo_and_alternatives_over_grpc(model_server) -> None:
+    async with model_server(name="tiny") as server, AsyncClient(server.address) as client:
+        plain = await client.generate("Once upon a time", max_new_tokens=5, logprobs=True)
+        echoed = await client.generate("Once upon a time", max_new_tokens=5, logprobs=True, top_logprobs=2, echo=True)
+        assert echoed.text == plain.text and len(echoed.prompt_logprobs) == echoed.usage.prompt_tokens
+        assert "".join(lp.token for lp in echoed.prompt_logprobs) == "Once upon a time"
+        assert echoed.prompt_logprobs[0].logprob == 0.0 and all(lp.logprob < 0 for lp in echoed.prompt_logprobs[1:])
+        assert all(len(lp.top_logprobs) == 2 for lp in echoed.logprobs)
+        assert [lp.token_id for lp in echoed.logprobs] == [lp.token_id for lp in plain.logprobs]
+        assert not plain.prompt_logprobs and not plain.logprobs[0].top_logprobs
+        chunks = [c async for c in client.stream("Once upon a time", max_new_tokens=5, echo=True)]
+        assert not chunks[0].text and [(lp.token_id, lp.logprob) for lp in chunks[0].prompt_logprobs] == [
+            (lp.token_id, lp.logprob) for lp in echoed.prompt_logprobs
+        ]
+        assert "".join(c.text for c in chunks) == plain.text
 
 
 async def test_client_cancel_and_deadline_free_the_batch(model_server) -> None:

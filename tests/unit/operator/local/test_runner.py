@@ -59,3 +59,19 @@ def test_a_recorded_verdict_is_reused_without_running_the_job(tmp_path: Path) ->
     assert results["int8"].status == "rejected" and results["int8"].spec_hash == job.spec_hash
     assert runner.outcomes[0].cached
     assert out.getvalue() == "compress  int8       rejected (cached): 5 MiB, perplexity +9% > +5%\n"
+
+
+def test_one_run_per_work_dir(tmp_path: Path) -> None:
+    deployment = load_manifest(SMOLLM2)
+    first, second = LocalRunner(deployment, work_dir=tmp_path), LocalRunner(deployment, work_dir=tmp_path)
+    elsewhere = LocalRunner(deployment, work_dir=tmp_path / "other")
+    first.claim()
+    try:
+        with pytest.raises(LocalRunError, match=r"already running from .*\(pid \d+, started .*--work-dir"):
+            second.claim()
+        elsewhere.claim()  # its own state: no conflict
+        elsewhere.release()
+    finally:
+        first.release()
+    second.claim()  # free again once the first run let go
+    second.release()

@@ -122,7 +122,16 @@ async def test_deadline_and_overload(loaded: Any) -> None:
         queued = engine.submit(prompt, Sampling(max_new_tokens=1), lambda e: None)
         with pytest.raises(EngineOverloaded, match="already waiting"):
             engine.submit(prompt, Sampling(max_new_tokens=1), lambda e: None)
+        # A cancelled request gives its place up at once, not when a row frees (the fuzzer found it held on).
         queued()
+        late: list[object] = []
+        engine.submit(prompt, Sampling(max_new_tokens=1), late.append, deadline=time.monotonic() + 0.05)
+        assert engine.active == 1 and engine.waiting == 1 and not late  # queued behind the long one
+        await asyncio.sleep(0.1)
+        # So does a request whose deadline passed while it waited: it ends with its reason.
+        last = engine.submit(prompt, Sampling(max_new_tokens=1), lambda e: None)
+        assert [getattr(e, "reason", None) for e in late] == ["deadline"] and engine.waiting == 1
+        last()
         await long_stream.aclose()
     finally:
         engine.shutdown()
