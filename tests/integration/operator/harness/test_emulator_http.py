@@ -105,3 +105,18 @@ async def test_rbac_holds_a_service_account_to_its_roles(http: aiohttp.ClientSes
     # An unknown token is an administrator: the tests' own kubeconfig keeps working.
     code, _, _ = await _send(http, "GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
     assert code == 200
+
+
+async def test_watch_from_a_resource_version_sends_each_later_event_once(http: aiohttp.ClientSession,
+                                                                          served: Emulator) -> None:
+    first = await served.create_obj(DEPLOYMENTS, "default", deployment())
+    since = first["metadata"]["resourceVersion"]
+    second = deployment()
+    second["metadata"]["name"] = "api"
+    await served.create_obj(DEPLOYMENTS, "default", second)
+    await served.delete_obj(DEPLOYMENTS, "default", "web")
+    async with http.get(DEPLOYMENTS_URL, params={"watch": "true", "resourceVersion": since, "timeoutSeconds": "1"},
+                        headers={"Authorization": "Bearer admin"}) as response:
+        events = [json.loads(line) for line in (await response.text()).splitlines() if line]
+    # A client resuming a watch (kopf after each reconnect) would otherwise handle the same change twice.
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [("ADDED", "api"), ("DELETED", "web")]

@@ -908,7 +908,10 @@ class Emulator(kmock.KubernetesEmulator):
                                                      "message": "too old resource version"}}
                 await response.write(json.dumps(gone).encode() + b"\n")
                 return response
-            backlog = [e for rv, e in self.log[key] if rv > start]
+            entries = [(rv, e) for rv, e in self.log[key] if rv > start]
+            backlog = [e for _, e in entries]
+            # Follow on from the last one sent, or the backlog goes out twice (kopf then handles an object twice).
+            start = entries[-1][0] if entries else start
         else:
             start = self.revision
             backlog = [{"type": "ADDED", "object": o} for o in self.read_all(key, namespace)]
