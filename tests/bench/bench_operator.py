@@ -201,7 +201,7 @@ def section(r: dict[str, Any]) -> str:
 ## Operator at scale (`make bench-operator`)
 
 The real operator process (`python -m stratus_operator.cli.operator`, kopf) against the in-memory API
-emulator (`tests/integration/operator/kube_emulator.py`, kmock) on loopback, with {n} `LLMDeployment`s
+emulator (`tests/integration/operator/kube_emulator/`, kmock) on loopback, with {n} `LLMDeployment`s
 of `deploy/samples/smollm2.yaml`. Latency runs from an object's creation to the moment all {CHILDREN} of
 its children exist (artifacts PVC, the compression Job and its spec ConfigMap, the cloud Deployment
 and Service, the router's ConfigMap, Deployment and Service). The emulator and the benchmark share

@@ -53,7 +53,8 @@ async def add_nodes(emu: Emulator) -> None:
     # Someone else's pod already holds most of edge-full.
     await emu.create_obj(PODS, "other", {"metadata": {"name": "busy", "namespace": "other"},
                                          "spec": {"nodeName": "edge-full", "containers": [
-                                             {"name": "c", "resources": {"requests": {"memory": "900Mi"}}}]}})
+                                             {"name": "c", "image": "registry.k8s.io/pause:3.10",
+                                              "resources": {"requests": {"memory": "900Mi"}}}]}})
     await emu.patch_status(PODS, "other", "busy", {"phase": "Running"})
 
 
@@ -93,6 +94,19 @@ async def roll_out(emu: Emulator, instance: str = "smollm2") -> None:
         await emu.patch_status(DEPLOYMENTS, NS, dep["metadata"]["name"], {
             "observedGeneration": dep["metadata"]["generation"], "replicas": replicas,
             "readyReplicas": replicas, "availableReplicas": replicas, "updatedReplicas": replicas})
+
+
+async def roll_out_until(emu: Emulator, phase: str, instance: str = "smollm2", *, what: str,
+                         logs: Any = None) -> None:
+    """Act as the Deployment controller until the deployment reaches `phase`. A controller keeps up with every
+    generation the operator writes (the router's Deployment is patched after the edge one is created), so
+    the roll-out is repeated at each poll."""
+
+    async def check() -> bool:
+        await roll_out(emu, instance)
+        return status(emu, instance).get("phase") == phase
+
+    await eventually(check, what=what, logs=logs)
 
 
 def status(emu: Emulator, name: str = "smollm2") -> dict[str, Any]:
@@ -213,8 +227,7 @@ async def test_lifecycle_apply_compress_place_ready_replan_restart_delete(
 
     # --- act as the Deployment controller: everything ready -> Ready, every condition True ---
     await eventually(lambda: len(owned(emu, DEPLOYMENTS)) == 3, what="three Deployments")
-    await roll_out(emu)
-    await eventually(lambda: status(emu).get("phase") == "Ready", what="phase Ready", logs=operator.logs)
+    await roll_out_until(emu, "Ready", what="phase Ready", logs=operator.logs)
     conds = conditions(emu)
     assert sorted(conds) == ["CloudReady", "Compressed", "EdgeReady", "Ready", "RouterReady"]
     assert all(c["status"] == "True" for c in conds.values()), conds
@@ -241,8 +254,7 @@ async def test_lifecycle_apply_compress_place_ready_replan_restart_delete(
 
     await eventually(lambda: cloud_batch() == "32", what="the cloud Deployment to roll", logs=operator.logs)
     await eventually(lambda: status(emu).get("observedGeneration") == 2, what="observedGeneration 2")
-    await roll_out(emu)
-    await eventually(lambda: status(emu).get("phase") == "Ready", what="Ready again", logs=operator.logs)
+    await roll_out_until(emu, "Ready", what="Ready again", logs=operator.logs)
 
     # A new recipe means a new Job (the old one goes) and compression again.
     spec["edge"]["variants"][0]["compression"]["quantization"]["method"] = "int4-weight"
@@ -328,9 +340,7 @@ async def test_gate_rejection_degrades_to_the_cloud(emulator: Emulator, operator
     rejected = SUMMARY.model_copy(update={"status": "rejected", "reasons": verdict})
     await finish_job(emu, job, rejected.to_json(), failed=True)
     await eventually(lambda: len(owned(emu, DEPLOYMENTS, "strict")) == 2, what="cloud and router")
-    await roll_out(emu, "strict")
-    await eventually(lambda: status(emu, "strict").get("phase") == "Degraded", what="phase Degraded",
-                     logs=operator.logs)
+    await roll_out_until(emu, "Degraded", "strict", what="phase Degraded", logs=operator.logs)
     conds = conditions(emu, "strict")
     assert conds["EdgeReady"]["status"] == "False" and conds["EdgeReady"]["reason"] == "GateRejected"
     assert conds["Compressed"]["reason"] == "GateRejected" and "+9.0%" in conds["Compressed"]["message"]
