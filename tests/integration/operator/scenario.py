@@ -199,7 +199,7 @@ class Cluster:
     backend = ""
     capabilities: frozenset[str] = frozenset()
     # The operator answers a change within a second or two on the emulator; a scenario that fails waits this
-    # long before it says so, so every strict xfail costs it once.
+    # long before it says so.
     timeout = 10.0
 
     def __init__(self, api: ApiClient, namespace: str, workdir: Path) -> None:

@@ -8,12 +8,14 @@ import pytest
 from kube_emulator import DEPLOYMENTS, LLMD
 from scenario import CACHE_DIR, SUMMARY, ApiFailure, Cluster, EmulatorCluster, Start, job_of, sample
 
+from stratus_operator.names import MAX_DEPLOYMENT_NAME_LENGTH
+
 LONG_NAME = "smollm2-" + "x" * 61  # 69 characters: a valid object name, an over-long label value
+ONE_TOO_LONG = "m" * (MAX_DEPLOYMENT_NAME_LENGTH + 1)  # its edge Service name would pass 63 characters
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2.5: the CRD has no rule on metadata.name, so names that make "
-                                       "invalid children (over-long labels, non-DNS-1035 Services) are accepted")
-@pytest.mark.parametrize("name", [LONG_NAME, "smollm2.v2", "135m-smol"], ids=["69-chars", "dot", "leading-digit"])
+@pytest.mark.parametrize("name", [LONG_NAME, ONE_TOO_LONG, "smollm2.v2", "135m-smol"],
+                         ids=["69-chars", "one-over-the-cap", "dot", "leading-digit"])
 async def test_invalid_name_refused_at_admission(start_cluster: Start, name: str) -> None:
     cluster = await start_cluster()
     try:
@@ -37,19 +39,19 @@ async def _trouble(cluster: Cluster) -> list[str]:
     return sorted(refused)[:3] + sorted(raised)[:2]
 
 
-@pytest.mark.xfail(strict=True, reason="found by the strict emulator: the CA's common name is 'stratus "
-                                       "<namespace>/<name>', and past 64 characters issuing it raises, so the "
-                                       "reconcile crashes before any child or status")
 async def test_long_namespace_and_name_get_a_certificate(start_cluster: Start) -> None:
-    # A 40-character name (the review's proposed limit) in a 30-character namespace: both valid.
-    cluster = await start_cluster(namespace=f"team-{'n' * 25}")
-    await cluster.api.create(LLMD, sample("m" + "x" * 39), cluster.namespace)
+    # Found by the strict emulator: the CA's common name was 'stratus <namespace>/<name>', and past 64 characters
+    # issuing it raised, so the reconcile crashed before any child or status. The longest name the CRD admits, in
+    # the longest namespace there is (a DNS label).
+    name = "m" + "x" * (MAX_DEPLOYMENT_NAME_LENGTH - 1)
+    cluster = await start_cluster(namespace=f"team-{'n' * 58}")
+    await cluster.api.create(LLMD, sample(name), cluster.namespace)
 
     async def reconciled() -> bool:
-        llmd = await cluster.api.get(LLMD, "m" + "x" * 39, cluster.namespace) or {}
+        llmd = await cluster.api.get(LLMD, name, cluster.namespace) or {}
         return bool((llmd.get("status") or {}).get("phase"))
 
-    await cluster.eventually(reconciled, what="a first status", explain=lambda: cluster.describe("m" + "x" * 39))
+    await cluster.eventually(reconciled, what="a first status", explain=lambda: cluster.describe(name))
 
 
 async def _cloud_gpu(cluster: Cluster) -> dict[str, Any] | None:
@@ -59,8 +61,6 @@ async def _cloud_gpu(cluster: Cluster) -> dict[str, Any] | None:
     return dep["spec"]["template"]["spec"]["containers"][0]["resources"]  # type: ignore[no-any-return]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2.6: a cloud GPU request other than gpusPerPod keeps request != "
-                                       "limit; the API server refuses the Deployment and nothing is reported")
 async def test_gpu_request_equals_limit(start_cluster: Start) -> None:
     cluster = await start_cluster()
     manifest = sample()
@@ -75,9 +75,6 @@ async def test_gpu_request_equals_limit(start_cluster: Start) -> None:
     assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"], resources
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2.6: an edge variant that requests a GPU gets no GPU limit; the API "
-                                       "server refuses its Deployment (Limit must be set for non overcommitable "
-                                       "resources)")
 async def test_edge_gpu_request_gets_a_limit(start_cluster: Start) -> None:
     cluster = await start_cluster()
     cluster.require("finish-jobs", "a compression Job that finishes with a chosen summary")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from kube_emulator import HPAS, LLMD
 from scenario import Cluster, EmulatorCluster, Start, sample
 
@@ -40,16 +39,12 @@ async def _autoscaled(start_cluster: Start, autoscaling: dict[str, Any]) -> Clus
     return cluster
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2.7: cloud pods request only nvidia.com/gpu, so the CPU HPA reports "
-                                       "missing request for cpu")
 async def test_cpu_hpa_has_cpu_requests_to_scale_on(start_cluster: Start) -> None:
     cluster = await _autoscaled(start_cluster, {"minReplicas": 1, "maxReplicas": 3, "metric": "cpu"})
     await cluster.eventually(lambda: _active(cluster), what="the HPA able to compute a replica count",
                              explain=lambda: _explain(cluster))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2.7: the queue-depth metric defaults to stratus_queue_depth, which no "
-                                       "server exports (they export stratus_server_waiting_requests)")
 async def test_queue_depth_hpa_metric_is_one_the_servers_export(start_cluster: Start) -> None:
     cluster = await _autoscaled(start_cluster, {"minReplicas": 1, "maxReplicas": 3, "metric": "queue-depth"})
     await cluster.eventually(lambda: _active(cluster), what="the HPA able to read its Pods metric",

@@ -20,8 +20,6 @@ def _pod(dep: dict[str, Any] | None) -> dict[str, Any]:
     return ((dep or {}).get("spec") or {}).get("template", {}).get("spec") or {}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2.3: children are merge-patched whole, so the fetch init container "
-                                       "outlives its cache volume; the API server answers 422 and status stays old")
 @pytest.mark.parametrize(("source", "target"), [
     ("s3://models/smollm2", BUNDLED),
     ("hf://HuggingFaceTB/SmolLM2-135M-Instruct", BUNDLED),
@@ -48,8 +46,6 @@ async def test_source_switch_from_s3_to_bundled_leaves_no_stale_init_container_a
                              explain=lambda: cluster.describe("smollm2"))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2.3: a merge patch of the whole object never removes a key the "
-                                       "desired state dropped (the nodeSelector stays)")
 async def test_removed_node_selector_is_removed_from_the_child(start_cluster: Start) -> None:
     cluster = await start_cluster()
     api, ns = cluster.api, cluster.namespace
@@ -67,8 +63,6 @@ async def test_removed_node_selector_is_removed_from_the_child(start_cluster: St
                              explain=lambda: cluster.describe("smollm2"))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2.3: drift is never corrected; the operator compares the spec hash "
-                                       "annotation, not the live child, so `kubectl scale` sticks")
 async def test_kubectl_scale_of_child_is_reverted(start_cluster: Start) -> None:
     cluster = await start_cluster()
     api, ns = cluster.api, cluster.namespace

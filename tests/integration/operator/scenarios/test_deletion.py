@@ -13,8 +13,6 @@ async def _deleted(cluster: Cluster) -> bool:
     return await cluster.api.get(NAMESPACES, cluster.namespace) is None
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2.4: the finalizer creates a cleanup Job in the terminating "
-                                       "namespace, gets 403 and retries forever, so the namespace never goes")
 @pytest.mark.parametrize("storage", [
     {"objectStore": {"url": "s3://artifacts/stratus"}},
     {"pvc": {"claimName": "shared-artifacts"}},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 from kube_emulator import LLMD, SECRETS
 from scenario import CACHE_DIR, Cluster, EmulatorCluster, Start, pods_of, sample
 
@@ -12,9 +11,6 @@ async def _cloud_running(cluster: Cluster) -> bool:
     return bool(pods) and all((p.get("status") or {}).get("phase") == "Running" for p in pods)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2.11: cloud pods get no toleration, so a GPU node tainted "
-                                       "nvidia.com/gpu:NoSchedule admits them only where ExtendedResourceToleration "
-                                       "runs (kind, GKE), not on a default cluster")
 async def test_cloud_pods_tolerate_tainted_gpu_nodes(start_cluster: Start) -> None:
     cluster = await start_cluster(extended_resource_toleration=False)
     cluster.require("admission-plugins", "a cluster without the ExtendedResourceToleration admission plugin")
@@ -25,8 +21,6 @@ async def test_cloud_pods_tolerate_tainted_gpu_nodes(start_cluster: Start) -> No
                              explain=lambda: cluster.describe("smollm2"))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2.11: cloud pods request only the GPU, so they run BestEffort: the "
-                                       "scheduler does not count the model's memory and the kubelet evicts them first")
 async def test_cloud_pods_are_not_best_effort(start_cluster: Start) -> None:
     cluster = await start_cluster()
     if isinstance(cluster, EmulatorCluster):
@@ -36,9 +30,6 @@ async def test_cloud_pods_are_not_best_effort(start_cluster: Start) -> None:
     assert pods[0]["status"]["qosClass"] != "BestEffort", pods[0]["spec"]["containers"][0].get("resources")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2.11: the operator gives its pods no imagePullSecrets, so a private "
-                                       "workers image cannot be pulled (the interface is a guess: "
-                                       "STRATUS_IMAGE_PULL_SECRETS, as the review proposes)")
 async def test_pods_pull_a_private_workers_image(start_cluster: Start) -> None:
     cluster = await start_cluster(env={"STRATUS_IMAGE": "registry.example.com/stratus/workers:0.1.0",
                                        "STRATUS_IMAGE_PULL_SECRETS": "regcred"})

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from kube_emulator import DEPLOYMENTS, LLMD, PODS
 from scenario import CACHE_DIR, SUMMARY, Cluster, EmulatorCluster, Start, holds, job_of, pods_of, sample
 
@@ -40,8 +39,6 @@ def _pinned(dep: dict[str, Any] | None) -> list[str]:
     return sorted(v for t in terms for f in t.get("matchFields") or [] for v in f.get("values") or [])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2.8: maxSurge 1 / maxUnavailable 0 needs room for a surge pod that a "
-                                       "full edge node does not have, so the rollout never progresses")
 async def test_edge_rollout_on_full_nodes_progresses(start_cluster: Start) -> None:
     # A 1 Gi edge node holds one 727 Mi replica and no second one.
     cluster = await _ready_edge(start_cluster, edge_memory="1Gi")
@@ -64,8 +61,6 @@ async def test_edge_rollout_on_full_nodes_progresses(start_cluster: Start) -> No
     await cluster.eventually(rolled, what="the edge rollout to complete", explain=lambda: cluster.describe("smollm2"))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2.10: placement prefers the node with the most free memory, so an "
-                                       "unrelated pod landing on the edge node moves a healthy edge server")
 async def test_placement_sticky_when_unrelated_pod_lands(start_cluster: Start) -> None:
     cluster = await _ready_edge(start_cluster, edge_memory="4Gi")
     await cluster.eventually(lambda: _edge_running(cluster, 1), what="the edge pod running",
@@ -86,9 +81,6 @@ async def test_placement_sticky_when_unrelated_pod_lands(start_cluster: Start) -
                 explain=lambda: cluster.describe("smollm2"))
 
 
-@pytest.mark.xfail(strict=True, reason="found by the strict emulator: edge replicas placed on two nodes are pinned "
-                                       "with "
-                                       "one matchFields term naming both, which the API server refuses (422)")
 async def test_edge_replicas_pinned_to_two_nodes_are_admitted(start_cluster: Start) -> None:
     # Two 1 Gi edge nodes: one 727 Mi replica each.
     cluster = await _ready_edge(start_cluster, edge_memory="1Gi", replicas=2)

@@ -21,8 +21,6 @@ def _mounted_secrets(dep: dict[str, Any]) -> set[str]:
     return {v["secret"]["secretName"] for v in dep["spec"]["template"]["spec"].get("volumes") or [] if "secret" in v}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2.12: the CA private key sits in the Secret every server and router "
-                                       "pod references (any of their nodes' kubelets can read it)")
 async def test_ca_key_not_in_mounted_secret(start_cluster: Start) -> None:
     cluster = await start_cluster()
     await cluster.api.create(LLMD, sample(), cluster.namespace)
@@ -37,8 +35,6 @@ async def test_ca_key_not_in_mounted_secret(start_cluster: Start) -> None:
     assert not holding, f"Secrets the pods reference hold ca.key: {holding}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2.12: every tier mounts one certificate, valid for server and client "
-                                       "use, so a compromised node can impersonate any tier")
 async def test_each_tier_has_its_own_certificate(start_cluster: Start) -> None:
     cluster = await start_cluster()
     await cluster.api.create(LLMD, sample(), cluster.namespace)
@@ -46,8 +42,6 @@ async def test_each_tier_has_its_own_certificate(start_cluster: Start) -> None:
     assert _mounted_secrets(cloud) != _mounted_secrets(router), _mounted_secrets(cloud)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2.12: in the default cluster-wide mode no NetworkPolicy covers the "
-                                       "namespace the servers run in, so anyone may call them")
 async def test_servers_in_user_namespace_get_a_network_policy(start_cluster: Start) -> None:
     cluster = await start_cluster()
     await cluster.api.create(LLMD, sample(), cluster.namespace)
@@ -66,9 +60,6 @@ async def test_servers_in_user_namespace_get_a_network_policy(start_cluster: Sta
                              explain=lambda: cluster.describe("smollm2"))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2.13: kopf lists CustomResourceDefinitions at start, which the "
-                                       "chart's "
-                                       "RBAC forbids (403, then it stops noticing CRD changes)")
 async def test_operator_rbac_can_list_crds(start_cluster: Start) -> None:
     cluster = await start_cluster()
     cluster.require("audit", "the API server's audit log")
@@ -91,7 +82,6 @@ UNUSED = [("", "events", "patch"), ("batch", "jobs", "patch"), ("", "pods", "get
 
 
 @pytest.mark.unit
-@pytest.mark.xfail(strict=True, reason="issue 13.2.13: the operator's ClusterRole grants verbs nothing uses")
 def test_operator_rbac_grants_no_unused_verbs() -> None:
     role = next(o for o in rbac_objects() if o["kind"] == "ClusterRole")
     granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]

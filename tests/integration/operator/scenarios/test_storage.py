@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from kube_emulator import DEPLOYMENTS, JOBS, LLMD, PODS, PVCS, SECRETS
 from scenario import CACHE_DIR, SUMMARY, Cluster, EmulatorCluster, Start, conditions, job_of, pods_of, sample
 
@@ -20,8 +19,6 @@ async def _job_pod_running(cluster: Cluster, job: str) -> bool:
     return any((p.get("status") or {}).get("phase") == "Running" for p in pods)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2.1: the compression Job mounts the hostPath cache "
-                                       f"{CACHE_DIR} (type Directory) by default; a stock node lacks it (FailedMount)")
 async def test_compression_job_starts_on_a_node_without_the_cache_dir(start_cluster: Start) -> None:
     cluster = await start_cluster()
     cluster.require("host-dirs", f"nodes without {CACHE_DIR} (kind mounts it on every node)")
@@ -33,8 +30,6 @@ async def test_compression_job_starts_on_a_node_without_the_cache_dir(start_clus
                              what="the compression pod running", explain=lambda: cluster.describe("smollm2"))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2.1: the default hostPath cache is forbidden by the baseline Pod "
-                                       "Security Standard, so the Job's pods are refused (FailedCreate)")
 async def test_compression_job_is_admitted_in_a_baseline_namespace(start_cluster: Start) -> None:
     cluster = await start_cluster(namespace_labels={"pod-security.kubernetes.io/enforce": "baseline"})
     if isinstance(cluster, EmulatorCluster):
@@ -46,8 +41,6 @@ async def test_compression_job_is_admitted_in_a_baseline_namespace(start_cluster
                              what="the compression pod running", explain=lambda: cluster.describe("smollm2"))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2.2: the default ReadWriteMany claim never binds on block storage, "
-                                       "and the operator only ever says it waits for the Job")
 async def test_rwx_claim_without_class_reports_pending_condition(start_cluster: Start) -> None:
     cluster = await start_cluster()
     if isinstance(cluster, EmulatorCluster):
@@ -67,9 +60,6 @@ async def test_rwx_claim_without_class_reports_pending_condition(start_cluster: 
                              explain=lambda: cluster.describe("smollm2"))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2.2: a ReadWriteOnce claim is accepted while its edge replicas are "
-                                       "placed on two nodes (their Deployment is then refused, two names in one "
-                                       "matchFields; admitted, it would Multi-Attach)")
 async def test_rwo_claim_is_refused_or_its_pods_share_a_node(start_cluster: Start) -> None:
     cluster = await start_cluster()
     cluster.require("finish-jobs", "a compression Job that finishes with a chosen summary")
@@ -97,8 +87,6 @@ async def _all_running(cluster: Cluster, component: str) -> bool:
     return bool(pods) and all((p.get("status") or {}).get("phase") == "Running" for p in pods)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13.2.9: the Job name hashes the recipe only, so a storage change reuses "
-                                       "the finished result while the claim that held it is deleted")
 async def test_storage_change_recompresses(start_cluster: Start) -> None:
     cluster = await start_cluster()
     cluster.require("finish-jobs", "a compression Job that finishes with a chosen summary")
