@@ -211,7 +211,8 @@ async def test_lifecycle_apply_compress_place_ready_replan_restart_delete(
     assert {"name": "artifacts", "mountPath": "/artifacts", "subPath": "smollm2", "readOnly": True} in \
         container(edge)["volumeMounts"]
     assert edge["metadata"]["ownerReferences"][0]["uid"] == uid
-    assert emu.read(SERVICES, NS, "smollm2-edge-int8") is not None
+    # Applied in the same pass as the Deployment, right after it: the test may look in between.
+    await eventually(lambda: emu.read(SERVICES, NS, "smollm2-edge-int8"), what="the edge Service")
     router_cm = await eventually(
         lambda: (cm := emu.read(CONFIGMAPS, NS, "smollm2-router")) and "smollm2-edge-int8" in cm["data"]["router.json"]
         and cm, what="the router config to gain the edge backend")
