@@ -48,6 +48,7 @@ from stratus_operator.names import (
     server_tls_name,
     stable_hash,
 )
+from stratus_operator.placement import parse_quantity
 from stratus_operator.planner import (
     Artifact,
     CompressionJobPlan,
@@ -747,9 +748,19 @@ def render_router(p: Plan, deployment: LLMDeployment, router: RouterPlan, option
 
 def render_storage(deployment: LLMDeployment, options: RenderOptions) -> list[dict[str, Any]]:
     """The artifacts PVC, when the operator owns it (no object store and no existing claim named)."""
+    spec = _own_claim_spec(deployment)
+    if spec is None:
+        return []
+    name = artifacts_name(deployment.metadata.name)
+    return [_with_hash({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                        "metadata": _meta(deployment, name, labels(deployment, "artifacts", options)),
+                        "spec": spec})]
+
+
+def _own_claim_spec(deployment: LLMDeployment) -> dict[str, Any] | None:
     storage = deployment.spec.storage
     if storage.object_store is not None or (storage.pvc is not None and storage.pvc.claim_name):
-        return []
+        return None
     pvc = storage.pvc
     spec: dict[str, Any] = {
         "accessModes": [pvc.access_mode if pvc else "ReadWriteMany"],
@@ -757,10 +768,7 @@ def render_storage(deployment: LLMDeployment, options: RenderOptions) -> list[di
     }
     if pvc is not None and pvc.storage_class_name:
         spec["storageClassName"] = pvc.storage_class_name
-    name = artifacts_name(deployment.metadata.name)
-    return [_with_hash({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                        "metadata": _meta(deployment, name, labels(deployment, "artifacts", options)),
-                        "spec": spec})]
+    return spec
 
 
 def artifacts_claim(deployment: LLMDeployment) -> str | None:
@@ -794,6 +802,32 @@ def claim_problem(deployment: LLMDeployment, phase: str | None) -> str | None:
             "to a class that does, or storage.pvc.accessMode ReadWriteOnce with one edge variant of one replica, "
             "or storage.objectStore (a WaitForFirstConsumer class binds it once the Job's pod is scheduled; "
             f"`kubectl describe pvc {claim}` shows the provisioner's events)")
+
+
+def claim_change(deployment: LLMDeployment, created: Mapping[str, str]) -> str | None:
+    """What `spec.storage.pvc` now asks of the operator's claim that the claim, created otherwise, does not do
+    (`created` as the index records it), or None. A claim's access mode and class never change and its size is
+    not resized here, so the change would otherwise be ignored without a word."""
+    spec = _own_claim_spec(deployment)
+    if spec is None:
+        return None
+    differs = []
+    mode = spec["accessModes"][0]
+    if created.get("accessMode") and created["accessMode"] != mode:
+        differs.append(f"accessMode {mode} (created {created['accessMode']})")
+    size = spec["resources"]["requests"]["storage"]
+    if created.get("size") and parse_quantity(created["size"]) != parse_quantity(size):
+        differs.append(f"size {size} (created {created['size']})")
+    # An unset class is filled in by the API server (the default class): only a class asked for is compared.
+    klass = spec.get("storageClassName")
+    if klass and created.get("storageClassName") != klass:
+        differs.append(f"storageClassName {klass} (created {created.get('storageClassName') or 'unset'})")
+    if not differs:
+        return None
+    claim = artifacts_name(deployment.metadata.name)
+    return (f"spec.storage.pvc asks for {', '.join(differs)}, but artifacts claim {claim} keeps what it was "
+            "created with (a claim's access mode and class never change; the operator does not resize it). To move "
+            f"the artifacts: `kubectl delete pvc {claim}`; the operator creates it anew and compresses again")
 
 
 def render_plan(p: Plan, deployment: LLMDeployment, options: RenderOptions,

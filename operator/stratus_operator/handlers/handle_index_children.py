@@ -24,6 +24,12 @@ def index_child(body: Any, namespace: str | None, resource: Resource) -> dict[tu
         job = {"spec": {"backoffLimit": (body.get("spec") or {}).get("backoffLimit", 6)},
                "status": dict(body.get("status") or {}),
                "generation": int(generation) if generation.isdigit() else None}
+    claim = None
+    if kind == "PersistentVolumeClaim":
+        spec = body.get("spec") or {}
+        claim = {"accessMode": str((spec.get("accessModes") or [""])[0]),
+                 "size": str(((spec.get("resources") or {}).get("requests") or {}).get("storage") or ""),
+                 "storageClassName": str(spec.get("storageClassName") or "")}
     info = ChildInfo(
         api_version=api_version,
         kind=kind,
@@ -33,5 +39,6 @@ def index_child(body: Any, namespace: str | None, resource: Resource) -> dict[tu
         ready=ready_replicas(body) if kind == "Deployment" else 0,
         phase=str((body.get("status") or {}).get("phase") or "") if kind == "PersistentVolumeClaim" else "",
         job=job,
+        claim=claim,
     )
     return {(namespace or "", instance): info}

@@ -24,7 +24,14 @@ from stratus_operator.planner import (
     plan_jobs,
     status_without_times,
 )
-from stratus_operator.render import SecretRefs, artifacts_claim, claim_problem, render_plan, router_endpoints
+from stratus_operator.render import (
+    SecretRefs,
+    artifacts_claim,
+    claim_change,
+    claim_problem,
+    render_plan,
+    router_endpoints,
+)
 from stratus_operator.runtime import DURATION, ERRORS, RECONCILES, Runtime
 from stratus_operator.spec import LLMDeployment, LLMDeploymentStatus
 from stratus_workers.compress.spec import CompressionSummary
@@ -158,8 +165,10 @@ async def reconcile(rt: Runtime, body: Mapping[str, Any], observed: Observed,
         await _apply(rt, dep, p, children, logger, secrets)
         ready = {info.name: info.ready for info in children.values() if info.kind == "Deployment"}
         storage_problem = await _storage_problem(rt, dep, p, children)
+        own = children.get(("PersistentVolumeClaim", artifacts_claim(dep) or ""))
+        storage_change = claim_change(dep, own.claim) if own is not None and own.claim else None
         status = build_status(p, ready, previous=previous, now=_now(), endpoints=router_endpoints(p, ns),
-                              storage_problem=storage_problem)
+                              storage_problem=storage_problem, storage_change=storage_change)
         await _write_status(rt, ns, name, previous, status, body)
         rt.set_phase((ns, name), status.phase)
         RECONCILES.labels("ok").inc()

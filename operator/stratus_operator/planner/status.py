@@ -61,10 +61,11 @@ def _ready(server: ServerPlan, ready: Mapping[str, int]) -> bool:
 
 
 def assess(p: Plan, ready: Mapping[str, int], *, invalid: str | None = None,
-           storage_problem: str | None = None) -> Assessment:
+           storage_problem: str | None = None, storage_change: str | None = None) -> Assessment:
     """Phase and conditions from the plan and `ready` (ready replicas by Deployment name, router included).
 
-    `storage_problem` says why the compression Jobs cannot run yet (an artifacts claim that is not bound).
+    `storage_problem` says why the compression Jobs cannot run yet (an artifacts claim that is not bound);
+    `storage_change` what `spec.storage` asks of the existing claim that it will not do (told, never ignored).
     """
     if invalid is not None:
         unknown = [ConditionState(t, "False" if t == "Ready" else "Unknown", "InvalidSpec", invalid)
@@ -96,6 +97,10 @@ def assess(p: Plan, ready: Mapping[str, int], *, invalid: str | None = None,
     else:
         conditions.append(ConditionState("Compressed", "True", "Accepted",
                                          f"{len(p.compression_jobs)} variant(s) passed their gates"))
+    if storage_change:
+        # Whatever compression's state, a storage change the claim will not take is said where storage is.
+        c = conditions[-1]
+        conditions[-1] = ConditionState(c.type, c.status, "ArtifactsClaimUnchanged", f"{c.message}; {storage_change}")
 
     # CloudReady
     cloud = p.cloud
@@ -190,12 +195,13 @@ def build_status(
     invalid: str | None = None,
     endpoints: Endpoints = Endpoints(),
     storage_problem: str | None = None,
+    storage_change: str | None = None,
 ) -> LLMDeploymentStatus:
     """The full `.status`; a condition keeps its lastTransitionTime while its status stays the same.
 
     `endpoints` are where clients reach the router: the executor's binding of its name (the plan has none).
     """
-    a = assess(p, ready, invalid=invalid, storage_problem=storage_problem)
+    a = assess(p, ready, invalid=invalid, storage_problem=storage_problem, storage_change=storage_change)
     before = {c.type: c for c in (previous.conditions if previous else [])}
     conditions = []
     for c in a.conditions:

@@ -110,3 +110,24 @@ async def test_storage_change_recompresses(start_cluster: Start) -> None:
 
     await cluster.eventually(recompressing, what="a compression Job that writes the artifact to the object store",
                              explain=lambda: cluster.describe("smollm2"))
+
+
+async def test_claim_size_class_or_mode_change_is_reported_not_ignored(start_cluster: Start) -> None:
+    """Review row 18: a claim's class and access mode never change; the operator says so instead of nothing."""
+    cluster = await start_cluster()
+    if isinstance(cluster, EmulatorCluster):
+        await cluster.add_kind_nodes(host_dirs={CACHE_DIR})
+        await cluster.emulator.controllers.volumes.add_class("nfs", "nfs.csi.k8s.io", default=True)
+    await cluster.api.create(LLMD, sample(), cluster.namespace)
+    await cluster.eventually(lambda: cluster.api.get(PVCS, "smollm2-artifacts", cluster.namespace),
+                             what="the artifacts claim")
+    await cluster.api.patch(LLMD, "smollm2", {"spec": {"storage": {"pvc": {"size": "50Gi"}}}}, cluster.namespace)
+
+    async def reported() -> bool:
+        compressed = (await conditions(cluster)).get("Compressed") or {}
+        return compressed.get("reason") == "ArtifactsClaimUnchanged" and "size 50Gi" in compressed.get("message", "")
+
+    await cluster.eventually(reported, what="the Compressed condition saying the claim keeps its size",
+                             explain=lambda: cluster.describe("smollm2"))
+    claim = await cluster.api.get(PVCS, "smollm2-artifacts", cluster.namespace) or {}
+    assert claim["spec"]["resources"]["requests"]["storage"] == "20Gi"

@@ -176,3 +176,42 @@ def test_an_unbound_artifacts_claim_is_the_compressed_conditions_reason() -> Non
     assert claim_problem(mine, None) == "artifacts claim shared (storage.pvc.claimName) does not exist in default"
     m["spec"]["storage"] = {"objectStore": {"url": "s3://bucket/x"}}
     assert claim_problem(LLMDeployment.from_manifest(m), "Pending") is None
+
+
+def test_a_storage_change_the_claim_will_not_take_is_said_in_the_compressed_condition() -> None:
+    """A claim's access mode and class never change (and it is not resized): said in status, never ignored."""
+    from stratus_operator.handlers.handle_index_children import index_child
+    from stratus_operator.kube import PVCS
+    from stratus_operator.render import RenderOptions, claim_change, render_storage
+
+    m = sample(uid="u")
+    before = LLMDeployment.from_manifest(m)
+    # What the index records of the claim the operator created (a real API server fills the default class in).
+    created = render_storage(before, RenderOptions())[0]
+    created["spec"]["storageClassName"] = "standard"
+    (info,) = index_child(created, "default", PVCS).values()
+    assert info.claim == {"accessMode": "ReadWriteMany", "size": "20Gi", "storageClassName": "standard"}
+    assert claim_change(before, info.claim) is None
+    m["spec"]["storage"] = {"pvc": {"size": "20480Mi"}}  # the same size, written otherwise
+    assert claim_change(LLMDeployment.from_manifest(m), info.claim) is None
+    m["spec"]["storage"] = {"pvc": {"size": "50Gi", "storageClassName": "fast", "accessMode": "ReadWriteOnce"}}
+    after = LLMDeployment.from_manifest(m)
+    change = claim_change(after, info.claim)
+    assert change is not None
+    assert "accessMode ReadWriteOnce (created ReadWriteMany)" in change
+    assert "size 50Gi (created 20Gi)" in change and "storageClassName fast (created standard)" in change
+    assert "kubectl delete pvc smollm2-artifacts" in change
+    # Another place altogether is not this claim's business (a new Job writes there).
+    m["spec"]["storage"] = {"objectStore": {"url": "s3://bucket/x"}}
+    assert claim_change(LLMDeployment.from_manifest(m), info.claim) is None
+
+    done = build_status(plan(after, nodes(4), {"int8": accepted()}), ALL_READY, previous=None, now="t",
+                        storage_change=change)
+    compressed = next(c for c in done.conditions if c.type == "Compressed")
+    assert (compressed.status, compressed.reason) == ("True", "ArtifactsClaimUnchanged")
+    assert compressed.message.startswith("1 variant(s) passed their gates; spec.storage.pvc asks for")
+    assert done.phase == "Ready"
+    waiting = build_status(plan(after, nodes(4), {}), {}, previous=None, now="t", storage_change=change)
+    compressed = next(c for c in waiting.conditions if c.type == "Compressed")
+    assert (compressed.status, compressed.reason) == ("False", "ArtifactsClaimUnchanged")
+    assert "waiting for smollm2-compress-int8-" in compressed.message and change in compressed.message
