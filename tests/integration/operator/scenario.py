@@ -50,7 +50,8 @@ MERGE = "application/merge-patch+json"
 APPLY = "application/apply-patch+yaml"
 OPERATOR_TOKEN = "stratus-operator-token"
 OPERATOR_SA = ("stratus-system", "stratus-operator")
-CACHE_DIR = "/var/cache/stratus"  # the chart's default modelCache.hostPath
+# The node directory kind's nodes have (deploy/kind/cluster.yaml) for the opt-in per-node cache (modelCache.hostPath).
+CACHE_DIR = "/var/cache/stratus"
 INSTANCE = "app.kubernetes.io/instance"
 
 

@@ -54,5 +54,5 @@ def test_emulated_nodes_are_the_kind_clusters() -> None:
 
 def test_operator_runs_with_the_installed_environment() -> None:
     env = installed_operator_env()
-    assert env["STRATUS_CACHE_HOST_PATH"] == "/var/cache/stratus"
+    assert env["STRATUS_CACHE_HOST_PATH"] == ""  # no hostPath unless asked (issue 13.2.1)
     assert env["STRATUS_EDGE_NODE_SELECTOR"] == '{"stratus.dev/edge":"true"}'
