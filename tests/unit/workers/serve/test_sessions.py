@@ -11,10 +11,13 @@ import torch
 
 from stratus_workers.models import load_model
 from stratus_workers.protocol.requests import Sampling
-from stratus_workers.serve.engine import Engine, build_engine, collect
+from stratus_workers.serve.core import EngineCore
+from stratus_workers.serve.engine import build_engine
 from stratus_workers.serve.errors import EngineOverloaded
 from stratus_workers.serve.runner.modules import ModuleRunner
+from stratus_workers.serve.sampling import eos_ids
 from stratus_workers.serve.sessions import SpeculativeSessions
+from stratus_workers.serve.surface import collect
 
 pytestmark = pytest.mark.unit
 
@@ -28,7 +31,7 @@ def loaded(tiny_model_dir: Path) -> Any:
 
 def sessions_over(loaded: Any, rows: int, ttl: float = 60.0) -> SpeculativeSessions:
     runner = ModuleRunner(loaded.model, max_rows=1 + rows, max_len=64)
-    return SpeculativeSessions(runner, loaded.tokenizer, first_row=1, ttl=ttl)
+    return SpeculativeSessions(runner, eos_ids(loaded.model, loaded.tokenizer), first_row=1, ttl=ttl)
 
 
 def test_a_session_keeps_its_prefix_and_computes_only_the_rest(loaded: Any) -> None:
@@ -86,8 +89,9 @@ def test_score_matches_a_plain_forward_pass(loaded: Any) -> None:
 
 def test_sessions_must_sit_above_the_decode_rows(loaded: Any) -> None:
     runner = ModuleRunner(loaded.model, max_rows=3, max_len=64)
+    eos = eos_ids(loaded.model, loaded.tokenizer)
     with pytest.raises(ValueError, match="rows 2 and up"):
-        Engine(runner, loaded.tokenizer, SpeculativeSessions(runner, loaded.tokenizer, first_row=1), max_batch_size=2)
+        EngineCore(runner, SpeculativeSessions(runner, eos, first_row=1), eos, max_batch_size=2)
 
 
 async def test_engine_sessions_reproduce_greedy_generation(tiny_model_dir: Path, draft_model_dir: Path) -> None:
@@ -96,8 +100,8 @@ async def test_engine_sessions_reproduce_greedy_generation(tiny_model_dir: Path,
     edge = load_model(str(draft_model_dir), dtype="float32", device="cpu")
     cloud_engine = build_engine(cloud.model, cloud.tokenizer, max_batch_size=1, max_len=256, max_sessions=2)
     edge_engine = build_engine(edge.model, edge.tokenizer, max_batch_size=1, max_len=256, max_sessions=2)
-    cloud_engine.start()
-    edge_engine.start()
+    await cloud_engine.start()
+    await edge_engine.start()
     greedy = Sampling()
     try:
         for text in ("The weather today", "Numbers: 1 2 3", "A long time ago"):
@@ -118,15 +122,15 @@ async def test_engine_sessions_reproduce_greedy_generation(tiny_model_dir: Path,
             assert 0 < accepted <= drafted
             await edge_engine.end_session("s")
             await cloud_engine.end_session("s")
-            assert len(cloud_engine.sessions) == len(edge_engine.sessions) == 0
+            assert cloud_engine.stats.sessions == edge_engine.stats.sessions == 0
     finally:
-        cloud_engine.shutdown()
-        edge_engine.shutdown()
+        await cloud_engine.stop()
+        await edge_engine.stop()
 
 
 async def test_session_limits(loaded: Any) -> None:
     engine = build_engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_len=64, max_sessions=1)
-    engine.start()
+    await engine.start()
     try:
         await engine.draft("a", [1, 2, 3], 2, Sampling())
         with pytest.raises(EngineOverloaded, match="sessions are busy"):
@@ -138,4 +142,4 @@ async def test_session_limits(loaded: Any) -> None:
         with pytest.raises(ValueError, match="exceeds"):
             await engine.verify("a", list(range(70)), [], (), Sampling())
     finally:
-        engine.shutdown()
+        await engine.stop()
