@@ -99,17 +99,21 @@ e2e-containers: setup
 	  $(PY) -m pytest -m containers tests/e2e/containers $(PYTEST_ARGS)
 
 # kind e2e (tests/e2e): exits 0 with one line naming what is missing when docker or kind is absent.
+# The operator scenarios (tests/integration/operator/scenarios) run first, on the same kind cluster, with the
+# operator as a local process; then the chart is installed for tests/e2e.
 e2e: setup
 	@$(PY) tests/e2e/e2e_preflight.py; rc=$$?; \
 	if [ $$rc -eq 3 ]; then exit 0; elif [ $$rc -ne 0 ]; then exit $$rc; fi; \
-	$(MAKE) images && OPERATOR_IMAGE=$(OPERATOR_IMAGE) WORKERS_IMAGE=$(WORKERS_IMAGE) \
-	  $(PY) -m pytest -m e2e tests/e2e $(PYTEST_ARGS)
+	$(MAKE) images && OPERATOR_IMAGE=$(OPERATOR_IMAGE) WORKERS_IMAGE=$(WORKERS_IMAGE) STRATUS_SCENARIO_KIND=1 \
+	  $(PY) -m pytest -m e2e tests/integration/operator/scenarios tests/e2e $(PYTEST_ARGS)
 
 # The LLMDeployment CRD, generated from the spec model (tests check the committed file is fresh),
-# and the chart's byte-for-byte copy of it (tests/unit/deploy/test_chart_crds.py checks that).
+# the chart's byte-for-byte copy of it (tests/unit/deploy/test_chart_crds.py checks that), and the
+# chart's RBAC rules from the operator's client registry (stratus_operator.rbac).
 manifests: setup
 	$(PY) -m stratus_operator.crd --out deploy/crds/stratus.dev_llmdeployments.yaml
 	cp deploy/crds/stratus.dev_llmdeployments.yaml charts/stratus/crds/
+	$(PY) -m stratus_operator.rbac --out charts/stratus/templates/_rules.tpl
 
 # Operator at scale against the API emulator: apply->children latency and memory; writes docs/benchmarks.md.
 BENCH_OPERATOR_N ?= 1000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,10 +12,19 @@ from stratus_operator.spec import Toleration
 from stratus_workers.settings import env_name, parse_config
 
 PREFIX = env_name("")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
 def _namespaces(raw: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in raw.split(",") if n.strip())
+
+
+def _names(raw: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in raw.split(",") if n.strip())
+    bad = [n for n in names if not _DNS_SUBDOMAIN.match(n)]
+    if bad:
+        raise ValueError(f"not Secret names: {', '.join(bad)}")
+    return names
 
 
 def _node_selector(raw: str) -> dict[str, str]:
@@ -33,6 +43,14 @@ def _tolerations(raw: str) -> tuple[Mapping[str, Any], ...]:
     return tuple(parsed)
 
 
+def _peers(raw: str) -> tuple[Mapping[str, Any], ...]:
+    parsed = json.loads(raw or "[]")
+    allowed = {"podSelector", "namespaceSelector", "ipBlock"}
+    if not isinstance(parsed, list) or not all(isinstance(p, dict) and p and set(p) <= allowed for p in parsed):
+        raise ValueError("expected a JSON list of NetworkPolicyPeers (podSelector, namespaceSelector, ipBlock)")
+    return tuple(parsed)
+
+
 def _doc(text: str, **extra: Any) -> dict[str, Any]:
     return {"help": text, **extra}
 
@@ -45,15 +63,26 @@ class Config:
         "comma-separated namespaces (globs allowed) to watch; empty: the whole cluster", parse=_namespaces))
     image: str = field(default="ghcr.io/stratus-llm/stratus-workers:0.1.0", metadata=_doc(
         "the image that runs the workers (serve, router, compress) and the model fetch"))
+    cloud_image: str = field(default="", metadata=_doc(
+        "the image of cloud model servers (a CUDA build); empty: STRATUS_IMAGE"))
+    edge_image: str = field(default="", metadata=_doc(
+        "the image of edge model servers (a CPU build, multi-arch for arm64 devices); empty: STRATUS_IMAGE"))
     image_pull_policy: str = field(default="IfNotPresent", metadata=_doc(
         "imagePullPolicy of every container the operator creates"))
+    image_pull_secrets: tuple[str, ...] = field(default=(), metadata=_doc(
+        "comma-separated Secrets (in each deployment's namespace) every pod the operator creates pulls with",
+        parse=_names))
+    service_account: str = field(default="", metadata=_doc(
+        "serviceAccountName of every pod the operator creates (e.g. one bound to a cloud IAM role for s3:// "
+        "access through IRSA or Workload Identity); empty: the namespace's default, with no API token mounted"))
     s3_image: str = field(default="amazon/aws-cli:2.17.0", metadata=_doc(
         "image with the aws CLI, for s3:// model sources and object-store artifacts"))
-    # Empty: an emptyDir per pod instead (each pod fetches its own copy; no hostPath, as the restricted Pod
-    # Security Standard requires). Bundled models come from the image and need no cache.
-    cache_host_path: str = field(default="/var/cache/stratus", metadata=_doc(
-        "the per-node cache (a hostPath) init containers fetch s3:// and hf:// models and object-store "
-        "artifacts into; it must exist on every node, writable by uid 65532; empty: an emptyDir per pod"))
+    # Empty (the default): an emptyDir per pod (each pod fetches its own copy), which a namespace enforcing the
+    # restricted Pod Security Standard admits; a hostPath is opt-in. Bundled models come from the image.
+    cache_host_path: str = field(default="", metadata=_doc(
+        "a per-node cache directory (a hostPath of type Directory: it must exist on every node, writable by uid "
+        "65532) for s3:// and hf:// models, object-store artifacts and compression baselines; empty: an emptyDir "
+        "per pod. An LLMDeployment's spec.cache.hostPath overrides it"))
     job_deadline_seconds: int = field(default=6 * 3600, metadata=_doc(
         "activeDeadlineSeconds of a compression Job"))
     health_port: int = field(default=8081, metadata=_doc("port of the liveness endpoint (/healthz); 0 disables it"))
@@ -71,6 +100,17 @@ class Config:
         parse=_node_selector))
     edge_tolerations: tuple[Mapping[str, Any], ...] = field(default=(), metadata=_doc(
         "JSON list of Pod tolerations for edge variants that set none", parse=_tolerations))
+    cloud_node_selector: Mapping[str, str] = field(default_factory=dict, metadata=_doc(
+        "JSON object: the nodeSelector of cloud tiers that set none", parse=_node_selector))
+    cloud_tolerations: tuple[Mapping[str, Any], ...] = field(default=(), metadata=_doc(
+        'JSON list of Pod tolerations for cloud tiers that set none (e.g. [{"key": "nvidia.com/gpu", "operator": '
+        '"Exists", "effect": "NoSchedule"}] where GPU nodes are tainted and no admission plugin adds it)',
+        parse=_tolerations))
+    network_policies: bool = field(default=True, metadata=_doc(
+        "give every LLMDeployment a NetworkPolicy: its model servers accept gRPC only from its router"))
+    router_ingress_from: tuple[Mapping[str, Any], ...] = field(default=(), metadata=_doc(
+        "JSON list of NetworkPolicyPeers allowed to reach the routers (e.g. [{\"namespaceSelector\": "
+        "{\"matchLabels\": {\"team\": \"apps\"}}}]); empty: anyone", parse=_peers))
     gpu_resource_name: str = field(default="nvidia.com/gpu", metadata=_doc(
         "the extended resource GPUs are requested and counted as"))
 

@@ -14,6 +14,8 @@ from stratus_operator.spec import (
     API_VERSION,
     GROUP,
     KIND,
+    NAME_MESSAGE,
+    NAME_RULE,
     PLURAL,
     SHORT_NAMES,
     SINGULAR,
@@ -35,6 +37,11 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Cloud", "type": "string", "jsonPath": ".status.cloud.summary",
      "description": "cloud pods ready/desired"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    # With -o wide: the policy the router applies now (cloud-only while no edge server runs), and where to call.
+    {"name": "Effective", "type": "string", "jsonPath": ".status.effectivePolicy", "priority": 1,
+     "description": "the policy the router applies now"},
+    {"name": "URL", "type": "string", "jsonPath": ".status.url", "priority": 1,
+     "description": "the router's HTTP (OpenAI-style) URL inside the cluster"},
 ]
 
 # Keys of a JSON schema that a Kubernetes structural schema accepts as they are.
@@ -200,6 +207,8 @@ def build_crd() -> dict[str, Any]:
                         "type": "object",
                         "description": f"{KIND} ({API_VERSION}) runs one LLM across a cloud and an edge tier.",
                         "required": ["spec"],
+                        # Children are named and labelled after the LLMDeployment: refuse names they cannot carry.
+                        "x-kubernetes-validations": [{"rule": NAME_RULE, "message": NAME_MESSAGE}],
                         "properties": {
                             "apiVersion": {"type": "string"},
                             "kind": {"type": "string"},

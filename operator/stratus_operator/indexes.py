@@ -35,7 +35,13 @@ class ChildInfo:
     kind: str
     name: str
     spec_hash: str
+    # apply.live_fingerprint of the object as last seen: what drift is measured against.
+    live: str = ""
     ready: int = 0
+    # For PersistentVolumeClaims: status.phase (Pending, Bound, Lost), and what the claim was created with
+    # ({"accessMode", "size", "storageClassName"}): a claim's spec never changes after that.
+    phase: str = ""
+    claim: Mapping[str, str] | None = None
     # For Jobs: {"spec": {"backoffLimit"}, "status": {...}, "generation": the owner's, at creation}.
     job: Mapping[str, Any] | None = None
 

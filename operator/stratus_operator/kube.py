@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -48,35 +48,51 @@ class Resource:
 
 
 READ = ("get", "list", "watch")
+WATCH = ("list", "watch")
+# The field manager of every server-side apply: the fields it owns are the operator's desired state.
+FIELD_MANAGER = "stratus-operator"
+# What a server-side-applied child needs: the index's list and watch, apply (patch; create when it is new),
+# delete when the plan drops it. Nothing GETs a child: the index has it.
+APPLIED = (*WATCH, "create", "patch", "delete")
 LLMDEPLOYMENTS = Resource(GROUP, VERSION, PLURAL, "LLMDeployment", verbs=(*READ, "patch"))
-LLMDEPLOYMENTS_STATUS = Resource(GROUP, VERSION, PLURAL, "LLMDeployment", verbs=("get", "patch"),
-                                 subresource="status")
-JOBS = Resource("batch", "v1", "jobs", "Job")
-DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment")
-SERVICES = Resource("", "v1", "services", "Service")
-CONFIGMAPS = Resource("", "v1", "configmaps", "ConfigMap")
-PVCS = Resource("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim",
-                verbs=("get", "list", "watch", "create", "delete"))
-HPAS = Resource("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler")
-PODS = Resource("", "v1", "pods", "Pod", verbs=READ)
-NODES = Resource("", "v1", "nodes", "Node", namespaced=False, verbs=READ)
-EVENTS = Resource("", "v1", "events", "Event", verbs=("create", "patch"))
-# The mTLS Secret the operator issues per deployment (get, create, patch when it must be renewed); never
+LLMDEPLOYMENTS_STATUS = Resource(GROUP, VERSION, PLURAL, "LLMDeployment", verbs=("patch",), subresource="status")
+# Created once (a new spec is a new name), deleted to run again or when the plan drops them.
+JOBS = Resource("batch", "v1", "jobs", "Job", verbs=(*WATCH, "create", "delete"))
+DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment", verbs=APPLIED)
+SERVICES = Resource("", "v1", "services", "Service", verbs=APPLIED)
+CONFIGMAPS = Resource("", "v1", "configmaps", "ConfigMap", verbs=APPLIED)
+# Created once; `get` reads a claim the user names (storage.pvc.claimName) to report whether it is bound.
+PVCS = Resource("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", verbs=(*READ, "create", "delete"))
+HPAS = Resource("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler", verbs=APPLIED)
+PDBS = Resource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", verbs=APPLIED)
+NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", verbs=APPLIED)
+PODS = Resource("", "v1", "pods", "Pod", verbs=WATCH)
+NODES = Resource("", "v1", "nodes", "Node", namespaced=False, verbs=WATCH)
+# kopf posts Events with create only.
+EVENTS = Resource("", "v1", "events", "Event", verbs=("create",))
+# The mTLS Secrets the operator issues per deployment (get, create, patch when one must be renewed); never
 # list or watch: the operator has no business reading every Secret in the cluster.
 SECRETS = Resource("", "v1", "secrets", "Secret", verbs=("get", "create", "patch"))
 # With blockOwnerDeletion on children, the OwnerReferencesPermissionEnforcement admission plugin checks
 # that the operator may update its owners' finalizers; no call of ours uses it directly.
 LLMDEPLOYMENTS_FINALIZERS = Resource(GROUP, VERSION, PLURAL, "LLMDeployment", verbs=("update",),
                                      subresource="finalizers")
-# kopf lists namespaces when it serves a namespace pattern.
-NAMESPACES = Resource("", "v1", "namespaces", "Namespace", namespaced=False, verbs=READ)
+# kopf watches CRDs, to notice LLMDeployment's being (re)installed while it runs; without it, it logs a 403
+# at every start.
+CRDS = Resource("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
+                namespaced=False, verbs=WATCH)
+# kopf lists and watches namespaces only when it serves a namespace list or pattern (namespaced mode).
+NAMESPACES = Resource("", "v1", "namespaces", "Namespace", namespaced=False, verbs=WATCH)
 
 RESOURCES: tuple[Resource, ...] = (
     LLMDEPLOYMENTS, LLMDEPLOYMENTS_STATUS, LLMDEPLOYMENTS_FINALIZERS,
-    JOBS, DEPLOYMENTS, SERVICES, CONFIGMAPS, PVCS, HPAS, PODS, NODES, EVENTS, NAMESPACES, SECRETS,
+    JOBS, DEPLOYMENTS, SERVICES, CONFIGMAPS, PVCS, HPAS, PDBS, NETWORK_POLICIES, PODS, NODES, EVENTS, SECRETS,
+    CRDS, NAMESPACES,
 )
+# Granted only when the operator watches listed namespaces (kopf observes namespaces then, not cluster-wide).
+NAMESPACED_MODE_ONLY: tuple[Resource, ...] = (NAMESPACES,)
 # The kinds of children the operator creates (and indexes, and prunes).
-CHILDREN: tuple[Resource, ...] = (JOBS, DEPLOYMENTS, SERVICES, CONFIGMAPS, PVCS, HPAS)
+CHILDREN: tuple[Resource, ...] = (JOBS, DEPLOYMENTS, SERVICES, CONFIGMAPS, PVCS, HPAS, PDBS, NETWORK_POLICIES)
 # The same, by the (apiVersion, kind) an object names.
 CHILD_RESOURCES: dict[tuple[str, str], Resource] = {(r.api_version, r.kind): r for r in CHILDREN}
 
@@ -186,6 +202,27 @@ class Kube:
         result: dict[str, Any] = await self.request(
             "PATCH", resource.url(namespace, name, subresource or resource.subresource), body=patch,
             content_type="application/merge-patch+json")
+        return result
+
+    async def json_patch(self, resource: Resource, namespace: str | None, name: str,
+                         operations: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """A JSON patch (RFC 6902): exact operations, with `test` ops as preconditions."""
+        _check(resource, "patch")
+        result: dict[str, Any] = await self.request(
+            "PATCH", resource.url(namespace, name), body=operations, content_type="application/json-patch+json")
+        return result
+
+    async def apply(self, resource: Resource, namespace: str | None, body: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply of `body` (the whole desired object) as FIELD_MANAGER, taking over conflicts.
+
+        The API server removes what this manager set before and `body` no longer holds, puts back what others
+        changed in fields it holds, and creates the object when it is missing.
+        """
+        _check(resource, "patch")
+        name = body["metadata"]["name"]
+        result: dict[str, Any] = await self.request(
+            "PATCH", resource.url(namespace, name), body=body, params={"fieldManager": FIELD_MANAGER, "force": "true"},
+            content_type="application/apply-patch+yaml")  # JSON is YAML
         return result
 
     async def delete(self, resource: Resource, namespace: str | None, name: str) -> None:

@@ -18,7 +18,7 @@ from stratus_operator.handlers import (
     handle_startup_operator,
 )
 from stratus_operator.indexes import NODES_INDEX, PODS_INDEX, ChildInfo, Observed, child_index
-from stratus_operator.kube import CONFIGMAPS, DEPLOYMENTS, HPAS, JOBS, PVCS, SERVICES
+from stratus_operator.kube import CONFIGMAPS, DEPLOYMENTS, HPAS, JOBS, NETWORK_POLICIES, PDBS, PVCS, SERVICES
 from stratus_operator.names import OURS
 from stratus_operator.placement import NodeView
 from stratus_operator.runtime import runtime_of
@@ -94,6 +94,16 @@ async def index_pvcs(body: kopf.Body, namespace: str | None, **_: Any) -> Childr
     return handle_index_children.index_child(body, namespace, PVCS)
 
 
+@kopf.index("policy", "v1", "poddisruptionbudgets", labels=OURS, id=child_index(PDBS))
+async def index_pdbs(body: kopf.Body, namespace: str | None, **_: Any) -> Children:
+    return handle_index_children.index_child(body, namespace, PDBS)
+
+
+@kopf.index("networking.k8s.io", "v1", "networkpolicies", labels=OURS, id=child_index(NETWORK_POLICIES))
+async def index_network_policies(body: kopf.Body, namespace: str | None, **_: Any) -> Children:
+    return handle_index_children.index_child(body, namespace, NETWORK_POLICIES)
+
+
 # --- LLMDeployment ------------------------------------------------------------------------------------
 
 
@@ -110,8 +120,8 @@ async def resync(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **kwargs
 
 
 @kopf.on.delete(*LLMD)
-async def delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-    await handle_delete_llmdeployment.delete(runtime_of(memo), body, logger)
+async def delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, retry: int, **_: Any) -> None:
+    await handle_delete_llmdeployment.delete(runtime_of(memo), body, logger, retry)
 
 
 # --- children: their status advances the owner's ------------------------------------------------------

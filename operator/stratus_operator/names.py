@@ -13,6 +13,15 @@ from typing import Any, Literal
 
 # -- child names ------------------------------------------------------------------------------------------
 
+# A label value, a Service name, a Job name: each at most 63 characters.
+DNS_LABEL_MAX = 63
+# An edge variant's name is part of child names, hence short.
+VARIANT_NAME_MAX = 24
+# The hash that shortens a child name that would be too long (`child_name`).
+SHORTENING_HASH_LENGTH = 8
+# An LLMDeployment's name is a DNS-1035 label: it starts Service names, which must start with a letter.
+DEPLOYMENT_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
 
 def stable_hash(value: Any, length: int = 10) -> str:
     """A short hash of JSON-able data, stable across processes (sorted keys)."""
@@ -25,8 +34,8 @@ def child_name(deployment: str, *parts: str) -> str:
     name = "-".join((deployment, *parts))
     if len(name) <= 63:
         return name
-    digest = stable_hash(name, 8)
-    return f"{name[:63 - 9].rstrip('-')}-{digest}"
+    digest = stable_hash(name, SHORTENING_HASH_LENGTH)
+    return f"{name[:DNS_LABEL_MAX - SHORTENING_HASH_LENGTH - 1].rstrip('-')}-{digest}"
 
 
 def router_name(deployment: str) -> str:
@@ -47,8 +56,18 @@ def job_name(deployment: str, variant: str, spec_hash: str) -> str:
 
 
 def tls_name(deployment: str) -> str:
-    """The operator-issued mTLS Secret."""
+    """The mTLS Secret an earlier operator issued (one certificate for every tier, with the CA's key)."""
     return child_name(deployment, "tls")
+
+
+def ca_name(deployment: str) -> str:
+    """The Secret holding the deployment's CA certificate and key: no pod mounts it."""
+    return child_name(deployment, "ca")
+
+
+def server_tls_name(server: str) -> str:
+    """The mTLS Secret of one server or the router (`server` is its child name): its own certificate only."""
+    return child_name(server, "tls")
 
 
 def artifacts_name(deployment: str) -> str:
@@ -59,6 +78,14 @@ def artifacts_name(deployment: str) -> str:
 def cleanup_name(deployment: str) -> str:
     """The finalizer's artifact-cleanup Job."""
     return child_name(deployment, "cleanup")
+
+
+# The Services clients and the router dial keep their exact names (no shortening hash), so their DNS names
+# are what the docs say; the longest is an edge server's with the longest variant name.
+_LONGEST_SERVICE_SUFFIX = max(len(router_name("")), len(cloud_name("")), len(edge_name("", "v" * VARIANT_NAME_MAX)))
+# The longest LLMDeployment name: every child name and label value (the instance label is the name itself)
+# then stays a valid DNS label, and Service names are never shortened. The CRD refuses longer names (CEL).
+MAX_DEPLOYMENT_NAME_LENGTH = DNS_LABEL_MAX - _LONGEST_SERVICE_SUFFIX
 
 
 # -- labels and annotations ------------------------------------------------------------------------------

@@ -95,10 +95,16 @@ def job_result(
 
 
 def ready_replicas(deployment: Mapping[str, Any]) -> int:
-    """Ready pods of a Deployment, counted only once the controller has seen its latest spec."""
+    """Ready pods of a Deployment's latest template: counted once the controller has seen its latest spec, and
+    without the pods of older templates still running (a stuck roll-out is not Ready on its old pods)."""
     status = deployment.get("status") or {}
     generation = (deployment.get("metadata") or {}).get("generation")
     observed = status.get("observedGeneration")
     if generation is not None and observed is not None and observed < generation:
         return 0
-    return int(status.get("readyReplicas") or 0)
+    ready = int(status.get("readyReplicas") or 0)
+    if "updatedReplicas" not in status:
+        return ready  # a controller that does not report it (as an older test double)
+    # Pods not of the latest template may all be the ready ones: count only what must be new.
+    old = max(0, int(status.get("replicas") or 0) - int(status.get("updatedReplicas") or 0))
+    return max(0, ready - old)

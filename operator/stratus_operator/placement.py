@@ -10,6 +10,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from stratus_operator.spec import ResourceRequirements, Toleration
+from stratus_workers.models.source import BUNDLED_SMOLLM2, SourceKind, parse_source
 
 GPU_RESOURCE = "nvidia.com/gpu"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
@@ -18,6 +19,12 @@ MIB = 1024 * 1024
 MODEL_MEMORY_FACTOR = 1.25
 RUNTIME_MEMORY_BYTES = 512 * MIB
 DEFAULT_EDGE_CPU_MILLI = 500
+# A cloud pod's requests when its resources name none: one core, and memory for the model held in fp32
+# (the loader's peak, before it moves the weights to the GPU) where its size is known, else 4 GiB.
+DEFAULT_CLOUD_CPU_MILLI = 1000
+DEFAULT_CLOUD_MEMORY_BYTES = 4 * 1024 * MIB
+# Parameters of the models whose size is known before anything is downloaded.
+BUNDLED_PARAMETERS = {BUNDLED_SMOLLM2: 135_000_000}
 LOCAL_NODE = "localhost"
 
 _SUFFIXES: dict[str, Decimal] = {
@@ -234,21 +241,35 @@ class Placement:
         return tuple(sorted(set(self.assignments)))
 
 
+def _requested(resources: ResourceRequirements, gpu_resource: str) -> Resources:
+    # What the API server will request: a limit without a request becomes the request too.
+    return Resources.from_mapping({**resources.limits, **resources.requests}, gpu_resource)
+
+
 def edge_demand(
     resources: ResourceRequirements, size_bytes: int, gpu_resource: str = GPU_RESOURCE, cache_bytes: int = 0
 ) -> Resources:
     """One edge pod's requests: explicit values win; memory otherwise follows the variant's measured size,
     plus `cache_bytes` that its server allocates up front (a llama.cpp server's whole KV cache)."""
-    explicit = Resources.from_mapping(resources.requests, gpu_resource)
-    limits = Resources.from_mapping(resources.limits, gpu_resource)
-    memory = explicit.memory or (
-        math.ceil((size_bytes * MODEL_MEMORY_FACTOR + RUNTIME_MEMORY_BYTES + cache_bytes) / MIB) * MIB
-    )
+    explicit = _requested(resources, gpu_resource)
     return Resources(
         cpu_milli=explicit.cpu_milli or DEFAULT_EDGE_CPU_MILLI,
-        memory=memory,
-        gpu=explicit.gpu or limits.gpu,
+        memory=explicit.memory or _serving_memory(size_bytes, cache_bytes),
+        gpu=explicit.gpu,
     )
+
+
+def _serving_memory(model_bytes: int, cache_bytes: int = 0) -> int:
+    return math.ceil((model_bytes * MODEL_MEMORY_FACTOR + RUNTIME_MEMORY_BYTES + cache_bytes) / MIB) * MIB
+
+
+def cloud_demand(resources: ResourceRequirements, source: str, gpu_resource: str = GPU_RESOURCE) -> Resources:
+    """One cloud pod's cpu and memory requests: explicit values win, else the defaults above."""
+    explicit = _requested(resources, gpu_resource)
+    parsed = parse_source(source)
+    params = BUNDLED_PARAMETERS.get(parsed.ref) if parsed.kind is SourceKind.BUNDLED else None
+    memory = explicit.memory or (_serving_memory(params * 4) if params else DEFAULT_CLOUD_MEMORY_BYTES)
+    return Resources(cpu_milli=explicit.cpu_milli or DEFAULT_CLOUD_CPU_MILLI, memory=memory, gpu=explicit.gpu)
 
 
 def _rejection(node: NodeView, selector: Mapping[str, str], tolerations: Sequence[Toleration]) -> str | None:
@@ -275,11 +296,14 @@ def place(
     node_selector: Mapping[str, str],
     tolerations: Sequence[Toleration],
     reserved: Mapping[str, Resources] | None = None,
+    current: Sequence[str] = (),
 ) -> Placement:
     """Place `replicas` pods needing `demand` each, spreading over the emptiest eligible nodes.
 
-    `reserved` holds what earlier placements in the same plan took from each node. The reason says
-    which nodes were chosen, or summarises why each node was rejected when some replicas did not fit.
+    `reserved` holds what earlier placements in the same plan took from each node. `current` are the nodes
+    the tier runs on now: each keeps one replica while it is eligible and still has room, so an unrelated pod
+    landing elsewhere (or on it, if room is left) does not move a healthy server. The reason says which
+    nodes were chosen, or summarises why each node was rejected when some replicas did not fit.
     """
     if cluster.is_local:
         return Placement(replicas, (LOCAL_NODE,) * replicas, "local machine: every tier fits")
@@ -300,7 +324,15 @@ def place(
 
     assignments: list[str] = []
     taken: dict[str, Resources] = {}
-    for _ in range(replicas):
+    by_name = {n.name: n for n in eligible}
+    for name in sorted(set(current)):
+        kept = by_name.get(name)
+        if kept is None or len(assignments) >= replicas:
+            continue
+        if demand.fits_in(kept.free - reserved.get(name, Resources())):
+            assignments.append(name)
+            taken[name] = demand
+    for _ in range(replicas - len(assignments)):
         best: tuple[tuple[int, int, int], NodeView] | None = None
         for node in eligible:  # sorted by name: ties go to the first
             free = node.free - reserved.get(node.name, Resources()) - taken.get(node.name, Resources())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,10 +43,12 @@ from stratus_operator.names import (
     VERSION_LABEL,
     PortRole,
     artifacts_name,
+    child_name,
     cleanup_name,
+    server_tls_name,
     stable_hash,
-    tls_name,
 )
+from stratus_operator.placement import parse_quantity
 from stratus_operator.planner import (
     Artifact,
     CompressionJobPlan,
@@ -56,7 +59,7 @@ from stratus_operator.planner import (
     ServerPlan,
     Source,
 )
-from stratus_operator.spec import API_VERSION, KIND, Autoscaling, LLMDeployment, Toleration
+from stratus_operator.spec import API_VERSION, KIND, Autoscaling, LLMDeployment, Toleration, is_extended_resource
 from stratus_workers.compress.spec import VERDICT_EXIT_CODES
 from stratus_workers.models.source import parse_source
 
@@ -91,26 +94,35 @@ def router_endpoints(p: Plan, namespace: str) -> Endpoints:
 
 @dataclass(frozen=True)
 class SecretRefs:
-    """The Secrets pods mount: the mTLS Secret (None: plaintext) and a hash of its content (rolls pods)."""
+    """The mTLS Secrets pods mount, and hashes of their content (a new certificate rolls the pods).
 
-    tls_secret: str | None = None
-    tls_hash: str = ""
+    Either one Secret every pod shares (the user's `tlsSecretName`), or one the operator issued per server and
+    router (`<child>-tls`, `names.server_tls_name`), or none (plaintext).
+    """
+
+    shared: str | None = None
+    issued: bool = False
+    # The router's or a server's child name (or "" for the shared Secret) -> its content hash.
+    hashes: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, deployment: LLMDeployment, tls_hash: str = "") -> SecretRefs:
-        return cls(tls_secret_name(deployment), tls_hash)
+    def of(cls, deployment: LLMDeployment, hashes: Mapping[str, str] | None = None) -> SecretRefs:
+        security = deployment.spec.security
+        if not security.mtls:
+            return cls()
+        return cls(shared=security.tls_secret_name, issued=security.tls_secret_name is None, hashes=dict(hashes or {}))
 
-
-def tls_secret_name(deployment: LLMDeployment) -> str | None:
-    """The Secret holding the deployment's mTLS certificate: the user's, else the operator's `<name>-tls`."""
-    security = deployment.spec.security
-    if not security.mtls:
+    def tls(self, name: str) -> tuple[str, str] | None:
+        """(Secret, content hash) the pods of child `name` mount, or None without mTLS."""
+        if self.shared:
+            return self.shared, self.hashes.get("", "")
+        if self.issued:
+            return server_tls_name(name), self.hashes.get(name, "")
         return None
-    return security.tls_secret_name or tls_name(deployment.metadata.name)
 
 
 def _tls_volume(secret: str) -> dict[str, Any]:
-    # Only the three files a process needs: an operator-issued Secret also holds the CA's key.
+    # Only the three files a process needs, by name: whatever else a user's Secret holds stays out.
     items = [{"key": k, "path": k} for k in ("tls.crt", "tls.key", "ca.crt")]
     return {"name": "tls", "secret": {"secretName": secret, "items": items, "defaultMode": 0o440}}
 
@@ -135,11 +147,16 @@ class RenderOptions:
     """Cluster-specific choices that are not part of the LLMDeployment (see Config for each field)."""
 
     image: str = _DEFAULTS.image
+    # The model servers' images per tier; empty: `image`.
+    cloud_image: str = _DEFAULTS.cloud_image
+    edge_image: str = _DEFAULTS.edge_image
     image_pull_policy: str = _DEFAULTS.image_pull_policy
+    image_pull_secrets: tuple[str, ...] = _DEFAULTS.image_pull_secrets
+    service_account: str = _DEFAULTS.service_account
     # Used only for s3:// sources and object-store artifacts.
     s3_image: str = _DEFAULTS.s3_image
     # A per-node cache for fetched models (s3://, hf://, object-store artifacts); it must exist and be
-    # writable by uid 65532. Empty: an emptyDir per pod (each pod fetches its own copy).
+    # writable by uid 65532. Empty (the default): an emptyDir per pod (each pod fetches its own copy).
     cache_host_path: str = _DEFAULTS.cache_host_path
     compress_resources: dict[str, Any] = field(
         default_factory=lambda: {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "8Gi"}}
@@ -148,12 +165,21 @@ class RenderOptions:
         default_factory=lambda: {"requests": {"cpu": "100m", "memory": "256Mi"}}
     )
     job_active_deadline_seconds: int = _DEFAULTS.job_deadline_seconds
+    network_policies: bool = _DEFAULTS.network_policies
+    router_ingress_from: tuple[Mapping[str, Any], ...] = _DEFAULTS.router_ingress_from
     version: str = "0.1.0"
 
     @classmethod
     def from_config(cls, config: Config) -> RenderOptions:
-        return cls(image=config.image, image_pull_policy=config.image_pull_policy, s3_image=config.s3_image,
-                   cache_host_path=config.cache_host_path, job_active_deadline_seconds=config.job_deadline_seconds)
+        return cls(image=config.image, cloud_image=config.cloud_image, edge_image=config.edge_image,
+                   image_pull_policy=config.image_pull_policy, image_pull_secrets=config.image_pull_secrets,
+                   service_account=config.service_account, s3_image=config.s3_image,
+                   cache_host_path=config.cache_host_path, job_active_deadline_seconds=config.job_deadline_seconds,
+                   network_policies=config.network_policies, router_ingress_from=config.router_ingress_from)
+
+    def server_image(self, tier: str) -> str:
+        """The image of a tier's model servers."""
+        return (self.cloud_image if tier == "cloud" else self.edge_image if tier == "edge" else "") or self.image
 
 
 def labels(deployment: LLMDeployment, component: str, options: RenderOptions, **extra: str) -> dict[str, str]:
@@ -210,16 +236,27 @@ def _resources(requests: dict[str, str], limits: dict[str, str]) -> dict[str, An
     return out
 
 
-def _cache_volume(options: RenderOptions) -> dict[str, Any]:
+def _cache_volume(deployment: LLMDeployment, options: RenderOptions) -> dict[str, Any]:
+    """The pod's cache: an emptyDir, or the node directory the spec (else the operator's config) asks for."""
+    cache = deployment.spec.cache
+    host_path = cache.host_path if cache.host_path is not None else options.cache_host_path
     # A prepared hostPath: each node fetches a model once, whatever pods come and go. "Directory", not
     # "DirectoryOrCreate": the kubelet would create it root-owned, which our non-root pods cannot write.
-    if options.cache_host_path:
-        return {"name": "cache", "hostPath": {"path": options.cache_host_path, "type": "Directory"}}
-    return {"name": "cache", "emptyDir": {}}
+    if host_path:
+        return {"name": "cache", "hostPath": {"path": host_path, "type": "Directory"}}
+    return {"name": "cache", "emptyDir": {"sizeLimit": cache.size_limit} if cache.size_limit else {}}
 
 
-def harden(pod_spec: dict[str, Any]) -> dict[str, Any]:
-    """Non-root, read-only root filesystem, no capabilities, RuntimeDefault seccomp; /tmp is an emptyDir."""
+def harden(pod_spec: dict[str, Any], options: RenderOptions) -> dict[str, Any]:
+    """Non-root, read-only root filesystem, no capabilities, RuntimeDefault seccomp; /tmp is an emptyDir. The
+    pod's identity: the configured service account and pull Secrets; no API token (no pod of ours calls the
+    API), unless a service account is named (a cloud IAM binding may need its token)."""
+    if options.service_account:
+        pod_spec["serviceAccountName"] = options.service_account
+    else:
+        pod_spec["automountServiceAccountToken"] = False
+    if options.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in options.image_pull_secrets]
     pod_spec["securityContext"] = dict(POD_SECURITY_CONTEXT)
     pod_spec.setdefault("volumes", []).append({"name": "tmp", "emptyDir": {}})
     for c in [*pod_spec.get("initContainers", []), *pod_spec["containers"]]:
@@ -280,7 +317,7 @@ def _full_model(deployment: LLMDeployment, uri: str, options: RenderOptions) -> 
             "name": "fetch-model", "image": options.s3_image, "imagePullPolicy": options.image_pull_policy,
             "command": ["sh", "-c", _once(target, f"aws s3 sync {shlex.quote(str(source))} @TARGET@")],
             "env": _s3_env(deployment), "volumeMounts": [cache_mount],
-        }], [_cache_volume(options)], [cache_mount])
+        }], [_cache_volume(deployment, options)], [cache_mount])
     if source.kind == 'hf':
         target = f"{CACHE_DIR}/models/{key}"
         script = f"from huggingface_hub import snapshot_download as d; d({source.ref!r}, local_dir='@TARGET@')"
@@ -288,7 +325,7 @@ def _full_model(deployment: LLMDeployment, uri: str, options: RenderOptions) -> 
             "name": "fetch-model", "image": options.image, "imagePullPolicy": options.image_pull_policy,
             "command": ["sh", "-c", _once(target, f"python -c {shlex.quote(script)}")],
             "volumeMounts": [cache_mount],
-        }], [_cache_volume(options)], [cache_mount])
+        }], [_cache_volume(deployment, options)], [cache_mount])
     return _ModelMount(str(source))  # a path inside the image
 
 
@@ -325,7 +362,7 @@ def _edge_model(deployment: LLMDeployment, artifact: Artifact, options: RenderOp
             "name": "fetch-model", "image": options.s3_image, "imagePullPolicy": options.image_pull_policy,
             "command": ["sh", "-c", _once(target, f"aws s3 sync {shlex.quote(url)} @TARGET@")],
             "env": _s3_env(deployment), "volumeMounts": [cache_mount],
-        }], [_cache_volume(options)], [cache_mount])
+        }], [_cache_volume(deployment, options)], [cache_mount])
     # On the artifacts claim: read in place (read-only); the server loads it into memory once at start.
     return _ModelMount(artifact_path(variant), [], [_artifacts_volume(deployment, read_only=True)],
                        [{"name": "artifacts", "mountPath": ARTIFACTS_DIR, "subPath": deployment.metadata.name,
@@ -344,10 +381,10 @@ def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
 
 
 def _server_container(name: str, command: list[str], resources: dict[str, Any], options: RenderOptions,
-                      mounts: list[dict[str, Any]], env: list[dict[str, Any]]) -> dict[str, Any]:
+                      mounts: list[dict[str, Any]], env: list[dict[str, Any]], image: str = "") -> dict[str, Any]:
     return {
         "name": name,
-        "image": options.image,
+        "image": image or options.image,
         "imagePullPolicy": options.image_pull_policy,
         "command": command,
         "ports": [{"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
@@ -362,6 +399,21 @@ def _server_container(name: str, command: list[str], resources: dict[str, Any], 
     }
 
 
+# A surge pod needs room beside the old one. Edge pods are pinned to nodes placement filled, and a GPU may be the
+# cluster's last: there the surge pod never schedules and the roll-out never ends. Those tiers replace a pod
+# before starting its successor instead (one pod down at a time; with one replica, a short gap).
+SURGE = {"maxUnavailable": 0, "maxSurge": 1}
+REPLACE = {"maxUnavailable": 1, "maxSurge": 0}
+
+
+def _strategy(component: str, pod_spec: dict[str, Any]) -> dict[str, Any]:
+    """REPLACE for edge servers and pods holding an extended resource (a GPU), else SURGE."""
+    extended = any(is_extended_resource(r) for c in pod_spec["containers"]
+                   for r in (c.get("resources") or {}).get("limits") or {})
+    replace = component == "edge-server" or extended
+    return {"type": "RollingUpdate", "rollingUpdate": dict(REPLACE if replace else SURGE)}
+
+
 def _deployment(deployment: LLMDeployment, name: str, component: str, replicas: int | None,
                 pod_spec: dict[str, Any], options: RenderOptions, extra_labels: dict[str, str],
                 pod_annotations: dict[str, str]) -> dict[str, Any]:
@@ -369,7 +421,7 @@ def _deployment(deployment: LLMDeployment, name: str, component: str, replicas: 
     selector = {INSTANCE_LABEL: deployment.metadata.name, COMPONENT_LABEL: component, SERVER_LABEL: name}
     spec: dict[str, Any] = {
         "selector": {"matchLabels": selector},
-        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "strategy": _strategy(component, pod_spec),
         "template": {
             "metadata": {"labels": lbls, "annotations": {
                 "prometheus.io/scrape": "true", "prometheus.io/port": str(HTTP_PORT), "prometheus.io/path": "/metrics",
@@ -421,6 +473,58 @@ def _hpa(deployment: LLMDeployment, target: str, component: str, autoscaling: Au
     }
 
 
+def _pdb(deployment: LLMDeployment, name: str, component: str, options: RenderOptions,
+         extra_labels: dict[str, str]) -> dict[str, Any]:
+    # One pod of the tier down at a time during drains and upgrades; never blocks a drain (no minAvailable).
+    selector = {INSTANCE_LABEL: deployment.metadata.name, COMPONENT_LABEL: component, SERVER_LABEL: name}
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(deployment, name, labels(deployment, component, options, **extra_labels)),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}},
+    }
+
+
+def render_network_policies(p: Plan, deployment: LLMDeployment, options: RenderOptions) -> list[dict[str, Any]]:
+    """The deployment's NetworkPolicies: its model servers take gRPC only from its own router (their HTTP port,
+    probes and metrics, stays open); the router takes traffic from the configured peers, else from anyone."""
+    if not options.network_policies or not p.servers:
+        return []
+    name = deployment.metadata.name
+    servers = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(deployment, child_name(name, "servers"), labels(deployment, "network-policy", options)),
+        "spec": {
+            "podSelector": {"matchLabels": {INSTANCE_LABEL: name, MANAGED_BY_LABEL: MANAGED_BY},
+                            "matchExpressions": [{"key": COMPONENT_LABEL, "operator": "In",
+                                                  "values": ["cloud-server", "edge-server"]}]},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {INSTANCE_LABEL: name, COMPONENT_LABEL: "router",
+                                                           MANAGED_BY_LABEL: MANAGED_BY}}}],
+                 "ports": [{"port": "grpc", "protocol": "TCP"}]},
+                {"ports": [{"port": "http", "protocol": "TCP"}]},
+            ],
+        },
+    }
+    out = [_with_hash(servers)]
+    if options.router_ingress_from and p.router is not None:
+        out.append(_with_hash({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta(deployment, child_name(name, "router"), labels(deployment, "network-policy", options)),
+            "spec": {
+                "podSelector": {"matchLabels": {INSTANCE_LABEL: name, COMPONENT_LABEL: "router",
+                                                MANAGED_BY_LABEL: MANAGED_BY}},
+                "policyTypes": ["Ingress"],
+                "ingress": [{"from": [dict(peer) for peer in options.router_ingress_from],
+                             "ports": [{"port": "grpc", "protocol": "TCP"}, {"port": "http", "protocol": "TCP"}]}],
+            },
+        }))
+    return out
+
+
 def render_job(p: Plan, deployment: LLMDeployment, job: CompressionJobPlan,
                options: RenderOptions) -> list[dict[str, Any]]:
     """A compression Job and the ConfigMap holding its spec.json."""
@@ -435,7 +539,7 @@ def render_job(p: Plan, deployment: LLMDeployment, job: CompressionJobPlan,
     cache_mount = {"name": "cache", "mountPath": CACHE_DIR}
     mounts = [{"name": "spec", "mountPath": CONFIG_DIR, "readOnly": True}, cache_mount,
               *(m for m in model.mounts if m["name"] != "cache")]
-    volumes = _dedupe([{"name": "spec", "configMap": {"name": job.name}}, _cache_volume(options),
+    volumes = _dedupe([{"name": "spec", "configMap": {"name": job.name}}, _cache_volume(deployment, options),
                        _artifacts_volume(deployment), *model.volumes])
     store = deployment.spec.storage.object_store
     if store is None:
@@ -486,7 +590,7 @@ def render_job(p: Plan, deployment: LLMDeployment, job: CompressionJobPlan,
         pod_spec["nodeSelector"] = dict(job.node_selector)
     if job.tolerations:
         pod_spec["tolerations"] = _tolerations(job.tolerations)
-    harden(pod_spec)
+    harden(pod_spec, options)
     obj = {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -521,15 +625,16 @@ def render_server(p: Plan, deployment: LLMDeployment, server: ServerPlan, option
     volumes = _dedupe(list(model.volumes))
     command = ServeFlags.of(server, model=model.model).command()
     pod_annotations: dict[str, str] = {}
-    if secrets.tls_secret:
+    tls = secrets.tls(server.name)
+    if tls is not None:
         command += _tls_args()
         mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
-        volumes.append(_tls_volume(secrets.tls_secret))
-        if secrets.tls_hash:
-            pod_annotations[TLS_HASH_ANNOTATION] = secrets.tls_hash  # a new certificate restarts the pods
+        volumes.append(_tls_volume(tls[0]))
+        if tls[1]:
+            pod_annotations[TLS_HASH_ANNOTATION] = tls[1]  # a new certificate restarts the pods
     container = _server_container(
         "server", command, _resources(dict(server.resources.requests), dict(server.resources.limits)),
-        options, mounts, [],
+        options, mounts, [], image=options.server_image(server.tier),
     )
     if server.tensor_parallel > 1:
         # NCCL passes tensors through shared memory; the container default of 64 MiB is too small.
@@ -543,11 +648,12 @@ def render_server(p: Plan, deployment: LLMDeployment, server: ServerPlan, option
     if server.tolerations:
         pod_spec["tolerations"] = _tolerations(server.tolerations)
     if server.tier == "edge" and server.placement.nodes:
-        # Pin to the nodes placement found room on (by node name); the scheduler picks among them.
+        # Pin to the nodes placement found room on (by node name); the scheduler picks among them. A field
+        # selector on metadata.name takes exactly one value, so one term (they are ORed) per node.
         pod_spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-            "nodeSelectorTerms": [{"matchFields": [
-                {"key": "metadata.name", "operator": "In", "values": list(server.placement.nodes)}]}]}}}
-    harden(pod_spec)
+            "nodeSelectorTerms": [{"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}
+                                  for node in server.placement.nodes]}}}
+    harden(pod_spec, options)
     replicas = None if server.autoscaling is not None else server.replicas
     out = [
         _with_hash(_deployment(deployment, server.name, component, replicas, pod_spec, options, extra,
@@ -556,6 +662,8 @@ def render_server(p: Plan, deployment: LLMDeployment, server: ServerPlan, option
     ]
     if server.autoscaling is not None:
         out.append(_with_hash(_hpa(deployment, server.name, component, server.autoscaling, options, extra)))
+    if server.autoscaling is not None or server.replicas > 1:
+        out.append(_with_hash(_pdb(deployment, server.name, component, options, extra)))
     return out
 
 
@@ -614,14 +722,15 @@ def render_router(p: Plan, deployment: LLMDeployment, router: RouterPlan, option
     volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": router.name}}, *tokenizer.volumes]
     # A new config rolls the router pods (a ConfigMap change alone would not restart them).
     annotations = {CONFIG_HASH_ANNOTATION: stable_hash(json.loads(config_json), 16)}
-    if secrets.tls_secret:
+    tls = secrets.tls(router.name)
+    if tls is not None:
         command += _tls_args()
         if security.client_tls:
             command.append("--client-tls")
         mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
-        volumes.append(_tls_volume(secrets.tls_secret))
-        if secrets.tls_hash:
-            annotations[TLS_HASH_ANNOTATION] = secrets.tls_hash
+        volumes.append(_tls_volume(tls[0]))
+        if tls[1]:
+            annotations[TLS_HASH_ANNOTATION] = tls[1]
     if security.client_tokens is not None:
         # A directory mount, not subPath: the kubelet updates it when the Secret changes, and the router
         # re-reads the file (token rotation without a restart).
@@ -634,7 +743,7 @@ def render_router(p: Plan, deployment: LLMDeployment, router: RouterPlan, option
     pod_spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
     if tokenizer.init_containers:
         pod_spec["initContainers"] = tokenizer.init_containers
-    harden(pod_spec)
+    harden(pod_spec, options)
     return [
         _with_hash(config_map),
         _with_hash(_deployment(deployment, router.name, "router", router.replicas, pod_spec, options, {},
@@ -645,9 +754,19 @@ def render_router(p: Plan, deployment: LLMDeployment, router: RouterPlan, option
 
 def render_storage(deployment: LLMDeployment, options: RenderOptions) -> list[dict[str, Any]]:
     """The artifacts PVC, when the operator owns it (no object store and no existing claim named)."""
+    spec = _own_claim_spec(deployment)
+    if spec is None:
+        return []
+    name = artifacts_name(deployment.metadata.name)
+    return [_with_hash({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                        "metadata": _meta(deployment, name, labels(deployment, "artifacts", options)),
+                        "spec": spec})]
+
+
+def _own_claim_spec(deployment: LLMDeployment) -> dict[str, Any] | None:
     storage = deployment.spec.storage
     if storage.object_store is not None or (storage.pvc is not None and storage.pvc.claim_name):
-        return []
+        return None
     pvc = storage.pvc
     spec: dict[str, Any] = {
         "accessModes": [pvc.access_mode if pvc else "ReadWriteMany"],
@@ -655,10 +774,66 @@ def render_storage(deployment: LLMDeployment, options: RenderOptions) -> list[di
     }
     if pvc is not None and pvc.storage_class_name:
         spec["storageClassName"] = pvc.storage_class_name
-    name = artifacts_name(deployment.metadata.name)
-    return [_with_hash({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                        "metadata": _meta(deployment, name, labels(deployment, "artifacts", options)),
-                        "spec": spec})]
+    return spec
+
+
+def artifacts_claim(deployment: LLMDeployment) -> str | None:
+    """The claim compression Jobs write artifacts to: the user's, the operator's own, or None (object store)."""
+    storage = deployment.spec.storage
+    if storage.object_store is not None:
+        return None
+    if storage.pvc is not None and storage.pvc.claim_name:
+        return storage.pvc.claim_name
+    return artifacts_name(deployment.metadata.name)
+
+
+def claim_problem(deployment: LLMDeployment, phase: str | None) -> str | None:
+    """Why the artifacts claim holds the compression Jobs back (`phase` is its status.phase; None: missing)."""
+    claim = artifacts_claim(deployment)
+    if claim is None or phase == "Bound":
+        return None
+    pvc = deployment.spec.storage.pvc
+    if pvc is not None and pvc.claim_name:
+        if phase is None:
+            return f"artifacts claim {claim} (storage.pvc.claimName) does not exist in {deployment.metadata.namespace}"
+        return f"artifacts claim {claim} (storage.pvc.claimName) is {phase}: no volume is bound to it"
+    if phase is None:
+        return None  # the operator creates it in this pass
+    mode = pvc.access_mode if pvc is not None else "ReadWriteMany"
+    klass = (f"storage class {pvc.storage_class_name}" if pvc is not None and pvc.storage_class_name
+             else "the cluster's default storage class")
+    return (f"artifacts claim {claim} is {phase}: no volume is bound to it. It asks {klass} for {mode}"
+            f"{' (the default)' if pvc is None or 'access_mode' not in pvc.model_fields_set else ''}, which "
+            "block storage (EBS, GCE PD, Azure Disk, local-path) does not provide; set storage.pvc.storageClassName "
+            "to a class that does, or storage.pvc.accessMode ReadWriteOnce with one edge variant of one replica, "
+            "or storage.objectStore (a WaitForFirstConsumer class binds it once the Job's pod is scheduled; "
+            f"`kubectl describe pvc {claim}` shows the provisioner's events)")
+
+
+def claim_change(deployment: LLMDeployment, created: Mapping[str, str]) -> str | None:
+    """What `spec.storage.pvc` now asks of the operator's claim that the claim, created otherwise, does not do
+    (`created` as the index records it), or None. A claim's access mode and class never change and its size is
+    not resized here, so the change would otherwise be ignored without a word."""
+    spec = _own_claim_spec(deployment)
+    if spec is None:
+        return None
+    differs = []
+    mode = spec["accessModes"][0]
+    if created.get("accessMode") and created["accessMode"] != mode:
+        differs.append(f"accessMode {mode} (created {created['accessMode']})")
+    size = spec["resources"]["requests"]["storage"]
+    if created.get("size") and parse_quantity(created["size"]) != parse_quantity(size):
+        differs.append(f"size {size} (created {created['size']})")
+    # An unset class is filled in by the API server (the default class): only a class asked for is compared.
+    klass = spec.get("storageClassName")
+    if klass and created.get("storageClassName") != klass:
+        differs.append(f"storageClassName {klass} (created {created.get('storageClassName') or 'unset'})")
+    if not differs:
+        return None
+    claim = artifacts_name(deployment.metadata.name)
+    return (f"spec.storage.pvc asks for {', '.join(differs)}, but artifacts claim {claim} keeps what it was "
+            "created with (a claim's access mode and class never change; the operator does not resize it). To move "
+            f"the artifacts: `kubectl delete pvc {claim}`; the operator creates it anew and compresses again")
 
 
 def render_plan(p: Plan, deployment: LLMDeployment, options: RenderOptions,
@@ -674,6 +849,7 @@ def render_plan(p: Plan, deployment: LLMDeployment, options: RenderOptions,
         objects += render_server(p, deployment, server, options, secrets)
     if p.router is not None:
         objects += render_router(p, deployment, p.router, options, secrets)
+    objects += render_network_policies(p, deployment, options)
     return objects
 
 
@@ -701,5 +877,5 @@ def render_cleanup(deployment: LLMDeployment, options: RenderOptions) -> list[di
         "apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
         "spec": {"backoffLimit": 2, "ttlSecondsAfterFinished": 600,
                  "template": {"metadata": {"labels": lbls}, "spec": harden(
-                     {"restartPolicy": "Never", "containers": [container], "volumes": volumes})}},
+                     {"restartPolicy": "Never", "containers": [container], "volumes": volumes}, options)}},
     })]

@@ -31,9 +31,13 @@ class Runtime:
     phases: dict[tuple[str, str], str] = field(default_factory=dict)
     # Last seen readiness signature per child uid: child events that change nothing trigger nothing.
     signatures: dict[str, Any] = field(default_factory=dict)
-    # mTLS Secrets found good, per deployment: (secret name, hosts) -> (checked until, content hash).
-    # Saves a GET per reconcile; a renewal or a rotated user Secret is seen when the entry runs out.
-    tls_checked: dict[tuple[str, str], tuple[tuple[str, tuple[str, ...]], float, str]] = field(default_factory=dict)
+    # mTLS Secrets found good, per deployment: (what was checked, checked until, content hash per pod owner).
+    # Saves GETs per reconcile; a renewal or a rotated user Secret is seen when the entry runs out.
+    tls_checked: dict[tuple[str, str], tuple[tuple[str, tuple[str, ...]], float, dict[str, str]]] = field(
+        default_factory=dict)
+    # Per deployment (namespace, name): what each child's last server-side apply left (apply.AppliedState), so
+    # an unchanged child costs no call and a drifted one is applied again.
+    applied: dict[tuple[str, str], dict[tuple[str, str], tuple[str, str, float]]] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Config, kube: Kube) -> Runtime:

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from stratus_operator.names import DEPLOYMENT_NAME_PATTERN, MAX_DEPLOYMENT_NAME_LENGTH, VARIANT_NAME_MAX
 from stratus_workers.compress.spec import CompressionRecipe, Evaluation, QualityGate
 from stratus_workers.models.source import parse_source
 from stratus_workers.router.config import RoutingSpec
@@ -52,6 +53,22 @@ ConditionType = Literal["Compressed", "CloudReady", "EdgeReady", "RouterReady", 
 CONDITION_TYPES: tuple[ConditionType, ...] = ("Compressed", "CloudReady", "EdgeReady", "RouterReady", "Ready")
 
 
+# The CRD's rule on metadata.name (CEL at the root); `name_problem` is its twin for the local runner.
+NAME_RULE = (f"self.metadata.name.matches('{DEPLOYMENT_NAME_PATTERN}') && "
+             f"size(self.metadata.name) <= {MAX_DEPLOYMENT_NAME_LENGTH}")
+NAME_MESSAGE = (f"metadata.name must be at most {MAX_DEPLOYMENT_NAME_LENGTH} characters of lowercase letters, "
+                "digits and '-', starting with a letter and ending with a letter or digit (it starts every "
+                "child's name and label, e.g. <name>-edge-<variant>, a Service name)")
+_NAME_RE = re.compile(DEPLOYMENT_NAME_PATTERN)
+
+
+def name_problem(name: str) -> str | None:
+    """Why an LLMDeployment may not be called `name` (NAME_MESSAGE), or None."""
+    if len(name) > MAX_DEPLOYMENT_NAME_LENGTH or not _NAME_RE.match(name):
+        return f"{NAME_MESSAGE}; got {name!r}"
+    return None
+
+
 def _cel(*rules: tuple[str, str]) -> dict[str, Any]:
     """json_schema_extra carrying CEL rules; the CRD generator copies them as x-kubernetes-validations."""
     return {"x-kubernetes-validations": [{"rule": rule, "message": message} for rule, message in rules]}
@@ -81,11 +98,36 @@ class ModelSpec(SpecModel):
         return source
 
 
+# Extended resources (a domain-prefixed name outside kubernetes.io, or hugepages) cannot be overcommitted: the
+# API server wants a request equal to the limit. The operator writes one given alone to both sides.
+_EXTENDED = "(k.startsWith('hugepages-') || (k.contains('/') && !k.startsWith('kubernetes.io/')))"
+EXTENDED_MESSAGE = "an extended resource (e.g. nvidia.com/gpu) needs the same value in requests and limits"
+
+
+def is_extended_resource(name: str) -> bool:
+    """A resource the API server accepts only with request == limit (nvidia.com/gpu, hugepages-2Mi, ...)."""
+    return name.startswith("hugepages-") or ("/" in name and not name.startswith("kubernetes.io/"))
+
+
 class ResourceRequirements(SpecModel):
     """Container resource requests and limits, as in a Pod spec."""
 
+    model_config = ConfigDict(json_schema_extra=_cel((
+        f"!has(self.requests) || !has(self.limits) || self.requests.all(k, !{_EXTENDED} || !(k in self.limits) "
+        "|| string(self.limits[k]) == string(self.requests[k]))", EXTENDED_MESSAGE)))
+
     requests: dict[str, Quantity] = Field(default_factory=dict, description="e.g. {cpu: 500m, memory: 1Gi}.")
-    limits: dict[str, Quantity] = Field(default_factory=dict, description="e.g. {memory: 2Gi, nvidia.com/gpu: 1}.")
+    limits: dict[str, Quantity] = Field(
+        default_factory=dict, description="e.g. {memory: 2Gi, nvidia.com/gpu: 1}. An extended resource given "
+        "on one side only is written to both (request == limit).")
+
+    @model_validator(mode="after")
+    def _extended_equal(self) -> ResourceRequirements:
+        mismatched = [k for k, v in self.requests.items() if is_extended_resource(k) and k in self.limits
+                      and self.limits[k] != v]
+        if mismatched:
+            raise ValueError(f"{EXTENDED_MESSAGE}; {', '.join(mismatched)} differ")
+        return self
 
 
 class Toleration(SpecModel):
@@ -138,7 +180,9 @@ class Autoscaling(SpecModel):
     target_cpu_utilization: int = Field(70, ge=1, le=100, description="Percent of the CPU request (metric cpu).")
     target_queue_depth: Quantity = Field("4", description="Average queued requests per pod (metric queue-depth).")
     queue_depth_metric: str = Field(
-        "stratus_queue_depth", min_length=1, max_length=253, description="Pods metric name for queue-depth."
+        "stratus_server_waiting_requests", min_length=1, max_length=253,
+        description="Pods metric name for queue-depth: by default the gauge every model server exports, served "
+        "to the HPA by a custom-metrics adapter (the chart's autoscaling.prometheusAdapter rule).",
     )
 
     @model_validator(mode="after")
@@ -206,7 +250,7 @@ class EdgeVariant(SpecModel):
          "a gguf variant is served by llama.cpp on the CPU; set device cpu"),
     ))
 
-    name: str = Field(min_length=1, max_length=24, pattern=DNS_LABEL,
+    name: str = Field(min_length=1, max_length=VARIANT_NAME_MAX, pattern=DNS_LABEL,
                       description="A DNS label naming the variant (short: it is part of child names).")
     compression: CompressionRecipe = Field(default_factory=CompressionRecipe)
     evaluation: Evaluation = Field(default_factory=Evaluation)
@@ -265,7 +309,10 @@ class PVCStorage(SpecModel):
     )
     size: Quantity = Field("20Gi", description="Size of the claim the operator creates.")
     storage_class_name: str | None = Field(None, max_length=253)
-    access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"] = Field("ReadWriteMany")
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"] = Field(
+        "ReadWriteMany", description="Access mode of the claim the operator creates. ReadWriteMany (the default) "
+        "needs a class that provides it (NFS, CephFS, EFS, Filestore, Azure Files), usually not the default block "
+        "class; ReadWriteOnce/ReadWriteOncePod fit one edge variant of one replica only (CEL).")
 
 
 class ObjectStoreStorage(SpecModel):
@@ -292,6 +339,19 @@ class StorageSpec(SpecModel):
         if self.pvc is not None and self.object_store is not None:
             raise ValueError("set pvc or objectStore, not both")
         return self
+
+
+class ModelCacheSpec(SpecModel):
+    """Where pods keep the s3:// and hf:// models (and object-store artifacts) they fetch, and compression Jobs
+    their baselines: a volume of each pod by default, a per-node directory only when asked for."""
+
+    host_path: str | None = Field(
+        None, max_length=4096, pattern=r"^(/.*)?$",
+        description="A node directory (hostPath, type Directory: it must exist on every node, writable by uid "
+        "65532) shared by the pods of a node, so each node fetches a model once. Unset: the operator's default "
+        "(STRATUS_CACHE_HOST_PATH, empty unless the cluster admin set one); empty: a per-pod emptyDir. A "
+        "hostPath is refused in namespaces enforcing the baseline or restricted Pod Security Standard.")
+    size_limit: Quantity | None = Field(None, description="sizeLimit of the per-pod emptyDir; unset: none.")
 
 
 class ClientTokens(SpecModel):
@@ -330,10 +390,21 @@ class SecuritySpec(SpecModel):
         return self
 
 
+SINGLE_NODE_CLAIM_MESSAGE = (
+    "storage.pvc.accessMode ReadWriteOnce or ReadWriteOncePod lets one node (one pod) mount the claim, while the "
+    "compression Jobs and edge pods of several variants or replicas may run on several nodes at once: use at most "
+    "one edge variant with one replica (autoscaling maxReplicas 1), or ReadWriteMany on a class that provides it, "
+    "or storage.objectStore")
+
+
 class LLMDeploymentSpec(SpecModel):
     """What the user asks for: one model, a cloud tier, edge variants, a routing policy and storage."""
 
     model_config = ConfigDict(json_schema_extra=_cel(
+        ("!has(self.storage.pvc) || !has(self.storage.pvc.accessMode) || self.storage.pvc.accessMode == "
+         "'ReadWriteMany' || self.routing.policy == 'cloud-only' || (size(self.edge.variants) <= 1 && "
+         "self.edge.variants.all(v, (!has(v.replicas) || v.replicas <= 1) && "
+         "(!has(v.autoscaling) || v.autoscaling.maxReplicas <= 1)))", SINGLE_NODE_CLAIM_MESSAGE),
         ("self.routing.policy != 'edge-only' || size(self.edge.variants) > 0",
          "policy edge-only needs at least one edge variant (edge.variants)"),
         ("self.routing.policy == 'edge-only' || self.cloud.replicas > 0 || has(self.cloud.autoscaling)",
@@ -346,11 +417,17 @@ class LLMDeploymentSpec(SpecModel):
     routing: RoutingSpec = Field(default_factory=RoutingSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     security: SecuritySpec = Field(default_factory=SecuritySpec)
+    cache: ModelCacheSpec = Field(default_factory=ModelCacheSpec)
 
     @model_validator(mode="after")
     def _check(self) -> LLMDeploymentSpec:
         if self.routing.policy == "edge-only" and not self.edge.variants:
             raise ValueError("policy edge-only needs at least one edge variant (edge.variants)")
+        pvc, variants = self.storage.pvc, self.edge.variants
+        several = len(variants) > 1 or any(
+            v.replicas > 1 or (v.autoscaling is not None and v.autoscaling.max_replicas > 1) for v in variants)
+        if pvc is not None and pvc.access_mode != "ReadWriteMany" and self.routing.policy != "cloud-only" and several:
+            raise ValueError(SINGLE_NODE_CLAIM_MESSAGE)
         if self.routing.policy != "edge-only" and self.cloud.replicas == 0 and self.cloud.autoscaling is None:
             raise ValueError(
                 "policies cloud-only and cascade need cloud replicas (cloud.replicas > 0 or cloud.autoscaling)")
@@ -420,6 +497,8 @@ class LLMDeploymentStatus(SpecModel):
     phase: Phase = "Pending"
     observed_generation: int = 0
     effective_policy: str = Field("", description="The policy the router applies now (cloud-only when degraded).")
+    url: str = Field("", description="The router's HTTP (OpenAI-style) URL inside the cluster; empty until a router "
+                     "exists. gRPC clients use router.endpoint.")
     conditions: Annotated[
         list[Condition],
         Field(json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}),
@@ -449,6 +528,16 @@ class ObjectMeta(BaseModel):
     uid: str = ""
     generation: int = 0
     labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _child_safe(cls, name: str) -> str:
+        # The twin of the CRD's NAME_RULE: without the API server (the local runner), and for objects
+        # created before the rule, the name is refused here instead of by every child's create.
+        problem = name_problem(name)
+        if problem is not None:
+            raise ValueError(problem)
+        return name
 
 
 class LLMDeployment(SpecModel):
@@ -509,4 +598,18 @@ class LLMDeployment(SpecModel):
             variants.append(v.model_copy(update=update) if update else v)
         edge = self.spec.edge.model_copy(update={"variants": variants})
         spec = self.spec.model_copy(update={"edge": edge})
+        return self.model_copy(update={"spec": spec})
+
+    def with_cloud_defaults(self, *, node_selector: Mapping[str, str],
+                            tolerations: Sequence[Mapping[str, Any]]) -> LLMDeployment:
+        """The cluster's cloud defaults (operator config) where the cloud tier sets no nodeSelector or tolerations."""
+        cloud = self.spec.cloud
+        update: dict[str, Any] = {}
+        if not cloud.node_selector and node_selector:
+            update["node_selector"] = dict(node_selector)
+        if not cloud.tolerations and tolerations:
+            update["tolerations"] = [Toleration.model_validate(t) for t in tolerations]
+        if not update:
+            return self
+        spec = self.spec.model_copy(update={"cloud": cloud.model_copy(update=update)})
         return self.model_copy(update={"spec": spec})

@@ -1,4 +1,10 @@
-"""The mTLS Secret of an LLMDeployment: issue a CA and certificate, and check a Secret still fits (no I/O)."""
+"""The mTLS Secrets of an LLMDeployment: a CA kept apart, one certificate per server and the router (no I/O).
+
+The CA's key sits in `<name>-ca`, which no pod mounts, so no node's kubelet may read it. Each model server gets
+a certificate for its own Service names, good for server use only; the router's is the only one good for
+client use. A compromised edge node therefore holds one edge server's identity: it can neither mint
+certificates nor dial another server as the router (TLS refuses a client certificate without client use).
+"""
 
 from __future__ import annotations
 
@@ -9,28 +15,48 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from stratus_operator.names import cloud_name, edge_name, router_name, tls_name
-from stratus_operator.render import RenderOptions, labels, owner_reference, tls_secret_name
+from stratus_operator.names import ca_name, cloud_name, edge_name, router_name, server_tls_name
+from stratus_operator.render import RenderOptions, labels, owner_reference
 from stratus_operator.spec import LLMDeployment
 
 CERT_DAYS = 365
 # Renew this long before expiry: pods pick up a new certificate only when they restart (the hash rolls them).
 RENEW_BEFORE = datetime.timedelta(days=30)
 TLS_KEYS = ("tls.crt", "tls.key", "ca.crt")
-CA_KEY = "ca.key"
+CA_KEYS = ("ca.crt", "ca.key")
+Role = Literal["server", "router"]
+
+
+def _forms(service: str, namespace: str) -> list[str]:
+    return [service, f"{service}.{namespace}", f"{service}.{namespace}.svc", f"{service}.{namespace}.svc.cluster.local"]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """One certificate the operator issues: whose (a server's or the router's child name), its Secret, its names."""
+
+    name: str
+    role: Role
+    secret: str
+    hosts: tuple[str, ...]
+
+
+def identities(deployment: LLMDeployment) -> list[Identity]:
+    """The router and every model server the deployment may run, each with its Secret and Service names."""
+    name, ns = deployment.metadata.name, deployment.metadata.namespace
+    out = [Identity(router_name(name), "router", server_tls_name(router_name(name)),
+                    tuple(_forms(router_name(name), ns)))]
+    servers = [cloud_name(name)] if deployment.spec.routing.policy != "edge-only" else []
+    servers += [edge_name(name, v.name) for v in deployment.spec.edge.variants]
+    out += [Identity(s, "server", server_tls_name(s), tuple(_forms(s, ns))) for s in servers]
+    return out
 
 
 def service_hosts(deployment: LLMDeployment) -> list[str]:
     """DNS names of every Service the deployment may have (router, cloud, each edge variant), in every form."""
-    name, ns = deployment.metadata.name, deployment.metadata.namespace
-    services = [router_name(name), cloud_name(name)]
-    services += [edge_name(name, v.name) for v in deployment.spec.edge.variants]
-    hosts: list[str] = []
-    for svc in services:
-        hosts += [svc, f"{svc}.{ns}", f"{svc}.{ns}.svc", f"{svc}.{ns}.svc.cluster.local"]
-    return hosts
+    return [host for identity in identities(deployment) for host in identity.hosts]
 
 
 def dialled_hosts(deployment: LLMDeployment) -> list[str]:
@@ -62,9 +88,10 @@ class Verdict:
     content_hash: str = ""
 
 
-def check_secret(secret: Mapping[str, Any] | None, hosts: list[str] | None,
-                 now: datetime.datetime) -> Verdict:
-    """A usable mTLS Secret: the three keys, a certificate signed by ca.crt, unexpired, covering `hosts`."""
+def check_secret(secret: Mapping[str, Any] | None, hosts: list[str] | tuple[str, ...] | None,
+                 now: datetime.datetime, *, ca: bytes | None = None) -> Verdict:
+    """A usable mTLS Secret: the three keys, a certificate signed by ca.crt, unexpired, covering `hosts`; with
+    `ca`, its ca.crt must be that CA (the operator's current one)."""
     from cryptography import x509
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import serialization
@@ -76,9 +103,11 @@ def check_secret(secret: Mapping[str, Any] | None, hosts: list[str] | None,
     missing = [k for k, v in raw.items() if not v]
     if missing:
         return Verdict(False, f"lacks {', '.join(missing)} (needs tls.crt, tls.key and ca.crt)")
+    if ca is not None and raw["ca.crt"] != ca:
+        return Verdict(False, "ca.crt is not the deployment's CA")
     try:
         cert = x509.load_pem_x509_certificate(raw["tls.crt"] or b"")
-        ca = x509.load_pem_x509_certificate(raw["ca.crt"] or b"")
+        ca_cert = x509.load_pem_x509_certificate(raw["ca.crt"] or b"")
         key = serialization.load_pem_private_key(raw["tls.key"] or b"", password=None)
     except ValueError as exc:
         return Verdict(False, f"holds unreadable PEM: {exc}")
@@ -87,7 +116,7 @@ def check_secret(secret: Mapping[str, Any] | None, hosts: list[str] | None,
                                               serialization.PublicFormat.SubjectPublicKeyInfo):
         return Verdict(False, "tls.key does not belong to tls.crt")
     try:
-        cert.verify_directly_issued_by(ca)
+        cert.verify_directly_issued_by(ca_cert)
     except (InvalidSignature, ValueError, TypeError) as exc:
         return Verdict(False, f"tls.crt is not signed by ca.crt ({type(exc).__name__})")
     if cert.not_valid_after_utc - RENEW_BEFORE <= now:
@@ -110,44 +139,65 @@ def _covered(host: str, names: set[str]) -> bool:
     return host in names or ("." in host and "*." + host.split(".", 1)[1] in names)
 
 
-def issue_secret(deployment: LLMDeployment, options: RenderOptions,
-                 previous: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The operator's `<name>-tls` Secret: a per-deployment CA (kept from `previous` while it is good) and a
-    certificate for every Service name, for both server and client use (one identity for the whole set)."""
-    from stratus_workers.security import issue_ca, issue_cert
-
-    name = tls_secret_name(deployment) or tls_name(deployment.metadata.name)
-    with tempfile.TemporaryDirectory(prefix="stratus-tls-") as tmp:
-        directory = Path(tmp)
-        ca_crt, ca_key = directory / "ca.crt", directory / "ca.key"
-        old = (previous or {}).get("data") or {}
-        old_ca, old_key = _decode(old, "ca.crt"), _decode(old, CA_KEY)
-        if old_ca and old_key and _ca_usable(old_ca):
-            # Same CA: pods still running with the old certificate keep trusting the new one during a roll.
-            ca_crt.write_bytes(old_ca)
-            ca_key.write_bytes(old_key)
-        else:
-            issue_ca(directory, name=f"stratus {deployment.metadata.namespace}/{deployment.metadata.name}",
-                     days=CERT_DAYS * 5)
-        cert, key = issue_cert(directory, "tls", ca_crt, ca_key, service_hosts(deployment), days=CERT_DAYS)
-        files = {"tls.crt": cert, "tls.key": key, "ca.crt": ca_crt, CA_KEY: ca_key}
-        data = {k: base64.b64encode(p.read_bytes()).decode() for k, p in files.items()}
+def _secret(deployment: LLMDeployment, options: RenderOptions, name: str, component: str, kind: str,
+            data: Mapping[str, bytes]) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "type": "kubernetes.io/tls",
+        "type": kind,
         "metadata": {"name": name, "namespace": deployment.metadata.namespace,
-                     "labels": labels(deployment, "tls", options), "annotations": {},
+                     "labels": labels(deployment, component, options), "annotations": {},
                      "ownerReferences": [owner_reference(deployment)]},
-        "data": data,
+        "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
     }
 
 
-def _ca_usable(pem: bytes) -> bool:
+def ca_usable(secret: Mapping[str, Any] | None) -> bool:
+    """A CA Secret with both keys whose certificate outlives the certificates it would sign."""
     from cryptography import x509
 
+    data = (secret or {}).get("data") or {}
+    pem, key = _decode(data, "ca.crt"), _decode(data, "ca.key")
+    if not pem or not key:
+        return False
     try:
         ca = x509.load_pem_x509_certificate(pem)
     except ValueError:
         return False
     return ca.not_valid_after_utc - datetime.timedelta(days=CERT_DAYS) > datetime.datetime.now(datetime.UTC)
+
+
+def issue_ca_secret(deployment: LLMDeployment, options: RenderOptions) -> dict[str, Any]:
+    """`<name>-ca`: the deployment's CA certificate and key (Opaque; no pod references it)."""
+    from stratus_workers.security import issue_ca
+
+    with tempfile.TemporaryDirectory(prefix="stratus-ca-") as tmp:
+        crt, key = issue_ca(Path(tmp), name=f"stratus {deployment.metadata.namespace}/{deployment.metadata.name}",
+                            days=CERT_DAYS * 5)
+        data = {"ca.crt": crt.read_bytes(), "ca.key": key.read_bytes()}
+    return _secret(deployment, options, ca_name(deployment.metadata.name), "ca", "Opaque", data)
+
+
+def issue_server_secret(deployment: LLMDeployment, options: RenderOptions, identity: Identity,
+                        ca_secret: Mapping[str, Any]) -> dict[str, Any]:
+    """The Secret of one identity: its certificate (server use; the router's also client use) signed by the CA
+    in `ca_secret`, its key and the CA certificate, and nothing else."""
+    from stratus_workers.security import issue_cert
+
+    data = ca_secret.get("data") or {}
+    ca_pem, ca_key_pem = _decode(data, "ca.crt"), _decode(data, "ca.key")
+    if not ca_pem or not ca_key_pem:
+        raise ValueError(f"the CA Secret {ca_name(deployment.metadata.name)} lacks ca.crt or ca.key")
+    with tempfile.TemporaryDirectory(prefix="stratus-tls-") as tmp:
+        directory = Path(tmp)
+        (directory / "ca.crt").write_bytes(ca_pem)
+        (directory / "ca.key").write_bytes(ca_key_pem)
+        cert, key = issue_cert(directory, identity.name, directory / "ca.crt", directory / "ca.key",
+                               identity.hosts, days=CERT_DAYS, server=True, client=identity.role == "router")
+        files = {"tls.crt": cert.read_bytes(), "tls.key": key.read_bytes(), "ca.crt": ca_pem}
+    return _secret(deployment, options, identity.secret, "tls", "kubernetes.io/tls", files)
+
+
+def ca_certificate(ca_secret: Mapping[str, Any] | None) -> bytes | None:
+    """The PEM of the CA in a CA Secret."""
+    return _decode((ca_secret or {}).get("data") or {}, "ca.crt")

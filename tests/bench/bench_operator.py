@@ -3,8 +3,10 @@
 Measures, per LLMDeployment, the time from its creation to the moment every child the operator
 creates during compression exists (PVC, Job spec ConfigMap, Job, cloud Deployment and Service,
 router ConfigMap, Deployment and Service), for a burst of N creates and then for single applies
-with N already present; and the operator's memory (RSS, peak) and reconcile metrics. Writes its
-section of docs/benchmarks.md between markers, keeping the other sections.
+with N already present; the API writes one resync interval of an idle operator costs (server-side apply
+puts drift back, so what it sends when nothing drifted matters at this scale); and the operator's memory
+(RSS, peak) and reconcile metrics. Writes its section of docs/benchmarks.md between markers, keeping the
+other sections.
 """
 
 from __future__ import annotations
@@ -46,8 +48,19 @@ class Timed(Emulator):  # type: ignore[misc]  # found through sys.path, unknown 
         super().__attrs_post_init__()
         self.created_at: dict[str, float] = {}
         self.children_at: dict[str, list[float]] = {}
+        # Writes by (verb, plural): what the operator sends, counted over a window.
+        self.writes: dict[tuple[str, str], int] = {}
+
+    def count(self, verb: str, key: Any) -> None:
+        self.writes[(verb, key[2])] = self.writes.get((verb, key[2]), 0) + 1
+
+    async def patch_obj(self, key: Any, namespace: str | None, name: str, patch: Any, **kwargs: Any) -> dict[str, Any]:
+        self.count("patch" if kwargs.get("subresource") != "status" else "patch status", key)
+        result: dict[str, Any] = await super().patch_obj(key, namespace, name, patch, **kwargs)
+        return result
 
     async def create_obj(self, key: Any, namespace: str | None, body: Any) -> dict[str, Any]:
+        self.count("create", key)
         obj: dict[str, Any] = await super().create_obj(key, namespace, body)
         instance = (obj.get("metadata", {}).get("labels") or {}).get(INSTANCE)
         if instance and key != LLMD and obj["kind"] != "Event":
@@ -90,7 +103,7 @@ async def scrape(port: int) -> dict[str, float]:
     return out
 
 
-async def bench(count: int, singles: int, workdir: Path) -> dict[str, Any]:
+async def bench(count: int, singles: int, workdir: Path, resync: float) -> dict[str, Any]:
     sample = yaml.safe_load((ROOT / "deploy" / "samples" / "smollm2.yaml").read_text())
     load_before = os.getloadavg()[0]
     emu = Timed()
@@ -102,7 +115,7 @@ async def bench(count: int, singles: int, workdir: Path) -> dict[str, Any]:
             await emu.create_obj(NODES, None, node)
             await emu.patch_status(NODES, None, f"edge-{i}", {"allocatable": {"cpu": "64", "memory": "256Gi"}})
         kubeconfig = write_kubeconfig(workdir / "kubeconfig", str(emu.url).rstrip("/"))
-        op = OperatorProcess(kubeconfig, workdir / "operator.log", env={"STRATUS_RESYNC_SECONDS": "3600"})
+        op = OperatorProcess(kubeconfig, workdir / "operator.log", env={"STRATUS_RESYNC_SECONDS": str(resync)})
         await op.start()
         assert op.proc is not None
         idle_rss, _ = rss_kib(op.proc.pid)
@@ -130,6 +143,17 @@ async def bench(count: int, singles: int, workdir: Path) -> dict[str, Any]:
                 await emu.create_obj(LLMD, "default", m)
                 await wait_all(emu, [name], timeout=60)
             single = latencies(emu, single_names)
+
+            # Idle: nothing changes for one resync interval; every deployment is reconciled once by its timer.
+            await asyncio.sleep(2.0)
+            before = await scrape(op.metrics_port)
+            emu.writes.clear()
+            await asyncio.sleep(resync)
+            idle_writes = {f"{verb} {plural}": n for (verb, plural), n in sorted(emu.writes.items())
+                           if plural != "events"}
+            after = await scrape(op.metrics_port)
+            ok = 'stratus_operator_reconciles_total{result="ok"}'
+            idle_reconciles = after.get(ok, 0.0) - before.get(ok, 0.0)
             rss, peak = rss_kib(op.proc.pid)
             metrics = await scrape(op.metrics_port)
             phases: dict[str, int] = {}
@@ -148,6 +172,7 @@ async def bench(count: int, singles: int, workdir: Path) -> dict[str, Any]:
         "reconciles": metrics.get('stratus_operator_reconciles_total{result="ok"}', 0.0),
         "reconcile_seconds": metrics.get("stratus_operator_reconcile_duration_seconds_sum", 0.0),
         "load": (load_before, os.getloadavg()[0]),
+        "resync": resync, "idle_writes": idle_writes, "idle_reconciles": idle_reconciles,
     }
 
 
@@ -165,6 +190,9 @@ def section(r: dict[str, Any]) -> str:
          f"{r['idle_rss_mib']:.0f} / {r['burst_rss_mib']:.0f} / {r['rss_mib']:.0f} MiB ({r['peak_rss_mib']:.0f} MiB)"),
         ("reconciles (ok) / mean reconcile wall time (concurrent, includes API waits)",
          f"{r['reconciles']:.0f} / {per:.0f} ms"),
+        (f"idle, one resync interval ({r['resync']:.0f} s): reconciles / API writes (events aside)",
+         f"{r['idle_reconciles']:.0f} / {sum(r['idle_writes'].values()):,}"
+         + (f" ({', '.join(f'{k}: {v:,}' for k, v in r['idle_writes'].items())})" if r["idle_writes"] else "")),
         ("objects in the emulator at the end", f"{r['objects']:,}"),
         ("phases at the end", ", ".join(f"{k}: {v}" for k, v in sorted(r["phases"].items()))),
     ]
@@ -173,7 +201,7 @@ def section(r: dict[str, Any]) -> str:
 ## Operator at scale (`make bench-operator`)
 
 The real operator process (`python -m stratus_operator.cli.operator`, kopf) against the in-memory API
-emulator (`tests/integration/operator/kube_emulator.py`, kmock) on loopback, with {n} `LLMDeployment`s
+emulator (`tests/integration/operator/kube_emulator/`, kmock) on loopback, with {n} `LLMDeployment`s
 of `deploy/samples/smollm2.yaml`. Latency runs from an object's creation to the moment all {CHILDREN} of
 its children exist (artifacts PVC, the compression Job and its spec ConfigMap, the cloud Deployment
 and Service, the router's ConfigMap, Deployment and Service). The emulator and the benchmark share
@@ -203,11 +231,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--singles", type=int, default=20)
+    parser.add_argument("--resync", type=float, default=60.0,
+                        help="STRATUS_RESYNC_SECONDS of the operator, and the idle window measured")
     parser.add_argument("--write", type=Path, help="update this markdown file's operator section")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/stratus-bench-operator"))
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    result = asyncio.run(bench(args.count, args.singles, args.workdir))
+    result = asyncio.run(bench(args.count, args.singles, args.workdir, args.resync))
     print(json.dumps(result, indent=2))
     text = section(result)
     print(text)

@@ -94,7 +94,8 @@ def issue_ca(directory: Path, name: str = "stratus-local-ca", days: int = 30) ->
     from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    # X.509 caps a common name at 64 characters.
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name[:64])])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -125,9 +126,16 @@ def issue_ca(directory: Path, name: str = "stratus-local-ca", days: int = 30) ->
 
 
 def issue_cert(
-    directory: Path, name: str, ca_cert: Path, ca_key: Path, hosts: Iterable[str], days: int = 30
+    directory: Path, name: str, ca_cert: Path, ca_key: Path, hosts: Iterable[str], days: int = 30,
+    *, server: bool = True, client: bool = True,
 ) -> tuple[Path, Path]:
-    """A certificate for `hosts` (DNS names or IPs), good for both TLS server and client use."""
+    """A certificate for `hosts` (DNS names or IPs), good for TLS server use, client use, or both.
+
+    The extended key usage is what a TLS peer checks: a certificate without client use cannot authenticate a
+    client to an mTLS server, whatever CA signed it.
+    """
+    if not (server or client):
+        raise ValueError("a certificate needs server use, client use, or both")
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -145,7 +153,7 @@ def issue_cert(
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name[:64])]))
         .issuer_name(ca.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -153,7 +161,9 @@ def issue_cert(
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+            x509.ExtendedKeyUsage([oid for oid, wanted in ((ExtendedKeyUsageOID.SERVER_AUTH, server),
+                                                           (ExtendedKeyUsageOID.CLIENT_AUTH, client)) if wanted]),
+            critical=False,
         )
         .sign(signer, hashes.SHA256())  # type: ignore[arg-type]
     )

@@ -7,8 +7,16 @@ The operator's STRATUS_* environment: one variable per field of stratus_operator
   value: {{ join "," .Values.watchNamespaces | quote }}
 - name: STRATUS_IMAGE
   value: {{ include "stratus.workersImage" . | quote }}
+- name: STRATUS_CLOUD_IMAGE
+  value: {{ include "stratus.tierImage" (list . .Values.images.cloud) | quote }}
+- name: STRATUS_EDGE_IMAGE
+  value: {{ include "stratus.tierImage" (list . .Values.images.edge) | quote }}
 - name: STRATUS_IMAGE_PULL_POLICY
   value: {{ .Values.images.workers.pullPolicy | quote }}
+- name: STRATUS_IMAGE_PULL_SECRETS
+  value: {{ join "," .Values.workloads.imagePullSecrets | quote }}
+- name: STRATUS_SERVICE_ACCOUNT
+  value: {{ .Values.workloads.serviceAccountName | quote }}
 - name: STRATUS_S3_IMAGE
   value: {{ printf "%s:%s" .Values.images.s3.repository .Values.images.s3.tag | quote }}
 - name: STRATUS_CACHE_HOST_PATH
@@ -27,6 +35,14 @@ The operator's STRATUS_* environment: one variable per field of stratus_operator
   value: {{ toJson .Values.edge.nodeSelector | quote }}
 - name: STRATUS_EDGE_TOLERATIONS
   value: {{ toJson .Values.edge.tolerations | quote }}
+- name: STRATUS_CLOUD_NODE_SELECTOR
+  value: {{ toJson .Values.cloud.nodeSelector | quote }}
+- name: STRATUS_CLOUD_TOLERATIONS
+  value: {{ toJson .Values.cloud.tolerations | quote }}
+- name: STRATUS_NETWORK_POLICIES
+  value: {{ .Values.networkPolicy.enabled | quote }}
+- name: STRATUS_ROUTER_INGRESS_FROM
+  value: {{ toJson .Values.networkPolicy.routerFrom | quote }}
 - name: STRATUS_GPU_RESOURCE_NAME
   value: {{ .Values.cloud.gpuResourceName | quote }}
 {{- end }}

@@ -65,8 +65,33 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- include "stratus.image" (merge (dict "appVersion" .Chart.AppVersion) .Values.images.workers) }}
 {{- end }}
 
+{{/* A tier's server image: [root, {repository, tag}]; empty repository: "" (the operator uses the workers image). */}}
+{{- define "stratus.tierImage" -}}
+{{- $root := index . 0 }}
+{{- $image := index . 1 }}
+{{- if $image.repository }}
+{{- include "stratus.image" (merge (dict "appVersion" $root.Chart.AppVersion) $image) }}
+{{- end }}
+{{- end }}
+
 {{/* Namespaces that get the model-server NetworkPolicy. */}}
 {{- define "stratus.networkPolicyNamespaces" -}}
 {{- $ns := .Values.networkPolicy.namespaces | default .Values.watchNamespaces | default (list .Release.Namespace) }}
 {{- toJson (uniq $ns) }}
+{{- end }}
+
+{{/* Pod selectors for the labels the planner's pods carry (stratus_operator.render); see networkpolicy.yaml. */}}
+{{- define "stratus.serverSelector" -}}
+matchLabels:
+  app.kubernetes.io/managed-by: stratus-operator
+matchExpressions:
+  - key: app.kubernetes.io/component
+    operator: In
+    values: [cloud-server, edge-server]
+{{- end }}
+
+{{- define "stratus.routerSelector" -}}
+matchLabels:
+  app.kubernetes.io/managed-by: stratus-operator
+  app.kubernetes.io/component: router
 {{- end }}

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from stratus_operator.apply import apply_children
 from stratus_operator.handlers.tls_secret import ensure_tls
 from stratus_operator.indexes import ChildInfo, Observed
-from stratus_operator.kube import JOBS, LLMDEPLOYMENTS, LLMDEPLOYMENTS_STATUS, KubeError, NotFound
+from stratus_operator.kube import JOBS, LLMDEPLOYMENTS, LLMDEPLOYMENTS_STATUS, PVCS, KubeError, NotFound
 from stratus_operator.observe import job_result
 from stratus_operator.planner import (
     CompressionResult,
@@ -24,7 +24,14 @@ from stratus_operator.planner import (
     plan_jobs,
     status_without_times,
 )
-from stratus_operator.render import SecretRefs, render_plan, router_endpoints
+from stratus_operator.render import (
+    SecretRefs,
+    artifacts_claim,
+    claim_change,
+    claim_problem,
+    render_plan,
+    router_endpoints,
+)
 from stratus_operator.runtime import DURATION, ERRORS, RECONCILES, Runtime
 from stratus_operator.spec import LLMDeployment, LLMDeploymentStatus
 from stratus_workers.compress.spec import CompressionSummary
@@ -98,8 +105,9 @@ async def _apply(rt: Runtime, dep: LLMDeployment, p: Plan, children: Mapping[tup
                  logger: logging.Logger | kopf.Logger, secrets: SecretRefs) -> None:
     """Render the plan and apply it; a finished compression Job (and its spec) is kept, never run again."""
     finished = {(kind, j.name) for j in p.compression_jobs if j.done for kind in ("Job", "ConfigMap")}
+    key = (dep.metadata.namespace, dep.metadata.name)
     applied = await apply_children(rt.kube, dep.metadata.namespace, render_plan(p, dep, rt.options, secrets),
-                                   children, keep=finished)
+                                   children, keep=finished, state=rt.applied.setdefault(key, {}))
     if applied:
         logger.info(f"applied: {applied}")
 
@@ -141,17 +149,26 @@ async def reconcile(rt: Runtime, body: Mapping[str, Any], observed: Observed,
             return await _invalid(rt, ns, name, generation, previous, body, invalid_message(exc))
         dep = dep.with_edge_defaults(node_selector=rt.config.edge_node_selector,
                                      tolerations=rt.config.edge_tolerations)
+        dep = dep.with_cloud_defaults(node_selector=rt.config.cloud_node_selector,
+                                      tolerations=rt.config.cloud_tolerations)
         children = observed.children(ns, name)
         results, retry = gather_results(dep, observed, children, previous)
         if retry:
             children = await _retry_jobs(rt, dep, retry, children, logger)
-        p = plan(dep, observed.cluster(ns, name), results, gpu_resource=rt.config.gpu_resource_name)
+        # Where edge servers run now (the last status): placement keeps them there while they fit.
+        current = {v.name: v.nodes for v in (previous.variants if previous else []) if v.placed}
+        p = plan(dep, observed.cluster(ns, name), results, gpu_resource=rt.config.gpu_resource_name,
+                 current=current)
         secrets, problem = await ensure_tls(rt, dep, body, logger)
         if problem is not None:
             return await _invalid(rt, ns, name, generation, previous, body, problem)
         await _apply(rt, dep, p, children, logger, secrets)
         ready = {info.name: info.ready for info in children.values() if info.kind == "Deployment"}
-        status = build_status(p, ready, previous=previous, now=_now(), endpoints=router_endpoints(p, ns))
+        storage_problem = await _storage_problem(rt, dep, p, children)
+        own = children.get(("PersistentVolumeClaim", artifacts_claim(dep) or ""))
+        storage_change = claim_change(dep, own.claim) if own is not None and own.claim else None
+        status = build_status(p, ready, previous=previous, now=_now(), endpoints=router_endpoints(p, ns),
+                              storage_problem=storage_problem, storage_change=storage_change)
         await _write_status(rt, ns, name, previous, status, body)
         rt.set_phase((ns, name), status.phase)
         RECONCILES.labels("ok").inc()
@@ -176,6 +193,26 @@ async def _retry_jobs(rt: Runtime, dep: LLMDeployment, names: list[str],
         await rt.kube.delete(JOBS, dep.metadata.namespace, name)
         logger.info(f"compression Job {name} failed at an earlier generation: running it again")
     return {k: v for k, v in children.items() if not (k[0] == "Job" and k[1] in names)}
+
+
+async def _storage_problem(rt: Runtime, dep: LLMDeployment, p: Plan,
+                           children: Mapping[tuple[str, str], ChildInfo]) -> str | None:
+    """Why the pending compression Jobs cannot start for their artifacts claim (not bound), or None."""
+    claim = artifacts_claim(dep)
+    if claim is None or not p.pending_jobs:
+        return None
+    own = children.get(("PersistentVolumeClaim", claim))
+    if own is not None:
+        # No phase at all: nothing manages claims here (an API server always writes Pending at creation).
+        return claim_problem(dep, own.phase) if own.phase else None
+    if dep.spec.storage.pvc is None or not dep.spec.storage.pvc.claim_name:
+        return None  # ours, not in the index yet: created by this pass
+    try:
+        live = await rt.kube.get(PVCS, dep.metadata.namespace, claim)
+    except NotFound:
+        return claim_problem(dep, None)
+    phase = str((live.get("status") or {}).get("phase") or "")
+    return claim_problem(dep, phase) if phase else None
 
 
 def invalid_message(exc: ValidationError) -> str:

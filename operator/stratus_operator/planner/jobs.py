@@ -109,6 +109,24 @@ class CompressionJobPlan:
         return "pending" if self.result is None else self.result.status
 
 
+def storage_location(deployment: LLMDeployment) -> dict[str, str] | None:
+    """Where the artifacts go when that is not the operator's own claim: an object store or a named claim."""
+    storage = deployment.spec.storage
+    if storage.object_store is not None:
+        return {"objectStore": storage.object_store.url, "endpoint": storage.object_store.endpoint or ""}
+    if storage.pvc is not None and storage.pvc.claim_name:
+        return {"claim": storage.pvc.claim_name}
+    return None
+
+
+def _hashed(job_spec: dict[str, object], deployment: LLMDeployment) -> object:
+    # The artifact lives where storage says: a new location is a new Job (and artifact), not the old result
+    # pointing at storage that never held it. The operator's own claim adds nothing, so the names of Jobs
+    # written before the location counted stay the same.
+    location = storage_location(deployment)
+    return job_spec if location is None else {"job": job_spec, "storage": location}
+
+
 def job_resources(requested: ResourceRequirements, gpus: int, gpu_resource: str) -> ResourceRequirements | None:
     """The Job's resources: the variant's own (None when it sets none) with `gpus` GPUs, requests == limits."""
     if not gpus:
@@ -134,7 +152,7 @@ def plan_jobs(deployment: LLMDeployment, *, gpu_resource: str = GPU_RESOURCE) ->
             evaluation=variant.evaluation,
             gate=variant.gate,
         )
-        spec_hash = stable_hash(job_spec.model_dump(mode="json", by_alias=True), 8)
+        spec_hash = stable_hash(_hashed(job_spec.model_dump(mode="json", by_alias=True), deployment), 8)
         jobs.append(CompressionJobPlan(
             variant=variant.name,
             name=job_name(deployment.metadata.name, variant.name, spec_hash),

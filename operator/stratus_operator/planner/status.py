@@ -60,8 +60,13 @@ def _ready(server: ServerPlan, ready: Mapping[str, int]) -> bool:
     return ready.get(server.name, 0) >= max(server.replicas, 1 if server.replicas else 0)
 
 
-def assess(p: Plan, ready: Mapping[str, int], *, invalid: str | None = None) -> Assessment:
-    """Phase and conditions from the plan and `ready` (ready replicas by Deployment name, router included)."""
+def assess(p: Plan, ready: Mapping[str, int], *, invalid: str | None = None,
+           storage_problem: str | None = None, storage_change: str | None = None) -> Assessment:
+    """Phase and conditions from the plan and `ready` (ready replicas by Deployment name, router included).
+
+    `storage_problem` says why the compression Jobs cannot run yet (an artifacts claim that is not bound);
+    `storage_change` what `spec.storage` asks of the existing claim that it will not do (told, never ignored).
+    """
     if invalid is not None:
         unknown = [ConditionState(t, "False" if t == "Ready" else "Unknown", "InvalidSpec", invalid)
                    for t in CONDITION_TYPES]
@@ -78,6 +83,8 @@ def assess(p: Plan, ready: Mapping[str, int], *, invalid: str | None = None) -> 
         conditions.append(ConditionState(
             "Compressed", "False", _reason(first.failure_reason, "JobFailed"),
             "; ".join(f"{j.variant}: {'; '.join(j.result.reasons) if j.result else ''}" for j in failed)))
+    elif pending and storage_problem:
+        conditions.append(ConditionState("Compressed", "False", "ArtifactsClaimPending", storage_problem))
     elif pending:
         conditions.append(ConditionState("Compressed", "False", "Compressing",
                                          f"waiting for {', '.join(j.name for j in pending)}"))
@@ -90,6 +97,10 @@ def assess(p: Plan, ready: Mapping[str, int], *, invalid: str | None = None) -> 
     else:
         conditions.append(ConditionState("Compressed", "True", "Accepted",
                                          f"{len(p.compression_jobs)} variant(s) passed their gates"))
+    if storage_change:
+        # Whatever compression's state, a storage change the claim will not take is said where storage is.
+        c = conditions[-1]
+        conditions[-1] = ConditionState(c.type, c.status, "ArtifactsClaimUnchanged", f"{c.message}; {storage_change}")
 
     # CloudReady
     cloud = p.cloud
@@ -163,7 +174,7 @@ def assess(p: Plan, ready: Mapping[str, int], *, invalid: str | None = None) -> 
     message = {
         "Ready": f"serving with policy {p.effective_policy}",
         "Degraded": f"serving with policy {p.effective_policy}: " + "; ".join(p.notes),
-        "Compressing": f"compressing {len(pending)} variant(s)",
+        "Compressing": storage_problem or f"compressing {len(pending)} variant(s)",
         "Deploying": "waiting for server pods",
         "Failed": next((c.message for c in conditions if c.type == "Compressed" and c.status == "False"),
                        "no edge variant can serve the edge-only policy"),
@@ -183,12 +194,14 @@ def build_status(
     now: str,
     invalid: str | None = None,
     endpoints: Endpoints = Endpoints(),
+    storage_problem: str | None = None,
+    storage_change: str | None = None,
 ) -> LLMDeploymentStatus:
     """The full `.status`; a condition keeps its lastTransitionTime while its status stays the same.
 
     `endpoints` are where clients reach the router: the executor's binding of its name (the plan has none).
     """
-    a = assess(p, ready, invalid=invalid)
+    a = assess(p, ready, invalid=invalid, storage_problem=storage_problem, storage_change=storage_change)
     before = {c.type: c for c in (previous.conditions if previous else [])}
     conditions = []
     for c in a.conditions:
@@ -222,6 +235,7 @@ def build_status(
         phase=a.phase,
         observed_generation=p.generation,
         effective_policy=p.effective_policy,
+        url=f"http://{endpoints.http}" if p.router and endpoints.http else "",
         conditions=conditions,
         variants=variants,
         cloud=TierStatus(ready_replicas=a.cloud[0], desired_replicas=a.cloud[1], summary=f"{a.cloud[0]}/{a.cloud[1]}"),

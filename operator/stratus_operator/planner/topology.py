@@ -7,7 +7,7 @@ to Kubernetes objects, `local.runner` to processes on loopback ports.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -17,6 +17,7 @@ from stratus_operator.placement import (
     ClusterView,
     Placement,
     Resources,
+    cloud_demand,
     edge_demand,
     format_bytes,
     place,
@@ -32,6 +33,7 @@ from stratus_operator.spec import (
     ServingSpec,
     Toleration,
     VariantState,
+    is_extended_resource,
 )
 from stratus_workers.router.config import RoutingSpec
 from stratus_workers.runtimes import (
@@ -173,21 +175,39 @@ def _tier_replicas(replicas: int, autoscaling: Autoscaling | None) -> int:
     return autoscaling.min_replicas if autoscaling is not None else replicas
 
 
-def _with_gpu(resources: ResourceRequirements, gpus: int, gpu_resource: str) -> ResourceRequirements:
-    if gpus <= 0:
-        return resources
-    limits = dict(resources.limits)
-    requests = dict(resources.requests)
-    limits.setdefault(gpu_resource, str(gpus))
-    requests.setdefault(gpu_resource, limits[gpu_resource])
+def _extended_equal(resources: ResourceRequirements) -> ResourceRequirements:
+    """Extended resources with request == limit: either one given is written to both (the CRD refuses two
+    different values)."""
+    requests, limits = dict(resources.requests), dict(resources.limits)
+    for name in {*requests, *limits}:
+        if is_extended_resource(name):
+            value = limits.get(name, requests.get(name))
+            assert value is not None
+            requests[name] = limits[name] = value
     return ResourceRequirements(requests=requests, limits=limits)
 
 
+def _with_gpu(resources: ResourceRequirements, gpus: int, gpu_resource: str) -> ResourceRequirements:
+    """`gpus` of `gpu_resource` unless the resources name a count of their own, request == limit."""
+    resources = _extended_equal(resources)
+    if gpus <= 0 or gpu_resource in resources.limits:
+        return resources
+    count = str(gpus)
+    return ResourceRequirements(requests={**resources.requests, gpu_resource: count},
+                                limits={**resources.limits, gpu_resource: count})
+
+
 def _with_requests(resources: ResourceRequirements, demand: Resources) -> ResourceRequirements:
-    requests = dict(resources.requests)
-    requests.setdefault("cpu", f"{demand.cpu_milli}m")
-    requests.setdefault("memory", f"{demand.memory // (1024 * 1024)}Mi")
-    return ResourceRequirements(requests=requests, limits=dict(resources.limits))
+    """The demand placement (or the cloud default) counted with, as requests the scheduler counts too."""
+    resources = _extended_equal(resources)
+    requests, limits = dict(resources.requests), dict(resources.limits)
+    # A limit alone is the request too (the API server defaults it so); a smaller request beside it is fine,
+    # a larger one would be refused.
+    if "cpu" not in limits:
+        requests.setdefault("cpu", f"{demand.cpu_milli}m")
+    if "memory" not in limits:
+        requests.setdefault("memory", f"{demand.memory // (1024 * 1024)}Mi")
+    return ResourceRequirements(requests=requests, limits=limits)
 
 
 def _fit_autoscaling(autoscaling: Autoscaling | None, placement: Placement) -> Autoscaling | None:
@@ -211,8 +231,12 @@ def plan(
     results: Mapping[str, CompressionResult],
     *,
     gpu_resource: str = GPU_RESOURCE,
+    current: Mapping[str, Sequence[str]] | None = None,
 ) -> Plan:
     """The desired children of `deployment` given the nodes in `cluster` and the compression `results`.
+
+    `current` maps variant names to the nodes their edge servers run on now (the last status): placement
+    keeps them while they fit, so the pin and the pods stay put.
 
     `results` maps variant names to outcomes; a result whose spec_hash differs from the current job's
     (the recipe changed since) is ignored. Edge servers start only for accepted variants, placed by
@@ -242,7 +266,12 @@ def plan(
             device=cloud.device,
             serving=cloud.serving,
             # A tensor-parallel server needs one GPU per rank in its one pod.
-            resources=_with_gpu(cloud.resources, max(cloud.gpus_per_pod, cloud.tensor_parallel), gpu_resource),
+            # CPU and memory requests by default: the pods are not BestEffort, the scheduler counts the model's
+            # memory, and an HPA on CPU utilisation has a request to divide by.
+            resources=_with_requests(
+                # gpusPerPod GPUs (CEL keeps tensorParallel within them); 0 runs on CPU, whatever the degree.
+                _with_gpu(cloud.resources, cloud.gpus_per_pod, gpu_resource),
+                cloud_demand(cloud.resources, spec.model.source)),
             node_selector=dict(cloud.node_selector),
             tolerations=tuple(cloud.tolerations),
             # The cloud tier is left to the scheduler: GPU nodes are sized for the full model.
@@ -289,6 +318,7 @@ def plan(
             node_selector=variant.node_selector,
             tolerations=variant.tolerations,
             reserved=reserved,
+            current=(current or {}).get(variant.name, ()),
         )
         for node in placement.assignments:
             reserved[node] = reserved.get(node, Resources()) + demand
@@ -306,7 +336,8 @@ def plan(
                 dtype=variant.dtype,
                 device=variant.device,
                 serving=variant.serving,
-                resources=_with_requests(variant.resources, demand) if not cluster.is_local else variant.resources,
+                resources=_with_requests(variant.resources, demand) if not cluster.is_local
+                else _extended_equal(variant.resources),
                 node_selector=dict(variant.node_selector),
                 tolerations=tuple(variant.tolerations),
                 placement=placement,

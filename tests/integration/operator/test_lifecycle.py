@@ -53,7 +53,8 @@ async def add_nodes(emu: Emulator) -> None:
     # Someone else's pod already holds most of edge-full.
     await emu.create_obj(PODS, "other", {"metadata": {"name": "busy", "namespace": "other"},
                                          "spec": {"nodeName": "edge-full", "containers": [
-                                             {"name": "c", "resources": {"requests": {"memory": "900Mi"}}}]}})
+                                             {"name": "c", "image": "registry.k8s.io/pause:3.10",
+                                              "resources": {"requests": {"memory": "900Mi"}}}]}})
     await emu.patch_status(PODS, "other", "busy", {"phase": "Running"})
 
 
@@ -93,6 +94,19 @@ async def roll_out(emu: Emulator, instance: str = "smollm2") -> None:
         await emu.patch_status(DEPLOYMENTS, NS, dep["metadata"]["name"], {
             "observedGeneration": dep["metadata"]["generation"], "replicas": replicas,
             "readyReplicas": replicas, "availableReplicas": replicas, "updatedReplicas": replicas})
+
+
+async def roll_out_until(emu: Emulator, phase: str, instance: str = "smollm2", *, what: str,
+                         logs: Any = None) -> None:
+    """Act as the Deployment controller until the deployment reaches `phase`. A controller keeps up with every
+    generation the operator writes (the router's Deployment is patched after the edge one is created), so
+    the roll-out is repeated at each poll."""
+
+    async def check() -> bool:
+        await roll_out(emu, instance)
+        return status(emu, instance).get("phase") == phase
+
+    await eventually(check, what=what, logs=logs)
 
 
 def status(emu: Emulator, name: str = "smollm2") -> dict[str, Any]:
@@ -156,14 +170,18 @@ async def test_lifecycle_apply_compress_place_ready_replan_restart_delete(
     # Events are posted asynchronously (and lost with a SIGKILLed process): wait for this one first.
     await eventually(lambda: "Compressing" in event_reasons(emu), what="the Compressing event")
 
-    # --- the mTLS Secret: issued once, owned, mounted by the servers and the router ---
-    secret = await eventually(lambda: emu.read(SECRETS, NS, "smollm2-tls"), what="the mTLS Secret")
+    # --- mTLS: a CA Secret no pod mounts, and one Secret per server and router, issued once, owned ---
+    secret = await eventually(lambda: emu.read(SECRETS, NS, "smollm2-ca"), what="the CA Secret")
     assert secret["metadata"]["ownerReferences"][0]["uid"] == uid
-    assert set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt", "ca.key"}
+    assert set(secret["data"]) == {"ca.crt", "ca.key"}
     for dep in owned(emu, DEPLOYMENTS):
         assert "--tls-ca" in container(dep)["command"], dep["metadata"]["name"]
         assert dep["spec"]["template"]["metadata"]["annotations"]["stratus.dev/tls-hash"]
         assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+        mounted = {v["secret"]["secretName"] for v in dep["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+        assert mounted == {f"{dep['metadata']['name']}-tls"}, mounted
+        own = emu.read(SECRETS, NS, f"{dep['metadata']['name']}-tls")
+        assert own is not None and set(own["data"]) == {"tls.crt", "tls.key", "ca.crt"}
 
     # --- kill the operator mid-compression; the new one adopts everything and creates nothing twice ---
     before = {key: names(owned(emu, key)) for key in (JOBS, DEPLOYMENTS, SERVICES, CONFIGMAPS)}
@@ -176,8 +194,8 @@ async def test_lifecycle_apply_compress_place_ready_replan_restart_delete(
     after = {key: names(owned(emu, key)) for key in (JOBS, DEPLOYMENTS, SERVICES, CONFIGMAPS)}
     assert after == before
     assert not any(e["type"] == "ADDED" for _, e in emu.log[JOBS][creates_before:])
-    # The certificate survives the restart: reused, not issued again.
-    assert emu.read(SECRETS, NS, "smollm2-tls")["metadata"]["resourceVersion"] == \
+    # The CA survives the restart: reused, not issued again.
+    assert emu.read(SECRETS, NS, "smollm2-ca")["metadata"]["resourceVersion"] == \
         secret["metadata"]["resourceVersion"]  # type: ignore[index]
 
     # --- act as the Job controller: the summary arrives through the pod's termination message ---
@@ -197,7 +215,8 @@ async def test_lifecycle_apply_compress_place_ready_replan_restart_delete(
     assert {"name": "artifacts", "mountPath": "/artifacts", "subPath": "smollm2", "readOnly": True} in \
         container(edge)["volumeMounts"]
     assert edge["metadata"]["ownerReferences"][0]["uid"] == uid
-    assert emu.read(SERVICES, NS, "smollm2-edge-int8") is not None
+    # Applied in the same pass as the Deployment, right after it: the test may look in between.
+    await eventually(lambda: emu.read(SERVICES, NS, "smollm2-edge-int8"), what="the edge Service")
     router_cm = await eventually(
         lambda: (cm := emu.read(CONFIGMAPS, NS, "smollm2-router")) and "smollm2-edge-int8" in cm["data"]["router.json"]
         and cm, what="the router config to gain the edge backend")
@@ -208,8 +227,7 @@ async def test_lifecycle_apply_compress_place_ready_replan_restart_delete(
 
     # --- act as the Deployment controller: everything ready -> Ready, every condition True ---
     await eventually(lambda: len(owned(emu, DEPLOYMENTS)) == 3, what="three Deployments")
-    await roll_out(emu)
-    await eventually(lambda: status(emu).get("phase") == "Ready", what="phase Ready", logs=operator.logs)
+    await roll_out_until(emu, "Ready", what="phase Ready", logs=operator.logs)
     conds = conditions(emu)
     assert sorted(conds) == ["CloudReady", "Compressed", "EdgeReady", "Ready", "RouterReady"]
     assert all(c["status"] == "True" for c in conds.values()), conds
@@ -236,8 +254,7 @@ async def test_lifecycle_apply_compress_place_ready_replan_restart_delete(
 
     await eventually(lambda: cloud_batch() == "32", what="the cloud Deployment to roll", logs=operator.logs)
     await eventually(lambda: status(emu).get("observedGeneration") == 2, what="observedGeneration 2")
-    await roll_out(emu)
-    await eventually(lambda: status(emu).get("phase") == "Ready", what="Ready again", logs=operator.logs)
+    await roll_out_until(emu, "Ready", what="Ready again", logs=operator.logs)
 
     # A new recipe means a new Job (the old one goes) and compression again.
     spec["edge"]["variants"][0]["compression"]["quantization"]["method"] = "int4-weight"
@@ -307,9 +324,10 @@ async def test_failed_job_gives_failed_condition_with_the_jobs_reason(
     # A new recipe is a new Job (the old one goes), whatever became of the old one.
     spec["edge"]["variants"][0]["compression"]["quantization"]["method"] = "int4-weight"
     await emu.patch_obj(LLMD, NS, "broken", {"spec": spec})
-    await eventually(lambda: [j["metadata"]["name"] for j in owned(emu, JOBS, "broken")] not in (
-        [], [job["metadata"]["name"]]), what="the new recipe's Job", logs=operator.logs)
-    assert len(owned(emu, JOBS, "broken")) == 1
+    # The new Job is created and the old one deleted in one pass: the test may look in between.
+    await eventually(lambda: len(jobs := owned(emu, JOBS, "broken")) == 1
+                     and jobs[0]["metadata"]["name"] != job["metadata"]["name"],
+                     what="the new recipe's Job alone", logs=operator.logs)
 
 
 async def test_gate_rejection_degrades_to_the_cloud(emulator: Emulator, operator: OperatorProcess) -> None:
@@ -323,9 +341,7 @@ async def test_gate_rejection_degrades_to_the_cloud(emulator: Emulator, operator
     rejected = SUMMARY.model_copy(update={"status": "rejected", "reasons": verdict})
     await finish_job(emu, job, rejected.to_json(), failed=True)
     await eventually(lambda: len(owned(emu, DEPLOYMENTS, "strict")) == 2, what="cloud and router")
-    await roll_out(emu, "strict")
-    await eventually(lambda: status(emu, "strict").get("phase") == "Degraded", what="phase Degraded",
-                     logs=operator.logs)
+    await roll_out_until(emu, "Degraded", "strict", what="phase Degraded", logs=operator.logs)
     conds = conditions(emu, "strict")
     assert conds["EdgeReady"]["status"] == "False" and conds["EdgeReady"]["reason"] == "GateRejected"
     assert conds["Compressed"]["reason"] == "GateRejected" and "+9.0%" in conds["Compressed"]["message"]

@@ -45,7 +45,12 @@ def test_every_operator_setting_is_a_chart_value(default_objects: list[Manifest]
 
 NON_DEFAULT: dict[str, Any] = {
     "watchNamespaces": ["team-a", "team-b"], "metrics": {"port": 9100}, "healthPort": 8090, "resyncSeconds": 12.5,
-    "workerLimit": 4, "cloud": {"gpuResourceName": "amd.com/gpu"},
+    "workerLimit": 4,
+    "cloud": {"gpuResourceName": "amd.com/gpu", "nodeSelector": {"pool": "a100"},
+              "tolerations": [{"key": "amd.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+    "images": {"cloud": {"repository": "registry.example.com/stratus-workers-cloud", "tag": "1.0-cuda"},
+               "edge": {"repository": "registry.example.com/stratus-workers-edge", "tag": ""}},
+    "workloads": {"imagePullSecrets": ["regcred", "mirror"], "serviceAccountName": "stratus-workloads"},
     "edge": {"nodeSelector": {"stratus.dev/edge": None, "example.com/edge": "yes"},
              "tolerations": [{"key": "example.com/edge", "operator": "Exists", "effect": "NoExecute",
                               "tolerationSeconds": 30}]},
@@ -64,6 +69,17 @@ def test_operator_parses_what_the_chart_sets(
     assert dict(config.edge_node_selector) == merged["edge"]["nodeSelector"]
     assert [dict(t) for t in config.edge_tolerations] == merged["edge"]["tolerations"]
     assert config.gpu_resource_name == merged["cloud"]["gpuResourceName"]
+    assert dict(config.cloud_node_selector) == merged["cloud"]["nodeSelector"]
+    assert [dict(t) for t in config.cloud_tolerations] == merged["cloud"]["tolerations"]
+    assert config.image_pull_secrets == tuple(merged["workloads"]["imagePullSecrets"])
+    assert config.service_account == merged["workloads"]["serviceAccountName"]
+    if values is None:  # one image for every tier, and the GPU taint tolerated by default
+        assert (config.cloud_image, config.edge_image) == ("", "")
+        assert [dict(t) for t in config.cloud_tolerations] == [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    else:
+        assert config.cloud_image == "registry.example.com/stratus-workers-cloud:1.0-cuda"
+        assert config.edge_image == "registry.example.com/stratus-workers-edge:0.1.0"
     assert config.image == "ghcr.io/stratus-llm/stratus-workers:0.1.0"
     assert config.metrics_port == expected.get("metrics", {}).get("port", 9090)
     assert config.resync_seconds == expected.get("resyncSeconds", 60)

@@ -122,7 +122,8 @@ def test_non_default_values_reach_every_object(render: Render) -> None:
         assert all(r["resources"] != ["nodes"] for r in role["rules"])
         assert ("NetworkPolicy", ns) in kinds
     cluster_role = objects[("ClusterRole", "", "llm-operator-cluster")]
-    assert {res for rule in cluster_role["rules"] for res in rule["resources"]} == {"nodes", "namespaces"}
+    assert {res for rule in cluster_role["rules"] for res in rule["resources"]} == {
+        "nodes", "namespaces", "customresourcedefinitions"}
     assert ("ClusterRole", "", "llm-operator") not in objects
 
     deployment = objects[("Deployment", NAMESPACE, "llm-operator")]
@@ -290,3 +291,25 @@ def test_every_value_is_documented(chart: Any) -> None:
 
     missing = [leaf for leaf in leaves(chart.values, "") if f"`{leaf}`" not in docs]
     assert missing == []
+
+
+def test_the_prometheus_adapter_rule_serves_the_metric_the_servers_export(render: Render) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from stratus_operator.spec import Autoscaling
+    from stratus_workers.serve.server import ServerMetrics
+
+    assert not [o for o in render(None) if o["metadata"]["name"].endswith("prometheus-adapter")]
+    (cm,) = [o for o in render({"autoscaling": {"prometheusAdapter": {"enabled": True}}})
+             if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("prometheus-adapter")]
+    import yaml
+
+    (rule,) = yaml.safe_load(cm["data"]["config.yaml"])["rules"]
+    default = Autoscaling.model_fields["queue_depth_metric"].default
+    assert rule["name"]["as"] == default == "stratus_server_waiting_requests"
+    assert rule["seriesQuery"].startswith(default + "{")
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    # ... and it is a gauge every model server exports.
+    registry: CollectorRegistry = ServerMetrics().registry
+    exported = {(m.name, m.type) for m in registry.collect()}
+    assert (default, "gauge") in exported

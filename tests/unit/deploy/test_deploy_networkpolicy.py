@@ -100,3 +100,42 @@ def test_deploy_policy_is_the_chart_s(model_server_policy: Manifest) -> None:
 )
 def test_selector_matching(selector: dict[str, Any], labels: dict[str, str], expected: bool) -> None:
     assert matches(selector, labels) is expected
+
+
+def _rendered(options: RenderOptions) -> list[Manifest]:
+    manifest = yaml.safe_load((DEPLOY_DIR / "samples" / "smollm2.yaml").read_text())
+    manifest["metadata"].update(namespace=SAMPLE_NAMESPACE, uid="0000-test")
+    deployment = LLMDeployment.from_manifest(manifest)
+    results = {v.name: CompressionResult(CompressionSummary(name=v.name, status="accepted", size_bytes=150 * 2**20))
+               for v in deployment.spec.edge.variants}
+    return render_plan(plan(deployment, ClusterView.local(), results), deployment, options)
+
+
+def test_each_deployment_gets_a_policy_where_only_its_router_reaches_its_servers() -> None:
+    objects = _rendered(RenderOptions())
+    (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    assert policy["metadata"]["name"] == "smollm2-servers" and policy["metadata"]["namespace"] == SAMPLE_NAMESPACE
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == "0000-test"
+    spec = policy["spec"]
+    pods = {o["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]: o["spec"]["template"]
+            for o in objects if o["kind"] == "Deployment"}
+    grpc_rule, http_rule = spec["ingress"]
+    (peer,) = grpc_rule["from"]
+    for component in ("cloud-server", "edge-server"):
+        assert matches(spec["podSelector"], pods[component]["metadata"]["labels"]), component
+        assert not matches(peer["podSelector"], pods[component]["metadata"]["labels"])
+        ports = {p["name"] for c in pods[component]["spec"]["containers"] for p in c.get("ports", [])}
+        assert {p["port"] for p in grpc_rule["ports"] + http_rule["ports"]} <= ports
+    assert not matches(spec["podSelector"], pods["router"]["metadata"]["labels"])
+    assert matches(peer["podSelector"], pods["router"]["metadata"]["labels"])
+    # Another deployment's router (same namespace) is not this one's.
+    other = {**pods["router"]["metadata"]["labels"], "app.kubernetes.io/instance": "other"}
+    assert not matches(peer["podSelector"], other)
+    assert "from" not in http_rule
+    # The router gets a policy of its own only when its callers are narrowed; none at all when switched off.
+    peers = ({"namespaceSelector": {"matchLabels": {"team": "apps"}}},)
+    router = [o for o in _rendered(RenderOptions(router_ingress_from=peers)) if o["kind"] == "NetworkPolicy"
+              and o["metadata"]["name"] == "smollm2-router"]
+    assert router and router[0]["spec"]["ingress"][0]["from"] == [dict(peers[0])]
+    assert matches(router[0]["spec"]["podSelector"], pods["router"]["metadata"]["labels"])
+    assert not [o for o in _rendered(RenderOptions(network_policies=False)) if o["kind"] == "NetworkPolicy"]

@@ -51,22 +51,32 @@ def test_cluster_role_is_exactly_the_required_rules(default_objects: list[Manife
     assert not _only(default_objects, "Role")
 
 
-def test_namespaced_mode_splits_the_same_rules(render: Render) -> None:
+def test_namespaced_mode_splits_the_same_rules_and_adds_namespaces(render: Render) -> None:
     watched = ["team-a", "team-b"]
     objects = render({"watchNamespaces": watched})
     roles = _only(objects, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == watched
     cluster_scoped = _cluster_scoped()
+    namespaced_mode: list[dict[str, Any]] = rbac.NAMESPACED_MODE_RULES
     for role in roles:
-        assert grants(role["rules"]) == {g for g in grants(_required()) if g[1] not in cluster_scoped}
+        assert grants(role["rules"]) == {g for g in grants(namespaced_mode) if g[1] not in cluster_scoped}
     (cluster_role,) = _only(objects, "ClusterRole")
-    assert grants(cluster_role["rules"]) == {g for g in grants(_required()) if g[1] in cluster_scoped}
+    assert grants(cluster_role["rules"]) == {g for g in grants(namespaced_mode) if g[1] in cluster_scoped}
+    # kopf lists and watches namespaces only in this mode; cluster-wide, nothing grants them.
+    assert {("", "namespaces", "list"), ("", "namespaces", "watch")} <= grants(cluster_role["rules"])
+    assert not {g for g in grants(_required()) if g[1] == "namespaces"}
     bindings = _only(objects, "RoleBinding")
     assert sorted((b["metadata"]["namespace"], b["roleRef"]["kind"]) for b in bindings) == [
         ("team-a", "Role"), ("team-b", "Role")]
     # Every grant is given somewhere, and nothing else is.
     union = set().union(*(grants(r["rules"]) for r in [*roles, cluster_role]))
-    assert union == grants(_required())
+    assert union == grants(namespaced_mode)
+
+
+def test_the_charts_rules_template_is_generated_from_the_operator() -> None:
+    from chart_support import CHART_DIR
+
+    assert (CHART_DIR / "templates" / "_rules.tpl").read_text() == rbac.render_rules_tpl(), "run `make manifests`"
 
 
 def test_deploy_cluster_role_is_exactly_the_required_rules() -> None:

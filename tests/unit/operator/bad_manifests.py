@@ -109,7 +109,8 @@ def crd_errors(manifest: dict[str, Any]) -> list[str]:
     errors = [f"{dotted(tuple(e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(obj)]
     if errors:
         return errors  # like the API server: CEL runs only over an object the schema accepts
-    return list(_walk(obj.get("spec"), SPEC_SCHEMA, ("spec",)))
+    # From the root: its rule holds metadata.name to what the children's names and labels can carry.
+    return list(_walk(obj, SCHEMA, ()))
 
 
 # --- the cases ---------------------------------------------------------------------------------------

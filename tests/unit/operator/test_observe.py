@@ -72,3 +72,17 @@ def test_ready_replicas_waits_for_the_controller_to_see_the_spec() -> None:
     assert ready_replicas({"metadata": {"generation": 2}, "status": {"observedGeneration": 2,
                                                                       "readyReplicas": 3}}) == 3
     assert ready_replicas({}) == 0
+
+
+def test_a_stuck_roll_out_is_not_ready_on_its_old_pods() -> None:
+    # The surge pod of a new template cannot be scheduled: the old pod serves, the roll-out has not happened.
+    stuck = {"metadata": {"generation": 3}, "status": {"observedGeneration": 3, "replicas": 2, "updatedReplicas": 1,
+                                                       "readyReplicas": 1, "availableReplicas": 1}}
+    assert ready_replicas(stuck) == 0
+    done = {"metadata": {"generation": 3}, "status": {"observedGeneration": 3, "replicas": 1, "updatedReplicas": 1,
+                                                      "readyReplicas": 1}}
+    assert ready_replicas(done) == 1
+    # maxUnavailable 1 with three pods: two new and ready, one old ready, one new starting.
+    rolling = {"metadata": {"generation": 3}, "status": {"observedGeneration": 3, "replicas": 3,
+                                                         "updatedReplicas": 2, "readyReplicas": 3}}
+    assert ready_replicas(rolling) == 2

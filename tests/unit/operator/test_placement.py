@@ -141,6 +141,30 @@ def test_reserved_capacity_is_respected_between_placements() -> None:
     assert not second.placed
 
 
+def test_placement_keeps_current_nodes_while_they_fit() -> None:
+    demand = Resources(500, 727 * MI)
+    before = ClusterView((node("edge-1", mem_gi=8), node("edge-2", mem_gi=7)))
+    first = place(before, what="v", demand=demand, replicas=1, node_selector=EDGE, tolerations=())
+    assert first.nodes == ("edge-1",)
+    # A 5 Gi camera pod lands on edge-1: edge-2 now has more room, but the server stays where it runs.
+    after = ClusterView((node("edge-1", mem_gi=8, used_gi=5), node("edge-2", mem_gi=7)))
+    assert place(after, what="v", demand=demand, replicas=1, node_selector=EDGE, tolerations=()).nodes == ("edge-2",)
+    kept = place(after, what="v", demand=demand, replicas=1, node_selector=EDGE, tolerations=(), current=first.nodes)
+    assert kept.nodes == ("edge-1",)
+    # It moves when the node no longer fits it, is no longer eligible, or is gone; more replicas spread as before.
+    full = ClusterView((node("edge-1", mem_gi=8, used_gi=7.5), node("edge-2", mem_gi=7)))
+    assert place(full, what="v", demand=demand, replicas=1, node_selector=EDGE, tolerations=(),
+                 current=("edge-1",)).nodes == ("edge-2",)
+    cordoned = ClusterView((node("edge-1", cordoned=True), node("edge-2", mem_gi=7)))
+    assert place(cordoned, what="v", demand=demand, replicas=1, node_selector=EDGE, tolerations=(),
+                 current=("edge-1",)).nodes == ("edge-2",)
+    more = place(after, what="v", demand=demand, replicas=2, node_selector=EDGE, tolerations=(), current=("edge-1",))
+    assert sorted(more.assignments) == ["edge-1", "edge-2"]
+    fewer = place(after, what="v", demand=demand, replicas=1, node_selector=EDGE, tolerations=(),
+                  current=("edge-1", "edge-2"))
+    assert fewer.assignments == ("edge-1",)
+
+
 def test_gpu_demand_needs_gpu_nodes() -> None:
     cluster = ClusterView((node("cpu", mem_gi=64), node("gpu", mem_gi=8, gpu=1)))
     result = place(cluster, what="g", demand=Resources(100, GI, 1), replicas=2, node_selector=EDGE, tolerations=())

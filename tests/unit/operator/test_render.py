@@ -106,7 +106,9 @@ def test_default_storage_pvc_job_and_edge_fetch() -> None:
     assert [c["name"] for c in pod["initContainers"]] == ["prepare-cache"]
     assert "ln -s /opt/stratus/cache/models/smollm2-135m-instruct /cache/models/smollm2-135m-instruct" in \
         pod["initContainers"][0]["command"][2]
-    assert {"name": "cache", "hostPath": {"path": "/var/cache/stratus", "type": "Directory"}} in pod["volumes"]
+    # No hostPath by default: a stock node lacks the directory and baseline/restricted namespaces refuse it.
+    assert {"name": "cache", "emptyDir": {}} in pod["volumes"]
+    assert not any("hostPath" in v for v in pod["volumes"])
     assert {"name": "STRATUS_CACHE_DIR", "value": "/cache"} in compress["env"]
 
     edge = by_kind(objects, "Deployment")["smollm2-edge-int8"]
@@ -173,9 +175,26 @@ def test_model_sources(source: str, model_arg: str, init: str | None) -> None:
         assert not any(v["name"] == "cache" for v in cloud["volumes"])
     else:
         assert init in " ".join(cloud["initContainers"][0]["command"])
-        assert {"name": "cache", "hostPath": {"path": "/var/cache/stratus", "type": "Directory"}} in cloud["volumes"]
+        assert {"name": "cache", "emptyDir": {}} in cloud["volumes"]
     kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": cloud},
                                  K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize(("config", "spec", "volume"), [
+    ("", {}, {"emptyDir": {}}),
+    ("", {"sizeLimit": "10Gi"}, {"emptyDir": {"sizeLimit": "10Gi"}}),
+    ("/var/cache/stratus", {}, {"hostPath": {"path": "/var/cache/stratus", "type": "Directory"}}),
+    ("", {"hostPath": "/mnt/models"}, {"hostPath": {"path": "/mnt/models", "type": "Directory"}}),
+    ("/var/cache/stratus", {"hostPath": ""}, {"emptyDir": {}}),
+], ids=["default", "size-limit", "operator-hostpath", "spec-hostpath", "spec-opts-out"])
+def test_the_model_cache_is_a_pod_volume_unless_a_host_path_is_asked_for(
+        config: str, spec: dict[str, Any], volume: dict[str, Any]) -> None:
+    d = load(ROOT / "deploy" / "samples" / "smollm2.yaml", model={"source": "s3://bucket/models/smol"}, cache=spec)
+    objects = rendered(d, RenderOptions(cache_host_path=config))
+    cloud = by_kind(objects, "Deployment")["smollm2-cloud"]["spec"]["template"]["spec"]
+    job = next(iter(by_kind(objects, "Job").values()))["spec"]["template"]["spec"]
+    for pod in (cloud, job):
+        assert {"name": "cache", **volume} in pod["volumes"]
 
 
 def test_autoscaling_renders_hpas_and_leaves_replicas_to_them() -> None:
@@ -192,7 +211,7 @@ def test_autoscaling_renders_hpas_and_leaves_replicas_to_them() -> None:
     assert cloud["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "smollm2-cloud"}
     assert cloud["metrics"][0]["resource"]["target"] == {"type": "Utilization", "averageUtilization": 60}
     edge = hpas["smollm2-edge-int8"]["spec"]
-    assert edge["metrics"][0] == {"type": "Pods", "pods": {"metric": {"name": "stratus_queue_depth"},
+    assert edge["metrics"][0] == {"type": "Pods", "pods": {"metric": {"name": "stratus_server_waiting_requests"},
                                                            "target": {"type": "AverageValue", "averageValue": "2"}}}
     deployments = by_kind(objects, "Deployment")
     assert "replicas" not in deployments["smollm2-cloud"]["spec"]
@@ -267,3 +286,86 @@ def test_rendered_job_and_configs_are_what_the_workers_read() -> None:
         ("smollm2-cloud", "smollm2-cloud.team-a.svc:50051", "cloud"),
         ("smollm2-edge-int8", "smollm2-edge-int8.team-a.svc:50051", "edge")}
     assert config.routing.policy == "cascade"
+
+
+def test_edge_and_gpu_pods_roll_without_a_surge_pod() -> None:
+    d = load(ROOT / "deploy" / "samples" / "smollm2.yaml")
+    deployments = by_kind(rendered(d), "Deployment")
+    replace = {"maxUnavailable": 1, "maxSurge": 0}
+    # A surge pod would need a second GPU, or room on an edge node placement filled: it would never schedule.
+    assert deployments["smollm2-cloud"]["spec"]["strategy"]["rollingUpdate"] == replace
+    assert deployments["smollm2-edge-int8"]["spec"]["strategy"]["rollingUpdate"] == replace
+    assert deployments["smollm2-router"]["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    cpu = load(ROOT / "deploy" / "samples" / "smollm2.yaml", cloud={"replicas": 2, "gpusPerPod": 0})
+    cloud = by_kind(rendered(cpu), "Deployment")["smollm2-cloud"]
+    assert cloud["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+
+
+def test_pull_secrets_service_account_and_tier_images_reach_every_pod() -> None:
+    d = load(ROOT / "deploy" / "samples" / "smollm2.yaml", storage={"objectStore": {"url": "s3://bucket/x"}})
+    options = RenderOptions(image="reg/workers:1", cloud_image="reg/workers-cloud:1-cuda", edge_image="reg/edge:1",
+                            image_pull_secrets=("regcred", "mirror"), service_account="stratus-workloads")
+    objects = rendered(d, options) + render_cleanup(d, options)
+    pods = {f"{o['kind']}/{o['metadata']['name']}": o["spec"]["template"]["spec"] for o in objects
+            if o["kind"] in ("Deployment", "Job")}
+    assert len(pods) == 5
+    for where, pod in pods.items():
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}], where
+        assert pod["serviceAccountName"] == "stratus-workloads", where
+        assert "automountServiceAccountToken" not in pod, where
+    images = {where: pod["containers"][0]["image"] for where, pod in pods.items()}
+    assert images["Deployment/smollm2-cloud"] == "reg/workers-cloud:1-cuda"
+    assert images["Deployment/smollm2-edge-int8"] == "reg/edge:1"
+    assert images["Deployment/smollm2-router"] == "reg/workers:1"
+    # Without: the namespace's default account, and no API token in pods that never call the API.
+    for obj in rendered(d):
+        if obj["kind"] in ("Deployment", "Job"):
+            pod = obj["spec"]["template"]["spec"]
+            assert pod["automountServiceAccountToken"] is False and "imagePullSecrets" not in pod
+            assert "serviceAccountName" not in pod
+
+
+def test_cloud_defaults_fill_a_tier_that_sets_none() -> None:
+    gpu = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    d = load(ROOT / "deploy" / "samples" / "smollm2.yaml").with_cloud_defaults(node_selector={"pool": "gpu"},
+                                                                             tolerations=gpu)
+    cloud = by_kind(rendered(d), "Deployment")["smollm2-cloud"]["spec"]["template"]["spec"]
+    assert cloud["tolerations"] == gpu and cloud["nodeSelector"] == {"pool": "gpu"}
+    own = load(ROOT / "deploy" / "samples" / "smollm2.yaml",
+               cloud={"nodeSelector": {"pool": "a100"}, "tolerations": [{"key": "x", "operator": "Exists"}]})
+    kept = own.with_cloud_defaults(node_selector={"pool": "gpu"}, tolerations=gpu)
+    pod = by_kind(rendered(kept), "Deployment")["smollm2-cloud"]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "a100"} and pod["tolerations"] == [{"key": "x", "operator": "Exists"}]
+    plain = load(ROOT / "deploy" / "samples" / "smollm2.yaml")
+    assert plain.with_cloud_defaults(node_selector={}, tolerations=()) is plain
+
+
+def test_tiers_of_several_pods_get_a_disruption_budget() -> None:
+    one = load(ROOT / "deploy" / "samples" / "smollm2.yaml")
+    assert by_kind(rendered(one), "PodDisruptionBudget") == {}  # maxUnavailable 1 of one pod would block nothing
+    m = yaml.safe_load((ROOT / "deploy" / "samples" / "smollm2.yaml").read_text())
+    m["metadata"].update(uid="u", namespace="team-a")
+    m["spec"]["cloud"]["replicas"] = 3
+    m["spec"]["edge"]["variants"][0]["autoscaling"] = {"minReplicas": 1, "maxReplicas": 2}
+    objects = rendered(LLMDeployment.from_manifest(m))
+    pdbs = by_kind(objects, "PodDisruptionBudget")
+    assert set(pdbs) == {"smollm2-cloud", "smollm2-edge-int8"}
+    deployments = by_kind(objects, "Deployment")
+    for name, pdb in pdbs.items():
+        kubernetes_validate.validate(pdb, K8S_VERSION, strict=True)
+        assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
+        assert pdb["spec"]["selector"] == deployments[name]["spec"]["selector"]
+
+
+def test_pods_pinned_to_several_nodes_get_one_term_per_node() -> None:
+    # The API server takes one value for a metadata.name field selector ("must be only one value"): a list of
+    # nodes in one term is refused (422), as the strict emulator found.
+    m = yaml.safe_load((ROOT / "deploy" / "samples" / "smollm2.yaml").read_text())
+    m["metadata"].update(uid="u", namespace="team-a")
+    m["spec"]["edge"]["variants"][0]["replicas"] = 3
+    d = LLMDeployment.from_manifest(m)
+    edge = by_kind(rendered(d), "Deployment")["smollm2-edge-int8"]
+    terms = edge["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms == [{"matchFields": [{"key": "metadata.name", "operator": "In", "values": [f"edge-{i}"]}]}
+                     for i in range(3)]

@@ -108,8 +108,9 @@ def flag(command: list[str], name: str) -> str:
 
 def test_mtls_flags_and_mounts_parse_with_the_workers() -> None:
     d = load(security={"clientTls": True, "clientTokens": {"secretName": "device-tokens", "key": "list"}})
+    hashes = {"smollm2-cloud": "c1", "smollm2-edge-int8": "e1", "smollm2-router": "r1"}
     objects = render_plan(plan(d, ClusterView.local(), all_accepted(d)), d, RenderOptions(),
-                          SecretRefs("smollm2-tls", "abcd"))
+                          SecretRefs.of(d, hashes))
     deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
     assert set(deployments) == {"smollm2-cloud", "smollm2-edge-int8", "smollm2-router"}
     for name, dep in deployments.items():
@@ -119,11 +120,13 @@ def test_mtls_flags_and_mounts_parse_with_the_workers() -> None:
         assert (flag(command, "--tls-cert"), flag(command, "--tls-key"), flag(command, "--tls-ca")) == (
             "/etc/stratus-tls/tls.crt", "/etc/stratus-tls/tls.key", "/etc/stratus-tls/ca.crt")
         tls = next(v for v in pod["volumes"] if v["name"] == "tls")["secret"]
-        assert tls["secretName"] == "smollm2-tls"
-        assert [i["key"] for i in tls["items"]] == ["tls.crt", "tls.key", "ca.crt"]  # never the CA's key
+        # Each pod mounts its own certificate; none mounts the CA's Secret (smollm2-ca).
+        assert tls["secretName"] == f"{name}-tls"
+        assert [i["key"] for i in tls["items"]] == ["tls.crt", "tls.key", "ca.crt"]
+        assert not any(v.get("secret", {}).get("secretName") == "smollm2-ca" for v in pod["volumes"])
         mounts = pod["containers"][0]["volumeMounts"]
         assert {"name": "tls", "mountPath": "/etc/stratus-tls", "readOnly": True} in mounts
-        assert template["metadata"]["annotations"]["stratus.dev/tls-hash"] == "abcd"
+        assert template["metadata"]["annotations"]["stratus.dev/tls-hash"] == hashes[name]
         if name == "smollm2-router":
             settings = parse_config(RouterSettings, command[3:])
             assert settings.client_tls and settings.tokens_file == "/etc/stratus-tokens/tokens"
@@ -147,7 +150,8 @@ def test_mtls_off_and_default_secret_name() -> None:
     for _, pod in pod_specs(render(plan(on, ClusterView.local(), {}), on)):
         if pod["containers"][0]["name"] in ("server", "router"):
             assert "--client-tls" not in pod["containers"][0]["command"]
-            assert next(v for v in pod["volumes"] if v["name"] == "tls")["secret"]["secretName"] == "smollm2-tls"
+            secret = next(v for v in pod["volumes"] if v["name"] == "tls")["secret"]["secretName"]
+            assert secret in ("smollm2-cloud-tls", "smollm2-edge-int8-tls", "smollm2-router-tls")
     mine = load(security={"tlsSecretName": "corp-certs"})
     router = next(o for o in render(plan(mine, ClusterView.local(), {}), mine) if o["kind"] == "Deployment"
                   and o["metadata"]["name"] == "smollm2-router")

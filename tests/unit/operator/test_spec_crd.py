@@ -53,7 +53,10 @@ def test_crd_shape() -> None:
     assert version["subresources"] == {"status": {}}
     assert [(c["name"], c["jsonPath"]) for c in version["additionalPrinterColumns"]] == [
         ("Phase", ".status.phase"), ("Policy", ".spec.routing.policy"), ("Edge", ".status.edge.summary"),
-        ("Cloud", ".status.cloud.summary"), ("Age", ".metadata.creationTimestamp")]
+        ("Cloud", ".status.cloud.summary"), ("Age", ".metadata.creationTimestamp"),
+        ("Effective", ".status.effectivePolicy"), ("URL", ".status.url")]
+    # The last two only with -o wide: the default table stays narrow.
+    assert [c.get("priority", 0) for c in version["additionalPrinterColumns"]] == [0, 0, 0, 0, 0, 1, 1]
 
 
 def _walk(node: dict[str, Any], path: str = "") -> list[str]:
@@ -137,6 +140,8 @@ def test_nonsense_is_rejected_by_model_and_crd(path: tuple[Any, ...], value: Any
     ({"cloud": {"autoscaling": {"minReplicas": 3, "maxReplicas": 2}}}, "minReplicas must not exceed maxReplicas"),
     ({"storage": {"pvc": {}, "objectStore": {"url": "s3://bucket-a/x"}}}, "set pvc or objectStore, not both"),
     ({"cloud": {"tolerations": [{"operator": "Exists", "value": "x"}]}}, "operator Exists takes no value"),
+    ({"cloud": {"resources": {"requests": {"nvidia.com/gpu": "2"}, "limits": {"nvidia.com/gpu": "1"}}}},
+     "needs the same value in requests and limits"),
     ({"edge": {"variants": [{"name": "g", "device": "cuda", "compression": {"quantization": {"method": "gguf"}}}]}},
      "a gguf variant is served by llama.cpp on the CPU"),
 ])
@@ -149,6 +154,65 @@ def test_cel_rules_are_mirrored_by_the_model(change: dict[str, Any], message: st
         LLMDeploymentSpec.model_validate(doc["spec"])
     crd_text = render_crd_yaml()
     assert message in crd_text
+
+
+@pytest.mark.parametrize(("resources", "refused"), [
+    ({"requests": {"nvidia.com/gpu": 2}, "limits": {"nvidia.com/gpu": 1}}, True),
+    ({"requests": {"hugepages-2Mi": "1Gi"}, "limits": {"hugepages-2Mi": "2Gi"}}, True),
+    ({"requests": {"nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": "1"}}, False),
+    ({"requests": {"nvidia.com/gpu": 1}}, False),  # the operator writes the limit
+    ({"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}}, False),
+])
+def test_extended_resources_with_different_request_and_limit_are_refused(
+        resources: dict[str, Any], refused: bool) -> None:
+    from bad_manifests import crd_errors
+
+    for tier in ("cloud", "edge"):
+        doc = _sample()
+        target = doc["spec"]["cloud"] if tier == "cloud" else doc["spec"]["edge"]["variants"][0]
+        target["resources"] = resources
+        errors = crd_errors(doc)
+        assert bool(errors) is refused, (tier, errors)
+        if refused:
+            assert any("needs the same value in requests and limits" in e for e in errors), errors
+            with pytest.raises(ValidationError, match="needs the same value in requests and limits"):
+                LLMDeployment.from_manifest(doc)
+        else:
+            LLMDeployment.from_manifest(doc)
+
+
+@pytest.mark.parametrize(("change", "refused"), [
+    ({"storage": {"pvc": {"accessMode": "ReadWriteOnce"}}}, False),  # the sample: one variant, one replica
+    ({"storage": {"pvc": {"accessMode": "ReadWriteOncePod"}}}, False),
+    ({"storage": {"pvc": {"accessMode": "ReadWriteOnce"}}, "replicas": 2}, True),
+    ({"storage": {"pvc": {"accessMode": "ReadWriteOncePod"}}, "autoscaling": {"minReplicas": 1, "maxReplicas": 3}},
+     True),
+    ({"storage": {"pvc": {"accessMode": "ReadWriteOnce"}}, "second": True}, True),
+    ({"storage": {"pvc": {"accessMode": "ReadWriteMany"}}, "replicas": 2, "second": True}, False),
+    ({"storage": {"pvc": {"accessMode": "ReadWriteOnce"}}, "replicas": 2, "policy": "cloud-only"}, False),
+])
+def test_a_single_node_claim_is_refused_where_pods_may_use_it_from_several_nodes(
+        change: dict[str, Any], refused: bool) -> None:
+    from bad_manifests import crd_errors
+
+    doc = _sample()
+    doc["spec"]["storage"] = change["storage"]
+    variant = doc["spec"]["edge"]["variants"][0]
+    variant["replicas"] = change.get("replicas", 1)
+    if "autoscaling" in change:
+        variant["autoscaling"] = change["autoscaling"]
+    if change.get("second"):
+        doc["spec"]["edge"]["variants"].append({**copy.deepcopy(variant), "name": "int4"})
+    if "policy" in change:
+        doc["spec"]["routing"]["policy"] = change["policy"]
+    errors = crd_errors(doc)
+    assert bool(errors) is refused, errors
+    if refused:
+        assert any("ReadWriteOnce or ReadWriteOncePod lets one node" in e for e in errors), errors
+        with pytest.raises(ValidationError, match="ReadWriteOnce or ReadWriteOncePod lets one node"):
+            LLMDeployment.from_manifest(doc)
+    else:
+        LLMDeployment.from_manifest(doc)
 
 
 def test_unknown_fields_are_rejected_by_the_model() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from samples import deployment, sample
 
+from stratus_operator.names import stable_hash
 from stratus_operator.planner import CompressionResult, ResultParseError, parse_summary, plan_jobs
 from stratus_operator.spec import LLMDeployment
 from stratus_workers.compress.spec import CompressionSummary
@@ -97,3 +98,23 @@ def test_failed_result_carries_the_jobs_reason() -> None:
     r = CompressionResult.failed("int8", "DeadlineExceeded", "too slow", spec_hash="h")
     assert (r.status, r.reasons, r.failure_reason, r.spec_hash) == (
         "failed", ("DeadlineExceeded: too slow",), "DeadlineExceeded", "h")
+
+
+def test_a_storage_change_is_a_new_job() -> None:
+    # The result of the old Job lives where the old storage was: reusing it sent edge pods to an empty prefix.
+    m = sample(uid="u")
+    default = plan_jobs(LLMDeployment.from_manifest(m))[0]
+    names = {default.name}
+    for storage in ({"objectStore": {"url": "s3://bucket/stratus"}},
+                    {"objectStore": {"url": "s3://bucket/other"}},
+                    {"objectStore": {"url": "s3://bucket/stratus", "endpoint": "http://minio:9000"}},
+                    {"pvc": {"claimName": "shared"}}, {"pvc": {"claimName": "other"}}):
+        m["spec"]["storage"] = storage
+        job = plan_jobs(LLMDeployment.from_manifest(m))[0]
+        assert job.name not in names, storage
+        names.add(job.name)
+    # The operator's own claim (whatever its size) hashes as before, the recipe alone: Jobs of earlier
+    # operators keep their names.
+    m["spec"]["storage"] = {"pvc": {"size": "50Gi"}}
+    recipe_only = stable_hash(default.spec.model_dump(mode="json", by_alias=True), 8)
+    assert plan_jobs(LLMDeployment.from_manifest(m))[0].name == default.name == f"smollm2-compress-int8-{recipe_only}"

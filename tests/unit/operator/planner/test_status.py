@@ -118,6 +118,8 @@ def test_ready_when_everything_runs_and_times_are_kept() -> None:
     assert first.variants[0].nodes == ["e0"] and first.variants[0].size_bytes == 180_000_000
     assert first.variants[0].perplexity_increase == 0.02 and first.variants[0].agreement == 0.9
     assert first.router.endpoint == "smollm2-router.prod.svc:50051" and first.router.ready
+    assert first.url == "http://smollm2-router.prod.svc:8080" and first.effective_policy == "cascade"
+    assert build_status(Plan.empty("x", 1), {}, previous=None, now="t").url == ""
     assert first.router.backends == ["smollm2-cloud", "smollm2-edge-int8"]
     again = build_status(p, ALL_READY, previous=first, now="2026-01-01T00:05:00Z")
     assert {c.last_transition_time for c in again.conditions} == {"2026-01-01T00:00:00Z"}
@@ -149,3 +151,67 @@ def test_free_form_job_reasons_become_condition_reasons() -> None:
     compressed = next(c for c in a.conditions if c.type == "Compressed")
     assert compressed.reason == "PodEvictedNodePressure"
     build_status(planned({"int8": odd}, cluster=ClusterView.local()), {}, previous=None, now="t")  # validates
+
+
+def test_an_unbound_artifacts_claim_is_the_compressed_conditions_reason() -> None:
+    from stratus_operator.render import claim_problem
+
+    d = dep()
+    problem = claim_problem(d, "Pending")
+    assert problem is not None and "smollm2-artifacts is Pending" in problem
+    assert "ReadWriteMany (the default)" in problem
+    assert claim_problem(d, "Bound") is None and claim_problem(d, None) is None
+    status = build_status(plan(d, nodes(4), {}), {}, previous=None, now="t", storage_problem=problem)
+    compressed = next(c for c in status.conditions if c.type == "Compressed")
+    assert (compressed.status, compressed.reason) == ("False", "ArtifactsClaimPending")
+    assert "smollm2-artifacts" in compressed.message and status.phase == "Compressing"
+    assert "storage.objectStore" in status.message
+    # Once the Jobs are done the claim no longer holds anything back.
+    done = build_status(plan(d, nodes(4), {"int8": accepted()}), ALL_READY, previous=None, now="t",
+                        storage_problem=problem)
+    assert next(c for c in done.conditions if c.type == "Compressed").reason == "Accepted"
+    m = sample(uid="u")
+    m["spec"]["storage"] = {"pvc": {"claimName": "shared"}}
+    mine = LLMDeployment.from_manifest(m)
+    assert claim_problem(mine, None) == "artifacts claim shared (storage.pvc.claimName) does not exist in default"
+    m["spec"]["storage"] = {"objectStore": {"url": "s3://bucket/x"}}
+    assert claim_problem(LLMDeployment.from_manifest(m), "Pending") is None
+
+
+def test_a_storage_change_the_claim_will_not_take_is_said_in_the_compressed_condition() -> None:
+    """A claim's access mode and class never change (and it is not resized): said in status, never ignored."""
+    from stratus_operator.handlers.handle_index_children import index_child
+    from stratus_operator.kube import PVCS
+    from stratus_operator.render import RenderOptions, claim_change, render_storage
+
+    m = sample(uid="u")
+    before = LLMDeployment.from_manifest(m)
+    # What the index records of the claim the operator created (a real API server fills the default class in).
+    created = render_storage(before, RenderOptions())[0]
+    created["spec"]["storageClassName"] = "standard"
+    (info,) = index_child(created, "default", PVCS).values()
+    assert info.claim == {"accessMode": "ReadWriteMany", "size": "20Gi", "storageClassName": "standard"}
+    assert claim_change(before, info.claim) is None
+    m["spec"]["storage"] = {"pvc": {"size": "20480Mi"}}  # the same size, written otherwise
+    assert claim_change(LLMDeployment.from_manifest(m), info.claim) is None
+    m["spec"]["storage"] = {"pvc": {"size": "50Gi", "storageClassName": "fast", "accessMode": "ReadWriteOnce"}}
+    after = LLMDeployment.from_manifest(m)
+    change = claim_change(after, info.claim)
+    assert change is not None
+    assert "accessMode ReadWriteOnce (created ReadWriteMany)" in change
+    assert "size 50Gi (created 20Gi)" in change and "storageClassName fast (created standard)" in change
+    assert "kubectl delete pvc smollm2-artifacts" in change
+    # Another place altogether is not this claim's business (a new Job writes there).
+    m["spec"]["storage"] = {"objectStore": {"url": "s3://bucket/x"}}
+    assert claim_change(LLMDeployment.from_manifest(m), info.claim) is None
+
+    done = build_status(plan(after, nodes(4), {"int8": accepted()}), ALL_READY, previous=None, now="t",
+                        storage_change=change)
+    compressed = next(c for c in done.conditions if c.type == "Compressed")
+    assert (compressed.status, compressed.reason) == ("True", "ArtifactsClaimUnchanged")
+    assert compressed.message.startswith("1 variant(s) passed their gates; spec.storage.pvc asks for")
+    assert done.phase == "Ready"
+    waiting = build_status(plan(after, nodes(4), {}), {}, previous=None, now="t", storage_change=change)
+    compressed = next(c for c in waiting.conditions if c.type == "Compressed")
+    assert (compressed.status, compressed.reason) == ("False", "ArtifactsClaimUnchanged")
+    assert "waiting for smollm2-compress-int8-" in compressed.message and change in compressed.message

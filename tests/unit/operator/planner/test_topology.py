@@ -206,6 +206,61 @@ def test_empty_plan_runs_nothing() -> None:
     assert (p.servers, p.router, p.compression_jobs, p.generation) == ([], None, [], 4)
 
 
+@pytest.mark.parametrize(("resources", "gpus"), [
+    ({}, "1"),  # gpusPerPod
+    ({"requests": {"nvidia.com/gpu": "2"}}, "2"),  # the request alone once gave request 2 != limit 1
+    ({"limits": {"nvidia.com/gpu": "3"}}, "3"),
+])
+def test_cloud_gpu_request_always_equals_its_limit(resources: dict[str, Any], gpus: str) -> None:
+    p = plan(dep(spec__cloud__resources=resources), ClusterView.local(), {})
+    assert p.cloud is not None
+    assert p.cloud.resources.requests["nvidia.com/gpu"] == p.cloud.resources.limits["nvidia.com/gpu"] == gpus
+
+
+def test_an_edge_gpu_request_gets_its_limit() -> None:
+    jetson = NodeView("jetson", EDGE, (), Resources(4000, 8 * GI, 1))
+    p = plan(dep(spec__edge__variants__0__resources={"requests": {"nvidia.com/gpu": 1}}), cluster(jetson),
+             {"int8": accepted()})
+    edge = p.edge[0]
+    assert edge.resources.requests["nvidia.com/gpu"] == edge.resources.limits["nvidia.com/gpu"] == "1"
+    assert edge.placement.nodes == ("jetson",)
+
+
+def test_cloud_pods_request_cpu_and_memory_by_default() -> None:
+    # BestEffort pods are evicted first and give an HPA on CPU nothing to divide by.
+    p = plan(dep(), ClusterView.local(), {})
+    assert p.cloud is not None
+    requests = p.cloud.resources.requests
+    assert requests["cpu"] == "1000m"
+    # SmolLM2-135M held in fp32 (540 MB) x 1.25 plus the 512 MiB runtime, in MiB.
+    assert requests["memory"] == f"{-(-(135_000_000 * 4 * 1.25 + 512 * 2**20) // 2**20):.0f}Mi"
+    unknown = plan(dep(spec__model__source="s3://bucket/big-model"), ClusterView.local(), {})
+    assert unknown.cloud is not None and unknown.cloud.resources.requests["memory"] == "4096Mi"
+    # The user's own values win; a limit alone stays alone (the API server makes it the request too).
+    mine = plan(dep(spec__cloud__resources={"requests": {"cpu": "4"}, "limits": {"memory": "1Gi"}}),
+                ClusterView.local(), {})
+    assert mine.cloud is not None
+    assert mine.cloud.resources.requests == {"cpu": "4", "nvidia.com/gpu": "1"}
+    assert mine.cloud.resources.limits == {"memory": "1Gi", "nvidia.com/gpu": "1"}
+
+
+def test_gpus_per_pod_zero_requests_no_gpu() -> None:
+    # tensorParallel defaults to 1: it once made a CPU cloud tier ask for one GPU anyway.
+    p = plan(dep(spec__cloud__gpusPerPod=0), ClusterView.local(), {})
+    assert p.cloud is not None and "nvidia.com/gpu" not in {**p.cloud.resources.requests, **p.cloud.resources.limits}
+
+
+def test_edge_servers_stay_on_their_nodes_while_they_fit() -> None:
+    roomy = edge_node("e1", 8)
+    p = plan(dep(), cluster(roomy, edge_node("e2", 7)), {"int8": accepted()})
+    assert p.edge[0].placement.nodes == ("e1",)
+    # Someone else's pod fills part of e1: the fresh choice would be e2, the running server stays on e1.
+    busy = dataclasses.replace(roomy, requested=Resources(0, 5 * GI, 0))
+    assert plan(dep(), cluster(busy, edge_node("e2", 7)), {"int8": accepted()}).edge[0].placement.nodes == ("e2",)
+    kept = plan(dep(), cluster(busy, edge_node("e2", 7)), {"int8": accepted()}, current={"int8": ["e1"]})
+    assert kept.edge[0].placement.nodes == ("e1",)
+
+
 def test_the_variants_format_picks_its_runtime() -> None:
     """A gguf quantization is served by llama.cpp: the plan and the status say so; other recipes stay torch."""
     from stratus_operator.planner import build_status
