@@ -14,6 +14,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.api import inference_pb2_grpc as pb_grpc
@@ -34,6 +36,7 @@ from stratus_workers.security import TLSFiles
 from stratus_workers.serve.engine import Engine, FinishEvent, TokenEvent, TokenLogprob, build_engine
 from stratus_workers.serve.errors import EngineOverloaded, EngineStopped
 from stratus_workers.serve.parallel import ParallelContext
+from stratus_workers.serve.runner import ModelRunner
 from stratus_workers.serve.speculative import SparseDist
 
 log = logging.getLogger(__name__)
@@ -117,6 +120,29 @@ class ServerMetrics:
         self.active.set(active)
         self.waiting.set(waiting)
         self.steps.inc()
+
+    def watch_runner(self, runner: ModelRunner) -> None:
+        """Export the runner's compute counters (read when scraped)."""
+        self.registry.register(_RunnerCollector(runner))
+
+
+class _RunnerCollector(Collector):
+    """The model's compute so far: every forward pass (decode steps, prefills, Draft, Verify, Score)."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+
+    def collect(self) -> Any:
+        passes = CounterMetricFamily(
+            "stratus_server_forward_passes", "Forward passes of the model (one per decode step, prefill or call)."
+        )
+        passes.add_metric([], float(self.runner.passes))
+        yield passes
+        positions = CounterMetricFamily(
+            "stratus_server_forward_positions", "Token positions computed by the model's forward passes."
+        )
+        positions.add_metric([], float(self.runner.positions))
+        yield positions
 
 
 @contextlib.contextmanager
@@ -465,6 +491,7 @@ class ModelServer:
             on_step=self.metrics.on_step,
             on_failure=engine_failed,
         )
+        self.metrics.watch_runner(self.engine.runner)
         # Capture the decode graphs (CUDA) before taking traffic, so no early request pays for it.
         await loop.run_in_executor(None, self.engine.warmup)
         self.engine.start()

@@ -118,7 +118,7 @@ async def test_health_reflection_and_metrics(model_server) -> None:
             ]
             names = {s.name for s in replies[0].list_services_response.service}
             assert "stratus.v1.Inference" in names
-        await client.generate("count me", max_new_tokens=3)
+        reply = await client.generate("count me", max_new_tokens=3)
         async with aiohttp.ClientSession() as http:
             base = f"http://127.0.0.1:{server.http_port}"
             async with http.get(f"{base}/metrics") as resp:
@@ -127,6 +127,10 @@ async def test_health_reflection_and_metrics(model_server) -> None:
                 assert ready.status == 200
         assert 'stratus_server_requests_total{code="OK",method="Generate"} 1.0' in text
         assert "stratus_server_ttft_seconds_bucket" in text
+        # The model's compute: one prefill pass over the prompt, then one decode pass per further token.
+        assert reply.usage.completion_tokens == 3 and reply.finish_reason == pb.FINISH_REASON_LENGTH
+        assert "stratus_server_forward_passes_total 3.0" in text
+        assert f"stratus_server_forward_positions_total {reply.usage.prompt_tokens + 2}.0" in text
 
 
 async def test_score_matches_a_direct_forward_pass(model_server, tiny_model_dir) -> None:

@@ -75,6 +75,9 @@ class ModelRunner(abc.ABC):
         self.device = next(model.parameters()).device
         # Quantized layers hold integer codes; activations (and the cache) follow the norms' dtype.
         self.dtype = model.model.norm.weight.dtype
+        # What the model has computed since start: forward passes, and the token positions they held.
+        self.passes = 0
+        self.positions = 0
 
     # -- the interface --------------------------------------------------------------------
 
@@ -109,6 +112,8 @@ class ModelRunner(abc.ABC):
         self.cache.grow(max(starts) + max(q_lens))
         # Before computing: the other ranks must join this call's all-reduces.
         self._lead("forward", first_row, [list(t) for t in tokens], all_logits=all_logits)
+        self.passes += 1
+        self.positions += sum(q_lens)
         return self._forward(first_row, tokens, starts, q_lens, all_logits)
 
     @torch.inference_mode()
