@@ -20,6 +20,15 @@ class CascadeSettings(SpecModel):
     )
     max_edge_prompt_tokens: int = Field(512, ge=1, description="Longer prompts go straight to the cloud.")
     edge_timeout_seconds: float = Field(5.0, gt=0.0, le=3600.0, description="Escalate when the edge takes longer.")
+    probe_tokens: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="Also judge the edge's first this-many tokens against the threshold and escalate at once "
+        "when they miss it (0: off). Changes decisions, only towards the cloud, and stops most escalated edge "
+        "answers after this many tokens; without it the edge is stopped only once its answer can no longer "
+        "reach the threshold, which keeps every decision as it is.",
+    )
 
 
 class SpeculativeSettings(SpecModel):

@@ -50,6 +50,16 @@ class RouterMetrics:
         self.escalations = Counter(
             "stratus_router_escalations", "Cascade escalations to the cloud by reason.", ["reason"], registry=r
         )
+        self.escalated_edge_tokens = Counter(
+            "stratus_router_escalated_edge_tokens",
+            "Tokens the edge gave for cascade answers that were then escalated (the edge's wasted work).",
+            registry=r,
+        )
+        self.edge_stops = Counter(
+            "stratus_router_edge_stops",
+            "Cascade edge answers stopped before their end because they could only escalate.",
+            registry=r,
+        )
         self.latency = Histogram(
             "stratus_router_request_seconds",
             "End-to-end latency at the router.",
