@@ -38,6 +38,11 @@ class SpeculativeSettings(SpecModel):
     max_draft_tokens: int = Field(8, ge=1, le=16, description="Upper bound for k when it adapts.")
     adaptive: bool = Field(True, description="Adapt k to the acceptance rate seen so far in the request.")
     top_k: int = Field(32, ge=1, le=1024, description="Sampled drafts come from the edge's top-k tokens.")
+    draft_ahead: bool = Field(
+        True,
+        description="Greedy requests: while the cloud verifies a draft, the edge drafts the next one as if all of "
+        "it will be accepted, so edge and cloud work at the same time (the answer is the cloud's either way).",
+    )
 
 
 class LinkSettings(SpecModel):

@@ -81,4 +81,9 @@ class RouterMetrics:
             registry=r,
         )
         self.rounds = Counter("stratus_router_verify_rounds", "Speculative verification round trips.", registry=r)
+        self.drafted_ahead = Counter(
+            "stratus_router_draft_ahead_tokens",
+            "Speculative draft tokens the edge drafted while the cloud verified the round before (and were used).",
+            registry=r,
+        )
         r.register(_PoolCollector(pool, cache))

@@ -227,6 +227,7 @@ class Router:
             metrics.drafted.inc(decision.speculative.drafted)
             metrics.accepted.inc(decision.speculative.accepted)
             metrics.rounds.inc(decision.speculative.rounds)
+            metrics.drafted_ahead.inc(decision.speculative.ahead_used)
         log.debug(
             "routed",
             extra={
