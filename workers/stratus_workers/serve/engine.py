@@ -533,12 +533,15 @@ def build_engine(
     max_sessions: int = 4,
     max_queue: int = 256,
     parallel: ParallelContext | None = None,
+    threads: int = 0,
     on_step: Callable[[int, int], None] | None = None,
     on_failure: Callable[[str], None] | None = None,
 ) -> Engine:
     """An engine over `model` as a server runs one: the runner `build_runner` picks, with rows
     0..max_batch_size-1 for the decode batch and `max_sessions` rows above them for speculative sessions."""
-    runner = build_runner(model, max_rows=max_batch_size + max_sessions, max_len=max_len, parallel=parallel)
+    runner = build_runner(
+        model, max_rows=max_batch_size + max_sessions, max_len=max_len, parallel=parallel, threads=threads
+    )
     sessions = SpeculativeSessions(runner, tokenizer, first_row=max_batch_size)
     return Engine(
         runner,

@@ -32,6 +32,7 @@ from stratus_workers.protocol.requests import (
     session_sampling,
 )
 from stratus_workers.protocol.servicer import add_inference_servicer
+from stratus_workers.runtimes import DEFAULT_MAX_SESSIONS
 from stratus_workers.security import TLSFiles
 from stratus_workers.serve.engine import Engine, FinishEvent, TokenEvent, TokenLogprob, build_engine
 from stratus_workers.serve.errors import EngineOverloaded, EngineStopped
@@ -62,7 +63,9 @@ class ServerSettings:
     default_new_tokens: int = field(
         default=128, metadata={"help": "max_new_tokens when a request gives 0 (capped by max_new_tokens)."}
     )
-    max_sessions: int = field(default=4, metadata={"help": "Speculative-decoding sessions held at once."})
+    max_sessions: int = field(
+        default=DEFAULT_MAX_SESSIONS, metadata={"help": "Speculative-decoding sessions held at once."}
+    )
     max_queue: int = field(
         default=256, metadata={"help": "Requests waiting for a batch slot before RESOURCE_EXHAUSTED."}
     )
@@ -70,7 +73,10 @@ class ServerSettings:
     tls_cert: str = field(default="", metadata={"help": "PEM certificate; with tls_key and tls_ca, serve mTLS."})
     tls_key: str = field(default="", metadata={"help": "PEM private key of tls_cert."})
     tls_ca: str = field(default="", metadata={"help": "CA whose certificates callers must present (mTLS)."})
-    threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: torch's default)."})
+    threads: int = field(
+        default=0,
+        metadata={"help": "CPU threads: torch intra-op, or llama.cpp's for a GGUF model (0: the engine's default)."},
+    )
     tensor_parallel: int = field(
         default=1, metadata={"help": "GPUs this server spans (tensor parallel; >1 starts one process per GPU)."}
     )
@@ -488,6 +494,7 @@ class ModelServer:
             max_queue=self.config.max_queue,
             max_sessions=self.config.max_sessions,
             parallel=self.parallel,
+            threads=self.config.threads,
             on_step=self.metrics.on_step,
             on_failure=engine_failed,
         )
