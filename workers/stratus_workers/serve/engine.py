@@ -31,7 +31,7 @@ from stratus_workers.serve.parallel import ParallelContext
 from stratus_workers.serve.runner import ModelRunner
 from stratus_workers.serve.runner.build import build_runner
 from stratus_workers.serve.sampling import eos_ids, seeded_generator
-from stratus_workers.serve.sessions import DraftResult, SpeculativeSessions, VerifyResult
+from stratus_workers.serve.sessions import DraftResult, SpeculativeSessions, VerifyCall, VerifyResult
 from stratus_workers.serve.speculative import SparseDist, sampling_probs
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,9 @@ class Engine:
         self._on_failure = on_failure
         self._ops: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = collections.deque()
         self._running_ops: list[concurrent.futures.Future[Any]] = []
+        # Verify calls wait here, not in _ops: each step runs all of them in one forward pass.
+        self._verifies: list[tuple[VerifyCall, concurrent.futures.Future[Any]]] = []
+        self.verify_together = True  # False: one forward pass per Verify call (the way it was; benchmarks)
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
         self._cond = threading.Condition()
@@ -315,9 +318,17 @@ class Engine:
         sampling: Sampling,
         end: bool = False,
     ) -> VerifyResult:
-        result: VerifyResult = await self.run_op(
-            lambda: self.sessions.verify(sid, context, draft, dists, sampling, end)
-        )
+        if not self.verify_together:
+            alone: VerifyResult = await self.run_op(
+                lambda: self.sessions.verify(sid, context, draft, dists, sampling, end)
+            )
+            return alone
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._cond:
+            self._check_running()
+            self._verifies.append((VerifyCall(sid, tuple(context), tuple(draft), tuple(dists), sampling, end), future))
+            self._cond.notify()
+        result: VerifyResult = await asyncio.wrap_future(future)
         return result
 
     async def end_session(self, sid: str) -> None:
@@ -338,13 +349,14 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and not self._active and not self._ops:
+                while not (self._stopping or self._waiting or self._active or self._ops or self._verifies):
                     self._cond.wait(timeout=self.sessions.ttl if len(self.sessions) else None)
                     self.sessions.expire()
                 if self._stopping:
                     break
                 admitted = self._admit()
-                self._running_ops = [future for _, future in self._ops]
+                verifies, self._verifies = self._verifies, []
+                self._running_ops = [future for _, future in (*self._ops, *verifies)]
                 ops = list(self._ops)
                 self._ops.clear()
             for op, future in ops:  # speculative calls: a few forward passes each
@@ -353,6 +365,7 @@ class Engine:
                         future.set_result(op())
                     except Exception as exc:
                         future.set_exception(exc)
+            self._verify(verifies)
             self._running_ops = []
             try:
                 if admitted:
@@ -371,7 +384,7 @@ class Engine:
                 self._on_step(len(self._active), len(self._waiting))
         for seq in [*self._active, *self._waiting]:
             self._finish(seq, "cancelled", error="server shutting down")
-        for _, future in self._ops:
+        for _, future in (*self._ops, *self._verifies):
             future.cancel()
         self._active.clear()
         self._waiting.clear()
@@ -382,10 +395,11 @@ class Engine:
         with self._cond:
             self.failure = message
             stranded = [*self._active, *self._waiting]
-            futures = [*self._running_ops, *(future for _, future in self._ops)]
+            futures = [*self._running_ops, *(future for _, future in (*self._ops, *self._verifies))]
             self._active.clear()
             self._waiting.clear()
             self._ops.clear()
+            self._verifies.clear()
         if self._on_failure is not None:  # first: health should turn before callers hear of it
             try:
                 self._on_failure(message)
@@ -396,6 +410,21 @@ class Engine:
         for future in futures:
             if not future.done():
                 future.set_exception(EngineFailed(message))
+
+    def _verify(self, verifies: list[tuple[VerifyCall, concurrent.futures.Future[Any]]]) -> None:
+        """This step's Verify calls, their rows in one forward pass (the ones still wanted)."""
+        wanted = [(call, future) for call, future in verifies if future.set_running_or_notify_cancel()]
+        if not wanted:
+            return
+        try:
+            results = self.sessions.verify_many([call for call, _ in wanted])
+        except Exception as exc:
+            results = [exc] * len(wanted)
+        for (_, future), result in zip(wanted, results, strict=True):
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
 
     def _admit(self) -> list[_Sequence]:
         admitted: list[_Sequence] = []
