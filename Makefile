@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 LLAMA_CMAKE_ARGS ?=
 
 .PHONY: setup run up test test-unit test-integration test-slow lint typecheck imports protos check-protos \
-        bench-serve bench-compress bench-operator bench-coop bench-edge soak fuzz e2e images manifests clean
+        bench-serve bench-compress bench-operator bench-coop bench-coop-cloud bench-edge soak fuzz e2e images manifests clean
 
 setup: $(STAMP)
 
@@ -101,6 +101,11 @@ fuzz: setup
 # Cooperation policies side by side at 0/20/80 ms link RTT; writes docs/benchmarks.md.
 bench-coop: setup
 	$(PY) tests/bench/bench_coop.py --write docs/benchmarks.md
+
+# The cloud side of speculative decoding alone: 1/8/64 sessions replaying recorded answers as drafts (corrupted
+# to the acceptance bench-coop measures) against as many cloud-only streams; random-init 1B on CUDA.
+bench-coop-cloud: setup
+	$(PY) tests/bench/bench_coop_cloud.py --also-alone --write docs/benchmarks.md
 
 bench-compress: setup
 	$(PY) tests/bench/bench_compress.py --write docs/benchmarks.md

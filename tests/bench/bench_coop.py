@@ -239,17 +239,28 @@ async def bench(args: argparse.Namespace) -> tuple[list[Run], dict[str, Any]]:
 
     deployment = load_manifest(args.manifest)
     runner = LocalRunner(deployment)
-    runner.compress()
-    variant = next((o for o in runner.outcomes if o.result.accepted), None)
-    if variant is None:
-        raise SystemExit(f"no accepted edge variant in {args.manifest}: {[o.result for o in runner.outcomes]}")
+    if args.edge_artifact:  # an artifact the compression Job built and accepted before (e.g. bench-edge's)
+        manifest = json.loads((args.edge_artifact / "manifest.json").read_text())
+        if manifest.get("status") != "accepted":
+            raise SystemExit(f"{args.edge_artifact} is not an accepted artifact: {manifest.get('reasons')}")
+        variant_name, artifact = str(manifest["name"]), args.edge_artifact
+    else:
+        runner.compress()
+        accepted = [o for o in runner.outcomes if o.result.accepted]
+        variant = next((o for o in accepted if args.edge_variant in ("", o.variant)), None)
+        if variant is None:
+            raise SystemExit(
+                f"no accepted edge variant {args.edge_variant!r} in {args.manifest}: "
+                f"{[(o.variant, o.result.accepted) for o in runner.outcomes]}"
+            )
+        variant_name, artifact = variant.variant, variant.artifact
     source = deployment.spec.model.source
     logs = runner.work_dir / "bench-coop"
     logs.mkdir(parents=True, exist_ok=True)
     cloud = Tier("cloud", "cloud", source, args.cloud_cores, logs / "cloud.log")
-    edge = Tier(f"edge-{variant.variant}", "edge", str(variant.artifact), args.edge_cores, logs / "edge.log")
+    edge = Tier(f"edge-{variant_name}", "edge", str(artifact), args.edge_cores, logs / "edge.log")
     meta: dict[str, Any] = {
-        "variant": variant.variant,
+        "variant": variant_name,
         "prompts": args.prompts,
         "max_new_tokens": args.max_new_tokens,
         "cores": (args.cloud_cores, args.edge_cores),
@@ -490,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--retention", type=float, default=0.97)
     parser.add_argument("--threshold", type=float, help="cascade threshold to use instead of calibrating one")
+    parser.add_argument("--edge-artifact", type=Path, help="serve this accepted artifact at the edge (no compression)")
+    parser.add_argument(
+        "--edge-variant", default="", help="the manifest's edge variant to serve (default: the first accepted)"
+    )
     parser.add_argument("--cloud-cores", default="0", help="taskset core list of the cloud server")
     parser.add_argument("--edge-cores", default="1", help="taskset core list of the edge server")
     parser.add_argument("--write", type=Path, default=ROOT / "docs" / "benchmarks.md")
