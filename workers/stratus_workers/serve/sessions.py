@@ -27,7 +27,9 @@ from stratus_workers.serve.runner import ModelRunner
 from stratus_workers.serve.sampling import eos_ids, seeded_generator
 from stratus_workers.serve.speculative import (
     SparseDist,
+    Verdict,
     draft_distribution,
+    greedy_verdict,
     sample_sparse,
     verify_greedy,
     verify_sampled,
@@ -260,18 +262,55 @@ class SpeculativeSessions:
         finally:
             for row, length in kept.items():
                 self.runner.truncate(row, length)
+        if logits is None:
+            for i, session, _ in rows.values():
+                self.runner.truncate(session.row, len(session.tokens))
+                if calls[i].end:
+                    self.end(calls[i].sid)
+            return
+        # Greedy rows are judged from one argmax over the whole pass and their log-probabilities come from
+        # one gather: a couple of device transfers per pass, not several per session (they dominate on a GPU).
+        best = logits.argmax(dim=-1).tolist() if any(calls[i].sampling.greedy for i, _, _ in rows.values()) else []
+        judged: list[tuple[int, Verdict]] = []
+        at_rows: list[int] = []
+        at_positions: list[int] = []
+        at_tokens: list[int] = []
         for row, (i, session, pending) in rows.items():
             call = calls[i]
+            first = len(pending) - 1  # the position that predicts the first draft token
             try:
-                if logits is not None:
-                    results[i] = self._judge(call, session, pending, logits[row - lo, : len(feed[row - lo])])
+                if call.sampling.greedy:
+                    verdict = greedy_verdict(best[row - lo][first : len(feed[row - lo])], call.draft)
                 else:
-                    self.runner.truncate(session.row, len(session.tokens))
+                    scores = logits[row - lo, first : len(feed[row - lo])]
+                    sampling = call.sampling
+                    verdict = verify_sampled(
+                        scores, call.draft, call.dists, sampling.temperature, sampling.top_p, session.generator
+                    )
             except Exception as exc:
                 results[i] = exc
-            finally:
+                self.runner.truncate(session.row, len(session.tokens))
                 if call.end:
                     self.end(call.sid)
+                continue
+            chosen = [*call.draft[: verdict.accepted], verdict.next_token]
+            at_rows += [row - lo] * len(chosen)
+            at_positions += range(first, first + len(chosen))
+            at_tokens += chosen
+            judged.append((row, verdict))
+        if not judged:
+            return
+        picked = logits[at_rows, at_positions, at_tokens] - torch.logsumexp(logits[at_rows, at_positions], dim=-1)
+        logprobs = picked.tolist()
+        used = 0
+        for row, verdict in judged:
+            i, session, pending = rows[row]
+            call = calls[i]
+            n = verdict.accepted + 1
+            results[i] = self._settle(call, session, pending, verdict, logprobs[used : used + n])
+            used += n
+            if call.end:
+                self.end(call.sid)
 
     def _check_verify(self, call: VerifyCall) -> None:
         if any(t < 0 or t >= self.vocab_size for t in call.draft):
@@ -283,24 +322,32 @@ class SpeculativeSessions:
 
     def _judge(self, call: VerifyCall, session: _Session, pending: list[int], logits: torch.Tensor) -> VerifyResult:
         """The verdict on `call.draft` from the logits of its row (`pending` then the draft were fed)."""
+        # Row j of `scores` predicts the token after context + draft[:j].
+        scores = logits[len(pending) - 1 :]
+        sampling = call.sampling
+        if sampling.greedy:
+            verdict = verify_greedy(scores, call.draft)
+        else:
+            verdict = verify_sampled(
+                scores, call.draft, call.dists, sampling.temperature, sampling.top_p, session.generator
+            )
+        chosen = [*call.draft[: verdict.accepted], verdict.next_token]
+        logprobs = torch.log_softmax(scores[: verdict.accepted + 1], dim=-1)
+        picked = logprobs[torch.arange(len(chosen)), torch.tensor(chosen)].tolist()
+        return self._settle(call, session, pending, verdict, picked)
+
+    def _settle(
+        self, call: VerifyCall, session: _Session, pending: list[int], verdict: Verdict, logprobs: Sequence[float]
+    ) -> VerifyResult:
+        """Keep the accepted prefix in the session's row and say what was decided."""
         draft = call.draft
         session.tokens.extend(pending)
         session.tokens.extend(draft)
-        # Row j of `scores` predicts the token after context + draft[:j].
-        scores = logits[len(pending) - 1 :]
-        if call.sampling.greedy:
-            verdict = verify_greedy(scores, draft)
-        else:
-            sampling = call.sampling
-            verdict = verify_sampled(scores, draft, call.dists, sampling.temperature, sampling.top_p, session.generator)
         keep = len(call.context) + verdict.accepted
         self.runner.truncate(session.row, keep)
         del session.tokens[keep:]
-        logprobs = torch.log_softmax(scores[: verdict.accepted + 1], dim=-1)
-        chosen = [*draft[: verdict.accepted], verdict.next_token]
-        picked = logprobs[torch.arange(len(chosen)), torch.tensor(chosen)].tolist()
         eos = verdict.next_token in self._eos or any(t in self._eos for t in draft[: verdict.accepted])
-        return VerifyResult(verdict.accepted, verdict.next_token, tuple(float(x) for x in picked), eos)
+        return VerifyResult(verdict.accepted, verdict.next_token, tuple(float(x) for x in logprobs), eos)
 
     def score(self, prompt: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
         """Log-probability of each continuation token after `prompt` (one forward pass in a passing session)."""
