@@ -197,6 +197,7 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
         "acceptance_target": args.acceptance,
         "match": match,
         "new_tokens": args.new_tokens,
+        "transcript": args.transcript,
         "prompt_tokens": args.prompt_tokens,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -269,6 +270,10 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
 
 
 def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    recorded = {
+        "stream": "its cloud-only answer",
+        "verify": "the cloud's answer recorded through verification (rounds of empty drafts)",
+    }[meta.get("transcript", "stream")]
     lines = [
         "## Speculative decoding, the cloud side alone (`make bench-coop-cloud`)",
         "",
@@ -276,7 +281,7 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{meta['dtype']}); the server's engine in-process; prompts of {meta['prompt_tokens']} random tokens, "
         f"{meta['new_tokens']} new tokens each, greedy. Cloud-only: C streams at once. Speculative: C sessions at "
         "once, "
-        f"each replaying its cloud-only answer as {meta['draft']}-token drafts, every draft token replaced by another "
+        f"each replaying {recorded} as {meta['draft']}-token drafts, every draft token replaced by another "
         f"with probability {1 - meta['match']:.4f} so that {meta['acceptance_target']:.0%} of draft tokens are "
         "accepted (the share measured with real weights by `make bench-coop`); drafts cost nothing here. Accepted "
         "tokens/s: accepted draft tokens plus the cloud's own token per round. Forward passes per token: the "
