@@ -448,6 +448,53 @@ def render(runs: list[Run], meta: dict[str, Any], seconds: float) -> str:
     return "\n".join(lines)
 
 
+def early_exit(answers: list[list[float]], max_tokens: int, threshold: float, probe: int) -> dict[str, float]:
+    """Each recorded whole edge answer (its log-probabilities) streamed through the router's EdgeWatch, as a
+    cascade with `threshold` and `probe` sees it: decisions, and edge tokens spent on the escalated ones."""
+    from stratus_workers.router.config import CascadeSettings
+    from stratus_workers.router.policy import EdgeWatch, judge_edge_answer
+
+    rule = CascadeSettings(confidence_threshold=threshold, probe_tokens=probe)
+    today = CascadeSettings(confidence_threshold=threshold)
+    escalated = changed = 0
+    spent = whole = 0
+    for logprobs in answers:
+        watch = EdgeWatch(rule, max_tokens)
+        for logprob in logprobs:  # token by token, as the stream arrives
+            if watch.add([logprob]):
+                break
+        verdict = watch.verdict()
+        changed += verdict.escalate != judge_edge_answer(logprobs, today).escalate
+        if verdict.escalate:
+            escalated += 1
+            spent += len(watch.logprobs)
+            whole += len(logprobs)
+    return {"escalated": escalated, "changed": changed, "spent": spent, "whole": whole}
+
+
+def early_exit_table(answers: list[list[float]], max_tokens: int, thresholds: list[float]) -> list[str]:
+    lines = [
+        "| threshold | escalated | edge tokens per escalated request, whole answer (before) | exact stop "
+        f"| exact stop vs before | probe {PROBE_TOKENS}: decisions changed | probe {PROBE_TOKENS}: edge tokens "
+        f"per escalated request | probe {PROBE_TOKENS} vs the same requests' whole answers |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for threshold in thresholds:
+        exact = early_exit(answers, max_tokens, threshold, 0)
+        probed = early_exit(answers, max_tokens, threshold, PROBE_TOKENS)
+        if not exact["escalated"]:
+            continue
+        before = exact["whole"] / exact["escalated"]
+        mean_exact = exact["spent"] / exact["escalated"]
+        mean_probe = probed["spent"] / probed["escalated"]
+        lines.append(
+            f"| {threshold:.3f} | {exact['escalated']} of {len(answers)} | {before:.1f} | {mean_exact:.1f} "
+            f"| {mean_exact / before:.0%} | {probed['changed']} (to the cloud) | {mean_probe:.1f} "
+            f"| {probed['spent'] / probed['whole']:.0%} |"
+        )
+    return lines
+
+
 def goals(runs: list[Run], meta: dict[str, Any]) -> list[str]:
     labels = {r.label for r in runs}
 
@@ -501,6 +548,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--retention", type=float, default=0.97)
     parser.add_argument("--threshold", type=float, help="cascade threshold to use instead of calibrating one")
+    parser.add_argument(
+        "--threshold-grid",
+        type=lambda s: [float(x) for x in s.split(",")],
+        help="with --early-exit-from: more thresholds to tabulate",
+    )
     parser.add_argument("--edge-artifact", type=Path, help="serve this accepted artifact at the edge (no compression)")
     parser.add_argument(
         "--edge-variant", default="", help="the manifest's edge variant to serve (default: the first accepted)"
@@ -515,7 +567,23 @@ def main(argv: list[str] | None = None) -> int:
         default=list(POLICIES),
         help=f"which to run, separated by ';' (default: all of {'; '.join(POLICIES)})",
     )
+    parser.add_argument(
+        "--early-exit-from",
+        type=Path,
+        help="only print the cascade early-exit table over the edge-only answers of an earlier run's --json",
+    )
     args = parser.parse_args(argv)
+    if args.early_exit_from:
+        recorded = json.loads(args.early_exit_from.read_text())
+        rows = recorded.get("answers") or [
+            {"label": r["label"], "delay_ms": r["delay_ms"], **a} for r in recorded["runs"] for a in r["answers"]
+        ]
+        first_delay = min(a["delay_ms"] for a in rows if a["label"] == "edge-only")
+        edge = [a["logprobs"] for a in rows if a["label"] == "edge-only" and a["delay_ms"] == first_delay]
+        limit = int(recorded["meta"]["max_new_tokens"])
+        thresholds = [recorded["meta"]["threshold"], *(args.threshold_grid or [])]
+        print("\n".join(early_exit_table(edge, limit, thresholds)))
+        return 0
     from stratus_workers.observability import setup_logging
 
     setup_logging("warning", "text")
