@@ -101,7 +101,7 @@ class Run:
         return statistics.quantiles([a.latency for a in self.answers], n=100, method="inclusive")[q - 1]
 
     def per_token(self, what: str) -> float:
-        return sum(getattr(a.costs, what) for a in self.answers) / max(1, self.tokens)
+        return float(sum(getattr(a.costs, what) for a in self.answers)) / max(1, self.tokens)
 
 
 class Tier:
