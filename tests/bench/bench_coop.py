@@ -294,7 +294,9 @@ async def bench(args: argparse.Namespace) -> tuple[list[Run], dict[str, Any]]:
                     },
                     "backends": backends,
                     "tokenizer": source,
-                    "healthIntervalSeconds": 5,
+                    # Rarely: a server on one busy core may miss a 1 s health check mid-answer, and then the
+                    # router (rightly) stops using it; its own calls still have stallTimeoutSeconds.
+                    "healthIntervalSeconds": 600,
                     "stallTimeoutSeconds": 120,
                 }
             )
