@@ -10,7 +10,8 @@ PYTEST_ARGS ?=
 LLAMA_CMAKE_ARGS ?=
 
 .PHONY: setup run up test test-unit test-integration test-slow lint typecheck imports protos check-protos \
-        bench-serve bench-compress bench-operator bench-coop bench-coop-cloud bench-edge soak fuzz e2e images manifests clean
+        bench-serve bench-compress bench-compress-gpu bench-operator bench-coop bench-coop-cloud bench-edge soak fuzz \
+        e2e images manifests clean
 
 setup: $(STAMP)
 
@@ -89,7 +90,6 @@ BENCH_OPERATOR_N ?= 1000
 bench-operator: setup
 	$(PY) tests/bench/bench_operator.py --count $(BENCH_OPERATOR_N) --write docs/benchmarks.md
 
-# Every compression method on the bundled SmolLM2-135M (deploy/samples/smollm2-compression.yaml); ~20 min on 2 cores.
 # The local stack under a steady request rate for 10 minutes: errors and memory (docs/reliability.md).
 soak: setup
 	$(PY) tests/bench/soak.py --minutes $${SOAK_MINUTES:-10}
@@ -107,8 +107,18 @@ bench-coop: setup
 bench-coop-cloud: setup
 	$(PY) tests/bench/bench_coop_cloud.py --also-alone --write docs/benchmarks.md
 
+# Every compression method on the bundled SmolLM2-135M (deploy/samples/smollm2-compression.yaml); ~20 min on 2 cores.
+# Also the GPU rows (deploy/samples/smollm2-compression-gpu.yaml) from the stored results of bench-compress-gpu,
+# with their CPU tokens/s measured here; `bench_compress.py --gpu-only` renders just those.
 bench-compress: setup
 	$(PY) tests/bench/bench_compress.py --write docs/benchmarks.md
+
+# On a machine with a CUDA GPU and the bundled model: the GPU sample's Jobs within BENCH_GPU_BUDGET seconds and
+# the 2:4 sparse kernel timings, into tests/bench/results/compress-gpu/ (then `make bench-compress` renders them).
+BENCH_GPU_BUDGET ?= 390
+bench-compress-gpu: setup
+	$(PY) tests/bench/bench_compress_gpu.py --mode sparse --out tests/bench/results/compress-gpu
+	$(PY) tests/bench/bench_compress_gpu.py --mode jobs --budget $(BENCH_GPU_BUDGET) --out tests/bench/results/compress-gpu
 
 # llama.cpp on the bundled GGUF (the reference) beside our edge variants (torch int8/int4, GGUF) served
 # through our gRPC server: batch 1 and 4, greedy, 128 new tokens. Builds the variants on the first run

@@ -80,8 +80,10 @@ async def stopped(engine: Any) -> None:
 
 
 def passes(engine: Any) -> int | None:
-    runner = getattr(engine, "runner", None)
-    return getattr(runner, "passes", None)
+    stats = getattr(engine, "stats", None)  # the serving core's counters, as its last step reported them
+    if stats is not None and hasattr(stats, "forward_passes"):
+        return int(stats.forward_passes)
+    return getattr(getattr(engine, "runner", None), "passes", None)
 
 
 async def cloud_only(engine: Any, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], float]:

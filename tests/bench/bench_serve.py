@@ -22,24 +22,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import datetime as dt
+import functools
 import json
 import multiprocessing as mp
 import os
 import random
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import report  # tests/bench/report.py (scripts run from this folder)
 import torch
-
-if TYPE_CHECKING:
-    from stratus_workers.serve.runner.fused import FusedRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTION = "bench-serve-{kind}"  # one section of docs/benchmarks.md per kind of device (cpu, gpu)
@@ -48,6 +49,8 @@ ARCHS = {"135m": "SMOLLM2_135M", "1b": "SMOLLM2_1B", "tiny": "TINY"}
 GOAL_SINGLE = 1000.0
 GOAL_AGGREGATE_64 = 30000.0
 GOAL_TTFT_RATIO = 3.0
+GOAL_OVER_BASELINE = 1.5  # issue 14: at 64 streams, over the best generate() baseline of the same run
+GOAL_PREFIX_TTFT = 5.0  # issue 14: TTFT p50 of the shared-prefix workload, prefix cache off over on
 SERVER = "stratus (gRPC, continuous batching)"
 TIMES = "\u00d7"  # the multiplication sign, as in "1.5x" written typographically
 
@@ -151,22 +154,31 @@ def _row(system: str, concurrency: int, tps: float, ttfts: Sequence[float], itl:
     )
 
 
-# -- our server --------------------------------------------------------------------------------
+# -- client processes ---------------------------------------------------------------------------
 
 
-def _client_process(
-    address: str, prompts: list[str], workers: list[int], rounds: int, new_tokens: int, stagger: float,
-    conn: Connection,
-) -> None:
-    conn.send(asyncio.run(_client_main(address, prompts, workers, rounds, new_tokens, stagger, conn)))
-    conn.close()
+def _client_worker(code: str, conn: Connection) -> None:
+    """One client process: runs a load per command until told to exit."""
+    sys.path.insert(0, code)
+    import gc
+
+    from stratus_workers.client import AsyncClient  # noqa: F401 - loaded before the heap is frozen
+
+    gc.collect()
+    gc.freeze()  # a full collection in a client would show up as server latency
+    while True:
+        command = conn.recv()
+        if command[0] == "exit":
+            conn.close()
+            return
+        _, address, prompts, workers, rounds, new_tokens, stagger = command
+        conn.send(asyncio.run(_client_main(address, prompts, workers, rounds, new_tokens, stagger, conn)))
 
 
 async def _client_main(
     address: str, prompts: list[str], workers: list[int], rounds: int, new_tokens: int, stagger: float,
     conn: Connection,
 ) -> list[dict[str, Any]]:
-    sys.path.insert(0, str(ROOT / "workers"))
     from stratus_workers.client import AsyncClient
 
     results: list[dict[str, Any]] = []
@@ -197,54 +209,220 @@ async def _client_main(
     return results
 
 
-async def run_server(
-    loaded: Any, prompts: list[str], concurrencies: list[int], new_tokens: int, prompt_tokens: int,
-    rounds: int, client_procs: int, stagger_ms: float, log: Any,
-) -> list[dict[str, Any]]:
-    from stratus_workers.serve.runner.fused import FusedRunner
-    from stratus_workers.serve.server import ModelServer, ServerSettings
+class ClientPool:
+    """The load's client processes, started once before any server and reused for every run.
 
-    config = ServerSettings(
-        model="bench", name="bench", port=0, http_port=0, max_batch_size=max(concurrencies),
-        max_prompt_tokens=prompt_tokens, max_new_tokens=new_tokens, max_queue=4 * max(concurrencies),
-        log_level="warning", log_format="text",
+    The first harness started fresh client processes for each run from the process that hosts the
+    gRPC server; forking a process with a busy gRPC server makes gRPC's fork handlers wait for its
+    threads to idle, with the server stalled meanwhile: at 64 streams the new clients' ModelInfo
+    call hit its 10 s deadline (issue 14). Nothing forks the serving process now.
+    """
+
+    def __init__(self, procs: int, code: str) -> None:
+        ctx = mp.get_context("spawn")
+        self.conns: list[Connection] = []
+        self.procs: list[Any] = []
+        for _ in range(procs):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_client_worker, args=(code, child), daemon=True)
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+
+    async def load(
+        self, address: str, prompts: list[str], concurrency: int, rounds: int, new_tokens: int, procs: int,
+        stagger: float,
+    ) -> tuple[float, list[dict[str, Any]]]:
+        use = self.conns[: max(1, min(procs, concurrency, len(self.conns)))]
+        loop = asyncio.get_running_loop()
+        for p, conn in enumerate(use):
+            mine = list(range(p, concurrency, len(use)))
+            conn.send(("load", address, prompts, mine, rounds, new_tokens, stagger))
+        for conn in use:
+            ready = await loop.run_in_executor(None, conn.recv)
+            assert ready == "ready", ready
+        start_at = time.monotonic() + 0.2
+        for conn in use:
+            conn.send(start_at)
+        results: list[dict[str, Any]] = []
+        for conn in use:
+            results.extend(await loop.run_in_executor(None, conn.recv))
+        first = min(r["sent"] for r in results)
+        last = max(r["done"] for r in results)
+        return last - first, results
+
+    def close(self) -> None:
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.send(("exit",))
+        for proc in self.procs:
+            proc.join(10)
+
+
+# -- host cost ----------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int | None = None, tid: int | None = None) -> float:
+    """User plus system CPU time of a process (or of one thread of this process), from /proc."""
+    path = f"/proc/self/task/{tid}/stat" if tid is not None else f"/proc/{pid or 'self'}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class HostCost:
+    """CPU seconds of the frontend (the serving process, less its engine thread) and of the engine loop
+    (its process, or its thread in the in-process layout) between `start` and `stop`."""
+
+    def __init__(self, engine_pid: int) -> None:
+        self.engine_pid = engine_pid
+        self.engine_tid = next(
+            (t.native_id for t in threading.enumerate() if t.name == "stratus-engine"), None
+        ) if not engine_pid else None
+
+    def _read(self) -> tuple[float, float]:
+        own = cpu_seconds()
+        if self.engine_pid:
+            return own, cpu_seconds(self.engine_pid)
+        engine = cpu_seconds(tid=self.engine_tid) if self.engine_tid is not None else 0.0
+        return own - engine, engine
+
+    def start(self) -> None:
+        self._begin = self._read()
+
+    def stop(self, tokens: int) -> dict[str, float]:
+        end = self._read()
+        frontend, engine = (b - a for a, b in zip(self._begin, end, strict=True))
+        per = 1e6 / max(tokens, 1)
+        return dict(frontend_us_per_token=frontend * per, engine_us_per_token=engine * per)
+
+
+# -- our server --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Bench:
+    """The model under test: the object (for generate() and an in-process engine) and how to rebuild it."""
+
+    loaded: Any
+    arch: dict[str, Any]
+    device: torch.device
+
+
+def server_config(**fields: Any) -> Any:
+    """ServerSettings with the fields this tree's server has (the bench also measures older trees)."""
+    from stratus_workers.serve.server import ServerSettings
+
+    known = {f.name for f in dataclasses.fields(ServerSettings)}
+    return ServerSettings(**{k: v for k, v in fields.items() if k in known})
+
+
+async def start_server(args: argparse.Namespace, bench: Bench, prompt_tokens: int, concurrency: int,
+                       **overrides: Any) -> Any:
+    """The model server as the bench runs it: its engine in a process (a loader rebuilds the random
+    model there from its seed) or in a thread of this process (the model object itself)."""
+    from stratus_workers.serve.server import ModelServer
+
+    config = server_config(
+        model="bench", name="bench", port=0, http_port=0, max_batch_size=concurrency, max_prompt_tokens=prompt_tokens,
+        max_new_tokens=args.new_tokens, max_queue=4 * concurrency, log_level="warning", log_format="text",
+        engine=args.engine, threads=args.threads, **overrides,
     )
-    server = ModelServer(config, loaded=loaded)
-    await server.start()
-    assert server.engine is not None
-    runner = server.engine.runner
-    fused = runner if isinstance(runner, FusedRunner) else None
+    if getattr(config, "engine", "thread") == "thread" or (args.engine == "auto" and bench.device.type == "cpu"):
+        server = ModelServer(config, loaded=bench.loaded)
+    else:
+        from stratus_workers.models.tiny import random_loaded
+
+        loader = functools.partial(random_loaded, bench.arch, seed=0, dtype=args.dtype, device=args.device,
+                                   name="bench", tokenizer_dir=args.tokenizer)
+        server = ModelServer(config, loader=loader)
     started = time.perf_counter()
-    graphs = runner.warmup(prompt_tokens + new_tokens + 1)
-    log(f"  server warm-up: {graphs} decode graphs, {type(runner).__name__}, "
-        f"compiled={fused is not None and fused.compiled}, {time.perf_counter() - started:.1f}s")
-    step_ms = decode_step_times(fused, prompt_tokens + new_tokens, concurrencies) if fused else {}
-    if step_ms:
-        log(f"  decode step (graph replay, kv {prompt_tokens + new_tokens}): {step_ms}")
+    await server.start()
+    engine = server.engine
+    mode = getattr(engine, "mode", "thread")
+    print(f"  server ({mode}) up in {time.perf_counter() - started:.1f}s", flush=True)
+    return server
+
+
+def engine_pid(server: Any) -> int:
+    return int(getattr(server.engine, "pid", 0))
+
+
+async def run_server(
+    bench: Bench, prompts: list[str], pool: ClientPool, args: argparse.Namespace, log: Any, shared: list[str]
+) -> list[dict[str, Any]]:
+    """The standard load at each concurrency, then (on the same server, prefix cache on) the shared-prefix one."""
+    concurrencies = args.concurrency
+    longest = max(args.prompt_tokens, shared_prompt_tokens(args) if shared else 0)
+    batch = max(*concurrencies, args.shared_concurrency if shared else 0)
+    server = await start_server(args, bench, longest, batch)
     rows: list[dict[str, Any]] = []
     try:
         # One short pass at every concurrency first so no measured run pays for a first use.
         for c in [1, *concurrencies]:
-            await _load(server.address, prompts, c, 1, min(new_tokens, 8), 1, 0.0)
+            await pool.load(server.address, prompts, c, 1, min(args.new_tokens, 8), 1, 0.0)
+        cost = HostCost(engine_pid(server))
         for c in concurrencies:
             steps_before = server.engine.steps
-            wall, results = await _load(server.address, prompts, c, rounds, new_tokens, client_procs, stagger_ms / 1e3)
+            cost.start()
+            wall, results = await pool.load(server.address, prompts, c, args.rounds, args.new_tokens,
+                                            args.client_procs, args.stagger_ms / 1e3)
             row = _server_row(SERVER, c, wall, results)
-            row.update(engine_steps=server.engine.steps - steps_before, step_ms=step_ms.get(str(c)))
+            row.update(cost.stop(row["tokens"]))
+            row.update(engine_steps=server.engine.steps - steps_before, engine=getattr(server.engine, "mode", "thread"))
             rows.append(row)
             log(row)
             worst = max(results, key=lambda r: (r["chunks"] or [r["done"]])[0] - r["sent"])
             first = ((worst["chunks"] or [worst["done"]])[0] - worst["sent"]) * 1e3
             log(f"    slowest first token: client {first:.1f} ms, server {worst['server_ttft_ms']:.1f} ms "
                 f"(queue {worst['queue_ms']:.1f}), sent {worst['late_s']:.3f}s after the planned start")
+        if shared:
+            rows.append(await shared_prefix_load(server, shared, pool, args, log, cached=True))
     finally:
         await server.stop(0.5)
     return rows
 
 
+def shared_prompt_tokens(args: argparse.Namespace) -> int:
+    return int(args.shared_system_tokens + args.shared_turn_tokens + 8)
+
+
+async def shared_prefix_load(server: Any, prompts: list[str], pool: ClientPool, args: argparse.Namespace, log: Any,
+                             cached: bool) -> dict[str, Any]:
+    c = args.shared_concurrency
+    await pool.load(server.address, prompts[-8:], 8, 1, 8, 1, 0.0)  # warm-up: the system prompt was seen before
+    cost = HostCost(engine_pid(server))
+    cost.start()
+    wall, results = await pool.load(server.address, prompts[:-8], c, args.rounds, args.new_tokens,
+                                    args.client_procs, args.stagger_ms / 1e3)
+    row = _server_row(f"shared prefix, prefix cache {'on' if cached else 'off'}", c, wall, results)
+    row.update(cost.stop(row["tokens"]))
+    stats = getattr(server.engine, "stats", None)
+    if stats is not None and stats.prefix_queried_tokens:
+        row["prefix_hit_rate"] = stats.prefix_hit_tokens / stats.prefix_queried_tokens
+    log(row)
+    return row
+
+
+def shared_prefix_prompts(tokenizer: Any, count: int, system_tokens: int, turn_tokens: int) -> list[str]:
+    """A chat's shape: one long system prompt, then a short user turn that differs per request."""
+    system = make_prompts(tokenizer, 1, system_tokens, seed=11)[0]
+    return [system + turn for turn in make_prompts(tokenizer, count, turn_tokens, seed=12)]
+
+
+async def run_shared_prefix_uncached(bench: Bench, prompts: list[str], pool: ClientPool, args: argparse.Namespace,
+                                     log: Any) -> list[dict[str, Any]]:
+    """The shared-prefix workload on a server with the prefix cache off (run_server measured it on)."""
+    c = args.shared_concurrency
+    server = await start_server(args, bench, shared_prompt_tokens(args), c, prefix_cache_tokens=0)
+    try:
+        return [await shared_prefix_load(server, prompts, pool, args, log, cached=False)]
+    finally:
+        await server.stop(0.5)
+
+
 async def run_server_process(
-    model: Any, tokenizer: Any, prompts: list[str], concurrencies: list[int], new_tokens: int, prompt_tokens: int,
-    rounds: int, client_procs: int, stagger_ms: float, tensor_parallel: int, log: Any,
+    model: Any, tokenizer: Any, prompts: list[str], pool: ClientPool, args: argparse.Namespace, log: Any
 ) -> list[dict[str, Any]]:
     """The server as its own process group (`--tensor-parallel N`), loaded like the in-process one."""
     import socket
@@ -252,20 +430,22 @@ async def run_server_process(
 
     from stratus_workers.client import AsyncClient
 
+    concurrencies = args.concurrency
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        args = [
+        cmd = [
             sys.executable, "-m", "stratus_workers.serve", "--model", tmp, "--name", "bench", "--port", str(port),
-            "--http-port", "0", "--tensor-parallel", str(tensor_parallel), "--max-batch-size", str(max(concurrencies)),
-            "--max-prompt-tokens", str(prompt_tokens), "--max-new-tokens", str(new_tokens),
-            "--max-queue", str(4 * max(concurrencies)), "--log-level", "warning", "--log-format", "text",
-        ]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "workers"), os.environ.get("PYTHONPATH", "")]))
-        proc = await asyncio.create_subprocess_exec(*args, env=env)
+            "--http-port", "0", "--tensor-parallel", str(args.tensor_parallel), "--max-batch-size",
+            str(max(concurrencies)), "--max-prompt-tokens", str(args.prompt_tokens), "--max-new-tokens",
+            str(args.new_tokens), "--max-queue", str(4 * max(concurrencies)), "--log-level", "warning",
+            "--log-format", "text",
+        ]  # fmt: skip
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([args.code, os.environ.get("PYTHONPATH", "")]))
+        proc = await asyncio.create_subprocess_exec(*cmd, env=env)
         address = f"127.0.0.1:{port}"
         rows: list[dict[str, Any]] = []
         try:
@@ -275,11 +455,12 @@ async def run_server_process(
                     if proc.returncode is not None or time.monotonic() > deadline:
                         raise RuntimeError(f"the tensor-parallel server did not come up (exit {proc.returncode})")
                     await asyncio.sleep(0.5)
-            for c in [1, *concurrencies]:  # warm-up: graphs are captured on first use here
-                await _load(address, prompts, c, 1, min(new_tokens, 8), 1, 0.0)
+            for c in [1, *concurrencies]:  # warm-up
+                await pool.load(address, prompts, c, 1, min(args.new_tokens, 8), 1, 0.0)
             for c in concurrencies:
-                wall, results = await _load(address, prompts, c, rounds, new_tokens, client_procs, stagger_ms / 1e3)
-                row = _server_row(f"stratus, tensor parallel over {tensor_parallel} GPUs", c, wall, results)
+                wall, results = await pool.load(address, prompts, c, args.rounds, args.new_tokens, args.client_procs,
+                                                args.stagger_ms / 1e3)
+                row = _server_row(f"stratus, tensor parallel over {args.tensor_parallel} GPUs", c, wall, results)
                 rows.append(row)
                 log(row)
         finally:
@@ -299,55 +480,30 @@ def _server_row(system: str, c: int, wall: float, results: list[dict[str, Any]])
     )
 
 
-def decode_step_times(runner: FusedRunner, kv_len: int, batches: list[int]) -> dict[str, float]:
-    """GPU time of one captured decode step per batch size (median of 50 replays; no requests in flight)."""
-    decoder = runner.decoder
-    if not decoder.cuda_graphs:
+def decode_step_times(model: Any, kv_len: int, batches: list[int]) -> dict[str, float]:
+    """GPU time of one captured decode step per batch size (median of 50 replays), on a runner of its own."""
+    from stratus_workers.serve.runner.build import build_runner
+
+    runner = build_runner(model, max_rows=max(batches), max_len=kv_len + 1)
+    decoder = getattr(runner, "decoder", None)
+    if decoder is None or not decoder.cuda_graphs:
         return {}
     times: dict[str, float] = {}
-    for b in batches:
-        graph, _ = decoder.graph(*decoder.buckets(b, kv_len))
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        samples = []
-        for _ in range(50):
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        times[str(b)] = round(statistics.median(samples), 4)
+    with torch.inference_mode():
+        for b in batches:
+            graph, _ = decoder.graph(*decoder.buckets(b, kv_len))
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            samples = []
+            for _ in range(50):
+                start.record()
+                graph.replay()
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end))
+            times[str(b)] = round(statistics.median(samples), 4)
+    del runner
+    torch.cuda.empty_cache()
     return times
-
-
-async def _load(
-    address: str, prompts: list[str], concurrency: int, rounds: int, new_tokens: int, procs: int, stagger: float
-) -> tuple[float, list[dict[str, Any]]]:
-    procs = max(1, min(procs, concurrency))
-    ctx = mp.get_context("spawn")
-    pipes: list[Connection] = []
-    children = []
-    for p in range(procs):
-        mine = list(range(p, concurrency, procs))
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_client_process, args=(address, prompts, mine, rounds, new_tokens, stagger, child))
-        proc.start()
-        child.close()
-        pipes.append(parent)
-        children.append(proc)
-    loop = asyncio.get_running_loop()
-    for pipe in pipes:
-        assert await loop.run_in_executor(None, pipe.recv) == "ready"
-    start_at = time.monotonic() + 0.2
-    for pipe in pipes:
-        pipe.send(start_at)
-    results: list[dict[str, Any]] = []
-    for pipe in pipes:
-        results.extend(await loop.run_in_executor(None, pipe.recv))
-    for proc in children:
-        proc.join()
-    first = min(r["sent"] for r in results)
-    last = max(r["done"] for r in results)
-    return last - first, results
 
 
 # -- driver ------------------------------------------------------------------------------------
@@ -373,7 +529,7 @@ def machine(device: torch.device) -> dict[str, str]:
     return info
 
 
-def bench_model(arch_name: str, args: argparse.Namespace, log: Any) -> list[dict[str, Any]]:
+def bench_model(arch_name: str, args: argparse.Namespace, pool: ClientPool, log: Any) -> list[dict[str, Any]]:
     from transformers import AutoTokenizer
 
     from stratus_workers.models import LoadedModel
@@ -385,7 +541,7 @@ def bench_model(arch_name: str, args: argparse.Namespace, log: Any) -> list[dict
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else tiny_models.bundled_tokenizer()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    arch = getattr(tiny_models, ARCHS[arch_name])
+    arch = dict(getattr(tiny_models, ARCHS[arch_name]))
     model = tiny_models.random_llama(dict(arch), vocab_size=len(tokenizer), seed=0).to(device=device, dtype=dtype)
     model.requires_grad_(False)
     params = sum(p.numel() for p in model.parameters())
@@ -394,55 +550,79 @@ def bench_model(arch_name: str, args: argparse.Namespace, log: Any) -> list[dict
     prompts = make_prompts(tokenizer, count, args.prompt_tokens)
     prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     rows: list[dict[str, Any]] = []
+    shared: list[str] = []
+    if args.shared_concurrency and args.tensor_parallel == 1 and not args.skip_server:
+        shared = shared_prefix_prompts(tokenizer, args.shared_concurrency * args.rounds + 8,
+                                       args.shared_system_tokens, args.shared_turn_tokens)
     loaded = LoadedModel(
         model=model, tokenizer=tokenizer, name="bench", source="random-init", dtype=dtype, device=device
     )
+    bench = Bench(loaded, arch, device)
+
+    def keep(new: list[dict[str, Any]]) -> None:
+        for row in new:
+            row.update(model=arch_name, parameters=params, dtype=str(dtype).removeprefix("torch."))
+        rows.extend(new)
+        if args.json:  # as it goes: a run cut short still leaves what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.with_suffix(f".{arch_name}.partial.json").write_text(json.dumps(rows, indent=1))
+
     if args.tensor_parallel > 1:
-        rows += asyncio.run(
-            run_server_process(model, tokenizer, prompts, args.concurrency, args.new_tokens, args.prompt_tokens,
-                               args.rounds, args.client_procs, args.stagger_ms, args.tensor_parallel, log)
-        )
+        keep(asyncio.run(run_server_process(model, tokenizer, prompts, pool, args, log)))
     elif not args.skip_server:
-        rows += asyncio.run(
-            run_server(loaded, prompts, args.concurrency, args.new_tokens, args.prompt_tokens, args.rounds,
-                       args.client_procs, args.stagger_ms, log)
-        )
+        served = asyncio.run(run_server(bench, prompts, pool, args, log, shared))
+        if device.type == "cuda":  # after the server: its compiled kernels are cached by now
+            step_ms = decode_step_times(model, args.prompt_tokens + args.new_tokens, args.concurrency)
+            log(f"  decode step (graph replay, kv {args.prompt_tokens + args.new_tokens}): {step_ms}")
+            for row in served:
+                row["step_ms"] = step_ms.get(str(row["concurrency"]))
+        keep(served)
+    if shared:
+        keep(asyncio.run(run_shared_prefix_uncached(bench, shared, pool, args, log)))
     if not args.skip_baselines:
         sequential = run_sequential(model, prompt_ids, args.new_tokens)
-        for c in args.concurrency:
-            rows += run_baselines(model, prompt_ids, c, args.new_tokens, sequential, log)
-    for row in rows:
-        row.update(model=arch_name, parameters=params, dtype=str(dtype).removeprefix("torch."))
-    del model, loaded
+        for c in args.baseline_concurrency or args.concurrency:
+            keep(run_baselines(model, prompt_ids, c, args.new_tokens, sequential, log))
+    del model, loaded, bench
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def _label(run: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """A row as the table shows it: a server row of a labelled run (another tree, `--label`) says so."""
+    label = run["settings"].get("label")
+    if label and row["system"] == SERVER:
+        return {**row, "system": f"{SERVER}, {label}"}
+    return row
 
 
 def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
     """(kind, markdown section) for one or more runs on one kind of device."""
     meta = runs[0]["meta"]
     kind = meta["kind"]
-    rows = [r for run in runs for r in run["rows"]]
+    rows = [_label(run, r) for run in runs for r in run["rows"]]
     settings = runs[0]["settings"]
+    dates = ", ".join(dict.fromkeys(run["meta"]["date"] for run in runs))
     lines = [
         f"## Serving, {'GPU' if kind == 'gpu' else 'CPU'} (`make bench-serve`)",
         "",
         f"Device: **{meta['device']}**; host {meta['cpu']} (load average {meta.get('load', '?')}); "
-        f"torch {meta['torch']}, transformers "
-        f"{meta['transformers']}; {meta['date']}. Random-init weights, greedy, "
+        f"torch {meta['torch']}, transformers {meta['transformers']}; {dates}. Random-init weights, greedy, "
         f"{settings['prompt_tokens']}-token prompts, {settings['new_tokens']} new tokens; the server's clients run "
-        f"{settings['rounds']} request(s) each, back to back, in {settings['client_procs']} process(es), starts "
-        f"staggered by {settings['stagger_ms']} ms. Speed-up: stratus over the best `generate()` baseline at the "
-        "same concurrency. Baseline TTFT/ITL are derived from their call timings (see the script's docstring).",
+        f"{settings['rounds']} request(s) each, back to back, in {settings['client_procs']} process(es) started "
+        f"before the server, starts staggered by {settings['stagger_ms']} ms. Speed-up: stratus over the best "
+        "`generate()` baseline at the same concurrency. Baseline TTFT/ITL are derived from their call timings (see "
+        "the script's docstring).",
         "",
         "| model | concurrency | system | tokens/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | speed-up |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     goals: list[str] = []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        for c in dict.fromkeys(r["concurrency"] for r in rows if r["model"] == model):
-            group = [r for r in rows if r["model"] == model and r["concurrency"] == c]
+    main_rows = [r for r in rows if not r["system"].startswith("shared prefix")]
+    for model in dict.fromkeys(r["model"] for r in main_rows):
+        for c in sorted(dict.fromkeys(r["concurrency"] for r in main_rows if r["model"] == model)):
+            group = [r for r in main_rows if r["model"] == model and r["concurrency"] == c]
             base = [r for r in group if not r["system"].startswith("stratus")]
             best = max((r["tokens_per_s"] for r in base), default=0.0)
             for r in sorted(group, key=lambda r: r["system"].startswith("stratus")):
@@ -451,11 +631,16 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
                     f"| {model} | {c} | {r['system']} | {r['tokens_per_s']:,.0f} | {r['ttft_p50_ms']:.1f} | "
                     f"{r['ttft_p95_ms']:.1f} | {r['itl_p50_ms']:.2f} | {speed} |"
                 )
-        ours = {r["concurrency"]: r for r in rows if r["model"] == model and r["system"] == SERVER}
+        ours = {r["concurrency"]: r for r in main_rows if r["model"] == model and r["system"] == SERVER}
         if 1 in ours:
             goals.append(_goal(f"{model} single stream", ours[1]["tokens_per_s"], GOAL_SINGLE, "tokens/s"))
         if 64 in ours:
             goals.append(_goal(f"{model} aggregate at 64", ours[64]["tokens_per_s"], GOAL_AGGREGATE_64, "tokens/s"))
+            base = [r["tokens_per_s"] for r in main_rows if r["model"] == model and r["concurrency"] == 64
+                    and not r["system"].startswith("stratus")]  # fmt: skip
+            if base:
+                goals.append(_goal(f"{model} at 64 over the best generate() baseline", ours[64]["tokens_per_s"] /
+                                   max(base), GOAL_OVER_BASELINE, TIMES))  # fmt: skip
         if 1 in ours and 64 in ours:
             ratio = ours[64]["ttft_p95_ms"] / ours[1]["ttft_p50_ms"]
             verdict = "met" if ratio <= GOAL_TTFT_RATIO else f"missed ({ratio / GOAL_TTFT_RATIO:.1f}{TIMES} over)"
@@ -466,48 +651,68 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
         lines += ["", "GPU time of one captured decode step (CUDA graph replay, idle server): " + "; ".join(
             f"{m} batch {c}: {ms:.3f} ms" for (m, c), ms in steps.items()
         ) + "."]
+    costs = [r for r in rows if "engine_us_per_token" in r and r["system"].startswith(("stratus", "shared"))]
+    if costs:
+        lines += [
+            "",
+            "Host cost per generated token: CPU time (user + system, from /proc) over the run divided by the tokens "
+            "generated, for the server's frontend (gRPC, tokenization, text, protobuf) and for its engine loop (its "
+            "own process, or its thread inside the server's). The engine's figure includes the time it spins "
+            "waiting for the GPU (CUDA synchronisation busy-waits), so at one stream it is about the wall time.",
+            "",
+            "| model | concurrency | system | engine runs in | frontend µs/token | engine µs/token | tokens/s |",
+            "| --- | ---: | --- | --- | ---: | ---: | ---: |",
+        ]
+        for r in costs:
+            where = "its own process" if r.get("engine") == "process" else "a thread of the server"
+            if r["system"].startswith("shared"):
+                where = "its own process" if kind == "gpu" else where
+            lines.append(
+                f"| {r['model']} | {r['concurrency']} | {r['system']} | {where} | {r['frontend_us_per_token']:.0f} | "
+                f"{r['engine_us_per_token']:.0f} | {r['tokens_per_s']:,.0f} |"
+            )
+    shared = [r for r in rows if r["system"].startswith("shared prefix")]
+    if shared:
+        lines += [
+            "",
+            f"Shared-prefix workload: a {settings.get('shared_system_tokens', '?')}-token system prompt followed by "
+            f"{settings.get('shared_turn_tokens', '?')}-token user turns that differ per request (a chat's shape), "
+            f"{settings['new_tokens']} new tokens, clients as above; the same server with its prefix cache on, and "
+            "one with `--prefix-cache-tokens 0`. The system prompt was seen once before the measured run.",
+            "",
+            "| model | concurrency | prefix cache | tokens/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | hit rate |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in shared:
+            hit = f"{r['prefix_hit_rate']:.0%}" if "prefix_hit_rate" in r else "–"
+            lines.append(
+                f"| {r['model']} | {r['concurrency']} | {r['system'].rsplit(' ', 1)[-1]} | {r['tokens_per_s']:,.0f} | "
+                f"{r['ttft_p50_ms']:.1f} | {r['ttft_p95_ms']:.1f} | {r['itl_p50_ms']:.2f} | {hit} |"
+            )
+        by = {r["system"].rsplit(" ", 1)[-1]: r for r in shared}
+        if "on" in by and "off" in by:
+            ratio = by["off"]["ttft_p50_ms"] / by["on"]["ttft_p50_ms"]
+            goals.append(_goal("shared prefix: TTFT p50 without the cache over with it", ratio, GOAL_PREFIX_TTFT,
+                               TIMES))  # fmt: skip
     if any("tensor parallel" in r["system"] for r in rows):
         lines += ["", (
             "Tensor-parallel rows: `python -m stratus_workers.serve --tensor-parallel 2` as its own process group on "
             "a machine with two H200s (NVLink), measured in a separate run against the same kind of load; their "
-            "speed-up is against the single-GPU baselines above. Each rank holds half of every layer's heads and "
-            "MLP columns, two NCCL all-reduces per layer run inside the captured graph, and rank 0 sends each "
-            "step's call to rank 1 over gloo, which is why a model this small is slower on two GPUs than on one."
+            "speed-up is against the single-GPU baselines above."
         )]
     if kind == "gpu":
-        lines += ["", (
-            "The server's GPU path (workers/stratus_workers/serve/runner/fused.py and graphs.py): bf16; q|k|v and "
-            "gate|up fused into one matrix each; the KV cache allocated once; each decode step a CUDA graph (one per "
-            "batch bucket) whose element-wise work torch.compile fuses and whose attention is one Triton kernel; row "
-            "lengths on the device; the next step launched on this step's argmax before the engine has sampled, and "
-            "used when the engine picks those tokens (greedy), so the GPU runs while the host detokenizes and "
-            "streams. Prefill runs eagerly. The clients are other processes on loopback, so every token also pays for"
-            " detokenization, an asyncio hand-off, protobuf and a gRPC message: at high concurrency that host work, "
-            "not the GPU step above, sets the pace."
-        )]
-        ref = {(r["system"], r["concurrency"]): r["tokens_per_s"] for r in rows if r["model"] == "135m"}
-        if ref:
-            lines += ["", (
-                "The issue's H200 reference for the 135m baselines: sequential 69 tokens/s, a static batch of 64 "
-                "4,025, static cache + compile 143 at batch 1 and 20,043 at 64. Here: sequential "
-                f"{ref.get(('sequential generate()', 1), 0):,.0f}, static batch of 64 "
-                f"{ref.get(('static batch generate()', 64), 0):,.0f}, static cache + compile "
-                f"{ref.get(('static cache + compile', 1), 0):,.0f} at batch 1 and "
-                f"{ref.get(('static cache + compile', 64), 0):,.0f} at 64."
-            )]
-    if kind == "gpu":
-        lines += ["", "Goals (issue 8; they were set for an H200):", "", *goals]
+        lines += ["", "Goals (issues 8 and 14; set for an H200):", "", *goals]
     else:
         lines += ["", "The CPU run checks that the whole path works and how it ranks against `generate()` on a small "
                   "machine; the issue's goals are for an H200 and are judged in the GPU section. On a host shared "
-                  "with other work, rows measured minutes apart can differ more than the systems do (here the "
-                  "batched baselines at 32 and 64); with 16 new tokens, prefill (eager on the CPU) is most of the "
-                  "work, and the server admits staggered arrivals as several small prefills."]
+                  "with other work, rows measured minutes apart can differ more than the systems do."]
     return kind, "\n".join(lines)
 
 
 def _goal(label: str, value: float, goal: float, unit: str) -> str:
     verdict = "met" if value >= goal else f"missed, at {value / goal:.0%} of it"
+    if unit == TIMES:
+        return f"- {label}: {value:.2f}{TIMES} (goal ≥ {goal:g}{TIMES}; {verdict})"
     return f"- {label}: {value:,.0f} {unit} (goal ≥ {goal:,.0f}; {verdict})"
 
 
@@ -527,6 +732,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the bundled SmolLM2 tokenizer)")
     parser.add_argument("--tensor-parallel", type=int, default=1,
                         help="N > 1: serve from a separate `--tensor-parallel N` process group instead")
+    parser.add_argument("--engine", default="auto", choices=["auto", "process", "thread"],
+                        help="where the server's engine loop runs (auto: a process of its own on CUDA)")
+    parser.add_argument("--shared-concurrency", type=int, default=None,
+                        help="streams of the shared-prefix workload (0 skips it; default 64 CUDA, 8 CPU)")
+    parser.add_argument("--shared-system-tokens", type=int, default=None, help="its system prompt (default 1000)")
+    parser.add_argument("--shared-turn-tokens", type=int, default=24, help="its user turns")
+    parser.add_argument("--code", default=str(ROOT / "workers"),
+                        help="the stratus_workers tree to measure (another checkout: before and after)")
+    parser.add_argument("--baseline-concurrency", nargs="+", type=int, default=None,
+                        help="concurrencies of the generate() baselines (default: those of the server)")
+    parser.add_argument("--label", help="name the server rows of this run (e.g. the tree --code measures)")
     parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--json", type=Path, help="also dump the raw rows here")
@@ -543,13 +759,16 @@ def main(argv: list[str] | None = None) -> int:
             report.write_section(args.write, SECTION.format(kind=kind), section)
         return 0
 
-    sys.path.insert(0, str(ROOT / "workers"))
+    sys.path.insert(0, args.code)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     args.models = args.models or (["135m", "1b"] if cuda else ["135m"])
     args.prompt_tokens = args.prompt_tokens or (64 if cuda else 32)
     args.new_tokens = args.new_tokens or (128 if cuda else 16)
     args.rounds = args.rounds or (3 if cuda else 1)
     args.client_procs = args.client_procs or (4 if cuda else 1)
+    if args.shared_concurrency is None:
+        args.shared_concurrency = 64 if cuda else 8
+    args.shared_system_tokens = args.shared_system_tokens or (1000 if cuda else 256)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -559,14 +778,20 @@ def main(argv: list[str] | None = None) -> int:
         print(item, flush=True)
 
     rows: list[dict[str, Any]] = []
-    for name in args.models:
-        rows += bench_model(name, args, log)
+    pool = ClientPool(args.client_procs, args.code)  # before any server: see ClientPool
+    try:
+        for name in args.models:
+            rows += bench_model(name, args, pool, log)
+    finally:
+        pool.close()
     from stratus_workers.models.loader import resolve_device
 
     run = dict(
         meta=machine(resolve_device(args.device)),
         settings=dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, rounds=args.rounds,
-                      client_procs=args.client_procs, stagger_ms=args.stagger_ms),
+                      client_procs=args.client_procs, stagger_ms=args.stagger_ms, engine=args.engine,
+                      shared_system_tokens=args.shared_system_tokens, shared_turn_tokens=args.shared_turn_tokens,
+                      label=args.label),
         rows=rows,
     )
     if args.json:

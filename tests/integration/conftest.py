@@ -27,7 +27,10 @@ ServerFactory = Callable[..., AbstractAsyncContextManager["ModelServer"]]
 
 @pytest.fixture
 def model_server(tiny_model_dir: Path) -> ServerFactory:
-    """`async with model_server(tier="edge", max_prompt_tokens=...) as server:` an in-process server."""
+    """`async with model_server(tier="edge", max_prompt_tokens=...) as server:` an in-process server.
+
+    Its engine runs in a thread of the test process (the CPU's default) unless `engine="process"`.
+    """
 
     import torch
 
@@ -37,7 +40,8 @@ def model_server(tiny_model_dir: Path) -> ServerFactory:
 
     @asynccontextmanager
     async def start(**overrides: Any) -> AsyncIterator[ModelServer]:
-        settings: dict[str, Any] = dict(model=str(tiny_model_dir), port=0, http_port=0, log_format="text")
+        # One torch thread: two cores are shared by everything a test starts (an engine process included).
+        settings: dict[str, Any] = dict(model=str(tiny_model_dir), port=0, http_port=0, log_format="text", threads=1)
         settings.update(overrides)
         server = ModelServer(ServerSettings(**settings))
         await server.start()

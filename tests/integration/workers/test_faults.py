@@ -18,7 +18,8 @@ from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.client import AsyncClient
 from stratus_workers.models import load_model
 from stratus_workers.models.artifact import WEIGHTS_FILE, save_artifact
-from stratus_workers.serve.engine import _Sequence
+from stratus_workers.serve.core import _Seq
+from stratus_workers.serve.engine import _Stream
 
 pytestmark = pytest.mark.integration
 
@@ -83,9 +84,9 @@ async def test_no_leaks_after_many_bad_and_abandoned_requests(model_server) -> N
             if engine.active == 0 and engine.waiting == 0:
                 break
             await asyncio.sleep(0.02)
-        assert (engine.active, engine.waiting, len(engine.sessions)) == (0, 0, 0)
+        assert (engine.active, engine.waiting, engine.stats.sessions) == (0, 0, 0)
         gc.collect()
-        assert not [o for o in gc.get_objects() if type(o) is _Sequence]  # every request was released
+        assert not [o for o in gc.get_objects() if type(o) in (_Seq, _Stream)]  # every request was released
         assert outcomes["INVALID_ARGUMENT"] == 40 and outcomes["ok"] == 20 and outcomes["vanished"] == 20
         assert outcomes.get("DEADLINE_EXCEEDED", 0) + outcomes.get("ok", 0) >= 20
         assert (await client.generate("after all that", max_new_tokens=3)).usage.completion_tokens > 0

@@ -76,3 +76,33 @@ def write_tiny_model(path: Path, *, arch: dict[str, Any] | None = None, seed: in
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def random_loaded(
+    arch: dict[str, Any] | None = None,
+    *,
+    seed: int = 0,
+    dtype: str = "auto",
+    device: str = "auto",
+    name: str = "random",
+    init_std: float = 0.02,
+    tokenizer_dir: str | None = None,
+) -> Any:
+    """A random-init model with the bundled tokenizer (or the one in `tokenizer_dir`) as a
+    models.LoadedModel; picklable as a partial: a benchmark's engine process builds the same weights
+    from the same seed."""
+    from stratus_workers.models.loader import LoadedModel, resolve_device, resolve_dtype
+
+    if tokenizer_dir:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        tokenizer = bundled_tokenizer()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    model = random_llama(arch, vocab_size=len(tokenizer), seed=seed, init_std=init_std)
+    model.to(device=dev, dtype=torch_dtype).requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source="random-init", dtype=torch_dtype, device=dev)

@@ -43,6 +43,18 @@ class TextAssembler:
     def add(self, token: int) -> str:
         """Append a token; returns the new safe text. Sets `stopped` when a stop sequence matched."""
         self.tokens.append(token)
+        return self._advance()
+
+    def extend(self, tokens: Sequence[int]) -> str:
+        """Append several tokens with one decode (a stream that fell behind); returns the new safe text.
+
+        Without stop sequences this is `add` for each token, joined. With them, call `add` per token:
+        only that says which token completed a stop sequence.
+        """
+        self.tokens.extend(tokens)
+        return self._advance()
+
+    def _advance(self) -> str:
         full = self._decode_more()
         if full is None:
             return ""

@@ -1,278 +1,659 @@
-"""Engine: a continuous-batching scheduler that runs its model runner in its own thread.
+"""The frontend's engine: streams of text events over an engine core in a process of its own, or in a thread.
 
-The engine is given its runner (runner/build.py picks one) and the speculative sessions that
-share the runner's rows; `build_engine` wires the three as a server does. Requests join the
-running batch between decode steps and leave as soon as they finish, so a long answer never
-holds a short one back. New arrivals are prefilled before the next decode step, which keeps time
-to first token low under load. The engine thread talks to asyncio callers only through
-per-request sinks, so the event loop never waits on torch.
+`AsyncEngine` is what the gRPC servicer talks to (it implements surface.ServingEngine). It sends
+each request's token ids to the engine core through a transport and receives one message per
+engine step carrying every row's new token ids; it turns them into text here (incremental
+detokenization, stop sequences, log-probability strings), so the engine loop never spends its
+time on text, protobuf or asyncio. A stream whose reader falls behind gets every token that
+arrived since its last event in one event.
+
+Two transports run the core (serve/loop.py): `ProcessTransport` in an engine process of its own
+(serve/worker.py) over a socket pair (serve/channel.py), the default on CUDA; `ThreadTransport` in
+a thread of this process, for a preloaded model and the small CPU case. Either way the frontend
+supervises it: an engine process that exits, closes its channel, stops sending heartbeats for
+HANG_SECONDS, or stays inside one step for `step_timeout` seconds is dead, and so is a loop thread
+that raised; so is a core that is alive but does not advance: work is owed and no step output came
+for `stall_timeout` seconds. Then every request in flight and every later one ends with UNAVAILABLE,
+and `on_failure` hears why at once (the server turns its health to NOT_SERVING).
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
-import collections
-import concurrent.futures
+import contextlib
 import itertools
 import logging
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.protocol.text import TextAssembler
+from stratus_workers.serve.channel import Channel, ChannelClosed
+from stratus_workers.serve.core import CALL_ERRORS, EngineStats, Finished, StepOutput
 from stratus_workers.serve.errors import EngineFailed, EngineOverloaded, EngineStopped
-from stratus_workers.serve.mailbox import mailbox
-from stratus_workers.serve.parallel import ParallelContext
-from stratus_workers.serve.runner import ModelRunner
-from stratus_workers.serve.runner.build import build_runner
-from stratus_workers.serve.sampling import eos_ids, seeded_generator
-from stratus_workers.serve.sessions import DraftResult, SpeculativeSessions, VerifyCall, VerifyResult
-from stratus_workers.serve.speculative import SparseDist, sampling_probs
+from stratus_workers.serve.surface import (
+    Alternatives,
+    DraftResult,
+    EngineInfo,
+    Event,
+    FinishEvent,
+    FinishReason,
+    SparseDist,
+    TokenEvent,
+    TokenLogprob,
+    VerifyResult,
+)
+
+if TYPE_CHECKING:
+    from stratus_workers.serve.core import EngineCore
+    from stratus_workers.serve.loop import EngineLoop, EngineSettings, ThreadInbox
+    from stratus_workers.serve.parallel import ParallelContext
 
 log = logging.getLogger(__name__)
 
-# "unavailable": the engine itself failed; the request may succeed on another server.
-FinishReason = Literal["stop", "length", "cancelled", "deadline", "error", "unavailable"]
+HANG_SECONDS = 1.25  # an engine process silent this long (it beats every 0.2 s) is frozen or gone
+WATCH_SECONDS = 0.1
+DEFAULT_STEP_TIMEOUT = 60.0
+
+Deliver = Callable[[list[Any]], None]
+Dead = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    token: str
-    logprob: float
-    top: tuple[TokenLogprob, ...] = ()  # the most likely tokens here, when asked for
+class Transport(abc.ABC):
+    """Runs an engine core somewhere and carries messages to it and its outputs back."""
+
+    kind: str
+    pid: int = 0
+
+    @abc.abstractmethod
+    async def start(self, deliver: Deliver, dead: Dead) -> tuple[EngineInfo, Any]:
+        """Start the core; returns its info and the tokenizer. Outputs go to `deliver` (in the event
+        loop's thread, several messages at a time); `dead(reason)` is called if the core dies."""
+
+    @abc.abstractmethod
+    def send(self, message: tuple[Any, ...]) -> None: ...
+
+    @abc.abstractmethod
+    def check(self) -> str | None:
+        """None while the core works; otherwise why it is dead (polled by the supervision)."""
+
+    @abc.abstractmethod
+    async def stop(self, timeout: float) -> None: ...
+
+    def halt(self) -> None:  # noqa: B027 - a thread cannot be killed: by default there is nothing to free
+        """The frontend gave up on a core that does not advance: free what it holds, if that can be done."""
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    """New text (possibly empty while a multi-byte character or stop sequence is pending)."""
+class ThreadTransport(Transport):
+    """The core in a thread of this process: for a model already loaded here, and the small CPU case."""
 
-    text: str
-    token_ids: tuple[int, ...]
-    logprobs: tuple[TokenLogprob, ...] = ()
-
-
-@dataclass(frozen=True)
-class FinishEvent:
-    reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    queue_ms: float
-    ttft_ms: float
-    total_ms: float
-    error: str = ""
-
-
-Event = TokenEvent | FinishEvent
-Sink = Callable[[Event], None]
-
-
-@dataclass
-class _Sequence:
-    seq_id: int
-    prompt: list[int]
-    params: Sampling
-    sink: Sink
-    deadline: float | None
-    arrived: float = field(default_factory=time.monotonic)
-    admitted: float = 0.0
-    first_token: float = 0.0
-    generated: list[int] = field(default_factory=list)
-    text: TextAssembler | None = None
-    row: int = -1
-    generator: torch.Generator | None = None
-    counts: dict[int, int] = field(default_factory=dict)  # generated tokens, for the penalties
-    cancelled: bool = False
-    finished: bool = False
-
-
-class Engine:
-    """Serves one model through its runner; thread-safe `submit`, asyncio-friendly `stream`.
-
-    Rows 0..max_batch_size-1 of the runner hold the decode batch; the rows above them belong to
-    `sessions` (speculative decoding), whose calls run in the engine thread between decode steps.
-    If the loop ever dies, `failure` says why, `on_failure` hears it at once, and every waiting,
-    running and later request ends with UNAVAILABLE instead of hanging.
-    """
+    kind = "thread"
 
     def __init__(
         self,
-        runner: ModelRunner,
-        tokenizer: Any,
-        sessions: SpeculativeSessions,
+        settings: EngineSettings,
         *,
-        max_batch_size: int = 8,
-        max_queue: int = 256,
-        on_step: Callable[[int, int], None] | None = None,
-        on_failure: Callable[[str], None] | None = None,
+        loaded: Any = None,
+        load: Callable[[], Any] | None = None,
+        core: tuple[EngineCore, EngineInfo, Any] | None = None,
+        parallel: ParallelContext | None = None,
+        step_timeout: float = DEFAULT_STEP_TIMEOUT,
     ) -> None:
-        if sessions.runner is not runner or sessions.first_row < max_batch_size:
-            raise ValueError(
-                f"the sessions must use rows {max_batch_size} and up of this engine's runner "
-                f"(rows 0..{max_batch_size - 1} hold the decode batch)"
+        self.settings = settings
+        self.loaded = loaded
+        self.load = load
+        self.prebuilt = core
+        self.parallel = parallel
+        self.step_timeout = step_timeout
+        self.failure: str | None = None
+        self.loop: EngineLoop | None = None
+        self.core: EngineCore | None = None
+        self._inbox: ThreadInbox | None = None
+        self._thread: threading.Thread | None = None
+        self._pending: list[Any] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+        self._stopping = False
+
+    async def start(self, deliver: Deliver, dead: Dead) -> tuple[EngineInfo, Any]:
+        from stratus_workers.serve.loop import EngineLoop, ThreadInbox, build_core
+
+        loop = asyncio.get_running_loop()
+        if self.prebuilt is not None:
+            core, info, tokenizer = self.prebuilt
+        else:
+            loaded = self.loaded
+            if loaded is None:
+                assert self.load is not None
+                loaded = await loop.run_in_executor(None, self.load)
+            core, info = await loop.run_in_executor(None, build_core, loaded, self.settings, self.parallel)
+            tokenizer = loaded.tokenizer
+            if self.settings.warmup:  # decode graphs on CUDA, before any request pays for them
+                await loop.run_in_executor(None, core.warmup)
+        self.core = core
+        self._inbox = ThreadInbox()
+
+        def emit(message: tuple[Any, ...]) -> None:  # the engine thread: one loop wake-up per batch of steps
+            with self._lock:
+                self._pending.append(message)
+                if self._scheduled:
+                    return
+                self._scheduled = True
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+                loop.call_soon_threadsafe(flush)
+
+        def flush() -> None:
+            with self._lock:
+                items, self._pending, self._scheduled = self._pending, [], False
+            deliver(items)
+
+        def run() -> None:
+            try:
+                assert self.loop is not None and self._inbox is not None
+                self.loop.run(self._inbox)
+            except BaseException as exc:  # the thread must never end quietly behind a serving health
+                log.critical("engine loop died; this server stops serving", exc_info=exc)
+                self.failure = f"the model engine stopped after an internal error ({type(exc).__name__}: {exc})"
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(dead, self.failure)
+
+        self.loop = EngineLoop(core, emit)
+        self._thread = threading.Thread(target=run, name="stratus-engine", daemon=True)
+        self._thread.start()
+        return info, tokenizer
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        assert self._inbox is not None
+        self._inbox.put(message)
+
+    def check(self) -> str | None:
+        if self.failure is not None:
+            return self.failure
+        if self._thread is not None and not self._thread.is_alive() and not self._stopping:
+            return "the model engine's thread exited"
+        loop = self.loop
+        if loop is not None and loop.busy_since and time.monotonic() - loop.busy_since > self.step_timeout:
+            return f"the model engine has been inside one step for over {self.step_timeout:.0f} s"
+        return None
+
+    async def stop(self, timeout: float) -> None:
+        self._stopping = True
+        if self._inbox is not None:
+            self._inbox.put(("stop",))
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
+        if self.core is not None and (self._thread is None or not self._thread.is_alive()):
+            self.core.runner.close()  # under tensor parallel: the other ranks leave follow() and exit
+
+
+class ProcessTransport(Transport):
+    """The core in an engine process of its own (serve/worker.py), over a socket pair."""
+
+    kind = "process"
+
+    def __init__(
+        self,
+        settings: EngineSettings,
+        load: Callable[[], Any],
+        *,
+        step_timeout: float = DEFAULT_STEP_TIMEOUT,
+        hang_seconds: float = HANG_SECONDS,
+    ) -> None:
+        self.settings = settings
+        self.load = load
+        self.step_timeout = step_timeout
+        self.hang_seconds = hang_seconds
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.channel: Channel | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._deliver: Deliver | None = None
+        self._dead: Dead | None = None
+        self._ready: asyncio.Future[tuple[EngineInfo, Any]] | None = None
+        self._heard = 0.0  # when the engine last sent anything
+        self._busy = 0.0  # seconds its loop had been inside one step, as of the last beat
+        self._closed = False
+        self._writing = False
+        self._stopping = False
+        self.failure: str | None = None
+
+    async def start(self, deliver: Deliver, dead: Dead) -> tuple[EngineInfo, Any]:
+        loop = self._loop = asyncio.get_running_loop()
+        self._deliver, self._dead = deliver, dead
+        ours, theirs = socket.socketpair()
+        with theirs:
+            self.proc = subprocess.Popen(  # noqa: ASYNC220 - a fork and exec, not a wait
+                [sys.executable, "-m", "stratus_workers.serve.worker", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
             )
-        self.runner = runner
-        self.tokenizer = tokenizer
-        self.sessions = sessions
+        self.pid = self.proc.pid
+        self.channel = Channel(ours)
+        self._ready = loop.create_future()
+        self._heard = time.monotonic()
+        loop.add_reader(self.channel.fileno(), self._readable)
+        self.send((self.settings, self.load))
+        while True:  # loading can take minutes; a process that dies meanwhile ends the wait
+            try:
+                return await asyncio.wait_for(asyncio.shield(self._ready), 0.5)
+            except TimeoutError:
+                code = self.proc.poll()
+                if code is not None and not self._ready.done():
+                    self._close_reader()
+                    raise EngineFailed(f"the engine process exited with status {code} before it was ready") from None
+
+    def _readable(self) -> None:
+        assert self.channel is not None
+        try:
+            messages = self.channel.receive()
+        except ChannelClosed:
+            self._gone("the engine process closed its channel")
+            return
+        self._heard = time.monotonic()
+        outputs: list[Any] = []
+        for message in messages:
+            kind = message[0]
+            if kind == "beat":
+                self._busy = message[2]
+            elif kind == "ready":
+                if self._ready is not None and not self._ready.done():
+                    self._ready.set_result((message[1], message[2]))
+            elif kind == "failed":
+                self.failure = f"the model engine stopped after an internal error ({message[1]})"
+                self._gone(self.failure, message)
+                return
+            else:
+                outputs.append(message)
+        if outputs and self._deliver is not None:
+            self._deliver(outputs)
+
+    def _gone(self, reason: str, failed: tuple[Any, ...] | None = None) -> None:
+        self._closed = True
+        self._close_reader()
+        if self._ready is not None and not self._ready.done():
+            if failed is not None and failed[2] in ("ModelLoadError", "ValueError", "UnsupportedModelError"):
+                from stratus_workers.models.files import ModelLoadError
+
+                message = str(failed[1]).split(": ", 1)[-1]
+                self._ready.set_exception(
+                    ModelLoadError(message) if failed[2] == "ModelLoadError" else ValueError(message)
+                )
+            else:
+                self._ready.set_exception(EngineFailed(reason))
+            return
+        if self._stopping:
+            return
+        if self.failure is None and self.proc is not None:
+            # A process that died closed its channel on the way out; its status follows at once.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(0.2)
+            self.failure = self._exit_reason() or reason
+        if self._dead is not None and self.failure is not None:
+            self._dead(self.failure)
+
+    def _exit_reason(self) -> str | None:
+        code = self.proc.poll() if self.proc is not None else None
+        if code is None:
+            return None
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        return f"the model engine process {how}"
+
+    def _close_reader(self) -> None:
+        if self._loop is not None and self.channel is not None and not self.channel.sock._closed:  # type: ignore[attr-defined]
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self.channel.fileno())
+            if self._writing:
+                with contextlib.suppress(Exception):
+                    self._loop.remove_writer(self.channel.fileno())
+                self._writing = False
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        if self.channel is None or self._closed:
+            raise EngineStopped("the engine process is not running")
+        try:
+            drained = self.channel.send(message)
+        except ChannelClosed:
+            self._gone("the engine process closed its channel")
+            return
+        if not drained and not self._writing and self._loop is not None:
+            self._writing = True
+            self._loop.add_writer(self.channel.fileno(), self._writable)
+
+    def _writable(self) -> None:
+        assert self.channel is not None and self._loop is not None
+        try:
+            drained = self.channel.flush()
+        except ChannelClosed:
+            self._gone("the engine process closed its channel")
+            return
+        if drained:
+            self._loop.remove_writer(self.channel.fileno())
+            self._writing = False
+
+    def check(self) -> str | None:
+        if self.failure is not None:
+            return self.failure
+        proc = self.proc
+        if proc is None or self._stopping:
+            return None
+        exited = self._exit_reason()
+        if exited is not None:
+            self.failure = exited
+        elif self._closed:
+            self.failure = "the model engine process closed its channel"
+        else:
+            silent = time.monotonic() - self._heard
+            if silent > self.hang_seconds:
+                self.failure = f"the model engine process stopped responding (no heartbeat for {silent:.1f} s)"
+            elif self._busy + silent > self.step_timeout:
+                self.failure = f"the model engine has been inside one step for over {self.step_timeout:.0f} s"
+        if self.failure is not None:
+            self.halt()
+        return self.failure
+
+    def halt(self) -> None:
+        self._close_reader()
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()  # frozen or stuck: it must not hold the GPU for a restart
+
+    async def stop(self, timeout: float) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        alive = proc.poll() is None and not self._closed
+        self._stopping = True
+        if alive:
+            with contextlib.suppress(EngineStopped):
+                self.send(("stop",))
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, proc.wait, timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("the engine process did not stop within %.0f s; killing it", timeout)
+            proc.kill()
+            await loop.run_in_executor(None, proc.wait)
+        self._close_reader()
+        if self.channel is not None:
+            self.channel.close()
+
+
+class _Stream:
+    """One request in flight, as the frontend tracks it."""
+
+    __slots__ = (
+        "admitted", "arrived", "deadline", "finish", "first_seen", "params", "pending", "pending_logprobs",
+        "pending_top", "prompt_tokens", "received", "seq_id", "text", "waiter",
+    )  # fmt: skip
+
+    def __init__(
+        self, seq_id: int, params: Sampling, prompt_tokens: int, deadline: float | None, text: TextAssembler
+    ) -> None:
+        self.seq_id = seq_id
+        self.params = params
+        self.prompt_tokens = prompt_tokens
+        self.deadline = deadline
+        self.arrived = time.monotonic()
+        self.text = text
+        self.pending: list[int] = []
+        self.pending_logprobs: list[float] = []
+        self.pending_top: list[Alternatives] = []
+        self.finish: Finished | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.received = 0
+        self.admitted = 0.0
+        self.first_seen = 0.0
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class AsyncEngine:
+    """A ServingEngine over an engine core run by `transport`; every method runs in the event loop's thread."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        max_batch_size: int,
+        max_queue: int = 256,
+        on_stats: Callable[[EngineStats], None] | None = None,
+        on_failure: Callable[[str], None] | None = None,
+        stall_timeout: float = DEFAULT_STEP_TIMEOUT,
+    ) -> None:
+        self.transport = transport
+        self.stall_timeout = stall_timeout
+        self._progress_at = 0.0  # when the core last stepped, or when nothing was owed
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.max_len = runner.max_len
-        self.vocab_size = runner.vocab_size
-        self._eos = eos_ids(runner.model, tokenizer)
-        self._on_step = on_step
-        self._on_failure = on_failure
-        self._ops: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = collections.deque()
-        self._running_ops: list[concurrent.futures.Future[Any]] = []
-        # Verify calls wait here, not in _ops: each step runs all of them in one forward pass.
-        self._verifies: list[tuple[VerifyCall, concurrent.futures.Future[Any]]] = []
+        self.on_stats = on_stats
+        self.on_failure = on_failure
+        self.info = EngineInfo("", "", "", "", 0, "", 0, 0)
+        self.tokenizer: Any = None
+        self.failure: str | None = None
+        self.stats = EngineStats()
         self.verify_together = True  # False: one forward pass per Verify call (the way it was; benchmarks)
-        self._waiting: collections.deque[_Sequence] = collections.deque()
-        self._active: list[_Sequence] = []
-        self._cond = threading.Condition()
+        self._streams: dict[int, _Stream] = {}
+        self._calls: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
         self._stopping = False
-        self._thread: threading.Thread | None = None
-        self.failure: str | None = None  # why the loop died; None while it runs
-        self.steps = 0
+        self._started = False
+        self._watch: asyncio.Task[None] | None = None
 
-    # -- lifecycle ----------------------------------------------------------------------
+    # -- lifecycle ----------------------------------------------------------------------------
 
-    def warmup(self) -> int:
-        """Prepare the runner before traffic (decode graphs on CUDA); returns how many graphs exist."""
-        return self.runner.warmup()
+    async def start(self) -> None:
+        self.info, self.tokenizer = await self.transport.start(self._deliver, self._fail)
+        self._started = True
+        self._watch = asyncio.ensure_future(self._supervise())
 
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="stratus-engine", daemon=True)
-            self._thread.start()
+    async def stop(self, timeout: float = 30.0) -> None:
+        """End every request (cancelled: the server is shutting down) and stop the core."""
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._started:
+            await self.transport.stop(timeout)
+        self._end_all("cancelled", "server shutting down", EngineStopped("the server is shutting down"))
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+    async def _supervise(self) -> None:
+        self._progress_at = time.monotonic()
+        while self.failure is None:
+            await asyncio.sleep(WATCH_SECONDS)
+            reason = self.transport.check() or self._stalled()
+            if reason is not None:
+                self._fail(reason)
+                self.transport.halt()
 
-    def close(self) -> None:
-        """Release the runner after `shutdown` (under tensor parallel: the other ranks stop following)."""
-        self.runner.close()
+    def _stalled(self) -> str | None:
+        """Why the core counts as stuck: work is owed (a request unfinished, a call unanswered) and no step
+        output has arrived for `stall_timeout` seconds. A process that still beats, or a thread that is
+        alive, can be stuck anywhere (inside a step or outside it, in a lost wake-up or a scheduler that
+        lost track of its queue); only its steps say that it advances."""
+        now = time.monotonic()
+        owed = sum(1 for st in self._streams.values() if st.finish is None)
+        owed += sum(1 for future in self._calls.values() if not future.done())
+        if not owed:
+            self._progress_at = now
+            return None
+        quiet = now - self._progress_at
+        if quiet <= self.stall_timeout:
+            return None
+        return (
+            f"the model engine is not advancing: no step in {quiet:.1f} s with {owed} requests or calls in flight"
+        )
+
+    @property
+    def pid(self) -> int:
+        """The engine process's id (0 when the core runs in a thread of this process)."""
+        return self.transport.pid
+
+    @property
+    def mode(self) -> str:
+        return self.transport.kind
 
     @property
     def active(self) -> int:
-        return len(self._active)
+        return self.stats.active
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return self.stats.waiting
 
-    # -- submission ---------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        return self.stats.steps
 
-    def submit(
-        self, prompt: Sequence[int], params: Sampling, sink: Sink, deadline: float | None = None
-    ) -> Callable[[], None]:
-        """Queue a request; returns a function that cancels it. Events go to `sink` (engine thread)."""
-        if not prompt:
-            raise ValueError("the prompt has no tokens")
-        if len(prompt) >= self.max_len:
-            raise ValueError(f"the prompt has {len(prompt)} tokens; this server's context holds {self.max_len - 1}")
-        if params.logit_bias and params.logit_bias[-1][0] >= self.vocab_size:
-            raise ValueError(f"logit_bias names token ids outside this model's vocabulary of {self.vocab_size}")
-        seq = _Sequence(next(self._ids), list(prompt), params, sink, deadline)
-        if not params.greedy:
-            seq.generator = seeded_generator(params.seed)
-        with self._cond:
-            self._check_running()
-            if len(self._waiting) >= self.max_queue:
-                self._drop_abandoned()
-            if len(self._waiting) >= self.max_queue:
-                raise EngineOverloaded(f"{len(self._waiting)} requests are already waiting; try again later")
-            self._waiting.append(seq)
-            self._cond.notify()
+    @property
+    def max_len(self) -> int:
+        return self.info.max_len
 
-        def cancel() -> None:
-            seq.cancelled = True
-            with self._cond:
-                self._cond.notify()
-
-        return cancel
-
-    def _drop_abandoned(self) -> None:
-        """End waiting requests that were cancelled or ran out of time (caller holds the lock).
-
-        The loop would end them only when a row frees up; until then they would hold places in the queue
-        and turn live requests away as overloaded (the request-mix fuzzer found this).
-        """
-        now = time.monotonic()
-        abandoned = [s for s in self._waiting if s.cancelled or (s.deadline is not None and now > s.deadline)]
-        for seq in abandoned:
-            self._waiting.remove(seq)
-            self._finish(seq, "cancelled" if seq.cancelled else "deadline")
+    @property
+    def vocab_size(self) -> int:
+        return self.info.vocab_size
 
     def _check_running(self) -> None:
         if self.failure is not None:
             raise EngineFailed(self.failure)
-        if self._stopping:
-            raise EngineStopped("the server is shutting down")
+        if self._stopping or not self._started:
+            raise EngineStopped("the server is shutting down" if self._stopping else "the engine has not started")
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _submit(self, prompt: Sequence[int], params: Sampling, deadline: float | None) -> _Stream:
+        self._check_running()
+        if not prompt:
+            raise ValueError("the prompt has no tokens")
+        if len(prompt) >= self.info.max_len:
+            raise ValueError(
+                f"the prompt has {len(prompt)} tokens; this server's context holds {self.info.max_len - 1}"
+            )
+        if params.logit_bias and params.logit_bias[-1][0] >= self.info.vocab_size:
+            raise ValueError(f"logit_bias names token ids outside this model's vocabulary of {self.info.vocab_size}")
+        waiting = len(self._streams) - self.max_batch_size
+        if waiting >= self.max_queue:
+            # Requests whose time ran out while they waited hold no place (the engine ends them this step).
+            now = time.monotonic()
+            waiting -= sum(1 for st in self._streams.values() if st.deadline is not None and now > st.deadline)
+            if waiting >= self.max_queue:
+                raise EngineOverloaded(f"{waiting} requests are already waiting; try again later")
+        text = TextAssembler(self.tokenizer, params.stop)
+        stream = _Stream(next(self._ids), params, len(prompt), deadline, text)
+        self._streams[stream.seq_id] = stream
+        self.transport.send(("add", stream.seq_id, list(prompt), params, deadline))
+        return stream
 
     async def stream(
         self, prompt: Sequence[int], params: Sampling, deadline: float | None = None
     ) -> AsyncIterator[Event]:
-        """Yield events for one request; leaving the iterator early cancels the request."""
+        """Events of one request; leaving the iterator early cancels it."""
+        st = self._submit(prompt, params, deadline)
+        done = False
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-
-        box = mailbox(loop)  # one loop wake-up per decode step, not one per token
-
-        def sink(event: Event) -> None:
-            box.post(queue, event)
-
-        cancel = self.submit(prompt, params, sink, deadline)
-        finished = False
         try:
             while True:
-                event = await queue.get()
-                # When the caller falls behind (a busy event loop), send the tokens waiting as one event.
-                while isinstance(event, TokenEvent) and not queue.empty():
-                    following = queue.get_nowait()
-                    if not isinstance(following, TokenEvent):
+                if not st.pending and st.finish is None:
+                    st.waiter = loop.create_future()
+                    await st.waiter
+                    st.waiter = None
+                if st.pending:
+                    event = self._text_event(st)
+                    if event is not None:
                         yield event
-                        event = following
-                        break
-                    event = TokenEvent(
-                        event.text + following.text,
-                        event.token_ids + following.token_ids,
-                        event.logprobs + following.logprobs,
-                    )
-                yield event
-                if isinstance(event, FinishEvent):
-                    finished = True
-                    return
+                    if st.text.stopped:  # a stop sequence: the answer ends here, the engine need not go on
+                        yield self._finish_event(st, "stop", st.received)
+                        return
+                    continue
+                finish = st.finish
+                assert finish is not None
+                done = True
+                rest = st.text.flush()
+                if rest and finish.reason in ("stop", "length"):
+                    yield TokenEvent(rest, ())
+                f = finish
+                yield self._finish_event(st, f.reason, f.completion_tokens, f.error, f.cached_tokens)
+                return
         finally:
-            if not finished:
-                cancel()
+            self._streams.pop(st.seq_id, None)
+            if not done and self.failure is None and not self._stopping:
+                with contextlib.suppress(EngineStopped):
+                    self.transport.send(("abort", st.seq_id))
 
-    # -- work between decode steps ------------------------------------------------------
+    def _text_event(self, st: _Stream) -> TokenEvent | None:
+        tokens, st.pending = st.pending, []
+        logprobs, st.pending_logprobs = st.pending_logprobs, []
+        tops, st.pending_top = st.pending_top, []
+        text = st.text
+        if text.stop:  # token by token: only that says which token completed a stop sequence
+            parts = []
+            used = 0
+            for token in tokens:
+                parts.append(text.add(token))
+                used += 1
+                if text.stopped:
+                    break
+            tokens = tokens[:used]
+            delta = "".join(parts)
+        else:
+            delta = text.extend(tokens)
+        st.received += len(tokens)
+        lps: tuple[TokenLogprob, ...] = ()
+        if st.params.logprobs:
+            lps = tuple(
+                TokenLogprob(t, self._token_text(t), lp, self._alternatives(tops[n]) if n < len(tops) else ())
+                for n, (t, lp) in enumerate(zip(tokens, logprobs, strict=False))
+            )
+        if not delta and not tokens:
+            return None
+        return TokenEvent(delta, tuple(tokens), lps)
 
-    async def run_op(self, op: Callable[[], Any]) -> Any:
-        """Run `op` in the engine thread between decode steps (it may use the runner)."""
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        with self._cond:
-            self._check_running()
-            self._ops.append((op, future))
-            self._cond.notify()
-        return await asyncio.wrap_future(future)
+    def _token_text(self, token: int) -> str:
+        return str(self.tokenizer.decode([token]))
+
+    def _alternatives(self, pairs: Alternatives) -> tuple[TokenLogprob, ...]:
+        return tuple(TokenLogprob(t, self._token_text(t), lp) for t, lp in pairs)
+
+    def _finish_event(
+        self, st: _Stream, reason: FinishReason, completion: int, error: str = "", cached: int = 0
+    ) -> FinishEvent:
+        now = time.monotonic()
+        admitted = st.admitted or (st.finish.admitted if st.finish is not None and st.finish.admitted else now)
+        return FinishEvent(
+            reason=reason,
+            prompt_tokens=st.prompt_tokens,
+            completion_tokens=completion,
+            queue_ms=(admitted - st.arrived) * 1e3,
+            ttft_ms=((st.first_seen or now) - st.arrived) * 1e3,
+            total_ms=(now - st.arrived) * 1e3,
+            error=error,
+            cached_tokens=cached,
+        )
+
+    # -- speculative calls --------------------------------------------------------------------
+
+    async def _call(self, op: str, *args: Any) -> Any:
+        self._check_running()
+        call_id = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = future
+        try:
+            self.transport.send(("call", call_id, op, args))
+            return await future
+        finally:
+            self._calls.pop(call_id, None)
 
     async def score(self, prompt: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
         """Log-probability of each continuation token after `prompt` (one forward pass)."""
         if not prompt:
             raise ValueError("the prompt has no tokens")
-        result: tuple[float, ...] = await self.run_op(lambda: self.sessions.score(prompt, continuation))
+        result: tuple[float, ...] = await self._call("score", list(prompt), list(continuation))
         return result
 
     async def prompt_logprobs(self, prompt: Sequence[int], top: int = 0) -> tuple[TokenLogprob, ...]:
@@ -280,33 +661,19 @@ class Engine:
         first token, which nothing predicts, gets 0. With `top`, the most likely tokens at each position."""
         if not prompt:
             raise ValueError("the prompt has no tokens")
-        scored = await self.run_op(lambda: self.sessions.score_with_alternatives(prompt[:1], prompt[1:], top))
-        logprobs, alternatives = scored
-        decode = self.tokenizer.decode
-        first = TokenLogprob(prompt[0], decode([prompt[0]]), 0.0)
+        logprobs, alternatives = await self._call("score_with_alternatives", list(prompt[:1]), list(prompt[1:]), top)
+        first = TokenLogprob(prompt[0], self._token_text(prompt[0]), 0.0)
+        tops = alternatives or [()] * len(logprobs)
         rest = (
-            TokenLogprob(
-                token,
-                decode([token]),
-                logprob,
-                tuple(TokenLogprob(i, decode([i]), lp) for i, lp in alternatives[n]) if alternatives else (),
-            )
-            for n, (token, logprob) in enumerate(zip(prompt[1:], logprobs, strict=True))
+            TokenLogprob(token, self._token_text(token), lp, self._alternatives(top))
+            for token, lp, top in zip(prompt[1:], logprobs, tops, strict=True)
         )
         return (first, *rest)
 
     async def draft(
-        self,
-        sid: str,
-        context: Sequence[int],
-        max_tokens: int,
-        sampling: Sampling,
-        top_k: int = 32,
-        end: bool = False,
+        self, sid: str, context: Sequence[int], max_tokens: int, sampling: Sampling, top_k: int = 32, end: bool = False
     ) -> DraftResult:
-        result: DraftResult = await self.run_op(
-            lambda: self.sessions.draft(sid, context, max_tokens, sampling, top_k, end)
-        )
+        result: DraftResult = await self._call("draft", sid, list(context), max_tokens, sampling, top_k, end)
         return result
 
     async def verify(
@@ -318,239 +685,81 @@ class Engine:
         sampling: Sampling,
         end: bool = False,
     ) -> VerifyResult:
-        if not self.verify_together:
-            alone: VerifyResult = await self.run_op(
-                lambda: self.sessions.verify(sid, context, draft, dists, sampling, end)
-            )
-            return alone
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        with self._cond:
-            self._check_running()
-            self._verifies.append((VerifyCall(sid, tuple(context), tuple(draft), tuple(dists), sampling, end), future))
-            self._cond.notify()
-        result: VerifyResult = await asyncio.wrap_future(future)
+        # Batched with the step's other Verify calls unless `verify_together` is off (benchmarks compare).
+        op = "verify" if self.verify_together else "verify_alone"
+        result: VerifyResult = await self._call(op, sid, list(context), list(draft), list(dists), sampling, end)
         return result
 
     async def end_session(self, sid: str) -> None:
-        await self.run_op(lambda: self.sessions.end(sid))
+        await self._call("end", sid)
 
-    # -- the loop -----------------------------------------------------------------------
+    # -- outputs ------------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            # Everything the engine thread does is inference: no autograd bookkeeping, and tensors
-            # the runner makes in one call are updated in place by the next without a mode mismatch.
-            with torch.inference_mode():
-                self._loop()
-        except BaseException as exc:  # the thread must never end quietly behind a serving health
-            log.critical("engine loop died; this server stops serving", exc_info=exc)
-            self._fail(exc)
+    def _deliver(self, messages: list[Any]) -> None:
+        """Outputs of the core, in order (several steps when this loop fell behind)."""
+        streams = self._streams
+        touched: list[_Stream] = []
+        stats: EngineStats | None = None
+        for message in messages:
+            if message[0] not in ("step", "stopped"):
+                continue
+            out = StepOutput.unpack(message[1])
+            now = self._progress_at = time.monotonic()
+            logprobs, top = out.logprobs, out.top
+            for i, (seq_id, token) in enumerate(zip(out.seq_ids, out.tokens, strict=True)):
+                st = streams.get(seq_id)
+                if st is None:
+                    continue  # finished or cancelled here already
+                if not st.first_seen:
+                    st.first_seen = now
+                st.pending.append(token)
+                if logprobs is not None:
+                    st.pending_logprobs.append(logprobs[i])
+                    st.pending_top.append(top[i] if top is not None else ())
+                touched.append(st)
+            for finished in out.finished:
+                st = streams.get(finished.seq_id)
+                if st is not None:
+                    st.finish = finished
+                    st.admitted = st.admitted or finished.admitted
+                    touched.append(st)
+            for call_id, kind, value in out.results:
+                future = self._calls.get(call_id)
+                if future is None or future.done():
+                    continue
+                if kind:
+                    future.set_exception(CALL_ERRORS.get(kind, RuntimeError)(value))
+                else:
+                    future.set_result(value)
+            stats = out.stats
+        for st in touched:
+            st.wake()
+        if stats is not None:
+            self.stats = stats
+            if self.on_stats is not None:
+                self.on_stats(stats)
 
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._stopping or self._waiting or self._active or self._ops or self._verifies):
-                    self._cond.wait(timeout=self.sessions.ttl if len(self.sessions) else None)
-                    self.sessions.expire()
-                if self._stopping:
-                    break
-                admitted = self._admit()
-                verifies, self._verifies = self._verifies, []
-                self._running_ops = [future for _, future in (*self._ops, *verifies)]
-                ops = list(self._ops)
-                self._ops.clear()
-            for op, future in ops:  # speculative calls: a few forward passes each
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(op())
-                    except Exception as exc:
-                        future.set_exception(exc)
-            self._verify(verifies)
-            self._running_ops = []
+    def _fail(self, reason: str) -> None:
+        """The core died: refuse new work, end every request and call in flight, and say so."""
+        if self.failure is not None or self._stopping:
+            return
+        self.failure = reason
+        log.critical("the model engine died; this server stops serving", extra={"reason": reason})
+        if self.on_failure is not None:  # first: health should turn before callers hear of it
             try:
-                if admitted:
-                    self._prefill(admitted)
-                    self._compact()
-                if self._active:
-                    self._decode()
-            except Exception as exc:  # keep serving: fail only the requests in flight
-                log.exception("engine step failed")
-                for seq in list(self._active):
-                    self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
-            self._expire()
-            self._compact()
-            self.steps += 1
-            if self._on_step is not None:
-                self._on_step(len(self._active), len(self._waiting))
-        for seq in [*self._active, *self._waiting]:
-            self._finish(seq, "cancelled", error="server shutting down")
-        for _, future in (*self._ops, *self._verifies):
-            future.cancel()
-        self._active.clear()
-        self._waiting.clear()
-
-    def _fail(self, exc: BaseException) -> None:
-        """The loop died: refuse new work, end every request and call in flight, and say so."""
-        message = f"the model engine stopped after an internal error ({type(exc).__name__}: {exc})"
-        with self._cond:
-            self.failure = message
-            stranded = [*self._active, *self._waiting]
-            futures = [*self._running_ops, *(future for _, future in (*self._ops, *self._verifies))]
-            self._active.clear()
-            self._waiting.clear()
-            self._ops.clear()
-            self._verifies.clear()
-        if self._on_failure is not None:  # first: health should turn before callers hear of it
-            try:
-                self._on_failure(message)
+                self.on_failure(reason)
             except Exception:
                 log.exception("the engine's failure callback failed")
-        for seq in stranded:
-            self._finish(seq, "unavailable", error=message)
-        for future in futures:
+        self._end_all("unavailable", reason, EngineFailed(reason))
+
+    def _end_all(self, reason: FinishReason, error: str, exc: Exception) -> None:
+        for st in list(self._streams.values()):
+            if st.finish is None:
+                st.finish = Finished(st.seq_id, reason, st.prompt_tokens, st.received, 0, 0.0, 0.0, error)
+            st.wake()
+        for future in self._calls.values():
             if not future.done():
-                future.set_exception(EngineFailed(message))
-
-    def _verify(self, verifies: list[tuple[VerifyCall, concurrent.futures.Future[Any]]]) -> None:
-        """This step's Verify calls, their rows in one forward pass (the ones still wanted)."""
-        wanted = [(call, future) for call, future in verifies if future.set_running_or_notify_cancel()]
-        if not wanted:
-            return
-        try:
-            results = self.sessions.verify_many([call for call, _ in wanted])
-        except Exception as exc:
-            results = [exc] * len(wanted)
-        for (_, future), result in zip(wanted, results, strict=True):
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-
-    def _admit(self) -> list[_Sequence]:
-        admitted: list[_Sequence] = []
-        while self._waiting and len(self._active) < self.max_batch_size:
-            seq = self._waiting.popleft()
-            if seq.cancelled or (seq.deadline is not None and time.monotonic() > seq.deadline):
-                self._finish(seq, "cancelled" if seq.cancelled else "deadline")
-                continue
-            seq.row = len(self._active)
-            seq.admitted = time.monotonic()
-            self.runner.reset(seq.row)
-            self._active.append(seq)
-            admitted.append(seq)
-        return admitted
-
-    def _prefill(self, seqs: list[_Sequence]) -> None:
-        # Rows are contiguous: the admitted ones are the tail of the active list.
-        logits = self.runner.forward(seqs[0].row, [s.prompt for s in seqs])
-        self._sample_and_emit(seqs, logits)
-
-    def _decode(self) -> None:
-        # After compaction the live rows are exactly 0..n-1, each with one token not yet fed.
-        logits = self.runner.forward(0, [[s.generated[-1]] for s in self._active])
-        self._sample_and_emit(list(self._active), logits)
-
-    def _sample_and_emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
-        # Log-probabilities are the model's own; penalties and bias change only which token is chosen.
-        logprobs = torch.log_softmax(logits, dim=-1)
-        scores = _adjusted(seqs, logits)
-        chosen = torch.argmax(scores, dim=-1)
-        for i, seq in enumerate(seqs):
-            if not seq.params.greedy:
-                chosen[i] = _sample(scores[i], seq.params, seq.generator)
-        # One device-to-host copy for both (ids are exact in float64).
-        picked_t = logprobs.gather(1, chosen[:, None])[:, 0]
-        chosen_list, picked = torch.stack((chosen.double(), picked_t.double())).tolist()
-        tops = self._alternatives(seqs, logprobs)
-        now = time.monotonic()
-        for seq, token, lp, top in zip(seqs, chosen_list, picked, tops, strict=True):
-            if seq.first_token == 0.0:
-                seq.first_token = now
-            self._advance(seq, int(token), float(lp), top)
-
-    def _alternatives(self, seqs: list[_Sequence], logprobs: torch.Tensor) -> list[tuple[TokenLogprob, ...]]:
-        """The `top_logprobs` most likely tokens of each row that asked for them."""
-        wanted = max((s.params.top_logprobs for s in seqs if s.params.logprobs), default=0)
-        if not wanted:
-            return [()] * len(seqs)
-        values, ids = (t.tolist() for t in torch.topk(logprobs.float(), wanted, dim=-1))
-        decode = self.tokenizer.decode
-        return [
-            tuple(
-                TokenLogprob(i, decode([i]), lp)
-                for i, lp in zip(ids[n][: s.params.top_logprobs], values[n][: s.params.top_logprobs], strict=True)
-            )
-            if s.params.logprobs
-            else ()
-            for n, s in enumerate(seqs)
-        ]
-
-    def _advance(self, seq: _Sequence, token: int, logprob: float, top: tuple[TokenLogprob, ...] = ()) -> None:
-        if seq.cancelled:
-            self._finish(seq, "cancelled")
-            return
-        text = seq.text
-        if text is None:
-            text = seq.text = TextAssembler(self.tokenizer, seq.params.stop)
-        if token in self._eos:
-            self._emit(seq, text.flush())
-            self._finish(seq, "stop")
-            return
-        seq.generated.append(token)
-        if seq.params.presence_penalty or seq.params.frequency_penalty:
-            seq.counts[token] = seq.counts.get(token, 0) + 1
-        lp = (TokenLogprob(token, self.tokenizer.decode([token]), logprob, top),) if seq.params.logprobs else ()
-        delta = text.add(token)
-        seq.sink(TokenEvent(delta, (token,), lp))
-        if text.stopped:
-            self._finish(seq, "stop")
-        elif len(seq.generated) >= seq.params.max_new_tokens or self.runner.lengths[seq.row] + 1 >= self.max_len:
-            self._emit(seq, text.flush())
-            self._finish(seq, "length")
-
-    @staticmethod
-    def _emit(seq: _Sequence, text: str) -> None:
-        if text:
-            seq.sink(TokenEvent(text, ()))
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for seq in self._active:
-            if seq.finished:
-                continue
-            if seq.cancelled:
-                self._finish(seq, "cancelled")
-            elif seq.deadline is not None and now > seq.deadline:
-                self._finish(seq, "deadline")
-
-    def _finish(self, seq: _Sequence, reason: FinishReason, error: str = "") -> None:
-        if seq.finished:
-            return
-        seq.finished = True
-        now = time.monotonic()
-        admitted = seq.admitted or now
-        seq.sink(
-            FinishEvent(
-                reason=reason,
-                prompt_tokens=len(seq.prompt),
-                completion_tokens=len(seq.generated),
-                queue_ms=(admitted - seq.arrived) * 1e3,
-                ttft_ms=((seq.first_token or now) - seq.arrived) * 1e3,
-                total_ms=(now - seq.arrived) * 1e3,
-                error=error,
-            )
-        )
-
-    def _compact(self) -> None:
-        # Keep live rows contiguous from 0: move the last live row into each freed one.
-        for seq in sorted((s for s in self._active if s.finished), key=lambda s: s.row, reverse=True):
-            last = self._active[-1]
-            if last is not seq:
-                self.runner.move(last.row, seq.row)
-                last.row = seq.row
-                self._active[seq.row] = last
-            self._active.pop()
-            self.runner.reset(len(self._active))
+                future.set_exception(exc)
 
 
 def build_engine(
@@ -561,59 +770,39 @@ def build_engine(
     max_len: int = 4096,
     max_sessions: int = 4,
     max_queue: int = 256,
-    parallel: ParallelContext | None = None,
+    prefill_chunk: int = 512,
+    prefix_cache_tokens: int = -1,
     threads: int = 0,
-    on_step: Callable[[int, int], None] | None = None,
+    on_stats: Callable[[EngineStats], None] | None = None,
     on_failure: Callable[[str], None] | None = None,
-) -> Engine:
-    """An engine over `model` as a server runs one: the runner `build_runner` picks, with rows
-    0..max_batch_size-1 for the decode batch and `max_sessions` rows above them for speculative sessions."""
-    runner = build_runner(
-        model, max_rows=max_batch_size + max_sessions, max_len=max_len, parallel=parallel, threads=threads
+) -> AsyncEngine:
+    """An engine over a model object of this process, its core in a thread (tests; `await engine.start()`).
+
+    `model` is a torch model or a GGUF artifact's `GGUFModel` (llama.cpp's runner, on `threads` threads).
+    """
+    from stratus_workers.models.loader import LoadedModel
+    from stratus_workers.serve.loop import EngineSettings
+
+    if hasattr(model, "parameters"):
+        param = next(model.parameters())
+        dtype, device = param.dtype, param.device
+    else:  # a GGUFModel: llama.cpp on the CPU, float32 activations
+        import torch
+
+        dtype, device = torch.float32, torch.device("cpu")
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, name="model", source="memory", dtype=dtype, device=device)
+    settings = EngineSettings(
+        max_batch_size=max_batch_size,
+        max_tokens=max_len,
+        max_sessions=max_sessions,
+        prefill_chunk=prefill_chunk,
+        prefix_cache_tokens=prefix_cache_tokens,
+        threads=threads,
     )
-    sessions = SpeculativeSessions(runner, tokenizer, first_row=max_batch_size)
-    return Engine(
-        runner,
-        tokenizer,
-        sessions,
+    return AsyncEngine(
+        ThreadTransport(settings, loaded=loaded),
         max_batch_size=max_batch_size,
         max_queue=max_queue,
-        on_step=on_step,
+        on_stats=on_stats,
         on_failure=on_failure,
     )
-
-
-def _adjusted(seqs: list[_Sequence], logits: torch.Tensor) -> torch.Tensor:
-    """`logits` with each row's logit bias and penalties applied (`logits` itself when no row has any)."""
-    rows = [(i, s) for i, s in enumerate(seqs) if s.params.adjusts_logits]
-    if not rows:
-        return logits
-    scores = logits.clone()
-    for i, seq in rows:
-        params = seq.params
-        if params.logit_bias:
-            ids = torch.tensor([t for t, _ in params.logit_bias], device=scores.device)
-            bias = torch.tensor([b for _, b in params.logit_bias], dtype=scores.dtype, device=scores.device)
-            scores[i].index_add_(0, ids, bias)
-        if seq.counts:
-            ids = torch.tensor(list(seq.counts), device=scores.device)
-            counts = torch.tensor(list(seq.counts.values()), dtype=scores.dtype, device=scores.device)
-            scores[i].index_add_(0, ids, -(counts * params.frequency_penalty + params.presence_penalty))
-    return scores
-
-
-def _sample(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None) -> torch.Tensor:
-    probs = sampling_probs(logits, params.temperature, params.top_p)
-    return torch.multinomial(probs.cpu(), 1, generator=generator)[0].to(logits.device)
-
-
-async def collect(events: AsyncIterator[Event]) -> tuple[str, list[TokenLogprob], FinishEvent]:
-    """Drain a stream into (text, logprobs, finish)."""
-    parts: list[str] = []
-    logprobs: list[TokenLogprob] = []
-    async for event in events:
-        if isinstance(event, FinishEvent):
-            return "".join(parts), logprobs, event
-        parts.append(event.text)
-        logprobs.extend(event.logprobs)
-    raise RuntimeError("the stream ended without a finish event")

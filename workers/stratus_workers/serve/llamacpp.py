@@ -34,7 +34,7 @@ import torch
 
 from stratus_workers.models.gguf_artifact import GGUFModel
 from stratus_workers.runtimes import LLAMACPP_KV_VALUE_BYTES, kv_bytes_per_token
-from stratus_workers.serve.runner import ModelRunner
+from stratus_workers.serve.runner import Decoded, ModelRunner, decoded
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,7 @@ class LlamaCppRunner(ModelRunner):
         self.max_rows = max_rows
         self.max_len = max_len
         self.parallel = None
+        self.pool_tokens = 0  # no prefix pool: the engine core runs without a prefix cache over llama.cpp
         self._lengths = [0] * max_rows
         self.passes = 0  # ModelRunner's compute counters (the server exports them)
         self.positions = 0
@@ -273,7 +274,7 @@ class LlamaCppRunner(ModelRunner):
             wanted[:] = 1
         else:
             wanted[np.cumsum(q_lens) - 1] = 1
-        logits = self._decode(ids.astype(np.int32), positions, seqs, wanted, rows)
+        logits = self._decode_chunks(ids.astype(np.int32), positions, seqs, wanted, rows)
         for row, q in zip(rows, q_lens, strict=True):
             self.lengths[row] += q
         if not all_logits:
@@ -285,7 +286,14 @@ class LlamaCppRunner(ModelRunner):
             start += q
         return out
 
-    def _decode(
+    @torch.inference_mode()
+    def decode(self, ids: Sequence[int], *, logprobs: bool = False) -> Decoded:
+        """A decode step: feed `ids[i]` to row i (rows 0..len(ids)-1, one token each)."""
+        if not 0 < len(ids) <= self.max_rows:
+            raise ValueError(f"a decode step of {len(ids)} rows does not fit this runner's {self.max_rows}")
+        return decoded(self.forward(0, [[t] for t in ids]), logprobs)
+
+    def _decode_chunks(
         self, ids: np.ndarray, positions: np.ndarray, seqs: np.ndarray, wanted: np.ndarray, rows: range
     ) -> np.ndarray:
         """Feed the tokens in chunks of at most `batch_tokens`; the requested logits, in batch order."""

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.registry import Collector
 
 from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.api import inference_pb2_grpc as pb_grpc
-from stratus_workers.models import LoadedModel, load_shared_model
 from stratus_workers.ops_http import ops_app, start_http
 from stratus_workers.protocol.errors import ProtocolError
 from stratus_workers.protocol.names import SERVICE_NAME, TIERS, finish_value, tier_value
@@ -34,13 +33,19 @@ from stratus_workers.protocol.requests import (
 from stratus_workers.protocol.servicer import add_inference_servicer
 from stratus_workers.runtimes import DEFAULT_MAX_SESSIONS
 from stratus_workers.security import TLSFiles
-from stratus_workers.serve.engine import Engine, FinishEvent, TokenEvent, TokenLogprob, build_engine
+from stratus_workers.serve.core import EngineStats
+from stratus_workers.serve.engine import DEFAULT_STEP_TIMEOUT, AsyncEngine, ProcessTransport, ThreadTransport, Transport
 from stratus_workers.serve.errors import EngineOverloaded, EngineStopped
-from stratus_workers.serve.parallel import ParallelContext
-from stratus_workers.serve.runner import ModelRunner
-from stratus_workers.serve.speculative import SparseDist
+from stratus_workers.serve.surface import FinishEvent, ServingEngine, SparseDist, TokenEvent, TokenLogprob
+
+if TYPE_CHECKING:
+    from stratus_workers.models import LoadedModel
+    from stratus_workers.serve.loop import EngineSettings
+    from stratus_workers.serve.parallel import ParallelContext
 
 log = logging.getLogger(__name__)
+
+ENGINE_MODES = ("auto", "process", "thread")
 
 
 @dataclass
@@ -77,6 +82,28 @@ class ServerSettings:
         default=0,
         metadata={"help": "CPU threads: torch intra-op, or llama.cpp's for a GGUF model (0: the engine's default)."},
     )
+    engine: str = field(
+        default="auto",
+        metadata={
+            "help": "Where the engine loop runs: process (a process of its own, the default with a GPU), "
+            "thread (a thread of the server process, the default on a CPU), or auto.",
+            "choices": list(ENGINE_MODES),
+        },
+    )
+    prefill_chunk_tokens: int = field(
+        default=512,
+        metadata={"help": "Prompt tokens prefilled per engine step; longer prompts are split (chunked prefill)."},
+    )
+    prefix_cache_tokens: int = field(
+        default=-1,
+        metadata={"help": "Tokens of shared prompt prefixes kept for reuse (-1: sized from memory; 0: off)."},
+    )
+    engine_step_timeout: float = field(
+        default=DEFAULT_STEP_TIMEOUT,
+        metadata={
+            "help": "Seconds the engine may go without finishing a step while work waits before it counts as hung."
+        },
+    )
     tensor_parallel: int = field(
         default=1, metadata={"help": "GPUs this server spans (tensor parallel; >1 starts one process per GPU)."}
     )
@@ -92,9 +119,18 @@ class ServerSettings:
             "max_queue",
             "max_sessions",
             "tensor_parallel",
+            "prefill_chunk_tokens",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.prefix_cache_tokens < -1:
+            raise ValueError(
+                f"prefix_cache_tokens must be -1 (automatic), 0 (off) or a size, got {self.prefix_cache_tokens}"
+            )
+        if self.engine not in ENGINE_MODES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINE_MODES)}, got {self.engine!r}")
+        if self.engine_step_timeout <= 0:
+            raise ValueError(f"engine_step_timeout must be positive, got {self.engine_step_timeout}")
 
 
 class ServerMetrics:
@@ -121,34 +157,51 @@ class ServerMetrics:
             "stratus_server_waiting_requests", "Requests waiting for a slot (queue depth).", registry=r
         )
         self.steps = Counter("stratus_server_engine_steps", "Engine iterations.", registry=r)
-
-    def on_step(self, active: int, waiting: int) -> None:
-        self.active.set(active)
-        self.waiting.set(waiting)
-        self.steps.inc()
-
-    def watch_runner(self, runner: ModelRunner) -> None:
-        """Export the runner's compute counters (read when scraped)."""
-        self.registry.register(_RunnerCollector(runner))
-
-
-class _RunnerCollector(Collector):
-    """The model's compute so far: every forward pass (decode steps, prefills, Draft, Verify, Score)."""
-
-    def __init__(self, runner: ModelRunner) -> None:
-        self.runner = runner
-
-    def collect(self) -> Any:
-        passes = CounterMetricFamily(
-            "stratus_server_forward_passes", "Forward passes of the model (one per decode step, prefill or call)."
+        self.prefill_tokens = Counter(
+            "stratus_server_prefill_tokens", "Prompt tokens computed (not taken from the prefix cache).", registry=r
         )
-        passes.add_metric([], float(self.runner.passes))
-        yield passes
-        positions = CounterMetricFamily(
-            "stratus_server_forward_positions", "Token positions computed by the model's forward passes."
+        self.forward_passes = Counter(
+            "stratus_server_forward_passes",
+            "Forward passes of the model (decode steps, prefill chunks, Draft, Verify and Score calls).",
+            registry=r,
         )
-        positions.add_metric([], float(self.runner.positions))
-        yield positions
+        self.forward_positions = Counter(
+            "stratus_server_forward_positions", "Token positions computed by the model's forward passes.", registry=r
+        )
+        self.prefix_queried = Counter(
+            "stratus_server_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache.", registry=r
+        )
+        self.prefix_hits = Counter(
+            "stratus_server_prefix_cache_hit_tokens",
+            "Prompt tokens whose keys and values came from the prefix cache (computation saved).",
+            registry=r,
+        )
+        self.prefix_hit_rate = Gauge(
+            "stratus_server_prefix_cache_hit_rate",
+            "Share of looked-up prompt tokens found cached, since start.",
+            registry=r,
+        )
+        self.prefix_evictions = Counter(
+            "stratus_server_prefix_cache_evicted_blocks", "Prefix-cache blocks evicted to make room.", registry=r
+        )
+        self.prefix_blocks = Gauge("stratus_server_prefix_cache_blocks", "Blocks the prefix cache holds.", registry=r)
+        self._last = EngineStats()
+
+    def on_stats(self, stats: EngineStats) -> None:
+        """The engine's counters after its latest step (cumulative ones are added as increments)."""
+        last, self._last = self._last, stats
+        self.active.set(stats.active)
+        self.waiting.set(stats.waiting)
+        self.steps.inc(max(0, stats.steps - last.steps))
+        self.prefill_tokens.inc(max(0, stats.prefill_tokens - last.prefill_tokens))
+        self.forward_passes.inc(max(0, stats.forward_passes - last.forward_passes))
+        self.forward_positions.inc(max(0, stats.forward_positions - last.forward_positions))
+        self.prefix_queried.inc(max(0, stats.prefix_queried_tokens - last.prefix_queried_tokens))
+        self.prefix_hits.inc(max(0, stats.prefix_hit_tokens - last.prefix_hit_tokens))
+        self.prefix_evictions.inc(max(0, stats.prefix_evicted_blocks - last.prefix_evicted_blocks))
+        self.prefix_blocks.set(stats.prefix_blocks)
+        if stats.prefix_queried_tokens:
+            self.prefix_hit_rate.set(stats.prefix_hit_tokens / stats.prefix_queried_tokens)
 
 
 @contextlib.contextmanager
@@ -172,15 +225,15 @@ def _logprobs_pb(items: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> list[p
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    """The Inference service over one Engine."""
+    """The Inference service over one engine (anything that implements surface.ServingEngine)."""
 
-    def __init__(self, loaded: LoadedModel, engine: Engine, config: ServerSettings, metrics: ServerMetrics) -> None:
-        self.loaded = loaded
+    def __init__(self, engine: ServingEngine, tokenizer: Any, config: ServerSettings, metrics: ServerMetrics) -> None:
         self.engine = engine
+        self.tokenizer = tokenizer
         self.config = config
         self.metrics = metrics
         self.tier = tier_value(config.tier)
-        self.name = config.name or loaded.name
+        self.name = config.name or engine.info.name
 
     def _route(self) -> pb.RouteInfo:
         return pb.RouteInfo(tier=self.tier, reason="served", backend=self.name)
@@ -192,7 +245,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 f"model {request.model!r} is not served here; this server hosts {self.name!r}",
                 "model",
             )
-        prompt = render_prompt(self.loaded.tokenizer, request)
+        prompt = render_prompt(self.tokenizer, request)
         if len(prompt) > self.config.max_prompt_tokens:
             raise ProtocolError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -203,11 +256,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         params = generation_sampling(
             request, max_new_tokens=self.config.max_new_tokens, default_new_tokens=self.config.default_new_tokens
         )
-        if params.logit_bias and params.logit_bias[-1][0] >= self.engine.vocab_size:
+        vocab_size = self.engine.info.vocab_size
+        if params.logit_bias and params.logit_bias[-1][0] >= vocab_size:
             raise ProtocolError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"logit_bias names token {params.logit_bias[-1][0]}; this model's vocabulary holds "
-                f"{self.engine.vocab_size} tokens (0 to {self.engine.vocab_size - 1})",
+                f"{vocab_size} tokens (0 to {vocab_size - 1})",
                 "logit_bias",
             )
         return prompt, params
@@ -398,8 +452,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ScoreResponse:
         async def call() -> pb.ScoreResponse:
-            prompt = render_prompt(self.loaded.tokenizer, request.request)
-            continuation = list(self.loaded.tokenizer.encode(request.continuation, add_special_tokens=False))
+            prompt = render_prompt(self.tokenizer, request.request)
+            continuation = list(self.tokenizer.encode(request.continuation, add_special_tokens=False))
             if len(prompt) + len(continuation) > self.config.max_prompt_tokens + self.config.max_new_tokens:
                 raise ProtocolError(
                     grpc.StatusCode.INVALID_ARGUMENT,
@@ -417,37 +471,75 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelInfoResponse:
         self.metrics.requests.labels("ModelInfo", "OK").inc()
+        info = self.engine.info
         return pb.ModelInfoResponse(
             model=self.name,
-            source=self.loaded.source,
+            source=info.source,
             tier=self.tier,
-            dtype=str(self.loaded.dtype).removeprefix("torch."),
-            device=str(self.loaded.device),
-            parameters=self.loaded.parameters,
-            max_context_tokens=self.engine.max_len,
+            dtype=info.dtype,
+            device=info.device,
+            parameters=info.parameters,
+            max_context_tokens=info.max_len,
             max_prompt_tokens=self.config.max_prompt_tokens,
             max_new_tokens=self.config.max_new_tokens,
             max_batch_size=self.config.max_batch_size,
-            compression=self.loaded.compression,
-            vocab_size=self.engine.vocab_size,
+            compression=info.compression,
+            vocab_size=info.vocab_size,
         )
 
 
+def engine_mode(config: ServerSettings, *, preloaded: bool = False) -> str:
+    """Where the engine loop runs: "process" or "thread" (config.engine, or chosen for "auto").
+
+    A model object loaded in this process (`preloaded`) can only be served from a thread of it.
+    """
+    if config.engine != "auto":
+        return config.engine
+    if preloaded:
+        return "thread"
+    if config.device == "cuda":
+        return "process"
+    if config.device == "auto":
+        import torch
+
+        return "process" if torch.cuda.is_available() else "thread"
+    return "thread"
+
+
 class ModelServer:
-    """Owns the model, the engine, the gRPC server and the ops HTTP server of one process."""
+    """Owns the engine, the gRPC server and the ops HTTP server of one model server.
+
+    The engine loop runs in a process of its own (`engine="process"`, the default with a GPU) or in
+    a thread of this one (`engine="thread"`, the default on a CPU, and the only way for a `loaded`
+    model object). `loader` is a picklable zero-argument callable returning a models.LoadedModel
+    (default: the configured source); the engine process calls it. If the engine dies, health turns
+    NOT_SERVING, every request ends with UNAVAILABLE, and `engine_dead` is set: the entrypoint then
+    exits so that Kubernetes (or whoever runs the server) restarts the whole pod.
+    """
 
     def __init__(
-        self, config: ServerSettings, loaded: LoadedModel | None = None, *, parallel: ParallelContext | None = None
+        self,
+        config: ServerSettings,
+        loaded: LoadedModel | None = None,
+        *,
+        parallel: ParallelContext | None = None,
+        loader: Callable[[], Any] | None = None,
+        argv: tuple[str, ...] = (),
     ) -> None:
         config.validate()
         self.config = config
         # Checked before the model loads, so a bad certificate path fails in seconds, not minutes.
         self.tls = TLSFiles.from_paths(config.tls_cert, config.tls_key, config.tls_ca)
+        if loaded is not None and config.engine == "process":
+            raise ValueError("a model object of this process runs in-process (engine=thread); pass loader= instead")
         self.loaded = loaded
+        self.loader = loader
+        self.argv = argv
         self.metrics = ServerMetrics()
         self.health = health.aio.HealthServicer()
-        self.parallel = parallel  # rank 0 of a tensor-parallel group: the runner shards over it
-        self.engine: Engine | None = None
+        self.parallel = parallel  # rank 0 of a tensor-parallel group (in-process engine): the runner shards over it
+        self.engine: AsyncEngine | None = None
+        self.engine_dead = asyncio.Event()
         self._failure_tasks: set[asyncio.Task[None]] = set()
         self._grpc: grpc.aio.Server | None = None
         self._http: Any = None
@@ -458,56 +550,71 @@ class ModelServer:
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
 
+    @property
+    def mode(self) -> str:
+        """Where the engine loop runs: "process" or "thread"."""
+        return engine_mode(self.config, preloaded=self.loaded is not None or self.parallel is not None)
+
     def _ready(self) -> tuple[bool, str]:
-        if self.engine is None:
+        if self.engine is None or self.engine.tokenizer is None:
             return False, "loading model"
         if self.engine.failure is not None:
             return False, self.engine.failure
-        return True, f"serving {self.config.name or (self.loaded.name if self.loaded else '')}"
+        return True, f"serving {self.config.name or self.engine.info.name}"
+
+    def _settings(self) -> EngineSettings:
+        from stratus_workers.serve.loop import EngineSettings
+
+        c = self.config
+        return EngineSettings(
+            max_batch_size=c.max_batch_size,
+            max_tokens=c.max_prompt_tokens + c.max_new_tokens,
+            max_sessions=c.max_sessions,
+            prefill_chunk=c.prefill_chunk_tokens,
+            prefix_cache_tokens=c.prefix_cache_tokens,
+            tensor_parallel=c.tensor_parallel if self.parallel is None else 1,
+            argv=self.argv,
+            log_level=c.log_level,
+            log_format=c.log_format,
+            threads=c.threads,
+        )
+
+    def _transport(self) -> Transport:
+        c = self.config
+        if self.mode == "process":
+            load = self.loader or functools.partial(
+                _load_model, c.model, dtype=c.dtype, device=c.device, name=c.name or None
+            )
+            return ProcessTransport(self._settings(), load, step_timeout=c.engine_step_timeout)
+        load = self.loader or functools.partial(
+            _load_shared_model, c.model, dtype=c.dtype, device=c.device, name=c.name or None
+        )
+        return ThreadTransport(
+            self._settings(), loaded=self.loaded, load=load, parallel=self.parallel, step_timeout=c.engine_step_timeout
+        )
 
     async def start(self) -> None:
         # Health and metrics come up first so that probes see "not ready" rather than nothing.
         self._http, self.http_port = await start_http(
             ops_app(self.metrics.registry, self._ready), self.config.host, self.config.http_port
         )
-        if self.loaded is None:
-            loop = asyncio.get_running_loop()
-            self.loaded = await loop.run_in_executor(
-                None,
-                lambda: load_shared_model(  # one copy per process, however many servers use it
-                    self.config.model, dtype=self.config.dtype, device=self.config.device, name=self.config.name or None
-                ),
-            )
-        loaded = self.loaded
-        max_len = min(loaded.max_context_tokens, self.config.max_prompt_tokens + self.config.max_new_tokens)
-        loop = asyncio.get_running_loop()
-
-        def engine_failed(message: str) -> None:  # called on the engine thread
-            with contextlib.suppress(RuntimeError):  # a closed loop: the server has stopped anyway
-                loop.call_soon_threadsafe(self._engine_failed, message)
-
-        self.engine = build_engine(
-            loaded.model,
-            loaded.tokenizer,
+        self.engine = AsyncEngine(
+            self._transport(),
             max_batch_size=self.config.max_batch_size,
-            max_len=max_len,
             max_queue=self.config.max_queue,
-            max_sessions=self.config.max_sessions,
-            parallel=self.parallel,
-            threads=self.config.threads,
-            on_step=self.metrics.on_step,
-            on_failure=engine_failed,
+            on_stats=self.metrics.on_stats,
+            on_failure=self._engine_failed,
+            stall_timeout=self.config.engine_step_timeout,
         )
-        self.metrics.watch_runner(self.engine.runner)
-        # Capture the decode graphs (CUDA) before taking traffic, so no early request pays for it.
-        await loop.run_in_executor(None, self.engine.warmup)
-        self.engine.start()
+        # Loads the model and captures the decode graphs (CUDA) before taking traffic.
+        await self.engine.start()
         options = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
         ]
         self._grpc = grpc.aio.server(options=options)
-        add_inference_servicer(InferenceServicer(loaded, self.engine, self.config, self.metrics), self._grpc)
+        servicer = InferenceServicer(self.engine, self.engine.tokenizer, self.config, self.metrics)
+        add_inference_servicer(servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         tls = self.tls
@@ -517,6 +624,9 @@ class ModelServer:
             self._grpc.add_secure_port(bind, tls.server_credentials()) if tls else self._grpc.add_insecure_port(bind)
         )
         await self._grpc.start()
+        # What this process loaded stays for good: keep it out of every full collection (worker.py says why).
+        gc.collect()
+        gc.freeze()
         serving = self.engine.failure is None  # an engine that died while starting is not serving
         await self._set_health(
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -524,10 +634,14 @@ class ModelServer:
         log.info(
             "model server ready",
             extra={
-                "model": self.config.name or loaded.name,
+                "model": self.config.name or self.engine.info.name,
                 "tier": self.config.tier,
                 "grpc": self.address,
                 "http_port": self.http_port,
+                "engine": self.engine.mode,
+                "engine_pid": self.engine.pid,
+                "runner": self.engine.info.runner,
+                "prefix_cache_tokens": self.engine.info.prefix_cache_tokens,
             },
         )
 
@@ -537,6 +651,7 @@ class ModelServer:
         task = asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
         self._failure_tasks.add(task)
         task.add_done_callback(self._failure_tasks.discard)
+        self.engine_dead.set()
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         await self.health.set("", status)
@@ -547,11 +662,23 @@ class ModelServer:
         if self._grpc is not None:
             await self._grpc.stop(grace)
         if self.engine is not None:
-            self.engine.shutdown()
-            self.engine.close()  # under tensor parallel: the other ranks leave follow() and exit
+            await self.engine.stop()  # under tensor parallel: the other ranks leave follow() and exit
         if self._http is not None:
             await self._http.cleanup()
 
     async def wait(self) -> None:
         if self._grpc is not None:
             await self._grpc.wait_for_termination()
+
+
+def _load_model(source: str, **kwargs: Any) -> LoadedModel:
+    """models.load_model, imported where it runs (the engine process), so this module stays torch-free."""
+    from stratus_workers.models import load_model
+
+    return load_model(source, **kwargs)
+
+
+def _load_shared_model(source: str, **kwargs: Any) -> LoadedModel:
+    from stratus_workers.models import load_shared_model
+
+    return load_shared_model(source, **kwargs)

@@ -17,14 +17,13 @@ import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.errors import EngineOverloaded
 from stratus_workers.serve.runner import ModelRunner
-from stratus_workers.serve.sampling import eos_ids, seeded_generator
+from stratus_workers.serve.sampling import seeded_generator
 from stratus_workers.serve.speculative import (
     SparseDist,
     Verdict,
@@ -34,24 +33,11 @@ from stratus_workers.serve.speculative import (
     verify_greedy,
     verify_sampled,
 )
+from stratus_workers.serve.surface import DraftResult as DraftResult
+from stratus_workers.serve.surface import VerifyResult as VerifyResult
 
 # A session used this recently is never evicted to make room for another: the caller is mid-round.
 BUSY_SECONDS = 1.0
-
-
-@dataclass(frozen=True)
-class DraftResult:
-    tokens: tuple[int, ...]
-    distributions: tuple[SparseDist, ...]
-    eos: bool
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    accepted: int
-    next_token: int
-    logprobs: tuple[float, ...]
-    eos: bool
 
 
 @dataclass(frozen=True)
@@ -80,7 +66,7 @@ class SpeculativeSessions:
     A session idle for `ttl` seconds is ended (the engine calls `expire` when it wakes).
     """
 
-    def __init__(self, runner: ModelRunner, tokenizer: Any, *, first_row: int, ttl: float = 60.0) -> None:
+    def __init__(self, runner: ModelRunner, eos: frozenset[int], *, first_row: int, ttl: float = 60.0) -> None:
         if not 0 <= first_row <= runner.max_rows:
             raise ValueError(f"first_row {first_row} is outside the runner's {runner.max_rows} rows")
         self.runner = runner
@@ -89,7 +75,7 @@ class SpeculativeSessions:
         self.max_sessions = runner.max_rows - first_row
         self.max_len = runner.max_len
         self.vocab_size = runner.vocab_size
-        self._eos = eos_ids(runner.model, tokenizer)
+        self._eos = eos
         self._sessions: collections.OrderedDict[str, _Session] = collections.OrderedDict()
         self._free_rows = list(range(runner.max_rows - 1, first_row - 1, -1))
         self._ids = itertools.count(1)

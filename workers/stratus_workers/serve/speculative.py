@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from stratus_workers.serve.surface import SparseDist as SparseDist  # the wire-level type lives torch-free
+
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """The distribution a sampler with this temperature and nucleus draws from (1-D, sums to 1)."""
@@ -29,25 +31,13 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> to
     return probs
 
 
-@dataclass(frozen=True)
-class SparseDist:
-    """A distribution over a few token ids (the rest have probability 0)."""
-
-    token_ids: tuple[int, ...]
-    probs: tuple[float, ...]
-
-    def dense(self, vocab_size: int, device: torch.device | None = None) -> torch.Tensor:
-        out = torch.zeros(vocab_size, dtype=torch.float32, device=device)
-        out[torch.tensor(self.token_ids, dtype=torch.long, device=device)] = torch.tensor(
-            self.probs, dtype=torch.float32, device=device
-        )
-        return out
-
-    def prob(self, token: int) -> float:
-        try:
-            return self.probs[self.token_ids.index(token)]
-        except ValueError:
-            return 0.0
+def dense(dist: SparseDist, vocab_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """`dist` as a [vocab_size] probability vector."""
+    out = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+    out[torch.tensor(dist.token_ids, dtype=torch.long, device=device)] = torch.tensor(
+        dist.probs, dtype=torch.float32, device=device
+    )
+    return out
 
 
 def draft_distribution(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> SparseDist:
@@ -104,7 +94,7 @@ def verify_sampled(
         ratio = float(p[token]) / q_x
         if ratio >= 1.0 or float(torch.rand((), generator=generator)) < ratio:
             continue
-        residual = torch.clamp(p - dist.dense(vocab, p.device), min=0.0)
+        residual = torch.clamp(p - dense(dist, vocab, p.device), min=0.0)
         total = float(residual.sum())
         if total <= 0.0:  # p == q up to rounding: any draw from p is right
             residual, total = p, 1.0

@@ -76,7 +76,7 @@ async def test_speculative_greedy_equals_cloud_only(
         # The perturbed draft agrees often but not always: both branches of verification ran.
         assert 0 < accepted < drafted
         assert rounds < tokens  # fewer cloud round trips than tokens: the point of drafting
-        assert cloud.engine is not None and len(cloud.engine.sessions) == 0  # every session was released
+        assert cloud.engine is not None and cloud.engine.stats.sessions == 0  # every session was released
 
 
 @EDGE_DRAFTS

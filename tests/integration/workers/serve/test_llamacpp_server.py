@@ -40,9 +40,11 @@ def _greedy(gguf: Any, prompt: list[int], n: int) -> tuple[list[int], list[float
     return tokens, logprobs
 
 
-async def test_generate_and_stream_are_llamacpps_greedy_tokens(model_server, tiny_gguf_dir, gguf) -> None:
+@pytest.mark.parametrize("engine", ["thread", "process"])
+async def test_generate_and_stream_are_llamacpps_greedy_tokens(model_server, tiny_gguf_dir, gguf, engine) -> None:
+    """In either layout: the engine process loads the GGUF file itself (the loader is what crosses over)."""
     async with (
-        model_server(model=str(tiny_gguf_dir), tier="edge", name="edge", threads=1) as server,
+        model_server(model=str(tiny_gguf_dir), tier="edge", name="edge", threads=1, engine=engine) as server,
         AsyncClient(server.address) as client,
     ):
         reply = await client.generate("Hello world", max_new_tokens=12, logprobs=True)
@@ -56,6 +58,7 @@ async def test_generate_and_stream_are_llamacpps_greedy_tokens(model_server, tin
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
     assert info.compression == "quantize:gguf-f32" and info.parameters == gguf.parameters
     assert info.vocab_size == gguf.model.config.vocab_size and info.device == "cpu"
+    assert server.mode == engine and server.engine is not None and server.engine.info.runner == "LlamaCppRunner"
 
 
 async def test_draft_greedy_and_sampled(model_server, tiny_gguf_dir, gguf) -> None:
@@ -78,7 +81,7 @@ async def test_draft_greedy_and_sampled(model_server, tiny_gguf_dir, gguf) -> No
             )
             for i in range(2)
         ]
-        assert server.engine is not None and len(server.engine.sessions) == 0  # every call here ended its session
+        assert server.engine is not None and server.engine.stats.sessions == 0  # every call here ended its session
     expected, _ = _greedy(gguf, context, 5)
     assert list(greedy.tokens) == expected and not greedy.distributions
     assert list(more.tokens) == _greedy(gguf, grown, 2)[0]

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
+from typing import Any
 
 import aiohttp
 import grpc
@@ -16,8 +20,10 @@ from stratus_workers.client import AsyncClient
 pytestmark = pytest.mark.integration
 
 
-async def test_unary_and_streaming_agree(model_server) -> None:
-    async with model_server(name="tiny") as server, AsyncClient(server.address) as client:
+@pytest.mark.parametrize("engine", ["thread", "process"])
+async def test_unary_and_streaming_agree(model_server, engine: str) -> None:
+    async with model_server(name="tiny", engine=engine) as server, AsyncClient(server.address) as client:
+        assert server.mode == engine
         reply = await client.generate("Hello world", max_new_tokens=8, logprobs=True, request_id="r1")
         assert reply.usage.completion_tokens == len(reply.logprobs) > 0
         assert reply.finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP)
@@ -118,9 +124,11 @@ async def test_health_reflection_and_metrics(model_server) -> None:
             ]
             names = {s.name for s in replies[0].list_services_response.service}
             assert "stratus.v1.Inference" in names
-        reply = await client.generate("count me", max_new_tokens=3)
         async with aiohttp.ClientSession() as http:
             base = f"http://127.0.0.1:{server.http_port}"
+            async with http.get(f"{base}/metrics") as resp:
+                before = await resp.text()  # the warm-up's passes, if any, are counted already
+            reply = await client.generate("count me", max_new_tokens=3)
             async with http.get(f"{base}/metrics") as resp:
                 text = await resp.text()
             async with http.get(f"{base}/readyz") as ready:
@@ -129,8 +137,13 @@ async def test_health_reflection_and_metrics(model_server) -> None:
         assert "stratus_server_ttft_seconds_bucket" in text
         # The model's compute: one prefill pass over the prompt, then one decode pass per further token.
         assert reply.usage.completion_tokens == 3 and reply.finish_reason == pb.FINISH_REASON_LENGTH
-        assert "stratus_server_forward_passes_total 3.0" in text
-        assert f"stratus_server_forward_positions_total {reply.usage.prompt_tokens + 2}.0" in text
+
+        def counter(metrics: str, name: str) -> float:
+            return next(float(line.split()[1]) for line in metrics.splitlines() if line.startswith(f"{name} "))
+
+        passes, positions = "stratus_server_forward_passes_total", "stratus_server_forward_positions_total"
+        assert counter(text, passes) - counter(before, passes) == 3
+        assert counter(text, positions) - counter(before, positions) == reply.usage.prompt_tokens + 2
 
 
 async def test_score_matches_a_direct_forward_pass(model_server, tiny_model_dir) -> None:
@@ -229,3 +242,79 @@ async def test_a_dead_engine_loop_turns_health_off_and_requests_fail_fast(tiny_m
             assert time.monotonic() - started < 2  # refused at once, not left to its deadline
     finally:
         await server.stop(0.5)
+
+
+async def wait_until(condition: Any, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    ("sig", "fragment"), [(signal.SIGKILL, "killed by SIGKILL"), (signal.SIGSTOP, "stopped responding")]
+)
+async def test_a_killed_or_hung_engine_process_turns_health_off_and_requests_fail_fast(
+    model_server, sig: signal.Signals, fragment: str
+) -> None:
+    async with (
+        model_server(engine="process", max_batch_size=1, max_new_tokens=400) as server,
+        AsyncClient(server.address) as client,
+        grpc.aio.insecure_channel(server.address) as channel,
+        aiohttp.ClientSession() as http,
+    ):
+        assert server.engine is not None and server.engine.pid > 0
+        health = health_pb2_grpc.HealthStub(channel)
+        assert (await client.generate("fine", max_new_tokens=2)).usage.completion_tokens == 2
+        running = client.stream("in flight", max_new_tokens=400)
+        await running.__anext__()
+        waiting = asyncio.ensure_future(client.generate("waiting", max_new_tokens=4, timeout=30))
+        await wait_until(lambda: server.engine is not None and server.engine.waiting > 0, 10)
+        os.kill(server.engine.pid, sig)
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as in_flight:
+            async for _ in running:
+                pass
+        assert in_flight.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert fragment in (in_flight.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as queued:
+            await waiting
+        assert queued.value.code() == grpc.StatusCode.UNAVAILABLE
+        for service in ("", "stratus.v1.Inference"):
+            status = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        async with http.get(f"http://127.0.0.1:{server.http_port}/readyz") as ready:
+            assert ready.status == 503 and fragment in (await ready.json())["detail"]
+        with pytest.raises(grpc.aio.AioRpcError) as later:
+            await client.generate("any later request", max_new_tokens=2, timeout=5)
+        assert later.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - started < 2
+        assert server.engine_dead.is_set()  # the entrypoint exits on this, so that the pod restarts
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()  # noqa: SIM115 - one read
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+async def test_the_server_process_exits_when_its_engine_process_dies(server_process) -> None:
+    proc, address = server_process(tier="cloud", engine="process")
+    engines = children_of(proc.pid)
+    assert len(engines) == 1, engines  # one engine process, started by the server
+    async with AsyncClient(address) as client:
+        running = client.stream("in flight", max_new_tokens=64)
+        await running.__anext__()
+        os.kill(engines[0], signal.SIGKILL)
+        with pytest.raises(grpc.aio.AioRpcError) as in_flight:
+            async for _ in running:
+                pass
+        assert in_flight.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert await asyncio.get_running_loop().run_in_executor(None, proc.wait, 30) == 3  # ENGINE_DIED

@@ -16,11 +16,13 @@ pytestmark = pytest.mark.integration
 PROMPTS = ["The quick brown fox", "Once upon a time in a land far away there lived"]
 
 
-async def test_two_ranks_answer_like_one(model_server: Any, server_process: Callable[..., Any]) -> None:
+@pytest.mark.parametrize("engine", ["thread", "process"])
+async def test_two_ranks_answer_like_one(model_server: Any, server_process: Callable[..., Any], engine: str) -> None:
+    """Rank 0 is the server process itself (engine thread) or the engine process it starts; rank 1 follows it."""
     async with model_server(max_batch_size=4) as single, AsyncClient(single.address) as client:
         expected = [(await client.generate(p, max_new_tokens=12)).text for p in PROMPTS]
     proc: subprocess.Popen[bytes]
-    proc, address = server_process(tier="cloud", tensor_parallel=2, device="cpu", max_batch_size=4)
+    proc, address = server_process(tier="cloud", tensor_parallel=2, device="cpu", max_batch_size=4, engine=engine)
     try:
         async with AsyncClient(address) as client:
             for prompt, text in zip(PROMPTS, expected, strict=True):

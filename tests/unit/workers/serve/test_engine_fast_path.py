@@ -15,9 +15,10 @@ import pytest
 
 from stratus_workers.models import load_model
 from stratus_workers.protocol.requests import Sampling
-from stratus_workers.serve.engine import Engine, FinishEvent, TokenEvent, build_engine
+from stratus_workers.serve.engine import AsyncEngine, build_engine
 from stratus_workers.serve.runner.fused import FusedRunner
 from stratus_workers.serve.runner.modules import ModuleRunner
+from stratus_workers.serve.surface import FinishEvent, TokenEvent
 
 pytestmark = pytest.mark.unit
 
@@ -30,7 +31,7 @@ def loaded(tiny_model_dir: Path) -> Any:
     return load_model(str(tiny_model_dir), dtype="float32", device="cpu")
 
 
-async def run(engine: Engine, prompt: list[int], n: int, delay: float = 0.0) -> tuple[list[int], str]:
+async def run(engine: AsyncEngine, prompt: list[int], n: int, delay: float = 0.0) -> tuple[list[int], str]:
     await asyncio.sleep(delay)
     ids: list[int] = []
     async for event in engine.stream(prompt, Sampling(max_new_tokens=n)):
@@ -41,22 +42,28 @@ async def run(engine: Engine, prompt: list[int], n: int, delay: float = 0.0) -> 
     raise AssertionError("no finish event")
 
 
+def runner_of(engine: AsyncEngine) -> Any:
+    core = getattr(engine.transport, "core", None)
+    assert core is not None, "the engine runs in a thread of this process"
+    return core.runner
+
+
 @pytest.mark.parametrize("ahead", ["0", "1"])
 async def test_joining_and_leaving_on_the_fast_path(loaded: Any, monkeypatch: pytest.MonkeyPatch, ahead: str) -> None:
     prompts = [loaded.tokenizer.encode(p) for p in PROMPTS]
-    alone = build_engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_len=128)
-    assert isinstance(alone.runner, ModuleRunner)
-    alone.start()
+    alone = build_engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_len=128, prefix_cache_tokens=0)
+    await alone.start()
+    assert isinstance(runner_of(alone), ModuleRunner)
     try:
         expected = [await run(alone, p, n) for p, n in zip(prompts, LENGTHS, strict=True)]
     finally:
-        alone.shutdown()
+        await alone.stop()
     monkeypatch.setenv("STRATUS_FAST_PATH", "1")
     monkeypatch.setenv("STRATUS_DECODE_AHEAD", ahead)  # 1: each step starts on the last one's argmax
     engine = build_engine(loaded.model, loaded.tokenizer, max_batch_size=3, max_len=128)
-    runner = engine.runner
+    await engine.start()
+    runner = runner_of(engine)
     assert isinstance(runner, FusedRunner) and runner.decoder.decode_ahead == (ahead == "1")
-    engine.start()
     try:
         # Five requests over three rows, arriving while others decode: rows fill, drain and refill.
         together = await asyncio.gather(
@@ -68,7 +75,7 @@ async def test_joining_and_leaving_on_the_fast_path(loaded: Any, monkeypatch: py
         await stream.aclose()
         after = await asyncio.wait_for(run(engine, prompts[1], LENGTHS[1]), 30)
     finally:
-        engine.shutdown()
+        await engine.stop()
     assert together == expected
     assert after == expected[1]
     if ahead == "1":

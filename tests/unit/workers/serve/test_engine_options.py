@@ -13,8 +13,10 @@ import torch
 
 from stratus_workers.models import load_model
 from stratus_workers.protocol.requests import Sampling
-from stratus_workers.serve.engine import Engine, FinishEvent, TokenEvent, TokenLogprob, build_engine
+from stratus_workers.serve.engine import AsyncEngine as Engine
+from stratus_workers.serve.engine import build_engine
 from stratus_workers.serve.sampling import eos_ids
+from stratus_workers.serve.surface import FinishEvent, TokenEvent, TokenLogprob
 
 pytestmark = pytest.mark.unit
 
@@ -27,11 +29,11 @@ def loaded(tiny_model_dir: Path) -> Any:
 
 
 @pytest.fixture
-def engine(loaded: Any) -> Any:
+async def engine(loaded: Any) -> Any:
     engine = build_engine(loaded.model, loaded.tokenizer, max_len=256, max_batch_size=4)
-    engine.start()
+    await engine.start()
     yield engine
-    engine.shutdown()
+    await engine.stop()
 
 
 async def answer(engine: Engine, prompt: list[int], params: Sampling) -> tuple[list[int], list[TokenLogprob]]:
@@ -126,9 +128,9 @@ async def test_prompt_logprobs_are_scores_of_the_prompt(loaded: Any, engine: Eng
     for position, entry in enumerate(echoed[1:]):
         assert entry.logprob == pytest.approx(float(expected[position, prompt[position + 1]]), abs=1e-4)
         assert [t.token_id for t in entry.top] == torch.topk(expected[position], 3).indices.tolist()
-    assert engine.sessions is not None and len(engine.sessions) == 0  # the scoring row is free again
+    assert engine.stats.sessions == 0  # the scoring row is free again
 
 
 async def test_a_bias_outside_the_vocabulary_is_refused(engine: Engine) -> None:
     with pytest.raises(ValueError, match="vocabulary"):
-        engine.submit([1, 2], Sampling(max_new_tokens=1, logit_bias=((engine.vocab_size, 1.0),)), lambda _: None)
+        await engine.stream([1, 2], Sampling(max_new_tokens=1, logit_bias=((engine.vocab_size, 1.0),))).__anext__()

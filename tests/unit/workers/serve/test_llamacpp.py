@@ -12,11 +12,13 @@ import torch
 from stratus_workers.models import load_model
 from stratus_workers.models.gguf_artifact import GGUFModel
 from stratus_workers.protocol.requests import Sampling
-from stratus_workers.serve.engine import Engine, TokenEvent, build_engine
+from stratus_workers.serve.engine import AsyncEngine as Engine
+from stratus_workers.serve.engine import build_engine
 from stratus_workers.serve.llamacpp import LlamaCppRunner
 from stratus_workers.serve.runner import ModelRunner
 from stratus_workers.serve.runner.build import build_runner
 from stratus_workers.serve.runner.modules import ModuleRunner
+from stratus_workers.serve.surface import TokenEvent
 
 pytestmark = pytest.mark.unit
 
@@ -122,10 +124,10 @@ def test_bad_calls_are_refused_and_change_nothing(
 
 
 async def test_engine_batches_greedy_identically_on_llamacpp(gguf: Any) -> None:
-    def engine(batch: int) -> Engine:
+    async def engine(batch: int) -> Engine:
         made = build_engine(gguf.model, gguf.tokenizer, max_batch_size=batch, max_len=128, max_sessions=1, threads=1)
-        assert isinstance(made.runner, LlamaCppRunner)
-        made.start()
+        await made.start()
+        assert made.info.runner == "LlamaCppRunner" and made.info.prefix_cache_tokens == 0
         return made
 
     async def tokens(made: Engine, prompt: list[int]) -> list[int]:
@@ -135,12 +137,30 @@ async def test_engine_batches_greedy_identically_on_llamacpp(gguf: Any) -> None:
                 ids.extend(event.token_ids)
         return ids
 
-    single, batched = engine(1), engine(4)
+    single, batched = await engine(1), await engine(4)
     try:
         prompts = [_ids(gguf, p) for p in PROMPTS]
         alone = [await tokens(single, p) for p in prompts]
         together = await asyncio.gather(*(tokens(batched, p) for p in prompts))
     finally:
-        single.shutdown()
-        batched.shutdown()
+        await single.stop()
+        await batched.stop()
     assert alone == list(together) and all(alone)
+
+
+def test_decode_step_is_a_one_token_forward(gguf: Any) -> None:
+    """The engine core's decode call: every row's greedy token and its log-probability from one llama.cpp step."""
+    stepped = LlamaCppRunner(gguf.model, max_rows=2, max_len=64, threads=1)
+    plain = LlamaCppRunner(gguf.model, max_rows=2, max_len=64, threads=1)
+    prompts = [_ids(gguf, PROMPTS[0]), _ids(gguf, PROMPTS[1])]
+    stepped.forward(0, prompts)
+    plain.forward(0, prompts)
+    result = stepped.decode([5, 9], logprobs=True)
+    logits = plain.forward(0, [[5], [9]])
+    assert torch.allclose(result.logits, logits, atol=1e-5)
+    assert result.greedy == logits.argmax(dim=-1).tolist()
+    expected = torch.log_softmax(logits, dim=-1).gather(1, logits.argmax(dim=-1)[:, None])[:, 0]
+    assert result.greedy_logprobs == pytest.approx(expected.tolist(), abs=1e-5)
+    assert stepped.lengths == [len(prompts[0]) + 1, len(prompts[1]) + 1]
+    with pytest.raises(ValueError, match="does not fit"):
+        stepped.decode([1, 2, 3])

@@ -12,10 +12,13 @@ import torch
 
 from stratus_workers.models import load_model
 from stratus_workers.protocol.requests import Sampling
-from stratus_workers.serve.engine import Engine, build_engine, collect
+from stratus_workers.serve.core import EngineCore
+from stratus_workers.serve.engine import build_engine
 from stratus_workers.serve.errors import EngineOverloaded
 from stratus_workers.serve.runner.modules import ModuleRunner
+from stratus_workers.serve.sampling import eos_ids
 from stratus_workers.serve.sessions import SpeculativeSessions, VerifyCall
+from stratus_workers.serve.surface import collect
 
 pytestmark = pytest.mark.unit
 
@@ -29,7 +32,7 @@ def loaded(tiny_model_dir: Path) -> Any:
 
 def sessions_over(loaded: Any, rows: int, ttl: float = 60.0) -> SpeculativeSessions:
     runner = ModuleRunner(loaded.model, max_rows=1 + rows, max_len=64)
-    return SpeculativeSessions(runner, loaded.tokenizer, first_row=1, ttl=ttl)
+    return SpeculativeSessions(runner, eos_ids(loaded.model, loaded.tokenizer), first_row=1, ttl=ttl)
 
 
 def test_a_session_keeps_its_prefix_and_computes_only_the_rest(loaded: Any) -> None:
@@ -87,8 +90,9 @@ def test_score_matches_a_plain_forward_pass(loaded: Any) -> None:
 
 def test_sessions_must_sit_above_the_decode_rows(loaded: Any) -> None:
     runner = ModuleRunner(loaded.model, max_rows=3, max_len=64)
+    eos = eos_ids(loaded.model, loaded.tokenizer)
     with pytest.raises(ValueError, match="rows 2 and up"):
-        Engine(runner, loaded.tokenizer, SpeculativeSessions(runner, loaded.tokenizer, first_row=1), max_batch_size=2)
+        EngineCore(runner, SpeculativeSessions(runner, eos, first_row=1), eos, max_batch_size=2)
 
 
 async def test_engine_sessions_reproduce_greedy_generation(tiny_model_dir: Path, draft_model_dir: Path) -> None:
@@ -97,8 +101,8 @@ async def test_engine_sessions_reproduce_greedy_generation(tiny_model_dir: Path,
     edge = load_model(str(draft_model_dir), dtype="float32", device="cpu")
     cloud_engine = build_engine(cloud.model, cloud.tokenizer, max_batch_size=1, max_len=256, max_sessions=2)
     edge_engine = build_engine(edge.model, edge.tokenizer, max_batch_size=1, max_len=256, max_sessions=2)
-    cloud_engine.start()
-    edge_engine.start()
+    await cloud_engine.start()
+    await edge_engine.start()
     greedy = Sampling()
     try:
         for text in ("The weather today", "Numbers: 1 2 3", "A long time ago"):
@@ -119,15 +123,15 @@ async def test_engine_sessions_reproduce_greedy_generation(tiny_model_dir: Path,
             assert 0 < accepted <= drafted
             await edge_engine.end_session("s")
             await cloud_engine.end_session("s")
-            assert len(cloud_engine.sessions) == len(edge_engine.sessions) == 0
+            assert cloud_engine.stats.sessions == edge_engine.stats.sessions == 0
     finally:
-        cloud_engine.shutdown()
-        edge_engine.shutdown()
+        await cloud_engine.stop()
+        await edge_engine.stop()
 
 
 async def test_session_limits(loaded: Any) -> None:
     engine = build_engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_len=64, max_sessions=1)
-    engine.start()
+    await engine.start()
     try:
         await engine.draft("a", [1, 2, 3], 2, Sampling())
         with pytest.raises(EngineOverloaded, match="sessions are busy"):
@@ -139,7 +143,7 @@ async def test_session_limits(loaded: Any) -> None:
         with pytest.raises(ValueError, match="exceeds"):
             await engine.verify("a", list(range(70)), [], (), Sampling())
     finally:
-        engine.shutdown()
+        await engine.stop()
 
 
 # -- verification batched: every Verify call of a step in one forward pass ------------------------------
@@ -180,9 +184,7 @@ def test_verify_many_gives_what_verify_gives_one_call_at_a_time(loaded: Any, sam
     expected: list[Any] = []
     for call in calls:
         try:
-            expected.append(
-                one_by_one.verify(call.sid, call.context, call.draft, call.dists, call.sampling, call.end)
-            )
+            expected.append(one_by_one.verify(call.sid, call.context, call.draft, call.dists, call.sampling, call.end))
         except ValueError as exc:
             expected.append(exc)
     together = setup()
@@ -202,6 +204,7 @@ def test_verify_many_gives_what_verify_gives_one_call_at_a_time(loaded: Any, sam
     assert got[0].accepted == len(drafts["a"].tokens) or sampled  # type: ignore[union-attr]
     # The rows between the callers are as they were; every session holds what its calls left.
     assert together.runner.lengths[idle_row] == idle_length
+
     # (which row a new session gets may differ: e ends only after the shared pass, so f takes c's old row)
     def held(sessions: SpeculativeSessions) -> dict[str, tuple[int, list[int]]]:
         return {sid: (sessions.runner.lengths[s.row], s.tokens) for sid, s in sessions._sessions.items()}
@@ -213,44 +216,69 @@ def test_verify_many_gives_what_verify_gives_one_call_at_a_time(loaded: Any, sam
     assert (after.accepted, after.next_token) == (fresh.accepted, fresh.next_token)
 
 
-async def test_concurrent_verification_shares_a_pass_and_keeps_the_cloud_answer(loaded: Any) -> None:
-    """Sessions verifying at once on one engine: one pass a round for all of them, the tokens cloud-only's."""
+def test_a_core_step_verifies_every_session_in_one_pass(loaded: Any) -> None:
+    """Verify calls queued for one step share its forward pass; each result is the one-call-at-a-time one."""
+    eos = eos_ids(loaded.model, loaded.tokenizer)
+    vocab = loaded.model.config.vocab_size
+    n = 4
+    drafter = sessions_over(loaded, rows=1)
+    contexts = [[7 + i, 19, 23 + i] for i in range(n)]
+    drafts = [
+        _wrong(drafter.draft("d", c, 4, GREEDY, top_k=8, end=True).tokens, i % 3, vocab) for i, c in enumerate(contexts)
+    ]
+    alone = sessions_over(loaded, rows=n)
+    expected = [
+        alone.verify(f"s{i}", c, d, (), GREEDY, end=False)
+        for i, (c, d) in enumerate(zip(contexts, drafts, strict=True))
+    ]
+    runner = ModuleRunner(loaded.model, max_rows=1 + n, max_len=64)
+    core = EngineCore(runner, SpeculativeSessions(runner, eos, first_row=1), eos, max_batch_size=1)
+    for i, (c, d) in enumerate(zip(contexts, drafts, strict=True)):
+        core.call(100 + i, "verify", (f"s{i}", c, d, (), GREEDY, False))
+    passes = runner.passes
+    out = core.step()
+    assert runner.passes - passes == 1
+    assert out.stats is not None and out.stats.forward_passes == runner.passes
+    got = {call_id: result for call_id, error, result in out.results if not error}
+    for i, want in enumerate(expected):
+        have = got[100 + i]
+        assert (have.accepted, have.next_token) == (want.accepted, want.next_token)
+        assert have.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+    # One pass per call, when asked (benchmarks compare the two).
+    for i, (c, d) in enumerate(zip(contexts, drafts, strict=True)):
+        core.call(200 + i, "verify_alone", (f"s{i}", c, d, (), GREEDY, False))
+    passes = runner.passes
+    out = core.step()
+    assert runner.passes - passes == n and not any(error for _, error, _ in out.results)
+
+
+async def test_concurrent_sessions_get_the_cloud_only_answer(loaded: Any) -> None:
+    """Sessions verifying at once on one engine (batched as they arrive) give cloud-only's tokens."""
     n, new = 5, 16
     engine = build_engine(loaded.model, loaded.tokenizer, max_batch_size=n, max_len=128, max_sessions=n)
-    engine.start()
+    await engine.start()
     vocab = loaded.model.config.vocab_size
     prompts = [loaded.tokenizer.encode(f"prompt number {i}: the") for i in range(n)]
     try:
         references = []
-        for events in [engine.stream(p, Sampling(max_new_tokens=new)) for p in prompts]:
+        for prompt in prompts:
             tokens: list[int] = []
-            async for event in events:
+            async for event in engine.stream(prompt, Sampling(max_new_tokens=new)):
                 tokens.extend(getattr(event, "token_ids", ()))
             references.append(tokens)
-        outs: list[list[int]] = [[] for _ in range(n)]
-        rounds = batched = 0
-        while any(len(o) < len(r) for o, r in zip(outs, references, strict=True)):
-            live = [i for i in range(n) if len(outs[i]) < len(references[i])]
-            drafts = {}
-            for i in live:  # the cloud's own answer, one token in three wrong: partial acceptance
-                ref, out = references[i], outs[i]
-                draft = ref[len(out) : len(out) + 4][: len(ref) - len(out) - 1]
-                drafts[i] = _wrong(draft, (rounds + i) % 3, vocab)
-            passes = engine.runner.passes
-            # Hold the engine back until every call is queued, so that this round's calls share its step.
-            with engine._cond:
-                calls = [
-                    asyncio.ensure_future(engine.verify(f"s{i}", prompts[i] + outs[i], drafts[i], (), GREEDY))
-                    for i in live
-                ]
-                while len(engine._verifies) < len(live):
-                    await asyncio.sleep(0)
-            verdicts = await asyncio.gather(*calls)
-            batched += engine.runner.passes - passes == 1
-            for i, verdict in zip(live, verdicts, strict=True):
-                outs[i] += [*drafts[i][: verdict.accepted], verdict.next_token]
-            rounds += 1
+
+        async def session(i: int) -> list[int]:
+            out: list[int] = []
+            ref = references[i]
+            while len(out) < len(ref):
+                draft = _wrong(ref[len(out) : len(out) + 4][: len(ref) - len(out) - 1], len(out) % 3, vocab)
+                verdict = await engine.verify(f"s{i}", prompts[i] + out, draft, (), GREEDY)
+                out += [*draft[: verdict.accepted], verdict.next_token]
+            return out
+
+        passes = engine.stats.forward_passes
+        outs = await asyncio.gather(*(session(i) for i in range(n)))
         assert [o[: len(r)] for o, r in zip(outs, references, strict=True)] == references
-        assert batched == rounds  # every round: one forward pass for all its sessions
+        assert engine.stats.forward_passes > passes
     finally:
-        engine.shutdown()
+        await engine.stop()

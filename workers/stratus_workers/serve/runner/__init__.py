@@ -16,8 +16,10 @@ from __future__ import annotations
 import abc
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from stratus_workers.serve.parallel import STOP, ParallelContext
@@ -40,12 +42,54 @@ def check_supported(model: Any) -> None:
         )
 
 
+def new_token_slots(
+    first_row: int, starts: Sequence[int], q_lens: Sequence[int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Where each real new token of a padded [batch, q_max] forward goes: (batch index, query index, cache
+    row, cache position), one entry per token; None when no row is padded (every row has q_max tokens).
+
+    A padded slot must not be written: past a row's end it could lie past the cache (rows at different
+    lengths, as prefix-cache hits and prefill chunks make them) or on a position another write fills.
+    """
+    if min(q_lens) == max(q_lens):
+        return None
+    lens = np.asarray(q_lens, dtype=np.int64)
+    batch_idx = np.repeat(np.arange(len(lens), dtype=np.int64), lens)
+    query_idx = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+    positions = np.asarray(starts, dtype=np.int64)[batch_idx] + query_idx
+    arrays = (batch_idx, query_idx, batch_idx + first_row, positions)
+    return tuple(torch.from_numpy(a).to(device, non_blocking=True) for a in arrays)  # type: ignore[return-value]
+
+
 def env_flag(name: str, default: bool) -> bool:
     """A STRATUS_* switch: unset or empty gives `default`; 0, false, no, off turn it off."""
     value = os.environ.get(name)
     if value is None or value == "":
         return default
     return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+@dataclass
+class Decoded:
+    """One decode step's result: every row's logits, greedy choice, and that choice's log-probability.
+
+    `greedy` and `greedy_logprobs` come from the step itself (on the fused path, computed on the
+    device before the next step is launched ahead), so a greedy caller reads them without waiting
+    on the logits; `greedy_logprobs` is None unless the step was asked for them.
+    """
+
+    logits: torch.Tensor
+    greedy: list[int]
+    greedy_logprobs: list[float] | None
+
+
+def decoded(logits: torch.Tensor, logprobs: bool) -> Decoded:
+    """A decode step's result from its [rows, vocab] logits: the greedy choices (and their log-probabilities)."""
+    best = logits.argmax(dim=-1)
+    picked = None
+    if logprobs:
+        picked = (logits.gather(1, best[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)).tolist()
+    return Decoded(logits, best.tolist(), picked)
 
 
 class ModelRunner(abc.ABC):
@@ -58,13 +102,22 @@ class ModelRunner(abc.ABC):
 
     cache: KVCache
 
-    def __init__(self, model: Any, *, max_rows: int, max_len: int, parallel: ParallelContext | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_rows: int,
+        max_len: int,
+        parallel: ParallelContext | None = None,
+        pool_tokens: int = 0,
+    ) -> None:
         check_supported(model)
         config = model.config
         self.model = model
         self.config = config
         self.max_rows = max_rows
         self.max_len = max_len
+        self.pool_tokens = pool_tokens
         self.parallel = parallel
         self.layers = list(model.model.layers)
         self.vocab_size = int(config.vocab_size)
@@ -109,12 +162,36 @@ class ModelRunner(abc.ABC):
         if min(q_lens) == 0:
             raise ValueError("every row needs at least one new token")
         starts = self.cache.lengths[first_row : first_row + batch]
-        self.cache.grow(max(starts) + max(q_lens))
+        self.cache.grow(max(s + q for s, q in zip(starts, q_lens, strict=True)))
         # Before computing: the other ranks must join this call's all-reduces.
         self._lead("forward", first_row, [list(t) for t in tokens], all_logits=all_logits)
         self.passes += 1
         self.positions += sum(q_lens)
         return self._forward(first_row, tokens, starts, q_lens, all_logits)
+
+    @torch.inference_mode()
+    def decode(self, ids: Sequence[int], *, logprobs: bool = False) -> Decoded:
+        """A decode step: feed `ids[i]` to row i (rows 0..len(ids)-1, one token each)."""
+        batch = len(ids)
+        if not 0 < batch <= self.max_rows:
+            raise ValueError(f"a decode step of {batch} rows does not fit this runner's {self.max_rows}")
+        self.cache.grow(max(self.cache.lengths[:batch]) + 1)
+        self._lead("decode", list(ids), logprobs=logprobs)
+        self.passes += 1
+        self.positions += batch
+        return self._decode(list(ids), logprobs)
+
+    @torch.inference_mode()
+    def save_prefix(self, row: int, positions: list[int], slots: list[int], block: int) -> None:
+        """Copy blocks of `row` (starting at `positions`) into the prefix pool's `slots`."""
+        self.cache.save_blocks(row, positions, slots, block)
+        self._lead("save_prefix", row, positions, slots, block)
+
+    @torch.inference_mode()
+    def load_prefix(self, row: int, slots: list[int], block: int) -> None:
+        """Fill the empty `row` with the prefix pool's blocks `slots`, in order."""
+        self.cache.load_blocks(row, slots, block)
+        self._lead("load_prefix", row, slots, block)
 
     @torch.inference_mode()
     def reset(self, row: int) -> None:
@@ -157,6 +234,11 @@ class ModelRunner(abc.ABC):
         all_logits: bool,
     ) -> torch.Tensor:
         """Run the rows (the cache already holds room for them) and set their new lengths."""
+
+    def _decode(self, ids: list[int], logprobs: bool) -> Decoded:
+        """A decode step through `_forward`; paths with a static step of their own replace it."""
+        starts = self.cache.lengths[: len(ids)]
+        return decoded(self._forward(0, [[t] for t in ids], starts, [1] * len(ids), False), logprobs)
 
     def _warmup(self, max_kv_len: int | None, batch_sizes: Sequence[int] | None) -> int:
         return 0

@@ -22,9 +22,10 @@ def build_runner(
     cuda_graphs: bool | None = None,
     compile: bool | None = None,
     parallel: ParallelContext | None = None,
+    pool_tokens: int = 0,
     threads: int = 0,
 ) -> ModelRunner:
-    """A runner of `max_rows` cache rows of up to `max_len` tokens for `model`.
+    """A runner of `max_rows` cache rows of up to `max_len` tokens for `model` (and a prefix pool of `pool_tokens`).
 
     `fast` picks the fused path (True) or the module path (False); by default the fused path runs
     where it pays (CUDA, or sharded over `parallel`) and the CPU keeps Hugging Face's exact
@@ -58,10 +59,13 @@ def build_runner(
     if parallel is not None:
         parallel.lead(
             BUILD, max_rows=max_rows, max_len=max_len, initial_len=initial_len, fast=fast, cuda_graphs=cuda_graphs,
-            compile=compile,
+            compile=compile, pool_tokens=pool_tokens,
         )  # fmt: skip
     if use_fused:
         return FusedRunner(
-            model, max_rows=max_rows, max_len=max_len, cuda_graphs=cuda_graphs, compile=compile, parallel=parallel
-        )
-    return ModuleRunner(model, max_rows=max_rows, max_len=max_len, initial_len=initial_len, parallel=parallel)
+            model, max_rows=max_rows, max_len=max_len, cuda_graphs=cuda_graphs, compile=compile, parallel=parallel,
+            pool_tokens=pool_tokens,
+        )  # fmt: skip
+    return ModuleRunner(
+        model, max_rows=max_rows, max_len=max_len, initial_len=initial_len, parallel=parallel, pool_tokens=pool_tokens
+    )

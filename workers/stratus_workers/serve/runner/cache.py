@@ -1,19 +1,27 @@
-"""Per-row KV cache: one key and one value tensor per layer, each row a sequence at its own length."""
+"""Per-row KV cache (each row a sequence at its own length) and the block pool the prefix cache keeps."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 MIN_CAPACITY = 16
 
 
 class KVCache:
-    """Keys and values of `rows` sequences, [rows, kv_heads, capacity, head_dim] for each layer.
+    """Keys and values of `rows` sequences: one [layers, rows, kv_heads, capacity, head_dim] tensor each.
 
-    Rows join, leave, roll back and move independently; `lengths` says how many tokens each holds
-    (and `lengths_dev`, when asked for, mirrors it on the device for a decode step that must not
-    read host memory). `version` counts the changes made outside a decode step, so a step computed
-    ahead of time can tell whether the rows it assumed still stand.
+    `keys[l]` and `values[l]` are views of layer l, which is what the forward passes and the captured
+    decode graphs index; a row move or a prefix copy touches every layer at once through the whole
+    tensor. Rows join, leave, roll back and move independently; `lengths` says how many tokens each
+    holds (and `lengths_dev`, when asked for, mirrors it on the device for a decode step that must not
+    read host memory). `version` counts the changes made outside a decode step to rows below
+    `watched` (the rows a step computed ahead of time read), so such a step can tell whether the rows
+    it assumed still stand; a change to a row above them (a session, a prefill) leaves it valid.
+
+    The pool (`pool_tokens` tokens, allocated on first use) holds blocks of keys and values that
+    finished or prefilled rows left behind, for the prefix cache (serve/prefix.py) to copy into new
+    rows; which block is where is the prefix cache's business, the copies are this class's.
 
     The tensors are ordinary tensors whichever mode allocates them: forward passes grow the cache
     inside inference mode, and an inference tensor refuses in-place updates outside it.
@@ -31,6 +39,7 @@ class KVCache:
         max_len: int,
         capacity: int,
         device_lengths: bool = False,
+        pool_tokens: int = 0,
     ) -> None:
         self.layers = layers
         self.rows = rows
@@ -45,13 +54,26 @@ class KVCache:
             with torch.inference_mode(False):
                 self.lengths_dev = torch.zeros(rows, dtype=torch.long, device=device)
         self.version = 0
+        self.watched = rows
         self.capacity = 0
+        self.all_keys = torch.empty(0)
+        self.all_values = torch.empty(0)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self._allocate(capacity)
+        self.pool_tokens = pool_tokens
+        self.pool_keys: torch.Tensor | None = None
+        self.pool_values: torch.Tensor | None = None
 
     def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        tensors = [self.all_keys, self.all_values]
+        if self.pool_keys is not None and self.pool_values is not None:
+            tensors += [self.pool_keys, self.pool_values]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def token_bytes(self) -> int:
+        """Bytes one token of one row takes (keys and values of every layer)."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
 
     def grow(self, needed: int) -> None:
         """Make room for `needed` tokens a row (doubling), or raise ValueError past `max_len`."""
@@ -61,20 +83,27 @@ class KVCache:
             self._allocate(min(self.max_len, max(needed, self.capacity * 2, MIN_CAPACITY)))
 
     def _allocate(self, capacity: int) -> None:
-        shape = (self.rows, self.kv_heads, capacity, self.head_dim)
+        shape = (self.layers, self.rows, self.kv_heads, capacity, self.head_dim)
         with torch.inference_mode(False):
-            keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
-            values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+            keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            values = torch.zeros(shape, dtype=self.dtype, device=self.device)
             if self.capacity:
-                for old, new in zip((*self.keys, *self.values), (*keys, *values), strict=True):
-                    new[:, :, : self.capacity].copy_(old)
-        self.keys, self.values, self.capacity = keys, values, capacity
+                keys[:, :, :, : self.capacity].copy_(self.all_keys)
+                values[:, :, :, : self.capacity].copy_(self.all_values)
+        self.all_keys, self.all_values, self.capacity = keys, values, capacity
+        self.keys, self.values = list(keys.unbind(0)), list(values.unbind(0))
+
+    # -- lengths ----------------------------------------------------------------------------
+
+    def _changed(self, first_row: int) -> None:
+        if first_row < self.watched:
+            self.version += 1
 
     def set_length(self, row: int, length: int) -> None:
         self.lengths[row] = length
         if self.lengths_dev is not None:
             self.lengths_dev[row] = length
-        self.version += 1
+        self._changed(row)
 
     def set_lengths(self, first_row: int, lengths: list[int]) -> None:
         """Rows first_row.. now hold `lengths` tokens (after a prefill or an extension)."""
@@ -82,7 +111,7 @@ class KVCache:
         self.lengths[first_row:end] = lengths
         if self.lengths_dev is not None:
             self.lengths_dev[first_row:end] = torch.tensor(lengths, dtype=torch.long).to(self.device, non_blocking=True)
-        self.version += 1
+        self._changed(first_row)
 
     def advance(self, batch: int) -> None:
         """Rows 0..batch-1 each took one token (a decode step: not a change of rows)."""
@@ -103,7 +132,59 @@ class KVCache:
     def move(self, src: int, dst: int) -> None:
         """Copy row `src` into row `dst` and empty `src`."""
         n = self.lengths[src]
-        for cache in (*self.keys, *self.values):
-            cache[dst, :, :n].copy_(cache[src, :, :n])
+        for cache in (self.all_keys, self.all_values):
+            cache[:, dst, :, :n].copy_(cache[:, src, :, :n])
         self.set_length(dst, n)
         self.set_length(src, 0)
+
+    # -- the prefix cache's block pool ------------------------------------------------------
+
+    def _pool(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pool, grown (doubling, up to `pool_tokens`) to hold at least `tokens` tokens."""
+        if tokens > self.pool_tokens:
+            raise ValueError(f"the prefix pool holds {self.pool_tokens} tokens; asked for {tokens}")
+        have = 0 if self.pool_keys is None else self.pool_keys.shape[2]
+        if self.pool_keys is None or self.pool_values is None or have < tokens:
+            # A GPU takes the whole pool at once (no regrowth copies, no fragmentation); a CPU grows it.
+            grow = max(tokens, 2 * have, 256) if self.device.type == "cpu" else self.pool_tokens
+            size = min(self.pool_tokens, grow)
+            shape = (self.layers, self.kv_heads, size, self.head_dim)
+            with torch.inference_mode(False):
+                keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if self.pool_keys is not None and self.pool_values is not None:
+                    keys[:, :, :have].copy_(self.pool_keys)
+                    values[:, :, :have].copy_(self.pool_values)
+            self.pool_keys, self.pool_values = keys, values
+        assert self.pool_keys is not None and self.pool_values is not None
+        return self.pool_keys, self.pool_values
+
+    def _index(self, starts: list[int], block: int) -> torch.Tensor:
+        idx = (np.asarray(starts, dtype=np.int64)[:, None] + np.arange(block, dtype=np.int64)[None, :]).reshape(-1)
+        return torch.from_numpy(idx).to(self.device, non_blocking=True)
+
+    def save_blocks(self, row: int, positions: list[int], slots: list[int], block: int) -> None:
+        """Copy `block` tokens of `row` from each position in `positions` into pool block `slots[i]`."""
+        if not positions:
+            return
+        if max(positions) + block > self.lengths[row]:
+            raise ValueError(f"row {row} holds {self.lengths[row]} tokens; cannot save a block at {max(positions)}")
+        pool_k, pool_v = self._pool((max(slots) + 1) * block)
+        src = self._index(positions, block)
+        dst = self._index([s * block for s in slots], block)
+        for cache, pool in ((self.all_keys, pool_k), (self.all_values, pool_v)):
+            pool.index_copy_(2, dst, cache[:, row].index_select(2, src))
+
+    def load_blocks(self, row: int, slots: list[int], block: int) -> None:
+        """Make pool blocks `slots`, in order, the first len(slots) * block tokens of the empty `row`."""
+        if self.lengths[row]:
+            raise ValueError(f"row {row} holds {self.lengths[row]} tokens; a prefix loads into an empty row")
+        n = len(slots) * block
+        if not n:
+            return
+        self.grow(n)
+        pool_k, pool_v = self._pool((max(slots) + 1) * block)
+        src = self._index([s * block for s in slots], block)
+        for cache, pool in ((self.all_keys, pool_k), (self.all_values, pool_v)):
+            cache[:, row, :, :n].copy_(pool.index_select(2, src))
+        self.set_length(row, n)

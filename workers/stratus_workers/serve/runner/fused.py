@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from stratus_workers.serve import kernels
 from stratus_workers.serve.parallel import ParallelContext
-from stratus_workers.serve.runner import ModelRunner, UnsupportedModelError, env_flag
+from stratus_workers.serve.runner import Decoded, ModelRunner, UnsupportedModelError, env_flag, new_token_slots
 from stratus_workers.serve.runner.cache import KVCache
 from stratus_workers.serve.runner.graphs import StaticDecoder
 from stratus_workers.serve.runner.modules import apply_rotary
@@ -141,6 +141,16 @@ def _mlp_in(
     return h, F.silu(gate) * up
 
 
+def _prefill_qkv_eager(n_q: int, n_kv: int, head_dim: int) -> Callable[..., Any]:
+    def prefill_qkv(
+        h: torch.Tensor, delta: torch.Tensor, norm_w: torch.Tensor, eps: float, w_qkv: torch.Tensor,
+        b_qkv: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _qkv_rope(h, delta, norm_w, eps, w_qkv, b_qkv, cos, sin, n_q, n_kv, head_dim)
+
+    return prefill_qkv
+
+
 class FusedRunner(ModelRunner):
     """Fused weights and a static decode step; shards over `parallel` when it spans several ranks.
 
@@ -160,8 +170,9 @@ class FusedRunner(ModelRunner):
         cuda_graphs: bool | None = None,
         compile: bool | None = None,
         parallel: ParallelContext | None = None,
+        pool_tokens: int = 0,
     ) -> None:
-        super().__init__(model, max_rows=max_rows, max_len=max_len, parallel=parallel)
+        super().__init__(model, max_rows=max_rows, max_len=max_len, parallel=parallel, pool_tokens=pool_tokens)
         if not fusable(model):
             raise UnsupportedModelError("the fast path needs plain Linear projections and a SiLU MLP")
         rank, world = (parallel.rank, parallel.world_size) if parallel is not None else (0, 1)
@@ -194,8 +205,11 @@ class FusedRunner(ModelRunner):
             max_len=max_len,
             capacity=capacity,
             device_lengths=True,
+            pool_tokens=pool_tokens,
         )
         self._rows_dev = torch.arange(max_rows, device=self.device)
+        with torch.inference_mode(False):  # written by every decode step, graphs included
+            self.greedy_logprobs = torch.zeros(max_rows, dtype=torch.float32, device=self.device)
         self._kv_ar = torch.arange(capacity, device=self.device)
         on_cuda = self.device.type == "cuda"
         want_graphs = env_flag("STRATUS_CUDA_GRAPHS", True) if cuda_graphs is None else cuda_graphs
@@ -303,11 +317,19 @@ class FusedRunner(ModelRunner):
             v_cache[rows, :, pos] = v
             return h, q
 
-        fns: list[Callable[..., Any]] = [attention_block, mlp_block, store_block]
+        def prefill_qkv(
+            h: torch.Tensor, delta: torch.Tensor, norm_w: torch.Tensor, eps: float, w_qkv: torch.Tensor,
+            b_qkv: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            return _qkv_rope(h, delta, norm_w, eps, w_qkv, b_qkv, cos, sin, n_q, n_kv, d)
+
+        # The prefill's element-wise work too: an eager prefill of a small model is a thousand kernel
+        # launches, which at 64 streams (one admission every other step) costs more than the decoding.
+        fns: list[Callable[..., Any]] = [attention_block, mlp_block, store_block, prefill_qkv, _mlp_in]
         self.compiled = compiled
         if compiled:
             fns = [torch.compile(fn, dynamic=True, fullgraph=True) for fn in fns]
-        self._attn_fn, self._mlp_fn, self._store_fn = fns
+        self._attn_fn, self._mlp_fn, self._store_fn, self._prefill_qkv, self._prefill_mlp = fns
 
     def degrade(self) -> str | None:
         """Drop the newest optimisation of the decode step after a failed capture; its name, or None if none is left.
@@ -334,9 +356,12 @@ class FusedRunner(ModelRunner):
         all_logits: bool,
     ) -> torch.Tensor:
         if max(q_lens) == 1 and first_row == 0:  # a decode step of the batch's rows
-            logits = self.decoder.step(len(tokens), [t[0] for t in tokens])
+            logits = self.decoder.step(len(tokens), [t[0] for t in tokens]).logits
             return logits[:, None] if all_logits else logits
         return self._extend(first_row, tokens, starts, q_lens, all_logits)
+
+    def _decode(self, ids: list[int], logprobs: bool) -> Decoded:
+        return self.decoder.step(len(ids), ids, logprobs=logprobs)
 
     def _extend(
         self,
@@ -358,18 +383,23 @@ class FusedRunner(ModelRunner):
         start_t = torch.tensor(starts, dtype=torch.long).to(dev, non_blocking=True)
         positions = start_t[:, None] + torch.arange(q_max, device=dev)[None, :]  # [B, Q]
         mask = torch.arange(k_len, device=dev)[None, None, None, :] <= positions[:, None, :, None]
-        cos, sin = self._cos[positions], self._sin[positions]
+        slots = new_token_slots(first_row, starts, q_lens, dev)
+        # Padded queries may sit past the rotary table; their results are never used.
+        table = positions if slots is None else positions.clamp(max=self._cos.shape[0] - 1)
+        cos, sin = self._cos[table], self._sin[table]
         write_rows = torch.arange(first_row, first_row + batch, device=dev)[:, None].expand(batch, q_max)
         row_sl = slice(first_row, first_row + batch)
         h = F.embedding(ids, self._embed)
         delta = torch.zeros_like(h)
         for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
-            h, q, k, v = _qkv_rope(
-                h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin,
-                self.local_heads, self.local_kv_heads, self.head_dim,
-            )  # fmt: skip
-            k_cache[write_rows, :, positions] = k
-            v_cache[write_rows, :, positions] = v
+            h, q, k, v = self._prefill_qkv(h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin)
+            if slots is None:
+                k_cache[write_rows, :, positions] = k
+                v_cache[write_rows, :, positions] = v
+            else:
+                b, q_idx, rows, pos = slots
+                k_cache[rows, :, pos] = k[b, q_idx]
+                v_cache[rows, :, pos] = v[b, q_idx]
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2),
                 k_cache[row_sl, :, :k_len],
@@ -379,7 +409,7 @@ class FusedRunner(ModelRunner):
                 enable_gqa=self.local_kv_heads != self.local_heads,
             )
             out = self._all_reduce(F.linear(out.transpose(1, 2).flatten(2), lw.o))
-            h, act = _mlp_in(h, out, lw.o_bias, lw.post_norm, lw.eps, lw.gate_up, lw.gate_up_bias)
+            h, act = self._prefill_mlp(h, out, lw.o_bias, lw.post_norm, lw.eps, lw.gate_up, lw.gate_up_bias)
             delta = self._all_reduce(F.linear(act, lw.down))
             if lw.down_bias is not None:
                 delta = delta + lw.down_bias
@@ -393,8 +423,8 @@ class FusedRunner(ModelRunner):
     def decode_body(self, tokens: torch.Tensor, batch: int, kv_len: int) -> torch.Tensor:
         """One decode step of rows 0..batch-1 reading only device buffers (what a graph captures).
 
-        Feeds `tokens[:batch]` at each row's length and leaves the step's argmax in `tokens[:batch]`:
-        the next step's input, if the caller is greedy.
+        Feeds `tokens[:batch]` at each row's length and leaves the step's argmax in `tokens[:batch]`
+        (the next step's input, if the caller is greedy) and its log-probability in `greedy_logprobs`.
         """
         lengths = self.cache.lengths_dev
         assert lengths is not None  # the fused path's cache keeps its lengths on the device
@@ -424,8 +454,31 @@ class FusedRunner(ModelRunner):
                 delta = delta + lw.down_bias
         h = h + delta
         logits = F.linear(_rms_norm(h, self._final_norm, self._final_eps), self._lm_head).float()
-        tokens[:batch].copy_(logits.argmax(dim=-1))
+        best = logits.argmax(dim=-1)
+        tokens[:batch].copy_(best)
+        # The greedy choice's log-probability, so a caller asking for it need not wait on the logits.
+        self.greedy_logprobs[:batch].copy_(logits.gather(1, best[:, None])[:, 0] - torch.logsumexp(logits, dim=-1))
         return logits
 
     def _warmup(self, max_kv_len: int | None, batch_sizes: Sequence[int] | None) -> int:
-        return self.decoder.warmup(max_kv_len, batch_sizes)
+        graphs = self.decoder.warmup(max_kv_len, batch_sizes)
+        if self.compiled:
+            self._warm_prefill()
+        return graphs
+
+    def _warm_prefill(self) -> None:
+        """Compile the prefill's functions now for each shape class (sizes of one are specialised), so
+        that no request waits for a compiler; fall back to eager prefill if that fails."""
+        rows = min(3, self.max_rows)
+        try:
+            for batch, q_len in ((1, 1), (1, 5), (rows, 1), (rows, 17)):
+                batch = min(batch, rows)
+                first = self.max_rows - batch  # rows above any decode batch: nothing is running yet anyway
+                self._extend(first, [[0] * q_len] * batch, [0] * batch, [q_len] * batch, False)
+        except Exception as exc:
+            log.warning("compiled prefill failed (%s: %s); prefilling eagerly", type(exc).__name__, exc)
+            self._prefill_qkv = _prefill_qkv_eager(self.local_heads, self.local_kv_heads, self.head_dim)
+            self._prefill_mlp = _mlp_in
+        finally:
+            for row in range(self.max_rows):
+                self.cache.set_length(row, 0)

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
+from stratus_workers.serve.runner import Decoded
 from stratus_workers.serve.runner.cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class DecodeBody(Protocol):
     max_rows: int
     device: torch.device
     triton_attention: bool  # its attention reads each row's length itself: one graph per batch size
+    greedy_logprobs: torch.Tensor  # [max_rows]: each step leaves its argmax's log-probability here
 
     def decode_body(self, tokens: torch.Tensor, batch: int, kv_len: int) -> torch.Tensor: ...
 
@@ -43,12 +45,13 @@ class DecodeBody(Protocol):
 
 @dataclass
 class _Step:
-    """A queued decode step: its logits, its greedy choices (host copy) and when they are ready."""
+    """A queued decode step: its logits, greedy choices and their log-probabilities (host copies), and when ready."""
 
     batch: int
     version: int
     logits: torch.Tensor
     argmax: torch.Tensor
+    logprobs: torch.Tensor
     done: torch.cuda.Event | None
 
 
@@ -71,6 +74,7 @@ class StaticDecoder:
         self._tok_np = self._tok_host.numpy()
         self._copy_done: torch.cuda.Event | None = None
         self._argmax_host = torch.zeros((2, rows), dtype=torch.long, pin_memory=self._on_cuda)
+        self._logprob_host = torch.zeros((2, rows), dtype=torch.float32, pin_memory=self._on_cuda)
         self._slot = 0
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: Any = None
@@ -90,8 +94,8 @@ class StaticDecoder:
             kv *= 2
         return bucket, min(kv, self.cache.capacity)
 
-    def step(self, batch: int, ids: list[int]) -> torch.Tensor:
-        """Feed `ids` to rows 0..batch-1 (one token each); returns their [batch, V] logits."""
+    def step(self, batch: int, ids: list[int], *, logprobs: bool = False) -> Decoded:
+        """Feed `ids` to rows 0..batch-1 (one token each); returns their logits and greedy choices."""
         ahead, self._ahead_step = self._ahead_step, None
         current = ahead is not None and ahead.batch == batch and ahead.version == self.cache.version
         if current and ids == self._expected:
@@ -111,7 +115,7 @@ class StaticDecoder:
             # detokenizes and streams. If the caller picks other tokens or changes the rows, the next
             # call runs the step again; the guess only wrote keys past each row's length.
             self._ahead_step = self._launch(batch)
-        return self._finish(step)
+        return self._finish(step, logprobs)
 
     def _load_tokens(self, ids: list[int]) -> None:
         n = len(ids)
@@ -130,6 +134,8 @@ class StaticDecoder:
     def _launch(self, batch: int) -> _Step:
         """Queue one decode step of rows 0..batch-1 (tokens already in `tokens`); do not wait for it."""
         bucket, kv_len = self.buckets(batch, max(self.cache.lengths[:batch]) + 1)
+        # From now on only a change of these rows makes a step launched ahead of time stale.
+        self.cache.watched = batch
         graph = self.graph(bucket, kv_len) if self.cuda_graphs else None
         if graph is not None:
             graph[0].replay()
@@ -141,19 +147,23 @@ class StaticDecoder:
         self._slot ^= 1
         host = self._argmax_host[self._slot]
         host[:batch].copy_(self.tokens[:batch], non_blocking=True)
+        lp_host = self._logprob_host[self._slot]
+        lp_host[:batch].copy_(self.body.greedy_logprobs[:batch], non_blocking=True)
         done = None
         if self._on_cuda:
             done = torch.cuda.Event()  # type: ignore[no-untyped-call]
             done.record()
-        return _Step(batch=batch, version=self.cache.version, logits=logits, argmax=host, done=done)
+        return _Step(batch=batch, version=self.cache.version, logits=logits, argmax=host, logprobs=lp_host, done=done)
 
-    def _finish(self, step: _Step) -> torch.Tensor:
+    def _finish(self, step: _Step, logprobs: bool) -> Decoded:
         if step.done is not None:
-            # Wait with the GIL released (Event.synchronize drops it; .tolist() in the caller would
-            # hold it), so the event loop streams the last step's tokens while the GPU works.
+            # Wait with the GIL released (Event.synchronize drops it; .tolist() would hold it). The
+            # event was recorded before the next step was launched ahead, so this waits for this
+            # step alone: the engine samples greedy rows and sends their tokens while the GPU runs on.
             step.done.synchronize()
         self._expected = step.argmax[: step.batch].tolist()
-        return step.logits
+        picked = step.logprobs[: step.batch].tolist() if logprobs else None
+        return Decoded(step.logits, list(self._expected), picked)
 
     def graph(self, batch: int, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
         """The captured step for this bucket (captured now if new), or None past MAX_GRAPHS."""

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from stratus_workers.serve.parallel import ParallelContext
-from stratus_workers.serve.runner import ModelRunner, UnsupportedModelError
+from stratus_workers.serve.runner import ModelRunner, UnsupportedModelError, new_token_slots
 from stratus_workers.serve.runner.cache import MIN_CAPACITY, KVCache
 
 
@@ -37,8 +37,9 @@ class ModuleRunner(ModelRunner):
         max_len: int,
         initial_len: int = 256,
         parallel: ParallelContext | None = None,
+        pool_tokens: int = 0,
     ) -> None:
-        super().__init__(model, max_rows=max_rows, max_len=max_len, parallel=parallel)
+        super().__init__(model, max_rows=max_rows, max_len=max_len, parallel=parallel, pool_tokens=pool_tokens)
         if parallel is not None and parallel.sharded:
             raise UnsupportedModelError("tensor parallel needs the fast path (plain Linear layers)")
         self.cache = KVCache(
@@ -50,6 +51,7 @@ class ModuleRunner(ModelRunner):
             device=self.device,
             max_len=max_len,
             capacity=min(max_len, max(initial_len, MIN_CAPACITY)),
+            pool_tokens=pool_tokens,
         )
 
     def _forward(
@@ -79,6 +81,7 @@ class ModuleRunner(ModelRunner):
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         row_sl = slice(first_row, first_row + batch)
         write_rows = torch.arange(first_row, first_row + batch, device=dev)[:, None].expand(batch, q_max)
+        slots = new_token_slots(first_row, starts, q_lens, dev)
         for layer, k_cache, v_cache in zip(self.layers, self.cache.keys, self.cache.values, strict=True):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
@@ -88,8 +91,13 @@ class ModuleRunner(ModelRunner):
             q = apply_rotary(q, cos, sin)
             k = apply_rotary(k, cos, sin)
             # Scatter each row's new keys to its own positions: index [row, :, pos] per (b, q).
-            k_cache[write_rows, :, positions] = k.transpose(1, 2).to(k_cache.dtype)
-            v_cache[write_rows, :, positions] = v.transpose(1, 2).to(v_cache.dtype)
+            if slots is None:
+                k_cache[write_rows, :, positions] = k.transpose(1, 2).to(k_cache.dtype)
+                v_cache[write_rows, :, positions] = v.transpose(1, 2).to(v_cache.dtype)
+            else:
+                b, q_idx, rows, pos = slots
+                k_cache[rows, :, pos] = k.transpose(1, 2)[b, q_idx].to(k_cache.dtype)
+                v_cache[rows, :, pos] = v.transpose(1, 2)[b, q_idx].to(v_cache.dtype)
             out = F.scaled_dot_product_attention(
                 q,
                 k_cache[row_sl, :, :k_len],

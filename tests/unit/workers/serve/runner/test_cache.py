@@ -73,3 +73,21 @@ def test_a_cache_grown_in_inference_mode_is_updated_outside_it() -> None:
     cache.move(2, 1)
     cache.truncate(1, 5)
     assert bool((cache.keys[1][1, :, : 3 * MIN_CAPACITY] == 1.0).all())
+
+
+def test_blocks_saved_to_the_pool_load_into_another_row() -> None:
+    cache = make(capacity=16, device_lengths=True)
+    cache.pool_tokens = 64
+    for layer, (k, v) in enumerate(zip(cache.keys, cache.values, strict=True)):
+        k[1, :, :12] = torch.arange(12, dtype=torch.float32)[None, :, None] + 100 * layer
+        v[1, :, :12] = -torch.arange(12, dtype=torch.float32)[None, :, None]
+    cache.set_length(1, 12)
+    cache.save_blocks(1, positions=[0, 4], slots=[3, 0], block=4)
+    with pytest.raises(ValueError, match="holds 12 tokens; cannot save a block at 12"):
+        cache.save_blocks(1, positions=[8, 12], slots=[1, 2], block=4)  # the second block is not there yet
+    cache.load_blocks(2, slots=[3, 0], block=4)
+    assert cache.lengths[2] == 8 and cache.lengths_dev is not None and cache.lengths_dev[2] == 8
+    for k, v in zip(cache.keys, cache.values, strict=True):
+        assert torch.equal(k[2, :, :8], k[1, :, :8]) and torch.equal(v[2, :, :8], v[1, :, :8])
+    with pytest.raises(ValueError, match="loads into an empty row"):
+        cache.load_blocks(2, slots=[3], block=4)

@@ -74,3 +74,40 @@ def test_unsupported_architecture_is_named() -> None:
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     with pytest.raises(UnsupportedModelError, match="'gpt2' is not supported"):
         ModuleRunner(gpt2, max_rows=1, max_len=8)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_prefix_from_the_pool_gives_the_logits_of_a_full_prefill(model: torch.nn.Module, reference, fast) -> None:
+    from stratus_workers.serve.runner.build import build_runner
+
+    runner = build_runner(model, max_rows=2, max_len=64, pool_tokens=32, fast=fast)
+    prompt = [(5 * i + 1) % 512 for i in range(21)]
+    runner.forward(0, [prompt[:16]])
+    runner.save_prefix(0, [0, 8], [1, 0], 8)
+    runner.load_prefix(1, [1, 0], 8)
+    close(runner.forward(1, [prompt[16:]])[0], reference(prompt)[0])
+    decoded = runner.decode([7, 9], logprobs=True)  # row 0 continues from its own 16 tokens
+    close(decoded.logits[1], reference([*prompt, 9])[0])
+    assert decoded.greedy == decoded.logits.argmax(dim=-1).tolist()
+    assert decoded.greedy_logprobs is not None
+    expected = torch.log_softmax(decoded.logits, dim=-1).max(dim=-1).values.tolist()
+    assert decoded.greedy_logprobs == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_rows_at_different_lengths_prefill_together_near_the_end_of_the_cache(
+    model: torch.nn.Module, reference, fast
+) -> None:
+    # A long row (a cached prefix) and a fresh one in one forward: padding the long row's 3 tokens to the
+    # fresh row's 30 would reach past the cache (found by bench-serve's shared-prefix run on the CPU).
+    from stratus_workers.serve.runner.build import build_runner
+
+    runner = build_runner(model, max_rows=2, max_len=48, fast=fast)
+    long_prompt = [(7 * i + 2) % 512 for i in range(40)]
+    runner.forward(0, [long_prompt])
+    fresh = [(3 * i + 1) % 512 for i in range(30)]
+    logits = runner.forward(0, [[5, 6, 7], fresh])  # rows 0 and 1: 40 + 3 and 0 + 30
+    close(logits[0], reference([*long_prompt, 5, 6, 7])[0])
+    close(logits[1], reference(fresh)[0])
+    assert runner.lengths == [43, 30]
+    close(runner.forward(0, [[8], [9]])[0], reference([*long_prompt, 5, 6, 7, 8])[0])

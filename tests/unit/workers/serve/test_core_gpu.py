@@ -1,0 +1,80 @@
+"""The engine core on the CUDA path (CUDA graphs, decode-ahead, Triton attention): prefix cache and chunked
+prefill give the tokens of an engine with neither, greedy and with log-probabilities."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from stratus_workers.models.tiny import TINY, random_llama
+from stratus_workers.protocol.requests import Sampling
+from stratus_workers.serve.core import PREFIX_BLOCK, EngineCore, EngineRequest
+from stratus_workers.serve.prefix import PrefixCache
+from stratus_workers.serve.runner.build import build_runner
+from stratus_workers.serve.runner.fused import FusedRunner
+from stratus_workers.serve.sessions import SpeculativeSessions
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    return random_llama(dict(TINY), vocab_size=VOCAB, init_std=0.2, seed=5).to("cuda", torch.float32)
+
+
+def core_over(model: Any, *, chunk: int, pool: int) -> EngineCore:
+    runner = build_runner(model, max_rows=5, max_len=256, pool_tokens=pool)
+    assert isinstance(runner, FusedRunner) and runner.cuda_graphs and runner.decoder.decode_ahead
+    runner.warmup()
+    eos: frozenset[int] = frozenset()
+    prefix = PrefixCache(PREFIX_BLOCK, pool // PREFIX_BLOCK) if pool else None
+    return EngineCore(runner, SpeculativeSessions(runner, eos, first_row=4), eos, max_batch_size=4,
+                      prefill_chunk=chunk, prefix=prefix)  # fmt: skip
+
+
+def serve(core: EngineCore, requests: list[tuple[list[int], Sampling]]) -> dict[int, tuple[list[int], list[float]]]:
+    """Requests arrive two steps apart, so rows join and leave a running batch."""
+    out: dict[int, tuple[list[int], list[float]]] = {}
+    pending = list(enumerate(requests))
+    step = 0
+    with torch.inference_mode():
+        while pending or core.busy:
+            if pending and step % 2 == 0:
+                seq_id, (prompt, params) = pending.pop(0)
+                core.add(EngineRequest(seq_id, prompt, params))
+            result = core.step()
+            for i, (seq_id, token) in enumerate(zip(result.seq_ids, result.tokens, strict=True)):
+                tokens, logprobs = out.setdefault(seq_id, ([], []))
+                tokens.append(token)
+                if requests[seq_id][1].logprobs:
+                    assert result.logprobs is not None
+                    logprobs.append(result.logprobs[i])
+            step += 1
+    return out
+
+
+def test_prefix_cache_and_chunked_prefill_on_the_cuda_path(model: Any) -> None:
+    system = [(13 * i + 5) % VOCAB for i in range(70)]
+    requests = [(system + [100 + i, 7, 8 + i], Sampling(max_new_tokens=12 + 3 * i, logprobs=i % 2 == 0))
+                for i in range(6)]  # fmt: skip
+    requests.append(([(3 * i) % VOCAB for i in range(150)], Sampling(max_new_tokens=9)))  # a long prompt mid-stream
+    plain = serve(core_over(model, chunk=4096, pool=0), requests)
+    cached_core = core_over(model, chunk=16, pool=1024)
+    cached = serve(cached_core, requests)
+    # Requests 1 and 2 arrive while the first is still prefilling; 3, 4 and 5 find its system prompt cached.
+    assert cached_core.prefix is not None and cached_core.prefix.stats.hit_tokens >= 3 * 64
+    for seq_id, (_, params) in enumerate(requests):
+        assert len(cached[seq_id][0]) == params.max_new_tokens and len(cached[seq_id][1]) == (
+            params.max_new_tokens if params.logprobs else 0
+        )
+        assert cached[seq_id][0] == plain[seq_id][0]
+        assert cached[seq_id][1] == pytest.approx(plain[seq_id][1], abs=1e-3)
+    decoder = cached_core.runner.decoder  # type: ignore[attr-defined]
+    assert decoder.ahead_hits > 0

@@ -1,0 +1,60 @@
+"""The prefix cache's bookkeeping: the longest cached prefix, exact token keys, least recently used leaves out
+first, shared prefixes kept."""
+
+from __future__ import annotations
+
+import pytest
+
+from stratus_workers.serve.prefix import PrefixCache
+
+pytestmark = pytest.mark.unit
+
+
+def test_the_longest_cached_prefix_leaves_a_token_to_compute() -> None:
+    cache = PrefixCache(block_size=4, capacity=8)
+    stored = cache.insert(list(range(10)))  # two full blocks; the last two tokens are no block
+    assert stored.positions == [0, 4] and len(set(stored.slots)) == 2
+    assert cache.match(list(range(10))) == stored.slots[:2]
+    assert cache.match(list(range(8))) == stored.slots[:1]  # the 8th token's logits must be computed
+    assert cache.match([0, 1, 2, 3, 9, 9, 9, 9, 9]) == stored.slots[:1]
+    assert cache.match([1, 2, 3, 4, 5]) == []
+    assert cache.stats.queried_tokens == 10 + 8 + 9 + 5
+    assert cache.stats.hit_tokens == 8 + 4 + 4
+    assert cache.insert(list(range(10))).slots == []  # nothing new to store
+
+
+def test_a_block_stands_for_its_whole_prefix() -> None:
+    # The same four tokens after different prefixes are different blocks: keys are exact, never hashed.
+    cache = PrefixCache(block_size=2, capacity=8)
+    a = cache.insert([1, 2, 5, 6])
+    b = cache.insert([3, 4, 5, 6])
+    assert a.slots[1] != b.slots[1]
+    assert cache.match([3, 4, 5, 6, 0]) == b.slots
+    assert cache.match([9, 9, 5, 6, 0]) == []
+
+
+def test_least_recently_used_leaves_go_first_and_a_shared_prefix_stays() -> None:
+    cache = PrefixCache(block_size=2, capacity=4)
+    system = [7, 7]
+    first = cache.insert([*system, 1, 1])  # the system block and one answer block
+    second = cache.insert([*system, 2, 2])
+    assert len(cache) == 3 and first.slots[0] == cache.match([*system, 0])[0]
+    cache.match([*system, 1, 1, 0])  # the first answer is used again: the second is now the oldest leaf
+    third = cache.insert([*system, 3, 3, 4, 4])  # needs two slots: one free, then the oldest leaf goes
+    assert cache.stats.evicted_blocks == 1
+    assert cache.match([*system, 2, 2, 0]) == [first.slots[0]]  # evicted: only the shared block is left
+    assert cache.match([*system, 1, 1, 0]) == first.slots
+    assert cache.match([*system, 3, 3, 4, 4, 0]) == [first.slots[0], *third.slots]
+    assert second.slots[0] in third.slots  # its slot was reused
+
+
+def test_insertion_never_evicts_its_own_chain_and_stops_when_full() -> None:
+    cache = PrefixCache(block_size=1, capacity=3)
+    stored = cache.insert([1, 2, 3, 4, 5])
+    assert stored.positions == [0, 1, 2]  # three blocks fit; the chain cannot evict itself for the fourth
+    assert cache.match([1, 2, 3, 4, 5, 6]) == stored.slots
+
+
+def test_bad_sizes_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        PrefixCache(block_size=0, capacity=4)

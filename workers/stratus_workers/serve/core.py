@@ -1,0 +1,514 @@
+"""Engine core: the continuous-batching scheduler over one model runner, one step at a time, no I/O.
+
+The core knows requests by their token ids only: it admits them into runner rows, prefills their
+prompts in chunks (reusing cached prefixes), decodes every running row once per step, and says
+what happened in one `StepOutput` per step: every row's new token ids (with log-probabilities
+when asked), the requests that finished, and the results of speculative calls. Text, stop
+sequences, protobuf and asyncio are the frontend's business (serve/engine.py); the loop that
+feeds the core and carries its outputs (serve/loop.py) runs it in a process of its own or in a
+thread of the server's.
+
+Rows 0..max_batch_size-1 of the runner hold the batch, contiguous from 0: first the rows that
+decode, then the rows still prefilling, in the order their prompts get the step's token budget.
+A step is: speculative calls (on the session rows above the batch), admissions (each new row
+starts with the longest cached prefix of its prompt, copied from the prefix pool), one decode
+step of the decoding rows, one prefill forward of up to `prefill_chunk` prompt tokens over the
+first prefilling rows (so a long prompt arriving mid-stream costs running streams one chunk per
+step, not the whole prompt), then finished rows leave and the last rows move into their places.
+Every Verify call of a step runs in one forward pass over the session rows
+(`SpeculativeSessions.verify_many`), before the step's decode pass: many edge devices verifying at once
+cost one pass of the model, not one each ("verify_alone" keeps one pass per call, for comparison).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from stratus_workers.protocol.requests import Sampling
+from stratus_workers.serve.errors import EngineOverloaded, EngineStopped
+from stratus_workers.serve.prefix import PrefixCache
+from stratus_workers.serve.runner import ModelRunner
+from stratus_workers.serve.sampling import Choice, choose_tokens, seeded_generator
+from stratus_workers.serve.sessions import SpeculativeSessions, VerifyCall
+from stratus_workers.serve.surface import Alternatives, FinishReason
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFILL_CHUNK = 512
+PREFIX_BLOCK = 16
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """A request as the core sees it: token ids, how to choose the next ones, and a monotonic deadline."""
+
+    seq_id: int
+    prompt: Sequence[int]
+    params: Sampling
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A request the core is done with; `admitted` and `first_token` are time.monotonic() stamps (0: never)."""
+
+    seq_id: int
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    admitted: float
+    first_token: float
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The core's counters after a step (cumulative where named so)."""
+
+    active: int = 0
+    waiting: int = 0
+    sessions: int = 0
+    steps: int = 0
+    prefix_queried_tokens: int = 0  # cumulative: prompt tokens looked up in the prefix cache
+    prefix_hit_tokens: int = 0  # cumulative: prompt tokens whose keys and values were copied, not computed
+    prefix_evicted_blocks: int = 0  # cumulative
+    prefix_blocks: int = 0  # blocks the prefix pool holds now
+    prefill_tokens: int = 0  # cumulative: prompt tokens computed
+    forward_passes: int = 0  # cumulative: the model's forward passes (decode steps, prefill chunks, calls)
+    forward_positions: int = 0  # cumulative: token positions those passes computed
+
+
+@dataclass
+class StepOutput:
+    """What one step produced: entry i of `seq_ids`/`tokens` is one new token of that request.
+
+    A request that got several tokens in a step appears several times, in order. `logprobs` is
+    aligned with `tokens` when any row asked for log-probabilities (0.0 where its row did not),
+    else None; `top`, likewise, when any row asked for alternatives ((token id, log-probability)
+    pairs, most likely first). `results` answer speculative calls: (call id, error kind or "",
+    value or message).
+    """
+
+    step: int
+    seq_ids: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+    finished: list[Finished] = field(default_factory=list)
+    results: list[tuple[int, str, Any]] = field(default_factory=list)
+    stats: EngineStats = field(default_factory=EngineStats)
+    top: list[Alternatives] | None = None
+
+    def add(self, seq_id: int, token: int, logprob: float | None, top: Alternatives = ()) -> None:
+        if logprob is not None and self.logprobs is None:
+            self.logprobs = [0.0] * len(self.tokens)
+        if top and self.top is None:
+            self.top = [()] * len(self.tokens)
+        self.seq_ids.append(seq_id)
+        self.tokens.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(0.0 if logprob is None else logprob)
+        if self.top is not None:
+            self.top.append(top)
+
+    def pack(self) -> tuple[Any, ...]:
+        """A plain tuple (what goes over the engine channel; cheaper to pickle than dataclasses)."""
+        finished = [
+            (f.seq_id, f.reason, f.prompt_tokens, f.completion_tokens, f.cached_tokens, f.admitted, f.first_token,
+             f.error)
+            for f in self.finished
+        ]  # fmt: skip
+        s = self.stats
+        stats = (
+            s.active, s.waiting, s.sessions, s.steps, s.prefix_queried_tokens, s.prefix_hit_tokens,
+            s.prefix_evicted_blocks, s.prefix_blocks, s.prefill_tokens, s.forward_passes, s.forward_positions,
+        )  # fmt: skip
+        return (self.step, self.seq_ids, self.tokens, self.logprobs, finished, self.results, stats, self.top)
+
+    @classmethod
+    def unpack(cls, packed: tuple[Any, ...]) -> StepOutput:
+        step, seq_ids, tokens, logprobs, finished, results, stats, top = packed
+        finished_ = [Finished(*f) for f in finished]
+        return cls(step, seq_ids, tokens, logprobs, finished_, results, EngineStats(*stats), top)
+
+
+# Error kinds of a speculative call's result, and the exception each becomes again in the frontend.
+CALL_ERRORS: dict[str, type[Exception]] = {
+    "overloaded": EngineOverloaded,
+    "stopped": EngineStopped,
+    "invalid": ValueError,
+    "error": RuntimeError,
+}
+
+
+def call_error_kind(exc: Exception) -> str:
+    if isinstance(exc, EngineOverloaded):
+        return "overloaded"
+    if isinstance(exc, EngineStopped):
+        return "stopped"
+    if isinstance(exc, ValueError):
+        return "invalid"
+    return "error"
+
+
+@dataclass(eq=False)
+class _Seq:
+    seq_id: int
+    prompt: list[int]
+    params: Sampling
+    deadline: float | None
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    counts: dict[int, int] = field(default_factory=dict)  # generated tokens, for the penalties
+    row: int = -1
+    prefilled: int = 0  # prompt tokens whose keys and values the row holds
+    cached: int = 0  # of those, copied from the prefix cache
+    admitted: float = 0.0
+    first_token: float = 0.0
+    cancelled: bool = False
+    finished: bool = False
+
+
+class EngineCore:
+    """The scheduler and its runner; every method runs on the one thread that owns the runner."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        sessions: SpeculativeSessions,
+        eos: frozenset[int],
+        *,
+        max_batch_size: int,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefix: PrefixCache | None = None,
+    ) -> None:
+        if sessions.runner is not runner or sessions.first_row < max_batch_size:
+            raise ValueError(
+                f"the sessions must use rows {max_batch_size} and up of this engine's runner "
+                f"(rows 0..{max_batch_size - 1} hold the decode batch)"
+            )
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        if prefix is not None and prefix.capacity * prefix.block_size > runner.pool_tokens:
+            raise ValueError(
+                f"the prefix cache wants {prefix.capacity * prefix.block_size} tokens; the runner's pool holds "
+                f"{runner.pool_tokens}"
+            )
+        self.runner = runner
+        self.sessions = sessions
+        self.eos = eos
+        self.max_batch_size = max_batch_size
+        self.max_len = runner.max_len
+        self.prefill_chunk = prefill_chunk
+        self.prefix = prefix
+        self.steps = 0
+        self.prefill_tokens = 0
+        self._waiting: collections.deque[_Seq] = collections.deque()
+        self._rows: list[_Seq] = []  # row i holds _rows[i]
+        self._decoding = 0  # rows 0.._decoding-1 decode; the rest are prefilling
+        self._seqs: dict[int, _Seq] = {}
+        self._calls: list[tuple[int, Callable[[], Any]]] = []
+        self._verifies: list[tuple[int, VerifyCall]] = []  # this step's Verify calls: one pass for all
+        self._counted = (0, 0)  # the runner's (passes, positions) before serving began
+        self._out = StepOutput(0)
+
+    def warmup(self) -> int:
+        """Prepare before traffic: the runner's decode graphs (CUDA), then one small prefill and decode
+        step, so that the first request does not pay for the libraries' lazy start. Returns the graphs."""
+        graphs = self.runner.warmup()
+        with torch.inference_mode():
+            self.runner.forward(0, [[0, 0]])
+            self.runner.decode([0])
+            self.runner.reset(0)
+        # The compute counters report serving work: the warm-up's passes are not counted.
+        self._counted = (getattr(self.runner, "passes", 0), getattr(self.runner, "positions", 0))
+        return graphs
+
+    # -- inputs (between steps) ------------------------------------------------------------------
+
+    def add(self, request: EngineRequest) -> None:
+        if not request.prompt:
+            raise ValueError("the prompt has no tokens")
+        if len(request.prompt) >= self.max_len:
+            raise ValueError(
+                f"the prompt has {len(request.prompt)} tokens; this server's context holds {self.max_len - 1}"
+            )
+        bias = request.params.logit_bias
+        if bias and bias[-1][0] >= self.runner.vocab_size:
+            raise ValueError(f"logit_bias names token ids outside this model's vocabulary of {self.runner.vocab_size}")
+        generator = None if request.params.greedy else seeded_generator(request.params.seed)
+        seq = _Seq(request.seq_id, list(request.prompt), request.params, request.deadline, generator)
+        self._seqs[seq.seq_id] = seq
+        self._waiting.append(seq)
+
+    def abort(self, seq_id: int) -> None:
+        """Cancel a request (it leaves at the next step; an unknown id is one that already finished)."""
+        seq = self._seqs.get(seq_id)
+        if seq is not None:
+            seq.cancelled = True
+
+    def call(self, call_id: int, op: str, args: tuple[Any, ...]) -> None:
+        """Queue a speculative call (`score`, `draft`, `verify`, `end`); its result comes in a step's output."""
+        methods: dict[str, Callable[..., Any]] = {
+            "score": self.sessions.score,
+            "score_with_alternatives": self.sessions.score_with_alternatives,
+            "draft": self.sessions.draft,
+            "verify_alone": self.sessions.verify,  # one pass per call (benchmarks compare)
+            "end": self.sessions.end,
+        }
+        if op == "verify":  # batched: the step runs every Verify call in one pass
+            self._verifies.append((call_id, VerifyCall(*args)))
+            return
+        method = methods.get(op)
+        if method is None:
+            raise ValueError(f"unknown engine call {op!r}")
+        self._calls.append((call_id, lambda: method(*args)))
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting or self._rows or self._calls or self._verifies)
+
+    @property
+    def active(self) -> int:
+        return len(self._rows)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def stats(self) -> EngineStats:
+        p = self.prefix.stats if self.prefix is not None else None
+        return EngineStats(
+            active=len(self._rows),
+            waiting=len(self._waiting),
+            sessions=len(self.sessions),
+            steps=self.steps,
+            prefix_queried_tokens=p.queried_tokens if p else 0,
+            prefix_hit_tokens=p.hit_tokens if p else 0,
+            prefix_evicted_blocks=p.evicted_blocks if p else 0,
+            prefix_blocks=len(self.prefix) if self.prefix is not None else 0,
+            prefill_tokens=self.prefill_tokens,
+            forward_passes=getattr(self.runner, "passes", 0) - self._counted[0],
+            forward_positions=getattr(self.runner, "positions", 0) - self._counted[1],
+        )
+
+    # -- a step ----------------------------------------------------------------------------------
+
+    def step(self) -> StepOutput:
+        """Run one step and say what it produced."""
+        out = self._out = StepOutput(self.steps)
+        calls, self._calls = self._calls, []
+        verifies, self._verifies = self._verifies, []
+        for call_id, run in calls:  # speculative calls: a few forward passes each, on the session rows
+            try:
+                out.results.append((call_id, "", run()))
+            except Exception as exc:
+                out.results.append((call_id, call_error_kind(exc), str(exc)))
+        if verifies:
+            try:
+                verdicts: list[Any] = self.sessions.verify_many([call for _, call in verifies])
+            except Exception as exc:
+                verdicts = [exc] * len(verifies)
+            for (call_id, _), verdict in zip(verifies, verdicts, strict=True):
+                if isinstance(verdict, Exception):
+                    out.results.append((call_id, call_error_kind(verdict), str(verdict)))
+                else:
+                    out.results.append((call_id, "", verdict))
+        self._drop_abandoned()
+        self._admit()
+        try:
+            if self._decoding:
+                self._decode()
+            if len(self._rows) > self._decoding:
+                self._prefill()
+        except Exception as exc:  # keep serving: fail only the requests in flight
+            log.exception("engine step failed")
+            if self.prefix is not None:  # a copy into the pool may not have happened: trust nothing in it
+                self.prefix = PrefixCache(self.prefix.block_size, self.prefix.capacity)
+            for seq in list(self._rows):
+                self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+        self._expire()
+        self._compact()
+        self.steps += 1
+        out.stats = self.stats()
+        return out
+
+    def idle(self) -> None:
+        """Housekeeping while nothing is queued: end speculative sessions idle past their time to live."""
+        self.sessions.expire()
+
+    def shutdown(self, reason: str = "server shutting down") -> StepOutput:
+        """End every request and call: requests finish cancelled, calls fail as stopped."""
+        out = self._out = StepOutput(self.steps)
+        for seq in [*self._rows, *self._waiting]:
+            self._finish(seq, "cancelled", error=reason)
+        for call_id, _ in [*self._calls, *self._verifies]:
+            out.results.append((call_id, "stopped", reason))
+        self._calls.clear()
+        self._verifies.clear()
+        self._rows.clear()
+        self._waiting.clear()
+        self._decoding = 0
+        out.stats = self.stats()
+        return out
+
+    def _drop_abandoned(self) -> None:
+        """End waiting requests that were cancelled or ran out of time now, not when a row frees: until
+        then they would hold places in the queue (the request-mix fuzzer found this)."""
+        now = time.monotonic()
+        if any(s.cancelled or (s.deadline is not None and now > s.deadline) for s in self._waiting):
+            keep: collections.deque[_Seq] = collections.deque()
+            for seq in self._waiting:
+                if seq.cancelled or (seq.deadline is not None and now > seq.deadline):
+                    self._finish(seq, "cancelled" if seq.cancelled else "deadline")
+                else:
+                    keep.append(seq)
+            self._waiting = keep
+
+    def _admit(self) -> None:
+        now = time.monotonic()
+        while self._waiting and len(self._rows) < self.max_batch_size:
+            seq = self._waiting.popleft()
+            if seq.cancelled or (seq.deadline is not None and now > seq.deadline):
+                self._finish(seq, "cancelled" if seq.cancelled else "deadline")
+                continue
+            seq.row = len(self._rows)
+            seq.admitted = now
+            self.runner.reset(seq.row)
+            if self.prefix is not None:
+                slots = self.prefix.match(seq.prompt)
+                if slots:
+                    self.runner.load_prefix(seq.row, slots, self.prefix.block_size)
+                    seq.prefilled = seq.cached = len(slots) * self.prefix.block_size
+            self._rows.append(seq)
+
+    def _decode(self) -> None:
+        seqs = self._rows[: self._decoding]
+        params = [s.params for s in seqs]
+        decoded = self.runner.decode([s.generated[-1] for s in seqs], logprobs=any(p.logprobs for p in params))
+        choice = choose_tokens(decoded.logits, params, [s.generator for s in seqs], decoded, [s.counts for s in seqs])
+        self._advance_all(seqs, choice)
+
+    def _prefill(self) -> None:
+        # Prompt chunks for the first prefilling rows, in row order, within the step's budget; every
+        # row but the last one given a chunk gets all that is left of its prompt, so rows finish
+        # their prefill in row order and join the decoding rows at the front.
+        first = self._decoding
+        budget = self.prefill_chunk
+        seqs: list[_Seq] = []
+        chunks: list[list[int]] = []
+        for seq in self._rows[first:]:
+            if budget <= 0:
+                break
+            take = min(len(seq.prompt) - seq.prefilled, budget)
+            chunks.append(seq.prompt[seq.prefilled : seq.prefilled + take])
+            seqs.append(seq)
+            budget -= take
+        logits = self.runner.forward(first, chunks)
+        done = 0
+        for seq, chunk in zip(seqs, chunks, strict=True):
+            seq.prefilled += len(chunk)
+            self.prefill_tokens += len(chunk)
+            done += seq.prefilled == len(seq.prompt)
+        if not done:
+            return
+        ready = seqs[:done]
+        self._decoding += done
+        if self.prefix is not None:
+            for seq in ready:  # later requests with the same prompt start from here at once
+                self._store(seq, seq.prompt)
+        choice = choose_tokens(logits[:done], [s.params for s in ready], [s.generator for s in ready])
+        now = time.monotonic()
+        for seq in ready:
+            seq.first_token = now
+        self._advance_all(ready, choice)
+
+    def _advance_all(self, seqs: list[_Seq], choice: Choice) -> None:
+        out, eos, lengths = self._out, self.eos, self.runner.lengths
+        logprobs, alternatives = choice.logprobs, choice.alternatives
+        for i, (seq, token) in enumerate(zip(seqs, choice.tokens, strict=True)):
+            if seq.cancelled:
+                self._finish(seq, "cancelled")
+                continue
+            if token in eos:
+                self._finish(seq, "stop")
+                continue
+            seq.generated.append(token)
+            params = seq.params
+            if params.presence_penalty or params.frequency_penalty:
+                seq.counts[token] = seq.counts.get(token, 0) + 1
+            if params.logprobs and logprobs is not None:
+                out.add(seq.seq_id, token, logprobs[i], alternatives[i] if alternatives is not None else ())
+            else:
+                out.add(seq.seq_id, token, None)
+            if len(seq.generated) >= seq.params.max_new_tokens or lengths[seq.row] + 1 >= self.max_len:
+                self._finish(seq, "length")
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for seq in self._rows:
+            if seq.finished:
+                continue
+            if seq.cancelled:
+                self._finish(seq, "cancelled")
+            elif seq.deadline is not None and now > seq.deadline:
+                self._finish(seq, "deadline")
+
+    def _store(self, seq: _Seq, tokens: Sequence[int]) -> None:
+        assert self.prefix is not None
+        stored = self.prefix.insert(tokens)
+        if stored.slots:
+            self.runner.save_prefix(seq.row, stored.positions, stored.slots, self.prefix.block_size)
+
+    def _finish(self, seq: _Seq, reason: FinishReason, error: str = "") -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        if seq.row >= 0 and self.prefix is not None and reason != "error":
+            # What the row computed (prompt and answer) stays useful: a chat's next turn starts with it.
+            held = self.runner.lengths[seq.row]
+            self._store(seq, (seq.prompt + seq.generated)[:held])
+        self._seqs.pop(seq.seq_id, None)
+        self._out.finished.append(
+            Finished(
+                seq_id=seq.seq_id,
+                reason=reason,
+                prompt_tokens=len(seq.prompt),
+                completion_tokens=len(seq.generated),
+                cached_tokens=seq.cached,
+                admitted=seq.admitted,
+                first_token=seq.first_token,
+                error=error,
+            )
+        )
+
+    def _compact(self) -> None:
+        # Keep the rows contiguous from 0, decoding rows first: a decoding row that left takes the
+        # last decoding row, and the hole this leaves at the boundary (or a prefilling row that
+        # left) takes the last row of all.
+        for seq in sorted((s for s in self._rows if s.finished), key=lambda s: s.row, reverse=True):
+            hole = seq.row
+            if hole < self._decoding:
+                last_decoding = self._decoding - 1
+                if last_decoding != hole:
+                    self._move(last_decoding, hole)
+                hole = last_decoding
+                self._decoding -= 1
+            last = len(self._rows) - 1
+            if last != hole:
+                self._move(last, hole)
+            self._rows.pop()
+            self.runner.reset(last)
+
+    def _move(self, src: int, dst: int) -> None:
+        self.runner.move(src, dst)
+        moved = self._rows[src]
+        moved.row = dst
+        self._rows[dst] = moved

@@ -1,0 +1,211 @@
+"""The engine loop: feeds the engine core its inputs and hands on one output per step, in a process or a thread.
+
+`build_core` turns a loaded model and `EngineSettings` into an `EngineCore` (runner, speculative
+sessions, prefix cache). `EngineLoop` runs it: take whatever the frontend sent (requests, aborts,
+speculative calls), run a step if there is work, emit the step's output, and otherwise wait. The
+engine process (serve/worker.py) runs it over the socket channel; the in-process mode runs it in a
+thread with a queue. Either way `busy_since` and `steps` say whether the loop is advancing, which
+is what the frontend's supervision watches.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from stratus_workers.runtimes import RUNTIME_TORCH
+from stratus_workers.serve.core import PREFIX_BLOCK, EngineCore, EngineRequest, Finished, StepOutput
+from stratus_workers.serve.parallel import ParallelContext
+from stratus_workers.serve.prefix import PrefixCache
+from stratus_workers.serve.runner.build import build_runner
+from stratus_workers.serve.sampling import eos_ids
+from stratus_workers.serve.sessions import SpeculativeSessions
+from stratus_workers.serve.surface import EngineInfo
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT = 0.25  # seconds the idle loop sleeps between looks (it wakes at once on input)
+CPU_POOL_BYTES = 256 << 20  # the prefix pool's automatic size on a CPU
+GPU_POOL_SHARE = 0.25  # ... and on a GPU: this share of the memory left after the batch's cache
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How to build an engine core; picklable, so the frontend can send it to the engine process."""
+
+    max_batch_size: int = 8
+    max_tokens: int = 4096  # prompt plus answer; the model's own context may be shorter
+    max_sessions: int = 4
+    prefill_chunk: int = 512
+    prefix_cache_tokens: int = -1  # -1: sized from the device's memory; 0: off
+    warmup: bool = True
+    tensor_parallel: int = 1
+    argv: tuple[str, ...] = ()  # the server's command line (tensor-parallel followers repeat it)
+    log_level: str = "info"
+    log_format: str = "json"
+    threads: int = 0
+
+
+def _token_bytes(model: Any, dtype: torch.dtype, world: int) -> int:
+    config = model.config
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads) // world
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    size = torch.empty(0, dtype=dtype).element_size()
+    return 2 * int(config.num_hidden_layers) * kv_heads * head_dim * size
+
+
+def prefix_pool_tokens(settings: EngineSettings, model: Any, max_len: int, world: int = 1) -> int:
+    """The prefix pool's size in tokens (a multiple of the block size): as asked, or from free memory."""
+    if getattr(model, "runtime", RUNTIME_TORCH) != RUNTIME_TORCH:
+        return 0  # llama.cpp's runner keeps no prefix pool (docs/serving.md)
+    if settings.prefix_cache_tokens >= 0:
+        return settings.prefix_cache_tokens // PREFIX_BLOCK * PREFIX_BLOCK
+    param = next(model.parameters())
+    token_bytes = _token_bytes(model, model.model.norm.weight.dtype, world)
+    batch_tokens = settings.max_batch_size * max_len
+    if param.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(param.device)
+        cache_bytes = (settings.max_batch_size + settings.max_sessions) * (max_len + 1) * token_bytes
+        budget = max(0, free - cache_bytes) * GPU_POOL_SHARE
+        tokens = min(batch_tokens, int(budget // token_bytes))
+    else:
+        tokens = min(4 * max_len, CPU_POOL_BYTES // token_bytes)
+    return tokens // PREFIX_BLOCK * PREFIX_BLOCK
+
+
+def build_core(
+    loaded: Any, settings: EngineSettings, parallel: ParallelContext | None = None
+) -> tuple[EngineCore, EngineInfo]:
+    """An engine core over `loaded` (a models.LoadedModel) as `settings` ask, and what it reports about itself."""
+    model = loaded.model
+    max_len = min(loaded.max_context_tokens, settings.max_tokens)
+    world = parallel.world_size if parallel is not None else 1
+    pool = prefix_pool_tokens(settings, model, max_len, world)
+    runner = build_runner(
+        model,
+        max_rows=settings.max_batch_size + settings.max_sessions,
+        max_len=max_len,
+        parallel=parallel,
+        pool_tokens=pool,
+        threads=settings.threads,
+    )
+    eos = eos_ids(model, loaded.tokenizer)
+    sessions = SpeculativeSessions(runner, eos, first_row=settings.max_batch_size)
+    prefix = PrefixCache(PREFIX_BLOCK, pool // PREFIX_BLOCK) if pool >= PREFIX_BLOCK else None
+    core = EngineCore(
+        runner,
+        sessions,
+        eos,
+        max_batch_size=settings.max_batch_size,
+        prefill_chunk=settings.prefill_chunk,
+        prefix=prefix,
+    )
+    info = EngineInfo(
+        name=loaded.name,
+        source=loaded.source,
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        device=str(loaded.device),
+        parameters=loaded.parameters,
+        compression=loaded.compression,
+        max_len=max_len,
+        vocab_size=runner.vocab_size,
+        runner=type(runner).__name__,
+        prefix_cache_tokens=pool if prefix is not None else 0,
+    )
+    return core, info
+
+
+class Inbox(Protocol):
+    """Where the loop's inputs arrive."""
+
+    def take(self, timeout: float | None) -> list[Any]:
+        """Every message that arrived, waiting up to `timeout` seconds (None: until one does) when none has."""
+        ...
+
+
+class ThreadInbox:
+    """The in-process mode's inbox: a queue the event loop's thread fills."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Any] = collections.deque()
+        self._cond = threading.Condition()
+
+    def put(self, message: Any) -> None:
+        with self._cond:
+            self._items.append(message)
+            self._cond.notify()
+
+    def take(self, timeout: float | None) -> list[Any]:
+        with self._cond:
+            if not self._items and timeout != 0:
+                self._cond.wait(timeout)
+            items = list(self._items)
+            self._items.clear()
+        return items
+
+
+class EngineLoop:
+    """Runs `core` until told to stop; `emit` receives ("step", packed StepOutput) once per step.
+
+    Messages in: ("add", seq_id, prompt, params, deadline), ("abort", seq_id), ("call", call_id, op,
+    args), ("stop",). Out, besides steps: ("stopped", packed) with what stopping ended.
+    """
+
+    def __init__(self, core: EngineCore, emit: Callable[[tuple[Any, ...]], None]) -> None:
+        self.core = core
+        self.emit = emit
+        self.busy_since = 0.0  # time.monotonic() when the running step began; 0 between steps
+        self.steps = 0
+
+    def run(self, inbox: Inbox) -> None:
+        # Everything the loop does is inference: no autograd bookkeeping, and tensors the runner
+        # makes in one call are updated in place by the next without a mode mismatch.
+        with torch.inference_mode():
+            while True:
+                messages = inbox.take(0.0 if self.core.busy else IDLE_WAIT)
+                if not self._apply(messages):
+                    self.emit(("stopped", self.core.shutdown().pack()))
+                    return
+                if self.core.busy:
+                    self.busy_since = time.monotonic()
+                    out = self.core.step()
+                    self.busy_since = 0.0
+                    self.steps += 1
+                    self.emit(("step", out.pack()))
+                else:
+                    self.core.idle()
+
+    def _apply(self, messages: list[Any]) -> bool:
+        refused: list[Finished] = []
+        for message in messages:
+            kind = message[0]
+            if kind == "add":
+                _, seq_id, prompt, params, deadline = message
+                try:
+                    self.core.add(EngineRequest(seq_id, prompt, params, deadline))
+                except ValueError as exc:  # the frontend checks first; this is the core's own guard
+                    refused.append(Finished(seq_id, "error", len(prompt), 0, 0, 0.0, 0.0, str(exc)))
+            elif kind == "abort":
+                self.core.abort(message[1])
+            elif kind == "call":
+                _, call_id, op, args = message
+                try:
+                    self.core.call(call_id, op, args)
+                except ValueError as exc:
+                    out = StepOutput(self.core.steps, results=[(call_id, "invalid", str(exc))])
+                    self.emit(("step", out.pack()))
+            elif kind == "stop":
+                return False
+            else:
+                log.error("the engine loop got an unknown message %r", kind)
+        if refused:
+            self.emit(("step", StepOutput(self.core.steps, finished=refused, stats=self.core.stats()).pack()))
+        return True

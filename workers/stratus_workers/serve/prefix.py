@@ -1,0 +1,149 @@
+"""Automatic prefix caching: which blocks of earlier prompts' keys and values the runner's pool holds.
+
+A sequence's tokens are cut into blocks of `block_size`; a block is identified by its tokens and
+the block before it, so a block stands for the whole prefix that ends with it (a chat's system
+prompt, earlier turns, few-shot examples). The blocks form a tree keyed exactly by token tuples
+(no hash can collide into another user's prefix). When a row has been prefilled, and again when
+it finishes, the engine stores its full blocks (`insert`); a new request takes the longest chain
+of stored blocks that starts its prompt (`match`), has the runner copy their keys and values into
+its row, and prefills only the rest. The pool has room for `capacity` blocks; when it is full the
+least recently used leaf goes first, so a shared system prompt outlives the answers hanging off it.
+
+This module only does the bookkeeping (which block sits in which pool slot); the runner's KV
+cache does the copies. Nothing here touches torch.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class _Block:
+    key: tuple[int, tuple[int, ...]]  # (parent's id, this block's tokens)
+    id: int
+    slot: int
+    parent: _Block | None
+    children: int = 0
+
+
+@dataclass
+class PrefixStats:
+    """Counters since start: prompt tokens looked up, tokens found cached (not recomputed), blocks evicted."""
+
+    queried_tokens: int = 0
+    hit_tokens: int = 0
+    evicted_blocks: int = 0
+    stored_blocks: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+
+@dataclass
+class Insertion:
+    """The blocks `insert` newly stored: the row positions to copy from, and the pool slots to copy to."""
+
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+
+
+class PrefixCache:
+    """The tree of cached blocks over a pool of `capacity` block slots."""
+
+    def __init__(self, block_size: int, capacity: int) -> None:
+        if block_size < 1 or capacity < 1:
+            raise ValueError(
+                f"a prefix cache needs a block size and a capacity of at least 1, got {block_size}, {capacity}"
+            )
+        self.block_size = block_size
+        self.capacity = capacity
+        self.stats = PrefixStats()
+        self._blocks: dict[tuple[int, tuple[int, ...]], _Block] = {}
+        # Leaves (blocks nothing hangs off), least recently used first: the only blocks eviction takes.
+        self._leaves: collections.OrderedDict[int, _Block] = collections.OrderedDict()
+        self._free = list(range(capacity - 1, -1, -1))
+        self._ids = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def _chain(self, tokens: Sequence[int], limit: int) -> list[_Block]:
+        """The stored blocks that start `tokens`, at most `limit` of them."""
+        found: list[_Block] = []
+        parent = 0
+        b = self.block_size
+        for i in range(limit):
+            block = self._blocks.get((parent, tuple(tokens[i * b : (i + 1) * b])))
+            if block is None:
+                break
+            found.append(block)
+            parent = block.id
+        return found
+
+    def _touch(self, chain: list[_Block]) -> None:
+        if chain and chain[-1].id in self._leaves:
+            self._leaves.move_to_end(chain[-1].id)
+
+    def match(self, prompt: Sequence[int]) -> list[int]:
+        """Pool slots of the longest cached prefix of `prompt`, in order (at least one token is left to compute)."""
+        limit = (len(prompt) - 1) // self.block_size  # the last token's logits must be computed
+        chain = self._chain(prompt, limit)
+        self._touch(chain)
+        self.stats.queried_tokens += len(prompt)
+        self.stats.hit_tokens += len(chain) * self.block_size
+        return [block.slot for block in chain]
+
+    def insert(self, tokens: Sequence[int]) -> Insertion:
+        """Store every full block of `tokens` not stored yet; returns what the runner must copy where.
+
+        Makes room by evicting least recently used leaves, never a block of `tokens`' own chain; stops
+        early when nothing else can go.
+        """
+        b = self.block_size
+        full = len(tokens) // b
+        chain = self._chain(tokens, full)
+        self._touch(chain)
+        out = Insertion()
+        parent = chain[-1] if chain else None
+        for i in range(len(chain), full):
+            slot = self._take_slot(protect=parent)
+            if slot is None:
+                break
+            block = _Block(
+                (parent.id if parent else 0, tuple(tokens[i * b : (i + 1) * b])), next(self._ids), slot, parent
+            )
+            self._blocks[block.key] = block
+            if parent is not None:
+                parent.children += 1
+                self._leaves.pop(parent.id, None)
+            self._leaves[block.id] = block
+            out.positions.append(i * b)
+            out.slots.append(slot)
+            self.stats.stored_blocks += 1
+            parent = block
+        return out
+
+    def _take_slot(self, protect: _Block | None) -> int | None:
+        if self._free:
+            return self._free.pop()
+        for victim in self._leaves.values():
+            if victim is not protect:
+                self._evict(victim)
+                return self._free.pop()
+        return None
+
+    def _evict(self, block: _Block) -> None:
+        del self._blocks[block.key]
+        del self._leaves[block.id]
+        self._free.append(block.slot)
+        self.stats.evicted_blocks += 1
+        parent = block.parent
+        if parent is not None:
+            parent.children -= 1
+            if parent.children == 0:
+                self._leaves[parent.id] = parent  # now a leaf, counted as just used: its child was
