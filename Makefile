@@ -10,8 +10,8 @@ PYTEST_ARGS ?=
 LLAMA_CMAKE_ARGS ?=
 
 .PHONY: setup run up test test-unit test-integration test-slow lint typecheck imports protos check-protos \
-        bench-serve bench-compress bench-compress-gpu bench-operator bench-coop bench-edge soak fuzz e2e images \
-        image-cloud base-image e2e-containers manifests clean
+        bench-serve bench-compress bench-compress-gpu bench-operator bench-coop bench-coop-cloud bench-edge soak fuzz \
+        e2e images image-cloud base-image e2e-containers manifests clean
 
 setup: $(STAMP)
 
@@ -131,6 +131,11 @@ fuzz: setup
 # Cooperation policies side by side at 0/20/80 ms link RTT; writes docs/benchmarks.md.
 bench-coop: setup
 	$(PY) tests/bench/bench_coop.py --write docs/benchmarks.md
+
+# The cloud side of speculative decoding alone: 1/8/64 sessions replaying recorded answers as drafts (corrupted
+# to the acceptance bench-coop measures) against as many cloud-only streams; random-init 1B on CUDA.
+bench-coop-cloud: setup
+	$(PY) tests/bench/bench_coop_cloud.py --also-alone --write docs/benchmarks.md
 
 # Every compression method on the bundled SmolLM2-135M (deploy/samples/smollm2-compression.yaml); ~20 min on 2 cores.
 # Also the GPU rows (deploy/samples/smollm2-compression-gpu.yaml) from the stored results of bench-compress-gpu,

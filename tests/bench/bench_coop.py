@@ -1,198 +1,346 @@
-"""`make bench-coop`: cloud-only, edge-only, cascade and speculative on the bundled model, at 0/20/80 ms RTT.
+"""`make bench-coop`: the routing policies in the shape of a deployment, at 0/20/80 ms link RTT.
 
-Everything runs in this one process on loopback: the cloud server (the bundled SmolLM2 in fp32), the
-edge server (a compressed variant built by the sample's compression job, cached between runs) and
-one router per policy and link delay. The cascade threshold is calibrated first on a prompt set
-disjoint from the one measured. Requests go one at a time, so latency is a single user's; the
-output cache is off so every answer is computed.
+The cloud (the bundled SmolLM2 in fp32) and the edge (the sample's int8 variant, built by its compression
+job and cached between runs) are separate server processes, each pinned to its own core with `taskset`
+and one torch thread, as two machines would be. This process runs one router per policy and link delay
+(the delay is added to every router→cloud round trip; the router sits on the edge side of the link) and
+the client, which asks one request at a time, the policies taking turns prompt by prompt so that load from
+elsewhere on a shared machine falls on all of them alike. Output cache off: every answer is computed.
+
+What each request cost is read from the servers around it: cloud and edge forward passes (the servers'
+`stratus_server_forward_passes`) and the cloud process's CPU time (utime + stime of its /proc entry).
+The cascade threshold is calibrated first on CALIBRATION_PROMPTS, disjoint from the prompts measured.
+The cascade's decisions are checked against the pre-early-exit rule (`judge_edge_answer` over the edge's
+whole answer, recorded by the edge-only policy on the same prompt), and the edge tokens an escalated
+request cost are compared with that whole answer's, which is what the edge spent before early exit.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import platform
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 import report  # tests/bench/report.py (scripts run from this folder)
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTION = "bench-coop"
-POLICIES = ("cloud-only", "edge-only", "cascade", "speculative")
+PROBE_TOKENS = 8
+# label -> (routing policy, cascade.probeTokens, speculative.draftAhead)
+POLICIES: dict[str, tuple[str, int, bool]] = {
+    "cloud-only": ("cloud-only", 0, True),
+    "edge-only": ("edge-only", 0, True),
+    "cascade": ("cascade", 0, True),
+    f"cascade, probe {PROBE_TOKENS}": ("cascade", PROBE_TOKENS, True),
+    "speculative": ("speculative", 0, True),
+    "speculative, in turn": ("speculative", 0, False),
+}
+
+
+@dataclass
+class Costs:
+    cloud_passes: float = 0.0
+    cloud_cpu_ms: float = 0.0
+    edge_passes: float = 0.0
+
+    def __sub__(self, other: Costs) -> Costs:
+        return Costs(
+            self.cloud_passes - other.cloud_passes,
+            self.cloud_cpu_ms - other.cloud_cpu_ms,
+            self.edge_passes - other.edge_passes,
+        )
+
+
+@dataclass
+class Answer:
+    latency: float
+    tokens: int
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    tier: int
+    escalated: bool
+    reason: str
+    costs: Costs
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    quality: float = 1.0
+    similarity: float = 1.0
 
 
 @dataclass
 class Run:
-    policy: str
+    label: str
     delay_ms: float
-    latencies: list[float] = field(default_factory=list)
-    tokens: int = 0
-    seconds: float = 0.0
-    edge_answers: int = 0
-    cloud_tokens: int = 0
-    quality: list[float] = field(default_factory=list)
-    similarity: list[float] = field(default_factory=list)
-    mean_logprobs: list[float] = field(default_factory=list)
-    drafted: int = 0
-    accepted: int = 0
-    rounds: int = 0
-    texts: list[str] = field(default_factory=list)
-    token_ids: list[list[int]] = field(default_factory=list)
+    answers: list[Answer] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(a.tokens for a in self.answers)
 
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
+        seconds = sum(a.latency for a in self.answers)
+        return self.tokens / seconds if seconds else 0.0
 
     def percentile(self, q: int) -> float:
-        return statistics.quantiles(self.latencies, n=100, method="inclusive")[q - 1]
+        return statistics.quantiles([a.latency for a in self.answers], n=100, method="inclusive")[q - 1]
+
+    def per_token(self, what: str) -> float:
+        return float(sum(getattr(a.costs, what) for a in self.answers)) / max(1, self.tokens)
 
 
-async def measure(routers: dict[str, str], delay: float, prompts: list[str], max_new_tokens: int) -> list[Run]:
+class Tier:
+    """One model server process pinned to its own cores."""
+
+    def __init__(self, name: str, tier: str, model: str, cores: str, log: Path) -> None:
+        self.name = name
+        self.port, self.http_port = free_port(), free_port()
+        command = [
+            sys.executable, "-m", "stratus_workers.serve", "--model", model, "--name", name, "--tier", tier,
+            "--port", str(self.port), "--http-port", str(self.http_port), "--dtype", "float32", "--device", "cpu",
+            "--threads", "1", "--max-batch-size", "4", "--log-format", "text", "--log-level", "warning",
+        ]  # fmt: skip
+        if cores and shutil.which("taskset"):
+            command = ["taskset", "-c", cores, *command]
+        self.log = log.open("w")
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the {self.name} server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/readyz", timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise SystemExit(f"the {self.name} server was not ready within {timeout:.0f} s; see {self.log.name}")
+
+    def passes(self) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=5) as reply:
+            for line in reply.read().decode().splitlines():
+                if line.startswith("stratus_server_forward_passes_total "):
+                    return float(line.split()[1])
+        raise RuntimeError(f"the {self.name} server exports no stratus_server_forward_passes_total")
+
+    def cpu_ms(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * 1e3 / self.tick  # utime + stime
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def costs(cloud: Tier, edge: Tier) -> Costs:
+    return Costs(cloud.passes(), cloud.cpu_ms(), edge.passes())
+
+
+async def measure(
+    routers: dict[str, str], delay: float, prompts: list[str], max_new_tokens: int, cloud: Tier, edge: Tier
+) -> list[Run]:
     """Every prompt through every policy in turn, so that load from elsewhere falls on all policies alike."""
     from stratus_workers.api import inference_pb2 as pb
     from stratus_workers.client import AsyncClient
     from stratus_workers.router.calibration import answer_quality, likelihood_quality
     from stratus_workers.router.policy import mean_logprob
 
-    runs = {policy: Run(policy, delay) for policy in routers}
-    clients = {policy: AsyncClient(address, timeout=900) for policy, address in routers.items()}
+    runs = {label: Run(label, delay) for label in routers}
+    clients = {label: AsyncClient(address, timeout=900) for label, address in routers.items()}
     try:
         for client in clients.values():
             await client.generate(messages=[{"role": "user", "content": "warm up"}], max_new_tokens=4)
         for prompt in prompts:
-            for policy, client in clients.items():
-                run = runs[policy]
+            for label, client in clients.items():
+                before = costs(cloud, edge)
                 t0 = time.perf_counter()
                 reply = await client.generate(
                     messages=[{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens, logprobs=True
                 )
                 elapsed = time.perf_counter() - t0
-                run.latencies.append(elapsed)
-                run.seconds += elapsed
-                run.tokens += reply.usage.completion_tokens
-                run.texts.append(reply.text)
-                run.token_ids.append([lp.token_id for lp in reply.logprobs])
-                run.mean_logprobs.append(mean_logprob([lp.logprob for lp in reply.logprobs]))
                 route = reply.route
-                if route.tier == pb.TIER_EDGE:
-                    run.edge_answers += 1
-                if policy == "speculative":
-                    run.drafted += route.draft_tokens
-                    run.accepted += route.accepted_tokens
-                    run.rounds += route.rounds
-                    run.cloud_tokens += route.draft_tokens + route.rounds
-                elif route.tier == pb.TIER_CLOUD:
-                    run.cloud_tokens += reply.usage.completion_tokens
+                runs[label].answers.append(
+                    Answer(
+                        latency=elapsed,
+                        tokens=reply.usage.completion_tokens,
+                        token_ids=[lp.token_id for lp in reply.logprobs],
+                        logprobs=[lp.logprob for lp in reply.logprobs],
+                        text=reply.text,
+                        tier=route.tier,
+                        escalated=route.escalated,
+                        reason=route.reason,
+                        costs=costs(cloud, edge) - before,
+                        drafted=route.draft_tokens,
+                        accepted=route.accepted_tokens,
+                        rounds=route.rounds,
+                    )
+                )
         # Judged after the clock stops: the cloud scores every answer against its own (see docs/cooperation.md).
         reference = runs["cloud-only"]
         judge = clients["cloud-only"]
         for run in runs.values():
             for i, prompt in enumerate(prompts):
-                if run.token_ids[i] == reference.token_ids[i]:
-                    run.quality.append(1.0)
-                    run.similarity.append(1.0)
+                mine, theirs = run.answers[i], reference.answers[i]
+                if mine.token_ids == theirs.token_ids:
                     continue
-                judged = await judge.score(run.texts[i], messages=[{"role": "user", "content": prompt}], tier="cloud")
-                run.quality.append(likelihood_quality(judged.mean_logprob, reference.mean_logprobs[i]))
-                run.similarity.append(answer_quality(run.texts[i], reference.texts[i]))
+                judged = await judge.score(mine.text, messages=[{"role": "user", "content": prompt}], tier="cloud")
+                mine.quality = likelihood_quality(judged.mean_logprob, mean_logprob(theirs.logprobs))
+                mine.similarity = answer_quality(mine.text, theirs.text)
     finally:
         for client in clients.values():
             await client.close()
+    # The edge-only answers stand for the edge's whole answers (cascade_check): they must be the edge's.
+    if "edge-only" in runs and not all(a.tier == pb.TIER_EDGE for a in runs["edge-only"].answers):
+        raise SystemExit("edge-only answered from the cloud: the edge server failed; see its log")
     return list(runs.values())
 
 
 async def bench(args: argparse.Namespace) -> tuple[list[Run], dict[str, Any]]:
     from stratus_operator.cli.calibrate import collect_samples
     from stratus_operator.local import LocalRunner, load_manifest
-    from stratus_workers.client.prompts import CALIBRATION_PROMPTS, SAMPLE_PROMPTS
+    from stratus_workers.client.prompts import CALIBRATION_PROMPTS, EVALUATION_PROMPTS
     from stratus_workers.router.calibration import choose_threshold
     from stratus_workers.router.config import RouterConfig
     from stratus_workers.router.server import RouterServer
-    from stratus_workers.serve.server import ModelServer, ServerSettings
 
     deployment = load_manifest(args.manifest)
     runner = LocalRunner(deployment)
-    runner.compress()
-    variant = next((o for o in runner.outcomes if o.result.accepted), None)
-    if variant is None:
-        raise SystemExit(f"no accepted edge variant in {args.manifest}: {[o.result for o in runner.outcomes]}")
+    if args.edge_artifact:  # an artifact the compression Job built and accepted before (e.g. bench-edge's)
+        manifest = json.loads((args.edge_artifact / "manifest.json").read_text())
+        if manifest.get("status") != "accepted":
+            raise SystemExit(f"{args.edge_artifact} is not an accepted artifact: {manifest.get('reasons')}")
+        variant_name, artifact = str(manifest["name"]), args.edge_artifact
+    else:
+        runner.compress()
+        accepted = [o for o in runner.outcomes if o.result.accepted]
+        variant = next((o for o in accepted if args.edge_variant in ("", o.variant)), None)
+        if variant is None:
+            raise SystemExit(
+                f"no accepted edge variant {args.edge_variant!r} in {args.manifest}: "
+                f"{[(o.variant, o.result.accepted) for o in runner.outcomes]}"
+            )
+        variant_name, artifact = variant.variant, variant.artifact
     source = deployment.spec.model.source
-
-    def server(model: str, name: str, tier: str) -> ModelServer:
-        # Both tiers on this CPU in fp32 arithmetic; the edge's compression is in its artifact.
-        config = ServerSettings(
-            model=model,
-            name=name,
-            tier=tier,
-            port=0,
-            http_port=0,
-            dtype="float32",
-            device="cpu",
-            max_batch_size=4,
-            log_format="text",
-            log_level="warning",
-        )
-        return ModelServer(config)
-
-    cloud = server(source, "cloud", "cloud")
-    edge = server(str(variant.artifact), f"edge-{variant.variant}", "edge")
-    await cloud.start()
-    await edge.start()
-    backends = [
-        {"name": "edge", "address": edge.address, "tier": "edge"},
-        {"name": "cloud", "address": cloud.address, "tier": "cloud"},
-    ]
-
-    def config(policy: str, delay: float, threshold: float) -> RouterConfig:
-        return RouterConfig.model_validate(
-            {
-                "routing": {
-                    "policy": policy,
-                    "cascade": {"confidenceThreshold": threshold, "maxEdgePromptTokens": 2048},
-                    "speculative": deployment.spec.routing.speculative.model_dump(by_alias=True),
-                    "link": {"delayMs": delay, "jitterMs": delay * 0.1},
-                    "cache": {"enabled": False},
-                },
-                "backends": backends,
-                "tokenizer": source,
-                "healthIntervalSeconds": 5,
-            }
-        )
-
-    meta: dict[str, Any] = {"variant": variant.variant, "prompts": args.prompts, "max_new_tokens": args.max_new_tokens}
+    logs = runner.work_dir / "bench-coop"
+    logs.mkdir(parents=True, exist_ok=True)
+    cloud = Tier("cloud", "cloud", source, args.cloud_cores, logs / "cloud.log")
+    edge = Tier(f"edge-{variant_name}", "edge", str(artifact), args.edge_cores, logs / "edge.log")
+    meta: dict[str, Any] = {
+        "variant": variant_name,
+        "prompts": args.prompts,
+        "max_new_tokens": args.max_new_tokens,
+        "cores": (args.cloud_cores, args.edge_cores),
+        "load_start": os.getloadavg(),
+    }
     try:
-        calibration_router = RouterServer(config("cascade", 0.0, -1.0))
-        await calibration_router.start()
-        try:
-            samples = await collect_samples(calibration_router.address, list(CALIBRATION_PROMPTS), args.max_new_tokens)
-        finally:
-            await calibration_router.stop(0.5)
-        calibration = choose_threshold(samples, args.retention)
-        meta["threshold"] = calibration.threshold
-        print(
-            f"cascade threshold {calibration.threshold:.3f}: {calibration.edge_share:.0%} at the edge, "
-            f"retention {calibration.retention:.1%} on {len(samples)} calibration prompts",
-            flush=True,
-        )
-        prompts = list(SAMPLE_PROMPTS[: args.prompts])
+        await asyncio.get_running_loop().run_in_executor(None, cloud.wait_ready)
+        await asyncio.get_running_loop().run_in_executor(None, edge.wait_ready)
+        backends = [
+            {"name": edge.name, "address": edge.address, "tier": "edge"},
+            {"name": "cloud", "address": cloud.address, "tier": "cloud"},
+        ]
+
+        def config(policy: str, probe: int, ahead: bool, delay: float, threshold: float) -> RouterConfig:
+            return RouterConfig.model_validate(
+                {
+                    "routing": {
+                        "policy": policy,
+                        "cascade": {
+                            "confidenceThreshold": threshold,
+                            "maxEdgePromptTokens": 2048,
+                            "probeTokens": probe,
+                            "edgeTimeoutSeconds": 600,
+                        },
+                        "speculative": {
+                            **deployment.spec.routing.speculative.model_dump(by_alias=True),
+                            "draftAhead": ahead,
+                        },
+                        "link": {"delayMs": delay, "jitterMs": delay * 0.1},
+                        "cache": {"enabled": False},
+                    },
+                    "backends": backends,
+                    "tokenizer": source,
+                    # Rarely: a server on one busy core may miss a 1 s health check mid-answer, and then the
+                    # router (rightly) stops using it; its own calls still have stallTimeoutSeconds.
+                    "healthIntervalSeconds": 600,
+                    "stallTimeoutSeconds": 120,
+                }
+            )
+
+        threshold = args.threshold
+        if threshold is None:
+            calibration_router = RouterServer(config("cascade", 0, True, 0.0, -1.0))
+            await calibration_router.start()
+            try:
+                samples = await collect_samples(
+                    calibration_router.address, list(CALIBRATION_PROMPTS), args.max_new_tokens
+                )
+            finally:
+                await calibration_router.stop(0.5)
+            calibration = choose_threshold(samples, args.retention)
+            threshold = calibration.threshold
+            meta["calibration"] = (
+                f"calibrated for ≥{args.retention:.0%} retention on {len(samples)} other prompts "
+                f"({calibration.edge_share:.0%} of them at the edge there)"
+            )
+            print(
+                f"cascade threshold {calibration.threshold:.3f}: {calibration.edge_share:.0%} at the edge, "
+                f"retention {calibration.retention:.1%} on {len(samples)} calibration prompts",
+                flush=True,
+            )
+        meta["threshold"] = threshold
+        prompts = list(EVALUATION_PROMPTS[: args.prompts])
         runs: list[Run] = []
         for delay in args.delays:
-            servers = {policy: RouterServer(config(policy, delay, calibration.threshold)) for policy in POLICIES}
+            servers = {
+                label: RouterServer(config(policy, probe, ahead, delay, threshold))
+                for label, (policy, probe, ahead) in POLICIES.items()
+                if label in args.policies
+            }
             for server in servers.values():
                 await server.start()
             try:
                 measured = await measure(
-                    {policy: server.address for policy, server in servers.items()},
+                    {label: server.address for label, server in servers.items()},
                     delay,
                     prompts,
                     args.max_new_tokens,
+                    cloud,
+                    edge,
                 )
             finally:
                 for server in servers.values():
@@ -200,85 +348,244 @@ async def bench(args: argparse.Namespace) -> tuple[list[Run], dict[str, Any]]:
             runs.extend(measured)
             for run in measured:
                 print(
-                    f"  {delay:>3.0f} ms  {run.policy:<12} {run.tokens_per_second:6.1f} tok/s  "
-                    f"p50 {run.percentile(50) * 1e3:6.0f} ms",
+                    f"  {delay:>3.0f} ms  {run.label:<18} {run.tokens_per_second:6.1f} tok/s  "
+                    f"p50 {run.percentile(50) * 1e3:6.0f} ms  cloud passes/token {run.per_token('cloud_passes'):.2f}  "
+                    f"cloud CPU-ms/token {run.per_token('cloud_cpu_ms'):.1f}",
                     flush=True,
                 )
-        meta["identical"] = all(
-            r.token_ids == next(c for c in runs if c.policy == "cloud-only" and c.delay_ms == r.delay_ms).token_ids
-            for r in runs
-            if r.policy == "speculative"
-        )
+        meta["load_end"] = os.getloadavg()
         return runs, meta
     finally:
-        await edge.stop(0.5)
-        await cloud.stop(0.5)
+        edge.stop()
+        cloud.stop()
+
+
+def cascade_check(runs: list[Run], threshold: float, label: str) -> dict[str, Any]:
+    """The cascade runs of `label` against the pre-early-exit rule on the edge's whole answers.
+
+    Today's rule: `judge_edge_answer` over the whole edge answer (the edge-only policy's, same prompt,
+    same greedy model); its edge cost is that whole answer's forward passes.
+    """
+    from stratus_workers.api import inference_pb2 as pb
+    from stratus_workers.router.config import CascadeSettings
+    from stratus_workers.router.policy import judge_edge_answer
+
+    probe = POLICIES[label][1]
+    rule = CascadeSettings(confidence_threshold=threshold, probe_tokens=probe)
+    plain = CascadeSettings(confidence_threshold=threshold)
+    same = changed = 0
+    spent: list[float] = []
+    whole: list[float] = []
+    for run in (r for r in runs if r.label == label):
+        full = next(r for r in runs if r.label == "edge-only" and r.delay_ms == run.delay_ms)
+        for mine, edge_answer in zip(run.answers, full.answers, strict=True):
+            expected = judge_edge_answer(edge_answer.logprobs, rule)
+            today = judge_edge_answer(edge_answer.logprobs, plain)
+            escalated = mine.tier == pb.TIER_CLOUD
+            same += escalated == expected.escalate
+            changed += escalated != today.escalate
+            if escalated:
+                spent.append(mine.costs.edge_passes)
+                whole.append(edge_answer.costs.edge_passes)
+    answers = sum(len(r.answers) for r in runs if r.label == label)
+    return {
+        "answers": answers,
+        "as_rule": same,
+        "changed_vs_today": changed,
+        "escalated": len(spent),
+        "spent": statistics.mean(spent) if spent else 0.0,
+        "whole": statistics.mean(whole) if whole else 0.0,
+    }
 
 
 def render(runs: list[Run], meta: dict[str, Any], seconds: float) -> str:
+    from stratus_workers.api import inference_pb2 as pb
+
+    load_start = ", ".join(f"{x:.1f}" for x in meta["load_start"])
+    load_end = ", ".join(f"{x:.1f}" for x in meta["load_end"])
+    cloud_cores, edge_cores = meta["cores"]
     lines = [
         "## Cloud-edge cooperation (`make bench-coop`)",
         "",
-        f"Bundled SmolLM2-135M-Instruct on the cloud (fp32) and its `{meta['variant']}` variant on the edge, both on "
-        f"this CPU in one process; {meta['prompts']} chat prompts one at a time, up to {meta['max_new_tokens']} new "
-        "tokens, greedy, output cache off; the policies take turns prompt by prompt, so that load from elsewhere "
-        "on this shared machine falls on all of them alike. The link delay is added to every router→cloud round "
-        "trip (±10% jitter). "
-        f"Cascade threshold {meta['threshold']:.3f}, calibrated for ≥97% retention on 16 other prompts. "
-        "Quality retention: the cloud's per-token likelihood of each answer relative to its own answer to the same "
-        "prompt, capped at 1 (identical answers 1.0; the calibration's measure); text similarity to the cloud's "
-        "answer is the stricter alternative beside it. "
-        "Cloud tokens per answer: tokens the cloud computed (for speculative: drafts verified plus its own token "
-        f"per round). Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, 2 shared cores, "
-        f"Python {platform.python_version()}, torch {torch.__version__}; {date.today().isoformat()}; "
-        f"{seconds / 60:.1f} min.",
+        f"Bundled SmolLM2-135M-Instruct on the cloud (fp32) and its `{meta['variant']}` variant on the edge, as two "
+        f"server processes pinned to their own cores (cloud: core {cloud_cores}, edge: core {edge_cores}; one torch "
+        "thread each); the routers and the client in a third, unpinned process. "
+        f"{meta['prompts']} held-out chat prompts one at a time, up to {meta['max_new_tokens']} new tokens, greedy, "
+        "output cache off; the policies take turns prompt by prompt, so that load from elsewhere on this shared "
+        "machine falls on all of them alike. The link delay is added to every router→cloud round trip (±10% "
+        f"jitter). Cascade threshold {meta['threshold']:.3f}, "
+        f"{meta.get('calibration', 'given on the command line')}; "
+        f"`probe {PROBE_TOKENS}` is the same cascade with `probeTokens: {PROBE_TOKENS}` (opt-in; see "
+        "docs/cooperation.md). Quality retention: the cloud's per-token likelihood of each answer relative to its "
+        "own answer, capped at 1 (identical answers 1.0); text similarity to the cloud's answer beside it. Cloud "
+        "passes and CPU-ms per token: the cloud server's forward passes and its process's CPU time (user + "
+        "system) during each request, over the tokens answered. "
+        f"Machine: {report.cpu_name()}, {os.cpu_count()} cores shared with other work (load average "
+        f"{load_start} at the start, {load_end} at the end; 1, 5, 15 min); Python {platform.python_version()}; "
+        f"{date.today().isoformat()}; {seconds / 60:.1f} min.",
         "",
-        "| link RTT | policy | tokens/s | p50 latency | p95 latency | cloud tokens/answer | served at edge | "
-        "quality retention | text similarity | speed-up vs cloud-only | acceptance | mean accepted/round |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| link RTT | policy | tokens/s | vs cloud-only | p50 latency | p95 latency | cloud passes/token | "
+        "cloud CPU-ms/token | edge passes/token | served at edge | quality retention | text similarity | "
+        "acceptance | tokens/round |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
-        base = next(r for r in runs if r.policy == "cloud-only" and r.delay_ms == run.delay_ms)
-        n = len(run.latencies)
-        acceptance = f"{run.accepted / run.drafted:.0%}" if run.drafted else "–"
-        per_round = f"{(run.accepted + run.rounds) / run.rounds:.2f}" if run.rounds else "–"
+        base = next(r for r in runs if r.label == "cloud-only" and r.delay_ms == run.delay_ms)
+        drafted = sum(a.drafted for a in run.answers)
+        accepted = sum(a.accepted for a in run.answers)
+        rounds = sum(a.rounds for a in run.answers)
+        at_edge = sum(a.tier == pb.TIER_EDGE for a in run.answers) / len(run.answers)
         lines.append(
-            f"| {run.delay_ms:.0f} ms | {run.policy} | {run.tokens_per_second:.1f} | {run.percentile(50) * 1e3:.0f} ms "
-            f"| {run.percentile(95) * 1e3:.0f} ms | {run.cloud_tokens / n:.1f} | {run.edge_answers / n:.0%} "
-            f"| {statistics.mean(run.quality):.1%} | {statistics.mean(run.similarity):.1%} "
-            f"| {run.tokens_per_second / base.tokens_per_second:.1f}× "
-            f"| {acceptance} | {per_round} |"
+            f"| {run.delay_ms:.0f} ms | {run.label} | {run.tokens_per_second:.1f} "
+            f"| {run.tokens_per_second / base.tokens_per_second:.2f}× "
+            f"| {run.percentile(50) * 1e3:.0f} ms | {run.percentile(95) * 1e3:.0f} ms "
+            f"| {run.per_token('cloud_passes'):.2f} | {run.per_token('cloud_cpu_ms'):.1f} "
+            f"| {run.per_token('edge_passes'):.2f} | {at_edge:.0%} "
+            f"| {statistics.mean(a.quality for a in run.answers):.1%} "
+            f"| {statistics.mean(a.similarity for a in run.answers):.1%} "
+            f"| {f'{accepted / drafted:.0%}' if drafted else '–'} "
+            f"| {f'{(accepted + rounds) / rounds:.2f}' if rounds else '–'} |"
         )
-    spec = [r for r in runs if r.policy == "speculative"]
-    cascade = [r for r in runs if r.policy == "cascade"]
-    best_spec = max(
-        r.tokens_per_second
-        / next(b for b in runs if b.policy == "cloud-only" and b.delay_ms == r.delay_ms).tokens_per_second
-        for r in spec
-    )
-    lines += [
-        "",
-        "Goals: speculative ≥ 2× tokens/s vs cloud-only with identical greedy tokens — "
-        f"best here {best_spec:.1f}×, tokens identical: {'yes' if meta['identical'] else 'NO'}. "
-        "Cascade ≥ 60% of requests at the edge with ≥ 97% quality retention — here "
-        + ", ".join(
-            f"{r.edge_answers / len(r.latencies):.0%} at {statistics.mean(r.quality):.1%} ({r.delay_ms:.0f} ms)"
-            for r in cascade
-        )
-        + ".",
-    ]
+    lines += ["", *goals(runs, meta)]
     return "\n".join(lines)
+
+
+def early_exit(answers: list[list[float]], max_tokens: int, threshold: float, probe: int) -> dict[str, float]:
+    """Each recorded whole edge answer (its log-probabilities) streamed through the router's EdgeWatch, as a
+    cascade with `threshold` and `probe` sees it: decisions, and edge tokens spent on the escalated ones."""
+    from stratus_workers.router.config import CascadeSettings
+    from stratus_workers.router.policy import EdgeWatch, judge_edge_answer
+
+    rule = CascadeSettings(confidence_threshold=threshold, probe_tokens=probe)
+    today = CascadeSettings(confidence_threshold=threshold)
+    escalated = changed = 0
+    spent = whole = 0
+    for logprobs in answers:
+        watch = EdgeWatch(rule, max_tokens)
+        for logprob in logprobs:  # token by token, as the stream arrives
+            if watch.add([logprob]):
+                break
+        verdict = watch.verdict()
+        changed += verdict.escalate != judge_edge_answer(logprobs, today).escalate
+        if verdict.escalate:
+            escalated += 1
+            spent += len(watch.logprobs)
+            whole += len(logprobs)
+    return {"escalated": escalated, "changed": changed, "spent": spent, "whole": whole}
+
+
+def early_exit_table(answers: list[list[float]], max_tokens: int, thresholds: list[float]) -> list[str]:
+    lines = [
+        "| threshold | escalated | edge tokens per escalated request, whole answer (before) | exact stop "
+        f"| exact stop vs before | probe {PROBE_TOKENS}: decisions changed | probe {PROBE_TOKENS}: edge tokens "
+        f"per escalated request | probe {PROBE_TOKENS} vs the same requests' whole answers |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for threshold in thresholds:
+        exact = early_exit(answers, max_tokens, threshold, 0)
+        probed = early_exit(answers, max_tokens, threshold, PROBE_TOKENS)
+        if not exact["escalated"]:
+            continue
+        before = exact["whole"] / exact["escalated"]
+        mean_exact = exact["spent"] / exact["escalated"]
+        mean_probe = probed["spent"] / probed["escalated"]
+        lines.append(
+            f"| {threshold:.3f} | {exact['escalated']} of {len(answers)} | {before:.1f} | {mean_exact:.1f} "
+            f"| {mean_exact / before:.0%} | {probed['changed']} (to the cloud) | {mean_probe:.1f} "
+            f"| {probed['spent'] / probed['whole']:.0%} |"
+        )
+    return lines
+
+
+def goals(runs: list[Run], meta: dict[str, Any]) -> list[str]:
+    labels = {r.label for r in runs}
+
+    def run(label: str, delay: float) -> Run:
+        return next(r for r in runs if r.label == label and r.delay_ms == delay)
+
+    delays = sorted({r.delay_ms for r in runs})
+    at = 20.0 if 20.0 in delays else delays[0]
+    lines = []
+    if {"speculative", "cloud-only"} <= labels:
+        spec, base = run("speculative", at), run("cloud-only", at)
+        identical = all(
+            run(label, d).answers[i].token_ids == run("cloud-only", d).answers[i].token_ids
+            for label in labels
+            if label.startswith("speculative")
+            for d in delays
+            for i in range(len(base.answers))
+        )
+        passes = spec.per_token("cloud_passes") / base.per_token("cloud_passes")
+        cpu = spec.per_token("cloud_cpu_ms") / base.per_token("cloud_cpu_ms")
+        lines += [
+            f"Speculative at {at:.0f} ms: {spec.tokens_per_second / base.tokens_per_second:.2f}× cloud-only "
+            f"tokens/s (goal ≥ 1.3×); greedy tokens identical to cloud-only on every prompt and RTT: "
+            f"{'yes' if identical else 'NO'}; cloud compute per token {passes:.2f}× cloud-only's forward passes "
+            f"and {cpu:.2f}× its CPU time (goal ≤ 0.35×).",
+            "",
+        ]
+    probe_label = f"cascade, probe {PROBE_TOKENS}"
+    if {"cascade", probe_label, "edge-only"} <= labels:
+        exact = cascade_check(runs, meta["threshold"], "cascade")
+        probed = cascade_check(runs, meta["threshold"], probe_label)
+        lines.append(
+            f"Cascade, early exit by the exact rule: {exact['as_rule']} of {exact['answers']} decisions as the rule "
+            f"over the edge's whole answer decides, {exact['changed_vs_today']} changed; an escalated request cost "
+            f"the edge {exact['spent']:.1f} forward passes against {exact['whole']:.1f} for the whole answer "
+            f"({exact['spent'] / exact['whole'] if exact['whole'] else 0:.0%}; {exact['escalated']} escalated). "
+            f"With `probeTokens: {PROBE_TOKENS}`: {probed['changed_vs_today']} of {probed['answers']} decisions "
+            f"moved to the cloud, {probed['as_rule']} as its own rule decides; an escalated request cost "
+            f"{probed['spent']:.1f} edge passes against {probed['whole']:.1f} "
+            f"({probed['spent'] / probed['whole'] if probed['whole'] else 0:.0%}; {probed['escalated']} "
+            "escalated). Goal: ≤ 25% with the same decisions."
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", type=Path, default=ROOT / "deploy" / "samples" / "smollm2-speculative.yaml")
     parser.add_argument("--delays", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 20.0, 80.0])
-    parser.add_argument("--prompts", type=int, default=12)
+    parser.add_argument("--prompts", type=int, default=40)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--retention", type=float, default=0.97)
+    parser.add_argument("--threshold", type=float, help="cascade threshold to use instead of calibrating one")
+    parser.add_argument(
+        "--threshold-grid",
+        type=lambda s: [float(x) for x in s.split(",")],
+        help="with --early-exit-from: more thresholds to tabulate",
+    )
+    parser.add_argument("--edge-artifact", type=Path, help="serve this accepted artifact at the edge (no compression)")
+    parser.add_argument(
+        "--edge-variant", default="", help="the manifest's edge variant to serve (default: the first accepted)"
+    )
+    parser.add_argument("--cloud-cores", default="0", help="taskset core list of the cloud server")
+    parser.add_argument("--edge-cores", default="1", help="taskset core list of the edge server")
     parser.add_argument("--write", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--json", type=Path, help="also write every answer's figures here")
+    parser.add_argument(
+        "--policies",
+        type=lambda s: s.split(";"),
+        default=list(POLICIES),
+        help=f"which to run, separated by ';' (default: all of {'; '.join(POLICIES)})",
+    )
+    parser.add_argument(
+        "--early-exit-from",
+        type=Path,
+        help="only print the cascade early-exit table over the edge-only answers of an earlier run's --json",
+    )
     args = parser.parse_args(argv)
+    if args.early_exit_from:
+        recorded = json.loads(args.early_exit_from.read_text())
+        rows = recorded.get("answers") or [
+            {"label": r["label"], "delay_ms": r["delay_ms"], **a} for r in recorded["runs"] for a in r["answers"]
+        ]
+        first_delay = min(a["delay_ms"] for a in rows if a["label"] == "edge-only")
+        edge = [a["logprobs"] for a in rows if a["label"] == "edge-only" and a["delay_ms"] == first_delay]
+        limit = int(recorded["meta"]["max_new_tokens"])
+        thresholds = [recorded["meta"]["threshold"], *(args.threshold_grid or [])]
+        print("\n".join(early_exit_table(edge, limit, thresholds)))
+        return 0
     from stratus_workers.observability import setup_logging
 
     setup_logging("warning", "text")
@@ -286,8 +593,17 @@ def main(argv: list[str] | None = None) -> int:
     runs, meta = asyncio.run(bench(args))
     body = render(runs, meta, time.perf_counter() - started)
     print(body)
-    report.write_section(args.write, SECTION, body, "# Benchmarks")
-    print(f"wrote {args.write}")
+    if args.json:
+        answers = [
+            {"label": r.label, "delay_ms": r.delay_ms, **{k: v for k, v in a.__dict__.items() if k != "costs"},
+             **a.costs.__dict__}
+            for r in runs
+            for a in r.answers
+        ]  # fmt: skip
+        args.json.write_text(json.dumps({"meta": meta, "answers": answers}))
+    if args.write.name:
+        report.write_section(args.write, SECTION, body, "# Benchmarks")
+        print(f"wrote {args.write}")
     return 0
 
 

@@ -16,7 +16,7 @@ from stratus_operator.cli.common import add_connection_args
 from stratus_workers.client import AsyncClient
 from stratus_workers.client.prompts import CALIBRATION_PROMPTS
 from stratus_workers.router.calibration import Calibration, Sample, choose_threshold, likelihood_quality
-from stratus_workers.router.policy import mean_logprob
+from stratus_workers.router.policy import edge_confidence, mean_logprob
 
 
 def register(subparsers: Any) -> None:
@@ -33,13 +33,25 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("-f", "--file", type=Path, help="an LLMDeployment manifest to write the threshold into")
     parser.add_argument("--write", action="store_true", help="update --file in place")
+    parser.add_argument(
+        "--probe-tokens",
+        type=int,
+        help="judge edge answers as a cascade with this probeTokens does (default: the manifest's, else 0)",
+    )
     parser.set_defaults(func=run)
 
 
 async def collect_samples(
-    target: str, prompts: list[str], max_new_tokens: int, *, token: str | None = None, tls_ca: str | None = None
+    target: str,
+    prompts: list[str],
+    max_new_tokens: int,
+    *,
+    token: str | None = None,
+    tls_ca: str | None = None,
+    probe_tokens: int = 0,
 ) -> list[Sample]:
-    """For each prompt: the edge's answer and confidence, and the cloud's judgement of that answer."""
+    """For each prompt: the edge's answer and confidence (as a cascade with `probe_tokens` judges it), and the
+    cloud's judgement of that answer."""
     samples = []
     async with AsyncClient(target, timeout=600, token=token, tls_ca=tls_ca) as client:
         for prompt in prompts:
@@ -54,8 +66,16 @@ async def collect_samples(
             judged = await client.score(edge.text, messages=messages, tier="cloud")
             own = mean_logprob([lp.logprob for lp in cloud.logprobs])
             quality = likelihood_quality(judged.mean_logprob, own)
-            samples.append(Sample(prompt, mean_logprob([lp.logprob for lp in edge.logprobs]), quality))
+            confidence = edge_confidence([lp.logprob for lp in edge.logprobs], probe_tokens)
+            samples.append(Sample(prompt, confidence, quality))
     return samples
+
+
+def manifest_probe_tokens(path: Path) -> int:
+    """spec.routing.cascade.probeTokens of an LLMDeployment manifest (0 when it sets none)."""
+    manifest = yaml.safe_load(path.read_text()) or {}
+    cascade = ((manifest.get("spec") or {}).get("routing") or {}).get("cascade") or {}
+    return int(cascade.get("probeTokens", 0))
 
 
 def write_threshold(path: Path, threshold: float) -> None:
@@ -91,8 +111,16 @@ def run(args: argparse.Namespace) -> int:
     if args.write and args.file is None:
         print("error: --write needs -f MANIFEST")
         return 2
+    probe = args.probe_tokens
+    if probe is None:
+        probe = manifest_probe_tokens(args.file) if args.file else 0
+    if probe < 0:
+        print(f"error: --probe-tokens is {probe}; use 0 (off) or more")
+        return 2
     samples = asyncio.run(
-        collect_samples(args.target, prompts, args.max_new_tokens, token=args.token, tls_ca=args.tls_ca)
+        collect_samples(
+            args.target, prompts, args.max_new_tokens, token=args.token, tls_ca=args.tls_ca, probe_tokens=probe
+        )
     )
     try:
         result = choose_threshold(samples, args.retention)

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -281,7 +281,7 @@ class BackendPool:
 
     async def stream(
         self, tier: Tier, rpc: Callable[[BackendState], StreamingCall[R]], *, model: str = ""
-    ) -> AsyncIterator[tuple[BackendState, R]]:
+    ) -> AsyncGenerator[tuple[BackendState, R], None]:
         """The messages of a server-streaming `rpc`, each with the backend that sent it.
 
         Fails over like `call`, but only before the first message: once a message is out, a failure or a

@@ -20,6 +20,15 @@ class CascadeSettings(SpecModel):
     )
     max_edge_prompt_tokens: int = Field(512, ge=1, description="Longer prompts go straight to the cloud.")
     edge_timeout_seconds: float = Field(5.0, gt=0.0, le=3600.0, description="Escalate when the edge takes longer.")
+    probe_tokens: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="Also judge the edge's first this-many tokens against the threshold and escalate at once "
+        "when they miss it (0: off). Changes decisions, only towards the cloud, and stops most escalated edge "
+        "answers after this many tokens; without it the edge is stopped only once its answer can no longer "
+        "reach the threshold, which keeps every decision as it is.",
+    )
 
 
 class SpeculativeSettings(SpecModel):
@@ -29,6 +38,11 @@ class SpeculativeSettings(SpecModel):
     max_draft_tokens: int = Field(8, ge=1, le=16, description="Upper bound for k when it adapts.")
     adaptive: bool = Field(True, description="Adapt k to the acceptance rate seen so far in the request.")
     top_k: int = Field(32, ge=1, le=1024, description="Sampled drafts come from the edge's top-k tokens.")
+    draft_ahead: bool = Field(
+        True,
+        description="Greedy requests: while the cloud verifies a draft, the edge drafts the next one as if all of "
+        "it will be accepted, so edge and cloud work at the same time (the answer is the cloud's either way).",
+    )
 
 
 class LinkSettings(SpecModel):

@@ -50,6 +50,16 @@ class RouterMetrics:
         self.escalations = Counter(
             "stratus_router_escalations", "Cascade escalations to the cloud by reason.", ["reason"], registry=r
         )
+        self.escalated_edge_tokens = Counter(
+            "stratus_router_escalated_edge_tokens",
+            "Tokens the edge gave for cascade answers that were then escalated (the edge's wasted work).",
+            registry=r,
+        )
+        self.edge_stops = Counter(
+            "stratus_router_edge_stops",
+            "Cascade edge answers stopped before their end because they could only escalate.",
+            registry=r,
+        )
         self.latency = Histogram(
             "stratus_router_request_seconds",
             "End-to-end latency at the router.",
@@ -71,4 +81,9 @@ class RouterMetrics:
             registry=r,
         )
         self.rounds = Counter("stratus_router_verify_rounds", "Speculative verification round trips.", registry=r)
+        self.drafted_ahead = Counter(
+            "stratus_router_draft_ahead_tokens",
+            "Speculative draft tokens the edge drafted while the cloud verified the round before (and were used).",
+            registry=r,
+        )
         r.register(_PoolCollector(pool, cache))

@@ -13,6 +13,7 @@ which a unary caller, who has seen nothing yet, can still be spared.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,9 +25,15 @@ from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.protocol.errors import ProtocolError
 from stratus_workers.protocol.names import POLICY_TO_PB, TIER_TO_PB, Policy, Tier
 from stratus_workers.protocol.requests import generation_sampling, render_prompt
-from stratus_workers.router.backends import BackendPool, BackendState, StreamingCall, TierUnavailable
+from stratus_workers.router.backends import (
+    BACKEND_FAILURES,
+    BackendPool,
+    BackendState,
+    StreamingCall,
+    TierUnavailable,
+)
 from stratus_workers.router.config import RoutingSpec
-from stratus_workers.router.policy import CascadeVerdict, judge_edge_answer, prompt_fits_edge
+from stratus_workers.router.policy import CascadeVerdict, EdgeWatch, judge_edge_answer, prompt_fits_edge
 from stratus_workers.router.speculative import SpeculativeOutcome, speculate
 
 # The router enforces no length limit of its own; the verifying server's context bounds the answer.
@@ -52,6 +59,8 @@ class Decision:
     escalated: bool = False
     degraded: bool = False
     speculative: SpeculativeOutcome | None = None
+    edge_tokens: int = 0  # cascade: tokens the edge gave for this request before it ended or was stopped
+    edge_stopped: bool = False  # cascade: the edge was stopped once its answer could only escalate
 
     def route(self) -> pb.RouteInfo:
         info = pb.RouteInfo(
@@ -95,6 +104,11 @@ def time_left(deadline: float, cap: float | None = None) -> float:
     if remaining <= 0:
         raise ProtocolError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed at the router")
     return min(remaining, cap) if cap is not None else remaining
+
+
+def answer_limit(request: pb.GenerateRequest, backend: BackendState) -> int | None:
+    """The most tokens `backend` may generate for `request` (None when it has not said its limit)."""
+    return request.max_new_tokens or backend.max_new_tokens or None
 
 
 def replay(answer: pb.GenerateResponse, *, logprobs: bool) -> list[pb.GenerateStreamResponse]:
@@ -199,7 +213,12 @@ class Policies:
             raise ProtocolError(grpc.StatusCode.UNAVAILABLE, f"no tier can serve: {unavailable}; {exc}") from exc
 
     async def _ask_edge(self, turn: Turn) -> tuple[pb.GenerateResponse | None, Decision]:
-        """The edge's whole answer, with log-probabilities, and whether it stands; None when it gave none."""
+        """The edge's answer, with log-probabilities, and whether it stands; None when it gave none.
+
+        While a healthy cloud could take over, the edge is stopped as soon as its answer can only
+        escalate (policy.EdgeWatch); the answer returned is then the part it gave before it stopped
+        (`decision.edge_stopped`).
+        """
         settings = self.routing.cascade
         if not prompt_fits_edge(self.prompt_tokens(turn.request), settings):
             return None, Decision("cascade", "cloud", "prompt-too-long")
@@ -207,28 +226,80 @@ class Policies:
         edge_request.CopyFrom(turn.request)
         edge_request.return_logprobs = True
         edge_request.policy = pb.ROUTING_POLICY_UNSPECIFIED
+        watching = bool(self.pool.candidates("cloud", turn.model))
         try:
-            answer, backend = await self.pool.call(
-                "edge",
-                lambda b: b.stub.Generate(edge_request, timeout=turn.timeout(settings.edge_timeout_seconds)),
-                model=turn.model,
-                tokens=edge_request.max_new_tokens or None,
-            )
-            backend.learn_pace(answer.usage, answer.timing)
+            answer, backend, watch = await self._edge_answer(turn, edge_request, watching=watching)
         except TierUnavailable:
             return None, Decision("cascade", "cloud", "edge-unavailable", escalated=True, degraded=True)
         except ProtocolError as exc:
             return None, Decision("cascade", "cloud", EDGE_ERROR_REASONS.get(exc.code, "edge-error"), escalated=True)
-        verdict = judge_edge_answer([lp.logprob for lp in answer.logprobs], settings)
+        # A stopped answer's verdict is settled; a finished one is judged whole, as it always was.
+        verdict = watch.settled or judge_edge_answer([lp.logprob for lp in answer.logprobs], settings)
         tier: Tier = "cloud" if verdict.escalate else "edge"
         decision = Decision("cascade", tier, verdict.reason, backend.name, verdict=verdict, escalated=verdict.escalate)
+        decision.edge_tokens = len(answer.logprobs)
+        decision.edge_stopped = watch.settled is not None
         return answer, decision
+
+    async def _edge_answer(
+        self, turn: Turn, request: pb.GenerateRequest, *, watching: bool
+    ) -> tuple[pb.GenerateResponse, BackendState, EdgeWatch]:
+        """The edge's answer to `request`, collected from its stream; cut short once `watching` settles it.
+
+        A backend that fails mid-answer is marked down and the answer asked of another, as a unary call
+        would be (nothing of it has reached the caller). TierUnavailable when no edge is left.
+        """
+        settings = self.routing.cascade
+        attempts = max(1, len(self.pool.tier("edge")))
+
+        def generate_stream(backend: BackendState) -> StreamingCall[pb.GenerateStreamResponse]:
+            call: StreamingCall[pb.GenerateStreamResponse] = backend.stub.GenerateStream(
+                request, timeout=turn.timeout(settings.edge_timeout_seconds)
+            )
+            return call
+
+        while True:
+            answer = pb.GenerateResponse()
+            watch = EdgeWatch(settings, None)
+            current: BackendState | None = None
+            parts: list[str] = []
+            try:
+                async with contextlib.aclosing(self.pool.stream("edge", generate_stream, model=turn.model)) as chunks:
+                    async for backend, chunk in chunks:
+                        if current is None:
+                            current = backend
+                            watch.max_tokens = answer_limit(request, backend) if watching else None
+                        if chunk.HasField("route"):  # the final chunk
+                            backend.learn_pace(chunk.usage, chunk.timing)
+                            answer.text = "".join(parts)
+                            answer.finish_reason = chunk.finish_reason
+                            answer.usage.CopyFrom(chunk.usage)
+                            answer.timing.CopyFrom(chunk.timing)
+                            answer.route.CopyFrom(chunk.route)
+                            answer.model, answer.request_id = chunk.model, chunk.request_id
+                            return answer, backend, watch
+                        parts.append(chunk.text)
+                        answer.logprobs.extend(chunk.logprobs)
+                        answer.prompt_logprobs.extend(chunk.prompt_logprobs)
+                        if watching and watch.add(lp.logprob for lp in chunk.logprobs):
+                            answer.text = "".join(parts)
+                            return answer, backend, watch  # leaving the stream cancels the edge's call
+            except ProtocolError as exc:
+                if current is None or exc.code not in BACKEND_FAILURES:
+                    raise
+                current.mark_down(f"failed mid-answer: {exc.code.name}: {exc.message}")
+                attempts -= 1
+                if attempts <= 0:
+                    raise TierUnavailable(f"every edge backend failed (last: {current.name}: {exc.message})") from exc
+                continue
+            raise ProtocolError(grpc.StatusCode.INTERNAL, "the edge's answer ended without its final message")
 
     async def cascade(self, turn: Turn) -> AsyncIterator[pb.GenerateStreamResponse]:
         """The edge answers first; its answer stands when confident, else the cloud answers (escalated).
 
-        The edge is asked for its whole answer, since its confidence is known only at the end. When the
-        cloud is down too, a doubtful edge answer beats none (degraded, `cloud-unavailable`).
+        The edge's answer streams to the router, which stops it once it can only escalate. When the cloud
+        is down too, a doubtful edge answer beats none (degraded, `cloud-unavailable`); if the edge was
+        stopped early, it is asked again for the whole answer.
         """
         edge_answer, decision = await self._ask_edge(turn)
         turn.decision = decision
@@ -245,6 +316,17 @@ class Policies:
                 raise ProtocolError(
                     grpc.StatusCode.UNAVAILABLE, f"no tier can serve: {decision.reason}; {exc}"
                 ) from exc
+            if decision.edge_stopped:
+                edge_request = pb.GenerateRequest()
+                edge_request.CopyFrom(turn.request)
+                edge_request.return_logprobs = True
+                edge_request.policy = pb.ROUTING_POLICY_UNSPECIFIED
+                try:
+                    edge_answer, _, _ = await self._edge_answer(turn, edge_request, watching=False)
+                except (TierUnavailable, ProtocolError) as again:
+                    raise ProtocolError(
+                        grpc.StatusCode.UNAVAILABLE, f"no tier can serve: {exc}; asked again, the edge: {again}"
+                    ) from exc
             decision.tier, decision.reason, decision.degraded, decision.escalated = (
                 "edge",
                 "cloud-unavailable",

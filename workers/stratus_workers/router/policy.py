@@ -1,16 +1,41 @@
-"""Routing decisions as pure functions: the edge's confidence signal and the cascade's verdict."""
+"""Routing decisions as pure functions: the edge's confidence signal and the cascade's verdict.
+
+The cascade judges an edge answer by its mean token log-probability, which is known only once the
+answer ends. `EdgeWatch` follows the answer token by token and says as soon as the verdict can only
+be "escalate", so the router stops the edge there instead of paying for the rest of the answer:
+
+- **Exact** (always on): a log-probability is never positive, so every token still to come can only
+  lower the sum, and the answer can hold at most `max_tokens` tokens. With sum S after n tokens, the
+  best mean the finished answer can still have is S / max_tokens (all remaining tokens certain, the
+  answer as long as allowed). Once that is below the threshold the verdict is settled: stopping there
+  gives the decision that waiting for the end would give, on every answer.
+- **Probe** (opt-in, `probe_tokens` > 0): the answer must also reach the threshold over its first
+  `probe_tokens` tokens; when it does not, it escalates there. This changes decisions, only ever
+  towards the cloud (an answer kept under it is kept under the exact rule too), and stops most
+  escalated answers after a few tokens, which the exact rule cannot do: a mean is pulled down by
+  a token only 1/max_tokens of its log-probability.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from stratus_workers.router.config import CascadeSettings
 
 
+def logprob_sum(logprobs: Iterable[float]) -> float:
+    """The log-probabilities added left to right, one rounding per token, as `EdgeWatch` adds them as they
+    stream (`sum` may compensate its rounding on some Pythons, which would make the two disagree)."""
+    total = 0.0
+    for logprob in logprobs:
+        total += logprob
+    return total
+
+
 def mean_logprob(logprobs: Sequence[float]) -> float:
     """The edge answer's mean token log-probability; an empty answer counts as certain (0.0)."""
-    return sum(logprobs) / len(logprobs) if logprobs else 0.0
+    return logprob_sum(logprobs) / len(logprobs) if logprobs else 0.0
 
 
 @dataclass(frozen=True)
@@ -21,13 +46,68 @@ class CascadeVerdict:
     threshold: float
 
 
+def edge_confidence(logprobs: Sequence[float], probe_tokens: int = 0) -> float:
+    """The cascade's confidence in an edge answer: its mean token log-probability, and with `probe_tokens`
+    the lower of that and the mean over its first `probe_tokens` tokens (an answer shorter than the probe
+    is judged as a whole)."""
+    confidence = mean_logprob(logprobs)
+    if probe_tokens and len(logprobs) >= probe_tokens:
+        confidence = min(confidence, mean_logprob(logprobs[:probe_tokens]))
+    return confidence
+
+
 def judge_edge_answer(logprobs: Sequence[float], settings: CascadeSettings) -> CascadeVerdict:
     """Keep the edge's answer when its confidence reaches the threshold, else escalate."""
-    confidence = mean_logprob(logprobs)
+    confidence = edge_confidence(logprobs, settings.probe_tokens)
     threshold = settings.confidence_threshold
     if confidence >= threshold:
         return CascadeVerdict(False, "confident", confidence, threshold)
     return CascadeVerdict(True, "low-confidence", confidence, threshold)
+
+
+def best_reachable_mean(logprob_sum: float, max_tokens: int) -> float:
+    """The highest mean log-probability an answer whose log-probabilities so far sum to `logprob_sum` can
+    end with, when it holds at most `max_tokens` tokens (every later token at best certain: log-prob 0)."""
+    return logprob_sum / max_tokens
+
+
+class EdgeWatch:
+    """Follows an edge answer's log-probabilities as they stream and says when escalation is settled.
+
+    `max_tokens` bounds the answer's length (None when unknown: then only the probe can stop it early).
+    The running sum adds the log-probabilities as `mean_logprob` does, so the bound is compared on the very
+    numbers the final verdict would use: floating-point addition of non-positive numbers never raises the
+    sum, and division by a larger count never lowers a non-positive quotient, rounding included.
+    """
+
+    def __init__(self, settings: CascadeSettings, max_tokens: int | None) -> None:
+        self.settings = settings
+        self.max_tokens = max_tokens
+        self.logprobs: list[float] = []
+        self.total = 0.0  # `logprob_sum(self.logprobs)`, kept as tokens arrive
+        self.settled: CascadeVerdict | None = None  # set once escalation can no longer be avoided
+
+    def add(self, logprobs: Iterable[float]) -> bool:
+        """Take the answer's next tokens; True once the verdict is settled as "escalate"."""
+        if self.settled is not None:
+            return True
+        threshold = self.settings.confidence_threshold
+        probe = self.settings.probe_tokens
+        for logprob in logprobs:
+            self.logprobs.append(logprob)
+            self.total += logprob
+            n = len(self.logprobs)
+            if probe and n == probe and self.total / n < threshold:
+                self.settled = CascadeVerdict(True, "low-confidence", self.total / n, threshold)
+                return True
+            if self.max_tokens is not None and best_reachable_mean(self.total, self.max_tokens) < threshold:
+                self.settled = CascadeVerdict(True, "low-confidence", self.total / n, threshold)
+                return True
+        return False
+
+    def verdict(self) -> CascadeVerdict:
+        """The verdict on the answer: the settled one if the watch stopped it, else the finished answer's."""
+        return self.settled or judge_edge_answer(self.logprobs, self.settings)
 
 
 def prompt_fits_edge(prompt_tokens: int | None, settings: CascadeSettings) -> bool:

@@ -220,10 +220,14 @@ class Router:
         (metrics.cloud_tokens if decision.tier == "cloud" else metrics.edge_tokens).inc(tokens)
         if decision.escalated:
             metrics.escalations.labels(decision.reason).inc()
+            metrics.escalated_edge_tokens.inc(decision.edge_tokens)
+        if decision.edge_stopped:
+            metrics.edge_stops.inc()
         if decision.speculative is not None:
             metrics.drafted.inc(decision.speculative.drafted)
             metrics.accepted.inc(decision.speculative.accepted)
             metrics.rounds.inc(decision.speculative.rounds)
+            metrics.drafted_ahead.inc(decision.speculative.ahead_used)
         log.debug(
             "routed",
             extra={

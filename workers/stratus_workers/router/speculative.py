@@ -8,6 +8,7 @@ edge only decides how many tokens each cloud round trip yields.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,6 +25,9 @@ from stratus_workers.router.backends import BackendPool, BackendState, TierUnava
 from stratus_workers.router.config import SpeculativeSettings
 
 log = logging.getLogger(__name__)
+
+# Tokens per Draft call while drafting ahead: small, so that little is drafted after the verdict arrives.
+AHEAD_CHUNK = 2
 
 
 @dataclass
@@ -42,6 +46,7 @@ class SpeculativeOutcome:
     edge: str = ""  # the backend that drafted last
     cloud: str = ""  # the backend that verified last
     model: str = ""  # the model of that backend
+    ahead_used: int = 0  # draft tokens that were drafted ahead, during the verification before their round
 
 
 def next_draft_length(current: int, accepted: int, *, minimum: int = 1, maximum: int = 8) -> int:
@@ -58,6 +63,24 @@ def next_draft_length(current: int, accepted: int, *, minimum: int = 1, maximum:
 def _eos(tokenizer: Any) -> frozenset[int]:
     value = getattr(tokenizer, "eos_token_id", None)
     return frozenset([value]) if isinstance(value, int) else frozenset()
+
+
+@dataclass
+class _Draft:
+    """Tokens the edge proposed after some context (with their distributions when sampled)."""
+
+    tokens: list[int] = field(default_factory=list)
+    dists: list[pb.SparseDistribution] = field(default_factory=list)
+    eos: bool = False  # the edge ended its answer: nothing to draft after these
+
+    def extend(self, reply: pb.DraftResponse) -> None:
+        self.tokens.extend(reply.tokens)
+        self.dists.extend(reply.distributions)
+        self.eos = self.eos or reply.eos
+
+    def after(self, n: int) -> _Draft:
+        """What is left once the first `n` tokens are no longer a draft."""
+        return _Draft(self.tokens[n:], self.dists[n:], self.eos)
 
 
 async def speculate(
@@ -78,6 +101,15 @@ async def speculate(
     which rebuilds the session from the full context each call carries. When no edge is left the
     cloud verifies empty drafts; when no cloud is left the answer fails (UNAVAILABLE). `model`, when
     given, limits both tiers to backends serving that model.
+
+    Drafting ahead (`settings.draft_ahead`, greedy requests): while the cloud verifies a draft, the edge
+    goes on drafting after it, as if all of it will be accepted, a few tokens per call until the verdict
+    is in. When the cloud did accept all of it and its own next token is the edge's first token ahead,
+    the rest is the next round's draft, already made: edge and cloud then work at the same time instead
+    of taking turns. Otherwise it is dropped (at most one call's tokens were drafted after the verdict).
+    The drafts are proposals only, so the answer is the cloud's either way. Sampled requests draft in
+    turn: how far ahead the edge gets depends on timing, and so would which random draws a seeded
+    answer's draft consumes.
     """
     session = uuid.uuid4().hex
     sampling = speculative_sampling(request)
@@ -85,53 +117,88 @@ async def speculate(
     outcome = SpeculativeOutcome(prompt_tokens=len(prompt))
     text = TextAssembler(tokenizer, tuple(request.stop))
     k = settings.draft_tokens
+    ahead_allowed = settings.draft_ahead and request.temperature <= 0.0
     drafting = True
     edge: BackendState | None = None
     cloud: BackendState | None = None
     used: dict[str, BackendState] = {}
+    ready = _Draft()  # drafted after the current context (by drafting ahead last round)
     done = False
+
+    async def draft_call(context: list[int], count: int) -> pb.DraftResponse:
+        nonlocal edge, drafting
+        draft_request = pb.DraftRequest(
+            session_id=session, context=context, max_tokens=count, sampling=sampling, top_k=settings.top_k
+        )
+        reply, edge = await pool.call("edge", _drafting(draft_request, timeout), prefer=edge, model=model, tokens=count)
+        used[edge.name] = edge
+        outcome.edge = edge.name
+        return reply
+
+    def lose_edge(exc: Exception) -> None:
+        nonlocal drafting
+        # Verification alone still gives the cloud's exact answer, one token per round.
+        drafting = False
+        outcome.edge_lost = str(exc)
+        log.warning("edge stopped drafting", extra={"error": outcome.edge_lost})
+
     try:
         while not done:
             context = prompt + outcome.tokens
             budget = max_new_tokens - len(outcome.tokens)
-            draft: list[int] = []
-            dists: list[pb.SparseDistribution] = []
-            if drafting and budget > 1:
-                draft_request = pb.DraftRequest(
-                    session_id=session,
-                    context=context,
-                    max_tokens=min(k, budget - 1),
-                    sampling=sampling,
-                    top_k=settings.top_k,
-                )
+            wanted = min(k, budget - 1) if drafting else 0
+            draft = _Draft(ready.tokens[:wanted], ready.dists[:wanted], ready.eos and len(ready.tokens) <= wanted)
+            if wanted > len(draft.tokens) and not draft.eos:
                 try:
-                    reply, edge = await pool.call(
-                        "edge", _drafting(draft_request, timeout), prefer=edge, model=model, tokens=k
-                    )
-                    used[edge.name] = edge
-                    outcome.edge = edge.name
-                    draft, dists = list(reply.tokens), list(reply.distributions)
+                    draft.extend(await draft_call(context + draft.tokens, wanted - len(draft.tokens)))
                 except (TierUnavailable, ProtocolError) as exc:
-                    # Verification alone still gives the cloud's exact answer, one token per round.
-                    drafting = False
-                    outcome.edge_lost = str(exc)
-                    log.warning("edge stopped drafting", extra={"error": outcome.edge_lost})
+                    lose_edge(exc)
             verify_request = pb.VerifyRequest(
-                session_id=session, context=context, draft=draft, distributions=dists, sampling=sampling
+                session_id=session,
+                context=context,
+                draft=draft.tokens,
+                distributions=draft.dists,
+                sampling=sampling,
             )
+            verifying = asyncio.ensure_future(
+                pool.call("cloud", _verifying(verify_request, timeout), prefer=cloud, model=model)
+            )
+            ahead = _Draft()
             try:
-                verdict, cloud = await pool.call(
-                    "cloud", _verifying(verify_request, timeout), prefer=cloud, model=model
-                )
-            except TierUnavailable as exc:
-                raise ProtocolError(grpc.StatusCode.UNAVAILABLE, f"the verifying cloud backend failed: {exc}") from exc
+                # The next round's draft needs its own first token (to match the cloud's) and k' more.
+                limit = min(next_draft_length(k, len(draft.tokens), maximum=settings.max_draft_tokens) + 1,
+                            budget - len(draft.tokens) - 1)  # fmt: skip
+                while ahead_allowed and drafting and draft.tokens and not draft.eos and not verifying.done():
+                    if ahead.eos or len(ahead.tokens) >= limit:
+                        break
+                    count = min(AHEAD_CHUNK, limit - len(ahead.tokens))
+                    try:
+                        reply = await draft_call(context + draft.tokens + ahead.tokens, count)
+                    except (TierUnavailable, ProtocolError) as exc:
+                        lose_edge(exc)
+                        break
+                    ahead.extend(reply)
+                    if len(reply.tokens) < count:  # the edge's context is full
+                        break
+                try:
+                    verdict, cloud = await verifying
+                except TierUnavailable as exc:
+                    raise ProtocolError(
+                        grpc.StatusCode.UNAVAILABLE, f"the verifying cloud backend failed: {exc}"
+                    ) from exc
+            finally:
+                if not verifying.done():
+                    verifying.cancel()
             used[cloud.name] = cloud
             outcome.cloud, outcome.model = cloud.name, cloud.model
             outcome.rounds += 1
-            outcome.drafted += len(draft)
+            outcome.drafted += len(draft.tokens)
             outcome.accepted += verdict.accepted
-            outcome.cloud_tokens += len(draft) + 1
-            new = [*draft[: verdict.accepted], verdict.next_token]
+            outcome.cloud_tokens += len(draft.tokens) + 1
+            full = verdict.accepted == len(draft.tokens)
+            ready = ahead.after(1) if full and ahead.tokens and ahead.tokens[0] == verdict.next_token else _Draft()
+            outcome.ahead_used += len(ready.tokens)
+            new = [*draft.tokens[: verdict.accepted], verdict.next_token]
             for token, logprob in zip(new, verdict.logprobs, strict=False):
                 if token in eos:
                     outcome.finish, done = pb.FINISH_REASON_STOP, True
@@ -147,7 +214,7 @@ async def speculate(
                 if len(outcome.tokens) >= max_new_tokens:
                     outcome.finish, done = pb.FINISH_REASON_LENGTH, True
                     break
-            if settings.adaptive and draft:
+            if settings.adaptive and draft.tokens:
                 k = next_draft_length(k, verdict.accepted, maximum=settings.max_draft_tokens)
         rest = text.flush()
         if rest:

@@ -15,8 +15,9 @@ starts with the longest cached prefix of its prompt, copied from the prefix pool
 step of the decoding rows, one prefill forward of up to `prefill_chunk` prompt tokens over the
 first prefilling rows (so a long prompt arriving mid-stream costs running streams one chunk per
 step, not the whole prompt), then finished rows leave and the last rows move into their places.
-A verify row (k+1 query tokens on a session row, issue 15) would join a step the way a prefill
-chunk does: an extend row of the step's forward, asking for every position's logits.
+Every Verify call of a step runs in one forward pass over the session rows
+(`SpeculativeSessions.verify_many`), before the step's decode pass: many edge devices verifying at once
+cost one pass of the model, not one each ("verify_alone" keeps one pass per call, for comparison).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from stratus_workers.serve.errors import EngineOverloaded, EngineStopped
 from stratus_workers.serve.prefix import PrefixCache
 from stratus_workers.serve.runner import ModelRunner
 from stratus_workers.serve.sampling import Choice, choose_tokens, seeded_generator
-from stratus_workers.serve.sessions import SpeculativeSessions
+from stratus_workers.serve.sessions import SpeculativeSessions, VerifyCall
 from stratus_workers.serve.surface import Alternatives, FinishReason
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ class EngineStats:
     prefix_evicted_blocks: int = 0  # cumulative
     prefix_blocks: int = 0  # blocks the prefix pool holds now
     prefill_tokens: int = 0  # cumulative: prompt tokens computed
+    forward_passes: int = 0  # cumulative: the model's forward passes (decode steps, prefill chunks, calls)
+    forward_positions: int = 0  # cumulative: token positions those passes computed
 
 
 @dataclass
@@ -125,7 +128,7 @@ class StepOutput:
         s = self.stats
         stats = (
             s.active, s.waiting, s.sessions, s.steps, s.prefix_queried_tokens, s.prefix_hit_tokens,
-            s.prefix_evicted_blocks, s.prefix_blocks, s.prefill_tokens,
+            s.prefix_evicted_blocks, s.prefix_blocks, s.prefill_tokens, s.forward_passes, s.forward_positions,
         )  # fmt: skip
         return (self.step, self.seq_ids, self.tokens, self.logprobs, finished, self.results, stats, self.top)
 
@@ -212,6 +215,8 @@ class EngineCore:
         self._decoding = 0  # rows 0.._decoding-1 decode; the rest are prefilling
         self._seqs: dict[int, _Seq] = {}
         self._calls: list[tuple[int, Callable[[], Any]]] = []
+        self._verifies: list[tuple[int, VerifyCall]] = []  # this step's Verify calls: one pass for all
+        self._counted = (0, 0)  # the runner's (passes, positions) before serving began
         self._out = StepOutput(0)
 
     def warmup(self) -> int:
@@ -222,6 +227,8 @@ class EngineCore:
             self.runner.forward(0, [[0, 0]])
             self.runner.decode([0])
             self.runner.reset(0)
+        # The compute counters report serving work: the warm-up's passes are not counted.
+        self._counted = (getattr(self.runner, "passes", 0), getattr(self.runner, "positions", 0))
         return graphs
 
     # -- inputs (between steps) ------------------------------------------------------------------
@@ -253,9 +260,12 @@ class EngineCore:
             "score": self.sessions.score,
             "score_with_alternatives": self.sessions.score_with_alternatives,
             "draft": self.sessions.draft,
-            "verify": self.sessions.verify,
+            "verify_alone": self.sessions.verify,  # one pass per call (benchmarks compare)
             "end": self.sessions.end,
         }
+        if op == "verify":  # batched: the step runs every Verify call in one pass
+            self._verifies.append((call_id, VerifyCall(*args)))
+            return
         method = methods.get(op)
         if method is None:
             raise ValueError(f"unknown engine call {op!r}")
@@ -263,7 +273,7 @@ class EngineCore:
 
     @property
     def busy(self) -> bool:
-        return bool(self._waiting or self._rows or self._calls)
+        return bool(self._waiting or self._rows or self._calls or self._verifies)
 
     @property
     def active(self) -> int:
@@ -285,6 +295,8 @@ class EngineCore:
             prefix_evicted_blocks=p.evicted_blocks if p else 0,
             prefix_blocks=len(self.prefix) if self.prefix is not None else 0,
             prefill_tokens=self.prefill_tokens,
+            forward_passes=getattr(self.runner, "passes", 0) - self._counted[0],
+            forward_positions=getattr(self.runner, "positions", 0) - self._counted[1],
         )
 
     # -- a step ----------------------------------------------------------------------------------
@@ -293,11 +305,22 @@ class EngineCore:
         """Run one step and say what it produced."""
         out = self._out = StepOutput(self.steps)
         calls, self._calls = self._calls, []
+        verifies, self._verifies = self._verifies, []
         for call_id, run in calls:  # speculative calls: a few forward passes each, on the session rows
             try:
                 out.results.append((call_id, "", run()))
             except Exception as exc:
                 out.results.append((call_id, call_error_kind(exc), str(exc)))
+        if verifies:
+            try:
+                verdicts: list[Any] = self.sessions.verify_many([call for _, call in verifies])
+            except Exception as exc:
+                verdicts = [exc] * len(verifies)
+            for (call_id, _), verdict in zip(verifies, verdicts, strict=True):
+                if isinstance(verdict, Exception):
+                    out.results.append((call_id, call_error_kind(verdict), str(verdict)))
+                else:
+                    out.results.append((call_id, "", verdict))
         self._drop_abandoned()
         self._admit()
         try:
@@ -326,9 +349,10 @@ class EngineCore:
         out = self._out = StepOutput(self.steps)
         for seq in [*self._rows, *self._waiting]:
             self._finish(seq, "cancelled", error=reason)
-        for call_id, _ in self._calls:
+        for call_id, _ in [*self._calls, *self._verifies]:
             out.results.append((call_id, "stopped", reason))
         self._calls.clear()
+        self._verifies.clear()
         self._rows.clear()
         self._waiting.clear()
         self._decoding = 0

@@ -439,6 +439,7 @@ class AsyncEngine:
         self.tokenizer: Any = None
         self.failure: str | None = None
         self.stats = EngineStats()
+        self.verify_together = True  # False: one forward pass per Verify call (the way it was; benchmarks)
         self._streams: dict[int, _Stream] = {}
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
@@ -684,7 +685,9 @@ class AsyncEngine:
         sampling: Sampling,
         end: bool = False,
     ) -> VerifyResult:
-        result: VerifyResult = await self._call("verify", sid, list(context), list(draft), list(dists), sampling, end)
+        # Batched with the step's other Verify calls unless `verify_together` is off (benchmarks compare).
+        op = "verify" if self.verify_together else "verify_alone"
+        result: VerifyResult = await self._call(op, sid, list(context), list(draft), list(dists), sampling, end)
         return result
 
     async def end_session(self, sid: str) -> None:

@@ -134,6 +134,8 @@ class LlamaCppRunner(ModelRunner):
         self.parallel = None
         self.pool_tokens = 0  # no prefix pool: the engine core runs without a prefix cache over llama.cpp
         self._lengths = [0] * max_rows
+        self.passes = 0  # ModelRunner's compute counters (the server exports them)
+        self.positions = 0
         self.threads = threads or default_threads()
         self.batch_tokens = batch_tokens
         self._model = load_llama_model(model.path)
@@ -258,6 +260,8 @@ class LlamaCppRunner(ModelRunner):
                 raise ValueError(
                     f"sequence of {self.lengths[row] + q} tokens exceeds the cache limit of {self.max_len}"
                 )
+        self.passes += 1
+        self.positions += sum(q_lens)
         ids = np.fromiter((t for row_tokens in tokens for t in row_tokens), dtype=np.int64, count=sum(q_lens))
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
             raise ValueError(f"token ids must be within 0..{self.vocab_size - 1}")

@@ -160,6 +160,14 @@ class ServerMetrics:
         self.prefill_tokens = Counter(
             "stratus_server_prefill_tokens", "Prompt tokens computed (not taken from the prefix cache).", registry=r
         )
+        self.forward_passes = Counter(
+            "stratus_server_forward_passes",
+            "Forward passes of the model (decode steps, prefill chunks, Draft, Verify and Score calls).",
+            registry=r,
+        )
+        self.forward_positions = Counter(
+            "stratus_server_forward_positions", "Token positions computed by the model's forward passes.", registry=r
+        )
         self.prefix_queried = Counter(
             "stratus_server_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache.", registry=r
         )
@@ -186,6 +194,8 @@ class ServerMetrics:
         self.waiting.set(stats.waiting)
         self.steps.inc(max(0, stats.steps - last.steps))
         self.prefill_tokens.inc(max(0, stats.prefill_tokens - last.prefill_tokens))
+        self.forward_passes.inc(max(0, stats.forward_passes - last.forward_passes))
+        self.forward_positions.inc(max(0, stats.forward_positions - last.forward_positions))
         self.prefix_queried.inc(max(0, stats.prefix_queried_tokens - last.prefix_queried_tokens))
         self.prefix_hits.inc(max(0, stats.prefix_hit_tokens - last.prefix_hit_tokens))
         self.prefix_evictions.inc(max(0, stats.prefix_evicted_blocks - last.prefix_evicted_blocks))

@@ -4,6 +4,10 @@ The rows above the decode batch form a pool. A session holds one row with the to
 and values it caches; each call rolls the row back to the longest prefix it shares with the
 context sent, so a verifier pays only for the new tokens of each round. Every method runs in the
 engine thread between decode steps (`Engine.run_op`), which is what makes touching the runner safe.
+
+Verification is batched: `verify_many` takes every Verify call of an engine step and runs all their rows
+in one forward pass, so many edge devices verifying at once cost the cloud about one step of the model,
+not one step each. The acceptance rule is `verify`'s, applied to each row's own logits.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from stratus_workers.serve.runner import ModelRunner
 from stratus_workers.serve.sampling import seeded_generator
 from stratus_workers.serve.speculative import (
     SparseDist,
+    Verdict,
     draft_distribution,
+    greedy_verdict,
     sample_sparse,
     verify_greedy,
     verify_sampled,
@@ -32,6 +38,18 @@ from stratus_workers.serve.surface import VerifyResult as VerifyResult
 
 # A session used this recently is never evicted to make room for another: the caller is mid-round.
 BUSY_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class VerifyCall:
+    """One Verify call's arguments (see `SpeculativeSessions.verify`)."""
+
+    sid: str
+    context: Sequence[int]
+    draft: Sequence[int]
+    dists: Sequence[SparseDist]
+    sampling: Sampling
+    end: bool = False
 
 
 @dataclass
@@ -151,32 +169,171 @@ class SpeculativeSessions:
         end: bool,
     ) -> VerifyResult:
         """How many draft tokens this model accepts after `context`, and its own next token."""
-        if any(t < 0 or t >= self.vocab_size for t in draft):
-            raise ValueError(f"draft holds token ids outside this model's vocabulary of {self.vocab_size}")
-        if len(context) + len(draft) >= self.max_len:
-            raise ValueError(f"context plus draft ({len(context) + len(draft)} tokens) exceeds {self.max_len - 1}")
+        call = VerifyCall(sid, context, draft, dists, sampling, end)
+        self._check_verify(call)
         session, pending = self._open(sid, context, sampling)
         try:
             logits = self.runner.forward(session.row, [pending + list(draft)], all_logits=True)[0]
-            session.tokens.extend(pending)
-            session.tokens.extend(draft)
-            # Row j of `scores` predicts the token after context + draft[:j].
-            scores = logits[len(pending) - 1 :]
-            if sampling.greedy:
-                verdict = verify_greedy(scores, draft)
-            else:
-                verdict = verify_sampled(scores, draft, dists, sampling.temperature, sampling.top_p, session.generator)
-            keep = len(context) + verdict.accepted
-            self.runner.truncate(session.row, keep)
-            del session.tokens[keep:]
-            logprobs = torch.log_softmax(scores[: verdict.accepted + 1], dim=-1)
-            chosen = [*draft[: verdict.accepted], verdict.next_token]
-            picked = logprobs[torch.arange(len(chosen)), torch.tensor(chosen)].tolist()
+            return self._judge(call, session, pending, logits)
         finally:
             if end:
                 self.end(sid)
+
+    def verify_many(self, calls: Sequence[VerifyCall]) -> list[VerifyResult | Exception]:
+        """Each call's `verify` result (or the error it raised), the calls' rows run in one forward pass.
+
+        The sessions' rows need not be adjacent: a row between them that takes no part (another
+        session's, or a free one) is fed one throwaway token and rolled back to its length afterwards,
+        which costs the pass one padded row and changes nothing in it. Calls that cannot share the pass
+        (a session named twice, rows too long to pad to the longest call) run alone, in order.
+        """
+        results: list[VerifyResult | Exception | None] = [None] * len(calls)
+        rows: dict[int, tuple[int, _Session, list[int]]] = {}  # row -> (call index, session, pending)
+        alone: list[int] = []
+        sids: set[str] = set()
+        for i, call in enumerate(calls):
+            if call.sid in sids:
+                alone.append(i)
+                continue
+            try:
+                self._check_verify(call)
+                session, pending = self._open(call.sid, call.context, call.sampling)
+            except Exception as exc:
+                results[i] = exc
+                if call.end:
+                    self.end(call.sid)
+                continue
+            rows[session.row] = (i, session, pending)
+            sids.add(call.sid)
+        if len(rows) == 1:
+            alone.extend(i for i, _, _ in rows.values())
+        elif rows:
+            self._verify_rows(calls, rows, results, alone)
+        for i in sorted(alone):
+            call = calls[i]
+            try:
+                results[i] = self.verify(call.sid, call.context, call.draft, call.dists, call.sampling, call.end)
+            except Exception as exc:
+                results[i] = exc
+        return [r if r is not None else RuntimeError("verification produced no result") for r in results]
+
+    def _verify_rows(
+        self,
+        calls: Sequence[VerifyCall],
+        rows: dict[int, tuple[int, _Session, list[int]]],
+        results: list[VerifyResult | Exception | None],
+        alone: list[int],
+    ) -> None:
+        """One forward pass over rows min(rows)..max(rows); fills `results` (or `alone`, when they cannot share it)."""
+        lo, hi = min(rows), max(rows)
+        lengths = self.runner.lengths
+        feed: list[list[int]] = []
+        for row in range(lo, hi + 1):
+            if row in rows:
+                i, _, pending = rows[row]
+                feed.append(pending + list(calls[i].draft))
+            else:
+                feed.append([0])  # throwaway: rolled back below
+        longest = max(len(t) for t in feed)
+        if max(lengths[lo : hi + 1]) + longest > self.max_len:
+            alone.extend(i for i, _, _ in rows.values())  # padding a long row to the longest call would not fit
+            return
+        kept = {row: lengths[row] for row in range(lo, hi + 1) if row not in rows}
+        try:
+            logits = self.runner.forward(lo, feed, all_logits=True)
+        except Exception as exc:
+            for i, _, _ in rows.values():
+                results[i] = exc
+            logits = None
+        finally:
+            for row, length in kept.items():
+                self.runner.truncate(row, length)
+        if logits is None:
+            for i, session, _ in rows.values():
+                self.runner.truncate(session.row, len(session.tokens))
+                if calls[i].end:
+                    self.end(calls[i].sid)
+            return
+        # Greedy rows are judged from one argmax over the whole pass and their log-probabilities come from
+        # one gather: a couple of device transfers per pass, not several per session (they dominate on a GPU).
+        best = logits.argmax(dim=-1).tolist() if any(calls[i].sampling.greedy for i, _, _ in rows.values()) else []
+        judged: list[tuple[int, Verdict]] = []
+        at_rows: list[int] = []
+        at_positions: list[int] = []
+        at_tokens: list[int] = []
+        for row, (i, session, pending) in rows.items():
+            call = calls[i]
+            first = len(pending) - 1  # the position that predicts the first draft token
+            try:
+                if call.sampling.greedy:
+                    verdict = greedy_verdict(best[row - lo][first : len(feed[row - lo])], call.draft)
+                else:
+                    scores = logits[row - lo, first : len(feed[row - lo])]
+                    sampling = call.sampling
+                    verdict = verify_sampled(
+                        scores, call.draft, call.dists, sampling.temperature, sampling.top_p, session.generator
+                    )
+            except Exception as exc:
+                results[i] = exc
+                self.runner.truncate(session.row, len(session.tokens))
+                if call.end:
+                    self.end(call.sid)
+                continue
+            chosen = [*call.draft[: verdict.accepted], verdict.next_token]
+            at_rows += [row - lo] * len(chosen)
+            at_positions += range(first, first + len(chosen))
+            at_tokens += chosen
+            judged.append((row, verdict))
+        if not judged:
+            return
+        picked = logits[at_rows, at_positions, at_tokens] - torch.logsumexp(logits[at_rows, at_positions], dim=-1)
+        logprobs = picked.tolist()
+        used = 0
+        for row, verdict in judged:
+            i, session, pending = rows[row]
+            call = calls[i]
+            n = verdict.accepted + 1
+            results[i] = self._settle(call, session, pending, verdict, logprobs[used : used + n])
+            used += n
+            if call.end:
+                self.end(call.sid)
+
+    def _check_verify(self, call: VerifyCall) -> None:
+        if any(t < 0 or t >= self.vocab_size for t in call.draft):
+            raise ValueError(f"draft holds token ids outside this model's vocabulary of {self.vocab_size}")
+        if len(call.context) + len(call.draft) >= self.max_len:
+            raise ValueError(
+                f"context plus draft ({len(call.context) + len(call.draft)} tokens) exceeds {self.max_len - 1}"
+            )
+
+    def _judge(self, call: VerifyCall, session: _Session, pending: list[int], logits: torch.Tensor) -> VerifyResult:
+        """The verdict on `call.draft` from the logits of its row (`pending` then the draft were fed)."""
+        # Row j of `scores` predicts the token after context + draft[:j].
+        scores = logits[len(pending) - 1 :]
+        sampling = call.sampling
+        if sampling.greedy:
+            verdict = verify_greedy(scores, call.draft)
+        else:
+            verdict = verify_sampled(
+                scores, call.draft, call.dists, sampling.temperature, sampling.top_p, session.generator
+            )
+        chosen = [*call.draft[: verdict.accepted], verdict.next_token]
+        logprobs = torch.log_softmax(scores[: verdict.accepted + 1], dim=-1)
+        picked = logprobs[torch.arange(len(chosen)), torch.tensor(chosen)].tolist()
+        return self._settle(call, session, pending, verdict, picked)
+
+    def _settle(
+        self, call: VerifyCall, session: _Session, pending: list[int], verdict: Verdict, logprobs: Sequence[float]
+    ) -> VerifyResult:
+        """Keep the accepted prefix in the session's row and say what was decided."""
+        draft = call.draft
+        session.tokens.extend(pending)
+        session.tokens.extend(draft)
+        keep = len(call.context) + verdict.accepted
+        self.runner.truncate(session.row, keep)
+        del session.tokens[keep:]
         eos = verdict.next_token in self._eos or any(t in self._eos for t in draft[: verdict.accepted])
-        return VerifyResult(verdict.accepted, verdict.next_token, tuple(float(x) for x in picked), eos)
+        return VerifyResult(verdict.accepted, verdict.next_token, tuple(float(x) for x in logprobs), eos)
 
     def score(self, prompt: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
         """Log-probability of each continuation token after `prompt` (one forward pass in a passing session)."""

@@ -62,7 +62,12 @@ class Verdict:
 
 def verify_greedy(logits: torch.Tensor, draft: Sequence[int]) -> Verdict:
     """`logits` is [len(draft)+1, V]: row i predicts the token after draft[:i]."""
-    best = torch.argmax(logits, dim=-1).tolist()
+    return greedy_verdict(torch.argmax(logits, dim=-1).tolist(), draft)
+
+
+def greedy_verdict(best: Sequence[int], draft: Sequence[int]) -> Verdict:
+    """The greedy rule on the verifier's choices: `best[i]` is its argmax after draft[:i]. A draft token is
+    accepted while it is the verifier's own choice; the verifier's choice after the accepted ones comes next."""
     accepted = 0
     while accepted < len(draft) and best[accepted] == draft[accepted]:
         accepted += 1

@@ -275,3 +275,41 @@ async def test_router_scores_with_the_requested_tier(
             by_edge = await client.score(" an answer", "A question?", tier="edge")
         assert (by_cloud.model, by_edge.model) == ("cloud", "edge")
         assert by_cloud.tokens == by_edge.tokens > 0 and by_cloud.logprobs != by_edge.logprobs
+
+
+async def test_drafting_ahead_overlaps_the_tiers_and_changes_no_token(
+    model_server, draft_model_dir, tiny_model_dir, router_config, running_router
+) -> None:
+    async with (
+        model_server(tier="cloud", name="cloud") as cloud,
+        model_server(tier="edge", name="same", model=str(tiny_model_dir)) as same,
+        model_server(tier="edge", name="near", model=str(draft_model_dir)) as near,
+        aiohttp.ClientSession() as http,
+    ):
+        used: dict[tuple[str, bool], float] = {}
+        texts: dict[tuple[str, bool], list[str]] = {}
+        for edge in (same, near):  # a draft the cloud always accepts, and one it often rejects
+            for ahead in (True, False):
+                config = router_config(
+                    "speculative",
+                    [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")],
+                    cache={"enabled": False},
+                    speculative={"draftAhead": ahead},
+                    link={"delayMs": 30},  # verification takes a while: drafting ahead has time to run
+                )
+                config = config.model_copy(update={"tokenizer": str(tiny_model_dir)})
+                async with running_router(config) as router, AsyncClient(router.address) as client:
+                    key = (edge.config.name, ahead)
+                    texts[key] = [(await client.generate(p, max_new_tokens=20)).text for p in PROMPTS[:6]]
+                    async with http.get(f"http://127.0.0.1:{router.http_port}/metrics") as resp:
+                        metrics = await resp.text()
+                    used[key] = next(
+                        float(line.split()[1])
+                        for line in metrics.splitlines()
+                        if line.startswith("stratus_router_draft_ahead_tokens_total ")
+                    )
+        async with AsyncClient(cloud.address) as direct:
+            alone = [(await direct.generate(p, max_new_tokens=20)).text for p in PROMPTS[:6]]
+    assert all(got == alone for got in texts.values())
+    assert used[("same", True)] > 0 and used[("near", True)] >= 0
+    assert used[("same", False)] == used[("near", False)] == 0

@@ -124,15 +124,26 @@ async def test_health_reflection_and_metrics(model_server) -> None:
             ]
             names = {s.name for s in replies[0].list_services_response.service}
             assert "stratus.v1.Inference" in names
-        await client.generate("count me", max_new_tokens=3)
         async with aiohttp.ClientSession() as http:
             base = f"http://127.0.0.1:{server.http_port}"
+            async with http.get(f"{base}/metrics") as resp:
+                before = await resp.text()  # the warm-up's passes, if any, are counted already
+            reply = await client.generate("count me", max_new_tokens=3)
             async with http.get(f"{base}/metrics") as resp:
                 text = await resp.text()
             async with http.get(f"{base}/readyz") as ready:
                 assert ready.status == 200
         assert 'stratus_server_requests_total{code="OK",method="Generate"} 1.0' in text
         assert "stratus_server_ttft_seconds_bucket" in text
+        # The model's compute: one prefill pass over the prompt, then one decode pass per further token.
+        assert reply.usage.completion_tokens == 3 and reply.finish_reason == pb.FINISH_REASON_LENGTH
+
+        def counter(metrics: str, name: str) -> float:
+            return next(float(line.split()[1]) for line in metrics.splitlines() if line.startswith(f"{name} "))
+
+        passes, positions = "stratus_server_forward_passes_total", "stratus_server_forward_positions_total"
+        assert counter(text, passes) - counter(before, passes) == 3
+        assert counter(text, positions) - counter(before, positions) == reply.usage.prompt_tokens + 2
 
 
 async def test_score_matches_a_direct_forward_pass(model_server, tiny_model_dir) -> None:

@@ -1,12 +1,20 @@
-"""Cascade decisions follow the threshold; prompt length rules; router config validation."""
+"""Cascade decisions follow the threshold; stopping the edge early keeps them; prompt length rules; config."""
 
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from stratus_workers.router.config import CascadeSettings, RouterConfig
-from stratus_workers.router.policy import judge_edge_answer, mean_logprob, prompt_fits_edge
+from stratus_workers.router.policy import (
+    EdgeWatch,
+    best_reachable_mean,
+    judge_edge_answer,
+    mean_logprob,
+    prompt_fits_edge,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -43,3 +51,92 @@ def test_router_config_rejects_nonsense_naming_the_field() -> None:
         RouterConfig.model_validate({"backends": [{"name": "a", "address": "h:1", "tier": "fog"}]})
     with pytest.raises(ValidationError, match="extra"):
         RouterConfig.model_validate({"routing": {"polciy": "cascade"}})
+
+
+# -- stopping the edge early: the decisions must be the ones waiting for the end gives --------------------
+
+logprob_values = st.floats(min_value=-30.0, max_value=0.0, allow_nan=False, width=32).map(float) | st.sampled_from(
+    [0.0, -0.0, -1e-7, -0.6931471805599453]
+)
+
+
+Stream = tuple[list[list[float]], int, float, int]
+
+
+@st.composite
+def edge_streams(draw: st.DrawFn) -> Stream:
+    """An edge answer as the chunks it streams in, its length bound, a threshold and a probe length."""
+    logprobs = draw(st.lists(logprob_values, max_size=64))
+    max_tokens = len(logprobs) + draw(st.integers(0, 40))
+    if max_tokens == 0:
+        max_tokens = 1
+    cuts = sorted(draw(st.lists(st.integers(0, len(logprobs)), max_size=8)))
+    chunks = [logprobs[a:b] for a, b in zip([0, *cuts], [*cuts, len(logprobs)], strict=True)]
+    # Thresholds near the answer's own mean (where the decision is close) as well as anywhere.
+    near = mean_logprob(logprobs) + draw(st.floats(-0.5, 0.5))
+    threshold = min(0.0, draw(st.sampled_from([near, draw(st.floats(-20.0, 0.0))])))
+    probe = draw(st.sampled_from([0, 0, 1, 4, 8, 16]))
+    return chunks, max_tokens, threshold, probe
+
+
+def watch_stream(chunks: list[list[float]], settings: CascadeSettings, max_tokens: int | None) -> tuple[EdgeWatch, int]:
+    """Feed the chunks as the router does, stopping where the watch says; returns the watch and the tokens read."""
+    watch = EdgeWatch(settings, max_tokens)
+    read = 0
+    for chunk in chunks:
+        read += len(chunk)
+        if watch.add(chunk):
+            break
+    return watch, read
+
+
+@settings(max_examples=1500, deadline=None)
+@given(edge_streams())
+def test_stopping_early_gives_the_decision_of_the_whole_answer(stream: Stream) -> None:
+    chunks, max_tokens, threshold, probe = stream
+    whole = [x for chunk in chunks for x in chunk]
+    settings = CascadeSettings(confidence_threshold=threshold, probe_tokens=probe)
+    watch, read = watch_stream(chunks, settings, max_tokens)
+    expected = judge_edge_answer(whole, settings)
+    got = watch.verdict()
+    assert (got.escalate, got.reason, got.threshold) == (expected.escalate, expected.reason, expected.threshold)
+    if watch.settled is None:
+        assert got == expected and read == len(whole)  # read to the end: the very same verdict
+    else:
+        assert got.confidence == pytest.approx(mean_logprob(watch.logprobs))
+        assert watch.logprobs == whole[: len(watch.logprobs)]
+    # The probe only ever moves answers to the cloud.
+    exact = judge_edge_answer(whole, CascadeSettings(confidence_threshold=threshold))
+    assert not (exact.escalate and not expected.escalate)
+    if not probe:
+        assert expected == exact
+
+
+@settings(max_examples=500, deadline=None)
+@given(edge_streams())
+def test_an_unknown_length_bound_stops_only_at_the_probe(stream: Stream) -> None:
+    chunks, _, threshold, probe = stream
+    watch, _ = watch_stream(chunks, CascadeSettings(confidence_threshold=threshold, probe_tokens=probe), None)
+    if watch.settled is not None:
+        assert probe and len(watch.logprobs) == probe
+
+
+def test_the_exact_bound_is_the_best_mean_still_reachable() -> None:
+    # 3 tokens summing to -6 of at most 10: ten tokens, seven of them certain, give the best mean, -0.6.
+    settings = CascadeSettings(confidence_threshold=-0.6)
+    watch = EdgeWatch(settings, 10)
+    assert not watch.add([-2.0, -2.0, -2.0])  # -0.6 is still reachable
+    assert best_reachable_mean(watch.total, 10) == pytest.approx(-0.6)
+    assert watch.add([-1e-3])  # now it is not: stopped, and the answer escalates whatever follows
+    assert watch.verdict().escalate and watch.verdict().reason == "low-confidence"
+    assert judge_edge_answer([-2.0, -2.0, -2.0, -1e-3, *[0.0] * 6], settings).escalate
+
+
+def test_the_probe_escalates_at_its_length_only() -> None:
+    settings = CascadeSettings(confidence_threshold=-1.0, probe_tokens=2)
+    watch = EdgeWatch(settings, None)
+    assert not watch.add([-3.0])  # one token is not yet the probe
+    assert watch.add([0.0])  # mean -1.5 over the first two
+    late = EdgeWatch(settings, None)
+    assert not late.add([0.0, 0.0, -5.0, -5.0])  # the probe passed; later tokens wait for the end
+    assert late.verdict().escalate  # ... where the whole answer's mean decides

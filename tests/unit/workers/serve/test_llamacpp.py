@@ -85,6 +85,9 @@ def test_truncate_move_and_reset_edit_one_row(gguf: Any) -> None:
     runner.reset(2)
     assert runner.lengths[2] == 0
     assert torch.allclose(runner.forward(2, [prompt], all_logits=True)[0], fresh, atol=1e-4)
+    # The compute counters the server exports: five forward passes so far, over these positions.
+    assert runner.passes == 5
+    assert runner.positions == len(prompt) + (len(prompt) - 4) + 1 + 1 + len(prompt)
 
 
 def test_long_prefill_runs_in_chunks(gguf: Any) -> None:

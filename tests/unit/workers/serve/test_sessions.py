@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from stratus_workers.serve.engine import build_engine
 from stratus_workers.serve.errors import EngineOverloaded
 from stratus_workers.serve.runner.modules import ModuleRunner
 from stratus_workers.serve.sampling import eos_ids
-from stratus_workers.serve.sessions import SpeculativeSessions
+from stratus_workers.serve.sessions import SpeculativeSessions, VerifyCall
 from stratus_workers.serve.surface import collect
 
 pytestmark = pytest.mark.unit
@@ -141,5 +142,143 @@ async def test_session_limits(loaded: Any) -> None:
             await engine.draft("a", [], 2, Sampling())
         with pytest.raises(ValueError, match="exceeds"):
             await engine.verify("a", list(range(70)), [], (), Sampling())
+    finally:
+        await engine.stop()
+
+
+# -- verification batched: every Verify call of a step in one forward pass ------------------------------
+
+
+def _wrong(draft: tuple[int, ...] | list[int], at: int, vocab: int) -> list[int]:
+    out = list(draft)
+    if at < len(out):
+        out[at] = (out[at] + 1) % vocab
+    return out
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_verify_many_gives_what_verify_gives_one_call_at_a_time(loaded: Any, sampled: bool) -> None:
+    sampling = Sampling(temperature=0.8, top_p=0.9, seed=7) if sampled else GREEDY
+    vocab = loaded.model.config.vocab_size
+    drafter = sessions_over(loaded, rows=1)
+    contexts = {sid: [3 + i, 17, 29 + i, 41] for i, sid in enumerate("abcde")}
+    drafts = {sid: drafter.draft("d", ctx, 5, sampling, top_k=8, end=True) for sid, ctx in contexts.items()}
+
+    def setup() -> SpeculativeSessions:
+        # Sessions a..e hold rows 1..5; c is ended (its row is free) and d sits idle between the callers.
+        sessions = sessions_over(loaded, rows=6)
+        for sid in "abcde":
+            sessions.verify(sid, contexts[sid][:2], [], (), sampling, end=False)
+        sessions.end("c")
+        return sessions
+
+    calls = [
+        VerifyCall("a", contexts["a"], drafts["a"].tokens, drafts["a"].distributions, sampling),
+        VerifyCall("b", contexts["b"], _wrong(drafts["b"].tokens, 2, vocab), drafts["b"].distributions, sampling),
+        VerifyCall("e", contexts["e"], drafts["e"].tokens[:1], drafts["e"].distributions[:1], sampling, end=True),
+        VerifyCall("f", contexts["c"], drafts["c"].tokens, drafts["c"].distributions, sampling),  # a new session
+        VerifyCall("a", [*contexts["a"], 1], [2], (), GREEDY),  # the same session again: after the first
+        VerifyCall("b", contexts["b"], [10**7], (), sampling),  # refused, the others unharmed
+    ]
+    one_by_one = setup()
+    expected: list[Any] = []
+    for call in calls:
+        try:
+            expected.append(one_by_one.verify(call.sid, call.context, call.draft, call.dists, call.sampling, call.end))
+        except ValueError as exc:
+            expected.append(exc)
+    together = setup()
+    idle_row = together._sessions["d"].row
+    idle_length = together.runner.lengths[idle_row]
+    passes = together.runner.passes
+    got = together.verify_many(calls)
+    # a, b, e and f share one pass; the second call of a runs after it, alone.
+    assert together.runner.passes - passes == 2
+    for want, have in zip(expected, got, strict=True):
+        if isinstance(want, Exception):
+            assert isinstance(have, ValueError) and str(have) == str(want)
+        else:
+            assert isinstance(have, type(want))
+            assert (have.accepted, have.next_token, have.eos) == (want.accepted, want.next_token, want.eos)
+            assert have.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+    assert got[0].accepted == len(drafts["a"].tokens) or sampled  # type: ignore[union-attr]
+    # The rows between the callers are as they were; every session holds what its calls left.
+    assert together.runner.lengths[idle_row] == idle_length
+
+    # (which row a new session gets may differ: e ends only after the shared pass, so f takes c's old row)
+    def held(sessions: SpeculativeSessions) -> dict[str, tuple[int, list[int]]]:
+        return {sid: (sessions.runner.lengths[s.row], s.tokens) for sid, s in sessions._sessions.items()}
+
+    assert held(together) == held(one_by_one)
+    assert "e" not in together._sessions  # end=True freed its row
+    after = together.verify("d", contexts["d"], drafts["d"].tokens, drafts["d"].distributions, GREEDY, end=False)
+    fresh = sessions_over(loaded, rows=1).verify("x", contexts["d"], drafts["d"].tokens, (), GREEDY, end=False)
+    assert (after.accepted, after.next_token) == (fresh.accepted, fresh.next_token)
+
+
+def test_a_core_step_verifies_every_session_in_one_pass(loaded: Any) -> None:
+    """Verify calls queued for one step share its forward pass; each result is the one-call-at-a-time one."""
+    eos = eos_ids(loaded.model, loaded.tokenizer)
+    vocab = loaded.model.config.vocab_size
+    n = 4
+    drafter = sessions_over(loaded, rows=1)
+    contexts = [[7 + i, 19, 23 + i] for i in range(n)]
+    drafts = [
+        _wrong(drafter.draft("d", c, 4, GREEDY, top_k=8, end=True).tokens, i % 3, vocab) for i, c in enumerate(contexts)
+    ]
+    alone = sessions_over(loaded, rows=n)
+    expected = [
+        alone.verify(f"s{i}", c, d, (), GREEDY, end=False)
+        for i, (c, d) in enumerate(zip(contexts, drafts, strict=True))
+    ]
+    runner = ModuleRunner(loaded.model, max_rows=1 + n, max_len=64)
+    core = EngineCore(runner, SpeculativeSessions(runner, eos, first_row=1), eos, max_batch_size=1)
+    for i, (c, d) in enumerate(zip(contexts, drafts, strict=True)):
+        core.call(100 + i, "verify", (f"s{i}", c, d, (), GREEDY, False))
+    passes = runner.passes
+    out = core.step()
+    assert runner.passes - passes == 1
+    assert out.stats is not None and out.stats.forward_passes == runner.passes
+    got = {call_id: result for call_id, error, result in out.results if not error}
+    for i, want in enumerate(expected):
+        have = got[100 + i]
+        assert (have.accepted, have.next_token) == (want.accepted, want.next_token)
+        assert have.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+    # One pass per call, when asked (benchmarks compare the two).
+    for i, (c, d) in enumerate(zip(contexts, drafts, strict=True)):
+        core.call(200 + i, "verify_alone", (f"s{i}", c, d, (), GREEDY, False))
+    passes = runner.passes
+    out = core.step()
+    assert runner.passes - passes == n and not any(error for _, error, _ in out.results)
+
+
+async def test_concurrent_sessions_get_the_cloud_only_answer(loaded: Any) -> None:
+    """Sessions verifying at once on one engine (batched as they arrive) give cloud-only's tokens."""
+    n, new = 5, 16
+    engine = build_engine(loaded.model, loaded.tokenizer, max_batch_size=n, max_len=128, max_sessions=n)
+    await engine.start()
+    vocab = loaded.model.config.vocab_size
+    prompts = [loaded.tokenizer.encode(f"prompt number {i}: the") for i in range(n)]
+    try:
+        references = []
+        for prompt in prompts:
+            tokens: list[int] = []
+            async for event in engine.stream(prompt, Sampling(max_new_tokens=new)):
+                tokens.extend(getattr(event, "token_ids", ()))
+            references.append(tokens)
+
+        async def session(i: int) -> list[int]:
+            out: list[int] = []
+            ref = references[i]
+            while len(out) < len(ref):
+                draft = _wrong(ref[len(out) : len(out) + 4][: len(ref) - len(out) - 1], len(out) % 3, vocab)
+                verdict = await engine.verify(f"s{i}", prompts[i] + out, draft, (), GREEDY)
+                out += [*draft[: verdict.accepted], verdict.next_token]
+            return out
+
+        passes = engine.stats.forward_passes
+        outs = await asyncio.gather(*(session(i) for i in range(n)))
+        assert [o[: len(r)] for o, r in zip(outs, references, strict=True)] == references
+        assert engine.stats.forward_passes > passes
     finally:
         await engine.stop()

@@ -128,6 +128,9 @@ class ModelRunner(abc.ABC):
         self.device = next(model.parameters()).device
         # Quantized layers hold integer codes; activations (and the cache) follow the norms' dtype.
         self.dtype = model.model.norm.weight.dtype
+        # What the model has computed since start: forward passes, and the token positions they held.
+        self.passes = 0
+        self.positions = 0
 
     # -- the interface --------------------------------------------------------------------
 
@@ -162,6 +165,8 @@ class ModelRunner(abc.ABC):
         self.cache.grow(max(s + q for s, q in zip(starts, q_lens, strict=True)))
         # Before computing: the other ranks must join this call's all-reduces.
         self._lead("forward", first_row, [list(t) for t in tokens], all_logits=all_logits)
+        self.passes += 1
+        self.positions += sum(q_lens)
         return self._forward(first_row, tokens, starts, q_lens, all_logits)
 
     @torch.inference_mode()
@@ -172,6 +177,8 @@ class ModelRunner(abc.ABC):
             raise ValueError(f"a decode step of {batch} rows does not fit this runner's {self.max_rows}")
         self.cache.grow(max(self.cache.lengths[:batch]) + 1)
         self._lead("decode", list(ids), logprobs=logprobs)
+        self.passes += 1
+        self.positions += batch
         return self._decode(list(ids), logprobs)
 
     @torch.inference_mode()

@@ -1,0 +1,350 @@
+"""`make bench-coop-cloud`: the cloud side of speculative decoding alone, against cloud-only streams.
+
+For each concurrency C: C cloud-only streams (greedy, `--new-tokens` each) through the engine a server
+runs, then C speculative sessions replaying those streams as drafts: each round sends the next `--draft`
+tokens of the session's recorded cloud answer, each token corrupted (replaced by another) with the
+probability that makes the share of draft tokens accepted `--acceptance` (the share measured with real
+weights by `make bench-coop`), so random weights do not make acceptance meaningless. The edge costs
+nothing here: this measures what the cloud's GPU does per generated token. Reported: generated tokens/s
+(cloud-only) and accepted tokens/s (speculative: accepted draft tokens plus the cloud's own token per round),
+forward passes per token, and the acceptance reached.
+
+Random-init weights (speed does not depend on their values), the bundled tokenizer's vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import json
+import platform
+import random
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import report  # tests/bench/report.py (scripts run from this folder)
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SECTION = "bench-coop-cloud"
+ARCHS = {"135m": "SMOLLM2_135M", "1b": "SMOLLM2_1B", "tiny": "TINY"}
+
+
+def accepted_share(match: float, k: int) -> float:
+    """Share of a k-token draft the cloud accepts when each token matches with probability `match`
+    (acceptance stops at the first mismatch)."""
+    if match >= 1.0:
+        return 1.0
+    return (match - match ** (k + 1)) / (k * (1.0 - match))
+
+
+def match_for(acceptance: float, k: int) -> float:
+    """The per-token match probability whose accepted share of k-token drafts is `acceptance`."""
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if accepted_share(mid, k) < acceptance else (low, mid)
+    return (low + high) / 2
+
+
+def corrupt(tokens: Sequence[int], match: float, vocab: int, rng: random.Random) -> list[int]:
+    """`tokens`, each replaced by a different random token with probability 1 - match."""
+    out = []
+    for token in tokens:
+        if rng.random() >= match:
+            other = rng.randrange(vocab - 1)
+            token = other + (other >= token)
+        out.append(token)
+    return out
+
+
+async def started(engine: Any) -> None:
+    result = engine.start()
+    if inspect.isawaitable(result):  # the engine of a later serving core starts asynchronously
+        await result
+
+
+async def stopped(engine: Any) -> None:
+    stop = getattr(engine, "stop", None)
+    if stop is not None:
+        result = stop()
+        if inspect.isawaitable(result):
+            await result
+    else:
+        engine.shutdown()
+
+
+def passes(engine: Any) -> int | None:
+    stats = getattr(engine, "stats", None)  # the serving core's counters, as its last step reported them
+    if stats is not None and hasattr(stats, "forward_passes"):
+        return int(stats.forward_passes)
+    return getattr(getattr(engine, "runner", None), "passes", None)
+
+
+async def cloud_only(engine: Any, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], float]:
+    """Every prompt's greedy answer, all at once; the answers and the seconds they took."""
+    from stratus_workers.protocol.requests import Sampling
+
+    params = Sampling(max_new_tokens=new_tokens)
+
+    async def one(prompt: list[int]) -> list[int]:
+        tokens: list[int] = []
+        async for event in engine.stream(prompt, params):
+            tokens.extend(getattr(event, "token_ids", ()))
+        return tokens
+
+    t0 = time.perf_counter()
+    answers = await asyncio.gather(*(one(p) for p in prompts))
+    return list(answers), time.perf_counter() - t0
+
+
+async def verified(engine: Any, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Every prompt's greedy answer as the cloud's verification computes it: rounds of empty drafts (each
+    gives the cloud's next token), all sessions at once."""
+    from stratus_workers.protocol.requests import Sampling
+
+    async def one(i: int, prompt: list[int]) -> list[int]:
+        out: list[int] = []
+        while len(out) < new_tokens:
+            verdict = await engine.verify(f"record-{i}", [*prompt, *out], [], [], Sampling())
+            out.append(verdict.next_token)
+            if verdict.eos:
+                break
+        await engine.end_session(f"record-{i}")
+        return out
+
+    return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
+
+async def speculative(
+    engine: Any,
+    prompts: list[list[int]],
+    transcripts: list[list[int]],
+    *,
+    draft: int,
+    match: float,
+    vocab: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Every prompt as a speculative session replaying its transcript as drafts, all at once."""
+    from stratus_workers.protocol.requests import Sampling
+
+    greedy = Sampling()
+    totals = {"tokens": 0, "drafted": 0, "accepted": 0, "rounds": 0, "matched": 0}
+
+    async def one(i: int, prompt: list[int], transcript: list[int]) -> None:
+        rng = random.Random(seed * 100_003 + i)
+        sid = f"bench-{seed}-{i}"
+        out: list[int] = []
+        while len(out) < len(transcript):
+            proposal = corrupt(
+                transcript[len(out) : len(out) + draft][: len(transcript) - len(out) - 1], match, vocab, rng
+            )
+            verdict = await engine.verify(sid, [*prompt, *out], proposal, [], greedy)
+            new = [*proposal[: verdict.accepted], verdict.next_token]
+            totals["matched"] += sum(a == b for a, b in zip(new, transcript[len(out) :], strict=False))
+            out.extend(new)
+            totals["drafted"] += len(proposal)
+            totals["accepted"] += verdict.accepted
+            totals["rounds"] += 1
+            if verdict.eos:
+                break
+        totals["tokens"] += len(out)
+        await engine.end_session(sid)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i, p, t) for i, (p, t) in enumerate(zip(prompts, transcripts, strict=True))))
+    return {**totals, "seconds": time.perf_counter() - t0}
+
+
+async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from stratus_workers.models import tiny as tiny_models
+    from stratus_workers.models.loader import resolve_device, resolve_dtype
+    from stratus_workers.serve.engine import build_engine
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    tokenizer = tiny_models.bundled_tokenizer()
+    vocab = len(tokenizer)
+    arch = getattr(tiny_models, ARCHS[args.model])
+    torch.manual_seed(0)
+    model = tiny_models.random_llama(dict(arch), vocab_size=vocab, seed=0).to(device=device, dtype=dtype)
+    model.requires_grad_(False)
+    params = sum(p.numel() for p in model.parameters())
+    most = max(args.concurrency)
+    engine = build_engine(
+        model,
+        tokenizer,
+        max_batch_size=most,
+        max_sessions=most,
+        max_len=args.prompt_tokens + args.new_tokens + args.draft + 8,
+    )
+    warmup = getattr(engine, "warmup", None)
+    if warmup is not None:  # the decode graphs (CUDA), as a server captures them before taking traffic
+        warmup()
+    await started(engine)
+    rng = random.Random(0)
+    match = match_for(args.acceptance, args.draft)
+    meta = {
+        "model": args.model,
+        "parameters": params,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else report.cpu_name(),
+        "draft": args.draft,
+        "acceptance_target": args.acceptance,
+        "match": match,
+        "new_tokens": args.new_tokens,
+        "transcript": args.transcript,
+        "prompt_tokens": args.prompt_tokens,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    log(f"model {args.model}: {params / 1e6:.0f}M parameters, {dtype}, {device}; per-token match {match:.4f}")
+    rows: list[dict[str, Any]] = []
+    try:
+        warm = [[rng.randrange(vocab) for _ in range(args.prompt_tokens)] for _ in range(2)]
+        transcripts, _ = await cloud_only(engine, warm, 8)
+        await speculative(engine, warm, transcripts, draft=args.draft, match=match, vocab=vocab, seed=99)
+        for c in args.concurrency:
+            prompts = [[rng.randrange(vocab) for _ in range(args.prompt_tokens)] for _ in range(c)]
+            before = passes(engine)
+            streamed, seconds = await cloud_only(engine, prompts, args.new_tokens)
+            base_passes = None if before is None else passes(engine) - before  # type: ignore[operator]
+            tokens = sum(len(t) for t in streamed)
+            transcripts = streamed
+            agreement = None
+            if args.transcript == "verify":
+                # Random weights leave near-ties between tokens, which the decode step's kernels and the
+                # verification pass's may break differently: record the answer the verifier gives.
+                transcripts = await verified(engine, prompts, args.new_tokens)
+                same = sum(
+                    next((n for n, (a, b) in enumerate(zip(x, y, strict=False)) if a != b), min(len(x), len(y)))
+                    for x, y in zip(streamed, transcripts, strict=True)
+                )
+                agreement = same / max(1, tokens)
+                log(f"  C={c:>3}: decode and verification agree on the first {agreement:.1%} of the answers")
+            before = passes(engine)
+            spec = await speculative(engine, prompts, transcripts, draft=args.draft, match=match, vocab=vocab, seed=c)
+            spec_passes = None if before is None else passes(engine) - before  # type: ignore[operator]
+            alone: dict[str, Any] = {}
+            if args.also_alone and hasattr(engine, "verify_together") and spec["accepted"] > spec["drafted"] / 2:
+                engine.verify_together = False  # each Verify call its own forward pass, as before batching
+                try:
+                    alone = await speculative(
+                        engine, prompts, transcripts, draft=args.draft, match=match, vocab=vocab, seed=c
+                    )
+                finally:
+                    engine.verify_together = True
+            row = {
+                "concurrency": c,
+                "cloud_only_tokens": tokens,
+                "cloud_only_seconds": seconds,
+                "cloud_only_tps": tokens / seconds,
+                "cloud_only_passes": base_passes,
+                "spec_tokens": spec["tokens"],
+                "spec_seconds": spec["seconds"],
+                "spec_tps": spec["tokens"] / spec["seconds"],
+                "spec_passes": spec_passes,
+                "drafted": spec["drafted"],
+                "accepted": spec["accepted"],
+                "rounds": spec["rounds"],
+                "same_as_transcript": spec["matched"] / max(1, spec["tokens"]),
+                "alone_tps": alone["tokens"] / alone["seconds"] if alone else None,
+                "decode_verify_agreement": agreement,
+            }
+            rows.append(row)
+            log(
+                f"  C={c:>3}: cloud-only {row['cloud_only_tps']:8.0f} tok/s ({base_passes} passes)  "
+                f"speculative {row['spec_tps']:8.0f} tok/s ({spec_passes} passes, acceptance "
+                f"{spec['accepted'] / max(1, spec['drafted']):.1%}, {spec['tokens'] / max(1, spec['rounds']):.2f} "
+                f"tokens/round)  {row['spec_tps'] / row['cloud_only_tps']:.2f}x"
+                + (f"; one pass per call: {row['alone_tps']:8.0f} tok/s" if alone else "")
+            )
+    finally:
+        await stopped(engine)
+    return rows, meta
+
+
+def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    recorded = {
+        "stream": "its cloud-only answer",
+        "verify": "the cloud's answer recorded through verification (rounds of empty drafts)",
+    }[meta.get("transcript", "stream")]
+    lines = [
+        "## Speculative decoding, the cloud side alone (`make bench-coop-cloud`)",
+        "",
+        f"{meta['device']}; random-init `{meta['model']}` ({meta['parameters'] / 1e6:.0f}M parameters, "
+        f"{meta['dtype']}); the server's engine in-process; prompts of {meta['prompt_tokens']} random tokens, "
+        f"{meta['new_tokens']} new tokens each, greedy. Cloud-only: C streams at once. Speculative: C sessions at "
+        "once, "
+        f"each replaying {recorded} as {meta['draft']}-token drafts, every draft token replaced by another "
+        f"with probability {1 - meta['match']:.4f} so that {meta['acceptance_target']:.0%} of draft tokens are "
+        "accepted (the share measured with real weights by `make bench-coop`); drafts cost nothing here. Accepted "
+        "tokens/s: accepted draft tokens plus the cloud's own token per round. Forward passes per token: the "
+        f"model's passes over the tokens generated. torch {meta['torch']}, Python {meta['python']}; {meta['date']}.",
+        "",
+        "| sessions | cloud-only tokens/s | speculative accepted tokens/s | ratio | cloud-only passes/token | "
+        "speculative passes/token | acceptance | tokens/round | speculative, one pass per Verify call |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        alone = f"{r['alone_tps']:.0f} tokens/s" if r["alone_tps"] else "–"
+
+        def per_token(n: int | None, tokens: int) -> str:
+            return f"{n / tokens:.3f}" if n is not None and tokens else "–"
+
+        lines.append(
+            f"| {r['concurrency']} | {r['cloud_only_tps']:.0f} | {r['spec_tps']:.0f} "
+            f"| {r['spec_tps'] / r['cloud_only_tps']:.2f}× "
+            f"| {per_token(r['cloud_only_passes'], r['cloud_only_tokens'])} "
+            f"| {per_token(r['spec_passes'], r['spec_tokens'])} "
+            f"| {r['accepted'] / max(1, r['drafted']):.1%} | {r['spec_tokens'] / max(1, r['rounds']):.2f} "
+            f"| {alone} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(ARCHS), default="1b")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 64])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--draft", type=int, default=8)
+    parser.add_argument("--acceptance", type=float, default=0.97, help="share of draft tokens the cloud accepts")
+    parser.add_argument(
+        "--also-alone", action="store_true", help="also measure one forward pass per Verify call (before batching)"
+    )
+    parser.add_argument(
+        "--transcript",
+        choices=["stream", "verify"],
+        default="stream",
+        help="the recorded answer the drafts replay: the cloud-only stream's, or the verification pass's",
+    )
+    parser.add_argument("--write", type=Path, default=None, help="write the table into this Markdown file")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args(argv)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    rows, meta = asyncio.run(measure(args, log))
+    body = render(rows, meta)
+    print(body)
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    if args.write:
+        report.write_section(args.write, SECTION, body, "# Benchmarks")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
