@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import IO, Any
 
 import torch
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from stratus_operator.commands import RouterFlags, ServeFlags, compress_command, router_config
@@ -298,6 +300,28 @@ class LocalRunner:
                             f"{child.role} {child.name} not healthy after {timeout:.0f} s; log: {child.log_path}"
                         )
                     time.sleep(0.25)
+        self._wait_routed(min(deadline, time.monotonic() + 30.0))
+
+    def _wait_routed(self, deadline: float) -> None:
+        # Each server answers its own health check by now, but the router learns of it only at its next probe
+        # (healthInterval): prompts sent before that would all go to the cloud as "edge-unavailable".
+        url = f"http://127.0.0.1:{self.router.http_port}/metrics"
+        down: list[str] = []
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(url, timeout=2.0) as response:
+                    text = response.read().decode()
+                down = [
+                    sample.labels["backend"]
+                    for family in text_string_to_metric_families(text)
+                    if family.name == "stratus_router_backend_up"
+                    for sample in family.samples
+                    if sample.value != 1.0
+                ]
+                if not down:
+                    return
+            time.sleep(0.25)
+        log.warning("the router does not see every backend up yet", extra={"down": down})
 
     @property
     def router(self) -> Child:
