@@ -232,6 +232,33 @@ class ModelRunner(abc.ABC):
     def _warmup(self, max_kv_len: int | None, batch_sizes: Sequence[int] | None) -> int:
         return 0
 
+    # -- a forward in parts (pipeline stages run them on different processes) ---------------
+
+    def padded_ids(self, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """[B, Q] token ids on the device, each row padded at the end to the longest."""
+        ids = np.zeros((len(tokens), max(len(t) for t in tokens)), dtype=np.int64)
+        for i, row_tokens in enumerate(tokens):
+            ids[i, : len(row_tokens)] = row_tokens
+        return torch.from_numpy(ids).to(self.device, non_blocking=True)
+
+    def last_tokens(self, h: torch.Tensor, q_lens: Sequence[int]) -> torch.Tensor:
+        """[B, Q, H] -> [B, H]: each row's last real token."""
+        last = torch.tensor([q - 1 for q in q_lens], device=h.device)
+        return h[torch.arange(h.shape[0], device=h.device), last]
+
+    @abc.abstractmethod
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, Q] ids -> [B, Q, hidden] activations (the model's embedding)."""
+
+    @abc.abstractmethod
+    def extend_hidden(self, first_row: int, h: torch.Tensor, starts: list[int], q_lens: list[int]) -> torch.Tensor:
+        """Run this runner's decoder layers over rows first_row.. ([B, Q, hidden], row i's `q_lens[i]` real
+        tokens from position `starts[i]`), write their keys and values, set their lengths; the residual out."""
+
+    @abc.abstractmethod
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: [..., hidden] -> [..., vocab] float32 logits."""
+
     def _lead(self, method: str, *args: Any, **kwargs: Any) -> None:
         if self.parallel is not None:
             self.parallel.lead(method, *args, **kwargs)
