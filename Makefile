@@ -9,7 +9,7 @@ SAMPLE ?= deploy/samples/smollm2.yaml
 PYTEST_ARGS ?=
 
 .PHONY: setup run up test test-unit test-integration test-slow lint typecheck imports protos check-protos \
-        bench-serve bench-compress bench-operator bench-coop soak fuzz e2e images manifests clean
+        bench-serve bench-pp bench-compress bench-operator bench-coop soak fuzz e2e images manifests clean
 
 setup: $(STAMP)
 
@@ -107,6 +107,12 @@ bench-compress: setup
 BENCH_SERVE_ARGS ?=
 bench-serve: setup
 	$(PY) tests/bench/bench_serve.py --write docs/benchmarks.md $(BENCH_SERVE_ARGS)
+
+# One device, tensor parallel 2 and pipeline parallel 2 side by side at 1/8/64 streams (the ~1B config on
+# two GPUs; the tiny model over gloo on the CPU, which checks the harness). Writes docs/benchmarks.md.
+BENCH_PP_ARGS ?=
+bench-pp: setup
+	$(PY) tests/bench/bench_pp.py --write docs/benchmarks.md $(BENCH_PP_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
