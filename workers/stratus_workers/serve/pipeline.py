@@ -24,6 +24,7 @@ reports the failure and exits; the frontend fails what is in flight and turns he
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import subprocess
@@ -132,7 +133,10 @@ class PipelineRunner(ModelRunner):
         self.layers_held = len(inner.layers)
 
     def _lead(self, method: str, *args: Any, **kwargs: Any) -> None:
-        self.ctx.lead(method, *args, **kwargs)
+        try:
+            self.ctx.lead(method, *args, **kwargs)
+        except RuntimeError as exc:  # any call, not only a forward, finds a dead stage first
+            raise StageFailed(f"pipeline stage 0 lost the other stages ({exc})") from exc
 
     # This stage's own parts (its layers only; the embedding and head are used on the first and last).
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -225,10 +229,14 @@ def build_stage_runner(
 
     A stage runs its forward passes eagerly, one micro-batch at a time: no decode graphs (their
     static buffers hold one batch of rows from row 0, and the stages exchange activations between
-    micro-batches), no decoding ahead (the next step's tokens come back from the last stage).
+    micro-batches), no decoding ahead (the next step's tokens come back from the last stage), and no
+    torch.compile: without a graph around them, the compiled functions' per-call cost (guards over
+    dynamic shapes) exceeded what their fusion saved (docs/benchmarks.md, the first GPU run).
     """
     ctx.lead(BUILD, max_rows=max_rows, max_len=max_len, pool_tokens=pool_tokens)
-    inner = build_runner(model, max_rows=max_rows, max_len=max_len, cuda_graphs=False, pool_tokens=pool_tokens)
+    inner = build_runner(
+        model, max_rows=max_rows, max_len=max_len, cuda_graphs=False, compile=False, pool_tokens=pool_tokens
+    )
     return PipelineRunner(inner, ctx)
 
 
@@ -241,6 +249,10 @@ def follow(ctx: PipelineContext, build: Callable[..., PipelineRunner]) -> None:
             return
         if method == BUILD:
             runner = build(**kwargs)
+            # As the engine process does (worker.freeze_heap): a full collection walking torch's objects
+            # would stall this stage, and the whole pipeline behind it, for a tenth of a second or more.
+            gc.collect()
+            gc.freeze()
             continue
         if runner is None:
             raise RuntimeError(f"pipeline stage {ctx.rank} got {method!r} before the runner was built")

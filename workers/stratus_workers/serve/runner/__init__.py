@@ -58,7 +58,17 @@ def new_token_slots(
     query_idx = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
     positions = np.asarray(starts, dtype=np.int64)[batch_idx] + query_idx
     arrays = (batch_idx, query_idx, batch_idx + first_row, positions)
-    return tuple(torch.from_numpy(a).to(device, non_blocking=True) for a in arrays)  # type: ignore[return-value]
+    return tuple(to_device(a, device) for a in arrays)  # type: ignore[return-value]
+
+
+def to_device(values: np.ndarray | Sequence[int], device: torch.device) -> torch.Tensor:
+    """Host integers on `device` without waiting: a copy from pageable memory makes the host wait for the
+    whole stream first, which keeps it from queueing the next kernels (and, in a pipeline stage, from
+    queueing a micro-batch behind the activations it is about to receive); pinned memory does not."""
+    host = torch.from_numpy(np.asarray(values, dtype=np.int64))
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def env_flag(name: str, default: bool) -> bool:
@@ -239,11 +249,11 @@ class ModelRunner(abc.ABC):
         ids = np.zeros((len(tokens), max(len(t) for t in tokens)), dtype=np.int64)
         for i, row_tokens in enumerate(tokens):
             ids[i, : len(row_tokens)] = row_tokens
-        return torch.from_numpy(ids).to(self.device, non_blocking=True)
+        return to_device(ids, self.device)
 
     def last_tokens(self, h: torch.Tensor, q_lens: Sequence[int]) -> torch.Tensor:
         """[B, Q, H] -> [B, H]: each row's last real token."""
-        last = torch.tensor([q - 1 for q in q_lens], device=h.device)
+        last = to_device([q - 1 for q in q_lens], h.device)
         return h[torch.arange(h.shape[0], device=h.device), last]
 
     @abc.abstractmethod

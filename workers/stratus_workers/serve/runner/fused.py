@@ -22,7 +22,14 @@ import torch.nn.functional as F
 
 from stratus_workers.serve import kernels
 from stratus_workers.serve.parallel import ParallelContext
-from stratus_workers.serve.runner import Decoded, ModelRunner, UnsupportedModelError, env_flag, new_token_slots
+from stratus_workers.serve.runner import (
+    Decoded,
+    ModelRunner,
+    UnsupportedModelError,
+    env_flag,
+    new_token_slots,
+    to_device,
+)
 from stratus_workers.serve.runner.cache import KVCache
 from stratus_workers.serve.runner.graphs import StaticDecoder
 from stratus_workers.serve.runner.modules import apply_rotary
@@ -388,7 +395,7 @@ class FusedRunner(ModelRunner):
         dev = self.device
         ends = [s + q for s, q in zip(starts, q_lens, strict=True)]
         k_len = max(ends)
-        start_t = torch.tensor(starts, dtype=torch.long).to(dev, non_blocking=True)
+        start_t = to_device(starts, dev)
         positions = start_t[:, None] + torch.arange(q_max, device=dev)[None, :]  # [B, Q]
         mask = torch.arange(k_len, device=dev)[None, None, None, :] <= positions[:, None, :, None]
         slots = new_token_slots(first_row, starts, q_lens, dev)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from stratus_workers.serve.parallel import ParallelContext
-from stratus_workers.serve.runner import ModelRunner, UnsupportedModelError, new_token_slots
+from stratus_workers.serve.runner import ModelRunner, UnsupportedModelError, new_token_slots, to_device
 from stratus_workers.serve.runner.cache import MIN_CAPACITY, KVCache
 
 
@@ -81,7 +81,7 @@ class ModuleRunner(ModelRunner):
         ends = [s + q for s, q in zip(starts, q_lens, strict=True)]
         k_len = max(ends)
         dev = self.device
-        start_t = torch.tensor(starts, dtype=torch.long).to(dev, non_blocking=True)
+        start_t = to_device(starts, dev)
         positions = start_t[:, None] + torch.arange(q_max, device=dev)[None, :]  # [B, Q]
         # Key j is visible to the query at position p iff j <= p (causal, per row).
         mask = torch.arange(k_len, device=dev)[None, None, None, :] <= positions[:, None, :, None]
