@@ -525,7 +525,7 @@ def render_server(p: Plan, deployment: LLMDeployment, server: ServerPlan, option
         "server", command, _resources(dict(server.resources.requests), dict(server.resources.limits)),
         options, mounts, [],
     )
-    if server.tensor_parallel > 1:
+    if server.tensor_parallel > 1 or server.pipeline_parallel > 1:
         # NCCL passes tensors through shared memory; the container default of 64 MiB is too small.
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
         container["volumeMounts"] = [*container.get("volumeMounts", []), {"name": "dshm", "mountPath": "/dev/shm"}]

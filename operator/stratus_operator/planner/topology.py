@@ -76,6 +76,8 @@ class ServerPlan:
     autoscaling: Autoscaling | None = None
     # GPUs one server spans; the server starts its other ranks itself (no torchrun needed).
     tensor_parallel: int = 1
+    # Pipeline stages of one server, one process and GPU each in its one pod; it starts them itself.
+    pipeline_parallel: int = 1
 
 
 @dataclass(frozen=True)
@@ -230,8 +232,12 @@ def plan(
             dtype=cloud.dtype,
             device=cloud.device,
             serving=cloud.serving,
-            # A tensor-parallel server needs one GPU per rank in its one pod.
-            resources=_with_gpu(cloud.resources, max(cloud.gpus_per_pod, cloud.tensor_parallel), gpu_resource),
+            # A tensor- or pipeline-parallel server needs one GPU per rank or stage in its one pod.
+            resources=_with_gpu(
+                cloud.resources,
+                max(cloud.gpus_per_pod, cloud.tensor_parallel * cloud.pipeline_parallel),
+                gpu_resource,
+            ),
             node_selector=dict(cloud.node_selector),
             tolerations=tuple(cloud.tolerations),
             # The cloud tier is left to the scheduler: GPU nodes are sized for the full model.
@@ -240,6 +246,7 @@ def plan(
                                                node_selector={}, tolerations=()),
             autoscaling=cloud.autoscaling,
             tensor_parallel=cloud.tensor_parallel,
+            pipeline_parallel=cloud.pipeline_parallel,
         ))
 
     variant_specs = {v.name: v for v in spec.edge.variants}
