@@ -41,13 +41,15 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-async def answers(address: str) -> tuple[list[str], list[str], str]:
-    """Each prompt alone, all of them at once (one batch, split into micro-batches), and one streamed."""
+async def answers(address: str) -> tuple[list[str], list[str], str, list[float]]:
+    """Each prompt alone, all of them at once (one batch, split into micro-batches), one streamed, and the
+    log-probabilities of a continuation (Score: every position's logits, from a speculative session row)."""
     async with AsyncClient(address) as client:
         alone = [(await client.generate(p, max_new_tokens=12)).text for p in PROMPTS]
         together = await asyncio.gather(*(client.generate(p, max_new_tokens=12) for p in PROMPTS))
         streamed = "".join([c.text async for c in client.stream(PROMPTS[1], max_new_tokens=12)])
-    return alone, [r.text for r in together], streamed
+        scored = list((await client.score(" jumps over the lazy dog", PROMPTS[0])).logprobs)
+    return alone, [r.text for r in together], streamed, scored
 
 
 @pytest.mark.parametrize("microbatches", [0, 3])
@@ -63,8 +65,9 @@ async def test_two_stages_answer_like_one_process(model_server: Any, microbatche
         stages = children_of(piped.engine.pid)
         assert len(stages) == 1, stages  # stage 0 is the engine process; it started stage 1
         got = await answers(piped.address)
-    assert got == expected
-    alone, together, streamed = got
+    assert got[:3] == expected[:3]
+    assert len(got[3]) == len(expected[3]) > 3 and got[3] == pytest.approx(expected[3], abs=1e-4)
+    alone, together, streamed, _ = got
     assert together == alone and streamed == alone[1]
 
 
