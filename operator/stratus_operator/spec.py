@@ -11,6 +11,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from stratus_workers.compress.spec import CompressionRecipe, Evaluation, QualityGate
 from stratus_workers.models.source import parse_source
 from stratus_workers.router.config import RoutingSpec
+from stratus_workers.runtimes import RUNTIME_LLAMACPP, RUNTIME_TORCH, Runtime
 from stratus_workers.spec_model import SpecModel
 
 GROUP = "stratus.dev"
@@ -187,7 +188,17 @@ class CloudTier(SpecModel):
 
 
 class EdgeVariant(SpecModel):
-    """One compressed variant of the model, gated on quality and placed on edge nodes."""
+    """One compressed variant of the model, gated on quality and placed on edge nodes.
+
+    Its format picks the engine that serves it (`runtime`): a `gguf` quantization is served by
+    llama.cpp on the CPU, every other recipe by torch.
+    """
+
+    model_config = ConfigDict(json_schema_extra=_cel(
+        ("!has(self.compression) || !has(self.compression.quantization) || "
+         "self.compression.quantization.method != 'gguf' || !has(self.device) || self.device != 'cuda'",
+         "a gguf variant is served by llama.cpp on the CPU; set device cpu"),
+    ))
 
     name: str = Field(min_length=1, max_length=24, pattern=DNS_LABEL,
                       description="A DNS label naming the variant (short: it is part of child names).")
@@ -205,6 +216,17 @@ class EdgeVariant(SpecModel):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     autoscaling: Autoscaling | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        """The engine that serves this variant: llamacpp for a GGUF artifact, torch otherwise."""
+        return self.compression.runtime
+
+    @model_validator(mode="after")
+    def _check(self) -> EdgeVariant:
+        if self.runtime == RUNTIME_LLAMACPP and self.device == "cuda":
+            raise ValueError("a gguf variant is served by llama.cpp on the CPU; set device cpu")
+        return self
 
 
 class EdgeTier(SpecModel):
@@ -349,6 +371,7 @@ class VariantStatus(SpecModel):
     name: str
     state: VariantState = "Pending"
     recipe: str = Field("", description="Short recipe summary, e.g. quantize:int8-weight.")
+    runtime: Runtime = Field(RUNTIME_TORCH, description="The engine serving it: torch, or llamacpp for a GGUF.")
     job: str = Field("", description="The compression Job's name.")
     size_bytes: int | None = None
     perplexity: float | None = None

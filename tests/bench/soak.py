@@ -93,7 +93,7 @@ def render(result: dict[str, object], args: argparse.Namespace, seconds: float) 
         "",
         f"`deploy/samples/smollm2.yaml` as `stratus up` runs it, {args.minutes:g} minutes at {args.rate:g} "
         f"requests/s offered from {args.users} concurrent users, 32 new tokens each, sampled (temperature 0.7) so the "
-        "router's output cache answers none of them. Machine: {platform.machine()}, "
+        f"router's output cache answers none of them. Machine: {platform.machine()}, "
         f"2 shared cores, Python {platform.python_version()}; {date.today().isoformat()}; ran {seconds / 60:.1f} min.",
         "",
         "| requests | OK | errors | error codes | p50 latency | p95 latency |",

@@ -236,7 +236,8 @@ class LocalRunner:
             model = self.model_path(server.model)
             detail = model
             if server.variant is not None:
-                detail = f"variant {server.variant}: {self.plan.job(server.variant).spec.compression.summary}"
+                summary = self.plan.job(server.variant).spec.compression.summary
+                detail = f"variant {server.variant}: {summary}, served by {server.runtime}"
             flags = ServeFlags.of(server, model=model, host="127.0.0.1", port=port, http_port=http_port)
             if local_cpu:
                 # No GPU here: bf16 matmuls on a CPU are slower than fp32, so run what the CPU is good at.

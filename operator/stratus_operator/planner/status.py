@@ -204,6 +204,7 @@ def build_status(
             name=v.name,
             state=v.state,
             recipe=v.recipe,
+            runtime=v.runtime,
             job=v.job.name if v.job else "",
             size_bytes=result.summary.size_bytes if result else None,
             perplexity=result.summary.perplexity if result else None,

@@ -34,6 +34,13 @@ from stratus_operator.spec import (
     VariantState,
 )
 from stratus_workers.router.config import RoutingSpec
+from stratus_workers.runtimes import (
+    DEFAULT_MAX_SESSIONS,
+    RUNTIME_LLAMACPP,
+    RUNTIME_TORCH,
+    Runtime,
+    llamacpp_cache_bytes,
+)
 
 Tier = Literal["edge", "cloud"]
 
@@ -76,6 +83,9 @@ class ServerPlan:
     autoscaling: Autoscaling | None = None
     # GPUs one server spans; the server starts its other ranks itself (no torchrun needed).
     tensor_parallel: int = 1
+    # The engine that serves the model: the server picks llama.cpp itself for a GGUF artifact; the plan
+    # carries it so that status and `stratus up` say which.
+    runtime: Runtime = RUNTIME_TORCH
     # Pipeline stages of one server, one process and GPU each in its one pod; it starts them itself.
     pipeline_parallel: int = 1
 
@@ -105,6 +115,7 @@ class VariantPlan:
     placement: Placement | None
     server: str | None
     wanted_replicas: int = 0
+    runtime: Runtime = RUNTIME_TORCH
 
 
 @dataclass(frozen=True)
@@ -254,21 +265,29 @@ def plan(
         variant = variant_specs[job.variant]
         result = job.result
         recipe = variant.compression.summary
+        runtime = variant.runtime
         wanted = _tier_replicas(variant.replicas, variant.autoscaling)
         if result is None:
-            variants.append(VariantPlan(variant.name, "Compressing", recipe, job, None, None, wanted))
+            variants.append(VariantPlan(variant.name, "Compressing", recipe, job, None, None, wanted, runtime))
             continue
         if result.status == "failed":
-            variants.append(VariantPlan(variant.name, "Failed", recipe, job, None, None, wanted))
+            variants.append(VariantPlan(variant.name, "Failed", recipe, job, None, None, wanted, runtime))
             continue
         if result.status == "rejected":
             notes.append(f"variant {variant.name} rejected by its gate: {'; '.join(result.reasons) or 'no reason'}")
-            variants.append(VariantPlan(variant.name, "Rejected", recipe, job, None, None, wanted))
+            variants.append(VariantPlan(variant.name, "Rejected", recipe, job, None, None, wanted, runtime))
             continue
         replicas = wanted
         place_replicas = variant.autoscaling.max_replicas if variant.autoscaling is not None else replicas
         size = result.summary.size_bytes
-        demand = edge_demand(variant.resources, size or 0, gpu_resource)
+        cache = 0
+        if runtime == RUNTIME_LLAMACPP and result.summary.kv_bytes_per_token:
+            serving = variant.serving
+            cache = llamacpp_cache_bytes(
+                result.summary.kv_bytes_per_token, max_batch_size=serving.max_batch_size,
+                max_tokens=serving.max_prompt_tokens + serving.max_new_tokens, max_sessions=DEFAULT_MAX_SESSIONS,
+            )
+        demand = edge_demand(variant.resources, size or 0, gpu_resource, cache)
         placement = place(
             cluster,
             what=f"edge variant {variant.name}" + (f" ({format_bytes(size)} model)" if size else ""),
@@ -299,10 +318,11 @@ def plan(
                 tolerations=tuple(variant.tolerations),
                 placement=placement,
                 autoscaling=_fit_autoscaling(variant.autoscaling, placement),
+                runtime=runtime,
             ))
         else:
             notes.append(placement.reason)
-        variants.append(VariantPlan(variant.name, "Accepted", recipe, job, placement, server, wanted))
+        variants.append(VariantPlan(variant.name, "Accepted", recipe, job, placement, server, wanted, runtime))
 
     effective = policy
     if policy not in ("cloud-only", "edge-only") and not any(s.tier == "edge" for s in servers):

@@ -137,6 +137,8 @@ def test_nonsense_is_rejected_by_model_and_crd(path: tuple[Any, ...], value: Any
     ({"cloud": {"autoscaling": {"minReplicas": 3, "maxReplicas": 2}}}, "minReplicas must not exceed maxReplicas"),
     ({"storage": {"pvc": {}, "objectStore": {"url": "s3://bucket-a/x"}}}, "set pvc or objectStore, not both"),
     ({"cloud": {"tolerations": [{"operator": "Exists", "value": "x"}]}}, "operator Exists takes no value"),
+    ({"edge": {"variants": [{"name": "g", "device": "cuda", "compression": {"quantization": {"method": "gguf"}}}]}},
+     "a gguf variant is served by llama.cpp on the CPU"),
 ])
 def test_cel_rules_are_mirrored_by_the_model(change: dict[str, Any], message: str) -> None:
     """Each CEL rule in the CRD has a pydantic twin with the same message (the local runner has no API server)."""

@@ -1,4 +1,8 @@
-"""Measures a variant against the full model: held-out perplexity, CPU tokens/s at batch 1, greedy agreement."""
+"""Measures a variant against the full model: held-out perplexity, CPU tokens/s at batch 1, greedy agreement.
+
+Every figure is taken through the serving runner of the variant's engine (torch or llama.cpp) with the
+same calls, sequences and prompts, so the quality gate compares variants of either engine like with like.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
+
+from stratus_workers.serve.runner import ModelRunner
+from stratus_workers.serve.runner.build import build_runner
 
 # A fixed, general-purpose prompt set (not from the corpus) for agreement and speed.
 PROMPTS: tuple[str, ...] = (
@@ -47,19 +54,32 @@ PROMPTS: tuple[str, ...] = (
 )
 
 
+def runner_for(model: Any, *, rows: int, max_len: int) -> ModelRunner:
+    """The serving runner for a loaded model (llama.cpp's for a GGUF artifact), on as many threads as torch.
+
+    Every figure goes through it, so a variant is measured through the code that will serve it, and every
+    variant, whatever its engine, through the same calls.
+    """
+    return build_runner(model, max_rows=rows, max_len=max_len, threads=torch.get_num_threads())
+
+
 @torch.no_grad()
-def perplexity(model: Any, sequences: torch.Tensor, batch_size: int = 4) -> float:
+def perplexity(runner: ModelRunner, sequences: torch.Tensor, batch_size: int = 4) -> float:
     """exp(mean next-token negative log-likelihood) over all predicted tokens of `sequences`."""
     total_nll = 0.0
     total_tokens = 0
     for start in tqdm(range(0, sequences.shape[0], batch_size), desc="perplexity", disable=None):
         batch = sequences[start : start + batch_size]
-        logits = model(input_ids=batch, use_cache=False).logits.float()
+        for row in range(batch.shape[0]):
+            runner.reset(row)
+        logits = runner.forward(0, batch.tolist(), all_logits=True).float()
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
         )
         total_nll += float(nll)
         total_tokens += batch[:, 1:].numel()
+    for row in range(min(batch_size, sequences.shape[0])):
+        runner.reset(row)
     return math.exp(total_nll / total_tokens)
 
 
@@ -86,7 +106,7 @@ def greedy_continuations(model: Any, tokenizer: Any, prompts: int, tokens: int) 
 
 
 @torch.no_grad()
-def agreement(model: Any, tokenizer: Any, references: list[torch.Tensor], tokens: int) -> float:
+def agreement(runner: ModelRunner, references: list[torch.Tensor], tokens: int) -> float:
     """Teacher-forced greedy agreement: the fraction of the full model's greedy tokens that the variant,
     given the same prefix, also ranks first. Unlike comparing two free-running generations it does not
     punish every token after a first difference, and it is what a speculative verifier accepts."""
@@ -95,38 +115,41 @@ def agreement(model: Any, tokenizer: Any, references: list[torch.Tensor], tokens
     hits = 0
     total = 0
     for ref in references:
-        logits = model(input_ids=ref[None, :], use_cache=False).logits[0]
+        runner.reset(0)
+        logits = runner.forward(0, [ref.tolist()], all_logits=True)[0]
         predicted = logits[-tokens - 1 : -1].argmax(dim=-1)
         hits += int((predicted == ref[-tokens:]).sum())
         total += tokens
+    runner.reset(0)
     return hits / total
 
 
 @torch.no_grad()
-def _decode_seconds(model: Any, ids: torch.Tensor, tokens: int, pad_token_id: int) -> float:
+def _decode_seconds(runner: ModelRunner, prompt: list[int], tokens: int) -> float:
+    """Batch-1 greedy generation of `tokens` tokens (a prefill, then one step per further token)."""
+    runner.reset(0)
     started = time.perf_counter()
-    model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=tokens,
-        min_new_tokens=tokens,
-        do_sample=False,
-        pad_token_id=pad_token_id,
-    )
-    return time.perf_counter() - started
+    logits = runner.forward(0, [prompt])
+    for _ in range(tokens - 1):
+        logits = runner.forward(0, [[int(torch.argmax(logits[0]))]])
+    int(torch.argmax(logits[0]))
+    seconds = time.perf_counter() - started
+    runner.reset(0)
+    return seconds
 
 
-def tokens_per_second(models: dict[str, Any], tokenizer: Any, tokens: int, rounds: int = 3) -> dict[str, float]:
-    """Batch-1 greedy generation speed of each model, measured in interleaved rounds (best round kept) so
+def tokens_per_second(
+    runners: dict[str, ModelRunner], tokenizer: Any, tokens: int, rounds: int = 3
+) -> dict[str, float]:
+    """Batch-1 greedy generation speed of each runner, measured in interleaved rounds (best round kept) so
     that load from other processes on a shared CPU hits every model alike."""
-    ids = _prompt_ids(tokenizer, 1)[0]
-    pad = tokenizer.pad_token_id or 0
-    for model in models.values():
-        _decode_seconds(model, ids, min(8, tokens), pad)  # warm-up: allocator, kernel selection
-    times: dict[str, list[float]] = {name: [] for name in models}
+    prompt = _prompt_ids(tokenizer, 1)[0][0].tolist()
+    for runner in runners.values():
+        _decode_seconds(runner, prompt, min(8, tokens))  # warm-up: allocator, kernel selection, repacking
+    times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
-        for name, model in models.items():
-            times[name].append(_decode_seconds(model, ids, tokens, pad))
+        for name, runner in runners.items():
+            times[name].append(_decode_seconds(runner, prompt, tokens))
     return {name: tokens / min(ts) for name, ts in times.items()} | {
         f"{name}_median": tokens / statistics.median(ts) for name, ts in times.items()
     }

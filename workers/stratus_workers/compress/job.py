@@ -20,14 +20,16 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from stratus_workers.compress import corpus, evaluate
+from stratus_workers.compress import corpus, evaluate, to_gguf
 from stratus_workers.compress.distill import distill
 from stratus_workers.compress.prune import check_pattern, measured_sparsity, prune_model, recover
 from stratus_workers.compress.quantize import check_group_size, quantize_model
 from stratus_workers.compress.spec import CompressionJobSpec, CompressionStatus, CompressionSummary, ExitCode
 from stratus_workers.models import artifact as artifacts
 from stratus_workers.models.files import ARTIFACT_FORMAT
+from stratus_workers.models.gguf_artifact import load_gguf_artifact
 from stratus_workers.models.loader import cache_dir, load_model
+from stratus_workers.runtimes import LLAMACPP_KV_VALUE_BYTES, RUNTIME_LLAMACPP, kv_bytes_per_token
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,9 @@ def _validate_against_model(spec: CompressionJobSpec, model: Any, slices: corpus
                 )
         if recipe.quantization and recipe.quantization.method == "int4-weight":
             check_group_size(model, recipe.quantization.group_size)
+        if recipe.runtime == RUNTIME_LLAMACPP:
+            to_gguf.check_exportable(model)
+            to_gguf.check_quantizer()
         slices.sequences(
             "eval",
             spec.evaluation.perplexity_samples,
@@ -146,6 +151,7 @@ def _baseline_key(spec: CompressionJobSpec, tokenizer: Any) -> str:
         corpus.CORPUS_NAME,
         len(tokenizer),
         torch.__version__,
+        "serving-runner",  # perplexity measured through the serving runner (not model(...)) since GGUF variants
     ]
     path = Path(spec.model_source)
     if path.is_dir():  # a local model: its weights' identity is part of the key
@@ -166,7 +172,7 @@ def _full_model_baseline(
         except (OSError, ValueError, KeyError):
             pass
     with stage("evaluate-full-model", timings):
-        ppl = evaluate.perplexity(full, eval_ids)
+        ppl = evaluate.perplexity(evaluate.runner_for(full, rows=4, max_len=eval_ids.shape[1]), eval_ids)
         refs = evaluate.greedy_continuations(full, tokenizer, ev.agreement_prompts, ev.agreement_tokens)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -256,7 +262,7 @@ def compress(spec: CompressionJobSpec, out: Path, *, work_dir: Path | None = Non
                 pruned["recovery_first_loss"], pruned["recovery_last_loss"] = losses[0], losses[-1]
         pruned["sparsity"] = measured_sparsity(variant)
         figures["pruning"] = pruned
-    if recipe.quantization:
+    if recipe.quantization and recipe.runtime != RUNTIME_LLAMACPP:  # a GGUF is quantized by llama.cpp on save
         q = recipe.quantization
         with stage("quantize", timings, method=q.method):
             figures["quantization"] = {
@@ -268,19 +274,34 @@ def compress(spec: CompressionJobSpec, out: Path, *, work_dir: Path | None = Non
     work_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        with stage("save", timings):
-            artifacts.save_artifact(variant, tokenizer, tmp, sparse=bool(recipe.pruning) and not recipe.quantization)
+        if recipe.runtime == RUNTIME_LLAMACPP and recipe.quantization is not None:
+            gguf_type = recipe.quantization.gguf_type
+            with stage("save", timings, gguf_type=gguf_type):
+                figures["quantization"] = to_gguf.save_gguf_artifact(
+                    variant, tokenizer, tmp, gguf_type, work_dir=work_dir, threads=torch.get_num_threads()
+                )
+        else:
+            with stage("save", timings):
+                artifacts.save_artifact(
+                    variant, tokenizer, tmp, sparse=bool(recipe.pruning) and not recipe.quantization
+                )
         del variant
-        # Evaluate exactly what the model server will load, not the in-memory model it came from.
+        # Evaluate exactly what the model server will load, with the runner that will serve it.
         with stage("reload", timings):
-            reloaded, _ = artifacts.load_artifact(tmp, dtype=torch.float32, device=torch.device("cpu"))
+            reloaded, weights, stored = _reload(tmp, recipe.runtime)
         full_ppl, references = _full_model_baseline(spec, full, tokenizer, eval_ids, timings)
-        with stage("evaluate", timings):
-            ppl = evaluate.perplexity(reloaded, eval_ids)
-            agree = evaluate.agreement(reloaded, tokenizer, references, ev.agreement_tokens)
-            speed = evaluate.tokens_per_second({"full": full, "variant": reloaded}, tokenizer, ev.speed_tokens)
+        with stage("evaluate", timings, runtime=recipe.runtime):
+            speed_len = len(evaluate.PROMPTS[0]) + ev.speed_tokens  # characters bound the prompt's tokens
+            longest = max([eval_ids.shape[1], speed_len, *(len(r) for r in references)])
+            variant_runner = evaluate.runner_for(reloaded, rows=4, max_len=longest + 1)
+            ppl = evaluate.perplexity(variant_runner, eval_ids)
+            agree = evaluate.agreement(variant_runner, references, ev.agreement_tokens)
+            full_runner = evaluate.runner_for(full, rows=1, max_len=speed_len + 1)
+            speed = evaluate.tokens_per_second(
+                {"full": full_runner, "variant": variant_runner}, tokenizer, ev.speed_tokens
+            )
+            del variant_runner, full_runner
         fp32 = artifacts.fp32_reference_bytes(full)
-        weights = artifacts.weights_bytes(tmp)
         figures.update(
             {
                 "bytes": weights,
@@ -293,8 +314,12 @@ def compress(spec: CompressionJobSpec, out: Path, *, work_dir: Path | None = Non
                 "full_tokens_per_second": speed["full"],
                 "speedup": speed["variant"] / speed["full"],
                 "agreement": agree,
-                "parameters": _stored_values(reloaded),
+                "parameters": stored,
                 "layers": int(reloaded.config.num_hidden_layers),
+                # The torch runner keeps its cache in the activations' dtype (fp32 on a CPU), llama.cpp in f16.
+                "kv_bytes_per_token": kv_bytes_per_token(
+                    reloaded.config, LLAMACPP_KV_VALUE_BYTES if recipe.runtime == RUNTIME_LLAMACPP else 4
+                ),
             }
         )
         reasons = gate_reasons(spec, figures)
@@ -304,6 +329,7 @@ def compress(spec: CompressionJobSpec, out: Path, *, work_dir: Path | None = Non
             "format": ARTIFACT_FORMAT,
             "name": spec.name,
             "recipe": recipe.summary,
+            "runtime": recipe.runtime,
             "status": status,
             "reasons": reasons,
             "source": spec.model_source,
@@ -316,11 +342,12 @@ def compress(spec: CompressionJobSpec, out: Path, *, work_dir: Path | None = Non
                 "perplexity_tokens": int(eval_ids[:, 1:].numel()),
                 "agreement": "teacher-forced top-1 agreement with the full model's greedy continuations of "
                 f"{ev.agreement_prompts} fixed prompts, {ev.agreement_tokens} tokens each",
-                "tokens_per_second": f"batch 1, greedy, {ev.speed_tokens} new tokens, best of 3 interleaved rounds, "
-                f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
+                "tokens_per_second": f"batch 1, greedy, {ev.speed_tokens} new tokens through the {recipe.runtime} "
+                f"serving runner, best of 3 interleaved rounds, {torch.get_num_threads()} threads, "
+                f"{platform.processor() or platform.machine()}",
             },
             "stages": timings,
-            "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
+            "versions": _versions(recipe.runtime),
         }
         (tmp / artifacts.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=float) + "\n")
         _publish(tmp, out)
@@ -346,12 +373,27 @@ def compress(spec: CompressionJobSpec, out: Path, *, work_dir: Path | None = Non
         full_tokens_per_second=round(speed["full"], 2),
         agreement=round(agree, 4),
         sparsity=round(figures["pruning"]["sparsity"], 4) if recipe.pruning else None,
+        kv_bytes_per_token=figures["kv_bytes_per_token"],
         seconds=round(time.perf_counter() - started, 1),
     )
     return JobResult(ExitCode.REJECTED if reasons else ExitCode.OK, summary, manifest)
 
 
-def _transformers_version() -> str:
+def _reload(directory: Path, runtime: str) -> tuple[Any, int, int]:
+    """The artifact as the server will load it, its weights' bytes and its stored values."""
+    if runtime == RUNTIME_LLAMACPP:
+        gguf, _ = load_gguf_artifact(directory)
+        return gguf, gguf.weights_bytes, gguf.stored_values
+    model, _ = artifacts.load_artifact(directory, dtype=torch.float32, device=torch.device("cpu"))
+    return model, artifacts.weights_bytes(directory), _stored_values(model)
+
+
+def _versions(runtime: str) -> dict[str, str]:
     import transformers
 
-    return str(transformers.__version__)
+    versions = {"torch": torch.__version__, "transformers": str(transformers.__version__)}
+    if runtime == RUNTIME_LLAMACPP:
+        import llama_cpp
+
+        versions["llama_cpp_python"] = str(llama_cpp.__version__)
+    return versions

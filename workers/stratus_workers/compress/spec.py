@@ -13,15 +13,22 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
+from stratus_workers.runtimes import RUNTIME_LLAMACPP, RUNTIME_TORCH, GGUFType, Runtime
 from stratus_workers.spec_model import SpecModel
 
 
 class Quantization(SpecModel):
     """Weight quantization, applied last."""
 
-    method: Literal["int8-weight", "int4-weight", "int8-dynamic"] = Field(
+    method: Literal["int8-weight", "int4-weight", "int8-dynamic", "gguf"] = Field(
         description="int8-weight: per-channel int8 weights; int4-weight: group-wise int4 weights; "
-        "int8-dynamic: int8 weights and dynamically quantized activations (CPU speed)."
+        "int8-dynamic: int8 weights and dynamically quantized activations (CPU speed); "
+        "gguf: a GGUF file quantized by llama.cpp to ggufType, served by llama.cpp."
+    )
+    gguf_type: GGUFType = Field(
+        "q8_0",
+        description="llama.cpp weight type for method gguf (q8_0, q4_0, q4_k_m, ...; other methods ignore it); "
+        "K-quants fall back to a similar type for tensors whose rows are not a multiple of 256.",
     )
     group_size: Literal[32, 64, 128] = Field(
         64,
@@ -92,8 +99,16 @@ class CompressionRecipe(SpecModel):
             amount = self.pruning.pattern if self.pruning.pattern == "2:4" else self.pruning.sparsity
             parts.append(f"prune:{self.pruning.method}-{amount}")
         if self.quantization:
-            parts.append(f"quantize:{self.quantization.method}")
+            q = self.quantization
+            parts.append(f"quantize:gguf-{q.gguf_type}" if q.method == "gguf" else f"quantize:{q.method}")
         return "+".join(parts) or "none"
+
+    @property
+    def runtime(self) -> Runtime:
+        """The engine that serves the result: llama.cpp for a GGUF file, torch for everything else."""
+        if self.quantization and self.quantization.method == "gguf":
+            return RUNTIME_LLAMACPP
+        return RUNTIME_TORCH
 
 
 class Evaluation(SpecModel):
@@ -176,6 +191,9 @@ class CompressionSummary(SpecModel):
     full_tokens_per_second: float | None = None
     agreement: float | None = Field(None, description="Greedy agreement with the full model.")
     sparsity: float | None = Field(None, description="Measured sparsity, for pruned variants.")
+    kv_bytes_per_token: int | None = Field(
+        None, ge=0, description="KV-cache bytes per token as its engine stores them (sizes a llama.cpp server)."
+    )
     seconds: float | None = Field(None, description="Wall time of the whole run.")
 
     @property

@@ -22,6 +22,7 @@ from stratus_workers.models.files import bundled_gguf as bundled_gguf
 from stratus_workers.models.files import bundled_model_dir, file_lock, local_dir, parse_model_source, require_hub
 from stratus_workers.models.files import cache_dir as cache_dir
 from stratus_workers.models.files import read_artifact_manifest as read_artifact_manifest
+from stratus_workers.models.gguf_artifact import GGUFModel, is_gguf_artifact, load_gguf_artifact
 from stratus_workers.models.source import ModelSource, SourceKind
 from stratus_workers.models.tokenizer import bundled_tokenizer as bundled_tokenizer
 from stratus_workers.models.tokenizer import load_tokenizer as load_tokenizer
@@ -44,6 +45,9 @@ class LoadedModel:
 
     @property
     def parameters(self) -> int:
+        stored = getattr(self.model, "stored_values", None)  # a GGUF artifact counts its file's tensors
+        if isinstance(stored, int):
+            return stored
         # Quantized layers keep their weights as buffers (int8 codes, packed int4): count those too.
         stored = {id(t): t.numel() for t in (*self.model.parameters(), *self.model.buffers())}
         return sum(stored.values())
@@ -138,7 +142,13 @@ def load_model(source: str, *, dtype: str = "auto", device: str = "auto", name: 
     else:
         path = local_model_dir(parsed)
         artifact = read_artifact_manifest(path)
-        if artifact is not None:
+        if artifact is not None and is_gguf_artifact(path, artifact):
+            model, tokenizer = load_gguf_artifact(path)  # served by llama.cpp, on the CPU, in float32 activations
+            dev, torch_dtype = torch.device("cpu"), torch.float32
+            manifest = artifact
+            compression = str(artifact.get("recipe", ""))
+            default_name = str(artifact.get("name") or path.name)
+        elif artifact is not None:
             model, tokenizer = _load_artifact(path, torch_dtype, dev)
             manifest = artifact
             compression = str(artifact.get("recipe", ""))
@@ -146,9 +156,10 @@ def load_model(source: str, *, dtype: str = "auto", device: str = "auto", name: 
         else:
             model, tokenizer = _load_dir(path, torch_dtype)
             default_name = parsed.ref if parsed.kind is SourceKind.BUNDLED else path.name
-    model.to(dev)
-    model.eval()
-    model.requires_grad_(False)
+    if not isinstance(model, GGUFModel):
+        model.to(dev)
+        model.eval()
+        model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     loaded = LoadedModel(

@@ -12,8 +12,9 @@ Two transports run the core (serve/loop.py): `ProcessTransport` in an engine pro
 a thread of this process, for a preloaded model and the small CPU case. Either way the frontend
 supervises it: an engine process that exits, closes its channel, stops sending heartbeats for
 HANG_SECONDS, or stays inside one step for `step_timeout` seconds is dead, and so is a loop thread
-that raised; then every request in flight and every later one ends with UNAVAILABLE, and
-`on_failure` hears why at once (the server turns its health to NOT_SERVING).
+that raised; so is a core that is alive but does not advance: work is owed and no step output came
+for `stall_timeout` seconds. Then every request in flight and every later one ends with UNAVAILABLE,
+and `on_failure` hears why at once (the server turns its health to NOT_SERVING).
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def stop(self, timeout: float) -> None: ...
+
+    def halt(self) -> None:  # noqa: B027 - a thread cannot be killed: by default there is nothing to free
+        """The frontend gave up on a core that does not advance: free what it holds, if that can be done."""
 
 
 class ThreadTransport(Transport):
@@ -349,10 +353,14 @@ class ProcessTransport(Transport):
             elif self._busy + silent > self.step_timeout:
                 self.failure = f"the model engine has been inside one step for over {self.step_timeout:.0f} s"
         if self.failure is not None:
-            self._close_reader()
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()  # frozen or stuck: it must not hold the GPU for a restart
+            self.halt()
         return self.failure
+
+    def halt(self) -> None:
+        self._close_reader()
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()  # frozen or stuck: it must not hold the GPU for a restart
 
     async def stop(self, timeout: float) -> None:
         proc = self.proc
@@ -418,8 +426,11 @@ class AsyncEngine:
         max_queue: int = 256,
         on_stats: Callable[[EngineStats], None] | None = None,
         on_failure: Callable[[str], None] | None = None,
+        stall_timeout: float = DEFAULT_STEP_TIMEOUT,
     ) -> None:
         self.transport = transport
+        self.stall_timeout = stall_timeout
+        self._progress_at = 0.0  # when the core last stepped, or when nothing was owed
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.on_stats = on_stats
@@ -452,11 +463,31 @@ class AsyncEngine:
         self._end_all("cancelled", "server shutting down", EngineStopped("the server is shutting down"))
 
     async def _supervise(self) -> None:
+        self._progress_at = time.monotonic()
         while self.failure is None:
             await asyncio.sleep(WATCH_SECONDS)
-            reason = self.transport.check()
+            reason = self.transport.check() or self._stalled()
             if reason is not None:
                 self._fail(reason)
+                self.transport.halt()
+
+    def _stalled(self) -> str | None:
+        """Why the core counts as stuck: work is owed (a request unfinished, a call unanswered) and no step
+        output has arrived for `stall_timeout` seconds. A process that still beats, or a thread that is
+        alive, can be stuck anywhere (inside a step or outside it, in a lost wake-up or a scheduler that
+        lost track of its queue); only its steps say that it advances."""
+        now = time.monotonic()
+        owed = sum(1 for st in self._streams.values() if st.finish is None)
+        owed += sum(1 for future in self._calls.values() if not future.done())
+        if not owed:
+            self._progress_at = now
+            return None
+        quiet = now - self._progress_at
+        if quiet <= self.stall_timeout:
+            return None
+        return (
+            f"the model engine is not advancing: no step in {quiet:.1f} s with {owed} requests or calls in flight"
+        )
 
     @property
     def pid(self) -> int:
@@ -670,7 +701,7 @@ class AsyncEngine:
             if message[0] not in ("step", "stopped"):
                 continue
             out = StepOutput.unpack(message[1])
-            now = time.monotonic()
+            now = self._progress_at = time.monotonic()
             logprobs, top = out.logprobs, out.top
             for i, (seq_id, token) in enumerate(zip(out.seq_ids, out.tokens, strict=True)):
                 st = streams.get(seq_id)
@@ -738,22 +769,32 @@ def build_engine(
     max_queue: int = 256,
     prefill_chunk: int = 512,
     prefix_cache_tokens: int = -1,
+    threads: int = 0,
     on_stats: Callable[[EngineStats], None] | None = None,
     on_failure: Callable[[str], None] | None = None,
 ) -> AsyncEngine:
-    """An engine over a model object of this process, its core in a thread (tests; `await engine.start()`)."""
+    """An engine over a model object of this process, its core in a thread (tests; `await engine.start()`).
+
+    `model` is a torch model or a GGUF artifact's `GGUFModel` (llama.cpp's runner, on `threads` threads).
+    """
     from stratus_workers.models.loader import LoadedModel
     from stratus_workers.serve.loop import EngineSettings
 
-    param = next(model.parameters())
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, name="model", source="memory", dtype=param.dtype,
-                         device=param.device)  # fmt: skip
+    if hasattr(model, "parameters"):
+        param = next(model.parameters())
+        dtype, device = param.dtype, param.device
+    else:  # a GGUFModel: llama.cpp on the CPU, float32 activations
+        import torch
+
+        dtype, device = torch.float32, torch.device("cpu")
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, name="model", source="memory", dtype=dtype, device=device)
     settings = EngineSettings(
         max_batch_size=max_batch_size,
         max_tokens=max_len,
         max_sessions=max_sessions,
         prefill_chunk=prefill_chunk,
         prefix_cache_tokens=prefix_cache_tokens,
+        threads=threads,
     )
     return AsyncEngine(
         ThreadTransport(settings, loaded=loaded),

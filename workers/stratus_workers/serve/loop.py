@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
+from stratus_workers.runtimes import RUNTIME_TORCH
 from stratus_workers.serve.core import PREFIX_BLOCK, EngineCore, EngineRequest, Finished, StepOutput
 from stratus_workers.serve.parallel import ParallelContext
 from stratus_workers.serve.pipeline import PipelineContext, build_stage_runner, keep_stage
@@ -67,6 +68,8 @@ def _token_bytes(model: Any, dtype: torch.dtype, world: int) -> int:
 
 def prefix_pool_tokens(settings: EngineSettings, model: Any, max_len: int, world: int = 1) -> int:
     """The prefix pool's size in tokens (a multiple of the block size): as asked, or from free memory."""
+    if getattr(model, "runtime", RUNTIME_TORCH) != RUNTIME_TORCH:
+        return 0  # llama.cpp's runner keeps no prefix pool (docs/serving.md)
     if settings.prefix_cache_tokens >= 0:
         return settings.prefix_cache_tokens // PREFIX_BLOCK * PREFIX_BLOCK
     param = next(model.parameters())
@@ -103,7 +106,9 @@ def build_core(
         runner = build_stage_runner(model, pipeline, max_rows=rows, max_len=max_len, pool_tokens=pool)
     else:
         pool = prefix_pool_tokens(settings, model, max_len, world)
-        runner = build_runner(model, max_rows=rows, max_len=max_len, parallel=parallel, pool_tokens=pool)
+        runner = build_runner(
+            model, max_rows=rows, max_len=max_len, parallel=parallel, pool_tokens=pool, threads=settings.threads
+        )
     eos = eos_ids(model, loaded.tokenizer)
     sessions = SpeculativeSessions(runner, eos, first_row=settings.max_batch_size)
     prefix = PrefixCache(PREFIX_BLOCK, pool // PREFIX_BLOCK) if pool >= PREFIX_BLOCK else None

@@ -37,9 +37,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from stratus_workers.runtimes import RUNTIME_TORCH
 from stratus_workers.serve.errors import EngineFailed
 from stratus_workers.serve.parallel import BUILD, SAFE_NCCL_ENV, STOP
-from stratus_workers.serve.runner import Decoded, ModelRunner
+from stratus_workers.serve.runner import Decoded, ModelRunner, UnsupportedModelError
 from stratus_workers.serve.runner.build import build_runner
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,11 @@ def split_rows(batch: int, groups: int) -> list[tuple[int, int]]:
 
 def keep_stage(model: Any, rank: int, stages: int) -> range:
     """Keep only stage `rank`'s decoder layers in `model` (the others are freed); returns their range."""
+    if getattr(model, "runtime", RUNTIME_TORCH) != RUNTIME_TORCH:
+        raise UnsupportedModelError(
+            "pipeline parallel splits a torch model's layers; a GGUF artifact runs on llama.cpp in one process "
+            "(serve it with pipeline_parallel 1)"
+        )
     layers = stage_layers(len(model.model.layers), stages)[rank]
     model.model.layers = torch.nn.ModuleList(model.model.layers[i] for i in layers)
     model.config.num_hidden_layers = len(layers)

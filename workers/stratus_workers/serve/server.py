@@ -31,6 +31,7 @@ from stratus_workers.protocol.requests import (
     session_sampling,
 )
 from stratus_workers.protocol.servicer import add_inference_servicer
+from stratus_workers.runtimes import DEFAULT_MAX_SESSIONS
 from stratus_workers.security import TLSFiles
 from stratus_workers.serve.core import EngineStats
 from stratus_workers.serve.engine import DEFAULT_STEP_TIMEOUT, AsyncEngine, ProcessTransport, ThreadTransport, Transport
@@ -67,7 +68,9 @@ class ServerSettings:
     default_new_tokens: int = field(
         default=128, metadata={"help": "max_new_tokens when a request gives 0 (capped by max_new_tokens)."}
     )
-    max_sessions: int = field(default=4, metadata={"help": "Speculative-decoding sessions held at once."})
+    max_sessions: int = field(
+        default=DEFAULT_MAX_SESSIONS, metadata={"help": "Speculative-decoding sessions held at once."}
+    )
     max_queue: int = field(
         default=256, metadata={"help": "Requests waiting for a batch slot before RESOURCE_EXHAUSTED."}
     )
@@ -75,7 +78,10 @@ class ServerSettings:
     tls_cert: str = field(default="", metadata={"help": "PEM certificate; with tls_key and tls_ca, serve mTLS."})
     tls_key: str = field(default="", metadata={"help": "PEM private key of tls_cert."})
     tls_ca: str = field(default="", metadata={"help": "CA whose certificates callers must present (mTLS)."})
-    threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: torch's default)."})
+    threads: int = field(
+        default=0,
+        metadata={"help": "CPU threads: torch intra-op, or llama.cpp's for a GGUF model (0: the engine's default)."},
+    )
     engine: str = field(
         default="auto",
         metadata={
@@ -94,7 +100,9 @@ class ServerSettings:
     )
     engine_step_timeout: float = field(
         default=DEFAULT_STEP_TIMEOUT,
-        metadata={"help": "Seconds one engine step may take before the engine counts as hung."},
+        metadata={
+            "help": "Seconds the engine may go without finishing a step while work waits before it counts as hung."
+        },
     )
     tensor_parallel: int = field(
         default=1, metadata={"help": "GPUs this server spans (tensor parallel; >1 starts one process per GPU)."}
@@ -619,6 +627,7 @@ class ModelServer:
             max_queue=self.config.max_queue,
             on_stats=self.metrics.on_stats,
             on_failure=self._engine_failed,
+            stall_timeout=self.config.engine_step_timeout,
         )
         # Loads the model and captures the decode graphs (CUDA) before taking traffic.
         await self.engine.start()

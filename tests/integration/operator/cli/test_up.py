@@ -18,12 +18,15 @@ ROOT = Path(__file__).resolve().parents[4]
 ANSWER = re.compile(r"^    \[(?P<tier>\w+) · (?P<why>[^·]+) · \d+ ms\] ", re.MULTILINE)
 
 
-def tiny_sample(model_dir: Path, path: Path) -> Path:
+def tiny_sample(model_dir: Path, path: Path, variant_name: str = "int8", compression: dict | None = None) -> Path:
     """The main sample with the tiny random model as its source, sized for seconds instead of minutes."""
     manifest = yaml.safe_load((ROOT / "deploy" / "samples" / "smollm2.yaml").read_text())
     manifest["metadata"]["name"] = "tiny"
     manifest["spec"]["model"]["source"] = str(model_dir)
     variant = manifest["spec"]["edge"]["variants"][0]
+    variant["name"] = variant_name
+    if compression is not None:
+        variant["compression"] = compression
     variant["evaluation"] = {"perplexitySamples": 2, "sequenceLength": 32, "speedTokens": 4, "agreementPrompts": 2,
                              "agreementTokens": 4}
     variant["gate"] = {}  # a random model's quantization error says nothing; let it serve
@@ -33,8 +36,18 @@ def tiny_sample(model_dir: Path, path: Path) -> Path:
     return path
 
 
-def test_up_once_compresses_serves_and_answers_naming_the_tier(tiny_model_dir: Path, tmp_path: Path) -> None:
-    sample = tiny_sample(tiny_model_dir, tmp_path / "tiny.yaml")
+@pytest.mark.parametrize(
+    ("variant", "compression", "recipe", "runtime"),
+    [
+        ("int8", None, "quantize:int8-weight", "torch"),
+        # The variant's format picks its engine: a GGUF artifact is served by llama.cpp.
+        ("gguf", {"quantization": {"method": "gguf", "ggufType": "q8_0"}}, "quantize:gguf-q8_0", "llamacpp"),
+    ],
+)
+def test_up_once_compresses_serves_and_answers_naming_the_tier(
+    tiny_model_dir: Path, tmp_path: Path, variant: str, compression: dict | None, recipe: str, runtime: str
+) -> None:
+    sample = tiny_sample(tiny_model_dir, tmp_path / "tiny.yaml", variant, compression)
     work = tmp_path / "work"
     proc = subprocess.run(
         [sys.executable, "-m", "stratus_operator.cli", "up", str(sample), "--once", "--work-dir", str(work),
@@ -44,10 +57,10 @@ def test_up_once_compresses_serves_and_answers_naming_the_tier(tiny_model_dir: P
     )
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
-    assert re.search(r"^compress  int8 +accepted \(\d+ s\)", out, re.MULTILINE), out
+    assert re.search(rf"^compress  {variant} +accepted \(\d+ s\)", out, re.MULTILINE), out
     assert re.search(r"^cloud +127\.0\.0\.1:\d+ +tiny-cloud ", out, re.MULTILINE), out
-    assert re.search(r"^edge +127\.0\.0\.1:\d+ +tiny-edge-int8 +\(variant int8: quantize:int8-weight", out,
-                     re.MULTILINE), out
+    edge_line = rf"^edge +127\.0\.0\.1:\d+ +tiny-edge-{variant} +\(variant {variant}: {recipe}, served by {runtime}"
+    assert re.search(edge_line, out, re.MULTILINE), out
     assert re.search(r"^router +127\.0\.0\.1:\d+ +http://127\.0\.0\.1:\d+ +tiny-router +\(policy cascade\)", out,
                      re.MULTILINE), out
     answers = list(ANSWER.finditer(out))
@@ -57,7 +70,7 @@ def test_up_once_compresses_serves_and_answers_naming_the_tier(tiny_model_dir: P
     assert "error:" not in out
     # The work dir keeps the state and the verdict, so the next run reuses the artifact.
     assert (work / "endpoints.json").is_file()
-    assert [p.name for p in (work / "artifacts").glob("int8-*.summary.json")]
+    assert [p.name for p in (work / "artifacts").glob(f"{variant}-*.summary.json")]
 
 
 def test_a_second_up_of_the_same_deployment_refuses_and_says_which_run_holds_it(

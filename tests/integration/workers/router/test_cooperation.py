@@ -30,9 +30,15 @@ PROMPTS = [
 ]
 
 
+# The edge's draft model on either engine: torch, or llama.cpp serving it as a q8_0 GGUF artifact.
+EDGE_DRAFTS = pytest.mark.parametrize("edge_draft", ["draft_model_dir", "draft_gguf_dir"])
+
+
+@EDGE_DRAFTS
 async def test_speculative_greedy_equals_cloud_only(
-    model_server, draft_model_dir, tiny_model_dir, router_config, running_router
+    model_server, edge_draft, tiny_model_dir, router_config, running_router, request
 ) -> None:
+    draft_model_dir = request.getfixturevalue(edge_draft)
     async with (
         model_server(tier="cloud", name="cloud") as cloud,
         model_server(tier="edge", name="edge", model=str(draft_model_dir)) as edge,
@@ -73,9 +79,11 @@ async def test_speculative_greedy_equals_cloud_only(
         assert cloud.engine is not None and cloud.engine.stats.sessions == 0  # every session was released
 
 
+@EDGE_DRAFTS
 async def test_speculative_sampling_with_seed_is_reproducible(
-    model_server, draft_model_dir, tiny_model_dir, router_config, running_router
+    model_server, edge_draft, tiny_model_dir, router_config, running_router, request
 ) -> None:
+    draft_model_dir = request.getfixturevalue(edge_draft)
     async with model_server(tier="cloud") as cloud, model_server(tier="edge", model=str(draft_model_dir)) as edge:
         config = router_config(
             "speculative",

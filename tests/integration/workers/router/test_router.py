@@ -30,8 +30,15 @@ NEVER_EDGE = {"confidenceThreshold": -0.001}
         ("cascade", NEVER_EDGE, pb.TIER_CLOUD, "low-confidence"),
     ],
 )
-async def test_policies(model_server, policy, cascade, tier, reason, router_config, running_router) -> None:
-    async with model_server(tier="edge", name="edge") as edge, model_server(tier="cloud", name="cloud") as cloud:
+@pytest.mark.parametrize("edge_model", ["tiny_model_dir", "tiny_gguf_dir"])  # the edge on torch, or on llama.cpp
+async def test_policies(
+    model_server, policy, cascade, tier, reason, router_config, running_router, edge_model, request
+) -> None:
+    edge_source = str(request.getfixturevalue(edge_model))
+    async with (
+        model_server(tier="edge", name="edge", model=edge_source) as edge,
+        model_server(tier="cloud", name="cloud") as cloud,
+    ):
         config = router_config(
             policy, [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")], cascade=cascade
         )

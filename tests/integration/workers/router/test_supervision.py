@@ -146,32 +146,42 @@ class EngineKilled(BaseException):
     """A fault the engine's per-step recovery (which catches Exception) does not handle: it ends the loop."""
 
 
-async def test_a_dead_engine_loop_behind_the_router_fails_over(
-    tiny_model_dir, model_server, router_config, running_router
+@pytest.mark.parametrize("fault_kind", ["dies", "hangs"])
+async def test_a_dead_or_stuck_engine_loop_behind_the_router_fails_over(
+    tiny_model_dir, model_server, router_config, running_router, fault_kind
 ) -> None:
-    """Issue 12's must-show: the edge's engine loop dies mid-answer; the server says NOT_SERVING, the answer
-    in flight and every later one come from the cloud, and the router reports the edge down."""
+    """Issue 12's must-show: the edge's engine loop dies mid-answer, or stays alive but stops advancing (a
+    forward pass that never returns: the process, its gRPC server and its thread all live on); the server
+    says NOT_SERVING, the answer in flight and every later one come from the cloud, and the router reports
+    the edge down."""
     import threading
 
     from stratus_workers.models import load_model
 
     loaded = load_model(str(tiny_model_dir), dtype="float32", device="cpu")  # a private copy: it gets a fault
     armed = threading.Event()
+    release = threading.Event()
 
     def fault(module: object, args: object) -> None:
         if armed.is_set():
-            raise EngineKilled("injected fault in the edge model's forward pass")
+            if fault_kind == "dies":
+                raise EngineKilled("injected fault in the edge model's forward pass")
+            release.wait(60)
 
     loaded.model.model.layers[0].mlp.register_forward_pre_hook(fault)
-    settings = ServerSettings(model=str(tiny_model_dir), name="edge", tier="edge", port=0, http_port=0)
+    settings = ServerSettings(
+        model=str(tiny_model_dir), name="edge", tier="edge", port=0, http_port=0, engine_step_timeout=1.0
+    )
     edge = ModelServer(settings, loaded=loaded)
     await edge.start()
+    assert edge.engine is not None and edge.engine.stall_timeout == settings.engine_step_timeout
     async with (
         contextlib.AsyncExitStack() as stack,
         model_server(tier="cloud", name="cloud") as cloud,
         aiohttp.ClientSession() as http,
     ):
         stack.push_async_callback(edge.stop, 0.5)
+        stack.callback(release.set)  # first: the stuck step returns before the server stops
         backends = [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")]
         config = router_config("cascade", backends, cascade=ALWAYS_EDGE, cache={"enabled": False})
         async with running_router(config) as router, AsyncClient(router.address, timeout=60) as client:
@@ -191,6 +201,9 @@ async def test_a_dead_engine_loop_behind_the_router_fails_over(
             )
             async with AsyncClient(edge.address) as direct:
                 assert not await direct.healthy()  # NOT_SERVING
+            async with http.get(f"http://127.0.0.1:{edge.http_port}/readyz") as ready:
+                why = {"dies": "injected fault", "hangs": "inside one step for over 1 s"}[fault_kind]
+                assert ready.status == 503 and why in (await ready.json())["detail"]
 
             async def edge_down() -> bool:
                 return await edge_up(http, router.http_port) == 0.0

@@ -204,3 +204,26 @@ def test_speculative_needs_an_edge_server_like_cascade() -> None:
 def test_empty_plan_runs_nothing() -> None:
     p = Plan.empty("broken", 4)
     assert (p.servers, p.router, p.compression_jobs, p.generation) == ([], None, [], 4)
+
+
+def test_the_variants_format_picks_its_runtime() -> None:
+    """A gguf quantization is served by llama.cpp: the plan and the status say so; other recipes stay torch."""
+    from stratus_operator.planner import build_status
+
+    gguf = {"name": "gguf", "compression": {"quantization": {"method": "gguf", "ggufType": "q8_0"}},
+            "nodeSelector": EDGE}
+    d = dep(spec__edge__variants=[manifest()["spec"]["edge"]["variants"][0], gguf])
+    kv = 23_040  # SmolLM2-135M: 30 layers x 2 x 192 f16 values a token
+    gguf_result = result("gguf", size_bytes=180_000_000, perplexity=13.2, kv_bytes_per_token=kv)
+    int8_result = result("int8", size_bytes=180_000_000, perplexity=13.2, kv_bytes_per_token=2 * kv)
+    p = plan(d, cluster(edge_node("e1", 8)), {"int8": int8_result, "gguf": gguf_result})
+    assert {v.name: v.runtime for v in p.variants} == {"int8": "torch", "gguf": "llamacpp"}
+    assert {s.variant: s.runtime for s in p.edge} == {"int8": "torch", "gguf": "llamacpp"}
+    # A llama.cpp server allocates its whole cache at start (default serving limits: 8 + 4 rows of 2,560
+    # tokens): its pod asks for that on top of the model; a torch server's cache grows with use.
+    memory = {s.variant: s.resources.requests["memory"] for s in p.edge}
+    cache_mib = kv * (8 + 4) * (2048 + 512) / 2**20
+    assert memory["int8"] == "727Mi" and int(memory["gguf"].removesuffix("Mi")) == pytest.approx(727 + cache_mib, abs=1)
+    assert p.cloud is not None and p.cloud.runtime == "torch"
+    status = build_status(p, {}, previous=None, now="2026-01-01T00:00:00Z")
+    assert [(v.name, v.runtime) for v in status.variants] == [("int8", "torch"), ("gguf", "llamacpp")]

@@ -8,6 +8,7 @@ import asyncio
 import functools
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,33 @@ class FaultyRunner(ModuleRunner):
         return super()._forward(*args, **kwargs)
 
 
+class BlockingRunner(ModuleRunner):
+    """The real module path, until `armed`: then a forward pass waits for `release` (a step that never returns,
+    as a kernel or a collective that hangs)."""
+
+    armed = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.release = threading.Event()
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.armed:
+            self.release.wait(30)
+        return super()._forward(*args, **kwargs)
+
+
+class LostCore(EngineCore):
+    """The real core, until `armed`: then it reports no work while requests wait (a scheduler that lost track
+    of its queue). Its loop stays alive and idles between steps; nothing is raised and no step hangs."""
+
+    armed = False
+
+    @property
+    def busy(self) -> bool:
+        return not self.armed and super().busy
+
+
 async def assert_dead_engine_fails_fast(
     engine: AsyncEngine, prompt: list[int], kill: Any, failures: list[str], fragment: str
 ) -> None:
@@ -333,6 +361,54 @@ async def test_a_dead_loop_fails_every_request_fast_and_says_why(loaded: Any) ->
     try:
         await assert_dead_engine_fails_fast(engine, loaded.tokenizer.encode("Hello"), arm, failures,
                                             "EngineKilled: injected fault")  # fmt: skip
+    finally:
+        await engine.stop()
+
+
+async def test_a_loop_stuck_inside_a_step_fails_every_request_after_the_step_timeout(loaded: Any) -> None:
+    runner = BlockingRunner(loaded.model, max_rows=2, max_len=256)
+    eos = eos_ids(loaded.model, loaded.tokenizer)
+    core = EngineCore(runner, SpeculativeSessions(runner, eos, first_row=1), eos, max_batch_size=1)
+    info = EngineInfo("tiny", "memory", "float32", "cpu", 0, "", 256, runner.vocab_size)
+    failures: list[str] = []
+    transport = ThreadTransport(EngineSettings(max_batch_size=1), core=(core, info, loaded.tokenizer), step_timeout=1.0)
+    engine = AsyncEngine(transport, max_batch_size=1, on_failure=failures.append)
+    await engine.start()
+
+    def arm() -> None:
+        runner.armed = True
+
+    try:
+        prompt = loaded.tokenizer.encode("Hello")
+        fails = assert_dead_engine_fails_fast(engine, prompt, arm, failures, "inside one step for over 1 s")
+        await asyncio.wait_for(fails, 20)
+    finally:
+        runner.release.set()
+        await engine.stop()
+
+
+async def test_a_live_loop_that_stops_stepping_with_work_queued_fails_every_request(loaded: Any) -> None:
+    """Alive, not inside a step, not raising: only the step outputs that stop coming show it (issue 12)."""
+    runner = ModuleRunner(loaded.model, max_rows=2, max_len=256)
+    eos = eos_ids(loaded.model, loaded.tokenizer)
+    core = LostCore(runner, SpeculativeSessions(runner, eos, first_row=1), eos, max_batch_size=1)
+    info = EngineInfo("tiny", "memory", "float32", "cpu", 0, "", 256, runner.vocab_size)
+    failures: list[str] = []
+    transport = ThreadTransport(EngineSettings(max_batch_size=1), core=(core, info, loaded.tokenizer), step_timeout=1.0)
+    engine = AsyncEngine(transport, max_batch_size=1, on_failure=failures.append, stall_timeout=1.0)
+    await engine.start()
+    idle = time.monotonic()
+    await asyncio.sleep(1.5)  # nothing owed: an idle engine that takes no steps is healthy
+    assert engine.failure is None and time.monotonic() - idle > 1.0
+
+    def arm() -> None:
+        core.armed = True
+
+    try:
+        prompt = loaded.tokenizer.encode("Hello")
+        fails = assert_dead_engine_fails_fast(engine, prompt, arm, failures, "not advancing: no step in")
+        await asyncio.wait_for(fails, 20)
+        assert transport.check() is None  # the thread is alive and not inside a step: only progress says
     finally:
         await engine.stop()
 

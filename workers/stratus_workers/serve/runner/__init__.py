@@ -93,6 +93,15 @@ class Decoded:
     greedy_logprobs: list[float] | None
 
 
+def decoded(logits: torch.Tensor, logprobs: bool) -> Decoded:
+    """A decode step's result from its [rows, vocab] logits: the greedy choices (and their log-probabilities)."""
+    best = logits.argmax(dim=-1)
+    picked = None
+    if logprobs:
+        picked = (logits.gather(1, best[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)).tolist()
+    return Decoded(logits, best.tolist(), picked)
+
+
 class ModelRunner(abc.ABC):
     """One model and a KV cache of `max_rows` rows; the engine keeps its decode rows contiguous from 0.
 
@@ -232,12 +241,7 @@ class ModelRunner(abc.ABC):
     def _decode(self, ids: list[int], logprobs: bool) -> Decoded:
         """A decode step through `_forward`; paths with a static step of their own replace it."""
         starts = self.cache.lengths[: len(ids)]
-        logits = self._forward(0, [[t] for t in ids], starts, [1] * len(ids), False)
-        best = logits.argmax(dim=-1)
-        picked = None
-        if logprobs:
-            picked = (logits.gather(1, best[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)).tolist()
-        return Decoded(logits, best.tolist(), picked)
+        return decoded(self._forward(0, [[t] for t in ids], starts, [1] * len(ids), False), logprobs)
 
     def _warmup(self, max_kv_len: int | None, batch_sizes: Sequence[int] | None) -> int:
         return 0
@@ -256,18 +260,19 @@ class ModelRunner(abc.ABC):
         last = to_device([q - 1 for q in q_lens], h.device)
         return h[torch.arange(h.shape[0], device=h.device), last]
 
-    @abc.abstractmethod
+    # The torch runners provide these; a runner that cannot run in parts (llama.cpp's) cannot be a stage.
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """[B, Q] ids -> [B, Q, hidden] activations (the model's embedding)."""
+        raise UnsupportedModelError(f"{type(self).__name__} cannot run a forward in parts (a pipeline stage)")
 
-    @abc.abstractmethod
     def extend_hidden(self, first_row: int, h: torch.Tensor, starts: list[int], q_lens: list[int]) -> torch.Tensor:
         """Run this runner's decoder layers over rows first_row.. ([B, Q, hidden], row i's `q_lens[i]` real
         tokens from position `starts[i]`), write their keys and values, set their lengths; the residual out."""
+        raise UnsupportedModelError(f"{type(self).__name__} cannot run a forward in parts (a pipeline stage)")
 
-    @abc.abstractmethod
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: [..., hidden] -> [..., vocab] float32 logits."""
+        raise UnsupportedModelError(f"{type(self).__name__} cannot run a forward in parts (a pipeline stage)")
 
     def _lead(self, method: str, *args: Any, **kwargs: Any) -> None:
         if self.parallel is not None:

@@ -1,10 +1,11 @@
-"""Picks a model's runner: the fused path on CUDA or under tensor parallel, else the exact module path."""
+"""Picks a model's runner: llama.cpp's for a GGUF artifact, else the fused path (CUDA, tensor parallel) or modules."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
+from stratus_workers.runtimes import RUNTIME_LLAMACPP, RUNTIME_TORCH
 from stratus_workers.serve.parallel import BUILD, ParallelContext
 from stratus_workers.serve.runner import ModelRunner, UnsupportedModelError, check_supported, env_flag
 from stratus_workers.serve.runner.fused import FusedRunner, fusable
@@ -22,6 +23,7 @@ def build_runner(
     compile: bool | None = None,
     parallel: ParallelContext | None = None,
     pool_tokens: int = 0,
+    threads: int = 0,
 ) -> ModelRunner:
     """A runner of `max_rows` cache rows of up to `max_len` tokens for `model` (and a prefix pool of `pool_tokens`).
 
@@ -30,7 +32,16 @@ def build_runner(
     arithmetic. STRATUS_FAST_PATH=0 or 1 overrides the default (1 runs the CUDA path's arithmetic
     on the CPU, which is how the CPU tests cover it). On rank 0 of a tensor-parallel group the
     other ranks build the same runner (their `follow()` calls this with the same settings).
+
+    A GGUF artifact (models.gguf_artifact.GGUFModel) gets llama.cpp's runner on `threads` threads
+    (0: its default); llama_cpp is imported only then. Torch's runners use the process's torch threads.
     """
+    if getattr(model, "runtime", RUNTIME_TORCH) == RUNTIME_LLAMACPP:
+        if parallel is not None and parallel.sharded:
+            raise UnsupportedModelError("a GGUF model runs on llama.cpp on the CPU; it cannot be tensor parallel")
+        from stratus_workers.serve.llamacpp import LlamaCppRunner
+
+        return LlamaCppRunner(model, max_rows=max_rows, max_len=max_len, threads=threads)
     check_supported(model)
     sharded = parallel is not None and parallel.sharded
     can_fuse = fusable(model)
