@@ -10,7 +10,8 @@ PYTEST_ARGS ?=
 LLAMA_CMAKE_ARGS ?=
 
 .PHONY: setup run up test test-unit test-integration test-slow lint typecheck imports protos check-protos \
-        bench-serve bench-pp bench-compress bench-operator bench-coop bench-edge soak fuzz e2e images manifests clean
+        bench-serve bench-pp bench-compress bench-compress-gpu bench-operator bench-coop bench-edge soak fuzz e2e images \
+        image-cloud base-image e2e-containers manifests clean
 
 setup: $(STAMP)
 
@@ -58,18 +59,44 @@ protos: setup
 check-protos: setup
 	$(PY) scripts/gen_protos.py --check
 
-# Container images (docker); the tag follows the chart's appVersion. TORCH_INDEX_URL picks the
-# torch build baked in: CPU (edge, kind) by default, a CUDA index for cloud GPU nodes.
+# Container images (docker), built by deploy/images/build.py; the tag follows the chart's appVersion. The base
+# is PYTHON_IMAGE, or where it cannot be pulled the same base made locally (`make base-image`: debootstrap +
+# Debian's python3.11). Wheels come from a wheelhouse the host's pip downloads (WHEELHOUSE=0: pip inside the
+# build uses the public indexes). Two workers flavours: edge (CPU torch, TORCH_INDEX_URL) and cloud (CUDA
+# torch, TORCH_CUDA_INDEX_URL; `make image-cloud`). WORKERS_IMAGE is the edge image under the name the
+# operator's one STRATUS_IMAGE uses. PLATFORM=linux/arm64 builds for arm64 edge devices (docs/install.md).
+# The workers images compile llama.cpp for portable CPU flags chosen by PLATFORM (build.py LLAMA_CMAKE_ARGS);
+# IMAGE_LLAMA_CMAKE_ARGS replaces them (never -DGGML_NATIVE=ON: the image runs on other CPUs).
 IMAGE_TAG ?= 0.1.0
+IMAGE_REGISTRY ?= ghcr.io/stratus-llm
 OPERATOR_IMAGE ?= ghcr.io/stratus-llm/stratus-operator:$(IMAGE_TAG)
 WORKERS_IMAGE ?= ghcr.io/stratus-llm/stratus-workers:$(IMAGE_TAG)
+EDGE_IMAGE ?= $(IMAGE_REGISTRY)/stratus-workers-edge:$(IMAGE_TAG)
+CLOUD_IMAGE ?= $(IMAGE_REGISTRY)/stratus-workers-cloud:$(IMAGE_TAG)
+PYTHON_IMAGE ?= python:3.11-slim-bookworm
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+TORCH_CUDA_INDEX_URL ?= https://download.pytorch.org/whl/cu128
+WHEELHOUSE ?= 1
+IMAGE_LLAMA_CMAKE_ARGS ?=
+IMAGE_ENV = IMAGE_TAG=$(IMAGE_TAG) OPERATOR_IMAGE=$(OPERATOR_IMAGE) WORKERS_IMAGE=$(WORKERS_IMAGE) \
+  EDGE_IMAGE=$(EDGE_IMAGE) CLOUD_IMAGE=$(CLOUD_IMAGE) PYTHON_IMAGE=$(PYTHON_IMAGE) \
+  TORCH_INDEX_URL=$(TORCH_INDEX_URL) TORCH_CUDA_INDEX_URL=$(TORCH_CUDA_INDEX_URL) WHEELHOUSE=$(WHEELHOUSE) \
+  PLATFORM=$(PLATFORM) IMAGE_LLAMA_CMAKE_ARGS="$(IMAGE_LLAMA_CMAKE_ARGS)"
 
 images:
-	@command -v docker >/dev/null 2>&1 || { echo "make images: docker is not installed; it builds the images" >&2; exit 1; }
-	@docker info >/dev/null 2>&1 || { echo "make images: the Docker daemon is not reachable (docker info failed)" >&2; exit 1; }
-	docker build -f deploy/images/operator.Dockerfile --build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) -t $(OPERATOR_IMAGE) .
-	docker build -f deploy/images/workers.Dockerfile --build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) -t $(WORKERS_IMAGE) .
+	$(IMAGE_ENV) $(PYTHON) deploy/images/build.py images --flavours operator,edge
+
+image-cloud:
+	$(IMAGE_ENV) $(PYTHON) deploy/images/build.py images --flavours cloud
+
+base-image:
+	$(IMAGE_ENV) $(PYTHON) deploy/images/build.py base
+
+# The sample's plan as containers on one Docker network, each started as the operator renders its pod
+# (tests/e2e/containers); needs `make images` first. Skips with one line when no Docker engine is reachable.
+e2e-containers: setup
+	OPERATOR_IMAGE=$(OPERATOR_IMAGE) EDGE_IMAGE=$(EDGE_IMAGE) CLOUD_IMAGE=$(CLOUD_IMAGE) \
+	  $(PY) -m pytest -m containers tests/e2e/containers $(PYTEST_ARGS)
 
 # kind e2e (tests/e2e): exits 0 with one line naming what is missing when docker or kind is absent.
 e2e: setup
@@ -89,7 +116,6 @@ BENCH_OPERATOR_N ?= 1000
 bench-operator: setup
 	$(PY) tests/bench/bench_operator.py --count $(BENCH_OPERATOR_N) --write docs/benchmarks.md
 
-# Every compression method on the bundled SmolLM2-135M (deploy/samples/smollm2-compression.yaml); ~20 min on 2 cores.
 # The local stack under a steady request rate for 10 minutes: errors and memory (docs/reliability.md).
 soak: setup
 	$(PY) tests/bench/soak.py --minutes $${SOAK_MINUTES:-10}
@@ -102,8 +128,18 @@ fuzz: setup
 bench-coop: setup
 	$(PY) tests/bench/bench_coop.py --write docs/benchmarks.md
 
+# Every compression method on the bundled SmolLM2-135M (deploy/samples/smollm2-compression.yaml); ~20 min on 2 cores.
+# Also the GPU rows (deploy/samples/smollm2-compression-gpu.yaml) from the stored results of bench-compress-gpu,
+# with their CPU tokens/s measured here; `bench_compress.py --gpu-only` renders just those.
 bench-compress: setup
 	$(PY) tests/bench/bench_compress.py --write docs/benchmarks.md
+
+# On a machine with a CUDA GPU and the bundled model: the GPU sample's Jobs within BENCH_GPU_BUDGET seconds and
+# the 2:4 sparse kernel timings, into tests/bench/results/compress-gpu/ (then `make bench-compress` renders them).
+BENCH_GPU_BUDGET ?= 390
+bench-compress-gpu: setup
+	$(PY) tests/bench/bench_compress_gpu.py --mode sparse --out tests/bench/results/compress-gpu
+	$(PY) tests/bench/bench_compress_gpu.py --mode jobs --budget $(BENCH_GPU_BUDGET) --out tests/bench/results/compress-gpu
 
 # llama.cpp on the bundled GGUF (the reference) beside our edge variants (torch int8/int4, GGUF) served
 # through our gRPC server: batch 1 and 4, greedy, 128 new tokens. Builds the variants on the first run

@@ -81,10 +81,12 @@ class RouterFlags:
         return [python, "-m", "stratus_workers.router", *self.args()]
 
 
-def compress_command(*, spec: str, out: str, termination_log: str, python: str = "python") -> list[str]:
+def compress_command(*, spec: str, out: str, termination_log: str, python: str = "python",
+                     device: str = "auto") -> list[str]:
     """`python -m stratus_workers.compress`: read the Job spec, write the artifact, report to the log."""
-    return [python, "-m", "stratus_workers.compress", "--spec", spec, "--out", out,
-            "--termination-log", termination_log]
+    command = [python, "-m", "stratus_workers.compress", "--spec", spec, "--out", out,
+               "--termination-log", termination_log]
+    return [*command, "--device", device] if device != "auto" else command
 
 
 def router_config(p: Plan, router: RouterPlan, *, address: Callable[[str], str], tokenizer: str | None) -> RouterConfig:

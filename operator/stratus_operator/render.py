@@ -446,9 +446,11 @@ def render_job(p: Plan, deployment: LLMDeployment, job: CompressionJobPlan,
         "name": COMPRESS_CONTAINER,
         "image": options.image,
         "imagePullPolicy": options.image_pull_policy,
-        "command": compress_command(spec=SPEC_FILE, out=artifact_path(job.variant), termination_log=TERMINATION_LOG),
+        "command": compress_command(spec=SPEC_FILE, out=artifact_path(job.variant), termination_log=TERMINATION_LOG,
+                                    device=job.device),
         "env": [{"name": "STRATUS_CACHE_DIR", "value": CACHE_DIR}],
-        "resources": options.compress_resources,
+        "resources": (options.compress_resources if job.resources is None
+                      else _resources(dict(job.resources.requests), dict(job.resources.limits))),
         "volumeMounts": mounts,
         # The worker writes its one-line JSON summary here; the operator reads it from the pod status.
         "terminationMessagePath": TERMINATION_LOG,
@@ -480,6 +482,10 @@ def render_job(p: Plan, deployment: LLMDeployment, job: CompressionJobPlan,
     pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": containers, "volumes": volumes}
     if init:
         pod_spec["initContainers"] = init
+    if job.node_selector:
+        pod_spec["nodeSelector"] = dict(job.node_selector)
+    if job.tolerations:
+        pod_spec["tolerations"] = _tolerations(job.tolerations)
     harden(pod_spec)
     obj = {
         "apiVersion": "batch/v1",

@@ -187,6 +187,25 @@ class CloudTier(SpecModel):
         return self
 
 
+class CompressionJob(SpecModel):
+    """Where a variant's compression Job runs and with what: a GPU node in the cloud for training, typically."""
+
+    gpus: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="GPUs for the Job (the operator's GPU resource, requests == limits); the worker trains and "
+        "calibrates on CUDA and still measures tokens/s on the CPU, the edge's kind of device. 0: CPU only.",
+    )
+    resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements,
+        description="The Job container's resources; unset: the operator's defaults for compression Jobs "
+        "(the GPUs are added either way).",
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict, description="e.g. the cloud tier's GPU node labels.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="e.g. for GPU taints.")
+
+
 class EdgeVariant(SpecModel):
     """One compressed variant of the model, gated on quality and placed on edge nodes.
 
@@ -205,6 +224,11 @@ class EdgeVariant(SpecModel):
     compression: CompressionRecipe = Field(default_factory=CompressionRecipe)
     evaluation: Evaluation = Field(default_factory=Evaluation)
     gate: QualityGate = Field(default_factory=QualityGate)
+    job: CompressionJob = Field(
+        default_factory=CompressionJob,
+        description="The compression Job's placement and resources (not the edge servers'; a change applies to "
+        "the next Job, as a Job's pod template cannot change).",
+    )
     replicas: int = Field(1, ge=0, le=1000, description="Server pods (ignored when autoscaling is set).")
     dtype: Dtype = Field("auto")
     device: Device = Field("cpu", description="Edge nodes usually have no GPU.")

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import report  # tests/bench/report.py (scripts run from this folder)
+import compress_gpu_report  # tests/bench/ (scripts run from this folder)
+import report
 import torch
 import yaml
 
@@ -70,7 +71,8 @@ NOTES = [
     "is ~1.0x.",
     "Distillation and recovery use the step counts in the sample (20 to 150 steps of 256 tokens), sized for a "
     "2-core CPU; a half-depth student needs millions of tokens to approach its teacher, so the student rows show "
-    "the method working (the loss falls, the artifact serves), not its attainable quality.",
+    "the method working (the loss falls, the artifact serves), not its attainable quality: the GPU section below "
+    "shows that, from Jobs trained on an H200.",
 ]
 
 
@@ -156,7 +158,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also dump the raw rows here")
     parser.add_argument("--work-dir", type=Path, help="keep distillation checkpoints here (reused by later runs)")
     parser.add_argument("--from-json", type=Path, help="render and write a previous run's --json dump instead")
+    parser.add_argument("--gpu-results", type=Path, default=compress_gpu_report.RESULTS_DIR,
+                        help="a GPU run's JSON files (bench_compress_gpu.py): rendered as the GPU section")
+    parser.add_argument("--gpu-only", action="store_true",
+                        help="only the GPU section: its stored results, with CPU tokens/s measured here")
+    parser.add_argument("--gpu-keep-speeds", action="store_true",
+                        help="render the GPU section with the CPU tokens/s last measured (its cpu-speeds.json)")
     args = parser.parse_args(argv)
+    if args.gpu_only or not args.from_json:
+        # The GPU rows' CPU speeds are measured here, before the long CPU run loads the machine further.
+        gpu = compress_gpu_report.build(args.gpu_results, args.threads, EVALUATION["speedTokens"],
+                                        remeasure=not args.gpu_keep_speeds)
+        print(gpu or f"[bench-compress] no GPU results in {args.gpu_results}", file=sys.stderr)
+        if gpu and not args.no_write:
+            report.write_section(args.write, compress_gpu_report.SECTION, gpu)
+        if args.gpu_only:
+            return 0 if gpu else 2
     if args.from_json:
         data = json.loads(args.from_json.read_text())
         section = render(data["rows"], data["full"], data.get("seconds", 0.0), data.get("failures", []),

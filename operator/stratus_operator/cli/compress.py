@@ -22,6 +22,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--out", required=True, type=Path, help="artifact directory to write (atomically)")
     parser.add_argument("--work-dir", type=Path, help="checkpoint directory (default: .<out>.work beside --out)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where to train and calibrate (auto: CUDA when a GPU is visible); tokens/s is always "
+                        "measured on the CPU")
     parser.set_defaults(func=run)
 
 
@@ -67,4 +70,4 @@ def run(args: argparse.Namespace) -> int:
     except BadInput as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.BAD_INPUT
-    return run_job(spec, args.out, work_dir=args.work_dir)
+    return run_job(spec, args.out, work_dir=args.work_dir, device=args.device)

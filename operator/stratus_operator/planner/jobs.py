@@ -6,13 +6,14 @@ it plans the topology, the local runner to know what to compress.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import ValidationError
 
 from stratus_operator.names import job_name, stable_hash
-from stratus_operator.spec import LLMDeployment
+from stratus_operator.placement import GPU_RESOURCE
+from stratus_operator.spec import LLMDeployment, ResourceRequirements, Toleration
 from stratus_workers.compress.spec import CompressionJobSpec, CompressionStatus, CompressionSummary
 
 
@@ -87,6 +88,17 @@ class CompressionJobPlan:
     spec: CompressionJobSpec
     spec_hash: str
     result: CompressionResult | None = None
+    # Placement and resources: not part of spec_hash (the recipe's result does not depend on where it ran).
+    gpus: int = 0
+    # None: the operator's defaults for compression Jobs; the GPUs are in here either way.
+    resources: ResourceRequirements | None = None
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: tuple[Toleration, ...] = ()
+
+    @property
+    def device(self) -> Literal["auto", "cuda"]:
+        """The worker's --device: a Job given a GPU must use it (a CPU fallback would train for days)."""
+        return "cuda" if self.gpus else "auto"
 
     @property
     def done(self) -> bool:
@@ -97,7 +109,18 @@ class CompressionJobPlan:
         return "pending" if self.result is None else self.result.status
 
 
-def plan_jobs(deployment: LLMDeployment) -> list[CompressionJobPlan]:
+def job_resources(requested: ResourceRequirements, gpus: int, gpu_resource: str) -> ResourceRequirements | None:
+    """The Job's resources: the variant's own (None when it sets none) with `gpus` GPUs, requests == limits."""
+    if not gpus:
+        return requested if requested.requests or requested.limits else None
+    requests, limits = dict(requested.requests), dict(requested.limits)
+    # An extended resource cannot be overcommitted: Kubernetes requires its request to equal its limit.
+    count = limits.get(gpu_resource) or requests.get(gpu_resource) or str(gpus)
+    requests[gpu_resource] = limits[gpu_resource] = count
+    return ResourceRequirements(requests=requests, limits=limits)
+
+
+def plan_jobs(deployment: LLMDeployment, *, gpu_resource: str = GPU_RESOURCE) -> list[CompressionJobPlan]:
     """The compression Job of every edge variant (none under policy cloud-only), without results."""
     spec = deployment.spec
     if spec.routing.policy == "cloud-only":
@@ -117,5 +140,9 @@ def plan_jobs(deployment: LLMDeployment) -> list[CompressionJobPlan]:
             name=job_name(deployment.metadata.name, variant.name, spec_hash),
             spec=job_spec,
             spec_hash=spec_hash,
+            gpus=variant.job.gpus,
+            resources=job_resources(variant.job.resources, variant.job.gpus, gpu_resource),
+            node_selector=dict(variant.job.node_selector),
+            tolerations=tuple(variant.job.tolerations),
         ))
     return jobs

@@ -226,7 +226,7 @@ def plan(
     policy = spec.routing.policy
     notes: list[str] = []
 
-    jobs = [_with_result(job, results) for job in plan_jobs(deployment)]
+    jobs = [_with_result(job, results) for job in plan_jobs(deployment, gpu_resource=gpu_resource)]
     variants: list[VariantPlan] = []
     servers: list[ServerPlan] = []
     reserved: dict[str, Resources] = {}

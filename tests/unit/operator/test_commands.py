@@ -59,3 +59,6 @@ def test_compress_command_parses_with_the_workers_parser() -> None:
     args = compress_parser().parse_args(command[3:])
     assert (str(args.spec), str(args.out), str(args.termination_log)) == (
         "/etc/stratus/spec.json", "/artifacts/int8", "/dev/termination-log")
+    assert args.device == "auto"
+    gpu = compress_command(spec="/s.json", out="/a", termination_log="/t", device="cuda")
+    assert compress_parser().parse_args(gpu[3:]).device == "cuda"

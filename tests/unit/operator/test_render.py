@@ -230,6 +230,29 @@ def test_tensor_parallel_cloud_pod_gets_flag_gpus_and_shared_memory() -> None:
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
 
 
+def test_gpu_job_requests_its_gpu_lands_on_gpu_nodes_and_trains_on_cuda() -> None:
+    d = load(ROOT / "deploy" / "samples" / "smollm2-compression-gpu.yaml")
+    jobs = by_kind(rendered(d), "Job")
+    assert len(jobs) == 4
+    for job in jobs.values():
+        pod = job["spec"]["template"]["spec"]
+        compress = next(c for c in pod["containers"] if c["name"] == "compress")
+        assert compress["resources"]["requests"]["nvidia.com/gpu"] == compress["resources"]["limits"][
+            "nvidia.com/gpu"] == "1"
+        assert compress["command"][-2:] == ["--device", "cuda"]
+        assert pod["nodeSelector"] == {"stratus.dev/gpu": "true"}
+        assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    student = next(j for name, j in jobs.items() if "student-15l-" in name and "int8" not in name)
+    resources = student["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources == {"requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
+                         "limits": {"memory": "16Gi", "nvidia.com/gpu": "1"}}
+    # A variant that asks for nothing keeps the operator's defaults and picks its device itself.
+    plain = next(iter(by_kind(rendered(load(ROOT / "deploy" / "samples" / "smollm2.yaml")), "Job").values()))
+    container = plain["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"] == RenderOptions().compress_resources and "--device" not in container["command"]
+    assert "nodeSelector" not in plain["spec"]["template"]["spec"]
+
+
 def test_rendered_job_and_configs_are_what_the_workers_read() -> None:
     d = load(ROOT / "deploy" / "samples" / "smollm2.yaml")
     objects = rendered(d)

@@ -24,6 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path, help="artifact directory (written atomically)")
     parser.add_argument("--termination-log", type=Path, help="also write the summary here (/dev/termination-log)")
     parser.add_argument("--work-dir", type=Path, help="checkpoints for resuming (default: .<out>.work beside --out)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where to train and calibrate (auto: CUDA when a GPU is visible); speed is always measured on the CPU",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", default="json", choices=["json", "text"])
     return parser
@@ -41,14 +47,19 @@ def _emit(summary: CompressionSummary, termination_log: Path | None) -> None:
 
 
 def run(
-    spec: CompressionJobSpec | Path, out: Path, *, work_dir: Path | None = None, termination_log: Path | None = None
+    spec: CompressionJobSpec | Path,
+    out: Path,
+    *,
+    work_dir: Path | None = None,
+    termination_log: Path | None = None,
+    device: str = "auto",
 ) -> ExitCode:
     """Run a Job and report as a Job does (summary last on stdout, reason on stderr); returns the exit code."""
     name = ""
     try:
         parsed = read_spec(spec) if isinstance(spec, Path) else spec
         name = parsed.name
-        result = compress(parsed, out, work_dir=work_dir)
+        result = compress(parsed, out, work_dir=work_dir, device=device)
     except BadInput as exc:
         log.error("bad input", extra={"reason": str(exc)})
         print(f"error: {exc}", file=sys.stderr)
@@ -68,7 +79,7 @@ def run(
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
-    return run(args.spec, args.out, work_dir=args.work_dir, termination_log=args.termination_log)
+    return run(args.spec, args.out, work_dir=args.work_dir, termination_log=args.termination_log, device=args.device)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -125,31 +126,41 @@ def agreement(runner: ModelRunner, references: list[torch.Tensor], tokens: int) 
 
 
 @torch.no_grad()
-def _decode_seconds(runner: ModelRunner, prompt: list[int], tokens: int) -> float:
+def _decode_seconds(
+    runner: ModelRunner, prompt: list[int], tokens: int, clock: Callable[[], float] = time.perf_counter
+) -> float:
     """Batch-1 greedy generation of `tokens` tokens (a prefill, then one step per further token)."""
     runner.reset(0)
-    started = time.perf_counter()
+    started = clock()
     logits = runner.forward(0, [prompt])
     for _ in range(tokens - 1):
         logits = runner.forward(0, [[int(torch.argmax(logits[0]))]])
     int(torch.argmax(logits[0]))
-    seconds = time.perf_counter() - started
+    seconds = clock() - started
     runner.reset(0)
     return seconds
 
 
 def tokens_per_second(
-    runners: dict[str, ModelRunner], tokenizer: Any, tokens: int, rounds: int = 3
+    runners: dict[str, ModelRunner],
+    tokenizer: Any,
+    tokens: int,
+    rounds: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Batch-1 greedy generation speed of each runner, measured in interleaved rounds (best round kept) so
-    that load from other processes on a shared CPU hits every model alike."""
+    that load from other processes on a shared CPU hits every model alike.
+
+    `clock` is wall-clock time by default; `time.thread_time` with one torch thread counts only the time the
+    measuring thread ran (what a dedicated core would take), which other work on the machine cannot inflate.
+    """
     prompt = _prompt_ids(tokenizer, 1)[0][0].tolist()
     for runner in runners.values():
-        _decode_seconds(runner, prompt, min(8, tokens))  # warm-up: allocator, kernel selection, repacking
+        _decode_seconds(runner, prompt, min(8, tokens), clock)  # warm-up: allocator, kernel selection, repacking
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
         for name, runner in runners.items():
-            times[name].append(_decode_seconds(runner, prompt, tokens))
+            times[name].append(_decode_seconds(runner, prompt, tokens, clock))
     return {name: tokens / min(ts) for name, ts in times.items()} | {
         f"{name}_median": tokens / statistics.median(ts) for name, ts in times.items()
     }

@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from stratus_workers.compress import corpus, evaluate, to_gguf
+from stratus_workers.compress import corpus, evaluate, teacher_text, to_gguf, training
 from stratus_workers.compress.distill import distill
 from stratus_workers.compress.prune import check_pattern, measured_sparsity, prune_model, recover
 from stratus_workers.compress.quantize import check_group_size, quantize_model
 from stratus_workers.compress.spec import CompressionJobSpec, CompressionStatus, CompressionSummary, ExitCode
+from stratus_workers.compress.training import TrainingBatches
 from stratus_workers.models import artifact as artifacts
 from stratus_workers.models.files import ARTIFACT_FORMAT
 from stratus_workers.models.gguf_artifact import load_gguf_artifact
@@ -34,6 +35,10 @@ from stratus_workers.runtimes import LLAMACPP_KV_VALUE_BYTES, RUNTIME_LLAMACPP, 
 log = logging.getLogger(__name__)
 
 CORPUS_LICENCE = "text: public domain (Bible in Basic English, 1949/1964); package: MIT"
+# Calibration text that ranks the teacher's layers for the student (layerSelection importance).
+LAYER_CALIBRATION = (8, 256)
+# Speed is measured where the variant will run: an edge node's CPU, whatever device trained it.
+SPEED_DEVICE = "cpu"
 
 
 class BadInput(ValueError):
@@ -116,6 +121,8 @@ def _validate_against_model(spec: CompressionJobSpec, model: Any, slices: corpus
                     f"compression.distillation.studentLayers: {recipe.distillation.student_layers} is not "
                     f"fewer than the model's {layers} layers"
                 )
+            if recipe.distillation.layer_selection == "importance":
+                slices.sequences("calibration", *LAYER_CALIBRATION, field="compression.distillation.layerSelection")
         if recipe.pruning:
             check_pattern(model, recipe.pruning)
             if recipe.pruning.method == "wanda":
@@ -222,18 +229,55 @@ def _publish(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
-def compress(spec: CompressionJobSpec, out: Path, *, work_dir: Path | None = None) -> JobResult:
-    """Run one compression Job end to end. Raises BadInput before writing anything when the input is bad."""
+def _needs_training(spec: CompressionJobSpec) -> bool:
+    recipe = spec.compression
+    return bool(recipe.distillation) or bool(recipe.pruning and recipe.pruning.recovery_steps)
+
+
+def _training_data(
+    spec: CompressionJobSpec, teacher: Any, tokenizer: Any, slices: corpus.CorpusSlices, *, work_dir: Path,
+    device: torch.device, timings: dict[str, float], figures: dict[str, Any],
+) -> tuple[TrainingBatches, str]:
+    """The batches distillation and recovery train on, and a key naming them (for checkpoint fingerprints)."""
+    text = spec.compression.training_text
+    if not text.generated_sequences:
+        return TrainingBatches(slices), "corpus"
+    with stage("generate-text", timings, sequences=text.generated_sequences, length=text.generated_length):
+        stream, figures["training_text"] = teacher_text.generate_text(
+            teacher, tokenizer, text, work_dir=work_dir, source=spec.model_source, seed=spec.seed, device=device
+        )
+    data = TrainingBatches(slices, stream, text.corpus_share)
+    recipe = spec.compression
+    try:
+        if recipe.distillation:
+            data.check(recipe.distillation.sequence_length, field="compression.distillation.sequenceLength")
+        if recipe.pruning and recipe.pruning.recovery_steps:
+            data.check(recipe.pruning.recovery_sequence_length, field="compression.pruning.recoverySequenceLength")
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    key = f"{teacher_text.fingerprint(text, spec.model_source, spec.seed)}/{text.corpus_share}"
+    return data, key
+
+
+def compress(
+    spec: CompressionJobSpec, out: Path, *, work_dir: Path | None = None, device: str | torch.device = "auto"
+) -> JobResult:
+    """Run one compression Job end to end. Raises BadInput before writing anything when the input is bad.
+
+    Training and calibration run on `device` (auto: CUDA when present); evaluation runs on the CPU, where
+    the variant will be served.
+    """
     started = time.perf_counter()
     timings: dict[str, float] = {}
     out = Path(out).absolute()
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out: {out} exists and is not a directory")
+    compute = device if isinstance(device, torch.device) else training.resolve_device(device)
     own_work_dir = work_dir is None  # a caller-given work dir is the caller's to keep (shared checkpoints)
     work_dir = Path(work_dir) if work_dir else out.parent / f".{out.name}.work"
     recipe = spec.compression
     torch.manual_seed(spec.seed)
-    with stage("load-model", timings, source=spec.model_source):
+    with stage("load-model", timings, source=spec.model_source, device=training.describe_device(compute)):
         loaded = _load_full(spec.model_source)
     full, tokenizer = loaded.model, loaded.tokenizer
     with stage("load-corpus", timings):
@@ -243,12 +287,32 @@ def compress(spec: CompressionJobSpec, out: Path, *, work_dir: Path | None = Non
     eval_ids = slices.sequences("eval", ev.perplexity_samples, ev.sequence_length, field="evaluation.perplexitySamples")
     figures: dict[str, Any] = {}
 
+    # The full model stays on the CPU for evaluation; a copy on the training device teaches and calibrates.
+    teacher = full
+    if compute.type != "cpu" and (recipe.distillation or recipe.pruning):
+        teacher = copy.deepcopy(full).to(compute)
+    data = TrainingBatches(slices)
+    data_key = "corpus"
+    if _needs_training(spec):
+        work_dir.mkdir(parents=True, exist_ok=True)
+        data, data_key = _training_data(spec, teacher, tokenizer, slices, work_dir=work_dir, device=compute,
+                                        timings=timings, figures=figures)
+    training_tokens = 0
     variant: Any
     if recipe.distillation:
-        with stage("distill", timings, student_layers=recipe.distillation.student_layers):
+        d = recipe.distillation
+        calibration = (
+            slices.sequences("calibration", *LAYER_CALIBRATION, field="compression.distillation.layerSelection")
+            if d.layer_selection == "importance" else None
+        )
+        with stage("distill", timings, student_layers=d.student_layers, steps=d.steps):
             variant, figures["distillation"] = distill(
-                full, recipe.distillation, slices, work_dir=work_dir, source=spec.model_source, seed=spec.seed
+                teacher, d, data, work_dir=work_dir, source=spec.model_source, seed=spec.seed, device=compute,
+                calibration=calibration, data_key=data_key,
             )
+        training_tokens += figures["distillation"]["training_tokens"]
+    elif recipe.pruning:
+        variant = copy.deepcopy(teacher)
     else:
         variant = copy.deepcopy(full)
     if recipe.pruning:
@@ -258,10 +322,15 @@ def compress(spec: CompressionJobSpec, out: Path, *, work_dir: Path | None = Non
             pruned: dict[str, Any] = {"sparsity_after_pruning": measured_sparsity(variant)}
         if p.recovery_steps:
             with stage("prune-recovery", timings, steps=p.recovery_steps):
-                losses = recover(variant, full, masks, p, slices, spec.seed)
-                pruned["recovery_first_loss"], pruned["recovery_last_loss"] = losses[0], losses[-1]
+                pruned.update(recover(variant, teacher, masks, p, data, spec.seed, compute))
+            training_tokens += pruned["recovery_tokens"]
+        del masks
         pruned["sparsity"] = measured_sparsity(variant)
         figures["pruning"] = pruned
+    variant = variant.to("cpu")
+    del teacher
+    if compute.type == "cuda":
+        torch.cuda.empty_cache()
     if recipe.quantization and recipe.runtime != RUNTIME_LLAMACPP:  # a GGUF is quantized by llama.cpp on save
         q = recipe.quantization
         with stage("quantize", timings, method=q.method):
@@ -269,6 +338,9 @@ def compress(spec: CompressionJobSpec, out: Path, *, work_dir: Path | None = Non
                 "modules": quantize_model(variant, q.method, q.group_size, q.embedding_bits),
                 "embeddings": "int8 per row" if q.embedding_bits == 8 else f"int4, groups of {q.group_size}",
             }
+    figures["device"] = training.describe_device(compute)
+    figures["speed_device"] = SPEED_DEVICE
+    figures["training_tokens"] = training_tokens
 
     out.parent.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -375,6 +447,9 @@ def compress(spec: CompressionJobSpec, out: Path, *, work_dir: Path | None = Non
         sparsity=round(figures["pruning"]["sparsity"], 4) if recipe.pruning else None,
         kv_bytes_per_token=figures["kv_bytes_per_token"],
         seconds=round(time.perf_counter() - started, 1),
+        device=figures["device"],
+        speed_device=SPEED_DEVICE,
+        training_tokens=training_tokens if _needs_training(spec) else None,
     )
     return JobResult(ExitCode.REJECTED if reasons else ExitCode.OK, summary, manifest)
 

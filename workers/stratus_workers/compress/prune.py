@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from stratus_workers.compress import training
 from stratus_workers.compress.corpus import CorpusSlices
 from stratus_workers.compress.spec import Pruning
+from stratus_workers.compress.training import TrainingBatches
 from stratus_workers.models.quantized import target_linears
 
 log = logging.getLogger(__name__)
@@ -34,8 +37,9 @@ def _activation_norms(model: Any, calibration: torch.Tensor, batch_size: int = 4
     """
     sums: dict[str, torch.Tensor] = {}
     hooks = []
+    device = next(model.parameters()).device
     for name, linear in target_linears(model):
-        sums[name] = torch.zeros(linear.in_features, dtype=torch.float64)
+        sums[name] = torch.zeros(linear.in_features, dtype=torch.float64, device=device)
 
         def hook(_mod: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor, key: str = name) -> None:
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
@@ -45,7 +49,7 @@ def _activation_norms(model: Any, calibration: torch.Tensor, batch_size: int = 4
     try:
         with torch.no_grad():
             for start in tqdm(range(0, calibration.shape[0], batch_size), desc="wanda calibration", disable=None):
-                model(input_ids=calibration[start : start + batch_size], use_cache=False)
+                model(input_ids=calibration[start : start + batch_size].to(device), use_cache=False)
     finally:
         for handle in hooks:
             handle.remove()
@@ -113,14 +117,21 @@ def prune_model(model: Any, spec: Pruning, slices: CorpusSlices, seq_len: int) -
 
 
 def recover(
-    student: Any, teacher: Any, masks: dict[str, torch.Tensor], spec: Pruning, slices: CorpusSlices, seed: int
-) -> list[float]:
-    """Short fine-tune of the pruned model towards the dense one (KL on logits), masks held fixed.
+    student: Any,
+    teacher: Any,
+    masks: dict[str, torch.Tensor],
+    spec: Pruning,
+    data: TrainingBatches,
+    seed: int,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Fine-tune the pruned model towards the dense one (KL on logits at `recoveryTemperature`), masks held fixed.
 
     Matching the dense model's distribution (self-distillation) rather than the corpus' next tokens keeps
     the recovered model a compression of the original instead of a domain-adapted one, which would
-    flatter the held-out perplexity measured on the same corpus.
+    flatter the held-out perplexity measured on the same corpus. Returns figures (losses, tokens, speed).
     """
+    device = device or next(student.parameters()).device
     modules = dict(target_linears(student))
     student.train()
     student.requires_grad_(False)
@@ -128,22 +139,43 @@ def recover(
     for name in masks:
         modules[name].weight.requires_grad_(True)
         params.append(modules[name].weight)
-    optimizer = torch.optim.AdamW(params, lr=spec.recovery_learning_rate, weight_decay=0.0)
+    opt = training.optimizer(params, spec.recovery_learning_rate, device)
     losses: list[float] = []
-    for step in tqdm(range(spec.recovery_steps), desc="pruning recovery", disable=None):
-        batch = slices.train_batch(step, spec.recovery_batch_size, spec.recovery_sequence_length, seed + 7919)
-        with torch.no_grad():
-            target = torch.log_softmax(teacher(input_ids=batch, use_cache=False).logits.float(), dim=-1)
-        logits = student(input_ids=batch, use_cache=False).logits.float()
-        loss = nn.functional.kl_div(torch.log_softmax(logits, dim=-1), target, log_target=True, reduction="batchmean")
-        loss = loss / batch.shape[1]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
-        with torch.no_grad():
-            for name, mask in masks.items():
-                modules[name].weight.mul_(mask)  # pruned weights stay exactly zero
-        losses.append(float(loss.detach()))
+    steps = spec.recovery_steps
+    tokens_per_step = spec.recovery_batch_size * spec.recovery_sequence_length
+    started = time.perf_counter()
+    with training.progress_log("prune-recovery", steps, 0, tokens_per_step) as report:
+        for step in tqdm(range(steps), desc="pruning recovery", disable=None):
+            lr = training.learning_rate(step, steps, spec.recovery_learning_rate, warmup=spec.recovery_warmup_steps,
+                                        schedule=spec.recovery_schedule)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            batch = data.batch(step, spec.recovery_batch_size, spec.recovery_sequence_length, seed + 7919).to(device)
+            with torch.no_grad(), training.autocast(device):
+                target = teacher(input_ids=batch, use_cache=False).logits
+            with training.autocast(device):
+                logits = student(input_ids=batch, use_cache=False).logits
+            loss = training.kd_loss(logits, target, spec.recovery_temperature)
+            del target, logits
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            for name, mask in masks.items():  # no momentum builds up behind a pruned weight
+                grad = modules[name].weight.grad
+                if grad is not None:
+                    grad.mul_(mask)
+            opt.step()
+            with torch.no_grad():
+                for name, mask in masks.items():
+                    modules[name].weight.mul_(mask)  # pruned weights stay exactly zero
+            losses.append(float(loss.detach()))
+            report(step, loss=losses[-1], lr=lr)
+    seconds = time.perf_counter() - started
     student.eval()
     student.requires_grad_(False)
-    return losses
+    return {
+        "recovery_first_loss": losses[0] if losses else None,
+        "recovery_last_loss": losses[-1] if losses else None,
+        "recovery_tokens": steps * tokens_per_step,
+        "recovery_seconds": round(seconds, 1),
+        "recovery_tokens_per_second": round(steps * tokens_per_step / seconds) if seconds > 0 else None,
+    }

@@ -48,6 +48,40 @@ class Quantization(SpecModel):
         return self
 
 
+Schedule = Literal["constant", "cosine"]
+SCHEDULE_HELP = "Learning rate over the run: constant, or cosine from the peak down to a tenth of it at the last step."
+
+
+class TrainingText(SpecModel):
+    """What distillation and pruning recovery train on: the corpus' training slice, text the full model writes, or both.
+
+    Generated text is the usual way to distil without a dataset: the full model's sampled continuations of
+    varied prompts, so the student learns the teacher where the teacher itself goes.
+    """
+
+    generated_sequences: int = Field(
+        0,
+        ge=0,
+        le=10_000_000,
+        description="Sequences the full model writes to train on (0: the corpus' training slice alone); cached in "
+        "the work directory, so a restarted Job does not write them again.",
+    )
+    generated_length: int = Field(256, ge=16, le=2048, description="Tokens per generated sequence, prompt included.")
+    generation_batch_size: int = Field(
+        64, ge=1, le=65536, description="Sequences generated together (thousands on a GPU, tens on a CPU)."
+    )
+    generation_temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature of the teacher.")
+    generation_top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling: the smallest set of tokens "
+                                    "holding this probability mass.")
+    corpus_share: float = Field(
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of each training batch taken from the corpus' training slice when generated text "
+        "exists (the rest is generated text).",
+    )
+
+
 class Pruning(SpecModel):
     """Weight pruning of the linear layers, applied after distillation."""
 
@@ -59,6 +93,11 @@ class Pruning(SpecModel):
     recovery_learning_rate: float = Field(5e-5, gt=0.0, le=1.0, description="Learning rate of the recovery fine-tune.")
     recovery_batch_size: int = Field(4, ge=1, le=1024, description="Sequences per recovery step.")
     recovery_sequence_length: int = Field(128, ge=8, le=1024, description="Tokens per recovery sequence.")
+    recovery_temperature: float = Field(
+        1.0, gt=0.0, le=100.0, description="Softmax temperature of the recovery's KL to the dense model."
+    )
+    recovery_schedule: Schedule = Field("cosine", description=SCHEDULE_HELP)
+    recovery_warmup_steps: int = Field(0, ge=0, le=100000, description="Steps of linear learning-rate warm-up.")
 
     @model_validator(mode="after")
     def _two_four_is_half(self) -> Pruning:
@@ -80,6 +119,20 @@ class Distillation(SpecModel):
     checkpoint_every: int = Field(
         25, ge=1, le=1000000, description="Steps between checkpoints; a restarted Job resumes from the last."
     )
+    layer_selection: Literal["even", "importance"] = Field(
+        "importance",
+        description="Which teacher layers the student starts from: even (evenly spaced, first and last kept) or "
+        "importance (the layers that change their input most on calibration text, first and last kept).",
+    )
+    hidden_weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=100.0,
+        description="Weight of hidden-state matching: each student layer's output against the output of the "
+        "teacher layer it was copied from (mean squared error over the teacher's mean square); 0: logits only.",
+    )
+    schedule: Schedule = Field("cosine", description=SCHEDULE_HELP)
+    warmup_steps: int = Field(0, ge=0, le=1000000, description="Steps of linear learning-rate warm-up.")
 
 
 class CompressionRecipe(SpecModel):
@@ -88,6 +141,9 @@ class CompressionRecipe(SpecModel):
     distillation: Distillation | None = None
     pruning: Pruning | None = None
     quantization: Quantization | None = None
+    training_text: TrainingText = Field(
+        default_factory=TrainingText, description="What distillation and pruning recovery train on."
+    )
 
     @property
     def summary(self) -> str:
@@ -195,6 +251,14 @@ class CompressionSummary(SpecModel):
         None, ge=0, description="KV-cache bytes per token as its engine stores them (sizes a llama.cpp server)."
     )
     seconds: float | None = Field(None, description="Wall time of the whole run.")
+    device: str | None = Field(None, description="Where the Job trained and calibrated, e.g. 'cuda (NVIDIA H200)'.")
+    speed_device: str | None = Field(
+        None,
+        description="Where tokensPerSecond was measured: the CPU (the edge's kind of device), wherever the Job ran.",
+    )
+    training_tokens: int | None = Field(
+        None, ge=0, description="Tokens the distillation and recovery steps trained on (generated and corpus)."
+    )
 
     @property
     def accepted(self) -> bool:

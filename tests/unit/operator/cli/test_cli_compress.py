@@ -12,14 +12,14 @@ import yaml
 from stratus_operator.cli import main
 from stratus_operator.cli.compress import job_spec_document
 from stratus_workers.compress.job import BadInput, parse_spec
-from stratus_workers.compress.spec import Quantization
+from stratus_workers.compress.spec import CompressionRecipe, QualityGate, Quantization
 
 pytestmark = pytest.mark.unit
 
 SAMPLES = Path(__file__).resolve().parents[4] / "deploy" / "samples"
 
 
-@pytest.mark.parametrize("sample", ["smollm2.yaml", "smollm2-compression.yaml"])
+@pytest.mark.parametrize("sample", ["smollm2.yaml", "smollm2-compression.yaml", "smollm2-compression-gpu.yaml"])
 def test_every_sample_variant_is_a_valid_job_spec(sample: str) -> None:
     manifest = yaml.safe_load((SAMPLES / sample).read_text())
     for variant in manifest["spec"]["edge"]["variants"]:
@@ -36,6 +36,23 @@ def test_compression_sample_exercises_every_method() -> None:
     assert {(s.pruning.method, s.pruning.pattern) for s in specs if s.pruning} >= {
         ("magnitude", "unstructured"), ("wanda", "unstructured"), ("wanda", "2:4")}
     assert any(s.distillation for s in specs)
+
+
+def test_gpu_sample_holds_the_recipes_the_gpu_bench_ran() -> None:
+    """docs/benchmarks.md's GPU rows and the gates they passed are for exactly the sample's recipes."""
+    manifest = yaml.safe_load((SAMPLES / "smollm2-compression-gpu.yaml").read_text())
+    results = SAMPLES.parents[1] / "tests" / "bench" / "results" / "compress-gpu"
+    ran: dict[str, dict[str, object]] = {}
+    # The main run, then later runs (`--as-sampled`), which replace its rows of the same variant.
+    for path in [results / "gpu-compress.json", *sorted(results.glob("gpu-compress-*.json"))]:
+        ran.update({row["name"]: row for row in json.loads(path.read_text())["rows"]})
+    assert set(ran) == {v["name"] for v in manifest["spec"]["edge"]["variants"]}
+    for name, row in ran.items():
+        spec = parse_spec(job_spec_document(manifest, name))
+        # The stored recipe read by today's model: a field added since the run (ggufType) takes its default.
+        ran_recipe = CompressionRecipe.model_validate(row["compression"])
+        assert ran_recipe == spec.compression, name
+        assert QualityGate.model_validate(row["gate"]) == spec.gate, name
 
 
 def test_unknown_variant_is_named() -> None:

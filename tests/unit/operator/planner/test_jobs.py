@@ -39,6 +39,32 @@ def test_recipe_change_changes_the_job_name() -> None:
     assert plan_jobs(LLMDeployment.from_manifest(m2))[0].name == a.name
 
 
+def test_a_gpu_job_gets_its_gpus_placement_and_cuda_but_keeps_its_name() -> None:
+    a = plan_jobs(deployment())[0]
+    assert (a.gpus, a.resources, a.device, a.node_selector, a.tolerations) == (0, None, "auto", {}, ())
+    m = sample()
+    m["spec"]["edge"]["variants"][0]["job"] = {
+        "gpus": 1, "resources": {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "16Gi"}},
+        "nodeSelector": {"stratus.dev/gpu": "true"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
+    b = plan_jobs(LLMDeployment.from_manifest(m), gpu_resource="example.com/gpu")[0]
+    # Where a recipe runs does not change what it produces: same Job name and recipe hash, same result.
+    assert (b.name, b.spec_hash) == (a.name, a.spec_hash)
+    assert b.device == "cuda" and b.node_selector == {"stratus.dev/gpu": "true"}
+    assert [t.key for t in b.tolerations] == ["nvidia.com/gpu"]
+    assert b.resources is not None
+    # An extended resource: its request equals its limit, beside the variant's own cpu and memory.
+    assert b.resources.requests == {"cpu": "4", "memory": "16Gi", "example.com/gpu": "1"}
+    assert b.resources.limits == {"memory": "16Gi", "example.com/gpu": "1"}
+    # Resources without GPUs are the variant's own; a GPU count set in the limits wins over `gpus`.
+    m["spec"]["edge"]["variants"][0]["job"] = {"resources": {"limits": {"memory": "4Gi"}}}
+    c = plan_jobs(LLMDeployment.from_manifest(m))[0]
+    assert c.resources is not None and c.resources.limits == {"memory": "4Gi"} and c.device == "auto"
+    m["spec"]["edge"]["variants"][0]["job"] = {"gpus": 1, "resources": {"limits": {"nvidia.com/gpu": "2"}}}
+    d = plan_jobs(LLMDeployment.from_manifest(m))[0]
+    assert d.resources is not None and d.resources.requests == d.resources.limits == {"nvidia.com/gpu": "2"}
+
+
 @pytest.mark.parametrize("text", [
     SUMMARY.to_json(),
     # FallbackToLogsOnError: the log tail, with log lines (one a cut-off JSON object) before the summary.

@@ -1,0 +1,62 @@
+"""Teacher-written training text: varied prompts kept apart from evaluation, chunks cached for a restarted Job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from stratus_workers.compress import evaluate
+from stratus_workers.compress.spec import TrainingText
+from stratus_workers.compress.teacher_text import CHUNK_DIR, fingerprint, generate_text, prompt_texts
+from stratus_workers.models.loader import load_model
+
+pytestmark = pytest.mark.unit
+
+
+def test_prompts_are_varied_and_none_is_an_evaluation_prompt() -> None:
+    prompts = prompt_texts()
+    texts = [t for t, _ in prompts]
+    assert len(set(texts)) == len(texts) >= 1000
+    assert any(chat for _, chat in prompts) and not all(chat for _, chat in prompts)
+    lowered = [t.lower() for t in texts]
+    for held_out in evaluate.PROMPTS:  # agreement is measured on these: training must not see them
+        assert not any(held_out.lower() in t for t in lowered), held_out
+
+
+def test_generated_text_is_cached_per_chunk_and_reused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    loaded = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    spec = TrainingText(generated_sequences=5, generated_length=40, generation_batch_size=2)
+    cpu = torch.device("cpu")
+    stream, figures = generate_text(loaded.model, loaded.tokenizer, spec, work_dir=tmp_path, source="tiny", seed=0,
+                                    device=cpu)
+    assert stream.dtype == torch.int32 and figures["chunks"] == 3 and figures["chunks_reused"] == 0
+    # 5 sequences, each a prompt plus at most generatedLength - prompt tokens (cut at end-of-sequence).
+    assert 5 * 2 < stream.numel() <= 5 * 40 and figures["tokens"] == stream.numel()
+    folder = tmp_path / CHUNK_DIR / fingerprint(spec, "tiny", 0)
+    chunks = sorted(folder.glob("chunk-*.pt"))
+    assert len(chunks) == 3
+    again, figures = generate_text(loaded.model, loaded.tokenizer, spec, work_dir=tmp_path, source="tiny", seed=0,
+                                   device=cpu)
+    assert figures["chunks_reused"] == 3 and torch.equal(again, stream)
+    # A Job killed while writing chunk 2 left chunks 0 and 1: only chunk 2 is written again, the same way.
+    chunks[2].unlink()
+    resumed, figures = generate_text(loaded.model, loaded.tokenizer, spec, work_dir=tmp_path, source="tiny", seed=0,
+                                     device=cpu)
+    assert figures["chunks_reused"] == 2 and torch.equal(resumed, stream)
+    # A torn chunk is written again rather than trusted.
+    chunks[1].write_bytes(b"torn")
+    _, figures = generate_text(loaded.model, loaded.tokenizer, spec, work_dir=tmp_path, source="tiny", seed=0,
+                               device=cpu)
+    assert figures["chunks_reused"] == 2
+    # Asking for more sequences keeps the whole chunks and writes the rest (the short last chunk included).
+    more, figures = generate_text(loaded.model, loaded.tokenizer, spec.model_copy(update={"generated_sequences": 6}),
+                                  work_dir=tmp_path, source="tiny", seed=0, device=cpu)
+    assert figures["chunks_reused"] == 2 and figures["chunks"] == 3
+    whole = sum(int(torch.load(c, weights_only=True).numel()) for c in chunks[:2])
+    assert torch.equal(more[:whole], stream[:whole]) and (folder / "chunk-000002-2.pt").is_file()
+    # Other settings are another text; the corpus share only mixes batches and does not change it.
+    assert fingerprint(spec.model_copy(update={"generation_temperature": 0.7}), "tiny", 0) != fingerprint(
+        spec, "tiny", 0)
+    assert fingerprint(spec.model_copy(update={"corpus_share": 0.9}), "tiny", 0) == fingerprint(spec, "tiny", 0)
