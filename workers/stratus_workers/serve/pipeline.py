@@ -236,8 +236,8 @@ def build_stage_runner(
     A stage runs its forward passes eagerly, one micro-batch at a time: no decode graphs (their
     static buffers hold one batch of rows from row 0, and the stages exchange activations between
     micro-batches), no decoding ahead (the next step's tokens come back from the last stage), and no
-    torch.compile: without a graph around them, the compiled functions' per-call cost (guards over
-    dynamic shapes) exceeded what their fusion saved (docs/benchmarks.md, the first GPU run).
+    torch.compile (without a graph around them its fused kernels save little, and a compile per stage
+    lengthens the start; on the GPU run, on or off made no measurable difference: docs/benchmarks.md).
     """
     ctx.lead(BUILD, max_rows=max_rows, max_len=max_len, pool_tokens=pool_tokens)
     inner = build_runner(
