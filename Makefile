@@ -10,8 +10,8 @@ PYTEST_ARGS ?=
 LLAMA_CMAKE_ARGS ?=
 
 .PHONY: setup run up test test-unit test-integration test-slow lint typecheck imports protos check-protos \
-        bench-serve bench-compress bench-compress-gpu bench-operator bench-coop bench-coop-cloud bench-edge soak fuzz \
-        e2e images image-cloud base-image e2e-containers manifests clean
+        bench-serve bench-pp bench-compress bench-compress-gpu bench-operator bench-coop bench-coop-cloud bench-edge soak \
+        fuzz e2e images image-cloud base-image e2e-containers manifests clean
 
 setup: $(STAMP)
 
@@ -162,6 +162,12 @@ bench-edge: setup
 BENCH_SERVE_ARGS ?=
 bench-serve: setup
 	$(PY) tests/bench/bench_serve.py --write docs/benchmarks.md $(BENCH_SERVE_ARGS)
+
+# One device, tensor parallel 2 and pipeline parallel 2 side by side at 1/8/64 streams (the ~1B config on
+# two GPUs; the tiny model over gloo on the CPU, which checks the harness). Writes docs/benchmarks.md.
+BENCH_PP_ARGS ?=
+bench-pp: setup
+	$(PY) tests/bench/bench_pp.py --write docs/benchmarks.md $(BENCH_PP_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -32,6 +32,7 @@ class ServeFlags:
     port: int = GRPC_PORT
     http_port: int = HTTP_PORT
     tensor_parallel: int = 1
+    pipeline_parallel: int = 1
 
     @classmethod
     def of(cls, server: ServerPlan, *, model: str, host: str = "0.0.0.0", port: int = GRPC_PORT,
@@ -41,7 +42,7 @@ class ServeFlags:
             model=model, name=server.name, tier=server.tier, dtype=server.dtype, device=server.device,
             max_batch_size=server.serving.max_batch_size, max_prompt_tokens=server.serving.max_prompt_tokens,
             max_new_tokens=server.serving.max_new_tokens, host=host, port=port, http_port=http_port,
-            tensor_parallel=server.tensor_parallel,
+            tensor_parallel=server.tensor_parallel, pipeline_parallel=server.pipeline_parallel,
         )
 
     def args(self) -> list[str]:
@@ -55,6 +56,8 @@ class ServeFlags:
         ]
         if self.tensor_parallel > 1:
             args += ["--tensor-parallel", str(self.tensor_parallel)]
+        if self.pipeline_parallel > 1:
+            args += ["--pipeline-parallel", str(self.pipeline_parallel)]
         return args
 
     def command(self, python: str = "python") -> list[str]:

@@ -636,7 +636,7 @@ def render_server(p: Plan, deployment: LLMDeployment, server: ServerPlan, option
         "server", command, _resources(dict(server.resources.requests), dict(server.resources.limits)),
         options, mounts, [], image=options.server_image(server.tier),
     )
-    if server.tensor_parallel > 1:
+    if server.tensor_parallel > 1 or server.pipeline_parallel > 1:
         # NCCL passes tensors through shared memory; the container default of 64 MiB is too small.
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
         container["volumeMounts"] = [*container.get("volumeMounts", []), {"name": "dshm", "mountPath": "/dev/shm"}]

@@ -198,11 +198,20 @@ class CloudTier(SpecModel):
     model_config = ConfigDict(json_schema_extra=_cel(
         ("self.gpusPerPod == 0 || self.tensorParallel <= self.gpusPerPod",
          "tensorParallel cannot exceed gpusPerPod"),
+        ("self.gpusPerPod == 0 || self.pipelineParallel <= self.gpusPerPod",
+         "pipelineParallel cannot exceed gpusPerPod"),
+        ("self.tensorParallel == 1 || self.pipelineParallel == 1",
+         "tensorParallel and pipelineParallel cannot both exceed 1 yet; set one of them to 1"),
     ))
 
     replicas: int = Field(1, ge=0, le=1000, description="Server pods (ignored when autoscaling is set).")
     gpus_per_pod: int = Field(1, ge=0, le=16, description="nvidia.com/gpu per pod; 0 runs on CPU.")
     tensor_parallel: int = Field(1, ge=1, le=16, description="Tensor-parallel degree within a pod.")
+    pipeline_parallel: int = Field(
+        1, ge=1, le=16,
+        description="Pipeline stages within a pod: the decoder layers split into this many contiguous stages, "
+                    "one process and GPU each.",
+    )
     dtype: Dtype = Field("auto", description="Weights dtype: auto (bfloat16 on GPU, float32 on CPU).")
     device: Device = Field("auto", description="auto picks cuda when a GPU is visible.")
     serving: ServingSpec = Field(default_factory=ServingSpec)
@@ -215,6 +224,10 @@ class CloudTier(SpecModel):
     def _check(self) -> CloudTier:
         if self.gpus_per_pod and self.tensor_parallel > self.gpus_per_pod:
             raise ValueError("tensorParallel cannot exceed gpusPerPod")
+        if self.gpus_per_pod and self.pipeline_parallel > self.gpus_per_pod:
+            raise ValueError("pipelineParallel cannot exceed gpusPerPod")
+        if self.tensor_parallel > 1 and self.pipeline_parallel > 1:
+            raise ValueError("tensorParallel and pipelineParallel cannot both exceed 1 yet; set one of them to 1")
         return self
 
 
@@ -480,6 +493,7 @@ class TierStatus(SpecModel):
     ready_replicas: int = 0
     desired_replicas: int = 0
     summary: str = Field("0/0", description="ready/desired, shown by kubectl get.")
+    topology: str = Field("", description="How one server of the tier spans its GPUs (tensor or pipeline parallel).")
 
 
 class RouterStatus(SpecModel):

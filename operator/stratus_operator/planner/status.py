@@ -238,7 +238,8 @@ def build_status(
         url=f"http://{endpoints.http}" if p.router and endpoints.http else "",
         conditions=conditions,
         variants=variants,
-        cloud=TierStatus(ready_replicas=a.cloud[0], desired_replicas=a.cloud[1], summary=f"{a.cloud[0]}/{a.cloud[1]}"),
+        cloud=TierStatus(ready_replicas=a.cloud[0], desired_replicas=a.cloud[1], summary=f"{a.cloud[0]}/{a.cloud[1]}",
+                         topology=server_topology(p.cloud) if p.cloud else ""),
         edge=TierStatus(ready_replicas=a.edge[0], desired_replicas=a.edge[1], summary=f"{a.edge[0]}/{a.edge[1]}"),
         router=RouterStatus(
             endpoint=endpoints.grpc if p.router else "",
@@ -248,6 +249,17 @@ def build_status(
         ),
         message=a.message[:4096],
     )
+
+
+def server_topology(server: ServerPlan) -> str:
+    """How one server spans its pod's GPUs, in words (the tier's `topology` in status)."""
+    if server.pipeline_parallel > 1:
+        return (f"pipeline parallel {server.pipeline_parallel}: one pod per replica, {server.pipeline_parallel} "
+                f"stage processes (contiguous layer ranges), one GPU each")
+    if server.tensor_parallel > 1:
+        return (f"tensor parallel {server.tensor_parallel}: one pod per replica, {server.tensor_parallel} rank "
+                f"processes, one GPU each")
+    return "one process per replica"
 
 
 def status_without_times(status: LLMDeploymentStatus) -> dict[str, Any]:

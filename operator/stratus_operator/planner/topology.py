@@ -88,6 +88,8 @@ class ServerPlan:
     # The engine that serves the model: the server picks llama.cpp itself for a GGUF artifact; the plan
     # carries it so that status and `stratus up` say which.
     runtime: Runtime = RUNTIME_TORCH
+    # Pipeline stages of one server, one process and GPU each in its one pod; it starts them itself.
+    pipeline_parallel: int = 1
 
 
 @dataclass(frozen=True)
@@ -265,11 +267,12 @@ def plan(
             dtype=cloud.dtype,
             device=cloud.device,
             serving=cloud.serving,
-            # A tensor-parallel server needs one GPU per rank in its one pod.
+            # A tensor- or pipeline-parallel server needs one GPU per rank or stage in its one pod.
             # CPU and memory requests by default: the pods are not BestEffort, the scheduler counts the model's
             # memory, and an HPA on CPU utilisation has a request to divide by.
             resources=_with_requests(
-                # gpusPerPod GPUs (CEL keeps tensorParallel within them); 0 runs on CPU, whatever the degree.
+                # gpusPerPod GPUs (CEL keeps tensorParallel and pipelineParallel within them); 0 runs on CPU,
+                # whatever the degree.
                 _with_gpu(cloud.resources, cloud.gpus_per_pod, gpu_resource),
                 cloud_demand(cloud.resources, spec.model.source)),
             node_selector=dict(cloud.node_selector),
@@ -280,6 +283,7 @@ def plan(
                                                node_selector={}, tolerations=()),
             autoscaling=cloud.autoscaling,
             tensor_parallel=cloud.tensor_parallel,
+            pipeline_parallel=cloud.pipeline_parallel,
         ))
 
     variant_specs = {v.name: v for v in spec.edge.variants}

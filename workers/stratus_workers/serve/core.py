@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from stratus_workers.protocol.requests import Sampling
-from stratus_workers.serve.errors import EngineOverloaded, EngineStopped
+from stratus_workers.serve.errors import EngineFailed, EngineOverloaded, EngineStopped
 from stratus_workers.serve.prefix import PrefixCache
 from stratus_workers.serve.runner import ModelRunner
 from stratus_workers.serve.sampling import Choice, choose_tokens, seeded_generator
@@ -309,6 +309,8 @@ class EngineCore:
         for call_id, run in calls:  # speculative calls: a few forward passes each, on the session rows
             try:
                 out.results.append((call_id, "", run()))
+            except EngineFailed:
+                raise
             except Exception as exc:
                 out.results.append((call_id, call_error_kind(exc), str(exc)))
         if verifies:
@@ -328,6 +330,8 @@ class EngineCore:
                 self._decode()
             if len(self._rows) > self._decoding:
                 self._prefill()
+        except EngineFailed:  # the runner cannot compute any more (a pipeline stage died): the loop ends
+            raise
         except Exception as exc:  # keep serving: fail only the requests in flight
             log.exception("engine step failed")
             if self.prefix is not None:  # a copy into the pool may not have happened: trust nothing in it

@@ -23,7 +23,9 @@ import torch
 from stratus_workers.runtimes import RUNTIME_TORCH
 from stratus_workers.serve.core import PREFIX_BLOCK, EngineCore, EngineRequest, Finished, StepOutput
 from stratus_workers.serve.parallel import ParallelContext
+from stratus_workers.serve.pipeline import PipelineContext, build_stage_runner, keep_stage
 from stratus_workers.serve.prefix import PrefixCache
+from stratus_workers.serve.runner import ModelRunner
 from stratus_workers.serve.runner.build import build_runner
 from stratus_workers.serve.sampling import eos_ids
 from stratus_workers.serve.sessions import SpeculativeSessions
@@ -47,6 +49,8 @@ class EngineSettings:
     prefix_cache_tokens: int = -1  # -1: sized from the device's memory; 0: off
     warmup: bool = True
     tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    pipeline_microbatches: int = 0  # 0: as many as there are stages
     argv: tuple[str, ...] = ()  # the server's command line (tensor-parallel followers repeat it)
     log_level: str = "info"
     log_format: str = "json"
@@ -82,21 +86,29 @@ def prefix_pool_tokens(settings: EngineSettings, model: Any, max_len: int, world
 
 
 def build_core(
-    loaded: Any, settings: EngineSettings, parallel: ParallelContext | None = None
+    loaded: Any,
+    settings: EngineSettings,
+    parallel: ParallelContext | None = None,
+    pipeline: PipelineContext | None = None,
 ) -> tuple[EngineCore, EngineInfo]:
-    """An engine core over `loaded` (a models.LoadedModel) as `settings` ask, and what it reports about itself."""
+    """An engine core over `loaded` (a models.LoadedModel) as `settings` ask, and what it reports about itself.
+
+    Under `pipeline` (stage 0 of a pipeline) the model keeps only the first stage's layers.
+    """
     model = loaded.model
     max_len = min(loaded.max_context_tokens, settings.max_tokens)
     world = parallel.world_size if parallel is not None else 1
-    pool = prefix_pool_tokens(settings, model, max_len, world)
-    runner = build_runner(
-        model,
-        max_rows=settings.max_batch_size + settings.max_sessions,
-        max_len=max_len,
-        parallel=parallel,
-        pool_tokens=pool,
-        threads=settings.threads,
-    )
+    rows = settings.max_batch_size + settings.max_sessions
+    runner: ModelRunner
+    if pipeline is not None:
+        keep_stage(model, pipeline.rank, pipeline.world_size)
+        pool = prefix_pool_tokens(settings, model, max_len)
+        runner = build_stage_runner(model, pipeline, max_rows=rows, max_len=max_len, pool_tokens=pool)
+    else:
+        pool = prefix_pool_tokens(settings, model, max_len, world)
+        runner = build_runner(
+            model, max_rows=rows, max_len=max_len, parallel=parallel, pool_tokens=pool, threads=settings.threads
+        )
     eos = eos_ids(model, loaded.tokenizer)
     sessions = SpeculativeSessions(runner, eos, first_row=settings.max_batch_size)
     prefix = PrefixCache(PREFIX_BLOCK, pool // PREFIX_BLOCK) if pool >= PREFIX_BLOCK else None

@@ -107,6 +107,17 @@ class ServerSettings:
     tensor_parallel: int = field(
         default=1, metadata={"help": "GPUs this server spans (tensor parallel; >1 starts one process per GPU)."}
     )
+    pipeline_parallel: int = field(
+        default=1,
+        metadata={
+            "help": "Pipeline stages: the decoder layers split into N contiguous stages, one process and "
+            "device each (>1 runs the engine in a process, which starts the other stages)."
+        },
+    )
+    pipeline_microbatches: int = field(
+        default=0,
+        metadata={"help": "Micro-batches a step's rows are split into under pipeline parallel (0: one per stage)."},
+    )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error."})
     log_format: str = field(default="json", metadata={"help": "json or text.", "choices": ["json", "text"]})
 
@@ -119,6 +130,7 @@ class ServerSettings:
             "max_queue",
             "max_sessions",
             "tensor_parallel",
+            "pipeline_parallel",
             "prefill_chunk_tokens",
         ):
             if getattr(self, name) < 1:
@@ -129,6 +141,14 @@ class ServerSettings:
             )
         if self.engine not in ENGINE_MODES:
             raise ValueError(f"engine must be one of {', '.join(ENGINE_MODES)}, got {self.engine!r}")
+        if self.pipeline_microbatches < 0:
+            raise ValueError(
+                f"pipeline_microbatches must be 0 (one per stage) or more, got {self.pipeline_microbatches}"
+            )
+        if self.pipeline_parallel > 1 and self.tensor_parallel > 1:
+            raise ValueError("tensor_parallel and pipeline_parallel cannot both be above 1 yet; set one of them to 1")
+        if self.pipeline_parallel > 1 and self.engine == "thread":
+            raise ValueError("pipeline_parallel runs the engine in a process of its own; use engine=process or auto")
         if self.engine_step_timeout <= 0:
             raise ValueError(f"engine_step_timeout must be positive, got {self.engine_step_timeout}")
 
@@ -497,13 +517,24 @@ def engine_mode(config: ServerSettings, *, preloaded: bool = False) -> str:
         return config.engine
     if preloaded:
         return "thread"
-    if config.device == "cuda":
+    if config.device == "cuda" or config.pipeline_parallel > 1:  # the engine process starts the stages
         return "process"
     if config.device == "auto":
         import torch
 
         return "process" if torch.cuda.is_available() else "thread"
     return "thread"
+
+
+def stage_argv(config: ServerSettings) -> tuple[str, ...]:
+    """The command line of a pipeline stage (`python -m stratus_workers.serve ...`): what it needs to load
+    the model and join the pipeline, taken from the settings (a server built in-process has no argv)."""
+    c = config
+    return (
+        "--model", c.model, "--name", c.name, "--dtype", c.dtype, "--device", c.device, "--threads", str(c.threads),
+        "--pipeline-parallel", str(c.pipeline_parallel), "--pipeline-microbatches", str(c.pipeline_microbatches),
+        "--log-level", c.log_level, "--log-format", c.log_format,
+    )  # fmt: skip
 
 
 class ModelServer:
@@ -573,7 +604,9 @@ class ModelServer:
             prefill_chunk=c.prefill_chunk_tokens,
             prefix_cache_tokens=c.prefix_cache_tokens,
             tensor_parallel=c.tensor_parallel if self.parallel is None else 1,
-            argv=self.argv,
+            pipeline_parallel=c.pipeline_parallel,
+            pipeline_microbatches=c.pipeline_microbatches,
+            argv=self.argv if c.pipeline_parallel == 1 else stage_argv(c),
             log_level=c.log_level,
             log_format=c.log_format,
             threads=c.threads,

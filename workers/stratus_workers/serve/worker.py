@@ -8,13 +8,15 @@ engine loop until told to stop or until the frontend goes away. A thread beside 
 that stopped (no beats) from a step that takes long (beats, but no progress). An error that ends
 the loop is sent as ("failed", message, exception type) before the process exits with status 1.
 Under `--tensor-parallel N` this process is rank 0: it starts ranks 1..N-1 (unless torchrun did),
-which follow its runner calls, and they die with it.
+which follow its runner calls, and they die with it. Under `--pipeline-parallel N` it is stage 0
+and starts stages 1..N-1 the same way (serve/pipeline.py); a stage that dies ends this process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import logging
 import os
@@ -116,6 +118,8 @@ def serve(channel: Channel) -> int:
     try:
         loaded = _load(load)
         parallel = None
+        pipe = None
+        watch = None
         children: list[Any] = []
         if settings.tensor_parallel > 1:
             from stratus_workers.serve import parallel as tp
@@ -123,7 +127,15 @@ def serve(channel: Channel) -> int:
             if "RANK" not in os.environ:
                 children = tp.spawn_followers(settings.tensor_parallel, list(settings.argv))
             parallel = tp.init_group(settings.tensor_parallel)
-        core, info = build_core(loaded, settings, parallel)
+        elif settings.pipeline_parallel > 1:
+            from stratus_workers.serve import parallel as tp
+            from stratus_workers.serve import pipeline
+
+            children = tp.spawn_followers(settings.pipeline_parallel, list(settings.argv))
+            watch = pipeline.StageWatch(children, functools.partial(_stage_died, channel))
+            watch.start()
+            pipe = pipeline.init_pipeline(settings.pipeline_parallel, settings.pipeline_microbatches)
+        core, info = build_core(loaded, settings, parallel, pipe)
         if settings.warmup:
             core.warmup()
         freeze_heap()
@@ -134,6 +146,8 @@ def serve(channel: Channel) -> int:
         loop = EngineLoop(core, emit)
         beat.loop = loop
         loop.run(ChannelInbox(channel))
+        if watch is not None:
+            watch.stop()  # the stages exit next, and that is no failure
         core.runner.close()  # under tensor parallel: the followers leave follow() and exit
         for child in children:
             with contextlib.suppress(Exception):
@@ -146,6 +160,17 @@ def serve(channel: Channel) -> int:
             channel.send(("failed", f"{type(exc).__name__}: {exc}", type(exc).__name__))
             _drain(channel, 5.0)
         return 1
+
+
+def _stage_died(channel: Channel, reason: str) -> None:
+    """A pipeline stage died (StageWatch's thread): report it and exit now, since the loop may be
+    waiting on that stage for ever; the stages still running die with this process."""
+    log.critical("pipeline stage died; the engine stops", extra={"reason": reason})
+    with contextlib.suppress(ChannelClosed):
+        channel.send(("failed", reason, "StageFailed"))
+        _drain(channel, 2.0)
+    logging.shutdown()
+    os._exit(1)
 
 
 def _load(load: Callable[[], Any]) -> Any:

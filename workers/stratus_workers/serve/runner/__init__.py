@@ -58,7 +58,17 @@ def new_token_slots(
     query_idx = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
     positions = np.asarray(starts, dtype=np.int64)[batch_idx] + query_idx
     arrays = (batch_idx, query_idx, batch_idx + first_row, positions)
-    return tuple(torch.from_numpy(a).to(device, non_blocking=True) for a in arrays)  # type: ignore[return-value]
+    return tuple(to_device(a, device) for a in arrays)  # type: ignore[return-value]
+
+
+def to_device(values: np.ndarray | Sequence[int], device: torch.device) -> torch.Tensor:
+    """Host integers on `device` without waiting: a copy from pageable memory makes the host wait for the
+    whole stream first, which keeps it from queueing the next kernels (and, in a pipeline stage, from
+    queueing a micro-batch behind the activations it is about to receive); pinned memory does not."""
+    host = torch.from_numpy(np.asarray(values, dtype=np.int64))
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def env_flag(name: str, default: bool) -> bool:
@@ -242,6 +252,34 @@ class ModelRunner(abc.ABC):
 
     def _warmup(self, max_kv_len: int | None, batch_sizes: Sequence[int] | None) -> int:
         return 0
+
+    # -- a forward in parts (pipeline stages run them on different processes) ---------------
+
+    def padded_ids(self, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """[B, Q] token ids on the device, each row padded at the end to the longest."""
+        ids = np.zeros((len(tokens), max(len(t) for t in tokens)), dtype=np.int64)
+        for i, row_tokens in enumerate(tokens):
+            ids[i, : len(row_tokens)] = row_tokens
+        return to_device(ids, self.device)
+
+    def last_tokens(self, h: torch.Tensor, q_lens: Sequence[int]) -> torch.Tensor:
+        """[B, Q, H] -> [B, H]: each row's last real token."""
+        last = to_device([q - 1 for q in q_lens], h.device)
+        return h[torch.arange(h.shape[0], device=h.device), last]
+
+    # The torch runners provide these; a runner that cannot run in parts (llama.cpp's) cannot be a stage.
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, Q] ids -> [B, Q, hidden] activations (the model's embedding)."""
+        raise UnsupportedModelError(f"{type(self).__name__} cannot run a forward in parts (a pipeline stage)")
+
+    def extend_hidden(self, first_row: int, h: torch.Tensor, starts: list[int], q_lens: list[int]) -> torch.Tensor:
+        """Run this runner's decoder layers over rows first_row.. ([B, Q, hidden], row i's `q_lens[i]` real
+        tokens from position `starts[i]`), write their keys and values, set their lengths; the residual out."""
+        raise UnsupportedModelError(f"{type(self).__name__} cannot run a forward in parts (a pipeline stage)")
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: [..., hidden] -> [..., vocab] float32 logits."""
+        raise UnsupportedModelError(f"{type(self).__name__} cannot run a forward in parts (a pipeline stage)")
 
     def _lead(self, method: str, *args: Any, **kwargs: Any) -> None:
         if self.parallel is not None:

@@ -17,13 +17,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from stratus_workers.serve import kernels
 from stratus_workers.serve.parallel import ParallelContext
-from stratus_workers.serve.runner import Decoded, ModelRunner, UnsupportedModelError, env_flag, new_token_slots
+from stratus_workers.serve.runner import (
+    Decoded,
+    ModelRunner,
+    UnsupportedModelError,
+    env_flag,
+    new_token_slots,
+    to_device,
+)
 from stratus_workers.serve.runner.cache import KVCache
 from stratus_workers.serve.runner.graphs import StaticDecoder
 from stratus_workers.serve.runner.modules import apply_rotary
@@ -372,15 +378,24 @@ class FusedRunner(ModelRunner):
         all_logits: bool,
     ) -> torch.Tensor:
         """Prefill, extend or verify (any number of new tokens per row) with the fused weights."""
-        batch, q_max = len(tokens), max(q_lens)
+        h = self.embed(self.padded_ids(tokens))
+        h = self.extend_hidden(first_row, h, starts, q_lens)
+        if not all_logits:
+            h = self.last_tokens(h, q_lens)
+        return self.head(h)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self._embed)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(_rms_norm(h, self._final_norm, self._final_eps), self._lm_head).float()
+
+    def extend_hidden(self, first_row: int, h: torch.Tensor, starts: list[int], q_lens: list[int]) -> torch.Tensor:
+        batch, q_max = h.shape[0], h.shape[1]
         dev = self.device
-        ids_host = np.zeros((batch, q_max), dtype=np.int64)
-        for i, row_tokens in enumerate(tokens):
-            ids_host[i, : len(row_tokens)] = row_tokens
         ends = [s + q for s, q in zip(starts, q_lens, strict=True)]
         k_len = max(ends)
-        ids = torch.from_numpy(ids_host).to(dev, non_blocking=True)
-        start_t = torch.tensor(starts, dtype=torch.long).to(dev, non_blocking=True)
+        start_t = to_device(starts, dev)
         positions = start_t[:, None] + torch.arange(q_max, device=dev)[None, :]  # [B, Q]
         mask = torch.arange(k_len, device=dev)[None, None, None, :] <= positions[:, None, :, None]
         slots = new_token_slots(first_row, starts, q_lens, dev)
@@ -389,7 +404,6 @@ class FusedRunner(ModelRunner):
         cos, sin = self._cos[table], self._sin[table]
         write_rows = torch.arange(first_row, first_row + batch, device=dev)[:, None].expand(batch, q_max)
         row_sl = slice(first_row, first_row + batch)
-        h = F.embedding(ids, self._embed)
         delta = torch.zeros_like(h)
         for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
             h, q, k, v = self._prefill_qkv(h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin)
@@ -413,12 +427,8 @@ class FusedRunner(ModelRunner):
             delta = self._all_reduce(F.linear(act, lw.down))
             if lw.down_bias is not None:
                 delta = delta + lw.down_bias
-        h = h + delta
         self.cache.set_lengths(first_row, ends)
-        if not all_logits:
-            last = torch.tensor([q - 1 for q in q_lens], device=dev)
-            h = h[torch.arange(batch, device=dev), last]
-        return F.linear(_rms_norm(h, self._final_norm, self._final_eps), self._lm_head).float()
+        return h + delta
 
     def decode_body(self, tokens: torch.Tensor, batch: int, kv_len: int) -> torch.Tensor:
         """One decode step of rows 0..batch-1 reading only device buffers (what a graph captures).

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from stratus_workers.serve.parallel import ParallelContext
-from stratus_workers.serve.runner import ModelRunner, UnsupportedModelError, new_token_slots
+from stratus_workers.serve.runner import ModelRunner, UnsupportedModelError, new_token_slots, to_device
 from stratus_workers.serve.runner.cache import MIN_CAPACITY, KVCache
 
 
@@ -62,21 +62,30 @@ class ModuleRunner(ModelRunner):
         q_lens: list[int],
         all_logits: bool,
     ) -> torch.Tensor:
-        batch, q_max = len(tokens), max(q_lens)
+        hidden = self.embed(self.padded_ids(tokens))
+        hidden = self.extend_hidden(first_row, hidden, starts, q_lens)
+        if not all_logits:
+            hidden = self.last_tokens(hidden, q_lens)
+        return self.head(hidden)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        result: torch.Tensor = self.model.model.embed_tokens(ids)
+        return result
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        result: torch.Tensor = self.model.lm_head(self.model.model.norm(h)).float()
+        return result
+
+    def extend_hidden(self, first_row: int, h: torch.Tensor, starts: list[int], q_lens: list[int]) -> torch.Tensor:
+        batch, q_max = h.shape[0], h.shape[1]
         ends = [s + q for s, q in zip(starts, q_lens, strict=True)]
         k_len = max(ends)
-
         dev = self.device
-        ids = torch.zeros((batch, q_max), dtype=torch.long)
-        for i, row_tokens in enumerate(tokens):
-            ids[i, : len(row_tokens)] = torch.as_tensor(row_tokens, dtype=torch.long)
-        ids = ids.to(dev, non_blocking=True)
-        start_t = torch.tensor(starts, dtype=torch.long).to(dev, non_blocking=True)
+        start_t = to_device(starts, dev)
         positions = start_t[:, None] + torch.arange(q_max, device=dev)[None, :]  # [B, Q]
         # Key j is visible to the query at position p iff j <= p (causal, per row).
         mask = torch.arange(k_len, device=dev)[None, None, None, :] <= positions[:, None, :, None]
-
-        hidden = self.model.model.embed_tokens(ids)
+        hidden = h
         cos, sin = self.model.model.rotary_emb(hidden, positions)
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         row_sl = slice(first_row, first_row + batch)
@@ -110,8 +119,4 @@ class ModuleRunner(ModelRunner):
             hidden = hidden + attn.o_proj(out)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         self.cache.set_lengths(first_row, ends)
-        if not all_logits:
-            last = torch.tensor([q - 1 for q in q_lens], device=dev)
-            hidden = hidden[torch.arange(batch, device=dev), last]
-        result: torch.Tensor = self.model.lm_head(self.model.model.norm(hidden)).float()
-        return result
+        return hidden

@@ -1,0 +1,115 @@
+"""Pipeline parallel: two stages (gloo on the CPU, two processes) answer exactly as one process does, and
+a stage that dies fails the requests in flight and the server's health instead of hanging."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from stratus_workers.client import AsyncClient
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = [
+    "The quick brown fox",
+    "Once upon a time in a land far away there lived",
+    "Pipeline stages pass activations",
+    "One two three four five six seven eight nine ten eleven twelve",
+]
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+async def answers(address: str) -> tuple[list[str], list[str], str, list[float]]:
+    """Each prompt alone, all of them at once (one batch, split into micro-batches), one streamed, and the
+    log-probabilities of a continuation (Score: every position's logits, from a speculative session row)."""
+    async with AsyncClient(address) as client:
+        alone = [(await client.generate(p, max_new_tokens=12)).text for p in PROMPTS]
+        together = await asyncio.gather(*(client.generate(p, max_new_tokens=12) for p in PROMPTS))
+        streamed = "".join([c.text async for c in client.stream(PROMPTS[1], max_new_tokens=12)])
+        scored = list((await client.score(" jumps over the lazy dog", PROMPTS[0])).logprobs)
+    return alone, [r.text for r in together], streamed, scored
+
+
+@pytest.mark.parametrize("microbatches", [0, 3])
+async def test_two_stages_answer_like_one_process(model_server: Any, microbatches: int) -> None:
+    """Greedy answers of a two-stage pipeline equal the single process's, alone and batched (the batch of
+    four rows runs as two micro-batches by default, as three of sizes 2, 1, 1 with `microbatches=3`)."""
+    async with model_server(max_batch_size=4) as single:
+        expected = await answers(single.address)
+    async with model_server(
+        max_batch_size=4, engine="process", pipeline_parallel=2, pipeline_microbatches=microbatches
+    ) as piped:
+        assert piped.engine is not None and piped.engine.info.runner == "PipelineRunner"
+        stages = children_of(piped.engine.pid)
+        assert len(stages) == 1, stages  # stage 0 is the engine process; it started stage 1
+        got = await answers(piped.address)
+    assert got[:3] == expected[:3]
+    assert len(got[3]) == len(expected[3]) > 3 and got[3] == pytest.approx(expected[3], abs=1e-4)
+    alone, together, streamed, _ = got
+    assert together == alone and streamed == alone[1]
+
+
+async def test_a_killed_stage_fails_requests_and_health_at_once(model_server: Any) -> None:
+    async with (
+        model_server(engine="process", pipeline_parallel=2, max_batch_size=1, max_new_tokens=400) as server,
+        AsyncClient(server.address) as client,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        assert server.engine is not None
+        health = health_pb2_grpc.HealthStub(channel)
+        assert (await client.generate("fine", max_new_tokens=2)).usage.completion_tokens == 2
+        (stage,) = children_of(server.engine.pid)
+        running = client.stream("in flight", max_new_tokens=400)
+        await running.__anext__()
+        os.kill(stage, signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as in_flight:
+            async for _ in running:
+                pass
+        assert in_flight.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "pipeline stage" in (in_flight.value.details() or "")
+        # Not a hang: the engine's own step timeout is 60 s; the stage watch acts within a tenth of one.
+        assert time.monotonic() - started < 5
+        for service in ("", "stratus.v1.Inference"):
+            status = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as later:
+            await client.generate("any later request", max_new_tokens=2, timeout=5)
+        assert later.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert server.engine_dead.is_set()
+
+
+async def test_the_entrypoint_stops_its_stages_cleanly(server_process: Callable[..., Any]) -> None:
+    """`--pipeline-parallel 2` from the command line; SIGTERM releases stage 1 (no failure is reported)."""
+    proc: subprocess.Popen[bytes]
+    proc, address = server_process(tier="cloud", pipeline_parallel=2, device="cpu", max_batch_size=2)
+    try:
+        (engine,) = children_of(proc.pid)
+        assert len(children_of(engine)) == 1
+        async with AsyncClient(address) as client:
+            assert (await client.generate(PROMPTS[0], max_new_tokens=8)).usage.completion_tokens > 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
