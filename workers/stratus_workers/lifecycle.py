@@ -1,10 +1,13 @@
-"""Runs an async service until SIGINT/SIGTERM, then stops it gracefully (shared by every entrypoint)."""
+"""How every entrypoint lives and ends: run an async service until SIGINT/SIGTERM and stop it gracefully; exit now."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import signal
-from typing import Protocol
+import sys
+from typing import NoReturn, Protocol
 
 
 class Service(Protocol):
@@ -22,3 +25,12 @@ async def run_until_signalled(service: Service, grace: float = 5.0) -> None:
         await stop.wait()
     finally:
         await service.stop(grace)
+
+
+def exit_now(code: int) -> NoReturn:
+    """Flush the logs and leave without interpreter teardown: destroying NCCL process groups or CUDA graphs
+    at exit can hang or abort, and the process is ending anyway."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

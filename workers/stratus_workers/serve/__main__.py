@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from stratus_workers.lifecycle import exit_now
 from stratus_workers.models import ModelLoadError
 from stratus_workers.observability import setup_logging
 from stratus_workers.serve.server import ModelServer, ServerSettings, engine_mode
@@ -95,7 +96,7 @@ def follow_tensor_parallel(config: ServerSettings) -> int:
     log.info("tensor-parallel rank %d of %d joined", ctx.rank, ctx.world_size)
     loaded = load_model(config.model, dtype=config.dtype, device=config.device, name=config.name or None)
     parallel.follow(ctx, lambda **settings: build_runner(loaded.model, parallel=ctx, **settings))
-    _exit(0)
+    exit_now(0)
     return 0
 
 
@@ -113,7 +114,7 @@ def follow_pipeline(config: ServerSettings) -> int:
     layers = pipeline.keep_stage(loaded.model, ctx.rank, ctx.world_size)
     log.info("pipeline stage %d of %d joined (layers %d..%d)", ctx.rank, ctx.world_size, layers.start, layers.stop - 1)
     pipeline.follow(ctx, lambda **settings: pipeline.build_stage_runner(loaded.model, ctx, **settings))
-    _exit(0)
+    exit_now(0)
     return 0
 
 
@@ -134,17 +135,9 @@ def serve_tensor_parallel_in_process(config: ServerSettings, argv: Sequence[str]
             child.wait(timeout=60)
         except subprocess.TimeoutExpired:
             child.kill()
-    _exit(code)
+    exit_now(code)
     return code
 
-
-def _exit(code: int) -> None:
-    # No destroy_process_group(): tearing down NCCL communicators that captured CUDA graphs still
-    # reference can hang, and the process is ending anyway.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

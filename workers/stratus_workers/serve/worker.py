@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from stratus_workers.lifecycle import exit_now
 from stratus_workers.observability import setup_logging
 from stratus_workers.serve.channel import Channel, ChannelClosed
 from stratus_workers.serve.loop import EngineLoop, EngineSettings, build_core
@@ -169,8 +170,7 @@ def _stage_died(channel: Channel, reason: str) -> None:
     with contextlib.suppress(ChannelClosed):
         channel.send(("failed", reason, "StageFailed"))
         _drain(channel, 2.0)
-    logging.shutdown()
-    os._exit(1)
+    exit_now(1)
 
 
 def _load(load: Callable[[], Any]) -> Any:
@@ -190,12 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     die_with_parent()
     channel = Channel(socket.socket(fileno=int(args[0])))
-    code = serve(channel)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # No interpreter teardown: a process group or CUDA graphs torn down at exit can hang or abort.
-    os._exit(code)
+    exit_now(serve(channel))
 
 
 if __name__ == "__main__":
