@@ -20,9 +20,9 @@ from stratus_operator.config import Config
 from stratus_operator.observe import job_result
 from stratus_operator.placement import ClusterView, parse_quantity
 from stratus_operator.planner import CompressionResult, Plan, plan
-from stratus_operator.render import RenderOptions, SecretRefs, render_plan, tls_secret_name
+from stratus_operator.render import RenderOptions, SecretRefs, render_plan
 from stratus_operator.spec import LLMDeployment
-from stratus_operator.tls import check_secret, issue_secret, service_hosts
+from stratus_operator.tls import ca_certificate, check_secret, identities, issue_ca_secret, issue_server_secret
 
 REPO = Path(__file__).resolve().parents[3]
 OPERATOR_MANIFEST = REPO / "deploy" / "operator" / "deployment.yaml"
@@ -30,8 +30,17 @@ GPU_NODE = "gpu-0"
 EDGE_NODE = "edge-0"
 
 Manifest = dict[str, Any]
-__all__ = ["Manifest", "Rendered", "compression_result", "load_deployment", "operator_config", "parse_quantity",
-           "reconcile", "tls_secret"]
+__all__ = [
+    "Manifest",
+    "Rendered",
+    "TLSSecrets",
+    "compression_result",
+    "load_deployment",
+    "operator_config",
+    "parse_quantity",
+    "reconcile",
+    "tls_secrets",
+]
 
 
 def operator_env() -> dict[str, str]:
@@ -84,27 +93,51 @@ def _effective(deployment: LLMDeployment, config: Config) -> LLMDeployment:
                                          tolerations=config.edge_tolerations)
 
 
+@dataclass(frozen=True)
+class TLSSecrets:
+    """The mTLS Secrets the operator issues for a deployment: its CA (mounted by no pod) and one certificate per
+    server and the router, each checked as the operator checks them before it renders."""
+
+    ca: Manifest
+    issued: dict[str, Manifest]  # child name -> its Secret
+    hashes: dict[str, str]  # child name -> the content hash that rolls its pods
+
+    @property
+    def objects(self) -> list[Manifest]:
+        return [self.ca, *self.issued.values()]
+
+    def of(self, child: str) -> Manifest:
+        return self.issued[child]
+
+
 def reconcile(deployment: LLMDeployment, config: Config, results: dict[str, CompressionResult],
-              tls: Manifest | None) -> Rendered:
+              tls: TLSSecrets | None) -> Rendered:
     """What one reconcile pass renders, given the compression results known so far."""
     dep = _effective(deployment, config)
     p = plan(dep, cluster(), results, gpu_resource=config.gpu_resource_name)
-    secrets = SecretRefs()
-    name = tls_secret_name(dep)
-    if name is not None:
-        assert tls is not None, "mTLS is on: issue the Secret first (tls_secret)"
-        verdict = check_secret(tls, service_hosts(dep), datetime.datetime.now(datetime.UTC))
-        assert verdict.ok, verdict.problem
-        secrets = SecretRefs(name, verdict.content_hash)
+    secrets = SecretRefs.of(dep)
+    if secrets.issued:
+        assert tls is not None, "mTLS is on: issue the Secrets first (tls_secrets)"
+        secrets = SecretRefs.of(dep, tls.hashes)
     return Rendered(p, render_plan(p, dep, RenderOptions.from_config(config), secrets))
 
 
-def tls_secret(deployment: LLMDeployment, config: Config) -> Manifest | None:
-    """The operator-issued mTLS Secret (None when mTLS is off)."""
+def tls_secrets(deployment: LLMDeployment, config: Config) -> TLSSecrets | None:
+    """The operator-issued mTLS Secrets (None when mTLS is off or the user names a Secret of their own)."""
     dep = _effective(deployment, config)
-    if tls_secret_name(dep) is None:
+    if not SecretRefs.of(dep).issued:
         return None
-    return issue_secret(dep, RenderOptions.from_config(config))
+    options = RenderOptions.from_config(config)
+    ca = issue_ca_secret(dep, options)
+    now = datetime.datetime.now(datetime.UTC)
+    issued: dict[str, Manifest] = {}
+    hashes: dict[str, str] = {}
+    for identity in identities(dep):
+        secret = issue_server_secret(dep, options, identity, ca)
+        verdict = check_secret(secret, identity.hosts, now, ca=ca_certificate(ca))
+        assert verdict.ok, verdict.problem
+        issued[identity.name], hashes[identity.name] = secret, verdict.content_hash
+    return TLSSecrets(ca, issued, hashes)
 
 
 def compression_result(rendered: Rendered, job_name: str, *, exit_code: int,

@@ -21,11 +21,12 @@ from plan_adapter import (
     REPO,
     Manifest,
     Rendered,
+    TLSSecrets,
     compression_result,
     load_deployment,
     operator_config,
     reconcile,
-    tls_secret,
+    tls_secrets,
 )
 
 from stratus_workers.client import Client
@@ -84,7 +85,7 @@ class Stack:
     job: JobRun
     job_exit: int
     job_message: str
-    tls: Manifest
+    tls: TLSSecrets
     token: str
     images: Images
     timings: dict[str, float] = field(default_factory=dict)
@@ -108,7 +109,10 @@ class Stack:
         return f"http://{self.ip('router')}:8080"
 
     def tls_bytes(self, key: str) -> bytes:
-        return base64.b64decode(self.tls["data"][key])
+        # The router's certificate: the one issued for client use too.
+        router = self.final.plan.router
+        assert router is not None
+        return base64.b64decode(self.tls.of(router.name)["data"][key])
 
 
 def server_channel(stack: Stack, component: str, *, client_cert: bool) -> grpc.Channel:
@@ -196,9 +200,9 @@ def deployed(images: Images, workdir: Path, manifest: Manifest, name: str) -> It
     cluster = DockerCluster(uuid.uuid4().hex[:8], workdir, NAMESPACE, images.image_for)
     try:
         cluster.create_network()
-        tls = tls_secret(deployment, config)
+        tls = tls_secrets(deployment, config)
         assert tls is not None, "the sample keeps mTLS on (the default)"
-        cluster.apply([tls, tokens_secret(token)])
+        cluster.apply([*tls.objects, tokens_secret(token)])
 
         first = reconcile(deployment, config, {}, tls)
         jobs = cluster.apply(first.objects)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from docker_pods import DockerCluster, PodError, engine_missing
-from plan_adapter import Manifest, Rendered, load_deployment, operator_config, reconcile, tls_secret
+from plan_adapter import Manifest, Rendered, load_deployment, operator_config, reconcile, tls_secrets
 from sample_stack import (
     COMPRESSION_SAMPLE,
     GGUF_VARIANT,
@@ -57,7 +57,7 @@ def test_unreachable_engine_is_one_skip_line(tmp_path: Path, monkeypatch: pytest
 def rendered() -> Rendered:
     deployment = load_deployment(sample_manifest(), namespace=NAMESPACE)
     config = operator_config(IMAGE)
-    return reconcile(deployment, config, {}, tls_secret(deployment, config))
+    return reconcile(deployment, config, {}, tls_secrets(deployment, config))
 
 
 def _accepted(name: str) -> CompressionResult:
@@ -90,7 +90,7 @@ def test_both_deployments_plan_a_job_then_an_edge_server_on_their_runtime(
         manifest: Callable[[], Manifest], variant: str, runtime: str) -> None:
     deployment = load_deployment(manifest(), namespace=NAMESPACE)
     config = operator_config(IMAGE)
-    tls = tls_secret(deployment, config)
+    tls = tls_secrets(deployment, config)
     first = reconcile(deployment, config, {}, tls)
     assert [j.variant for j in first.plan.compression_jobs] == [variant]
     assert _components(first) == ["cloud-server", "router"], "while the Job runs"
@@ -103,7 +103,7 @@ def test_both_deployments_plan_a_job_then_an_edge_server_on_their_runtime(
 def test_the_edge_artifact_is_found_where_the_rendered_edge_server_reads_it(tmp_path: Path) -> None:
     deployment = load_deployment(gguf_manifest(), namespace=NAMESPACE)
     config = operator_config(IMAGE)
-    final = reconcile(deployment, config, {GGUF_VARIANT: _accepted(GGUF_VARIANT)}, tls_secret(deployment, config))
+    final = reconcile(deployment, config, {GGUF_VARIANT: _accepted(GGUF_VARIANT)}, tls_secrets(deployment, config))
     found = edge_artifact(final, tmp_path / "claims")
     # The rendered edge server's --model, under the mount of the claim the Job wrote to.
     edge = next(d["spec"]["template"]["spec"] for d in final.of_kind("Deployment")
