@@ -98,13 +98,14 @@ def spawn_followers(world_size: int, argv: Sequence[str]) -> list[subprocess.Pop
     return children
 
 
-def init_group(world_size: int) -> ParallelContext:
-    """Join the process group described by RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT."""
+def join_process_group(world_size: int, flag: str) -> tuple[int, bool, Any]:
+    """Join the process group described by RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (NCCL on
+    GPUs, gloo on the CPU); returns this process's rank, whether it runs on CUDA, and the gloo control group."""
     for key, value in SAFE_NCCL_ENV.items():
         os.environ.setdefault(key, value)
     rank = int(os.environ["RANK"])
     if int(os.environ["WORLD_SIZE"]) != world_size:
-        raise ValueError(f"--tensor-parallel {world_size} but WORLD_SIZE is {os.environ['WORLD_SIZE']}")
+        raise ValueError(f"{flag} {world_size} but WORLD_SIZE is {os.environ['WORLD_SIZE']}")
     cuda = torch.cuda.is_available()
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", rank))
@@ -115,4 +116,10 @@ def init_group(world_size: int) -> ParallelContext:
     # Rank 0's calls travel as small pickled messages over gloo; activations over NCCL. Loading
     # a large model can take minutes on one rank before the next call, hence the long timeout.
     control = dist.new_group(backend="gloo", timeout=timedelta(hours=24))
+    return rank, cuda, control
+
+
+def init_group(world_size: int) -> ParallelContext:
+    """Join the tensor-parallel group."""
+    rank, _, control = join_process_group(world_size, "--tensor-parallel")
     return ParallelContext(rank=rank, world_size=world_size, control=control)

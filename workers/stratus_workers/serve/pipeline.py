@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import subprocess
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -39,7 +37,7 @@ import torch.distributed as dist
 
 from stratus_workers.runtimes import RUNTIME_TORCH
 from stratus_workers.serve.errors import EngineFailed
-from stratus_workers.serve.parallel import BUILD, SAFE_NCCL_ENV, STOP
+from stratus_workers.serve.parallel import BUILD, STOP, join_process_group
 from stratus_workers.serve.runner import Decoded, ModelRunner, UnsupportedModelError
 from stratus_workers.serve.runner.build import build_runner
 
@@ -268,20 +266,7 @@ def follow(ctx: PipelineContext, build: Callable[..., PipelineRunner]) -> None:
 
 def init_pipeline(stages: int, microbatches: int = 0) -> PipelineContext:
     """Join the pipeline's process group (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)."""
-    for key, value in SAFE_NCCL_ENV.items():
-        os.environ.setdefault(key, value)
-    rank = int(os.environ["RANK"])
-    if int(os.environ["WORLD_SIZE"]) != stages:
-        raise ValueError(f"--pipeline-parallel {stages} but WORLD_SIZE is {os.environ['WORLD_SIZE']}")
-    cuda = torch.cuda.is_available()
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        if local >= torch.cuda.device_count():
-            raise ValueError(f"pipeline stage {rank} needs GPU {local}, but this pod sees {torch.cuda.device_count()}")
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=stages)
-    # Loading a large model can take minutes on one stage before the next call: the long timeout.
-    control = dist.new_group(backend="gloo", timeout=timedelta(hours=24))
+    rank, cuda, control = join_process_group(stages, "--pipeline-parallel")
     forward = dist.new_group()
     back = dist.new_group()
     ctx = PipelineContext(
