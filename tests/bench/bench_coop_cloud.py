@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import inspect
 import json
 import platform
@@ -162,6 +163,81 @@ async def speculative(
     return {**totals, "seconds": time.perf_counter() - t0}
 
 
+class StepProfile:
+    """Where an in-process engine's time goes, step by step (`--profile`): the engine thread's step, its
+    Verify calls (their forward pass's host launch and device span, the rest: sessions, judging, the
+    reply), its decode steps, and the wait between steps (the event loop's share: replies delivered,
+    callers woken, their next calls sent). Device spans come from CUDA events read after each phase,
+    so timing does not add a wait on the device."""
+
+    def __init__(self, core: Any) -> None:
+        self.core = core
+        self.cuda = core.runner.device.type == "cuda"
+        self.ns: collections.Counter[str] = collections.Counter()
+        self.count: collections.Counter[str] = collections.Counter()
+        self.events: list[tuple[str, Any, Any]] = []
+        self.last_end = 0
+        self._wrap(core, "step", "step", gap=True)
+        self._wrap(core.sessions, "verify_many", "verify_many", calls=True)
+        self._wrap(core.runner, "forward", "forward", device=True)
+        self._wrap(core.runner, "decode", "decode", device=True)
+
+    def _wrap(
+        self, obj: Any, name: str, key: str, *, gap: bool = False, calls: bool = False, device: bool = False
+    ) -> None:
+        inner = getattr(obj, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter_ns()
+            if gap and self.last_end:
+                self.ns["between steps"] += t0 - self.last_end
+            if calls:
+                self.count["verify calls"] += len(args[0])
+            start = end = None
+            if device and self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                if end is not None:
+                    end.record()
+                    self.events.append((key, start, end))
+                t1 = time.perf_counter_ns()
+                self.ns[key] += t1 - t0
+                self.count[key] += 1
+                if gap:
+                    self.last_end = t1
+
+        setattr(obj, name, timed)
+
+    def reset(self) -> None:
+        self.ns.clear()
+        self.count.clear()
+        self.events.clear()
+        self.last_end = 0
+
+    def take(self) -> dict[str, Any]:
+        """This phase's totals (ms) and per-step means, and a fresh start for the next phase."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        device_ms: collections.Counter[str] = collections.Counter()
+        for key, start, end in self.events:
+            device_ms[f"{key} device span"] += start.elapsed_time(end)
+        steps = max(1, self.count["step"])
+        totals = {key: ns / 1e6 for key, ns in self.ns.items()} | dict(device_ms)
+        out = {
+            "steps": self.count["step"],
+            "verify calls": self.count["verify calls"],
+            "forward passes": self.count["forward"],
+            "decode steps": self.count["decode"],
+            "total ms": totals,
+            "per step ms": {key: value / steps for key, value in totals.items()},
+        }
+        self.reset()
+        return out
+
+
 async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from stratus_workers.models import tiny as tiny_models
     from stratus_workers.models.loader import resolve_device, resolve_dtype
@@ -172,8 +248,12 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
     tokenizer = tiny_models.bundled_tokenizer()
     vocab = len(tokenizer)
     arch = getattr(tiny_models, ARCHS[args.model])
+    if args.tf32:  # float32 storage, TensorFloat-32 matrix products (both sides of the comparison alike)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
-    model = tiny_models.random_llama(dict(arch), vocab_size=vocab, seed=0).to(device=device, dtype=dtype)
+    with torch.device(device):  # initialised where it runs: a 1B model's random init on the host takes a while
+        model = tiny_models.random_llama(dict(arch), vocab_size=vocab, seed=0).to(dtype=dtype)
     model.requires_grad_(False)
     params = sum(p.numel() for p in model.parameters())
     most = max(args.concurrency)
@@ -188,6 +268,12 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
     if warmup is not None:  # the decode graphs (CUDA), as a server captures them before taking traffic
         warmup()
     await started(engine)
+    profile: StepProfile | None = None
+    if args.profile:
+        core = getattr(getattr(engine, "transport", None), "core", None)
+        if core is None:
+            raise SystemExit("--profile needs the engine's core in this process (the thread transport)")
+        profile = StepProfile(core)
     rng = random.Random(0)
     match = match_for(args.acceptance, args.draft)
     meta = {
@@ -200,6 +286,7 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
         "match": match,
         "new_tokens": args.new_tokens,
         "transcript": args.transcript,
+        "tf32": bool(args.tf32),
         "prompt_tokens": args.prompt_tokens,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -214,7 +301,12 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
         for c in args.concurrency:
             prompts = [[rng.randrange(vocab) for _ in range(args.prompt_tokens)] for _ in range(c)]
             before = passes(engine)
+            if profile is not None:
+                profile.reset()
             streamed, seconds = await cloud_only(engine, prompts, args.new_tokens)
+            profiled: dict[str, Any] = {}
+            if profile is not None:
+                profiled["cloud_only"] = profile.take()
             base_passes = None if before is None else passes(engine) - before  # type: ignore[operator]
             tokens = sum(len(t) for t in streamed)
             transcripts = streamed
@@ -230,7 +322,11 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
                 agreement = same / max(1, tokens)
                 log(f"  C={c:>3}: decode and verification agree on the first {agreement:.1%} of the answers")
             before = passes(engine)
+            if profile is not None:
+                profile.reset()
             spec = await speculative(engine, prompts, transcripts, draft=args.draft, match=match, vocab=vocab, seed=c)
+            if profile is not None:
+                profiled["speculative"] = profile.take()
             spec_passes = None if before is None else passes(engine) - before  # type: ignore[operator]
             alone: dict[str, Any] = {}
             if args.also_alone and hasattr(engine, "verify_together") and spec["accepted"] > spec["drafted"] / 2:
@@ -257,6 +353,7 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
                 "same_as_transcript": spec["matched"] / max(1, spec["tokens"]),
                 "alone_tps": alone["tokens"] / alone["seconds"] if alone else None,
                 "decode_verify_agreement": agreement,
+                "profile": profiled or None,
             }
             rows.append(row)
             log(
@@ -266,6 +363,12 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
                 f"tokens/round)  {row['spec_tps'] / row['cloud_only_tps']:.2f}x"
                 + (f"; one pass per call: {row['alone_tps']:8.0f} tok/s" if alone else "")
             )
+            for phase, p in profiled.items():
+                per = p["per step ms"]
+                log(
+                    f"    {phase}: {p['steps']} steps, {p['verify calls']} verify calls; per step ms: "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in sorted(per.items()))
+                )
     finally:
         await stopped(engine)
     return rows, meta
@@ -328,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
         choices=["stream", "verify"],
         default="stream",
         help="the recorded answer the drafts replay: the cloud-only stream's, or the verification pass's",
+    )
+    parser.add_argument("--tf32", action="store_true", help="float32 matrix products in TensorFloat-32 (CUDA)")
+    parser.add_argument(
+        "--profile", action="store_true", help="time the engine's steps, passes and the waits between them"
     )
     parser.add_argument("--write", type=Path, default=None, help="write the table into this Markdown file")
     parser.add_argument("--json", type=Path, help="also write the rows here")

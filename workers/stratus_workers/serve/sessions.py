@@ -18,17 +18,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.errors import EngineOverloaded
-from stratus_workers.serve.runner import ModelRunner
+from stratus_workers.serve.runner import ModelRunner, to_device
 from stratus_workers.serve.sampling import seeded_generator
 from stratus_workers.serve.speculative import (
     SparseDist,
     Verdict,
     draft_distribution,
-    greedy_verdict,
+    greedy_verdicts,
     sample_sparse,
     verify_greedy,
     verify_sampled,
@@ -102,9 +103,20 @@ class SpeculativeSessions:
             raise ValueError("context is empty: send the prompt's token ids")
         if len(context) >= self.max_len:
             raise ValueError(f"context of {len(context)} tokens exceeds this server's {self.max_len - 1}")
-        if any(t < 0 or t >= self.vocab_size for t in context):
-            raise ValueError(f"context holds token ids outside this model's vocabulary of {self.vocab_size}")
         session = self._sessions.get(sid)
+        common = 0
+        if session is not None:
+            held = session.tokens
+            limit = min(len(held), len(context) - 1)  # keep at least one token to compute logits from
+            if held[:limit] == list(context[:limit]):  # the usual case, a session's next round: one comparison
+                common = limit
+            else:
+                while common < limit and held[common] == context[common]:
+                    common += 1
+        # The cached tokens were checked when they came; only the rest can be out of range.
+        rest = list(context[common:])
+        if min(rest) < 0 or max(rest) >= self.vocab_size:
+            raise ValueError(f"context holds token ids outside this model's vocabulary of {self.vocab_size}")
         if session is None:
             self.expire()
             if not self._free_rows:
@@ -121,13 +133,10 @@ class SpeculativeSessions:
             self._sessions[sid] = session
         self._sessions.move_to_end(sid)
         session.last_used = time.monotonic()
-        common = 0
-        limit = min(len(session.tokens), len(context) - 1)  # keep at least one token to compute logits from
-        while common < limit and session.tokens[common] == context[common]:
-            common += 1
-        self.runner.truncate(session.row, common)
+        if self.runner.lengths[session.row] != common:
+            self.runner.truncate(session.row, common)
         del session.tokens[common:]
-        return session, list(context[common:])
+        return session, rest
 
     def draft(
         self, sid: str, context: Sequence[int], max_tokens: int, sampling: Sampling, top_k: int, end: bool
@@ -254,49 +263,68 @@ class SpeculativeSessions:
                 if calls[i].end:
                     self.end(calls[i].sid)
             return
-        # Greedy rows are judged from one argmax over the whole pass and their log-probabilities come from
-        # one gather: a couple of device transfers per pass, not several per session (they dominate on a GPU).
-        best = logits.argmax(dim=-1).tolist() if any(calls[i].sampling.greedy for i, _, _ in rows.values()) else []
-        judged: list[tuple[int, Verdict]] = []
-        at_rows: list[int] = []
-        at_positions: list[int] = []
-        at_tokens: list[int] = []
+        judged: list[tuple[int, Verdict, Sequence[float]]] = []
+        greedy = sorted((row, entry) for row, entry in rows.items() if calls[entry[0]].sampling.greedy)
+        if greedy:
+            judged += self._judge_greedy(calls, lo, logits, greedy)
         for row, (i, session, pending) in rows.items():
             call = calls[i]
+            if call.sampling.greedy:
+                continue
             first = len(pending) - 1  # the position that predicts the first draft token
+            scores = logits[row - lo, first : first + len(call.draft) + 1]
             try:
-                if call.sampling.greedy:
-                    verdict = greedy_verdict(best[row - lo][first : len(feed[row - lo])], call.draft)
-                else:
-                    scores = logits[row - lo, first : len(feed[row - lo])]
-                    sampling = call.sampling
-                    verdict = verify_sampled(
-                        scores, call.draft, call.dists, sampling.temperature, sampling.top_p, session.generator
-                    )
+                sampling = call.sampling
+                verdict = verify_sampled(
+                    scores, call.draft, call.dists, sampling.temperature, sampling.top_p, session.generator
+                )
             except Exception as exc:
                 results[i] = exc
                 self.runner.truncate(session.row, len(session.tokens))
                 if call.end:
                     self.end(call.sid)
                 continue
-            chosen = [*call.draft[: verdict.accepted], verdict.next_token]
-            at_rows += [row - lo] * len(chosen)
-            at_positions += range(first, first + len(chosen))
-            at_tokens += chosen
-            judged.append((row, verdict))
-        if not judged:
-            return
-        picked = logits[at_rows, at_positions, at_tokens] - torch.logsumexp(logits[at_rows, at_positions], dim=-1)
-        logprobs = picked.tolist()
-        used = 0
-        for row, verdict in judged:
+            chosen = torch.tensor([*call.draft[: verdict.accepted], verdict.next_token], device=scores.device)
+            picked = scores[: len(chosen)].gather(-1, chosen[:, None])[:, 0] - torch.logsumexp(
+                scores[: len(chosen)], dim=-1
+            )
+            judged.append((row, verdict, picked.tolist()))
+        for row, verdict, logprobs in judged:
             i, session, pending = rows[row]
             call = calls[i]
-            n = verdict.accepted + 1
-            results[i] = self._settle(call, session, pending, verdict, logprobs[used : used + n])
-            used += n
+            results[i] = self._settle(call, session, pending, verdict, logprobs)
             if call.end:
                 self.end(call.sid)
+
+    def _judge_greedy(
+        self,
+        calls: Sequence[VerifyCall],
+        lo: int,
+        logits: torch.Tensor,
+        entries: list[tuple[int, tuple[int, _Session, list[int]]]],
+    ) -> list[tuple[int, Verdict, Sequence[float]]]:
+        """The greedy rows' verdicts, all judged on the device (`greedy_verdicts`) and read back in one
+        transfer: a wait on the device per session, not per pass, is what bounds a GPU's verify rounds."""
+        n, q_max = len(entries), logits.shape[1]
+        # Per row: the draft at the positions that predict it, then the row's index in the pass, then `first`.
+        plan = np.full((n, q_max + 2), -1, dtype=np.int64)
+        for k, (row, (i, _, pending)) in enumerate(entries):
+            draft, first = calls[i].draft, len(pending) - 1
+            plan[k, first : first + len(draft)] = draft
+            plan[k, q_max] = row - lo
+            plan[k, q_max + 1] = first
+        plan_dev = to_device(plan, logits.device)
+        scores = logits  # when every row of the pass is a greedy call's, in order
+        if plan[:, q_max].tolist() != list(range(logits.shape[0])):
+            scores = logits.index_select(0, plan_dev[:, q_max])
+        stop, token, logprobs = greedy_verdicts(scores, plan_dev[:, :q_max], plan_dev[:, q_max + 1])
+        values = torch.cat([stop.double(), token.double(), logprobs.double().flatten()]).tolist()
+        judged: list[tuple[int, Verdict, Sequence[float]]] = []
+        for k, (row, _) in enumerate(entries):
+            first, at = int(plan[k, q_max + 1]), int(values[k])
+            base = 2 * n + k * q_max
+            judged.append((row, Verdict(at - first, int(values[n + k])), values[base + first : base + at + 1]))
+        return judged
 
     def _check_verify(self, call: VerifyCall) -> None:
         if any(t < 0 or t >= self.vocab_size for t in call.draft):
@@ -330,7 +358,8 @@ class SpeculativeSessions:
         session.tokens.extend(pending)
         session.tokens.extend(draft)
         keep = len(call.context) + verdict.accepted
-        self.runner.truncate(session.row, keep)
+        if self.runner.lengths[session.row] != keep:  # all accepted: the row holds just what it keeps
+            self.runner.truncate(session.row, keep)
         del session.tokens[keep:]
         eos = verdict.next_token in self._eos or any(t in self._eos for t in draft[: verdict.accepted])
         return VerifyResult(verdict.accepted, verdict.next_token, tuple(float(x) for x in logprobs), eos)

@@ -74,6 +74,28 @@ def greedy_verdict(best: Sequence[int], draft: Sequence[int]) -> Verdict:
     return Verdict(accepted, int(best[accepted]))
 
 
+def greedy_verdicts(
+    logits: torch.Tensor, targets: torch.Tensor, first: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`greedy_verdict` for many rows at once, on the logits' device, with no transfer to the host.
+
+    `logits` is [n, Q, V]; row k's draft sits in `targets[k, first[k]:]` ([n, Q] token ids, -1 elsewhere):
+    position first[k] + i predicts draft[i], and the position after the draft's last predicts the bonus
+    token. Returns, per row, the position `stop` where the verdict's own token goes (first + accepted),
+    that token, and [n, Q] log-probabilities of the token chosen at each position (draft tokens before
+    `stop`, the verifier's choice from `stop` on; only positions first..stop mean anything).
+    """
+    best = logits.argmax(dim=-1)
+    positions = torch.arange(logits.shape[1], device=logits.device)[None, :]
+    # The first position at or after `first` whose target is not the verifier's choice (the bonus position
+    # has no target, so every row stops by then); argmax finds the first maximum.
+    stops_here = (positions >= first[:, None]) & ((targets < 0) | (best != targets))
+    stop = stops_here.to(torch.int32).argmax(dim=-1)
+    chosen = torch.where(positions < stop[:, None], targets, best).clamp(min=0)
+    logprobs = logits.gather(-1, chosen[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
+    return stop, best.gather(1, stop[:, None])[:, 0], logprobs
+
+
 def verify_sampled(
     logits: torch.Tensor,
     draft: Sequence[int],
