@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import functools
 import inspect
 import json
+import os
 import platform
 import random
 import sys
@@ -32,8 +34,22 @@ import report  # tests/bench/report.py (scripts run from this folder)
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
 SECTION = "bench-coop-cloud"
+ENGINES = {"thread": "in a thread of the benchmark's process", "process": "in an engine process of its own"}
 ARCHS = {"135m": "SMOLLM2_135M", "1b": "SMOLLM2_1B", "tiny": "TINY"}
+
+
+def load_random(model: str, *, dtype: str, device: str, tf32: bool) -> Any:
+    """The random-init model as a models.LoadedModel, built where it runs (a 1B model's random init on the
+    host takes a while); picklable as a partial, so an engine process builds the same one."""
+    from stratus_workers.models import tiny as tiny_models
+
+    if tf32:  # float32 storage, TensorFloat-32 matrix products (both sides of the comparison alike)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    with torch.device(device):
+        return tiny_models.random_loaded(dict(getattr(tiny_models, ARCHS[model])), dtype=dtype, device=device)
 
 
 def accepted_share(match: float, k: int) -> float:
@@ -177,6 +193,8 @@ class StepProfile:
         self.count: collections.Counter[str] = collections.Counter()
         self.events: list[tuple[str, Any, Any]] = []
         self.last_end = 0
+        self.trace_armed = False  # trace the third Verify step from now with torch.profiler (arm())
+        self.traces: list[str] = []
         self._wrap(core, "step", "step", gap=True)
         self._wrap(core.sessions, "verify_many", "verify_many", calls=True)
         self._wrap(core.runner, "forward", "forward", device=True)
@@ -193,6 +211,9 @@ class StepProfile:
                 self.ns["between steps"] += t0 - self.last_end
             if calls:
                 self.count["verify calls"] += len(args[0])
+            if calls and self.trace_armed and self.count[key] == 2:
+                self.trace_armed = False
+                return self._traced(inner, *args, **kwargs)
             start = end = None
             if device and self.cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -210,6 +231,18 @@ class StepProfile:
                     self.last_end = t1
 
         setattr(obj, name, timed)
+
+    def _traced(self, inner: Any, *args: Any, **kwargs: Any) -> Any:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        with profile(activities=activities) as prof:
+            result = inner(*args, **kwargs)
+        sort = "cuda_time_total" if self.cuda else "cpu_time_total"
+        self.traces.append(
+            f"one Verify step of {len(args[0])} calls:\n" + prof.key_averages().table(sort_by=sort, row_limit=25)
+        )
+        return result
 
     def reset(self) -> None:
         self.ns.clear()
@@ -239,35 +272,32 @@ class StepProfile:
 
 
 async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from stratus_workers.models import tiny as tiny_models
-    from stratus_workers.models.loader import resolve_device, resolve_dtype
-    from stratus_workers.serve.engine import build_engine
+    from stratus_workers.models.loader import resolve_device
+    from stratus_workers.serve.engine import AsyncEngine, ProcessTransport, ThreadTransport
+    from stratus_workers.serve.loop import EngineSettings
 
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    tokenizer = tiny_models.bundled_tokenizer()
-    vocab = len(tokenizer)
-    arch = getattr(tiny_models, ARCHS[args.model])
-    if args.tf32:  # float32 storage, TensorFloat-32 matrix products (both sides of the comparison alike)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(0)
-    with torch.device(device):  # initialised where it runs: a 1B model's random init on the host takes a while
-        model = tiny_models.random_llama(dict(arch), vocab_size=vocab, seed=0).to(dtype=dtype)
-    model.requires_grad_(False)
-    params = sum(p.numel() for p in model.parameters())
-    most = max(args.concurrency)
-    engine = build_engine(
-        model,
-        tokenizer,
-        max_batch_size=most,
-        max_sessions=most,
-        max_len=args.prompt_tokens + args.new_tokens + args.draft + 8,
+    if args.tf32:
+        os.environ["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] = "1"  # the engine process's matrix products too
+    if args.engine == "process":  # the engine process imports this script to build the model (load_random)
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH", "")]))
+    # By its module's name, not __main__'s (which is the engine process's own entry point there).
+    import bench_coop_cloud
+
+    load = functools.partial(
+        bench_coop_cloud.load_random, args.model, dtype=args.dtype, device=str(device), tf32=args.tf32
     )
-    warmup = getattr(engine, "warmup", None)
-    if warmup is not None:  # the decode graphs (CUDA), as a server captures them before taking traffic
-        warmup()
+    most = max(args.concurrency)
+    settings = EngineSettings(
+        max_batch_size=most, max_tokens=args.prompt_tokens + args.new_tokens + args.draft + 8, max_sessions=most
+    )
+    transport = ProcessTransport(settings, load) if args.engine == "process" else ThreadTransport(settings, load=load)
+    engine = AsyncEngine(transport, max_batch_size=most, max_queue=4 * most)
     await started(engine)
+    dtype = engine.info.dtype
+    params = engine.info.parameters
+    tokenizer = engine.tokenizer
+    vocab = len(tokenizer)
     profile: StepProfile | None = None
     if args.profile:
         core = getattr(getattr(engine, "transport", None), "core", None)
@@ -279,7 +309,8 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
     meta = {
         "model": args.model,
         "parameters": params,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype,
+        "engine": args.engine,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else report.cpu_name(),
         "draft": args.draft,
         "acceptance_target": args.acceptance,
@@ -324,6 +355,7 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
             before = passes(engine)
             if profile is not None:
                 profile.reset()
+                profile.trace_armed = args.trace
             spec = await speculative(engine, prompts, transcripts, draft=args.draft, match=match, vocab=vocab, seed=c)
             if profile is not None:
                 profiled["speculative"] = profile.take()
@@ -371,6 +403,9 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
                 )
     finally:
         await stopped(engine)
+    if profile is not None:
+        for trace in profile.traces:
+            log(trace)
     return rows, meta
 
 
@@ -383,7 +418,8 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "## Speculative decoding, the cloud side alone (`make bench-coop-cloud`)",
         "",
         f"{meta['device']}; random-init `{meta['model']}` ({meta['parameters'] / 1e6:.0f}M parameters, "
-        f"{meta['dtype']}); the server's engine in-process; prompts of {meta['prompt_tokens']} random tokens, "
+        f"{meta['dtype']}{', TensorFloat-32 matrix products' if meta.get('tf32') else ''}); the server's engine "
+        f"{ENGINES[meta.get('engine', 'thread')]}; prompts of {meta['prompt_tokens']} random tokens, "
         f"{meta['new_tokens']} new tokens each, greedy. Cloud-only: C streams at once. Speculative: C sessions at "
         "once, "
         f"each replaying {recorded} as {meta['draft']}-token drafts, every draft token replaced by another "
@@ -432,9 +468,18 @@ def main(argv: list[str] | None = None) -> int:
         default="stream",
         help="the recorded answer the drafts replay: the cloud-only stream's, or the verification pass's",
     )
+    parser.add_argument(
+        "--engine",
+        choices=["thread", "process"],
+        default="thread",
+        help="the engine core in a thread of this process, or in an engine process (a server's default on CUDA)",
+    )
     parser.add_argument("--tf32", action="store_true", help="float32 matrix products in TensorFloat-32 (CUDA)")
     parser.add_argument(
         "--profile", action="store_true", help="time the engine's steps, passes and the waits between them"
+    )
+    parser.add_argument(
+        "--trace", action="store_true", help="with --profile: torch.profiler's table of one Verify step"
     )
     parser.add_argument("--write", type=Path, default=None, help="write the table into this Markdown file")
     parser.add_argument("--json", type=Path, help="also write the rows here")
