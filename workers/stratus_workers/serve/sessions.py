@@ -182,8 +182,11 @@ class SpeculativeSessions:
         self._check_verify(call)
         session, pending = self._open(sid, context, sampling)
         try:
-            logits = self.runner.forward(session.row, [pending + list(draft)], all_logits=True)[0]
-            return self._judge(call, session, pending, logits)
+            # Scored from the last context token on: the rest of the context only goes into the cache.
+            scores = self.runner.forward(
+                session.row, [pending + list(draft)], all_logits=True, logits_from=len(pending) - 1
+            )[0]
+            return self._judge(call, session, pending, scores)
         finally:
             if end:
                 self.end(sid)
@@ -248,8 +251,10 @@ class SpeculativeSessions:
             alone.extend(i for i, _, _ in rows.values())  # padding a long row to the longest call would not fit
             return
         kept = {row: lengths[row] for row in range(lo, hi + 1) if row not in rows}
+        # Scored from the first position any call needs: context tokens before it only go into the cache.
+        skip = min(len(pending) for _, _, pending in rows.values()) - 1
         try:
-            logits = self.runner.forward(lo, feed, all_logits=True)
+            logits = self.runner.forward(lo, feed, all_logits=True, logits_from=skip)
         except Exception as exc:
             for i, _, _ in rows.values():
                 results[i] = exc
@@ -266,12 +271,12 @@ class SpeculativeSessions:
         judged: list[tuple[int, Verdict, Sequence[float]]] = []
         greedy = sorted((row, entry) for row, entry in rows.items() if calls[entry[0]].sampling.greedy)
         if greedy:
-            judged += self._judge_greedy(calls, lo, logits, greedy)
+            judged += self._judge_greedy(calls, lo, skip, logits, greedy)
         for row, (i, session, pending) in rows.items():
             call = calls[i]
             if call.sampling.greedy:
                 continue
-            first = len(pending) - 1  # the position that predicts the first draft token
+            first = len(pending) - 1 - skip  # the position that predicts the first draft token
             scores = logits[row - lo, first : first + len(call.draft) + 1]
             try:
                 sampling = call.sampling
@@ -300,6 +305,7 @@ class SpeculativeSessions:
         self,
         calls: Sequence[VerifyCall],
         lo: int,
+        skip: int,
         logits: torch.Tensor,
         entries: list[tuple[int, tuple[int, _Session, list[int]]]],
     ) -> list[tuple[int, Verdict, Sequence[float]]]:
@@ -309,7 +315,7 @@ class SpeculativeSessions:
         # Per row: the draft at the positions that predict it, then the row's index in the pass, then `first`.
         plan = np.full((n, q_max + 2), -1, dtype=np.int64)
         for k, (row, (i, _, pending)) in enumerate(entries):
-            draft, first = calls[i].draft, len(pending) - 1
+            draft, first = calls[i].draft, len(pending) - 1 - skip  # logits start at new token `skip`
             plan[k, first : first + len(draft)] = draft
             plan[k, q_max] = row - lo
             plan[k, q_max + 1] = first
@@ -334,10 +340,8 @@ class SpeculativeSessions:
                 f"context plus draft ({len(call.context) + len(call.draft)} tokens) exceeds {self.max_len - 1}"
             )
 
-    def _judge(self, call: VerifyCall, session: _Session, pending: list[int], logits: torch.Tensor) -> VerifyResult:
-        """The verdict on `call.draft` from the logits of its row (`pending` then the draft were fed)."""
-        # Row j of `scores` predicts the token after context + draft[:j].
-        scores = logits[len(pending) - 1 :]
+    def _judge(self, call: VerifyCall, session: _Session, pending: list[int], scores: torch.Tensor) -> VerifyResult:
+        """The verdict on `call.draft` from its row's scores: row j predicts the token after context + draft[:j]."""
         sampling = call.sampling
         if sampling.greedy:
             verdict = verify_greedy(scores, call.draft)

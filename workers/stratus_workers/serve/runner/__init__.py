@@ -157,11 +157,15 @@ class ModelRunner(abc.ABC):
         return self.cache.bytes()
 
     @torch.inference_mode()
-    def forward(self, first_row: int, tokens: Sequence[Sequence[int]], *, all_logits: bool = False) -> torch.Tensor:
+    def forward(
+        self, first_row: int, tokens: Sequence[Sequence[int]], *, all_logits: bool = False, logits_from: int = 0
+    ) -> torch.Tensor:
         """Append `tokens[i]` to row `first_row + i` and return logits.
 
         Returns [B, V] logits of each row's last new token, or [B, Q, V] for every new token
-        when `all_logits` (Q is the longest row; shorter rows are padded at the end).
+        when `all_logits` (Q is the longest row; shorter rows are padded at the end). With
+        `logits_from`, only new tokens from that index on are scored ([B, Q - logits_from, V]): the
+        earlier ones go into the cache without the vocabulary projection (a verification's context).
         """
         batch = len(tokens)
         if batch == 0:
@@ -171,13 +175,15 @@ class ModelRunner(abc.ABC):
         q_lens = [len(t) for t in tokens]
         if min(q_lens) == 0:
             raise ValueError("every row needs at least one new token")
+        if logits_from and not (all_logits and 0 <= logits_from < max(q_lens)):
+            raise ValueError(f"logits_from {logits_from} needs all_logits and fewer than {max(q_lens)} new tokens skipped")
         starts = self.cache.lengths[first_row : first_row + batch]
         self.cache.grow(max(s + q for s, q in zip(starts, q_lens, strict=True)))
         # Before computing: the other ranks must join this call's all-reduces.
-        self._lead("forward", first_row, [list(t) for t in tokens], all_logits=all_logits)
+        self._lead("forward", first_row, [list(t) for t in tokens], all_logits=all_logits, logits_from=logits_from)
         self.passes += 1
         self.positions += sum(q_lens)
-        return self._forward(first_row, tokens, starts, q_lens, all_logits)
+        return self._forward(first_row, tokens, starts, q_lens, all_logits, logits_from)
 
     @torch.inference_mode()
     def decode(self, ids: Sequence[int], *, logprobs: bool = False) -> Decoded:
@@ -242,6 +248,7 @@ class ModelRunner(abc.ABC):
         starts: list[int],
         q_lens: list[int],
         all_logits: bool,
+        logits_from: int = 0,
     ) -> torch.Tensor:
         """Run the rows (the cache already holds room for them) and set their new lengths."""
 

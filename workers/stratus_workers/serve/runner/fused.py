@@ -360,11 +360,12 @@ class FusedRunner(ModelRunner):
         starts: list[int],
         q_lens: list[int],
         all_logits: bool,
+        logits_from: int = 0,
     ) -> torch.Tensor:
-        if max(q_lens) == 1 and first_row == 0:  # a decode step of the batch's rows
+        if max(q_lens) == 1 and first_row == 0:  # a decode step of the batch's rows (logits_from is 0)
             logits = self.decoder.step(len(tokens), [t[0] for t in tokens]).logits
             return logits[:, None] if all_logits else logits
-        return self._extend(first_row, tokens, starts, q_lens, all_logits)
+        return self._extend(first_row, tokens, starts, q_lens, all_logits, logits_from)
 
     def _decode(self, ids: list[int], logprobs: bool) -> Decoded:
         return self.decoder.step(len(ids), ids, logprobs=logprobs)
@@ -376,12 +377,12 @@ class FusedRunner(ModelRunner):
         starts: list[int],
         q_lens: list[int],
         all_logits: bool,
+        logits_from: int = 0,
     ) -> torch.Tensor:
         """Prefill, extend or verify (any number of new tokens per row) with the fused weights."""
         h = self.embed(self.padded_ids(tokens))
         h = self.extend_hidden(first_row, h, starts, q_lens)
-        if not all_logits:
-            h = self.last_tokens(h, q_lens)
+        h = h[:, logits_from:] if all_logits else self.last_tokens(h, q_lens)
         return self.head(h)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

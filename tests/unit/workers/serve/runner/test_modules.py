@@ -111,3 +111,27 @@ def test_rows_at_different_lengths_prefill_together_near_the_end_of_the_cache(
     close(logits[1], reference(fresh)[0])
     assert runner.lengths == [43, 30]
     close(runner.forward(0, [[8], [9]])[0], reference([*long_prompt, 5, 6, 7, 8])[0])
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_logits_from_scores_only_the_later_new_tokens(model: torch.nn.Module, reference, fast: bool) -> None:
+    """A verification's context goes into the cache unscored: the logits left are those of the full pass."""
+    from stratus_workers.serve.runner.fused import FusedRunner
+
+    def runner() -> ModuleRunner | FusedRunner:
+        if fast:
+            return FusedRunner(model, max_rows=2, max_len=64, cuda_graphs=False, compile=False)
+        return ModuleRunner(model, max_rows=2, max_len=64)
+
+    rows = [[5, 6, 7, 8, 9, 10], [3, 4, 11]]
+    whole = runner().forward(0, rows, all_logits=True)
+    part = runner()
+    scored = part.forward(0, rows, all_logits=True, logits_from=2)
+    assert scored.shape == (2, 4, whole.shape[-1])
+    close(scored, whole[:, 2:])
+    close(scored[0, -1], reference(rows[0])[0])
+    assert part.lengths == [6, 3]  # every token is in the cache, scored or not
+    for bad in ({"logits_from": 1}, {"all_logits": True, "logits_from": 6}):
+        with pytest.raises(ValueError, match="logits_from"):
+            part.forward(0, rows, **bad)
+    assert part.lengths == [6, 3]
