@@ -333,7 +333,7 @@ class SpeculativeSessions:
         return judged
 
     def _check_verify(self, call: VerifyCall) -> None:
-        if any(t < 0 or t >= self.vocab_size for t in call.draft):
+        if call.draft and (min(call.draft) < 0 or max(call.draft) >= self.vocab_size):
             raise ValueError(f"draft holds token ids outside this model's vocabulary of {self.vocab_size}")
         if len(call.context) + len(call.draft) >= self.max_len:
             raise ValueError(
@@ -365,8 +365,8 @@ class SpeculativeSessions:
         if self.runner.lengths[session.row] != keep:  # all accepted: the row holds just what it keeps
             self.runner.truncate(session.row, keep)
         del session.tokens[keep:]
-        eos = verdict.next_token in self._eos or any(t in self._eos for t in draft[: verdict.accepted])
-        return VerifyResult(verdict.accepted, verdict.next_token, tuple(float(x) for x in logprobs), eos)
+        eos = verdict.next_token in self._eos or not self._eos.isdisjoint(draft[: verdict.accepted])
+        return VerifyResult(verdict.accepted, verdict.next_token, tuple(map(float, logprobs)), eos)
 
     def score(self, prompt: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
         """Log-probability of each continuation token after `prompt` (one forward pass in a passing session)."""
