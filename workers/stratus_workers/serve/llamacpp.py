@@ -264,7 +264,10 @@ class LlamaCppRunner(ModelRunner):
         if min(q_lens) == 0:
             raise ValueError("every row needs at least one new token")
         if logits_from and not (all_logits and 0 <= logits_from < max(q_lens)):
-            raise ValueError(f"logits_from {logits_from} needs all_logits and fewer than {max(q_lens)} new tokens skipped")
+            raise ValueError(
+                f"logits_from={logits_from} needs all_logits=True and a value below the longest row's {max(q_lens)} "
+                "new tokens"
+            )
         rows = range(first_row, first_row + batch)
         for row, q in zip(rows, q_lens, strict=True):
             if self.lengths[row] + q > self.max_len:

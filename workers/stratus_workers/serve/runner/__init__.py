@@ -176,7 +176,10 @@ class ModelRunner(abc.ABC):
         if min(q_lens) == 0:
             raise ValueError("every row needs at least one new token")
         if logits_from and not (all_logits and 0 <= logits_from < max(q_lens)):
-            raise ValueError(f"logits_from {logits_from} needs all_logits and fewer than {max(q_lens)} new tokens skipped")
+            raise ValueError(
+                f"logits_from={logits_from} needs all_logits=True and a value below the longest row's {max(q_lens)} "
+                "new tokens"
+            )
         starts = self.cache.lengths[first_row : first_row + batch]
         self.cache.grow(max(s + q for s, q in zip(starts, q_lens, strict=True)))
         # Before computing: the other ranks must join this call's all-reduces.
