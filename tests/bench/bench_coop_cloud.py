@@ -198,6 +198,7 @@ class StepProfile:
         self._wrap(core, "step", "step", gap=True)
         self._wrap(core.sessions, "verify_many", "verify_many", calls=True)
         self._wrap(core.runner, "forward", "forward", device=True)
+        self._wrap(core.runner, "forward_rows", "forward_rows", device=True)  # the padded one calls forward
         self._wrap(core.runner, "decode", "decode", device=True)
 
     def _wrap(

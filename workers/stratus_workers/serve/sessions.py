@@ -7,7 +7,8 @@ engine thread between decode steps (`Engine.run_op`), which is what makes touchi
 
 Verification is batched: `verify_many` takes every Verify call of an engine step and runs all their rows
 in one forward pass, so many edge devices verifying at once cost the cloud about one step of the model,
-not one step each. The acceptance rule is `verify`'s, applied to each row's own logits.
+not one step each. The acceptance rule is `verify`'s, applied to each row's own logits (the greedy rule
+for all rows at once on the device: `speculative.greedy_verdicts`).
 """
 
 from __future__ import annotations
@@ -194,10 +195,11 @@ class SpeculativeSessions:
     def verify_many(self, calls: Sequence[VerifyCall]) -> list[VerifyResult | Exception]:
         """Each call's `verify` result (or the error it raised), the calls' rows run in one forward pass.
 
-        The sessions' rows need not be adjacent: a row between them that takes no part (another
-        session's, or a free one) is fed one throwaway token and rolled back to its length afterwards,
-        which costs the pass one padded row and changes nothing in it. Calls that cannot share the pass
-        (a session named twice, rows too long to pad to the longest call) run alone, in order.
+        The sessions' rows need not be adjacent (`runner.forward_rows`: the fused path packs their tokens;
+        the module path pads them and gives a row in between one throwaway token, rolled back at once).
+        Greedy verdicts are judged on the device for all rows together and read back in one transfer.
+        Calls that cannot share the pass (a session named twice, rows too long to pad to the longest call)
+        run alone, in order.
         """
         results: list[VerifyResult | Exception | None] = [None] * len(calls)
         rows: dict[int, tuple[int, _Session, list[int]]] = {}  # row -> (call index, session, pending)
@@ -236,48 +238,41 @@ class SpeculativeSessions:
         results: list[VerifyResult | Exception | None],
         alone: list[int],
     ) -> None:
-        """One forward pass over rows min(rows)..max(rows); fills `results` (or `alone`, when they cannot share it)."""
-        lo, hi = min(rows), max(rows)
+        """One forward pass over the calls' rows (`runner.forward_rows`); fills `results` (or `alone`, when
+        they cannot share it)."""
+        order = sorted(rows)
         lengths = self.runner.lengths
-        feed: list[list[int]] = []
-        for row in range(lo, hi + 1):
-            if row in rows:
-                i, _, pending = rows[row]
-                feed.append(pending + list(calls[i].draft))
-            else:
-                feed.append([0])  # throwaway: rolled back below
-        longest = max(len(t) for t in feed)
-        if max(lengths[lo : hi + 1]) + longest > self.max_len:
-            alone.extend(i for i, _, _ in rows.values())  # padding a long row to the longest call would not fit
+        tokens = [rows[row][2] + list(calls[rows[row][0]].draft) for row in order]
+        # The padded pass (the module path) pads every row to the longest call: it must fit every row's cache.
+        if max(lengths[order[0] : order[-1] + 1]) + max(len(t) for t in tokens) > self.max_len:
+            alone.extend(i for i, _, _ in rows.values())
             return
-        kept = {row: lengths[row] for row in range(lo, hi + 1) if row not in rows}
-        # Scored from the first position any call needs: context tokens before it only go into the cache.
-        skip = min(len(pending) for _, _, pending in rows.values()) - 1
+        # Scored from each row's last context token on: the context before it only goes into the cache.
+        starts = [len(rows[row][2]) - 1 for row in order]
         try:
-            logits = self.runner.forward(lo, feed, all_logits=True, logits_from=skip)
+            logits = self.runner.forward_rows(order, tokens, starts)
         except Exception as exc:
-            for i, _, _ in rows.values():
-                results[i] = exc
-            logits = None
-        finally:
-            for row, length in kept.items():
-                self.runner.truncate(row, length)
-        if logits is None:
             for i, session, _ in rows.values():
+                results[i] = exc
                 self.runner.truncate(session.row, len(session.tokens))
                 if calls[i].end:
                     self.end(calls[i].sid)
             return
+        # Row k's scores are logits[offsets[k] : offsets[k] + len(draft) + 1]: position j predicts the token
+        # after context + draft[:j].
+        offsets = [0]
+        for row in order:
+            offsets.append(offsets[-1] + len(calls[rows[row][0]].draft) + 1)
         judged: list[tuple[int, Verdict, Sequence[float]]] = []
-        greedy = sorted((row, entry) for row, entry in rows.items() if calls[entry[0]].sampling.greedy)
+        greedy = [k for k, row in enumerate(order) if calls[rows[row][0]].sampling.greedy]
         if greedy:
-            judged += self._judge_greedy(calls, lo, skip, logits, greedy)
-        for row, (i, session, pending) in rows.items():
+            judged += self._judge_greedy(calls, rows, order, offsets, logits, greedy)
+        for k, row in enumerate(order):
+            i, session, pending = rows[row]
             call = calls[i]
             if call.sampling.greedy:
                 continue
-            first = len(pending) - 1 - skip  # the position that predicts the first draft token
-            scores = logits[row - lo, first : first + len(call.draft) + 1]
+            scores = logits[offsets[k] : offsets[k + 1]]
             try:
                 sampling = call.sampling
                 verdict = verify_sampled(
@@ -304,32 +299,38 @@ class SpeculativeSessions:
     def _judge_greedy(
         self,
         calls: Sequence[VerifyCall],
-        lo: int,
-        skip: int,
+        rows: dict[int, tuple[int, _Session, list[int]]],
+        order: list[int],
+        offsets: list[int],
         logits: torch.Tensor,
-        entries: list[tuple[int, tuple[int, _Session, list[int]]]],
+        greedy: list[int],
     ) -> list[tuple[int, Verdict, Sequence[float]]]:
         """The greedy rows' verdicts, all judged on the device (`greedy_verdicts`) and read back in one
         transfer: a wait on the device per session, not per pass, is what bounds a GPU's verify rounds."""
-        n, q_max = len(entries), logits.shape[1]
-        # Per row: the draft at the positions that predict it, then the row's index in the pass, then `first`.
-        plan = np.full((n, q_max + 2), -1, dtype=np.int64)
-        for k, (row, (i, _, pending)) in enumerate(entries):
-            draft, first = calls[i].draft, len(pending) - 1 - skip  # logits start at new token `skip`
-            plan[k, first : first + len(draft)] = draft
-            plan[k, q_max] = row - lo
-            plan[k, q_max + 1] = first
+        n = len(greedy)
+        spans = [(offsets[k], offsets[k + 1]) for k in greedy]
+        size = sum(b - a for a, b in spans)
+        # Per scored position: the draft token it predicts (-1 at each row's bonus position), then its row's
+        # index among the greedy rows, then (if not every row is greedy) where it sits in `logits`.
+        plan = np.full((3, size), -1, dtype=np.int64)
+        at = 0
+        for g, (k, (a, b)) in enumerate(zip(greedy, spans, strict=True)):
+            draft = calls[rows[order[k]][0]].draft
+            plan[0, at : at + len(draft)] = draft
+            plan[1, at : at + b - a] = g
+            plan[2, at : at + b - a] = np.arange(a, b)
+            at += b - a
         plan_dev = to_device(plan, logits.device)
-        scores = logits  # when every row of the pass is a greedy call's, in order
-        if plan[:, q_max].tolist() != list(range(logits.shape[0])):
-            scores = logits.index_select(0, plan_dev[:, q_max])
-        stop, token, logprobs = greedy_verdicts(scores, plan_dev[:, :q_max], plan_dev[:, q_max + 1])
-        values = torch.cat([stop.double(), token.double(), logprobs.double().flatten()]).tolist()
+        scores = logits if size == logits.shape[0] else logits.index_select(0, plan_dev[2])
+        stop, token, logprobs = greedy_verdicts(scores, plan_dev[0], plan_dev[1], n)
+        values = torch.cat([stop.double(), token.double(), logprobs.double()]).tolist()
         judged: list[tuple[int, Verdict, Sequence[float]]] = []
-        for k, (row, _) in enumerate(entries):
-            first, at = int(plan[k, q_max + 1]), int(values[k])
-            base = 2 * n + k * q_max
-            judged.append((row, Verdict(at - first, int(values[n + k])), values[base + first : base + at + 1]))
+        at = 0
+        for g, (k, (a, b)) in enumerate(zip(greedy, spans, strict=True)):
+            end = int(values[g])  # the position (among the greedy rows' scores) of the verifier's own token
+            verdict = Verdict(end - at, int(values[n + g]))
+            judged.append((order[k], verdict, values[2 * n + at : 2 * n + end + 1]))
+            at += b - a
         return judged
 
     def _check_verify(self, call: VerifyCall) -> None:

@@ -15,6 +15,8 @@ from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.core import EngineCore
 from stratus_workers.serve.engine import build_engine
 from stratus_workers.serve.errors import EngineOverloaded
+from stratus_workers.serve.runner import ModelRunner
+from stratus_workers.serve.runner.fused import FusedRunner
 from stratus_workers.serve.runner.modules import ModuleRunner
 from stratus_workers.serve.sampling import eos_ids
 from stratus_workers.serve.sessions import SpeculativeSessions, VerifyCall
@@ -30,8 +32,12 @@ def loaded(tiny_model_dir: Path) -> Any:
     return load_model(str(tiny_model_dir), dtype="float32", device="cpu")
 
 
-def sessions_over(loaded: Any, rows: int, ttl: float = 60.0) -> SpeculativeSessions:
-    runner = ModuleRunner(loaded.model, max_rows=1 + rows, max_len=64)
+def sessions_over(loaded: Any, rows: int, ttl: float = 60.0, fast: bool = False) -> SpeculativeSessions:
+    runner: ModelRunner
+    if fast:  # the fused path: its verification packs the rows' tokens (no padding, no rows in between)
+        runner = FusedRunner(loaded.model, max_rows=1 + rows, max_len=64, cuda_graphs=False, compile=False)
+    else:
+        runner = ModuleRunner(loaded.model, max_rows=1 + rows, max_len=64)
     return SpeculativeSessions(runner, eos_ids(loaded.model, loaded.tokenizer), first_row=1, ttl=ttl)
 
 
@@ -156,8 +162,9 @@ def _wrong(draft: tuple[int, ...] | list[int], at: int, vocab: int) -> list[int]
     return out
 
 
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("sampled", [False, True])
-def test_verify_many_gives_what_verify_gives_one_call_at_a_time(loaded: Any, sampled: bool) -> None:
+def test_verify_many_gives_what_verify_gives_one_call_at_a_time(loaded: Any, sampled: bool, fast: bool) -> None:
     sampling = Sampling(temperature=0.8, top_p=0.9, seed=7) if sampled else GREEDY
     vocab = loaded.model.config.vocab_size
     drafter = sessions_over(loaded, rows=1)
@@ -166,7 +173,7 @@ def test_verify_many_gives_what_verify_gives_one_call_at_a_time(loaded: Any, sam
 
     def setup() -> SpeculativeSessions:
         # Sessions a..e hold rows 1..5; c is ended (its row is free) and d sits idle between the callers.
-        sessions = sessions_over(loaded, rows=6)
+        sessions = sessions_over(loaded, rows=6, fast=fast)
         for sid in "abcde":
             sessions.verify(sid, contexts[sid][:2], [], (), sampling, end=False)
         sessions.end("c")

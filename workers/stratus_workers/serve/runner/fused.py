@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +27,7 @@ from stratus_workers.serve.runner import (
     Decoded,
     ModelRunner,
     UnsupportedModelError,
+    check_rows,
     env_flag,
     new_token_slots,
     to_device,
@@ -231,6 +233,7 @@ class FusedRunner(ModelRunner):
         # group would have to agree on every guess, so it decodes one step at a time.
         ahead = env_flag("STRATUS_DECODE_AHEAD", self.cuda_graphs) and world == 1
         self.decoder = StaticDecoder(self, cuda_graphs=self.cuda_graphs, decode_ahead=ahead)
+        self.packed_verify = True  # off for good after a packed verification failed to run (forward_rows)
 
     def _fuse_weights(self, rank: int, world: int) -> list[_LayerWeights]:
         d = self.head_dim
@@ -369,6 +372,74 @@ class FusedRunner(ModelRunner):
 
     def _decode(self, ids: list[int], logprobs: bool) -> Decoded:
         return self.decoder.step(len(ids), ids, logprobs=logprobs)
+
+    @torch.inference_mode()
+    def forward_rows(
+        self, rows: Sequence[int], tokens: Sequence[Sequence[int]], logits_from: Sequence[int]
+    ) -> torch.Tensor:
+        """`ModelRunner.forward_rows` with the tokens packed: no padding, no row in between, and no mask.
+
+        Every new token is a query of its own at its position in its row; each layer writes all the new
+        keys first, so one pass of the decode step's attention (the Triton kernel on CUDA, which reads
+        each query's row from `rows`) is causal within the new tokens as well. Under tensor parallel, or
+        without the kernel on CUDA (STRATUS_VERIFY_PACKED=0 too), the padded pass of the base class.
+        """
+        packed = self.packed_verify and env_flag("STRATUS_VERIFY_PACKED", True) and self.world_size == 1
+        if not packed or (self.device.type == "cuda" and not self.triton_attention):
+            return super().forward_rows(rows, tokens, logits_from)
+        try:
+            return self._packed_rows(rows, tokens, logits_from)
+        except ValueError:
+            raise
+        except Exception as exc:  # a kernel that cannot run here: the padded pass is still correct
+            log.warning("packed verification failed (%s: %s); verifying padded", type(exc).__name__, exc)
+            self.packed_verify = False
+            return super().forward_rows(rows, tokens, logits_from)
+
+    def _packed_rows(
+        self, rows: Sequence[int], tokens: Sequence[Sequence[int]], logits_from: Sequence[int]
+    ) -> torch.Tensor:
+        check_rows(rows, tokens, logits_from, self.max_rows)
+        q_lens = [len(t) for t in tokens]
+        starts = [self.cache.lengths[r] for r in rows]
+        ends = [s + q for s, q in zip(starts, q_lens, strict=True)]
+        self.cache.grow(max(ends))
+        total = sum(q_lens)
+        # One transfer: the token ids, each token's row and position, and the indices of the scored tokens.
+        ids = np.fromiter((t for row_tokens in tokens for t in row_tokens), dtype=np.int64, count=total)
+        lens = np.asarray(q_lens, dtype=np.int64)
+        index = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)  # within its row
+        row_of = np.repeat(np.asarray(rows, dtype=np.int64), lens)
+        pos = np.repeat(np.asarray(starts, dtype=np.int64), lens) + index
+        scored = np.flatnonzero(index >= np.repeat(np.asarray(logits_from, dtype=np.int64), lens))
+        plan = to_device(np.concatenate([ids, row_of, pos, scored]), self.device)
+        ids_d, rows_d, pos_d = plan[:total], plan[total : 2 * total], plan[2 * total : 3 * total]
+        scored_d = plan[3 * total :]
+        h = F.embedding(ids_d, self._embed)
+        cos, sin = self._cos[pos_d], self._sin[pos_d]
+        kv_len = max(ends)
+        bias = None
+        if not self.triton_attention:  # the CPU's torch attention: each query against its row's keys up to its own
+            bias = torch.where(self._kv_ar[:kv_len][None, :] <= pos_d[:, None], 0.0, -1e30)
+        delta = torch.zeros_like(h)
+        for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
+            h, q = self._store_fn(
+                h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_cache, v_cache, rows_d, pos_d
+            )
+            if bias is None:
+                out = kernels.decode_attention(q, k_cache, v_cache, pos_d, self.scale, rows=rows_d)
+            else:
+                keys, values = k_cache[rows_d, :, :kv_len], v_cache[rows_d, :, :kv_len]
+                out = _decode_attention(q, keys, values, bias, self.scale)
+            h, delta = self._mlp_fn(
+                h, F.linear(out, lw.o), lw.o_bias, lw.post_norm, lw.eps, lw.gate_up, lw.gate_up_bias, lw.down
+            )
+            if lw.down_bias is not None:
+                delta = delta + lw.down_bias
+        self.cache.set_row_lengths(list(rows), ends)
+        self.passes += 1
+        self.positions += total
+        return self.head((h + delta)[scored_d])
 
     def _extend(
         self,
