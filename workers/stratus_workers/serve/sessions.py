@@ -18,6 +18,7 @@ import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +41,19 @@ from stratus_workers.serve.surface import VerifyResult as VerifyResult
 
 # A session used this recently is never evicted to make room for another: the caller is mid-round.
 BUSY_SECONDS = 1.0
+
+
+def read_back(values: torch.Tensor) -> list[Any]:
+    """`values.tolist()`, but waiting for the device with the GIL released (`tolist` holds it), so that the
+    frontend's thread runs meanwhile."""
+    if values.device.type != "cuda":
+        return values.tolist()  # type: ignore[no-any-return]
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+    done.record()
+    done.synchronize()
+    return host.tolist()  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -323,7 +337,7 @@ class SpeculativeSessions:
         plan_dev = to_device(plan, logits.device)
         scores = logits if size == logits.shape[0] else logits.index_select(0, plan_dev[2])
         stop, token, logprobs = greedy_verdicts(scores, plan_dev[0], plan_dev[1], n)
-        values = torch.cat([stop.double(), token.double(), logprobs.double()]).tolist()
+        values = read_back(torch.cat([stop.double(), token.double(), logprobs.double()]))
         judged: list[tuple[int, Verdict, Sequence[float]]] = []
         at = 0
         for g, (k, (a, b)) in enumerate(zip(greedy, spans, strict=True)):

@@ -38,6 +38,9 @@ from stratus_workers.serve.runner.modules import apply_rotary
 
 log = logging.getLogger(__name__)
 
+# Token counts a packed verification graph is captured for (CUDA): 64 sessions' 8-token drafts are 576.
+VERIFY_BUCKETS = (16, 32, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 576, 640, 768, 896, 1024)
+
 
 def fusable(model: Any) -> bool:
     """Whether every layer is plain Linear projections, a SiLU MLP and RMS norms with weights."""
@@ -234,6 +237,10 @@ class FusedRunner(ModelRunner):
         ahead = env_flag("STRATUS_DECODE_AHEAD", self.cuda_graphs) and world == 1
         self.decoder = StaticDecoder(self, cuda_graphs=self.cuda_graphs, decode_ahead=ahead)
         self.packed_verify = True  # off for good after a packed verification failed to run (forward_rows)
+        self._verify_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._verify_pool: Any = None
+        with torch.inference_mode(False):  # a graph's inputs, refilled before each replay
+            self._verify_inputs = torch.zeros((3, 0), dtype=torch.long, device=self.device)
 
     def _fuse_weights(self, rank: int, world: int) -> list[_LayerWeights]:
         d = self.head_dim
@@ -405,41 +412,93 @@ class FusedRunner(ModelRunner):
         ends = [s + q for s, q in zip(starts, q_lens, strict=True)]
         self.cache.grow(max(ends))
         total = sum(q_lens)
-        # One transfer: the token ids, each token's row and position, and the indices of the scored tokens.
-        ids = np.fromiter((t for row_tokens in tokens for t in row_tokens), dtype=np.int64, count=total)
         lens = np.asarray(q_lens, dtype=np.int64)
         index = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)  # within its row
-        row_of = np.repeat(np.asarray(rows, dtype=np.int64), lens)
-        pos = np.repeat(np.asarray(starts, dtype=np.int64), lens) + index
         scored = np.flatnonzero(index >= np.repeat(np.asarray(logits_from, dtype=np.int64), lens))
-        plan = to_device(np.concatenate([ids, row_of, pos, scored]), self.device)
-        ids_d, rows_d, pos_d = plan[:total], plan[total : 2 * total], plan[2 * total : 3 * total]
-        scored_d = plan[3 * total :]
-        h = F.embedding(ids_d, self._embed)
-        cos, sin = self._cos[pos_d], self._sin[pos_d]
-        kv_len = max(ends)
+        bucket = self._verify_bucket(total, len(rows))
+        size = bucket or total
+        # Token ids, each token's row and position; a graph's bucket is filled with padding tokens, one
+        # per row at most, each at its row's new end (a slot no key is read from until a real token
+        # overwrites it).
+        plan = np.zeros((3, size), dtype=np.int64)
+        plan[0, :total] = np.fromiter((t for row_tokens in tokens for t in row_tokens), dtype=np.int64, count=total)
+        plan[1, :total] = np.repeat(np.asarray(rows, dtype=np.int64), lens)
+        plan[2, :total] = np.repeat(np.asarray(starts, dtype=np.int64), lens) + index
+        pad = size - total
+        if pad:
+            plan[1, total:] = np.asarray(rows, dtype=np.int64)[:pad]
+            plan[2, total:] = np.asarray(ends, dtype=np.int64)[:pad]
+        flat = to_device(np.concatenate([plan.reshape(-1), scored]), self.device)
+        scored_d = flat[3 * size :]
+        if bucket:
+            graph, hidden = self._verify_graph(bucket, flat[: 3 * size].view(3, size))
+            graph.replay()
+        else:
+            hidden = self._packed_body(flat[:size], flat[size : 2 * size], flat[2 * size : 3 * size], max(ends))
+        self.cache.set_row_lengths(list(rows), ends)
+        self.passes += 1
+        self.positions += total
+        return self.head(hidden[scored_d])
+
+    def _packed_body(self, ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """The packed pass over device buffers (what a verification graph captures): every token a query at
+        `pos` in row `rows`; returns the last hidden states [T, hidden] (the caller scores the ones it needs)."""
+        h = F.embedding(ids, self._embed)
+        cos, sin = self._cos[pos], self._sin[pos]
         bias = None
         if not self.triton_attention:  # the CPU's torch attention: each query against its row's keys up to its own
-            bias = torch.where(self._kv_ar[:kv_len][None, :] <= pos_d[:, None], 0.0, -1e30)
+            bias = torch.where(self._kv_ar[:kv_len][None, :] <= pos[:, None], 0.0, -1e30)
         delta = torch.zeros_like(h)
         for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
             h, q = self._store_fn(
-                h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_cache, v_cache, rows_d, pos_d
+                h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_cache, v_cache, rows, pos
             )
             if bias is None:
-                out = kernels.decode_attention(q, k_cache, v_cache, pos_d, self.scale, rows=rows_d)
+                out = kernels.decode_attention(q, k_cache, v_cache, pos, self.scale, rows=rows)
             else:
-                keys, values = k_cache[rows_d, :, :kv_len], v_cache[rows_d, :, :kv_len]
-                out = _decode_attention(q, keys, values, bias, self.scale)
+                out = _decode_attention(q, k_cache[rows, :, :kv_len], v_cache[rows, :, :kv_len], bias, self.scale)
             h, delta = self._mlp_fn(
                 h, F.linear(out, lw.o), lw.o_bias, lw.post_norm, lw.eps, lw.gate_up, lw.gate_up_bias, lw.down
             )
             if lw.down_bias is not None:
                 delta = delta + lw.down_bias
-        self.cache.set_row_lengths(list(rows), ends)
-        self.passes += 1
-        self.positions += total
-        return self.head((h + delta)[scored_d])
+        return h + delta
+
+    def _verify_bucket(self, total: int, rows: int) -> int:
+        """The token count of the verification graph that runs `total` tokens of `rows` rows, or 0: eagerly
+        (no CUDA graphs, more tokens than the largest bucket, or more padding than one token a row)."""
+        if not (self.cuda_graphs and self.triton_attention and env_flag("STRATUS_VERIFY_GRAPHS", True)):
+            return 0
+        bucket = next((b for b in VERIFY_BUCKETS if b >= total), 0)
+        return bucket if bucket and bucket - total <= rows else 0
+
+    def _verify_graph(self, bucket: int, plan: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The verification graph of `bucket` tokens, its inputs now `plan` ([3, bucket]: ids, rows, positions)."""
+        found = self._verify_graphs.get(bucket)
+        if found is not None:
+            self._verify_inputs[:, :bucket].copy_(plan)
+            return found
+        if self._verify_inputs.shape[1] < bucket:
+            with torch.inference_mode(False):
+                self._verify_inputs = torch.zeros((3, VERIFY_BUCKETS[-1]), dtype=torch.long, device=self.device)
+        inputs = self._verify_inputs[:, :bucket]
+        inputs.copy_(plan)
+        ids, rows, pos = inputs[0], inputs[1], inputs[2]
+        # As a decode graph: warm up on a side stream, then capture (the warm-up writes the same keys and
+        # values the replay then writes again).
+        stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._packed_body(ids, rows, pos, self.cache.capacity)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self._verify_pool is None:
+            self._verify_pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._verify_pool, capture_error_mode="thread_local"):
+            hidden = self._packed_body(ids, rows, pos, self.cache.capacity)
+        self._verify_graphs[bucket] = (graph, hidden)
+        return graph, hidden
 
     def _extend(
         self,
