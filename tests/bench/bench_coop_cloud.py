@@ -329,6 +329,7 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
         "new_tokens": args.new_tokens,
         "transcript": args.transcript,
         "tf32": bool(args.tf32),
+        "verification": "packed" if os.environ.get("STRATUS_VERIFY_PACKED", "1") != "0" else "padded",
         "prompt_tokens": args.prompt_tokens,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -420,17 +421,31 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
     return rows, meta
 
 
-def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+GOAL = 3.0  # issue 15: 64 sessions' accepted tokens/s at least 3x the tokens/s of 64 cloud-only streams
+
+
+def render(runs: list[tuple[list[dict[str, Any]], dict[str, Any]]]) -> str:
+    """The section: each run's setting, table, goal line and (when profiled) where its steps' time went."""
+    lines = ["## Speculative decoding, the cloud side alone (`make bench-coop-cloud`)"]
+    for rows, meta in runs:
+        lines += ["", *render_run(rows, meta)]
+    return "\n".join(lines)
+
+
+def render_run(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
     recorded = {
         "stream": "its cloud-only answer",
         "verify": "the cloud's answer recorded through verification (rounds of empty drafts)",
     }[meta.get("transcript", "stream")]
+    verification = {"packed": "packed (no padding)", "padded": "padded to the longest row"}.get(
+        meta.get("verification", ""), ""
+    )
     lines = [
-        "## Speculative decoding, the cloud side alone (`make bench-coop-cloud`)",
-        "",
         f"{meta['device']}; random-init `{meta['model']}` ({meta['parameters'] / 1e6:.0f}M parameters, "
         f"{meta['dtype']}{', TensorFloat-32 matrix products' if meta.get('tf32') else ''}); the server's engine "
-        f"{ENGINES[meta.get('engine', 'thread')]}; prompts of {meta['prompt_tokens']} random tokens, "
+        f"{ENGINES[meta.get('engine', 'thread')]}"
+        + (f", verification {verification}" if verification else "")
+        + f"; prompts of {meta['prompt_tokens']} random tokens, "
         f"{meta['new_tokens']} new tokens each, greedy. Cloud-only: C streams at once. Speculative: C sessions at "
         "once, "
         f"each replaying {recorded} as {meta['draft']}-token drafts, every draft token replaced by another "
@@ -457,7 +472,22 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {r['accepted'] / max(1, r['drafted']):.1%} | {r['spec_tokens'] / max(1, r['rounds']):.2f} "
             f"| {alone} |"
         )
-    return "\n".join(lines)
+    top = max(rows, key=lambda r: r["concurrency"])
+    ratio = top["spec_tps"] / top["cloud_only_tps"]
+    verdict = "met" if ratio >= GOAL else f"missed by {GOAL - ratio:.2f}×"
+    lines += ["", f"{top['concurrency']} sessions: {ratio:.2f}× cloud-only (goal ≥ {GOAL:g}×: {verdict})."]
+    agreement = top.get("decode_verify_agreement")
+    if agreement is not None:
+        lines[-1] += f" Decode and verification agree on {agreement:.1%} of the recorded answers."
+    profiled = top.get("profile") or {}
+    if profiled:
+        lines += ["", f"Where a step's time went at {top['concurrency']} sessions (ms per engine step, `--profile`):"]
+        for phase, p in profiled.items():
+            per = p["per step ms"]
+            calls = f", {p['verify calls'] / max(1, p['steps']):.1f} Verify calls a step" if p["verify calls"] else ""
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(per.items()))
+            lines.append(f"- {phase.replace('_', '-')}: {p['steps']} steps{calls}; {parts}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -492,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--trace", action="store_true", help="with --profile: torch.profiler's table of one Verify step"
     )
+    parser.add_argument(
+        "--render-from", type=Path, nargs="+", help="render the section from these earlier runs' --json, in order"
+    )
     parser.add_argument("--write", type=Path, default=None, help="write the table into this Markdown file")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
@@ -499,8 +532,14 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    if args.render_from:  # the section from earlier runs' --json (a GPU's results, rendered here)
+        body = render([(d["rows"], d["meta"]) for d in (json.loads(p.read_text()) for p in args.render_from)])
+        print(body)
+        if args.write:
+            report.write_section(args.write, SECTION, body, "# Benchmarks")
+        return 0
     rows, meta = asyncio.run(measure(args, log))
-    body = render(rows, meta)
+    body = render([(rows, meta)])
     print(body)
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
