@@ -539,10 +539,10 @@ def main(argv: list[str] | None = None) -> int:
             report.write_section(args.write, SECTION, body, "# Benchmarks")
         return 0
     rows, meta = asyncio.run(measure(args, log))
+    if args.json:  # first: the measurement survives whatever follows
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     body = render([(rows, meta)])
     print(body)
-    if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     if args.write:
         report.write_section(args.write, SECTION, body, "# Benchmarks")
     return 0
