@@ -322,29 +322,29 @@ class SpeculativeSessions:
         """The greedy rows' verdicts, all judged on the device (`greedy_verdicts`) and read back in one
         transfer: a wait on the device per session, not per pass, is what bounds a GPU's verify rounds."""
         n = len(greedy)
-        spans = [(offsets[k], offsets[k + 1]) for k in greedy]
-        size = sum(b - a for a, b in spans)
+        drafts = [calls[rows[order[k]][0]].draft for k in greedy]
+        counts = np.fromiter((len(d) + 1 for d in drafts), dtype=np.int64, count=n)
+        size = int(counts.sum())
         # Per scored position: the draft token it predicts (-1 at each row's bonus position), then its row's
-        # index among the greedy rows, then (if not every row is greedy) where it sits in `logits`.
-        plan = np.full((3, size), -1, dtype=np.int64)
-        at = 0
-        for g, (k, (a, b)) in enumerate(zip(greedy, spans, strict=True)):
-            draft = calls[rows[order[k]][0]].draft
-            plan[0, at : at + len(draft)] = draft
-            plan[1, at : at + b - a] = g
-            plan[2, at : at + b - a] = np.arange(a, b)
-            at += b - a
+        # index among the greedy rows, then where it sits in `logits` (not every row may be greedy).
+        plan = np.empty((3, size), dtype=np.int64)
+        plan[0] = np.fromiter(itertools.chain.from_iterable((*d, -1) for d in drafts), dtype=np.int64, count=size)
+        plan[1] = np.repeat(np.arange(n, dtype=np.int64), counts)
+        if size == logits.shape[0]:
+            plan[2] = np.arange(size, dtype=np.int64)
+        else:
+            plan[2] = np.concatenate([np.arange(offsets[k], offsets[k + 1], dtype=np.int64) for k in greedy])
         plan_dev = to_device(plan, logits.device)
         scores = logits if size == logits.shape[0] else logits.index_select(0, plan_dev[2])
         stop, token, logprobs = greedy_verdicts(scores, plan_dev[0], plan_dev[1], n)
         values = read_back(torch.cat([stop.double(), token.double(), logprobs.double()]))
         judged: list[tuple[int, Verdict, Sequence[float]]] = []
         at = 0
-        for g, (k, (a, b)) in enumerate(zip(greedy, spans, strict=True)):
+        for g, (k, count) in enumerate(zip(greedy, counts.tolist(), strict=True)):
             end = int(values[g])  # the position (among the greedy rows' scores) of the verifier's own token
             verdict = Verdict(end - at, int(values[n + g]))
             judged.append((order[k], verdict, values[2 * n + at : 2 * n + end + 1]))
-            at += b - a
+            at += count
         return judged
 
     def _check_verify(self, call: VerifyCall) -> None:
