@@ -39,7 +39,7 @@ from stratus_workers.serve.runner.modules import apply_rotary
 log = logging.getLogger(__name__)
 
 # Token counts a packed verification graph is captured for (CUDA): 64 sessions' 8-token drafts are 576.
-VERIFY_BUCKETS = (16, 32, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 576, 640, 768, 896, 1024)
+VERIFY_BUCKETS = (8, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 448, 512, 576, 640, 768, 896, 1024)
 
 
 def fusable(model: Any) -> bool:
@@ -415,26 +415,30 @@ class FusedRunner(ModelRunner):
         lens = np.asarray(q_lens, dtype=np.int64)
         index = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)  # within its row
         scored = np.flatnonzero(index >= np.repeat(np.asarray(logits_from, dtype=np.int64), lens))
-        bucket = self._verify_bucket(total, len(rows))
+        bucket = self._verify_bucket(total)
+        # A graph's bucket is filled with padding tokens, spread over the rows, each past its row's new end:
+        # slots no key is read from until a real token overwrites them. Where they would not fit, eagerly.
+        pad = bucket - total if bucket else 0
+        pad_rows = np.asarray(rows, dtype=np.int64)[np.arange(pad) % len(rows)]
+        pad_pos = np.asarray(ends, dtype=np.int64)[np.arange(pad) % len(rows)] + np.arange(pad) // len(rows)
+        if pad and int(pad_pos.max()) >= self.cache.capacity:
+            bucket = pad = 0
         size = bucket or total
-        # Token ids, each token's row and position; a graph's bucket is filled with padding tokens, one
-        # per row at most, each at its row's new end (a slot no key is read from until a real token
-        # overwrites it).
+        # Token ids, each token's row and position.
         plan = np.zeros((3, size), dtype=np.int64)
         plan[0, :total] = np.fromiter((t for row_tokens in tokens for t in row_tokens), dtype=np.int64, count=total)
         plan[1, :total] = np.repeat(np.asarray(rows, dtype=np.int64), lens)
         plan[2, :total] = np.repeat(np.asarray(starts, dtype=np.int64), lens) + index
-        pad = size - total
         if pad:
-            plan[1, total:] = np.asarray(rows, dtype=np.int64)[:pad]
-            plan[2, total:] = np.asarray(ends, dtype=np.int64)[:pad]
+            plan[1, total:] = pad_rows
+            plan[2, total:] = pad_pos
         flat = to_device(np.concatenate([plan.reshape(-1), scored]), self.device)
         scored_d = flat[3 * size :]
-        if bucket:
+        if bucket and self.cuda_graphs:
             graph, hidden = self._verify_graph(bucket, flat[: 3 * size].view(3, size))
             graph.replay()
         else:
-            hidden = self._packed_body(flat[:size], flat[size : 2 * size], flat[2 * size : 3 * size], max(ends))
+            hidden = self._packed_body(flat[:size], flat[size : 2 * size], flat[2 * size : 3 * size], max(ends) + pad)
         self.cache.set_row_lengths(list(rows), ends)
         self.passes += 1
         self.positions += total
@@ -464,13 +468,12 @@ class FusedRunner(ModelRunner):
                 delta = delta + lw.down_bias
         return h + delta
 
-    def _verify_bucket(self, total: int, rows: int) -> int:
-        """The token count of the verification graph that runs `total` tokens of `rows` rows, or 0: eagerly
-        (no CUDA graphs, more tokens than the largest bucket, or more padding than one token a row)."""
+    def _verify_bucket(self, total: int) -> int:
+        """The token count of the verification graph that runs `total` tokens, or 0: eagerly (no CUDA graphs,
+        or more tokens than the largest bucket)."""
         if not (self.cuda_graphs and self.triton_attention and env_flag("STRATUS_VERIFY_GRAPHS", True)):
             return 0
-        bucket = next((b for b in VERIFY_BUCKETS if b >= total), 0)
-        return bucket if bucket and bucket - total <= rows else 0
+        return next((b for b in VERIFY_BUCKETS if b >= total), 0)
 
     def _verify_graph(self, bucket: int, plan: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The verification graph of `bucket` tokens, its inputs now `plan` ([3, bucket]: ids, rows, positions)."""
