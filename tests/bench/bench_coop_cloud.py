@@ -40,16 +40,27 @@ ENGINES = {"thread": "in a thread of the benchmark's process", "process": "in an
 ARCHS = {"135m": "SMOLLM2_135M", "1b": "SMOLLM2_1B", "tiny": "TINY"}
 
 
-def load_random(model: str, *, dtype: str, device: str, tf32: bool) -> Any:
+def load_random(model: str, *, dtype: str, device: str, tf32: bool, embed_std: float = 0.0) -> Any:
     """The random-init model as a models.LoadedModel, built where it runs (a 1B model's random init on the
-    host takes a while); picklable as a partial, so an engine process builds the same one."""
+    host takes a while); picklable as a partial, so an engine process builds the same one.
+
+    With `embed_std`, the (tied) embedding is drawn at that scale instead: the input token then dominates
+    the residual stream, so the model repeats its last token with a wide margin over the next choice, and
+    rounding (bfloat16) no longer flips its choices between a decode step and a verification of another
+    shape. Speed does not depend on the values."""
     from stratus_workers.models import tiny as tiny_models
 
     if tf32:  # float32 storage, TensorFloat-32 matrix products (both sides of the comparison alike)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     with torch.device(device):
-        return tiny_models.random_loaded(dict(getattr(tiny_models, ARCHS[model])), dtype=dtype, device=device)
+        loaded = tiny_models.random_loaded(dict(getattr(tiny_models, ARCHS[model])), dtype=dtype, device=device)
+    if embed_std:
+        with torch.no_grad():
+            gen = torch.Generator(device=loaded.model.device).manual_seed(1)
+            weight = loaded.model.model.embed_tokens.weight
+            weight.copy_(torch.randn(weight.shape, generator=gen, device=weight.device) * embed_std)
+    return loaded
 
 
 def accepted_share(match: float, k: int) -> float:
@@ -296,7 +307,12 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
     import bench_coop_cloud
 
     load = functools.partial(
-        bench_coop_cloud.load_random, args.model, dtype=args.dtype, device=str(device), tf32=args.tf32
+        bench_coop_cloud.load_random,
+        args.model,
+        dtype=args.dtype,
+        device=str(device),
+        tf32=args.tf32,
+        embed_std=args.embed_std,
     )
     most = max(args.concurrency)
     settings = EngineSettings(
@@ -329,6 +345,7 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
         "new_tokens": args.new_tokens,
         "transcript": args.transcript,
         "tf32": bool(args.tf32),
+        "embed_std": args.embed_std,
         "verification": "packed" if os.environ.get("STRATUS_VERIFY_PACKED", "1") != "0" else "padded",
         "prompt_tokens": args.prompt_tokens,
         "torch": torch.__version__,
@@ -442,7 +459,14 @@ def render_run(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
     )
     lines = [
         f"{meta['device']}; random-init `{meta['model']}` ({meta['parameters'] / 1e6:.0f}M parameters, "
-        f"{meta['dtype']}{', TensorFloat-32 matrix products' if meta.get('tf32') else ''}); the server's engine "
+        f"{meta['dtype']}{', TensorFloat-32 matrix products' if meta.get('tf32') else ''}"
+        + (
+            f", the embedding drawn at std {meta['embed_std']:g} so that the model repeats its last token with a "
+            "margin rounding cannot flip"
+            if meta.get("embed_std")
+            else ""
+        )
+        + "); the server's engine "
         f"{ENGINES[meta.get('engine', 'thread')]}"
         + (f", verification {verification}" if verification else "")
         + f"; prompts of {meta['prompt_tokens']} random tokens, "
@@ -514,6 +538,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["thread", "process"],
         default="thread",
         help="the engine core in a thread of this process, or in an engine process (a server's default on CUDA)",
+    )
+    parser.add_argument(
+        "--embed-std",
+        type=float,
+        default=0.0,
+        help="draw the embedding at this scale: a random model whose choices rounding cannot flip (see load_random)",
     )
     parser.add_argument("--tf32", action="store_true", help="float32 matrix products in TensorFloat-32 (CUDA)")
     parser.add_argument(

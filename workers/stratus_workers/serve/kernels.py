@@ -35,7 +35,7 @@ if triton is not None:
         stride_ob, stride_oh,
         scale,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_ROWS: tl.constexpr,
+        HAS_ROWS: tl.constexpr, PRECISION: tl.constexpr,
     ):
         # One program per (query, kv head): the GROUP query heads that share this kv head. Query b reads
         # cache row b, or rows[b] when the queries name their rows.
@@ -60,14 +60,14 @@ if triton is not None:
             n = start + tl.arange(0, BLOCK_N)
             valid = n < n_keys
             k = tl.load(k_base + n[:, None] * stride_kl + d[None, :], mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + n[:, None] * stride_vl + d[None, :], mask=valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         out = acc / l_i[:, None]
         tl.store(
@@ -105,6 +105,9 @@ def decode_attention(
         scale,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=64,
         HAS_ROWS=rows is not None,
+        # float32 stays float32 (Triton's default would round the products to TensorFloat-32, which torch's
+        # own float32 matrix products do not: the decode step and a verification would disagree).
+        PRECISION="ieee" if q.dtype == torch.float32 else None,
         num_warps=4, num_stages=2,
     )  # fmt: skip
     return out.view(batch, n_q * head_dim)

@@ -12,7 +12,7 @@ import torch
 
 from stratus_workers.models import load_model
 from stratus_workers.protocol.requests import Sampling
-from stratus_workers.serve.core import EngineCore
+from stratus_workers.serve.core import EngineCore, EngineRequest
 from stratus_workers.serve.engine import build_engine
 from stratus_workers.serve.errors import EngineOverloaded
 from stratus_workers.serve.runner import ModelRunner
@@ -289,3 +289,26 @@ async def test_concurrent_sessions_get_the_cloud_only_answer(loaded: Any) -> Non
         assert engine.stats.forward_passes > passes
     finally:
         await engine.stop()
+
+
+def test_a_verify_step_is_owed_the_sessions_verified_before_it(loaded: Any) -> None:
+    """The loop may wait a moment for sessions whose next round is due, so that they share one pass; never
+    while anything else is queued, and never for a session that ended."""
+    eos = eos_ids(loaded.model, loaded.tokenizer)
+    runner = ModuleRunner(loaded.model, max_rows=4, max_len=64)
+    core = EngineCore(runner, SpeculativeSessions(runner, eos, first_row=1), eos, max_batch_size=1)
+    core.call(1, "verify", ("a", [5, 6, 7], [8], (), GREEDY, False))
+    core.call(2, "verify", ("b", [9, 10], [11], (), GREEDY, False))
+    core.call(3, "verify", ("c", [12, 13], [], (), GREEDY, True))  # ends with this call
+    assert core.verify_owed() == 0  # nothing verified before
+    out = core.step()
+    assert not any(error for _, error, _ in out.results)
+    assert core.verify_owed() == 0  # nothing queued
+    core.call(4, "verify", ("a", [5, 6, 7, 8, 1], [2], (), GREEDY, False))
+    assert core.verify_owed() == 1  # b is due; c ended
+    core.call(5, "verify", ("b", [9, 10, 11, 3], [], (), GREEDY, False))
+    assert core.verify_owed() == 0
+    core.add(EngineRequest(6, [1, 2, 3], Sampling(max_new_tokens=2)))
+    core.step()
+    core.call(7, "verify", ("a", [5, 6, 7, 8, 1, 2, 4], [], (), GREEDY, False))
+    assert core.verify_owed() == 0  # a request is decoding: its step is never held back

@@ -608,7 +608,27 @@ class FusedRunner(ModelRunner):
         graphs = self.decoder.warmup(max_kv_len, batch_sizes)
         if self.compiled:
             self._warm_prefill()
+        self._warm_verify()
         return graphs
+
+    def _warm_verify(self) -> None:
+        """Capture the packed verification graphs now, as the decode graphs are, so that no Verify round pays
+        for a capture. Every row is empty at warm-up: the captures write at position 0, which real tokens
+        overwrite. A failure leaves them to be captured on first use."""
+        packed = self.packed_verify and env_flag("STRATUS_VERIFY_PACKED", True) and self.world_size == 1
+        if not (packed and self.cuda_graphs and self.triton_attention and env_flag("STRATUS_VERIFY_GRAPHS", True)):
+            return
+        if any(self.cache.lengths):
+            return
+        try:
+            for bucket in VERIFY_BUCKETS:
+                plan = torch.zeros((3, bucket), dtype=torch.long, device=self.device)
+                plan[1] = torch.arange(bucket, device=self.device) % self.max_rows
+                self._verify_graph(bucket, plan)
+            torch.cuda.synchronize(self.device)
+        except Exception as exc:
+            log.warning("verification graphs not captured ahead (%s: %s)", type(exc).__name__, exc)
+            self._verify_graphs.clear()
 
     def _warm_prefill(self) -> None:
         """Compile the prefill's functions now for each shape class (sizes of one are specialised), so
