@@ -107,7 +107,7 @@ def decode_attention(
         HAS_ROWS=rows is not None,
         # float32 stays float32 (Triton's default would round the products to TensorFloat-32, which torch's
         # own float32 matrix products do not: the decode step and a verification would disagree).
-        PRECISION="ieee" if q.dtype == torch.float32 else None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32: the default, ignored for 16-bit
         num_warps=4, num_stages=2,
     )  # fmt: skip
     return out.view(batch, n_q * head_dim)
