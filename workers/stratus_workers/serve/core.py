@@ -267,16 +267,18 @@ class EngineCore:
         if op == "verify":  # batched: the step runs every Verify call in one pass
             self._verifies.append((call_id, VerifyCall(*args)))
             return
+        if op == "end":  # a session that ends sends no next round
+            self._expecting.discard(args[0])
         method = methods.get(op)
         if method is None:
             raise ValueError(f"unknown engine call {op!r}")
         self._calls.append((call_id, lambda: method(*args)))
 
     def verify_owed(self) -> int:
-        """How many sessions verified in the last Verify step have not sent their next Verify call yet, while
-        this step has nothing but Verify calls to run (the loop may wait a moment for them: they share one
-        pass). 0 whenever anything else is queued: a decode step is never held back."""
-        if not self._verifies or self._rows or self._waiting or self._calls or not self._expecting:
+        """How many sessions verified in the last Verify step have not sent their next Verify call yet (nor
+        ended), while this step has no request to decode or admit (the loop may wait a moment for them: they
+        share one pass). 0 whenever a request is running or waiting: a decode step is never held back."""
+        if not self._verifies or self._rows or self._waiting or not self._expecting:
             return 0
         return len(self._expecting.difference(call.sid for _, call in self._verifies))
 

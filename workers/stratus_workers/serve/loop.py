@@ -37,7 +37,7 @@ IDLE_WAIT = 0.25  # seconds the idle loop sleeps between looks (it wakes at once
 # Seconds a step of Verify calls alone may wait for the rest of the sessions verified in the step before
 # (their replies go out together, their next calls come back within about this): one pass for all of
 # them, not a pass for whichever arrived first and another for the rest.
-VERIFY_GATHER = 0.003
+VERIFY_GATHER = 0.005
 CPU_POOL_BYTES = 256 << 20  # the prefix pool's automatic size on a CPU
 GPU_POOL_SHARE = 0.25  # ... and on a GPU: this share of the memory left after the batch's cache
 

@@ -233,9 +233,7 @@ class SpeculativeSessions:
                 continue
             rows[session.row] = (i, session, pending)
             sids.add(call.sid)
-        if len(rows) == 1:
-            alone.extend(i for i, _, _ in rows.values())
-        elif rows:
+        if rows:  # one row too: the same pass, so that a session's verdicts do not depend on its company
             self._verify_rows(calls, rows, results, alone)
         for i in sorted(alone):
             call = calls[i]
