@@ -33,6 +33,8 @@ LAYOUTS: dict[str, tuple[str, list[str], int, dict[str, str]]] = {
     "single": ("one device", [], 1, {}),
     "tp2": ("tensor parallel 2", ["--tensor-parallel", "2"], 2, {}),
     "pp2": ("pipeline parallel 2", ["--pipeline-parallel", "2"], 2, {}),
+    # Stages without their decode graphs: each micro-batch's layers launched kernel by kernel.
+    "pp2-eager": ("pipeline parallel 2, no CUDA graphs", ["--pipeline-parallel", "2"], 2, {"STRATUS_CUDA_GRAPHS": "0"}),
     # One device without decode graphs (nor decoding ahead): what pipeline stages run like, on one device.
     "single-eager": ("one device, no CUDA graphs", [], 1, {"STRATUS_CUDA_GRAPHS": "0"}),
 }
@@ -61,6 +63,8 @@ async def run_layout(
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "workers"), os.environ.get("PYTHONPATH", "")]))
     env.update(extra_env)
+    if args.trace:  # the stages' timings (serve/stagetrace.py), one folder per layout
+        env["STRATUS_PP_TRACE"] = str(args.trace / layout)
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(*cmd, env=env)
     address = f"127.0.0.1:{port}"
@@ -136,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the bundled SmolLM2 tokenizer)")
     parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds a server may take to come up")
     parser.add_argument("--json", type=Path, help="also dump the raw rows here")
+    parser.add_argument("--trace", type=Path, help="trace pipeline stages into TRACE/<layout> (STRATUS_PP_TRACE)")
     parser.add_argument("--from-json", type=Path, help="render and write an earlier --json dump instead")
     parser.add_argument("--write", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--no-write", action="store_true")
@@ -188,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
                             prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, rounds=args.rounds,
                             client_procs=args.client_procs)  # fmt: skip
             for layout in args.layouts:
-                rows += asyncio.run(run_layout(layout, tmp, prompts, pool, args, log))
+                try:
+                    rows += asyncio.run(run_layout(layout, tmp, prompts, pool, args, log))
+                except RuntimeError as exc:  # the other layouts still run; the table shows this one as missing
+                    log(f"  {layout}: skipped ({exc})")
                 run = dict(meta=machine(torch.device("cuda" if cuda else "cpu")), settings=settings, rows=rows)
                 if args.json:  # after each layout: a run cut short keeps what it measured
                     args.json.parent.mkdir(parents=True, exist_ok=True)

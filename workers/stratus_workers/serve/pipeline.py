@@ -24,6 +24,7 @@ reports the failure and exits; the frontend fails what is in flight and turns he
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import subprocess
@@ -38,8 +39,11 @@ import torch.distributed as dist
 from stratus_workers.runtimes import RUNTIME_TORCH
 from stratus_workers.serve.errors import EngineFailed
 from stratus_workers.serve.parallel import BUILD, STOP, join_process_group
-from stratus_workers.serve.runner import Decoded, ModelRunner, UnsupportedModelError
+from stratus_workers.serve.runner import Decoded, ModelRunner, UnsupportedModelError, decoded, env_flag
 from stratus_workers.serve.runner.build import build_runner
+from stratus_workers.serve.runner.fused import FusedRunner
+from stratus_workers.serve.runner.graphs import BATCH_BUCKETS, MIN_KV_BUCKET, GraphCache
+from stratus_workers.serve.stagetrace import StageTrace
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +110,15 @@ def split_rows(batch: int, groups: int) -> list[tuple[int, int]]:
     return out
 
 
+def decode_groups(batch: int, microbatches: int, max_rows: int) -> list[tuple[int, int, int]]:
+    """A decode step's rows 0..batch-1 as micro-batches (start, end, padded): each runs `padded` rows from
+    `start`, a batch bucket (graphs.BATCH_BUCKETS) so that a stage keeps few decode graphs; rows end.. of the
+    last one are padding (rows no decode step uses, whose writes land past their length), cut at `max_rows`."""
+    per = -(-batch // max(1, microbatches))
+    size = next((b for b in BATCH_BUCKETS if b >= per), per)
+    return [(start, min(start + size, batch), min(size, max_rows - start)) for start in range(0, batch, size)]
+
+
 def keep_stage(model: Any, rank: int, stages: int) -> range:
     """Keep only stage `rank`'s decoder layers in `model` (the others are freed); returns their range."""
     if getattr(model, "runtime", RUNTIME_TORCH) != RUNTIME_TORCH:
@@ -126,17 +139,34 @@ class PipelineRunner(ModelRunner):
 
     The same class runs on every stage: on stage 0 the engine core calls it and each call is repeated
     to the others (`follow`), which make the same call; `_forward` then does each stage's part.
+
+    Over the fused path (`FusedRunner`: CUDA, or tensor parallel) a decode step runs per micro-batch
+    through the fused decode step's layers (`decode_rows`), as a CUDA graph per (first row, rows, key
+    length) on CUDA: a stage's host then only replays graphs and posts sends and receives, so it queues
+    the whole step at once and the device never waits on the host. The receives land in a static
+    buffer (`_h_in`) that the graphs read; the sends are of the graphs' outputs.
     """
 
-    def __init__(self, inner: ModelRunner, ctx: PipelineContext) -> None:
+    def __init__(self, inner: ModelRunner, ctx: PipelineContext, *, cuda_graphs: bool | None = None) -> None:
         super().__init__(inner.model, max_rows=inner.max_rows, max_len=inner.max_len, pool_tokens=inner.pool_tokens)
         self.inner = inner
         self.ctx = ctx
         self.cache = inner.cache
         self.hidden_size = int(inner.config.hidden_size)
         self.layers_held = len(inner.layers)
+        self.trace = StageTrace(ctx.rank, self.device)
+        self.fused = inner if isinstance(inner, FusedRunner) else None
+        self.graphs: GraphCache | None = None
+        if self.fused is not None:
+            with torch.inference_mode(False):  # filled by receives, read by graphs
+                self._h_in = torch.zeros((self.max_rows, self.hidden_size), dtype=self.dtype, device=self.device)
+            want = env_flag("STRATUS_CUDA_GRAPHS", True) if cuda_graphs is None else cuda_graphs
+            if want and self.device.type == "cuda":
+                self.graphs = GraphCache(self.device, self.fused.degrade)
 
     def _lead(self, method: str, *args: Any, **kwargs: Any) -> None:
+        if self.ctx.first:  # the other stages begin a call's record in follow(), as it arrives
+            self.trace.begin(method, _rows(args))
         try:
             self.ctx.lead(method, *args, **kwargs)
         except RuntimeError as exc:  # any call, not only a forward, finds a dead stage first
@@ -153,13 +183,110 @@ class PipelineRunner(ModelRunner):
         return self.inner.head(h)
 
     def _warmup(self, max_kv_len: int | None, batch_sizes: Sequence[int] | None) -> int:
-        return self.inner.warmup(max_kv_len, batch_sizes)
+        graphs = self.inner.warmup(max_kv_len, batch_sizes)
+        if self.graphs is None or self.fused is None:
+            return graphs
+        # Every micro-batch a decode step of up to max_rows rows can make, at each key-length bucket.
+        decoder = self.fused.decoder
+        capacity = self.cache.capacity
+        limit = min(max_kv_len or capacity, capacity)
+        kv_lens, kv = set(), 1
+        while True:
+            kv_lens.add(decoder.buckets(1, kv)[1])
+            if kv >= limit:
+                break
+            kv = min(2 * max(kv, MIN_KV_BUCKET), limit)
+        sizes = batch_sizes or range(1, self.max_rows + 1)
+        keys = {(a, padded) for n in sizes for a, _, padded in decode_groups(n, self.ctx.microbatches, self.max_rows)}
+        for kv_len in sorted(kv_lens):
+            for a, padded in sorted(keys):
+                self._graph(a, padded, kv_len)
+        torch.cuda.synchronize(self.device)
+        return graphs + (len(self.graphs) if self.graphs is not None else 0)
+
+    def _graph(self, first_row: int, rows: int, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+        """The decode graph of this micro-batch (captured now if new); None to run it eagerly."""
+        if self.graphs is None:
+            return None
+        body = functools.partial(self._decode_body, first_row, rows, kv_len)
+        try:
+            return self.graphs.get((first_row, rows, kv_len), body)
+        except Exception as exc:  # a capture problem must not take serving down: the eager step is still correct
+            log.warning("stage %d: decode graphs off (%s: %s)", self.ctx.rank, type(exc).__name__, exc)
+            self.graphs = None
+            return None
 
     def _decode(self, ids: list[int], logprobs: bool) -> Decoded:
+        if self.fused is not None:
+            logits = self._stage_decode(ids)
+            if not self.ctx.first:
+                return Decoded(torch.empty(0), [], None)
+            out = decoded(logits, logprobs)
+        elif self.ctx.first:
+            out = super()._decode(ids, logprobs)
+        else:
+            self._forward(0, [[t] for t in ids], self.cache.lengths[: len(ids)], [1] * len(ids), False)
+            return Decoded(torch.empty(0), [], None)
+        self.trace.mark("sampled", device=False)
+        return out
+
+    def _decode_body(self, first_row: int, rows: int, kv_len: int) -> torch.Tensor:
+        """A decode micro-batch of `rows` rows from `first_row` on this stage, from device buffers only (what a
+        graph captures): stage 0 embeds the step's tokens, the others read `_h_in`; the last applies the head."""
+        assert self.fused is not None
         if self.ctx.first:
-            return super()._decode(ids, logprobs)
-        self._forward(0, [[t] for t in ids], self.cache.lengths[: len(ids)], [1] * len(ids), False)
-        return Decoded(torch.empty(0), [], None)
+            h = self.fused.embed(self.fused.decoder.tokens[first_row : first_row + rows])
+        else:
+            h = self._h_in[first_row : first_row + rows]
+        h = self.fused.decode_rows(h, first_row, kv_len)
+        return self.fused.head(h) if self.ctx.last else h
+
+    def _stage_decode(self, ids: list[int]) -> torch.Tensor:
+        """This stage's part of a decode step over the fused path; on stage 0, the step's [rows, vocab] logits."""
+        try:
+            return self._stage_decode_parts(ids)
+        except StageFailed:
+            raise
+        except RuntimeError as exc:
+            raise StageFailed(f"pipeline stage {self.ctx.rank}: a link to another stage failed ({exc})") from exc
+
+    def _stage_decode_parts(self, ids: list[int]) -> torch.Tensor:
+        ctx, fused, trace = self.ctx, self.fused, self.trace
+        assert fused is not None
+        batch = len(ids)
+        groups = decode_groups(batch, ctx.microbatches, self.max_rows)
+        trace.set("groups", [b - a for a, b, _ in groups])
+        kv_len = fused.decoder.buckets(1, max(self.cache.lengths[:batch]) + 1)[1]
+        if ctx.first:
+            fused.decoder.load_tokens(ids)
+        sends: list[tuple[Any, torch.Tensor]] = []
+        for g, (a, b, padded) in enumerate(groups):
+            if not ctx.first:
+                dist.recv(self._h_in[a : a + padded], src=ctx.rank - 1, group=ctx.forward)
+            trace.mark(f"in{g}")
+            found = self._graph(a, padded, kv_len)
+            if found is not None:
+                found[0].replay()
+                out = found[1]
+            else:
+                out = self._decode_body(a, padded, kv_len)
+            trace.mark(f"computed{g}")
+            if ctx.last:
+                out = out[: b - a]
+            dst, link = (0, ctx.back) if ctx.last else (ctx.rank + 1, ctx.forward)
+            sends.append((dist.isend(out, dst=dst, group=link), out))
+            trace.mark(f"sent{g}")
+        logits = torch.empty(0)
+        if ctx.first:
+            logits = torch.empty((batch, self.vocab_size), dtype=torch.float32, device=self.device)
+            for g, (a, b, _) in enumerate(groups):
+                dist.recv(logits[a:b], src=ctx.world_size - 1, group=ctx.back)
+                trace.mark(f"logits{g}")
+        for work, _ in sends:
+            work.wait()
+        self.cache.advance(batch)
+        trace.mark("waited")
+        return logits
 
     def _forward(
         self,
@@ -184,10 +311,12 @@ class PipelineRunner(ModelRunner):
         q_lens: list[int],
         all_logits: bool,
     ) -> torch.Tensor:
-        ctx, inner = self.ctx, self.inner
+        ctx, inner, trace = self.ctx, self.inner, self.trace
         groups = split_rows(len(tokens), ctx.microbatches)
+        trace.set("groups", [b - a for a, b in groups])
+        trace.set("q", max(q_lens))
         sends: list[tuple[Any, torch.Tensor]] = []  # a send's buffer must live until it completes
-        for a, b in groups:
+        for g, (a, b) in enumerate(groups):
             rows = first_row + a
             group_q = q_lens[a:b]
             if ctx.first:
@@ -195,14 +324,18 @@ class PipelineRunner(ModelRunner):
             else:
                 h = torch.empty((b - a, max(group_q), self.hidden_size), dtype=self.dtype, device=self.device)
                 dist.recv(h, src=ctx.rank - 1, group=ctx.forward)
+            trace.mark(f"in{g}")
             h = inner.extend_hidden(rows, h, starts[a:b], group_q)
+            trace.mark(f"computed{g}")
             if not ctx.last:
                 sends.append((dist.isend(h, dst=ctx.rank + 1, group=ctx.forward), h))
+                trace.mark(f"sent{g}")
                 continue
             if not all_logits:
                 h = inner.last_tokens(h, group_q)
             logits = inner.head(h).contiguous()
             sends.append((dist.isend(logits, dst=0, group=ctx.back), logits))
+            trace.mark(f"sent{g}")
         result = torch.empty(0)
         if ctx.first:
             vocab = self.vocab_size
@@ -216,13 +349,19 @@ class PipelineRunner(ModelRunner):
                     device=self.device,
                 )
                 dist.recv(part, src=ctx.world_size - 1, group=ctx.back)
+                trace.mark(f"logits{g}")
                 if all_logits:
                     result[a:b, : part.shape[1]] = part
                 else:
                     result[a:b] = part
         for work, _ in sends:
             work.wait()
+        trace.mark("waited")
         return result
+
+    def close(self) -> None:
+        super().close()
+        self.trace.close()
 
 
 def build_stage_runner(
@@ -231,11 +370,12 @@ def build_stage_runner(
     """This stage's runner over `model` (already cut to its layers by `keep_stage`); on stage 0 the
     other stages are told to build theirs with the same settings.
 
-    A stage runs its forward passes eagerly, one micro-batch at a time: no decode graphs (their
-    static buffers hold one batch of rows from row 0, and the stages exchange activations between
-    micro-batches), no decoding ahead (the next step's tokens come back from the last stage), and no
-    torch.compile (without a graph around them its fused kernels save little, and a compile per stage
-    lengthens the start; on the GPU run, on or off made no measurable difference: docs/benchmarks.md).
+    A stage runs its decode micro-batches as graphs of its own (`PipelineRunner`), not the single
+    runner's decode graphs (those run rows 0..B-1 from token ids to logits in one piece, while a stage
+    runs part of the layers over one micro-batch of rows, between a receive and a send). No decoding
+    ahead (the next step's tokens come back from the last stage), and no torch.compile (a compile per
+    stage lengthens the start; on the GPU run, on or off made no measurable difference to eager stages:
+    docs/benchmarks.md). Prefill and extension run eagerly, one micro-batch at a time.
     """
     ctx.lead(BUILD, max_rows=max_rows, max_len=max_len, pool_tokens=pool_tokens)
     inner = build_runner(
@@ -250,6 +390,8 @@ def follow(ctx: PipelineContext, build: Callable[..., PipelineRunner]) -> None:
     while True:
         method, args, kwargs = broadcast(ctx, None)
         if method == STOP:
+            if runner is not None:
+                runner.trace.close()
             return
         if method == BUILD:
             runner = build(**kwargs)
@@ -260,8 +402,18 @@ def follow(ctx: PipelineContext, build: Callable[..., PipelineRunner]) -> None:
             continue
         if runner is None:
             raise RuntimeError(f"pipeline stage {ctx.rank} got {method!r} before the runner was built")
+        runner.trace.begin(method, _rows(args))
         with torch.inference_mode():
             getattr(runner, method)(*args, **kwargs)
+        runner.trace.end()
+
+
+def _rows(args: Sequence[Any]) -> int:
+    """The rows a repeated runner call touches (decode: its ids; forward: its token lists), for the trace."""
+    for arg in args:
+        if isinstance(arg, list):
+            return len(arg)
+    return 0
 
 
 def init_pipeline(stages: int, microbatches: int = 0) -> PipelineContext:

@@ -52,10 +52,16 @@ async def answers(address: str) -> tuple[list[str], list[str], str, list[float]]
     return alone, [r.text for r in together], streamed, scored
 
 
-@pytest.mark.parametrize("microbatches", [0, 3])
-async def test_two_stages_answer_like_one_process(model_server: Any, microbatches: int) -> None:
+@pytest.mark.parametrize(("microbatches", "fast"), [(0, False), (3, False), (0, True), (3, True)])
+async def test_two_stages_answer_like_one_process(
+    model_server: Any, monkeypatch: pytest.MonkeyPatch, microbatches: int, fast: bool
+) -> None:
     """Greedy answers of a two-stage pipeline equal the single process's, alone and batched (the batch of
-    four rows runs as two micro-batches by default, as three of sizes 2, 1, 1 with `microbatches=3`)."""
+    four rows runs as two micro-batches by default, as three of sizes 2, 1, 1 with `microbatches=3`). On
+    the fused path, as CUDA runs it, a decode step goes through the stages' per-micro-batch decode step
+    (micro-batches of bucket sizes, pipeline.decode_groups)."""
+    if fast:  # the fused path, as CUDA runs it (and its per-micro-batch decode step), on the CPU
+        monkeypatch.setenv("STRATUS_FAST_PATH", "1")
     async with model_server(max_batch_size=4) as single:
         expected = await answers(single.address)
     async with model_server(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stratus_workers.models.tiny import TINY, random_llama
-from stratus_workers.serve.pipeline import keep_stage, split_rows, stage_layers
+from stratus_workers.serve.pipeline import decode_groups, keep_stage, split_rows, stage_layers
 from stratus_workers.serve.runner.build import build_runner
 from stratus_workers.serve.server import ServerSettings, engine_mode, stage_argv
 from stratus_workers.settings import parse_config
@@ -30,6 +30,16 @@ def test_rows_split_into_micro_batches() -> None:
     assert split_rows(4, 3) == [(0, 2), (2, 3), (3, 4)]
     assert split_rows(1, 2) == [(0, 1)]  # never an empty micro-batch
     assert split_rows(5, 0) == [(0, 5)]
+
+
+def test_decode_micro_batches_are_bucket_sized_and_padded_within_the_cache() -> None:
+    """(start, end, padded): full buckets, then a last one padded past the batch, never past max_rows."""
+    assert decode_groups(64, 2, 68) == [(0, 32, 32), (32, 64, 32)]
+    assert decode_groups(7, 2, 68) == [(0, 4, 4), (4, 7, 4)]
+    assert decode_groups(1, 2, 68) == [(0, 1, 1)]
+    assert decode_groups(5, 3, 68) == [(0, 2, 2), (2, 4, 2), (4, 5, 2)]
+    assert decode_groups(5, 2, 6) == [(0, 4, 4), (4, 5, 2)]  # the padding stops at the cache's last row
+    assert decode_groups(9, 1, 68) == [(0, 9, 16)]
 
 
 @pytest.mark.parametrize("fast", [False, True])
