@@ -1,13 +1,16 @@
-"""Pipeline parallel: the decoder layers split into contiguous stages, one process and device each.
+"""Pipeline parallel: the decoder layers split into contiguous stages, each a process and device (or a
+tensor-parallel group of them).
 
-`--pipeline-parallel N` makes the engine process stage 0 (rank 0): it starts stages 1..N-1 as copies
-of the server's command (`parallel.spawn_followers`), and every stage loads the model and keeps only
-its contiguous share of the decoder layers (`stage_layers`) and their KV cache. Rank 0 runs the
-engine core over a `PipelineRunner` and repeats each runner call to the other stages on a gloo
-control group (the way tensor parallel does, serve/parallel.py), so every stage changes its cache
-rows the same way. In a forward pass only stage 0 embeds; each stage runs its layers and sends the
-activations to the next (NCCL between GPUs, gloo on the CPU); the last stage applies the final norm
-and LM head and sends the logits back to rank 0, which samples.
+`--pipeline-parallel P` makes the engine process rank 0: it starts ranks 1.. as copies of the server's
+command (`parallel.spawn_followers`), and every rank loads the model and keeps only its stage's
+contiguous share of the decoder layers (`stage_layers`) and their KV cache. With `--tensor-parallel T`
+too there are P * T ranks: rank r is in stage r // T, and each stage's T ranks shard its layers as a
+tensor-parallel group (serve/parallel.py, runner/fused.py) whose all-reduces stay inside the stage.
+Rank 0 runs the engine core over a `PipelineRunner` and repeats each runner call to every other rank on
+a gloo control group (the way tensor parallel does), so every rank changes its cache rows the same way.
+In a forward pass only stage 0 embeds; each stage runs its layers and sends the activations to the next
+(rank to rank of the same place in the stage's group: NCCL between GPUs, gloo on the CPU); the last
+stage's first rank applies the final norm and LM head and sends the logits back to rank 0, which samples.
 
 Micro-batches: a forward over B rows is split into `microbatches` contiguous groups of rows (default:
 as many as there are stages). Stage 0 computes group 1 while stage 1 computes group 0, and so on, so
@@ -17,7 +20,7 @@ group's matrix products smaller and add a send per group; N groups is the smalle
 every stage busy once the pipeline fills. What is not overlapped: the next step's first group needs
 this step's sampled tokens, so the pipeline drains once per step (docs/serving.md).
 
-A stage that dies fails the engine: rank 0 watches its stage processes (`StageWatch`), and a failed
+A stage that dies fails the engine: rank 0 watches the other ranks' processes (`StageWatch`), and a failed
 send or receive raises `StageFailed`, which the engine core does not catch, so the engine process
 reports the failure and exits; the frontend fails what is in flight and turns health NOT_SERVING.
 """
@@ -38,7 +41,7 @@ import torch.distributed as dist
 
 from stratus_workers.runtimes import RUNTIME_TORCH
 from stratus_workers.serve.errors import EngineFailed
-from stratus_workers.serve.parallel import BUILD, STOP, join_process_group
+from stratus_workers.serve.parallel import BUILD, STOP, ParallelContext, join_process_group
 from stratus_workers.serve.runner import Decoded, ModelRunner, UnsupportedModelError, decoded, env_flag
 from stratus_workers.serve.runner.build import build_runner
 from stratus_workers.serve.runner.fused import FusedRunner
@@ -56,26 +59,56 @@ class StageFailed(EngineFailed):
 
 @dataclass(frozen=True)
 class PipelineContext:
-    """This process's stage in a pipeline of `world_size` stages."""
+    """This process's place in a pipeline of `stages` stages, each a tensor-parallel group of `tensor_parallel`
+    ranks: global rank = stage * tensor_parallel + tp_rank. Rank 0 (stage 0's first rank) runs the engine."""
 
-    rank: int
-    world_size: int
+    stage: int
+    stages: int
     microbatches: int
-    control: Any = None  # gloo group: rank 0's repeated runner calls (small pickled messages)
-    forward: Any = None  # group for activations, stage k -> k + 1
-    back: Any = None  # group for the last stage's logits -> stage 0 (a group of its own: no cycle on one stream)
+    tp_rank: int = 0
+    tensor_parallel: int = 1
+    control: Any = None  # gloo group of every rank: rank 0's repeated runner calls (small pickled messages)
+    forward: Any = None  # group for activations, stage k -> k + 1 (between ranks of the same tp_rank)
+    back: Any = None  # group for the last stage's logits -> rank 0 (a group of its own: no cycle on one stream)
+    tensor: ParallelContext | None = None  # this stage's tensor-parallel group, when it has more than one rank
 
     @property
-    def first(self) -> bool:
+    def rank(self) -> int:
+        return self.stage * self.tensor_parallel + self.tp_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.stages * self.tensor_parallel
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0: runs the engine, repeats its calls to every other rank, receives the logits and samples."""
         return self.rank == 0
 
     @property
+    def first(self) -> bool:
+        return self.stage == 0
+
+    @property
     def last(self) -> bool:
-        return self.rank == self.world_size - 1
+        return self.stage == self.stages - 1
+
+    @property
+    def sends_logits(self) -> bool:
+        """The last stage's first rank applies the head and sends the logits (its group holds the same activations)."""
+        return self.last and self.tp_rank == 0
+
+    def peer(self, stage: int) -> int:
+        """The rank of `stage` that exchanges activations with this one (the same place in its stage's group)."""
+        return stage * self.tensor_parallel + self.tp_rank
+
+    @property
+    def logits_rank(self) -> int:
+        return (self.stages - 1) * self.tensor_parallel
 
     def lead(self, method: str, *args: Any, **kwargs: Any) -> None:
-        """On stage 0: tell the other stages to make the same call."""
-        if self.first:
+        """On rank 0: tell every other rank to make the same call."""
+        if self.leader:
             broadcast(self, (method, args, kwargs))
 
 
@@ -165,12 +198,12 @@ class PipelineRunner(ModelRunner):
                 self.graphs = GraphCache(self.device, self.fused.degrade)
 
     def _lead(self, method: str, *args: Any, **kwargs: Any) -> None:
-        if self.ctx.first:  # the other stages begin a call's record in follow(), as it arrives
+        if self.ctx.leader:  # the other ranks begin a call's record in follow(), as it arrives
             self.trace.begin(method, _rows(args))
         try:
             self.ctx.lead(method, *args, **kwargs)
         except RuntimeError as exc:  # any call, not only a forward, finds a dead stage first
-            raise StageFailed(f"pipeline stage 0 lost the other stages ({exc})") from exc
+            raise StageFailed(f"pipeline rank 0 lost the other ranks ({exc})") from exc
 
     # This stage's own parts (its layers only; the embedding and head are used on the first and last).
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -219,10 +252,10 @@ class PipelineRunner(ModelRunner):
     def _decode(self, ids: list[int], logprobs: bool) -> Decoded:
         if self.fused is not None:
             logits = self._stage_decode(ids)
-            if not self.ctx.first:
+            if not self.ctx.leader:
                 return Decoded(torch.empty(0), [], None)
             out = decoded(logits, logprobs)
-        elif self.ctx.first:
+        elif self.ctx.leader:
             out = super()._decode(ids, logprobs)
         else:
             self._forward(0, [[t] for t in ids], self.cache.lengths[: len(ids)], [1] * len(ids), False)
@@ -232,23 +265,24 @@ class PipelineRunner(ModelRunner):
 
     def _decode_body(self, first_row: int, rows: int, kv_len: int) -> torch.Tensor:
         """A decode micro-batch of `rows` rows from `first_row` on this stage, from device buffers only (what a
-        graph captures): stage 0 embeds the step's tokens, the others read `_h_in`; the last applies the head."""
+        graph captures): stage 0 embeds the step's tokens, the others read `_h_in`; the last stage's first rank
+        applies the head (its other ranks hold the same activations and send nothing)."""
         assert self.fused is not None
         if self.ctx.first:
             h = self.fused.embed(self.fused.decoder.tokens[first_row : first_row + rows])
         else:
             h = self._h_in[first_row : first_row + rows]
         h = self.fused.decode_rows(h, first_row, kv_len)
-        return self.fused.head(h) if self.ctx.last else h
+        return self.fused.head(h) if self.ctx.sends_logits else h
 
     def _stage_decode(self, ids: list[int]) -> torch.Tensor:
-        """This stage's part of a decode step over the fused path; on stage 0, the step's [rows, vocab] logits."""
+        """This rank's part of a decode step over the fused path; on rank 0, the step's [rows, vocab] logits."""
         try:
             return self._stage_decode_parts(ids)
         except StageFailed:
             raise
         except RuntimeError as exc:
-            raise StageFailed(f"pipeline stage {self.ctx.rank}: a link to another stage failed ({exc})") from exc
+            raise StageFailed(f"pipeline stage {self.ctx.stage}: a link to another stage failed ({exc})") from exc
 
     def _stage_decode_parts(self, ids: list[int]) -> torch.Tensor:
         ctx, fused, trace = self.ctx, self.fused, self.trace
@@ -262,7 +296,7 @@ class PipelineRunner(ModelRunner):
         sends: list[tuple[Any, torch.Tensor]] = []
         for g, (a, b, padded) in enumerate(groups):
             if not ctx.first:
-                dist.recv(self._h_in[a : a + padded], src=ctx.rank - 1, group=ctx.forward)
+                dist.recv(self._h_in[a : a + padded], src=ctx.peer(ctx.stage - 1), group=ctx.forward)
             trace.mark(f"in{g}")
             found = self._graph(a, padded, kv_len)
             if found is not None:
@@ -271,16 +305,17 @@ class PipelineRunner(ModelRunner):
             else:
                 out = self._decode_body(a, padded, kv_len)
             trace.mark(f"computed{g}")
-            if ctx.last:
+            if not ctx.last:
+                sends.append((dist.isend(out, dst=ctx.peer(ctx.stage + 1), group=ctx.forward), out))
+            elif ctx.sends_logits:
                 out = out[: b - a]
-            dst, link = (0, ctx.back) if ctx.last else (ctx.rank + 1, ctx.forward)
-            sends.append((dist.isend(out, dst=dst, group=link), out))
+                sends.append((dist.isend(out, dst=0, group=ctx.back), out))
             trace.mark(f"sent{g}")
         logits = torch.empty(0)
-        if ctx.first:
+        if ctx.leader:
             logits = torch.empty((batch, self.vocab_size), dtype=torch.float32, device=self.device)
             for g, (a, b, _) in enumerate(groups):
-                dist.recv(logits[a:b], src=ctx.world_size - 1, group=ctx.back)
+                dist.recv(logits[a:b], src=ctx.logits_rank, group=ctx.back)
                 trace.mark(f"logits{g}")
         for work, _ in sends:
             work.wait()
@@ -301,7 +336,7 @@ class PipelineRunner(ModelRunner):
         except StageFailed:
             raise
         except RuntimeError as exc:  # gloo and NCCL report a dead peer as a RuntimeError (DistBackendError)
-            raise StageFailed(f"pipeline stage {self.ctx.rank}: a link to another stage failed ({exc})") from exc
+            raise StageFailed(f"pipeline stage {self.ctx.stage}: a link to another stage failed ({exc})") from exc
 
     def _stage_forward(
         self,
@@ -323,13 +358,15 @@ class PipelineRunner(ModelRunner):
                 h = inner.embed(inner.padded_ids(tokens[a:b]))
             else:
                 h = torch.empty((b - a, max(group_q), self.hidden_size), dtype=self.dtype, device=self.device)
-                dist.recv(h, src=ctx.rank - 1, group=ctx.forward)
+                dist.recv(h, src=ctx.peer(ctx.stage - 1), group=ctx.forward)
             trace.mark(f"in{g}")
             h = inner.extend_hidden(rows, h, starts[a:b], group_q)
             trace.mark(f"computed{g}")
             if not ctx.last:
-                sends.append((dist.isend(h, dst=ctx.rank + 1, group=ctx.forward), h))
+                sends.append((dist.isend(h, dst=ctx.peer(ctx.stage + 1), group=ctx.forward), h))
                 trace.mark(f"sent{g}")
+                continue
+            if not ctx.sends_logits:
                 continue
             if not all_logits:
                 h = inner.last_tokens(h, group_q)
@@ -337,18 +374,18 @@ class PipelineRunner(ModelRunner):
             sends.append((dist.isend(logits, dst=0, group=ctx.back), logits))
             trace.mark(f"sent{g}")
         result = torch.empty(0)
-        if ctx.first:
+        if ctx.leader:
             vocab = self.vocab_size
             q_max = max(q_lens)
             shape = (len(tokens), q_max, vocab) if all_logits else (len(tokens), vocab)
             result = torch.zeros(shape, dtype=torch.float32, device=self.device)
-            for a, b in groups:
+            for g, (a, b) in enumerate(groups):
                 part = torch.empty(
                     (b - a, max(q_lens[a:b]), vocab) if all_logits else (b - a, vocab),
                     dtype=torch.float32,
                     device=self.device,
                 )
-                dist.recv(part, src=ctx.world_size - 1, group=ctx.back)
+                dist.recv(part, src=ctx.logits_rank, group=ctx.back)
                 trace.mark(f"logits{g}")
                 if all_logits:
                     result[a:b, : part.shape[1]] = part
@@ -367,8 +404,9 @@ class PipelineRunner(ModelRunner):
 def build_stage_runner(
     model: Any, ctx: PipelineContext, *, max_rows: int, max_len: int, pool_tokens: int = 0
 ) -> PipelineRunner:
-    """This stage's runner over `model` (already cut to its layers by `keep_stage`); on stage 0 the
-    other stages are told to build theirs with the same settings.
+    """This rank's runner over `model` (already cut to its stage's layers by `keep_stage`; sharded over the
+    stage's tensor-parallel group when it has one); on rank 0 the other ranks are told to build theirs with
+    the same settings.
 
     A stage runs its decode micro-batches as graphs of its own (`PipelineRunner`), not the single
     runner's decode graphs (those run rows 0..B-1 from token ids to logits in one piece, while a stage
@@ -379,13 +417,14 @@ def build_stage_runner(
     """
     ctx.lead(BUILD, max_rows=max_rows, max_len=max_len, pool_tokens=pool_tokens)
     inner = build_runner(
-        model, max_rows=max_rows, max_len=max_len, cuda_graphs=False, compile=False, pool_tokens=pool_tokens
-    )
+        model, max_rows=max_rows, max_len=max_len, cuda_graphs=False, compile=False, pool_tokens=pool_tokens,
+        parallel=ctx.tensor,
+    )  # fmt: skip
     return PipelineRunner(inner, ctx)
 
 
 def follow(ctx: PipelineContext, build: Callable[..., PipelineRunner]) -> None:
-    """On stages 1..N-1: build the runner stage 0 builds, then repeat its calls until it stops."""
+    """On ranks 1..: build the runner rank 0 builds, then repeat its calls until it stops."""
     runner: PipelineRunner | None = None
     while True:
         method, args, kwargs = broadcast(ctx, None)
@@ -401,7 +440,7 @@ def follow(ctx: PipelineContext, build: Callable[..., PipelineRunner]) -> None:
             gc.freeze()
             continue
         if runner is None:
-            raise RuntimeError(f"pipeline stage {ctx.rank} got {method!r} before the runner was built")
+            raise RuntimeError(f"pipeline rank {ctx.rank} got {method!r} before the runner was built")
         runner.trace.begin(method, _rows(args))
         with torch.inference_mode():
             getattr(runner, method)(*args, **kwargs)
@@ -416,14 +455,28 @@ def _rows(args: Sequence[Any]) -> int:
     return 0
 
 
-def init_pipeline(stages: int, microbatches: int = 0) -> PipelineContext:
-    """Join the pipeline's process group (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)."""
-    rank, cuda, control = join_process_group(stages, "--pipeline-parallel")
+def init_pipeline(stages: int, microbatches: int = 0, tensor_parallel: int = 1) -> PipelineContext:
+    """Join the pipeline's process group (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): `stages` times
+    `tensor_parallel` ranks, rank r in stage r // tensor_parallel, each stage's ranks a tensor-parallel group
+    (NCCL on GPUs, gloo on the CPU, as the activations' links)."""
+    world = stages * tensor_parallel
+    flag = f"--pipeline-parallel {stages} times --tensor-parallel {tensor_parallel} makes"
+    rank, cuda, control = join_process_group(world, flag)
     forward = dist.new_group()
     back = dist.new_group()
+    tensor = None
+    if tensor_parallel > 1:
+        # Every rank creates every group, in the same order (torch.distributed's rule); each keeps its stage's.
+        groups = [dist.new_group(list(range(s * tensor_parallel, (s + 1) * tensor_parallel))) for s in range(stages)]
+        # No control group: the pipeline repeats rank 0's calls to every rank, the stage's group only all-reduces.
+        tensor = ParallelContext(
+            rank=rank % tensor_parallel, world_size=tensor_parallel, group=groups[rank // tensor_parallel]
+        )
     ctx = PipelineContext(
-        rank=rank, world_size=stages, microbatches=microbatches or stages, control=control, forward=forward, back=back
-    )
+        stage=rank // tensor_parallel, stages=stages, microbatches=microbatches or stages,
+        tp_rank=rank % tensor_parallel, tensor_parallel=tensor_parallel, control=control, forward=forward,
+        back=back, tensor=tensor,
+    )  # fmt: skip
     _connect(ctx, torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"))
     return ctx
 
@@ -432,25 +485,28 @@ def _connect(ctx: PipelineContext, device: torch.device) -> None:
     """One small exchange over each link, so that NCCL builds its communicators now and not in a request."""
     probe = torch.zeros(1, device=device)
     if not ctx.first:
-        dist.recv(probe, src=ctx.rank - 1, group=ctx.forward)
+        dist.recv(probe, src=ctx.peer(ctx.stage - 1), group=ctx.forward)
     if not ctx.last:
-        dist.send(probe, dst=ctx.rank + 1, group=ctx.forward)
-    if ctx.last:
+        dist.send(probe, dst=ctx.peer(ctx.stage + 1), group=ctx.forward)
+    if ctx.sends_logits:
         dist.send(probe, dst=0, group=ctx.back)
-    if ctx.first:
-        dist.recv(probe, src=ctx.world_size - 1, group=ctx.back)
+    if ctx.leader:
+        dist.recv(probe, src=ctx.logits_rank, group=ctx.back)
 
 
 class StageWatch(threading.Thread):
-    """On stage 0: calls `died(reason)` once if a stage process exits before `stop()`.
+    """On rank 0: calls `died(reason)` once if another rank's process (`ranks`: 1, 2, ...) exits before `stop()`.
 
     A dead peer can leave an NCCL receive waiting for ever; this turns the death into the engine's
     failure within WATCH_SECONDS whatever the loop is doing.
     """
 
-    def __init__(self, stages: Sequence[subprocess.Popen[bytes]], died: Callable[[str], None]) -> None:
+    def __init__(
+        self, ranks: Sequence[subprocess.Popen[bytes]], died: Callable[[str], None], tensor_parallel: int = 1
+    ) -> None:
         super().__init__(name="stratus-stage-watch", daemon=True)
-        self.stages = list(stages)
+        self.ranks = list(ranks)
+        self.tensor_parallel = tensor_parallel
         self.died = died
         self._stop = threading.Event()
 
@@ -459,12 +515,13 @@ class StageWatch(threading.Thread):
 
     def run(self) -> None:
         while not self._stop.wait(WATCH_SECONDS):
-            for rank, proc in enumerate(self.stages, start=1):
+            for rank, proc in enumerate(self.ranks, start=1):
                 code = proc.poll()
                 if code is None:
                     continue
-                if self._stop.is_set():  # a clean stop: stage 0 released the stages
+                if self._stop.is_set():  # a clean stop: rank 0 released the others
                     return
                 how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-                self.died(f"pipeline stage {rank} (pid {proc.pid}) {how}")
+                stage = rank // self.tensor_parallel
+                self.died(f"pipeline stage {stage} (rank {rank}, pid {proc.pid}) {how}")
                 return

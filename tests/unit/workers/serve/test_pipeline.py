@@ -78,8 +78,7 @@ def test_stage_parts_compute_what_the_whole_model_does(fast: bool) -> None:
 
 
 def test_settings_refuse_what_pipeline_parallel_cannot_do_and_pick_the_engine_process() -> None:
-    with pytest.raises(ValueError, match="cannot both be above 1 yet; set one of them to 1"):
-        ServerSettings(model="m", tensor_parallel=2, pipeline_parallel=2).validate()
+    ServerSettings(model="m", tensor_parallel=2, pipeline_parallel=2).validate()  # stages of two ranks each
     with pytest.raises(ValueError, match="runs the engine in a process of its own"):
         ServerSettings(model="m", pipeline_parallel=2, engine="thread").validate()
     with pytest.raises(ValueError, match="pipeline_microbatches"):
@@ -90,8 +89,9 @@ def test_settings_refuse_what_pipeline_parallel_cannot_do_and_pick_the_engine_pr
 
 def test_a_stage_command_line_carries_what_a_stage_needs() -> None:
     config = ServerSettings(model="/models/x", name="x", dtype="bfloat16", device="cuda", threads=2,
-                           pipeline_parallel=3, pipeline_microbatches=4, log_level="debug", log_format="text")
+                           pipeline_parallel=3, pipeline_microbatches=4, tensor_parallel=2, log_level="debug",
+                           log_format="text")
     again = parse_config(ServerSettings, list(stage_argv(config)))
     for name in ("model", "name", "dtype", "device", "threads", "pipeline_parallel", "pipeline_microbatches",
-                 "log_level", "log_format"):
+                 "tensor_parallel", "log_level", "log_format"):
         assert getattr(again, name) == getattr(config, name), name
