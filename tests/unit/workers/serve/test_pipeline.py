@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stratus_workers.models.tiny import TINY, random_llama
-from stratus_workers.serve.pipeline import decode_groups, keep_stage, split_rows, stage_layers
+from stratus_workers.serve.pipeline import PipelineContext, decode_groups, keep_stage, split_rows, stage_layers
 from stratus_workers.serve.runner.build import build_runner
 from stratus_workers.serve.server import ServerSettings, engine_mode, stage_argv
 from stratus_workers.settings import parse_config
@@ -30,6 +30,19 @@ def test_rows_split_into_micro_batches() -> None:
     assert split_rows(4, 3) == [(0, 2), (2, 3), (3, 4)]
     assert split_rows(1, 2) == [(0, 1)]  # never an empty micro-batch
     assert split_rows(5, 0) == [(0, 5)]
+
+
+def test_ranks_of_stages_of_tensor_parallel_groups() -> None:
+    """Two stages of two ranks: rank = stage * 2 + tp_rank; activations go to the same place in the next
+    stage's group; the last stage's first rank (rank 2) sends the logits to rank 0, which alone leads."""
+    ranks = [PipelineContext(stage=r // 2, stages=2, microbatches=2, tp_rank=r % 2, tensor_parallel=2)
+             for r in range(4)]
+    assert [c.rank for c in ranks] == [0, 1, 2, 3] and all(c.world_size == 4 for c in ranks)
+    assert [c.peer(1) for c in ranks[:2]] == [2, 3] and [c.peer(0) for c in ranks[2:]] == [0, 1]
+    assert [c.sends_logits for c in ranks] == [False, False, True, False]
+    assert {c.logits_rank for c in ranks} == {2}
+    assert [c.leader for c in ranks] == [True, False, False, False]
+    assert [c.first for c in ranks] == [True, True, False, False]
 
 
 def test_decode_micro_batches_are_bucket_sized_and_padded_within_the_cache() -> None:
