@@ -33,6 +33,10 @@ LAYOUTS: dict[str, tuple[str, list[str], int, dict[str, str]]] = {
     "single": ("one device", [], 1, {}),
     "tp2": ("tensor parallel 2", ["--tensor-parallel", "2"], 2, {}),
     "pp2": ("pipeline parallel 2", ["--pipeline-parallel", "2"], 2, {}),
+    # A step's rows as one micro-batch: no overlap of the stages within a step, but each stage reads its
+    # weights once a step instead of once per micro-batch (which is what a memory-bound decode step costs).
+    "pp2-m1": ("pipeline parallel 2, one micro-batch", ["--pipeline-parallel", "2", "--pipeline-microbatches", "1"], 2,
+               {}),
     # Stages without their decode graphs: each micro-batch's layers launched kernel by kernel.
     "pp2-eager": ("pipeline parallel 2, no CUDA graphs", ["--pipeline-parallel", "2"], 2, {"STRATUS_CUDA_GRAPHS": "0"}),
     # One device without decode graphs (nor decoding ahead): what pipeline stages run like, on one device.
@@ -122,6 +126,17 @@ def render(run: dict[str, Any]) -> tuple[str, str]:
                 "—" if r is None else f"{r['tokens_per_s']:,.0f} ({r['ttft_p50_ms']:.1f} / {r['itl_p50_ms']:.2f})"
             )
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    if "single" in layouts and len(layouts) > 1:
+        lines += ["", "Tokens/s relative to one device:", ""]
+        for name in layouts:
+            if name == "single":
+                continue
+            ratios = []
+            for c in concurrencies:
+                r, base = by.get((name, c)), by.get(("single", c))
+                if r is not None and base is not None and base["tokens_per_s"]:
+                    ratios.append(f"{c} stream{'' if c == 1 else 's'} {r['tokens_per_s'] / base['tokens_per_s']:.2f}x")
+            lines.append(f"- {LAYOUTS[name][0]}: " + ", ".join(ratios))
     return kind, "\n".join(lines) + "\n"
 
 
