@@ -37,7 +37,10 @@ LAYOUTS: dict[str, tuple[str, list[str], int, dict[str, str]]] = {
     # weights once a step instead of once per micro-batch (which is what a memory-bound decode step costs).
     "pp2-m1": ("pipeline parallel 2, one micro-batch", ["--pipeline-parallel", "2", "--pipeline-microbatches", "1"], 2,
                {}),
-    # Stages without their decode graphs: each micro-batch's layers launched kernel by kernel.
+    # Stages with their decode graphs but without decoding ahead: each step waits for rank 0's sampling.
+    "pp2-noahead": ("pipeline parallel 2, no decoding ahead", ["--pipeline-parallel", "2"], 2,
+                    {"STRATUS_DECODE_AHEAD": "0"}),
+    # Stages without their decode graphs (nor decoding ahead): each micro-batch's layers launched kernel by kernel.
     "pp2-eager": ("pipeline parallel 2, no CUDA graphs", ["--pipeline-parallel", "2"], 2, {"STRATUS_CUDA_GRAPHS": "0"}),
     # One device without decode graphs (nor decoding ahead): what pipeline stages run like, on one device.
     "single-eager": ("one device, no CUDA graphs", [], 1, {"STRATUS_CUDA_GRAPHS": "0"}),

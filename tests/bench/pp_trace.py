@@ -94,6 +94,9 @@ def summarise(stages: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
             "host_ms": {w: {k: _stats(v) for k, v in segs.items()} for w, segs in host.items()},
             "gpu_ms": {w: {k: _stats(v) for k, v in segs.items()} for w, segs in gpu.items()},
         }
+    decodes = [r for r in lead if r["m"] == "decode"]
+    result["ahead_hits"] = sum(1 for r in decodes if r.get("hit"))
+    result["decodes"] = len(decodes)
     methods: dict[str, int] = defaultdict(int)
     for r in lead:
         methods[r["m"]] += 1
@@ -109,7 +112,8 @@ def report(summary: dict[str, Any]) -> str:
     lines.append(
         f"decode steps {iv['n']}: interval p50 {iv['p50']:.2f} ms, mean {iv['mean']:.2f}, p90 {iv['p90']:.2f}, "
         f"max {iv['max']:.1f}; slow (>2x p50 of their batch size) {summary['slow_steps']} steps, "
-        f"{100 * summary['slow_share_of_time']:.0f}% of the time; calls {summary['calls']}"
+        f"{100 * summary['slow_share_of_time']:.0f}% of the time; calls {summary['calls']}; "
+        f"decode steps taken from those queued ahead {summary['ahead_hits']} of {summary['decodes']}"
     )
     for rows, st in summary["by_rows"].items():
         lines.append(f"  rows {rows}: n {st['n']} p50 {st['p50']:.2f} mean {st['mean']:.2f} max {st['max']:.1f}")

@@ -42,10 +42,10 @@ import torch.distributed as dist
 from stratus_workers.runtimes import RUNTIME_TORCH
 from stratus_workers.serve.errors import EngineFailed
 from stratus_workers.serve.parallel import BUILD, STOP, ParallelContext, join_process_group
-from stratus_workers.serve.runner import Decoded, ModelRunner, UnsupportedModelError, decoded, env_flag
+from stratus_workers.serve.runner import Decoded, ModelRunner, UnsupportedModelError, env_flag
 from stratus_workers.serve.runner.build import build_runner
 from stratus_workers.serve.runner.fused import FusedRunner
-from stratus_workers.serve.runner.graphs import BATCH_BUCKETS, MIN_KV_BUCKET, GraphCache
+from stratus_workers.serve.runner.graphs import AHEAD_PAUSE_STEPS, BATCH_BUCKETS, MIN_KV_BUCKET, GraphCache
 from stratus_workers.serve.stagetrace import StageTrace
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,17 @@ def keep_stage(model: Any, rank: int, stages: int) -> range:
     return layers
 
 
+@dataclass
+class _QueuedStep:
+    """A decode step this rank has queued: its rows, the cache version it assumed, and on rank 0 the buffer its
+    logits arrive in and the receives that fill it."""
+
+    batch: int
+    version: int
+    logits: torch.Tensor
+    recvs: list[Any]
+
+
 class PipelineRunner(ModelRunner):
     """One stage's runner (`inner`, over its share of the layers) and its place in the pipeline.
 
@@ -196,6 +207,21 @@ class PipelineRunner(ModelRunner):
             want = env_flag("STRATUS_CUDA_GRAPHS", True) if cuda_graphs is None else cuda_graphs
             if want and self.device.type == "cuda":
                 self.graphs = GraphCache(self.device, self.fused.degrade)
+        # Decoding ahead (rank 0 sees the argmax on its device; within a stage's tensor-parallel group the
+        # other first-stage ranks would not): on with the graphs; STRATUS_DECODE_AHEAD=0 or 1 overrides.
+        self.decode_ahead = (
+            self.fused is not None
+            and ctx.tensor_parallel == 1
+            and env_flag("STRATUS_DECODE_AHEAD", self.graphs is not None)
+        )
+        self.ahead_hits = 0
+        self._ahead: _QueuedStep | None = None
+        self._ahead_pause = 0
+        self._expected: list[int] = []
+        pinned = self.device.type == "cuda"
+        self._slot = 0
+        self._argmax_host = torch.zeros((2, self.max_rows), dtype=torch.long, pin_memory=pinned)
+        self._logprob_host = torch.zeros((2, self.max_rows), dtype=torch.float32, pin_memory=pinned)
 
     def _lead(self, method: str, *args: Any, **kwargs: Any) -> None:
         if self.ctx.leader:  # the other ranks begin a call's record in follow(), as it arrives
@@ -249,19 +275,79 @@ class PipelineRunner(ModelRunner):
             self.graphs = None
             return None
 
+    @torch.inference_mode()
+    def decode(self, ids: Sequence[int], *, logprobs: bool = False, hit: bool = False, ahead: bool = False) -> Decoded:
+        """ModelRunner.decode, plus on the fused path the step-ahead flags, which rank 0 decides and sends with
+        the call (the other ranks obey them): `hit`, this step is the one queued ahead at the last call (same
+        rows, and the tokens it guessed); `ahead`, queue the next step now, on this step's argmax."""
+        if self.fused is None:
+            return super().decode(ids, logprobs=logprobs)
+        batch = len(ids)
+        if not 0 < batch <= self.max_rows:
+            raise ValueError(f"a decode step of {batch} rows does not fit this runner's {self.max_rows}")
+        self.cache.grow(max(self.cache.lengths[:batch]) + 1)
+        if self.ctx.leader:
+            hit, ahead = self._plan_ahead(list(ids))
+        self._lead("decode", list(ids), logprobs=logprobs, hit=hit, ahead=ahead)
+        self.passes += 1
+        self.positions += batch
+        try:
+            return self._fused_decode(list(ids), logprobs, hit, ahead)
+        except RuntimeError as exc:  # gloo and NCCL report a dead peer as a RuntimeError (DistBackendError)
+            raise StageFailed(f"pipeline stage {self.ctx.stage}: a link to another stage failed ({exc})") from exc
+
     def _decode(self, ids: list[int], logprobs: bool) -> Decoded:
-        if self.fused is not None:
-            logits = self._stage_decode(ids)
-            if not self.ctx.leader:
-                return Decoded(torch.empty(0), [], None)
-            out = decoded(logits, logprobs)
-        elif self.ctx.leader:
+        """The module path's decode step (the fused path's is `decode`): a forward of one token a row."""
+        if self.ctx.leader:
             out = super()._decode(ids, logprobs)
+            self.trace.mark("sampled", device=False)
+            return out
+        self._forward(0, [[t] for t in ids], self.cache.lengths[: len(ids)], [1] * len(ids), False)
+        return Decoded(torch.empty(0), [], None)
+
+    def _plan_ahead(self, ids: list[int]) -> tuple[bool, bool]:
+        """On rank 0: whether the step queued ahead is this one, and whether to queue the next."""
+        step = self._ahead
+        current = step is not None and step.batch == len(ids) and step.version == self.cache.version
+        hit = current and ids == self._expected
+        if current and not hit:
+            self._ahead_pause = AHEAD_PAUSE_STEPS  # sampled tokens are not the argmax: stop guessing a while
+        ahead = self.decode_ahead and not self._ahead_pause
+        if self._ahead_pause:
+            self._ahead_pause -= 1
+        return hit, ahead
+
+    def _fused_decode(self, ids: list[int], logprobs: bool, hit: bool, ahead: bool) -> Decoded:
+        ctx, batch = self.ctx, len(ids)
+        queued, self._ahead = self._ahead, None
+        self.trace.set("hit", hit)
+        if hit:
+            assert queued is not None, "rank 0 took a step ahead that this rank did not queue"
+            step = queued
+            self.ahead_hits += 1
         else:
-            self._forward(0, [[t] for t in ids], self.cache.lengths[: len(ids)], [1] * len(ids), False)
+            if queued is not None:
+                for work in queued.recvs:  # a guess not taken: its logits arrive all the same
+                    work.wait()
+            if ctx.first:
+                assert self.fused is not None
+                self.fused.decoder.load_tokens(ids)
+            step = self._launch(batch)
+        self.cache.advance(batch)
+        done = self._collect(step, logprobs) if ctx.leader else None
+        if ahead:
+            # The next step, on this one's argmax (left in the token buffer by `_collect`); it writes keys only
+            # past each row's length, so whatever rank 0 is asked next, the guess changes nothing it reads.
+            self.cache.watched = batch
+            self._ahead = self._launch(batch, "ahead_")
+        if not ctx.leader:
             return Decoded(torch.empty(0), [], None)
+        if done is not None:
+            done.synchronize()  # this step's results only: the step queued ahead runs on
+        self._expected = self._argmax_host[self._slot, :batch].tolist()
+        picked = self._logprob_host[self._slot, :batch].tolist() if logprobs else None
         self.trace.mark("sampled", device=False)
-        return out
+        return Decoded(step.logits, list(self._expected), picked)
 
     def _decode_body(self, first_row: int, rows: int, kv_len: int) -> torch.Tensor:
         """A decode micro-batch of `rows` rows from `first_row` on this stage, from device buffers only (what a
@@ -275,53 +361,60 @@ class PipelineRunner(ModelRunner):
         h = self.fused.decode_rows(h, first_row, kv_len)
         return self.fused.head(h) if self.ctx.sends_logits else h
 
-    def _stage_decode(self, ids: list[int]) -> torch.Tensor:
-        """This rank's part of a decode step over the fused path; on rank 0, the step's [rows, vocab] logits."""
-        try:
-            return self._stage_decode_parts(ids)
-        except StageFailed:
-            raise
-        except RuntimeError as exc:
-            raise StageFailed(f"pipeline stage {self.ctx.stage}: a link to another stage failed ({exc})") from exc
-
-    def _stage_decode_parts(self, ids: list[int]) -> torch.Tensor:
-        ctx, fused, trace = self.ctx, self.fused, self.trace
+    def _launch(self, batch: int, tag: str = "") -> _QueuedStep:
+        """Queue this rank's part of a decode step of rows 0..batch-1 (stage 0: from the token buffer); rank 0
+        also posts the receives of its logits."""
+        ctx, trace, fused = self.ctx, self.trace, self.fused
         assert fused is not None
-        batch = len(ids)
         groups = decode_groups(batch, ctx.microbatches, self.max_rows)
-        trace.set("groups", [b - a for a, b, _ in groups])
+        trace.set(f"{tag}groups", [b - a for a, b, _ in groups])
         kv_len = fused.decoder.buckets(1, max(self.cache.lengths[:batch]) + 1)[1]
-        if ctx.first:
-            fused.decoder.load_tokens(ids)
-        sends: list[tuple[Any, torch.Tensor]] = []
+        sends: list[Any] = []
         for g, (a, b, padded) in enumerate(groups):
             if not ctx.first:
                 dist.recv(self._h_in[a : a + padded], src=ctx.peer(ctx.stage - 1), group=ctx.forward)
-            trace.mark(f"in{g}")
+            trace.mark(f"{tag}in{g}")
             found = self._graph(a, padded, kv_len)
             if found is not None:
                 found[0].replay()
                 out = found[1]
             else:
                 out = self._decode_body(a, padded, kv_len)
-            trace.mark(f"computed{g}")
+            trace.mark(f"{tag}computed{g}")
             if not ctx.last:
-                sends.append((dist.isend(out, dst=ctx.peer(ctx.stage + 1), group=ctx.forward), out))
+                sends.append(dist.isend(out, dst=ctx.peer(ctx.stage + 1), group=ctx.forward))
             elif ctx.sends_logits:
-                out = out[: b - a]
-                sends.append((dist.isend(out, dst=0, group=ctx.back), out))
-            trace.mark(f"sent{g}")
-        logits = torch.empty(0)
+                sends.append(dist.isend(out[: b - a], dst=0, group=ctx.back))
+            trace.mark(f"{tag}sent{g}")
+        logits, recvs = torch.empty(0), []
         if ctx.leader:
             logits = torch.empty((batch, self.vocab_size), dtype=torch.float32, device=self.device)
-            for g, (a, b, _) in enumerate(groups):
-                dist.recv(logits[a:b], src=ctx.logits_rank, group=ctx.back)
-                trace.mark(f"logits{g}")
-        for work, _ in sends:
+            recvs = [dist.irecv(logits[a:b], src=ctx.logits_rank, group=ctx.back) for a, b, _ in groups]
+        for work in sends:  # a graph's output is rewritten by its next replay: not before it is sent
             work.wait()
-        self.cache.advance(batch)
-        trace.mark("waited")
-        return logits
+        trace.mark(f"{tag}waited")
+        return _QueuedStep(batch=batch, version=self.cache.version, logits=logits, recvs=recvs)
+
+    def _collect(self, step: _QueuedStep, logprobs: bool) -> torch.cuda.Event | None:
+        """On rank 0: once `step`'s logits are in (on the device's stream), its argmax into the token buffer (the
+        next step's input, if queued ahead) and, with its log-probabilities, into host buffers; the event that
+        says when they are there (None on the CPU, where the copies are done on return)."""
+        assert self.fused is not None
+        for work in step.recvs:
+            work.wait()
+        batch, logits = step.batch, step.logits
+        best = logits.argmax(dim=-1)
+        self.fused.decoder.tokens[:batch].copy_(best)
+        self._slot ^= 1  # two host buffers: a step queued ahead must not overwrite one not yet read
+        self._argmax_host[self._slot, :batch].copy_(best, non_blocking=True)
+        if logprobs:
+            picked = logits.gather(1, best[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+            self._logprob_host[self._slot, :batch].copy_(picked, non_blocking=True)
+        if self.device.type != "cuda":
+            return None
+        done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        done.record()
+        return done
 
     def _forward(
         self,

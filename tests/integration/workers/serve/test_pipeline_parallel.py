@@ -53,16 +53,21 @@ async def answers(address: str) -> tuple[list[str], list[str], str, list[float]]
     return alone, [r.text for r in together], streamed, scored
 
 
-@pytest.mark.parametrize(("microbatches", "fast"), [(0, False), (3, False), (0, True), (3, True)])
+@pytest.mark.parametrize(
+    ("microbatches", "fast", "ahead"), [(0, False, False), (3, False, False), (0, True, False), (3, True, True)]
+)
 async def test_two_stages_answer_like_one_process(
-    model_server: Any, monkeypatch: pytest.MonkeyPatch, microbatches: int, fast: bool
+    model_server: Any, monkeypatch: pytest.MonkeyPatch, microbatches: int, fast: bool, ahead: bool
 ) -> None:
     """Greedy answers of a two-stage pipeline equal the single process's, alone and batched (the batch of
     four rows runs as two micro-batches by default, as three of sizes 2, 1, 1 with `microbatches=3`). On
     the fused path, as CUDA runs it, a decode step goes through the stages' per-micro-batch decode step
-    (micro-batches of bucket sizes, pipeline.decode_groups)."""
+    (micro-batches of bucket sizes, pipeline.decode_groups), and with decoding ahead each step is queued on
+    every stage before rank 0 samples the last one (taken when greedy, dropped when the rows change)."""
     if fast:  # the fused path, as CUDA runs it (and its per-micro-batch decode step), on the CPU
         monkeypatch.setenv("STRATUS_FAST_PATH", "1")
+    if ahead:  # and each step queued ahead on the last one's argmax, as with CUDA graphs
+        monkeypatch.setenv("STRATUS_DECODE_AHEAD", "1")
     async with model_server(max_batch_size=4) as single:
         expected = await answers(single.address)
     async with model_server(
