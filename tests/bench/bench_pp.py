@@ -96,7 +96,11 @@ async def run_layout(
     finally:
         if proc.returncode is None:
             proc.terminate()
-        code = await asyncio.wait_for(proc.wait(), 120)
+        try:
+            code = await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:  # a server that does not stop (a hung layout) is killed; its ranks die with it
+            proc.kill()
+            code = await proc.wait()
         log(f"  {label}: exit {code}")
     return rows
 
@@ -157,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per server process (0: torch's)")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the bundled SmolLM2 tokenizer)")
     parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds a server may take to come up")
+    parser.add_argument("--layout-timeout", type=float, default=None, help="seconds a layout may take in all")
     parser.add_argument("--json", type=Path, help="also dump the raw rows here")
     parser.add_argument("--trace", type=Path, help="trace pipeline stages into TRACE/<layout> (STRATUS_PP_TRACE)")
     parser.add_argument("--from-json", type=Path, help="render and write an earlier --json dump instead")
@@ -212,9 +217,11 @@ def main(argv: list[str] | None = None) -> int:
                             client_procs=args.client_procs)  # fmt: skip
             for layout in args.layouts:
                 try:
-                    rows += asyncio.run(run_layout(layout, tmp, prompts, pool, args, log))
-                except RuntimeError as exc:  # the other layouts still run; the table shows this one as missing
-                    log(f"  {layout}: skipped ({exc})")
+                    rows += asyncio.run(
+                        asyncio.wait_for(run_layout(layout, tmp, prompts, pool, args, log), args.layout_timeout)
+                    )
+                except (RuntimeError, TimeoutError) as exc:  # the other layouts still run; this one is missing
+                    log(f"  {layout}: skipped ({type(exc).__name__}: {exc})")
                 run = dict(meta=machine(torch.device("cuda" if cuda else "cpu")), settings=settings, rows=rows)
                 if args.json:  # after each layout: a run cut short keeps what it measured
                     args.json.parent.mkdir(parents=True, exist_ok=True)

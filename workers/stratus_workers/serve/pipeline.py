@@ -12,13 +12,14 @@ In a forward pass only stage 0 embeds; each stage runs its layers and sends the 
 (rank to rank of the same place in the stage's group: NCCL between GPUs, gloo on the CPU); the last
 stage's first rank applies the final norm and LM head and sends the logits back to rank 0, which samples.
 
-Micro-batches: a forward over B rows is split into `microbatches` contiguous groups of rows (default:
-as many as there are stages). Stage 0 computes group 1 while stage 1 computes group 0, and so on, so
-within a step the stages overlap instead of waiting on each other; a step then takes about
-(M + N - 1) / M group-times of one stage instead of N. More groups shrink that bubble but make each
-group's matrix products smaller and add a send per group; N groups is the smallest count that keeps
-every stage busy once the pipeline fills. What is not overlapped: the next step's first group needs
-this step's sampled tokens, so the pipeline drains once per step (docs/serving.md).
+Micro-batches: a forward (a prefill) over B rows is split into `microbatches` contiguous groups of rows
+(default: as many as there are stages). Stage 0 computes group 1 while stage 1 computes group 0, and so
+on, so within a forward the stages overlap instead of waiting on each other; it then takes about
+(M + N - 1) / M group-times of one stage instead of N. A decode step runs as one micro-batch by default:
+its matrix products are bound by reading the weights, so a micro-batch of half the rows costs a stage
+about what all of them do, and splitting would add reads, not overlap (measured: docs/benchmarks.md).
+Across decode steps, rank 0 queues each step on every stage before it samples the last one (decoding
+ahead, on the argmax: taken when the caller's tokens are those), so the stages do not wait for the host.
 
 A stage that dies fails the engine: rank 0 watches the other ranks' processes (`StageWatch`), and a failed
 send or receive raises `StageFailed`, which the engine core does not catch, so the engine process
@@ -64,7 +65,7 @@ class PipelineContext:
 
     stage: int
     stages: int
-    microbatches: int
+    microbatches: int  # 0: one per stage for a forward (prefill), one for a decode step
     tp_rank: int = 0
     tensor_parallel: int = 1
     control: Any = None  # gloo group of every rank: rank 0's repeated runner calls (small pickled messages)
@@ -75,6 +76,14 @@ class PipelineContext:
     @property
     def rank(self) -> int:
         return self.stage * self.tensor_parallel + self.tp_rank
+
+    @property
+    def forward_microbatches(self) -> int:
+        return self.microbatches or self.stages
+
+    @property
+    def decode_microbatches(self) -> int:
+        return self.microbatches or 1
 
     @property
     def world_size(self) -> int:
@@ -229,7 +238,7 @@ class PipelineRunner(ModelRunner):
         try:
             self.ctx.lead(method, *args, **kwargs)
         except RuntimeError as exc:  # any call, not only a forward, finds a dead stage first
-            raise StageFailed(f"pipeline rank 0 lost the other ranks ({exc})") from exc
+            raise StageFailed(f"pipeline stage 0 lost the other stages ({exc})") from exc
 
     # This stage's own parts (its layers only; the embedding and head are used on the first and last).
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -256,7 +265,8 @@ class PipelineRunner(ModelRunner):
                 break
             kv = min(2 * max(kv, MIN_KV_BUCKET), limit)
         sizes = batch_sizes or range(1, self.max_rows + 1)
-        keys = {(a, padded) for n in sizes for a, _, padded in decode_groups(n, self.ctx.microbatches, self.max_rows)}
+        split = self.ctx.decode_microbatches
+        keys = {(a, padded) for n in sizes for a, _, padded in decode_groups(n, split, self.max_rows)}
         for kv_len in sorted(kv_lens):
             for a, padded in sorted(keys):
                 self._graph(a, padded, kv_len)
@@ -366,7 +376,7 @@ class PipelineRunner(ModelRunner):
         also posts the receives of its logits."""
         ctx, trace, fused = self.ctx, self.trace, self.fused
         assert fused is not None
-        groups = decode_groups(batch, ctx.microbatches, self.max_rows)
+        groups = decode_groups(batch, ctx.decode_microbatches, self.max_rows)
         trace.set(f"{tag}groups", [b - a for a, b, _ in groups])
         kv_len = fused.decoder.buckets(1, max(self.cache.lengths[:batch]) + 1)[1]
         sends: list[Any] = []
@@ -440,7 +450,7 @@ class PipelineRunner(ModelRunner):
         all_logits: bool,
     ) -> torch.Tensor:
         ctx, inner, trace = self.ctx, self.inner, self.trace
-        groups = split_rows(len(tokens), ctx.microbatches)
+        groups = split_rows(len(tokens), ctx.forward_microbatches)
         trace.set("groups", [b - a for a, b in groups])
         trace.set("q", max(q_lens))
         sends: list[tuple[Any, torch.Tensor]] = []  # a send's buffer must live until it completes
@@ -503,15 +513,14 @@ def build_stage_runner(
 
     A stage runs its decode micro-batches as graphs of its own (`PipelineRunner`), not the single
     runner's decode graphs (those run rows 0..B-1 from token ids to logits in one piece, while a stage
-    runs part of the layers over one micro-batch of rows, between a receive and a send). No decoding
-    ahead (the next step's tokens come back from the last stage), and no torch.compile (a compile per
-    stage lengthens the start; on the GPU run, on or off made no measurable difference to eager stages:
-    docs/benchmarks.md). Prefill and extension run eagerly, one micro-batch at a time.
+    runs part of the layers over one micro-batch of rows, between a receive and a send), with the
+    runner's compiled step functions inside them on CUDA, as the single runner has (without a graph
+    around them, compiling made no measurable difference; inside one it halves the kernels). Prefill and
+    extension run without graphs, one micro-batch at a time.
     """
     ctx.lead(BUILD, max_rows=max_rows, max_len=max_len, pool_tokens=pool_tokens)
     inner = build_runner(
-        model, max_rows=max_rows, max_len=max_len, cuda_graphs=False, compile=False, pool_tokens=pool_tokens,
-        parallel=ctx.tensor,
+        model, max_rows=max_rows, max_len=max_len, cuda_graphs=False, pool_tokens=pool_tokens, parallel=ctx.tensor,
     )  # fmt: skip
     return PipelineRunner(inner, ctx)
 
@@ -566,7 +575,7 @@ def init_pipeline(stages: int, microbatches: int = 0, tensor_parallel: int = 1) 
             rank=rank % tensor_parallel, world_size=tensor_parallel, group=groups[rank // tensor_parallel]
         )
     ctx = PipelineContext(
-        stage=rank // tensor_parallel, stages=stages, microbatches=microbatches or stages,
+        stage=rank // tensor_parallel, stages=stages, microbatches=microbatches,
         tp_rank=rank % tensor_parallel, tensor_parallel=tensor_parallel, control=control, forward=forward,
         back=back, tensor=tensor,
     )  # fmt: skip

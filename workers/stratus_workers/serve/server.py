@@ -116,7 +116,10 @@ class ServerSettings:
     )
     pipeline_microbatches: int = field(
         default=0,
-        metadata={"help": "Micro-batches a step's rows are split into under pipeline parallel (0: one per stage)."},
+        metadata={
+            "help": "Micro-batches a step's rows are split into under pipeline parallel (0: one per stage for a "
+            "prefill, one for a decode step)."
+        },
     )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error."})
     log_format: str = field(default="json", metadata={"help": "json or text.", "choices": ["json", "text"]})

@@ -451,23 +451,25 @@ class FusedRunner(ModelRunner):
         lengths = self.cache.lengths_dev
         assert lengths is not None  # the fused path's cache keeps its lengths on the device
         batch = h.shape[0]
-        pos = lengths[first_row : first_row + batch]
-        rows = self._rows_dev[:batch]  # within the views below, which start at first_row
+        pos, rows, local = lengths[:batch], self._rows_dev[:batch], self._rows_dev[:batch]
+        if first_row:
+            # Tensors of their own, not views at an offset: the compiled step functions see the same kinds of
+            # inputs whichever rows they run (cache rows by absolute index; attention reads a view from first_row).
+            pos, rows = lengths[first_row : first_row + batch].clone(), local + first_row
         cos, sin = self._cos[pos], self._sin[pos]
         # Row b sees keys 0..pos[b] (its cache plus the key written this step).
         bias = None if self.triton_attention else torch.where(self._kv_ar[:kv_len][None, :] <= pos[:, None], 0.0, -1e30)
         delta = torch.zeros_like(h)
         for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
-            if first_row:
-                k_cache, v_cache = k_cache[first_row:], v_cache[first_row:]
+            k_rows, v_rows = (k_cache[first_row:], v_cache[first_row:]) if first_row else (k_cache, v_cache)
             if self.triton_attention:
                 h, q = self._store_fn(
                     h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_cache, v_cache, rows, pos
                 )
-                out = F.linear(kernels.decode_attention(q, k_cache, v_cache, pos, self.scale), lw.o)
+                out = F.linear(kernels.decode_attention(q, k_rows, v_rows, pos, self.scale), lw.o)
             else:
                 h, out = self._attn_fn(
-                    h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_cache, v_cache, rows, pos, bias,
+                    h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_rows, v_rows, local, pos, bias,
                     lw.o,
                 )
             h, delta = self._mlp_fn(
