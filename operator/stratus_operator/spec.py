@@ -200,7 +200,9 @@ class CloudTier(SpecModel):
          "tensorParallel cannot exceed gpusPerPod"),
         ("self.gpusPerPod == 0 || self.pipelineParallel <= self.gpusPerPod",
          "pipelineParallel cannot exceed gpusPerPod"),
-        ("self.gpusPerPod == 0 || self.tensorParallel * self.pipelineParallel <= self.gpusPerPod",
+        # Only when both exceed 1: either alone is the rule above, with its own message.
+        ("self.gpusPerPod == 0 || self.tensorParallel == 1 || self.pipelineParallel == 1 "
+         "|| self.tensorParallel * self.pipelineParallel <= self.gpusPerPod",
          "tensorParallel times pipelineParallel cannot exceed gpusPerPod (each stage is a tensor-parallel group, "
          "one GPU a rank)"),
     ))

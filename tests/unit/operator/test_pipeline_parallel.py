@@ -90,7 +90,8 @@ def test_the_crd_carries_the_same_rules() -> None:
     tier = schema["properties"]["spec"]["properties"]["cloud"]
     assert tier["properties"]["pipelineParallel"]["minimum"] == 1
     rules = {r["rule"] for r in tier["x-kubernetes-validations"]}
-    assert "self.gpusPerPod == 0 || self.tensorParallel * self.pipelineParallel <= self.gpusPerPod" in rules
+    assert ("self.gpusPerPod == 0 || self.tensorParallel == 1 || self.pipelineParallel == 1 "
+            "|| self.tensorParallel * self.pipelineParallel <= self.gpusPerPod") in rules
     assert "self.gpusPerPod == 0 || self.pipelineParallel <= self.gpusPerPod" in rules
     status = schema["properties"]["status"]["properties"]["cloud"]["properties"]
     assert "topology" in status
