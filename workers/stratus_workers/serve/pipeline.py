@@ -197,7 +197,8 @@ class PipelineRunner(ModelRunner):
     through the fused decode step's layers (`decode_rows`), as a CUDA graph per (first row, rows, key
     length) on CUDA: a stage's host then only replays graphs and posts sends and receives, so it queues
     the whole step at once and the device never waits on the host. The receives land in a static
-    buffer (`_h_in`) that the graphs read; the sends are of the graphs' outputs.
+    buffer (`_h_in`) that the graphs read; the sends are of the graphs' outputs. Rank 0 also queues each
+    next step ahead, on every rank, before it samples (`decode`'s `hit` and `ahead` flags).
     """
 
     def __init__(self, inner: ModelRunner, ctx: PipelineContext, *, cuda_graphs: bool | None = None) -> None:
