@@ -110,7 +110,12 @@ class KVCache:
         end = first_row + len(lengths)
         self.lengths[first_row:end] = lengths
         if self.lengths_dev is not None:
-            self.lengths_dev[first_row:end] = torch.tensor(lengths, dtype=torch.long).to(self.device, non_blocking=True)
+            host = torch.tensor(lengths, dtype=torch.long)
+            if self.device.type == "cuda":
+                # From pageable memory the copy would make the host wait for the whole stream first (and a
+                # pipeline stage wait for the activations it receives); pinned memory does not.
+                host = host.pin_memory()
+            self.lengths_dev[first_row:end] = host.to(self.device, non_blocking=True)
         self._changed(first_row)
 
     def advance(self, batch: int) -> None:
