@@ -111,7 +111,9 @@ class KVCache:
         self.lengths[first_row:end] = lengths
         if self.lengths_dev is not None:
             host = torch.tensor(lengths, dtype=torch.long)
-            if self.device.type == "cuda":  # a copy from pageable memory would make the host wait for the stream
+            if self.device.type == "cuda":
+                # From pageable memory the copy would make the host wait for the whole stream first (and a
+                # pipeline stage wait for the activations it receives); pinned memory does not.
                 host = host.pin_memory()
             self.lengths_dev[first_row:end] = host.to(self.device, non_blocking=True)
         self._changed(first_row)

@@ -570,24 +570,40 @@ class FusedRunner(ModelRunner):
         Feeds `tokens[:batch]` at each row's length and leaves the step's argmax in `tokens[:batch]`
         (the next step's input, if the caller is greedy) and its log-probability in `greedy_logprobs`.
         """
+        h = self.decode_rows(F.embedding(tokens[:batch], self._embed), 0, kv_len)
+        logits = self.head(h)
+        best = logits.argmax(dim=-1)
+        tokens[:batch].copy_(best)
+        # The greedy choice's log-probability, so a caller asking for it need not wait on the logits.
+        self.greedy_logprobs[:batch].copy_(logits.gather(1, best[:, None])[:, 0] - torch.logsumexp(logits, dim=-1))
+        return logits
+
+    def decode_rows(self, h: torch.Tensor, first_row: int, kv_len: int) -> torch.Tensor:
+        """This runner's decoder layers over one new token of rows first_row.. (h [B, hidden], each row at its
+        length in `cache.lengths_dev`), reading only device buffers; the residual out. The decode step runs
+        it over rows 0..B-1, a pipeline stage over each micro-batch of rows (serve/pipeline.py)."""
         lengths = self.cache.lengths_dev
         assert lengths is not None  # the fused path's cache keeps its lengths on the device
-        pos = lengths[:batch]
-        rows = self._rows_dev[:batch]
-        h = F.embedding(tokens[:batch], self._embed)
+        batch = h.shape[0]
+        pos, rows, local = lengths[:batch], self._rows_dev[:batch], self._rows_dev[:batch]
+        if first_row:
+            # Tensors of their own, not views at an offset: the compiled step functions see the same kinds of
+            # inputs whichever rows they run (cache rows by absolute index; attention reads a view from first_row).
+            pos, rows = lengths[first_row : first_row + batch].clone(), local + first_row
         cos, sin = self._cos[pos], self._sin[pos]
         # Row b sees keys 0..pos[b] (its cache plus the key written this step).
         bias = None if self.triton_attention else torch.where(self._kv_ar[:kv_len][None, :] <= pos[:, None], 0.0, -1e30)
         delta = torch.zeros_like(h)
         for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
+            k_rows, v_rows = (k_cache[first_row:], v_cache[first_row:]) if first_row else (k_cache, v_cache)
             if self.triton_attention:
                 h, q = self._store_fn(
                     h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_cache, v_cache, rows, pos
                 )
-                out = F.linear(kernels.decode_attention(q, k_cache, v_cache, pos, self.scale), lw.o)
+                out = F.linear(kernels.decode_attention(q, k_rows, v_rows, pos, self.scale), lw.o)
             else:
                 h, out = self._attn_fn(
-                    h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_cache, v_cache, rows, pos, bias,
+                    h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_rows, v_rows, local, pos, bias,
                     lw.o,
                 )
             h, delta = self._mlp_fn(
@@ -596,13 +612,7 @@ class FusedRunner(ModelRunner):
             delta = self._all_reduce(delta)
             if lw.down_bias is not None:
                 delta = delta + lw.down_bias
-        h = h + delta
-        logits = F.linear(_rms_norm(h, self._final_norm, self._final_eps), self._lm_head).float()
-        best = logits.argmax(dim=-1)
-        tokens[:batch].copy_(best)
-        # The greedy choice's log-probability, so a caller asking for it need not wait on the logits.
-        self.greedy_logprobs[:batch].copy_(logits.gather(1, best[:, None])[:, 0] - torch.logsumexp(logits, dim=-1))
-        return logits
+        return h + delta
 
     def _warmup(self, max_kv_len: int | None, batch_sizes: Sequence[int] | None) -> int:
         graphs = self.decoder.warmup(max_kv_len, batch_sizes)
