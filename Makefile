@@ -133,9 +133,15 @@ bench-coop: setup
 	$(PY) tests/bench/bench_coop.py --write docs/benchmarks.md
 
 # The cloud side of speculative decoding alone: 1/8/64 sessions replaying recorded answers as drafts (corrupted
-# to the acceptance bench-coop measures) against as many cloud-only streams; random-init 1B on CUDA.
+# to the acceptance bench-coop measures) against as many cloud-only streams; random-init 1B on CUDA, in float32
+# and in bfloat16 with choices rounding cannot flip (--embed-std); both tables into docs/benchmarks.md.
+COOP_CLOUD_JSON = $(or $(TMPDIR),/tmp)/stratus-bench-coop-cloud
 bench-coop-cloud: setup
-	$(PY) tests/bench/bench_coop_cloud.py --also-alone --write docs/benchmarks.md
+	$(PY) tests/bench/bench_coop_cloud.py --dtype float32 --transcript verify --profile --json $(COOP_CLOUD_JSON)-fp32.json
+	$(PY) tests/bench/bench_coop_cloud.py --dtype bfloat16 --embed-std 1.0 --transcript verify --profile \
+		--json $(COOP_CLOUD_JSON)-bf16.json
+	$(PY) tests/bench/bench_coop_cloud.py --render-from $(COOP_CLOUD_JSON)-fp32.json $(COOP_CLOUD_JSON)-bf16.json \
+		--write docs/benchmarks.md
 
 # Every compression method on the bundled SmolLM2-135M (deploy/samples/smollm2-compression.yaml); ~20 min on 2 cores.
 # Also the GPU rows (deploy/samples/smollm2-compression-gpu.yaml) from the stored results of bench-compress-gpu,

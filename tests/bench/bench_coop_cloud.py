@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import functools
 import inspect
 import json
+import os
 import platform
 import random
 import sys
@@ -31,8 +34,33 @@ import report  # tests/bench/report.py (scripts run from this folder)
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
 SECTION = "bench-coop-cloud"
+ENGINES = {"thread": "in a thread of the benchmark's process", "process": "in an engine process of its own"}
 ARCHS = {"135m": "SMOLLM2_135M", "1b": "SMOLLM2_1B", "tiny": "TINY"}
+
+
+def load_random(model: str, *, dtype: str, device: str, tf32: bool, embed_std: float = 0.0) -> Any:
+    """The random-init model as a models.LoadedModel, built where it runs (a 1B model's random init on the
+    host takes a while); picklable as a partial, so an engine process builds the same one.
+
+    With `embed_std`, the (tied) embedding is drawn at that scale instead: the input token then dominates
+    the residual stream, so the model repeats its last token with a wide margin over the next choice, and
+    rounding (bfloat16) no longer flips its choices between a decode step and a verification of another
+    shape. Speed does not depend on the values."""
+    from stratus_workers.models import tiny as tiny_models
+
+    if tf32:  # float32 storage, TensorFloat-32 matrix products (both sides of the comparison alike)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    with torch.device(device):
+        loaded = tiny_models.random_loaded(dict(getattr(tiny_models, ARCHS[model])), dtype=dtype, device=device)
+    if embed_std:
+        with torch.no_grad():
+            gen = torch.Generator(device=loaded.model.device).manual_seed(1)
+            weight = loaded.model.model.embed_tokens.weight
+            weight.copy_(torch.randn(weight.shape, generator=gen, device=weight.device) * embed_std)
+    return loaded
 
 
 def accepted_share(match: float, k: int) -> float:
@@ -162,44 +190,163 @@ async def speculative(
     return {**totals, "seconds": time.perf_counter() - t0}
 
 
+class StepProfile:
+    """Where an in-process engine's time goes, step by step (`--profile`): the engine thread's step, its
+    Verify calls (their forward pass's host launch and device span, the rest: sessions, judging, the
+    reply), its decode steps, and the wait between steps (the event loop's share: replies delivered,
+    callers woken, their next calls sent). Device spans come from CUDA events read after each phase,
+    so timing does not add a wait on the device."""
+
+    def __init__(self, core: Any) -> None:
+        self.core = core
+        self.cuda = core.runner.device.type == "cuda"
+        self.ns: collections.Counter[str] = collections.Counter()
+        self.count: collections.Counter[str] = collections.Counter()
+        self.events: list[tuple[str, Any, Any]] = []
+        self.last_end = 0
+        self.trace_armed = False  # trace the third Verify step from now with torch.profiler (arm())
+        self.traces: list[str] = []
+        self._wrap(core, "step", "step", gap=True)
+        self._wrap(core.sessions, "verify_many", "verify_many", calls=True)
+        self._wrap(core.runner, "forward", "forward", device=True)
+        self._wrap(core.runner, "forward_rows", "forward_rows", device=True)  # the padded one calls forward
+        self._wrap(core.runner, "decode", "decode", device=True)
+
+    def _wrap(
+        self, obj: Any, name: str, key: str, *, gap: bool = False, calls: bool = False, device: bool = False
+    ) -> None:
+        inner = getattr(obj, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter_ns()
+            if gap and self.last_end:
+                self.ns["between steps"] += t0 - self.last_end
+            if calls:
+                self.count["verify calls"] += len(args[0])
+            if calls and self.trace_armed and self.count[key] == 2:
+                self.trace_armed = False
+                return self._traced(inner, *args, **kwargs)
+            start = end = None
+            if device and self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                if end is not None:
+                    end.record()
+                    self.events.append((key, start, end))
+                t1 = time.perf_counter_ns()
+                self.ns[key] += t1 - t0
+                self.count[key] += 1
+                if gap:
+                    self.last_end = t1
+
+        setattr(obj, name, timed)
+
+    def _traced(self, inner: Any, *args: Any, **kwargs: Any) -> Any:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        try:  # the trace is a look inside, never a reason for the measurement to fail
+            prof = profile(activities=activities)
+            prof.__enter__()
+        except Exception as exc:
+            self.traces.append(f"no trace: {type(exc).__name__}: {exc}")
+            return inner(*args, **kwargs)
+        try:
+            result = inner(*args, **kwargs)
+        finally:
+            try:
+                prof.__exit__(None, None, None)
+                sort = "cuda_time_total" if self.cuda else "cpu_time_total"
+                table = prof.key_averages().table(sort_by=sort, row_limit=25)
+                self.traces.append(f"one Verify step of {len(args[0])} calls:\n{table}")
+            except Exception as exc:
+                self.traces.append(f"no trace: {type(exc).__name__}: {exc}")
+        return result
+
+    def reset(self) -> None:
+        self.ns.clear()
+        self.count.clear()
+        self.events.clear()
+        self.last_end = 0
+
+    def take(self) -> dict[str, Any]:
+        """This phase's totals (ms) and per-step means, and a fresh start for the next phase."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        device_ms: collections.Counter[str] = collections.Counter()
+        for key, start, end in self.events:
+            device_ms[f"{key} device span"] += start.elapsed_time(end)
+        steps = max(1, self.count["step"])
+        totals = {key: ns / 1e6 for key, ns in self.ns.items()} | dict(device_ms)
+        out = {
+            "steps": self.count["step"],
+            "verify calls": self.count["verify calls"],
+            "forward passes": self.count["forward"],
+            "decode steps": self.count["decode"],
+            "total ms": totals,
+            "per step ms": {key: value / steps for key, value in totals.items()},
+        }
+        self.reset()
+        return out
+
+
 async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from stratus_workers.models import tiny as tiny_models
-    from stratus_workers.models.loader import resolve_device, resolve_dtype
-    from stratus_workers.serve.engine import build_engine
+    from stratus_workers.models.loader import resolve_device
+    from stratus_workers.serve.engine import AsyncEngine, ProcessTransport, ThreadTransport
+    from stratus_workers.serve.loop import EngineSettings
 
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    tokenizer = tiny_models.bundled_tokenizer()
-    vocab = len(tokenizer)
-    arch = getattr(tiny_models, ARCHS[args.model])
-    torch.manual_seed(0)
-    model = tiny_models.random_llama(dict(arch), vocab_size=vocab, seed=0).to(device=device, dtype=dtype)
-    model.requires_grad_(False)
-    params = sum(p.numel() for p in model.parameters())
-    most = max(args.concurrency)
-    engine = build_engine(
-        model,
-        tokenizer,
-        max_batch_size=most,
-        max_sessions=most,
-        max_len=args.prompt_tokens + args.new_tokens + args.draft + 8,
+    if args.tf32:
+        os.environ["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] = "1"  # the engine process's matrix products too
+    if args.engine == "process":  # the engine process imports this script to build the model (load_random)
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH", "")]))
+    # By its module's name, not __main__'s (which is the engine process's own entry point there).
+    import bench_coop_cloud
+
+    load = functools.partial(
+        bench_coop_cloud.load_random,
+        args.model,
+        dtype=args.dtype,
+        device=str(device),
+        tf32=args.tf32,
+        embed_std=args.embed_std,
     )
-    warmup = getattr(engine, "warmup", None)
-    if warmup is not None:  # the decode graphs (CUDA), as a server captures them before taking traffic
-        warmup()
+    most = max(args.concurrency)
+    settings = EngineSettings(
+        max_batch_size=most, max_tokens=args.prompt_tokens + args.new_tokens + args.draft + 8, max_sessions=most
+    )
+    transport = ProcessTransport(settings, load) if args.engine == "process" else ThreadTransport(settings, load=load)
+    engine = AsyncEngine(transport, max_batch_size=most, max_queue=4 * most)
     await started(engine)
+    dtype = engine.info.dtype
+    params = engine.info.parameters
+    tokenizer = engine.tokenizer
+    vocab = len(tokenizer)
+    profile: StepProfile | None = None
+    if args.profile:
+        core = getattr(getattr(engine, "transport", None), "core", None)
+        if core is None:
+            raise SystemExit("--profile needs the engine's core in this process (the thread transport)")
+        profile = StepProfile(core)
     rng = random.Random(0)
     match = match_for(args.acceptance, args.draft)
     meta = {
         "model": args.model,
         "parameters": params,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype,
+        "engine": args.engine,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else report.cpu_name(),
         "draft": args.draft,
         "acceptance_target": args.acceptance,
         "match": match,
         "new_tokens": args.new_tokens,
         "transcript": args.transcript,
+        "tf32": bool(args.tf32),
+        "embed_std": args.embed_std,
+        "verification": "packed" if os.environ.get("STRATUS_VERIFY_PACKED", "1") != "0" else "padded",
         "prompt_tokens": args.prompt_tokens,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -214,7 +361,12 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
         for c in args.concurrency:
             prompts = [[rng.randrange(vocab) for _ in range(args.prompt_tokens)] for _ in range(c)]
             before = passes(engine)
+            if profile is not None:
+                profile.reset()
             streamed, seconds = await cloud_only(engine, prompts, args.new_tokens)
+            profiled: dict[str, Any] = {}
+            if profile is not None:
+                profiled["cloud_only"] = profile.take()
             base_passes = None if before is None else passes(engine) - before  # type: ignore[operator]
             tokens = sum(len(t) for t in streamed)
             transcripts = streamed
@@ -230,7 +382,12 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
                 agreement = same / max(1, tokens)
                 log(f"  C={c:>3}: decode and verification agree on the first {agreement:.1%} of the answers")
             before = passes(engine)
+            if profile is not None:
+                profile.reset()
+                profile.trace_armed = args.trace
             spec = await speculative(engine, prompts, transcripts, draft=args.draft, match=match, vocab=vocab, seed=c)
+            if profile is not None:
+                profiled["speculative"] = profile.take()
             spec_passes = None if before is None else passes(engine) - before  # type: ignore[operator]
             alone: dict[str, Any] = {}
             if args.also_alone and hasattr(engine, "verify_together") and spec["accepted"] > spec["drafted"] / 2:
@@ -257,6 +414,7 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
                 "same_as_transcript": spec["matched"] / max(1, spec["tokens"]),
                 "alone_tps": alone["tokens"] / alone["seconds"] if alone else None,
                 "decode_verify_agreement": agreement,
+                "profile": profiled or None,
             }
             rows.append(row)
             log(
@@ -266,21 +424,52 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
                 f"tokens/round)  {row['spec_tps'] / row['cloud_only_tps']:.2f}x"
                 + (f"; one pass per call: {row['alone_tps']:8.0f} tok/s" if alone else "")
             )
+            for phase, p in profiled.items():
+                per = p["per step ms"]
+                log(
+                    f"    {phase}: {p['steps']} steps, {p['verify calls']} verify calls; per step ms: "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in sorted(per.items()))
+                )
     finally:
         await stopped(engine)
+    if profile is not None:
+        for trace in profile.traces:
+            log(trace)
     return rows, meta
 
 
-def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+GOAL = 3.0  # issue 15: 64 sessions' accepted tokens/s at least 3x the tokens/s of 64 cloud-only streams
+
+
+def render(runs: list[tuple[list[dict[str, Any]], dict[str, Any]]]) -> str:
+    """The section: each run's setting, table, goal line and (when profiled) where its steps' time went."""
+    lines = ["## Speculative decoding, the cloud side alone (`make bench-coop-cloud`)"]
+    for rows, meta in runs:
+        lines += ["", *render_run(rows, meta)]
+    return "\n".join(lines)
+
+
+def render_run(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
     recorded = {
         "stream": "its cloud-only answer",
         "verify": "the cloud's answer recorded through verification (rounds of empty drafts)",
     }[meta.get("transcript", "stream")]
+    verification = {"packed": "packed (no padding)", "padded": "padded to the longest row"}.get(
+        meta.get("verification", ""), ""
+    )
     lines = [
-        "## Speculative decoding, the cloud side alone (`make bench-coop-cloud`)",
-        "",
         f"{meta['device']}; random-init `{meta['model']}` ({meta['parameters'] / 1e6:.0f}M parameters, "
-        f"{meta['dtype']}); the server's engine in-process; prompts of {meta['prompt_tokens']} random tokens, "
+        f"{meta['dtype']}{', TensorFloat-32 matrix products' if meta.get('tf32') else ''}"
+        + (
+            f", the embedding drawn at std {meta['embed_std']:g} so that the model repeats its last token with a "
+            "margin rounding cannot flip"
+            if meta.get("embed_std")
+            else ""
+        )
+        + "); the server's engine "
+        f"{ENGINES[meta.get('engine', 'thread')]}"
+        + (f", verification {verification}" if verification else "")
+        + f"; prompts of {meta['prompt_tokens']} random tokens, "
         f"{meta['new_tokens']} new tokens each, greedy. Cloud-only: C streams at once. Speculative: C sessions at "
         "once, "
         f"each replaying {recorded} as {meta['draft']}-token drafts, every draft token replaced by another "
@@ -307,7 +496,22 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {r['accepted'] / max(1, r['drafted']):.1%} | {r['spec_tokens'] / max(1, r['rounds']):.2f} "
             f"| {alone} |"
         )
-    return "\n".join(lines)
+    top = max(rows, key=lambda r: r["concurrency"])
+    ratio = top["spec_tps"] / top["cloud_only_tps"]
+    verdict = "met" if ratio >= GOAL else f"missed by {GOAL - ratio:.2f}×"
+    lines += ["", f"{top['concurrency']} sessions: {ratio:.2f}× cloud-only (goal ≥ {GOAL:g}×: {verdict})."]
+    agreement = top.get("decode_verify_agreement")
+    if agreement is not None:
+        lines[-1] += f" Decode and verification agree on {agreement:.1%} of the recorded answers."
+    profiled = top.get("profile") or {}
+    if profiled:
+        lines += ["", f"Where a step's time went at {top['concurrency']} sessions (ms per engine step, `--profile`):"]
+        for phase, p in profiled.items():
+            per = p["per step ms"]
+            calls = f", {p['verify calls'] / max(1, p['steps']):.1f} Verify calls a step" if p["verify calls"] else ""
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(per.items()))
+            lines.append(f"- {phase.replace('_', '-')}: {p['steps']} steps{calls}; {parts}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,6 +533,28 @@ def main(argv: list[str] | None = None) -> int:
         default="stream",
         help="the recorded answer the drafts replay: the cloud-only stream's, or the verification pass's",
     )
+    parser.add_argument(
+        "--engine",
+        choices=["thread", "process"],
+        default="thread",
+        help="the engine core in a thread of this process, or in an engine process (a server's default on CUDA)",
+    )
+    parser.add_argument(
+        "--embed-std",
+        type=float,
+        default=0.0,
+        help="draw the embedding at this scale: a random model whose choices rounding cannot flip (see load_random)",
+    )
+    parser.add_argument("--tf32", action="store_true", help="float32 matrix products in TensorFloat-32 (CUDA)")
+    parser.add_argument(
+        "--profile", action="store_true", help="time the engine's steps, passes and the waits between them"
+    )
+    parser.add_argument(
+        "--trace", action="store_true", help="with --profile: torch.profiler's table of one Verify step"
+    )
+    parser.add_argument(
+        "--render-from", type=Path, nargs="+", help="render the section from these earlier runs' --json, in order"
+    )
     parser.add_argument("--write", type=Path, default=None, help="write the table into this Markdown file")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
@@ -336,11 +562,17 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    if args.render_from:  # the section from earlier runs' --json (a GPU's results, rendered here)
+        body = render([(d["rows"], d["meta"]) for d in (json.loads(p.read_text()) for p in args.render_from)])
+        print(body)
+        if args.write:
+            report.write_section(args.write, SECTION, body, "# Benchmarks")
+        return 0
     rows, meta = asyncio.run(measure(args, log))
-    body = render(rows, meta)
-    print(body)
-    if args.json:
+    if args.json:  # first: the measurement survives whatever follows
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    body = render([(rows, meta)])
+    print(body)
     if args.write:
         report.write_section(args.write, SECTION, body, "# Benchmarks")
     return 0

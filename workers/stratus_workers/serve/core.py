@@ -216,6 +216,7 @@ class EngineCore:
         self._seqs: dict[int, _Seq] = {}
         self._calls: list[tuple[int, Callable[[], Any]]] = []
         self._verifies: list[tuple[int, VerifyCall]] = []  # this step's Verify calls: one pass for all
+        self._expecting: set[str] = set()  # sessions verified in the last Verify step: their next round is due
         self._counted = (0, 0)  # the runner's (passes, positions) before serving began
         self._out = StepOutput(0)
 
@@ -266,10 +267,20 @@ class EngineCore:
         if op == "verify":  # batched: the step runs every Verify call in one pass
             self._verifies.append((call_id, VerifyCall(*args)))
             return
+        if op == "end":  # a session that ends sends no next round
+            self._expecting.discard(args[0])
         method = methods.get(op)
         if method is None:
             raise ValueError(f"unknown engine call {op!r}")
         self._calls.append((call_id, lambda: method(*args)))
+
+    def verify_owed(self) -> int:
+        """How many sessions verified in the last Verify step have not sent their next Verify call yet (nor
+        ended), while this step has no request to decode or admit (the loop may wait a moment for them: they
+        share one pass). 0 whenever a request is running or waiting: a decode step is never held back."""
+        if not self._verifies or self._rows or self._waiting or not self._expecting:
+            return 0
+        return len(self._expecting.difference(call.sid for _, call in self._verifies))
 
     @property
     def busy(self) -> bool:
@@ -318,11 +329,14 @@ class EngineCore:
                 verdicts: list[Any] = self.sessions.verify_many([call for _, call in verifies])
             except Exception as exc:
                 verdicts = [exc] * len(verifies)
-            for (call_id, _), verdict in zip(verifies, verdicts, strict=True):
+            self._expecting = set()
+            for (call_id, call), verdict in zip(verifies, verdicts, strict=True):
                 if isinstance(verdict, Exception):
                     out.results.append((call_id, call_error_kind(verdict), str(verdict)))
                 else:
                     out.results.append((call_id, "", verdict))
+                    if not call.end and not verdict.eos:
+                        self._expecting.add(call.sid)
         self._drop_abandoned()
         self._admit()
         try:

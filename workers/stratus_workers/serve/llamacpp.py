@@ -233,18 +233,27 @@ class LlamaCppRunner(ModelRunner):
         return 0
 
     def _forward(
-        self, first_row: int, tokens: Sequence[Sequence[int]], starts: list[int], q_lens: list[int], all_logits: bool
+        self,
+        first_row: int,
+        tokens: Sequence[Sequence[int]],
+        starts: list[int],
+        q_lens: list[int],
+        all_logits: bool,
+        logits_from: int = 0,
     ) -> torch.Tensor:
-        return self.forward(first_row, tokens, all_logits=all_logits)
+        return self.forward(first_row, tokens, all_logits=all_logits, logits_from=logits_from)
 
     # -- forward ------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, first_row: int, tokens: Sequence[Sequence[int]], *, all_logits: bool = False) -> torch.Tensor:
+    def forward(
+        self, first_row: int, tokens: Sequence[Sequence[int]], *, all_logits: bool = False, logits_from: int = 0
+    ) -> torch.Tensor:
         """Append `tokens[i]` to row `first_row + i` and return logits.
 
         Returns [B, V] logits of each row's last new token, or [B, Q, V] for every new token
-        when `all_logits` (Q is the longest row; shorter rows are padded at the end with zeros).
+        when `all_logits` (Q is the longest row; shorter rows are padded at the end with zeros);
+        with `logits_from`, of the new tokens from that index on only ([B, Q - logits_from, V]).
         """
         batch = len(tokens)
         if batch == 0:
@@ -254,6 +263,11 @@ class LlamaCppRunner(ModelRunner):
         q_lens = [len(t) for t in tokens]
         if min(q_lens) == 0:
             raise ValueError("every row needs at least one new token")
+        if logits_from and not (all_logits and 0 <= logits_from < max(q_lens)):
+            raise ValueError(
+                f"logits_from={logits_from} needs all_logits=True and a value below the longest row's {max(q_lens)} "
+                "new tokens"
+            )
         rows = range(first_row, first_row + batch)
         for row, q in zip(rows, q_lens, strict=True):
             if self.lengths[row] + q > self.max_len:
@@ -270,8 +284,8 @@ class LlamaCppRunner(ModelRunner):
             [np.arange(self.lengths[r], self.lengths[r] + q, dtype=np.int32) for r, q in zip(rows, q_lens, strict=True)]
         )
         wanted = np.zeros(ids.size, dtype=np.int8)
-        if all_logits:
-            wanted[:] = 1
+        if all_logits:  # each row's tokens from index logits_from on
+            wanted[np.arange(ids.size) - np.repeat(np.cumsum(q_lens) - q_lens, q_lens) >= logits_from] = 1
         else:
             wanted[np.cumsum(q_lens) - 1] = 1
         logits = self._decode_chunks(ids.astype(np.int32), positions, seqs, wanted, rows)
@@ -279,11 +293,12 @@ class LlamaCppRunner(ModelRunner):
             self.lengths[row] += q
         if not all_logits:
             return torch.from_numpy(logits)
-        out = torch.zeros((batch, max(q_lens), self.vocab_size), dtype=torch.float32)
+        out = torch.zeros((batch, max(q_lens) - logits_from, self.vocab_size), dtype=torch.float32)
         start = 0
         for i, q in enumerate(q_lens):
-            out[i, :q] = torch.from_numpy(logits[start : start + q])
-            start += q
+            scored = max(0, q - logits_from)
+            out[i, :scored] = torch.from_numpy(logits[start : start + scored])
+            start += scored
         return out
 
     @torch.inference_mode()

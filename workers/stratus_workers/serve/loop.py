@@ -34,6 +34,10 @@ from stratus_workers.serve.surface import EngineInfo
 log = logging.getLogger(__name__)
 
 IDLE_WAIT = 0.25  # seconds the idle loop sleeps between looks (it wakes at once on input)
+# Seconds a step of Verify calls alone may wait for the rest of the sessions verified in the step before
+# (their replies go out together, their next calls come back within about this): one pass for all of
+# them, not a pass for whichever arrived first and another for the rest.
+VERIFY_GATHER = 0.005
 CPU_POOL_BYTES = 256 << 20  # the prefix pool's automatic size on a CPU
 GPU_POOL_SHARE = 0.25  # ... and on a GPU: this share of the memory left after the batch's cache
 
@@ -183,7 +187,7 @@ class EngineLoop:
         with torch.inference_mode():
             while True:
                 messages = inbox.take(0.0 if self.core.busy else IDLE_WAIT)
-                if not self._apply(messages):
+                if not self._apply(messages) or not self._gather(inbox):
                     self.emit(("stopped", self.core.shutdown().pack()))
                     return
                 if self.core.busy:
@@ -194,6 +198,22 @@ class EngineLoop:
                     self.emit(("step", out.pack()))
                 else:
                     self.core.idle()
+
+    def _gather(self, inbox: Inbox) -> bool:
+        """Wait up to VERIFY_GATHER for the Verify calls still owed (`EngineCore.verify_owed`); False on stop."""
+        if not self.core.verify_owed():
+            return True
+        deadline = time.monotonic() + VERIFY_GATHER
+        while self.core.verify_owed():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            messages = inbox.take(left)
+            if not messages:
+                break
+            if not self._apply(messages):
+                return False
+        return True
 
     def _apply(self, messages: list[Any]) -> bool:
         refused: list[Finished] = []

@@ -434,9 +434,12 @@ class PipelineRunner(ModelRunner):
         starts: list[int],
         q_lens: list[int],
         all_logits: bool,
+        logits_from: int = 0,
     ) -> torch.Tensor:
         try:
-            return self._stage_forward(first_row, tokens, starts, q_lens, all_logits)
+            logits = self._stage_forward(first_row, tokens, starts, q_lens, all_logits)
+            # The last stage scores every new token; stage 0 keeps those asked for (the other stages get nothing).
+            return logits[:, logits_from:] if logits_from and logits.numel() else logits
         except StageFailed:
             raise
         except RuntimeError as exc:  # gloo and NCCL report a dead peer as a RuntimeError (DistBackendError)

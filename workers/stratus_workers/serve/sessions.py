@@ -7,7 +7,8 @@ engine thread between decode steps (`Engine.run_op`), which is what makes touchi
 
 Verification is batched: `verify_many` takes every Verify call of an engine step and runs all their rows
 in one forward pass, so many edge devices verifying at once cost the cloud about one step of the model,
-not one step each. The acceptance rule is `verify`'s, applied to each row's own logits.
+not one step each. The acceptance rule is `verify`'s, applied to each row's own logits (the greedy rule
+for all rows at once on the device: `speculative.greedy_verdicts`).
 """
 
 from __future__ import annotations
@@ -17,18 +18,20 @@ import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.errors import EngineOverloaded
-from stratus_workers.serve.runner import ModelRunner
+from stratus_workers.serve.runner import ModelRunner, to_device
 from stratus_workers.serve.sampling import seeded_generator
 from stratus_workers.serve.speculative import (
     SparseDist,
     Verdict,
     draft_distribution,
-    greedy_verdict,
+    greedy_verdicts,
     sample_sparse,
     verify_greedy,
     verify_sampled,
@@ -38,6 +41,19 @@ from stratus_workers.serve.surface import VerifyResult as VerifyResult
 
 # A session used this recently is never evicted to make room for another: the caller is mid-round.
 BUSY_SECONDS = 1.0
+
+
+def read_back(values: torch.Tensor) -> list[Any]:
+    """`values.tolist()`, but waiting for the device with the GIL released (`tolist` holds it), so that the
+    frontend's thread runs meanwhile."""
+    if values.device.type != "cuda":
+        return values.tolist()  # type: ignore[no-any-return]
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+    done.record()
+    done.synchronize()
+    return host.tolist()  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -102,9 +118,20 @@ class SpeculativeSessions:
             raise ValueError("context is empty: send the prompt's token ids")
         if len(context) >= self.max_len:
             raise ValueError(f"context of {len(context)} tokens exceeds this server's {self.max_len - 1}")
-        if any(t < 0 or t >= self.vocab_size for t in context):
-            raise ValueError(f"context holds token ids outside this model's vocabulary of {self.vocab_size}")
         session = self._sessions.get(sid)
+        common = 0
+        if session is not None:
+            held = session.tokens
+            limit = min(len(held), len(context) - 1)  # keep at least one token to compute logits from
+            if held[:limit] == list(context[:limit]):  # the usual case, a session's next round: one comparison
+                common = limit
+            else:
+                while common < limit and held[common] == context[common]:
+                    common += 1
+        # The cached tokens were checked when they came; only the rest can be out of range.
+        rest = list(context[common:])
+        if min(rest) < 0 or max(rest) >= self.vocab_size:
+            raise ValueError(f"context holds token ids outside this model's vocabulary of {self.vocab_size}")
         if session is None:
             self.expire()
             if not self._free_rows:
@@ -121,13 +148,10 @@ class SpeculativeSessions:
             self._sessions[sid] = session
         self._sessions.move_to_end(sid)
         session.last_used = time.monotonic()
-        common = 0
-        limit = min(len(session.tokens), len(context) - 1)  # keep at least one token to compute logits from
-        while common < limit and session.tokens[common] == context[common]:
-            common += 1
-        self.runner.truncate(session.row, common)
+        if self.runner.lengths[session.row] != common:
+            self.runner.truncate(session.row, common)
         del session.tokens[common:]
-        return session, list(context[common:])
+        return session, rest
 
     def draft(
         self, sid: str, context: Sequence[int], max_tokens: int, sampling: Sampling, top_k: int, end: bool
@@ -173,8 +197,11 @@ class SpeculativeSessions:
         self._check_verify(call)
         session, pending = self._open(sid, context, sampling)
         try:
-            logits = self.runner.forward(session.row, [pending + list(draft)], all_logits=True)[0]
-            return self._judge(call, session, pending, logits)
+            # Scored from the last context token on: the rest of the context only goes into the cache.
+            scores = self.runner.forward(
+                session.row, [pending + list(draft)], all_logits=True, logits_from=len(pending) - 1
+            )[0]
+            return self._judge(call, session, pending, scores)
         finally:
             if end:
                 self.end(sid)
@@ -182,10 +209,11 @@ class SpeculativeSessions:
     def verify_many(self, calls: Sequence[VerifyCall]) -> list[VerifyResult | Exception]:
         """Each call's `verify` result (or the error it raised), the calls' rows run in one forward pass.
 
-        The sessions' rows need not be adjacent: a row between them that takes no part (another
-        session's, or a free one) is fed one throwaway token and rolled back to its length afterwards,
-        which costs the pass one padded row and changes nothing in it. Calls that cannot share the pass
-        (a session named twice, rows too long to pad to the longest call) run alone, in order.
+        The sessions' rows need not be adjacent (`runner.forward_rows`: the fused path packs their tokens;
+        the module path pads them and gives a row in between one throwaway token, rolled back at once).
+        Greedy verdicts are judged on the device for all rows together and read back in one transfer.
+        Calls that cannot share the pass (a session named twice, rows too long to pad to the longest call)
+        run alone, in order.
         """
         results: list[VerifyResult | Exception | None] = [None] * len(calls)
         rows: dict[int, tuple[int, _Session, list[int]]] = {}  # row -> (call index, session, pending)
@@ -205,9 +233,7 @@ class SpeculativeSessions:
                 continue
             rows[session.row] = (i, session, pending)
             sids.add(call.sid)
-        if len(rows) == 1:
-            alone.extend(i for i, _, _ in rows.values())
-        elif rows:
+        if rows:  # one row too: the same pass, so that a session's verdicts do not depend on its company
             self._verify_rows(calls, rows, results, alone)
         for i in sorted(alone):
             call = calls[i]
@@ -224,92 +250,111 @@ class SpeculativeSessions:
         results: list[VerifyResult | Exception | None],
         alone: list[int],
     ) -> None:
-        """One forward pass over rows min(rows)..max(rows); fills `results` (or `alone`, when they cannot share it)."""
-        lo, hi = min(rows), max(rows)
+        """One forward pass over the calls' rows (`runner.forward_rows`); fills `results` (or `alone`, when
+        they cannot share it)."""
+        order = sorted(rows)
         lengths = self.runner.lengths
-        feed: list[list[int]] = []
-        for row in range(lo, hi + 1):
-            if row in rows:
-                i, _, pending = rows[row]
-                feed.append(pending + list(calls[i].draft))
-            else:
-                feed.append([0])  # throwaway: rolled back below
-        longest = max(len(t) for t in feed)
-        if max(lengths[lo : hi + 1]) + longest > self.max_len:
-            alone.extend(i for i, _, _ in rows.values())  # padding a long row to the longest call would not fit
+        tokens = [rows[row][2] + list(calls[rows[row][0]].draft) for row in order]
+        # The padded pass (the module path) pads every row to the longest call: it must fit every row's cache.
+        if max(lengths[order[0] : order[-1] + 1]) + max(len(t) for t in tokens) > self.max_len:
+            alone.extend(i for i, _, _ in rows.values())
             return
-        kept = {row: lengths[row] for row in range(lo, hi + 1) if row not in rows}
+        # Scored from each row's last context token on: the context before it only goes into the cache.
+        starts = [len(rows[row][2]) - 1 for row in order]
         try:
-            logits = self.runner.forward(lo, feed, all_logits=True)
+            logits = self.runner.forward_rows(order, tokens, starts)
         except Exception as exc:
-            for i, _, _ in rows.values():
-                results[i] = exc
-            logits = None
-        finally:
-            for row, length in kept.items():
-                self.runner.truncate(row, length)
-        if logits is None:
             for i, session, _ in rows.values():
+                results[i] = exc
                 self.runner.truncate(session.row, len(session.tokens))
                 if calls[i].end:
                     self.end(calls[i].sid)
             return
-        # Greedy rows are judged from one argmax over the whole pass and their log-probabilities come from
-        # one gather: a couple of device transfers per pass, not several per session (they dominate on a GPU).
-        best = logits.argmax(dim=-1).tolist() if any(calls[i].sampling.greedy for i, _, _ in rows.values()) else []
-        judged: list[tuple[int, Verdict]] = []
-        at_rows: list[int] = []
-        at_positions: list[int] = []
-        at_tokens: list[int] = []
-        for row, (i, session, pending) in rows.items():
+        # Row k's scores are logits[offsets[k] : offsets[k] + len(draft) + 1]: position j predicts the token
+        # after context + draft[:j].
+        offsets = [0]
+        for row in order:
+            offsets.append(offsets[-1] + len(calls[rows[row][0]].draft) + 1)
+        judged: list[tuple[int, Verdict, Sequence[float]]] = []
+        greedy = [k for k, row in enumerate(order) if calls[rows[row][0]].sampling.greedy]
+        if greedy:
+            judged += self._judge_greedy(calls, rows, order, offsets, logits, greedy)
+        for k, row in enumerate(order):
+            i, session, pending = rows[row]
             call = calls[i]
-            first = len(pending) - 1  # the position that predicts the first draft token
+            if call.sampling.greedy:
+                continue
+            scores = logits[offsets[k] : offsets[k + 1]]
             try:
-                if call.sampling.greedy:
-                    verdict = greedy_verdict(best[row - lo][first : len(feed[row - lo])], call.draft)
-                else:
-                    scores = logits[row - lo, first : len(feed[row - lo])]
-                    sampling = call.sampling
-                    verdict = verify_sampled(
-                        scores, call.draft, call.dists, sampling.temperature, sampling.top_p, session.generator
-                    )
+                sampling = call.sampling
+                verdict = verify_sampled(
+                    scores, call.draft, call.dists, sampling.temperature, sampling.top_p, session.generator
+                )
             except Exception as exc:
                 results[i] = exc
                 self.runner.truncate(session.row, len(session.tokens))
                 if call.end:
                     self.end(call.sid)
                 continue
-            chosen = [*call.draft[: verdict.accepted], verdict.next_token]
-            at_rows += [row - lo] * len(chosen)
-            at_positions += range(first, first + len(chosen))
-            at_tokens += chosen
-            judged.append((row, verdict))
-        if not judged:
-            return
-        picked = logits[at_rows, at_positions, at_tokens] - torch.logsumexp(logits[at_rows, at_positions], dim=-1)
-        logprobs = picked.tolist()
-        used = 0
-        for row, verdict in judged:
+            chosen = torch.tensor([*call.draft[: verdict.accepted], verdict.next_token], device=scores.device)
+            picked = scores[: len(chosen)].gather(-1, chosen[:, None])[:, 0] - torch.logsumexp(
+                scores[: len(chosen)], dim=-1
+            )
+            judged.append((row, verdict, picked.tolist()))
+        for row, verdict, logprobs in judged:
             i, session, pending = rows[row]
             call = calls[i]
-            n = verdict.accepted + 1
-            results[i] = self._settle(call, session, pending, verdict, logprobs[used : used + n])
-            used += n
+            results[i] = self._settle(call, session, pending, verdict, logprobs)
             if call.end:
                 self.end(call.sid)
 
+    def _judge_greedy(
+        self,
+        calls: Sequence[VerifyCall],
+        rows: dict[int, tuple[int, _Session, list[int]]],
+        order: list[int],
+        offsets: list[int],
+        logits: torch.Tensor,
+        greedy: list[int],
+    ) -> list[tuple[int, Verdict, Sequence[float]]]:
+        """The greedy rows' verdicts, all judged on the device (`greedy_verdicts`) and read back in one
+        transfer: a wait on the device per session, not per pass, is what bounds a GPU's verify rounds."""
+        n = len(greedy)
+        drafts = [calls[rows[order[k]][0]].draft for k in greedy]
+        counts = np.fromiter((len(d) + 1 for d in drafts), dtype=np.int64, count=n)
+        size = int(counts.sum())
+        # Per scored position: the draft token it predicts (-1 at each row's bonus position), then its row's
+        # index among the greedy rows, then where it sits in `logits` (not every row may be greedy).
+        plan = np.empty((3, size), dtype=np.int64)
+        plan[0] = np.fromiter(itertools.chain.from_iterable((*d, -1) for d in drafts), dtype=np.int64, count=size)
+        plan[1] = np.repeat(np.arange(n, dtype=np.int64), counts)
+        if size == logits.shape[0]:
+            plan[2] = np.arange(size, dtype=np.int64)
+        else:
+            plan[2] = np.concatenate([np.arange(offsets[k], offsets[k + 1], dtype=np.int64) for k in greedy])
+        plan_dev = to_device(plan, logits.device)
+        scores = logits if size == logits.shape[0] else logits.index_select(0, plan_dev[2])
+        stop, token, logprobs = greedy_verdicts(scores, plan_dev[0], plan_dev[1], n)
+        values = read_back(torch.cat([stop.double(), token.double(), logprobs.double()]))
+        judged: list[tuple[int, Verdict, Sequence[float]]] = []
+        at = 0
+        for g, (k, count) in enumerate(zip(greedy, counts.tolist(), strict=True)):
+            end = int(values[g])  # the position (among the greedy rows' scores) of the verifier's own token
+            verdict = Verdict(end - at, int(values[n + g]))
+            judged.append((order[k], verdict, values[2 * n + at : 2 * n + end + 1]))
+            at += count
+        return judged
+
     def _check_verify(self, call: VerifyCall) -> None:
-        if any(t < 0 or t >= self.vocab_size for t in call.draft):
+        if call.draft and (min(call.draft) < 0 or max(call.draft) >= self.vocab_size):
             raise ValueError(f"draft holds token ids outside this model's vocabulary of {self.vocab_size}")
         if len(call.context) + len(call.draft) >= self.max_len:
             raise ValueError(
                 f"context plus draft ({len(call.context) + len(call.draft)} tokens) exceeds {self.max_len - 1}"
             )
 
-    def _judge(self, call: VerifyCall, session: _Session, pending: list[int], logits: torch.Tensor) -> VerifyResult:
-        """The verdict on `call.draft` from the logits of its row (`pending` then the draft were fed)."""
-        # Row j of `scores` predicts the token after context + draft[:j].
-        scores = logits[len(pending) - 1 :]
+    def _judge(self, call: VerifyCall, session: _Session, pending: list[int], scores: torch.Tensor) -> VerifyResult:
+        """The verdict on `call.draft` from its row's scores: row j predicts the token after context + draft[:j]."""
         sampling = call.sampling
         if sampling.greedy:
             verdict = verify_greedy(scores, call.draft)
@@ -330,10 +375,11 @@ class SpeculativeSessions:
         session.tokens.extend(pending)
         session.tokens.extend(draft)
         keep = len(call.context) + verdict.accepted
-        self.runner.truncate(session.row, keep)
+        if self.runner.lengths[session.row] != keep:  # all accepted: the row holds just what it keeps
+            self.runner.truncate(session.row, keep)
         del session.tokens[keep:]
-        eos = verdict.next_token in self._eos or any(t in self._eos for t in draft[: verdict.accepted])
-        return VerifyResult(verdict.accepted, verdict.next_token, tuple(float(x) for x in logprobs), eos)
+        eos = verdict.next_token in self._eos or not self._eos.isdisjoint(draft[: verdict.accepted])
+        return VerifyResult(verdict.accepted, verdict.next_token, tuple(map(float, logprobs)), eos)
 
     def score(self, prompt: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
         """Log-probability of each continuation token after `prompt` (one forward pass in a passing session)."""

@@ -74,6 +74,30 @@ def greedy_verdict(best: Sequence[int], draft: Sequence[int]) -> Verdict:
     return Verdict(accepted, int(best[accepted]))
 
 
+def greedy_verdicts(
+    logits: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor, rows: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`greedy_verdict` for many rows at once, on the logits' device, with no transfer to the host.
+
+    `logits` is [S, V], the rows' scored positions one row after the other; `segments` [S] says each
+    position's row (0..rows-1, ascending) and `targets` [S] the draft token it predicts, -1 at a row's
+    last position (the one after its draft, which predicts the bonus token). Returns per row the index
+    `stop` of the position where the verdict's own token goes (the row's first position + accepted),
+    that token, and [S] log-probabilities of the token chosen at each position (the draft's up to
+    `stop`, the verifier's from there; only a row's positions up to its `stop` mean anything).
+    """
+    best = logits.argmax(dim=-1)
+    index = torch.arange(logits.shape[0], device=logits.device)
+    # A row stops at its first position whose target is not the verifier's choice (every row's last has none).
+    stops_here = (targets < 0) | (best != targets)
+    candidates = torch.where(stops_here, index, logits.shape[0])
+    stop = torch.full((rows,), logits.shape[0], dtype=index.dtype, device=logits.device)
+    stop = stop.scatter_reduce(0, segments, candidates, reduce="amin")
+    chosen = torch.where(index < stop[segments], targets, best).clamp(min=0)
+    logprobs = logits.gather(-1, chosen[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    return stop, best[stop], logprobs
+
+
 def verify_sampled(
     logits: torch.Tensor,
     draft: Sequence[int],

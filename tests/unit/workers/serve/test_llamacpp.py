@@ -164,3 +164,14 @@ def test_decode_step_is_a_one_token_forward(gguf: Any) -> None:
     assert stepped.lengths == [len(prompts[0]) + 1, len(prompts[1]) + 1]
     with pytest.raises(ValueError, match="does not fit"):
         stepped.decode([1, 2, 3])
+
+
+def test_logits_from_scores_only_the_later_new_tokens(gguf: Any) -> None:
+    prompts = [_ids(gguf, p) for p in PROMPTS[:2]]
+    whole = LlamaCppRunner(gguf.model, max_rows=2, max_len=128, threads=1).forward(0, prompts, all_logits=True)
+    skip = min(len(p) for p in prompts) - 1
+    scored = LlamaCppRunner(gguf.model, max_rows=2, max_len=128, threads=1).forward(
+        0, prompts, all_logits=True, logits_from=skip
+    )
+    assert scored.shape == (2, whole.shape[1] - skip, whole.shape[2])
+    assert torch.allclose(scored, whole[:, skip:], atol=1e-5)

@@ -12,9 +12,11 @@ import torch
 
 from stratus_workers.models import load_model
 from stratus_workers.protocol.requests import Sampling
-from stratus_workers.serve.core import EngineCore
+from stratus_workers.serve.core import EngineCore, EngineRequest
 from stratus_workers.serve.engine import build_engine
 from stratus_workers.serve.errors import EngineOverloaded
+from stratus_workers.serve.runner import ModelRunner
+from stratus_workers.serve.runner.fused import FusedRunner
 from stratus_workers.serve.runner.modules import ModuleRunner
 from stratus_workers.serve.sampling import eos_ids
 from stratus_workers.serve.sessions import SpeculativeSessions, VerifyCall
@@ -30,8 +32,12 @@ def loaded(tiny_model_dir: Path) -> Any:
     return load_model(str(tiny_model_dir), dtype="float32", device="cpu")
 
 
-def sessions_over(loaded: Any, rows: int, ttl: float = 60.0) -> SpeculativeSessions:
-    runner = ModuleRunner(loaded.model, max_rows=1 + rows, max_len=64)
+def sessions_over(loaded: Any, rows: int, ttl: float = 60.0, fast: bool = False) -> SpeculativeSessions:
+    runner: ModelRunner
+    if fast:  # the fused path: its verification packs the rows' tokens (no padding, no rows in between)
+        runner = FusedRunner(loaded.model, max_rows=1 + rows, max_len=64, cuda_graphs=False, compile=False)
+    else:
+        runner = ModuleRunner(loaded.model, max_rows=1 + rows, max_len=64)
     return SpeculativeSessions(runner, eos_ids(loaded.model, loaded.tokenizer), first_row=1, ttl=ttl)
 
 
@@ -156,8 +162,9 @@ def _wrong(draft: tuple[int, ...] | list[int], at: int, vocab: int) -> list[int]
     return out
 
 
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("sampled", [False, True])
-def test_verify_many_gives_what_verify_gives_one_call_at_a_time(loaded: Any, sampled: bool) -> None:
+def test_verify_many_gives_what_verify_gives_one_call_at_a_time(loaded: Any, sampled: bool, fast: bool) -> None:
     sampling = Sampling(temperature=0.8, top_p=0.9, seed=7) if sampled else GREEDY
     vocab = loaded.model.config.vocab_size
     drafter = sessions_over(loaded, rows=1)
@@ -166,7 +173,7 @@ def test_verify_many_gives_what_verify_gives_one_call_at_a_time(loaded: Any, sam
 
     def setup() -> SpeculativeSessions:
         # Sessions a..e hold rows 1..5; c is ended (its row is free) and d sits idle between the callers.
-        sessions = sessions_over(loaded, rows=6)
+        sessions = sessions_over(loaded, rows=6, fast=fast)
         for sid in "abcde":
             sessions.verify(sid, contexts[sid][:2], [], (), sampling, end=False)
         sessions.end("c")
@@ -282,3 +289,27 @@ async def test_concurrent_sessions_get_the_cloud_only_answer(loaded: Any) -> Non
         assert engine.stats.forward_passes > passes
     finally:
         await engine.stop()
+
+
+def test_a_verify_step_is_owed_the_sessions_verified_before_it(loaded: Any) -> None:
+    """The loop may wait a moment for sessions whose next round is due, so that they share one pass; never
+    while anything else is queued, and never for a session that ended."""
+    eos = eos_ids(loaded.model, loaded.tokenizer)
+    runner = ModuleRunner(loaded.model, max_rows=4, max_len=64)
+    core = EngineCore(runner, SpeculativeSessions(runner, eos, first_row=1), eos, max_batch_size=1)
+    core.call(1, "verify", ("a", [5, 6, 7], [8], (), GREEDY, False))
+    core.call(2, "verify", ("b", [9, 10], [11], (), GREEDY, False))
+    core.call(3, "verify", ("c", [12, 13], [], (), GREEDY, True))  # ends with this call
+    assert core.verify_owed() == 0  # nothing verified before
+    out = core.step()
+    assert not any(error for _, error, _ in out.results)
+    assert core.verify_owed() == 0  # nothing queued
+    core.call(4, "verify", ("a", [5, 6, 7, 8, 1], [2], (), GREEDY, False))
+    assert core.verify_owed() == 1  # b is due; c ended
+    core.call(5, "end", ("b",))  # b ends instead of sending its next round
+    assert core.verify_owed() == 0
+    core.step()
+    core.call(6, "verify", ("b", [9, 10, 11], [3], (), GREEDY, False))  # b again, as a new session
+    assert core.verify_owed() == 1  # a was verified in the last step and has not called yet
+    core.add(EngineRequest(7, [1, 2, 3], Sampling(max_new_tokens=2)))
+    assert core.verify_owed() == 0  # a request waits to be admitted: its step is never held back

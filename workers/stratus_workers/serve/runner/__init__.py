@@ -14,6 +14,7 @@ verification) without rebuilding anything.
 from __future__ import annotations
 
 import abc
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +60,21 @@ def new_token_slots(
     positions = np.asarray(starts, dtype=np.int64)[batch_idx] + query_idx
     arrays = (batch_idx, query_idx, batch_idx + first_row, positions)
     return tuple(to_device(a, device) for a in arrays)  # type: ignore[return-value]
+
+
+def check_rows(
+    rows: Sequence[int], tokens: Sequence[Sequence[int]], logits_from: Sequence[int], max_rows: int
+) -> None:
+    """ValueError unless `forward_rows` can take these: ascending rows of the runner, each with new tokens to
+    score (at least one scored)."""
+    if not rows or len(rows) != len(tokens) or len(rows) != len(logits_from):
+        raise ValueError("forward_rows needs one token list and one logits_from per row, and at least one row")
+    if any(b <= a for a, b in itertools.pairwise(rows)):
+        raise ValueError(f"forward_rows needs ascending rows, got {list(rows)}")
+    if rows[0] < 0 or rows[-1] >= max_rows:
+        raise ValueError(f"rows {rows[0]}..{rows[-1]} are outside this runner's {max_rows}")
+    if any(not 0 <= start < len(t) for start, t in zip(logits_from, tokens, strict=True)):
+        raise ValueError("every row needs new tokens, and logits_from must leave at least one of them to score")
 
 
 def to_device(values: np.ndarray | Sequence[int], device: torch.device) -> torch.Tensor:
@@ -157,11 +173,15 @@ class ModelRunner(abc.ABC):
         return self.cache.bytes()
 
     @torch.inference_mode()
-    def forward(self, first_row: int, tokens: Sequence[Sequence[int]], *, all_logits: bool = False) -> torch.Tensor:
+    def forward(
+        self, first_row: int, tokens: Sequence[Sequence[int]], *, all_logits: bool = False, logits_from: int = 0
+    ) -> torch.Tensor:
         """Append `tokens[i]` to row `first_row + i` and return logits.
 
         Returns [B, V] logits of each row's last new token, or [B, Q, V] for every new token
-        when `all_logits` (Q is the longest row; shorter rows are padded at the end).
+        when `all_logits` (Q is the longest row; shorter rows are padded at the end). With
+        `logits_from`, only new tokens from that index on are scored ([B, Q - logits_from, V]): the
+        earlier ones go into the cache without the vocabulary projection (a verification's context).
         """
         batch = len(tokens)
         if batch == 0:
@@ -171,13 +191,46 @@ class ModelRunner(abc.ABC):
         q_lens = [len(t) for t in tokens]
         if min(q_lens) == 0:
             raise ValueError("every row needs at least one new token")
+        if logits_from and not (all_logits and 0 <= logits_from < max(q_lens)):
+            raise ValueError(
+                f"logits_from={logits_from} needs all_logits=True and a value below the longest row's {max(q_lens)} "
+                "new tokens"
+            )
         starts = self.cache.lengths[first_row : first_row + batch]
         self.cache.grow(max(s + q for s, q in zip(starts, q_lens, strict=True)))
         # Before computing: the other ranks must join this call's all-reduces.
-        self._lead("forward", first_row, [list(t) for t in tokens], all_logits=all_logits)
+        self._lead("forward", first_row, [list(t) for t in tokens], all_logits=all_logits, logits_from=logits_from)
         self.passes += 1
         self.positions += sum(q_lens)
-        return self._forward(first_row, tokens, starts, q_lens, all_logits)
+        return self._forward(first_row, tokens, starts, q_lens, all_logits, logits_from)
+
+    @torch.inference_mode()
+    def forward_rows(
+        self, rows: Sequence[int], tokens: Sequence[Sequence[int]], logits_from: Sequence[int]
+    ) -> torch.Tensor:
+        """Append `tokens[i]` to row `rows[i]` (any rows, ascending) and score them from index `logits_from[i]` on.
+
+        Returns [sum over i of len(tokens[i]) - logits_from[i], V]: the scored tokens' logits, row after row
+        (a verification of many sessions at once). Here one padded `forward` over rows min..max does it:
+        a row in between that is not named gets one throwaway token, rolled back at once, and every row is
+        padded to the longest; `FusedRunner` packs the tokens instead, with no padding and no row in between.
+        """
+        check_rows(rows, tokens, logits_from, self.max_rows)
+        lo, hi = rows[0], rows[-1]
+        named = dict(zip(rows, range(len(rows)), strict=True))
+        feed = [list(tokens[named[row]]) if row in named else [0] for row in range(lo, hi + 1)]
+        kept = {row: self.lengths[row] for row in range(lo, hi + 1) if row not in named}
+        skip = min(logits_from)
+        try:
+            logits = self.forward(lo, feed, all_logits=True, logits_from=skip)
+        finally:
+            for row, length in kept.items():
+                self.truncate(row, length)
+        parts = [
+            logits[row - lo, start - skip : len(row_tokens) - skip]
+            for row, row_tokens, start in zip(rows, tokens, logits_from, strict=True)
+        ]
+        return torch.cat(parts)
 
     @torch.inference_mode()
     def decode(self, ids: Sequence[int], *, logprobs: bool = False) -> Decoded:
@@ -242,6 +295,7 @@ class ModelRunner(abc.ABC):
         starts: list[int],
         q_lens: list[int],
         all_logits: bool,
+        logits_from: int = 0,
     ) -> torch.Tensor:
         """Run the rows (the cache already holds room for them) and set their new lengths."""
 

@@ -118,6 +118,17 @@ class KVCache:
             self.lengths_dev[first_row:end] = host.to(self.device, non_blocking=True)
         self._changed(first_row)
 
+    def set_row_lengths(self, rows: list[int], lengths: list[int]) -> None:
+        """Rows `rows` (any, in any order) now hold `lengths` tokens (after a forward over those rows)."""
+        for row, length in zip(rows, lengths, strict=True):
+            self.lengths[row] = length
+        if self.lengths_dev is not None:
+            index, values = torch.tensor(rows, dtype=torch.long), torch.tensor(lengths, dtype=torch.long)
+            if self.device.type == "cuda":  # as in set_lengths: the host must not wait for the stream
+                index, values = index.pin_memory(), values.pin_memory()
+            self.lengths_dev[index.to(self.device, non_blocking=True)] = values.to(self.device, non_blocking=True)
+        self._changed(min(rows))
+
     def advance(self, batch: int) -> None:
         """Rows 0..batch-1 each took one token (a decode step: not a change of rows)."""
         for r in range(batch):

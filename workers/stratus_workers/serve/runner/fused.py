@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +27,7 @@ from stratus_workers.serve.runner import (
     Decoded,
     ModelRunner,
     UnsupportedModelError,
+    check_rows,
     env_flag,
     new_token_slots,
     to_device,
@@ -35,6 +37,9 @@ from stratus_workers.serve.runner.graphs import StaticDecoder
 from stratus_workers.serve.runner.modules import apply_rotary
 
 log = logging.getLogger(__name__)
+
+# Token counts a packed verification graph is captured for (CUDA): 64 sessions' 8-token drafts are 576.
+VERIFY_BUCKETS = (8, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 448, 512, 576, 640, 768, 896, 1024)
 
 
 def fusable(model: Any) -> bool:
@@ -231,6 +236,11 @@ class FusedRunner(ModelRunner):
         # group would have to agree on every guess, so it decodes one step at a time.
         ahead = env_flag("STRATUS_DECODE_AHEAD", self.cuda_graphs) and world == 1
         self.decoder = StaticDecoder(self, cuda_graphs=self.cuda_graphs, decode_ahead=ahead)
+        self.packed_verify = True  # off for good after a packed verification failed to run (forward_rows)
+        self._verify_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._verify_pool: Any = None
+        with torch.inference_mode(False):  # a graph's inputs, refilled before each replay
+            self._verify_inputs = torch.zeros((3, 0), dtype=torch.long, device=self.device)
 
     def _fuse_weights(self, rank: int, world: int) -> list[_LayerWeights]:
         d = self.head_dim
@@ -360,14 +370,138 @@ class FusedRunner(ModelRunner):
         starts: list[int],
         q_lens: list[int],
         all_logits: bool,
+        logits_from: int = 0,
     ) -> torch.Tensor:
-        if max(q_lens) == 1 and first_row == 0:  # a decode step of the batch's rows
+        if max(q_lens) == 1 and first_row == 0:  # a decode step of the batch's rows (logits_from is 0)
             logits = self.decoder.step(len(tokens), [t[0] for t in tokens]).logits
             return logits[:, None] if all_logits else logits
-        return self._extend(first_row, tokens, starts, q_lens, all_logits)
+        return self._extend(first_row, tokens, starts, q_lens, all_logits, logits_from)
 
     def _decode(self, ids: list[int], logprobs: bool) -> Decoded:
         return self.decoder.step(len(ids), ids, logprobs=logprobs)
+
+    @torch.inference_mode()
+    def forward_rows(
+        self, rows: Sequence[int], tokens: Sequence[Sequence[int]], logits_from: Sequence[int]
+    ) -> torch.Tensor:
+        """`ModelRunner.forward_rows` with the tokens packed: no padding, no row in between, and no mask.
+
+        Every new token is a query of its own at its position in its row; each layer writes all the new
+        keys first, so one pass of the decode step's attention (the Triton kernel on CUDA, which reads
+        each query's row from `rows`) is causal within the new tokens as well. Under tensor parallel, or
+        without the kernel on CUDA (STRATUS_VERIFY_PACKED=0 too), the padded pass of the base class.
+        """
+        packed = self.packed_verify and env_flag("STRATUS_VERIFY_PACKED", True) and self.world_size == 1
+        if not packed or (self.device.type == "cuda" and not self.triton_attention):
+            return super().forward_rows(rows, tokens, logits_from)
+        try:
+            return self._packed_rows(rows, tokens, logits_from)
+        except ValueError:
+            raise
+        except Exception as exc:  # a kernel that cannot run here: the padded pass is still correct
+            log.warning("packed verification failed (%s: %s); verifying padded", type(exc).__name__, exc)
+            self.packed_verify = False
+            return super().forward_rows(rows, tokens, logits_from)
+
+    def _packed_rows(
+        self, rows: Sequence[int], tokens: Sequence[Sequence[int]], logits_from: Sequence[int]
+    ) -> torch.Tensor:
+        check_rows(rows, tokens, logits_from, self.max_rows)
+        q_lens = [len(t) for t in tokens]
+        starts = [self.cache.lengths[r] for r in rows]
+        ends = [s + q for s, q in zip(starts, q_lens, strict=True)]
+        self.cache.grow(max(ends))
+        total = sum(q_lens)
+        lens = np.asarray(q_lens, dtype=np.int64)
+        index = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)  # within its row
+        scored = np.flatnonzero(index >= np.repeat(np.asarray(logits_from, dtype=np.int64), lens))
+        bucket = self._verify_bucket(total)
+        # A graph's bucket is filled with padding tokens, spread over the rows, each past its row's new end:
+        # slots no key is read from until a real token overwrites them. Where they would not fit, eagerly.
+        pad = bucket - total if bucket else 0
+        pad_rows = np.asarray(rows, dtype=np.int64)[np.arange(pad) % len(rows)]
+        pad_pos = np.asarray(ends, dtype=np.int64)[np.arange(pad) % len(rows)] + np.arange(pad) // len(rows)
+        if pad and int(pad_pos.max()) >= self.cache.capacity:
+            bucket = pad = 0
+        size = bucket or total
+        # Token ids, each token's row and position.
+        plan = np.zeros((3, size), dtype=np.int64)
+        plan[0, :total] = np.fromiter((t for row_tokens in tokens for t in row_tokens), dtype=np.int64, count=total)
+        plan[1, :total] = np.repeat(np.asarray(rows, dtype=np.int64), lens)
+        plan[2, :total] = np.repeat(np.asarray(starts, dtype=np.int64), lens) + index
+        if pad:
+            plan[1, total:] = pad_rows
+            plan[2, total:] = pad_pos
+        flat = to_device(np.concatenate([plan.reshape(-1), scored]), self.device)
+        scored_d = flat[3 * size :]
+        if bucket and self.cuda_graphs:
+            graph, hidden = self._verify_graph(bucket, flat[: 3 * size].view(3, size))
+            graph.replay()
+        else:
+            hidden = self._packed_body(flat[:size], flat[size : 2 * size], flat[2 * size : 3 * size], max(ends) + pad)
+        self.cache.set_row_lengths(list(rows), ends)
+        self.passes += 1
+        self.positions += total
+        return self.head(hidden[scored_d])
+
+    def _packed_body(self, ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """The packed pass over device buffers (what a verification graph captures): every token a query at
+        `pos` in row `rows`; returns the last hidden states [T, hidden] (the caller scores the ones it needs)."""
+        h = F.embedding(ids, self._embed)
+        cos, sin = self._cos[pos], self._sin[pos]
+        bias = None
+        if not self.triton_attention:  # the CPU's torch attention: each query against its row's keys up to its own
+            bias = torch.where(self._kv_ar[:kv_len][None, :] <= pos[:, None], 0.0, -1e30)
+        delta = torch.zeros_like(h)
+        for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
+            h, q = self._store_fn(
+                h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_cache, v_cache, rows, pos
+            )
+            if bias is None:
+                out = kernels.decode_attention(q, k_cache, v_cache, pos, self.scale, rows=rows)
+            else:
+                out = _decode_attention(q, k_cache[rows, :, :kv_len], v_cache[rows, :, :kv_len], bias, self.scale)
+            h, delta = self._mlp_fn(
+                h, F.linear(out, lw.o), lw.o_bias, lw.post_norm, lw.eps, lw.gate_up, lw.gate_up_bias, lw.down
+            )
+            if lw.down_bias is not None:
+                delta = delta + lw.down_bias
+        return h + delta
+
+    def _verify_bucket(self, total: int) -> int:
+        """The token count of the verification graph that runs `total` tokens, or 0: eagerly (no CUDA graphs,
+        or more tokens than the largest bucket)."""
+        if not (self.cuda_graphs and self.triton_attention and env_flag("STRATUS_VERIFY_GRAPHS", True)):
+            return 0
+        return next((b for b in VERIFY_BUCKETS if b >= total), 0)
+
+    def _verify_graph(self, bucket: int, plan: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The verification graph of `bucket` tokens, its inputs now `plan` ([3, bucket]: ids, rows, positions)."""
+        found = self._verify_graphs.get(bucket)
+        if found is not None:
+            self._verify_inputs[:, :bucket].copy_(plan)
+            return found
+        if self._verify_inputs.shape[1] < bucket:
+            with torch.inference_mode(False):
+                self._verify_inputs = torch.zeros((3, VERIFY_BUCKETS[-1]), dtype=torch.long, device=self.device)
+        inputs = self._verify_inputs[:, :bucket]
+        inputs.copy_(plan)
+        ids, rows, pos = inputs[0], inputs[1], inputs[2]
+        # As a decode graph: warm up on a side stream, then capture (the warm-up writes the same keys and
+        # values the replay then writes again).
+        stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._packed_body(ids, rows, pos, self.cache.capacity)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self._verify_pool is None:
+            self._verify_pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._verify_pool, capture_error_mode="thread_local"):
+            hidden = self._packed_body(ids, rows, pos, self.cache.capacity)
+        self._verify_graphs[bucket] = (graph, hidden)
+        return graph, hidden
 
     def _extend(
         self,
@@ -376,12 +510,12 @@ class FusedRunner(ModelRunner):
         starts: list[int],
         q_lens: list[int],
         all_logits: bool,
+        logits_from: int = 0,
     ) -> torch.Tensor:
         """Prefill, extend or verify (any number of new tokens per row) with the fused weights."""
         h = self.embed(self.padded_ids(tokens))
         h = self.extend_hidden(first_row, h, starts, q_lens)
-        if not all_logits:
-            h = self.last_tokens(h, q_lens)
+        h = h[:, logits_from:] if all_logits else self.last_tokens(h, q_lens)
         return self.head(h)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -484,7 +618,27 @@ class FusedRunner(ModelRunner):
         graphs = self.decoder.warmup(max_kv_len, batch_sizes)
         if self.compiled:
             self._warm_prefill()
+        self._warm_verify()
         return graphs
+
+    def _warm_verify(self) -> None:
+        """Capture the packed verification graphs now, as the decode graphs are, so that no Verify round pays
+        for a capture. Every row is empty at warm-up: the captures write at position 0, which real tokens
+        overwrite. A failure leaves them to be captured on first use."""
+        packed = self.packed_verify and env_flag("STRATUS_VERIFY_PACKED", True) and self.world_size == 1
+        if not (packed and self.cuda_graphs and self.triton_attention and env_flag("STRATUS_VERIFY_GRAPHS", True)):
+            return
+        if any(self.cache.lengths):
+            return
+        try:
+            for bucket in VERIFY_BUCKETS:
+                plan = torch.zeros((3, bucket), dtype=torch.long, device=self.device)
+                plan[1] = torch.arange(bucket, device=self.device) % self.max_rows
+                self._verify_graph(bucket, plan)
+            torch.cuda.synchronize(self.device)
+        except Exception as exc:
+            log.warning("verification graphs not captured ahead (%s: %s)", type(exc).__name__, exc)
+            self._verify_graphs.clear()
 
     def _warm_prefill(self) -> None:
         """Compile the prefill's functions now for each shape class (sizes of one are specialised), so

@@ -61,11 +61,11 @@ class ModuleRunner(ModelRunner):
         starts: list[int],
         q_lens: list[int],
         all_logits: bool,
+        logits_from: int = 0,
     ) -> torch.Tensor:
         hidden = self.embed(self.padded_ids(tokens))
         hidden = self.extend_hidden(first_row, hidden, starts, q_lens)
-        if not all_logits:
-            hidden = self.last_tokens(hidden, q_lens)
+        hidden = hidden[:, logits_from:] if all_logits else self.last_tokens(hidden, q_lens)
         return self.head(hidden)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

@@ -111,3 +111,60 @@ def test_rows_at_different_lengths_prefill_together_near_the_end_of_the_cache(
     close(logits[1], reference(fresh)[0])
     assert runner.lengths == [43, 30]
     close(runner.forward(0, [[8], [9]])[0], reference([*long_prompt, 5, 6, 7, 8])[0])
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_logits_from_scores_only_the_later_new_tokens(model: torch.nn.Module, reference, fast: bool) -> None:
+    """A verification's context goes into the cache unscored: the logits left are those of the full pass."""
+    from stratus_workers.serve.runner.fused import FusedRunner
+
+    def runner() -> ModuleRunner | FusedRunner:
+        if fast:
+            return FusedRunner(model, max_rows=2, max_len=64, cuda_graphs=False, compile=False)
+        return ModuleRunner(model, max_rows=2, max_len=64)
+
+    rows = [[5, 6, 7, 8, 9, 10], [3, 4, 11]]
+    whole = runner().forward(0, rows, all_logits=True)
+    part = runner()
+    scored = part.forward(0, rows, all_logits=True, logits_from=2)
+    assert scored.shape == (2, 4, whole.shape[-1])
+    close(scored, whole[:, 2:])
+    close(scored[0, -1], reference(rows[0])[0])
+    assert part.lengths == [6, 3]  # every token is in the cache, scored or not
+    for bad in ({"logits_from": 1}, {"all_logits": True, "logits_from": 6}):
+        with pytest.raises(ValueError, match="logits_from"):
+            part.forward(0, rows, **bad)
+    assert part.lengths == [6, 3]
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_forward_rows_scores_the_named_rows_alone(model: torch.nn.Module, reference, fast: bool) -> None:
+    """A verification of several sessions: rows apart, at different lengths, each scored from its own index on;
+    the row between them is left as it was (the fused path packs the tokens, the module path pads them)."""
+    from stratus_workers.serve.runner.fused import FusedRunner
+
+    runner: ModuleRunner | FusedRunner
+    if fast:
+        runner = FusedRunner(model, max_rows=4, max_len=64, cuda_graphs=False, compile=False)
+    else:
+        runner = ModuleRunner(model, max_rows=4, max_len=64)
+    held = {0: [5, 6, 7], 1: [9, 9, 9, 9, 9], 2: [], 3: [40, 41, 42, 43, 44, 45, 46]}
+    for row, ids in held.items():
+        if ids:
+            runner.forward(row, [ids])
+    between = runner.cache.keys[0][1, :, :5].clone()
+    new = {0: [8, 10, 11], 2: [20, 21, 22, 23, 24, 25], 3: [47]}
+    starts = {0: 2, 2: 3, 3: 0}
+    logits = runner.forward_rows([0, 2, 3], [new[r] for r in (0, 2, 3)], [starts[r] for r in (0, 2, 3)])
+    assert logits.shape[0] == (3 - 2) + (6 - 3) + (1 - 0)
+    at = 0
+    for row in (0, 2, 3):
+        ids = held[row] + new[row]
+        scored = len(new[row]) - starts[row]
+        close(logits[at : at + scored], reference(ids, last=scored))
+        at += scored
+        assert runner.lengths[row] == len(ids)
+    assert runner.lengths[1] == 5 and torch.equal(runner.cache.keys[0][1, :, :5], between)
+    with pytest.raises(ValueError, match="ascending"):
+        runner.forward_rows([3, 0], [[1], [2]], [0, 0])
+    assert runner.lengths == [6, 5, 6, 8]
