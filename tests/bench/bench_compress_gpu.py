@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run these variants exactly as the sample states them (no probes, no sizing)")
     parser.add_argument("--rerun", metavar="VARIANT",
                         help="one pruned variant: learning rate probed, recovery steps sized to --budget")
-    parser.add_argument("--probe-lr", type=float, nargs="+", default=[1e-4, 3e-4],
+    parser.add_argument("--probe-lr", type=float, nargs="+", default=[1e-4, 3e-4, 6e-4],
                         help="--rerun: the recovery learning rates to probe")
     args = parser.parse_args(argv)
     setup_logging("info", "json")
