@@ -359,8 +359,7 @@ def render(
         *_goal_lines(rows, speeds),
         "",
         *([f"On this machine {_fit_line(measured['cost_fit'])}.", ""] if measured.get("cost_fit") else []),
-        *_quiet_lines(quiet),
-        "",
+        *([*_quiet_lines(quiet), ""] if quiet else []),
         *_sparse_lines(sparse),
         "",
         "On the CPU there are no 2:4 kernels in torch: a 2:4 variant runs the dense kernels (the wanda-2-4 row's "
