@@ -27,7 +27,7 @@ from typing import Any
 import report
 import torch
 
-from stratus_workers.compress import evaluate
+from stratus_workers.compress import corpus, evaluate
 from stratus_workers.compress.prune import prune_model
 from stratus_workers.compress.quantize import quantize_model
 from stratus_workers.compress.spec import CompressionRecipe, Pruning
@@ -211,7 +211,11 @@ def _sparse_lines(sparse: dict[str, Any] | None) -> list[str]:
 
 
 def render(
-    jobs: dict[str, Any], sparse: dict[str, Any] | None, measured: dict[str, Any], quiet: dict[str, Any] | None = None
+    jobs: dict[str, Any],
+    sparse: dict[str, Any] | None,
+    measured: dict[str, Any],
+    quiet: dict[str, Any] | None = None,
+    train_tokens: int | None = None,
 ) -> str:
     env = jobs.get("environment", {})
     rows = jobs["rows"]
@@ -255,7 +259,7 @@ def render(
                       f"{fit['fixed_weights_in_layers']:.1f} layers (the LM head, which the runner already computes "
                       "for the last position only) and measures F = "
                       f"{fit['fixed_ms'] / fit['layer_ms']:.1f} L ({fit['fixed_ms']:.1f} ms + {fit['layer_ms']:.2f} ms "
-                      f"per layer{' on the quiet core below' if quiet else ''}), which predicts "
+                      f"per layer{' on the quiet core above' if quiet else ''}), which predicts "
                       f"{fit['predicted_speedup']:.2f}x")
         if fit and fit["fixed_ms"] > 3.75 * fit["layer_ms"]:
             bound += (": 1.8x is out of the fp32 student's reach at batch 1 on a CPU while its fp32 LM head is read "
@@ -289,7 +293,8 @@ def render(
         "there, so their ratio is ~1.0x by construction." + bound,
         f"Step counts were sized in the run from measured step times to fit its budget (plan: "
         f"{json.dumps({k: v for k, v in plan.items() if k != 'training_seconds'})}); the sample "
-        "`deploy/samples/smollm2-compression-gpu.yaml` holds the same recipes.",
+        "`deploy/samples/smollm2-compression-gpu.yaml` holds the recipes of the rows above (a row from a later run: "
+        "that run's, below).",
     ]
     if text_fig:
         notes.append(
@@ -329,10 +334,13 @@ def render(
                      + "; ".join(f"{v['learning_rate']:g} -> {v['held_out_kl']:.3f}" for v in res.values())
                      + f"; chosen {probe['chosen']:g}.")
         if not new.get("training_text"):
+            passes = (f", {new['training_tokens'] / train_tokens:.0f} passes over its {train_tokens / 1e6:.2f} M"
+                      if train_tokens else "")
             line += (f" The second run trained on the corpus' training slice alone "
-                     f"({new['training_tokens'] / 1e6:.1f} M tokens, KL to the full model as the loss, the mask held "
-                     "fixed): the evaluation corpus' own domain (disjoint blocks), where the gate reads perplexity, "
-                     "so read this row's change with that in mind; agreement on the general-English prompts went "
+                     f"({new['training_tokens'] / 1e6:.1f} M tokens{passes}, KL to the full model as the loss, the "
+                     "mask held fixed): the evaluation corpus' own domain (disjoint blocks), where the gate reads "
+                     "perplexity, so read this row's change with that in mind; agreement on the general-English "
+                     "prompts went "
                      f"{old['agreement']:.3f} -> {new['agreement']:.3f}, and the recovery's KL on its batches "
                      f"{p_new.get('recovery_first_loss', math.nan):.3f} -> "
                      f"{p_new.get('recovery_last_loss', math.nan):.3f}"
@@ -461,7 +469,9 @@ def build(results_dir: Path, threads: int, speed_tokens: int, *, remeasure: bool
         path.read_text())
     assert measured is not None
     quiet_path = results_dir / QUIET_FILE
-    return render(jobs, sparse, measured, json.loads(quiet_path.read_text()) if quiet_path.is_file() else None)
+    quiet = json.loads(quiet_path.read_text()) if quiet_path.is_file() else None
+    train_tokens = corpus.load_slices(bundled_tokenizer()).train_blocks.numel()
+    return render(jobs, sparse, measured, quiet, train_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:
