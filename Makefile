@@ -151,6 +151,8 @@ bench-compress: setup
 
 # On a machine with a CUDA GPU and the bundled model: the GPU sample's Jobs within BENCH_GPU_BUDGET seconds and
 # the 2:4 sparse kernel timings, into tests/bench/results/compress-gpu/ (then `make bench-compress` renders them).
+# One pruned variant again (learning rate probed, steps sized to the budget), whose row replaces the first run's:
+# `tests/bench/bench_compress_gpu.py --rerun wanda-2-4 --budget 270 --out tests/bench/results/compress-gpu`.
 BENCH_GPU_BUDGET ?= 390
 bench-compress-gpu: setup
 	$(PY) tests/bench/bench_compress_gpu.py --mode sparse --out tests/bench/results/compress-gpu

@@ -13,9 +13,15 @@ tokens/s of each variant's architecture measured on that machine.
   a short run each, sizes the generated text and the step counts so that the whole run fits `--budget`
   seconds, then runs each variant's compression Job (`stratus_workers.compress.job.compress`, as a Job would).
 
+- `--rerun VARIANT` (a pruned variant of the sample, the real weights): prunes once, probes the recovery's learning
+  rates (`--probe-lr`, a short run from the same pruned model each, judged by KL to the full model on held-out
+  calibration text), sizes the recovery steps to what is left of `--budget` from the probes' step time, then runs
+  the variant's Job with that recipe into gpu-compress-VARIANT.json (whose row replaces the main run's).
+
     python tests/bench/bench_compress_gpu.py --mode sparse --out DIR
     python tests/bench/bench_compress_gpu.py --mode jobs --out DIR --budget 400
     python tests/bench/bench_compress_gpu.py --mode jobs --out DIR --dry-run --source TINY_MODEL_DIR --device cpu
+    python tests/bench/bench_compress_gpu.py --rerun wanda-2-4 --out DIR --budget 250
 """
 
 from __future__ import annotations
@@ -65,6 +71,11 @@ PROBE_STEPS = 40
 FALLBACK_STEP_SECONDS = 0.25
 # A Job is not started once the run is this far past its budget (the device call would be killed).
 OVERRUN_SECONDS = 30.0
+# --rerun: steps of each learning-rate probe, and seconds a pruned variant's Job spends besides its recovery once the
+# model is converted and the corpus tokenised (teacher to the GPU, Wanda calibration, save, reload, CPU evaluation of
+# the variant and of the full model: ~20 s on the H200 machine) with a margin.
+RERUN_PROBE_STEPS = 40
+RERUN_JOB_RESERVE = 40.0
 DRY_RUN = {"generationBatchSize": 8, "generatedLength": 64, "batchSize": 4, "sequenceLength": 64,
            "recoveryBatchSize": 4, "recoverySequenceLength": 64}
 DRY_EVALUATION = {"perplexitySamples": 4, "sequenceLength": 64, "speedTokens": 8, "agreementPrompts": 4,
@@ -74,8 +85,8 @@ DRY_EVALUATION = {"perplexitySamples": 4, "sequenceLength": 64, "speedTokens": 8
 class Run:
     """The results document, written to disk after every change."""
 
-    def __init__(self, out: Path, mode: str) -> None:
-        self.path = out / RESULTS[mode]
+    def __init__(self, out: Path, mode: str, file: str | None = None) -> None:
+        self.path = out / (file or RESULTS[mode])
         self.doc: dict[str, Any] = {"rows": [], "stages": {}, "errors": []}
         self.started = time.perf_counter()
 
@@ -362,6 +373,69 @@ def _run_job(run: Run, spec: CompressionJobSpec, root: Path, work: Path, device:
         run.save()
 
 
+def _probe_learning_rates(full: Any, p_spec: Pruning, slices: corpus.CorpusSlices, device: torch.device,
+                          rates: list[float], steps: int, calibration_length: int) -> dict[str, Any]:
+    """Prune once; from that model, `steps` recovery steps at each rate, then KL to the full model on held-out
+    calibration text (which Wanda reads for its activation norms and no recovery trains on)."""
+    teacher = copy.deepcopy(full).to(device).eval()
+    pruned = copy.deepcopy(teacher)
+    data = TrainingBatches(slices)
+    masks = prune_model(pruned, p_spec, slices, calibration_length)
+    held_out = slices.sequences("calibration", 8, min(256, p_spec.recovery_sequence_length), field="calibration")
+    results: dict[str, Any] = {"before": {"held_out_kl": _held_out_kd(pruned, teacher, held_out, device)}}
+    for lr in rates:
+        student = copy.deepcopy(pruned)
+        spec = p_spec.model_copy(update={"recovery_steps": steps, "recovery_learning_rate": lr,
+                                         "recovery_warmup_steps": steps // 6})
+        _sync(device)
+        t0 = time.perf_counter()
+        figures = recover(student, teacher, masks, spec, data, 0, device)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        results[f"{lr:g}"] = {"learning_rate": lr, "seconds": round(seconds, 2), "step_seconds": seconds / steps,
+                              "last_loss": figures["recovery_last_loss"],
+                              "held_out_kl": _held_out_kd(student, teacher, held_out, device)}
+        del student
+    return results
+
+
+def rerun_main(args: argparse.Namespace, run: Run, device: torch.device, evaluation: dict[str, Any]) -> int:
+    """One pruned variant again: its recovery's learning rate probed, its steps sized to the budget, then its Job."""
+    variant = copy.deepcopy(_variants(args.sample, args.dry_run)[args.rerun])
+    recipe = variant["compression"]
+    if "pruning" not in recipe or "distillation" in recipe:
+        raise SystemExit(f"--rerun: {args.rerun} is not a pruned variant of the full model in {args.sample}")
+    if recipe.get("trainingText", {}).get("generatedSequences", 0):
+        raise SystemExit(f"--rerun: {args.rerun} asks for generated text; the probes train on the corpus alone, so "
+                         "set its trainingText.generatedSequences to 0 (or run it with --as-sampled)")
+    p_spec = Pruning.model_validate(recipe["pruning"])
+    loaded = run.stage("load-model", lambda: load_model(args.source, dtype="float32", device="cpu"))
+    if loaded is None:
+        return 1
+    slices = corpus.load_slices(loaded.tokenizer)
+    probe_steps = 3 if args.dry_run else RERUN_PROBE_STEPS
+    probes = run.stage("probe-learning-rate", lambda: _probe_learning_rates(
+        loaded.model, p_spec, slices, device, args.probe_lr, probe_steps, evaluation["sequenceLength"]))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the probes' models are gone; the Job makes its own
+    lr, step_seconds = p_spec.recovery_learning_rate, FALLBACK_STEP_SECONDS
+    if probes:
+        tried = {k: v for k, v in probes.items() if k != "before"}
+        lr = min(tried.values(), key=lambda v: v["held_out_kl"])["learning_rate"]
+        step_seconds = list(tried.values())[-1]["step_seconds"]  # the last probe's: CUDA's warm-up is behind it
+        run.doc["lr_probe"] = {"steps": probe_steps, "tokens_each": probe_steps * p_spec.recovery_batch_size
+                               * p_spec.recovery_sequence_length, "results": probes, "chosen": lr}
+    left = args.budget - run.elapsed() - RERUN_JOB_RESERVE
+    steps = max(10, math.floor(left / step_seconds))
+    recipe["pruning"].update(recoverySteps=steps, recoveryLearningRate=lr)
+    run.doc["plan"] = {"rerun": args.rerun, "recovery_steps": steps, "recovery_learning_rate": lr,
+                       "recovery_step_seconds": round(step_seconds, 4), "training_seconds": round(left, 1)}
+    run.save()
+    print(f"[gpu-bench] plan: {json.dumps(run.doc['plan'])}", file=sys.stderr, flush=True)
+    _run_job(run, _spec(variant, args.source, evaluation), args.work, args.work / "work", device)
+    return _finish(run, args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["jobs", "sparse"], default="jobs")
@@ -375,10 +449,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the artifacts under --work")
     parser.add_argument("--as-sampled", nargs="+", metavar="VARIANT",
                         help="run these variants exactly as the sample states them (no probes, no sizing)")
+    parser.add_argument("--rerun", metavar="VARIANT",
+                        help="one pruned variant: learning rate probed, recovery steps sized to --budget")
+    parser.add_argument("--probe-lr", type=float, nargs="+", default=[1e-4, 3e-4, 6e-4],
+                        help="--rerun: the recovery learning rates to probe")
     args = parser.parse_args(argv)
     setup_logging("info", "json")
     args.out.mkdir(parents=True, exist_ok=True)
-    run = Run(args.out, args.mode)
+    run = Run(args.out, args.mode, f"gpu-compress-{args.rerun}.json" if args.rerun else None)
     device = training.resolve_device(args.device)
     if args.mode == "sparse":
         run.doc["environment"] = _environment(device)
@@ -389,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
                    evaluation=evaluation, dry_run=args.dry_run)
     run.save()
     shutil.rmtree(args.work, ignore_errors=True)
+    if args.rerun:
+        return rerun_main(args, run, device, evaluation)
     work = args.work / "work"  # shared by every Job: the generated text and the student's checkpoint
     variants = _variants(args.sample, args.dry_run)
     if args.as_sampled:

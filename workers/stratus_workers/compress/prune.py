@@ -29,6 +29,17 @@ def measured_sparsity(model: nn.Module) -> float:
     return zeros / total if total else 0.0
 
 
+def pattern_violations(model: nn.Module) -> int:
+    """Groups of 4 consecutive inputs holding more than 2 nonzero weights, over the decoder linears (2:4: 0)."""
+    count = 0
+    for _, linear in target_linears(model):
+        weight = linear.weight
+        if weight.shape[1] % 4:
+            raise ValueError(f"a 2:4 check needs input dimensions divisible by 4, got {weight.shape[1]}")
+        count += int(((weight.reshape(weight.shape[0], -1, 4) != 0).sum(dim=-1) > 2).sum())
+    return count
+
+
 def _activation_norms(model: Any, calibration: torch.Tensor, batch_size: int = 4) -> dict[str, torch.Tensor]:
     """‖X_j‖₂ over all calibration tokens for every input feature j of every decoder linear (one dense pass).
 

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from stratus_workers.compress.job import compress
+from stratus_workers.compress.job import compress, gate_reasons
+from stratus_workers.compress.prune import pattern_violations
 from stratus_workers.compress.spec import CompressionJobSpec, ExitCode
 from stratus_workers.models.artifact import WEIGHTS_FILE
 from stratus_workers.models.loader import load_model
@@ -144,6 +145,30 @@ def test_recovery_fine_tune_runs_and_keeps_the_mask(make_spec: SpecFactory, tmp_
     figures = result.manifest["figures"]["pruning"]
     assert figures["sparsity"] == pytest.approx(figures["sparsity_after_pruning"])
     assert figures["recovery_first_loss"] != figures["recovery_last_loss"]
+
+
+def test_two_four_recovery_keeps_the_pattern_in_the_artifact(make_spec: SpecFactory, tmp_path: Path) -> None:
+    out = tmp_path / "recovered-2-4"
+    pruning = {"method": "wanda", "pattern": "2:4", "calibrationSamples": 4, "recoverySteps": 3,
+               "recoveryBatchSize": 2, "recoverySequenceLength": 32, "recoveryLearningRate": 1e-2}
+    result = compress(make_spec({"pruning": pruning}), out)
+    figures = result.manifest["figures"]["pruning"]
+    assert figures["recovery_first_loss"] != figures["recovery_last_loss"]  # the kept weights moved
+    assert figures["pattern_violations"] == 0 and result.exit_code == ExitCode.OK
+    model = load_model(str(out), dtype="float32", device="cpu").model
+    assert pattern_violations(model) == 0
+    weight = model.model.layers[0].mlp.down_proj.weight
+    with torch.no_grad():  # one group of 4 with three nonzeros: the check counts it
+        weight[0, :4] = torch.tensor([1.0, 2.0, 3.0, 0.0])
+    assert pattern_violations(model) == 1
+
+
+def test_a_broken_two_four_pattern_is_a_gate_reason(make_spec: SpecFactory) -> None:
+    spec = make_spec({"pruning": {"method": "wanda", "pattern": "2:4", "calibrationSamples": 4}})
+    figures = {"perplexity_increase": 0.0, "agreement": 1.0, "size_ratio": 1.0}
+    assert gate_reasons(spec, {**figures, "pruning": {"pattern_violations": 0}}) == []
+    assert gate_reasons(spec, {**figures, "pruning": {"pattern_violations": 7}}) == [
+        "the artifact breaks the 2:4 pattern in 7 groups of 4 weights"]
 
 
 def test_distilled_student_has_fewer_layers_and_generates(make_spec: SpecFactory, tmp_path: Path) -> None:
