@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from stratus_workers.serve.parallel import ParallelContext
 
 log = logging.getLogger(__name__)
+# A cancellation this close to the call's deadline is its deadline (see InferenceServicer._cancel_code).
+DEADLINE_SLACK = 0.1
 
 ENGINE_MODES = ("auto", "process", "thread")
 
@@ -288,6 +290,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return prompt, params
 
     @staticmethod
+    def _cancel_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+        """Why gRPC cancelled a handler: its deadline passed (while queued, say) or the client went away.
+
+        The client's deadline timer fires before this server's by the call's transit time (the server counts
+        the timeout from arrival), so a deadline usually reaches us as the client's cancellation a few
+        milliseconds early: one within DEADLINE_SLACK of the deadline is counted as the deadline.
+        """
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= DEADLINE_SLACK:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
+
+    @staticmethod
     def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
@@ -355,7 +370,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             await exc.abort(context)
             raise  # unreachable: abort raises
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            code = self._cancel_code(context)
             raise
         finally:
             self.metrics.requests.labels("Generate", code.name).inc()
@@ -389,7 +404,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             code = exc.code
             await exc.abort(context)
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            code = self._cancel_code(context)
             raise
         finally:
             self.metrics.requests.labels("GenerateStream", code.name).inc()

@@ -147,9 +147,26 @@ async def test_cancel_deadline_and_metrics(model_server, tiny_gguf_dir) -> None:
         await stream.__anext__()
         assert server.engine.active == 1
         await stream.aclose()  # the client goes away mid-stream
+
+        # Long streamed answers fill both rows and the queue ahead, so the next request waits in the server's
+        # queue when its deadline passes: the server itself must see the deadline (one that expires before the
+        # call reaches the server is only the client's business, a race a loaded machine makes likely). Twelve
+        # answers of 400 tokens take six rounds, about 1.8 s on an idle machine, longer on a busy one.
+        async def hold(i: int) -> None:
+            async for _ in client.stream(f"hold{i}", max_new_tokens=400):
+                pass
+
+        holders = [asyncio.create_task(hold(i)) for i in range(12)]
+        for _ in range(500):
+            if server.engine.active + server.engine.waiting == 12:
+                break
+            await asyncio.sleep(0.01)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await client.generate("slow", max_new_tokens=400, timeout=0.05)
+            await client.generate("slow", max_new_tokens=400, timeout=1.0)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for holder in holders:
+            holder.cancel()
+        await asyncio.gather(*holders, return_exceptions=True)
         for _ in range(200):
             if server.engine.active == 0 and server.engine.waiting == 0:
                 break
