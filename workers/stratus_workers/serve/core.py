@@ -11,10 +11,12 @@ thread of the server's.
 Rows 0..max_batch_size-1 of the runner hold the batch, contiguous from 0: first the rows that
 decode, then the rows still prefilling, in the order their prompts get the step's token budget.
 A step is: speculative calls (on the session rows above the batch), admissions (each new row
-starts with the longest cached prefix of its prompt, copied from the prefix pool), one decode
-step of the decoding rows, one prefill forward of up to `prefill_chunk` prompt tokens over the
-first prefilling rows (so a long prompt arriving mid-stream costs running streams one chunk per
-step, not the whole prompt), then finished rows leave and the last rows move into their places.
+starts with the longest cached prefix of its prompt, copied from the prefix pool; every arrival
+waiting is admitted at once), one prefill forward of up to `prefill_chunk` prompt tokens over the
+first prefilling rows, all of them together (so a long prompt arriving mid-stream costs running
+streams one chunk per step, not the whole prompt), one decode step of the decoding rows, which
+the rows whose prefill completed join from the next step on, then finished rows leave and the
+last rows move into their places.
 Every Verify call of a step runs in one forward pass over the session rows
 (`SpeculativeSessions.verify_many`), before the step's decode pass: many edge devices verifying at once
 cost one pass of the model, not one each ("verify_alone" keeps one pass per call, for comparison).
@@ -326,10 +328,13 @@ class EngineCore:
         self._drop_abandoned()
         self._admit()
         try:
+            # Prefill first: its forward queues behind the decode step already running ahead (the
+            # GPU's), its first tokens come out while the decode step computes, and the rows it
+            # completes join the decode batch at the next step as part of the step launched ahead.
+            joined = self._prefill() if len(self._rows) > self._decoding else []
             if self._decoding:
-                self._decode()
-            if len(self._rows) > self._decoding:
-                self._prefill()
+                self._decode(joined)
+            self._decoding += len(joined)
         except EngineFailed:  # the runner cannot compute any more (a pipeline stage died): the loop ends
             raise
         except Exception as exc:  # keep serving: fail only the requests in flight
@@ -393,14 +398,19 @@ class EngineCore:
                     seq.prefilled = seq.cached = len(slots) * self.prefix.block_size
             self._rows.append(seq)
 
-    def _decode(self) -> None:
+    def _decode(self, joined: list[_Seq]) -> None:
         seqs = self._rows[: self._decoding]
         params = [s.params for s in seqs]
-        decoded = self.runner.decode([s.generated[-1] for s in seqs], logprobs=any(p.logprobs for p in params))
+        # A joining row that already finished (its first token ended it) leaves at the step's end; any token will do.
+        join = [s.generated[-1] if s.generated else 0 for s in joined]
+        decoded = self.runner.decode(
+            [s.generated[-1] for s in seqs], logprobs=any(p.logprobs for p in params), join=join
+        )
         choice = choose_tokens(decoded.logits, params, [s.generator for s in seqs], decoded, [s.counts for s in seqs])
         self._advance_all(seqs, choice)
 
-    def _prefill(self) -> None:
+    def _prefill(self) -> list[_Seq]:
+        """Prefill the step's chunks; the rows whose prompts are complete (their first token chosen)."""
         # Prompt chunks for the first prefilling rows, in row order, within the step's budget; every
         # row but the last one given a chunk gets all that is left of its prompt, so rows finish
         # their prefill in row order and join the decoding rows at the front.
@@ -422,9 +432,8 @@ class EngineCore:
             self.prefill_tokens += len(chunk)
             done += seq.prefilled == len(seq.prompt)
         if not done:
-            return
+            return []
         ready = seqs[:done]
-        self._decoding += done
         if self.prefix is not None:
             for seq in ready:  # later requests with the same prompt start from here at once
                 self._store(seq, seq.prompt)
@@ -433,6 +442,7 @@ class EngineCore:
         for seq in ready:
             seq.first_token = now
         self._advance_all(ready, choice)
+        return ready
 
     def _advance_all(self, seqs: list[_Seq], choice: Choice) -> None:
         out, eos, lengths = self._out, self.eos, self.runner.lengths

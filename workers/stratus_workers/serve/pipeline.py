@@ -155,9 +155,9 @@ class PipelineRunner(ModelRunner):
     def _warmup(self, max_kv_len: int | None, batch_sizes: Sequence[int] | None) -> int:
         return self.inner.warmup(max_kv_len, batch_sizes)
 
-    def _decode(self, ids: list[int], logprobs: bool) -> Decoded:
+    def _decode(self, ids: list[int], logprobs: bool, join: Sequence[int]) -> Decoded:
         if self.ctx.first:
-            return super()._decode(ids, logprobs)
+            return super()._decode(ids, logprobs, join)
         self._forward(0, [[t] for t in ids], self.cache.lengths[: len(ids)], [1] * len(ids), False)
         return Decoded(torch.empty(0), [], None)
 

@@ -180,8 +180,12 @@ class ModelRunner(abc.ABC):
         return self._forward(first_row, tokens, starts, q_lens, all_logits)
 
     @torch.inference_mode()
-    def decode(self, ids: Sequence[int], *, logprobs: bool = False) -> Decoded:
-        """A decode step: feed `ids[i]` to row i (rows 0..len(ids)-1, one token each)."""
+    def decode(self, ids: Sequence[int], *, logprobs: bool = False, join: Sequence[int] = ()) -> Decoded:
+        """A decode step: feed `ids[i]` to row i (rows 0..len(ids)-1, one token each).
+
+        `join`: the first tokens of the rows after them that join the batch at the next step (a path
+        that starts the next step ahead of time starts theirs too; the others need not know).
+        """
         batch = len(ids)
         if not 0 < batch <= self.max_rows:
             raise ValueError(f"a decode step of {batch} rows does not fit this runner's {self.max_rows}")
@@ -189,7 +193,7 @@ class ModelRunner(abc.ABC):
         self._lead("decode", list(ids), logprobs=logprobs)
         self.passes += 1
         self.positions += batch
-        return self._decode(list(ids), logprobs)
+        return self._decode(list(ids), logprobs, join)
 
     @torch.inference_mode()
     def save_prefix(self, row: int, positions: list[int], slots: list[int], block: int) -> None:
@@ -245,7 +249,7 @@ class ModelRunner(abc.ABC):
     ) -> torch.Tensor:
         """Run the rows (the cache already holds room for them) and set their new lengths."""
 
-    def _decode(self, ids: list[int], logprobs: bool) -> Decoded:
+    def _decode(self, ids: list[int], logprobs: bool, join: Sequence[int]) -> Decoded:
         """A decode step through `_forward`; paths with a static step of their own replace it."""
         starts = self.cache.lengths[: len(ids)]
         return decoded(self._forward(0, [[t] for t in ids], starts, [1] * len(ids), False), logprobs)

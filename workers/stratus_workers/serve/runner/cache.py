@@ -15,9 +15,12 @@ class KVCache:
     decode graphs index; a row move or a prefix copy touches every layer at once through the whole
     tensor. Rows join, leave, roll back and move independently; `lengths` says how many tokens each
     holds (and `lengths_dev`, when asked for, mirrors it on the device for a decode step that must not
-    read host memory). `version` counts the changes made outside a decode step to rows below
-    `watched` (the rows a step computed ahead of time read), so such a step can tell whether the rows
-    it assumed still stand; a change to a row above them (a session, a prefill) leaves it valid.
+    read host memory). While a decode step launched ahead of time is in flight (`watch`), `ahead` says,
+    for each row that step computed, which of its rows the row holds now: a row move (compaction after
+    a request left) carries the step's work along, with the key it wrote one past the row's length,
+    and any other change to such a row (a reset, a prefill, a truncation) marks it None. So a finished
+    request costs the step launched ahead nothing, and a change to a row above them (a session, a
+    prefill into a new row) leaves it alone.
 
     The pool (`pool_tokens` tokens, allocated on first use) holds blocks of keys and values that
     finished or prefilled rows left behind, for the prefix cache (serve/prefix.py) to copy into new
@@ -53,8 +56,7 @@ class KVCache:
         if device_lengths:
             with torch.inference_mode(False):
                 self.lengths_dev = torch.zeros(rows, dtype=torch.long, device=device)
-        self.version = 0
-        self.watched = rows
+        self.ahead: list[int | None] | None = None
         self.capacity = 0
         self.all_keys = torch.empty(0)
         self.all_values = torch.empty(0)
@@ -95,15 +97,24 @@ class KVCache:
 
     # -- lengths ----------------------------------------------------------------------------
 
-    def _changed(self, first_row: int) -> None:
-        if first_row < self.watched:
-            self.version += 1
+    def watch(self, batch: int | None) -> None:
+        """A decode step of rows 0..batch-1 was launched ahead of time (None: none is in flight)."""
+        self.ahead = None if batch is None else list(range(batch))
+
+    def _changed(self, first_row: int, end: int) -> None:
+        ahead = self.ahead
+        if ahead is not None:
+            for row in range(first_row, min(end, len(ahead))):
+                ahead[row] = None
 
     def set_length(self, row: int, length: int) -> None:
+        self._set_length(row, length)
+        self._changed(row, row + 1)
+
+    def _set_length(self, row: int, length: int) -> None:
         self.lengths[row] = length
         if self.lengths_dev is not None:
             self.lengths_dev[row] = length
-        self._changed(row)
 
     def set_lengths(self, first_row: int, lengths: list[int]) -> None:
         """Rows first_row.. now hold `lengths` tokens (after a prefill or an extension)."""
@@ -111,7 +122,7 @@ class KVCache:
         self.lengths[first_row:end] = lengths
         if self.lengths_dev is not None:
             self.lengths_dev[first_row:end] = torch.tensor(lengths, dtype=torch.long).to(self.device, non_blocking=True)
-        self._changed(first_row)
+        self._changed(first_row, end)
 
     def advance(self, batch: int) -> None:
         """Rows 0..batch-1 each took one token (a decode step: not a change of rows)."""
@@ -130,12 +141,21 @@ class KVCache:
         self.set_length(row, length)
 
     def move(self, src: int, dst: int) -> None:
-        """Copy row `src` into row `dst` and empty `src`."""
+        """Copy row `src` into row `dst` and empty `src` (a step launched ahead follows the row)."""
         n = self.lengths[src]
+        ahead = self.ahead
+        carried = ahead[src] if ahead is not None and src < len(ahead) else None
+        # The step in flight wrote the key of the row's next token at position n (queued before this copy).
+        copy = min(n + 1, self.capacity) if carried is not None else n
         for cache in (self.all_keys, self.all_values):
-            cache[:, dst, :, :n].copy_(cache[:, src, :, :n])
-        self.set_length(dst, n)
-        self.set_length(src, 0)
+            cache[:, dst, :, :copy].copy_(cache[:, src, :, :copy])
+        self._set_length(dst, n)
+        self._set_length(src, 0)
+        if ahead is not None:
+            if dst < len(ahead):
+                ahead[dst] = carried
+            if src < len(ahead):
+                ahead[src] = None
 
     # -- the prefix cache's block pool ------------------------------------------------------
 

@@ -366,8 +366,8 @@ class FusedRunner(ModelRunner):
             return logits[:, None] if all_logits else logits
         return self._extend(first_row, tokens, starts, q_lens, all_logits)
 
-    def _decode(self, ids: list[int], logprobs: bool) -> Decoded:
-        return self.decoder.step(len(ids), ids, logprobs=logprobs)
+    def _decode(self, ids: list[int], logprobs: bool, join: Sequence[int]) -> Decoded:
+        return self.decoder.step(len(ids), ids, logprobs=logprobs, join=join)
 
     def _extend(
         self,
