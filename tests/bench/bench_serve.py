@@ -473,10 +473,15 @@ def _server_row(system: str, c: int, wall: float, results: list[dict[str, Any]])
     tokens = sum(r["tokens"] for r in results)
     ttfts = [r["chunks"][0] - r["sent"] for r in results if r["chunks"]]
     gaps = [b - a for r in results for a, b in zip(r["chunks"], r["chunks"][1:], strict=False)]
+    # The server's own view (its timing message): arrival to admission, and arrival to the first token it sent.
+    server = [r["server_ttft_ms"] for r in results if r.get("server_ttft_ms")]
+    queue = [r["queue_ms"] for r in results if r.get("server_ttft_ms")]
     return dict(
         system=system, concurrency=c, tokens_per_s=tokens / wall,
         ttft_p50_ms=_percentile(ttfts, 0.5) * 1e3, ttft_p95_ms=_percentile(ttfts, 0.95) * 1e3,
         itl_p50_ms=_percentile(gaps, 0.5) * 1e3, requests=len(results), tokens=tokens,
+        server_ttft_p50_ms=_percentile(server, 0.5), server_ttft_p95_ms=_percentile(server, 0.95),
+        queue_p50_ms=_percentile(queue, 0.5), queue_p95_ms=_percentile(queue, 0.95),
     )
 
 

@@ -32,6 +32,7 @@ from stratus_workers.serve.runner import (
 )
 from stratus_workers.serve.runner.cache import KVCache
 from stratus_workers.serve.runner.graphs import StaticDecoder
+from stratus_workers.serve.runner.prefill import StaticPrefill
 from stratus_workers.serve.runner.modules import apply_rotary
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,10 @@ class FusedRunner(ModelRunner):
         # group would have to agree on every guess, so it decodes one step at a time.
         ahead = env_flag("STRATUS_DECODE_AHEAD", self.cuda_graphs) and world == 1
         self.decoder = StaticDecoder(self, cuda_graphs=self.cuda_graphs, decode_ahead=ahead)
+        # Prefill from fixed buffers, a graph per bucket: with CUDA graphs on one device (a tensor-parallel
+        # group's all-reduces stay eager); STRATUS_STATIC_PREFILL=0 or 1 overrides (1 runs it on the CPU).
+        static = env_flag("STRATUS_STATIC_PREFILL", self.cuda_graphs) and world == 1
+        self.prefill = StaticPrefill(self, cuda_graphs=self.cuda_graphs) if static else None
 
     def _fuse_weights(self, rank: int, world: int) -> list[_LayerWeights]:
         d = self.head_dim
@@ -378,6 +383,15 @@ class FusedRunner(ModelRunner):
         all_logits: bool,
     ) -> torch.Tensor:
         """Prefill, extend or verify (any number of new tokens per row) with the fused weights."""
+        if self.prefill is not None and not all_logits:
+            try:
+                logits = self.prefill.run(first_row, tokens, starts, q_lens)
+            except Exception as exc:  # a capture that failed: the eager prefill below computes the same
+                log.warning("prefill graph failed (%s: %s); prefilling eagerly", type(exc).__name__, exc)
+                self.prefill, logits = None, None
+            if logits is not None:
+                self.cache.set_lengths(first_row, [s + q for s, q in zip(starts, q_lens, strict=True)])
+                return logits
         h = self.embed(self.padded_ids(tokens))
         h = self.extend_hidden(first_row, h, starts, q_lens)
         if not all_logits:
@@ -430,6 +444,46 @@ class FusedRunner(ModelRunner):
         self.cache.set_lengths(first_row, ends)
         return h + delta
 
+    def prefill_body(self, flat: torch.Tensor, batch: int, q_len: int, kv_len: int) -> torch.Tensor:
+        """A prefill of rows reading only device buffers (what a prefill graph captures); [batch, vocab] logits.
+
+        `flat` holds (runner/prefill.py) each row's start, number of new tokens and cache row, then the
+        [batch, q_len] padded ids. A padded slot writes its key at the spare slot past `max_len`.
+        """
+        r = self.max_rows
+        starts, lens, rows = flat[:batch], flat[r : r + batch], flat[2 * r : 2 * r + batch]
+        ids = flat[3 * r : 3 * r + batch * q_len].view(batch, q_len)
+        ar = self._kv_ar
+        spare = self.cache.capacity - 1
+        positions = starts[:, None] + ar[:q_len][None, :]  # [B, Q]
+        write_pos = torch.where(ar[:q_len][None, :] < lens[:, None], positions, spare)
+        table = positions.clamp(max=spare)
+        cos, sin = self._cos[table], self._sin[table]
+        mask = (ar[:kv_len][None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, Q, K]
+        write_rows = rows[:, None].expand(batch, q_len)
+        h = F.embedding(ids, self._embed)
+        delta = torch.zeros_like(h)
+        for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
+            h, q, k, v = self._prefill_qkv(h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin)
+            k_cache[write_rows, :, write_pos] = k
+            v_cache[write_rows, :, write_pos] = v
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                k_cache[:, :, :kv_len].index_select(0, rows),
+                v_cache[:, :, :kv_len].index_select(0, rows),
+                attn_mask=mask,
+                scale=self.scale,
+                enable_gqa=self.local_kv_heads != self.local_heads,
+            )
+            out = F.linear(out.transpose(1, 2).flatten(2), lw.o)
+            h, act = self._prefill_mlp(h, out, lw.o_bias, lw.post_norm, lw.eps, lw.gate_up, lw.gate_up_bias)
+            delta = F.linear(act, lw.down)
+            if lw.down_bias is not None:
+                delta = delta + lw.down_bias
+        h = h + delta
+        last = h[ar[:batch], (lens - 1).clamp(min=0)]
+        return self.head(last)
+
     def decode_body(self, tokens: torch.Tensor, batch: int, kv_len: int) -> torch.Tensor:
         """One decode step of rows 0..batch-1 reading only device buffers (what a graph captures).
 
@@ -474,12 +528,19 @@ class FusedRunner(ModelRunner):
         graphs = self.decoder.warmup(max_kv_len, batch_sizes)
         if self.compiled:
             self._warm_prefill()
+        if self.prefill is not None:
+            try:
+                graphs += self.prefill.warmup()
+            except Exception as exc:  # an optimisation must not take serving down: the eager prefill is correct
+                log.warning("prefill graph capture failed (%s: %s); prefilling eagerly", type(exc).__name__, exc)
+                self.prefill = None
         return graphs
 
     def _warm_prefill(self) -> None:
         """Compile the prefill's functions now for each shape class (sizes of one are specialised), so
         that no request waits for a compiler; fall back to eager prefill if that fails."""
         rows = min(3, self.max_rows)
+        static, self.prefill = self.prefill, None  # the eager prefill's functions (the static one warms itself)
         try:
             for batch, q_len in ((1, 1), (1, 5), (rows, 1), (rows, 17)):
                 batch = min(batch, rows)
@@ -490,5 +551,6 @@ class FusedRunner(ModelRunner):
             self._prefill_qkv = _prefill_qkv_eager(self.local_heads, self.local_kv_heads, self.head_dim)
             self._prefill_mlp = _mlp_in
         finally:
+            self.prefill = static
             for row in range(self.max_rows):
                 self.cache.set_length(row, 0)
