@@ -335,6 +335,10 @@ class EngineCore:
             if self._decoding:
                 self._decode(joined)
             self._decoding += len(joined)
+            if self.prefix is not None:  # after the decode step is launched: the copies queue behind it
+                for seq in joined:  # later requests with the same prompt start from here at once
+                    if not seq.finished:  # (one that finished stored its prompt and answer already)
+                        self._store(seq, seq.prompt)
         except EngineFailed:  # the runner cannot compute any more (a pipeline stage died): the loop ends
             raise
         except Exception as exc:  # keep serving: fail only the requests in flight
@@ -434,9 +438,6 @@ class EngineCore:
         if not done:
             return []
         ready = seqs[:done]
-        if self.prefix is not None:
-            for seq in ready:  # later requests with the same prompt start from here at once
-                self._store(seq, seq.prompt)
         choice = choose_tokens(logits[:done], [s.params for s in ready], [s.generator for s in ready])
         now = time.monotonic()
         for seq in ready:
@@ -445,8 +446,11 @@ class EngineCore:
         return ready
 
     def _advance_all(self, seqs: list[_Seq], choice: Choice) -> None:
-        out, eos, lengths = self._out, self.eos, self.runner.lengths
+        out, eos, lengths, max_len = self._out, self.eos, self.runner.lengths, self.max_len
         logprobs, alternatives = choice.logprobs, choice.alternatives
+        # The common case, no log-probabilities anywhere in this step: straight into the output's lists.
+        plain = logprobs is None and out.logprobs is None and out.top is None
+        seq_ids, tokens = out.seq_ids, out.tokens
         for i, (seq, token) in enumerate(zip(seqs, choice.tokens, strict=True)):
             if seq.cancelled:
                 self._finish(seq, "cancelled")
@@ -458,11 +462,14 @@ class EngineCore:
             params = seq.params
             if params.presence_penalty or params.frequency_penalty:
                 seq.counts[token] = seq.counts.get(token, 0) + 1
-            if params.logprobs and logprobs is not None:
+            if plain:
+                seq_ids.append(seq.seq_id)
+                tokens.append(token)
+            elif params.logprobs and logprobs is not None:
                 out.add(seq.seq_id, token, logprobs[i], alternatives[i] if alternatives is not None else ())
             else:
                 out.add(seq.seq_id, token, None)
-            if len(seq.generated) >= seq.params.max_new_tokens or lengths[seq.row] + 1 >= self.max_len:
+            if len(seq.generated) >= params.max_new_tokens or lengths[seq.row] + 1 >= max_len:
                 self._finish(seq, "length")
 
     def _expire(self) -> None:

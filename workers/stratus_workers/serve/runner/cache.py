@@ -121,7 +121,7 @@ class KVCache:
         end = first_row + len(lengths)
         self.lengths[first_row:end] = lengths
         if self.lengths_dev is not None:
-            self.lengths_dev[first_row:end] = torch.tensor(lengths, dtype=torch.long).to(self.device, non_blocking=True)
+            self.lengths_dev[first_row:end] = self._on_device(lengths)
         self._changed(first_row, end)
 
     def advance(self, batch: int) -> None:
@@ -181,7 +181,15 @@ class KVCache:
 
     def _index(self, starts: list[int], block: int) -> torch.Tensor:
         idx = (np.asarray(starts, dtype=np.int64)[:, None] + np.arange(block, dtype=np.int64)[None, :]).reshape(-1)
-        return torch.from_numpy(idx).to(self.device, non_blocking=True)
+        return self._on_device(idx)
+
+    def _on_device(self, values: np.ndarray | list[int]) -> torch.Tensor:
+        # Through pinned memory: a copy from pageable memory would make the host wait for every step queued
+        # on the device first (a decode step running ahead), at each prefill and each prefix save or load.
+        host = torch.from_numpy(np.asarray(values, dtype=np.int64))
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
 
     def save_blocks(self, row: int, positions: list[int], slots: list[int], block: int) -> None:
         """Copy `block` tokens of `row` from each position in `positions` into pool block `slots[i]`."""
