@@ -115,21 +115,30 @@ def run_sequential(model: Any, prompt_ids: list[list[int]], new_tokens: int) -> 
     return first, full
 
 
+BASELINES = ("sequential", "static", "compile")  # --baselines: which generate() baselines run
+
+
 def run_baselines(
-    model: Any, prompt_ids: list[list[int]], concurrency: int, new_tokens: int, sequential: tuple[float, float],
-    log: Any,
+    model: Any, prompt_ids: list[list[int]], concurrency: int, new_tokens: int, sequential: tuple[float, float] | None,
+    log: Any, which: Sequence[str] = BASELINES,
 ) -> list[dict[str, Any]]:
     device = next(model.parameters()).device
     rows: list[dict[str, Any]] = []
     batch = torch.tensor(prompt_ids[:concurrency], device=device)
-    # Sequential generate(): its speed does not depend on the queue; the i-th of `concurrency`
-    # queued requests gets its first token after the i whole requests before it.
-    first, full = sequential
-    ttfts = [i * full + first for i in range(concurrency)]
-    rows.append(_row("sequential generate()", concurrency, new_tokens / full, ttfts, (full - first) / (new_tokens - 1)))
-    log(rows[-1])
+    if sequential is not None:
+        # Sequential generate(): its speed does not depend on the queue; the i-th of `concurrency`
+        # queued requests gets its first token after the i whole requests before it.
+        first, full = sequential
+        ttfts = [i * full + first for i in range(concurrency)]
+        rows.append(
+            _row("sequential generate()", concurrency, new_tokens / full, ttfts, (full - first) / (new_tokens - 1))
+        )
+        log(rows[-1])
     repeats = 2 if device.type == "cuda" else 1
-    for name, static in (("static batch generate()", False), ("static cache + compile", True)):
+    variants = (("static", "static batch generate()", False), ("compile", "static cache + compile", True))
+    for key, name, static in variants:
+        if key not in which:
+            continue
         if static and device.type != "cuda":
             name = "static cache (uncompiled on CPU)"
         _generate(model, batch, 4, static=static)  # warm-up (compiles the static-cache variant)
@@ -585,9 +594,9 @@ def bench_model(arch_name: str, args: argparse.Namespace, pool: ClientPool, log:
     if shared:
         keep(asyncio.run(run_shared_prefix_uncached(bench, shared, pool, args, log)))
     if not args.skip_baselines:
-        sequential = run_sequential(model, prompt_ids, args.new_tokens)
+        sequential = run_sequential(model, prompt_ids, args.new_tokens) if "sequential" in args.baselines else None
         for c in args.baseline_concurrency or args.concurrency:
-            keep(run_baselines(model, prompt_ids, c, args.new_tokens, sequential, log))
+            keep(run_baselines(model, prompt_ids, c, args.new_tokens, sequential, log, args.baselines))
     del model, loaded, bench
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -749,6 +758,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="concurrencies of the generate() baselines (default: those of the server)")
     parser.add_argument("--label", help="name the server rows of this run (e.g. the tree --code measures)")
     parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--baselines", nargs="+", choices=BASELINES, default=list(BASELINES),
+                        help="which generate() baselines run (the goals compare with the best of those that ran)")
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--json", type=Path, help="also dump the raw rows here")
     parser.add_argument("--from-json", type=Path, nargs="+", help="render and write earlier --json dumps instead")
@@ -796,7 +807,7 @@ def main(argv: list[str] | None = None) -> int:
         settings=dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, rounds=args.rounds,
                       client_procs=args.client_procs, stagger_ms=args.stagger_ms, engine=args.engine,
                       shared_system_tokens=args.shared_system_tokens, shared_turn_tokens=args.shared_turn_tokens,
-                      label=args.label),
+                      label=args.label, baselines=[] if args.skip_baselines else args.baselines),
         rows=rows,
     )
     if args.json:

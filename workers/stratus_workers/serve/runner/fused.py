@@ -32,8 +32,8 @@ from stratus_workers.serve.runner import (
 )
 from stratus_workers.serve.runner.cache import KVCache
 from stratus_workers.serve.runner.graphs import StaticDecoder
-from stratus_workers.serve.runner.prefill import StaticPrefill
 from stratus_workers.serve.runner.modules import apply_rotary
+from stratus_workers.serve.runner.prefill import StaticPrefill
 
 log = logging.getLogger(__name__)
 

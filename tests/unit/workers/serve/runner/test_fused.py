@@ -95,7 +95,8 @@ def test_static_prefill_pads_rows_of_any_lengths_and_matches_the_eager_one(
     close(got[2], reference([50] * 30 + chunks[2])[0])
     for runner in (eager, static):  # every row's keys are right: the next tokens agree with the reference
         logits = runner.forward(0, [[11], [12], [13], [14]])
-        for row, ids in enumerate(([1, 2, 3, 4, 11], prompts[0] + [12], prompts[1] + [13], [50] * 30 + chunks[2] + [14])):
+        expected = ([1, 2, 3, 4, 11], prompts[0] + [12], prompts[1] + [13], [50] * 30 + chunks[2] + [14])
+        for row, ids in enumerate(expected):
             close(logits[row], reference(ids)[0])
         extended = runner.forward(5, [[5, 4]], all_logits=True)
         close(extended[0], reference([*session, 5, 4], last=2))
