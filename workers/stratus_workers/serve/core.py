@@ -329,11 +329,24 @@ class EngineCore:
         self._admit()
         try:
             # Prefill first: its forward queues behind the decode step already running ahead (the
-            # GPU's), its first tokens come out while the decode step computes, and the rows it
-            # completes join the decode batch at the next step as part of the step launched ahead.
-            joined = self._prefill() if len(self._rows) > self._decoding else []
-            if self._decoding:
-                self._decode(joined)
+            # GPU's), and the rows it completes join the decode batch from the next step on, as part of
+            # the step launched ahead. Where the runner takes their first tokens on the device (greedy
+            # rows, decode-ahead), the next decode step is queued right behind the prefill and the host
+            # reads those tokens while it runs; otherwise they are chosen first, then the decode step.
+            joined: list[_Seq] = []
+            if len(self._rows) > self._decoding:
+                ready, logits = self._prefill()
+                if ready and self._decoding and self._device_join(ready):
+                    greedy = self._decode(logits[: len(ready)].argmax(dim=-1))
+                    self._finish_prefill(ready, logits, greedy)
+                else:
+                    if ready:
+                        self._finish_prefill(ready, logits, None)
+                    if self._decoding:
+                        self._decode([s.generated[-1] if s.generated else 0 for s in ready])
+                joined = ready
+            elif self._decoding:
+                self._decode([])
             self._decoding += len(joined)
             if self.prefix is not None:  # after the decode step is launched: the copies queue behind it
                 for seq in joined:  # later requests with the same prompt start from here at once
@@ -402,19 +415,26 @@ class EngineCore:
                     seq.prefilled = seq.cached = len(slots) * self.prefix.block_size
             self._rows.append(seq)
 
-    def _decode(self, joined: list[_Seq]) -> None:
+    def _device_join(self, ready: list[_Seq]) -> bool:
+        return bool(getattr(self.runner, "device_join", False)) and all(
+            s.params.greedy and not s.params.adjusts_logits and not s.params.logprobs for s in ready
+        )
+
+    def _decode(self, join: list[int] | torch.Tensor) -> list[int] | None:
+        """Decode the decoding rows; `join`: the first tokens of the rows joining from the next step (a
+        device tensor: their greedy choices, which come back as the result)."""
         seqs = self._rows[: self._decoding]
         params = [s.params for s in seqs]
         # A joining row that already finished (its first token ended it) leaves at the step's end; any token will do.
-        join = [s.generated[-1] if s.generated else 0 for s in joined]
         decoded = self.runner.decode(
             [s.generated[-1] for s in seqs], logprobs=any(p.logprobs for p in params), join=join
         )
         choice = choose_tokens(decoded.logits, params, [s.generator for s in seqs], decoded, [s.counts for s in seqs])
         self._advance_all(seqs, choice)
+        return decoded.joined
 
-    def _prefill(self) -> list[_Seq]:
-        """Prefill the step's chunks; the rows whose prompts are complete (their first token chosen)."""
+    def _prefill(self) -> tuple[list[_Seq], torch.Tensor]:
+        """Prefill the step's chunks: the rows whose prompts are complete now, and the logits (theirs first)."""
         # Prompt chunks for the first prefilling rows, in row order, within the step's budget; every
         # row but the last one given a chunk gets all that is left of its prompt, so rows finish
         # their prefill in row order and join the decoding rows at the front.
@@ -435,15 +455,19 @@ class EngineCore:
             seq.prefilled += len(chunk)
             self.prefill_tokens += len(chunk)
             done += seq.prefilled == len(seq.prompt)
-        if not done:
-            return []
-        ready = seqs[:done]
-        choice = choose_tokens(logits[:done], [s.params for s in ready], [s.generator for s in ready])
+        return seqs[:done], logits
+
+    def _finish_prefill(self, ready: list[_Seq], logits: torch.Tensor | None, greedy: list[int] | None) -> None:
+        """The first tokens of rows whose prompts are complete: chosen from `logits`, or the `greedy` ones given."""
+        if greedy is not None:
+            choice = Choice(greedy, None, None)
+        else:
+            assert logits is not None
+            choice = choose_tokens(logits[: len(ready)], [s.params for s in ready], [s.generator for s in ready])
         now = time.monotonic()
         for seq in ready:
             seq.first_token = now
         self._advance_all(ready, choice)
-        return ready
 
     def _advance_all(self, seqs: list[_Seq], choice: Choice) -> None:
         out, eos, lengths, max_len = self._out, self.eos, self.runner.lengths, self.max_len

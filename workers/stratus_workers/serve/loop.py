@@ -182,13 +182,13 @@ class StepProfile:
         self.core = core
         self._reset()
 
-    def _counters(self) -> tuple[int, int, int]:
+    def _counters(self) -> tuple[int, int, int, int]:
         runner = self.core.runner
         decoder = getattr(runner, "decoder", None)
         prefill = getattr(runner, "prefill", None)
         return (
             getattr(decoder, "ahead_hits", 0), getattr(prefill, "replays", 0) if prefill is not None else 0,
-            self.core.prefill_tokens,
+            self.core.prefill_tokens, getattr(decoder, "device_joins", 0),
         )  # fmt: skip
 
     def _reset(self) -> None:
@@ -214,7 +214,7 @@ class StepProfile:
             import json
             import statistics
 
-            hits, replays, tokens = (b - a for a, b in zip(self.before, self._counters(), strict=True))
+            hits, replays, tokens, joins = (b - a for a, b in zip(self.before, self._counters(), strict=True))
             inside = sum(self.plain) + sum(self.prefill)
             wall = self.last - self.first
 
@@ -229,7 +229,7 @@ class StepProfile:
                 step_ms_mean=round(wall / steps * 1e3, 3), plain_steps=len(self.plain),
                 plain_p50_ms=ms(self.plain, 0.5), plain_p95_ms=ms(self.plain, 0.95), prefill_steps=len(self.prefill),
                 prefill_p50_ms=ms(self.prefill, 0.5), prefill_p95_ms=ms(self.prefill, 0.95),
-                prefill_tokens=tokens, ahead_hits=hits, prefill_graph_replays=replays,
+                prefill_tokens=tokens, ahead_hits=hits, prefill_graph_replays=replays, device_joins=joins,
             )  # fmt: skip
             with open(self.path, "a") as f:
                 f.write(json.dumps(line) + "\n")

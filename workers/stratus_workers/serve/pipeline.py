@@ -155,7 +155,7 @@ class PipelineRunner(ModelRunner):
     def _warmup(self, max_kv_len: int | None, batch_sizes: Sequence[int] | None) -> int:
         return self.inner.warmup(max_kv_len, batch_sizes)
 
-    def _decode(self, ids: list[int], logprobs: bool, join: Sequence[int]) -> Decoded:
+    def _decode(self, ids: list[int], logprobs: bool, join: Sequence[int] | torch.Tensor) -> Decoded:
         if self.ctx.first:
             return super()._decode(ids, logprobs, join)
         self._forward(0, [[t] for t in ids], self.cache.lengths[: len(ids)], [1] * len(ids), False)

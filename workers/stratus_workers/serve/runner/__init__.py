@@ -91,6 +91,7 @@ class Decoded:
     logits: torch.Tensor
     greedy: list[int]
     greedy_logprobs: list[float] | None
+    joined: list[int] | None = None  # a device `join`'s tokens, read back (see ModelRunner.decode)
 
 
 def decoded(logits: torch.Tensor, logprobs: bool) -> Decoded:
@@ -180,11 +181,14 @@ class ModelRunner(abc.ABC):
         return self._forward(first_row, tokens, starts, q_lens, all_logits)
 
     @torch.inference_mode()
-    def decode(self, ids: Sequence[int], *, logprobs: bool = False, join: Sequence[int] = ()) -> Decoded:
+    def decode(
+        self, ids: Sequence[int], *, logprobs: bool = False, join: Sequence[int] | torch.Tensor = ()
+    ) -> Decoded:
         """A decode step: feed `ids[i]` to row i (rows 0..len(ids)-1, one token each).
 
         `join`: the first tokens of the rows after them that join the batch at the next step (a path
-        that starts the next step ahead of time starts theirs too; the others need not know).
+        that starts the next step ahead of time starts theirs too; the others need not know). Given as
+        a device tensor (only to a runner whose `device_join` is true), they come back as `joined`.
         """
         batch = len(ids)
         if not 0 < batch <= self.max_rows:
@@ -249,10 +253,13 @@ class ModelRunner(abc.ABC):
     ) -> torch.Tensor:
         """Run the rows (the cache already holds room for them) and set their new lengths."""
 
-    def _decode(self, ids: list[int], logprobs: bool, join: Sequence[int]) -> Decoded:
+    def _decode(self, ids: list[int], logprobs: bool, join: Sequence[int] | torch.Tensor) -> Decoded:
         """A decode step through `_forward`; paths with a static step of their own replace it."""
         starts = self.cache.lengths[: len(ids)]
-        return decoded(self._forward(0, [[t] for t in ids], starts, [1] * len(ids), False), logprobs)
+        result = decoded(self._forward(0, [[t] for t in ids], starts, [1] * len(ids), False), logprobs)
+        if isinstance(join, torch.Tensor):
+            result.joined = join.tolist()
+        return result
 
     def _warmup(self, max_kv_len: int | None, batch_sizes: Sequence[int] | None) -> int:
         return 0

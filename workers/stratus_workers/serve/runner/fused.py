@@ -232,6 +232,8 @@ class FusedRunner(ModelRunner):
         # group would have to agree on every guess, so it decodes one step at a time.
         ahead = env_flag("STRATUS_DECODE_AHEAD", self.cuda_graphs) and world == 1
         self.decoder = StaticDecoder(self, cuda_graphs=self.cuda_graphs, decode_ahead=ahead)
+        # The engine may hand joining rows' first tokens over on the device (see ModelRunner.decode).
+        self.device_join = ahead
         # Prefill from fixed buffers, a graph per bucket: with CUDA graphs on one device (a tensor-parallel
         # group's all-reduces stay eager); STRATUS_STATIC_PREFILL=0 or 1 overrides (1 runs it on the CPU).
         static = env_flag("STRATUS_STATIC_PREFILL", self.cuda_graphs) and world == 1
@@ -371,7 +373,7 @@ class FusedRunner(ModelRunner):
             return logits[:, None] if all_logits else logits
         return self._extend(first_row, tokens, starts, q_lens, all_logits)
 
-    def _decode(self, ids: list[int], logprobs: bool, join: Sequence[int]) -> Decoded:
+    def _decode(self, ids: list[int], logprobs: bool, join: Sequence[int] | torch.Tensor) -> Decoded:
         return self.decoder.step(len(ids), ids, logprobs=logprobs, join=join)
 
     def _extend(

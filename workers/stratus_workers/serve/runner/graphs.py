@@ -66,6 +66,7 @@ class StaticDecoder:
         self.cuda_graphs = cuda_graphs
         self.decode_ahead = decode_ahead
         self.ahead_hits = 0  # steps whose result was already computed when the caller asked
+        self.device_joins = 0  # steps launched ahead with joining rows' first tokens taken on the device
         dev = body.device
         self._on_cuda = dev.type == "cuda"
         rows = body.max_rows
@@ -74,6 +75,8 @@ class StaticDecoder:
             self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)
         self._argmax_host = torch.zeros((2, rows), dtype=torch.long, pin_memory=self._on_cuda)
         self._logprob_host = torch.zeros((2, rows), dtype=torch.float32, pin_memory=self._on_cuda)
+        self._join_host = torch.zeros(rows, dtype=torch.long, pin_memory=self._on_cuda)
+        self._join_done: Any = torch.cuda.Event() if self._on_cuda else None  # type: ignore[no-untyped-call]
         self._slot = 0
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: Any = None
@@ -93,11 +96,15 @@ class StaticDecoder:
             kv *= 2
         return bucket, min(kv, self.cache.capacity)
 
-    def step(self, batch: int, ids: list[int], *, logprobs: bool = False, join: Sequence[int] = ()) -> Decoded:
+    def step(
+        self, batch: int, ids: list[int], *, logprobs: bool = False, join: Sequence[int] | torch.Tensor = ()
+    ) -> Decoded:
         """Feed `ids` to rows 0..batch-1 (one token each); returns their logits and greedy choices.
 
         `join` names the first tokens of rows batch.. that join the batch at the next step (their
         prompts were prefilled this step): the step launched ahead covers them too, fed those tokens.
+        As a device tensor (the prefill's greedy choices, still being computed) they are copied on the
+        device, the step launched ahead queues right behind, and they are read back (`joined`) while it runs.
         """
         ahead, self._ahead_step = self._ahead_step, None
         origin = self.cache.ahead
@@ -122,20 +129,40 @@ class StaticDecoder:
             step = self._launch(batch)
         self.cache.advance(batch)
         launched = 0
+        on_device = isinstance(join, torch.Tensor)
+        joined: Any = None
         if self._ahead_pause:
             self._ahead_pause -= 1
         elif self.decode_ahead:
             # Start the next step now, on this step's argmax, so the GPU works while the caller samples,
             # detokenizes and streams. If the caller picks other tokens or changes the rows, the next
             # call runs the step again; the guess only wrote keys past each row's length.
-            if join:
+            n = len(join)
+            if on_device and n:
+                assert isinstance(join, torch.Tensor)
+                self.tokens[batch : batch + n].copy_(join)
+                joined = self._join_host[:n]
+                joined.copy_(join, non_blocking=True)
+                self.device_joins += 1
+                if self._on_cuda:
+                    self._join_done.record()
+            elif n:
                 self._load_tokens(list(join), batch)
-            launched = batch + len(join)
+            launched = batch + n
             self._ahead_step = self._launch(launched)
             self.cache.watch(launched)
         decoded = self._finish(step, batch, rows, logprobs)
+        if on_device:
+            assert isinstance(join, torch.Tensor)
+            if joined is None:
+                decoded.joined = join.tolist()
+            else:
+                if self._on_cuda:
+                    self._join_done.synchronize()  # the prefill's tokens, not the step launched behind them
+                decoded.joined = joined.tolist()
         if launched:
-            self._expected = [*decoded.greedy, *join]  # what the step launched ahead was fed, row by row
+            tail = decoded.joined if on_device else list(join)
+            self._expected = [*decoded.greedy, *(tail or [])]  # what the step launched ahead was fed, row by row
         return decoded
 
     def _index(self, rows: Sequence[int]) -> torch.Tensor:
