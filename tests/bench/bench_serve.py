@@ -372,12 +372,14 @@ async def run_server(
             await pool.load(server.address, prompts, c, 1, min(args.new_tokens, 8), 1, 0.0)
         cost = HostCost(engine_pid(server))
         for c in concurrencies:
+            _profile_mark()
             steps_before = server.engine.steps
             cost.start()
             wall, results = await pool.load(server.address, prompts, c, args.rounds, args.new_tokens,
                                             args.client_procs, args.stagger_ms / 1e3)
             row = _server_row(SERVER, c, wall, results)
             row.update(cost.stop(row["tokens"]))
+            _attach_profile(row)
             row.update(engine_steps=server.engine.steps - steps_before, engine=getattr(server.engine, "mode", "thread"))
             rows.append(row)
             log(row)
@@ -392,6 +394,36 @@ async def run_server(
     return rows
 
 
+_profile_read = 0  # how much of the step profile (--profile) the rows have taken
+
+
+def _profile_mark() -> None:
+    """A measured run starts: what the profile holds so far (warm-ups) is not its."""
+    global _profile_read
+    path = os.environ.get("STRATUS_STEP_PROFILE")
+    time.sleep(0.3 if path else 0.0)  # the loop writes a period when it next finds its inbox empty (<= 0.25 s)
+    _profile_read = Path(path).stat().st_size if path and Path(path).exists() else 0
+
+
+def _attach_profile(row: dict[str, Any]) -> None:
+    """The engine loop's busy period that a measured run was (the longest since the last one read), if profiled."""
+    global _profile_read
+    path = os.environ.get("STRATUS_STEP_PROFILE")
+    if not path:
+        return
+    file = Path(path)
+    deadline = time.monotonic() + 1.0  # the loop writes a period when it next finds its inbox empty (<= 0.25 s)
+    while time.monotonic() < deadline and (not file.exists() or file.stat().st_size <= _profile_read):
+        time.sleep(0.05)
+    if not file.exists():
+        return
+    text = file.read_text()
+    periods = [json.loads(line) for line in text[_profile_read:].splitlines() if line.strip()]
+    _profile_read = len(text)
+    if periods:
+        row["profile"] = max(periods, key=lambda p: p["steps"])
+
+
 def shared_prompt_tokens(args: argparse.Namespace) -> int:
     return int(args.shared_system_tokens + args.shared_turn_tokens + 8)
 
@@ -401,11 +433,13 @@ async def shared_prefix_load(server: Any, prompts: list[str], pool: ClientPool, 
     c = args.shared_concurrency
     await pool.load(server.address, prompts[-8:], 8, 1, 8, 1, 0.0)  # warm-up: the system prompt was seen before
     cost = HostCost(engine_pid(server))
+    _profile_mark()
     cost.start()
     wall, results = await pool.load(server.address, prompts[:-8], c, args.rounds, args.new_tokens,
                                     args.client_procs, args.stagger_ms / 1e3)
     row = _server_row(f"shared prefix, prefix cache {'on' if cached else 'off'}", c, wall, results)
     row.update(cost.stop(row["tokens"]))
+    _attach_profile(row)
     stats = getattr(server.engine, "stats", None)
     if stats is not None and stats.prefix_queried_tokens:
         row["prefix_hit_rate"] = stats.prefix_hit_tokens / stats.prefix_queried_tokens
@@ -604,11 +638,20 @@ def bench_model(arch_name: str, args: argparse.Namespace, pool: ClientPool, log:
 
 
 def _label(run: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
-    """A row as the table shows it: a server row of a labelled run (another tree, `--label`) says so."""
+    """A row as the table shows it: a server row of a labelled run (another tree, `--label`) says so; every row
+    of such a run keeps its label, and only unlabelled rows count for the speed-ups and the goals."""
     label = run["settings"].get("label")
-    if label and row["system"] == SERVER:
-        return {**row, "system": f"{SERVER}, {label}"}
-    return row
+    if not label:
+        return row
+    if row["system"] == SERVER or row["system"].startswith("shared prefix"):
+        return {**row, "system": f"{row['system']}, {label}", "label": label}
+    return {**row, "label": label}
+
+
+def _cache_state(row: dict[str, Any]) -> str:
+    """A shared-prefix row's prefix-cache column: on or off (and the run's label)."""
+    state = "on" if row["system"].startswith("shared prefix, prefix cache on") else "off"
+    return f"{state}, {row['label']}" if row.get("label") else state
 
 
 def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
@@ -627,23 +670,28 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
         f"{settings['rounds']} request(s) each, back to back, in {settings['client_procs']} process(es) started "
         f"before the server, starts staggered by {settings['stagger_ms']} ms. Speed-up: stratus over the best "
         "`generate()` baseline at the same concurrency. Baseline TTFT/ITL are derived from their call timings (see "
-        "the script's docstring).",
+        "the script's docstring). TTFT is the clients'; the server's is from a request's arrival in the server to "
+        "its first token leaving the engine's frontend (its timing message).",
         "",
-        "| model | concurrency | system | tokens/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | speed-up |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| model | concurrency | system | tokens/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | speed-up | "
+        "server TTFT p50 / p95 ms |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     goals: list[str] = []
     main_rows = [r for r in rows if not r["system"].startswith("shared prefix")]
     for model in dict.fromkeys(r["model"] for r in main_rows):
         for c in sorted(dict.fromkeys(r["concurrency"] for r in main_rows if r["model"] == model)):
             group = [r for r in main_rows if r["model"] == model and r["concurrency"] == c]
-            base = [r for r in group if not r["system"].startswith("stratus")]
+            base = [r for r in group if not r["system"].startswith("stratus") and not r.get("label")]
             best = max((r["tokens_per_s"] for r in base), default=0.0)
             for r in sorted(group, key=lambda r: r["system"].startswith("stratus")):
                 speed = f"{r['tokens_per_s'] / best:.1f}{TIMES}" if r["system"].startswith("stratus") and best else ""
+                server = ""
+                if r.get("server_ttft_p50_ms"):
+                    server = f"{r['server_ttft_p50_ms']:.1f} / {r['server_ttft_p95_ms']:.1f}"
                 lines.append(
                     f"| {model} | {c} | {r['system']} | {r['tokens_per_s']:,.0f} | {r['ttft_p50_ms']:.1f} | "
-                    f"{r['ttft_p95_ms']:.1f} | {r['itl_p50_ms']:.2f} | {speed} |"
+                    f"{r['ttft_p95_ms']:.1f} | {r['itl_p50_ms']:.2f} | {speed} | {server} |"
                 )
         ours = {r["concurrency"]: r for r in main_rows if r["model"] == model and r["system"] == SERVER}
         if 1 in ours:
@@ -651,7 +699,7 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
         if 64 in ours:
             goals.append(_goal(f"{model} aggregate at 64", ours[64]["tokens_per_s"], GOAL_AGGREGATE_64, "tokens/s"))
             base = [r["tokens_per_s"] for r in main_rows if r["model"] == model and r["concurrency"] == 64
-                    and not r["system"].startswith("stratus")]  # fmt: skip
+                    and not r["system"].startswith("stratus") and not r.get("label")]  # fmt: skip
             if base:
                 goals.append(_goal(f"{model} at 64 over the best generate() baseline", ours[64]["tokens_per_s"] /
                                    max(base), GOAL_OVER_BASELINE, TIMES))  # fmt: skip
@@ -685,6 +733,27 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
                 f"| {r['model']} | {r['concurrency']} | {r['system']} | {where} | {r['frontend_us_per_token']:.0f} | "
                 f"{r['engine_us_per_token']:.0f} | {r['tokens_per_s']:,.0f} |"
             )
+    profiled = [r for r in rows if r.get("profile")]
+    if profiled:
+        lines += [
+            "",
+            "The engine loop, step by step (`STRATUS_STEP_PROFILE`, the measured run's busy period): mean wall time "
+            "per step, the median step without and with a prefill in it, time between steps (emitting the output, "
+            "taking inputs) per step, the share of steps whose decode result was already computed by the step "
+            "launched ahead, and how many prefills ran as CUDA graphs.",
+            "",
+            "| model | concurrency | system | steps | ms/step | step p50, no prefill | step p50, prefill | "
+            "between steps | decode-ahead hits | prefill graph replays |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in profiled:
+            p = r["profile"]
+            hits = p["ahead_hits"] / max(p["steps"], 1)
+            lines.append(
+                f"| {r['model']} | {r['concurrency']} | {r['system']} | {p['steps']} | {p['step_ms_mean']:.2f} | "
+                f"{p['plain_p50_ms']:.2f} | {p['prefill_p50_ms']:.2f} | {p['between_steps_ms'] / p['steps']:.2f} | "
+                f"{hits:.0%} | {p['prefill_graph_replays']} |"
+            )
     shared = [r for r in rows if r["system"].startswith("shared prefix")]
     if shared:
         lines += [
@@ -700,10 +769,10 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
         for r in shared:
             hit = f"{r['prefix_hit_rate']:.0%}" if "prefix_hit_rate" in r else "–"
             lines.append(
-                f"| {r['model']} | {r['concurrency']} | {r['system'].rsplit(' ', 1)[-1]} | {r['tokens_per_s']:,.0f} | "
+                f"| {r['model']} | {r['concurrency']} | {_cache_state(r)} | {r['tokens_per_s']:,.0f} | "
                 f"{r['ttft_p50_ms']:.1f} | {r['ttft_p95_ms']:.1f} | {r['itl_p50_ms']:.2f} | {hit} |"
             )
-        by = {r["system"].rsplit(" ", 1)[-1]: r for r in shared}
+        by = {_cache_state(r): r for r in shared if not r.get("label")}
         if "on" in by and "off" in by:
             ratio = by["off"]["ttft_p50_ms"] / by["on"]["ttft_p50_ms"]
             goals.append(_goal("shared prefix: TTFT p50 without the cache over with it", ratio, GOAL_PREFIX_TTFT,
@@ -762,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="which generate() baselines run (the goals compare with the best of those that ran)")
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--json", type=Path, help="also dump the raw rows here")
+    parser.add_argument("--profile", type=Path, help="profile the engine loop's steps into this file (a row each)")
     parser.add_argument("--from-json", type=Path, nargs="+", help="render and write earlier --json dumps instead")
     parser.add_argument("--write", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--no-write", action="store_true")
@@ -776,6 +846,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sys.path.insert(0, args.code)
+    if args.profile:  # read by the engine loop (serve/loop.py StepProfile), in its process or thread
+        args.profile.unlink(missing_ok=True)
+        os.environ["STRATUS_STEP_PROFILE"] = str(args.profile.resolve())
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     args.models = args.models or (["135m", "1b"] if cuda else ["135m"])
     args.prompt_tokens = args.prompt_tokens or (64 if cuda else 32)
