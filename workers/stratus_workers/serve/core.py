@@ -342,7 +342,7 @@ class EngineCore:
                 else:
                     if ready:
                         self._finish_prefill(ready, logits, None)
-                    if self._decoding:
+                    if self._decoding:  # a joining row its first token ended leaves at the step's end: any token
                         self._decode([s.generated[-1] if s.generated else 0 for s in ready])
                 joined = ready
             elif self._decoding:
@@ -425,7 +425,6 @@ class EngineCore:
         device tensor: their greedy choices, which come back as the result)."""
         seqs = self._rows[: self._decoding]
         params = [s.params for s in seqs]
-        # A joining row that already finished (its first token ended it) leaves at the step's end; any token will do.
         decoded = self.runner.decode(
             [s.generated[-1] for s in seqs], logprobs=any(p.logprobs for p in params), join=join
         )
