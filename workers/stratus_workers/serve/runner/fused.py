@@ -1,11 +1,14 @@
-"""The fused path: fused (and, under tensor parallel, sharded) weights, eager prefill, the decode step body.
+"""The fused path: fused (and, under tensor parallel, sharded) weights, the prefill and decode step bodies.
 
 Each layer's projections are fused into two matrices (q|k|v and gate|up), the KV cache is
 allocated once at full length, and row lengths live on the device as well as on the host, so a
 decode step reads only device buffers: graphs.py runs it per batch bucket, as a CUDA graph on
 CUDA, and one step ahead for greedy callers. `torch.compile` fuses the small element-wise
 kernels (norms, rotary, SiLU) inside the step, and a Triton kernel (serve/kernels.py) does its
-attention. With a sharded `ParallelContext` each rank keeps its share of the heads and MLP
+attention. The prefill likewise has a body that reads only device buffers, which prefill.py runs
+per (rows, length, keys) bucket as a CUDA graph; the eager prefill (`_extend`) serves the rest
+(a tensor-parallel group, verification's every-position logits, prefills too big for a graph).
+With a sharded `ParallelContext` each rank keeps its share of the heads and MLP
 columns and the partial results are all-reduced. This is CUDA's path; `STRATUS_FAST_PATH=1`
 runs the same arithmetic on the CPU, which is how the CPU tests cover it.
 """
