@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 MIN_Q_BUCKET = 16
 MAX_TOKENS = 4096  # padded rows x chunk length of one captured prefill (its activations' size)
 MAX_SCORES = 1 << 22  # padded rows x chunk length x keys: the attention scores' size
-MAX_GRAPHS = 64
-# Captured at warm-up (rows, chunk length); keys: the least that holds the chunk. Others on first use.
-WARM_SHAPES = tuple((b, q) for q in (16, 32, 64, 128) for b in (1, 2, 4, 8))
+MAX_GRAPHS = 128
+# Captured at warm-up: these (rows, chunk length) at every keys bucket (a short chunk after a long cached
+# prefix reads many keys: a chat's next turn). Others on first use.
+WARM_SHAPES = tuple((b, q) for q in (16, 32, 64) for b in (1, 2, 4, 8))
 
 
 class PrefillBody(Protocol):
@@ -140,11 +141,20 @@ class StaticPrefill:
         if not self.cuda_graphs:
             return 0
         self.flat.zero_()
-        for batch, q_len in WARM_SHAPES:
-            if batch > self.rows:
-                continue
-            shape = self.buckets(batch, q_len, max(q_len, MIN_KV_BUCKET))
-            if shape is not None and shape not in self.graphs and len(self.graphs) < MAX_GRAPHS:
-                self._capture(shape)
+        capacity = self.body.cache.capacity
+        kv = MIN_KV_BUCKET
+        keys = []
+        while True:
+            keys.append(min(kv, capacity))
+            if kv >= capacity:
+                break
+            kv *= 2
+        for kv_len in keys:
+            for batch, q_len in WARM_SHAPES:
+                if batch > self.rows or q_len > kv_len:
+                    continue
+                shape = self.buckets(batch, q_len, kv_len)
+                if shape is not None and shape not in self.graphs and len(self.graphs) < MAX_GRAPHS:
+                    self._capture(shape)
         torch.cuda.synchronize(self.body.device)
         return len(self.graphs)
