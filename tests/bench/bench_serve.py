@@ -358,7 +358,8 @@ def engine_pid(server: Any) -> int:
 
 
 async def run_server(
-    bench: Bench, prompts: list[str], pool: ClientPool, args: argparse.Namespace, log: Any, shared: list[str]
+    bench: Bench, prompts: list[str], pool: ClientPool, args: argparse.Namespace, log: Any, shared: list[str],
+    warm: list[str],
 ) -> list[dict[str, Any]]:
     """The standard load at each concurrency, then (on the same server, prefix cache on) the shared-prefix one."""
     concurrencies = args.concurrency
@@ -369,7 +370,7 @@ async def run_server(
     try:
         # One short pass at every concurrency first so no measured run pays for a first use.
         for c in [1, *concurrencies]:
-            await pool.load(server.address, prompts, c, 1, min(args.new_tokens, 8), 1, 0.0)
+            await pool.load(server.address, warm, c, 1, min(args.new_tokens, 8), 1, 0.0)
         cost = HostCost(engine_pid(server))
         for c in concurrencies:
             _profile_mark()
@@ -595,7 +596,9 @@ def bench_model(arch_name: str, args: argparse.Namespace, pool: ClientPool, log:
     params = sum(p.numel() for p in model.parameters())
     log(f"model {arch_name}: {params / 1e6:.0f}M parameters, {dtype}, {device}")
     count = max(args.concurrency) * max(args.rounds, 1) + 8
-    prompts = make_prompts(tokenizer, count, args.prompt_tokens)
+    # The warm-up passes get prompts of their own: a measured request must not find its prompt in the prefix cache.
+    prompts = make_prompts(tokenizer, count + max(args.concurrency), args.prompt_tokens)
+    prompts, warm = prompts[:count], prompts[count:]
     prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     rows: list[dict[str, Any]] = []
     shared: list[str] = []
@@ -618,7 +621,7 @@ def bench_model(arch_name: str, args: argparse.Namespace, pool: ClientPool, log:
     if args.tensor_parallel > 1:
         keep(asyncio.run(run_server_process(model, tokenizer, prompts, pool, args, log)))
     elif not args.skip_server:
-        served = asyncio.run(run_server(bench, prompts, pool, args, log, shared))
+        served = asyncio.run(run_server(bench, prompts, pool, args, log, shared, warm))
         if device.type == "cuda":  # after the server: its compiled kernels are cached by now
             step_ms = decode_step_times(model, args.prompt_tokens + args.new_tokens, args.concurrency)
             log(f"  decode step (graph replay, kv {args.prompt_tokens + args.new_tokens}): {step_ms}")
