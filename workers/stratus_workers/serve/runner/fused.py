@@ -151,6 +151,23 @@ def _mlp_in(
     return h, F.silu(gate) * up
 
 
+def _decode_in(
+    ids: torch.Tensor, embed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode step's start: the tokens' embeddings, the rotary tables at each row's position, a zero residual."""
+    h = F.embedding(ids, embed)
+    return h, cos[pos], sin[pos], torch.zeros_like(h)
+
+
+def _decode_out(
+    h: torch.Tensor, delta: torch.Tensor, norm_w: torch.Tensor, eps: float, w_head: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode step's end: the last residual add, final norm and head; float32 logits, argmax, its log-probability."""
+    logits = F.linear(_rms_norm(h + delta, norm_w, eps), w_head).float()
+    best = logits.argmax(dim=-1)
+    return logits, best, logits.gather(1, best[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+
 def _prefill_qkv_eager(n_q: int, n_kv: int, head_dim: int) -> Callable[..., Any]:
     def prefill_qkv(
         h: torch.Tensor, delta: torch.Tensor, norm_w: torch.Tensor, eps: float, w_qkv: torch.Tensor,
@@ -341,11 +358,18 @@ class FusedRunner(ModelRunner):
 
         # The prefill's element-wise work too: an eager prefill of a small model is a thousand kernel
         # launches, which at 64 streams (one admission every other step) costs more than the decoding.
-        fns: list[Callable[..., Any]] = [attention_block, mlp_block, store_block, prefill_qkv, _mlp_in]
+        # And the decode step's ends: the embedding and rotary lookups, and the final norm, head, argmax and
+        # its log-probability (about twenty small kernels eagerly, a few compiled, in every step's graph).
+        fns: list[Callable[..., Any]] = [
+            attention_block, mlp_block, store_block, prefill_qkv, _mlp_in, _decode_in, _decode_out,
+        ]  # fmt: skip
         self.compiled = compiled
         if compiled:
             fns = [torch.compile(fn, dynamic=True, fullgraph=True) for fn in fns]
-        self._attn_fn, self._mlp_fn, self._store_fn, self._prefill_qkv, self._prefill_mlp = fns
+        (
+            self._attn_fn, self._mlp_fn, self._store_fn, self._prefill_qkv, self._prefill_mlp, self._decode_in,
+            self._decode_out,
+        ) = fns  # fmt: skip
 
     def degrade(self) -> str | None:
         """Drop the newest optimisation of the decode step after a failed capture; its name, or None if none is left.
@@ -499,11 +523,9 @@ class FusedRunner(ModelRunner):
         assert lengths is not None  # the fused path's cache keeps its lengths on the device
         pos = lengths[:batch]
         rows = self._rows_dev[:batch]
-        h = F.embedding(tokens[:batch], self._embed)
-        cos, sin = self._cos[pos], self._sin[pos]
+        h, cos, sin, delta = self._decode_in(tokens[:batch], self._embed, self._cos, self._sin, pos)
         # Row b sees keys 0..pos[b] (its cache plus the key written this step).
         bias = None if self.triton_attention else torch.where(self._kv_ar[:kv_len][None, :] <= pos[:, None], 0.0, -1e30)
-        delta = torch.zeros_like(h)
         for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
             if self.triton_attention:
                 h, q = self._store_fn(
@@ -521,12 +543,11 @@ class FusedRunner(ModelRunner):
             delta = self._all_reduce(delta)
             if lw.down_bias is not None:
                 delta = delta + lw.down_bias
-        h = h + delta
-        logits = F.linear(_rms_norm(h, self._final_norm, self._final_eps), self._lm_head).float()
-        best = logits.argmax(dim=-1)
+        logits: torch.Tensor
+        logits, best, picked = self._decode_out(h, delta, self._final_norm, self._final_eps, self._lm_head)
         tokens[:batch].copy_(best)
         # The greedy choice's log-probability, so a caller asking for it need not wait on the logits.
-        self.greedy_logprobs[:batch].copy_(logits.gather(1, best[:, None])[:, 0] - torch.logsumexp(logits, dim=-1))
+        self.greedy_logprobs[:batch].copy_(picked)
         return logits
 
     def _warmup(self, max_kv_len: int | None, batch_sizes: Sequence[int] | None) -> int:
