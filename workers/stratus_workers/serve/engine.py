@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HANG_SECONDS = 1.25  # an engine process silent this long (it beats every 0.2 s) is frozen or gone
+# Stream messages per second the frontend sends in all (see AsyncEngine.message_rate).
+MESSAGE_RATE = 10_000.0
 WATCH_SECONDS = 0.1
 DEFAULT_STEP_TIMEOUT = 60.0
 
@@ -388,7 +390,7 @@ class _Stream:
 
     __slots__ = (
         "admitted", "arrived", "deadline", "finish", "first_seen", "params", "pending", "pending_logprobs",
-        "pending_top", "prompt_tokens", "received", "seq_id", "text", "waiter",
+        "pending_top", "prompt_tokens", "received", "sent_at", "seq_id", "text", "timer", "waiter",
     )  # fmt: skip
 
     def __init__(
@@ -408,11 +410,17 @@ class _Stream:
         self.received = 0
         self.admitted = 0.0
         self.first_seen = 0.0
+        self.sent_at = 0.0  # when its last event went out (0: none yet)
+        self.timer: asyncio.TimerHandle | None = None  # a paced wake-up (AsyncEngine.message_rate)
 
     def wake(self) -> None:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def timed_wake(self) -> None:
+        self.timer = None
+        self.wake()
 
 
 class AsyncEngine:
@@ -440,6 +448,12 @@ class AsyncEngine:
         self.failure: str | None = None
         self.stats = EngineStats()
         self.verify_together = True  # False: one forward pass per Verify call (the way it was; benchmarks)
+        # Stream messages per second, all streams together: with n streams running, one stream's next event
+        # goes out at least n / message_rate seconds after its last (its first, and its end, at once). One
+        # Python process sends every stream's text: at 64 streams and a step a millisecond, a message per
+        # token each is 64,000 messages a second, which it cannot send, and a backlog it works through
+        # delays every first token and finish. 0: every step's tokens go out as soon as they arrive.
+        self.message_rate = MESSAGE_RATE
         self._streams: dict[int, _Stream] = {}
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
@@ -566,6 +580,7 @@ class AsyncEngine:
                 if st.pending:
                     event = self._text_event(st)
                     if event is not None:
+                        st.sent_at = time.monotonic()
                         yield event
                     if st.text.stopped:  # a stop sequence: the answer ends here, the engine need not go on
                         yield self._finish_event(st, "stop", st.received)
@@ -582,6 +597,8 @@ class AsyncEngine:
                 return
         finally:
             self._streams.pop(st.seq_id, None)
+            if st.timer is not None:
+                st.timer.cancel()
             if not done and self.failure is None and not self._stopping:
                 with contextlib.suppress(EngineStopped):
                     self.transport.send(("abort", st.seq_id))
@@ -732,12 +749,22 @@ class AsyncEngine:
                 else:
                     future.set_result(value)
             stats = out.stats
-        for st in touched:
-            st.wake()
+        self._wake(touched)
         if stats is not None:
             self.stats = stats
             if self.on_stats is not None:
                 self.on_stats(stats)
+
+    def _wake(self, touched: list[_Stream]) -> None:
+        """Wake the streams that got tokens or finished, each no sooner than its pace allows (`message_rate`)."""
+        interval = len(self._streams) / self.message_rate if self.message_rate > 0 else 0.0
+        now = time.monotonic()
+        for st in touched:
+            due = st.sent_at + interval
+            if st.finish is not None or not st.sent_at or now >= due:
+                st.wake()
+            elif st.timer is None:
+                st.timer = asyncio.get_running_loop().call_later(due - now, st.timed_wake)
 
     def _fail(self, reason: str) -> None:
         """The core died: refuse new work, end every request and call in flight, and say so."""
