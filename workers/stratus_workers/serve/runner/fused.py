@@ -488,23 +488,33 @@ class FusedRunner(ModelRunner):
         write_pos = torch.where(ar[:q_len][None, :] < lens[:, None], positions, spare)
         table = positions.clamp(max=spare)
         cos, sin = self._cos[table], self._sin[table]
-        mask = (ar[:kv_len][None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, Q, K]
         write_rows = rows[:, None].expand(batch, q_len)
         h = F.embedding(ids, self._embed)
         delta = torch.zeros_like(h)
+        # Grouped-query heads folded into the query dimension (as the decode attention does): one attention of
+        # [B, kv heads, group x Q] queries under an additive mask, which SDPA's fused kernels take (with
+        # enable_gqa it falls back to the unfused one: a dozen kernels a layer and the scores in memory).
+        n_kv, d = self.local_kv_heads, self.head_dim
+        group = self.local_heads // n_kv
+        visible = ar[:kv_len][None, None, :] <= positions[:, :, None]  # [B, Q, K]
+        bias = torch.zeros(visible.shape, dtype=h.dtype, device=h.device)
+        bias = bias.masked_fill(~visible, torch.finfo(h.dtype).min)
+        bias = bias[:, None, None].expand(batch, 1, group, q_len, kv_len).reshape(batch, 1, group * q_len, kv_len)
         for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
-            h, q, k, v = self._prefill_qkv(h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin)
-            k_cache[write_rows, :, write_pos] = k
-            v_cache[write_rows, :, write_pos] = v
+            # The compiled decode block writes this chunk's keys and values into the cache itself.
+            h, q = self._store_fn(
+                h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_cache, v_cache, write_rows, write_pos
+            )
+            q = q.view(batch, q_len, n_kv, group, d).permute(0, 2, 3, 1, 4).reshape(batch, n_kv, group * q_len, d)
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2),
+                q,
                 k_cache[:, :, :kv_len].index_select(0, rows),
                 v_cache[:, :, :kv_len].index_select(0, rows),
-                attn_mask=mask,
+                attn_mask=bias,
                 scale=self.scale,
-                enable_gqa=self.local_kv_heads != self.local_heads,
             )
-            out = F.linear(out.transpose(1, 2).flatten(2), lw.o)
+            out = out.view(batch, n_kv, group, q_len, d).permute(0, 3, 1, 2, 4).reshape(batch, q_len, -1)
+            out = F.linear(out, lw.o)
             h, act = self._prefill_mlp(h, out, lw.o_bias, lw.post_norm, lw.eps, lw.gate_up, lw.gate_up_bias)
             delta = F.linear(act, lw.down)
             if lw.down_bias is not None:
