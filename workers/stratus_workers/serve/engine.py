@@ -389,8 +389,8 @@ class _Stream:
     """One request in flight, as the frontend tracks it."""
 
     __slots__ = (
-        "admitted", "arrived", "deadline", "finish", "first_seen", "params", "pending", "pending_logprobs",
-        "pending_top", "prompt_tokens", "received", "sent_at", "seq_id", "text", "timer", "waiter",
+        "admitted", "arrived", "deadline", "finish", "first_seen", "pacing", "params", "pending", "pending_logprobs",
+        "pending_top", "prompt_tokens", "received", "sent_at", "seq_id", "text", "waiter",
     )  # fmt: skip
 
     def __init__(
@@ -411,16 +411,12 @@ class _Stream:
         self.admitted = 0.0
         self.first_seen = 0.0
         self.sent_at = 0.0  # when its last event went out (0: none yet)
-        self.timer: asyncio.TimerHandle | None = None  # a paced wake-up (AsyncEngine.message_rate)
+        self.pacing = False  # waiting out its pace (AsyncEngine.message_rate): only its end wakes it early
 
     def wake(self) -> None:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-
-    def timed_wake(self) -> None:
-        self.timer = None
-        self.wake()
 
 
 class AsyncEngine:
@@ -573,7 +569,17 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                if not st.pending and st.finish is None:
+                if st.finish is None and st.sent_at and self.message_rate > 0:
+                    delay = st.sent_at + len(self._streams) / self.message_rate - time.monotonic()
+                    if delay > 0:  # tokens pile up meanwhile and go out as one event; the end comes at once
+                        st.pacing = True
+                        st.waiter = loop.create_future()
+                        timer = loop.call_later(delay, st.wake)
+                        await st.waiter
+                        timer.cancel()
+                        st.waiter = None
+                        st.pacing = False
+                while not st.pending and st.finish is None:
                     st.waiter = loop.create_future()
                     await st.waiter
                     st.waiter = None
@@ -597,8 +603,6 @@ class AsyncEngine:
                 return
         finally:
             self._streams.pop(st.seq_id, None)
-            if st.timer is not None:
-                st.timer.cancel()
             if not done and self.failure is None and not self._stopping:
                 with contextlib.suppress(EngineStopped):
                     self.transport.send(("abort", st.seq_id))
@@ -749,22 +753,13 @@ class AsyncEngine:
                 else:
                     future.set_result(value)
             stats = out.stats
-        self._wake(touched)
+        for st in touched:
+            if st.finish is not None or not st.pacing:
+                st.wake()
         if stats is not None:
             self.stats = stats
             if self.on_stats is not None:
                 self.on_stats(stats)
-
-    def _wake(self, touched: list[_Stream]) -> None:
-        """Wake the streams that got tokens or finished, each no sooner than its pace allows (`message_rate`)."""
-        interval = len(self._streams) / self.message_rate if self.message_rate > 0 else 0.0
-        now = time.monotonic()
-        for st in touched:
-            due = st.sent_at + interval
-            if st.finish is not None or not st.sent_at or now >= due:
-                st.wake()
-            elif st.timer is None:
-                st.timer = asyncio.get_running_loop().call_later(due - now, st.timed_wake)
 
     def _fail(self, reason: str) -> None:
         """The core died: refuse new work, end every request and call in flight, and say so."""
