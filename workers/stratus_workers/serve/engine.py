@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 HANG_SECONDS = 1.25  # an engine process silent this long (it beats every 0.2 s) is frozen or gone
 # Stream messages per second the frontend sends in all (see AsyncEngine.message_rate).
-MESSAGE_RATE = 10_000.0
+MESSAGE_RATE = 4_000.0
 WATCH_SECONDS = 0.1
 DEFAULT_STEP_TIMEOUT = 60.0
 
