@@ -711,7 +711,7 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
             verdict = "met" if ratio <= GOAL_TTFT_RATIO else f"missed ({ratio / GOAL_TTFT_RATIO:.1f}{TIMES} over)"
             goal = f"{GOAL_TTFT_RATIO:.0f}{TIMES}"
             goals.append(f"- {model} TTFT p95 at 64 / idle TTFT: {ratio:.1f}{TIMES} (goal ≤ {goal}; {verdict})")
-    steps = {(r["model"], r["concurrency"]): r.get("step_ms") for r in rows if r.get("step_ms")}
+    steps = {(r["model"], r["concurrency"]): r.get("step_ms") for r in rows if r.get("step_ms") and not r.get("label")}
     if steps:
         lines += ["", "GPU time of one captured decode step (CUDA graph replay, idle server): " + "; ".join(
             f"{m} batch {c}: {ms:.3f} ms" for (m, c), ms in steps.items()
