@@ -646,9 +646,7 @@ def _label(run: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
     label = run["settings"].get("label")
     if not label:
         return row
-    if row["system"] == SERVER or row["system"].startswith("shared prefix"):
-        return {**row, "system": f"{row['system']}, {label}", "label": label}
-    return {**row, "label": label}
+    return {**row, "system": f"{row['system']}, {label}", "label": label}
 
 
 def _cache_state(row: dict[str, Any]) -> str:
@@ -701,11 +699,17 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
             goals.append(_goal(f"{model} single stream", ours[1]["tokens_per_s"], GOAL_SINGLE, "tokens/s"))
         if 64 in ours:
             goals.append(_goal(f"{model} aggregate at 64", ours[64]["tokens_per_s"], GOAL_AGGREGATE_64, "tokens/s"))
-            base = [r["tokens_per_s"] for r in main_rows if r["model"] == model and r["concurrency"] == 64
-                    and not r["system"].startswith("stratus") and not r.get("label")]  # fmt: skip
+            at64 = [r for r in main_rows if r["model"] == model and r["concurrency"] == 64
+                    and not r["system"].startswith("stratus")]  # fmt: skip
+            base = [r["tokens_per_s"] for r in at64 if not r.get("label")]
             if base:
                 goals.append(_goal(f"{model} at 64 over the best generate() baseline", ours[64]["tokens_per_s"] /
                                    max(base), GOAL_OVER_BASELINE, TIMES))  # fmt: skip
+            elif at64:  # none in this run: an earlier run's, and the goal line says so
+                best = max(at64, key=lambda r: r["tokens_per_s"])
+                goals.append(_goal(f"{model} at 64 over the best generate() baseline of another run ({best['system']})",
+                                   ours[64]["tokens_per_s"] / best["tokens_per_s"], GOAL_OVER_BASELINE, TIMES)
+                             + "; the goal asks for the same run, which did not measure one")  # fmt: skip
         if 1 in ours and 64 in ours:
             ratio = ours[64]["ttft_p95_ms"] / ours[1]["ttft_p50_ms"]
             verdict = "met" if ratio <= GOAL_TTFT_RATIO else f"missed ({ratio / GOAL_TTFT_RATIO:.1f}{TIMES} over)"
@@ -780,6 +784,9 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
             ratio = by["off"]["ttft_p50_ms"] / by["on"]["ttft_p50_ms"]
             goals.append(_goal("shared prefix: TTFT p50 without the cache over with it", ratio, GOAL_PREFIX_TTFT,
                                TIMES))  # fmt: skip
+            if by["on"].get("server_ttft_p50_ms") and by["off"].get("server_ttft_p50_ms"):
+                server = by["off"]["server_ttft_p50_ms"] / by["on"]["server_ttft_p50_ms"]
+                goals.append(f"  (measured in the server, arrival to first token: {server:.2f}{TIMES})")
     if any("tensor parallel" in r["system"] for r in rows):
         lines += ["", (
             "Tensor-parallel rows: `python -m stratus_workers.serve --tensor-parallel 2` as its own process group on "
