@@ -749,15 +749,16 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
             "taking inputs) per step, the share of steps whose decode result was already computed by the step "
             "launched ahead, and how many prefills ran as CUDA graphs.",
             "",
-            "| model | concurrency | system | steps | ms/step | step p50, no prefill | step p50, prefill | "
-            "between steps | decode-ahead hits | prefill graph replays |",
-            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| model | concurrency | system | steps | mean batch | ms/step | step p50, no prefill | "
+            "step p50, prefill | between steps | decode-ahead hits | prefill graph replays |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in profiled:
             p = r["profile"]
             hits = p["ahead_hits"] / max(p["steps"], 1)
             lines.append(
-                f"| {r['model']} | {r['concurrency']} | {r['system']} | {p['steps']} | {p['step_ms_mean']:.2f} | "
+                f"| {r['model']} | {r['concurrency']} | {r['system']} | {p['steps']} | {p['mean_batch']:.1f} | "
+                f"{p['step_ms_mean']:.2f} | "
                 f"{p['plain_p50_ms']:.2f} | {p['prefill_p50_ms']:.2f} | {p['between_steps_ms'] / p['steps']:.2f} | "
                 f"{hits:.0%} | {p['prefill_graph_replays']} |"
             )
@@ -770,14 +771,20 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
             f"{settings['new_tokens']} new tokens, clients as above; the same server with its prefix cache on, and "
             "one with `--prefix-cache-tokens 0`. The system prompt was seen once before the measured run.",
             "",
-            "| model | concurrency | prefix cache | tokens/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | hit rate |",
-            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+            "| model | concurrency | prefix cache | tokens/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | hit rate | "
+            "server TTFT p50 / p95 ms | queue p50 / p95 ms |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in shared:
             hit = f"{r['prefix_hit_rate']:.0%}" if "prefix_hit_rate" in r else "–"
+            server = queue = ""
+            if r.get("server_ttft_p50_ms"):
+                server = f"{r['server_ttft_p50_ms']:.1f} / {r['server_ttft_p95_ms']:.1f}"
+                queue = f"{r['queue_p50_ms']:.1f} / {r['queue_p95_ms']:.1f}"
             lines.append(
                 f"| {r['model']} | {r['concurrency']} | {_cache_state(r)} | {r['tokens_per_s']:,.0f} | "
-                f"{r['ttft_p50_ms']:.1f} | {r['ttft_p95_ms']:.1f} | {r['itl_p50_ms']:.2f} | {hit} |"
+                f"{r['ttft_p50_ms']:.1f} | {r['ttft_p95_ms']:.1f} | {r['itl_p50_ms']:.2f} | {hit} | {server} | "
+                f"{queue} |"
             )
         by = {_cache_state(r): r for r in shared if not r.get("label")}
         if "on" in by and "off" in by:
