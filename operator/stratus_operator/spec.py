@@ -200,8 +200,11 @@ class CloudTier(SpecModel):
          "tensorParallel cannot exceed gpusPerPod"),
         ("self.gpusPerPod == 0 || self.pipelineParallel <= self.gpusPerPod",
          "pipelineParallel cannot exceed gpusPerPod"),
-        ("self.tensorParallel == 1 || self.pipelineParallel == 1",
-         "tensorParallel and pipelineParallel cannot both exceed 1 yet; set one of them to 1"),
+        # Only when both exceed 1: either alone is the rule above, with its own message.
+        ("self.gpusPerPod == 0 || self.tensorParallel == 1 || self.pipelineParallel == 1 "
+         "|| self.tensorParallel * self.pipelineParallel <= self.gpusPerPod",
+         "tensorParallel times pipelineParallel cannot exceed gpusPerPod (each stage is a tensor-parallel group, "
+         "one GPU a rank)"),
     ))
 
     replicas: int = Field(1, ge=0, le=1000, description="Server pods (ignored when autoscaling is set).")
@@ -210,7 +213,7 @@ class CloudTier(SpecModel):
     pipeline_parallel: int = Field(
         1, ge=1, le=16,
         description="Pipeline stages within a pod: the decoder layers split into this many contiguous stages, "
-                    "one process and GPU each.",
+                    "one process and GPU each, or tensorParallel of them (a stage's tensor-parallel group).",
     )
     dtype: Dtype = Field("auto", description="Weights dtype: auto (bfloat16 on GPU, float32 on CPU).")
     device: Device = Field("auto", description="auto picks cuda when a GPU is visible.")
@@ -226,8 +229,11 @@ class CloudTier(SpecModel):
             raise ValueError("tensorParallel cannot exceed gpusPerPod")
         if self.gpus_per_pod and self.pipeline_parallel > self.gpus_per_pod:
             raise ValueError("pipelineParallel cannot exceed gpusPerPod")
-        if self.tensor_parallel > 1 and self.pipeline_parallel > 1:
-            raise ValueError("tensorParallel and pipelineParallel cannot both exceed 1 yet; set one of them to 1")
+        if self.gpus_per_pod and self.tensor_parallel * self.pipeline_parallel > self.gpus_per_pod:
+            raise ValueError(
+                "tensorParallel times pipelineParallel cannot exceed gpusPerPod (each stage is a tensor-parallel "
+                "group, one GPU a rank)"
+            )
         return self
 
 

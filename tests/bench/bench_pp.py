@@ -33,6 +33,15 @@ LAYOUTS: dict[str, tuple[str, list[str], int, dict[str, str]]] = {
     "single": ("one device", [], 1, {}),
     "tp2": ("tensor parallel 2", ["--tensor-parallel", "2"], 2, {}),
     "pp2": ("pipeline parallel 2", ["--pipeline-parallel", "2"], 2, {}),
+    # A step's rows as one micro-batch: no overlap of the stages within a step, but each stage reads its
+    # weights once a step instead of once per micro-batch (which is what a memory-bound decode step costs).
+    "pp2-m1": ("pipeline parallel 2, one micro-batch", ["--pipeline-parallel", "2", "--pipeline-microbatches", "1"], 2,
+               {}),
+    # Stages with their decode graphs but without decoding ahead: each step waits for rank 0's sampling.
+    "pp2-noahead": ("pipeline parallel 2, no decoding ahead", ["--pipeline-parallel", "2"], 2,
+                    {"STRATUS_DECODE_AHEAD": "0"}),
+    # Stages without their decode graphs (nor decoding ahead): each micro-batch's layers launched kernel by kernel.
+    "pp2-eager": ("pipeline parallel 2, no CUDA graphs", ["--pipeline-parallel", "2"], 2, {"STRATUS_CUDA_GRAPHS": "0"}),
     # One device without decode graphs (nor decoding ahead): what pipeline stages run like, on one device.
     "single-eager": ("one device, no CUDA graphs", [], 1, {"STRATUS_CUDA_GRAPHS": "0"}),
 }
@@ -61,6 +70,8 @@ async def run_layout(
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "workers"), os.environ.get("PYTHONPATH", "")]))
     env.update(extra_env)
+    if args.trace:  # the stages' timings (serve/stagetrace.py), one folder per layout
+        env["STRATUS_PP_TRACE"] = str(args.trace / layout)
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(*cmd, env=env)
     address = f"127.0.0.1:{port}"
@@ -85,7 +96,11 @@ async def run_layout(
     finally:
         if proc.returncode is None:
             proc.terminate()
-        code = await asyncio.wait_for(proc.wait(), 120)
+        try:
+            code = await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:  # a server that does not stop (a hung layout) is killed; its ranks die with it
+            proc.kill()
+            code = await proc.wait()
         log(f"  {label}: exit {code}")
     return rows
 
@@ -118,6 +133,17 @@ def render(run: dict[str, Any]) -> tuple[str, str]:
                 "—" if r is None else f"{r['tokens_per_s']:,.0f} ({r['ttft_p50_ms']:.1f} / {r['itl_p50_ms']:.2f})"
             )
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    if "single" in layouts and len(layouts) > 1:
+        lines += ["", "Tokens/s relative to one device:", ""]
+        for name in layouts:
+            if name == "single":
+                continue
+            ratios = []
+            for c in concurrencies:
+                r, base = by.get((name, c)), by.get(("single", c))
+                if r is not None and base is not None and base["tokens_per_s"]:
+                    ratios.append(f"{c} stream{'' if c == 1 else 's'} {r['tokens_per_s'] / base['tokens_per_s']:.2f}x")
+            lines.append(f"- {LAYOUTS[name][0]}: " + ", ".join(ratios))
     return kind, "\n".join(lines) + "\n"
 
 
@@ -135,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per server process (0: torch's)")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the bundled SmolLM2 tokenizer)")
     parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds a server may take to come up")
+    parser.add_argument("--layout-timeout", type=float, default=None, help="seconds a layout may take in all")
     parser.add_argument("--json", type=Path, help="also dump the raw rows here")
+    parser.add_argument("--trace", type=Path, help="trace pipeline stages into TRACE/<layout> (STRATUS_PP_TRACE)")
     parser.add_argument("--from-json", type=Path, help="render and write an earlier --json dump instead")
     parser.add_argument("--write", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--no-write", action="store_true")
@@ -188,7 +216,12 @@ def main(argv: list[str] | None = None) -> int:
                             prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, rounds=args.rounds,
                             client_procs=args.client_procs)  # fmt: skip
             for layout in args.layouts:
-                rows += asyncio.run(run_layout(layout, tmp, prompts, pool, args, log))
+                try:
+                    rows += asyncio.run(
+                        asyncio.wait_for(run_layout(layout, tmp, prompts, pool, args, log), args.layout_timeout)
+                    )
+                except (RuntimeError, TimeoutError) as exc:  # the other layouts still run; this one is missing
+                    log(f"  {layout}: skipped ({type(exc).__name__}: {exc})")
                 run = dict(meta=machine(torch.device("cuda" if cuda else "cpu")), settings=settings, rows=rows)
                 if args.json:  # after each layout: a run cut short keeps what it measured
                     args.json.parent.mkdir(parents=True, exist_ok=True)

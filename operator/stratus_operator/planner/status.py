@@ -253,6 +253,11 @@ def build_status(
 
 def server_topology(server: ServerPlan) -> str:
     """How one server spans its pod's GPUs, in words (the tier's `topology` in status)."""
+    if server.pipeline_parallel > 1 and server.tensor_parallel > 1:
+        ranks = server.pipeline_parallel * server.tensor_parallel
+        return (f"pipeline parallel {server.pipeline_parallel} x tensor parallel {server.tensor_parallel}: one pod "
+                f"per replica, {ranks} rank processes ({server.pipeline_parallel} stages of contiguous layer ranges, "
+                f"each a tensor-parallel group of {server.tensor_parallel}), one GPU each")
     if server.pipeline_parallel > 1:
         return (f"pipeline parallel {server.pipeline_parallel}: one pod per replica, {server.pipeline_parallel} "
                 f"stage processes (contiguous layer ranges), one GPU each")

@@ -267,11 +267,12 @@ def plan(
             dtype=cloud.dtype,
             device=cloud.device,
             serving=cloud.serving,
-            # A tensor- or pipeline-parallel server needs one GPU per rank or stage in its one pod.
+            # A tensor- or pipeline-parallel server needs one GPU per rank in its one pod (a pipeline's stages
+            # times their tensor-parallel ranks).
             # CPU and memory requests by default: the pods are not BestEffort, the scheduler counts the model's
             # memory, and an HPA on CPU utilisation has a request to divide by.
             resources=_with_requests(
-                # gpusPerPod GPUs (CEL keeps tensorParallel and pipelineParallel within them); 0 runs on CPU,
+                # gpusPerPod GPUs (CEL keeps tensorParallel x pipelineParallel within them); 0 runs on CPU,
                 # whatever the degree.
                 _with_gpu(cloud.resources, cloud.gpus_per_pod, gpu_resource),
                 cloud_demand(cloud.resources, spec.model.source)),

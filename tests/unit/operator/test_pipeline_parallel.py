@@ -38,6 +38,21 @@ def test_the_plan_asks_a_gpu_per_stage_and_the_pod_runs_the_stages() -> None:
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]  # NCCL's shared memory
 
 
+def test_stages_of_tensor_parallel_groups_take_a_pod_of_all_their_gpus() -> None:
+    """tensorParallel x pipelineParallel: one pod with every rank's GPU, both flags on the server's command."""
+    d = cloud(gpusPerPod=4, pipelineParallel=2, tensorParallel=2)
+    p = plan(d, ClusterView.local(), {})
+    assert p.cloud is not None and (p.cloud.pipeline_parallel, p.cloud.tensor_parallel) == (2, 2)
+    assert p.cloud.resources.limits == {"nvidia.com/gpu": "4"}
+    objects = render_plan(p, d, RenderOptions())
+    server = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-cloud"))
+    container = server["spec"]["template"]["spec"]["containers"][0]
+    command = container.get("command") or container["args"]
+    assert command[command.index("--pipeline-parallel") + 1] == "2"
+    assert command[command.index("--tensor-parallel") + 1] == "2"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+
+
 def test_gpus_per_pod_zero_runs_the_stages_on_cpu() -> None:
     # gpusPerPod 0 means a CPU pod whatever the degree (the stages talk gloo), as for tensorParallel.
     d = cloud(gpusPerPod=0, pipelineParallel=2)
@@ -59,7 +74,8 @@ def test_one_stage_renders_as_before() -> None:
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"gpusPerPod": 2, "tensorParallel": 2, "pipelineParallel": 2}, "cannot both exceed 1"),
+        ({"gpusPerPod": 2, "tensorParallel": 2, "pipelineParallel": 2},
+         "tensorParallel times pipelineParallel cannot exceed gpusPerPod"),
         ({"gpusPerPod": 2, "pipelineParallel": 4}, "pipelineParallel cannot exceed gpusPerPod"),
         ({"pipelineParallel": 0}, "pipelineParallel"),
     ],
@@ -74,7 +90,8 @@ def test_the_crd_carries_the_same_rules() -> None:
     tier = schema["properties"]["spec"]["properties"]["cloud"]
     assert tier["properties"]["pipelineParallel"]["minimum"] == 1
     rules = {r["rule"] for r in tier["x-kubernetes-validations"]}
-    assert "self.tensorParallel == 1 || self.pipelineParallel == 1" in rules
+    assert ("self.gpusPerPod == 0 || self.tensorParallel == 1 || self.pipelineParallel == 1 "
+            "|| self.tensorParallel * self.pipelineParallel <= self.gpusPerPod") in rules
     assert "self.gpusPerPod == 0 || self.pipelineParallel <= self.gpusPerPod" in rules
     status = schema["properties"]["status"]["properties"]["cloud"]["properties"]
     assert "topology" in status
@@ -85,6 +102,8 @@ def test_the_crd_carries_the_same_rules() -> None:
     [
         ({"gpusPerPod": 2, "pipelineParallel": 2}, "pipeline parallel 2: one pod per replica, 2 stage processes"),
         ({"gpusPerPod": 2, "tensorParallel": 2}, "tensor parallel 2: one pod per replica, 2 rank processes"),
+        ({"gpusPerPod": 4, "tensorParallel": 2, "pipelineParallel": 2},
+         "pipeline parallel 2 x tensor parallel 2: one pod per replica, 4 rank processes (2 stages"),
         ({}, "one process per replica"),
     ],
 )

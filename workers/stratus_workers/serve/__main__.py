@@ -39,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     args = tuple(sys.argv[1:] if argv is None else argv)
     try:
         config.validate()
+        if config.pipeline_parallel > 1 and os.environ.get("RANK", "0") != "0":
+            return follow_pipeline(config)  # with tensor_parallel too: each stage's ranks are its group
         if config.tensor_parallel > 1 and os.environ.get("RANK", "0") != "0":
             return follow_tensor_parallel(config)
-        if config.pipeline_parallel > 1 and os.environ.get("RANK", "0") != "0":
-            return follow_pipeline(config)
         if config.tensor_parallel > 1 and engine_mode(config) == "thread":
             return serve_tensor_parallel_in_process(config, args)
         _torch_threads(config)
@@ -101,18 +101,21 @@ def follow_tensor_parallel(config: ServerSettings) -> int:
 
 
 def follow_pipeline(config: ServerSettings) -> int:
-    """Stages 1..N-1 of `--pipeline-parallel N`: load the model, keep this stage's layers, and repeat
-    stage 0's runner calls until it stops (serve/pipeline.py)."""
+    """Ranks 1.. of `--pipeline-parallel P` (times `--tensor-parallel T`): load the model, keep this stage's
+    layers, and repeat rank 0's runner calls until it stops (serve/pipeline.py)."""
     from stratus_workers.models import load_model
     from stratus_workers.serve import pipeline
     from stratus_workers.serve.worker import die_with_parent
 
     die_with_parent()  # started by stage 0's engine process: it must not outlive it
     _torch_threads(config)
-    ctx = pipeline.init_pipeline(config.pipeline_parallel, config.pipeline_microbatches)
+    ctx = pipeline.init_pipeline(config.pipeline_parallel, config.pipeline_microbatches, config.tensor_parallel)
     loaded = load_model(config.model, dtype=config.dtype, device=config.device, name=config.name or None)
-    layers = pipeline.keep_stage(loaded.model, ctx.rank, ctx.world_size)
-    log.info("pipeline stage %d of %d joined (layers %d..%d)", ctx.rank, ctx.world_size, layers.start, layers.stop - 1)
+    layers = pipeline.keep_stage(loaded.model, ctx.stage, ctx.stages)
+    log.info(
+        "pipeline rank %d (stage %d of %d, tensor-parallel rank %d of %d) joined (layers %d..%d)",
+        ctx.rank, ctx.stage, ctx.stages, ctx.tp_rank, ctx.tensor_parallel, layers.start, layers.stop - 1,
+    )  # fmt: skip
     pipeline.follow(ctx, lambda **settings: pipeline.build_stage_runner(loaded.model, ctx, **settings))
     exit_now(0)
     return 0

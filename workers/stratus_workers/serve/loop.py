@@ -102,8 +102,8 @@ def build_core(
     rows = settings.max_batch_size + settings.max_sessions
     runner: ModelRunner
     if pipeline is not None:
-        keep_stage(model, pipeline.rank, pipeline.world_size)
-        pool = prefix_pool_tokens(settings, model, max_len)
+        keep_stage(model, pipeline.stage, pipeline.stages)
+        pool = prefix_pool_tokens(settings, model, max_len, pipeline.tensor_parallel)
         runner = build_stage_runner(model, pipeline, max_rows=rows, max_len=max_len, pool_tokens=pool)
     else:
         pool = prefix_pool_tokens(settings, model, max_len, world)

@@ -35,7 +35,9 @@ class ParallelContext:
     rank: int
     world_size: int
     group: Any = None  # ProcessGroup for the activations' all-reduces (None: the default group)
-    control: Any = None  # ProcessGroup (gloo) for rank 0's calls: small pickled messages
+    # ProcessGroup (gloo) for rank 0's calls: small pickled messages. None where someone else repeats the
+    # calls (a pipeline stage's group: the pipeline's rank 0 repeats every call to every rank).
+    control: Any = None
 
     @property
     def leader(self) -> bool:
@@ -46,8 +48,8 @@ class ParallelContext:
         return self.world_size > 1
 
     def lead(self, method: str, *args: Any, **kwargs: Any) -> None:
-        """On rank 0: tell the other ranks to make the same call (elsewhere: nothing)."""
-        if self.leader:
+        """On rank 0: tell the other ranks to make the same call (elsewhere, or without a control group: nothing)."""
+        if self.leader and self.control is not None:
             broadcast(self, (method, args, kwargs))
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:

@@ -111,12 +111,15 @@ class ServerSettings:
         default=1,
         metadata={
             "help": "Pipeline stages: the decoder layers split into N contiguous stages, one process and "
-            "device each (>1 runs the engine in a process, which starts the other stages)."
+            "device each, or tensor_parallel of them (>1 runs the engine in a process, which starts the others)."
         },
     )
     pipeline_microbatches: int = field(
         default=0,
-        metadata={"help": "Micro-batches a step's rows are split into under pipeline parallel (0: one per stage)."},
+        metadata={
+            "help": "Micro-batches a step's rows are split into under pipeline parallel (0: one per stage for a "
+            "prefill, one for a decode step)."
+        },
     )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error."})
     log_format: str = field(default="json", metadata={"help": "json or text.", "choices": ["json", "text"]})
@@ -145,8 +148,6 @@ class ServerSettings:
             raise ValueError(
                 f"pipeline_microbatches must be 0 (one per stage) or more, got {self.pipeline_microbatches}"
             )
-        if self.pipeline_parallel > 1 and self.tensor_parallel > 1:
-            raise ValueError("tensor_parallel and pipeline_parallel cannot both be above 1 yet; set one of them to 1")
         if self.pipeline_parallel > 1 and self.engine == "thread":
             raise ValueError("pipeline_parallel runs the engine in a process of its own; use engine=process or auto")
         if self.engine_step_timeout <= 0:
@@ -527,12 +528,14 @@ def engine_mode(config: ServerSettings, *, preloaded: bool = False) -> str:
 
 
 def stage_argv(config: ServerSettings) -> tuple[str, ...]:
-    """The command line of a pipeline stage (`python -m stratus_workers.serve ...`): what it needs to load
-    the model and join the pipeline, taken from the settings (a server built in-process has no argv)."""
+    """The command line of a pipeline rank (`python -m stratus_workers.serve ...`): what it needs to load
+    the model and join the pipeline (and its stage's tensor-parallel group), taken from the settings (a
+    server built in-process has no argv)."""
     c = config
     return (
         "--model", c.model, "--name", c.name, "--dtype", c.dtype, "--device", c.device, "--threads", str(c.threads),
         "--pipeline-parallel", str(c.pipeline_parallel), "--pipeline-microbatches", str(c.pipeline_microbatches),
+        "--tensor-parallel", str(c.tensor_parallel),
         "--log-level", c.log_level, "--log-format", c.log_format,
     )  # fmt: skip
 

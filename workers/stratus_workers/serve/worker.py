@@ -8,8 +8,9 @@ engine loop until told to stop or until the frontend goes away. A thread beside 
 that stopped (no beats) from a step that takes long (beats, but no progress). An error that ends
 the loop is sent as ("failed", message, exception type) before the process exits with status 1.
 Under `--tensor-parallel N` this process is rank 0: it starts ranks 1..N-1 (unless torchrun did),
-which follow its runner calls, and they die with it. Under `--pipeline-parallel N` it is stage 0
-and starts stages 1..N-1 the same way (serve/pipeline.py); a stage that dies ends this process.
+which follow its runner calls, and they die with it. Under `--pipeline-parallel P` it is rank 0 of
+stage 0 and starts the other P - 1 stages' ranks (P * T - 1 processes with `--tensor-parallel T`) the
+same way (serve/pipeline.py); a rank that dies ends this process.
 """
 
 from __future__ import annotations
@@ -122,20 +123,25 @@ def serve(channel: Channel) -> int:
         pipe = None
         watch = None
         children: list[Any] = []
-        if settings.tensor_parallel > 1:
+        if settings.pipeline_parallel > 1:  # with tensor_parallel too: each stage is a tensor-parallel group
+            from stratus_workers.serve import parallel as tp
+            from stratus_workers.serve import pipeline
+
+            world = settings.pipeline_parallel * settings.tensor_parallel
+            children = tp.spawn_followers(world, list(settings.argv))
+            watch = pipeline.StageWatch(
+                children, functools.partial(_stage_died, channel), tensor_parallel=settings.tensor_parallel
+            )
+            watch.start()
+            pipe = pipeline.init_pipeline(
+                settings.pipeline_parallel, settings.pipeline_microbatches, settings.tensor_parallel
+            )
+        elif settings.tensor_parallel > 1:
             from stratus_workers.serve import parallel as tp
 
             if "RANK" not in os.environ:
                 children = tp.spawn_followers(settings.tensor_parallel, list(settings.argv))
             parallel = tp.init_group(settings.tensor_parallel)
-        elif settings.pipeline_parallel > 1:
-            from stratus_workers.serve import parallel as tp
-            from stratus_workers.serve import pipeline
-
-            children = tp.spawn_followers(settings.pipeline_parallel, list(settings.argv))
-            watch = pipeline.StageWatch(children, functools.partial(_stage_died, channel))
-            watch.start()
-            pipe = pipeline.init_pipeline(settings.pipeline_parallel, settings.pipeline_microbatches)
         core, info = build_core(loaded, settings, parallel, pipe)
         if settings.warmup:
             core.warmup()

@@ -315,6 +315,11 @@ async def test_custom_resource_schema_and_cel_rules(emu: Emulator) -> None:
         await emu.create_obj(LLMD, "default", bad)
     assert refused.value.message == ('LLMDeployment.stratus.dev "smollm2" is invalid: spec.cloud: Invalid value: '
                                      '"object": tensorParallel cannot exceed gpusPerPod')
+    # Stages of tensor-parallel groups: one GPU a rank, all in the pod.
+    crowded = _sample()
+    crowded["spec"]["cloud"].update(gpusPerPod=2, tensorParallel=2, pipelineParallel=2)
+    with pytest.raises(ApiError, match="tensorParallel times pipelineParallel cannot exceed gpusPerPod"):
+        await emu.create_obj(LLMD, "default", crowded)
     wrong_type = _sample()
     wrong_type["spec"]["cloud"]["replicas"] = "two"
     with pytest.raises(ApiError, match=re.escape('spec.cloud.replicas in body must be of type integer: "string"')):
@@ -323,6 +328,10 @@ async def test_custom_resource_schema_and_cel_rules(emu: Emulator) -> None:
     unknown_enum["spec"]["routing"]["policy"] = "random"
     with pytest.raises(ApiError, match=re.escape('spec.routing.policy: Unsupported value: "random"')):
         await emu.create_obj(LLMD, "default", unknown_enum)
+    fits = _sample()
+    fits["metadata"]["name"] = "smollm2-pp"
+    fits["spec"]["cloud"].update(gpusPerPod=4, tensorParallel=2, pipelineParallel=2)
+    await emu.create_obj(LLMD, "default", fits)
     created = await emu.create_obj(LLMD, "default", _sample())
     # Structural defaults are filled in, as the API server stores them.
     assert created["spec"]["cloud"]["serving"]["maxPromptTokens"] == 2048

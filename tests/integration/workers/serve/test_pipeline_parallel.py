@@ -1,5 +1,6 @@
-"""Pipeline parallel: two stages (gloo on the CPU, two processes) answer exactly as one process does, and
-a stage that dies fails the requests in flight and the server's health instead of hanging."""
+"""Pipeline parallel: two stages (gloo on the CPU, two processes; or four, two stages of two tensor-parallel
+ranks) answer exactly as one process does, and a stage that dies fails the requests in flight and the
+server's health instead of hanging."""
 
 from __future__ import annotations
 
@@ -52,10 +53,21 @@ async def answers(address: str) -> tuple[list[str], list[str], str, list[float]]
     return alone, [r.text for r in together], streamed, scored
 
 
-@pytest.mark.parametrize("microbatches", [0, 3])
-async def test_two_stages_answer_like_one_process(model_server: Any, microbatches: int) -> None:
+@pytest.mark.parametrize(
+    ("microbatches", "fast", "ahead"), [(0, False, False), (3, False, False), (0, True, False), (3, True, True)]
+)
+async def test_two_stages_answer_like_one_process(
+    model_server: Any, monkeypatch: pytest.MonkeyPatch, microbatches: int, fast: bool, ahead: bool
+) -> None:
     """Greedy answers of a two-stage pipeline equal the single process's, alone and batched (the batch of
-    four rows runs as two micro-batches by default, as three of sizes 2, 1, 1 with `microbatches=3`)."""
+    four rows runs as two micro-batches by default, as three of sizes 2, 1, 1 with `microbatches=3`). On
+    the fused path, as CUDA runs it, a decode step goes through the stages' per-micro-batch decode step
+    (micro-batches of bucket sizes, pipeline.decode_groups), and with decoding ahead each step is queued on
+    every stage before rank 0 samples the last one (taken when greedy, dropped when the rows change)."""
+    if fast:  # the fused path, as CUDA runs it (and its per-micro-batch decode step), on the CPU
+        monkeypatch.setenv("STRATUS_FAST_PATH", "1")
+    if ahead:  # and each step queued ahead on the last one's argmax, as with CUDA graphs
+        monkeypatch.setenv("STRATUS_DECODE_AHEAD", "1")
     async with model_server(max_batch_size=4) as single:
         expected = await answers(single.address)
     async with model_server(
@@ -71,19 +83,47 @@ async def test_two_stages_answer_like_one_process(model_server: Any, microbatche
     assert together == alone and streamed == alone[1]
 
 
-async def test_a_killed_stage_fails_requests_and_health_at_once(model_server: Any) -> None:
+def rank_of(pid: int) -> int:
+    """The RANK a pipeline process was started with (parallel.spawn_followers sets it)."""
+    with open(f"/proc/{pid}/environ", "rb") as environ:
+        variables = dict(item.split(b"=", 1) for item in environ.read().split(b"\0") if b"=" in item)
+    return int(variables[b"RANK"])
+
+
+async def test_two_stages_of_two_tensor_parallel_ranks_answer_like_one_process(model_server: Any) -> None:
+    """`tensor_parallel=2, pipeline_parallel=2`: four processes (rank 0, the engine, starts the other three);
+    each stage's two ranks shard its layers and all-reduce between them, stage to stage rank to rank."""
+    async with model_server(max_batch_size=4) as single:
+        expected = await answers(single.address)
+    async with model_server(max_batch_size=4, engine="process", pipeline_parallel=2, tensor_parallel=2) as piped:
+        assert piped.engine is not None and piped.engine.info.runner == "PipelineRunner"
+        assert len(children_of(piped.engine.pid)) == 3
+        got = await answers(piped.address)
+    assert got[:3] == expected[:3]
+    assert len(got[3]) == len(expected[3]) > 3 and got[3] == pytest.approx(expected[3], abs=1e-4)
+
+
+@pytest.mark.parametrize(("tensor_parallel", "victim"), [(1, 1), (2, 3)])
+async def test_a_killed_stage_fails_requests_and_health_at_once(
+    model_server: Any, tensor_parallel: int, victim: int
+) -> None:
+    """Killing a stage's process (stage 1; with two ranks a stage, rank 3: stage 1's second rank) ends the
+    request in flight with UNAVAILABLE within seconds and turns health NOT_SERVING."""
     async with (
-        model_server(engine="process", pipeline_parallel=2, max_batch_size=1, max_new_tokens=400) as server,
+        model_server(
+            engine="process", pipeline_parallel=2, tensor_parallel=tensor_parallel, max_batch_size=1, max_new_tokens=400
+        ) as server,
         AsyncClient(server.address) as client,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
         assert server.engine is not None
         health = health_pb2_grpc.HealthStub(channel)
         assert (await client.generate("fine", max_new_tokens=2)).usage.completion_tokens == 2
-        (stage,) = children_of(server.engine.pid)
+        ranks = {rank_of(pid): pid for pid in children_of(server.engine.pid)}
+        assert sorted(ranks) == list(range(1, 2 * tensor_parallel))
         running = client.stream("in flight", max_new_tokens=400)
         await running.__anext__()
-        os.kill(stage, signal.SIGKILL)
+        os.kill(ranks[victim], signal.SIGKILL)
         started = time.monotonic()
         with pytest.raises(grpc.aio.AioRpcError) as in_flight:
             async for _ in running:

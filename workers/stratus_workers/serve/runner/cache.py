@@ -57,6 +57,10 @@ class KVCache:
             with torch.inference_mode(False):
                 self.lengths_dev = torch.zeros(rows, dtype=torch.long, device=device)
         self.ahead: list[int | None] | None = None
+        # The pipeline's steps queued ahead (serve/pipeline.py) use a coarser check: `version` counts every
+        # change outside a decode step to rows below `watched`, row moves included.
+        self.version = 0
+        self.watched = rows
         self.capacity = 0
         self.all_keys = torch.empty(0)
         self.all_values = torch.empty(0)
@@ -102,6 +106,8 @@ class KVCache:
         self.ahead = None if batch is None else list(range(batch))
 
     def _changed(self, first_row: int, end: int) -> None:
+        if first_row < self.watched:
+            self.version += 1
         ahead = self.ahead
         if ahead is not None:
             for row in range(first_row, min(end, len(ahead))):
@@ -151,6 +157,8 @@ class KVCache:
             cache[:, dst, :, :copy].copy_(cache[:, src, :, :copy])
         self._set_length(dst, n)
         self._set_length(src, 0)
+        if min(src, dst) < self.watched:
+            self.version += 1
         if ahead is not None:
             if dst < len(ahead):
                 ahead[dst] = carried

@@ -151,19 +151,11 @@ def _mlp_in(
     return h, F.silu(gate) * up
 
 
-def _decode_in(
-    ids: torch.Tensor, embed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A decode step's start: the tokens' embeddings, the rotary tables at each row's position, a zero residual."""
-    h = F.embedding(ids, embed)
-    return h, cos[pos], sin[pos], torch.zeros_like(h)
-
-
 def _decode_out(
-    h: torch.Tensor, delta: torch.Tensor, norm_w: torch.Tensor, eps: float, w_head: torch.Tensor
+    h: torch.Tensor, norm_w: torch.Tensor, eps: float, w_head: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A decode step's end: the last residual add, final norm and head; float32 logits, argmax, its log-probability."""
-    logits = F.linear(_rms_norm(h + delta, norm_w, eps), w_head).float()
+    """A decode step's end: final norm and head; float32 logits, the argmax and its log-probability."""
+    logits = F.linear(_rms_norm(h, norm_w, eps), w_head).float()
     best = logits.argmax(dim=-1)
     return logits, best, logits.gather(1, best[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
@@ -358,18 +350,13 @@ class FusedRunner(ModelRunner):
 
         # The prefill's element-wise work too: an eager prefill of a small model is a thousand kernel
         # launches, which at 64 streams (one admission every other step) costs more than the decoding.
-        # And the decode step's ends: the embedding and rotary lookups, and the final norm, head, argmax and
-        # its log-probability (about twenty small kernels eagerly, a few compiled, in every step's graph).
-        fns: list[Callable[..., Any]] = [
-            attention_block, mlp_block, store_block, prefill_qkv, _mlp_in, _decode_in, _decode_out,
-        ]  # fmt: skip
+        # And the decode step's end: the final norm, head, argmax and its log-probability (a dozen small
+        # kernels eagerly, a few compiled, in every step's graph).
+        fns: list[Callable[..., Any]] = [attention_block, mlp_block, store_block, prefill_qkv, _mlp_in, _decode_out]
         self.compiled = compiled
         if compiled:
             fns = [torch.compile(fn, dynamic=True, fullgraph=True) for fn in fns]
-        (
-            self._attn_fn, self._mlp_fn, self._store_fn, self._prefill_qkv, self._prefill_mlp, self._decode_in,
-            self._decode_out,
-        ) = fns  # fmt: skip
+        self._attn_fn, self._mlp_fn, self._store_fn, self._prefill_qkv, self._prefill_mlp, self._decode_out = fns
 
     def degrade(self) -> str | None:
         """Drop the newest optimisation of the decode step after a failed capture; its name, or None if none is left.
@@ -529,22 +516,40 @@ class FusedRunner(ModelRunner):
         Feeds `tokens[:batch]` at each row's length and leaves the step's argmax in `tokens[:batch]`
         (the next step's input, if the caller is greedy) and its log-probability in `greedy_logprobs`.
         """
+        h = self.decode_rows(F.embedding(tokens[:batch], self._embed), 0, kv_len)
+        logits: torch.Tensor
+        logits, best, picked = self._decode_out(h, self._final_norm, self._final_eps, self._lm_head)
+        tokens[:batch].copy_(best)
+        # The greedy choice's log-probability, so a caller asking for it need not wait on the logits.
+        self.greedy_logprobs[:batch].copy_(picked)
+        return logits
+
+    def decode_rows(self, h: torch.Tensor, first_row: int, kv_len: int) -> torch.Tensor:
+        """This runner's decoder layers over one new token of rows first_row.. (h [B, hidden], each row at its
+        length in `cache.lengths_dev`), reading only device buffers; the residual out. The decode step runs
+        it over rows 0..B-1, a pipeline stage over each micro-batch of rows (serve/pipeline.py)."""
         lengths = self.cache.lengths_dev
         assert lengths is not None  # the fused path's cache keeps its lengths on the device
-        pos = lengths[:batch]
-        rows = self._rows_dev[:batch]
-        h, cos, sin, delta = self._decode_in(tokens[:batch], self._embed, self._cos, self._sin, pos)
+        batch = h.shape[0]
+        pos, rows, local = lengths[:batch], self._rows_dev[:batch], self._rows_dev[:batch]
+        if first_row:
+            # Tensors of their own, not views at an offset: the compiled step functions see the same kinds of
+            # inputs whichever rows they run (cache rows by absolute index; attention reads a view from first_row).
+            pos, rows = lengths[first_row : first_row + batch].clone(), local + first_row
+        cos, sin = self._cos[pos], self._sin[pos]
         # Row b sees keys 0..pos[b] (its cache plus the key written this step).
         bias = None if self.triton_attention else torch.where(self._kv_ar[:kv_len][None, :] <= pos[:, None], 0.0, -1e30)
+        delta = torch.zeros_like(h)
         for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
+            k_rows, v_rows = (k_cache[first_row:], v_cache[first_row:]) if first_row else (k_cache, v_cache)
             if self.triton_attention:
                 h, q = self._store_fn(
                     h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_cache, v_cache, rows, pos
                 )
-                out = F.linear(kernels.decode_attention(q, k_cache, v_cache, pos, self.scale), lw.o)
+                out = F.linear(kernels.decode_attention(q, k_rows, v_rows, pos, self.scale), lw.o)
             else:
                 h, out = self._attn_fn(
-                    h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_cache, v_cache, rows, pos, bias,
+                    h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_rows, v_rows, local, pos, bias,
                     lw.o,
                 )
             h, delta = self._mlp_fn(
@@ -553,12 +558,7 @@ class FusedRunner(ModelRunner):
             delta = self._all_reduce(delta)
             if lw.down_bias is not None:
                 delta = delta + lw.down_bias
-        logits: torch.Tensor
-        logits, best, picked = self._decode_out(h, delta, self._final_norm, self._final_eps, self._lm_head)
-        tokens[:batch].copy_(best)
-        # The greedy choice's log-probability, so a caller asking for it need not wait on the logits.
-        self.greedy_logprobs[:batch].copy_(picked)
-        return logits
+        return h + delta
 
     def _warmup(self, max_kv_len: int | None, batch_sizes: Sequence[int] | None) -> int:
         graphs = self.decoder.warmup(max_kv_len, batch_sizes)

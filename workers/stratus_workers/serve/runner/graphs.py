@@ -14,7 +14,7 @@ about every other step, and each spoilt step cost a whole decode step of GPU tim
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -57,6 +57,63 @@ class _Step:
     done: torch.cuda.Event | None
 
 
+class GraphCache:
+    """CUDA graphs of static steps, one per key (a step's shape): captured on first use, then replayed.
+
+    `body()` must read and write only device buffers that outlive the graph. It runs twice on a side
+    stream first (compiles, cuBLAS handles), then once under capture into a memory pool the cache's
+    graphs share; `keep`, if given, is a buffer the warm-up runs overwrite (the tokens a step leaves its
+    argmax in) and is put back before the capture. A failed capture asks `degrade()` to drop an optimisation and
+    retries; past MAX_GRAPHS a key gets None (the caller runs the body eagerly).
+    """
+
+    def __init__(self, device: torch.device, degrade: Callable[[], str | None]) -> None:
+        self.device = device
+        self.degrade = degrade
+        self.graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool: Any = None
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def get(
+        self, key: Hashable, body: Callable[[], torch.Tensor], keep: torch.Tensor | None = None
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+        """The graph of `key` and its output (captured now from `body` if new), or None past MAX_GRAPHS."""
+        found = self.graphs.get(key)
+        if found is not None or len(self.graphs) >= MAX_GRAPHS:
+            return found
+        while True:
+            try:
+                self.graphs[key] = self._capture(body, keep)
+                return self.graphs[key]
+            except Exception as exc:
+                stage = self.degrade()
+                if stage is None:
+                    raise
+                log.warning("graph capture failed (%s: %s); retrying without %s", type(exc).__name__, exc, stage)
+                self.graphs.clear()
+
+    def _capture(
+        self, body: Callable[[], torch.Tensor], keep: torch.Tensor | None
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        kept = keep.clone() if keep is not None else None
+        stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if keep is not None and kept is not None:
+            keep.copy_(kept)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            out = body()
+        return graph, out
+
+
 class StaticDecoder:
     """Runs `body`'s decode step for rows 0..n-1: bucketed, as CUDA graphs when asked, one step ahead when asked."""
 
@@ -78,8 +135,7 @@ class StaticDecoder:
         self._join_host = torch.zeros(rows, dtype=torch.long, pin_memory=self._on_cuda)
         self._join_done: Any = torch.cuda.Event() if self._on_cuda else None  # type: ignore[no-untyped-call]
         self._slot = 0
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool: Any = None
+        self.graphs = GraphCache(dev, body.degrade)
         self._ahead_step: _Step | None = None
         self._expected: list[int] = []
         self._ahead_pause = 0
@@ -125,7 +181,7 @@ class StaticDecoder:
             if rows is not None:
                 self._ahead_pause = AHEAD_PAUSE_STEPS  # sampled tokens are not the argmax: stop guessing
             rows = None
-            self._load_tokens(ids, 0)
+            self.load_tokens(ids)
             step = self._launch(batch)
         self.cache.advance(batch)
         launched = 0
@@ -147,7 +203,7 @@ class StaticDecoder:
                 if self._on_cuda:
                     self._join_done.record()
             elif n:
-                self._load_tokens(list(join), batch)
+                self.load_tokens(list(join), batch)
             launched = batch + n
             self._ahead_step = self._launch(launched)
             self.cache.watch(launched)
@@ -168,7 +224,8 @@ class StaticDecoder:
     def _index(self, rows: Sequence[int]) -> torch.Tensor:
         return to_device(rows, self.body.device) if self._on_cuda else torch.tensor(rows, dtype=torch.long)
 
-    def _load_tokens(self, ids: list[int], first: int) -> None:
+    def load_tokens(self, ids: list[int], first: int = 0) -> None:
+        """`ids` into `tokens[first:first + len(ids)]` (on CUDA through pinned memory, without waiting for the copy)."""
         n = len(ids)
         if not self._on_cuda:
             self.tokens[first : first + n] = torch.tensor(ids, dtype=torch.long)
@@ -214,40 +271,9 @@ class StaticDecoder:
 
     def graph(self, batch: int, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
         """The captured step for this bucket (captured now if new), or None past MAX_GRAPHS."""
-        key = (batch, kv_len)
-        found = self.graphs.get(key)
-        if found is not None or len(self.graphs) >= MAX_GRAPHS:
-            return found
-        while True:
-            try:
-                self.graphs[key] = self._capture(batch, kv_len)
-                return self.graphs[key]
-            except Exception as exc:
-                stage = self.body.degrade()
-                if stage is None:
-                    raise
-                log.warning("decode graph capture failed (%s: %s); retrying without %s", type(exc).__name__, exc, stage)
-                self.graphs.clear()
-
-    def _capture(self, batch: int, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # Warm up on a side stream (compiles, cuBLAS handles), then capture. The warm-up's cache
-        # writes land at each row's next free slot, which the next real token overwrites; its
-        # argmax overwrites the step's input tokens, which are put back.
-        device = self.body.device
-        tokens = self.tokens.clone()
-        stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.body.decode_body(self.tokens, batch, kv_len)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.tokens.copy_(tokens)
-        graph = torch.cuda.CUDAGraph()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            out = self.body.decode_body(self.tokens, batch, kv_len)
-        return graph, out
+        # The warm-up's cache writes land at each row's next free slot, which the next real token
+        # overwrites; its argmax overwrites the step's input tokens, which are put back (`keep`).
+        return self.graphs.get((batch, kv_len), lambda: self.body.decode_body(self.tokens, batch, kv_len), self.tokens)
 
     def warmup(self, max_kv_len: int | None = None, batch_sizes: Sequence[int] | None = None) -> int:
         """Capture decode graphs ahead of traffic (so the first requests do not pay for it).
