@@ -115,21 +115,30 @@ def run_sequential(model: Any, prompt_ids: list[list[int]], new_tokens: int) -> 
     return first, full
 
 
+BASELINES = ("sequential", "static", "compile")  # --baselines: which generate() baselines run
+
+
 def run_baselines(
-    model: Any, prompt_ids: list[list[int]], concurrency: int, new_tokens: int, sequential: tuple[float, float],
-    log: Any,
+    model: Any, prompt_ids: list[list[int]], concurrency: int, new_tokens: int, sequential: tuple[float, float] | None,
+    log: Any, which: Sequence[str] = BASELINES,
 ) -> list[dict[str, Any]]:
     device = next(model.parameters()).device
     rows: list[dict[str, Any]] = []
     batch = torch.tensor(prompt_ids[:concurrency], device=device)
-    # Sequential generate(): its speed does not depend on the queue; the i-th of `concurrency`
-    # queued requests gets its first token after the i whole requests before it.
-    first, full = sequential
-    ttfts = [i * full + first for i in range(concurrency)]
-    rows.append(_row("sequential generate()", concurrency, new_tokens / full, ttfts, (full - first) / (new_tokens - 1)))
-    log(rows[-1])
+    if sequential is not None:
+        # Sequential generate(): its speed does not depend on the queue; the i-th of `concurrency`
+        # queued requests gets its first token after the i whole requests before it.
+        first, full = sequential
+        ttfts = [i * full + first for i in range(concurrency)]
+        rows.append(
+            _row("sequential generate()", concurrency, new_tokens / full, ttfts, (full - first) / (new_tokens - 1))
+        )
+        log(rows[-1])
     repeats = 2 if device.type == "cuda" else 1
-    for name, static in (("static batch generate()", False), ("static cache + compile", True)):
+    variants = (("static", "static batch generate()", False), ("compile", "static cache + compile", True))
+    for key, name, static in variants:
+        if key not in which:
+            continue
         if static and device.type != "cuda":
             name = "static cache (uncompiled on CPU)"
         _generate(model, batch, 4, static=static)  # warm-up (compiles the static-cache variant)
@@ -349,7 +358,8 @@ def engine_pid(server: Any) -> int:
 
 
 async def run_server(
-    bench: Bench, prompts: list[str], pool: ClientPool, args: argparse.Namespace, log: Any, shared: list[str]
+    bench: Bench, prompts: list[str], pool: ClientPool, args: argparse.Namespace, log: Any, shared: list[str],
+    warm: list[str],
 ) -> list[dict[str, Any]]:
     """The standard load at each concurrency, then (on the same server, prefix cache on) the shared-prefix one."""
     concurrencies = args.concurrency
@@ -360,15 +370,17 @@ async def run_server(
     try:
         # One short pass at every concurrency first so no measured run pays for a first use.
         for c in [1, *concurrencies]:
-            await pool.load(server.address, prompts, c, 1, min(args.new_tokens, 8), 1, 0.0)
+            await pool.load(server.address, warm, c, 1, min(args.new_tokens, 8), 1, 0.0)
         cost = HostCost(engine_pid(server))
         for c in concurrencies:
+            _profile_mark()
             steps_before = server.engine.steps
             cost.start()
             wall, results = await pool.load(server.address, prompts, c, args.rounds, args.new_tokens,
                                             args.client_procs, args.stagger_ms / 1e3)
             row = _server_row(SERVER, c, wall, results)
             row.update(cost.stop(row["tokens"]))
+            _attach_profile(row)
             row.update(engine_steps=server.engine.steps - steps_before, engine=getattr(server.engine, "mode", "thread"))
             rows.append(row)
             log(row)
@@ -383,6 +395,36 @@ async def run_server(
     return rows
 
 
+_profile_read = 0  # how much of the step profile (--profile) the rows have taken
+
+
+def _profile_mark() -> None:
+    """A measured run starts: what the profile holds so far (warm-ups) is not its."""
+    global _profile_read
+    path = os.environ.get("STRATUS_STEP_PROFILE")
+    time.sleep(0.3 if path else 0.0)  # the loop writes a period when it next finds its inbox empty (<= 0.25 s)
+    _profile_read = Path(path).stat().st_size if path and Path(path).exists() else 0
+
+
+def _attach_profile(row: dict[str, Any]) -> None:
+    """The engine loop's busy period that a measured run was (the longest since the last one read), if profiled."""
+    global _profile_read
+    path = os.environ.get("STRATUS_STEP_PROFILE")
+    if not path:
+        return
+    file = Path(path)
+    deadline = time.monotonic() + 1.0  # the loop writes a period when it next finds its inbox empty (<= 0.25 s)
+    while time.monotonic() < deadline and (not file.exists() or file.stat().st_size <= _profile_read):
+        time.sleep(0.05)
+    if not file.exists():
+        return
+    text = file.read_text()
+    periods = [json.loads(line) for line in text[_profile_read:].splitlines() if line.strip()]
+    _profile_read = len(text)
+    if periods:
+        row["profile"] = max(periods, key=lambda p: p["steps"])
+
+
 def shared_prompt_tokens(args: argparse.Namespace) -> int:
     return int(args.shared_system_tokens + args.shared_turn_tokens + 8)
 
@@ -392,11 +434,13 @@ async def shared_prefix_load(server: Any, prompts: list[str], pool: ClientPool, 
     c = args.shared_concurrency
     await pool.load(server.address, prompts[-8:], 8, 1, 8, 1, 0.0)  # warm-up: the system prompt was seen before
     cost = HostCost(engine_pid(server))
+    _profile_mark()
     cost.start()
     wall, results = await pool.load(server.address, prompts[:-8], c, args.rounds, args.new_tokens,
                                     args.client_procs, args.stagger_ms / 1e3)
     row = _server_row(f"shared prefix, prefix cache {'on' if cached else 'off'}", c, wall, results)
     row.update(cost.stop(row["tokens"]))
+    _attach_profile(row)
     stats = getattr(server.engine, "stats", None)
     if stats is not None and stats.prefix_queried_tokens:
         row["prefix_hit_rate"] = stats.prefix_hit_tokens / stats.prefix_queried_tokens
@@ -473,10 +517,15 @@ def _server_row(system: str, c: int, wall: float, results: list[dict[str, Any]])
     tokens = sum(r["tokens"] for r in results)
     ttfts = [r["chunks"][0] - r["sent"] for r in results if r["chunks"]]
     gaps = [b - a for r in results for a, b in zip(r["chunks"], r["chunks"][1:], strict=False)]
+    # The server's own view (its timing message): arrival to admission, and arrival to the first token it sent.
+    server = [r["server_ttft_ms"] for r in results if r.get("server_ttft_ms")]
+    queue = [r["queue_ms"] for r in results if r.get("server_ttft_ms")]
     return dict(
         system=system, concurrency=c, tokens_per_s=tokens / wall,
         ttft_p50_ms=_percentile(ttfts, 0.5) * 1e3, ttft_p95_ms=_percentile(ttfts, 0.95) * 1e3,
         itl_p50_ms=_percentile(gaps, 0.5) * 1e3, requests=len(results), tokens=tokens,
+        server_ttft_p50_ms=_percentile(server, 0.5), server_ttft_p95_ms=_percentile(server, 0.95),
+        queue_p50_ms=_percentile(queue, 0.5), queue_p95_ms=_percentile(queue, 0.95),
     )
 
 
@@ -547,7 +596,9 @@ def bench_model(arch_name: str, args: argparse.Namespace, pool: ClientPool, log:
     params = sum(p.numel() for p in model.parameters())
     log(f"model {arch_name}: {params / 1e6:.0f}M parameters, {dtype}, {device}")
     count = max(args.concurrency) * max(args.rounds, 1) + 8
-    prompts = make_prompts(tokenizer, count, args.prompt_tokens)
+    # The warm-up passes get prompts of their own: a measured request must not find its prompt in the prefix cache.
+    prompts = make_prompts(tokenizer, count + max(args.concurrency), args.prompt_tokens)
+    prompts, warm = prompts[:count], prompts[count:]
     prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     rows: list[dict[str, Any]] = []
     shared: list[str] = []
@@ -570,7 +621,7 @@ def bench_model(arch_name: str, args: argparse.Namespace, pool: ClientPool, log:
     if args.tensor_parallel > 1:
         keep(asyncio.run(run_server_process(model, tokenizer, prompts, pool, args, log)))
     elif not args.skip_server:
-        served = asyncio.run(run_server(bench, prompts, pool, args, log, shared))
+        served = asyncio.run(run_server(bench, prompts, pool, args, log, shared, warm))
         if device.type == "cuda":  # after the server: its compiled kernels are cached by now
             step_ms = decode_step_times(model, args.prompt_tokens + args.new_tokens, args.concurrency)
             log(f"  decode step (graph replay, kv {args.prompt_tokens + args.new_tokens}): {step_ms}")
@@ -580,9 +631,9 @@ def bench_model(arch_name: str, args: argparse.Namespace, pool: ClientPool, log:
     if shared:
         keep(asyncio.run(run_shared_prefix_uncached(bench, shared, pool, args, log)))
     if not args.skip_baselines:
-        sequential = run_sequential(model, prompt_ids, args.new_tokens)
+        sequential = run_sequential(model, prompt_ids, args.new_tokens) if "sequential" in args.baselines else None
         for c in args.baseline_concurrency or args.concurrency:
-            keep(run_baselines(model, prompt_ids, c, args.new_tokens, sequential, log))
+            keep(run_baselines(model, prompt_ids, c, args.new_tokens, sequential, log, args.baselines))
     del model, loaded, bench
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -590,11 +641,18 @@ def bench_model(arch_name: str, args: argparse.Namespace, pool: ClientPool, log:
 
 
 def _label(run: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
-    """A row as the table shows it: a server row of a labelled run (another tree, `--label`) says so."""
+    """A row as the table shows it: a server row of a labelled run (another tree, `--label`) says so; every row
+    of such a run keeps its label, and only unlabelled rows count for the speed-ups and the goals."""
     label = run["settings"].get("label")
-    if label and row["system"] == SERVER:
-        return {**row, "system": f"{SERVER}, {label}"}
-    return row
+    if not label:
+        return row
+    return {**row, "system": f"{row['system']}, {label}", "label": label}
+
+
+def _cache_state(row: dict[str, Any]) -> str:
+    """A shared-prefix row's prefix-cache column: on or off (and the run's label)."""
+    state = "on" if row["system"].startswith("shared prefix, prefix cache on") else "off"
+    return f"{state}, {row['label']}" if row.get("label") else state
 
 
 def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
@@ -613,40 +671,51 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
         f"{settings['rounds']} request(s) each, back to back, in {settings['client_procs']} process(es) started "
         f"before the server, starts staggered by {settings['stagger_ms']} ms. Speed-up: stratus over the best "
         "`generate()` baseline at the same concurrency. Baseline TTFT/ITL are derived from their call timings (see "
-        "the script's docstring).",
+        "the script's docstring). TTFT is the clients'; the server's is from a request's arrival in the server to "
+        "its first token leaving the engine's frontend (its timing message).",
         "",
-        "| model | concurrency | system | tokens/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | speed-up |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| model | concurrency | system | tokens/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | speed-up | "
+        "server TTFT p50 / p95 ms |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     goals: list[str] = []
     main_rows = [r for r in rows if not r["system"].startswith("shared prefix")]
     for model in dict.fromkeys(r["model"] for r in main_rows):
         for c in sorted(dict.fromkeys(r["concurrency"] for r in main_rows if r["model"] == model)):
             group = [r for r in main_rows if r["model"] == model and r["concurrency"] == c]
-            base = [r for r in group if not r["system"].startswith("stratus")]
+            base = [r for r in group if not r["system"].startswith("stratus") and not r.get("label")]
             best = max((r["tokens_per_s"] for r in base), default=0.0)
             for r in sorted(group, key=lambda r: r["system"].startswith("stratus")):
                 speed = f"{r['tokens_per_s'] / best:.1f}{TIMES}" if r["system"].startswith("stratus") and best else ""
+                server = ""
+                if r.get("server_ttft_p50_ms"):
+                    server = f"{r['server_ttft_p50_ms']:.1f} / {r['server_ttft_p95_ms']:.1f}"
                 lines.append(
                     f"| {model} | {c} | {r['system']} | {r['tokens_per_s']:,.0f} | {r['ttft_p50_ms']:.1f} | "
-                    f"{r['ttft_p95_ms']:.1f} | {r['itl_p50_ms']:.2f} | {speed} |"
+                    f"{r['ttft_p95_ms']:.1f} | {r['itl_p50_ms']:.2f} | {speed} | {server} |"
                 )
         ours = {r["concurrency"]: r for r in main_rows if r["model"] == model and r["system"] == SERVER}
         if 1 in ours:
             goals.append(_goal(f"{model} single stream", ours[1]["tokens_per_s"], GOAL_SINGLE, "tokens/s"))
         if 64 in ours:
             goals.append(_goal(f"{model} aggregate at 64", ours[64]["tokens_per_s"], GOAL_AGGREGATE_64, "tokens/s"))
-            base = [r["tokens_per_s"] for r in main_rows if r["model"] == model and r["concurrency"] == 64
+            at64 = [r for r in main_rows if r["model"] == model and r["concurrency"] == 64
                     and not r["system"].startswith("stratus")]  # fmt: skip
+            base = [r["tokens_per_s"] for r in at64 if not r.get("label")]
             if base:
                 goals.append(_goal(f"{model} at 64 over the best generate() baseline", ours[64]["tokens_per_s"] /
                                    max(base), GOAL_OVER_BASELINE, TIMES))  # fmt: skip
+            elif at64:  # none in this run: an earlier run's, and the goal line says so
+                best = max(at64, key=lambda r: r["tokens_per_s"])
+                goals.append(_goal(f"{model} at 64 over the best generate() baseline of another run ({best['system']})",
+                                   ours[64]["tokens_per_s"] / best["tokens_per_s"], GOAL_OVER_BASELINE, TIMES)
+                             + "; the goal asks for the same run, which did not measure one")  # fmt: skip
         if 1 in ours and 64 in ours:
             ratio = ours[64]["ttft_p95_ms"] / ours[1]["ttft_p50_ms"]
             verdict = "met" if ratio <= GOAL_TTFT_RATIO else f"missed ({ratio / GOAL_TTFT_RATIO:.1f}{TIMES} over)"
             goal = f"{GOAL_TTFT_RATIO:.0f}{TIMES}"
             goals.append(f"- {model} TTFT p95 at 64 / idle TTFT: {ratio:.1f}{TIMES} (goal ≤ {goal}; {verdict})")
-    steps = {(r["model"], r["concurrency"]): r.get("step_ms") for r in rows if r.get("step_ms")}
+    steps = {(r["model"], r["concurrency"]): r.get("step_ms") for r in rows if r.get("step_ms") and not r.get("label")}
     if steps:
         lines += ["", "GPU time of one captured decode step (CUDA graph replay, idle server): " + "; ".join(
             f"{m} batch {c}: {ms:.3f} ms" for (m, c), ms in steps.items()
@@ -671,6 +740,28 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
                 f"| {r['model']} | {r['concurrency']} | {r['system']} | {where} | {r['frontend_us_per_token']:.0f} | "
                 f"{r['engine_us_per_token']:.0f} | {r['tokens_per_s']:,.0f} |"
             )
+    profiled = [r for r in rows if r.get("profile")]
+    if profiled:
+        lines += [
+            "",
+            "The engine loop, step by step (`STRATUS_STEP_PROFILE`, the measured run's busy period): mean wall time "
+            "per step, the median step without and with a prefill in it, time between steps (emitting the output, "
+            "taking inputs) per step, the share of steps whose decode result was already computed by the step "
+            "launched ahead, and how many prefills ran as CUDA graphs.",
+            "",
+            "| model | concurrency | system | steps | mean batch | ms/step | step p50, no prefill | "
+            "step p50, prefill | between steps | decode-ahead hits | prefill graph replays |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in profiled:
+            p = r["profile"]
+            hits = p["ahead_hits"] / max(p["steps"], 1)
+            lines.append(
+                f"| {r['model']} | {r['concurrency']} | {r['system']} | {p['steps']} | {p['mean_batch']:.1f} | "
+                f"{p['step_ms_mean']:.2f} | "
+                f"{p['plain_p50_ms']:.2f} | {p['prefill_p50_ms']:.2f} | {p['between_steps_ms'] / p['steps']:.2f} | "
+                f"{hits:.0%} | {p['prefill_graph_replays']} |"
+            )
     shared = [r for r in rows if r["system"].startswith("shared prefix")]
     if shared:
         lines += [
@@ -680,20 +771,29 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
             f"{settings['new_tokens']} new tokens, clients as above; the same server with its prefix cache on, and "
             "one with `--prefix-cache-tokens 0`. The system prompt was seen once before the measured run.",
             "",
-            "| model | concurrency | prefix cache | tokens/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | hit rate |",
-            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+            "| model | concurrency | prefix cache | tokens/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | hit rate | "
+            "server TTFT p50 / p95 ms | queue p50 / p95 ms |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in shared:
             hit = f"{r['prefix_hit_rate']:.0%}" if "prefix_hit_rate" in r else "–"
+            server = queue = ""
+            if r.get("server_ttft_p50_ms"):
+                server = f"{r['server_ttft_p50_ms']:.1f} / {r['server_ttft_p95_ms']:.1f}"
+                queue = f"{r['queue_p50_ms']:.1f} / {r['queue_p95_ms']:.1f}"
             lines.append(
-                f"| {r['model']} | {r['concurrency']} | {r['system'].rsplit(' ', 1)[-1]} | {r['tokens_per_s']:,.0f} | "
-                f"{r['ttft_p50_ms']:.1f} | {r['ttft_p95_ms']:.1f} | {r['itl_p50_ms']:.2f} | {hit} |"
+                f"| {r['model']} | {r['concurrency']} | {_cache_state(r)} | {r['tokens_per_s']:,.0f} | "
+                f"{r['ttft_p50_ms']:.1f} | {r['ttft_p95_ms']:.1f} | {r['itl_p50_ms']:.2f} | {hit} | {server} | "
+                f"{queue} |"
             )
-        by = {r["system"].rsplit(" ", 1)[-1]: r for r in shared}
+        by = {_cache_state(r): r for r in shared if not r.get("label")}
         if "on" in by and "off" in by:
             ratio = by["off"]["ttft_p50_ms"] / by["on"]["ttft_p50_ms"]
             goals.append(_goal("shared prefix: TTFT p50 without the cache over with it", ratio, GOAL_PREFIX_TTFT,
                                TIMES))  # fmt: skip
+            if by["on"].get("server_ttft_p50_ms") and by["off"].get("server_ttft_p50_ms"):
+                server = by["off"]["server_ttft_p50_ms"] / by["on"]["server_ttft_p50_ms"]
+                goals.append(f"  (measured in the server, arrival to first token: {server:.2f}{TIMES})")
     if any("tensor parallel" in r["system"] for r in rows):
         lines += ["", (
             "Tensor-parallel rows: `python -m stratus_workers.serve --tensor-parallel 2` as its own process group on "
@@ -744,8 +844,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="concurrencies of the generate() baselines (default: those of the server)")
     parser.add_argument("--label", help="name the server rows of this run (e.g. the tree --code measures)")
     parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--baselines", nargs="+", choices=BASELINES, default=list(BASELINES),
+                        help="which generate() baselines run (the goals compare with the best of those that ran)")
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--json", type=Path, help="also dump the raw rows here")
+    parser.add_argument("--profile", type=Path, help="profile the engine loop's steps into this file (a row each)")
     parser.add_argument("--from-json", type=Path, nargs="+", help="render and write earlier --json dumps instead")
     parser.add_argument("--write", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--no-write", action="store_true")
@@ -760,6 +863,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sys.path.insert(0, args.code)
+    if args.profile:  # read by the engine loop (serve/loop.py StepProfile), in its process or thread
+        args.profile.unlink(missing_ok=True)
+        os.environ["STRATUS_STEP_PROFILE"] = str(args.profile.resolve())
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     args.models = args.models or (["135m", "1b"] if cuda else ["135m"])
     args.prompt_tokens = args.prompt_tokens or (64 if cuda else 32)
@@ -791,7 +897,7 @@ def main(argv: list[str] | None = None) -> int:
         settings=dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, rounds=args.rounds,
                       client_procs=args.client_procs, stagger_ms=args.stagger_ms, engine=args.engine,
                       shared_system_tokens=args.shared_system_tokens, shared_turn_tokens=args.shared_turn_tokens,
-                      label=args.label),
+                      label=args.label, baselines=[] if args.skip_baselines else args.baselines),
         rows=rows,
     )
     if args.json:

@@ -11,10 +11,12 @@ thread of the server's.
 Rows 0..max_batch_size-1 of the runner hold the batch, contiguous from 0: first the rows that
 decode, then the rows still prefilling, in the order their prompts get the step's token budget.
 A step is: speculative calls (on the session rows above the batch), admissions (each new row
-starts with the longest cached prefix of its prompt, copied from the prefix pool), one decode
-step of the decoding rows, one prefill forward of up to `prefill_chunk` prompt tokens over the
-first prefilling rows (so a long prompt arriving mid-stream costs running streams one chunk per
-step, not the whole prompt), then finished rows leave and the last rows move into their places.
+starts with the longest cached prefix of its prompt, copied from the prefix pool; every arrival
+waiting is admitted at once), one prefill forward of up to `prefill_chunk` prompt tokens over the
+first prefilling rows, all of them together (so a long prompt arriving mid-stream costs running
+streams one chunk per step, not the whole prompt), one decode step of the decoding rows, which
+the rows whose prefill completed join from the next step on, then finished rows leave and the
+last rows move into their places.
 Every Verify call of a step runs in one forward pass over the session rows
 (`SpeculativeSessions.verify_many`), before the step's decode pass: many edge devices verifying at once
 cost one pass of the model, not one each ("verify_alone" keeps one pass per call, for comparison).
@@ -340,10 +342,30 @@ class EngineCore:
         self._drop_abandoned()
         self._admit()
         try:
-            if self._decoding:
-                self._decode()
+            # Prefill first: its forward queues behind the decode step already running ahead (the
+            # GPU's), and the rows it completes join the decode batch from the next step on, as part of
+            # the step launched ahead. Where the runner takes their first tokens on the device (greedy
+            # rows, decode-ahead), the next decode step is queued right behind the prefill and the host
+            # reads those tokens while it runs; otherwise they are chosen first, then the decode step.
+            joined: list[_Seq] = []
             if len(self._rows) > self._decoding:
-                self._prefill()
+                ready, logits = self._prefill()
+                if ready and self._decoding and self._device_join(ready):
+                    greedy = self._decode(logits[: len(ready)].argmax(dim=-1))
+                    self._finish_prefill(ready, logits, greedy)
+                else:
+                    if ready:
+                        self._finish_prefill(ready, logits, None)
+                    if self._decoding:  # a joining row its first token ended leaves at the step's end: any token
+                        self._decode([s.generated[-1] if s.generated else 0 for s in ready])
+                joined = ready
+            elif self._decoding:
+                self._decode([])
+            self._decoding += len(joined)
+            if self.prefix is not None:  # after the decode step is launched: the copies queue behind it
+                for seq in joined:  # later requests with the same prompt start from here at once
+                    if not seq.finished:  # (one that finished stored its prompt and answer already)
+                        self._store(seq, seq.prompt)
         except EngineFailed:  # the runner cannot compute any more (a pipeline stage died): the loop ends
             raise
         except Exception as exc:  # keep serving: fail only the requests in flight
@@ -407,14 +429,25 @@ class EngineCore:
                     seq.prefilled = seq.cached = len(slots) * self.prefix.block_size
             self._rows.append(seq)
 
-    def _decode(self) -> None:
+    def _device_join(self, ready: list[_Seq]) -> bool:
+        return bool(getattr(self.runner, "device_join", False)) and all(
+            s.params.greedy and not s.params.adjusts_logits and not s.params.logprobs for s in ready
+        )
+
+    def _decode(self, join: list[int] | torch.Tensor) -> list[int] | None:
+        """Decode the decoding rows; `join`: the first tokens of the rows joining from the next step (a
+        device tensor: their greedy choices, which come back as the result)."""
         seqs = self._rows[: self._decoding]
         params = [s.params for s in seqs]
-        decoded = self.runner.decode([s.generated[-1] for s in seqs], logprobs=any(p.logprobs for p in params))
+        decoded = self.runner.decode(
+            [s.generated[-1] for s in seqs], logprobs=any(p.logprobs for p in params), join=join
+        )
         choice = choose_tokens(decoded.logits, params, [s.generator for s in seqs], decoded, [s.counts for s in seqs])
         self._advance_all(seqs, choice)
+        return decoded.joined
 
-    def _prefill(self) -> None:
+    def _prefill(self) -> tuple[list[_Seq], torch.Tensor]:
+        """Prefill the step's chunks: the rows whose prompts are complete now, and the logits (theirs first)."""
         # Prompt chunks for the first prefilling rows, in row order, within the step's budget; every
         # row but the last one given a chunk gets all that is left of its prompt, so rows finish
         # their prefill in row order and join the decoding rows at the front.
@@ -435,22 +468,26 @@ class EngineCore:
             seq.prefilled += len(chunk)
             self.prefill_tokens += len(chunk)
             done += seq.prefilled == len(seq.prompt)
-        if not done:
-            return
-        ready = seqs[:done]
-        self._decoding += done
-        if self.prefix is not None:
-            for seq in ready:  # later requests with the same prompt start from here at once
-                self._store(seq, seq.prompt)
-        choice = choose_tokens(logits[:done], [s.params for s in ready], [s.generator for s in ready])
+        return seqs[:done], logits
+
+    def _finish_prefill(self, ready: list[_Seq], logits: torch.Tensor | None, greedy: list[int] | None) -> None:
+        """The first tokens of rows whose prompts are complete: chosen from `logits`, or the `greedy` ones given."""
+        if greedy is not None:
+            choice = Choice(greedy, None, None)
+        else:
+            assert logits is not None
+            choice = choose_tokens(logits[: len(ready)], [s.params for s in ready], [s.generator for s in ready])
         now = time.monotonic()
         for seq in ready:
             seq.first_token = now
         self._advance_all(ready, choice)
 
     def _advance_all(self, seqs: list[_Seq], choice: Choice) -> None:
-        out, eos, lengths = self._out, self.eos, self.runner.lengths
+        out, eos, lengths, max_len = self._out, self.eos, self.runner.lengths, self.max_len
         logprobs, alternatives = choice.logprobs, choice.alternatives
+        # The common case, no log-probabilities anywhere in this step: straight into the output's lists.
+        plain = logprobs is None and out.logprobs is None and out.top is None
+        seq_ids, tokens = out.seq_ids, out.tokens
         for i, (seq, token) in enumerate(zip(seqs, choice.tokens, strict=True)):
             if seq.cancelled:
                 self._finish(seq, "cancelled")
@@ -462,11 +499,14 @@ class EngineCore:
             params = seq.params
             if params.presence_penalty or params.frequency_penalty:
                 seq.counts[token] = seq.counts.get(token, 0) + 1
-            if params.logprobs and logprobs is not None:
+            if plain:
+                seq_ids.append(seq.seq_id)
+                tokens.append(token)
+            elif params.logprobs and logprobs is not None:
                 out.add(seq.seq_id, token, logprobs[i], alternatives[i] if alternatives is not None else ())
             else:
                 out.add(seq.seq_id, token, None)
-            if len(seq.generated) >= seq.params.max_new_tokens or lengths[seq.row] + 1 >= self.max_len:
+            if len(seq.generated) >= params.max_new_tokens or lengths[seq.row] + 1 >= max_len:
                 self._finish(seq, "length")
 
     def _expire(self) -> None:

@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HANG_SECONDS = 1.25  # an engine process silent this long (it beats every 0.2 s) is frozen or gone
+# Stream messages per second the frontend sends in all (see AsyncEngine.message_rate).
+MESSAGE_RATE = 4_000.0
 WATCH_SECONDS = 0.1
 DEFAULT_STEP_TIMEOUT = 60.0
 
@@ -387,8 +389,8 @@ class _Stream:
     """One request in flight, as the frontend tracks it."""
 
     __slots__ = (
-        "admitted", "arrived", "deadline", "finish", "first_seen", "params", "pending", "pending_logprobs",
-        "pending_top", "prompt_tokens", "received", "seq_id", "text", "waiter",
+        "admitted", "arrived", "deadline", "finish", "first_seen", "pacing", "params", "pending", "pending_logprobs",
+        "pending_top", "prompt_tokens", "received", "sent_at", "seq_id", "text", "waiter",
     )  # fmt: skip
 
     def __init__(
@@ -408,6 +410,8 @@ class _Stream:
         self.received = 0
         self.admitted = 0.0
         self.first_seen = 0.0
+        self.sent_at = 0.0  # when its last event went out (0: none yet)
+        self.pacing = False  # waiting out its pace (AsyncEngine.message_rate): only its end wakes it early
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -440,6 +444,12 @@ class AsyncEngine:
         self.failure: str | None = None
         self.stats = EngineStats()
         self.verify_together = True  # False: one forward pass per Verify call (the way it was; benchmarks)
+        # Stream messages per second, all streams together: with n streams running, one stream's next event
+        # goes out at least n / message_rate seconds after its last (its first, and its end, at once). One
+        # Python process sends every stream's text: at 64 streams and a step a millisecond, a message per
+        # token each is 64,000 messages a second, which it cannot send, and a backlog it works through
+        # delays every first token and finish. 0: every step's tokens go out as soon as they arrive.
+        self.message_rate = MESSAGE_RATE
         self._streams: dict[int, _Stream] = {}
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
@@ -559,13 +569,24 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                if not st.pending and st.finish is None:
+                if st.finish is None and st.sent_at and self.message_rate > 0:
+                    delay = st.sent_at + len(self._streams) / self.message_rate - time.monotonic()
+                    if delay > 0:  # tokens pile up meanwhile and go out as one event; the end comes at once
+                        st.pacing = True
+                        st.waiter = loop.create_future()
+                        timer = loop.call_later(delay, st.wake)
+                        await st.waiter
+                        timer.cancel()
+                        st.waiter = None
+                        st.pacing = False
+                while not st.pending and st.finish is None:
                     st.waiter = loop.create_future()
                     await st.waiter
                     st.waiter = None
                 if st.pending:
                     event = self._text_event(st)
                     if event is not None:
+                        st.sent_at = time.monotonic()
                         yield event
                     if st.text.stopped:  # a stop sequence: the answer ends here, the engine need not go on
                         yield self._finish_event(st, "stop", st.received)
@@ -733,7 +754,8 @@ class AsyncEngine:
                     future.set_result(value)
             stats = out.stats
         for st in touched:
-            st.wake()
+            if st.finish is not None or not st.pacing:
+                st.wake()
         if stats is not None:
             self.stats = stats
             if self.on_stats is not None:

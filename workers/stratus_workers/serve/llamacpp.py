@@ -302,11 +302,16 @@ class LlamaCppRunner(ModelRunner):
         return out
 
     @torch.inference_mode()
-    def decode(self, ids: Sequence[int], *, logprobs: bool = False) -> Decoded:
-        """A decode step: feed `ids[i]` to row i (rows 0..len(ids)-1, one token each)."""
+    def decode(
+        self, ids: Sequence[int], *, logprobs: bool = False, join: Sequence[int] | torch.Tensor = ()
+    ) -> Decoded:
+        """A decode step: feed `ids[i]` to row i (rows 0..len(ids)-1, one token each); `join` is a hint it needs not."""
         if not 0 < len(ids) <= self.max_rows:
             raise ValueError(f"a decode step of {len(ids)} rows does not fit this runner's {self.max_rows}")
-        return decoded(self.forward(0, [[t] for t in ids]), logprobs)
+        result = decoded(self.forward(0, [[t] for t in ids]), logprobs)
+        if isinstance(join, torch.Tensor):
+            result.joined = join.tolist()
+        return result
 
     def _decode_chunks(
         self, ids: np.ndarray, positions: np.ndarray, seqs: np.ndarray, wanted: np.ndarray, rows: range

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -168,6 +169,77 @@ class ThreadInbox:
         return items
 
 
+class StepProfile:
+    """Where the engine loop's time goes, for benchmarks (STRATUS_STEP_PROFILE=<file>; off by default).
+
+    A busy period (steps back to back, from the first work after idleness until the loop goes idle)
+    becomes one JSON line appended to the file: its steps, wall time, the time inside steps and
+    between them (emitting outputs, taking inputs), step times with and without a prefill, and the
+    runner's decode-ahead hits and prefill graph replays over it.
+    """
+
+    MIN_STEPS = 10  # shorter periods (warm-ups, single calls) are not written
+    GAP = 0.05  # seconds without a step that end a busy period
+
+    def __init__(self, path: str, core: EngineCore) -> None:
+        self.path = path
+        self.core = core
+        self._reset()
+
+    def _counters(self) -> tuple[int, int, int, int]:
+        runner = self.core.runner
+        decoder = getattr(runner, "decoder", None)
+        prefill = getattr(runner, "prefill", None)
+        return (
+            getattr(decoder, "ahead_hits", 0), getattr(prefill, "replays", 0) if prefill is not None else 0,
+            self.core.prefill_tokens, getattr(decoder, "device_joins", 0),
+        )  # fmt: skip
+
+    def _reset(self) -> None:
+        self.plain: list[float] = []
+        self.prefill: list[float] = []
+        self.batch = 0
+        self.first = 0.0
+        self.last = 0.0
+        self.before = self._counters()
+
+    def step(self, started: float, ended: float, prefilled: bool) -> None:
+        if self.last and started - self.last > self.GAP:
+            self.idle()  # the loop was idle in between without a look at its inbox coming back empty
+        if not self.first:
+            self.first = started
+        self.last = ended
+        (self.prefill if prefilled else self.plain).append(ended - started)
+        self.batch += self.core.active
+
+    def idle(self) -> None:
+        steps = len(self.plain) + len(self.prefill)
+        if steps >= self.MIN_STEPS:
+            import json
+            import statistics
+
+            hits, replays, tokens, joins = (b - a for a, b in zip(self.before, self._counters(), strict=True))
+            inside = sum(self.plain) + sum(self.prefill)
+            wall = self.last - self.first
+
+            def ms(values: list[float], q: float) -> float:
+                if len(values) < 2:
+                    return round(sum(values) * 1e3, 3)
+                return round(statistics.quantiles(values, n=100)[int(q * 100) - 1] * 1e3, 3)
+
+            line = dict(
+                steps=steps, wall_ms=round(wall * 1e3, 1), inside_steps_ms=round(inside * 1e3, 1),
+                between_steps_ms=round((wall - inside) * 1e3, 1), mean_batch=round(self.batch / steps, 1),
+                step_ms_mean=round(wall / steps * 1e3, 3), plain_steps=len(self.plain),
+                plain_p50_ms=ms(self.plain, 0.5), plain_p95_ms=ms(self.plain, 0.95), prefill_steps=len(self.prefill),
+                prefill_p50_ms=ms(self.prefill, 0.5), prefill_p95_ms=ms(self.prefill, 0.95),
+                prefill_tokens=tokens, ahead_hits=hits, prefill_graph_replays=replays, device_joins=joins,
+            )  # fmt: skip
+            with open(self.path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+        self._reset()
+
+
 class EngineLoop:
     """Runs `core` until told to stop; `emit` receives ("step", packed StepOutput) once per step.
 
@@ -180,6 +252,8 @@ class EngineLoop:
         self.emit = emit
         self.busy_since = 0.0  # time.monotonic() when the running step began; 0 between steps
         self.steps = 0
+        path = os.environ.get("STRATUS_STEP_PROFILE")
+        self.profile = StepProfile(path, core) if path else None
 
     def run(self, inbox: Inbox) -> None:
         # Everything the loop does is inference: no autograd bookkeeping, and tensors the runner
@@ -188,15 +262,22 @@ class EngineLoop:
             while True:
                 messages = inbox.take(0.0 if self.core.busy else IDLE_WAIT)
                 if not self._apply(messages) or not self._gather(inbox):
+                    if self.profile is not None:
+                        self.profile.idle()
                     self.emit(("stopped", self.core.shutdown().pack()))
                     return
                 if self.core.busy:
-                    self.busy_since = time.monotonic()
+                    started = self.busy_since = time.monotonic()
+                    prefilled = self.core.prefill_tokens
                     out = self.core.step()
                     self.busy_since = 0.0
                     self.steps += 1
+                    if self.profile is not None:
+                        self.profile.step(started, time.monotonic(), self.core.prefill_tokens != prefilled)
                     self.emit(("step", out.pack()))
                 else:
+                    if self.profile is not None:
+                        self.profile.idle()
                     self.core.idle()
 
     def _gather(self, inbox: Inbox) -> bool:

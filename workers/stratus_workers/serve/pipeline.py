@@ -287,12 +287,16 @@ class PipelineRunner(ModelRunner):
             return None
 
     @torch.inference_mode()
-    def decode(self, ids: Sequence[int], *, logprobs: bool = False, hit: bool = False, ahead: bool = False) -> Decoded:
+    def decode(
+        self, ids: Sequence[int], *, logprobs: bool = False, join: Sequence[int] | torch.Tensor = (), hit: bool = False,
+        ahead: bool = False,
+    ) -> Decoded:
         """ModelRunner.decode, plus on the fused path the step-ahead flags, which rank 0 decides and sends with
         the call (the other ranks obey them): `hit`, this step is the one queued ahead at the last call (same
-        rows, and the tokens it guessed); `ahead`, queue the next step now, on this step's argmax."""
+        rows, and the tokens it guessed); `ahead`, queue the next step now, on this step's argmax. Rows that
+        `join` are not queued ahead here: the step after their join runs anew."""
         if self.fused is None:
-            return super().decode(ids, logprobs=logprobs)
+            return super().decode(ids, logprobs=logprobs, join=join)
         batch = len(ids)
         if not 0 < batch <= self.max_rows:
             raise ValueError(f"a decode step of {batch} rows does not fit this runner's {self.max_rows}")
@@ -307,10 +311,10 @@ class PipelineRunner(ModelRunner):
         except RuntimeError as exc:  # gloo and NCCL report a dead peer as a RuntimeError (DistBackendError)
             raise StageFailed(f"pipeline stage {self.ctx.stage}: a link to another stage failed ({exc})") from exc
 
-    def _decode(self, ids: list[int], logprobs: bool) -> Decoded:
+    def _decode(self, ids: list[int], logprobs: bool, join: Sequence[int] | torch.Tensor) -> Decoded:
         """The module path's decode step (the fused path's is `decode`): a forward of one token a row."""
         if self.ctx.leader:
-            out = super()._decode(ids, logprobs)
+            out = super()._decode(ids, logprobs, join)
             self.trace.mark("sampled", device=False)
             return out
         self._forward(0, [[t] for t in ids], self.cache.lengths[: len(ids)], [1] * len(ids), False)

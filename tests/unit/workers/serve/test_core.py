@@ -113,3 +113,34 @@ def test_rows_leave_from_both_regions_and_the_rest_carry_on(model: Any) -> None:
     out = core.step()
     assert [(f.seq_id, f.reason) for f in out.finished] == [(5, "cancelled")]
     assert not core.busy and core.runner.lengths[:3] == [0, 0, 0]
+
+
+def test_rows_join_a_decode_step_launched_ahead_with_first_tokens_taken_on_the_device(
+    model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # CUDA's order: the prefill, then the next decode step queued right behind it with the new rows'
+    # greedy first tokens copied on the device, and only then the host reads those tokens.
+    monkeypatch.setenv("STRATUS_DECODE_AHEAD", "1")
+    requests = [
+        ([(7 * i + j) % VOCAB for j in range(3 + 11 * i)], Sampling(max_new_tokens=10 + 2 * i)) for i in range(8)
+    ]
+    outputs = []
+    for device_join in (True, False):
+        core = core_over(model, batch=4, chunk=20, fast=True)
+        core.runner.device_join = device_join  # type: ignore[attr-defined]
+        tokens: dict[int, list[int]] = {}
+        pending = list(enumerate(requests))
+        step = 0
+        with torch.inference_mode():
+            while pending or core.busy:
+                if pending and step % 2 == 0:  # arrivals two steps apart: rows join a running batch
+                    seq_id, (prompt, params) = pending.pop(0)
+                    core.add(EngineRequest(seq_id, prompt, params))
+                collect(tokens, core.step())
+                step += 1
+        decoder = core.runner.decoder  # type: ignore[attr-defined]
+        assert (decoder.device_joins > 0) == device_join and decoder.ahead_hits > 0
+        outputs.append(tokens)
+    assert outputs[0] == outputs[1]
+    expected = {i: greedy(model, prompt, params.max_new_tokens) for i, (prompt, params) in enumerate(requests)}
+    assert outputs[0] == expected

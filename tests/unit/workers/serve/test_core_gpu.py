@@ -78,3 +78,21 @@ def test_prefix_cache_and_chunked_prefill_on_the_cuda_path(model: Any) -> None:
         assert cached[seq_id][1] == pytest.approx(plain[seq_id][1], abs=1e-3)
     decoder = cached_core.runner.decoder  # type: ignore[attr-defined]
     assert decoder.ahead_hits > 0
+
+
+def test_prefill_graphs_give_the_eager_prefills_tokens(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prefill as CUDA graphs per (rows, length, keys) bucket, several rows of different lengths at once,
+    # against the eager prefill; arrivals two steps apart also join the step launched ahead.
+    requests = [([(7 * i + j) % VOCAB for j in range(3 + 11 * i)], Sampling(max_new_tokens=10 + 2 * i))
+                for i in range(8)]  # fmt: skip
+    monkeypatch.setenv("STRATUS_STATIC_PREFILL", "0")
+    eager_core = core_over(model, chunk=40, pool=0)
+    assert eager_core.runner.prefill is None  # type: ignore[attr-defined]
+    eager = serve(eager_core, requests)
+    monkeypatch.setenv("STRATUS_STATIC_PREFILL", "1")
+    graph_core = core_over(model, chunk=40, pool=0)
+    graphs = serve(graph_core, requests)
+    prefill = graph_core.runner.prefill  # type: ignore[attr-defined]
+    assert prefill is not None and prefill.replays > 0 and prefill.graphs
+    assert graphs == eager
+    assert graph_core.runner.decoder.ahead_hits > 0  # type: ignore[attr-defined]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import os
 import signal
 import threading
@@ -432,3 +433,40 @@ async def test_a_killed_or_frozen_engine_process_fails_every_request_fast(
         assert engine.transport.proc.wait(5) == -signal.SIGKILL
     finally:
         await engine.stop()
+
+
+async def test_streams_are_paced_to_the_frontends_message_rate(loaded: Any) -> None:
+    # Many streams at a step a millisecond would be more messages than one process can send: each stream's
+    # events are spaced by (streams / message_rate), carrying every token since the last; the first token and
+    # the end still go out at once, and the tokens are those of an unpaced engine.
+    prompts = [loaded.tokenizer.encode(p) for p in ("The quick brown fox", "Hello", "Once upon a time", "1 2 3 4")]
+    params = Sampling(max_new_tokens=24)
+    free = await started(loaded, max_batch_size=4)
+    free.message_rate = 0.0
+    try:
+        unpaced = await asyncio.gather(*(tokens_of(free, p, params) for p in prompts))
+    finally:
+        await free.stop()
+    paced = await started(loaded, max_batch_size=4)
+    paced.message_rate = 50.0  # 4 streams: an event per stream every 80 ms at most
+
+    async def events_of(prompt: list[int]) -> tuple[list[int], list[float], FinishEvent]:
+        ids: list[int] = []
+        times: list[float] = []
+        async for event in paced.stream(prompt, params):
+            if isinstance(event, TokenEvent):
+                ids.extend(event.token_ids)
+                times.append(time.monotonic())
+            else:
+                return ids, times, event
+        raise AssertionError("no finish event")
+
+    try:
+        results = await asyncio.gather(*(events_of(p) for p in prompts))
+    finally:
+        await paced.stop()
+    for (ids, times, finish), (expected, _) in zip(results, unpaced, strict=True):
+        assert ids == expected and finish.reason == "length"
+        assert len(times) < len(ids)  # several tokens an event
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert all(gap >= 0.08 * 0.9 for gap in gaps[:-1])  # the pace holds (the end flushes what is left at once)

@@ -48,8 +48,10 @@ def runner_of(engine: AsyncEngine) -> Any:
     return core.runner
 
 
-@pytest.mark.parametrize("ahead", ["0", "1"])
-async def test_joining_and_leaving_on_the_fast_path(loaded: Any, monkeypatch: pytest.MonkeyPatch, ahead: str) -> None:
+@pytest.mark.parametrize(("ahead", "static"), [("0", "0"), ("1", "0"), ("1", "1")])
+async def test_joining_and_leaving_on_the_fast_path(
+    loaded: Any, monkeypatch: pytest.MonkeyPatch, ahead: str, static: str
+) -> None:
     prompts = [loaded.tokenizer.encode(p) for p in PROMPTS]
     alone = build_engine(loaded.model, loaded.tokenizer, max_batch_size=1, max_len=128, prefix_cache_tokens=0)
     await alone.start()
@@ -60,10 +62,12 @@ async def test_joining_and_leaving_on_the_fast_path(loaded: Any, monkeypatch: py
         await alone.stop()
     monkeypatch.setenv("STRATUS_FAST_PATH", "1")
     monkeypatch.setenv("STRATUS_DECODE_AHEAD", ahead)  # 1: each step starts on the last one's argmax
+    monkeypatch.setenv("STRATUS_STATIC_PREFILL", static)  # 1: prefill padded from fixed buffers, as CUDA graphs run it
     engine = build_engine(loaded.model, loaded.tokenizer, max_batch_size=3, max_len=128)
     await engine.start()
     runner = runner_of(engine)
     assert isinstance(runner, FusedRunner) and runner.decoder.decode_ahead == (ahead == "1")
+    assert (runner.prefill is not None) == (static == "1")
     try:
         # Five requests over three rows, arriving while others decode: rows fill, drain and refill.
         together = await asyncio.gather(

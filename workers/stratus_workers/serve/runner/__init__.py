@@ -107,6 +107,7 @@ class Decoded:
     logits: torch.Tensor
     greedy: list[int]
     greedy_logprobs: list[float] | None
+    joined: list[int] | None = None  # a device `join`'s tokens, read back (see ModelRunner.decode)
 
 
 def decoded(logits: torch.Tensor, logprobs: bool) -> Decoded:
@@ -233,8 +234,15 @@ class ModelRunner(abc.ABC):
         return torch.cat(parts)
 
     @torch.inference_mode()
-    def decode(self, ids: Sequence[int], *, logprobs: bool = False) -> Decoded:
-        """A decode step: feed `ids[i]` to row i (rows 0..len(ids)-1, one token each)."""
+    def decode(
+        self, ids: Sequence[int], *, logprobs: bool = False, join: Sequence[int] | torch.Tensor = ()
+    ) -> Decoded:
+        """A decode step: feed `ids[i]` to row i (rows 0..len(ids)-1, one token each).
+
+        `join`: the first tokens of the rows after them that join the batch at the next step (a path
+        that starts the next step ahead of time starts theirs too; the others need not know). Given as
+        a device tensor (only to a runner whose `device_join` is true), they come back as `joined`.
+        """
         batch = len(ids)
         if not 0 < batch <= self.max_rows:
             raise ValueError(f"a decode step of {batch} rows does not fit this runner's {self.max_rows}")
@@ -242,7 +250,7 @@ class ModelRunner(abc.ABC):
         self._lead("decode", list(ids), logprobs=logprobs)
         self.passes += 1
         self.positions += batch
-        return self._decode(list(ids), logprobs)
+        return self._decode(list(ids), logprobs, join)
 
     @torch.inference_mode()
     def save_prefix(self, row: int, positions: list[int], slots: list[int], block: int) -> None:
@@ -299,10 +307,13 @@ class ModelRunner(abc.ABC):
     ) -> torch.Tensor:
         """Run the rows (the cache already holds room for them) and set their new lengths."""
 
-    def _decode(self, ids: list[int], logprobs: bool) -> Decoded:
+    def _decode(self, ids: list[int], logprobs: bool, join: Sequence[int] | torch.Tensor) -> Decoded:
         """A decode step through `_forward`; paths with a static step of their own replace it."""
         starts = self.cache.lengths[: len(ids)]
-        return decoded(self._forward(0, [[t] for t in ids], starts, [1] * len(ids), False), logprobs)
+        result = decoded(self._forward(0, [[t] for t in ids], starts, [1] * len(ids), False), logprobs)
+        if isinstance(join, torch.Tensor):
+            result.joined = join.tolist()
+        return result
 
     def _warmup(self, max_kv_len: int | None, batch_sizes: Sequence[int] | None) -> int:
         return 0

@@ -15,9 +15,12 @@ class KVCache:
     decode graphs index; a row move or a prefix copy touches every layer at once through the whole
     tensor. Rows join, leave, roll back and move independently; `lengths` says how many tokens each
     holds (and `lengths_dev`, when asked for, mirrors it on the device for a decode step that must not
-    read host memory). `version` counts the changes made outside a decode step to rows below
-    `watched` (the rows a step computed ahead of time read), so such a step can tell whether the rows
-    it assumed still stand; a change to a row above them (a session, a prefill) leaves it valid.
+    read host memory). While a decode step launched ahead of time is in flight (`watch`), `ahead` says,
+    for each row that step computed, which of its rows the row holds now: a row move (compaction after
+    a request left) carries the step's work along, with the key it wrote one past the row's length,
+    and any other change to such a row (a reset, a prefill, a truncation) marks it None. So a finished
+    request costs the step launched ahead nothing, and a change to a row above them (a session, a
+    prefill into a new row) leaves it alone.
 
     The pool (`pool_tokens` tokens, allocated on first use) holds blocks of keys and values that
     finished or prefilled rows left behind, for the prefix cache (serve/prefix.py) to copy into new
@@ -53,6 +56,9 @@ class KVCache:
         if device_lengths:
             with torch.inference_mode(False):
                 self.lengths_dev = torch.zeros(rows, dtype=torch.long, device=device)
+        self.ahead: list[int | None] | None = None
+        # The pipeline's steps queued ahead (serve/pipeline.py) use a coarser check: `version` counts every
+        # change outside a decode step to rows below `watched`, row moves included.
         self.version = 0
         self.watched = rows
         self.capacity = 0
@@ -95,39 +101,43 @@ class KVCache:
 
     # -- lengths ----------------------------------------------------------------------------
 
-    def _changed(self, first_row: int) -> None:
+    def watch(self, batch: int | None) -> None:
+        """A decode step of rows 0..batch-1 was launched ahead of time (None: none is in flight)."""
+        self.ahead = None if batch is None else list(range(batch))
+
+    def _changed(self, first_row: int, end: int) -> None:
         if first_row < self.watched:
             self.version += 1
+        ahead = self.ahead
+        if ahead is not None:
+            for row in range(first_row, min(end, len(ahead))):
+                ahead[row] = None
 
     def set_length(self, row: int, length: int) -> None:
+        self._set_length(row, length)
+        self._changed(row, row + 1)
+
+    def _set_length(self, row: int, length: int) -> None:
         self.lengths[row] = length
         if self.lengths_dev is not None:
             self.lengths_dev[row] = length
-        self._changed(row)
 
     def set_lengths(self, first_row: int, lengths: list[int]) -> None:
         """Rows first_row.. now hold `lengths` tokens (after a prefill or an extension)."""
         end = first_row + len(lengths)
         self.lengths[first_row:end] = lengths
         if self.lengths_dev is not None:
-            host = torch.tensor(lengths, dtype=torch.long)
-            if self.device.type == "cuda":
-                # From pageable memory the copy would make the host wait for the whole stream first (and a
-                # pipeline stage wait for the activations it receives); pinned memory does not.
-                host = host.pin_memory()
-            self.lengths_dev[first_row:end] = host.to(self.device, non_blocking=True)
-        self._changed(first_row)
+            self.lengths_dev[first_row:end] = self._on_device(lengths)
+        self._changed(first_row, end)
 
     def set_row_lengths(self, rows: list[int], lengths: list[int]) -> None:
         """Rows `rows` (any, in any order) now hold `lengths` tokens (after a forward over those rows)."""
         for row, length in zip(rows, lengths, strict=True):
             self.lengths[row] = length
         if self.lengths_dev is not None:
-            index, values = torch.tensor(rows, dtype=torch.long), torch.tensor(lengths, dtype=torch.long)
-            if self.device.type == "cuda":  # as in set_lengths: the host must not wait for the stream
-                index, values = index.pin_memory(), values.pin_memory()
-            self.lengths_dev[index.to(self.device, non_blocking=True)] = values.to(self.device, non_blocking=True)
-        self._changed(min(rows))
+            self.lengths_dev[self._on_device(rows)] = self._on_device(lengths)
+        # The rows in between did not change; marking them too only costs a step launched ahead, never a wrong one.
+        self._changed(min(rows), max(rows) + 1)
 
     def advance(self, batch: int) -> None:
         """Rows 0..batch-1 each took one token (a decode step: not a change of rows)."""
@@ -146,12 +156,23 @@ class KVCache:
         self.set_length(row, length)
 
     def move(self, src: int, dst: int) -> None:
-        """Copy row `src` into row `dst` and empty `src`."""
+        """Copy row `src` into row `dst` and empty `src` (a step launched ahead follows the row)."""
         n = self.lengths[src]
+        ahead = self.ahead
+        carried = ahead[src] if ahead is not None and src < len(ahead) else None
+        # The step in flight wrote the key of the row's next token at position n (queued before this copy).
+        copy = min(n + 1, self.capacity) if carried is not None else n
         for cache in (self.all_keys, self.all_values):
-            cache[:, dst, :, :n].copy_(cache[:, src, :, :n])
-        self.set_length(dst, n)
-        self.set_length(src, 0)
+            cache[:, dst, :, :copy].copy_(cache[:, src, :, :copy])
+        self._set_length(dst, n)
+        self._set_length(src, 0)
+        if min(src, dst) < self.watched:
+            self.version += 1
+        if ahead is not None:
+            if dst < len(ahead):
+                ahead[dst] = carried
+            if src < len(ahead):
+                ahead[src] = None
 
     # -- the prefix cache's block pool ------------------------------------------------------
 
@@ -177,7 +198,15 @@ class KVCache:
 
     def _index(self, starts: list[int], block: int) -> torch.Tensor:
         idx = (np.asarray(starts, dtype=np.int64)[:, None] + np.arange(block, dtype=np.int64)[None, :]).reshape(-1)
-        return torch.from_numpy(idx).to(self.device, non_blocking=True)
+        return self._on_device(idx)
+
+    def _on_device(self, values: np.ndarray | list[int]) -> torch.Tensor:
+        # Through pinned memory: a copy from pageable memory would make the host wait for every step queued
+        # on the device first (a decode step running ahead), at each prefill and each prefix save or load.
+        host = torch.from_numpy(np.asarray(values, dtype=np.int64))
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
 
     def save_blocks(self, row: int, positions: list[int], slots: list[int], block: int) -> None:
         """Copy `block` tokens of `row` from each position in `positions` into pool block `slots[i]`."""

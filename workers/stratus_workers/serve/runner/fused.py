@@ -1,11 +1,14 @@
-"""The fused path: fused (and, under tensor parallel, sharded) weights, eager prefill, the decode step body.
+"""The fused path: fused (and, under tensor parallel, sharded) weights, the prefill and decode step bodies.
 
 Each layer's projections are fused into two matrices (q|k|v and gate|up), the KV cache is
 allocated once at full length, and row lengths live on the device as well as on the host, so a
 decode step reads only device buffers: graphs.py runs it per batch bucket, as a CUDA graph on
 CUDA, and one step ahead for greedy callers. `torch.compile` fuses the small element-wise
 kernels (norms, rotary, SiLU) inside the step, and a Triton kernel (serve/kernels.py) does its
-attention. With a sharded `ParallelContext` each rank keeps its share of the heads and MLP
+attention. The prefill likewise has a body that reads only device buffers, which prefill.py runs
+per (rows, length, keys) bucket as a CUDA graph; the eager prefill (`_extend`) serves the rest
+(a tensor-parallel group, verification's every-position logits, prefills too big for a graph).
+With a sharded `ParallelContext` each rank keeps its share of the heads and MLP
 columns and the partial results are all-reduced. This is CUDA's path; `STRATUS_FAST_PATH=1`
 runs the same arithmetic on the CPU, which is how the CPU tests cover it.
 """
@@ -35,6 +38,7 @@ from stratus_workers.serve.runner import (
 from stratus_workers.serve.runner.cache import KVCache
 from stratus_workers.serve.runner.graphs import StaticDecoder
 from stratus_workers.serve.runner.modules import apply_rotary
+from stratus_workers.serve.runner.prefill import StaticPrefill
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +156,15 @@ def _mlp_in(
     return h, F.silu(gate) * up
 
 
+def _decode_out(
+    h: torch.Tensor, norm_w: torch.Tensor, eps: float, w_head: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode step's end: final norm and head; float32 logits, the argmax and its log-probability."""
+    logits = F.linear(_rms_norm(h, norm_w, eps), w_head).float()
+    best = logits.argmax(dim=-1)
+    return logits, best, logits.gather(1, best[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+
 def _prefill_qkv_eager(n_q: int, n_kv: int, head_dim: int) -> Callable[..., Any]:
     def prefill_qkv(
         h: torch.Tensor, delta: torch.Tensor, norm_w: torch.Tensor, eps: float, w_qkv: torch.Tensor,
@@ -241,6 +254,12 @@ class FusedRunner(ModelRunner):
         self._verify_pool: Any = None
         with torch.inference_mode(False):  # a graph's inputs, refilled before each replay
             self._verify_inputs = torch.zeros((3, 0), dtype=torch.long, device=self.device)
+        # The engine may hand joining rows' first tokens over on the device (see ModelRunner.decode).
+        self.device_join = ahead
+        # Prefill from fixed buffers, a graph per bucket: with CUDA graphs on one device (a tensor-parallel
+        # group's all-reduces stay eager); STRATUS_STATIC_PREFILL=0 or 1 overrides (1 runs it on the CPU).
+        static = env_flag("STRATUS_STATIC_PREFILL", self.cuda_graphs) and world == 1
+        self.prefill = StaticPrefill(self, cuda_graphs=self.cuda_graphs) if static else None
 
     def _fuse_weights(self, rank: int, world: int) -> list[_LayerWeights]:
         d = self.head_dim
@@ -341,11 +360,13 @@ class FusedRunner(ModelRunner):
 
         # The prefill's element-wise work too: an eager prefill of a small model is a thousand kernel
         # launches, which at 64 streams (one admission every other step) costs more than the decoding.
-        fns: list[Callable[..., Any]] = [attention_block, mlp_block, store_block, prefill_qkv, _mlp_in]
+        # And the decode step's end: the final norm, head, argmax and its log-probability (a dozen small
+        # kernels eagerly, a few compiled, in every step's graph).
+        fns: list[Callable[..., Any]] = [attention_block, mlp_block, store_block, prefill_qkv, _mlp_in, _decode_out]
         self.compiled = compiled
         if compiled:
             fns = [torch.compile(fn, dynamic=True, fullgraph=True) for fn in fns]
-        self._attn_fn, self._mlp_fn, self._store_fn, self._prefill_qkv, self._prefill_mlp = fns
+        self._attn_fn, self._mlp_fn, self._store_fn, self._prefill_qkv, self._prefill_mlp, self._decode_out = fns
 
     def degrade(self) -> str | None:
         """Drop the newest optimisation of the decode step after a failed capture; its name, or None if none is left.
@@ -377,8 +398,8 @@ class FusedRunner(ModelRunner):
             return logits[:, None] if all_logits else logits
         return self._extend(first_row, tokens, starts, q_lens, all_logits, logits_from)
 
-    def _decode(self, ids: list[int], logprobs: bool) -> Decoded:
-        return self.decoder.step(len(ids), ids, logprobs=logprobs)
+    def _decode(self, ids: list[int], logprobs: bool, join: Sequence[int] | torch.Tensor) -> Decoded:
+        return self.decoder.step(len(ids), ids, logprobs=logprobs, join=join)
 
     @torch.inference_mode()
     def forward_rows(
@@ -513,6 +534,15 @@ class FusedRunner(ModelRunner):
         logits_from: int = 0,
     ) -> torch.Tensor:
         """Prefill, extend or verify (any number of new tokens per row) with the fused weights."""
+        if self.prefill is not None and not all_logits:
+            try:
+                logits = self.prefill.run(first_row, tokens, starts, q_lens)
+            except Exception as exc:  # a capture that failed: the eager prefill below computes the same
+                log.warning("prefill graph failed (%s: %s); prefilling eagerly", type(exc).__name__, exc)
+                self.prefill, logits = None, None
+            if logits is not None:
+                self.cache.set_lengths(first_row, [s + q for s, q in zip(starts, q_lens, strict=True)])
+                return logits
         h = self.embed(self.padded_ids(tokens))
         h = self.extend_hidden(first_row, h, starts, q_lens)
         h = h[:, logits_from:] if all_logits else self.last_tokens(h, q_lens)
@@ -564,6 +594,56 @@ class FusedRunner(ModelRunner):
         self.cache.set_lengths(first_row, ends)
         return h + delta
 
+    def prefill_body(self, flat: torch.Tensor, batch: int, q_len: int, kv_len: int) -> torch.Tensor:
+        """A prefill of rows reading only device buffers (what a prefill graph captures); [batch, vocab] logits.
+
+        `flat` holds (runner/prefill.py) each row's start, number of new tokens and cache row, then the
+        [batch, q_len] padded ids. A padded slot writes its key at the spare slot past `max_len`.
+        """
+        r = self.max_rows
+        starts, lens, rows = flat[:batch], flat[r : r + batch], flat[2 * r : 2 * r + batch]
+        ids = flat[3 * r : 3 * r + batch * q_len].view(batch, q_len)
+        ar = self._kv_ar
+        spare = self.cache.capacity - 1
+        positions = starts[:, None] + ar[:q_len][None, :]  # [B, Q]
+        write_pos = torch.where(ar[:q_len][None, :] < lens[:, None], positions, spare)
+        table = positions.clamp(max=spare)
+        cos, sin = self._cos[table], self._sin[table]
+        write_rows = rows[:, None].expand(batch, q_len)
+        h = F.embedding(ids, self._embed)
+        delta = torch.zeros_like(h)
+        # Grouped-query heads folded into the query dimension (as the decode attention does): one attention of
+        # [B, kv heads, group x Q] queries under an additive mask, which SDPA's fused kernels take (with
+        # enable_gqa it falls back to the unfused one: a dozen kernels a layer and the scores in memory).
+        n_kv, d = self.local_kv_heads, self.head_dim
+        group = self.local_heads // n_kv
+        visible = ar[:kv_len][None, None, :] <= positions[:, :, None]  # [B, Q, K]
+        bias = torch.zeros(visible.shape, dtype=h.dtype, device=h.device)
+        bias = bias.masked_fill(~visible, torch.finfo(h.dtype).min)
+        bias = bias[:, None, None].expand(batch, 1, group, q_len, kv_len).reshape(batch, 1, group * q_len, kv_len)
+        for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
+            # The compiled decode block writes this chunk's keys and values into the cache itself.
+            h, q = self._store_fn(
+                h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_cache, v_cache, write_rows, write_pos
+            )
+            q = q.view(batch, q_len, n_kv, group, d).permute(0, 2, 3, 1, 4).reshape(batch, n_kv, group * q_len, d)
+            out = F.scaled_dot_product_attention(
+                q,
+                k_cache[:, :, :kv_len].index_select(0, rows),
+                v_cache[:, :, :kv_len].index_select(0, rows),
+                attn_mask=bias,
+                scale=self.scale,
+            )
+            out = out.view(batch, n_kv, group, q_len, d).permute(0, 3, 1, 2, 4).reshape(batch, q_len, -1)
+            out = F.linear(out, lw.o)
+            h, act = self._prefill_mlp(h, out, lw.o_bias, lw.post_norm, lw.eps, lw.gate_up, lw.gate_up_bias)
+            delta = F.linear(act, lw.down)
+            if lw.down_bias is not None:
+                delta = delta + lw.down_bias
+        h = h + delta
+        last = h[ar[:batch], (lens - 1).clamp(min=0)]
+        return self.head(last)
+
     def decode_body(self, tokens: torch.Tensor, batch: int, kv_len: int) -> torch.Tensor:
         """One decode step of rows 0..batch-1 reading only device buffers (what a graph captures).
 
@@ -571,11 +651,11 @@ class FusedRunner(ModelRunner):
         (the next step's input, if the caller is greedy) and its log-probability in `greedy_logprobs`.
         """
         h = self.decode_rows(F.embedding(tokens[:batch], self._embed), 0, kv_len)
-        logits = self.head(h)
-        best = logits.argmax(dim=-1)
+        logits: torch.Tensor
+        logits, best, picked = self._decode_out(h, self._final_norm, self._final_eps, self._lm_head)
         tokens[:batch].copy_(best)
         # The greedy choice's log-probability, so a caller asking for it need not wait on the logits.
-        self.greedy_logprobs[:batch].copy_(logits.gather(1, best[:, None])[:, 0] - torch.logsumexp(logits, dim=-1))
+        self.greedy_logprobs[:batch].copy_(picked)
         return logits
 
     def decode_rows(self, h: torch.Tensor, first_row: int, kv_len: int) -> torch.Tensor:
@@ -618,6 +698,12 @@ class FusedRunner(ModelRunner):
         graphs = self.decoder.warmup(max_kv_len, batch_sizes)
         if self.compiled:
             self._warm_prefill()
+        if self.prefill is not None:
+            try:
+                graphs += self.prefill.warmup()
+            except Exception as exc:  # an optimisation must not take serving down: the eager prefill is correct
+                log.warning("prefill graph capture failed (%s: %s); prefilling eagerly", type(exc).__name__, exc)
+                self.prefill = None
         self._warm_verify()
         return graphs
 
@@ -644,6 +730,7 @@ class FusedRunner(ModelRunner):
         """Compile the prefill's functions now for each shape class (sizes of one are specialised), so
         that no request waits for a compiler; fall back to eager prefill if that fails."""
         rows = min(3, self.max_rows)
+        static, self.prefill = self.prefill, None  # the eager prefill's functions (the static one warms itself)
         try:
             for batch, q_len in ((1, 1), (1, 5), (rows, 1), (rows, 17)):
                 batch = min(batch, rows)
@@ -654,5 +741,6 @@ class FusedRunner(ModelRunner):
             self._prefill_qkv = _prefill_qkv_eager(self.local_heads, self.local_kv_heads, self.head_dim)
             self._prefill_mlp = _mlp_in
         finally:
+            self.prefill = static
             for row in range(self.max_rows):
                 self.cache.set_length(row, 0)

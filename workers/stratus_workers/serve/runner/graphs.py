@@ -5,7 +5,10 @@ batch bucket and, on CUDA, as a graph captured once per bucket (rows past the ba
 writing only at the cache's spare slot). The only host-device sync is the caller reading the
 sampled ids. Each step also leaves its argmax on the device, and with decode-ahead the next step
 starts on it at once: when the caller then sends exactly those tokens (greedy decoding), that
-step is already running, so the GPU works while the host samples, detokenizes and streams.
+step is already running, so the GPU works while the host samples, detokenizes and streams. Requests
+that leave do not spoil it (the KV cache moves its work along with the rows, see cache.py), and rows
+whose prompts were just prefilled join it (`join`): at 64 streams a request leaves and another joins
+about every other step, and each spoilt step cost a whole decode step of GPU time and a wait.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from stratus_workers.serve.runner import Decoded
+from stratus_workers.serve.runner import Decoded, to_device
 from stratus_workers.serve.runner.cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -48,7 +51,6 @@ class _Step:
     """A queued decode step: its logits, greedy choices and their log-probabilities (host copies), and when ready."""
 
     batch: int
-    version: int
     logits: torch.Tensor
     argmax: torch.Tensor
     logprobs: torch.Tensor
@@ -121,17 +123,17 @@ class StaticDecoder:
         self.cuda_graphs = cuda_graphs
         self.decode_ahead = decode_ahead
         self.ahead_hits = 0  # steps whose result was already computed when the caller asked
+        self.device_joins = 0  # steps launched ahead with joining rows' first tokens taken on the device
         dev = body.device
         self._on_cuda = dev.type == "cuda"
         rows = body.max_rows
         with torch.inference_mode(False):  # updated in place by ordinary code too (graph capture)
             # The step's input ids; each step leaves its argmax here for the next.
             self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)
-        self._tok_host = torch.zeros(rows, dtype=torch.long, pin_memory=self._on_cuda)
-        self._tok_np = self._tok_host.numpy()
-        self._copy_done: torch.cuda.Event | None = None
         self._argmax_host = torch.zeros((2, rows), dtype=torch.long, pin_memory=self._on_cuda)
         self._logprob_host = torch.zeros((2, rows), dtype=torch.float32, pin_memory=self._on_cuda)
+        self._join_host = torch.zeros(rows, dtype=torch.long, pin_memory=self._on_cuda)
+        self._join_done: Any = torch.cuda.Event() if self._on_cuda else None  # type: ignore[no-untyped-call]
         self._slot = 0
         self.graphs = GraphCache(dev, body.degrade)
         self._ahead_step: _Step | None = None
@@ -150,49 +152,90 @@ class StaticDecoder:
             kv *= 2
         return bucket, min(kv, self.cache.capacity)
 
-    def step(self, batch: int, ids: list[int], *, logprobs: bool = False) -> Decoded:
-        """Feed `ids` to rows 0..batch-1 (one token each); returns their logits and greedy choices."""
+    def step(
+        self, batch: int, ids: list[int], *, logprobs: bool = False, join: Sequence[int] | torch.Tensor = ()
+    ) -> Decoded:
+        """Feed `ids` to rows 0..batch-1 (one token each); returns their logits and greedy choices.
+
+        `join` names the first tokens of rows batch.. that join the batch at the next step (their
+        prompts were prefilled this step): the step launched ahead covers them too, fed those tokens.
+        As a device tensor (the prefill's greedy choices, still being computed) they are copied on the
+        device, the step launched ahead queues right behind, and they are read back (`joined`) while it runs.
+        """
         ahead, self._ahead_step = self._ahead_step, None
-        current = ahead is not None and ahead.batch == batch and ahead.version == self.cache.version
-        if current and ids == self._expected:
+        origin = self.cache.ahead
+        self.cache.watch(None)
+        rows: list[int] | None = None
+        if ahead is not None and origin is not None and batch <= len(origin):
+            carried = origin[:batch]
+            if all(r is not None for r in carried):
+                rows = carried  # type: ignore[assignment]
+        if rows is not None and all(t == self._expected[r] for t, r in zip(ids, rows, strict=True)):
             assert ahead is not None
             step = ahead  # the step launched ahead, fed by the last step's greedy choices, is this one
             self.ahead_hits += 1
+            if rows != list(range(batch)):
+                # Rows moved since (a request left): the step's argmax, the next step's input, moves with them.
+                self.tokens[:batch].copy_(self.tokens[self._index(rows)])
         else:
-            if current:
+            if rows is not None:
                 self._ahead_pause = AHEAD_PAUSE_STEPS  # sampled tokens are not the argmax: stop guessing
+            rows = None
             self.load_tokens(ids)
             step = self._launch(batch)
         self.cache.advance(batch)
+        launched = 0
+        on_device = isinstance(join, torch.Tensor)
+        joined: Any = None
         if self._ahead_pause:
             self._ahead_pause -= 1
         elif self.decode_ahead:
             # Start the next step now, on this step's argmax, so the GPU works while the caller samples,
             # detokenizes and streams. If the caller picks other tokens or changes the rows, the next
             # call runs the step again; the guess only wrote keys past each row's length.
-            self._ahead_step = self._launch(batch)
-        return self._finish(step, logprobs)
+            n = len(join)
+            if on_device and n:
+                assert isinstance(join, torch.Tensor)
+                self.tokens[batch : batch + n].copy_(join)
+                joined = self._join_host[:n]
+                joined.copy_(join, non_blocking=True)
+                self.device_joins += 1
+                if self._on_cuda:
+                    self._join_done.record()
+            elif n:
+                self.load_tokens(list(join), batch)
+            launched = batch + n
+            self._ahead_step = self._launch(launched)
+            self.cache.watch(launched)
+        decoded = self._finish(step, batch, rows, logprobs)
+        if on_device:
+            assert isinstance(join, torch.Tensor)
+            if joined is None:
+                decoded.joined = join.tolist()
+            else:
+                if self._on_cuda:
+                    self._join_done.synchronize()  # the prefill's tokens, not the step launched behind them
+                decoded.joined = joined.tolist()
+        if launched:
+            tail = decoded.joined if on_device else list(join)
+            self._expected = [*decoded.greedy, *(tail or [])]  # what the step launched ahead was fed, row by row
+        return decoded
 
-    def load_tokens(self, ids: list[int]) -> None:
-        """`ids` into `tokens[:len(ids)]` (on CUDA through a pinned buffer, without waiting for the copy)."""
+    def _index(self, rows: Sequence[int]) -> torch.Tensor:
+        return to_device(rows, self.body.device) if self._on_cuda else torch.tensor(rows, dtype=torch.long)
+
+    def load_tokens(self, ids: list[int], first: int = 0) -> None:
+        """`ids` into `tokens[first:first + len(ids)]` (on CUDA through pinned memory, without waiting for the copy)."""
         n = len(ids)
         if not self._on_cuda:
-            self.tokens[:n] = torch.tensor(ids, dtype=torch.long)
+            self.tokens[first : first + n] = torch.tensor(ids, dtype=torch.long)
             return
-        # The pinned buffer is reused every step: wait until the last copy out of it has run.
-        if self._copy_done is not None:
-            self._copy_done.synchronize()
-        self._tok_np[:n] = ids
-        self.tokens[:n].copy_(self._tok_host[:n], non_blocking=True)
-        if self._copy_done is None:
-            self._copy_done = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        self._copy_done.record()
+        # Through pinned memory (runner.to_device): the host does not wait for the queued steps.
+        self.tokens[first : first + n].copy_(to_device(ids, self.body.device))
 
     def _launch(self, batch: int) -> _Step:
         """Queue one decode step of rows 0..batch-1 (tokens already in `tokens`); do not wait for it."""
         bucket, kv_len = self.buckets(batch, max(self.cache.lengths[:batch]) + 1)
-        # From now on only a change of these rows makes a step launched ahead of time stale.
-        self.cache.watched = batch
         graph = self.graph(bucket, kv_len) if self.cuda_graphs else None
         if graph is not None:
             graph[0].replay()
@@ -210,17 +253,21 @@ class StaticDecoder:
         if self._on_cuda:
             done = torch.cuda.Event()  # type: ignore[no-untyped-call]
             done.record()
-        return _Step(batch=batch, version=self.cache.version, logits=logits, argmax=host, logprobs=lp_host, done=done)
+        return _Step(batch=batch, logits=logits, argmax=host, logprobs=lp_host, done=done)
 
-    def _finish(self, step: _Step, logprobs: bool) -> Decoded:
+    def _finish(self, step: _Step, batch: int, rows: list[int] | None, logprobs: bool) -> Decoded:
+        """The step's result for rows 0..batch-1, which held its rows `rows` (None: the same rows) when it ran."""
         if step.done is not None:
             # Wait with the GIL released (Event.synchronize drops it; .tolist() would hold it). The
             # event was recorded before the next step was launched ahead, so this waits for this
             # step alone: the engine samples greedy rows and sends their tokens while the GPU runs on.
             step.done.synchronize()
-        self._expected = step.argmax[: step.batch].tolist()
+        argmax = step.argmax[: step.batch].tolist()
         picked = step.logprobs[: step.batch].tolist() if logprobs else None
-        return Decoded(step.logits, list(self._expected), picked)
+        if rows is None or rows == list(range(batch)):
+            return Decoded(step.logits[:batch], argmax[:batch], picked[:batch] if picked is not None else None)
+        logits = step.logits[self._index(rows)]
+        return Decoded(logits, [argmax[r] for r in rows], [picked[r] for r in rows] if picked is not None else None)
 
     def graph(self, batch: int, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
         """The captured step for this bucket (captured now if new), or None past MAX_GRAPHS."""

@@ -51,15 +51,26 @@ def test_move_truncate_and_reset() -> None:
     assert cache.lengths == [0, 0, 0] and cache.lengths_dev.tolist() == [0, 0, 0]
 
 
-def test_only_changes_of_rows_bump_the_version() -> None:
+def test_rows_a_step_launched_ahead_computed_follow_moves_and_other_changes_void_them() -> None:
     cache = make(capacity=16, device_lengths=True)
-    cache.set_lengths(0, [3, 4])
-    version = cache.version
-    cache.advance(2)  # a decode step: the same rows, one token longer
-    assert cache.version == version and cache.lengths == [4, 5, 0]
-    assert cache.lengths_dev is not None and cache.lengths_dev.tolist() == [4, 5, 0]
-    cache.truncate(1, 4)
-    assert cache.version > version
+    cache.set_lengths(0, [3, 4, 5])
+    cache.advance(3)  # a decode step: the same rows, one token longer
+    for row, value in enumerate((1.0, 2.0, 3.0)):
+        for layer in cache.keys:
+            layer[row, :, : cache.lengths[row] + 1] = value  # + 1: the key the step launched ahead wrote
+    cache.watch(3)
+    assert cache.ahead == [0, 1, 2] and cache.lengths == [4, 5, 6]
+    assert cache.lengths_dev is not None and cache.lengths_dev.tolist() == [4, 5, 6]
+    cache.move(2, 0)  # row 0's request left; the last row takes its place, with the step's work
+    cache.reset(2)
+    assert cache.ahead == [2, 1, None] and cache.lengths == [6, 5, 0]
+    assert bool((cache.keys[1][0, :, :7] == 3.0).all())  # its 6 tokens and the key written ahead
+    cache.truncate(1, 4)  # any other change to a row voids the step's work for it
+    assert cache.ahead == [2, None, None]
+    cache.set_lengths(2, [2])  # a prefill into a row
+    cache.watch(None)
+    cache.move(0, 1)  # nothing in flight: only the row's own tokens move
+    assert cache.ahead is None and cache.lengths == [0, 6, 2]
 
 
 def test_a_cache_grown_in_inference_mode_is_updated_outside_it() -> None:

@@ -21,7 +21,8 @@ def test_decoding_one_step_ahead_matches_reference(model: torch.nn.Module, refer
     logits = runner.forward(0, seqs)
     for step in range(8):
         greedy = logits.argmax(dim=-1).tolist()
-        # Greedy steps use the guess; step 3 sends other tokens; step 5 changes the rows first.
+        # Greedy steps use the guess; step 3 sends other tokens; at step 5 a request leaves first (its
+        # row takes the last one: the guess follows the row).
         new = [[(t + 1) % 512] for t in greedy] if step == 3 else [[t] for t in greedy]
         if step == 5:
             runner.move(2, 1)
@@ -35,7 +36,7 @@ def test_decoding_one_step_ahead_matches_reference(model: torch.nn.Module, refer
         seqs = [s + n for s, n in zip(seqs, new, strict=True)]
         for row, ids in enumerate(seqs):
             torch.testing.assert_close(logits[row], reference(ids)[0], atol=1e-4, rtol=1e-4)
-    assert decoder.ahead_hits == 4  # steps 1, 2, 6 and 7
+    assert decoder.ahead_hits == 5  # steps 1, 2, 5, 6 and 7
     assert runner.cache.lengths_dev is not None
     assert runner.cache.lengths_dev.tolist()[:2] == runner.lengths[:2] == [len(s) for s in seqs]
 
@@ -53,3 +54,32 @@ def test_buckets_cover_the_batch_and_the_keys(model: torch.nn.Module) -> None:
     assert buckets(3, 10) == (4, MIN_KV_BUCKET)
     assert buckets(5, 65) == (6, 2 * MIN_KV_BUCKET)  # past the last bucket that fits: max_rows
     assert buckets(1, 290) == (1, runner.capacity)  # never past the cache
+
+
+def test_rows_join_the_step_launched_ahead_and_a_changed_row_voids_it(model: torch.nn.Module, reference) -> None:
+    runner = FusedRunner(model, max_rows=4, max_len=64, cuda_graphs=False, compile=False)
+    decoder = runner.decoder
+    decoder.decode_ahead = True
+    seqs = [[5, 6, 7], [3, 4]]
+    logits = runner.forward(0, seqs)
+    tokens = logits.argmax(dim=-1).tolist()
+    for step in range(6):
+        join: list[int] = []
+        if step == 1:  # a prompt prefilled into row 2 while the step launched ahead runs; it joins next step
+            prompt = [9, 8, 7, 6]
+            first = runner.forward(2, [prompt])
+            torch.testing.assert_close(first[0], reference(prompt)[0], atol=1e-4, rtol=1e-4)
+            join = [int(first[0].argmax())]
+        if step == 3:  # a roll-back of row 1 (speculative verification does this): the guess is void
+            runner.truncate(1, len(seqs[1]) - 1)
+            seqs[1] = seqs[1][:-1]
+        hits = decoder.ahead_hits
+        decoded = runner.decode(tokens, join=join)
+        assert decoder.ahead_hits == hits + (step not in (0, 3))
+        seqs = [s + [t] for s, t in zip(seqs, tokens, strict=True)]
+        for row, ids in enumerate(seqs):
+            torch.testing.assert_close(decoded.logits[row], reference(ids)[0], atol=1e-4, rtol=1e-4)
+        tokens = list(decoded.greedy)
+        if join:
+            seqs.append(list(prompt))
+            tokens = [*tokens, *join]
