@@ -32,6 +32,18 @@ MAX_GRAPHS = 96  # each graph holds its own activations; beyond this, decode run
 AHEAD_PAUSE_STEPS = 32  # after a guess the caller did not take (sampling requests), steps without guessing
 
 
+def key_buckets(capacity: int, limit: int | None = None) -> list[int]:
+    """The key lengths graphs are captured at: MIN_KV_BUCKET doubling until `limit` (default the capacity) is
+    covered, none past the cache's capacity."""
+    limit = capacity if limit is None else limit
+    buckets, kv = [], MIN_KV_BUCKET
+    while True:
+        buckets.append(min(kv, capacity))
+        if kv >= limit:
+            return buckets
+        kv *= 2
+
+
 class DecodeBody(Protocol):
     """The runner side of a decode step (runner/fused.py)."""
 
@@ -287,14 +299,7 @@ class StaticDecoder:
         limit = min(max_kv_len or capacity, capacity)
         max_rows = self.body.max_rows
         sizes = batch_sizes or [b for b in BATCH_BUCKETS if b <= max_rows] or [max_rows]
-        kv = MIN_KV_BUCKET
-        kv_lens = []
-        while True:
-            kv_lens.append(min(kv, capacity))
-            if kv >= limit:
-                break
-            kv *= 2
-        for kv_len in kv_lens:
+        for kv_len in key_buckets(capacity, limit):
             for b in sizes:
                 self.graph(*self.buckets(b, kv_len))
         torch.cuda.synchronize(self.body.device)

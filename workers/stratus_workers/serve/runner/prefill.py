@@ -24,7 +24,7 @@ import torch
 
 from stratus_workers.serve.runner import to_device
 from stratus_workers.serve.runner.cache import KVCache
-from stratus_workers.serve.runner.graphs import BATCH_BUCKETS, MIN_KV_BUCKET
+from stratus_workers.serve.runner.graphs import BATCH_BUCKETS, MIN_KV_BUCKET, key_buckets
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +142,7 @@ class StaticPrefill:
             return 0
         self.flat.zero_()
         capacity = self.body.cache.capacity
-        kv = MIN_KV_BUCKET
-        keys = []
-        while True:
-            keys.append(min(kv, capacity))
-            if kv >= capacity:
-                break
-            kv *= 2
-        for kv_len in keys:
+        for kv_len in key_buckets(capacity):
             for batch, q_len in WARM_SHAPES:
                 if batch > self.rows or q_len > kv_len:
                     continue

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stratus_workers.serve.runner.fused import FusedRunner
-from stratus_workers.serve.runner.graphs import MIN_KV_BUCKET
+from stratus_workers.serve.runner.graphs import MIN_KV_BUCKET, key_buckets
 
 pytestmark = pytest.mark.unit
 
@@ -83,3 +83,23 @@ def test_rows_join_the_step_launched_ahead_and_a_changed_row_voids_it(model: tor
         if join:
             seqs.append(list(prompt))
             tokens = [*tokens, *join]
+
+
+@pytest.mark.parametrize(
+    ("capacity", "limit", "expected"),
+    [
+        (64, None, [64]),
+        (300, None, [64, 128, 256, 300]),
+        (512, 100, [64, 128]),
+        (1024, 1024, [64, 128, 256, 512, 1024]),
+        (48, None, [48]),
+    ],
+)
+def test_key_buckets_double_from_the_minimum_and_stop_at_the_capacity(
+    capacity: int, limit: int | None, expected: list[int]
+) -> None:
+    """Decode and prefill graphs are captured at these key lengths: every length up to the limit has a bucket."""
+    assert MIN_KV_BUCKET == 64
+    buckets = key_buckets(capacity, limit)
+    assert buckets == expected
+    assert buckets[-1] >= min(limit or capacity, capacity)
