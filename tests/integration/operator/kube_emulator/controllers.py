@@ -29,6 +29,7 @@ import hashlib
 import json
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
@@ -353,14 +354,17 @@ class Scheduler(Step):
         reasons += self._volume_reasons(pod, node)
         return reasons
 
-    def _volume_reasons(self, pod: dict[str, Any], node: dict[str, Any]) -> list[str]:
-        out = []
+    def _claims(self, pod: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any] | None]]:
+        """Each claim a pod's volumes name, with the claim object (None: it does not exist)."""
         namespace = _meta(pod).get("namespace")
         for volume in (pod.get("spec") or {}).get("volumes") or []:
             claim_name = (volume.get("persistentVolumeClaim") or {}).get("claimName")
-            if not claim_name:
-                continue
-            claim = self.emu.read(PVCS, namespace, claim_name)
+            if claim_name:
+                yield claim_name, self.emu.read(PVCS, namespace, claim_name)
+
+    def _volume_reasons(self, pod: dict[str, Any], node: dict[str, Any]) -> list[str]:
+        out = []
+        for _, claim in self._claims(pod):
             if claim is None:
                 continue
             volume_name = (claim.get("spec") or {}).get("volumeName")
@@ -372,12 +376,7 @@ class Scheduler(Step):
 
     def _pod_wide(self, pod: dict[str, Any]) -> str | None:
         """A reason that holds on every node (a missing or unbound claim, a claim another pod has to itself)."""
-        namespace = _meta(pod).get("namespace")
-        for volume in (pod.get("spec") or {}).get("volumes") or []:
-            claim_name = (volume.get("persistentVolumeClaim") or {}).get("claimName")
-            if not claim_name:
-                continue
-            claim = self.emu.read(PVCS, namespace, claim_name)
+        for claim_name, claim in self._claims(pod):
             if claim is None:
                 return f'persistentvolumeclaim "{claim_name}" not found'
             bound = (claim.get("status") or {}).get("phase") == "Bound"
