@@ -11,8 +11,10 @@ is what the frontend's supervision watches.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -215,9 +217,6 @@ class StepProfile:
     def idle(self) -> None:
         steps = len(self.plain) + len(self.prefill)
         if steps >= self.MIN_STEPS:
-            import json
-            import statistics
-
             hits, replays, tokens, joins = (b - a for a, b in zip(self.before, self._counters(), strict=True))
             inside = sum(self.plain) + sum(self.prefill)
             wall = self.last - self.first
