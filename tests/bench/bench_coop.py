@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import report  # tests/bench/report.py (scripts run from this folder)
+
+from stratus_workers.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTION = "bench-coop"
@@ -157,13 +158,6 @@ class Tier:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def costs(cloud: Tier, edge: Tier) -> Costs:

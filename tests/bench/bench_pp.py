@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -25,6 +24,8 @@ from typing import Any
 import report  # tests/bench/report.py (scripts run from this folder)
 import torch
 from bench_serve import ARCHS, ClientPool, _server_row, machine, make_prompts
+
+from stratus_workers.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTION = "bench-pp-{kind}"
@@ -47,19 +48,13 @@ LAYOUTS: dict[str, tuple[str, list[str], int, dict[str, str]]] = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def run_layout(
     layout: str, model_dir: str, prompts: list[str], pool: ClientPool, args: argparse.Namespace, log: Any
 ) -> list[dict[str, Any]]:
     from stratus_workers.client import AsyncClient
 
     label, flags, _, extra_env = LAYOUTS[layout]
-    port = _free_port()
+    port = free_port()
     batch = max(args.concurrency)
     cmd = [
         sys.executable, "-m", "stratus_workers.serve", "--model", model_dir, "--name", "bench", "--port", str(port),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ import pytest
 import yaml
 from kind_cluster import CONTEXT, Installed, sample_path
 
+from stratus_workers.ports import free_port
+
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("diagnostics_on_failure")]
 
 SAMPLE = "smollm2"
@@ -26,16 +27,10 @@ READY_TIMEOUT_S = 1500
 OWNED_KINDS = "deployments,jobs,services,configmaps,horizontalpodautoscalers,networkpolicies"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def port_forward(stratus: Installed, service: str, port: int) -> Iterator[int]:
     """kubectl port-forward to the Service; yields the local port once it forwards."""
-    local = _free_port()
+    local = free_port()
     proc = subprocess.Popen(
         ["kubectl", "--context", CONTEXT, "-n", stratus.namespace, "port-forward", f"svc/{service}",
          f"{local}:{port}"],

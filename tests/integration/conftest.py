@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from stratus_workers.client import Client
+from stratus_workers.ports import free_port
 from stratus_workers.router.config import RouterConfig
 from stratus_workers.router.server import RouterServer
 
@@ -83,12 +83,6 @@ async def start_router(config: RouterConfig, **kwargs: Any) -> AsyncIterator[Rou
         yield router
     finally:
         await router.stop(0.5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -43,6 +42,7 @@ from stratus_operator.planner import (
 from stratus_operator.spec import LLMDeployment
 from stratus_workers.client import Client
 from stratus_workers.models.loader import cache_dir
+from stratus_workers.ports import free_port
 from stratus_workers.security import TLSFiles, local_pki
 
 log = logging.getLogger(__name__)
@@ -70,12 +70,6 @@ def load_manifest(path: Path) -> LLMDeployment:
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)
         )
         raise LocalRunError(f"{path} is not a valid LLMDeployment: {problems}") from exc
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -13,14 +12,10 @@ from typing import Any
 
 import yaml
 
+from stratus_workers.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[3]
 CRD = ROOT / "deploy" / "crds" / "stratus.dev_llmdeployments.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_kubeconfig(path: Path, url: str) -> Path:

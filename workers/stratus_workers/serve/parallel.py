@@ -11,7 +11,6 @@ group that `torchrun --nproc-per-node N` made when RANK and WORLD_SIZE are set.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -21,6 +20,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from stratus_workers.ports import free_port
 
 # NVLink multicast (NVLS) can take a host's GPUs out of service on some machines; we never need it.
 SAFE_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
@@ -82,16 +83,10 @@ def follow(ctx: ParallelContext, build: Callable[..., Any]) -> None:
         getattr(runner, method)(*args, **kwargs)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def spawn_followers(world_size: int, argv: Sequence[str]) -> list[subprocess.Popen[bytes]]:
     """Start ranks 1..world_size-1 as copies of this command; this process becomes rank 0."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.update(WORLD_SIZE=str(world_size), RANK="0", LOCAL_RANK="0", **SAFE_NCCL_ENV)
     children = []
     for rank in range(1, world_size):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -21,18 +20,13 @@ import pytest
 
 from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.client import AsyncClient
+from stratus_workers.ports import free_port
 from stratus_workers.serve.server import ModelServer, ServerSettings
 
 pytestmark = pytest.mark.integration
 
 ALWAYS_EDGE = {"confidenceThreshold": -100.0}
 LONG = 400  # tokens: an answer the edge is still writing when it freezes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from stratus_workers.ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -57,12 +58,6 @@ else:
 sys.stdout.flush()
 os._exit(0)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_a_follower_repeats_rank_zeros_calls_and_the_shards_add_up() -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.api import inference_pb2_grpc as pb_grpc
+from stratus_workers.ports import free_port
 from stratus_workers.protocol.requests import render_prompt
 
 pytestmark = pytest.mark.integration
@@ -275,12 +275,6 @@ def settled_text(tokenizer: Any, ids: list[int]) -> str:
         if not text.endswith("\ufffd"):
             return text
     return ""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def health(address: str) -> int:
