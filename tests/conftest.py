@@ -6,9 +6,13 @@ run without loading it. The worker test folders set torch's threads in their own
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+# --import-mode=importlib puts no folder on sys.path; helpers shared by several test trees live in tests/support.
+sys.path.insert(0, str(Path(__file__).parent / "support"))
 
 
 def one_thread() -> None:

@@ -5,7 +5,6 @@ Building and running them is tests/e2e/containers (`make images && make e2e-cont
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import re
 import subprocess
@@ -13,12 +12,12 @@ import sys
 import tarfile
 import tomllib
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
 from chart_support import CHART_DIR, DEPLOY_DIR, REPO
+from image_scripts import build, llama_features, requirements
 
 pytestmark = pytest.mark.unit
 
@@ -28,18 +27,6 @@ DOCKERFILES = {"operator": IMAGES / "operator.Dockerfile", "workers": IMAGES / "
 APP_IMAGES = ("operator", "workers")
 
 
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"images_{name}", IMAGES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-requirements = _load("requirements")
-build = _load("build")
-llama_features = _load("llama_features")
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-IMAGES_DIR = Path(__file__).resolve().parents[3] / "deploy" / "images"
+IMAGES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "images"
 
 
 def _load(name: str) -> ModuleType:
@@ -20,4 +20,5 @@ def _load(name: str) -> ModuleType:
 
 
 build = _load("build")
+requirements = _load("requirements")
 llama_features = _load("llama_features")
