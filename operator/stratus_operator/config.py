@@ -114,6 +114,11 @@ class Config:
     gpu_resource_name: str = field(default="nvidia.com/gpu", metadata=_doc(
         "the extended resource GPUs are requested and counted as"))
 
+    @property
+    def named_namespaces_only(self) -> bool:
+        """Scoped to namespaces named exactly (no globs or negations): there is nothing to discover."""
+        return bool(self.namespaces) and not any(set(ns) & set("*?[!") for ns in self.namespaces)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
         """Read each field from STRATUS_<NAME> in `env` (default os.environ); unset ones keep their default.

@@ -45,8 +45,8 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 
 @kopf.on.probe(id="deployments")
-def probe(memo: kopf.Memo, **_: Any) -> dict[str, int]:
-    return handle_probe_operator.probe(memo)
+async def probe(memo: kopf.Memo, **_: Any) -> dict[str, int]:
+    return await handle_probe_operator.probe(memo)
 
 
 # --- indexes: what reconciles read instead of listing the API (named in stratus_operator.indexes) --------

@@ -34,6 +34,13 @@ def configure(settings: kopf.OperatorSettings, config: Config) -> None:
     if config.worker_limit > 0:
         settings.batching.worker_limit = config.worker_limit
     settings.execution.max_workers = 4  # the sync index handlers are trivial
+    if config.named_namespaces_only:
+        # kopf lists the namespaces, then its namespace watch lists them again and ignores that second list: a
+        # namespace created between the two (the operator starting while its namespace is made) was never
+        # served, until a restart. Exact names need no discovery: kopf watches each one directly (an API server
+        # serves a watch in a namespace that does not exist yet). New CRDs then go unnoticed until a restart;
+        # the liveness probe fails while the LLMDeployment API is not served, so the pod restarts into it.
+        settings.scanning.disabled = True
 
 
 async def _serve_metrics(port: int) -> web.AppRunner:

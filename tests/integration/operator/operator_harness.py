@@ -43,7 +43,7 @@ class OperatorProcess:
         self.metrics_port = free_port()
         self.starts = 0
 
-    async def start(self) -> None:
+    async def start(self, healthy_within: float = 60.0) -> None:
         self.starts += 1
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "STRATUS_HEALTH_PORT": str(self.health_port),
                "STRATUS_METRICS_PORT": str(self.metrics_port), "STRATUS_RESYNC_SECONDS": "30",
@@ -57,13 +57,14 @@ class OperatorProcess:
             env=env, stdout=log, stderr=asyncio.subprocess.STDOUT,
         )
         log.close()
-        await self.wait_healthy()
+        await self.wait_healthy(healthy_within)
 
     async def wait_healthy(self, timeout: float = 60.0) -> None:
         import aiohttp
 
         deadline = asyncio.get_running_loop().time() + timeout
-        async with aiohttp.ClientSession() as session:
+        # A probe answers at once or not at all, as the kubelet's 1 s timeout expects.
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
             while asyncio.get_running_loop().time() < deadline:
                 if self.proc is not None and self.proc.returncode is not None:
                     raise AssertionError(f"operator exited with {self.proc.returncode}:\n{self.logs()[-4000:]}")
@@ -71,7 +72,7 @@ class OperatorProcess:
                     async with session.get(f"http://127.0.0.1:{self.health_port}/healthz") as r:
                         if r.status == 200:
                             return
-                except aiohttp.ClientError:
+                except (aiohttp.ClientError, TimeoutError):
                     pass
                 await asyncio.sleep(0.2)
         raise AssertionError(f"operator not healthy in {timeout}s:\n{self.logs()[-4000:]}")

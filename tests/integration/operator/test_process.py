@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import aiohttp
+import kmock
 import pytest
 import yaml
 from kube_emulator import JOBS, LLMD, Emulator
-from operator_harness import ROOT, OperatorProcess, eventually
+from operator_harness import CRD, ROOT, OperatorProcess, eventually, write_kubeconfig
 
 pytestmark = pytest.mark.integration
 
@@ -49,3 +50,25 @@ async def test_namespace_scoped(emulator: Emulator, kubeconfig: Path, tmp_path: 
         assert "status" not in (emulator.read(LLMD, "team-b", "other") or {})
     finally:
         await op.stop()
+
+
+async def test_scoped_operator_is_not_live_until_the_crd_is_served(tmp_path: Path) -> None:
+    """Scoped to named namespaces kopf does not watch for new CRDs, so liveness fails (and the pod restarts)."""
+    emu = Emulator()
+    async with emu, kmock.Server(emu):
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", str(emu.url).rstrip("/"))
+        op = OperatorProcess(kubeconfig, tmp_path / "scoped.log", args=("--namespace", "team-a"))
+        try:
+            with pytest.raises(AssertionError, match="not healthy"):
+                await op.start(healthy_within=10)
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://127.0.0.1:{op.health_port}/healthz") as r:
+                    assert r.status == 500  # at once: the kubelet's probe times out after 1 s
+            assert "install the CRD" in op.logs()
+            emu.register_crd(yaml.safe_load(CRD.read_text()))
+            await op.stop()
+            await op.start()  # what the kubelet does after the failed liveness probes
+            await emu.create_obj(LLMD, "team-a", sample("mine", "team-a"))
+            await eventually(lambda: emu.read_all(JOBS, "team-a"), what="a Job in team-a", logs=op.logs)
+        finally:
+            await op.stop()

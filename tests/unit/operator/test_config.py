@@ -52,3 +52,9 @@ def test_render_defaults_are_the_configs() -> None:
                                                          "STRATUS_IMAGE_PULL_POLICY": "Always"}))
     assert (options.cache_host_path, options.s3_image, options.job_active_deadline_seconds,
             options.image_pull_policy) == ("", "aws:1", 60, "Always")
+
+
+def test_only_exact_namespace_names_skip_kopfs_discovery() -> None:
+    assert Config.from_env({"STRATUS_NAMESPACES": "team-a,team-b"}).named_namespaces_only
+    for patterns in ("team-*", "team-?", "!kube-system", "team-[ab]", ""):
+        assert not Config.from_env({"STRATUS_NAMESPACES": patterns}).named_namespaces_only, patterns
