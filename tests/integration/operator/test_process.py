@@ -61,9 +61,9 @@ async def test_scoped_operator_is_not_live_until_the_crd_is_served(tmp_path: Pat
         try:
             with pytest.raises(AssertionError, match="not healthy"):
                 await op.start(healthy_within=10)
-            async with aiohttp.ClientSession() as session:
-                async with session.get(f"http://127.0.0.1:{op.health_port}/healthz") as r:
-                    assert r.status == 500  # at once: the kubelet's probe times out after 1 s
+            url = f"http://127.0.0.1:{op.health_port}/healthz"
+            async with aiohttp.ClientSession() as session, session.get(url) as r:
+                assert r.status == 500  # at once: the kubelet's probe times out after 1 s
             assert "install the CRD" in op.logs()
             emu.register_crd(yaml.safe_load(CRD.read_text()))
             await op.stop()
