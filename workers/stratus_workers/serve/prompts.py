@@ -81,7 +81,9 @@ class PromptEncoder:
         backend: Any = getattr(tokenizer, "_tokenizer", None)
         self.backend = backend
         self.reuse, self.why_not = _reusable(backend) if backend is not None else (False, "no fast tokenizer")
-        if os.environ.get("STRATUS_PROMPT_CACHE") == "0":  # A/B timing: every text tokenized whole
+        # A/B timing: STRATUS_PROMPT_CACHE=0 tokenizes every text whole on the event loop, as the frontend did before.
+        self.inline = os.environ.get("STRATUS_PROMPT_CACHE") == "0"
+        if self.inline:
             self.reuse, self.why_not = False, "STRATUS_PROMPT_CACHE=0"
         self.margin = 0
         if self.reuse:
@@ -107,7 +109,7 @@ class PromptEncoder:
         """`encode(text, special)`, with the part no entry covers tokenized in a thread when it is long."""
         loop = asyncio.get_running_loop()
         if not self.reuse:
-            if self.backend is None or len(text) <= INLINE_CHARS:
+            if self.backend is None or self.inline or len(text) <= INLINE_CHARS:
                 return _plain(self.tokenizer, text, special)
             return await loop.run_in_executor(self._executor(), self._whole, text, special)
         plan = self._plan(text)

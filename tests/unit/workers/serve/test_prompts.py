@@ -192,4 +192,6 @@ def test_switched_off_for_timing(tokenizer: Any, monkeypatch: pytest.MonkeyPatch
     text = "same words again " * 50
     assert encoder.encode(text + "a") == tokenizer.encode(text + "a")
     assert encoder.encode(text + "b") == tokenizer.encode(text + "b") and encoder.reused_chars == 0
-    assert prompts_module.INLINE_CHARS > 0
+    long = text * 10
+    assert len(long) > prompts_module.INLINE_CHARS
+    assert asyncio.run(encoder.encode_async(long)) == tokenizer.encode(long) and encoder._pool is None  # on the loop
