@@ -923,6 +923,23 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
     return kind, "\n".join(lines)
 
 
+def summary_line(r: dict[str, Any]) -> str:
+    """A row in one short line (a GPU call's output tail)."""
+    name = r["system"].replace(SERVER, "srv").replace("shared prefix, prefix cache ", "pfx-")
+    line = f"{r['model']} c{r['concurrency']} {name[:22]}: {r['tokens_per_s']:,.0f} t/s ttft {r['ttft_p50_ms']:.1f}/"
+    line += f"{r['ttft_p95_ms']:.1f}"
+    if r.get("server_ttft_p50_ms"):
+        line += f" srv {r['server_ttft_p50_ms']:.1f}/{r['server_ttft_p95_ms']:.1f} q {r['queue_p50_ms']:.1f}"
+    line += f" itl {r['itl_p50_ms']:.2f}"
+    if "engine_us_per_token" in r:
+        line += f" us fe {r['frontend_us_per_token']:.0f} en {r['engine_us_per_token']:.0f}"
+        if r.get("requests"):
+            line += f" fe/req {r['frontend_us_per_token'] * r['tokens'] / r['requests'] / 1e3:.2f}ms"
+    if r.get("server_start_s"):
+        line += f" start {r['server_start_s']:.0f}s"
+    return line
+
+
 def _goal(label: str, value: float, goal: float, unit: str) -> str:
     verdict = "met" if value >= goal else f"missed, at {value / goal:.0%} of it"
     if unit == TIMES:
@@ -964,12 +981,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also dump the raw rows here")
     parser.add_argument("--profile", type=Path, help="profile the engine loop's steps into this file (a row each)")
     parser.add_argument("--from-json", type=Path, nargs="+", help="render and write earlier --json dumps instead")
+    parser.add_argument("--summary", action="store_true", help="with --from-json: one short line per row")
     parser.add_argument("--write", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
     if args.from_json:
-        runs = [json.loads(p.read_text()) for p in args.from_json]
+        runs = [json.loads(p.read_text()) for p in args.from_json if p.exists()]
+        if args.summary:
+            for run in runs:
+                for row in run["rows"]:
+                    print(summary_line(row))
+            return 0
         kind, section = render(runs)
         print(section)
         if not args.no_write:
