@@ -16,6 +16,7 @@ from typing import Any
 INLINE_CHARS = 2048
 # A cached entry is reused only when it shares at least this many characters with the new text.
 MIN_SHARED_CHARS = 256
+MAX_CANDIDATES = 4  # entries sharing a text's first characters that are compared with it further (newest first)
 
 
 @dataclasses.dataclass
@@ -140,10 +141,14 @@ class PromptEncoder:
         if len(text) < MIN_SHARED_CHARS:
             return best
         head = text[:MIN_SHARED_CHARS]
+        candidates = 0
         for key in reversed(self.entries):
             entry = self.entries[key]
             if not entry.text.startswith(head):
                 continue
+            candidates += 1
+            if candidates > MAX_CANDIDATES:  # requests that share a head mostly share as much with the newest ones
+                break
             shared = _shared_length(entry.text, text)
             if shared == len(entry.text) == len(text):
                 self.entries.move_to_end(key)
