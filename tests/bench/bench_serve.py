@@ -749,7 +749,7 @@ def _cache_state(row: dict[str, Any]) -> str:
     return f"{state}, {row['label']}" if row.get("label") else state
 
 
-def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
+def render(runs: list[dict[str, Any]], part: str = "") -> tuple[str, str]:
     """(kind, markdown section) for one or more runs on one kind of device."""
     meta = runs[0]["meta"]
     kind = meta["kind"]
@@ -757,7 +757,8 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
     settings = runs[0]["settings"]
     dates = ", ".join(dict.fromkeys(run["meta"]["date"] for run in runs))
     lines = [
-        f"## Serving, {'GPU' if kind == 'gpu' else 'CPU'} (`make bench-serve`)",
+        f"## Serving, {'GPU' if kind == 'gpu' else 'CPU'}{', ' + part if part else ''} "
+        f"(`make bench-serve{'-' + part.split()[0].lower() if part else ''}`)",
         "",
         f"Device: **{meta['device']}**; host {meta['cpu']} (load average {meta.get('load', '?')}); "
         f"torch {meta['torch']}, transformers {meta['transformers']}; {dates}. Random-init weights, greedy, "
@@ -923,6 +924,11 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
     return kind, "\n".join(lines)
 
 
+def section_name(kind: str, part: str) -> str:
+    """The docs/benchmarks.md marker a run renders into: one per kind of device, or a part of its own."""
+    return SECTION.format(kind=kind) + (f"-{part.split()[0].lower()}" if part else "")
+
+
 def summary_line(r: dict[str, Any]) -> str:
     """A row in one short line (a GPU call's output tail)."""
     name = r["system"].replace(SERVER, "srv").replace("shared prefix, prefix cache ", "pfx-")
@@ -981,6 +987,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also dump the raw rows here")
     parser.add_argument("--profile", type=Path, help="profile the engine loop's steps into this file (a row each)")
     parser.add_argument("--from-json", type=Path, nargs="+", help="render and write earlier --json dumps instead")
+    parser.add_argument("--section", default="", help="a section of its own beside the kind's (its name, e.g. "
+                        "'shared prefix through the frontend'; the marker is bench-serve-KIND-FIRSTWORD)")
     parser.add_argument("--summary", action="store_true", help="with --from-json: one short line per row")
     parser.add_argument("--write", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--no-write", action="store_true")
@@ -993,10 +1001,10 @@ def main(argv: list[str] | None = None) -> int:
                 for row in run["rows"]:
                     print(summary_line(row))
             return 0
-        kind, section = render(runs)
+        kind, section = render(runs, args.section)
         print(section)
         if not args.no_write:
-            report.write_section(args.write, SECTION.format(kind=kind), section)
+            report.write_section(args.write, section_name(kind, args.section), section)
         return 0
 
     sys.path.insert(0, args.code)
@@ -1049,10 +1057,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         pool.close()
     save()
-    kind, section = render([run])
+    kind, section = render([run], args.section)
     print(section)
     if not args.no_write:
-        report.write_section(args.write, SECTION.format(kind=kind), section)
+        report.write_section(args.write, section_name(kind, args.section), section)
     return 0
 
 
