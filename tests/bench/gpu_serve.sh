@@ -15,7 +15,7 @@
 # Settings (environment): SERVE_TOKENIZER (a tokenizer directory; default the bundled SmolLM2 tokenizer, which
 # needs the bundled GGUF), SERVE_MODEL_SMALL / SERVE_MODEL_LARGE (135m / 1b), SERVE_CONCURRENCY ("1 64"),
 # SERVE_BASELINE_CONCURRENCY (64), SERVE_SHARED (64 streams of the shared-prefix workload), SERVE_ROUNDS (3),
-# SERVE_LARGE_SECONDS (the time kept for the ~1B part: 170), SERVE_ARGS (more bench_serve.py flags; on a CPU,
+# SERVE_LARGE_SECONDS (the time kept for the ~1B part: 200), SERVE_ARGS (more bench_serve.py flags; on a CPU,
 # e.g. "--device cpu --engine process --new-tokens 16" with tiny models checks the script itself), PY (python3).
 set -u
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -45,7 +45,7 @@ SMALL=${SERVE_MODEL_SMALL:-135m}
 LARGE=${SERVE_MODEL_LARGE:-1b}
 
 echo "== $SMALL ($(( $(date +%s) - T0 ))s)"
-timeout $(( $(left) - ${SERVE_LARGE_SECONDS:-170} )) $BENCH --models "$SMALL" --shared-concurrency "${SERVE_SHARED:-64}" \
+timeout $(( $(left) - ${SERVE_LARGE_SECONDS:-200} )) $BENCH --models "$SMALL" --shared-concurrency "${SERVE_SHARED:-64}" \
   --profile "$R/steps-1-$SMALL.jsonl" --json "$R/serve-1-$SMALL.json" > "$R/serve-1-$SMALL.log" 2>&1
 echo "  exit $? after $(( $(date +%s) - T0 ))s"
 grep -E "up in|baselines|decode step|Error|Traceback" "$R/serve-1-$SMALL.log" | cut -c1-220 | head -8
