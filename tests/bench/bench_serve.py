@@ -709,6 +709,7 @@ def bench_model(
     baselines: BaselineThread | None = None
     if not args.skip_baselines:
         overlap = args.tensor_parallel == 1 and not args.skip_server and server_engine_mode(args, device) == "process"
+        overlap = overlap and not args.baselines_first
         if overlap:
             baselines = BaselineThread(model, prompt_ids, args, log, keep)
             baselines.start()
@@ -984,6 +985,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baselines", nargs="+", choices=BASELINES, default=list(BASELINES),
                         help="which generate() baselines run (the goals compare with the best of those that ran)")
     parser.add_argument("--skip-server", action="store_true")
+    parser.add_argument("--baselines-first", action="store_true",
+                        help="run the generate() baselines before the server starts, not beside its start")
     parser.add_argument("--json", type=Path, help="also dump the raw rows here")
     parser.add_argument("--profile", type=Path, help="profile the engine loop's steps into this file (a row each)")
     parser.add_argument("--from-json", type=Path, nargs="+", help="render and write earlier --json dumps instead")

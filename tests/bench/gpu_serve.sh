@@ -10,7 +10,8 @@
 # serve-1-135m.json serve-2-1b.json` writes it into docs/benchmarks.md), the logs, steps-*.jsonl. stdout: a summary.
 #
 # The generate() baselines compile while the server starts (bench_serve.py BaselineThread) and are measured
-# before the server's loads, so they are in the run even when a later part is cut.
+# before the server's loads, so they are in the run even when a later part is cut (SERVE_ARGS=--baselines-first
+# runs them before the server instead: first in the run too, but a start's time later).
 #
 # Settings (environment): SERVE_TOKENIZER (a tokenizer directory; default the bundled SmolLM2 tokenizer, which
 # needs the bundled GGUF), SERVE_MODEL_SMALL / SERVE_MODEL_LARGE (135m / 1b), SERVE_CONCURRENCY ("1 64"),
