@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 LLAMA_CMAKE_ARGS ?=
 
 .PHONY: setup run up test test-unit test-integration test-slow lint typecheck imports protos check-protos \
-        bench-serve bench-pp bench-compress bench-compress-gpu bench-operator bench-coop bench-coop-cloud bench-edge soak \
+        bench-serve bench-serve-shared bench-pp bench-compress bench-compress-gpu bench-operator bench-coop bench-coop-cloud bench-edge soak \
         fuzz e2e images image-cloud base-image e2e-containers manifests clean
 
 setup: $(STAMP)
@@ -170,6 +170,20 @@ bench-edge: setup
 BENCH_SERVE_ARGS ?=
 bench-serve: setup
 	$(PY) tests/bench/bench_serve.py --write docs/benchmarks.md $(BENCH_SERVE_ARGS)
+
+# The shared-prefix workload (1,000-token system prompt) through the frontend on the CPU: the tiny model, so the
+# frontend's work shows beside the engine's; prefix cache on and off, and the frontend as it was (every prompt
+# tokenized whole on its event loop: STRATUS_PROMPT_CACHE=0). Stores both runs' JSON in docs/bench-data and
+# renders them into their section of docs/benchmarks.md.
+SERVE_SHARED_ARGS = --models tiny --concurrency 1 16 --baseline-concurrency 16 --shared-concurrency 16 \
+	--shared-system-tokens 1000 --new-tokens 32 --rounds 3 --engine process --no-write
+bench-serve-shared: setup
+	$(PY) tests/bench/bench_serve.py $(SERVE_SHARED_ARGS) --json docs/bench-data/serve-cpu-shared.json
+	STRATUS_PROMPT_CACHE=0 $(PY) tests/bench/bench_serve.py $(SERVE_SHARED_ARGS) --skip-baselines \
+		--label "before: every prompt tokenized whole on the event loop (STRATUS_PROMPT_CACHE=0)" \
+		--json docs/bench-data/serve-cpu-shared-inline.json
+	$(PY) tests/bench/bench_serve.py --from-json docs/bench-data/serve-cpu-shared.json \
+		docs/bench-data/serve-cpu-shared-inline.json --section "shared prefix through the frontend"
 
 # One device, tensor parallel 2 and pipeline parallel 2 side by side at 1/8/64 streams (the ~1B config on
 # two GPUs; the tiny model over gloo on the CPU, which checks the harness). Writes docs/benchmarks.md.

@@ -116,11 +116,26 @@ def run_sequential(model: Any, prompt_ids: list[list[int]], new_tokens: int) -> 
 
 
 BASELINES = ("sequential", "static", "compile")  # --baselines: which generate() baselines run
+VARIANTS = (("static", "static batch generate()", False), ("compile", "static cache + compile", True))
+
+
+def prepare_baselines(
+    model: Any, prompt_ids: list[list[int]], concurrency: int, new_tokens: int, which: Sequence[str]
+) -> None:
+    """The baselines' warm-up: first calls, and on CUDA the static cache's compilation for every cache length."""
+    device = next(model.parameters()).device
+    batch = torch.tensor(prompt_ids[:concurrency], device=device)
+    for key, _, static in VARIANTS:
+        if key not in which:
+            continue
+        _generate(model, batch, 4, static=static)  # warm-up (compiles the static-cache variant)
+        if static:
+            _generate(model, batch, new_tokens, static=static)  # compiled graphs for every cache length
 
 
 def run_baselines(
     model: Any, prompt_ids: list[list[int]], concurrency: int, new_tokens: int, sequential: tuple[float, float] | None,
-    log: Any, which: Sequence[str] = BASELINES,
+    log: Any, which: Sequence[str] = BASELINES, prepared: bool = False,
 ) -> list[dict[str, Any]]:
     device = next(model.parameters()).device
     rows: list[dict[str, Any]] = []
@@ -135,21 +150,58 @@ def run_baselines(
         )
         log(rows[-1])
     repeats = 2 if device.type == "cuda" else 1
-    variants = (("static", "static batch generate()", False), ("compile", "static cache + compile", True))
-    for key, name, static in variants:
+    for key, name, static in VARIANTS:
         if key not in which:
             continue
         if static and device.type != "cuda":
             name = "static cache (uncompiled on CPU)"
-        _generate(model, batch, 4, static=static)  # warm-up (compiles the static-cache variant)
-        if static:
-            _generate(model, batch, new_tokens, static=static)  # compiled graphs for every cache length
+        if not prepared:
+            prepare_baselines(model, prompt_ids, concurrency, new_tokens, [key])
         first = _generate(model, batch, 1, static=static)
         full = statistics.median(_generate(model, batch, new_tokens, static=static) for _ in range(repeats))
         itl = (full - first) / (new_tokens - 1)
         rows.append(_row(name, concurrency, concurrency * new_tokens / full, [first] * concurrency, itl))
         log(rows[-1])
     return rows
+
+
+class BaselineThread(threading.Thread):
+    """The generate() baselines in a thread of their own, so that their warm-up (on CUDA, minutes of compiling the
+    static cache) overlaps the server's start (graph capture in the engine process), and their measurement waits
+    until `measure()` says the device is quiet (the server up, idle). On CUDA a start took 43-76 s and the
+    baselines as long again: one after the other they did not fit a call's time (issue 14's first GPU runs).
+
+    Compiling, capturing and measuring happen on this one thread: compiled CUDA graphs are recorded per thread.
+    """
+
+    def __init__(self, model: Any, prompt_ids: list[list[int]], args: argparse.Namespace, log: Any,
+                 keep: Any) -> None:
+        super().__init__(name="bench-baselines", daemon=True)
+        self.model, self.prompt_ids, self.args, self.log, self.keep = model, prompt_ids, args, log, keep
+        self.quiet = threading.Event()
+        self.error: BaseException | None = None
+        self.prepare_s = 0.0
+
+    def measure(self) -> None:
+        self.quiet.set()
+
+    def run(self) -> None:
+        try:
+            args = self.args
+            concurrencies = args.baseline_concurrency or args.concurrency
+            started = time.perf_counter()
+            for c in concurrencies:
+                prepare_baselines(self.model, self.prompt_ids, c, args.new_tokens, args.baselines)
+            self.prepare_s = time.perf_counter() - started
+            self.quiet.wait()
+            sequential = None
+            if "sequential" in args.baselines:
+                sequential = run_sequential(self.model, self.prompt_ids, args.new_tokens)
+            for c in concurrencies:
+                self.keep(run_baselines(self.model, self.prompt_ids, c, args.new_tokens, sequential, self.log,
+                                        args.baselines, prepared=True))  # fmt: skip
+        except BaseException as exc:  # reported by the caller, which goes on with the server's rows
+            self.error = exc
 
 
 def _row(system: str, concurrency: int, tps: float, ttfts: Sequence[float], itl: float) -> dict[str, Any]:
@@ -349,7 +401,14 @@ async def start_server(args: argparse.Namespace, bench: Bench, prompt_tokens: in
     await server.start()
     engine = server.engine
     mode = getattr(engine, "mode", "thread")
-    print(f"  server ({mode}) up in {time.perf_counter() - started:.1f}s", flush=True)
+    seconds = time.perf_counter() - started
+    # Where the start went, as the engine timed it (trees before the phases were recorded report none).
+    phases = dict(getattr(engine.info, "startup", ()))
+    detail = ", ".join(f"{k} {v:.1f}s" for k, v in phases.items() if k != "graphs")
+    if phases:
+        detail += f", {int(phases.get('graphs', 0))} graphs captured"
+    print(f"  server ({mode}) up in {seconds:.1f}s" + (f" ({detail})" if detail else ""), flush=True)
+    server.bench_start = dict(server_start_s=round(seconds, 2), server_start_phases=phases)
     return server
 
 
@@ -359,13 +418,26 @@ def engine_pid(server: Any) -> int:
 
 async def run_server(
     bench: Bench, prompts: list[str], pool: ClientPool, args: argparse.Namespace, log: Any, shared: list[str],
-    warm: list[str],
+    warm: list[str], keep: Any, baselines: BaselineThread | None = None,
 ) -> list[dict[str, Any]]:
-    """The standard load at each concurrency, then (on the same server, prefix cache on) the shared-prefix one."""
+    """The standard load at each concurrency, then (on the same server, prefix cache on) the shared-prefix one.
+
+    `baselines` (started before) measure once the server is up and idle, before any load; every row is kept
+    (`keep`: written to the run's JSON) as soon as it is measured, so a run cut short still has them.
+    """
     concurrencies = args.concurrency
     longest = max(args.prompt_tokens, shared_prompt_tokens(args) if shared else 0)
     batch = max(*concurrencies, args.shared_concurrency if shared else 0)
-    server = await start_server(args, bench, longest, batch)
+    try:
+        server = await start_server(args, bench, longest, batch)
+    finally:
+        if baselines is not None:  # the device is quiet now: the server is up and idle (or did not start)
+            baselines.measure()
+            await asyncio.get_running_loop().run_in_executor(None, baselines.join)
+            if baselines.error is not None:
+                log(f"  generate() baselines failed: {type(baselines.error).__name__}: {baselines.error}")
+            else:
+                log(f"  generate() baselines prepared in {baselines.prepare_s:.1f}s beside the server's start")
     rows: list[dict[str, Any]] = []
     try:
         # One short pass at every concurrency first so no measured run pays for a first use.
@@ -382,7 +454,9 @@ async def run_server(
             row.update(cost.stop(row["tokens"]))
             _attach_profile(row)
             row.update(engine_steps=server.engine.steps - steps_before, engine=getattr(server.engine, "mode", "thread"))
+            row.update(server.bench_start)
             rows.append(row)
+            keep([row])
             log(row)
             worst = max(results, key=lambda r: (r["chunks"] or [r["done"]])[0] - r["sent"])
             first = ((worst["chunks"] or [worst["done"]])[0] - worst["sent"]) * 1e3
@@ -390,6 +464,7 @@ async def run_server(
                 f"(queue {worst['queue_ms']:.1f}), sent {worst['late_s']:.3f}s after the planned start")
         if shared:
             rows.append(await shared_prefix_load(server, shared, pool, args, log, cached=True))
+            keep(rows[-1:])
     finally:
         await server.stop(0.5)
     return rows
@@ -439,6 +514,10 @@ async def shared_prefix_load(server: Any, prompts: list[str], pool: ClientPool, 
     wall, results = await pool.load(server.address, prompts[:-8], c, args.rounds, args.new_tokens,
                                     args.client_procs, args.stagger_ms / 1e3)
     row = _server_row(f"shared prefix, prefix cache {'on' if cached else 'off'}", c, wall, results)
+    row.update(getattr(server, "bench_start", {}), engine=getattr(server.engine, "mode", "thread"))
+    prompts_cache = getattr(getattr(server, "servicer", None), "prompts", None)
+    if prompts_cache is not None:  # the frontend's token cache (serve/prompts.py): off under STRATUS_PROMPT_CACHE=0
+        row["prompt_token_cache"] = bool(prompts_cache.reuse)
     row.update(cost.stop(row["tokens"]))
     _attach_profile(row)
     stats = getattr(server.engine, "stats", None)
@@ -578,7 +657,16 @@ def machine(device: torch.device) -> dict[str, str]:
     return info
 
 
-def bench_model(arch_name: str, args: argparse.Namespace, pool: ClientPool, log: Any) -> list[dict[str, Any]]:
+def server_engine_mode(args: argparse.Namespace, device: torch.device) -> str:
+    """Where start_server puts the engine loop: "process" or "thread" (as ModelServer decides for `args.engine`)."""
+    if args.engine == "auto":
+        return "process" if device.type == "cuda" else "thread"
+    return str(args.engine)
+
+
+def bench_model(
+    arch_name: str, args: argparse.Namespace, pool: ClientPool, log: Any, rows: list[dict[str, Any]], save: Any
+) -> None:
     from transformers import AutoTokenizer
 
     from stratus_workers.models import LoadedModel
@@ -600,7 +688,6 @@ def bench_model(arch_name: str, args: argparse.Namespace, pool: ClientPool, log:
     prompts = make_prompts(tokenizer, count + max(args.concurrency), args.prompt_tokens)
     prompts, warm = prompts[:count], prompts[count:]
     prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-    rows: list[dict[str, Any]] = []
     shared: list[str] = []
     if args.shared_concurrency and args.tensor_parallel == 1 and not args.skip_server:
         shared = shared_prefix_prompts(tokenizer, args.shared_concurrency * args.rounds + 8,
@@ -614,26 +701,34 @@ def bench_model(arch_name: str, args: argparse.Namespace, pool: ClientPool, log:
         for row in new:
             row.update(model=arch_name, parameters=params, dtype=str(dtype).removeprefix("torch."))
         rows.extend(new)
-        if args.json:  # as it goes: a run cut short still leaves what it measured
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.with_suffix(f".{arch_name}.partial.json").write_text(json.dumps(rows, indent=1))
+        save()  # as it goes: a run cut short still leaves what it measured
 
+    # The generate() baselines come first, so that a run cut short by its time limit still has them: on CUDA with
+    # the engine in a process of its own they prepare (compile) while the server starts and measure once it is up
+    # and idle (BaselineThread); otherwise (a CPU, an engine in this process) they run before any server.
+    baselines: BaselineThread | None = None
+    if not args.skip_baselines:
+        overlap = args.tensor_parallel == 1 and not args.skip_server and server_engine_mode(args, device) == "process"
+        overlap = overlap and not args.baselines_first
+        if overlap:
+            baselines = BaselineThread(model, prompt_ids, args, log, keep)
+            baselines.start()
+        else:
+            sequential = run_sequential(model, prompt_ids, args.new_tokens) if "sequential" in args.baselines else None
+            for c in args.baseline_concurrency or args.concurrency:
+                keep(run_baselines(model, prompt_ids, c, args.new_tokens, sequential, log, args.baselines))
     if args.tensor_parallel > 1:
         keep(asyncio.run(run_server_process(model, tokenizer, prompts, pool, args, log)))
     elif not args.skip_server:
-        served = asyncio.run(run_server(bench, prompts, pool, args, log, shared, warm))
+        served = asyncio.run(run_server(bench, prompts, pool, args, log, shared, warm, keep, baselines))
         if device.type == "cuda":  # after the server: its compiled kernels are cached by now
             step_ms = decode_step_times(model, args.prompt_tokens + args.new_tokens, args.concurrency)
             log(f"  decode step (graph replay, kv {args.prompt_tokens + args.new_tokens}): {step_ms}")
             for row in served:
                 row["step_ms"] = step_ms.get(str(row["concurrency"]))
-        keep(served)
+            save()
     if shared:
         keep(asyncio.run(run_shared_prefix_uncached(bench, shared, pool, args, log)))
-    if not args.skip_baselines:
-        sequential = run_sequential(model, prompt_ids, args.new_tokens) if "sequential" in args.baselines else None
-        for c in args.baseline_concurrency or args.concurrency:
-            keep(run_baselines(model, prompt_ids, c, args.new_tokens, sequential, log, args.baselines))
     del model, loaded, bench
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -655,7 +750,7 @@ def _cache_state(row: dict[str, Any]) -> str:
     return f"{state}, {row['label']}" if row.get("label") else state
 
 
-def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
+def render(runs: list[dict[str, Any]], part: str = "") -> tuple[str, str]:
     """(kind, markdown section) for one or more runs on one kind of device."""
     meta = runs[0]["meta"]
     kind = meta["kind"]
@@ -663,7 +758,8 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
     settings = runs[0]["settings"]
     dates = ", ".join(dict.fromkeys(run["meta"]["date"] for run in runs))
     lines = [
-        f"## Serving, {'GPU' if kind == 'gpu' else 'CPU'} (`make bench-serve`)",
+        f"## Serving, {'GPU' if kind == 'gpu' else 'CPU'}{', ' + part if part else ''} "
+        f"(`make bench-serve{'-' + part.split()[0].lower() if part else ''}`)",
         "",
         f"Device: **{meta['device']}**; host {meta['cpu']} (load average {meta.get('load', '?')}); "
         f"torch {meta['torch']}, transformers {meta['transformers']}; {dates}. Random-init weights, greedy, "
@@ -734,7 +830,7 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
         ]
         for r in costs:
             where = "its own process" if r.get("engine") == "process" else "a thread of the server"
-            if r["system"].startswith("shared"):
+            if r["system"].startswith("shared") and "engine" not in r:  # rows of runs before the field: as measured
                 where = "its own process" if kind == "gpu" else where
             lines.append(
                 f"| {r['model']} | {r['concurrency']} | {r['system']} | {where} | {r['frontend_us_per_token']:.0f} | "
@@ -771,20 +867,25 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
             f"{settings['new_tokens']} new tokens, clients as above; the same server with its prefix cache on, and "
             "one with `--prefix-cache-tokens 0`. The system prompt was seen once before the measured run.",
             "",
+            "Frontend ms/request: the server process's CPU time (gRPC, tokenizing the long prompts, text, "
+            "protobuf) per request, the host cost table's figure times the tokens of a request.",
+            "",
             "| model | concurrency | prefix cache | tokens/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | hit rate | "
-            "server TTFT p50 / p95 ms | queue p50 / p95 ms |",
-            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "server TTFT p50 / p95 ms | queue p50 / p95 ms | frontend ms/request |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in shared:
             hit = f"{r['prefix_hit_rate']:.0%}" if "prefix_hit_rate" in r else "–"
-            server = queue = ""
+            server = queue = per_request = ""
             if r.get("server_ttft_p50_ms"):
                 server = f"{r['server_ttft_p50_ms']:.1f} / {r['server_ttft_p95_ms']:.1f}"
                 queue = f"{r['queue_p50_ms']:.1f} / {r['queue_p95_ms']:.1f}"
+            if "frontend_us_per_token" in r and r.get("requests"):
+                per_request = f"{r['frontend_us_per_token'] * r['tokens'] / r['requests'] / 1e3:.2f}"
             lines.append(
                 f"| {r['model']} | {r['concurrency']} | {_cache_state(r)} | {r['tokens_per_s']:,.0f} | "
                 f"{r['ttft_p50_ms']:.1f} | {r['ttft_p95_ms']:.1f} | {r['itl_p50_ms']:.2f} | {hit} | {server} | "
-                f"{queue} |"
+                f"{queue} | {per_request} |"
             )
         by = {_cache_state(r): r for r in shared if not r.get("label")}
         if "on" in by and "off" in by:
@@ -794,6 +895,21 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
             if by["on"].get("server_ttft_p50_ms") and by["off"].get("server_ttft_p50_ms"):
                 server = by["off"]["server_ttft_p50_ms"] / by["on"]["server_ttft_p50_ms"]
                 goals.append(f"  (measured in the server, arrival to first token: {server:.2f}{TIMES})")
+            if kind != "gpu":  # the CPU section lists no goals, but the ratio is what the workload is for
+                lines += ["", f"TTFT p50 without the prefix cache over with it, at the clients: {ratio:.2f}{TIMES}."]
+    starts = {}
+    for r in rows:
+        if r.get("server_start_s") and not r.get("label"):
+            phases = r.get("server_start_phases") or {}
+            parts = [f"{k} {v:.1f} s" for k, v in phases.items() if k != "graphs"]
+            if phases:
+                parts.append(f"{int(phases.get('graphs', 0))} graphs captured")
+            starts[(r["model"], r["server_start_s"])] = f"{r['model']} {r['server_start_s']:.1f} s" + (
+                f" ({', '.join(parts)})" if parts else ""
+            )
+    if starts:
+        lines += ["", "Server starts (call to ready; in brackets the engine's own phases; the rest is its process's "
+                  "start and imports): " + "; ".join(starts.values()) + "."]  # fmt: skip
     if any("tensor parallel" in r["system"] for r in rows):
         lines += ["", (
             "Tensor-parallel rows: `python -m stratus_workers.serve --tensor-parallel 2` as its own process group on "
@@ -807,6 +923,28 @@ def render(runs: list[dict[str, Any]]) -> tuple[str, str]:
                   "machine; the issue's goals are for an H200 and are judged in the GPU section. On a host shared "
                   "with other work, rows measured minutes apart can differ more than the systems do."]
     return kind, "\n".join(lines)
+
+
+def section_name(kind: str, part: str) -> str:
+    """The docs/benchmarks.md marker a run renders into: one per kind of device, or a part of its own."""
+    return SECTION.format(kind=kind) + (f"-{part.split()[0].lower()}" if part else "")
+
+
+def summary_line(r: dict[str, Any]) -> str:
+    """A row in one short line (a GPU call's output tail)."""
+    name = r["system"].replace(SERVER, "srv").replace("shared prefix, prefix cache ", "pfx-")
+    line = f"{r['model']} c{r['concurrency']} {name[:22]}: {r['tokens_per_s']:,.0f} t/s ttft {r['ttft_p50_ms']:.1f}/"
+    line += f"{r['ttft_p95_ms']:.1f}"
+    if r.get("server_ttft_p50_ms"):
+        line += f" srv {r['server_ttft_p50_ms']:.1f}/{r['server_ttft_p95_ms']:.1f} q {r['queue_p50_ms']:.1f}"
+    line += f" itl {r['itl_p50_ms']:.2f}"
+    if "engine_us_per_token" in r:
+        line += f" us fe {r['frontend_us_per_token']:.0f} en {r['engine_us_per_token']:.0f}"
+        if r.get("requests"):
+            line += f" fe/req {r['frontend_us_per_token'] * r['tokens'] / r['requests'] / 1e3:.2f}ms"
+    if r.get("server_start_s"):
+        line += f" start {r['server_start_s']:.0f}s"
+    return line
 
 
 def _goal(label: str, value: float, goal: float, unit: str) -> str:
@@ -847,19 +985,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baselines", nargs="+", choices=BASELINES, default=list(BASELINES),
                         help="which generate() baselines run (the goals compare with the best of those that ran)")
     parser.add_argument("--skip-server", action="store_true")
+    parser.add_argument("--baselines-first", action="store_true",
+                        help="run the generate() baselines before the server starts, not beside its start")
     parser.add_argument("--json", type=Path, help="also dump the raw rows here")
     parser.add_argument("--profile", type=Path, help="profile the engine loop's steps into this file (a row each)")
     parser.add_argument("--from-json", type=Path, nargs="+", help="render and write earlier --json dumps instead")
+    parser.add_argument("--section", default="", help="a section of its own beside the kind's (its name, e.g. "
+                        "'shared prefix through the frontend'; the marker is bench-serve-KIND-FIRSTWORD)")
+    parser.add_argument("--summary", action="store_true", help="with --from-json: one short line per row")
     parser.add_argument("--write", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
     if args.from_json:
-        runs = [json.loads(p.read_text()) for p in args.from_json]
-        kind, section = render(runs)
+        runs = [json.loads(p.read_text()) for p in args.from_json if p.exists()]
+        if args.summary:
+            for run in runs:
+                for row in run["rows"]:
+                    print(summary_line(row))
+            return 0
+        kind, section = render(runs, args.section)
         print(section)
         if not args.no_write:
-            report.write_section(args.write, SECTION.format(kind=kind), section)
+            report.write_section(args.write, section_name(kind, args.section), section)
         return 0
 
     sys.path.insert(0, args.code)
@@ -883,15 +1031,9 @@ def main(argv: list[str] | None = None) -> int:
             item = "  " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in item.items())
         print(item, flush=True)
 
-    rows: list[dict[str, Any]] = []
-    pool = ClientPool(args.client_procs, args.code)  # before any server: see ClientPool
-    try:
-        for name in args.models:
-            rows += bench_model(name, args, pool, log)
-    finally:
-        pool.close()
     from stratus_workers.models.loader import resolve_device
 
+    rows: list[dict[str, Any]] = []
     run = dict(
         meta=machine(resolve_device(args.device)),
         settings=dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, rounds=args.rounds,
@@ -900,13 +1042,28 @@ def main(argv: list[str] | None = None) -> int:
                       label=args.label, baselines=[] if args.skip_baselines else args.baselines),
         rows=rows,
     )
-    if args.json:
+
+    def save() -> None:
+        """The run so far into --json (whole: a run cut short by a time limit renders with --from-json)."""
+        if not args.json:
+            return
+        run["meta"]["load"] = ", ".join(f"{x:.1f}" for x in os.getloadavg()) + " at the end (1, 5, 15 min)"
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(run, indent=1))
-    kind, section = render([run])
+        partial = args.json.with_suffix(".writing")
+        partial.write_text(json.dumps(run, indent=1))
+        partial.replace(args.json)
+
+    pool = ClientPool(args.client_procs, args.code)  # before any server: see ClientPool
+    try:
+        for name in args.models:
+            bench_model(name, args, pool, log, rows, save)
+    finally:
+        pool.close()
+    save()
+    kind, section = render([run], args.section)
     print(section)
     if not args.no_write:
-        report.write_section(args.write, SECTION.format(kind=kind), section)
+        report.write_section(args.write, section_name(kind, args.section), section)
     return 0
 
 

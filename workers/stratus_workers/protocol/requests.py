@@ -59,6 +59,16 @@ class Sampling:
 
 def render_prompt(tokenizer: Any, request: pb.GenerateRequest) -> list[int]:
     """Token ids for the request's prompt or chat messages (chat template applied)."""
+    text, special = prompt_text(tokenizer, request)
+    return list(tokenizer.encode(text) if special else tokenizer.encode(text, add_special_tokens=False))
+
+
+def prompt_text(tokenizer: Any, request: pb.GenerateRequest) -> tuple[str, bool]:
+    """The text a request's prompt tokenizes from, and whether the tokenizer adds its special tokens to it.
+
+    A chat is rendered by its template (which writes the special tokens itself), exactly as
+    `apply_chat_template(..., tokenize=True)` renders it before tokenizing without special tokens.
+    """
     kind = request.WhichOneof("input")
     if kind == "chat":
         messages = []
@@ -73,14 +83,12 @@ def render_prompt(tokenizer: Any, request: pb.GenerateRequest) -> list[int]:
         if not messages:
             raise ProtocolError(_INVALID, "chat.messages is empty; send at least one message", "chat.messages")
         if getattr(tokenizer, "chat_template", None):
-            encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
-            return list(encoded["input_ids"])
-        text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
-        return list(tokenizer.encode(text))
+            return str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)), False
+        return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:", True
     if kind == "prompt":
         if not request.prompt:
             raise ProtocolError(_INVALID, "prompt is empty", "prompt")
-        return list(tokenizer.encode(request.prompt))
+        return request.prompt, True
     raise ProtocolError(_INVALID, "the request has neither prompt nor chat; set one of them", "prompt")
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import signal
@@ -132,13 +133,23 @@ class ThreadTransport(Transport):
             core, info, tokenizer = self.prebuilt
         else:
             loaded = self.loaded
+            started = time.monotonic()
             if loaded is None:
                 assert self.load is not None
                 loaded = await loop.run_in_executor(None, self.load)
+            loaded_at = time.monotonic()
             core, info = await loop.run_in_executor(None, build_core, loaded, self.settings, self.parallel)
             tokenizer = loaded.tokenizer
+            built_at = time.monotonic()
+            graphs = 0
             if self.settings.warmup:  # decode graphs on CUDA, before any request pays for them
-                await loop.run_in_executor(None, core.warmup)
+                graphs = await loop.run_in_executor(None, core.warmup)
+            phases = (
+                ("load", loaded_at - started),
+                ("build", built_at - loaded_at),
+                ("warm-up", time.monotonic() - built_at),
+            )
+            info = dataclasses.replace(info, startup=(*phases, ("graphs", float(graphs))))
         self.core = core
         self._inbox = ThreadInbox()
 
@@ -496,9 +507,7 @@ class AsyncEngine:
         quiet = now - self._progress_at
         if quiet <= self.stall_timeout:
             return None
-        return (
-            f"the model engine is not advancing: no step in {quiet:.1f} s with {owed} requests or calls in flight"
-        )
+        return f"the model engine is not advancing: no step in {quiet:.1f} s with {owed} requests or calls in flight"
 
     @property
     def pid(self) -> int:

@@ -27,7 +27,7 @@ from stratus_workers.protocol.requests import (
     Sampling,
     check_session_id,
     generation_sampling,
-    render_prompt,
+    prompt_text,
     session_sampling,
 )
 from stratus_workers.protocol.servicer import add_inference_servicer
@@ -36,6 +36,7 @@ from stratus_workers.security import TLSFiles
 from stratus_workers.serve.core import EngineStats
 from stratus_workers.serve.engine import DEFAULT_STEP_TIMEOUT, AsyncEngine, ProcessTransport, ThreadTransport, Transport
 from stratus_workers.serve.errors import EngineOverloaded, EngineStopped
+from stratus_workers.serve.prompts import PromptEncoder
 from stratus_workers.serve.surface import FinishEvent, ServingEngine, SparseDist, TokenEvent, TokenLogprob
 
 if TYPE_CHECKING:
@@ -257,18 +258,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.metrics = metrics
         self.tier = tier_value(config.tier)
         self.name = config.name or engine.info.name
+        self.prompts = PromptEncoder(tokenizer)
 
     def _route(self) -> pb.RouteInfo:
         return pb.RouteInfo(tier=self.tier, reason="served", backend=self.name)
 
-    def _prepare(self, request: pb.GenerateRequest) -> tuple[list[int], Sampling]:
+    async def _prompt(self, request: pb.GenerateRequest) -> list[int]:
+        """The request's prompt ids: repeated text prefixes reuse their tokens, long text is tokenized in a thread."""
+        text, special = prompt_text(self.tokenizer, request)
+        return await self.prompts.encode_async(text, special)
+
+    async def _prepare(self, request: pb.GenerateRequest) -> tuple[list[int], Sampling]:
         if request.model and request.model != self.name:
             raise ProtocolError(
                 grpc.StatusCode.NOT_FOUND,
                 f"model {request.model!r} is not served here; this server hosts {self.name!r}",
                 "model",
             )
-        prompt = render_prompt(self.tokenizer, request)
+        prompt = await self._prompt(request)
         if len(prompt) > self.config.max_prompt_tokens:
             raise ProtocolError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -345,7 +352,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             parts: list[str] = []
             logprobs: list[TokenLogprob] = []
-            prompt, params = self._prepare(request)
+            prompt, params = await self._prepare(request)
             echoed = await self._echo(prompt, params)
             async for event in self._events(prompt, params, context):
                 if isinstance(event, TokenEvent):
@@ -382,7 +389,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            prompt, params = self._prepare(request)
+            prompt, params = await self._prepare(request)
             echoed = await self._echo(prompt, params)
             if echoed:
                 yield pb.GenerateStreamResponse(prompt_logprobs=echoed)
@@ -488,7 +495,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ScoreResponse:
         async def call() -> pb.ScoreResponse:
-            prompt = render_prompt(self.tokenizer, request.request)
+            prompt = await self._prompt(request.request)
             continuation = list(self.tokenizer.encode(request.continuation, add_special_tokens=False))
             if len(prompt) + len(continuation) > self.config.max_prompt_tokens + self.config.max_new_tokens:
                 raise ProtocolError(
@@ -588,6 +595,7 @@ class ModelServer:
         self.health = health.aio.HealthServicer()
         self.parallel = parallel  # rank 0 of a tensor-parallel group (in-process engine): the runner shards over it
         self.engine: AsyncEngine | None = None
+        self.servicer: InferenceServicer | None = None
         self.engine_dead = asyncio.Event()
         self._failure_tasks: set[asyncio.Task[None]] = set()
         self._grpc: grpc.aio.Server | None = None
@@ -664,7 +672,7 @@ class ModelServer:
             ("grpc.max_send_message_length", self.config.max_message_bytes),
         ]
         self._grpc = grpc.aio.server(options=options)
-        servicer = InferenceServicer(self.engine, self.engine.tokenizer, self.config, self.metrics)
+        servicer = self.servicer = InferenceServicer(self.engine, self.engine.tokenizer, self.config, self.metrics)
         add_inference_servicer(servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
@@ -712,6 +720,8 @@ class ModelServer:
         await self.health.enter_graceful_shutdown()
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        if self.servicer is not None:
+            self.servicer.prompts.close()
         if self.engine is not None:
             await self.engine.stop()  # under tensor parallel: the other ranks leave follow() and exit
         if self._http is not None:

@@ -96,6 +96,8 @@ class EngineInfo:
     vocab_size: int
     runner: str = ""
     prefix_cache_tokens: int = 0
+    # Seconds each start phase took in the engine ("load", "build", "warm-up") and the graphs it captured.
+    startup: tuple[tuple[str, float], ...] = ()
 
 
 class ServingEngine(Protocol):

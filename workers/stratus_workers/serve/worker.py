@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import gc
 import logging
@@ -118,7 +119,9 @@ def serve(channel: Channel) -> int:
     beat = Beat(channel)
     beat.start()
     try:
+        started = time.monotonic()
         loaded = _load(load)
+        loaded_at = time.monotonic()
         parallel = None
         pipe = None
         watch = None
@@ -143,10 +146,17 @@ def serve(channel: Channel) -> int:
                 children = tp.spawn_followers(settings.tensor_parallel, list(settings.argv))
             parallel = tp.init_group(settings.tensor_parallel)
         core, info = build_core(loaded, settings, parallel, pipe)
-        if settings.warmup:
-            core.warmup()
+        built_at = time.monotonic()
+        graphs = core.warmup() if settings.warmup else 0
+        phases = (
+            ("load", loaded_at - started),
+            ("build", built_at - loaded_at),
+            ("warm-up", time.monotonic() - built_at),
+        )
+        info = dataclasses.replace(info, startup=(*phases, ("graphs", float(graphs))))
         freeze_heap()
         channel.send(("ready", info, loaded.tokenizer))
+
         def emit(message: tuple[Any, ...]) -> None:
             channel.send(message)
 

@@ -184,6 +184,33 @@ async def test_a_long_prompt_then_overlapping_requests_leave_the_server_answerin
         assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
+async def test_shared_prefix_requests_answer_as_with_no_caches(model_server, monkeypatch) -> None:
+    """Prompts and chats that share a long system prompt: with the token cache of the frontend and the prefix
+    cache of the engine, the same prompt ids and greedy answers as a server with neither."""
+    system = "You are a careful assistant. Answer in one short line, and never repeat the question back. " * 8
+    turns = [f"Question {i}: what is {i} times {i + 1}?" for i in range(6)] + ["  odd   spacing\n\n", "'s 123"]
+
+    async def answers(server: Any) -> list[tuple[int, str]]:
+        async with AsyncClient(server.address) as client:
+            replies = await asyncio.gather(
+                *(client.generate(system + turn, max_new_tokens=6) for turn in turns),
+                *(client.generate(messages=[{"role": "system", "content": system}, {"role": "user", "content": t}],
+                                  max_new_tokens=6) for t in turns),
+            )  # fmt: skip
+        return [(r.usage.prompt_tokens, r.text) for r in replies]
+
+    async with model_server(max_batch_size=4, max_prompt_tokens=512) as server:
+        cached = await answers(server)
+        assert server.servicer is not None and server.servicer.prompts.reused_chars > len(system)
+    monkeypatch.setenv("STRATUS_PROMPT_CACHE", "0")
+    async with model_server(max_batch_size=4, max_prompt_tokens=512, prefix_cache_tokens=0) as server:
+        plain = await answers(server)
+        assert server.servicer is not None and server.servicer.prompts.reused_chars == 0
+        tokenizer = server.engine.tokenizer
+    assert cached == plain
+    assert [n for n, _ in plain[: len(turns)]] == [len(tokenizer.encode(system + t)) for t in turns]
+
+
 class EngineKilled(BaseException):
     """A fault the engine's per-step recovery (which catches Exception) does not handle: it ends the loop."""
 
