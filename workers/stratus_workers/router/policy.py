@@ -21,10 +21,15 @@ be "escalate", so the router stops the edge there instead of paying for the rest
   below the threshold: a shorter answer's mean, and the first window's, can only be lower). Stopping
   early keeps every decision of this rule exactly; its decisions differ from the mean's, so its
   threshold is calibrated for it (`stratus calibrate` judges answers by the manifest's rule).
+- **Running mean** (opt-in, `running_mean`): another rule that settles as it goes: the mean over the
+  answer's first n tokens must reach the threshold for every n (the whole answer is one of them), so
+  the edge stops at the first token where the running mean falls below it. With window and running
+  mean both on, the lower of the two confidences decides.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -59,19 +64,33 @@ def window_confidence(logprobs: Sequence[float], window_tokens: int) -> float:
     if len(logprobs) < window_tokens:
         return mean_logprob(logprobs)
     return min(
-        logprob_sum(logprobs[i : i + window_tokens]) / window_tokens
-        for i in range(len(logprobs) - window_tokens + 1)
+        logprob_sum(logprobs[i : i + window_tokens]) / window_tokens for i in range(len(logprobs) - window_tokens + 1)
     )
 
 
-def edge_confidence(logprobs: Sequence[float], probe_tokens: int = 0, window_tokens: int = 0) -> float:
-    """The cascade's confidence in an edge answer: its mean token log-probability (with `window_tokens`, its
-    lowest mean over that many consecutive tokens instead), and with `probe_tokens` the lower of that and the
-    mean over its first `probe_tokens` tokens (an answer shorter than the probe is judged as a whole)."""
+def running_confidence(logprobs: Sequence[float]) -> float:
+    """The lowest mean over the answer's first n tokens, for any n (added left to right, as `EdgeWatch` adds
+    them); an empty answer counts as certain (0.0)."""
+    total, lowest = 0.0, math.inf
+    for n, logprob in enumerate(logprobs, 1):
+        total += logprob
+        lowest = min(lowest, total / n)
+    return lowest if logprobs else 0.0
+
+
+def edge_confidence(
+    logprobs: Sequence[float], probe_tokens: int = 0, window_tokens: int = 0, running_mean: bool = False
+) -> float:
+    """The cascade's confidence in an edge answer: its mean token log-probability, or by the rules that replace
+    it, the lower of its lowest mean over `window_tokens` consecutive tokens and (`running_mean`) its lowest
+    running mean; with `probe_tokens`, the lower of that and the mean over its first `probe_tokens` tokens (an
+    answer shorter than the probe is judged as a whole)."""
+    rules = []
     if window_tokens:
-        confidence = window_confidence(logprobs, window_tokens)
-    else:
-        confidence = mean_logprob(logprobs)
+        rules.append(window_confidence(logprobs, window_tokens))
+    if running_mean:
+        rules.append(running_confidence(logprobs))
+    confidence = min(rules) if rules else mean_logprob(logprobs)
     if probe_tokens and len(logprobs) >= probe_tokens:
         confidence = min(confidence, mean_logprob(logprobs[:probe_tokens]))
     return confidence
@@ -79,7 +98,7 @@ def edge_confidence(logprobs: Sequence[float], probe_tokens: int = 0, window_tok
 
 def judge_edge_answer(logprobs: Sequence[float], settings: CascadeSettings) -> CascadeVerdict:
     """Keep the edge's answer when its confidence reaches the threshold, else escalate."""
-    confidence = edge_confidence(logprobs, settings.probe_tokens, settings.window_tokens)
+    confidence = edge_confidence(logprobs, settings.probe_tokens, settings.window_tokens, settings.running_mean)
     threshold = settings.confidence_threshold
     if confidence >= threshold:
         return CascadeVerdict(False, "confident", confidence, threshold)
@@ -96,7 +115,7 @@ class EdgeWatch:
     """Follows an edge answer's log-probabilities as they stream and says when escalation is settled.
 
     `max_tokens` bounds the answer's length (None when unknown: then only the probe can stop a mean-rule
-    answer early; the window rule needs no bound). The running sum adds the log-probabilities as
+    answer early; the window and running-mean rules need no bound). The running sum adds the log-probabilities as
     `mean_logprob` does, and a window's sum as `window_confidence` does, so the bounds are compared on the
     very numbers the final verdict would use: floating-point addition of non-positive numbers never raises
     the sum, and division by a larger count never lowers a non-positive quotient, rounding included.
@@ -121,6 +140,8 @@ class EdgeWatch:
             self.total += logprob
             n = len(self.logprobs)
             if probe and n == probe and self.total / n < threshold:
+                return self._settle(self.total / n)
+            if self.settings.running_mean and self.total / n < threshold:
                 return self._settle(self.total / n)
             if window:
                 # The window rule: the stretch just completed, or before the first one, the bound on it.
