@@ -528,6 +528,77 @@ def early_exit_table(answers: list[list[float]], max_tokens: int, thresholds: li
     return lines
 
 
+def rules_table(answers: list[tuple[list[float], float]], max_tokens: int, threshold: float) -> list[str]:
+    """The cascade's rules side by side on recorded whole edge answers (log-probabilities, quality): the mean rule
+    at `threshold`, each other rule at the threshold that serves as many answers at the edge (or the fewest more),
+    so that their quality retention compares at the same edge share. Edge tokens spent on escalated answers as
+    the router's EdgeWatch stops them; "before" is what the mean rule's escalated answers cost without early exit."""
+    from stratus_workers.router.config import CascadeSettings
+    from stratus_workers.router.policy import EdgeWatch, judge_edge_answer
+
+    def outcome(rule: CascadeSettings) -> tuple[list[bool], list[int]]:
+        escalate, spent = [], []
+        for logprobs, _ in answers:
+            watch = EdgeWatch(rule, max_tokens)
+            for logprob in logprobs:
+                if watch.add([logprob]):
+                    break
+            verdict = watch.verdict()
+            if verdict != judge_edge_answer(logprobs, rule) and watch.settled is None:
+                raise AssertionError("EdgeWatch and judge_edge_answer disagree on a whole answer")
+            escalate.append(verdict.escalate)
+            spent.append(len(watch.logprobs))
+        return escalate, spent
+
+    mean_rule = CascadeSettings(confidence_threshold=threshold)
+    base, _ = outcome(mean_rule)
+    kept = base.count(False)
+    before = [len(lp) for (lp, _), up in zip(answers, base, strict=True) if up]
+    today = statistics.mean(before) if before else 0.0
+    lines = [
+        f"Mean rule at {threshold:.3f}: {kept} of {len(answers)} answers at the edge; its escalated answers cost the "
+        f"edge {today:.1f} tokens each without early exit.",
+        "",
+        "| rule | threshold | at the edge | quality retention | decisions unlike the mean rule's | escalated "
+        "| edge tokens per escalated request | vs the mean rule's before early exit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    rules: list[tuple[str, dict[str, Any]]] = [
+        ("mean (exact stop)", {}),
+        (f"mean, probe {PROBE_TOKENS}", {"probeTokens": PROBE_TOKENS}),
+        ("running mean", {"runningMean": True}),
+        *((f"window {w}", {"windowTokens": w}) for w in (4, 8, 16)),
+    ]
+    for name, extra in rules:
+        if extra:
+            confidences = confidences_all(answers, extra)
+            # The highest threshold that still keeps at least as many answers at the edge as the mean rule.
+            at_least = [t for t in set(confidences) if sum(c >= t for c in confidences) >= kept]
+            rule_threshold = max(at_least) if at_least else min(confidences)
+        else:
+            rule_threshold = threshold
+        rule = CascadeSettings.model_validate({"confidenceThreshold": min(0.0, rule_threshold), **extra})
+        escalate, spent = outcome(rule)
+        retention = statistics.mean(1.0 if up else q for (_, q), up in zip(answers, escalate, strict=True))
+        costs = [n for n, up in zip(spent, escalate, strict=True) if up]
+        per = statistics.mean(costs) if costs else 0.0
+        lines.append(
+            f"| {name} | {rule.confidence_threshold:.3f} | {escalate.count(False)} of {len(answers)} "
+            f"| {retention:.1%} | {sum(a != b for a, b in zip(escalate, base, strict=True))} | {len(costs)} "
+            f"| {per:.1f} | {per / today if today else 0:.0%} |"
+        )
+    return lines
+
+
+def confidences_all(answers: list[tuple[list[float], float]], extra: dict[str, Any]) -> list[float]:
+    from stratus_workers.router.policy import edge_confidence
+
+    return [
+        edge_confidence(lp, extra.get("probeTokens", 0), extra.get("windowTokens", 0), bool(extra.get("runningMean")))
+        for lp, _ in answers
+    ]
+
+
 def goals(runs: list[Run], meta: dict[str, Any]) -> list[str]:
     from stratus_workers.api import inference_pb2 as pb
 
@@ -639,6 +710,11 @@ def main(argv: list[str] | None = None) -> int:
         limit = int(recorded["meta"]["max_new_tokens"])
         thresholds = [recorded["meta"]["threshold"], *(args.threshold_grid or [])]
         print("\n".join(early_exit_table(edge, limit, thresholds)))
+        judged = [
+            (a["logprobs"], a["quality"]) for a in rows if a["label"] == "edge-only" and a["delay_ms"] == first_delay
+        ]
+        print()
+        print("\n".join(rules_table(judged, limit, recorded["meta"]["threshold"])))
         return 0
     from stratus_workers.observability import setup_logging
 
