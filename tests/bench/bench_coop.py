@@ -649,19 +649,36 @@ def goals(runs: list[Run], meta: dict[str, Any]) -> list[str]:
         mine = next(r for r in runs if r.label == RUNNING and r.delay_ms == at)
         kept = [sum(a.tier == pb.TIER_EDGE for a in r.answers) / len(r.answers) for r in (mine, mean_rule)]
         retention = [statistics.mean(a.quality for a in r.answers) for r in (mine, mean_rule)]
+        if ran["escalated"]:
+            cost = (
+                f"an escalated request cost the edge {ran['spent']:.1f} forward passes against {ran['whole']:.1f} for "
+                f"its whole answer ({ran['spent'] / ran['whole'] if ran['whole'] else 0:.0%}; {ran['escalated']} "
+                f"escalated), and against {ran['today']:.1f} for the whole answers the mean rule escalated before "
+                f"early exit ({ran['spent'] / ran['today'] if ran['today'] else 0:.0%}; goal ≤ 25%)"
+            )
+        else:
+            cost = "no request escalated, so there was nothing to stop"
         lines += [
             "",
             f"Cascade, running-mean rule (opt-in, its own threshold): {ran['as_rule']} of {ran['answers']} decisions "
-            f"as the rule over the edge's whole answer decides (early exit keeps them); an escalated request cost "
-            f"the edge {ran['spent']:.1f} forward passes against {ran['whole']:.1f} for its whole answer "
-            f"({ran['spent'] / ran['whole'] if ran['whole'] else 0:.0%}; {ran['escalated']} escalated), and against "
-            f"{ran['today']:.1f} for the whole answers the mean rule escalated before early exit "
-            f"({ran['spent'] / ran['today'] if ran['today'] else 0:.0%}; goal ≤ 25%). Against the mean rule: "
-            f"{ran['changed_vs_today']} of {ran['answers']} decisions differ; at {at:.0f} ms it serves {kept[0]:.0%} "
-            f"at the edge (mean rule {kept[1]:.0%}) with quality retention {retention[0]:.1%} "
+            f"as the rule over the edge's whole answer decides (early exit keeps them); {cost}. Against the mean "
+            f"rule: {ran['changed_vs_today']} of {ran['answers']} decisions differ; at {at:.0f} ms it serves "
+            f"{kept[0]:.0%} at the edge (mean rule {kept[1]:.0%}) with quality retention {retention[0]:.1%} "
             f"(mean rule {retention[1]:.1%}).",
         ]
     return lines
+
+
+def runs_from(answers: list[dict[str, Any]]) -> list[Run]:
+    """The runs of a --json file, in the order they were measured."""
+    runs: dict[tuple[str, float], Run] = {}
+    cost_fields = set(Costs.__dataclass_fields__)
+    for row in answers:
+        key = (row["label"], row["delay_ms"])
+        run = runs.setdefault(key, Run(*key))
+        fields = {k: v for k, v in row.items() if k not in cost_fields and k not in ("label", "delay_ms")}
+        run.answers.append(Answer(**fields, costs=Costs(**{k: row[k] for k in cost_fields})))
+    return list(runs.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -694,6 +711,7 @@ def main(argv: list[str] | None = None) -> int:
         default=list(POLICIES),
         help=f"which to run, separated by ';' (default: all of {'; '.join(POLICIES)})",
     )
+    parser.add_argument("--render-from", type=Path, help="render an earlier run's --json instead of running")
     parser.add_argument(
         "--early-exit-from",
         type=Path,
@@ -716,12 +734,22 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print("\n".join(rules_table(judged, limit, recorded["meta"]["threshold"])))
         return 0
+    if args.render_from:
+        recorded = json.loads(args.render_from.read_text())
+        runs = runs_from(recorded["answers"])
+        body = render(runs, recorded["meta"], float(recorded["meta"].get("seconds", 0.0)))
+        print(body)
+        if args.write.name:
+            report.write_section(args.write, SECTION, body, "# Benchmarks")
+            print(f"wrote {args.write}")
+        return 0
     from stratus_workers.observability import setup_logging
 
     setup_logging("warning", "text")
     started = time.perf_counter()
     runs, meta = asyncio.run(bench(args))
-    body = render(runs, meta, time.perf_counter() - started)
+    meta["seconds"] = time.perf_counter() - started
+    body = render(runs, meta, meta["seconds"])
     print(body)
     if args.json:
         answers = [
