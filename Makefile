@@ -128,9 +128,12 @@ soak: setup
 fuzz: setup
 	$(PY) tests/bench/fuzz.py --examples $${STRATUS_FUZZ_EXAMPLES:-200}
 
-# Cooperation policies side by side at 0/20/80 ms link RTT; writes docs/benchmarks.md.
+# Cooperation policies side by side at 0/20/80 ms link RTT; writes docs/benchmarks.md. The measured tables use the
+# llama.cpp q8_0 edge of bench-edge: BENCH_COOP_ARGS="--edge-artifact ~/.cache/stratus/bench-edge/gguf-q8-0"
+# (without it, the sample's torch int8 variant, compressed on the first run).
+BENCH_COOP_ARGS ?=
 bench-coop: setup
-	$(PY) tests/bench/bench_coop.py --write docs/benchmarks.md
+	$(PY) tests/bench/bench_coop.py --write docs/benchmarks.md $(BENCH_COOP_ARGS)
 
 # The cloud side of speculative decoding alone: 1/8/64 sessions replaying recorded answers as drafts (corrupted
 # to the acceptance bench-coop measures) against as many cloud-only streams; random-init 1B on CUDA, in float32

@@ -9,7 +9,8 @@ elsewhere on a shared machine falls on all of them alike. Output cache off: ever
 
 What each request cost is read from the servers around it: cloud and edge forward passes (the servers'
 `stratus_server_forward_passes`) and the cloud process's CPU time (utime + stime of its /proc entry).
-The cascade threshold is calibrated first on CALIBRATION_PROMPTS, disjoint from the prompts measured.
+The cascade threshold is calibrated first on CALIBRATION_PROMPTS, disjoint from the prompts measured (the
+opt-in running-mean rule's separately: it judges a different statistic).
 The cascade's decisions are checked against the pre-early-exit rule (`judge_edge_answer` over the edge's
 whole answer, recorded by the edge-only policy on the same prompt), and the edge tokens an escalated
 request cost are compared with that whole answer's, which is what the edge spent before early exit.
@@ -40,15 +41,22 @@ from stratus_workers.ports import free_port
 ROOT = Path(__file__).resolve().parents[2]
 SECTION = "bench-coop"
 PROBE_TOKENS = 8
-# label -> (routing policy, cascade.probeTokens, speculative.draftAhead)
-POLICIES: dict[str, tuple[str, int, bool]] = {
-    "cloud-only": ("cloud-only", 0, True),
-    "edge-only": ("edge-only", 0, True),
-    "cascade": ("cascade", 0, True),
-    f"cascade, probe {PROBE_TOKENS}": ("cascade", PROBE_TOKENS, True),
-    "speculative": ("speculative", 0, True),
-    "speculative, in turn": ("speculative", 0, False),
+RUNNING = "cascade, running mean"
+# label -> (routing policy, the cascade's rule settings besides its threshold, speculative.draftAhead)
+POLICIES: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "cloud-only": ("cloud-only", {}, True),
+    "edge-only": ("edge-only", {}, True),
+    "cascade": ("cascade", {}, True),
+    f"cascade, probe {PROBE_TOKENS}": ("cascade", {"probeTokens": PROBE_TOKENS}, True),
+    RUNNING: ("cascade", {"runningMean": True}, True),
+    "speculative": ("speculative", {}, True),
+    "speculative, in turn": ("speculative", {}, False),
 }
+
+
+def threshold_for(label: str, meta: dict[str, Any]) -> float:
+    """The cascade threshold a policy runs with: the running-mean rule has its own (a different statistic)."""
+    return float(meta["running_threshold"] if POLICIES[label][1].get("runningMean") else meta["threshold"])
 
 
 @dataclass
@@ -268,7 +276,7 @@ async def bench(args: argparse.Namespace) -> tuple[list[Run], dict[str, Any]]:
             {"name": "cloud", "address": cloud.address, "tier": "cloud"},
         ]
 
-        def config(policy: str, probe: int, ahead: bool, delay: float, threshold: float) -> RouterConfig:
+        def config(policy: str, rule: dict[str, Any], ahead: bool, delay: float, threshold: float) -> RouterConfig:
             return RouterConfig.model_validate(
                 {
                     "routing": {
@@ -276,8 +284,8 @@ async def bench(args: argparse.Namespace) -> tuple[list[Run], dict[str, Any]]:
                         "cascade": {
                             "confidenceThreshold": threshold,
                             "maxEdgePromptTokens": 2048,
-                            "probeTokens": probe,
                             "edgeTimeoutSeconds": 600,
+                            **rule,
                         },
                         "speculative": {
                             **deployment.spec.routing.speculative.model_dump(by_alias=True),
@@ -295,34 +303,46 @@ async def bench(args: argparse.Namespace) -> tuple[list[Run], dict[str, Any]]:
                 }
             )
 
-        threshold = args.threshold
-        if threshold is None:
-            calibration_router = RouterServer(config("cascade", 0, True, 0.0, -1.0))
+        async def calibrate(rule: dict[str, Any]) -> float:
+            """The threshold `stratus calibrate` picks for this rule (the one the bench's cascade uses)."""
+            calibration_router = RouterServer(config("cascade", {}, True, 0.0, -1.0))
             await calibration_router.start()
             try:
                 samples = await collect_samples(
-                    calibration_router.address, list(CALIBRATION_PROMPTS), args.max_new_tokens
+                    calibration_router.address,
+                    list(CALIBRATION_PROMPTS),
+                    args.max_new_tokens,
+                    running_mean=bool(rule.get("runningMean")),
                 )
             finally:
                 await calibration_router.stop(0.5)
             calibration = choose_threshold(samples, args.retention)
-            threshold = calibration.threshold
-            meta["calibration"] = (
+            name = "running-mean rule" if rule else "mean rule"
+            meta.setdefault("calibration", {})[name] = (
                 f"calibrated for ≥{args.retention:.0%} retention on {len(samples)} other prompts "
                 f"({calibration.edge_share:.0%} of them at the edge there)"
             )
             print(
-                f"cascade threshold {calibration.threshold:.3f}: {calibration.edge_share:.0%} at the edge, "
+                f"cascade threshold ({name}) {calibration.threshold:.3f}: {calibration.edge_share:.0%} at the edge, "
                 f"retention {calibration.retention:.1%} on {len(samples)} calibration prompts",
                 flush=True,
             )
-        meta["threshold"] = threshold
+            return calibration.threshold
+
+        meta["threshold"] = args.threshold if args.threshold is not None else await calibrate({})
+        running = [label for label in args.policies if POLICIES[label][1].get("runningMean")]
+        if running:
+            meta["running_threshold"] = (
+                args.running_threshold
+                if args.running_threshold is not None
+                else await calibrate(POLICIES[running[0]][1])
+            )
         prompts = list(EVALUATION_PROMPTS[: args.prompts])
         runs: list[Run] = []
         for delay in args.delays:
             servers = {
-                label: RouterServer(config(policy, probe, ahead, delay, threshold))
-                for label, (policy, probe, ahead) in POLICIES.items()
+                label: RouterServer(config(policy, rule, ahead, delay, threshold_for(label, meta)))
+                for label, (policy, rule, ahead) in POLICIES.items()
                 if label in args.policies
             }
             for server in servers.values():
@@ -354,33 +374,36 @@ async def bench(args: argparse.Namespace) -> tuple[list[Run], dict[str, Any]]:
         cloud.stop()
 
 
-def cascade_check(runs: list[Run], threshold: float, label: str) -> dict[str, Any]:
-    """The cascade runs of `label` against the pre-early-exit rule on the edge's whole answers.
+def cascade_check(runs: list[Run], meta: dict[str, Any], label: str) -> dict[str, Any]:
+    """The cascade runs of `label` against their own rule and today's (the mean rule) on the edge's whole answers.
 
-    Today's rule: `judge_edge_answer` over the whole edge answer (the edge-only policy's, same prompt,
-    same greedy model); its edge cost is that whole answer's forward passes.
+    The rule over the whole edge answer (the edge-only policy's, same prompt, same greedy model) is what the
+    router decides without early exit; its edge cost is that whole answer's forward passes. `today` is what
+    an escalated request cost the edge before early exit: the whole answers the mean rule escalated.
     """
     from stratus_workers.api import inference_pb2 as pb
     from stratus_workers.router.config import CascadeSettings
     from stratus_workers.router.policy import judge_edge_answer
 
-    probe = POLICIES[label][1]
-    rule = CascadeSettings(confidence_threshold=threshold, probe_tokens=probe)
-    plain = CascadeSettings(confidence_threshold=threshold)
+    rule = CascadeSettings.model_validate({"confidenceThreshold": threshold_for(label, meta), **POLICIES[label][1]})
+    plain = CascadeSettings(confidence_threshold=meta["threshold"])
     same = changed = 0
     spent: list[float] = []
     whole: list[float] = []
+    today: list[float] = []
     for run in (r for r in runs if r.label == label):
         full = next(r for r in runs if r.label == "edge-only" and r.delay_ms == run.delay_ms)
         for mine, edge_answer in zip(run.answers, full.answers, strict=True):
             expected = judge_edge_answer(edge_answer.logprobs, rule)
-            today = judge_edge_answer(edge_answer.logprobs, plain)
+            before = judge_edge_answer(edge_answer.logprobs, plain)
             escalated = mine.tier == pb.TIER_CLOUD
             same += escalated == expected.escalate
-            changed += escalated != today.escalate
+            changed += escalated != before.escalate
             if escalated:
                 spent.append(mine.costs.edge_passes)
                 whole.append(edge_answer.costs.edge_passes)
+            if before.escalate:
+                today.append(edge_answer.costs.edge_passes)
     answers = sum(len(r.answers) for r in runs if r.label == label)
     return {
         "answers": answers,
@@ -389,6 +412,7 @@ def cascade_check(runs: list[Run], threshold: float, label: str) -> dict[str, An
         "escalated": len(spent),
         "spent": statistics.mean(spent) if spent else 0.0,
         "whole": statistics.mean(whole) if whole else 0.0,
+        "today": statistics.mean(today) if today else 0.0,
     }
 
 
@@ -398,6 +422,13 @@ def render(runs: list[Run], meta: dict[str, Any], seconds: float) -> str:
     load_start = ", ".join(f"{x:.1f}" for x in meta["load_start"])
     load_end = ", ".join(f"{x:.1f}" for x in meta["load_end"])
     cloud_cores, edge_cores = meta["cores"]
+    calibration = meta.get("calibration") or {}
+    running = ""
+    if "running_threshold" in meta:
+        running = (
+            f"; `running mean` is the cascade with `runningMean: true` (opt-in), threshold "
+            f"{meta['running_threshold']:.3f}, {calibration.get('running-mean rule', 'given on the command line')}"
+        )
     lines = [
         "## Cloud-edge cooperation (`make bench-coop`)",
         "",
@@ -408,12 +439,12 @@ def render(runs: list[Run], meta: dict[str, Any], seconds: float) -> str:
         "output cache off; the policies take turns prompt by prompt, so that load from elsewhere on this shared "
         "machine falls on all of them alike. The link delay is added to every router→cloud round trip (±10% "
         f"jitter). Cascade threshold {meta['threshold']:.3f}, "
-        f"{meta.get('calibration', 'given on the command line')}; "
+        f"{calibration.get('mean rule', 'given on the command line')}; "
         f"`probe {PROBE_TOKENS}` is the same cascade with `probeTokens: {PROBE_TOKENS}` (opt-in; see "
-        "docs/cooperation.md). Quality retention: the cloud's per-token likelihood of each answer relative to its "
-        "own answer, capped at 1 (identical answers 1.0); text similarity to the cloud's answer beside it. Cloud "
-        "passes and CPU-ms per token: the cloud server's forward passes and its process's CPU time (user + "
-        "system) during each request, over the tokens answered. "
+        f"docs/cooperation.md){running}. Quality retention: the cloud's per-token likelihood of each answer "
+        "relative to its own answer, capped at 1 (identical answers 1.0); text similarity to the cloud's answer "
+        "beside it. Cloud passes and CPU-ms per token: the cloud server's forward passes and its process's CPU "
+        "time (user + system) during each request, over the tokens answered. "
         f"Machine: {report.cpu_name()}, {os.cpu_count()} cores shared with other work (load average "
         f"{load_start} at the start, {load_end} at the end; 1, 5, 15 min); Python {platform.python_version()}; "
         f"{date.today().isoformat()}; {seconds / 60:.1f} min.",
@@ -491,7 +522,80 @@ def early_exit_table(answers: list[list[float]], max_tokens: int, thresholds: li
     return lines
 
 
+def rules_table(answers: list[tuple[list[float], float]], max_tokens: int, threshold: float) -> list[str]:
+    """The cascade's rules side by side on recorded whole edge answers (log-probabilities, quality): the mean rule
+    at `threshold`, each other rule at the threshold that serves as many answers at the edge (or the fewest more),
+    so that their quality retention compares at the same edge share. Edge tokens spent on escalated answers as
+    the router's EdgeWatch stops them; "before" is what the mean rule's escalated answers cost without early exit."""
+    from stratus_workers.router.config import CascadeSettings
+    from stratus_workers.router.policy import EdgeWatch, judge_edge_answer
+
+    def outcome(rule: CascadeSettings) -> tuple[list[bool], list[int]]:
+        escalate, spent = [], []
+        for logprobs, _ in answers:
+            watch = EdgeWatch(rule, max_tokens)
+            for logprob in logprobs:
+                if watch.add([logprob]):
+                    break
+            verdict = watch.verdict()
+            if verdict != judge_edge_answer(logprobs, rule) and watch.settled is None:
+                raise AssertionError("EdgeWatch and judge_edge_answer disagree on a whole answer")
+            escalate.append(verdict.escalate)
+            spent.append(len(watch.logprobs))
+        return escalate, spent
+
+    mean_rule = CascadeSettings(confidence_threshold=threshold)
+    base, _ = outcome(mean_rule)
+    kept = base.count(False)
+    before = [len(lp) for (lp, _), up in zip(answers, base, strict=True) if up]
+    today = statistics.mean(before) if before else 0.0
+    lines = [
+        f"Mean rule at {threshold:.3f}: {kept} of {len(answers)} answers at the edge; its escalated answers cost the "
+        f"edge {today:.1f} tokens each without early exit.",
+        "",
+        "| rule | threshold | at the edge | quality retention | decisions unlike the mean rule's | escalated "
+        "| edge tokens per escalated request | vs the mean rule's before early exit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    rules: list[tuple[str, dict[str, Any]]] = [
+        ("mean (exact stop)", {}),
+        (f"mean, probe {PROBE_TOKENS}", {"probeTokens": PROBE_TOKENS}),
+        ("running mean", {"runningMean": True}),
+        *((f"window {w}", {"windowTokens": w}) for w in (4, 8, 16)),
+    ]
+    for name, extra in rules:
+        if extra:
+            confidences = confidences_all(answers, extra)
+            # The highest threshold that still keeps at least as many answers at the edge as the mean rule.
+            at_least = [t for t in set(confidences) if sum(c >= t for c in confidences) >= kept]
+            rule_threshold = max(at_least) if at_least else min(confidences)
+        else:
+            rule_threshold = threshold
+        rule = CascadeSettings.model_validate({"confidenceThreshold": min(0.0, rule_threshold), **extra})
+        escalate, spent = outcome(rule)
+        retention = statistics.mean(1.0 if up else q for (_, q), up in zip(answers, escalate, strict=True))
+        costs = [n for n, up in zip(spent, escalate, strict=True) if up]
+        per = statistics.mean(costs) if costs else 0.0
+        lines.append(
+            f"| {name} | {rule.confidence_threshold:.3f} | {escalate.count(False)} of {len(answers)} "
+            f"| {retention:.1%} | {sum(a != b for a, b in zip(escalate, base, strict=True))} | {len(costs)} "
+            f"| {per:.1f} | {per / today if today else 0:.0%} |"
+        )
+    return lines
+
+
+def confidences_all(answers: list[tuple[list[float], float]], extra: dict[str, Any]) -> list[float]:
+    from stratus_workers.router.policy import edge_confidence
+
+    return [
+        edge_confidence(lp, extra.get("probeTokens", 0), extra.get("windowTokens", 0), bool(extra.get("runningMean")))
+        for lp, _ in answers
+    ]
+
+
 def goals(runs: list[Run], meta: dict[str, Any]) -> list[str]:
+    from stratus_workers.api import inference_pb2 as pb
+
     labels = {r.label for r in runs}
 
     def run(label: str, delay: float) -> Run:
@@ -520,8 +624,8 @@ def goals(runs: list[Run], meta: dict[str, Any]) -> list[str]:
         ]
     probe_label = f"cascade, probe {PROBE_TOKENS}"
     if {"cascade", probe_label, "edge-only"} <= labels:
-        exact = cascade_check(runs, meta["threshold"], "cascade")
-        probed = cascade_check(runs, meta["threshold"], probe_label)
+        exact = cascade_check(runs, meta, "cascade")
+        probed = cascade_check(runs, meta, probe_label)
         lines.append(
             f"Cascade, early exit by the exact rule: {exact['as_rule']} of {exact['answers']} decisions as the rule "
             f"over the edge's whole answer decides, {exact['changed_vs_today']} changed; an escalated request cost "
@@ -533,7 +637,42 @@ def goals(runs: list[Run], meta: dict[str, Any]) -> list[str]:
             f"({probed['spent'] / probed['whole'] if probed['whole'] else 0:.0%}; {probed['escalated']} "
             "escalated). Goal: ≤ 25% with the same decisions."
         )
+    if {"cascade", RUNNING, "edge-only"} <= labels:
+        ran = cascade_check(runs, meta, RUNNING)
+        mean_rule = next(r for r in runs if r.label == "cascade" and r.delay_ms == at)
+        mine = next(r for r in runs if r.label == RUNNING and r.delay_ms == at)
+        kept = [sum(a.tier == pb.TIER_EDGE for a in r.answers) / len(r.answers) for r in (mine, mean_rule)]
+        retention = [statistics.mean(a.quality for a in r.answers) for r in (mine, mean_rule)]
+        if ran["escalated"]:
+            cost = (
+                f"an escalated request cost the edge {ran['spent']:.1f} forward passes against {ran['whole']:.1f} for "
+                f"its whole answer ({ran['spent'] / ran['whole'] if ran['whole'] else 0:.0%}; {ran['escalated']} "
+                f"escalated), and against {ran['today']:.1f} for the whole answers the mean rule escalated before "
+                f"early exit ({ran['spent'] / ran['today'] if ran['today'] else 0:.0%}; goal ≤ 25%)"
+            )
+        else:
+            cost = "no request escalated, so there was nothing to stop"
+        lines += [
+            "",
+            f"Cascade, running-mean rule (opt-in, its own threshold): {ran['as_rule']} of {ran['answers']} decisions "
+            f"as the rule over the edge's whole answer decides (early exit keeps them); {cost}. Against the mean "
+            f"rule: {ran['changed_vs_today']} of {ran['answers']} decisions differ; at {at:.0f} ms it serves "
+            f"{kept[0]:.0%} at the edge (mean rule {kept[1]:.0%}) with quality retention {retention[0]:.1%} "
+            f"(mean rule {retention[1]:.1%}).",
+        ]
     return lines
+
+
+def runs_from(answers: list[dict[str, Any]]) -> list[Run]:
+    """The runs of a --json file, in the order they were measured."""
+    runs: dict[tuple[str, float], Run] = {}
+    cost_fields = set(Costs.__dataclass_fields__)
+    for row in answers:
+        key = (row["label"], row["delay_ms"])
+        run = runs.setdefault(key, Run(*key))
+        fields = {k: v for k, v in row.items() if k not in cost_fields and k not in ("label", "delay_ms")}
+        run.answers.append(Answer(**fields, costs=Costs(**{k: row[k] for k in cost_fields})))
+    return list(runs.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -544,6 +683,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--retention", type=float, default=0.97)
     parser.add_argument("--threshold", type=float, help="cascade threshold to use instead of calibrating one")
+    parser.add_argument(
+        "--running-threshold", type=float, help="the running-mean rule's threshold, instead of calibrating one"
+    )
     parser.add_argument(
         "--threshold-grid",
         type=lambda s: [float(x) for x in s.split(",")],
@@ -563,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         default=list(POLICIES),
         help=f"which to run, separated by ';' (default: all of {'; '.join(POLICIES)})",
     )
+    parser.add_argument("--render-from", type=Path, help="render an earlier run's --json instead of running")
     parser.add_argument(
         "--early-exit-from",
         type=Path,
@@ -579,13 +722,28 @@ def main(argv: list[str] | None = None) -> int:
         limit = int(recorded["meta"]["max_new_tokens"])
         thresholds = [recorded["meta"]["threshold"], *(args.threshold_grid or [])]
         print("\n".join(early_exit_table(edge, limit, thresholds)))
+        judged = [
+            (a["logprobs"], a["quality"]) for a in rows if a["label"] == "edge-only" and a["delay_ms"] == first_delay
+        ]
+        print()
+        print("\n".join(rules_table(judged, limit, recorded["meta"]["threshold"])))
+        return 0
+    if args.render_from:
+        recorded = json.loads(args.render_from.read_text())
+        runs = runs_from(recorded["answers"])
+        body = render(runs, recorded["meta"], float(recorded["meta"].get("seconds", 0.0)))
+        print(body)
+        if args.write.name:
+            report.write_section(args.write, SECTION, body, "# Benchmarks")
+            print(f"wrote {args.write}")
         return 0
     from stratus_workers.observability import setup_logging
 
     setup_logging("warning", "text")
     started = time.perf_counter()
     runs, meta = asyncio.run(bench(args))
-    body = render(runs, meta, time.perf_counter() - started)
+    meta["seconds"] = time.perf_counter() - started
+    body = render(runs, meta, meta["seconds"])
     print(body)
     if args.json:
         answers = [

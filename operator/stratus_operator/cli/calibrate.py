@@ -38,6 +38,17 @@ def register(subparsers: Any) -> None:
         type=int,
         help="judge edge answers as a cascade with this probeTokens does (default: the manifest's, else 0)",
     )
+    parser.add_argument(
+        "--window-tokens",
+        type=int,
+        help="judge edge answers by the window rule with this windowTokens (default: the manifest's, else 0: "
+        "the whole answer's mean)",
+    )
+    parser.add_argument(
+        "--running-mean",
+        action=argparse.BooleanOptionalAction,
+        help="judge edge answers by the running-mean rule (default: the manifest's runningMean, else off)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -49,9 +60,11 @@ async def collect_samples(
     token: str | None = None,
     tls_ca: str | None = None,
     probe_tokens: int = 0,
+    window_tokens: int = 0,
+    running_mean: bool = False,
 ) -> list[Sample]:
-    """For each prompt: the edge's answer and confidence (as a cascade with `probe_tokens` judges it), and the
-    cloud's judgement of that answer."""
+    """For each prompt: the edge's answer and confidence (as a cascade with `probe_tokens`, `window_tokens` and
+    `running_mean` judges it), and the cloud's judgement of that answer."""
     samples = []
     async with AsyncClient(target, timeout=600, token=token, tls_ca=tls_ca) as client:
         for prompt in prompts:
@@ -66,16 +79,23 @@ async def collect_samples(
             judged = await client.score(edge.text, messages=messages, tier="cloud")
             own = mean_logprob([lp.logprob for lp in cloud.logprobs])
             quality = likelihood_quality(judged.mean_logprob, own)
-            confidence = edge_confidence([lp.logprob for lp in edge.logprobs], probe_tokens)
+            confidence = edge_confidence(
+                [lp.logprob for lp in edge.logprobs], probe_tokens, window_tokens, running_mean
+            )
             samples.append(Sample(prompt, confidence, quality))
     return samples
 
 
-def manifest_probe_tokens(path: Path) -> int:
-    """spec.routing.cascade.probeTokens of an LLMDeployment manifest (0 when it sets none)."""
+def manifest_cascade(path: Path) -> dict[str, Any]:
+    """spec.routing.cascade of an LLMDeployment manifest ({} when it has none)."""
     manifest = yaml.safe_load(path.read_text()) or {}
-    cascade = ((manifest.get("spec") or {}).get("routing") or {}).get("cascade") or {}
-    return int(cascade.get("probeTokens", 0))
+    cascade: dict[str, Any] = ((manifest.get("spec") or {}).get("routing") or {}).get("cascade") or {}
+    return cascade
+
+
+def manifest_cascade_tokens(path: Path, field: str) -> int:
+    """spec.routing.cascade.<field> (probeTokens, windowTokens) of an LLMDeployment manifest (0 when it sets none)."""
+    return int(manifest_cascade(path).get(field, 0))
 
 
 def write_threshold(path: Path, threshold: float) -> None:
@@ -111,16 +131,21 @@ def run(args: argparse.Namespace) -> int:
     if args.write and args.file is None:
         print("error: --write needs -f MANIFEST")
         return 2
-    probe = args.probe_tokens
-    if probe is None:
-        probe = manifest_probe_tokens(args.file) if args.file else 0
-    if probe < 0:
-        print(f"error: --probe-tokens is {probe}; use 0 (off) or more")
-        return 2
+    rule: dict[str, Any] = {}
+    for option, field in (("probe_tokens", "probeTokens"), ("window_tokens", "windowTokens")):
+        value = getattr(args, option)
+        if value is None:
+            value = manifest_cascade_tokens(args.file, field) if args.file else 0
+        if value < 0:
+            print(f"error: --{option.replace('_', '-')} is {value}; use 0 (off) or more")
+            return 2
+        rule[option] = value
+    running = args.running_mean
+    if running is None:
+        running = bool(manifest_cascade(args.file).get("runningMean", False)) if args.file else False
+    rule["running_mean"] = running
     samples = asyncio.run(
-        collect_samples(
-            args.target, prompts, args.max_new_tokens, token=args.token, tls_ca=args.tls_ca, probe_tokens=probe
-        )
+        collect_samples(args.target, prompts, args.max_new_tokens, token=args.token, tls_ca=args.tls_ca, **rule)
     )
     try:
         result = choose_threshold(samples, args.retention)

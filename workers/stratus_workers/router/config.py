@@ -16,7 +16,10 @@ class CascadeSettings(SpecModel):
     """When the edge's answer stands and when the cloud is asked instead."""
 
     confidence_threshold: float = Field(
-        -1.5, le=0.0, description="Escalate when the edge's mean token log-probability is below this."
+        -1.5,
+        le=0.0,
+        description="Escalate when the edge's mean token log-probability (with runningMean or windowTokens, its "
+        "lowest running mean or lowest mean over that many consecutive tokens) is below this.",
     )
     max_edge_prompt_tokens: int = Field(512, ge=1, description="Longer prompts go straight to the cloud.")
     edge_timeout_seconds: float = Field(5.0, gt=0.0, le=3600.0, description="Escalate when the edge takes longer.")
@@ -28,6 +31,23 @@ class CascadeSettings(SpecModel):
         "when they miss it (0: off). Changes decisions, only towards the cloud, and stops most escalated edge "
         "answers after this many tokens; without it the edge is stopped only once its answer can no longer "
         "reach the threshold, which keeps every decision as it is.",
+    )
+    window_tokens: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="Judge the edge's answer by its least confident stretch instead of its mean: the lowest mean "
+        "token log-probability over any this-many consecutive tokens (the whole answer's mean when it is shorter) "
+        "must reach the threshold (0: off, the whole answer's mean). A stretch below it escalates whatever "
+        "follows, so the edge is stopped there, and stopping early keeps every decision of this rule. A "
+        "different rule from the mean's: calibrate the threshold for it.",
+    )
+    running_mean: bool = Field(
+        False,
+        description="Judge the edge's answer by its lowest running mean instead of its mean: the mean over its first "
+        "n tokens must reach the threshold for every n (the whole answer is one of them). The edge is stopped at the "
+        "first token where it does not, and stopping early keeps every decision of this rule. A different rule "
+        "from the mean's: calibrate the threshold for it.",
     )
 
 

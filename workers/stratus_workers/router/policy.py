@@ -14,10 +14,22 @@ be "escalate", so the router stops the edge there instead of paying for the rest
   towards the cloud (an answer kept under it is kept under the exact rule too), and stops most
   escalated answers after a few tokens, which the exact rule cannot do: a mean is pulled down by
   a token only 1/max_tokens of its log-probability.
+- **Window** (opt-in, `window_tokens` = w > 0): a different rule, not a stop for the mean's: the answer
+  is judged by its least confident stretch, the lowest mean over any w consecutive tokens (the whole
+  answer's mean when it is shorter than w). A stretch below the threshold settles the verdict whatever
+  follows, so the edge stops at the first such stretch (and before w tokens, once their sum over w is
+  below the threshold: a shorter answer's mean, and the first window's, can only be lower). Stopping
+  early keeps every decision of this rule exactly; its decisions differ from the mean's, so its
+  threshold is calibrated for it (`stratus calibrate` judges answers by the manifest's rule).
+- **Running mean** (opt-in, `running_mean`): another rule that settles as it goes: the mean over the
+  answer's first n tokens must reach the threshold for every n (the whole answer is one of them), so
+  the edge stops at the first token where the running mean falls below it. With window and running
+  mean both on, the lower of the two confidences decides.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -46,11 +58,39 @@ class CascadeVerdict:
     threshold: float
 
 
-def edge_confidence(logprobs: Sequence[float], probe_tokens: int = 0) -> float:
-    """The cascade's confidence in an edge answer: its mean token log-probability, and with `probe_tokens`
-    the lower of that and the mean over its first `probe_tokens` tokens (an answer shorter than the probe
-    is judged as a whole)."""
-    confidence = mean_logprob(logprobs)
+def window_confidence(logprobs: Sequence[float], window_tokens: int) -> float:
+    """The lowest mean log-probability over any `window_tokens` consecutive tokens (each window added left to
+    right, as `EdgeWatch` adds it); the whole answer's mean when it is shorter than one window."""
+    if len(logprobs) < window_tokens:
+        return mean_logprob(logprobs)
+    return min(
+        logprob_sum(logprobs[i : i + window_tokens]) / window_tokens for i in range(len(logprobs) - window_tokens + 1)
+    )
+
+
+def running_confidence(logprobs: Sequence[float]) -> float:
+    """The lowest mean over the answer's first n tokens, for any n (added left to right, as `EdgeWatch` adds
+    them); an empty answer counts as certain (0.0)."""
+    total, lowest = 0.0, math.inf
+    for n, logprob in enumerate(logprobs, 1):
+        total += logprob
+        lowest = min(lowest, total / n)
+    return lowest if logprobs else 0.0
+
+
+def edge_confidence(
+    logprobs: Sequence[float], probe_tokens: int = 0, window_tokens: int = 0, running_mean: bool = False
+) -> float:
+    """The cascade's confidence in an edge answer: its mean token log-probability, or by the rules that replace
+    it, the lower of its lowest mean over `window_tokens` consecutive tokens and (`running_mean`) its lowest
+    running mean; with `probe_tokens`, the lower of that and the mean over its first `probe_tokens` tokens (an
+    answer shorter than the probe is judged as a whole)."""
+    rules = []
+    if window_tokens:
+        rules.append(window_confidence(logprobs, window_tokens))
+    if running_mean:
+        rules.append(running_confidence(logprobs))
+    confidence = min(rules) if rules else mean_logprob(logprobs)
     if probe_tokens and len(logprobs) >= probe_tokens:
         confidence = min(confidence, mean_logprob(logprobs[:probe_tokens]))
     return confidence
@@ -58,7 +98,7 @@ def edge_confidence(logprobs: Sequence[float], probe_tokens: int = 0) -> float:
 
 def judge_edge_answer(logprobs: Sequence[float], settings: CascadeSettings) -> CascadeVerdict:
     """Keep the edge's answer when its confidence reaches the threshold, else escalate."""
-    confidence = edge_confidence(logprobs, settings.probe_tokens)
+    confidence = edge_confidence(logprobs, settings.probe_tokens, settings.window_tokens, settings.running_mean)
     threshold = settings.confidence_threshold
     if confidence >= threshold:
         return CascadeVerdict(False, "confident", confidence, threshold)
@@ -74,10 +114,11 @@ def best_reachable_mean(logprob_sum: float, max_tokens: int) -> float:
 class EdgeWatch:
     """Follows an edge answer's log-probabilities as they stream and says when escalation is settled.
 
-    `max_tokens` bounds the answer's length (None when unknown: then only the probe can stop it early).
-    The running sum adds the log-probabilities as `mean_logprob` does, so the bound is compared on the very
-    numbers the final verdict would use: floating-point addition of non-positive numbers never raises the
-    sum, and division by a larger count never lowers a non-positive quotient, rounding included.
+    `max_tokens` bounds the answer's length (None when unknown: then only the probe can stop a mean-rule
+    answer early; the window and running-mean rules need no bound). The running sum adds the log-probabilities as
+    `mean_logprob` does, and a window's sum as `window_confidence` does, so the bounds are compared on the
+    very numbers the final verdict would use: floating-point addition of non-positive numbers never raises
+    the sum, and division by a larger count never lowers a non-positive quotient, rounding included.
     """
 
     def __init__(self, settings: CascadeSettings, max_tokens: int | None) -> None:
@@ -93,17 +134,30 @@ class EdgeWatch:
             return True
         threshold = self.settings.confidence_threshold
         probe = self.settings.probe_tokens
+        window = self.settings.window_tokens
         for logprob in logprobs:
             self.logprobs.append(logprob)
             self.total += logprob
             n = len(self.logprobs)
             if probe and n == probe and self.total / n < threshold:
-                self.settled = CascadeVerdict(True, "low-confidence", self.total / n, threshold)
-                return True
-            if self.max_tokens is not None and best_reachable_mean(self.total, self.max_tokens) < threshold:
-                self.settled = CascadeVerdict(True, "low-confidence", self.total / n, threshold)
-                return True
+                return self._settle(self.total / n)
+            if self.settings.running_mean and self.total / n < threshold:
+                return self._settle(self.total / n)
+            if window:
+                # The window rule: the stretch just completed, or before the first one, the bound on it.
+                if n >= window:
+                    stretch = logprob_sum(self.logprobs[n - window :]) / window
+                    if stretch < threshold:
+                        return self._settle(stretch)
+                elif self.total / window < threshold:
+                    return self._settle(self.total / window)
+            elif self.max_tokens is not None and best_reachable_mean(self.total, self.max_tokens) < threshold:
+                return self._settle(self.total / n)
         return False
+
+    def _settle(self, confidence: float) -> bool:
+        self.settled = CascadeVerdict(True, "low-confidence", confidence, self.settings.confidence_threshold)
+        return True
 
     def verdict(self) -> CascadeVerdict:
         """The verdict on the answer: the settled one if the watch stopped it, else the finished answer's."""

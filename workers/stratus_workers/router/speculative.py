@@ -50,14 +50,19 @@ class SpeculativeOutcome:
 
 
 def next_draft_length(current: int, accepted: int, *, minimum: int = 1, maximum: int = 8) -> int:
-    """Adapt k to the acceptance seen: grow after a fully accepted draft, else shrink towards what stuck.
+    """Adapt k to the acceptance seen: one longer after a fully accepted draft, one shorter after a rejection
+    (never shorter than what stuck plus one).
 
-    A draft token costs edge time and link bytes; one the cloud rejects buys nothing. Growing by one
-    on full acceptance and falling to accepted+1 otherwise tracks the acceptance rate without a model.
+    The cloud's verification pass costs about the same for 5 positions as for 13 (its fixed cost, reading the
+    weights, dominates on a CPU core: docs/cooperation.md), so a round is worth about as much as the tokens it
+    yields. Falling to what stuck plus one after each rejection made many rounds of one or two draft tokens,
+    each costing the cloud nearly a whole pass for two or three tokens; stepping down by one keeps the draft
+    long through an isolated rejection and still shortens it through a run of them (a rejected token costs the
+    edge a draft step and the link a few bytes).
     """
     if accepted >= current:
         return min(maximum, current + 1)
-    return max(minimum, min(maximum, accepted + 1))
+    return max(minimum, min(maximum, max(accepted + 1, current - 1)))
 
 
 def _eos(tokenizer: Any) -> frozenset[int]:

@@ -1,5 +1,6 @@
 """Cascade early exit over real servers: the router stops the edge once its answer can only escalate, and
-decides exactly as the rule over the edge's whole answer does (recorded from the same edge beforehand)."""
+decides exactly as the rule over the edge's whole answer does (recorded from the same edge beforehand), under
+the mean rule (with and without the probe) and the window and running-mean rules."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.client import AsyncClient
 from stratus_workers.router.config import CascadeSettings
-from stratus_workers.router.policy import judge_edge_answer, mean_logprob
+from stratus_workers.router.policy import judge_edge_answer, mean_logprob, running_confidence, window_confidence
 
 pytestmark = pytest.mark.integration
 
@@ -43,13 +44,18 @@ async def test_early_exit_keeps_every_decision_of_the_whole_answer_rule(
             answer = await direct.generate(prompt, max_new_tokens=MAX_NEW, logprobs=True)
             recorded[prompt] = [lp.logprob for lp in answer.logprobs]
         means = sorted(mean_logprob(lps) for lps in recorded.values())
+        stretches = sorted(window_confidence(lps, 4) for lps in recorded.values())
+        runs = sorted(running_confidence(lps) for lps in recorded.values())
         # Thresholds between the answers (some kept, some escalated near their end), one that escalates
-        # everything within a few tokens, and the same with the opt-in probe.
+        # everything within a few tokens, the same with the opt-in probe, and the window and running-mean rules
+        # between their answers.
         cases = [
             ({"confidenceThreshold": statistics.median(means)}, "median"),
             ({"confidenceThreshold": means[1] + 1e-4}, "low"),
             ({"confidenceThreshold": -1.0}, "strict"),
             ({"confidenceThreshold": means[-2] - 1e-4, "probeTokens": 3}, "probe"),
+            ({"confidenceThreshold": statistics.median(stretches), "windowTokens": 4}, "window"),
+            ({"confidenceThreshold": statistics.median(runs), "runningMean": True}, "running"),
         ]
         backends = [("edge", edge.address, "edge"), ("cloud", cloud.address, "cloud")]
         kept = escalated = stopped = 0
@@ -72,6 +78,8 @@ async def test_early_exit_keeps_every_decision_of_the_whole_answer_rule(
                 spent = await counter(http, router.http_port, "stratus_router_escalated_edge_tokens_total")
                 whole = sum(len(lps) for lps in recorded.values() if judge_edge_answer(lps, settings).escalate)
                 assert spent <= whole
+                if name in ("window", "running"):  # an escalated answer stops where its rule settles
+                    assert stops > 0, (name, stops)
                 if name in ("strict", "probe"):  # these stop the edge well before its answer ends
                     assert stops > 0 and spent < whole / 2, (name, stops, spent, whole)
                 stopped += int(stops)

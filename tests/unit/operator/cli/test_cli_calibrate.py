@@ -1,4 +1,4 @@
-"""`stratus calibrate` judges edge answers as the cascade it calibrates for (its probeTokens)."""
+"""`stratus calibrate` judges edge answers as the cascade it calibrates for (its probeTokens, windowTokens)."""
 
 from __future__ import annotations
 
@@ -7,20 +7,21 @@ from pathlib import Path
 import pytest
 
 from stratus_operator.cli import build_parser
-from stratus_operator.cli.calibrate import manifest_probe_tokens
+from stratus_operator.cli.calibrate import manifest_cascade_tokens
 
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[4]
 
 
-def test_probe_tokens_come_from_the_manifest(tmp_path: Path) -> None:
-    assert manifest_probe_tokens(ROOT / "deploy" / "samples" / "smollm2.yaml") == 0
+def test_the_rule_comes_from_the_manifest(tmp_path: Path) -> None:
+    assert manifest_cascade_tokens(ROOT / "deploy" / "samples" / "smollm2.yaml", "probeTokens") == 0
     manifest = tmp_path / "m.yaml"
-    manifest.write_text("spec:\n  routing:\n    cascade:\n      probeTokens: 6\n")
-    assert manifest_probe_tokens(manifest) == 6
+    manifest.write_text("spec:\n  routing:\n    cascade:\n      probeTokens: 6\n      windowTokens: 8\n")
+    assert manifest_cascade_tokens(manifest, "probeTokens") == 6
+    assert manifest_cascade_tokens(manifest, "windowTokens") == 8
     manifest.write_text("spec: {}\n")
-    assert manifest_probe_tokens(manifest) == 0
+    assert manifest_cascade_tokens(manifest, "windowTokens") == 0
 
 
 def test_a_negative_probe_is_refused_before_any_call(capsys: pytest.CaptureFixture[str]) -> None:
@@ -28,3 +29,9 @@ def test_a_negative_probe_is_refused_before_any_call(capsys: pytest.CaptureFixtu
     args = build_parser().parse_args(["calibrate", "--target", "127.0.0.1:1", "--probe-tokens", "-2"])
     assert args.func(args) == 2
     assert "--probe-tokens is -2; use 0 (off) or more" in capsys.readouterr().out
+
+
+def test_a_negative_window_is_refused_before_any_call(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["calibrate", "--target", "127.0.0.1:1", "--window-tokens", "-1"])
+    assert args.func(args) == 2
+    assert "--window-tokens is -1; use 0 (off) or more" in capsys.readouterr().out

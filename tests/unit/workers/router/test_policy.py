@@ -14,6 +14,8 @@ from stratus_workers.router.policy import (
     judge_edge_answer,
     mean_logprob,
     prompt_fits_edge,
+    running_confidence,
+    window_confidence,
 )
 
 pytestmark = pytest.mark.unit
@@ -60,12 +62,13 @@ logprob_values = st.floats(min_value=-30.0, max_value=0.0, allow_nan=False, widt
 )
 
 
-Stream = tuple[list[list[float]], int, float, int]
+Stream = tuple[list[list[float]], int, float, int, int, bool]
 
 
 @st.composite
 def edge_streams(draw: st.DrawFn) -> Stream:
-    """An edge answer as the chunks it streams in, its length bound, a threshold and a probe length."""
+    """An edge answer as the chunks it streams in, its length bound, a threshold, a probe and a window length, and
+    whether the running-mean rule is on."""
     logprobs = draw(st.lists(logprob_values, max_size=64))
     max_tokens = len(logprobs) + draw(st.integers(0, 40))
     if max_tokens == 0:
@@ -76,7 +79,13 @@ def edge_streams(draw: st.DrawFn) -> Stream:
     near = mean_logprob(logprobs) + draw(st.floats(-0.5, 0.5))
     threshold = min(0.0, draw(st.sampled_from([near, draw(st.floats(-20.0, 0.0))])))
     probe = draw(st.sampled_from([0, 0, 1, 4, 8, 16]))
-    return chunks, max_tokens, threshold, probe
+    window = draw(st.sampled_from([0, 0, 0, 1, 2, 4, 8, 16, 80]))
+    if window:  # thresholds near the answer's own windows too
+        threshold = min(0.0, draw(st.sampled_from([threshold, window_confidence(logprobs, window)])))
+    running = draw(st.sampled_from([False, False, True]))
+    if running:
+        threshold = min(0.0, draw(st.sampled_from([threshold, running_confidence(logprobs)])))
+    return chunks, max_tokens, threshold, probe, window, running
 
 
 def watch_stream(chunks: list[list[float]], settings: CascadeSettings, max_tokens: int | None) -> tuple[EdgeWatch, int]:
@@ -90,12 +99,14 @@ def watch_stream(chunks: list[list[float]], settings: CascadeSettings, max_token
     return watch, read
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=2500, deadline=None)
 @given(edge_streams())
 def test_stopping_early_gives_the_decision_of_the_whole_answer(stream: Stream) -> None:
-    chunks, max_tokens, threshold, probe = stream
+    chunks, max_tokens, threshold, probe, window, running = stream
     whole = [x for chunk in chunks for x in chunk]
-    settings = CascadeSettings(confidence_threshold=threshold, probe_tokens=probe)
+    settings = CascadeSettings(
+        confidence_threshold=threshold, probe_tokens=probe, window_tokens=window, running_mean=running
+    )
     watch, read = watch_stream(chunks, settings, max_tokens)
     expected = judge_edge_answer(whole, settings)
     got = watch.verdict()
@@ -103,19 +114,25 @@ def test_stopping_early_gives_the_decision_of_the_whole_answer(stream: Stream) -
     if watch.settled is None:
         assert got == expected and read == len(whole)  # read to the end: the very same verdict
     else:
-        assert got.confidence == pytest.approx(mean_logprob(watch.logprobs))
+        assert got.confidence < threshold
         assert watch.logprobs == whole[: len(watch.logprobs)]
-    # The probe only ever moves answers to the cloud.
+        if not window:
+            assert got.confidence == pytest.approx(mean_logprob(watch.logprobs))
     exact = judge_edge_answer(whole, CascadeSettings(confidence_threshold=threshold))
-    assert not (exact.escalate and not expected.escalate)
-    if not probe:
-        assert expected == exact
+    if running and not window:
+        # The whole answer's mean is one of the running means: the running-mean rule only moves answers to the cloud.
+        assert not (exact.escalate and not expected.escalate)
+    if not window and not running:
+        # The probe only ever moves answers to the cloud.
+        assert not (exact.escalate and not expected.escalate)
+        if not probe:
+            assert expected == exact
 
 
 @settings(max_examples=500, deadline=None)
 @given(edge_streams())
-def test_an_unknown_length_bound_stops_only_at_the_probe(stream: Stream) -> None:
-    chunks, _, threshold, probe = stream
+def test_an_unknown_length_bound_stops_a_mean_rule_answer_only_at_the_probe(stream: Stream) -> None:
+    chunks, _, threshold, probe, _, _ = stream
     watch, _ = watch_stream(chunks, CascadeSettings(confidence_threshold=threshold, probe_tokens=probe), None)
     if watch.settled is not None:
         assert probe and len(watch.logprobs) == probe
@@ -140,3 +157,41 @@ def test_the_probe_escalates_at_its_length_only() -> None:
     late = EdgeWatch(settings, None)
     assert not late.add([0.0, 0.0, -5.0, -5.0])  # the probe passed; later tokens wait for the end
     assert late.verdict().escalate  # ... where the whole answer's mean decides
+
+
+def test_the_window_rule_judges_the_least_confident_stretch() -> None:
+    settings = CascadeSettings(confidence_threshold=-0.6, window_tokens=2)
+    # Mean -0.67 misses the threshold, but no two neighbouring tokens do: kept under the window rule.
+    assert window_confidence([-1.0, 0.0, -1.0], 2) == -0.5
+    assert not judge_edge_answer([-1.0, 0.0, -1.0], settings).escalate
+    assert judge_edge_answer([-1.0, 0.0, -1.0], CascadeSettings(confidence_threshold=-0.6)).escalate
+    # ... and the other way: one poor stretch in a confident answer escalates it.
+    answer = [0.0] * 10 + [-1.0, -1.0]
+    assert judge_edge_answer(answer, settings).escalate
+    assert not judge_edge_answer(answer, CascadeSettings(confidence_threshold=-0.6)).escalate
+    assert window_confidence([-1.0], 2) == -1.0  # shorter than the window: the whole answer's mean
+
+
+def test_the_window_rule_stops_at_the_first_poor_stretch_or_before_the_first_window() -> None:
+    settings = CascadeSettings(confidence_threshold=-1.0, window_tokens=4)
+    watch = EdgeWatch(settings, None)
+    assert not watch.add([0.0, 0.0, -0.5, -0.5, -2.0])  # stretches -0.25 and -0.75 reach -1.0
+    assert watch.add([-2.0])  # -0.5, -0.5, -2, -2: -1.25
+    assert watch.settled is not None and watch.settled.confidence == -1.25 and len(watch.logprobs) == 6
+    early = EdgeWatch(settings, None)
+    assert not early.add([-3.0])  # -3 over a window of 4 is -0.75: the first window may still reach -1.0
+    assert early.add([-1.5])  # -4.5 / 4 < -1.0: the first window, or a shorter answer, misses it whatever follows
+    assert judge_edge_answer([-3.0, -1.5], settings).escalate
+    assert judge_edge_answer([-3.0, -1.5, 0.0, 0.0, 0.0], settings).escalate
+
+
+def test_the_running_mean_rule_stops_at_the_first_token_where_the_mean_so_far_misses() -> None:
+    assert running_confidence([]) == 0.0
+    assert running_confidence([-2.0, 0.0, 0.0, 0.0]) == -2.0  # the first token alone, whatever the whole mean (-0.5)
+    settings = CascadeSettings(confidence_threshold=-1.0, running_mean=True)
+    watch = EdgeWatch(settings, None)
+    assert not watch.add([-0.5, -1.0])  # running means -0.5, -0.75
+    assert watch.add([-2.0, 0.0])  # -3.5 / 3 < -1.0: settled at the third token
+    assert len(watch.logprobs) == 3 and watch.verdict().escalate
+    assert judge_edge_answer([-0.5, -1.0, -2.0, 0.0, 0.0, 0.0], settings).escalate
+    assert not judge_edge_answer([-0.5, -1.0, -2.0, 0.0, 0.0, 0.0], CascadeSettings(confidence_threshold=-1.0)).escalate
