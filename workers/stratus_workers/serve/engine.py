@@ -22,7 +22,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import logging
 import signal
@@ -144,12 +143,7 @@ class ThreadTransport(Transport):
             graphs = 0
             if self.settings.warmup:  # decode graphs on CUDA, before any request pays for them
                 graphs = await loop.run_in_executor(None, core.warmup)
-            phases = (
-                ("load", loaded_at - started),
-                ("build", built_at - loaded_at),
-                ("warm-up", time.monotonic() - built_at),
-            )
-            info = dataclasses.replace(info, startup=(*phases, ("graphs", float(graphs))))
+            info = info.started(started, loaded_at, built_at, time.monotonic(), graphs)
         self.core = core
         self._inbox = ThreadInbox()
 

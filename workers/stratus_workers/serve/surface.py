@@ -8,7 +8,7 @@ process of its own or in a thread of the server's.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 from stratus_workers.protocol.requests import Sampling
@@ -98,6 +98,11 @@ class EngineInfo:
     prefix_cache_tokens: int = 0
     # Seconds each start phase took in the engine ("load", "build", "warm-up") and the graphs it captured.
     startup: tuple[tuple[str, float], ...] = ()
+
+    def started(self, began: float, loaded: float, built: float, warmed: float, graphs: int) -> EngineInfo:
+        """This info with its start phases, from the monotonic times each phase ended (`began`: the start)."""
+        phases = (("load", loaded - began), ("build", built - loaded), ("warm-up", warmed - built))
+        return replace(self, startup=(*phases, ("graphs", float(graphs))))
 
 
 class ServingEngine(Protocol):

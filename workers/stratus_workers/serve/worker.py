@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import functools
 import gc
 import logging
@@ -148,12 +147,7 @@ def serve(channel: Channel) -> int:
         core, info = build_core(loaded, settings, parallel, pipe)
         built_at = time.monotonic()
         graphs = core.warmup() if settings.warmup else 0
-        phases = (
-            ("load", loaded_at - started),
-            ("build", built_at - loaded_at),
-            ("warm-up", time.monotonic() - built_at),
-        )
-        info = dataclasses.replace(info, startup=(*phases, ("graphs", float(graphs))))
+        info = info.started(started, loaded_at, built_at, time.monotonic(), graphs)
         freeze_heap()
         channel.send(("ready", info, loaded.tokenizer))
 

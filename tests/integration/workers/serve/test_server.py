@@ -35,6 +35,11 @@ async def test_unary_and_streaming_agree(model_server, engine: str) -> None:
         assert chunks[-1].HasField("route") and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
         chat = await client.generate(messages=[{"role": "user", "content": "Hi"}], max_new_tokens=4)
         assert chat.usage.prompt_tokens > 5  # the chat template wrapped the message
+        # Both engine layouts time their start the same way (bench-serve prints it).
+        phases = dict(server.engine.info.startup)
+        assert list(phases) == ["load", "build", "warm-up", "graphs"]
+        assert phases["load"] > 0 and phases["build"] >= 0 and phases["warm-up"] >= 0
+        assert phases["graphs"] == 0  # CUDA graphs are captured on GPUs only
 
 
 @pytest.mark.parametrize(
