@@ -87,6 +87,18 @@ async def test_missing_namespace_is_404_and_terminating_namespace_refuses_new_co
     assert status["message"] == "unable to create new content in namespace doomed because it is being terminated"
 
 
+async def test_reads_in_a_missing_namespace_are_served_and_an_unknown_group_is_404(
+        http: aiohttp.ClientSession, served: Emulator) -> None:
+    """What the operator scoped to named namespaces relies on: like an API server, a list (and watch) in a
+    namespace nobody made yet answers an empty list, not 404; discovery of a group without its CRD is 404."""
+    code, listed, _ = await _send(http, "GET", "/apis/stratus.dev/v1alpha1/namespaces/nowhere/llmdeployments")
+    assert code == 200 and listed["items"] == [] and served.read(NAMESPACES, None, "nowhere") is None
+    code, group, _ = await _send(http, "GET", "/apis/stratus.dev/v1alpha1")
+    assert code == 200 and "llmdeployments" in {r["name"] for r in group["resources"]}
+    code, status, _ = await _send(http, "GET", "/apis/nothing.example.com/v1")
+    assert code == 404 and status["kind"] == "Status"
+
+
 async def test_rbac_holds_a_service_account_to_its_roles(http: aiohttp.ClientSession, served: Emulator) -> None:
     role, binding = (d for d in yaml.safe_load_all((ROOT / "deploy" / "operator" / "rbac.yaml").read_text()) if d)
     await served.create_obj(CLUSTERROLES, None, role)
