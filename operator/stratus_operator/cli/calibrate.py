@@ -93,11 +93,6 @@ def manifest_cascade(path: Path) -> dict[str, Any]:
     return cascade
 
 
-def manifest_cascade_tokens(path: Path, field: str) -> int:
-    """spec.routing.cascade.<field> (probeTokens, windowTokens) of an LLMDeployment manifest (0 when it sets none)."""
-    return int(manifest_cascade(path).get(field, 0))
-
-
 def write_threshold(path: Path, threshold: float) -> None:
     """Set spec.routing.cascade.confidenceThreshold in the manifest, keeping its comments where possible."""
     text = path.read_text()
@@ -131,19 +126,19 @@ def run(args: argparse.Namespace) -> int:
     if args.write and args.file is None:
         print("error: --write needs -f MANIFEST")
         return 2
+    # The manifest's rule where a flag does not say otherwise.
+    cascade = manifest_cascade(args.file) if args.file else {}
     rule: dict[str, Any] = {}
     for option, field in (("probe_tokens", "probeTokens"), ("window_tokens", "windowTokens")):
         value = getattr(args, option)
         if value is None:
-            value = manifest_cascade_tokens(args.file, field) if args.file else 0
+            value = int(cascade.get(field, 0))
         if value < 0:
             print(f"error: --{option.replace('_', '-')} is {value}; use 0 (off) or more")
             return 2
         rule[option] = value
     running = args.running_mean
-    if running is None:
-        running = bool(manifest_cascade(args.file).get("runningMean", False)) if args.file else False
-    rule["running_mean"] = running
+    rule["running_mean"] = bool(cascade.get("runningMean", False)) if running is None else running
     samples = asyncio.run(
         collect_samples(args.target, prompts, args.max_new_tokens, token=args.token, tls_ca=args.tls_ca, **rule)
     )

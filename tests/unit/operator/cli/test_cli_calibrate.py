@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from stratus_operator.cli import build_parser
-from stratus_operator.cli.calibrate import manifest_cascade_tokens
+from stratus_operator.cli.calibrate import manifest_cascade
 
 pytestmark = pytest.mark.unit
 
@@ -15,13 +15,13 @@ ROOT = Path(__file__).resolve().parents[4]
 
 
 def test_the_rule_comes_from_the_manifest(tmp_path: Path) -> None:
-    assert manifest_cascade_tokens(ROOT / "deploy" / "samples" / "smollm2.yaml", "probeTokens") == 0
+    assert manifest_cascade(ROOT / "deploy" / "samples" / "smollm2.yaml").get("probeTokens", 0) == 0
     manifest = tmp_path / "m.yaml"
     manifest.write_text("spec:\n  routing:\n    cascade:\n      probeTokens: 6\n      windowTokens: 8\n")
-    assert manifest_cascade_tokens(manifest, "probeTokens") == 6
-    assert manifest_cascade_tokens(manifest, "windowTokens") == 8
+    assert manifest_cascade(manifest).get("probeTokens", 0) == 6
+    assert manifest_cascade(manifest).get("windowTokens", 0) == 8
     manifest.write_text("spec: {}\n")
-    assert manifest_cascade_tokens(manifest, "windowTokens") == 0
+    assert manifest_cascade(manifest).get("windowTokens", 0) == 0
 
 
 def test_a_negative_probe_is_refused_before_any_call(capsys: pytest.CaptureFixture[str]) -> None:
