@@ -59,7 +59,11 @@ class Sampling:
 
 def render_prompt(tokenizer: Any, request: pb.GenerateRequest) -> list[int]:
     """Token ids for the request's prompt or chat messages (chat template applied)."""
-    text, special = prompt_text(tokenizer, request)
+    return encode_text(tokenizer, *prompt_text(tokenizer, request))
+
+
+def encode_text(tokenizer: Any, text: str, special: bool) -> list[int]:
+    """`text`'s ids, with the tokenizer's special tokens added or not (`prompt_text` says which)."""
     return list(tokenizer.encode(text) if special else tokenizer.encode(text, add_special_tokens=False))
 
 

@@ -192,10 +192,9 @@ class StepProfile:
         runner = self.core.runner
         decoder = getattr(runner, "decoder", None)
         prefill = getattr(runner, "prefill", None)
-        return (
-            getattr(decoder, "ahead_hits", 0), getattr(prefill, "replays", 0) if prefill is not None else 0,
-            self.core.prefill_tokens, getattr(decoder, "device_joins", 0),
-        )  # fmt: skip
+        # Steps found computed ahead: the single-GPU decoder counts them, a pipeline's first stage itself.
+        ahead = getattr(runner, "ahead_hits", getattr(decoder, "ahead_hits", 0))
+        return ahead, getattr(prefill, "replays", 0), self.core.prefill_tokens, getattr(decoder, "device_joins", 0)
 
     def _reset(self) -> None:
         self.plain: list[float] = []

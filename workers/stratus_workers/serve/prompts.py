@@ -7,9 +7,12 @@ import bisect
 import collections
 import concurrent.futures
 import dataclasses
+import itertools
 import json
 import os
 from typing import Any
+
+from stratus_workers.protocol.requests import encode_text
 
 # Text the cache cannot cover and shorter than this is tokenized on the event loop: a thread hop costs more
 # than ~20 µs of tokenizing. Longer text goes to a thread, where the Rust tokenizer releases the GIL.
@@ -93,7 +96,7 @@ class PromptEncoder:
             self.margin = max(32, longest + 2)
         self.entries: collections.OrderedDict[int, _Entry] = collections.OrderedDict()
         self.capacity = entries
-        self._keys = iter(range(1 << 62))
+        self._keys = itertools.count()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.reused_chars = 0  # characters whose tokens came from an entry (tests and benchmarks read them)
 
@@ -102,7 +105,7 @@ class PromptEncoder:
     def encode(self, text: str, special: bool = True) -> list[int]:
         """The ids of `text`, exactly as `tokenizer.encode(text, add_special_tokens=special)` gives them."""
         if not self.reuse:  # (a reusable tokenizer adds no special tokens: `special` changes nothing there)
-            return _plain(self.tokenizer, text, special)
+            return encode_text(self.tokenizer, text, special)
         plan = self._plan(text)
         return self._finish(text, plan, self._tail(text, plan[0]))
 
@@ -111,7 +114,7 @@ class PromptEncoder:
         loop = asyncio.get_running_loop()
         if not self.reuse:
             if self.backend is None or self.inline or len(text) <= INLINE_CHARS:
-                return _plain(self.tokenizer, text, special)
+                return encode_text(self.tokenizer, text, special)
             return await loop.run_in_executor(self._executor(), self._whole, text, special)
         plan = self._plan(text)
         if len(text) - plan[0] <= INLINE_CHARS:
@@ -191,11 +194,6 @@ class PromptEncoder:
             while len(self.entries) > self.capacity:
                 self.entries.popitem(last=False)
         return list(ids)
-
-
-def _plain(tokenizer: Any, text: str, special: bool) -> list[int]:
-    """`tokenizer.encode` as render_prompt calls it (a tokenizer that takes no options is asked with none)."""
-    return list(tokenizer.encode(text) if special else tokenizer.encode(text, add_special_tokens=False))
 
 
 def _shared_length(a: str, b: str) -> int:
