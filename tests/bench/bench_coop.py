@@ -538,8 +538,9 @@ def rules_table(answers: list[tuple[list[float], float]], max_tokens: int, thres
                 if watch.add([logprob]):
                     break
             verdict = watch.verdict()
-            if verdict != judge_edge_answer(logprobs, rule) and watch.settled is None:
-                raise AssertionError("EdgeWatch and judge_edge_answer disagree on a whole answer")
+            # What early exit must keep: the decision the rule takes over the whole answer.
+            if verdict.escalate != judge_edge_answer(logprobs, rule).escalate:
+                raise AssertionError("stopping the edge early changed the cascade's decision on an answer")
             escalate.append(verdict.escalate)
             spent.append(len(watch.logprobs))
         return escalate, spent

@@ -67,10 +67,9 @@ def summarise(stages: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
         "decode_interval_ms": _stats(list(intervals.values())),
         "slow_steps": len(slow),
         "slow_share_of_time": sum(intervals[n] for n in slow) / max(sum(intervals.values()), 1e-9),
-        "by_rows": {},
+        "by_rows": {str(k): _stats(v) for k, v in sorted(by_rows.items())},
         "stages": {},
     }
-    result["by_rows"] = {str(k): _stats(v) for k, v in sorted(by_rows.items())}
     for rank, records in sorted(stages.items()):
         host: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         gpu: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
