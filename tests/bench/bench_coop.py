@@ -267,6 +267,9 @@ async def bench(args: argparse.Namespace) -> tuple[list[Run], dict[str, Any]]:
         "max_new_tokens": args.max_new_tokens,
         "cores": (args.cloud_cores, args.edge_cores),
         "load_start": os.getloadavg(),
+        # The machine and day of the run, so a later --render-from does not credit them to the renderer's.
+        "machine": {"cpu": report.cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+                    "date": date.today().isoformat()},
     }
     try:
         await asyncio.get_running_loop().run_in_executor(None, cloud.wait_ready)
@@ -422,6 +425,7 @@ def render(runs: list[Run], meta: dict[str, Any], seconds: float) -> str:
     load_start = ", ".join(f"{x:.1f}" for x in meta["load_start"])
     load_end = ", ".join(f"{x:.1f}" for x in meta["load_end"])
     cloud_cores, edge_cores = meta["cores"]
+    machine = meta["machine"]
     calibration = meta.get("calibration") or {}
     running = ""
     if "running_threshold" in meta:
@@ -445,9 +449,9 @@ def render(runs: list[Run], meta: dict[str, Any], seconds: float) -> str:
         "relative to its own answer, capped at 1 (identical answers 1.0); text similarity to the cloud's answer "
         "beside it. Cloud passes and CPU-ms per token: the cloud server's forward passes and its process's CPU "
         "time (user + system) during each request, over the tokens answered. "
-        f"Machine: {report.cpu_name()}, {os.cpu_count()} cores shared with other work (load average "
-        f"{load_start} at the start, {load_end} at the end; 1, 5, 15 min); Python {platform.python_version()}; "
-        f"{date.today().isoformat()}; {seconds / 60:.1f} min.",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores shared with other work (load average "
+        f"{load_start} at the start, {load_end} at the end; 1, 5, 15 min); Python {machine['python']}; "
+        f"{machine['date']}; {seconds / 60:.1f} min.",
         "",
         "| link RTT | policy | tokens/s | vs cloud-only | p50 latency | p95 latency | cloud passes/token | "
         "cloud CPU-ms/token | edge passes/token | served at edge | quality retention | text similarity | "
