@@ -6,6 +6,7 @@ run without loading it. The worker test folders set torch's threads in their own
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,11 @@ import pytest
 
 # --import-mode=importlib puts no folder on sys.path; helpers shared by several test trees live in tests/support.
 sys.path.insert(0, str(Path(__file__).parent / "support"))
+
+# Without a GPU, Triton's interpreter runs serve/kernels.py's kernels on CPU tensors (tests/unit/workers/serve/
+# test_kernels.py). Triton reads this when it is first imported, so it is set before anything imports it.
+if not Path("/dev/nvidiactl").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def one_thread() -> None:

@@ -11,6 +11,7 @@ row's new keys are written first, which makes it causal within the new tokens to
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 try:
@@ -77,6 +78,65 @@ if triton is not None:
         )
 
 
+    @triton.jit  # type: ignore[misc,untyped-decorator]
+    def _extend_attention_kernel(  # type: ignore[no-untyped-def]
+        q_ptr, k_ptr, v_ptr, out_ptr, pos_ptr, rows_ptr, blocks_ptr,
+        stride_qb, stride_qh,
+        stride_kr, stride_kh, stride_kl,
+        stride_vr, stride_vh, stride_vl,
+        stride_ob, stride_oh,
+        stride_blocks,
+        scale,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # One program per (block, kv head): a block is up to BLOCK_M consecutive tokens of one row (consecutive
+        # positions), so the row's keys are read once for all of them and all their GROUP query heads. The tile's
+        # lines are (token, head) pairs; lines past the block's tokens repeat its last token and are not stored.
+        blk = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        first = tl.load(blocks_ptr + blk)
+        count = tl.load(blocks_ptr + stride_blocks + blk)
+        if count > 0:
+            line = tl.arange(0, BLOCK_M * GROUP_PAD)
+            tok = line // GROUP_PAD
+            g = line % GROUP_PAD
+            live = (tok < count) & (g < GROUP)
+            tok = tl.minimum(tok, count - 1)
+            heads = kv_head * GROUP + tl.minimum(g, GROUP - 1)
+            row = tl.load(rows_ptr + first)
+            first_pos = tl.load(pos_ptr + first)
+            q_pos = first_pos + tok
+            n_keys = first_pos + count  # the block's last query sees keys 0..its position
+            d = tl.arange(0, HEAD_DIM)
+            q = tl.load(q_ptr + (first + tok)[:, None] * stride_qb + heads[:, None] * stride_qh + d[None, :])
+            m_i = tl.full([BLOCK_M * GROUP_PAD], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
+            acc = tl.zeros([BLOCK_M * GROUP_PAD, HEAD_DIM], tl.float32)
+            k_base = k_ptr + row * stride_kr + kv_head * stride_kh
+            v_base = v_ptr + row * stride_vr + kv_head * stride_vh
+            for start in tl.range(0, n_keys, BLOCK_N):
+                n = start + tl.arange(0, BLOCK_N)
+                valid = n < n_keys
+                k = tl.load(k_base + n[:, None] * stride_kl + d[None, :], mask=valid[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+                # Key 0 is visible to every line, so no line's running maximum stays at -inf.
+                s = tl.where(n[None, :] <= q_pos[:, None], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(v_base + n[:, None] * stride_vl + d[None, :], mask=valid[:, None], other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+                m_i = m_new
+            out = acc / l_i[:, None]
+            tl.store(
+                out_ptr + (first + tok)[:, None] * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                out.to(out_ptr.dtype.element_ty),
+                mask=live[:, None],
+            )
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -111,6 +171,68 @@ def decode_attention(
         num_warps=4, num_stages=2,
     )  # fmt: skip
     return out.view(batch, n_q * head_dim)
+
+
+def _group_pad(group: int) -> int:
+    return 1 << max(group - 1, 0).bit_length()
+
+
+def extend_block(n_q: int, n_kv: int) -> int:
+    """Tokens per block of `extend_attention` for this head shape: a tile of at most 128 (token, head) lines."""
+    return max(1, min(16, 128 // _group_pad(n_q // n_kv)))
+
+
+def extend_blocks(run_starts: np.ndarray, run_lens: np.ndarray, block: int, size: int = 0) -> np.ndarray:
+    """The block table [2, N] (first token, token count) of packed runs (a row's new tokens: consecutive in the
+    pack and in positions) cut into blocks of at most `block` tokens; padded to `size` blocks of no tokens."""
+    per_run = -(-run_lens // block)
+    total = int(per_run.sum())
+    n = max(total, size)
+    table = np.zeros((2, n), dtype=np.int64)
+    run = np.repeat(np.arange(len(run_lens)), per_run)
+    within = np.arange(total) - np.repeat(np.cumsum(per_run) - per_run, per_run)  # the block's index in its run
+    table[0, :total] = run_starts[run] + within * block
+    table[1, :total] = np.minimum(block, run_lens[run] - within * block)
+    return table
+
+
+def max_extend_blocks(tokens: int, rows: int, block: int) -> int:
+    """The most blocks `tokens` packed tokens of at most `rows` rows can make (each row's last block may be short)."""
+    return tokens // block + min(rows, tokens)
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: torch.Tensor,
+    rows: torch.Tensor,
+    blocks: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Packed tokens' attention: q [T, Hq, D], token t a query at position pos[t] of cache row rows[t] (its key
+    already written), against keys 0..pos[t] of that row; caches [R, Hkv, L, D]; `blocks` [2, N] from
+    `extend_blocks` (a block of no tokens does nothing, so a graph's table can be padded). Returns [T, Hq * D];
+    tokens in no block (padding) get unspecified values.
+    """
+    assert triton is not None
+    tokens, n_q, head_dim = q.shape
+    n_kv = k_cache.shape[1]
+    group = n_q // n_kv
+    out = torch.empty_like(q)
+    _extend_attention_kernel[(blocks.shape[1], n_kv)](
+        q, k_cache, v_cache, out, pos, rows, blocks,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        blocks.stride(0),
+        scale,
+        GROUP=group, GROUP_PAD=_group_pad(group), BLOCK_M=extend_block(n_q, n_kv), HEAD_DIM=head_dim, BLOCK_N=64,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return out.view(tokens, n_q * head_dim)
 
 
 def supports(head_dim: int, n_q: int, n_kv: int) -> bool:

@@ -191,10 +191,10 @@ class StepProfile:
     def _counters(self) -> tuple[int, int, int, int]:
         runner = self.core.runner
         decoder = getattr(runner, "decoder", None)
-        prefill = getattr(runner, "prefill", None)
         # Steps found computed ahead: the single-GPU decoder counts them, a pipeline's first stage itself.
         ahead = getattr(runner, "ahead_hits", getattr(decoder, "ahead_hits", 0))
-        return ahead, getattr(prefill, "replays", 0), self.core.prefill_tokens, getattr(decoder, "device_joins", 0)
+        replays = getattr(runner, "prefill_replays", 0)
+        return ahead, replays, self.core.prefill_tokens, getattr(decoder, "device_joins", 0)
 
     def _reset(self) -> None:
         self.plain: list[float] = []

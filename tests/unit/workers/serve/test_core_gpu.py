@@ -80,19 +80,24 @@ def test_prefix_cache_and_chunked_prefill_on_the_cuda_path(model: Any) -> None:
     assert decoder.ahead_hits > 0
 
 
-def test_prefill_graphs_give_the_eager_prefills_tokens(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Prefill as CUDA graphs per (rows, length, keys) bucket, several rows of different lengths at once,
-    # against the eager prefill; arrivals two steps apart also join the step launched ahead.
+@pytest.mark.parametrize("kind", ["static", "packed"])
+def test_prefill_graphs_give_the_eager_prefills_tokens(model: Any, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    # Prefill as CUDA graphs, several rows of different lengths at once, against the eager prefill: per (rows,
+    # length, keys) bucket (static), or packed per token bucket with the block attention kernel (packed, the
+    # default); arrivals two steps apart also join the step launched ahead.
     requests = [([(7 * i + j) % VOCAB for j in range(3 + 11 * i)], Sampling(max_new_tokens=10 + 2 * i))
                 for i in range(8)]  # fmt: skip
     monkeypatch.setenv("STRATUS_STATIC_PREFILL", "0")
+    monkeypatch.setenv("STRATUS_PACKED_PREFILL", "0")
     eager_core = core_over(model, chunk=40, pool=0)
     assert eager_core.runner.prefill is None  # type: ignore[attr-defined]
     eager = serve(eager_core, requests)
-    monkeypatch.setenv("STRATUS_STATIC_PREFILL", "1")
+    monkeypatch.setenv("STRATUS_STATIC_PREFILL", str(int(kind == "static")))
+    monkeypatch.delenv("STRATUS_PACKED_PREFILL")  # packed is the default where the Triton kernel runs
     graph_core = core_over(model, chunk=40, pool=0)
+    runner = graph_core.runner
+    assert runner.packed_prefill == (kind == "packed")  # type: ignore[attr-defined]
     graphs = serve(graph_core, requests)
-    prefill = graph_core.runner.prefill  # type: ignore[attr-defined]
-    assert prefill is not None and prefill.replays > 0 and prefill.graphs
+    assert runner.prefill_replays > 0  # type: ignore[attr-defined]
     assert graphs == eager
-    assert graph_core.runner.decoder.ahead_hits > 0  # type: ignore[attr-defined]
+    assert runner.decoder.ahead_hits > 0  # type: ignore[attr-defined]

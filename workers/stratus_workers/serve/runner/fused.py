@@ -36,7 +36,7 @@ from stratus_workers.serve.runner import (
     to_device,
 )
 from stratus_workers.serve.runner.cache import KVCache
-from stratus_workers.serve.runner.graphs import StaticDecoder
+from stratus_workers.serve.runner.graphs import GraphCache, StaticDecoder
 from stratus_workers.serve.runner.modules import apply_rotary
 from stratus_workers.serve.runner.prefill import StaticPrefill
 
@@ -250,15 +250,27 @@ class FusedRunner(ModelRunner):
         ahead = env_flag("STRATUS_DECODE_AHEAD", self.cuda_graphs) and world == 1
         self.decoder = StaticDecoder(self, cuda_graphs=self.cuda_graphs, decode_ahead=ahead)
         self.packed_verify = True  # off for good after a packed verification failed to run (forward_rows)
-        self._verify_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._verify_pool: Any = None
+        # Packed passes (verification; prefill too, with `packed_prefill`) as CUDA graphs per token bucket; a
+        # failed capture is not retried with less (the caller falls back to the padded pass for good).
+        self._verify_graphs = GraphCache(self.device, lambda: None)
+        self._extend_block = kernels.extend_block(self.local_heads, self.local_kv_heads)
+        self._packed_prefill_replays = 0
+        largest = VERIFY_BUCKETS[-1]
         with torch.inference_mode(False):  # a graph's inputs, refilled before each replay
-            self._verify_inputs = torch.zeros((3, 0), dtype=torch.long, device=self.device)
+            self._verify_inputs = torch.zeros(
+                3 * largest + 2 * kernels.max_extend_blocks(largest, max_rows, self._extend_block),
+                dtype=torch.long,
+                device=self.device,
+            )
         # The engine may hand joining rows' first tokens over on the device (see ModelRunner.decode).
         self.device_join = ahead
         # Prefill from fixed buffers, a graph per bucket: with CUDA graphs on one device (a tensor-parallel
         # group's all-reduces stay eager); STRATUS_STATIC_PREFILL=0 or 1 overrides (1 runs it on the CPU).
-        static = env_flag("STRATUS_STATIC_PREFILL", self.cuda_graphs) and world == 1
+        # Prefill as a packed pass (the verification's: a graph per token bucket, the block attention kernel) where
+        # that kernel runs, else from padded (rows, length, keys) buckets; STRATUS_PACKED_PREFILL=0 or 1 overrides
+        # (1 runs it on the CPU, with torch's attention).
+        self.packed_prefill = env_flag("STRATUS_PACKED_PREFILL", self.triton_attention) and world == 1
+        static = env_flag("STRATUS_STATIC_PREFILL", self.cuda_graphs) and world == 1 and not self.packed_prefill
         self.prefill = StaticPrefill(self, cuda_graphs=self.cuda_graphs) if static else None
 
     def _fuse_weights(self, rank: int, world: int) -> list[_LayerWeights]:
@@ -368,6 +380,11 @@ class FusedRunner(ModelRunner):
             fns = [torch.compile(fn, dynamic=True, fullgraph=True) for fn in fns]
         self._attn_fn, self._mlp_fn, self._store_fn, self._prefill_qkv, self._prefill_mlp, self._decode_out = fns
 
+    @property
+    def prefill_replays(self) -> int:
+        """Prefills that ran as a captured graph (packed or padded)."""
+        return self._packed_prefill_replays + (self.prefill.replays if self.prefill is not None else 0)
+
     def degrade(self) -> str | None:
         """Drop the newest optimisation of the decode step after a failed capture; its name, or None if none is left.
 
@@ -416,18 +433,22 @@ class FusedRunner(ModelRunner):
         if not packed or (self.device.type == "cuda" and not self.triton_attention):
             return super().forward_rows(rows, tokens, logits_from)
         try:
-            return self._packed_rows(rows, tokens, logits_from)
+            check_rows(rows, tokens, logits_from, self.max_rows)
+            logits = self._packed(rows, tokens, logits_from)
         except ValueError:
             raise
         except Exception as exc:  # a kernel that cannot run here: the padded pass is still correct
             log.warning("packed verification failed (%s: %s); verifying padded", type(exc).__name__, exc)
             self.packed_verify = False
             return super().forward_rows(rows, tokens, logits_from)
+        self.passes += 1
+        self.positions += sum(len(t) for t in tokens)
+        return logits
 
-    def _packed_rows(
-        self, rows: Sequence[int], tokens: Sequence[Sequence[int]], logits_from: Sequence[int]
+    def _packed(
+        self, rows: Sequence[int], tokens: Sequence[Sequence[int]], logits_from: Sequence[int], prefill: bool = False
     ) -> torch.Tensor:
-        check_rows(rows, tokens, logits_from, self.max_rows)
+        """One packed pass: `tokens[i]` appended to row `rows[i]`, the logits of those from `logits_from[i]` on."""
         q_lens = [len(t) for t in tokens]
         starts = [self.cache.lengths[r] for r in rows]
         ends = [s + q for s, q in zip(starts, q_lens, strict=True)]
@@ -453,21 +474,29 @@ class FusedRunner(ModelRunner):
         if pad:
             plan[1, total:] = pad_rows
             plan[2, total:] = pad_pos
-        flat = to_device(np.concatenate([plan.reshape(-1), scored]), self.device)
-        scored_d = flat[3 * size :]
+        # The attention kernel's blocks: each row's new tokens (padding is in none), padded to the graph's count.
+        n_blocks = kernels.max_extend_blocks(bucket, self.max_rows, self._extend_block) if bucket else 0
+        blocks = kernels.extend_blocks(np.cumsum(lens) - lens, lens, self._extend_block, n_blocks)
+        n_blocks = blocks.shape[1]
+        flat = to_device(np.concatenate([plan.reshape(-1), blocks.reshape(-1), scored]), self.device)
+        scored_d = flat[3 * size + 2 * n_blocks :]
         if bucket and self.cuda_graphs:
-            graph, hidden = self._verify_graph(bucket, flat[: 3 * size].view(3, size))
+            graph, hidden = self._verify_graph(bucket, flat[: 3 * size + 2 * n_blocks])
             graph.replay()
+            self._packed_prefill_replays += prefill
         else:
-            hidden = self._packed_body(flat[:size], flat[size : 2 * size], flat[2 * size : 3 * size], max(ends) + pad)
+            ids, rows_d, pos = flat[: 3 * size].view(3, size)
+            blocks_d = flat[3 * size : 3 * size + 2 * n_blocks].view(2, n_blocks)
+            hidden = self._packed_body(ids, rows_d, pos, blocks_d, max(ends) + pad)
         self.cache.set_row_lengths(list(rows), ends)
-        self.passes += 1
-        self.positions += total
         return self.head(hidden[scored_d])
 
-    def _packed_body(self, ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """The packed pass over device buffers (what a verification graph captures): every token a query at
-        `pos` in row `rows`; returns the last hidden states [T, hidden] (the caller scores the ones it needs)."""
+    def _packed_body(
+        self, ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, blocks: torch.Tensor, kv_len: int
+    ) -> torch.Tensor:
+        """The packed pass over device buffers (what a packed graph captures): every token a query at `pos` in row
+        `rows` (`blocks`: its attention's block table); returns the last hidden states [T, hidden] (the caller
+        scores the ones it needs)."""
         h = F.embedding(ids, self._embed)
         cos, sin = self._cos[pos], self._sin[pos]
         bias = None
@@ -479,7 +508,7 @@ class FusedRunner(ModelRunner):
                 h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_cache, v_cache, rows, pos
             )
             if bias is None:
-                out = kernels.decode_attention(q, k_cache, v_cache, pos, self.scale, rows=rows)
+                out = kernels.extend_attention(q, k_cache, v_cache, pos, rows, blocks, self.scale)
             else:
                 out = _decode_attention(q, k_cache[rows, :, :kv_len], v_cache[rows, :, :kv_len], bias, self.scale)
             h, delta = self._mlp_fn(
@@ -497,32 +526,17 @@ class FusedRunner(ModelRunner):
         return next((b for b in VERIFY_BUCKETS if b >= total), 0)
 
     def _verify_graph(self, bucket: int, plan: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """The verification graph of `bucket` tokens, its inputs now `plan` ([3, bucket]: ids, rows, positions)."""
-        found = self._verify_graphs.get(bucket)
-        if found is not None:
-            self._verify_inputs[:, :bucket].copy_(plan)
-            return found
-        if self._verify_inputs.shape[1] < bucket:
-            with torch.inference_mode(False):
-                self._verify_inputs = torch.zeros((3, VERIFY_BUCKETS[-1]), dtype=torch.long, device=self.device)
-        inputs = self._verify_inputs[:, :bucket]
-        inputs.copy_(plan)
-        ids, rows, pos = inputs[0], inputs[1], inputs[2]
-        # As a decode graph: warm up on a side stream, then capture (the warm-up writes the same keys and
-        # values the replay then writes again).
-        stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._packed_body(ids, rows, pos, self.cache.capacity)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        if self._verify_pool is None:
-            self._verify_pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._verify_pool, capture_error_mode="thread_local"):
-            hidden = self._packed_body(ids, rows, pos, self.cache.capacity)
-        self._verify_graphs[bucket] = (graph, hidden)
-        return graph, hidden
+        """The packed graph of `bucket` tokens, its inputs now `plan` (ids, rows, positions [3 * bucket], then the
+        attention's block table [2 * blocks])."""
+        self._verify_inputs[: plan.numel()].copy_(plan)
+        size, n_blocks = bucket, (plan.numel() - 3 * bucket) // 2
+        ids, rows, pos = self._verify_inputs[: 3 * size].view(3, size)
+        blocks = self._verify_inputs[3 * size : 3 * size + 2 * n_blocks].view(2, n_blocks)
+        # As a decode graph (the warm-up runs write the same keys and values the replay then writes again).
+        found = self._verify_graphs.get(bucket, lambda: self._packed_body(ids, rows, pos, blocks, self.cache.capacity))
+        if found is None:
+            raise RuntimeError(f"no room for another packed graph ({len(self._verify_graphs)} captured)")
+        return found
 
     def _extend(
         self,
@@ -534,6 +548,13 @@ class FusedRunner(ModelRunner):
         logits_from: int = 0,
     ) -> torch.Tensor:
         """Prefill, extend or verify (any number of new tokens per row) with the fused weights."""
+        if self.packed_prefill and self.packed_verify and not all_logits:
+            try:
+                rows = range(first_row, first_row + len(tokens))
+                return self._packed(rows, tokens, [q - 1 for q in q_lens], prefill=True)
+            except Exception as exc:  # a kernel or capture that failed: the padded prefill below computes the same
+                log.warning("packed prefill failed (%s: %s); prefilling padded", type(exc).__name__, exc)
+                self.packed_prefill = False
         if self.prefill is not None and not all_logits:
             try:
                 logits = self.prefill.run(first_row, tokens, starts, q_lens)
@@ -704,33 +725,36 @@ class FusedRunner(ModelRunner):
             except Exception as exc:  # an optimisation must not take serving down: the eager prefill is correct
                 log.warning("prefill graph capture failed (%s: %s); prefilling eagerly", type(exc).__name__, exc)
                 self.prefill = None
-        self._warm_verify()
-        return graphs
+        return graphs + self._warm_verify()
 
-    def _warm_verify(self) -> None:
+    def _warm_verify(self) -> int:
         """Capture the packed verification graphs now, as the decode graphs are, so that no Verify round pays
         for a capture. Every row is empty at warm-up: the captures write at position 0, which real tokens
         overwrite. A failure leaves them to be captured on first use."""
         packed = self.packed_verify and env_flag("STRATUS_VERIFY_PACKED", True) and self.world_size == 1
         if not (packed and self.cuda_graphs and self.triton_attention and env_flag("STRATUS_VERIFY_GRAPHS", True)):
-            return
+            return 0
         if any(self.cache.lengths):
-            return
+            return 0
         try:
             for bucket in VERIFY_BUCKETS:
-                plan = torch.zeros((3, bucket), dtype=torch.long, device=self.device)
-                plan[1] = torch.arange(bucket, device=self.device) % self.max_rows
+                # No blocks: the attention kernel does nothing (it is compiled all the same).
+                blocks = kernels.max_extend_blocks(bucket, self.max_rows, self._extend_block)
+                plan = torch.zeros(3 * bucket + 2 * blocks, dtype=torch.long, device=self.device)
+                plan[bucket : 2 * bucket] = torch.arange(bucket, device=self.device) % self.max_rows
                 self._verify_graph(bucket, plan)
             torch.cuda.synchronize(self.device)
         except Exception as exc:
-            log.warning("verification graphs not captured ahead (%s: %s)", type(exc).__name__, exc)
-            self._verify_graphs.clear()
+            log.warning("packed graphs not captured ahead (%s: %s)", type(exc).__name__, exc)
+            self._verify_graphs.graphs.clear()
+        return len(self._verify_graphs)
 
     def _warm_prefill(self) -> None:
         """Compile the prefill's functions now for each shape class (sizes of one are specialised), so
         that no request waits for a compiler; fall back to eager prefill if that fails."""
         rows = min(3, self.max_rows)
-        static, self.prefill = self.prefill, None  # the eager prefill's functions (the static one warms itself)
+        # The eager prefill's functions (the static and packed ones warm themselves).
+        static, packed, self.prefill, self.packed_prefill = self.prefill, self.packed_prefill, None, False
         try:
             for batch, q_len in ((1, 1), (1, 5), (rows, 1), (rows, 17)):
                 batch = min(batch, rows)
@@ -741,6 +765,6 @@ class FusedRunner(ModelRunner):
             self._prefill_qkv = _prefill_qkv_eager(self.local_heads, self.local_kv_heads, self.head_dim)
             self._prefill_mlp = _mlp_in
         finally:
-            self.prefill = static
+            self.prefill, self.packed_prefill = static, packed
             for row in range(self.max_rows):
                 self.cache.set_length(row, 0)

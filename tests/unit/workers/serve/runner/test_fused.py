@@ -100,3 +100,40 @@ def test_static_prefill_pads_rows_of_any_lengths_and_matches_the_eager_one(
             close(logits[row], reference(ids)[0])
         extended = runner.forward(5, [[5, 4]], all_logits=True)
         close(extended[0], reference([*session, 5, 4], last=2))
+
+
+@pytest.mark.parametrize("attention", ["torch", "triton"])
+def test_packed_prefill_matches_the_eager_one(
+    model: torch.nn.Module, reference, monkeypatch: pytest.MonkeyPatch, attention: str
+) -> None:
+    # CUDA's prefill is a packed pass (the verification's): rows of any lengths from any positions, no padding,
+    # the block attention kernel (here run by Triton's interpreter) or, without it, torch's attention per token.
+    if attention == "triton":
+        pytest.importorskip("triton")
+    eager = fused(model, 6, 40)
+    monkeypatch.setenv("STRATUS_PACKED_PREFILL", "1")
+    packed = fused(model, 6, 40)
+    packed.triton_attention = attention == "triton"
+    assert not eager.packed_prefill and packed.packed_prefill and packed.prefill is None
+    session = [9, 8, 7, 6]
+    for runner in (eager, packed):
+        runner.forward(5, [session])  # a session row above the prefilling rows must not be touched
+        runner.forward(0, [[1, 2, 3, 4]])
+        runner.forward(3, [[50] * 30])  # 30 tokens: two blocks of the kernel
+    chunks = [[5, 6, 7, 8, 9], [3], [7] * 9]  # row 3's chunk follows its 30 tokens (a cached prefix's shape)
+    want = eager.forward(1, chunks)
+    got = packed.forward(1, chunks)
+    close(got, want)
+    assert packed.lengths == eager.lengths == [4, 5, 1, 39, 0, 4]
+    close(got[2], reference([50] * 30 + chunks[2])[0])
+    for runner in (eager, packed):  # every row's keys are right: the next tokens agree with the reference
+        logits = runner.forward(0, [[11], [12], [13], [14]])
+        expected = ([1, 2, 3, 4, 11], chunks[0] + [12], chunks[1] + [13], [50] * 30 + chunks[2] + [14])
+        for row, ids in enumerate(expected):
+            close(logits[row], reference(ids)[0])
+        close(runner.forward(5, [[5, 4]], all_logits=True)[0], reference([*session, 5, 4], last=2))
+    # A verification of two sessions through the same pass, each scored from its own index on.
+    scored = packed.forward_rows([0, 5], [[21, 22, 23], [31, 32]], [1, 0])
+    close(scored[:2], reference([1, 2, 3, 4, 11, 21, 22, 23], last=2))
+    close(scored[2:], reference([*session, 5, 4, 31, 32], last=2))
+    assert packed.passes == eager.passes + 1

@@ -1,0 +1,87 @@
+"""The CUDA decode path's Triton attention kernels, run by Triton's CPU interpreter against plain torch attention."""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stratus_workers.serve import kernels
+
+pytestmark = pytest.mark.unit
+
+SCALE = 0.3
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def interp() -> ModuleType:
+    """The kernels, run by Triton's interpreter where there is no GPU (tests/conftest.py sets it up)."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py did not ask for Triton's interpreter"
+    return kernels
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: list[int], pos: list[int]) -> torch.Tensor:
+    """Query t against keys 0..pos[t] of row rows[t], grouped-query heads consecutive; [T, Hq * D]."""
+    group = q.shape[1] // k.shape[1]
+    out = []
+    for t, (row, p) in enumerate(zip(rows, pos, strict=True)):
+        keys = k[row, :, : p + 1].repeat_interleave(group, 0)
+        values = v[row, :, : p + 1].repeat_interleave(group, 0)
+        probs = torch.softmax((keys @ q[t][:, :, None])[:, :, 0] * SCALE, dim=-1)
+        out.append((probs[:, None, :] @ values)[:, 0].reshape(-1))
+    return torch.stack(out)
+
+
+def test_block_table_cuts_runs_and_pads() -> None:
+    # Runs of 3, 37 and 1 tokens (at 0, 3, 40) in blocks of 16: 1 + 3 + 1 blocks, padded to 7 empty ones.
+    table = kernels.extend_blocks(np.array([0, 3, 40]), np.array([3, 37, 1]), 16, size=7)
+    assert table.tolist() == [[0, 3, 19, 35, 40, 0, 0], [3, 16, 16, 5, 1, 0, 0]]
+    assert kernels.max_extend_blocks(41, 3, 16) >= 5
+    assert kernels.extend_block(4, 4) == 16 and kernels.extend_block(9, 3) == 16 and kernels.extend_block(64, 1) == 2
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    heads=st.sampled_from([(4, 4), (6, 2), (9, 3), (8, 1)]),
+    runs=st.lists(st.tuples(st.integers(0, 40), st.integers(1, 40)), min_size=1, max_size=4),
+    empty=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_extend_attention_is_each_tokens_own_attention(
+    interp: ModuleType, heads: tuple[int, int], runs: list[tuple[int, int]], empty: int, seed: int
+) -> None:
+    # Packed rows of any lengths from any positions (a verification's drafts, a prefill's chunks after a cached
+    # prefix); each run is a row of its own; empty blocks (a graph's padding) and a padding token change nothing.
+    n_q, n_kv = heads
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(len(runs), n_kv, 81, 16, generator=gen)
+    v = torch.randn(len(runs), n_kv, 81, 16, generator=gen)
+    rows = [r for r, (_, n) in enumerate(runs) for _ in range(n)]
+    pos = [s + i for s, n in runs for i in range(n)]
+    q = torch.randn(len(rows) + 1, n_q, 16, generator=gen)  # the last token is padding: in no block
+    lens = np.array([n for _, n in runs])
+    block = kernels.extend_block(n_q, n_kv)
+    table = interp.extend_blocks(np.cumsum(lens) - lens, lens, block, size=-(-lens // block).sum() + empty)
+    on = [torch.tensor(x, device=DEVICE) for x in ([*pos, 0], [*rows, 0], table)]
+    got = interp.extend_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), *on, SCALE).cpu()
+    torch.testing.assert_close(got[:-1], reference(q[:-1], k, v, rows, pos), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_attention_reads_each_rows_keys(interp: ModuleType) -> None:
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(3, 6, 16, generator=gen), torch.randn(3, 2, 40, 16, generator=gen), torch.randn(3, 2, 40, 16)
+    pos = [5, 17, 39]
+    qd, kd, vd, pos_d = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), torch.tensor(pos, device=DEVICE)
+    got = interp.decode_attention(qd, kd, vd, pos_d, SCALE).cpu()
+    torch.testing.assert_close(got, reference(q, k, v, [0, 1, 2], pos), atol=1e-5, rtol=1e-5)
+    rows = [2, 0, 2]  # queries naming their rows
+    got = interp.decode_attention(qd, kd, vd, pos_d, SCALE, rows=torch.tensor(rows, device=DEVICE)).cpu()
+    torch.testing.assert_close(got, reference(q, k, v, rows, pos), atol=1e-5, rtol=1e-5)
