@@ -40,7 +40,9 @@ ENGINES = {"thread": "in a thread of the benchmark's process", "process": "in an
 ARCHS = {"135m": "SMOLLM2_135M", "1b": "SMOLLM2_1B", "tiny": "TINY"}
 
 
-def load_random(model: str, *, dtype: str, device: str, tf32: bool, embed_std: float = 0.0) -> Any:
+def load_random(
+    model: str, *, dtype: str, device: str, tf32: bool, embed_std: float = 0.0, tokenizer: str | None = None
+) -> Any:
     """The random-init model as a models.LoadedModel, built where it runs (a 1B model's random init on the
     host takes a while); picklable as a partial, so an engine process builds the same one.
 
@@ -54,7 +56,9 @@ def load_random(model: str, *, dtype: str, device: str, tf32: bool, embed_std: f
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     with torch.device(device):
-        loaded = tiny_models.random_loaded(dict(getattr(tiny_models, ARCHS[model])), dtype=dtype, device=device)
+        loaded = tiny_models.random_loaded(
+            dict(getattr(tiny_models, ARCHS[model])), dtype=dtype, device=device, tokenizer_dir=tokenizer
+        )
     if embed_std:
         with torch.no_grad():
             gen = torch.Generator(device=loaded.model.device).manual_seed(1)
@@ -313,6 +317,7 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
         device=str(device),
         tf32=args.tf32,
         embed_std=args.embed_std,
+        tokenizer=args.tokenizer,
     )
     most = max(args.concurrency)
     settings = EngineSettings(
@@ -546,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
         help="draw the embedding at this scale: a random model whose choices rounding cannot flip (see load_random)",
     )
     parser.add_argument("--tf32", action="store_true", help="float32 matrix products in TensorFloat-32 (CUDA)")
+    parser.add_argument(
+        "--tokenizer", default=None, help="a tokenizer directory (default: the bundled model's, which needs its GGUF)"
+    )
     parser.add_argument(
         "--profile", action="store_true", help="time the engine's steps, passes and the waits between them"
     )
