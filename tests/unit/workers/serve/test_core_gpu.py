@@ -80,24 +80,19 @@ def test_prefix_cache_and_chunked_prefill_on_the_cuda_path(model: Any) -> None:
     assert decoder.ahead_hits > 0
 
 
-@pytest.mark.parametrize("kind", ["static", "packed"])
-def test_prefill_graphs_give_the_eager_prefills_tokens(model: Any, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
-    # Prefill as CUDA graphs, several rows of different lengths at once, against the eager prefill: per (rows,
-    # length, keys) bucket (static), or packed per token bucket with the block attention kernel (packed, the
-    # default); arrivals two steps apart also join the step launched ahead.
+def test_packed_prefill_graphs_give_the_eager_prefills_tokens(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prefill as packed CUDA graphs per token bucket with the block attention kernel, several rows of different
+    # lengths at once, against the eager prefill; arrivals two steps apart also join the step launched ahead.
     requests = [([(7 * i + j) % VOCAB for j in range(3 + 11 * i)], Sampling(max_new_tokens=10 + 2 * i))
                 for i in range(8)]  # fmt: skip
-    monkeypatch.setenv("STRATUS_STATIC_PREFILL", "0")
     monkeypatch.setenv("STRATUS_PACKED_PREFILL", "0")
     eager_core = core_over(model, chunk=40, pool=0)
-    assert eager_core.runner.prefill is None  # type: ignore[attr-defined]
+    assert not eager_core.runner.packed_prefill  # type: ignore[attr-defined]
     eager = serve(eager_core, requests)
-    monkeypatch.setenv("STRATUS_STATIC_PREFILL", str(int(kind == "static")))
-    if kind == "packed":
-        monkeypatch.delenv("STRATUS_PACKED_PREFILL")  # the default where the Triton kernel runs
+    monkeypatch.delenv("STRATUS_PACKED_PREFILL")  # the default where the Triton kernel runs
     graph_core = core_over(model, chunk=40, pool=0)
     runner = graph_core.runner
-    assert runner.packed_prefill == (kind == "packed")  # type: ignore[attr-defined]
+    assert runner.packed_prefill  # type: ignore[attr-defined]
     graphs = serve(graph_core, requests)
     assert runner.prefill_replays > 0  # type: ignore[attr-defined]
     assert graphs == eager

@@ -48,7 +48,7 @@ def runner_of(engine: AsyncEngine) -> Any:
     return core.runner
 
 
-@pytest.mark.parametrize(("ahead", "prefill"), [("0", "eager"), ("1", "eager"), ("1", "static"), ("1", "packed")])
+@pytest.mark.parametrize(("ahead", "prefill"), [("0", "eager"), ("1", "eager"), ("1", "packed")])
 async def test_joining_and_leaving_on_the_fast_path(
     loaded: Any, monkeypatch: pytest.MonkeyPatch, ahead: str, prefill: str
 ) -> None:
@@ -62,15 +62,13 @@ async def test_joining_and_leaving_on_the_fast_path(
         await alone.stop()
     monkeypatch.setenv("STRATUS_FAST_PATH", "1")
     monkeypatch.setenv("STRATUS_DECODE_AHEAD", ahead)  # 1: each step starts on the last one's argmax
-    # static: prefill padded from fixed buffers (CUDA graphs without the Triton kernel); packed: as verification
-    # packs its tokens (CUDA's prefill), here with torch's attention.
-    monkeypatch.setenv("STRATUS_STATIC_PREFILL", str(int(prefill == "static")))
+    # packed: as verification packs its tokens (CUDA's prefill), here with torch's attention.
     monkeypatch.setenv("STRATUS_PACKED_PREFILL", str(int(prefill == "packed")))
     engine = build_engine(loaded.model, loaded.tokenizer, max_batch_size=3, max_len=128)
     await engine.start()
     runner = runner_of(engine)
     assert isinstance(runner, FusedRunner) and runner.decoder.decode_ahead == (ahead == "1")
-    assert (runner.prefill is not None) == (prefill == "static") and runner.packed_prefill == (prefill == "packed")
+    assert runner.packed_prefill == (prefill == "packed")
     try:
         # Five requests over three rows, arriving while others decode: rows fill, drain and refill.
         together = await asyncio.gather(

@@ -5,9 +5,10 @@ allocated once at full length, and row lengths live on the device as well as on 
 decode step reads only device buffers: graphs.py runs it per batch bucket, as a CUDA graph on
 CUDA, and one step ahead for greedy callers. `torch.compile` fuses the small element-wise
 kernels (norms, rotary, SiLU) inside the step, and a Triton kernel (serve/kernels.py) does its
-attention. The prefill likewise has a body that reads only device buffers, which prefill.py runs
-per (rows, length, keys) bucket as a CUDA graph; the eager prefill (`_extend`) serves the rest
-(a tensor-parallel group, verification's every-position logits, prefills too big for a graph).
+attention. Prefill and verification are one packed pass (`_packed`): every new token a query at its
+own position in its own row, no padding between rows, a CUDA graph per token bucket, and a block
+attention kernel that reads a row's keys once for up to 16 of its tokens; the eager prefill
+(`_extend`) serves the rest (a tensor-parallel group, every-position logits, more than 1,024 tokens).
 With a sharded `ParallelContext` each rank keeps its share of the heads and MLP
 columns and the partial results are all-reduced. This is CUDA's path; `STRATUS_FAST_PATH=1`
 runs the same arithmetic on the CPU, which is how the CPU tests cover it.
@@ -38,7 +39,6 @@ from stratus_workers.serve.runner import (
 from stratus_workers.serve.runner.cache import KVCache
 from stratus_workers.serve.runner.graphs import GraphCache, StaticDecoder
 from stratus_workers.serve.runner.modules import apply_rotary
-from stratus_workers.serve.runner.prefill import StaticPrefill
 
 log = logging.getLogger(__name__)
 
@@ -267,11 +267,9 @@ class FusedRunner(ModelRunner):
         # Prefill from fixed buffers, a graph per bucket: with CUDA graphs on one device (a tensor-parallel
         # group's all-reduces stay eager); STRATUS_STATIC_PREFILL=0 or 1 overrides (1 runs it on the CPU).
         # Prefill as a packed pass (the verification's: a graph per token bucket, the block attention kernel) where
-        # that kernel runs, else from padded (rows, length, keys) buckets; STRATUS_PACKED_PREFILL=0 or 1 overrides
-        # (1 runs it on the CPU, with torch's attention).
+        # that kernel runs, else eagerly; STRATUS_PACKED_PREFILL=0 or 1 overrides (1 runs it on the CPU, with
+        # torch's attention).
         self.packed_prefill = env_flag("STRATUS_PACKED_PREFILL", self.triton_attention) and world == 1
-        static = env_flag("STRATUS_STATIC_PREFILL", self.cuda_graphs) and world == 1 and not self.packed_prefill
-        self.prefill = StaticPrefill(self, cuda_graphs=self.cuda_graphs) if static else None
 
     def _fuse_weights(self, rank: int, world: int) -> list[_LayerWeights]:
         d = self.head_dim
@@ -382,8 +380,8 @@ class FusedRunner(ModelRunner):
 
     @property
     def prefill_replays(self) -> int:
-        """Prefills that ran as a captured graph (packed or padded)."""
-        return self._packed_prefill_replays + (self.prefill.replays if self.prefill is not None else 0)
+        """Prefills that ran as a captured graph."""
+        return self._packed_prefill_replays
 
     def degrade(self) -> str | None:
         """Drop the newest optimisation of the decode step after a failed capture; its name, or None if none is left.
@@ -552,18 +550,9 @@ class FusedRunner(ModelRunner):
             try:
                 rows = range(first_row, first_row + len(tokens))
                 return self._packed(rows, tokens, [q - 1 for q in q_lens], prefill=True)
-            except Exception as exc:  # a kernel or capture that failed: the padded prefill below computes the same
-                log.warning("packed prefill failed (%s: %s); prefilling padded", type(exc).__name__, exc)
+            except Exception as exc:  # a kernel or capture that failed: the eager prefill below computes the same
+                log.warning("packed prefill failed (%s: %s); prefilling eagerly", type(exc).__name__, exc)
                 self.packed_prefill = False
-        if self.prefill is not None and not all_logits:
-            try:
-                logits = self.prefill.run(first_row, tokens, starts, q_lens)
-            except Exception as exc:  # a capture that failed: the eager prefill below computes the same
-                log.warning("prefill graph failed (%s: %s); prefilling eagerly", type(exc).__name__, exc)
-                self.prefill, logits = None, None
-            if logits is not None:
-                self.cache.set_lengths(first_row, [s + q for s, q in zip(starts, q_lens, strict=True)])
-                return logits
         h = self.embed(self.padded_ids(tokens))
         h = self.extend_hidden(first_row, h, starts, q_lens)
         h = h[:, logits_from:] if all_logits else self.last_tokens(h, q_lens)
@@ -614,56 +603,6 @@ class FusedRunner(ModelRunner):
                 delta = delta + lw.down_bias
         self.cache.set_lengths(first_row, ends)
         return h + delta
-
-    def prefill_body(self, flat: torch.Tensor, batch: int, q_len: int, kv_len: int) -> torch.Tensor:
-        """A prefill of rows reading only device buffers (what a prefill graph captures); [batch, vocab] logits.
-
-        `flat` holds (runner/prefill.py) each row's start, number of new tokens and cache row, then the
-        [batch, q_len] padded ids. A padded slot writes its key at the spare slot past `max_len`.
-        """
-        r = self.max_rows
-        starts, lens, rows = flat[:batch], flat[r : r + batch], flat[2 * r : 2 * r + batch]
-        ids = flat[3 * r : 3 * r + batch * q_len].view(batch, q_len)
-        ar = self._kv_ar
-        spare = self.cache.capacity - 1
-        positions = starts[:, None] + ar[:q_len][None, :]  # [B, Q]
-        write_pos = torch.where(ar[:q_len][None, :] < lens[:, None], positions, spare)
-        table = positions.clamp(max=spare)
-        cos, sin = self._cos[table], self._sin[table]
-        write_rows = rows[:, None].expand(batch, q_len)
-        h = F.embedding(ids, self._embed)
-        delta = torch.zeros_like(h)
-        # Grouped-query heads folded into the query dimension (as the decode attention does): one attention of
-        # [B, kv heads, group x Q] queries under an additive mask, which SDPA's fused kernels take (with
-        # enable_gqa it falls back to the unfused one: a dozen kernels a layer and the scores in memory).
-        n_kv, d = self.local_kv_heads, self.head_dim
-        group = self.local_heads // n_kv
-        visible = ar[:kv_len][None, None, :] <= positions[:, :, None]  # [B, Q, K]
-        bias = torch.zeros(visible.shape, dtype=h.dtype, device=h.device)
-        bias = bias.masked_fill(~visible, torch.finfo(h.dtype).min)
-        bias = bias[:, None, None].expand(batch, 1, group, q_len, kv_len).reshape(batch, 1, group * q_len, kv_len)
-        for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
-            # The compiled decode block writes this chunk's keys and values into the cache itself.
-            h, q = self._store_fn(
-                h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_cache, v_cache, write_rows, write_pos
-            )
-            q = q.view(batch, q_len, n_kv, group, d).permute(0, 2, 3, 1, 4).reshape(batch, n_kv, group * q_len, d)
-            out = F.scaled_dot_product_attention(
-                q,
-                k_cache[:, :, :kv_len].index_select(0, rows),
-                v_cache[:, :, :kv_len].index_select(0, rows),
-                attn_mask=bias,
-                scale=self.scale,
-            )
-            out = out.view(batch, n_kv, group, q_len, d).permute(0, 3, 1, 2, 4).reshape(batch, q_len, -1)
-            out = F.linear(out, lw.o)
-            h, act = self._prefill_mlp(h, out, lw.o_bias, lw.post_norm, lw.eps, lw.gate_up, lw.gate_up_bias)
-            delta = F.linear(act, lw.down)
-            if lw.down_bias is not None:
-                delta = delta + lw.down_bias
-        h = h + delta
-        last = h[ar[:batch], (lens - 1).clamp(min=0)]
-        return self.head(last)
 
     def decode_body(self, tokens: torch.Tensor, batch: int, kv_len: int) -> torch.Tensor:
         """One decode step of rows 0..batch-1 reading only device buffers (what a graph captures).
@@ -719,12 +658,6 @@ class FusedRunner(ModelRunner):
         graphs = self.decoder.warmup(max_kv_len, batch_sizes)
         if self.compiled:
             self._warm_prefill()
-        if self.prefill is not None:
-            try:
-                graphs += self.prefill.warmup()
-            except Exception as exc:  # an optimisation must not take serving down: the eager prefill is correct
-                log.warning("prefill graph capture failed (%s: %s); prefilling eagerly", type(exc).__name__, exc)
-                self.prefill = None
         return graphs + self._warm_verify()
 
     def _warm_verify(self) -> int:
@@ -753,8 +686,7 @@ class FusedRunner(ModelRunner):
         """Compile the prefill's functions now for each shape class (sizes of one are specialised), so
         that no request waits for a compiler; fall back to eager prefill if that fails."""
         rows = min(3, self.max_rows)
-        # The eager prefill's functions (the static and packed ones warm themselves).
-        static, packed, self.prefill, self.packed_prefill = self.prefill, self.packed_prefill, None, False
+        packed, self.packed_prefill = self.packed_prefill, False  # the eager prefill's (the packed one warms itself)
         try:
             for batch, q_len in ((1, 1), (1, 5), (rows, 1), (rows, 17)):
                 batch = min(batch, rows)
@@ -765,6 +697,6 @@ class FusedRunner(ModelRunner):
             self._prefill_qkv = _prefill_qkv_eager(self.local_heads, self.local_kv_heads, self.head_dim)
             self._prefill_mlp = _mlp_in
         finally:
-            self.prefill, self.packed_prefill = static, packed
+            self.packed_prefill = packed
             for row in range(self.max_rows):
                 self.cache.set_length(row, 0)

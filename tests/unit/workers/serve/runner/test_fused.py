@@ -70,38 +70,6 @@ def test_modules_it_cannot_fuse_are_refused(model: torch.nn.Module) -> None:
         fused(odd, 1, 8)
 
 
-def test_static_prefill_pads_rows_of_any_lengths_and_matches_the_eager_one(
-    model: torch.nn.Module, reference, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # CUDA's prefill (one graph per (rows, length, keys) bucket) runs from fixed buffers, padded; here eagerly.
-    eager = fused(model, 6, 40)
-    monkeypatch.setenv("STRATUS_STATIC_PREFILL", "1")
-    static = fused(model, 6, 40)
-    assert eager.prefill is None and static.prefill is not None
-    session = [9, 8, 7, 6]
-    prompts = [[5, 6, 7, 8, 9], [3]]
-    for runner in (eager, static):
-        runner.forward(5, [session])  # a session row above: padded rows must not touch it
-        runner.forward(0, [[1, 2, 3, 4]])  # row 0 decodes meanwhile
-    # Three rows of different lengths together (3 rows run in a bucket of 4); row 3 ends near the cache's end.
-    for runner in (eager, static):
-        runner.forward(3, [[50] * 30])
-    chunks = [prompts[0], prompts[1], [7, 7, 7, 7, 7, 7, 7, 7, 7]]
-    want = eager.forward(1, [chunks[0], chunks[1], chunks[2]])
-    got = static.forward(1, chunks)
-    close(got, want)
-    assert static.lengths == eager.lengths == [4, 5, 1, 39, 0, 4]
-    assert static.prefill is not None and static.prefill.buckets(3, 9, 39) == (4, 16, 41)
-    close(got[2], reference([50] * 30 + chunks[2])[0])
-    for runner in (eager, static):  # every row's keys are right: the next tokens agree with the reference
-        logits = runner.forward(0, [[11], [12], [13], [14]])
-        expected = ([1, 2, 3, 4, 11], prompts[0] + [12], prompts[1] + [13], [50] * 30 + chunks[2] + [14])
-        for row, ids in enumerate(expected):
-            close(logits[row], reference(ids)[0])
-        extended = runner.forward(5, [[5, 4]], all_logits=True)
-        close(extended[0], reference([*session, 5, 4], last=2))
-
-
 @pytest.mark.parametrize("attention", ["torch", "triton"])
 def test_packed_prefill_matches_the_eager_one(
     model: torch.nn.Module, reference, monkeypatch: pytest.MonkeyPatch, attention: str
@@ -114,7 +82,7 @@ def test_packed_prefill_matches_the_eager_one(
     monkeypatch.setenv("STRATUS_PACKED_PREFILL", "1")
     packed = fused(model, 6, 40)
     packed.triton_attention = attention == "triton"
-    assert not eager.packed_prefill and packed.packed_prefill and packed.prefill is None
+    assert not eager.packed_prefill and packed.packed_prefill
     session = [9, 8, 7, 6]
     for runner in (eager, packed):
         runner.forward(5, [session])  # a session row above the prefilling rows must not be touched
