@@ -210,6 +210,9 @@ class PipelineRunner(ModelRunner):
         self.layers_held = len(inner.layers)
         self.trace = StageTrace(ctx.rank, self.device)
         self.fused = inner if isinstance(inner, FusedRunner) else None
+        # Every rank's inner runner, in rank order (rank 0 learns the others' in build_stage_runner): a stage
+        # that fell back to the module path shows in `describe()`, which the engine reports.
+        self.stage_runners: tuple[str, ...] = (type(inner).__name__,)
         self.graphs: GraphCache | None = None
         if self.fused is not None:
             with torch.inference_mode(False):  # filled by receives, read by graphs
@@ -224,7 +227,7 @@ class PipelineRunner(ModelRunner):
             and ctx.tensor_parallel == 1
             and env_flag("STRATUS_DECODE_AHEAD", self.graphs is not None)
         )
-        self.ahead_hits = 0
+        self.ahead_hits = 0  # decode steps found computed ahead (the step profile reports them)
         self._ahead: _QueuedStep | None = None
         self._ahead_pause = 0
         self._expected: list[int] = []
@@ -232,6 +235,10 @@ class PipelineRunner(ModelRunner):
         self._slot = 0
         self._argmax_host = torch.zeros((2, self.max_rows), dtype=torch.long, pin_memory=pinned)
         self._logprob_host = torch.zeros((2, self.max_rows), dtype=torch.float32, pin_memory=pinned)
+
+    def describe(self) -> str:
+        """`PipelineRunner(FusedRunner, FusedRunner)`: the inner runner of each rank, in rank order."""
+        return f"{type(self).__name__}({', '.join(self.stage_runners)})"
 
     def _lead(self, method: str, *args: Any, **kwargs: Any) -> None:
         if self.ctx.leader:  # the other ranks begin a call's record in follow(), as it arrives
@@ -517,7 +524,7 @@ def build_stage_runner(
 ) -> PipelineRunner:
     """This rank's runner over `model` (already cut to its stage's layers by `keep_stage`; sharded over the
     stage's tensor-parallel group when it has one); on rank 0 the other ranks are told to build theirs with
-    the same settings.
+    the same settings, and rank 0 gathers the inner runner every rank built (`PipelineRunner.stage_runners`).
 
     A stage runs its decode micro-batches as graphs of its own (`PipelineRunner`), not the single
     runner's decode graphs (those run rows 0..B-1 from token ids to logits in one piece, while a stage
@@ -530,7 +537,12 @@ def build_stage_runner(
     inner = build_runner(
         model, max_rows=max_rows, max_len=max_len, cuda_graphs=False, pool_tokens=pool_tokens, parallel=ctx.tensor,
     )  # fmt: skip
-    return PipelineRunner(inner, ctx)
+    runner = PipelineRunner(inner, ctx)
+    kinds: list[Any] | None = [None] * ctx.world_size if ctx.leader else None
+    dist.gather_object(type(inner).__name__, kinds, dst=0, group=ctx.control)
+    if kinds is not None:
+        runner.stage_runners = tuple(kinds)
+    return runner
 
 
 def follow(ctx: PipelineContext, build: Callable[..., PipelineRunner]) -> None:
