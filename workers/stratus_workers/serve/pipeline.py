@@ -241,7 +241,7 @@ class PipelineRunner(ModelRunner):
         return f"{type(self).__name__}({', '.join(self.stage_runners)})"
 
     def _lead(self, method: str, *args: Any, **kwargs: Any) -> None:
-        if self.ctx.leader:  # the other ranks begin a call's record in follow(), as it arrives
+        if self.ctx.leader and self.trace.enabled:  # the other ranks begin a call's record in follow()
             self.trace.begin(method, _rows(args))
         try:
             self.ctx.lead(method, *args, **kwargs)
@@ -389,32 +389,32 @@ class PipelineRunner(ModelRunner):
         ctx, trace, fused = self.ctx, self.trace, self.fused
         assert fused is not None
         groups = decode_groups(batch, ctx.decode_microbatches, self.max_rows)
-        trace.set(f"{tag}groups", [b - a for a, b, _ in groups])
+        trace.groups(groups, tag=tag)
         kv_len = fused.decoder.buckets(1, max(self.cache.lengths[:batch]) + 1)[1]
         sends: list[Any] = []
         for g, (a, b, padded) in enumerate(groups):
             if not ctx.first:
                 dist.recv(self._h_in[a : a + padded], src=ctx.peer(ctx.stage - 1), group=ctx.forward)
-            trace.mark(f"{tag}in{g}")
+            trace.mark("in", g, tag=tag)
             found = self._graph(a, padded, kv_len)
             if found is not None:
                 found[0].replay()
                 out = found[1]
             else:
                 out = self._decode_body(a, padded, kv_len)
-            trace.mark(f"{tag}computed{g}")
+            trace.mark("computed", g, tag=tag)
             if not ctx.last:
                 sends.append(dist.isend(out, dst=ctx.peer(ctx.stage + 1), group=ctx.forward))
             elif ctx.sends_logits:
                 sends.append(dist.isend(out[: b - a], dst=0, group=ctx.back))
-            trace.mark(f"{tag}sent{g}")
+            trace.mark("sent", g, tag=tag)
         logits, recvs = torch.empty(0), []
         if ctx.leader:
             logits = torch.empty((batch, self.vocab_size), dtype=torch.float32, device=self.device)
             recvs = [dist.irecv(logits[a:b], src=ctx.logits_rank, group=ctx.back) for a, b, _ in groups]
         for work in sends:  # a graph's output is rewritten by its next replay: not before it is sent
             work.wait()
-        trace.mark(f"{tag}waited")
+        trace.mark("waited", tag=tag)
         return _QueuedStep(batch=batch, version=self.cache.version, logits=logits, recvs=recvs)
 
     def _collect(self, step: _QueuedStep, logprobs: bool) -> torch.cuda.Event | None:
@@ -466,8 +466,9 @@ class PipelineRunner(ModelRunner):
     ) -> torch.Tensor:
         ctx, inner, trace = self.ctx, self.inner, self.trace
         groups = split_rows(len(tokens), ctx.forward_microbatches)
-        trace.set("groups", [b - a for a, b in groups])
-        trace.set("q", max(q_lens))
+        trace.groups(groups)
+        if trace.enabled:
+            trace.set("q", max(q_lens))
         sends: list[tuple[Any, torch.Tensor]] = []  # a send's buffer must live until it completes
         for g, (a, b) in enumerate(groups):
             rows = first_row + a
@@ -477,12 +478,12 @@ class PipelineRunner(ModelRunner):
             else:
                 h = torch.empty((b - a, max(group_q), self.hidden_size), dtype=self.dtype, device=self.device)
                 dist.recv(h, src=ctx.peer(ctx.stage - 1), group=ctx.forward)
-            trace.mark(f"in{g}")
+            trace.mark("in", g)
             h = inner.extend_hidden(rows, h, starts[a:b], group_q)
-            trace.mark(f"computed{g}")
+            trace.mark("computed", g)
             if not ctx.last:
                 sends.append((dist.isend(h, dst=ctx.peer(ctx.stage + 1), group=ctx.forward), h))
-                trace.mark(f"sent{g}")
+                trace.mark("sent", g)
                 continue
             if not ctx.sends_logits:
                 continue
@@ -490,7 +491,7 @@ class PipelineRunner(ModelRunner):
                 h = inner.last_tokens(h, group_q)
             logits = inner.head(h).contiguous()
             sends.append((dist.isend(logits, dst=0, group=ctx.back), logits))
-            trace.mark(f"sent{g}")
+            trace.mark("sent", g)
         result = torch.empty(0)
         if ctx.leader:
             vocab = self.vocab_size
@@ -504,7 +505,7 @@ class PipelineRunner(ModelRunner):
                     device=self.device,
                 )
                 dist.recv(part, src=ctx.logits_rank, group=ctx.back)
-                trace.mark(f"logits{g}")
+                trace.mark("logits", g)
                 if all_logits:
                     result[a:b, : part.shape[1]] = part
                 else:
@@ -563,7 +564,8 @@ def follow(ctx: PipelineContext, build: Callable[..., PipelineRunner]) -> None:
             continue
         if runner is None:
             raise RuntimeError(f"pipeline rank {ctx.rank} got {method!r} before the runner was built")
-        runner.trace.begin(method, _rows(args))
+        if runner.trace.enabled:
+            runner.trace.begin(method, _rows(args))
         with torch.inference_mode():
             getattr(runner, method)(*args, **kwargs)
         runner.trace.end()
