@@ -31,6 +31,7 @@ be "escalate", so the router stops the edge there instead of paying for the rest
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -60,14 +61,56 @@ class CascadeVerdict:
     threshold: float
 
 
+TICK_BITS = 1074  # the smallest float is 2**-1074
+OVERFLOW_BITS = 1023  # a sum of magnitudes below 2**1023 cannot overflow a float sum (rounding included)
+ROUNDING_BITS = 53  # a float's significand: an addition or division is off by at most 2**-53 of its result
+
+
+def binary_fraction(value: float) -> tuple[int, int]:
+    """A finite float exactly, as (n, k): n / 2**k with 0 <= k <= 1074 (every float is a whole number of 2**-1074)."""
+    fraction, exponent = math.frexp(value)
+    num, bits = int(fraction * 2.0**ROUNDING_BITS), ROUNDING_BITS - exponent
+    if bits < 0:
+        return num << -bits, 0
+    if bits > TICK_BITS:  # a subnormal: its significand's last bits are zeros
+        return num >> (bits - TICK_BITS), TICK_BITS
+    return num, bits
+
+
+def rounding_margin(size: int, magnitude: int) -> int:
+    """How far the window rule's mean of `size` values can lie from their exact mean, times `size` and in the units
+    of `magnitude`, the sum of the values' magnitudes in whole 2**-k (k <= 1074, below 2**1023 in all): 2 u size
+    times the magnitudes, rounded up, and half the smallest float `size` times (at most one unit each). Why:
+    `WindowSum`."""
+    return ((size * magnitude) >> (ROUNDING_BITS - 1)) + 1 + size
+
+
 def window_confidence(logprobs: Sequence[float], window_tokens: int) -> float:
     """The lowest mean log-probability over any `window_tokens` consecutive tokens (each window added left to
-    right, as `EdgeWatch` adds it); the whole answer's mean when it is shorter than one window."""
-    if len(logprobs) < window_tokens:
+    right, as `EdgeWatch` adds it); the whole answer's mean when it is shorter than one window.
+
+    In time linear in the answer: every window's exact sum (integers, as `WindowSum` keeps them) bounds the mean
+    the rule computes for it, and only the windows whose bound reaches the lowest one's can hold the lowest mean;
+    those alone are added up (one or a few, unless the answer holds an infinity or NaN: then all of them)."""
+    size = window_tokens
+    if len(logprobs) < size:
         return mean_logprob(logprobs)
-    return min(
-        logprob_sum(logprobs[i : i + window_tokens]) / window_tokens for i in range(len(logprobs) - window_tokens + 1)
-    )
+    starts = range(len(logprobs) - size + 1)
+    candidates: Sequence[int] = starts
+    if all(math.isfinite(v) for v in logprobs):
+        parts = [binary_fraction(v) for v in logprobs]
+        bits = max(k for _, k in parts)
+        exact = [n << (bits - k) for n, k in parts]
+        sums = list(itertools.accumulate(exact, initial=0))
+        magnitudes = list(itertools.accumulate(map(abs, exact), initial=0))
+        if magnitudes[-1] < 1 << (OVERFLOW_BITS + bits):
+            bounds = [
+                (sums[i + size] - sums[i], rounding_margin(size, magnitudes[i + size] - magnitudes[i])) for i in starts
+            ]
+            # No window whose mean is certainly above some window's can hold the lowest.
+            lowest_upper = min(total + margin for total, margin in bounds)
+            candidates = [i for i, (total, margin) in enumerate(bounds) if total - margin <= lowest_upper]
+    return min(logprob_sum(logprobs[i : i + size]) / size for i in candidates)
 
 
 def running_confidence(logprobs: Sequence[float]) -> float:
@@ -105,22 +148,6 @@ def judge_edge_answer(logprobs: Sequence[float], settings: CascadeSettings) -> C
     if confidence >= threshold:
         return CascadeVerdict(False, "confident", confidence, threshold)
     return CascadeVerdict(True, "low-confidence", confidence, threshold)
-
-
-TICK_BITS = 1074  # the smallest float is 2**-1074
-OVERFLOW_BITS = 1023  # a sum of magnitudes below 2**1023 cannot overflow a float sum (rounding included)
-ROUNDING_BITS = 53  # a float's significand: an addition or division is off by at most 2**-53 of its result
-
-
-def binary_fraction(value: float) -> tuple[int, int]:
-    """A finite float exactly, as (n, k): n / 2**k with 0 <= k <= 1074 (every float is a whole number of 2**-1074)."""
-    fraction, exponent = math.frexp(value)
-    num, bits = int(fraction * 2.0**ROUNDING_BITS), ROUNDING_BITS - exponent
-    if bits < 0:
-        return num << -bits, 0
-    if bits > TICK_BITS:  # a subnormal: its significand's last bits are zeros
-        return num >> (bits - TICK_BITS), TICK_BITS
-    return num, bits
 
 
 class WindowSum:
@@ -180,9 +207,7 @@ class WindowSum:
         if len(values) < size or self._threshold is None:
             return None
         if not self._odd and self._magnitude < self._huge:
-            # The docstring's bound on the mean, times `size` (as the sum and the limit are): 2 u size times the
-            # magnitudes (rounded up), and half the smallest float `size` times (less than one 2**-bits each).
-            margin = ((size * self._magnitude) >> (ROUNDING_BITS - 1)) + 1 + size
+            margin = rounding_margin(size, self._magnitude)  # times `size`, as the sum and the limit are
             if self._exact + margin < self._limit:
                 return logprob_sum(v for v, _ in values) / size  # settling: once an answer
             if self._exact - margin >= self._limit:

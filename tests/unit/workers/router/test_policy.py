@@ -247,6 +247,19 @@ def test_the_sliding_window_decides_as_adding_each_window_up(stream: WindowStrea
         assert window.push(value) == expected, (n, expected)
 
 
+@settings(max_examples=2000, deadline=None)
+@given(window_streams())
+def test_the_lowest_window_is_the_one_adding_every_window_up_finds(stream: WindowStream) -> None:
+    """`window_confidence` adds up only the windows whose exact sums leave them a chance to be the lowest: the very
+    value (and sign of zero) that adding every window up and taking the least gives."""
+    values, size, _ = stream
+    if len(values) < size:
+        return
+    expected = min(logprob_sum(values[i : i + size]) / size for i in range(len(values) - size + 1))
+    got = window_confidence(values, size)
+    assert got == expected and math.copysign(1, got) == math.copysign(1, expected), (got, expected)
+
+
 def test_the_sliding_window_adds_a_window_up_only_next_to_the_threshold() -> None:
     """Far from the threshold the exact sum decides alone, however long the answer; next to it the window is added
     up as the rule does."""
