@@ -9,8 +9,9 @@ elsewhere on a shared machine falls on all of them alike. Output cache off: ever
 
 What each request cost is read from the servers around it: cloud and edge forward passes (the servers'
 `stratus_server_forward_passes`) and the cloud process's CPU time (utime + stime of its /proc entry).
-The cascade threshold is calibrated first on CALIBRATION_PROMPTS, disjoint from the prompts measured (the
-opt-in running-mean rule's separately: it judges a different statistic).
+The cascade threshold is calibrated first on CALIBRATION_PROMPTS, disjoint from the prompts measured: the edge
+answers them once, and each rule the policies run gets the threshold calibrated on those answers as the rule
+judges them (the mean rule's, and the opt-in running-mean rule's own: it judges a different statistic).
 The cascade's decisions are checked against the pre-early-exit rule (`judge_edge_answer` over the edge's
 whole answer, recorded by the edge-only policy on the same prompt), and the edge tokens an escalated
 request cost are compared with that whole answer's, which is what the edge spent before early exit.
@@ -23,6 +24,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -54,9 +56,47 @@ POLICIES: dict[str, tuple[str, dict[str, Any], bool]] = {
 }
 
 
+def rule_args(rule: dict[str, Any]) -> dict[str, Any]:
+    """A cascade rule's settings (the manifest's names) as `edge_confidence`'s (and `samples_for`'s) arguments."""
+    from stratus_workers.router.config import CascadeSettings
+
+    settings = CascadeSettings.model_validate(rule)
+    return dict(
+        probe_tokens=settings.probe_tokens, window_tokens=settings.window_tokens, running_mean=settings.running_mean
+    )
+
+
+def statistic(rule: dict[str, Any]) -> dict[str, Any]:
+    """The settings of `rule` that choose the statistic its threshold is compared with (each such statistic gets
+    a threshold calibrated for it). A probe adds a stop judged by that same threshold: the bench runs `probe 8` at
+    the mean's, so that the probe can only move decisions to the cloud, which `goals` checks."""
+    return {key: value for key, value in rule.items() if key != "probeTokens"}
+
+
+def rule_name(rule: dict[str, Any]) -> str:
+    """A statistic's name, from its settings: "mean rule", "running-mean rule", "window-tokens 8 rule"."""
+    words = sorted(
+        re.sub("([A-Z])", r"-\1", key).lower() + ("" if value is True else f" {value}") for key, value in rule.items()
+    )
+    return f"{', '.join(words) or 'mean'} rule"
+
+
+MEAN_RULE = rule_name({})
+RUNNING_RULE = rule_name(statistic(POLICIES[RUNNING][1]))
+
+
+def thresholds(meta: dict[str, Any]) -> dict[str, float]:
+    """The run's threshold of each rule it calibrated, by the rule's name (runs stored before 2026-11-30 kept the
+    mean and running-mean rules' as `threshold` and `running_threshold`)."""
+    if "thresholds" in meta:
+        return {name: float(value) for name, value in meta["thresholds"].items()}
+    stored = (("threshold", MEAN_RULE), ("running_threshold", RUNNING_RULE))
+    return {name: float(meta[key]) for key, name in stored if key in meta}
+
+
 def threshold_for(label: str, meta: dict[str, Any]) -> float:
-    """The cascade threshold a policy runs with: the running-mean rule has its own (a different statistic)."""
-    return float(meta["running_threshold"] if POLICIES[label][1].get("runningMean") else meta["threshold"])
+    """The cascade threshold a policy runs with: the one calibrated for its rule's statistic."""
+    return thresholds(meta)[rule_name(statistic(POLICIES[label][1]))]
 
 
 @dataclass
@@ -232,7 +272,7 @@ async def measure(
 
 
 async def bench(args: argparse.Namespace) -> tuple[list[Run], dict[str, Any]]:
-    from stratus_operator.cli.calibrate import collect_samples
+    from stratus_operator.cli.calibrate import collect_answers, samples_for
     from stratus_operator.local import LocalRunner, load_manifest
     from stratus_workers.client.prompts import CALIBRATION_PROMPTS, EVALUATION_PROMPTS
     from stratus_workers.router.calibration import choose_threshold
@@ -306,21 +346,29 @@ async def bench(args: argparse.Namespace) -> tuple[list[Run], dict[str, Any]]:
                 }
             )
 
-        async def calibrate(rule: dict[str, Any]) -> float:
-            """The threshold `stratus calibrate` picks for this rule (the one the bench's cascade uses)."""
+        # The threshold of each rule the cascade policies run (by the statistic it judges; the mean rule's always:
+        # every other rule's decisions are compared with it), unless given on the command line.
+        rules: dict[str, dict[str, Any]] = {MEAN_RULE: {}}
+        for label, (policy, rule, _) in POLICIES.items():
+            if label in args.policies and policy == "cascade":
+                rules[rule_name(statistic(rule))] = statistic(rule)
+        given = {MEAN_RULE: args.threshold, RUNNING_RULE: args.running_threshold}
+        chosen = {name: given[name] for name in rules if given.get(name) is not None}
+        if len(chosen) < len(rules):
+            # One pass over the calibration prompts; each rule judges the same answers (`stratus calibrate`'s way).
             calibration_router = RouterServer(config("cascade", {}, True, 0.0, -1.0))
             await calibration_router.start()
             try:
-                samples = await collect_samples(
-                    calibration_router.address,
-                    list(CALIBRATION_PROMPTS),
-                    args.max_new_tokens,
-                    running_mean=bool(rule.get("runningMean")),
+                answers = await collect_answers(
+                    calibration_router.address, list(CALIBRATION_PROMPTS), args.max_new_tokens
                 )
             finally:
                 await calibration_router.stop(0.5)
+        for name, rule in rules.items():
+            if name in chosen:
+                continue
+            samples = samples_for(answers, **rule_args(rule))
             calibration = choose_threshold(samples, args.retention)
-            name = "running-mean rule" if rule else "mean rule"
             meta.setdefault("calibration", {})[name] = (
                 f"calibrated for ≥{args.retention:.0%} retention on {len(samples)} other prompts "
                 f"({calibration.edge_share:.0%} of them at the edge there)"
@@ -330,16 +378,8 @@ async def bench(args: argparse.Namespace) -> tuple[list[Run], dict[str, Any]]:
                 f"retention {calibration.retention:.1%} on {len(samples)} calibration prompts",
                 flush=True,
             )
-            return calibration.threshold
-
-        meta["threshold"] = args.threshold if args.threshold is not None else await calibrate({})
-        running = [label for label in args.policies if POLICIES[label][1].get("runningMean")]
-        if running:
-            meta["running_threshold"] = (
-                args.running_threshold
-                if args.running_threshold is not None
-                else await calibrate(POLICIES[running[0]][1])
-            )
+            chosen[name] = calibration.threshold
+        meta["thresholds"] = {name: chosen[name] for name in rules}
         prompts = list(EVALUATION_PROMPTS[: args.prompts])
         runs: list[Run] = []
         for delay in args.delays:
@@ -389,7 +429,7 @@ def cascade_check(runs: list[Run], meta: dict[str, Any], label: str) -> dict[str
     from stratus_workers.router.policy import judge_edge_answer
 
     rule = CascadeSettings.model_validate({"confidenceThreshold": threshold_for(label, meta), **POLICIES[label][1]})
-    plain = CascadeSettings(confidence_threshold=meta["threshold"])
+    plain = CascadeSettings(confidence_threshold=thresholds(meta)[MEAN_RULE])
     same = changed = 0
     spent: list[float] = []
     whole: list[float] = []
@@ -427,11 +467,12 @@ def render(runs: list[Run], meta: dict[str, Any], seconds: float) -> str:
     cloud_cores, edge_cores = meta["cores"]
     machine = meta["machine"]
     calibration = meta.get("calibration") or {}
+    calibrated = thresholds(meta)
     running = ""
-    if "running_threshold" in meta:
+    if RUNNING_RULE in calibrated:
         running = (
             f"; `running mean` is the cascade with `runningMean: true` (opt-in), threshold "
-            f"{meta['running_threshold']:.3f}, {calibration.get('running-mean rule', 'given on the command line')}"
+            f"{calibrated[RUNNING_RULE]:.3f}, {calibration.get(RUNNING_RULE, 'given on the command line')}"
         )
     lines = [
         "## Cloud-edge cooperation (`make bench-coop`)",
@@ -442,8 +483,8 @@ def render(runs: list[Run], meta: dict[str, Any], seconds: float) -> str:
         f"{meta['prompts']} held-out chat prompts one at a time, up to {meta['max_new_tokens']} new tokens, greedy, "
         "output cache off; the policies take turns prompt by prompt, so that load from elsewhere on this shared "
         "machine falls on all of them alike. The link delay is added to every router→cloud round trip (±10% "
-        f"jitter). Cascade threshold {meta['threshold']:.3f}, "
-        f"{calibration.get('mean rule', 'given on the command line')}; "
+        f"jitter). Cascade threshold {calibrated[MEAN_RULE]:.3f}, "
+        f"{calibration.get(MEAN_RULE, 'given on the command line')}; "
         f"`probe {PROBE_TOKENS}` is the same cascade with `probeTokens: {PROBE_TOKENS}` (opt-in; see "
         f"docs/cooperation.md){running}. Quality retention: the cloud's per-token likelihood of each answer "
         "relative to its own answer, capped at 1 (identical answers 1.0); text similarity to the cloud's answer "
@@ -592,10 +633,7 @@ def rules_table(answers: list[tuple[list[float], float]], max_tokens: int, thres
 def confidences_all(answers: list[tuple[list[float], float]], extra: dict[str, Any]) -> list[float]:
     from stratus_workers.router.policy import edge_confidence
 
-    return [
-        edge_confidence(lp, extra.get("probeTokens", 0), extra.get("windowTokens", 0), bool(extra.get("runningMean")))
-        for lp, _ in answers
-    ]
+    return [edge_confidence(lp, **rule_args(extra)) for lp, _ in answers]
 
 
 def goals(runs: list[Run], meta: dict[str, Any]) -> list[str]:
@@ -725,13 +763,13 @@ def main(argv: list[str] | None = None) -> int:
         first_delay = min(a["delay_ms"] for a in rows if a["label"] == "edge-only")
         edge = [a["logprobs"] for a in rows if a["label"] == "edge-only" and a["delay_ms"] == first_delay]
         limit = int(recorded["meta"]["max_new_tokens"])
-        thresholds = [recorded["meta"]["threshold"], *(args.threshold_grid or [])]
-        print("\n".join(early_exit_table(edge, limit, thresholds)))
+        mean_threshold = thresholds(recorded["meta"])[MEAN_RULE]
+        print("\n".join(early_exit_table(edge, limit, [mean_threshold, *(args.threshold_grid or [])])))
         judged = [
             (a["logprobs"], a["quality"]) for a in rows if a["label"] == "edge-only" and a["delay_ms"] == first_delay
         ]
         print()
-        print("\n".join(rules_table(judged, limit, recorded["meta"]["threshold"])))
+        print("\n".join(rules_table(judged, limit, mean_threshold)))
         return 0
     if args.render_from:
         recorded = json.loads(args.render_from.read_text())

@@ -404,9 +404,7 @@ async def start_server(args: argparse.Namespace, bench: Bench, prompt_tokens: in
     seconds = time.perf_counter() - started
     # Where the start went, as the engine timed it (trees before the phases were recorded report none).
     phases = dict(getattr(engine.info, "startup", ()))
-    detail = ", ".join(f"{k} {v:.1f}s" for k, v in phases.items() if k != "graphs")
-    if phases:
-        detail += f", {int(phases.get('graphs', 0))} graphs captured"
+    detail = start_phases(phases, unit="s")
     print(f"  server ({mode}) up in {seconds:.1f}s" + (f" ({detail})" if detail else ""), flush=True)
     server.bench_start = dict(server_start_s=round(seconds, 2), server_start_phases=phases)
     return server
@@ -735,6 +733,28 @@ def bench_model(
     return rows
 
 
+def start_phases(phases: dict[str, float], unit: str = " s") -> str:
+    """The engine's start phases as the server reported them: "load 1.2 s, build 0.3 s, warm-up 4.1 s, 12 graphs
+    captured" ("" from a tree that reported none)."""
+    parts = [f"{k} {v:.1f}{unit}" for k, v in phases.items() if k != "graphs"]
+    if phases:
+        parts.append(f"{int(phases.get('graphs', 0))} graphs captured")
+    return ", ".join(parts)
+
+
+def frontend_ms_per_request(row: dict[str, Any]) -> float | None:
+    """The server process's CPU ms per request (the host cost's figure times a request's tokens); None when the row
+    has no host cost or no request count."""
+    if "frontend_us_per_token" not in row or not row.get("requests"):
+        return None
+    return float(row["frontend_us_per_token"] * row["tokens"] / row["requests"] / 1e3)
+
+
+def _unlabelled(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of unlabelled runs (this tree's): the only ones the speed-ups and the goals count (see `_label`)."""
+    return [r for r in rows if not r.get("label")]
+
+
 def _label(run: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
     """A row as the table shows it: a server row of a labelled run (another tree, `--label`) says so; every row
     of such a run keeps its label, and only unlabelled rows count for the speed-ups and the goals."""
@@ -779,7 +799,7 @@ def render(runs: list[dict[str, Any]], part: str = "") -> tuple[str, str]:
     for model in dict.fromkeys(r["model"] for r in main_rows):
         for c in sorted(dict.fromkeys(r["concurrency"] for r in main_rows if r["model"] == model)):
             group = [r for r in main_rows if r["model"] == model and r["concurrency"] == c]
-            base = [r for r in group if not r["system"].startswith("stratus") and not r.get("label")]
+            base = [r for r in _unlabelled(group) if not r["system"].startswith("stratus")]
             best = max((r["tokens_per_s"] for r in base), default=0.0)
             for r in sorted(group, key=lambda r: r["system"].startswith("stratus")):
                 speed = f"{r['tokens_per_s'] / best:.1f}{TIMES}" if r["system"].startswith("stratus") and best else ""
@@ -797,7 +817,7 @@ def render(runs: list[dict[str, Any]], part: str = "") -> tuple[str, str]:
             goals.append(_goal(f"{model} aggregate at 64", ours[64]["tokens_per_s"], GOAL_AGGREGATE_64, "tokens/s"))
             at64 = [r for r in main_rows if r["model"] == model and r["concurrency"] == 64
                     and not r["system"].startswith("stratus")]  # fmt: skip
-            base = [r["tokens_per_s"] for r in at64 if not r.get("label")]
+            base = [r["tokens_per_s"] for r in _unlabelled(at64)]
             if base:
                 goals.append(_goal(f"{model} at 64 over the best generate() baseline", ours[64]["tokens_per_s"] /
                                    max(base), GOAL_OVER_BASELINE, TIMES))  # fmt: skip
@@ -811,7 +831,7 @@ def render(runs: list[dict[str, Any]], part: str = "") -> tuple[str, str]:
             verdict = "met" if ratio <= GOAL_TTFT_RATIO else f"missed ({ratio / GOAL_TTFT_RATIO:.1f}{TIMES} over)"
             goal = f"{GOAL_TTFT_RATIO:.0f}{TIMES}"
             goals.append(f"- {model} TTFT p95 at 64 / idle TTFT: {ratio:.1f}{TIMES} (goal ≤ {goal}; {verdict})")
-    steps = {(r["model"], r["concurrency"]): r.get("step_ms") for r in rows if r.get("step_ms") and not r.get("label")}
+    steps = {(r["model"], r["concurrency"]): r.get("step_ms") for r in _unlabelled(rows) if r.get("step_ms")}
     if steps:
         lines += ["", "GPU time of one captured decode step (CUDA graph replay, idle server): " + "; ".join(
             f"{m} batch {c}: {ms:.3f} ms" for (m, c), ms in steps.items()
@@ -876,18 +896,18 @@ def render(runs: list[dict[str, Any]], part: str = "") -> tuple[str, str]:
         ]
         for r in shared:
             hit = f"{r['prefix_hit_rate']:.0%}" if "prefix_hit_rate" in r else "–"
-            server = queue = per_request = ""
+            server = queue = ""
             if r.get("server_ttft_p50_ms"):
                 server = f"{r['server_ttft_p50_ms']:.1f} / {r['server_ttft_p95_ms']:.1f}"
                 queue = f"{r['queue_p50_ms']:.1f} / {r['queue_p95_ms']:.1f}"
-            if "frontend_us_per_token" in r and r.get("requests"):
-                per_request = f"{r['frontend_us_per_token'] * r['tokens'] / r['requests'] / 1e3:.2f}"
+            ms = frontend_ms_per_request(r)
+            per_request = "" if ms is None else f"{ms:.2f}"
             lines.append(
                 f"| {r['model']} | {r['concurrency']} | {_cache_state(r)} | {r['tokens_per_s']:,.0f} | "
                 f"{r['ttft_p50_ms']:.1f} | {r['ttft_p95_ms']:.1f} | {r['itl_p50_ms']:.2f} | {hit} | {server} | "
                 f"{queue} | {per_request} |"
             )
-        by = {_cache_state(r): r for r in shared if not r.get("label")}
+        by = {_cache_state(r): r for r in _unlabelled(shared)}
         if "on" in by and "off" in by:
             ratio = by["off"]["ttft_p50_ms"] / by["on"]["ttft_p50_ms"]
             goals.append(_goal("shared prefix: TTFT p50 without the cache over with it", ratio, GOAL_PREFIX_TTFT,
@@ -898,14 +918,11 @@ def render(runs: list[dict[str, Any]], part: str = "") -> tuple[str, str]:
             if kind != "gpu":  # the CPU section lists no goals, but the ratio is what the workload is for
                 lines += ["", f"TTFT p50 without the prefix cache over with it, at the clients: {ratio:.2f}{TIMES}."]
     starts = {}
-    for r in rows:
-        if r.get("server_start_s") and not r.get("label"):
-            phases = r.get("server_start_phases") or {}
-            parts = [f"{k} {v:.1f} s" for k, v in phases.items() if k != "graphs"]
-            if phases:
-                parts.append(f"{int(phases.get('graphs', 0))} graphs captured")
+    for r in _unlabelled(rows):
+        if r.get("server_start_s"):
+            detail = start_phases(r.get("server_start_phases") or {})
             starts[(r["model"], r["server_start_s"])] = f"{r['model']} {r['server_start_s']:.1f} s" + (
-                f" ({', '.join(parts)})" if parts else ""
+                f" ({detail})" if detail else ""
             )
     if starts:
         lines += ["", "Server starts (call to ready; in brackets the engine's own phases; the rest is its process's "
@@ -940,8 +957,8 @@ def summary_line(r: dict[str, Any]) -> str:
     line += f" itl {r['itl_p50_ms']:.2f}"
     if "engine_us_per_token" in r:
         line += f" us fe {r['frontend_us_per_token']:.0f} en {r['engine_us_per_token']:.0f}"
-        if r.get("requests"):
-            line += f" fe/req {r['frontend_us_per_token'] * r['tokens'] / r['requests'] / 1e3:.2f}ms"
+        if (ms := frontend_ms_per_request(r)) is not None:
+            line += f" fe/req {ms:.2f}ms"
     if r.get("server_start_s"):
         line += f" start {r['server_start_s']:.0f}s"
     return line

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,20 +54,21 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-async def collect_samples(
-    target: str,
-    prompts: list[str],
-    max_new_tokens: int,
-    *,
-    token: str | None = None,
-    tls_ca: str | None = None,
-    probe_tokens: int = 0,
-    window_tokens: int = 0,
-    running_mean: bool = False,
-) -> list[Sample]:
-    """For each prompt: the edge's answer and confidence (as a cascade with `probe_tokens`, `window_tokens` and
-    `running_mean` judges it), and the cloud's judgement of that answer."""
-    samples = []
+@dataclass(frozen=True)
+class JudgedAnswer:
+    """The edge's answer to a calibration prompt, as the cascade sees it (its log-probabilities) and as the cloud
+    judges it (`likelihood_quality`): what any cascade rule's calibration needs."""
+
+    prompt: str
+    logprobs: tuple[float, ...]
+    quality: float
+
+
+async def collect_answers(
+    target: str, prompts: list[str], max_new_tokens: int, *, token: str | None = None, tls_ca: str | None = None
+) -> list[JudgedAnswer]:
+    """For each prompt: the edge's answer with its log-probabilities, and the cloud's judgement of that answer."""
+    answers = []
     async with AsyncClient(target, timeout=600, token=token, tls_ca=tls_ca) as client:
         for prompt in prompts:
             messages = [{"role": "user", "content": prompt}]
@@ -79,11 +82,36 @@ async def collect_samples(
             judged = await client.score(edge.text, messages=messages, tier="cloud")
             own = mean_logprob([lp.logprob for lp in cloud.logprobs])
             quality = likelihood_quality(judged.mean_logprob, own)
-            confidence = edge_confidence(
-                [lp.logprob for lp in edge.logprobs], probe_tokens, window_tokens, running_mean
-            )
-            samples.append(Sample(prompt, confidence, quality))
-    return samples
+            answers.append(JudgedAnswer(prompt, tuple(lp.logprob for lp in edge.logprobs), quality))
+    return answers
+
+
+def samples_for(
+    answers: Sequence[JudgedAnswer], probe_tokens: int = 0, window_tokens: int = 0, running_mean: bool = False
+) -> list[Sample]:
+    """The answers' calibration samples for one rule: each one's confidence as a cascade with `probe_tokens`,
+    `window_tokens` and `running_mean` judges it."""
+    return [
+        Sample(a.prompt, edge_confidence(a.logprobs, probe_tokens, window_tokens, running_mean), a.quality)
+        for a in answers
+    ]
+
+
+async def collect_samples(
+    target: str,
+    prompts: list[str],
+    max_new_tokens: int,
+    *,
+    token: str | None = None,
+    tls_ca: str | None = None,
+    probe_tokens: int = 0,
+    window_tokens: int = 0,
+    running_mean: bool = False,
+) -> list[Sample]:
+    """For each prompt: the edge's answer and confidence (as a cascade with `probe_tokens`, `window_tokens` and
+    `running_mean` judges it), and the cloud's judgement of that answer."""
+    answers = await collect_answers(target, prompts, max_new_tokens, token=token, tls_ca=tls_ca)
+    return samples_for(answers, probe_tokens, window_tokens, running_mean)
 
 
 def manifest_cascade(path: Path) -> dict[str, Any]:

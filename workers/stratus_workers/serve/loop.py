@@ -136,7 +136,7 @@ def build_core(
         compression=loaded.compression,
         max_len=max_len,
         vocab_size=runner.vocab_size,
-        runner=type(runner).__name__,
+        runner=runner.describe(),
         prefix_cache_tokens=pool if prefix is not None else 0,
     )
     return core, info

@@ -210,6 +210,9 @@ class PipelineRunner(ModelRunner):
         self.layers_held = len(inner.layers)
         self.trace = StageTrace(ctx.rank, self.device)
         self.fused = inner if isinstance(inner, FusedRunner) else None
+        # Every rank's inner runner, in rank order (rank 0 learns the others' in build_stage_runner): a stage
+        # that fell back to the module path shows in `describe()`, which the engine reports.
+        self.stage_runners: tuple[str, ...] = (type(inner).__name__,)
         self.graphs: GraphCache | None = None
         if self.fused is not None:
             with torch.inference_mode(False):  # filled by receives, read by graphs
@@ -224,7 +227,7 @@ class PipelineRunner(ModelRunner):
             and ctx.tensor_parallel == 1
             and env_flag("STRATUS_DECODE_AHEAD", self.graphs is not None)
         )
-        self.ahead_hits = 0
+        self.ahead_hits = 0  # decode steps found computed ahead (the step profile reports them)
         self._ahead: _QueuedStep | None = None
         self._ahead_pause = 0
         self._expected: list[int] = []
@@ -233,8 +236,12 @@ class PipelineRunner(ModelRunner):
         self._argmax_host = torch.zeros((2, self.max_rows), dtype=torch.long, pin_memory=pinned)
         self._logprob_host = torch.zeros((2, self.max_rows), dtype=torch.float32, pin_memory=pinned)
 
+    def describe(self) -> str:
+        """`PipelineRunner(FusedRunner, FusedRunner)`: the inner runner of each rank, in rank order."""
+        return f"{type(self).__name__}({', '.join(self.stage_runners)})"
+
     def _lead(self, method: str, *args: Any, **kwargs: Any) -> None:
-        if self.ctx.leader:  # the other ranks begin a call's record in follow(), as it arrives
+        if self.ctx.leader and self.trace.enabled:  # the other ranks begin a call's record in follow()
             self.trace.begin(method, _rows(args))
         try:
             self.ctx.lead(method, *args, **kwargs)
@@ -382,32 +389,32 @@ class PipelineRunner(ModelRunner):
         ctx, trace, fused = self.ctx, self.trace, self.fused
         assert fused is not None
         groups = decode_groups(batch, ctx.decode_microbatches, self.max_rows)
-        trace.set(f"{tag}groups", [b - a for a, b, _ in groups])
+        trace.groups(groups, tag=tag)
         kv_len = fused.decoder.buckets(1, max(self.cache.lengths[:batch]) + 1)[1]
         sends: list[Any] = []
         for g, (a, b, padded) in enumerate(groups):
             if not ctx.first:
                 dist.recv(self._h_in[a : a + padded], src=ctx.peer(ctx.stage - 1), group=ctx.forward)
-            trace.mark(f"{tag}in{g}")
+            trace.mark("in", g, tag=tag)
             found = self._graph(a, padded, kv_len)
             if found is not None:
                 found[0].replay()
                 out = found[1]
             else:
                 out = self._decode_body(a, padded, kv_len)
-            trace.mark(f"{tag}computed{g}")
+            trace.mark("computed", g, tag=tag)
             if not ctx.last:
                 sends.append(dist.isend(out, dst=ctx.peer(ctx.stage + 1), group=ctx.forward))
             elif ctx.sends_logits:
                 sends.append(dist.isend(out[: b - a], dst=0, group=ctx.back))
-            trace.mark(f"{tag}sent{g}")
+            trace.mark("sent", g, tag=tag)
         logits, recvs = torch.empty(0), []
         if ctx.leader:
             logits = torch.empty((batch, self.vocab_size), dtype=torch.float32, device=self.device)
             recvs = [dist.irecv(logits[a:b], src=ctx.logits_rank, group=ctx.back) for a, b, _ in groups]
         for work in sends:  # a graph's output is rewritten by its next replay: not before it is sent
             work.wait()
-        trace.mark(f"{tag}waited")
+        trace.mark("waited", tag=tag)
         return _QueuedStep(batch=batch, version=self.cache.version, logits=logits, recvs=recvs)
 
     def _collect(self, step: _QueuedStep, logprobs: bool) -> torch.cuda.Event | None:
@@ -459,8 +466,9 @@ class PipelineRunner(ModelRunner):
     ) -> torch.Tensor:
         ctx, inner, trace = self.ctx, self.inner, self.trace
         groups = split_rows(len(tokens), ctx.forward_microbatches)
-        trace.set("groups", [b - a for a, b in groups])
-        trace.set("q", max(q_lens))
+        trace.groups(groups)
+        if trace.enabled:
+            trace.set("q", max(q_lens))
         sends: list[tuple[Any, torch.Tensor]] = []  # a send's buffer must live until it completes
         for g, (a, b) in enumerate(groups):
             rows = first_row + a
@@ -470,12 +478,12 @@ class PipelineRunner(ModelRunner):
             else:
                 h = torch.empty((b - a, max(group_q), self.hidden_size), dtype=self.dtype, device=self.device)
                 dist.recv(h, src=ctx.peer(ctx.stage - 1), group=ctx.forward)
-            trace.mark(f"in{g}")
+            trace.mark("in", g)
             h = inner.extend_hidden(rows, h, starts[a:b], group_q)
-            trace.mark(f"computed{g}")
+            trace.mark("computed", g)
             if not ctx.last:
                 sends.append((dist.isend(h, dst=ctx.peer(ctx.stage + 1), group=ctx.forward), h))
-                trace.mark(f"sent{g}")
+                trace.mark("sent", g)
                 continue
             if not ctx.sends_logits:
                 continue
@@ -483,7 +491,7 @@ class PipelineRunner(ModelRunner):
                 h = inner.last_tokens(h, group_q)
             logits = inner.head(h).contiguous()
             sends.append((dist.isend(logits, dst=0, group=ctx.back), logits))
-            trace.mark(f"sent{g}")
+            trace.mark("sent", g)
         result = torch.empty(0)
         if ctx.leader:
             vocab = self.vocab_size
@@ -497,7 +505,7 @@ class PipelineRunner(ModelRunner):
                     device=self.device,
                 )
                 dist.recv(part, src=ctx.logits_rank, group=ctx.back)
-                trace.mark(f"logits{g}")
+                trace.mark("logits", g)
                 if all_logits:
                     result[a:b, : part.shape[1]] = part
                 else:
@@ -517,7 +525,7 @@ def build_stage_runner(
 ) -> PipelineRunner:
     """This rank's runner over `model` (already cut to its stage's layers by `keep_stage`; sharded over the
     stage's tensor-parallel group when it has one); on rank 0 the other ranks are told to build theirs with
-    the same settings.
+    the same settings, and rank 0 gathers the inner runner every rank built (`PipelineRunner.stage_runners`).
 
     A stage runs its decode micro-batches as graphs of its own (`PipelineRunner`), not the single
     runner's decode graphs (those run rows 0..B-1 from token ids to logits in one piece, while a stage
@@ -530,7 +538,12 @@ def build_stage_runner(
     inner = build_runner(
         model, max_rows=max_rows, max_len=max_len, cuda_graphs=False, pool_tokens=pool_tokens, parallel=ctx.tensor,
     )  # fmt: skip
-    return PipelineRunner(inner, ctx)
+    runner = PipelineRunner(inner, ctx)
+    kinds: list[Any] | None = [None] * ctx.world_size if ctx.leader else None
+    dist.gather_object(type(inner).__name__, kinds, dst=0, group=ctx.control)
+    if kinds is not None:
+        runner.stage_runners = tuple(kinds)
+    return runner
 
 
 def follow(ctx: PipelineContext, build: Callable[..., PipelineRunner]) -> None:
@@ -551,7 +564,8 @@ def follow(ctx: PipelineContext, build: Callable[..., PipelineRunner]) -> None:
             continue
         if runner is None:
             raise RuntimeError(f"pipeline rank {ctx.rank} got {method!r} before the runner was built")
-        runner.trace.begin(method, _rows(args))
+        if runner.trace.enabled:
+            runner.trace.begin(method, _rows(args))
         with torch.inference_mode():
             getattr(runner, method)(*args, **kwargs)
         runner.trace.end()

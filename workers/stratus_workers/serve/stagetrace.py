@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,11 @@ FLUSH_EVERY = 256
 
 
 class StageTrace:
-    """Records this stage's runner calls; every method is a no-op when tracing is off (`enabled` False)."""
+    """Records this stage's runner calls; every method is a no-op when tracing is off (`enabled` False).
+
+    A stage marks every micro-batch of every step, so callers pass a mark's parts (`tag`, `name`, `group`)
+    and the rows of their micro-batches as they are: names and lists are put together here, only when on.
+    """
 
     def __init__(self, rank: int, device: torch.device, directory: str | None = None) -> None:
         directory = os.environ.get("STRATUS_PP_TRACE", "") if directory is None else directory
@@ -61,19 +66,26 @@ class StageTrace:
         self._events = []
         self.mark("begin")
 
-    def mark(self, name: str, *, device: bool = True) -> None:
-        """The host reached `name` in the current call (and, on CUDA, an event marks the stream there)."""
+    def mark(self, name: str, group: int | None = None, *, tag: str = "", device: bool = True) -> None:
+        """The host reached `name` in the current call (and, on CUDA, an event marks the stream there); the
+        mark is called `{tag}{name}{group}` (e.g. "ahead_in0": micro-batch 0 of a step queued ahead)."""
         if not self.enabled or self._open is None:
             return
-        self._open["t"][name] = time.monotonic()
+        key = f"{tag}{name}" if group is None else f"{tag}{name}{group}"
+        self._open["t"][key] = time.monotonic()
         if self.cuda and device:
             event = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             event.record()
-            self._events.append((name, event))
+            self._events.append((key, event))
 
-    def set(self, key: str, value: Any) -> None:
+    def set(self, key: str, value: Any, *, tag: str = "") -> None:
         if self.enabled and self._open is not None:
-            self._open[key] = value
+            self._open[f"{tag}{key}"] = value
+
+    def groups(self, ranges: Sequence[Sequence[int]], *, tag: str = "") -> None:
+        """The current call's micro-batches, (start, end, ...) row ranges, recorded as their sizes (`{tag}groups`)."""
+        if self.enabled and self._open is not None:
+            self._open[f"{tag}groups"] = [r[1] - r[0] for r in ranges]
 
     def end(self) -> None:
         """The current call returned to the caller."""

@@ -5,11 +5,13 @@ server's health instead of hanging."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -57,26 +59,34 @@ async def answers(address: str) -> tuple[list[str], list[str], str, list[float]]
     ("microbatches", "fast", "ahead"), [(0, False, False), (3, False, False), (0, True, False), (3, True, True)]
 )
 async def test_two_stages_answer_like_one_process(
-    model_server: Any, monkeypatch: pytest.MonkeyPatch, microbatches: int, fast: bool, ahead: bool
+    model_server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, microbatches: int, fast: bool, ahead: bool
 ) -> None:
     """Greedy answers of a two-stage pipeline equal the single process's, alone and batched (the batch of
     four rows runs as two micro-batches by default, as three of sizes 2, 1, 1 with `microbatches=3`). On
     the fused path, as CUDA runs it, a decode step goes through the stages' per-micro-batch decode step
     (micro-batches of bucket sizes, pipeline.decode_groups), and with decoding ahead each step is queued on
-    every stage before rank 0 samples the last one (taken when greedy, dropped when the rows change)."""
+    every stage before rank 0 samples the last one (taken when greedy, dropped when the rows change). Both
+    stages must run the path asked for (none fell back to the module path), and with decoding ahead some
+    steps must be found computed ahead (the engine's step profile counts them), without it none."""
     if fast:  # the fused path, as CUDA runs it (and its per-micro-batch decode step), on the CPU
         monkeypatch.setenv("STRATUS_FAST_PATH", "1")
     if ahead:  # and each step queued ahead on the last one's argmax, as with CUDA graphs
         monkeypatch.setenv("STRATUS_DECODE_AHEAD", "1")
     async with model_server(max_batch_size=4) as single:
         expected = await answers(single.address)
+    profile = tmp_path / "steps.jsonl"
+    monkeypatch.setenv("STRATUS_STEP_PROFILE", str(profile))  # the pipeline's engine process, not the single one
     async with model_server(
         max_batch_size=4, engine="process", pipeline_parallel=2, pipeline_microbatches=microbatches
     ) as piped:
-        assert piped.engine is not None and piped.engine.info.runner == "PipelineRunner"
+        inner = "FusedRunner" if fast else "ModuleRunner"
+        assert piped.engine is not None and piped.engine.info.runner == f"PipelineRunner({inner}, {inner})"
         stages = children_of(piped.engine.pid)
         assert len(stages) == 1, stages  # stage 0 is the engine process; it started stage 1
         got = await answers(piped.address)
+    periods = [json.loads(line) for line in profile.read_text().splitlines()]
+    hits = sum(period["ahead_hits"] for period in periods)
+    assert periods and (hits > 0 if ahead else hits == 0), periods
     assert got[:3] == expected[:3]
     assert len(got[3]) == len(expected[3]) > 3 and got[3] == pytest.approx(expected[3], abs=1e-4)
     alone, together, streamed, _ = got
@@ -96,7 +106,8 @@ async def test_two_stages_of_two_tensor_parallel_ranks_answer_like_one_process(m
     async with model_server(max_batch_size=4) as single:
         expected = await answers(single.address)
     async with model_server(max_batch_size=4, engine="process", pipeline_parallel=2, tensor_parallel=2) as piped:
-        assert piped.engine is not None and piped.engine.info.runner == "PipelineRunner"
+        fused = ", ".join(["FusedRunner"] * 4)  # tensor parallel needs the fused path on every rank
+        assert piped.engine is not None and piped.engine.info.runner == f"PipelineRunner({fused})"
         assert len(children_of(piped.engine.pid)) == 3
         got = await answers(piped.address)
     assert got[:3] == expected[:3]

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from stratus_operator.cli import build_parser
-from stratus_operator.cli.calibrate import manifest_cascade
+from stratus_operator.cli.calibrate import JudgedAnswer, manifest_cascade, samples_for
+from stratus_workers.router.calibration import Sample
 
 pytestmark = pytest.mark.unit
 
@@ -35,3 +36,13 @@ def test_a_negative_window_is_refused_before_any_call(capsys: pytest.CaptureFixt
     args = build_parser().parse_args(["calibrate", "--target", "127.0.0.1:1", "--window-tokens", "-1"])
     assert args.func(args) == 2
     assert "--window-tokens is -1; use 0 (off) or more" in capsys.readouterr().out
+
+
+def test_one_set_of_answers_gives_each_rule_its_samples() -> None:
+    """The edge's answers are collected once; each rule judges them its own way (the bench calibrates several)."""
+    answers = [JudgedAnswer("a", (-3.0, -0.1, -0.1, -0.1), 0.9), JudgedAnswer("b", (), 1.0)]
+    # The mean (an empty answer: certain), then the running mean's and the window's lowest, and the probe's.
+    assert samples_for(answers) == [Sample("a", (-3.0 - 0.1 - 0.1 - 0.1) / 4, 0.9), Sample("b", 0.0, 1.0)]
+    assert [s.confidence for s in samples_for(answers, running_mean=True)] == [-3.0, 0.0]  # the first token alone
+    assert [s.confidence for s in samples_for(answers, window_tokens=2)] == [-3.1 / 2, 0.0]  # the first two
+    assert [s.confidence for s in samples_for(answers, probe_tokens=1)] == [-3.0, 0.0]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import sys
+from fractions import Fraction
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,8 +14,11 @@ from pydantic import ValidationError
 from stratus_workers.router.config import CascadeSettings, RouterConfig
 from stratus_workers.router.policy import (
     EdgeWatch,
+    WindowSum,
     best_reachable_mean,
+    binary_fraction,
     judge_edge_answer,
+    logprob_sum,
     mean_logprob,
     prompt_fits_edge,
     running_confidence,
@@ -183,6 +190,100 @@ def test_the_window_rule_stops_at_the_first_poor_stretch_or_before_the_first_win
     assert early.add([-1.5])  # -4.5 / 4 < -1.0: the first window, or a shorter answer, misses it whatever follows
     assert judge_edge_answer([-3.0, -1.5], settings).escalate
     assert judge_edge_answer([-3.0, -1.5, 0.0, 0.0, 0.0], settings).escalate
+
+
+# Any float the edge could send: every magnitude (subnormals and near the largest included), -inf, both zeros,
+# small positive values (a log-softmax rounded above 0), and the everyday range with values rounding makes close.
+any_logprob = (
+    st.floats(max_value=0.0, allow_nan=False)
+    | st.floats(min_value=-30.0, max_value=0.0)
+    | st.floats(min_value=0.0, max_value=1e-6)
+    | st.sampled_from([-0.1, -0.2, -0.3, -1 / 3, -1.0, -1e-16, -5e-324, -1e-323, -1e300, 0.0, -0.0])
+)
+
+WindowStream = tuple[list[float], int, float]
+
+
+@st.composite
+def window_streams(draw: st.DrawFn) -> WindowStream:
+    """A stream of log-probabilities, a window size, and a threshold, mostly on or next to one of the stream's own
+    window means (as the rule adds them up, or exact): where the rule's rounding decides."""
+    values = draw(st.lists(any_logprob, max_size=80))
+    size = draw(st.sampled_from([1, 2, 3, 4, 7, 16, 64]))
+    thresholds = [draw(st.floats(-30.0, 0.0)), -math.inf, math.nan, -0.0]
+    start = draw(st.integers(0, len(values)))
+    if draw(st.booleans()):
+        # The rule's sum at its worst: each later value below half a unit of the first's last place, so every
+        # addition rounds back to the first value and the rule's sum misses all of them.
+        first = draw(st.floats(-30.0, -1e-300))
+        lost = -math.ulp(first) / 2 * draw(st.floats(0.5, 0.999))
+        values[start:start] = [first] + [lost] * (size - 1)
+    if len(values) >= size:
+        start = min(start, len(values) - size)
+        window = values[start : start + size]
+        mean = logprob_sum(window) / size
+        thresholds += [mean, math.nextafter(mean, -math.inf), math.nextafter(mean, math.inf)]
+        if all(math.isfinite(v) for v in window):
+            exact = float(sum(map(Fraction, window)) / size)
+            thresholds += [exact, math.nextafter(exact, -math.inf), math.nextafter(exact, math.inf)]
+    return values, size, draw(st.sampled_from(thresholds))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(window_streams())
+def test_the_sliding_window_decides_as_adding_each_window_up(stream: WindowStream) -> None:
+    """`WindowSum`, in constant time a token, answers at every token what adding the last `size` values up left to
+    right and dividing does (the rule's definition, `window_confidence`'s): the same decision and the same mean."""
+    values, size, threshold = stream
+    window = WindowSum(size, threshold)
+    for n, value in enumerate(values, 1):
+        if math.isfinite(value):
+            num, bits = binary_fraction(value)
+            assert Fraction(num, 2**bits) == Fraction(value)
+        expected = None
+        if n >= size:
+            mean = logprob_sum(values[n - size : n]) / size
+            expected = mean if mean < threshold else None
+        assert window.push(value) == expected, (n, expected)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(window_streams())
+def test_the_lowest_window_is_the_one_adding_every_window_up_finds(stream: WindowStream) -> None:
+    """`window_confidence` adds up only the windows whose exact sums leave them a chance to be the lowest: the very
+    value (and sign of zero) that adding every window up and taking the least gives."""
+    values, size, _ = stream
+    if len(values) < size:
+        return
+    expected = min(logprob_sum(values[i : i + size]) / size for i in range(len(values) - size + 1))
+    got = window_confidence(values, size)
+    assert got == expected and math.copysign(1, got) == math.copysign(1, expected), (got, expected)
+
+
+def test_the_sliding_window_adds_a_window_up_only_next_to_the_threshold() -> None:
+    """Far from the threshold the exact sum decides alone, however long the answer; next to it the window is added
+    up as the rule does."""
+    far = WindowSum(16, -1.0)
+    answer = [-0.1 * (i % 7) for i in range(10_000)] + [-2.0] * 16
+    means = [None if n < 16 else logprob_sum(answer[n - 16 : n]) / 16 for n in range(1, len(answer) + 1)]
+    settles = [i for i, mean in enumerate(means) if mean is not None and mean < -1.0]
+    assert [far.push(v) for v in answer[: settles[0] + 1]] == [None] * settles[0] + [means[settles[0]]]
+    assert settles[0] == 10_006 and far.resums == 0  # seven -2s and nine others (-2.7): -16.7 / 16, found exactly
+    # The exact mean of these three floats reaches -0.2, but the rule's sum rounds to -0.6000000000000001:
+    # next to the threshold, the window is added up and the rule's verdict given.
+    assert sum(map(Fraction, (-0.1, -0.2, -0.3))) / 3 > Fraction(-0.2)
+    near = WindowSum(3, -0.2)
+    assert [near.push(v) for v in (-0.1, -0.2, -0.3)] == [None, None, -0.6000000000000001 / 3] and near.resums == 1
+    # Five values of 2, 2, 1, 1, 1 times the smallest float: the exact mean, 1.4 of it, is below one of it, but the
+    # rule's division rounds to 1 (it underflows: no relative bound there), which is not below.
+    tiny = WindowSum(5, -5e-324)
+    assert [tiny.push(v) for v in (-1e-323, -1e-323, -5e-324, -5e-324, -5e-324)] == [None] * 5
+    # ... and where the rule's sum overflows (no bound there either): -inf, though the exact mean is -1e308.
+    huge = WindowSum(2, -sys.float_info.max)
+    assert [huge.push(v) for v in (-1e308, -1e308)] == [None, -math.inf]
+    odd = WindowSum(2, -1.0)
+    assert [odd.push(v) for v in (0.0, -math.inf, 0.0, 0.0)] == [None, -math.inf, -math.inf, None]
+    assert odd.resums == 2  # the windows holding -inf have no exact sum
 
 
 def test_the_running_mean_rule_stops_at_the_first_token_where_the_mean_so_far_misses() -> None:

@@ -293,6 +293,10 @@ class ModelRunner(abc.ABC):
         """On rank 0: release the other ranks from `follow()` (they return and their processes exit)."""
         self._lead(STOP)
 
+    def describe(self) -> str:
+        """What the engine reports as its runner (EngineInfo.runner)."""
+        return type(self).__name__
+
     # -- what a path provides -------------------------------------------------------------
 
     @abc.abstractmethod
