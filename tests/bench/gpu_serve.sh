@@ -1,5 +1,5 @@
 #!/bin/bash
-# Issue 14's whole table in one GPU call (~9 minutes on one H200): bench_serve.py on the 135M config (1 and 64
+# Issue 14's whole table in one GPU call (about 5 minutes on one H200, 2026-11-30): bench_serve.py on the 135M config (1 and 64
 # streams, the static-cache + compile generate() baseline at 64, the shared-prefix workload with the prefix cache
 # on and off) and on the ~1B config (1 and 64 streams and the same baseline), with the engine's step profiles.
 #

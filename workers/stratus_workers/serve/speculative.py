@@ -86,15 +86,17 @@ def greedy_verdicts(
     that token, and [S] log-probabilities of the token chosen at each position (the draft's up to
     `stop`, the verifier's from there; only a row's positions up to its `stop` mean anything).
     """
-    best = logits.argmax(dim=-1)
+    _, best = logits.max(dim=-1)
     index = torch.arange(logits.shape[0], device=logits.device)
     # A row stops at its first position whose target is not the verifier's choice (every row's last has none).
     stops_here = (targets < 0) | (best != targets)
     candidates = torch.where(stops_here, index, logits.shape[0])
     stop = torch.full((rows,), logits.shape[0], dtype=index.dtype, device=logits.device)
     stop = stop.scatter_reduce(0, segments, candidates, reduce="amin")
-    chosen = torch.where(index < stop[segments], targets, best).clamp(min=0)
-    logprobs = logits.gather(-1, chosen[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    # Up to its row's stop every position's token is the verifier's own choice (an accepted draft token is it),
+    # so its log-probability is that of the maximum: log of its softmax share, which one softmax kernel gives
+    # (on an H200 a logsumexp, a gather and a subtraction over 64 sessions' 535 x 49,152 logits cost 0.9 ms).
+    logprobs = torch.softmax(logits, dim=-1).gather(-1, best[:, None])[:, 0].log()
     return stop, best[stop], logprobs
 
 
