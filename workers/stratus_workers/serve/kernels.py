@@ -80,7 +80,7 @@ if triton is not None:
 
     @triton.jit  # type: ignore[misc,untyped-decorator]
     def _extend_attention_kernel(  # type: ignore[no-untyped-def]
-        q_ptr, k_ptr, v_ptr, out_ptr, pos_ptr, rows_ptr, blocks_ptr,
+        q_ptr, k_ptr, v_ptr, out_ptr, pos_ptr, rows_ptr, blocks_ptr, part_ptr,
         stride_qb, stride_qh,
         stride_kr, stride_kh, stride_kl,
         stride_vr, stride_vh, stride_vl,
@@ -88,17 +88,22 @@ if triton is not None:
         stride_blocks,
         scale,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        # One program per (block, kv head): a block is up to BLOCK_M consecutive tokens of one row (consecutive
-        # positions), so the row's keys are read once for all of them and all their GROUP query heads. The tile's
-        # lines are (token, head) pairs; lines past the block's tokens repeat its last token and are not stored.
+        # One program per (block, kv head, split): a block is up to BLOCK_M consecutive tokens of one row
+        # (consecutive positions), so the row's keys are read once for all of them and all their GROUP query
+        # heads. The tile's lines are (token, head) pairs; lines past the block's tokens repeat its last token and
+        # are not stored. With SPLITS > 1 each program takes its share of the keys (a few blocks after a long
+        # cached prefix are too few programs for the GPU) and leaves its partial softmax in `part` for
+        # _extend_combine_kernel; with one it writes the output itself.
         blk = tl.program_id(0)
         kv_head = tl.program_id(1)
+        split = tl.program_id(2)
         first = tl.load(blocks_ptr + blk)
         count = tl.load(blocks_ptr + stride_blocks + blk)
         if count > 0:
-            line = tl.arange(0, BLOCK_M * GROUP_PAD)
+            LINES: tl.constexpr = BLOCK_M * GROUP_PAD
+            line = tl.arange(0, LINES)
             tok = line // GROUP_PAD
             g = line % GROUP_PAD
             live = (tok < count) & (g < GROUP)
@@ -108,31 +113,80 @@ if triton is not None:
             first_pos = tl.load(pos_ptr + first)
             q_pos = first_pos + tok
             n_keys = first_pos + count  # the block's last query sees keys 0..its position
+            per_split = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
+            lo = split * per_split
+            hi = tl.minimum(n_keys, lo + per_split)
             d = tl.arange(0, HEAD_DIM)
             q = tl.load(q_ptr + (first + tok)[:, None] * stride_qb + heads[:, None] * stride_qh + d[None, :])
-            m_i = tl.full([BLOCK_M * GROUP_PAD], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
-            acc = tl.zeros([BLOCK_M * GROUP_PAD, HEAD_DIM], tl.float32)
+            m_i = tl.full([LINES], float("-inf"), tl.float32)
+            l_i = tl.zeros([LINES], tl.float32)
+            acc = tl.zeros([LINES, HEAD_DIM], tl.float32)
             k_base = k_ptr + row * stride_kr + kv_head * stride_kh
             v_base = v_ptr + row * stride_vr + kv_head * stride_vh
-            for start in tl.range(0, n_keys, BLOCK_N):
+            for start in tl.range(lo, hi, BLOCK_N):
                 n = start + tl.arange(0, BLOCK_N)
-                valid = n < n_keys
+                valid = n < hi
                 k = tl.load(k_base + n[:, None] * stride_kl + d[None, :], mask=valid[:, None], other=0.0)
                 s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-                # Key 0 is visible to every line, so no line's running maximum stays at -inf.
                 s = tl.where(n[None, :] <= q_pos[:, None], s, float("-inf"))
+                # A line may see none of a later split's keys: its maximum stays -inf and adds nothing.
                 m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.exp(m_i - m_new)
-                p = tl.exp(s - m_new[:, None])
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m_i - m_safe)
+                p = tl.exp(s - m_safe[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
                 v = tl.load(v_base + n[:, None] * stride_vl + d[None, :], mask=valid[:, None], other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
                 m_i = m_new
-            out = acc / l_i[:, None]
+            if SPLITS == 1:  # key 0 is in this split: every line's sum is positive
+                tl.store(
+                    out_ptr + (first + tok)[:, None] * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                    (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
+                    mask=live[:, None],
+                )
+            else:
+                # part: [blocks, kv heads, splits, lines, HEAD_DIM + 2] float32 (acc, then max, then sum)
+                base = part_ptr + ((blk * tl.num_programs(1) + kv_head) * SPLITS + split) * LINES * (HEAD_DIM + 2)
+                tl.store(base + line[:, None] * (HEAD_DIM + 2) + d[None, :], acc)
+                tl.store(base + line * (HEAD_DIM + 2) + HEAD_DIM, m_i)
+                tl.store(base + line * (HEAD_DIM + 2) + HEAD_DIM + 1, l_i)
+
+    @triton.jit  # type: ignore[misc,untyped-decorator]
+    def _extend_combine_kernel(  # type: ignore[no-untyped-def]
+        out_ptr, blocks_ptr, part_ptr,
+        stride_ob, stride_oh,
+        stride_blocks,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+        SPLITS: tl.constexpr,
+    ):
+        # The splits' partial softmaxes of one (block, kv head), rescaled to their common maximum and summed.
+        blk = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        first = tl.load(blocks_ptr + blk)
+        count = tl.load(blocks_ptr + stride_blocks + blk)
+        if count > 0:
+            LINES: tl.constexpr = BLOCK_M * GROUP_PAD
+            line = tl.arange(0, LINES)
+            tok = line // GROUP_PAD
+            g = line % GROUP_PAD
+            live = (tok < count) & (g < GROUP)
+            tok = tl.minimum(tok, count - 1)
+            heads = kv_head * GROUP + tl.minimum(g, GROUP - 1)
+            d = tl.arange(0, HEAD_DIM)
+            base = part_ptr + (blk * tl.num_programs(1) + kv_head) * SPLITS * LINES * (HEAD_DIM + 2)
+            m = tl.full([LINES], float("-inf"), tl.float32)
+            for split in tl.static_range(SPLITS):
+                m = tl.maximum(m, tl.load(base + split * LINES * (HEAD_DIM + 2) + line * (HEAD_DIM + 2) + HEAD_DIM))
+            total = tl.zeros([LINES], tl.float32)
+            acc = tl.zeros([LINES, HEAD_DIM], tl.float32)
+            for split in tl.static_range(SPLITS):
+                at = base + split * LINES * (HEAD_DIM + 2)
+                weight = tl.exp(tl.load(at + line * (HEAD_DIM + 2) + HEAD_DIM) - m)  # 0 for a split that saw nothing
+                total += weight * tl.load(at + line * (HEAD_DIM + 2) + HEAD_DIM + 1)
+                acc += weight[:, None] * tl.load(at + line[:, None] * (HEAD_DIM + 2) + d[None, :])
             tl.store(
                 out_ptr + (first + tok)[:, None] * stride_ob + heads[:, None] * stride_oh + d[None, :],
-                out.to(out_ptr.dtype.element_ty),
+                (acc / total[:, None]).to(out_ptr.dtype.element_ty),
                 mask=live[:, None],
             )
 
@@ -201,6 +255,22 @@ def max_extend_blocks(tokens: int, rows: int, block: int) -> int:
     return tokens // block + min(rows, tokens)
 
 
+# Programs an extend pass aims to keep busy (an H100/H200 has 132 multiprocessors), and the most key splits.
+EXTEND_PROGRAMS = 256
+MAX_SPLITS = 16
+
+
+def extend_splits(tokens: int, n_q: int, n_kv: int) -> int:
+    """Key splits per block of an extend pass of `tokens` packed tokens: enough (block, kv head, split) programs
+    to keep the GPU busy when few tokens read many keys (a chat's next turn after a long cached prefix). A
+    function of the size alone, so that a CUDA graph captured for a token bucket keeps its launch shape."""
+    blocks = max(1, tokens // extend_block(n_q, n_kv)) * n_kv
+    splits = 1
+    while splits < MAX_SPLITS and blocks * splits * 2 <= EXTEND_PROGRAMS:
+        splits *= 2
+    return splits
+
+
 def extend_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -209,29 +279,46 @@ def extend_attention(
     rows: torch.Tensor,
     blocks: torch.Tensor,
     scale: float,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """Packed tokens' attention: q [T, Hq, D], token t a query at position pos[t] of cache row rows[t] (its key
     already written), against keys 0..pos[t] of that row; caches [R, Hkv, L, D]; `blocks` [2, N] from
-    `extend_blocks` (a block of no tokens does nothing, so a graph's table can be padded). Returns [T, Hq * D];
-    tokens in no block (padding) get unspecified values.
+    `extend_blocks` (a block of no tokens does nothing, so a graph's table can be padded); `splits`: key splits
+    (default `extend_splits`). Returns [T, Hq * D]; tokens in no block (padding) get unspecified values.
     """
     assert triton is not None
     tokens, n_q, head_dim = q.shape
     n_kv = k_cache.shape[1]
     group = n_q // n_kv
+    splits = splits or extend_splits(tokens, n_q, n_kv)
+    block_m, group_pad = extend_block(n_q, n_kv), _group_pad(group)
+    n_blocks = blocks.shape[1]
     out = torch.empty_like(q)
-    _extend_attention_kernel[(blocks.shape[1], n_kv)](
-        q, k_cache, v_cache, out, pos, rows, blocks,
+    part = out  # unused with one split
+    if splits > 1:
+        part = torch.empty(
+            n_blocks * n_kv * splits * block_m * group_pad * (head_dim + 2), dtype=torch.float32, device=q.device
+        )
+    _extend_attention_kernel[(n_blocks, n_kv, splits)](
+        q, k_cache, v_cache, out, pos, rows, blocks, part,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         blocks.stride(0),
         scale,
-        GROUP=group, GROUP_PAD=_group_pad(group), BLOCK_M=extend_block(n_q, n_kv), HEAD_DIM=head_dim, BLOCK_N=64,
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_N=64, SPLITS=splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=2,
     )  # fmt: skip
+    if splits > 1:
+        _extend_combine_kernel[(n_blocks, n_kv)](
+            out, blocks, part,
+            out.stride(0), out.stride(1),
+            blocks.stride(0),
+            GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, HEAD_DIM=head_dim, SPLITS=splits,
+            num_warps=4,
+        )  # fmt: skip
     return out.view(tokens, n_q * head_dim)
 
 

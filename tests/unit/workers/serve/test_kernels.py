@@ -53,13 +53,16 @@ def test_block_table_cuts_runs_and_pads() -> None:
     heads=st.sampled_from([(4, 4), (6, 2), (9, 3), (8, 1)]),
     runs=st.lists(st.tuples(st.integers(0, 40), st.integers(1, 40)), min_size=1, max_size=4),
     empty=st.integers(0, 3),
+    splits=st.sampled_from([None, 1, 2, 4, 16]),
     seed=st.integers(0, 2**16),
 )
 def test_extend_attention_is_each_tokens_own_attention(
-    interp: ModuleType, heads: tuple[int, int], runs: list[tuple[int, int]], empty: int, seed: int
+    interp: ModuleType, heads: tuple[int, int], runs: list[tuple[int, int]], empty: int, splits: int | None,
+    seed: int,
 ) -> None:
     # Packed rows of any lengths from any positions (a verification's drafts, a prefill's chunks after a cached
-    # prefix); each run is a row of its own; empty blocks (a graph's padding) and a padding token change nothing.
+    # prefix); each run is a row of its own; empty blocks (a graph's padding) and a padding token change nothing;
+    # the keys split over several programs or not (16 splits of 81 keys leave most splits without a key).
     n_q, n_kv = heads
     gen = torch.Generator().manual_seed(seed)
     k = torch.randn(len(runs), n_kv, 81, 16, generator=gen)
@@ -71,8 +74,16 @@ def test_extend_attention_is_each_tokens_own_attention(
     block = kernels.extend_block(n_q, n_kv)
     table = interp.extend_blocks(np.cumsum(lens) - lens, lens, block, size=-(-lens // block).sum() + empty)
     on = [torch.tensor(x, device=DEVICE) for x in ([*pos, 0], [*rows, 0], table)]
-    got = interp.extend_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), *on, SCALE).cpu()
+    got = interp.extend_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), *on, SCALE, splits=splits).cpu()
     torch.testing.assert_close(got[:-1], reference(q[:-1], k, v, rows, pos), atol=1e-5, rtol=1e-5)
+
+
+def test_key_splits_keep_a_small_pass_busy() -> None:
+    # A chat's next turn (a few tokens after a long cached prefix) is a few blocks: split the keys; a big pass
+    # has programs enough. A function of the pass's size, so a captured graph keeps its launch shape.
+    assert kernels.extend_splits(24, 9, 3) == 16 and kernels.extend_splits(80, 9, 3) == 16
+    assert kernels.extend_splits(576, 32, 32) == 1 and kernels.extend_splits(16, 32, 32) == 8
+    assert kernels.extend_splits(512, 9, 3) == 2
 
 
 def test_decode_attention_reads_each_rows_keys(interp: ModuleType) -> None:
