@@ -42,6 +42,8 @@ from stratus_workers.serve.runner.modules import apply_rotary
 
 log = logging.getLogger(__name__)
 
+# A packed pass splits its attention's keys over several programs when some row reads more keys than this.
+SPLIT_KEYS = 512
 # Token counts a packed verification graph is captured for (CUDA): 64 sessions' 8-token drafts are 576.
 VERIFY_BUCKETS = (8, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 448, 512, 576, 640, 768, 896, 1024)
 
@@ -476,21 +478,28 @@ class FusedRunner(ModelRunner):
         n_blocks = kernels.max_extend_blocks(bucket, self.max_rows, self._extend_block) if bucket else 0
         blocks = kernels.extend_blocks(np.cumsum(lens) - lens, lens, self._extend_block, n_blocks)
         n_blocks = blocks.shape[1]
+        # Key splits only where a few tokens read many keys (a turn after a long cached prefix): on an H200 they
+        # cut such a prefill step of 64 streams from 4.9 to 4.2 ms, but made 64-token prompts' steps slower
+        # (2.3 to 2.9 ms), whose few keys keep no extra programs busy.
+        splits = 1
+        if self.triton_attention and max(ends) > SPLIT_KEYS:
+            splits = kernels.extend_splits(size, self.local_heads, self.local_kv_heads)
         flat = to_device(np.concatenate([plan.reshape(-1), blocks.reshape(-1), scored]), self.device)
         scored_d = flat[3 * size + 2 * n_blocks :]
         if bucket and self.cuda_graphs:
-            graph, hidden = self._verify_graph(bucket, flat[: 3 * size + 2 * n_blocks])
+            graph, hidden = self._verify_graph(bucket, flat[: 3 * size + 2 * n_blocks], splits)
             graph.replay()
             self._packed_prefill_replays += prefill
         else:
             ids, rows_d, pos = flat[: 3 * size].view(3, size)
             blocks_d = flat[3 * size : 3 * size + 2 * n_blocks].view(2, n_blocks)
-            hidden = self._packed_body(ids, rows_d, pos, blocks_d, max(ends) + pad)
+            hidden = self._packed_body(ids, rows_d, pos, blocks_d, max(ends) + pad, splits)
         self.cache.set_row_lengths(list(rows), ends)
         return self.head(hidden[scored_d])
 
     def _packed_body(
-        self, ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, blocks: torch.Tensor, kv_len: int
+        self, ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, blocks: torch.Tensor, kv_len: int,
+        splits: int = 1,
     ) -> torch.Tensor:
         """The packed pass over device buffers (what a packed graph captures): every token a query at `pos` in row
         `rows` (`blocks`: its attention's block table); returns the last hidden states [T, hidden] (the caller
@@ -506,7 +515,7 @@ class FusedRunner(ModelRunner):
                 h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_cache, v_cache, rows, pos
             )
             if bias is None:
-                out = kernels.extend_attention(q, k_cache, v_cache, pos, rows, blocks, self.scale)
+                out = kernels.extend_attention(q, k_cache, v_cache, pos, rows, blocks, self.scale, splits)
             else:
                 out = _decode_attention(q, k_cache[rows, :, :kv_len], v_cache[rows, :, :kv_len], bias, self.scale)
             h, delta = self._mlp_fn(
@@ -523,15 +532,19 @@ class FusedRunner(ModelRunner):
             return 0
         return next((b for b in VERIFY_BUCKETS if b >= total), 0)
 
-    def _verify_graph(self, bucket: int, plan: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """The packed graph of `bucket` tokens, its inputs now `plan` (ids, rows, positions [3 * bucket], then the
-        attention's block table [2 * blocks])."""
+    def _verify_graph(
+        self, bucket: int, plan: torch.Tensor, splits: int = 1
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The packed graph of `bucket` tokens whose attention splits keys `splits` ways, its inputs now `plan` (ids,
+        rows, positions [3 * bucket], then the attention's block table [2 * blocks])."""
         self._verify_inputs[: plan.numel()].copy_(plan)
         size, n_blocks = bucket, (plan.numel() - 3 * bucket) // 2
         ids, rows, pos = self._verify_inputs[: 3 * size].view(3, size)
         blocks = self._verify_inputs[3 * size : 3 * size + 2 * n_blocks].view(2, n_blocks)
         # As a decode graph (the warm-up runs write the same keys and values the replay then writes again).
-        found = self._verify_graphs.get(bucket, lambda: self._packed_body(ids, rows, pos, blocks, self.cache.capacity))
+        found = self._verify_graphs.get(
+            (bucket, splits), lambda: self._packed_body(ids, rows, pos, blocks, self.cache.capacity, splits)
+        )
         if found is None:
             raise RuntimeError(f"no room for another packed graph ({len(self._verify_graphs)} captured)")
         return found
@@ -675,7 +688,8 @@ class FusedRunner(ModelRunner):
                 blocks = kernels.max_extend_blocks(bucket, self.max_rows, self._extend_block)
                 plan = torch.zeros(3 * bucket + 2 * blocks, dtype=torch.long, device=self.device)
                 plan[bucket : 2 * bucket] = torch.arange(bucket, device=self.device) % self.max_rows
-                self._verify_graph(bucket, plan)
+                for splits in {1, kernels.extend_splits(bucket, self.local_heads, self.local_kv_heads)}:
+                    self._verify_graph(bucket, plan, splits)
             torch.cuda.synchronize(self.device)
         except Exception as exc:
             log.warning("packed graphs not captured ahead (%s: %s)", type(exc).__name__, exc)

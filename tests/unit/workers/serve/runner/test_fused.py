@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from stratus_workers.serve.runner import UnsupportedModelError
+from stratus_workers.serve.runner import fused as fused_module
 from stratus_workers.serve.runner.fused import FusedRunner, fusable
 
 pytestmark = pytest.mark.unit
@@ -70,18 +71,21 @@ def test_modules_it_cannot_fuse_are_refused(model: torch.nn.Module) -> None:
         fused(odd, 1, 8)
 
 
-@pytest.mark.parametrize("attention", ["torch", "triton"])
+@pytest.mark.parametrize("attention", ["torch", "triton", "triton, keys split"])
 def test_packed_prefill_matches_the_eager_one(
     model: torch.nn.Module, reference, monkeypatch: pytest.MonkeyPatch, attention: str
 ) -> None:
     # CUDA's prefill is a packed pass (the verification's): rows of any lengths from any positions, no padding,
-    # the block attention kernel (here run by Triton's interpreter) or, without it, torch's attention per token.
-    if attention == "triton":
+    # the block attention kernel (here run by Triton's interpreter; its keys split over several programs where a
+    # row reads many of them, here past 8) or, without it, torch's attention per token.
+    if attention.startswith("triton"):
         pytest.importorskip("triton")
+    if attention == "triton, keys split":
+        monkeypatch.setattr(fused_module, "SPLIT_KEYS", 8)
     eager = fused(model, 6, 40)
     monkeypatch.setenv("STRATUS_PACKED_PREFILL", "1")
     packed = fused(model, 6, 40)
-    packed.triton_attention = attention == "triton"
+    packed.triton_attention = attention.startswith("triton")
     assert not eager.packed_prefill and packed.packed_prefill
     session = [9, 8, 7, 6]
     for runner in (eager, packed):
