@@ -79,6 +79,23 @@ if triton is not None:
 
 
     @triton.jit  # type: ignore[misc,untyped-decorator]
+    def _block_lines(  # type: ignore[no-untyped-def]
+        blocks_ptr, stride_blocks, blk, kv_head,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        # A block's first token and token count, and its tile's lines: (token, head) pairs; lines past the block's
+        # tokens or the group's heads repeat a real one (`live` says which lines to store).
+        first = tl.load(blocks_ptr + blk)
+        count = tl.load(blocks_ptr + stride_blocks + blk)
+        line = tl.arange(0, BLOCK_M * GROUP_PAD)
+        tok = line // GROUP_PAD
+        g = line % GROUP_PAD
+        live = (tok < count) & (g < GROUP)
+        tok = tl.minimum(tok, count - 1)
+        heads = kv_head * GROUP + tl.minimum(g, GROUP - 1)
+        return first, count, line, tok, live, heads
+
+    @triton.jit  # type: ignore[misc,untyped-decorator]
     def _extend_attention_kernel(  # type: ignore[no-untyped-def]
         q_ptr, k_ptr, v_ptr, out_ptr, pos_ptr, rows_ptr, blocks_ptr, part_ptr,
         stride_qb, stride_qh,
@@ -99,16 +116,11 @@ if triton is not None:
         blk = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
-        first = tl.load(blocks_ptr + blk)
-        count = tl.load(blocks_ptr + stride_blocks + blk)
+        first, count, line, tok, live, heads = _block_lines(
+            blocks_ptr, stride_blocks, blk, kv_head, GROUP, GROUP_PAD, BLOCK_M
+        )
         if count > 0:
             LINES: tl.constexpr = BLOCK_M * GROUP_PAD
-            line = tl.arange(0, LINES)
-            tok = line // GROUP_PAD
-            g = line % GROUP_PAD
-            live = (tok < count) & (g < GROUP)
-            tok = tl.minimum(tok, count - 1)
-            heads = kv_head * GROUP + tl.minimum(g, GROUP - 1)
             row = tl.load(rows_ptr + first)
             first_pos = tl.load(pos_ptr + first)
             q_pos = first_pos + tok
@@ -162,16 +174,11 @@ if triton is not None:
         # The splits' partial softmaxes of one (block, kv head), rescaled to their common maximum and summed.
         blk = tl.program_id(0)
         kv_head = tl.program_id(1)
-        first = tl.load(blocks_ptr + blk)
-        count = tl.load(blocks_ptr + stride_blocks + blk)
+        first, count, line, tok, live, heads = _block_lines(
+            blocks_ptr, stride_blocks, blk, kv_head, GROUP, GROUP_PAD, BLOCK_M
+        )
         if count > 0:
             LINES: tl.constexpr = BLOCK_M * GROUP_PAD
-            line = tl.arange(0, LINES)
-            tok = line // GROUP_PAD
-            g = line % GROUP_PAD
-            live = (tok < count) & (g < GROUP)
-            tok = tl.minimum(tok, count - 1)
-            heads = kv_head * GROUP + tl.minimum(g, GROUP - 1)
             d = tl.arange(0, HEAD_DIM)
             base = part_ptr + (blk * tl.num_programs(1) + kv_head) * SPLITS * LINES * (HEAD_DIM + 2)
             m = tl.full([LINES], float("-inf"), tl.float32)
