@@ -4,9 +4,16 @@
 decode step's attention of one query per row against that row's own cached keys, reading each
 key and value once. A step of a small model is a few hundred kernels long, so every kernel cut
 matters; the bound on keys comes from the row lengths on the device, so one CUDA graph serves
-every cache length. With `rows`, each query names its cache row, so the same kernel attends the tokens of
-a verification packed without padding: every token is a query at its own position in its own row (its
-row's new keys are written first, which makes it causal within the new tokens too).
+every cache length. With `rows`, each query names its cache row.
+
+`extend_attention` is the packed pass's (prefill and verification, packed without padding): every token is
+a query at its own position in its own row, whose new keys are written first, which makes it causal within
+the new tokens too. One program takes a block of up to 16 consecutive tokens of a row and reads the row's
+keys once for all of them; where a few blocks read many keys, the keys are split over several programs and
+a second kernel combines their partial softmaxes.
+
+Without a GPU, Triton's interpreter runs these kernels (the CPU tests); it accepts tile shapes the
+compiler refuses, so `extend_attention` checks them itself.
 """
 
 from __future__ import annotations
@@ -278,6 +285,20 @@ def extend_splits(tokens: int, n_q: int, n_kv: int) -> int:
     return splits
 
 
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def check_tile(lines: int, head_dim: int, splits: int) -> None:
+    """ValueError unless Triton's compiler takes this tile: power-of-two ranges, and matrix-product operands of at
+    least 16 in every dimension (its CPU interpreter checks neither)."""
+    if not (_pow2(lines) and _pow2(head_dim) and _pow2(splits)) or min(lines, head_dim) < 16:
+        raise ValueError(
+            f"extend_attention's tile of {lines} lines x {head_dim} (splits {splits}) would not compile: each must "
+            "be a power of two, lines and head size at least 16"
+        )
+
+
 def extend_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -299,6 +320,7 @@ def extend_attention(
     group = n_q // n_kv
     splits = splits or extend_splits(tokens, n_q, n_kv)
     block_m, group_pad = extend_block(n_q, n_kv), _group_pad(group)
+    check_tile(block_m * group_pad, head_dim, splits)
     n_blocks = blocks.shape[1]
     out = torch.empty_like(q)
     part = out  # unused with one split

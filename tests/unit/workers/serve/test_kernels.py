@@ -78,6 +78,20 @@ def test_extend_attention_is_each_tokens_own_attention(
     torch.testing.assert_close(got[:-1], reference(q[:-1], k, v, rows, pos), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("group", range(1, 65))
+def test_every_head_grouping_gets_a_tile_the_compiler_takes(group: int) -> None:
+    # The interpreter would run tiles the GPU compiler refuses (fewer than 16 lines, not a power of two).
+    lines = kernels.extend_block(2 * group, 2) * kernels._group_pad(group)
+    kernels.check_tile(lines, 64, kernels.extend_splits(24, 2 * group, 2))
+    assert lines <= 256
+
+
+def test_a_tile_the_compiler_refuses_is_refused() -> None:
+    for lines, head_dim, splits in ((8, 64, 1), (48, 64, 1), (16, 24, 1), (16, 64, 3)):
+        with pytest.raises(ValueError, match="would not compile"):
+            kernels.check_tile(lines, head_dim, splits)
+
+
 def test_key_splits_keep_a_small_pass_busy() -> None:
     # A chat's next turn (a few tokens after a long cached prefix) is a few blocks: split the keys; a big pass
     # has programs enough. A function of the pass's size, so a captured graph keeps its launch shape.

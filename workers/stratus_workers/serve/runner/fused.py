@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 
 # A packed pass splits its attention's keys over several programs when some row reads more keys than this.
 SPLIT_KEYS = 512
-# Token counts a packed verification graph is captured for (CUDA): 64 sessions' 8-token drafts are 576.
-VERIFY_BUCKETS = (8, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 448, 512, 576, 640, 768, 896, 1024)
+# Token counts a packed pass (verification, prefill) is captured for (CUDA): 64 sessions' 8-token drafts are 576.
+PACKED_BUCKETS = (8, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 448, 512, 576, 640, 768, 896, 1024)
 
 
 def fusable(model: Any) -> bool:
@@ -254,20 +254,19 @@ class FusedRunner(ModelRunner):
         self.packed_verify = True  # off for good after a packed verification failed to run (forward_rows)
         # Packed passes (verification; prefill too, with `packed_prefill`) as CUDA graphs per token bucket; a
         # failed capture is not retried with less (the caller falls back to the padded pass for good).
-        self._verify_graphs = GraphCache(self.device, lambda: None)
+        self._packed_graphs = GraphCache(self.device, lambda: None)
         self._extend_block = kernels.extend_block(self.local_heads, self.local_kv_heads)
+        self.packed_replays = 0  # packed passes that ran as a captured graph
         self._packed_prefill_replays = 0
-        largest = VERIFY_BUCKETS[-1]
+        largest = PACKED_BUCKETS[-1]
         with torch.inference_mode(False):  # a graph's inputs, refilled before each replay
-            self._verify_inputs = torch.zeros(
+            self._packed_inputs = torch.zeros(
                 3 * largest + 2 * kernels.max_extend_blocks(largest, max_rows, self._extend_block),
                 dtype=torch.long,
                 device=self.device,
             )
         # The engine may hand joining rows' first tokens over on the device (see ModelRunner.decode).
         self.device_join = ahead
-        # Prefill from fixed buffers, a graph per bucket: with CUDA graphs on one device (a tensor-parallel
-        # group's all-reduces stay eager); STRATUS_STATIC_PREFILL=0 or 1 overrides (1 runs it on the CPU).
         # Prefill as a packed pass (the verification's: a graph per token bucket, the block attention kernel) where
         # that kernel runs, else eagerly; STRATUS_PACKED_PREFILL=0 or 1 overrides (1 runs it on the CPU, with
         # torch's attention).
@@ -457,7 +456,7 @@ class FusedRunner(ModelRunner):
         lens = np.asarray(q_lens, dtype=np.int64)
         index = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)  # within its row
         scored = np.flatnonzero(index >= np.repeat(np.asarray(logits_from, dtype=np.int64), lens))
-        bucket = self._verify_bucket(total)
+        bucket = self._packed_bucket(total)
         # A graph's bucket is filled with padding tokens, spread over the rows, each past its row's new end:
         # slots no key is read from until a real token overwrites them. Where they would not fit, eagerly.
         pad = bucket - total if bucket else 0
@@ -481,14 +480,13 @@ class FusedRunner(ModelRunner):
         # Key splits only where a few tokens read many keys (a turn after a long cached prefix): on an H200 they
         # cut such a prefill step of 64 streams from 4.9 to 4.2 ms, but made 64-token prompts' steps slower
         # (2.3 to 2.9 ms), whose few keys keep no extra programs busy.
-        splits = 1
-        if self.triton_attention and max(ends) > SPLIT_KEYS:
-            splits = kernels.extend_splits(size, self.local_heads, self.local_kv_heads)
+        splits = self._splits(size, max(ends))
         flat = to_device(np.concatenate([plan.reshape(-1), blocks.reshape(-1), scored]), self.device)
         scored_d = flat[3 * size + 2 * n_blocks :]
         if bucket and self.cuda_graphs:
-            graph, hidden = self._verify_graph(bucket, flat[: 3 * size + 2 * n_blocks], splits)
+            graph, hidden = self._packed_graph(bucket, flat[: 3 * size + 2 * n_blocks], splits)
             graph.replay()
+            self.packed_replays += 1
             self._packed_prefill_replays += prefill
         else:
             ids, rows_d, pos = flat[: 3 * size].view(3, size)
@@ -496,6 +494,12 @@ class FusedRunner(ModelRunner):
             hidden = self._packed_body(ids, rows_d, pos, blocks_d, max(ends) + pad, splits)
         self.cache.set_row_lengths(list(rows), ends)
         return self.head(hidden[scored_d])
+
+    def _splits(self, tokens: int, keys: int) -> int:
+        """Key splits of a packed pass of `tokens` tokens whose longest row reads `keys` keys."""
+        if not self.triton_attention or keys <= SPLIT_KEYS:
+            return 1
+        return kernels.extend_splits(tokens, self.local_heads, self.local_kv_heads)
 
     def _packed_body(
         self, ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, blocks: torch.Tensor, kv_len: int,
@@ -525,28 +529,28 @@ class FusedRunner(ModelRunner):
                 delta = delta + lw.down_bias
         return h + delta
 
-    def _verify_bucket(self, total: int) -> int:
+    def _packed_bucket(self, total: int) -> int:
         """The token count of the verification graph that runs `total` tokens, or 0: eagerly (no CUDA graphs,
         or more tokens than the largest bucket)."""
         if not (self.cuda_graphs and self.triton_attention and env_flag("STRATUS_VERIFY_GRAPHS", True)):
             return 0
-        return next((b for b in VERIFY_BUCKETS if b >= total), 0)
+        return next((b for b in PACKED_BUCKETS if b >= total), 0)
 
-    def _verify_graph(
+    def _packed_graph(
         self, bucket: int, plan: torch.Tensor, splits: int = 1
     ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The packed graph of `bucket` tokens whose attention splits keys `splits` ways, its inputs now `plan` (ids,
         rows, positions [3 * bucket], then the attention's block table [2 * blocks])."""
-        self._verify_inputs[: plan.numel()].copy_(plan)
+        self._packed_inputs[: plan.numel()].copy_(plan)
         size, n_blocks = bucket, (plan.numel() - 3 * bucket) // 2
-        ids, rows, pos = self._verify_inputs[: 3 * size].view(3, size)
-        blocks = self._verify_inputs[3 * size : 3 * size + 2 * n_blocks].view(2, n_blocks)
+        ids, rows, pos = self._packed_inputs[: 3 * size].view(3, size)
+        blocks = self._packed_inputs[3 * size : 3 * size + 2 * n_blocks].view(2, n_blocks)
         # As a decode graph (the warm-up runs write the same keys and values the replay then writes again).
-        found = self._verify_graphs.get(
+        found = self._packed_graphs.get(
             (bucket, splits), lambda: self._packed_body(ids, rows, pos, blocks, self.cache.capacity, splits)
         )
         if found is None:
-            raise RuntimeError(f"no room for another packed graph ({len(self._verify_graphs)} captured)")
+            raise RuntimeError(f"no room for another packed graph ({len(self._packed_graphs)} captured)")
         return found
 
     def _extend(
@@ -671,30 +675,31 @@ class FusedRunner(ModelRunner):
         graphs = self.decoder.warmup(max_kv_len, batch_sizes)
         if self.compiled:
             self._warm_prefill()
-        return graphs + self._warm_verify()
+        return graphs + self._warm_packed()
 
-    def _warm_verify(self) -> int:
-        """Capture the packed verification graphs now, as the decode graphs are, so that no Verify round pays
-        for a capture. Every row is empty at warm-up: the captures write at position 0, which real tokens
-        overwrite. A failure leaves them to be captured on first use."""
+    def _warm_packed(self) -> int:
+        """Capture the packed graphs now, as the decode graphs are, so that no prefill or Verify round pays
+        for a capture (the key-split ones only where a row can read enough keys). Every row is empty at
+        warm-up: the captures write at position 0, which real tokens overwrite. A failure leaves them to be
+        captured on first use."""
         packed = self.packed_verify and env_flag("STRATUS_VERIFY_PACKED", True) and self.world_size == 1
         if not (packed and self.cuda_graphs and self.triton_attention and env_flag("STRATUS_VERIFY_GRAPHS", True)):
             return 0
         if any(self.cache.lengths):
             return 0
         try:
-            for bucket in VERIFY_BUCKETS:
+            for bucket in PACKED_BUCKETS:
                 # No blocks: the attention kernel does nothing (it is compiled all the same).
                 blocks = kernels.max_extend_blocks(bucket, self.max_rows, self._extend_block)
                 plan = torch.zeros(3 * bucket + 2 * blocks, dtype=torch.long, device=self.device)
                 plan[bucket : 2 * bucket] = torch.arange(bucket, device=self.device) % self.max_rows
-                for splits in {1, kernels.extend_splits(bucket, self.local_heads, self.local_kv_heads)}:
-                    self._verify_graph(bucket, plan, splits)
+                for splits in {1, self._splits(bucket, self.cache.capacity)}:
+                    self._packed_graph(bucket, plan, splits)
             torch.cuda.synchronize(self.device)
         except Exception as exc:
             log.warning("packed graphs not captured ahead (%s: %s)", type(exc).__name__, exc)
-            self._verify_graphs.graphs.clear()
-        return len(self._verify_graphs)
+            self._packed_graphs.graphs.clear()
+        return len(self._packed_graphs)
 
     def _warm_prefill(self) -> None:
         """Compile the prefill's functions now for each shape class (sizes of one are specialised), so
