@@ -231,7 +231,7 @@ def decode_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         scale,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=64,
+        GROUP=group, GROUP_PAD=max(16, _group_pad(group)), HEAD_DIM=head_dim, BLOCK_N=64,
         HAS_ROWS=rows is not None,
         # float32 stays float32 (Triton's default would round the products to TensorFloat-32, which torch's
         # own float32 matrix products do not: the decode step and a verification would disagree).
@@ -246,7 +246,8 @@ def _group_pad(group: int) -> int:
 
 
 def extend_block(n_q: int, n_kv: int) -> int:
-    """Tokens per block of `extend_attention` for this head shape: a tile of at most 128 (token, head) lines."""
+    """Tokens per block of `extend_attention` for this head shape: a tile of at most 128 (token, head) lines, or
+    one token's padded group of heads where that is more."""
     return max(1, min(16, 128 // _group_pad(n_q // n_kv)))
 
 
