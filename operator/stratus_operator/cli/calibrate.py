@@ -97,23 +97,6 @@ def samples_for(
     ]
 
 
-async def collect_samples(
-    target: str,
-    prompts: list[str],
-    max_new_tokens: int,
-    *,
-    token: str | None = None,
-    tls_ca: str | None = None,
-    probe_tokens: int = 0,
-    window_tokens: int = 0,
-    running_mean: bool = False,
-) -> list[Sample]:
-    """For each prompt: the edge's answer and confidence (as a cascade with `probe_tokens`, `window_tokens` and
-    `running_mean` judges it), and the cloud's judgement of that answer."""
-    answers = await collect_answers(target, prompts, max_new_tokens, token=token, tls_ca=tls_ca)
-    return samples_for(answers, probe_tokens, window_tokens, running_mean)
-
-
 def manifest_cascade(path: Path) -> dict[str, Any]:
     """spec.routing.cascade of an LLMDeployment manifest ({} when it has none)."""
     manifest = yaml.safe_load(path.read_text()) or {}
@@ -167,9 +150,10 @@ def run(args: argparse.Namespace) -> int:
         rule[option] = value
     running = args.running_mean
     rule["running_mean"] = bool(cascade.get("runningMean", False)) if running is None else running
-    samples = asyncio.run(
-        collect_samples(args.target, prompts, args.max_new_tokens, token=args.token, tls_ca=args.tls_ca, **rule)
+    answers = asyncio.run(
+        collect_answers(args.target, prompts, args.max_new_tokens, token=args.token, tls_ca=args.tls_ca)
     )
+    samples = samples_for(answers, **rule)
     try:
         result = choose_threshold(samples, args.retention)
     except ValueError as exc:
