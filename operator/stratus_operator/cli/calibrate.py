@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -18,6 +19,7 @@ from stratus_operator.cli.common import add_connection_args
 from stratus_workers.client import AsyncClient
 from stratus_workers.client.prompts import CALIBRATION_PROMPTS
 from stratus_workers.router.calibration import Calibration, Sample, choose_threshold, likelihood_quality
+from stratus_workers.router.config import CascadeSettings
 from stratus_workers.router.policy import edge_confidence, mean_logprob
 
 
@@ -97,28 +99,51 @@ def samples_for(
     ]
 
 
-async def collect_samples(
-    target: str,
-    prompts: list[str],
-    max_new_tokens: int,
-    *,
-    token: str | None = None,
-    tls_ca: str | None = None,
-    probe_tokens: int = 0,
-    window_tokens: int = 0,
-    running_mean: bool = False,
-) -> list[Sample]:
-    """For each prompt: the edge's answer and confidence (as a cascade with `probe_tokens`, `window_tokens` and
-    `running_mean` judges it), and the cloud's judgement of that answer."""
-    answers = await collect_answers(target, prompts, max_new_tokens, token=token, tls_ca=tls_ca)
-    return samples_for(answers, probe_tokens, window_tokens, running_mean)
-
-
 def manifest_cascade(path: Path) -> dict[str, Any]:
     """spec.routing.cascade of an LLMDeployment manifest ({} when it has none)."""
     manifest = yaml.safe_load(path.read_text()) or {}
     cascade: dict[str, Any] = ((manifest.get("spec") or {}).get("routing") or {}).get("cascade") or {}
     return cascade
+
+
+# The flags that set the rule over the manifest's: the cascade setting (its manifest name) each one gives.
+RULE_FLAGS = {"probeTokens": "--probe-tokens", "windowTokens": "--window-tokens", "runningMean": "--running-mean"}
+
+
+def cascade_rule(args: argparse.Namespace) -> CascadeSettings:
+    """The rule to judge edge answers by: the manifest's spec.routing.cascade (-f), the flags given over it, read
+    as the router reads its settings (`CascadeSettings`). A ValueError saying what is wrong and how to fix it
+    when the router would refuse them."""
+    flags: dict[str, Any] = {}
+    for field, flag in RULE_FLAGS.items():
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if value is None:
+            continue
+        if not isinstance(value, bool) and value < 0:
+            raise ValueError(f"{flag} is {value}; use 0 (off) or more")
+        flags[field] = value
+    cascade = manifest_cascade(args.file) if args.file else {}
+    try:
+        return CascadeSettings.model_validate({**cascade, **flags})
+    except ValidationError as exc:
+        raise ValueError(rule_problems(exc, flags, args.file)) from None
+
+
+def rule_problems(exc: ValidationError, flags: dict[str, Any], path: Path | None) -> str:
+    """What the router refuses in the rule (`cascade_rule`'s), each problem blamed on the flag or the manifest
+    line that gave it, with how to fix it."""
+    lines = ["the cascade rule is not one the router accepts:"]
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"])
+        if field in flags:
+            lines.append(f"  {RULE_FLAGS[field]} {error['input']}: {error['msg']}; give it a value the router accepts")
+            continue
+        fix = "fix it there" + (f" or give {RULE_FLAGS[field]}" if field in RULE_FLAGS else "")
+        if error["type"] == "extra_forbidden":
+            names = ", ".join(str(f.alias) for f in CascadeSettings.model_fields.values())
+            fix = f"remove it or correct its name (the settings: {names})"
+        lines.append(f"  spec.routing.cascade.{field}: {error['input']!r} in {path}: {error['msg']}; {fix}")
+    return "\n".join(lines)
 
 
 def write_threshold(path: Path, threshold: float) -> None:
@@ -154,22 +179,15 @@ def run(args: argparse.Namespace) -> int:
     if args.write and args.file is None:
         print("error: --write needs -f MANIFEST")
         return 2
-    # The manifest's rule where a flag does not say otherwise.
-    cascade = manifest_cascade(args.file) if args.file else {}
-    rule: dict[str, Any] = {}
-    for option, field in (("probe_tokens", "probeTokens"), ("window_tokens", "windowTokens")):
-        value = getattr(args, option)
-        if value is None:
-            value = int(cascade.get(field, 0))
-        if value < 0:
-            print(f"error: --{option.replace('_', '-')} is {value}; use 0 (off) or more")
-            return 2
-        rule[option] = value
-    running = args.running_mean
-    rule["running_mean"] = bool(cascade.get("runningMean", False)) if running is None else running
-    samples = asyncio.run(
-        collect_samples(args.target, prompts, args.max_new_tokens, token=args.token, tls_ca=args.tls_ca, **rule)
+    try:
+        rule = cascade_rule(args)
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
+    answers = asyncio.run(
+        collect_answers(args.target, prompts, args.max_new_tokens, token=args.token, tls_ca=args.tls_ca)
     )
+    samples = samples_for(answers, rule.probe_tokens, rule.window_tokens, rule.running_mean)
     try:
         result = choose_threshold(samples, args.retention)
     except ValueError as exc:

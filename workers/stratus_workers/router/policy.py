@@ -206,14 +206,15 @@ class WindowSum:
                 self._magnitude -= abs(exact)
         if len(values) < size or self._threshold is None:
             return None
+        below = False  # certainly below: the answer settles here, so this adding up comes once an answer
         if not self._odd and self._magnitude < self._huge:
             margin = rounding_margin(size, self._magnitude)  # times `size`, as the sum and the limit are
-            if self._exact + margin < self._limit:
-                return logprob_sum(v for v, _ in values) / size  # settling: once an answer
             if self._exact - margin >= self._limit:
                 return None
-        self.resums += 1
-        mean = logprob_sum(v for v, _ in values) / self.size
+            below = self._exact + margin < self._limit
+        if not below:
+            self.resums += 1
+        mean = logprob_sum(v for v, _ in values) / size
         return mean if mean < self.threshold else None
 
     def _rescale(self, bits: int) -> None:
@@ -261,7 +262,6 @@ class EdgeWatch:
             return True
         threshold = self.settings.confidence_threshold
         probe = self.settings.probe_tokens
-        window = self.settings.window_tokens
         for logprob in logprobs:
             self.logprobs.append(logprob)
             self.total += logprob
@@ -275,8 +275,9 @@ class EdgeWatch:
                 stretch = self.window.push(logprob)
                 if stretch is not None:
                     return self._settle(stretch)
-                if n < window and self.total / window < threshold:
-                    return self._settle(self.total / window)
+                size = self.window.size
+                if n < size and self.total / size < threshold:
+                    return self._settle(self.total / size)
             elif self.max_tokens is not None and best_reachable_mean(self.total, self.max_tokens) < threshold:
                 return self._settle(self.total / n)
         return False

@@ -53,12 +53,13 @@ def next_draft_length(current: int, accepted: int, *, minimum: int = 1, maximum:
     """Adapt k to the acceptance seen: one longer after a fully accepted draft, one shorter after a rejection
     (never shorter than what stuck plus one).
 
-    The cloud's verification pass costs about the same for 5 positions as for 13 (its fixed cost, reading the
-    weights, dominates on a CPU core: docs/cooperation.md), so a round is worth about as much as the tokens it
-    yields. Falling to what stuck plus one after each rejection made many rounds of one or two draft tokens,
-    each costing the cloud nearly a whole pass for two or three tokens; stepping down by one keeps the draft
-    long through an isolated rejection and still shortens it through a run of them (a rejected token costs the
-    edge a draft step and the link a few bytes).
+    What a verification pass costs the cloud hardly depends on the draft's length (its fixed cost, reading the
+    weights, dominates on a CPU core), so a round is worth about as much as the tokens it yields. Falling to
+    what stuck plus one after each rejection made many rounds of one or two draft tokens, each costing the
+    cloud nearly a whole pass for two or three tokens; stepping down by one keeps the draft long through an
+    isolated rejection and still shortens it through a run of them (a rejected token costs the edge a draft
+    step and the link a few bytes). The measurements: docs/cooperation.md ("Adaptive k"), and the stored run
+    docs/bench-data/coop-q8.json.
     """
     if accepted >= current:
         return min(maximum, current + 1)
