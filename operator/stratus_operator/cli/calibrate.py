@@ -100,10 +100,21 @@ def samples_for(
 
 
 def manifest_cascade(path: Path) -> dict[str, Any]:
-    """spec.routing.cascade of an LLMDeployment manifest ({} when it has none)."""
-    manifest = yaml.safe_load(path.read_text()) or {}
-    cascade: dict[str, Any] = ((manifest.get("spec") or {}).get("routing") or {}).get("cascade") or {}
-    return cascade
+    """spec.routing.cascade of an LLMDeployment manifest ({} when it has none); a ValueError naming the file and
+    the section when it cannot be read as one."""
+    try:
+        section: Any = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read the manifest {path}: {exc}") from None
+    seen: list[str] = []
+    for key in ("spec", "routing", "cascade", None):
+        if not isinstance(section, dict):
+            where = ".".join(seen) or "the manifest"
+            raise ValueError(f"{where} in {path} is a {type(section).__name__}, not a mapping: give an LLMDeployment")
+        if key is not None:
+            section = section.get(key) or {}
+            seen.append(key)
+    return section
 
 
 # The flags that set the rule over the manifest's: the cascade setting (its manifest name) each one gives.
@@ -123,6 +134,7 @@ def cascade_rule(args: argparse.Namespace) -> CascadeSettings:
             raise ValueError(f"{flag} is {value}; use 0 (off) or more")
         flags[field] = value
     cascade = manifest_cascade(args.file) if args.file else {}
+    cascade.pop("confidenceThreshold", None)  # what calibrating replaces: a wrong one is no reason to refuse
     try:
         return CascadeSettings.model_validate({**cascade, **flags})
     except ValidationError as exc:

@@ -105,3 +105,28 @@ def test_a_flag_overrides_the_manifest(tmp_path: Path) -> None:
     # The manifest's windowTokens (one the router refuses) is not the one judged by; its probeTokens stays.
     assert (rule.window_tokens, rule.probe_tokens, rule.running_mean) == (8, 6, False)
     assert cascade_rule(calibrate_args(manifest, "--window-tokens", "0", "--probe-tokens", "0")).running_mean
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("- a list\n", "the manifest in {} is a list, not a mapping"),
+        ("spec:\n  routing: [1, 2]\n", "spec.routing in {} is a list, not a mapping"),
+        ("spec:\n  routing:\n    cascade: 3\n", "spec.routing.cascade in {} is a int, not a mapping"),
+        ("spec: {routing: [\n", "cannot read the manifest {}"),
+    ],
+)
+def test_a_manifest_that_is_no_llmdeployment_is_refused_before_any_call(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, problem: str
+) -> None:
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(text)
+    args = calibrate_args(manifest)
+    assert args.func(args) == 2
+    assert problem.format(manifest) in capsys.readouterr().out
+
+
+def test_a_threshold_the_router_refuses_does_not_stop_calibrating(tmp_path: Path) -> None:
+    # The threshold is what calibrating replaces; the rule is read from the rest.
+    manifest = cascade_manifest(tmp_path, "confidenceThreshold: 0.5\n      windowTokens: 8")
+    assert cascade_rule(calibrate_args(manifest)).window_tokens == 8
