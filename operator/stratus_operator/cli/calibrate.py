@@ -114,7 +114,8 @@ def manifest_cascade(path: Path) -> dict[str, Any]:
         if key is not None:
             section = section.get(key) or {}
             seen.append(key)
-    return section
+    cascade: dict[str, Any] = section
+    return cascade
 
 
 # The flags that set the rule over the manifest's: the cascade setting (its manifest name) each one gives.
