@@ -32,6 +32,15 @@ class _Entry:
     piece_tokens: list[int]
 
 
+@dataclasses.dataclass
+class _Rest:
+    """A text after its cut: its ids, and its pieces' starts in the whole text (none when it is not stored)."""
+
+    ids: list[int]
+    piece_chars: list[int]
+    piece_tokens: list[int]
+
+
 def _reusable(backend: Any) -> tuple[bool, str]:
     """Whether `backend` (a `tokenizers.Tokenizer`) is a pipeline whose prefix tokens can be reused (and why not).
 
@@ -107,7 +116,7 @@ class PromptEncoder:
         if not self.reuse:  # (a reusable tokenizer adds no special tokens: `special` changes nothing there)
             return encode_text(self.tokenizer, text, special)
         plan = self._plan(text)
-        return self._finish(text, plan, self._tail(text, plan[0]))
+        return self._finish(text, plan, self._rest(text, plan[0], plan[1]))
 
     async def encode_async(self, text: str, special: bool = True) -> list[int]:
         """`encode(text, special)`, with the part no entry covers tokenized in a thread when it is long."""
@@ -118,10 +127,10 @@ class PromptEncoder:
             return await loop.run_in_executor(self._executor(), self._whole, text, special)
         plan = self._plan(text)
         if len(text) - plan[0] <= INLINE_CHARS:
-            tail = self._tail(text, plan[0])
+            rest = self._rest(text, plan[0], plan[1])
         else:  # the entries are only touched here, on the loop's thread
-            tail = await loop.run_in_executor(self._executor(), self._tail, text, plan[0])
-        return self._finish(text, plan, tail)
+            rest = await loop.run_in_executor(self._executor(), self._rest, text, plan[0], plan[1])
+        return self._finish(text, plan, rest)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -169,30 +178,41 @@ class PromptEncoder:
             return None
         return self.backend.encode_batch([text[start:]], add_special_tokens=False)[0]
 
-    def _finish(self, text: str, plan: tuple[int, int, _Entry | None], tail: Any) -> list[int]:
+    def _rest(self, text: str, start: int, count: int) -> _Rest | None:
+        """`text[start:]` tokenized, and (for a text long enough to be stored) where its pieces start, the
+        first at token `count` of the whole; this is what a thread runs, so walking the pieces stays off the loop."""
+        tail = self._tail(text, start)
+        if tail is None:
+            return None
+        chars: list[int] = []
+        tokens: list[int] = []
+        if len(text) >= MIN_SHARED_CHARS:
+            previous = None
+            for n, (word, offset) in enumerate(zip(tail.word_ids, tail.offsets, strict=True)):
+                if n == 0 or word is None or word != previous:
+                    chars.append(start + offset[0])
+                    tokens.append(count + n)
+                previous = word
+        return _Rest(list(tail.ids), chars, tokens)
+
+    def _finish(self, text: str, plan: tuple[int, int, _Entry | None], rest: _Rest | None) -> list[int]:
         start, count, entry = plan
         self.reused_chars += start
-        if entry is not None and tail is None:  # this very text again
+        if len(text) < MIN_SHARED_CHARS:  # nothing reused, nothing stored
+            return [] if rest is None else rest.ids
+        if rest is None:  # this very text again
+            assert entry is not None
             return list(entry.ids)
         if entry is None:
-            ids: list[int] = []
-            chars: list[int] = []
-            tokens: list[int] = []
+            ids = rest.ids
+            chars, tokens = rest.piece_chars, rest.piece_tokens
         else:
-            ids = entry.ids[:count]
-            chars = entry.piece_chars[: bisect.bisect_left(entry.piece_chars, start)]
-            tokens = entry.piece_tokens[: len(chars)]
-        previous = None
-        for n, (word, offset) in enumerate(zip(tail.word_ids, tail.offsets, strict=True)):
-            if n == 0 or word is None or word != previous:
-                chars.append(start + offset[0])
-                tokens.append(count + n)
-            previous = word
-        ids.extend(tail.ids)
-        if len(text) >= MIN_SHARED_CHARS:
-            self.entries[next(self._keys)] = _Entry(text, ids, chars, tokens)
-            while len(self.entries) > self.capacity:
-                self.entries.popitem(last=False)
+            ids = entry.ids[:count] + rest.ids
+            chars = entry.piece_chars[: bisect.bisect_left(entry.piece_chars, start)] + rest.piece_chars
+            tokens = entry.piece_tokens[: len(chars) - len(rest.piece_chars)] + rest.piece_tokens
+        self.entries[next(self._keys)] = _Entry(text, ids, chars, tokens)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
         return list(ids)
 
 

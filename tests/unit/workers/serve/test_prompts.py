@@ -195,3 +195,13 @@ def test_switched_off_for_timing(tokenizer: Any, monkeypatch: pytest.MonkeyPatch
     long = text * 10
     assert len(long) > prompts_module.INLINE_CHARS
     assert asyncio.run(encoder.encode_async(long)) == tokenizer.encode(long) and encoder._pool is None  # on the loop
+
+
+def test_empty_and_short_texts(tokenizer: Any) -> None:
+    """Texts too short to store give their ids and leave no entry (an empty one too: nothing to tokenize)."""
+    encoder = PromptEncoder(tokenizer)
+    for text in ["", "hi", "x" * (MIN_SHARED_CHARS - 1)]:
+        assert encoder.encode(text) == tokenizer.encode(text)
+        assert asyncio.run(encoder.encode_async(text)) == tokenizer.encode(text)
+    assert not encoder.entries and encoder.reused_chars == 0
+    encoder.close()
