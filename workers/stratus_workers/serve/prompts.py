@@ -124,7 +124,8 @@ class PromptEncoder:
         if not self.reuse:
             if self.backend is None or self.inline or len(text) <= INLINE_CHARS:
                 return encode_text(self.tokenizer, text, special)
-            return await loop.run_in_executor(self._executor(), self._whole, text, special)
+            # A fast tokenizer's `encode` goes through `encode_batch`, which releases the GIL while it works.
+            return await loop.run_in_executor(self._executor(), encode_text, self.tokenizer, text, special)
         plan = self._plan(text)
         if len(text) - plan[0] <= INLINE_CHARS:
             rest = self._rest(text, plan[0], plan[1])
@@ -142,10 +143,6 @@ class PromptEncoder:
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="stratus-tokenize")
         return self._pool
-
-    def _whole(self, text: str, special: bool) -> list[int]:
-        # encode_batch releases the GIL while it works; `encode` holds it throughout.
-        return list(self.backend.encode_batch([text], add_special_tokens=special)[0].ids)
 
     def _plan(self, text: str) -> tuple[int, int, _Entry | None]:
         """(char offset, token index, entry) to cut at: the entry's tokens before the cut are this text's."""
