@@ -7,7 +7,6 @@ import bisect
 import collections
 import concurrent.futures
 import dataclasses
-import itertools
 import json
 import os
 from typing import Any
@@ -24,9 +23,9 @@ MAX_CANDIDATES = 4  # entries sharing a text's first characters that are compare
 
 @dataclasses.dataclass
 class _Entry:
-    """A text tokenized before: its ids, and where its pre-tokenizer's pieces start (char offset, token index)."""
+    """A text tokenized before (its key in the cache): its ids, and where its pre-tokenizer's pieces start
+    (char offset, token index)."""
 
-    text: str
     ids: list[int]
     piece_chars: list[int]
     piece_tokens: list[int]
@@ -103,9 +102,8 @@ class PromptEncoder:
             longest = max((len(t.content) for t in backend.get_added_tokens_decoder().values()), default=0)
             # One character of regex look-ahead, and an added token that starts in the shared part but ends after it.
             self.margin = max(32, longest + 2)
-        self.entries: collections.OrderedDict[int, _Entry] = collections.OrderedDict()
+        self.entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # by text, oldest first
         self.capacity = entries
-        self._keys = itertools.count()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.reused_chars = 0  # characters whose tokens came from an entry (tests and benchmarks read them)
 
@@ -149,19 +147,19 @@ class PromptEncoder:
         best: tuple[int, int, _Entry | None] = (0, 0, None)
         if len(text) < MIN_SHARED_CHARS:
             return best
+        same = self.entries.get(text)
+        if same is not None:  # this very text again
+            self.entries.move_to_end(text)
+            return len(text), len(same.ids), same
         head = text[:MIN_SHARED_CHARS]
         candidates = 0
-        for key in reversed(self.entries):
-            entry = self.entries[key]
-            if not entry.text.startswith(head):
+        for known, entry in reversed(self.entries.items()):
+            if not known.startswith(head):
                 continue
             candidates += 1
             if candidates > MAX_CANDIDATES:  # requests that share a head mostly share as much with the newest ones
                 break
-            shared = _shared_length(entry.text, text)
-            if shared == len(entry.text) == len(text):
-                self.entries.move_to_end(key)
-                return len(text), len(entry.ids), entry
+            shared = _shared_length(known, text)
             # The last piece start at least `margin` characters before the shared part ends (see _reusable).
             i = bisect.bisect_right(entry.piece_chars, shared - self.margin) - 1
             if i < 0 or entry.piece_chars[i] < MIN_SHARED_CHARS or entry.piece_chars[i] <= best[0]:
@@ -207,7 +205,8 @@ class PromptEncoder:
             ids = entry.ids[:count] + rest.ids
             chars = entry.piece_chars[: bisect.bisect_left(entry.piece_chars, start)] + rest.piece_chars
             tokens = entry.piece_tokens[: len(chars) - len(rest.piece_chars)] + rest.piece_tokens
-        self.entries[next(self._keys)] = _Entry(text, ids, chars, tokens)
+        self.entries[text] = _Entry(ids, chars, tokens)
+        self.entries.move_to_end(text)  # (two requests for one text tokenized at once in threads both store it)
         while len(self.entries) > self.capacity:
             self.entries.popitem(last=False)
         return list(ids)
