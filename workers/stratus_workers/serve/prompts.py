@@ -203,8 +203,9 @@ class PromptEncoder:
             chars, tokens = rest.piece_chars, rest.piece_tokens
         else:
             ids = entry.ids[:count] + rest.ids
-            chars = entry.piece_chars[: bisect.bisect_left(entry.piece_chars, start)] + rest.piece_chars
-            tokens = entry.piece_tokens[: len(chars) - len(rest.piece_chars)] + rest.piece_tokens
+            kept = bisect.bisect_left(entry.piece_chars, start)  # the entry's pieces before the cut
+            chars = entry.piece_chars[:kept] + rest.piece_chars
+            tokens = entry.piece_tokens[:kept] + rest.piece_tokens
         self.entries[text] = _Entry(ids, chars, tokens)
         self.entries.move_to_end(text)  # (two requests for one text tokenized at once in threads both store it)
         while len(self.entries) > self.capacity:
