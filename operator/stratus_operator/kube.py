@@ -35,8 +35,14 @@ class Resource:
     def api_version(self) -> str:
         return f"{self.group}/{self.version}" if self.group else self.version
 
+    @property
+    def group_path(self) -> str:
+        """The path of the resource's group version: its resources' URLs start here, and a GET of it is the
+        API server's discovery document of that group version."""
+        return f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+
     def url(self, namespace: str | None = None, name: str | None = None, subresource: str | None = None) -> str:
-        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        base = self.group_path
         if self.namespaced and namespace:
             base += f"/namespaces/{quote(namespace)}"
         base += f"/{self.plural}"

@@ -38,6 +38,8 @@ class Runtime:
     # Per deployment (namespace, name): what each child's last server-side apply left (apply.AppliedState), so
     # an unchanged child costs no call and a drifted one is applied again.
     applied: dict[tuple[str, str], dict[tuple[str, str], tuple[str, str, float]]] = field(default_factory=dict)
+    # The liveness probe found LLMDeployments served by the API server (handle_probe_operator); checked until then.
+    api_served: bool = False
 
     @classmethod
     def from_config(cls, config: Config, kube: Kube) -> Runtime:

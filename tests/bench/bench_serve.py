@@ -542,11 +542,24 @@ async def run_shared_prefix_uncached(bench: Bench, prompts: list[str], pool: Cli
         await server.stop(0.5)
 
 
+def _server_port() -> int:
+    """A port for a server process: `stratus_workers.ports.free_port`'s, outside the ephemeral range that the
+    process group's own connections draw from; the kernel's choice only where `--code` is a tree without ports.py."""
+    try:
+        from stratus_workers.ports import free_port
+    except ImportError:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+    return free_port()
+
+
 async def run_server_process(
     model: Any, tokenizer: Any, prompts: list[str], pool: ClientPool, args: argparse.Namespace, log: Any
 ) -> list[dict[str, Any]]:
     """The server as its own process group (`--tensor-parallel N`), loaded like the in-process one."""
-    import socket
     import tempfile
 
     from stratus_workers.client import AsyncClient
@@ -555,9 +568,7 @@ async def run_server_process(
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = _server_port()
         cmd = [
             sys.executable, "-m", "stratus_workers.serve", "--model", tmp, "--name", "bench", "--port", str(port),
             "--http-port", "0", "--tensor-parallel", str(args.tensor_parallel), "--max-batch-size",
@@ -730,7 +741,6 @@ def bench_model(
     del model, loaded, bench
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return rows
 
 
 def start_phases(phases: dict[str, float], unit: str = " s") -> str:

@@ -12,11 +12,11 @@ from stratus_operator.runtime import runtime_of
 
 async def probe(memo: Any) -> dict[str, int]:
     runtime = runtime_of(memo)
-    if runtime.config.named_namespaces_only and not getattr(memo, "api_served", False):
+    if runtime.config.named_namespaces_only and not runtime.api_served:
         # Without kopf's CRD scanning (handle_startup_operator says why) a CRD installed after the start is never
         # watched: fail liveness until it is served, so the kubelet restarts the operator into it.
         try:
-            group = await runtime.kube.request("GET", f"/apis/{LLMDEPLOYMENTS.group}/{LLMDEPLOYMENTS.version}")
+            group = await runtime.kube.request("GET", LLMDEPLOYMENTS.group_path)
         except KubeError as exc:
             if exc.status != 404:
                 raise
@@ -26,7 +26,7 @@ async def probe(memo: Any) -> dict[str, int]:
             # Permanent: kopf would otherwise retry the probe for a minute while the kubelet's request waits.
             raise kopf.PermanentError(f"the API server does not serve {LLMDEPLOYMENTS.plural}.{LLMDEPLOYMENTS.group}/"
                                f"{LLMDEPLOYMENTS.version}: install the CRD (deploy/crds or the Helm chart)")
-        memo.api_served = True
+        runtime.api_served = True
     counts: dict[str, int] = {}
     for phase in runtime.phases.values():
         counts[phase] = counts.get(phase, 0) + 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from api_recorder import Recorder, api_server
 
-from stratus_operator.kube import DEPLOYMENTS, FIELD_MANAGER, LLMDEPLOYMENTS, NODES, Kube, KubeError, NotFound
+from stratus_operator.kube import DEPLOYMENTS, FIELD_MANAGER, LLMDEPLOYMENTS, NODES, PODS, Kube, KubeError, NotFound
 
 pytestmark = pytest.mark.unit
 
@@ -44,3 +44,10 @@ async def test_calls_outside_the_declared_verbs_are_refused_before_the_wire(api_
     with pytest.raises(RuntimeError, match=r"not declared in kube\.RESOURCES"):
         await kube.apply(NODES, None, {"metadata": {"name": "n"}})
     assert recorder.requests == []
+
+
+def test_a_resources_urls_start_at_its_group_path() -> None:
+    """The group version's path (what discovery GETs) is where every URL of its resources starts."""
+    assert LLMDEPLOYMENTS.group_path == "/apis/stratus.dev/v1alpha1" and PODS.group_path == "/api/v1"
+    for resource in (LLMDEPLOYMENTS, DEPLOYMENTS, PODS, NODES):
+        assert resource.url("ns", "x").startswith(resource.group_path + "/")

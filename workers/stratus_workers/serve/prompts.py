@@ -7,7 +7,6 @@ import bisect
 import collections
 import concurrent.futures
 import dataclasses
-import itertools
 import json
 import os
 from typing import Any
@@ -24,9 +23,18 @@ MAX_CANDIDATES = 4  # entries sharing a text's first characters that are compare
 
 @dataclasses.dataclass
 class _Entry:
-    """A text tokenized before: its ids, and where its pre-tokenizer's pieces start (char offset, token index)."""
+    """A text tokenized before (its key in the cache): its ids, and where its pre-tokenizer's pieces start
+    (char offset, token index)."""
 
-    text: str
+    ids: list[int]
+    piece_chars: list[int]
+    piece_tokens: list[int]
+
+
+@dataclasses.dataclass
+class _Rest:
+    """A text after its cut: its ids, and its pieces' starts in the whole text (none when it is not stored)."""
+
     ids: list[int]
     piece_chars: list[int]
     piece_tokens: list[int]
@@ -94,9 +102,8 @@ class PromptEncoder:
             longest = max((len(t.content) for t in backend.get_added_tokens_decoder().values()), default=0)
             # One character of regex look-ahead, and an added token that starts in the shared part but ends after it.
             self.margin = max(32, longest + 2)
-        self.entries: collections.OrderedDict[int, _Entry] = collections.OrderedDict()
+        self.entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # by text, oldest first
         self.capacity = entries
-        self._keys = itertools.count()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.reused_chars = 0  # characters whose tokens came from an entry (tests and benchmarks read them)
 
@@ -107,7 +114,7 @@ class PromptEncoder:
         if not self.reuse:  # (a reusable tokenizer adds no special tokens: `special` changes nothing there)
             return encode_text(self.tokenizer, text, special)
         plan = self._plan(text)
-        return self._finish(text, plan, self._tail(text, plan[0]))
+        return self._finish(text, plan, self._rest(text, plan[0], plan[1]))
 
     async def encode_async(self, text: str, special: bool = True) -> list[int]:
         """`encode(text, special)`, with the part no entry covers tokenized in a thread when it is long."""
@@ -115,13 +122,14 @@ class PromptEncoder:
         if not self.reuse:
             if self.backend is None or self.inline or len(text) <= INLINE_CHARS:
                 return encode_text(self.tokenizer, text, special)
-            return await loop.run_in_executor(self._executor(), self._whole, text, special)
+            # A fast tokenizer's `encode` goes through `encode_batch`, which releases the GIL while it works.
+            return await loop.run_in_executor(self._executor(), encode_text, self.tokenizer, text, special)
         plan = self._plan(text)
         if len(text) - plan[0] <= INLINE_CHARS:
-            tail = self._tail(text, plan[0])
+            rest = self._rest(text, plan[0], plan[1])
         else:  # the entries are only touched here, on the loop's thread
-            tail = await loop.run_in_executor(self._executor(), self._tail, text, plan[0])
-        return self._finish(text, plan, tail)
+            rest = await loop.run_in_executor(self._executor(), self._rest, text, plan[0], plan[1])
+        return self._finish(text, plan, rest)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -134,28 +142,24 @@ class PromptEncoder:
             self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="stratus-tokenize")
         return self._pool
 
-    def _whole(self, text: str, special: bool) -> list[int]:
-        # encode_batch releases the GIL while it works; `encode` holds it throughout.
-        return list(self.backend.encode_batch([text], add_special_tokens=special)[0].ids)
-
     def _plan(self, text: str) -> tuple[int, int, _Entry | None]:
         """(char offset, token index, entry) to cut at: the entry's tokens before the cut are this text's."""
         best: tuple[int, int, _Entry | None] = (0, 0, None)
         if len(text) < MIN_SHARED_CHARS:
             return best
+        same = self.entries.get(text)
+        if same is not None:  # this very text again
+            self.entries.move_to_end(text)
+            return len(text), len(same.ids), same
         head = text[:MIN_SHARED_CHARS]
         candidates = 0
-        for key in reversed(self.entries):
-            entry = self.entries[key]
-            if not entry.text.startswith(head):
+        for known, entry in reversed(self.entries.items()):
+            if not known.startswith(head):
                 continue
             candidates += 1
             if candidates > MAX_CANDIDATES:  # requests that share a head mostly share as much with the newest ones
                 break
-            shared = _shared_length(entry.text, text)
-            if shared == len(entry.text) == len(text):
-                self.entries.move_to_end(key)
-                return len(text), len(entry.ids), entry
+            shared = _shared_length(known, text)
             # The last piece start at least `margin` characters before the shared part ends (see _reusable).
             i = bisect.bisect_right(entry.piece_chars, shared - self.margin) - 1
             if i < 0 or entry.piece_chars[i] < MIN_SHARED_CHARS or entry.piece_chars[i] <= best[0]:
@@ -169,30 +173,43 @@ class PromptEncoder:
             return None
         return self.backend.encode_batch([text[start:]], add_special_tokens=False)[0]
 
-    def _finish(self, text: str, plan: tuple[int, int, _Entry | None], tail: Any) -> list[int]:
+    def _rest(self, text: str, start: int, count: int) -> _Rest | None:
+        """`text[start:]` tokenized, and (for a text long enough to be stored) where its pieces start, the
+        first at token `count` of the whole; this is what a thread runs, so walking the pieces stays off the loop."""
+        tail = self._tail(text, start)
+        if tail is None:
+            return None
+        chars: list[int] = []
+        tokens: list[int] = []
+        if len(text) >= MIN_SHARED_CHARS:
+            previous = None
+            for n, (word, offset) in enumerate(zip(tail.word_ids, tail.offsets, strict=True)):
+                if n == 0 or word is None or word != previous:
+                    chars.append(start + offset[0])
+                    tokens.append(count + n)
+                previous = word
+        return _Rest(list(tail.ids), chars, tokens)
+
+    def _finish(self, text: str, plan: tuple[int, int, _Entry | None], rest: _Rest | None) -> list[int]:
         start, count, entry = plan
         self.reused_chars += start
-        if entry is not None and tail is None:  # this very text again
+        if len(text) < MIN_SHARED_CHARS:  # nothing reused, nothing stored
+            return [] if rest is None else rest.ids
+        if rest is None:  # this very text again
+            assert entry is not None
             return list(entry.ids)
         if entry is None:
-            ids: list[int] = []
-            chars: list[int] = []
-            tokens: list[int] = []
+            ids = rest.ids
+            chars, tokens = rest.piece_chars, rest.piece_tokens
         else:
-            ids = entry.ids[:count]
-            chars = entry.piece_chars[: bisect.bisect_left(entry.piece_chars, start)]
-            tokens = entry.piece_tokens[: len(chars)]
-        previous = None
-        for n, (word, offset) in enumerate(zip(tail.word_ids, tail.offsets, strict=True)):
-            if n == 0 or word is None or word != previous:
-                chars.append(start + offset[0])
-                tokens.append(count + n)
-            previous = word
-        ids.extend(tail.ids)
-        if len(text) >= MIN_SHARED_CHARS:
-            self.entries[next(self._keys)] = _Entry(text, ids, chars, tokens)
-            while len(self.entries) > self.capacity:
-                self.entries.popitem(last=False)
+            ids = entry.ids[:count] + rest.ids
+            kept = bisect.bisect_left(entry.piece_chars, start)  # the entry's pieces before the cut
+            chars = entry.piece_chars[:kept] + rest.piece_chars
+            tokens = entry.piece_tokens[:kept] + rest.piece_tokens
+        self.entries[text] = _Entry(ids, chars, tokens)
+        self.entries.move_to_end(text)  # (two requests for one text tokenized at once in threads both store it)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
         return list(ids)
 
 

@@ -78,9 +78,9 @@ class StageTrace:
             event.record()
             self._events.append((key, event))
 
-    def set(self, key: str, value: Any, *, tag: str = "") -> None:
+    def set(self, key: str, value: Any) -> None:
         if self.enabled and self._open is not None:
-            self._open[f"{tag}{key}"] = value
+            self._open[key] = value
 
     def groups(self, ranges: Sequence[Sequence[int]], *, tag: str = "") -> None:
         """The current call's micro-batches, (start, end, ...) row ranges, recorded as their sizes (`{tag}groups`)."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import kmock
 import pytest
 import yaml
 from harness_objects import deployment
@@ -16,6 +18,7 @@ from operator_harness import ROOT
 pytestmark = pytest.mark.integration
 
 DEPLOYMENTS_URL = "/apis/apps/v1/namespaces/default/deployments"
+NOT_FOUND = "404 page not found\n"  # Go's http.NotFound: what the API server answers for a path nobody serves
 
 
 @pytest.fixture()
@@ -87,16 +90,51 @@ async def test_missing_namespace_is_404_and_terminating_namespace_refuses_new_co
     assert status["message"] == "unable to create new content in namespace doomed because it is being terminated"
 
 
+async def _watch(http: aiohttp.ClientSession, path: str) -> tuple[int, str]:
+    """A watch of `path` the server ends after a second; one that is still open after 10 s fails the test."""
+    async def call() -> tuple[int, str]:
+        async with http.get(path, params={"watch": "true", "timeoutSeconds": "1"},
+                            headers={"Authorization": "Bearer admin"}) as response:
+            return response.status, await response.text()
+
+    return await asyncio.wait_for(call(), timeout=10)
+
+
 async def test_reads_in_a_missing_namespace_are_served_and_an_unknown_group_is_404(
         http: aiohttp.ClientSession, served: Emulator) -> None:
-    """What the operator scoped to named namespaces relies on: like an API server, a list (and watch) in a
-    namespace nobody made yet answers an empty list, not 404; discovery of a group without its CRD is 404."""
+    """What the operator scoped to named namespaces relies on: like an API server, a list and a watch in a
+    namespace nobody made yet are served (an empty list, a stream with no events), not 404; a group nobody
+    serves is Go's plain-text 404."""
     code, listed, _ = await _send(http, "GET", "/apis/stratus.dev/v1alpha1/namespaces/nowhere/llmdeployments")
     assert code == 200 and listed["items"] == [] and served.read(NAMESPACES, None, "nowhere") is None
+    assert await _watch(http, "/apis/stratus.dev/v1alpha1/namespaces/nowhere/llmdeployments") == (200, "")
     code, group, _ = await _send(http, "GET", "/apis/stratus.dev/v1alpha1")
     assert code == 200 and "llmdeployments" in {r["name"] for r in group["resources"]}
-    code, status, _ = await _send(http, "GET", "/apis/nothing.example.com/v1")
-    assert code == 404 and status["kind"] == "Status"
+    async with http.get("/apis/nothing.example.com/v1") as response:
+        assert response.status == 404 and await response.text() == NOT_FOUND
+
+
+@pytest.fixture()
+async def http_without_crd() -> AsyncIterator[aiohttp.ClientSession]:
+    """An emulator on loopback before the LLMDeployment CRD is installed."""
+    emulator = Emulator()
+    async with emulator, kmock.Server(emulator), aiohttp.ClientSession(
+            base_url=str(emulator.url).rstrip("/")) as session:
+        yield session
+
+
+async def test_without_the_crd_its_group_and_resource_are_404_for_every_verb(
+        http_without_crd: aiohttp.ClientSession) -> None:
+    """The probe of the operator scoped to named namespaces reads discovery of the group to learn whether the CRD
+    is installed: an API server without it answers 404 there, and on the resource's URLs (a watch too, at once)."""
+    http = http_without_crd
+    for path in ("/apis/stratus.dev/v1alpha1", "/apis/stratus.dev",
+                 "/apis/stratus.dev/v1alpha1/namespaces/team-a/llmdeployments"):
+        async with http.get(path) as response:
+            assert (response.status, await response.text()) == (404, NOT_FOUND), path
+    assert await _watch(http, "/apis/stratus.dev/v1alpha1/namespaces/team-a/llmdeployments") == (404, NOT_FOUND)
+    code, _, _ = await _send(http, "GET", "/apis/apps/v1")  # what it does serve still answers
+    assert code == 200
 
 
 async def test_rbac_holds_a_service_account_to_its_roles(http: aiohttp.ClientSession, served: Emulator) -> None:

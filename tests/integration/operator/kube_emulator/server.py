@@ -10,6 +10,8 @@ kmock's HTTP plumbing and discovery and serves objects from its own store:
   resource by its CRD's schema and CEL rules (custom.py). A refused write answers 422 with a Status body.
 - PATCH takes merge, JSON and strategic merge patches and server-side apply (patch.py, apply.py), and the
   result of every patch is validated; managedFields record who owns what.
+- a group, version or resource it does not serve (no CRD) is a plain-text 404, as Go's http.NotFound answers
+  it, for every verb (a watch too); lists and watches in a namespace nobody made are served (empty).
 - namespaces exist or not (404), and refuse new content while terminating (403); RBAC holds registered
   users to their roles (rbac.py); Pod Security and the default StorageClass admit pods and claims
   (admission.py); owners' deletion collects their dependents.
@@ -727,9 +729,24 @@ class Emulator(kmock.KubernetesEmulator):
             return None
         return key, parsed.namespace, parsed.name, parsed.subresource
 
+    def _serves(self, path: str) -> bool:
+        """Whether a path that is no resource URL of ours is still the server's: its own (/api, /apis, /version...)
+        or the discovery of a group or group version it serves."""
+        parsed = parsing.parse_path(path)
+        if parsed.group is None:
+            return True
+        if parsed.plural is not None:  # a resource URL `_route` did not find: nothing serves that resource
+            return False
+        return any(res.group == parsed.group and parsed.version in (None, res.version) for res in self.resources)
+
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         route = self._route(raw_request.path)
         if route is None:
+            if not self._serves(raw_request.path):
+                # A group, version or resource nobody serves (its CRD not installed) falls through the API
+                # server's handlers to Go's http.NotFound, whatever the verb: a plain-text 404 and no Status
+                # (kmock answers a Status of its own, and streams a watch of an unknown resource forever).
+                return aiohttp.web.Response(status=404, text="404 page not found\n")
             return await super().__call__(raw_request)
         key, namespace, name, subresource = route
         params = dict(raw_request.query)

@@ -195,3 +195,27 @@ def test_switched_off_for_timing(tokenizer: Any, monkeypatch: pytest.MonkeyPatch
     long = text * 10
     assert len(long) > prompts_module.INLINE_CHARS
     assert asyncio.run(encoder.encode_async(long)) == tokenizer.encode(long) and encoder._pool is None  # on the loop
+
+
+def test_empty_and_short_texts(tokenizer: Any) -> None:
+    """Texts too short to store give their ids and leave no entry (an empty one too: nothing to tokenize)."""
+    encoder = PromptEncoder(tokenizer)
+    for text in ["", "hi", "x" * (MIN_SHARED_CHARS - 1)]:
+        assert encoder.encode(text) == tokenizer.encode(text)
+        assert asyncio.run(encoder.encode_async(text)) == tokenizer.encode(text)
+    assert not encoder.entries and encoder.reused_chars == 0
+    encoder.close()
+
+
+def test_a_repeat_is_found_behind_newer_texts_with_its_head(tokenizer: Any) -> None:
+    """A text seen before is reused whole and stored once, however many newer texts share its first characters."""
+    encoder = PromptEncoder(tokenizer)
+    system = "You are a helpful assistant. " * 20
+    first = system + "Question: what is 2 + 2?"
+    encoder.encode(first)
+    for n in range(prompts_module.MAX_CANDIDATES + 2):
+        encoder.encode(system + f"Question {n}: name a prime number.")
+    stored, reused = len(encoder.entries), encoder.reused_chars
+    assert encoder.encode(first) == tokenizer.encode(first)
+    assert encoder.reused_chars - reused == len(first) and len(encoder.entries) == stored
+    assert next(reversed(encoder.entries)) == first  # now the newest
