@@ -120,7 +120,10 @@ class KVCache:
     def _set_length(self, row: int, length: int) -> None:
         self.lengths[row] = length
         if self.lengths_dev is not None:
-            self.lengths_dev[row] = length
+            # fill_ takes the value as a kernel argument; `lengths_dev[row] = length` copies a CPU scalar and
+            # waits for the device to drain first (the decode step running ahead included): an H200 profile
+            # showed a 0.25-0.5 ms stall at every row move, reset and truncation.
+            self.lengths_dev[row : row + 1].fill_(length)
 
     def set_lengths(self, first_row: int, lengths: list[int]) -> None:
         """Rows first_row.. now hold `lengths` tokens (after a prefill or an extension)."""

@@ -102,3 +102,37 @@ def test_blocks_saved_to_the_pool_load_into_another_row() -> None:
         assert torch.equal(k[2, :, :8], k[1, :, :8]) and torch.equal(v[2, :, :8], v[1, :, :8])
     with pytest.raises(ValueError, match="loads into an empty row"):
         cache.load_blocks(2, slots=[3], block=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_row_bookkeeping_never_waits_for_the_device() -> None:
+    """Row lengths, moves, roll-backs and the prefix pool's copies queue behind a decode step running ahead.
+
+    A copy of a pageable CPU scalar into `lengths_dev` made the host wait for every step queued on the device
+    (a profile showed it at each row move): under torch's sync debug mode any such wait raises.
+    """
+    cache = KVCache(
+        layers=2, rows=4, kv_heads=2, head_dim=8, dtype=torch.bfloat16, device=torch.device("cuda"),
+        max_len=128, capacity=64, device_lengths=True, pool_tokens=64,
+    )  # fmt: skip
+    cache.set_lengths(0, [20, 30])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cache.set_length(2, 12)
+        cache.truncate(1, 17)
+        cache.move(2, 3)
+        cache.reset(0)
+        cache.set_row_lengths([0, 2], [5, 6])
+        cache.advance(3)
+        cache.save_blocks(1, [0], [1], 16)
+        cache.reset(2)
+        cache.load_blocks(2, [1], 16)
+        assert cache.lengths_dev is not None
+        with pytest.raises(RuntimeError, match="synchroniz"):  # the idiom that waited: the check does catch it
+            cache.lengths_dev[0] = 6
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert cache.lengths_dev is not None
+    assert cache.lengths_dev.tolist() == cache.lengths == [6, 18, 16, 12]

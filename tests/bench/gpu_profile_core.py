@@ -1,0 +1,141 @@
+"""Where a serving step's time goes at the engine core, without gRPC: the shared-prefix workload's steps (CUDA).
+
+A diagnosis, not a benchmark of record. `python tests/bench/gpu_profile_core.py [135m|1b] [--steps N]` builds the
+engine core as a server would (fused runner, prefix pool, 64 rows), keeps 64 requests in flight (one shared
+system prompt of 1,000 tokens and a 24-token turn each, 128 new tokens, greedy), and prints:
+host ms per step, prefill steps apart from plain ones, with the prefix cache off and on; then, for a window of
+steps with the cache on, cProfile's heaviest Python calls and torch.profiler's heaviest CPU ops and GPU kernels.
+Random-init weights (bfloat16 on CUDA, float32 on the CPU, where it runs the tiny config for a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from stratus_workers.models.tiny import SMOLLM2_1B, SMOLLM2_135M, TINY, random_llama
+from stratus_workers.protocol.requests import Sampling
+from stratus_workers.serve.core import PREFIX_BLOCK, EngineCore, EngineRequest
+from stratus_workers.serve.prefix import PrefixCache
+from stratus_workers.serve.runner.build import build_runner
+from stratus_workers.serve.sessions import SpeculativeSessions
+
+ARCHS = {"1b": SMOLLM2_1B, "135m": SMOLLM2_135M, "tiny": TINY}
+EOS = frozenset({-1})  # random weights: no request ends early, every one runs to its budget
+
+
+class Workload:
+    """A closed loop of `inflight` requests: when one finishes, the next one is added."""
+
+    def __init__(self, core: EngineCore, vocab: int, system: int, turn: int, new: int, inflight: int) -> None:
+        gen = torch.Generator().manual_seed(11)
+        self.system = torch.randint(3, vocab, (system,), generator=gen).tolist()
+        self.gen = gen
+        self.core, self.vocab, self.turn, self.new = core, vocab, turn, new
+        self.next_id = 0
+        self.live = 0
+        for _ in range(inflight):
+            self.add()
+
+    def add(self) -> None:
+        prompt = self.system + torch.randint(3, self.vocab, (self.turn,), generator=self.gen).tolist()
+        self.core.add(EngineRequest(self.next_id, prompt, Sampling(max_new_tokens=self.new)))
+        self.next_id += 1
+        self.live += 1
+
+    def step(self) -> tuple[float, bool]:
+        """One engine step: its host seconds and whether it prefilled."""
+        before = self.core.prefill_tokens
+        start = time.perf_counter()
+        out = self.core.step()
+        took = time.perf_counter() - start
+        for _ in out.finished:
+            self.live -= 1
+            self.add()
+        return took, self.core.prefill_tokens != before
+
+
+def build_core(arch: str, device: str, dtype: torch.dtype, rows: int, max_len: int, cache: bool) -> EngineCore:
+    model = random_llama(ARCHS[arch]).to(device=device, dtype=dtype).eval()
+    pool = rows * max_len if cache else 0
+    runner = build_runner(model, max_rows=rows + 4, max_len=max_len, pool_tokens=pool)
+    sessions = SpeculativeSessions(runner, EOS, first_row=rows)
+    prefix = PrefixCache(PREFIX_BLOCK, pool // PREFIX_BLOCK) if cache else None
+    core = EngineCore(runner, sessions, EOS, max_batch_size=rows, prefix=prefix)
+    core.warmup()
+    return core
+
+
+def summary(times: list[tuple[float, bool]]) -> str:
+    def ms(values: list[float]) -> str:
+        if not values:
+            return "-"
+        q = statistics.quantiles(values, n=20) if len(values) > 1 else values * 19
+        return f"{len(values):4d} steps p50 {statistics.median(values) * 1e3:6.2f} p95 {q[18] * 1e3:6.2f} ms"
+
+    plain = [t for t, p in times if not p]
+    pre = [t for t, p in times if p]
+    return f"plain {ms(plain)} | prefill {ms(pre)} | mean {sum(t for t, _ in times) / len(times) * 1e3:.2f} ms"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("arch", nargs="?", default="135m", choices=sorted(ARCHS))
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--window", type=int, default=60, help="steps profiled (cache on)")
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--system", type=int, default=1000)
+    parser.add_argument("--turn", type=int, default=24)
+    parser.add_argument("--new", type=int, default=128)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    max_len = args.system + args.turn + args.new + 16
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    for cache in (False, True):
+        t0 = time.perf_counter()
+        core = build_core(args.arch, device, dtype, args.rows, max_len, cache)
+        load = Workload(core, core.runner.vocab_size, args.system, args.turn, args.new, args.rows)
+        built = time.perf_counter() - t0
+        times = [load.step() for _ in range(args.steps)]
+        sync()
+        stats = core.stats()
+        hit = stats.prefix_hit_tokens / max(1, stats.prefix_queried_tokens)
+        print(f"{args.arch} cache {'on ' if cache else 'off'} (built {built:.0f}s, hit {hit:.2f}): {summary(times)}")
+        if not cache:
+            del core, load
+            continue
+        profiler = cProfile.Profile()
+        profiler.enable()
+        window = [load.step() for _ in range(args.window)]
+        sync()
+        profiler.disable()
+        print(f"  cProfile window: {summary(window)}")
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(30)
+        print("\n".join("  " + line for line in text.getvalue().splitlines()[6:40]))
+        with profile(activities=activities) as prof:
+            window = [load.step() for _ in range(args.window)]
+            sync()
+        print(f"  torch.profiler window: {summary(window)}")
+        table: Any = prof.key_averages()
+        print(table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+        if cuda:
+            print(table.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
