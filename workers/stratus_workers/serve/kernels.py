@@ -4,7 +4,9 @@
 decode step's attention of one query per row against that row's own cached keys, reading each
 key and value once. A step of a small model is a few hundred kernels long, so every kernel cut
 matters; the bound on keys comes from the row lengths on the device, so one CUDA graph serves
-every cache length. With `rows`, each query names its cache row.
+every cache length. With `rows`, each query names its cache row. Where rows read many keys and
+(row, kv head) programs are few, each row's keys are split over several programs (flash-decoding)
+and a second kernel combines their partial softmaxes, as the packed pass does.
 
 `extend_attention` is the packed pass's (prefill and verification, packed without padding): every token is
 a query at its own position in its own row, whose new keys are written first, which makes it causal within
@@ -35,25 +37,58 @@ if triton is not None:
 
     # No annotations on a kernel's parameters: Triton reads them as types (and knows no `Any`).
     @triton.jit  # type: ignore[misc,untyped-decorator]
+    def _store_split(base, line, acc, m_i, l_i, HEAD_DIM: tl.constexpr):  # type: ignore[no-untyped-def]
+        # One split's partial softmax of its lines, at `base`: [lines, HEAD_DIM + 2] float32 (acc, max, sum).
+        d = tl.arange(0, HEAD_DIM)
+        tl.store(base + line[:, None] * (HEAD_DIM + 2) + d[None, :], acc)
+        tl.store(base + line * (HEAD_DIM + 2) + HEAD_DIM, m_i)
+        tl.store(base + line * (HEAD_DIM + 2) + HEAD_DIM + 1, l_i)
+
+    @triton.jit  # type: ignore[misc,untyped-decorator]
+    def _merge_splits(  # type: ignore[no-untyped-def]
+        base, line, LINES: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr
+    ):
+        # The SPLITS partials `_store_split` left from `base` on, rescaled to their common maximum and summed.
+        d = tl.arange(0, HEAD_DIM)
+        m = tl.full([LINES], float("-inf"), tl.float32)
+        for split in tl.static_range(SPLITS):
+            m = tl.maximum(m, tl.load(base + split * LINES * (HEAD_DIM + 2) + line * (HEAD_DIM + 2) + HEAD_DIM))
+        total = tl.zeros([LINES], tl.float32)
+        acc = tl.zeros([LINES, HEAD_DIM], tl.float32)
+        for split in tl.static_range(SPLITS):
+            at = base + split * LINES * (HEAD_DIM + 2)
+            weight = tl.exp(tl.load(at + line * (HEAD_DIM + 2) + HEAD_DIM) - m)  # 0 for a split that saw nothing
+            total += weight * tl.load(at + line * (HEAD_DIM + 2) + HEAD_DIM + 1)
+            acc += weight[:, None] * tl.load(at + line[:, None] * (HEAD_DIM + 2) + d[None, :])
+        return acc / total[:, None]
+
+    @triton.jit  # type: ignore[misc,untyped-decorator]
     def _decode_attention_kernel(  # type: ignore[no-untyped-def]
-        q_ptr, k_ptr, v_ptr, out_ptr, pos_ptr, rows_ptr,
+        q_ptr, k_ptr, v_ptr, out_ptr, pos_ptr, rows_ptr, part_ptr,
         stride_qb, stride_qh,
         stride_kr, stride_kh, stride_kl,
         stride_vr, stride_vh, stride_vl,
         stride_ob, stride_oh,
         scale,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_ROWS: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_ROWS: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        # One program per (query, kv head): the GROUP query heads that share this kv head. Query b reads
-        # cache row b, or rows[b] when the queries name their rows.
+        # One program per (query, kv head, split): the GROUP query heads that share this kv head, against the
+        # split's share of the row's keys (all of them with one split). Query b reads cache row b, or rows[b] when
+        # the queries name their rows. With SPLITS > 1 the partial softmaxes go to `part` for
+        # _decode_combine_kernel: a batch of a few rows of long context is otherwise too few programs to keep
+        # the GPU's memory busy.
         b = tl.program_id(0)
         kv_head = tl.program_id(1)
+        split = tl.program_id(2)
         if HAS_ROWS:
             row = tl.load(rows_ptr + b)
         else:
             row = b
         n_keys = tl.load(pos_ptr + b) + 1  # keys 0..pos inclusive (this step's key is already written)
+        per_split = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * per_split
+        hi = tl.minimum(n_keys, lo + per_split)
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, HEAD_DIM)
         heads = kv_head * GROUP + g
@@ -64,9 +99,9 @@ if triton is not None:
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
         k_base = k_ptr + row * stride_kr + kv_head * stride_kh
         v_base = v_ptr + row * stride_vr + kv_head * stride_vh
-        for start in tl.range(0, n_keys, BLOCK_N):
+        for start in tl.range(lo, hi, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
-            valid = n < n_keys
+            valid = n < hi
             k = tl.load(k_base + n[:, None] * stride_kl + d[None, :], mask=valid[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             s = tl.where(valid[None, :], s, float("-inf"))
@@ -77,13 +112,32 @@ if triton is not None:
             v = tl.load(v_base + n[:, None] * stride_vl + d[None, :], mask=valid[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
-        out = acc / l_i[:, None]
-        tl.store(
-            out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
-            out.to(out_ptr.dtype.element_ty),
-            mask=live[:, None],
-        )
+        if SPLITS == 1:
+            tl.store(
+                out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
+                mask=live[:, None],
+            )
+        else:  # part: [queries, kv heads, splits, GROUP_PAD, HEAD_DIM + 2]; a split past the row's keys saw none
+            base = part_ptr + ((b * tl.num_programs(1) + kv_head) * SPLITS + split) * GROUP_PAD * (HEAD_DIM + 2)
+            _store_split(base, g, acc, m_i, l_i, HEAD_DIM)
 
+    @triton.jit  # type: ignore[misc,untyped-decorator]
+    def _decode_combine_kernel(  # type: ignore[no-untyped-def]
+        out_ptr, part_ptr, stride_ob, stride_oh,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        base = part_ptr + (b * tl.num_programs(1) + kv_head) * SPLITS * GROUP_PAD * (HEAD_DIM + 2)
+        out = _merge_splits(base, g, GROUP_PAD, HEAD_DIM, SPLITS)
+        tl.store(
+            out_ptr + b * stride_ob + (kv_head * GROUP + g)[:, None] * stride_oh + d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=(g < GROUP)[:, None],
+        )
 
     @triton.jit  # type: ignore[misc,untyped-decorator]
     def _block_lines(  # type: ignore[no-untyped-def]
@@ -166,9 +220,7 @@ if triton is not None:
             else:
                 # part: [blocks, kv heads, splits, lines, HEAD_DIM + 2] float32 (acc, then max, then sum)
                 base = part_ptr + ((blk * tl.num_programs(1) + kv_head) * SPLITS + split) * LINES * (HEAD_DIM + 2)
-                tl.store(base + line[:, None] * (HEAD_DIM + 2) + d[None, :], acc)
-                tl.store(base + line * (HEAD_DIM + 2) + HEAD_DIM, m_i)
-                tl.store(base + line * (HEAD_DIM + 2) + HEAD_DIM + 1, l_i)
+                _store_split(base, line, acc, m_i, l_i, HEAD_DIM)
 
     @triton.jit  # type: ignore[misc,untyped-decorator]
     def _extend_combine_kernel(  # type: ignore[no-untyped-def]
@@ -188,19 +240,9 @@ if triton is not None:
             LINES: tl.constexpr = BLOCK_M * GROUP_PAD
             d = tl.arange(0, HEAD_DIM)
             base = part_ptr + (blk * tl.num_programs(1) + kv_head) * SPLITS * LINES * (HEAD_DIM + 2)
-            m = tl.full([LINES], float("-inf"), tl.float32)
-            for split in tl.static_range(SPLITS):
-                m = tl.maximum(m, tl.load(base + split * LINES * (HEAD_DIM + 2) + line * (HEAD_DIM + 2) + HEAD_DIM))
-            total = tl.zeros([LINES], tl.float32)
-            acc = tl.zeros([LINES, HEAD_DIM], tl.float32)
-            for split in tl.static_range(SPLITS):
-                at = base + split * LINES * (HEAD_DIM + 2)
-                weight = tl.exp(tl.load(at + line * (HEAD_DIM + 2) + HEAD_DIM) - m)  # 0 for a split that saw nothing
-                total += weight * tl.load(at + line * (HEAD_DIM + 2) + HEAD_DIM + 1)
-                acc += weight[:, None] * tl.load(at + line[:, None] * (HEAD_DIM + 2) + d[None, :])
             tl.store(
                 out_ptr + (first + tok)[:, None] * stride_ob + heads[:, None] * stride_oh + d[None, :],
-                (acc / total[:, None]).to(out_ptr.dtype.element_ty),
+                _merge_splits(base, line, LINES, HEAD_DIM, SPLITS).to(out_ptr.dtype.element_ty),
                 mask=live[:, None],
             )
 
@@ -212,9 +254,11 @@ def decode_attention(
     pos: torch.Tensor,
     scale: float,
     rows: torch.Tensor | None = None,
+    splits: int = 1,
 ) -> torch.Tensor:
     """q [B, Hq, D] (rows 0..B-1, or rows[b] for query b); caches [R, Hkv, L, D]; pos [B]: query b attends to
-    keys 0..pos[b] of its row.
+    keys 0..pos[b] of its row; `splits`: programs per (query, kv head), each taking its share of the keys
+    (`decode_splits`; a power of two), and a second kernel combining them.
 
     Returns [B, Hq * D]. Needs CUDA tensors, a power-of-two head size of at least 16, and Hq a
     multiple of Hkv (grouped-query heads are consecutive, as in Hugging Face's repeat_kv).
@@ -223,22 +267,49 @@ def decode_attention(
     batch, n_q, head_dim = q.shape
     n_kv = k_cache.shape[1]
     group = n_q // n_kv
+    group_pad = max(16, _group_pad(group))
+    if not _pow2(splits):
+        raise ValueError(f"decode_attention's splits must be a power of two, got {splits}")
     out = torch.empty_like(q)
-    _decode_attention_kernel[(batch, n_kv)](
-        q, k_cache, v_cache, out, pos, pos if rows is None else rows,
+    part = out  # unused with one split
+    if splits > 1:
+        part = torch.empty(batch * n_kv * splits * group_pad * (head_dim + 2), dtype=torch.float32, device=q.device)
+    _decode_attention_kernel[(batch, n_kv, splits)](
+        q, k_cache, v_cache, out, pos, pos if rows is None else rows, part,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         scale,
-        GROUP=group, GROUP_PAD=max(16, _group_pad(group)), HEAD_DIM=head_dim, BLOCK_N=64,
-        HAS_ROWS=rows is not None,
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_N=64,
+        HAS_ROWS=rows is not None, SPLITS=splits,
         # float32 stays float32 (Triton's default would round the products to TensorFloat-32, which torch's
         # own float32 matrix products do not: the decode step and a verification would disagree).
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32: the default, ignored for 16-bit
         num_warps=4, num_stages=2,
     )  # fmt: skip
+    if splits > 1:
+        _decode_combine_kernel[(batch, n_kv)](
+            out, part, out.stride(0), out.stride(1),
+            GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, SPLITS=splits,
+            num_warps=4,
+        )  # fmt: skip
     return out.view(batch, n_q * head_dim)
+
+
+# A decode step whose rows read more keys than this splits them where (query, kv head) programs are few, aiming at
+# DECODE_PROGRAMS programs (an H200 has 132 multiprocessors; a program is 4 warps, and memory wants many in flight).
+DECODE_SPLIT_KEYS = 512
+DECODE_PROGRAMS = 1024
+
+
+def decode_splits(batch: int, n_kv: int) -> int:
+    """Key splits for a decode step of `batch` rows over `n_kv` kv heads (when its rows read many keys): a
+    function of the sizes alone, so that a CUDA graph captured for a batch bucket keeps its launch shape."""
+    splits = 1
+    while splits < MAX_SPLITS and batch * n_kv * splits * 2 <= DECODE_PROGRAMS:
+        splits *= 2
+    return splits
 
 
 def _group_pad(group: int) -> int:

@@ -110,3 +110,38 @@ def test_decode_attention_reads_each_rows_keys(interp: ModuleType) -> None:
     rows = [2, 0, 2]  # queries naming their rows
     got = interp.decode_attention(qd, kd, vd, pos_d, SCALE, rows=torch.tensor(rows, device=DEVICE)).cpu()
     torch.testing.assert_close(got, reference(q, k, v, rows, pos), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    heads=st.sampled_from([(4, 4), (9, 3), (8, 1)]),
+    pos=st.lists(st.integers(0, 199), min_size=1, max_size=4),
+    splits=st.sampled_from([1, 2, 4, 16]),
+    named=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_decode_attention_splits_a_rows_keys_without_changing_the_answer(
+    interp: ModuleType, heads: tuple[int, int], pos: list[int], splits: int, named: bool, seed: int
+) -> None:
+    # Any lengths (one key, a share smaller than a tile, splits past a short row's keys that see none), with the
+    # rows named or not: the combined partial softmaxes are the row's attention.
+    n_q, n_kv = heads
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(len(pos), n_kv, 200, 16, generator=gen)
+    v = torch.randn(len(pos), n_kv, 200, 16, generator=gen)
+    q = torch.randn(len(pos), n_q, 16, generator=gen)
+    rows = list(reversed(range(len(pos)))) if named else list(range(len(pos)))
+    on_rows = torch.tensor(rows, device=DEVICE) if named else None
+    got = interp.decode_attention(
+        q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), torch.tensor(pos, device=DEVICE), SCALE, rows=on_rows, splits=splits
+    ).cpu()
+    torch.testing.assert_close(got, reference(q, k, v, rows, pos), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_splits_only_where_programs_are_few() -> None:
+    # 64 rows of a 135M-shaped model (3 kv heads) are 192 programs: split; 64 rows of 32 kv heads are plenty.
+    assert kernels.decode_splits(64, 3) == 4 and kernels.decode_splits(1, 3) == kernels.MAX_SPLITS
+    assert kernels.decode_splits(64, 32) == 1 and kernels.decode_splits(1, 32) == 16
+    with pytest.raises(ValueError, match="power of two"):
+        kernels.decode_attention(torch.zeros(1, 2, 16), torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4, 16),
+                                 torch.zeros(1, dtype=torch.long), SCALE, splits=3)  # fmt: skip

@@ -650,6 +650,8 @@ class FusedRunner(ModelRunner):
         cos, sin = self._cos[pos], self._sin[pos]
         # Row b sees keys 0..pos[b] (its cache plus the key written this step).
         bias = None if self.triton_attention else torch.where(self._kv_ar[:kv_len][None, :] <= pos[:, None], 0.0, -1e30)
+        # A graph of rows reading more than DECODE_SPLIT_KEYS keys (graphs.py picks kv_len) splits them.
+        splits = kernels.decode_splits(batch, self.local_kv_heads) if kv_len > kernels.DECODE_SPLIT_KEYS else 1
         delta = torch.zeros_like(h)
         for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
             k_rows, v_rows = (k_cache[first_row:], v_cache[first_row:]) if first_row else (k_cache, v_cache)
@@ -657,7 +659,7 @@ class FusedRunner(ModelRunner):
                 h, q = self._store_fn(
                     h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_cache, v_cache, rows, pos
                 )
-                out = F.linear(kernels.decode_attention(q, k_rows, v_rows, pos, self.scale), lw.o)
+                out = F.linear(kernels.decode_attention(q, k_rows, v_rows, pos, self.scale, splits=splits), lw.o)
             else:
                 h, out = self._attn_fn(
                     h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_rows, v_rows, local, pos, bias,

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
+from stratus_workers.serve import kernels
 from stratus_workers.serve.runner import Decoded, to_device
 from stratus_workers.serve.runner.cache import KVCache
 
@@ -50,7 +51,8 @@ class DecodeBody(Protocol):
     cache: KVCache
     max_rows: int
     device: torch.device
-    triton_attention: bool  # its attention reads each row's length itself: one graph per batch size
+    triton_attention: bool  # its attention reads each row's length itself: one graph per batch size (two: splits)
+    local_kv_heads: int
     greedy_logprobs: torch.Tensor  # [max_rows]: each step leaves its argmax's log-probability here
 
     def decode_body(self, tokens: torch.Tensor, batch: int, kv_len: int) -> torch.Tensor: ...
@@ -158,7 +160,13 @@ class StaticDecoder:
         bucket = next((b for b in BATCH_BUCKETS if b >= batch and b <= max_rows), max_rows)
         bucket = max(bucket, batch)
         if self.body.triton_attention:
-            return bucket, self.cache.capacity
+            # One graph per batch bucket reads any key length; a second, where rows read more than
+            # kernels.DECODE_SPLIT_KEYS keys, splits them over more programs (kernels.decode_splits).
+            capacity = self.cache.capacity
+            short = kernels.DECODE_SPLIT_KEYS
+            if kv_needed > short or kernels.decode_splits(bucket, self.body.local_kv_heads) == 1:
+                return bucket, capacity
+            return bucket, min(capacity, short)
         kv = MIN_KV_BUCKET
         while kv < kv_needed:
             kv *= 2

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from stratus_workers.serve import kernels
 from stratus_workers.serve.runner import UnsupportedModelError
 from stratus_workers.serve.runner import fused as fused_module
 from stratus_workers.serve.runner.fused import FusedRunner, fusable
@@ -77,11 +78,13 @@ def test_packed_prefill_matches_the_eager_one(
 ) -> None:
     # CUDA's prefill is a packed pass (the verification's): rows of any lengths from any positions, no padding,
     # the block attention kernel (here run by Triton's interpreter; its keys split over several programs where a
-    # row reads many of them, here past 8) or, without it, torch's attention per token.
+    # row reads many of them, here past 8) or, without it, torch's attention per token. The decode steps after it
+    # run the decode kernel, its keys split too past 8.
     if attention.startswith("triton"):
         pytest.importorskip("triton")
     if attention == "triton, keys split":
         monkeypatch.setattr(fused_module, "SPLIT_KEYS", 8)
+        monkeypatch.setattr(kernels, "DECODE_SPLIT_KEYS", 8)
     eager = fused(model, 6, 40)
     monkeypatch.setenv("STRATUS_PACKED_PREFILL", "1")
     packed = fused(model, 6, 40)

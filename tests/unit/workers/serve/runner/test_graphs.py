@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from stratus_workers.serve import kernels
 from stratus_workers.serve.runner.fused import FusedRunner
 from stratus_workers.serve.runner.graphs import MIN_KV_BUCKET, key_buckets
 
@@ -54,6 +55,21 @@ def test_buckets_cover_the_batch_and_the_keys(model: torch.nn.Module) -> None:
     assert buckets(3, 10) == (4, MIN_KV_BUCKET)
     assert buckets(5, 65) == (6, 2 * MIN_KV_BUCKET)  # past the last bucket that fits: max_rows
     assert buckets(1, 290) == (1, runner.capacity)  # never past the cache
+
+
+def test_with_the_attention_kernel_a_batch_has_a_graph_for_short_keys_and_one_that_splits_long_ones(
+    model: torch.nn.Module,
+) -> None:
+    # The kernel reads each row's length itself, so one graph serves every length; a second splits the keys of
+    # long rows over more programs, where (row, kv head) programs are few.
+    runner = FusedRunner(model, max_rows=64, max_len=2000, cuda_graphs=False, compile=False)
+    runner.triton_attention = True
+    buckets, short = runner.decoder.buckets, kernels.DECODE_SPLIT_KEYS
+    assert kernels.decode_splits(1, runner.local_kv_heads) > 1
+    assert buckets(1, 10) == buckets(1, short) == (1, short)
+    assert buckets(1, short + 1) == buckets(1, 1999) == (1, runner.cache.capacity)
+    few = runner.local_kv_heads * 64 * 2 > kernels.DECODE_PROGRAMS  # 64 rows: programs enough, no split graph
+    assert buckets(64, 10) == ((64, runner.cache.capacity) if few else (64, short))
 
 
 def test_rows_join_the_step_launched_ahead_and_a_changed_row_voids_it(model: torch.nn.Module, reference) -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from stratus_workers.models.tiny import TINY, random_llama
+from stratus_workers.serve import kernels
 from stratus_workers.serve.runner.build import build_runner
 from stratus_workers.serve.runner.fused import FusedRunner
 
@@ -57,6 +58,24 @@ def test_graph_decode_matches_reference(model: torch.nn.Module, compile_step: bo
     for row, ids in enumerate(s + [t] for s, t in zip(seqs, (1, 2), strict=True)):
         close_to_reference(model, ids, logits[row])
     assert len(runner.decoder.graphs) >= 2
+
+
+def test_long_rows_decode_with_their_keys_split(model: torch.nn.Module) -> None:
+    # Rows past kernels.DECODE_SPLIT_KEYS run the batch's second graph, whose attention splits each row's keys.
+    runner = build_runner(model, max_rows=4, max_len=1200)
+    assert isinstance(runner, FusedRunner) and runner.triton_attention and runner.cuda_graphs
+    seqs = [[(7 * i) % 500 + 3 for i in range(700)], [11, 12, 13]]
+    runner.forward(0, [seqs[0][:600]])
+    runner.forward(0, [seqs[0][600:]])
+    runner.forward(1, [seqs[1]])
+    for step in range(3):
+        new = [[(13 * step + i) % 512] for i in range(2)]
+        logits = runner.forward(0, new)
+        seqs = [s + n for s, n in zip(seqs, new, strict=True)]
+    for row, ids in enumerate(seqs):
+        close_to_reference(model, ids, logits[row])
+    batch, kv_len = runner.decoder.buckets(2, 704)
+    assert kv_len > kernels.DECODE_SPLIT_KEYS and (batch, kv_len) in runner.decoder.graphs.graphs
 
 
 def test_padded_rows_never_touch_session_rows(model: torch.nn.Module) -> None:
