@@ -36,7 +36,7 @@ import torch
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.errors import EngineFailed, EngineOverloaded, EngineStopped
 from stratus_workers.serve.prefix import PrefixCache
-from stratus_workers.serve.runner import ModelRunner
+from stratus_workers.serve.runner import ModelRunner, decoded
 from stratus_workers.serve.sampling import Choice, choose_tokens, seeded_generator
 from stratus_workers.serve.sessions import SpeculativeSessions, VerifyCall
 from stratus_workers.serve.surface import Alternatives, FinishReason
@@ -86,6 +86,7 @@ class EngineStats:
     prefill_tokens: int = 0  # cumulative: prompt tokens computed
     forward_passes: int = 0  # cumulative: the model's forward passes (decode steps, prefill chunks, calls)
     forward_positions: int = 0  # cumulative: token positions those passes computed
+    mixed_steps: int = 0  # cumulative: steps whose decode rows and prefill chunks ran as one pass
 
 
 @dataclass
@@ -131,6 +132,7 @@ class StepOutput:
         stats = (
             s.active, s.waiting, s.sessions, s.steps, s.prefix_queried_tokens, s.prefix_hit_tokens,
             s.prefix_evicted_blocks, s.prefix_blocks, s.prefill_tokens, s.forward_passes, s.forward_positions,
+            s.mixed_steps,
         )  # fmt: skip
         return (self.step, self.seq_ids, self.tokens, self.logprobs, finished, self.results, stats, self.top)
 
@@ -212,6 +214,7 @@ class EngineCore:
         self.prefix = prefix
         self.steps = 0
         self.prefill_tokens = 0
+        self.mixed_steps = 0
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._rows: list[_Seq] = []  # row i holds _rows[i]
         self._decoding = 0  # rows 0.._decoding-1 decode; the rest are prefilling
@@ -310,6 +313,7 @@ class EngineCore:
             prefill_tokens=self.prefill_tokens,
             forward_passes=getattr(self.runner, "passes", 0) - self._counted[0],
             forward_positions=getattr(self.runner, "positions", 0) - self._counted[1],
+            mixed_steps=self.mixed_steps,
         )
 
     # -- a step ----------------------------------------------------------------------------------
@@ -348,7 +352,9 @@ class EngineCore:
             # rows, decode-ahead), the next decode step is queued right behind the prefill and the host
             # reads those tokens while it runs; otherwise they are chosen first, then the decode step.
             joined: list[_Seq] = []
-            if len(self._rows) > self._decoding:
+            if len(self._rows) > self._decoding and self._decoding and self.runner.mixed_step:
+                joined = self._mixed()
+            elif len(self._rows) > self._decoding:
                 ready, logits = self._prefill()
                 if ready and self._decoding and self._device_join(ready):
                     greedy = self._decode(logits[: len(ready)].argmax(dim=-1))
@@ -446,8 +452,46 @@ class EngineCore:
         self._advance_all(seqs, choice)
         return decoded.joined
 
+    def _mixed(self) -> list[_Seq]:
+        """The decoding rows' next tokens and the step's prefill chunks in one pass; the rows whose prompts are
+        complete now (their first tokens chosen)."""
+        runner = self.runner
+        if runner.ahead_in_flight():
+            # The decode step launched ahead is this step's: take it, launch none after it, and mix the tokens
+            # after it with the prefill (each decoding row gets two tokens this step).
+            runner.hold_ahead()
+            self._decode([])
+        decoding = [s for s in self._rows[: self._decoding] if not s.finished]
+        seqs, chunks = self._chunks()
+        logits = runner.forward_mixed(
+            [s.row for s in (*decoding, *seqs)], [*([s.generated[-1]] for s in decoding), *chunks]
+        )
+        self.mixed_steps += 1
+        ready = self._prefilled(seqs, chunks)
+        n = len(decoding)
+        if ready:
+            self._finish_prefill(ready, logits[n : n + len(ready)], None)
+        if decoding:
+            params = [s.params for s in decoding]
+            greedy = decoded(logits[:n], any(p.logprobs for p in params))
+            counts = [s.counts for s in decoding]
+            choice = choose_tokens(logits[:n], params, [s.generator for s in decoding], greedy, counts)
+            self._advance_all(decoding, choice)
+        if not (len(self._rows) > self._decoding + len(ready) or self._waiting):
+            # No prefill is due next step: start its decode step now, while the host streams this one's tokens
+            # (rows that finished are fed anything: they leave before it is taken).
+            rows = self._rows[: self._decoding + len(ready)]
+            runner.prime_decode([s.generated[-1] if s.generated and not s.finished else 0 for s in rows])
+        return ready
+
     def _prefill(self) -> tuple[list[_Seq], torch.Tensor]:
         """Prefill the step's chunks: the rows whose prompts are complete now, and the logits (theirs first)."""
+        seqs, chunks = self._chunks()
+        logits = self.runner.forward(self._decoding, chunks)
+        return self._prefilled(seqs, chunks), logits
+
+    def _chunks(self) -> tuple[list[_Seq], list[list[int]]]:
+        """The step's prompt chunks and their rows (consecutive, from the first prefilling row)."""
         # Prompt chunks for the first prefilling rows, in row order, within the step's budget; every
         # row but the last one given a chunk gets all that is left of its prompt, so rows finish
         # their prefill in row order and join the decoding rows at the front.
@@ -462,13 +506,16 @@ class EngineCore:
             chunks.append(seq.prompt[seq.prefilled : seq.prefilled + take])
             seqs.append(seq)
             budget -= take
-        logits = self.runner.forward(first, chunks)
+        return seqs, chunks
+
+    def _prefilled(self, seqs: list[_Seq], chunks: list[list[int]]) -> list[_Seq]:
+        """Count the chunks computed; the rows whose prompts are complete now (the first ones)."""
         done = 0
         for seq, chunk in zip(seqs, chunks, strict=True):
             seq.prefilled += len(chunk)
             self.prefill_tokens += len(chunk)
             done += seq.prefilled == len(seq.prompt)
-        return seqs[:done], logits
+        return seqs[:done]
 
     def _finish_prefill(self, ready: list[_Seq], logits: torch.Tensor | None, greedy: list[int] | None) -> None:
         """The first tokens of rows whose prompts are complete: chosen from `logits`, or the `greedy` ones given."""

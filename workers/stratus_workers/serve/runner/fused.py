@@ -271,6 +271,11 @@ class FusedRunner(ModelRunner):
         # that kernel runs, else eagerly; STRATUS_PACKED_PREFILL=0 or 1 overrides (1 runs it on the CPU, with
         # torch's attention).
         self.packed_prefill = env_flag("STRATUS_PACKED_PREFILL", self.triton_attention) and world == 1
+        # A step's decode rows and prefill chunks as one packed pass (`forward_mixed`) where the packed prefill
+        # runs; STRATUS_MIXED_STEP=0 or 1 overrides (1 runs it on the CPU, with torch's attention).
+        self.mixed_step = env_flag("STRATUS_MIXED_STEP", self.packed_prefill) and world == 1
+        self.mixed_steps = 0  # mixed passes run
+        self.mixed_replays = 0  # of those, as a captured packed graph
 
     def _fuse_weights(self, rank: int, world: int) -> list[_LayerWeights]:
         d = self.head_dim
@@ -443,6 +448,43 @@ class FusedRunner(ModelRunner):
         self.passes += 1
         self.positions += sum(len(t) for t in tokens)
         return logits
+
+    @torch.inference_mode()
+    def forward_mixed(self, rows: Sequence[int], tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """`ModelRunner.forward_mixed` as one packed pass: a decoding row's token is a query like a prompt's, so the
+        weights are read once for the decode rows and the prefill chunks together (a CUDA graph per token bucket).
+        A pass that fails to run turns mixing off for good and runs the base class's."""
+        logits_from = [len(t) - 1 for t in tokens]
+        if not self.mixed_step:
+            return super().forward_mixed(rows, tokens)
+        check_rows(rows, tokens, logits_from, self.max_rows)
+        starts = [self.cache.lengths[r] for r in rows]
+        replays = self.packed_replays
+        try:
+            logits = self._packed(rows, tokens, logits_from, prefill=True)
+        except ValueError:
+            raise
+        except Exception as exc:  # a kernel or capture that failed: the padded pass computes the same
+            log.warning("mixed pass failed (%s: %s); padded now, unmixed from now on", type(exc).__name__, exc)
+            self.mixed_step = False
+            for row, length in zip(rows, starts, strict=True):
+                self.cache.set_length(row, length)
+            return super().forward_mixed(rows, tokens)
+        self.mixed_steps += 1
+        self.mixed_replays += self.packed_replays - replays
+        self.passes += 1
+        self.positions += sum(len(t) for t in tokens)
+        return logits
+
+    def ahead_in_flight(self) -> bool:
+        return self.decoder.in_flight
+
+    def hold_ahead(self) -> None:
+        self.decoder.hold()
+
+    @torch.inference_mode()
+    def prime_decode(self, ids: Sequence[int]) -> None:
+        self.decoder.prime(list(ids))
 
     def _packed(
         self, rows: Sequence[int], tokens: Sequence[Sequence[int]], logits_from: Sequence[int], prefill: bool = False

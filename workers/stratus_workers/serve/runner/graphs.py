@@ -151,6 +151,32 @@ class StaticDecoder:
         self._ahead_step: _Step | None = None
         self._expected: list[int] = []
         self._ahead_pause = 0
+        self._hold = False  # the next step launches none ahead (the engine mixes the next tokens with a prefill)
+        self.primed = 0  # steps launched ahead by `prime` (fed tokens the caller already chose)
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether a decode step launched ahead of time waits to be taken by the next `step`."""
+        return self._ahead_step is not None
+
+    def hold(self) -> None:
+        """The next `step` launches no step ahead: the caller computes the tokens after it some other way (a
+        mixed pass of those rows and a prefill, runner/fused.py), and a step launched ahead would be wasted."""
+        self._hold = True
+
+    def prime(self, ids: list[int]) -> None:
+        """Launch the decode step of rows 0..len(ids)-1 fed `ids` now, without waiting for it: the next `step`
+        fed these ids on these rows (moved rows follow, as for any step launched ahead) takes it. The caller
+        chose `ids` already (after a mixed pass), so unlike a guess it is taken whenever the rows are."""
+        if not self.decode_ahead or self._ahead_step is not None:
+            return
+        batch = len(ids)
+        self.cache.grow(max(self.cache.lengths[:batch]) + 1)
+        self.load_tokens(ids)
+        self._ahead_step = self._launch(batch)
+        self.cache.watch(batch)
+        self._expected = list(ids)
+        self.primed += 1
 
     def buckets(self, batch: int, kv_needed: int) -> tuple[int, int]:
         """The (batch, key length) a step of `batch` rows reading `kv_needed` keys runs at."""
@@ -199,9 +225,10 @@ class StaticDecoder:
         launched = 0
         on_device = isinstance(join, torch.Tensor)
         joined: Any = None
+        hold, self._hold = self._hold, False
         if self._ahead_pause:
             self._ahead_pause -= 1
-        elif self.decode_ahead:
+        elif self.decode_ahead and not hold:
             # Start the next step now, on this step's argmax, so the GPU works while the caller samples,
             # detokenizes and streams. If the caller picks other tokens or changes the rows, the next
             # call runs the step again; the guess only wrote keys past each row's length.
