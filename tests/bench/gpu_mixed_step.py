@@ -20,7 +20,6 @@ import argparse
 import os
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
