@@ -16,7 +16,8 @@ waiting is admitted at once), one prefill forward of up to `prefill_chunk` promp
 first prefilling rows, all of them together (so a long prompt arriving mid-stream costs running
 streams one chunk per step, not the whole prompt), one decode step of the decoding rows, which
 the rows whose prefill completed join from the next step on, then finished rows leave and the
-last rows move into their places.
+last rows move into their places. Where the runner offers it (`mixed_step`), the prefill chunks and the
+decoding rows' tokens are one pass instead of two (`_mixed`; docs/serving.md, "Mixed steps").
 Every Verify call of a step runs in one forward pass over the session rows
 (`SpeculativeSessions.verify_many`), before the step's decode pass: many edge devices verifying at once
 cost one pass of the model, not one each ("verify_alone" keeps one pass per call, for comparison).
