@@ -37,7 +37,7 @@ import torch
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.errors import EngineFailed, EngineOverloaded, EngineStopped
 from stratus_workers.serve.prefix import PrefixCache
-from stratus_workers.serve.runner import ModelRunner, decoded
+from stratus_workers.serve.runner import ModelRunner, decoded, to_device
 from stratus_workers.serve.sampling import Choice, choose_tokens, seeded_generator
 from stratus_workers.serve.sessions import SpeculativeSessions, VerifyCall
 from stratus_workers.serve.surface import Alternatives, FinishReason
@@ -216,6 +216,7 @@ class EngineCore:
         self.steps = 0
         self.prefill_tokens = 0
         self.mixed_steps = 0
+        self.mixed_on_device = 0  # of those, fed the step launched ahead's choices on the device
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._rows: list[_Seq] = []  # row i holds _rows[i]
         self._decoding = 0  # rows 0.._decoding-1 decode; the rest are prefilling
@@ -457,26 +458,50 @@ class EngineCore:
         """The decoding rows' next tokens and the step's prefill chunks in one pass; the rows whose prompts are
         complete now (their first tokens chosen)."""
         runner = self.runner
+        launched: list[tuple[list[_Seq], list[list[int]], torch.Tensor]] = []
+        first = self._rows[: self._decoding]
         if runner.ahead_in_flight():
             # The decode step launched ahead is this step's: take it, launch none after it, and mix the tokens
-            # after it with the prefill (each decoding row gets two tokens this step).
-            runner.hold_ahead()
+            # after it with the prefill (each decoding row gets two tokens this step). Where those tokens are its
+            # greedy choices, the mixed pass is queued right behind it, fed them on the device, before the host
+            # waits for it; otherwise once the host has chosen them.
+
+            def launch() -> None:
+                # Rows that finish on the step's tokens are in the pass all the same (their extra key lies past
+                # what they keep); a length check that the pass's extra token could tip stays on the host path.
+                if max(runner.lengths[: len(first)]) + 2 < self.max_len:
+                    seqs, chunks = self._chunks()
+                    rows = [*range(len(first)), *(s.row for s in seqs)]
+                    feed = [*([0] for _ in first), *chunks]
+                    launched.append((seqs, chunks, runner.forward_mixed(rows, feed, from_decode=len(first))))
+
+            greedy = all(s.params.greedy and not s.params.adjusts_logits for s in first)
+            runner.hold_ahead(launch if greedy else None)
             self._decode([])
-        decoding = [s for s in self._rows[: self._decoding] if not s.finished]
-        seqs, chunks = self._chunks()
-        logits = runner.forward_mixed(
-            [s.row for s in (*decoding, *seqs)], [*([s.generated[-1]] for s in decoding), *chunks]
-        )
+        if launched:
+            seqs, chunks, logits = launched[0]
+            picked = [i for i, s in enumerate(first) if not s.finished]
+            decoding = [first[i] for i in picked]
+            n = len(first)
+            decode_logits = logits[:n] if len(picked) == n else logits[to_device(picked, logits.device)]
+            self.mixed_on_device += 1
+        else:
+            decoding = [s for s in first if not s.finished]
+            seqs, chunks = self._chunks()
+            logits = runner.forward_mixed(
+                [s.row for s in (*decoding, *seqs)], [*([s.generated[-1]] for s in decoding), *chunks]
+            )
+            n = len(decoding)
+            decode_logits = logits[:n]
         self.mixed_steps += 1
         ready = self._prefilled(seqs, chunks)
-        n = len(decoding)
         if ready:
             self._finish_prefill(ready, logits[n : n + len(ready)], None)
         if decoding:
             params = [s.params for s in decoding]
-            greedy = decoded(logits[:n], any(p.logprobs for p in params))
+            greedy_choice = decoded(decode_logits, any(p.logprobs for p in params))
             counts = [s.counts for s in decoding]
-            choice = choose_tokens(logits[:n], params, [s.generator for s in decoding], greedy, counts)
+            choice = choose_tokens(decode_logits, params, [s.generator for s in decoding], greedy_choice, counts)
             self._advance_all(decoding, choice)
         if not (len(self._rows) > self._decoding + len(ready) or self._waiting):
             # No prefill is due next step: start its decode step now, while the host streams this one's tokens

@@ -169,8 +169,10 @@ def test_rows_arriving_while_others_decode_are_prefilled_in_the_decode_pass(mode
     runner = core.runner
     assert isinstance(runner, FusedRunner)
     assert core.stats().mixed_steps >= 5 and runner.mixed_steps == core.stats().mixed_steps
-    if ahead:
-        assert runner.decoder.primed > 0 and runner.decoder.ahead_hits > 0
+    if ahead:  # prefills arriving while a step launched ahead runs: the mixed pass is fed its choices on the device
+        assert runner.decoder.primed > 0 and runner.decoder.ahead_hits > 0 and core.mixed_on_device > 0
+    else:
+        assert core.mixed_on_device == 0
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -201,3 +203,5 @@ def test_a_busy_random_mix_gives_the_same_answers_mixed_or_not(model: Any, seed:
     assert_same(mixed, plain, arrivals, same_steps=not ahead)
     assert mixed.core.stats().mixed_steps >= 5 and plain.core.stats().mixed_steps == 0
     assert mixed.core.stats().prefix_hit_tokens > 0
+    if not ahead:
+        assert mixed.core.mixed_on_device == 0  # nothing is ever in flight

@@ -152,6 +152,7 @@ class StaticDecoder:
         self._expected: list[int] = []
         self._ahead_pause = 0
         self._hold = False  # the next step launches none ahead (the engine mixes the next tokens with a prefill)
+        self._then: Callable[[], None] | None = None  # and queues this behind its own step, before waiting for it
         self.primed = 0  # steps launched ahead by `prime` (fed tokens the caller already chose)
 
     @property
@@ -159,10 +160,15 @@ class StaticDecoder:
         """Whether a decode step launched ahead of time waits to be taken by the next `step`."""
         return self._ahead_step is not None
 
-    def hold(self) -> None:
+    def hold(self, then: Callable[[], None] | None = None) -> None:
         """The next `step` launches no step ahead: the caller computes the tokens after it some other way (a
-        mixed pass of those rows and a prefill, runner/fused.py), and a step launched ahead would be wasted."""
+        mixed pass of those rows and a prefill, runner/fused.py), and a step launched ahead would be wasted.
+
+        `then` runs once that step is queued (or found launched ahead), before the host waits for it: work
+        queued there runs right behind it, and `tokens[:batch]` holds its greedy choices by then on the device.
+        """
         self._hold = True
+        self._then = then
 
     def prime(self, ids: list[int]) -> None:
         """Launch the decode step of rows 0..len(ids)-1 fed `ids` now, without waiting for it: the next `step`
@@ -226,6 +232,7 @@ class StaticDecoder:
         on_device = isinstance(join, torch.Tensor)
         joined: Any = None
         hold, self._hold = self._hold, False
+        then, self._then = self._then, None
         if self._ahead_pause:
             self._ahead_pause -= 1
         elif self.decode_ahead and not hold:
@@ -246,6 +253,8 @@ class StaticDecoder:
             launched = batch + n
             self._ahead_step = self._launch(launched)
             self.cache.watch(launched)
+        if then is not None:
+            then()
         decoded = self._finish(step, batch, rows, logprobs)
         if on_device:
             assert isinstance(join, torch.Tensor)
