@@ -217,6 +217,7 @@ class EngineCore:
         self.prefill_tokens = 0
         self.mixed_steps = 0
         self.mixed_on_device = 0  # of those, fed the step launched ahead's choices on the device
+        self.primed_on_device = 0  # mixed passes the next decode step was queued behind, fed their argmax
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._rows: list[_Seq] = []  # row i holds _rows[i]
         self._decoding = 0  # rows 0.._decoding-1 decode; the rest are prefilling
@@ -473,7 +474,9 @@ class EngineCore:
                     seqs, chunks = self._chunks()
                     rows = [*range(len(first)), *(s.row for s in seqs)]
                     feed = [*([0] for _ in first), *chunks]
-                    launched.append((seqs, chunks, runner.forward_mixed(rows, feed, from_decode=len(first))))
+                    logits = runner.forward_mixed(rows, feed, from_decode=len(first))
+                    launched.append((seqs, chunks, logits))
+                    self._prime_on_device(first, seqs, chunks, logits)
 
             greedy = all(s.params.greedy and not s.params.adjusts_logits for s in first)
             runner.hold_ahead(launch if greedy else None)
@@ -491,6 +494,8 @@ class EngineCore:
             logits = runner.forward_mixed(
                 [s.row for s in (*decoding, *seqs)], [*([s.generated[-1]] for s in decoding), *chunks]
             )
+            if len(decoding) == len(first):  # rows 0.. in order: the pass's first logits are theirs
+                self._prime_on_device(decoding, seqs, chunks, logits)
             n = len(decoding)
             decode_logits = logits[:n]
         self.mixed_steps += 1
@@ -503,12 +508,29 @@ class EngineCore:
             counts = [s.counts for s in decoding]
             choice = choose_tokens(decode_logits, params, [s.generator for s in decoding], greedy_choice, counts)
             self._advance_all(decoding, choice)
-        if not (len(self._rows) > self._decoding + len(ready) or self._waiting):
-            # No prefill is due next step: start its decode step now, while the host streams this one's tokens
-            # (rows that finished are fed anything: they leave before it is taken).
+        if not self._prefill_due(len(ready)):
+            # No prefill is due next step: start its decode step now (unless it was, on the device), while the
+            # host streams this one's tokens (rows that finished are fed anything: they leave before it is taken).
             rows = self._rows[: self._decoding + len(ready)]
             runner.prime_decode([s.generated[-1] if s.generated and not s.finished else 0 for s in rows])
         return ready
+
+    def _prefill_due(self, ready: int) -> bool:
+        """Whether the next step will prefill (rows still prefilling once `ready` more joined, or arrivals)."""
+        return len(self._rows) > self._decoding + ready or bool(self._waiting)
+
+    def _prime_on_device(
+        self, decoding: list[_Seq], seqs: list[_Seq], chunks: list[list[int]], logits: torch.Tensor
+    ) -> None:
+        """Right behind a mixed pass of rows 0..len(decoding)-1 and the chunks of `seqs`, start the next decode step
+        fed its argmax, where that is what the host will choose (every row greedy) and no prefill is due next: the
+        GPU decodes on while the host reads the pass's logits and streams its tokens."""
+        ready = [s for s, chunk in zip(seqs, chunks, strict=True) if s.prefilled + len(chunk) == len(s.prompt)]
+        fed = [*decoding, *ready]
+        if self._prefill_due(len(ready)) or not all(s.params.greedy and not s.params.adjusts_logits for s in fed):
+            return
+        self.runner.prime_decode(logits[: len(fed)].argmax(dim=-1))
+        self.primed_on_device += self.runner.ahead_in_flight()  # (a runner that decodes one step at a time: no)
 
     def _prefill(self) -> tuple[list[_Seq], torch.Tensor]:
         """Prefill the step's chunks: the rows whose prompts are complete now, and the logits (theirs first)."""

@@ -171,8 +171,9 @@ def test_rows_arriving_while_others_decode_are_prefilled_in_the_decode_pass(mode
     assert core.stats().mixed_steps >= 5 and runner.mixed_steps == core.stats().mixed_steps
     if ahead:  # prefills arriving while a step launched ahead runs: the mixed pass is fed its choices on the device
         assert runner.decoder.primed > 0 and runner.decoder.ahead_hits > 0 and core.mixed_on_device > 0
+        assert core.primed_on_device > 0  # and the decode step after it queued behind it, fed its argmax
     else:
-        assert core.mixed_on_device == 0
+        assert core.mixed_on_device == core.primed_on_device == 0
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -260,9 +260,10 @@ class ModelRunner(abc.ABC):
         have a step in flight, and do not call it)."""
         return None
 
-    def prime_decode(self, ids: Sequence[int]) -> None:
-        """A path that decodes ahead starts the decode step of rows 0..len(ids)-1 fed `ids` now; the next
-        `decode` with these ids takes it. Others do nothing (the next `decode` computes it)."""
+    def prime_decode(self, ids: Sequence[int] | torch.Tensor) -> None:
+        """A path that decodes ahead starts the decode step of rows 0..len(ids)-1 fed `ids` now (a device tensor:
+        tokens the caller is about to choose, still being computed); the next `decode` with these ids takes it.
+        Others do nothing (the next `decode` computes it)."""
         return None
 
     @torch.inference_mode()

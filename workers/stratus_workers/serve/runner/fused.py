@@ -495,8 +495,8 @@ class FusedRunner(ModelRunner):
         self.decoder.hold(then)
 
     @torch.inference_mode()
-    def prime_decode(self, ids: Sequence[int]) -> None:
-        self.decoder.prime(list(ids))
+    def prime_decode(self, ids: Sequence[int] | torch.Tensor) -> None:
+        self.decoder.prime(ids if isinstance(ids, torch.Tensor) else list(ids))
 
     def _packed(
         self, rows: Sequence[int], tokens: Sequence[Sequence[int]], logits_from: Sequence[int], prefill: bool = False,

@@ -153,7 +153,10 @@ class StaticDecoder:
         self._ahead_pause = 0
         self._hold = False  # the next step launches none ahead (the engine mixes the next tokens with a prefill)
         self._then: Callable[[], None] | None = None  # and queues this behind its own step, before waiting for it
-        self.primed = 0  # steps launched ahead by `prime` (fed tokens the caller already chose)
+        self.primed = 0  # steps launched ahead by `prime` (fed tokens the caller chose, or will from the same logits)
+        self._fed_host = torch.zeros(rows, dtype=torch.long, pin_memory=self._on_cuda)
+        self._fed_done: Any = torch.cuda.Event() if self._on_cuda else None  # type: ignore[no-untyped-call]
+        self._fed: torch.Tensor | None = None  # a primed step's tokens on their way to the host
 
     @property
     def in_flight(self) -> bool:
@@ -170,18 +173,27 @@ class StaticDecoder:
         self._hold = True
         self._then = then
 
-    def prime(self, ids: list[int]) -> None:
+    def prime(self, ids: list[int] | torch.Tensor) -> None:
         """Launch the decode step of rows 0..len(ids)-1 fed `ids` now, without waiting for it: the next `step`
         fed these ids on these rows (moved rows follow, as for any step launched ahead) takes it. The caller
-        chose `ids` already (after a mixed pass), so unlike a guess it is taken whenever the rows are."""
+        chose `ids` already (after a mixed pass), so unlike a guess it is taken whenever the rows are; or, as a
+        device tensor, will choose them from the same logits (greedy rows: their argmax), and the step is queued
+        right behind the pass that computes them. Does nothing where a step is in flight or none runs ahead."""
         if not self.decode_ahead or self._ahead_step is not None:
             return
         batch = len(ids)
         self.cache.grow(max(self.cache.lengths[:batch]) + 1)
-        self.load_tokens(ids)
+        if isinstance(ids, torch.Tensor):
+            self.tokens[:batch].copy_(ids)
+            self._fed = self._fed_host[:batch]
+            self._fed.copy_(ids, non_blocking=True)
+            if self._on_cuda:
+                self._fed_done.record()
+        else:
+            self.load_tokens(ids)
+            self._expected = list(ids)
         self._ahead_step = self._launch(batch)
         self.cache.watch(batch)
-        self._expected = list(ids)
         self.primed += 1
 
     def buckets(self, batch: int, kv_needed: int) -> tuple[int, int]:
@@ -207,6 +219,10 @@ class StaticDecoder:
         device, the step launched ahead queues right behind, and they are read back (`joined`) while it runs.
         """
         ahead, self._ahead_step = self._ahead_step, None
+        if self._fed is not None:  # what a step primed on the device was fed (done long since: the host chose them)
+            if self._on_cuda:
+                self._fed_done.synchronize()
+            self._expected, self._fed = self._fed.tolist(), None
         origin = self.cache.ahead
         self.cache.watch(None)
         rows: list[int] | None = None
