@@ -8,7 +8,9 @@ starts on it at once: when the caller then sends exactly those tokens (greedy de
 step is already running, so the GPU works while the host samples, detokenizes and streams. Requests
 that leave do not spoil it (the KV cache moves its work along with the rows, see cache.py), and rows
 whose prompts were just prefilled join it (`join`): at 64 streams a request leaves and another joins
-about every other step, and each spoilt step cost a whole decode step of GPU time and a wait.
+about every other step, and each spoilt step cost a whole decode step of GPU time and a wait. A step
+whose prefill is mixed into the decode rows' pass (core.py) takes the step in flight without launching
+another (`hold`), and the step after the mixed pass is launched ahead from its results (`prime`).
 """
 
 from __future__ import annotations
