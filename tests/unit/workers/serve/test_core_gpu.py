@@ -120,4 +120,7 @@ def test_mixed_steps_run_as_packed_graphs_and_give_the_unmixed_tokens(
     for seq_id in range(len(requests)):
         assert mixed[seq_id][0] == plain[seq_id][0]
         assert mixed[seq_id][1] == pytest.approx(plain[seq_id][1], abs=1e-3)
+    # Prefills that met a step launched ahead were queued behind it fed its argmax on the device, and the decode
+    # steps after mixed passes behind those, fed theirs.
+    assert mixed_core.mixed_on_device > 0 and mixed_core.primed_on_device > 0
     assert runner.decoder.primed > 0 and runner.decoder.ahead_hits > 0
