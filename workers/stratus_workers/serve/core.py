@@ -16,7 +16,8 @@ waiting is admitted at once), one prefill forward of up to `prefill_chunk` promp
 first prefilling rows, all of them together (so a long prompt arriving mid-stream costs running
 streams one chunk per step, not the whole prompt), one decode step of the decoding rows, which
 the rows whose prefill completed join from the next step on, then finished rows leave and the
-last rows move into their places.
+last rows move into their places. Where the runner offers it (`mixed_step`), the prefill chunks and the
+decoding rows' tokens are one pass instead of two (`_mixed`; docs/serving.md, "Mixed steps").
 Every Verify call of a step runs in one forward pass over the session rows
 (`SpeculativeSessions.verify_many`), before the step's decode pass: many edge devices verifying at once
 cost one pass of the model, not one each ("verify_alone" keeps one pass per call, for comparison).
@@ -36,7 +37,7 @@ import torch
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.errors import EngineFailed, EngineOverloaded, EngineStopped
 from stratus_workers.serve.prefix import PrefixCache
-from stratus_workers.serve.runner import ModelRunner
+from stratus_workers.serve.runner import ModelRunner, decoded, to_device
 from stratus_workers.serve.sampling import Choice, choose_tokens, seeded_generator
 from stratus_workers.serve.sessions import SpeculativeSessions, VerifyCall
 from stratus_workers.serve.surface import Alternatives, FinishReason
@@ -86,6 +87,7 @@ class EngineStats:
     prefill_tokens: int = 0  # cumulative: prompt tokens computed
     forward_passes: int = 0  # cumulative: the model's forward passes (decode steps, prefill chunks, calls)
     forward_positions: int = 0  # cumulative: token positions those passes computed
+    mixed_steps: int = 0  # cumulative: steps whose decode rows and prefill chunks ran as one pass
 
 
 @dataclass
@@ -131,6 +133,7 @@ class StepOutput:
         stats = (
             s.active, s.waiting, s.sessions, s.steps, s.prefix_queried_tokens, s.prefix_hit_tokens,
             s.prefix_evicted_blocks, s.prefix_blocks, s.prefill_tokens, s.forward_passes, s.forward_positions,
+            s.mixed_steps,
         )  # fmt: skip
         return (self.step, self.seq_ids, self.tokens, self.logprobs, finished, self.results, stats, self.top)
 
@@ -212,6 +215,9 @@ class EngineCore:
         self.prefix = prefix
         self.steps = 0
         self.prefill_tokens = 0
+        self.mixed_steps = 0
+        self.mixed_on_device = 0  # of those, fed the step launched ahead's choices on the device
+        self.primed_on_device = 0  # mixed passes the next decode step was queued behind, fed their argmax
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._rows: list[_Seq] = []  # row i holds _rows[i]
         self._decoding = 0  # rows 0.._decoding-1 decode; the rest are prefilling
@@ -310,6 +316,7 @@ class EngineCore:
             prefill_tokens=self.prefill_tokens,
             forward_passes=getattr(self.runner, "passes", 0) - self._counted[0],
             forward_positions=getattr(self.runner, "positions", 0) - self._counted[1],
+            mixed_steps=self.mixed_steps,
         )
 
     # -- a step ----------------------------------------------------------------------------------
@@ -348,7 +355,9 @@ class EngineCore:
             # rows, decode-ahead), the next decode step is queued right behind the prefill and the host
             # reads those tokens while it runs; otherwise they are chosen first, then the decode step.
             joined: list[_Seq] = []
-            if len(self._rows) > self._decoding:
+            if len(self._rows) > self._decoding and self._decoding and self.runner.mixed_step:
+                joined = self._mixed()
+            elif len(self._rows) > self._decoding:
                 ready, logits = self._prefill()
                 if ready and self._decoding and self._device_join(ready):
                     greedy = self._decode(logits[: len(ready)].argmax(dim=-1))
@@ -446,8 +455,91 @@ class EngineCore:
         self._advance_all(seqs, choice)
         return decoded.joined
 
+    def _mixed(self) -> list[_Seq]:
+        """The decoding rows' next tokens and the step's prefill chunks in one pass; the rows whose prompts are
+        complete now (their first tokens chosen)."""
+        runner = self.runner
+        launched: list[tuple[list[_Seq], list[list[int]], torch.Tensor]] = []
+        first = self._rows[: self._decoding]
+        if runner.ahead_in_flight():
+            # The decode step launched ahead is this step's: take it, launch none after it, and mix the tokens
+            # after it with the prefill (each decoding row gets two tokens this step). Where those tokens are its
+            # greedy choices, the mixed pass is queued right behind it, fed them on the device, before the host
+            # waits for it; otherwise once the host has chosen them.
+
+            def launch() -> None:
+                # Rows that finish on the step's tokens are in the pass all the same (their extra key lies past
+                # what they keep); a length check that the pass's extra token could tip stays on the host path.
+                if max(runner.lengths[: len(first)]) + 2 < self.max_len:
+                    seqs, chunks = self._chunks()
+                    rows = [*range(len(first)), *(s.row for s in seqs)]
+                    feed = [*([0] for _ in first), *chunks]
+                    logits = runner.forward_mixed(rows, feed, from_decode=len(first))
+                    launched.append((seqs, chunks, logits))
+                    self._prime_on_device(first, seqs, chunks, logits)
+
+            greedy = all(s.params.greedy and not s.params.adjusts_logits for s in first)
+            runner.hold_ahead(launch if greedy else None)
+            self._decode([])
+        if launched:
+            seqs, chunks, logits = launched[0]
+            picked = [i for i, s in enumerate(first) if not s.finished]
+            decoding = [first[i] for i in picked]
+            n = len(first)
+            decode_logits = logits[:n] if len(picked) == n else logits[to_device(picked, logits.device)]
+            self.mixed_on_device += 1
+        else:
+            decoding = [s for s in first if not s.finished]
+            seqs, chunks = self._chunks()
+            logits = runner.forward_mixed(
+                [s.row for s in (*decoding, *seqs)], [*([s.generated[-1]] for s in decoding), *chunks]
+            )
+            if len(decoding) == len(first):  # rows 0.. in order: the pass's first logits are theirs
+                self._prime_on_device(decoding, seqs, chunks, logits)
+            n = len(decoding)
+            decode_logits = logits[:n]
+        self.mixed_steps += 1
+        ready = self._prefilled(seqs, chunks)
+        if ready:
+            self._finish_prefill(ready, logits[n : n + len(ready)], None)
+        if decoding:
+            params = [s.params for s in decoding]
+            greedy_choice = decoded(decode_logits, any(p.logprobs for p in params))
+            counts = [s.counts for s in decoding]
+            choice = choose_tokens(decode_logits, params, [s.generator for s in decoding], greedy_choice, counts)
+            self._advance_all(decoding, choice)
+        if not self._prefill_due(len(ready)):
+            # No prefill is due next step: start its decode step now (unless it was, on the device), while the
+            # host streams this one's tokens (rows that finished are fed anything: they leave before it is taken).
+            rows = self._rows[: self._decoding + len(ready)]
+            runner.prime_decode([s.generated[-1] if s.generated and not s.finished else 0 for s in rows])
+        return ready
+
+    def _prefill_due(self, ready: int) -> bool:
+        """Whether the next step will prefill (rows still prefilling once `ready` more joined, or arrivals)."""
+        return len(self._rows) > self._decoding + ready or bool(self._waiting)
+
+    def _prime_on_device(
+        self, decoding: list[_Seq], seqs: list[_Seq], chunks: list[list[int]], logits: torch.Tensor
+    ) -> None:
+        """Right behind a mixed pass of rows 0..len(decoding)-1 and the chunks of `seqs`, start the next decode step
+        fed its argmax, where that is what the host will choose (every row greedy) and no prefill is due next: the
+        GPU decodes on while the host reads the pass's logits and streams its tokens."""
+        ready = [s for s, chunk in zip(seqs, chunks, strict=True) if s.prefilled + len(chunk) == len(s.prompt)]
+        fed = [*decoding, *ready]
+        if self._prefill_due(len(ready)) or not all(s.params.greedy and not s.params.adjusts_logits for s in fed):
+            return
+        self.runner.prime_decode(logits[: len(fed)].argmax(dim=-1))
+        self.primed_on_device += self.runner.ahead_in_flight()  # (a runner that decodes one step at a time: no)
+
     def _prefill(self) -> tuple[list[_Seq], torch.Tensor]:
         """Prefill the step's chunks: the rows whose prompts are complete now, and the logits (theirs first)."""
+        seqs, chunks = self._chunks()
+        logits = self.runner.forward(self._decoding, chunks)
+        return self._prefilled(seqs, chunks), logits
+
+    def _chunks(self) -> tuple[list[_Seq], list[list[int]]]:
+        """The step's prompt chunks and their rows (consecutive, from the first prefilling row)."""
         # Prompt chunks for the first prefilling rows, in row order, within the step's budget; every
         # row but the last one given a chunk gets all that is left of its prompt, so rows finish
         # their prefill in row order and join the decoding rows at the front.
@@ -462,13 +554,16 @@ class EngineCore:
             chunks.append(seq.prompt[seq.prefilled : seq.prefilled + take])
             seqs.append(seq)
             budget -= take
-        logits = self.runner.forward(first, chunks)
+        return seqs, chunks
+
+    def _prefilled(self, seqs: list[_Seq], chunks: list[list[int]]) -> list[_Seq]:
+        """Count the chunks computed; the rows whose prompts are complete now (the first ones)."""
         done = 0
         for seq, chunk in zip(seqs, chunks, strict=True):
             seq.prefilled += len(chunk)
             self.prefill_tokens += len(chunk)
             done += seq.prefilled == len(seq.prompt)
-        return seqs[:done], logits
+        return seqs[:done]
 
     def _finish_prefill(self, ready: list[_Seq], logits: torch.Tensor | None, greedy: list[int] | None) -> None:
         """The first tokens of rows whose prompts are complete: chosen from `logits`, or the `greedy` ones given."""

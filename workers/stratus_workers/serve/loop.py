@@ -177,7 +177,8 @@ class StepProfile:
     A busy period (steps back to back, from the first work after idleness until the loop goes idle)
     becomes one JSON line appended to the file: its steps, wall time, the time inside steps and
     between them (emitting outputs, taking inputs), step times with and without a prefill, and the
-    runner's decode-ahead hits and prefill graph replays over it.
+    runner's decode-ahead hits and prefill graph replays over it, and the steps that mixed a prefill into
+    the decode rows' pass (a prefill step: a mixed pass and, with decode-ahead, the decode step before it).
     """
 
     MIN_STEPS = 10  # shorter periods (warm-ups, single calls) are not written
@@ -188,13 +189,13 @@ class StepProfile:
         self.core = core
         self._reset()
 
-    def _counters(self) -> tuple[int, int, int, int]:
+    def _counters(self) -> tuple[int, int, int, int, int]:
         runner = self.core.runner
         decoder = getattr(runner, "decoder", None)
         # Steps found computed ahead: the single-GPU decoder counts them, a pipeline's first stage itself.
         ahead = getattr(runner, "ahead_hits", getattr(decoder, "ahead_hits", 0))
         replays = getattr(runner, "prefill_replays", 0)
-        return ahead, replays, self.core.prefill_tokens, getattr(decoder, "device_joins", 0)
+        return ahead, replays, self.core.prefill_tokens, getattr(decoder, "device_joins", 0), self.core.mixed_steps
 
     def _reset(self) -> None:
         self.plain: list[float] = []
@@ -216,7 +217,7 @@ class StepProfile:
     def idle(self) -> None:
         steps = len(self.plain) + len(self.prefill)
         if steps >= self.MIN_STEPS:
-            hits, replays, tokens, joins = (b - a for a, b in zip(self.before, self._counters(), strict=True))
+            hits, replays, tokens, joins, mixed = (b - a for a, b in zip(self.before, self._counters(), strict=True))
             inside = sum(self.plain) + sum(self.prefill)
             wall = self.last - self.first
 
@@ -232,6 +233,7 @@ class StepProfile:
                 plain_p50_ms=ms(self.plain, 0.5), plain_p95_ms=ms(self.plain, 0.95), prefill_steps=len(self.prefill),
                 prefill_p50_ms=ms(self.prefill, 0.5), prefill_p95_ms=ms(self.prefill, 0.95),
                 prefill_tokens=tokens, ahead_hits=hits, prefill_graph_replays=replays, device_joins=joins,
+                mixed_steps=mixed,
             )  # fmt: skip
             with open(self.path, "a") as f:
                 f.write(json.dumps(line) + "\n")

@@ -121,6 +121,7 @@ def test_rows_join_a_decode_step_launched_ahead_with_first_tokens_taken_on_the_d
     # CUDA's order: the prefill, then the next decode step queued right behind it with the new rows'
     # greedy first tokens copied on the device, and only then the host reads those tokens.
     monkeypatch.setenv("STRATUS_DECODE_AHEAD", "1")
+    monkeypatch.setenv("STRATUS_MIXED_STEP", "0")  # a mixed step takes the decode rows' and new rows' tokens at once
     requests = [
         ([(7 * i + j) % VOCAB for j in range(3 + 11 * i)], Sampling(max_new_tokens=10 + 2 * i)) for i in range(8)
     ]

@@ -97,3 +97,30 @@ def test_packed_prefill_graphs_give_the_eager_prefills_tokens(model: Any, monkey
     assert runner.prefill_replays > 0  # type: ignore[attr-defined]
     assert graphs == eager
     assert runner.decoder.ahead_hits > 0  # type: ignore[attr-defined]
+
+
+def test_mixed_steps_run_as_packed_graphs_and_give_the_unmixed_tokens(
+    model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrivals two steps apart into a running batch: with mixed steps (the default here) each prefill shares a
+    # captured packed graph with the decoding rows' tokens; the answers are those of separate passes.
+    requests = [([(11 * i + 3 * j) % VOCAB for j in range(5 + 13 * i)],
+                 Sampling(max_new_tokens=14 + 3 * i, logprobs=i % 3 == 1)) for i in range(8)]  # fmt: skip
+    monkeypatch.setenv("STRATUS_MIXED_STEP", "0")
+    plain_core = core_over(model, chunk=48, pool=0)
+    assert not plain_core.runner.mixed_step
+    plain = serve(plain_core, requests)
+    monkeypatch.delenv("STRATUS_MIXED_STEP")
+    mixed_core = core_over(model, chunk=48, pool=0)
+    runner = mixed_core.runner
+    assert isinstance(runner, FusedRunner) and runner.mixed_step
+    mixed = serve(mixed_core, requests)
+    assert runner.mixed_step and runner.mixed_replays > 0 and mixed_core.stats().mixed_steps > 0
+    assert plain_core.stats().mixed_steps == 0
+    for seq_id in range(len(requests)):
+        assert mixed[seq_id][0] == plain[seq_id][0]
+        assert mixed[seq_id][1] == pytest.approx(plain[seq_id][1], abs=1e-3)
+    # Prefills that met a step launched ahead were queued behind it fed its argmax on the device, and the decode
+    # steps after mixed passes behind those, fed theirs.
+    assert mixed_core.mixed_on_device > 0 and mixed_core.primed_on_device > 0
+    assert runner.decoder.primed > 0 and runner.decoder.ahead_hits > 0

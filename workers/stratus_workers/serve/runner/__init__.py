@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +128,9 @@ class ModelRunner(abc.ABC):
     """
 
     cache: KVCache
+    # Whether the engine should run a step's decode rows and prefill chunks as one pass (`forward_mixed`): where
+    # that pass is the packed one (runner/fused.py), one read of the weights instead of two.
+    mixed_step = False
 
     def __init__(
         self,
@@ -232,6 +235,36 @@ class ModelRunner(abc.ABC):
             for row, row_tokens, start in zip(rows, tokens, logits_from, strict=True)
         ]
         return torch.cat(parts)
+
+    @torch.inference_mode()
+    def forward_mixed(
+        self, rows: Sequence[int], tokens: Sequence[Sequence[int]], from_decode: int = 0
+    ) -> torch.Tensor:
+        """Append `tokens[i]` to row `rows[i]` (ascending; decoding rows with one token each, prefilling rows with
+        a chunk of their prompts) in one pass; [len(rows), V] logits of each row's last new token.
+
+        `from_decode` > 0: rows 0..from_decode-1 come first and their tokens (placeholders in `tokens`) are the
+        greedy choices of the decode step just queued, taken on the device (a runner that decodes ahead only).
+        """
+        if from_decode:
+            raise ValueError(f"{type(self).__name__} has no decode step's choices on the device")
+        return self.forward_rows(rows, tokens, [len(t) - 1 for t in tokens])
+
+    def ahead_in_flight(self) -> bool:
+        """Whether a decode step launched ahead of time (decode-ahead) waits to be taken by the next `decode`."""
+        return False
+
+    def hold_ahead(self, then: Callable[[], None] | None = None) -> None:
+        """The next `decode` launches no step ahead (the caller mixes the tokens after it with a prefill), and
+        calls `then` once its step is queued, before it waits for it (a path that decodes ahead; others never
+        have a step in flight, and do not call it)."""
+        return None
+
+    def prime_decode(self, ids: Sequence[int] | torch.Tensor) -> None:
+        """A path that decodes ahead starts the decode step of rows 0..len(ids)-1 fed `ids` now (a device tensor:
+        tokens the caller is about to choose, still being computed); the next `decode` with these ids takes it.
+        Others do nothing (the next `decode` computes it)."""
+        return None
 
     @torch.inference_mode()
     def decode(

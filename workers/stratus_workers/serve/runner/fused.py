@@ -271,6 +271,11 @@ class FusedRunner(ModelRunner):
         # that kernel runs, else eagerly; STRATUS_PACKED_PREFILL=0 or 1 overrides (1 runs it on the CPU, with
         # torch's attention).
         self.packed_prefill = env_flag("STRATUS_PACKED_PREFILL", self.triton_attention) and world == 1
+        # A step's decode rows and prefill chunks as one packed pass (`forward_mixed`) where the packed prefill
+        # runs; STRATUS_MIXED_STEP=0 or 1 overrides (1 runs it on the CPU, with torch's attention).
+        self.mixed_step = env_flag("STRATUS_MIXED_STEP", self.packed_prefill) and world == 1
+        self.mixed_steps = 0  # mixed passes run
+        self.mixed_replays = 0  # of those, as a captured packed graph
 
     def _fuse_weights(self, rank: int, world: int) -> list[_LayerWeights]:
         d = self.head_dim
@@ -444,10 +449,61 @@ class FusedRunner(ModelRunner):
         self.positions += sum(len(t) for t in tokens)
         return logits
 
-    def _packed(
-        self, rows: Sequence[int], tokens: Sequence[Sequence[int]], logits_from: Sequence[int], prefill: bool = False
+    @torch.inference_mode()
+    def forward_mixed(
+        self, rows: Sequence[int], tokens: Sequence[Sequence[int]], from_decode: int = 0
     ) -> torch.Tensor:
-        """One packed pass: `tokens[i]` appended to row `rows[i]`, the logits of those from `logits_from[i]` on."""
+        """`ModelRunner.forward_mixed` as one packed pass: a decoding row's token is a query like a prompt's, so the
+        weights are read once for the decode rows and the prefill chunks together (a CUDA graph per token bucket).
+        `from_decode` tokens come from the decode step's input buffer, which holds the greedy choices of the step
+        queued last. A pass that fails to run turns mixing off for good and runs the base class's."""
+        logits_from = [len(t) - 1 for t in tokens]
+        if from_decode and list(rows[:from_decode]) != list(range(from_decode)):
+            raise ValueError(f"the decode step's choices are rows 0..{from_decode - 1}, the first rows of the pass")
+        if not self.mixed_step:
+            return self._mixed_apart(rows, tokens, from_decode)
+        check_rows(rows, tokens, logits_from, self.max_rows)
+        starts = [self.cache.lengths[r] for r in rows]
+        replays = self.packed_replays
+        device_ids = self.decoder.tokens[:from_decode] if from_decode else None
+        try:
+            logits = self._packed(rows, tokens, logits_from, prefill=True, device_ids=device_ids)
+        except ValueError:
+            raise
+        except Exception as exc:  # a kernel or capture that failed: the padded pass computes the same
+            log.warning("mixed pass failed (%s: %s); padded now, unmixed from now on", type(exc).__name__, exc)
+            self.mixed_step = False
+            for row, length in zip(rows, starts, strict=True):
+                self.cache.set_length(row, length)
+            return self._mixed_apart(rows, tokens, from_decode)
+        self.mixed_steps += 1
+        self.mixed_replays += self.packed_replays - replays
+        self.passes += 1
+        self.positions += sum(len(t) for t in tokens)
+        return logits
+
+    def _mixed_apart(self, rows: Sequence[int], tokens: Sequence[Sequence[int]], from_decode: int) -> torch.Tensor:
+        if from_decode:  # the padded pass takes host tokens: wait for the decode step's
+            chosen = self.decoder.tokens[:from_decode].tolist()
+            tokens = [[t] for t in chosen] + list(tokens[from_decode:])
+        return super().forward_mixed(rows, tokens)
+
+    def ahead_in_flight(self) -> bool:
+        return self.decoder.in_flight
+
+    def hold_ahead(self, then: Callable[[], None] | None = None) -> None:
+        self.decoder.hold(then)
+
+    @torch.inference_mode()
+    def prime_decode(self, ids: Sequence[int] | torch.Tensor) -> None:
+        self.decoder.prime(ids if isinstance(ids, torch.Tensor) else list(ids))
+
+    def _packed(
+        self, rows: Sequence[int], tokens: Sequence[Sequence[int]], logits_from: Sequence[int], prefill: bool = False,
+        device_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One packed pass: `tokens[i]` appended to row `rows[i]`, the logits of those from `logits_from[i]` on
+        (`device_ids`: the first tokens' ids, still being computed on the device; the mixed pass's)."""
         q_lens = [len(t) for t in tokens]
         starts = [self.cache.lengths[r] for r in rows]
         ends = [s + q for s, q in zip(starts, q_lens, strict=True)]
@@ -482,6 +538,8 @@ class FusedRunner(ModelRunner):
         # (2.3 to 2.9 ms), whose few keys keep no extra programs busy.
         splits = self._splits(size, max(ends))
         flat = to_device(np.concatenate([plan.reshape(-1), blocks.reshape(-1), scored]), self.device)
+        if device_ids is not None:
+            flat[: device_ids.numel()].copy_(device_ids)
         scored_d = flat[3 * size + 2 * n_blocks :]
         if bucket and self.cuda_graphs:
             graph, hidden = self._packed_graph(bucket, flat[: 3 * size + 2 * n_blocks], splits)

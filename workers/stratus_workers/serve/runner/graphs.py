@@ -8,7 +8,9 @@ starts on it at once: when the caller then sends exactly those tokens (greedy de
 step is already running, so the GPU works while the host samples, detokenizes and streams. Requests
 that leave do not spoil it (the KV cache moves its work along with the rows, see cache.py), and rows
 whose prompts were just prefilled join it (`join`): at 64 streams a request leaves and another joins
-about every other step, and each spoilt step cost a whole decode step of GPU time and a wait.
+about every other step, and each spoilt step cost a whole decode step of GPU time and a wait. A step
+whose prefill is mixed into the decode rows' pass (core.py) takes the step in flight without launching
+another (`hold`), and the step after the mixed pass is launched ahead from its results (`prime`).
 """
 
 from __future__ import annotations
@@ -153,6 +155,50 @@ class StaticDecoder:
         self._ahead_step: _Step | None = None
         self._expected: list[int] = []
         self._ahead_pause = 0
+        self._hold = False  # the next step launches none ahead (the engine mixes the next tokens with a prefill)
+        self._then: Callable[[], None] | None = None  # and queues this behind its own step, before waiting for it
+        self.primed = 0  # steps launched ahead by `prime` (fed tokens the caller chose, or will from the same logits)
+        self._fed_host = torch.zeros(rows, dtype=torch.long, pin_memory=self._on_cuda)
+        self._fed_done: Any = torch.cuda.Event() if self._on_cuda else None  # type: ignore[no-untyped-call]
+        self._fed: torch.Tensor | None = None  # a primed step's tokens on their way to the host
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether a decode step launched ahead of time waits to be taken by the next `step`."""
+        return self._ahead_step is not None
+
+    def hold(self, then: Callable[[], None] | None = None) -> None:
+        """The next `step` launches no step ahead: the caller computes the tokens after it some other way (a
+        mixed pass of those rows and a prefill, runner/fused.py), and a step launched ahead would be wasted.
+
+        `then` runs once that step is queued (or found launched ahead), before the host waits for it: work
+        queued there runs right behind it, and `tokens[:batch]` holds its greedy choices by then on the device.
+        """
+        self._hold = True
+        self._then = then
+
+    def prime(self, ids: list[int] | torch.Tensor) -> None:
+        """Launch the decode step of rows 0..len(ids)-1 fed `ids` now, without waiting for it: the next `step`
+        fed these ids on these rows (moved rows follow, as for any step launched ahead) takes it. The caller
+        chose `ids` already (after a mixed pass), so unlike a guess it is taken whenever the rows are; or, as a
+        device tensor, will choose them from the same logits (greedy rows: their argmax), and the step is queued
+        right behind the pass that computes them. Does nothing where a step is in flight or none runs ahead."""
+        if not self.decode_ahead or self._ahead_step is not None:
+            return
+        batch = len(ids)
+        self.cache.grow(max(self.cache.lengths[:batch]) + 1)
+        if isinstance(ids, torch.Tensor):
+            self.tokens[:batch].copy_(ids)
+            self._fed = self._fed_host[:batch]
+            self._fed.copy_(ids, non_blocking=True)
+            if self._on_cuda:
+                self._fed_done.record()
+        else:
+            self.load_tokens(ids)
+            self._expected = list(ids)
+        self._ahead_step = self._launch(batch)
+        self.cache.watch(batch)
+        self.primed += 1
 
     def buckets(self, batch: int, kv_needed: int) -> tuple[int, int]:
         """The (batch, key length) a step of `batch` rows reading `kv_needed` keys runs at."""
@@ -183,6 +229,10 @@ class StaticDecoder:
         device, the step launched ahead queues right behind, and they are read back (`joined`) while it runs.
         """
         ahead, self._ahead_step = self._ahead_step, None
+        if self._fed is not None:  # what a step primed on the device was fed (done long since: the host chose them)
+            if self._on_cuda:
+                self._fed_done.synchronize()
+            self._expected, self._fed = self._fed.tolist(), None
         origin = self.cache.ahead
         self.cache.watch(None)
         rows: list[int] | None = None
@@ -207,9 +257,11 @@ class StaticDecoder:
         launched = 0
         on_device = isinstance(join, torch.Tensor)
         joined: Any = None
+        hold, self._hold = self._hold, False
+        then, self._then = self._then, None
         if self._ahead_pause:
             self._ahead_pause -= 1
-        elif self.decode_ahead:
+        elif self.decode_ahead and not hold:
             # Start the next step now, on this step's argmax, so the GPU works while the caller samples,
             # detokenizes and streams. If the caller picks other tokens or changes the rows, the next
             # call runs the step again; the guess only wrote keys past each row's length.
@@ -227,6 +279,8 @@ class StaticDecoder:
             launched = batch + n
             self._ahead_step = self._launch(launched)
             self.cache.watch(launched)
+        if then is not None:
+            then()
         decoded = self._finish(step, batch, rows, logprobs)
         if on_device:
             assert isinstance(join, torch.Tensor)

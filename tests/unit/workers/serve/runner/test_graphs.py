@@ -119,3 +119,53 @@ def test_key_buckets_double_from_the_minimum_and_stop_at_the_capacity(
     buckets = key_buckets(capacity, limit)
     assert buckets == expected
     assert buckets[-1] >= min(limit or capacity, capacity)
+
+
+def test_a_mixed_pass_takes_the_step_in_flight_and_primes_the_next(model: torch.nn.Module, reference) -> None:
+    # The engine's mixed step with decode-ahead: the step launched ahead is taken without launching another
+    # (hold), the mixed pass runs behind it fed its argmax on the device (then), and the step after the pass is
+    # launched from the pass's argmax on the device (prime); a primed step fed other tokens than the caller's is
+    # recomputed, not used.
+    runner = FusedRunner(model, max_rows=4, max_len=64, cuda_graphs=False, compile=False)
+    runner.mixed_step = True
+    decoder = runner.decoder
+    decoder.decode_ahead = True
+    seqs = [[5, 6, 7], [3, 4]]
+    with torch.inference_mode():
+        logits = runner.forward(0, seqs)
+        first = [[t] for t in logits.argmax(dim=-1).tolist()]
+        nxt = runner.decode([t[0] for t in first]).greedy  # launches the next step ahead, fed these
+        seqs = [s + t + [n] for s, t, n in zip(seqs, first, nxt, strict=True)]
+        assert decoder.in_flight
+        prompt = [9, 10, 11, 12]
+        mixed: list[torch.Tensor] = []
+
+        def launch() -> None:
+            mixed.append(runner.forward_mixed([0, 1, 2], [[0], [0], prompt], from_decode=2))
+            decoder.prime(mixed[0].argmax(dim=-1))  # rows 0 and 1 decode, row 2 joins
+
+        runner.hold_ahead(launch)
+        step = runner.decode(nxt)
+        assert decoder.ahead_hits == 1 and mixed and decoder.primed == 1 and decoder.in_flight
+        for row, ids in enumerate(seqs):
+            torch.testing.assert_close(step.logits[row], reference(ids)[0], atol=1e-4, rtol=1e-4)
+        # The pass was fed the step's choices on the device: its logits are those after them.
+        seqs = [s + [t] for s, t in zip(seqs, step.greedy, strict=True)]
+        seqs.append(prompt)
+        for row, ids in enumerate(seqs):
+            torch.testing.assert_close(mixed[0][row], reference(ids)[0], atol=1e-4, rtol=1e-4)
+        assert runner.lengths[:3] == [len(s) for s in seqs]
+        chosen = mixed[0].argmax(dim=-1).tolist()
+        primed = runner.decode(chosen)  # the primed step, fed exactly these
+        assert decoder.ahead_hits == 2 and runner.mixed_steps == 1
+        seqs = [s + [t] for s, t in zip(seqs, chosen, strict=True)]
+        for row, ids in enumerate(seqs):
+            torch.testing.assert_close(primed.logits[row], reference(ids)[0], atol=1e-4, rtol=1e-4)
+        # A primed step the caller feeds other tokens is run again on them.
+        decoder.prime([(t + 1) % 512 for t in primed.greedy])
+        other = [(t + 2) % 512 for t in primed.greedy]
+        again = runner.decode(other)
+        assert decoder.ahead_hits == 2
+        seqs = [s + [t] for s, t in zip(seqs, other, strict=True)]
+        for row, ids in enumerate(seqs):
+            torch.testing.assert_close(again.logits[row], reference(ids)[0], atol=1e-4, rtol=1e-4)

@@ -1,0 +1,208 @@
+"""Mixed steps: a step's decode rows and prefill chunks in one pass give the tokens of separate passes, whatever
+arrives when, with decode-ahead, the prefix cache, sampled rows, log-probabilities, logit bias and cancellations."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from stratus_workers.models.tiny import TINY, random_llama
+from stratus_workers.protocol.requests import Sampling
+from stratus_workers.serve.core import PREFIX_BLOCK, EngineCore, EngineRequest
+from stratus_workers.serve.prefix import PrefixCache
+from stratus_workers.serve.runner.build import build_runner
+from stratus_workers.serve.runner.fused import FusedRunner
+from stratus_workers.serve.sessions import SpeculativeSessions
+
+pytestmark = pytest.mark.unit
+
+VOCAB = 512
+EOS = frozenset({7})
+SYSTEM = [(13 * i + 5) % VOCAB for i in range(48)]
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    return random_llama(dict(TINY), vocab_size=VOCAB, init_std=0.2, seed=11)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    step: int
+    prompt: list[int]
+    params: Sampling
+    cancel_after: int | None  # aborted once it has this many tokens
+
+
+@dataclass
+class Served:
+    tokens: dict[int, list[int]]
+    logprobs: dict[int, list[float]]
+    reasons: dict[int, str]
+    core: EngineCore
+
+
+def core_over(model: Any, *, mixed: bool, ahead: bool, batch: int = 4, chunk: int = 16, pool: int = 0) -> EngineCore:
+    env = {"STRATUS_MIXED_STEP": "1" if mixed else "0", "STRATUS_DECODE_AHEAD": "1" if ahead else "0"}
+    with mock.patch.dict(os.environ, env):
+        runner = build_runner(model, max_rows=batch + 1, max_len=160, pool_tokens=pool, fast=True)
+    assert isinstance(runner, FusedRunner) and runner.mixed_step == mixed and runner.decoder.decode_ahead == ahead
+    prefix = PrefixCache(PREFIX_BLOCK, pool // PREFIX_BLOCK) if pool else None
+    sessions = SpeculativeSessions(runner, EOS, first_row=batch)
+    return EngineCore(runner, sessions, EOS, max_batch_size=batch, prefill_chunk=chunk, prefix=prefix)
+
+
+def serve(core: EngineCore, arrivals: list[Arrival]) -> Served:
+    served = Served({}, {}, {}, core)
+    pending = sorted(enumerate(arrivals), key=lambda a: a[1].step)
+    aborted: set[int] = set()
+    step = 0
+    with torch.inference_mode():
+        while pending or core.busy:
+            while pending and pending[0][1].step <= step:
+                seq_id, arrival = pending.pop(0)
+                core.add(EngineRequest(seq_id, arrival.prompt, arrival.params))
+            out = core.step()
+            for i, (seq_id, token) in enumerate(zip(out.seq_ids, out.tokens, strict=True)):
+                served.tokens.setdefault(seq_id, []).append(token)
+                if arrivals[seq_id].params.logprobs:
+                    assert out.logprobs is not None
+                    served.logprobs.setdefault(seq_id, []).append(out.logprobs[i])
+            for finished in out.finished:
+                served.reasons[finished.seq_id] = finished.reason
+            for seq_id, arrival in enumerate(arrivals):
+                got = len(served.tokens.get(seq_id, ()))
+                if arrival.cancel_after is not None and got >= arrival.cancel_after and seq_id not in aborted:
+                    core.abort(seq_id)
+                    aborted.add(seq_id)
+            step += 1
+    return served
+
+
+def assert_same(mixed: Served, plain: Served, arrivals: list[Arrival], *, same_steps: bool) -> None:
+    """The mixed run's answers are the plain run's; where a step of the mixed run gave a decoding row two tokens
+    (decode-ahead) a cancellation lands a token or so later, so a cancelled answer is then a prefix of the other."""
+    for seq_id, arrival in enumerate(arrivals):
+        a, b = mixed.tokens.get(seq_id, []), plain.tokens.get(seq_id, [])
+        if arrival.cancel_after is None or same_steps:
+            assert a == b, seq_id
+            assert mixed.reasons[seq_id] == plain.reasons[seq_id]
+        else:
+            shorter = min(len(a), len(b))
+            assert a[:shorter] == b[:shorter], seq_id
+        if arrival.params.logprobs:
+            n = min(len(mixed.logprobs.get(seq_id, [])), len(plain.logprobs.get(seq_id, [])))
+            assert mixed.logprobs.get(seq_id, [])[:n] == pytest.approx(plain.logprobs.get(seq_id, [])[:n], abs=1e-4)
+
+
+@st.composite
+def workloads(draw: st.DrawFn) -> list[Arrival]:
+    arrivals = []
+    for i in range(draw(st.integers(3, 8))):
+        shared = draw(st.sampled_from([0, 0, 16, 33, 48]))  # a system prompt's start: the prefix cache's hits
+        own = draw(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=40))
+        kind = draw(st.sampled_from(["greedy", "greedy", "greedy", "sampled", "logprobs", "bias"]))
+        params = Sampling(
+            max_new_tokens=draw(st.integers(1, 14)),
+            temperature=0.8 if kind == "sampled" else 0.0,
+            seed=100 + i if kind == "sampled" else None,
+            logprobs=kind == "logprobs",
+            top_logprobs=2 if kind == "logprobs" else 0,
+            logit_bias=((3, 4.0), (40, -2.0)) if kind == "bias" else (),
+            frequency_penalty=0.5 if kind == "bias" else 0.0,
+        )
+        cancel = draw(st.none() | st.none() | st.integers(1, 8))
+        arrivals.append(Arrival(draw(st.integers(0, 14)), SYSTEM[:shared] + own, params, cancel))
+    return arrivals
+
+
+@settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    arrivals=workloads(),
+    ahead=st.booleans(),
+    pool=st.sampled_from([0, 512]),
+    chunk=st.sampled_from([5, 16, 64]),
+    batch=st.sampled_from([2, 4]),
+)
+def test_mixed_steps_give_the_tokens_of_separate_passes(
+    model: Any, arrivals: list[Arrival], ahead: bool, pool: int, chunk: int, batch: int
+) -> None:
+    runs = [
+        serve(core_over(model, mixed=mixed, ahead=ahead, batch=batch, chunk=chunk, pool=pool), arrivals)
+        for mixed in (True, False)
+    ]
+    # Without decode-ahead a mixed step hands out exactly the tokens the separate passes do, step by step.
+    assert_same(*runs, arrivals, same_steps=not ahead)
+    assert runs[1].core.stats().mixed_steps == 0
+    runner = runs[0].core.runner
+    assert isinstance(runner, FusedRunner) and runner.mixed_steps == runs[0].core.stats().mixed_steps
+    assert runner.mixed_step  # no pass failed and turned it off
+    assert not runs[0].core.busy and runner.lengths[:batch] == [0] * batch
+
+
+def greedy(model: Any, prompt: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_rows_arriving_while_others_decode_are_prefilled_in_the_decode_pass(model: Any, ahead: bool) -> None:
+    # Arrivals every third step into a running batch: each prefill shares its pass with the decoding rows, and
+    # the answers are Hugging Face's greedy ones. With decode-ahead the step launched ahead is taken first and the
+    # step after a mixed pass is started at once with the tokens it chose (`prime`).
+    arrivals = [Arrival(3 * i, [(7 * i + j) % VOCAB for j in range(3 + 9 * i)], Sampling(max_new_tokens=9 + i), None)
+                for i in range(7)]  # fmt: skip
+    core = core_over(model, mixed=True, ahead=ahead, chunk=24)
+    core.eos = frozenset()  # every answer runs to its length, as generate()'s does
+    served = serve(core, arrivals)
+    for seq_id, arrival in enumerate(arrivals):
+        assert served.tokens[seq_id] == greedy(model, arrival.prompt, arrival.params.max_new_tokens)
+    runner = core.runner
+    assert isinstance(runner, FusedRunner)
+    assert core.stats().mixed_steps >= 5 and runner.mixed_steps == core.stats().mixed_steps
+    if ahead:  # prefills arriving while a step launched ahead runs: the mixed pass is fed its choices on the device
+        assert runner.decoder.primed > 0 and runner.decoder.ahead_hits > 0 and core.mixed_on_device > 0
+        assert core.primed_on_device > 0  # and the decode step after it queued behind it, fed its argmax
+    else:
+        assert core.mixed_on_device == core.primed_on_device == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_busy_random_mix_gives_the_same_answers_mixed_or_not(model: Any, seed: int) -> None:
+    # Larger than hypothesis's shrunk examples: 24 requests over ~40 steps into 4 rows, half of them sharing a
+    # system prompt (prefix cache on), decode-ahead on in odd seeds.
+    rng = random.Random(seed)
+    kinds = ["greedy"] * 5 + ["sampled", "logprobs", "bias"]
+    arrivals = []
+    for _ in range(24):
+        kind = rng.choice(kinds)
+        params = Sampling(
+            max_new_tokens=rng.randint(1, 20),
+            temperature=0.9 if kind == "sampled" else 0.0,
+            seed=rng.randint(0, 1000) if kind == "sampled" else None,
+            logprobs=kind == "logprobs",
+            logit_bias=((5, 3.0),) if kind == "bias" else (),
+            presence_penalty=0.3 if kind == "bias" else 0.0,
+        )
+        prompt = SYSTEM[: rng.choice([0, 20, 48])] + [rng.randrange(VOCAB) for _ in range(rng.randint(1, 50))]
+        cancel = rng.randint(1, 10) if rng.random() < 0.15 else None
+        arrivals.append(Arrival(rng.randint(0, 40), prompt, params, cancel))
+    ahead = seed % 2 == 1
+    chunk = rng.choice([8, 32])
+    mixed, plain = (
+        serve(core_over(model, mixed=m, ahead=ahead, chunk=chunk, pool=1024), arrivals) for m in (True, False)
+    )
+    assert_same(mixed, plain, arrivals, same_steps=not ahead)
+    assert mixed.core.stats().mixed_steps >= 5 and plain.core.stats().mixed_steps == 0
+    assert mixed.core.stats().prefix_hit_tokens > 0
+    if not ahead:
+        assert mixed.core.mixed_on_device == 0  # nothing is ever in flight
