@@ -181,7 +181,7 @@ if triton is not None:
             tl.store(q_ptr + b[:, None] * stride_q + r1[None, :], o1, mask=bmask)
             tl.store(q_ptr + b[:, None] * stride_q + r2[None, :], o2, mask=bmask)
         else:
-            # k or v: straight into the cache at (row, kv head, the row's position), where the step's attention reads it.
+            # k or v: straight into the cache at (row, kv head, the row's position), where the attention reads it.
             row = tl.load(rows_ptr + b, mask=live, other=0)
             if head < N_Q + N_KV:
                 base = k_ptr + row * stride_kr + (head - N_Q) * stride_kh + pos * stride_kl
@@ -222,7 +222,8 @@ if triton is not None:
         g = acc_g.to(dtype).to(tl.float32)
         u = acc_u.to(dtype).to(tl.float32)
         silu = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
-        tl.store(act_ptr + b[:, None] * stride_a + n[None, :], (silu * u).to(dtype), mask=live[:, None] & nmask[None, :])
+        out_mask = live[:, None] & nmask[None, :]
+        tl.store(act_ptr + b[:, None] * stride_a + n[None, :], (silu * u).to(dtype), mask=out_mask)
 
     @triton.jit  # type: ignore[misc,untyped-decorator]
     def _gemv_kernel(  # type: ignore[no-untyped-def]

@@ -1,4 +1,4 @@
-"""The fused small-batch decode layer's Triton kernels, run by Triton's CPU interpreter against the torch step's functions."""
+"""The fused small-batch decode layer's Triton kernels, run by Triton's interpreter against the torch step's code."""
 
 from __future__ import annotations
 
@@ -147,7 +147,8 @@ def check_gate_up(case: dict[str, torch.Tensor], atol: float, blocks: gemv.Block
 
 @pytest.mark.parametrize("batch", [1, 4])
 def test_gate_up_kernel_at_smollm2_135m_hidden(interp: ModuleType, batch: int) -> None:
-    # hidden 576 (masked columns); 202 rows of each half (a program's last rows masked), not 1536: the interpreter is slow.
+    # hidden 576 (masked columns); 202 rows of each half (a program's last rows masked), not 1536 (the interpreter
+    # is slow).
     check_gate_up(mlp_case(batch, batch, 576, 202, torch.float32), atol=1e-5)
 
 
@@ -188,7 +189,8 @@ def test_every_launch_shape_the_sweep_may_pick_computes_the_same(interp: ModuleT
     for n in (2, 4, 8, 16):
         for k in (32, 64, 128):
             blocks = gemv.Blocks(n, k, 4)
-            check_qkv({name: t.clone() for name, t in case.items()}, 2, bias=False, delta=True, atol=1e-5, blocks=blocks)
+            fresh = {name: t.clone() for name, t in case.items()}
+            check_qkv(fresh, 2, bias=False, delta=True, atol=1e-5, blocks=blocks)
             check_gate_up(mlp, atol=1e-5, blocks=blocks)
             torch.testing.assert_close(gemv.gemv(x, w, blocks), F.linear(x, w), atol=1e-4, rtol=1e-4)
 

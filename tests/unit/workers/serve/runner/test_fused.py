@@ -109,3 +109,35 @@ def test_packed_prefill_matches_the_eager_one(
     close(scored[:2], reference([1, 2, 3, 4, 11, 21, 22, 23], last=2))
     close(scored[2:], reference([*session, 5, 4, 31, 32], last=2))
     assert packed.passes == eager.passes + 1
+
+
+def test_fused_small_batch_layer_decodes_as_the_compiled_steps_functions(model: torch.nn.Module, reference) -> None:
+    # CUDA's decode step of up to 8 rows is the fused layer (serve/gemv.py: norm, q|k|v, rotary and the cache write
+    # in one kernel; o; norm, gate|up and SiLU in another; down), here run by Triton's interpreter. Its logits are
+    # the step with the Triton attention alone (CUDA's other path) and the model's own, at batches 1 to 5 (bucket 8).
+    pytest.importorskip("triton")
+    plain, layer = fused(model, 8, 32), fused(model, 8, 32)
+    for runner in (plain, layer):
+        runner.triton_attention = True
+    layer.gemv_layer = True
+    assert not plain.gemv_layer
+    seqs = [[5, 6, 7], [3, 4], [100, 101, 102, 103], [9], [40, 41]]
+    for runner in (plain, layer):
+        runner.forward(0, seqs)
+    for step, batch in enumerate((5, 3, 1, 2)):
+        ids = [(17 * step + row) % 500 for row in range(batch)]
+        want, got = plain.decode(ids), layer.decode(ids)
+        close(got.logits, want.logits)
+        assert got.greedy == want.greedy == want.logits.argmax(-1).tolist()
+        seqs[:batch] = [s + [t] for s, t in zip(seqs[:batch], ids, strict=True)]
+        for row in range(batch):
+            close(got.logits[row], reference(seqs[row])[0])
+    assert layer.gemv_batches == {8, 4, 1, 2} and not plain.gemv_batches
+    assert layer.lengths == plain.lengths
+    # Both caches hold the same keys and values for every live position (the fused layer wrote them in place).
+    for k_plain, k_layer in zip(plain.cache.keys, layer.cache.keys, strict=True):
+        for row, length in enumerate(plain.lengths):
+            close(k_layer[row, :, :length], k_plain[row, :, :length])
+    # A failed capture drops the fused layer first, then the Triton attention.
+    assert layer.degrade() == "the fused GEMV layer" and not layer.gemv_layer and layer.triton_attention
+    assert layer.degrade() == "Triton attention"
