@@ -403,6 +403,7 @@ class FusedRunner(ModelRunner):
         """
         if self.gemv_layer:
             self.gemv_layer = False
+            self.gemv_batches.clear()  # the graphs that ran it are dropped with it
             return "the fused GEMV layer"
         if self.triton_attention:
             self.triton_attention = False
@@ -691,7 +692,6 @@ class FusedRunner(ModelRunner):
     def _gemv_layers(self, h: torch.Tensor, first_row: int, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """decode_rows' layers as the fused small-batch layer: norm + q|k|v + rotary + cache write, attention, o,
         norm + gate|up + SiLU * up, down (serve/gemv.py); the same arithmetic as the compiled step's."""
-        self.gemv_batches.add(h.shape[0])
         delta: torch.Tensor | None = None  # the first layer's residual has nothing to add
         for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
             k_rows, v_rows = (k_cache[first_row:], v_cache[first_row:]) if first_row else (k_cache, v_cache)
@@ -702,6 +702,7 @@ class FusedRunner(ModelRunner):
             attn = gemv.gemv(kernels.decode_attention(q, k_rows, v_rows, pos, self.scale), lw.o)
             h, act = gemv.norm_gate_up(h, attn, lw.post_norm, lw.eps, lw.gate_up)
             delta = gemv.gemv(act, lw.down)
+        self.gemv_batches.add(h.shape[0])
         return h if delta is None else h + delta
 
     def _warmup(self, max_kv_len: int | None, batch_sizes: Sequence[int] | None) -> int:

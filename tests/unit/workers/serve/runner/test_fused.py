@@ -140,4 +140,5 @@ def test_fused_small_batch_layer_decodes_as_the_compiled_steps_functions(model: 
             close(k_layer[row, :, :length], k_plain[row, :, :length])
     # A failed capture drops the fused layer first, then the Triton attention.
     assert layer.degrade() == "the fused GEMV layer" and not layer.gemv_layer and layer.triton_attention
+    assert not layer.gemv_batches
     assert layer.degrade() == "Triton attention"

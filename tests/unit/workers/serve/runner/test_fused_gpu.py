@@ -51,5 +51,5 @@ def test_batch_one_graph_runs_the_fused_layer_and_decodes_the_same_tokens(monkey
     err_on, err_off = rel_err(got.logits[0], exact), rel_err(want.logits[0], exact)
     assert err_on <= 2 * err_off + 1e-2, (err_on, err_off)
     # The batch-1 graph is the fused layer's (captured from it); the unfused runner never ran it.
-    assert on.gemv_batches == {1} and (1, on.cache.capacity) in on.decoder.graphs.graphs
+    assert on.gemv_layer and on.gemv_batches == {1} and (1, on.cache.capacity) in on.decoder.graphs.graphs
     assert not off.gemv_batches and (1, off.cache.capacity) in off.decoder.graphs.graphs
