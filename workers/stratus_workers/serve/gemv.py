@@ -94,6 +94,16 @@ if triton is not None:
         return h
 
     @triton.jit  # type: ignore[misc,untyped-decorator]
+    def _rows_dot(x, w, B_PAD: tl.constexpr):  # type: ignore[no-untyped-def]
+        # x [B_PAD, K] times w [N, K] transposed, float32: [B_PAD, N]. One row is the plain GEMV's 2-D tile (the
+        # layout the batch-1 sweep measured); more rows broadcast to [B_PAD, N, K].
+        if B_PAD == 1:
+            out = tl.sum(w * x, axis=1)[None, :]
+        else:
+            out = tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        return out
+
+    @triton.jit  # type: ignore[misc,untyped-decorator]
     def _norm_rstd(  # type: ignore[no-untyped-def]
         h_ptr, d_ptr, hout_ptr, stride_h, stride_d, stride_o, batch, hidden, eps, write,
         B_PAD: tl.constexpr, BLOCK_K: tl.constexpr, HAS_DELTA: tl.constexpr,
@@ -156,8 +166,8 @@ if triton is not None:
                         HAS_DELTA)  # fmt: skip
             w1 = tl.load(w_ptr + r1[:, None] * hidden + k[None, :], mask=kmask[None, :], other=0.0).to(tl.float32)
             w2 = tl.load(w_ptr + r2[:, None] * hidden + k[None, :], mask=kmask[None, :], other=0.0).to(tl.float32)
-            acc1 += tl.sum(x[:, None, :] * w1[None, :, :], axis=2)
-            acc2 += tl.sum(x[:, None, :] * w2[None, :, :], axis=2)
+            acc1 += _rows_dot(x, w1, B_PAD)
+            acc2 += _rows_dot(x, w2, B_PAD)
         dtype = q_ptr.dtype.element_ty
         a = acc1.to(dtype).to(tl.float32)
         c = acc2.to(dtype).to(tl.float32)
@@ -216,8 +226,8 @@ if triton is not None:
             wmask = nmask[:, None] & kmask[None, :]
             wg = tl.load(w_ptr + n[:, None] * hidden + k[None, :], mask=wmask, other=0.0).to(tl.float32)
             wu = tl.load(w_ptr + (n + inter)[:, None] * hidden + k[None, :], mask=wmask, other=0.0).to(tl.float32)
-            acc_g += tl.sum(x[:, None, :] * wg[None, :, :], axis=2)
-            acc_u += tl.sum(x[:, None, :] * wu[None, :, :], axis=2)
+            acc_g += _rows_dot(x, wg, B_PAD)
+            acc_u += _rows_dot(x, wu, B_PAD)
         dtype = act_ptr.dtype.element_ty
         g = acc_g.to(dtype).to(tl.float32)
         u = acc_u.to(dtype).to(tl.float32)
@@ -242,7 +252,7 @@ if triton is not None:
             kmask = k < k_in
             x = tl.load(x_ptr + b[:, None] * stride_x + k[None, :], mask=live[:, None] & kmask[None, :], other=0.0)
             w = tl.load(w_ptr + n[:, None] * k_in + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            acc += _rows_dot(x.to(tl.float32), w.to(tl.float32), B_PAD)
         tl.store(
             y_ptr + b[:, None] * stride_y + n[None, :], acc.to(y_ptr.dtype.element_ty),
             mask=live[:, None] & nmask[None, :],

@@ -138,6 +138,10 @@ def test_fused_small_batch_layer_decodes_as_the_compiled_steps_functions(model: 
     for k_plain, k_layer in zip(plain.cache.keys, layer.cache.keys, strict=True):
         for row, length in enumerate(plain.lengths):
             close(k_layer[row, :, :length], k_plain[row, :, :length])
+    # A pipeline stage runs the layers over a micro-batch of rows further down (rows 2 and 3 here).
+    with torch.inference_mode():
+        h = layer.embed(torch.tensor([7, 8]))
+        close(layer.decode_rows(h, 2, layer.cache.capacity), plain.decode_rows(h, 2, plain.cache.capacity))
     # A failed capture drops the fused layer first, then the Triton attention.
     assert layer.degrade() == "the fused GEMV layer" and not layer.gemv_layer and layer.triton_attention
     assert not layer.gemv_batches
