@@ -108,13 +108,16 @@ def kernel_calls(t: dict[str, Any]) -> dict[str, tuple[Callable[[gemv.Blocks], A
 
 
 def candidates(kind: str, n_out: int, k_in: int, head_dim: int) -> list[gemv.Blocks]:
-    rows = (2, 4, 8) if kind != "plain" else (4, 8, 16)
-    cols = (256, 512) if k_in >= 1024 else (128, 256)
+    """Launch shapes to time: weight rows a program (per half for the paired kernels), columns a step, warps (the
+    paired kernels at 4, which won the forerunner's sweep for q|k|v and gate|up)."""
+    rows = (2, 4, 8) if kind != "plain" else (2, 4, 8, 16)
+    cols = (256, 512) if k_in >= 1024 else (128, 256, 512)
+    warps = (4, 8) if kind == "plain" else (4,)
     out = []
-    for n, k, warps in itertools.product(rows, cols, (4, 8)):
+    for n, k, w in itertools.product(rows, cols, warps):
         if kind == "qkv" and (head_dim // 2) % n:
             continue
-        out.append(gemv.Blocks(n, k, warps))
+        out.append(gemv.Blocks(n, k, w))
     return out
 
 

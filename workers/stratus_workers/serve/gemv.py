@@ -36,6 +36,8 @@ AVAILABLE = triton is not None
 
 # Decode steps of at most this many rows run the fused layer (the batch buckets 1, 2, 4 and 8).
 MAX_BATCH = 8
+# A launch shape keeps at least this many programs where it can (two for each of an H200's 132 multiprocessors).
+MIN_PROGRAMS = 256
 # The most fp32 values a program's product tile ([rows of the batch, weight rows, BLOCK_K]) may hold.
 TILE_LIMIT = 8192
 
@@ -57,20 +59,22 @@ def blocks_for(kind: str, n_out: int, k_in: int, batch: int, head_dim: int = 0) 
     """The launch shape of kernel `kind` ("qkv", "gate_up" or "plain") for `n_out` output rows (per half for
     gate_up: the intermediate size), `k_in` columns and `batch` rows.
 
-    From an H200 sweep of batch-1 GEMVs (docs/bench-data/gpu-2026-11-30/gemv-09ee46d.txt): 8 weight rows a program,
-    512 columns a step, 8 warps where there are few programs. Columns a step: the largest of 512..64 that pads
-    `k_in` least (576 gets 128; a masked lane reads nothing), halved while the product tile is too big for the batch.
+    From an H200 sweep of batch-1 GEMVs (docs/bench-data/gpu-2026-11-30/gemv-09ee46d.txt, whose smallest tile won
+    every shape): 8 weight rows a program (4 of each half for the paired kernels), fewer (down to 2 of each half)
+    while that leaves under MIN_PROGRAMS programs (the 135M config's small products); 512 columns a step, or the
+    one of 512, 256 and 128 that pads `k_in` least (576 gets 128; a masked lane reads nothing), halved while the
+    product tile is too big for the batch; 8 warps where a plain GEMV has few programs.
     """
     k = min((512, 256, 128), key=lambda b: (-(-k_in // b) * b, -b))
+    halves = 2 if kind != "plain" else 1
     rows = 8
+    total = n_out * (2 if kind == "gate_up" else 1)  # weight rows in all
+    while rows > 2 * halves and -(-total // rows) < MIN_PROGRAMS:
+        rows //= 2
+    n = rows // halves
     if kind == "qkv":
-        n = min(rows // 2, head_dim // 2)
-    elif kind == "gate_up":
-        n = rows // 2
-    else:
-        n = rows
-    width = n * (2 if kind != "plain" else 1)
-    while _pow2_at_least(batch) * width * k > TILE_LIMIT and k > 64:
+        n = min(n, head_dim // 2)
+    while _pow2_at_least(batch) * n * halves * k > TILE_LIMIT and k > 64:
         k //= 2
     warps = 8 if kind == "plain" and n_out <= 2048 else 4
     return Blocks(n, k, warps)

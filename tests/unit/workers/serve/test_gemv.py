@@ -198,14 +198,18 @@ def test_every_launch_shape_the_sweep_may_pick_computes_the_same(interp: ModuleT
 def test_block_rule() -> None:
     # 8 weight rows a program (4 of each half for the paired kernels), the columns that pad `hidden` least.
     assert gemv.blocks_for("qkv", 6144, 2048, 1, 64) == gemv.Blocks(4, 512, 4)
-    assert gemv.blocks_for("qkv", 960, 576, 1, 64) == gemv.Blocks(4, 128, 4)
     assert gemv.blocks_for("gate_up", 8192, 2048, 1) == gemv.Blocks(4, 512, 4)
     assert gemv.blocks_for("plain", 2048, 8192, 1) == gemv.Blocks(8, 512, 8)
-    assert gemv.blocks_for("plain", 576, 1536, 1) == gemv.Blocks(8, 512, 8)
+    assert gemv.blocks_for("plain", 2048, 2048, 1) == gemv.Blocks(8, 512, 8)
+    # The 135M config's small products: fewer rows a program, so that enough programs run; 576 columns in 128s.
+    assert gemv.blocks_for("qkv", 960, 576, 1, 64) == gemv.Blocks(2, 128, 4)
+    assert gemv.blocks_for("gate_up", 1536, 576, 1) == gemv.Blocks(4, 128, 4)
+    assert gemv.blocks_for("plain", 576, 1536, 1) == gemv.Blocks(2, 512, 8)
     # More rows: a smaller step, so the product tile stays within TILE_LIMIT.
     assert gemv.blocks_for("plain", 2048, 8192, 4) == gemv.Blocks(8, 256, 8)
     assert gemv.blocks_for("qkv", 6144, 2048, 8, 64) == gemv.Blocks(4, 128, 4)
     assert gemv.blocks_for("qkv", 6144, 2048, 1, 16) == gemv.Blocks(4, 512, 4)
+    assert gemv.blocks_for("qkv", 6144, 2048, 1, 4) == gemv.Blocks(2, 512, 4)  # a head of 4: 2 rows a half
     for batch in range(1, gemv.MAX_BATCH + 1):
         for kind in ("qkv", "gate_up", "plain"):
             b = gemv.blocks_for(kind, 960, 576, batch, 64)
