@@ -246,17 +246,10 @@ class FusedRunner(ModelRunner):
             and kernels.supports(self.head_dim, self.local_heads, self.local_kv_heads)
             and env_flag("STRATUS_TRITON_ATTENTION", True)
         )
-        # Decode steps of a few rows as the fused small-batch layer (serve/gemv.py: 5 kernels a layer, not 12);
-        # STRATUS_GEMV_LAYER=0 turns it off. Not under tensor parallel (its all-reduces sit between the kernels)
-        # nor with biases past q|k|v's. `gemv_batches`: the batch sizes whose steps ran it (a graph's at capture).
-        biases = any(b is not None for lw in self._lw for b in (lw.o_bias, lw.gate_up_bias, lw.down_bias))
-        self.gemv_layer = (
-            self.triton_attention
-            and world == 1
-            and not biases
-            and gemv.supports(self.head_dim, self.local_heads, self.local_kv_heads)
-            and env_flag("STRATUS_GEMV_LAYER", True)
-        )
+        # Decode steps of a few rows as the fused small-batch layer (serve/gemv.py: 5 kernels a layer, not 12)
+        # where the Triton attention runs; STRATUS_GEMV_LAYER=0 turns it off. `gemv_batches`: the batch sizes whose
+        # steps ran it (a graph's at its capture).
+        self.gemv_layer = self.triton_attention and self.gemv_refusal() is None and env_flag("STRATUS_GEMV_LAYER", True)
         self.gemv_batches: set[int] = set()
         self._set_step_fns(self.compiled)
         # Running one step ahead pays on the GPU, where the step is asynchronous; a tensor-parallel
@@ -336,6 +329,16 @@ class FusedRunner(ModelRunner):
                 for module in (*_attn_linears(layer), *_mlp_linears(layer)):
                     module.weight = torch.nn.Parameter(torch.empty(0, device=self.device), requires_grad=False)
         return fused
+
+    def gemv_refusal(self) -> str | None:
+        """Why the fused small-batch layer cannot run this model here, or None if it can."""
+        if self.world_size > 1:
+            return "tensor parallel (its all-reduces sit between the layer's kernels)"
+        if any(b is not None for lw in self._lw for b in (lw.o_bias, lw.gate_up_bias, lw.down_bias)):
+            return "biases past q|k|v's"
+        if not gemv.supports(self.head_dim, self.local_heads, self.local_kv_heads):
+            return f"no Triton, or heads of {self.head_dim} (a power of two of at least 16 is needed)"
+        return None
 
     def _set_step_fns(self, compiled: bool) -> None:
         # Shapes and constants are baked into closures so that torch.compile sees them as constants

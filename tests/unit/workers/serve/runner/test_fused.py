@@ -111,16 +111,38 @@ def test_packed_prefill_matches_the_eager_one(
     assert packed.passes == eager.passes + 1
 
 
-def test_fused_small_batch_layer_decodes_as_the_compiled_steps_functions(model: torch.nn.Module, reference) -> None:
+def with_biases(model: torch.nn.Module, names: tuple[str, ...], seed: int = 0) -> torch.nn.Module:
+    """A copy of `model` whose projections `names` (q_proj, o_proj, up_proj...) have random biases."""
+    gen = torch.Generator().manual_seed(seed)
+    biased = copy.deepcopy(model)
+    for layer in biased.model.layers:
+        for name in names:
+            proj = getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)
+            proj.bias = torch.nn.Parameter(torch.randn(proj.out_features, generator=gen) * 0.1, requires_grad=False)
+    return biased
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_fused_small_batch_layer_decodes_as_the_compiled_steps_functions(
+    model: torch.nn.Module, qkv_bias: bool
+) -> None:
     # CUDA's decode step of up to 8 rows is the fused layer (serve/gemv.py: norm, q|k|v, rotary and the cache write
     # in one kernel; o; norm, gate|up and SiLU in another; down), here run by Triton's interpreter. Its logits are
-    # the step with the Triton attention alone (CUDA's other path) and the model's own, at batches 1 to 5 (bucket 8).
+    # the step with the Triton attention alone (CUDA's other path) and the model's own, at batches 1 to 5 (bucket 8);
+    # with q|k|v biases too (Qwen2's).
     pytest.importorskip("triton")
+    if qkv_bias:
+        model = with_biases(model, ("q_proj", "k_proj", "v_proj"))
+
+    def reference(ids: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(torch.tensor([ids])).logits[0, -1:]
+
     plain, layer = fused(model, 8, 32), fused(model, 8, 32)
     for runner in (plain, layer):
         runner.triton_attention = True
+    assert plain.gemv_refusal() is None and not plain.gemv_layer  # no Triton attention on the CPU unless asked
     layer.gemv_layer = True
-    assert not plain.gemv_layer
     seqs = [[5, 6, 7], [3, 4], [100, 101, 102, 103], [9], [40, 41]]
     for runner in (plain, layer):
         runner.forward(0, seqs)
@@ -146,3 +168,9 @@ def test_fused_small_batch_layer_decodes_as_the_compiled_steps_functions(model: 
     assert layer.degrade() == "the fused GEMV layer" and not layer.gemv_layer and layer.triton_attention
     assert not layer.gemv_batches
     assert layer.degrade() == "Triton attention"
+
+
+def test_fused_small_batch_layer_is_refused_with_biases_past_qkv(model: torch.nn.Module) -> None:
+    for names in (("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)):
+        runner = fused(with_biases(model, names), 1, 8)
+        assert runner.gemv_refusal() == "biases past q|k|v's" and not runner.gemv_layer
