@@ -1,7 +1,7 @@
 """The fused small-batch decode layer on a GPU: its kernels' block sizes swept, and the decode step with it on and off.
 
-A diagnosis, not a benchmark of record. `python tests/bench/gpu_gemv.py [--no-sweep] [--batch N] [1b] [135m]` on a
-GPU prints, for each config (random-init weights in bfloat16):
+A diagnosis, not a benchmark of record. On a GPU, `python tests/bench/gpu_gemv.py [--no-sweep | --sweep-only]
+[--batch N] [1b] [135m]` prints, for each config (random-init weights in bfloat16):
 
 - a sweep of serve/gemv.py's kernels over their launch shapes (weight rows a program, columns a step, warps) at
   the config's shapes: q|k|v with norm, rotary and the cache write; o; gate|up with norm and SiLU; down; each the
@@ -228,6 +228,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="*", default=["1b", "135m"], choices=sorted(ARCHS))
     parser.add_argument("--no-sweep", action="store_true", help="only the decode step on and off")
+    parser.add_argument("--sweep-only", action="store_true", help="only the kernels' launch shapes")
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
     torch._dynamo.config.recompile_limit = 64  # two models' step functions in one process
@@ -238,8 +239,9 @@ def main() -> None:
         if not args.no_sweep:
             results[f"{name} sweep"] = sweep(name, args.batch)
             print(f"  [{time.perf_counter() - t0:.0f}s]")
-        results[f"{name} decode"] = decode_runs(name, args.batch)
-        print(f"  [{time.perf_counter() - t0:.0f}s]")
+        if not args.sweep_only:
+            results[f"{name} decode"] = decode_runs(name, args.batch)
+            print(f"  [{time.perf_counter() - t0:.0f}s]")
         torch.cuda.empty_cache()
     print(json.dumps(results))
 
