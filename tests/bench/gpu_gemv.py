@@ -108,16 +108,18 @@ def kernel_calls(t: dict[str, Any]) -> dict[str, tuple[Callable[[gemv.Blocks], A
 
 
 def candidates(kind: str, n_out: int, k_in: int, head_dim: int) -> list[gemv.Blocks]:
-    """Launch shapes to time: weight rows a program (per half for the paired kernels), columns a step, warps (the
-    paired kernels at 4, which won the forerunner's sweep for q|k|v and gate|up)."""
+    """Launch shapes to time: weight rows a program (per half for the paired kernels), columns a step, warps (4 and
+    8 for the plain GEMV, 4 for the paired kernels, which won the forerunner's sweep for q|k|v and gate|up, and the
+    rule's `warps_for`)."""
     rows = (2, 4, 8) if kind != "plain" else (2, 4, 8, 16)
     cols = (256, 512) if k_in >= 1024 else (128, 256, 512)
-    warps = (4, 8) if kind == "plain" else (4,)
+    halves = 1 if kind == "plain" else 2
     out = []
-    for n, k, w in itertools.product(rows, cols, warps):
+    for n, k in itertools.product(rows, cols):
         if kind == "qkv" and (head_dim // 2) % n:
             continue
-        out.append(gemv.Blocks(n, k, w))
+        for w in sorted(({4, 8} if kind == "plain" else {4}) | {gemv.warps_for(kind, n * halves, k, n_out)}):
+            out.append(gemv.Blocks(n, k, w))
     return out
 
 

@@ -63,7 +63,7 @@ def blocks_for(kind: str, n_out: int, k_in: int, batch: int, head_dim: int = 0) 
     every shape): 8 weight rows a program (4 of each half for the paired kernels), fewer (down to 2 of each half)
     while that leaves under MIN_PROGRAMS programs (the 135M config's small products); 512 columns a step, or the
     one of 512, 256 and 128 that pads `k_in` least (576 gets 128; a masked lane reads nothing), halved while the
-    product tile is too big for the batch; 8 warps where a plain GEMV has few programs.
+    product tile is too big for the batch; warps by `warps_for`.
     """
     k = min((512, 256, 128), key=lambda b: (-(-k_in // b) * b, -b))
     halves = 2 if kind != "plain" else 1
@@ -76,8 +76,14 @@ def blocks_for(kind: str, n_out: int, k_in: int, batch: int, head_dim: int = 0) 
         n = min(n, head_dim // 2)
     while _pow2_at_least(batch) * n * halves * k > TILE_LIMIT and k > 64:
         k //= 2
-    warps = 8 if kind == "plain" and n_out <= 2048 else 4
-    return Blocks(n, k, warps)
+    return Blocks(n, k, warps_for(kind, n * halves, k, n_out))
+
+
+def warps_for(kind: str, rows: int, k: int, n_out: int) -> int:
+    """Warps for a program of `rows` weight rows by `k` columns: enough that each thread loads at least 8 elements
+    (one 16-byte load), at most 8 for a plain GEMV of few programs (the forerunner's sweep: o and down) and 4 else."""
+    most = 8 if kind == "plain" and n_out <= 2048 else 4
+    return max(1, min(most, rows * k // 256))
 
 
 def supports(head_dim: int, n_q: int, n_kv: int) -> bool:
