@@ -95,10 +95,9 @@ def check_qkv(
     torch.testing.assert_close(c["v_cache"], v_want, atol=atol, rtol=atol)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_qkv_kernel_at_smollm2_135m_shape(interp: ModuleType, batch: int) -> None:
-    # hidden 576 (no power of two: masked loads), 9 query heads over 3 kv heads of 64.
-    case = qkv_case(batch, batch, 576, 9, 3, 64, False, torch.float32)
+def test_qkv_kernel_at_smollm2_135m_shape(interp: ModuleType) -> None:
+    # hidden 576 (no power of two: masked loads), 9 query heads over 3 kv heads of 64, 3 rows (padded to 4).
+    case = qkv_case(3, 3, 576, 9, 3, 64, False, torch.float32)
     check_qkv(case, 9, bias=False, delta=True, atol=1e-5)
 
 
@@ -123,8 +122,8 @@ def test_qkv_kernel_is_norm_projection_rotary_and_cache_write(
 def test_qkv_kernel_in_bfloat16_rounds_as_the_torch_step(interp: ModuleType) -> None:
     # The model dtype's roundings (residual, norm, projection, each rotary product) where torch's eager step has them:
     # only the projection's summation order differs, so at most a unit in the last place or two.
-    case = qkv_case(7, 2, 576, 9, 3, 64, True, torch.bfloat16)
-    check_qkv(case, 9, bias=True, delta=True, atol=BF16_TOL)
+    case = qkv_case(7, 2, 576, 3, 1, 64, True, torch.bfloat16)
+    check_qkv(case, 3, bias=True, delta=True, atol=BF16_TOL)
 
 
 def mlp_case(seed: int, batch: int, hidden: int, inter: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
