@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stratus_workers.serve import kernels
+from stratus_workers.serve import gemv, kernels
 from stratus_workers.serve.parallel import ParallelContext
 from stratus_workers.serve.runner import (
     Decoded,
@@ -246,6 +246,11 @@ class FusedRunner(ModelRunner):
             and kernels.supports(self.head_dim, self.local_heads, self.local_kv_heads)
             and env_flag("STRATUS_TRITON_ATTENTION", True)
         )
+        # Decode steps of a few rows as the fused small-batch layer (serve/gemv.py: 5 kernels a layer, not 12)
+        # where the Triton attention runs; STRATUS_GEMV_LAYER=0 turns it off. `gemv_batches`: the batch sizes whose
+        # steps ran it (a graph's at its capture).
+        self.gemv_layer = self.triton_attention and self.gemv_refusal() is None and env_flag("STRATUS_GEMV_LAYER", True)
+        self.gemv_batches: set[int] = set()
         self._set_step_fns(self.compiled)
         # Running one step ahead pays on the GPU, where the step is asynchronous; a tensor-parallel
         # group would have to agree on every guess, so it decodes one step at a time.
@@ -330,6 +335,16 @@ class FusedRunner(ModelRunner):
                     module.weight = torch.nn.Parameter(torch.empty(0, device=self.device), requires_grad=False)
         return fused
 
+    def gemv_refusal(self) -> str | None:
+        """Why the fused small-batch layer cannot run this model here, or None if it can."""
+        if self.world_size > 1:
+            return "tensor parallel (its all-reduces sit between the layer's kernels)"
+        if any(b is not None for lw in self._lw for b in (lw.o_bias, lw.gate_up_bias, lw.down_bias)):
+            return "biases past q|k|v's"
+        if not gemv.supports(self.head_dim, self.local_heads, self.local_kv_heads):
+            return f"no Triton, or heads of {self.head_dim} (a power of two of at least 16 is needed)"
+        return None
+
     def _set_step_fns(self, compiled: bool) -> None:
         # Shapes and constants are baked into closures so that torch.compile sees them as constants
         # (one compiled graph serves every layer: the weights are arguments, the sizes are not).
@@ -394,6 +409,10 @@ class FusedRunner(ModelRunner):
 
         A kernel or compiler problem must not take serving down: the plain torch step is still correct.
         """
+        if self.gemv_layer:
+            self.gemv_layer = False
+            self.gemv_batches.clear()  # the graphs that ran it are dropped with it
+            return "the fused GEMV layer"
         if self.triton_attention:
             self.triton_attention = False
             return "Triton attention"
@@ -705,6 +724,8 @@ class FusedRunner(ModelRunner):
             # Tensors of their own, not views at an offset: the compiled step functions see the same kinds of
             # inputs whichever rows they run (cache rows by absolute index; attention reads a view from first_row).
             pos, rows = lengths[first_row : first_row + batch].clone(), local + first_row
+        if self.gemv_layer and self.triton_attention and batch <= gemv.MAX_BATCH:
+            return self._gemv_layers(h, first_row, pos, rows)
         cos, sin = self._cos[pos], self._sin[pos]
         # Row b sees keys 0..pos[b] (its cache plus the key written this step).
         bias = None if self.triton_attention else torch.where(self._kv_ar[:kv_len][None, :] <= pos[:, None], 0.0, -1e30)
@@ -730,6 +751,22 @@ class FusedRunner(ModelRunner):
             if lw.down_bias is not None:
                 delta = delta + lw.down_bias
         return h + delta
+
+    def _gemv_layers(self, h: torch.Tensor, first_row: int, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """decode_rows' layers as the fused small-batch layer: norm + q|k|v + rotary + cache write, attention, o,
+        norm + gate|up + SiLU * up, down (serve/gemv.py); the same arithmetic as the compiled step's."""
+        delta: torch.Tensor | None = None  # the first layer's residual has nothing to add
+        for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
+            k_rows, v_rows = (k_cache[first_row:], v_cache[first_row:]) if first_row else (k_cache, v_cache)
+            h, q = gemv.norm_qkv_rope(
+                h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, self._cos, self._sin, pos, rows, k_cache, v_cache,
+                self.local_heads,
+            )  # fmt: skip
+            attn = gemv.gemv(kernels.decode_attention(q, k_rows, v_rows, pos, self.scale), lw.o)
+            h, act = gemv.norm_gate_up(h, attn, lw.post_norm, lw.eps, lw.gate_up)
+            delta = gemv.gemv(act, lw.down)
+        self.gemv_batches.add(h.shape[0])
+        return h if delta is None else h + delta
 
     def _warmup(self, max_kv_len: int | None, batch_sizes: Sequence[int] | None) -> int:
         graphs = self.decoder.warmup(max_kv_len, batch_sizes)

@@ -112,3 +112,68 @@ def test_packed_prefill_matches_the_eager_one(
     close(scored[:2], reference([1, 2, 3, 4, 11, 21, 22, 23], last=2))
     close(scored[2:], reference([*session, 5, 4, 31, 32], last=2))
     assert packed.passes == eager.passes + 1
+
+
+def with_biases(model: torch.nn.Module, names: tuple[str, ...], seed: int = 0) -> torch.nn.Module:
+    """A copy of `model` whose projections `names` (q_proj, o_proj, up_proj...) have random biases."""
+    gen = torch.Generator().manual_seed(seed)
+    biased = copy.deepcopy(model)
+    for layer in biased.model.layers:
+        for name in names:
+            proj = getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)
+            proj.bias = torch.nn.Parameter(torch.randn(proj.out_features, generator=gen) * 0.1, requires_grad=False)
+    return biased
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_fused_small_batch_layer_decodes_as_the_compiled_steps_functions(
+    model: torch.nn.Module, qkv_bias: bool
+) -> None:
+    # CUDA's decode step of up to 8 rows is the fused layer (serve/gemv.py: norm, q|k|v, rotary and the cache write
+    # in one kernel; o; norm, gate|up and SiLU in another; down), here run by Triton's interpreter. Its logits are
+    # the step with the Triton attention alone (CUDA's other path) and the model's own, at batches 1 to 5 (bucket 8);
+    # with q|k|v biases too (Qwen2's).
+    pytest.importorskip("triton")
+    if qkv_bias:
+        model = with_biases(model, ("q_proj", "k_proj", "v_proj"))
+
+    def reference(ids: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(torch.tensor([ids])).logits[0, -1:]
+
+    plain, layer = fused(model, 8, 32), fused(model, 8, 32)
+    for runner in (plain, layer):
+        runner.triton_attention = True
+    assert plain.gemv_refusal() is None and not plain.gemv_layer  # no Triton attention on the CPU unless asked
+    layer.gemv_layer = True
+    seqs = [[5, 6, 7], [3, 4], [100, 101, 102, 103], [9], [40, 41]]
+    for runner in (plain, layer):
+        runner.forward(0, seqs)
+    for step, batch in enumerate((5, 3, 1, 2)):
+        ids = [(17 * step + row) % 500 for row in range(batch)]
+        want, got = plain.decode(ids), layer.decode(ids)
+        close(got.logits, want.logits)
+        assert got.greedy == want.greedy == want.logits.argmax(-1).tolist()
+        seqs[:batch] = [s + [t] for s, t in zip(seqs[:batch], ids, strict=True)]
+        for row in range(batch):
+            close(got.logits[row], reference(seqs[row])[0])
+    assert layer.gemv_batches == {8, 4, 1, 2} and not plain.gemv_batches
+    assert layer.lengths == plain.lengths
+    # Both caches hold the same keys and values for every live position (the fused layer wrote them in place).
+    for k_plain, k_layer in zip(plain.cache.keys, layer.cache.keys, strict=True):
+        for row, length in enumerate(plain.lengths):
+            close(k_layer[row, :, :length], k_plain[row, :, :length])
+    # A pipeline stage runs the layers over a micro-batch of rows further down (rows 2 and 3 here).
+    with torch.inference_mode():
+        h = layer.embed(torch.tensor([7, 8]))
+        close(layer.decode_rows(h, 2, layer.cache.capacity), plain.decode_rows(h, 2, plain.cache.capacity))
+    # A failed capture drops the fused layer first, then the Triton attention.
+    assert layer.degrade() == "the fused GEMV layer" and not layer.gemv_layer and layer.triton_attention
+    assert not layer.gemv_batches
+    assert layer.degrade() == "Triton attention"
+
+
+def test_fused_small_batch_layer_is_refused_with_biases_past_qkv(model: torch.nn.Module) -> None:
+    for names in (("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)):
+        runner = fused(with_biases(model, names), 1, 8)
+        assert runner.gemv_refusal() == "biases past q|k|v's" and not runner.gemv_layer

@@ -1,0 +1,55 @@
+"""The fused small-batch decode layer on CUDA: the batch-1 graph runs it, and it decodes as the compiled layers do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stratus_workers.models.tiny import SMOLLM2_135M, random_llama
+from stratus_workers.serve.runner.build import build_runner
+from stratus_workers.serve.runner.fused import FusedRunner
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def test_batch_one_graph_runs_the_fused_layer_and_decodes_the_same_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    # SmolLM2-135M's shape (hidden 576, 9 heads over 3 kv heads: masked loads), random weights spread wide enough
+    # (init 0.2) that bf16's rounding differences between the two paths cannot swap a clear argmax.
+    model = random_llama(dict(SMOLLM2_135M), vocab_size=4096, init_std=0.2, seed=3).to("cuda", torch.bfloat16)
+    prompt = [5, 6, 7, 8, 9, 10, 11]
+    runners = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("STRATUS_GEMV_LAYER", flag)
+        runner = build_runner(model, max_rows=4, max_len=256, compile=False)
+        assert isinstance(runner, FusedRunner) and runner.cuda_graphs and runner.triton_attention
+        assert runner.gemv_layer == (flag == "1")
+        runner.forward(0, [prompt])
+        runners[flag] = runner
+    on, off = runners["1"], runners["0"]
+    fed: list[int] = []
+    token, compared = 11, 0
+    for _ in range(24):
+        fed.append(token)
+        want, got = off.decode([token]), on.decode([token])  # both fed the unfused path's choice
+        top2 = want.logits[0].float().topk(2).values
+        if float(top2[0] - top2[1]) > 0.5:  # a clear choice (bf16's rounding differences are far smaller)
+            assert got.greedy == want.greedy
+            compared += 1
+        token = want.greedy[0]
+    assert compared >= 8
+    # The last step's logits: no further from float32's than the unfused step's are, within bf16 rounding.
+    exact_model = random_llama(dict(SMOLLM2_135M), vocab_size=4096, init_std=0.2, seed=3).to("cuda")
+    with torch.inference_mode():
+        exact = exact_model(torch.tensor([prompt + fed], device="cuda")).logits[0, -1]
+    err_on, err_off = rel_err(got.logits[0], exact), rel_err(want.logits[0], exact)
+    assert err_on <= 2 * err_off + 1e-2, (err_on, err_off)
+    # The batch-1 graph is the fused layer's (captured from it); the unfused runner never ran it.
+    assert on.gemv_layer and on.gemv_batches == {1} and (1, on.cache.capacity) in on.decoder.graphs.graphs
+    assert not off.gemv_batches and (1, off.cache.capacity) in off.decoder.graphs.graphs
