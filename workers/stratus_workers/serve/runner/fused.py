@@ -724,13 +724,13 @@ class FusedRunner(ModelRunner):
             # Tensors of their own, not views at an offset: the compiled step functions see the same kinds of
             # inputs whichever rows they run (cache rows by absolute index; attention reads a view from first_row).
             pos, rows = lengths[first_row : first_row + batch].clone(), local + first_row
+        # A graph of rows reading more than DECODE_SPLIT_KEYS keys (graphs.py picks kv_len) splits them.
+        splits = kernels.decode_splits(batch, self.local_kv_heads) if kv_len > kernels.DECODE_SPLIT_KEYS else 1
         if self.gemv_layer and self.triton_attention and batch <= gemv.MAX_BATCH:
-            return self._gemv_layers(h, first_row, pos, rows)
+            return self._gemv_layers(h, first_row, pos, rows, splits)
         cos, sin = self._cos[pos], self._sin[pos]
         # Row b sees keys 0..pos[b] (its cache plus the key written this step).
         bias = None if self.triton_attention else torch.where(self._kv_ar[:kv_len][None, :] <= pos[:, None], 0.0, -1e30)
-        # A graph of rows reading more than DECODE_SPLIT_KEYS keys (graphs.py picks kv_len) splits them.
-        splits = kernels.decode_splits(batch, self.local_kv_heads) if kv_len > kernels.DECODE_SPLIT_KEYS else 1
         delta = torch.zeros_like(h)
         for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
             k_rows, v_rows = (k_cache[first_row:], v_cache[first_row:]) if first_row else (k_cache, v_cache)
@@ -752,9 +752,11 @@ class FusedRunner(ModelRunner):
                 delta = delta + lw.down_bias
         return h + delta
 
-    def _gemv_layers(self, h: torch.Tensor, first_row: int, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """decode_rows' layers as the fused small-batch layer: norm + q|k|v + rotary + cache write, attention, o,
-        norm + gate|up + SiLU * up, down (serve/gemv.py); the same arithmetic as the compiled step's."""
+    def _gemv_layers(
+        self, h: torch.Tensor, first_row: int, pos: torch.Tensor, rows: torch.Tensor, splits: int
+    ) -> torch.Tensor:
+        """decode_rows' layers as the fused small-batch layer: norm + q|k|v + rotary + cache write, attention (its
+        keys in `splits`), o, norm + gate|up + SiLU * up, down (serve/gemv.py); the compiled step's arithmetic."""
         delta: torch.Tensor | None = None  # the first layer's residual has nothing to add
         for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
             k_rows, v_rows = (k_cache[first_row:], v_cache[first_row:]) if first_row else (k_cache, v_cache)
@@ -762,7 +764,7 @@ class FusedRunner(ModelRunner):
                 h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, self._cos, self._sin, pos, rows, k_cache, v_cache,
                 self.local_heads,
             )  # fmt: skip
-            attn = gemv.gemv(kernels.decode_attention(q, k_rows, v_rows, pos, self.scale), lw.o)
+            attn = gemv.gemv(kernels.decode_attention(q, k_rows, v_rows, pos, self.scale, splits=splits), lw.o)
             h, act = gemv.norm_gate_up(h, attn, lw.post_norm, lw.eps, lw.gate_up)
             delta = gemv.gemv(act, lw.down)
         self.gemv_batches.add(h.shape[0])
