@@ -33,23 +33,22 @@ def test_batch_one_graph_runs_the_fused_layer_and_decodes_the_same_tokens(monkey
         runner.forward(0, [prompt])
         runners[flag] = runner
     on, off = runners["1"], runners["0"]
+    exact_model = random_llama(dict(SMOLLM2_135M), vocab_size=4096, init_std=0.2, seed=3).to("cuda")
     fed: list[int] = []
-    token, compared = 11, 0
+    token, agree = 11, 0
     for _ in range(24):
         fed.append(token)
         want, got = off.decode([token]), on.decode([token])  # both fed the unfused path's choice
-        top2 = want.logits[0].float().topk(2).values
-        if float(top2[0] - top2[1]) > 0.5:  # a clear choice (bf16's rounding differences are far smaller)
-            assert got.greedy == want.greedy
-            compared += 1
+        with torch.inference_mode():
+            exact = exact_model(torch.tensor([prompt + fed], device="cuda")).logits[0, -1]
+        # Each step as close to float32's logits as the unfused step's, within bf16 rounding: the products' sums run
+        # in other orders (an H200 run of a token-equality check at "clear" choices, gaps over 0.5, failed on
+        # these wide weights).
+        err_on, err_off = rel_err(got.logits[0], exact), rel_err(want.logits[0], exact)
+        assert err_on <= 2 * err_off + 1e-2, (len(fed), err_on, err_off)
+        agree += got.greedy == want.greedy
         token = want.greedy[0]
-    assert compared >= 8
-    # The last step's logits: no further from float32's than the unfused step's are, within bf16 rounding.
-    exact_model = random_llama(dict(SMOLLM2_135M), vocab_size=4096, init_std=0.2, seed=3).to("cuda")
-    with torch.inference_mode():
-        exact = exact_model(torch.tensor([prompt + fed], device="cuda")).logits[0, -1]
-    err_on, err_off = rel_err(got.logits[0], exact), rel_err(want.logits[0], exact)
-    assert err_on <= 2 * err_off + 1e-2, (err_on, err_off)
+    assert agree >= 12  # wide random weights make near-ties; most choices still agree
     # The batch-1 graph is the fused layer's (captured from it); the unfused runner never ran it.
     assert on.gemv_layer and on.gemv_batches == {1} and (1, on.cache.capacity) in on.decoder.graphs.graphs
     assert not off.gemv_batches and (1, off.cache.capacity) in off.decoder.graphs.graphs
