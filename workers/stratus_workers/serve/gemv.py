@@ -81,9 +81,12 @@ def blocks_for(kind: str, n_out: int, k_in: int, batch: int, head_dim: int = 0) 
 
 def warps_for(kind: str, rows: int, k: int, n_out: int) -> int:
     """Warps for a program of `rows` weight rows by `k` columns: enough that each thread loads at least 8 elements
-    (one 16-byte load), at most 8 for a plain GEMV of few programs (the forerunner's sweep: o and down) and 4 else."""
-    most = 8 if kind == "plain" and n_out <= 2048 else 4
-    return max(1, min(most, rows * k // 256))
+    (one 16-byte load), at most 4 (this module's own sweep on an H200, docs/bench-data/gpu-2026-11-30/
+    gemv-layer-sweep-1b.txt: 4 warps beat 8 for the ~1B config's o (3.78 against 3.99 µs) and down (10.52 against
+    11.38 µs), where the forerunner's plain GEMV had liked 8). `kind` and `n_out` are kept for a rule that needs
+    them."""
+    del kind, n_out
+    return max(1, min(4, rows * k // 256))
 
 
 def supports(head_dim: int, n_q: int, n_kv: int) -> bool:
