@@ -44,6 +44,11 @@ PARTS: dict[str, list[tuple[str, str]]] = {
     ],
     "pack the pass's inputs": [("runner", "forward_rows"), ("runner", "_packed"), ("runner", "_packed_inputs_for")],
     "forward (model)": [("runner", "_packed_body"), ("runner", "head")],
+    # The acceptance rule's tensor work (the device's, on a GPU; the CPU computes it here): not host cost.
+    "acceptance rule's tensor math": [
+        ("sessions_module", "greedy_verdicts"),
+        ("sessions_module", "sampling_probs_rows"),
+    ],
     "acceptance rule, verdicts": [("sessions", "_judge_greedy"), ("sessions", "_judge_sampled")],
     "rollback, lengths": [
         ("sessions", "_settle"),
@@ -179,7 +184,10 @@ def measure(args: argparse.Namespace, sessions: int) -> dict[str, Any]:
     # The replayed answers stop short of an eos: every session runs the same number of rounds.
     answers = [a[: a.index(eos)] if eos in a else a for a in answers]
     match = match_for(args.acceptance, args.draft)
-    parts = Parts({"core": core, "sessions": core.sessions, "runner": core.runner, "cache": core.runner.cache})
+    from stratus_workers.serve import sessions as sessions_module
+
+    objects = {"core": core, "sessions": core.sessions, "runner": core.runner, "cache": core.runner.cache}
+    parts = Parts(objects | {"sessions_module": sessions_module})
     greedy = Sampling()
     rounds = calls = drafted = accepted = 0
     step_ns = 0
@@ -250,10 +258,12 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     total = [(r["step_us_per_round"], r["step_us_per_round"] / r["calls_per_round"]) for r in rows]
     lines.append(f"| **engine step, all** | {cells(total)} |")
     host = [
-        (r["step_us_per_round"] - r["parts_us_per_round"].get("forward (model)", 0.0)) for r in rows
+        r["step_us_per_round"]
+        - sum(r["parts_us_per_round"].get(name, 0.0) for name in ("forward (model)", "acceptance rule's tensor math"))
+        for r in rows
     ]
     lines.append(
-        "| **engine step without the forward** | "
+        "| **engine step: host work (without the two above)** | "
         + cells([(h, h / r["calls_per_round"]) for h, r in zip(host, rows, strict=True)])
         + " |"
     )

@@ -259,6 +259,9 @@ class EngineCore:
 
     def call(self, call_id: int, op: str, args: tuple[Any, ...]) -> None:
         """Queue a speculative call (`score`, `draft`, `verify`, `end`); its result comes in a step's output."""
+        if op == "verify":  # batched: the step runs every Verify call in one pass
+            self._verifies.append((call_id, VerifyCall(*args)))
+            return
         methods: dict[str, Callable[..., Any]] = {
             "score": self.sessions.score,
             "score_with_alternatives": self.sessions.score_with_alternatives,
@@ -266,9 +269,6 @@ class EngineCore:
             "verify_alone": self.sessions.verify,  # one pass per call (benchmarks compare)
             "end": self.sessions.end,
         }
-        if op == "verify":  # batched: the step runs every Verify call in one pass
-            self._verifies.append((call_id, VerifyCall(*args)))
-            return
         if op == "end":  # a session that ends sends no next round
             self._expecting.discard(args[0])
         method = methods.get(op)
