@@ -21,6 +21,7 @@ import os
 import platform
 import pstats
 import random
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -64,10 +65,12 @@ PARTS: dict[str, list[tuple[str, str]]] = {
 
 
 class Parts:
-    """Exclusive host time per part: a wrapper around each method, a stack of the parts running."""
+    """Exclusive host time per part: a wrapper around each method, a stack of the parts running; `lap` closes a
+    round (its parts' times are kept per round: the table shows medians, steadier than means on a busy host)."""
 
     def __init__(self, objects: dict[str, Any]) -> None:
         self.ns: collections.Counter[str] = collections.Counter()
+        self.rounds: list[collections.Counter[str]] = []
         self._stack: list[list[int]] = []  # per running part: [its callees' time]
         for part, methods in PARTS.items():
             for owner, name in methods:
@@ -89,6 +92,13 @@ class Parts:
                     self._stack[-1][0] += spent
 
         return timed
+
+    def lap(self) -> None:
+        self.rounds.append(self.ns)
+        self.ns = collections.Counter()
+
+    def medians_us(self) -> dict[str, float]:
+        return {part: statistics.median(r[part] for r in self.rounds) / 1e3 for part in PARTS}
 
 
 def build(sessions: int, vocab: int, max_len: int, seed: int) -> Any:
@@ -153,23 +163,43 @@ def frontend_call_ns(core: Any, context: list[int], draft: list[int], repeat: in
     from stratus_workers.serve import server
     from stratus_workers.serve.surface import VerifyResult
 
+    # Before the handler's checks were a function of their own (main at 72e1bb6): the same steps, inline there.
+    arguments = getattr(server, "verify_arguments", None) or _handler_arguments_72e1bb6
     wire = pb.VerifyRequest(session_id="bench-frontend", context=context, draft=draft).SerializeToString()
     result = VerifyResult(len(draft) - 1, 7, tuple(-0.5 for _ in draft), False)
     ns: collections.Counter[str] = collections.Counter()
     for i in range(repeat):
         t0 = time.perf_counter_ns()
         request = pb.VerifyRequest.FromString(wire)
-        args = server.verify_arguments(request)
+        args = arguments(request)
         t1 = time.perf_counter_ns()
         core.call(i, "verify", (*args[:-1], False))
         t2 = time.perf_counter_ns()
-        server.verify_response(result).SerializeToString()
+        pb.VerifyResponse(
+            accepted=result.accepted, next_token=result.next_token, logprobs=result.logprobs, eos=result.eos
+        ).SerializeToString()
         t3 = time.perf_counter_ns()
         ns["request: parse, check, convert"] += t1 - t0
         ns["engine core: queue the call"] += t2 - t1
         ns["reply: build, serialize"] += t3 - t2
     core._verifies.clear()  # queued only to time the queueing
     return {k: v / repeat for k, v in ns.items()}
+
+
+def _handler_arguments_72e1bb6(request: Any) -> tuple[Any, ...]:
+    """What InferenceServicer.Verify did with a request before `server.verify_arguments` (for a "before" run)."""
+    from stratus_workers.protocol.requests import session_sampling
+    from stratus_workers.serve.surface import SparseDist
+
+    if len(request.draft) > 16:
+        raise ValueError("too many draft tokens")
+    sampling = session_sampling(request.sampling)
+    dists = [SparseDist(tuple(d.token_ids), tuple(d.probs)) for d in request.distributions]
+    if not sampling.greedy and len(dists) != len(request.draft):
+        raise ValueError("a sampled draft needs one distribution per draft token")
+    if any(len(d.token_ids) != len(d.probs) for d in dists):
+        raise ValueError("each distribution needs one probability per token id")
+    return request.session_id, list(request.context), list(request.draft), dists, sampling, request.end_session
 
 
 def measure(args: argparse.Namespace, sessions: int) -> dict[str, Any]:
@@ -190,7 +220,7 @@ def measure(args: argparse.Namespace, sessions: int) -> dict[str, Any]:
     parts = Parts(objects | {"sessions_module": sessions_module})
     greedy = Sampling()
     rounds = calls = drafted = accepted = 0
-    step_ns = 0
+    step_ns: list[int] = []
     same = 0
     with profiled(args.cprofile and sessions == max(args.sessions), args.cprofile_top):
         for repeat in range(args.repeats):  # each replay from a fresh session (its first call sends the prompt)
@@ -208,7 +238,8 @@ def measure(args: argparse.Namespace, sessions: int) -> dict[str, Any]:
                     core.call(i, "verify", call)
                 t0 = time.perf_counter_ns()
                 results = step_results(core)
-                step_ns += time.perf_counter_ns() - t0
+                step_ns.append(time.perf_counter_ns() - t0)
+                parts.lap()
                 for i, verdict in results.items():
                     out[i] += [*proposals[i][: verdict.accepted], verdict.next_token]
                     drafted += len(proposals[i])
@@ -227,8 +258,8 @@ def measure(args: argparse.Namespace, sessions: int) -> dict[str, Any]:
         "calls": calls,
         "acceptance": accepted / max(1, drafted),
         "same_as_recorded": same / sessions,
-        "step_us_per_round": step_ns / rounds / 1e3,
-        "parts_us_per_round": {k: v / rounds / 1e3 for k, v in parts.ns.items()},
+        "step_us_per_round": statistics.median(step_ns) / 1e3,
+        "parts_us_per_round": parts.medians_us(),
         "calls_per_round": calls / rounds,
         "frontend_us_per_call": {k: v / 1e3 for k, v in frontend.items()},
     }
@@ -241,7 +272,9 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{meta['draft']}-token drafts at {meta['acceptance']:.0%} acceptance; torch {meta['torch']}, Python "
         f"{meta['python']}; {meta['date']}{'; ' + meta['label'] if meta['label'] else ''}.",
         "",
-        "| part (host µs) | " + " | ".join(f"{r['sessions']} sessions: per round | per call" for r in rows) + " |",
+        "| part (host µs, median round) | "
+        + " | ".join(f"{r['sessions']} sessions: per round | per call" for r in rows)
+        + " |",
         "|---|" + "---|---|" * len(rows),
     ]
     names = list(PARTS)
