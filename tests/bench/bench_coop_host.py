@@ -15,8 +15,10 @@ computes, or before it can start.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import cProfile
+import json
 import os
 import platform
 import pstats
@@ -27,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("STRATUS_FAST_PATH", "1")  # the fused runner, whose packed pass the GPU runs
@@ -265,6 +268,46 @@ def measure(args: argparse.Namespace, sessions: int) -> dict[str, Any]:
     }
 
 
+async def between_steps(args: argparse.Namespace, sessions: int) -> dict[str, float]:
+    """The engine loop's time between Verify steps, as `bench_coop_cloud.py --profile` measures it on a GPU: the
+    same model behind the serving frontend's engine (`AsyncEngine`, the core in a thread), `sessions` sessions
+    replaying their recorded answers through `engine.verify` (bench_coop_cloud's own session loop). Between two
+    steps: the step's output delivered to the event loop, every caller woken, its next call made (the replay's
+    own drafting, a few µs a call, included) and queued to the engine thread, which takes the calls in."""
+    import bench_coop_cloud
+
+    from stratus_workers.models.loader import LoadedModel
+    from stratus_workers.models.tiny import TINY, bundled_tokenizer, random_llama
+    from stratus_workers.serve.engine import AsyncEngine, ThreadTransport
+    from stratus_workers.serve.loop import EngineSettings
+
+    model = random_llama(dict(TINY), vocab_size=args.vocab, seed=args.seed, init_std=0.3)
+    loaded = LoadedModel(model, bundled_tokenizer(), "tiny", "random-init", torch.float32, torch.device("cpu"))
+    settings = EngineSettings(
+        max_batch_size=sessions,
+        max_tokens=args.prompt_tokens + args.new_tokens + args.draft + 8,
+        max_sessions=sessions,
+        prefix_cache_tokens=0,
+    )
+    engine = AsyncEngine(ThreadTransport(settings, loaded=loaded), max_batch_size=sessions, max_queue=4 * sessions)
+    await engine.start()
+    try:
+        rng = random.Random(sessions)
+        prompts = [[rng.randrange(3, args.vocab) for _ in range(args.prompt_tokens)] for _ in range(sessions)]
+        answers = await bench_coop_cloud.verified(engine, prompts, args.new_tokens)
+        profile = bench_coop_cloud.StepProfile(engine.transport.core)  # type: ignore[attr-defined]
+        match = match_for(args.acceptance, args.draft)
+        for repeat in range(args.repeats):
+            await bench_coop_cloud.speculative(
+                engine, prompts, answers, draft=args.draft, match=match, vocab=args.vocab, seed=repeat
+            )
+        took = profile.take()
+    finally:
+        await engine.stop()
+    per_step = took["per step ms"]
+    return {"between steps": per_step.get("between steps", 0.0) * 1e3, "step": per_step.get("step", 0.0) * 1e3}
+
+
 def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"{meta['cpu']}, {meta['threads']} torch threads; tiny random model (vocabulary {meta['vocab']}), fused "
@@ -300,6 +343,9 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         + cells([(h, h / r["calls_per_round"]) for h, r in zip(host, rows, strict=True)])
         + " |"
     )
+    if all("between_steps_us" in r for r in rows):
+        gaps = [(r["between_steps_us"], r["between_steps_us"] / r["calls_per_round"]) for r in rows]
+        lines.append(f"| **frontend and engine loop: between two steps (mean)** | {cells(gaps)} |")
     for name in rows[0]["frontend_us_per_call"]:
         values = [
             (r["frontend_us_per_call"][name] * r["calls_per_round"], r["frontend_us_per_call"][name]) for r in rows
@@ -327,8 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="replays of the answers (rounds measured: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the host's own cost, steadier)")
+    parser.add_argument("--no-loop", action="store_true", help="skip the engine loop's time between steps")
     parser.add_argument("--cprofile", action="store_true", help="cProfile the largest run's rounds (stderr)")
     parser.add_argument("--cprofile-top", type=int, default=30)
+    parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--label", default="", help="what was measured (a commit), for the table's caption")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -347,6 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     with torch.inference_mode():
         rows = [measure(args, n) for n in args.sessions]
+    if not args.no_loop:
+        for row in rows:
+            row["between_steps_us"] = asyncio.run(between_steps(args, row["sessions"]))["between steps"]
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(render(rows, meta))
     return 0
 
