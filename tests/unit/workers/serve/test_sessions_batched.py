@@ -253,3 +253,28 @@ def test_sampling_probs_rows_is_sampling_probs_of_each_row(top_p: float) -> None
     together = sampling_probs_rows(logits, temperatures, top_ps)
     for i in range(5):
         assert torch.allclose(together[i], sampling_probs(logits[i], temperatures[i], top_ps[i]), atol=1e-6)
+
+
+def test_verify_owed_counts_each_due_session_once(model: Any) -> None:
+    """The count of due sessions whose next call has not come (kept as calls arrive) is the set difference it
+    stands for: a session calling twice counts once, one that ends after calling no longer counts."""
+    from stratus_workers.serve.core import EngineCore
+
+    runner = ModuleRunner(model, max_rows=5, max_len=MAX_LEN)
+    core = EngineCore(runner, SpeculativeSessions(runner, frozenset(), first_row=1), frozenset(), max_batch_size=1)
+    for k, sid in enumerate("abc"):
+        core.call(k, "verify", (sid, [1 + k, 2], [3], (), GREEDY, False))
+    core.step()
+    due = {"a", "b", "c"}
+    script = [("verify", "a"), ("verify", "a"), ("end", "b"), ("verify", "c"), ("end", "c"), ("verify", "x")]
+    arrived: set[str] = set()
+    for n, (op, sid) in enumerate(script):
+        if op == "end":
+            core.call(10 + n, "end", (sid,))
+            due.discard(sid)
+        else:
+            core.call(10 + n, "verify", (sid, [7, 8], [9], (), GREEDY, False))
+            arrived.add(sid)
+        assert core.verify_owed() == len(due - arrived)
+    core.step()
+    assert core.verify_owed() == 0
