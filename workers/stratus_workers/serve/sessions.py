@@ -61,18 +61,6 @@ def read_back(values: torch.Tensor) -> list[Any]:
     return host.tolist()  # type: ignore[no-any-return]
 
 
-def read_back_array(values: torch.Tensor) -> np.ndarray:
-    """`read_back`, as a numpy array (one transfer; no Python object per value)."""
-    if values.device.type != "cuda":
-        return values.numpy(force=True)
-    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-    host.copy_(values, non_blocking=True)
-    done = torch.cuda.Event()  # type: ignore[no-untyped-call]
-    done.record()
-    done.synchronize()
-    return host.numpy()
-
-
 class VerifyCall(NamedTuple):
     """One Verify call's arguments (see `SpeculativeSessions.verify`); a named tuple: made for every call as it
     is queued, where a frozen dataclass costs several times as much."""
@@ -109,7 +97,6 @@ class SpeculativeSessions:
         self.max_len = runner.max_len
         self.vocab_size = runner.vocab_size
         self._eos = eos
-        self._eos_ids = np.fromiter(eos, dtype=np.int64, count=len(eos))
         self._sessions: collections.OrderedDict[str, _Session] = collections.OrderedDict()
         self._free_rows = list(range(runner.max_rows - 1, first_row - 1, -1))
         self._ids = itertools.count(1)
@@ -324,36 +311,23 @@ class SpeculativeSessions:
             return
         # Row k's scores are logits[offsets[k] : offsets[k + 1]]: position j predicts the token after
         # context + draft[:j].
-        offsets = np.cumsum([0, *(len(call.draft) + 1 for call, _, _ in entries)])
-        greedy = [k for k, (call, _, _) in enumerate(entries) if call.sampling.greedy]
-        sampled = [k for k, (call, _, _) in enumerate(entries) if not call.sampling.greedy]
-        judged: list[_Judged | Exception | None] = [None] * len(entries)
-        if greedy:
-            positions = None
-            if sampled:  # the greedy rows' scores among all rows'
-                counts = np.diff(offsets)[greedy]
-                positions = np.repeat(offsets[greedy], counts) + (
-                    np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-                )
-            for k, greedy_verdict in zip(greedy, self._judge_greedy([entries[k] for k in greedy], positions, logits),
-                                         strict=True):  # fmt: skip
-                judged[k] = greedy_verdict
-        if sampled:
-            found = self._judge_sampled([entries[k] for k in sampled], offsets[sampled].tolist(), logits)
-            for k, sampled_verdict_ in zip(sampled, found, strict=True):
-                judged[k] = sampled_verdict_
+        judged: list[_Judged | Exception]
+        if all(call.sampling.greedy for call, _, _ in entries):  # the usual case: every row judged at once
+            judged = list(self._judge_greedy(entries, None, logits))
+        else:
+            judged = self._judge_mixed(entries, logits)
         settle: list[tuple[VerifyCall, _Session, list[int], _Judged]] = []
         settled: list[int] = []
         cuts = []
-        for k, judged_k in enumerate(judged):
-            call, session, pending = entries[k]
-            if isinstance(judged_k, Exception) or judged_k is None:
-                results[index[k]] = judged_k or RuntimeError("verification produced no verdict")
+        for i, entry, verdict in zip(index, entries, judged, strict=True):
+            if isinstance(verdict, Exception):
+                results[i] = verdict
+                session = entry[1]
                 if lengths[session.row] != len(session.tokens):
                     cuts.append((session.row, len(session.tokens)))
             else:
-                settle.append((call, session, pending, judged_k))
-                settled.append(index[k])
+                settle.append((*entry, verdict))
+                settled.append(i)
         verdicts, kept = self._settle(settle)
         self._cut(cuts + kept)
         for i, verdict_result in zip(settled, verdicts, strict=True):
@@ -361,6 +335,29 @@ class SpeculativeSessions:
         for call, _, _ in entries:
             if call.end:
                 self.end(call.sid)
+
+    def _judge_mixed(
+        self, entries: Sequence[tuple[VerifyCall, _Session, list[int]]], logits: torch.Tensor
+    ) -> list[_Judged | Exception]:
+        """Verdicts of greedy and sampled rows in one pass: each kind judged together (`_judge_greedy`,
+        `_judge_sampled`) on its rows' scores."""
+        offsets = np.cumsum([0, *(len(call.draft) + 1 for call, _, _ in entries)])
+        greedy = [k for k, (call, _, _) in enumerate(entries) if call.sampling.greedy]
+        sampled = [k for k, (call, _, _) in enumerate(entries) if not call.sampling.greedy]
+        judged: list[_Judged | Exception] = [RuntimeError("verification produced no verdict")] * len(entries)
+        if greedy:  # where the greedy rows' scores sit among all rows'
+            counts = np.diff(offsets)[greedy]
+            positions = np.repeat(offsets[greedy], counts) + (
+                np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+            )
+            for k, verdict in zip(greedy, self._judge_greedy([entries[k] for k in greedy], positions, logits),
+                                  strict=True):  # fmt: skip
+                judged[k] = verdict
+        if sampled:
+            found = self._judge_sampled([entries[k] for k in sampled], offsets[sampled].tolist(), logits)
+            for k, sampled_judged in zip(sampled, found, strict=True):
+                judged[k] = sampled_judged
+        return judged
 
     def _judge_greedy(
         self, entries: Sequence[tuple[VerifyCall, _Session, list[int]]], positions: np.ndarray | None,
@@ -371,37 +368,29 @@ class SpeculativeSessions:
         `positions`: where the rows' scores sit in `logits` (None: all of it, in order)."""
         n = len(entries)
         drafts = [call.draft for call, _, _ in entries]
-        counts = np.fromiter(map(len, drafts), dtype=np.int64, count=n) + 1
-        ends = np.cumsum(counts)
-        firsts = ends - counts
-        size = int(ends[-1])
+        counts = [len(d) + 1 for d in drafts]
+        size = sum(counts)
         # Per scored position: the draft token it predicts (-1 at each row's bonus position), its row's index,
         # then where it sits in `logits`.
-        plan = np.full((2 if positions is None else 3, size), -1, dtype=np.int64)
-        drafted = np.ones(size, dtype=bool)
-        drafted[ends - 1] = False
-        plan[0, drafted] = np.fromiter(itertools.chain.from_iterable(drafts), dtype=np.int64, count=size - n)
+        plan = np.empty((2 if positions is None else 3, size), dtype=np.int64)
+        plan[0] = np.fromiter(itertools.chain.from_iterable((*d, -1) for d in drafts), dtype=np.int64, count=size)
         plan[1] = np.repeat(np.arange(n, dtype=np.int64), counts)
         if positions is not None:
             plan[2] = positions
         plan_dev = to_device(plan, logits.device)
         scores = logits if positions is None else logits.index_select(0, plan_dev[2])
-        stop_dev, token_dev, logprobs_dev = greedy_verdicts(scores, plan_dev[0], plan_dev[1], n)
-        values = read_back_array(torch.cat([stop_dev.double(), token_dev.double(), logprobs_dev.double()]))
-        stop = values[:n].astype(np.int64)  # where each row's own token goes: its first position + accepted
-        tokens = values[n : 2 * n].astype(np.int64)
-        eos = np.zeros(n, dtype=bool)
-        if self._eos_ids.size:  # the verifier's token, or an accepted draft token, ends the sequence
-            eos = (tokens[:, None] == self._eos_ids).any(axis=1)
-            hit = (plan[0][:, None] == self._eos_ids).any(axis=1) & (np.arange(size) < stop[plan[1]])
-            eos |= np.bincount(plan[1][hit], minlength=n) > 0
-        logprobs = values[2 * n :].tolist()
-        return [
-            (last - first, token, tuple(logprobs[first : last + 1]), row_eos)
-            for first, last, token, row_eos in zip(
-                firsts.tolist(), stop.tolist(), tokens.tolist(), eos.tolist(), strict=True
-            )
-        ]
+        stop, token, logprobs = greedy_verdicts(scores, plan_dev[0], plan_dev[1], n)
+        values = read_back(torch.cat([stop.double(), token.double(), logprobs.double()]))
+        eos = self._eos
+        judged: list[_Judged] = []
+        first = 0  # the row's first position among the greedy rows' scores
+        for g, (draft, count) in enumerate(zip(drafts, counts, strict=True)):
+            end = int(values[g])  # the position of the verifier's own token: the row's first + accepted
+            accepted, own = end - first, int(values[n + g])
+            ends = own in eos or not eos.isdisjoint(draft[:accepted])
+            judged.append((accepted, own, tuple(values[2 * n + first : 2 * n + end + 1]), ends))
+            first += count
+        return judged
 
     def _judge_sampled(
         self, entries: Sequence[tuple[VerifyCall, _Session, list[int]]], offsets: Sequence[int], logits: torch.Tensor
