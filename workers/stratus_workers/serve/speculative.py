@@ -21,14 +21,17 @@ from stratus_workers.serve.surface import SparseDist as SparseDist  # the wire-l
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """The distribution a sampler with this temperature and nucleus draws from (1-D, sums to 1)."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if 0.0 < top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        sorted_probs[cumulative - sorted_probs > top_p] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        probs = probs / probs.sum()
-    return probs
+    return _nucleus(probs, top_p) if 0.0 < top_p < 1.0 else probs
+
+
+def _nucleus(probs: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
+    """`probs` (distributions along the last dimension) cut to the smallest prefix of their most likely tokens
+    whose mass reaches `top_p` (always at least one token), renormalised; `top_p` a number or one per row [..., 1]."""
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    cumulative = torch.cumsum(sorted_probs, dim=-1)
+    sorted_probs[cumulative - sorted_probs > top_p] = 0.0
+    probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return probs / probs.sum(dim=-1, keepdim=True)
 
 
 def dense(dist: SparseDist, vocab_size: int, device: torch.device | None = None) -> torch.Tensor:
@@ -105,17 +108,11 @@ def sampling_probs_rows(logits: torch.Tensor, temperatures: Sequence[float], top
     device = logits.device
     temperature = torch.tensor(temperatures, dtype=torch.float32, device=device)
     probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
-    cut = [0.0 < p < 1.0 for p in top_ps]
-    if any(cut):
-        top_p = torch.tensor(top_ps, dtype=torch.float32, device=device)
-        cutting = torch.tensor(cut, device=device)[:, None]
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token); rows without a nucleus
-        # keep every token and are not renormalised.
-        sorted_probs[(cumulative - sorted_probs > top_p[:, None]) & cutting] = 0.0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        probs = torch.where(cutting, probs / probs.sum(dim=-1, keepdim=True), probs)
+    cut = [i for i, p in enumerate(top_ps) if 0.0 < p < 1.0]  # rows without a nucleus keep every token
+    if cut:
+        rows = torch.tensor(cut, device=device)
+        top_p = torch.tensor([top_ps[i] for i in cut], dtype=torch.float32, device=device)
+        probs[rows] = _nucleus(probs[rows], top_p[:, None])
     return probs
 
 
