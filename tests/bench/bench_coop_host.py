@@ -333,13 +333,10 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append(f"| {name} | {cells(values)} |")
     total = [(r["step_us_per_round"], r["step_us_per_round"] / r["calls_per_round"]) for r in rows]
     lines.append(f"| **engine step, all** | {cells(total)} |")
-    host = [
-        r["step_us_per_round"]
-        - sum(r["parts_us_per_round"].get(name, 0.0) for name in ("forward (model)", "acceptance rule's tensor math"))
-        for r in rows
-    ]
+    device = ("forward (model)", "acceptance rule's tensor math")  # the device's work on a GPU
+    host = [sum(v for k, v in r["parts_us_per_round"].items() if k not in device) for r in rows]
     lines.append(
-        "| **engine step: host work (without the two above)** | "
+        "| **engine step, host parts (sum of all but the two device rows)** | "
         + cells([(h, h / r["calls_per_round"]) for h, r in zip(host, rows, strict=True)])
         + " |"
     )
