@@ -282,7 +282,13 @@ async def between_steps(args: argparse.Namespace, sessions: int) -> dict[str, fl
     from stratus_workers.serve.loop import EngineSettings
 
     model = random_llama(dict(TINY), vocab_size=args.vocab, seed=args.seed, init_std=0.3)
-    loaded = LoadedModel(model, bundled_tokenizer(), "tiny", "random-init", torch.float32, torch.device("cpu"))
+    if args.tokenizer:  # the frontend's engine wants a tokenizer (its end-of-sequence ids); its vocabulary is unused
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        tokenizer = bundled_tokenizer()
+    loaded = LoadedModel(model, tokenizer, "tiny", "random-init", torch.float32, torch.device("cpu"))
     settings = EngineSettings(
         max_batch_size=sessions,
         max_tokens=args.prompt_tokens + args.new_tokens + args.draft + 8,
@@ -370,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="replays of the answers (rounds measured: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the host's own cost, steadier)")
+    parser.add_argument("--tokenizer", default=None, help="a tokenizer directory (default: the bundled model's GGUF)")
     parser.add_argument("--no-loop", action="store_true", help="skip the engine loop's time between steps")
     parser.add_argument("--cprofile", action="store_true", help="cProfile the largest run's rounds (stderr)")
     parser.add_argument("--cprofile-top", type=int, default=30)
