@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 LLAMA_CMAKE_ARGS ?=
 
 .PHONY: setup run up test test-unit test-integration test-slow lint typecheck imports protos check-protos \
-        bench-serve bench-serve-shared bench-pp bench-compress bench-compress-gpu bench-operator bench-coop bench-coop-cloud bench-edge soak \
+        bench-serve bench-serve-shared bench-pp bench-compress bench-compress-gpu bench-operator bench-coop bench-coop-cloud bench-coop-host bench-edge soak \
         fuzz e2e images image-cloud base-image e2e-containers manifests clean
 
 setup: $(STAMP)
@@ -145,6 +145,11 @@ bench-coop-cloud: setup
 		--json $(COOP_CLOUD_JSON)-bf16.json
 	$(PY) tests/bench/bench_coop_cloud.py --render-from $(COOP_CLOUD_JSON)-fp32.json $(COOP_CLOUD_JSON)-bf16.json \
 		--write docs/benchmarks.md
+
+# The host's (Python's) share of a batched Verify step, on the CPU: a tiny random model on the fused runner, 8 and
+# 64 sessions, the step split into its parts and the frontend's per-call work (prints a Markdown table).
+bench-coop-host: setup
+	$(PY) tests/bench/bench_coop_host.py $(BENCH_COOP_HOST_ARGS)
 
 # Every compression method on the bundled SmolLM2-135M (deploy/samples/smollm2-compression.yaml); ~20 min on 2 cores.
 # Also the GPU rows (deploy/samples/smollm2-compression-gpu.yaml) from the stored results of bench-compress-gpu,

@@ -172,20 +172,22 @@ async def speculative(
     async def one(i: int, prompt: list[int], transcript: list[int]) -> None:
         rng = random.Random(seed * 100_003 + i)
         sid = f"bench-{seed}-{i}"
+        # Every position's corruption drawn once, ahead: a round sees the positions up to its first corrupted one
+        # and the next round starts past it, so no draw is seen twice and the drafts are distributed as when each
+        # round drew its own; the sessions' own Python between rounds (it shares the server's process) stays small.
+        corrupted = corrupt(transcript, match, vocab, rng)
         out: list[int] = []
         while len(out) < len(transcript):
-            proposal = corrupt(
-                transcript[len(out) : len(out) + draft][: len(transcript) - len(out) - 1], match, vocab, rng
-            )
+            proposal = corrupted[len(out) : len(out) + draft][: len(transcript) - len(out) - 1]
             verdict = await engine.verify(sid, [*prompt, *out], proposal, [], greedy)
-            new = [*proposal[: verdict.accepted], verdict.next_token]
-            totals["matched"] += sum(a == b for a, b in zip(new, transcript[len(out) :], strict=False))
-            out.extend(new)
+            out += proposal[: verdict.accepted]
+            out.append(verdict.next_token)
             totals["drafted"] += len(proposal)
             totals["accepted"] += verdict.accepted
             totals["rounds"] += 1
             if verdict.eos:
                 break
+        totals["matched"] += sum(a == b for a, b in zip(out, transcript, strict=False))
         totals["tokens"] += len(out)
         await engine.end_session(sid)
 

@@ -225,6 +225,7 @@ class EngineCore:
         self._calls: list[tuple[int, Callable[[], Any]]] = []
         self._verifies: list[tuple[int, VerifyCall]] = []  # this step's Verify calls: one pass for all
         self._expecting: set[str] = set()  # sessions verified in the last Verify step: their next round is due
+        self._arrived: set[str] = set()  # ... those of them whose next Verify call is queued (verify_owed: O(1))
         self._counted = (0, 0)  # the runner's (passes, positions) before serving began
         self._out = StepOutput(0)
 
@@ -265,6 +266,12 @@ class EngineCore:
 
     def call(self, call_id: int, op: str, args: tuple[Any, ...]) -> None:
         """Queue a speculative call (`score`, `draft`, `verify`, `end`); its result comes in a step's output."""
+        if op == "verify":  # batched: the step runs every Verify call in one pass
+            call = VerifyCall(*args)
+            self._verifies.append((call_id, call))
+            if call.sid in self._expecting:
+                self._arrived.add(call.sid)
+            return
         methods: dict[str, Callable[..., Any]] = {
             "score": self.sessions.score,
             "score_with_alternatives": self.sessions.score_with_alternatives,
@@ -272,11 +279,9 @@ class EngineCore:
             "verify_alone": self.sessions.verify,  # one pass per call (benchmarks compare)
             "end": self.sessions.end,
         }
-        if op == "verify":  # batched: the step runs every Verify call in one pass
-            self._verifies.append((call_id, VerifyCall(*args)))
-            return
         if op == "end":  # a session that ends sends no next round
             self._expecting.discard(args[0])
+            self._arrived.discard(args[0])
         method = methods.get(op)
         if method is None:
             raise ValueError(f"unknown engine call {op!r}")
@@ -288,7 +293,8 @@ class EngineCore:
         share one pass). 0 whenever a request is running or waiting: a decode step is never held back."""
         if not self._verifies or self._rows or self._waiting or not self._expecting:
             return 0
-        return len(self._expecting.difference(call.sid for _, call in self._verifies))
+        # Counted as calls arrive (`call`): the loop asks after every message while it gathers a step's calls.
+        return len(self._expecting) - len(self._arrived)
 
     @property
     def busy(self) -> bool:
@@ -339,6 +345,7 @@ class EngineCore:
             except Exception as exc:
                 verdicts = [exc] * len(verifies)
             self._expecting = set()
+            self._arrived = set()
             for (call_id, call), verdict in zip(verifies, verdicts, strict=True):
                 if isinstance(verdict, Exception):
                     out.results.append((call_id, call_error_kind(verdict), str(verdict)))

@@ -211,6 +211,13 @@ class LlamaCppRunner(ModelRunner):
             llama_cpp.llama_memory_seq_rm(self._memory, row, length, -1)
         self.lengths[row] = length
 
+    def truncate_rows(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
+        for row, length in zip(rows, lengths, strict=True):
+            if not 0 <= length <= self.lengths[row]:
+                raise ValueError(f"cannot truncate row {row} of length {self.lengths[row]} to {length}")
+        for row, length in zip(rows, lengths, strict=True):
+            self.truncate(row, length)
+
     def move(self, src: int, dst: int) -> None:
         """Move row `src`'s cache into row `dst` (the unified cache relabels cells; nothing is copied)."""
         if src == dst:

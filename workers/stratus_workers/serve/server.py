@@ -37,7 +37,14 @@ from stratus_workers.serve.core import EngineStats
 from stratus_workers.serve.engine import DEFAULT_STEP_TIMEOUT, AsyncEngine, ProcessTransport, ThreadTransport, Transport
 from stratus_workers.serve.errors import EngineOverloaded, EngineStopped
 from stratus_workers.serve.prompts import PromptEncoder
-from stratus_workers.serve.surface import FinishEvent, ServingEngine, SparseDist, TokenEvent, TokenLogprob
+from stratus_workers.serve.surface import (
+    FinishEvent,
+    ServingEngine,
+    SparseDist,
+    TokenEvent,
+    TokenLogprob,
+    VerifyResult,
+)
 
 if TYPE_CHECKING:
     from stratus_workers.models import LoadedModel
@@ -246,6 +253,40 @@ def _logprobs_pb(items: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> list[p
         pb.TokenLogprob(token_id=i.token_id, token=i.token, logprob=i.logprob, top_logprobs=_logprobs_pb(i.top))
         for i in items
     ]
+
+
+def verify_arguments(
+    request: pb.VerifyRequest,
+) -> tuple[str, list[int], list[int], list[SparseDist], Sampling, bool]:
+    """A Verify request's checked arguments for `ServingEngine.verify`: session id, context, draft,
+    distributions, sampling, end; ProtocolError naming what is wrong."""
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    if len(request.draft) > MAX_SPECULATIVE_TOKENS:
+        raise ProtocolError(invalid, f"{len(request.draft)} draft tokens; at most {MAX_SPECULATIVE_TOKENS}")
+    spec = request.sampling
+    sampling = _session_sampling(spec.temperature, spec.top_p, spec.seed if spec.HasField("seed") else None)
+    dists = [SparseDist(tuple(d.token_ids), tuple(d.probs)) for d in request.distributions]
+    if not sampling.greedy and len(dists) != len(request.draft):
+        raise ProtocolError(invalid, "a sampled draft needs one distribution per draft token")
+    if any(len(d.token_ids) != len(d.probs) for d in dists):
+        raise ProtocolError(invalid, "each distribution needs one probability per token id")
+    # A slice copies a repeated field into a list faster than list() does.
+    return request.session_id, request.context[:], request.draft[:], dists, sampling, request.end_session
+
+
+@functools.lru_cache(maxsize=1024)
+def _session_sampling(temperature: float, top_p: float, seed: int | None) -> Sampling:
+    """`session_sampling`, made once per setting (a session sends the same one every round; it is frozen)."""
+    spec = pb.SpeculativeSampling(temperature=temperature, top_p=top_p)
+    if seed is not None:
+        spec.seed = seed
+    return session_sampling(spec)
+
+
+def verify_response(result: VerifyResult) -> pb.VerifyResponse:
+    return pb.VerifyResponse(
+        accepted=result.accepted, next_token=result.next_token, logprobs=result.logprobs, eos=result.eos
+    )
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -468,27 +509,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if request.end_session and not request.context:
                 await self.engine.end_session(request.session_id)
                 return pb.VerifyResponse()
-            invalid = grpc.StatusCode.INVALID_ARGUMENT
-            if len(request.draft) > MAX_SPECULATIVE_TOKENS:
-                raise ProtocolError(invalid, f"{len(request.draft)} draft tokens; at most {MAX_SPECULATIVE_TOKENS}")
-            sampling = session_sampling(request.sampling)
-            dists = [SparseDist(tuple(d.token_ids), tuple(d.probs)) for d in request.distributions]
-            if not sampling.greedy and len(dists) != len(request.draft):
-                raise ProtocolError(invalid, "a sampled draft needs one distribution per draft token")
-            if any(len(d.token_ids) != len(d.probs) for d in dists):
-                raise ProtocolError(invalid, "each distribution needs one probability per token id")
-            result = await self.engine.verify(
-                request.session_id,
-                list(request.context),
-                list(request.draft),
-                dists,
-                sampling,
-                end=request.end_session,
-            )
+            sid, tokens, draft, dists, sampling, end = verify_arguments(request)
+            result = await self.engine.verify(sid, tokens, draft, dists, sampling, end=end)
             self.metrics.generated_tokens.inc(result.accepted + 1)
-            return pb.VerifyResponse(
-                accepted=result.accepted, next_token=result.next_token, logprobs=result.logprobs, eos=result.eos
-            )
+            return verify_response(result)
 
         response: pb.VerifyResponse = await self._speculative_call("Verify", call, context)
         return response

@@ -18,7 +18,7 @@ import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -30,17 +30,22 @@ from stratus_workers.serve.sampling import seeded_generator
 from stratus_workers.serve.speculative import (
     SparseDist,
     Verdict,
+    check_sampled,
     draft_distribution,
     greedy_verdicts,
     sample_sparse,
-    verify_greedy,
-    verify_sampled,
+    sampled_verdict,
+    sampling_probs_rows,
 )
 from stratus_workers.serve.surface import DraftResult as DraftResult
 from stratus_workers.serve.surface import VerifyResult as VerifyResult
 
 # A session used this recently is never evicted to make room for another: the caller is mid-round.
 BUSY_SECONDS = 1.0
+
+# A row's verdict as judged: draft tokens accepted, the verifier's own next token, the log-probabilities of the
+# accepted tokens and of that one, and whether the accepted tokens or that one end the sequence.
+_Judged = tuple[int, int, tuple[float, ...], bool]
 
 
 def read_back(values: torch.Tensor) -> list[Any]:
@@ -56,9 +61,9 @@ def read_back(values: torch.Tensor) -> list[Any]:
     return host.tolist()  # type: ignore[no-any-return]
 
 
-@dataclass(frozen=True)
-class VerifyCall:
-    """One Verify call's arguments (see `SpeculativeSessions.verify`)."""
+class VerifyCall(NamedTuple):
+    """One Verify call's arguments (see `SpeculativeSessions.verify`); a named tuple: made for every call as it
+    is queued, where a frozen dataclass costs several times as much."""
 
     sid: str
     context: Sequence[int]
@@ -112,8 +117,11 @@ class SpeculativeSessions:
             self.runner.reset(session.row)
             self._free_rows.append(session.row)
 
-    def _open(self, sid: str, context: Sequence[int], sampling: Sampling) -> tuple[_Session, list[int]]:
-        """The session's row, rolled back to the longest cached prefix of `context`; returns the rest."""
+    def _open(
+        self, sid: str, context: Sequence[int], sampling: Sampling, cuts: list[tuple[int, int]] | None = None
+    ) -> tuple[_Session, list[int]]:
+        """The session's row, rolled back to the longest cached prefix of `context`; returns the rest. With `cuts`,
+        the roll-back is appended there as (row, length) instead, for the caller to make with others (`_cut`)."""
         if not context:
             raise ValueError("context is empty: send the prompt's token ids")
         if len(context) >= self.max_len:
@@ -123,7 +131,11 @@ class SpeculativeSessions:
         if session is not None:
             held = session.tokens
             limit = min(len(held), len(context) - 1)  # keep at least one token to compute logits from
-            if held[:limit] == list(context[:limit]):  # the usual case, a session's next round: one comparison
+            prefix = context[:limit]
+            if not isinstance(prefix, list):
+                prefix = list(prefix)
+            # The usual case, a session's next round, is one comparison (the row holds a prefix of the context).
+            if (held if limit == len(held) else held[:limit]) == prefix:
                 common = limit
             else:
                 while common < limit and held[common] == context[common]:
@@ -149,7 +161,10 @@ class SpeculativeSessions:
         self._sessions.move_to_end(sid)
         session.last_used = time.monotonic()
         if self.runner.lengths[session.row] != common:
-            self.runner.truncate(session.row, common)
+            if cuts is None:
+                self.runner.truncate(session.row, common)
+            else:
+                cuts.append((session.row, common))
         del session.tokens[common:]
         return session, rest
 
@@ -201,7 +216,16 @@ class SpeculativeSessions:
             scores = self.runner.forward(
                 session.row, [pending + list(draft)], all_logits=True, logits_from=len(pending) - 1
             )[0]
-            return self._judge(call, session, pending, scores)
+            entry = (call, session, pending)
+            judged = self._judge_greedy([entry], None, scores) if sampling.greedy else None
+            verdict = judged[0] if judged else self._judge_sampled([entry], [0], scores)[0]
+            if isinstance(verdict, Exception):  # nothing of the call is kept
+                if self.runner.lengths[session.row] != len(session.tokens):
+                    self.runner.truncate(session.row, len(session.tokens))
+                raise verdict
+            results, cuts = self._settle([(call, session, pending, verdict)])
+            self._cut(cuts)
+            return results[0]
         finally:
             if end:
                 self.end(sid)
@@ -211,7 +235,8 @@ class SpeculativeSessions:
 
         The sessions' rows need not be adjacent (`runner.forward_rows`: the fused path packs their tokens;
         the module path pads them and gives a row in between one throwaway token, rolled back at once).
-        Greedy verdicts are judged on the device for all rows together and read back in one transfer.
+        Greedy verdicts are judged on the device for all rows together and read back in one transfer; the
+        rows' lengths change in one update before the pass and one after it, not one per session.
         Calls that cannot share the pass (a session named twice, rows too long to pad to the longest call)
         run alone, in order.
         """
@@ -219,13 +244,14 @@ class SpeculativeSessions:
         rows: dict[int, tuple[int, _Session, list[int]]] = {}  # row -> (call index, session, pending)
         alone: list[int] = []
         sids: set[str] = set()
+        cuts: list[tuple[int, int]] = []  # (row, length): sessions rolled back to the prefix their call shares
         for i, call in enumerate(calls):
             if call.sid in sids:
                 alone.append(i)
                 continue
             try:
                 self._check_verify(call)
-                session, pending = self._open(call.sid, call.context, call.sampling)
+                session, pending = self._open(call.sid, call.context, call.sampling, cuts)
             except Exception as exc:
                 results[i] = exc
                 if call.end:
@@ -233,6 +259,7 @@ class SpeculativeSessions:
                 continue
             rows[session.row] = (i, session, pending)
             sids.add(call.sid)
+        self._cut(cuts)
         if rows:  # one row too: the same pass, so that a session's verdicts do not depend on its company
             self._verify_rows(calls, rows, results, alone)
         for i in sorted(alone):
@@ -242,6 +269,12 @@ class SpeculativeSessions:
             except Exception as exc:
                 results[i] = exc
         return [r if r is not None else RuntimeError("verification produced no result") for r in results]
+
+    def _cut(self, cuts: list[tuple[int, int]]) -> None:
+        """Roll rows back to these lengths, all in one update."""
+        if cuts:
+            rows, lengths = zip(*cuts, strict=True)
+            self.runner.truncate_rows(rows, lengths)
 
     def _verify_rows(
         self,
@@ -253,97 +286,171 @@ class SpeculativeSessions:
         """One forward pass over the calls' rows (`runner.forward_rows`); fills `results` (or `alone`, when
         they cannot share it)."""
         order = sorted(rows)
+        entries = [(calls[i], session, pending) for i, session, pending in (rows[row] for row in order)]
+        index = [rows[row][0] for row in order]
         lengths = self.runner.lengths
-        tokens = [rows[row][2] + list(calls[rows[row][0]].draft) for row in order]
+        tokens = [pending + list(call.draft) for call, _, pending in entries]
         # The padded pass (the module path) pads every row to the longest call: it must fit every row's cache.
-        if max(lengths[order[0] : order[-1] + 1]) + max(len(t) for t in tokens) > self.max_len:
-            alone.extend(i for i, _, _ in rows.values())
+        if max(lengths[order[0] : order[-1] + 1]) + max(map(len, tokens)) > self.max_len:
+            alone.extend(index)
             return
         # Scored from each row's last context token on: the context before it only goes into the cache.
-        starts = [len(rows[row][2]) - 1 for row in order]
+        starts = [len(pending) - 1 for _, _, pending in entries]
         try:
             logits = self.runner.forward_rows(order, tokens, starts)
         except Exception as exc:
-            for i, session, _ in rows.values():
+            cuts = []
+            for i, (_, session, _) in zip(index, entries, strict=True):
                 results[i] = exc
-                self.runner.truncate(session.row, len(session.tokens))
-                if calls[i].end:
-                    self.end(calls[i].sid)
-            return
-        # Row k's scores are logits[offsets[k] : offsets[k] + len(draft) + 1]: position j predicts the token
-        # after context + draft[:j].
-        offsets = [0]
-        for row in order:
-            offsets.append(offsets[-1] + len(calls[rows[row][0]].draft) + 1)
-        judged: list[tuple[int, Verdict, Sequence[float]]] = []
-        greedy = [k for k, row in enumerate(order) if calls[rows[row][0]].sampling.greedy]
-        if greedy:
-            judged += self._judge_greedy(calls, rows, order, offsets, logits, greedy)
-        for k, row in enumerate(order):
-            i, session, pending = rows[row]
-            call = calls[i]
-            if call.sampling.greedy:
-                continue
-            scores = logits[offsets[k] : offsets[k + 1]]
-            try:
-                sampling = call.sampling
-                verdict = verify_sampled(
-                    scores, call.draft, call.dists, sampling.temperature, sampling.top_p, session.generator
-                )
-            except Exception as exc:
-                results[i] = exc
-                self.runner.truncate(session.row, len(session.tokens))
+                if lengths[session.row] != len(session.tokens):
+                    cuts.append((session.row, len(session.tokens)))
+            self._cut(cuts)
+            for call, _, _ in entries:
                 if call.end:
                     self.end(call.sid)
-                continue
-            chosen = torch.tensor([*call.draft[: verdict.accepted], verdict.next_token], device=scores.device)
-            picked = scores[: len(chosen)].gather(-1, chosen[:, None])[:, 0] - torch.logsumexp(
-                scores[: len(chosen)], dim=-1
-            )
-            judged.append((row, verdict, picked.tolist()))
-        for row, verdict, logprobs in judged:
-            i, session, pending = rows[row]
-            call = calls[i]
-            results[i] = self._settle(call, session, pending, verdict, logprobs)
+            return
+        # Row k's scores are logits[offsets[k] : offsets[k + 1]]: position j predicts the token after
+        # context + draft[:j].
+        judged: list[_Judged | Exception]
+        if all(call.sampling.greedy for call, _, _ in entries):  # the usual case: every row judged at once
+            judged = list(self._judge_greedy(entries, None, logits))
+        else:
+            judged = self._judge_mixed(entries, logits)
+        settle: list[tuple[VerifyCall, _Session, list[int], _Judged]] = []
+        settled: list[int] = []
+        cuts = []
+        for i, entry, verdict in zip(index, entries, judged, strict=True):
+            if isinstance(verdict, Exception):
+                results[i] = verdict
+                session = entry[1]
+                if lengths[session.row] != len(session.tokens):
+                    cuts.append((session.row, len(session.tokens)))
+            else:
+                settle.append((*entry, verdict))
+                settled.append(i)
+        verdicts, kept = self._settle(settle)
+        self._cut(cuts + kept)
+        for i, verdict_result in zip(settled, verdicts, strict=True):
+            results[i] = verdict_result
+        for call, _, _ in entries:
             if call.end:
                 self.end(call.sid)
 
+    def _judge_mixed(
+        self, entries: Sequence[tuple[VerifyCall, _Session, list[int]]], logits: torch.Tensor
+    ) -> list[_Judged | Exception]:
+        """Verdicts of greedy and sampled rows in one pass: each kind judged together (`_judge_greedy`,
+        `_judge_sampled`) on its rows' scores."""
+        offsets = np.cumsum([0, *(len(call.draft) + 1 for call, _, _ in entries)])
+        greedy = [k for k, (call, _, _) in enumerate(entries) if call.sampling.greedy]
+        sampled = [k for k, (call, _, _) in enumerate(entries) if not call.sampling.greedy]
+        judged: list[_Judged | Exception] = [RuntimeError("verification produced no verdict")] * len(entries)
+        if greedy:  # where the greedy rows' scores sit among all rows'
+            counts = np.diff(offsets)[greedy]
+            positions = np.repeat(offsets[greedy], counts) + (
+                np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+            )
+            for k, verdict in zip(greedy, self._judge_greedy([entries[k] for k in greedy], positions, logits),
+                                  strict=True):  # fmt: skip
+                judged[k] = verdict
+        if sampled:
+            found = self._judge_sampled([entries[k] for k in sampled], offsets[sampled].tolist(), logits)
+            for k, sampled_judged in zip(sampled, found, strict=True):
+                judged[k] = sampled_judged
+        return judged
+
     def _judge_greedy(
-        self,
-        calls: Sequence[VerifyCall],
-        rows: dict[int, tuple[int, _Session, list[int]]],
-        order: list[int],
-        offsets: list[int],
+        self, entries: Sequence[tuple[VerifyCall, _Session, list[int]]], positions: np.ndarray | None,
         logits: torch.Tensor,
-        greedy: list[int],
-    ) -> list[tuple[int, Verdict, Sequence[float]]]:
+    ) -> list[_Judged]:  # fmt: skip
         """The greedy rows' verdicts, all judged on the device (`greedy_verdicts`) and read back in one
-        transfer: a wait on the device per session, not per pass, is what bounds a GPU's verify rounds."""
-        n = len(greedy)
-        drafts = [calls[rows[order[k]][0]].draft for k in greedy]
-        counts = np.fromiter((len(d) + 1 for d in drafts), dtype=np.int64, count=n)
-        size = int(counts.sum())
-        # Per scored position: the draft token it predicts (-1 at each row's bonus position), then its row's
-        # index among the greedy rows, then where it sits in `logits` (not every row may be greedy).
-        plan = np.empty((3, size), dtype=np.int64)
+        transfer: a wait on the device per session, not per pass, is what bounds a GPU's verify rounds.
+        `positions`: where the rows' scores sit in `logits` (None: all of it, in order)."""
+        n = len(entries)
+        drafts = [call.draft for call, _, _ in entries]
+        counts = [len(d) + 1 for d in drafts]
+        size = sum(counts)
+        # Per scored position: the draft token it predicts (-1 at each row's bonus position), its row's index,
+        # then where it sits in `logits`.
+        plan = np.empty((2 if positions is None else 3, size), dtype=np.int64)
         plan[0] = np.fromiter(itertools.chain.from_iterable((*d, -1) for d in drafts), dtype=np.int64, count=size)
         plan[1] = np.repeat(np.arange(n, dtype=np.int64), counts)
-        if size == logits.shape[0]:
-            plan[2] = np.arange(size, dtype=np.int64)
-        else:
-            plan[2] = np.concatenate([np.arange(offsets[k], offsets[k + 1], dtype=np.int64) for k in greedy])
+        if positions is not None:
+            plan[2] = positions
         plan_dev = to_device(plan, logits.device)
-        scores = logits if size == logits.shape[0] else logits.index_select(0, plan_dev[2])
+        scores = logits if positions is None else logits.index_select(0, plan_dev[2])
         stop, token, logprobs = greedy_verdicts(scores, plan_dev[0], plan_dev[1], n)
         values = read_back(torch.cat([stop.double(), token.double(), logprobs.double()]))
-        judged: list[tuple[int, Verdict, Sequence[float]]] = []
-        at = 0
-        for g, (k, count) in enumerate(zip(greedy, counts.tolist(), strict=True)):
-            end = int(values[g])  # the position (among the greedy rows' scores) of the verifier's own token
-            verdict = Verdict(end - at, int(values[n + g]))
-            judged.append((order[k], verdict, values[2 * n + at : 2 * n + end + 1]))
-            at += count
+        eos = self._eos
+        judged: list[_Judged] = []
+        first = 0  # the row's first position among the greedy rows' scores
+        for g, (draft, count) in enumerate(zip(drafts, counts, strict=True)):
+            end = int(values[g])  # the position of the verifier's own token: the row's first + accepted
+            accepted, own = end - first, int(values[n + g])
+            ends = own in eos or not eos.isdisjoint(draft[:accepted])
+            judged.append((accepted, own, tuple(values[2 * n + first : 2 * n + end + 1]), ends))
+            first += count
         return judged
+
+    def _judge_sampled(
+        self, entries: Sequence[tuple[VerifyCall, _Session, list[int]]], offsets: Sequence[int], logits: torch.Tensor
+    ) -> list[_Judged | Exception]:
+        """The sampled rows' verdicts (each row's own scores at logits[offsets[k]:], `speculative.sampled_verdict`
+        with its session's generator): the sampling distributions of all their positions in one pass, the draft
+        tokens' probabilities and the chosen tokens' log-probabilities each read back once for all rows."""
+        out: list[_Judged | Exception | None] = [None] * len(entries)
+        live: list[int] = []
+        q: dict[int, list[float]] = {}
+        for k, (call, _, _) in enumerate(entries):
+            try:
+                q[k] = check_sampled(call.draft, call.dists)
+                live.append(k)
+            except ValueError as exc:
+                out[k] = exc
+        if live:
+            spans = [(offsets[k], len(entries[k][0].draft) + 1) for k in live]
+            where = np.concatenate([np.arange(start, start + n, dtype=np.int64) for start, n in spans])
+            temperatures = [entries[k][0].sampling.temperature for k, (_, n) in zip(live, spans, strict=True)
+                            for _ in range(n)]  # fmt: skip
+            top_ps = [entries[k][0].sampling.top_p for k, (_, n) in zip(live, spans, strict=True) for _ in range(n)]
+            where_dev = to_device(where, logits.device)
+            scores = logits.index_select(0, where_dev)
+            probs = sampling_probs_rows(scores, temperatures, top_ps)
+            # Each draft token's probability: at its position, the token it is (the bonus positions read token 0).
+            drafted = np.concatenate([[*entries[k][0].draft, 0] for k in live]).astype(np.int64)
+            p_all = read_back(probs.gather(-1, to_device(drafted, logits.device)[:, None])[:, 0])
+            verdicts: list[tuple[int, Verdict]] = []
+            at = 0
+            for k, (_, n) in zip(live, spans, strict=True):
+                call, session, _ = entries[k]
+                try:
+                    verdicts.append((k, sampled_verdict(
+                        probs[at : at + n], p_all[at : at + n - 1], q[k], call.draft, call.dists, session.generator
+                    )))  # fmt: skip
+                except Exception as exc:
+                    out[k] = exc
+                at += n
+            if verdicts:
+                # The chosen tokens' log-probabilities under the verifier's raw scores, one gather for all rows.
+                chosen_at: list[int] = []
+                chosen: list[int] = []
+                for k, verdict in verdicts:
+                    call = entries[k][0]
+                    chosen_at.extend(range(offsets[k], offsets[k] + verdict.accepted + 1))
+                    chosen.extend([*call.draft[: verdict.accepted], verdict.next_token])
+                picked_scores = logits.index_select(0, to_device(chosen_at, logits.device))
+                picked = picked_scores.gather(-1, to_device(chosen, logits.device)[:, None])[:, 0] - torch.logsumexp(
+                    picked_scores, dim=-1
+                )
+                values = read_back(picked)
+                at = 0
+                for k, verdict in verdicts:
+                    call = entries[k][0]
+                    n = verdict.accepted + 1
+                    eos = verdict.next_token in self._eos or not self._eos.isdisjoint(call.draft[: verdict.accepted])
+                    out[k] = (verdict.accepted, verdict.next_token, tuple(values[at : at + n]), eos)
+                    at += n
+        return [v if v is not None else RuntimeError("verification produced no verdict") for v in out]
 
     def _check_verify(self, call: VerifyCall) -> None:
         if call.draft and (min(call.draft) < 0 or max(call.draft) >= self.vocab_size):
@@ -353,33 +460,23 @@ class SpeculativeSessions:
                 f"context plus draft ({len(call.context) + len(call.draft)} tokens) exceeds {self.max_len - 1}"
             )
 
-    def _judge(self, call: VerifyCall, session: _Session, pending: list[int], scores: torch.Tensor) -> VerifyResult:
-        """The verdict on `call.draft` from its row's scores: row j predicts the token after context + draft[:j]."""
-        sampling = call.sampling
-        if sampling.greedy:
-            verdict = verify_greedy(scores, call.draft)
-        else:
-            verdict = verify_sampled(
-                scores, call.draft, call.dists, sampling.temperature, sampling.top_p, session.generator
-            )
-        chosen = [*call.draft[: verdict.accepted], verdict.next_token]
-        logprobs = torch.log_softmax(scores[: verdict.accepted + 1], dim=-1)
-        picked = logprobs[torch.arange(len(chosen)), torch.tensor(chosen)].tolist()
-        return self._settle(call, session, pending, verdict, picked)
-
     def _settle(
-        self, call: VerifyCall, session: _Session, pending: list[int], verdict: Verdict, logprobs: Sequence[float]
-    ) -> VerifyResult:
-        """Keep the accepted prefix in the session's row and say what was decided."""
-        draft = call.draft
-        session.tokens.extend(pending)
-        session.tokens.extend(draft)
-        keep = len(call.context) + verdict.accepted
-        if self.runner.lengths[session.row] != keep:  # all accepted: the row holds just what it keeps
-            self.runner.truncate(session.row, keep)
-        del session.tokens[keep:]
-        eos = verdict.next_token in self._eos or not self._eos.isdisjoint(draft[: verdict.accepted])
-        return VerifyResult(verdict.accepted, verdict.next_token, tuple(map(float, logprobs)), eos)
+        self, entries: Sequence[tuple[VerifyCall, _Session, list[int], _Judged]]
+    ) -> tuple[list[VerifyResult], list[tuple[int, int]]]:
+        """Keep each call's accepted prefix in its session and say what was decided; returns the results and the
+        (row, length) roll-backs its rows need (for one update of all: `_cut`)."""
+        lengths = self.runner.lengths
+        results: list[VerifyResult] = []
+        cuts: list[tuple[int, int]] = []
+        for call, session, pending, (accepted, token, logprobs, eos) in entries:
+            held = session.tokens
+            held += pending  # the row now holds the whole context ...
+            held += call.draft[:accepted]  # ... and keeps the accepted draft
+            keep = len(held)
+            if lengths[session.row] != keep:  # all accepted: the row holds just what it keeps
+                cuts.append((session.row, keep))
+            results.append(VerifyResult(accepted, token, logprobs, eos))
+        return results, cuts
 
     def score(self, prompt: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
         """Log-probability of each continuation token after `prompt` (one forward pass in a passing session)."""

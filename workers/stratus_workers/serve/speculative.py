@@ -21,14 +21,17 @@ from stratus_workers.serve.surface import SparseDist as SparseDist  # the wire-l
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """The distribution a sampler with this temperature and nucleus draws from (1-D, sums to 1)."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if 0.0 < top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        sorted_probs[cumulative - sorted_probs > top_p] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        probs = probs / probs.sum()
-    return probs
+    return _nucleus(probs, top_p) if 0.0 < top_p < 1.0 else probs
+
+
+def _nucleus(probs: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
+    """`probs` (distributions along the last dimension) cut to the smallest prefix of their most likely tokens
+    whose mass reaches `top_p` (always at least one token), renormalised; `top_p` a number or one per row [..., 1]."""
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    cumulative = torch.cumsum(sorted_probs, dim=-1)
+    sorted_probs[cumulative - sorted_probs > top_p] = 0.0
+    probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return probs / probs.sum(dim=-1, keepdim=True)
 
 
 def dense(dist: SparseDist, vocab_size: int, device: torch.device | None = None) -> torch.Tensor:
@@ -100,6 +103,31 @@ def greedy_verdicts(
     return stop, best[stop], logprobs
 
 
+def sampling_probs_rows(logits: torch.Tensor, temperatures: Sequence[float], top_ps: Sequence[float]) -> torch.Tensor:
+    """`sampling_probs` of every row of `logits` [S, V] at once, row i with its own temperature and top_p."""
+    device = logits.device
+    temperature = torch.tensor(temperatures, dtype=torch.float32, device=device)
+    probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
+    cut = [i for i, p in enumerate(top_ps) if 0.0 < p < 1.0]  # rows without a nucleus keep every token
+    if cut:
+        rows = torch.tensor(cut, device=device)
+        top_p = torch.tensor([top_ps[i] for i in cut], dtype=torch.float32, device=device)
+        probs[rows] = _nucleus(probs[rows], top_p[:, None])
+    return probs
+
+
+def check_sampled(draft: Sequence[int], dists: Sequence[SparseDist]) -> list[float]:
+    """Each draft token's probability under its own distribution; ValueError (before any draw) when a sampled
+    draft cannot be judged."""
+    if len(dists) != len(draft):
+        raise ValueError(f"{len(draft)} draft tokens but {len(dists)} draft distributions")
+    q = [dist.prob(token) for token, dist in zip(draft, dists, strict=True)]
+    for i, q_x in enumerate(q):
+        if q_x <= 0.0:
+            raise ValueError(f"draft token {draft[i]} at position {i} has probability 0 under its own distribution")
+    return q
+
+
 def verify_sampled(
     logits: torch.Tensor,
     draft: Sequence[int],
@@ -109,22 +137,37 @@ def verify_sampled(
     generator: torch.Generator | None,
 ) -> Verdict:
     """The rejection rule that leaves the output distributed as the verifier's own sampler."""
-    if len(dists) != len(draft):
-        raise ValueError(f"{len(draft)} draft tokens but {len(dists)} draft distributions")
-    vocab = logits.shape[-1]
-    for i, (token, dist) in enumerate(zip(draft, dists, strict=True)):
-        p = sampling_probs(logits[i], temperature, top_p)
-        q_x = dist.prob(token)
-        if q_x <= 0.0:
-            raise ValueError(f"draft token {token} at position {i} has probability 0 under its own distribution")
-        ratio = float(p[token]) / q_x
+    q = check_sampled(draft, dists)
+    n = len(draft) + 1
+    probs = sampling_probs_rows(logits[:n], [temperature] * n, [top_p] * n)
+    p_draft = probs[torch.arange(len(draft), device=probs.device), torch.tensor(list(draft), dtype=torch.long,
+                    device=probs.device)].tolist()  # fmt: skip
+    return sampled_verdict(probs, p_draft, q, draft, dists, generator)
+
+
+def sampled_verdict(
+    probs: torch.Tensor,
+    p_draft: Sequence[float],
+    q_draft: Sequence[float],
+    draft: Sequence[int],
+    dists: Sequence[SparseDist],
+    generator: torch.Generator | None,
+) -> Verdict:
+    """`verify_sampled` on the verifier's sampling distributions `probs` [len(draft)+1, V] (row i after
+    draft[:i]), `p_draft[i]` being probs[i, draft[i]] and `q_draft[i]` the draft's own (`check_sampled`): draft
+    token x is accepted with probability min(1, p(x)/q(x)); on rejection the token comes from the residual
+    max(0, p - q), renormalised; after all of them, the bonus token from p."""
+    vocab = probs.shape[-1]
+    for i in range(len(draft)):
+        ratio = p_draft[i] / q_draft[i]
         if ratio >= 1.0 or float(torch.rand((), generator=generator)) < ratio:
             continue
-        residual = torch.clamp(p - dense(dist, vocab, p.device), min=0.0)
+        p = probs[i]
+        residual = torch.clamp(p - dense(dists[i], vocab, p.device), min=0.0)
         total = float(residual.sum())
         if total <= 0.0:  # p == q up to rounding: any draw from p is right
             residual, total = p, 1.0
         token_next = int(torch.multinomial((residual / total).cpu(), 1, generator=generator)[0])
         return Verdict(i, token_next)
-    p_bonus = sampling_probs(logits[len(draft)], temperature, top_p)
+    p_bonus = probs[len(draft)]
     return Verdict(len(draft), int(torch.multinomial(p_bonus.cpu(), 1, generator=generator)[0]))

@@ -310,6 +310,19 @@ class ModelRunner(abc.ABC):
         self._lead("truncate", row, length)  # after: a refused call is not repeated
 
     @torch.inference_mode()
+    def truncate_rows(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
+        """`truncate` of several rows at once (verified sessions): one update of the device's lengths, not one per
+        row; ValueError, and no change, when a length is past its row's end."""
+        rows, lengths = list(rows), list(lengths)
+        held = self.cache.lengths
+        for row, length in zip(rows, lengths, strict=True):
+            if not 0 <= length <= held[row]:
+                raise ValueError(f"cannot truncate row {row} of length {held[row]} to {length}")
+        if rows:
+            self.cache.set_row_lengths(rows, lengths)
+            self._lead("truncate_rows", rows, lengths)  # after: a refused call is not repeated
+
+    @torch.inference_mode()
     def move(self, src: int, dst: int) -> None:
         """Move row `src`'s cache into row `dst` (keeps active rows contiguous after one leaves)."""
         if src != dst:

@@ -16,6 +16,7 @@ runs the same arithmetic on the CPU, which is how the CPU tests cover it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -523,39 +524,45 @@ class FusedRunner(ModelRunner):
     ) -> torch.Tensor:
         """One packed pass: `tokens[i]` appended to row `rows[i]`, the logits of those from `logits_from[i]` on
         (`device_ids`: the first tokens' ids, still being computed on the device; the mixed pass's)."""
-        q_lens = [len(t) for t in tokens]
-        starts = [self.cache.lengths[r] for r in rows]
-        ends = [s + q for s, q in zip(starts, q_lens, strict=True)]
-        self.cache.grow(max(ends))
-        total = sum(q_lens)
-        lens = np.asarray(q_lens, dtype=np.int64)
-        index = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)  # within its row
-        scored = np.flatnonzero(index >= np.repeat(np.asarray(logits_from, dtype=np.int64), lens))
+        # Per row (numpy, no Python loop over tokens): its row, tokens held, new tokens, first scored.
+        n = len(rows)
+        lengths = self.cache.lengths
+        rows_a = np.array(rows, dtype=np.int64)
+        starts = np.fromiter(map(lengths.__getitem__, rows), dtype=np.int64, count=n)
+        lens = np.fromiter(map(len, tokens), dtype=np.int64, count=n)
+        ends = starts + lens
+        kv_len = int(ends.max())
+        self.cache.grow(kv_len)
+        firsts = np.cumsum(lens) - lens  # each row's first token in the pack
+        total = int(firsts[-1] + lens[-1])
+        segment = np.repeat(np.arange(n, dtype=np.int64), lens)  # each token's row, 0..n-1
+        index = np.arange(total, dtype=np.int64) - firsts[segment]  # within its row
+        scored = np.flatnonzero(index >= np.array(logits_from, dtype=np.int64)[segment])
         bucket = self._packed_bucket(total)
         # A graph's bucket is filled with padding tokens, spread over the rows, each past its row's new end:
         # slots no key is read from until a real token overwrites them. Where they would not fit, eagerly.
         pad = bucket - total if bucket else 0
-        pad_rows = np.asarray(rows, dtype=np.int64)[np.arange(pad) % len(rows)]
-        pad_pos = np.asarray(ends, dtype=np.int64)[np.arange(pad) % len(rows)] + np.arange(pad) // len(rows)
+        pad_rows = rows_a[np.arange(pad) % n]
+        pad_pos = ends[np.arange(pad) % n] + np.arange(pad) // n
         if pad and int(pad_pos.max()) >= self.cache.capacity:
             bucket = pad = 0
         size = bucket or total
         # Token ids, each token's row and position.
         plan = np.zeros((3, size), dtype=np.int64)
-        plan[0, :total] = np.fromiter((t for row_tokens in tokens for t in row_tokens), dtype=np.int64, count=total)
-        plan[1, :total] = np.repeat(np.asarray(rows, dtype=np.int64), lens)
-        plan[2, :total] = np.repeat(np.asarray(starts, dtype=np.int64), lens) + index
+        plan[0, :total] = np.fromiter(itertools.chain.from_iterable(tokens), dtype=np.int64, count=total)
+        plan[1, :total] = rows_a[segment]
+        plan[2, :total] = starts[segment] + index
         if pad:
             plan[1, total:] = pad_rows
             plan[2, total:] = pad_pos
         # The attention kernel's blocks: each row's new tokens (padding is in none), padded to the graph's count.
         n_blocks = kernels.max_extend_blocks(bucket, self.max_rows, self._extend_block) if bucket else 0
-        blocks = kernels.extend_blocks(np.cumsum(lens) - lens, lens, self._extend_block, n_blocks)
+        blocks = kernels.extend_blocks(firsts, lens, self._extend_block, n_blocks)
         n_blocks = blocks.shape[1]
         # Key splits only where a few tokens read many keys (a turn after a long cached prefix): on an H200 they
         # cut such a prefill step of 64 streams from 4.9 to 4.2 ms, but made 64-token prompts' steps slower
         # (2.3 to 2.9 ms), whose few keys keep no extra programs busy.
-        splits = self._splits(size, max(ends))
+        splits = self._splits(size, kv_len)
         flat = to_device(np.concatenate([plan.reshape(-1), blocks.reshape(-1), scored]), self.device)
         if device_ids is not None:
             flat[: device_ids.numel()].copy_(device_ids)
@@ -568,8 +575,8 @@ class FusedRunner(ModelRunner):
         else:
             ids, rows_d, pos = flat[: 3 * size].view(3, size)
             blocks_d = flat[3 * size : 3 * size + 2 * n_blocks].view(2, n_blocks)
-            hidden = self._packed_body(ids, rows_d, pos, blocks_d, max(ends) + pad, splits)
-        self.cache.set_row_lengths(list(rows), ends)
+            hidden = self._packed_body(ids, rows_d, pos, blocks_d, kv_len + pad, splits)
+        self.cache.set_row_lengths(list(rows), ends.tolist())
         return self.head(hidden[scored_d])
 
     def _splits(self, tokens: int, keys: int) -> int:
