@@ -102,15 +102,15 @@ def test_packed_prefill_graphs_give_the_eager_prefills_tokens(model: Any, monkey
 def test_mixed_steps_run_as_packed_graphs_and_give_the_unmixed_tokens(
     model: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Arrivals two steps apart into a running batch: with mixed steps (the default here) each prefill shares a
-    # captured packed graph with the decoding rows' tokens; the answers are those of separate passes.
+    # Arrivals two steps apart into a running batch: with mixed steps (opt-in) each prefill shares a captured
+    # packed graph with the decoding rows' tokens; the answers are those of separate passes.
     requests = [([(11 * i + 3 * j) % VOCAB for j in range(5 + 13 * i)],
                  Sampling(max_new_tokens=14 + 3 * i, logprobs=i % 3 == 1)) for i in range(8)]  # fmt: skip
     monkeypatch.setenv("STRATUS_MIXED_STEP", "0")
     plain_core = core_over(model, chunk=48, pool=0)
     assert not plain_core.runner.mixed_step
     plain = serve(plain_core, requests)
-    monkeypatch.delenv("STRATUS_MIXED_STEP")
+    monkeypatch.setenv("STRATUS_MIXED_STEP", "1")
     mixed_core = core_over(model, chunk=48, pool=0)
     runner = mixed_core.runner
     assert isinstance(runner, FusedRunner) and runner.mixed_step
