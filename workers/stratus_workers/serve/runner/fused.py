@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -251,6 +252,11 @@ class FusedRunner(ModelRunner):
         # where the Triton attention runs; STRATUS_GEMV_LAYER=0 turns it off. `gemv_batches`: the batch sizes whose
         # steps ran it (a graph's at its capture).
         self.gemv_layer = self.triton_attention and self.gemv_refusal() is None and env_flag("STRATUS_GEMV_LAYER", True)
+        # Its kernels take up to gemv.MAX_BATCH rows, but only one row was measured on a GPU (an H200: the ~1B
+        # decode step 1,049 against 1,062 µs, 135M 856 against 906); a run with the layer up to 8 rows saw ~1B
+        # cloud-only decoding at 8 streams fall to 728 tokens/s (6,503 the stop before), unexplained. So one row by
+        # default; STRATUS_GEMV_MAX_BATCH widens it.
+        self.gemv_max_batch = min(gemv.MAX_BATCH, max(1, int(os.environ.get("STRATUS_GEMV_MAX_BATCH") or 1)))
         self.gemv_batches: set[int] = set()
         self._set_step_fns(self.compiled)
         # Running one step ahead pays on the GPU, where the step is asynchronous; a tensor-parallel
@@ -735,7 +741,7 @@ class FusedRunner(ModelRunner):
             pos, rows = lengths[first_row : first_row + batch].clone(), local + first_row
         # A graph of rows reading more than DECODE_SPLIT_KEYS keys (graphs.py picks kv_len) splits them.
         splits = kernels.decode_splits(batch, self.local_kv_heads) if kv_len > kernels.DECODE_SPLIT_KEYS else 1
-        if self.gemv_layer and self.triton_attention and batch <= gemv.MAX_BATCH:
+        if self.gemv_layer and self.triton_attention and batch <= self.gemv_max_batch:
             return self._gemv_layers(h, first_row, pos, rows, splits)
         cos, sin = self._cos[pos], self._sin[pos]
         # Row b sees keys 0..pos[b] (its cache plus the key written this step).

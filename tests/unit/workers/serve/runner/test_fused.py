@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from stratus_workers.serve import kernels
+from stratus_workers.serve import gemv, kernels
 from stratus_workers.serve.runner import UnsupportedModelError
 from stratus_workers.serve.runner import fused as fused_module
 from stratus_workers.serve.runner.fused import FusedRunner, fusable
@@ -145,7 +145,8 @@ def test_fused_small_batch_layer_decodes_as_the_compiled_steps_functions(
     for runner in (plain, layer):
         runner.triton_attention = True
     assert plain.gemv_refusal() is None and not plain.gemv_layer  # no Triton attention on the CPU unless asked
-    layer.gemv_layer = True
+    assert layer.gemv_max_batch == 1  # one row by default: the only batch measured on a GPU
+    layer.gemv_layer, layer.gemv_max_batch = True, gemv.MAX_BATCH
     seqs = [[5, 6, 7], [3, 4], [100, 101, 102, 103], [9], [40, 41]]
     for runner in (plain, layer):
         runner.forward(0, seqs)
