@@ -157,12 +157,13 @@ def step_kernels(runner: Any, batch: int) -> tuple[int, float]:
     """Kernels and GPU ms of one decode step body, run eagerly (what the step's graph captures)."""
     tokens = runner.decoder.tokens
     body = runner.decode_body
+    kv_len = runner.decoder.buckets(batch, 65)[1]  # the graph the replay and the loop time (short rows: no splits)
     for _ in range(2):
-        body(tokens, batch, runner.cache.capacity)
+        body(tokens, batch, kv_len)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            body(tokens, batch, runner.cache.capacity)
+            body(tokens, batch, kv_len)
         torch.cuda.synchronize()
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     return round(len(events) / 5), sum(e.device_time_total for e in events) / 5 / 1000
@@ -178,6 +179,7 @@ def decode_runs(name: str, batch: int) -> dict[str, Any]:
     with torch.inference_mode():
         for mode in ("on", "off") if runner.gemv_layer else ("off",):
             runner.gemv_layer = mode == "on"  # what STRATUS_GEMV_LAYER=0 leaves off from the start
+            runner.gemv_max_batch = gemv.MAX_BATCH  # the layer at the asked batch (the server runs it at one row)
             runner.decoder.graphs.graphs.clear()
             runner.gemv_batches.clear()
             for row in range(batch):

@@ -182,11 +182,11 @@ if triton is not None:
             acc1 += _rows_dot(x, w1, B_PAD)
             acc2 += _rows_dot(x, w2, B_PAD)
         dtype = q_ptr.dtype.element_ty
+        if HAS_BIAS:  # added in the float32 accumulator and rounded once, as F.linear's epilogue does
+            acc1 += tl.load(bias_ptr + r1)[None, :].to(tl.float32)
+            acc2 += tl.load(bias_ptr + r2)[None, :].to(tl.float32)
         a = acc1.to(dtype).to(tl.float32)
         c = acc2.to(dtype).to(tl.float32)
-        if HAS_BIAS:
-            a = (a + tl.load(bias_ptr + r1)[None, :].to(tl.float32)).to(dtype).to(tl.float32)
-            c = (c + tl.load(bias_ptr + r2)[None, :].to(tl.float32)).to(dtype).to(tl.float32)
         pos = tl.load(pos_ptr + b, mask=live, other=0)
         bmask = live[:, None]
         if head < N_Q + N_KV:

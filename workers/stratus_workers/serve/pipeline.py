@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from stratus_workers.runtimes import RUNTIME_TORCH
+from stratus_workers.serve import kernels
 from stratus_workers.serve.errors import EngineFailed
 from stratus_workers.serve.parallel import BUILD, STOP, ParallelContext, join_process_group
 from stratus_workers.serve.runner import Decoded, ModelRunner, UnsupportedModelError, env_flag
@@ -285,6 +286,9 @@ class PipelineRunner(ModelRunner):
         """The decode graph of this micro-batch (captured now if new); None to run it eagerly."""
         if self.graphs is None:
             return None
+        fused = self.fused
+        if fused is not None and fused.triton_attention and kernels.decode_splits(rows, fused.local_kv_heads) == 1:
+            kv_len = self.cache.capacity  # the short and the long key buckets are the same step here: one graph
         body = functools.partial(self._decode_body, first_row, rows, kv_len)
         try:
             return self.graphs.get((first_row, rows, kv_len), body)

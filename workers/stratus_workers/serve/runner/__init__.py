@@ -95,6 +95,20 @@ def env_flag(name: str, default: bool) -> bool:
     return value.strip().lower() not in ("0", "false", "no", "off")
 
 
+def env_int(name: str, default: int, lo: int, hi: int) -> int:
+    """A STRATUS_* number: unset or empty gives `default`; ValueError, naming the variable, outside lo..hi."""
+    value = (os.environ.get(name) or "").strip()
+    if not value:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = lo - 1
+    if not lo <= number <= hi:
+        raise ValueError(f"{name} must be a whole number from {lo} to {hi}, got {value!r}")
+    return number
+
+
 @dataclass
 class Decoded:
     """One decode step's result: every row's logits, greedy choice, and that choice's log-probability.

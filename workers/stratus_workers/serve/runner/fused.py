@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +34,7 @@ from stratus_workers.serve.runner import (
     UnsupportedModelError,
     check_rows,
     env_flag,
+    env_int,
     new_token_slots,
     to_device,
 )
@@ -256,7 +256,7 @@ class FusedRunner(ModelRunner):
         # decode step 1,049 against 1,062 µs, 135M 856 against 906); a run with the layer up to 8 rows saw ~1B
         # cloud-only decoding at 8 streams fall to 728 tokens/s (6,503 the stop before), unexplained. So one row by
         # default; STRATUS_GEMV_MAX_BATCH widens it.
-        self.gemv_max_batch = min(gemv.MAX_BATCH, max(1, int(os.environ.get("STRATUS_GEMV_MAX_BATCH") or 1)))
+        self.gemv_max_batch = env_int("STRATUS_GEMV_MAX_BATCH", 1, 1, gemv.MAX_BATCH)
         self.gemv_batches: set[int] = set()
         self._set_step_fns(self.compiled)
         # Running one step ahead pays on the GPU, where the step is asynchronous; a tensor-parallel

@@ -178,3 +178,14 @@ def test_fused_small_batch_layer_is_refused_with_biases_past_qkv(model: torch.nn
     for names in (("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)):
         runner = fused(with_biases(model, names), 1, 8)
         assert runner.gemv_refusal() == "biases past q|k|v's" and not runner.gemv_layer
+
+
+@pytest.mark.parametrize("value", ["eight", "0", "9"])
+def test_a_bad_row_limit_for_the_fused_layer_is_refused_by_name(
+    model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("STRATUS_GEMV_MAX_BATCH", value)
+    with pytest.raises(ValueError, match=rf"STRATUS_GEMV_MAX_BATCH must be a whole number from 1 to 8, got '{value}'"):
+        fused(model, 2, 16)
+    monkeypatch.setenv("STRATUS_GEMV_MAX_BATCH", "4")
+    assert fused(model, 2, 16).gemv_max_batch == 4
