@@ -450,13 +450,15 @@ class EngineCore:
             s.params.greedy and not s.params.adjusts_logits and not s.params.logprobs for s in ready
         )
 
-    def _decode(self, join: list[int] | torch.Tensor) -> list[int] | None:
+    def _decode(
+        self, join: list[int] | torch.Tensor, hold: bool = False, then: Callable[[], None] | None = None
+    ) -> list[int] | None:
         """Decode the decoding rows; `join`: the first tokens of the rows joining from the next step (a
-        device tensor: their greedy choices, which come back as the result)."""
+        device tensor: their greedy choices, which come back as the result); `hold`, `then`: as `runner.decode`'s."""
         seqs = self._rows[: self._decoding]
         params = [s.params for s in seqs]
         decoded = self.runner.decode(
-            [s.generated[-1] for s in seqs], logprobs=any(p.logprobs for p in params), join=join
+            [s.generated[-1] for s in seqs], logprobs=any(p.logprobs for p in params), join=join, hold=hold, then=then
         )
         choice = choose_tokens(decoded.logits, params, [s.generator for s in seqs], decoded, [s.counts for s in seqs])
         self._advance_all(seqs, choice)
@@ -486,8 +488,7 @@ class EngineCore:
                     self._prime_on_device(first, seqs, chunks, logits)
 
             greedy = all(s.params.greedy and not s.params.adjusts_logits for s in first)
-            runner.hold_ahead(launch if greedy else None)
-            self._decode([])
+            self._decode([], hold=True, then=launch if greedy else None)
         if launched:
             seqs, chunks, logits = launched[0]
             picked = [i for i, s in enumerate(first) if not s.finished]

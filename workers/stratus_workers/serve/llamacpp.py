@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -310,11 +310,20 @@ class LlamaCppRunner(ModelRunner):
 
     @torch.inference_mode()
     def decode(
-        self, ids: Sequence[int], *, logprobs: bool = False, join: Sequence[int] | torch.Tensor = ()
+        self,
+        ids: Sequence[int],
+        *,
+        logprobs: bool = False,
+        join: Sequence[int] | torch.Tensor = (),
+        hold: bool = False,
+        then: Callable[[], None] | None = None,
     ) -> Decoded:
-        """A decode step: feed `ids[i]` to row i (rows 0..len(ids)-1, one token each); `join` is a hint it needs not."""
+        """A decode step: feed `ids[i]` to row i (rows 0..len(ids)-1, one token each); `join` and `hold` are hints
+        it needs not (it launches nothing ahead), and it refuses `then` (nothing is queued to run it behind)."""
         if not 0 < len(ids) <= self.max_rows:
             raise ValueError(f"a decode step of {len(ids)} rows does not fit this runner's {self.max_rows}")
+        if then is not None:
+            raise ValueError("llama.cpp decodes one step at a time: nothing to run `then` behind")
         result = decoded(self.forward(0, [[t] for t in ids]), logprobs)
         if isinstance(join, torch.Tensor):
             result.joined = join.tolist()

@@ -447,8 +447,15 @@ class FusedRunner(ModelRunner):
             return logits[:, None] if all_logits else logits
         return self._extend(first_row, tokens, starts, q_lens, all_logits, logits_from)
 
-    def _decode(self, ids: list[int], logprobs: bool, join: Sequence[int] | torch.Tensor) -> Decoded:
-        return self.decoder.step(len(ids), ids, logprobs=logprobs, join=join)
+    def _decode(
+        self,
+        ids: list[int],
+        logprobs: bool,
+        join: Sequence[int] | torch.Tensor,
+        hold: bool = False,
+        then: Callable[[], None] | None = None,
+    ) -> Decoded:
+        return self.decoder.step(len(ids), ids, logprobs=logprobs, join=join, hold=hold, then=then)
 
     @torch.inference_mode()
     def forward_rows(
@@ -518,9 +525,6 @@ class FusedRunner(ModelRunner):
 
     def ahead_in_flight(self) -> bool:
         return self.decoder.in_flight
-
-    def hold_ahead(self, then: Callable[[], None] | None = None) -> None:
-        self.decoder.hold(then)
 
     @torch.inference_mode()
     def prime_decode(self, ids: Sequence[int] | torch.Tensor) -> None:

@@ -144,8 +144,7 @@ def test_a_mixed_pass_takes_the_step_in_flight_and_primes_the_next(model: torch.
             mixed.append(runner.forward_mixed([0, 1, 2], [[0], [0], prompt], from_decode=2))
             decoder.prime(mixed[0].argmax(dim=-1))  # rows 0 and 1 decode, row 2 joins
 
-        runner.hold_ahead(launch)
-        step = runner.decode(nxt)
+        step = runner.decode(nxt, hold=True, then=launch)
         assert decoder.ahead_hits == 1 and mixed and decoder.primed == 1 and decoder.in_flight
         for row, ids in enumerate(seqs):
             torch.testing.assert_close(step.logits[row], reference(ids)[0], atol=1e-4, rtol=1e-4)
