@@ -237,3 +237,30 @@ def test_a_mixed_step_that_fails_leaves_nothing_to_run_on_later_rows(model: Any)
             assert not any(f.reason == "error" for f in out.finished)
     assert tokens == greedy(model, prompt, 8)
     assert runner.mixed_steps == core.stats().mixed_steps == 0
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_mixed_pass_that_fails_runs_apart_and_is_not_counted(model: Any, ahead: bool) -> None:
+    # The first mixed pass fails (a simulated kernel failure): its rows run apart (forward_rows), mixing turns off,
+    # the answers are Hugging Face's greedy ones, and no step is counted as mixed, by the engine or the runner.
+    core = core_over(model, mixed=True, ahead=ahead, chunk=24)
+    core.eos = frozenset()
+    runner = core.runner
+    assert isinstance(runner, FusedRunner)
+    packed = runner._packed
+    failed: list[bool] = []  # whether the failed pass was fed the step in flight's choices on the device
+
+    def fails_once_mixed(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if "device_ids" in kwargs and not failed:  # only forward_mixed passes the decode step's device ids
+            failed.append(kwargs["device_ids"] is not None)
+            raise RuntimeError("kernel failed (simulated)")
+        return packed(*args, **kwargs)
+
+    arrivals = [Arrival(3 * i, [(5 * i + j) % VOCAB for j in range(4 + 7 * i)], Sampling(max_new_tokens=8), None)
+                for i in range(4)]  # fmt: skip
+    with mock.patch.object(runner, "_packed", side_effect=fails_once_mixed):
+        served = serve(core, arrivals)
+    assert failed == [ahead] and not runner.mixed_step
+    for seq_id, arrival in enumerate(arrivals):
+        assert served.tokens[seq_id] == greedy(model, arrival.prompt, arrival.params.max_new_tokens)
+    assert runner.mixed_steps == core.stats().mixed_steps == core.mixed_on_device == 0
