@@ -35,6 +35,7 @@ import torch
 from stratus_workers.models.gguf_artifact import GGUFModel
 from stratus_workers.runtimes import LLAMACPP_KV_VALUE_BYTES, kv_bytes_per_token
 from stratus_workers.serve.runner import Decoded, ModelRunner, decoded
+from stratus_workers.serve.runner.cache import check_truncation
 
 log = logging.getLogger(__name__)
 
@@ -205,16 +206,13 @@ class LlamaCppRunner(ModelRunner):
 
     def truncate(self, row: int, length: int) -> None:
         """Forget everything after `length` tokens in `row` (rejected speculative tokens)."""
-        if not 0 <= length <= self.lengths[row]:
-            raise ValueError(f"cannot truncate row {row} of length {self.lengths[row]} to {length}")
+        check_truncation(self.lengths, [row], [length])
         if length < self.lengths[row]:
             llama_cpp.llama_memory_seq_rm(self._memory, row, length, -1)
         self.lengths[row] = length
 
     def truncate_rows(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
-        for row, length in zip(rows, lengths, strict=True):
-            if not 0 <= length <= self.lengths[row]:
-                raise ValueError(f"cannot truncate row {row} of length {self.lengths[row]} to {length}")
+        check_truncation(self.lengths, rows, lengths)
         for row, length in zip(rows, lengths, strict=True):
             self.truncate(row, length)
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from stratus_workers.serve.parallel import STOP, ParallelContext
-from stratus_workers.serve.runner.cache import KVCache
+from stratus_workers.serve.runner.cache import KVCache, check_truncation
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -318,10 +318,7 @@ class ModelRunner(abc.ABC):
         """`truncate` of several rows at once (verified sessions): one update of the device's lengths, not one per
         row; ValueError, and no change, when a length is past its row's end."""
         rows, lengths = list(rows), list(lengths)
-        held = self.cache.lengths
-        for row, length in zip(rows, lengths, strict=True):
-            if not 0 <= length <= held[row]:
-                raise ValueError(f"cannot truncate row {row} of length {held[row]} to {length}")
+        check_truncation(self.cache.lengths, rows, lengths)
         if rows:
             self.cache.set_row_lengths(rows, lengths)
             self._lead("truncate_rows", rows, lengths)  # after: a refused call is not repeated
