@@ -450,13 +450,15 @@ class EngineCore:
             s.params.greedy and not s.params.adjusts_logits and not s.params.logprobs for s in ready
         )
 
-    def _decode(self, join: list[int] | torch.Tensor) -> list[int] | None:
+    def _decode(
+        self, join: list[int] | torch.Tensor, hold: bool = False, then: Callable[[], None] | None = None
+    ) -> list[int] | None:
         """Decode the decoding rows; `join`: the first tokens of the rows joining from the next step (a
-        device tensor: their greedy choices, which come back as the result)."""
+        device tensor: their greedy choices, which come back as the result); `hold`, `then`: as `runner.decode`'s."""
         seqs = self._rows[: self._decoding]
         params = [s.params for s in seqs]
         decoded = self.runner.decode(
-            [s.generated[-1] for s in seqs], logprobs=any(p.logprobs for p in params), join=join
+            [s.generated[-1] for s in seqs], logprobs=any(p.logprobs for p in params), join=join, hold=hold, then=then
         )
         choice = choose_tokens(decoded.logits, params, [s.generator for s in seqs], decoded, [s.counts for s in seqs])
         self._advance_all(seqs, choice)
@@ -466,7 +468,7 @@ class EngineCore:
         """The decoding rows' next tokens and the step's prefill chunks in one pass; the rows whose prompts are
         complete now (their first tokens chosen)."""
         runner = self.runner
-        launched: list[tuple[list[_Seq], list[list[int]], torch.Tensor]] = []
+        launched: list[tuple[list[_Seq], list[list[int]], torch.Tensor, bool]] = []
         first = self._rows[: self._decoding]
         if runner.ahead_in_flight():
             # The decode step launched ahead is this step's: take it, launch none after it, and mix the tokens
@@ -482,30 +484,30 @@ class EngineCore:
                     rows = [*range(len(first)), *(s.row for s in seqs)]
                     feed = [*([0] for _ in first), *chunks]
                     logits = runner.forward_mixed(rows, feed, from_decode=len(first))
-                    launched.append((seqs, chunks, logits))
+                    launched.append((seqs, chunks, logits, runner.mixed_step))
                     self._prime_on_device(first, seqs, chunks, logits)
 
             greedy = all(s.params.greedy and not s.params.adjusts_logits for s in first)
-            runner.hold_ahead(launch if greedy else None)
-            self._decode([])
+            self._decode([], hold=True, then=launch if greedy else None)
         if launched:
-            seqs, chunks, logits = launched[0]
+            seqs, chunks, logits, mixed = launched[0]
             picked = [i for i, s in enumerate(first) if not s.finished]
             decoding = [first[i] for i in picked]
             n = len(first)
             decode_logits = logits[:n] if len(picked) == n else logits[to_device(picked, logits.device)]
-            self.mixed_on_device += 1
+            self.mixed_on_device += mixed
         else:
             decoding = [s for s in first if not s.finished]
             seqs, chunks = self._chunks()
             logits = runner.forward_mixed(
                 [s.row for s in (*decoding, *seqs)], [*([s.generated[-1]] for s in decoding), *chunks]
             )
+            mixed = runner.mixed_step
             if len(decoding) == len(first):  # rows 0.. in order: the pass's first logits are theirs
                 self._prime_on_device(decoding, seqs, chunks, logits)
             n = len(decoding)
             decode_logits = logits[:n]
-        self.mixed_steps += 1
+        self.mixed_steps += mixed  # a pass that failed ran apart and turned mixing off (runner.mixed_step): not one
         ready = self._prefilled(seqs, chunks)
         if ready:
             self._finish_prefill(ready, logits[n : n + len(ready)], None)

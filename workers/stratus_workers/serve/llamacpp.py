@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ import torch
 from stratus_workers.models.gguf_artifact import GGUFModel
 from stratus_workers.runtimes import LLAMACPP_KV_VALUE_BYTES, kv_bytes_per_token
 from stratus_workers.serve.runner import Decoded, ModelRunner, decoded
+from stratus_workers.serve.runner.cache import check_truncation
 
 log = logging.getLogger(__name__)
 
@@ -205,16 +206,13 @@ class LlamaCppRunner(ModelRunner):
 
     def truncate(self, row: int, length: int) -> None:
         """Forget everything after `length` tokens in `row` (rejected speculative tokens)."""
-        if not 0 <= length <= self.lengths[row]:
-            raise ValueError(f"cannot truncate row {row} of length {self.lengths[row]} to {length}")
+        check_truncation(self.lengths, [row], [length])
         if length < self.lengths[row]:
             llama_cpp.llama_memory_seq_rm(self._memory, row, length, -1)
         self.lengths[row] = length
 
     def truncate_rows(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
-        for row, length in zip(rows, lengths, strict=True):
-            if not 0 <= length <= self.lengths[row]:
-                raise ValueError(f"cannot truncate row {row} of length {self.lengths[row]} to {length}")
+        check_truncation(self.lengths, rows, lengths)
         for row, length in zip(rows, lengths, strict=True):
             self.truncate(row, length)
 
@@ -310,11 +308,20 @@ class LlamaCppRunner(ModelRunner):
 
     @torch.inference_mode()
     def decode(
-        self, ids: Sequence[int], *, logprobs: bool = False, join: Sequence[int] | torch.Tensor = ()
+        self,
+        ids: Sequence[int],
+        *,
+        logprobs: bool = False,
+        join: Sequence[int] | torch.Tensor = (),
+        hold: bool = False,
+        then: Callable[[], None] | None = None,
     ) -> Decoded:
-        """A decode step: feed `ids[i]` to row i (rows 0..len(ids)-1, one token each); `join` is a hint it needs not."""
+        """A decode step: feed `ids[i]` to row i (rows 0..len(ids)-1, one token each); `join` and `hold` are hints
+        it needs not (it launches nothing ahead), and it refuses `then` (nothing is queued to run it behind)."""
         if not 0 < len(ids) <= self.max_rows:
             raise ValueError(f"a decode step of {len(ids)} rows does not fit this runner's {self.max_rows}")
+        if then is not None:
+            raise ValueError("llama.cpp decodes one step at a time: nothing to run `then` behind")
         result = decoded(self.forward(0, [[t] for t in ids]), logprobs)
         if isinstance(join, torch.Tensor):
             result.joined = join.tolist()

@@ -300,20 +300,24 @@ class PipelineRunner(ModelRunner):
     @torch.inference_mode()
     def decode(
         self, ids: Sequence[int], *, logprobs: bool = False, join: Sequence[int] | torch.Tensor = (), hit: bool = False,
-        ahead: bool = False,
+        ahead: bool = False, hold: bool = False, then: Callable[[], None] | None = None,
     ) -> Decoded:
         """ModelRunner.decode, plus on the fused path the step-ahead flags, which rank 0 decides and sends with
         the call (the other ranks obey them): `hit`, this step is the one queued ahead at the last call (same
         rows, and the tokens it guessed); `ahead`, queue the next step now, on this step's argmax. Rows that
-        `join` are not queued ahead here: the step after their join runs anew."""
+        `join` are not queued ahead here: the step after their join runs anew. `hold`: queue none ahead this call;
+        `then` is refused (the stages queue nothing behind a step)."""
         if self.fused is None:
-            return super().decode(ids, logprobs=logprobs, join=join)
+            return super().decode(ids, logprobs=logprobs, join=join, hold=hold, then=then)
+        if then is not None:
+            raise ValueError("a pipeline stage queues nothing to run `then` behind a decode step")
         batch = len(ids)
         if not 0 < batch <= self.max_rows:
             raise ValueError(f"a decode step of {batch} rows does not fit this runner's {self.max_rows}")
         self.cache.grow(max(self.cache.lengths[:batch]) + 1)
         if self.ctx.leader:
             hit, ahead = self._plan_ahead(list(ids))
+            ahead = ahead and not hold
         self._lead("decode", list(ids), logprobs=logprobs, hit=hit, ahead=ahead)
         self.passes += 1
         self.positions += batch
@@ -322,10 +326,17 @@ class PipelineRunner(ModelRunner):
         except RuntimeError as exc:  # gloo and NCCL report a dead peer as a RuntimeError (DistBackendError)
             raise StageFailed(f"pipeline stage {self.ctx.stage}: a link to another stage failed ({exc})") from exc
 
-    def _decode(self, ids: list[int], logprobs: bool, join: Sequence[int] | torch.Tensor) -> Decoded:
+    def _decode(
+        self,
+        ids: list[int],
+        logprobs: bool,
+        join: Sequence[int] | torch.Tensor,
+        hold: bool = False,
+        then: Callable[[], None] | None = None,
+    ) -> Decoded:
         """The module path's decode step (the fused path's is `decode`): a forward of one token a row."""
         if self.ctx.leader:
-            out = super()._decode(ids, logprobs, join)
+            out = super()._decode(ids, logprobs, join, hold, then)
             self.trace.mark("sampled", device=False)
             return out
         self._forward(0, [[t] for t in ids], self.cache.lengths[: len(ids)], [1] * len(ids), False)

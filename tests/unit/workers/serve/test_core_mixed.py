@@ -206,3 +206,61 @@ def test_a_busy_random_mix_gives_the_same_answers_mixed_or_not(model: Any, seed:
     assert mixed.core.stats().prefix_hit_tokens > 0
     if not ahead:
         assert mixed.core.mixed_on_device == 0  # nothing is ever in flight
+
+
+def test_a_mixed_step_that_fails_leaves_nothing_to_run_on_later_rows(model: Any) -> None:
+    # A mixed step's decode fails (a simulated out-of-memory as the cache grows for it) after it was told to launch
+    # nothing ahead and to run the mixed pass behind its step. The engine fails that step's requests; a later
+    # request's decode steps run no leftover pass on its row: its answer is Hugging Face's greedy one.
+    core = core_over(model, mixed=True, ahead=True, chunk=24)
+    core.eos = frozenset()
+    runner = core.runner
+    assert isinstance(runner, FusedRunner)
+
+    def out_of_memory(kv_len: int) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    with torch.inference_mode():
+        core.add(EngineRequest(0, [3, 1, 4, 1, 5], Sampling(max_new_tokens=20)))
+        while not runner.ahead_in_flight():
+            core.step()
+        core.add(EngineRequest(1, [9, 2, 6, 5, 3, 5], Sampling(max_new_tokens=4)))  # mixed into the next step
+        with mock.patch.object(runner.cache, "grow", side_effect=out_of_memory):
+            out = core.step()
+        assert {f.seq_id: f.reason for f in out.finished} == {0: "error", 1: "error"}
+        prompt = [8, 6, 7, 5, 3, 0, 9]
+        core.add(EngineRequest(2, prompt, Sampling(max_new_tokens=8)))
+        tokens: list[int] = []
+        while core.busy:
+            out = core.step()
+            tokens += out.tokens
+            assert not any(f.reason == "error" for f in out.finished)
+    assert tokens == greedy(model, prompt, 8)
+    assert runner.mixed_steps == core.stats().mixed_steps == 0
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_mixed_pass_that_fails_runs_apart_and_is_not_counted(model: Any, ahead: bool) -> None:
+    # The first mixed pass fails (a simulated kernel failure): its rows run apart (forward_rows), mixing turns off,
+    # the answers are Hugging Face's greedy ones, and no step is counted as mixed, by the engine or the runner.
+    core = core_over(model, mixed=True, ahead=ahead, chunk=24)
+    core.eos = frozenset()
+    runner = core.runner
+    assert isinstance(runner, FusedRunner)
+    packed = runner._packed
+    failed: list[bool] = []  # whether the failed pass was fed the step in flight's choices on the device
+
+    def fails_once_mixed(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if "device_ids" in kwargs and not failed:  # only forward_mixed passes the decode step's device ids
+            failed.append(kwargs["device_ids"] is not None)
+            raise RuntimeError("kernel failed (simulated)")
+        return packed(*args, **kwargs)
+
+    arrivals = [Arrival(3 * i, [(5 * i + j) % VOCAB for j in range(4 + 7 * i)], Sampling(max_new_tokens=8), None)
+                for i in range(4)]  # fmt: skip
+    with mock.patch.object(runner, "_packed", side_effect=fails_once_mixed):
+        served = serve(core, arrivals)
+    assert failed == [ahead] and not runner.mixed_step
+    for seq_id, arrival in enumerate(arrivals):
+        assert served.tokens[seq_id] == greedy(model, arrival.prompt, arrival.params.max_new_tokens)
+    assert runner.mixed_steps == core.stats().mixed_steps == core.mixed_on_device == 0

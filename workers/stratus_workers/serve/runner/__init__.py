@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from stratus_workers.serve.parallel import STOP, ParallelContext
-from stratus_workers.serve.runner.cache import KVCache
+from stratus_workers.serve.runner.cache import KVCache, check_truncation
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -268,12 +268,6 @@ class ModelRunner(abc.ABC):
         """Whether a decode step launched ahead of time (decode-ahead) waits to be taken by the next `decode`."""
         return False
 
-    def hold_ahead(self, then: Callable[[], None] | None = None) -> None:
-        """The next `decode` launches no step ahead (the caller mixes the tokens after it with a prefill), and
-        calls `then` once its step is queued, before it waits for it (a path that decodes ahead; others never
-        have a step in flight, and do not call it)."""
-        return None
-
     def prime_decode(self, ids: Sequence[int] | torch.Tensor) -> None:
         """A path that decodes ahead starts the decode step of rows 0..len(ids)-1 fed `ids` now (a device tensor:
         tokens the caller is about to choose, still being computed); the next `decode` with these ids takes it.
@@ -282,13 +276,23 @@ class ModelRunner(abc.ABC):
 
     @torch.inference_mode()
     def decode(
-        self, ids: Sequence[int], *, logprobs: bool = False, join: Sequence[int] | torch.Tensor = ()
+        self,
+        ids: Sequence[int],
+        *,
+        logprobs: bool = False,
+        join: Sequence[int] | torch.Tensor = (),
+        hold: bool = False,
+        then: Callable[[], None] | None = None,
     ) -> Decoded:
         """A decode step: feed `ids[i]` to row i (rows 0..len(ids)-1, one token each).
 
         `join`: the first tokens of the rows after them that join the batch at the next step (a path
         that starts the next step ahead of time starts theirs too; the others need not know). Given as
         a device tensor (only to a runner whose `device_join` is true), they come back as `joined`.
+
+        `hold`, `then` (a path that decodes ahead; others launch nothing ahead and refuse `then`): launch no step
+        ahead after this one (the caller mixes the tokens after it with a prefill), and call `then` once this step
+        is queued, before waiting for it. Both apply to this call only, whether it returns or raises.
         """
         batch = len(ids)
         if not 0 < batch <= self.max_rows:
@@ -297,7 +301,7 @@ class ModelRunner(abc.ABC):
         self._lead("decode", list(ids), logprobs=logprobs)
         self.passes += 1
         self.positions += batch
-        return self._decode(list(ids), logprobs, join)
+        return self._decode(list(ids), logprobs, join, hold, then)
 
     @torch.inference_mode()
     def save_prefix(self, row: int, positions: list[int], slots: list[int], block: int) -> None:
@@ -328,10 +332,7 @@ class ModelRunner(abc.ABC):
         """`truncate` of several rows at once (verified sessions): one update of the device's lengths, not one per
         row; ValueError, and no change, when a length is past its row's end."""
         rows, lengths = list(rows), list(lengths)
-        held = self.cache.lengths
-        for row, length in zip(rows, lengths, strict=True):
-            if not 0 <= length <= held[row]:
-                raise ValueError(f"cannot truncate row {row} of length {held[row]} to {length}")
+        check_truncation(self.cache.lengths, rows, lengths)
         if rows:
             self.cache.set_row_lengths(rows, lengths)
             self._lead("truncate_rows", rows, lengths)  # after: a refused call is not repeated
@@ -371,8 +372,17 @@ class ModelRunner(abc.ABC):
     ) -> torch.Tensor:
         """Run the rows (the cache already holds room for them) and set their new lengths."""
 
-    def _decode(self, ids: list[int], logprobs: bool, join: Sequence[int] | torch.Tensor) -> Decoded:
+    def _decode(
+        self,
+        ids: list[int],
+        logprobs: bool,
+        join: Sequence[int] | torch.Tensor,
+        hold: bool = False,
+        then: Callable[[], None] | None = None,
+    ) -> Decoded:
         """A decode step through `_forward`; paths with a static step of their own replace it."""
+        if then is not None:
+            raise ValueError(f"{type(self).__name__} decodes one step at a time: nothing to run `then` behind")
         starts = self.cache.lengths[: len(ids)]
         result = decoded(self._forward(0, [[t] for t in ids], starts, [1] * len(ids), False), logprobs)
         if isinstance(join, torch.Tensor):

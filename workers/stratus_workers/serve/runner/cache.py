@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
 MIN_CAPACITY = 16
+
+
+def check_truncation(held: Sequence[int], rows: Sequence[int], lengths: Sequence[int]) -> None:
+    """ValueError naming the first of `rows` whose new length is past its end (`held[row]` tokens) or negative: a
+    roll-back only forgets. Callers check every row before they change any."""
+    for row, length in zip(rows, lengths, strict=True):
+        if not 0 <= length <= held[row]:
+            raise ValueError(f"cannot truncate row {row} of length {held[row]} to {length}")
 
 
 class KVCache:
@@ -154,8 +164,7 @@ class KVCache:
 
     def truncate(self, row: int, length: int) -> None:
         """Forget everything after `length` tokens in `row`; ValueError (and no change) past its end."""
-        if not 0 <= length <= self.lengths[row]:
-            raise ValueError(f"cannot truncate row {row} of length {self.lengths[row]} to {length}")
+        check_truncation(self.lengths, [row], [length])
         self.set_length(row, length)
 
     def move(self, src: int, dst: int) -> None:

@@ -447,8 +447,15 @@ class FusedRunner(ModelRunner):
             return logits[:, None] if all_logits else logits
         return self._extend(first_row, tokens, starts, q_lens, all_logits, logits_from)
 
-    def _decode(self, ids: list[int], logprobs: bool, join: Sequence[int] | torch.Tensor) -> Decoded:
-        return self.decoder.step(len(ids), ids, logprobs=logprobs, join=join)
+    def _decode(
+        self,
+        ids: list[int],
+        logprobs: bool,
+        join: Sequence[int] | torch.Tensor,
+        hold: bool = False,
+        then: Callable[[], None] | None = None,
+    ) -> Decoded:
+        return self.decoder.step(len(ids), ids, logprobs=logprobs, join=join, hold=hold, then=then)
 
     @torch.inference_mode()
     def forward_rows(
@@ -484,7 +491,9 @@ class FusedRunner(ModelRunner):
         """`ModelRunner.forward_mixed` as one packed pass: a decoding row's token is a query like a prompt's, so the
         weights are read once for the decode rows and the prefill chunks together (a CUDA graph per token bucket).
         `from_decode` tokens come from the decode step's input buffer, which holds the greedy choices of the step
-        queued last. A pass that fails to run turns mixing off for good and runs the base class's."""
+        queued last. A pass that fails to run turns mixing off for good (`mixed_step`, which the engine reads to
+        count mixed steps) and runs the rows apart: the base class's, `forward_rows` (the packed verification pass
+        where that is on, else the padded one)."""
         logits_from = [len(t) - 1 for t in tokens]
         if from_decode and list(rows[:from_decode]) != list(range(from_decode)):
             raise ValueError(f"the decode step's choices are rows 0..{from_decode - 1}, the first rows of the pass")
@@ -498,8 +507,11 @@ class FusedRunner(ModelRunner):
             logits = self._packed(rows, tokens, logits_from, prefill=True, device_ids=device_ids)
         except ValueError:
             raise
-        except Exception as exc:  # a kernel or capture that failed: the padded pass computes the same
-            log.warning("mixed pass failed (%s: %s); padded now, unmixed from now on", type(exc).__name__, exc)
+        except Exception as exc:  # a kernel or capture that failed: forward_rows computes the same
+            log.warning(
+                "mixed pass failed (%s: %s); running its rows through forward_rows (packed verification pass, else "
+                "padded), unmixed from now on", type(exc).__name__, exc,
+            )
             self.mixed_step = False
             for row, length in zip(rows, starts, strict=True):
                 self.cache.set_length(row, length)
@@ -518,9 +530,6 @@ class FusedRunner(ModelRunner):
 
     def ahead_in_flight(self) -> bool:
         return self.decoder.in_flight
-
-    def hold_ahead(self, then: Callable[[], None] | None = None) -> None:
-        self.decoder.hold(then)
 
     @torch.inference_mode()
     def prime_decode(self, ids: Sequence[int] | torch.Tensor) -> None:

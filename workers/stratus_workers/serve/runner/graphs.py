@@ -155,8 +155,6 @@ class StaticDecoder:
         self._ahead_step: _Step | None = None
         self._expected: list[int] = []
         self._ahead_pause = 0
-        self._hold = False  # the next step launches none ahead (the engine mixes the next tokens with a prefill)
-        self._then: Callable[[], None] | None = None  # and queues this behind its own step, before waiting for it
         self.primed = 0  # steps launched ahead by `prime` (fed tokens the caller chose, or will from the same logits)
         self._fed_host = torch.zeros(rows, dtype=torch.long, pin_memory=self._on_cuda)
         self._fed_done: Any = torch.cuda.Event() if self._on_cuda else None  # type: ignore[no-untyped-call]
@@ -166,16 +164,6 @@ class StaticDecoder:
     def in_flight(self) -> bool:
         """Whether a decode step launched ahead of time waits to be taken by the next `step`."""
         return self._ahead_step is not None
-
-    def hold(self, then: Callable[[], None] | None = None) -> None:
-        """The next `step` launches no step ahead: the caller computes the tokens after it some other way (a
-        mixed pass of those rows and a prefill, runner/fused.py), and a step launched ahead would be wasted.
-
-        `then` runs once that step is queued (or found launched ahead), before the host waits for it: work
-        queued there runs right behind it, and `tokens[:batch]` holds its greedy choices by then on the device.
-        """
-        self._hold = True
-        self._then = then
 
     def prime(self, ids: list[int] | torch.Tensor) -> None:
         """Launch the decode step of rows 0..len(ids)-1 fed `ids` now, without waiting for it: the next `step`
@@ -219,7 +207,14 @@ class StaticDecoder:
         return bucket, min(kv, self.cache.capacity)
 
     def step(
-        self, batch: int, ids: list[int], *, logprobs: bool = False, join: Sequence[int] | torch.Tensor = ()
+        self,
+        batch: int,
+        ids: list[int],
+        *,
+        logprobs: bool = False,
+        join: Sequence[int] | torch.Tensor = (),
+        hold: bool = False,
+        then: Callable[[], None] | None = None,
     ) -> Decoded:
         """Feed `ids` to rows 0..batch-1 (one token each); returns their logits and greedy choices.
 
@@ -227,6 +222,11 @@ class StaticDecoder:
         prompts were prefilled this step): the step launched ahead covers them too, fed those tokens.
         As a device tensor (the prefill's greedy choices, still being computed) they are copied on the
         device, the step launched ahead queues right behind, and they are read back (`joined`) while it runs.
+
+        `hold`: launch no step ahead after this one (the caller computes the tokens after it some other way: a mixed
+        pass of those rows and a prefill, runner/fused.py), where it would be wasted. `then` runs once this step is
+        queued (or found launched ahead), before the host waits for it: work queued there runs right behind it, and
+        `tokens[:batch]` holds its greedy choices by then on the device. Both hold for this call only.
         """
         ahead, self._ahead_step = self._ahead_step, None
         if self._fed is not None:  # what a step primed on the device was fed (done long since: the host chose them)
@@ -257,8 +257,6 @@ class StaticDecoder:
         launched = 0
         on_device = isinstance(join, torch.Tensor)
         joined: Any = None
-        hold, self._hold = self._hold, False
-        then, self._then = self._then, None
         if self._ahead_pause:
             self._ahead_pause -= 1
         elif self.decode_ahead and not hold:

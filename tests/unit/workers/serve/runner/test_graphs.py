@@ -144,8 +144,7 @@ def test_a_mixed_pass_takes_the_step_in_flight_and_primes_the_next(model: torch.
             mixed.append(runner.forward_mixed([0, 1, 2], [[0], [0], prompt], from_decode=2))
             decoder.prime(mixed[0].argmax(dim=-1))  # rows 0 and 1 decode, row 2 joins
 
-        runner.hold_ahead(launch)
-        step = runner.decode(nxt)
+        step = runner.decode(nxt, hold=True, then=launch)
         assert decoder.ahead_hits == 1 and mixed and decoder.primed == 1 and decoder.in_flight
         for row, ids in enumerate(seqs):
             torch.testing.assert_close(step.logits[row], reference(ids)[0], atol=1e-4, rtol=1e-4)
@@ -156,16 +155,17 @@ def test_a_mixed_pass_takes_the_step_in_flight_and_primes_the_next(model: torch.
             torch.testing.assert_close(mixed[0][row], reference(ids)[0], atol=1e-4, rtol=1e-4)
         assert runner.lengths[:3] == [len(s) for s in seqs]
         chosen = mixed[0].argmax(dim=-1).tolist()
-        primed = runner.decode(chosen)  # the primed step, fed exactly these
-        assert decoder.ahead_hits == 2 and runner.mixed_steps == 1
+        primed = runner.decode(chosen, hold=True)  # the primed step, fed exactly these; none launched behind it
+        assert decoder.ahead_hits == 2 and runner.mixed_steps == 1 and not decoder.in_flight
         seqs = [s + [t] for s, t in zip(seqs, chosen, strict=True)]
         for row, ids in enumerate(seqs):
             torch.testing.assert_close(primed.logits[row], reference(ids)[0], atol=1e-4, rtol=1e-4)
-        # A primed step the caller feeds other tokens is run again on them.
+        # A primed step the caller feeds other tokens is run again on them (and guessing pauses a while).
         decoder.prime([(t + 1) % 512 for t in primed.greedy])
+        assert decoder.primed == 2 and decoder.in_flight
         other = [(t + 2) % 512 for t in primed.greedy]
         again = runner.decode(other)
-        assert decoder.ahead_hits == 2
+        assert decoder.ahead_hits == 2 and decoder._ahead_pause > 0
         seqs = [s + [t] for s, t in zip(seqs, other, strict=True)]
         for row, ids in enumerate(seqs):
             torch.testing.assert_close(again.logits[row], reference(ids)[0], atol=1e-4, rtol=1e-4)
