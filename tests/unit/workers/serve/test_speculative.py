@@ -105,3 +105,12 @@ def test_sampled_verification_rejects_bad_input() -> None:
         verify_sampled(logits, [1], [], 1.0, 1.0, None)
     with pytest.raises(ValueError, match="probability 0"):
         verify_sampled(logits, [1], [SparseDist((2,), (1.0,))], 1.0, 1.0, None)
+    # Token 1 is rejected for certain (the verifier gives it probability 0), token 2 could not have been drawn
+    # from its own distribution: the draft is refused whole, before any draw, not judged up to its rejection.
+    logits = torch.zeros(3, VOCAB)
+    logits[0, 1] = -float("inf")
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    with pytest.raises(ValueError, match="draft token 2 at position 1 has probability 0"):
+        verify_sampled(logits, [1, 2], [SparseDist((1,), (1.0,)), SparseDist((3,), (1.0,))], 1.0, 1.0, gen)
+    assert torch.equal(gen.get_state(), state)
