@@ -277,7 +277,8 @@ def verify_arguments(
 def _session_sampling(wire: bytes) -> Sampling:
     """`session_sampling` of a SpeculativeSampling's bytes, made once per setting (a session sends the same one
     every round; Sampling is frozen). Keyed on the whole message, so a field added to it later reaches
-    `session_sampling` as it is (it costs what reading its three fields did: ~0.35 µs)."""
+    `session_sampling` as it is (serializing it costs about what reading its three fields did: 0.36 against
+    0.32 µs on the benchmark CPU)."""
     return session_sampling(pb.SpeculativeSampling.FromString(wire))
 
 
