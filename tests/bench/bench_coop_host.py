@@ -57,7 +57,9 @@ PARTS: dict[str, list[tuple[str, str]]] = {
     "rollback, lengths": [
         ("sessions", "_settle"),
         ("sessions", "_settle_many"),
+        ("sessions", "_cut"),
         ("runner", "truncate"),
+        ("runner", "truncate_rows"),
         ("runner", "reset"),
         ("cache", "set_row_lengths"),
         ("cache", "set_length"),
@@ -166,8 +168,9 @@ def frontend_call_ns(core: Any, context: list[int], draft: list[int], repeat: in
     from stratus_workers.serve import server
     from stratus_workers.serve.surface import VerifyResult
 
-    # Before the handler's checks were a function of their own (main at 72e1bb6): the same steps, inline there.
+    # Before the handler's checks and reply were functions of their own (main at 72e1bb6): the same steps, inline.
     arguments = getattr(server, "verify_arguments", None) or _handler_arguments_72e1bb6
+    respond = getattr(server, "verify_response", None) or _handler_response_72e1bb6
     wire = pb.VerifyRequest(session_id="bench-frontend", context=context, draft=draft).SerializeToString()
     result = VerifyResult(len(draft) - 1, 7, tuple(-0.5 for _ in draft), False)
     ns: collections.Counter[str] = collections.Counter()
@@ -178,9 +181,7 @@ def frontend_call_ns(core: Any, context: list[int], draft: list[int], repeat: in
         t1 = time.perf_counter_ns()
         core.call(i, "verify", (*args[:-1], False))
         t2 = time.perf_counter_ns()
-        pb.VerifyResponse(
-            accepted=result.accepted, next_token=result.next_token, logprobs=result.logprobs, eos=result.eos
-        ).SerializeToString()
+        respond(result).SerializeToString()
         t3 = time.perf_counter_ns()
         ns["request: parse, check, convert"] += t1 - t0
         ns["engine core: queue the call"] += t2 - t1
@@ -191,10 +192,10 @@ def frontend_call_ns(core: Any, context: list[int], draft: list[int], repeat: in
 
 def _handler_arguments_72e1bb6(request: Any) -> tuple[Any, ...]:
     """What InferenceServicer.Verify did with a request before `server.verify_arguments` (for a "before" run)."""
-    from stratus_workers.protocol.requests import session_sampling
+    from stratus_workers.protocol.requests import MAX_SPECULATIVE_TOKENS, session_sampling
     from stratus_workers.serve.surface import SparseDist
 
-    if len(request.draft) > 16:
+    if len(request.draft) > MAX_SPECULATIVE_TOKENS:
         raise ValueError("too many draft tokens")
     sampling = session_sampling(request.sampling)
     dists = [SparseDist(tuple(d.token_ids), tuple(d.probs)) for d in request.distributions]
@@ -203,6 +204,15 @@ def _handler_arguments_72e1bb6(request: Any) -> tuple[Any, ...]:
     if any(len(d.token_ids) != len(d.probs) for d in dists):
         raise ValueError("each distribution needs one probability per token id")
     return request.session_id, list(request.context), list(request.draft), dists, sampling, request.end_session
+
+
+def _handler_response_72e1bb6(result: Any) -> Any:
+    """The reply InferenceServicer.Verify built before `server.verify_response` (for a "before" run)."""
+    from stratus_workers.api import inference_pb2 as pb
+
+    return pb.VerifyResponse(
+        accepted=result.accepted, next_token=result.next_token, logprobs=result.logprobs, eos=result.eos
+    )
 
 
 def measure(args: argparse.Namespace, sessions: int) -> dict[str, Any]:

@@ -263,8 +263,7 @@ def verify_arguments(
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     if len(request.draft) > MAX_SPECULATIVE_TOKENS:
         raise ProtocolError(invalid, f"{len(request.draft)} draft tokens; at most {MAX_SPECULATIVE_TOKENS}")
-    spec = request.sampling
-    sampling = _session_sampling(spec.temperature, spec.top_p, spec.seed if spec.HasField("seed") else None)
+    sampling = _session_sampling(request.sampling.SerializeToString(deterministic=True))
     dists = [SparseDist(tuple(d.token_ids), tuple(d.probs)) for d in request.distributions]
     if not sampling.greedy and len(dists) != len(request.draft):
         raise ProtocolError(invalid, "a sampled draft needs one distribution per draft token")
@@ -275,12 +274,12 @@ def verify_arguments(
 
 
 @functools.lru_cache(maxsize=1024)
-def _session_sampling(temperature: float, top_p: float, seed: int | None) -> Sampling:
-    """`session_sampling`, made once per setting (a session sends the same one every round; it is frozen)."""
-    spec = pb.SpeculativeSampling(temperature=temperature, top_p=top_p)
-    if seed is not None:
-        spec.seed = seed
-    return session_sampling(spec)
+def _session_sampling(wire: bytes) -> Sampling:
+    """`session_sampling` of a SpeculativeSampling's bytes, made once per setting (a session sends the same one
+    every round; Sampling is frozen). Keyed on the whole message, so a field added to it later reaches
+    `session_sampling` as it is (serializing it costs about what reading its three fields did: 0.36 against
+    0.32 µs on the benchmark CPU)."""
+    return session_sampling(pb.SpeculativeSampling.FromString(wire))
 
 
 def verify_response(result: VerifyResult) -> pb.VerifyResponse:

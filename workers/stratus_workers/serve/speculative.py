@@ -63,14 +63,10 @@ class Verdict:
     next_token: int
 
 
-def verify_greedy(logits: torch.Tensor, draft: Sequence[int]) -> Verdict:
-    """`logits` is [len(draft)+1, V]: row i predicts the token after draft[:i]."""
-    return greedy_verdict(torch.argmax(logits, dim=-1).tolist(), draft)
-
-
 def greedy_verdict(best: Sequence[int], draft: Sequence[int]) -> Verdict:
     """The greedy rule on the verifier's choices: `best[i]` is its argmax after draft[:i]. A draft token is
-    accepted while it is the verifier's own choice; the verifier's choice after the accepted ones comes next."""
+    accepted while it is the verifier's own choice; the verifier's choice after the accepted ones comes next.
+    The rule's definition, one call on the host: the server runs `greedy_verdicts`, which tests hold to it."""
     accepted = 0
     while accepted < len(draft) and best[accepted] == draft[accepted]:
         accepted += 1

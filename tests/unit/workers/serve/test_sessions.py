@@ -20,6 +20,7 @@ from stratus_workers.serve.runner.fused import FusedRunner
 from stratus_workers.serve.runner.modules import ModuleRunner
 from stratus_workers.serve.sampling import eos_ids
 from stratus_workers.serve.sessions import SpeculativeSessions, VerifyCall
+from stratus_workers.serve.speculative import SparseDist
 from stratus_workers.serve.surface import collect
 
 pytestmark = pytest.mark.unit
@@ -69,6 +70,33 @@ def test_verify_keeps_the_accepted_prefix(loaded: Any) -> None:
     assert verdict.accepted == 0 and verdict.next_token == draft[0]
     assert sessions.runner.lengths[1] == len(context)
     assert len(verdict.logprobs) == 1 and verdict.logprobs[0] <= 0
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_sampled_draft_that_its_distributions_cannot_give_fails_whole_and_loses_nothing(
+    loaded: Any, fast: bool
+) -> None:
+    """A draft token with probability 0 under its own distribution, after tokens the rule would have judged
+    first, fails the call before any draw: the session keeps its tokens, its row and its random state."""
+    sampling = Sampling(temperature=0.8, top_p=0.9, seed=7)
+    context = [11, 12, 13]
+    drafted = sessions_over(loaded, rows=1).draft("d", context, 3, sampling, top_k=8, end=True)
+    sessions = sessions_over(loaded, rows=2, fast=fast)
+    for sid in ("a", "twin"):
+        sessions.verify(sid, context, [], (), sampling, end=False)
+    held = (sessions.runner.lengths[sessions._sessions["a"].row], list(sessions._sessions["a"].tokens))
+    bad_dists = [*drafted.distributions[:2], SparseDist((drafted.tokens[2] + 1,), (1.0,))]
+    with pytest.raises(ValueError, match=f"draft token {drafted.tokens[2]} at position 2 has probability 0"):
+        sessions.verify("a", [*context, 40], drafted.tokens, bad_dists, sampling, end=False)
+    assert (sessions.runner.lengths[sessions._sessions["a"].row], sessions._sessions["a"].tokens) == held
+    states = [sessions._sessions[sid].generator.get_state() for sid in ("a", "twin")]  # type: ignore[union-attr]
+    assert torch.equal(*states)
+    # Its next call draws what a session that never saw the refused one draws.
+    got = {
+        sid: sessions.verify(sid, context, drafted.tokens, drafted.distributions, sampling, end=False)
+        for sid in ("a", "twin")
+    }
+    assert got["a"] == got["twin"]
 
 
 def test_rows_are_lent_least_recently_used_first_and_expire(loaded: Any) -> None:

@@ -12,9 +12,10 @@ from stratus_workers.serve.speculative import (
     SparseDist,
     dense,
     draft_distribution,
+    greedy_verdict,
+    greedy_verdicts,
     sample_sparse,
     sampling_probs,
-    verify_greedy,
     verify_sampled,
 )
 
@@ -72,12 +73,30 @@ def test_sampled_verification_preserves_the_target_distribution(tiny_logits: Any
 
 
 def test_greedy_verification() -> None:
-    logits = torch.full((4, VOCAB), -5.0)
-    for row, best in enumerate([3, 4, 9, 1]):
-        logits[row, best] = 5.0
-    assert verify_greedy(logits, [3, 4, 9]).__dict__ == {"accepted": 3, "next_token": 1}
-    assert verify_greedy(logits, [3, 7, 9]).__dict__ == {"accepted": 1, "next_token": 4}
-    assert verify_greedy(logits[:1], []).__dict__ == {"accepted": 0, "next_token": 3}
+    """`greedy_verdicts` (the server's rule, every row at once) on three calls packed one after the other: each
+    row's verdict is `greedy_verdict`'s of that call alone, and its log-probabilities the chosen tokens'."""
+    choices = [[3, 4, 9, 1], [3, 4, 9, 1], [3]]  # each row's argmax at each of its positions
+    drafts = [[3, 4, 9], [3, 7, 9], []]  # all accepted, rejected at 1, none drafted
+    logits = torch.full((sum(map(len, choices)), VOCAB), -5.0)
+    for position, choice in enumerate(b for c in choices for b in c):
+        logits[position, choice] = 5.0 + position  # a log-probability of its own at each position
+    targets = torch.tensor([t for d in drafts for t in (*d, -1)])
+    segments = torch.tensor([row for row, c in enumerate(choices) for _ in c])
+    stop, token, logprobs = greedy_verdicts(logits, targets, segments, len(drafts))
+    first = 0
+    for row, (best, draft) in enumerate(zip(choices, drafts, strict=True)):
+        verdict = greedy_verdict(best, draft)
+        assert (int(stop[row]) - first, int(token[row])) == (verdict.accepted, verdict.next_token)
+        chosen = [*draft[: verdict.accepted], verdict.next_token]
+        scores = logits[first : first + len(chosen)]
+        expected = torch.log_softmax(scores, dim=-1)[torch.arange(len(chosen)), torch.tensor(chosen)]
+        assert torch.allclose(logprobs[first : first + len(chosen)], expected, atol=1e-5)
+        first += len(best)
+    assert [greedy_verdict(b, d).__dict__ for b, d in zip(choices, drafts, strict=True)] == [
+        {"accepted": 3, "next_token": 1},
+        {"accepted": 1, "next_token": 4},
+        {"accepted": 0, "next_token": 3},
+    ]
 
 
 def test_sampled_verification_rejects_bad_input() -> None:
@@ -86,3 +105,12 @@ def test_sampled_verification_rejects_bad_input() -> None:
         verify_sampled(logits, [1], [], 1.0, 1.0, None)
     with pytest.raises(ValueError, match="probability 0"):
         verify_sampled(logits, [1], [SparseDist((2,), (1.0,))], 1.0, 1.0, None)
+    # Token 1 is rejected for certain (the verifier gives it probability 0), token 2 could not have been drawn
+    # from its own distribution: the draft is refused whole, before any draw, not judged up to its rejection.
+    logits = torch.zeros(3, VOCAB)
+    logits[0, 1] = -float("inf")
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    with pytest.raises(ValueError, match="draft token 2 at position 1 has probability 0"):
+        verify_sampled(logits, [1, 2], [SparseDist((1,), (1.0,)), SparseDist((3,), (1.0,))], 1.0, 1.0, gen)
+    assert torch.equal(gen.get_state(), state)
