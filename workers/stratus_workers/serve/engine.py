@@ -125,25 +125,19 @@ class ThreadTransport(Transport):
         self._stopping = False
 
     async def start(self, deliver: Deliver, dead: Dead) -> tuple[EngineInfo, Any]:
-        from stratus_workers.serve.loop import EngineLoop, ThreadInbox, build_core
+        from stratus_workers.serve.loop import EngineLoop, ThreadInbox, start_core
 
         loop = asyncio.get_running_loop()
         if self.prebuilt is not None:
             core, info, tokenizer = self.prebuilt
         else:
-            loaded = self.loaded
-            started = time.monotonic()
-            if loaded is None:
-                assert self.load is not None
-                loaded = await loop.run_in_executor(None, self.load)
-            loaded_at = time.monotonic()
-            core, info = await loop.run_in_executor(None, build_core, loaded, self.settings, self.parallel)
-            tokenizer = loaded.tokenizer
-            built_at = time.monotonic()
-            graphs = 0
-            if self.settings.warmup:  # decode graphs on CUDA, before any request pays for them
-                graphs = await loop.run_in_executor(None, core.warmup)
-            info = info.started(started, loaded_at, built_at, time.monotonic(), graphs)
+            loaded, load, parallel = self.loaded, self.load, self.parallel
+            if loaded is not None:
+                load = lambda: loaded  # noqa: E731
+            assert load is not None
+            core, info, tokenizer = await loop.run_in_executor(
+                None, start_core, load, self.settings, lambda: (parallel, None)
+            )
         self.core = core
         self._inbox = ThreadInbox()
 

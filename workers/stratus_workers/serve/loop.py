@@ -92,6 +92,24 @@ def prefix_pool_tokens(settings: EngineSettings, model: Any, max_len: int, world
     return tokens // PREFIX_BLOCK * PREFIX_BLOCK
 
 
+def start_core(
+    load: Callable[[], Any],
+    settings: EngineSettings,
+    setup: Callable[[], tuple[ParallelContext | None, PipelineContext | None]] = lambda: (None, None),
+) -> tuple[EngineCore, EngineInfo, Any]:
+    """Load a model (`load`), set up its process group (`setup`, after loading: tensor or pipeline parallel), build
+    the engine core and warm it up; the core, its info with each phase's time, and the tokenizer. Both engines (the
+    thread and the process) start through here, so their start phases are measured alike."""
+    started = time.monotonic()
+    loaded = load()
+    loaded_at = time.monotonic()
+    parallel, pipeline = setup()
+    core, info = build_core(loaded, settings, parallel, pipeline)
+    built_at = time.monotonic()
+    graphs = core.warmup() if settings.warmup else 0  # decode graphs on CUDA, before any request pays for them
+    return core, info.started(started, loaded_at, built_at, time.monotonic(), graphs), loaded.tokenizer
+
+
 def build_core(
     loaded: Any,
     settings: EngineSettings,

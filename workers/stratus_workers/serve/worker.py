@@ -32,7 +32,7 @@ from typing import Any
 from stratus_workers.lifecycle import exit_now
 from stratus_workers.observability import setup_logging
 from stratus_workers.serve.channel import Channel, ChannelClosed
-from stratus_workers.serve.loop import EngineLoop, EngineSettings, build_core
+from stratus_workers.serve.loop import EngineLoop, EngineSettings, start_core
 
 log = logging.getLogger(__name__)
 
@@ -118,38 +118,37 @@ def serve(channel: Channel) -> int:
     beat = Beat(channel)
     beat.start()
     try:
-        started = time.monotonic()
-        loaded = _load(load)
-        loaded_at = time.monotonic()
-        parallel = None
-        pipe = None
-        watch = None
+        watch: Any = None
         children: list[Any] = []
-        if settings.pipeline_parallel > 1:  # with tensor_parallel too: each stage is a tensor-parallel group
-            from stratus_workers.serve import parallel as tp
-            from stratus_workers.serve import pipeline
 
-            world = settings.pipeline_parallel * settings.tensor_parallel
-            children = tp.spawn_followers(world, list(settings.argv))
-            watch = pipeline.StageWatch(
-                children, functools.partial(_stage_died, channel), tensor_parallel=settings.tensor_parallel
-            )
-            watch.start()
-            pipe = pipeline.init_pipeline(
-                settings.pipeline_parallel, settings.pipeline_microbatches, settings.tensor_parallel
-            )
-        elif settings.tensor_parallel > 1:
-            from stratus_workers.serve import parallel as tp
+        def setup() -> tuple[Any, Any]:
+            """The process group of a tensor- or pipeline-parallel engine (followers spawned), after loading."""
+            nonlocal watch, children
+            if settings.pipeline_parallel > 1:  # with tensor_parallel too: each stage is a tensor-parallel group
+                from stratus_workers.serve import parallel as tp
+                from stratus_workers.serve import pipeline
 
-            if "RANK" not in os.environ:
-                children = tp.spawn_followers(settings.tensor_parallel, list(settings.argv))
-            parallel = tp.init_group(settings.tensor_parallel)
-        core, info = build_core(loaded, settings, parallel, pipe)
-        built_at = time.monotonic()
-        graphs = core.warmup() if settings.warmup else 0
-        info = info.started(started, loaded_at, built_at, time.monotonic(), graphs)
+                world = settings.pipeline_parallel * settings.tensor_parallel
+                children = tp.spawn_followers(world, list(settings.argv))
+                watch = pipeline.StageWatch(
+                    children, functools.partial(_stage_died, channel), tensor_parallel=settings.tensor_parallel
+                )
+                watch.start()
+                pipe = pipeline.init_pipeline(
+                    settings.pipeline_parallel, settings.pipeline_microbatches, settings.tensor_parallel
+                )
+                return None, pipe
+            if settings.tensor_parallel > 1:
+                from stratus_workers.serve import parallel as tp
+
+                if "RANK" not in os.environ:
+                    children = tp.spawn_followers(settings.tensor_parallel, list(settings.argv))
+                return tp.init_group(settings.tensor_parallel), None
+            return None, None
+
+        core, info, tokenizer = start_core(functools.partial(_load, load), settings, setup)
         freeze_heap()
-        channel.send(("ready", info, loaded.tokenizer))
+        channel.send(("ready", info, tokenizer))
 
         def emit(message: tuple[Any, ...]) -> None:
             channel.send(message)
