@@ -154,6 +154,12 @@ async def test_rbac_holds_a_service_account_to_its_roles(http: aiohttp.ClientSes
         'secrets is forbidden: User "system:serviceaccount:stratus-system:stratus-operator" cannot list resource '
         '"secrets" in API group "" at the cluster scope')
     assert served.audit[-1].code == 403 and served.audit[-1].verb == "list"
+    # A request for a named object names it, as apierrors.NewForbidden does (pods are list/watch only).
+    code, status, _ = await _send(http, "GET", "/api/v1/namespaces/default/pods/web", token="operator-token")
+    assert code == 403
+    assert status["message"] == (
+        'pods "web" is forbidden: User "system:serviceaccount:stratus-system:stratus-operator" cannot get resource '
+        '"pods" in API group "" in the namespace "default"')
     # An unknown token is an administrator: the tests' own kubeconfig keeps working.
     code, _, _ = await _send(http, "GET", "/api/v1/secrets")
     assert code == 200

@@ -771,8 +771,8 @@ class Emulator(kmock.KubernetesEmulator):
         try:
             if not allowed(self.read_all, user, verb, key, subresource, namespace if self._namespaced(key) else None,
                            name or ""):
-                raise forbidden_object(key, "", denial(user, verb, key, subresource,
-                                                       namespace if self._namespaced(key) else None))
+                raise forbidden_object(key, name or "", denial(user, verb, key, subresource,
+                                                              namespace if self._namespaced(key) else None))
             response = await self._dispatch(raw_request, verb, key, namespace, name, subresource, params,
                                             content_type)
         except ApiError as exc:
