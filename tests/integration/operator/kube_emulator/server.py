@@ -772,6 +772,7 @@ class Emulator(kmock.KubernetesEmulator):
         record = AuditRecord(verb, key, namespace, name, subresource, user.name, agent, 200,
                              content_type=content_type)
         self.audit.append(record)
+        response: aiohttp.web.StreamResponse
         try:
             # Authorization comes before anything resolves the resource (WithAuthorization wraps the API
             # handlers), so a user not granted a resource is refused whether it is served or not.
