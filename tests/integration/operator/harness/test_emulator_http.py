@@ -12,7 +12,16 @@ import kmock
 import pytest
 import yaml
 from harness_objects import deployment
-from kube_emulator import CLUSTERROLEBINDINGS, CLUSTERROLES, DEPLOYMENTS, NAMESPACES, Emulator, service_account
+from kube_emulator import (
+    CLUSTERROLEBINDINGS,
+    CLUSTERROLES,
+    DEPLOYMENTS,
+    NAMESPACES,
+    ROLEBINDINGS,
+    ROLES,
+    Emulator,
+    service_account,
+)
 from operator_harness import ROOT
 
 pytestmark = pytest.mark.integration
@@ -90,14 +99,20 @@ async def test_missing_namespace_is_404_and_terminating_namespace_refuses_new_co
     assert status["message"] == "unable to create new content in namespace doomed because it is being terminated"
 
 
-async def _watch(http: aiohttp.ClientSession, path: str) -> tuple[int, str]:
-    """A watch of `path` the server ends after a second; one that is still open after 10 s fails the test."""
+async def _read(http: aiohttp.ClientSession, path: str, token: str = "admin", *,
+                watch: bool = False) -> tuple[int, str]:
+    """A GET of `path` as `token` and its body as text; a watch the server ends after a second, and one that is
+    still open after 10 s fails the test."""
     async def call() -> tuple[int, str]:
-        async with http.get(path, params={"watch": "true", "timeoutSeconds": "1"},
-                            headers={"Authorization": "Bearer admin"}) as response:
+        async with http.get(path, params={"watch": "true", "timeoutSeconds": "1"} if watch else None,
+                            headers={"Authorization": f"Bearer {token}"}) as response:
             return response.status, await response.text()
 
     return await asyncio.wait_for(call(), timeout=10)
+
+
+async def _watch(http: aiohttp.ClientSession, path: str) -> tuple[int, str]:
+    return await _read(http, path, watch=True)
 
 
 async def test_reads_in_a_missing_namespace_are_served_and_an_unknown_group_is_404(
@@ -115,11 +130,16 @@ async def test_reads_in_a_missing_namespace_are_served_and_an_unknown_group_is_4
 
 
 @pytest.fixture()
-async def http_without_crd() -> AsyncIterator[aiohttp.ClientSession]:
+async def without_crd() -> AsyncIterator[Emulator]:
     """An emulator on loopback before the LLMDeployment CRD is installed."""
     emulator = Emulator()
-    async with emulator, kmock.Server(emulator), aiohttp.ClientSession(
-            base_url=str(emulator.url).rstrip("/")) as session:
+    async with emulator, kmock.Server(emulator):
+        yield emulator
+
+
+@pytest.fixture()
+async def http_without_crd(without_crd: Emulator) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(base_url=str(without_crd.url).rstrip("/")) as session:
         yield session
 
 
@@ -135,6 +155,45 @@ async def test_without_the_crd_its_group_and_resource_are_404_for_every_verb(
     assert await _watch(http, "/apis/stratus.dev/v1alpha1/namespaces/team-a/llmdeployments") == (404, NOT_FOUND)
     code, _, _ = await _send(http, "GET", "/apis/apps/v1")  # what it does serve still answers
     assert code == 200
+
+
+LLMD_URL = "/apis/stratus.dev/v1alpha1/namespaces/team-a/llmdeployments"
+
+
+async def test_without_the_crd_an_unauthorized_user_is_403_before_the_404(
+        without_crd: Emulator, http_without_crd: aiohttp.ClientSession) -> None:
+    """The API server authorizes a request (WithAuthorization) before any handler resolves its resource: a user
+    not granted llmdeployments in stratus.dev gets 403 for it whether the CRD is installed or not, and only a
+    user granted it learns the resource is not served (404)."""
+    emu, http = without_crd, http_without_crd
+    grants = {"reader": ("stratus.dev", "llmdeployments"), "other": ("", "pods")}
+    for account, (group, resource) in grants.items():
+        await emu.create_obj(ROLES, "team-a", {"metadata": {"name": account}, "rules": [
+            {"apiGroups": [group], "resources": [resource], "verbs": ["get", "list", "watch"]}]})
+        await emu.create_obj(ROLEBINDINGS, "team-a", {
+            "metadata": {"name": account},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": "team-a"}]})
+        emu.add_user(account, service_account("team-a", account))
+    other = "system:serviceaccount:team-a:other"
+    for verb, path, what in (("list", LLMD_URL, "llmdeployments.stratus.dev"),
+                             ("watch", LLMD_URL, "llmdeployments.stratus.dev"),
+                             ("get", f"{LLMD_URL}/smollm2", 'llmdeployments.stratus.dev "smollm2"')):
+        code, text = await _read(http, path, "other", watch=verb == "watch")
+        assert code == 403, (verb, text)
+        status = json.loads(text)
+        assert (status["kind"], status["reason"], status["code"]) == ("Status", "Forbidden", 403)
+        assert status["message"] == (
+            f'{what} is forbidden: User "{other}" cannot {verb} resource "llmdeployments" in API group '
+            f'"stratus.dev" in the namespace "team-a"')
+        assert (emu.audit[-1].verb, emu.audit[-1].code) == (verb, 403)
+        assert await _read(http, path, "reader", watch=verb == "watch") == (404, NOT_FOUND), verb
+        assert (emu.audit[-1].verb, emu.audit[-1].code) == (verb, 404)
+    # The reader's Role is in team-a alone: listing across namespaces (the cluster-wide operator) is refused.
+    code, text = await _read(http, "/apis/stratus.dev/v1alpha1/llmdeployments", "reader")
+    assert code == 403 and json.loads(text)["message"] == (
+        'llmdeployments.stratus.dev is forbidden: User "system:serviceaccount:team-a:reader" cannot list resource '
+        '"llmdeployments" in API group "stratus.dev" at the cluster scope')
 
 
 async def test_rbac_holds_a_service_account_to_its_roles(http: aiohttp.ClientSession, served: Emulator) -> None:
@@ -154,6 +213,12 @@ async def test_rbac_holds_a_service_account_to_its_roles(http: aiohttp.ClientSes
         'secrets is forbidden: User "system:serviceaccount:stratus-system:stratus-operator" cannot list resource '
         '"secrets" in API group "" at the cluster scope')
     assert served.audit[-1].code == 403 and served.audit[-1].verb == "list"
+    # A request for a named object names it, as apierrors.NewForbidden does (pods are list/watch only).
+    code, status, _ = await _send(http, "GET", "/api/v1/namespaces/default/pods/web", token="operator-token")
+    assert code == 403
+    assert status["message"] == (
+        'pods "web" is forbidden: User "system:serviceaccount:stratus-system:stratus-operator" cannot get resource '
+        '"pods" in API group "" in the namespace "default"')
     # An unknown token is an administrator: the tests' own kubeconfig keeps working.
     code, _, _ = await _send(http, "GET", "/api/v1/secrets")
     assert code == 200

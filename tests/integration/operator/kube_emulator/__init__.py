@@ -24,6 +24,8 @@ from .keys import (
     PVCS,
     PVS,
     REPLICASETS,
+    ROLEBINDINGS,
+    ROLES,
     SECRETS,
     SERVICEACCOUNTS,
     SERVICES,
@@ -37,7 +39,7 @@ from .server import AuditRecord, Emulator, selector_matches
 
 __all__ = [
     "CLUSTERROLEBINDINGS", "CLUSTERROLES", "CONFIGMAPS", "CRDS", "DEPLOYMENTS", "EVENTS", "HPAS", "JOBS", "LLMD",
-    "NAMESPACES", "NETWORKPOLICIES", "NODES", "PODS", "PVCS", "PVS", "REPLICASETS", "SECRETS", "SERVICEACCOUNTS",
-    "SERVICES", "STORAGECLASSES", "ApiError", "AuditRecord", "Emulator", "FieldError", "Key", "ObjKey", "User",
-    "resource_key", "selector_matches", "service_account",
+    "NAMESPACES", "NETWORKPOLICIES", "NODES", "PODS", "PVCS", "PVS", "REPLICASETS", "ROLEBINDINGS", "ROLES",
+    "SECRETS", "SERVICEACCOUNTS", "SERVICES", "STORAGECLASSES", "ApiError", "AuditRecord", "Emulator", "FieldError",
+    "Key", "ObjKey", "User", "resource_key", "selector_matches", "service_account",
 ]

@@ -11,7 +11,8 @@ kmock's HTTP plumbing and discovery and serves objects from its own store:
 - PATCH takes merge, JSON and strategic merge patches and server-side apply (patch.py, apply.py), and the
   result of every patch is validated; managedFields record who owns what.
 - a group, version or resource it does not serve (no CRD) is a plain-text 404, as Go's http.NotFound answers
-  it, for every verb (a watch too); lists and watches in a namespace nobody made are served (empty).
+  it, for every verb (a watch too); a request for such a resource is authorized first, as for a served one (a
+  user not granted it gets 403); lists and watches in a namespace nobody made are served (empty).
 - namespaces exist or not (404), and refuse new content while terminating (403); RBAC holds registered
   users to their roles (rbac.py); Pod Security and the default StorageClass admit pods and claims
   (admission.py); owners' deletion collects their dependents.
@@ -64,6 +65,13 @@ from .schema import ANY, Node, has_builtin_schema, prune, unknown_fields
 
 EVENT_LOG_LIMIT = 200_000
 DEFAULT_CLASS_ANNOTATION = "storageclass.kubernetes.io/is-default-class"
+
+
+def _not_served() -> aiohttp.web.Response:
+    """A group, version or resource nobody serves (its CRD not installed) falls through the API server's handlers
+    to Go's http.NotFound, whatever the verb: a plain-text 404 and no Status (kmock answers a Status of its own,
+    and streams a watch of an unknown resource forever)."""
+    return aiohttp.web.Response(status=404, text="404 page not found\n")
 
 
 def _now() -> str:
@@ -717,7 +725,8 @@ class Emulator(kmock.KubernetesEmulator):
     # --- HTTP -----------------------------------------------------------------------------------------------
 
     def _route(self, path: str) -> tuple[Key, str | None, str | None, str | None] | None:
-        """(resource, namespace, name, subresource) of a resource URL; None for discovery and the rest."""
+        """(resource, namespace, name, subresource) of a resource URL, served or not; None for discovery and the
+        rest."""
         match = re.fullmatch(r"/api/v1/namespaces(?:/([^/]+)(?:/(status|finalize))?)?", path)
         if match:
             return NAMESPACES, None, match.group(1), match.group(2)
@@ -725,28 +734,23 @@ class Emulator(kmock.KubernetesEmulator):
         if parsed.group is None or parsed.version is None or parsed.plural is None:
             return None
         key: Key = (parsed.group or "", parsed.version, parsed.plural)
-        if self._info(key) is None:
-            return None
         return key, parsed.namespace, parsed.name, parsed.subresource
 
     def _serves(self, path: str) -> bool:
-        """Whether a path that is no resource URL of ours is still the server's: its own (/api, /apis, /version...)
-        or the discovery of a group or group version it serves."""
+        """Whether a path that is no resource URL is the server's: its own (/api, /apis, /version...) or the
+        discovery of a group or group version it serves."""
         parsed = parsing.parse_path(path)
         if parsed.group is None:
             return True
-        if parsed.plural is not None:  # a resource URL `_route` did not find: nothing serves that resource
-            return False
         return any(res.group == parsed.group and parsed.version in (None, res.version) for res in self.resources)
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         route = self._route(raw_request.path)
         if route is None:
+            # Discovery and the server's own paths, authorized for everyone (system:discovery is bound to
+            # system:authenticated); the discovery of a group or version nobody serves is the plain-text 404.
             if not self._serves(raw_request.path):
-                # A group, version or resource nobody serves (its CRD not installed) falls through the API
-                # server's handlers to Go's http.NotFound, whatever the verb: a plain-text 404 and no Status
-                # (kmock answers a Status of its own, and streams a watch of an unknown resource forever).
-                return aiohttp.web.Response(status=404, text="404 page not found\n")
+                return _not_served()
             return await super().__call__(raw_request)
         key, namespace, name, subresource = route
         params = dict(raw_request.query)
@@ -768,13 +772,19 @@ class Emulator(kmock.KubernetesEmulator):
         record = AuditRecord(verb, key, namespace, name, subresource, user.name, agent, 200,
                              content_type=content_type)
         self.audit.append(record)
+        response: aiohttp.web.StreamResponse
         try:
+            # Authorization comes before anything resolves the resource (WithAuthorization wraps the API
+            # handlers), so a user not granted a resource is refused whether it is served or not.
             if not allowed(self.read_all, user, verb, key, subresource, namespace if self._namespaced(key) else None,
                            name or ""):
-                raise forbidden_object(key, "", denial(user, verb, key, subresource,
-                                                       namespace if self._namespaced(key) else None))
-            response = await self._dispatch(raw_request, verb, key, namespace, name, subresource, params,
-                                            content_type)
+                raise forbidden_object(key, name or "", denial(user, verb, key, subresource,
+                                                              namespace if self._namespaced(key) else None))
+            if self._info(key) is None:
+                response = _not_served()
+            else:
+                response = await self._dispatch(raw_request, verb, key, namespace, name, subresource, params,
+                                                content_type)
         except ApiError as exc:
             record.code, record.message = exc.code, exc.message
             response = aiohttp.web.json_response(exc.status(), status=exc.code)
