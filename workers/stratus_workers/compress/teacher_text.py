@@ -80,13 +80,22 @@ def _encode(tokenizer: Any, text: str, chat: bool) -> list[int]:
     return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
 
 
-def fingerprint(spec: TrainingText, source: str, seed: int) -> str:
-    """Identifies one generated text: a Job with the same settings reuses it, another writes its own."""
+def prompt_ids(tokenizer: Any) -> list[list[int]]:
+    """Every prompt's token ids, in `prompt_texts` order."""
+    return [_encode(tokenizer, text, chat) for text, chat in prompt_texts()]
+
+
+def fingerprint(spec: TrainingText, source: str, seed: int, prompts: list[list[int]]) -> str:
+    """Identifies one generated text: a Job with the same settings reuses it, another writes its own.
+
+    `prompts` is `prompt_ids(tokenizer)`: the ids the teacher continues, so a change to a prompt's wording
+    or to how prompts are rendered (a release that changes either) is another text, not a stale cache hit.
+    """
     # The number of sequences is left out: chunk i is the same text whatever the total, so a Job asking for more
     # reuses the chunks already written and adds the rest.
     settings = spec.model_dump(exclude={"corpus_share", "generated_sequences"})
-    text = json.dumps({"text": settings, "source": source, "seed": seed, "prompts": len(prompt_texts())},
-                      sort_keys=True)
+    rendered = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+    text = json.dumps({"text": settings, "source": source, "seed": seed, "prompts": rendered}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -147,10 +156,9 @@ def generate_text(
     teacher: Any, tokenizer: Any, spec: TrainingText, *, work_dir: Path, source: str, seed: int, device: torch.device
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The teacher's packed training text (one int32 stream) and figures; chunks already on disk are reused."""
-    key = fingerprint(spec, source, seed)
-    folder = work_dir / CHUNK_DIR / key
+    encoded = prompt_ids(tokenizer)
+    folder = work_dir / CHUNK_DIR / fingerprint(spec, source, seed, encoded)
     folder.mkdir(parents=True, exist_ok=True)
-    encoded = [_encode(tokenizer, text, chat) for text, chat in prompt_texts()]
     encoded = [p[-(spec.generated_length - 1) :] for p in encoded]  # at least one token is generated; the cue kept
     order = list(range(len(encoded)))
     n_chunks = -(-spec.generated_sequences // spec.generation_batch_size)

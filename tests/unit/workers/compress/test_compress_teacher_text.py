@@ -9,7 +9,7 @@ import torch
 
 from stratus_workers.compress import evaluate
 from stratus_workers.compress.spec import TrainingText
-from stratus_workers.compress.teacher_text import CHUNK_DIR, fingerprint, generate_text, prompt_texts
+from stratus_workers.compress.teacher_text import CHUNK_DIR, fingerprint, generate_text, prompt_ids, prompt_texts
 from stratus_workers.models.loader import load_model
 
 pytestmark = pytest.mark.unit
@@ -34,7 +34,8 @@ def test_generated_text_is_cached_per_chunk_and_reused(tiny_model_dir: Path, tmp
     assert stream.dtype == torch.int32 and figures["chunks"] == 3 and figures["chunks_reused"] == 0
     # 5 sequences, each a prompt plus at most generatedLength - prompt tokens (cut at end-of-sequence).
     assert 5 * 2 < stream.numel() <= 5 * 40 and figures["tokens"] == stream.numel()
-    folder = tmp_path / CHUNK_DIR / fingerprint(spec, "tiny", 0)
+    prompts = prompt_ids(loaded.tokenizer)
+    folder = tmp_path / CHUNK_DIR / fingerprint(spec, "tiny", 0, prompts)
     chunks = sorted(folder.glob("chunk-*.pt"))
     assert len(chunks) == 3
     again, figures = generate_text(loaded.model, loaded.tokenizer, spec, work_dir=tmp_path, source="tiny", seed=0,
@@ -57,6 +58,9 @@ def test_generated_text_is_cached_per_chunk_and_reused(tiny_model_dir: Path, tmp
     whole = sum(int(torch.load(c, weights_only=True).numel()) for c in chunks[:2])
     assert torch.equal(more[:whole], stream[:whole]) and (folder / "chunk-000002-2.pt").is_file()
     # Other settings are another text; the corpus share only mixes batches and does not change it.
-    assert fingerprint(spec.model_copy(update={"generation_temperature": 0.7}), "tiny", 0) != fingerprint(
-        spec, "tiny", 0)
-    assert fingerprint(spec.model_copy(update={"corpus_share": 0.9}), "tiny", 0) == fingerprint(spec, "tiny", 0)
+    key = fingerprint(spec, "tiny", 0, prompts)
+    assert fingerprint(spec.model_copy(update={"generation_temperature": 0.7}), "tiny", 0, prompts) != key
+    assert fingerprint(spec.model_copy(update={"corpus_share": 0.9}), "tiny", 0, prompts) == key
+    # So is a prompt rendered otherwise (reworded, or another tokenizer or rendering), with as many prompts.
+    reworded = [*prompts[:-1], prompts[-1][:-1]]
+    assert fingerprint(spec, "tiny", 0, reworded) != key
