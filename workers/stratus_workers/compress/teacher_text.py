@@ -14,14 +14,17 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.compress.spec import TrainingText
 from stratus_workers.compress.training import autocast
+from stratus_workers.protocol.requests import render_prompt
 
 log = logging.getLogger(__name__)
 
-# Prompts are topics x tasks, chat-formatted when the tokenizer has a chat template (an instruct model is
-# distilled on the answers it gives), plus plain-text openings (the same model continuing prose). None of
-# them is one of the evaluation's agreement prompts (tests check), so agreement stays a held-out measure.
+# Prompts are topics x tasks, sent as chat requests (an instruct model is distilled on the answers it gives),
+# plus plain-text openings sent as raw prompts (the same model continuing prose); `prompt_ids` renders both
+# as the model server does. None of them is one of the evaluation's agreement prompts (tests check), so
+# agreement stays a held-out measure.
 TOPICS: tuple[str, ...] = (
     "volcanoes", "the French Revolution", "black holes", "bread baking", "chess openings", "honey bees",
     "the immune system", "jazz music", "solar panels", "the stock exchange", "ancient Egypt", "rain forests",
@@ -63,26 +66,27 @@ CHUNK_DIR = "teacher-text"
 
 
 def prompt_texts() -> list[tuple[str, bool]]:
-    """Every prompt as (text, chat-formatted?), in a fixed order."""
+    """Every prompt as (text, sent as a chat?), in a fixed order."""
     chats = [(task.format(topic=t), True) for t in TOPICS for task in TASKS]
     plain = [(opening.format(topic=t), False) for t in TOPICS for opening in OPENINGS]
     return chats + plain
 
 
-def _encode(tokenizer: Any, text: str, chat: bool) -> list[int]:
-    if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
-    return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
-
-
 def prompt_ids(tokenizer: Any) -> list[list[int]]:
-    """Every prompt's token ids, in `prompt_texts` order."""
-    return [_encode(tokenizer, text, chat) for text, chat in prompt_texts()]
+    """Every prompt's token ids, in `prompt_texts` order: those the model server gives the same request.
+
+    A chat prompt is a chat of one user message, an opening a raw prompt, both rendered by the function the
+    server and the router render requests with, so the student is distilled on the ids it will be asked with
+    (the model's chat template, or the server's `role: content` text for a model without one; BOS where
+    the tokenizer adds it to raw text).
+    """
+    return [render_prompt(tokenizer, _request(text, chat)) for text, chat in prompt_texts()]
+
+
+def _request(text: str, chat: bool) -> pb.GenerateRequest:
+    if chat:
+        return pb.GenerateRequest(chat=pb.ChatInput(messages=[pb.ChatMessage(role="user", content=text)]))
+    return pb.GenerateRequest(prompt=text)
 
 
 def fingerprint(spec: TrainingText, source: str, seed: int, prompts: list[list[int]]) -> str:
