@@ -258,7 +258,8 @@ def _training_data(
             data.check(recipe.pruning.recovery_sequence_length, field="compression.pruning.recoverySequenceLength")
     except ValueError as exc:
         raise BadInput(str(exc)) from None
-    key = f"{teacher_text.fingerprint(text, spec.model_source, spec.seed)}/{text.corpus_share}"
+    prompts = teacher_text.prompt_ids(tokenizer)
+    key = f"{teacher_text.fingerprint(text, spec.model_source, spec.seed, prompts)}/{text.corpus_share}"
     return data, key
 
 

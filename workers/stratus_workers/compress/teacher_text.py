@@ -14,14 +14,17 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.compress.spec import TrainingText
 from stratus_workers.compress.training import autocast
+from stratus_workers.protocol.requests import render_prompt
 
 log = logging.getLogger(__name__)
 
-# Prompts are topics x tasks, chat-formatted when the tokenizer has a chat template (an instruct model is
-# distilled on the answers it gives), plus plain-text openings (the same model continuing prose). None of
-# them is one of the evaluation's agreement prompts (tests check), so agreement stays a held-out measure.
+# Prompts are topics x tasks, sent as chat requests (an instruct model is distilled on the answers it gives),
+# plus plain-text openings sent as raw prompts (the same model continuing prose); `prompt_ids` renders both
+# as the model server does. None of them is one of the evaluation's agreement prompts (tests check), so
+# agreement stays a held-out measure.
 TOPICS: tuple[str, ...] = (
     "volcanoes", "the French Revolution", "black holes", "bread baking", "chess openings", "honey bees",
     "the immune system", "jazz music", "solar panels", "the stock exchange", "ancient Egypt", "rain forests",
@@ -63,30 +66,40 @@ CHUNK_DIR = "teacher-text"
 
 
 def prompt_texts() -> list[tuple[str, bool]]:
-    """Every prompt as (text, chat-formatted?), in a fixed order."""
+    """Every prompt as (text, sent as a chat?), in a fixed order."""
     chats = [(task.format(topic=t), True) for t in TOPICS for task in TASKS]
     plain = [(opening.format(topic=t), False) for t in TOPICS for opening in OPENINGS]
     return chats + plain
 
 
-def _encode(tokenizer: Any, text: str, chat: bool) -> list[int]:
-    if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
-    return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+def prompt_ids(tokenizer: Any) -> list[list[int]]:
+    """Every prompt's token ids, in `prompt_texts` order: those the model server gives the same request.
+
+    A chat prompt is a chat of one user message, an opening a raw prompt, both rendered by the function the
+    server and the router render requests with, so the student is distilled on the ids it will be asked with
+    (the model's chat template, or the server's `role: content` text for a model without one; BOS where
+    the tokenizer adds it to raw text).
+    """
+    return [render_prompt(tokenizer, _request(text, chat)) for text, chat in prompt_texts()]
 
 
-def fingerprint(spec: TrainingText, source: str, seed: int) -> str:
-    """Identifies one generated text: a Job with the same settings reuses it, another writes its own."""
+def _request(text: str, chat: bool) -> pb.GenerateRequest:
+    if chat:
+        return pb.GenerateRequest(chat=pb.ChatInput(messages=[pb.ChatMessage(role="user", content=text)]))
+    return pb.GenerateRequest(prompt=text)
+
+
+def fingerprint(spec: TrainingText, source: str, seed: int, prompts: list[list[int]]) -> str:
+    """Identifies one generated text: a Job with the same settings reuses it, another writes its own.
+
+    `prompts` is `prompt_ids(tokenizer)`: the ids the teacher continues, so a change to a prompt's wording
+    or to how prompts are rendered (a release that changes either) is another text, not a stale cache hit.
+    """
     # The number of sequences is left out: chunk i is the same text whatever the total, so a Job asking for more
     # reuses the chunks already written and adds the rest.
     settings = spec.model_dump(exclude={"corpus_share", "generated_sequences"})
-    text = json.dumps({"text": settings, "source": source, "seed": seed, "prompts": len(prompt_texts())},
-                      sort_keys=True)
+    rendered = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+    text = json.dumps({"text": settings, "source": source, "seed": seed, "prompts": rendered}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -147,10 +160,9 @@ def generate_text(
     teacher: Any, tokenizer: Any, spec: TrainingText, *, work_dir: Path, source: str, seed: int, device: torch.device
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The teacher's packed training text (one int32 stream) and figures; chunks already on disk are reused."""
-    key = fingerprint(spec, source, seed)
-    folder = work_dir / CHUNK_DIR / key
+    encoded = prompt_ids(tokenizer)
+    folder = work_dir / CHUNK_DIR / fingerprint(spec, source, seed, encoded)
     folder.mkdir(parents=True, exist_ok=True)
-    encoded = [_encode(tokenizer, text, chat) for text, chat in prompt_texts()]
     encoded = [p[-(spec.generated_length - 1) :] for p in encoded]  # at least one token is generated; the cue kept
     order = list(range(len(encoded)))
     n_chunks = -(-spec.generated_sequences // spec.generation_batch_size)

@@ -1,7 +1,8 @@
 """What a valid request is: prompt rendering, sampling parameters and the limits every server enforces.
 
 The router renders prompts and validates sampling for the speculative policy with the same functions
-the model server uses, so both refuse a bad request with the same message.
+the model server uses, so both refuse a bad request with the same message; the compression Job renders
+the teacher's prompts with them too, so a distilled student learns on the ids it will be served.
 """
 
 from __future__ import annotations
