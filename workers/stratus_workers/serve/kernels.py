@@ -63,6 +63,38 @@ if triton is not None:
         return acc / total[:, None]
 
     @triton.jit  # type: ignore[misc,untyped-decorator]
+    def _attend_split(  # type: ignore[no-untyped-def]
+        q, k_base, v_base, stride_kl, stride_vl, n_keys, q_pos, split, scale,
+        LINES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        # The online softmax of q's LINES lines over this split's share of keys 0..n_keys-1 (the shares are
+        # BLOCK_N-aligned), line i seeing keys 0..q_pos[i]: the unnormalised sum, the maximum and the sum of weights
+        # (a line that saw no key of the split keeps -inf and 0, which _merge_splits weighs 0).
+        per_split = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * per_split
+        hi = tl.minimum(n_keys, lo + per_split)
+        d = tl.arange(0, HEAD_DIM)
+        m_i = tl.full([LINES], float("-inf"), tl.float32)
+        l_i = tl.zeros([LINES], tl.float32)
+        acc = tl.zeros([LINES, HEAD_DIM], tl.float32)
+        for start in tl.range(lo, hi, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            valid = n < hi
+            k = tl.load(k_base + n[:, None] * stride_kl + d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            s = tl.where(n[None, :] <= q_pos[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + n[:, None] * stride_vl + d[None, :], mask=valid[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit  # type: ignore[misc,untyped-decorator]
     def _decode_attention_kernel(  # type: ignore[no-untyped-def]
         q_ptr, k_ptr, v_ptr, out_ptr, pos_ptr, rows_ptr, part_ptr,
         stride_qb, stride_qh,
@@ -86,32 +118,16 @@ if triton is not None:
         else:
             row = b
         n_keys = tl.load(pos_ptr + b) + 1  # keys 0..pos inclusive (this step's key is already written)
-        per_split = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
-        lo = split * per_split
-        hi = tl.minimum(n_keys, lo + per_split)
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, HEAD_DIM)
         heads = kv_head * GROUP + g
         live = g < GROUP
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=live[:, None], other=0.0)
-        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        k_base = k_ptr + row * stride_kr + kv_head * stride_kh
-        v_base = v_ptr + row * stride_vr + kv_head * stride_vh
-        for start in tl.range(lo, hi, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            valid = n < hi
-            k = tl.load(k_base + n[:, None] * stride_kl + d[None, :], mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + n[:, None] * stride_vl + d[None, :], mask=valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        acc, m_i, l_i = _attend_split(
+            q, k_ptr + row * stride_kr + kv_head * stride_kh, v_ptr + row * stride_vr + kv_head * stride_vh,
+            stride_kl, stride_vl, n_keys, tl.zeros([GROUP_PAD], tl.int64) + (n_keys - 1), split, scale,
+            GROUP_PAD, HEAD_DIM, BLOCK_N, SPLITS, PRECISION,
+        )
         if SPLITS == 1:
             tl.store(
                 out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
@@ -186,31 +202,12 @@ if triton is not None:
             first_pos = tl.load(pos_ptr + first)
             q_pos = first_pos + tok
             n_keys = first_pos + count  # the block's last query sees keys 0..its position
-            per_split = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
-            lo = split * per_split
-            hi = tl.minimum(n_keys, lo + per_split)
             d = tl.arange(0, HEAD_DIM)
             q = tl.load(q_ptr + (first + tok)[:, None] * stride_qb + heads[:, None] * stride_qh + d[None, :])
-            m_i = tl.full([LINES], float("-inf"), tl.float32)
-            l_i = tl.zeros([LINES], tl.float32)
-            acc = tl.zeros([LINES, HEAD_DIM], tl.float32)
-            k_base = k_ptr + row * stride_kr + kv_head * stride_kh
-            v_base = v_ptr + row * stride_vr + kv_head * stride_vh
-            for start in tl.range(lo, hi, BLOCK_N):
-                n = start + tl.arange(0, BLOCK_N)
-                valid = n < hi
-                k = tl.load(k_base + n[:, None] * stride_kl + d[None, :], mask=valid[:, None], other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-                s = tl.where(n[None, :] <= q_pos[:, None], s, float("-inf"))
-                # A line may see none of a later split's keys: its maximum stays -inf and adds nothing.
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp(m_i - m_safe)
-                p = tl.exp(s - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(v_base + n[:, None] * stride_vl + d[None, :], mask=valid[:, None], other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-                m_i = m_new
+            acc, m_i, l_i = _attend_split(
+                q, k_ptr + row * stride_kr + kv_head * stride_kh, v_ptr + row * stride_vr + kv_head * stride_vh,
+                stride_kl, stride_vl, n_keys, q_pos, split, scale, LINES, HEAD_DIM, BLOCK_N, SPLITS, PRECISION,
+            )
             if SPLITS == 1:  # key 0 is in this split: every line's sum is positive
                 tl.store(
                     out_ptr + (first + tok)[:, None] * stride_ob + heads[:, None] * stride_oh + d[None, :],
