@@ -35,11 +35,8 @@ BF16_TOL = 2e-2 if DEVICE == "cuda" else 8e-2
 
 
 @pytest.fixture(scope="module")
-def interp() -> ModuleType:
+def interp(triton_ready: None) -> ModuleType:
     """The kernels, run by Triton's interpreter where there is no GPU (tests/conftest.py sets it up)."""
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available():
-        assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py did not ask for Triton's interpreter"
     return gemv
 
 

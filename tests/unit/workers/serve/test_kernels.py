@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 import numpy as np
@@ -20,11 +19,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="module")
-def interp() -> ModuleType:
+def interp(triton_ready: None) -> ModuleType:
     """The kernels, run by Triton's interpreter where there is no GPU (tests/conftest.py sets it up)."""
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available():
-        assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py did not ask for Triton's interpreter"
     return kernels
 
 
