@@ -153,8 +153,9 @@ def sweep(name: str, batch: int) -> dict[str, Any]:
     return results
 
 
-def step_kernels(runner: Any, batch: int) -> tuple[int, float]:
-    """Kernels and GPU ms of one decode step body, run eagerly (what the step's graph captures)."""
+def step_kernels(runner: Any, batch: int) -> tuple[int, float, list[tuple[str, int, float]]]:
+    """Kernels and GPU ms of one decode step body, run eagerly (what the step's graph captures), and the kernels
+    that took most of it: (name, launches, µs) per step, the longest first."""
     tokens = runner.decoder.tokens
     body = runner.decode_body
     kv_len = runner.decoder.buckets(batch, 65)[1]  # the graph the replay and the loop time (short rows: no splits)
@@ -166,7 +167,11 @@ def step_kernels(runner: Any, batch: int) -> tuple[int, float]:
             body(tokens, batch, kv_len)
         torch.cuda.synchronize()
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return round(len(events) / 5), sum(e.device_time_total for e in events) / 5 / 1000
+    by_name: dict[str, list[float]] = {}
+    for e in events:
+        by_name.setdefault(e.name, []).append(e.device_time_total)
+    top = sorted(((name[:60], len(t) // 5, sum(t) / 5) for name, t in by_name.items()), key=lambda x: -x[2])[:6]
+    return round(len(events) / 5), sum(e.device_time_total for e in events) / 5 / 1000, top
 
 
 def decode_runs(name: str, batch: int) -> dict[str, Any]:
@@ -196,15 +201,17 @@ def decode_runs(name: str, batch: int) -> dict[str, Any]:
                 ids = runner.decode(ids).greedy
                 tokens.append(ids)
             loop_us = (time.perf_counter() - start) / 128 * 1e6
-            kernels, kernel_ms = step_kernels(runner, batch)
+            kernels, kernel_ms, top = step_kernels(runner, batch)
             out[mode] = {
-                "kernels_per_step": kernels, "kernel_ms": kernel_ms, "graph_replay_us": replay_us,
+                "kernels_per_step": kernels, "kernel_ms": kernel_ms, "top_kernels": top, "graph_replay_us": replay_us,
                 "greedy_loop_us": loop_us, "capture_s": capture_s, "fused_batches": sorted(runner.gemv_batches),
                 "tokens": [t[0] for t in tokens],
             }  # fmt: skip
             print(f"  fused layer {mode:3s}: {kernels} kernels/step ({kernel_ms:.3f} ms of kernels, eager), graph "
                   f"replay {replay_us:.1f} us/step, greedy loop {loop_us:.1f} us/step ({1e6 / loop_us:.0f} tok/s a "
                   f"stream), fused batches {sorted(runner.gemv_batches)}")  # fmt: skip
+            for name, launches, us in top:
+                print(f"    {us:9.1f} us  {launches:3d}x  {name}")
     if "on" not in out:
         return out
     same = sum(a == b for a, b in zip(out["on"]["tokens"], out["off"]["tokens"], strict=True))

@@ -22,8 +22,13 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def test_batch_one_graph_runs_the_fused_layer_as_close_to_float32_as_the_unfused_step(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # SmolLM2-135M's shape (hidden 576, 9 heads over 3 kv heads: masked loads), random weights spread wide (init 0.2).
-    model = random_llama(dict(SMOLLM2_135M), vocab_size=4096, init_std=0.2, seed=3).to("cuda", torch.bfloat16)
+    # SmolLM2-135M's shape (hidden 576, 9 heads over 3 kv heads: masked loads), random weights at a trained model's
+    # spread (init 0.02). Wider ones make the network chaotic: at init 0.2 bf16 alone puts the unfused step's logits
+    # 16-40% from float32's, and an H200 run saw the fused step at 0.35 against the unfused 0.16 (2.1x) from
+    # rounding amplified, not a fault. At 0.02 the unfused step stays 1.5% off (CPU, 24 steps); a fault in the fused
+    # layer (a rotary, cache slot or head mix-up) moves logits by tens of percent.
+    init = 0.02
+    model = random_llama(dict(SMOLLM2_135M), vocab_size=4096, init_std=init, seed=3).to("cuda", torch.bfloat16)
     prompt = [5, 6, 7, 8, 9, 10, 11]
     runners = {}
     for flag in ("1", "0"):
@@ -34,7 +39,7 @@ def test_batch_one_graph_runs_the_fused_layer_as_close_to_float32_as_the_unfused
         runner.forward(0, [prompt])
         runners[flag] = runner
     on, off = runners["1"], runners["0"]
-    exact_model = random_llama(dict(SMOLLM2_135M), vocab_size=4096, init_std=0.2, seed=3).to("cuda")
+    exact_model = random_llama(dict(SMOLLM2_135M), vocab_size=4096, init_std=init, seed=3).to("cuda")
     fed: list[int] = []
     token, agree = 11, 0
     for _ in range(24):
@@ -43,13 +48,12 @@ def test_batch_one_graph_runs_the_fused_layer_as_close_to_float32_as_the_unfused
         with torch.inference_mode():
             exact = exact_model(torch.tensor([prompt + fed], device="cuda")).logits[0, -1]
         # Each step as close to float32's logits as the unfused step's, within bf16 rounding: the products' sums run
-        # in other orders (an H200 run of a token-equality check at "clear" choices, gaps over 0.5, failed on
-        # these wide weights).
+        # in other orders.
         err_on, err_off = rel_err(got.logits[0], exact), rel_err(want.logits[0], exact)
         assert err_on <= 2 * err_off + 1e-2, (len(fed), err_on, err_off)
         agree += got.greedy == want.greedy
         token = want.greedy[0]
-    assert agree >= 12  # wide random weights make near-ties; most choices still agree
+    assert agree >= 12  # random weights make near-ties (top-2 gaps down to 0.01); most choices still agree
     # The batch-1 graph is the fused layer's (captured from it); the unfused runner never ran it.
     assert on.gemv_layer and on.gemv_batches == {1} and (1, on.cache.capacity) in on.decoder.graphs.graphs
     assert not off.gemv_batches and (1, off.cache.capacity) in off.decoder.graphs.graphs
