@@ -34,11 +34,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import report  # tests/bench/report.py (scripts run from this folder)
 
 from stratus_workers.ports import free_port
+
+if TYPE_CHECKING:
+    from stratus_workers.router.config import CascadeSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTION = "bench-coop"
@@ -520,28 +523,38 @@ def render(runs: list[Run], meta: dict[str, Any], seconds: float) -> str:
     return "\n".join(lines)
 
 
-def early_exit(answers: list[list[float]], max_tokens: int, threshold: float, probe: int) -> dict[str, float]:
-    """Each recorded whole edge answer (its log-probabilities) streamed through the router's EdgeWatch, as a
-    cascade with `threshold` and `probe` sees it: decisions, and edge tokens spent on the escalated ones."""
-    from stratus_workers.router.config import CascadeSettings
-    from stratus_workers.router.policy import EdgeWatch, judge_edge_answer
+def streamed(rule: CascadeSettings, answers: list[list[float]], max_tokens: int) -> list[tuple[bool, int]]:
+    """Each recorded whole edge answer (its log-probabilities) streamed token by token through the router's
+    EdgeWatch under `rule`, as the cascade sees it arrive: whether the cascade escalates it, and how many of its
+    tokens the edge had spent when the watch decided."""
+    from stratus_workers.router.policy import EdgeWatch
 
-    rule = CascadeSettings(confidence_threshold=threshold, probe_tokens=probe)
-    today = CascadeSettings(confidence_threshold=threshold)
-    escalated = changed = 0
-    spent = whole = 0
+    decisions = []
     for logprobs in answers:
         watch = EdgeWatch(rule, max_tokens)
-        for logprob in logprobs:  # token by token, as the stream arrives
+        for logprob in logprobs:
             if watch.add([logprob]):
                 break
-        verdict = watch.verdict()
-        changed += verdict.escalate != judge_edge_answer(logprobs, today).escalate
-        if verdict.escalate:
-            escalated += 1
-            spent += len(watch.logprobs)
-            whole += len(logprobs)
-    return {"escalated": escalated, "changed": changed, "spent": spent, "whole": whole}
+        decisions.append((watch.verdict().escalate, len(watch.logprobs)))
+    return decisions
+
+
+def early_exit(answers: list[list[float]], max_tokens: int, threshold: float, probe: int) -> dict[str, float]:
+    """A cascade with `threshold` and `probe` over the recorded edge answers: decisions unlike the mean rule's
+    over the whole answer, and edge tokens spent on the escalated ones (with early exit, and whole)."""
+    from stratus_workers.router.config import CascadeSettings
+    from stratus_workers.router.policy import judge_edge_answer
+
+    today = CascadeSettings(confidence_threshold=threshold)
+    decisions = streamed(CascadeSettings(confidence_threshold=threshold, probe_tokens=probe), answers, max_tokens)
+    pairs = list(zip(decisions, answers, strict=True))
+    escalated = [(spent, len(lp)) for (up, spent), lp in pairs if up]
+    return {
+        "escalated": len(escalated),
+        "changed": sum(up != judge_edge_answer(lp, today).escalate for (up, _), lp in pairs),
+        "spent": sum(spent for spent, _ in escalated),
+        "whole": sum(whole for _, whole in escalated),
+    }
 
 
 def early_exit_table(answers: list[list[float]], max_tokens: int, thresholds: list[float]) -> list[str]:
@@ -573,22 +586,14 @@ def rules_table(answers: list[tuple[list[float], float]], max_tokens: int, thres
     so that their quality retention compares at the same edge share. Edge tokens spent on escalated answers as
     the router's EdgeWatch stops them; "before" is what the mean rule's escalated answers cost without early exit."""
     from stratus_workers.router.config import CascadeSettings
-    from stratus_workers.router.policy import EdgeWatch, judge_edge_answer
+    from stratus_workers.router.policy import judge_edge_answer
 
     def outcome(rule: CascadeSettings) -> tuple[list[bool], list[int]]:
-        escalate, spent = [], []
-        for logprobs, _ in answers:
-            watch = EdgeWatch(rule, max_tokens)
-            for logprob in logprobs:
-                if watch.add([logprob]):
-                    break
-            verdict = watch.verdict()
-            # What early exit must keep: the decision the rule takes over the whole answer.
-            if verdict.escalate != judge_edge_answer(logprobs, rule).escalate:
-                raise AssertionError("stopping the edge early changed the cascade's decision on an answer")
-            escalate.append(verdict.escalate)
-            spent.append(len(watch.logprobs))
-        return escalate, spent
+        decisions = streamed(rule, [lp for lp, _ in answers], max_tokens)
+        # What early exit must keep: the decision the rule takes over the whole answer.
+        if any(up != judge_edge_answer(lp, rule).escalate for (up, _), (lp, _) in zip(decisions, answers, strict=True)):
+            raise AssertionError("stopping the edge early changed the cascade's decision on an answer")
+        return [up for up, _ in decisions], [spent for _, spent in decisions]
 
     mean_rule = CascadeSettings(confidence_threshold=threshold)
     base, _ = outcome(mean_rule)

@@ -3,26 +3,39 @@
 Triton's interpreter, which runs the kernels in the CPU tests, checks neither the compiler's typing of branches
 nor its layouts; this compiles every launch shape the block rule picks for the 1b and 135M configs at batches 1 to
 8, as Triton's just-in-time compiler would specialise them (16-byte aligned pointers, sizes divisible by 16), to
-PTX and a cubin. Run it without TRITON_INTERPRET (the tests run it in a process of its own).
+PTX and a cubin. Run it without TRITON_INTERPRET (the tests run it in a process of its own). The shapes come
+from models.tiny's configs; Triton is imported only to compile, so a test without it can read them.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
+from stratus_workers.models.tiny import SMOLLM2_1B, SMOLLM2_135M
 from stratus_workers.serve import gemv
 
-# (hidden, intermediate, query heads, kv heads, head size)
-CONFIGS = {"1b": (2048, 8192, 32, 32, 64), "135m": (576, 1536, 9, 3, 64)}
+if TYPE_CHECKING:
+    from triton.backends.compiler import GPUTarget
+
 POINTERS = {"pos_ptr": "*i64", "rows_ptr": "*i64"}
 
 
+def shapes(arch: dict[str, Any]) -> tuple[int, int, int, int, int]:
+    """(hidden, intermediate, query heads, kv heads, head size) of a models.tiny architecture (head size as
+    transformers' Llama takes it when the config names none)."""
+    heads = arch["num_attention_heads"]
+    head_dim = arch.get("head_dim") or arch["hidden_size"] // heads
+    return arch["hidden_size"], arch["intermediate_size"], heads, arch["num_key_value_heads"], head_dim
+
+
+CONFIGS = {"1b": shapes(SMOLLM2_1B), "135m": shapes(SMOLLM2_135M)}
+
+
 def compile_kernel(fn: Any, consts: dict[str, Any], sizes: dict[str, int], warps: int, target: GPUTarget) -> Any:
+    import triton
+    from triton.compiler import ASTSource
+
     names = fn.arg_names
     signature = {}
     for name in names:
@@ -43,6 +56,8 @@ def compile_kernel(fn: Any, consts: dict[str, Any], sizes: dict[str, int], warps
 
 
 def main(arch: int = 90) -> int:
+    from triton.backends.compiler import GPUTarget
+
     target = GPUTarget("cuda", arch, 32)
     count = 0
     for hidden, inter, n_q, n_kv, d in CONFIGS.values():

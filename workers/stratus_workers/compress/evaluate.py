@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from stratus_workers.api import inference_pb2 as pb
+from stratus_workers.protocol.requests import render_prompt
 from stratus_workers.serve.runner import ModelRunner
 from stratus_workers.serve.runner.build import build_runner
 
@@ -84,16 +86,19 @@ def perplexity(runner: ModelRunner, sequences: torch.Tensor, batch_size: int = 4
     return math.exp(total_nll / total_tokens)
 
 
-def _prompt_ids(tokenizer: Any, count: int) -> list[torch.Tensor]:
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(count)]
-    return [torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]]) for p in prompts]
+def prompt_ids(tokenizer: Any, count: int) -> list[list[int]]:
+    """The first `count` fixed prompts' ids (PROMPTS, cycled), each as the model server renders it sent as a
+    raw prompt (BOS first where the tokenizer adds it to raw text), so a variant is judged on the ids it
+    will be served with."""
+    return [render_prompt(tokenizer, pb.GenerateRequest(prompt=PROMPTS[i % len(PROMPTS)])) for i in range(count)]
 
 
 @torch.no_grad()
 def greedy_continuations(model: Any, tokenizer: Any, prompts: int, tokens: int) -> list[torch.Tensor]:
     """The model's greedy continuation (exactly `tokens` tokens, EOS not stopping it) of each fixed prompt."""
     outs = []
-    for ids in tqdm(_prompt_ids(tokenizer, prompts), desc="reference continuations", disable=None):
+    for prompt in tqdm(prompt_ids(tokenizer, prompts), desc="reference continuations", disable=None):
+        ids = torch.tensor([prompt])
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
@@ -154,7 +159,7 @@ def tokens_per_second(
     `clock` is wall-clock time by default; `time.thread_time` with one torch thread counts only the time the
     measuring thread ran (what a dedicated core would take), which other work on the machine cannot inflate.
     """
-    prompt = _prompt_ids(tokenizer, 1)[0][0].tolist()
+    prompt = prompt_ids(tokenizer, 1)[0]
     for runner in runners.values():
         _decode_seconds(runner, prompt, min(8, tokens), clock)  # warm-up: allocator, kernel selection, repacking
     times: dict[str, list[float]] = {name: [] for name in runners}

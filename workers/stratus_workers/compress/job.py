@@ -159,6 +159,9 @@ def _baseline_key(spec: CompressionJobSpec, tokenizer: Any) -> str:
         len(tokenizer),
         torch.__version__,
         "serving-runner",  # perplexity measured through the serving runner (not model(...)) since GGUF variants
+        # The agreement prompts' ids the references continue: another wording or rendering (BOS or not) is
+        # another baseline, not a cached one made from other ids.
+        hashlib.sha256(json.dumps(evaluate.prompt_ids(tokenizer, ev.agreement_prompts)).encode()).hexdigest(),
     ]
     path = Path(spec.model_source)
     if path.is_dir():  # a local model: its weights' identity is part of the key
@@ -370,7 +373,7 @@ def compress(
             figures["pruning"]["pattern_violations"] = pattern_violations(reloaded)
         full_ppl, references = _full_model_baseline(spec, full, tokenizer, eval_ids, timings)
         with stage("evaluate", timings, runtime=recipe.runtime):
-            speed_len = len(evaluate.PROMPTS[0]) + ev.speed_tokens  # characters bound the prompt's tokens
+            speed_len = len(evaluate.prompt_ids(tokenizer, 1)[0]) + ev.speed_tokens
             longest = max([eval_ids.shape[1], speed_len, *(len(r) for r in references)])
             variant_runner = evaluate.runner_for(reloaded, rows=4, max_len=longest + 1)
             ppl = evaluate.perplexity(variant_runner, eval_ids)

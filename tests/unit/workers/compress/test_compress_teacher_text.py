@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.compress import evaluate
@@ -29,18 +27,6 @@ def test_prompts_are_varied_and_none_is_an_evaluation_prompt() -> None:
     lowered = [t.lower() for t in texts]
     for held_out in evaluate.PROMPTS:  # agreement is measured on these: training must not see them
         assert not any(held_out.lower() in t for t in lowered), held_out
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tiny_model_dir: Path) -> dict[str, Any]:
-    """SmolLM2's tokenizer (a chat template, no BOS added to raw text) and the two common kinds it is not."""
-    instruct = AutoTokenizer.from_pretrained(tiny_model_dir)
-    base = copy.deepcopy(instruct)
-    base.chat_template = None  # a base model's: no chat template
-    llama = copy.deepcopy(instruct)
-    llama.add_bos_token = True  # Llama's, Mistral's, Gemma's: raw text starts with BOS
-    assert llama.encode("hi")[0] == llama.bos_token_id != instruct.encode("hi")[0]
-    return {"instruct": instruct, "base": base, "llama": llama}
 
 
 @pytest.mark.parametrize("kind", ["instruct", "base", "llama"])
