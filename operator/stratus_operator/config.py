@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,20 @@ _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 def _namespaces(raw: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in raw.split(",") if n.strip())
+
+
+# Any of these makes a namespace entry a kopf pattern (a glob or a negation) rather than a name. The chart's
+# RBAC decision is generated from it (`make manifests` writes it into the chart's _rules.tpl).
+NAMESPACE_PATTERN_CHARS = "*?[!"
+
+
+def named_namespaces_only(namespaces: Sequence[str]) -> bool:
+    """Whether `namespaces` names namespaces exactly (no globs or negations): there is nothing to discover.
+
+    Empty is the whole cluster, not exact names. The operator turns kopf's discovery of namespaces and CRDs
+    off in this mode, and the chart grants nothing that only discovery needs.
+    """
+    return bool(namespaces) and not any(set(ns) & set(NAMESPACE_PATTERN_CHARS) for ns in namespaces)
 
 
 def _names(raw: str) -> tuple[str, ...]:
@@ -117,7 +131,7 @@ class Config:
     @property
     def named_namespaces_only(self) -> bool:
         """Scoped to namespaces named exactly (no globs or negations): there is nothing to discover."""
-        return bool(self.namespaces) and not any(set(ns) & set("*?[!") for ns in self.namespaces)
+        return named_namespaces_only(self.namespaces)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:

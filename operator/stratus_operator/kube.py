@@ -83,11 +83,11 @@ SECRETS = Resource("", "v1", "secrets", "Secret", verbs=("get", "create", "patch
 # that the operator may update its owners' finalizers; no call of ours uses it directly.
 LLMDEPLOYMENTS_FINALIZERS = Resource(GROUP, VERSION, PLURAL, "LLMDeployment", verbs=("update",),
                                      subresource="finalizers")
-# kopf watches CRDs, to notice LLMDeployment's being (re)installed while it runs; without it, it logs a 403
-# at every start.
+# kopf's discovery watches CRDs, to notice LLMDeployment's being (re)installed while it runs; without it, it
+# logs a 403 at every start.
 CRDS = Resource("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
                 namespaced=False, verbs=WATCH)
-# kopf lists and watches namespaces only when it serves a namespace list or pattern (namespaced mode).
+# kopf's discovery lists and watches namespaces only when it serves namespace patterns.
 NAMESPACES = Resource("", "v1", "namespaces", "Namespace", namespaced=False, verbs=WATCH)
 
 RESOURCES: tuple[Resource, ...] = (
@@ -95,8 +95,13 @@ RESOURCES: tuple[Resource, ...] = (
     JOBS, DEPLOYMENTS, SERVICES, CONFIGMAPS, PVCS, HPAS, PDBS, NETWORK_POLICIES, PODS, NODES, EVENTS, SECRETS,
     CRDS, NAMESPACES,
 )
-# Granted only when the operator watches listed namespaces (kopf observes namespaces then, not cluster-wide).
+# Granted only when the operator watches namespace patterns (kopf observes namespaces then, not cluster-wide).
 NAMESPACED_MODE_ONLY: tuple[Resource, ...] = (NAMESPACES,)
+# What only kopf's discovery calls. Scoped to exact names the operator turns discovery off
+# (handle_startup_operator) and calls neither: kopf watches each named namespace directly, reads the API
+# groups from the discovery documents (which every authenticated user may GET), and the liveness probe
+# GETs the LLMDeployment group's discovery document instead of watching CRDs.
+DISCOVERY_ONLY: tuple[Resource, ...] = (CRDS, NAMESPACES)
 # The kinds of children the operator creates (and indexes, and prunes).
 CHILDREN: tuple[Resource, ...] = (JOBS, DEPLOYMENTS, SERVICES, CONFIGMAPS, PVCS, HPAS, PDBS, NETWORK_POLICIES)
 # The same, by the (apiVersion, kind) an object names.

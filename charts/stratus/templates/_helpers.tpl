@@ -95,3 +95,19 @@ matchLabels:
   app.kubernetes.io/managed-by: stratus-operator
   app.kubernetes.io/component: router
 {{- end }}
+
+{{/*
+"true" when watchNamespaces names namespaces exactly, as stratus_operator.config.named_namespaces_only decides
+(a test holds the two equal): the operator then turns kopf's discovery off and the chart grants nothing
+only discovery needs. Empty (the whole cluster) and patterns give "".
+*/}}
+{{- define "stratus.namedNamespacesOnly" -}}
+{{- $named := gt (len .Values.watchNamespaces) 0 }}
+{{- $chars := splitList "" (include "stratus.namespacePatternChars" .) }}
+{{- range $ns := .Values.watchNamespaces }}
+{{- range $c := $chars }}
+{{- if contains $c $ns }}{{ $named = false }}{{ end }}
+{{- end }}
+{{- end }}
+{{- if $named }}true{{ end }}
+{{- end }}

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from stratus_operator.config import Config
+from stratus_operator.config import Config, named_namespaces_only
 from stratus_operator.render import RenderOptions
 
 pytestmark = pytest.mark.unit
@@ -58,3 +58,6 @@ def test_only_exact_namespace_names_skip_kopfs_discovery() -> None:
     assert Config.from_env({"STRATUS_NAMESPACES": "team-a,team-b"}).named_namespaces_only
     for patterns in ("team-*", "team-?", "!kube-system", "team-[ab]", ""):
         assert not Config.from_env({"STRATUS_NAMESPACES": patterns}).named_namespaces_only, patterns
+    # The chart's RBAC decision is generated from the same characters (tests/unit/deploy/test_deploy_rbac.py).
+    assert named_namespaces_only(("team-a",)) and not named_namespaces_only(())
+    assert not named_namespaces_only(("team-a", "team-*"))

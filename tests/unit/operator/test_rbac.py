@@ -5,10 +5,16 @@ from __future__ import annotations
 import pytest
 from samples import all_accepted, sample
 
-from stratus_operator.kube import CHILD_RESOURCES, CHILDREN, NAMESPACED_MODE_ONLY, RESOURCES
+from stratus_operator.kube import CHILD_RESOURCES, CHILDREN, DISCOVERY_ONLY, NAMESPACED_MODE_ONLY, RESOURCES
 from stratus_operator.placement import ClusterView
 from stratus_operator.planner import plan
-from stratus_operator.rbac import NAMESPACED_MODE_RULES, REQUIRED_RULES, cluster_role
+from stratus_operator.rbac import (
+    NAMED_NAMESPACES_RULES,
+    NAMESPACED_MODE_RULES,
+    REQUIRED_RULES,
+    cluster_role,
+    rules_for,
+)
 from stratus_operator.render import RenderOptions, render_plan
 from stratus_operator.spec import LLMDeployment
 
@@ -67,3 +73,17 @@ def test_rbac_is_derived_from_the_client_registry() -> None:
         assert not _rule_allows(group, resource, verb), (group, resource, verb)
     assert cluster_role()["rules"] == REQUIRED_RULES
     assert sorted(REQUIRED_RULES, key=lambda r: (r["apiGroups"][0], r["resources"][0])) == REQUIRED_RULES
+
+
+def test_exact_names_drop_only_what_kopfs_discovery_calls() -> None:
+    """Exact names turn discovery off (handle_startup_operator): no namespaces, no CRDs, everything else kept."""
+    assert len(NAMED_NAMESPACES_RULES) == len(RESOURCES) - len(DISCOVERY_ONLY)
+    resources = {(g, r) for rule in NAMED_NAMESPACES_RULES for g in rule["apiGroups"] for r in rule["resources"]}
+    assert ("", "namespaces") not in resources
+    assert ("apiextensions.k8s.io", "customresourcedefinitions") not in resources
+    assert [r for r in REQUIRED_RULES if r not in NAMED_NAMESPACES_RULES] == [
+        {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]}]
+    assert rules_for(()) == REQUIRED_RULES
+    assert rules_for(("team-a", "team-b")) == NAMED_NAMESPACES_RULES
+    for patterns in (("team-*",), ("team-a", "!team-b")):
+        assert rules_for(patterns) == NAMESPACED_MODE_RULES
