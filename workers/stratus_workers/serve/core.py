@@ -244,6 +244,7 @@ class EngineCore:
             on_cuda = getattr(getattr(runner, "device", None), "type", "cpu") == "cuda"
             verify_pipeline = env_flag("STRATUS_VERIFY_PIPELINE", on_cuda)
         self.verify_pipeline = verify_pipeline
+        self.min_verify_group = MIN_VERIFY_GROUP
         self._in_flight: _Group | None = None  # the group launched and not yet finished (at most one)
         self.verify_groups = 0  # groups launched
         self.verify_overlapped = 0  # of those, launched while another was in flight (the pipeline's point)
@@ -424,7 +425,7 @@ class EngineCore:
         groups = [verifies]
         if (
             self._in_flight is None
-            and len(verifies) >= 2 * MIN_VERIFY_GROUP
+            and len(verifies) >= 2 * self.min_verify_group
             and len({call.sid for _, call in verifies}) == len(verifies)  # a session named twice stays in one
         ):
             half = len(verifies) // 2
