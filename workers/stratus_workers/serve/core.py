@@ -40,7 +40,7 @@ import torch
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.errors import EngineFailed, EngineOverloaded, EngineStopped
 from stratus_workers.serve.prefix import PrefixCache
-from stratus_workers.serve.runner import ModelRunner, decoded, env_flag, to_device
+from stratus_workers.serve.runner import ModelRunner, decoded, env_flag, env_int, to_device
 from stratus_workers.serve.sampling import Choice, choose_tokens, seeded_generator
 from stratus_workers.serve.sessions import PendingVerify, SpeculativeSessions, VerifyCall
 from stratus_workers.serve.surface import Alternatives, FinishReason
@@ -50,8 +50,16 @@ log = logging.getLogger(__name__)
 DEFAULT_PREFILL_CHUNK = 512
 PREFIX_BLOCK = 16
 # The verify pipeline splits a step's Verify calls into two groups only when each gets at least this many: a
-# smaller pass costs about as much as the larger one would (the model's weights are read once either way).
+# smaller pass costs about as much as the larger one would (the model's weights are read once either way), so
+# splitting a few calls buys little overlap for a second read of the weights. STRATUS_VERIFY_MIN_GROUP overrides.
 MIN_VERIFY_GROUP = 8
+
+
+def verify_pipeline_on(device_type: str) -> bool:
+    """Whether an engine core on this device runs the verify pipeline unless told (STRATUS_VERIFY_PIPELINE): on
+    CUDA, where the device computes while the host works; not on the CPU, where the device is the host."""
+    return env_flag("STRATUS_VERIFY_PIPELINE", device_type == "cuda")
+
 
 # A group of Verify calls launched (`SpeculativeSessions.launch`), or the error that kept it from launching.
 _Group = tuple[list[tuple[int, VerifyCall]], PendingVerify | Exception]
@@ -241,10 +249,9 @@ class EngineCore:
         # earlier step launched, so the device computes one group while the host settles and replies to the other.
         # Nothing to overlap where the device is the host: off on the CPU unless asked for.
         if verify_pipeline is None:
-            on_cuda = getattr(getattr(runner, "device", None), "type", "cpu") == "cuda"
-            verify_pipeline = env_flag("STRATUS_VERIFY_PIPELINE", on_cuda)
+            verify_pipeline = verify_pipeline_on(getattr(getattr(runner, "device", None), "type", "cpu"))
         self.verify_pipeline = verify_pipeline
-        self.min_verify_group = MIN_VERIFY_GROUP
+        self.min_verify_group = env_int("STRATUS_VERIFY_MIN_GROUP", MIN_VERIFY_GROUP, 1, 1 << 16)
         self._in_flight: _Group | None = None  # the group launched and not yet finished (at most one)
         self.verify_groups = 0  # groups launched
         self.verify_overlapped = 0  # of those, launched while another was in flight (the pipeline's point)
