@@ -426,22 +426,24 @@ class EngineCore:
 
     def _pipeline(self, verifies: list[tuple[int, VerifyCall]], out: StepOutput) -> None:
         """The verify pipeline's step: launch `verifies`, then finish the group in flight (whose pass ran while this
-        step's calls were gathered and launched); the group launched last stays in flight. With nothing in flight
-        and calls enough for two groups, two halves are launched and the first finished now: from then on the two
-        groups alternate, one's calls gathered and launched while the other's pass runs."""
+        step's calls were gathered and launched); the group launched last stays in flight, and the two groups
+        alternate: one's calls are gathered and launched while the other's pass runs.
+
+        The groups are kept about the same size (a small group's pass hides little of the host's work on the other):
+        when the new calls outnumber the group in flight (none: 0) by at least twice `min_verify_group`, the first
+        (new - in flight) / 2 of them are a group of their own, launched and finished now, together with the group
+        in flight, and the rest stays in flight: the sessions replied to now come back as one group of about the
+        other's size. (64 calls with nothing in flight: two groups of 32.)"""
+        flying = self._in_flight
+        first = (len(verifies) - (len(flying[0]) if flying is not None else 0)) // 2
         groups = [verifies]
-        if (
-            self._in_flight is None
-            and len(verifies) >= 2 * self.min_verify_group
-            and len({call.sid for _, call in verifies}) == len(verifies)  # a session named twice stays in one
-        ):
-            half = len(verifies) // 2
-            groups = [verifies[:half], verifies[half:]]
+        if first >= self.min_verify_group and len({call.sid for _, call in verifies}) == len(verifies):
+            groups = [verifies[:first], verifies[first:]]  # (a session named twice stays in one group)
         launched = [self._launch(group) for group in groups]
-        self.verify_overlapped += self._in_flight is not None
-        if self._in_flight is not None:
+        self.verify_overlapped += flying is not None
+        if flying is not None:
             self._reply(self._take_in_flight(), out)
-        for group in launched[:-1]:
+        for group in launched[:-1]:  # its pass ran behind the group in flight's; the last one's is queued behind it
             self._reply(group, out)
         self._in_flight = launched[-1]
 

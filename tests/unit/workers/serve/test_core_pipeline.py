@@ -230,6 +230,41 @@ def test_two_groups_alternate_and_overlap(model: Any) -> None:
     assert all(isinstance(v, VerifyResult) for k, v in runs[True].results.items() if k[2] == "verify")
 
 
+def test_uneven_groups_are_evened_out(model: Any) -> None:
+    """A few calls in flight and many new ones: the new ones are split so that the sessions replied to in this step
+    and the group left in flight are the same size, and stay so."""
+    core = core_over(model, pipeline=True, fast=True, sessions=25, min_group=4)
+    ids = iter(range(10**6))
+    contexts = {f"s{k}": [1 + k, 4, 9] for k in range(24)}
+    sent: dict[int, str] = {}
+
+    def send(sids: list[str]) -> None:
+        for sid in sids:
+            call_id = next(ids)
+            sent[call_id] = sid
+            core.call(call_id, "verify", (sid, contexts[sid], [], [], Sampling(), False))
+
+    def replied(out: Any) -> list[str]:
+        sids = [sent.pop(call_id) for call_id, _, _ in out.results]
+        for call_id, kind, value in out.results:
+            assert kind == "", value
+        for sid, (_, _, value) in zip(sids, out.results, strict=True):
+            contexts[sid] = [*contexts[sid], value.next_token]
+        return sids
+
+    send([f"s{k}" for k in range(4)])
+    assert replied(core.step()) == []  # 4 calls: one group, in flight
+    send([f"s{k}" for k in range(4, 24)])
+    back = replied(core.step())  # 20 new against 4 in flight: 8 finished now with the 4, 12 left in flight
+    assert len(back) == 12 and core.sessions.in_flight == {f"s{k}" for k in range(12, 24)}
+    for _ in range(3):  # from then on 12 and 12 alternate
+        send(back)
+        back = replied(core.step())
+        assert len(back) == 12 and len(core.sessions.in_flight) == 12
+    assert len(replied(core.step())) == 12  # nothing new: the group in flight is finished
+    assert not sent and not core.busy
+
+
 def calls_for(model: Any, sids: str, context: list[int]) -> list[tuple[str, list[int], list[int]]]:
     return [(sid, context, list(own_tokens(model, tuple(context), 3))) for sid in sids]
 
