@@ -341,3 +341,18 @@ def test_the_loop_waits_for_the_group_it_replied_to_while_the_other_is_in_flight
     assert core.verify_owed() == 1
     core.call(11, "end", ("b",))  # a session that ends owes nothing
     assert core.verify_owed() == 0
+
+
+def test_new_sessions_wanting_the_rows_in_flight_wait_for_its_group(model: Any) -> None:
+    """Every row is held, one by a call that ends its session: a new session's call finishes that group first and
+    takes the row it frees (as it would without the pipeline), instead of finding every row in flight."""
+    core = core_over(model, pipeline=True, fast=True, sessions=2)
+    core.call(1, "verify", ("a", [4, 8, 15], [16], [], Sampling(), True))
+    core.call(2, "verify", ("b", [4, 8, 15], [16], [], Sampling(), False))
+    assert core.step().results == [] and core.sessions.free_rows == 0
+    core.call(3, "verify", ("c", [23, 42], [], [], Sampling(), False))
+    out = core.step()
+    assert sorted(call_id for call_id, kind, _ in out.results if kind == "") == [1, 2]
+    assert core.sessions.in_flight == {"c"}
+    (result,) = core.step().results
+    assert result[0] == 3 and result[1] == "", result
