@@ -9,7 +9,10 @@ nothing here: this measures what the cloud's GPU does per generated token. Repor
 (cloud-only) and accepted tokens/s (speculative: accepted draft tokens plus the cloud's own token per round),
 forward passes per token, and the acceptance reached.
 
-Random-init weights (speed does not depend on their values), the bundled tokenizer's vocabulary.
+Random-init weights (speed does not depend on their values), the bundled tokenizer's vocabulary. The engine's
+verify pipeline (docs/serving.md) is on where it is by default, on CUDA; `--verify-pipeline on|off` overrides,
+and the run's meta records which. On the CPU (a check that it runs, not a measurement): `--model tiny --device
+cpu --dtype float32 --concurrency 1,16 --new-tokens 32 --profile`.
 """
 
 from __future__ import annotations

@@ -246,7 +246,7 @@ def test_uneven_groups_are_evened_out(model: Any) -> None:
 
     def replied(out: Any) -> list[str]:
         sids = [sent.pop(call_id) for call_id, _, _ in out.results]
-        for call_id, kind, value in out.results:
+        for _, kind, value in out.results:
             assert kind == "", value
         for sid, (_, _, value) in zip(sids, out.results, strict=True):
             contexts[sid] = [*contexts[sid], value.next_token]
