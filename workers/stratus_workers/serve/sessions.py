@@ -392,9 +392,13 @@ class SpeculativeSessions:
                     self.end(call.sid)
             return
         # Row k's scores are logits[offsets[k] : offsets[k + 1]]: position j predicts the token after
-        # context + draft[:j]. `logits` is a tensor of this pass's own (the packed graph's static output is read by
-        # the head queued right behind its replay, before any later replay), so a pass launched after this one
-        # cannot change it.
+        # context + draft[:j]. A pass launched after this one, before `finish`, cannot change what this group reads:
+        # everything runs on one stream, in the order queued. The packed graph's inputs (`_packed_inputs`) are
+        # refilled by a copy queued after this replay, which has read them by then; its static output is read by
+        # the head queued right behind this replay, before any later replay writes it, into `logits`, a tensor of
+        # this pass's own; the pass's plan came through a pinned buffer of its own (`to_device`). The rows the next
+        # pass writes are other sessions' (the engine never launches a session twice), and the padded pass's
+        # throwaway token in a row in between lands past that row's end, rolled back at once.
         pending.entries, pending.index, pending.logits = entries, index, logits
         greedy = [k for k, (call, _, _) in enumerate(entries) if call.sampling.greedy]
         if not greedy:
