@@ -49,7 +49,7 @@ def own_tokens(model: Any, context: tuple[int, ...], n: int) -> tuple[int, ...]:
     out: list[int] = []
     with torch.inference_mode():
         for _ in range(n):
-            out.append(int(model(torch.tensor([[*context, *out]])).logits[0, -1].argmax()))
+            out.append(int(model(torch.tensor([[*context, *out]], device=model.device)).logits[0, -1].argmax()))
     return tuple(out)
 
 
@@ -181,7 +181,7 @@ def assert_same(got: dict[Any, Any], want: dict[Any, Any]) -> None:
         if isinstance(expected, VerifyResult):
             assert isinstance(have, VerifyResult), (key, have)
             assert (have.accepted, have.next_token, have.eos) == (expected.accepted, expected.next_token, expected.eos)
-            assert have.logprobs == pytest.approx(expected.logprobs, abs=1e-5)
+            assert have.logprobs == pytest.approx(expected.logprobs, abs=1e-4)
         else:
             assert have == expected, key
 
@@ -356,3 +356,31 @@ def test_new_sessions_wanting_the_rows_in_flight_wait_for_its_group(model: Any) 
     assert core.sessions.in_flight == {"c"}
     (result,) = core.step().results
     assert result[0] == 3 and result[1] == "", result
+
+
+def pipeline_on_and_off(model: Any, plans_: list[Plan], requests: list[int]) -> EngineCore:
+    """Both runs of `plans_` and `requests` (the pipeline off, then on) agree; the pipelined core."""
+    runs = {}
+    for pipeline in (False, True):
+        core = core_over(model, pipeline=pipeline, fast=True, sessions=len(plans_) + 1, min_group=4)
+        core.runner.warmup()
+        driver = Driver(core, model, plans_)
+        with torch.inference_mode():  # as the engine loop runs the core
+            driver.run(requests)
+        runs[pipeline] = driver
+    assert_same(runs[True].results, runs[False].results)
+    assert runs[True].tokens == runs[False].tokens and runs[True].finished == runs[False].finished
+    return core
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_pipeline_on_the_cuda_path() -> None:
+    """On CUDA (graphs, packed verification): `launch` returns before the device is done and `finish` reads the
+    verdicts back through pinned memory and an event, while the next group's pass is queued; the results are the
+    unpipelined core's."""
+    model = random_llama(dict(TINY), vocab_size=VOCAB, seed=3, init_std=0.3).to("cuda", torch.float32)
+    plans_ = [Plan(seed=k, rounds=4, draft=5, departs=k % 6, sampled=k % 4 == 1, end=("op", "verify", "open")[k % 3],
+                   bad="token" if k == 5 else None, bad_round=2, twice=k == 7, delay=k % 2) for k in range(16)]  # fmt: skip
+    core = pipeline_on_and_off(model, plans_, [6, 4])
+    assert core.runner.device.type == "cuda" and core.verify_overlapped > 0
