@@ -380,7 +380,10 @@ def test_the_pipeline_on_the_cuda_path() -> None:
     verdicts back through pinned memory and an event, while the next group's pass is queued; the results are the
     unpipelined core's."""
     model = random_llama(dict(TINY), vocab_size=VOCAB, seed=3, init_std=0.3).to("cuda", torch.float32)
-    plans_ = [Plan(seed=k, rounds=4, draft=5, departs=k % 6, sampled=k % 4 == 1, end=("op", "verify", "open")[k % 3],
-                   bad="token" if k == 5 else None, bad_round=2, twice=k == 7, delay=k % 2) for k in range(16)]  # fmt: skip
+    plans_ = [
+        Plan(seed=k, rounds=4, draft=5, departs=k % 6, sampled=k % 4 == 1, end=("op", "verify", "open")[k % 3],
+             bad="token" if k == 5 else None, bad_round=2, twice=k == 7, delay=k % 2)
+        for k in range(16)
+    ]  # fmt: skip
     core = pipeline_on_and_off(model, plans_, [6, 4])
     assert core.runner.device.type == "cuda" and core.verify_overlapped > 0
