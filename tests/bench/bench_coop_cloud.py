@@ -9,7 +9,10 @@ nothing here: this measures what the cloud's GPU does per generated token. Repor
 (cloud-only) and accepted tokens/s (speculative: accepted draft tokens plus the cloud's own token per round),
 forward passes per token, and the acceptance reached.
 
-Random-init weights (speed does not depend on their values), the bundled tokenizer's vocabulary.
+Random-init weights (speed does not depend on their values), the bundled tokenizer's vocabulary. The engine's
+verify pipeline (docs/serving.md) is on where it is by default, on CUDA; `--verify-pipeline on|off` overrides,
+and the run's meta records which. On the CPU (a check that it runs, not a measurement): `--model tiny --device
+cpu --dtype float32 --concurrency 1,16 --new-tokens 32 --profile`.
 """
 
 from __future__ import annotations
@@ -198,30 +201,42 @@ async def speculative(
 
 class StepProfile:
     """Where an in-process engine's time goes, step by step (`--profile`): the engine thread's step, its
-    Verify calls (their forward pass's host launch and device span, the rest: sessions, judging, the
-    reply), its decode steps, and the wait between steps (the event loop's share: replies delivered,
-    callers woken, their next calls sent). Device spans come from CUDA events read after each phase,
-    so timing does not add a wait on the device."""
+    Verify groups' launch (sessions opened, the pass and the verdicts queued: host time, with the pass's own host
+    launch and device span inside) and finish (judging, settling: host time, of which the wait for the device's
+    verdicts is `finish wait`), its decode steps, and the wait between steps (the event loop's share: replies
+    delivered, callers woken, their next calls sent). Without the verify pipeline a step's finish follows its
+    launch; with it, a step launches one group and finishes the other (`verify groups`, `overlapped`: groups
+    launched while another was in flight). Device spans come from CUDA events read after each phase, so timing
+    does not add a wait on the device."""
 
     def __init__(self, core: Any) -> None:
+        from stratus_workers.serve import sessions as sessions_module
+
         self.core = core
         self.cuda = core.runner.device.type == "cuda"
         self.ns: collections.Counter[str] = collections.Counter()
         self.count: collections.Counter[str] = collections.Counter()
         self.events: list[tuple[str, Any, Any]] = []
         self.last_end = 0
-        self.trace_armed = False  # trace the third Verify step from now with torch.profiler (arm())
+        self.trace_armed = False  # trace the step that launches the third Verify group from now (arm())
         self.traces: list[str] = []
+        self.groups = (0, 0)
+        self._wrapped: list[tuple[Any, str, Any]] = []  # (owner, name, what it was): `close` puts them back
         self._wrap(core, "step", "step", gap=True)
-        self._wrap(core.sessions, "verify_many", "verify_many", calls=True)
+        self._wrap(core.sessions, "launch", "launch", calls=True)
+        self._wrap(core.sessions, "finish", "finish")
+        # The wait for the device inside finish (and inside a sampled row's judging): the read-backs'.
+        self._wrap(sessions_module.ReadBack, "wait", "finish wait")
         self._wrap(core.runner, "forward", "forward", device=True)
         self._wrap(core.runner, "forward_rows", "forward_rows", device=True)  # the padded one calls forward
         self._wrap(core.runner, "decode", "decode", device=True)
+        self.reset()
 
     def _wrap(
         self, obj: Any, name: str, key: str, *, gap: bool = False, calls: bool = False, device: bool = False
     ) -> None:
         inner = getattr(obj, name)
+        self._wrapped.append((obj, name, inner))
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter_ns()
@@ -229,7 +244,7 @@ class StepProfile:
                 self.ns["between steps"] += t0 - self.last_end
             if calls:
                 self.count["verify calls"] += len(args[0])
-            if calls and self.trace_armed and self.count[key] == 2:
+            if gap and self.trace_armed and self.core._verifies and self.count["launch"] >= 2:
                 self.trace_armed = False
                 return self._traced(inner, *args, **kwargs)
             start = end = None
@@ -267,16 +282,23 @@ class StepProfile:
                 prof.__exit__(None, None, None)
                 sort = "cuda_time_total" if self.cuda else "cpu_time_total"
                 table = prof.key_averages().table(sort_by=sort, row_limit=25)
-                self.traces.append(f"one Verify step of {len(args[0])} calls:\n{table}")
+                self.traces.append(f"one engine step with Verify calls:\n{table}")
             except Exception as exc:
                 self.traces.append(f"no trace: {type(exc).__name__}: {exc}")
         return result
+
+    def close(self) -> None:
+        """Unwrap what was wrapped (a class's method too: the next profile in this process starts clean)."""
+        for obj, name, original in reversed(self._wrapped):
+            setattr(obj, name, original)
+        self._wrapped.clear()
 
     def reset(self) -> None:
         self.ns.clear()
         self.count.clear()
         self.events.clear()
         self.last_end = 0
+        self.groups = (self.core.verify_groups, self.core.verify_overlapped)
 
     def take(self) -> dict[str, Any]:
         """This phase's totals (ms) and per-step means, and a fresh start for the next phase."""
@@ -290,6 +312,8 @@ class StepProfile:
         out = {
             "steps": self.count["step"],
             "verify calls": self.count["verify calls"],
+            "verify groups": self.core.verify_groups - self.groups[0],
+            "overlapped": self.core.verify_overlapped - self.groups[1],
             "forward passes": self.count["forward"],
             "decode steps": self.count["decode"],
             "total ms": totals,
@@ -301,10 +325,13 @@ class StepProfile:
 
 async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from stratus_workers.models.loader import resolve_device
+    from stratus_workers.serve.core import verify_pipeline_on
     from stratus_workers.serve.engine import AsyncEngine, ProcessTransport, ThreadTransport
     from stratus_workers.serve.loop import EngineSettings
 
     device = resolve_device(args.device)
+    if args.verify_pipeline != "auto":  # the engine (thread or process) reads it when it builds its core
+        os.environ["STRATUS_VERIFY_PIPELINE"] = "1" if args.verify_pipeline == "on" else "0"
     if args.tf32:
         os.environ["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] = "1"  # the engine process's matrix products too
     if args.engine == "process":  # the engine process imports this script to build the model (load_random)
@@ -333,11 +360,13 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
     tokenizer = engine.tokenizer
     vocab = len(tokenizer)
     profile: StepProfile | None = None
+    core = getattr(getattr(engine, "transport", None), "core", None)
     if args.profile:
-        core = getattr(getattr(engine, "transport", None), "core", None)
         if core is None:
             raise SystemExit("--profile needs the engine's core in this process (the thread transport)")
         profile = StepProfile(core)
+    # The core's own switch where it runs here; an engine process decides from the same variable and device.
+    pipeline = bool(core.verify_pipeline) if core is not None else verify_pipeline_on(device.type)
     rng = random.Random(0)
     match = match_for(args.acceptance, args.draft)
     meta = {
@@ -354,12 +383,16 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
         "tf32": bool(args.tf32),
         "embed_std": args.embed_std,
         "verification": "packed" if os.environ.get("STRATUS_VERIFY_PACKED", "1") != "0" else "padded",
+        "verify_pipeline": pipeline,
         "prompt_tokens": args.prompt_tokens,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    log(f"model {args.model}: {params / 1e6:.0f}M parameters, {dtype}, {device}; per-token match {match:.4f}")
+    log(
+        f"model {args.model}: {params / 1e6:.0f}M parameters, {dtype}, {device}; per-token match {match:.4f}; "
+        f"verify pipeline {'on' if pipeline else 'off'}"
+    )
     rows: list[dict[str, Any]] = []
     try:
         warm = [[rng.randrange(vocab) for _ in range(args.prompt_tokens)] for _ in range(2)]
@@ -439,6 +472,8 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
                 )
     finally:
         await stopped(engine)
+        if profile is not None:
+            profile.close()
     if profile is not None:
         for trace in profile.traces:
             log(trace)
@@ -476,6 +511,11 @@ def render_run(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
         + "); the server's engine "
         f"{ENGINES[meta.get('engine', 'thread')]}"
         + (f", verification {verification}" if verification else "")
+        + (
+            f", the verify pipeline {'on' if meta['verify_pipeline'] else 'off'}"
+            if meta.get("verify_pipeline") is not None
+            else ""
+        )
         + f"; prompts of {meta['prompt_tokens']} random tokens, "
         f"{meta['new_tokens']} new tokens each, greedy. Cloud-only: C streams at once. Speculative: C sessions at "
         "once, "
@@ -516,6 +556,8 @@ def render_run(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
         for phase, p in profiled.items():
             per = p["per step ms"]
             calls = f", {p['verify calls'] / max(1, p['steps']):.1f} Verify calls a step" if p["verify calls"] else ""
+            if p.get("verify groups"):
+                calls += f", {p['verify groups']} Verify groups ({p['overlapped']} launched with another in flight)"
             parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(per.items()))
             lines.append(f"- {phase.replace('_', '-')}: {p['steps']} steps{calls}; {parts}")
     return lines
@@ -551,6 +593,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.0,
         help="draw the embedding at this scale: a random model whose choices rounding cannot flip (see load_random)",
+    )
+    parser.add_argument(
+        "--verify-pipeline",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="the engine's verify pipeline (STRATUS_VERIFY_PIPELINE; auto: on on CUDA, off on the CPU)",
     )
     parser.add_argument("--tf32", action="store_true", help="float32 matrix products in TensorFloat-32 (CUDA)")
     parser.add_argument(

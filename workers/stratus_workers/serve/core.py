@@ -20,7 +20,10 @@ last rows move into their places. Where the runner offers it (`mixed_step`), the
 decoding rows' tokens are one pass instead of two (`_mixed`; docs/serving.md, "Mixed steps").
 Every Verify call of a step runs in one forward pass over the session rows
 (`SpeculativeSessions.verify_many`), before the step's decode pass: many edge devices verifying at once
-cost one pass of the model, not one each ("verify_alone" keeps one pass per call, for comparison).
+cost one pass of the model, not one each ("verify_alone" keeps one pass per call, for comparison). With the
+verify pipeline (STRATUS_VERIFY_PIPELINE; on by default on CUDA) a step launches its Verify calls' pass and then
+finishes the group an earlier step launched, so the device computes one group while the host judges, settles
+and replies to the other, and the loop gathers that group's next calls (docs/serving.md, "The verify pipeline").
 """
 
 from __future__ import annotations
@@ -37,15 +40,29 @@ import torch
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.errors import EngineFailed, EngineOverloaded, EngineStopped
 from stratus_workers.serve.prefix import PrefixCache
-from stratus_workers.serve.runner import ModelRunner, decoded, to_device
+from stratus_workers.serve.runner import ModelRunner, decoded, env_flag, env_int, to_device
 from stratus_workers.serve.sampling import Choice, choose_tokens, seeded_generator
-from stratus_workers.serve.sessions import SpeculativeSessions, VerifyCall
+from stratus_workers.serve.sessions import PendingVerify, SpeculativeSessions, VerifyCall
 from stratus_workers.serve.surface import Alternatives, FinishReason
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_CHUNK = 512
 PREFIX_BLOCK = 16
+# The verify pipeline splits a step's Verify calls into two groups only when each gets at least this many: a
+# smaller pass costs about as much as the larger one would (the model's weights are read once either way), so
+# splitting a few calls buys little overlap for a second read of the weights. STRATUS_VERIFY_MIN_GROUP overrides.
+MIN_VERIFY_GROUP = 8
+
+
+def verify_pipeline_on(device_type: str) -> bool:
+    """Whether an engine core on this device runs the verify pipeline unless told (STRATUS_VERIFY_PIPELINE): on
+    CUDA, where the device computes while the host works; not on the CPU, where the device is the host."""
+    return env_flag("STRATUS_VERIFY_PIPELINE", device_type == "cuda")
+
+
+# A group of Verify calls launched (`SpeculativeSessions.launch`), or the error that kept it from launching.
+_Group = tuple[list[tuple[int, VerifyCall]], PendingVerify | Exception]
 
 
 @dataclass(frozen=True)
@@ -193,6 +210,7 @@ class EngineCore:
         max_batch_size: int,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         prefix: PrefixCache | None = None,
+        verify_pipeline: bool | None = None,
     ) -> None:
         if sessions.runner is not runner or sessions.first_row < max_batch_size:
             raise ValueError(
@@ -224,8 +242,19 @@ class EngineCore:
         self._seqs: dict[int, _Seq] = {}
         self._calls: list[tuple[int, Callable[[], Any]]] = []
         self._verifies: list[tuple[int, VerifyCall]] = []  # this step's Verify calls: one pass for all
-        self._expecting: set[str] = set()  # sessions verified in the last Verify step: their next round is due
+        self._expecting: set[str] = set()  # sessions last replied to (a Verify step): their next round is due
         self._arrived: set[str] = set()  # ... those of them whose next Verify call is queued (verify_owed: O(1))
+        self._replied_at = -1  # the step that last replied to Verify calls (it resets the two sets above)
+        # The verify pipeline (docs/serving.md): a step launches its Verify calls' pass, then finishes the group an
+        # earlier step launched, so the device computes one group while the host settles and replies to the other.
+        # Nothing to overlap where the device is the host: off on the CPU unless asked for.
+        if verify_pipeline is None:
+            verify_pipeline = verify_pipeline_on(getattr(getattr(runner, "device", None), "type", "cpu"))
+        self.verify_pipeline = verify_pipeline
+        self.min_verify_group = env_int("STRATUS_VERIFY_MIN_GROUP", MIN_VERIFY_GROUP, 1, 1 << 16)
+        self._in_flight: _Group | None = None  # the group launched and not yet finished (at most one)
+        self.verify_groups = 0  # groups launched
+        self.verify_overlapped = 0  # of those, launched while another was in flight (the pipeline's point)
         self._counted = (0, 0)  # the runner's (passes, positions) before serving began
         self._out = StepOutput(0)
 
@@ -266,7 +295,7 @@ class EngineCore:
 
     def call(self, call_id: int, op: str, args: tuple[Any, ...]) -> None:
         """Queue a speculative call (`score`, `draft`, `verify`, `end`); its result comes in a step's output."""
-        if op == "verify":  # batched: the step runs every Verify call in one pass
+        if op == "verify":  # batched: the step runs every Verify call in one pass (or two groups: the pipeline)
             call = VerifyCall(*args)
             self._verifies.append((call_id, call))
             if call.sid in self._expecting:
@@ -288,17 +317,20 @@ class EngineCore:
         self._calls.append((call_id, lambda: method(*args)))
 
     def verify_owed(self) -> int:
-        """How many sessions verified in the last Verify step have not sent their next Verify call yet (nor
-        ended), while this step has no request to decode or admit (the loop may wait a moment for them: they
-        share one pass). 0 whenever a request is running or waiting: a decode step is never held back."""
-        if not self._verifies or self._rows or self._waiting or not self._expecting:
+        """How many sessions last replied to have not sent their next Verify call yet (nor ended), while this step
+        has no request to decode or admit and a Verify call is queued or a group is in flight (the loop may wait a
+        moment for them: they share one pass, and a group in flight keeps the device busy meanwhile). 0 whenever a
+        request is running or waiting: a decode step is never held back. A session in flight is never owed (its
+        call arrived before it was launched)."""
+        if (not self._verifies and self._in_flight is None) or self._rows or self._waiting or not self._expecting:
             return 0
         # Counted as calls arrive (`call`): the loop asks after every message while it gathers a step's calls.
         return len(self._expecting) - len(self._arrived)
 
     @property
     def busy(self) -> bool:
-        return bool(self._waiting or self._rows or self._calls or self._verifies)
+        # A group in flight is work: the loop must step again (and finish it), never sleep on it.
+        return bool(self._waiting or self._rows or self._calls or self._verifies or self._in_flight is not None)
 
     @property
     def active(self) -> int:
@@ -332,6 +364,10 @@ class EngineCore:
         out = self._out = StepOutput(self.steps)
         calls, self._calls = self._calls, []
         verifies, self._verifies = self._verifies, []
+        if self._in_flight is not None and (calls or self._needs_in_flight(verifies)):
+            # A Draft, Score or end call, or Verify calls naming the group's sessions (or wanting rows it holds):
+            # the group in flight first, so every call sees the sessions as the steps before left them.
+            self._reply(self._take_in_flight(), out)
         for call_id, run in calls:  # speculative calls: a few forward passes each, on the session rows
             try:
                 out.results.append((call_id, "", run()))
@@ -339,20 +375,12 @@ class EngineCore:
                 raise
             except Exception as exc:
                 out.results.append((call_id, call_error_kind(exc), str(exc)))
-        if verifies:
-            try:
-                verdicts: list[Any] = self.sessions.verify_many([call for _, call in verifies])
-            except Exception as exc:
-                verdicts = [exc] * len(verifies)
-            self._expecting = set()
-            self._arrived = set()
-            for (call_id, call), verdict in zip(verifies, verdicts, strict=True):
-                if isinstance(verdict, Exception):
-                    out.results.append((call_id, call_error_kind(verdict), str(verdict)))
-                else:
-                    out.results.append((call_id, "", verdict))
-                    if not call.end and not verdict.eos:
-                        self._expecting.add(call.sid)
+        if verifies and not self.verify_pipeline:
+            self._reply(self._launch(verifies), out)
+        elif verifies:
+            self._pipeline(verifies, out)
+        elif self._in_flight is not None:  # nothing new to queue behind it: finish it now
+            self._reply(self._take_in_flight(), out)
         self._drop_abandoned()
         self._admit()
         try:
@@ -396,13 +424,87 @@ class EngineCore:
         out.stats = self.stats()
         return out
 
+    def _pipeline(self, verifies: list[tuple[int, VerifyCall]], out: StepOutput) -> None:
+        """The verify pipeline's step: launch `verifies`, then finish the group in flight (whose pass ran while this
+        step's calls were gathered and launched); the group launched last stays in flight, and the two groups
+        alternate: one's calls are gathered and launched while the other's pass runs.
+
+        The groups are kept about the same size (a small group's pass hides little of the host's work on the other):
+        when the new calls outnumber the group in flight (none: 0) by at least twice `min_verify_group`, the first
+        (new - in flight) / 2 of them are a group of their own, launched and finished now, together with the group
+        in flight, and the rest stays in flight: the sessions replied to now come back as one group of about the
+        other's size. (64 calls with nothing in flight: two groups of 32.)"""
+        flying = self._in_flight
+        first = (len(verifies) - (len(flying[0]) if flying is not None else 0)) // 2
+        groups = [verifies]
+        if first >= self.min_verify_group and len({call.sid for _, call in verifies}) == len(verifies):
+            groups = [verifies[:first], verifies[first:]]  # (a session named twice stays in one group)
+        launched = [self._launch(group) for group in groups]
+        self.verify_overlapped += flying is not None
+        if flying is not None:
+            self._reply(self._take_in_flight(), out)
+        for group in launched[:-1]:  # its pass ran behind the group in flight's; the last one's is queued behind it
+            self._reply(group, out)
+        self._in_flight = launched[-1]
+
+    def _needs_in_flight(self, verifies: list[tuple[int, VerifyCall]]) -> bool:
+        """Whether `verifies` name a session of the group in flight, or need more new sessions than there are free
+        rows (the group's calls may end sessions: without the pipeline they would have, by now)."""
+        assert self._in_flight is not None
+        pending = self._in_flight[1]
+        flying = pending.sids if isinstance(pending, PendingVerify) else frozenset()
+        sids = {call.sid for _, call in verifies}
+        if not flying.isdisjoint(sids):
+            return True
+        sessions = self.sessions
+        return sum(sid not in sessions for sid in sids) > sessions.free_rows
+
+    def _take_in_flight(self) -> _Group:
+        group = self._in_flight
+        assert group is not None
+        self._in_flight = None
+        return group
+
+    def _launch(self, verifies: list[tuple[int, VerifyCall]]) -> _Group:
+        self.verify_groups += 1
+        try:
+            return verifies, self.sessions.launch([call for _, call in verifies])
+        except Exception as exc:  # fails only this group's calls
+            return verifies, exc
+
+    def _reply(self, group: _Group, out: StepOutput) -> None:
+        """Finish a launched group and put its results in `out`; its sessions' next rounds are due now."""
+        verifies, pending = group
+        verdicts: list[Any]
+        if isinstance(pending, Exception):
+            verdicts = [pending] * len(verifies)
+        else:
+            try:
+                verdicts = self.sessions.finish(pending)
+            except Exception as exc:  # fails only this group's calls
+                verdicts = [exc] * len(verifies)
+        if self._replied_at != self.steps:  # the first reply of this step: what was owed before is not now
+            self._replied_at = self.steps
+            self._expecting = set()
+            self._arrived = set()
+        for (call_id, call), verdict in zip(verifies, verdicts, strict=True):
+            if isinstance(verdict, Exception):
+                out.results.append((call_id, call_error_kind(verdict), str(verdict)))
+            else:
+                out.results.append((call_id, "", verdict))
+                if not call.end and not verdict.eos:
+                    self._expecting.add(call.sid)
+
     def idle(self) -> None:
         """Housekeeping while nothing is queued: end speculative sessions idle past their time to live."""
         self.sessions.expire()
 
     def shutdown(self, reason: str = "server shutting down") -> StepOutput:
-        """End every request and call: requests finish cancelled, calls fail as stopped."""
+        """End every request and call: requests finish cancelled, calls fail as stopped; a verification group in
+        flight is finished (its pass was queued: its calls get their results, or its error)."""
         out = self._out = StepOutput(self.steps)
+        if self._in_flight is not None:
+            self._reply(self._take_in_flight(), out)
         for seq in [*self._rows, *self._waiting]:
             self._finish(seq, "cancelled", error=reason)
         for call_id, _ in [*self._calls, *self._verifies]:

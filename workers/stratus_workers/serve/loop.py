@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 IDLE_WAIT = 0.25  # seconds the idle loop sleeps between looks (it wakes at once on input)
 # Seconds a step of Verify calls alone may wait for the rest of the sessions verified in the step before
 # (their replies go out together, their next calls come back within about this): one pass for all of
-# them, not a pass for whichever arrived first and another for the rest.
+# them, not a pass for whichever arrived first and another for the rest. With the verify pipeline the loop waits
+# so for the group it last replied to while the other group's pass runs on the device (`EngineCore.verify_owed`).
 VERIFY_GATHER = 0.005
 CPU_POOL_BYTES = 256 << 20  # the prefix pool's automatic size on a CPU
 GPU_POOL_SHARE = 0.25  # ... and on a GPU: this share of the memory left after the batch's cache
@@ -299,7 +300,9 @@ class EngineLoop:
                     self.core.idle()
 
     def _gather(self, inbox: Inbox) -> bool:
-        """Wait up to VERIFY_GATHER for the Verify calls still owed (`EngineCore.verify_owed`); False on stop."""
+        """Wait up to VERIFY_GATHER for the Verify calls still owed (`EngineCore.verify_owed`); False on stop. A
+        verification group in flight makes the core busy, so the loop never sleeps on it past this wait: the next
+        step finishes it whether or not anything new arrived."""
         if not self.core.verify_owed():
             return True
         deadline = time.monotonic() + VERIFY_GATHER

@@ -8,7 +8,10 @@ engine thread between decode steps (`Engine.run_op`), which is what makes touchi
 Verification is batched: `verify_many` takes every Verify call of an engine step and runs all their rows
 in one forward pass, so many edge devices verifying at once cost the cloud about one step of the model,
 not one step each. The acceptance rule is `verify`'s, applied to each row's own logits (the greedy rule
-for all rows at once on the device: `speculative.greedy_verdicts`).
+for all rows at once on the device: `speculative.greedy_verdicts`). `verify_many` is `finish(launch(calls))`:
+`launch` queues a group's pass and verdicts on the device and returns at once, `finish` waits for that group
+only, then judges and settles it, so that the engine can queue one group's pass while the host settles and
+replies to another's (`EngineCore`, the verify pipeline).
 """
 
 from __future__ import annotations
@@ -48,17 +51,35 @@ BUSY_SECONDS = 1.0
 _Judged = tuple[int, int, tuple[float, ...], bool]
 
 
+class ReadBack:
+    """Device values on their way to the host: a non-blocking copy into pinned memory and an event after it,
+    queued now; `wait` waits for that event only (with the GIL released: `tolist` on a device tensor holds it, so
+    the frontend's thread runs meanwhile). On the CPU the values are read at once."""
+
+    def __init__(self, values: torch.Tensor) -> None:
+        self._values: list[Any] | None = None
+        self._host: torch.Tensor | None = None
+        self._done: Any = None
+        if values.device.type != "cuda":
+            self._values = values.tolist()
+            return
+        # A fresh pinned buffer per read-back: the next one may be queued before this one is read.
+        self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        self._host.copy_(values, non_blocking=True)
+        self._done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        self._done.record()
+
+    def wait(self) -> list[Any]:
+        if self._values is None:
+            assert self._host is not None
+            self._done.synchronize()
+            self._values = self._host.tolist()
+        return self._values
+
+
 def read_back(values: torch.Tensor) -> list[Any]:
-    """`values.tolist()`, but waiting for the device with the GIL released (`tolist` holds it), so that the
-    frontend's thread runs meanwhile."""
-    if values.device.type != "cuda":
-        return values.tolist()  # type: ignore[no-any-return]
-    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-    host.copy_(values, non_blocking=True)
-    done = torch.cuda.Event()  # type: ignore[no-untyped-call]
-    done.record()
-    done.synchronize()
-    return host.tolist()  # type: ignore[no-any-return]
+    """`values.tolist()`, but waiting for the device with the GIL released (`ReadBack`)."""
+    return ReadBack(values).wait()
 
 
 class VerifyCall(NamedTuple):
@@ -81,6 +102,24 @@ class _Session:
     generator: torch.Generator | None = None
 
 
+@dataclass(eq=False)
+class PendingVerify:
+    """A group of Verify calls `SpeculativeSessions.launch` started and `finish` has not yet judged: its pass's
+    rows (`entries`, in row order, with each one's call index), the pass's logits, and the greedy rows' verdicts
+    on their way to the host."""
+
+    calls: list[VerifyCall]
+    results: list[VerifyResult | Exception | None]
+    alone: list[int] = field(default_factory=list)  # calls that run alone, at `finish`
+    entries: list[tuple[VerifyCall, _Session, list[int]]] = field(default_factory=list)
+    index: list[int] = field(default_factory=list)
+    logits: torch.Tensor | None = None
+    greedy: list[int] = field(default_factory=list)  # the entries judged on the device
+    verdicts: ReadBack | None = None
+    sids: frozenset[str] = frozenset()
+    finished: bool = False
+
+
 class SpeculativeSessions:
     """Sessions over the runner's rows `first_row`..max_rows-1, least recently used first out.
 
@@ -100,6 +139,7 @@ class SpeculativeSessions:
         self._sessions: collections.OrderedDict[str, _Session] = collections.OrderedDict()
         self._free_rows = list(range(runner.max_rows - 1, first_row - 1, -1))
         self._ids = itertools.count(1)
+        self._in_flight: set[str] = set()  # sessions of groups launched, not yet finished (`launch`)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -107,11 +147,14 @@ class SpeculativeSessions:
     def expire(self) -> None:
         """End the sessions idle for longer than `ttl`."""
         now = time.monotonic()
-        for sid in [sid for sid, s in self._sessions.items() if now - s.last_used > self.ttl]:
+        flying = self._in_flight
+        for sid in [sid for sid, s in self._sessions.items() if now - s.last_used > self.ttl and sid not in flying]:
             self.end(sid)
 
     def end(self, sid: str) -> None:
         """Free the session's row (nothing happens for an unknown session)."""
+        if sid in self._in_flight:
+            raise RuntimeError(f"session {sid!r} is in a verification still in flight: finish that group first")
         session = self._sessions.pop(sid, None)
         if session is not None:
             self.runner.reset(session.row)
@@ -126,6 +169,8 @@ class SpeculativeSessions:
             raise ValueError("context is empty: send the prompt's token ids")
         if len(context) >= self.max_len:
             raise ValueError(f"context of {len(context)} tokens exceeds this server's {self.max_len - 1}")
+        if sid in self._in_flight:  # its row is being computed: the engine finishes that group first
+            raise RuntimeError(f"session {sid!r} is in a verification still in flight: finish that group first")
         session = self._sessions.get(sid)
         common = 0
         if session is not None:
@@ -149,8 +194,9 @@ class SpeculativeSessions:
             if not self._free_rows:
                 if not self._sessions:
                     raise EngineOverloaded("this server holds no speculative sessions (max_sessions is 0)")
-                idle = next(iter(self._sessions))  # least recently used
-                if time.monotonic() - self._sessions[idle].last_used < BUSY_SECONDS:
+                # The least recently used, of those not in flight (their rows are being computed).
+                idle = next((s for s in self._sessions if s not in self._in_flight), None)
+                if idle is None or time.monotonic() - self._sessions[idle].last_used < BUSY_SECONDS:
                     raise EngineOverloaded(f"all {self.max_sessions} speculative sessions are busy; try again")
                 self.end(idle)
             session = _Session(self._free_rows.pop())
@@ -231,38 +277,67 @@ class SpeculativeSessions:
                 self.end(sid)
 
     def verify_many(self, calls: Sequence[VerifyCall]) -> list[VerifyResult | Exception]:
-        """Each call's `verify` result (or the error it raised), the calls' rows run in one forward pass.
+        """Each call's `verify` result (or the error it raised), the calls' rows run in one forward pass:
+        `finish(launch(calls))`."""
+        return self.finish(self.launch(calls))
+
+    def launch(self, calls: Sequence[VerifyCall]) -> PendingVerify:
+        """Start verifying `calls` (as `verify_many`) and return without waiting for the device: the sessions opened
+        and rolled back, the pass queued (`runner.forward_rows`), the greedy rows' verdicts queued behind it and their
+        copy to the host started (`ReadBack`). `finish` judges and settles them; until then the calls' sessions are
+        in flight: no other call may name them (`_open` and `end` refuse), and neither eviction nor `expire` takes
+        them. On the CPU the pass runs here, synchronously; the results are the same either way.
 
         The sessions' rows need not be adjacent (`runner.forward_rows`: the fused path packs their tokens;
         the module path pads them and gives a row in between one throwaway token, rolled back at once).
         Greedy verdicts are judged on the device for all rows together and read back in one transfer; the
-        rows' lengths change in one update before the pass and one after it, not one per session.
+        rows' lengths change in one update before the pass and one after it (at `finish`), not one per session.
         Calls that cannot share the pass (a session named twice, rows too long to pad to the longest call)
-        run alone, in order.
+        run alone, in order, at `finish`; so are sampled rows judged (their sessions' generators draw there).
         """
-        results: list[VerifyResult | Exception | None] = [None] * len(calls)
+        pending = PendingVerify(list(calls), [None] * len(calls))
         rows: dict[int, tuple[int, _Session, list[int]]] = {}  # row -> (call index, session, pending)
-        alone: list[int] = []
         sids: set[str] = set()
         cuts: list[tuple[int, int]] = []  # (row, length): sessions rolled back to the prefix their call shares
         for i, call in enumerate(calls):
             if call.sid in sids:
-                alone.append(i)
+                pending.alone.append(i)
                 continue
             try:
                 self._check_verify(call)
-                session, pending = self._open(call.sid, call.context, call.sampling, cuts)
+                session, tokens = self._open(call.sid, call.context, call.sampling, cuts)
             except Exception as exc:
-                results[i] = exc
-                if call.end:
+                pending.results[i] = exc
+                if call.end and call.sid not in self._in_flight:  # (one in flight is another group's to end)
                     self.end(call.sid)
                 continue
-            rows[session.row] = (i, session, pending)
+            rows[session.row] = (i, session, tokens)
             sids.add(call.sid)
         self._cut(cuts)
         if rows:  # one row too: the same pass, so that a session's verdicts do not depend on its company
-            self._verify_rows(calls, rows, results, alone)
-        for i in sorted(alone):
+            self._launch_rows(pending, rows)
+        pending.sids = frozenset(sids)  # the sessions this group opened (none was in flight: `_open` refuses those)
+        self._in_flight |= pending.sids
+        return pending
+
+    def finish(self, pending: PendingVerify) -> list[VerifyResult | Exception]:
+        """The results of a group `launch` started, in its calls' order (an error where a call failed): waits for
+        the group's verdicts only (not for passes queued after it), keeps each session's accepted prefix, ends the
+        sessions their calls end, then runs the calls that must run alone. Each group is finished exactly once."""
+        if pending.finished:
+            raise RuntimeError("this verification group was finished already")
+        pending.finished = True
+        results = pending.results
+        try:
+            if pending.entries:
+                self._finish_rows(pending)
+        finally:  # whatever happened, the group is no longer in flight, and the sessions its calls end are ended
+            self._in_flight -= pending.sids
+            for call, _, _ in pending.entries:
+                if call.end:
+                    self.end(call.sid)
+        calls = pending.calls
+        for i in sorted(pending.alone):
             call = calls[i]
             try:
                 results[i] = self.verify(call.sid, call.context, call.draft, call.dists, call.sampling, call.end)
@@ -270,32 +345,39 @@ class SpeculativeSessions:
                 results[i] = exc
         return [r if r is not None else RuntimeError("verification produced no result") for r in results]
 
+    @property
+    def in_flight(self) -> frozenset[str]:
+        """The sessions of groups launched and not yet finished."""
+        return frozenset(self._in_flight)
+
+    @property
+    def free_rows(self) -> int:
+        return len(self._free_rows)
+
+    def __contains__(self, sid: object) -> bool:
+        return sid in self._sessions
+
     def _cut(self, cuts: list[tuple[int, int]]) -> None:
         """Roll rows back to these lengths, all in one update."""
         if cuts:
             rows, lengths = zip(*cuts, strict=True)
             self.runner.truncate_rows(rows, lengths)
 
-    def _verify_rows(
-        self,
-        calls: Sequence[VerifyCall],
-        rows: dict[int, tuple[int, _Session, list[int]]],
-        results: list[VerifyResult | Exception | None],
-        alone: list[int],
-    ) -> None:
-        """One forward pass over the calls' rows (`runner.forward_rows`); fills `results` (or `alone`, when
-        they cannot share it)."""
+    def _launch_rows(self, pending: PendingVerify, rows: dict[int, tuple[int, _Session, list[int]]]) -> None:
+        """Queue one forward pass over the calls' rows (`runner.forward_rows`) and the greedy rows' verdicts behind
+        it; fills `pending` (its results where the pass refused, its `alone` where the rows cannot share it)."""
+        calls, results = pending.calls, pending.results
         order = sorted(rows)
-        entries = [(calls[i], session, pending) for i, session, pending in (rows[row] for row in order)]
+        entries = [(calls[i], session, tokens) for i, session, tokens in (rows[row] for row in order)]
         index = [rows[row][0] for row in order]
         lengths = self.runner.lengths
-        tokens = [pending + list(call.draft) for call, _, pending in entries]
+        tokens = [tokens + list(call.draft) for call, _, tokens in entries]
         # The padded pass (the module path) pads every row to the longest call: it must fit every row's cache.
         if max(lengths[order[0] : order[-1] + 1]) + max(map(len, tokens)) > self.max_len:
-            alone.extend(index)
+            pending.alone.extend(index)
             return
         # Scored from each row's last context token on: the context before it only goes into the cache.
-        starts = [len(pending) - 1 for _, _, pending in entries]
+        starts = [len(held) - 1 for _, _, held in entries]
         try:
             logits = self.runner.forward_rows(order, tokens, starts)
         except Exception as exc:
@@ -310,60 +392,74 @@ class SpeculativeSessions:
                     self.end(call.sid)
             return
         # Row k's scores are logits[offsets[k] : offsets[k + 1]]: position j predicts the token after
-        # context + draft[:j].
-        judged: list[_Judged | Exception]
-        if all(call.sampling.greedy for call, _, _ in entries):  # the usual case: every row judged at once
-            judged = list(self._judge_greedy(entries, None, logits))
-        else:
-            judged = self._judge_mixed(entries, logits)
+        # context + draft[:j]. A pass launched after this one, before `finish`, cannot change what this group reads:
+        # everything runs on one stream, in the order queued. The packed graph's inputs (`_packed_inputs`) are
+        # refilled by a copy queued after this replay, which has read them by then; its static output is read by
+        # the head queued right behind this replay, before any later replay writes it, into `logits`, a tensor of
+        # this pass's own; the pass's plan came through a pinned buffer of its own (`to_device`). The rows the next
+        # pass writes are other sessions' (the engine never launches a session twice), and the padded pass's
+        # throwaway token in a row in between lands past that row's end, rolled back at once.
+        pending.entries, pending.index, pending.logits = entries, index, logits
+        greedy = [k for k, (call, _, _) in enumerate(entries) if call.sampling.greedy]
+        if not greedy:
+            return
+        positions = None  # the usual case, every row greedy: all of the scores, in order
+        if len(greedy) < len(entries):  # where the greedy rows' scores sit among all rows'
+            offsets = np.cumsum([0, *(len(call.draft) + 1 for call, _, _ in entries)])
+            counts = np.diff(offsets)[greedy]
+            positions = np.repeat(offsets[greedy], counts) + (
+                np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+            )
+        pending.greedy = greedy
+        pending.verdicts = self._queue_greedy([entries[k] for k in greedy], positions, logits)
+
+    def _finish_rows(self, pending: PendingVerify) -> None:
+        """Judge the pass's rows (the greedy ones from their verdicts read back, the sampled ones from the logits)
+        and keep each session's accepted prefix; fills `pending.results`."""
+        entries, index, logits, results = pending.entries, pending.index, pending.logits, pending.results
+        assert logits is not None
+        judged: list[_Judged | Exception] = [RuntimeError("verification produced no verdict")] * len(entries)
+        if pending.verdicts is not None:
+            greedy = pending.greedy
+            values = pending.verdicts.wait()
+            for k, verdict in zip(greedy, self._greedy_judged([entries[k] for k in greedy], values), strict=True):
+                judged[k] = verdict
+        sampled = [k for k, (call, _, _) in enumerate(entries) if not call.sampling.greedy]
+        if sampled:
+            offsets = np.cumsum([0, *(len(call.draft) + 1 for call, _, _ in entries)])
+            found = self._judge_sampled([entries[k] for k in sampled], offsets[sampled].tolist(), logits)
+            for k, sampled_judged in zip(sampled, found, strict=True):
+                judged[k] = sampled_judged
+        lengths = self.runner.lengths
         settle: list[tuple[VerifyCall, _Session, list[int], _Judged]] = []
         settled: list[int] = []
-        cuts = []
-        for i, entry, verdict in zip(index, entries, judged, strict=True):
-            if isinstance(verdict, Exception):
-                results[i] = verdict
+        cuts: list[tuple[int, int]] = []
+        for i, entry, row_verdict in zip(index, entries, judged, strict=True):
+            if isinstance(row_verdict, Exception):
+                results[i] = row_verdict
                 session = entry[1]
                 if lengths[session.row] != len(session.tokens):
                     cuts.append((session.row, len(session.tokens)))
             else:
-                settle.append((*entry, verdict))
+                settle.append((*entry, row_verdict))
                 settled.append(i)
         verdicts, kept = self._settle(settle)
         self._cut(cuts + kept)
         for i, verdict_result in zip(settled, verdicts, strict=True):
             results[i] = verdict_result
-        for call, _, _ in entries:
-            if call.end:
-                self.end(call.sid)
-
-    def _judge_mixed(
-        self, entries: Sequence[tuple[VerifyCall, _Session, list[int]]], logits: torch.Tensor
-    ) -> list[_Judged | Exception]:
-        """Verdicts of greedy and sampled rows in one pass: each kind judged together (`_judge_greedy`,
-        `_judge_sampled`) on its rows' scores."""
-        offsets = np.cumsum([0, *(len(call.draft) + 1 for call, _, _ in entries)])
-        greedy = [k for k, (call, _, _) in enumerate(entries) if call.sampling.greedy]
-        sampled = [k for k, (call, _, _) in enumerate(entries) if not call.sampling.greedy]
-        judged: list[_Judged | Exception] = [RuntimeError("verification produced no verdict")] * len(entries)
-        if greedy:  # where the greedy rows' scores sit among all rows'
-            counts = np.diff(offsets)[greedy]
-            positions = np.repeat(offsets[greedy], counts) + (
-                np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-            )
-            for k, verdict in zip(greedy, self._judge_greedy([entries[k] for k in greedy], positions, logits),
-                                  strict=True):  # fmt: skip
-                judged[k] = verdict
-        if sampled:
-            found = self._judge_sampled([entries[k] for k in sampled], offsets[sampled].tolist(), logits)
-            for k, sampled_judged in zip(sampled, found, strict=True):
-                judged[k] = sampled_judged
-        return judged
 
     def _judge_greedy(
         self, entries: Sequence[tuple[VerifyCall, _Session, list[int]]], positions: np.ndarray | None,
         logits: torch.Tensor,
     ) -> list[_Judged]:  # fmt: skip
-        """The greedy rows' verdicts, all judged on the device (`greedy_verdicts`) and read back in one
+        """The greedy rows' verdicts (`_queue_greedy`, then `_greedy_judged`)."""
+        return self._greedy_judged(entries, self._queue_greedy(entries, positions, logits).wait())
+
+    def _queue_greedy(
+        self, entries: Sequence[tuple[VerifyCall, _Session, list[int]]], positions: np.ndarray | None,
+        logits: torch.Tensor,
+    ) -> ReadBack:  # fmt: skip
+        """The greedy rows' verdicts, all judged on the device (`greedy_verdicts`), on their way back in one
         transfer: a wait on the device per session, not per pass, is what bounds a GPU's verify rounds.
         `positions`: where the rows' scores sit in `logits` (None: all of it, in order)."""
         n = len(entries)
@@ -371,7 +467,8 @@ class SpeculativeSessions:
         counts = [len(d) + 1 for d in drafts]
         size = sum(counts)
         # Per scored position: the draft token it predicts (-1 at each row's bonus position), its row's index,
-        # then where it sits in `logits`.
+        # then where it sits in `logits`. `to_device` copies from a pinned buffer of this call's own, so the next
+        # group's plan, queued before this one's copy ran, cannot overwrite it.
         plan = np.empty((2 if positions is None else 3, size), dtype=np.int64)
         plan[0] = np.fromiter(itertools.chain.from_iterable((*d, -1) for d in drafts), dtype=np.int64, count=size)
         plan[1] = np.repeat(np.arange(n, dtype=np.int64), counts)
@@ -380,16 +477,24 @@ class SpeculativeSessions:
         plan_dev = to_device(plan, logits.device)
         scores = logits if positions is None else logits.index_select(0, plan_dev[2])
         stop, token, logprobs = greedy_verdicts(scores, plan_dev[0], plan_dev[1], n)
-        values = read_back(torch.cat([stop.double(), token.double(), logprobs.double()]))
+        return ReadBack(torch.cat([stop.double(), token.double(), logprobs.double()]))
+
+    def _greedy_judged(
+        self, entries: Sequence[tuple[VerifyCall, _Session, list[int]]], values: list[Any]
+    ) -> list[_Judged]:
+        """The greedy rows' verdicts from `_queue_greedy`'s values: per row the position of the verifier's own
+        token, then per row that token, then the log-probability of every scored position."""
+        n = len(entries)
         eos = self._eos
         judged: list[_Judged] = []
         first = 0  # the row's first position among the greedy rows' scores
-        for g, (draft, count) in enumerate(zip(drafts, counts, strict=True)):
+        for g, (call, _, _) in enumerate(entries):
+            draft = call.draft
             end = int(values[g])  # the position of the verifier's own token: the row's first + accepted
             accepted, own = end - first, int(values[n + g])
             ends = own in eos or not eos.isdisjoint(draft[:accepted])
             judged.append((accepted, own, tuple(values[2 * n + first : 2 * n + end + 1]), ends))
-            first += count
+            first += len(draft) + 1
         return judged
 
     def _judge_sampled(

@@ -267,7 +267,10 @@ def test_a_core_step_verifies_every_session_in_one_pass(loaded: Any) -> None:
         for i, (c, d) in enumerate(zip(contexts, drafts, strict=True))
     ]
     runner = ModuleRunner(loaded.model, max_rows=1 + n, max_len=64)
-    core = EngineCore(runner, SpeculativeSessions(runner, eos, first_row=1), eos, max_batch_size=1)
+    # Unpipelined (each step's Verify calls answered in that step; test_core_pipeline.py has the pipeline's).
+    core = EngineCore(
+        runner, SpeculativeSessions(runner, eos, first_row=1), eos, max_batch_size=1, verify_pipeline=False
+    )
     for i, (c, d) in enumerate(zip(contexts, drafts, strict=True)):
         core.call(100 + i, "verify", (f"s{i}", c, d, (), GREEDY, False))
     passes = runner.passes
@@ -324,7 +327,10 @@ def test_a_verify_step_is_owed_the_sessions_verified_before_it(loaded: Any) -> N
     while anything else is queued, and never for a session that ended."""
     eos = eos_ids(loaded.model, loaded.tokenizer)
     runner = ModuleRunner(loaded.model, max_rows=4, max_len=64)
-    core = EngineCore(runner, SpeculativeSessions(runner, eos, first_row=1), eos, max_batch_size=1)
+    # Unpipelined (each step's Verify calls answered in that step; test_core_pipeline.py has the pipeline's).
+    core = EngineCore(
+        runner, SpeculativeSessions(runner, eos, first_row=1), eos, max_batch_size=1, verify_pipeline=False
+    )
     core.call(1, "verify", ("a", [5, 6, 7], [8], (), GREEDY, False))
     core.call(2, "verify", ("b", [9, 10], [11], (), GREEDY, False))
     core.call(3, "verify", ("c", [12, 13], [], (), GREEDY, True))  # ends with this call

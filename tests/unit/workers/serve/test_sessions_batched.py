@@ -278,3 +278,61 @@ def test_verify_owed_counts_each_due_session_once(model: Any) -> None:
         assert core.verify_owed() == len(due - arrived)
     core.step()
     assert core.verify_owed() == 0
+
+
+# -- launch and finish: a group's pass queued, judged later (the engine's verify pipeline) ----------------------
+
+
+def own_calls(model: Any, sids: str, context: list[int], n: int = 3, end: bool = False) -> list[VerifyCall]:
+    draft = own_tokens(model, context, n)
+    return [VerifyCall(sid, context, [*draft[:-1], (draft[-1] + 1) % VOCAB], (), GREEDY, end) for sid in sids]
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_two_groups_in_flight_finish_in_either_order_with_their_own_verdicts(model: Any, fast: bool) -> None:
+    first = [*own_calls(model, "ab", [1, 2, 3]), *own_calls(model, "c", [7, 7], n=4, end=True)]
+    second = [*own_calls(model, "de", [5, 9, 11, 4], n=2), VerifyCall("f", [1], [VOCAB + 1], (), GREEDY)]
+    twin = sessions_over(model, rows=6, eos=frozenset(), fast=fast)
+    want = twin.verify_many(first), twin.verify_many(second)
+    sessions = sessions_over(model, rows=6, eos=frozenset(), fast=fast)
+    a = sessions.launch(first)
+    b = sessions.launch(second)
+    assert sessions.in_flight == {"a", "b", "c", "d", "e"}  # f's call was refused at launch: it holds nothing
+    got_b = sessions.finish(b)  # the later group first: each waits for, and judges, its own pass only
+    assert sessions.in_flight == {"a", "b", "c"}
+    got_a = sessions.finish(a)
+    assert sessions.in_flight == frozenset()
+    for have, expected in zip([*got_a, *got_b], [*want[0], *want[1]], strict=True):
+        if isinstance(expected, Exception):
+            assert type(have) is type(expected) and str(have) == str(expected)
+        else:
+            assert isinstance(have, VerifyResult)
+            assert (have.accepted, have.next_token, have.eos) == (expected.accepted, expected.next_token, expected.eos)
+            assert have.logprobs == pytest.approx(expected.logprobs, abs=1e-5)
+    assert [r.accepted for r in got_a] == [2, 2, 3]  # type: ignore[union-attr]
+    assert "c" not in sessions  # its call ended it, at finish
+    with pytest.raises(RuntimeError, match="finished already"):
+        sessions.finish(a)
+
+
+def test_a_session_in_flight_is_neither_touched_nor_evicted_nor_expired(model: Any) -> None:
+    sessions = sessions_over(model, rows=2, eos=frozenset(), fast=True)
+    pending = sessions.launch(own_calls(model, "a", [1, 2, 3]))
+    sessions.verify("b", [4, 5], [], (), GREEDY, end=False)
+    for session in sessions._sessions.values():  # both idle long enough to give way; a (in flight) is the oldest
+        session.last_used -= 10
+    with pytest.raises(RuntimeError, match="in flight"):
+        sessions.draft("a", [1, 2, 3], 2, GREEDY, 4, end=False)
+    with pytest.raises(RuntimeError, match="in flight"):
+        sessions.end("a")
+    sessions.ttl = 5.0
+    sessions.expire()  # b is past its time to live; a is in flight and stays
+    assert "a" in sessions and "b" not in sessions
+    sessions.verify("b", [4, 5], [], (), GREEDY, end=False)
+    sessions._sessions["b"].last_used -= 1
+    sessions.verify("c", [6], [], (), GREEDY, end=False)  # no free row: the idlest session not in flight gives way
+    assert "a" in sessions and "b" not in sessions and "c" in sessions
+    (result,) = sessions.finish(pending)
+    assert isinstance(result, VerifyResult) and result.accepted == 2
+    session = sessions._sessions["a"]
+    assert session.tokens == [1, 2, 3, *own_tokens(model, [1, 2, 3], 2)] and sessions.runner.lengths[session.row] == 5

@@ -1,0 +1,148 @@
+"""The engine loop over a real core (the tiny model) with the verify pipeline on: callers in threads of their own
+each get their replies, the loop goes idle when calls stop arriving, and stopping with a group in flight answers
+its calls."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from stratus_workers.models.tiny import TINY, random_llama
+from stratus_workers.protocol.requests import Sampling
+from stratus_workers.serve.core import EngineCore, StepOutput
+from stratus_workers.serve.loop import EngineLoop, ThreadInbox
+from stratus_workers.serve.runner.build import build_runner
+from stratus_workers.serve.sessions import SpeculativeSessions, VerifyResult
+
+pytestmark = pytest.mark.unit
+
+VOCAB = 48
+MAX_LEN = 64
+WAIT = 60.0  # seconds a caller waits for a reply before the test calls it hung (a loaded machine is slow)
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    return random_llama(dict(TINY), vocab_size=VOCAB, seed=5, init_std=0.3)
+
+
+def core_over(model: Any, pipeline: bool, sessions: int) -> EngineCore:
+    runner = build_runner(model, max_rows=1 + sessions, max_len=MAX_LEN, fast=True)
+    pool = SpeculativeSessions(runner, frozenset(), first_row=1)
+    core = EngineCore(runner, pool, frozenset(), max_batch_size=1, verify_pipeline=pipeline)
+    core.min_verify_group = 2
+    return core
+
+
+class Running:
+    """An `EngineLoop` in a thread, and callers' replies by call id."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self.inbox = ThreadInbox()
+        self.replies: dict[int, tuple[str, Any]] = {}
+        self.stopped: StepOutput | None = None
+        self.cond = threading.Condition()
+        self.loop = EngineLoop(core, self.emit)
+        self.thread = threading.Thread(target=self.loop.run, args=(self.inbox,), daemon=True)
+        self.ids = iter(range(1, 10**6))
+        self.lock = threading.Lock()
+
+    def emit(self, message: tuple[Any, ...]) -> None:
+        out = StepOutput.unpack(message[1])
+        with self.cond:
+            for call_id, kind, value in out.results:
+                assert call_id not in self.replies, f"call {call_id} answered twice"
+                self.replies[call_id] = (kind, value)
+            if message[0] == "stopped":
+                self.stopped = out
+            self.cond.notify_all()
+
+    def call(self, op: str, *args: Any) -> tuple[str, Any]:
+        with self.lock:
+            call_id = next(self.ids)
+        self.inbox.put(("call", call_id, op, args))
+        with self.cond:
+            assert self.cond.wait_for(lambda: call_id in self.replies, WAIT), f"no reply to {op} call {call_id}"
+            return self.replies[call_id]
+
+    def stop(self) -> None:
+        self.inbox.put(("stop",))
+        self.thread.join(WAIT)
+        assert not self.thread.is_alive()
+
+
+def caller(running: Running, sid: str, rounds: int, out: dict[str, list[Any]]) -> None:
+    """A session's rounds: drafts of 3 tokens (its seed's, mostly rejected), each round's context built from the
+    replies before it."""
+    context = [1 + int(sid[1:]) % (VOCAB - 1), 4, 9]
+    got: list[Any] = []
+    for rnd in range(rounds):
+        draft = [(int(sid[1:]) * 5 + rnd + i) % VOCAB for i in range(3)]
+        kind, value = running.call("verify", sid, context, draft, [], Sampling(), False)
+        assert kind == "", value
+        got.append((value.accepted, value.next_token, value.logprobs))
+        context = [*context, *draft[: value.accepted], value.next_token]
+    out[sid] = got
+
+
+def run_callers(model: Any, pipeline: bool, n: int, rounds: int) -> tuple[dict[str, list[Any]], Running]:
+    running = Running(core_over(model, pipeline, sessions=n))
+    running.thread.start()
+    out: dict[str, list[Any]] = {}
+    threads = [threading.Thread(target=caller, args=(running, f"s{k}", rounds, out)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert len(out) == n, "a caller did not finish"
+    return out, running
+
+
+def test_every_caller_gets_its_replies_and_the_loop_goes_idle(model: Any) -> None:
+    got, running = run_callers(model, pipeline=True, n=8, rounds=5)
+    try:
+        core = running.core
+        # Calls stopped arriving: the group last launched was finished, and the loop sleeps (no steps).
+        deadline = time.monotonic() + WAIT
+        while core.busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not core.busy and core.sessions.in_flight == frozenset()
+        steps = running.loop.steps
+        time.sleep(0.3)
+        assert running.loop.steps == steps
+        assert core.verify_groups >= 5
+    finally:
+        running.stop()
+    want, other = run_callers(model, pipeline=False, n=8, rounds=5)
+    other.stop()
+    assert got.keys() == want.keys()
+    for sid, rounds in got.items():
+        for (accepted, token, logprobs), (w_accepted, w_token, w_logprobs) in zip(rounds, want[sid], strict=True):
+            assert (accepted, token) == (w_accepted, w_token)
+            assert logprobs == pytest.approx(w_logprobs, abs=1e-5)
+
+
+def test_stopping_with_a_group_in_flight_answers_its_calls(model: Any) -> None:
+    core = core_over(model, pipeline=True, sessions=3)
+    running = Running(core)
+    steps: list[StepOutput] = []
+
+    def emit(message: tuple[Any, ...]) -> None:
+        running.emit(message)
+        if message[0] == "step":
+            steps.append(StepOutput.unpack(message[1]))
+            running.inbox.put(("stop",))  # arrives while the group the step launched is in flight
+
+    running.loop.emit = emit
+    for call_id, sid in enumerate("ab"):
+        running.inbox.put(("call", call_id, "verify", (sid, [3, 4, 5], [6, 7], [], Sampling(), False)))
+    running.loop.run(running.inbox)  # here: it returns once it stopped
+    assert len(steps) == 1 and steps[0].results == []  # launched, not finished
+    assert running.stopped is not None
+    assert sorted(running.replies) == [0, 1]
+    assert all(kind == "" and isinstance(value, VerifyResult) for kind, value in running.replies.values())
+    assert not core.busy and core.sessions.in_flight == frozenset()
