@@ -366,7 +366,7 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
             raise SystemExit("--profile needs the engine's core in this process (the thread transport)")
         profile = StepProfile(core)
     # The core's own switch where it runs here; an engine process decides from the same variable and device.
-    pipeline = bool(core.verify_pipeline) if core is not None else verify_pipeline_on(device.type)
+    pipeline = bool(core.verify_pipeline) if core is not None else verify_pipeline_on()
     rng = random.Random(0)
     match = match_for(args.acceptance, args.draft)
     meta = {
@@ -598,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         "--verify-pipeline",
         choices=["auto", "on", "off"],
         default="auto",
-        help="the engine's verify pipeline (STRATUS_VERIFY_PIPELINE; auto: on on CUDA, off on the CPU)",
+        help="the engine's verify pipeline (STRATUS_VERIFY_PIPELINE; auto: the engine's default, off)",
     )
     parser.add_argument("--tf32", action="store_true", help="float32 matrix products in TensorFloat-32 (CUDA)")
     parser.add_argument(

@@ -21,7 +21,7 @@ decoding rows' tokens are one pass instead of two (`_mixed`; docs/serving.md, "M
 Every Verify call of a step runs in one forward pass over the session rows
 (`SpeculativeSessions.verify_many`), before the step's decode pass: many edge devices verifying at once
 cost one pass of the model, not one each ("verify_alone" keeps one pass per call, for comparison). With the
-verify pipeline (STRATUS_VERIFY_PIPELINE; on by default on CUDA) a step launches its Verify calls' pass and then
+verify pipeline (opt-in, STRATUS_VERIFY_PIPELINE=1) a step launches its Verify calls' pass and then
 finishes the group an earlier step launched, so the device computes one group while the host judges, settles
 and replies to the other, and the loop gathers that group's next calls (docs/serving.md, "The verify pipeline").
 """
@@ -55,10 +55,13 @@ PREFIX_BLOCK = 16
 MIN_VERIFY_GROUP = 8
 
 
-def verify_pipeline_on(device_type: str) -> bool:
-    """Whether an engine core on this device runs the verify pipeline unless told (STRATUS_VERIFY_PIPELINE): on
-    CUDA, where the device computes while the host works; not on the CPU, where the device is the host."""
-    return env_flag("STRATUS_VERIFY_PIPELINE", device_type == "cuda")
+def verify_pipeline_on() -> bool:
+    """Whether an engine core runs the verify pipeline unless told (STRATUS_VERIFY_PIPELINE): off by default. On
+    an H200 at 64 sessions (~1B) its two half-size passes cost 3.2 ms of device time each against 4.7 ms for one
+    pass of all, so the overlap it buys is spent on the second pass: 4-5% fewer accepted tokens/s than without it
+    (docs/benchmarks.md, "the verify pipeline"); on the CPU the device is the host and there is nothing to
+    overlap."""
+    return env_flag("STRATUS_VERIFY_PIPELINE", False)
 
 
 # A group of Verify calls launched (`SpeculativeSessions.launch`), or the error that kept it from launching.
@@ -249,7 +252,7 @@ class EngineCore:
         # earlier step launched, so the device computes one group while the host settles and replies to the other.
         # Nothing to overlap where the device is the host: off on the CPU unless asked for.
         if verify_pipeline is None:
-            verify_pipeline = verify_pipeline_on(getattr(getattr(runner, "device", None), "type", "cpu"))
+            verify_pipeline = verify_pipeline_on()
         self.verify_pipeline = verify_pipeline
         self.min_verify_group = env_int("STRATUS_VERIFY_MIN_GROUP", MIN_VERIFY_GROUP, 1, 1 << 16)
         self._in_flight: _Group | None = None  # the group launched and not yet finished (at most one)
