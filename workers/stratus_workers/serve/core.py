@@ -250,7 +250,7 @@ class EngineCore:
         self._replied_at = -1  # the step that last replied to Verify calls (it resets the two sets above)
         # The verify pipeline (docs/serving.md): a step launches its Verify calls' pass, then finishes the group an
         # earlier step launched, so the device computes one group while the host settles and replies to the other.
-        # Nothing to overlap where the device is the host: off on the CPU unless asked for.
+        # Off unless asked for (`verify_pipeline_on`: on an H200 its half-size passes cost more than it hides).
         if verify_pipeline is None:
             verify_pipeline = verify_pipeline_on()
         self.verify_pipeline = verify_pipeline
