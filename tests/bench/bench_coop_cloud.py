@@ -10,8 +10,8 @@ nothing here: this measures what the cloud's GPU does per generated token. Repor
 forward passes per token, and the acceptance reached.
 
 Random-init weights (speed does not depend on their values), the bundled tokenizer's vocabulary. The engine's
-verify pipeline (docs/serving.md) is on where it is by default, on CUDA; `--verify-pipeline on|off` overrides,
-and the run's meta records which. On the CPU (a check that it runs, not a measurement): `--model tiny --device
+verify pipeline (docs/serving.md) is off by default (it measured slower on an H200 at 64 sessions);
+`--verify-pipeline on|off` overrides, and the run's meta records which. On the CPU (a check that it runs, not a measurement): `--model tiny --device
 cpu --dtype float32 --concurrency 1,16 --new-tokens 32 --profile`.
 """
 
