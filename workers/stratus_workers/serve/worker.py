@@ -3,7 +3,8 @@
 The model server (the frontend) starts it with one end of a socket pair and sends it what to build:
 `EngineSettings` and a picklable loader that returns a `models.LoadedModel`. It loads the model,
 builds the engine core, warms it up, answers ("ready", EngineInfo, tokenizer), then runs the
-engine loop until told to stop or until the frontend goes away. A thread beside the loop sends
+engine loop until told to stop or until the frontend goes away (a closed channel reads as a stop, and the
+process exits with status 0, logging a warning). A thread beside the loop sends
 ("beat", steps, seconds in the current step) every BEAT_SECONDS, so the frontend can tell a process
 that stopped (no beats) from a step that takes long (beats, but no progress). An error that ends
 the loop is sent as ("failed", message, exception type) before the process exits with status 1.
@@ -150,8 +151,19 @@ def serve(channel: Channel) -> int:
         freeze_heap()
         channel.send(("ready", info, tokenizer))
 
+        gone = False  # the frontend closed the channel: nobody is left to answer
+
         def emit(message: tuple[Any, ...]) -> None:
-            channel.send(message)
+            nonlocal gone
+            if gone:
+                return
+            try:
+                channel.send(message)
+            except ChannelClosed:
+                # The frontend exited without a stop (killed, or its process ended first): the inbox reads as stop
+                # from now on, and the loop ends as it would on one. No error of the engine's.
+                gone = True
+                log.warning("the frontend closed the engine channel; the engine loop stops")
 
         loop = EngineLoop(core, emit)
         beat.loop = loop
@@ -162,7 +174,8 @@ def serve(channel: Channel) -> int:
         for child in children:
             with contextlib.suppress(Exception):
                 child.wait(timeout=60)
-        _drain(channel, 5.0)
+        if not gone:
+            _drain(channel, 5.0)
         return 0
     except BaseException as exc:
         log.critical("engine loop died", exc_info=exc)

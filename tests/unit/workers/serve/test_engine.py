@@ -9,6 +9,7 @@ import functools
 import itertools
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -431,6 +432,20 @@ async def test_a_killed_or_frozen_engine_process_fails_every_request_fast(
                                             failures, fragment)  # fmt: skip
         # A frozen engine is killed too, so that it holds no device when the pod restarts.
         assert engine.transport.proc.wait(5) == -signal.SIGKILL
+    finally:
+        await engine.stop()
+
+
+async def test_an_engine_process_whose_frontend_goes_away_stops_without_an_error(tiny_model_dir: Path) -> None:
+    # A frontend that exits without sending stop (killed, or a benchmark's process ending first) leaves the engine
+    # nobody to answer: its loop stops as on a stop, and the process exits with status 0, not as a dead loop's 1.
+    engine = await in_process(tiny_model_dir, max_batch_size=1)
+    assert isinstance(engine.transport, ProcessTransport) and engine.transport.proc is not None
+    assert engine.transport.channel is not None
+    proc = engine.transport.proc
+    try:
+        engine.transport.channel.sock.shutdown(socket.SHUT_RDWR)  # the frontend's end goes away, no stop sent
+        assert await asyncio.get_running_loop().run_in_executor(None, proc.wait, 30) == 0
     finally:
         await engine.stop()
 
