@@ -11,8 +11,8 @@ forward passes per token, and the acceptance reached.
 
 Random-init weights (speed does not depend on their values), the bundled tokenizer's vocabulary. The engine's
 verify pipeline (docs/serving.md) is off by default (it measured slower on an H200 at 64 sessions);
-`--verify-pipeline on|off` overrides, and the run's meta records which. On the CPU (a check that it runs, not a measurement): `--model tiny --device
-cpu --dtype float32 --concurrency 1,16 --new-tokens 32 --profile`.
+`--verify-pipeline on|off` overrides, and the run's meta records which. On the CPU (a check that it runs, not a
+measurement): `--model tiny --device cpu --dtype float32 --concurrency 1,16 --new-tokens 32 --profile`.
 """
 
 from __future__ import annotations
