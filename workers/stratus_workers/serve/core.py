@@ -254,7 +254,10 @@ class EngineCore:
         if verify_pipeline is None:
             verify_pipeline = verify_pipeline_on()
         self.verify_pipeline = verify_pipeline
-        self.min_verify_group = env_int("STRATUS_VERIFY_MIN_GROUP", MIN_VERIFY_GROUP, 1, 1 << 16)
+        # Read only with the pipeline on: a bad value of a switch that does nothing must not stop an engine starting.
+        self.min_verify_group = (
+            env_int("STRATUS_VERIFY_MIN_GROUP", MIN_VERIFY_GROUP, 1, 1 << 16) if verify_pipeline else MIN_VERIFY_GROUP
+        )
         self._in_flight: _Group | None = None  # the group launched and not yet finished (at most one)
         self.verify_groups = 0  # groups launched
         self.verify_overlapped = 0  # of those, launched while another was in flight (the pipeline's point)
@@ -327,6 +330,8 @@ class EngineCore:
         call arrived before it was launched)."""
         if (not self._verifies and self._in_flight is None) or self._rows or self._waiting or not self._expecting:
             return 0
+        if not self._verifies and self._in_flight is not None and self._in_flight_done():
+            return 0  # nothing queued, and the group in flight is computed: waiting would only delay its reply
         # Counted as calls arrive (`call`): the loop asks after every message while it gathers a step's calls.
         return len(self._expecting) - len(self._arrived)
 
@@ -462,6 +467,10 @@ class EngineCore:
         sessions = self.sessions
         return sum(sid not in sessions for sid in sids) > sessions.free_rows
 
+    def _in_flight_done(self) -> bool:
+        pending = self._in_flight[1] if self._in_flight is not None else None
+        return not isinstance(pending, PendingVerify) or pending.ready()
+
     def _take_in_flight(self) -> _Group:
         group = self._in_flight
         assert group is not None
@@ -472,6 +481,8 @@ class EngineCore:
         self.verify_groups += 1
         try:
             return verifies, self.sessions.launch([call for _, call in verifies])
+        except EngineFailed:  # the runner cannot compute any more (a pipeline stage died): the loop ends
+            raise
         except Exception as exc:  # fails only this group's calls
             return verifies, exc
 
@@ -484,6 +495,8 @@ class EngineCore:
         else:
             try:
                 verdicts = self.sessions.finish(pending)
+            except EngineFailed:
+                raise
             except Exception as exc:  # fails only this group's calls
                 verdicts = [exc] * len(verifies)
         if self._replied_at != self.steps:  # the first reply of this step: what was owed before is not now

@@ -9,9 +9,9 @@ Verification is batched: `verify_many` takes every Verify call of an engine step
 in one forward pass, so many edge devices verifying at once cost the cloud about one step of the model,
 not one step each. The acceptance rule is `verify`'s, applied to each row's own logits (the greedy rule
 for all rows at once on the device: `speculative.greedy_verdicts`). `verify_many` is `finish(launch(calls))`:
-`launch` queues a group's pass and verdicts on the device and returns at once, `finish` waits for that group
-only, then judges and settles it, so that the engine can queue one group's pass while the host settles and
-replies to another's (`EngineCore`, the verify pipeline).
+`launch` queues a group's pass and verdicts on the device and returns at once, `finish` waits for that group's
+greedy verdicts only, then judges and settles it, so that the engine can queue one group's pass while the host
+settles and replies to another's (`EngineCore`, the verify pipeline).
 """
 
 from __future__ import annotations
@@ -69,6 +69,10 @@ class ReadBack:
         self._done = torch.cuda.Event()  # type: ignore[no-untyped-call]
         self._done.record()
 
+    def ready(self) -> bool:
+        """Whether `wait` would return at once (the copy is done)."""
+        return self._values is not None or bool(self._done.query())
+
     def wait(self) -> list[Any]:
         if self._values is None:
             assert self._host is not None
@@ -118,6 +122,10 @@ class PendingVerify:
     verdicts: ReadBack | None = None
     sids: frozenset[str] = frozenset()
     finished: bool = False
+
+    def ready(self) -> bool:
+        """Whether the group's greedy verdicts are on the host (finishing it would not wait for them)."""
+        return self.verdicts is None or self.verdicts.ready()
 
 
 class SpeculativeSessions:
@@ -322,8 +330,10 @@ class SpeculativeSessions:
 
     def finish(self, pending: PendingVerify) -> list[VerifyResult | Exception]:
         """The results of a group `launch` started, in its calls' order (an error where a call failed): waits for
-        the group's verdicts only (not for passes queued after it), keeps each session's accepted prefix, ends the
-        sessions their calls end, then runs the calls that must run alone. Each group is finished exactly once."""
+        the group's greedy verdicts only (not for passes queued after it), keeps each session's accepted prefix, ends
+        the sessions their calls end, then runs the calls that must run alone. Each group is finished exactly once.
+        Sampled rows are judged here from the group's logits, on the device behind whatever was queued since, so a
+        group with sampled rows does wait for later passes (the pipeline overlaps greedy traffic only)."""
         if pending.finished:
             raise RuntimeError("this verification group was finished already")
         pending.finished = True

@@ -30,7 +30,9 @@ def core_over(model: Any, *, batch: int = 3, chunk: int = 512, pool: int = 0, fa
     eos: frozenset[int] = frozenset()  # a random model must not stop early: every answer runs to its length
     prefix = PrefixCache(PREFIX_BLOCK, pool // PREFIX_BLOCK) if pool else None
     sessions = SpeculativeSessions(runner, eos, first_row=batch)
-    return EngineCore(runner, sessions, eos, max_batch_size=batch, prefill_chunk=chunk, prefix=prefix)
+    return EngineCore(
+        runner, sessions, eos, max_batch_size=batch, prefill_chunk=chunk, prefix=prefix, verify_pipeline=False
+    )
 
 
 def greedy(model: Any, prompt: list[int], n: int) -> list[int]:

@@ -17,7 +17,7 @@ from stratus_workers.models.tiny import TINY, random_llama
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.core import EngineCore, EngineRequest
 from stratus_workers.serve.runner.build import build_runner
-from stratus_workers.serve.sessions import SpeculativeSessions, VerifyResult
+from stratus_workers.serve.sessions import PendingVerify, SpeculativeSessions, VerifyResult
 from stratus_workers.serve.speculative import SparseDist
 
 pytestmark = pytest.mark.unit
@@ -326,15 +326,22 @@ def test_shutdown_answers_the_group_in_flight(model: Any) -> None:
     assert not core.busy and core.sessions.in_flight == frozenset()
 
 
-def test_the_loop_waits_for_the_group_it_replied_to_while_the_other_is_in_flight(model: Any) -> None:
-    """verify_owed: with a group in flight, the sessions last replied to are owed even before any of their calls
-    arrived; the sessions in flight never are."""
+def test_the_loop_waits_for_the_group_it_replied_to_while_the_other_is_in_flight(
+    model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify_owed: with a group in flight still computing, the sessions last replied to are owed even before any of
+    their calls arrived; the sessions in flight never are. Once the group in flight is computed and nothing is
+    queued, nothing is owed: waiting would only delay its reply."""
     core = core_over(model, pipeline=True, fast=True, sessions=5, min_group=2)
     context = [4, 8, 15]
     for k, sid in enumerate("abcd"):
         core.call(k, "verify", (sid, context, [], [], Sampling(), False))
     out = core.step()  # two groups: a, b finished now; c, d in flight
     assert sorted(r[0] for r in out.results) == [0, 1] and core.sessions.in_flight == {"c", "d"}
+    # On the CPU `launch` computes everything: the group in flight is done, so the loop would step at once.
+    assert core.verify_owed() == 0
+    # A device still computing it (on the CPU only a stand-in can say so): a and b are owed.
+    monkeypatch.setattr(PendingVerify, "ready", lambda self: False)
     assert core.verify_owed() == 2
     nxt = {r[0]: r[2] for r in out.results}
     core.call(10, "verify", ("a", [*context, nxt[0].next_token], [], [], Sampling(), False))
@@ -387,3 +394,22 @@ def test_the_pipeline_on_the_cuda_path() -> None:
     ]  # fmt: skip
     core = pipeline_on_and_off(model, plans_, [6, 4])
     assert core.runner.device.type == "cuda" and core.verify_overlapped > 0
+
+
+def test_the_pipeline_is_off_unless_asked_for(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Off by default (it measured slower on an H200 at 64 sessions, docs/serving.md); STRATUS_VERIFY_PIPELINE=1 turns
+    # it on, and its group size is read (and a bad one refused, naming it) only then.
+    def build() -> EngineCore:
+        runner = build_runner(model, max_rows=BATCH + 2, max_len=MAX_LEN, fast=False)
+        return EngineCore(runner, SpeculativeSessions(runner, frozenset(), first_row=BATCH), frozenset(),
+                          max_batch_size=BATCH)  # fmt: skip
+
+    monkeypatch.delenv("STRATUS_VERIFY_PIPELINE", raising=False)
+    monkeypatch.setenv("STRATUS_VERIFY_MIN_GROUP", "zero")
+    assert not build().verify_pipeline  # and the bad group size of a switch that is off stops nothing
+    monkeypatch.setenv("STRATUS_VERIFY_PIPELINE", "1")
+    with pytest.raises(ValueError, match="STRATUS_VERIFY_MIN_GROUP"):
+        build()
+    monkeypatch.setenv("STRATUS_VERIFY_MIN_GROUP", "3")
+    core = build()
+    assert core.verify_pipeline and core.min_verify_group == 3

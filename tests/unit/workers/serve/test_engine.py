@@ -350,7 +350,8 @@ async def assert_dead_engine_fails_fast(
 async def test_a_dead_loop_fails_every_request_fast_and_says_why(loaded: Any) -> None:
     runner = FaultyRunner(loaded.model, max_rows=2, max_len=256)
     eos = eos_ids(loaded.model, loaded.tokenizer)
-    core = EngineCore(runner, SpeculativeSessions(runner, eos, first_row=1), eos, max_batch_size=1)
+    sessions = SpeculativeSessions(runner, eos, first_row=1)
+    core = EngineCore(runner, sessions, eos, max_batch_size=1, verify_pipeline=False)
     info = EngineInfo("tiny", "memory", "float32", "cpu", 0, "", 256, runner.vocab_size)
     failures: list[str] = []
     transport = ThreadTransport(EngineSettings(max_batch_size=1), core=(core, info, loaded.tokenizer))
@@ -370,7 +371,8 @@ async def test_a_dead_loop_fails_every_request_fast_and_says_why(loaded: Any) ->
 async def test_a_loop_stuck_inside_a_step_fails_every_request_after_the_step_timeout(loaded: Any) -> None:
     runner = BlockingRunner(loaded.model, max_rows=2, max_len=256)
     eos = eos_ids(loaded.model, loaded.tokenizer)
-    core = EngineCore(runner, SpeculativeSessions(runner, eos, first_row=1), eos, max_batch_size=1)
+    sessions = SpeculativeSessions(runner, eos, first_row=1)
+    core = EngineCore(runner, sessions, eos, max_batch_size=1, verify_pipeline=False)
     info = EngineInfo("tiny", "memory", "float32", "cpu", 0, "", 256, runner.vocab_size)
     failures: list[str] = []
     transport = ThreadTransport(EngineSettings(max_batch_size=1), core=(core, info, loaded.tokenizer), step_timeout=1.0)
