@@ -365,7 +365,7 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
         if core is None:
             raise SystemExit("--profile needs the engine's core in this process (the thread transport)")
         profile = StepProfile(core)
-    # The core's own switch where it runs here; an engine process decides from the same variable and device.
+    # The core's own switch where it runs here; an engine process decides from the same variable.
     pipeline = bool(core.verify_pipeline) if core is not None else verify_pipeline_on()
     rng = random.Random(0)
     match = match_for(args.acceptance, args.draft)

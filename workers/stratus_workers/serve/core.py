@@ -58,8 +58,8 @@ MIN_VERIFY_GROUP = 8
 def verify_pipeline_on() -> bool:
     """Whether an engine core runs the verify pipeline unless told (STRATUS_VERIFY_PIPELINE): off by default. On
     an H200 at 64 sessions (~1B) its two half-size passes cost 3.2 ms of device time each against 4.7 ms for one
-    pass of all, so the overlap it buys is spent on the second pass: 4-5% fewer accepted tokens/s than without it
-    (docs/benchmarks.md, "the verify pipeline"); on the CPU the device is the host and there is nothing to
+    pass of all, and launching twice costs host time, so the overlap is spent: 4-5% fewer accepted tokens/s than
+    without it (docs/benchmarks.md, "the verify pipeline"); on the CPU the device is the host and there is nothing to
     overlap."""
     return env_flag("STRATUS_VERIFY_PIPELINE", False)
 
