@@ -780,6 +780,19 @@ def _cache_state(row: dict[str, Any]) -> str:
     return f"{state}, {row['label']}" if row.get("label") else state
 
 
+def _per_run(runs: list[dict[str, Any]], key: str) -> str:
+    """A setting the runs share, or each run's (its models and label) where they differ."""
+    values = [run["settings"][key] for run in runs]
+    if len(set(values)) == 1:
+        return str(values[0])
+    parts = []
+    for run, value in zip(runs, values, strict=True):
+        models = "/".join(dict.fromkeys(str(r.get("model", "?")) for r in run["rows"]))
+        label = run["settings"].get("label")
+        parts.append(f"{value} ({models}{', ' + label if label else ''})")
+    return ", ".join(parts)
+
+
 def render(runs: list[dict[str, Any]], part: str = "") -> tuple[str, str]:
     """(kind, markdown section) for one or more runs on one kind of device."""
     meta = runs[0]["meta"]
@@ -787,6 +800,8 @@ def render(runs: list[dict[str, Any]], part: str = "") -> tuple[str, str]:
     rows = [_label(run, r) for run in runs for r in run["rows"]]
     settings = runs[0]["settings"]
     dates = ", ".join(dict.fromkeys(run["meta"]["date"] for run in runs))
+    # Runs may differ in requests per client (gpu_serve.sh gives the ~1B part 2): say each run's.
+    rounds = _per_run(runs, "rounds")
     lines = [
         f"## Serving, {'GPU' if kind == 'gpu' else 'CPU'}{', ' + part if part else ''} "
         f"(`make bench-serve{'-' + part.split()[0].lower() if part else ''}`)",
@@ -794,7 +809,7 @@ def render(runs: list[dict[str, Any]], part: str = "") -> tuple[str, str]:
         f"Device: **{meta['device']}**; host {meta['cpu']} (load average {meta.get('load', '?')}); "
         f"torch {meta['torch']}, transformers {meta['transformers']}; {dates}. Random-init weights, greedy, "
         f"{settings['prompt_tokens']}-token prompts, {settings['new_tokens']} new tokens; the server's clients run "
-        f"{settings['rounds']} request(s) each, back to back, in {settings['client_procs']} process(es) started "
+        f"{rounds} request(s) each, back to back, in {settings['client_procs']} process(es) started "
         f"before the server, starts staggered by {settings['stagger_ms']} ms. Speed-up: stratus over the best "
         "`generate()` baseline at the same concurrency. Baseline TTFT/ITL are derived from their call timings (see "
         "the script's docstring). TTFT is the clients'; the server's is from a request's arrival in the server to "
