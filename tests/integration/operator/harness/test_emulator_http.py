@@ -219,9 +219,14 @@ async def test_rbac_holds_a_service_account_to_its_roles(http: aiohttp.ClientSes
     assert status["message"] == (
         'pods "web" is forbidden: User "system:serviceaccount:stratus-system:stratus-operator" cannot get resource '
         '"pods" in API group "" in the namespace "default"')
-    # An unknown token is an administrator: the tests' own kubeconfig keeps working.
+    # The harness's own token is an administrator; a token nobody issued is refused before anything else, discovery
+    # included, with a real API server's 401 Status.
     code, _, _ = await _send(http, "GET", "/api/v1/secrets")
     assert code == 200
+    for path in ("/api/v1/secrets", "/apis"):
+        code, status, _ = await _send(http, "GET", path, token="no-such-token")
+        assert code == 401 and (status["reason"], status["message"], status["code"]) == (
+            "Unauthorized", "Unauthorized", 401)
 
 
 async def test_watch_from_a_resource_version_sends_each_later_event_once(http: aiohttp.ClientSession,

@@ -1,8 +1,9 @@
 """Authentication by bearer token and RBAC authorization from the (Cluster)Roles and bindings in the store.
 
-A token the emulator does not know is an administrator (system:masters), so tests and kubectl work as
-before; a token registered with `Emulator.add_user` acts as that user and is held to the roles bound to it,
-as the operator's ServiceAccount is on a real cluster.
+The harness's own tokens (`ADMIN_TOKENS`: the kubeconfig `write_kubeconfig` writes, the HTTP tests' default)
+are an administrator (system:masters); a token registered with `Emulator.add_user` acts as that user and is held
+to the roles bound to it, as the operator's ServiceAccount is on a real cluster; any other token is refused with
+401 Unauthorized before anything else, as a real API server's authentication refuses it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class User:
 
 
 ADMIN = User("emulator-admin", ("system:masters", "system:authenticated"))
+# The tokens the harness itself uses (operator_harness.write_kubeconfig, the HTTP tests' default).
+ADMIN_TOKENS = ("emulator-token", "admin")
 
 
 def service_account(namespace: str, name: str) -> User:

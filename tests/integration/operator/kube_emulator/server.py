@@ -60,7 +60,7 @@ from .errors import (
 )
 from .keys import CRDS, NAMESPACES, PODS, PVCS, STORAGECLASSES, Key, ObjKey, api_version
 from .patch import APPLY, JSON, MERGE, STRATEGIC, json_patch, merge_patch, strategic_merge
-from .rbac import ADMIN, User, allowed, denial
+from .rbac import ADMIN, ADMIN_TOKENS, User, allowed, denial
 from .schema import ANY, Node, has_builtin_schema, prune, unknown_fields
 
 EVENT_LOG_LIMIT = 200_000
@@ -211,7 +211,7 @@ class Emulator(kmock.KubernetesEmulator):
         # Objects created with validate=False: later writes to them skip validation too, as on a server whose
         # CRD carries no schema.
         self.unvalidated: set[ObjKey] = set()
-        self.users: dict[str, User] = {}
+        self.users: dict[str, User] = dict.fromkeys(ADMIN_TOKENS, ADMIN)
         self.audit: list[AuditRecord] = []
         # Admission plugins a cluster may or may not run (kind's config and GKE enable this one).
         self.extended_resource_toleration = False
@@ -745,6 +745,12 @@ class Emulator(kmock.KubernetesEmulator):
         return any(res.group == parsed.group and parsed.version in (None, res.version) for res in self.resources)
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # Authentication comes first, discovery included: a bearer token nobody issued is 401 with this body.
+        auth = raw_request.headers.get("Authorization", "")
+        if auth and auth.removeprefix("Bearer ").strip() not in self.users:
+            return aiohttp.web.json_response({
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": "Unauthorized",
+                "reason": "Unauthorized", "code": 401}, status=401)
         route = self._route(raw_request.path)
         if route is None:
             # Discovery and the server's own paths, authorized for everyone (system:discovery is bound to
@@ -760,8 +766,7 @@ class Emulator(kmock.KubernetesEmulator):
         else:
             verb = {"POST": "create", "PUT": "update", "PATCH": "patch",
                     "DELETE": "delete" if name else "deletecollection"}.get(method, method.lower())
-        auth = raw_request.headers.get("Authorization", "")
-        user = self.users.get(auth.removeprefix("Bearer ").strip(), ADMIN)
+        user = self.users.get(auth.removeprefix("Bearer ").strip(), ADMIN)  # (no header: the harness's own calls)
         agent = raw_request.headers.get("User-Agent", "")
         content_type = raw_request.headers.get("Content-Type", "").split(";")[0].strip()
         manager = params.get("fieldManager") or (agent.split("/")[0] if agent else "unknown")
