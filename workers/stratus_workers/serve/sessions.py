@@ -117,7 +117,7 @@ class PendingVerify:
     alone: list[int] = field(default_factory=list)  # calls that run alone, at `finish`
     entries: list[tuple[VerifyCall, _Session, list[int]]] = field(default_factory=list)
     index: list[int] = field(default_factory=list)
-    logits: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # kept only where rows are sampled (their judging reads it at `finish`)
     greedy: list[int] = field(default_factory=list)  # the entries judged on the device
     verdicts: ReadBack | None = None
     sids: frozenset[str] = frozenset()
@@ -409,8 +409,10 @@ class SpeculativeSessions:
         # this pass's own; the pass's plan came through a pinned buffer of its own (`to_device`). The rows the next
         # pass writes are other sessions' (the engine never launches a session twice), and the padded pass's
         # throwaway token in a row in between lands past that row's end, rolled back at once.
-        pending.entries, pending.index, pending.logits = entries, index, logits
+        pending.entries, pending.index = entries, index
         greedy = [k for k, (call, _, _) in enumerate(entries) if call.sampling.greedy]
+        if len(greedy) < len(entries):  # sampled rows are judged from the logits at `finish`; else nothing holds them
+            pending.logits = logits
         if not greedy:
             return
         positions = None  # the usual case, every row greedy: all of the scores, in order
@@ -427,7 +429,6 @@ class SpeculativeSessions:
         """Judge the pass's rows (the greedy ones from their verdicts read back, the sampled ones from the logits)
         and keep each session's accepted prefix; fills `pending.results`."""
         entries, index, logits, results = pending.entries, pending.index, pending.logits, pending.results
-        assert logits is not None
         judged: list[_Judged | Exception] = [RuntimeError("verification produced no verdict")] * len(entries)
         if pending.verdicts is not None:
             greedy = pending.greedy
@@ -436,6 +437,7 @@ class SpeculativeSessions:
                 judged[k] = verdict
         sampled = [k for k, (call, _, _) in enumerate(entries) if not call.sampling.greedy]
         if sampled:
+            assert logits is not None
             offsets = np.cumsum([0, *(len(call.draft) + 1 for call, _, _ in entries)])
             found = self._judge_sampled([entries[k] for k in sampled], offsets[sampled].tolist(), logits)
             for k, sampled_judged in zip(sampled, found, strict=True):
