@@ -53,6 +53,13 @@ class Channel:
             self._out += data
             return self._flush_locked()
 
+    def queue(self, message: Any) -> None:
+        """Queue `message` without writing: the next `send` or `flush` writes it with whatever else is queued."""
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        with self._lock:
+            self._out += HEADER.pack(len(data))
+            self._out += data
+
     def flush(self) -> bool:
         """Write what the socket takes of the outbox; True when the outbox is empty."""
         with self._lock:

@@ -221,6 +221,7 @@ class ProcessTransport(Transport):
         self._busy = 0.0  # seconds its loop had been inside one step, as of the last beat
         self._closed = False
         self._writing = False
+        self._corked = False  # an `_uncork` is scheduled for this turn of the event loop
         self._stopping = False
         self.failure: str | None = None
 
@@ -314,10 +315,25 @@ class ProcessTransport(Transport):
                 self._writing = False
 
     def send(self, message: tuple[Any, ...]) -> None:
+        """Queue `message`; what this turn of the event loop queues goes out in one write at the turn's end.
+
+        A step's replies wake every session at once, and each sends its next call in the same turn: corked, the
+        engine reads them all in one `receive` instead of waking for each (and the frontend makes one system call).
+        """
         if self.channel is None or self._closed:
             raise EngineStopped("the engine process is not running")
+        self.channel.queue(message)
+        if not self._corked:
+            self._corked = True
+            assert self._loop is not None
+            self._loop.call_soon(self._uncork)
+
+    def _uncork(self) -> None:
+        self._corked = False
+        if self.channel is None or self._closed:
+            return
         try:
-            drained = self.channel.send(message)
+            drained = self.channel.flush()
         except ChannelClosed:
             self._gone("the engine process closed its channel")
             return

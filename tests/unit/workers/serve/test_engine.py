@@ -20,6 +20,7 @@ import torch
 
 from stratus_workers.models import load_model
 from stratus_workers.protocol.requests import Sampling
+from stratus_workers.serve.channel import Channel
 from stratus_workers.serve.core import EngineCore
 from stratus_workers.serve.engine import AsyncEngine, ProcessTransport, ThreadTransport, build_engine
 from stratus_workers.serve.errors import EngineFailed, EngineOverloaded
@@ -487,3 +488,25 @@ async def test_streams_are_paced_to_the_frontends_message_rate(loaded: Any) -> N
         assert len(times) < len(ids)  # several tokens an event
         gaps = [b - a for a, b in itertools.pairwise(times)]
         assert all(gap >= 0.08 * 0.9 for gap in gaps[:-1])  # the pace holds (the end flushes what is left at once)
+
+
+async def test_what_one_turn_of_the_event_loop_sends_reaches_the_engine_in_one_read() -> None:
+    """Corked sends: a step's replies wake every session in one turn, and their next calls must reach the engine
+    together (one read there), not one wake-up each; order kept, and nothing lost once the turn ends."""
+    ours, theirs = socket.socketpair()
+    transport = ProcessTransport(EngineSettings(max_batch_size=1), functools.partial(int))
+    transport.channel, transport._loop = Channel(ours), asyncio.get_running_loop()
+    engine_end = Channel(theirs)
+    try:
+        for i in range(64):
+            transport.send(("call", i, "verify", ([1] * 600, [2] * 8)))
+        assert engine_end.receive() == []  # nothing written while the turn is still queueing
+        await asyncio.sleep(0)
+        got = engine_end.receive()
+        assert [m[1] for m in got] == list(range(64))
+        transport.send(("abort", 7))
+        await asyncio.sleep(0)
+        assert engine_end.receive() == [("abort", 7)]
+    finally:
+        transport.channel.close()
+        engine_end.close()
