@@ -121,6 +121,13 @@ def passes(engine: Any) -> int | None:
     return getattr(getattr(engine, "runner", None), "passes", None)
 
 
+async def phase_apart() -> None:
+    """With STRATUS_STEP_PROFILE (the engine loop's own profile, an engine process's too), idle the engine long
+    enough that the phase that follows is a busy period, one line, of its own (`serve.loop.StepProfile.GAP`)."""
+    if os.environ.get("STRATUS_STEP_PROFILE"):
+        await asyncio.sleep(0.15)
+
+
 async def cloud_only(engine: Any, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], float]:
     """Every prompt's greedy answer, all at once; the answers and the seconds they took."""
     from stratus_workers.protocol.requests import Sampling
@@ -403,6 +410,7 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
             before = passes(engine)
             if profile is not None:
                 profile.reset()
+            await phase_apart()
             streamed, seconds = await cloud_only(engine, prompts, args.new_tokens)
             profiled: dict[str, Any] = {}
             if profile is not None:
@@ -425,6 +433,7 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
             if profile is not None:
                 profile.reset()
                 profile.trace_armed = args.trace
+            await phase_apart()
             spec = await speculative(engine, prompts, transcripts, draft=args.draft, match=match, vocab=vocab, seed=c)
             if profile is not None:
                 profiled["speculative"] = profile.take()
