@@ -412,6 +412,7 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
                 profile.reset()
             await phase_apart()
             streamed, seconds = await cloud_only(engine, prompts, args.new_tokens)
+            await phase_apart()
             profiled: dict[str, Any] = {}
             if profile is not None:
                 profiled["cloud_only"] = profile.take()
