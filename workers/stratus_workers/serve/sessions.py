@@ -153,11 +153,11 @@ class SpeculativeSessions:
         return len(self._sessions)
 
     def expire(self) -> None:
-        """End the sessions idle for longer than `ttl`."""
+        """End the sessions idle for longer than `ttl` (each of them: one whose row's reset fails is ended all the
+        same, `end`)."""
         now = time.monotonic()
         flying = self._in_flight
-        for sid in [sid for sid, s in self._sessions.items() if now - s.last_used > self.ttl and sid not in flying]:
-            self.end(sid)
+        self._end_each([sid for sid, s in self._sessions.items() if now - s.last_used > self.ttl and sid not in flying])
 
     def end(self, sid: str) -> None:
         """Free the session's row (nothing happens for an unknown session)."""
@@ -381,6 +381,8 @@ class SpeculativeSessions:
             call = calls[i]
             try:
                 results[i] = self.verify(call.sid, call.context, call.draft, call.dists, call.sampling, call.end)
+            except EngineFailed:
+                raise
             except Exception as exc:
                 results[i] = exc
         return [r if r is not None else RuntimeError("verification produced no result") for r in results]

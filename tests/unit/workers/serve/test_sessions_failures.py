@@ -33,8 +33,8 @@ MAX_LEN = 48
 GREEDY = Sampling()
 # What fails: "pass" (forward_rows raises once its pass ran: the rows took its tokens), "short" (forward_rows returns
 # a pass's logits short of a row: a fault that shows only where the verdicts are computed or read), or the method of
-# that name raises before it changes anything.
-KINDS = ["pass", "short", "truncate_rows", "reset"]
+# that name raises before it changes anything ("forward": a call that runs alone, or the module path's pass).
+KINDS = ["pass", "short", "truncate_rows", "reset", "forward"]
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,14 @@ def faulty(base: type[R]) -> type[R]:
                 if self.kind == "pass":
                     raise self.error("the device failed after the pass")
                 return logits[:-1]
+            return logits
+
+        def forward(
+            self, first_row: int, tokens: Sequence[Sequence[int]], *, all_logits: bool = False, logits_from: int = 0
+        ) -> torch.Tensor:
+            if self._due("forward", ["forward"]):
+                raise self.error("the device failed at a pass")
+            logits: torch.Tensor = super().forward(first_row, tokens, all_logits=all_logits, logits_from=logits_from)
             return logits
 
         def truncate_rows(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
@@ -259,4 +267,36 @@ def test_sessions_opened_by_a_launch_are_not_expired_by_its_later_calls(model: A
     for have in got:
         assert isinstance(have, VerifyResult), have
         assert have.accepted == 2
+    assert_sound(sessions)
+
+
+@pytest.mark.parametrize("error", [RuntimeError, EngineFailed])
+def test_a_call_that_runs_alone_fails_alone_or_fails_the_engine(model: Any, error: type[Exception]) -> None:
+    """A session named twice in a group: its second call runs alone at `finish`. Its pass failing gives it the error
+    (the first call keeps its verdict, the session what the first call kept); EngineFailed is raised."""
+    runner = runner_over(model, 3, True)
+    sessions = SpeculativeSessions(runner, frozenset(), first_row=1)
+    context = [1, 2, 3]
+    own = own_tokens(model, context, 3)
+    calls = [VerifyCall("a", context, own[:2], (), GREEDY), VerifyCall("a", [*context, *own], [4], (), GREEDY)]
+    runner.arm("forward", 1, error)
+    if error is EngineFailed:
+        with pytest.raises(EngineFailed, match="the device failed at a pass"):
+            sessions.verify_many(calls)
+        return
+    first, second = sessions.verify_many(calls)
+    assert isinstance(first, VerifyResult) and first.accepted == 2
+    assert isinstance(second, RuntimeError) and "the device failed at a pass" in str(second)
+    assert sessions._sessions["a"].tokens == [*context, *own[:2]]
+    assert_sound(sessions)
+
+
+def test_expire_ends_every_idle_session_though_a_reset_fails(model: Any) -> None:
+    runner = runner_over(model, 3, True)
+    sessions = SpeculativeSessions(runner, frozenset(), first_row=1)
+    sessions.verify_many([VerifyCall(s, [1, 2, 3], [4], (), GREEDY) for s in "ab"])
+    sessions.ttl = 0.0
+    runner.arm("reset", 1)
+    sessions.expire()
+    assert len(sessions) == 0
     assert_sound(sessions)
