@@ -31,10 +31,11 @@ pytestmark = pytest.mark.unit
 VOCAB = 48
 MAX_LEN = 48
 GREEDY = Sampling()
-# What fails: "pass" (forward_rows raises once its pass ran: the rows took its tokens), "short" (forward_rows returns
-# a pass's logits short of a row: a fault that shows only where the verdicts are computed or read), or the method of
-# that name raises before it changes anything ("forward": a call that runs alone, or the module path's pass).
-KINDS = ["pass", "short", "truncate_rows", "reset", "forward"]
+# What fails: "pass" (forward_rows raises once its pass ran: the rows took its tokens), "unreadable" (forward_rows
+# returns logits no value can be read from, as a device that failed during the pass: the fault shows only where the
+# verdicts are computed or read back), or the method of that name raises before it changes anything ("forward": a
+# call that runs alone, or the module path's pass).
+KINDS = ["pass", "unreadable", "truncate_rows", "reset", "forward"]
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +66,10 @@ def faulty(base: type[R]) -> type[R]:
             self, rows: Sequence[int], tokens: Sequence[Sequence[int]], logits_from: Sequence[int]
         ) -> torch.Tensor:
             logits: torch.Tensor = super().forward_rows(rows, tokens, logits_from)
-            if self._due("forward_rows", ["pass", "short"]):
+            if self._due("forward_rows", ["pass", "unreadable"]):
                 if self.kind == "pass":
                     raise self.error("the device failed after the pass")
-                return logits[:-1]
+                return torch.empty_like(logits, device="meta")
             return logits
 
         def forward(
@@ -208,10 +209,10 @@ def test_a_group_that_fails_part_way_leaves_every_session_sound(
 
 
 @pytest.mark.parametrize("fast", [False, True])
-@pytest.mark.parametrize("kind", ["short", "truncate_rows"])
+@pytest.mark.parametrize("kind", ["unreadable", "truncate_rows"])
 def test_a_group_whose_verdicts_fail_ends_the_sessions_its_calls_end(model: Any, kind: str, fast: bool) -> None:
-    """The verdicts of a pass that ran fail (at launch: greedy verdicts from logits short of a row; at finish: the
-    roll-back that keeps the accepted tokens): each call gets the error, end=True ends its session now (not at its
+    """The verdicts of a pass that ran fail (at launch: greedy verdicts from logits that cannot be read; at finish:
+    the roll-back that keeps the accepted tokens): each call gets the error, end=True ends its session now (not at its
     time to live), the others hold what they held."""
     runner = runner_over(model, 4, fast)
     sessions = SpeculativeSessions(runner, frozenset(), first_row=1)
@@ -219,7 +220,7 @@ def test_a_group_whose_verdicts_fail_ends_the_sessions_its_calls_end(model: Any,
         [VerifyCall(s, [1, 2, 3, 4], [5], (), GREEDY) for s in "abc"]
     ))  # fmt: skip
     held = {sid: list(s.tokens) for sid, s in sessions._sessions.items()}
-    runner.arm(kind, 1 if kind == "short" else 2)  # (the first roll-back is launch's: the second is finish's)
+    runner.arm(kind, 1 if kind == "unreadable" else 2)  # (the first roll-back is launch's: the second is finish's)
     context = [1, 2, 3, 9, 7]  # shares 3 tokens with what each session holds: launch rolls the rows back
     draft = [(own_tokens(model, context, 1)[0] + 1) % VOCAB, 9]  # rejected at once: finish rolls them back again
     got = sessions.verify_many([VerifyCall(s, context, draft, (), GREEDY, end=s == "b") for s in "abc"])
