@@ -263,7 +263,8 @@ class SpeculativeSessions:
         sampling: Sampling,
         end: bool,
     ) -> VerifyResult:
-        """How many draft tokens this model accepts after `context`, and its own next token."""
+        """How many draft tokens this model accepts after `context`, and its own next token. A call that fails keeps
+        nothing of itself in the session (the row holds the session's tokens); `end` ends the session either way."""
         call = VerifyCall(sid, context, draft, dists, sampling, end)
         session: _Session | None = None
         try:
