@@ -96,7 +96,7 @@ RESOURCES: tuple[Resource, ...] = (
     CRDS, NAMESPACES,
 )
 # Granted only when the operator watches namespace patterns (kopf observes namespaces then, not cluster-wide).
-NAMESPACED_MODE_ONLY: tuple[Resource, ...] = (NAMESPACES,)
+NAMESPACE_PATTERNS_ONLY: tuple[Resource, ...] = (NAMESPACES,)
 # What only kopf's discovery calls. Scoped to exact names the operator turns discovery off
 # (handle_startup_operator) and calls neither: kopf watches each named namespace directly, reads the API
 # groups from the discovery documents (which every authenticated user may GET), and the liveness probe

@@ -114,7 +114,7 @@ def test_default_render_is_the_cluster_wide_operator(default_objects: list[Manif
 def test_non_default_values_reach_every_object(render: Render) -> None:
     objects = _by_key(render(NON_DEFAULT))
     kinds = {(k, ns) for k, ns, _ in objects}
-    # Namespaced mode: a Role and RoleBinding per watched namespace, no cluster-wide namespaced rules.
+    # Exact names: a Role and RoleBinding per watched namespace, no cluster-wide namespaced rules.
     for ns in ("team-a", "team-b"):
         role = objects[("Role", ns, "llm-operator")]
         binding = objects[("RoleBinding", ns, "llm-operator")]

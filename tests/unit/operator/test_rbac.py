@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from samples import all_accepted, sample
 
-from stratus_operator.kube import CHILD_RESOURCES, CHILDREN, DISCOVERY_ONLY, NAMESPACED_MODE_ONLY, RESOURCES
+from stratus_operator.kube import CHILD_RESOURCES, CHILDREN, DISCOVERY_ONLY, NAMESPACE_PATTERNS_ONLY, RESOURCES
 from stratus_operator.placement import ClusterView
 from stratus_operator.planner import plan
 from stratus_operator.rbac import (
     NAMED_NAMESPACES_RULES,
-    NAMESPACED_MODE_RULES,
+    NAMESPACE_PATTERNS_RULES,
     REQUIRED_RULES,
     cluster_role,
     rules_for,
@@ -63,8 +63,8 @@ def test_rbac_covers_every_kopf_registration() -> None:
 
 
 def test_rbac_is_derived_from_the_client_registry() -> None:
-    assert len(REQUIRED_RULES) == len(RESOURCES) - len(NAMESPACED_MODE_ONLY)
-    assert len(NAMESPACED_MODE_RULES) == len(RESOURCES)
+    assert len(REQUIRED_RULES) == len(RESOURCES) - len(NAMESPACE_PATTERNS_ONLY)
+    assert len(NAMESPACE_PATTERNS_RULES) == len(RESOURCES)
     # kopf watches CRDs (a 403 at every start without it) and needs nothing of the verbs nobody calls.
     assert _rule_allows("apiextensions.k8s.io", "customresourcedefinitions", "watch")
     for group, resource, verb in (("", "events", "patch"), ("batch", "jobs", "patch"), ("", "pods", "get"),
@@ -86,4 +86,4 @@ def test_exact_names_drop_only_what_kopfs_discovery_calls() -> None:
     assert rules_for(()) == REQUIRED_RULES
     assert rules_for(("team-a", "team-b")) == NAMED_NAMESPACES_RULES
     for patterns in (("team-*",), ("team-a", "!team-b")):
-        assert rules_for(patterns) == NAMESPACED_MODE_RULES
+        assert rules_for(patterns) == NAMESPACE_PATTERNS_RULES

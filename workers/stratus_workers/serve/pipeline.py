@@ -179,11 +179,10 @@ def keep_stage(model: Any, rank: int, stages: int) -> range:
 
 @dataclass
 class _QueuedStep:
-    """A decode step this rank has queued: its rows, the cache version it assumed, and on rank 0 the buffer its
-    logits arrive in and the receives that fill it."""
+    """A decode step this rank has queued: its rows, and on rank 0 the buffer its logits arrive in and the receives
+    that fill it."""
 
     batch: int
-    version: int
     logits: torch.Tensor
     recvs: list[Any]
 
@@ -345,7 +344,9 @@ class PipelineRunner(ModelRunner):
     def _plan_ahead(self, ids: list[int]) -> tuple[bool, bool]:
         """On rank 0: whether the step queued ahead is this one, and whether to queue the next."""
         step = self._ahead
-        current = step is not None and step.batch == len(ids) and step.version == self.cache.version
+        # Taken only where no row changed or moved since it was queued (`KVCache.unchanged`): the stages cannot
+        # follow a row move with the step's logits as the single-device decoder does.
+        current = step is not None and step.batch == len(ids) and self.cache.unchanged(step.batch)
         hit = current and ids == self._expected
         if current and not hit:
             self._ahead_pause = AHEAD_PAUSE_STEPS  # sampled tokens are not the argmax: stop guessing a while
@@ -357,6 +358,7 @@ class PipelineRunner(ModelRunner):
     def _fused_decode(self, ids: list[int], logprobs: bool, hit: bool, ahead: bool) -> Decoded:
         ctx, batch = self.ctx, len(ids)
         queued, self._ahead = self._ahead, None
+        self.cache.watch(None)
         self.trace.set("hit", hit)
         if hit:
             assert queued is not None, "rank 0 took a step ahead that this rank did not queue"
@@ -375,7 +377,7 @@ class PipelineRunner(ModelRunner):
         if ahead:
             # The next step, on this one's argmax (left in the token buffer by `_collect`); it writes keys only
             # past each row's length, so whatever rank 0 is asked next, the guess changes nothing it reads.
-            self.cache.watched = batch
+            self.cache.watch(batch)
             self._ahead = self._launch(batch, "ahead_")
         if not ctx.leader:
             return Decoded(torch.empty(0), [], None)
@@ -430,7 +432,7 @@ class PipelineRunner(ModelRunner):
         for work in sends:  # a graph's output is rewritten by its next replay: not before it is sent
             work.wait()
         trace.mark("waited", tag=tag)
-        return _QueuedStep(batch=batch, version=self.cache.version, logits=logits, recvs=recvs)
+        return _QueuedStep(batch=batch, logits=logits, recvs=recvs)
 
     def _collect(self, step: _QueuedStep, logprobs: bool) -> torch.cuda.Event | None:
         """On rank 0: once `step`'s logits are in (on the device's stream), its argmax into the token buffer (the

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from stratus_workers.protocol.requests import Sampling
-from stratus_workers.serve.errors import EngineOverloaded
+from stratus_workers.serve.errors import EngineFailed, EngineOverloaded
 from stratus_workers.serve.runner import ModelRunner, to_device
 from stratus_workers.serve.sampling import seeded_generator
 from stratus_workers.serve.speculative import (
@@ -153,11 +153,11 @@ class SpeculativeSessions:
         return len(self._sessions)
 
     def expire(self) -> None:
-        """End the sessions idle for longer than `ttl`."""
+        """End the sessions idle for longer than `ttl` (each of them: one whose row's reset fails is ended all the
+        same, `end`)."""
         now = time.monotonic()
         flying = self._in_flight
-        for sid in [sid for sid, s in self._sessions.items() if now - s.last_used > self.ttl and sid not in flying]:
-            self.end(sid)
+        self._end_each([sid for sid, s in self._sessions.items() if now - s.last_used > self.ttl and sid not in flying])
 
     def end(self, sid: str) -> None:
         """Free the session's row (nothing happens for an unknown session)."""
@@ -165,8 +165,10 @@ class SpeculativeSessions:
             raise RuntimeError(f"session {sid!r} is in a verification still in flight: finish that group first")
         session = self._sessions.pop(sid, None)
         if session is not None:
-            self.runner.reset(session.row)
-            self._free_rows.append(session.row)
+            try:
+                self.runner.reset(session.row)
+            finally:  # a row whose reset failed is free all the same: `_open` resets a row it takes
+                self._free_rows.append(session.row)
 
     def _open(
         self, sid: str, context: Sequence[int], sampling: Sampling, cuts: list[tuple[int, int]] | None = None
@@ -207,8 +209,8 @@ class SpeculativeSessions:
                 if idle is None or time.monotonic() - self._sessions[idle].last_used < BUSY_SECONDS:
                     raise EngineOverloaded(f"all {self.max_sessions} speculative sessions are busy; try again")
                 self.end(idle)
+            self.runner.reset(self._free_rows[-1])  # before it is taken: a reset that fails loses no row
             session = _Session(self._free_rows.pop())
-            self.runner.reset(session.row)
             if not sampling.greedy:
                 session.generator = seeded_generator(sampling.seed)
             self._sessions[sid] = session
@@ -261,11 +263,13 @@ class SpeculativeSessions:
         sampling: Sampling,
         end: bool,
     ) -> VerifyResult:
-        """How many draft tokens this model accepts after `context`, and its own next token."""
+        """How many draft tokens this model accepts after `context`, and its own next token. A call that fails keeps
+        nothing of itself in the session (the row holds the session's tokens); `end` ends the session either way."""
         call = VerifyCall(sid, context, draft, dists, sampling, end)
-        self._check_verify(call)
-        session, pending = self._open(sid, context, sampling)
+        session: _Session | None = None
         try:
+            self._check_verify(call)
+            session, pending = self._open(sid, context, sampling)
             # Scored from the last context token on: the rest of the context only goes into the cache.
             scores = self.runner.forward(
                 session.row, [pending + list(draft)], all_logits=True, logits_from=len(pending) - 1
@@ -273,15 +277,17 @@ class SpeculativeSessions:
             entry = (call, session, pending)
             judged = self._judge_greedy([entry], None, scores) if sampling.greedy else None
             verdict = judged[0] if judged else self._judge_sampled([entry], [0], scores)[0]
-            if isinstance(verdict, Exception):  # nothing of the call is kept
-                if self.runner.lengths[session.row] != len(session.tokens):
-                    self.runner.truncate(session.row, len(session.tokens))
+            if isinstance(verdict, Exception):
                 raise verdict
-            results, cuts = self._settle([(call, session, pending, verdict)])
-            self._cut(cuts)
-            return results[0]
+            return self._settle([(call, session, pending, verdict)])[0]
+        except EngineFailed:
+            raise
+        except Exception:  # nothing of the call is kept past what the session held
+            if session is not None and not end:
+                self._restore([(sid, session)])
+            raise
         finally:
-            if end:
+            if end and sid not in self._in_flight:  # (one in flight is another group's to end)
                 self.end(sid)
 
     def verify_many(self, calls: Sequence[VerifyCall]) -> list[VerifyResult | Exception]:
@@ -302,30 +308,45 @@ class SpeculativeSessions:
         rows' lengths change in one update before the pass and one after it (at `finish`), not one per session.
         Calls that cannot share the pass (a session named twice, rows too long to pad to the longest call)
         run alone, in order, at `finish`; so are sampled rows judged (their sessions' generators draw there).
+
+        A failure part way (a roll-back, the pass, its verdicts) fails the calls whose sessions it opened with that
+        error and leaves those sessions as before the call (`_abandon`): none in flight, each row holding exactly its
+        session's tokens, the ones their calls end ended; the group returned is finished as any other. EngineFailed
+        is raised (the engine loop ends).
         """
         pending = PendingVerify(list(calls), [None] * len(calls))
         rows: dict[int, tuple[int, _Session, list[int]]] = {}  # row -> (call index, session, pending)
         sids: set[str] = set()
         cuts: list[tuple[int, int]] = []  # (row, length): sessions rolled back to the prefix their call shares
-        for i, call in enumerate(calls):
-            if call.sid in sids:
-                pending.alone.append(i)
-                continue
-            try:
-                self._check_verify(call)
-                session, tokens = self._open(call.sid, call.context, call.sampling, cuts)
-            except Exception as exc:
-                pending.results[i] = exc
-                if call.end and call.sid not in self._in_flight:  # (one in flight is another group's to end)
-                    self.end(call.sid)
-                continue
-            rows[session.row] = (i, session, tokens)
-            sids.add(call.sid)
-        self._cut(cuts)
-        if rows:  # one row too: the same pass, so that a session's verdicts do not depend on its company
-            self._launch_rows(pending, rows)
+        try:
+            for i, call in enumerate(calls):
+                if call.sid in sids:
+                    pending.alone.append(i)
+                    continue
+                try:
+                    self._check_verify(call)
+                    session, tokens = self._open(call.sid, call.context, call.sampling, cuts)
+                except EngineFailed:
+                    raise
+                except Exception as exc:
+                    pending.results[i] = exc
+                    if call.end and call.sid not in self._in_flight:  # (one in flight is another group's to end)
+                        self._end_each([call.sid])  # (the call has its error)
+                    continue
+                rows[session.row] = (i, session, tokens)
+                sids.add(call.sid)
+                # In flight from here on: a later call's `_open` (its `expire`, an eviction) must not end it.
+                self._in_flight.add(call.sid)
+            self._cut(cuts)
+            if rows:  # one row too: the same pass, so that a session's verdicts do not depend on its company
+                self._launch_rows(pending, rows)
+        except Exception as exc:
+            pending.sids = frozenset(sids)
+            self._abandon(pending, [(i, calls[i], session) for i, session, _ in rows.values()], exc)
+            if isinstance(exc, EngineFailed):
+                raise
+            return pending
         pending.sids = frozenset(sids)  # the sessions this group opened (none was in flight: `_open` refuses those)
-        self._in_flight |= pending.sids
         return pending
 
     def finish(self, pending: PendingVerify) -> list[VerifyResult | Exception]:
@@ -333,24 +354,36 @@ class SpeculativeSessions:
         the group's greedy verdicts only (not for passes queued after it), keeps each session's accepted prefix, ends
         the sessions their calls end, then runs the calls that must run alone. Each group is finished exactly once.
         Sampled rows are judged here from the group's logits, on the device behind whatever was queued since, so a
-        group with sampled rows does wait for later passes (the pipeline overlaps greedy traffic only)."""
+        group with sampled rows does wait for later passes (the pipeline overlaps greedy traffic only).
+
+        A failure while judging or settling fails the pass's calls with that error, as in `launch` (`_abandon`); a
+        session whose end fails is ended all the same, its call given that error. EngineFailed is raised."""
         if pending.finished:
             raise RuntimeError("this verification group was finished already")
         pending.finished = True
-        results = pending.results
+        results, entries, index = pending.results, pending.entries, pending.index
         try:
-            if pending.entries:
+            if entries:
                 self._finish_rows(pending)
-        finally:  # whatever happened, the group is no longer in flight, and the sessions its calls end are ended
+        except Exception as exc:
+            opened = [(i, call, session) for i, (call, session, _) in zip(index, entries, strict=True)]
+            self._abandon(pending, opened, exc)
+            if isinstance(exc, EngineFailed):
+                raise
+        else:
             self._in_flight -= pending.sids
-            for call, _, _ in pending.entries:
-                if call.end:
-                    self.end(call.sid)
+            ending = [(i, call.sid) for i, (call, _, _) in zip(index, entries, strict=True) if call.end]
+            failed = self._end_each([sid for _, sid in ending])
+            for i, sid in ending:
+                if sid in failed:
+                    results[i] = failed[sid]
         calls = pending.calls
         for i in sorted(pending.alone):
             call = calls[i]
             try:
                 results[i] = self.verify(call.sid, call.context, call.draft, call.dists, call.sampling, call.end)
+            except EngineFailed:
+                raise
             except Exception as exc:
                 results[i] = exc
         return [r if r is not None else RuntimeError("verification produced no result") for r in results]
@@ -373,10 +406,58 @@ class SpeculativeSessions:
             rows, lengths = zip(*cuts, strict=True)
             self.runner.truncate_rows(rows, lengths)
 
+    def _end_each(self, sids: Sequence[str]) -> dict[str, Exception]:
+        """End every one of the sessions (`end`), the rest too where one fails; the errors, by session."""
+        failed: dict[str, Exception] = {}
+        for sid in sids:
+            try:
+                self.end(sid)
+            except EngineFailed:
+                raise
+            except Exception as exc:
+                failed[sid] = exc
+        return failed
+
+    def _restore(self, sessions: Sequence[tuple[str, _Session]]) -> None:
+        """Roll each session's row back to the tokens the session holds, where a failure left it holding others (a
+        pass that ran, a roll-back not made); a session whose row cannot be rolled back is ended: what it holds is
+        not known."""
+        lengths = self.runner.lengths
+        stale = [
+            (sid, session)
+            for sid, session in sessions
+            if self._sessions.get(sid) is session and lengths[session.row] != len(session.tokens)
+        ]
+        try:
+            self._cut([(session.row, len(session.tokens)) for _, session in stale])
+        except EngineFailed:
+            raise
+        except Exception:
+            self._end_each([sid for sid, _ in stale])
+
+    def _abandon(
+        self, pending: PendingVerify, opened: Sequence[tuple[int, VerifyCall, _Session]], error: Exception
+    ) -> None:
+        """After `error` cut a group's launch or finish short: each call of `opened` (call index, call, the session it
+        opened) that has no result gets `error`; none of the group's sessions stays in flight; those their calls end
+        are ended, the others hold exactly their tokens in their rows (`_restore`). With EngineFailed the runner is
+        not touched again: the engine loop ends."""
+        results = pending.results
+        for i, _, _ in opened:
+            if results[i] is None:
+                results[i] = error
+        self._in_flight.difference_update(pending.sids, (call.sid for _, call, _ in opened))
+        pending.entries, pending.index, pending.greedy, pending.sids = [], [], [], frozenset()
+        pending.logits = pending.verdicts = None
+        if isinstance(error, EngineFailed):
+            return
+        self._restore([(call.sid, session) for _, call, session in opened if not call.end])
+        self._end_each([call.sid for _, call, _ in opened if call.end])
+
     def _launch_rows(self, pending: PendingVerify, rows: dict[int, tuple[int, _Session, list[int]]]) -> None:
         """Queue one forward pass over the calls' rows (`runner.forward_rows`) and the greedy rows' verdicts behind
-        it; fills `pending` (its results where the pass refused, its `alone` where the rows cannot share it)."""
-        calls, results = pending.calls, pending.results
+        it; fills `pending` (its `alone` where the rows cannot share the pass)."""
+        calls = pending.calls
         order = sorted(rows)
         entries = [(calls[i], session, tokens) for i, session, tokens in (rows[row] for row in order)]
         index = [rows[row][0] for row in order]
@@ -388,19 +469,7 @@ class SpeculativeSessions:
             return
         # Scored from each row's last context token on: the context before it only goes into the cache.
         starts = [len(held) - 1 for _, _, held in entries]
-        try:
-            logits = self.runner.forward_rows(order, tokens, starts)
-        except Exception as exc:
-            cuts = []
-            for i, (_, session, _) in zip(index, entries, strict=True):
-                results[i] = exc
-                if lengths[session.row] != len(session.tokens):
-                    cuts.append((session.row, len(session.tokens)))
-            self._cut(cuts)
-            for call, _, _ in entries:
-                if call.end:
-                    self.end(call.sid)
-            return
+        logits = self.runner.forward_rows(order, tokens, starts)  # (a failure fails the group: `launch`)
         # Row k's scores are logits[offsets[k] : offsets[k + 1]]: position j predicts the token after
         # context + draft[:j]. A pass launched after this one, before `finish`, cannot change what this group reads:
         # everything runs on one stream, in the order queued. The packed graph's inputs (`_packed_inputs`) are
@@ -455,8 +524,7 @@ class SpeculativeSessions:
             else:
                 settle.append((*entry, row_verdict))
                 settled.append(i)
-        verdicts, kept = self._settle(settle)
-        self._cut(cuts + kept)
+        verdicts = self._settle(settle, cuts)
         for i, verdict_result in zip(settled, verdicts, strict=True):
             results[i] = verdict_result
 
@@ -578,22 +646,27 @@ class SpeculativeSessions:
             )
 
     def _settle(
-        self, entries: Sequence[tuple[VerifyCall, _Session, list[int], _Judged]]
-    ) -> tuple[list[VerifyResult], list[tuple[int, int]]]:
-        """Keep each call's accepted prefix in its session and say what was decided; returns the results and the
-        (row, length) roll-backs its rows need (for one update of all: `_cut`)."""
+        self, entries: Sequence[tuple[VerifyCall, _Session, list[int], _Judged]], cuts: Sequence[tuple[int, int]] = ()
+    ) -> list[VerifyResult]:
+        """Keep each call's accepted prefix in its session and say what was decided: the rows are rolled back to it in
+        one update (`_cut`, with the other roll-backs `cuts`), and only then do the sessions take the tokens (where
+        the roll-back fails, nothing of the calls is kept)."""
         lengths = self.runner.lengths
         results: list[VerifyResult] = []
-        cuts: list[tuple[int, int]] = []
+        rolls = list(cuts)
+        kept: list[tuple[list[int], list[int], Sequence[int], int]] = []
         for call, session, pending, (accepted, token, logprobs, eos) in entries:
-            held = session.tokens
-            held += pending  # the row now holds the whole context ...
-            held += call.draft[:accepted]  # ... and keeps the accepted draft
-            keep = len(held)
+            # The row holds the whole context and keeps the accepted draft.
+            keep = len(session.tokens) + len(pending) + accepted
             if lengths[session.row] != keep:  # all accepted: the row holds just what it keeps
-                cuts.append((session.row, keep))
+                rolls.append((session.row, keep))
+            kept.append((session.tokens, pending, call.draft, accepted))
             results.append(VerifyResult(accepted, token, logprobs, eos))
-        return results, cuts
+        self._cut(rolls)
+        for held, pending, draft, accepted in kept:
+            held += pending
+            held += draft[:accepted]
+        return results
 
     def score(self, prompt: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
         """Log-probability of each continuation token after `prompt` (one forward pass in a passing session)."""

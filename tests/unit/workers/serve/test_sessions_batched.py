@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from verify_reference import own_tokens, reference
 
 from stratus_workers.models.tiny import TINY, random_llama
 from stratus_workers.protocol.requests import Sampling
@@ -16,13 +17,7 @@ from stratus_workers.serve.runner import ModelRunner
 from stratus_workers.serve.runner.fused import FusedRunner
 from stratus_workers.serve.runner.modules import ModuleRunner
 from stratus_workers.serve.sessions import SpeculativeSessions, VerifyCall, VerifyResult, _Session
-from stratus_workers.serve.speculative import (
-    SparseDist,
-    greedy_verdict,
-    sampling_probs,
-    sampling_probs_rows,
-    verify_sampled,
-)
+from stratus_workers.serve.speculative import SparseDist, sampling_probs, sampling_probs_rows, verify_sampled
 
 pytestmark = pytest.mark.unit
 
@@ -45,28 +40,6 @@ def sessions_over(model: Any, rows: int, eos: frozenset[int], fast: bool) -> Spe
     else:  # the module path: rows padded to the longest
         runner = ModuleRunner(model, max_rows=1 + rows, max_len=MAX_LEN)
     return SpeculativeSessions(runner, eos, first_row=1)
-
-
-def own_tokens(model: Any, context: list[int], n: int) -> list[int]:
-    """The model's greedy continuation of `context` (a plain forward pass per token)."""
-    out: list[int] = []
-    with torch.inference_mode():
-        for _ in range(n):
-            out.append(int(model(torch.tensor([[*context, *out]])).logits[0, -1].argmax()))
-    return out
-
-
-def reference(model: Any, call: VerifyCall, eos: frozenset[int]) -> VerifyResult:
-    """The call's verdict by definition: one plain forward pass over context + draft, the greedy rule on its
-    choices, the chosen tokens' log-softmax."""
-    context, draft = list(call.context), list(call.draft)
-    with torch.inference_mode():
-        logits = model(torch.tensor([[*context, *draft]])).logits[0, len(context) - 1 :].float()
-    verdict = greedy_verdict(logits.argmax(dim=-1).tolist(), draft)
-    chosen = [*draft[: verdict.accepted], verdict.next_token]
-    logprobs = torch.log_softmax(logits[: len(chosen)], dim=-1)[torch.arange(len(chosen)), torch.tensor(chosen)]
-    ends = verdict.next_token in eos or any(t in eos for t in draft[: verdict.accepted])
-    return VerifyResult(verdict.accepted, verdict.next_token, tuple(logprobs.tolist()), ends)
 
 
 # One call: its context (by seed), its draft length, where its draft first departs from the model's own

@@ -30,7 +30,8 @@ class KVCache:
     a request left) carries the step's work along, with the key it wrote one past the row's length,
     and any other change to such a row (a reset, a prefill, a truncation) marks it None. So a finished
     request costs the step launched ahead nothing, and a change to a row above them (a session, a
-    prefill into a new row) leaves it alone.
+    prefill into a new row) leaves it alone. A decoder that cannot follow a move (the pipeline's, serve/pipeline.py)
+    takes its step only where `unchanged`: no row of it changed or moved.
 
     The pool (`pool_tokens` tokens, allocated on first use) holds blocks of keys and values that
     finished or prefilled rows left behind, for the prefix cache (serve/prefix.py) to copy into new
@@ -67,10 +68,6 @@ class KVCache:
             with torch.inference_mode(False):
                 self.lengths_dev = torch.zeros(rows, dtype=torch.long, device=device)
         self.ahead: list[int | None] | None = None
-        # The pipeline's steps queued ahead (serve/pipeline.py) use a coarser check: `version` counts every
-        # change outside a decode step to rows below `watched`, row moves included.
-        self.version = 0
-        self.watched = rows
         self.capacity = 0
         self.all_keys = torch.empty(0)
         self.all_values = torch.empty(0)
@@ -115,9 +112,12 @@ class KVCache:
         """A decode step of rows 0..batch-1 was launched ahead of time (None: none is in flight)."""
         self.ahead = None if batch is None else list(range(batch))
 
+    def unchanged(self, batch: int) -> bool:
+        """Whether a decode step of rows 0..batch-1 was launched ahead (`watch`) and none of its rows has changed or
+        moved since: each row holds what the step computed, where it computed it."""
+        return self.ahead == list(range(batch))
+
     def _changed(self, first_row: int, end: int) -> None:
-        if first_row < self.watched:
-            self.version += 1
         ahead = self.ahead
         if ahead is not None:
             for row in range(first_row, min(end, len(ahead))):
@@ -178,8 +178,6 @@ class KVCache:
             cache[:, dst, :, :copy].copy_(cache[:, src, :, :copy])
         self._set_length(dst, n)
         self._set_length(src, 0)
-        if min(src, dst) < self.watched:
-            self.version += 1
         if ahead is not None:
             if dst < len(ahead):
                 ahead[dst] = carried

@@ -73,6 +73,35 @@ def test_rows_a_step_launched_ahead_computed_follow_moves_and_other_changes_void
     assert cache.ahead is None and cache.lengths == [0, 6, 2]
 
 
+def test_a_step_launched_ahead_is_unchanged_until_one_of_its_rows_changes_or_moves() -> None:
+    """`unchanged` (the pipeline's check, which cannot follow a move) reads the same bookkeeping as the single-device
+    decoder's `ahead`: decode steps and rows above the step's leave it; a change or a move of one of its rows, or no
+    step watched, or one of another size, do not."""
+    cache = make(capacity=16)
+    assert cache.rows == 3
+    cache.set_lengths(0, [3, 4, 5])
+    assert not cache.unchanged(2)  # nothing watched
+    cache.watch(2)
+    cache.advance(2)  # a decode step
+    cache.set_length(2, 1)  # a row above the step's (a prefill into a new row)
+    assert cache.unchanged(2) and not cache.unchanged(1) and not cache.unchanged(3)
+    for change in (
+        lambda: cache.truncate(1, 2),
+        lambda: cache.set_row_lengths([2, 0], [1, 1]),
+        lambda: cache.set_lengths(1, [1]),
+        lambda: cache.reset(0),
+        lambda: cache.move(1, 0),  # the single-device decoder follows it (ahead == [1, None]); the pipeline does not
+        lambda: cache.move(2, 1),
+        lambda: cache.move(0, 2),
+    ):
+        cache.set_lengths(0, [3, 4, 5])
+        cache.watch(2)
+        change()
+        assert not cache.unchanged(2)
+    cache.watch(None)
+    assert not cache.unchanged(0)
+
+
 def test_a_cache_grown_in_inference_mode_is_updated_outside_it() -> None:
     # Issue 12: growth inside a forward pass made inference tensors, which refuse in-place updates
     # outside inference mode; the engine's next row move then killed its thread.
