@@ -5,7 +5,8 @@ each request's token ids to the engine core through a transport and receives one
 engine step carrying every row's new token ids; it turns them into text here (incremental
 detokenization, stop sequences, log-probability strings), so the engine loop never spends its
 time on text, protobuf or asyncio. A stream whose reader falls behind gets every token that
-arrived since its last event in one event.
+arrived since its last event in one event. Over the process transport a speculative session's Draft and Verify
+calls send their contexts as deltas on the session's last one (serve/contexts.py), not whole.
 
 Two transports run the core (serve/loop.py): `ProcessTransport` in an engine process of its own
 (serve/worker.py) over a socket pair (serve/channel.py), the default on CUDA; `ThreadTransport` in
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.protocol.text import TextAssembler
 from stratus_workers.serve.channel import Channel, ChannelClosed
+from stratus_workers.serve.contexts import CONTEXTS_PER_SESSION, MIN_CONTEXTS, ContextSender
 from stratus_workers.serve.core import CALL_ERRORS, EngineStats, Finished, StepOutput
 from stratus_workers.serve.errors import EngineFailed, EngineOverloaded, EngineStopped
 from stratus_workers.serve.surface import (
@@ -73,6 +75,10 @@ class Transport(abc.ABC):
 
     kind: str
     pid: int = 0
+    settings: EngineSettings
+    # Whether speculative calls send their contexts as deltas (serve/contexts.py): over a channel that pickles
+    # them, yes; to a thread, which takes the list as it is, they would only cost a comparison and a copy.
+    delta_contexts = False
 
     @abc.abstractmethod
     async def start(self, deliver: Deliver, dead: Dead) -> tuple[EngineInfo, Any]:
@@ -198,6 +204,7 @@ class ProcessTransport(Transport):
     """The core in an engine process of its own (serve/worker.py), over a socket pair."""
 
     kind = "process"
+    delta_contexts = True
 
     def __init__(
         self,
@@ -446,6 +453,7 @@ class AsyncEngine:
         on_stats: Callable[[EngineStats], None] | None = None,
         on_failure: Callable[[str], None] | None = None,
         stall_timeout: float = DEFAULT_STEP_TIMEOUT,
+        context_mirrors: int = 0,
     ) -> None:
         self.transport = transport
         self.stall_timeout = stall_timeout
@@ -459,6 +467,11 @@ class AsyncEngine:
         self.failure: str | None = None
         self.stats = EngineStats()
         self.verify_together = True  # False: one forward pass per Verify call (the way it was; benchmarks)
+        # Draft and Verify contexts go to the core as deltas where the transport gains by it (serve/contexts.py);
+        # `context_mirrors` sessions' contexts are remembered (0: CONTEXTS_PER_SESSION per speculative session).
+        self.delta_contexts = transport.delta_contexts
+        sessions = transport.settings.max_sessions
+        self.contexts = ContextSender(context_mirrors or max(MIN_CONTEXTS, CONTEXTS_PER_SESSION * sessions))
         # Stream messages per second, all streams together: with n streams running, one stream's next event
         # goes out at least n / message_rate seconds after its last (its first, and its end, at once). One
         # Python process sends every stream's text: at 64 streams and a step a millisecond, a message per
@@ -475,6 +488,7 @@ class AsyncEngine:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.contexts.clear()  # a new core remembers no session's context
         self.info, self.tokenizer = await self.transport.start(self._deliver, self._fail)
         self._started = True
         self._watch = asyncio.ensure_future(self._supervise())
@@ -704,10 +718,36 @@ class AsyncEngine:
         )
         return (first, *rest)
 
+    async def _session_call(self, op: str, sid: str, context: Sequence[int], rest: tuple[Any, ...], end: bool) -> Any:
+        """A call on session `sid` with its context: ("call", id, op, (sid, context, *rest, end)), or with the
+        context as a delta, ("delta", id, op, (sid, tail, *rest, end), keep, end): the engine keeps `keep` tokens of
+        the session's last context and appends the tail (serve/contexts.py). Sessions evicted from the sender's
+        memory go first, each as ("drop", sid)."""
+        self._check_running()
+        call_id = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = future
+        ids = list(context)  # ours: the sender keeps it
+        try:
+            if self.delta_contexts:
+                keep, tail, evicted = self.contexts.encode(sid, ids, end)
+                try:
+                    for old in evicted:
+                        self.transport.send(("drop", old))
+                    self.transport.send(("delta", call_id, op, (sid, tail, *rest, end), keep, end))
+                except BaseException:
+                    self.contexts.forget(sid)  # always safe: the next call keeps nothing
+                    raise
+            else:
+                self.transport.send(("call", call_id, op, (sid, ids, *rest, end)))
+            return await future
+        finally:
+            self._calls.pop(call_id, None)
+
     async def draft(
         self, sid: str, context: Sequence[int], max_tokens: int, sampling: Sampling, top_k: int = 32, end: bool = False
     ) -> DraftResult:
-        result: DraftResult = await self._call("draft", sid, list(context), max_tokens, sampling, top_k, end)
+        result: DraftResult = await self._session_call("draft", sid, context, (max_tokens, sampling, top_k), end)
         return result
 
     async def verify(
@@ -721,10 +761,11 @@ class AsyncEngine:
     ) -> VerifyResult:
         # Batched with the step's other Verify calls unless `verify_together` is off (benchmarks compare).
         op = "verify" if self.verify_together else "verify_alone"
-        result: VerifyResult = await self._call(op, sid, list(context), list(draft), list(dists), sampling, end)
+        result: VerifyResult = await self._session_call(op, sid, context, (list(draft), list(dists), sampling), end)
         return result
 
     async def end_session(self, sid: str) -> None:
+        self.contexts.forget(sid)  # the engine forgets it on reading the call
         await self._call("end", sid)
 
     # -- outputs ------------------------------------------------------------------------------
@@ -779,6 +820,7 @@ class AsyncEngine:
         if self.failure is not None or self._stopping:
             return
         self.failure = reason
+        self.contexts.clear()
         log.critical("the model engine died; this server stops serving", extra={"reason": reason})
         if self.on_failure is not None:  # first: health should turn before callers hear of it
             try:

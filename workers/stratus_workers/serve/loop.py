@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 
 from stratus_workers.runtimes import RUNTIME_TORCH
+from stratus_workers.serve.contexts import ContextLost, ContextMirror
 from stratus_workers.serve.core import PREFIX_BLOCK, EngineCore, EngineRequest, Finished, StepOutput
 from stratus_workers.serve.parallel import ParallelContext
 from stratus_workers.serve.pipeline import PipelineContext, build_stage_runner, keep_stage
@@ -263,7 +264,9 @@ class EngineLoop:
     """Runs `core` until told to stop; `emit` receives ("step", packed StepOutput) once per step.
 
     Messages in: ("add", seq_id, prompt, params, deadline), ("abort", seq_id), ("call", call_id, op,
-    args), ("stop",). Out, besides steps: ("stopped", packed) with what stopping ended.
+    args), ("delta", call_id, op, args, keep, end) (a session's call, its context as a delta: serve/contexts.py),
+    ("drop", sid) (forget a session's context), ("stop",). Out, besides steps: ("stopped", packed) with what
+    stopping ended.
     """
 
     def __init__(self, core: EngineCore, emit: Callable[[tuple[Any, ...]], None]) -> None:
@@ -271,6 +274,7 @@ class EngineLoop:
         self.emit = emit
         self.busy_since = 0.0  # time.monotonic() when the running step began; 0 between steps
         self.steps = 0
+        self.contexts = ContextMirror()  # sessions' last contexts, as the frontend remembers them
         path = os.environ.get("STRATUS_STEP_PROFILE")
         self.profile = StepProfile(path, core) if path else None
 
@@ -329,13 +333,21 @@ class EngineLoop:
                     refused.append(Finished(seq_id, "error", len(prompt), 0, 0, 0.0, 0.0, str(exc)))
             elif kind == "abort":
                 self.core.abort(message[1])
+            elif kind == "delta":  # a session's call, its context as a delta on the last one (serve/contexts.py)
+                _, call_id, op, args, keep, end = message
+                try:
+                    context = self.contexts.rebuild(args[0], keep, args[1], end)
+                except ContextLost as exc:
+                    self.emit(("step", StepOutput(self.core.steps, results=[(call_id, "error", str(exc))]).pack()))
+                    continue
+                self._call(call_id, op, (args[0], context, *args[2:]))
             elif kind == "call":
                 _, call_id, op, args = message
-                try:
-                    self.core.call(call_id, op, args)
-                except ValueError as exc:
-                    out = StepOutput(self.core.steps, results=[(call_id, "invalid", str(exc))])
-                    self.emit(("step", out.pack()))
+                if op == "end":
+                    self.contexts.drop(args[0])
+                self._call(call_id, op, args)
+            elif kind == "drop":
+                self.contexts.drop(message[1])
             elif kind == "stop":
                 return False
             else:
@@ -343,3 +355,9 @@ class EngineLoop:
         if refused:
             self.emit(("step", StepOutput(self.core.steps, finished=refused, stats=self.core.stats()).pack()))
         return True
+
+    def _call(self, call_id: int, op: str, args: tuple[Any, ...]) -> None:
+        try:
+            self.core.call(call_id, op, args)
+        except ValueError as exc:
+            self.emit(("step", StepOutput(self.core.steps, results=[(call_id, "invalid", str(exc))]).pack()))

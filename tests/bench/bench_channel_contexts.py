@@ -1,0 +1,96 @@
+"""The engine channel's CPU cost per Verify call: whole contexts against deltas (serve/contexts.py), each side alone.
+
+Rounds of `--sessions` sessions, each round's context its last one plus `--grow` tokens (a round's accepted draft
+and the verifier's token), from `--context` tokens on. Per call, the frontend's side: copying the caller's context
+(the frontend always did), the delta's comparison, and pickling the message as `Channel.queue` does; the engine's
+side: unpickling it and rebuilding the context. The messages are the ones `AsyncEngine.verify` sends (greedy: no
+distributions, an 8-token draft). Prints µs per call and the message's size. No model, no process: the channel's
+share alone (`python tests/bench/bench_channel_contexts.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import platform
+import random
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from stratus_workers.protocol.requests import Sampling
+from stratus_workers.serve.contexts import ContextMirror, ContextSender
+
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+def run(sessions: int, context: int, grow: int, rounds: int, delta: bool) -> tuple[float, float, float]:
+    """(frontend µs per call, engine µs per call, bytes per message), over `rounds` rounds of every session."""
+    rng = random.Random(0)
+    sampling = Sampling()
+    contexts = {f"session-{n}": [rng.randrange(49_152) for _ in range(context)] for n in range(sessions)}
+    sender, mirror = ContextSender(4 * sessions), ContextMirror()
+    front = engine = 0.0
+    size = calls = 0
+    for _ in range(rounds):
+        for sid, ids in contexts.items():
+            ids.extend(rng.randrange(49_152) for _ in range(grow))
+            draft = [rng.randrange(49_152) for _ in range(8)]
+            started = time.perf_counter()
+            own = list(ids)
+            if delta:
+                keep, tail, _ = sender.encode(sid, own, False)
+                message: tuple[Any, ...] = ("delta", 1, "verify", (sid, tail, draft, [], sampling, False), keep, False)
+                data = pickle.dumps(message, PROTOCOL)
+            else:
+                data = pickle.dumps(("call", 1, "verify", (sid, own, draft, [], sampling, False)), PROTOCOL)
+            sent = time.perf_counter()
+            got: Any = pickle.loads(data)
+            if delta:
+                _, _, _, args, keep, end = got
+                rebuilt = mirror.rebuild(args[0], keep, args[1], end)
+            else:
+                rebuilt = got[3][1]
+            done = time.perf_counter()
+            assert len(rebuilt) == len(ids)
+            front += sent - started
+            engine += done - sent
+            size += len(data)
+            calls += 1
+        for ids in contexts.values():  # keep the contexts near `--context` tokens: the steady state, not growth
+            del ids[: len(ids) - context]
+        if delta:
+            sender.clear()
+            mirror = ContextMirror()
+            for sid, ids in contexts.items():  # ... and the two memories in step with the trimmed contexts
+                keep, tail, _ = sender.encode(sid, list(ids), False)
+                mirror.rebuild(sid, keep, tail, False)
+    return front / calls * 1e6, engine / calls * 1e6, size / calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=64)
+    parser.add_argument("--context", type=int, default=600)
+    parser.add_argument("--grow", type=int, default=6, help="new tokens a round (accepted draft and the next token)")
+    parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--repeat", type=int, default=5, help="runs of each; the fastest is reported")
+    args = parser.parse_args()
+    print(
+        f"{platform.processor() or platform.machine()}; Python {platform.python_version()}; "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {args.sessions} sessions, ~{args.context}-token contexts, "
+        f"+{args.grow} a round, {args.rounds} rounds, best of {args.repeat}"
+    )
+    print("| contexts | frontend µs/call | engine µs/call | both µs/call | bytes/message |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for delta in (False, True):
+        best = min(
+            (run(args.sessions, args.context, args.grow, args.rounds, delta) for _ in range(args.repeat)),
+            key=lambda r: r[0] + r[1],
+        )
+        name = "deltas" if delta else "whole"
+        print(f"| {name} | {best[0]:.1f} | {best[1]:.1f} | {best[0] + best[1]:.1f} | {best[2]:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

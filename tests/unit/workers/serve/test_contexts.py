@@ -1,0 +1,125 @@
+"""Contexts as deltas on the engine channel: the common prefix is the naive one, and the engine's mirror rebuilds
+every context the frontend sent (through pickling, in channel order) whatever the calls do: grow, shrink, diverge,
+empty, end, and sessions evicted from a bounded memory."""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stratus_workers.serve.contexts import ContextLost, ContextMirror, ContextSender, common_prefix
+
+pytestmark = pytest.mark.unit
+
+tokens = st.lists(st.integers(0, 3), max_size=12)  # few values: common prefixes of every length come up
+
+
+def naive_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@given(tokens, tokens, tokens)
+def test_the_common_prefix_is_the_naive_one(shared: list[int], a: list[int], b: list[int]) -> None:
+    for x, y in ((shared + a, shared + b), (shared, shared + b), (shared + a, shared), (a, b)):
+        assert common_prefix(x, y) == common_prefix(y, x) == naive_prefix(x, y)
+
+
+class Channel:
+    """The two sides as the engine channel joins them: the sender's messages pickled, read in order."""
+
+    def __init__(self, limit: int) -> None:
+        self.sender = ContextSender(limit)
+        self.mirror = ContextMirror()
+        self.sent_bytes = 0
+
+    def send(self, sid: str, context: list[int], end: bool = False) -> list[int]:
+        keep, tail, evicted = self.sender.encode(sid, list(context), end)
+        messages: list[Any] = [("drop", old) for old in evicted]
+        messages.append(("delta", 7, "verify", (sid, tail, [], [], None, end), keep, end))
+        received = [pickle.loads(pickle.dumps(m, protocol=pickle.HIGHEST_PROTOCOL)) for m in messages]
+        self.sent_bytes = sum(len(pickle.dumps(m, protocol=pickle.HIGHEST_PROTOCOL)) for m in messages)
+        rebuilt: list[int] = []
+        for message in received:
+            if message[0] == "drop":
+                self.mirror.drop(message[1])
+            else:
+                _, _, _, args, keep, end = message
+                rebuilt = self.mirror.rebuild(args[0], keep, args[1], end)
+        return rebuilt
+
+
+# A call: (session, how its context changes, tokens, end). Changes: grow by the tokens, shrink by their count,
+# diverge (cut back by their count, then the tokens), replace it all, empty it.
+calls = st.lists(
+    st.tuples(
+        st.sampled_from("abcde"),
+        st.sampled_from(["grow", "grow", "shrink", "diverge", "replace", "empty"]),
+        tokens,
+        st.booleans(),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(calls, st.integers(1, 4))
+def test_the_mirror_rebuilds_every_context_sent(script: list[tuple[str, str, list[int], bool]], limit: int) -> None:
+    channel = Channel(limit)
+    contexts: dict[str, list[int]] = {}
+    for sid, change, new, end in script:
+        context = contexts.get(sid, [])
+        if change == "grow":
+            context = context + new
+        elif change == "shrink":
+            context = context[: max(0, len(context) - len(new))]
+        elif change == "diverge":
+            context = context[: max(0, len(context) - len(new))] + new
+        elif change == "replace":
+            context = list(new)
+        else:
+            context = []
+        assert channel.send(sid, context, end) == context
+        if end:
+            contexts.pop(sid, None)
+            assert sid not in channel.sender
+        else:
+            contexts[sid] = context
+        # Bounded, and the two sides hold the same sessions (the mirror learns of each eviction by a drop).
+        assert len(channel.sender) <= limit
+        assert len(channel.mirror) == len(channel.sender)
+
+
+def test_a_round_sends_only_its_new_tokens_and_the_least_recently_used_session_is_dropped() -> None:
+    channel = Channel(limit=2)
+    context = list(range(600))
+    assert channel.send("a", context) == context
+    whole = channel.sent_bytes
+    context = context + [1, 2, 3, 4, 5]
+    assert channel.send("a", context) == context
+    assert channel.sent_bytes < whole / 10  # the tail, not the context
+    assert channel.send("b", [9] * 600) == [9] * 600
+    assert channel.send("c", [8] * 600) == [8] * 600  # "a" was the least recently used: evicted, dropped
+    assert "a" not in channel.sender and len(channel.mirror) == 2
+    assert channel.send("a", context) == context  # back whole, and right
+
+
+def test_a_mirror_told_to_keep_what_it_lacks_says_so() -> None:
+    mirror = ContextMirror()
+    with pytest.raises(ContextLost, match=r"session 'x'.*keep 3 tokens, it holds none"):
+        mirror.rebuild("x", 3, [1], False)
+    mirror.rebuild("x", 0, [1, 2], False)
+    with pytest.raises(ContextLost, match="keep 3 tokens, it holds 2 tokens"):
+        mirror.rebuild("x", 3, [1], False)
+    assert len(mirror) == 0  # forgotten: the session must start again
+
+
+def test_a_sender_without_room_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least one session"):
+        ContextSender(0)

@@ -1,0 +1,250 @@
+"""Speculative calls' contexts sent as deltas (serve/contexts.py) answer exactly as whole contexts do: through an
+engine process of its own (greedy rounds of many sessions at once, shrunk and diverged contexts, refused calls and
+good ones after them, end, evicted mirrors) and, for random sequences of calls, through engines in a thread whose
+mirrors and sessions the test can read."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from stratus_workers.models import load_model
+from stratus_workers.protocol.requests import Sampling
+from stratus_workers.serve.engine import AsyncEngine, ProcessTransport, ThreadTransport, build_engine
+from stratus_workers.serve.loop import EngineSettings
+
+pytestmark = pytest.mark.unit
+
+GREEDY = Sampling()
+MAX_LEN = 256
+TOKENS = 200  # the ids the scripts use: well inside the vocabulary
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir: Path) -> Any:
+    return load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+
+
+class Recording(ProcessTransport):
+    """The process transport, keeping what the frontend sent (to show that deltas went, and how small)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[tuple[Any, ...]] = []
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        self.sent.append(message)
+        super().send(message)
+
+
+def essence(result: Any) -> Any:
+    """What a call decided, without log-probabilities: calls that share a step run as one pass, and which calls
+    share one differs from run to run (the last bits of a float may too; the tokens do not)."""
+    if hasattr(result, "accepted"):
+        return ("verdict", result.accepted, result.next_token, result.eos)
+    if hasattr(result, "tokens"):
+        return ("draft", result.tokens, result.eos)
+    return result
+
+
+async def outcome(call: Any) -> Any:
+    """A call's result, or its error (type and message): both sides must refuse alike."""
+    try:
+        return await call
+    except Exception as exc:
+        return (type(exc).__name__, str(exc))
+
+
+async def rounds(engine: AsyncEngine, sid: str, seed: int, vocab: int) -> list[Any]:
+    """A session's calls: greedy rounds (drafts from the engine itself, some tokens corrupted so that not all are
+    accepted), a shrunk context, a diverged one, a refused call and good ones after it, Draft and Verify with
+    `end`, the same id starting over, an empty context, and `end_session`."""
+    rng = random.Random(seed)
+    prompt = [rng.randrange(TOKENS) for _ in range(rng.randrange(5, 40))]
+    context = list(prompt)
+    out: list[Any] = []
+    for r in range(8):
+        drafted = await outcome(engine.draft(sid, context, 4, GREEDY))
+        out.append(drafted)
+        draft = [t if rng.random() < 0.7 else rng.randrange(TOKENS) for t in drafted.tokens]
+        op = engine.verify(sid, context, draft, [], GREEDY)
+        verdict = await outcome(op)
+        out.append(verdict)
+        context = context + draft[: verdict.accepted] + [verdict.next_token]
+        if r == 2:
+            context = context[:-5]  # shrunk: the round is taken back
+        elif r == 4:
+            context[len(context) // 2] = (context[len(context) // 2] + 1) % TOKENS  # diverged in the middle
+        elif r == 5:  # refused (a token outside the vocabulary), then the rounds go on with the good context
+            out.append(await outcome(engine.verify(sid, context + [vocab + 3], [1], [], GREEDY)))
+            out.append(await outcome(engine.verify(sid, context[:-1] + [vocab], [], [], GREEDY)))
+    out.append(await outcome(engine.draft(sid, context, 3, GREEDY, end=True)))
+    out.append(await outcome(engine.verify(sid, context[:-2], [7, 8], [], GREEDY)))  # a new session under the id
+    out.append(await outcome(engine.verify(sid, context, [1, 2], [], GREEDY, end=True)))
+    out.append(await outcome(engine.verify(sid, prompt, [], [], GREEDY)))
+    out.append(await outcome(engine.verify(sid, [], [1], [], GREEDY)))  # the core's own error comes back
+    await engine.end_session(sid)
+    out.append(await outcome(engine.verify(sid, prompt + [5], [], [], GREEDY)))
+    await engine.end_session(sid)
+    return out
+
+
+async def process_engine(tiny_model_dir: Path, sessions: int, mirrors: int, delta: bool) -> AsyncEngine:
+    settings = EngineSettings(max_batch_size=1, max_sessions=sessions, max_tokens=MAX_LEN, threads=1,
+                              log_format="text")  # fmt: skip
+    load = functools.partial(load_model, str(tiny_model_dir), dtype="float32", device="cpu")
+    engine = AsyncEngine(Recording(settings, load), max_batch_size=1, context_mirrors=mirrors)
+    engine.delta_contexts = delta
+    await engine.start()
+    return engine
+
+
+async def test_deltas_through_an_engine_process_answer_as_whole_contexts(tiny_model_dir: Path) -> None:
+    """Many sessions at once (their Verify calls share steps), against an engine sent whole contexts; then more
+    sessions than the frontend remembers, so every round evicts one (a drop message) and some go whole."""
+    sessions = 10
+    delta, whole = await asyncio.gather(
+        process_engine(tiny_model_dir, sessions, 6, True), process_engine(tiny_model_dir, sessions, 6, False)
+    )
+    try:
+        vocab = delta.vocab_size
+        sent: list[tuple[Any, ...]] = delta.transport.sent  # type: ignore[attr-defined]
+        for count in (4, sessions):  # 4: each session's context remembered; 10: the least recently used evicted
+            first = len(sent)
+            got = await asyncio.gather(*(rounds(delta, f"s{n}", n, vocab) for n in range(count)))
+            expected = await asyncio.gather(*(rounds(whole, f"s{n}", n, vocab) for n in range(count)))
+            assert [[essence(r) for r in calls] for calls in got] == [[essence(r) for r in calls] for calls in expected]
+            assert len(delta.contexts) == 0  # every session ended: both sides forgot it
+            deltas = [m for m in sent[first:] if m[0] == "delta"]
+            kept = [m for m in deltas if m[4]]
+            if count == 4:
+                assert len(kept) > len(deltas) * 3 / 4  # most calls kept the last context ...
+                assert sum(len(m[3][1]) for m in kept) < sum(m[4] for m in kept) / 4  # ... and sent a short tail
+                assert not any(m[0] == "drop" for m in sent[first:])
+            else:
+                assert any(m[0] == "drop" for m in sent[first:])  # ten sessions, six remembered
+        assert delta.failure is None and whole.failure is None
+        assert not any(m[0] == "delta" for m in whole.transport.sent)  # type: ignore[attr-defined]
+        verdicts = [r for r in got[0] if hasattr(r, "accepted")]
+        assert any(0 < v.accepted < 4 for v in verdicts)  # rounds that were partly rejected came up
+        assert [r for r in got[0] if isinstance(r, tuple)]  # ... and refused calls (compared above)
+        # An engine that dies takes its mirror with it: the frontend forgets its side (a new one starts empty).
+        await delta.verify("kept", list(range(50)), [1, 2], [], GREEDY)
+        assert delta.contexts.last("kept") == list(range(50))
+        os.kill(delta.pid, signal.SIGKILL)
+        for _ in range(100):
+            if delta.failure is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert delta.failure is not None and len(delta.contexts) == 0
+    finally:
+        await asyncio.gather(delta.stop(), whole.stop())
+
+
+# One call of a random script: (session, change, tokens, op, end). A change makes the call's context from the
+# session's last one: its next round (what the last verdict kept), grown, shrunk, diverged, replaced, emptied, or
+# holding a token outside the vocabulary (refused).
+CHANGES = ["next", "next", "next", "grow", "shrink", "diverge", "replace", "empty", "bad"]
+script = st.lists(
+    st.tuples(
+        st.sampled_from(["a", "b", "c", "d", "e"]),
+        st.sampled_from(CHANGES),
+        st.lists(st.integers(0, TOKENS - 1), min_size=1, max_size=6),
+        st.sampled_from(["verify", "verify", "verify_alone", "draft", "end_session"]),
+        st.booleans(),
+    ),
+    min_size=4,
+    max_size=20,
+)
+
+
+async def play(engine: AsyncEngine, calls: list[tuple[str, str, list[int], str, bool]]) -> list[Any]:
+    contexts: dict[str, list[int]] = {}
+    out: list[Any] = []
+    vocab = engine.vocab_size
+    for sid, change, tokens, op, end in calls:
+        last = contexts.get(sid) or [(7 * n + ord(sid)) % TOKENS for n in range(30)]  # a prompt of its own
+        context = {
+            "next": last,
+            "grow": last + tokens,
+            "shrink": last[: max(1, len(last) - len(tokens))],
+            "diverge": last[: max(1, len(last) - len(tokens))] + tokens[::-1],
+            "replace": tokens,
+            "empty": [],
+            "bad": last + [vocab],
+        }[change][: MAX_LEN // 2]
+        if op == "end_session":
+            await engine.end_session(sid)
+            contexts.pop(sid, None)
+            out.append(None)
+            continue
+        if op == "draft":
+            result = await outcome(engine.draft(sid, context, len(tokens), GREEDY, end=end))
+            kept = context + list(result.tokens) if hasattr(result, "tokens") else last
+        else:
+            engine.verify_together = op == "verify"
+            result = await outcome(engine.verify(sid, context, tokens, [], GREEDY, end=end))
+            kept = context + tokens[: result.accepted] + [result.next_token] if hasattr(result, "accepted") else last
+        out.append(result)
+        if end:
+            contexts.pop(sid, None)
+        else:
+            contexts[sid] = kept
+        if engine.delta_contexts:  # the engine's mirror is the frontend's, call by call
+            mirror = engine.transport.loop.contexts  # type: ignore[attr-defined]
+            assert len(mirror) == len(engine.contexts)
+            for name in "abcde":
+                assert mirror.last(name) == engine.contexts.last(name)
+    return out
+
+
+async def test_random_calls_answer_alike_with_and_without_deltas(loaded: Any) -> None:
+    """Engines in a thread (the test reads the engine's mirror): the same random calls, deltas forced on in one.
+    Three sessions' contexts remembered of five: the frontend's memory evicts. Hypothesis runs in a thread of its
+    own, each example's calls in this test's event loop."""
+    loop = asyncio.get_running_loop()
+    engines = []
+    for delta_on in (True, False):
+        built = build_engine(loaded.model, loaded.tokenizer, max_len=MAX_LEN, max_batch_size=1, max_sessions=5)
+        assert isinstance(built.transport, ThreadTransport) and not built.delta_contexts  # off by default here
+        engine = AsyncEngine(built.transport, max_batch_size=1, context_mirrors=3)
+        engine.delta_contexts = delta_on
+        await engine.start()
+        engines.append(engine)
+    delta, whole = engines
+    cores = [e.transport.core for e in engines if isinstance(e.transport, ThreadTransport) and e.transport.core]
+    assert len(cores) == 2
+
+    def run(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+    @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(script)
+    def check(calls: list[tuple[str, str, list[int], str, bool]]) -> None:
+        try:
+            assert run(play(delta, calls)) == run(play(whole, calls))
+            # The core saw the same contexts: each session's row holds the same tokens.
+            held = [{sid: s.tokens for sid, s in core.sessions._sessions.items()} for core in cores]
+            assert held[0] == held[1]
+        finally:
+            for engine in engines:
+                run(ended(engine))
+
+    try:
+        await loop.run_in_executor(None, check)
+    finally:
+        await asyncio.gather(delta.stop(), whole.stop())
+
+
+async def ended(engine: AsyncEngine) -> None:
+    for sid in "abcde":
+        await engine.end_session(sid)

@@ -1,0 +1,125 @@
+"""Speculative calls' contexts on the engine channel as deltas: each side remembers, per session, the context last sent.
+
+A session's Draft or Verify call carries its whole context (prompt and everything generated), yet each round's
+context is the last round's plus a few tokens. `ContextSender` (the frontend, serve/engine.py) remembers per
+session id the context it last sent and sends (how much of it to keep, the new tail) instead; `ContextMirror` (the
+engine loop, serve/loop.py) keeps the same contexts and rebuilds each call's whole context before the core sees
+it. Both change only in channel order (the channel keeps messages in order), whatever becomes of the call: a call
+the core refuses still moved both. A session that ends (an "end" call, or a call with `end`) is forgotten on both
+sides; the sender keeps at most `limit` sessions, least recently used first out, and each one it evicts becomes a
+("drop", sid) message, so a client that never ends its sessions cannot grow either side without bound. Forgetting
+on the sender's side alone is always safe (its next call on that session keeps nothing and sends it all).
+"""
+
+from __future__ import annotations
+
+import collections
+
+# The sender keeps this many sessions' contexts per speculative session the engine holds (at least MIN_CONTEXTS):
+# a session the engine evicted for a newer one may come back, and one that ends without saying so must age out.
+CONTEXTS_PER_SESSION = 4
+MIN_CONTEXTS = 16
+
+
+class ContextLost(RuntimeError):
+    """The engine's mirror lacks what the frontend said to keep: the two sides disagree (a bug, never input)."""
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """The length of the longest common prefix of `a` and `b`, by list comparisons (C speed): one when the shorter
+    is a prefix of the longer, the usual case (a session's next round); otherwise a bisection over slices."""
+    if len(b) <= len(a):
+        if a[: len(b)] == b:
+            return len(b)
+        n = len(b)
+    else:
+        if b[: len(a)] == a:
+            return len(a)
+        n = len(a)
+    lo, hi = 0, n - 1  # a[:lo] == b[:lo] and the prefix is shorter than n: it lies in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class ContextSender:
+    """The frontend's side: per session id, the context last sent (least recently used first)."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"the context mirror must hold at least one session, not {limit}")
+        self.limit = limit
+        self._last: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def __contains__(self, sid: str) -> bool:
+        return sid in self._last
+
+    def encode(self, sid: str, context: list[int], end: bool) -> tuple[int, list[int], list[str]]:
+        """What to send for `context` (a list the sender may keep: the caller's own copy): how many tokens of the
+        last one sent to keep, the tail after them, and the sessions evicted to make room (send each a drop first).
+        With `end` the session is forgotten (the engine forgets it on reading the call)."""
+        last = self._last.pop(sid, None)
+        keep = common_prefix(context, last) if last else 0
+        tail = context[keep:]
+        evicted: list[str] = []
+        if not end:
+            self._last[sid] = context
+            while len(self._last) > self.limit:
+                evicted.append(self._last.popitem(last=False)[0])
+        return keep, tail, evicted
+
+    def last(self, sid: str) -> list[int] | None:
+        """The context last sent on `sid`, if remembered (for checks: never change it)."""
+        return self._last.get(sid)
+
+    def forget(self, sid: str) -> None:
+        self._last.pop(sid, None)
+
+    def clear(self) -> None:
+        """A new engine (its mirror empty) or a dead one: every session's next call sends its whole context."""
+        self._last.clear()
+
+
+class ContextMirror:
+    """The engine's side: per session id, the context last received, as the sender remembers it."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def rebuild(self, sid: str, keep: int, tail: list[int], end: bool) -> list[int]:
+        """The call's whole context: the first `keep` tokens of the last one, then `tail`. A new list each time (the
+        core may hold a call's context across steps: nothing here changes a list once built)."""
+        if keep:
+            last = self._last.get(sid)
+            if last is None or keep > len(last):
+                self._last.pop(sid, None)
+                held = "none" if last is None else f"{len(last)} tokens"
+                raise ContextLost(
+                    f"the engine lost session {sid!r}'s context (told to keep {keep} tokens, it holds {held}); "
+                    "end the session and start it again"
+                )
+            context = last + tail if keep == len(last) else last[:keep] + tail
+        else:
+            context = tail
+        if end:
+            self._last.pop(sid, None)
+        else:
+            self._last[sid] = context
+        return context
+
+    def last(self, sid: str) -> list[int] | None:
+        """The context last received on `sid`, if held (for checks: never change it)."""
+        return self._last.get(sid)
+
+    def drop(self, sid: str) -> None:
+        self._last.pop(sid, None)
