@@ -10,9 +10,10 @@ nothing here: this measures what the cloud's GPU does per generated token. Repor
 forward passes per token, and the acceptance reached.
 
 Random-init weights (speed does not depend on their values), the bundled tokenizer's vocabulary. The engine's
-verify pipeline (docs/serving.md) is off by default (it measured slower on an H200 at 64 sessions);
-`--verify-pipeline on|off` overrides, and the run's meta records which. On the CPU (a check that it runs, not a
-measurement): `--model tiny --device cpu --dtype float32 --concurrency 1,16 --new-tokens 32 --profile`.
+verify pipeline (docs/serving.md) is on by default in an engine process on CUDA and off in a thread engine (where it
+measured slower on an H200 at 64 sessions); `--verify-pipeline on|off` overrides, and the run's meta records which.
+On the CPU (a check that it runs, not a measurement):
+`--model tiny --device cpu --dtype float32 --concurrency 1,16 --new-tokens 32 --profile`.
 """
 
 from __future__ import annotations
@@ -334,7 +335,7 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
     from stratus_workers.models.loader import resolve_device
     from stratus_workers.serve.core import verify_pipeline_on
     from stratus_workers.serve.engine import AsyncEngine, ProcessTransport, ThreadTransport
-    from stratus_workers.serve.loop import EngineSettings
+    from stratus_workers.serve.loop import EngineSettings, pipeline_default
 
     device = resolve_device(args.device)
     if args.verify_pipeline != "auto":  # the engine (thread or process) reads it when it builds its core
@@ -372,8 +373,9 @@ async def measure(args: argparse.Namespace, log: Any) -> tuple[list[dict[str, An
         if core is None:
             raise SystemExit("--profile needs the engine's core in this process (the thread transport)")
         profile = StepProfile(core)
-    # The core's own switch where it runs here; an engine process decides from the same variable.
-    pipeline = bool(core.verify_pipeline) if core is not None else verify_pipeline_on()
+    # The core's own switch where it runs here; an engine process decides from the same variable and default.
+    own = verify_pipeline_on(pipeline_default(True, device, False))
+    pipeline = bool(core.verify_pipeline) if core is not None else own
     rng = random.Random(0)
     match = match_for(args.acceptance, args.draft)
     meta = {
@@ -608,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
         "--verify-pipeline",
         choices=["auto", "on", "off"],
         default="auto",
-        help="the engine's verify pipeline (STRATUS_VERIFY_PIPELINE; auto: the engine's default, off)",
+        help="the engine's verify pipeline (STRATUS_VERIFY_PIPELINE; auto: the engine's default, on in an engine "
+        "process on CUDA, else off)",
     )
     parser.add_argument("--tf32", action="store_true", help="float32 matrix products in TensorFloat-32 (CUDA)")
     parser.add_argument(

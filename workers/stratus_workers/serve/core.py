@@ -21,9 +21,10 @@ decoding rows' tokens are one pass instead of two (`_mixed`; docs/serving.md, "M
 Every Verify call of a step runs in one forward pass over the session rows
 (`SpeculativeSessions.verify_many`), before the step's decode pass: many edge devices verifying at once
 cost one pass of the model, not one each ("verify_alone" keeps one pass per call, for comparison). With the
-verify pipeline (opt-in, STRATUS_VERIFY_PIPELINE=1) a step launches its Verify calls' pass and then
-finishes the group an earlier step launched, so the device computes one group while the host judges, settles
-and replies to the other, and the loop gathers that group's next calls (docs/serving.md, "The verify pipeline").
+verify pipeline (on in an engine process on CUDA, else opt-in: `verify_pipeline_on`) a step launches its Verify
+calls' pass and then finishes the group an earlier step launched, so the device computes one group while the host
+judges, settles and replies to the other, and the loop gathers that group's next calls (docs/serving.md, "The verify
+pipeline").
 """
 
 from __future__ import annotations
@@ -55,13 +56,15 @@ PREFIX_BLOCK = 16
 MIN_VERIFY_GROUP = 8
 
 
-def verify_pipeline_on() -> bool:
-    """Whether an engine core runs the verify pipeline unless told (STRATUS_VERIFY_PIPELINE): off by default. On
-    an H200 at 64 sessions (~1B) its two half-size passes cost 3.2 ms of device time each against 4.7 ms for one
-    pass of all, and launching twice costs host time, so the overlap is spent: 4-5% fewer accepted tokens/s than
-    without it (docs/benchmarks.md, "the verify pipeline"); on the CPU the device is the host and there is nothing to
-    overlap."""
-    return env_flag("STRATUS_VERIFY_PIPELINE", False)
+def verify_pipeline_on(default: bool = False) -> bool:
+    """Whether an engine core runs the verify pipeline: STRATUS_VERIFY_PIPELINE, else `default`. The engine process
+    of one CUDA device turns it on by default (`loop.pipeline_default`): there the frontend's replies and the next
+    calls run in the other process while the device computes, and on an H200 at 64 sessions (~1B, 512 new tokens) it
+    measured 2.03x cloud-only against 1.67x without it (means of three runs each; the same 1.42x either way at 128).
+    Elsewhere it stays off: in a thread engine the frontend and the engine share one interpreter lock, and there it
+    measured 4-5% slower (its two half-size passes cost 3.2 ms of device time each against 4.7 ms for one pass of
+    all); on the CPU the device is the host and nothing overlaps (docs/benchmarks.md, "the verify pipeline")."""
+    return env_flag("STRATUS_VERIFY_PIPELINE", default)
 
 
 # A group of Verify calls launched (`SpeculativeSessions.launch`), or the error that kept it from launching.
@@ -250,7 +253,7 @@ class EngineCore:
         self._replied_at = -1  # the step that last replied to Verify calls (it resets the two sets above)
         # The verify pipeline (docs/serving.md): a step launches its Verify calls' pass, then finishes the group an
         # earlier step launched, so the device computes one group while the host settles and replies to the other.
-        # Off unless asked for (`verify_pipeline_on`: on an H200 its half-size passes cost more than it hides).
+        # Off unless asked for, or the caller's default (`verify_pipeline_on`).
         if verify_pipeline is None:
             verify_pipeline = verify_pipeline_on()
         self.verify_pipeline = verify_pipeline

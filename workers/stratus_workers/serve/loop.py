@@ -25,7 +25,7 @@ import torch
 
 from stratus_workers.runtimes import RUNTIME_TORCH
 from stratus_workers.serve.contexts import ContextLost, ContextMirror
-from stratus_workers.serve.core import PREFIX_BLOCK, EngineCore, EngineRequest, Finished, StepOutput
+from stratus_workers.serve.core import PREFIX_BLOCK, EngineCore, EngineRequest, Finished, StepOutput, verify_pipeline_on
 from stratus_workers.serve.parallel import ParallelContext
 from stratus_workers.serve.pipeline import PipelineContext, build_stage_runner, keep_stage
 from stratus_workers.serve.prefix import PrefixCache
@@ -98,18 +98,28 @@ def start_core(
     load: Callable[[], Any],
     settings: EngineSettings,
     setup: Callable[[], tuple[ParallelContext | None, PipelineContext | None]] = lambda: (None, None),
+    *,
+    own_process: bool = False,
 ) -> tuple[EngineCore, EngineInfo, Any]:
     """Load a model (`load`), set up its process group (`setup`, after loading: tensor or pipeline parallel), build
     the engine core and warm it up; the core, its info with each phase's time, and the tokenizer. Both engines (the
-    thread and the process) start through here, so their start phases are measured alike."""
+    thread and the process) start through here, so their start phases are measured alike; `own_process`: the engine
+process's (`pipeline_default`)."""
     started = time.monotonic()
     loaded = load()
     loaded_at = time.monotonic()
     parallel, pipeline = setup()
-    core, info = build_core(loaded, settings, parallel, pipeline)
+    core, info = build_core(loaded, settings, parallel, pipeline, own_process=own_process)
     built_at = time.monotonic()
     graphs = core.warmup() if settings.warmup else 0  # decode graphs on CUDA, before any request pays for them
     return core, info.started(started, loaded_at, built_at, time.monotonic(), graphs), loaded.tokenizer
+
+
+def pipeline_default(own_process: bool, device: torch.device, parallel: bool) -> bool:
+    """The verify pipeline's default (`core.verify_pipeline_on`): on in an engine process of its own on one CUDA device,
+    where the frontend works in the other process while the device computes; off in a thread engine (one interpreter
+    lock), on the CPU (nothing to overlap) and under tensor or pipeline parallel (not measured there)."""
+    return own_process and device.type == "cuda" and not parallel
 
 
 def build_core(
@@ -117,6 +127,8 @@ def build_core(
     settings: EngineSettings,
     parallel: ParallelContext | None = None,
     pipeline: PipelineContext | None = None,
+    *,
+    own_process: bool = False,
 ) -> tuple[EngineCore, EngineInfo]:
     """An engine core over `loaded` (a models.LoadedModel) as `settings` ask, and what it reports about itself.
 
@@ -146,6 +158,9 @@ def build_core(
         max_batch_size=settings.max_batch_size,
         prefill_chunk=settings.prefill_chunk,
         prefix=prefix,
+        verify_pipeline=verify_pipeline_on(
+            pipeline_default(own_process, runner.device, parallel is not None or pipeline is not None)
+        ),
     )
     info = EngineInfo(
         name=loaded.name,

@@ -147,7 +147,7 @@ def serve(channel: Channel) -> int:
                 return tp.init_group(settings.tensor_parallel), None
             return None, None
 
-        core, info, tokenizer = start_core(functools.partial(_load, load), settings, setup)
+        core, info, tokenizer = start_core(functools.partial(_load, load), settings, setup, own_process=True)
         freeze_heap()
         channel.send(("ready", info, tokenizer))
 

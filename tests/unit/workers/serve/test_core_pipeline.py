@@ -13,9 +13,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from stratus_workers.models.loader import LoadedModel
 from stratus_workers.models.tiny import TINY, random_llama
 from stratus_workers.protocol.requests import Sampling
-from stratus_workers.serve.core import EngineCore, EngineRequest
+from stratus_workers.serve.core import EngineCore, EngineRequest, verify_pipeline_on
+from stratus_workers.serve.loop import EngineSettings, build_core, pipeline_default
 from stratus_workers.serve.runner.build import build_runner
 from stratus_workers.serve.sessions import PendingVerify, SpeculativeSessions, VerifyResult
 from stratus_workers.serve.speculative import SparseDist
@@ -396,9 +398,33 @@ def test_the_pipeline_on_the_cuda_path() -> None:
     assert core.runner.device.type == "cuda" and core.verify_overlapped > 0
 
 
+def test_the_pipeline_defaults_on_only_in_an_engine_process_of_one_cuda_device(
+    model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # There the frontend works in the other process while the device computes (measured faster on an H200); a thread
+    # engine shares one interpreter lock (measured slower), the CPU has nothing to overlap, parallel was not measured.
+    monkeypatch.delenv("STRATUS_VERIFY_PIPELINE", raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert pipeline_default(True, cuda, False)
+    assert not pipeline_default(False, cuda, False)
+    assert not pipeline_default(True, cpu, False)
+    assert not pipeline_default(True, cuda, True)
+    assert verify_pipeline_on(True) and not verify_pipeline_on(False)
+    monkeypatch.setenv("STRATUS_VERIFY_PIPELINE", "0")  # the variable wins over the default, either way
+    assert not verify_pipeline_on(True)
+    monkeypatch.setenv("STRATUS_VERIFY_PIPELINE", "1")
+    assert verify_pipeline_on(False)
+    # The engine process's own core on this CPU: built as `worker.serve` builds it, the pipeline stays off.
+    monkeypatch.delenv("STRATUS_VERIFY_PIPELINE", raising=False)
+    loaded = LoadedModel(model=model, tokenizer=None, name="tiny", source="test", dtype=torch.float32, device=cpu)
+    core, _ = build_core(loaded, EngineSettings(max_batch_size=BATCH, max_tokens=MAX_LEN), own_process=True)
+    assert not core.verify_pipeline
+
+
 def test_the_pipeline_is_off_unless_asked_for(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Off by default (it measured slower on an H200 at 64 sessions, docs/serving.md); STRATUS_VERIFY_PIPELINE=1 turns
-    # it on, and its group size is read (and a bad one refused, naming it) only then.
+    # Off by default in a core built here (a thread engine's: it measured slower on an H200 at 64 sessions,
+    # docs/serving.md); STRATUS_VERIFY_PIPELINE=1 turns it on, and its group size is read (and a bad one refused,
+    # naming it) only then.
     def build() -> EngineCore:
         runner = build_runner(model, max_rows=BATCH + 2, max_len=MAX_LEN, fast=False)
         return EngineCore(runner, SpeculativeSessions(runner, frozenset(), first_row=BATCH), frozenset(),
