@@ -15,7 +15,8 @@
 #
 # Settings (environment): SERVE_TOKENIZER (a tokenizer directory; default the bundled SmolLM2 tokenizer, which
 # needs the bundled GGUF), SERVE_MODEL_SMALL / SERVE_MODEL_LARGE (135m / 1b), SERVE_CONCURRENCY ("1 64"),
-# SERVE_BASELINE_CONCURRENCY (64), SERVE_SHARED (64 streams of the shared-prefix workload; SERVE_SHARED_LARGE for
+# SERVE_BASELINE_CONCURRENCY (64), SERVE_LARGE_ROUNDS (requests per client in the ~1B part: 2), SERVE_SHARED (64
+# streams of the shared-prefix workload; SERVE_SHARED_LARGE for
 # the ~1B part, the same by default), SERVE_ROUNDS (3), SERVE_PARTS ("small large": which parts run),
 # SERVE_LARGE_SECONDS (the time kept for the ~1B part: 240), SERVE_ARGS (more bench_serve.py flags; on a CPU,
 # e.g. "--device cpu --engine process --new-tokens 16" with tiny models checks the script itself), PY (python3).
@@ -57,7 +58,7 @@ fi
 if [[ " $PARTS " == *" large "* ]]; then
   echo "== $LARGE ($(( $(date +%s) - T0 ))s)"
   timeout "$(left 12)" $BENCH --models "$LARGE" --shared-concurrency "${SERVE_SHARED_LARGE:-${SERVE_SHARED:-64}}" \
-    --rounds 2 --profile "$R/steps-2-$LARGE.jsonl" --json "$R/serve-2-$LARGE.json" > "$R/serve-2-$LARGE.log" 2>&1
+    --rounds ${SERVE_LARGE_ROUNDS:-2} --profile "$R/steps-2-$LARGE.jsonl" --json "$R/serve-2-$LARGE.json" > "$R/serve-2-$LARGE.log" 2>&1
   echo "  exit $? after $(( $(date +%s) - T0 ))s"
   grep -E "up in|baselines|decode step|Error|Traceback" "$R/serve-2-$LARGE.log" | cut -c1-220 | head -8
 fi
