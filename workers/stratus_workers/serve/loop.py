@@ -115,11 +115,11 @@ process's (`pipeline_default`)."""
     return core, info.started(started, loaded_at, built_at, time.monotonic(), graphs), loaded.tokenizer
 
 
-def pipeline_default(own_process: bool, device: torch.device, parallel: bool) -> bool:
+def pipeline_default(own_process: bool, device: torch.device | None, parallel: bool) -> bool:
     """The verify pipeline's default (`core.verify_pipeline_on`): on in an engine process of its own on one CUDA device,
     where the frontend works in the other process while the device computes; off in a thread engine (one interpreter
     lock), on the CPU (nothing to overlap) and under tensor or pipeline parallel (not measured there)."""
-    return own_process and device.type == "cuda" and not parallel
+    return own_process and device is not None and device.type == "cuda" and not parallel
 
 
 def build_core(
@@ -158,8 +158,8 @@ def build_core(
         max_batch_size=settings.max_batch_size,
         prefill_chunk=settings.prefill_chunk,
         prefix=prefix,
-        verify_pipeline=verify_pipeline_on(
-            pipeline_default(own_process, runner.device, parallel is not None or pipeline is not None)
+        verify_pipeline=verify_pipeline_on(  # a llama.cpp runner has no torch device: its own, on the CPU here
+            pipeline_default(own_process, getattr(runner, "device", None), parallel is not None or pipeline is not None)
         ),
     )
     info = EngineInfo(

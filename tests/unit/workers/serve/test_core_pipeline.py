@@ -409,6 +409,7 @@ def test_the_pipeline_defaults_on_only_in_an_engine_process_of_one_cuda_device(
     assert not pipeline_default(False, cuda, False)
     assert not pipeline_default(True, cpu, False)
     assert not pipeline_default(True, cuda, True)
+    assert not pipeline_default(True, None, False)  # a runner without a torch device (llama.cpp)
     assert verify_pipeline_on(True) and not verify_pipeline_on(False)
     monkeypatch.setenv("STRATUS_VERIFY_PIPELINE", "0")  # the variable wins over the default, either way
     assert not verify_pipeline_on(True)
