@@ -248,3 +248,45 @@ async def test_random_calls_answer_alike_with_and_without_deltas(loaded: Any) ->
 async def ended(engine: AsyncEngine) -> None:
     for sid in "abcde":
         await engine.end_session(sid)
+
+
+async def lose_a(loaded: Any) -> tuple[AsyncEngine, list[int]]:
+    """A thread engine with deltas forced on, session "a" verified once, then the engine's mirror of "a" dropped (in
+    channel order) while the frontend still remembers it: the drift `ContextLost` reports."""
+    built = build_engine(loaded.model, loaded.tokenizer, max_len=MAX_LEN, max_batch_size=1, max_sessions=2)
+    engine = AsyncEngine(built.transport, max_batch_size=1)
+    engine.delta_contexts = True
+    await engine.start()
+    context = list(range(1, 40))
+    await engine.verify("a", context, [1], [], GREEDY)
+    engine.transport.send(("drop", "a"))
+    return engine, context
+
+
+async def test_a_session_whose_context_the_engine_lost_recovers_on_its_next_call(loaded: Any) -> None:
+    """Review (emu): the engine answers a delta it cannot rebuild with ContextLost and forgets the session, but the
+    frontend keeps its side, so every later call on that session sends a delta again and fails again until the client
+    ends the session. One lost call should be enough: the next one should go whole."""
+    engine, context = await lose_a(loaded)
+    try:
+        with pytest.raises(RuntimeError, match="lost session 'a'"):
+            await engine.verify("a", [*context, 5], [1], [], GREEDY)
+        result = await outcome(engine.verify("a", [*context, 5, 6], [1], [], GREEDY))
+        assert hasattr(result, "accepted"), result
+    finally:
+        await engine.stop()
+
+
+async def test_a_refused_delta_does_not_reset_the_frontends_stats(loaded: Any) -> None:
+    """Review (emu): the step message that carries a ContextLost (or "invalid") result alone has no stats
+    (`StepOutput`'s default, all zeros), and `AsyncEngine._deliver` takes every message's stats: the frontend's
+    steps, active and sessions drop to 0 and `on_stats` reports zeros until the next step."""
+    engine, context = await lose_a(loaded)
+    try:
+        steps = engine.stats.steps
+        assert steps > 0 and engine.stats.sessions == 1
+        with pytest.raises(RuntimeError, match="lost session 'a'"):
+            await engine.verify("a", [*context, 5], [1], [], GREEDY)
+        assert engine.stats.steps >= steps and engine.stats.sessions == 1, engine.stats
+    finally:
+        await engine.stop()

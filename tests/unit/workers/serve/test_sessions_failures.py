@@ -301,3 +301,31 @@ def test_expire_ends_every_idle_session_though_a_reset_fails(model: Any) -> None
     sessions.expire()
     assert len(sessions) == 0
     assert_sound(sessions)
+
+
+@pytest.mark.parametrize("op", ["verify", "draft"])
+def test_a_call_that_meets_engine_failed_does_not_touch_the_runner_again(model: Any, op: str) -> None:
+    """Review (emu): a Verify call that runs alone, or a Draft call, with `end` whose pass fails with EngineFailed
+    still resets its session's row on the way out (their `finally: end`), where `_abandon` promises a group that the
+    runner is not touched again (under pipeline parallel that reset is a call to the stage that died)."""
+    runner = runner_over(model, 3, True)
+    sessions = SpeculativeSessions(runner, frozenset(), first_row=1)
+    assert isinstance(sessions.verify_many([VerifyCall("a", [1, 2, 3], [4], (), GREEDY)])[0], VerifyResult)
+    runner.arm("forward", 1, EngineFailed)
+    with pytest.raises(EngineFailed, match="the device failed at a pass"):
+        if op == "verify":
+            sessions.verify("a", [1, 2, 3, 5], [6], (), GREEDY, True)
+        else:
+            sessions.draft("a", [1, 2, 3, 5], 2, GREEDY, 0, True)
+    assert runner.calls["reset"] == 0, "the session's row was reset on a runner that raised EngineFailed"
+
+
+def test_a_draft_call_that_ends_its_session_ends_it_though_refused(model: Any) -> None:
+    """Review (emu): Verify with `end` ends its session whatever becomes of the call (`verify`'s docstring); Draft
+    with `end` whose context is refused leaves the session open until its time to live."""
+    runner = runner_over(model, 3, True)
+    sessions = SpeculativeSessions(runner, frozenset(), first_row=1)
+    sessions.draft("a", [1, 2, 3], 1, GREEDY, 0, False)
+    with pytest.raises(ValueError, match="outside this model's vocabulary"):
+        sessions.draft("a", [1, 2, 3, VOCAB + 3], 1, GREEDY, 0, True)
+    assert "a" not in sessions
