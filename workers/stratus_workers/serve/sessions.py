@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from stratus_workers.serve.speculative import (
 )
 from stratus_workers.serve.surface import DraftResult as DraftResult
 from stratus_workers.serve.surface import VerifyResult as VerifyResult
+
+log = logging.getLogger(__name__)
 
 # A session used this recently is never evicted to make room for another: the caller is mid-round.
 BUSY_SECONDS = 1.0
@@ -227,12 +230,13 @@ class SpeculativeSessions:
     def draft(
         self, sid: str, context: Sequence[int], max_tokens: int, sampling: Sampling, top_k: int, end: bool
     ) -> DraftResult:
-        """Up to `max_tokens` tokens after `context` (with their distributions when sampled)."""
-        session, pending = self._open(sid, context, sampling)
+        """Up to `max_tokens` tokens after `context` (with their distributions when sampled); `end` ends the session
+        either way, unless the engine failed (then the runner is not touched again)."""
         tokens: list[int] = []
         dists: list[SparseDist] = []
         eos = False
         try:
+            session, pending = self._open(sid, context, sampling)
             for _ in range(max_tokens):
                 if len(session.tokens) + len(pending) + 1 >= self.max_len:
                     break
@@ -249,8 +253,11 @@ class SpeculativeSessions:
                     eos = True
                     break
                 pending = [token]
+        except EngineFailed:
+            end = False  # the runner is dead: ending would call into it (a pipeline's dead stage)
+            raise
         finally:
-            if end:
+            if end and sid not in self._in_flight:  # (one in flight is another group's to end)
                 self.end(sid)
         return DraftResult(tuple(tokens), tuple(dists), eos)
 
@@ -281,6 +288,7 @@ class SpeculativeSessions:
                 raise verdict
             return self._settle([(call, session, pending, verdict)])[0]
         except EngineFailed:
+            end = False  # the runner is dead: ending would call into it (a pipeline's dead stage)
             raise
         except Exception:  # nothing of the call is kept past what the session held
             if session is not None and not end:
@@ -372,11 +380,8 @@ class SpeculativeSessions:
                 raise
         else:
             self._in_flight -= pending.sids
-            ending = [(i, call.sid) for i, (call, _, _) in zip(index, entries, strict=True) if call.end]
-            failed = self._end_each([sid for _, sid in ending])
-            for i, sid in ending:
-                if sid in failed:
-                    results[i] = failed[sid]
+            # A verdict stands though its session's end failed (logged there; the row is freed either way).
+            self._end_each([call.sid for call, _, _ in entries if call.end])
         calls = pending.calls
         for i in sorted(pending.alone):
             call = calls[i]
@@ -407,7 +412,8 @@ class SpeculativeSessions:
             self.runner.truncate_rows(rows, lengths)
 
     def _end_each(self, sids: Sequence[str]) -> dict[str, Exception]:
-        """End every one of the sessions (`end`), the rest too where one fails; the errors, by session."""
+        """End every one of the sessions (`end`), the rest too where one fails (its row is freed all the same, and the
+        failure logged: a device whose resets fail must show somewhere); the errors, by session."""
         failed: dict[str, Exception] = {}
         for sid in sids:
             try:
@@ -416,6 +422,7 @@ class SpeculativeSessions:
                 raise
             except Exception as exc:
                 failed[sid] = exc
+                log.warning("ending speculative session %r failed; its row is freed", sid, exc_info=exc)
         return failed
 
     def _restore(self, sessions: Sequence[tuple[str, _Session]]) -> None:
@@ -432,8 +439,10 @@ class SpeculativeSessions:
             self._cut([(session.row, len(session.tokens)) for _, session in stale])
         except EngineFailed:
             raise
-        except Exception:
-            self._end_each([sid for sid, _ in stale])
+        except Exception as exc:
+            ended = [sid for sid, _ in stale]
+            log.warning("rolling back speculative sessions %s failed; they are ended", ended, exc_info=exc)
+            self._end_each(ended)
 
     def _abandon(
         self, pending: PendingVerify, opened: Sequence[tuple[int, VerifyCall, _Session]], error: Exception
@@ -679,6 +688,7 @@ class SpeculativeSessions:
         if not continuation:
             return (), ()
         sid = f"score-{next(self._ids)}"
+        session: _Session | None
         session, pending = self._open(sid, [*prompt, *continuation], Sampling())
         try:
             logits = self.runner.forward(session.row, [pending], all_logits=True)[0]
@@ -693,5 +703,9 @@ class SpeculativeSessions:
                     for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)
                 )
             return tuple(float(x) for x in picked.tolist()), alternatives
+        except EngineFailed:
+            session = None  # the runner is dead: ending would call into it (a pipeline's dead stage)
+            raise
         finally:
-            self.end(sid)
+            if session is not None:
+                self.end(sid)

@@ -7,6 +7,7 @@ Faults come from a runner whose chosen call fails (`faulty`): the real runner ot
 from __future__ import annotations
 
 import collections
+import logging
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -329,3 +330,20 @@ def test_a_draft_call_that_ends_its_session_ends_it_though_refused(model: Any) -
     with pytest.raises(ValueError, match="outside this model's vocabulary"):
         sessions.draft("a", [1, 2, 3, VOCAB + 3], 1, GREEDY, 0, True)
     assert "a" not in sessions
+
+
+def test_a_verdict_stands_though_ending_its_session_fails(model: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Review (emu): a group's call with `end` whose verdict was judged keeps it when the session's reset then fails
+    (before, the end's error replaced the verdict: the client lost a valid round); the failure is logged and the row
+    freed."""
+    runner = runner_over(model, 3, True)
+    sessions = SpeculativeSessions(runner, frozenset(), first_row=1)
+    context = [1, 2, 3]
+    own = own_tokens(model, context, 2)
+    runner.arm("reset", 2)  # the first reset is the session's row taken when it opens
+    with caplog.at_level(logging.WARNING, logger="stratus_workers.serve.sessions"):
+        (got,) = sessions.verify_many([VerifyCall("a", context, own, (), GREEDY, True)])
+    assert isinstance(got, VerifyResult) and got.accepted == 2, got
+    assert "a" not in sessions
+    assert "ending speculative session 'a' failed" in caplog.text
+    assert_sound(sessions)
