@@ -58,7 +58,7 @@ fi
 if [[ " $PARTS " == *" large "* ]]; then
   echo "== $LARGE ($(( $(date +%s) - T0 ))s)"
   timeout "$(left 12)" $BENCH --models "$LARGE" --shared-concurrency "${SERVE_SHARED_LARGE:-${SERVE_SHARED:-64}}" \
-    --rounds ${SERVE_LARGE_ROUNDS:-2} --profile "$R/steps-2-$LARGE.jsonl" --json "$R/serve-2-$LARGE.json" > "$R/serve-2-$LARGE.log" 2>&1
+    --rounds "${SERVE_LARGE_ROUNDS:-2}" --profile "$R/steps-2-$LARGE.jsonl" --json "$R/serve-2-$LARGE.json" > "$R/serve-2-$LARGE.log" 2>&1
   echo "  exit $? after $(( $(date +%s) - T0 ))s"
   grep -E "up in|baselines|decode step|Error|Traceback" "$R/serve-2-$LARGE.log" | cut -c1-220 | head -8
 fi

@@ -80,6 +80,7 @@ class ContextSender:
         return self._last.get(sid)
 
     def forget(self, sid: str) -> None:
+        """Forget `sid`'s last context: its next call sends the whole context (always safe)."""
         self._last.pop(sid, None)
 
     def clear(self) -> None:
@@ -105,8 +106,8 @@ class ContextMirror:
                 self._last.pop(sid, None)
                 held = "none" if last is None else f"{len(last)} tokens"
                 raise ContextLost(
-                    f"the engine lost session {sid!r}'s context (told to keep {keep} tokens, it holds {held}); "
-                    "end the session and start it again"
+                    f"internal error: the engine lost session {sid!r}'s context (told to keep {keep} tokens, it "
+                    f"holds {held}); nothing of the call was done, and retrying it sends the whole context"
                 )
             context = last + tail if keep == len(last) else last[:keep] + tail
         else:
@@ -122,4 +123,5 @@ class ContextMirror:
         return self._last.get(sid)
 
     def drop(self, sid: str) -> None:
+        """Drop `sid`'s context (the sender evicted it, or the session ended)."""
         self._last.pop(sid, None)

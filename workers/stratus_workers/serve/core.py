@@ -253,7 +253,7 @@ class EngineCore:
         self._replied_at = -1  # the step that last replied to Verify calls (it resets the two sets above)
         # The verify pipeline (docs/serving.md): a step launches its Verify calls' pass, then finishes the group an
         # earlier step launched, so the device computes one group while the host settles and replies to the other.
-        # Off unless asked for, or the caller's default (`verify_pipeline_on`).
+        # Off unless asked for (STRATUS_VERIFY_PIPELINE); `build_core` passes an engine process's default in.
         if verify_pipeline is None:
             verify_pipeline = verify_pipeline_on()
         self.verify_pipeline = verify_pipeline

@@ -336,6 +336,7 @@ class ProcessTransport(Transport):
             self._loop.call_soon(self._uncork)
 
     def _uncork(self) -> None:
+        """The end of the turn that queued messages: write what the socket takes, the rest when it is writable."""
         self._corked = False
         if self.channel is None or self._closed:
             return
@@ -724,10 +725,10 @@ class AsyncEngine:
         the session's last context and appends the tail (serve/contexts.py). Sessions evicted from the sender's
         memory go first, each as ("drop", sid)."""
         self._check_running()
+        ids = list(context)  # ours: the sender keeps it (first: a context that cannot be listed registers no call)
         call_id = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = future
-        ids = list(context)  # ours: the sender keeps it
         try:
             if self.delta_contexts:
                 keep, tail, evicted = self.contexts.encode(sid, ids, end)
@@ -740,7 +741,15 @@ class AsyncEngine:
                     raise
             else:
                 self.transport.send(("call", call_id, op, (sid, ids, *rest, end)))
-            return await future
+            try:
+                return await future
+            except ValueError:
+                raise  # the caller's input, refused: both sides' memories moved alike, the next delta stands
+            except BaseException:
+                # Anything else (a context the engine lost, an engine that stopped): the next call on this session
+                # sends its whole context, always safe, and it mends a memory that a bug left behind.
+                self.contexts.forget(sid)
+                raise
         finally:
             self._calls.pop(call_id, None)
 

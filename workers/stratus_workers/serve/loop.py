@@ -104,7 +104,7 @@ def start_core(
     """Load a model (`load`), set up its process group (`setup`, after loading: tensor or pipeline parallel), build
     the engine core and warm it up; the core, its info with each phase's time, and the tokenizer. Both engines (the
     thread and the process) start through here, so their start phases are measured alike; `own_process`: the engine
-process's (`pipeline_default`)."""
+    process's (`pipeline_default`)."""
     started = time.monotonic()
     loaded = load()
     loaded_at = time.monotonic()
@@ -158,8 +158,8 @@ def build_core(
         max_batch_size=settings.max_batch_size,
         prefill_chunk=settings.prefill_chunk,
         prefix=prefix,
-        verify_pipeline=verify_pipeline_on(  # a llama.cpp runner has no torch device: its own, on the CPU here
-            pipeline_default(own_process, getattr(runner, "device", None), parallel is not None or pipeline is not None)
+        verify_pipeline=verify_pipeline_on(
+            pipeline_default(own_process, loaded.device, parallel is not None or pipeline is not None)
         ),
     )
     info = EngineInfo(
@@ -353,7 +353,7 @@ class EngineLoop:
                 try:
                     context = self.contexts.rebuild(args[0], keep, args[1], end)
                 except ContextLost as exc:
-                    self.emit(("step", StepOutput(self.core.steps, results=[(call_id, "error", str(exc))]).pack()))
+                    self._reply(call_id, "error", str(exc))
                     continue
                 self._call(call_id, op, (args[0], context, *args[2:]))
             elif kind == "call":
@@ -372,7 +372,13 @@ class EngineLoop:
         return True
 
     def _call(self, call_id: int, op: str, args: tuple[Any, ...]) -> None:
+        """Queue a call on the core; one it refuses at once (ValueError) is answered now, as the caller's input."""
         try:
             self.core.call(call_id, op, args)
         except ValueError as exc:
-            self.emit(("step", StepOutput(self.core.steps, results=[(call_id, "invalid", str(exc))]).pack()))
+            self._reply(call_id, "invalid", str(exc))
+
+    def _reply(self, call_id: int, kind: str, error: str) -> None:
+        """A call's error, answered at once, with the core's stats (the frontend takes every step message's)."""
+        out = StepOutput(self.core.steps, results=[(call_id, kind, error)], stats=self.core.stats())
+        self.emit(("step", out.pack()))

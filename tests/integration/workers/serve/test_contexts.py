@@ -36,6 +36,6 @@ async def test_speculative_greedy_over_engine_processes_equals_cloud_only(
                 assert ours.route.reason == "speculative" and ours.route.accepted_tokens > 0
                 rounds, tokens = rounds + ours.route.rounds, tokens + ours.usage.completion_tokens
         assert 1 < rounds < tokens  # several rounds a request: later rounds sent their contexts as deltas
-        for server in (cloud, edge):  # every session ended: released, and forgotten by both sides of the channel
+        for server in (cloud, edge):  # every session ended: released by the engine, forgotten by the frontend
             assert server.engine is not None
             assert server.engine.stats.sessions == 0 and len(server.engine.contexts) == 0
