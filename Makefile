@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 LLAMA_CMAKE_ARGS ?=
 
 .PHONY: setup run up test test-unit test-integration test-slow lint typecheck imports protos check-protos \
-        bench-serve bench-serve-shared bench-pp bench-compress bench-compress-gpu bench-operator bench-coop bench-coop-cloud bench-coop-host bench-edge soak \
+        bench-serve bench-serve-shared bench-pp bench-compress bench-compress-gpu bench-operator bench-coop bench-coop-cloud bench-coop-host bench-channel bench-edge soak \
         fuzz e2e images image-cloud base-image e2e-containers manifests clean
 
 setup: $(STAMP)
@@ -150,6 +150,10 @@ bench-coop-cloud: setup
 # 64 sessions, the step split into its parts and the frontend's per-call work (prints a Markdown table).
 bench-coop-host: setup
 	$(PY) tests/bench/bench_coop_host.py $(BENCH_COOP_HOST_ARGS)
+
+# The engine channel's CPU cost per Verify call, whole contexts against deltas (serve/contexts.py); no model.
+bench-channel: setup
+	$(PY) tests/bench/bench_channel_contexts.py
 
 # Every compression method on the bundled SmolLM2-135M (deploy/samples/smollm2-compression.yaml); ~20 min on 2 cores.
 # Also the GPU rows (deploy/samples/smollm2-compression-gpu.yaml) from the stored results of bench-compress-gpu,
