@@ -1,7 +1,8 @@
 """Speculative calls' contexts sent as deltas (serve/contexts.py) answer exactly as whole contexts do: through an
 engine process of its own (greedy rounds of many sessions at once, shrunk and diverged contexts, refused calls and
-good ones after them, end, evicted mirrors) and, for random sequences of calls, through engines in a thread whose
-mirrors and sessions the test can read."""
+good ones after them, end, evicted mirrors; random concurrent clients whose calls and streams are cancelled in
+flight) and, for random sequences of calls, through engines in a thread whose mirrors and sessions the test can
+read."""
 
 from __future__ import annotations
 
@@ -290,3 +291,103 @@ async def test_a_refused_delta_does_not_reset_the_frontends_stats(loaded: Any) -
         assert engine.stats.steps >= steps and engine.stats.sessions == 1, engine.stats
     finally:
         await engine.stop()
+
+
+# One client of a random concurrent mix: (session, rounds, draft size, corrupt share, cancel at round (or never), how
+# many event-loop turns the cancelled call gets first, stream a Generate request beside it and cancel that).
+client = st.tuples(
+    st.integers(0, 5),
+    st.integers(1, 4),
+    st.integers(1, 5),
+    st.sampled_from([0.0, 0.3, 1.0]),
+    st.none() | st.integers(0, 3),
+    st.integers(0, 3),
+    st.booleans(),
+)
+
+
+async def concurrent_client(
+    engine: AsyncEngine,
+    reference: AsyncEngine,
+    spec: tuple[int, int, int, float, int | None, int, bool],
+    seed: int,
+    accepted: list[int],
+) -> int:
+    """A session's rounds against `engine`, each verdict checked against `reference` (a fresh session there, whole
+    context: stateless); the round `cancel` is cancelled after `turns` turns of the loop, its verdict never seen, and
+    the next round sends the same context again with a new draft. Returns the verdicts checked; `accepted` gets those
+    that accepted several draft tokens (long tails, sent as deltas)."""
+    n, count, size, corrupt, cancel, turns, stream = spec
+    rng = random.Random(seed)
+    sid = f"c{n}"
+    context = [(11 * k + n) % TOKENS for k in range(20 + n)]
+    checked = 0
+    for r in range(count):
+        own = await reference.draft(f"ref-d-{seed}-{r}", context, size, GREEDY, end=True)  # the model's own tokens
+        draft = [rng.randrange(TOKENS) if rng.random() < corrupt else t for t in own.tokens]
+        streaming = None
+        if stream:
+            params = Sampling(max_new_tokens=6)
+            streaming = asyncio.ensure_future(collect(engine.stream(context[:10], params)))
+        call = asyncio.ensure_future(engine.verify(sid, context, draft, [], GREEDY))
+        if r == cancel:
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            call.cancel()
+            if streaming is not None:
+                streaming.cancel()
+            await asyncio.gather(call, streaming or asyncio.sleep(0), return_exceptions=True)
+            continue  # the client never saw this round: the next one starts from the same context
+        verdict = await call
+        if streaming is not None:
+            await streaming
+        alone = await reference.verify(f"ref-{seed}-{r}", context, draft, [], GREEDY, end=True)
+        assert essence(verdict) == essence(alone), (sid, r, context, draft)
+        checked += 1
+        if verdict.accepted > 2:
+            accepted.append(verdict.accepted)
+        context = context + draft[: verdict.accepted] + [verdict.next_token]
+    await engine.end_session(sid)
+    return checked
+
+
+async def collect(events: Any) -> list[Any]:
+    return [event async for event in events]
+
+
+async def test_concurrent_calls_cancelled_in_flight_leave_every_later_verdict_right(
+    tiny_model_dir: Path, loaded: Any
+) -> None:
+    """Clients at once through an engine process (corked sends, contexts as deltas, fewer contexts remembered than
+    sessions so the frontend evicts), some Verify calls and Generate streams cancelled after a few turns of the event
+    loop (their messages may be queued, sent or answered by then): every verdict a client does see equals a stateless
+    reference's for its context and draft, and the engine keeps serving."""
+    engine = await process_engine(tiny_model_dir, 6, 4, True)
+    built = build_engine(loaded.model, loaded.tokenizer, max_len=MAX_LEN, max_batch_size=1, max_sessions=8)
+    reference = AsyncEngine(built.transport, max_batch_size=1)
+    await reference.start()
+    loop = asyncio.get_running_loop()
+    seen: list[int] = []
+    accepted: list[int] = []
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(client, min_size=2, max_size=6, unique_by=lambda c: c[0]), st.integers(0, 10**6))
+    def check(clients: list[tuple[int, int, int, float, int | None, int, bool]], seed: int) -> None:
+        async def together() -> list[int]:
+            return list(await asyncio.gather(
+                *(concurrent_client(engine, reference, c, seed + i, accepted) for i, c in enumerate(clients))
+            ))  # fmt: skip
+
+        seen.extend(asyncio.run_coroutine_threadsafe(together(), loop).result())
+        assert engine.failure is None
+
+    try:
+        await loop.run_in_executor(None, check)
+        assert sum(seen) > 20  # verdicts were checked, not only cancelled
+        assert accepted  # ... and some accepted several draft tokens (long tails went as deltas)
+        assert any(m[0] == "drop" for m in engine.transport.sent)  # type: ignore[attr-defined]
+        assert any(m[0] == "abort" for m in engine.transport.sent)  # type: ignore[attr-defined]
+        await asyncio.sleep(0.2)
+        assert engine.stats.active == 0  # the cancelled streams' rows were freed
+    finally:
+        await asyncio.gather(engine.stop(), reference.stop())
