@@ -370,7 +370,8 @@ async def test_concurrent_calls_cancelled_in_flight_leave_every_later_verdict_ri
     seen: list[int] = []
     accepted: list[int] = []
 
-    @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    # Derandomized: the same varied examples every run, so the totals checked below cannot come up short by chance.
+    @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
     @given(st.lists(client, min_size=2, max_size=6, unique_by=lambda c: c[0]), st.integers(0, 10**6))
     def check(clients: list[tuple[int, int, int, float, int | None, int, bool]], seed: int) -> None:
         async def together() -> list[int]:
