@@ -40,15 +40,15 @@ def run(sessions: int, context: int, grow: int, rounds: int, delta: bool) -> tup
             own = list(ids)
             if delta:
                 keep, tail, _ = sender.encode(sid, own, False)
-                message: tuple[Any, ...] = ("delta", 1, "verify", (sid, tail, draft, [], sampling, False), keep, False)
+                message: tuple[Any, ...] = ("delta", 1, "verify", (sid, tail, draft, [], sampling, False), keep)
                 data = pickle.dumps(message, PROTOCOL)
             else:
                 data = pickle.dumps(("call", 1, "verify", (sid, own, draft, [], sampling, False)), PROTOCOL)
             sent = time.perf_counter()
             got: Any = pickle.loads(data)
             if delta:
-                _, _, _, args, keep, end = got
-                rebuilt = mirror.rebuild(args[0], keep, args[1], end)
+                _, _, _, args, keep = got
+                rebuilt = mirror.rebuild(args[0], keep, args[1], args[-1])
             else:
                 rebuilt = got[3][1]
             done = time.perf_counter()

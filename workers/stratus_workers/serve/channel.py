@@ -47,11 +47,8 @@ class Channel:
 
     def send(self, message: Any) -> bool:
         """Queue `message` and write what the socket takes now; True when nothing is left queued."""
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        with self._lock:
-            self._out += HEADER.pack(len(data))
-            self._out += data
-            return self._flush_locked()
+        self.queue(message)
+        return self.flush()
 
     def queue(self, message: Any) -> None:
         """Queue `message` without writing: the next `send` or `flush` writes it with whatever else is queued."""

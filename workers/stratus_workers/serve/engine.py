@@ -721,7 +721,7 @@ class AsyncEngine:
 
     async def _session_call(self, op: str, sid: str, context: Sequence[int], rest: tuple[Any, ...], end: bool) -> Any:
         """A call on session `sid` with its context: ("call", id, op, (sid, context, *rest, end)), or with the
-        context as a delta, ("delta", id, op, (sid, tail, *rest, end), keep, end): the engine keeps `keep` tokens of
+        context as a delta, ("delta", id, op, (sid, tail, *rest, end), keep): the engine keeps `keep` tokens of
         the session's last context and appends the tail (serve/contexts.py). Sessions evicted from the sender's
         memory go first, each as ("drop", sid)."""
         self._check_running()
@@ -735,7 +735,7 @@ class AsyncEngine:
                 try:
                     for old in evicted:
                         self.transport.send(("drop", old))
-                    self.transport.send(("delta", call_id, op, (sid, tail, *rest, end), keep, end))
+                    self.transport.send(("delta", call_id, op, (sid, tail, *rest, end), keep))
                 except BaseException:
                     self.contexts.forget(sid)  # always safe: the next call keeps nothing
                     raise

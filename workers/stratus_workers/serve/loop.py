@@ -279,7 +279,7 @@ class EngineLoop:
     """Runs `core` until told to stop; `emit` receives ("step", packed StepOutput) once per step.
 
     Messages in: ("add", seq_id, prompt, params, deadline), ("abort", seq_id), ("call", call_id, op,
-    args), ("delta", call_id, op, args, keep, end) (a session's call, its context as a delta: serve/contexts.py),
+    args), ("delta", call_id, op, args, keep) (a session's call, its context as a delta: serve/contexts.py),
     ("drop", sid) (forget a session's context), ("stop",). Out, besides steps: ("stopped", packed) with what
     stopping ended.
     """
@@ -349,9 +349,9 @@ class EngineLoop:
             elif kind == "abort":
                 self.core.abort(message[1])
             elif kind == "delta":  # a session's call, its context as a delta on the last one (serve/contexts.py)
-                _, call_id, op, args, keep, end = message
-                try:
-                    context = self.contexts.rebuild(args[0], keep, args[1], end)
+                _, call_id, op, args, keep = message
+                try:  # (a session call's args are (sid, context, ..., end))
+                    context = self.contexts.rebuild(args[0], keep, args[1], args[-1])
                 except ContextLost as exc:
                     self._reply(call_id, "error", str(exc))
                     continue

@@ -17,10 +17,11 @@ settles and replies to another's (`EngineCore`, the verify pipeline).
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -235,7 +236,7 @@ class SpeculativeSessions:
         tokens: list[int] = []
         dists: list[SparseDist] = []
         eos = False
-        try:
+        with self._ending(sid, end):
             session, pending = self._open(sid, context, sampling)
             for _ in range(max_tokens):
                 if len(session.tokens) + len(pending) + 1 >= self.max_len:
@@ -253,12 +254,6 @@ class SpeculativeSessions:
                     eos = True
                     break
                 pending = [token]
-        except EngineFailed:
-            end = False  # the runner is dead: ending would call into it (a pipeline's dead stage)
-            raise
-        finally:
-            if end and sid not in self._in_flight:  # (one in flight is another group's to end)
-                self.end(sid)
         return DraftResult(tuple(tokens), tuple(dists), eos)
 
     def verify(
@@ -274,29 +269,26 @@ class SpeculativeSessions:
         nothing of itself in the session (the row holds the session's tokens); `end` ends the session either way."""
         call = VerifyCall(sid, context, draft, dists, sampling, end)
         session: _Session | None = None
-        try:
-            self._check_verify(call)
-            session, pending = self._open(sid, context, sampling)
-            # Scored from the last context token on: the rest of the context only goes into the cache.
-            scores = self.runner.forward(
-                session.row, [pending + list(draft)], all_logits=True, logits_from=len(pending) - 1
-            )[0]
-            entry = (call, session, pending)
-            judged = self._judge_greedy([entry], None, scores) if sampling.greedy else None
-            verdict = judged[0] if judged else self._judge_sampled([entry], [0], scores)[0]
-            if isinstance(verdict, Exception):
-                raise verdict
-            return self._settle([(call, session, pending, verdict)])[0]
-        except EngineFailed:
-            end = False  # the runner is dead: ending would call into it (a pipeline's dead stage)
-            raise
-        except Exception:  # nothing of the call is kept past what the session held
-            if session is not None and not end:
-                self._restore([(sid, session)])
-            raise
-        finally:
-            if end and sid not in self._in_flight:  # (one in flight is another group's to end)
-                self.end(sid)
+        with self._ending(sid, end):
+            try:
+                self._check_verify(call)
+                session, pending = self._open(sid, context, sampling)
+                # Scored from the last context token on: the rest of the context only goes into the cache.
+                scores = self.runner.forward(
+                    session.row, [pending + list(draft)], all_logits=True, logits_from=len(pending) - 1
+                )[0]
+                entry = (call, session, pending)
+                judged = self._judge_greedy([entry], None, scores) if sampling.greedy else None
+                verdict = judged[0] if judged else self._judge_sampled([entry], [0], scores)[0]
+                if isinstance(verdict, Exception):
+                    raise verdict
+                return self._settle([(call, session, pending, verdict)])[0]
+            except EngineFailed:
+                raise
+            except Exception:  # nothing of the call is kept past what the session held
+                if session is not None and not end:
+                    self._restore([(sid, session)])
+                raise
 
     def verify_many(self, calls: Sequence[VerifyCall]) -> list[VerifyResult | Exception]:
         """Each call's `verify` result (or the error it raised), the calls' rows run in one forward pass:
@@ -365,7 +357,7 @@ class SpeculativeSessions:
         group with sampled rows does wait for later passes (the pipeline overlaps greedy traffic only).
 
         A failure while judging or settling fails the pass's calls with that error, as in `launch` (`_abandon`); a
-        session whose end fails is ended all the same, its call given that error. EngineFailed is raised."""
+        session whose end fails is ended all the same, its call keeping its verdict. EngineFailed is raised."""
         if pending.finished:
             raise RuntimeError("this verification group was finished already")
         pending.finished = True
@@ -411,19 +403,30 @@ class SpeculativeSessions:
             rows, lengths = zip(*cuts, strict=True)
             self.runner.truncate_rows(rows, lengths)
 
-    def _end_each(self, sids: Sequence[str]) -> dict[str, Exception]:
+    def _end_each(self, sids: Sequence[str]) -> None:
         """End every one of the sessions (`end`), the rest too where one fails (its row is freed all the same, and the
-        failure logged: a device whose resets fail must show somewhere); the errors, by session."""
-        failed: dict[str, Exception] = {}
+        failure logged: a device whose resets fail must show somewhere)."""
         for sid in sids:
             try:
                 self.end(sid)
             except EngineFailed:
                 raise
             except Exception as exc:
-                failed[sid] = exc
                 log.warning("ending speculative session %r failed; its row is freed", sid, exc_info=exc)
-        return failed
+
+    @contextlib.contextmanager
+    def _ending(self, sid: str, end: bool) -> Iterator[None]:
+        """A lone call on `sid` (draft, verify, score): with `end` the session is ended on the way out, whatever
+        became of the call, unless the engine failed (the runner is dead: ending would call into it, a pipeline's
+        dead stage) or the session is in another group's verification in flight (that group ends it)."""
+        try:
+            yield
+        except EngineFailed:
+            end = False
+            raise
+        finally:
+            if end and sid not in self._in_flight:
+                self.end(sid)
 
     def _restore(self, sessions: Sequence[tuple[str, _Session]]) -> None:
         """Roll each session's row back to the tokens the session holds, where a failure left it holding others (a
@@ -688,9 +691,8 @@ class SpeculativeSessions:
         if not continuation:
             return (), ()
         sid = f"score-{next(self._ids)}"
-        session: _Session | None
-        session, pending = self._open(sid, [*prompt, *continuation], Sampling())
-        try:
+        with self._ending(sid, True):
+            session, pending = self._open(sid, [*prompt, *continuation], Sampling())
             logits = self.runner.forward(session.row, [pending], all_logits=True)[0]
             # Position i predicts token i+1: the continuation is predicted from len(prompt)-1 on.
             scores = torch.log_softmax(logits[len(prompt) - 1 : len(prompt) + len(continuation) - 1], dim=-1)
@@ -703,9 +705,3 @@ class SpeculativeSessions:
                     for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)
                 )
             return tuple(float(x) for x in picked.tolist()), alternatives
-        except EngineFailed:
-            session = None  # the runner is dead: ending would call into it (a pipeline's dead stage)
-            raise
-        finally:
-            if session is not None:
-                self.end(sid)

@@ -42,7 +42,7 @@ class Channel:
     def send(self, sid: str, context: list[int], end: bool = False) -> list[int]:
         keep, tail, evicted = self.sender.encode(sid, list(context), end)
         messages: list[Any] = [("drop", old) for old in evicted]
-        messages.append(("delta", 7, "verify", (sid, tail, [], [], None, end), keep, end))
+        messages.append(("delta", 7, "verify", (sid, tail, [], [], None, end), keep))
         received = [pickle.loads(pickle.dumps(m, protocol=pickle.HIGHEST_PROTOCOL)) for m in messages]
         self.sent_bytes = sum(len(pickle.dumps(m, protocol=pickle.HIGHEST_PROTOCOL)) for m in messages)
         rebuilt: list[int] = []
@@ -50,8 +50,8 @@ class Channel:
             if message[0] == "drop":
                 self.mirror.drop(message[1])
             else:
-                _, _, _, args, keep, end = message
-                rebuilt = self.mirror.rebuild(args[0], keep, args[1], end)
+                _, _, _, args, keep = message
+                rebuilt = self.mirror.rebuild(args[0], keep, args[1], args[-1])
         return rebuilt
 
 
