@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 LLAMA_CMAKE_ARGS ?=
 
 .PHONY: setup run up test test-unit test-integration test-slow lint typecheck imports protos check-protos \
-        bench-serve bench-serve-shared bench-pp bench-compress bench-compress-gpu bench-operator bench-coop bench-coop-cloud bench-coop-host bench-channel bench-edge soak \
+        bench-serve bench-serve-shared bench-pp bench-compress bench-compress-gpu bench-operator bench-coop bench-coop-cloud bench-coop-host bench-channel bench-frontend bench-edge soak \
         fuzz e2e images image-cloud base-image e2e-containers manifests clean
 
 setup: $(STAMP)
@@ -154,6 +154,12 @@ bench-coop-host: setup
 # The engine channel's CPU cost per Verify call, whole contexts against deltas (serve/contexts.py); no model.
 bench-channel: setup
 	$(PY) tests/bench/bench_channel_contexts.py
+
+# The frontend's CPU per Verify call through an engine process (tiny model, 64 sessions), BENCH_FRONTEND_BEFORE's
+# stratus_workers (default: main) beside this tree's, in one run; writes docs/benchmarks.md.
+BENCH_FRONTEND_BEFORE ?= main
+bench-frontend: setup
+	$(PY) tests/bench/bench_frontend.py --before $(BENCH_FRONTEND_BEFORE) --write docs/benchmarks.md $(BENCH_FRONTEND_ARGS)
 
 # Every compression method on the bundled SmolLM2-135M (deploy/samples/smollm2-compression.yaml); ~20 min on 2 cores.
 # Also the GPU rows (deploy/samples/smollm2-compression-gpu.yaml) from the stored results of bench-compress-gpu,

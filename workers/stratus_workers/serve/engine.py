@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.protocol.text import TextAssembler
 from stratus_workers.serve.channel import Channel, ChannelClosed
-from stratus_workers.serve.contexts import CONTEXTS_PER_SESSION, MIN_CONTEXTS, ContextSender
+from stratus_workers.serve.contexts import CONTEXTS_PER_SESSION, MIN_CONTEXTS, ContextSender, pack_sampling
 from stratus_workers.serve.core import CALL_ERRORS, EngineStats, Finished, StepOutput
 from stratus_workers.serve.errors import EngineFailed, EngineOverloaded, EngineStopped
 from stratus_workers.serve.surface import (
@@ -171,7 +171,7 @@ class ThreadTransport(Transport):
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(dead, self.failure)
 
-        self.loop = EngineLoop(core, emit)
+        self.loop = EngineLoop(core, emit, pickled=False)  # messages cross as they are: verdicts stay objects
         self._thread = threading.Thread(target=run, name="stratus-engine", daemon=True)
         self._thread.start()
         return info, tokenizer
@@ -735,7 +735,7 @@ class AsyncEngine:
                 try:
                     for old in evicted:
                         self.transport.send(("drop", old))
-                    self.transport.send(("delta", call_id, op, (sid, tail, *rest, end), keep))
+                    self.transport.send(("delta", call_id, op, pack_sampling(op, (sid, tail, *rest, end)), keep))
                 except BaseException:
                     self.contexts.forget(sid)  # always safe: the next call keeps nothing
                     raise

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 
 from stratus_workers.runtimes import RUNTIME_TORCH
-from stratus_workers.serve.contexts import ContextLost, ContextMirror
+from stratus_workers.serve.contexts import ContextLost, ContextMirror, unpack_sampling
 from stratus_workers.serve.core import PREFIX_BLOCK, EngineCore, EngineRequest, Finished, StepOutput, verify_pipeline_on
 from stratus_workers.serve.parallel import ParallelContext
 from stratus_workers.serve.pipeline import PipelineContext, build_stage_runner, keep_stage
@@ -284,9 +284,11 @@ class EngineLoop:
     stopping ended.
     """
 
-    def __init__(self, core: EngineCore, emit: Callable[[tuple[Any, ...]], None]) -> None:
+    def __init__(self, core: EngineCore, emit: Callable[[tuple[Any, ...]], None], *, pickled: bool = True) -> None:
         self.core = core
         self.emit = emit
+        # Whether `emit` pickles the messages (the engine channel): then verdicts go as plain tuples (StepOutput.pack).
+        self.plain = pickled
         self.busy_since = 0.0  # time.monotonic() when the running step began; 0 between steps
         self.steps = 0
         self.contexts = ContextMirror()  # sessions' last contexts, as the frontend remembers them
@@ -302,7 +304,7 @@ class EngineLoop:
                 if not self._apply(messages) or not self._gather(inbox):
                     if self.profile is not None:
                         self.profile.idle()
-                    self.emit(("stopped", self.core.shutdown().pack()))
+                    self.emit(("stopped", self.core.shutdown().pack(self.plain)))
                     return
                 if self.core.busy:
                     started = self.busy_since = time.monotonic()
@@ -312,7 +314,7 @@ class EngineLoop:
                     self.steps += 1
                     if self.profile is not None:
                         self.profile.step(started, time.monotonic(), self.core.prefill_tokens != prefilled)
-                    self.emit(("step", out.pack()))
+                    self.emit(("step", out.pack(self.plain)))
                 else:
                     if self.profile is not None:
                         self.profile.idle()
@@ -350,12 +352,13 @@ class EngineLoop:
                 self.core.abort(message[1])
             elif kind == "delta":  # a session's call, its context as a delta on the last one (serve/contexts.py)
                 _, call_id, op, args, keep = message
-                try:  # (a session call's args are (sid, context, ..., end))
+                try:  # (a session call's args are (sid, context, ..., end), its sampling as values: contexts.py)
                     context = self.contexts.rebuild(args[0], keep, args[1], args[-1])
-                except ContextLost as exc:
+                    args = unpack_sampling(op, (args[0], context, *args[2:]))
+                except (ContextLost, ValueError) as exc:  # both sides' memories moved alike either way
                     self._reply(call_id, "error", str(exc))
                     continue
-                self._call(call_id, op, (args[0], context, *args[2:]))
+                self._call(call_id, op, args)
             elif kind == "call":
                 _, call_id, op, args = message
                 if op == "end":

@@ -1,6 +1,7 @@
 """Contexts as deltas on the engine channel: the common prefix is the naive one, and the engine's mirror rebuilds
 every context the frontend sent (through pickling, in channel order) whatever the calls do: grow, shrink, diverge,
-empty, end, and sessions evicted from a bounded memory."""
+empty, end, and sessions evicted from a bounded memory. A call's Sampling crosses as its values and comes back
+equal; anything else where they belong is refused, saying what came."""
 
 from __future__ import annotations
 
@@ -11,7 +12,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stratus_workers.serve.contexts import ContextLost, ContextMirror, ContextSender, common_prefix
+from stratus_workers.protocol.requests import Sampling
+from stratus_workers.serve.contexts import (
+    SAMPLING_ARG,
+    SAMPLING_FIELDS,
+    ContextLost,
+    ContextMirror,
+    ContextSender,
+    common_prefix,
+    pack_sampling,
+    unpack_sampling,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -123,3 +134,56 @@ def test_a_mirror_told_to_keep_what_it_lacks_says_so() -> None:
 def test_a_sender_without_room_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one session"):
         ContextSender(0)
+
+
+samplings = st.builds(
+    Sampling,
+    temperature=st.floats(0.0, 2.0),
+    top_p=st.floats(0.01, 1.0),
+    seed=st.none() | st.integers(0, 2**63 - 1),
+    max_new_tokens=st.integers(0, 100),
+    stop=st.lists(st.text(max_size=3), max_size=2).map(tuple),
+    logprobs=st.booleans(),
+    top_logprobs=st.integers(0, 5),
+    presence_penalty=st.floats(-2.0, 2.0),
+    frequency_penalty=st.floats(-2.0, 2.0),
+    logit_bias=st.lists(st.tuples(st.integers(0, 99), st.floats(-100.0, 100.0)), max_size=2).map(tuple),
+    echo=st.booleans(),
+)
+
+
+@given(samplings, st.sampled_from(sorted(SAMPLING_ARG)))
+def test_a_calls_sampling_crosses_the_channel_as_values_and_comes_back_equal(sampling: Sampling, op: str) -> None:
+    args: tuple[Any, ...] = ("s1", [4, 5], *(["x"] * (SAMPLING_ARG[op] - 2)), sampling, "y", False)
+    packed = pack_sampling(op, args)
+    assert packed[SAMPLING_ARG[op]] == tuple(getattr(sampling, name) for name in SAMPLING_FIELDS)
+    assert not any(isinstance(a, Sampling) for a in packed)  # nothing of the dataclass is pickled
+    got = unpack_sampling(op, pickle.loads(pickle.dumps(packed, protocol=pickle.HIGHEST_PROTOCOL)))
+    assert got == args
+    back = got[SAMPLING_ARG[op]]
+    assert type(back) is Sampling and vars(back) == vars(sampling) and hash(back) == hash(sampling)
+    assert back.greedy == sampling.greedy and back.adjusts_logits == sampling.adjusts_logits
+
+
+def test_every_field_of_sampling_is_carried() -> None:
+    assert set(SAMPLING_FIELDS) == set(vars(Sampling()))
+
+
+@pytest.mark.parametrize(
+    ("args", "came"),
+    [
+        (("s1", [1], [2], [], Sampling(), False), "Sampling("),  # a Sampling object, not its values
+        (("s1", [1], [2], [], (0.0, 1.0), False), "(0.0, 1.0)"),  # too few values
+        (("s1", [1], [2], [], [0.0] * len(SAMPLING_FIELDS), False), "[0.0"),  # a list, not a tuple
+        (("s1", [1], [2]), "None"),  # no sampling at all
+    ],
+)
+def test_a_call_without_its_sampling_values_is_refused_saying_what_came(args: tuple[Any, ...], came: str) -> None:
+    with pytest.raises(ValueError, match="internal error: a 'verify' call's sampling came as") as caught:
+        unpack_sampling("verify", args)
+    assert came in str(caught.value) and "temperature, top_p, seed" in str(caught.value)
+
+
+def test_an_op_without_a_sampling_passes_as_it_is() -> None:
+    args = ("s1", [1, 2], 3)
+    assert unpack_sampling("score", args) is args

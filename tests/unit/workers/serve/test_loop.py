@@ -4,6 +4,7 @@ its calls."""
 
 from __future__ import annotations
 
+import pickle
 import threading
 import time
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 
 from stratus_workers.models.tiny import TINY, random_llama
 from stratus_workers.protocol.requests import Sampling
+from stratus_workers.serve.contexts import pack_sampling
 from stratus_workers.serve.core import EngineCore, StepOutput
 from stratus_workers.serve.loop import EngineLoop, ThreadInbox
 from stratus_workers.serve.runner.build import build_runner
@@ -68,6 +70,13 @@ class Running:
         with self.cond:
             assert self.cond.wait_for(lambda: call_id in self.replies, WAIT), f"no reply to {op} call {call_id}"
             return self.replies[call_id]
+
+    def send(self, message: tuple[Any, ...]) -> tuple[str, Any]:
+        """A message with a call id (`message[1]`) as the frontend's channel delivers it (pickled); its reply."""
+        self.inbox.put(pickle.loads(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)))
+        with self.cond:
+            assert self.cond.wait_for(lambda: message[1] in self.replies, WAIT), f"no reply to {message}"
+            return self.replies[message[1]]
 
     def stop(self) -> None:
         self.inbox.put(("stop",))
@@ -146,3 +155,22 @@ def test_stopping_with_a_group_in_flight_answers_its_calls(model: Any) -> None:
     assert sorted(running.replies) == [0, 1]
     assert all(kind == "" and isinstance(value, VerifyResult) for kind, value in running.replies.values())
     assert not core.busy and core.sessions.in_flight == frozenset()
+
+
+def test_a_delta_without_its_sampling_values_is_answered_with_an_error_and_the_next_delta_stands(model: Any) -> None:
+    running = Running(core_over(model, pipeline=False, sessions=2))
+    running.thread.start()
+    try:
+        sampled = Sampling(temperature=1.0, top_p=0.9, seed=3)
+        context = [1, 4, 9, 2]
+        whole = running.call("verify", "a", context, [], [], sampled, False)  # the Sampling object, no channel
+        assert whole[0] == "", whole
+        kind, error = running.send(("delta", 1001, "verify", ("b", context, [], [], sampled, False), 0))
+        assert kind == "error" and "sampling came as Sampling(temperature=1.0" in error
+        # The mirror took the context all the same (the frontend's memory moved alike): keeping all of it, with the
+        # sampling as values, verifies as the whole call did, the sampling's seed included.
+        args = pack_sampling("verify", ("b", [], [], [], sampled, False))
+        assert running.send(("delta", 1002, "verify", args, len(context))) == whole
+        assert running.loop.contexts.last("b") == context
+    finally:
+        running.stop()

@@ -1,0 +1,192 @@
+"""`make bench-frontend`: the frontend's CPU per Verify call through an engine process, before and after, one run.
+
+A real `AsyncEngine` over a `ProcessTransport` (the engine loop in a process of its own, as on CUDA) with the tiny
+random model (`stratus_workers.models.tiny`, float32 on the CPU) and `--sessions` speculative sessions, each a
+coroutine making greedy Verify calls round after round (an 8-token draft of random ids, its context growing by
+what the verdict accepted). Measured in the frontend's process only, over the measured rounds: its CPU time
+(`getrusage`, user and system, every thread of it) per call, which is what the H200's rounds spend between engine steps
+(delivering the verdicts to their callers, taking the next calls and sending them); the engine process's CPU is
+not counted (the model's step is most of it). The "before" is another tree's `stratus_workers` (`--before REF`,
+by default `main`: `git archive` of its workers/ put first on PYTHONPATH, for this process and the engine process
+it starts), run by this same script in turn with this tree's, best of `--repeat` interleaved runs each.
+`--profile DIR` writes each variant's cProfile of the measured rounds (its top entries by own time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import functools
+import io
+import json
+import os
+import pstats
+import random
+import resource
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import report  # tests/bench/report.py (scripts run from this folder)
+
+ROOT = Path(__file__).resolve().parents[2]
+SECTION = "bench-frontend"
+TOKENS = 200  # draft ids drawn from these: well inside the vocabulary
+
+
+def inputs(sessions: int, rounds: int, draft: int, seed: int) -> list[tuple[list[int], list[list[int]]]]:
+    """Each session's first context and its drafts, drawn before the clock runs (they are the client's work)."""
+    rng = random.Random(seed)
+    drafts = lambda: [[rng.randrange(TOKENS) for _ in range(draft)] for _ in range(rounds)]  # noqa: E731
+    return [([rng.randrange(TOKENS) for _ in range(64)], drafts()) for _ in range(sessions)]
+
+
+async def session(engine: Any, sid: str, context: list[int], guesses: list[list[int]], counts: list[int]) -> None:
+    from stratus_workers.protocol.requests import Sampling
+
+    greedy = Sampling()
+    for guess in guesses:
+        verdict = await engine.verify(sid, context, guess, [], greedy)
+        context += guess[: verdict.accepted]
+        context.append(verdict.next_token)
+        counts[0] += 1
+        counts[1] += verdict.accepted
+    await engine.end_session(sid)
+
+
+async def measure(model_dir: str, sessions: int, warmup: int, rounds: int, draft: int, profile: str) -> dict[str, Any]:
+    import stratus_workers
+    from stratus_workers.models import load_model
+    from stratus_workers.serve.engine import AsyncEngine, ProcessTransport
+    from stratus_workers.serve.loop import EngineSettings
+
+    settings = EngineSettings(
+        max_batch_size=1, max_sessions=sessions, max_tokens=64 + (warmup + rounds) * (draft + 1) + 16, threads=1,
+        warmup=False, log_format="text",
+    )  # fmt: skip
+    load = functools.partial(load_model, model_dir, dtype="float32", device="cpu")
+    engine = AsyncEngine(ProcessTransport(settings, load), max_batch_size=1)
+    await engine.start()
+    try:
+        counts = [0, 0]
+        first = inputs(sessions, warmup, draft, 0)
+        await asyncio.gather(*(session(engine, f"w{n}", *first[n], counts) for n in range(sessions)))
+        measured = inputs(sessions, rounds, draft, 1)
+        counts = [0, 0]
+        profiler = cProfile.Profile() if profile else None
+        steps = engine.steps
+        usage, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
+        await asyncio.gather(*(session(engine, f"s{n}", *measured[n], counts) for n in range(sessions)))
+        if profiler is not None:
+            profiler.disable()
+        after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - wall
+        user, system = after.ru_utime - usage.ru_utime, after.ru_stime - usage.ru_stime
+        steps = engine.steps - steps
+    finally:
+        await engine.stop()
+    if profiler is not None:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+        Path(profile).write_text(text.getvalue())  # noqa: ASYNC240 - after the measurement, the engine stopped
+    calls = counts[0] + sessions  # the Verify calls and each session's end_session
+    return {
+        "package": str(Path(stratus_workers.__file__).parent),
+        "calls": calls,
+        "steps": steps,
+        "cpu_us_per_call": (user + system) / calls * 1e6,
+        "system_us_per_call": system / calls * 1e6,
+        "wall_us_per_call": wall / calls * 1e6,
+        "accepted_per_call": counts[1] / counts[0],
+    }
+
+
+def before_tree(ref: str, into: Path) -> tuple[Path, str]:
+    """`ref`'s workers/ unpacked under `into` (its package dir) and the commit it names."""
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", ref], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "workers"], check=True, capture_output=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(into, filter="data")
+    return into / "workers", commit
+
+
+def run_variant(args: argparse.Namespace, model_dir: Path, pythonpath: Path | None, profile: str) -> dict[str, Any]:
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH", "")]))
+    command = [
+        sys.executable, __file__, "--worker", str(model_dir), "--sessions", str(args.sessions), "--rounds",
+        str(args.rounds), "--warmup", str(args.warmup), "--draft", str(args.draft), "--profile-to", profile,
+    ]  # fmt: skip
+    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=40, help="measured rounds of every session")
+    parser.add_argument("--warmup", type=int, default=3, help="rounds before the measured ones (other sessions)")
+    parser.add_argument("--draft", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved runs of each variant; the best is kept")
+    parser.add_argument("--before", default="main", help="the git ref whose stratus_workers is the 'before'")
+    parser.add_argument("--profile", default="", help="a folder for each variant's cProfile text")
+    parser.add_argument("--write", type=Path, help="put the table in this markdown file (its own section)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--profile-to", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        result = asyncio.run(
+            measure(args.worker, args.sessions, args.warmup, args.rounds, args.draft, args.profile_to)
+        )
+        print(json.dumps(result))
+        return
+    from stratus_workers.models.tiny import write_tiny_model
+
+    with tempfile.TemporaryDirectory(prefix="bench-frontend-") as tmp:
+        model_dir = write_tiny_model(Path(tmp) / "model", seed=0)
+        old, commit = before_tree(args.before, Path(tmp) / "before")
+        variants: dict[str, Path | None] = {f"before ({args.before}, {commit})": old, "after (this tree)": None}
+        results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+        for n in range(args.repeat):
+            for name, path in variants.items():
+                profile = ""
+                if args.profile and n == 0:
+                    Path(args.profile).mkdir(parents=True, exist_ok=True)
+                    profile = str(Path(args.profile) / f"frontend-profile-{'before' if path else 'after'}.txt")
+                result = run_variant(args, model_dir, path, profile)
+                print(f"{name}: {json.dumps(result)}", file=sys.stderr)
+                results[name].append(result)
+    lines = [
+        f"{report.cpu_name()}; {report.machine()}; {args.sessions} sessions x {args.rounds} rounds of greedy Verify "
+        f"calls ({args.draft}-token drafts) through an engine process (tiny model, CPU); frontend process's CPU per "
+        f"call, best of {args.repeat} interleaved runs (a profiled run excluded when --profile)",
+        "",
+        "| frontend | CPU µs/call | of which system | wall µs/call | engine steps | tokens accepted/call |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, runs in results.items():
+        kept = [r for i, r in enumerate(runs) if not (args.profile and i == 0)] or runs
+        best = min(kept, key=lambda r: r["cpu_us_per_call"])
+        lines.append(
+            f"| {name} | {best['cpu_us_per_call']:.1f} | {best['system_us_per_call']:.1f} | "
+            f"{best['wall_us_per_call']:.0f} | {best['steps']} | {best['accepted_per_call']:.2f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        title = "## The frontend's CPU per Verify call (`make bench-frontend`)"
+        report.write_section(args.write, SECTION, f"{title}\n\n{table}")
+
+
+if __name__ == "__main__":
+    main()
