@@ -3,9 +3,9 @@
 Rounds of `--sessions` sessions, each round's context its last one plus `--grow` tokens (a round's accepted draft
 and the verifier's token), from `--context` tokens on. Per call, the frontend's side: copying the caller's context
 (the frontend always did), the delta's comparison, and pickling the message as `Channel.queue` does; the engine's
-side: unpickling it and rebuilding the context. The messages are the ones `AsyncEngine.verify` sends (greedy: no
-distributions, an 8-token draft). Prints µs per call and the message's size. No model, no process: the channel's
-share alone (`python tests/bench/bench_channel_contexts.py`).
+side: unpickling it and rebuilding the context (and, for a delta, its Sampling from the values it carries). The
+messages are the ones `AsyncEngine.verify` sends (greedy: no distributions, an 8-token draft). Prints µs per call
+and the message's size. No model, no process: the channel's share alone (`make bench-channel`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from stratus_workers.protocol.requests import Sampling
-from stratus_workers.serve.contexts import ContextMirror, ContextSender
+from stratus_workers.serve.contexts import ContextMirror, ContextSender, pack_sampling, unpack_sampling
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -40,15 +40,17 @@ def run(sessions: int, context: int, grow: int, rounds: int, delta: bool) -> tup
             own = list(ids)
             if delta:
                 keep, tail, _ = sender.encode(sid, own, False)
-                message: tuple[Any, ...] = ("delta", 1, "verify", (sid, tail, draft, [], sampling, False), keep)
+                args = pack_sampling("verify", (sid, tail, draft, [], sampling, False))  # its values, as sent
+                message: tuple[Any, ...] = ("delta", 1, "verify", args, keep)
                 data = pickle.dumps(message, PROTOCOL)
             else:
                 data = pickle.dumps(("call", 1, "verify", (sid, own, draft, [], sampling, False)), PROTOCOL)
             sent = time.perf_counter()
             got: Any = pickle.loads(data)
             if delta:
-                _, _, _, args, keep = got
+                _, _, op, args, keep = got
                 rebuilt = mirror.rebuild(args[0], keep, args[1], args[-1])
+                unpack_sampling(op, (args[0], rebuilt, *args[2:]))
             else:
                 rebuilt = got[3][1]
             done = time.perf_counter()
