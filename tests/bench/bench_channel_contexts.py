@@ -1,11 +1,13 @@
 """The engine channel's CPU cost per Verify call: whole contexts against deltas (serve/contexts.py), each side alone.
 
-Rounds of `--sessions` sessions, each round's context its last one plus `--grow` tokens (a round's accepted draft
-and the verifier's token), from `--context` tokens on. Per call, the frontend's side: copying the caller's context
-(the frontend always did), the delta's comparison, and pickling the message as `Channel.queue` does; the engine's
-side: unpickling it and rebuilding the context (and, for a delta, its Sampling from the values it carries). The
-messages are the ones `AsyncEngine.verify` sends (greedy: no distributions, an 8-token draft). Prints µs per call
-and the message's size. No model, no process: the channel's share alone (`make bench-channel`).
+Rounds of `--sessions` sessions, each round's context its last one plus `--grow` tokens (a round's accepted draft and
+the verifier's token), from `--context` tokens on. Per call, the frontend's side: copying the caller's context (the
+frontend always did), the delta's comparison, and pickling the message as `Channel.queue` does; the engine's side:
+unpickling it and rebuilding the context (and, for a delta, its Sampling from the values it carries). The messages are
+the ones `AsyncEngine.verify` sends (greedy: no distributions, an 8-token draft), and the delta message as it was, its
+Sampling pickled as the dataclass. Prints µs per call and the message's size; then the step message that answers a
+round's Verify calls, its verdicts as `VerifyResult` dataclasses (as the thread transport keeps them) and as the plain
+tuples the engine process sends, each side's µs. No model, no process: the channel's share alone (`make bench-channel`).
 """
 
 from __future__ import annotations
@@ -20,11 +22,15 @@ from typing import Any
 
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.contexts import ContextMirror, ContextSender, pack_sampling, unpack_sampling
+from stratus_workers.serve.core import StepOutput
+from stratus_workers.serve.surface import VerifyResult
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
-def run(sessions: int, context: int, grow: int, rounds: int, delta: bool) -> tuple[float, float, float]:
+def run(
+    sessions: int, context: int, grow: int, rounds: int, delta: bool, values: bool = True
+) -> tuple[float, float, float]:
     """(frontend µs per call, engine µs per call, bytes per message), over `rounds` rounds of every session."""
     rng = random.Random(0)
     sampling = Sampling()
@@ -40,7 +46,9 @@ def run(sessions: int, context: int, grow: int, rounds: int, delta: bool) -> tup
             own = list(ids)
             if delta:
                 keep, tail, _ = sender.encode(sid, own, False)
-                args = pack_sampling("verify", (sid, tail, draft, [], sampling, False))  # its values, as sent
+                args = (sid, tail, draft, [], sampling, False)
+                if values:  # its Sampling as values, as AsyncEngine sends it (else the dataclass, as it did)
+                    args = pack_sampling("verify", args)
                 message: tuple[Any, ...] = ("delta", 1, "verify", args, keep)
                 data = pickle.dumps(message, PROTOCOL)
             else:
@@ -50,7 +58,8 @@ def run(sessions: int, context: int, grow: int, rounds: int, delta: bool) -> tup
             if delta:
                 _, _, op, args, keep = got
                 rebuilt = mirror.rebuild(args[0], keep, args[1], args[-1])
-                unpack_sampling(op, (args[0], rebuilt, *args[2:]))
+                if values:
+                    unpack_sampling(op, (args[0], rebuilt, *args[2:]))
             else:
                 rebuilt = got[3][1]
             done = time.perf_counter()
@@ -85,13 +94,43 @@ def main() -> None:
     )
     print("| contexts | frontend µs/call | engine µs/call | both µs/call | bytes/message |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for delta in (False, True):
+    rows = {
+        "whole": (False, False),
+        "deltas, Sampling pickled": (True, False),
+        "deltas, Sampling as values": (True, True),
+    }
+    for name, (delta, values) in rows.items():
         best = min(
-            (run(args.sessions, args.context, args.grow, args.rounds, delta) for _ in range(args.repeat)),
+            (run(args.sessions, args.context, args.grow, args.rounds, delta, values) for _ in range(args.repeat)),
             key=lambda r: r[0] + r[1],
         )
-        name = "deltas" if delta else "whole"
         print(f"| {name} | {best[0]:.1f} | {best[1]:.1f} | {best[0] + best[1]:.1f} | {best[2]:.0f} |")
+    print()
+    print(f"A step message answering {args.sessions} Verify calls (each verdict 2 tokens accepted), per message:")
+    print("| verdicts | engine: pack, pickle µs | frontend: unpickle, unpack µs | bytes |")
+    print("| --- | ---: | ---: | ---: |")
+    for plain in (False, True):
+        best = min((step_message(args.sessions, plain) for _ in range(args.repeat)), key=lambda r: r[0] + r[1])
+        name = "plain tuples" if plain else "dataclasses"
+        print(f"| {name} | {best[0]:.1f} | {best[1]:.1f} | {best[2]:.0f} |")
+
+
+def step_message(sessions: int, plain: bool, messages: int = 2000) -> tuple[float, float, float]:
+    """(engine µs, frontend µs, bytes) per step message of `sessions` verdicts, as `StepOutput.pack(plain)` and
+    `StepOutput.unpack` make and read it."""
+    results: list[tuple[int, str, Any]] = [
+        (n, "", VerifyResult(2, 1000 + n, (-0.25, -0.5, -1.5), False)) for n in range(sessions)
+    ]
+    out = StepOutput(7, results=results)
+    started = time.perf_counter()
+    for _ in range(messages):
+        data = pickle.dumps(("step", out.pack(plain)), PROTOCOL)
+    packed = time.perf_counter()
+    for _ in range(messages):
+        got = StepOutput.unpack(pickle.loads(data)[1])
+    done = time.perf_counter()
+    assert got.results == results
+    return (packed - started) / messages * 1e6, (done - packed) / messages * 1e6, len(data)
 
 
 if __name__ == "__main__":

@@ -174,7 +174,8 @@ def main() -> None:
         random_llama(dict(TINY), vocab_size=VOCAB, seed=0).save_pretrained(model_dir)
         bundled_tokenizer().save_pretrained(model_dir)
         old, commit = before_tree(args.before, Path(tmp) / "before")
-        variants: dict[str, Path | None] = {f"before ({args.before}, {commit})": old, "after (this tree)": None}
+        named = args.before if commit.startswith(args.before) else f"{args.before}, {commit}"
+        variants: dict[str, Path | None] = {f"before ({named})": old, "after (this tree)": None}
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
         for n in range(args.repeat):
             for name, path in variants.items():
