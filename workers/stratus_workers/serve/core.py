@@ -148,8 +148,8 @@ class StepOutput:
     def pack(self, plain_verdicts: bool = False) -> tuple[Any, ...]:
         """A plain tuple (what goes over the engine channel; cheaper to pickle than dataclasses). With
         `plain_verdicts` (for a channel that pickles it) each Verify call's verdict goes as (call id, accepted,
-        next token, log-probabilities, eos) in its place among the results: 64 verdicts pickled in 4 µs instead of
-        43 (`unpack` makes them `VerifyResult`s again)."""
+        next token, log-probabilities, eos) in its place among the results: a step of 64 verdicts packed and pickled
+        in 11 µs instead of 42 (`make bench-channel`); `unpack` makes them `VerifyResult`s again."""
         finished = [
             (f.seq_id, f.reason, f.prompt_tokens, f.completion_tokens, f.cached_tokens, f.admitted, f.first_token,
              f.error)

@@ -6,7 +6,8 @@ engine step carrying every row's new token ids; it turns them into text here (in
 detokenization, stop sequences, log-probability strings), so the engine loop never spends its
 time on text, protobuf or asyncio. A stream whose reader falls behind gets every token that
 arrived since its last event in one event. Over the process transport a speculative session's Draft and Verify
-calls send their contexts as deltas on the session's last one (serve/contexts.py), not whole.
+calls send their contexts as deltas on the session's last one (serve/contexts.py), not whole, and their Sampling as
+its values; the engine process's step messages carry their verdicts as plain tuples (`StepOutput.pack`).
 
 Two transports run the core (serve/loop.py): `ProcessTransport` in an engine process of its own
 (serve/worker.py) over a socket pair (serve/channel.py), the default on CUDA; `ThreadTransport` in
@@ -722,8 +723,8 @@ class AsyncEngine:
     async def _session_call(self, op: str, sid: str, context: Sequence[int], rest: tuple[Any, ...], end: bool) -> Any:
         """A call on session `sid` with its context: ("call", id, op, (sid, context, *rest, end)), or with the
         context as a delta, ("delta", id, op, (sid, tail, *rest, end), keep): the engine keeps `keep` tokens of
-        the session's last context and appends the tail (serve/contexts.py). Sessions evicted from the sender's
-        memory go first, each as ("drop", sid)."""
+        the session's last context and appends the tail, and the args carry the call's Sampling as its values
+        (serve/contexts.py). Sessions evicted from the sender's memory go first, each as ("drop", sid)."""
         self._check_running()
         ids = list(context)  # ours: the sender keeps it (first: a context that cannot be listed registers no call)
         call_id = next(self._ids)

@@ -279,7 +279,8 @@ class EngineLoop:
     """Runs `core` until told to stop; `emit` receives ("step", packed StepOutput) once per step.
 
     Messages in: ("add", seq_id, prompt, params, deadline), ("abort", seq_id), ("call", call_id, op,
-    args), ("delta", call_id, op, args, keep) (a session's call, its context as a delta: serve/contexts.py),
+    args), ("delta", call_id, op, args, keep) (a session's call, its context as a delta and its Sampling as values:
+    serve/contexts.py),
     ("drop", sid) (forget a session's context), ("stop",). Out, besides steps: ("stopped", packed) with what
     stopping ended.
     """
