@@ -356,7 +356,7 @@ class EngineLoop:
                 try:  # (a session call's args are (sid, context, ..., end), its sampling as values: contexts.py)
                     context = self.contexts.rebuild(args[0], keep, args[1], args[-1])
                     args = unpack_sampling(op, (args[0], context, *args[2:]))
-                except (ContextLost, ValueError) as exc:  # both sides' memories moved alike either way
+                except (ContextLost, ValueError) as exc:  # the frontend then sends this context whole next time
                     self._reply(call_id, "error", str(exc))
                     continue
                 self._call(call_id, op, args)
