@@ -155,11 +155,13 @@ bench-coop-host: setup
 bench-channel: setup
 	$(PY) tests/bench/bench_channel_contexts.py
 
-# The frontend's CPU per Verify call through an engine process (tiny model, 64 sessions), BENCH_FRONTEND_BEFORE's
-# stratus_workers (default: main) beside this tree's, in one run; writes docs/benchmarks.md.
+# The frontend's CPU per Verify call through an engine process (tiny model, 64 sessions), greedy and sampled,
+# BENCH_FRONTEND_BEFORE's stratus_workers (default: main) beside this tree's, in one run; writes docs/benchmarks.md.
 BENCH_FRONTEND_BEFORE ?= main
 bench-frontend: setup
 	$(PY) tests/bench/bench_frontend.py --before $(BENCH_FRONTEND_BEFORE) --write docs/benchmarks.md $(BENCH_FRONTEND_ARGS)
+	$(PY) tests/bench/bench_frontend.py --before $(BENCH_FRONTEND_BEFORE) --write docs/benchmarks.md --sampled \
+		$(BENCH_FRONTEND_ARGS)
 
 # Every compression method on the bundled SmolLM2-135M (deploy/samples/smollm2-compression.yaml); ~20 min on 2 cores.
 # Also the GPU rows (deploy/samples/smollm2-compression-gpu.yaml) from the stored results of bench-compress-gpu,

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from stratus_workers.protocol.requests import Sampling
-from stratus_workers.serve.contexts import ContextMirror, ContextSender, pack_sampling, unpack_sampling
+from stratus_workers.serve.contexts import ContextMirror, ContextSender, pack_call, unpack_call
 from stratus_workers.serve.core import StepOutput
 from stratus_workers.serve.surface import VerifyResult
 
@@ -48,7 +48,7 @@ def run(
                 keep, tail, _ = sender.encode(sid, own, False)
                 args = (sid, tail, draft, [], sampling, False)
                 if values:  # its Sampling as values, as AsyncEngine sends it (else the dataclass, as it did)
-                    args = pack_sampling("verify", args)
+                    args = pack_call("verify", args)
                 message: tuple[Any, ...] = ("delta", 1, "verify", args, keep)
                 data = pickle.dumps(message, PROTOCOL)
             else:
@@ -59,7 +59,7 @@ def run(
                 _, _, op, args, keep = got
                 rebuilt = mirror.rebuild(args[0], keep, args[1], args[-1])
                 if values:
-                    unpack_sampling(op, (args[0], rebuilt, *args[2:]))
+                    unpack_call(op, (args[0], rebuilt, *args[2:]))
             else:
                 rebuilt = got[3][1]
             done = time.perf_counter()

@@ -3,15 +3,16 @@
 A real `AsyncEngine` over a `ProcessTransport` (the engine loop in a process of its own, as on CUDA) with the tiny
 random model (`stratus_workers.models.tiny.TINY` with a 512-token vocabulary, so that a step is short; float32 on the
 CPU) and `--sessions` speculative sessions, each a coroutine making greedy Verify calls round after round (an 8-token
-draft of random ids, its context growing by what the verdict accepted). Measured in the frontend's process only, over
-the measured rounds: its CPU time (`getrusage`, user and system, every thread of it) per call, less what it spends idle
-over as long (measured for a second before: supervision and the engine's heartbeats, a cost per second, not per call).
-That is what the H200's rounds spend between engine steps (delivering the verdicts to their callers, taking the next
-calls and sending them); the engine process's CPU is not counted (the model's step is most of it). The "before" is
-another tree's `stratus_workers` (`--before REF`, by default `main`: `git archive` of its workers/ put first on
-PYTHONPATH, for this process and the engine process it starts), run by this same script in turn with this tree's, best
-of `--repeat` interleaved runs each. `--profile DIR` writes each variant's cProfile of the measured rounds (its top
-entries by own time).
+draft of random ids, its context growing by what the verdict accepted; with `--sampled`, at temperature 1 with each
+draft token's distribution over 32 ids, as the edge sends them). Measured in the frontend's process only, over the
+measured rounds: its CPU time (`getrusage`, user and system, every thread of it) per call, less what it spends idle over
+as long (measured for a second before: supervision and the engine's heartbeats, a cost per second, not per call). That
+is what the H200's rounds spend between engine steps (delivering the verdicts to their callers, taking the next calls
+and sending them); the engine process's CPU is not counted (the model's step is most of it). The "before" is another
+tree's `stratus_workers` (`--before REF`, by default `main`: `git archive` of its workers/ put first on PYTHONPATH, for
+this process and the engine process it starts), run by this same script in turn with this tree's, best of `--repeat`
+interleaved runs each. `--profile DIR` writes each variant's cProfile of the measured rounds (its top entries by own
+time).
 """
 
 from __future__ import annotations
@@ -42,21 +43,39 @@ SECTION = "bench-frontend"
 VOCAB = 512  # the model's (its tokenizer is the bundled one; every id drawn here is below VOCAB)
 TOKENS = 200  # draft ids drawn from these
 IDLE_SECONDS = 1.0
+TOP = 32  # ids in each draft distribution (--sampled), as the edge's top-k sends them
 
 
-def inputs(sessions: int, rounds: int, draft: int, seed: int) -> list[tuple[list[int], list[list[int]]]]:
-    """Each session's first context and its drafts, drawn before the clock runs (they are the client's work)."""
+Round = tuple[list[int], list[Any]]  # a Verify call's draft and its distributions
+
+
+def inputs(sessions: int, rounds: int, draft: int, seed: int, sampled: bool) -> list[tuple[list[int], list[Round]]]:
+    """Each session's first context and its rounds' drafts (with `sampled`, each draft token's distribution over
+    TOP ids, the token among them), drawn before the clock runs (they are the client's work)."""
+    from stratus_workers.serve.surface import SparseDist
+
     rng = random.Random(seed)
-    drafts = lambda: [[rng.randrange(TOKENS) for _ in range(draft)] for _ in range(rounds)]  # noqa: E731
-    return [([rng.randrange(TOKENS) for _ in range(64)], drafts()) for _ in range(sessions)]
+
+    def dist(token: int) -> SparseDist:
+        ids = [token, *rng.sample([t for t in range(TOKENS) if t != token], TOP - 1)]
+        weights = [rng.random() + 0.01 for _ in ids]
+        return SparseDist(tuple(ids), tuple(w / sum(weights) for w in weights))
+
+    def one() -> Round:
+        tokens = [rng.randrange(TOKENS) for _ in range(draft)]
+        return tokens, [dist(t) for t in tokens] if sampled else []
+
+    return [([rng.randrange(TOKENS) for _ in range(64)], [one() for _ in range(rounds)]) for _ in range(sessions)]
 
 
-async def session(engine: Any, sid: str, context: list[int], guesses: list[list[int]], counts: list[int]) -> None:
+async def session(
+    engine: Any, sid: str, context: list[int], rounds: list[Round], sampled: bool, counts: list[int]
+) -> None:
     from stratus_workers.protocol.requests import Sampling
 
-    greedy = Sampling()
-    for guess in guesses:
-        verdict = await engine.verify(sid, context, guess, [], greedy)
+    sampling = Sampling(temperature=1.0, seed=int(sid[1:])) if sampled else Sampling()
+    for guess, dists in rounds:
+        verdict = await engine.verify(sid, context, guess, dists, sampling)
         context += guess[: verdict.accepted]
         context.append(verdict.next_token)
         counts[0] += 1
@@ -64,7 +83,9 @@ async def session(engine: Any, sid: str, context: list[int], guesses: list[list[
     await engine.end_session(sid)
 
 
-async def measure(model_dir: str, sessions: int, warmup: int, rounds: int, draft: int, profile: str) -> dict[str, Any]:
+async def measure(
+    model_dir: str, sessions: int, warmup: int, rounds: int, draft: int, sampled: bool, profile: str
+) -> dict[str, Any]:
     import stratus_workers
     from stratus_workers.models import load_model
     from stratus_workers.serve.engine import AsyncEngine, ProcessTransport
@@ -79,9 +100,9 @@ async def measure(model_dir: str, sessions: int, warmup: int, rounds: int, draft
     await engine.start()
     try:
         counts = [0, 0]
-        first = inputs(sessions, warmup, draft, 0)
-        await asyncio.gather(*(session(engine, f"w{n}", *first[n], counts) for n in range(sessions)))
-        measured = inputs(sessions, rounds, draft, 1)
+        first = inputs(sessions, warmup, draft, 0, sampled)
+        await asyncio.gather(*(session(engine, f"w{n}", *first[n], sampled, counts) for n in range(sessions)))
+        measured = inputs(sessions, rounds, draft, 1, sampled)
         # What the frontend spends while nothing is asked (supervision, the engine's heartbeats), per second: the
         # table takes it off each call's share of the measured rounds' time.
         usage, idle = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -93,7 +114,7 @@ async def measure(model_dir: str, sessions: int, warmup: int, rounds: int, draft
         usage, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         if profiler is not None:
             profiler.enable()
-        await asyncio.gather(*(session(engine, f"s{n}", *measured[n], counts) for n in range(sessions)))
+        await asyncio.gather(*(session(engine, f"s{n}", *measured[n], sampled, counts) for n in range(sessions)))
         if profiler is not None:
             profiler.disable()
         after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - wall
@@ -142,6 +163,7 @@ def run_variant(args: argparse.Namespace, model_dir: Path, pythonpath: Path | No
     command = [
         sys.executable, __file__, "--worker", str(model_dir), "--sessions", str(args.sessions), "--rounds",
         str(args.rounds), "--warmup", str(args.warmup), "--draft", str(args.draft), "--profile-to", profile,
+        *(["--sampled"] if args.sampled else []),
     ]  # fmt: skip
     out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
@@ -154,6 +176,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40, help="measured rounds of every session")
     parser.add_argument("--warmup", type=int, default=3, help="rounds before the measured ones (other sessions)")
     parser.add_argument("--draft", type=int, default=8)
+    parser.add_argument("--sampled", action="store_true", help=f"temperature 1, each draft token's {TOP}-id dist")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs of each variant; the best is kept")
     parser.add_argument("--before", default="main", help="the git ref whose stratus_workers is the 'before'")
     parser.add_argument("--profile", default="", help="a folder for each variant's cProfile text")
@@ -163,7 +186,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         result = asyncio.run(
-            measure(args.worker, args.sessions, args.warmup, args.rounds, args.draft, args.profile_to)
+            measure(args.worker, args.sessions, args.warmup, args.rounds, args.draft, args.sampled, args.profile_to)
         )
         print(json.dumps(result))
         return
@@ -182,15 +205,19 @@ def main() -> None:
                 profile = ""
                 if args.profile and n == 0:
                     Path(args.profile).mkdir(parents=True, exist_ok=True)
-                    profile = str(Path(args.profile) / f"frontend-profile-{'before' if path else 'after'}.txt")
+                    which = f"{'-sampled' if args.sampled else ''}-{'before' if path else 'after'}"
+                    profile = str(Path(args.profile) / f"frontend-profile{which}.txt")
                 result = run_variant(args, model_dir, path, profile)
                 print(f"{name}: {json.dumps(result)}", file=sys.stderr)
                 results[name].append(result)
+    kind = "sampled (temperature 1)" if args.sampled else "greedy"
+    with_dists = f", each token's {TOP}-id distribution" if args.sampled else ""
     lines = [
-        f"{report.cpu_name()}; {report.machine()}; {args.sessions} sessions x {args.rounds} rounds of greedy Verify "
-        f"calls ({args.draft}-token drafts) through an engine process (tiny model, vocabulary {VOCAB}, CPU); the "
-        f"frontend process's CPU per call, less what it spends idle over as long (supervision, heartbeats); best of "
-        f"{args.repeat} interleaved runs by that, and their median (the profiled first run left out with --profile)",
+        f"{report.cpu_name()}; {report.machine()}; {args.sessions} sessions x {args.rounds} rounds of {kind} Verify "
+        f"calls ({args.draft}-token drafts{with_dists}) through an engine process (tiny model, vocabulary {VOCAB}, "
+        f"CPU); the frontend process's CPU per call, less what it spends idle over as long (supervision, "
+        f"heartbeats); best of {args.repeat} interleaved runs by that, and their median (the profiled first run left "
+        f"out with --profile)",
         "",
         "| frontend | CPU µs/call, best | median | idle's share (taken off) | wall µs/call | engine steps |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -206,8 +233,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        title = "## The frontend's CPU per Verify call (`make bench-frontend`)"
-        report.write_section(args.write, SECTION, f"{title}\n\n{table}")
+        title = f"## The frontend's CPU per {kind.split()[0]} Verify call (`make bench-frontend`)"
+        report.write_section(args.write, SECTION + ("-sampled" if args.sampled else ""), f"{title}\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ sides; the sender keeps at most `limit` sessions, least recently used first out,
 ("drop", sid) message, so a client that never ends its sessions cannot grow either side without bound. Forgetting
 on the sender's side alone is always safe (its next call on that session keeps nothing and sends it all).
 
-A delta message carries the call's `Sampling` as the tuple of its field values (`pack_sampling`; the engine loop
-turns it back with `unpack_sampling`): against pickling the dataclass that saves the frontend 1.5 µs a call and the
-engine 0.8, the rebuild included (`make bench-channel`; docs/serving.md, "The channel, chosen by measurement").
+A delta message carries the call's `Sampling` as the tuple of its field values and a Verify call's distributions
+as (token ids, probabilities) pairs (`pack_call`; the engine loop turns them back with `unpack_call`): against
+pickling the dataclasses the Sampling's values save the frontend 1.5 µs a call and the engine 0.8, the rebuild
+included (`make bench-channel`; docs/serving.md, "The channel, chosen by measurement").
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import operator
 from typing import Any
 
 from stratus_workers.protocol.requests import Sampling
+from stratus_workers.serve.surface import SparseDist
 
 # The sender keeps this many sessions' contexts per speculative session the engine holds (at least MIN_CONTEXTS):
 # a session the engine evicted for a newer one may come back, and one that ends without saying so must age out.
@@ -32,34 +34,62 @@ MIN_CONTEXTS = 16
 
 SAMPLING_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Sampling))
 _sampling_values = operator.attrgetter(*SAMPLING_FIELDS)
-# Where a session call's args, (sid, context, ..., end) as `EngineCore.call` takes them, hold its Sampling.
+# Where a session call's args, (sid, context, ..., end) as `EngineCore.call` takes them, hold its Sampling, and
+# a Verify call's the draft's distributions.
 SAMPLING_ARG: dict[str, int] = {"draft": 3, "verify": 4, "verify_alone": 4}
+DISTS_ARG: dict[str, int] = {"verify": 3, "verify_alone": 3}
 
 
-def pack_sampling(op: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """`args` of session call `op` with its Sampling as the tuple of its field values (in SAMPLING_FIELDS' order)."""
-    at = SAMPLING_ARG[op]
-    values: tuple[Any, ...] = _sampling_values(args[at])
-    return (*args[:at], values, *args[at + 1 :])
+def pack_call(op: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`args` of session call `op` as a delta message carries them: its Sampling as the tuple of its field values (in
+    SAMPLING_FIELDS' order) and a Verify call's distributions as (token ids, probabilities) pairs."""
+    out = list(args)
+    out[SAMPLING_ARG[op]] = _sampling_values(args[SAMPLING_ARG[op]])
+    at = DISTS_ARG.get(op)
+    if at is not None and args[at]:
+        out[at] = [(d.token_ids, d.probs) for d in args[at]]
+    return tuple(out)
 
 
-def unpack_sampling(op: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """`pack_sampling` undone: the same args with a Sampling equal to the one packed. An op that takes no Sampling
-    passes as it is (the core refuses an op it does not know); args without the values where they belong are a
-    ValueError that says what came instead."""
+def unpack_call(op: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`pack_call` undone: the same args with a Sampling and SparseDists equal to the ones packed. An op that takes
+    no Sampling passes as it is (the core refuses an op it does not know); args without the values where they belong
+    are a ValueError that says what came instead."""
     at = SAMPLING_ARG.get(op)
     if at is None:
         return args
+    out = list(args)
     values = args[at] if len(args) > at else None
     if type(values) is not tuple or len(values) != len(SAMPLING_FIELDS):
         raise ValueError(
             f"internal error: a {op!r} call's sampling came as {values!r}, not as the {len(SAMPLING_FIELDS)} values "
             f"of ({', '.join(SAMPLING_FIELDS)}); nothing of the call was done"
         )
-    # As unpickling the dataclass did (a new object, its fields set in its __dict__): half the cost of __init__.
+    # As unpickling the dataclasses did (a new object, its fields set in its __dict__): half the cost of __init__.
     sampling = object.__new__(Sampling)
     sampling.__dict__.update(zip(SAMPLING_FIELDS, values, strict=True))
-    return (*args[:at], sampling, *args[at + 1 :])
+    out[at] = sampling
+    at = DISTS_ARG.get(op)
+    if at is not None and args[at]:
+        out[at] = _dists(op, args[at])
+    return tuple(out)
+
+
+def _dists(op: str, pairs: Any) -> list[SparseDist]:
+    dists: list[SparseDist] = []
+    try:
+        for token_ids, probs in pairs:
+            if type(token_ids) is not tuple or type(probs) is not tuple:
+                raise TypeError
+            dist = object.__new__(SparseDist)
+            dist.__dict__.update(token_ids=token_ids, probs=probs)
+            dists.append(dist)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"internal error: a {op!r} call's distributions came as {pairs!r}, not as (token ids, probabilities) "
+            f"pairs of tuples; nothing of the call was done"
+        ) from None
+    return dists
 
 
 class ContextLost(RuntimeError):

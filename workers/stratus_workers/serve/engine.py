@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.protocol.text import TextAssembler
 from stratus_workers.serve.channel import Channel, ChannelClosed
-from stratus_workers.serve.contexts import CONTEXTS_PER_SESSION, MIN_CONTEXTS, ContextSender, pack_sampling
+from stratus_workers.serve.contexts import CONTEXTS_PER_SESSION, MIN_CONTEXTS, ContextSender, pack_call
 from stratus_workers.serve.core import CALL_ERRORS, EngineStats, Finished, StepOutput
 from stratus_workers.serve.errors import EngineFailed, EngineOverloaded, EngineStopped
 from stratus_workers.serve.surface import (
@@ -736,7 +736,7 @@ class AsyncEngine:
                 try:
                     for old in evicted:
                         self.transport.send(("drop", old))
-                    self.transport.send(("delta", call_id, op, pack_sampling(op, (sid, tail, *rest, end)), keep))
+                    self.transport.send(("delta", call_id, op, pack_call(op, (sid, tail, *rest, end)), keep))
                 except BaseException:
                     self.contexts.forget(sid)  # always safe: the next call keeps nothing
                     raise

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 
 from stratus_workers.runtimes import RUNTIME_TORCH
-from stratus_workers.serve.contexts import ContextLost, ContextMirror, unpack_sampling
+from stratus_workers.serve.contexts import ContextLost, ContextMirror, unpack_call
 from stratus_workers.serve.core import PREFIX_BLOCK, EngineCore, EngineRequest, Finished, StepOutput, verify_pipeline_on
 from stratus_workers.serve.parallel import ParallelContext
 from stratus_workers.serve.pipeline import PipelineContext, build_stage_runner, keep_stage
@@ -355,7 +355,7 @@ class EngineLoop:
                 _, call_id, op, args, keep = message
                 try:  # (a session call's args are (sid, context, ..., end), its sampling as values: contexts.py)
                     context = self.contexts.rebuild(args[0], keep, args[1], args[-1])
-                    args = unpack_sampling(op, (args[0], context, *args[2:]))
+                    args = unpack_call(op, (args[0], context, *args[2:]))
                 except (ContextLost, ValueError) as exc:  # the frontend then sends this context whole next time
                     self._reply(call_id, "error", str(exc))
                     continue

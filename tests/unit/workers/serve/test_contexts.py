@@ -1,7 +1,7 @@
 """Contexts as deltas on the engine channel: the common prefix is the naive one, and the engine's mirror rebuilds
 every context the frontend sent (through pickling, in channel order) whatever the calls do: grow, shrink, diverge,
-empty, end, and sessions evicted from a bounded memory. A call's Sampling crosses as its values and comes back
-equal; anything else where they belong is refused, saying what came."""
+empty, end, and sessions evicted from a bounded memory. A call's Sampling and distributions cross as values and
+come back equal; anything else where they belong is refused, saying what came."""
 
 from __future__ import annotations
 
@@ -14,15 +14,17 @@ from hypothesis import strategies as st
 
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.contexts import (
+    DISTS_ARG,
     SAMPLING_ARG,
     SAMPLING_FIELDS,
     ContextLost,
     ContextMirror,
     ContextSender,
     common_prefix,
-    pack_sampling,
-    unpack_sampling,
+    pack_call,
+    unpack_call,
 )
+from stratus_workers.serve.surface import SparseDist
 
 pytestmark = pytest.mark.unit
 
@@ -152,17 +154,40 @@ samplings = st.builds(
 )
 
 
-@given(samplings, st.sampled_from(sorted(SAMPLING_ARG)))
-def test_a_calls_sampling_crosses_the_channel_as_values_and_comes_back_equal(sampling: Sampling, op: str) -> None:
-    args: tuple[Any, ...] = ("s1", [4, 5], *(["x"] * (SAMPLING_ARG[op] - 2)), sampling, "y", False)
-    packed = pack_sampling(op, args)
+dists = st.lists(
+    st.lists(st.tuples(st.integers(0, 99), st.floats(0.0, 1.0)), min_size=1, max_size=4).map(
+        lambda pairs: SparseDist(tuple(t for t, _ in pairs), tuple(p for _, p in pairs))
+    ),
+    max_size=3,
+)
+
+
+def call_args(op: str, sampling: Sampling, draft_dists: list[SparseDist]) -> tuple[Any, ...]:
+    """A session call's args as `AsyncEngine` makes them (serve/engine.py)."""
+    if op == "draft":
+        return ("s1", [4, 5], 3, sampling, 32, False)
+    return ("s1", [4, 5], list(range(len(draft_dists))), draft_dists, sampling, True)
+
+
+@given(samplings, dists, st.sampled_from(sorted(SAMPLING_ARG)))
+def test_a_calls_sampling_and_distributions_cross_as_values_and_come_back_equal(
+    sampling: Sampling, draft_dists: list[SparseDist], op: str
+) -> None:
+    args = call_args(op, sampling, draft_dists)
+    packed = pack_call(op, args)
     assert packed[SAMPLING_ARG[op]] == tuple(getattr(sampling, name) for name in SAMPLING_FIELDS)
-    assert not any(isinstance(a, Sampling) for a in packed)  # nothing of the dataclass is pickled
-    got = unpack_sampling(op, pickle.loads(pickle.dumps(packed, protocol=pickle.HIGHEST_PROTOCOL)))
+    wire = pickle.dumps(packed, protocol=pickle.HIGHEST_PROTOCOL)
+    assert b"Sampling" not in wire and b"SparseDist" not in wire  # nothing of the dataclasses is pickled
+    got = unpack_call(op, pickle.loads(wire))
     assert got == args
     back = got[SAMPLING_ARG[op]]
     assert type(back) is Sampling and vars(back) == vars(sampling) and hash(back) == hash(sampling)
     assert back.greedy == sampling.greedy and back.adjusts_logits == sampling.adjusts_logits
+    if op in DISTS_ARG:
+        came = got[DISTS_ARG[op]]
+        assert [type(d) for d in came] == [SparseDist] * len(draft_dists)
+        assert [vars(d) for d in came] == [vars(d) for d in draft_dists]
+        assert all(d.prob(t) == e.prob(t) for d, e in zip(came, draft_dists, strict=True) for t in range(100))
 
 
 def test_every_field_of_sampling_is_carried() -> None:
@@ -180,10 +205,27 @@ def test_every_field_of_sampling_is_carried() -> None:
 )
 def test_a_call_without_its_sampling_values_is_refused_saying_what_came(args: tuple[Any, ...], came: str) -> None:
     with pytest.raises(ValueError, match="internal error: a 'verify' call's sampling came as") as caught:
-        unpack_sampling("verify", args)
+        unpack_call("verify", args)
     assert came in str(caught.value) and "temperature, top_p, seed" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("pairs", "came"),
+    [
+        ([SparseDist((1,), (1.0,))], "SparseDist("),  # the dataclass, not its values
+        ([((1, 2), (0.5, 0.5), ())], "((1, 2), (0.5, 0.5), ())"),  # three parts
+        ([([1, 2], (0.5, 0.5))], "[([1, 2]"),  # a list of ids, not a tuple
+        ("ab", "'ab'"),  # not pairs at all
+    ],
+)
+def test_a_verify_call_whose_distributions_are_not_pairs_is_refused_saying_what_came(pairs: Any, came: str) -> None:
+    args = pack_call("verify", ("s1", [1], [2], [], Sampling(), False))
+    args = (*args[:3], pairs, *args[4:])
+    with pytest.raises(ValueError, match="internal error: a 'verify' call's distributions came as") as caught:
+        unpack_call("verify", args)
+    assert came in str(caught.value) and "(token ids, probabilities) pairs" in str(caught.value)
 
 
 def test_an_op_without_a_sampling_passes_as_it_is() -> None:
     args = ("s1", [1, 2], 3)
-    assert unpack_sampling("score", args) is args
+    assert unpack_call("score", args) is args

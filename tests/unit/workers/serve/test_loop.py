@@ -13,11 +13,12 @@ import pytest
 
 from stratus_workers.models.tiny import TINY, random_llama
 from stratus_workers.protocol.requests import Sampling
-from stratus_workers.serve.contexts import pack_sampling
+from stratus_workers.serve.contexts import pack_call
 from stratus_workers.serve.core import EngineCore, StepOutput
 from stratus_workers.serve.loop import EngineLoop, ThreadInbox
 from stratus_workers.serve.runner.build import build_runner
 from stratus_workers.serve.sessions import SpeculativeSessions, VerifyResult
+from stratus_workers.serve.surface import SparseDist
 
 pytestmark = pytest.mark.unit
 
@@ -161,15 +162,18 @@ def test_a_delta_without_its_sampling_values_is_answered_with_an_error_and_the_n
     running = Running(core_over(model, pipeline=False, sessions=2))
     running.thread.start()
     try:
-        sampled = Sampling(temperature=1.0, top_p=0.9, seed=3)
+        sampled = Sampling(temperature=1.5, seed=3)
         context = [1, 4, 9, 2]
-        whole = running.call("verify", "a", context, [], [], sampled, False)  # the Sampling object, no channel
-        assert whole[0] == "", whole
-        kind, error = running.send(("delta", 1001, "verify", ("b", context, [], [], sampled, False), 0))
-        assert kind == "error" and "sampling came as Sampling(temperature=1.0" in error
+        draft = [7, 3]
+        # The drafter all but ruled its tokens out: the target accepts them (p / q > 1), as it would not the other way.
+        dists = [SparseDist((7, 5), (0.001, 0.999)), SparseDist((3, 8), (0.001, 0.999))]
+        whole = running.call("verify", "a", context, draft, dists, sampled, False)  # the objects, no channel
+        assert whole[0] == "" and whole[1].accepted == 2, whole
+        kind, error = running.send(("delta", 1001, "verify", ("b", context, draft, dists, sampled, False), 0))
+        assert kind == "error" and "sampling came as Sampling(temperature=1.5" in error
         # The mirror took the context all the same (the frontend's memory moved alike): keeping all of it, with the
-        # sampling as values, verifies as the whole call did, the sampling's seed included.
-        args = pack_sampling("verify", ("b", [], [], [], sampled, False))
+        # sampling and the distributions as values, verifies as the whole call did, the sampling's seed included.
+        args = pack_call("verify", ("b", [], draft, dists, sampled, False))
         assert running.send(("delta", 1002, "verify", args, len(context))) == whole
         assert running.loop.contexts.last("b") == context
     finally:
