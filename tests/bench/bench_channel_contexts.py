@@ -3,11 +3,12 @@
 Rounds of `--sessions` sessions, each round's context its last one plus `--grow` tokens (a round's accepted draft and
 the verifier's token), from `--context` tokens on. Per call, the frontend's side: copying the caller's context (the
 frontend always did), the delta's comparison, and pickling the message as `Channel.queue` does; the engine's side:
-unpickling it and rebuilding the context (and, for a delta, its Sampling from the values it carries). The messages are
-the ones `AsyncEngine.verify` sends (greedy: no distributions, an 8-token draft), and the delta message as it was, its
-Sampling pickled as the dataclass. Prints µs per call and the message's size; then the step message that answers a
-round's Verify calls, its verdicts as `VerifyResult` dataclasses (as the thread transport keeps them) and as the plain
-tuples the engine process sends, each side's µs. No model, no process: the channel's share alone (`make bench-channel`).
+unpickling it and rebuilding the context (and, for a delta, its Sampling and distributions from the values it carries).
+The messages are the ones `AsyncEngine.verify` sends, an 8-token draft, greedy (no distributions) and sampled (each
+draft token's distribution over 32 ids), and the delta message as it was, its Sampling and distributions pickled as
+dataclasses. Prints µs per call and the message's size; then the step message that answers a round's Verify calls, its
+verdicts as `VerifyResult` dataclasses (as the thread transport keeps them) and as the plain tuples the engine process
+sends, each side's µs. No model, no process: the channel's share alone (`make bench-channel`).
 """
 
 from __future__ import annotations
@@ -23,17 +24,18 @@ from typing import Any
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.contexts import ContextMirror, ContextSender, pack_call, unpack_call
 from stratus_workers.serve.core import StepOutput
-from stratus_workers.serve.surface import VerifyResult
+from stratus_workers.serve.surface import SparseDist, VerifyResult
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 def run(
-    sessions: int, context: int, grow: int, rounds: int, delta: bool, values: bool = True
+    sessions: int, context: int, grow: int, rounds: int, delta: bool, values: bool = True, sampled: bool = False
 ) -> tuple[float, float, float]:
-    """(frontend µs per call, engine µs per call, bytes per message), over `rounds` rounds of every session."""
+    """(frontend µs per call, engine µs per call, bytes per message), over `rounds` rounds of every session; with
+    `sampled`, at temperature 1 with each draft token's distribution over 32 ids."""
     rng = random.Random(0)
-    sampling = Sampling()
+    sampling = Sampling(temperature=1.0, seed=5) if sampled else Sampling()
     contexts = {f"session-{n}": [rng.randrange(49_152) for _ in range(context)] for n in range(sessions)}
     sender, mirror = ContextSender(4 * sessions), ContextMirror()
     front = engine = 0.0
@@ -42,17 +44,18 @@ def run(
         for sid, ids in contexts.items():
             ids.extend(rng.randrange(49_152) for _ in range(grow))
             draft = [rng.randrange(49_152) for _ in range(8)]
+            dists = [sparse(rng, token) for token in draft] if sampled else []
             started = time.perf_counter()
             own = list(ids)
             if delta:
                 keep, tail, _ = sender.encode(sid, own, False)
-                args = (sid, tail, draft, [], sampling, False)
-                if values:  # its Sampling as values, as AsyncEngine sends it (else the dataclass, as it did)
+                args = (sid, tail, draft, dists, sampling, False)
+                if values:  # its Sampling and distributions as values, as AsyncEngine sends them (else the dataclasses)
                     args = pack_call("verify", args)
                 message: tuple[Any, ...] = ("delta", 1, "verify", args, keep)
                 data = pickle.dumps(message, PROTOCOL)
             else:
-                data = pickle.dumps(("call", 1, "verify", (sid, own, draft, [], sampling, False)), PROTOCOL)
+                data = pickle.dumps(("call", 1, "verify", (sid, own, draft, dists, sampling, False)), PROTOCOL)
             sent = time.perf_counter()
             got: Any = pickle.loads(data)
             if delta:
@@ -95,13 +98,18 @@ def main() -> None:
     print("| contexts | frontend µs/call | engine µs/call | both µs/call | bytes/message |")
     print("| --- | ---: | ---: | ---: | ---: |")
     rows = {
-        "whole": (False, False),
-        "deltas, Sampling pickled": (True, False),
-        "deltas, Sampling as values": (True, True),
+        "whole": (False, False, False),
+        "deltas, Sampling pickled": (True, False, False),
+        "deltas, Sampling as values": (True, True, False),
+        "sampled, deltas, Sampling and distributions pickled": (True, False, True),
+        "sampled, deltas, Sampling and distributions as values": (True, True, True),
     }
-    for name, (delta, values) in rows.items():
+    for name, (delta, values, sampled) in rows.items():
         best = min(
-            (run(args.sessions, args.context, args.grow, args.rounds, delta, values) for _ in range(args.repeat)),
+            (
+                run(args.sessions, args.context, args.grow, args.rounds, delta, values, sampled)
+                for _ in range(args.repeat)
+            ),
             key=lambda r: r[0] + r[1],
         )
         print(f"| {name} | {best[0]:.1f} | {best[1]:.1f} | {best[0] + best[1]:.1f} | {best[2]:.0f} |")
@@ -113,6 +121,13 @@ def main() -> None:
         best = min((step_message(args.sessions, plain) for _ in range(args.repeat)), key=lambda r: r[0] + r[1])
         name = "plain tuples" if plain else "dataclasses"
         print(f"| {name} | {best[0]:.1f} | {best[1]:.1f} | {best[2]:.0f} |")
+
+
+def sparse(rng: random.Random, token: int) -> SparseDist:
+    """A draft token's distribution as the edge sends it: 32 ids, the token among them, probabilities summing to 1."""
+    ids = [token, *(rng.randrange(49_152) for _ in range(31))]
+    weights = [rng.random() for _ in ids]
+    return SparseDist(tuple(ids), tuple(w / sum(weights) for w in weights))
 
 
 def step_message(sessions: int, plain: bool, messages: int = 2000) -> tuple[float, float, float]:
