@@ -42,12 +42,15 @@ DISTS_ARG: dict[str, int] = {"verify": 3, "verify_alone": 3}
 
 def pack_call(op: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
     """`args` of session call `op` as a delta message carries them: its Sampling as the tuple of its field values (in
-    SAMPLING_FIELDS' order) and a Verify call's distributions as (token ids, probabilities) pairs."""
+    SAMPLING_FIELDS' order) and a Verify call's distributions as (token ids, probabilities) pairs. Anything else
+    there goes as it is, for the engine to refuse (as the core refused it before)."""
     out = list(args)
-    out[SAMPLING_ARG[op]] = _sampling_values(args[SAMPLING_ARG[op]])
-    at = DISTS_ARG.get(op)
-    if at is not None and args[at]:
-        out[at] = [(d.token_ids, d.probs) for d in args[at]]
+    at = SAMPLING_ARG[op]
+    if type(args[at]) is Sampling:
+        out[at] = _sampling_values(args[at])
+    at = DISTS_ARG.get(op, 0)
+    if at and args[at]:
+        out[at] = [(d.token_ids, d.probs) if type(d) is SparseDist else d for d in args[at]]
     return tuple(out)
 
 

@@ -226,6 +226,16 @@ def test_a_verify_call_whose_distributions_are_not_pairs_is_refused_saying_what_
     assert came in str(caught.value) and "(token ids, probabilities) pairs" in str(caught.value)
 
 
+def test_what_is_not_a_sampling_or_a_distribution_goes_as_it_is_and_is_refused_there() -> None:
+    packed = pack_call("verify", ("s1", [1], [2, 3], [SparseDist((2,), (1.0,)), None], None, False))
+    assert packed[3:5] == ([((2,), (1.0,)), None], None)
+    with pytest.raises(ValueError, match="sampling came as None"):
+        unpack_call("verify", packed)
+    packed = pack_call("verify", ("s1", [1], [2, 3], [SparseDist((2,), (1.0,)), None], Sampling(), False))
+    with pytest.raises(ValueError, match=r"distributions came as \[\(\(2,\), \(1.0,\)\), None\]"):
+        unpack_call("verify", packed)
+
+
 def test_an_op_without_a_sampling_passes_as_it_is() -> None:
     args = ("s1", [1, 2], 3)
     assert unpack_call("score", args) is args
