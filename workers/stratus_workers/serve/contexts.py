@@ -12,7 +12,7 @@ on the sender's side alone is always safe (its next call on that session keeps n
 
 A delta message carries the call's `Sampling` as the tuple of its field values and a Verify call's distributions
 as (token ids, probabilities) pairs (`pack_call`; the engine loop turns them back with `unpack_call`): against
-pickling the dataclasses the Sampling's values save the frontend 1.5 µs a call and the engine 0.8, the rebuild
+pickling the dataclasses the Sampling's values save the frontend about 1.5 µs a call and the engine 0.7, the rebuild
 included (`make bench-channel`; docs/serving.md, "The channel, chosen by measurement").
 """
 
