@@ -536,8 +536,8 @@ def render_run(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
         "once, "
         f"each replaying {recorded} as {meta['draft']}-token drafts, every draft token replaced by another "
         f"with probability {1 - meta['match']:.4f} so that {meta['acceptance_target']:.0%} of "
-        f"{meta.get('acceptance_draft', meta['draft'])}-token drafts' tokens are accepted (the share measured with real "
-        "weights by `make bench-coop`); drafts cost nothing here. Accepted "
+        f"{meta.get('acceptance_draft', meta['draft'])}-token drafts' tokens are accepted (the share measured with "
+        "real weights by `make bench-coop`); drafts cost nothing here. Accepted "
         "tokens/s: accepted draft tokens plus the cloud's own token per round. Forward passes per token: the "
         f"model's passes over the tokens generated. torch {meta['torch']}, Python {meta['python']}; {meta['date']}.",
         "",
