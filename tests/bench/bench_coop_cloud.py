@@ -591,8 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--acceptance", type=float, default=0.97, help="share of draft tokens the cloud accepts")
     parser.add_argument(
         "--acceptance-draft", type=int, default=8,
-        help="the draft length --acceptance was measured at (bench-coop's largest draft, the router's default "
-        "max_draft_tokens): drafts of --draft tokens keep its per-token match",
+        help="the draft length --acceptance is taken at (8, the router's default max_draft_tokens; bench-coop's "
+        "sample manifest drafts 8-12 tokens, so 8 is the conservative end): drafts of --draft tokens keep its "
+        "per-token match",
     )
     parser.add_argument(
         "--also-alone", action="store_true", help="also measure one forward pass per Verify call (before batching)"
