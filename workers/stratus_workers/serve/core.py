@@ -54,6 +54,8 @@ PREFIX_BLOCK = 16
 # smaller pass costs about as much as the larger one would (the model's weights are read once either way), so
 # splitting a few calls buys little overlap for a second read of the weights. STRATUS_VERIFY_MIN_GROUP overrides.
 MIN_VERIFY_GROUP = 8
+# Arrivals held back while rows decode (`prefill_hold`) are admitted together once this many wait.
+PREFILL_GROUP = 4
 
 
 def verify_pipeline_on(default: bool = False) -> bool:
@@ -65,6 +67,13 @@ def verify_pipeline_on(default: bool = False) -> bool:
     measured 4-5% slower (its two half-size passes cost 3.2 ms of device time each against 4.7 ms for one pass of
     all); on the CPU the device is the host and nothing overlaps (docs/benchmarks.md, "the verify pipeline")."""
     return env_flag("STRATUS_VERIFY_PIPELINE", default)
+
+
+def prefill_grouping(default_hold: int = 0) -> tuple[int, int]:
+    """An engine core's prefill grouping, (hold steps, group size): STRATUS_PREFILL_HOLD (0 turns it off) else
+    `default_hold`, and STRATUS_PREFILL_GROUP else PREFILL_GROUP (`EngineCore`; docs/serving.md)."""
+    hold = env_int("STRATUS_PREFILL_HOLD", default_hold, 0, 1 << 10)
+    return hold, env_int("STRATUS_PREFILL_GROUP", PREFILL_GROUP, 1, 1 << 16)
 
 
 # A group of Verify calls launched (`SpeculativeSessions.launch`), or the error that kept it from launching.
@@ -221,6 +230,7 @@ class _Seq:
     generator: torch.Generator | None
     generated: list[int] = field(default_factory=list)
     counts: dict[int, int] = field(default_factory=dict)  # generated tokens, for the penalties
+    arrived: int = 0  # the step it was added before
     row: int = -1
     prefilled: int = 0  # prompt tokens whose keys and values the row holds
     cached: int = 0  # of those, copied from the prefix cache
@@ -243,6 +253,8 @@ class EngineCore:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         prefix: PrefixCache | None = None,
         verify_pipeline: bool | None = None,
+        prefill_hold: int = 0,
+        prefill_group: int = PREFILL_GROUP,
     ) -> None:
         if sessions.runner is not runner or sessions.first_row < max_batch_size:
             raise ValueError(
@@ -251,6 +263,11 @@ class EngineCore:
             )
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        if prefill_hold < 0 or prefill_group < 1:
+            raise ValueError(
+                f"prefill_hold must be 0 (off) or more steps and prefill_group at least 1, got {prefill_hold} and "
+                f"{prefill_group}"
+            )
         if prefix is not None and prefix.capacity * prefix.block_size > runner.pool_tokens:
             raise ValueError(
                 f"the prefix cache wants {prefix.capacity * prefix.block_size} tokens; the runner's pool holds "
@@ -263,7 +280,14 @@ class EngineCore:
         self.max_len = runner.max_len
         self.prefill_chunk = prefill_chunk
         self.prefix = prefix
+        # Prefill grouping (docs/serving.md, "Prefill grouping"): while rows decode, an arrival may wait up to
+        # `prefill_hold` steps for others (until `prefill_group` wait), so that several prompts share one prefill
+        # pass; each pass reads the weights once whatever its prompts, so a step that prefills costs the decode
+        # rows about a step of their own.
+        self.prefill_hold = prefill_hold
+        self.prefill_group = prefill_group
         self.steps = 0
+        self.prefill_steps = 0  # steps that ran a prefill chunk
         self.prefill_tokens = 0
         self.mixed_steps = 0
         self.mixed_on_device = 0  # of those, fed the step launched ahead's choices on the device
@@ -319,6 +343,7 @@ class EngineCore:
             raise ValueError(f"logit_bias names token ids outside this model's vocabulary of {self.runner.vocab_size}")
         generator = None if request.params.greedy else seeded_generator(request.params.seed)
         seq = _Seq(request.seq_id, list(request.prompt), request.params, request.deadline, generator)
+        seq.arrived = self.steps
         self._seqs[seq.seq_id] = seq
         self._waiting.append(seq)
 
@@ -575,7 +600,19 @@ class EngineCore:
                     keep.append(seq)
             self._waiting = keep
 
+    def _holds(self, step: int, decoding: int) -> bool:
+        """Whether step `step`, with `decoding` rows decoding and none prefilling, leaves the arrivals waiting: fewer
+        than `prefill_group` wait, a row is free, and the first of them arrived fewer than `prefill_hold` steps ago."""
+        waiting = self._waiting
+        return (
+            0 < len(waiting) < self.prefill_group
+            and 0 < decoding < self.max_batch_size
+            and step - waiting[0].arrived < self.prefill_hold
+        )
+
     def _admit(self) -> None:
+        if self.prefill_hold and len(self._rows) == self._decoding and self._holds(self.steps, self._decoding):
+            return
         now = time.monotonic()
         while self._waiting and len(self._rows) < self.max_batch_size:
             seq = self._waiting.popleft()
@@ -715,6 +752,7 @@ class EngineCore:
     def _prefilled(self, seqs: list[_Seq], chunks: list[list[int]]) -> list[_Seq]:
         """Count the chunks computed; the rows whose prompts are complete now (the first ones)."""
         done = 0
+        self.prefill_steps += bool(chunks)
         for seq, chunk in zip(seqs, chunks, strict=True):
             seq.prefilled += len(chunk)
             self.prefill_tokens += len(chunk)

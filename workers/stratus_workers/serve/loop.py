@@ -25,7 +25,15 @@ import torch
 
 from stratus_workers.runtimes import RUNTIME_TORCH
 from stratus_workers.serve.contexts import ContextLost, ContextMirror, unpack_call
-from stratus_workers.serve.core import PREFIX_BLOCK, EngineCore, EngineRequest, Finished, StepOutput, verify_pipeline_on
+from stratus_workers.serve.core import (
+    PREFIX_BLOCK,
+    EngineCore,
+    EngineRequest,
+    Finished,
+    StepOutput,
+    prefill_grouping,
+    verify_pipeline_on,
+)
 from stratus_workers.serve.parallel import ParallelContext
 from stratus_workers.serve.pipeline import PipelineContext, build_stage_runner, keep_stage
 from stratus_workers.serve.prefix import PrefixCache
@@ -45,6 +53,10 @@ IDLE_WAIT = 0.25  # seconds the idle loop sleeps between looks (it wakes at once
 VERIFY_GATHER = 0.005
 CPU_POOL_BYTES = 256 << 20  # the prefix pool's automatic size on a CPU
 GPU_POOL_SHARE = 0.25  # ... and on a GPU: this share of the memory left after the batch's cache
+
+
+# Measured on an H200 (docs/benchmarks.md, "Prefill grouping").
+PREFILL_HOLD_CUDA = 0
 
 
 @dataclass(frozen=True)
@@ -122,6 +134,13 @@ def pipeline_default(own_process: bool, device: torch.device | None, parallel: b
     return own_process and device is not None and device.type == "cuda" and not parallel
 
 
+def prefill_hold_default(device: torch.device | None) -> int:
+    """Steps an arrival may wait for others to share its prefill pass (`core.prefill_grouping`): on CUDA, where a
+    pass of a few prompts costs about a decode step whatever their number, PREFILL_HOLD_CUDA; none on the CPU,
+    whose prefill costs by the token."""
+    return PREFILL_HOLD_CUDA if device is not None and device.type == "cuda" else 0
+
+
 def build_core(
     loaded: Any,
     settings: EngineSettings,
@@ -150,6 +169,7 @@ def build_core(
         )
     eos = eos_ids(model, loaded.tokenizer)
     sessions = SpeculativeSessions(runner, eos, first_row=settings.max_batch_size)
+    hold, group = prefill_grouping(prefill_hold_default(loaded.device))
     prefix = PrefixCache(PREFIX_BLOCK, pool // PREFIX_BLOCK) if pool >= PREFIX_BLOCK else None
     core = EngineCore(
         runner,
@@ -161,6 +181,8 @@ def build_core(
         verify_pipeline=verify_pipeline_on(
             pipeline_default(own_process, loaded.device, parallel is not None or pipeline is not None)
         ),
+        prefill_hold=hold,
+        prefill_group=group,
     )
     info = EngineInfo(
         name=loaded.name,

@@ -67,6 +67,7 @@ settings.register_profile(
     phases=[Phase.explicit, Phase.generate],
     suppress_health_check=list(HealthCheck),
 )
+settings.register_profile("fuzz-ci-short", settings.get_profile("fuzz-ci"), max_examples=4)
 settings.register_profile(
     "fuzz-soak",
     max_examples=int(os.environ.get("STRATUS_FUZZ_EXAMPLES", "200")),
@@ -193,7 +194,7 @@ FIGURES = Figures()
 class Server:
     """The live server process and what the test knows of it."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, env: dict[str, str] | None = None) -> None:
         self.grpc_port, self.http_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.grpc_port}"
         self.proc = subprocess.Popen(
@@ -203,7 +204,7 @@ class Server:
                 "--max-prompt-tokens", str(MAX_PROMPT), "--max-new-tokens", str(MAX_NEW),
                 "--max-batch-size", str(BATCH), "--max-queue", str(QUEUE), "--log-format", "text",
             ],
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )  # fmt: skip
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -370,9 +371,8 @@ def judge(server: Server, outcome: Outcome, wave_size: int) -> None:
         check(outcome.text == server.reference(spec), f"greedy answer differs from the unbatched run: {where}")
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir: Path) -> Iterator[Server]:
-    live = Server(tiny_model_dir)
+def live_server(model_dir: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
+    live = Server(model_dir, env)
     try:
         live.wait_ready()
         yield live
@@ -381,7 +381,28 @@ def server(tiny_model_dir: Path) -> Iterator[Server]:
         live.proc.wait(10)
 
 
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path) -> Iterator[Server]:
+    yield from live_server(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def held_server(tiny_model_dir: Path) -> Iterator[Server]:
+    """A server whose engine holds arrivals back to prefill them in groups (docs/serving.md, "Prefill grouping")."""
+    yield from live_server(tiny_model_dir, {"STRATUS_PREFILL_HOLD": "2", "STRATUS_PREFILL_GROUP": "3"})
+
+
 def test_request_mix(server: Server) -> None:
+    run_request_mix(server, os.environ.get("STRATUS_FUZZ_PROFILE", "fuzz-ci"))
+
+
+def test_request_mix_with_prefill_grouping(held_server: Server) -> None:
+    # The same invariants while arrivals wait for company: held requests are still cancelled, time out, drain and
+    # give the unbatched answers.
+    run_request_mix(held_server, os.environ.get("STRATUS_FUZZ_PROFILE", "fuzz-ci-short"))
+
+
+def run_request_mix(server: Server, profile: str) -> None:
     started = time.monotonic()
 
     class RequestMix(RuleBasedStateMachine):
@@ -409,7 +430,6 @@ def test_request_mix(server: Server) -> None:
             check(server.ready() == served, "/readyz disagrees with whether a request gets served")
             check(server.proc.poll() is None, "the server process exited")
 
-    profile = os.environ.get("STRATUS_FUZZ_PROFILE", "fuzz-ci")
     try:
         run_state_machine_as_test(RequestMix, settings=settings.get_profile(profile))
     except BaseException as exc:

@@ -147,3 +147,88 @@ def test_rows_join_a_decode_step_launched_ahead_with_first_tokens_taken_on_the_d
     assert outputs[0] == outputs[1]
     expected = {i: greedy(model, prompt, params.max_new_tokens) for i, (prompt, params) in enumerate(requests)}
     assert outputs[0] == expected
+
+
+def first_token_steps(core: EngineCore, arrivals: dict[int, tuple[int, list[int], int]]) -> dict[int, int]:
+    """Run `core`, adding request i before step arrivals[i][0]; the step each request's first token came in, and
+    the tokens in `core.tokens` (a test attribute)."""
+    tokens: dict[int, list[int]] = {}
+    first: dict[int, int] = {}
+    step = 0
+    with torch.inference_mode():
+        while step <= max(a for a, _, _ in arrivals.values()) or core.busy:
+            for seq_id, (at, prompt, n) in arrivals.items():
+                if at == step:
+                    core.add(EngineRequest(seq_id, prompt, Sampling(max_new_tokens=n)))
+            out = collect(tokens, core.step())
+            for seq_id in out.seq_ids:
+                first.setdefault(seq_id, step)
+            step += 1
+    core.tokens = tokens  # type: ignore[attr-defined]
+    return first
+
+
+def test_arrivals_held_a_few_steps_share_a_prefill_and_answers_stay_the_same(
+    model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One long answer decodes while an arrival comes every other step: with a hold of 3 steps and groups of 3,
+    # arrivals wait for company (at most 3 steps), prefill together, and every answer is the greedy one.
+    monkeypatch.setenv("STRATUS_DECODE_AHEAD", "1")
+    monkeypatch.setenv("STRATUS_MIXED_STEP", "0")
+    arrivals = {0: (0, [1, 2, 3], 40)}
+    arrivals |= {i: (2 * i, [(5 * i + j) % VOCAB for j in range(2 + i)], 4) for i in range(1, 9)}
+    runs = {}
+    for hold in (0, 3):
+        core = core_over(model, batch=6, fast=True)
+        core.prefill_hold, core.prefill_group = hold, 3
+        first = first_token_steps(core, arrivals)
+        runs[hold] = (core, first)
+        expected = {i: greedy(model, prompt, n) for i, (_, prompt, n) in arrivals.items()}
+        assert core.tokens == expected  # type: ignore[attr-defined]
+        assert core.runner.decoder.ahead_hits > 0  # type: ignore[attr-defined]
+    (plain, at_once), (held, waited) = runs[0], runs[3]
+    # Without a hold every arrival is prefilled in the step it arrives before: one prefill step each.
+    assert all(at_once[i] == arrivals[i][0] for i in arrivals)
+    assert plain.prefill_steps == len(arrivals)
+    # With it, none waits 3 steps or more, some waited, and fewer steps prefilled.
+    delays = [waited[i] - arrivals[i][0] for i in arrivals]
+    assert max(delays) <= 3 and any(delays) and delays[0] == 0  # the first: nothing was decoding yet
+    assert held.prefill_steps < plain.prefill_steps
+
+
+def test_the_hold_ends_when_the_group_is_full_the_batch_idles_or_the_steps_are_up(model: Any) -> None:
+    core = core_over(model, batch=4)
+    core.prefill_hold, core.prefill_group = 5, 2
+    core.add(EngineRequest(0, [1, 2, 3], Sampling(max_new_tokens=30)))
+    assert core.step().seq_ids == [0]  # nothing was decoding: no hold
+    core.add(EngineRequest(1, [4, 5], Sampling(max_new_tokens=3)))
+    assert core.step().seq_ids == [0] and core.waiting == 1  # held: one of a group of two
+    core.add(EngineRequest(2, [6, 7], Sampling(max_new_tokens=3)))
+    assert sorted(core.step().seq_ids) == [0, 1, 2] and core.waiting == 0  # the group is full: both at once
+    core.add(EngineRequest(3, [8, 9], Sampling(max_new_tokens=3)))
+    steps = 0
+    while 3 not in core.step().seq_ids:
+        steps += 1
+    assert steps == 5  # alone: held for the hold's 5 steps, then prefilled
+    core.add(EngineRequest(4, [8, 9], Sampling(max_new_tokens=3)))
+    core.step()
+    core.abort(4)  # a held request that is cancelled leaves at the next step
+    assert (4, "cancelled") in [(f.seq_id, f.reason) for f in core.step().finished]
+
+
+def test_prefill_grouping_comes_from_the_environment_and_refuses_nonsense(
+    model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stratus_workers.serve.core import PREFILL_GROUP, prefill_grouping
+
+    assert prefill_grouping(2) == (2, PREFILL_GROUP)
+    monkeypatch.setenv("STRATUS_PREFILL_HOLD", "0")
+    monkeypatch.setenv("STRATUS_PREFILL_GROUP", "8")
+    assert prefill_grouping(2) == (0, 8)
+    monkeypatch.setenv("STRATUS_PREFILL_HOLD", "-1")
+    with pytest.raises(ValueError, match="STRATUS_PREFILL_HOLD"):
+        prefill_grouping(2)
+    runner = build_runner(model, max_rows=3, max_len=64)
+    sessions = SpeculativeSessions(runner, frozenset(), first_row=2)
+    with pytest.raises(ValueError, match="prefill_group at least 1, got 0 and 0"):
+        EngineCore(runner, sessions, frozenset(), max_batch_size=2, prefill_hold=0, prefill_group=0)

@@ -46,8 +46,11 @@ log = logging.getLogger(__name__)
 
 # A packed pass splits its attention's keys over several programs when some row reads more keys than this.
 SPLIT_KEYS = 512
-# Token counts a packed pass (verification, prefill) is captured for (CUDA): 64 sessions' 8-token drafts are 576.
-PACKED_BUCKETS = (8, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 448, 512, 576, 640, 768, 896, 1024)
+# Token counts a packed pass (verification, prefill) is captured for (CUDA): 64 sessions' 8-token drafts are 576,
+# their 16-token drafts (the router's largest max_draft_tokens) 1,088.
+PACKED_BUCKETS = (
+    8, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 448, 512, 576, 640, 768, 896, 1024, 1088, 1152,
+)
 
 
 def fusable(model: Any) -> bool:
