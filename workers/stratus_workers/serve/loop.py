@@ -55,10 +55,6 @@ CPU_POOL_BYTES = 256 << 20  # the prefix pool's automatic size on a CPU
 GPU_POOL_SHARE = 0.25  # ... and on a GPU: this share of the memory left after the batch's cache
 
 
-# Measured on an H200 (docs/benchmarks.md, "Prefill grouping").
-PREFILL_HOLD_CUDA = 0
-
-
 @dataclass(frozen=True)
 class EngineSettings:
     """How to build an engine core; picklable, so the frontend can send it to the engine process."""
@@ -134,13 +130,6 @@ def pipeline_default(own_process: bool, device: torch.device | None, parallel: b
     return own_process and device is not None and device.type == "cuda" and not parallel
 
 
-def prefill_hold_default(device: torch.device | None) -> int:
-    """Steps an arrival may wait for others to share its prefill pass (`core.prefill_grouping`): on CUDA, where a
-    pass of a few prompts costs about a decode step whatever their number, PREFILL_HOLD_CUDA; none on the CPU,
-    whose prefill costs by the token."""
-    return PREFILL_HOLD_CUDA if device is not None and device.type == "cuda" else 0
-
-
 def build_core(
     loaded: Any,
     settings: EngineSettings,
@@ -169,7 +158,7 @@ def build_core(
         )
     eos = eos_ids(model, loaded.tokenizer)
     sessions = SpeculativeSessions(runner, eos, first_row=settings.max_batch_size)
-    hold, group = prefill_grouping(prefill_hold_default(loaded.device))
+    hold, group = prefill_grouping()  # off unless asked for (docs/serving.md, "Prefill grouping")
     prefix = PrefixCache(PREFIX_BLOCK, pool // PREFIX_BLOCK) if pool >= PREFIX_BLOCK else None
     core = EngineCore(
         runner,
