@@ -156,8 +156,9 @@ bench-channel: setup
 	$(PY) tests/bench/bench_channel_contexts.py
 
 # The frontend's CPU per Verify call through an engine process (tiny model, 64 sessions), greedy and sampled,
-# BENCH_FRONTEND_BEFORE's stratus_workers (default: main) beside this tree's, in one run; writes docs/benchmarks.md.
-BENCH_FRONTEND_BEFORE ?= main
+# BENCH_FRONTEND_BEFORE's stratus_workers (default: c406b5e, the tree before the per-call cuts) beside this tree's, in
+# one run; writes docs/benchmarks.md.
+BENCH_FRONTEND_BEFORE ?= c406b5e
 bench-frontend: setup
 	$(PY) tests/bench/bench_frontend.py --before $(BENCH_FRONTEND_BEFORE) --write docs/benchmarks.md $(BENCH_FRONTEND_ARGS)
 	$(PY) tests/bench/bench_frontend.py --before $(BENCH_FRONTEND_BEFORE) --write docs/benchmarks.md --sampled \

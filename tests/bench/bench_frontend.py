@@ -9,8 +9,8 @@ measured rounds: its CPU time (`getrusage`, user and system, every thread of it)
 as long (measured for a second before: supervision and the engine's heartbeats, a cost per second, not per call). That
 is what the H200's rounds spend between engine steps (delivering the verdicts to their callers, taking the next calls
 and sending them); the engine process's CPU is not counted (the model's step is most of it). The "before" is another
-tree's `stratus_workers` (`--before REF`, by default `main`: `git archive` of its workers/ put first on PYTHONPATH, for
-this process and the engine process it starts), run by this same script in turn with this tree's, best of `--repeat`
+tree's `stratus_workers` (`--before REF`, by default c406b5e, the tree before the per-call cuts: `git archive` of its
+workers/ put first on PYTHONPATH, for this process and the engine process it starts), run by this same script in turn with this tree's, best of `--repeat`
 interleaved runs each. `--profile DIR` writes each variant's cProfile of the measured rounds (its top entries by own
 time).
 """
@@ -178,7 +178,10 @@ def main() -> None:
     parser.add_argument("--draft", type=int, default=8)
     parser.add_argument("--sampled", action="store_true", help=f"temperature 1, each draft token's {TOP}-id dist")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs of each variant; the best is kept")
-    parser.add_argument("--before", default="main", help="the git ref whose stratus_workers is the 'before'")
+    parser.add_argument(
+        "--before", default="c406b5e",
+        help="the git ref whose stratus_workers is the 'before' (default: the tree before the per-call cuts)",
+    )
     parser.add_argument("--profile", default="", help="a folder for each variant's cProfile text")
     parser.add_argument("--write", type=Path, help="put the table in this markdown file (its own section)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
