@@ -11,8 +11,8 @@ is what the H200's rounds spend between engine steps (delivering the verdicts to
 and sending them); the engine process's CPU is not counted (the model's step is most of it). The "before" is another
 tree's `stratus_workers` (`--before REF`, by default c406b5e, the tree before the per-call cuts: `git archive` of its
 workers/ put first on PYTHONPATH, for this process and the engine process it starts), run by this same script in
-turn with this tree's, best of `--repeat` interleaved runs each. `--profile DIR` writes each variant's cProfile of the measured rounds (its top entries by own
-time).
+turn with this tree's, best of `--repeat` interleaved runs each. `--profile DIR` writes each variant's cProfile of
+the measured rounds (its top entries by own time).
 """
 
 from __future__ import annotations
