@@ -120,6 +120,7 @@ class EngineStats:
     forward_passes: int = 0  # cumulative: the model's forward passes (decode steps, prefill chunks, calls)
     forward_positions: int = 0  # cumulative: token positions those passes computed
     mixed_steps: int = 0  # cumulative: steps whose decode rows and prefill chunks ran as one pass
+    prefill_steps: int = 0  # cumulative: steps that prefilled prompt tokens (fewer with prefill grouping)
 
 
 @dataclass
@@ -168,7 +169,7 @@ class StepOutput:
         stats = (
             s.active, s.waiting, s.sessions, s.steps, s.prefix_queried_tokens, s.prefix_hit_tokens,
             s.prefix_evicted_blocks, s.prefix_blocks, s.prefill_tokens, s.forward_passes, s.forward_positions,
-            s.mixed_steps,
+            s.mixed_steps, s.prefill_steps,
         )  # fmt: skip
         results: list[tuple[Any, ...]] = self.results
         if plain_verdicts and results:
@@ -417,6 +418,7 @@ class EngineCore:
             forward_passes=getattr(self.runner, "passes", 0) - self._counted[0],
             forward_positions=getattr(self.runner, "positions", 0) - self._counted[1],
             mixed_steps=self.mixed_steps,
+            prefill_steps=self.prefill_steps,
         )
 
     # -- a step ----------------------------------------------------------------------------------

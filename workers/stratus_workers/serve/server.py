@@ -191,6 +191,11 @@ class ServerMetrics:
         self.prefill_tokens = Counter(
             "stratus_server_prefill_tokens", "Prompt tokens computed (not taken from the prefix cache).", registry=r
         )
+        self.prefill_steps = Counter(
+            "stratus_server_prefill_steps",
+            "Engine steps that prefilled prompt tokens (fewer, with more prompts each, under prefill grouping).",
+            registry=r,
+        )
         self.forward_passes = Counter(
             "stratus_server_forward_passes",
             "Forward passes of the model (decode steps, prefill chunks, Draft, Verify and Score calls).",
@@ -225,6 +230,7 @@ class ServerMetrics:
         self.waiting.set(stats.waiting)
         self.steps.inc(max(0, stats.steps - last.steps))
         self.prefill_tokens.inc(max(0, stats.prefill_tokens - last.prefill_tokens))
+        self.prefill_steps.inc(max(0, stats.prefill_steps - last.prefill_steps))
         self.forward_passes.inc(max(0, stats.forward_passes - last.forward_passes))
         self.forward_positions.inc(max(0, stats.forward_positions - last.forward_positions))
         self.prefix_queried.inc(max(0, stats.prefix_queried_tokens - last.prefix_queried_tokens))

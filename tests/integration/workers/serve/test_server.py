@@ -149,6 +149,8 @@ async def test_health_reflection_and_metrics(model_server) -> None:
         passes, positions = "stratus_server_forward_passes_total", "stratus_server_forward_positions_total"
         assert counter(text, passes) - counter(before, passes) == 3
         assert counter(text, positions) - counter(before, positions) == reply.usage.prompt_tokens + 2
+        prefills = "stratus_server_prefill_steps_total"  # one step prefilled the prompt
+        assert counter(text, prefills) - counter(before, prefills) == 1
 
 
 async def test_score_matches_a_direct_forward_pass(model_server, tiny_model_dir) -> None:

@@ -19,7 +19,7 @@ def step() -> StepOutput:
     out = StepOutput(
         9,
         finished=[Finished(3, "stop", 5, 2, 0, 1.5, 1.75)],
-        stats=EngineStats(active=1, steps=9, forward_passes=4),
+        stats=EngineStats(active=1, steps=9, forward_passes=4, prefill_steps=2),
         results=[
             (1, "", VerifyResult(2, 17, (-0.5, -0.25, -1.0), False)),
             (2, "invalid", "the context holds token ids outside the vocabulary"),
