@@ -24,7 +24,7 @@ import operator
 from typing import Any
 
 from stratus_workers.protocol.requests import Sampling
-from stratus_workers.serve.surface import SparseDist
+from stratus_workers.serve.surface import SparseDist, rebuilt
 
 # The sender keeps this many sessions' contexts per speculative session the engine holds (at least MIN_CONTEXTS):
 # a session the engine evicted for a newer one may come back, and one that ends without saying so must age out.
@@ -68,10 +68,7 @@ def unpack_call(op: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
             f"internal error: a {op!r} call's sampling came as {values!r}, not as the {len(SAMPLING_FIELDS)} values "
             f"of ({', '.join(SAMPLING_FIELDS)}); nothing of the call was done"
         )
-    # As unpickling the dataclasses did (a new object, its fields set in its __dict__): half the cost of __init__.
-    sampling = object.__new__(Sampling)
-    sampling.__dict__.update(zip(SAMPLING_FIELDS, values, strict=True))
-    out[at] = sampling
+    out[at] = rebuilt(Sampling, zip(SAMPLING_FIELDS, values, strict=True))
     at = DISTS_ARG.get(op)
     if at is not None and args[at]:
         out[at] = _dists(op, args[at])
@@ -84,9 +81,7 @@ def _dists(op: str, pairs: Any) -> list[SparseDist]:
         for token_ids, probs in pairs:
             if type(token_ids) is not tuple or type(probs) is not tuple:
                 raise TypeError
-            dist = object.__new__(SparseDist)
-            dist.__dict__.update(token_ids=token_ids, probs=probs)
-            dists.append(dist)
+            dists.append(rebuilt(SparseDist, {"token_ids": token_ids, "probs": probs}))
     except (TypeError, ValueError):
         raise ValueError(
             f"internal error: a {op!r} call's distributions came as {pairs!r}, not as (token ids, probabilities) "

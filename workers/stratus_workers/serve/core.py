@@ -30,7 +30,9 @@ pipeline").
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
+import operator
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +46,7 @@ from stratus_workers.serve.prefix import PrefixCache
 from stratus_workers.serve.runner import ModelRunner, decoded, env_flag, env_int, to_device
 from stratus_workers.serve.sampling import Choice, choose_tokens, seeded_generator
 from stratus_workers.serve.sessions import PendingVerify, SpeculativeSessions, VerifyCall
-from stratus_workers.serve.surface import Alternatives, FinishReason, VerifyResult
+from stratus_workers.serve.surface import Alternatives, FinishReason, VerifyResult, rebuilt
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,10 @@ class EngineStats:
     prefill_steps: int = 0  # cumulative: steps that prefilled prompt tokens (fewer with prefill grouping)
 
 
+# An EngineStats as the tuple of its fields, in their order (what `EngineStats(*values)` takes back).
+_stats_values = operator.attrgetter(*(f.name for f in dataclasses.fields(EngineStats)))
+
+
 @dataclass
 class StepOutput:
     """What one step produced: entry i of `seq_ids`/`tokens` is one new token of that request.
@@ -165,12 +171,7 @@ class StepOutput:
              f.error)
             for f in self.finished
         ]  # fmt: skip
-        s = self.stats
-        stats = (
-            s.active, s.waiting, s.sessions, s.steps, s.prefix_queried_tokens, s.prefix_hit_tokens,
-            s.prefix_evicted_blocks, s.prefix_blocks, s.prefill_tokens, s.forward_passes, s.forward_positions,
-            s.mixed_steps, s.prefill_steps,
-        )  # fmt: skip
+        stats = _stats_values(self.stats)
         results: list[tuple[Any, ...]] = self.results
         if plain_verdicts and results:
             results = [
@@ -197,10 +198,9 @@ def _verdict(packed: tuple[Any, ...]) -> tuple[int, str, VerifyResult]:
             f"log-probabilities, eos), not {packed!r}"
         )
     call_id, accepted, next_token, logprobs, eos = packed
-    # As unpickling the dataclass did (a new object, its fields set in its __dict__): half the cost of __init__.
-    verdict = object.__new__(VerifyResult)
-    verdict.__dict__.update(accepted=accepted, next_token=next_token, logprobs=logprobs, eos=eos)
-    return call_id, "", verdict
+    return call_id, "", rebuilt(
+        VerifyResult, {"accepted": accepted, "next_token": next_token, "logprobs": logprobs, "eos": eos}
+    )
 
 
 # Error kinds of a speculative call's result, and the exception each becomes again in the frontend.
@@ -602,18 +602,18 @@ class EngineCore:
                     keep.append(seq)
             self._waiting = keep
 
-    def _holds(self, step: int, decoding: int) -> bool:
-        """Whether step `step`, with `decoding` rows decoding and none prefilling, leaves the arrivals waiting: fewer
-        than `prefill_group` wait, a row is free, and the first of them arrived fewer than `prefill_hold` steps ago."""
+    def _holds(self) -> bool:
+        """Whether this step leaves the arrivals waiting (prefill grouping): rows decode and none prefills, a row is
+        free, fewer than `prefill_group` wait, and the first of them arrived fewer than `prefill_hold` steps ago."""
         waiting = self._waiting
         return (
             0 < len(waiting) < self.prefill_group
-            and 0 < decoding < self.max_batch_size
-            and step - waiting[0].arrived < self.prefill_hold
+            and 0 < self._decoding == len(self._rows) < self.max_batch_size
+            and self.steps - waiting[0].arrived < self.prefill_hold
         )
 
     def _admit(self) -> None:
-        if self.prefill_hold and len(self._rows) == self._decoding and self._holds(self.steps, self._decoding):
+        if self.prefill_hold and self._holds():
             return
         now = time.monotonic()
         while self._waiting and len(self._rows) < self.max_batch_size:

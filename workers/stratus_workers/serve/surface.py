@@ -7,11 +7,21 @@ process of its own or in a thread of the server's.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from stratus_workers.protocol.requests import Sampling
+
+_T = TypeVar("_T")
+
+
+def rebuilt(cls: type[_T], fields: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> _T:
+    """A dataclass `cls` with `fields`, made as unpickling makes one (its __dict__ set, no __init__: half the cost):
+    what a channel message's plain values become again on the other side (serve/contexts.py, `StepOutput.unpack`)."""
+    made = object.__new__(cls)
+    made.__dict__.update(fields)
+    return made
 
 # "unavailable": the engine itself failed; the request may succeed on another server.
 FinishReason = Literal["stop", "length", "cancelled", "deadline", "error", "unavailable"]
