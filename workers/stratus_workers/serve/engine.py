@@ -689,12 +689,17 @@ class AsyncEngine:
     # -- speculative calls --------------------------------------------------------------------
 
     async def _call(self, op: str, *args: Any) -> Any:
+        return await self._registered(lambda call_id: self.transport.send(("call", call_id, op, args)))
+
+    async def _registered(self, send: Callable[[int], None]) -> Any:
+        """A call registered under a new id, sent by `send` (given the id), and its result awaited (a step's output
+        resolves it); the id is freed whatever happens."""
         self._check_running()
         call_id = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = future
         try:
-            self.transport.send(("call", call_id, op, args))
+            send(call_id)
             return await future
         finally:
             self._calls.pop(call_id, None)
@@ -727,32 +732,29 @@ class AsyncEngine:
         (serve/contexts.py). Sessions evicted from the sender's memory go first, each as ("drop", sid)."""
         self._check_running()
         ids = list(context)  # ours: the sender keeps it (first: a context that cannot be listed registers no call)
-        call_id = next(self._ids)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._calls[call_id] = future
-        try:
-            if self.delta_contexts:
-                keep, tail, evicted = self.contexts.encode(sid, ids, end)
-                try:
-                    for old in evicted:
-                        self.transport.send(("drop", old))
-                    self.transport.send(("delta", call_id, op, pack_call(op, (sid, tail, *rest, end)), keep))
-                except BaseException:
-                    self.contexts.forget(sid)  # always safe: the next call keeps nothing
-                    raise
-            else:
+
+        def send(call_id: int) -> None:
+            if not self.delta_contexts:
                 self.transport.send(("call", call_id, op, (sid, ids, *rest, end)))
+                return
+            keep, tail, evicted = self.contexts.encode(sid, ids, end)
             try:
-                return await future
-            except ValueError:
-                raise  # the caller's input, refused: both sides' memories moved alike, the next delta stands
+                for old in evicted:
+                    self.transport.send(("drop", old))
+                self.transport.send(("delta", call_id, op, pack_call(op, (sid, tail, *rest, end)), keep))
             except BaseException:
-                # Anything else (a context the engine lost, an engine that stopped): the next call on this session
-                # sends its whole context, always safe, and it mends a memory that a bug left behind.
-                self.contexts.forget(sid)
+                self.contexts.forget(sid)  # always safe: the next call keeps nothing
                 raise
-        finally:
-            self._calls.pop(call_id, None)
+
+        try:
+            return await self._registered(send)
+        except ValueError:
+            raise  # the caller's input, refused: both sides' memories moved alike, the next delta stands
+        except BaseException:
+            # Anything else (a context the engine lost, an engine that stopped): the next call on this session
+            # sends its whole context, always safe, and it mends a memory that a bug left behind.
+            self.contexts.forget(sid)
+            raise
 
     async def draft(
         self, sid: str, context: Sequence[int], max_tokens: int, sampling: Sampling, top_k: int = 32, end: bool = False
