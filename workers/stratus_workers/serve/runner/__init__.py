@@ -25,6 +25,7 @@ import torch
 
 from stratus_workers.serve.parallel import STOP, ParallelContext
 from stratus_workers.serve.runner.cache import KVCache, check_truncation
+from stratus_workers.serve.runner.staging import to_device as to_device
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -75,16 +76,6 @@ def check_rows(
         raise ValueError(f"rows {rows[0]}..{rows[-1]} are outside this runner's {max_rows}")
     if any(not 0 <= start < len(t) for start, t in zip(logits_from, tokens, strict=True)):
         raise ValueError("every row needs new tokens, and logits_from must leave at least one of them to score")
-
-
-def to_device(values: np.ndarray | Sequence[int], device: torch.device) -> torch.Tensor:
-    """Host integers on `device` without waiting: a copy from pageable memory makes the host wait for the
-    whole stream first, which keeps it from queueing the next kernels (and, in a pipeline stage, from
-    queueing a micro-batch behind the activations it is about to receive); pinned memory does not."""
-    host = torch.from_numpy(np.asarray(values, dtype=np.int64))
-    if device.type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
 
 
 def env_flag(name: str, default: bool) -> bool:

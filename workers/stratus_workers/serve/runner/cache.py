@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from stratus_workers.serve.runner.staging import to_device
+
 MIN_CAPACITY = 16
 
 
@@ -211,12 +213,9 @@ class KVCache:
         return self._on_device(idx)
 
     def _on_device(self, values: np.ndarray | list[int]) -> torch.Tensor:
-        # Through pinned memory: a copy from pageable memory would make the host wait for every step queued
-        # on the device first (a decode step running ahead), at each prefill and each prefix save or load.
-        host = torch.from_numpy(np.asarray(values, dtype=np.int64))
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        return host.to(self.device, non_blocking=True)
+        # Without waiting for every step queued on the device (a decode step running ahead), at each prefill and
+        # each prefix save or load.
+        return to_device(values, self.device)
 
     def save_blocks(self, row: int, positions: list[int], slots: list[int], block: int) -> None:
         """Copy `block` tokens of `row` from each position in `positions` into pool block `slots[i]`."""
