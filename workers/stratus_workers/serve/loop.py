@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -40,7 +41,7 @@ from stratus_workers.serve.prefix import PrefixCache
 from stratus_workers.serve.runner import ModelRunner
 from stratus_workers.serve.runner.build import build_runner
 from stratus_workers.serve.sampling import eos_ids
-from stratus_workers.serve.sessions import SpeculativeSessions
+from stratus_workers.serve.sessions import ReadBack, SpeculativeSessions
 from stratus_workers.serve.surface import EngineInfo
 
 log = logging.getLogger(__name__)
@@ -217,6 +218,57 @@ class ThreadInbox:
         return items
 
 
+class StackSampler(threading.Thread):
+    """Samples one thread's Python stack every `interval` seconds (STRATUS_STEP_SAMPLE=1 with the step profile): where
+    a busy period's wall time went, calls blocked in C (a device wait, a lock, a socket) counted at the line that
+    made them, which a tracing profiler's overhead would distort in a loop bound by the host."""
+
+    TOP = 25
+
+    def __init__(self, thread_id: int, interval: float = 0.001) -> None:
+        super().__init__(daemon=True, name="step-sampler")
+        self.thread_id = thread_id
+        self.interval = interval
+        self.halt = threading.Event()
+        self.take()
+
+    def take(self) -> dict[str, Any]:
+        """What was sampled since the last take (samples, the innermost lines and the functions on the stack, each
+        as a share of the samples), and start counting anew."""
+        # Swapped, not cleared: the sampling thread may be adding to the old ones (a sample lost is no harm).
+        samples, lines, functions = getattr(self, "_counts", (0, collections.Counter(), collections.Counter()))
+        self._counts: tuple[int, collections.Counter[str], collections.Counter[str]] = (
+            0, collections.Counter(), collections.Counter()
+        )  # fmt: skip
+
+        def shares(counter: collections.Counter[str]) -> list[tuple[str, float]]:
+            return [(key, round(n / samples, 3)) for key, n in counter.most_common(self.TOP)] if samples else []
+
+        return dict(samples=samples, lines=shares(lines), functions=shares(functions))
+
+    def run(self) -> None:
+        # A thread holding the interpreter lock gives it up only every switch interval (5 ms by default), and at
+        # once where it blocks in C: with the default the samples would come 5x as often from blocked calls as from
+        # Python code. At a quarter of the sampling interval they come evenly.
+        sys.setswitchinterval(min(sys.getswitchinterval(), self.interval / 4))
+        while not self.halt.wait(self.interval):
+            frame = sys._current_frames().get(self.thread_id)
+            if frame is None:
+                continue
+            samples, lines, functions = self._counts
+            code = frame.f_code
+            lines[f"{code.co_name} {os.path.basename(code.co_filename)}:{frame.f_lineno}"] += 1
+            seen = set()
+            while frame is not None:
+                code = frame.f_code
+                key = f"{code.co_name} {os.path.basename(code.co_filename)}:{code.co_firstlineno}"
+                if key not in seen:  # (a recursive function counts once a sample)
+                    seen.add(key)
+                    functions[key] += 1
+                frame = frame.f_back
+            self._counts = (samples + 1, lines, functions)
+
+
 class StepProfile:
     """Where the engine loop's time goes, for benchmarks (STRATUS_STEP_PROFILE=<file>; off by default).
 
@@ -224,7 +276,9 @@ class StepProfile:
     becomes one JSON line appended to the file: its steps, wall time, the time inside steps and
     between them (emitting outputs, taking inputs), step times with and without a prefill, and the
     runner's decode-ahead hits and prefill graph replays over it, and the steps that mixed a prefill into
-    the decode rows' pass (a prefill step: a mixed pass and, with decode-ahead, the decode step before it).
+    the decode rows' pass (a prefill step: a mixed pass and, with decode-ahead, the decode step before it), and
+    the time the loop spent blocked on verification's read-backs (`ReadBack.waited`): near none, the device waited
+    on the host; most of the steps' time, the host on the device.
     """
 
     MIN_STEPS = 10  # shorter periods (warm-ups, single calls) are not written
@@ -233,15 +287,20 @@ class StepProfile:
     def __init__(self, path: str, core: EngineCore) -> None:
         self.path = path
         self.core = core
+        self.sampler: StackSampler | None = None
+        if os.environ.get("STRATUS_STEP_SAMPLE", "") not in ("", "0"):
+            self.sampler = StackSampler(threading.get_ident())  # the loop's thread: the one that makes this
+            self.sampler.start()
         self._reset()
 
-    def _counters(self) -> tuple[int, int, int, int, int]:
+    def _counters(self) -> tuple[int, int, int, int, int, float]:
         runner = self.core.runner
         decoder = getattr(runner, "decoder", None)
         # Steps found computed ahead: the single-GPU decoder counts them, a pipeline's first stage itself.
         ahead = getattr(runner, "ahead_hits", getattr(decoder, "ahead_hits", 0))
         replays = getattr(runner, "prefill_replays", 0)
-        return ahead, replays, self.core.prefill_tokens, getattr(decoder, "device_joins", 0), self.core.mixed_steps
+        joins = getattr(decoder, "device_joins", 0)
+        return ahead, replays, self.core.prefill_tokens, joins, self.core.mixed_steps, ReadBack.waited
 
     def _reset(self) -> None:
         self.plain: list[float] = []
@@ -250,12 +309,16 @@ class StepProfile:
         self.first = 0.0
         self.last = 0.0
         self.before = self._counters()
+        if self.sampler is not None:
+            self.sampler.take()
 
     def step(self, started: float, ended: float, prefilled: bool) -> None:
         if self.last and started - self.last > self.GAP:
             self.idle()  # the loop was idle in between without a look at its inbox coming back empty
         if not self.first:
             self.first = started
+            if self.sampler is not None:  # the period starts here: not the idle time before it
+                self.sampler.take()
         self.last = ended
         (self.prefill if prefilled else self.plain).append(ended - started)
         self.batch += self.core.active
@@ -263,7 +326,9 @@ class StepProfile:
     def idle(self) -> None:
         steps = len(self.plain) + len(self.prefill)
         if steps >= self.MIN_STEPS:
-            hits, replays, tokens, joins, mixed = (b - a for a, b in zip(self.before, self._counters(), strict=True))
+            hits, replays, tokens, joins, mixed, waited = (
+                b - a for a, b in zip(self.before, self._counters(), strict=True)
+            )
             inside = sum(self.plain) + sum(self.prefill)
             wall = self.last - self.first
 
@@ -272,15 +337,17 @@ class StepProfile:
                     return round(sum(values) * 1e3, 3)
                 return round(statistics.quantiles(values, n=100)[int(q * 100) - 1] * 1e3, 3)
 
-            line = dict(
+            line: dict[str, Any] = dict(
                 steps=steps, wall_ms=round(wall * 1e3, 1), inside_steps_ms=round(inside * 1e3, 1),
                 between_steps_ms=round((wall - inside) * 1e3, 1), mean_batch=round(self.batch / steps, 1),
                 step_ms_mean=round(wall / steps * 1e3, 3), plain_steps=len(self.plain),
                 plain_p50_ms=ms(self.plain, 0.5), plain_p95_ms=ms(self.plain, 0.95), prefill_steps=len(self.prefill),
                 prefill_p50_ms=ms(self.prefill, 0.5), prefill_p95_ms=ms(self.prefill, 0.95),
                 prefill_tokens=tokens, ahead_hits=hits, prefill_graph_replays=replays, device_joins=joins,
-                mixed_steps=mixed,
+                mixed_steps=mixed, device_wait_ms=round(waited * 1e3, 1),
             )  # fmt: skip
+            if self.sampler is not None:
+                line["sampled"] = self.sampler.take()
             with open(self.path, "a") as f:
                 f.write(json.dumps(line) + "\n")
         self._reset()

@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -60,6 +60,10 @@ class ReadBack:
     queued now; `wait` waits for that event only (with the GIL released: `tolist` on a device tensor holds it, so
     the frontend's thread runs meanwhile). On the CPU the values are read at once."""
 
+    # Seconds hosts spent blocked in `wait` (the device still computing), all read-backs of this process together:
+    # the step profile's measure of whether verification waits on the device or the device on the host.
+    waited: ClassVar[float] = 0.0
+
     def __init__(self, values: torch.Tensor) -> None:
         self._values: list[Any] | None = None
         self._host: torch.Tensor | None = None
@@ -80,7 +84,10 @@ class ReadBack:
     def wait(self) -> list[Any]:
         if self._values is None:
             assert self._host is not None
-            self._done.synchronize()
+            if not self._done.query():
+                started = time.perf_counter()
+                self._done.synchronize()
+                ReadBack.waited += time.perf_counter() - started
             self._values = self._host.tolist()
         return self._values
 
