@@ -18,6 +18,7 @@ docs/bench-data/gpu-2026-11-30/gemv-09ee46d.txt.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import time
@@ -222,6 +223,60 @@ def decode_runs(name: str, batch: int) -> dict[str, Any]:
     return out
 
 
+# Launch-rule variants the decode step is timed with (`--variants`): each maps the rule's Blocks (for a kernel kind
+# and input length) to another. The kernel sweep times one kernel over and over on the same weights, which then sit
+# in the GPU's L2 (an H200's 50 MB holds the ~1B config's q|k|v, o and down matrices); in a decode step each layer's
+# weights are new, so only the whole step's replay judges a rule. (Session 10's first run also timed 3 to 5 stages,
+# 8 warps, 256 columns a step, 2+2 gate|up rows and 16 plain rows: none beat the rule; docs/bench-data.)
+VARIANTS: dict[str, Callable[[str, int, gemv.Blocks], gemv.Blocks]] = {
+    "rule": lambda kind, k_in, b: b,
+    # The rule before session 10 (512, 256 or 128 columns a step, whichever pads least) where it now takes 1,024.
+    "before: k <= 512": lambda kind, k_in, b: (
+        dataclasses.replace(b, k=min((512, 256, 128), key=lambda c: (-(-k_in // c) * c, -c))) if b.k == 1024 else b
+    ),
+    "before, q|k|v wide too": lambda kind, k_in, b: (
+        b if kind == "qkv" else VARIANTS["before: k <= 512"](kind, k_in, b)
+    ),
+    "stages 3": lambda kind, k_in, b: dataclasses.replace(b, stages=3),
+}
+
+
+def variant_runs(name: str, batch: int) -> dict[str, Any]:
+    """The decode step's graph replay (and its greedy tokens, which every variant must keep) under each of
+    VARIANTS, one model, the rule's run first and last (the machine's drift)."""
+    model = random_llama(dict(ARCHS[name]), seed=0).to("cuda", torch.bfloat16).eval()
+    runner = build_runner(model, max_rows=8, max_len=1200)
+    rule = gemv.blocks_for
+    out: dict[str, Any] = {}
+    try:
+        with torch.inference_mode():
+            for label in [*VARIANTS, "rule"]:
+                change = VARIANTS[label]
+                gemv.blocks_for = lambda kind, *a, _c=change, **k: _c(kind, a[1], rule(kind, *a, **k))  # type: ignore[misc]
+                runner.gemv_max_batch = gemv.MAX_BATCH
+                runner.decoder.graphs.graphs.clear()
+                for row in range(batch):
+                    runner.truncate(row, 0)
+                ids = runner.forward(0, [[3 + row] * 64 for row in range(batch)]).argmax(-1).tolist()
+                try:
+                    graph, _ = runner.decoder.graph(*runner.decoder.buckets(batch, 65))
+                except Exception as exc:  # a shape the compiler refuses
+                    print(f"  {label:28s}: {type(exc).__name__}: {str(exc)[:120]}")
+                    continue
+                replay = min(_replay_us(graph) for _ in range(3))
+                tokens = []
+                for _ in range(32):
+                    ids = runner.decode(ids).greedy
+                    tokens.append(ids[0])
+                key = label if label not in out else f"{label} (again)"
+                out[key] = {"replay_us": replay, "tokens": tokens}
+                same = tokens == out["rule"]["tokens"]
+                print(f"  {key:28s}: graph replay {replay:7.1f} us/step; greedy tokens as the rule's: {same}")
+    finally:
+        gemv.blocks_for = rule
+    return out
+
+
 def _replay_us(graph: torch.cuda.CUDAGraph, replays: int = 200) -> float:
     """GPU µs per replay of a captured decode step (the same inputs each time)."""
     graph.replay()
@@ -241,12 +296,16 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true", help="only the decode step on and off")
     parser.add_argument("--sweep-only", action="store_true", help="only the kernels' launch shapes")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--variants", action="store_true", help="only the decode step under each of VARIANTS")
     args = parser.parse_args()
     torch._dynamo.config.recompile_limit = 64  # two models' step functions in one process
     results: dict[str, Any] = {}
     t0 = time.perf_counter()
     for name in args.configs:
         print(f"{name} (batch {args.batch}):")
+        if args.variants:
+            results[f"{name} variants"] = variant_runs(name, args.batch)
+            continue
         if not args.no_sweep:
             results[f"{name} sweep"] = sweep(name, args.batch)
             print(f"  [{time.perf_counter() - t0:.0f}s]")

@@ -44,11 +44,13 @@ TILE_LIMIT = 8192
 
 @dataclass(frozen=True)
 class Blocks:
-    """A GEMV's launch shape: `n` weight rows a program (per half, for the paired kernels), `k` columns a step."""
+    """A GEMV's launch shape: `n` weight rows a program (per half, for the paired kernels), `k` columns a step;
+    `stages`: the loads Triton's pipeliner keeps in flight ahead of the products."""
 
     n: int
     k: int
     warps: int
+    stages: int = 2
 
 
 def _pow2_at_least(n: int) -> int:
@@ -63,7 +65,12 @@ def blocks_for(kind: str, n_out: int, k_in: int, batch: int, head_dim: int = 0) 
     every shape): 8 weight rows a program (4 of each half for the paired kernels), fewer (down to 2 of each half)
     while that leaves under MIN_PROGRAMS programs (the 135M config's small products); 512 columns a step, or the
     one of 512, 256 and 128 that pads `k_in` least (576 gets 128; a masked lane reads nothing), halved while the
-    product tile is too big for the batch; warps by `warps_for`.
+    product tile is too big for the batch; warps by `warps_for`. Except that an input shorter than 2,048 is taken
+    1,024 columns a step (the 135M config's 576 in one step, its 1,536 in two), keeping the narrower step's warps: on
+    an H200 that cut the 135M decode step at one row from 853 to 549 µs, and one stream through the server from
+    1,070 to 1,358 tokens/s with gate|up, o and down so (docs/bench-data/gpu-2026-11-30-s10/; the kernel sweep,
+    whose weights stay in L2 between launches, had not shown it); the ~1B config's inputs (2,048 and 8,192) are
+    slower so (1,252 against 1,038 µs).
     """
     k = min((512, 256, 128), key=lambda b: (-(-k_in // b) * b, -b))
     halves = 2 if kind != "plain" else 1
@@ -74,9 +81,18 @@ def blocks_for(kind: str, n_out: int, k_in: int, batch: int, head_dim: int = 0) 
     n = rows // halves
     if kind == "qkv":
         n = min(n, head_dim // 2)
-    while _pow2_at_least(batch) * n * halves * k > TILE_LIMIT and k > 64:
+    k = _fit(k, n * halves, batch)
+    warps = warps_for(kind, n * halves, k, n_out)
+    if k_in < 2048:  # (the warps stay those of the narrower step: as measured)
+        k = _fit(1024, n * halves, batch)
+    return Blocks(n, k, warps)
+
+
+def _fit(k: int, rows: int, batch: int) -> int:
+    """`k` halved while the product tile ([batch rows, weight rows, k]) is too big."""
+    while _pow2_at_least(batch) * rows * k > TILE_LIMIT and k > 64:
         k //= 2
-    return Blocks(n, k, warps_for(kind, n * halves, k, n_out))
+    return k
 
 
 def warps_for(kind: str, rows: int, k: int, n_out: int) -> int:
@@ -324,7 +340,7 @@ def norm_qkv_rope(
         N_Q=n_q, N_KV=n_kv, HEAD_DIM=head_dim,
         B_PAD=_pow2_at_least(batch), BLOCK_H=blocks.n, BLOCK_K=blocks.k,
         HAS_DELTA=delta is not None, HAS_BIAS=b_qkv is not None,
-        num_warps=blocks.warps, num_stages=2,
+        num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip
     return h_out, q
 
@@ -353,7 +369,7 @@ def norm_gate_up(
         h.stride(0), delta.stride(0), h_out.stride(0), act.stride(0),
         batch, hidden, inter, eps,
         B_PAD=_pow2_at_least(batch), BLOCK_N=blocks.n, BLOCK_K=blocks.k,
-        num_warps=blocks.warps, num_stages=2,
+        num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip
     return h_out, act
 
@@ -369,6 +385,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, blocks: Blocks | None = None) -> torc
     _gemv_kernel[(triton.cdiv(n_out, blocks.n),)](
         x, w, y, x.stride(0), y.stride(0), batch, n_out, k_in,
         B_PAD=_pow2_at_least(batch), BLOCK_N=blocks.n, BLOCK_K=blocks.k,
-        num_warps=blocks.warps, num_stages=2,
+        num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip
     return y

@@ -201,12 +201,13 @@ def test_block_rule() -> None:
     assert gemv.blocks_for("gate_up", 8192, 2048, 1) == gemv.Blocks(4, 512, 4)
     assert gemv.blocks_for("plain", 2048, 8192, 1) == gemv.Blocks(8, 512, 4)
     assert gemv.blocks_for("plain", 2048, 2048, 1) == gemv.Blocks(8, 512, 4)
-    # The 135M config's small products: fewer rows a program, so that enough programs run; 576 columns in 128s;
-    # fewer warps for a small tile (each thread still loads 8 elements at once).
-    assert gemv.blocks_for("qkv", 960, 576, 1, 64) == gemv.Blocks(2, 128, 2)
-    assert gemv.blocks_for("gate_up", 1536, 576, 1) == gemv.Blocks(4, 128, 4)
-    assert gemv.blocks_for("plain", 576, 1536, 1) == gemv.Blocks(2, 512, 4)
-    assert gemv.blocks_for("plain", 576, 576, 1) == gemv.Blocks(2, 128, 1)
+    # The 135M config's small products: fewer rows a program, so that enough programs run; inputs of 576 and 1,536
+    # in steps of 1,024; the warps of the narrower step (a small tile: fewer).
+    assert gemv.blocks_for("qkv", 960, 576, 1, 64) == gemv.Blocks(2, 1024, 2)
+    assert gemv.blocks_for("gate_up", 1536, 576, 1) == gemv.Blocks(4, 1024, 4)
+    assert gemv.blocks_for("plain", 576, 1536, 1) == gemv.Blocks(2, 1024, 4)
+    assert gemv.blocks_for("plain", 576, 576, 1) == gemv.Blocks(2, 1024, 1)
+    assert gemv.blocks_for("plain", 576, 576, 8) == gemv.Blocks(2, 512, 1)  # the tile's bound at 8 rows
     # More rows: a smaller step, so the product tile stays within TILE_LIMIT.
     assert gemv.blocks_for("plain", 2048, 8192, 4) == gemv.Blocks(8, 256, 4)
     assert gemv.blocks_for("qkv", 6144, 2048, 8, 64) == gemv.Blocks(4, 128, 4)
