@@ -67,10 +67,10 @@ def blocks_for(kind: str, n_out: int, k_in: int, batch: int, head_dim: int = 0) 
     one of 512, 256 and 128 that pads `k_in` least (576 gets 128; a masked lane reads nothing), halved while the
     product tile is too big for the batch; warps by `warps_for`. Except that an input shorter than 2,048 is taken
     1,024 columns a step (the 135M config's 576 in one step, its 1,536 in two), keeping the narrower step's warps: on
-    an H200 that cut the 135M decode step at one row from 853 to 549 µs, and one stream through the server from
-    1,070 to 1,358 tokens/s with gate|up, o and down so (docs/bench-data/gpu-2026-11-30-s10/; the kernel sweep,
-    whose weights stay in L2 between launches, had not shown it); the ~1B config's inputs (2,048 and 8,192) are
-    slower so (1,252 against 1,038 µs).
+    an H200 that cut the 135M decode step at one row from 842 to 546 µs, and one stream through the server from
+    1,070 to 1,584 tokens/s (docs/bench-data/gpu-2026-11-30-s10/; the kernel sweep, whose weights stay in L2
+    between launches, had not shown it); the ~1B config's inputs (2,048 and 8,192) are slower so (1,252 against
+    1,038 µs with gate|up, o and down at 1,024).
     """
     k = min((512, 256, 128), key=lambda b: (-(-k_in // b) * b, -b))
     halves = 2 if kind != "plain" else 1
