@@ -309,8 +309,6 @@ class StepProfile:
         self.first = 0.0
         self.last = 0.0
         self.before = self._counters()
-        if self.sampler is not None:
-            self.sampler.take()
 
     def step(self, started: float, ended: float, prefilled: bool) -> None:
         if self.last and started - self.last > self.GAP:
