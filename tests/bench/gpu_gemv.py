@@ -228,7 +228,15 @@ def decode_runs(name: str, batch: int) -> dict[str, Any]:
 # in the GPU's L2 (an H200's 50 MB holds the ~1B config's q|k|v, o and down matrices); in a decode step each layer's
 # weights are new, so only the whole step's replay judges a rule. (Session 10's first run also timed 3 to 5 stages,
 # 8 warps, 256 columns a step, 2+2 gate|up rows and 16 plain rows: none beat the rule; docs/bench-data.)
-VARIANTS: dict[str, Callable[[str, int, gemv.Blocks], gemv.Blocks]] = {
+Change = Callable[[str, int, gemv.Blocks], gemv.Blocks]
+
+
+def _with(**per_kind: dict[str, int]) -> Change:
+    """A launch-rule change at inputs of 2,048 and more: per kind ("qkv", "gate_up", "plain"), Blocks fields."""
+    return lambda kind, k_in, b: dataclasses.replace(b, **per_kind[kind]) if kind in per_kind and k_in >= 2048 else b
+
+
+VARIANTS: dict[str, Change] = {
     "rule": lambda kind, k_in, b: b,
     # The rule before session 10 (512, 256 or 128 columns a step, whichever pads least) where it now takes 1,024.
     "before: k <= 512": lambda kind, k_in, b: (
@@ -237,7 +245,24 @@ VARIANTS: dict[str, Callable[[str, int, gemv.Blocks], gemv.Blocks]] = {
     "before, q|k|v wide too": lambda kind, k_in, b: (
         b if kind == "qkv" else VARIANTS["before: k <= 512"](kind, k_in, b)
     ),
+    # The rule before session 11 at inputs of 2,048 and more, at one row (the ~1B config's).
+    "before: session 10 at >= 2,048": _with(
+        qkv={"k": 512}, gate_up={"warps": 4}, plain={"n": 8, "k": 512, "warps": 4}
+    ),
     "stages 3": lambda kind, k_in, b: dataclasses.replace(b, stages=3),
+    # Session 11's neighbours of the rule at one row of the ~1B config (each within 1.5% of it, or slower).
+    "q|k|v 2048 columns": _with(qkv={"k": 2048}),
+    "gate|up 1 warp": _with(gate_up={"warps": 1}),
+    "gate|up 1024 columns": _with(gate_up={"k": 1024}),
+    "plain 1 row": _with(plain={"n": 1}),
+    "plain 4 rows": _with(plain={"n": 4}),
+    "plain 4 warps": _with(plain={"warps": 4}),
+}
+
+# The plain GEMV swapped for cuBLAS's (F.linear) inside the fused layer where `swap(w)` says so: label -> swap.
+SWAPS: dict[str, Callable[[torch.Tensor], bool]] = {
+    "cuBLAS down": lambda w: w.shape[1] != w.shape[0],
+    "cuBLAS o and down": lambda w: True,
 }
 
 
@@ -246,13 +271,17 @@ def variant_runs(name: str, batch: int) -> dict[str, Any]:
     VARIANTS, one model, the rule's run first and last (the machine's drift)."""
     model = random_llama(dict(ARCHS[name]), seed=0).to("cuda", torch.bfloat16).eval()
     runner = build_runner(model, max_rows=8, max_len=1200)
-    rule = gemv.blocks_for
+    rule, own_gemv = gemv.blocks_for, gemv.gemv
     out: dict[str, Any] = {}
     try:
         with torch.inference_mode():
-            for label in [*VARIANTS, "rule"]:
-                change = VARIANTS[label]
+            for label in [*VARIANTS, *SWAPS, "rule"]:
+                swap, change = SWAPS.get(label), VARIANTS.get(label, VARIANTS["rule"])
                 gemv.blocks_for = lambda kind, *a, _c=change, **k: _c(kind, a[1], rule(kind, *a, **k))  # type: ignore[misc]
+                gemv.gemv = (  # type: ignore[assignment]
+                    own_gemv if swap is None
+                    else lambda x, w, blocks=None, _s=swap: F.linear(x, w) if _s(w) else own_gemv(x, w, blocks)
+                )
                 runner.gemv_max_batch = gemv.MAX_BATCH
                 runner.decoder.graphs.graphs.clear()
                 for row in range(batch):
@@ -273,7 +302,7 @@ def variant_runs(name: str, batch: int) -> dict[str, Any]:
                 same = tokens == out["rule"]["tokens"]
                 print(f"  {key:28s}: graph replay {replay:7.1f} us/step; greedy tokens as the rule's: {same}")
     finally:
-        gemv.blocks_for = rule
+        gemv.blocks_for, gemv.gemv = rule, own_gemv  # type: ignore[assignment]
     return out
 
 

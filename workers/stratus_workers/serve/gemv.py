@@ -69,8 +69,11 @@ def blocks_for(kind: str, n_out: int, k_in: int, batch: int, head_dim: int = 0) 
     1,024 columns a step (the 135M config's 576 in one step, its 1,536 in two), keeping the narrower step's warps: on
     an H200 that cut the 135M decode step at one row from 842 to 546 µs, and one stream through the server from
     1,070 to 1,584 tokens/s (docs/bench-data/gpu-2026-11-30-s10/; the kernel sweep, whose weights stay in L2
-    between launches, had not shown it); the ~1B config's inputs (2,048 and 8,192) are slower so (1,252 against
-    1,038 µs with gate|up, o and down at 1,024).
+    between launches, had not shown it). Inputs of 2,048 and more (the ~1B config's) as whole decode steps
+    measured best (docs/bench-data/gpu-2026-12-01-s11/, 1,037 -> 857 µs at one row): the plain GEMV (o, down) 2 rows
+    a program, 1,024 columns a step, 2 warps (the ~1B's 2,048 outputs then make 1,024 programs instead of 256: too
+    few kept too few loads in flight, and cuBLAS's split-K down was faster than those); q|k|v 1,024 columns a step;
+    gate|up 2 warps at its 512 columns (1,024 was slower there).
     """
     k = min((512, 256, 128), key=lambda b: (-(-k_in // b) * b, -b))
     halves = 2 if kind != "plain" else 1
@@ -85,6 +88,12 @@ def blocks_for(kind: str, n_out: int, k_in: int, batch: int, head_dim: int = 0) 
     warps = warps_for(kind, n * halves, k, n_out)
     if k_in < 2048:  # (the warps stay those of the narrower step: as measured)
         k = _fit(1024, n * halves, batch)
+    elif kind == "plain":
+        n, k, warps = 2, _fit(1024, 2, batch), 2
+    elif kind == "qkv":
+        k = _fit(1024, n * halves, batch)
+    else:
+        warps = 2
     return Blocks(n, k, warps)
 
 

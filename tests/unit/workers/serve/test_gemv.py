@@ -195,12 +195,12 @@ def test_every_launch_shape_the_sweep_may_pick_computes_the_same(interp: ModuleT
 
 
 def test_block_rule() -> None:
-    # 8 weight rows a program (4 of each half for the paired kernels), the columns that pad `hidden` least, 4 warps
-    # (on the H200 sweep each of the ~1B config's four products is then within 0.15 µs of its best launch shape).
-    assert gemv.blocks_for("qkv", 6144, 2048, 1, 64) == gemv.Blocks(4, 512, 4)
-    assert gemv.blocks_for("gate_up", 8192, 2048, 1) == gemv.Blocks(4, 512, 4)
-    assert gemv.blocks_for("plain", 2048, 8192, 1) == gemv.Blocks(8, 512, 4)
-    assert gemv.blocks_for("plain", 2048, 2048, 1) == gemv.Blocks(8, 512, 4)
+    # The ~1B config: 8 weight rows a program (4 of each half) for the paired kernels, q|k|v 1,024 columns a step,
+    # gate|up 512 in 2 warps; the plain GEMV 2 rows, 1,024 columns, 2 warps (whole H200 decode steps' best).
+    assert gemv.blocks_for("qkv", 6144, 2048, 1, 64) == gemv.Blocks(4, 1024, 4)
+    assert gemv.blocks_for("gate_up", 8192, 2048, 1) == gemv.Blocks(4, 512, 2)
+    assert gemv.blocks_for("plain", 2048, 8192, 1) == gemv.Blocks(2, 1024, 2)
+    assert gemv.blocks_for("plain", 2048, 2048, 1) == gemv.Blocks(2, 1024, 2)
     # The 135M config's small products: fewer rows a program, so that enough programs run; inputs of 576 and 1,536
     # in steps of 1,024; the warps of the narrower step (a small tile: fewer).
     assert gemv.blocks_for("qkv", 960, 576, 1, 64) == gemv.Blocks(2, 1024, 2)
@@ -209,14 +209,16 @@ def test_block_rule() -> None:
     assert gemv.blocks_for("plain", 576, 576, 1) == gemv.Blocks(2, 1024, 1)
     assert gemv.blocks_for("plain", 576, 576, 8) == gemv.Blocks(2, 512, 1)  # the tile's bound at 8 rows
     # More rows: a smaller step, so the product tile stays within TILE_LIMIT.
-    assert gemv.blocks_for("plain", 2048, 8192, 4) == gemv.Blocks(8, 256, 4)
+    assert gemv.blocks_for("plain", 2048, 8192, 4) == gemv.Blocks(2, 1024, 2)
+    assert gemv.blocks_for("plain", 2048, 8192, 8) == gemv.Blocks(2, 512, 2)
     assert gemv.blocks_for("qkv", 6144, 2048, 8, 64) == gemv.Blocks(4, 128, 4)
-    assert gemv.blocks_for("qkv", 6144, 2048, 1, 16) == gemv.Blocks(4, 512, 4)
-    assert gemv.blocks_for("qkv", 6144, 2048, 1, 4) == gemv.Blocks(2, 512, 4)  # a head of 4: 2 rows a half
+    assert gemv.blocks_for("qkv", 6144, 2048, 1, 16) == gemv.Blocks(4, 1024, 4)
+    assert gemv.blocks_for("qkv", 6144, 2048, 1, 4) == gemv.Blocks(2, 1024, 4)  # a head of 4: 2 rows a half
     for batch in range(1, gemv.MAX_BATCH + 1):
         for kind in ("qkv", "gate_up", "plain"):
-            b = gemv.blocks_for(kind, 960, 576, batch, 64)
-            assert gemv._pow2_at_least(batch) * b.n * (1 if kind == "plain" else 2) * b.k <= gemv.TILE_LIMIT
+            for n_out, k_in in ((960, 576), (2048, 2048), (2048, 8192)):
+                b = gemv.blocks_for(kind, n_out if kind != "gate_up" else 4 * n_out, k_in, batch, 64)
+                assert gemv._pow2_at_least(batch) * b.n * (1 if kind == "plain" else 2) * b.k <= gemv.TILE_LIMIT
 
 
 def test_bad_input_is_refused_with_the_reason(interp: ModuleType) -> None:
