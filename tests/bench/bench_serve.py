@@ -576,7 +576,7 @@ async def run_server_process(
             str(args.new_tokens), "--max-queue", str(4 * max(concurrencies)), "--log-level", "warning",
             "--log-format", "text",
         ]  # fmt: skip
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([args.code, os.environ.get("PYTHONPATH", "")]))
+        env = dict(os.environ)  # PYTHONPATH starts with args.code (main)
         proc = await asyncio.create_subprocess_exec(*cmd, env=env)
         address = f"127.0.0.1:{port}"
         rows: list[dict[str, Any]] = []
@@ -1052,7 +1052,10 @@ def main(argv: list[str] | None = None) -> int:
             report.write_section(args.write, section_name(kind, args.section), section)
         return 0
 
+    # Here and in every process the run starts (the engine's, the clients'), which inherit the environment.
+    args.code = str(Path(args.code).resolve())
     sys.path.insert(0, args.code)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (args.code, os.environ.get("PYTHONPATH")) if p)
     if args.profile:  # read by the engine loop (serve/loop.py StepProfile), in its process or thread
         args.profile.unlink(missing_ok=True)
         os.environ["STRATUS_STEP_PROFILE"] = str(args.profile.resolve())

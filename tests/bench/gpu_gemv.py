@@ -9,7 +9,9 @@ A diagnosis, not a benchmark of record. On a GPU, `python tests/bench/gpu_gemv.p
   down) and the block rule's pick;
 - the runner's decode step at batch N (1): kernels per step (torch.profiler over the step body, run eagerly), GPU µs
   per step (its CUDA graph replayed), µs per step of a greedy decode loop (decode-ahead, as the server runs it)
-  and the greedy tokens, with the fused layer on and then off (`gemv_layer`, what STRATUS_GEMV_LAYER=0 sets).
+  and the greedy tokens, with the fused layer on and then off (`gemv_layer`, what STRATUS_GEMV_LAYER=0 sets);
+- with `--variants`, only the decode step's graph replay and greedy tokens under each of VARIANTS (the launch rule
+  changed) and SWAPS (cuBLAS in place of the plain GEMV), the rule's first and last (about a minute a config).
 
 Under three minutes on an H200 for both configs. Its forerunner (a plain GEMV against cuBLAS) made
 docs/bench-data/gpu-2026-11-30/gemv-09ee46d.txt.
@@ -227,7 +229,8 @@ def decode_runs(name: str, batch: int) -> dict[str, Any]:
 # and input length) to another. The kernel sweep times one kernel over and over on the same weights, which then sit
 # in the GPU's L2 (an H200's 50 MB holds the ~1B config's q|k|v, o and down matrices); in a decode step each layer's
 # weights are new, so only the whole step's replay judges a rule. (Session 10's first run also timed 3 to 5 stages,
-# 8 warps, 256 columns a step, 2+2 gate|up rows and 16 plain rows: none beat the rule; docs/bench-data.)
+# 8 warps, 256 columns a step, 2+2 gate|up rows and 16 plain rows: none beat the rule; docs/bench-data. Session
+# 11's rounds for the ~1B config, which found today's rule at inputs of 2,048 and more: docs/benchmarks.md.)
 Change = Callable[[str, int, gemv.Blocks], gemv.Blocks]
 
 
