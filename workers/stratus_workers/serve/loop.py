@@ -269,6 +269,25 @@ class StackSampler(threading.Thread):
             self._counts = (samples + 1, lines, functions)
 
 
+# The CUDA caching allocators' counters a busy period reports the change of (`StepProfile`): the pinned host pool's
+# growth and shrinkage (each a cudaHostAlloc or cudaFreeHost; µs spent in them), the device pool's cudaMalloc and
+# cudaFree calls, its retries after a failed allocation and its device-wide synchronisations. A sampled stack shows
+# where the loop's thread waits, not on what: these say whether the allocators made it wait.
+HOST_ALLOCATOR_KEYS = ("num_host_alloc", "num_host_free", "host_alloc_time.total", "host_free_time.total")
+DEVICE_ALLOCATOR_KEYS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+
+def allocator_counters() -> dict[str, float]:
+    """The allocators' counters now ({} until this process has used CUDA; a key torch lacks is left out)."""
+    if not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        return {}
+    host: dict[str, Any] = getattr(torch.cuda, "host_memory_stats", dict)()
+    device: dict[str, Any] = torch.cuda.memory_stats()
+    found = {f"host.{k}": host[k] for k in HOST_ALLOCATOR_KEYS if k in host}
+    found.update({f"device.{k}": device[k] for k in DEVICE_ALLOCATOR_KEYS if k in device})
+    return found
+
+
 class StepProfile:
     """Where the engine loop's time goes, for benchmarks (STRATUS_STEP_PROFILE=<file>; off by default).
 
@@ -278,7 +297,8 @@ class StepProfile:
     runner's decode-ahead hits and prefill graph replays over it, and the steps that mixed a prefill into
     the decode rows' pass (a prefill step: a mixed pass and, with decode-ahead, the decode step before it), and
     the time the loop spent blocked on verification's read-backs (`ReadBack.waited`): near none, the device waited
-    on the host; most of the steps' time, the host on the device.
+    on the host; most of the steps' time, the host on the device. On CUDA also `allocator`: how the caching
+    allocators' counters (`allocator_counters`) changed over the period.
     """
 
     MIN_STEPS = 10  # shorter periods (warm-ups, single calls) are not written
@@ -309,6 +329,7 @@ class StepProfile:
         self.first = 0.0
         self.last = 0.0
         self.before = self._counters()
+        self.allocator = allocator_counters()
 
     def step(self, started: float, ended: float, prefilled: bool) -> None:
         if self.last and started - self.last > self.GAP:
@@ -344,6 +365,9 @@ class StepProfile:
                 prefill_tokens=tokens, ahead_hits=hits, prefill_graph_replays=replays, device_joins=joins,
                 mixed_steps=mixed, device_wait_ms=round(waited * 1e3, 1),
             )  # fmt: skip
+            now = allocator_counters()
+            if now:
+                line["allocator"] = {k: round(v - self.allocator.get(k, 0), 1) for k, v in now.items()}
             if self.sampler is not None:
                 line["sampled"] = self.sampler.take()
             with open(self.path, "a") as f:

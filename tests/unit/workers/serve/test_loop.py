@@ -4,18 +4,20 @@ its calls."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import threading
 import time
 from typing import Any
 
 import pytest
+import torch
 
 from stratus_workers.models.tiny import TINY, random_llama
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.contexts import pack_call
 from stratus_workers.serve.core import EngineCore, StepOutput
-from stratus_workers.serve.loop import EngineLoop, ThreadInbox
+from stratus_workers.serve.loop import EngineLoop, StepProfile, ThreadInbox
 from stratus_workers.serve.runner.build import build_runner
 from stratus_workers.serve.sessions import SpeculativeSessions, VerifyResult
 from stratus_workers.serve.surface import SparseDist
@@ -178,3 +180,32 @@ def test_a_delta_without_its_sampling_values_is_answered_with_an_error_and_the_n
         assert running.loop.contexts.last("b") == context
     finally:
         running.stop()
+
+
+def test_a_profiled_period_reports_how_the_cuda_allocators_counters_moved(
+    model: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No GPU here: torch's CUDA allocator API stands in (the counters grow as a GPU's would); on the CPU the line
+    # has no such field.
+    profile = tmp_path / "steps.jsonl"
+    core = core_over(model, False, 1)
+    plain = StepProfile(str(profile), core)
+    for i in range(StepProfile.MIN_STEPS):
+        plain.step(i * 0.01, i * 0.01 + 0.001, False)
+    plain.idle()
+    assert "allocator" not in json.loads(profile.read_text().splitlines()[-1])
+
+    counts = {"num_host_alloc": 2, "host_alloc_time.total": 40.0, "num_device_alloc": 7, "num_alloc_retries": 0}
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "host_memory_stats", lambda: {k: v for k, v in counts.items() if "host" in k})
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda: {k: v for k, v in counts.items() if "host" not in k})
+    cuda = StepProfile(str(profile), core)
+    for i in range(StepProfile.MIN_STEPS):
+        cuda.step(i * 0.01, i * 0.01 + 0.001, False)
+    counts.update({"num_host_alloc": 5, "host_alloc_time.total": 160.0, "num_device_alloc": 7, "num_alloc_retries": 1})
+    cuda.idle()
+    line = json.loads(profile.read_text().splitlines()[-1])
+    assert line["allocator"] == {
+        "host.num_host_alloc": 3, "host.host_alloc_time.total": 120.0, "device.num_device_alloc": 0,
+        "device.num_alloc_retries": 1,
+    }  # fmt: skip
