@@ -576,8 +576,7 @@ async def run_server_process(
             str(args.new_tokens), "--max-queue", str(4 * max(concurrencies)), "--log-level", "warning",
             "--log-format", "text",
         ]  # fmt: skip
-        env = dict(os.environ)  # PYTHONPATH starts with args.code (main)
-        proc = await asyncio.create_subprocess_exec(*cmd, env=env)
+        proc = await asyncio.create_subprocess_exec(*cmd)  # (its PYTHONPATH starts with args.code: main)
         address = f"127.0.0.1:{port}"
         rows: list[dict[str, Any]] = []
         try:

@@ -262,7 +262,8 @@ VARIANTS: dict[str, Change] = {
     "plain 4 warps": _with(plain={"warps": 4}),
 }
 
-# The plain GEMV swapped for cuBLAS's (F.linear) inside the fused layer where `swap(w)` says so: label -> swap.
+# The plain GEMV swapped for cuBLAS's (F.linear) inside the fused layer where `swap(w)` says so: label -> swap. (Down
+# is the non-square one: o is square in both configs.)
 SWAPS: dict[str, Callable[[torch.Tensor], bool]] = {
     "cuBLAS down": lambda w: w.shape[1] != w.shape[0],
     "cuBLAS o and down": lambda w: True,

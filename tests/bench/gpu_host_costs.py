@@ -61,7 +61,7 @@ def main() -> None:
         "to_device 5,000 int64": lambda: to_device(plan, dev),
         "to_device 2,200 int64": lambda: to_device(small, dev),
         "np -> pinned slot -> device buffer": lambda: (
-            pinned.numpy().__setitem__(slice(None), plan), target.copy_(pinned, non_blocking=True)
+            np.copyto(pinned.numpy(), plan), target.copy_(pinned, non_blocking=True)
         ),
         "rms norm (eager, 1,088 x 2,048)": norm,
         "F.linear head 1,088 x 49,152": lambda: F.linear(h, head),

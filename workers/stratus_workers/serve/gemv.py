@@ -71,9 +71,9 @@ def blocks_for(kind: str, n_out: int, k_in: int, batch: int, head_dim: int = 0) 
     1,070 to 1,584 tokens/s (docs/bench-data/gpu-2026-11-30-s10/; the kernel sweep, whose weights stay in L2
     between launches, had not shown it). Inputs of 2,048 and more (the ~1B config's) as whole decode steps
     measured best (docs/bench-data/gpu-2026-12-01-s11/, 1,037 -> 857 µs at one row): the plain GEMV (o, down) 2 rows
-    a program, 1,024 columns a step, 2 warps (the ~1B's 2,048 outputs then make 1,024 programs instead of 256: too
-    few kept too few loads in flight, and cuBLAS's split-K down was faster than those); q|k|v 1,024 columns a step;
-    gate|up 2 warps at its 512 columns (1,024 was slower there).
+    a program, 1,024 columns a step, 2 warps (the ~1B's 2,048 outputs then make 1,024 programs instead of 256, whose
+    loads in flight were too few: cuBLAS's split-K down beat them, not these); q|k|v 1,024 columns a step; gate|up 2
+    warps at its 512 columns (1,024 was slower there).
     """
     k = min((512, 256, 128), key=lambda b: (-(-k_in // b) * b, -b))
     halves = 2 if kind != "plain" else 1
@@ -92,7 +92,7 @@ def blocks_for(kind: str, n_out: int, k_in: int, batch: int, head_dim: int = 0) 
         n, k, warps = 2, _fit(1024, 2, batch), 2
     elif kind == "qkv":
         k = _fit(1024, n * halves, batch)
-    else:
+    else:  # gate_up
         warps = 2
     return Blocks(n, k, warps)
 
