@@ -46,16 +46,24 @@ PARTS: dict[str, list[tuple[str, str]]] = {
         ("sessions", "_open_many"),
         ("sessions", "_check_verify"),
     ],
-    "pack the pass's inputs": [("runner", "forward_rows"), ("runner", "_packed"), ("runner", "_packed_inputs_for")],
+    "pack the pass's inputs": [
+        ("runner", "forward_rows"),
+        ("runner", "forward_rows_greedy"),
+        ("runner", "_packed"),
+        ("runner", "_packed_hidden"),
+        ("runner", "_packed_inputs_for"),
+    ],
     "forward (model)": [("runner", "_packed_body"), ("runner", "head")],
     # The acceptance rule's tensor work (the device's, on a GPU; the CPU computes it here): not host cost.
     "acceptance rule's tensor math": [
         ("sessions_module", "greedy_verdicts"),
         ("sessions_module", "sampling_probs_rows"),
+        ("runner", "_verdicts"),
     ],
     "acceptance rule, verdicts": [
         ("sessions", "_judge_greedy"),
         ("sessions", "_queue_greedy"),
+        ("sessions", "_greedy_plan"),
         ("sessions", "_greedy_judged"),
         ("sessions", "_judge_sampled"),
     ],

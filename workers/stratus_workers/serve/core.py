@@ -30,6 +30,7 @@ pipeline").
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import operator
@@ -43,7 +44,7 @@ import torch
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.errors import EngineFailed, EngineOverloaded, EngineStopped
 from stratus_workers.serve.prefix import PrefixCache
-from stratus_workers.serve.runner import ModelRunner, decoded, env_flag, env_int, to_device
+from stratus_workers.serve.runner import ModelRunner, decoded, env_flag, env_int, no_mark, to_device
 from stratus_workers.serve.sampling import Choice, choose_tokens, seeded_generator
 from stratus_workers.serve.sessions import PendingVerify, SpeculativeSessions, VerifyCall
 from stratus_workers.serve.surface import Alternatives, FinishReason, VerifyResult, rebuilt
@@ -288,6 +289,8 @@ class EngineCore:
         self.prefill_hold = prefill_hold
         self.prefill_group = prefill_group
         self.steps = 0
+        # Names the verify pipeline's phases on a trace's timeline (serve/loop.py's StepTrace sets a profiler's).
+        self.mark: Callable[[str], contextlib.AbstractContextManager[Any]] = no_mark
         self.prefill_steps = 0  # steps that ran a prefill chunk
         self.prefill_tokens = 0
         self.mixed_steps = 0
@@ -536,7 +539,8 @@ class EngineCore:
     def _launch(self, verifies: list[tuple[int, VerifyCall]]) -> _Group:
         self.verify_groups += 1
         try:
-            return verifies, self.sessions.launch([call for _, call in verifies])
+            with self.mark("launch"):
+                return verifies, self.sessions.launch([call for _, call in verifies])
         except EngineFailed:  # the runner cannot compute any more (a pipeline stage died): the loop ends
             raise
         except Exception as exc:  # fails only this group's calls
@@ -550,7 +554,8 @@ class EngineCore:
             verdicts = [pending] * len(verifies)
         else:
             try:
-                verdicts = self.sessions.finish(pending)
+                with self.mark("reply"):
+                    verdicts = self.sessions.finish(pending)
             except EngineFailed:
                 raise
             except Exception as exc:  # fails only this group's calls

@@ -11,6 +11,7 @@ is what the frontend's supervision watches.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,7 +39,7 @@ from stratus_workers.serve.core import (
 from stratus_workers.serve.parallel import ParallelContext
 from stratus_workers.serve.pipeline import PipelineContext, build_stage_runner, keep_stage
 from stratus_workers.serve.prefix import PrefixCache
-from stratus_workers.serve.runner import ModelRunner
+from stratus_workers.serve.runner import ModelRunner, no_mark
 from stratus_workers.serve.runner.build import build_runner
 from stratus_workers.serve.sampling import eos_ids
 from stratus_workers.serve.sessions import ReadBack, SpeculativeSessions
@@ -288,6 +289,105 @@ def allocator_counters() -> dict[str, float]:
     return found
 
 
+class StepTrace:
+    """The loop's phases over a range of its steps, beside what the device did (STRATUS_STEP_TRACE=<file>,
+    STRATUS_STEP_TRACE_STEPS=START,COUNT: the loop's steps START..START+COUNT-1, counted from its first; off by
+    default), to see what the host did while the device idled (tests/bench/gpu_timeline.py reads either form).
+
+    The phases: `take`, `gather`, `step`, `emit`; inside a step the verify pipeline's `launch` and `reply`, and the
+    packed pass's `pass`. A file ending in `.json` gets torch.profiler's Chrome trace (every op and kernel; the
+    profiler slows the host about twice over); any other gets one JSON object of the phases' host times and, on
+    CUDA, the device time at which the stream reached each phase's start and end (CUDA events: a few µs a phase),
+    so the timeline keeps the host's own pace."""
+
+    def __init__(self, path: str, steps: str) -> None:
+        self.path = path
+        start, _, count = steps.partition(",")
+        self.start = int(start or 0)
+        self.stop = self.start + int(count or 20)
+        self.chrome = path.endswith(".json")
+        self.profiler: torch.profiler.profile | None = None
+        self.phases: list[tuple[str, float, float, Any, Any]] = []
+        self.on = False
+        self.cuda = torch.cuda.is_available()
+        self.base: tuple[float, Any] = (0.0, None)
+
+    @contextlib.contextmanager
+    def _mark(self, name: str) -> Iterator[None]:
+        if not self.on:
+            yield
+            return
+        ev0 = ev1 = None
+        if self.cuda:
+            ev0 = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            ev0.record()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            t1 = time.perf_counter()
+            if self.cuda:
+                ev1 = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+                ev1.record()
+            self.phases.append((name, t0, t1, ev0, ev1))
+
+    def marker(self) -> Callable[[str], contextlib.AbstractContextManager[Any]]:
+        return torch.profiler.record_function if self.chrome else self._mark
+
+    def before(self, step: int) -> None:
+        if step != self.start:
+            return
+        if self.chrome:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.cuda:
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.start()  # type: ignore[no-untyped-call]
+            return
+        base = None
+        if self.cuda:  # the device clock's zero, on the host's: an event recorded on an idle stream
+            torch.cuda.synchronize()
+            base = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            base.record()
+            torch.cuda.synchronize()
+        self.base = (time.perf_counter(), base)
+        self.on = True
+
+    def after(self, step: int) -> None:
+        if step + 1 == self.stop:
+            self.write()
+
+    def write(self) -> None:
+        """Write what was traced (at the range's last step, or when the loop stops inside the range)."""
+        if self.profiler is None and not self.on:
+            return
+        try:  # a look inside, never a reason for the loop to fail
+            if self.profiler is not None:
+                self.profiler.stop()  # type: ignore[no-untyped-call]
+                self.profiler.export_chrome_trace(self.path)
+            elif self.on:
+                self.on = False
+                host0, base = self.base
+                if base is not None:
+                    torch.cuda.synchronize()
+
+                def device(ev: Any) -> float | None:
+                    return None if ev is None else round(base.elapsed_time(ev) * 1e3, 1)
+
+                rows = [
+                    [name, round((t0 - host0) * 1e6, 1), round((t1 - host0) * 1e6, 1), device(ev0), device(ev1)]
+                    for name, t0, t1, ev0, ev1 in self.phases
+                ]
+                with open(self.path, "w") as f:
+                    json.dump({"columns": ["phase", "host_start_us", "host_end_us", "device_start_us",
+                                           "device_end_us"], "phases": rows}, f)
+            log.info("step trace written", extra={"path": self.path, "steps": self.stop - self.start})
+        except (OSError, RuntimeError) as exc:
+            log.warning("step trace not written: %s", exc)
+        self.profiler = None
+        self.phases = []
+
+
 class StepProfile:
     """Where the engine loop's time goes, for benchmarks (STRATUS_STEP_PROFILE=<file>; off by default).
 
@@ -395,14 +495,26 @@ class EngineLoop:
         self.contexts = ContextMirror()  # sessions' last contexts, as the frontend remembers them
         path = os.environ.get("STRATUS_STEP_PROFILE")
         self.profile = StepProfile(path, core) if path else None
+        path = os.environ.get("STRATUS_STEP_TRACE")
+        self.trace = StepTrace(path, os.environ.get("STRATUS_STEP_TRACE_STEPS", "")) if path else None
+        self.mark: Callable[[str], contextlib.AbstractContextManager[Any]] = no_mark
+        if self.trace is not None:
+            self.mark = core.mark = core.runner.mark = self.trace.marker()
 
     def run(self, inbox: Inbox) -> None:
         # Everything the loop does is inference: no autograd bookkeeping, and tensors the runner
         # makes in one call are updated in place by the next without a mode mismatch.
         with torch.inference_mode():
             while True:
-                messages = inbox.take(0.0 if self.core.busy else IDLE_WAIT)
-                if not self._apply(messages) or not self._gather(inbox):
+                if self.trace is not None:
+                    self.trace.before(self.steps)
+                with self.mark("take"):
+                    messages = inbox.take(0.0 if self.core.busy else IDLE_WAIT)
+                with self.mark("gather"):
+                    carry_on = self._apply(messages) and self._gather(inbox)
+                if not carry_on:
+                    if self.trace is not None:
+                        self.trace.write()
                     if self.profile is not None:
                         self.profile.idle()
                     self.emit(("stopped", self.core.shutdown().pack(self.plain)))
@@ -410,12 +522,16 @@ class EngineLoop:
                 if self.core.busy:
                     started = self.busy_since = time.monotonic()
                     prefilled = self.core.prefill_tokens
-                    out = self.core.step()
+                    with self.mark("step"):
+                        out = self.core.step()
                     self.busy_since = 0.0
                     self.steps += 1
                     if self.profile is not None:
                         self.profile.step(started, time.monotonic(), self.core.prefill_tokens != prefilled)
-                    self.emit(("step", out.pack(self.plain)))
+                    with self.mark("emit"):
+                        self.emit(("step", out.pack(self.plain)))
+                    if self.trace is not None:
+                        self.trace.after(self.steps - 1)
                 else:
                     if self.profile is not None:
                         self.profile.idle()

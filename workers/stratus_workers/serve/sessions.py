@@ -21,7 +21,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -64,12 +64,13 @@ class ReadBack:
     # the step profile's measure of whether verification waits on the device or the device on the host.
     waited: ClassVar[float] = 0.0
 
-    def __init__(self, values: torch.Tensor) -> None:
+    def __init__(self, values: torch.Tensor, pick: Callable[[list[Any]], list[Any]] | None = None) -> None:
+        self._pick = pick  # what `wait` returns of the values read
         self._values: list[Any] | None = None
         self._host: torch.Tensor | None = None
         self._done: Any = None
         if values.device.type != "cuda":
-            self._values = values.tolist()
+            self._values = self._picked(values.tolist())
             return
         # A fresh pinned buffer per read-back: the next one may be queued before this one is read.
         self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
@@ -88,8 +89,11 @@ class ReadBack:
                 started = time.perf_counter()
                 self._done.synchronize()
                 ReadBack.waited += time.perf_counter() - started
-            self._values = self._host.tolist()
+            self._values = self._picked(self._host.tolist())
         return self._values
+
+    def _picked(self, values: list[Any]) -> list[Any]:
+        return values if self._pick is None else self._pick(values)
 
 
 def read_back(values: torch.Tensor) -> list[Any]:
@@ -326,25 +330,26 @@ class SpeculativeSessions:
         sids: set[str] = set()
         cuts: list[tuple[int, int]] = []  # (row, length): sessions rolled back to the prefix their call shares
         try:
-            for i, call in enumerate(calls):
-                if call.sid in sids:
-                    pending.alone.append(i)
-                    continue
-                try:
-                    self._check_verify(call)
-                    session, tokens = self._open(call.sid, call.context, call.sampling, cuts)
-                except EngineFailed:
-                    raise
-                except Exception as exc:
-                    pending.results[i] = exc
-                    if call.end and call.sid not in self._in_flight:  # (one in flight is another group's to end)
-                        self._end_each([call.sid])  # (the call has its error)
-                    continue
-                rows[session.row] = (i, session, tokens)
-                sids.add(call.sid)
-                # In flight from here on: a later call's `_open` (its `expire`, an eviction) must not end it.
-                self._in_flight.add(call.sid)
-            self._cut(cuts)
+            with self.runner.mark("open"):
+                for i, call in enumerate(calls):
+                    if call.sid in sids:
+                        pending.alone.append(i)
+                        continue
+                    try:
+                        self._check_verify(call)
+                        session, tokens = self._open(call.sid, call.context, call.sampling, cuts)
+                    except EngineFailed:
+                        raise
+                    except Exception as exc:
+                        pending.results[i] = exc
+                        if call.end and call.sid not in self._in_flight:  # (one in flight is another group's to end)
+                            self._end_each([call.sid])  # (the call has its error)
+                        continue
+                    rows[session.row] = (i, session, tokens)
+                    sids.add(call.sid)
+                    # In flight from here on: a later call's `_open` (its `expire`, an eviction) must not end it.
+                    self._in_flight.add(call.sid)
+                self._cut(cuts)
             if rows:  # one row too: the same pass, so that a session's verdicts do not depend on its company
                 self._launch_rows(pending, rows)
         except Exception as exc:
@@ -488,6 +493,17 @@ class SpeculativeSessions:
             return
         # Scored from each row's last context token on: the context before it only goes into the cache.
         starts = [len(held) - 1 for _, _, held in entries]
+        if all(call.sampling.greedy for call, _, _ in entries):  # the pass and its verdicts in one, where it can
+            plan = self._greedy_plan(entries)
+            found = self.runner.forward_rows_greedy(order, tokens, starts, plan)  # (a failure fails the group)
+            if found is not None:
+                values, width = found
+                n, size = len(entries), plan.shape[1]
+                pending.entries, pending.index, pending.greedy = entries, index, list(range(n))
+                pending.verdicts = ReadBack(
+                    values, lambda v: v[:n] + v[width : width + n] + v[2 * width : 2 * width + size]
+                )
+                return
         logits = self.runner.forward_rows(order, tokens, starts)  # (a failure fails the group: `launch`)
         # Row k's scores are logits[offsets[k] : offsets[k + 1]]: position j predicts the token after
         # context + draft[:j]. A pass launched after this one, before `finish`, cannot change what this group reads:
@@ -511,7 +527,8 @@ class SpeculativeSessions:
                 np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
             )
         pending.greedy = greedy
-        pending.verdicts = self._queue_greedy([entries[k] for k in greedy], positions, logits)
+        with self.runner.mark("verdicts"):
+            pending.verdicts = self._queue_greedy([entries[k] for k in greedy], positions, logits)
 
     def _finish_rows(self, pending: PendingVerify) -> None:
         """Judge the pass's rows (the greedy ones from their verdicts read back, the sampled ones from the logits)
@@ -562,21 +579,27 @@ class SpeculativeSessions:
         transfer: a wait on the device per session, not per pass, is what bounds a GPU's verify rounds.
         `positions`: where the rows' scores sit in `logits` (None: all of it, in order)."""
         n = len(entries)
-        drafts = [call.draft for call, _, _ in entries]
-        counts = [len(d) + 1 for d in drafts]
-        size = sum(counts)
-        # Per scored position: the draft token it predicts (-1 at each row's bonus position), its row's index,
-        # then where it sits in `logits`. `to_device` copies from a pinned buffer of this call's own, so the next
-        # group's plan, queued before this one's copy ran, cannot overwrite it.
-        plan = np.empty((2 if positions is None else 3, size), dtype=np.int64)
-        plan[0] = np.fromiter(itertools.chain.from_iterable((*d, -1) for d in drafts), dtype=np.int64, count=size)
-        plan[1] = np.repeat(np.arange(n, dtype=np.int64), counts)
+        # Then where each position sits in `logits`. `to_device` copies from a pinned buffer of this call's own, so
+        # the next group's plan, queued before this one's copy ran, cannot overwrite it.
+        plan = self._greedy_plan(entries)
         if positions is not None:
-            plan[2] = positions
+            plan = np.concatenate([plan, positions[None, :]])
         plan_dev = to_device(plan, logits.device)
         scores = logits if positions is None else logits.index_select(0, plan_dev[2])
         stop, token, logprobs = greedy_verdicts(scores, plan_dev[0], plan_dev[1], n)
         return ReadBack(torch.cat([stop.double(), token.double(), logprobs.double()]))
+
+    @staticmethod
+    def _greedy_plan(entries: Sequence[tuple[VerifyCall, _Session, list[int]]]) -> np.ndarray:
+        """Per scored position of the rows (each row's draft, then its bonus position): the draft token it predicts
+        (-1 at the bonus position) and its row's index in `entries`; [2, positions] int64."""
+        drafts = [call.draft for call, _, _ in entries]
+        counts = [len(d) + 1 for d in drafts]
+        size = sum(counts)
+        plan = np.empty((2, size), dtype=np.int64)
+        plan[0] = np.fromiter(itertools.chain.from_iterable((*d, -1) for d in drafts), dtype=np.int64, count=size)
+        plan[1] = np.repeat(np.arange(len(drafts), dtype=np.int64), counts)
+        return plan
 
     def _greedy_judged(
         self, entries: Sequence[tuple[VerifyCall, _Session, list[int]]], values: list[Any]

@@ -96,7 +96,8 @@ def greedy_verdicts(
     # so its log-probability is that of the maximum: log of its softmax share, which one softmax kernel gives
     # (on an H200 a logsumexp, a gather and a subtraction over 64 sessions' 535 x 49,152 logits cost 0.9 ms).
     logprobs = torch.softmax(logits, dim=-1).gather(-1, best[:, None])[:, 0].log()
-    return stop, best[stop], logprobs
+    # (A row with no positions, a verdict graph's padding row, stops past the end: any token will do there.)
+    return stop, best[stop.clamp(max=logits.shape[0] - 1)], logprobs
 
 
 def sampling_probs_rows(logits: torch.Tensor, temperatures: Sequence[float], top_ps: Sequence[float]) -> torch.Tensor:

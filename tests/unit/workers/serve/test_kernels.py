@@ -42,6 +42,10 @@ def test_block_table_cuts_runs_and_pads() -> None:
     assert table.tolist() == [[0, 3, 19, 35, 40, 0, 0], [3, 16, 16, 5, 1, 0, 0]]
     assert kernels.max_extend_blocks(41, 3, 16) >= 5
     assert kernels.extend_block(4, 4) == 16 and kernels.extend_block(9, 3) == 16 and kernels.extend_block(64, 1) == 2
+    # A pass whose longest row has 17-32 new tokens (a 16-token draft's verification) takes blocks of 32 where the
+    # tile allows it: each row's keys read once; shorter and longer rows (prefill chunks) keep 16.
+    assert [kernels.extend_block(32, 32, n) for n in (1, 9, 16, 17, 32, 33, 512)] == [16, 16, 16, 32, 32, 16, 16]
+    assert kernels.extend_block(9, 3, 17) == 32 and kernels.extend_block(64, 1, 17) == 2
 
 
 @settings(max_examples=25, deadline=None)
@@ -50,11 +54,12 @@ def test_block_table_cuts_runs_and_pads() -> None:
     runs=st.lists(st.tuples(st.integers(0, 40), st.integers(1, 40)), min_size=1, max_size=4),
     empty=st.integers(0, 3),
     splits=st.sampled_from([None, 1, 2, 4, 16]),
+    longest=st.sampled_from([0, 17]),
     seed=st.integers(0, 2**16),
 )
 def test_extend_attention_is_each_tokens_own_attention(
     interp: ModuleType, heads: tuple[int, int], runs: list[tuple[int, int]], empty: int, splits: int | None,
-    seed: int,
+    longest: int, seed: int,
 ) -> None:
     # Packed rows of any lengths from any positions (a verification's drafts, a prefill's chunks after a cached
     # prefix); each run is a row of its own; empty blocks (a graph's padding) and a padding token change nothing;
@@ -67,19 +72,23 @@ def test_extend_attention_is_each_tokens_own_attention(
     pos = [s + i for s, n in runs for i in range(n)]
     q = torch.randn(len(rows) + 1, n_q, 16, generator=gen)  # the last token is padding: in no block
     lens = np.array([n for _, n in runs])
-    block = kernels.extend_block(n_q, n_kv)
+    block = kernels.extend_block(n_q, n_kv, longest)  # (the blocks of 16 tokens or, at 17, of 32 where they fit)
     table = interp.extend_blocks(np.cumsum(lens) - lens, lens, block, size=-(-lens // block).sum() + empty)
     on = [torch.tensor(x, device=DEVICE) for x in ([*pos, 0], [*rows, 0], table)]
-    got = interp.extend_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), *on, SCALE, splits=splits).cpu()
+    got = interp.extend_attention(
+        q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), *on, SCALE, splits=splits, block=block
+    ).cpu()
     torch.testing.assert_close(got[:-1], reference(q[:-1], k, v, rows, pos), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("group", range(1, 65))
 def test_every_head_grouping_gets_a_tile_the_compiler_takes(group: int) -> None:
     # The interpreter would run tiles the GPU compiler refuses (fewer than 16 lines, not a power of two).
-    lines = kernels.extend_block(2 * group, 2) * kernels._group_pad(group)
-    kernels.check_tile(lines, 64, kernels.extend_splits(24, 2 * group, 2))
-    assert lines <= 256
+    for longest in (1, 17):
+        block = kernels.extend_block(2 * group, 2, longest)
+        lines = block * kernels._group_pad(group)
+        kernels.check_tile(lines, 64, kernels.extend_splits(24, 2 * group, 2, block))
+        assert lines <= 256
 
 
 def test_a_tile_the_compiler_refuses_is_refused() -> None:

@@ -4,6 +4,7 @@ its calls."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import pickle
 import threading
@@ -209,3 +210,33 @@ def test_a_profiled_period_reports_how_the_cuda_allocators_counters_moved(
         "host.num_host_alloc": 3, "host.host_alloc_time.total": 120.0, "device.num_device_alloc": 0,
         "device.num_alloc_retries": 1,
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("form", ["events.txt", "trace.json"])
+def test_a_traced_range_of_steps_writes_the_loops_phases(
+    model: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    """STRATUS_STEP_TRACE over steps 2..5 of Verify rounds with the pipeline on: every step's phases, the verify
+    groups' launches and replies and the packed passes inside them, as host times in order (the events form; no
+    device here) or as torch.profiler's Chrome trace; the trace ends at the range's last step, and the loop runs on."""
+    path = tmp_path / form
+    monkeypatch.setenv("STRATUS_STEP_TRACE", str(path))
+    monkeypatch.setenv("STRATUS_STEP_TRACE_STEPS", "2,4")
+    got, running = run_callers(model, pipeline=True, n=4, rounds=6)
+    running.stop()
+    assert all(len(rounds) == 6 for rounds in got.values())
+    data = json.loads(path.read_text())
+    if form == "trace.json":
+        names = [e["name"] for e in data["traceEvents"] if e.get("cat") == "user_annotation"]
+        assert names.count("step") == 4 and "launch" in names and "pass" in names
+        return
+    phases = data["phases"]
+    assert [p[0] for p in phases].count("step") == 4
+    assert {"take", "gather", "emit", "launch", "reply", "open", "pass", "verdicts"} <= {p[0] for p in phases}
+    for name, start, end, device_start, device_end in phases:
+        assert 0 <= start <= end and device_start is None and device_end is None, name
+    steps = [p for p in phases if p[0] == "step"]
+    assert all(a[2] <= b[1] for a, b in itertools.pairwise(steps))  # one after the other
+    for name, start, end, _, _ in phases:  # launches, replies and passes happen inside steps
+        if name in ("launch", "reply", "pass", "open", "verdicts"):
+            assert any(s[1] <= start and end <= s[2] for s in steps), name

@@ -73,6 +73,16 @@ def faulty(base: type[R]) -> type[R]:
                 return torch.empty_like(logits, device="meta")
             return logits
 
+        def forward_rows_greedy(
+            self, rows: Sequence[int], tokens: Sequence[Sequence[int]], logits_from: Sequence[int], plan: Any
+        ) -> tuple[torch.Tensor, int] | None:
+            found: tuple[torch.Tensor, int] | None = super().forward_rows_greedy(rows, tokens, logits_from, plan)
+            if found is not None and self._due("forward_rows", ["pass", "unreadable"]):  # (counted as forward_rows)
+                if self.kind == "pass":
+                    raise self.error("the device failed after the pass")
+                return torch.empty_like(found[0], device="meta"), found[1]
+            return found
+
         def forward(
             self, first_row: int, tokens: Sequence[Sequence[int]], *, all_logits: bool = False, logits_from: int = 0
         ) -> torch.Tensor:

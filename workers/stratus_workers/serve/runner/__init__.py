@@ -14,6 +14,7 @@ verification) without rebuilding anything.
 from __future__ import annotations
 
 import abc
+import contextlib
 import itertools
 import os
 from collections.abc import Callable, Sequence
@@ -32,6 +33,11 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 class UnsupportedModelError(ValueError):
     """The model's architecture is not one the runner can drive."""
+
+
+def no_mark(name: str) -> contextlib.AbstractContextManager[Any]:
+    """A phase's name on a trace's timeline, when nothing traces (serve/loop.py's StepTrace): nothing."""
+    return contextlib.nullcontext()
 
 
 def check_supported(model: Any) -> None:
@@ -136,6 +142,8 @@ class ModelRunner(abc.ABC):
     # Whether the engine should run a step's decode rows and prefill chunks as one pass (`forward_mixed`): where
     # that pass is the packed one (runner/fused.py), one read of the weights instead of two.
     mixed_step = False
+    # Names phases on a trace's timeline (the packed pass: "pass"); serve/loop.py's StepTrace sets its own.
+    mark: Callable[[str], contextlib.AbstractContextManager[Any]] = staticmethod(no_mark)
 
     def __init__(
         self,
@@ -240,6 +248,15 @@ class ModelRunner(abc.ABC):
             for row, row_tokens, start in zip(rows, tokens, logits_from, strict=True)
         ]
         return torch.cat(parts)
+
+    def forward_rows_greedy(
+        self, rows: Sequence[int], tokens: Sequence[Sequence[int]], logits_from: Sequence[int], plan: np.ndarray
+    ) -> tuple[torch.Tensor, int] | None:
+        """`forward_rows` and the greedy verdicts of its scores (`speculative.greedy_verdicts`) in one, where a
+        runner has a faster way to both (`FusedRunner`); else None, with nothing run. `plan` [2, S]: per scored
+        position the draft token it predicts (-1 at a row's last) and its row's index in `rows`. Returns the device
+        values [stops (R), tokens (R), log-probabilities (at least S)] and R; rows past len(rows) mean nothing."""
+        return None
 
     @torch.inference_mode()
     def forward_mixed(

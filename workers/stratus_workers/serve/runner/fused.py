@@ -16,6 +16,7 @@ runs the same arithmetic on the CPU, which is how the CPU tests cover it.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from collections.abc import Callable, Sequence
@@ -41,6 +42,7 @@ from stratus_workers.serve.runner import (
 from stratus_workers.serve.runner.cache import KVCache
 from stratus_workers.serve.runner.graphs import GraphCache, StaticDecoder
 from stratus_workers.serve.runner.modules import apply_rotary
+from stratus_workers.serve.speculative import greedy_verdicts
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +272,7 @@ class FusedRunner(ModelRunner):
         # Packed passes (verification; prefill too, with `packed_prefill`) as CUDA graphs per token bucket; a
         # failed capture is not retried with less (the caller falls back to the padded pass for good).
         self._packed_graphs = GraphCache(self.device, lambda: None)
+        # Tokens per attention block: the default's, the most blocks a pass can make (a pass may take larger ones).
         self._extend_block = kernels.extend_block(self.local_heads, self.local_kv_heads)
         self.packed_replays = 0  # packed passes that ran as a captured graph
         self._packed_prefill_replays = 0
@@ -280,6 +283,14 @@ class FusedRunner(ModelRunner):
                 dtype=torch.long,
                 device=self.device,
             )
+        # The verdict graphs' inputs (`forward_rows_greedy`): the scored hidden states, then each position's draft
+        # token and row; their graphs in a pool of their own.
+        self._verdict_graphs = GraphCache(self.device, lambda: None)
+        self.verdict_graphs = True  # off for good after a verdict graph failed to capture or run
+        with torch.inference_mode(False):
+            hidden = int(self.config.hidden_size)
+            self._verdict_hidden = torch.zeros(largest, hidden, dtype=self.dtype, device=self.device)
+            self._verdict_plan = torch.zeros(2 * largest, dtype=torch.long, device=self.device)
         # The engine may hand joining rows' first tokens over on the device (see ModelRunner.decode).
         self.device_join = ahead
         # Prefill as a packed pass (the verification's: a graph per token bucket, the block attention kernel) where
@@ -488,6 +499,83 @@ class FusedRunner(ModelRunner):
         return logits
 
     @torch.inference_mode()
+    def forward_rows_greedy(
+        self, rows: Sequence[int], tokens: Sequence[Sequence[int]], logits_from: Sequence[int], plan: np.ndarray
+    ) -> tuple[torch.Tensor, int] | None:
+        """`ModelRunner.forward_rows_greedy`: the packed pass, then the head and the greedy verdicts together, on CUDA
+        as one graph per bucket of scored positions (`PACKED_BUCKETS`) behind the pass's: two dozen small kernels
+        launched by the host per Verify group become one replay, and the head's matrix product sees a few shapes, not
+        one per group size (a new shape cost cuBLAS milliseconds of host time to plan). None where the packed pass
+        does not run (the caller then takes `forward_rows` and `greedy_verdicts`). A verdict graph that fails to
+        capture or run turns them off for good; the group's verdicts are then computed eagerly from the same pass."""
+        packed = self.packed_verify and env_flag("STRATUS_VERIFY_PACKED", True) and self.world_size == 1
+        if not packed or (self.device.type == "cuda" and not self.triton_attention):
+            return None
+        size = plan.shape[1]
+        try:
+            check_rows(rows, tokens, logits_from, self.max_rows)
+            if sum(len(t) - f for t, f in zip(tokens, logits_from, strict=True)) != size:
+                raise ValueError(f"the verdicts' plan covers {size} positions; the rows score a different count")
+            hidden, scored = self._packed_hidden(rows, tokens, logits_from)
+        except ValueError:
+            raise
+        except Exception as exc:  # as forward_rows: the padded pass and greedy_verdicts compute the same
+            log.warning("packed verification failed (%s: %s); verifying padded", type(exc).__name__, exc)
+            self.packed_verify = False
+            return None
+        self.passes += 1
+        self.positions += sum(len(t) for t in tokens)
+        verdict_rows = self.max_rows + 1  # the last one collects the bucket's padding positions
+        with self.mark("verdicts"):
+            bucket = self._verdict_bucket(size)
+            if bucket:
+                try:
+                    return self._verdicts_graphed(hidden, scored, plan, bucket), verdict_rows
+                except Exception as exc:  # the pass's hidden states are intact: judge them eagerly, from now on too
+                    log.warning("verdict graphs failed (%s: %s); verdicts run eagerly", type(exc).__name__, exc)
+                    self.verdict_graphs = False
+            inputs = to_device(plan.reshape(-1), self.device)  # eagerly, exactly `size` positions
+            return self._verdicts(hidden[scored], inputs[:size], inputs[size:], verdict_rows), verdict_rows
+
+    def _verdicts_graphed(
+        self, hidden: torch.Tensor, scored: torch.Tensor, plan: np.ndarray, bucket: int
+    ) -> torch.Tensor:
+        """The verdict graph of `bucket` positions replayed over `hidden[scored]` and `plan`, padded to the bucket (the
+        padding in the spare verdict row); its static output, which the caller copies before another replay."""
+        size = plan.shape[1]
+        padded = np.empty((2, bucket), dtype=np.int64)
+        padded[:, :size] = plan
+        padded[0, size:] = -1
+        padded[1, size:] = self.max_rows
+        torch.index_select(hidden, 0, scored, out=self._verdict_hidden[:size])
+        self._verdict_plan[: 2 * bucket].copy_(to_device(padded.reshape(-1), self.device))
+        found = self._verdict_graphs.get(bucket, functools.partial(self._verdict_body, bucket))
+        if found is None:
+            raise RuntimeError(f"no room for another verdict graph ({len(self._verdict_graphs)} captured)")
+        graph, out = found
+        graph.replay()
+        return out
+
+    def _verdict_bucket(self, size: int) -> int:
+        """The scored positions a verdict graph of `size` positions computes, or 0: eagerly."""
+        if not (self.device.type == "cuda" and self.cuda_graphs and self.verdict_graphs):
+            return 0
+        if not env_flag("STRATUS_VERIFY_GRAPHS", True):
+            return 0
+        return next((b for b in PACKED_BUCKETS if b >= size), 0)
+
+    def _verdict_body(self, bucket: int) -> torch.Tensor:
+        """What a verdict graph of `bucket` positions captures, over its static inputs."""
+        plan = self._verdict_plan[: 2 * bucket]
+        return self._verdicts(self._verdict_hidden[:bucket], plan[:bucket], plan[bucket:], self.max_rows + 1)
+
+    def _verdicts(self, h: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor, rows: int) -> torch.Tensor:
+        """The head over the scored hidden states `h`, then `greedy_verdicts`: [stops (rows), tokens (rows),
+        log-probabilities (one a position)] as float64, one tensor for one copy to the host."""
+        stop, token, logprobs = greedy_verdicts(self.head(h), targets, segments, rows)
+        return torch.cat([stop.double(), token.double(), logprobs.double()])
+
+    @torch.inference_mode()
     def forward_mixed(
         self, rows: Sequence[int], tokens: Sequence[Sequence[int]], from_decode: int = 0
     ) -> torch.Tensor:
@@ -544,6 +632,15 @@ class FusedRunner(ModelRunner):
     ) -> torch.Tensor:
         """One packed pass: `tokens[i]` appended to row `rows[i]`, the logits of those from `logits_from[i]` on
         (`device_ids`: the first tokens' ids, still being computed on the device; the mixed pass's)."""
+        hidden, scored = self._packed_hidden(rows, tokens, logits_from, prefill, device_ids)
+        with self.mark("head"):
+            return self.head(hidden[scored])
+
+    def _packed_hidden(
+        self, rows: Sequence[int], tokens: Sequence[Sequence[int]], logits_from: Sequence[int], prefill: bool = False,
+        device_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_packed`'s pass without the head: the last hidden states and the indices of the scored ones in them."""
         # Per row (numpy, no Python loop over tokens): its row, tokens held, new tokens, first scored.
         n = len(rows)
         lengths = self.cache.lengths
@@ -576,42 +673,45 @@ class FusedRunner(ModelRunner):
             plan[1, total:] = pad_rows
             plan[2, total:] = pad_pos
         # The attention kernel's blocks: each row's new tokens (padding is in none), padded to the graph's count.
-        n_blocks = kernels.max_extend_blocks(bucket, self.max_rows, self._extend_block) if bucket else 0
-        blocks = kernels.extend_blocks(firsts, lens, self._extend_block, n_blocks)
+        block = kernels.extend_block(self.local_heads, self.local_kv_heads, int(lens.max()))
+        n_blocks = kernels.max_extend_blocks(bucket, self.max_rows, block) if bucket else 0
+        blocks = kernels.extend_blocks(firsts, lens, block, n_blocks)
         n_blocks = blocks.shape[1]
         # Key splits only where a few tokens read many keys (a turn after a long cached prefix): on an H200 they
         # cut such a prefill step of 64 streams from 4.9 to 4.2 ms, but made 64-token prompts' steps slower
         # (2.3 to 2.9 ms), whose few keys keep no extra programs busy.
-        splits = self._splits(size, kv_len)
+        splits = self._splits(size, kv_len, block)
         flat = to_device(np.concatenate([plan.reshape(-1), blocks.reshape(-1), scored]), self.device)
         if device_ids is not None:
             flat[: device_ids.numel()].copy_(device_ids)
         scored_d = flat[3 * size + 2 * n_blocks :]
-        if bucket and self.cuda_graphs:
-            graph, hidden = self._packed_graph(bucket, flat[: 3 * size + 2 * n_blocks], splits)
-            graph.replay()
-            self.packed_replays += 1
-            self._packed_prefill_replays += prefill
-        else:
-            ids, rows_d, pos = flat[: 3 * size].view(3, size)
-            blocks_d = flat[3 * size : 3 * size + 2 * n_blocks].view(2, n_blocks)
-            hidden = self._packed_body(ids, rows_d, pos, blocks_d, kv_len + pad, splits)
+        with self.mark("pass"):
+            if bucket and self.cuda_graphs:
+                graph, hidden = self._packed_graph(bucket, flat[: 3 * size + 2 * n_blocks], splits, block)
+                graph.replay()
+                self.packed_replays += 1
+                self._packed_prefill_replays += prefill
+            else:
+                ids, rows_d, pos = flat[: 3 * size].view(3, size)
+                blocks_d = flat[3 * size : 3 * size + 2 * n_blocks].view(2, n_blocks)
+                hidden = self._packed_body(ids, rows_d, pos, blocks_d, kv_len + pad, splits, block)
         self.cache.set_row_lengths(list(rows), ends.tolist())
-        return self.head(hidden[scored_d])
+        return hidden, scored_d
 
-    def _splits(self, tokens: int, keys: int) -> int:
-        """Key splits of a packed pass of `tokens` tokens whose longest row reads `keys` keys."""
+    def _splits(self, tokens: int, keys: int, block: int) -> int:
+        """Key splits of a packed pass of `tokens` tokens in attention blocks of `block`, whose longest row reads
+        `keys` keys."""
         if not self.triton_attention or keys <= SPLIT_KEYS:
             return 1
-        return kernels.extend_splits(tokens, self.local_heads, self.local_kv_heads)
+        return kernels.extend_splits(tokens, self.local_heads, self.local_kv_heads, block)
 
     def _packed_body(
         self, ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, blocks: torch.Tensor, kv_len: int,
-        splits: int = 1,
+        splits: int = 1, block: int = 0,
     ) -> torch.Tensor:
         """The packed pass over device buffers (what a packed graph captures): every token a query at `pos` in row
-        `rows` (`blocks`: its attention's block table); returns the last hidden states [T, hidden] (the caller
-        scores the ones it needs)."""
+        `rows` (`blocks`: its attention's block table, in blocks of `block` tokens, 0: the default); returns the last
+        hidden states [T, hidden] (the caller scores the ones it needs)."""
         h = F.embedding(ids, self._embed)
         cos, sin = self._cos[pos], self._sin[pos]
         bias = None
@@ -623,7 +723,7 @@ class FusedRunner(ModelRunner):
                 h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_cache, v_cache, rows, pos
             )
             if bias is None:
-                out = kernels.extend_attention(q, k_cache, v_cache, pos, rows, blocks, self.scale, splits)
+                out = kernels.extend_attention(q, k_cache, v_cache, pos, rows, blocks, self.scale, splits, block)
             else:
                 out = _decode_attention(q, k_cache[rows, :, :kv_len], v_cache[rows, :, :kv_len], bias, self.scale)
             h, delta = self._mlp_fn(
@@ -641,17 +741,20 @@ class FusedRunner(ModelRunner):
         return next((b for b in PACKED_BUCKETS if b >= total), 0)
 
     def _packed_graph(
-        self, bucket: int, plan: torch.Tensor, splits: int = 1
+        self, bucket: int, plan: torch.Tensor, splits: int = 1, block: int = 0
     ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """The packed graph of `bucket` tokens whose attention splits keys `splits` ways, its inputs now `plan` (ids,
-        rows, positions [3 * bucket], then the attention's block table [2 * blocks])."""
+        """The packed graph of `bucket` tokens whose attention splits keys `splits` ways in blocks of `block` tokens
+        (0: the default), its inputs now `plan` (ids, rows, positions [3 * bucket], then the attention's block
+        table [2 * blocks])."""
+        block = block or self._extend_block
         self._packed_inputs[: plan.numel()].copy_(plan)
         size, n_blocks = bucket, (plan.numel() - 3 * bucket) // 2
         ids, rows, pos = self._packed_inputs[: 3 * size].view(3, size)
         blocks = self._packed_inputs[3 * size : 3 * size + 2 * n_blocks].view(2, n_blocks)
         # As a decode graph (the warm-up runs write the same keys and values the replay then writes again).
         found = self._packed_graphs.get(
-            (bucket, splits), lambda: self._packed_body(ids, rows, pos, blocks, self.cache.capacity, splits)
+            (bucket, splits, block),
+            lambda: self._packed_body(ids, rows, pos, blocks, self.cache.capacity, splits, block),
         )
         if found is None:
             raise RuntimeError(f"no room for another packed graph ({len(self._packed_graphs)} captured)")
@@ -814,18 +917,24 @@ class FusedRunner(ModelRunner):
         if any(self.cache.lengths):
             return 0
         try:
+            heads = self.local_heads, self.local_kv_heads
             for bucket in PACKED_BUCKETS:
-                # No blocks: the attention kernel does nothing (it is compiled all the same).
-                blocks = kernels.max_extend_blocks(bucket, self.max_rows, self._extend_block)
-                plan = torch.zeros(3 * bucket + 2 * blocks, dtype=torch.long, device=self.device)
-                plan[bucket : 2 * bucket] = torch.arange(bucket, device=self.device) % self.max_rows
-                for splits in {1, self._splits(bucket, self.cache.capacity)}:
-                    self._packed_graph(bucket, plan, splits)
+                # Each block size a pass of this many tokens can take (`kernels.extend_block`: by its longest row).
+                for block in {kernels.extend_block(*heads, min(bucket, longest)) for longest in (1, 17)}:
+                    # No blocks: the attention kernel does nothing (it is compiled all the same).
+                    blocks = kernels.max_extend_blocks(bucket, self.max_rows, block)
+                    plan = torch.zeros(3 * bucket + 2 * blocks, dtype=torch.long, device=self.device)
+                    plan[bucket : 2 * bucket] = torch.arange(bucket, device=self.device) % self.max_rows
+                    for splits in {1, self._splits(bucket, self.cache.capacity, block)}:
+                        self._packed_graph(bucket, plan, splits, block)
+                if self._verdict_graphs.get(bucket, functools.partial(self._verdict_body, bucket)) is None:
+                    raise RuntimeError(f"no room for the verdict graph of {bucket} positions")
             torch.cuda.synchronize(self.device)
         except Exception as exc:
             log.warning("packed graphs not captured ahead (%s: %s)", type(exc).__name__, exc)
             self._packed_graphs.graphs.clear()
-        return len(self._packed_graphs)
+            self._verdict_graphs.graphs.clear()
+        return len(self._packed_graphs) + len(self._verdict_graphs)
 
     def _warm_prefill(self) -> None:
         """Compile the prefill's functions now for each shape class (sizes of one are specialised), so

@@ -189,3 +189,23 @@ def test_a_bad_row_limit_for_the_fused_layer_is_refused_by_name(
         fused(model, 2, 16)
     monkeypatch.setenv("STRATUS_GEMV_MAX_BATCH", "4")
     assert fused(model, 2, 16).gemv_max_batch == 4
+
+
+@pytest.mark.parametrize("new", [9, 17])
+def test_packed_verification_with_the_attention_kernel_scores_as_the_model_does(
+    model: torch.nn.Module, reference, new: int
+) -> None:
+    # CUDA's packed pass (Triton's block attention, here its interpreter) over rows of 9 new tokens (an 8-token
+    # draft: blocks of 16) and of 17 (a 16-token draft: blocks of 32, so each row's keys are read once), after
+    # contexts of different lengths, in rows not side by side, every new token scored.
+    pytest.importorskip("triton")
+    runner = fused(model, 4, 64)
+    runner.triton_attention = True
+    assert kernels.extend_block(runner.local_heads, runner.local_kv_heads, new) == (32 if new > 16 else 16)
+    rows, contexts = [0, 2, 3], [[5, 6, 7, 8], [3, 4, 9], [100, 101, 102, 103, 104, 105]]
+    runner.forward_rows(rows, contexts, [len(c) - 1 for c in contexts])
+    tokens = [[(31 * k + i) % 500 for i in range(new)] for k in range(len(rows))]
+    logits = runner.forward_rows(rows, tokens, [0] * len(rows))
+    for k, (context, fed) in enumerate(zip(contexts, tokens, strict=True)):
+        close(logits[k * new : (k + 1) * new], reference(context + fed, last=new))
+    assert runner.lengths == [len(contexts[0]) + new, 0, len(contexts[1]) + new, len(contexts[2]) + new]
