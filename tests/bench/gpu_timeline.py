@@ -74,22 +74,22 @@ def main() -> None:
         min(s for spans in phases.values() for s, _ in spans), max(e for spans in phases.values() for _, e in spans)
     )
     busy = merged([(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in DEVICE])
-    busy = [(max(s, window[0]), min(e, window[1])) for s, e in busy if e > window[0] and s < window[1]]
+    busy = [(max(a, window[0]), min(b, window[1])) for a, b in busy if b > window[0] and a < window[1]]
     idle: list[Interval] = []
     cursor = window[0]
-    for s, e in busy:
-        if s - cursor >= args.gap_us:
-            idle.append((cursor, s))
-        cursor = max(cursor, e)
+    for a, b in busy:
+        if a - cursor >= args.gap_us:
+            idle.append((cursor, a))
+        cursor = max(cursor, b)
     if window[1] - cursor >= args.gap_us:
         idle.append((cursor, window[1]))
     span = window[1] - window[0]
-    busy_us = sum(e - s for s, e in busy)
+    busy_us = sum(b - a for a, b in busy)
     print(f"window {span / 1e3:.2f} ms over {len(steps)} steps; device busy {busy_us / 1e3:.2f} ms "
           f"({busy_us / span:.0%}), idle spans >= {args.gap_us:g} us: {len(idle)}, "
-          f"{sum(e - s for s, e in idle) / 1e3:.2f} ms")
+          f"{sum(b - a for a, b in idle) / 1e3:.2f} ms")
     # Each idle microsecond goes to the innermost phase the host was in then (none: between phases).
-    by_phase: collections.Counter[str] = collections.Counter()
+    by_phase: collections.defaultdict[str, float] = collections.defaultdict(float)
     for gap in idle:
         left = [gap]
         for name in PHASES:
@@ -98,40 +98,40 @@ def main() -> None:
             for piece in left:
                 by_phase[name] += overlap(piece, spans)
                 cursor = piece[0]
-                for s, e in spans:
-                    if e <= piece[0] or s >= piece[1]:
+                for a, b in spans:
+                    if b <= piece[0] or a >= piece[1]:
                         continue
-                    if s > cursor:
-                        rest.append((cursor, s))
-                    cursor = max(cursor, e)
+                    if a > cursor:
+                        rest.append((cursor, a))
+                    cursor = max(cursor, b)
                 if cursor < piece[1]:
                     rest.append((cursor, piece[1]))
             left = rest
-        by_phase["(no phase)"] += sum(e - s for s, e in left)
+        by_phase["(no phase)"] += sum(b - a for a, b in left)
     print("device idle by the host's phase:")
-    for name, us in by_phase.most_common():
-        host = sum(e - s for s, e in phases.get(name, []))
+    for name, us in sorted(by_phase.items(), key=lambda item: -item[1]):
+        host = sum(b - a for a, b in phases.get(name, []))
         print(f"  {name:<12} idle {us / 1e3:8.2f} ms   (host in it {host / 1e3:8.2f} ms, {len(phases.get(name, []))}x)")
-    ops: collections.Counter[str] = collections.Counter()
+    ops: collections.defaultdict[str, float] = collections.defaultdict(float)
     for e in events:
         if e.get("cat") in ("cpu_op", "cuda_runtime", "cuda_driver"):
             us = overlap((e["ts"], e["ts"] + e["dur"]), idle)
             if us:
                 ops[f'{e.get("cat")}: {e["name"]}'] += us
     print(f"host calls overlapping the idle time (top {args.top}; nested calls count in each):")
-    for name, us in ops.most_common(args.top):
+    for name, us in sorted(ops.items(), key=lambda item: -item[1])[: args.top]:
         print(f"  {us / 1e3:8.2f} ms  {name}")
     inner = [n for n in phases if n not in ("step", "take", "gather", "emit")]
     inner.sort(key=lambda n: PHASES.index(n) if n in PHASES else len(PHASES))
     print("per step, ms (host time in each phase inside it; idle: the device's, inside the step and before it):")
     print("step  start    step  " + "  ".join(f"{n:>8}" for n in inner) + "  idle_in  idle_before")
     previous = window[0]
-    for i, (s, e) in enumerate(steps):
-        cells = "  ".join(f"{overlap((s, e), merged(phases[n])) / 1e3:8.2f}" for n in inner)
-        idle_in = sum(overlap(g, [(s, e)]) for g in idle) / 1e3
-        idle_before = sum(overlap(g, [(previous, s)]) for g in idle) / 1e3
-        print(f"{i:4d} {(s - window[0]) / 1e3:7.2f} {(e - s) / 1e3:6.2f}  {cells}  {idle_in:7.2f}  {idle_before:11.2f}")
-        previous = e
+    for i, (a, b) in enumerate(steps):
+        cells = "  ".join(f"{overlap((a, b), merged(phases[n])) / 1e3:8.2f}" for n in inner)
+        idle_in = sum(overlap(g, [(a, b)]) for g in idle) / 1e3
+        idle_before = sum(overlap(g, [(previous, a)]) for g in idle) / 1e3
+        print(f"{i:4d} {(a - window[0]) / 1e3:7.2f} {(b - a) / 1e3:6.2f}  {cells}  {idle_in:7.2f}  {idle_before:11.2f}")
+        previous = b
 
 
 if __name__ == "__main__":
