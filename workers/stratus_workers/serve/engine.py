@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -201,6 +202,17 @@ class ThreadTransport(Transport):
             self.core.runner.close()  # under tensor parallel: the other ranks leave follow() and exit
 
 
+def engine_process_env() -> dict[str, str]:
+    """The engine process's environment: this one, with the folder this process imported `stratus_workers` from
+    first on PYTHONPATH, so that the engine runs the same copy of the code as the frontend even where the frontend
+    found it through a path of its own (a script's `sys.path` edit, a benchmark's tree)."""
+    import stratus_workers
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(stratus_workers.__file__)))
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.abspath(p) != root]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([root, *paths]))
+
+
 class ProcessTransport(Transport):
     """The core in an engine process of its own (serve/worker.py), over a socket pair."""
 
@@ -241,6 +253,7 @@ class ProcessTransport(Transport):
             self.proc = subprocess.Popen(  # noqa: ASYNC220 - a fork and exec, not a wait
                 [sys.executable, "-m", "stratus_workers.serve.worker", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
+                env=engine_process_env(),
             )
         self.pid = self.proc.pid
         self.channel = Channel(ours)

@@ -18,11 +18,18 @@ from typing import Any
 import pytest
 import torch
 
+import stratus_workers
 from stratus_workers.models import load_model
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.channel import Channel
 from stratus_workers.serve.core import EngineCore
-from stratus_workers.serve.engine import AsyncEngine, ProcessTransport, ThreadTransport, build_engine
+from stratus_workers.serve.engine import (
+    AsyncEngine,
+    ProcessTransport,
+    ThreadTransport,
+    build_engine,
+    engine_process_env,
+)
 from stratus_workers.serve.errors import EngineFailed, EngineOverloaded
 from stratus_workers.serve.loop import EngineSettings
 from stratus_workers.serve.runner.modules import ModuleRunner
@@ -108,6 +115,9 @@ async def test_the_process_layout_answers_like_the_reference(loaded: Any, tiny_m
     thread = await started(loaded, max_batch_size=3)
     try:
         assert engine.mode == "process" and engine.pid > 0 and engine.pid != os.getpid()
+        # It runs the frontend's copy of the code: the folder this process imported it from comes first on its path.
+        first = process_env(engine.pid)["PYTHONPATH"].split(os.pathsep)[0]
+        assert first == str(Path(stratus_workers.__file__).parents[1])
         assert engine.info.vocab_size == loaded.model.config.vocab_size and engine.info.runner == "ModuleRunner"
         together = await asyncio.gather(
             *(tokens_of(engine, p, Sampling(max_new_tokens=n)) for p, n in zip(prompts, (12, 5, 12, 9), strict=True))
@@ -510,3 +520,18 @@ async def test_what_one_turn_of_the_event_loop_sends_reaches_the_engine_in_one_r
     finally:
         transport.channel.close()
         engine_end.close()
+
+
+def process_env(pid: int) -> dict[str, str]:
+    """A process's environment as Linux shows it."""
+    items = Path(f"/proc/{pid}/environ").read_text().split("\0")
+    return dict(item.split("=", 1) for item in items if "=" in item)
+
+
+def test_the_engine_process_finds_the_frontends_copy_of_the_code_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    root = str(Path(stratus_workers.__file__).parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/elsewhere/a", root, "/elsewhere/b"]))
+    assert engine_process_env()["PYTHONPATH"].split(os.pathsep) == [root, "/elsewhere/a", "/elsewhere/b"]
+    monkeypatch.delenv("PYTHONPATH")
+    env = engine_process_env()
+    assert env["PYTHONPATH"] == root and env["PATH"] == os.environ["PATH"]  # the rest as it is
