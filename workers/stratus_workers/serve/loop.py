@@ -294,11 +294,11 @@ class StepTrace:
     STRATUS_STEP_TRACE_STEPS=START,COUNT: the loop's steps START..START+COUNT-1, counted from its first; off by
     default), to see what the host did while the device idled (tests/bench/gpu_timeline.py reads either form).
 
-    The phases: `take`, `gather`, `step`, `emit`; inside a step the verify pipeline's `launch` and `reply`, and the
-    packed pass's `pass`. A file ending in `.json` gets torch.profiler's Chrome trace (every op and kernel; the
-    profiler slows the host about twice over); any other gets one JSON object of the phases' host times and, on
-    CUDA, the device time at which the stream reached each phase's start and end (CUDA events: a few µs a phase),
-    so the timeline keeps the host's own pace."""
+    The phases: `take`, `gather`, `step`, `emit`; inside a step the verify pipeline's `launch` (its `open`, the
+    packed `pass`, the `head`, the `verdicts`) and `reply`. A file ending in `.json` gets torch.profiler's Chrome
+    trace (every op and kernel; the profiler slows the host about twice over); any other gets one JSON object of the
+    phases' host times and, on CUDA, the device time at which the stream reached each phase's start and end (CUDA
+    events: a few µs a phase), so the timeline keeps the host's own pace."""
 
     def __init__(self, path: str, steps: str) -> None:
         self.path = path
@@ -335,7 +335,7 @@ class StepTrace:
         return torch.profiler.record_function if self.chrome else self._mark
 
     def before(self, step: int) -> None:
-        if step != self.start:
+        if step != self.start or self.on or self.profiler is not None:  # (an idle loop comes back to the same step)
             return
         if self.chrome:
             activities = [torch.profiler.ProfilerActivity.CPU]

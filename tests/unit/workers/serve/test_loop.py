@@ -18,7 +18,7 @@ from stratus_workers.models.tiny import TINY, random_llama
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.contexts import pack_call
 from stratus_workers.serve.core import EngineCore, StepOutput
-from stratus_workers.serve.loop import EngineLoop, StepProfile, ThreadInbox
+from stratus_workers.serve.loop import EngineLoop, StepProfile, StepTrace, ThreadInbox
 from stratus_workers.serve.runner.build import build_runner
 from stratus_workers.serve.sessions import SpeculativeSessions, VerifyResult
 from stratus_workers.serve.surface import SparseDist
@@ -240,3 +240,25 @@ def test_a_traced_range_of_steps_writes_the_loops_phases(
     for name, start, end, _, _ in phases:  # launches, replies and passes happen inside steps
         if name in ("launch", "reply", "pass", "open", "verdicts"):
             assert any(s[1] <= start and end <= s[2] for s in steps), name
+
+
+def test_a_trace_started_once_is_not_restarted_by_an_idle_loop_at_its_first_step(tmp_path: Any) -> None:
+    # An idle loop looks at its inbox again and again at the same step: the trace keeps what it recorded so far.
+    path = tmp_path / "events.txt"
+    trace = StepTrace(str(path), "3,2")
+    mark = trace.marker()
+    trace.before(2)
+    with mark("take"):
+        pass
+    trace.before(3)
+    with mark("take"):
+        pass
+    base = trace.base
+    trace.before(3)
+    with mark("step"):
+        pass
+    assert trace.base is base
+    trace.after(3)
+    assert not path.exists()
+    trace.after(4)
+    assert [p[0] for p in json.loads(path.read_text())["phases"]] == ["take", "step"]
