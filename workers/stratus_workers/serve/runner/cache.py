@@ -149,8 +149,9 @@ class KVCache:
         """Rows `rows` (any, in any order) now hold `lengths` tokens (after a forward over those rows)."""
         for row, length in zip(rows, lengths, strict=True):
             self.lengths[row] = length
-        if self.lengths_dev is not None:
-            self.lengths_dev[self._on_device(rows)] = self._on_device(lengths)
+        if self.lengths_dev is not None:  # rows and lengths in one copy (each is a pin and a launch on the host)
+            both = self._on_device([*rows, *lengths])
+            self.lengths_dev[both[: len(rows)]] = both[len(rows) :]
         # The rows in between did not change; marking them too only costs a step launched ahead, never a wrong one.
         self._changed(min(rows), max(rows) + 1)
 
