@@ -505,9 +505,10 @@ class FusedRunner(ModelRunner):
         """`ModelRunner.forward_rows_greedy`: the packed pass, then the head and the greedy verdicts together, on CUDA
         as one graph per bucket of scored positions (`PACKED_BUCKETS`) behind the pass's: two dozen small kernels
         launched by the host per Verify group become one replay, and the head's matrix product sees a few shapes, not
-        one per group size (a new shape cost cuBLAS milliseconds of host time to plan). None where the packed pass
-        does not run (the caller then takes `forward_rows` and `greedy_verdicts`). A verdict graph that fails to
-        capture or run turns them off for good; the group's verdicts are then computed eagerly from the same pass."""
+        one per group size (on an H200 a new size cost the eager head 5-6 ms of host time, most likely cuBLAS's
+        planning). None where the packed pass does not run (the caller then takes `forward_rows` and
+        `greedy_verdicts`). A verdict graph that fails to capture or run turns them off for good; the group's verdicts
+        are then computed eagerly from the same pass."""
         packed = self.packed_verify and env_flag("STRATUS_VERIFY_PACKED", True) and self.world_size == 1
         if not packed or (self.device.type == "cuda" and not self.triton_attention):
             return None
