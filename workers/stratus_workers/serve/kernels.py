@@ -319,8 +319,17 @@ def extend_block(n_q: int, n_kv: int, longest: int = 0) -> int:
     tokens where a row has 17 to 32 (a 16-token draft's verification: its row's keys read once, not twice: on an H200
     the ~1B pass of 32 such rows 4.28 against 4.42 ms, the kernel 36 against 48 µs a layer), else 16 (measured
     there: at 9 tokens a row 32 made the pass 2.5% slower; prefill chunks were not measured with 32)."""
-    most = 32 if 16 < longest <= 32 else 16
+    most = 32 if longest in WIDE_BLOCK_ROWS else 16
     return max(1, min(most, 128 // _group_pad(n_q // n_kv)))
+
+
+WIDE_BLOCK_ROWS = range(17, 33)  # the longest rows whose pass `extend_block` gives blocks of 32
+
+
+def extend_block_sizes(n_q: int, n_kv: int, tokens: int) -> set[int]:
+    """Every block size `extend_block` gives a pass of `tokens` packed tokens (whose longest row has at most as
+    many): the ones a CUDA graph of that many tokens may be captured with."""
+    return {extend_block(n_q, n_kv, longest) for longest in (1, WIDE_BLOCK_ROWS.start) if longest <= tokens}
 
 
 def extend_blocks(run_starts: np.ndarray, run_lens: np.ndarray, block: int, size: int = 0) -> np.ndarray:

@@ -46,6 +46,9 @@ def test_block_table_cuts_runs_and_pads() -> None:
     # tile allows it: each row's keys read once; shorter and longer rows (prefill chunks) keep 16.
     assert [kernels.extend_block(32, 32, n) for n in (1, 9, 16, 17, 32, 33, 512)] == [16, 16, 16, 32, 32, 16, 16]
     assert kernels.extend_block(9, 3, 17) == 32 and kernels.extend_block(64, 1, 17) == 2
+    # The sizes a graph of so many tokens may be captured with: no row of 17 fits in 16 tokens.
+    assert [kernels.extend_block_sizes(32, 32, t) for t in (8, 16, 17, 1152)] == [{16}, {16}, {16, 32}, {16, 32}]
+    assert kernels.extend_block_sizes(64, 1, 1152) == {2}
 
 
 @settings(max_examples=25, deadline=None)

@@ -482,8 +482,7 @@ class FusedRunner(ModelRunner):
         each query's row from `rows`) is causal within the new tokens as well. Under tensor parallel, or
         without the kernel on CUDA (STRATUS_VERIFY_PACKED=0 too), the padded pass of the base class.
         """
-        packed = self.packed_verify and env_flag("STRATUS_VERIFY_PACKED", True) and self.world_size == 1
-        if not packed or (self.device.type == "cuda" and not self.triton_attention):
+        if not self._packs_verify():
             return super().forward_rows(rows, tokens, logits_from)
         try:
             check_rows(rows, tokens, logits_from, self.max_rows)
@@ -491,12 +490,22 @@ class FusedRunner(ModelRunner):
         except ValueError:
             raise
         except Exception as exc:  # a kernel that cannot run here: the padded pass is still correct
-            log.warning("packed verification failed (%s: %s); verifying padded", type(exc).__name__, exc)
-            self.packed_verify = False
+            self._packed_failed(exc)
             return super().forward_rows(rows, tokens, logits_from)
         self.passes += 1
         self.positions += sum(len(t) for t in tokens)
         return logits
+
+    def _packs_verify(self) -> bool:
+        """Whether verification runs as the packed pass: not after one failed, nor under tensor parallel, nor on CUDA
+        without the attention kernel (STRATUS_VERIFY_PACKED=0 turns it off)."""
+        packed = self.packed_verify and env_flag("STRATUS_VERIFY_PACKED", True) and self.world_size == 1
+        return packed and (self.device.type != "cuda" or self.triton_attention)
+
+    def _packed_failed(self, exc: Exception) -> None:
+        """A packed verification that could not run: the padded pass verifies from now on."""
+        log.warning("packed verification failed (%s: %s); verifying padded", type(exc).__name__, exc)
+        self.packed_verify = False
 
     @torch.inference_mode()
     def forward_rows_greedy(
@@ -509,8 +518,7 @@ class FusedRunner(ModelRunner):
         planning). None where the packed pass does not run (the caller then takes `forward_rows` and
         `greedy_verdicts`). A verdict graph that fails to capture or run turns them off for good; the group's verdicts
         are then computed eagerly from the same pass."""
-        packed = self.packed_verify and env_flag("STRATUS_VERIFY_PACKED", True) and self.world_size == 1
-        if not packed or (self.device.type == "cuda" and not self.triton_attention):
+        if not self._packs_verify():
             return None
         size = plan.shape[1]
         try:
@@ -521,8 +529,7 @@ class FusedRunner(ModelRunner):
         except ValueError:
             raise
         except Exception as exc:  # as forward_rows: the padded pass and greedy_verdicts compute the same
-            log.warning("packed verification failed (%s: %s); verifying padded", type(exc).__name__, exc)
-            self.packed_verify = False
+            self._packed_failed(exc)
             return None
         self.passes += 1
         self.positions += sum(len(t) for t in tokens)
@@ -558,12 +565,9 @@ class FusedRunner(ModelRunner):
         return out
 
     def _verdict_bucket(self, size: int) -> int:
-        """The scored positions a verdict graph of `size` positions computes, or 0: eagerly."""
-        if not (self.device.type == "cuda" and self.cuda_graphs and self.verdict_graphs):
-            return 0
-        if not env_flag("STRATUS_VERIFY_GRAPHS", True):
-            return 0
-        return next((b for b in PACKED_BUCKETS if b >= size), 0)
+        """The scored positions a verdict graph of `size` positions computes (the packed pass's buckets), or 0:
+        eagerly."""
+        return self._packed_bucket(size) if self.verdict_graphs else 0
 
     def _verdict_body(self, bucket: int) -> torch.Tensor:
         """What a verdict graph of `bucket` positions captures, over its static inputs."""
@@ -912,16 +916,14 @@ class FusedRunner(ModelRunner):
         for a capture (the key-split ones only where a row can read enough keys). Every row is empty at
         warm-up: the captures write at position 0, which real tokens overwrite. A failure leaves them to be
         captured on first use."""
-        packed = self.packed_verify and env_flag("STRATUS_VERIFY_PACKED", True) and self.world_size == 1
-        if not (packed and self.cuda_graphs and self.triton_attention and env_flag("STRATUS_VERIFY_GRAPHS", True)):
+        if not (self._packs_verify() and self._packed_bucket(1)):  # (no bucket: no graphs, or not the kernel)
             return 0
         if any(self.cache.lengths):
             return 0
         try:
             heads = self.local_heads, self.local_kv_heads
             for bucket in PACKED_BUCKETS:
-                # Each block size a pass of this many tokens can take (`kernels.extend_block`: by its longest row).
-                for block in {kernels.extend_block(*heads, min(bucket, longest)) for longest in (1, 17)}:
+                for block in kernels.extend_block_sizes(*heads, bucket):
                     # No blocks: the attention kernel does nothing (it is compiled all the same).
                     blocks = kernels.max_extend_blocks(bucket, self.max_rows, block)
                     plan = torch.zeros(3 * bucket + 2 * blocks, dtype=torch.long, device=self.device)

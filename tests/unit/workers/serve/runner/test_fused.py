@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -193,7 +194,7 @@ def test_a_bad_row_limit_for_the_fused_layer_is_refused_by_name(
 
 @pytest.mark.parametrize("new", [9, 17])
 def test_packed_verification_with_the_attention_kernel_scores_as_the_model_does(
-    model: torch.nn.Module, reference, new: int
+    model: torch.nn.Module, reference, new: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # CUDA's packed pass (Triton's block attention, here its interpreter) over rows of 9 new tokens (an 8-token
     # draft: blocks of 16) and of 17 (a 16-token draft: blocks of 32, so each row's keys are read once), after
@@ -201,11 +202,20 @@ def test_packed_verification_with_the_attention_kernel_scores_as_the_model_does(
     pytest.importorskip("triton")
     runner = fused(model, 4, 64)
     runner.triton_attention = True
-    assert kernels.extend_block(runner.local_heads, runner.local_kv_heads, new) == (32 if new > 16 else 16)
+    blocks: list[int] = []  # the block size each of the pass's attention calls took (its last argument)
+    attend = kernels.extend_attention
+
+    def recorded(*args: Any) -> torch.Tensor:
+        blocks.append(args[-1])
+        return attend(*args)
+
+    monkeypatch.setattr(kernels, "extend_attention", recorded)
     rows, contexts = [0, 2, 3], [[5, 6, 7, 8], [3, 4, 9], [100, 101, 102, 103, 104, 105]]
     runner.forward_rows(rows, contexts, [len(c) - 1 for c in contexts])
     tokens = [[(31 * k + i) % 500 for i in range(new)] for k in range(len(rows))]
+    blocks.clear()
     logits = runner.forward_rows(rows, tokens, [0] * len(rows))
+    assert blocks and set(blocks) == {32 if new > 16 else 16}
     for k, (context, fed) in enumerate(zip(contexts, tokens, strict=True)):
         close(logits[k * new : (k + 1) * new], reference(context + fed, last=new))
     assert runner.lengths == [len(contexts[0]) + new, 0, len(contexts[1]) + new, len(contexts[2]) + new]
