@@ -219,3 +219,33 @@ def test_packed_verification_with_the_attention_kernel_scores_as_the_model_does(
     for k, (context, fed) in enumerate(zip(contexts, tokens, strict=True)):
         close(logits[k * new : (k + 1) * new], reference(context + fed, last=new))
     assert runner.lengths == [len(contexts[0]) + new, 0, len(contexts[1]) + new, len(contexts[2]) + new]
+
+
+@pytest.mark.slow  # inductor compiles the blocks for the CPU (about half a minute here)
+def test_compiled_blocks_score_as_the_eager_ones_and_a_third_size_compiles_nothing(
+    model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The compiled blocks take automatic dynamic shapes: the first size is compiled as it is, the second makes the
+    # sizes that changed (the tokens) symbolic, and from then on no size a server meets compiles again (a compile
+    # is seconds in a request's path). The model's own sizes stay constants, which is what made the element-wise
+    # kernels fast on an H200 (tests/bench/gpu_layer_parts.py); here the logits must match the eager blocks'.
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("STRATUS_FAST_PATH", "1")
+    torch._dynamo.reset()
+    counters.clear()
+    eager = FusedRunner(model, max_rows=8, max_len=64, cuda_graphs=False, compile=False)
+    compiled = FusedRunner(model, max_rows=8, max_len=64, cuda_graphs=False, compile=True)
+    assert compiled.compiled
+    graphs_after = []
+    with torch.inference_mode():
+        for batch in (2, 3, 5, 7):
+            rows = list(range(batch))
+            drafts = [[1 + r, 2 + r, 3 + r][: r % 3 + 1] for r in rows]
+            got = compiled.forward_rows(rows, drafts, [0] * batch)
+            close(got, eager.forward_rows(rows, drafts, [0] * batch))
+            for runner in (compiled, eager):
+                runner.truncate_rows(rows, [0] * batch)
+            graphs_after.append(counters["stats"]["unique_graphs"])
+    assert graphs_after[1] > graphs_after[0] > 0  # the first size compiled as constants, the second symbolic
+    assert graphs_after[2] == graphs_after[3] == graphs_after[1]  # the third and fourth sizes reuse the second's
