@@ -21,7 +21,7 @@ import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -45,6 +45,8 @@ from stratus_workers.serve.runner.modules import apply_rotary
 from stratus_workers.serve.speculative import greedy_verdicts
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 # A packed pass splits its attention's keys over several programs when some row reads more keys than this.
 SPLIT_KEYS = 512
@@ -486,19 +488,8 @@ class FusedRunner(ModelRunner):
         each query's row from `rows`) is causal within the new tokens as well. Under tensor parallel, or
         without the kernel on CUDA (STRATUS_VERIFY_PACKED=0 too), the padded pass of the base class.
         """
-        if not self._packs_verify():
-            return super().forward_rows(rows, tokens, logits_from)
-        try:
-            check_rows(rows, tokens, logits_from, self.max_rows)
-            logits = self._packed(rows, tokens, logits_from)
-        except ValueError:
-            raise
-        except Exception as exc:  # a kernel that cannot run here: the padded pass is still correct
-            self._packed_failed(exc)
-            return super().forward_rows(rows, tokens, logits_from)
-        self.passes += 1
-        self.positions += sum(len(t) for t in tokens)
-        return logits
+        logits = self._packed_verify(rows, tokens, logits_from, self._scored_head)
+        return super().forward_rows(rows, tokens, logits_from) if logits is None else logits
 
     def _packs_verify(self) -> bool:
         """Whether verification runs as the packed pass: not after one failed, nor under tensor parallel, nor on CUDA
@@ -506,10 +497,29 @@ class FusedRunner(ModelRunner):
         packed = self.packed_verify and env_flag("STRATUS_VERIFY_PACKED", True) and self.world_size == 1
         return packed and (self.device.type != "cuda" or self.triton_attention)
 
-    def _packed_failed(self, exc: Exception) -> None:
-        """A packed verification that could not run: the padded pass verifies from now on."""
-        log.warning("packed verification failed (%s: %s); verifying padded", type(exc).__name__, exc)
-        self.packed_verify = False
+    def _packed_verify(
+        self, rows: Sequence[int], tokens: Sequence[Sequence[int]], logits_from: Sequence[int],
+        then: Callable[[torch.Tensor, torch.Tensor], _T], scored: int | None = None,
+    ) -> _T | None:
+        """The packed verification pass and `then(hidden, scored indices)` over it, counted as a pass; None where the
+        packed pass does not run, or failed (a kernel that cannot run here: the padded pass verifies from now on, and
+        is as correct). Bad rows raise ValueError, as does a `scored` count the rows do not score."""
+        if not self._packs_verify():
+            return None
+        try:
+            check_rows(rows, tokens, logits_from, self.max_rows)
+            if scored is not None and sum(len(t) - f for t, f in zip(tokens, logits_from, strict=True)) != scored:
+                raise ValueError(f"the verdicts' plan covers {scored} positions; the rows score a different count")
+            out = then(*self._packed_hidden(rows, tokens, logits_from))
+        except ValueError:
+            raise
+        except Exception as exc:
+            log.warning("packed verification failed (%s: %s); verifying padded", type(exc).__name__, exc)
+            self.packed_verify = False
+            return None
+        self.passes += 1
+        self.positions += sum(len(t) for t in tokens)
+        return out
 
     @torch.inference_mode()
     def forward_rows_greedy(
@@ -522,21 +532,11 @@ class FusedRunner(ModelRunner):
         planning). None where the packed pass does not run (the caller then takes `forward_rows` and
         `greedy_verdicts`). A verdict graph that fails to capture or run turns them off for good; the group's verdicts
         are then computed eagerly from the same pass."""
-        if not self._packs_verify():
-            return None
         size = plan.shape[1]
-        try:
-            check_rows(rows, tokens, logits_from, self.max_rows)
-            if sum(len(t) - f for t, f in zip(tokens, logits_from, strict=True)) != size:
-                raise ValueError(f"the verdicts' plan covers {size} positions; the rows score a different count")
-            hidden, scored = self._packed_hidden(rows, tokens, logits_from)
-        except ValueError:
-            raise
-        except Exception as exc:  # as forward_rows: the padded pass and greedy_verdicts compute the same
-            self._packed_failed(exc)
+        found = self._packed_verify(rows, tokens, logits_from, lambda hidden, scored: (hidden, scored), size)
+        if found is None:
             return None
-        self.passes += 1
-        self.positions += sum(len(t) for t in tokens)
+        hidden, scored = found
         verdict_rows = self.max_rows + 1  # the last one collects the bucket's padding positions
         with self.mark("verdicts"):
             bucket = self._verdict_bucket(size)
@@ -641,7 +641,10 @@ class FusedRunner(ModelRunner):
     ) -> torch.Tensor:
         """One packed pass: `tokens[i]` appended to row `rows[i]`, the logits of those from `logits_from[i]` on
         (`device_ids`: the first tokens' ids, still being computed on the device; the mixed pass's)."""
-        hidden, scored = self._packed_hidden(rows, tokens, logits_from, prefill, device_ids)
+        return self._scored_head(*self._packed_hidden(rows, tokens, logits_from, prefill, device_ids))
+
+    def _scored_head(self, hidden: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+        """The head's logits of the scored positions of a packed pass's hidden states."""
         with self.mark("head"):
             return self.head(hidden[scored])
 

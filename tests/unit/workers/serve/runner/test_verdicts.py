@@ -124,6 +124,30 @@ def test_a_verdict_graph_that_fails_leaves_the_verdicts_to_the_eager_path_for_go
 
 
 @pytest.mark.unit
+def test_a_packed_pass_that_fails_turns_packing_off_and_the_padded_pass_verifies(
+    model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A kernel that cannot run here: forward_rows_greedy answers None with no pass counted (the caller takes
+    # forward_rows and greedy_verdicts), and from then on forward_rows takes the padded pass, scoring as the model.
+    runner = FusedRunner(model, max_rows=3, max_len=MAX_LEN, cuda_graphs=False, compile=False)
+    packed = FusedRunner(model, max_rows=3, max_len=MAX_LEN, cuda_graphs=False, compile=False)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("no kernel image for this device")
+
+    monkeypatch.setattr(runner, "_packed_hidden", broken)
+    drafts = [[5, 6], [7]]
+    tokens = [[1, 2, *drafts[0]], [3, *drafts[1]]]
+    with torch.inference_mode():
+        assert runner.forward_rows_greedy([0, 2], tokens, [1, 0], plan_of(drafts)) is None
+        assert not runner.packed_verify and runner.passes == 0 and runner.lengths == [0, 0, 0]
+        got = runner.forward_rows([0, 2], tokens, [1, 0])
+        want = packed.forward_rows([0, 2], tokens, [1, 0])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert runner.passes == 1 and runner.lengths == packed.lengths
+
+
+@pytest.mark.unit
 def test_a_runner_without_the_combined_path_runs_nothing(model: Any) -> None:
     runner = ModuleRunner(model, max_rows=3, max_len=MAX_LEN)
     assert runner.forward_rows_greedy([0], [[1, 2]], [0], plan_of([[2]])) is None
