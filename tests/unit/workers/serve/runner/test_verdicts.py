@@ -50,6 +50,19 @@ def reference(runner: ModelRunner, rows: list[int], tokens: list[list[int]], dra
     return stop.tolist() + token.tolist() + logprobs.tolist()
 
 
+def pair(model: Any) -> tuple[FusedRunner, FusedRunner]:
+    """Two eager fused runners of three rows: one to break, one to compare with."""
+    def one() -> FusedRunner:
+        return FusedRunner(model, max_rows=3, max_len=MAX_LEN, cuda_graphs=False, compile=False)
+
+    return one(), one()
+
+
+# Two sessions in rows 0 and 2 with drafts of two tokens and one: their calls' tokens (context tail + draft).
+DRAFTS = [[5, 6], [7]]
+TOKENS = [[1, 2, *DRAFTS[0]], [3, *DRAFTS[1]]]
+
+
 def rounds(seed: int, rows: int) -> list[tuple[list[list[int]], list[list[int]]]]:
     """Three rounds of per-row (context tail, draft) of varied lengths, some drafts empty."""
     rng = random.Random(seed)
@@ -100,8 +113,7 @@ def test_a_verdict_graph_that_fails_leaves_the_verdicts_to_the_eager_path_for_go
 ) -> None:
     # A capture or replay that fails (here: raises as a refused capture would) after the pass ran: the group still
     # gets its verdicts, computed eagerly from the same pass, and later groups do not try the graphs again.
-    one = FusedRunner(model, max_rows=3, max_len=MAX_LEN, cuda_graphs=False, compile=False)
-    two = FusedRunner(model, max_rows=3, max_len=MAX_LEN, cuda_graphs=False, compile=False)
+    one, two = pair(model)
     tried: list[int] = []
 
     def refused(*args: Any) -> torch.Tensor:
@@ -110,13 +122,11 @@ def test_a_verdict_graph_that_fails_leaves_the_verdicts_to_the_eager_path_for_go
 
     monkeypatch.setattr(two, "_verdict_bucket", lambda size: 16 if two.verdict_graphs else 0)
     monkeypatch.setattr(two, "_verdicts_graphed", refused)
-    drafts = [[5, 6], [7]]
-    tokens = [[1, 2, *drafts[0]], [3, *drafts[1]]]
     with torch.inference_mode():
         for _ in range(2):
-            plan = plan_of(drafts)
-            want = reference(one, [0, 2], tokens, drafts)
-            found = two.forward_rows_greedy([0, 2], tokens, [1, 0], plan)
+            plan = plan_of(DRAFTS)
+            want = reference(one, [0, 2], TOKENS, DRAFTS)
+            found = two.forward_rows_greedy([0, 2], TOKENS, [1, 0], plan)
             assert found is not None
             got = picked(found, 2, plan.shape[1])
             assert got[:4] == want[:4] and got[4:] == pytest.approx(want[4:], abs=1e-5)
@@ -129,20 +139,17 @@ def test_a_packed_pass_that_fails_turns_packing_off_and_the_padded_pass_verifies
 ) -> None:
     # A kernel that cannot run here: forward_rows_greedy answers None with no pass counted (the caller takes
     # forward_rows and greedy_verdicts), and from then on forward_rows takes the padded pass, scoring as the model.
-    runner = FusedRunner(model, max_rows=3, max_len=MAX_LEN, cuda_graphs=False, compile=False)
-    packed = FusedRunner(model, max_rows=3, max_len=MAX_LEN, cuda_graphs=False, compile=False)
+    runner, packed = pair(model)
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("no kernel image for this device")
 
     monkeypatch.setattr(runner, "_packed_hidden", broken)
-    drafts = [[5, 6], [7]]
-    tokens = [[1, 2, *drafts[0]], [3, *drafts[1]]]
     with torch.inference_mode():
-        assert runner.forward_rows_greedy([0, 2], tokens, [1, 0], plan_of(drafts)) is None
+        assert runner.forward_rows_greedy([0, 2], TOKENS, [1, 0], plan_of(DRAFTS)) is None
         assert not runner.packed_verify and runner.passes == 0 and runner.lengths == [0, 0, 0]
-        got = runner.forward_rows([0, 2], tokens, [1, 0])
-        want = packed.forward_rows([0, 2], tokens, [1, 0])
+        got = runner.forward_rows([0, 2], TOKENS, [1, 0])
+        want = packed.forward_rows([0, 2], TOKENS, [1, 0])
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert runner.passes == 1 and runner.lengths == packed.lengths
 
