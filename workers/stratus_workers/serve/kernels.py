@@ -20,6 +20,8 @@ compiler refuses, so `extend_attention` checks them itself.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -31,6 +33,37 @@ except ImportError:  # CPU-only installs (the edge image) have no triton
     tl = None
 
 AVAILABLE = triton is not None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """An attention kernel's tuning: keys per loop iteration, warps per program, software-pipeline stages."""
+
+    block_n: int = 64
+    warps: int = 4
+    stages: int = 2
+
+
+# Chosen by tests/bench/gpu_attention_sweep.py on an H200 (docs/benchmarks.md, "Attention launch settings"): two
+# warps and three stages wherever a program's tile is small (a decode step's 16 lines; an extend block of at most
+# 32, the ~1B configuration's 32 kv heads), 5-20% faster there; tiles of 64-128 lines (the 135M's grouped heads)
+# spill registers with two warps, and take 32 keys a step instead. Split decode kept the old launch (it measured
+# 5% slower with the new one).
+DECODE_LAUNCH = Launch(block_n=64, warps=2, stages=3)
+SPLIT_DECODE_LAUNCH = Launch(block_n=64, warps=4, stages=2)
+SMALL_TILE_LAUNCH = Launch(block_n=64, warps=2, stages=3)
+WIDE_TILE_LAUNCH = Launch(block_n=32, warps=4, stages=3)
+SMALL_TILE_LINES = 32
+
+
+def decode_launch(splits: int) -> Launch:
+    """`decode_attention`'s launch for a step of `splits` key splits."""
+    return DECODE_LAUNCH if splits == 1 else SPLIT_DECODE_LAUNCH
+
+
+def extend_launch(lines: int) -> Launch:
+    """`extend_attention`'s launch for a tile of `lines` (token, head) lines."""
+    return SMALL_TILE_LAUNCH if lines <= SMALL_TILE_LINES else WIDE_TILE_LAUNCH
 
 
 if triton is not None:
@@ -252,10 +285,12 @@ def decode_attention(
     scale: float,
     rows: torch.Tensor | None = None,
     splits: int = 1,
+    launch: Launch | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, D] (rows 0..B-1, or rows[b] for query b); caches [R, Hkv, L, D]; pos [B]: query b attends to
     keys 0..pos[b] of its row; `splits`: programs per (query, kv head), each taking its share of the keys
-    (`decode_splits`; a power of two), and a second kernel combining them.
+    (`decode_splits`; a power of two), and a second kernel combining them; `launch`: the kernel's tuning
+    (default `decode_launch`).
 
     Returns [B, Hq * D]. Needs CUDA tensors, a power-of-two head size of at least 16, and Hq a
     multiple of Hkv (grouped-query heads are consecutive, as in Hugging Face's repeat_kv).
@@ -267,6 +302,7 @@ def decode_attention(
     group_pad = max(16, _group_pad(group))
     if not _pow2(splits):
         raise ValueError(f"decode_attention's splits must be a power of two, got {splits}")
+    launch = launch or decode_launch(splits)
     out = torch.empty_like(q)
     part = out  # unused with one split
     if splits > 1:
@@ -278,12 +314,12 @@ def decode_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         scale,
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_N=64,
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_N=launch.block_n,
         HAS_ROWS=rows is not None, SPLITS=splits,
         # float32 stays float32 (Triton's default would round the products to TensorFloat-32, which torch's
         # own float32 matrix products do not: the decode step and a verification would disagree).
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32: the default, ignored for 16-bit
-        num_warps=4, num_stages=2,
+        num_warps=launch.warps, num_stages=launch.stages,
     )  # fmt: skip
     if splits > 1:
         _decode_combine_kernel[(batch, n_kv)](
@@ -392,12 +428,13 @@ def extend_attention(
     scale: float,
     splits: int | None = None,
     block: int = 0,
+    launch: Launch | None = None,
 ) -> torch.Tensor:
     """Packed tokens' attention: q [T, Hq, D], token t a query at position pos[t] of cache row rows[t] (its key
     already written), against keys 0..pos[t] of that row; caches [R, Hkv, L, D]; `blocks` [2, N] from
     `extend_blocks` (a block of no tokens does nothing, so a graph's table can be padded) cut in blocks of `block`
-    tokens (0: `extend_block`'s default); `splits`: key splits (default `extend_splits`). Returns [T, Hq * D]; tokens
-    in no block (padding) get unspecified values.
+    tokens (0: `extend_block`'s default); `splits`: key splits (default `extend_splits`); `launch`: the kernel's
+    tuning (default `extend_launch`). Returns [T, Hq * D]; tokens in no block (padding) get unspecified values.
     """
     assert triton is not None
     tokens, n_q, head_dim = q.shape
@@ -407,6 +444,7 @@ def extend_attention(
     splits = splits or extend_splits(tokens, n_q, n_kv, block_m)
     check_tile(block_m * group_pad, head_dim, splits)
     n_blocks = blocks.shape[1]
+    launch = launch or extend_launch(block_m * group_pad)
     out = torch.empty_like(q)
     part = out  # unused with one split
     if splits > 1:
@@ -421,9 +459,9 @@ def extend_attention(
         out.stride(0), out.stride(1),
         blocks.stride(0),
         scale,
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_N=64, SPLITS=splits,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2,
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_N=launch.block_n,
+        SPLITS=splits, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=launch.warps, num_stages=launch.stages,
     )  # fmt: skip
     if splits > 1:
         _extend_combine_kernel[(n_blocks, n_kv)](

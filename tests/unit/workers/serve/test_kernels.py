@@ -16,6 +16,8 @@ pytestmark = pytest.mark.unit
 
 SCALE = 0.3
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Keys a loop step, warps, stages: any launch computes the same attention (the steps' boundaries move).
+LAUNCHES = [kernels.Launch(32, 4, 3), kernels.Launch(128, 2, 3), kernels.Launch(64, 4, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +60,12 @@ def test_block_table_cuts_runs_and_pads() -> None:
     empty=st.integers(0, 3),
     splits=st.sampled_from([None, 1, 2, 4, 16]),
     longest=st.sampled_from([0, 17]),
+    launch=st.sampled_from([None, *LAUNCHES]),
     seed=st.integers(0, 2**16),
 )
 def test_extend_attention_is_each_tokens_own_attention(
     interp: ModuleType, heads: tuple[int, int], runs: list[tuple[int, int]], empty: int, splits: int | None,
-    longest: int, seed: int,
+    longest: int, launch: kernels.Launch | None, seed: int,
 ) -> None:
     # Packed rows of any lengths from any positions (a verification's drafts, a prefill's chunks after a cached
     # prefix); each run is a row of its own; empty blocks (a graph's padding) and a padding token change nothing;
@@ -79,7 +82,7 @@ def test_extend_attention_is_each_tokens_own_attention(
     table = interp.extend_blocks(np.cumsum(lens) - lens, lens, block, size=-(-lens // block).sum() + empty)
     on = [torch.tensor(x, device=DEVICE) for x in ([*pos, 0], [*rows, 0], table)]
     got = interp.extend_attention(
-        q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), *on, SCALE, splits=splits, block=block
+        q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), *on, SCALE, splits=splits, block=block, launch=launch
     ).cpu()
     torch.testing.assert_close(got[:-1], reference(q[:-1], k, v, rows, pos), atol=1e-5, rtol=1e-5)
 
@@ -126,10 +129,12 @@ def test_decode_attention_reads_each_rows_keys(interp: ModuleType) -> None:
     pos=st.lists(st.integers(0, 199), min_size=1, max_size=4),
     splits=st.sampled_from([1, 2, 4, 16]),
     named=st.booleans(),
+    launch=st.sampled_from([None, *LAUNCHES]),
     seed=st.integers(0, 2**16),
 )
 def test_decode_attention_splits_a_rows_keys_without_changing_the_answer(
-    interp: ModuleType, heads: tuple[int, int], pos: list[int], splits: int, named: bool, seed: int
+    interp: ModuleType, heads: tuple[int, int], pos: list[int], splits: int, named: bool,
+    launch: kernels.Launch | None, seed: int,
 ) -> None:
     # Any lengths (one key, a share smaller than a tile, splits past a short row's keys that see none), with the
     # rows named or not: the combined partial softmaxes are the row's attention.
@@ -141,9 +146,18 @@ def test_decode_attention_splits_a_rows_keys_without_changing_the_answer(
     rows = list(reversed(range(len(pos)))) if named else list(range(len(pos)))
     on_rows = torch.tensor(rows, device=DEVICE) if named else None
     got = interp.decode_attention(
-        q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), torch.tensor(pos, device=DEVICE), SCALE, rows=on_rows, splits=splits
+        q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), torch.tensor(pos, device=DEVICE), SCALE, rows=on_rows, splits=splits,
+        launch=launch,
     ).cpu()
     torch.testing.assert_close(got, reference(q, k, v, rows, pos), atol=1e-5, rtol=1e-5)
+
+
+def test_launch_settings_follow_the_tile() -> None:
+    # Small tiles (a decode step's 16 lines, the ~1B's 32-line blocks) take two warps; wider ones (the 135M's grouped
+    # heads) keep four, which two would spill (13x slower on an H200); a split decode keeps the launch it had.
+    assert kernels.decode_launch(1).warps == 2 and kernels.decode_launch(4) == kernels.Launch(64, 4, 2)
+    assert kernels.extend_launch(16).warps == kernels.extend_launch(32).warps == 2
+    assert kernels.extend_launch(64).warps == kernels.extend_launch(128).warps == 4
 
 
 def test_decode_splits_only_where_programs_are_few() -> None:

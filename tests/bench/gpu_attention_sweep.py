@@ -1,0 +1,124 @@
+"""Which launch settings make the attention kernels fastest on this GPU (CUDA; a tuning sweep, not a benchmark).
+
+`python tests/bench/gpu_attention_sweep.py` times `extend_attention` (the packed pass: verification rows of a
+16-token draft, and first-round rows of prompt + draft) and `decode_attention` (a decode step) at the served
+shapes of the ~1B and 135M configurations, for every `Launch` (keys per iteration, warps, pipeline stages) in the
+grid, as CUDA graphs of one launch per layer, and prints each shape's times beside the current default's with the
+largest difference of outputs from it. Random bfloat16 caches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from gpu_layer_parts import ARCHS, graph_ms
+
+from stratus_workers.serve import kernels
+from stratus_workers.serve.kernels import Launch
+
+
+def extend_case(arch: str, rows: int, new: int, context: int) -> tuple[str, int, Callable[[Launch], torch.Tensor]]:
+    """A packed pass of `rows` rows of `new` tokens after `context` cached ones each."""
+    cfg = ARCHS[arch]
+    n_q, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg["hidden_size"] // n_q
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    length = context + new + 64
+    k = torch.randn(rows, n_kv, length, d, device=dev, dtype=dt)
+    v = torch.randn_like(k)
+    q = torch.randn(rows * new, n_q, d, device=dev, dtype=dt)
+    pos = torch.arange(context, context + new, device=dev).repeat(rows)
+    row_of = torch.arange(rows, device=dev).repeat_interleave(new)
+    block = kernels.extend_block(n_q, n_kv, new)
+    table = kernels.extend_blocks(np.arange(rows) * new, np.full(rows, new), block)
+    blocks = torch.from_numpy(table).to(dev)
+    scale = d**-0.5
+
+    def run(launch: Launch) -> torch.Tensor:
+        return kernels.extend_attention(q, k, v, pos, row_of, blocks, scale, block=block, launch=launch)
+
+    return f"extend {arch} {rows}x{new} after {context}", cfg["num_hidden_layers"], run
+
+
+def decode_case(arch: str, rows: int, context: int) -> tuple[str, int, Callable[[Launch], torch.Tensor]]:
+    """A decode step of `rows` rows at position `context`."""
+    cfg = ARCHS[arch]
+    n_q, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg["hidden_size"] // n_q
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    k = torch.randn(rows, n_kv, context + 64, d, device=dev, dtype=dt)
+    v = torch.randn_like(k)
+    q = torch.randn(rows, n_q, d, device=dev, dtype=dt)
+    pos = torch.full((rows,), context, device=dev)
+    splits = kernels.decode_splits(rows, n_kv) if context + 1 > kernels.DECODE_SPLIT_KEYS else 1
+
+    def run(launch: Launch) -> torch.Tensor:
+        return kernels.decode_attention(q, k, v, pos, d**-0.5, splits=splits, launch=launch)
+
+    return f"decode {arch} {rows} rows at {context} (splits {splits})", cfg["num_hidden_layers"], run
+
+
+BEFORE = Launch(64, 4, 2)  # every attention kernel's launch until this sweep (session 14)
+CANDIDATES = [Launch(64, 2, 3), Launch(32, 2, 2), Launch(32, 4, 1), Launch(128, 4, 2)]
+
+
+def sweep(name: str, layers: int, run: Callable[[Launch], torch.Tensor], grid: list[Launch], default: Launch) -> None:
+    """Print the fastest launches of one case, and the candidates', against `default`."""
+    reference = run(default).float()
+    base = graph_ms(lambda: run(default), layers) / layers * 1000
+    results: dict[Launch, tuple[float, float]] = {}
+    for launch in dict.fromkeys([*grid, *CANDIDATES]):
+        try:
+            diff = (run(launch).float() - reference).abs().max().item()
+            results[launch] = (graph_ms(lambda launch=launch: run(launch), layers) / layers * 1000, diff)
+        except Exception as error:  # a tile the compiler refuses (shared memory) is a result too
+            print(f"  {name}: {launch} failed: {type(error).__name__}: {str(error)[:120]}")
+    print(f"{name}: default {base:.1f} µs a layer")
+    best = sorted(results, key=lambda launch: results[launch][0])[:5]
+    for launch in [*best, *(c for c in CANDIDATES if c not in best and c in results)]:
+        us, diff = results[launch]
+        mark = " (candidate)" if launch in CANDIDATES else ""
+        print(
+            f"  block_n {launch.block_n:3d} warps {launch.warps} stages {launch.stages}: {us:6.1f} µs "
+            f"({us / base:.2f}x), max diff {diff:.2e}{mark}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--block-n", default="32,64,128")
+    parser.add_argument("--warps", default="2,4")
+    parser.add_argument("--stages", default="1,2,3")
+    args = parser.parse_args()
+    grid = [
+        Launch(int(n), int(w), int(s))
+        for n, w, s in itertools.product(args.block_n.split(","), args.warps.split(","), args.stages.split(","))
+    ]
+    extend = [
+        extend_case("1b", 32, 17, 320),
+        extend_case("1b", 32, 17, 560),
+        extend_case("1b", 32, 80, 0),
+        extend_case("1b", 1, 512, 512),
+        extend_case("135m", 32, 17, 320),
+        extend_case("135m", 32, 80, 0),
+        extend_case("135m", 1, 512, 512),
+    ]
+    decode = [
+        decode_case("1b", 64, 128),
+        decode_case("1b", 64, 320),
+        decode_case("1b", 1, 320),
+        decode_case("135m", 64, 128),
+        decode_case("135m", 64, 320),
+        decode_case("135m", 64, 1100),
+    ]
+    print(f"{torch.cuda.get_device_name()}; each case against {BEFORE}, the launch before the sweep")
+    for name, layers, run in [*extend, *decode]:
+        sweep(name, layers, run, grid, BEFORE)
+
+
+if __name__ == "__main__":
+    main()
