@@ -65,7 +65,8 @@ def verify_pipeline_on(default: bool = False) -> bool:
     """Whether an engine core runs the verify pipeline: STRATUS_VERIFY_PIPELINE, else `default`. The engine process
     of one CUDA device turns it on by default (`loop.pipeline_default`): there the frontend's replies and the next
     calls run in the other process while the device computes, and on an H200 at 64 sessions (~1B, 512 new tokens) it
-    measured 2.03x cloud-only against 1.67x without it (means of three runs each; the same 1.42x either way at 128).
+    measured 2.03x cloud-only against 1.67x without it (means of three runs each; the same 1.42x either way at 128),
+    and after the verdict graphs 3.39x against 2.45x and 2.52x (16-token drafts, one machine, session 14).
     Elsewhere it stays off: in a thread engine the frontend and the engine share one interpreter lock, and there it
     measured 4-5% slower (its two half-size passes cost 3.2 ms of device time each against 4.7 ms for one pass of
     all); on the CPU the device is the host and nothing overlaps (docs/benchmarks.md, "the verify pipeline")."""
