@@ -93,6 +93,9 @@ def main() -> None:
     parser.add_argument("--block-n", default="32,64,128")
     parser.add_argument("--warps", default="2,4")
     parser.add_argument("--stages", default="1,2,3")
+    parser.add_argument(
+        "--match", default="", help="only the cases whose name contains one of these (comma-separated: 'decode')"
+    )
     args = parser.parse_args()
     grid = [
         Launch(int(n), int(w), int(s))
@@ -108,6 +111,12 @@ def main() -> None:
         extend_case("135m", 1, 512, 512),
     ]
     decode = [
+        decode_case("1b", 1, 64),
+        decode_case("1b", 1, 1000),
+        decode_case("135m", 1, 64),
+        decode_case("135m", 1, 320),
+        decode_case("1b", 8, 320),
+        decode_case("135m", 8, 320),
         decode_case("1b", 64, 128),
         decode_case("1b", 64, 320),
         decode_case("1b", 1, 320),
@@ -117,7 +126,8 @@ def main() -> None:
     ]
     print(f"{torch.cuda.get_device_name()}; each case against {BEFORE}, the launch before the sweep")
     for name, layers, run in [*extend, *decode]:
-        sweep(name, layers, run, grid, BEFORE)
+        if any(part in name for part in args.match.split(",")):
+            sweep(name, layers, run, grid, BEFORE)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ compiler refuses, so `extend_attention` checks them itself.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,11 +30,17 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 except ImportError:  # CPU-only installs (the edge image) have no triton
     triton = None
     tl = None
 
+    class OutOfResources(Exception):  # type: ignore[no-redef]  # never raised without triton
+        """Stands for Triton's resource refusal where Triton is not installed."""
+
 AVAILABLE = triton is not None
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,26 +52,57 @@ class Launch:
     stages: int = 2
 
 
-# Chosen by tests/bench/gpu_attention_sweep.py on an H200 (docs/benchmarks.md, "Attention launch settings"): two
-# warps and three stages wherever a program's tile is small (a decode step's 16 lines; an extend block of at most
-# 32, the ~1B configuration's 32 kv heads), 5-20% faster there; tiles of 64-128 lines (the 135M's grouped heads)
-# spill registers with two warps, and take 32 keys a step instead. Split decode kept the old launch (it measured
-# 5% slower with the new one).
+# Chosen by tests/bench/gpu_attention_sweep.py on an H200 (docs/benchmarks.md, "Session 14"): two warps and three
+# stages wherever a program's tile is small (a decode step's 16 lines; an extend block of at most 32, the ~1B
+# configuration's one query head a kv head), 5-20% faster there; tiles of 64-128 lines (the 135M's grouped heads)
+# spill registers with two warps, and take 32 keys a step instead. A decode step of few (row, kv head) programs (one
+# stream, a few) is latency-bound: 128 keys a step and four warps take 11-28% off its kernel. Split decode kept the
+# old launch (5% slower with the new ones).
 DECODE_LAUNCH = Launch(block_n=64, warps=2, stages=3)
+FEW_PROGRAMS_DECODE_LAUNCH = Launch(block_n=128, warps=4, stages=3)
 SPLIT_DECODE_LAUNCH = Launch(block_n=64, warps=4, stages=2)
+FEW_DECODE_PROGRAMS = 128
 SMALL_TILE_LAUNCH = Launch(block_n=64, warps=2, stages=3)
 WIDE_TILE_LAUNCH = Launch(block_n=32, warps=4, stages=3)
 SMALL_TILE_LINES = 32
 
 
-def decode_launch(splits: int) -> Launch:
-    """`decode_attention`'s launch for a step of `splits` key splits."""
-    return DECODE_LAUNCH if splits == 1 else SPLIT_DECODE_LAUNCH
+def decode_launch(splits: int, programs: int) -> Launch:
+    """`decode_attention`'s launch for a step of `splits` key splits and `programs` (query, kv head) pairs."""
+    if splits > 1:
+        return SPLIT_DECODE_LAUNCH
+    return FEW_PROGRAMS_DECODE_LAUNCH if programs <= FEW_DECODE_PROGRAMS else DECODE_LAUNCH
 
 
 def extend_launch(lines: int) -> Launch:
     """`extend_attention`'s launch for a tile of `lines` (token, head) lines."""
     return SMALL_TILE_LAUNCH if lines <= SMALL_TILE_LINES else WIDE_TILE_LAUNCH
+
+
+# What every kernel ran with before the sweep: the least shared memory (32 KB a program), taken where a GPU refuses a
+# chosen launch (one of less shared memory than an H100's, for the chosen launches' 48-96 KB).
+BASE_LAUNCH = Launch()
+_refused: set[tuple[str, Launch]] = set()
+
+
+def launch_kernel(kernel: Any, grid: tuple[int, ...], launch: Launch | None, chosen: Launch, *args: Any,
+                  **meta: Any) -> None:
+    """Run `kernel[grid](*args, **meta)` with `launch`, else `chosen`; where this GPU refuses `chosen` for its
+    resources (Triton's OutOfResources: shared memory, registers), with BASE_LAUNCH from then on. An explicit
+    `launch` (a sweep's) is never replaced: its refusal is the caller's to see."""
+    use = launch or chosen
+    key = (getattr(kernel, "__name__", repr(kernel)), use)
+    if launch is None and key in _refused:
+        use = BASE_LAUNCH
+    try:
+        kernel[grid](*args, BLOCK_N=use.block_n, num_warps=use.warps, num_stages=use.stages, **meta)
+    except OutOfResources as exc:
+        if launch is not None or use == BASE_LAUNCH:
+            raise
+        log.warning("attention launch %s refused here (%s); using %s", use, exc, BASE_LAUNCH)
+        _refused.add(key)
+        kernel[grid](*args, BLOCK_N=BASE_LAUNCH.block_n, num_warps=BASE_LAUNCH.warps,
+                     num_stages=BASE_LAUNCH.stages, **meta)  # fmt: skip
 
 
 if triton is not None:
@@ -302,24 +341,22 @@ def decode_attention(
     group_pad = max(16, _group_pad(group))
     if not _pow2(splits):
         raise ValueError(f"decode_attention's splits must be a power of two, got {splits}")
-    launch = launch or decode_launch(splits)
     out = torch.empty_like(q)
     part = out  # unused with one split
     if splits > 1:
         part = torch.empty(batch * n_kv * splits * group_pad * (head_dim + 2), dtype=torch.float32, device=q.device)
-    _decode_attention_kernel[(batch, n_kv, splits)](
+    launch_kernel(
+        _decode_attention_kernel, (batch, n_kv, splits), launch, decode_launch(splits, batch * n_kv),
         q, k_cache, v_cache, out, pos, pos if rows is None else rows, part,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         scale,
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_N=launch.block_n,
-        HAS_ROWS=rows is not None, SPLITS=splits,
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HAS_ROWS=rows is not None, SPLITS=splits,
         # float32 stays float32 (Triton's default would round the products to TensorFloat-32, which torch's
         # own float32 matrix products do not: the decode step and a verification would disagree).
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32: the default, ignored for 16-bit
-        num_warps=launch.warps, num_stages=launch.stages,
     )  # fmt: skip
     if splits > 1:
         _decode_combine_kernel[(batch, n_kv)](
@@ -444,14 +481,14 @@ def extend_attention(
     splits = splits or extend_splits(tokens, n_q, n_kv, block_m)
     check_tile(block_m * group_pad, head_dim, splits)
     n_blocks = blocks.shape[1]
-    launch = launch or extend_launch(block_m * group_pad)
     out = torch.empty_like(q)
     part = out  # unused with one split
     if splits > 1:
         part = torch.empty(
             n_blocks * n_kv * splits * block_m * group_pad * (head_dim + 2), dtype=torch.float32, device=q.device
         )
-    _extend_attention_kernel[(n_blocks, n_kv, splits)](
+    launch_kernel(
+        _extend_attention_kernel, (n_blocks, n_kv, splits), launch, extend_launch(block_m * group_pad),
         q, k_cache, v_cache, out, pos, rows, blocks, part,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -459,9 +496,8 @@ def extend_attention(
         out.stride(0), out.stride(1),
         blocks.stride(0),
         scale,
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_N=launch.block_n,
-        SPLITS=splits, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=launch.warps, num_stages=launch.stages,
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, HEAD_DIM=head_dim, SPLITS=splits,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )  # fmt: skip
     if splits > 1:
         _extend_combine_kernel[(n_blocks, n_kv)](

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 
 import numpy as np
@@ -154,10 +155,42 @@ def test_decode_attention_splits_a_rows_keys_without_changing_the_answer(
 
 def test_launch_settings_follow_the_tile() -> None:
     # Small tiles (a decode step's 16 lines, the ~1B's 32-line blocks) take two warps; wider ones (the 135M's grouped
-    # heads) keep four, which two would spill (13x slower on an H200); a split decode keeps the launch it had.
-    assert kernels.decode_launch(1).warps == 2 and kernels.decode_launch(4) == kernels.Launch(64, 4, 2)
+    # heads) keep four, which two would spill (13x slower on an H200); a split decode keeps the launch it had; a
+    # decode step of few programs (one stream: 32 kv heads, or 3) takes more keys a step.
+    assert kernels.decode_launch(1, 64 * 32).warps == 2 and kernels.decode_launch(4, 3) == kernels.Launch(64, 4, 2)
+    assert kernels.decode_launch(1, 32).block_n == kernels.decode_launch(1, 8 * 3).block_n == 128
     assert kernels.extend_launch(16).warps == kernels.extend_launch(32).warps == 2
     assert kernels.extend_launch(64).warps == kernels.extend_launch(128).warps == 4
+
+
+class _SmallGPU:
+    """A stand-in for a Triton kernel on a GPU of little shared memory: it refuses any launch of more than 2 stages of
+    more than 64 keys' tiles, as Triton does (OutOfResources at the launch), and records what ran."""
+
+    __name__ = "small_gpu_kernel"
+
+    def __init__(self) -> None:
+        self.ran: list[kernels.Launch] = []
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
+        def run(*args: object, BLOCK_N: int, num_warps: int, num_stages: int, **meta: object) -> None:
+            if BLOCK_N * num_stages > 128:
+                raise kernels.OutOfResources(BLOCK_N * num_stages * 512, 101376, "shared memory")
+            self.ran.append(kernels.Launch(BLOCK_N, num_warps, num_stages))
+
+        return run
+
+
+def test_a_refused_launch_falls_back_to_the_base_launch_and_stays_there() -> None:
+    kernel = _SmallGPU()
+    chosen = kernels.Launch(128, 4, 3)
+    kernels.launch_kernel(kernel, (1,), None, chosen, 0, GROUP=1)
+    kernels.launch_kernel(kernel, (1,), None, chosen, 0, GROUP=1)  # remembered: not tried again
+    assert kernel.ran == [kernels.BASE_LAUNCH, kernels.BASE_LAUNCH]
+    kernels.launch_kernel(kernel, (1,), None, kernels.Launch(64, 2, 2), 0)  # a launch this GPU takes runs as chosen
+    assert kernel.ran[-1] == kernels.Launch(64, 2, 2)
+    with pytest.raises(kernels.OutOfResources):  # an explicit launch (a sweep's) is the caller's to see refused
+        kernels.launch_kernel(kernel, (1,), chosen, chosen, 0)
 
 
 def test_decode_splits_only_where_programs_are_few() -> None:
