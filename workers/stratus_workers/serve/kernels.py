@@ -58,20 +58,19 @@ class Launch:
 # spill registers with two warps, and take 32 keys a step instead. A decode step of few (row, kv head) programs (one
 # stream, a few) is latency-bound: 128 keys a step and four warps take 11-28% off its kernel. Split decode kept the
 # old launch (5% slower with the new ones).
-DECODE_LAUNCH = Launch(block_n=64, warps=2, stages=3)
-FEW_PROGRAMS_DECODE_LAUNCH = Launch(block_n=128, warps=4, stages=3)
-SPLIT_DECODE_LAUNCH = Launch(block_n=64, warps=4, stages=2)
-FEW_DECODE_PROGRAMS = 128
 SMALL_TILE_LAUNCH = Launch(block_n=64, warps=2, stages=3)
-WIDE_TILE_LAUNCH = Launch(block_n=32, warps=4, stages=3)
 SMALL_TILE_LINES = 32
+WIDE_TILE_LAUNCH = Launch(block_n=32, warps=4, stages=3)
+FEW_PROGRAMS_DECODE_LAUNCH = Launch(block_n=128, warps=4, stages=3)
+FEW_DECODE_PROGRAMS = 128
+SPLIT_DECODE_LAUNCH = Launch(block_n=64, warps=4, stages=2)
 
 
 def decode_launch(splits: int, programs: int) -> Launch:
     """`decode_attention`'s launch for a step of `splits` key splits and `programs` (query, kv head) pairs."""
     if splits > 1:
         return SPLIT_DECODE_LAUNCH
-    return FEW_PROGRAMS_DECODE_LAUNCH if programs <= FEW_DECODE_PROGRAMS else DECODE_LAUNCH
+    return FEW_PROGRAMS_DECODE_LAUNCH if programs <= FEW_DECODE_PROGRAMS else SMALL_TILE_LAUNCH  # 16 lines a tile
 
 
 def extend_launch(lines: int) -> Launch:
