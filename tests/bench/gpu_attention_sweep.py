@@ -62,6 +62,17 @@ def decode_case(arch: str, rows: int, context: int) -> tuple[str, int, Callable[
     return f"decode {arch} {rows} rows at {context} (splits {splits})", cfg["num_hidden_layers"], run
 
 
+# (model, rows, new tokens a row, cached tokens a row): verification of 16-token drafts, the first round's prompt +
+# draft, a prefill chunk after a cached prefix.
+EXTEND_SHAPES = [
+    ("1b", 32, 17, 320), ("1b", 32, 17, 560), ("1b", 32, 80, 0), ("1b", 1, 512, 512),
+    ("135m", 32, 17, 320), ("135m", 32, 80, 0), ("135m", 1, 512, 512),
+]
+# (model, rows, cached tokens a row): one stream, a few, 64 at short and long contexts (1,100: split keys).
+DECODE_SHAPES = [
+    ("1b", 1, 64), ("1b", 1, 1000), ("135m", 1, 64), ("135m", 1, 320), ("1b", 8, 320), ("135m", 8, 320),
+    ("1b", 64, 128), ("1b", 64, 320), ("1b", 1, 320), ("135m", 64, 128), ("135m", 64, 320), ("135m", 64, 1100),
+]
 BEFORE = Launch(64, 4, 2)  # every attention kernel's launch until this sweep (session 14)
 CANDIDATES = [Launch(64, 2, 3), Launch(32, 2, 2), Launch(32, 4, 1), Launch(128, 4, 2)]
 
@@ -101,31 +112,9 @@ def main() -> None:
         Launch(int(n), int(w), int(s))
         for n, w, s in itertools.product(args.block_n.split(","), args.warps.split(","), args.stages.split(","))
     ]
-    extend = [
-        extend_case("1b", 32, 17, 320),
-        extend_case("1b", 32, 17, 560),
-        extend_case("1b", 32, 80, 0),
-        extend_case("1b", 1, 512, 512),
-        extend_case("135m", 32, 17, 320),
-        extend_case("135m", 32, 80, 0),
-        extend_case("135m", 1, 512, 512),
-    ]
-    decode = [
-        decode_case("1b", 1, 64),
-        decode_case("1b", 1, 1000),
-        decode_case("135m", 1, 64),
-        decode_case("135m", 1, 320),
-        decode_case("1b", 8, 320),
-        decode_case("135m", 8, 320),
-        decode_case("1b", 64, 128),
-        decode_case("1b", 64, 320),
-        decode_case("1b", 1, 320),
-        decode_case("135m", 64, 128),
-        decode_case("135m", 64, 320),
-        decode_case("135m", 64, 1100),
-    ]
+    cases = [extend_case(*shape) for shape in EXTEND_SHAPES] + [decode_case(*shape) for shape in DECODE_SHAPES]
     print(f"{torch.cuda.get_device_name()}; each case against {BEFORE}, the launch before the sweep")
-    for name, layers, run in [*extend, *decode]:
+    for name, layers, run in cases:
         if any(part in name for part in args.match.split(",")):
             sweep(name, layers, run, grid, BEFORE)
 
