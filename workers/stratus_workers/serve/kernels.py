@@ -55,9 +55,9 @@ class Launch:
 # Chosen by tests/bench/gpu_attention_sweep.py on an H200 (docs/benchmarks.md, "Session 14"): two warps and three
 # stages wherever a program's tile is small (a decode step's 16 lines; an extend block of at most 32, the ~1B
 # configuration's one query head a kv head), 5-20% faster there; tiles of 64-128 lines (the 135M's grouped heads)
-# spill registers with two warps, and take 32 keys a step instead. A decode step of few (row, kv head) programs (one
-# stream, a few) is latency-bound: 128 keys a step and four warps take 11-28% off its kernel. Split decode kept the
-# old launch (5% slower with the new ones).
+# ran 13x slower with two warps (most likely spilled registers; not profiled), and take 32 keys a step instead. A
+# decode step of few (row, kv head) programs (one stream, a few) is latency-bound: 128 keys a step and four warps
+# take 11-28% off its kernel. Split decode kept the old launch (5% slower with the new ones).
 SMALL_TILE_LAUNCH = Launch(block_n=64, warps=2, stages=3)
 SMALL_TILE_LINES = 32
 WIDE_TILE_LAUNCH = Launch(block_n=32, warps=4, stages=3)

@@ -155,7 +155,7 @@ def test_decode_attention_splits_a_rows_keys_without_changing_the_answer(
 
 def test_launch_settings_follow_the_tile() -> None:
     # Small tiles (a decode step's 16 lines, the ~1B's 32-line blocks) take two warps; wider ones (the 135M's grouped
-    # heads) keep four, which two would spill (13x slower on an H200); a split decode keeps the launch it had; a
+    # heads) keep four (two ran 13x slower there on an H200); a split decode keeps the launch it had; a
     # decode step of few programs (one stream: 32 kv heads, or 3) takes more keys a step.
     assert kernels.decode_launch(1, 64 * 32).warps == 2 and kernels.decode_launch(4, 3) == kernels.Launch(64, 4, 2)
     assert kernels.decode_launch(1, 32).block_n == kernels.decode_launch(1, 8 * 3).block_n == 128
