@@ -21,16 +21,19 @@ from stratus_workers.serve import kernels
 from stratus_workers.serve.kernels import Launch
 
 
-def extend_case(arch: str, rows: int, new: int, context: int) -> tuple[str, int, Callable[[Launch], torch.Tensor]]:
-    """A packed pass of `rows` rows of `new` tokens after `context` cached ones each."""
+def tensors(arch: str, rows: int, queries: int, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random bfloat16 queries [queries, Hq, D] and a key and value cache [rows, Hkv, length, D] of `arch`'s heads."""
     cfg = ARCHS[arch]
     n_q, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     d = cfg["hidden_size"] // n_q
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    length = context + new + 64
-    k = torch.randn(rows, n_kv, length, d, device=dev, dtype=dt)
-    v = torch.randn_like(k)
-    q = torch.randn(rows * new, n_q, d, device=dev, dtype=dt)
+    k = torch.randn(rows, n_kv, length, d, device="cuda", dtype=torch.bfloat16)
+    return torch.randn(queries, n_q, d, device="cuda", dtype=torch.bfloat16), k, torch.randn_like(k)
+
+
+def extend_case(arch: str, rows: int, new: int, context: int) -> tuple[str, int, Callable[[Launch], torch.Tensor]]:
+    """A packed pass of `rows` rows of `new` tokens after `context` cached ones each."""
+    q, k, v = tensors(arch, rows, rows * new, context + new + 64)
+    (_, n_q, d), n_kv, dev = q.shape, k.shape[1], q.device
     pos = torch.arange(context, context + new, device=dev).repeat(rows)
     row_of = torch.arange(rows, device=dev).repeat_interleave(new)
     block = kernels.extend_block(n_q, n_kv, new)
@@ -41,25 +44,20 @@ def extend_case(arch: str, rows: int, new: int, context: int) -> tuple[str, int,
     def run(launch: Launch) -> torch.Tensor:
         return kernels.extend_attention(q, k, v, pos, row_of, blocks, scale, block=block, launch=launch)
 
-    return f"extend {arch} {rows}x{new} after {context}", cfg["num_hidden_layers"], run
+    return f"extend {arch} {rows}x{new} after {context}", ARCHS[arch]["num_hidden_layers"], run
 
 
 def decode_case(arch: str, rows: int, context: int) -> tuple[str, int, Callable[[Launch], torch.Tensor]]:
     """A decode step of `rows` rows at position `context`."""
-    cfg = ARCHS[arch]
-    n_q, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d = cfg["hidden_size"] // n_q
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    k = torch.randn(rows, n_kv, context + 64, d, device=dev, dtype=dt)
-    v = torch.randn_like(k)
-    q = torch.randn(rows, n_q, d, device=dev, dtype=dt)
-    pos = torch.full((rows,), context, device=dev)
+    q, k, v = tensors(arch, rows, rows, context + 64)
+    d, n_kv = q.shape[2], k.shape[1]
+    pos = torch.full((rows,), context, device=q.device)
     splits = kernels.decode_splits(rows, n_kv) if context + 1 > kernels.DECODE_SPLIT_KEYS else 1
 
     def run(launch: Launch) -> torch.Tensor:
         return kernels.decode_attention(q, k, v, pos, d**-0.5, splits=splits, launch=launch)
 
-    return f"decode {arch} {rows} rows at {context} (splits {splits})", cfg["num_hidden_layers"], run
+    return f"decode {arch} {rows} rows at {context} (splits {splits})", ARCHS[arch]["num_hidden_layers"], run
 
 
 # (model, rows, new tokens a row, cached tokens a row): verification of 16-token drafts, the first round's prompt +
@@ -73,7 +71,7 @@ DECODE_SHAPES = [
     ("1b", 1, 64), ("1b", 1, 1000), ("135m", 1, 64), ("135m", 1, 320), ("1b", 8, 320), ("135m", 8, 320),
     ("1b", 64, 128), ("1b", 64, 320), ("1b", 1, 320), ("135m", 64, 128), ("135m", 64, 320), ("135m", 64, 1100),
 ]
-BEFORE = Launch(64, 4, 2)  # every attention kernel's launch until this sweep (session 14)
+BEFORE = kernels.BASE_LAUNCH  # every attention kernel's launch until this sweep (session 14)
 CANDIDATES = [Launch(64, 2, 3), Launch(32, 2, 2), Launch(32, 4, 1), Launch(128, 4, 2)]
 
 

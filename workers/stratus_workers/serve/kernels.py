@@ -63,13 +63,16 @@ SMALL_TILE_LINES = 32
 WIDE_TILE_LAUNCH = Launch(block_n=32, warps=4, stages=3)
 FEW_PROGRAMS_DECODE_LAUNCH = Launch(block_n=128, warps=4, stages=3)
 FEW_DECODE_PROGRAMS = 128
-SPLIT_DECODE_LAUNCH = Launch(block_n=64, warps=4, stages=2)
+# What every kernel ran with before the sweep, and split decode steps still do: the least shared memory (32 KB a
+# program), taken too where a GPU refuses a chosen launch (one of less shared memory than an H100's, for the chosen
+# launches' 48-96 KB).
+BASE_LAUNCH = Launch()
 
 
 def decode_launch(splits: int, programs: int) -> Launch:
     """`decode_attention`'s launch for a step of `splits` key splits and `programs` (query, kv head) pairs."""
     if splits > 1:
-        return SPLIT_DECODE_LAUNCH
+        return BASE_LAUNCH
     return FEW_PROGRAMS_DECODE_LAUNCH if programs <= FEW_DECODE_PROGRAMS else SMALL_TILE_LAUNCH  # 16 lines a tile
 
 
@@ -78,9 +81,6 @@ def extend_launch(lines: int) -> Launch:
     return SMALL_TILE_LAUNCH if lines <= SMALL_TILE_LINES else WIDE_TILE_LAUNCH
 
 
-# What every kernel ran with before the sweep: the least shared memory (32 KB a program), taken where a GPU refuses a
-# chosen launch (one of less shared memory than an H100's, for the chosen launches' 48-96 KB).
-BASE_LAUNCH = Launch()
 _refused: set[tuple[str, Launch]] = set()
 
 
@@ -89,19 +89,19 @@ def launch_kernel(kernel: Any, grid: tuple[int, ...], launch: Launch | None, cho
     """Run `kernel[grid](*args, **meta)` with `launch`, else `chosen`; where this GPU refuses `chosen` for its
     resources (Triton's OutOfResources: shared memory, registers), with BASE_LAUNCH from then on. An explicit
     `launch` (a sweep's) is never replaced: its refusal is the caller's to see."""
-    use = launch or chosen
-    key = (getattr(kernel, "__name__", repr(kernel)), use)
-    if launch is None and key in _refused:
-        use = BASE_LAUNCH
+    if launch is not None:
+        kernel[grid](*args, BLOCK_N=launch.block_n, num_warps=launch.warps, num_stages=launch.stages, **meta)
+        return
+    key = (getattr(kernel, "__name__", repr(kernel)), chosen)
+    use = BASE_LAUNCH if key in _refused else chosen
     try:
         kernel[grid](*args, BLOCK_N=use.block_n, num_warps=use.warps, num_stages=use.stages, **meta)
     except OutOfResources as exc:
-        if launch is not None or use == BASE_LAUNCH:
+        if use == BASE_LAUNCH:
             raise
         log.warning("attention launch %s refused here (%s); using %s", use, exc, BASE_LAUNCH)
         _refused.add(key)
-        kernel[grid](*args, BLOCK_N=BASE_LAUNCH.block_n, num_warps=BASE_LAUNCH.warps,
-                     num_stages=BASE_LAUNCH.stages, **meta)  # fmt: skip
+        launch_kernel(kernel, grid, BASE_LAUNCH, BASE_LAUNCH, *args, **meta)
 
 
 if triton is not None:

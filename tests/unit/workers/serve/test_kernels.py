@@ -164,18 +164,23 @@ def test_launch_settings_follow_the_tile() -> None:
 
 
 class _SmallGPU:
-    """A stand-in for a Triton kernel on a GPU of little shared memory: it refuses any launch of more than 2 stages of
-    more than 64 keys' tiles, as Triton does (OutOfResources at the launch), and records what ran."""
+    """A stand-in for a Triton attention kernel on a GPU of 64 KB of shared memory a program (a T4's): it refuses, as
+    Triton does (OutOfResources at the launch), a launch whose pipelined key and value tiles (stages x BLOCK_N keys x
+    HEAD_DIM x 2 bytes, twice) need more, and records what ran."""
 
     __name__ = "small_gpu_kernel"
+    LIMIT = 64 * 1024
 
     def __init__(self) -> None:
         self.ran: list[kernels.Launch] = []
+        self.refused = 0
 
     def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
-        def run(*args: object, BLOCK_N: int, num_warps: int, num_stages: int, **meta: object) -> None:
-            if BLOCK_N * num_stages > 128:
-                raise kernels.OutOfResources(BLOCK_N * num_stages * 512, 101376, "shared memory")
+        def run(*args: object, BLOCK_N: int, num_warps: int, num_stages: int, HEAD_DIM: int, **meta: object) -> None:
+            need = num_stages * BLOCK_N * HEAD_DIM * 2 * 2
+            if need > self.LIMIT:
+                self.refused += 1
+                raise kernels.OutOfResources(need, self.LIMIT, "shared memory")
             self.ran.append(kernels.Launch(BLOCK_N, num_warps, num_stages))
 
         return run
@@ -183,14 +188,16 @@ class _SmallGPU:
 
 def test_a_refused_launch_falls_back_to_the_base_launch_and_stays_there() -> None:
     kernel = _SmallGPU()
-    chosen = kernels.Launch(128, 4, 3)
-    kernels.launch_kernel(kernel, (1,), None, chosen, 0, GROUP=1)
-    kernels.launch_kernel(kernel, (1,), None, chosen, 0, GROUP=1)  # remembered: not tried again
-    assert kernel.ran == [kernels.BASE_LAUNCH, kernels.BASE_LAUNCH]
-    kernels.launch_kernel(kernel, (1,), None, kernels.Launch(64, 2, 2), 0)  # a launch this GPU takes runs as chosen
-    assert kernel.ran[-1] == kernels.Launch(64, 2, 2)
+    few = kernels.FEW_PROGRAMS_DECODE_LAUNCH  # 96 KB of tiles at a head size of 64
+    kernels.launch_kernel(kernel, (1,), None, few, 0, HEAD_DIM=64)
+    kernels.launch_kernel(kernel, (1,), None, few, 0, HEAD_DIM=64)  # remembered: not tried again
+    assert kernel.ran == [kernels.BASE_LAUNCH, kernels.BASE_LAUNCH] and kernel.refused == 1
+    kernels.launch_kernel(kernel, (1,), None, kernels.SMALL_TILE_LAUNCH, 0, HEAD_DIM=64)  # 48 KB: runs as chosen
+    assert kernel.ran[-1] == kernels.SMALL_TILE_LAUNCH
     with pytest.raises(kernels.OutOfResources):  # an explicit launch (a sweep's) is the caller's to see refused
-        kernels.launch_kernel(kernel, (1,), chosen, chosen, 0)
+        kernels.launch_kernel(kernel, (1,), few, few, 0, HEAD_DIM=64)
+    with pytest.raises(kernels.OutOfResources):  # a head size so large that even the base launch is refused
+        kernels.launch_kernel(kernel, (1,), None, few, 0, HEAD_DIM=512)
 
 
 def test_decode_splits_only_where_programs_are_few() -> None:
