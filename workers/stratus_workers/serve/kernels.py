@@ -108,26 +108,27 @@ if triton is not None:
 
     # No annotations on a kernel's parameters: Triton reads them as types (and knows no `Any`).
     @triton.jit  # type: ignore[misc,untyped-decorator]
-    def _store_split(base, line, acc, m_i, l_i, HEAD_DIM: tl.constexpr):  # type: ignore[no-untyped-def]
-        # One split's partial softmax of its lines, at `base`: [lines, HEAD_DIM + 2] float32 (acc, max, sum).
+    def _store_split(base, line, acc, m_i, l_i, HEAD_DIM: tl.constexpr, live):  # type: ignore[no-untyped-def]
+        # One split's partial softmax of its `live` lines, at `base`: [lines, HEAD_DIM + 2] float32 (acc, max, sum).
         d = tl.arange(0, HEAD_DIM)
-        tl.store(base + line[:, None] * (HEAD_DIM + 2) + d[None, :], acc)
-        tl.store(base + line * (HEAD_DIM + 2) + HEAD_DIM, m_i)
-        tl.store(base + line * (HEAD_DIM + 2) + HEAD_DIM + 1, l_i)
+        tl.store(base + line[:, None] * (HEAD_DIM + 2) + d[None, :], acc, mask=live[:, None])
+        tl.store(base + line * (HEAD_DIM + 2) + HEAD_DIM, m_i, mask=live)
+        tl.store(base + line * (HEAD_DIM + 2) + HEAD_DIM + 1, l_i, mask=live)
 
     @triton.jit  # type: ignore[misc,untyped-decorator]
     def _merge_splits(  # type: ignore[no-untyped-def]
-        base, line, LINES: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr
+        base, line, LINES: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, split_stride
     ):
-        # The SPLITS partials `_store_split` left from `base` on, rescaled to their common maximum and summed.
+        # The SPLITS partials `_store_split` left from `base` on (`split_stride` apart), rescaled to their common
+        # maximum and summed.
         d = tl.arange(0, HEAD_DIM)
         m = tl.full([LINES], float("-inf"), tl.float32)
         for split in tl.static_range(SPLITS):
-            m = tl.maximum(m, tl.load(base + split * LINES * (HEAD_DIM + 2) + line * (HEAD_DIM + 2) + HEAD_DIM))
+            m = tl.maximum(m, tl.load(base + split * split_stride + line * (HEAD_DIM + 2) + HEAD_DIM))
         total = tl.zeros([LINES], tl.float32)
         acc = tl.zeros([LINES, HEAD_DIM], tl.float32)
         for split in tl.static_range(SPLITS):
-            at = base + split * LINES * (HEAD_DIM + 2)
+            at = base + split * split_stride
             weight = tl.exp(tl.load(at + line * (HEAD_DIM + 2) + HEAD_DIM) - m)  # 0 for a split that saw nothing
             total += weight * tl.load(at + line * (HEAD_DIM + 2) + HEAD_DIM + 1)
             acc += weight[:, None] * tl.load(at + line[:, None] * (HEAD_DIM + 2) + d[None, :])
@@ -135,15 +136,16 @@ if triton is not None:
 
     @triton.jit  # type: ignore[misc,untyped-decorator]
     def _attend_split(  # type: ignore[no-untyped-def]
-        q, k_base, v_base, stride_kl, stride_vl, n_keys, q_pos, split, scale,
+        q, k_base, v_base, stride_kl, stride_vl, first, n_keys, q_pos, split, scale,
         LINES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        # The online softmax of q's LINES lines over this split's share of keys 0..n_keys-1 (the shares are
-        # BLOCK_N-aligned), line i seeing keys 0..q_pos[i]: the unnormalised sum, the maximum and the sum of weights
-        # (a line that saw no key of the split keeps -inf and 0, which _merge_splits weighs 0).
-        per_split = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
-        lo = split * per_split
+        # The online softmax of q's LINES lines over this split's share of keys first..n_keys-1 (the shares are
+        # BLOCK_N-aligned), line i seeing keys up to q_pos[i], which must lie below n_keys (the tile's keys past
+        # n_keys load as zeros and only q_pos masks them): the unnormalised sum, the maximum and the sum of
+        # weights (a line that saw no key of the split keeps -inf and 0, which _merge_splits weighs 0).
+        per_split = tl.cdiv(tl.cdiv(n_keys - first, SPLITS), BLOCK_N) * BLOCK_N
+        lo = first + split * per_split
         hi = tl.minimum(n_keys, lo + per_split)
         d = tl.arange(0, HEAD_DIM)
         m_i = tl.full([LINES], float("-inf"), tl.float32)
@@ -167,20 +169,22 @@ if triton is not None:
 
     @triton.jit  # type: ignore[misc,untyped-decorator]
     def _decode_attention_kernel(  # type: ignore[no-untyped-def]
-        q_ptr, k_ptr, v_ptr, out_ptr, pos_ptr, rows_ptr, part_ptr,
+        q_ptr, k_ptr, v_ptr, out_ptr, pos_ptr, rows_ptr, part_ptr, shared_ptr,
         stride_qb, stride_qh,
         stride_kr, stride_kh, stride_kl,
         stride_vr, stride_vh, stride_vl,
         stride_ob, stride_oh,
         scale,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_ROWS: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_ROWS: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, CHUNKS: tl.constexpr,
     ):
         # One program per (query, kv head, split): the GROUP query heads that share this kv head, against the
         # split's share of the row's keys (all of them with one split). Query b reads cache row b, or rows[b] when
         # the queries name their rows. With SPLITS > 1 the partial softmaxes go to `part` for
         # _decode_combine_kernel: a batch of a few rows of long context is otherwise too few programs to keep
-        # the GPU's memory busy.
+        # the GPU's memory busy. With CHUNKS (a cascade step, one split) the row's first shared[b] keys are the
+        # shared prefix's, which _prefix_attention_kernel reads for every row at once in CHUNKS chunks: this program
+        # reads the rest and leaves its partial after theirs, [CHUNKS + 1, queries, heads, HEAD_DIM + 2].
         b = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -189,6 +193,9 @@ if triton is not None:
         else:
             row = b
         n_keys = tl.load(pos_ptr + b) + 1  # keys 0..pos inclusive (this step's key is already written)
+        first = 0
+        if CHUNKS > 0:
+            first = tl.load(shared_ptr + row)
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, HEAD_DIM)
         heads = kv_head * GROUP + g
@@ -196,32 +203,75 @@ if triton is not None:
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=live[:, None], other=0.0)
         acc, m_i, l_i = _attend_split(
             q, k_ptr + row * stride_kr + kv_head * stride_kh, v_ptr + row * stride_vr + kv_head * stride_vh,
-            stride_kl, stride_vl, n_keys, tl.zeros([GROUP_PAD], tl.int64) + (n_keys - 1), split, scale,
+            stride_kl, stride_vl, first, n_keys, tl.zeros([GROUP_PAD], tl.int64) + (n_keys - 1), split, scale,
             GROUP_PAD, HEAD_DIM, BLOCK_N, SPLITS, PRECISION,
         )
-        if SPLITS == 1:
+        if SPLITS == 1 and CHUNKS == 0:
             tl.store(
                 out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
                 (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
                 mask=live[:, None],
             )
-        else:  # part: [queries, kv heads, splits, GROUP_PAD, HEAD_DIM + 2]; a split past the row's keys saw none
-            base = part_ptr + ((b * tl.num_programs(1) + kv_head) * SPLITS + split) * GROUP_PAD * (HEAD_DIM + 2)
-            _store_split(base, g, acc, m_i, l_i, HEAD_DIM)
+        else:  # part: [parts, queries, heads, HEAD_DIM + 2]; a split past the row's keys saw none
+            n_heads = tl.num_programs(1) * GROUP
+            base = part_ptr + ((CHUNKS + split) * tl.num_programs(0) + b) * n_heads * (HEAD_DIM + 2)
+            _store_split(base, heads, acc, m_i, l_i, HEAD_DIM, live)
+
+    @triton.jit  # type: ignore[misc,untyped-decorator]
+    def _prefix_attention_kernel(  # type: ignore[no-untyped-def]
+        q_ptr, k_ptr, v_ptr, shared_ptr, count_ptr, part_ptr, rows_ptr,
+        stride_qb, stride_qh, stride_kh, stride_kl, stride_vh, stride_vl,
+        batch, scale,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr,
+    ):
+        # One program per (kv head, chunk of the shared prefix, tile of ROWS queries): the tile's (query, head)
+        # lines against the chunk's keys, read once for all of them (the point of a cascade: 64 rows holding one
+        # 3,000-token system prompt read it once a step, not 64 times). Query b sees the prefix's first
+        # shared[row] keys of its row (none: its partial weighs nothing).
+        kv_head = tl.program_id(0)
+        chunk = tl.program_id(1)
+        line = tl.arange(0, ROWS * GROUP_PAD)
+        b = tl.program_id(2) * ROWS + line // GROUP_PAD
+        g = line % GROUP_PAD
+        live = (b < batch) & (g < GROUP)
+        b = tl.minimum(b, batch - 1)
+        heads = kv_head * GROUP + tl.minimum(g, GROUP - 1)
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + b[:, None] * stride_qb + heads[:, None] * stride_qh + d[None, :])
+        if HAS_ROWS:
+            seen = tl.load(shared_ptr + tl.load(rows_ptr + b))
+        else:
+            seen = tl.load(shared_ptr + b)
+        seen = tl.where(live, seen, 0)
+        n_keys = tl.minimum(tl.load(count_ptr), tl.max(seen, 0))  # a tile of no sharing rows reads nothing
+        acc, m_i, l_i = _attend_split(
+            q, k_ptr + kv_head * stride_kh, v_ptr + kv_head * stride_vh, stride_kl, stride_vl, 0, n_keys, seen - 1,
+            chunk, scale, ROWS * GROUP_PAD, HEAD_DIM, BLOCK_N, CHUNKS, PRECISION,
+        )
+        n_heads = tl.num_programs(0) * GROUP
+        _store_split(part_ptr + chunk * batch * n_heads * (HEAD_DIM + 2), b * n_heads + heads, acc, m_i, l_i,
+                     HEAD_DIM, live)
 
     @triton.jit  # type: ignore[misc,untyped-decorator]
     def _decode_combine_kernel(  # type: ignore[no-untyped-def]
         out_ptr, part_ptr, stride_ob, stride_oh,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PARTS: tl.constexpr,
     ):
+        # A decode step's PARTS partials of one (query, kv head): its key splits', or a cascade step's prefix chunks'
+        # and the row's own keys'.
         b = tl.program_id(0)
         kv_head = tl.program_id(1)
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, HEAD_DIM)
-        base = part_ptr + (b * tl.num_programs(1) + kv_head) * SPLITS * GROUP_PAD * (HEAD_DIM + 2)
-        out = _merge_splits(base, g, GROUP_PAD, HEAD_DIM, SPLITS)
+        heads = kv_head * GROUP + tl.minimum(g, GROUP - 1)
+        n_heads = tl.num_programs(1) * GROUP
+        out = _merge_splits(
+            part_ptr + b * n_heads * (HEAD_DIM + 2), heads, GROUP_PAD, HEAD_DIM, PARTS,
+            tl.num_programs(0) * n_heads * (HEAD_DIM + 2),
+        )
         tl.store(
-            out_ptr + b * stride_ob + (kv_head * GROUP + g)[:, None] * stride_oh + d[None, :],
+            out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
             out.to(out_ptr.dtype.element_ty),
             mask=(g < GROUP)[:, None],
         )
@@ -246,14 +296,16 @@ if triton is not None:
     @triton.jit  # type: ignore[misc,untyped-decorator]
     def _extend_attention_kernel(  # type: ignore[no-untyped-def]
         q_ptr, k_ptr, v_ptr, out_ptr, pos_ptr, rows_ptr, blocks_ptr, part_ptr,
+        shared_ptr, sk_ptr, sv_ptr,
         stride_qb, stride_qh,
         stride_kr, stride_kh, stride_kl,
         stride_vr, stride_vh, stride_vl,
         stride_ob, stride_oh,
         stride_blocks,
+        stride_skh, stride_skl, stride_svh, stride_svl,
         scale,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, SHARED: tl.constexpr,
     ):
         # One program per (block, kv head, split): a block is up to BLOCK_M consecutive tokens of one row
         # (consecutive positions), so the row's keys are read once for all of them and all their GROUP query
@@ -275,10 +327,24 @@ if triton is not None:
             n_keys = first_pos + count  # the block's last query sees keys 0..its position
             d = tl.arange(0, HEAD_DIM)
             q = tl.load(q_ptr + (first + tok)[:, None] * stride_qb + heads[:, None] * stride_qh + d[None, :])
+            own = 0
+            if SHARED:  # the row's first keys come from the shared prefix (SharedPrefix), the rest from the row
+                own = tl.load(shared_ptr + row)
             acc, m_i, l_i = _attend_split(
                 q, k_ptr + row * stride_kr + kv_head * stride_kh, v_ptr + row * stride_vr + kv_head * stride_vh,
-                stride_kl, stride_vl, n_keys, q_pos, split, scale, LINES, HEAD_DIM, BLOCK_N, SPLITS, PRECISION,
+                stride_kl, stride_vl, own, n_keys, q_pos, split, scale, LINES, HEAD_DIM, BLOCK_N, SPLITS, PRECISION,
             )
+            if SHARED:
+                acc_p, m_p, l_p = _attend_split(
+                    q, sk_ptr + kv_head * stride_skh, sv_ptr + kv_head * stride_svh, stride_skl, stride_svl, 0, own,
+                    tl.minimum(q_pos, own - 1), split, scale, LINES, HEAD_DIM, BLOCK_N, SPLITS, PRECISION,
+                )  # (a line sees keys up to its q_pos: here every one of the prefix's, and none of a tile past it)
+                m_new = tl.maximum(m_i, m_p)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                mine, theirs = tl.exp(m_i - m_safe), tl.exp(m_p - m_safe)
+                acc = acc * mine[:, None] + acc_p * theirs[:, None]
+                l_i = l_i * mine + l_p * theirs
+                m_i = m_new
             if SPLITS == 1:  # key 0 is in this split: every line's sum is positive
                 tl.store(
                     out_ptr + (first + tok)[:, None] * stride_ob + heads[:, None] * stride_oh + d[None, :],
@@ -288,7 +354,7 @@ if triton is not None:
             else:
                 # part: [blocks, kv heads, splits, lines, HEAD_DIM + 2] float32 (acc, then max, then sum)
                 base = part_ptr + ((blk * tl.num_programs(1) + kv_head) * SPLITS + split) * LINES * (HEAD_DIM + 2)
-                _store_split(base, line, acc, m_i, l_i, HEAD_DIM)
+                _store_split(base, line, acc, m_i, l_i, HEAD_DIM, line >= 0)
 
     @triton.jit  # type: ignore[misc,untyped-decorator]
     def _extend_combine_kernel(  # type: ignore[no-untyped-def]
@@ -310,7 +376,7 @@ if triton is not None:
             base = part_ptr + (blk * tl.num_programs(1) + kv_head) * SPLITS * LINES * (HEAD_DIM + 2)
             tl.store(
                 out_ptr + (first + tok)[:, None] * stride_ob + heads[:, None] * stride_oh + d[None, :],
-                _merge_splits(base, line, LINES, HEAD_DIM, SPLITS).to(out_ptr.dtype.element_ty),
+                _merge_splits(base, line, LINES, HEAD_DIM, SPLITS, LINES * (HEAD_DIM + 2)).to(out_ptr.dtype.element_ty),
                 mask=live[:, None],
             )
 
@@ -324,11 +390,13 @@ def decode_attention(
     rows: torch.Tensor | None = None,
     splits: int = 1,
     launch: Launch | None = None,
+    shared: SharedPrefix | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, D] (rows 0..B-1, or rows[b] for query b); caches [R, Hkv, L, D]; pos [B]: query b attends to
     keys 0..pos[b] of its row; `splits`: programs per (query, kv head), each taking its share of the keys
     (`decode_splits`; a power of two), and a second kernel combining them; `launch`: the kernel's tuning
-    (default `decode_launch`).
+    (default `decode_launch`). With `shared` (one split), a row's first `shared.lengths[row]` keys are read from
+    the shared prefix instead of the row, once for all the queries (`SharedPrefix`).
 
     Returns [B, Hq * D]. Needs CUDA tensors, a power-of-two head size of at least 16, and Hq a
     multiple of Hkv (grouped-query heads are consecutive, as in Hugging Face's repeat_kv).
@@ -341,28 +409,116 @@ def decode_attention(
     if not _pow2(splits):
         raise ValueError(f"decode_attention's splits must be a power of two, got {splits}")
     out = torch.empty_like(q)
+    if shared is not None:
+        if splits != 1:
+            raise ValueError(f"a cascade step reads each row's own keys in one split, got {splits}")
+        return _cascade(q, k_cache, v_cache, pos, scale, rows, launch, shared, out)
     part = out  # unused with one split
     if splits > 1:
-        part = torch.empty(batch * n_kv * splits * group_pad * (head_dim + 2), dtype=torch.float32, device=q.device)
+        part = torch.empty(splits * batch * n_q * (head_dim + 2), dtype=torch.float32, device=q.device)
     launch_kernel(
         _decode_attention_kernel, (batch, n_kv, splits), launch, decode_launch(splits, batch * n_kv),
-        q, k_cache, v_cache, out, pos, pos if rows is None else rows, part,
+        q, k_cache, v_cache, out, pos, pos if rows is None else rows, part, pos,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         scale,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HAS_ROWS=rows is not None, SPLITS=splits,
-        # float32 stays float32 (Triton's default would round the products to TensorFloat-32, which torch's
-        # own float32 matrix products do not: the decode step and a verification would disagree).
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32: the default, ignored for 16-bit
+        PRECISION=_precision(q), CHUNKS=0,
     )  # fmt: skip
     if splits > 1:
         _decode_combine_kernel[(batch, n_kv)](
             out, part, out.stride(0), out.stride(1),
-            GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, SPLITS=splits,
+            GROUP=group, GROUP_PAD=_group_pad(group), HEAD_DIM=head_dim, PARTS=splits,
             num_warps=4,
         )  # fmt: skip
+    return out.view(batch, n_q * head_dim)
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """A prefix of keys that several rows of a decode step hold (a chat's system prompt), kept once more on its own
+    so that the step reads it once for all of them (cascade attention, as vLLM and FlashInfer do): one layer's
+    `keys` and `values` [Hkv, P, D]; `lengths` [R], by cache row: how many of the row's first keys are read from
+    the prefix (0: none, it reads its row alone), which the row itself need not hold (runner/cache.py);
+    `count` [1]: the tokens the prefix holds."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    lengths: torch.Tensor
+    count: torch.Tensor
+
+
+def _precision(q: torch.Tensor) -> str:
+    # float32 stays float32 (Triton's default would round the products to TensorFloat-32, which torch's own float32
+    # matrix products do not: the decode step and a verification would disagree); tf32 is ignored for 16-bit.
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+CASCADE_LINES = 128  # (query, head) lines a prefix program takes: the most a tile of the wide extend blocks has
+CASCADE_PROGRAMS = 256
+MAX_CASCADE_CHUNKS = 16
+
+
+def cascade_shape(batch: int, n_q: int, n_kv: int) -> tuple[int, int, int]:
+    """(queries a tile, tiles, chunks) of a cascade step's prefix kernel: tiles of at most CASCADE_LINES lines (at
+    least 16, the least a matrix product takes), and the prefix cut into chunks until (kv head, chunk, tile)
+    programs are about CASCADE_PROGRAMS. A function of the sizes alone (a captured graph keeps its launch)."""
+    group_pad = _group_pad(n_q // n_kv)
+    rows = max(1, 16 // group_pad, min(CASCADE_LINES // group_pad, _group_pad(batch)))
+    tiles = -(-batch // rows)
+    chunks = 1
+    while chunks < MAX_CASCADE_CHUNKS and n_kv * tiles * chunks * 2 <= CASCADE_PROGRAMS:
+        chunks *= 2
+    return rows, tiles, chunks
+
+
+def _cascade(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: torch.Tensor,
+    scale: float,
+    rows: torch.Tensor | None,
+    launch: Launch | None,
+    shared: SharedPrefix,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """`decode_attention` of a cascade step: the prefix kernel's chunks, each row's own keys past its shared ones,
+    and a kernel merging them ([chunks + 1, B, Hq, D + 2] float32 partials)."""
+    batch, n_q, head_dim = q.shape
+    n_kv = k_cache.shape[1]
+    group = n_q // n_kv
+    tile_rows, tiles, chunks = cascade_shape(batch, n_q, n_kv)
+    part = torch.empty((chunks + 1) * batch * n_q * (head_dim + 2), dtype=torch.float32, device=q.device)
+    lines = tile_rows * _group_pad(group)
+    launch_kernel(
+        _prefix_attention_kernel, (n_kv, chunks, tiles), launch, extend_launch(lines),
+        q, shared.keys, shared.values, shared.lengths, shared.count, part, pos if rows is None else rows,
+        q.stride(0), q.stride(1),
+        shared.keys.stride(0), shared.keys.stride(1), shared.values.stride(0), shared.values.stride(1),
+        batch, scale,
+        GROUP=group, GROUP_PAD=_group_pad(group), ROWS=tile_rows, HEAD_DIM=head_dim, CHUNKS=chunks,
+        PRECISION=_precision(q), HAS_ROWS=rows is not None,
+    )  # fmt: skip
+    group_pad = max(16, _group_pad(group))
+    launch_kernel(
+        _decode_attention_kernel, (batch, n_kv, 1), launch, decode_launch(1, batch * n_kv),
+        q, k_cache, v_cache, out, pos, pos if rows is None else rows, part, shared.lengths,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        scale,
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HAS_ROWS=rows is not None, SPLITS=1,
+        PRECISION=_precision(q), CHUNKS=chunks,
+    )  # fmt: skip
+    _decode_combine_kernel[(batch, n_kv)](
+        out, part, out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=_group_pad(group), HEAD_DIM=head_dim, PARTS=chunks + 1,
+        num_warps=4,
+    )  # fmt: skip
     return out.view(batch, n_q * head_dim)
 
 
@@ -465,12 +621,15 @@ def extend_attention(
     splits: int | None = None,
     block: int = 0,
     launch: Launch | None = None,
+    shared: SharedPrefix | None = None,
 ) -> torch.Tensor:
     """Packed tokens' attention: q [T, Hq, D], token t a query at position pos[t] of cache row rows[t] (its key
     already written), against keys 0..pos[t] of that row; caches [R, Hkv, L, D]; `blocks` [2, N] from
     `extend_blocks` (a block of no tokens does nothing, so a graph's table can be padded) cut in blocks of `block`
     tokens (0: `extend_block`'s default); `splits`: key splits (default `extend_splits`); `launch`: the kernel's
-    tuning (default `extend_launch`). Returns [T, Hq * D]; tokens in no block (padding) get unspecified values.
+    tuning (default `extend_launch`); `shared`: a row's first `shared.lengths[row]` keys are the shared prefix's,
+    read from there (its new tokens lie past them). Returns [T, Hq * D]; tokens in no block (padding) get
+    unspecified values.
     """
     assert triton is not None
     tokens, n_q, head_dim = q.shape
@@ -489,14 +648,17 @@ def extend_attention(
     launch_kernel(
         _extend_attention_kernel, (n_blocks, n_kv, splits), launch, extend_launch(block_m * group_pad),
         q, k_cache, v_cache, out, pos, rows, blocks, part,
+        *((shared.lengths, shared.keys, shared.values) if shared is not None else (pos, k_cache, v_cache)),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         blocks.stride(0),
+        *((shared.keys.stride(0), shared.keys.stride(1), shared.values.stride(0), shared.values.stride(1))
+          if shared is not None else (0, 0, 0, 0)),
         scale,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, HEAD_DIM=head_dim, SPLITS=splits,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION=_precision(q), SHARED=shared is not None,
     )  # fmt: skip
     if splits > 1:
         _extend_combine_kernel[(n_blocks, n_kv)](

@@ -62,19 +62,35 @@ def test_block_table_cuts_runs_and_pads() -> None:
     splits=st.sampled_from([None, 1, 2, 4, 16]),
     longest=st.sampled_from([0, 17]),
     launch=st.sampled_from([None, *LAUNCHES]),
+    prefix=st.sampled_from([0, 0, 1, 23, 40]),
     seed=st.integers(0, 2**16),
 )
 def test_extend_attention_is_each_tokens_own_attention(
     interp: ModuleType, heads: tuple[int, int], runs: list[tuple[int, int]], empty: int, splits: int | None,
-    longest: int, launch: kernels.Launch | None, seed: int,
+    longest: int, launch: kernels.Launch | None, prefix: int, seed: int,
 ) -> None:
     # Packed rows of any lengths from any positions (a verification's drafts, a prefill's chunks after a cached
     # prefix); each run is a row of its own; empty blocks (a graph's padding) and a padding token change nothing;
-    # the keys split over several programs or not (16 splits of 81 keys leave most splits without a key).
+    # the keys split over several programs or not (16 splits of 81 keys leave most splits without a key). With a
+    # shared prefix, each row's first keys up to its start (at most `prefix`) are the prefix's, and the row does
+    # not hold them (NaN there): they are read from the prefix.
     n_q, n_kv = heads
     gen = torch.Generator().manual_seed(seed)
     k = torch.randn(len(runs), n_kv, 81, 16, generator=gen)
     v = torch.randn(len(runs), n_kv, 81, 16, generator=gen)
+    shared = None
+    hollow_k, hollow_v = k, v
+    if prefix:
+        keys, values = torch.randn(n_kv, prefix, 16, generator=gen), torch.randn(n_kv, prefix, 16, generator=gen)
+        counts = [min(start, prefix) for start, _ in runs]
+        hollow_k, hollow_v = k.clone(), v.clone()
+        for r, n in enumerate(counts):
+            k[r, :, :n], v[r, :, :n] = keys[:, :n], values[:, :n]
+            hollow_k[r, :, :n], hollow_v[r, :, :n] = float("nan"), float("nan")
+        shared = kernels.SharedPrefix(
+            keys.to(DEVICE), values.to(DEVICE), torch.tensor(counts, device=DEVICE),
+            torch.tensor([prefix], device=DEVICE),
+        )
     rows = [r for r, (_, n) in enumerate(runs) for _ in range(n)]
     pos = [s + i for s, n in runs for i in range(n)]
     q = torch.randn(len(rows) + 1, n_q, 16, generator=gen)  # the last token is padding: in no block
@@ -83,7 +99,8 @@ def test_extend_attention_is_each_tokens_own_attention(
     table = interp.extend_blocks(np.cumsum(lens) - lens, lens, block, size=-(-lens // block).sum() + empty)
     on = [torch.tensor(x, device=DEVICE) for x in ([*pos, 0], [*rows, 0], table)]
     got = interp.extend_attention(
-        q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), *on, SCALE, splits=splits, block=block, launch=launch
+        q.to(DEVICE), hollow_k.to(DEVICE), hollow_v.to(DEVICE), *on, SCALE, splits=splits, block=block, launch=launch,
+        shared=shared,
     ).cpu()
     torch.testing.assert_close(got[:-1], reference(q[:-1], k, v, rows, pos), atol=1e-5, rtol=1e-5)
 
@@ -151,6 +168,58 @@ def test_decode_attention_splits_a_rows_keys_without_changing_the_answer(
         launch=launch,
     ).cpu()
     torch.testing.assert_close(got, reference(q, k, v, rows, pos), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    heads=st.sampled_from([(4, 4), (9, 3), (8, 1), (32, 32)]),
+    rows=st.lists(st.tuples(st.integers(0, 120), st.integers(0, 60)), min_size=1, max_size=5),
+    prefix=st.integers(1, 120),
+    named=st.booleans(),
+    launch=st.sampled_from([None, *LAUNCHES]),
+    seed=st.integers(0, 2**16),
+)
+def test_a_cascade_step_is_each_rows_own_attention(
+    interp: ModuleType, heads: tuple[int, int], rows: list[tuple[int, int]], prefix: int, named: bool,
+    launch: kernels.Launch | None, seed: int,
+) -> None:
+    # Rows sharing any part of a prefix (all of it, some, none) and holding any number of keys of their own past
+    # it: reading the shared part from the prefix, once for all rows, gives each row's own attention. The rows
+    # do not hold the shared keys (NaN there): any read of them would show.
+    n_q, n_kv = heads
+    gen = torch.Generator().manual_seed(seed)
+    keys, values = torch.randn(n_kv, prefix, 16, generator=gen), torch.randn(n_kv, prefix, 16, generator=gen)
+    k = torch.randn(len(rows), n_kv, 200, 16, generator=gen)
+    v = torch.randn(len(rows), n_kv, 200, 16, generator=gen)
+    shared = [min(s, prefix) for s, _ in rows]
+    hollow_k, hollow_v = k.clone(), v.clone()
+    for r, n in enumerate(shared):
+        k[r, :, :n], v[r, :, :n] = keys[:, :n], values[:, :n]
+        hollow_k[r, :, :n], hollow_v[r, :, :n] = float("nan"), float("nan")
+    pos = [n + own for n, (_, own) in zip(shared, rows, strict=True)]  # the step's key is the row's own
+    q = torch.randn(len(rows), n_q, 16, generator=gen)
+    order = list(reversed(range(len(rows)))) if named else list(range(len(rows)))
+    qd = q[order] if named else q
+    got = interp.decode_attention(
+        qd.to(DEVICE), hollow_k.to(DEVICE), hollow_v.to(DEVICE), torch.tensor([pos[r] for r in order], device=DEVICE),
+        SCALE, rows=torch.tensor(order, device=DEVICE) if named else None, launch=launch,
+        shared=kernels.SharedPrefix(
+            keys.to(DEVICE), values.to(DEVICE), torch.tensor(shared, device=DEVICE),
+            torch.tensor([prefix], device=DEVICE),
+        ),
+    ).cpu()
+    torch.testing.assert_close(got, reference(qd, k, v, order, [pos[r] for r in order]), atol=1e-5, rtol=1e-5)
+
+
+def test_a_cascade_tile_is_one_the_compiler_takes() -> None:
+    # The prefix kernel's tiles: 16-128 lines whatever the batch and grouping; chunks keep programs near the aim.
+    for n_q, n_kv in ((9, 3), (32, 32), (8, 1), (64, 1)):
+        for batch in (1, 3, 16, 64, 200):
+            rows, tiles, chunks = kernels.cascade_shape(batch, n_q, n_kv)
+            lines = rows * kernels._group_pad(n_q // n_kv)
+            assert 16 <= lines <= 128 and rows * tiles >= batch > rows * (tiles - 1)
+            assert 1 <= chunks <= kernels.MAX_CASCADE_CHUNKS
+    assert kernels.cascade_shape(64, 9, 3) == (32, 2, 16) and kernels.cascade_shape(64, 32, 32) == (64, 1, 8)
 
 
 def test_launch_settings_follow_the_tile() -> None:
