@@ -125,6 +125,8 @@ class EngineStats:
     forward_positions: int = 0  # cumulative: token positions those passes computed
     mixed_steps: int = 0  # cumulative: steps whose decode rows and prefill chunks ran as one pass
     prefill_steps: int = 0  # cumulative: steps that prefilled prompt tokens (fewer with prefill grouping)
+    shared_prefix_rows: int = 0  # rows reading the shared prefix now (runner/cache.py), not a copy of their own
+    cascade_steps: int = 0  # cumulative: decode steps that read the shared prefix once for all its rows
 
 
 # An EngineStats as the tuple of its fields, in their order (what `EngineStats(*values)` takes back).
@@ -409,6 +411,7 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         p = self.prefix.stats if self.prefix is not None else None
+        cache = getattr(self.runner, "cache", None)
         return EngineStats(
             active=len(self._rows),
             waiting=len(self._waiting),
@@ -423,6 +426,8 @@ class EngineCore:
             forward_positions=getattr(self.runner, "positions", 0) - self._counted[1],
             mixed_steps=self.mixed_steps,
             prefill_steps=self.prefill_steps,
+            shared_prefix_rows=sum(1 for n in getattr(cache, "shared", ()) if n),
+            cascade_steps=getattr(getattr(self.runner, "decoder", None), "cascade_steps", 0),
         )
 
     # -- a step ----------------------------------------------------------------------------------
@@ -633,7 +638,7 @@ class EngineCore:
             if self.prefix is not None:
                 slots = self.prefix.match(seq.prompt)
                 if slots:
-                    self.runner.load_prefix(seq.row, slots, self.prefix.block_size)
+                    self.runner.load_prefix(seq.row, slots, self.prefix.block_size, self.prefix.block_ids(slots))
                     seq.prefilled = seq.cached = len(slots) * self.prefix.block_size
             self._rows.append(seq)
 

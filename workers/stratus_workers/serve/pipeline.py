@@ -206,6 +206,7 @@ class PipelineRunner(ModelRunner):
         self.inner = inner
         self.ctx = ctx
         self.cache = inner.cache
+        self.cache.stop_sharing()  # a stage's decode reads only its rows (its micro-batches start past row 0)
         self.hidden_size = int(inner.config.hidden_size)
         self.layers_held = len(inner.layers)
         self.trace = StageTrace(ctx.rank, self.device)

@@ -20,6 +20,10 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+# Block ids, unique in the process, not just in one cache: the runner's shared prefix names its blocks by id
+# (runner/cache.py), and an engine that starts a new cache after a failed step must not name other keys the same.
+_IDS = itertools.count(1)
+
 
 @dataclass(eq=False)
 class _Block:
@@ -67,7 +71,7 @@ class PrefixCache:
         # Leaves (blocks nothing hangs off), least recently used first: the only blocks eviction takes.
         self._leaves: collections.OrderedDict[int, _Block] = collections.OrderedDict()
         self._free = list(range(capacity - 1, -1, -1))
-        self._ids = itertools.count(1)
+        self._by_slot: dict[int, _Block] = {}
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -98,6 +102,11 @@ class PrefixCache:
         self.stats.hit_tokens += len(chain) * self.block_size
         return [block.slot for block in chain]
 
+    def block_ids(self, slots: Sequence[int]) -> list[int]:
+        """The ids of the blocks in `slots` (a `match`'s): unlike a slot, an id names one block's keys and values
+        for good (never reused after an eviction), which is how the runner knows two rows hold the same ones."""
+        return [self._by_slot[slot].id for slot in slots]
+
     def insert(self, tokens: Sequence[int]) -> Insertion:
         """Store every full block of `tokens` not stored yet; returns what the runner must copy where.
 
@@ -115,9 +124,10 @@ class PrefixCache:
             if slot is None:
                 break
             block = _Block(
-                (parent.id if parent else 0, tuple(tokens[i * b : (i + 1) * b])), next(self._ids), slot, parent
+                (parent.id if parent else 0, tuple(tokens[i * b : (i + 1) * b])), next(_IDS), slot, parent
             )
             self._blocks[block.key] = block
+            self._by_slot[slot] = block
             if parent is not None:
                 parent.children += 1
                 self._leaves.pop(parent.id, None)
@@ -140,6 +150,7 @@ class PrefixCache:
     def _evict(self, block: _Block) -> None:
         del self._blocks[block.key]
         del self._leaves[block.id]
+        del self._by_slot[block.slot]
         self._free.append(block.slot)
         self.stats.evicted_blocks += 1
         parent = block.parent

@@ -221,6 +221,14 @@ class ServerMetrics:
             "stratus_server_prefix_cache_evicted_blocks", "Prefix-cache blocks evicted to make room.", registry=r
         )
         self.prefix_blocks = Gauge("stratus_server_prefix_cache_blocks", "Blocks the prefix cache holds.", registry=r)
+        self.shared_prefix_rows = Gauge(
+            "stratus_server_shared_prefix_rows",
+            "Rows reading a cached prefix from the one shared copy (cascade attention), not a copy of their own.",
+            registry=r,
+        )
+        self.cascade_steps = Counter(
+            "stratus_server_cascade_steps", "Decode steps that read the shared prefix once for its rows.", registry=r
+        )
         self._last = EngineStats()
 
     def on_stats(self, stats: EngineStats) -> None:
@@ -237,6 +245,8 @@ class ServerMetrics:
         self.prefix_hits.inc(max(0, stats.prefix_hit_tokens - last.prefix_hit_tokens))
         self.prefix_evictions.inc(max(0, stats.prefix_evicted_blocks - last.prefix_evicted_blocks))
         self.prefix_blocks.set(stats.prefix_blocks)
+        self.shared_prefix_rows.set(stats.shared_prefix_rows)
+        self.cascade_steps.inc(max(0, stats.cascade_steps - last.cascade_steps))
         if stats.prefix_queried_tokens:
             self.prefix_hit_rate.set(stats.prefix_hit_tokens / stats.prefix_queried_tokens)
 

@@ -29,8 +29,8 @@ def model() -> Any:
     return random_llama(dict(TINY), vocab_size=VOCAB, init_std=0.2, seed=5).to("cuda", torch.float32)
 
 
-def core_over(model: Any, *, chunk: int, pool: int) -> EngineCore:
-    runner = build_runner(model, max_rows=5, max_len=256, pool_tokens=pool)
+def core_over(model: Any, *, chunk: int, pool: int, max_len: int = 256) -> EngineCore:
+    runner = build_runner(model, max_rows=5, max_len=max_len, pool_tokens=pool)
     assert isinstance(runner, FusedRunner) and runner.cuda_graphs and runner.decoder.decode_ahead
     runner.warmup()
     eos: frozenset[int] = frozenset()
@@ -78,6 +78,37 @@ def test_prefix_cache_and_chunked_prefill_on_the_cuda_path(model: Any) -> None:
         assert cached[seq_id][1] == pytest.approx(plain[seq_id][1], abs=1e-3)
     decoder = cached_core.runner.decoder  # type: ignore[attr-defined]
     assert decoder.ahead_hits > 0
+
+
+@pytest.mark.parametrize("mixed", ["0", "1"])
+def test_rows_sharing_a_long_prefix_read_it_once_and_get_the_same_tokens(
+    model: Any, monkeypatch: pytest.MonkeyPatch, mixed: str
+) -> None:
+    # A 300-token system prompt (past cache.CASCADE_MIN_TOKENS) under short turns, arriving two steps apart: once
+    # it is cached, rows that load it do not copy it, and every pass reads it from the one shared copy (cascade
+    # decode graphs, the packed prefill's and mixed passes' attention); the tokens and log-probabilities are those
+    # of an engine whose rows each hold their own copy.
+    monkeypatch.setenv("STRATUS_MIXED_STEP", mixed)
+    system = [(17 * i + 3) % VOCAB for i in range(300)]
+    requests = [(system + [200 + i, 9, 4 + i], Sampling(max_new_tokens=16 + 5 * i, logprobs=i % 2 == 1))
+                for i in range(7)]  # fmt: skip
+    requests.insert(4, ([(5 * i) % VOCAB for i in range(40)], Sampling(max_new_tokens=20)))  # shares nothing
+    monkeypatch.setenv("STRATUS_CASCADE", "0")
+    plain_core = core_over(model, chunk=64, pool=1024, max_len=512)
+    plain = serve(plain_core, requests)
+    assert plain_core.runner.decoder.cascade_steps == 0  # type: ignore[attr-defined]
+    monkeypatch.delenv("STRATUS_CASCADE")
+    cascade_core = core_over(model, chunk=64, pool=1024, max_len=512)
+    cascaded = serve(cascade_core, requests)
+    runner = cascade_core.runner
+    assert isinstance(runner, FusedRunner) and runner.cache.cascade
+    assert runner.decoder.cascade_steps > 0 and runner.cache.shared_block == PREFIX_BLOCK
+    assert (cascade_core.stats().mixed_steps > 0) == (mixed == "1")
+    assert len(runner.cache.shared_ids) * PREFIX_BLOCK >= 288  # the system prompt's full blocks
+    for seq_id in range(len(requests)):
+        assert cascaded[seq_id][0] == plain[seq_id][0]
+        assert cascaded[seq_id][1] == pytest.approx(plain[seq_id][1], abs=1e-3)
+    assert not any(runner.cache.shared)  # every request left: no row counts on the prefix
 
 
 def test_packed_prefill_graphs_give_the_eager_prefills_tokens(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:

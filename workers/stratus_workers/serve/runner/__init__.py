@@ -322,10 +322,11 @@ class ModelRunner(abc.ABC):
         self._lead("save_prefix", row, positions, slots, block)
 
     @torch.inference_mode()
-    def load_prefix(self, row: int, slots: list[int], block: int) -> None:
-        """Fill the empty `row` with the prefix pool's blocks `slots`, in order."""
-        self.cache.load_blocks(row, slots, block)
-        self._lead("load_prefix", row, slots, block)
+    def load_prefix(self, row: int, slots: list[int], block: int, ids: Sequence[int] = ()) -> None:
+        """Fill the empty `row` with the prefix pool's blocks `slots`, in order (`ids`: the prefix cache's ids of
+        those blocks, by which a cache that keeps a shared prefix knows the row holds it: KVCache.share)."""
+        self.cache.load_blocks(row, slots, block, ids)
+        self._lead("load_prefix", row, slots, block, list(ids))
 
     @torch.inference_mode()
     def reset(self, row: int) -> None:

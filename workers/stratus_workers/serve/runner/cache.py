@@ -10,6 +10,8 @@ import torch
 from stratus_workers.serve.runner.staging import to_device
 
 MIN_CAPACITY = 16
+# A prefix shorter than this is not worth a cascade step's two extra kernels a layer (see `KVCache.share`).
+CASCADE_MIN_TOKENS = 256
 
 
 def check_truncation(held: Sequence[int], rows: Sequence[int], lengths: Sequence[int]) -> None:
@@ -39,6 +41,17 @@ class KVCache:
     finished or prefilled rows left behind, for the prefix cache (serve/prefix.py) to copy into new
     rows; which block is where is the prefix cache's business, the copies are this class's.
 
+    With `cascade`, the cache also keeps one prefix the pool held (its blocks' keys and values, copied once more
+    into `shared_keys`/`shared_values`) for attention to read once for every row that starts with it (kernels.py's
+    SharedPrefix): `shared[row]` (and `shared_dev`) says how many of the row's first tokens are read from there,
+    and a row that loaded them from the pool does not hold them itself (`hollow[row]` tokens: no copy of a
+    3,000-token system prompt per request, 377 MB for the ~1B model). A row's count is set only where it loaded
+    the very blocks the prefix was copied from (block ids, which the prefix cache never reuses), follows the row
+    when it moves, and shrinks with it (a truncation, a reset); the prefix is replaced only while no row counts
+    on it. Every change is queued on the device in order, so a step launched ahead reads what its launch saw.
+    A reader that cannot take the prefix (torch's attention, a pipeline stage) has the rows it reads filled first
+    (`fill`), or sharing stopped for good (`stop_sharing`).
+
     The tensors are ordinary tensors whichever mode allocates them: forward passes grow the cache
     inside inference mode, and an inference tensor refuses in-place updates outside it.
     """
@@ -56,6 +69,7 @@ class KVCache:
         capacity: int,
         device_lengths: bool = False,
         pool_tokens: int = 0,
+        cascade: bool = False,
     ) -> None:
         self.layers = layers
         self.rows = rows
@@ -79,11 +93,38 @@ class KVCache:
         self.pool_tokens = pool_tokens
         self.pool_keys: torch.Tensor | None = None
         self.pool_values: torch.Tensor | None = None
+        self.shared = [0] * rows
+        self.hollow = [0] * rows  # the row's first tokens it does not hold (read from the shared prefix)
+        self.shared_ids: tuple[int, ...] = ()  # the prefix cache's ids of the blocks the shared prefix holds
+        self.shared_block = 0
+        self.shared_keys: torch.Tensor | None = None
+        self.shared_values: torch.Tensor | None = None
+        self.shared_dev: torch.Tensor | None = None
+        self.shared_count: torch.Tensor | None = None
+        if cascade and pool_tokens and device_lengths:
+            # Allocated now, at its largest: captured decode graphs hold its address.
+            shape = (layers, kv_heads, min(max_len, pool_tokens), head_dim)
+            with torch.inference_mode(False):
+                self.shared_keys = torch.zeros(shape, dtype=dtype, device=device)
+                self.shared_values = torch.zeros(shape, dtype=dtype, device=device)
+                self.shared_dev = torch.zeros(rows, dtype=torch.long, device=device)
+                self.shared_count = torch.zeros(1, dtype=torch.long, device=device)
+
+    @property
+    def cascade(self) -> bool:
+        """Whether this cache keeps a shared prefix for decode steps to read once (`share`)."""
+        return self.shared_keys is not None
+
+    def sharing(self, batch: int) -> int:
+        """How many of rows 0..batch-1 read the shared prefix (a decode step that must read it: one or more)."""
+        return sum(1 for n in self.shared[:batch] if n)
 
     def bytes(self) -> int:
         tensors = [self.all_keys, self.all_values]
         if self.pool_keys is not None and self.pool_values is not None:
             tensors += [self.pool_keys, self.pool_values]
+        if self.shared_keys is not None and self.shared_values is not None:
+            tensors += [self.shared_keys, self.shared_values]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def token_bytes(self) -> int:
@@ -131,6 +172,7 @@ class KVCache:
 
     def _set_length(self, row: int, length: int) -> None:
         self.lengths[row] = length
+        self._set_shared(row, min(self.shared[row], length))
         if self.lengths_dev is not None:
             # fill_ takes the value as a kernel argument; `lengths_dev[row] = length` copies a CPU scalar and
             # waits for the device to drain first (the decode step running ahead included): an H200 profile
@@ -141,6 +183,8 @@ class KVCache:
         """Rows first_row.. now hold `lengths` tokens (after a prefill or an extension)."""
         end = first_row + len(lengths)
         self.lengths[first_row:end] = lengths
+        for row, length in enumerate(lengths, first_row):
+            self._set_shared(row, min(self.shared[row], length))
         if self.lengths_dev is not None:
             self.lengths_dev[first_row:end] = self._on_device(lengths)
         self._changed(first_row, end)
@@ -149,6 +193,7 @@ class KVCache:
         """Rows `rows` (any, in any order) now hold `lengths` tokens (after a forward over those rows)."""
         for row, length in zip(rows, lengths, strict=True):
             self.lengths[row] = length
+            self._set_shared(row, min(self.shared[row], length))
         if self.lengths_dev is not None:  # rows and lengths in one copy (each is a pin and a launch on the host)
             both = self._on_device([*rows, *lengths])
             self.lengths_dev[both[: len(rows)]] = both[len(rows) :]
@@ -177,10 +222,13 @@ class KVCache:
         carried = ahead[src] if ahead is not None and src < len(ahead) else None
         # The step in flight wrote the key of the row's next token at position n (queued before this copy).
         copy = min(n + 1, self.capacity) if carried is not None else n
+        shared, hollow = self.shared[src], self.hollow[src]
         for cache in (self.all_keys, self.all_values):
-            cache[:, dst, :, :copy].copy_(cache[:, src, :, :copy])
+            cache[:, dst, :, hollow:copy].copy_(cache[:, src, :, hollow:copy])
         self._set_length(dst, n)
         self._set_length(src, 0)
+        self._set_shared(dst, shared)  # the row reads the shared prefix where it did
+        self.hollow[dst] = hollow
         if ahead is not None:
             if dst < len(ahead):
                 ahead[dst] = carried
@@ -224,14 +272,18 @@ class KVCache:
             return
         if max(positions) + block > self.lengths[row]:
             raise ValueError(f"row {row} holds {self.lengths[row]} tokens; cannot save a block at {max(positions)}")
+        if min(positions) < self.hollow[row]:  # (blocks the pool lost and a sharing row saves again: rare)
+            self.fill([row])
         pool_k, pool_v = self._pool((max(slots) + 1) * block)
         src = self._index(positions, block)
         dst = self._index([s * block for s in slots], block)
         for cache, pool in ((self.all_keys, pool_k), (self.all_values, pool_v)):
             pool.index_copy_(2, dst, cache[:, row].index_select(2, src))
 
-    def load_blocks(self, row: int, slots: list[int], block: int) -> None:
-        """Make pool blocks `slots`, in order, the first len(slots) * block tokens of the empty `row`."""
+    def load_blocks(self, row: int, slots: list[int], block: int, ids: Sequence[int] = ()) -> None:
+        """Make pool blocks `slots`, in order, the first len(slots) * block tokens of the empty `row`; with the
+        blocks' `ids` (the prefix cache's), the row reads those it has in common with the shared prefix from there,
+        and is not given a copy of them (`share`)."""
         if self.lengths[row]:
             raise ValueError(f"row {row} holds {self.lengths[row]} tokens; a prefix loads into an empty row")
         n = len(slots) * block
@@ -240,6 +292,62 @@ class KVCache:
         self.grow(n)
         pool_k, pool_v = self._pool((max(slots) + 1) * block)
         src = self._index([s * block for s in slots], block)
-        for cache, pool in ((self.all_keys, pool_k), (self.all_values, pool_v)):
-            cache[:, row, :, :n].copy_(pool.index_select(2, src))
+        shared = self.share(list(ids), src, block) if ids else 0
+        if shared < n:  # the row holds what it does not read from the shared prefix
+            for cache, pool in ((self.all_keys, pool_k), (self.all_values, pool_v)):
+                cache[:, row, :, shared:n].copy_(pool.index_select(2, src[shared:]))
         self.set_length(row, n)
+        self._set_shared(row, shared)
+        self.hollow[row] = shared
+
+    # -- the shared prefix (cascade decode steps) -------------------------------------------
+
+    def _set_shared(self, row: int, n: int) -> None:
+        if self.hollow[row] > n:
+            self.hollow[row] = n
+        if self.shared[row] != n:
+            self.shared[row] = n
+            if self.shared_dev is not None:
+                self.shared_dev[row : row + 1].fill_(n)  # a kernel argument: no wait for the queued steps
+
+    def fill(self, rows: Sequence[int]) -> None:
+        """Copy the shared prefix's part of each of `rows` into the row, for a reader that reads only the row."""
+        for row in rows:
+            hollow = self.hollow[row]
+            if hollow and self.shared_keys is not None and self.shared_values is not None:
+                self.all_keys[:, row, :, :hollow].copy_(self.shared_keys[:, :, :hollow])
+                self.all_values[:, row, :, :hollow].copy_(self.shared_values[:, :, :hollow])
+                self.hollow[row] = 0
+
+    def stop_sharing(self) -> None:
+        """Every row holds all its tokens again and none reads the shared prefix, from now on (a reader that cannot
+        take it runs: torch's attention after the Triton kernel failed, a pipeline stage)."""
+        self.fill(range(self.rows))
+        for row in range(self.rows):
+            self._set_shared(row, 0)
+        self.shared_keys = self.shared_values = None
+
+    def share(self, ids: list[int], src: torch.Tensor, block: int) -> int:
+        """How many of the first tokens of the pool blocks `ids` (token positions `src` of the pool), which a row
+        loads, it reads from the shared prefix: those it has in common with it. Blocks past the prefix's end extend
+        it (rows that read it read no further than they did); a prefix in common with too little of them is
+        replaced where no row counts on it. None under CASCADE_MIN_TOKENS tokens, or past the prefix's room."""
+        if self.shared_keys is None or self.shared_values is None or self.shared_count is None:
+            return 0
+        common = 0
+        if block == self.shared_block:
+            for mine, theirs in zip(ids, self.shared_ids, strict=False):
+                if mine != theirs:
+                    break
+                common += 1
+        extend = common == len(self.shared_ids)
+        replace = common * block < CASCADE_MIN_TOKENS and not any(self.shared)
+        end = min(len(ids), self.shared_keys.shape[2] // block)
+        if common < end and (extend or replace) and end * block >= CASCADE_MIN_TOKENS:
+            first = common * block if extend else 0
+            assert self.pool_keys is not None and self.pool_values is not None  # the row loads from it
+            for shared, pool in ((self.shared_keys, self.pool_keys), (self.shared_values, self.pool_values)):
+                shared[:, :, first : end * block].copy_(pool.index_select(2, src[first : end * block]))
+            self.shared_ids, self.shared_block, common = tuple(ids[:end]), block, end
+            self.shared_count.fill_(end * block)
+        return common * block if common * block >= CASCADE_MIN_TOKENS else 0

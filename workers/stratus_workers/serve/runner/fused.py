@@ -241,7 +241,23 @@ class FusedRunner(ModelRunner):
             capacity=capacity,
             device_lengths=True,
             pool_tokens=pool_tokens,
+            # Decode steps of rows that share a prefix read it once (kernels.SharedPrefix) where the Triton attention
+            # runs; STRATUS_CASCADE=0 turns that off.
+            cascade=(
+                self.device.type == "cuda"
+                and kernels.supports(self.head_dim, self.local_heads, self.local_kv_heads)
+                and env_flag("STRATUS_TRITON_ATTENTION", True)
+                and env_flag("STRATUS_CASCADE", True)
+            ),
         )
+        self._shared_layers: list[kernels.SharedPrefix | None] = []
+        cache = self.cache
+        if cache.shared_keys is not None and cache.shared_values is not None:
+            assert cache.shared_dev is not None and cache.shared_count is not None
+            self._shared_layers = [
+                kernels.SharedPrefix(k, v, cache.shared_dev, cache.shared_count)
+                for k, v in zip(cache.shared_keys.unbind(0), cache.shared_values.unbind(0), strict=True)
+            ]
         self._rows_dev = torch.arange(max_rows, device=self.device)
         with torch.inference_mode(False):  # written by every decode step, graphs included
             self.greedy_logprobs = torch.zeros(max_rows, dtype=torch.float32, device=self.device)
@@ -444,6 +460,7 @@ class FusedRunner(ModelRunner):
             return "the fused GEMV layer"
         if self.triton_attention:
             self.triton_attention = False
+            self.cache.stop_sharing()  # torch's attention reads only the rows
             return "Triton attention"
         if self.compiled:
             self._set_step_fns(False)
@@ -729,13 +746,17 @@ class FusedRunner(ModelRunner):
         bias = None
         if not self.triton_attention:  # the CPU's torch attention: each query against its row's keys up to its own
             bias = torch.where(self._kv_ar[:kv_len][None, :] <= pos[:, None], 0.0, -1e30)
+        # Rows that start with the shared prefix read it from there (they do not hold it: runner/cache.py).
+        shared = self._shared_layers if self.cache.cascade else [None] * len(self._lw)
         delta = torch.zeros_like(h)
-        for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
+        for lw, k_cache, v_cache, prefix in zip(self._lw, self.cache.keys, self.cache.values, shared, strict=True):
             h, q = self._store_fn(
                 h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_cache, v_cache, rows, pos
             )
             if bias is None:
-                out = kernels.extend_attention(q, k_cache, v_cache, pos, rows, blocks, self.scale, splits, block)
+                out = kernels.extend_attention(
+                    q, k_cache, v_cache, pos, rows, blocks, self.scale, splits, block, shared=prefix
+                )
             else:
                 out = _decode_attention(q, k_cache[rows, :, :kv_len], v_cache[rows, :, :kv_len], bias, self.scale)
             h, delta = self._mlp_fn(
@@ -803,6 +824,7 @@ class FusedRunner(ModelRunner):
     def extend_hidden(self, first_row: int, h: torch.Tensor, starts: list[int], q_lens: list[int]) -> torch.Tensor:
         batch, q_max = h.shape[0], h.shape[1]
         dev = self.device
+        self.cache.fill(range(first_row, first_row + batch))  # torch's attention reads only the rows
         ends = [s + q for s, q in zip(starts, q_lens, strict=True)]
         k_len = max(ends)
         start_t = to_device(starts, dev)
@@ -840,13 +862,14 @@ class FusedRunner(ModelRunner):
         self.cache.set_lengths(first_row, ends)
         return h + delta
 
-    def decode_body(self, tokens: torch.Tensor, batch: int, kv_len: int) -> torch.Tensor:
+    def decode_body(self, tokens: torch.Tensor, batch: int, kv_len: int, cascade: bool = False) -> torch.Tensor:
         """One decode step of rows 0..batch-1 reading only device buffers (what a graph captures).
 
         Feeds `tokens[:batch]` at each row's length and leaves the step's argmax in `tokens[:batch]`
         (the next step's input, if the caller is greedy) and its log-probability in `greedy_logprobs`.
+        `cascade`: the rows' shared prefix is read once for all of them (KVCache.share).
         """
-        h = self.decode_rows(F.embedding(tokens[:batch], self._embed), 0, kv_len)
+        h = self.decode_rows(F.embedding(tokens[:batch], self._embed), 0, kv_len, cascade)
         logits: torch.Tensor
         logits, best, picked = self._decode_out(h, self._final_norm, self._final_eps, self._lm_head)
         tokens[:batch].copy_(best)
@@ -854,10 +877,16 @@ class FusedRunner(ModelRunner):
         self.greedy_logprobs[:batch].copy_(picked)
         return logits
 
-    def decode_rows(self, h: torch.Tensor, first_row: int, kv_len: int) -> torch.Tensor:
+    def decode_rows(self, h: torch.Tensor, first_row: int, kv_len: int, cascade: bool = False) -> torch.Tensor:
         """This runner's decoder layers over one new token of rows first_row.. (h [B, hidden], each row at its
         length in `cache.lengths_dev`), reading only device buffers; the residual out. The decode step runs
-        it over rows 0..B-1, a pipeline stage over each micro-batch of rows (serve/pipeline.py)."""
+        it over rows 0..B-1, a pipeline stage over each micro-batch of rows (serve/pipeline.py). `cascade` (rows
+        from 0, the Triton attention): each row reads its shared prefix's keys from the one copy all rows read."""
+        shared: list[kernels.SharedPrefix | None] = [None] * len(self._lw)
+        if cascade and self.cache.cascade and self.triton_attention and not first_row:
+            shared = list(self._shared_layers)
+        else:
+            cascade = False
         lengths = self.cache.lengths_dev
         assert lengths is not None  # the fused path's cache keeps its lengths on the device
         batch = h.shape[0]
@@ -868,19 +897,22 @@ class FusedRunner(ModelRunner):
             pos, rows = lengths[first_row : first_row + batch].clone(), local + first_row
         # A graph of rows reading more than DECODE_SPLIT_KEYS keys (graphs.py picks kv_len) splits them.
         splits = kernels.decode_splits(batch, self.local_kv_heads) if kv_len > kernels.DECODE_SPLIT_KEYS else 1
+        if cascade:
+            splits = 1  # the rows' own keys past the prefix are few; the prefix kernel spreads the prefix's
         if self.gemv_layer and self.triton_attention and batch <= self.gemv_max_batch:
-            return self._gemv_layers(h, first_row, pos, rows, splits)
+            return self._gemv_layers(h, first_row, pos, rows, splits, shared)
         cos, sin = self._cos[pos], self._sin[pos]
         # Row b sees keys 0..pos[b] (its cache plus the key written this step).
         bias = None if self.triton_attention else torch.where(self._kv_ar[:kv_len][None, :] <= pos[:, None], 0.0, -1e30)
         delta = torch.zeros_like(h)
-        for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
+        for lw, k_cache, v_cache, prefix in zip(self._lw, self.cache.keys, self.cache.values, shared, strict=True):
             k_rows, v_rows = (k_cache[first_row:], v_cache[first_row:]) if first_row else (k_cache, v_cache)
             if self.triton_attention:
                 h, q = self._store_fn(
                     h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_cache, v_cache, rows, pos
                 )
-                out = F.linear(kernels.decode_attention(q, k_rows, v_rows, pos, self.scale, splits=splits), lw.o)
+                attn = kernels.decode_attention(q, k_rows, v_rows, pos, self.scale, splits=splits, shared=prefix)
+                out = F.linear(attn, lw.o)
             else:
                 h, out = self._attn_fn(
                     h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, cos, sin, k_rows, v_rows, local, pos, bias,
@@ -895,18 +927,22 @@ class FusedRunner(ModelRunner):
         return h + delta
 
     def _gemv_layers(
-        self, h: torch.Tensor, first_row: int, pos: torch.Tensor, rows: torch.Tensor, splits: int
+        self, h: torch.Tensor, first_row: int, pos: torch.Tensor, rows: torch.Tensor, splits: int,
+        shared: list[kernels.SharedPrefix | None],
     ) -> torch.Tensor:
         """decode_rows' layers as the fused small-batch layer: norm + q|k|v + rotary + cache write, attention (its
-        keys in `splits`), o, norm + gate|up + SiLU * up, down (serve/gemv.py); the compiled step's arithmetic."""
+        keys in `splits`, or a shared prefix's), o, norm + gate|up + SiLU * up, down (serve/gemv.py); the compiled
+        step's arithmetic."""
         delta: torch.Tensor | None = None  # the first layer's residual has nothing to add
-        for lw, k_cache, v_cache in zip(self._lw, self.cache.keys, self.cache.values, strict=True):
+        for lw, k_cache, v_cache, prefix in zip(self._lw, self.cache.keys, self.cache.values, shared, strict=True):
             k_rows, v_rows = (k_cache[first_row:], v_cache[first_row:]) if first_row else (k_cache, v_cache)
             h, q = gemv.norm_qkv_rope(
                 h, delta, lw.in_norm, lw.eps, lw.qkv, lw.qkv_bias, self._cos, self._sin, pos, rows, k_cache, v_cache,
                 self.local_heads,
             )  # fmt: skip
-            attn = gemv.gemv(kernels.decode_attention(q, k_rows, v_rows, pos, self.scale, splits=splits), lw.o)
+            attn = gemv.gemv(
+                kernels.decode_attention(q, k_rows, v_rows, pos, self.scale, splits=splits, shared=prefix), lw.o
+            )
             h, act = gemv.norm_gate_up(h, attn, lw.post_norm, lw.eps, lw.gate_up)
             delta = gemv.gemv(act, lw.down)
         self.gemv_batches.add(h.shape[0])

@@ -57,7 +57,7 @@ class DecodeBody(Protocol):
     local_kv_heads: int
     greedy_logprobs: torch.Tensor  # [max_rows]: each step leaves its argmax's log-probability here
 
-    def decode_body(self, tokens: torch.Tensor, batch: int, kv_len: int) -> torch.Tensor: ...
+    def decode_body(self, tokens: torch.Tensor, batch: int, kv_len: int, cascade: bool = False) -> torch.Tensor: ...
 
     def degrade(self) -> str | None: ...
 
@@ -140,6 +140,7 @@ class StaticDecoder:
         self.decode_ahead = decode_ahead
         self.ahead_hits = 0  # steps whose result was already computed when the caller asked
         self.device_joins = 0  # steps launched ahead with joining rows' first tokens taken on the device
+        self.cascade_steps = 0  # steps that read the rows' shared prefix once for all of them
         dev = body.device
         self._on_cuda = dev.type == "cuda"
         rows = body.max_rows
@@ -308,12 +309,16 @@ class StaticDecoder:
     def _launch(self, batch: int) -> _Step:
         """Queue one decode step of rows 0..batch-1 (tokens already in `tokens`); do not wait for it."""
         bucket, kv_len = self.buckets(batch, max(self.cache.lengths[:batch]) + 1)
-        graph = self.graph(bucket, kv_len) if self.cuda_graphs else None
+        # Where rows start with the shared prefix (cache.py), which they do not hold, the step reads it from there,
+        # once for all of them: a graph of its own.
+        cascade = self.cache.cascade and self.cache.sharing(batch) > 0
+        self.cascade_steps += cascade
+        graph = self.graph(bucket, kv_len, cascade) if self.cuda_graphs else None
         if graph is not None:
             graph[0].replay()
             logits = graph[1][:batch].clone()
         else:
-            logits = self.body.decode_body(self.tokens, bucket, kv_len)[:batch]
+            logits = self.body.decode_body(self.tokens, bucket, kv_len, cascade)[:batch]
         # The step left its greedy choices in `tokens` (the next step's input); keep a host copy,
         # alternating two buffers so that a queued next step cannot overwrite one still unread.
         self._slot ^= 1
@@ -341,11 +346,18 @@ class StaticDecoder:
         logits = step.logits[self._index(rows)]
         return Decoded(logits, [argmax[r] for r in rows], [picked[r] for r in rows] if picked is not None else None)
 
-    def graph(self, batch: int, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
-        """The captured step for this bucket (captured now if new), or None past MAX_GRAPHS."""
+    def graph(
+        self, batch: int, kv_len: int, cascade: bool = False
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+        """The captured step for this bucket (captured now if new), or None past MAX_GRAPHS; `cascade`: the step
+        that reads the rows' shared prefix once (its key lengths are the cache's: they read past their prefix)."""
         # The warm-up's cache writes land at each row's next free slot, which the next real token
         # overwrites; its argmax overwrites the step's input tokens, which are put back (`keep`).
-        return self.graphs.get((batch, kv_len), lambda: self.body.decode_body(self.tokens, batch, kv_len), self.tokens)
+        if cascade:
+            kv_len = self.cache.capacity
+        return self.graphs.get(
+            (batch, kv_len, cascade), lambda: self.body.decode_body(self.tokens, batch, kv_len, cascade), self.tokens
+        )
 
     def warmup(self, max_kv_len: int | None = None, batch_sizes: Sequence[int] | None = None) -> int:
         """Capture decode graphs ahead of traffic (so the first requests do not pay for it).
@@ -362,5 +374,8 @@ class StaticDecoder:
         for kv_len in key_buckets(capacity, limit):
             for b in sizes:
                 self.graph(*self.buckets(b, kv_len))
+        if self.cache.cascade:  # the steps of rows that read the shared prefix
+            for b in sizes:
+                self.graph(self.buckets(b, capacity)[0], capacity, cascade=True)
         torch.cuda.synchronize(self.body.device)
         return len(self.graphs)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from stratus_workers.serve.prefix import PrefixCache
+from stratus_workers.serve.runner import cache as cache_module
 from stratus_workers.serve.runner.cache import MIN_CAPACITY, KVCache
 
 pytestmark = pytest.mark.unit
@@ -165,3 +169,130 @@ def test_row_bookkeeping_never_waits_for_the_device() -> None:
         torch.cuda.set_sync_debug_mode(0)
     assert cache.lengths_dev is not None
     assert cache.lengths_dev.tolist() == cache.lengths == [6, 18, 16, 12]
+
+
+def _cascade_cache(monkeypatch: pytest.MonkeyPatch) -> KVCache:
+    monkeypatch.setattr(cache_module, "CASCADE_MIN_TOKENS", 8)  # two blocks of 4, not 256 tokens
+    return KVCache(
+        layers=2, rows=4, kv_heads=2, head_dim=4, dtype=torch.float32, device=torch.device("cpu"),
+        max_len=64, capacity=64, device_lengths=True, pool_tokens=64, cascade=True,
+    )  # fmt: skip
+
+
+def _held(cache: KVCache, row: int) -> torch.Tensor:
+    """What a reader that takes the shared prefix sees of `row`: its keys and values [2, layers, heads, len, dim]."""
+    n, hollow = cache.lengths[row], cache.hollow[row]
+    held = torch.stack([cache.all_keys[:, row, :, :n], cache.all_values[:, row, :, :n]]).clone()
+    assert hollow <= cache.shared[row] <= n
+    if hollow:
+        assert cache.shared_keys is not None and cache.shared_values is not None
+        held[:, :, :, :hollow] = torch.stack([cache.shared_keys[:, :, :hollow], cache.shared_values[:, :, :hollow]])
+    return held
+
+
+def _check(cache: KVCache, shadow: dict[int, torch.Tensor]) -> None:
+    """Every row holds, or reads from the shared prefix, what was written to it; the device agrees on the counts;
+    what a row reads from the prefix is what it holds where it holds it."""
+    assert cache.shared_dev is not None and cache.shared_count is not None
+    assert cache.shared_dev.tolist() == cache.shared
+    assert cache.lengths_dev is not None and cache.lengths_dev.tolist() == cache.lengths
+    for row in range(cache.rows):
+        assert torch.equal(_held(cache, row), shadow[row][:, :, :, : cache.lengths[row]]), row
+        n, hollow = cache.shared[row], cache.hollow[row]
+        assert n <= int(cache.shared_count) and cache.shared_keys is not None
+        assert torch.equal(cache.all_keys[:, row, :, hollow:n], cache.shared_keys[:, :, hollow:n])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.tuples(st.sampled_from(["load", "write", "truncate", "move", "reset", "fill", "forget"]),
+                              st.integers(0, 3), st.integers(0, 3), st.integers(0, 24)), min_size=4, max_size=40))
+def test_a_row_reads_what_was_written_to_it_whether_it_holds_it_or_the_shared_prefix_does(
+    monkeypatch: pytest.MonkeyPatch, ops: list[tuple[str, int, int, int]]
+) -> None:
+    # Rows load prompts of two families through the real prefix cache (a small pool: blocks get evicted and their
+    # slots reused with other keys), write past their ends, roll back, move, empty and fill in any order, against a
+    # shadow of what each row was given: a row that reads the shared prefix reads what it would have held, and the
+    # prefix a row counts on is never overwritten.
+    cache = _cascade_cache(monkeypatch)
+    prefix = PrefixCache(block_size=4, capacity=8)
+    gen = torch.Generator().manual_seed(len(ops))
+    shape = (2, cache.layers, cache.kv_heads, cache.max_len, cache.head_dim)
+    shadow = {row: torch.zeros(shape) for row in range(cache.rows)}
+    pool: dict[int, torch.Tensor] = {}  # what each pool slot was given
+
+    def write(row: int, start: int, end: int) -> None:
+        new = torch.randn((2, cache.layers, cache.kv_heads, end - start, cache.head_dim), generator=gen)
+        cache.all_keys[:, row, :, start:end], cache.all_values[:, row, :, start:end] = new[0], new[1]
+        shadow[row][:, :, :, start:end] = new
+
+    for op, row, other, n in ops:
+        if op == "load":
+            cache.reset(row)  # a new request takes the row
+            prompt = [row % 2] * (9 + n)  # a family's prompt: its blocks are shared by its rows
+            slots = prefix.match(prompt)
+            if slots:
+                cache.load_blocks(row, slots, 4, prefix.block_ids(slots))
+                for i, slot in enumerate(slots):
+                    shadow[row][:, :, :, 4 * i : 4 * i + 4] = pool[slot]
+            cache.grow(len(prompt))
+            write(row, cache.lengths[row], len(prompt))  # a prefill: new keys past what was loaded
+            cache.set_lengths(row, [len(prompt)])
+            stored = prefix.insert(prompt)
+            cache.save_blocks(row, stored.positions, stored.slots, 4)
+            for position, slot in zip(stored.positions, stored.slots, strict=True):
+                pool[slot] = shadow[row][:, :, :, position : position + 4].clone()
+        elif op == "write" and cache.lengths[row] + n <= 64:
+            write(row, cache.lengths[row], cache.lengths[row] + n)
+            cache.set_row_lengths([row], [cache.lengths[row] + n])
+        elif op == "truncate":
+            cache.set_row_lengths([row], [cache.lengths[row] * n // 24])  # a roll-back, by any share
+        elif op == "move" and row != other:
+            cache.reset(other)  # the hole a finished request left
+            cache.move(row, other)
+            shadow[other] = shadow[row].clone()
+        elif op == "forget":  # the engine starts a new prefix cache (after a failed step): slots come back anew
+            prefix = PrefixCache(block_size=4, capacity=8)
+        elif op == "reset":
+            cache.reset(row)
+        elif op == "fill":
+            cache.fill([row])
+            assert cache.hollow[row] == 0
+        _check(cache, shadow)
+
+
+def test_blocks_past_the_shared_prefix_extend_it_and_another_prefix_waits_for_its_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cache = _cascade_cache(monkeypatch)
+    pool = torch.arange(64, dtype=torch.float32)
+    cache.pool_keys = pool[None, None, :, None].expand(2, 2, 64, 4).clone()
+    cache.pool_values = -cache.pool_keys
+    cache.load_blocks(0, [0, 1], 4, [10, 11])  # two blocks: the shared prefix now, which the row need not hold
+    cache.load_blocks(1, [0, 1, 2], 4, [10, 11, 12])  # one more: the prefix grows, row 0 still reads its 8
+    assert cache.shared == [8, 12, 0, 0] and cache.hollow == [8, 12, 0, 0] and cache.shared_ids == (10, 11, 12)
+    cache.load_blocks(2, [3, 4], 4, [20, 21])  # another prefix: rows count on this one, so row 2 holds its own
+    assert cache.shared == [8, 12, 0, 0] and cache.shared_ids == (10, 11, 12)
+    assert cache.all_keys[0, 2, 0, :8, 0].tolist() == list(range(12, 20))
+    cache.load_blocks(3, [0], 4, [10])  # one block in common: under the least worth sharing, so held
+    assert cache.shared[3] == 0 and cache.all_keys[0, 3, 0, :4, 0].tolist() == [0, 1, 2, 3]
+    assert cache.all_keys[0, 1, 0, :12].abs().sum() == 0  # never copied into the sharing row
+    cache.reset(3)
+    cache.all_keys[:, 3] = 7.0  # what the row held before: not what it reads after the move
+    cache.move(1, 3)  # the row moves without its (unheld) prefix, and reads it from the prefix still
+    assert cache.shared[3] == cache.hollow[3] == 12 and _held(cache, 3)[0, 0, 0, :12, 0].tolist() == list(range(12))
+    cache.save_blocks(3, [4], [5], 4)  # the pool lost a block the row reads from the prefix: it saves the real keys
+    assert cache.hollow[3] == 0 and cache.pool_keys[0, 0, 20:24, 0].tolist() == [4, 5, 6, 7]
+    cache.move(3, 1)
+    cache.fill([1])  # a reader of rows alone (torch's attention): it holds them (already, since the save)
+    assert cache.hollow[1] == 0 and cache.shared[1] == 12
+    assert cache.all_keys[0, 1, 0, :12, 0].tolist() == list(range(12))
+    for row in (0, 1, 3):
+        cache.reset(row)
+    cache.reset(2)
+    cache.load_blocks(2, [3, 4], 4, [20, 21])  # nobody counts on the old prefix: replaced
+    assert cache.shared == [0, 0, 8, 0] and cache.shared_ids == (20, 21)
+    assert cache.shared_keys is not None and cache.shared_keys[0, 0, :8, 0].tolist() == list(range(12, 20))
+    cache.stop_sharing()  # a reader that never takes the prefix: every row holds its tokens, none reads it
+    assert not cache.cascade and cache.shared == [0, 0, 0, 0] and cache.all_keys[0, 2, 0, :8, 0].tolist() == list(
+        range(12, 20)
+    )

@@ -205,9 +205,9 @@ def test_packed_verification_with_the_attention_kernel_scores_as_the_model_does(
     blocks: list[int] = []  # the block size each of the pass's attention calls took (its last argument)
     attend = kernels.extend_attention
 
-    def recorded(*args: Any) -> torch.Tensor:
+    def recorded(*args: Any, **kwargs: Any) -> torch.Tensor:
         blocks.append(args[-1])
-        return attend(*args)
+        return attend(*args, **kwargs)
 
     monkeypatch.setattr(kernels, "extend_attention", recorded)
     rows, contexts = [0, 2, 3], [[5, 6, 7, 8], [3, 4, 9], [100, 101, 102, 103, 104, 105]]

@@ -55,5 +55,5 @@ def test_batch_one_graph_runs_the_fused_layer_as_close_to_float32_as_the_unfused
         token = want.greedy[0]
     assert agree >= 12  # random weights make near-ties (top-2 gaps down to 0.01); most choices still agree
     # The batch-1 graph is the fused layer's (captured from it); the unfused runner never ran it.
-    assert on.gemv_layer and on.gemv_batches == {1} and (1, on.cache.capacity) in on.decoder.graphs.graphs
-    assert not off.gemv_batches and (1, off.cache.capacity) in off.decoder.graphs.graphs
+    assert on.gemv_layer and on.gemv_batches == {1} and (1, on.cache.capacity, False) in on.decoder.graphs.graphs
+    assert not off.gemv_batches and (1, off.cache.capacity, False) in off.decoder.graphs.graphs

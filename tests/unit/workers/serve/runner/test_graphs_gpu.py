@@ -75,7 +75,7 @@ def test_long_rows_decode_with_their_keys_split(model: torch.nn.Module) -> None:
     for row, ids in enumerate(seqs):
         close_to_reference(model, ids, logits[row])
     batch, kv_len = runner.decoder.buckets(2, 704)
-    assert kv_len > kernels.DECODE_SPLIT_KEYS and (batch, kv_len) in runner.decoder.graphs.graphs
+    assert kv_len > kernels.DECODE_SPLIT_KEYS and (batch, kv_len, False) in runner.decoder.graphs.graphs
 
 
 def test_padded_rows_never_touch_session_rows(model: torch.nn.Module) -> None:
