@@ -241,8 +241,8 @@ class FusedRunner(ModelRunner):
             capacity=capacity,
             device_lengths=True,
             pool_tokens=pool_tokens,
-            # Decode steps of rows that share a prefix read it once (kernels.SharedPrefix) where the Triton attention
-            # runs; STRATUS_CASCADE=0 turns that off.
+            # Rows that load a long cached prefix read it from one shared copy, and decode steps read that once for
+            # all of them (kernels.SharedPrefix), where the Triton attention runs; STRATUS_CASCADE=0 turns that off.
             cascade=(
                 self.device.type == "cuda"
                 and kernels.supports(self.head_dim, self.local_heads, self.local_kv_heads)
