@@ -45,6 +45,7 @@ from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.errors import EngineFailed, EngineOverloaded, EngineStopped
 from stratus_workers.serve.prefix import PrefixCache
 from stratus_workers.serve.runner import ModelRunner, decoded, env_flag, env_int, no_mark, to_device
+from stratus_workers.serve.runner.cache import KVCache
 from stratus_workers.serve.sampling import Choice, choose_tokens, seeded_generator
 from stratus_workers.serve.sessions import PendingVerify, SpeculativeSessions, VerifyCall
 from stratus_workers.serve.surface import Alternatives, FinishReason, VerifyResult, rebuilt
@@ -426,7 +427,7 @@ class EngineCore:
             forward_positions=getattr(self.runner, "positions", 0) - self._counted[1],
             mixed_steps=self.mixed_steps,
             prefill_steps=self.prefill_steps,
-            shared_prefix_rows=sum(1 for n in getattr(cache, "shared", ()) if n),
+            shared_prefix_rows=cache.sharing(cache.rows) if isinstance(cache, KVCache) else 0,
             cascade_steps=getattr(getattr(self.runner, "decoder", None), "cascade_steps", 0),
         )
 

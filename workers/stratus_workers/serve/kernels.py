@@ -182,7 +182,7 @@ if triton is not None:
         # split's share of the row's keys (all of them with one split). Query b reads cache row b, or rows[b] when
         # the queries name their rows. With SPLITS > 1 the partial softmaxes go to `part` for
         # _decode_combine_kernel: a batch of a few rows of long context is otherwise too few programs to keep
-        # the GPU's memory busy. With CHUNKS (a cascade step, one split) the row's first shared[b] keys are the
+        # the GPU's memory busy. With CHUNKS (a cascade step, one split) the row's first shared[row] keys are the
         # shared prefix's, which _prefix_attention_kernel reads for every row at once in CHUNKS chunks: this program
         # reads the rest and leaves its partial after theirs, [CHUNKS + 1, queries, heads, HEAD_DIM + 2].
         b = tl.program_id(0)
@@ -409,28 +409,40 @@ def decode_attention(
     if not _pow2(splits):
         raise ValueError(f"decode_attention's splits must be a power of two, got {splits}")
     out = torch.empty_like(q)
+    parts, chunks, part, lengths = splits, 0, out, pos  # (part and lengths: unused with one split and no prefix)
     if shared is not None:
         if splits != 1:
             raise ValueError(f"a cascade step reads each row's own keys in one split, got {splits}")
-        return _cascade(q, k_cache, v_cache, pos, scale, rows, launch, shared, out)
-    part = out  # unused with one split
-    if splits > 1:
-        part = torch.empty(splits * batch * n_q * (head_dim + 2), dtype=torch.float32, device=q.device)
+        # The prefix first, once for all queries, in chunks: partials 0..chunks-1; the rows' own keys the last.
+        tile_rows, tiles, chunks = cascade_shape(batch, n_q, n_kv)
+        parts, lengths = chunks + 1, shared.lengths
+    if parts > 1:
+        part = torch.empty(parts * batch * n_q * (head_dim + 2), dtype=torch.float32, device=q.device)
+    if shared is not None:
+        launch_kernel(
+            _prefix_attention_kernel, (n_kv, chunks, tiles), launch, extend_launch(tile_rows * _group_pad(group)),
+            q, shared.keys, shared.values, shared.lengths, shared.count, part, pos if rows is None else rows,
+            q.stride(0), q.stride(1),
+            shared.keys.stride(0), shared.keys.stride(1), shared.values.stride(0), shared.values.stride(1),
+            batch, scale,
+            GROUP=group, GROUP_PAD=_group_pad(group), ROWS=tile_rows, HEAD_DIM=head_dim, CHUNKS=chunks,
+            PRECISION=_precision(q), HAS_ROWS=rows is not None,
+        )  # fmt: skip
     launch_kernel(
         _decode_attention_kernel, (batch, n_kv, splits), launch, decode_launch(splits, batch * n_kv),
-        q, k_cache, v_cache, out, pos, pos if rows is None else rows, part, pos,
+        q, k_cache, v_cache, out, pos, pos if rows is None else rows, part, lengths,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         scale,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HAS_ROWS=rows is not None, SPLITS=splits,
-        PRECISION=_precision(q), CHUNKS=0,
+        PRECISION=_precision(q), CHUNKS=chunks,
     )  # fmt: skip
-    if splits > 1:
+    if parts > 1:
         _decode_combine_kernel[(batch, n_kv)](
             out, part, out.stride(0), out.stride(1),
-            GROUP=group, GROUP_PAD=_group_pad(group), HEAD_DIM=head_dim, PARTS=splits,
+            GROUP=group, GROUP_PAD=_group_pad(group), HEAD_DIM=head_dim, PARTS=parts,
             num_warps=4,
         )  # fmt: skip
     return out.view(batch, n_q * head_dim)
@@ -472,54 +484,6 @@ def cascade_shape(batch: int, n_q: int, n_kv: int) -> tuple[int, int, int]:
     while chunks < MAX_CASCADE_CHUNKS and n_kv * tiles * chunks * 2 <= CASCADE_PROGRAMS:
         chunks *= 2
     return rows, tiles, chunks
-
-
-def _cascade(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    pos: torch.Tensor,
-    scale: float,
-    rows: torch.Tensor | None,
-    launch: Launch | None,
-    shared: SharedPrefix,
-    out: torch.Tensor,
-) -> torch.Tensor:
-    """`decode_attention` of a cascade step: the prefix kernel's chunks, each row's own keys past its shared ones,
-    and a kernel merging them ([chunks + 1, B, Hq, D + 2] float32 partials)."""
-    batch, n_q, head_dim = q.shape
-    n_kv = k_cache.shape[1]
-    group = n_q // n_kv
-    tile_rows, tiles, chunks = cascade_shape(batch, n_q, n_kv)
-    part = torch.empty((chunks + 1) * batch * n_q * (head_dim + 2), dtype=torch.float32, device=q.device)
-    lines = tile_rows * _group_pad(group)
-    launch_kernel(
-        _prefix_attention_kernel, (n_kv, chunks, tiles), launch, extend_launch(lines),
-        q, shared.keys, shared.values, shared.lengths, shared.count, part, pos if rows is None else rows,
-        q.stride(0), q.stride(1),
-        shared.keys.stride(0), shared.keys.stride(1), shared.values.stride(0), shared.values.stride(1),
-        batch, scale,
-        GROUP=group, GROUP_PAD=_group_pad(group), ROWS=tile_rows, HEAD_DIM=head_dim, CHUNKS=chunks,
-        PRECISION=_precision(q), HAS_ROWS=rows is not None,
-    )  # fmt: skip
-    group_pad = max(16, _group_pad(group))
-    launch_kernel(
-        _decode_attention_kernel, (batch, n_kv, 1), launch, decode_launch(1, batch * n_kv),
-        q, k_cache, v_cache, out, pos, pos if rows is None else rows, part, shared.lengths,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1),
-        scale,
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HAS_ROWS=rows is not None, SPLITS=1,
-        PRECISION=_precision(q), CHUNKS=chunks,
-    )  # fmt: skip
-    _decode_combine_kernel[(batch, n_kv)](
-        out, part, out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=_group_pad(group), HEAD_DIM=head_dim, PARTS=chunks + 1,
-        num_warps=4,
-    )  # fmt: skip
-    return out.view(batch, n_q * head_dim)
 
 
 # A decode step whose rows read more keys than this splits them where (query, kv head) programs are few, aiming at

@@ -230,6 +230,12 @@ class FusedRunner(ModelRunner):
             probe = torch.zeros(1, dtype=self.dtype, device=self.device)
             cos, sin = self.model.model.rotary_emb(probe, positions)
             self._cos, self._sin = cos[0].to(self.dtype).contiguous(), sin[0].to(self.dtype).contiguous()
+        on_cuda = self.device.type == "cuda"
+        self.triton_attention = (
+            on_cuda
+            and kernels.supports(self.head_dim, self.local_heads, self.local_kv_heads)
+            and env_flag("STRATUS_TRITON_ATTENTION", True)
+        )
         self.cache = KVCache(
             layers=len(self.layers),
             rows=max_rows,
@@ -243,14 +249,10 @@ class FusedRunner(ModelRunner):
             pool_tokens=pool_tokens,
             # Rows that load a long cached prefix read it from one shared copy, and decode steps read that once for
             # all of them (kernels.SharedPrefix), where the Triton attention runs; STRATUS_CASCADE=0 turns that off.
-            cascade=(
-                self.device.type == "cuda"
-                and kernels.supports(self.head_dim, self.local_heads, self.local_kv_heads)
-                and env_flag("STRATUS_TRITON_ATTENTION", True)
-                and env_flag("STRATUS_CASCADE", True)
-            ),
+            cascade=self.triton_attention and env_flag("STRATUS_CASCADE", True),
         )
-        self._shared_layers: list[kernels.SharedPrefix | None] = []
+        # Each layer's view of the shared prefix (its tensors are allocated once, for good).
+        self._shared_layers: list[kernels.SharedPrefix | None] = [None] * len(self._lw)
         cache = self.cache
         if cache.shared_keys is not None and cache.shared_values is not None:
             assert cache.shared_dev is not None and cache.shared_count is not None
@@ -262,15 +264,9 @@ class FusedRunner(ModelRunner):
         with torch.inference_mode(False):  # written by every decode step, graphs included
             self.greedy_logprobs = torch.zeros(max_rows, dtype=torch.float32, device=self.device)
         self._kv_ar = torch.arange(capacity, device=self.device)
-        on_cuda = self.device.type == "cuda"
         want_graphs = env_flag("STRATUS_CUDA_GRAPHS", True) if cuda_graphs is None else cuda_graphs
         self.cuda_graphs = bool(on_cuda and want_graphs)
         self.compiled = bool(on_cuda and env_flag("STRATUS_COMPILE", True) if compile is None else compile)
-        self.triton_attention = (
-            on_cuda
-            and kernels.supports(self.head_dim, self.local_heads, self.local_kv_heads)
-            and env_flag("STRATUS_TRITON_ATTENTION", True)
-        )
         # Decode steps of a few rows as the fused small-batch layer (serve/gemv.py: 5 kernels a layer, not 12)
         # where the Triton attention runs; STRATUS_GEMV_LAYER=0 turns it off. `gemv_batches`: the batch sizes whose
         # steps ran it (a graph's at its capture).
@@ -746,8 +742,7 @@ class FusedRunner(ModelRunner):
         bias = None
         if not self.triton_attention:  # the CPU's torch attention: each query against its row's keys up to its own
             bias = torch.where(self._kv_ar[:kv_len][None, :] <= pos[:, None], 0.0, -1e30)
-        # Rows that start with the shared prefix read it from there (they do not hold it: runner/cache.py).
-        shared = self._shared_layers if self.cache.cascade else [None] * len(self._lw)
+        shared = self._shared_prefix()
         delta = torch.zeros_like(h)
         for lw, k_cache, v_cache, prefix in zip(self._lw, self.cache.keys, self.cache.values, shared, strict=True):
             h, q = self._store_fn(
@@ -882,11 +877,8 @@ class FusedRunner(ModelRunner):
         length in `cache.lengths_dev`), reading only device buffers; the residual out. The decode step runs
         it over rows 0..B-1, a pipeline stage over each micro-batch of rows (serve/pipeline.py). `cascade` (rows
         from 0, the Triton attention): each row reads its shared prefix's keys from the one copy all rows read."""
-        shared: list[kernels.SharedPrefix | None] = [None] * len(self._lw)
-        if cascade and self.cache.cascade and self.triton_attention and not first_row:
-            shared = list(self._shared_layers)
-        else:
-            cascade = False
+        cascade = cascade and self.cache.cascade and self.triton_attention and not first_row
+        shared: list[kernels.SharedPrefix | None] = self._shared_prefix() if cascade else [None] * len(self._lw)
         lengths = self.cache.lengths_dev
         assert lengths is not None  # the fused path's cache keeps its lengths on the device
         batch = h.shape[0]
@@ -925,6 +917,11 @@ class FusedRunner(ModelRunner):
             if lw.down_bias is not None:
                 delta = delta + lw.down_bias
         return h + delta
+
+    def _shared_prefix(self) -> list[kernels.SharedPrefix | None]:
+        """Each layer's shared prefix for the attention to read rows' first keys from (runner/cache.py: rows that
+        loaded it do not hold it), or None where the cache keeps none (any more)."""
+        return self._shared_layers if self.cache.cascade else [None] * len(self._lw)
 
     def _gemv_layers(
         self, h: torch.Tensor, first_row: int, pos: torch.Tensor, rows: torch.Tensor, splits: int,
