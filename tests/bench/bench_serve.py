@@ -601,6 +601,19 @@ async def run_server_process(
 
 
 def _server_row(system: str, c: int, wall: float, results: list[dict[str, Any]]) -> dict[str, Any]:
+    row = _timings(system, c, wall, results)
+    if os.environ.get("BENCH_RAW", "") not in ("", "0"):
+        # Every request as [sent, s after the run's first; client TTFT ms; server TTFT ms; queue ms; tokens]
+        first = min(r["sent"] for r in results)
+        row["raw"] = [
+            [round(r["sent"] - first, 4), round((r["chunks"][0] - r["sent"]) * 1e3, 3) if r["chunks"] else None,
+             round(r["server_ttft_ms"], 3), round(r["queue_ms"], 3), r["tokens"]]
+            for r in sorted(results, key=lambda r: r["sent"])
+        ]
+    return row
+
+
+def _timings(system: str, c: int, wall: float, results: list[dict[str, Any]]) -> dict[str, Any]:
     tokens = sum(r["tokens"] for r in results)
     ttfts = [r["chunks"][0] - r["sent"] for r in results if r["chunks"]]
     gaps = [b - a for r in results for a, b in zip(r["chunks"], r["chunks"][1:], strict=False)]
@@ -735,7 +748,7 @@ def bench_model(
             for row in served:
                 row["step_ms"] = step_ms.get(str(row["concurrency"]))
             save()
-    if shared:
+    if shared and not args.skip_uncached:
         keep(asyncio.run(run_shared_prefix_uncached(bench, shared, pool, args, log)))
     del model, loaded, bench
     if device.type == "cuda":
@@ -1017,6 +1030,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="streams of the shared-prefix workload (0 skips it; default 64 CUDA, 8 CPU)")
     parser.add_argument("--shared-system-tokens", type=int, default=None, help="its system prompt (default 1000)")
     parser.add_argument("--shared-turn-tokens", type=int, default=24, help="its user turns")
+    parser.add_argument("--skip-uncached", action="store_true",
+                        help="skip the shared-prefix workload's run with the prefix cache off (a diagnosis run)")
     parser.add_argument("--code", default=str(ROOT / "workers"),
                         help="the stratus_workers tree to measure (another checkout: before and after)")
     parser.add_argument("--baseline-concurrency", nargs="+", type=int, default=None,

@@ -35,14 +35,19 @@ EOS = frozenset({-1})  # random weights: no request ends early, every one runs t
 class Workload:
     """A closed loop of `inflight` requests: when one finishes, the next one is added."""
 
-    def __init__(self, core: EngineCore, vocab: int, system: int, turn: int, new: int, inflight: int) -> None:
+    def __init__(
+        self, core: EngineCore, vocab: int, system: int, turn: int, new: int, inflight: int, stagger: bool = False
+    ) -> None:
         gen = torch.Generator().manual_seed(11)
         self.system = torch.randint(3, vocab, (system,), generator=gen).tolist()
         self.gen = gen
         self.core, self.vocab, self.turn, self.new = core, vocab, turn, new
         self.next_id = 0
         self.live = 0
-        for _ in range(inflight):
+        # Staggered: one request joins per step until `inflight` run, so they also finish (and return) apart, as
+        # the bench's staggered clients do; else all at once, and every round is a burst.
+        self.owed = inflight - 1 if stagger else 0
+        for _ in range(inflight - self.owed):
             self.add()
 
     def add(self) -> None:
@@ -59,6 +64,9 @@ class Workload:
         took = time.perf_counter() - start
         for _ in out.finished:
             self.live -= 1
+            self.add()
+        if self.owed:
+            self.owed -= 1
             self.add()
         return took, self.core.prefill_tokens != before
 
@@ -95,6 +103,9 @@ def main() -> None:
     parser.add_argument("--system", type=int, default=1000)
     parser.add_argument("--turn", type=int, default=24)
     parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--trace", help="also write the torch.profiler window as a Chrome trace here")
+    parser.add_argument("--cache-only", action="store_true", help="skip the run with the prefix cache off")
+    parser.add_argument("--stagger", action="store_true", help="requests join one per step at first (not at once)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -105,10 +116,10 @@ def main() -> None:
 
     max_len = args.system + args.turn + args.new + 16
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    for cache in (False, True):
+    for cache in (True,) if args.cache_only else (False, True):
         t0 = time.perf_counter()
         core = build_core(args.arch, device, dtype, args.rows, max_len, cache)
-        load = Workload(core, core.runner.vocab_size, args.system, args.turn, args.new, args.rows)
+        load = Workload(core, core.runner.vocab_size, args.system, args.turn, args.new, args.rows, args.stagger)
         built = time.perf_counter() - t0
         times = [load.step() for _ in range(args.steps)]
         sync()
@@ -125,12 +136,18 @@ def main() -> None:
         profiler.disable()
         print(f"  cProfile window: {summary(window)}")
         text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(30)
-        print("\n".join("  " + line for line in text.getvalue().splitlines()[6:40]))
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        print("\n".join("  " + line for line in text.getvalue().splitlines() if line.strip()))
         with profile(activities=activities) as prof:
-            window = [load.step() for _ in range(args.window)]
+            window = []
+            for _ in range(args.window):  # the steps that admit requests apart from the rest, in the table
+                with torch.profiler.record_function("step: admits" if core.waiting else "step: none waiting"):
+                    window.append(load.step())
             sync()
         print(f"  torch.profiler window: {summary(window)}")
+        if args.trace:
+            prof.export_chrome_trace(args.trace)
         table: Any = prof.key_averages()
         print(table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
         if cuda:

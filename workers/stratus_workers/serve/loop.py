@@ -430,8 +430,13 @@ class StepProfile:
         self.last = 0.0
         self.before = self._counters()
         self.allocator = allocator_counters()
+        # STRATUS_STEP_SERIES=1: every step as [start ms into the period, ms, prompt tokens prefilled, rows, waiting]
+        self.series: list[tuple[float, float, int, int, int]] | None = (
+            [] if os.environ.get("STRATUS_STEP_SERIES", "") not in ("", "0") else None
+        )
 
-    def step(self, started: float, ended: float, prefilled: bool) -> None:
+    def step(self, started: float, ended: float, prefilled: int) -> None:
+        """A step ran from `started` to `ended` and prefilled `prefilled` prompt tokens."""
         if self.last and started - self.last > self.GAP:
             self.idle()  # the loop was idle in between without a look at its inbox coming back empty
         if not self.first:
@@ -441,6 +446,9 @@ class StepProfile:
         self.last = ended
         (self.prefill if prefilled else self.plain).append(ended - started)
         self.batch += self.core.active
+        if self.series is not None:
+            core = self.core
+            self.series.append((started, ended - started, prefilled, core.active, core.waiting))
 
     def idle(self) -> None:
         steps = len(self.plain) + len(self.prefill)
@@ -470,6 +478,11 @@ class StepProfile:
                 line["allocator"] = {k: round(v - self.allocator.get(k, 0), 1) for k, v in now.items()}
             if self.sampler is not None:
                 line["sampled"] = self.sampler.take()
+            if self.series is not None:
+                line["series"] = [
+                    [round((t - self.first) * 1e3, 3), round(d * 1e3, 3), n, rows, waiting]
+                    for t, d, n, rows, waiting in self.series
+                ]
             with open(self.path, "a") as f:
                 f.write(json.dumps(line) + "\n")
         self._reset()
@@ -527,7 +540,7 @@ class EngineLoop:
                     self.busy_since = 0.0
                     self.steps += 1
                     if self.profile is not None:
-                        self.profile.step(started, time.monotonic(), self.core.prefill_tokens != prefilled)
+                        self.profile.step(started, time.monotonic(), self.core.prefill_tokens - prefilled)
                     with self.mark("emit"):
                         self.emit(("step", out.pack(self.plain)))
                     if self.trace is not None:
