@@ -43,7 +43,7 @@ import torch
 
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.errors import EngineFailed, EngineOverloaded, EngineStopped
-from stratus_workers.serve.prefix import PrefixCache
+from stratus_workers.serve.prefix import Cursor, PrefixCache
 from stratus_workers.serve.runner import ModelRunner, decoded, env_flag, env_int, no_mark, to_device
 from stratus_workers.serve.runner.cache import KVCache
 from stratus_workers.serve.sampling import Choice, choose_tokens, seeded_generator
@@ -240,6 +240,7 @@ class _Seq:
     row: int = -1
     prefilled: int = 0  # prompt tokens whose keys and values the row holds
     cached: int = 0  # of those, copied from the prefix cache
+    cursor: Cursor | None = None  # how far its tokens are stored in the prefix cache (its inserts start there)
     admitted: float = 0.0
     first_token: float = 0.0
     cancelled: bool = False
@@ -637,7 +638,7 @@ class EngineCore:
             seq.admitted = now
             self.runner.reset(seq.row)
             if self.prefix is not None:
-                slots = self.prefix.match(seq.prompt)
+                slots, seq.cursor = self.prefix.lookup(seq.prompt)
                 if slots:
                     self.runner.load_prefix(seq.row, slots, self.prefix.block_size, self.prefix.block_ids(slots))
                     seq.prefilled = seq.cached = len(slots) * self.prefix.block_size
@@ -824,7 +825,8 @@ class EngineCore:
 
     def _store(self, seq: _Seq, tokens: Sequence[int]) -> None:
         assert self.prefix is not None
-        stored = self.prefix.insert(tokens)
+        stored = self.prefix.insert(tokens, seq.cursor)
+        seq.cursor = stored.cursor
         if stored.slots:
             self.runner.save_prefix(seq.row, stored.positions, stored.slots, self.prefix.block_size)
 

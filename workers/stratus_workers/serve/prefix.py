@@ -48,12 +48,27 @@ class PrefixStats:
         return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
 
 
+@dataclass(frozen=True)
+class Cursor:
+    """How far a sequence's tokens are known to be stored: its first `count` blocks, the last of them `block`.
+
+    A row's prompt is looked up once and stored twice (prefilled, finished); with the cursor those stores start
+    where the last one ended instead of walking the whole chain again (a 3,000-token system prompt is ~190 blocks
+    a walk). It holds only while `block` is still stored: eviction takes leaves, so then every block before it is
+    too; otherwise the walk starts from the root."""
+
+    block: _Block | None = None
+    count: int = 0
+
+
 @dataclass
 class Insertion:
-    """The blocks `insert` newly stored: the row positions to copy from, and the pool slots to copy to."""
+    """The blocks `insert` newly stored: the row positions to copy from, and the pool slots to copy to; `cursor`:
+    where the tokens stand stored now."""
 
     positions: list[int] = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
+    cursor: Cursor = field(default_factory=Cursor)
 
 
 class PrefixCache:
@@ -76,12 +91,12 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def _chain(self, tokens: Sequence[int], limit: int) -> list[_Block]:
-        """The stored blocks that start `tokens`, at most `limit` of them."""
+    def _chain(self, tokens: Sequence[int], limit: int, start: Cursor | None = None) -> list[_Block]:
+        """The stored blocks that continue `start` (the root by default) along `tokens`, up to block `limit`."""
         found: list[_Block] = []
-        parent = 0
+        parent = start.block.id if start is not None and start.block is not None else 0
         b = self.block_size
-        for i in range(limit):
+        for i in range(start.count if start is not None else 0, limit):
             block = self._blocks.get((parent, tuple(tokens[i * b : (i + 1) * b])))
             if block is None:
                 break
@@ -89,37 +104,51 @@ class PrefixCache:
             parent = block.id
         return found
 
-    def _touch(self, chain: list[_Block]) -> None:
-        if chain and chain[-1].id in self._leaves:
-            self._leaves.move_to_end(chain[-1].id)
+    def _touch(self, last: _Block | None) -> None:
+        if last is not None and last.id in self._leaves:
+            self._leaves.move_to_end(last.id)
+
+    def _holds(self, cursor: Cursor | None, tokens: Sequence[int]) -> bool:
+        """Whether `cursor` (of `tokens`' first blocks) still stands: its last block is still the one stored."""
+        if cursor is None or cursor.count * self.block_size > len(tokens):
+            return False
+        return cursor.block is None or self._blocks.get(cursor.block.key) is cursor.block
 
     def match(self, prompt: Sequence[int]) -> list[int]:
         """Pool slots of the longest cached prefix of `prompt`, in order (at least one token is left to compute)."""
+        return self.lookup(prompt)[0]
+
+    def lookup(self, prompt: Sequence[int]) -> tuple[list[int], Cursor]:
+        """`match`'s slots, and the cursor of the chain found (for the prompt's `insert`s to start from)."""
         limit = (len(prompt) - 1) // self.block_size  # the last token's logits must be computed
         chain = self._chain(prompt, limit)
-        self._touch(chain)
+        last = chain[-1] if chain else None
+        self._touch(last)
         self.stats.queried_tokens += len(prompt)
         self.stats.hit_tokens += len(chain) * self.block_size
-        return [block.slot for block in chain]
+        return [block.slot for block in chain], Cursor(last, len(chain))
 
     def block_ids(self, slots: Sequence[int]) -> list[int]:
         """The ids of the blocks in `slots` (a `match`'s): unlike a slot, an id names one block's keys and values
         for good (never reused after an eviction), which is how the runner knows two rows hold the same ones."""
         return [self._by_slot[slot].id for slot in slots]
 
-    def insert(self, tokens: Sequence[int]) -> Insertion:
+    def insert(self, tokens: Sequence[int], cursor: Cursor | None = None) -> Insertion:
         """Store every full block of `tokens` not stored yet; returns what the runner must copy where.
 
-        Makes room by evicting least recently used leaves, never a block of `tokens`' own chain; stops
-        early when nothing else can go.
+        `cursor`: where an earlier `lookup` or `insert` of the same tokens' start left them (the walk starts there
+        while it stands). Makes room by evicting least recently used leaves, never a block of `tokens`' own chain;
+        stops early when nothing else can go.
         """
         b = self.block_size
         full = len(tokens) // b
-        chain = self._chain(tokens, full)
-        self._touch(chain)
+        start = cursor if cursor is not None and self._holds(cursor, tokens) else Cursor()
+        chain = self._chain(tokens, full, start)
+        parent = chain[-1] if chain else start.block
+        done = start.count + len(chain)
+        self._touch(parent)
         out = Insertion()
-        parent = chain[-1] if chain else None
-        for i in range(len(chain), full):
+        for i in range(done, full):
             slot = self._take_slot(protect=parent)
             if slot is None:
                 break
@@ -136,6 +165,8 @@ class PrefixCache:
             out.slots.append(slot)
             self.stats.stored_blocks += 1
             parent = block
+            done = i + 1
+        out.cursor = Cursor(parent, done)
         return out
 
     def _take_slot(self, protect: _Block | None) -> int | None:

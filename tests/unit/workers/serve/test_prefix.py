@@ -3,7 +3,11 @@ first, shared prefixes kept."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stratus_workers.serve.prefix import PrefixCache
 
@@ -58,3 +62,31 @@ def test_insertion_never_evicts_its_own_chain_and_stops_when_full() -> None:
 def test_bad_sizes_are_refused() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         PrefixCache(block_size=0, capacity=4)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 3), st.integers(1, 30)), min_size=1, max_size=40),
+       st.integers(1, 12))
+def test_inserts_from_a_cursor_store_what_inserts_from_the_root_do(
+    ops: list[tuple[int, int, int]], capacity: int
+) -> None:
+    # A request's life: looked up, its prompt stored once prefilled, prompt and answer stored when it ends; a
+    # small pool evicts in between, so cursors go stale. The cache that walks from the cursors must store, evict
+    # and find exactly what the one that always walks from the root does.
+    walker, cursor_cache = PrefixCache(block_size=3, capacity=capacity), PrefixCache(block_size=3, capacity=capacity)
+    live: list[tuple[list[int], Any]] = []
+    for kind, family, length in ops:
+        prompt = [family] * 4 + [family + kind] * length  # requests of a family share their first tokens
+        if kind < 3 or not live:  # a new request
+            slots, cursor = cursor_cache.lookup(prompt)
+            assert slots == walker.match(prompt)
+            a, b = walker.insert(prompt), cursor_cache.insert(prompt, cursor)
+            live.append((prompt, b.cursor))
+        else:  # one ends: its prompt and answer
+            prompt, cursor = live.pop(kind % len(live))
+            answer = prompt + [kind] * length
+            a, b = walker.insert(answer), cursor_cache.insert(answer, cursor)
+        assert (a.positions, a.slots) == (b.positions, b.slots)
+    assert walker.stats == cursor_cache.stats
+    for prompt, _ in live:
+        assert walker.match(prompt) == cursor_cache.match(prompt)

@@ -276,8 +276,7 @@ class KVCache:
         if min(positions) < self.hollow[row]:  # (blocks the pool lost and a sharing row saves again: rare)
             self.fill([row])
         pool_k, pool_v = self._pool((max(slots) + 1) * block)
-        src = self._index(positions, block)
-        dst = self._index([s * block for s in slots], block)
+        src, dst = self._index([*positions, *(s * block for s in slots)], block).view(2, -1)  # one copy to the device
         for cache, pool in ((self.all_keys, pool_k), (self.all_values, pool_v)):
             pool.index_copy_(2, dst, cache[:, row].index_select(2, src))
 
@@ -292,11 +291,11 @@ class KVCache:
             return
         self.grow(n)
         pool_k, pool_v = self._pool((max(slots) + 1) * block)
-        src = self._index([s * block for s in slots], block)
-        shared = self.share(list(ids), src, block) if ids else 0
-        if shared < n:  # the row holds what it does not read from the shared prefix
+        shared = self.share(list(ids), slots, block) if ids else 0
+        if shared < n:  # the row holds what it does not read from the shared prefix (blocks: `shared` is whole ones)
+            src = self._index([s * block for s in slots[shared // block :]], block)
             for cache, pool in ((self.all_keys, pool_k), (self.all_values, pool_v)):
-                cache[:, row, :, shared:n].copy_(pool.index_select(2, src[shared:]))
+                cache[:, row, :, shared:n].copy_(pool.index_select(2, src))
         self.set_length(row, n)
         self._set_shared(row, shared)
         self.hollow[row] = shared
@@ -328,15 +327,18 @@ class KVCache:
             self._set_shared(row, 0)
         self.shared_keys = self.shared_values = None
 
-    def share(self, ids: list[int], src: torch.Tensor, block: int) -> int:
-        """How many of the first tokens of the pool blocks `ids` (token positions `src` of the pool), which a row
+    def share(self, ids: list[int], slots: Sequence[int], block: int) -> int:
+        """How many of the first tokens of the pool blocks `ids` (in pool slots `slots`), which a row
         loads, it reads from the shared prefix: those it has in common with it. Blocks past the prefix's end extend
         it (rows that read it read no further than they did); a prefix in common with too little of them is
         replaced where no row counts on it. None under CASCADE_MIN_TOKENS tokens, or past the prefix's room."""
         if self.shared_keys is None or self.shared_values is None or self.shared_count is None:
             return 0
         common = 0
-        if block == self.shared_block:
+        held = len(self.shared_ids)
+        if block == self.shared_block and tuple(ids[:held]) == self.shared_ids:  # the usual case, at C speed
+            common = held
+        elif block == self.shared_block:
             for mine, theirs in zip(ids, self.shared_ids, strict=False):
                 if mine != theirs:
                     break
@@ -345,10 +347,11 @@ class KVCache:
         replace = common * block < CASCADE_MIN_TOKENS and not any(self.shared)
         end = min(len(ids), self.shared_keys.shape[2] // block)
         if common < end and (extend or replace) and end * block >= CASCADE_MIN_TOKENS:
-            first = common * block if extend else 0
+            first = common if extend else 0
+            src = self._index([s * block for s in slots[first:end]], block)
             assert self.pool_keys is not None and self.pool_values is not None  # the row loads from it
             for shared, pool in ((self.shared_keys, self.pool_keys), (self.shared_values, self.pool_values)):
-                shared[:, :, first : end * block].copy_(pool.index_select(2, src[first : end * block]))
+                shared[:, :, first * block : end * block].copy_(pool.index_select(2, src))
             self.shared_ids, self.shared_block, common = tuple(ids[:end]), block, end
             self.shared_count.fill_(end * block)
         return common * block if common * block >= CASCADE_MIN_TOKENS else 0
