@@ -16,6 +16,9 @@ measured by the clients for the server. For `generate()` they are derived from t
 same calls: a batch's first token comes after its prefill (a `max_new_tokens=1` call), its later
 ones every (total - prefill) / (n - 1); a sequential server's i-th queued request starts after the
 i requests before it. Prompts are text whose tokenization is exactly `--prompt-tokens` tokens.
+
+For a diagnosis, `BENCH_RAW=1` adds every request's timings to each server row (`raw`), and
+`STRATUS_STEP_SERIES=1` with `--profile` every engine step's (docs/serving.md).
 """
 
 from __future__ import annotations
