@@ -218,7 +218,9 @@ def _shared_length(a: str, b: str) -> int:
     lo, hi = 0, min(len(a), len(b))
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
+        # Only the part past `lo`, which is known to be shared: a 3,000-token system prompt is ~22,000 characters,
+        # and slicing from 0 each time copied ~20 times that per candidate (26 against 6 µs).
+        if a[lo:mid] == b[lo:mid]:
             lo = mid
         else:
             hi = mid - 1

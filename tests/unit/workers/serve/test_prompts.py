@@ -8,6 +8,8 @@ import random
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from stratus_workers.api import inference_pb2 as pb
@@ -219,3 +221,10 @@ def test_a_repeat_is_found_behind_newer_texts_with_its_head(tokenizer: Any) -> N
     assert encoder.encode(first) == tokenizer.encode(first)
     assert encoder.reused_chars - reused == len(first) and len(encoder.entries) == stored
     assert next(reversed(encoder.entries)) == first  # now the newest
+
+
+@given(st.text(alphabet="ab\u00e9", max_size=60), st.text(alphabet="ab\u00e9", max_size=60), st.integers(0, 60))
+def test_shared_length_is_the_common_prefix(a: str, tail: str, cut: int) -> None:
+    b = a[:cut] + tail  # strings that share a prefix of any length, or none
+    expected = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    assert prompts_module._shared_length(a, b) == expected == prompts_module._shared_length(b, a)
