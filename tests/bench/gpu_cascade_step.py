@@ -49,8 +49,8 @@ def main() -> None:
         runner.save_prefix(0, stored.positions, stored.slots, BLOCK)
         for row in rows:
             runner.reset(row)
-            slots = prefix.match(system)
-            runner.load_prefix(row, slots, BLOCK, prefix.block_ids(slots))
+            slots, ids, _ = prefix.lookup(system)
+            runner.load_prefix(row, slots, BLOCK, ids)
         for first in range(0, args.rows, 8):
             group = rows[first : first + 8]
             own = [torch.randint(3, vocab, (args.own,)).tolist() for _ in group]

@@ -638,9 +638,9 @@ class EngineCore:
             seq.admitted = now
             self.runner.reset(seq.row)
             if self.prefix is not None:
-                slots, seq.cursor = self.prefix.lookup(seq.prompt)
+                slots, ids, seq.cursor = self.prefix.lookup(seq.prompt)
                 if slots:
-                    self.runner.load_prefix(seq.row, slots, self.prefix.block_size, self.prefix.block_ids(slots))
+                    self.runner.load_prefix(seq.row, slots, self.prefix.block_size, ids)
                     seq.prefilled = seq.cached = len(slots) * self.prefix.block_size
             self._rows.append(seq)
 

@@ -277,20 +277,12 @@ if triton is not None:
         )
 
     @triton.jit  # type: ignore[misc,untyped-decorator]
-    def _block_lines(  # type: ignore[no-untyped-def]
-        blocks_ptr, stride_blocks, blk, kv_head,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-    ):
-        # A block's first token and token count, and its tile's lines: (token, head) pairs; lines past the block's
-        # tokens or the group's heads repeat a real one (`live` says which lines to store).
-        line = tl.arange(0, BLOCK_M * GROUP_PAD)
-        return _tile_lines(blocks_ptr, stride_blocks, blk, kv_head, line, GROUP, GROUP_PAD)
-
-    @triton.jit  # type: ignore[misc,untyped-decorator]
     def _tile_lines(  # type: ignore[no-untyped-def]
         blocks_ptr, stride_blocks, blk, kv_head, line, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     ):
-        # `_block_lines` for some of the block's lines (`line`).
+        # A block's first token and token count, and the (token, head) pairs of its tile's lines `line` (all of them,
+        # or a combine program's share); lines past the block's tokens or the group's heads repeat a real one
+        # (`live` says which lines to store).
         first = tl.load(blocks_ptr + blk)
         count = tl.load(blocks_ptr + stride_blocks + blk)
         tok = line // GROUP_PAD
@@ -323,8 +315,8 @@ if triton is not None:
         blk = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
-        first, count, line, tok, live, heads = _block_lines(
-            blocks_ptr, stride_blocks, blk, kv_head, GROUP, GROUP_PAD, BLOCK_M
+        first, count, line, tok, live, heads = _tile_lines(
+            blocks_ptr, stride_blocks, blk, kv_head, tl.arange(0, BLOCK_M * GROUP_PAD), GROUP, GROUP_PAD
         )
         if count > 0:
             LINES: tl.constexpr = BLOCK_M * GROUP_PAD

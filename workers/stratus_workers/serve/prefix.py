@@ -118,20 +118,17 @@ class PrefixCache:
         """Pool slots of the longest cached prefix of `prompt`, in order (at least one token is left to compute)."""
         return self.lookup(prompt)[0]
 
-    def lookup(self, prompt: Sequence[int]) -> tuple[list[int], Cursor]:
-        """`match`'s slots, and the cursor of the chain found (for the prompt's `insert`s to start from)."""
+    def lookup(self, prompt: Sequence[int]) -> tuple[list[int], list[int], Cursor]:
+        """`match`'s slots; the ids of their blocks (unlike a slot, an id names one block's keys and values for
+        good, never reused after an eviction: how the runner knows two rows hold the same ones); and the cursor of
+        the chain found (for the prompt's `insert`s to start from)."""
         limit = (len(prompt) - 1) // self.block_size  # the last token's logits must be computed
         chain = self._chain(prompt, limit)
         last = chain[-1] if chain else None
         self._touch(last)
         self.stats.queried_tokens += len(prompt)
         self.stats.hit_tokens += len(chain) * self.block_size
-        return [block.slot for block in chain], Cursor(last, len(chain))
-
-    def block_ids(self, slots: Sequence[int]) -> list[int]:
-        """The ids of the blocks in `slots` (a `match`'s): unlike a slot, an id names one block's keys and values
-        for good (never reused after an eviction), which is how the runner knows two rows hold the same ones."""
-        return [self._by_slot[slot].id for slot in slots]
+        return [block.slot for block in chain], [block.id for block in chain], Cursor(last, len(chain))
 
     def insert(self, tokens: Sequence[int], cursor: Cursor | None = None) -> Insertion:
         """Store every full block of `tokens` not stored yet; returns what the runner must copy where.

@@ -3,13 +3,11 @@ first, shared prefixes kept."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stratus_workers.serve.prefix import PrefixCache
+from stratus_workers.serve.prefix import Cursor, PrefixCache
 
 pytestmark = pytest.mark.unit
 
@@ -74,11 +72,11 @@ def test_inserts_from_a_cursor_store_what_inserts_from_the_root_do(
     # small pool evicts in between, so cursors go stale. The cache that walks from the cursors must store, evict
     # and find exactly what the one that always walks from the root does.
     walker, cursor_cache = PrefixCache(block_size=3, capacity=capacity), PrefixCache(block_size=3, capacity=capacity)
-    live: list[tuple[list[int], Any]] = []
+    live: list[tuple[list[int], Cursor]] = []
     for kind, family, length in ops:
         prompt = [family] * 4 + [family + kind] * length  # requests of a family share their first tokens
         if kind < 3 or not live:  # a new request
-            slots, cursor = cursor_cache.lookup(prompt)
+            slots, _, cursor = cursor_cache.lookup(prompt)
             assert slots == walker.match(prompt)
             a, b = walker.insert(prompt), cursor_cache.insert(prompt, cursor)
             live.append((prompt, b.cursor))

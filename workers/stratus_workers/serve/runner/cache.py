@@ -343,7 +343,7 @@ class KVCache:
                 if mine != theirs:
                     break
                 common += 1
-        extend = common == len(self.shared_ids)
+        extend = common == held
         replace = common * block < CASCADE_MIN_TOKENS and not any(self.shared)
         end = min(len(ids), self.shared_keys.shape[2] // block)
         if common < end and (extend or replace) and end * block >= CASCADE_MIN_TOKENS:

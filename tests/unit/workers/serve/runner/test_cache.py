@@ -229,9 +229,9 @@ def test_a_row_reads_what_was_written_to_it_whether_it_holds_it_or_the_shared_pr
         if op == "load":
             cache.reset(row)  # a new request takes the row
             prompt = [row % 2] * (9 + n)  # a family's prompt: its blocks are shared by its rows
-            slots = prefix.match(prompt)
+            slots, ids, _ = prefix.lookup(prompt)
             if slots:
-                cache.load_blocks(row, slots, 4, prefix.block_ids(slots))
+                cache.load_blocks(row, slots, 4, ids)
                 for i, slot in enumerate(slots):
                     shadow[row][:, :, :, 4 * i : 4 * i + 4] = pool[slot]
             cache.grow(len(prompt))
