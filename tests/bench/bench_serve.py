@@ -17,8 +17,12 @@ same calls: a batch's first token comes after its prefill (a `max_new_tokens=1` 
 ones every (total - prefill) / (n - 1); a sequential server's i-th queued request starts after the
 i requests before it. Prompts are text whose tokenization is exactly `--prompt-tokens` tokens.
 
-For a diagnosis, `BENCH_RAW=1` adds every request's timings to each server row (`raw`), and
-`STRATUS_STEP_SERIES=1` with `--profile` every engine step's (docs/serving.md).
+For a diagnosis, `BENCH_RAW=1` adds every request's timings to each server row (`raw`),
+`STRATUS_STEP_SERIES=1` with `--profile` every engine step's (docs/serving.md), `BENCH_LOOP_LAG=1` how late the
+frontend's event loop ran a 1 ms timer over each measured load (`loop_lag_ms`: p50, p95, max; the frontend is this
+process's event loop), `BENCH_MESSAGE_RATES=4000,1000` the shared-prefix load again under each frontend message
+budget (`AsyncEngine.message_rate`), and `BENCH_FRONTEND_PROFILE=DIR` the shared-prefix load once more under a
+cProfile of this process's main thread (DIR/frontend-N.txt, its top entries by own time).
 """
 
 from __future__ import annotations
@@ -448,10 +452,13 @@ async def run_server(
         for c in concurrencies:
             _profile_mark()
             steps_before = server.engine.steps
+            watch = FrontendWatch()
             cost.start()
+            watch.start()
             wall, results = await pool.load(server.address, prompts, c, args.rounds, args.new_tokens,
                                             args.client_procs, args.stagger_ms / 1e3)
             row = _server_row(SERVER, c, wall, results)
+            watch.stop(row)
             row.update(cost.stop(row["tokens"]))
             _attach_profile(row)
             row.update(engine_steps=server.engine.steps - steps_before, engine=getattr(server.engine, "mode", "thread"))
@@ -466,6 +473,19 @@ async def run_server(
         if shared:
             rows.append(await shared_prefix_load(server, shared, pool, args, log, cached=True))
             keep(rows[-1:])
+            for rate in [float(r) for r in os.environ.get("BENCH_MESSAGE_RATES", "").split(",") if r]:
+                # A diagnosis: the same load again under another frontend message budget (AsyncEngine.message_rate).
+                before, server.engine.message_rate = server.engine.message_rate, rate
+                row = await shared_prefix_load(server, shared, pool, args, log, cached=True)
+                server.engine.message_rate = before
+                row["system"] += f", message rate {rate:.0f}"
+                rows.append(row)
+                keep(rows[-1:])
+            if os.environ.get("BENCH_FRONTEND_PROFILE"):  # once more under cProfile (it slows the frontend)
+                row = await shared_prefix_load(server, shared, pool, args, log, cached=True, profile=True)
+                row["system"] += ", under cProfile"
+                rows.append(row)
+                keep(rows[-1:])
     finally:
         await server.stop(0.5)
     return rows
@@ -501,20 +521,69 @@ def _attach_profile(row: dict[str, Any]) -> None:
         row["profile"] = max(periods, key=lambda p: p["steps"])
 
 
+class FrontendWatch:
+    """The diagnosis switches over one measured load: the event loop's lateness and a cProfile (see the docstring)."""
+
+    count = 0
+
+    def __init__(self, profile: bool = False) -> None:
+        self.lags: list[float] = []
+        self.profile: Any = None
+        self.task: asyncio.Task[None] | None = None
+        self.folder = os.environ.get("BENCH_FRONTEND_PROFILE", "") if profile else ""
+
+    async def _probe(self) -> None:
+        while True:
+            due = time.monotonic() + 1e-3
+            await asyncio.sleep(1e-3)
+            self.lags.append(time.monotonic() - due)
+
+    def start(self) -> None:
+        if os.environ.get("BENCH_LOOP_LAG", "") not in ("", "0"):
+            self.task = asyncio.get_running_loop().create_task(self._probe())
+        if self.folder:
+            import cProfile
+
+            self.profile = cProfile.Profile()
+            self.profile.enable()
+
+    def stop(self, row: dict[str, Any]) -> None:
+        if self.profile is not None:
+            import io
+            import pstats
+
+            self.profile.disable()
+            FrontendWatch.count += 1
+            out = io.StringIO()
+            pstats.Stats(self.profile, stream=out).sort_stats("tottime").print_stats(40)
+            path = Path(self.folder) / f"frontend-{FrontendWatch.count}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{row['system']} c={row['concurrency']}\n{out.getvalue()}")
+        if self.task is not None:
+            self.task.cancel()
+            lags = sorted(self.lags)
+            if lags:
+                row["loop_lag_ms"] = [round(_percentile(lags, q) * 1e3, 3) for q in (0.5, 0.95)] + [
+                    round(lags[-1] * 1e3, 3)]
+
+
 def shared_prompt_tokens(args: argparse.Namespace) -> int:
     return int(args.shared_system_tokens + args.shared_turn_tokens + 8)
 
 
 async def shared_prefix_load(server: Any, prompts: list[str], pool: ClientPool, args: argparse.Namespace, log: Any,
-                             cached: bool) -> dict[str, Any]:
+                             cached: bool, profile: bool = False) -> dict[str, Any]:
     c = args.shared_concurrency
     await pool.load(server.address, prompts[-8:], 8, 1, 8, 1, 0.0)  # warm-up: the system prompt was seen before
     cost = HostCost(engine_pid(server))
     _profile_mark()
+    watch = FrontendWatch(profile)
     cost.start()
+    watch.start()
     wall, results = await pool.load(server.address, prompts[:-8], c, args.rounds, args.new_tokens,
                                     args.client_procs, args.stagger_ms / 1e3)
     row = _server_row(f"shared prefix, prefix cache {'on' if cached else 'off'}", c, wall, results)
+    watch.stop(row)
     row.update(getattr(server, "bench_start", {}), engine=getattr(server.engine, "mode", "thread"))
     prompts_cache = getattr(getattr(server, "servicer", None), "prompts", None)
     if prompts_cache is not None:  # the frontend's token cache (serve/prompts.py): off under STRATUS_PROMPT_CACHE=0

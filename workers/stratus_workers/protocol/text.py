@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
+
+
+def text_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
+    """`tokenizer.decode(ids, skip_special_tokens=True)`, from its Rust tokenizer directly where that is all the
+    transformers call does (a fast tokenizer that cleans up no spaces): the frontend decodes twice per stream
+    message, and transformers' conversions around the call cost more than the decode (~4 against ~2 µs)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False:
+        return functools.partial(backend.decode, skip_special_tokens=True)
+    return functools.partial(tokenizer.decode, skip_special_tokens=True)
 
 
 class TextAssembler:
@@ -16,6 +27,7 @@ class TextAssembler:
 
     def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
         self.tokenizer = tokenizer
+        self.decode = text_decoder(tokenizer)
         self.stop = tuple(stop)
         self.tokens: list[int] = []
         self.text = ""
@@ -30,9 +42,9 @@ class TextAssembler:
 
     def _decode_more(self) -> str | None:
         """All text so far, or None while the last token ends inside a multi-byte character."""
-        decode = self.tokenizer.decode
-        before = decode(self.tokens[self._prefix : self._read], skip_special_tokens=True)
-        window = decode(self.tokens[self._prefix :], skip_special_tokens=True)
+        decode = self.decode
+        before = decode(self.tokens[self._prefix : self._read])
+        window = decode(self.tokens[self._prefix :])
         if window.endswith("\ufffd"):
             return None
         # Decoding the window with its context gives the same spacing as decoding everything.

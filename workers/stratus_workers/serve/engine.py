@@ -63,8 +63,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HANG_SECONDS = 1.25  # an engine process silent this long (it beats every 0.2 s) is frozen or gone
-# Stream messages per second the frontend sends in all (see AsyncEngine.message_rate).
-MESSAGE_RATE = 4_000.0
+# Stream messages per second the frontend sends in all (see AsyncEngine.message_rate; `--stream-message-rate`).
+# On an H200 at 64 streams a message cost the frontend ~80 µs and a request ~2 ms (gRPC's handling most of both):
+# at 4,000 a second the messages alone took a third of its one thread, and new requests queued behind them
+# (135M, 3,000-token shared prefix: TTFT p50 at the clients 10.5 ms at 4,000, 7.3 at 2,000, 6.3 at 1,000, 6.2 at
+# 500; docs/benchmarks.md). 1,000 keeps a message per step at up to a few streams and ~16 a second each at 64.
+MESSAGE_RATE = 1_000.0
 WATCH_SECONDS = 0.1
 DEFAULT_STEP_TIMEOUT = 60.0
 
@@ -469,6 +473,7 @@ class AsyncEngine:
         on_failure: Callable[[str], None] | None = None,
         stall_timeout: float = DEFAULT_STEP_TIMEOUT,
         context_mirrors: int = 0,
+        message_rate: float = MESSAGE_RATE,
     ) -> None:
         self.transport = transport
         self.stall_timeout = stall_timeout
@@ -492,7 +497,7 @@ class AsyncEngine:
         # Python process sends every stream's text: at 64 streams and a step a millisecond, a message per
         # token each is 64,000 messages a second, which it cannot send, and a backlog it works through
         # delays every first token and finish. 0: every step's tokens go out as soon as they arrive.
-        self.message_rate = MESSAGE_RATE
+        self.message_rate = message_rate
         self._streams: dict[int, _Stream] = {}
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)

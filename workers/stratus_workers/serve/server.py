@@ -34,7 +34,14 @@ from stratus_workers.protocol.servicer import add_inference_servicer
 from stratus_workers.runtimes import DEFAULT_MAX_SESSIONS
 from stratus_workers.security import TLSFiles
 from stratus_workers.serve.core import EngineStats
-from stratus_workers.serve.engine import DEFAULT_STEP_TIMEOUT, AsyncEngine, ProcessTransport, ThreadTransport, Transport
+from stratus_workers.serve.engine import (
+    DEFAULT_STEP_TIMEOUT,
+    MESSAGE_RATE,
+    AsyncEngine,
+    ProcessTransport,
+    ThreadTransport,
+    Transport,
+)
 from stratus_workers.serve.errors import EngineOverloaded, EngineStopped
 from stratus_workers.serve.prompts import PromptEncoder
 from stratus_workers.serve.surface import (
@@ -108,6 +115,14 @@ class ServerSettings:
         default=-1,
         metadata={"help": "Tokens of shared prompt prefixes kept for reuse (-1: sized from memory; 0: off)."},
     )
+    stream_message_rate: float = field(
+        default=MESSAGE_RATE,
+        metadata={
+            "help": "Stream messages per second the server sends, all streams together: with n streams running, a "
+            "stream's next message goes out n / rate s after its last, carrying every token since (its first token "
+            "and its end at once); 0 sends every engine step's tokens at once."
+        },
+    )
     engine_step_timeout: float = field(
         default=DEFAULT_STEP_TIMEOUT,
         metadata={
@@ -160,6 +175,8 @@ class ServerSettings:
             )
         if self.pipeline_parallel > 1 and self.engine == "thread":
             raise ValueError("pipeline_parallel runs the engine in a process of its own; use engine=process or auto")
+        if self.stream_message_rate < 0:
+            raise ValueError(f"stream_message_rate must be 0 (unpaced) or positive, got {self.stream_message_rate}")
         if self.engine_step_timeout <= 0:
             raise ValueError(f"engine_step_timeout must be positive, got {self.engine_step_timeout}")
 
@@ -703,6 +720,7 @@ class ModelServer:
             on_stats=self.metrics.on_stats,
             on_failure=self._engine_failed,
             stall_timeout=self.config.engine_step_timeout,
+            message_rate=self.config.stream_message_rate,
         )
         # Loads the model and captures the decode graphs (CUDA) before taking traffic.
         await self.engine.start()

@@ -218,6 +218,26 @@ async def test_shared_prefix_requests_answer_as_with_no_caches(model_server, mon
     assert [n for n, _ in plain[: len(turns)]] == [len(tokenizer.encode(system + t)) for t in turns]
 
 
+async def test_the_stream_message_rate_setting_paces_the_servers_streams(model_server) -> None:
+    """`--stream-message-rate` reaches the frontend: at 20 messages a second one stream's tokens come in fewer
+    messages than tokens (50 ms apart at least), the text and token count those of an unpaced server."""
+
+    async def streamed(server: Any) -> tuple[str, int, int]:
+        async with AsyncClient(server.address) as client:
+            chunks = [c async for c in client.stream("Once upon a time", max_new_tokens=24)]
+        texts = [c for c in chunks if c.text]
+        return "".join(c.text for c in chunks), chunks[-1].usage.completion_tokens, len(texts)
+
+    async with model_server(stream_message_rate=0) as server:
+        assert server.engine.message_rate == 0
+        text, tokens, messages = await streamed(server)
+    assert tokens == 24 and messages > 12  # unpaced: about a message a token
+    async with model_server(stream_message_rate=20) as server:
+        assert server.engine.message_rate == 20
+        paced = await streamed(server)
+    assert paced[:2] == (text, tokens) and paced[2] < messages
+
+
 class EngineKilled(BaseException):
     """A fault the engine's per-step recovery (which catches Exception) does not handle: it ends the loop."""
 

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from stratus_workers.protocol.text import TextAssembler, find_stop, partial_stop_len
+from stratus_workers.protocol.text import TextAssembler, find_stop, partial_stop_len, text_decoder
 
 pytestmark = pytest.mark.unit
 
@@ -26,6 +28,25 @@ def full_decode_text(tokenizer: Any, ids: list[int]) -> str:
         if not text.endswith("\ufffd"):
             return text
     return ""
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_the_direct_decoder_gives_what_the_tokenizers_decode_gives(tokenizer: Any, data: st.DataObject) -> None:
+    # Any ids: special ones (skipped by both), byte tokens that split a character, plain words.
+    specials = sorted(tokenizer.all_special_ids)
+    ids = data.draw(st.lists(st.one_of(st.integers(0, len(tokenizer) - 1), st.sampled_from(specials)), max_size=24))
+    decode = text_decoder(tokenizer)
+    assert decode.func == tokenizer.backend_tokenizer.decode  # the bundled tokenizer cleans up no spaces
+    assert decode(ids) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_a_tokenizer_that_cleans_up_spaces_decodes_through_transformers(tiny_model_dir: Path) -> None:
+    cleaning = AutoTokenizer.from_pretrained(tiny_model_dir, clean_up_tokenization_spaces=True)
+    decode = text_decoder(cleaning)
+    assert decode.func == cleaning.decode
+    ids = cleaning.encode("a , b . c 's", add_special_tokens=False)
+    assert decode(ids) == cleaning.decode(ids, skip_special_tokens=True)
 
 
 def test_incremental_text_equals_full_decode(tokenizer: Any) -> None:

@@ -1,4 +1,4 @@
-"""The servicer's request handling that needs no server: a Verify request's checked arguments."""
+"""The servicer's request handling that needs no server: a Verify request's checked arguments, the settings' checks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from stratus_workers.api import inference_pb2 as pb
 from stratus_workers.protocol.errors import ProtocolError
 from stratus_workers.protocol.requests import MAX_SPECULATIVE_TOKENS, session_sampling
-from stratus_workers.serve.server import verify_arguments
+from stratus_workers.serve.server import ServerSettings, verify_arguments
 
 pytestmark = pytest.mark.unit
 
@@ -51,3 +51,9 @@ def test_bad_verify_requests_are_refused_with_what_is_wrong() -> None:
     uneven = pb.SparseDistribution(token_ids=[1, 2], probs=[1.0])
     request = pb.VerifyRequest(session_id="s", draft=[1], sampling=sampled, distributions=[uneven])
     assert "one probability per token id" in refused(request)
+
+
+def test_the_stream_message_rate_must_not_be_negative() -> None:
+    ServerSettings(model="m", stream_message_rate=0).validate()  # 0: unpaced
+    with pytest.raises(ValueError, match="stream_message_rate must be 0"):
+        ServerSettings(model="m", stream_message_rate=-1).validate()
