@@ -1016,16 +1016,20 @@ def render(runs: list[dict[str, Any]], part: str = "") -> tuple[str, str]:
                 f"{r['ttft_p50_ms']:.1f} | {r['ttft_p95_ms']:.1f} | {r['itl_p50_ms']:.2f} | {hit} | {server} | "
                 f"{queue} | {per_request} |"
             )
-        by = {_cache_state(r): r for r in _unlabelled(shared)}
-        if "on" in by and "off" in by:
+        models = list(dict.fromkeys(r["model"] for r in shared))
+        for model in models:  # each model's on and off rows (a run of two models has a ratio for each)
+            by = {_cache_state(r): r for r in _unlabelled(shared) if r["model"] == model}
+            if "on" not in by or "off" not in by:
+                continue
             ratio = by["off"]["ttft_p50_ms"] / by["on"]["ttft_p50_ms"]
-            goals.append(_goal("shared prefix: TTFT p50 without the cache over with it", ratio, GOAL_PREFIX_TTFT,
-                               TIMES))  # fmt: skip
+            goals.append(_goal(f"{model} shared prefix: TTFT p50 without the cache over with it", ratio,
+                               GOAL_PREFIX_TTFT, TIMES))  # fmt: skip
             if by["on"].get("server_ttft_p50_ms") and by["off"].get("server_ttft_p50_ms"):
                 server = by["off"]["server_ttft_p50_ms"] / by["on"]["server_ttft_p50_ms"]
                 goals.append(f"  (measured in the server, arrival to first token: {server:.2f}{TIMES})")
             if kind != "gpu":  # the CPU section lists no goals, but the ratio is what the workload is for
-                lines += ["", f"TTFT p50 without the prefix cache over with it, at the clients: {ratio:.2f}{TIMES}."]
+                lines += ["", f"TTFT p50 without the prefix cache over with it, at the clients ({model}): "
+                          f"{ratio:.2f}{TIMES}."]  # fmt: skip
     starts = {}
     for r in _unlabelled(rows):
         if r.get("server_start_s"):
