@@ -10,7 +10,8 @@ from typing import Any
 def text_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
     """`tokenizer.decode(ids, skip_special_tokens=True)`, from its Rust tokenizer directly where that is all the
     transformers call does (a fast tokenizer that cleans up no spaces): the frontend decodes twice per stream
-    message, and transformers' conversions around the call cost more than the decode (~4 against ~2 µs)."""
+    message, and transformers' conversions around the call cost more than the decode (~4 against ~2 µs
+    for 12 ids on the development CPU)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False:
         return functools.partial(backend.decode, skip_special_tokens=True)

@@ -67,7 +67,8 @@ HANG_SECONDS = 1.25  # an engine process silent this long (it beats every 0.2 s)
 # On an H200 at 64 streams a message cost the frontend ~80 µs and a request ~2 ms (gRPC's handling most of both):
 # at 4,000 a second the messages alone took a third of its one thread, and new requests queued behind them
 # (135M, 3,000-token shared prefix: TTFT p50 at the clients 10.5 ms at 4,000, 7.3 at 2,000, 6.3 at 1,000, 6.2 at
-# 500; docs/benchmarks.md). 1,000 keeps a message per step at up to a few streams and ~16 a second each at 64.
+# 500; docs/benchmarks.md). At 1,000 one stream still gets a message every millisecond (about a decode step), 64
+# streams ~16 a second each.
 MESSAGE_RATE = 1_000.0
 WATCH_SECONDS = 0.1
 DEFAULT_STEP_TIMEOUT = 60.0
