@@ -33,6 +33,9 @@ class ServeFlags:
     http_port: int = HTTP_PORT
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    prefill_chunk_tokens: int | None = None  # None: the server's default
+    prefix_cache_tokens: int | None = None
+    stream_messages_per_second: int | None = None
 
     @classmethod
     def of(cls, server: ServerPlan, *, model: str, host: str = "0.0.0.0", port: int = GRPC_PORT,
@@ -43,6 +46,9 @@ class ServeFlags:
             max_batch_size=server.serving.max_batch_size, max_prompt_tokens=server.serving.max_prompt_tokens,
             max_new_tokens=server.serving.max_new_tokens, host=host, port=port, http_port=http_port,
             tensor_parallel=server.tensor_parallel, pipeline_parallel=server.pipeline_parallel,
+            prefill_chunk_tokens=server.serving.prefill_chunk_tokens,
+            prefix_cache_tokens=server.serving.prefix_cache_tokens,
+            stream_messages_per_second=server.serving.stream_messages_per_second,
         )
 
     def args(self) -> list[str]:
@@ -58,6 +64,12 @@ class ServeFlags:
             args += ["--tensor-parallel", str(self.tensor_parallel)]
         if self.pipeline_parallel > 1:
             args += ["--pipeline-parallel", str(self.pipeline_parallel)]
+        optional = (("--prefill-chunk-tokens", self.prefill_chunk_tokens),
+                    ("--prefix-cache-tokens", self.prefix_cache_tokens),
+                    ("--stream-message-rate", self.stream_messages_per_second))  # fmt: skip
+        for flag, value in optional:
+            if value is not None:
+                args += [flag, str(value)]
         return args
 
     def command(self, python: str = "python") -> list[str]:

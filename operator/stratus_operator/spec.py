@@ -163,6 +163,23 @@ class ServingSpec(SpecModel):
     max_batch_size: int = Field(8, ge=1, le=1024, description="Requests decoded together (continuous batching).")
     max_prompt_tokens: int = Field(2048, ge=1, le=1048576, description="Longer prompts are rejected.")
     max_new_tokens: int = Field(512, ge=1, le=1048576, description="Upper bound on generated tokens per request.")
+    # Unset: the server's own default (`python -m stratus_workers.serve --help`), so that default lives in one place.
+    prefill_chunk_tokens: int | None = Field(
+        None, ge=1, le=1048576,
+        description="Prompt tokens prefilled per engine step; longer prompts are split over steps so that running "
+        "streams keep their pace (chunked prefill). Unset: the server's default (512).",
+    )  # fmt: skip
+    prefix_cache_tokens: int | None = Field(
+        None, ge=-1, le=1 << 30,
+        description="Tokens of shared prompt prefixes (system prompts, earlier turns) whose KV is kept for reuse: "
+        "-1 sizes the cache from the device's free memory, 0 turns it off. Unset: the server's default (-1).",
+    )  # fmt: skip
+    stream_messages_per_second: int | None = Field(
+        None, ge=0, le=1_000_000,
+        description="Stream messages the server sends per second, all streams together: with n streams running, "
+        "each gets a message every n / rate seconds carrying every token since (its first token and its end at "
+        "once); 0 sends every engine step's tokens at once. Unset: the server's default (1000).",
+    )  # fmt: skip
 
 
 class Autoscaling(SpecModel):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
-from samples import accepted, deployment
+from samples import accepted, deployment, sample
 
 from stratus_operator.commands import RouterFlags, ServeFlags, compress_command, router_config
 from stratus_operator.placement import ClusterView
 from stratus_operator.planner import plan
+from stratus_operator.spec import LLMDeployment, ServingSpec
 from stratus_workers.compress.__main__ import build_parser as compress_parser
 from stratus_workers.router.server import RouterSettings
 from stratus_workers.serve.server import ServerSettings
@@ -62,3 +65,28 @@ def test_compress_command_parses_with_the_workers_parser() -> None:
     assert args.device == "auto"
     gpu = compress_command(spec="/s.json", out="/a", termination_log="/t", device="cuda")
     assert compress_parser().parse_args(gpu[3:]).device == "cuda"
+
+
+def test_the_serving_tunables_reach_the_server_and_unset_ones_leave_its_defaults() -> None:
+    m = sample(uid="u")
+    m["spec"]["cloud"]["serving"].update(prefillChunkTokens=256, prefixCacheTokens=0, streamMessagesPerSecond=0)
+    p = plan(LLMDeployment.from_manifest(m), ClusterView.local(), {"int8": accepted()})
+    cloud = next(s for s in p.servers if s.tier == "cloud")
+    config = parse_config(ServerSettings, ServeFlags.of(cloud, model="/m").args())
+    assert (config.prefill_chunk_tokens, config.prefix_cache_tokens, config.stream_message_rate) == (256, 0, 0)
+    edge = ServeFlags.of(p.edge[0], model="/m")
+    assert "--prefix-cache-tokens" not in edge.args()  # unset in the manifest: no flag, the server's own default
+    defaults = parse_config(ServerSettings, edge.args())
+    assert (defaults.prefill_chunk_tokens, defaults.prefix_cache_tokens, defaults.stream_message_rate) == tuple(
+        f.default for f in dataclasses.fields(ServerSettings)
+        if f.name in ("prefill_chunk_tokens", "prefix_cache_tokens", "stream_message_rate"))
+
+
+@pytest.mark.parametrize(("field", "setting"), [("prefill_chunk_tokens", "prefill_chunk_tokens"),
+                                                ("prefix_cache_tokens", "prefix_cache_tokens"),
+                                                ("stream_messages_per_second", "stream_message_rate")])
+def test_the_crd_says_the_servers_defaults_of_what_it_leaves_unset(field: str, setting: str) -> None:
+    # The CRD's descriptions name the server's defaults for users; the server's settings are where they live.
+    default = next(f.default for f in dataclasses.fields(ServerSettings) if f.name == setting)
+    description = ServingSpec.model_fields[field].description or ""
+    assert description.endswith(f"Unset: the server's default ({default:g}).")
