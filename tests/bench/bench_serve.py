@@ -22,7 +22,9 @@ For a diagnosis, `BENCH_RAW=1` adds every request's timings to each server row (
 frontend's event loop ran a 1 ms timer over each measured load (`loop_lag_ms`: p50, p95, max; the frontend is this
 process's event loop), `BENCH_MESSAGE_RATES=4000,1000` the shared-prefix load again under each frontend message
 budget (`AsyncEngine.message_rate`), and `BENCH_FRONTEND_PROFILE=DIR` the shared-prefix load once more under a
-cProfile of this process's main thread (DIR/frontend-N.txt, its top entries by own time).
+cProfile of this process's main thread (DIR/frontend-N.txt, its top entries by own time). Every server row records the
+host's state as its load ended (`host_state`: load average, CPU clock, the GPU's clocks, power, temperature and
+throttle reasons), for runs of the same code that differ.
 """
 
 from __future__ import annotations
@@ -459,6 +461,7 @@ async def run_server(
                                             args.client_procs, args.stagger_ms / 1e3)
             row = _server_row(SERVER, c, wall, results)
             watch.stop(row)
+            row["host_state"] = host_state()
             row.update(cost.stop(row["tokens"]))
             _attach_profile(row)
             row.update(engine_steps=server.engine.steps - steps_before, engine=getattr(server.engine, "mode", "thread"))
@@ -584,6 +587,7 @@ async def shared_prefix_load(server: Any, prompts: list[str], pool: ClientPool, 
                                     args.client_procs, args.stagger_ms / 1e3)
     row = _server_row(f"shared prefix, prefix cache {'on' if cached else 'off'}", c, wall, results)
     watch.stop(row)
+    row["host_state"] = host_state()
     row.update(getattr(server, "bench_start", {}), engine=getattr(server.engine, "mode", "thread"))
     prompts_cache = getattr(getattr(server, "servicer", None), "prompts", None)
     if prompts_cache is not None:  # the frontend's token cache (serve/prompts.py): off under STRATUS_PROMPT_CACHE=0
@@ -748,6 +752,28 @@ def machine(device: torch.device) -> dict[str, str]:
         info["device"] = torch.cuda.get_device_name(device)
         info["kind"] = "gpu"
     return info
+
+
+def host_state() -> dict[str, Any]:
+    """What may make one run's engine slower than another's on the same code (session 17 saw a whole run ~20% slower):
+    the load average, the CPUs' mean clock, and the GPU's clocks, power, temperature and throttle reasons."""
+    state: dict[str, Any] = dict(load=[round(x, 2) for x in os.getloadavg()])
+    with contextlib.suppress(OSError, ValueError):
+        mhz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
+               if line.startswith("cpu MHz")]  # fmt: skip
+        if mhz:
+            state["cpu_mhz"] = round(statistics.mean(mhz))
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi"):
+        fields = "clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active"
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=10).stdout.strip().splitlines()
+            if out:
+                state["gpu"] = dict(zip(fields.split(","), (v.strip() for v in out[0].split(",")), strict=False))
+    return state
 
 
 def server_engine_mode(args: argparse.Namespace, device: torch.device) -> str:
