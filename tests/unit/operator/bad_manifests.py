@@ -124,7 +124,9 @@ def base() -> dict[str, Any]:
         "spec": {
             "model": {"source": "bundled://smollm2-135m-instruct"},
             "cloud": {"replicas": 1, "gpusPerPod": 2, "tensorParallel": 2, "dtype": "bfloat16",
-                      "serving": {"maxBatchSize": 8}, "resources": {"requests": {"cpu": "1", "memory": "2Gi"}},
+                      "serving": {"maxBatchSize": 8, "prefillChunkTokens": 512, "prefixCacheTokens": -1,
+                                  "streamMessagesPerSecond": 1000},
+                      "resources": {"requests": {"cpu": "1", "memory": "2Gi"}},
                       "nodeSelector": {"gpu": "true"},
                       "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
                       "autoscaling": {"minReplicas": 1, "maxReplicas": 3}},
