@@ -39,7 +39,9 @@ import json
 import multiprocessing as mp
 import os
 import random
+import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -461,8 +463,8 @@ async def run_server(
                                             args.client_procs, args.stagger_ms / 1e3)
             row = _server_row(SERVER, c, wall, results)
             watch.stop(row)
-            row["host_state"] = host_state()
             row.update(cost.stop(row["tokens"]))
+            row["host_state"] = host_state()  # (after the host cost: nvidia-smi is no part of it)
             _attach_profile(row)
             row.update(engine_steps=server.engine.steps - steps_before, engine=getattr(server.engine, "mode", "thread"))
             row.update(server.bench_start)
@@ -587,12 +589,12 @@ async def shared_prefix_load(server: Any, prompts: list[str], pool: ClientPool, 
                                     args.client_procs, args.stagger_ms / 1e3)
     row = _server_row(f"shared prefix, prefix cache {'on' if cached else 'off'}", c, wall, results)
     watch.stop(row)
-    row["host_state"] = host_state()
     row.update(getattr(server, "bench_start", {}), engine=getattr(server.engine, "mode", "thread"))
     prompts_cache = getattr(getattr(server, "servicer", None), "prompts", None)
     if prompts_cache is not None:  # the frontend's token cache (serve/prompts.py): off under STRATUS_PROMPT_CACHE=0
         row["prompt_token_cache"] = bool(prompts_cache.reuse)
     row.update(cost.stop(row["tokens"]))
+    row["host_state"] = host_state()  # (after the host cost: nvidia-smi is no part of it)
     _attach_profile(row)
     stats = getattr(server.engine, "stats", None)
     if stats is not None and stats.prefix_queried_tokens:
@@ -763,9 +765,6 @@ def host_state() -> dict[str, Any]:
                if line.startswith("cpu MHz")]  # fmt: skip
         if mhz:
             state["cpu_mhz"] = round(statistics.mean(mhz))
-    import shutil
-    import subprocess
-
     if shutil.which("nvidia-smi"):
         fields = "clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active"
         with contextlib.suppress(OSError, subprocess.SubprocessError):

@@ -27,7 +27,6 @@ class TextAssembler:
     """
 
     def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
-        self.tokenizer = tokenizer
         self.decode = text_decoder(tokenizer)
         self.stop = tuple(stop)
         self.tokens: list[int] = []

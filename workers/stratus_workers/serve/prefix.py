@@ -5,7 +5,7 @@ the block before it, so a block stands for the whole prefix that ends with it (a
 prompt, earlier turns, few-shot examples). The blocks form a tree keyed exactly by token tuples
 (no hash can collide into another user's prefix). When a row has been prefilled, and again when
 it finishes, the engine stores its full blocks (`insert`); a new request takes the longest chain
-of stored blocks that starts its prompt (`match`), has the runner copy their keys and values into
+of stored blocks that starts its prompt (`lookup`), has the runner copy their keys and values into
 its row, and prefills only the rest. The pool has room for `capacity` blocks; when it is full the
 least recently used leaf goes first, so a shared system prompt outlives the answers hanging off it.
 
@@ -114,14 +114,11 @@ class PrefixCache:
             return False
         return cursor.block is None or self._blocks.get(cursor.block.key) is cursor.block
 
-    def match(self, prompt: Sequence[int]) -> list[int]:
-        """Pool slots of the longest cached prefix of `prompt`, in order (at least one token is left to compute)."""
-        return self.lookup(prompt)[0]
-
     def lookup(self, prompt: Sequence[int]) -> tuple[list[int], list[int], Cursor]:
-        """`match`'s slots; the ids of their blocks (unlike a slot, an id names one block's keys and values for
-        good, never reused after an eviction: how the runner knows two rows hold the same ones); and the cursor of
-        the chain found (for the prompt's `insert`s to start from)."""
+        """The longest cached prefix of `prompt` (at least one token is left to compute): its blocks' pool slots in
+        order; their ids (unlike a slot, an id names one block's keys and values for good, never reused after an
+        eviction: how the runner knows two rows hold the same ones); and the chain's cursor (for the prompt's
+        `insert`s to start from)."""
         limit = (len(prompt) - 1) // self.block_size  # the last token's logits must be computed
         chain = self._chain(prompt, limit)
         last = chain[-1] if chain else None

@@ -16,10 +16,10 @@ def test_the_longest_cached_prefix_leaves_a_token_to_compute() -> None:
     cache = PrefixCache(block_size=4, capacity=8)
     stored = cache.insert(list(range(10)))  # two full blocks; the last two tokens are no block
     assert stored.positions == [0, 4] and len(set(stored.slots)) == 2
-    assert cache.match(list(range(10))) == stored.slots[:2]
-    assert cache.match(list(range(8))) == stored.slots[:1]  # the 8th token's logits must be computed
-    assert cache.match([0, 1, 2, 3, 9, 9, 9, 9, 9]) == stored.slots[:1]
-    assert cache.match([1, 2, 3, 4, 5]) == []
+    assert cache.lookup(list(range(10)))[0] == stored.slots[:2]
+    assert cache.lookup(list(range(8)))[0] == stored.slots[:1]  # the 8th token's logits must be computed
+    assert cache.lookup([0, 1, 2, 3, 9, 9, 9, 9, 9])[0] == stored.slots[:1]
+    assert cache.lookup([1, 2, 3, 4, 5])[0] == []
     assert cache.stats.queried_tokens == 10 + 8 + 9 + 5
     assert cache.stats.hit_tokens == 8 + 4 + 4
     assert cache.insert(list(range(10))).slots == []  # nothing new to store
@@ -31,8 +31,8 @@ def test_a_block_stands_for_its_whole_prefix() -> None:
     a = cache.insert([1, 2, 5, 6])
     b = cache.insert([3, 4, 5, 6])
     assert a.slots[1] != b.slots[1]
-    assert cache.match([3, 4, 5, 6, 0]) == b.slots
-    assert cache.match([9, 9, 5, 6, 0]) == []
+    assert cache.lookup([3, 4, 5, 6, 0])[0] == b.slots
+    assert cache.lookup([9, 9, 5, 6, 0])[0] == []
 
 
 def test_least_recently_used_leaves_go_first_and_a_shared_prefix_stays() -> None:
@@ -40,13 +40,13 @@ def test_least_recently_used_leaves_go_first_and_a_shared_prefix_stays() -> None
     system = [7, 7]
     first = cache.insert([*system, 1, 1])  # the system block and one answer block
     second = cache.insert([*system, 2, 2])
-    assert len(cache) == 3 and first.slots[0] == cache.match([*system, 0])[0]
-    cache.match([*system, 1, 1, 0])  # the first answer is used again: the second is now the oldest leaf
+    assert len(cache) == 3 and first.slots[0] == cache.lookup([*system, 0])[0][0]
+    cache.lookup([*system, 1, 1, 0])  # the first answer is used again: the second is now the oldest leaf
     third = cache.insert([*system, 3, 3, 4, 4])  # needs two slots: one free, then the oldest leaf goes
     assert cache.stats.evicted_blocks == 1
-    assert cache.match([*system, 2, 2, 0]) == [first.slots[0]]  # evicted: only the shared block is left
-    assert cache.match([*system, 1, 1, 0]) == first.slots
-    assert cache.match([*system, 3, 3, 4, 4, 0]) == [first.slots[0], *third.slots]
+    assert cache.lookup([*system, 2, 2, 0])[0] == [first.slots[0]]  # evicted: only the shared block is left
+    assert cache.lookup([*system, 1, 1, 0])[0] == first.slots
+    assert cache.lookup([*system, 3, 3, 4, 4, 0])[0] == [first.slots[0], *third.slots]
     assert second.slots[0] in third.slots  # its slot was reused
 
 
@@ -54,7 +54,7 @@ def test_insertion_never_evicts_its_own_chain_and_stops_when_full() -> None:
     cache = PrefixCache(block_size=1, capacity=3)
     stored = cache.insert([1, 2, 3, 4, 5])
     assert stored.positions == [0, 1, 2]  # three blocks fit; the chain cannot evict itself for the fourth
-    assert cache.match([1, 2, 3, 4, 5, 6]) == stored.slots
+    assert cache.lookup([1, 2, 3, 4, 5, 6])[0] == stored.slots
 
 
 def test_bad_sizes_are_refused() -> None:
@@ -77,7 +77,7 @@ def test_inserts_from_a_cursor_store_what_inserts_from_the_root_do(
         prompt = [family] * 4 + [family + kind] * length  # requests of a family share their first tokens
         if kind < 3 or not live:  # a new request
             slots, _, cursor = cursor_cache.lookup(prompt)
-            assert slots == walker.match(prompt)
+            assert slots == walker.lookup(prompt)[0]
             a, b = walker.insert(prompt), cursor_cache.insert(prompt, cursor)
             live.append((prompt, b.cursor))
         else:  # one ends: its prompt and answer
@@ -87,4 +87,4 @@ def test_inserts_from_a_cursor_store_what_inserts_from_the_root_do(
         assert (a.positions, a.slots) == (b.positions, b.slots)
     assert walker.stats == cursor_cache.stats
     for prompt, _ in live:
-        assert walker.match(prompt) == cursor_cache.match(prompt)
+        assert walker.lookup(prompt)[0] == cursor_cache.lookup(prompt)[0]
