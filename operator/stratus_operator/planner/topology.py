@@ -42,6 +42,7 @@ from stratus_workers.runtimes import (
     RUNTIME_TORCH,
     Runtime,
     llamacpp_cache_bytes,
+    prefix_pool_bytes,
 )
 
 Tier = Literal["edge", "cloud"]
@@ -308,12 +309,16 @@ def plan(
         place_replicas = variant.autoscaling.max_replicas if variant.autoscaling is not None else replicas
         size = result.summary.size_bytes
         cache = 0
-        if runtime == RUNTIME_LLAMACPP and result.summary.kv_bytes_per_token:
-            serving = variant.serving
+        serving, per_token = variant.serving, result.summary.kv_bytes_per_token
+        if runtime == RUNTIME_LLAMACPP and per_token:
             cache = llamacpp_cache_bytes(
-                result.summary.kv_bytes_per_token, max_batch_size=serving.max_batch_size,
+                per_token, max_batch_size=serving.max_batch_size,
                 max_tokens=serving.max_prompt_tokens + serving.max_new_tokens, max_sessions=DEFAULT_MAX_SESSIONS,
             )
+        elif per_token and (serving.prefix_cache_tokens or 0) > 0:
+            # A prefix cache sized in the manifest is the server's to fill (the automatic size, at most 256 MiB on
+            # a CPU, is not counted: set the variant's memory request where that matters).
+            cache = prefix_pool_bytes(per_token, serving.prefix_cache_tokens or 0)
         demand = edge_demand(variant.resources, size or 0, gpu_resource, cache)
         placement = place(
             cluster,

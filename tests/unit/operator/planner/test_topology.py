@@ -250,6 +250,20 @@ def test_gpus_per_pod_zero_requests_no_gpu() -> None:
     assert p.cloud is not None and "nvidia.com/gpu" not in {**p.cloud.resources.requests, **p.cloud.resources.limits}
 
 
+@pytest.mark.parametrize(("tokens", "extra"), [(None, 0), (-1, 0), (0, 0), (100_000, 100_000 * 46_080)])
+def test_a_prefix_cache_sized_in_the_manifest_is_counted_in_the_edge_pods_memory(
+    tokens: int | None, extra: int
+) -> None:
+    """A torch variant's server fills the prefix cache the manifest sizes (its pool grows to it on a CPU): placement
+    counts it; the automatic size (-1, unset) and none (0) add nothing."""
+    serving = {} if tokens is None else {"prefixCacheTokens": tokens}
+    variant = {**manifest()["spec"]["edge"]["variants"][0], "serving": serving}
+    kv = 46_080  # SmolLM2-135M on a CPU: 30 layers x 2 x 192 fp32 values a token
+    p = plan(dep(spec__edge__variants=[variant]), cluster(edge_node("e1", 16)),
+             {"int8": result("int8", size_bytes=180_000_000, perplexity=13.2, kv_bytes_per_token=kv)})
+    mib = int(p.edge[0].resources.requests["memory"].removesuffix("Mi"))
+    assert mib == 727 + -(-extra // 2**20)
+
 def test_edge_servers_stay_on_their_nodes_while_they_fit() -> None:
     roomy = edge_node("e1", 8)
     p = plan(dep(), cluster(roomy, edge_node("e2", 7)), {"int8": accepted()})
