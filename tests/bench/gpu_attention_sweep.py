@@ -4,7 +4,8 @@
 16-token draft, and first-round rows of prompt + draft) and `decode_attention` (a decode step) at the served
 shapes of the ~1B and 135M configurations, for every `Launch` (keys per iteration, warps, pipeline stages) in the
 grid, as CUDA graphs of one launch per layer, and prints each shape's times beside the current default's with the
-largest difference of outputs from it. Random bfloat16 caches.
+largest difference of outputs from it. Random bfloat16 caches. With `--splits 4,8,16,32,64` it times the extend
+pass's key splits instead, for a chat turn after a long cached prefix (`SPLIT_SHAPES`).
 """
 
 from __future__ import annotations
@@ -97,8 +98,42 @@ def sweep(name: str, layers: int, run: Callable[[Launch], torch.Tensor], grid: l
         )
 
 
+# (model, rows, new tokens a row, cached tokens a row): a chat turn after a long cached prefix, the shapes whose key
+# splits (`kernels.extend_splits`) `--splits` sweeps.
+SPLIT_SHAPES = [
+    ("135m", 1, 32, 1000), ("135m", 1, 32, 3000), ("135m", 4, 32, 3000), ("1b", 1, 32, 3000), ("1b", 4, 32, 3000),
+]
+
+
+def sweep_splits(arch: str, rows: int, new: int, context: int, counts: list[int]) -> None:
+    """Print the extend attention's µs a layer at each key split count for one shape (its default marked *), with
+    the largest difference of its output from one split's."""
+    q, k, v = tensors(arch, rows, rows * new, context + new + 64)
+    (_, n_q, d), n_kv, dev = q.shape, k.shape[1], q.device
+    pos = torch.arange(context, context + new, device=dev).repeat(rows)
+    row_of = torch.arange(rows, device=dev).repeat_interleave(new)
+    block = kernels.extend_block(n_q, n_kv, new)
+    blocks = torch.from_numpy(kernels.extend_blocks(np.arange(rows) * new, np.full(rows, new), block)).to(dev)
+    default = kernels.extend_splits(rows * new, n_q, n_kv, block)
+    layers = ARCHS[arch]["num_hidden_layers"]
+
+    def run(splits: int) -> torch.Tensor:
+        return kernels.extend_attention(q, k, v, pos, row_of, blocks, d**-0.5, block=block, splits=splits)
+
+    reference = run(1).float()
+    cells = []
+    for splits in counts:
+        diff = (run(splits).float() - reference).abs().max().item()
+        us = graph_ms(lambda splits=splits: run(splits), layers) / layers * 1000
+        cells.append(f"{splits}{'*' if splits == default else ''}: {us:.1f} µs (diff {diff:.1e})")
+    print(f"extend {arch} {rows}x{new} after {context} (block {block}): " + ", ".join(cells), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--splits", help="sweep the extend pass's key splits instead (e.g. 4,8,16,32,64) at SPLIT_SHAPES"
+    )
     parser.add_argument("--block-n", default="32,64,128")
     parser.add_argument("--warps", default="2,4")
     parser.add_argument("--stages", default="1,2,3")
@@ -106,6 +141,12 @@ def main() -> None:
         "--match", default="", help="only the cases whose name contains one of these (comma-separated: 'decode')"
     )
     args = parser.parse_args()
+    if args.splits:
+        counts = [int(n) for n in args.splits.split(",")]
+        for shape in SPLIT_SHAPES:
+            if any(part in f"extend {shape[0]}" for part in args.match.split(",")):
+                sweep_splits(*shape, counts)
+        return
     grid = [
         Launch(int(n), int(w), int(s))
         for n, w, s in itertools.product(args.block_n.split(","), args.warps.split(","), args.stages.split(","))
