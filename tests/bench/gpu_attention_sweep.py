@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,8 +32,9 @@ def tensors(arch: str, rows: int, queries: int, length: int) -> tuple[torch.Tens
     return torch.randn(queries, n_q, d, device="cuda", dtype=torch.bfloat16), k, torch.randn_like(k)
 
 
-def extend_case(arch: str, rows: int, new: int, context: int) -> tuple[str, int, Callable[[Launch], torch.Tensor]]:
-    """A packed pass of `rows` rows of `new` tokens after `context` cached ones each."""
+def extend_pass(arch: str, rows: int, new: int, context: int) -> Callable[..., torch.Tensor]:
+    """A packed pass of `rows` rows of `new` tokens after `context` cached ones each: `run(**options)` runs its
+    attention with `extend_attention`'s `options` (launch, splits)."""
     q, k, v = tensors(arch, rows, rows * new, context + new + 64)
     (_, n_q, d), n_kv, dev = q.shape, k.shape[1], q.device
     pos = torch.arange(context, context + new, device=dev).repeat(rows)
@@ -42,10 +44,18 @@ def extend_case(arch: str, rows: int, new: int, context: int) -> tuple[str, int,
     blocks = torch.from_numpy(table).to(dev)
     scale = d**-0.5
 
-    def run(launch: Launch) -> torch.Tensor:
-        return kernels.extend_attention(q, k, v, pos, row_of, blocks, scale, block=block, launch=launch)
+    def run(**options: Any) -> torch.Tensor:
+        return kernels.extend_attention(q, k, v, pos, row_of, blocks, scale, block=block, **options)
 
-    return f"extend {arch} {rows}x{new} after {context}", ARCHS[arch]["num_hidden_layers"], run
+    run.default_splits = kernels.extend_splits(rows * new, n_q, n_kv, block)  # type: ignore[attr-defined]
+    return run
+
+
+def extend_case(arch: str, rows: int, new: int, context: int) -> tuple[str, int, Callable[[Launch], torch.Tensor]]:
+    """A packed pass of `rows` rows of `new` tokens after `context` cached ones each."""
+    run = extend_pass(arch, rows, new, context)
+    return (f"extend {arch} {rows}x{new} after {context}", ARCHS[arch]["num_hidden_layers"],
+            lambda launch: run(launch=launch))
 
 
 def decode_case(arch: str, rows: int, context: int) -> tuple[str, int, Callable[[Launch], torch.Tensor]]:
@@ -108,25 +118,16 @@ SPLIT_SHAPES = [
 def sweep_splits(arch: str, rows: int, new: int, context: int, counts: list[int]) -> None:
     """Print the extend attention's µs a layer at each key split count for one shape (its default marked *), with
     the largest difference of its output from one split's."""
-    q, k, v = tensors(arch, rows, rows * new, context + new + 64)
-    (_, n_q, d), n_kv, dev = q.shape, k.shape[1], q.device
-    pos = torch.arange(context, context + new, device=dev).repeat(rows)
-    row_of = torch.arange(rows, device=dev).repeat_interleave(new)
-    block = kernels.extend_block(n_q, n_kv, new)
-    blocks = torch.from_numpy(kernels.extend_blocks(np.arange(rows) * new, np.full(rows, new), block)).to(dev)
-    default = kernels.extend_splits(rows * new, n_q, n_kv, block)
+    run = extend_pass(arch, rows, new, context)
     layers = ARCHS[arch]["num_hidden_layers"]
-
-    def run(splits: int) -> torch.Tensor:
-        return kernels.extend_attention(q, k, v, pos, row_of, blocks, d**-0.5, block=block, splits=splits)
-
-    reference = run(1).float()
+    reference = run(splits=1).float()
     cells = []
     for splits in counts:
-        diff = (run(splits).float() - reference).abs().max().item()
-        us = graph_ms(lambda splits=splits: run(splits), layers) / layers * 1000
-        cells.append(f"{splits}{'*' if splits == default else ''}: {us:.1f} µs (diff {diff:.1e})")
-    print(f"extend {arch} {rows}x{new} after {context} (block {block}): " + ", ".join(cells), flush=True)
+        diff = (run(splits=splits).float() - reference).abs().max().item()
+        us = graph_ms(lambda splits=splits: run(splits=splits), layers) / layers * 1000
+        mark = "*" if splits == run.default_splits else ""  # type: ignore[attr-defined]
+        cells.append(f"{splits}{mark}: {us:.1f} µs (diff {diff:.1e})")
+    print(f"extend {arch} {rows}x{new} after {context}: " + ", ".join(cells), flush=True)
 
 
 def main() -> None:
