@@ -250,7 +250,8 @@ def edge_demand(
     resources: ResourceRequirements, size_bytes: int, gpu_resource: str = GPU_RESOURCE, cache_bytes: int = 0
 ) -> Resources:
     """One edge pod's requests: explicit values win; memory otherwise follows the variant's measured size,
-    plus `cache_bytes` that its server allocates up front (a llama.cpp server's whole KV cache)."""
+    plus `cache_bytes` that its server takes for caches whatever its traffic (a llama.cpp server's whole KV cache, a
+    torch server's prefix cache of the size the manifest gives)."""
     explicit = _requested(resources, gpu_resource)
     return Resources(
         cpu_milli=explicit.cpu_milli or DEFAULT_EDGE_CPU_MILLI,
