@@ -452,20 +452,9 @@ async def run_server(
         # One short pass at every concurrency first so no measured run pays for a first use.
         for c in [1, *concurrencies]:
             await pool.load(server.address, warm, c, 1, min(args.new_tokens, 8), 1, 0.0)
-        cost = HostCost(engine_pid(server))
         for c in concurrencies:
-            _profile_mark()
             steps_before = server.engine.steps
-            watch = FrontendWatch()
-            cost.start()
-            watch.start()
-            wall, results = await pool.load(server.address, prompts, c, args.rounds, args.new_tokens,
-                                            args.client_procs, args.stagger_ms / 1e3)
-            row = _server_row(SERVER, c, wall, results)
-            watch.stop(row)
-            row.update(cost.stop(row["tokens"]))
-            row["host_state"] = host_state()  # (after the host cost: nvidia-smi is no part of it)
-            _attach_profile(row)
+            row, results = await measured_load(server, pool, args, SERVER, prompts, c)
             row.update(engine_steps=server.engine.steps - steps_before, engine=getattr(server.engine, "mode", "thread"))
             row.update(server.bench_start)
             rows.append(row)
@@ -572,6 +561,27 @@ class FrontendWatch:
                     round(lags[-1] * 1e3, 3)]
 
 
+async def measured_load(
+    server: Any, pool: ClientPool, args: argparse.Namespace, system: str, prompts: list[str], concurrency: int,
+    profile: bool = False,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One measured load on `server`: its row (named `system`) with the host cost, the diagnosis switches' findings,
+    the host's state and the engine's step profile; and every request's timings."""
+    cost = HostCost(engine_pid(server))
+    _profile_mark()
+    watch = FrontendWatch(profile)
+    cost.start()
+    watch.start()
+    wall, results = await pool.load(server.address, prompts, concurrency, args.rounds, args.new_tokens,
+                                    args.client_procs, args.stagger_ms / 1e3)
+    row = _server_row(system, concurrency, wall, results)
+    watch.stop(row)
+    row.update(cost.stop(row["tokens"]))
+    row["host_state"] = host_state()  # (after the host cost: nvidia-smi is no part of it)
+    _attach_profile(row)
+    return row, results
+
+
 def shared_prompt_tokens(args: argparse.Namespace) -> int:
     return int(args.shared_system_tokens + args.shared_turn_tokens + 8)
 
@@ -580,22 +590,12 @@ async def shared_prefix_load(server: Any, prompts: list[str], pool: ClientPool, 
                              cached: bool, profile: bool = False) -> dict[str, Any]:
     c = args.shared_concurrency
     await pool.load(server.address, prompts[-8:], 8, 1, 8, 1, 0.0)  # warm-up: the system prompt was seen before
-    cost = HostCost(engine_pid(server))
-    _profile_mark()
-    watch = FrontendWatch(profile)
-    cost.start()
-    watch.start()
-    wall, results = await pool.load(server.address, prompts[:-8], c, args.rounds, args.new_tokens,
-                                    args.client_procs, args.stagger_ms / 1e3)
-    row = _server_row(f"shared prefix, prefix cache {'on' if cached else 'off'}", c, wall, results)
-    watch.stop(row)
+    row, _ = await measured_load(server, pool, args, f"shared prefix, prefix cache {'on' if cached else 'off'}",
+                                 prompts[:-8], c, profile)
     row.update(getattr(server, "bench_start", {}), engine=getattr(server.engine, "mode", "thread"))
     prompts_cache = getattr(getattr(server, "servicer", None), "prompts", None)
     if prompts_cache is not None:  # the frontend's token cache (serve/prompts.py): off under STRATUS_PROMPT_CACHE=0
         row["prompt_token_cache"] = bool(prompts_cache.reuse)
-    row.update(cost.stop(row["tokens"]))
-    row["host_state"] = host_state()  # (after the host cost: nvidia-smi is no part of it)
-    _attach_profile(row)
     stats = getattr(server.engine, "stats", None)
     if stats is not None and stats.prefix_queried_tokens:
         row["prefix_hit_rate"] = stats.prefix_hit_tokens / stats.prefix_queried_tokens

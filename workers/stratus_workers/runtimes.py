@@ -43,9 +43,3 @@ def kv_bytes_per_token(config: Any, value_bytes: int) -> int:
 def llamacpp_cache_bytes(per_token: int, *, max_batch_size: int, max_tokens: int, max_sessions: int) -> int:
     """What a llama.cpp server allocates for its cache at start: every row (batch and sessions) at full length."""
     return per_token * (max_batch_size + max_sessions) * max_tokens
-
-
-def prefix_pool_bytes(per_token: int, tokens: int) -> int:
-    """What a torch model server's prefix cache of `tokens` tokens (`--prefix-cache-tokens`) may take: its pool grows
-    to that on a CPU, and is taken whole on a GPU."""
-    return per_token * tokens

@@ -42,7 +42,6 @@ from stratus_workers.runtimes import (
     RUNTIME_TORCH,
     Runtime,
     llamacpp_cache_bytes,
-    prefix_pool_bytes,
 )
 
 Tier = Literal["edge", "cloud"]
@@ -310,15 +309,17 @@ def plan(
         size = result.summary.size_bytes
         cache = 0
         serving, per_token = variant.serving, result.summary.kv_bytes_per_token
+        pool_tokens = serving.prefix_cache_tokens or 0
         if runtime == RUNTIME_LLAMACPP and per_token:
             cache = llamacpp_cache_bytes(
                 per_token, max_batch_size=serving.max_batch_size,
                 max_tokens=serving.max_prompt_tokens + serving.max_new_tokens, max_sessions=DEFAULT_MAX_SESSIONS,
             )
-        elif per_token and (serving.prefix_cache_tokens or 0) > 0:
-            # A prefix cache sized in the manifest is the server's to fill (the automatic size, at most 256 MiB on
-            # a CPU, is not counted: set the variant's memory request where that matters).
-            cache = prefix_pool_bytes(per_token, serving.prefix_cache_tokens or 0)
+        elif per_token and pool_tokens > 0:
+            # A prefix cache sized in the manifest is the torch server's to fill (its pool grows to it on a CPU); the
+            # automatic size, at most 256 MiB on a CPU, is not counted: set the variant's memory request where that
+            # matters.
+            cache = per_token * pool_tokens
         demand = edge_demand(variant.resources, size or 0, gpu_resource, cache)
         placement = place(
             cluster,
