@@ -14,10 +14,12 @@ A step is: speculative calls (on the session rows above the batch), admissions (
 starts with the longest cached prefix of its prompt, copied from the prefix pool; every arrival
 waiting is admitted at once), one prefill forward of up to `prefill_chunk` prompt tokens over the
 first prefilling rows, all of them together (so a long prompt arriving mid-stream costs running
-streams one chunk per step, not the whole prompt), one decode step of the decoding rows, which
-the rows whose prefill completed join from the next step on, then finished rows leave and the
-last rows move into their places. Where the runner offers it (`mixed_step`), the prefill chunks and the
-decoding rows' tokens are one pass instead of two (`_mixed`; docs/serving.md, "Mixed steps").
+streams one chunk per step, not the whole prompt; on one GPU, opt-in, it runs beside the decode step
+launched ahead where their rows and blocks are apart: `ModelRunner.prefill_beside`), one decode step
+of the decoding rows, which the rows whose prefill completed join from the next step on, then
+finished rows leave and the last rows move into their places. Where the runner offers it
+(`mixed_step`), the prefill chunks and the decoding rows' tokens are one pass instead of two
+(`_mixed`; docs/serving.md, "Mixed steps").
 Every Verify call of a step runs in one forward pass over the session rows
 (`SpeculativeSessions.verify_many`), before the step's decode pass: many edge devices verifying at once
 cost one pass of the model, not one each ("verify_alone" keeps one pass per call, for comparison). With the
@@ -301,6 +303,7 @@ class EngineCore:
         self.mixed_steps = 0
         self.mixed_on_device = 0  # of those, fed the step launched ahead's choices on the device
         self.primed_on_device = 0  # mixed passes the next decode step was queued behind, fed their argmax
+        self.prefills_beside = 0  # prefills run beside the decode step launched ahead (runner.prefill_beside)
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._rows: list[_Seq] = []  # row i holds _rows[i]
         self._decoding = 0  # rows 0.._decoding-1 decode; the rest are prefilling
@@ -457,18 +460,27 @@ class EngineCore:
         elif self._in_flight is not None:  # nothing new to queue behind it: finish it now
             self._reply(self._take_in_flight(), out)
         self._drop_abandoned()
-        self._admit()
+        admitted = self._admit()
         try:
-            # Prefill first: its forward queues behind the decode step already running ahead (the
-            # GPU's), and the rows it completes join the decode batch from the next step on, as part of
-            # the step launched ahead. Where the runner takes their first tokens on the device (greedy
-            # rows, decode-ahead), the next decode step is queued right behind the prefill and the host
-            # reads those tokens while it runs; otherwise they are chosen first, then the decode step.
+            # Prefill first: its forward queues behind the decode step already running ahead (the GPU's), or
+            # runs beside it where the runner does that (`prefill_beside`), and the rows it completes join the
+            # decode batch from the next step on, as part of the step launched ahead. Where the runner takes
+            # their first tokens on the device (greedy rows, decode-ahead), the next decode step is queued right
+            # behind the prefill and the host reads those tokens while it runs; otherwise they are chosen first,
+            # then the decode step.
             joined: list[_Seq] = []
             if len(self._rows) > self._decoding and self._decoding and self.runner.mixed_step:
+                self._load(admitted)
                 joined = self._mixed()
             elif len(self._rows) > self._decoding:
-                ready, logits = self._prefill()
+                # Not beside the passes of this step's Verify calls or speculative calls: they share its buffers.
+                rows = range(self._decoding, len(self._rows))
+                slots = [slot for _, seq_slots, _ in admitted for slot in seq_slots]
+                beside = contextlib.nullcontext(False) if calls or verifies else self.runner.prefill_beside(rows, slots)
+                with beside as aside:
+                    self._load(admitted)
+                    ready, logits = self._prefill()
+                self.prefills_beside += aside
                 if ready and self._decoding and self._device_join(ready):
                     greedy = self._decode(logits[: len(ready)].argmax(dim=-1))
                     self._finish_prefill(ready, logits, greedy)
@@ -625,9 +637,12 @@ class EngineCore:
             and self.steps - waiting[0].arrived < self.prefill_hold
         )
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[tuple[_Seq, list[int], list[int]]]:
+        """Give waiting requests rows: each with the pool slots and ids of its cached prefix, for `_load` to put
+        into its row (on the host only: the device work is `_load`'s, queued where the prefill's goes)."""
+        admitted: list[tuple[_Seq, list[int], list[int]]] = []
         if self.prefill_hold and self._holds():
-            return
+            return admitted
         now = time.monotonic()
         while self._waiting and len(self._rows) < self.max_batch_size:
             seq = self._waiting.popleft()
@@ -636,13 +651,22 @@ class EngineCore:
                 continue
             seq.row = len(self._rows)
             seq.admitted = now
-            self.runner.reset(seq.row)
+            slots: list[int] = []
+            ids: list[int] = []
             if self.prefix is not None:
                 slots, ids, seq.cursor = self.prefix.lookup(seq.prompt)
-                if slots:
-                    self.runner.load_prefix(seq.row, slots, self.prefix.block_size, ids)
-                    seq.prefilled = seq.cached = len(slots) * self.prefix.block_size
+                seq.prefilled = seq.cached = len(slots) * self.prefix.block_size
+            admitted.append((seq, slots, ids))
             self._rows.append(seq)
+        return admitted
+
+    def _load(self, admitted: list[tuple[_Seq, list[int], list[int]]]) -> None:
+        """Empty the admitted requests' rows and copy in their cached prefixes."""
+        for seq, slots, ids in admitted:
+            self.runner.reset(seq.row)
+            if slots:
+                assert self.prefix is not None
+                self.runner.load_prefix(seq.row, slots, self.prefix.block_size, ids)
 
     def _device_join(self, ready: list[_Seq]) -> bool:
         return bool(getattr(self.runner, "device_join", False)) and all(

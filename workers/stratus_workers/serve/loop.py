@@ -397,8 +397,9 @@ class StepProfile:
     runner's decode-ahead hits and prefill graph replays over it, and the steps that mixed a prefill into
     the decode rows' pass (a prefill step: a mixed pass and, with decode-ahead, the decode step before it), and
     the time the loop spent blocked on verification's read-backs (`ReadBack.waited`): near none, the device waited
-    on the host; most of the steps' time, the host on the device. On CUDA also `allocator`: how the caching
-    allocators' counters (`allocator_counters`) changed over the period.
+    on the host; most of the steps' time, the host on the device; and the prefills run beside a decode step
+    launched ahead (`prefills_beside`). On CUDA also `allocator`: how the caching allocators' counters
+    (`allocator_counters`) changed over the period.
     """
 
     MIN_STEPS = 10  # shorter periods (warm-ups, single calls) are not written
@@ -413,14 +414,15 @@ class StepProfile:
             self.sampler.start()
         self._reset()
 
-    def _counters(self) -> tuple[int, int, int, int, int, float]:
+    def _counters(self) -> tuple[int, int, int, int, int, float, int]:
         runner = self.core.runner
         decoder = getattr(runner, "decoder", None)
         # Steps found computed ahead: the single-GPU decoder counts them, a pipeline's first stage itself.
         ahead = getattr(runner, "ahead_hits", getattr(decoder, "ahead_hits", 0))
         replays = getattr(runner, "prefill_replays", 0)
         joins = getattr(decoder, "device_joins", 0)
-        return ahead, replays, self.core.prefill_tokens, joins, self.core.mixed_steps, ReadBack.waited
+        core = self.core
+        return ahead, replays, core.prefill_tokens, joins, core.mixed_steps, ReadBack.waited, core.prefills_beside
 
     def _reset(self) -> None:
         self.plain: list[float] = []
@@ -453,7 +455,7 @@ class StepProfile:
     def idle(self) -> None:
         steps = len(self.plain) + len(self.prefill)
         if steps >= self.MIN_STEPS:
-            hits, replays, tokens, joins, mixed, waited = (
+            hits, replays, tokens, joins, mixed, waited, beside = (
                 b - a for a, b in zip(self.before, self._counters(), strict=True)
             )
             inside = sum(self.plain) + sum(self.prefill)
@@ -471,7 +473,7 @@ class StepProfile:
                 plain_p50_ms=ms(self.plain, 0.5), plain_p95_ms=ms(self.plain, 0.95), prefill_steps=len(self.prefill),
                 prefill_p50_ms=ms(self.prefill, 0.5), prefill_p95_ms=ms(self.prefill, 0.95),
                 prefill_tokens=tokens, ahead_hits=hits, prefill_graph_replays=replays, device_joins=joins,
-                mixed_steps=mixed, device_wait_ms=round(waited * 1e3, 1),
+                mixed_steps=mixed, device_wait_ms=round(waited * 1e3, 1), prefills_beside=beside,
             )  # fmt: skip
             now = allocator_counters()
             if now:

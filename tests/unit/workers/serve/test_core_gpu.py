@@ -155,3 +155,29 @@ def test_mixed_steps_run_as_packed_graphs_and_give_the_unmixed_tokens(
     # steps after mixed passes behind those, fed theirs.
     assert mixed_core.mixed_on_device > 0 and mixed_core.primed_on_device > 0
     assert runner.decoder.primed > 0 and runner.decoder.ahead_hits > 0
+
+
+def test_prefills_beside_the_step_launched_ahead_give_the_tokens_of_prefills_behind_it(
+    model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Requests arriving every other step into a running batch, most under a cached 300-token system prompt (read from
+    # the shared prefix), greedy ones taking their first tokens on the device: with each prefill on a stream of its
+    # own beside the decode step launched ahead (opt-in), the answers are those of prefills queued behind it.
+    system = [(19 * i + 7) % VOCAB for i in range(300)]
+    requests = [(system + [300 + i, 5, 9 + i], Sampling(max_new_tokens=6 + 7 * (i % 5), logprobs=i % 4 == 3))
+                for i in range(12)]  # fmt: skip
+    requests.insert(5, ([(7 * i) % VOCAB for i in range(90)], Sampling(max_new_tokens=25)))  # shares nothing
+    monkeypatch.setenv("STRATUS_PREFILL_BESIDE", "0")
+    behind_core = core_over(model, chunk=64, pool=1024, max_len=512)
+    behind = serve(behind_core, requests)
+    assert behind_core.prefills_beside == 0
+    monkeypatch.setenv("STRATUS_PREFILL_BESIDE", "1")
+    beside_core = core_over(model, chunk=64, pool=1024, max_len=512)
+    beside = serve(beside_core, requests)
+    runner = beside_core.runner
+    assert isinstance(runner, FusedRunner)
+    assert beside_core.prefills_beside > 0 and runner.prefills_beside == beside_core.prefills_beside
+    assert runner.decoder.device_joins > 0 and runner.decoder.cascade_steps > 0
+    for seq_id in range(len(requests)):
+        assert beside[seq_id][0] == behind[seq_id][0]
+        assert beside[seq_id][1] == pytest.approx(behind[seq_id][1], abs=1e-3)

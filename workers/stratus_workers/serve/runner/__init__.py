@@ -280,6 +280,13 @@ class ModelRunner(abc.ABC):
         """Whether a decode step launched ahead of time (decode-ahead) waits to be taken by the next `decode`."""
         return False
 
+    def prefill_beside(self, rows: Sequence[int], slots: Sequence[int]) -> contextlib.AbstractContextManager[bool]:
+        """A context for the work of one prefill (its rows' resets and prefix loads, its `forward`) that writes only
+        `rows` and reads the prefix pool's blocks `slots`: where a runner can, that work runs beside the decode step
+        launched ahead instead of queued behind it, and the context says True; work after it is queued behind both.
+        Here: as ever, False."""
+        return contextlib.nullcontext(False)
+
     def prime_decode(self, ids: Sequence[int] | torch.Tensor) -> None:
         """A path that decodes ahead starts the decode step of rows 0..len(ids)-1 fed `ids` now (a device tensor:
         tokens the caller is about to choose, still being computed); the next `decode` with these ids takes it.

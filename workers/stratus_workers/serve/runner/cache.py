@@ -35,7 +35,9 @@ class KVCache:
     and any other change to such a row (a reset, a prefill, a truncation) marks it None. So a finished
     request costs the step launched ahead nothing, and a change to a row above them (a session, a
     prefill into a new row) leaves it alone. A decoder that cannot follow a move (the pipeline's, serve/pipeline.py)
-    takes its step only where `unchanged`: no row of it changed or moved.
+    takes its step only where `unchanged`: no row of it changed or moved. Since that launch the cache also notes the
+    rows any queued copy or length change touched and the pool blocks written (`untouched`): a prefill of other rows
+    reading other blocks need not queue behind the step (runner/fused.py, `prefill_beside`).
 
     The pool (`pool_tokens` tokens, allocated on first use) holds blocks of keys and values that
     finished or prefilled rows left behind, for the prefix cache (serve/prefix.py) to copy into new
@@ -84,6 +86,8 @@ class KVCache:
             with torch.inference_mode(False):
                 self.lengths_dev = torch.zeros(rows, dtype=torch.long, device=device)
         self.ahead: list[int | None] | None = None
+        self.touched: set[int] = set()  # rows a queued change touched since a step was launched ahead (`watch`)
+        self.pool_written: set[int] = set()  # pool blocks written since then
         self.capacity = 0
         self.all_keys = torch.empty(0)
         self.all_values = torch.empty(0)
@@ -155,6 +159,24 @@ class KVCache:
     def watch(self, batch: int | None) -> None:
         """A decode step of rows 0..batch-1 was launched ahead of time (None: none is in flight)."""
         self.ahead = None if batch is None else list(range(batch))
+        if batch is not None:
+            self.touched.clear()
+            self.pool_written.clear()
+
+    def untouched(self, rows: Sequence[int], slots: Sequence[int]) -> bool:
+        """Whether a pass writing `rows` and reading pool blocks `slots` may run beside the decode step launched
+        ahead (`watch`) instead of behind it: the step is in flight and none of `rows` is one of the step's or was
+        changed, moved or saved from since its launch, none of `slots` written since, and the cache is at its
+        full size (a growth copies every row)."""
+        ahead = self.ahead
+        return (
+            ahead is not None
+            and bool(rows)
+            and min(rows) >= len(ahead)
+            and self.capacity >= self.max_len
+            and self.touched.isdisjoint(rows)
+            and self.pool_written.isdisjoint(slots)
+        )
 
     def unchanged(self, batch: int) -> bool:
         """Whether a decode step of rows 0..batch-1 was launched ahead (`watch`) and none of its rows has changed or
@@ -162,6 +184,7 @@ class KVCache:
         return self.ahead == list(range(batch))
 
     def _changed(self, first_row: int, end: int) -> None:
+        self.touched.update(range(first_row, end))
         ahead = self.ahead
         if ahead is not None:
             for row in range(first_row, min(end, len(ahead))):
@@ -224,6 +247,7 @@ class KVCache:
         # The step in flight wrote the key of the row's next token at position n (queued before this copy).
         copy = min(n + 1, self.capacity) if carried is not None else n
         shared, hollow = self.shared[src], self.hollow[src]
+        self.touched.update((src, dst))
         for cache in (self.all_keys, self.all_values):
             cache[:, dst, :, hollow:copy].copy_(cache[:, src, :, hollow:copy])
         self._set_length(dst, n)
@@ -276,6 +300,8 @@ class KVCache:
         if min(positions) < self.hollow[row]:  # (blocks the pool lost and a sharing row saves again: rare)
             self.fill([row])
         pool_k, pool_v = self._pool((max(slots) + 1) * block)
+        self.touched.add(row)
+        self.pool_written.update(slots)
         src, dst = self._index([*positions, *(s * block for s in slots)], block).view(2, -1)  # one copy to the device
         for cache, pool in ((self.all_keys, pool_k), (self.all_values, pool_v)):
             pool.index_copy_(2, dst, cache[:, row].index_select(2, src))
@@ -315,6 +341,7 @@ class KVCache:
         for row in rows:
             hollow = self.hollow[row]
             if hollow and self.shared_keys is not None and self.shared_values is not None:
+                self.touched.add(row)
                 self.all_keys[:, row, :, :hollow].copy_(self.shared_keys[:, :, :hollow])
                 self.all_values[:, row, :, :hollow].copy_(self.shared_values[:, :, :hollow])
                 self.hollow[row] = 0

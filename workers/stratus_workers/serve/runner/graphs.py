@@ -160,6 +160,9 @@ class StaticDecoder:
         self._fed_host = torch.zeros(rows, dtype=torch.long, pin_memory=self._on_cuda)
         self._fed_done: Any = torch.cuda.Event() if self._on_cuda else None  # type: ignore[no-untyped-call]
         self._fed: torch.Tensor | None = None  # a primed step's tokens on their way to the host
+        # Recorded right before each step launched ahead: all the work queued ahead of that step, which a pass run
+        # beside it (on another stream) waits for instead of the step itself (runner/fused.py, `prefill_beside`).
+        self.before_ahead: Any = torch.cuda.Event() if self._on_cuda else None  # type: ignore[no-untyped-call]
 
     @property
     def in_flight(self) -> bool:
@@ -185,7 +188,7 @@ class StaticDecoder:
         else:
             self.load_tokens(ids)
             self._expected = list(ids)
-        self._ahead_step = self._launch(batch)
+        self._ahead_step = self._launch(batch, ahead=True)
         self.cache.watch(batch)
         self.primed += 1
 
@@ -276,7 +279,7 @@ class StaticDecoder:
             elif n:
                 self.load_tokens(list(join), batch)
             launched = batch + n
-            self._ahead_step = self._launch(launched)
+            self._ahead_step = self._launch(launched, ahead=True)
             self.cache.watch(launched)
         if then is not None:
             then()
@@ -306,8 +309,10 @@ class StaticDecoder:
         # Through pinned memory (runner.to_device): the host does not wait for the queued steps.
         self.tokens[first : first + n].copy_(to_device(ids, self.body.device))
 
-    def _launch(self, batch: int) -> _Step:
+    def _launch(self, batch: int, ahead: bool = False) -> _Step:
         """Queue one decode step of rows 0..batch-1 (tokens already in `tokens`); do not wait for it."""
+        if ahead and self._on_cuda:
+            self.before_ahead.record()
         bucket, kv_len = self.buckets(batch, max(self.cache.lengths[:batch]) + 1)
         # Where rows start with the shared prefix (cache.py), which they do not hold, the step reads it from there,
         # once for all of them: a graph of its own.

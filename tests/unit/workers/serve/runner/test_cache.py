@@ -106,6 +106,41 @@ def test_a_step_launched_ahead_is_unchanged_until_one_of_its_rows_changes_or_mov
     assert not cache.unchanged(0)
 
 
+def test_a_pass_may_run_beside_the_step_launched_ahead_only_over_rows_and_blocks_nothing_touched_since() -> None:
+    """`untouched` (whether a prefill may run on a stream of its own beside the step launched ahead): rows above the
+    step's that no copy or length change queued since its launch touched, reading pool blocks nothing wrote since;
+    never with no step watched, over one of the step's rows, or while the cache could still grow."""
+    cache = KVCache(
+        layers=2, rows=6, kv_heads=2, head_dim=4, dtype=torch.float32, device=torch.device("cpu"),
+        max_len=32, capacity=33, device_lengths=True, pool_tokens=64,
+    )  # fmt: skip
+    cache.set_lengths(0, [9, 9, 9, 9])
+    assert not cache.untouched([4], [])  # nothing launched ahead
+    cache.watch(3)
+    assert cache.untouched([4, 5], [0, 1]) and cache.untouched([3], [])
+    assert not cache.untouched([2, 4], [])  # one of the step's rows
+    assert not cache.untouched([], [])
+    for change, rows, slots in (
+        (lambda: cache.reset(4), [4], []),
+        (lambda: cache.set_lengths(4, [2]), [4], []),
+        (lambda: cache.set_row_lengths([5], [1]), [5], []),
+        (lambda: cache.truncate(3, 4), [3], []),
+        (lambda: cache.move(3, 1), [3], []),  # a compaction: the row moved from
+        (lambda: cache.save_blocks(3, positions=[0], slots=[2], block=4), [3], []),  # read by a queued copy
+        (lambda: cache.save_blocks(0, positions=[4], slots=[1], block=4), [4], [1]),  # a block written
+    ):
+        cache.set_lengths(0, [9, 9, 9, 9])
+        cache.watch(3)
+        change()
+        assert not cache.untouched(rows, slots), change
+        assert cache.untouched([r for r in range(3, 6) if r not in (*rows, *cache.touched)], [0])
+    cache.watch(None)
+    assert not cache.untouched([4], [])
+    small = make(capacity=16, max_len=64, device_lengths=True)
+    small.watch(1)
+    assert not small.untouched([2], [])  # a growth would copy every row under the step
+
+
 def test_a_cache_grown_in_inference_mode_is_updated_outside_it() -> None:
     # Issue 12: growth inside a forward pass made inference tensors, which refuse in-place updates
     # outside inference mode; the engine's next row move then killed its thread.
