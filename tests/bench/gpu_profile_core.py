@@ -125,7 +125,9 @@ def main() -> None:
         sync()
         stats = core.stats()
         hit = stats.prefix_hit_tokens / max(1, stats.prefix_queried_tokens)
-        print(f"{args.arch} cache {'on ' if cache else 'off'} (built {built:.0f}s, hit {hit:.2f}): {summary(times)}")
+        beside = f", {core.prefills_beside} prefills beside the decode step" if core.prefills_beside else ""
+        label = f"{args.arch} cache {'on ' if cache else 'off'} (built {built:.0f}s, hit {hit:.2f}{beside})"
+        print(f"{label}: {summary(times)}")
         if not cache:
             del core, load
             continue
