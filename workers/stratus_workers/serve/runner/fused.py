@@ -293,6 +293,8 @@ class FusedRunner(ModelRunner):
             if ahead and on_cuda and env_flag("STRATUS_PREFILL_BESIDE", False)
             else None
         )
+        if self._beside is not None:
+            self.decoder.before_ahead = torch.cuda.Event()  # type: ignore[no-untyped-call]
         self._beside_main: Any = None  # the stream work after a prefill beside waits on, while one is queued
         self.prefills_beside = 0
         self.packed_verify = True  # off for good after a packed verification failed to run (forward_rows)

@@ -160,9 +160,10 @@ class StaticDecoder:
         self._fed_host = torch.zeros(rows, dtype=torch.long, pin_memory=self._on_cuda)
         self._fed_done: Any = torch.cuda.Event() if self._on_cuda else None  # type: ignore[no-untyped-call]
         self._fed: torch.Tensor | None = None  # a primed step's tokens on their way to the host
-        # Recorded right before each step launched ahead: all the work queued ahead of that step, which a pass run
-        # beside it (on another stream) waits for instead of the step itself (runner/fused.py, `prefill_beside`).
-        self.before_ahead: Any = torch.cuda.Event() if self._on_cuda else None  # type: ignore[no-untyped-call]
+        # Where a runner asks for it (a CUDA event), recorded right before each step launched ahead: all the work
+        # queued ahead of that step, which a pass run beside it (on another stream) waits for instead of the step
+        # itself (runner/fused.py, `prefill_beside`).
+        self.before_ahead: Any = None
 
     @property
     def in_flight(self) -> bool:
@@ -311,7 +312,7 @@ class StaticDecoder:
 
     def _launch(self, batch: int, ahead: bool = False) -> _Step:
         """Queue one decode step of rows 0..batch-1 (tokens already in `tokens`); do not wait for it."""
-        if ahead and self._on_cuda:
+        if ahead and self.before_ahead is not None:
             self.before_ahead.record()
         bucket, kv_len = self.buckets(batch, max(self.cache.lengths[:batch]) + 1)
         # Where rows start with the shared prefix (cache.py), which they do not hold, the step reads it from there,
