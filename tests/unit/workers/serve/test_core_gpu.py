@@ -176,7 +176,7 @@ def test_prefills_beside_the_step_launched_ahead_give_the_tokens_of_prefills_beh
     beside = serve(beside_core, requests)
     runner = beside_core.runner
     assert isinstance(runner, FusedRunner)
-    assert beside_core.prefills_beside > 0 and runner.prefills_beside == beside_core.prefills_beside
+    assert beside_core.prefills_beside > 0
     assert runner.decoder.device_joins > 0 and runner.decoder.cascade_steps > 0
     for seq_id in range(len(requests)):
         assert beside[seq_id][0] == behind[seq_id][0]

@@ -296,7 +296,6 @@ class FusedRunner(ModelRunner):
         if self._beside is not None:
             self.decoder.before_ahead = torch.cuda.Event()  # type: ignore[no-untyped-call]
         self._beside_main: Any = None  # the stream work after a prefill beside waits on, while one is queued
-        self.prefills_beside = 0
         self.packed_verify = True  # off for good after a packed verification failed to run (forward_rows)
         # Packed passes (verification; prefill too, with `packed_prefill`) as CUDA graphs per token bucket; a
         # failed capture is not retried with less (the caller falls back to the padded pass for good).
@@ -681,7 +680,6 @@ class FusedRunner(ModelRunner):
         finally:
             self._beside_main = None
             main.wait_stream(side)
-        self.prefills_beside += 1
 
     @torch.inference_mode()
     def prime_decode(self, ids: Sequence[int] | torch.Tensor) -> None:
