@@ -15,6 +15,7 @@ another (`hold`), and the step after the mixed pass is launched ahead from its r
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -125,8 +126,17 @@ class GraphCache:
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            out = body()
+        # No garbage collection inside a capture (torch.cuda.graph collects once before it): a finalizer run there
+        # that calls CUDA (an earlier runner's stream or event, found garbage at some allocation of the body) aborted
+        # the process on an H200 (test_core_gpu.py, building a second runner in one test).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                out = body()
+        finally:
+            if collecting:
+                gc.enable()
         return graph, out
 
 
