@@ -88,3 +88,27 @@ def test_inserts_from_a_cursor_store_what_inserts_from_the_root_do(
     assert walker.stats == cursor_cache.stats
     for prompt, _ in live:
         assert walker.lookup(prompt)[0] == cursor_cache.lookup(prompt)[0]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 9), st.integers(0, 2)), min_size=1, max_size=40),
+       st.integers(1, 10))
+def test_a_lookup_from_the_last_chain_finds_what_a_walk_from_the_root_does(
+    ops: list[tuple[int, int, int]], capacity: int
+) -> None:
+    # Prompts of a few families (a system prompt each) of random lengths, looked up and then stored, or not, or
+    # another family's stored instead, in a small pool that evicts: the chain remembered from the last lookup may
+    # be longer or shorter than the next prompt's, of another family, or evicted (and a block of the same tokens
+    # stored again) since.
+    cache = PrefixCache(block_size=2, capacity=capacity)
+    for family, length, then in ops:
+        prompt = [family] * 5 + [family + 1] * length
+        slots, ids, cursor = cache.lookup(prompt)
+        walked = cache._chain(prompt, (len(prompt) - 1) // 2)
+        assert slots == [block.slot for block in walked] and ids == [block.id for block in walked]
+        assert cursor.count == len(walked)
+        if then == 1:
+            cache.insert(prompt + [family + 2] * length, cursor)
+        elif then == 2:
+            other = (family + 1) % 4
+            cache.insert([other] * 5 + [other + 3] * length)
