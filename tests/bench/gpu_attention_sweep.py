@@ -5,7 +5,9 @@
 shapes of the ~1B and 135M configurations, for every `Launch` (keys per iteration, warps, pipeline stages) in the
 grid, as CUDA graphs of one launch per layer, and prints each shape's times beside the current default's with the
 largest difference of outputs from it. Random bfloat16 caches. With `--splits 4,8,16,32,64` it times the extend
-pass's key splits instead, for a chat turn after a long cached prefix (`SPLIT_SHAPES`).
+pass's key splits instead, for a chat turn after a long cached prefix (`SPLIT_SHAPES`). With `--cached-turn` it
+times the pass a cached chat turn runs as served: one row's 32 new tokens after a 2,992-token prefix read from the
+shared copy (cascade), its block table exact and padded to what a 32-token graph holds (`max_extend_blocks`).
 """
 
 from __future__ import annotations
@@ -130,6 +132,40 @@ def sweep_splits(arch: str, rows: int, new: int, context: int, counts: list[int]
     print(f"extend {arch} {rows}x{new} after {context}: " + ", ".join(cells), flush=True)
 
 
+def cached_turn(arch: str, prefix: int = 2992, new: int = 32, max_rows: int = 64) -> None:
+    """Print the extend attention's µs a layer for one row's `new` tokens after `prefix` keys of the shared copy
+    (`SharedPrefix`), the served pass's shape: its block table exact, and padded as a graph of `new` tokens pads it."""
+    cfg = ARCHS[arch]
+    n_q, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg["hidden_size"] // n_q
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    q = torch.randn(new, n_q, d, device=dev, dtype=dt)
+    k = torch.randn(max_rows, n_kv, prefix + new + 64, d, device=dev, dtype=dt)
+    v = torch.randn_like(k)
+    keys = torch.randn(n_kv, prefix, d, device=dev, dtype=dt)
+    shared = kernels.SharedPrefix(
+        keys, torch.randn_like(keys), torch.full((max_rows,), prefix, device=dev, dtype=torch.int64),
+        torch.tensor([prefix], device=dev, dtype=torch.int64),
+    )
+    pos = torch.arange(prefix, prefix + new, device=dev)
+    rows = torch.zeros(new, device=dev, dtype=torch.int64)
+    block = kernels.extend_block(n_q, n_kv, new)
+    splits = kernels.extend_splits(new, n_q, n_kv, block)
+    layers = cfg["num_hidden_layers"]
+    cells, reference = [], None
+    for name, size in (("exact", 0), ("padded", kernels.max_extend_blocks(new, max_rows, block))):
+        table = torch.from_numpy(kernels.extend_blocks(np.zeros(1, np.int64), np.full(1, new), block, size)).to(dev)
+
+        def run(table: torch.Tensor = table) -> torch.Tensor:
+            return kernels.extend_attention(q, k, v, pos, rows, table, d**-0.5, splits, block, shared=shared)
+
+        out = run().float()
+        reference = out if reference is None else reference
+        us = graph_ms(run, layers) / layers * 1000
+        cells.append(f"{name} ({table.shape[1]} blocks) {us:.1f} µs (diff {(out - reference).abs().max().item():.1e})")
+    print(f"cached turn {arch} 1x{new} after {prefix} shared, splits {splits}: " + ", ".join(cells), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
@@ -141,7 +177,12 @@ def main() -> None:
     parser.add_argument(
         "--match", default="", help="only the cases whose name contains one of these (comma-separated: 'decode')"
     )
+    parser.add_argument("--cached-turn", action="store_true", help="time a cached chat turn's pass as served instead")
     args = parser.parse_args()
+    if args.cached_turn:
+        for arch in ("135m", "1b"):
+            cached_turn(arch)
+        return
     if args.splits:
         counts = [int(n) for n in args.splits.split(",")]
         for shape in SPLIT_SHAPES:

@@ -311,10 +311,14 @@ if triton is not None:
         # heads. The tile's lines are (token, head) pairs; lines past the block's tokens repeat its last token and
         # are not stored. With SPLITS > 1 each program takes its share of the keys (a few blocks after a long
         # cached prefix are too few programs for the GPU) and leaves its partial softmax in `part` for
-        # _extend_combine_kernel; with one it writes the output itself.
-        blk = tl.program_id(0)
+        # _extend_combine_kernel; with one it writes the output itself. The grid runs (split, kv head, block), blocks
+        # slowest: a graph's block table is padded with empty blocks (room for its most rows), and their programs,
+        # which only exit, then come after the real ones instead of between them (one turn after a 2,992-token
+        # cached prefix in a 32-token graph, 1 real block of 33: 21.0 -> 16.8 µs a layer on an H200, the exact
+        # table's time; `gpu_attention_sweep.py --cached-turn`).
+        split = tl.program_id(0)
         kv_head = tl.program_id(1)
-        split = tl.program_id(2)
+        blk = tl.program_id(2)
         first, count, line, tok, live, heads = _tile_lines(
             blocks_ptr, stride_blocks, blk, kv_head, tl.arange(0, BLOCK_M * GROUP_PAD), GROUP, GROUP_PAD
         )
@@ -366,9 +370,9 @@ if triton is not None:
         # The splits' partial softmaxes of SUB lines of one (block, kv head), rescaled to their common maximum and
         # summed: a program per SUB lines, not per block, since a few blocks (a short turn after a long prefix) left
         # a handful of programs each merging 16 splits of 128 lines (~20 µs a layer on an H200).
-        blk = tl.program_id(0)
+        blk = tl.program_id(2)  # (blocks slowest, as in _extend_attention_kernel)
         kv_head = tl.program_id(1)
-        line = tl.program_id(2) * SUB + tl.arange(0, SUB)
+        line = tl.program_id(0) * SUB + tl.arange(0, SUB)
         first, count, line, tok, live, heads = _tile_lines(
             blocks_ptr, stride_blocks, blk, kv_head, line, GROUP, GROUP_PAD
         )
@@ -615,7 +619,7 @@ def extend_attention(
             n_blocks * n_kv * splits * block_m * group_pad * (head_dim + 2), dtype=torch.float32, device=q.device
         )
     launch_kernel(
-        _extend_attention_kernel, (n_blocks, n_kv, splits), launch, extend_launch(block_m * group_pad),
+        _extend_attention_kernel, (splits, n_kv, n_blocks), launch, extend_launch(block_m * group_pad),
         q, k_cache, v_cache, out, pos, rows, blocks, part,
         *((shared.lengths, shared.keys, shared.values) if shared is not None else (pos, k_cache, v_cache)),
         q.stride(0), q.stride(1),
@@ -631,7 +635,7 @@ def extend_attention(
     )  # fmt: skip
     if splits > 1:
         sub = min(COMBINE_LINES, block_m * group_pad)
-        _extend_combine_kernel[(n_blocks, n_kv, block_m * group_pad // sub)](
+        _extend_combine_kernel[(block_m * group_pad // sub, n_kv, n_blocks)](
             out, blocks, part,
             out.stride(0), out.stride(1),
             blocks.stride(0),
