@@ -5,6 +5,9 @@ engine core as a server would (fused runner, prefix pool, 64 rows), keeps 64 req
 system prompt of 1,000 tokens and a 24-token turn each, 128 new tokens, greedy), and prints:
 host ms per step, prefill steps apart from plain ones, with the prefix cache off and on; then, for a window of
 steps with the cache on, cProfile's heaviest Python calls and torch.profiler's heaviest CPU ops and GPU kernels.
+With `--phases N` it first traces N steps' phases (serve/loop.py's StepTrace: host times and, on CUDA, when the
+device reached each phase) and prints, for steps that admit and steps that do not, each phase's host µs and when
+the device finished the prefill against when the host had its first tokens.
 Random-init weights (bfloat16 on CUDA, float32 on the CPU, where it runs the tiny config for a smoke test).
 """
 
@@ -13,8 +16,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
+import os
 import pstats
 import statistics
+import tempfile
 import time
 from typing import Any
 
@@ -23,8 +29,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from stratus_workers.models.tiny import SMOLLM2_1B, SMOLLM2_135M, TINY, random_llama
 from stratus_workers.protocol.requests import Sampling
-from stratus_workers.serve.core import PREFIX_BLOCK, EngineCore, EngineRequest
+from stratus_workers.serve.core import PREFIX_BLOCK, EngineCore, EngineRequest, StepOutput
+from stratus_workers.serve.loop import StepTrace
 from stratus_workers.serve.prefix import PrefixCache
+from stratus_workers.serve.runner import no_mark
 from stratus_workers.serve.runner.build import build_runner
 from stratus_workers.serve.sessions import SpeculativeSessions
 
@@ -47,8 +55,14 @@ class Workload:
         # Staggered: one request joins per step until `inflight` run, so they also finish (and return) apart, as
         # the bench's staggered clients do; else all at once, and every round is a burst.
         self.owed = inflight - 1 if stagger else 0
+        self.ended = 0  # requests a step's part said finished (a step's output says the rest)
+        core.on_part = self.part  # as the engine loop: first tokens go out ahead of their step's output
         for _ in range(inflight - self.owed):
             self.add()
+
+    def part(self, out: StepOutput) -> None:
+        out.pack(True)  # what the engine loop does before sending it
+        self.ended += len(out.finished)
 
     def add(self) -> None:
         prompt = self.system + torch.randint(3, self.vocab, (self.turn,), generator=self.gen).tolist()
@@ -62,9 +76,10 @@ class Workload:
         start = time.perf_counter()
         out = self.core.step()
         took = time.perf_counter() - start
-        for _ in out.finished:
+        for _ in range(len(out.finished) + self.ended):
             self.live -= 1
             self.add()
+        self.ended = 0
         if self.owed:
             self.owed -= 1
             self.add()
@@ -94,6 +109,51 @@ def summary(times: list[tuple[float, bool]]) -> str:
     return f"plain {ms(plain)} | prefill {ms(pre)} | mean {sum(t for t, _ in times) / len(times) * 1e3:.2f} ms"
 
 
+def trace_phases(load: Workload, steps: int, keep: str = "") -> None:
+    """Trace `steps` steps' phases (StepTrace) and print their medians, admitting steps apart from the rest; `keep`:
+    also leave the trace (StepTrace's JSON) there."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = keep or os.path.join(tmp, "phases")
+        trace = StepTrace(path, f"0,{steps}")
+        core = load.core
+        core.mark = core.runner.mark = trace.marker()
+        for i in range(steps):
+            trace.before(i)
+            with trace.marker()("step"):
+                load.step()
+            trace.after(i)
+        core.mark = core.runner.mark = no_mark
+        with open(path) as f:
+            rows = json.load(f)["phases"]
+    # Phases close before their step does: a step's phases are those recorded since the previous step's.
+    steps_seen: list[dict[str, list[float | None]]] = []
+    current: dict[str, list[float | None]] = {}
+    for name, h0, h1, d0, d1 in rows:
+        current.setdefault(name, [h0, h1, d0, d1])
+        if name == "step":
+            steps_seen.append(current)
+            current = {}
+
+    def med(values: list[float]) -> str:
+        return f"{statistics.median(values):.0f}" if values else "-"
+
+    admitting = [s for s in steps_seen if "prefill" in s]
+    for label, chosen in (("admitting", admitting), ("plain", [s for s in steps_seen if "prefill" not in s])):
+        names = sorted({n for s in chosen for n in s}, key=lambda n: min(s[n][0] for s in chosen if n in s))
+        line = " ".join(f"{n} {med([s[n][1] - s[n][0] for s in chosen if n in s])}" for n in names)
+        print(f"  phases, {label} steps ({len(chosen)}), host µs p50: {line}")
+    if admitting and admitting[0]["prefill"][3] is not None:
+        # When the device finished the prefill (its first tokens computed) against when the host had handed them
+        # over (the end of `first`, where the engine loop sends them) and ended the step.
+        ready = {id(s): s["prefill"][3] for s in admitting}
+        dev = med([s["prefill"][3] - s["prefill"][2] for s in admitting])
+        queued = med([s["prefill"][2] - s["prefill"][0] for s in admitting])
+        handed = med([s["first"][1] - ready[id(s)] for s in admitting if "first" in s])
+        ended = med([s["step"][1] - ready[id(s)] for s in admitting])
+        print(f"    device: prefill (load + pass) {dev} µs, begun {queued} µs after the host queued it; first tokens "
+              f"handed over {handed} µs after the device had them, the step ended {ended} µs after")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("arch", nargs="?", default="135m", choices=sorted(ARCHS))
@@ -106,6 +166,8 @@ def main() -> None:
     parser.add_argument("--trace", help="also write the torch.profiler window as a Chrome trace here")
     parser.add_argument("--cache-only", action="store_true", help="skip the run with the prefix cache off")
     parser.add_argument("--stagger", action="store_true", help="requests join one per step at first (not at once)")
+    parser.add_argument("--phases", type=int, default=0, help="trace this many steps' phases first (cache on)")
+    parser.add_argument("--phases-file", default="", help="keep the phases' trace here (not a .json name)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -131,6 +193,8 @@ def main() -> None:
         if not cache:
             del core, load
             continue
+        if args.phases:
+            trace_phases(load, args.phases, args.phases_file)
         profiler = cProfile.Profile()
         profiler.enable()
         window = [load.step() for _ in range(args.window)]

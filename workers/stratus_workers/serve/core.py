@@ -46,7 +46,7 @@ import torch
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.errors import EngineFailed, EngineOverloaded, EngineStopped
 from stratus_workers.serve.prefix import Cursor, PrefixCache
-from stratus_workers.serve.runner import ModelRunner, decoded, env_flag, env_int, no_mark, to_device
+from stratus_workers.serve.runner import Decoded, ModelRunner, decoded, env_flag, env_int, no_mark, to_device
 from stratus_workers.serve.runner.cache import KVCache
 from stratus_workers.serve.sampling import Choice, choose_tokens, seeded_generator
 from stratus_workers.serve.sessions import PendingVerify, SpeculativeSessions, VerifyCall
@@ -298,6 +298,10 @@ class EngineCore:
         self.steps = 0
         # Names the verify pipeline's phases on a trace's timeline (serve/loop.py's StepTrace sets a profiler's).
         self.mark: Callable[[str], contextlib.AbstractContextManager[Any]] = no_mark
+        # Takes a step's output so far as soon as the step has chosen the first tokens of rows that finished their
+        # prompts (their callers' first token should not wait for the decoding rows' tokens and the step's
+        # bookkeeping); the step's own output then holds the rest. None: everything goes with the step's output.
+        self.on_part: Callable[[StepOutput], None] | None = None
         self.prefill_steps = 0  # steps that ran a prefill chunk
         self.prefill_tokens = 0
         self.mixed_steps = 0
@@ -460,7 +464,9 @@ class EngineCore:
         elif self._in_flight is not None:  # nothing new to queue behind it: finish it now
             self._reply(self._take_in_flight(), out)
         self._drop_abandoned()
-        admitted = self._admit()
+        mark = self.mark
+        with mark("admit"):
+            admitted = self._admit()
         try:
             # Prefill first: its forward queues behind the decode step already running ahead (the GPU's), or
             # runs beside it where the runner does that (`prefill_beside`), and the rows it completes join the
@@ -477,26 +483,35 @@ class EngineCore:
                 rows = range(self._decoding, len(self._rows))
                 slots = [slot for _, seq_slots, _ in admitted for slot in seq_slots]
                 beside = contextlib.nullcontext(False) if calls or verifies else self.runner.prefill_beside(rows, slots)
-                with beside as aside:
-                    self._load(admitted)
+                with mark("prefill"), beside as aside:
+                    with mark("load"):
+                        self._load(admitted)
                     ready, logits = self._prefill()
                 self.prefills_beside += aside
-                if ready and self._decoding and self._device_join(ready):
-                    greedy = self._decode(logits[: len(ready)].argmax(dim=-1))
-                    self._finish_prefill(ready, logits, greedy)
-                else:
-                    if ready:
-                        self._finish_prefill(ready, logits, None)
-                    if self._decoding:  # a joining row its first token ended leaves at the step's end: any token
-                        self._decode([s.generated[-1] if s.generated else 0 for s in ready])
+                with mark("join"):
+                    if ready and self._decoding and self._device_join(ready):
+                        step = self._run_decode(logits[: len(ready)].argmax(dim=-1))
+                        with mark("first"):
+                            self._finish_prefill(ready, logits, step.joined)
+                            self._send_part()
+                        self._advance_decoded(step)
+                    else:
+                        if ready:
+                            self._finish_prefill(ready, logits, None)
+                            if self._decoding:  # (with no row decoding the step's output follows at once)
+                                self._send_part()
+                        if self._decoding:  # a joining row its first token ended leaves at the step's end: any token
+                            self._decode([s.generated[-1] if s.generated else 0 for s in ready])
                 joined = ready
             elif self._decoding:
-                self._decode([])
+                with mark("decode"):
+                    self._decode([])
             self._decoding += len(joined)
-            if self.prefix is not None:  # after the decode step is launched: the copies queue behind it
-                for seq in joined:  # later requests with the same prompt start from here at once
-                    if not seq.finished:  # (one that finished stored its prompt and answer already)
-                        self._store(seq, seq.prompt)
+            if self.prefix is not None and joined:  # after the decode step is launched: the copies queue behind it
+                with mark("store"):
+                    for seq in joined:  # later requests with the same prompt start from here at once
+                        if not seq.finished:  # (one that finished stored its prompt and answer already)
+                            self._store(seq, seq.prompt)
         except EngineFailed:  # the runner cannot compute any more (a pipeline stage died): the loop ends
             raise
         except Exception as exc:  # keep serving: fail only the requests in flight
@@ -505,8 +520,9 @@ class EngineCore:
                 self.prefix = PrefixCache(self.prefix.block_size, self.prefix.capacity)
             for seq in list(self._rows):
                 self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
-        self._expire()
-        self._compact()
+        with mark("settle"):
+            self._expire()
+            self._compact()
         self.steps += 1
         out.stats = self.stats()
         return out
@@ -678,14 +694,41 @@ class EngineCore:
     ) -> list[int] | None:
         """Decode the decoding rows; `join`: the first tokens of the rows joining from the next step (a
         device tensor: their greedy choices, which come back as the result); `hold`, `then`: as `runner.decode`'s."""
+        step = self._run_decode(join, hold, then)
+        self._advance_decoded(step)
+        return step.joined
+
+    def _run_decode(
+        self, join: list[int] | torch.Tensor, hold: bool = False, then: Callable[[], None] | None = None
+    ) -> Decoded:
+        """`_decode`'s first half: the runner's decode step (`joined`: the joining rows' first tokens, where given on
+        the device), the rows not advanced yet."""
+        seqs = self._rows[: self._decoding]
+        with self.mark("runner"):
+            return self.runner.decode(
+                [s.generated[-1] for s in seqs], logprobs=any(s.params.logprobs for s in seqs), join=join, hold=hold,
+                then=then,
+            )
+
+    def _advance_decoded(self, step: Decoded) -> None:
+        """`_decode`'s second half: the decoding rows' tokens chosen from the step's logits, and added."""
         seqs = self._rows[: self._decoding]
         params = [s.params for s in seqs]
-        decoded = self.runner.decode(
-            [s.generated[-1] for s in seqs], logprobs=any(p.logprobs for p in params), join=join, hold=hold, then=then
-        )
-        choice = choose_tokens(decoded.logits, params, [s.generator for s in seqs], decoded, [s.counts for s in seqs])
-        self._advance_all(seqs, choice)
-        return decoded.joined
+        with self.mark("choose"):
+            choice = choose_tokens(step.logits, params, [s.generator for s in seqs], step, [s.counts for s in seqs])
+            self._advance_all(seqs, choice)
+
+    def _send_part(self) -> None:
+        """Hand what the step's output holds so far to `on_part` (the first tokens just chosen, results and ends before
+        them), and keep collecting the rest in it."""
+        out = self._out
+        if self.on_part is None or not out.tokens:
+            return
+        part = StepOutput(out.step, out.seq_ids, out.tokens, out.logprobs, out.finished, out.results, top=out.top)
+        out.seq_ids, out.tokens, out.finished, out.results = [], [], [], []
+        out.logprobs = None if out.logprobs is None else []  # (still aligned with the tokens: `add` fills it)
+        out.top = None if out.top is None else []
+        self.on_part(part)
 
     def _mixed(self) -> list[_Seq]:
         """The decoding rows' next tokens and the step's prefill chunks in one pass; the rows whose prompts are

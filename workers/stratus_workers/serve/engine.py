@@ -807,7 +807,7 @@ class AsyncEngine:
         touched: list[_Stream] = []
         stats: EngineStats | None = None
         for message in messages:
-            if message[0] not in ("step", "stopped"):
+            if message[0] not in ("step", "stopped", "part"):
                 continue
             out = StepOutput.unpack(message[1])
             now = self._progress_at = time.monotonic()
@@ -837,7 +837,8 @@ class AsyncEngine:
                     future.set_exception(CALL_ERRORS.get(kind, RuntimeError)(value))
                 else:
                     future.set_result(value)
-            stats = out.stats
+            if message[0] != "part":  # (a part of a step carries no stats: the step's output does)
+                stats = out.stats
         for st in touched:
             if st.finish is not None or not st.pacing:
                 st.wake()

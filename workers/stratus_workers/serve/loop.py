@@ -39,7 +39,7 @@ from stratus_workers.serve.core import (
 from stratus_workers.serve.parallel import ParallelContext
 from stratus_workers.serve.pipeline import PipelineContext, build_stage_runner, keep_stage
 from stratus_workers.serve.prefix import PrefixCache
-from stratus_workers.serve.runner import ModelRunner, no_mark
+from stratus_workers.serve.runner import ModelRunner, env_flag, no_mark
 from stratus_workers.serve.runner.build import build_runner
 from stratus_workers.serve.sampling import eos_ids
 from stratus_workers.serve.sessions import ReadBack, SpeculativeSessions
@@ -294,8 +294,10 @@ class StepTrace:
     STRATUS_STEP_TRACE_STEPS=START,COUNT: the loop's steps START..START+COUNT-1, counted from its first; off by
     default), to see what the host did while the device idled (tests/bench/gpu_timeline.py reads either form).
 
-    The phases: `take`, `gather`, `step`, `emit`; inside a step the verify pipeline's `launch` (its `open`, the
-    packed `pass`, the `head`, the `verdicts`) and `reply`. A file ending in `.json` gets torch.profiler's Chrome
+    The phases: `take`, `gather`, `step`, `emit`; inside a step `admit`, `prefill` (its packed `pass`), `join` (the
+    decode step with the prefill's first tokens), `decode`, `store` (into the prefix cache), `settle`, and the verify
+    pipeline's `launch` (its `open`, the packed `pass`, the `head`, the `verdicts`) and `reply`. A file ending in
+    `.json` gets torch.profiler's Chrome
     trace (every op and kernel; the profiler slows the host about twice over); any other gets one JSON object of the
     phases' host times and, on CUDA, the device time at which the stream reached each phase's start and end (CUDA
     events: a few µs a phase), so the timeline keeps the host's own pace."""
@@ -491,7 +493,8 @@ class StepProfile:
 
 
 class EngineLoop:
-    """Runs `core` until told to stop; `emit` receives ("step", packed StepOutput) once per step.
+    """Runs `core` until told to stop; `emit` receives ("step", packed StepOutput) once per step, and before it
+    ("part", packed StepOutput) where the step chose first tokens of new requests (their callers get them at once).
 
     Messages in: ("add", seq_id, prompt, params, deadline), ("abort", seq_id), ("call", call_id, op,
     args), ("delta", call_id, op, args, keep) (a session's call, its context as a delta and its Sampling as values:
@@ -515,6 +518,8 @@ class EngineLoop:
         self.mark: Callable[[str], contextlib.AbstractContextManager[Any]] = no_mark
         if self.trace is not None:
             self.mark = core.mark = core.runner.mark = self.trace.marker()
+        if env_flag("STRATUS_SEND_FIRST", True):  # (0: first tokens wait for their step's output; A/B runs)
+            core.on_part = self._part
 
     def run(self, inbox: Inbox) -> None:
         # Everything the loop does is inference: no autograd bookkeeping, and tensors the runner
@@ -551,6 +556,12 @@ class EngineLoop:
                     if self.profile is not None:
                         self.profile.idle()
                     self.core.idle()
+
+    def _part(self, out: StepOutput) -> None:
+        """A step's first tokens, sent before the step ends (`EngineCore.on_part`): no stats, the step's output has
+        them."""
+        with self.mark("part"):
+            self.emit(("part", out.pack(self.plain)))
 
     def _gather(self, inbox: Inbox) -> bool:
         """Wait up to VERIFY_GATHER for the Verify calls still owed (`EngineCore.verify_owed`); False on stop. A

@@ -79,6 +79,43 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode(model: Any
 
 
 @pytest.mark.parametrize("fast", [False, True])
+def test_first_tokens_go_out_ahead_of_their_step_and_answers_stay_the_same(model: Any, fast: bool) -> None:
+    # Requests joining rows that decode: the step hands each new request's first token to `on_part` as soon as it
+    # is chosen, before the decoding rows' tokens, and its own output does not repeat it; every answer is the one
+    # of a core that sends everything with the step's output.
+    prompts = {i: [(7 * i + 3 * j) % VOCAB for j in range(5 + 9 * i)] for i in range(1, 6)}
+
+    def drive(core: EngineCore) -> tuple[dict[int, list[int]], list[tuple[str, StepOutput]]]:
+        tokens: dict[int, list[int]] = {}
+        sent: list[tuple[str, StepOutput]] = []
+        if core.on_part is not None:
+            core.on_part = lambda part: sent.append(("part", collect(tokens, part)))
+        for seq_id, prompt in prompts.items():
+            core.add(EngineRequest(seq_id, prompt, Sampling(max_new_tokens=8)))
+            sent.append(("step", collect(tokens, core.step())))
+            sent.append(("step", collect(tokens, core.step())))
+        while core.busy:
+            sent.append(("step", collect(tokens, core.step())))
+        return tokens, sent
+
+    reference, _ = drive(core_over(model, chunk=16, fast=fast))
+    core = core_over(model, chunk=16, fast=fast)
+    core.on_part = lambda part: None  # replaced in `drive` by one that records
+    tokens, sent = drive(core)
+    assert tokens == reference
+    assert all(tokens[i] == greedy(model, prompt, 8) for i, prompt in prompts.items())
+    seen: set[int] = set()
+    ahead = 0
+    for n, (kind, out) in enumerate(sent):
+        if kind == "part":  # first tokens only, and the step they came from still to come
+            assert out.seq_ids and not seen.intersection(out.seq_ids)
+            assert sent[n + 1][0] in ("part", "step") and not set(out.seq_ids) & set(sent[n + 1][1].seq_ids)
+            ahead += bool(sent[n + 1][1].seq_ids)  # the step's own output: the decoding rows' tokens
+        seen.update(out.seq_ids)
+    assert ahead >= 3
+
+
+@pytest.mark.parametrize("fast", [False, True])
 def test_prefixes_come_from_the_pool_and_answers_stay_the_same(model: Any, fast: bool) -> None:
     system = [(7 * i + 3) % VOCAB for i in range(40)]
     prompts = [system + [100 + i, 200 + i, 300 + i] for i in range(5)]

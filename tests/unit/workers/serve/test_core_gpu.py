@@ -10,7 +10,7 @@ import torch
 
 from stratus_workers.models.tiny import TINY, random_llama
 from stratus_workers.protocol.requests import Sampling
-from stratus_workers.serve.core import PREFIX_BLOCK, EngineCore, EngineRequest
+from stratus_workers.serve.core import PREFIX_BLOCK, EngineCore, EngineRequest, StepOutput
 from stratus_workers.serve.prefix import PrefixCache
 from stratus_workers.serve.runner.build import build_runner
 from stratus_workers.serve.runner.fused import FusedRunner
@@ -39,23 +39,30 @@ def core_over(model: Any, *, chunk: int, pool: int, max_len: int = 256) -> Engin
                       prefill_chunk=chunk, prefix=prefix)  # fmt: skip
 
 
-def serve(core: EngineCore, requests: list[tuple[list[int], Sampling]]) -> dict[int, tuple[list[int], list[float]]]:
-    """Requests arrive two steps apart, so rows join and leave a running batch."""
+def serve(
+    core: EngineCore, requests: list[tuple[list[int], Sampling]], parts: bool = True
+) -> dict[int, tuple[list[int], list[float]]]:
+    """Requests arrive two steps apart, so rows join and leave a running batch; with `parts`, first tokens are taken
+    ahead of their steps' outputs (`EngineCore.on_part`, as the engine loop does)."""
     out: dict[int, tuple[list[int], list[float]]] = {}
     pending = list(enumerate(requests))
     step = 0
+
+    def collect(result: StepOutput) -> None:
+        for i, (seq_id, token) in enumerate(zip(result.seq_ids, result.tokens, strict=True)):
+            tokens, logprobs = out.setdefault(seq_id, ([], []))
+            tokens.append(token)
+            if requests[seq_id][1].logprobs:
+                assert result.logprobs is not None
+                logprobs.append(result.logprobs[i])
+
+    core.on_part = collect if parts else None
     with torch.inference_mode():
         while pending or core.busy:
             if pending and step % 2 == 0:
                 seq_id, (prompt, params) = pending.pop(0)
                 core.add(EngineRequest(seq_id, prompt, params))
-            result = core.step()
-            for i, (seq_id, token) in enumerate(zip(result.seq_ids, result.tokens, strict=True)):
-                tokens, logprobs = out.setdefault(seq_id, ([], []))
-                tokens.append(token)
-                if requests[seq_id][1].logprobs:
-                    assert result.logprobs is not None
-                    logprobs.append(result.logprobs[i])
+            collect(core.step())
             step += 1
     return out
 
@@ -169,7 +176,7 @@ def test_prefills_beside_the_step_launched_ahead_give_the_tokens_of_prefills_beh
     requests.insert(5, ([(7 * i) % VOCAB for i in range(90)], Sampling(max_new_tokens=25)))  # shares nothing
     monkeypatch.setenv("STRATUS_PREFILL_BESIDE", "0")
     behind_core = core_over(model, chunk=64, pool=1024, max_len=512)
-    behind = serve(behind_core, requests)
+    behind = serve(behind_core, requests, parts=False)  # (and everything in the steps' outputs)
     assert behind_core.prefills_beside == 0
     monkeypatch.setenv("STRATUS_PREFILL_BESIDE", "1")
     beside_core = core_over(model, chunk=64, pool=1024, max_len=512)

@@ -22,7 +22,7 @@ import stratus_workers
 from stratus_workers.models import load_model
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.channel import Channel
-from stratus_workers.serve.core import EngineCore
+from stratus_workers.serve.core import EngineCore, EngineStats
 from stratus_workers.serve.engine import (
     AsyncEngine,
     ProcessTransport,
@@ -140,7 +140,8 @@ async def test_the_process_layout_answers_like_the_reference(loaded: Any, tiny_m
 
 
 async def test_requests_join_and_leave_mid_batch(loaded: Any) -> None:
-    engine = await started(loaded, max_batch_size=3)
+    seen: list[EngineStats] = []  # a joining request's first token comes ahead of its step, without stats of its own
+    engine = await started(loaded, max_batch_size=3, on_stats=seen.append)
     prompts = [loaded.tokenizer.encode(p) for p in PROMPTS]
     lengths = [3, 20, 7, 15]
     try:
@@ -156,6 +157,8 @@ async def test_requests_join_and_leave_mid_batch(loaded: Any) -> None:
         assert engine.steps > 0
     finally:
         await engine.stop()
+    steps = [stats.steps for stats in seen]
+    assert steps and min(steps) > 0 and steps == sorted(steps)
     eos = eos_ids(loaded.model, loaded.tokenizer)
     for (ids, fin), (ref_ids, ref_fin) in zip(results, expected, strict=True):
         assert ids == ref_ids

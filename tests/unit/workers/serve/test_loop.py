@@ -262,3 +262,49 @@ def test_a_trace_started_once_is_not_restarted_by_an_idle_loop_at_its_first_step
     assert not path.exists()
     trace.after(4)
     assert [p[0] for p in json.loads(path.read_text())["phases"]] == ["take", "step"]
+
+
+@pytest.mark.parametrize("send_first", [True, False])
+def test_a_joining_requests_first_token_goes_out_ahead_of_its_step(
+    model: Any, monkeypatch: pytest.MonkeyPatch, send_first: bool
+) -> None:
+    # A request that arrives while another decodes: the loop sends its first token as a "part" of the step that
+    # chose it, before that step's message (which carries the decoding row's token and not the first one again);
+    # STRATUS_SEND_FIRST=0 sends everything with the step. The tokens are the same either way.
+    monkeypatch.setenv("STRATUS_SEND_FIRST", "1" if send_first else "0")
+    runner = build_runner(model, max_rows=3, max_len=MAX_LEN)
+    core = EngineCore(runner, SpeculativeSessions(runner, frozenset(), first_row=2), frozenset(), max_batch_size=2)
+    inbox = ThreadInbox()
+    sent: list[tuple[str, StepOutput]] = []
+    ended: set[int] = set()
+
+    def emit(message: tuple[Any, ...]) -> None:
+        out = StepOutput.unpack(message[1])
+        sent.append((message[0], out))
+        ended.update(f.seq_id for f in out.finished)
+        if message[0] == "step" and len(sent) == 2:  # the first request decodes: the second arrives
+            inbox.put(("add", 2, [9, 8, 7, 6], Sampling(max_new_tokens=6), None))
+        if ended == {1, 2}:
+            inbox.put(("stop",))
+
+    loop = EngineLoop(core, emit)
+    inbox.put(("add", 1, [3, 4, 5], Sampling(max_new_tokens=12), None))
+    loop.run(inbox)
+    tokens: dict[int, list[int]] = {}
+    for _, out in sent:
+        for seq_id, token in zip(out.seq_ids, out.tokens, strict=True):
+            tokens.setdefault(seq_id, []).append(token)
+    assert len(tokens[1]) == 12 and len(tokens[2]) == 6
+    with torch.inference_mode():
+        for seq_id, prompt in ((1, [3, 4, 5]), (2, [9, 8, 7, 6])):
+            n = len(tokens[seq_id])
+            expected = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            assert tokens[seq_id] == expected[0, len(prompt) :].tolist()
+    parts = [n for n, (kind, _) in enumerate(sent) if kind == "part"]
+    if not send_first:
+        assert parts == []
+        return
+    assert len(parts) == 1
+    n = parts[0]
+    part, step = sent[n][1], sent[n + 1]
+    assert part.seq_ids == [2] and step[0] == "step" and step[1].step == part.step and step[1].seq_ids == [1]

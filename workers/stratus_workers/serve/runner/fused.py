@@ -703,6 +703,13 @@ class FusedRunner(ModelRunner):
         device_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`_packed`'s pass without the head: the last hidden states and the indices of the scored ones in them."""
+        with self.mark("plan"):
+            return self._packed_plan(rows, tokens, logits_from, prefill, device_ids)
+
+    def _packed_plan(
+        self, rows: Sequence[int], tokens: Sequence[Sequence[int]], logits_from: Sequence[int], prefill: bool = False,
+        device_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # Per row (numpy, no Python loop over tokens): its row, tokens held, new tokens, first scored.
         n = len(rows)
         lengths = self.cache.lengths
