@@ -294,13 +294,13 @@ class StepTrace:
     STRATUS_STEP_TRACE_STEPS=START,COUNT: the loop's steps START..START+COUNT-1, counted from its first; off by
     default), to see what the host did while the device idled (tests/bench/gpu_timeline.py reads either form).
 
-    The phases: `take`, `gather`, `step`, `emit`; inside a step `admit`, `prefill` (its packed `pass`), `join` (the
-    decode step with the prefill's first tokens), `decode`, `store` (into the prefix cache), `settle`, and the verify
-    pipeline's `launch` (its `open`, the packed `pass`, the `head`, the `verdicts`) and `reply`. A file ending in
-    `.json` gets torch.profiler's Chrome
-    trace (every op and kernel; the profiler slows the host about twice over); any other gets one JSON object of the
-    phases' host times and, on CUDA, the device time at which the stream reached each phase's start and end (CUDA
-    events: a few µs a phase), so the timeline keeps the host's own pace."""
+    The phases: `take`, `gather`, `step`, `emit`; inside a step `admit`, `prefill` (its `load`, the packed pass's
+    `plan` and `pass`, its `head`), `join` (the decode step with the prefill's first tokens: `runner`, `first` with
+    the `part` sent, `choose`), `decode`, `store` (into the prefix cache), `settle`, and the verify pipeline's
+    `launch` (its `open`, the packed `pass`, the `head`, the `verdicts`) and `reply`. A file ending in
+    `.json` gets torch.profiler's Chrome trace (every op and kernel; the profiler slows the host about twice over);
+    any other gets one JSON object of the phases' host times and, on CUDA, the device time at which the stream
+    reached each phase's start and end (CUDA events: a few µs a phase), so the timeline keeps the host's own pace."""
 
     def __init__(self, path: str, steps: str) -> None:
         self.path = path
