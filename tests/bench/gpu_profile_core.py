@@ -145,11 +145,10 @@ def trace_phases(load: Workload, steps: int, keep: str = "") -> None:
     if admitting and admitting[0]["prefill"][3] is not None:
         # When the device finished the prefill (its first tokens computed) against when the host had handed them
         # over (the end of `first`, where the engine loop sends them) and ended the step.
-        ready = {id(s): s["prefill"][3] for s in admitting}
         dev = med([s["prefill"][3] - s["prefill"][2] for s in admitting])
         queued = med([s["prefill"][2] - s["prefill"][0] for s in admitting])
-        handed = med([s["first"][1] - ready[id(s)] for s in admitting if "first" in s])
-        ended = med([s["step"][1] - ready[id(s)] for s in admitting])
+        handed = med([s["first"][1] - s["prefill"][3] for s in admitting if "first" in s])
+        ended = med([s["step"][1] - s["prefill"][3] for s in admitting])
         print(f"    device: prefill (load + pass) {dev} µs, begun {queued} µs after the host queued it; first tokens "
               f"handed over {handed} µs after the device had them, the step ended {ended} µs after")
 

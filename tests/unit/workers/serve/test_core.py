@@ -85,10 +85,10 @@ def test_first_tokens_go_out_ahead_of_their_step_and_answers_stay_the_same(model
     # of a core that sends everything with the step's output.
     prompts = {i: [(7 * i + 3 * j) % VOCAB for j in range(5 + 9 * i)] for i in range(1, 6)}
 
-    def drive(core: EngineCore) -> tuple[dict[int, list[int]], list[tuple[str, StepOutput]]]:
+    def drive(core: EngineCore, parts: bool) -> tuple[dict[int, list[int]], list[tuple[str, StepOutput]]]:
         tokens: dict[int, list[int]] = {}
         sent: list[tuple[str, StepOutput]] = []
-        if core.on_part is not None:
+        if parts:
             core.on_part = lambda part: sent.append(("part", collect(tokens, part)))
         for seq_id, prompt in prompts.items():
             core.add(EngineRequest(seq_id, prompt, Sampling(max_new_tokens=8)))
@@ -98,10 +98,8 @@ def test_first_tokens_go_out_ahead_of_their_step_and_answers_stay_the_same(model
             sent.append(("step", collect(tokens, core.step())))
         return tokens, sent
 
-    reference, _ = drive(core_over(model, chunk=16, fast=fast))
-    core = core_over(model, chunk=16, fast=fast)
-    core.on_part = lambda part: None  # replaced in `drive` by one that records
-    tokens, sent = drive(core)
+    reference, _ = drive(core_over(model, chunk=16, fast=fast), parts=False)
+    tokens, sent = drive(core_over(model, chunk=16, fast=fast), parts=True)
     assert tokens == reference
     assert all(tokens[i] == greedy(model, prompt, 8) for i, prompt in prompts.items())
     seen: set[int] = set()
