@@ -7,7 +7,9 @@ grid, as CUDA graphs of one launch per layer, and prints each shape's times besi
 largest difference of outputs from it. Random bfloat16 caches. With `--splits 4,8,16,32,64` it times the extend
 pass's key splits instead, for a chat turn after a long cached prefix (`SPLIT_SHAPES`). With `--cached-turn` it
 times the pass a cached chat turn runs as served: one row's 32 new tokens after a 2,992-token prefix read from the
-shared copy (cascade), its block table exact and padded to what a 32-token graph holds (`max_extend_blocks`).
+shared copy (cascade), its block table exact and padded to what a 32-token graph holds (`max_extend_blocks`). With
+`--shared-sweep` it sweeps what the shared-prefix workload runs most: that pass's blocks, key splits and launches, and
+a 64-row cascade decode step's prefix kernel (tile lines, prefix chunks, launches), against the defaults.
 """
 
 from __future__ import annotations
@@ -166,6 +168,111 @@ def cached_turn(arch: str, prefix: int = 2992, new: int = 32, max_rows: int = 64
     print(f"cached turn {arch} 1x{new} after {prefix} shared, splits {splits}: " + ", ".join(cells), flush=True)
 
 
+def cached_turn_sweep(arch: str, prefix: int = 2992, new: int = 32, max_rows: int = 64) -> None:
+    """The cached turn's pass (as `cached_turn`, its block table padded as served): µs a layer at the default block
+    size, key splits and launch, then with one of them changed at a time."""
+    cfg = ARCHS[arch]
+    n_q, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg["hidden_size"] // n_q
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    q = torch.randn(new, n_q, d, device=dev, dtype=dt)
+    k = torch.randn(max_rows, n_kv, prefix + new + 64, d, device=dev, dtype=dt)
+    v = torch.randn_like(k)
+    keys = torch.randn(n_kv, prefix, d, device=dev, dtype=dt)
+    shared = kernels.SharedPrefix(
+        keys, torch.randn_like(keys), torch.full((max_rows,), prefix, device=dev, dtype=torch.int64),
+        torch.tensor([prefix], device=dev, dtype=torch.int64),
+    )
+    pos = torch.arange(prefix, prefix + new, device=dev)
+    rows = torch.zeros(new, device=dev, dtype=torch.int64)
+    block = kernels.extend_block(n_q, n_kv, new)
+    default = (block, kernels.extend_splits(new, n_q, n_kv, block), None)
+    variants: list[tuple[int, int, Launch | None]] = [default]
+    variants += [(block, s, None) for s in (4, 8, 32, 64) if s != default[1]]
+    variants += [(16, s, None) for s in (kernels.extend_splits(new, n_q, n_kv, 16), 32)]
+    variants += [(block, default[1], launch) for launch in SHARED_LAUNCHES]
+
+    def run(variant: tuple[int, int, Launch | None]) -> Callable[[], torch.Tensor]:
+        size = kernels.max_extend_blocks(new, max_rows, variant[0])
+        table = torch.from_numpy(kernels.extend_blocks(np.zeros(1, np.int64), np.full(1, new), variant[0], size))
+        table = table.to(dev)
+        return lambda: kernels.extend_attention(
+            q, k, v, pos, rows, table, d**-0.5, variant[1], variant[0], launch=variant[2], shared=shared
+        )
+
+    _coordinate_sweep(f"cached turn {arch} 1x{new} after {prefix} shared (block, splits, launch)", variants, run,
+                      cfg["num_hidden_layers"])
+
+
+def cascade_sweep(arch: str, prefix: int = 2992, own: int = 64, batch: int = 64) -> None:
+    """A cascade decode step's attention (`batch` rows, each `own` keys of its own after the shared `prefix`): µs a
+    layer at the default prefix tile (lines), chunk count and prefix-kernel launch, then with one changed at a time;
+    and the same rows reading all their keys from their own rows (no cascade), for scale."""
+    cfg = ARCHS[arch]
+    n_q, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg["hidden_size"] // n_q
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    q = torch.randn(batch, n_q, d, device=dev, dtype=dt)
+    k = torch.randn(batch, n_kv, prefix + own + 64, d, device=dev, dtype=dt)
+    v = torch.randn_like(k)
+    keys = torch.randn(n_kv, prefix, d, device=dev, dtype=dt)
+    shared = kernels.SharedPrefix(
+        keys, torch.randn_like(keys), torch.full((batch,), prefix, device=dev, dtype=torch.int64),
+        torch.tensor([prefix], device=dev, dtype=torch.int64),
+    )
+    pos = torch.full((batch,), prefix + own - 1, device=dev, dtype=torch.int64)
+    layers = cfg["num_hidden_layers"]
+    splits = kernels.decode_splits(batch, n_kv)
+    plain = graph_ms(lambda: kernels.decode_attention(q, k, v, pos, d**-0.5, splits=splits), layers) / layers * 1000
+    print(f"decode {arch} {batch} rows at {prefix + own}, no cascade (splits {splits}): {plain:.1f} µs a layer",
+          flush=True)
+    saved = (kernels.CASCADE_LINES, kernels.MAX_CASCADE_CHUNKS, kernels.CASCADE_PROGRAMS, kernels.extend_launch)
+    default = (saved[0], kernels.cascade_shape(batch, n_q, n_kv)[2], None)
+    variants: list[tuple[int, int, Launch | None]] = [default]
+    variants += [(default[0], c, None) for c in (4, 8, 32, 64) if c != default[1]]
+    variants += [(lines, default[1], None) for lines in (32, 64) if lines != default[0]]
+    variants += [(default[0], default[1], launch) for launch in SHARED_LAUNCHES]
+
+    def run(variant: tuple[int, int, Launch | None]) -> Callable[[], torch.Tensor]:
+        def step() -> torch.Tensor:
+            lines, chunks, launch = variant
+            kernels.CASCADE_LINES, kernels.MAX_CASCADE_CHUNKS, kernels.CASCADE_PROGRAMS = lines, chunks, 1 << 20
+            setattr(kernels, "extend_launch", saved[3] if launch is None else (lambda _lines: launch))  # noqa: B010
+            try:
+                return kernels.decode_attention(q, k, v, pos, d**-0.5, shared=shared)
+            finally:
+                kernels.CASCADE_LINES, kernels.MAX_CASCADE_CHUNKS, kernels.CASCADE_PROGRAMS = saved[:3]
+                setattr(kernels, "extend_launch", saved[3])  # noqa: B010
+
+        return step
+
+    _coordinate_sweep(f"cascade decode {arch} {batch} rows, {own} own keys after {prefix} shared (lines, chunks, "
+                      "launch)", variants, run, layers)
+
+
+# The launches the shared-prefix sweep tries besides each kernel's default (None).
+SHARED_LAUNCHES = [Launch(64, 4, 3), Launch(64, 8, 3), Launch(128, 8, 2), Launch(32, 8, 3)]
+
+
+def _coordinate_sweep(name: str, variants: list[Any], make: Callable[[Any], Callable[[], torch.Tensor]],
+                      layers: int) -> None:
+    """Time each variant (the first is the default) as a graph of `layers` launches; print each as it is measured,
+    against the default, with the largest difference of its output from the default's."""
+    print(name, flush=True)
+    reference, base = None, 0.0
+    for variant in variants:
+        try:
+            run = make(variant)
+            out = run().float()
+            reference = out if reference is None else reference
+            us = graph_ms(run, layers) / layers * 1000
+            base = base or us
+            diff = (out - reference).abs().max().item()
+            print(f"  {variant}: {us:6.1f} µs a layer ({us / base:.2f}x), max diff {diff:.2e}", flush=True)
+        except Exception as error:  # a tile the compiler refuses is a result too
+            print(f"  {variant}: {type(error).__name__}: {str(error)[:100]}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
@@ -178,7 +285,15 @@ def main() -> None:
         "--match", default="", help="only the cases whose name contains one of these (comma-separated: 'decode')"
     )
     parser.add_argument("--cached-turn", action="store_true", help="time a cached chat turn's pass as served instead")
+    parser.add_argument(
+        "--shared-sweep", default="", help="sweep the shared-prefix workload's attention shapes: 135m,1b"
+    )
     args = parser.parse_args()
+    if args.shared_sweep:
+        for arch in args.shared_sweep.split(","):
+            cascade_sweep(arch)
+            cached_turn_sweep(arch)
+        return
     if args.cached_turn:
         for arch in ("135m", "1b"):
             cached_turn(arch)
