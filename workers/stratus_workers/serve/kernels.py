@@ -120,7 +120,7 @@ if triton is not None:
         base, line, LINES: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, split_stride
     ):
         # The SPLITS partials `_store_split` left from `base` on (`split_stride` apart), rescaled to their common
-        # maximum and summed.
+        # maximum and summed, split after split: a decode step's combine (a few lines a program, many programs).
         d = tl.arange(0, HEAD_DIM)
         m = tl.full([LINES], float("-inf"), tl.float32)
         for split in tl.static_range(SPLITS):
@@ -133,6 +133,25 @@ if triton is not None:
             total += weight * tl.load(at + line * (HEAD_DIM + 2) + HEAD_DIM + 1)
             acc += weight[:, None] * tl.load(at + line[:, None] * (HEAD_DIM + 2) + d[None, :])
         return acc / total[:, None]
+
+    @triton.jit  # type: ignore[misc,untyped-decorator]
+    def _merge_splits_at_once(  # type: ignore[no-untyped-def]
+        base, line, LINES: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, split_stride
+    ):
+        # `_merge_splits`, all the splits loaded as one [SPLITS, LINES, HEAD_DIM] tile (SPLITS a power of two): an
+        # extend pass's combine, whose programs are few (one turn after a long cached prefix: 16 splits of one
+        # block's 128 lines). On an H200 a cached turn's attention (32 tokens after 2,992 shared keys, as a graph
+        # pads it) took 12.7 µs a layer against 16.4 split after split (135M), 20.5 against 22.0 (~1B)
+        # (`gpu_attention_sweep.py --cached-turn`); a cascade decode step (64 rows), whose combine merges 17 parts of
+        # a few lines in each of many programs, took 16.8 µs a layer this way against 13.7, and keeps
+        # `_merge_splits`.
+        s = tl.arange(0, SPLITS)
+        d = tl.arange(0, HEAD_DIM)
+        at = base + s[:, None] * split_stride + line[None, :] * (HEAD_DIM + 2)
+        m = tl.load(at + HEAD_DIM)
+        weight = tl.exp(m - tl.max(m, 0)[None, :])  # 0 for a split that saw nothing
+        total = tl.sum(weight * tl.load(at + HEAD_DIM + 1), 0)
+        return tl.sum(weight[:, :, None] * tl.load(at[:, :, None] + d[None, None, :]), 0) / total[:, None]
 
     @triton.jit  # type: ignore[misc,untyped-decorator]
     def _attend_split(  # type: ignore[no-untyped-def]
@@ -382,7 +401,9 @@ if triton is not None:
             base = part_ptr + (blk * tl.num_programs(1) + kv_head) * SPLITS * LINES * (HEAD_DIM + 2)
             tl.store(
                 out_ptr + (first + tok)[:, None] * stride_ob + heads[:, None] * stride_oh + d[None, :],
-                _merge_splits(base, line, SUB, HEAD_DIM, SPLITS, LINES * (HEAD_DIM + 2)).to(out_ptr.dtype.element_ty),
+                _merge_splits_at_once(base, line, SUB, HEAD_DIM, SPLITS, LINES * (HEAD_DIM + 2)).to(
+                    out_ptr.dtype.element_ty
+                ),
                 mask=live[:, None],
             )
 
@@ -549,8 +570,9 @@ def max_extend_blocks(tokens: int, rows: int, block: int) -> int:
     return tokens // block + min(rows, tokens)
 
 
-# Lines of a tile that one program of the extend pass's combine merges (a power of two; tiles are 16-128 lines).
-COMBINE_LINES = 16
+# The partial values one program of a combine loads at once (its splits x lines x head size): an extend pass's
+# combine gives each program as many lines as keep under it (a power of two: 4 lines of 16 splits of 64).
+COMBINE_TILE = 4096
 
 # Programs an extend pass aims to keep busy (an H100/H200 has 132 multiprocessors), and the most key splits.
 EXTEND_PROGRAMS = 256
@@ -634,13 +656,13 @@ def extend_attention(
         PRECISION=_precision(q), SHARED=shared is not None,
     )  # fmt: skip
     if splits > 1:
-        sub = min(COMBINE_LINES, block_m * group_pad)
+        sub = max(1, min(block_m * group_pad, COMBINE_TILE // (splits * head_dim)))
         _extend_combine_kernel[(block_m * group_pad // sub, n_kv, n_blocks)](
             out, blocks, part,
             out.stride(0), out.stride(1),
             blocks.stride(0),
             GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, HEAD_DIM=head_dim, SPLITS=splits, SUB=sub,
-            num_warps=2,
+            num_warps=4,
         )  # fmt: skip
     return out.view(tokens, n_q * head_dim)
 
