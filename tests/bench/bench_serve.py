@@ -21,8 +21,11 @@ For a diagnosis, `BENCH_RAW=1` adds every request's timings to each server row (
 `STRATUS_STEP_SERIES=1` with `--profile` every engine step's (docs/serving.md), `BENCH_LOOP_LAG=1` how late the
 frontend's event loop ran a 1 ms timer over each measured load (`loop_lag_ms`: p50, p95, max; the frontend is this
 process's event loop), `BENCH_MESSAGE_RATES=4000,1000` the shared-prefix load again under each frontend message
-budget (`AsyncEngine.message_rate`), and `BENCH_FRONTEND_PROFILE=DIR` the shared-prefix load once more under a
-cProfile of this process's main thread (DIR/frontend-N.txt, its top entries by own time). Every server row records the
+budget (`AsyncEngine.message_rate`), `BENCH_FRONTEND_PROFILE=DIR` the shared-prefix load once more under a
+cProfile of this process's main thread (DIR/frontend-N.txt, its top entries by own time), and `BENCH_STEP_TRACE=FILE`
+the engine loop's phases over the first `BENCH_STEP_TRACE_STEPS` (300) steps of each cached shared-prefix load
+(`phases`: each phase's median host µs in the steps that admit and in the rest, as `step_phases.py` prints them; the
+trace itself kept as FILE.N). Every server row records the
 host's state as its load ended (`host_state`: load average, CPU clock, the GPU's clocks, power, temperature and
 throttle reasons), for runs of the same code that differ.
 """
@@ -485,6 +488,53 @@ async def run_server(
     return rows
 
 
+def _arm_step_trace() -> Path | None:
+    """BENCH_STEP_TRACE=FILE: have the engine loop trace the measured shared-prefix load's first steps phase by phase
+    (BENCH_STEP_TRACE_STEPS of them, 300 by default; serve/loop.py StepTrace, started by a file this run creates
+    when the load begins). None where unset, or where the tree under test cannot start a trace that way."""
+    trace = os.environ.get("BENCH_STEP_TRACE")
+    if not trace:
+        return None
+    from stratus_workers.serve.loop import StepTrace
+
+    try:
+        StepTrace("", "@probe,1").trigger  # noqa: B018  (an older tree reads "@probe" as a step number, and fails)
+    except (AttributeError, ValueError):
+        print("  BENCH_STEP_TRACE: this tree's StepTrace cannot start on a file; no trace", flush=True)
+        return None
+    path = Path(trace).resolve()
+    path.unlink(missing_ok=True)
+    os.environ["STRATUS_STEP_TRACE"] = str(path)
+    steps = os.environ.get("BENCH_STEP_TRACE_STEPS", "300")
+    os.environ["STRATUS_STEP_TRACE_STEPS"] = f"@{_trace_trigger(path)},{steps}"
+    return path
+
+
+def _trace_trigger(path: Path) -> Path:
+    return path.with_name(path.name + ".go")
+
+
+def _traced(path: Path, row: dict[str, Any], log: Any) -> None:
+    """After a traced load: its phases' medians into `row` (`phases`) and the log; the trace kept as
+    FILE.N (N: the traced loads so far), the trigger removed so that the next server starts none by itself."""
+    _trace_trigger(path).unlink(missing_ok=True)
+    deadline = time.monotonic() + 10  # the loop writes it at its range's last step
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not path.exists():
+        log("  step trace: none written (fewer steps than BENCH_STEP_TRACE_STEPS?)")
+        return
+    import step_phases
+
+    kept = path.with_name(f"{path.name}.{len(list(path.parent.glob(path.name + '.*')))}")
+    path.rename(kept)
+    with open(kept) as f:
+        row["phases"] = step_phases.summary(json.load(f)["phases"])
+    row["trace_file"] = kept.name
+    for line in row["phases"]:
+        log(f"  {line}")
+
+
 _profile_read = 0  # how much of the step profile (--profile) the rows have taken
 
 
@@ -590,8 +640,13 @@ async def shared_prefix_load(server: Any, prompts: list[str], pool: ClientPool, 
                              cached: bool, profile: bool = False) -> dict[str, Any]:
     c = args.shared_concurrency
     await pool.load(server.address, prompts[-8:], 8, 1, 8, 1, 0.0)  # warm-up: the system prompt was seen before
+    trace = args.trace if cached and not profile and getattr(args, "trace", None) else None
+    if trace is not None:
+        _trace_trigger(trace).touch()
     row, _ = await measured_load(server, pool, args, f"shared prefix, prefix cache {'on' if cached else 'off'}",
                                  prompts[:-8], c, profile)
+    if trace is not None:
+        _traced(trace, row, log)
     row.update(getattr(server, "bench_start", {}), engine=getattr(server.engine, "mode", "thread"))
     prompts_cache = getattr(getattr(server, "servicer", None), "prompts", None)
     if prompts_cache is not None:  # the frontend's token cache (serve/prompts.py): off under STRATUS_PROMPT_CACHE=0
@@ -1174,6 +1229,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:  # read by the engine loop (serve/loop.py StepProfile), in its process or thread
         args.profile.unlink(missing_ok=True)
         os.environ["STRATUS_STEP_PROFILE"] = str(args.profile.resolve())
+    args.trace = _arm_step_trace()
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     args.models = args.models or (["135m", "1b"] if cuda else ["135m"])
     args.prompt_tokens = args.prompt_tokens or (64 if cuda else 32)

@@ -24,6 +24,7 @@ import tempfile
 import time
 from typing import Any
 
+import step_phases
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -125,32 +126,8 @@ def trace_phases(load: Workload, steps: int, keep: str = "") -> None:
         core.mark = core.runner.mark = no_mark
         with open(path) as f:
             rows = json.load(f)["phases"]
-    # Phases close before their step does: a step's phases are those recorded since the previous step's.
-    steps_seen: list[dict[str, list[float | None]]] = []
-    current: dict[str, list[float | None]] = {}
-    for name, h0, h1, d0, d1 in rows:
-        current.setdefault(name, [h0, h1, d0, d1])
-        if name == "step":
-            steps_seen.append(current)
-            current = {}
-
-    def med(values: list[float]) -> str:
-        return f"{statistics.median(values):.0f}" if values else "-"
-
-    admitting = [s for s in steps_seen if "prefill" in s]
-    for label, chosen in (("admitting", admitting), ("plain", [s for s in steps_seen if "prefill" not in s])):
-        names = sorted({n for s in chosen for n in s}, key=lambda n: min(s[n][0] for s in chosen if n in s))
-        line = " ".join(f"{n} {med([s[n][1] - s[n][0] for s in chosen if n in s])}" for n in names)
-        print(f"  phases, {label} steps ({len(chosen)}), host µs p50: {line}")
-    if admitting and admitting[0]["prefill"][3] is not None:
-        # When the device finished the prefill (its first tokens computed) against when the host had handed them
-        # over (the end of `first`, where the engine loop sends them) and ended the step.
-        dev = med([s["prefill"][3] - s["prefill"][2] for s in admitting])
-        queued = med([s["prefill"][2] - s["prefill"][0] for s in admitting])
-        handed = med([s["first"][1] - s["prefill"][3] for s in admitting if "first" in s])
-        ended = med([s["step"][1] - s["prefill"][3] for s in admitting])
-        print(f"    device: prefill (load + pass) {dev} µs, begun {queued} µs after the host queued it; first tokens "
-              f"handed over {handed} µs after the device had them, the step ended {ended} µs after")
+    for line in step_phases.summary(rows):
+        print(f"  {line}")
 
 
 def main() -> None:

@@ -293,6 +293,8 @@ class StepTrace:
     """The loop's phases over a range of its steps, beside what the device did (STRATUS_STEP_TRACE=<file>,
     STRATUS_STEP_TRACE_STEPS=START,COUNT: the loop's steps START..START+COUNT-1, counted from its first; off by
     default), to see what the host did while the device idled (tests/bench/gpu_timeline.py reads either form).
+    START may be @PATH instead: the COUNT steps from the first one that begins once PATH exists (a benchmark
+    creates it when the load it wants traced begins: a server's step count is not known ahead).
 
     The phases: `take`, `gather`, `step`, `emit`; inside a step `admit`, `prefill` (its `load`, the packed pass's
     `plan` and `pass`, its `head`), `join` (the decode step with the prefill's first tokens: `runner`, `first` with
@@ -305,8 +307,10 @@ class StepTrace:
     def __init__(self, path: str, steps: str) -> None:
         self.path = path
         start, _, count = steps.partition(",")
-        self.start = int(start or 0)
-        self.stop = self.start + int(count or 20)
+        self.trigger = start[1:] if start.startswith("@") else ""
+        self.count = int(count or 20)
+        self.start = -1 if self.trigger else int(start or 0)  # (with a trigger: set when it fires)
+        self.stop = self.start + self.count
         self.chrome = path.endswith(".json")
         self.profiler: torch.profiler.profile | None = None
         self.phases: list[tuple[str, float, float, Any, Any]] = []
@@ -337,6 +341,8 @@ class StepTrace:
         return torch.profiler.record_function if self.chrome else self._mark
 
     def before(self, step: int) -> None:
+        if self.trigger and self.start < 0 and os.path.exists(self.trigger):
+            self.start, self.stop = step, step + self.count
         if step != self.start or self.on or self.profiler is not None:  # (an idle loop comes back to the same step)
             return
         if self.chrome:

@@ -264,6 +264,26 @@ def test_a_trace_started_once_is_not_restarted_by_an_idle_loop_at_its_first_step
     assert [p[0] for p in json.loads(path.read_text())["phases"]] == ["take", "step"]
 
 
+def test_a_trace_started_by_a_file_covers_the_steps_after_it_appears(tmp_path: Any) -> None:
+    # STRATUS_STEP_TRACE_STEPS=@PATH,COUNT: nothing is traced until PATH exists; then COUNT steps from the next.
+    path, trigger = tmp_path / "events.txt", tmp_path / "go"
+    trace = StepTrace(str(path), f"@{trigger},2")
+    mark = trace.marker()
+    for step in range(5):
+        if step == 3:
+            trigger.touch()
+        trace.before(step)
+        with mark("step"):
+            pass
+        trace.after(step)
+        assert path.exists() == (step == 4)
+    assert len(json.loads(path.read_text())["phases"]) == 2
+    trace.before(5)  # written once: the file still there starts nothing again
+    with mark("step"):
+        pass
+    assert trace.phases == []
+
+
 @pytest.mark.parametrize("send_first", [True, False])
 def test_a_joining_requests_first_token_goes_out_ahead_of_its_step(
     model: Any, monkeypatch: pytest.MonkeyPatch, send_first: bool
