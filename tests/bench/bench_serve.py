@@ -640,8 +640,11 @@ async def shared_prefix_load(server: Any, prompts: list[str], pool: ClientPool, 
                              cached: bool, profile: bool = False) -> dict[str, Any]:
     c = args.shared_concurrency
     await pool.load(server.address, prompts[-8:], 8, 1, 8, 1, 0.0)  # warm-up: the system prompt was seen before
-    trace = args.trace if cached and not profile and getattr(args, "trace", None) else None
+    # (A server's engine traces once: its first cached load, not the diagnosis reruns after it.)
+    traced = getattr(server, "bench_traced", False)
+    trace = getattr(args, "trace", None) if cached and not profile and not traced else None
     if trace is not None:
+        server.bench_traced = True
         _trace_trigger(trace).touch()
     row, _ = await measured_load(server, pool, args, f"shared prefix, prefix cache {'on' if cached else 'off'}",
                                  prompts[:-8], c, profile)
