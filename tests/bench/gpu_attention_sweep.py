@@ -134,74 +134,75 @@ def sweep_splits(arch: str, rows: int, new: int, context: int, counts: list[int]
     print(f"extend {arch} {rows}x{new} after {context}: " + ", ".join(cells), flush=True)
 
 
-def cached_turn(arch: str, prefix: int = 2992, new: int = 32, max_rows: int = 64) -> None:
-    """Print the extend attention's µs a layer for one row's `new` tokens after `prefix` keys of the shared copy
-    (`SharedPrefix`), the served pass's shape: its block table exact, and padded as a graph of `new` tokens pads it."""
-    cfg = ARCHS[arch]
-    n_q, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d = cfg["hidden_size"] // n_q
+def shared_prefix(n_kv: int, prefix: int, d: int, rows: int) -> kernels.SharedPrefix:
+    """Random bfloat16 keys and values of a `prefix`-token shared prefix that each of `rows` rows reads all of."""
     dev, dt = torch.device("cuda"), torch.bfloat16
-    q = torch.randn(new, n_q, d, device=dev, dtype=dt)
-    k = torch.randn(max_rows, n_kv, prefix + new + 64, d, device=dev, dtype=dt)
-    v = torch.randn_like(k)
     keys = torch.randn(n_kv, prefix, d, device=dev, dtype=dt)
-    shared = kernels.SharedPrefix(
-        keys, torch.randn_like(keys), torch.full((max_rows,), prefix, device=dev, dtype=torch.int64),
+    return kernels.SharedPrefix(
+        keys, torch.randn_like(keys), torch.full((rows,), prefix, device=dev, dtype=torch.int64),
         torch.tensor([prefix], device=dev, dtype=torch.int64),
     )
-    pos = torch.arange(prefix, prefix + new, device=dev)
-    rows = torch.zeros(new, device=dev, dtype=torch.int64)
-    block = kernels.extend_block(n_q, n_kv, new)
-    splits = kernels.extend_splits(new, n_q, n_kv, block)
-    layers = cfg["num_hidden_layers"]
-    cells, reference = [], None
-    for name, size in (("exact", 0), ("padded", kernels.max_extend_blocks(new, max_rows, block))):
-        table = torch.from_numpy(kernels.extend_blocks(np.zeros(1, np.int64), np.full(1, new), block, size)).to(dev)
-
-        def run(table: torch.Tensor = table) -> torch.Tensor:
-            return kernels.extend_attention(q, k, v, pos, rows, table, d**-0.5, splits, block, shared=shared)
-
-        out = run().float()
-        reference = out if reference is None else reference
-        us = graph_ms(run, layers) / layers * 1000
-        cells.append(f"{name} ({table.shape[1]} blocks) {us:.1f} µs (diff {(out - reference).abs().max().item():.1e})")
-    print(f"cached turn {arch} 1x{new} after {prefix} shared, splits {splits}: " + ", ".join(cells), flush=True)
 
 
-def cached_turn_sweep(arch: str, prefix: int = 2992, new: int = 32, max_rows: int = 64) -> None:
-    """The cached turn's pass (as `cached_turn`, its block table padded as served): µs a layer at the default block
-    size, key splits and launch, then with one of them changed at a time."""
-    cfg = ARCHS[arch]
-    n_q, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d = cfg["hidden_size"] // n_q
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    q = torch.randn(new, n_q, d, device=dev, dtype=dt)
-    k = torch.randn(max_rows, n_kv, prefix + new + 64, d, device=dev, dtype=dt)
-    v = torch.randn_like(k)
-    keys = torch.randn(n_kv, prefix, d, device=dev, dtype=dt)
-    shared = kernels.SharedPrefix(
-        keys, torch.randn_like(keys), torch.full((max_rows,), prefix, device=dev, dtype=torch.int64),
-        torch.tensor([prefix], device=dev, dtype=torch.int64),
-    )
-    pos = torch.arange(prefix, prefix + new, device=dev)
-    rows = torch.zeros(new, device=dev, dtype=torch.int64)
-    block = kernels.extend_block(n_q, n_kv, new)
-    default = (block, kernels.extend_splits(new, n_q, n_kv, block), None)
-    variants: list[tuple[int, int, Launch | None]] = [default]
-    variants += [(block, s, None) for s in (4, 8, 32, 64) if s != default[1]]
-    variants += [(16, s, None) for s in (kernels.extend_splits(new, n_q, n_kv, 16), 32)]
-    variants += [(block, default[1], launch) for launch in SHARED_LAUNCHES]
+class CachedTurn:
+    """One row's `new` tokens after `prefix` keys of the shared copy (`SharedPrefix`): the pass a cached chat turn
+    runs as served, in a runner of `max_rows` rows."""
 
-    def run(variant: tuple[int, int, Launch | None]) -> Callable[[], torch.Tensor]:
-        size = kernels.max_extend_blocks(new, max_rows, variant[0])
-        table = torch.from_numpy(kernels.extend_blocks(np.zeros(1, np.int64), np.full(1, new), variant[0], size))
-        table = table.to(dev)
-        return lambda: kernels.extend_attention(
-            q, k, v, pos, rows, table, d**-0.5, variant[1], variant[0], launch=variant[2], shared=shared
+    def __init__(self, arch: str, prefix: int = 2992, new: int = 32, max_rows: int = 64) -> None:
+        cfg = ARCHS[arch]
+        self.n_q, self.n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        self.d = cfg["hidden_size"] // self.n_q
+        self.layers = cfg["num_hidden_layers"]
+        self.prefix, self.new, self.max_rows = prefix, new, max_rows
+        dev, dt = torch.device("cuda"), torch.bfloat16
+        self.q = torch.randn(new, self.n_q, self.d, device=dev, dtype=dt)
+        self.k = torch.randn(max_rows, self.n_kv, prefix + new + 64, self.d, device=dev, dtype=dt)
+        self.v = torch.randn_like(self.k)
+        self.shared = shared_prefix(self.n_kv, prefix, self.d, max_rows)
+        self.pos = torch.arange(prefix, prefix + new, device=dev)
+        self.rows = torch.zeros(new, device=dev, dtype=torch.int64)
+        self.block = kernels.extend_block(self.n_q, self.n_kv, new)
+        self.splits = kernels.extend_splits(new, self.n_q, self.n_kv, self.block)
+
+    def attention(self, block: int, splits: int, launch: Launch | None = None, padded: bool = True
+                  ) -> tuple[int, Callable[[], torch.Tensor]]:
+        """The pass's attention in blocks of `block` tokens and `splits` key splits, its block table padded as a
+        graph of `new` tokens pads it (or exact): the table's blocks, and a call that runs it."""
+        size = kernels.max_extend_blocks(self.new, self.max_rows, block) if padded else 0
+        table = kernels.extend_blocks(np.zeros(1, np.int64), np.full(1, self.new), block, size)
+        blocks = torch.from_numpy(table).to(self.q.device)
+        return table.shape[1], lambda: kernels.extend_attention(
+            self.q, self.k, self.v, self.pos, self.rows, blocks, self.d**-0.5, splits, block, launch=launch,
+            shared=self.shared,
         )
 
-    _coordinate_sweep(f"cached turn {arch} 1x{new} after {prefix} shared (block, splits, launch)", variants, run,
-                      cfg["num_hidden_layers"])
+
+def cached_turn(arch: str) -> None:
+    """Print the extend attention's µs a layer for a cached turn (`CachedTurn`) at its default blocks and splits:
+    its block table exact, and padded as a graph of its tokens pads it."""
+    turn = CachedTurn(arch)
+    cells, reference = [], None
+    for name, padded in (("exact", False), ("padded", True)):
+        n_blocks, run = turn.attention(turn.block, turn.splits, padded=padded)
+        out = run().float()
+        reference = out if reference is None else reference
+        us = graph_ms(run, turn.layers) / turn.layers * 1000
+        cells.append(f"{name} ({n_blocks} blocks) {us:.1f} µs (diff {(out - reference).abs().max().item():.1e})")
+    print(f"cached turn {arch} 1x{turn.new} after {turn.prefix} shared, splits {turn.splits}: " + ", ".join(cells),
+          flush=True)
+
+
+def cached_turn_sweep(arch: str) -> None:
+    """A cached turn's attention (`CachedTurn`, its block table padded as served): µs a layer at the default block
+    size, key splits and launch, then with one of them changed at a time."""
+    turn = CachedTurn(arch)
+    default = (turn.block, turn.splits, None)
+    variants: list[tuple[int, int, Launch | None]] = [default]
+    variants += [(turn.block, s, None) for s in (4, 8, 32, 64) if s != turn.splits]
+    variants += [(16, s, None) for s in (kernels.extend_splits(turn.new, turn.n_q, turn.n_kv, 16), 32)]
+    variants += [(turn.block, turn.splits, launch) for launch in SHARED_LAUNCHES]
+    _coordinate_sweep(f"cached turn {arch} 1x{turn.new} after {turn.prefix} shared (block, splits, launch)", variants,
+                      lambda variant: turn.attention(*variant)[1], turn.layers)
 
 
 def cascade_sweep(arch: str, prefix: int = 2992, own: int = 64, batch: int = 64) -> None:
@@ -215,11 +216,7 @@ def cascade_sweep(arch: str, prefix: int = 2992, own: int = 64, batch: int = 64)
     q = torch.randn(batch, n_q, d, device=dev, dtype=dt)
     k = torch.randn(batch, n_kv, prefix + own + 64, d, device=dev, dtype=dt)
     v = torch.randn_like(k)
-    keys = torch.randn(n_kv, prefix, d, device=dev, dtype=dt)
-    shared = kernels.SharedPrefix(
-        keys, torch.randn_like(keys), torch.full((batch,), prefix, device=dev, dtype=torch.int64),
-        torch.tensor([prefix], device=dev, dtype=torch.int64),
-    )
+    shared = shared_prefix(n_kv, prefix, d, batch)
     pos = torch.full((batch,), prefix + own - 1, device=dev, dtype=torch.int64)
     layers = cfg["num_hidden_layers"]
     splits = kernels.decode_splits(batch, n_kv)
