@@ -25,9 +25,8 @@ budget (`AsyncEngine.message_rate`), `BENCH_FRONTEND_PROFILE=DIR` the shared-pre
 cProfile of this process's main thread (DIR/frontend-N.txt, its top entries by own time), and `BENCH_STEP_TRACE=FILE`
 the engine loop's phases over the first `BENCH_STEP_TRACE_STEPS` (300) steps of each cached shared-prefix load
 (`phases`: each phase's median host µs in the steps that admit and in the rest, as `step_phases.py` prints them; the
-trace itself kept as FILE.N). Every server row records the
-host's state as its load ended (`host_state`: load average, CPU clock, the GPU's clocks, power, temperature and
-throttle reasons), for runs of the same code that differ.
+trace itself kept as FILE.N). Every server row records the host's state as its load ended (`host_state`: load
+average, CPU clock, the GPU's clocks, power, temperature and throttle reasons), for runs of the same code that differ.
 """
 
 from __future__ import annotations
@@ -504,6 +503,7 @@ def _arm_step_trace() -> Path | None:
         return None
     path = Path(trace).resolve()
     path.unlink(missing_ok=True)
+    _trace_trigger(path).unlink(missing_ok=True)  # (one an earlier run left would start the trace at once)
     os.environ["STRATUS_STEP_TRACE"] = str(path)
     steps = os.environ.get("BENCH_STEP_TRACE_STEPS", "300")
     os.environ["STRATUS_STEP_TRACE_STEPS"] = f"@{_trace_trigger(path)},{steps}"

@@ -570,8 +570,8 @@ def max_extend_blocks(tokens: int, rows: int, block: int) -> int:
     return tokens // block + min(rows, tokens)
 
 
-# The partial values one program of a combine loads at once (its splits x lines x head size): an extend pass's
-# combine gives each program as many lines as keep under it (a power of two: 4 lines of 16 splits of 64).
+# The partial values one program of an extend pass's combine loads at once (splits x lines x head size): each
+# program takes as many lines as keep under it (a power of two: 4 lines of 16 splits of 64).
 COMBINE_TILE = 4096
 
 # Programs an extend pass aims to keep busy (an H100/H200 has 132 multiprocessors), and the most key splits.
