@@ -89,8 +89,9 @@ class PrefixCache:
         self._by_slot: dict[int, _Block] = {}
         # The tokens of the chain the last lookup found, and its blocks: the next prompt that starts with them (a
         # chat app's system prompt, which every request repeats) is matched by one list comparison at C speed
-        # instead of a dict lookup of a block's token tuple per block (~190 for 3,000 tokens: 129 µs on a CPU of
-        # CI's kind, ~5x less this way; tests/unit/workers/serve/test_prefix.py).
+        # instead of a dict lookup of a block's token tuple per block (~190 for 3,000 tokens: a lookup took 129 µs
+        # that way on a CPU of CI's kind, 11 µs this way; docs/benchmarks.md, "Session 20"). test_prefix.py checks
+        # that it finds what a walk from the root finds.
         self._last: tuple[list[int], list[_Block], list[int], list[int]] = ([], [], [], [])  # (+ slots, ids)
 
     def __len__(self) -> int:
