@@ -9,7 +9,9 @@ pass's key splits instead, for a chat turn after a long cached prefix (`SPLIT_SH
 times the pass a cached chat turn runs as served: one row's 32 new tokens after a 2,992-token prefix read from the
 shared copy (cascade), its block table exact and padded to what a 32-token graph holds (`max_extend_blocks`). With
 `--shared-sweep` it sweeps what the shared-prefix workload runs most: that pass's blocks, key splits and launches, and
-a 64-row cascade decode step's prefix kernel (tile lines, prefix chunks, launches), against the defaults.
+a 64-row cascade decode step's prefix kernel (tile lines, prefix chunks, launches), against the defaults. With
+`--cascade` it times a cascade decode step's attention (64 and 16 rows) in one launch, as served, against two (the
+prefix's, then the rows' own keys) and against the one launch with other settings.
 """
 
 from __future__ import annotations
@@ -247,6 +249,30 @@ def cascade_sweep(arch: str, prefix: int = 2992, own: int = 64, batch: int = 64)
                       "launch)", variants, run, layers)
 
 
+def cascade_fused(arch: str, prefix: int = 2992, own: int = 64, batch: int = 64) -> None:
+    """A cascade decode step's attention as served (`batch` rows, `own` keys each after the shared `prefix`): the
+    prefix's programs and the rows' own in one launch (the default), against two launches (`fused=False`), and the
+    one launch with each of SHARED_LAUNCHES; µs a layer, as a graph of the model's layers."""
+    cfg = ARCHS[arch]
+    n_q, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg["hidden_size"] // n_q
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    q = torch.randn(batch, n_q, d, device=dev, dtype=dt)
+    k = torch.randn(batch, n_kv, prefix + own + 64, d, device=dev, dtype=dt)
+    v = torch.randn_like(k)
+    shared = shared_prefix(n_kv, prefix, d, batch)
+    pos = torch.full((batch,), prefix + own - 1, device=dev, dtype=torch.int64)
+    variants: list[tuple[bool, Launch | None]] = [(True, None), (False, None)]
+    variants += [(True, launch) for launch in SHARED_LAUNCHES]
+
+    def run(variant: tuple[bool, Launch | None]) -> Callable[[], torch.Tensor]:
+        fused, launch = variant
+        return lambda: kernels.decode_attention(q, k, v, pos, d**-0.5, shared=shared, fused=fused, launch=launch)
+
+    _coordinate_sweep(f"cascade decode {arch} {batch} rows, {own} own keys after {prefix} shared (fused, launch)",
+                      variants, run, cfg["num_hidden_layers"])
+
+
 # The launches the shared-prefix sweep tries besides each kernel's default (None).
 SHARED_LAUNCHES = [Launch(64, 4, 3), Launch(64, 8, 3), Launch(128, 8, 2), Launch(32, 8, 3)]
 
@@ -282,6 +308,8 @@ def main() -> None:
         "--match", default="", help="only the cases whose name contains one of these (comma-separated: 'decode')"
     )
     parser.add_argument("--cached-turn", action="store_true", help="time a cached chat turn's pass as served instead")
+    parser.add_argument("--cascade", action="store_true", help="time a cascade decode step's attention, one launch "
+                        "against two")
     parser.add_argument(
         "--shared-sweep", default="", help="sweep the shared-prefix workload's attention shapes: 135m,1b"
     )
@@ -290,6 +318,11 @@ def main() -> None:
         for arch in args.shared_sweep.split(","):
             cascade_sweep(arch)
             cached_turn_sweep(arch)
+        return
+    if args.cascade:
+        for arch in ("135m", "1b"):
+            for batch in (64, 16):
+                cascade_fused(arch, batch=batch)
         return
     if args.cached_turn:
         for arch in ("135m", "1b"):

@@ -6,7 +6,9 @@ key and value once. A step of a small model is a few hundred kernels long, so ev
 matters; the bound on keys comes from the row lengths on the device, so one CUDA graph serves
 every cache length. With `rows`, each query names its cache row. Where rows read many keys and
 (row, kv head) programs are few, each row's keys are split over several programs (flash-decoding)
-and a second kernel combines their partial softmaxes, as the packed pass does.
+and a second kernel combines their partial softmaxes, as the packed pass does. A cascade step (rows sharing a
+long prefix) reads the prefix once for all rows and each row's own keys in the same launch
+(`_cascade_attention_kernel`), then combines.
 
 `extend_attention` is the packed pass's (prefill and verification, packed without padding): every token is
 a query at its own position in its own row, whose new keys are written first, which makes it causal within
@@ -74,6 +76,19 @@ def decode_launch(splits: int, programs: int) -> Launch:
     if splits > 1:
         return BASE_LAUNCH
     return FEW_PROGRAMS_DECODE_LAUNCH if programs <= FEW_DECODE_PROGRAMS else SMALL_TILE_LAUNCH  # 16 lines a tile
+
+
+# A cascade step's one launch (`decode_attention`, fused) with the prefix's programs of 128 lines (the 135M's 32 rows
+# of 4 grouped heads): on an H200, 64 rows after 2,992 shared keys, 13.5-13.6 µs a layer against 18.2 with the 128-line
+# extend tile's four warps, which the rows' own programs, sharing the launch, also take (two launches: 13.9-14.0).
+# Tiles of 64 lines keep the extend launch (the ~1B at 64 rows, the 135M at 16: 28.8 and 7.3 µs, against 32.0 and
+# 11.1 in two launches; eight warps there: 42.0 and 10.9). docs/benchmarks.md, "Session 22".
+CASCADE_WIDE_LAUNCH = Launch(block_n=64, warps=8, stages=3)
+
+
+def cascade_launch(lines: int) -> Launch:
+    """A fused cascade step's launch for prefix tiles of `lines` (query, head) lines."""
+    return CASCADE_WIDE_LAUNCH if lines > 64 else extend_launch(lines)
 
 
 def extend_launch(lines: int) -> Launch:
@@ -187,26 +202,23 @@ if triton is not None:
         return acc, m_i, l_i
 
     @triton.jit  # type: ignore[misc,untyped-decorator]
-    def _decode_attention_kernel(  # type: ignore[no-untyped-def]
+    def _own_keys_program(  # type: ignore[no-untyped-def]
         q_ptr, k_ptr, v_ptr, out_ptr, pos_ptr, rows_ptr, part_ptr, shared_ptr,
         stride_qb, stride_qh,
         stride_kr, stride_kh, stride_kl,
         stride_vr, stride_vh, stride_vl,
         stride_ob, stride_oh,
-        scale,
+        scale, b, kv_head, split, batch, n_heads,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_ROWS: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, CHUNKS: tl.constexpr,
     ):
-        # One program per (query, kv head, split): the GROUP query heads that share this kv head, against the
-        # split's share of the row's keys (all of them with one split). Query b reads cache row b, or rows[b] when
-        # the queries name their rows. With SPLITS > 1 the partial softmaxes go to `part` for
-        # _decode_combine_kernel: a batch of a few rows of long context is otherwise too few programs to keep
-        # the GPU's memory busy. With CHUNKS (a cascade step, one split) the row's first shared[row] keys are the
-        # shared prefix's, which _prefix_attention_kernel reads for every row at once in CHUNKS chunks: this program
-        # reads the rest and leaves its partial after theirs, [CHUNKS + 1, queries, heads, HEAD_DIM + 2].
-        b = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        split = tl.program_id(2)
+        # The (query b, kv head, split) program: the GROUP query heads that share this kv head, against the split's
+        # share of the row's keys (all of them with one split). Query b reads cache row b, or rows[b] when the
+        # queries name their rows. With SPLITS > 1 the partial softmaxes go to `part` for _decode_combine_kernel: a
+        # batch of a few rows of long context is otherwise too few programs to keep the GPU's memory busy. With
+        # CHUNKS (a cascade step, one split) the row's first shared[row] keys are the shared prefix's, which
+        # `_prefix_program` reads for every row at once in CHUNKS chunks: this program reads the rest and leaves its
+        # partial after theirs, [CHUNKS + 1, queries, heads, HEAD_DIM + 2].
         if HAS_ROWS:
             row = tl.load(rows_ptr + b)
         else:
@@ -232,26 +244,43 @@ if triton is not None:
                 mask=live[:, None],
             )
         else:  # part: [parts, queries, heads, HEAD_DIM + 2]; a split past the row's keys saw none
-            n_heads = tl.num_programs(1) * GROUP
-            base = part_ptr + ((CHUNKS + split) * tl.num_programs(0) + b) * n_heads * (HEAD_DIM + 2)
+            base = part_ptr + ((CHUNKS + split) * batch + b) * n_heads * (HEAD_DIM + 2)
             _store_split(base, heads, acc, m_i, l_i, HEAD_DIM, live)
 
     @triton.jit  # type: ignore[misc,untyped-decorator]
-    def _prefix_attention_kernel(  # type: ignore[no-untyped-def]
+    def _decode_attention_kernel(  # type: ignore[no-untyped-def]
+        q_ptr, k_ptr, v_ptr, out_ptr, pos_ptr, rows_ptr, part_ptr, shared_ptr,
+        stride_qb, stride_qh,
+        stride_kr, stride_kh, stride_kl,
+        stride_vr, stride_vh, stride_vl,
+        stride_ob, stride_oh,
+        scale,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_ROWS: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, CHUNKS: tl.constexpr,
+    ):
+        # One program per (query, kv head, split): `_own_keys_program`.
+        _own_keys_program(
+            q_ptr, k_ptr, v_ptr, out_ptr, pos_ptr, rows_ptr, part_ptr, shared_ptr,
+            stride_qb, stride_qh, stride_kr, stride_kh, stride_kl, stride_vr, stride_vh, stride_vl,
+            stride_ob, stride_oh, scale, tl.program_id(0), tl.program_id(1), tl.program_id(2),
+            tl.num_programs(0), tl.num_programs(1) * GROUP,
+            GROUP, GROUP_PAD, HEAD_DIM, BLOCK_N, HAS_ROWS, SPLITS, PRECISION, CHUNKS,
+        )  # fmt: skip
+
+    @triton.jit  # type: ignore[misc,untyped-decorator]
+    def _prefix_program(  # type: ignore[no-untyped-def]
         q_ptr, k_ptr, v_ptr, shared_ptr, count_ptr, part_ptr, rows_ptr,
         stride_qb, stride_qh, stride_kh, stride_kl, stride_vh, stride_vl,
-        batch, scale,
+        batch, scale, kv_head, chunk, tile, n_heads,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr,
     ):
-        # One program per (kv head, chunk of the shared prefix, tile of ROWS queries): the tile's (query, head)
-        # lines against the chunk's keys, read once for all of them (the point of a cascade: 64 rows holding one
+        # The (kv head, chunk of the shared prefix, tile of ROWS queries) program: the tile's (query, head) lines
+        # against the chunk's keys, read once for all of them (the point of a cascade: 64 rows holding one
         # 3,000-token system prompt read it once a step, not 64 times). Query b sees the prefix's first
         # shared[row] keys of its row (none: its partial weighs nothing).
-        kv_head = tl.program_id(0)
-        chunk = tl.program_id(1)
         line = tl.arange(0, ROWS * GROUP_PAD)
-        b = tl.program_id(2) * ROWS + line // GROUP_PAD
+        b = tile * ROWS + line // GROUP_PAD
         g = line % GROUP_PAD
         live = (b < batch) & (g < GROUP)
         b = tl.minimum(b, batch - 1)
@@ -268,9 +297,59 @@ if triton is not None:
             q, k_ptr + kv_head * stride_kh, v_ptr + kv_head * stride_vh, stride_kl, stride_vl, 0, n_keys, seen - 1,
             chunk, scale, ROWS * GROUP_PAD, HEAD_DIM, BLOCK_N, CHUNKS, PRECISION,
         )
-        n_heads = tl.num_programs(0) * GROUP
         _store_split(part_ptr + chunk * batch * n_heads * (HEAD_DIM + 2), b * n_heads + heads, acc, m_i, l_i,
                      HEAD_DIM, live)
+
+    @triton.jit  # type: ignore[misc,untyped-decorator]
+    def _prefix_attention_kernel(  # type: ignore[no-untyped-def]
+        q_ptr, k_ptr, v_ptr, shared_ptr, count_ptr, part_ptr, rows_ptr,
+        stride_qb, stride_qh, stride_kh, stride_kl, stride_vh, stride_vl,
+        batch, scale,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr,
+    ):
+        # One program per (kv head, chunk, tile): `_prefix_program` (a cascade step's prefix apart from its rows' own
+        # keys: `decode_attention(..., fused=False)`).
+        _prefix_program(
+            q_ptr, k_ptr, v_ptr, shared_ptr, count_ptr, part_ptr, rows_ptr,
+            stride_qb, stride_qh, stride_kh, stride_kl, stride_vh, stride_vl,
+            batch, scale, tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0) * GROUP,
+            GROUP, GROUP_PAD, ROWS, HEAD_DIM, BLOCK_N, CHUNKS, PRECISION, HAS_ROWS,
+        )  # fmt: skip
+
+    @triton.jit  # type: ignore[misc,untyped-decorator]
+    def _cascade_attention_kernel(  # type: ignore[no-untyped-def]
+        q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, part_ptr, shared_ptr, prefix_k_ptr, prefix_v_ptr, count_ptr,
+        stride_qb, stride_qh,
+        stride_kr, stride_kh, stride_kl,
+        stride_vr, stride_vh, stride_vl,
+        stride_pkh, stride_pkl, stride_pvh, stride_pvl,
+        batch, scale,
+        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, OWN_PAD: tl.constexpr,
+        ROWS: tl.constexpr, TILES: tl.constexpr, CHUNKS: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, HAS_ROWS: tl.constexpr,
+    ):
+        # A cascade step's two reads in one launch: the first KV_HEADS * CHUNKS * TILES programs are the prefix's
+        # (`_prefix_program`), the next batch * KV_HEADS each query's own keys past it (`_own_keys_program`). Apart,
+        # the second kernel was one more launch a layer in a step made of launches; here its programs run beside
+        # the prefix's, which go first (they are the longer ones).
+        pid = tl.program_id(0)
+        n_heads = KV_HEADS * GROUP
+        if pid < KV_HEADS * CHUNKS * TILES:
+            _prefix_program(
+                q_ptr, prefix_k_ptr, prefix_v_ptr, shared_ptr, count_ptr, part_ptr, rows_ptr,
+                stride_qb, stride_qh, stride_pkh, stride_pkl, stride_pvh, stride_pvl,
+                batch, scale, pid // (CHUNKS * TILES), (pid // TILES) % CHUNKS, pid % TILES, n_heads,
+                GROUP, GROUP_PAD, ROWS, HEAD_DIM, BLOCK_N, CHUNKS, PRECISION, HAS_ROWS,
+            )  # fmt: skip
+        else:
+            own = pid - KV_HEADS * CHUNKS * TILES
+            _own_keys_program(
+                q_ptr, k_ptr, v_ptr, part_ptr, pos_ptr, rows_ptr, part_ptr, shared_ptr,
+                stride_qb, stride_qh, stride_kr, stride_kh, stride_kl, stride_vr, stride_vh, stride_vl,
+                0, 0, scale, own // KV_HEADS, own % KV_HEADS, 0, batch, n_heads,
+                GROUP, OWN_PAD, HEAD_DIM, BLOCK_N, HAS_ROWS, 1, PRECISION, CHUNKS,
+            )  # fmt: skip
 
     @triton.jit  # type: ignore[misc,untyped-decorator]
     def _decode_combine_kernel(  # type: ignore[no-untyped-def]
@@ -418,12 +497,14 @@ def decode_attention(
     splits: int = 1,
     launch: Launch | None = None,
     shared: SharedPrefix | None = None,
+    fused: bool = True,
 ) -> torch.Tensor:
     """q [B, Hq, D] (rows 0..B-1, or rows[b] for query b); caches [R, Hkv, L, D]; pos [B]: query b attends to
     keys 0..pos[b] of its row; `splits`: programs per (query, kv head), each taking its share of the keys
     (`decode_splits`; a power of two), and a second kernel combining them; `launch`: the kernel's tuning
     (default `decode_launch`). With `shared` (one split), a row's first `shared.lengths[row]` keys are read from
-    the shared prefix instead of the row, once for all the queries (`SharedPrefix`).
+    the shared prefix instead of the row, once for all the queries (`SharedPrefix`), in the same launch as the rows'
+    own keys (`fused`; False: the prefix's kernel, then the rows', as before: A/B timing).
 
     Returns [B, Hq * D]. Needs CUDA tensors, a power-of-two head size of at least 16, and Hq a
     multiple of Hkv (grouped-query heads are consecutive, as in Hugging Face's repeat_kv).
@@ -445,27 +526,43 @@ def decode_attention(
         parts, lengths = chunks + 1, shared.lengths
     if parts > 1:
         part = torch.empty(parts * batch * n_q * (head_dim + 2), dtype=torch.float32, device=q.device)
-    if shared is not None:
+    if shared is not None and fused:
         launch_kernel(
-            _prefix_attention_kernel, (n_kv, chunks, tiles), launch, extend_launch(tile_rows * _group_pad(group)),
-            q, shared.keys, shared.values, shared.lengths, shared.count, part, pos if rows is None else rows,
+            _cascade_attention_kernel, (n_kv * chunks * tiles + batch * n_kv,), launch,
+            cascade_launch(tile_rows * _group_pad(group)),
+            q, k_cache, v_cache, pos, pos if rows is None else rows, part, shared.lengths, shared.keys,
+            shared.values, shared.count,
             q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             shared.keys.stride(0), shared.keys.stride(1), shared.values.stride(0), shared.values.stride(1),
             batch, scale,
-            GROUP=group, GROUP_PAD=_group_pad(group), ROWS=tile_rows, HEAD_DIM=head_dim, CHUNKS=chunks,
-            PRECISION=_precision(q), HAS_ROWS=rows is not None,
+            KV_HEADS=n_kv, GROUP=group, GROUP_PAD=_group_pad(group), OWN_PAD=group_pad, ROWS=tile_rows, TILES=tiles,
+            CHUNKS=chunks, HEAD_DIM=head_dim, PRECISION=_precision(q), HAS_ROWS=rows is not None,
         )  # fmt: skip
-    launch_kernel(
-        _decode_attention_kernel, (batch, n_kv, splits), launch, decode_launch(splits, batch * n_kv),
-        q, k_cache, v_cache, out, pos, pos if rows is None else rows, part, lengths,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1),
-        scale,
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HAS_ROWS=rows is not None, SPLITS=splits,
-        PRECISION=_precision(q), CHUNKS=chunks,
-    )  # fmt: skip
+    else:
+        if shared is not None:
+            launch_kernel(
+                _prefix_attention_kernel, (n_kv, chunks, tiles), launch,
+                extend_launch(tile_rows * _group_pad(group)),
+                q, shared.keys, shared.values, shared.lengths, shared.count, part, pos if rows is None else rows,
+                q.stride(0), q.stride(1),
+                shared.keys.stride(0), shared.keys.stride(1), shared.values.stride(0), shared.values.stride(1),
+                batch, scale,
+                GROUP=group, GROUP_PAD=_group_pad(group), ROWS=tile_rows, HEAD_DIM=head_dim, CHUNKS=chunks,
+                PRECISION=_precision(q), HAS_ROWS=rows is not None,
+            )  # fmt: skip
+        launch_kernel(
+            _decode_attention_kernel, (batch, n_kv, splits), launch, decode_launch(splits, batch * n_kv),
+            q, k_cache, v_cache, out, pos, pos if rows is None else rows, part, lengths,
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            out.stride(0), out.stride(1),
+            scale,
+            GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HAS_ROWS=rows is not None, SPLITS=splits,
+            PRECISION=_precision(q), CHUNKS=chunks,
+        )  # fmt: skip
     if parts > 1:
         _decode_combine_kernel[(batch, n_kv)](
             out, part, out.stride(0), out.stride(1),

@@ -170,22 +170,24 @@ def test_decode_attention_splits_a_rows_keys_without_changing_the_answer(
     torch.testing.assert_close(got, reference(q, k, v, rows, pos), atol=1e-5, rtol=1e-5)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     heads=st.sampled_from([(4, 4), (9, 3), (8, 1), (32, 32)]),
     rows=st.lists(st.tuples(st.integers(0, 120), st.integers(0, 60)), min_size=1, max_size=5),
     prefix=st.integers(1, 120),
     named=st.booleans(),
     launch=st.sampled_from([None, *LAUNCHES]),
+    fused=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_a_cascade_step_is_each_rows_own_attention(
     interp: ModuleType, heads: tuple[int, int], rows: list[tuple[int, int]], prefix: int, named: bool,
-    launch: kernels.Launch | None, seed: int,
+    launch: kernels.Launch | None, fused: bool, seed: int,
 ) -> None:
     # Rows sharing any part of a prefix (all of it, some, none) and holding any number of keys of their own past
-    # it: reading the shared part from the prefix, once for all rows, gives each row's own attention. The rows
-    # do not hold the shared keys (NaN there): any read of them would show.
+    # it: reading the shared part from the prefix, once for all rows, gives each row's own attention, whether the
+    # prefix's programs and the rows' own run in one launch or two. The rows do not hold the shared keys (NaN
+    # there): any read of them would show.
     n_q, n_kv = heads
     gen = torch.Generator().manual_seed(seed)
     keys, values = torch.randn(n_kv, prefix, 16, generator=gen), torch.randn(n_kv, prefix, 16, generator=gen)
@@ -202,7 +204,7 @@ def test_a_cascade_step_is_each_rows_own_attention(
     qd = q[order] if named else q
     got = interp.decode_attention(
         qd.to(DEVICE), hollow_k.to(DEVICE), hollow_v.to(DEVICE), torch.tensor([pos[r] for r in order], device=DEVICE),
-        SCALE, rows=torch.tensor(order, device=DEVICE) if named else None, launch=launch,
+        SCALE, rows=torch.tensor(order, device=DEVICE) if named else None, launch=launch, fused=fused,
         shared=kernels.SharedPrefix(
             keys.to(DEVICE), values.to(DEVICE), torch.tensor(shared, device=DEVICE),
             torch.tensor([prefix], device=DEVICE),
@@ -230,6 +232,8 @@ def test_launch_settings_follow_the_tile() -> None:
     assert kernels.decode_launch(1, 32).block_n == kernels.decode_launch(1, 8 * 3).block_n == 128
     assert kernels.extend_launch(16).warps == kernels.extend_launch(32).warps == 2
     assert kernels.extend_launch(64).warps == kernels.extend_launch(128).warps == 4
+    # A fused cascade step's 128-line prefix tiles take eight warps (the rows' own programs share the launch).
+    assert kernels.cascade_launch(128).warps == 8 and kernels.cascade_launch(64) == kernels.extend_launch(64)
 
 
 class _SmallGPU:
