@@ -207,70 +207,73 @@ def cached_turn_sweep(arch: str) -> None:
                       lambda variant: turn.attention(*variant)[1], turn.layers)
 
 
+class CascadeStep:
+    """A cascade decode step's attention inputs: `batch` rows of the `arch` model's shapes, each `own` keys of its
+    own after the shared `prefix` (random bfloat16)."""
+
+    def __init__(self, arch: str, prefix: int, own: int, batch: int) -> None:
+        cfg = ARCHS[arch]
+        self.n_q, self.n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        self.layers = cfg["num_hidden_layers"]
+        d = self.d = cfg["hidden_size"] // self.n_q
+        dev, dt = torch.device("cuda"), torch.bfloat16
+        self.q = torch.randn(batch, self.n_q, d, device=dev, dtype=dt)
+        self.k = torch.randn(batch, self.n_kv, prefix + own + 64, d, device=dev, dtype=dt)
+        self.v = torch.randn_like(self.k)
+        self.shared = shared_prefix(self.n_kv, prefix, d, batch)
+        self.pos = torch.full((batch,), prefix + own - 1, device=dev, dtype=torch.int64)
+        self.name = f"cascade decode {arch} {batch} rows, {own} own keys after {prefix} shared"
+
+    def attention(self, **options: Any) -> torch.Tensor:
+        return kernels.decode_attention(self.q, self.k, self.v, self.pos, self.d**-0.5, shared=self.shared, **options)
+
+
 def cascade_sweep(arch: str, prefix: int = 2992, own: int = 64, batch: int = 64) -> None:
     """A cascade decode step's attention (`batch` rows, each `own` keys of its own after the shared `prefix`): µs a
-    layer at the default prefix tile (lines), chunk count and prefix-kernel launch, then with one changed at a time;
-    and the same rows reading all their keys from their own rows (no cascade), for scale."""
-    cfg = ARCHS[arch]
-    n_q, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d = cfg["hidden_size"] // n_q
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    q = torch.randn(batch, n_q, d, device=dev, dtype=dt)
-    k = torch.randn(batch, n_kv, prefix + own + 64, d, device=dev, dtype=dt)
-    v = torch.randn_like(k)
-    shared = shared_prefix(n_kv, prefix, d, batch)
-    pos = torch.full((batch,), prefix + own - 1, device=dev, dtype=torch.int64)
-    layers = cfg["num_hidden_layers"]
-    splits = kernels.decode_splits(batch, n_kv)
-    plain = graph_ms(lambda: kernels.decode_attention(q, k, v, pos, d**-0.5, splits=splits), layers) / layers * 1000
-    print(f"decode {arch} {batch} rows at {prefix + own}, no cascade (splits {splits}): {plain:.1f} µs a layer",
-          flush=True)
+    layer at the default prefix tile (lines), chunk count and launch, then with one changed at a time; and the same
+    rows reading all their keys from their own rows (no cascade), for scale."""
+    step = CascadeStep(arch, prefix, own, batch)
+    q, k, v, pos, layers = step.q, step.k, step.v, step.pos, step.layers
+    splits = kernels.decode_splits(batch, step.n_kv)
+    plain = graph_ms(lambda: kernels.decode_attention(q, k, v, pos, step.d**-0.5, splits=splits), layers)
+    print(f"decode {arch} {batch} rows at {prefix + own}, no cascade (splits {splits}): {plain / layers * 1000:.1f} µs "
+          "a layer", flush=True)
     saved = (kernels.CASCADE_LINES, kernels.MAX_CASCADE_CHUNKS, kernels.CASCADE_PROGRAMS, kernels.extend_launch)
-    default = (saved[0], kernels.cascade_shape(batch, n_q, n_kv)[2], None)
+    default = (saved[0], kernels.cascade_shape(batch, step.n_q, step.n_kv)[2], None)
     variants: list[tuple[int, int, Launch | None]] = [default]
     variants += [(default[0], c, None) for c in (4, 8, 32, 64) if c != default[1]]
     variants += [(lines, default[1], None) for lines in (32, 64) if lines != default[0]]
     variants += [(default[0], default[1], launch) for launch in SHARED_LAUNCHES]
 
     def run(variant: tuple[int, int, Launch | None]) -> Callable[[], torch.Tensor]:
-        def step() -> torch.Tensor:
+        def attend() -> torch.Tensor:
             lines, chunks, launch = variant
             kernels.CASCADE_LINES, kernels.MAX_CASCADE_CHUNKS, kernels.CASCADE_PROGRAMS = lines, chunks, 1 << 20
             setattr(kernels, "extend_launch", saved[3] if launch is None else (lambda _lines: launch))  # noqa: B010
             try:
-                return kernels.decode_attention(q, k, v, pos, d**-0.5, shared=shared)
+                return step.attention()
             finally:
                 kernels.CASCADE_LINES, kernels.MAX_CASCADE_CHUNKS, kernels.CASCADE_PROGRAMS = saved[:3]
                 setattr(kernels, "extend_launch", saved[3])  # noqa: B010
 
-        return step
+        return attend
 
-    _coordinate_sweep(f"cascade decode {arch} {batch} rows, {own} own keys after {prefix} shared (lines, chunks, "
-                      "launch)", variants, run, layers)
+    _coordinate_sweep(f"{step.name} (lines, chunks, launch)", variants, run, layers)
 
 
 def cascade_fused(arch: str, prefix: int = 2992, own: int = 64, batch: int = 64) -> None:
     """A cascade decode step's attention as served (`batch` rows, `own` keys each after the shared `prefix`): the
     prefix's programs and the rows' own in one launch (the default), against two launches (`fused=False`), and the
     one launch with each of SHARED_LAUNCHES; µs a layer, as a graph of the model's layers."""
-    cfg = ARCHS[arch]
-    n_q, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d = cfg["hidden_size"] // n_q
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    q = torch.randn(batch, n_q, d, device=dev, dtype=dt)
-    k = torch.randn(batch, n_kv, prefix + own + 64, d, device=dev, dtype=dt)
-    v = torch.randn_like(k)
-    shared = shared_prefix(n_kv, prefix, d, batch)
-    pos = torch.full((batch,), prefix + own - 1, device=dev, dtype=torch.int64)
+    step = CascadeStep(arch, prefix, own, batch)
     variants: list[tuple[bool, Launch | None]] = [(True, None), (False, None)]
     variants += [(True, launch) for launch in SHARED_LAUNCHES]
 
     def run(variant: tuple[bool, Launch | None]) -> Callable[[], torch.Tensor]:
         fused, launch = variant
-        return lambda: kernels.decode_attention(q, k, v, pos, d**-0.5, shared=shared, fused=fused, launch=launch)
+        return lambda: step.attention(fused=fused, launch=launch)
 
-    _coordinate_sweep(f"cascade decode {arch} {batch} rows, {own} own keys after {prefix} shared (fused, launch)",
-                      variants, run, cfg["num_hidden_layers"])
+    _coordinate_sweep(f"{step.name} (fused, launch)", variants, run, step.layers)
 
 
 # The launches the shared-prefix sweep tries besides each kernel's default (None).

@@ -78,19 +78,6 @@ def decode_launch(splits: int, programs: int) -> Launch:
     return FEW_PROGRAMS_DECODE_LAUNCH if programs <= FEW_DECODE_PROGRAMS else SMALL_TILE_LAUNCH  # 16 lines a tile
 
 
-# A cascade step's one launch (`decode_attention`, fused) with the prefix's programs of 128 lines (the 135M's 32 rows
-# of 4 grouped heads): on an H200, 64 rows after 2,992 shared keys, 13.5-13.6 µs a layer against 18.2 with the 128-line
-# extend tile's four warps, which the rows' own programs, sharing the launch, also take (two launches: 13.9-14.0).
-# Tiles of 64 lines keep the extend launch (the ~1B at 64 rows, the 135M at 16: 28.8 and 7.3 µs, against 32.0 and
-# 11.1 in two launches; eight warps there: 42.0 and 10.9). docs/benchmarks.md, "Session 22".
-CASCADE_WIDE_LAUNCH = Launch(block_n=64, warps=8, stages=3)
-
-
-def cascade_launch(lines: int) -> Launch:
-    """A fused cascade step's launch for prefix tiles of `lines` (query, head) lines."""
-    return CASCADE_WIDE_LAUNCH if lines > 64 else extend_launch(lines)
-
-
 def extend_launch(lines: int) -> Launch:
     """`extend_attention`'s launch for a tile of `lines` (token, head) lines."""
     return SMALL_TILE_LAUNCH if lines <= SMALL_TILE_LINES else WIDE_TILE_LAUNCH
@@ -529,7 +516,7 @@ def decode_attention(
     if shared is not None and fused:
         launch_kernel(
             _cascade_attention_kernel, (n_kv * chunks * tiles + batch * n_kv,), launch,
-            cascade_launch(tile_rows * _group_pad(group)),
+            extend_launch(tile_rows * _group_pad(group)),
             q, k_cache, v_cache, pos, pos if rows is None else rows, part, shared.lengths, shared.keys,
             shared.values, shared.count,
             q.stride(0), q.stride(1),
@@ -592,7 +579,11 @@ def _precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-CASCADE_LINES = 128  # (query, head) lines a prefix program takes: the most a tile of the wide extend blocks has
+# (query, head) lines a prefix program takes. 64: in one launch with the rows' own programs (`decode_attention`), the
+# 135M's 64 rows after 2,992 shared keys took 9.7 µs a layer in tiles of 64 lines against 13.4 in tiles of 128 and
+# 14.2 in tiles of 32 (H200, `gpu_attention_sweep.py --shared-sweep`; docs/benchmarks.md, "Session 22"); the ~1B's
+# tiles were 64 lines already.
+CASCADE_LINES = 64
 CASCADE_PROGRAMS = 256
 MAX_CASCADE_CHUNKS = 16
 
