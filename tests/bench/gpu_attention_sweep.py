@@ -9,7 +9,7 @@ pass's key splits instead, for a chat turn after a long cached prefix (`SPLIT_SH
 times the pass a cached chat turn runs as served: one row's 32 new tokens after a 2,992-token prefix read from the
 shared copy (cascade), its block table exact and padded to what a 32-token graph holds (`max_extend_blocks`). With
 `--shared-sweep` it sweeps what the shared-prefix workload runs most: that pass's blocks, key splits and launches, and
-a 64-row cascade decode step's prefix kernel (tile lines, prefix chunks, launches), against the defaults. With
+a 64-row cascade decode step's attention (prefix tile lines, prefix chunks, launches), against the defaults. With
 `--cascade` it times a cascade decode step's attention (64 and 16 rows) in one launch, as served, against two (the
 prefix's, then the rows' own keys) and against the one launch with other settings.
 """

@@ -589,7 +589,7 @@ MAX_CASCADE_CHUNKS = 16
 
 
 def cascade_shape(batch: int, n_q: int, n_kv: int) -> tuple[int, int, int]:
-    """(queries a tile, tiles, chunks) of a cascade step's prefix kernel: tiles of at most CASCADE_LINES lines (at
+    """(queries a tile, tiles, chunks) of a cascade step's prefix programs: tiles of at most CASCADE_LINES lines (at
     least 16, the least a matrix product takes), and the prefix cut into chunks until (kv head, chunk, tile)
     programs are about CASCADE_PROGRAMS. A function of the sizes alone (a captured graph keeps its launch)."""
     group_pad = _group_pad(n_q // n_kv)
