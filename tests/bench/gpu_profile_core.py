@@ -7,7 +7,10 @@ host ms per step, prefill steps apart from plain ones, with the prefix cache off
 steps with the cache on, cProfile's heaviest Python calls and torch.profiler's heaviest CPU ops and GPU kernels.
 With `--phases N` it first traces N steps' phases (serve/loop.py's StepTrace: host times and, on CUDA, when the
 device reached each phase) and prints, for steps that admit and steps that do not, each phase's host µs and when
-the device finished the prefill against when the host had its first tokens.
+the device finished the prefill against when the host had its first tokens. With `--parts N` it times, over N steps,
+the host calls inside the steps that admit requests (a packed pass's plan: its numpy, the pinned copy, the graph's
+inputs, the cache's growth and lengths; the load, the head) by wrapping them with perf_counter, to find where an
+admitting step's host time goes between StepTrace's phases.
 Random-init weights (bfloat16 on CUDA, float32 on the CPU, where it runs the tiny config for a smoke test).
 """
 
@@ -24,6 +27,7 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
 import step_phases
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -130,6 +134,68 @@ def trace_phases(load: Workload, steps: int, keep: str = "") -> None:
         print(f"  {line}")
 
 
+class Parts:
+    """Host µs of wrapped calls, counted only while `on` (the steps that admit requests)."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.times: dict[str, list[float]] = {}
+        self.open: dict[str, float] = {}
+
+    def wrap(self, owner: Any, name: str, label: str) -> None:
+        fn = getattr(owner, name)
+        self.times.setdefault(label, [])
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if not self.on:
+                return fn(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.open[label] = self.open.get(label, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+    def end_step(self) -> None:
+        """Close a step: each label's time in it (0 where it was not called) becomes one sample."""
+        for label, totals in self.times.items():
+            totals.append(self.open.get(label, 0.0) * 1e6)
+        self.open = {}
+
+
+def time_parts(load: Workload, steps: int) -> None:
+    """Print, for the admitting steps among `steps`, each wrapped call's host µs per step (p50, mean)."""
+    from stratus_workers.serve import kernels
+    from stratus_workers.serve.runner import fused
+
+    core, runner = load.core, load.core.runner
+    parts = Parts()
+    for owner, name, label in (
+        (core, "step", "core.step"), (core, "_admit", "core._admit"), (core, "_load", "core._load"),
+        (core, "_prefill", "core._prefill"), (runner, "_packed_plan", "runner._packed_plan"),
+        (runner, "_packed_graph", "runner._packed_graph (inputs copy)"), (runner, "_splits", "runner._splits"),
+        (runner, "head", "runner.head"), (runner.cache, "grow", "cache.grow"),
+        (runner.cache, "set_row_lengths", "cache.set_row_lengths"), (fused, "to_device", "fused.to_device"),
+        (kernels, "extend_blocks", "kernels.extend_blocks"), (kernels, "extend_block", "kernels.extend_block"),
+        (np, "concatenate", "np.concatenate"), (np, "fromiter", "np.fromiter"),
+        (torch.cuda.CUDAGraph, "replay", "CUDAGraph.replay"),
+    ):
+        if hasattr(owner, name):  # (the CPU's runner has no packed pass)
+            parts.wrap(owner, name, label)
+    admitting = 0
+    for _ in range(steps):
+        parts.on = bool(core.waiting)
+        load.step()
+        if parts.on:
+            parts.end_step()
+            admitting += 1
+    print(f"  host µs per admitting step ({admitting} of {steps} steps; a call inside another counts in both):")
+    for label, values in sorted(parts.times.items(), key=lambda kv: -statistics.fmean(kv[1] or [0.0])):
+        if values and any(values):
+            print(f"    {label:40s} p50 {statistics.median(values):8.1f}  mean {statistics.fmean(values):8.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("arch", nargs="?", default="135m", choices=sorted(ARCHS))
@@ -144,6 +210,7 @@ def main() -> None:
     parser.add_argument("--stagger", action="store_true", help="requests join one per step at first (not at once)")
     parser.add_argument("--phases", type=int, default=0, help="trace this many steps' phases first (cache on)")
     parser.add_argument("--phases-file", default="", help="keep the phases' trace here (not a .json name)")
+    parser.add_argument("--parts", type=int, default=0, help="time the admitting steps' host calls over N steps")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -171,6 +238,9 @@ def main() -> None:
             continue
         if args.phases:
             trace_phases(load, args.phases, args.phases_file)
+        if args.parts:
+            time_parts(load, args.parts)
+            return
         profiler = cProfile.Profile()
         profiler.enable()
         window = [load.step() for _ in range(args.window)]
