@@ -8,7 +8,10 @@ The messages are the ones `AsyncEngine.verify` sends, an 8-token draft, greedy (
 draft token's distribution over 32 ids), and the delta message as it was, its Sampling and distributions pickled as
 dataclasses. Prints µs per call and the message's size; then the step message that answers a round's Verify calls, its
 verdicts as `VerifyResult` dataclasses (as the thread transport keeps them) and as the plain tuples the engine process
-sends, each side's µs. No model, no process: the channel's share alone (`make bench-channel`).
+sends, each side's µs. Last, requests' prompts (a `--system`-token system prompt and a 24-token turn each): whole
+("add") against a delta on the last prompt under its anchor ("add_delta"), each side's µs per request: the frontend's
+copy, anchor, comparison and pickling, the engine's unpickling and rebuilding. No model, no process: the channel's
+share alone (`make bench-channel`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from stratus_workers.protocol.requests import Sampling
-from stratus_workers.serve.contexts import ContextMirror, ContextSender, pack_call, unpack_call
+from stratus_workers.serve.contexts import (
+    PROMPT_ANCHORS,
+    ContextMirror,
+    ContextSender,
+    pack_call,
+    prompt_anchor,
+    unpack_call,
+)
 from stratus_workers.serve.core import StepOutput
 from stratus_workers.serve.surface import SparseDist, VerifyResult
 
@@ -82,6 +92,36 @@ def run(
     return front / calls * 1e6, engine / calls * 1e6, size / calls
 
 
+def prompts(system: int, requests: int, delta: bool, turn: int = 24) -> tuple[float, float, float]:
+    """(frontend µs per request, engine µs per request, bytes per message) of `requests` requests that share a
+    `system`-token system prompt, each with its own `turn`-token turn, sent whole or as deltas by anchor."""
+    rng = random.Random(1)
+    shared = [rng.randrange(49_152) for _ in range(system)]
+    asked = [shared + [rng.randrange(49_152) for _ in range(turn)] for _ in range(requests)]
+    sampling = Sampling(max_new_tokens=128)
+    sender, mirror = ContextSender(PROMPT_ANCHORS), ContextMirror()
+    front = engine = 0.0
+    size = 0
+    for seq_id, prompt in enumerate(asked):
+        started = time.perf_counter()
+        ids = list(prompt)
+        anchor = prompt_anchor(ids) if delta else None
+        if anchor is None:
+            data = pickle.dumps(("add", seq_id, ids, sampling, None), PROTOCOL)
+        else:
+            keep, tail, _ = sender.encode(anchor, ids, False)
+            data = pickle.dumps(("add_delta", seq_id, anchor, keep, tail, sampling, None), PROTOCOL)
+        sent = time.perf_counter()
+        got: Any = pickle.loads(data)
+        rebuilt = got[2] if got[0] == "add" else mirror.rebuild(got[2], got[3], got[4], False)
+        done = time.perf_counter()
+        assert rebuilt == prompt
+        front += sent - started
+        engine += done - sent
+        size += len(data)
+    return front / requests * 1e6, engine / requests * 1e6, size / requests
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=64)
@@ -89,6 +129,7 @@ def main() -> None:
     parser.add_argument("--grow", type=int, default=6, help="new tokens a round (accepted draft and the next token)")
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--repeat", type=int, default=5, help="runs of each; the fastest is reported")
+    parser.add_argument("--system", type=int, default=3000, help="the prompts' shared system prompt, in tokens")
     args = parser.parse_args()
     print(
         f"{platform.processor() or platform.machine()}; Python {platform.python_version()}; "
@@ -121,6 +162,14 @@ def main() -> None:
         best = min((step_message(args.sessions, plain) for _ in range(args.repeat)), key=lambda r: r[0] + r[1])
         name = "plain tuples" if plain else "dataclasses"
         print(f"| {name} | {best[0]:.1f} | {best[1]:.1f} | {best[2]:.0f} |")
+    print()
+    print(f"A request whose prompt is a {args.system}-token system prompt and a 24-token turn, per request:")
+    print("| prompts | frontend µs/request | engine µs/request | both µs/request | bytes/message |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for delta in (False, True):
+        best = min((prompts(args.system, 300, delta) for _ in range(args.repeat)), key=lambda r: r[0] + r[1])
+        name = "deltas by anchor" if delta else "whole"
+        print(f"| {name} | {best[0]:.1f} | {best[1]:.1f} | {best[0] + best[1]:.1f} | {best[2]:.0f} |")
 
 
 def sparse(rng: random.Random, token: int) -> SparseDist:

@@ -39,7 +39,14 @@ from typing import TYPE_CHECKING, Any
 from stratus_workers.protocol.requests import Sampling
 from stratus_workers.protocol.text import TextAssembler
 from stratus_workers.serve.channel import Channel, ChannelClosed
-from stratus_workers.serve.contexts import CONTEXTS_PER_SESSION, MIN_CONTEXTS, ContextSender, pack_call
+from stratus_workers.serve.contexts import (
+    CONTEXTS_PER_SESSION,
+    MIN_CONTEXTS,
+    PROMPT_ANCHORS,
+    ContextSender,
+    pack_call,
+    prompt_anchor,
+)
 from stratus_workers.serve.core import CALL_ERRORS, EngineStats, Finished, StepOutput
 from stratus_workers.serve.errors import EngineFailed, EngineOverloaded, EngineStopped
 from stratus_workers.serve.surface import (
@@ -431,8 +438,8 @@ class _Stream:
     """One request in flight, as the frontend tracks it."""
 
     __slots__ = (
-        "admitted", "arrived", "deadline", "finish", "first_seen", "pacing", "params", "pending", "pending_logprobs",
-        "pending_top", "prompt_tokens", "received", "sent_at", "seq_id", "text", "waiter",
+        "admitted", "anchor", "arrived", "deadline", "finish", "first_seen", "pacing", "params", "pending",
+        "pending_logprobs", "pending_top", "prompt_tokens", "received", "sent_at", "seq_id", "text", "waiter",
     )  # fmt: skip
 
     def __init__(
@@ -453,6 +460,7 @@ class _Stream:
         self.admitted = 0.0
         self.first_seen = 0.0
         self.sent_at = 0.0  # when its last event went out (0: none yet)
+        self.anchor: int | None = None  # the prompt anchor its prompt went under as a delta (serve/contexts.py)
         self.pacing = False  # waiting out its pace (AsyncEngine.message_rate): only its end wakes it early
 
     def wake(self) -> None:
@@ -493,6 +501,7 @@ class AsyncEngine:
         self.delta_contexts = transport.delta_contexts
         sessions = transport.settings.max_sessions
         self.contexts = ContextSender(context_mirrors or max(MIN_CONTEXTS, CONTEXTS_PER_SESSION * sessions))
+        self.prompts = ContextSender(PROMPT_ANCHORS)  # requests' prompts as deltas, by anchor (the same rules)
         # Stream messages per second, all streams together: with n streams running, one stream's next event
         # goes out at least n / message_rate seconds after its last (its first, and its end, at once). One
         # Python process sends every stream's text: at 64 streams and a step a millisecond, a message per
@@ -509,7 +518,8 @@ class AsyncEngine:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.contexts.clear()  # a new core remembers no session's context
+        self.contexts.clear()  # a new core remembers no session's context, nor any prompt
+        self.prompts.clear()
         self.info, self.tokenizer = await self.transport.start(self._deliver, self._fail)
         self._started = True
         self._watch = asyncio.ensure_future(self._supervise())
@@ -605,7 +615,21 @@ class AsyncEngine:
         text = TextAssembler(self.tokenizer, params.stop)
         stream = _Stream(next(self._ids), params, len(prompt), deadline, text)
         self._streams[stream.seq_id] = stream
-        self.transport.send(("add", stream.seq_id, list(prompt), params, deadline))
+        ids = list(prompt)
+        anchor = prompt_anchor(ids) if self.delta_contexts else None
+        if anchor is None:
+            self.transport.send(("add", stream.seq_id, ids, params, deadline))
+            return stream
+        # ("add_delta", ...): the prompt as `keep` tokens of the one last sent under its anchor, then `tail`.
+        keep, tail, evicted = self.prompts.encode(anchor, ids, False)
+        try:
+            for old in evicted:
+                self.transport.send(("unanchor", old))
+            self.transport.send(("add_delta", stream.seq_id, anchor, keep, tail, params, deadline))
+        except BaseException:
+            self.prompts.forget(anchor)  # always safe: the next prompt under it goes whole
+            raise
+        stream.anchor = anchor
         return stream
 
     async def stream(
@@ -829,6 +853,8 @@ class AsyncEngine:
                     st.finish = finished
                     st.admitted = st.admitted or finished.admitted
                     touched.append(st)
+                    if finished.reason == "error" and st.anchor is not None:
+                        self.prompts.forget(st.anchor)  # (a mirror that lost it: the next prompt goes whole)
             for call_id, kind, value in out.results:
                 future = self._calls.get(call_id)
                 if future is None or future.done():
@@ -853,6 +879,7 @@ class AsyncEngine:
             return
         self.failure = reason
         self.contexts.clear()
+        self.prompts.clear()
         log.critical("the model engine died; this server stops serving", extra={"reason": reason})
         if self.on_failure is not None:  # first: health should turn before callers hear of it
             try:

@@ -517,6 +517,7 @@ class EngineLoop:
         self.busy_since = 0.0  # time.monotonic() when the running step began; 0 between steps
         self.steps = 0
         self.contexts = ContextMirror()  # sessions' last contexts, as the frontend remembers them
+        self.prompts = ContextMirror()  # the last prompt under each anchor, likewise
         path = os.environ.get("STRATUS_STEP_PROFILE")
         self.profile = StepProfile(path, core) if path else None
         path = os.environ.get("STRATUS_STEP_TRACE")
@@ -593,10 +594,17 @@ class EngineLoop:
             kind = message[0]
             if kind == "add":
                 _, seq_id, prompt, params, deadline = message
+                self._add(EngineRequest(seq_id, prompt, params, deadline), refused)
+            elif kind == "add_delta":  # a prompt as a delta on the last one under its anchor (serve/contexts.py)
+                _, seq_id, anchor, keep, tail, params, deadline = message
                 try:
-                    self.core.add(EngineRequest(seq_id, prompt, params, deadline))
-                except ValueError as exc:  # the frontend checks first; this is the core's own guard
-                    refused.append(Finished(seq_id, "error", len(prompt), 0, 0, 0.0, 0.0, str(exc)))
+                    prompt = self.prompts.rebuild(anchor, keep, tail, False)
+                except ContextLost as exc:  # (the frontend forgets the anchor when told: its next prompt goes whole)
+                    refused.append(Finished(seq_id, "error", keep + len(tail), 0, 0, 0.0, 0.0, str(exc)))
+                    continue
+                self._add(EngineRequest(seq_id, prompt, params, deadline), refused)
+            elif kind == "unanchor":
+                self.prompts.drop(message[1])
             elif kind == "abort":
                 self.core.abort(message[1])
             elif kind == "delta":  # a session's call, its context as a delta on the last one (serve/contexts.py)
@@ -622,6 +630,12 @@ class EngineLoop:
         if refused:
             self.emit(("step", StepOutput(self.core.steps, finished=refused, stats=self.core.stats()).pack()))
         return True
+
+    def _add(self, request: EngineRequest, refused: list[Finished]) -> None:
+        try:
+            self.core.add(request)
+        except ValueError as exc:  # the frontend checks first; this is the core's own guard
+            refused.append(Finished(request.seq_id, "error", len(request.prompt), 0, 0, 0.0, 0.0, str(exc)))
 
     def _call(self, call_id: int, op: str, args: tuple[Any, ...]) -> None:
         """Queue a call on the core; one it refuses at once (ValueError) is answered now, as the caller's input."""

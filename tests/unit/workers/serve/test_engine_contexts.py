@@ -20,8 +20,16 @@ from hypothesis import strategies as st
 
 from stratus_workers.models import load_model
 from stratus_workers.protocol.requests import Sampling
+from stratus_workers.serve.contexts import (
+    MIN_ANCHORED_PROMPT,
+    PROMPT_ANCHOR_TOKENS,
+    PROMPT_ANCHORS,
+    ContextSender,
+    prompt_anchor,
+)
 from stratus_workers.serve.engine import AsyncEngine, ProcessTransport, ThreadTransport, build_engine
 from stratus_workers.serve.loop import EngineSettings
+from stratus_workers.serve.surface import FinishEvent
 
 pytestmark = pytest.mark.unit
 
@@ -392,3 +400,122 @@ async def test_concurrent_calls_cancelled_in_flight_leave_every_later_verdict_ri
         assert engine.stats.active == 0  # the cancelled streams' rows were freed
     finally:
         await asyncio.gather(engine.stop(), reference.stop())
+
+
+PROMPT_LEN = 600  # the engine's context for the prompt tests: room for a system prompt over MIN_ANCHORED_PROMPT
+
+
+async def answers(engine: AsyncEngine, prompt: list[int], new: int = 6) -> list[int | str]:
+    """The greedy tokens `engine` answers `prompt` with (or the error it ends with, as a string)."""
+    tokens: list[int | str] = []
+    async for event in engine.stream(prompt, Sampling(max_new_tokens=new)):
+        if isinstance(event, FinishEvent):
+            return [event.error] if event.error else tokens
+        tokens.extend(event.token_ids)
+    return tokens
+
+
+async def prompt_engine(tiny_model_dir: Path, delta: bool, anchors: int = PROMPT_ANCHORS) -> AsyncEngine:
+    settings = EngineSettings(max_batch_size=4, max_tokens=PROMPT_LEN + 16, threads=1, log_format="text")
+    load = functools.partial(load_model, str(tiny_model_dir), dtype="float32", device="cpu")
+    engine = AsyncEngine(Recording(settings, load), max_batch_size=4)
+    engine.delta_contexts = delta
+    engine.prompts = ContextSender(anchors)
+    await engine.start()
+    return engine
+
+
+async def test_long_prompts_go_as_deltas_and_answer_as_whole_prompts(tiny_model_dir: Path) -> None:
+    """Requests repeating a system prompt (a chat's) go to the engine process as a delta on the last prompt sent
+    under their anchor: a short tail, not the prompt. Through the engine they answer exactly as whole prompts do,
+    together and one after another, with prompts that share part of the system prompt, prompts too short to anchor,
+    and more anchors than the frontend remembers (each one evicted goes to the engine as an "unanchor")."""
+    delta, whole = await asyncio.gather(
+        prompt_engine(tiny_model_dir, True, anchors=2), prompt_engine(tiny_model_dir, False)
+    )
+    rng = random.Random(5)
+    system = [rng.randrange(TOKENS) for _ in range(400)]
+    others = [[rng.randrange(TOKENS) for _ in range(300)] for _ in range(3)]  # other system prompts: other anchors
+    prompts = [system + [rng.randrange(TOKENS) for _ in range(rng.randrange(1, 40))] for _ in range(8)]
+    prompts += [system[:300] + [7] * 20, system[:10], [3] * 100, *others, system + [1, 2, 3], others[0] + [9]]
+    try:
+        sent: list[tuple[Any, ...]] = delta.transport.sent  # type: ignore[attr-defined]
+        together = await asyncio.gather(*(answers(delta, p) for p in prompts[:4]))
+        apart = [await answers(delta, p) for p in prompts[4:]]
+        expected = [await answers(whole, p) for p in prompts]
+        assert together + apart == expected
+        assert all(len(tokens) == 6 and all(isinstance(t, int) for t in tokens) for tokens in expected)
+        adds = [m for m in sent if m[0] in ("add", "add_delta")]
+        assert len(adds) == len(prompts)
+        kept = [m for m in adds if m[0] == "add_delta" and m[3]]
+        assert len(kept) >= 8  # the system prompt's requests after the first, and the one sharing 300 tokens of it
+        assert all(m[3] >= 300 and len(m[4]) <= 40 for m in kept)
+        short = [m for m in adds if (len(m[2]) if m[0] == "add" else m[3] + len(m[4])) < MIN_ANCHORED_PROMPT]
+        assert [m[0] for m in short] == ["add", "add"]  # too short to anchor: whole
+        assert any(m[0] == "unanchor" for m in sent)  # four anchors, two remembered
+        assert not any(m[0] in ("add_delta", "unanchor") for m in whole.transport.sent)  # type: ignore[attr-defined]
+        assert delta.failure is None and whole.failure is None
+    finally:
+        await asyncio.gather(delta.stop(), whole.stop())
+
+
+# A random script of prompts: each one of three system prompts cut at a random length, then a random turn (some
+# too short to anchor, some sharing a system prompt's first tokens only, some longer than the last under the anchor).
+prompt_scripts = st.lists(
+    st.tuples(st.integers(0, 2), st.integers(0, 420), st.lists(st.integers(0, TOKENS - 1), max_size=30)),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(script=prompt_scripts, anchors=st.integers(1, 3))
+async def test_the_core_receives_every_prompt_exactly_as_sent(
+    loaded: Any, script: list[tuple[int, int, list[int]]], anchors: int
+) -> None:
+    """Whatever the prompts (cut, extended, diverging, under one anchor or several, more anchors than the frontend
+    remembers), the engine core is given each one exactly as the caller sent it, in order."""
+    rng = random.Random(3)
+    systems = [[rng.randrange(TOKENS) for _ in range(420)] for _ in range(2)]
+    systems.append(systems[0][:PROMPT_ANCHOR_TOKENS] + [rng.randrange(TOKENS) for _ in range(356)])  # same anchor
+    built = build_engine(loaded.model, loaded.tokenizer, max_len=PROMPT_LEN + 16, max_batch_size=2)
+    engine = AsyncEngine(built.transport, max_batch_size=2)
+    engine.delta_contexts = True
+    engine.prompts = ContextSender(anchors)
+    await engine.start()
+    core = built.transport.core  # type: ignore[attr-defined]
+    received: list[list[int]] = []
+    add = core.add
+    core.add = lambda request: (received.append(list(request.prompt)), add(request))[1]
+    try:
+        sent = [systems[which][:cut] + turn for which, cut, turn in script]
+        sent = [p or [1] for p in sent]
+        for prompt in sent:
+            assert len(await answers(engine, prompt, new=1)) == 1
+        assert received == sent
+        assert len(engine.prompts) <= anchors
+    finally:
+        await engine.stop()
+
+
+async def test_a_prompt_whose_anchor_the_engine_lost_fails_once_then_goes_whole(loaded: Any) -> None:
+    """The engine's side of an anchor dropped while the frontend still remembers it (the drift ContextLost reports):
+    that request ends with an error that says so, and the frontend forgets the anchor, so the next prompt under it
+    goes whole and is answered."""
+    built = build_engine(loaded.model, loaded.tokenizer, max_len=PROMPT_LEN + 16, max_batch_size=1)
+    engine = AsyncEngine(built.transport, max_batch_size=1)
+    engine.delta_contexts = True
+    await engine.start()
+    try:
+        system = list(range(1, 300))
+        first = await answers(engine, [*system, 5])
+        assert len(first) == 6
+        anchor = prompt_anchor(system)
+        assert anchor is not None and anchor in engine.prompts
+        engine.transport.send(("unanchor", anchor))
+        lost = await answers(engine, [*system, 6])
+        assert len(lost) == 1 and "lost" in str(lost[0]), lost
+        assert anchor not in engine.prompts
+        assert await answers(engine, [*system, 5]) == first
+    finally:
+        await engine.stop()
