@@ -502,9 +502,10 @@ class EngineLoop:
     """Runs `core` until told to stop; `emit` receives ("step", packed StepOutput) once per step, and before it
     ("part", packed StepOutput) where the step chose first tokens of new requests (their callers get them at once).
 
-    Messages in: ("add", seq_id, prompt, params, deadline), ("abort", seq_id), ("call", call_id, op,
-    args), ("delta", call_id, op, args, keep) (a session's call, its context as a delta and its Sampling as values:
-    serve/contexts.py),
+    Messages in: ("add", seq_id, prompt, params, deadline), ("add_delta", seq_id, anchor, keep, tail, params,
+    deadline) (a long prompt as a delta on the last one under its anchor: serve/contexts.py), ("unanchor", anchor)
+    (forget that prompt), ("abort", seq_id), ("call", call_id, op, args), ("delta", call_id, op, args, keep) (a
+    session's call, its context as a delta and its Sampling as values: serve/contexts.py),
     ("drop", sid) (forget a session's context), ("stop",). Out, besides steps: ("stopped", packed) with what
     stopping ended.
     """
@@ -599,8 +600,10 @@ class EngineLoop:
                 _, seq_id, anchor, keep, tail, params, deadline = message
                 try:
                     prompt = self.prompts.rebuild(anchor, keep, tail, False)
-                except ContextLost as exc:  # (the frontend forgets the anchor when told: its next prompt goes whole)
-                    refused.append(Finished(seq_id, "error", keep + len(tail), 0, 0, 0.0, 0.0, str(exc)))
+                except ContextLost:  # (the frontend forgets the anchor when told: its next prompt goes whole)
+                    error = (f"internal error: the engine lost the prompt this request extends (anchor {anchor}, "
+                             f"told to keep {keep} tokens); nothing was generated, and a retry sends the prompt whole")
+                    refused.append(Finished(seq_id, "error", keep + len(tail), 0, 0, 0.0, 0.0, error))
                     continue
                 self._add(EngineRequest(seq_id, prompt, params, deadline), refused)
             elif kind == "unanchor":
