@@ -30,7 +30,7 @@ from stratus_workers.serve.contexts import (
     ContextMirror,
     ContextSender,
     pack_call,
-    prompt_anchor,
+    prompt_messages,
     unpack_call,
 )
 from stratus_workers.serve.core import StepOutput
@@ -105,12 +105,10 @@ def prompts(system: int, requests: int, delta: bool, turn: int = 24) -> tuple[fl
     for seq_id, prompt in enumerate(asked):
         started = time.perf_counter()
         ids = list(prompt)
-        anchor = prompt_anchor(ids) if delta else None
-        if anchor is None:
-            data = pickle.dumps(("add", seq_id, ids, sampling, None), PROTOCOL)
+        if delta:  # as AsyncEngine sends it (no anchor is evicted here: one system prompt)
+            data = pickle.dumps(prompt_messages(sender, seq_id, ids, sampling, None)[0][-1], PROTOCOL)
         else:
-            keep, tail, _ = sender.encode(anchor, ids, False)
-            data = pickle.dumps(("add_delta", seq_id, anchor, keep, tail, sampling, None), PROTOCOL)
+            data = pickle.dumps(("add", seq_id, ids, sampling, None), PROTOCOL)
         sent = time.perf_counter()
         got: Any = pickle.loads(data)
         rebuilt = got[2] if got[0] == "add" else mirror.rebuild(got[2], got[3], got[4], False)

@@ -210,7 +210,8 @@ def main() -> None:
     parser.add_argument("--stagger", action="store_true", help="requests join one per step at first (not at once)")
     parser.add_argument("--phases", type=int, default=0, help="trace this many steps' phases first (cache on)")
     parser.add_argument("--phases-file", default="", help="keep the phases' trace here (not a .json name)")
-    parser.add_argument("--parts", type=int, default=0, help="time the admitting steps' host calls over N steps")
+    parser.add_argument("--parts", type=int, default=0,
+                        help="time the admitting steps' host calls over N steps (then stop)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)

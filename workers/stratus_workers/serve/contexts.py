@@ -54,6 +54,22 @@ def prompt_anchor(prompt: list[int]) -> int | None:
     return hash(tuple(prompt[:PROMPT_ANCHOR_TOKENS]))
 
 
+def prompt_messages(
+    sender: ContextSender, seq_id: int, prompt: list[int], params: Any, deadline: float | None
+) -> tuple[list[tuple[Any, ...]], int | None]:
+    """The messages that add request `seq_id` (in order) and the anchor its prompt went under (None: whole). A long
+    prompt goes as ("add_delta", seq_id, anchor, keep, tail, params, deadline) after an ("unanchor", anchor) for each
+    anchor the sender evicted; a short one as ("add", seq_id, prompt, params, deadline). `sender` has moved: a caller
+    whose send fails forgets the anchor."""
+    anchor = prompt_anchor(prompt)
+    if anchor is None:
+        return [("add", seq_id, prompt, params, deadline)], None
+    keep, tail, evicted = sender.encode(anchor, prompt, False)
+    messages: list[tuple[Any, ...]] = [("unanchor", old) for old in evicted]
+    messages.append(("add_delta", seq_id, anchor, keep, tail, params, deadline))
+    return messages, anchor
+
+
 SAMPLING_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Sampling))
 _sampling_values = operator.attrgetter(*SAMPLING_FIELDS)
 # Where a session call's args, (sid, context, ..., end) as `EngineCore.call` takes them, hold its Sampling, and

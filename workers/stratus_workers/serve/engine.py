@@ -45,7 +45,7 @@ from stratus_workers.serve.contexts import (
     PROMPT_ANCHORS,
     ContextSender,
     pack_call,
-    prompt_anchor,
+    prompt_messages,
 )
 from stratus_workers.serve.core import CALL_ERRORS, EngineStats, Finished, StepOutput
 from stratus_workers.serve.errors import EngineFailed, EngineOverloaded, EngineStopped
@@ -616,18 +616,17 @@ class AsyncEngine:
         stream = _Stream(next(self._ids), params, len(prompt), deadline, text)
         self._streams[stream.seq_id] = stream
         ids = list(prompt)
-        anchor = prompt_anchor(ids) if self.delta_contexts else None
-        if anchor is None:
+        if not self.delta_contexts:
             self.transport.send(("add", stream.seq_id, ids, params, deadline))
             return stream
-        # ("add_delta", ...): the prompt as `keep` tokens of the one last sent under its anchor, then `tail`.
-        keep, tail, evicted = self.prompts.encode(anchor, ids, False)
+        # A long prompt as a delta on the last one sent under its anchor (serve/contexts.py).
+        messages, anchor = prompt_messages(self.prompts, stream.seq_id, ids, params, deadline)
         try:
-            for old in evicted:
-                self.transport.send(("unanchor", old))
-            self.transport.send(("add_delta", stream.seq_id, anchor, keep, tail, params, deadline))
+            for message in messages:
+                self.transport.send(message)
         except BaseException:
-            self.prompts.forget(anchor)  # always safe: the next prompt under it goes whole
+            if anchor is not None:
+                self.prompts.forget(anchor)  # always safe: the next prompt under it goes whole
             raise
         stream.anchor = anchor
         return stream
