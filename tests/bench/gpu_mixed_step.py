@@ -11,7 +11,8 @@ runner as the server does (CUDA graphs, Triton attention, packed prefill; random
 Each figure is the mean time from the first launch until the tokens are on the host (the argmax read back, as
 the engine reads them), over 50 runs after warm-up, the rows rolled back between runs and outside the timing.
 Decode-ahead is off, so that every decode step is timed, not found done. `--device cpu` runs the same calls on the
-CPU (the fused path's arithmetic), to check the script, not to time anything.
+CPU (the fused path's arithmetic), to check the script, not to time anything. `--kernels N` also prints, for K = 1
+and 2, torch.profiler's device time of each call (all its kernels and copies, per run) and its N heaviest kernels.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from stratus_workers.models.tiny import SMOLLM2_1B, SMOLLM2_135M, TINY, random_llama
 from stratus_workers.serve.runner.build import build_runner
@@ -53,7 +55,29 @@ def timed(runner: FusedRunner, work: Callable[[], None], rows: dict[int, int], n
     return total / n * 1e3
 
 
-def measure(name: str, device: torch.device, runs: int) -> list[tuple[str, int, float]]:
+def kernel_table(runner: FusedRunner, label: str, work: Callable[[], None], rows: dict[int, int], top: int) -> None:
+    """Print `work`'s device time per run (kernels, copies, sets) and its `top` heaviest kernels, over 20 runs."""
+    runs = 20
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            work()
+            for row, length in rows.items():
+                runner.cache.set_length(row, length)
+        sync(runner.device)
+    totals: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = totals.setdefault(event.name, [0.0, 0])
+            entry[0] += event.device_time_total
+            entry[1] += 1
+    device_us = sum(t for t, _ in totals.values()) / runs
+    launches = sum(c for _, c in totals.values()) / runs
+    print(f"    {label}: {device_us / 1e3:.3f} ms of device time a run, {launches:.0f} kernels and copies")
+    for kernel, (total, count) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"      {total / runs:8.1f} us {count / runs:5.1f}x  {kernel[:90]}")
+
+
+def measure(name: str, device: torch.device, runs: int, kernels: int = 0) -> list[tuple[str, int, float]]:
     model = random_llama(dict(ARCHS[name]), seed=0).to(device, torch.bfloat16 if device.type == "cuda" else None)
     model = model.eval()
     os.environ.update(STRATUS_DECODE_AHEAD="0", STRATUS_MIXED_STEP="1", STRATUS_PACKED_PREFILL="1")
@@ -95,6 +119,8 @@ def measure(name: str, device: torch.device, runs: int) -> list[tuple[str, int, 
                 (f"mixed pass, {DECODE_ROWS} + {k} x {PROMPT} tokens", mixed),
             ):
                 out.append((label, k, timed(runner, work, rows, runs)))
+                if kernels and k <= 2 and device.type == "cuda":
+                    kernel_table(runner, f"K={k} {label}", work, rows, kernels)
             graphed = runner.mixed_replays - replays
             print(f"  K={k}: {graphed} of {runs + 2} mixed passes ran as a captured graph")
     return out
@@ -105,11 +131,12 @@ def main() -> None:
     parser.add_argument("archs", nargs="*", default=["1b"], choices=sorted(ARCHS))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--kernels", type=int, default=0, help="print this many heaviest kernels of each call (K 1, 2)")
     args = parser.parse_args()
     device = torch.device(args.device)
     for name in args.archs:
         torch._dynamo.reset()
-        rows = measure(name, device, args.runs)
+        rows = measure(name, device, args.runs, args.kernels)
         print(f"\n{name}, {DECODE_ROWS} decoding rows at {CONTEXT} tokens, K new rows of {PROMPT} prompt tokens "
               f"({device.type}):")  # fmt: skip
         print("| K | what | ms |")

@@ -734,7 +734,7 @@ class EngineCore:
         """The decoding rows' next tokens and the step's prefill chunks in one pass; the rows whose prompts are
         complete now (their first tokens chosen)."""
         runner = self.runner
-        launched: list[tuple[list[_Seq], list[list[int]], torch.Tensor, bool]] = []
+        launched: list[tuple[list[_Seq], list[list[int]], torch.Tensor, bool, bool]] = []
         first = self._rows[: self._decoding]
         if runner.ahead_in_flight():
             # The decode step launched ahead is this step's: take it, launch none after it, and mix the tokens
@@ -750,13 +750,13 @@ class EngineCore:
                     rows = [*range(len(first)), *(s.row for s in seqs)]
                     feed = [*([0] for _ in first), *chunks]
                     logits = runner.forward_mixed(rows, feed, from_decode=len(first))
-                    launched.append((seqs, chunks, logits, runner.mixed_step))
-                    self._prime_on_device(first, seqs, chunks, logits)
+                    primed = self._prime_on_device(first, seqs, chunks, logits)
+                    launched.append((seqs, chunks, logits, runner.mixed_step, primed))
 
             greedy = all(s.params.greedy and not s.params.adjusts_logits for s in first)
             self._decode([], hold=True, then=launch if greedy else None)
         if launched:
-            seqs, chunks, logits, mixed = launched[0]
+            seqs, chunks, logits, mixed, primed = launched[0]
             picked = [i for i, s in enumerate(first) if not s.finished]
             decoding = [first[i] for i in picked]
             n = len(first)
@@ -769,17 +769,25 @@ class EngineCore:
                 [s.row for s in (*decoding, *seqs)], [*([s.generated[-1]] for s in decoding), *chunks]
             )
             mixed = runner.mixed_step
+            primed = False
             if len(decoding) == len(first):  # rows 0.. in order: the pass's first logits are theirs
-                self._prime_on_device(decoding, seqs, chunks, logits)
+                primed = self._prime_on_device(decoding, seqs, chunks, logits)
             n = len(decoding)
+            picked = list(range(n))
             decode_logits = logits[:n]
         self.mixed_steps += mixed  # a pass that failed ran apart and turned mixing off (runner.mixed_step): not one
         ready = self._prefilled(seqs, chunks)
+        # Where the next decode step was primed on the pass's argmax, that argmax is on its way to the host already:
+        # read it there. Reducing the logits again would queue behind the primed step and wait for it too.
+        fed = runner.primed_tokens() if primed and not any(s.params.logprobs for s in (*decoding, *ready)) else None
         if ready:
-            self._finish_prefill(ready, logits[n : n + len(ready)], None)
+            self._finish_prefill(ready, logits[n : n + len(ready)], None if fed is None else fed[n : n + len(ready)])
         if decoding:
             params = [s.params for s in decoding]
-            greedy_choice = decoded(decode_logits, any(p.logprobs for p in params))
+            if fed is not None:
+                greedy_choice = Decoded(decode_logits, [fed[i] for i in picked], None)
+            else:
+                greedy_choice = decoded(decode_logits, any(p.logprobs for p in params))
             counts = [s.counts for s in decoding]
             choice = choose_tokens(decode_logits, params, [s.generator for s in decoding], greedy_choice, counts)
             self._advance_all(decoding, choice)
@@ -796,16 +804,19 @@ class EngineCore:
 
     def _prime_on_device(
         self, decoding: list[_Seq], seqs: list[_Seq], chunks: list[list[int]], logits: torch.Tensor
-    ) -> None:
+    ) -> bool:
         """Right behind a mixed pass of rows 0..len(decoding)-1 and the chunks of `seqs`, start the next decode step
         fed its argmax, where that is what the host will choose (every row greedy) and no prefill is due next: the
-        GPU decodes on while the host reads the pass's logits and streams its tokens."""
+        GPU decodes on while the host reads the pass's choices (`runner.primed_tokens`) and streams its tokens.
+        Whether it did."""
         ready = [s for s, chunk in zip(seqs, chunks, strict=True) if s.prefilled + len(chunk) == len(s.prompt)]
         fed = [*decoding, *ready]
         if self._prefill_due(len(ready)) or not all(s.params.greedy and not s.params.adjusts_logits for s in fed):
-            return
+            return False
         self.runner.prime_decode(logits[: len(fed)].argmax(dim=-1))
-        self.primed_on_device += self.runner.ahead_in_flight()  # (a runner that decodes one step at a time: no)
+        primed = self.runner.ahead_in_flight()  # (a runner that decodes one step at a time: no)
+        self.primed_on_device += primed
+        return primed
 
     def _prefill(self) -> tuple[list[_Seq], torch.Tensor]:
         """Prefill the step's chunks: the rows whose prompts are complete now, and the logits (theirs first)."""

@@ -172,6 +172,8 @@ def test_rows_arriving_while_others_decode_are_prefilled_in_the_decode_pass(mode
     if ahead:  # prefills arriving while a step launched ahead runs: the mixed pass is fed its choices on the device
         assert runner.decoder.primed > 0 and runner.decoder.ahead_hits > 0 and core.mixed_on_device > 0
         assert core.primed_on_device > 0  # and the decode step after it queued behind it, fed its argmax
+        # whose copy on the host the step read its tokens from, not from the logits (which would wait for that step)
+        assert runner.decoder.primed_reads > 0
     else:
         assert core.mixed_on_device == core.primed_on_device == 0
 

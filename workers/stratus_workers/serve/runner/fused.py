@@ -685,6 +685,9 @@ class FusedRunner(ModelRunner):
     def prime_decode(self, ids: Sequence[int] | torch.Tensor) -> None:
         self.decoder.prime(ids if isinstance(ids, torch.Tensor) else list(ids))
 
+    def primed_tokens(self) -> list[int] | None:
+        return self.decoder.primed_tokens()
+
     def _packed(
         self, rows: Sequence[int], tokens: Sequence[Sequence[int]], logits_from: Sequence[int], prefill: bool = False,
         device_ids: torch.Tensor | None = None,

@@ -167,6 +167,7 @@ class StaticDecoder:
         self._expected: list[int] = []
         self._ahead_pause = 0
         self.primed = 0  # steps launched ahead by `prime` (fed tokens the caller chose, or will from the same logits)
+        self.primed_reads = 0  # `primed_tokens` calls that returned the tokens
         self._fed_host = torch.zeros(rows, dtype=torch.long, pin_memory=self._on_cuda)
         self._fed_done: Any = torch.cuda.Event() if self._on_cuda else None  # type: ignore[no-untyped-call]
         self._fed: torch.Tensor | None = None  # a primed step's tokens on their way to the host
@@ -202,6 +203,17 @@ class StaticDecoder:
         self._ahead_step = self._launch(batch, ahead=True)
         self.cache.watch(batch)
         self.primed += 1
+
+    def primed_tokens(self) -> list[int] | None:
+        """What the step primed on the device was fed (`prime` with a tensor), once its copy reached the host (an
+        event recorded before the step's launch: this waits for the pass that computed them, not for the step);
+        None where no such step waits to be taken."""
+        if self._fed is None:
+            return None
+        if self._on_cuda:
+            self._fed_done.synchronize()
+        self.primed_reads += 1
+        return self._fed.tolist()
 
     def buckets(self, batch: int, kv_needed: int) -> tuple[int, int]:
         """The (batch, key length) a step of `batch` rows reading `kv_needed` keys runs at."""
