@@ -296,7 +296,7 @@ class ModelRunner(abc.ABC):
     def primed_tokens(self) -> list[int] | None:
         """The tokens the decode step last primed with a device tensor was fed (the pass's greedy choices), read
         back once they reach the host, which is before that step runs: a caller reads a pass's argmax here without
-        queueing work behind the step primed on it, or None where no step is primed so (or none was taken since)."""
+        queueing work behind the step primed on it; None where no step primed so waits to be taken."""
         return None
 
     @torch.inference_mode()
