@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from gpu_profile_step import print_kernels
 from torch.profiler import ProfilerActivity, profile
 
 from stratus_workers.models.tiny import SMOLLM2_1B, SMOLLM2_135M, TINY, random_llama
@@ -41,6 +42,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def roll_back(runner: FusedRunner, rows: dict[int, int]) -> None:
+    """Set each row's length back to `rows[row]` (what a timed call appended is past it, overwritten next run)."""
+    for row, length in rows.items():
+        runner.cache.set_length(row, length)
+
+
 def timed(runner: FusedRunner, work: Callable[[], None], rows: dict[int, int], n: int) -> float:
     """Mean ms of `work` (which ends with its tokens on the host), the rows set back to `rows` after each run."""
     total = 0.0
@@ -50,8 +57,7 @@ def timed(runner: FusedRunner, work: Callable[[], None], rows: dict[int, int], n
         work()
         if i >= 2:
             total += time.perf_counter() - start
-        for row, length in rows.items():
-            runner.cache.set_length(row, length)
+        roll_back(runner, rows)
     return total / n * 1e3
 
 
@@ -61,20 +67,9 @@ def kernel_table(runner: FusedRunner, label: str, work: Callable[[], None], rows
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(runs):
             work()
-            for row, length in rows.items():
-                runner.cache.set_length(row, length)
+            roll_back(runner, rows)
         sync(runner.device)
-    totals: dict[str, list[float]] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            entry = totals.setdefault(event.name, [0.0, 0])
-            entry[0] += event.device_time_total
-            entry[1] += 1
-    device_us = sum(t for t, _ in totals.values()) / runs
-    launches = sum(c for _, c in totals.values()) / runs
-    print(f"    {label}: {device_us / 1e3:.3f} ms of device time a run, {launches:.0f} kernels and copies")
-    for kernel, (total, count) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
-        print(f"      {total / runs:8.1f} us {count / runs:5.1f}x  {kernel[:90]}")
+    print_kernels(prof, runs, label, top, indent="    ")
 
 
 def measure(name: str, device: torch.device, runs: int, kernels: int = 0) -> list[tuple[str, int, float]]:

@@ -63,6 +63,21 @@ def prefill_times(runner: Any) -> dict[str, float]:
     return out
 
 
+def print_kernels(prof: Any, runs: int, label: str, top: int, indent: str = "  ") -> None:
+    """Print the device work of `runs` runs that torch.profiler `prof` recorded, per run: its kernels and copies,
+    their time, and the `top` heaviest of them by name."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name][0] += 1
+            totals[event.name][1] += event.device_time_total
+    launches = sum(t[0] for t in totals.values()) / runs
+    us = sum(t[1] for t in totals.values()) / runs
+    print(f"{indent}{label}: {launches:.0f} kernels and copies, {us / 1000:.3f} ms of device time a run")
+    for name, (count, total) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"{indent}  {total / runs:8.1f} us {count / runs:5.1f}x  {name[:100]}")
+
+
 def kernel_table(runner: Any, batch: int, steps: int = 10) -> None:
     runner.forward(0, [[3] * 64] * batch)
     for _ in range(5):
@@ -72,16 +87,7 @@ def kernel_table(runner: Any, batch: int, steps: int = 10) -> None:
         for _ in range(steps):
             runner.decode([4] * batch)
         torch.cuda.synchronize()
-    totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            totals[event.name][0] += 1
-            totals[event.name][1] += event.device_time_total
-    us = sum(t[1] for t in totals.values()) / steps
-    print(f"  eager decode batch {batch}: {sum(t[0] for t in totals.values()) / steps:.0f} kernels/step, "
-          f"{us / 1000:.3f} ms kernel time/step")  # fmt: skip
-    for name, (count, total) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:12]:
-        print(f"    {total / steps / 1000:7.3f} ms {count / steps:5.1f}x  {name[:110]}")
+    print_kernels(prof, steps, f"eager decode batch {batch}", 12)
     for row in range(batch):
         runner.truncate(row, 0)
 

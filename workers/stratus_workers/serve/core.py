@@ -779,13 +779,14 @@ class EngineCore:
         ready = self._prefilled(seqs, chunks)
         # Where the next decode step was primed on the pass's argmax, that argmax is on its way to the host already:
         # read it there. Reducing the logits again would queue behind the primed step and wait for it too.
-        fed = runner.primed_tokens() if primed and not any(s.params.logprobs for s in (*decoding, *ready)) else None
+        chosen = runner.primed_tokens() if primed and not any(s.params.logprobs for s in (*decoding, *ready)) else None
         if ready:
-            self._finish_prefill(ready, logits[n : n + len(ready)], None if fed is None else fed[n : n + len(ready)])
+            first_tokens = None if chosen is None else chosen[n : n + len(ready)]
+            self._finish_prefill(ready, logits[n : n + len(ready)], first_tokens)
         if decoding:
             params = [s.params for s in decoding]
-            if fed is not None:
-                greedy_choice = Decoded(decode_logits, [fed[i] for i in picked], None)
+            if chosen is not None:
+                greedy_choice = Decoded(decode_logits, [chosen[i] for i in picked], None)
             else:
                 greedy_choice = decoded(decode_logits, any(p.logprobs for p in params))
             counts = [s.counts for s in decoding]
