@@ -743,9 +743,10 @@ class EngineCore:
             # waits for it; otherwise once the host has chosen them.
 
             def launch() -> None:
-                # Rows that finish on the step's tokens are in the pass all the same (their extra key lies past
-                # what they keep); a length check that the pass's extra token could tip stays on the host path.
-                if max(runner.lengths[: len(first)]) + 2 < self.max_len:
+                # Rows that finish on the step's tokens are in the pass all the same: their extra key lies past what
+                # they keep, and the step primed behind the pass writes one more, in the runner's spare slots where
+                # a row finishes by length (its capacity). A runner without that room keeps the host path.
+                if max(runner.lengths[: len(first)]) + 2 <= runner.capacity:
                     seqs, chunks = self._chunks()
                     rows = [*range(len(first)), *(s.row for s in seqs)]
                     feed = [*([0] for _ in first), *chunks]
@@ -866,7 +867,7 @@ class EngineCore:
         self._advance_all(ready, choice)
 
     def _advance_all(self, seqs: list[_Seq], choice: Choice) -> None:
-        out, eos, lengths, max_len = self._out, self.eos, self.runner.lengths, self.max_len
+        out, eos, max_len = self._out, self.eos, self.max_len
         logprobs, alternatives = choice.logprobs, choice.alternatives
         # The common case, no log-probabilities anywhere in this step: straight into the output's lists.
         plain = logprobs is None and out.logprobs is None and out.top is None
@@ -889,7 +890,9 @@ class EngineCore:
                 out.add(seq.seq_id, token, logprobs[i], alternatives[i] if alternatives is not None else ())
             else:
                 out.add(seq.seq_id, token, None)
-            if len(seq.generated) >= params.max_new_tokens or lengths[seq.row] + 1 >= max_len:
+            # The row's length by its tokens, not the runner's: a mixed pass queued behind the step that chose this
+            # token holds the row's next key already.
+            if len(seq.generated) >= params.max_new_tokens or len(seq.prompt) + len(seq.generated) >= max_len:
                 self._finish(seq, "length")
 
     def _expire(self) -> None:

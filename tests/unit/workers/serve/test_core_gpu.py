@@ -123,6 +123,7 @@ def test_packed_prefill_graphs_give_the_eager_prefills_tokens(model: Any, monkey
     # lengths at once, against the eager prefill; arrivals two steps apart also join the step launched ahead.
     requests = [([(7 * i + j) % VOCAB for j in range(3 + 11 * i)], Sampling(max_new_tokens=10 + 2 * i))
                 for i in range(8)]  # fmt: skip
+    monkeypatch.setenv("STRATUS_MIXED_STEP", "0")  # prefills as passes of their own (mixed steps: the test below)
     monkeypatch.setenv("STRATUS_PACKED_PREFILL", "0")
     eager_core = core_over(model, chunk=40, pool=0)
     assert not eager_core.runner.packed_prefill  # type: ignore[attr-defined]
@@ -140,7 +141,7 @@ def test_packed_prefill_graphs_give_the_eager_prefills_tokens(model: Any, monkey
 def test_mixed_steps_run_as_packed_graphs_and_give_the_unmixed_tokens(
     model: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Arrivals two steps apart into a running batch: with mixed steps (opt-in) each prefill shares a captured
+    # Arrivals two steps apart into a running batch: with mixed steps (the default here) each prefill shares a captured
     # packed graph with the decoding rows' tokens; the answers are those of separate passes.
     requests = [([(11 * i + 3 * j) % VOCAB for j in range(5 + 13 * i)],
                  Sampling(max_new_tokens=14 + 3 * i, logprobs=i % 3 == 1)) for i in range(8)]  # fmt: skip
@@ -148,7 +149,7 @@ def test_mixed_steps_run_as_packed_graphs_and_give_the_unmixed_tokens(
     plain_core = core_over(model, chunk=48, pool=0)
     assert not plain_core.runner.mixed_step
     plain = serve(plain_core, requests)
-    monkeypatch.setenv("STRATUS_MIXED_STEP", "1")
+    monkeypatch.delenv("STRATUS_MIXED_STEP")  # on by default on one CUDA device
     mixed_core = core_over(model, chunk=48, pool=0)
     runner = mixed_core.runner
     assert isinstance(runner, FusedRunner) and runner.mixed_step
@@ -174,6 +175,7 @@ def test_prefills_beside_the_step_launched_ahead_give_the_tokens_of_prefills_beh
     requests = [(system + [300 + i, 5, 9 + i], Sampling(max_new_tokens=6 + 7 * (i % 5), logprobs=i % 4 == 3))
                 for i in range(12)]  # fmt: skip
     requests.insert(5, ([(7 * i) % VOCAB for i in range(90)], Sampling(max_new_tokens=25)))  # shares nothing
+    monkeypatch.setenv("STRATUS_MIXED_STEP", "0")  # beside is the unmixed path's (a mixed step has one pass)
     monkeypatch.setenv("STRATUS_PREFILL_BESIDE", "0")
     behind_core = core_over(model, chunk=64, pool=1024, max_len=512)
     behind = serve(behind_core, requests, parts=False)  # (and everything in the steps' outputs)

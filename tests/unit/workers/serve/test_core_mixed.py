@@ -3,6 +3,7 @@ arrives when, with decode-ahead, the prefix cache, sampled rows, log-probabiliti
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from stratus_workers.protocol.requests import Sampling
 from stratus_workers.serve.core import PREFIX_BLOCK, EngineCore, EngineRequest
 from stratus_workers.serve.prefix import PrefixCache
 from stratus_workers.serve.runner.build import build_runner
-from stratus_workers.serve.runner.fused import FusedRunner
+from stratus_workers.serve.runner.fused import PACKED_BUCKETS, FusedRunner
 from stratus_workers.serve.sessions import SpeculativeSessions
 
 pytestmark = pytest.mark.unit
@@ -266,3 +267,63 @@ def test_a_mixed_pass_that_fails_runs_apart_and_is_not_counted(model: Any, ahead
     for seq_id, arrival in enumerate(arrivals):
         assert served.tokens[seq_id] == greedy(model, arrival.prompt, arrival.params.max_new_tokens)
     assert runner.mixed_steps == core.stats().mixed_steps == core.mixed_on_device == 0
+
+
+@pytest.mark.parametrize("stagger", [2, 3, 6])
+@pytest.mark.parametrize("buckets", [False, True])
+def test_rows_in_their_last_steps_keep_the_mixed_pass_on_the_device(model: Any, stagger: int, buckets: bool) -> None:
+    # Every answer runs to the runner's whole context (prompt + new tokens = max_len: what a server sees when a
+    # request asks for all it allows), arrivals land while rows take their last steps, and each mixed step with a
+    # decode step in flight still feeds the pass that step's choices on the device and primes the step after it:
+    # the pass's key and the primed step's past a finishing row's end go to the cache's spare slots, not off its
+    # end (on the CPU an index past the cache raises, and the engine would fail those requests), and such a row
+    # is not cut a token short. With `buckets`, passes are padded to the token counts CUDA graphs are captured for
+    # (as on a GPU): the padding goes where rows have room, so every pass keeps its bucket (none runs eagerly).
+    # Answers are Hugging Face's greedy ones.
+    core = core_over(model, mixed=True, ahead=True, chunk=160)  # a whole prompt a step
+    core.eos = frozenset()
+    runner = core.runner
+    assert isinstance(runner, FusedRunner)
+    new = 12
+    arrivals = [Arrival(stagger * i, [(11 * i + j) % VOCAB for j in range(runner.max_len - new - i % 3)],
+                        Sampling(max_new_tokens=new + i % 3), None) for i in range(10)]  # fmt: skip
+    assert all(len(a.prompt) + a.params.max_new_tokens == runner.max_len for a in arrivals)
+    in_flight: list[bool] = []
+    sizes: list[int] = []
+    mixed, body = core._mixed, runner._packed_body
+
+    def watched() -> Any:
+        in_flight.append(runner.ahead_in_flight())
+        return mixed()
+
+    def sized(ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        sizes.append(ids.shape[0])
+        return body(ids, *args, **kwargs)
+
+    def bucket(total: int) -> int:  # FusedRunner._packed_bucket's rule where graphs run
+        return next((b for b in PACKED_BUCKETS if b >= total), 0)
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(core, "_mixed", side_effect=watched))
+        if buckets:
+            stack.enter_context(mock.patch.object(runner, "_packed_bucket", side_effect=bucket))
+            stack.enter_context(mock.patch.object(runner, "_packed_body", side_effect=sized))
+        served = serve(core, arrivals)
+    assert set(served.reasons.values()) == {"length"}
+    for seq_id, arrival in enumerate(arrivals):
+        assert served.tokens[seq_id] == greedy(model, arrival.prompt, arrival.params.max_new_tokens), seq_id
+    assert sum(in_flight) >= 3 and core.mixed_on_device == sum(in_flight)
+    if buckets:
+        assert sizes and all(size in PACKED_BUCKETS for size in sizes), sizes
+    assert not core.busy and runner.lengths[:4] == [0] * 4
+
+
+def test_mixing_is_on_by_default_only_where_the_packed_prefill_runs_on_cuda(
+    model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On the CPU (no packed prefill by default) a runner mixes only when asked; the CUDA default is test_core_gpu's.
+    monkeypatch.delenv("STRATUS_MIXED_STEP", raising=False)
+    runner = build_runner(model, max_rows=2, max_len=32, fast=True)
+    assert isinstance(runner, FusedRunner) and not runner.packed_prefill and not runner.mixed_step
+    monkeypatch.setenv("STRATUS_MIXED_STEP", "1")
+    assert build_runner(model, max_rows=2, max_len=32, fast=True).mixed_step

@@ -137,8 +137,9 @@ class KVCache:
         return 2 * self.layers * self.kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
 
     def grow(self, needed: int) -> None:
-        """Make room for `needed` tokens a row (doubling), or raise ValueError past `max_len`."""
-        if needed > self.max_len:
+        """Make room for `needed` tokens a row (doubling), or raise ValueError past `max_len` (and past the room
+        allocated already: a cache may hold spare slots beyond max_len, which keys past a row's end may use)."""
+        if needed > max(self.max_len, self.capacity):
             raise ValueError(f"sequence of {needed} tokens exceeds the cache limit of {self.max_len}")
         if needed > self.capacity:
             self._allocate(min(self.max_len, max(needed, self.capacity * 2, MIN_CAPACITY)))

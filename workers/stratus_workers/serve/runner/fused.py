@@ -51,6 +51,8 @@ _T = TypeVar("_T")
 
 # A packed pass splits its attention's keys over several programs when some row reads more keys than this.
 SPLIT_KEYS = 512
+# Key slots a row has past max_len, which no live key uses (FusedRunner's cache: padding, and keys past a row's end).
+SPARE_SLOTS = 2
 # Token counts a packed pass (verification, prefill) is captured for (CUDA): 64 sessions' 8-token drafts are 576,
 # their 16-token drafts (the router's largest max_draft_tokens) 1,088.
 PACKED_BUCKETS = (
@@ -224,8 +226,10 @@ class FusedRunner(ModelRunner):
         self._final_eps = float(getattr(self.model.model.norm, "variance_epsilon", 1e-6))
         self._embed = self.model.model.embed_tokens.weight
         self._lm_head = self.model.lm_head.weight
-        # One spare slot past max_len: padded rows of a bucketed decode write there, never over live keys.
-        capacity = max_len + 1
+        # Spare slots past max_len (SPARE_SLOTS): padded rows of a bucketed decode write there, never over live keys,
+        # and so do a row's keys past its end when it finishes by length on the decode step a mixed step takes (the
+        # mixed pass's key, then the primed step's: core._mixed launches both before it knows the row is done).
+        capacity = max_len + SPARE_SLOTS
         with torch.inference_mode():
             positions = torch.arange(capacity, device=self.device)[None]
             probe = torch.zeros(1, dtype=self.dtype, device=self.device)
@@ -325,11 +329,12 @@ class FusedRunner(ModelRunner):
         # that kernel runs, else eagerly; STRATUS_PACKED_PREFILL=0 or 1 overrides (1 runs it on the CPU, with
         # torch's attention).
         self.packed_prefill = env_flag("STRATUS_PACKED_PREFILL", self.triton_attention) and world == 1
-        # A step's decode rows and prefill chunks as one packed pass (`forward_mixed`): opt-in (STRATUS_MIXED_STEP=1,
-        # which also runs it on the CPU, with torch's attention). On an H200 at 64 streams it halved the prefill
-        # steps but made each one long enough to double the clients' TTFT p50, for tokens/s within 3%
-        # (docs/serving.md, "Mixed steps").
-        self.mixed_step = env_flag("STRATUS_MIXED_STEP", False) and world == 1
+        # A step's decode rows and prefill chunks as one packed pass (`forward_mixed`): on by default where the packed
+        # prefill runs on CUDA (one device); STRATUS_MIXED_STEP=0 turns it off, =1 on elsewhere too (the CPU, with
+        # torch's attention). On an H200 at 64 streams the ~1B made 33,333 tokens/s mixed against 27,823 unmixed,
+        # TTFT p95 2.5x one stream's p50 (docs/serving.md, "Mixed steps").
+        mixed_default = self.packed_prefill and self.device.type == "cuda"
+        self.mixed_step = env_flag("STRATUS_MIXED_STEP", mixed_default) and world == 1
         self.mixed_steps = 0  # mixed passes run
         self.mixed_replays = 0  # of those, as a captured packed graph
 
@@ -728,13 +733,26 @@ class FusedRunner(ModelRunner):
         index = np.arange(total, dtype=np.int64) - firsts[segment]  # within its row
         scored = np.flatnonzero(index >= np.array(logits_from, dtype=np.int64)[segment])
         bucket = self._packed_bucket(total)
-        # A graph's bucket is filled with padding tokens, spread over the rows, each past its row's new end:
-        # slots no key is read from until a real token overwrites them. Where they would not fit, eagerly.
+        # A graph's bucket is filled with padding tokens past the rows' new ends, the roomiest rows first: slots no
+        # key is read from until a real token overwrites them. (A mixed pass's row that finishes may end in the
+        # cache's spare slots, with no room left.) Where they would not fit, eagerly.
         pad = bucket - total if bucket else 0
-        pad_rows = rows_a[np.arange(pad) % n]
-        pad_pos = ends[np.arange(pad) % n] + np.arange(pad) // n
-        if pad and int(pad_pos.max()) >= self.cache.capacity:
-            bucket = pad = 0
+        pad_rows = pad_pos = np.zeros(0, dtype=np.int64)
+        if pad:
+            room = self.cache.capacity - ends
+            counts = np.zeros(n, dtype=np.int64)
+            left = pad
+            for i in np.argsort(-room, kind="stable"):
+                counts[i] = min(int(room[i]), left)
+                left -= int(counts[i])
+                if not left:
+                    break
+            if left:
+                bucket = pad = 0
+            else:
+                pad_at = np.repeat(np.arange(n, dtype=np.int64), counts)
+                pad_rows = rows_a[pad_at]
+                pad_pos = ends[pad_at] + np.arange(pad, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
         size = bucket or total
         # Token ids, each token's row and position.
         plan = np.zeros((3, size), dtype=np.int64)

@@ -11,7 +11,7 @@ import torch
 from stratus_workers.serve import gemv, kernels
 from stratus_workers.serve.runner import UnsupportedModelError
 from stratus_workers.serve.runner import fused as fused_module
-from stratus_workers.serve.runner.fused import FusedRunner, fusable
+from stratus_workers.serve.runner.fused import SPARE_SLOTS, FusedRunner, fusable
 
 pytestmark = pytest.mark.unit
 
@@ -26,7 +26,7 @@ def fused(model: torch.nn.Module, max_rows: int, max_len: int) -> FusedRunner:
 
 def test_fused_path_matches_reference(model: torch.nn.Module, reference) -> None:
     runner = fused(model, 4, 64)
-    assert runner.capacity == 65  # allocated once, with the spare padding slot
+    assert runner.capacity == 64 + SPARE_SLOTS  # allocated once, with the spare slots (padding, keys past an end)
     seqs = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 101, 102]]
     logits = runner.forward(0, seqs)
     for row, ids in enumerate(seqs):
