@@ -12,38 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from stratus_workers.models.tiny import SMOLLM2_1B, SMOLLM2_135M
-
-ARCHS = {"1b": SMOLLM2_1B, "135m": SMOLLM2_135M}
-
-
-def graph_ms(fn: Callable[[], Any], reps: int = 50) -> float:
-    """Device ms of one replay of a CUDA graph of `fn` (median of `reps`)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+from gpu_layer_parts import ARCHS, graph_ms
 
 
 def compare(n: int, k: int, count: int, rows: int, dev: torch.device, dt: torch.dtype) -> tuple[float, float, float]:
@@ -62,7 +34,7 @@ def compare(n: int, k: int, count: int, rows: int, dev: torch.device, dt: torch.
         outs[:] = [tuned_fn(x, w) for w in weights]
 
     err = (tuned_fn(x, weights[0]).float() - F.linear(x, weights[0]).float()).abs().max().item()
-    result = graph_ms(plain) * 1000 / count, graph_ms(tuned) * 1000 / count, err
+    result = graph_ms(plain, 1) * 1000 / count, graph_ms(tuned, 1) * 1000 / count, err
     weights.clear()
     outs.clear()
     torch.cuda.empty_cache()

@@ -62,6 +62,11 @@ PREFIX_BLOCK = 16
 MIN_VERIFY_GROUP = 8
 # Arrivals held back while rows decode (`prefill_hold`) are admitted together once this many wait.
 PREFILL_GROUP = 4
+# A step mixes its prefill into the decode rows' pass (`runner.mixed_step`) only while no decoding row holds more keys
+# than this: the packed pass reads each row's keys on its own, where the decode step's kernel splits long rows and
+# reads a shared prefix once for all of them. On an H200 mixing 64 rows after a cached 3,000-token system prompt took
+# 12.5 ms a step against 4.3 unmixed (docs/benchmarks.md, "Session 25"); 64-token prompts (~200 keys) gained.
+MIX_MAX_KEYS = 512
 
 
 def verify_pipeline_on(default: bool = False) -> bool:
@@ -475,7 +480,7 @@ class EngineCore:
             # behind the prefill and the host reads those tokens while it runs; otherwise they are chosen first,
             # then the decode step.
             joined: list[_Seq] = []
-            if len(self._rows) > self._decoding and self._decoding and self.runner.mixed_step:
+            if len(self._rows) > self._decoding and self._decoding and self.runner.mixed_step and self._mixes():
                 self._load(admitted)
                 joined = self._mixed()
             elif len(self._rows) > self._decoding:
@@ -799,6 +804,10 @@ class EngineCore:
             rows = self._rows[: self._decoding + len(ready)]
             runner.prime_decode([s.generated[-1] if s.generated and not s.finished else 0 for s in rows])
         return ready
+
+    def _mixes(self) -> bool:
+        """Whether this step's prefill may share the decode rows' pass: none of them holds more than MIX_MAX_KEYS."""
+        return max(self.runner.lengths[: self._decoding]) <= MIX_MAX_KEYS
 
     def _prefill_due(self, ready: int) -> bool:
         """Whether the next step will prefill (rows still prefilling once `ready` more joined, or arrivals)."""

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from stratus_workers.models.tiny import TINY, random_llama
 from stratus_workers.protocol.requests import Sampling
-from stratus_workers.serve.core import PREFIX_BLOCK, EngineCore, EngineRequest
+from stratus_workers.serve.core import MIX_MAX_KEYS, PREFIX_BLOCK, EngineCore, EngineRequest
 from stratus_workers.serve.prefix import PrefixCache
 from stratus_workers.serve.runner.build import build_runner
 from stratus_workers.serve.runner.fused import PACKED_BUCKETS, FusedRunner
@@ -51,10 +51,12 @@ class Served:
     core: EngineCore
 
 
-def core_over(model: Any, *, mixed: bool, ahead: bool, batch: int = 4, chunk: int = 16, pool: int = 0) -> EngineCore:
+def core_over(
+    model: Any, *, mixed: bool, ahead: bool, batch: int = 4, chunk: int = 16, pool: int = 0, max_len: int = 160
+) -> EngineCore:
     env = {"STRATUS_MIXED_STEP": "1" if mixed else "0", "STRATUS_DECODE_AHEAD": "1" if ahead else "0"}
     with mock.patch.dict(os.environ, env):
-        runner = build_runner(model, max_rows=batch + 1, max_len=160, pool_tokens=pool, fast=True)
+        runner = build_runner(model, max_rows=batch + 1, max_len=max_len, pool_tokens=pool, fast=True)
     assert isinstance(runner, FusedRunner) and runner.mixed_step == mixed and runner.decoder.decode_ahead == ahead
     prefix = PrefixCache(PREFIX_BLOCK, pool // PREFIX_BLOCK) if pool else None
     sessions = SpeculativeSessions(runner, EOS, first_row=batch)
@@ -327,3 +329,29 @@ def test_mixing_is_on_by_default_only_where_the_packed_prefill_runs_on_cuda(
     assert isinstance(runner, FusedRunner) and not runner.packed_prefill and not runner.mixed_step
     monkeypatch.setenv("STRATUS_MIXED_STEP", "1")
     assert build_runner(model, max_rows=2, max_len=32, fast=True).mixed_step
+
+
+def test_rows_past_the_mixing_limit_keep_their_prefills_apart(model: Any) -> None:
+    # A row decoding after a long prompt (more keys than MIX_MAX_KEYS: a chat after a long cached system prompt,
+    # whose decode step reads the prefix once for all rows, not once a row as the packed pass would) keeps later
+    # arrivals' prefills in passes of their own; once it has left, arrivals mix again. Answers are Hugging Face's.
+    core = core_over(model, mixed=True, ahead=True, chunk=1024, max_len=640)
+    core.eos = frozenset()
+    long_prompt = [(3 * j + 1) % VOCAB for j in range(MIX_MAX_KEYS + 20)]
+    arrivals = [Arrival(0, long_prompt, Sampling(max_new_tokens=12), None)]
+    arrivals += [Arrival(2 + 2 * i, [(7 * i + j) % VOCAB for j in range(5 + i)], Sampling(max_new_tokens=6), None)
+                 for i in range(3)]  # fmt: skip
+    arrivals += [Arrival(30 + 2 * i, [(5 * i + j) % VOCAB for j in range(6 + i)], Sampling(max_new_tokens=8), None)
+                 for i in range(3)]  # fmt: skip
+    mixed_at: list[int] = []
+    mixed = core._mixed
+
+    def watched() -> Any:
+        mixed_at.append(core.steps)
+        return mixed()
+
+    with mock.patch.object(core, "_mixed", side_effect=watched):
+        served = serve(core, arrivals)
+    for seq_id, arrival in enumerate(arrivals):
+        assert served.tokens[seq_id] == greedy(model, arrival.prompt, arrival.params.max_new_tokens), seq_id
+    assert mixed_at and min(mixed_at) >= 12  # none while the long row decoded (its 12 tokens), some after it left
