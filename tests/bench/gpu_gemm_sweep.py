@@ -11,7 +11,6 @@ weights were read at. Random-init weights, bfloat16.
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("arch", nargs="?", default="1b", choices=sorted(ARCHS))
     parser.add_argument("--rows", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--persistent", action="store_true", help="also inductor's persistent TMA matmul templates")
     args = parser.parse_args()
-    os.environ.setdefault("TORCHINDUCTOR_MAX_AUTOTUNE_REPORT_CHOICES_STATS", "1")
-    import torch._inductor.config as inductor_config
-
-    if args.persistent:
-        inductor_config.triton.enable_persistent_tma_matmul = True
     cfg = ARCHS[args.arch]
     dev, dt = torch.device("cuda"), torch.bfloat16
     hidden, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
