@@ -437,7 +437,7 @@ async def run_server(
     (`keep`: written to the run's JSON) as soon as it is measured, so a run cut short still has them.
     """
     concurrencies = args.concurrency
-    longest = max(args.prompt_tokens, shared_prompt_tokens(args) if shared else 0)
+    longest = max(args.prompt_tokens, shared_prompt_tokens(args) if shared else 0, args.server_prompt_tokens)
     batch = max(*concurrencies, args.shared_concurrency if shared else 0)
     try:
         server = await start_server(args, bench, longest, batch)
@@ -1173,6 +1173,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: 135m and 1b on CUDA, 135m on the CPU")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
     parser.add_argument("--prompt-tokens", type=int, default=None, help="default 64 on CUDA, 32 on the CPU")
+    parser.add_argument("--server-prompt-tokens", type=int, default=0,
+                        help="size the server for prompts this long at least (the whole table's server takes the "
+                        "shared-prefix prompts: an A/B of the standard load alone on that server)")
     parser.add_argument("--new-tokens", type=int, default=None, help="default 128 on CUDA, 16 on the CPU")
     parser.add_argument("--rounds", type=int, default=None, help="requests per client (default 3 CUDA, 1 CPU)")
     parser.add_argument("--client-procs", type=int, default=None, help="client processes (default 4 CUDA, 1 CPU)")

@@ -205,6 +205,9 @@ def main() -> None:
     parser.add_argument("--system", type=int, default=1000)
     parser.add_argument("--turn", type=int, default=24)
     parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--max-len", type=int, default=0,
+                        help="the rows' length limit (default: the workload's, +16); a server's is its longest prompt "
+                        "and answer, e.g. 3,216 where it also serves a 3,000-token shared prefix")
     parser.add_argument("--trace", help="also write the torch.profiler window as a Chrome trace here")
     parser.add_argument("--cache-only", action="store_true", help="skip the run with the prefix cache off")
     parser.add_argument("--stagger", action="store_true", help="requests join one per step at first (not at once)")
@@ -220,7 +223,7 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
 
-    max_len = args.system + args.turn + args.new + 16
+    max_len = max(args.max_len, args.system + args.turn + args.new + 16)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     for cache in (True,) if args.cache_only else (False, True):
         t0 = time.perf_counter()

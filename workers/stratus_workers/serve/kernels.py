@@ -473,6 +473,30 @@ if triton is not None:
                 mask=live[:, None],
             )
 
+    @triton.jit(do_not_specialize=["segments"])  # type: ignore[misc,untyped-decorator]
+    def _copy_tokens_kernel(  # type: ignore[no-untyped-def]
+        src_k, src_v, dst_k, dst_v, table_ptr, segments,
+        src_layer, src_head, dst_layer, dst_head,
+        HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):
+        # One program copies one segment's tokens (keys and values) in one (layer, kv head) plane. Offsets are
+        # int64 throughout: the ~1B's cache of 64 rows of 3,202 tokens spans 13 GB a tensor.
+        seg = tl.program_id(0)
+        plane = tl.program_id(1)
+        layer = (plane // HEADS).to(tl.int64)
+        head = (plane % HEADS).to(tl.int64)
+        src = tl.load(table_ptr + seg) + layer * src_layer + head * src_head
+        dst = tl.load(table_ptr + segments + seg) + layer * dst_layer + head * dst_head
+        n = tl.load(table_ptr + 2 * segments + seg)
+        t = tl.arange(0, BLOCK_T).to(tl.int64)
+        d = tl.arange(0, HEAD_DIM)
+        for start in range(0, n, BLOCK_T):
+            tok = start + t
+            live = (tok < n)[:, None]
+            off = tok[:, None] * HEAD_DIM + d[None, :]
+            tl.store(dst_k + dst + off, tl.load(src_k + src + off, mask=live), mask=live)
+            tl.store(dst_v + dst + off, tl.load(src_v + src + off, mask=live), mask=live)
+
 
 def decode_attention(
     q: torch.Tensor,
@@ -758,3 +782,32 @@ def extend_attention(
 def supports(head_dim: int, n_q: int, n_kv: int) -> bool:
     """Whether `decode_attention` handles this attention shape."""
     return AVAILABLE and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and n_q % n_kv == 0
+
+
+COPY_TOKENS = 32  # tokens a copy program moves an iteration (of 16-128 dims: 1-8 KB a tensor)
+
+
+def copy_tokens(
+    src: tuple[torch.Tensor, torch.Tensor],
+    dst: tuple[torch.Tensor, torch.Tensor],
+    table: torch.Tensor,
+    src_strides: tuple[int, int],
+    dst_strides: tuple[int, int],
+    layers: int,
+    heads: int,
+) -> None:
+    """Copy token runs of keys and values between caches, every layer and kv head in one launch: `table` [3, S]
+    int64 on the device, for each run its first token's offset in `src` and in `dst` (elements, within one (layer,
+    kv head) plane) and its length in tokens; the planes are `*_strides` (layer, kv head) apart, a token
+    `head_dim` elements. What torch's indexing and copies do in one launch a tensor, or more: a view whose offsets
+    pass 2**31 bytes is split into pieces of 32-bit offsets, a launch each (eight a copy for the ~1B at 3,202
+    tokens a row)."""
+    assert triton is not None
+    segments = table.shape[1]
+    if not segments:
+        return
+    head_dim = src[0].shape[-1]
+    _copy_tokens_kernel[(segments, layers * heads)](
+        src[0], src[1], dst[0], dst[1], table, segments, *src_strides, *dst_strides,
+        HEADS=heads, HEAD_DIM=head_dim, BLOCK_T=COPY_TOKENS, num_warps=4,
+    )  # fmt: skip

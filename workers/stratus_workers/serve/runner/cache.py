@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from stratus_workers.serve import kernels
 from stratus_workers.serve.runner.staging import to_device
 
 MIN_CAPACITY = 16
@@ -72,6 +73,7 @@ class KVCache:
         device_lengths: bool = False,
         pool_tokens: int = 0,
         cascade: bool = False,
+        kernel_copies: bool = False,
     ) -> None:
         self.layers = layers
         self.rows = rows
@@ -80,6 +82,10 @@ class KVCache:
         self.dtype = dtype
         self.device = device
         self.max_len = max_len
+        # Row moves and prefix copies as one Triton launch each (kernels.copy_tokens) instead of torch's indexing and
+        # copies, a launch or more a tensor: on an H200 a ~1B server of 3,202-token rows spent ~0.45 ms of host
+        # time a saved prefix (its views pass 2**31 bytes, so each copy became eight launches).
+        self.kernel_copies = kernel_copies and kernels.AVAILABLE and head_dim & (head_dim - 1) == 0
         self.lengths = [0] * rows
         self.lengths_dev: torch.Tensor | None = None
         if device_lengths:
@@ -249,8 +255,13 @@ class KVCache:
         copy = min(n + 1, self.capacity) if carried is not None else n
         shared, hollow = self.shared[src], self.hollow[src]
         self.touched.update((src, dst))
-        for cache in (self.all_keys, self.all_values):
-            cache[:, dst, :, hollow:copy].copy_(cache[:, src, :, hollow:copy])
+        if self.kernel_copies:
+            if copy > hollow:
+                both = (self.all_keys, self.all_values)
+                self._copy_tokens(both, both, [self._at(src, hollow)], [self._at(dst, hollow)], [copy - hollow])
+        else:
+            for cache in (self.all_keys, self.all_values):
+                cache[:, dst, :, hollow:copy].copy_(cache[:, src, :, hollow:copy])
         self._set_length(dst, n)
         self._set_length(src, 0)
         self._set_shared(dst, shared)  # the row reads the shared prefix where it did
@@ -283,6 +294,30 @@ class KVCache:
         assert self.pool_keys is not None and self.pool_values is not None
         return self.pool_keys, self.pool_values
 
+    def _at(self, row: int, token: int) -> int:
+        """Where `token` of `row` starts in a (layer, kv head) plane of the rows' tensors (elements)."""
+        return row * self.all_keys.stride(1) + token * self.head_dim
+
+    def warm_copies(self) -> None:
+        """Compile the copy kernel now (a run of no tokens), not at the first prefix saved or row moved: the strides of
+        the rows, the pool and the shared prefix are multiples of 16 alike, so one compilation serves them all."""
+        if self.kernel_copies:
+            both = (self.all_keys, self.all_values)
+            self._copy_tokens(both, both, [0], [0], [0])
+
+    def _copy_tokens(
+        self, src: tuple[torch.Tensor, torch.Tensor], dst: tuple[torch.Tensor, torch.Tensor], src_starts: list[int],
+        dst_starts: list[int], lengths: list[int],
+    ) -> None:
+        """kernels.copy_tokens of these runs (offsets within a plane, `_at`; the pool's and the shared prefix's
+        planes are [tokens, head_dim]), in one copy of their table to the device and one launch."""
+        table = self._on_device(np.array([src_starts, dst_starts, lengths], dtype=np.int64).reshape(-1)).view(3, -1)
+
+        def planes(t: torch.Tensor) -> tuple[int, int]:  # (layer, kv head) strides: the rows' [L, R, H, C, D]
+            return (t.stride(0), t.stride(2)) if t.dim() == 5 else (t.stride(0), t.stride(1))
+
+        kernels.copy_tokens(src, dst, table, planes(src[0]), planes(dst[0]), self.layers, self.kv_heads)
+
     def _index(self, starts: list[int], block: int) -> torch.Tensor:
         idx = (np.asarray(starts, dtype=np.int64)[:, None] + np.arange(block, dtype=np.int64)[None, :]).reshape(-1)
         return self._on_device(idx)
@@ -303,6 +338,13 @@ class KVCache:
         pool_k, pool_v = self._pool((max(slots) + 1) * block)
         self.touched.add(row)
         self.pool_written.update(slots)
+        if self.kernel_copies:
+            d = self.head_dim
+            self._copy_tokens(
+                (self.all_keys, self.all_values), (pool_k, pool_v), [self._at(row, p) for p in positions],
+                [s * block * d for s in slots], [block] * len(slots),
+            )
+            return
         src, dst = self._index([*positions, *(s * block for s in slots)], block).view(2, -1)  # one copy to the device
         for cache, pool in ((self.all_keys, pool_k), (self.all_values, pool_v)):
             pool.index_copy_(2, dst, cache[:, row].index_select(2, src))
@@ -319,7 +361,14 @@ class KVCache:
         self.grow(n)
         pool_k, pool_v = self._pool((max(slots) + 1) * block)
         shared = self.share(list(ids), slots, block) if ids else 0
-        if shared < n:  # the row holds what it does not read from the shared prefix (blocks: `shared` is whole ones)
+        if shared < n and self.kernel_copies:
+            own = slots[shared // block :]
+            d = self.head_dim
+            self._copy_tokens(
+                (pool_k, pool_v), (self.all_keys, self.all_values), [s * block * d for s in own],
+                [self._at(row, shared + i * block) for i in range(len(own))], [block] * len(own),
+            )
+        elif shared < n:  # the row holds what it does not read from the shared prefix (blocks: `shared` is whole ones)
             src = self._index([s * block for s in slots[shared // block :]], block)
             for cache, pool in ((self.all_keys, pool_k), (self.all_values, pool_v)):
                 cache[:, row, :, shared:n].copy_(pool.index_select(2, src))
@@ -339,13 +388,21 @@ class KVCache:
 
     def fill(self, rows: Sequence[int]) -> None:
         """Copy the shared prefix's part of each of `rows` into the row, for a reader that reads only the row."""
-        for row in rows:
+        if self.shared_keys is None or self.shared_values is None:
+            return
+        filled = [row for row in rows if self.hollow[row]]
+        if self.kernel_copies and filled:
+            self._copy_tokens(
+                (self.shared_keys, self.shared_values), (self.all_keys, self.all_values), [0] * len(filled),
+                [self._at(row, 0) for row in filled], [self.hollow[row] for row in filled],
+            )
+        for row in filled:
             hollow = self.hollow[row]
-            if hollow and self.shared_keys is not None and self.shared_values is not None:
-                self.touched.add(row)
+            self.touched.add(row)
+            if not self.kernel_copies:
                 self.all_keys[:, row, :, :hollow].copy_(self.shared_keys[:, :, :hollow])
                 self.all_values[:, row, :, :hollow].copy_(self.shared_values[:, :, :hollow])
-                self.hollow[row] = 0
+            self.hollow[row] = 0
 
     def stop_sharing(self) -> None:
         """Every row holds all its tokens again and none reads the shared prefix, from now on (a reader that cannot
@@ -376,10 +433,18 @@ class KVCache:
         end = min(len(ids), self.shared_keys.shape[2] // block)
         if common < end and (extend or replace) and end * block >= CASCADE_MIN_TOKENS:
             first = common if extend else 0
-            src = self._index([s * block for s in slots[first:end]], block)
             assert self.pool_keys is not None and self.pool_values is not None  # the row loads from it
-            for shared, pool in ((self.shared_keys, self.pool_keys), (self.shared_values, self.pool_values)):
-                shared[:, :, first * block : end * block].copy_(pool.index_select(2, src))
+            if self.kernel_copies:
+                d = self.head_dim
+                self._copy_tokens(
+                    (self.pool_keys, self.pool_values), (self.shared_keys, self.shared_values),
+                    [s * block * d for s in slots[first:end]], [i * block * d for i in range(first, end)],
+                    [block] * (end - first),
+                )
+            else:
+                src = self._index([s * block for s in slots[first:end]], block)
+                for shared, pool in ((self.shared_keys, self.pool_keys), (self.shared_values, self.pool_values)):
+                    shared[:, :, first * block : end * block].copy_(pool.index_select(2, src))
             self.shared_ids, self.shared_block, common = tuple(ids[:end]), block, end
             self.shared_count.fill_(end * block)
         return common * block if common * block >= CASCADE_MIN_TOKENS else 0

@@ -255,6 +255,7 @@ class FusedRunner(ModelRunner):
             # Rows that load a long cached prefix read it from one shared copy, and decode steps read that once for
             # all of them (kernels.SharedPrefix), where the Triton attention runs; STRATUS_CASCADE=0 turns that off.
             cascade=self.triton_attention and env_flag("STRATUS_CASCADE", True),
+            kernel_copies=self.triton_attention and env_flag("STRATUS_KERNEL_COPIES", True),
         )
         # Each layer's view of the shared prefix (its tensors are allocated once, for good).
         self._shared_layers: list[kernels.SharedPrefix | None] = [None] * len(self._lw)
@@ -475,6 +476,7 @@ class FusedRunner(ModelRunner):
             return "the fused GEMV layer"
         if self.triton_attention:
             self.triton_attention = False
+            self.cache.kernel_copies = False  # (Triton itself may be what failed)
             self.cache.stop_sharing()  # torch's attention reads only the rows
             return "Triton attention"
         if self.compiled:
@@ -1011,6 +1013,7 @@ class FusedRunner(ModelRunner):
         return h if delta is None else h + delta
 
     def _warmup(self, max_kv_len: int | None, batch_sizes: Sequence[int] | None) -> int:
+        self.cache.warm_copies()
         graphs = self.decoder.warmup(max_kv_len, batch_sizes)
         if self.compiled:
             self._warm_prefill()

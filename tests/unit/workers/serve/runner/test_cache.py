@@ -154,8 +154,13 @@ def test_a_cache_grown_in_inference_mode_is_updated_outside_it() -> None:
     assert bool((cache.keys[1][1, :, : 3 * MIN_CAPACITY] == 1.0).all())
 
 
-def test_blocks_saved_to_the_pool_load_into_another_row() -> None:
+KERNEL_COPIES = [pytest.param(False, id="torch"), pytest.param(True, id="kernel")]
+
+
+@pytest.mark.parametrize("kernel_copies", KERNEL_COPIES)
+def test_blocks_saved_to_the_pool_load_into_another_row(kernel_copies: bool) -> None:
     cache = make(capacity=16, device_lengths=True)
+    cache.kernel_copies = kernel_copies
     cache.pool_tokens = 64
     for layer, (k, v) in enumerate(zip(cache.keys, cache.values, strict=True)):
         k[1, :, :12] = torch.arange(12, dtype=torch.float32)[None, :, None] + 100 * layer
@@ -174,7 +179,8 @@ def test_blocks_saved_to_the_pool_load_into_another_row() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_row_bookkeeping_never_waits_for_the_device() -> None:
+@pytest.mark.parametrize("kernel_copies", KERNEL_COPIES)
+def test_row_bookkeeping_never_waits_for_the_device(kernel_copies: bool) -> None:
     """Row lengths, moves, roll-backs and the prefix pool's copies queue behind a decode step running ahead.
 
     A copy of a pageable CPU scalar into `lengths_dev` made the host wait for every step queued on the device
@@ -182,9 +188,11 @@ def test_row_bookkeeping_never_waits_for_the_device() -> None:
     """
     cache = KVCache(
         layers=2, rows=4, kv_heads=2, head_dim=8, dtype=torch.bfloat16, device=torch.device("cuda"),
-        max_len=128, capacity=64, device_lengths=True, pool_tokens=64,
+        max_len=128, capacity=64, device_lengths=True, pool_tokens=64, kernel_copies=kernel_copies,
     )  # fmt: skip
+    assert cache.kernel_copies == kernel_copies
     cache.set_lengths(0, [20, 30])
+    cache.save_blocks(0, [0], [0], 16)  # (the kernel compiles outside the check)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -206,12 +214,54 @@ def test_row_bookkeeping_never_waits_for_the_device() -> None:
     assert cache.lengths_dev.tolist() == cache.lengths == [6, 18, 16, 12]
 
 
-def _cascade_cache(monkeypatch: pytest.MonkeyPatch) -> KVCache:
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kernel_copies_equal_torch_copies_past_two_gigabytes_of_offsets() -> None:
+    # Rows 6 and 7 of layer 1 start past 2**31 bytes (a ~1B server's 64 rows of 3,202 tokens span 13 GB a tensor,
+    # where torch splits each copy into pieces of 32-bit offsets): the kernel's int64 offsets reach them.
+    def wide(kernel: bool) -> KVCache:
+        return KVCache(
+            layers=2, rows=8, kv_heads=32, head_dim=64, dtype=torch.bfloat16, device=torch.device("cuda"),
+            max_len=40_000, capacity=40_000, device_lengths=True, pool_tokens=256, kernel_copies=kernel,
+        )  # fmt: skip
+
+    caches = [wide(False), wide(True)]
+    assert caches[1].all_keys.stride(0) * caches[1].all_keys.element_size() * 2 > 2**31
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for row, n in ((6, 40), (7, 37)):
+        for name in ("all_keys", "all_values"):
+            new = torch.randn((2, 32, n, 64), generator=gen, device="cuda", dtype=torch.bfloat16)
+            for cache in caches:
+                getattr(cache, name)[:, row, :, :n] = new
+                cache.set_length(row, n)
+    for cache in caches:
+        cache.save_blocks(7, [0, 16], [5, 2], 16)
+        cache.move(7, 3)
+        cache.move(6, 7)
+        cache.load_blocks(6, [2, 5], 16)
+    torch_copies, kernel_copies = caches
+    assert kernel_copies.pool_keys is not None and torch_copies.pool_keys is not None
+    assert torch.equal(kernel_copies.pool_keys, torch_copies.pool_keys)
+    assert kernel_copies.pool_values is not None and torch_copies.pool_values is not None
+    assert torch.equal(kernel_copies.pool_values, torch_copies.pool_values)
+    for row in (3, 6, 7):
+        n = kernel_copies.lengths[row]
+        assert n == torch_copies.lengths[row] and n
+        for name in ("all_keys", "all_values"):
+            assert torch.equal(getattr(kernel_copies, name)[:, row, :, :n], getattr(torch_copies, name)[:, row, :, :n])
+    keys = kernel_copies.all_keys  # row 6 loaded the blocks saved from what row 3 holds now, in the other order
+    assert torch.equal(keys[1, 6, :, :16], keys[1, 3, :, 16:32])
+    assert torch.equal(keys[1, 6, :, 16:32], keys[1, 3, :, :16])
+
+
+def _cascade_cache(monkeypatch: pytest.MonkeyPatch, kernel_copies: bool = False) -> KVCache:
     monkeypatch.setattr(cache_module, "CASCADE_MIN_TOKENS", 8)  # two blocks of 4, not 256 tokens
-    return KVCache(
+    cache = KVCache(
         layers=2, rows=4, kv_heads=2, head_dim=4, dtype=torch.float32, device=torch.device("cpu"),
-        max_len=64, capacity=64, device_lengths=True, pool_tokens=64, cascade=True,
+        max_len=64, capacity=64, device_lengths=True, pool_tokens=64, cascade=True, kernel_copies=kernel_copies,
     )  # fmt: skip
+    assert cache.kernel_copies == kernel_copies  # (Triton's interpreter runs the kernel on the CPU)
+    return cache
 
 
 def _held(cache: KVCache, row: int) -> torch.Tensor:
@@ -238,17 +288,18 @@ def _check(cache: KVCache, shadow: dict[int, torch.Tensor]) -> None:
         assert torch.equal(cache.all_keys[:, row, :, hollow:n], cache.shared_keys[:, :, hollow:n])
 
 
+@pytest.mark.parametrize("kernel_copies", KERNEL_COPIES)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(st.tuples(st.sampled_from(["load", "write", "truncate", "move", "reset", "fill", "forget"]),
                               st.integers(0, 3), st.integers(0, 3), st.integers(0, 24)), min_size=4, max_size=40))
 def test_a_row_reads_what_was_written_to_it_whether_it_holds_it_or_the_shared_prefix_does(
-    monkeypatch: pytest.MonkeyPatch, ops: list[tuple[str, int, int, int]]
+    monkeypatch: pytest.MonkeyPatch, kernel_copies: bool, ops: list[tuple[str, int, int, int]]
 ) -> None:
     # Rows load prompts of two families through the real prefix cache (a small pool: blocks get evicted and their
     # slots reused with other keys), write past their ends, roll back, move, empty and fill in any order, against a
     # shadow of what each row was given: a row that reads the shared prefix reads what it would have held, and the
-    # prefix a row counts on is never overwritten.
-    cache = _cascade_cache(monkeypatch)
+    # prefix a row counts on is never overwritten. With `kernel_copies`, every copy is kernels.copy_tokens.
+    cache = _cascade_cache(monkeypatch, kernel_copies)
     prefix = PrefixCache(block_size=4, capacity=8)
     gen = torch.Generator().manual_seed(len(ops))
     shape = (2, cache.layers, cache.kv_heads, cache.max_len, cache.head_dim)
@@ -295,10 +346,11 @@ def test_a_row_reads_what_was_written_to_it_whether_it_holds_it_or_the_shared_pr
         _check(cache, shadow)
 
 
+@pytest.mark.parametrize("kernel_copies", KERNEL_COPIES)
 def test_blocks_past_the_shared_prefix_extend_it_and_another_prefix_waits_for_its_rows(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, kernel_copies: bool
 ) -> None:
-    cache = _cascade_cache(monkeypatch)
+    cache = _cascade_cache(monkeypatch, kernel_copies)
     pool = torch.arange(64, dtype=torch.float32)
     cache.pool_keys = pool[None, None, :, None].expand(2, 2, 64, 4).clone()
     cache.pool_values = -cache.pool_keys
